@@ -1,0 +1,37 @@
+# daybook: two commands on a fresh machine.
+#   make run    runs the demo on the embedded default (SQLite under ./.daybook/)
+#   make test   installs everything into .venv and runs the whole suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test unit lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/daybook demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check domain projections infrastructure tests scripts
+	$(VENV)/bin/mypy domain projections
+
+bench: $(STAMP)
+	$(PY) scripts/bench_write.py
+	$(PY) scripts/bench_codec.py
+
+clean:
+	rm -rf $(VENV) .daybook bench-results

@@ -1,0 +1,76 @@
+"""The base of every daybook event: a validated, versioned, immutable contract.
+
+Events are pydantic models, so every payload is checked when it is created and again when it
+is read back from the store. ``class_version`` is the schema version of an event's payload;
+when it grows, the event class gains an ``upcast_vN_vN+1`` static method that rewrites the
+stored state of older events (eventsourcing's mapper calls them in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Metadata(BaseModel):
+    """Who asked for the change and why: carried by every event a command triggers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+
+
+_current_metadata: ContextVar[Metadata] = ContextVar("daybook_metadata", default=Metadata())
+
+
+def current_metadata() -> Metadata:
+    """The metadata of the command being executed (empty outside a command)."""
+    return _current_metadata.get()
+
+
+@contextmanager
+def metadata_scope(metadata: Metadata) -> Iterator[None]:
+    """Stamp ``metadata`` on every event triggered inside the block."""
+    token = _current_metadata.set(metadata)
+    try:
+        yield
+    finally:
+        _current_metadata.reset(token)
+
+
+class DomainEvent(BaseModel):
+    """Common fields of every event: whose, which version, when (UTC), and metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    originator_id: UUID
+    originator_version: int
+    timestamp: datetime
+    meta: Metadata = Field(default_factory=current_metadata)
+
+    #: Schema version of this event's payload (see the module docstring).
+    class_version: ClassVar[int] = 1
+
+
+class LedgerAggregate(BaseAggregate[UUID]):
+    """Base of daybook's aggregates: eventsourcing's aggregate with pydantic events."""
+
+    class Event(DomainEvent, CanMutateAggregate[UUID]):
+        """An event that changes an existing aggregate."""
+
+    class Created(Event, CanInitAggregate[UUID]):
+        """The first event of an aggregate."""
+
+        originator_topic: str
+
+    def __init__(self, **_: Any) -> None:
+        """State is set by the Created event's ``apply``."""

@@ -1,0 +1,705 @@
+"""The Ledger application: the embedding API of daybook's write side.
+
+Every public command method validates its arguments, builds a ``Command`` and hands it to the
+ledger's committer. The committer calls ``Ledger.execute`` with one or more commands; all the
+events of one ``execute`` call, and the idempotency records of its requests, are written in one
+transaction. The default committer executes each command alone; ``infrastructure`` installs a
+group committer that batches concurrent commands into one transaction.
+
+Persistence is configured by environment (``open_ledger`` in ``infrastructure`` builds it from a
+URL); the recorder must also keep idempotency records (``RequestLog``).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
+
+from domain.accounts import Account
+from domain.commands import (
+    AdjustStock,
+    CloseAccount,
+    Command,
+    CommitReservation,
+    Deposit,
+    OpenAccount,
+    ReceiveStock,
+    ReleaseReservation,
+    ReserveStock,
+    Transfer,
+    Withdraw,
+)
+from domain.errors import (
+    AccountNotFound,
+    ConcurrencyConflict,
+    DomainError,
+    IdempotencyConflict,
+    InvalidRequest,
+    SkuNotFound,
+)
+from domain.events import LedgerAggregate, metadata_scope
+from domain.inventory import Inventory, check_reservation_id
+from domain.values import (
+    check_amount,
+    check_currency,
+    check_delta,
+    check_limit,
+    check_sku,
+    check_text,
+    check_uuid,
+    inventory_id,
+)
+
+A = TypeVar("A", bound=LedgerAggregate)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that a command was applied: where its last event sits in the log."""
+
+    command: str
+    request_id: str
+    position: int
+    replayed: bool = False
+    account_id: UUID | None = None
+    transfer_id: UUID | None = None
+    sku: str | None = None
+    reservation_id: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "request_id": self.request_id,
+            "position": self.position,
+            "account_id": str(self.account_id) if self.account_id else None,
+            "transfer_id": str(self.transfer_id) if self.transfer_id else None,
+            "sku": self.sku,
+            "reservation_id": self.reservation_id,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], *, replayed: bool) -> Receipt:
+        return cls(
+            command=record["command"],
+            request_id=record["request_id"],
+            position=record["position"],
+            replayed=replayed,
+            account_id=UUID(record["account_id"]) if record.get("account_id") else None,
+            transfer_id=UUID(record["transfer_id"]) if record.get("transfer_id") else None,
+            sku=record.get("sku"),
+            reservation_id=record.get("reservation_id"),
+        )
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What happened to a request: written in the same transaction as its events."""
+
+    request_id: str
+    command: str
+    fingerprint: str
+    #: ``{"receipt": {...}}`` or ``{"error": {...}}``.
+    outcome: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request record to write; the recorder fills in the receipt's log position from the
+    notification id of the event at ``last_event_index`` (known only once inserted)."""
+
+    record: RequestRecord
+    last_event_index: int | None
+
+
+@runtime_checkable
+class RequestLog(Protocol):
+    """The part of the recorder that keeps idempotency records."""
+
+    def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """An account's state, read from the log (strongly consistent)."""
+
+    id: UUID
+    owner: str
+    currency: str
+    balance: int
+    available: int
+    overdraft_limit: int
+    status: str
+    version: int
+
+
+@dataclass(frozen=True)
+class StockView:
+    """A SKU's stock, read from the log (strongly consistent)."""
+
+    sku: str
+    on_hand: int
+    reserved: int
+    available: int
+    reservations: dict[str, int]
+    version: int
+
+
+Outcome = Receipt | DomainError
+
+
+class Committer(Protocol):
+    """Gets commands executed: alone, or batched with other callers' commands."""
+
+    def submit(self, command: Command) -> Receipt: ...
+
+    def close(self) -> None: ...
+
+
+class DirectCommitter:
+    """Executes each command in its own transaction, one at a time."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+
+    def submit(self, command: Command) -> Receipt:
+        with self._lock:
+            (outcome,) = self._ledger.execute([command])
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    def close(self) -> None:
+        pass
+
+
+class _Stale(Exception):
+    """A cached aggregate was behind the store when a command was refused."""
+
+
+class UnitOfWork:
+    """The aggregates one ``execute`` call works on: copies, so a failed batch leaves the
+    cache untouched."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.aggregates: dict[UUID, LedgerAggregate] = {}
+        #: Version each cached aggregate had when this unit of work took it from the cache.
+        self.cached_versions: dict[UUID, int] = {}
+        self.touched: list[UUID] = []
+
+    def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
+        self.touched.append(aggregate_id)
+        if aggregate_id in self.aggregates:
+            return self.aggregates[aggregate_id]
+        repository = self._ledger.repository
+        from_cache = False
+        if repository.cache is not None:
+            try:
+                repository.cache.get(aggregate_id)
+                from_cache = True
+            except KeyError:
+                pass
+        try:
+            aggregate: LedgerAggregate = repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        if from_cache:
+            self.cached_versions[aggregate_id] = aggregate.version
+        self.aggregates[aggregate_id] = aggregate
+        return aggregate
+
+    def add(self, aggregate: A) -> A:
+        self.aggregates[aggregate.id] = aggregate
+        self.touched.append(aggregate.id)
+        return aggregate
+
+    def account(self, account_id: UUID) -> Account:
+        aggregate = self._get(account_id)
+        if not isinstance(aggregate, Account):
+            raise AccountNotFound(f"no account has id {account_id}", account_id=str(account_id))
+        return aggregate
+
+    def find_inventory(self, sku: str) -> Inventory | None:
+        aggregate = self._get(inventory_id(sku))
+        return aggregate if isinstance(aggregate, Inventory) else None
+
+    def inventory(self, sku: str) -> Inventory:
+        inventory = self.find_inventory(sku)
+        if inventory is None:
+            raise SkuNotFound(f"no stock was ever received for SKU {sku!r}", sku=sku)
+        return inventory
+
+    def collect(self) -> list[LedgerAggregate.Event]:
+        events: list[LedgerAggregate.Event] = []
+        for aggregate_id in dict.fromkeys(self.touched):
+            events.extend(self.aggregates[aggregate_id].collect_events())  # type: ignore[arg-type]
+        self.touched.clear()
+        return events
+
+    def check_refusal(self) -> None:
+        """A refused command must have changed nothing, and must have been judged on the
+        latest committed state: a cached aggregate may be behind another process's writes,
+        and a refusal (unlike an acceptance) would never meet a version conflict to show it."""
+        for aggregate_id in dict.fromkeys(self.touched):
+            aggregate = self.aggregates.get(aggregate_id)
+            if aggregate is None:
+                continue
+            if aggregate.pending_events:
+                msg = f"a refused command changed aggregate {aggregate_id}"
+                raise RuntimeError(msg)
+            version = self.cached_versions.get(aggregate_id)
+            if version is not None:
+                newer = self._ledger.events.get(aggregate_id, gt=version, limit=1)
+                if next(iter(newer), None) is not None:
+                    raise _Stale
+        self.touched.clear()
+
+
+class Ledger(Application[UUID]):
+    """Accounts and inventory on an append-only event store, with idempotent commands."""
+
+    name = "daybook"
+    env: ClassVar[dict[str, str]] = {
+        "AGGREGATE_CACHE_MAXSIZE": "100000",
+        # Commands rely on optimistic concurrency to catch a stale cache (see UnitOfWork),
+        # so the write path needs no fast-forward query; reads fast-forward explicitly.
+        "AGGREGATE_CACHE_FASTFORWARD": "n",
+    }
+    #: How often a batch is re-run after a version conflict or a lost connection.
+    max_attempts: ClassVar[int] = 40
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env)
+        if not isinstance(self.recorder, RequestLog):
+            msg = (
+                f"{type(self.recorder).__name__} keeps no idempotency records; "
+                "open the ledger with infrastructure.open_ledger(url)"
+            )
+            raise TypeError(msg)
+        self._requests: RequestLog = self.recorder
+        self.committer: Committer = DirectCommitter(self)
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    def open_account(
+        self,
+        owner: str,
+        currency: str,
+        overdraft_limit: int = 0,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> UUID:
+        """Open an account; returns its id (the original id when a request is replayed)."""
+        receipt = self._submit(
+            OpenAccount,
+            request_id,
+            correlation_id,
+            causation_id,
+            account_id=uuid4(),
+            owner=check_text(owner, "owner"),
+            currency=check_currency(currency),
+            overdraft_limit=check_limit(overdraft_limit),
+        )
+        assert receipt.account_id is not None
+        return receipt.account_id
+
+    def deposit(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Credit ``amount`` minor units to an account."""
+        return self._submit(
+            Deposit,
+            request_id,
+            correlation_id,
+            causation_id,
+            account_id=check_uuid(account_id, "account_id"),
+            amount=check_amount(amount),
+        )
+
+    def withdraw(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Debit ``amount`` minor units, within the balance plus overdraft limit."""
+        return self._submit(
+            Withdraw,
+            request_id,
+            correlation_id,
+            causation_id,
+            account_id=check_uuid(account_id, "account_id"),
+            amount=check_amount(amount),
+        )
+
+    def transfer(
+        self,
+        source: UUID,
+        destination: UUID,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Debit one account and credit another of the same currency, atomically."""
+        return self._submit(
+            Transfer,
+            request_id,
+            correlation_id,
+            causation_id,
+            transfer_id=uuid4(),
+            source=check_uuid(source, "source"),
+            destination=check_uuid(destination, "destination"),
+            amount=check_amount(amount),
+        )
+
+    def close_account(
+        self,
+        account_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Close an account at zero balance; it then refuses everything."""
+        return self._submit(
+            CloseAccount,
+            request_id,
+            correlation_id,
+            causation_id,
+            account_id=check_uuid(account_id, "account_id"),
+        )
+
+    # -- inventory --------------------------------------------------------------------------
+
+    def receive_stock(
+        self,
+        sku: str,
+        quantity: int,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Add received units to a SKU's stock (the first receipt creates the SKU)."""
+        return self._submit(
+            ReceiveStock,
+            request_id,
+            correlation_id,
+            causation_id,
+            sku=check_sku(sku),
+            quantity=check_amount(quantity, "quantity"),
+        )
+
+    def adjust_stock(
+        self,
+        sku: str,
+        delta: int,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Correct on-hand stock after a count (``delta`` may be negative)."""
+        return self._submit(
+            AdjustStock,
+            request_id,
+            correlation_id,
+            causation_id,
+            sku=check_sku(sku),
+            delta=check_delta(delta),
+            reason=check_text(reason, "reason"),
+        )
+
+    def reserve_stock(
+        self,
+        sku: str,
+        quantity: int,
+        *,
+        reservation_id: str | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+        return self._submit(
+            ReserveStock,
+            request_id,
+            correlation_id,
+            causation_id,
+            sku=check_sku(sku),
+            quantity=check_amount(quantity, "quantity"),
+            reservation_id=(
+                str(uuid4()) if reservation_id is None else check_reservation_id(reservation_id)
+            ),
+            caller_reservation_id=reservation_id is not None,
+        )
+
+    def commit_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        quantity: int | None = None,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
+        return self._submit(
+            CommitReservation,
+            request_id,
+            correlation_id,
+            causation_id,
+            sku=check_sku(sku),
+            reservation_id=check_reservation_id(reservation_id),
+            quantity=None if quantity is None else check_amount(quantity, "quantity"),
+        )
+
+    def release_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Give a reservation's units back to available stock."""
+        return self._submit(
+            ReleaseReservation,
+            request_id,
+            correlation_id,
+            causation_id,
+            sku=check_sku(sku),
+            reservation_id=check_reservation_id(reservation_id),
+        )
+
+    # -- reads (strongly consistent, straight from the log) ---------------------------------
+
+    def account(self, account_id: UUID) -> AccountView:
+        """An account's current state."""
+        account_id = check_uuid(account_id, "account_id")
+        account = self._read(account_id)
+        if not isinstance(account, Account):
+            raise AccountNotFound(f"no account has id {account_id}", account_id=str(account_id))
+        return AccountView(
+            id=account.id,
+            owner=account.owner,
+            currency=account.currency,
+            balance=account.balance,
+            available=account.available,
+            overdraft_limit=account.overdraft_limit,
+            status=account.status,
+            version=account.version,
+        )
+
+    def inventory(self, sku: str) -> StockView:
+        """A SKU's current stock."""
+        sku = check_sku(sku)
+        inventory = self._read(inventory_id(sku))
+        if not isinstance(inventory, Inventory):
+            raise SkuNotFound(f"no stock was ever received for SKU {sku!r}", sku=sku)
+        return StockView(
+            sku=inventory.sku,
+            on_hand=inventory.on_hand,
+            reserved=inventory.reserved,
+            available=inventory.available,
+            reservations=dict(inventory.reservations),
+            version=inventory.version,
+        )
+
+    def head(self) -> int:
+        """The log position of the newest event (0 for an empty log)."""
+        return self.recorder.max_notification_id() or 0
+
+    def _read(self, aggregate_id: UUID) -> LedgerAggregate | None:
+        try:
+            aggregate: LedgerAggregate = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        # The cache may be behind other processes' writes: fast-forward from the store.
+        for event in self.events.get(aggregate_id, gt=aggregate.version):
+            event.mutate(aggregate)
+        return aggregate
+
+    # -- the command path -------------------------------------------------------------------
+
+    def _submit(
+        self,
+        command_class: type[Command],
+        request_id: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+        **payload: Any,
+    ) -> Receipt:
+        command = command_class(
+            request_id=str(uuid4()) if request_id is None else _check_id(request_id, "request_id"),
+            caller_request_id=request_id is not None,
+            correlation_id=None
+            if correlation_id is None
+            else _check_id(correlation_id, "correlation_id"),
+            causation_id=None if causation_id is None else _check_id(causation_id, "causation_id"),
+            **payload,
+        )
+        return self.committer.submit(command)
+
+    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+        """Apply ``commands`` in order and commit all their events in one transaction.
+
+        Returns one outcome per command: its receipt, or the refusal it met. Nothing is
+        reported before the transaction has committed. If the commit fails (another writer
+        changed an aggregate first, or the connection was lost), the whole batch is applied
+        again on fresh state; every command carries a request id whose record commits with
+        its events, so a batch whose commit did happen is recognised and replayed, never
+        applied twice.
+        """
+        for attempt in range(self.max_attempts):
+            uow = UnitOfWork(self)
+            try:
+                return self._attempt(commands, uow, recheck_all=attempt > 0)
+            except (IntegrityError, _Stale, OperationalError, InterfaceError) as error:
+                self._evict(uow)
+                if isinstance(error, (OperationalError, InterfaceError)) and (
+                    attempt >= self.max_attempts // 4
+                ):
+                    raise
+                # Jittered backoff so that competing writers stop colliding.
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        conflict = ConcurrencyConflict(
+            f"gave up after {self.max_attempts} attempts: other writers kept changing the "
+            "same accounts or SKUs; retry the request"
+        )
+        return [conflict for _ in commands]
+
+    def _evict(self, uow: UnitOfWork) -> None:
+        if self.repository.cache is None:
+            return
+        for aggregate_id in uow.aggregates:
+            try:
+                self.repository.cache.get(aggregate_id, evict=True)
+            except KeyError:
+                pass
+
+    def _attempt(
+        self, commands: Sequence[Command], uow: UnitOfWork, *, recheck_all: bool
+    ) -> list[Outcome]:
+        # On a first attempt only caller-chosen ids can have been seen before; on a retry,
+        # any id may belong to a batch whose commit succeeded although we saw an error.
+        known = self._requests.select_requests(
+            [c.request_id for c in commands if recheck_all or c.caller_request_id]
+        )
+        outcomes: list[Outcome | None] = [None] * len(commands)
+        later: dict[int, int] = {}  # index of a repeated request -> index of its first use
+        first_use: dict[str, int] = {}
+        events: list[LedgerAggregate.Event] = []
+        pending: list[PendingRequest] = []
+        receipts: dict[int, tuple[dict[str, Any], int]] = {}
+
+        for index, command in enumerate(commands):
+            request_id = command.request_id
+            if request_id in known:
+                outcomes[index] = _replay(known[request_id], command)
+                continue
+            if request_id in first_use:
+                later[index] = first_use[request_id]
+                continue
+            first_use[request_id] = index
+            with metadata_scope(command.metadata):
+                try:
+                    fields = command.run(uow)
+                except DomainError as refusal:
+                    uow.check_refusal()
+                    outcomes[index] = refusal
+                    if command.caller_request_id:
+                        pending.append(
+                            PendingRequest(_record(command, {"error": refusal.to_record()}), None)
+                        )
+                    continue
+            events.extend(uow.collect())
+            receipt = {"command": command.name, "request_id": request_id, **fields}
+            receipts[index] = (receipt, len(events) - 1)
+            pending.append(PendingRequest(_record(command, {"receipt": receipt}), len(events) - 1))
+
+        if pending:
+            recordings = self.events.put(events, requests=pending)
+            for index, (receipt, last) in receipts.items():
+                receipt["position"] = recordings[last].notification.id
+                outcomes[index] = Receipt.from_record(receipt, replayed=False)
+            if self.repository.cache is not None:
+                for aggregate in uow.aggregates.values():
+                    self.repository.cache.put(aggregate.id, aggregate)
+
+        for index, first in later.items():
+            outcomes[index] = _repeat(commands[first], outcomes[first], commands[index])
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def install_committer(self, factory: Callable[[Ledger], Committer]) -> None:
+        """Replace how commands reach ``execute`` (group commit lives in infrastructure)."""
+        old, self.committer = self.committer, factory(self)
+        old.close()
+
+    def close(self) -> None:
+        self.committer.close()
+        super().close()
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+        raise InvalidRequest(f"{what} must be 1-200 printable characters, got {value!r}")
+    return value
+
+
+def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:
+    return RequestRecord(command.request_id, command.name, command.fingerprint(), outcome)
+
+
+def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"request id {request_id!r} was already used for a {first_command} with a different "
+        "payload; use a new request id for a new request",
+        request_id=request_id,
+        original_command=first_command,
+    )
+
+
+def _replay(record: RequestRecord, command: Command) -> Outcome:
+    """The original outcome of a repeated request (or a conflict if it asks for more)."""
+    if record.fingerprint != command.fingerprint():
+        return _conflict(command.request_id, record.command)
+    if "error" in record.outcome:
+        return DomainError.from_record(record.outcome["error"])
+    return Receipt.from_record(record.outcome["receipt"], replayed=True)
+
+
+def _repeat(first: Command, outcome: Outcome | None, command: Command) -> Outcome:
+    """A request repeated inside one batch gets its first use's outcome, replayed."""
+    if first.fingerprint() != command.fingerprint():
+        return _conflict(command.request_id, first.name)
+    if isinstance(outcome, Receipt):
+        return replace(outcome, replayed=True)
+    assert outcome is not None
+    return DomainError.from_record(outcome.to_record())

@@ -1,0 +1,124 @@
+"""Value checks shared by every command: amounts, currencies, SKUs, free text."""
+
+from __future__ import annotations
+
+import re
+from uuid import UUID, uuid5
+
+from domain.errors import InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
+
+#: Amounts and quantities are integers in 1 .. MAX_AMOUNT (fits a signed 64-bit column).
+MAX_AMOUNT = 2**63 - 1
+
+#: Active ISO 4217 currency codes (funds and precious metals included).
+ISO_4217 = frozenset(
+    """
+    AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD
+    BTN BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP
+    DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR
+    IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD
+    MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB
+    PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD
+    SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS
+    VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XTS XUA
+    YER ZAR ZMW ZWG ZWL
+    """.split()
+)
+
+_SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+_NAMESPACE = UUID("6d2f1c44-7b35-4f0e-9a3e-3f2f6b1d0a11")
+
+
+def check_amount(value: object, what: str = "amount") -> int:
+    """Return ``value`` if it is an int in 1 .. MAX_AMOUNT, else refuse it."""
+    # type() rather than isinstance(): bool is a subclass of int and must be refused.
+    if type(value) is not int:
+        raise InvalidAmount(
+            f"{what} must be a whole number of minor units (int), got {type(value).__name__} "
+            f"{value!r}",
+            value=repr(value),
+        )
+    if not 0 < value <= MAX_AMOUNT:
+        raise InvalidAmount(
+            f"{what} must be between 1 and {MAX_AMOUNT}, got {value}", value=str(value)
+        )
+    return value
+
+
+def check_delta(value: object) -> int:
+    """A signed stock correction: a non-zero int whose size fits in 63 bits."""
+    if type(value) is not int:
+        raise InvalidAmount(
+            f"adjustment must be a whole number of units (int), got {type(value).__name__} "
+            f"{value!r}",
+            value=repr(value),
+        )
+    if value == 0 or abs(value) > MAX_AMOUNT:
+        raise InvalidAmount(
+            f"adjustment must be non-zero and at most {MAX_AMOUNT} in size, got {value}",
+            value=str(value),
+        )
+    return value
+
+
+def check_limit(value: object) -> int:
+    """An overdraft limit: an int in 0 .. MAX_AMOUNT."""
+    if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
+        raise InvalidAmount(
+            f"overdraft_limit must be an int between 0 and {MAX_AMOUNT}, got {value!r}",
+            value=repr(value),
+        )
+    return value
+
+
+def check_currency(value: object) -> str:
+    """An active ISO 4217 code, upper case, such as 'EUR'."""
+    if not isinstance(value, str) or value not in ISO_4217:
+        raise InvalidCurrency(
+            f"currency must be an ISO 4217 code such as 'EUR' or 'USD', got {value!r}",
+            value=repr(value),
+        )
+    return value
+
+
+def check_sku(value: object) -> str:
+    """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -."""
+    if not isinstance(value, str) or not _SKU.fullmatch(value):
+        raise InvalidSku(
+            f"SKU must be 1-64 characters of letters, digits and . _ : / -, got {value!r}",
+            value=repr(value),
+        )
+    return value
+
+
+def check_text(value: object, what: str, max_length: int = 200) -> str:
+    """Free text such as an owner name or a reason: non-blank, bounded, no control chars."""
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > max_length
+        or any(ord(c) < 32 for c in value)
+    ):
+        raise InvalidRequest(
+            f"{what} must be non-blank text of at most {max_length} characters "
+            f"without control characters, got {value!r}",
+            field=what,
+        )
+    return value
+
+
+def check_uuid(value: object, what: str) -> UUID:
+    """An aggregate id: a UUID, or its string form."""
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return UUID(value)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"{what} must be a UUID, got {value!r}", field=what)
+
+
+def inventory_id(sku: str) -> UUID:
+    """The id of a SKU's Inventory aggregate: derived, so no lookup table is needed."""
+    return uuid5(_NAMESPACE, f"sku:{sku}")

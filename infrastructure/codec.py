@@ -1,0 +1,91 @@
+"""How events become bytes and back: orjson for speed, pydantic contracts for exactness.
+
+``OrjsonTranscoder`` replaces eventsourcing's ``JSONTranscoder``. orjson writes UUIDs,
+datetimes and ints natively (and Decimals through ``default``); it reads them back as JSON
+strings and numbers, and ``ContractMapper`` then validates the state against the event's
+pydantic contract, which turns them back into exactly the values that were written. Integers
+beyond 64 bits are refused with an error rather than rounded (the domain keeps amounts below
+2**63 anyway).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, cast
+
+import orjson
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import Mapper, StoredEvent, Transcoder, Transcoding
+from eventsourcing.utils import get_topic, resolve_topic
+from pydantic import BaseModel
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    msg = f"cannot encode {type(obj).__name__} as JSON"
+    raise TypeError(msg)
+
+
+class OrjsonTranscoder(Transcoder):
+    """JSON with orjson: several times faster than the standard library's encoder."""
+
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(obj, default=_default)
+
+    def decode(self, data: bytes) -> Any:
+        return orjson.loads(data)
+
+    def register(self, transcoding: Transcoding) -> None:
+        """Types are restored by the events' pydantic contracts, not by transcodings."""
+
+
+_CONTROL_FIELDS = {"originator_id", "originator_version"}
+
+
+class ContractMapper(Mapper[Any]):
+    """Maps pydantic events to stored events and back, upcasting old schema versions."""
+
+    def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
+        model = cast(BaseModel, domain_event)
+        state = model.model_dump(exclude=_CONTROL_FIELDS)
+        class_version = getattr(type(domain_event), "class_version", 1)
+        if class_version > 1:
+            state["class_version"] = class_version
+        data = self.transcoder.encode(state)
+        if self.compressor:
+            data = self.compressor.compress(data)
+        if self.cipher:
+            data = self.cipher.encrypt(data)
+        return StoredEvent(
+            originator_id=domain_event.originator_id,
+            originator_version=domain_event.originator_version,
+            topic=get_topic(type(domain_event)),
+            state=data,
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
+        event_class = resolve_topic(stored_event.topic)
+        return cast(DomainEventProtocol[Any], event_class.model_validate(self.decode_state(stored_event)))
+
+    def decode_state(self, stored_event: StoredEvent) -> dict[str, Any]:
+        """The event's state at the current schema version, as plain JSON values."""
+        data = stored_event.state
+        if self.cipher:
+            data = self.cipher.decrypt(data)
+        if self.compressor:
+            data = self.compressor.decompress(data)
+        state: dict[str, Any] = self.transcoder.decode(data)
+        event_class = resolve_topic(stored_event.topic)
+        stored_version = state.pop("class_version", 1)
+        current_version = getattr(event_class, "class_version", 1)
+        while stored_version < current_version:
+            getattr(event_class, f"upcast_v{stored_version}_v{stored_version + 1}")(state)
+            stored_version += 1
+        state["originator_id"] = stored_event.originator_id
+        state["originator_version"] = stored_event.originator_version
+        return state

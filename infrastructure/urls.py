@@ -1,0 +1,108 @@
+"""Backends chosen by URL scheme: ``memory://``, ``sqlite:///path.db``, ``postgresql://...``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+DEFAULT_URL = "sqlite:///.daybook/daybook.db"
+
+_CODEC = {
+    "MAPPER_TOPIC": "infrastructure.codec:ContractMapper",
+    "TRANSCODER_TOPIC": "infrastructure.codec:OrjsonTranscoder",
+}
+
+
+class BadURL(ValueError):
+    """A store URL daybook cannot use; the message says what would work."""
+
+
+@dataclass(frozen=True)
+class PostgresParams:
+    dbname: str
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def conninfo(self) -> str:
+        """A libpq connection string for psycopg."""
+        parts = {
+            "dbname": self.dbname,
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "password": self.password,
+        }
+        return " ".join(f"{k}='{v}'" for k, v in parts.items() if v != "")
+
+
+def scheme(url: str) -> str:
+    """``memory``, ``sqlite`` or ``postgresql``."""
+    name = urlsplit(url).scheme
+    if name == "postgres":
+        return "postgresql"
+    if name not in ("memory", "sqlite", "postgresql"):
+        raise BadURL(
+            f"unsupported store URL {url!r}: use memory://, sqlite:///path/to/file.db "
+            "or postgresql://user:password@host:port/dbname"
+        )
+    return name
+
+
+def postgres_params(url: str) -> PostgresParams:
+    """Split a postgresql:// URL; ``?host=/socket/dir`` selects a Unix socket."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname:
+        raise BadURL(f"store URL {url!r} names no database: add /dbname at the end")
+    return PostgresParams(
+        dbname=dbname,
+        host=host,
+        port=int(query.get("port", [parts.port or 5432])[0]),
+        user=unquote(parts.username or "postgres"),
+        password=unquote(parts.password or ""),
+    )
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel/path.db`` is relative to the working directory;
+    ``sqlite:////abs/path.db`` is absolute."""
+    path = url.split("://", 1)[1]
+    if not path.startswith("/") or path == "/":
+        raise BadURL(f"store URL {url!r}: write sqlite:///relative.db or sqlite:////abs.db")
+    return Path(path[1:])
+
+
+def event_store_env(url: str) -> dict[str, str]:
+    """The eventsourcing environment for the event store at ``url``."""
+    kind = scheme(url)
+    if kind == "memory":
+        return {"PERSISTENCE_MODULE": "infrastructure.eventstore.memory:Factory", **_CODEC}
+    if kind == "sqlite":
+        path = sqlite_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return {
+            "PERSISTENCE_MODULE": "infrastructure.eventstore.sqlite:Factory",
+            "SQLITE_DBNAME": str(path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+            **_CODEC,
+        }
+    params = postgres_params(url)
+    return {
+        "PERSISTENCE_MODULE": "infrastructure.eventstore.postgres:Factory",
+        "POSTGRES_DBNAME": params.dbname,
+        "POSTGRES_HOST": params.host,
+        "POSTGRES_PORT": str(params.port),
+        "POSTGRES_USER": params.user,
+        "POSTGRES_PASSWORD": params.password,
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_MAX_OVERFLOW": "16",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        # Each insert waits for the events table lock; give up rather than hang forever.
+        "POSTGRES_LOCK_TIMEOUT": "30",
+        **_CODEC,
+    }

@@ -1,0 +1,1 @@
+"""Read-model definitions: how each event changes rows. Pure; runner-agnostic."""

