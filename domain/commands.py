@@ -12,12 +12,23 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from domain.accounts import Account, transfer
+from domain import accounts
+from domain.accounts import Account
+from domain.errors import InvalidRequest
 from domain.events import Metadata
-from domain.inventory import Inventory
-from domain.values import inventory_id
+from domain.inventory import Inventory, check_reservation_id
+from domain.values import (
+    check_amount,
+    check_currency,
+    check_delta,
+    check_limit,
+    check_sku,
+    check_text,
+    check_uuid,
+    inventory_id,
+)
 
 if TYPE_CHECKING:
     from domain.ledger import UnitOfWork
@@ -112,7 +123,7 @@ class Transfer(Command):
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         source = uow.account(self.source)
         destination = uow.account(self.destination)
-        transfer(source, destination, self.amount, self.transfer_id)
+        accounts.transfer(source, destination, self.amount, self.transfer_id)
         return {"account_id": str(self.source), "transfer_id": str(self.transfer_id)}
 
 
@@ -194,3 +205,201 @@ class ReleaseReservation(Command):
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         uow.inventory(self.sku).release(self.reservation_id)
         return {"sku": self.sku, "reservation_id": self.reservation_id}
+
+
+# -- builders: validate the caller's arguments and make the command ---------------------------
+# Ledger (blocking) and AsyncLedger (asyncio) expose these with the same signatures.
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+        raise InvalidRequest(
+            f"{what} must be 1-200 printable characters, got {value!r}", field=what
+        )
+    return value
+
+
+def _envelope(
+    request_id: str | None, correlation_id: str | None, causation_id: str | None
+) -> dict[str, Any]:
+    return {
+        "request_id": str(uuid4()) if request_id is None else _check_id(request_id, "request_id"),
+        "caller_request_id": request_id is not None,
+        "correlation_id": None
+        if correlation_id is None
+        else _check_id(correlation_id, "correlation_id"),
+        "causation_id": None if causation_id is None else _check_id(causation_id, "causation_id"),
+    }
+
+
+def open_account(
+    owner: str,
+    currency: str,
+    overdraft_limit: int = 0,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> OpenAccount:
+    """Open an account with a zero balance in one ISO 4217 currency."""
+    return OpenAccount(
+        account_id=uuid4(),
+        owner=check_text(owner, "owner"),
+        currency=check_currency(currency),
+        overdraft_limit=check_limit(overdraft_limit),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def deposit(
+    account_id: UUID,
+    amount: int,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Deposit:
+    """Credit ``amount`` minor units to an account."""
+    return Deposit(
+        account_id=check_uuid(account_id, "account_id"),
+        amount=check_amount(amount),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def withdraw(
+    account_id: UUID,
+    amount: int,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Withdraw:
+    """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
+    return Withdraw(
+        account_id=check_uuid(account_id, "account_id"),
+        amount=check_amount(amount),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def transfer(
+    source: UUID,
+    destination: UUID,
+    amount: int,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Transfer:
+    """Debit one account and credit another of the same currency, atomically."""
+    return Transfer(
+        transfer_id=uuid4(),
+        source=check_uuid(source, "source"),
+        destination=check_uuid(destination, "destination"),
+        amount=check_amount(amount),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def close_account(
+    account_id: UUID,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> CloseAccount:
+    """Close an account at zero balance; it then refuses everything."""
+    return CloseAccount(
+        account_id=check_uuid(account_id, "account_id"),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def receive_stock(
+    sku: str,
+    quantity: int,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> ReceiveStock:
+    """Add received units to a SKU's stock (the first receipt creates the SKU)."""
+    return ReceiveStock(
+        sku=check_sku(sku),
+        quantity=check_amount(quantity, "quantity"),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def adjust_stock(
+    sku: str,
+    delta: int,
+    reason: str,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> AdjustStock:
+    """Correct on-hand stock after a count (``delta`` may be negative)."""
+    return AdjustStock(
+        sku=check_sku(sku),
+        delta=check_delta(delta),
+        reason=check_text(reason, "reason"),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def reserve_stock(
+    sku: str,
+    quantity: int,
+    *,
+    reservation_id: str | None = None,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> ReserveStock:
+    """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+    return ReserveStock(
+        sku=check_sku(sku),
+        quantity=check_amount(quantity, "quantity"),
+        reservation_id=(
+            str(uuid4()) if reservation_id is None else check_reservation_id(reservation_id)
+        ),
+        caller_reservation_id=reservation_id is not None,
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def commit_reservation(
+    sku: str,
+    reservation_id: str,
+    quantity: int | None = None,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> CommitReservation:
+    """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
+    return CommitReservation(
+        sku=check_sku(sku),
+        reservation_id=check_reservation_id(reservation_id),
+        quantity=None if quantity is None else check_amount(quantity, "quantity"),
+        **_envelope(request_id, correlation_id, causation_id),
+    )
+
+
+def release_reservation(
+    sku: str,
+    reservation_id: str,
+    *,
+    request_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> ReleaseReservation:
+    """Give a reservation's units back to available stock."""
+    return ReleaseReservation(
+        sku=check_sku(sku),
+        reservation_id=check_reservation_id(reservation_id),
+        **_envelope(request_id, correlation_id, causation_id),
+    )

@@ -29,12 +29,13 @@ class Metadata(BaseModel):
     causation_id: str | None = None
 
 
-_current_metadata: ContextVar[Metadata] = ContextVar("daybook_metadata", default=Metadata())
+_NO_METADATA = Metadata()
+_current_metadata: ContextVar[Metadata | None] = ContextVar("daybook_metadata", default=None)
 
 
 def current_metadata() -> Metadata:
     """The metadata of the command being executed (empty outside a command)."""
-    return _current_metadata.get()
+    return _current_metadata.get() or _NO_METADATA
 
 
 @contextmanager

@@ -12,53 +12,34 @@ URL); the recorder must also keep idempotency records (``RequestLog``).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
-from uuid import UUID, uuid4
+from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
+from domain import commands
 from domain.accounts import Account
-from domain.commands import (
-    AdjustStock,
-    CloseAccount,
-    Command,
-    CommitReservation,
-    Deposit,
-    OpenAccount,
-    ReceiveStock,
-    ReleaseReservation,
-    ReserveStock,
-    Transfer,
-    Withdraw,
-)
+from domain.commands import Command
 from domain.errors import (
     AccountNotFound,
     ConcurrencyConflict,
     DomainError,
     IdempotencyConflict,
-    InvalidRequest,
     SkuNotFound,
 )
 from domain.events import LedgerAggregate, metadata_scope
-from domain.inventory import Inventory, check_reservation_id
-from domain.values import (
-    check_amount,
-    check_currency,
-    check_delta,
-    check_limit,
-    check_sku,
-    check_text,
-    check_uuid,
-    inventory_id,
-)
+from domain.inventory import Inventory
+from domain.values import check_sku, check_uuid, inventory_id
 
 A = TypeVar("A", bound=LedgerAggregate)
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -264,6 +245,19 @@ class UnitOfWork:
         self.touched.clear()
 
 
+def _command_method(
+    build: Callable[P, Command],
+) -> Callable[Concatenate[Ledger, P], Receipt]:
+    """A Ledger method that builds a command (validating its arguments) and submits it."""
+
+    def method(self: Ledger, /, *args: P.args, **kwargs: P.kwargs) -> Receipt:
+        return self.committer.submit(build(*args, **kwargs))
+
+    method.__name__ = build.__name__
+    method.__doc__ = build.__doc__
+    return method
+
+
 class Ledger(Application[UUID]):
     """Accounts and inventory on an append-only event store, with idempotent commands."""
 
@@ -288,7 +282,7 @@ class Ledger(Application[UUID]):
         self._requests: RequestLog = self.recorder
         self.committer: Committer = DirectCommitter(self)
 
-    # -- accounts ---------------------------------------------------------------------------
+    # -- commands (signatures and validation live in domain.commands) ---------------------
 
     def open_account(
         self,
@@ -301,201 +295,28 @@ class Ledger(Application[UUID]):
         causation_id: str | None = None,
     ) -> UUID:
         """Open an account; returns its id (the original id when a request is replayed)."""
-        receipt = self._submit(
-            OpenAccount,
-            request_id,
-            correlation_id,
-            causation_id,
-            account_id=uuid4(),
-            owner=check_text(owner, "owner"),
-            currency=check_currency(currency),
-            overdraft_limit=check_limit(overdraft_limit),
+        receipt = self.committer.submit(
+            commands.open_account(
+                owner,
+                currency,
+                overdraft_limit,
+                request_id=request_id,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
         )
         assert receipt.account_id is not None
         return receipt.account_id
 
-    def deposit(
-        self,
-        account_id: UUID,
-        amount: int,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Credit ``amount`` minor units to an account."""
-        return self._submit(
-            Deposit,
-            request_id,
-            correlation_id,
-            causation_id,
-            account_id=check_uuid(account_id, "account_id"),
-            amount=check_amount(amount),
-        )
-
-    def withdraw(
-        self,
-        account_id: UUID,
-        amount: int,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Debit ``amount`` minor units, within the balance plus overdraft limit."""
-        return self._submit(
-            Withdraw,
-            request_id,
-            correlation_id,
-            causation_id,
-            account_id=check_uuid(account_id, "account_id"),
-            amount=check_amount(amount),
-        )
-
-    def transfer(
-        self,
-        source: UUID,
-        destination: UUID,
-        amount: int,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Debit one account and credit another of the same currency, atomically."""
-        return self._submit(
-            Transfer,
-            request_id,
-            correlation_id,
-            causation_id,
-            transfer_id=uuid4(),
-            source=check_uuid(source, "source"),
-            destination=check_uuid(destination, "destination"),
-            amount=check_amount(amount),
-        )
-
-    def close_account(
-        self,
-        account_id: UUID,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Close an account at zero balance; it then refuses everything."""
-        return self._submit(
-            CloseAccount,
-            request_id,
-            correlation_id,
-            causation_id,
-            account_id=check_uuid(account_id, "account_id"),
-        )
-
-    # -- inventory --------------------------------------------------------------------------
-
-    def receive_stock(
-        self,
-        sku: str,
-        quantity: int,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-        return self._submit(
-            ReceiveStock,
-            request_id,
-            correlation_id,
-            causation_id,
-            sku=check_sku(sku),
-            quantity=check_amount(quantity, "quantity"),
-        )
-
-    def adjust_stock(
-        self,
-        sku: str,
-        delta: int,
-        reason: str,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Correct on-hand stock after a count (``delta`` may be negative)."""
-        return self._submit(
-            AdjustStock,
-            request_id,
-            correlation_id,
-            causation_id,
-            sku=check_sku(sku),
-            delta=check_delta(delta),
-            reason=check_text(reason, "reason"),
-        )
-
-    def reserve_stock(
-        self,
-        sku: str,
-        quantity: int,
-        *,
-        reservation_id: str | None = None,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
-        return self._submit(
-            ReserveStock,
-            request_id,
-            correlation_id,
-            causation_id,
-            sku=check_sku(sku),
-            quantity=check_amount(quantity, "quantity"),
-            reservation_id=(
-                str(uuid4()) if reservation_id is None else check_reservation_id(reservation_id)
-            ),
-            caller_reservation_id=reservation_id is not None,
-        )
-
-    def commit_reservation(
-        self,
-        sku: str,
-        reservation_id: str,
-        quantity: int | None = None,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-        return self._submit(
-            CommitReservation,
-            request_id,
-            correlation_id,
-            causation_id,
-            sku=check_sku(sku),
-            reservation_id=check_reservation_id(reservation_id),
-            quantity=None if quantity is None else check_amount(quantity, "quantity"),
-        )
-
-    def release_reservation(
-        self,
-        sku: str,
-        reservation_id: str,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Receipt:
-        """Give a reservation's units back to available stock."""
-        return self._submit(
-            ReleaseReservation,
-            request_id,
-            correlation_id,
-            causation_id,
-            sku=check_sku(sku),
-            reservation_id=check_reservation_id(reservation_id),
-        )
+    deposit = _command_method(commands.deposit)
+    withdraw = _command_method(commands.withdraw)
+    transfer = _command_method(commands.transfer)
+    close_account = _command_method(commands.close_account)
+    receive_stock = _command_method(commands.receive_stock)
+    adjust_stock = _command_method(commands.adjust_stock)
+    reserve_stock = _command_method(commands.reserve_stock)
+    commit_reservation = _command_method(commands.commit_reservation)
+    release_reservation = _command_method(commands.release_reservation)
 
     # -- reads (strongly consistent, straight from the log) ---------------------------------
 
@@ -542,31 +363,12 @@ class Ledger(Application[UUID]):
             return None
         # The cache may be behind other processes' writes: fast-forward from the store.
         for event in self.events.get(aggregate_id, gt=aggregate.version):
-            event.mutate(aggregate)
+            cast(LedgerAggregate.Event, event).mutate(aggregate)
         return aggregate
 
     # -- the command path -------------------------------------------------------------------
 
-    def _submit(
-        self,
-        command_class: type[Command],
-        request_id: str | None,
-        correlation_id: str | None,
-        causation_id: str | None,
-        **payload: Any,
-    ) -> Receipt:
-        command = command_class(
-            request_id=str(uuid4()) if request_id is None else _check_id(request_id, "request_id"),
-            caller_request_id=request_id is not None,
-            correlation_id=None
-            if correlation_id is None
-            else _check_id(correlation_id, "correlation_id"),
-            causation_id=None if causation_id is None else _check_id(causation_id, "causation_id"),
-            **payload,
-        )
-        return self.committer.submit(command)
-
-    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+    def execute(self, batch: Sequence[Command]) -> list[Outcome]:
         """Apply ``commands`` in order and commit all their events in one transaction.
 
         Returns one outcome per command: its receipt, or the refusal it met. Nothing is
@@ -579,7 +381,7 @@ class Ledger(Application[UUID]):
         for attempt in range(self.max_attempts):
             uow = UnitOfWork(self)
             try:
-                return self._attempt(commands, uow, recheck_all=attempt > 0)
+                return self._attempt(batch, uow, recheck_all=attempt > 0)
             except (IntegrityError, _Stale, OperationalError, InterfaceError) as error:
                 self._evict(uow)
                 if isinstance(error, (OperationalError, InterfaceError)) and (
@@ -592,16 +394,14 @@ class Ledger(Application[UUID]):
             f"gave up after {self.max_attempts} attempts: other writers kept changing the "
             "same accounts or SKUs; retry the request"
         )
-        return [conflict for _ in commands]
+        return [conflict for _ in batch]
 
     def _evict(self, uow: UnitOfWork) -> None:
         if self.repository.cache is None:
             return
         for aggregate_id in uow.aggregates:
-            try:
+            with contextlib.suppress(KeyError):
                 self.repository.cache.get(aggregate_id, evict=True)
-            except KeyError:
-                pass
 
     def _attempt(
         self, commands: Sequence[Command], uow: UnitOfWork, *, recheck_all: bool
@@ -665,12 +465,6 @@ class Ledger(Application[UUID]):
     def close(self) -> None:
         self.committer.close()
         super().close()
-
-
-def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
-        raise InvalidRequest(f"{what} must be 1-200 printable characters, got {value!r}")
-    return value
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

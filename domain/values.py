@@ -11,8 +11,7 @@ from domain.errors import InvalidAmount, InvalidCurrency, InvalidRequest, Invali
 MAX_AMOUNT = 2**63 - 1
 
 #: Active ISO 4217 currency codes (funds and precious metals included).
-ISO_4217 = frozenset(
-    """
+_ISO_4217_CODES = """
     AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD
     BTN BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP
     DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR
@@ -22,8 +21,8 @@ ISO_4217 = frozenset(
     SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS
     VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XTS XUA
     YER ZAR ZMW ZWG ZWL
-    """.split()
-)
+"""
+ISO_4217 = frozenset(_ISO_4217_CODES.split())
 
 _SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 _NAMESPACE = UUID("6d2f1c44-7b35-4f0e-9a3e-3f2f6b1d0a11")

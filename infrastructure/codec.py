@@ -70,7 +70,9 @@ class ContractMapper(Mapper[Any]):
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         event_class = resolve_topic(stored_event.topic)
-        return cast(DomainEventProtocol[Any], event_class.model_validate(self.decode_state(stored_event)))
+        return cast(
+            DomainEventProtocol[Any], event_class.model_validate(self.decode_state(stored_event))
+        )
 
     def decode_state(self, stored_event: StoredEvent) -> dict[str, Any]:
         """The event's state at the current schema version, as plain JSON values."""

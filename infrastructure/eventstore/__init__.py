@@ -24,7 +24,9 @@ def completed(pending: PendingRequest, notification_ids: Sequence[int]) -> Reque
     if pending.last_event_index is None:
         return record
     receipt = dict(record.outcome["receipt"], position=notification_ids[pending.last_event_index])
-    return RequestRecord(record.request_id, record.command, record.fingerprint, {"receipt": receipt})
+    return RequestRecord(
+        record.request_id, record.command, record.fingerprint, {"receipt": receipt}
+    )
 
 
 def encode_outcome(record: RequestRecord) -> bytes:

@@ -24,9 +24,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        table = SQL("{}.{}").format(
-            Identifier(self.datastore.schema), Identifier(REQUESTS_TABLE)
-        )
+        table = SQL("{}.{}").format(Identifier(self.datastore.schema), Identifier(REQUESTS_TABLE))
         self.sql_create_statements.append(
             SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
@@ -40,8 +38,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[])"
         ).format(table)
         self._select_requests = SQL(
-            "SELECT request_id, command, fingerprint, outcome FROM {} "
-            "WHERE request_id = ANY(%s)"
+            "SELECT request_id, command, fingerprint, outcome FROM {} WHERE request_id = ANY(%s)"
         ).format(table)
 
     def insert_events(

