@@ -390,11 +390,11 @@ class Ledger(Application[UUID]):
                     raise
                 # Jittered backoff so that competing writers stop colliding.
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
-        conflict = ConcurrencyConflict(
+        message = (
             f"gave up after {self.max_attempts} attempts: other writers kept changing the "
             "same accounts or SKUs; retry the request"
         )
-        return [conflict for _ in batch]
+        return [ConcurrencyConflict(message) for _ in batch]
 
     def _evict(self, uow: UnitOfWork) -> None:
         if self.repository.cache is None:

@@ -1,0 +1,80 @@
+"""An asyncio face for the Ledger: commands go to the group committer without a thread each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec
+from uuid import UUID
+
+from domain import commands
+from domain.commands import Command
+from domain.ledger import AccountView, Ledger, Receipt, StockView
+from infrastructure.group_commit import GroupCommitter
+
+P = ParamSpec("P")
+
+
+def _async_command_method(
+    build: Callable[P, Command],
+) -> Callable[Concatenate[AsyncLedger, P], Awaitable[Receipt]]:
+    async def method(self: AsyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> Receipt:
+        return await self.submit(build(*args, **kwargs))
+
+    method.__name__ = build.__name__
+    method.__doc__ = build.__doc__
+    return method
+
+
+class AsyncLedger:
+    """``await ledger.transfer(a, b, 500)``: same commands and outcomes as ``Ledger``."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        if not isinstance(ledger.committer, GroupCommitter):
+            ledger.install_committer(GroupCommitter)
+        assert isinstance(ledger.committer, GroupCommitter)
+        self.ledger = ledger
+        self._committer = ledger.committer
+
+    async def submit(self, command: Command) -> Receipt:
+        return await asyncio.wrap_future(self._committer.submit_future(command))
+
+    async def open_account(
+        self,
+        owner: str,
+        currency: str,
+        overdraft_limit: int = 0,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> UUID:
+        """Open an account; returns its id (the original id when a request is replayed)."""
+        receipt = await self.submit(
+            commands.open_account(
+                owner,
+                currency,
+                overdraft_limit,
+                request_id=request_id,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+        )
+        assert receipt.account_id is not None
+        return receipt.account_id
+
+    deposit = _async_command_method(commands.deposit)
+    withdraw = _async_command_method(commands.withdraw)
+    transfer = _async_command_method(commands.transfer)
+    close_account = _async_command_method(commands.close_account)
+    receive_stock = _async_command_method(commands.receive_stock)
+    adjust_stock = _async_command_method(commands.adjust_stock)
+    reserve_stock = _async_command_method(commands.reserve_stock)
+    commit_reservation = _async_command_method(commands.commit_reservation)
+    release_reservation = _async_command_method(commands.release_reservation)
+
+    async def account(self, account_id: UUID) -> AccountView:
+        return await asyncio.to_thread(self.ledger.account, account_id)
+
+    async def inventory(self, sku: str) -> StockView:
+        return await asyncio.to_thread(self.ledger.inventory, sku)

@@ -1,0 +1,172 @@
+"""``daybook demo``: a burst of real work on the embedded default, then a readable summary."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+from uuid import UUID
+
+from domain.errors import DomainError
+from domain.ledger import Ledger
+from infrastructure.bootstrap import open_ledger
+
+
+def register(subparsers: Any) -> None:
+    from infrastructure.cli import add_url_argument
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a burst of concurrent transfers and reservations and print a summary",
+        description=(
+            "Opens a handful of accounts and products, then drives concurrent transfers, "
+            "withdrawals and stock reservations from several threads, including deliberately "
+            "invalid and duplicate requests, and prints balances, stock, refusals by error "
+            "code and replayed duplicates. Money and stock are checked to be conserved."
+        ),
+    )
+    add_url_argument(parser)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument(
+        "--commands", type=int, default=200, help="commands per client (default 200)"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    parser.set_defaults(handler=run)
+
+
+OWNERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
+SKUS = {"SKU-KETTLE": 400, "SKU-TEAPOT": 250, "SKU-MUG": 1200}
+
+
+def run(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.url)
+    try:
+        return _demo(ledger, args)
+    finally:
+        ledger.close()
+
+
+def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
+    run_id = f"demo-{int(time.time() * 1000)}"
+    print(f"daybook demo on {args.url} (run {run_id})")
+    accounts = {
+        owner: ledger.open_account(owner, "EUR", overdraft_limit=500 if owner == "frank" else 0)
+        for owner in OWNERS
+    }
+    for index, account in enumerate(accounts.values()):
+        ledger.deposit(account, 10_000 * (index + 1), request_id=f"{run_id}-seed-{index}")
+    for sku, quantity in SKUS.items():
+        ledger.receive_stock(sku, quantity, request_id=f"{run_id}-stock-{sku}")
+    money_before = sum(ledger.account(a).balance for a in accounts.values())
+
+    refusals: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
+    lock = threading.Lock()
+    ids = list(accounts.values())
+
+    def client(number: int) -> None:
+        rnd = random.Random(args.seed * 1000 + number)
+        sent: list[tuple[str, UUID, UUID, int]] = []
+        for step in range(args.commands):
+            roll = rnd.random()
+            try:
+                if roll < 0.45:
+                    source, destination = rnd.sample(ids, 2)
+                    amount = rnd.randint(1, 8_000)
+                    request_id = f"{run_id}-{number}-{step}"
+                    ledger.transfer(source, destination, amount, request_id=request_id)
+                    sent.append((request_id, source, destination, amount))
+                    outcome = "transfers"
+                elif roll < 0.55 and sent:
+                    # A client retrying a request it already sent: replayed, not re-applied.
+                    request_id, source, destination, amount = rnd.choice(sent)
+                    receipt = ledger.transfer(source, destination, amount, request_id=request_id)
+                    outcome = "replayed duplicates" if receipt.replayed else "transfers"
+                elif roll < 0.75:
+                    sku = rnd.choice(list(SKUS))
+                    receipt = ledger.reserve_stock(sku, rnd.randint(1, 6))
+                    assert receipt.reservation_id is not None
+                    if rnd.random() < 0.7:
+                        ledger.commit_reservation(sku, receipt.reservation_id)
+                        outcome = "reservations shipped"
+                    else:
+                        ledger.release_reservation(sku, receipt.reservation_id)
+                        outcome = "reservations released"
+                elif roll < 0.85:
+                    amount = rnd.randint(1, 3_000)
+                    ledger.withdraw(rnd.choice(ids), amount)
+                    outcome = "withdrawals"
+                    with lock:
+                        stats["withdrawn"] += amount
+                else:
+                    _invalid(ledger, rnd, ids)
+                    outcome = "unexpected success"
+                with lock:
+                    stats[outcome] += 1
+            except DomainError as error:
+                with lock:
+                    refusals[error.code] += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    total = args.clients * args.commands
+
+    print(
+        f"\n{total} requests from {args.clients} clients in {elapsed:.2f} s "
+        f"({total / elapsed:,.0f} requests/s), log head at position {ledger.head()}"
+    )
+    print("\nBalances (EUR, minor units)")
+    for owner, account in accounts.items():
+        view = ledger.account(account)
+        print(f"  {owner:<8} balance {view.balance:>9,}  available {view.available:>9,}")
+    print("\nStock")
+    for sku in SKUS:
+        stock = ledger.inventory(sku)
+        print(
+            f"  {sku:<11} on hand {stock.on_hand:>4}  reserved {stock.reserved:>3}  "
+            f"available {stock.available:>4}"
+        )
+    print("\nAccepted")
+    for name, count in sorted(stats.items()):
+        if name == "withdrawn":
+            continue
+        print(f"  {name:<24} {count:>6}")
+    print("\nRefused, by error code")
+    for code, count in sorted(refusals.items()):
+        print(f"  {code:<24} {count:>6}")
+
+    withdrawn = stats["withdrawn"]
+    money_after = sum(ledger.account(a).balance for a in accounts.values())
+    conserved = money_after == money_before - withdrawn
+    print(
+        f"\nMoney conserved (transfers move it, only withdrawals remove it): "
+        f"{'yes' if conserved else 'NO'}"
+    )
+    overdrawn = [o for o, a in accounts.items() if ledger.account(a).available < 0]
+    print(f"Every balance within its overdraft limit: {'yes' if not overdrawn else 'NO'}")
+    return 0 if conserved and not overdrawn and not stats["unexpected success"] else 1
+
+
+def _invalid(ledger: Ledger, rnd: random.Random, ids: list[UUID]) -> None:
+    """One deliberately bad request; each must be refused with its own code."""
+    choice = rnd.randrange(6)
+    if choice == 0:
+        ledger.transfer(ids[0], ids[1], 10**12)  # insufficient_funds
+    elif choice == 1:
+        ledger.deposit(ids[0], 12.5)  # type: ignore[arg-type]  # invalid_amount (no floats)
+    elif choice == 2:
+        ledger.reserve_stock("SKU-KETTLE", 10_000)  # out_of_stock
+    elif choice == 3:
+        ledger.reserve_stock("SKU-UNKNOWN", 1)  # sku_not_found
+    elif choice == 4:
+        ledger.open_account("mallory", "EURO")  # invalid_currency
+    else:
+        ledger.withdraw(ids[0], 0)  # invalid_amount
