@@ -1,0 +1,459 @@
+"""The outbox relay: publishes the event log, in order, to a Kafka topic.
+
+The event store's own table is the outbox, so the write side never does a dual write. The
+relay reads the log after its cursor, publishes each event keyed by aggregate id (see
+``infrastructure.streaming.envelope``), waits until the broker has acknowledged the whole
+batch, and only then moves the cursor: a crash anywhere re-publishes part of a batch (the
+consumers drop the duplicates), it never skips one.
+
+The cursor row (table ``daybook_relay_cursors``, one row per topic) holds, besides the log
+position, two things per partition, moved together in one statement:
+
+- ``chain``: the last log position published to the partition. The next envelope sent there
+  carries it as ``prev``, which lets consumers tell duplicates from gaps.
+- ``next_offsets``: the Kafka offset the partition's next message should get. Only one relay
+  publishes (advisory lock), so an acknowledgement at a *lower* offset means the broker lost
+  acknowledged messages: a broker on memory storage restarted (the Tansu build used in tests
+  has nothing else), or an unclean leader election. The relay then rewinds the cursor to the
+  start of the log and re-publishes everything; consumers skip what they already applied and
+  fill their gaps. A *higher* offset means someone else wrote to the topic: harmless.
+
+Only one relay runs per topic: it holds a PostgreSQL advisory lock on a connection it also
+uses to write the cursor, so a relay that lost its lock (its connection died) cannot move the
+cursor any more. A standby waits on the same lock and takes over when the holder dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from eventsourcing.persistence import Notification
+from psycopg.sql import SQL, Identifier
+
+from domain.ledger import Ledger
+from infrastructure.bootstrap import open_ledger
+from infrastructure.streaming import envelope
+from infrastructure.streaming.broker import (
+    DEFAULT_PARTITIONS,
+    DEFAULT_TOPIC,
+    TopicMismatch,
+    bootstrap_servers,
+    ensure_topic,
+)
+from infrastructure.streaming.faults import crash_point
+from infrastructure.urls import postgres_params, scheme
+
+log = logging.getLogger("daybook.relay")
+
+CURSOR_TABLE = "daybook_relay_cursors"
+UNKNOWN_OFFSET = -1
+
+
+@dataclass(frozen=True)
+class RelayCursor:
+    """How far the relay got, as stored in PostgreSQL."""
+
+    topic: str
+    position: int
+    partitions: int
+    chain: tuple[int, ...]
+    next_offsets: tuple[int, ...]
+    #: How many times a broker that lost acknowledged messages made the relay start over.
+    republished: int = 0
+
+    @classmethod
+    def empty(cls, topic: str, partitions: int) -> RelayCursor:
+        return cls(topic, 0, partitions, (0,) * partitions, (0,) * partitions)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    store_url: str
+    broker_url: str
+    topic: str = DEFAULT_TOPIC
+    partitions: int = DEFAULT_PARTITIONS
+    batch_size: int = 5000
+    #: Polling interval beside LISTEN/NOTIFY (a lost notification costs at most this).
+    poll_interval: float = 0.5
+    #: Backoff bounds (seconds) while the broker or the database is unreachable.
+    backoff_min: float = 0.1
+    backoff_max: float = 5.0
+    #: How long the broker may take to acknowledge a batch before it counts as down.
+    request_timeout: float = 15.0
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    batches: int = 0
+    republished: int = 0
+    last_error: str | None = None
+    state: str = "starting"
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class BrokerLostData(Exception):
+    """The broker acknowledged a message at an offset below one it acknowledged before."""
+
+
+class Relay:
+    """Publishes the log to Kafka: ``await relay.run()`` until ``relay.stop()``."""
+
+    def __init__(self, config: RelayConfig, ledger: Ledger | None = None) -> None:
+        if scheme(config.store_url) != "postgresql":
+            raise ValueError("the outbox relay needs a postgresql:// event store")
+        self.config = config
+        self.stats = RelayStats()
+        self._ledger = ledger
+        self._owns_ledger = ledger is None
+        self._conninfo = postgres_params(config.store_url).conninfo()
+        self._bootstrap = bootstrap_servers(config.broker_url)
+        self._stopping = asyncio.Event()
+        self._attempt = 0
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish the batch in hand and return."""
+        self._stopping.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until stopped: standby while another relay holds the lock, back off (with
+        jitter) while the database or the broker is down, resume from the stored cursor."""
+        if self._ledger is None:
+            self._ledger = await asyncio.to_thread(open_ledger, self.config.store_url)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    async with self._leadership() as lock_conn:
+                        if lock_conn is None:
+                            continue
+                        await self._lead(lock_conn)
+                except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
+                    self._failed("database", error)
+                    await self._backoff()
+        finally:
+            self.stats.state = "stopped"
+            if self._owns_ledger and self._ledger is not None:
+                self._ledger.close()
+
+    @contextlib.asynccontextmanager
+    async def _leadership(self) -> AsyncIterator[psycopg.AsyncConnection[Any] | None]:
+        """The lock connection once this relay holds the topic's advisory lock (None if
+        stopped while waiting as a standby)."""
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        try:
+            await _create_cursor_table(conn)
+            waited = False
+            while not self._stopping.is_set():
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                    (f"daybook.relay/{self.config.topic}",),
+                )
+                row = await cur.fetchone()
+                if row and row[0]:
+                    if waited:
+                        log.info("relay: took over topic %s", self.config.topic)
+                    break
+                if not waited:
+                    log.info("relay: standby (another relay publishes %s)", self.config.topic)
+                    waited = True
+                self.stats.state = "standby"
+                await self._sleep(self.config.poll_interval)
+            else:
+                yield None
+                return
+            yield conn
+        finally:
+            # Closing the session releases the advisory lock.
+            await conn.close()
+
+    async def _lead(self, lock_conn: psycopg.AsyncConnection[Any]) -> None:
+        cursor = await _load_cursor(lock_conn, self.config.topic, self.config.partitions)
+        log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
+        listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        try:
+            assert self._ledger is not None
+            channel = getattr(self._ledger.recorder, "channel_name", "daybook_events")
+            await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
+            while not self._stopping.is_set():
+                producer = await self._start_producer()
+                if producer is None:
+                    continue
+                try:
+                    cursor = await self._publish_until_stopped(lock_conn, listen, producer, cursor)
+                except (KafkaError, asyncio.TimeoutError) as error:
+                    self._failed("broker", error)
+                    await self._backoff()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(producer.stop(), self.config.request_timeout)
+        finally:
+            await listen.close()
+
+    async def _start_producer(self) -> AIOKafkaProducer | None:
+        """A started producer on a topic with the right partitions, or None after a failed
+        attempt (already backed off)."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            linger_ms=2,
+            max_batch_size=1 << 20,
+            request_timeout_ms=int(self.config.request_timeout * 1000),
+            retry_backoff_ms=200,
+        )
+        try:
+            await ensure_topic(self._bootstrap, self.config.topic, self.config.partitions)
+            await producer.start()
+            return producer
+        except TopicMismatch:
+            raise
+        except (KafkaError, OSError, asyncio.TimeoutError) as error:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            self._failed("broker", error)
+            await self._backoff()
+            return None
+
+    async def _publish_until_stopped(
+        self,
+        lock_conn: psycopg.AsyncConnection[Any],
+        listen: psycopg.AsyncConnection[Any],
+        producer: AIOKafkaProducer,
+        cursor: RelayCursor,
+    ) -> RelayCursor:
+        assert self._ledger is not None
+        recorder = self._ledger.recorder
+        self.stats.state = "live"
+        while not self._stopping.is_set():
+            batch = await asyncio.to_thread(
+                recorder.select_notifications,
+                cursor.position,
+                self.config.batch_size,
+                inclusive_of_start=False,
+            )
+            if not batch:
+                await self._wait_for_events(listen)
+                continue
+            try:
+                moved = await self._publish(producer, cursor, batch)
+            except BrokerLostData as lost:
+                log.warning("relay: %s; re-publishing the log from the start", lost)
+                moved = lost.args[1]
+            crash_point("relay.after_send")
+            await _save_cursor(lock_conn, moved)
+            self.stats.published += len(batch)
+            self.stats.batches += 1
+            self.stats.republished = moved.republished
+            self._attempt = 0
+            cursor = moved
+        return cursor
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, cursor: RelayCursor, batch: Sequence[Notification]
+    ) -> RelayCursor:
+        """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
+        assert self._ledger is not None
+        decode_state = self._ledger.mapper.decode_state
+        partitions = cursor.partitions
+        chain = list(cursor.chain)
+        sent: list[tuple[int, asyncio.Future[Any]]] = []
+        for notification in batch:
+            key = envelope.partition_key(notification.originator_id)
+            partition = envelope.partition_for(key, partitions)
+            _, value = envelope.encode(
+                notification.topic,
+                decode_state(notification),
+                notification.id,
+                chain[partition],
+            )
+            chain[partition] = notification.id
+            future = await producer.send(self.config.topic, value, key=key, partition=partition)
+            sent.append((partition, future))
+        crash_point("relay.mid_send")
+        results = await asyncio.wait_for(
+            asyncio.gather(*(future for _, future in sent)), self.config.request_timeout * 2
+        )
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for (partition, _), metadata in zip(sent, results, strict=True):
+            first.setdefault(partition, metadata.offset)
+            last[partition] = metadata.offset
+        next_offsets = list(cursor.next_offsets)
+        lost = [
+            (p, next_offsets[p], offset)
+            for p, offset in first.items()
+            if next_offsets[p] != UNKNOWN_OFFSET and offset < next_offsets[p]
+        ]
+        for partition, offset in last.items():
+            next_offsets[partition] = offset + 1
+        moved = replace(
+            cursor,
+            position=batch[-1].id,
+            chain=tuple(chain),
+            next_offsets=tuple(next_offsets),
+        )
+        if not lost:
+            return moved
+        # Partitions this batch did not touch may have lost data too: their next offset is
+        # unknown until something is published there again.
+        restart = RelayCursor(
+            topic=cursor.topic,
+            position=0,
+            partitions=partitions,
+            chain=(0,) * partitions,
+            next_offsets=tuple(
+                next_offsets[p] if p in last else UNKNOWN_OFFSET for p in range(partitions)
+            ),
+            republished=cursor.republished + 1,
+        )
+        details = ", ".join(f"partition {p} expected offset {e} got {g}" for p, e, g in lost)
+        raise BrokerLostData(f"broker lost acknowledged messages ({details})", restart)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    async def _wait_for_events(self, listen: psycopg.AsyncConnection[Any]) -> None:
+        """Until a NOTIFY from the event store, the poll interval, or stop."""
+
+        async def notified() -> None:
+            async for _ in listen.notifies(timeout=self.config.poll_interval, stop_after=1):
+                pass
+
+        waiter = asyncio.ensure_future(notified())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+            raise waiter.exception()  # type: ignore[misc]  # re-raise the listener's error
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _backoff(self) -> None:
+        """Exponential backoff with full jitter, so restarted relays do not stampede."""
+        ceiling = min(self.config.backoff_max, self.config.backoff_min * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 30)
+        await self._sleep(random.uniform(ceiling / 2, ceiling))
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self.stats.state = f"waiting for {what}"
+        self.stats.last_error = f"{type(error).__name__}: {error}"
+        log.warning("relay: %s unavailable (%s); retrying", what, self.stats.last_error)
+
+
+# -- the cursor table -------------------------------------------------------------------------
+
+_CREATE = SQL(
+    "CREATE TABLE IF NOT EXISTS {} ("
+    "topic text PRIMARY KEY, position bigint NOT NULL, partitions int NOT NULL, "
+    "chain bigint[] NOT NULL, next_offsets bigint[] NOT NULL, "
+    "republished int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now())"
+).format(Identifier(CURSOR_TABLE))
+
+
+async def _create_cursor_table(conn: psycopg.AsyncConnection[Any]) -> None:
+    with contextlib.suppress(psycopg.errors.UniqueViolation):
+        # Two relays starting together can race on CREATE TABLE IF NOT EXISTS.
+        await conn.execute(_CREATE)
+
+
+async def _load_cursor(
+    conn: psycopg.AsyncConnection[Any], topic: str, partitions: int
+) -> RelayCursor:
+    empty = RelayCursor.empty(topic, partitions)
+    await conn.execute(
+        SQL(
+            "INSERT INTO {} (topic, position, partitions, chain, next_offsets) "
+            "VALUES (%s, 0, %s, %s, %s) ON CONFLICT (topic) DO NOTHING"
+        ).format(Identifier(CURSOR_TABLE)),
+        (topic, partitions, list(empty.chain), list(empty.next_offsets)),
+    )
+    cur = await conn.execute(
+        SQL(
+            "SELECT position, partitions, chain, next_offsets, republished FROM {} WHERE topic = %s"
+        ).format(Identifier(CURSOR_TABLE)),
+        (topic,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    position, stored_partitions, chain, next_offsets, republished = row
+    if stored_partitions != partitions:
+        raise TopicMismatch(
+            f"the relay cursor for {topic!r} was built for {stored_partitions} partitions, "
+            f"not {partitions}: publish to a new topic to change the partition count"
+        )
+    return RelayCursor(topic, position, partitions, tuple(chain), tuple(next_offsets), republished)
+
+
+async def _save_cursor(conn: psycopg.AsyncConnection[Any], cursor: RelayCursor) -> None:
+    await conn.execute(
+        SQL(
+            "UPDATE {} SET position = %s, chain = %s, next_offsets = %s, republished = %s, "
+            "updated_at = now() WHERE topic = %s"
+        ).format(Identifier(CURSOR_TABLE)),
+        (
+            cursor.position,
+            list(cursor.chain),
+            list(cursor.next_offsets),
+            cursor.republished,
+            cursor.topic,
+        ),
+    )
+
+
+def read_cursor(store_url: str, topic: str = DEFAULT_TOPIC) -> RelayCursor | None:
+    """The stored cursor of the relay for ``topic`` (None before the first run)."""
+    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass(%s)", (CURSOR_TABLE,)).fetchone()
+        if not exists or exists[0] is None:
+            return None
+        row = conn.execute(
+            SQL(
+                "SELECT position, partitions, chain, next_offsets, republished FROM {} "
+                "WHERE topic = %s"
+            ).format(Identifier(CURSOR_TABLE)),
+            (topic,),
+        ).fetchone()
+    if row is None:
+        return None
+    position, partitions, chain, next_offsets, republished = row
+    return RelayCursor(topic, position, partitions, tuple(chain), tuple(next_offsets), republished)
+
+
+def rewind(store_url: str, topic: str = DEFAULT_TOPIC) -> None:
+    """Make the relay re-publish the whole log (consumers skip what they already have).
+
+    Used to rebuild through the stream when the topic no longer holds the whole log.
+    The expected offsets are kept: nothing was lost, so a lower one is still a loss.
+    """
+    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
+        # A running relay keeps its cursor in memory and would write it back: refuse.
+        lock = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"daybook.relay/{topic}",)
+        ).fetchone()
+        if not lock or not lock[0]:
+            raise RuntimeError(f"a relay is publishing {topic!r}: stop it before rewinding")
+        conn.execute(
+            SQL(
+                "UPDATE {} SET position = 0, chain = array_fill(0::bigint, ARRAY[partitions]), "
+                "updated_at = now() WHERE topic = %s"
+            ).format(Identifier(CURSOR_TABLE)),
+            (topic,),
+        )

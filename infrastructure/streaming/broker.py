@@ -1,0 +1,63 @@
+"""Kafka settings shared by the relay and the workers: URLs, topics, topic creation."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from infrastructure.urls import BadURL
+
+DEFAULT_TOPIC = "daybook.events"
+DEFAULT_PARTITIONS = 8
+DEFAULT_BROKER = "kafka://127.0.0.1:9092"
+BROKER_ENV = "DAYBOOK_KAFKA_URL"
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}.dead-letters"
+
+
+def default_broker() -> str:
+    return os.environ.get(BROKER_ENV, DEFAULT_BROKER)
+
+
+def bootstrap_servers(url: str) -> str:
+    """``kafka://host:port[,host:port]`` (or a bare ``host:port``) -> ``host:port,...``."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.scheme != "kafka" or not parts.netloc:
+        raise BadURL(f"unsupported broker URL {url!r}: use kafka://host:port")
+    return parts.netloc
+
+
+class TopicMismatch(RuntimeError):
+    """The topic exists with another partition count than the one daybook was told."""
+
+
+async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> int:
+    """Create ``topic`` with ``partitions`` if missing; return its partition count.
+
+    An existing topic with another count is refused: the relay's partitioning (and the
+    ``prev`` chain consumers have recorded) depends on it.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        response = await admin.create_topics([NewTopic(topic, partitions, 1)])
+        for _name, code, *_ in response.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise RuntimeError(f"cannot create topic {topic!r}: error code {code}")
+        (description,) = await admin.describe_topics([topic])
+        found = len(description["partitions"])
+        if found != partitions:
+            raise TopicMismatch(
+                f"topic {topic!r} has {found} partitions, daybook is configured for "
+                f"{partitions}: use the same --partitions everywhere, or a new topic"
+            )
+        return found
+    finally:
+        await admin.close()

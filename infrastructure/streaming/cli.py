@@ -1,0 +1,178 @@
+"""``daybook relay``, ``daybook worker`` and ``daybook stream status``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from infrastructure.streaming.broker import (
+    BROKER_ENV,
+    DEFAULT_PARTITIONS,
+    DEFAULT_TOPIC,
+    default_broker,
+)
+from infrastructure.urls import DEFAULT_URL
+
+
+def register(subparsers: Any) -> None:
+    relay = subparsers.add_parser(
+        "relay",
+        help="publish the event log to Kafka (the outbox relay)",
+        description=(
+            "Publish the event log, in order, to a Kafka topic keyed by aggregate id. The "
+            "cursor moves only after the broker acknowledged a batch; one relay per topic is "
+            "active (advisory lock), others wait as standbys."
+        ),
+    )
+    _common(relay)
+    relay.add_argument("--batch-size", type=int, default=5000)
+    relay.add_argument("--poll-interval", type=float, default=0.5)
+    relay.add_argument(
+        "--rewind",
+        action="store_true",
+        help="re-publish the whole log (the relay must be stopped), then exit",
+    )
+    relay.set_defaults(handler=_run_relay)
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="apply the stream to the read models (a faust-streaming worker)",
+        description=(
+            "Consume the events topic in a consumer group and apply the projection "
+            "definitions to the PostgreSQL read models in batches. Run several: the group "
+            "spreads the partitions over them."
+        ),
+    )
+    _common(worker)
+    worker.add_argument("--group", default="daybook-projections", help="consumer group id")
+    worker.add_argument("--batch-size", type=int, default=2000)
+    worker.add_argument("--batch-wait", type=float, default=0.05, help="seconds to fill a batch")
+    worker.add_argument("--port", type=int, default=0, help="faust web port (0: none)")
+    worker.set_defaults(handler=_run_worker)
+
+    stream = subparsers.add_parser("stream", help="distributed projections: status")
+    stream_commands = stream.add_subparsers(dest="stream_command", metavar="COMMAND")
+    status = stream_commands.add_parser("status", help="relay cursor and worker partitions")
+    _common(status)
+    status.add_argument("--group", default="daybook-projections")
+    status.set_defaults(handler=_status)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DAYBOOK_URL", DEFAULT_URL),
+        help="event store URL (postgresql://...; default: $DAYBOOK_URL)",
+    )
+    parser.add_argument(
+        "--broker",
+        default=default_broker(),
+        help=f"Kafka URL, kafka://host:port (default: ${BROKER_ENV} or kafka://127.0.0.1:9092)",
+    )
+    parser.add_argument("--topic", default=DEFAULT_TOPIC)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    from infrastructure.relay import Relay, RelayConfig, rewind
+
+    _logging(args)
+    if args.rewind:
+        rewind(args.url, args.topic)
+        print(f"daybook: the relay will re-publish {args.topic} from the start of the log")
+        return 0
+    relay = Relay(
+        RelayConfig(
+            store_url=args.url,
+            broker_url=args.broker,
+            topic=args.topic,
+            partitions=args.partitions,
+            batch_size=args.batch_size,
+            poll_interval=args.poll_interval,
+        )
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, relay.stop)
+        await relay.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from infrastructure.streaming.app import WorkerConfig, run_worker
+
+    _logging(args)
+    run_worker(
+        WorkerConfig(
+            store_url=args.url,
+            broker_url=args.broker,
+            topic=args.topic,
+            partitions=args.partitions,
+            group=args.group,
+            batch_size=args.batch_size,
+            batch_wait=args.batch_wait,
+            web_port=args.port,
+        )
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from infrastructure.relay import read_cursor
+    from infrastructure.streaming.progress import read_status
+
+    cursor = read_cursor(args.url, args.topic)
+    if cursor is None:
+        print(f"relay  {args.topic}: never ran")
+    else:
+        print(
+            f"relay  {args.topic}: position {cursor.position}, {cursor.partitions} partitions, "
+            f"re-published after broker data loss {cursor.republished} time(s)"
+        )
+    status = read_status(args.url, args.group, args.topic)
+    if not status:
+        print(f"worker {args.group}: no partition applied yet")
+    for part in status:
+        print(
+            f"worker {args.group} partition {part.partition}: position {part.position}, "
+            f"{part.applied} applied, {part.duplicates} duplicates, state {part.state}"
+            + (f", {part.dead_letters} dead letter(s): {part.last_error}" if part.dead_letters else "")
+        )
+    return 1 if any(p.dead_letters or p.state != "live" for p in status) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Just the streaming commands (``python -m infrastructure.streaming.cli relay ...``)."""
+    parser = argparse.ArgumentParser(prog="daybook")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Per-partition progress of a consumer group, kept beside the read-model rows.
+
+One row per (group, topic, partition) in ``daybook_stream_progress``: the last log position
+applied from that partition, counters, and the partition's state. A worker updates it in the
+same transaction as the rows it wrote, so whatever Kafka redelivers afterwards (a worker
+killed before its offsets were committed, a rebalance, a relay re-publishing after a crash or
+after the broker lost data) is recognised by ``classify`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.sql import SQL, Identifier
+
+from infrastructure.urls import postgres_params
+
+PROGRESS_TABLE = "daybook_stream_progress"
+DEAD_LETTER_TABLE = "daybook_stream_dead_letters"
+
+LIVE = "live"
+#: An envelope arrived whose ``prev`` is ahead of what was applied: something is missing and
+#: the partition waits for the relay to re-publish it.
+GAP = "waiting for re-published events"
+
+
+class Step(enum.Enum):
+    APPLY = "apply"
+    DUPLICATE = "duplicate"
+    GAP = "gap"
+
+
+def classify(applied: int, position: int, prev: int) -> Step:
+    """What to do with an envelope, given the partition's last applied position.
+
+    See ``infrastructure.streaming.envelope`` for the ``prev`` chain this relies on.
+    """
+    if position <= applied:
+        return Step.DUPLICATE
+    if prev == applied:
+        return Step.APPLY
+    if prev < applied:
+        # Our chain says the event before this one is ``prev`` but we applied past it
+        # without seeing this one: impossible for one relay's partitioning. Treat like a
+        # gap: never apply out of order.
+        return Step.GAP
+    return Step.GAP
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    group: str
+    topic: str
+    partition: int
+    position: int
+    applied: int
+    duplicates: int
+    dead_letters: int
+    state: str
+    last_error: str | None
+    #: The ``prev`` a gap is waiting for (0 when not in a gap).
+    waiting_for: int
+
+
+def create_tables_sql() -> list[SQL]:
+    return [
+        SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "group_id text NOT NULL, topic text NOT NULL, partition int NOT NULL, "
+            "position bigint NOT NULL DEFAULT 0, applied bigint NOT NULL DEFAULT 0, "
+            "duplicates bigint NOT NULL DEFAULT 0, dead_letters bigint NOT NULL DEFAULT 0, "
+            "state text NOT NULL DEFAULT 'live', last_error text, "
+            "waiting_for bigint NOT NULL DEFAULT 0, "
+            "updated_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (group_id, topic, partition))"
+        ).format(Identifier(PROGRESS_TABLE)),
+        SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "group_id text NOT NULL, topic text NOT NULL, partition int NOT NULL, "
+            "position bigint NOT NULL, kafka_offset bigint NOT NULL, event_type text, "
+            "error text NOT NULL, envelope bytea NOT NULL, "
+            "parked_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (group_id, topic, position))"
+        ).format(Identifier(DEAD_LETTER_TABLE)),
+    ]
+
+
+def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]:
+    """The group's partitions as recorded (empty if it never applied anything)."""
+    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()
+        if not found or found[0] is None:
+            return []
+        rows = conn.execute(
+            SQL(
+                "SELECT partition, position, applied, duplicates, dead_letters, state, "
+                "last_error, waiting_for FROM {} WHERE group_id = %s AND topic = %s "
+                "ORDER BY partition"
+            ).format(Identifier(PROGRESS_TABLE)),
+            (group, topic),
+        ).fetchall()
+    return [PartitionStatus(group, topic, *row) for row in rows]
+
+
+def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
+    """Parked events of the group, oldest first."""
+    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass(%s)", (DEAD_LETTER_TABLE,)).fetchone()
+        if not found or found[0] is None:
+            return []
+        cur = conn.execute(
+            SQL(
+                "SELECT partition, position, kafka_offset, event_type, error FROM {} "
+                "WHERE group_id = %s AND topic = %s ORDER BY position"
+            ).format(Identifier(DEAD_LETTER_TABLE)),
+            (group, topic),
+        )
+        names = [d.name for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

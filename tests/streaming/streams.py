@@ -1,0 +1,168 @@
+"""Helpers for the streaming tests: event writers, daybook subprocesses, topic readers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from domain import commands
+from domain.ledger import Ledger
+from infrastructure.streaming import envelope
+from infrastructure.streaming.progress import Step, classify
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Upper bound for any single wait in these tests (they finish far sooner when healthy).
+WAIT = 90.0
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def open_accounts(ledger: Ledger, count: int, currency: str = "EUR") -> list[uuid.UUID]:
+    outcomes = ledger.execute(
+        [commands.open_account(f"owner-{i}", currency) for i in range(count)]
+    )
+    return [o.account_id for o in outcomes]  # type: ignore[union-attr]
+
+
+def write_money(ledger: Ledger, accounts: list[uuid.UUID], events: int, seed: int = 1) -> None:
+    """About ``events`` events: deposits and transfers among ``accounts``, 200 per commit."""
+    rng = random.Random(seed)
+    written = 0
+    while written < events:
+        batch = []
+        while len(batch) < 200 and written < events:
+            a, b = rng.sample(accounts, 2)
+            if rng.random() < 0.7:
+                batch.append(commands.deposit(a, rng.randint(1, 1000)))
+                written += 1
+            else:
+                batch.append(commands.transfer(a, b, 1))
+                written += 2
+        ledger.execute(batch)
+
+
+@dataclass
+class Daybook:
+    """A ``daybook`` subprocess (relay or worker) with its output in a log file."""
+
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daybook:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infrastructure.streaming.cli", *self.args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        """SIGTERM and wait (SIGKILL after 30 s); the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def wait(self, timeout: float = WAIT) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def _read_topic(
+    bootstrap: str, topic: str, partitions: int, done: Callable[[dict[int, list[envelope.Envelope]]], bool], timeout: float
+) -> dict[int, list[envelope.Envelope]]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    seen: dict[int, list[envelope.Envelope]] = {p: [] for p in range(partitions)}
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        deadline = time.monotonic() + timeout
+        while not done(seen):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out reading {topic}")
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            for tp, messages in batch.items():
+                seen[tp.partition].extend(envelope.decode(m.value) for m in messages)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def read_topic(
+    bootstrap: str, topic: str, partitions: int, until_positions: int, timeout: float = WAIT
+) -> dict[int, list[envelope.Envelope]]:
+    """Every envelope on ``topic`` per partition, once consuming by the chain rule has
+    applied positions 1..``until_positions``."""
+    return asyncio.run(
+        _read_topic(
+            bootstrap,
+            topic,
+            partitions,
+            lambda seen: len(follow_chain(seen)[0]) >= until_positions,
+            timeout,
+        )
+    )
+
+
+def follow_chain(
+    seen: dict[int, list[envelope.Envelope]],
+) -> tuple[list[int], int, int]:
+    """Consume like a worker: (positions applied, duplicates skipped, gap messages held back)."""
+    applied: list[int] = []
+    duplicates = gaps = 0
+    for messages in seen.values():
+        last = 0
+        for message in messages:
+            step = classify(last, message.position, message.prev)
+            if step is Step.APPLY:
+                applied.append(message.position)
+                last = message.position
+            elif step is Step.DUPLICATE:
+                duplicates += 1
+            else:
+                gaps += 1
+    return applied, duplicates, gaps
