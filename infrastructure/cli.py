@@ -19,6 +19,7 @@ from infrastructure.urls import DEFAULT_URL, BadURL
 #: ``handler`` (a function of the parsed args returning an exit code) on its parsers.
 COMMAND_MODULES = [
     "infrastructure.demo",
+    "infrastructure.streaming.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
