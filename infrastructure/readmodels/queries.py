@@ -1,0 +1,307 @@
+"""Queries on read models, each answer saying which log position it reflects.
+
+Every answer is read in one snapshot together with the tracking position of the version that
+serves reads, so ``as_of_position`` is exact: the answer contains every event up to it and
+none after. ``lag_events`` is how many log positions the head is ahead (``None`` when the
+event log is not reachable from here). ``min_position`` waits for read-your-writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+import psycopg
+
+from domain.ledger import Ledger
+from domain.values import inventory_id
+from infrastructure.readmodels.store import ReadStore, open_store
+from infrastructure.urls import DEFAULT_URL
+from projections.accounts import BALANCES, STATEMENT
+from projections.activity import MONEY, STOCK
+from projections.inventory import LEVELS
+from projections.model import Row
+
+T = TypeVar("T")
+
+
+class StaleRead(Exception):
+    """A read could not reach the log position asked for within the timeout."""
+
+    code: ClassVar[str] = "stale_read"
+
+    def __init__(self, projection: str, wanted: int, reached: int, timeout: float) -> None:
+        super().__init__(
+            f"read model {projection} reached log position {reached}, not {wanted}, "
+            f"within {timeout}s; retry later or raise the timeout"
+        )
+        self.projection = projection
+        self.wanted = wanted
+        self.reached = reached
+
+
+@dataclass(frozen=True)
+class Balance:
+    account_id: UUID
+    owner: str
+    currency: str
+    balance: int
+    held: int
+    available: int
+    overdraft_limit: int
+    status: str
+    version: int
+    last_event_at: str
+    as_of_position: int
+    lag_events: int | None
+
+
+@dataclass(frozen=True)
+class Stock:
+    sku: str
+    on_hand: int
+    reserved: int
+    available: int
+    version: int
+    last_event_at: str
+    as_of_position: int
+    lag_events: int | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    position: int
+    occurred_at: str
+    kind: str
+    amount: int
+    balance: int
+    transfer_id: str | None
+    counterparty: str | None
+
+
+@dataclass(frozen=True)
+class Statement:
+    account_id: UUID
+    entries: tuple[Entry, ...]
+    as_of_position: int
+    lag_events: int | None
+
+
+@dataclass(frozen=True)
+class DayActivity:
+    day: str
+    #: currency -> deposits, deposit_volume, withdrawals, ... (see ``daily_money``).
+    money: dict[str, dict[str, int]]
+    reserved: int
+    shipped: int
+    released: int
+
+
+@dataclass(frozen=True)
+class Activity:
+    days: tuple[DayActivity, ...]
+    as_of_position: int
+    lag_events: int | None
+
+
+class ReadModels:
+    """Read-side queries over one read-model database (one connection; thread-safe)."""
+
+    def __init__(self, url: str, *, ledger: Ledger | None = None, poll: float = 0.005) -> None:
+        self.url = url
+        self.ledger = ledger
+        self.poll = poll
+        self._store: ReadStore | None = None
+        self._lock = threading.Lock()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def balance(
+        self, account_id: UUID | str, *, min_position: int | None = None, timeout: float = 2.0
+    ) -> Balance | None:
+        """An account's balance, or None if the read model has not seen the account."""
+        key = str(account_id)
+
+        def read(store: ReadStore, version: int) -> Row | None:
+            return store.fetch(BALANCES, version, (key,))
+
+        row, position, lag = self._read("account_balances", read, min_position, timeout)
+        if row is None:
+            return None
+        fields = {k: row[k] for k in Balance.__dataclass_fields__ if k in row}
+        fields["account_id"] = UUID(key)
+        return Balance(**fields, as_of_position=position, lag_events=lag)
+
+    def stock(
+        self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
+    ) -> Stock | None:
+        """A SKU's stock levels, or None if the read model has not seen the SKU."""
+        key = str(inventory_id(sku))
+
+        def read(store: ReadStore, version: int) -> Row | None:
+            return store.fetch(LEVELS, version, (key,))
+
+        row, position, lag = self._read("inventory_levels", read, min_position, timeout)
+        if row is None:
+            return None
+        fields = {k: row[k] for k in Stock.__dataclass_fields__ if k in row}
+        return Stock(**fields, as_of_position=position, lag_events=lag)
+
+    def statement(
+        self,
+        account_id: UUID | str,
+        *,
+        limit: int = 50,
+        before_seq: int | None = None,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Statement:
+        """The newest ``limit`` entries (newest first), or those before ``before_seq``."""
+        key = str(account_id)
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            where, params = "account_id = %s", [key]
+            if before_seq is not None:
+                where += " AND seq < %s"
+                params.append(before_seq)  # type: ignore[arg-type]
+            return store.select(STATEMENT, version, where, params, "seq DESC", limit)
+
+        rows, position, lag = self._read("account_statement", read, min_position, timeout)
+        entries = tuple(
+            Entry(**{k: row[k] for k in Entry.__dataclass_fields__}) for row in rows
+        )
+        return Statement(UUID(key), entries, position, lag)
+
+    def daily_activity(
+        self, *, days: int = 30, today: date | None = None, min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Activity:
+        """Per-day activity for the ``days`` days up to ``today`` (UTC), oldest first."""
+        last = today or datetime.now(UTC).date()
+        first = (last - timedelta(days=days - 1)).isoformat()
+        bounds = [first, last.isoformat()]
+
+        def read(store: ReadStore, version: int) -> tuple[list[Row], list[Row]]:
+            money = store.select(MONEY, version, "day >= %s AND day <= %s", bounds, "day, currency")
+            stock = store.select(STOCK, version, "day >= %s AND day <= %s", bounds, "day")
+            return money, stock
+
+        (money, stock), position, lag = self._read("daily_activity", read, min_position, timeout)
+        by_day: dict[str, dict[str, Any]] = {}
+        for row in money:
+            day = by_day.setdefault(str(row["day"]), {"money": {}, "stock": None})
+            counters = {k: int(v or 0) for k, v in row.items() if k not in ("day", "currency")}
+            day["money"][str(row["currency"])] = counters
+        for row in stock:
+            by_day.setdefault(str(row["day"]), {"money": {}, "stock": None})["stock"] = row
+        result = []
+        for day_text in sorted(by_day):
+            entry = by_day[day_text]
+            units = entry["stock"] or {}
+            result.append(
+                DayActivity(
+                    day_text,
+                    entry["money"],
+                    int(units.get("reserved") or 0),
+                    int(units.get("shipped") or 0),
+                    int(units.get("released") or 0),
+                )
+            )
+        return Activity(tuple(result), position, lag)
+
+    def position(self, projection: str) -> int:
+        """The log position the serving version of ``projection`` reflects."""
+        _, position, _ = self._read(projection, lambda store, version: None, None, 0.0)
+        return position
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _read(
+        self,
+        projection: str,
+        read: Callable[[ReadStore, int], T],
+        min_position: int | None,
+        timeout: float,
+    ) -> tuple[T, int, int | None]:
+        deadline = time.monotonic() + timeout
+        delay = self.poll
+        retries = 0
+        while True:
+            try:
+                with self._lock:
+                    store = self._connection()
+                    with store.transaction(write=False):
+                        version = store.active_version(projection)
+                        record = None if version is None else store.version(projection, version)
+                        position = 0 if record is None else record.position
+                        if version is not None and (min_position is None or position >= min_position):
+                            result = read(store, version)
+                            head = store.head_position()
+                            break
+            except (psycopg.errors.UndefinedTable, sqlite3.OperationalError) as error:
+                # The version we looked up was switched away and dropped as we read it.
+                retries += 1
+                if retries > 20:
+                    raise
+                self._reset_if_broken(error)
+                continue
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._reset()
+                retries += 1
+                if retries > 3:
+                    raise
+                continue
+            if time.monotonic() >= deadline:
+                raise StaleRead(projection, min_position or 0, position, timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if head is None and self.ledger is not None:
+            head = self.ledger.head()
+        lag = None if head is None else max(0, head - position)
+        return result, position, lag
+
+    def _connection(self) -> ReadStore:
+        if self._store is None:
+            self._store = open_store(self.url)
+            self._store.ensure_catalog()
+        return self._store
+
+    def _reset_if_broken(self, error: Exception) -> None:
+        if isinstance(error, sqlite3.OperationalError) and "no such table" not in str(error):
+            raise error
+
+    def _reset(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._store = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> ReadModels:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_read_models(url: str = DEFAULT_URL, *, ledger: Ledger | None = None) -> ReadModels:
+    """Queries on the read models at ``url`` (the event store's database by default).
+
+    Pass ``ledger`` when the event log lives elsewhere, so answers can report their lag.
+    """
+    return ReadModels(url, ledger=ledger)

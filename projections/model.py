@@ -1,0 +1,190 @@
+"""What a projection is: named tables, and a pure function per event type that changes rows.
+
+A definition never touches a database. Each handler receives the event (with its log
+position) and an abstract row store, reads the rows it needs and puts or deletes rows. The
+runner decides how rows are fetched, cached, batched and committed, so the same definition
+gives identical tables under the in-process runner, the faust workers and an in-memory replay.
+
+Row values are plain ``str``, ``int`` or ``None``: exactly what every backend stores and
+returns unchanged, which is what lets the reconciler compare rows byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+Value = str | int | None
+Row = dict[str, Value]
+Key = tuple[Value, ...]
+ColumnType = Literal["text", "bigint"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One event as every runner sees it: where it sits in the log, whose it is, its payload.
+
+    ``type`` is the event class's qualified name (``"Account.Deposited"``); ``data`` is the
+    payload at the current schema version (already upcast), as JSON values.
+    """
+
+    position: int
+    type: str
+    originator_id: str
+    originator_version: int
+    timestamp: datetime
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_state(cls, position: int, topic: str, state: Mapping[str, Any]) -> LogEvent:
+        """Build from a stored event's topic and decoded state (``ContractMapper.decode_state``
+        output, or the payload of a relay envelope with the same fields)."""
+        timestamp = state["timestamp"]
+        if isinstance(timestamp, str):
+            timestamp = datetime.fromisoformat(timestamp)
+        return cls(
+            position=position,
+            type=topic.rpartition(":")[2],
+            originator_id=str(state["originator_id"]),
+            originator_version=int(state["originator_version"]),
+            timestamp=timestamp,
+            data=state,
+        )
+
+
+def event_type(event_class: type) -> str:
+    """The ``LogEvent.type`` of events of ``event_class``."""
+    return event_class.__qualname__
+
+
+def iso_time(moment: datetime) -> str:
+    """A timestamp as stored in rows: UTC, microseconds, always the same shape."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def day_of(moment: datetime) -> str:
+    """The UTC calendar day of ``moment`` as ``YYYY-MM-DD``."""
+    return moment.astimezone(UTC).date().isoformat()
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: ColumnType = "text"
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    """A read-model table. ``append_only`` tables are only ever inserted into, never read
+    or changed by their handlers, so runners may stream them (COPY) without caching."""
+
+    name: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]
+    append_only: bool = False
+    indexes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def key_of(self, row: Mapping[str, Value]) -> Key:
+        return tuple(row[name] for name in self.key)
+
+    def physical_name(self, version: int) -> str:
+        """The table's name in the database for one projection version (blue/green)."""
+        return f"rm_{self.name}_v{version}"
+
+
+class Rows(Protocol):
+    """The abstract row store a handler works on; runners provide it."""
+
+    def get(self, table: str, key: Key) -> Row | None:
+        """The row with this key, or None. The returned dict must not be mutated."""
+        ...
+
+    def put(self, table: str, row: Row) -> None:
+        """Insert or replace the row with the same key."""
+        ...
+
+    def delete(self, table: str, key: Key) -> None:
+        """Remove the row with this key, if any."""
+        ...
+
+
+Handler = Callable[[LogEvent, Rows], None]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A read model: a name, a schema version, its tables and one handler per event type.
+
+    Bump ``version`` whenever a table or a rule changes: the new version is built beside the
+    old one and replaces it atomically when it has caught up with the log.
+    """
+
+    name: str
+    version: int
+    tables: tuple[Table, ...]
+    handlers: Mapping[str, Handler] = field(default_factory=dict)
+
+    def table(self, name: str) -> Table:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        msg = f"projection {self.name} has no table {name!r}"
+        raise KeyError(msg)
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        return frozenset(self.handlers)
+
+    def apply(self, event: LogEvent, rows: Rows) -> None:
+        """Change ``rows`` for ``event``; events of other types change nothing."""
+        handler = self.handlers.get(event.type)
+        if handler is not None:
+            handler(event, rows)
+
+
+class MemoryRows:
+    """Rows in dictionaries: for replays (reconciler, tests) and as a reference runner."""
+
+    def __init__(self, projection: Projection) -> None:
+        self.projection = projection
+        self.tables: dict[str, dict[Key, Row]] = {t.name: {} for t in projection.tables}
+
+    def get(self, table: str, key: Key) -> Row | None:
+        return self.tables[table].get(key)
+
+    def put(self, table: str, row: Row) -> None:
+        spec = self.projection.table(table)
+        self.tables[table][spec.key_of(row)] = dict(row)
+
+    def delete(self, table: str, key: Key) -> None:
+        self.tables[table].pop(key, None)
+
+    def sorted_rows(self, table: str) -> list[Row]:
+        rows = self.tables[table]
+        return [rows[key] for key in sorted(rows, key=sort_key)]
+
+
+def sort_key(key: Key) -> tuple[tuple[int, str | int], ...]:
+    """Order keys that may hold None next to values."""
+    return tuple((0, "") if v is None else (1, v) for v in key)
+
+
+def replay(projection: Projection, events: Iterable[LogEvent]) -> MemoryRows:
+    """Build a projection's rows from scratch, in memory."""
+    rows = MemoryRows(projection)
+    for event in events:
+        projection.apply(event, rows)
+    return rows
+
+
+def iter_types(projections: Iterable[Projection]) -> Iterator[str]:
+    """Every event type any of ``projections`` handles."""
+    for projection in projections:
+        yield from projection.event_types
