@@ -50,7 +50,8 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 def kafka(service_dir: Path) -> Iterator[services.KafkaHandle]:
     handle = services.start_kafka(service_dir / "kafka")
     yield handle
-    handle.stop()
+    if not handle.external:
+        handle.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,83 @@
+"""Smoke tests for the real services of tests/services.py (PostgreSQL and the Kafka broker).
+
+Kept fast: the Kafka test reads with a partition-assigned consumer (no consumer
+group), because every group join on Tansu costs a fixed ~3 s rebalance delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests import services
+
+
+@pytest.mark.postgres
+def test_database_is_created_empty_usable_and_dropped(pg_admin_url: str) -> None:
+    name = f"smoke_{uuid.uuid4().hex[:12]}"
+    url = services.create_database(pg_admin_url, name)
+    try:
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (name,)
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO t VALUES (1, 'one')")
+            conn.commit()
+            assert conn.execute("SELECT v FROM t WHERE id = 1").fetchone() == ("one",)
+        # Creating again replaces it with an empty database, even while a session is open.
+        holder = psycopg.connect(url)
+        try:
+            assert services.create_database(pg_admin_url, name) == url
+        finally:
+            holder.close()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT to_regclass('public.t')").fetchone() == (None,)
+    finally:
+        services.drop_database(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        assert row == (0,)
+
+
+async def _roundtrip(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"hello", key=b"k1")
+        await producer.send_and_wait(topic, b"world", key=b"k2")
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        got: list[tuple[bytes | None, bytes | None]] = []
+        while len(got) < 2:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            got += [(m.key, m.value) for m in batch.get(tp, [])]
+        return got
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.kafka
+def test_broker_round_trips_a_message(kafka_bootstrap: str) -> None:
+    topic = f"smoke-{uuid.uuid4().hex[:12]}"
+    got = asyncio.run(asyncio.wait_for(_roundtrip(kafka_bootstrap, topic), timeout=30))
+    assert got == [(b"k1", b"hello"), (b"k2", b"world")]
