@@ -447,6 +447,10 @@ class ProjectionRunner:
                 previous = store.active_version(slot.projection.name)
                 if previous is not None and previous > slot.projection.version:
                     continue
+                serving = None if previous is None else store.version(slot.projection.name, previous)
+                if serving is not None and serving.position > current.position:
+                    # Readers must never see the position go backwards: catch up first.
+                    continue
                 # Marks the old version retired: its runner, which locks that row at the start
                 # of every batch, lets go of it at its next batch.
                 store.activate(*slot.key)

@@ -1,0 +1,212 @@
+"""``daybook project``, ``daybook projections rebuild|status|resume`` and ``daybook reconcile``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import projections
+from infrastructure.bootstrap import open_ledger
+from infrastructure.readmodels.rebuild import RebuildError, rebuild
+from infrastructure.readmodels.reconcile import reconcile
+from infrastructure.readmodels.runner import ProjectionRunner
+from infrastructure.readmodels.status import projection_status
+from infrastructure.readmodels.store import open_store, readmodel_url
+from infrastructure.urls import DEFAULT_URL
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DAYBOOK_URL", DEFAULT_URL),
+        help=f"event store URL (default: $DAYBOOK_URL or {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--readmodels-url",
+        default=os.environ.get("DAYBOOK_READMODELS_URL"),
+        help="read-model database URL (default: the event store's database)",
+    )
+
+
+def register(subparsers: Any) -> None:
+    project = subparsers.add_parser(
+        "project",
+        help="keep the read models up to date (the projection runner)",
+        description=(
+            "Follow the event log and apply every projection to its read-model tables in "
+            "batches, recording positions in the same transactions. One runner writes each "
+            "projection version; start more as standbys. Stops cleanly on SIGINT/SIGTERM."
+        ),
+    )
+    _common(project)
+    project.add_argument("--batch-size", type=int, default=1000)
+    project.add_argument("--poll-interval", type=float, default=0.2)
+    project.set_defaults(handler=_run_project)
+
+    group = subparsers.add_parser("projections", help="rebuild, inspect or resume projections")
+    commands = group.add_subparsers(dest="projections_command", metavar="COMMAND")
+    build = commands.add_parser(
+        "rebuild",
+        help="build a projection's current version from the log, then switch reads to it",
+    )
+    _common(build)
+    build.add_argument("name", choices=[p.name for p in projections.ALL])
+    build.add_argument("--batch-size", type=int, default=20_000)
+    build.add_argument("--keep-old", action="store_true", help="keep the old version's tables")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(handler=_run_rebuild)
+
+    status = commands.add_parser("status", help="version, position, lag and state of each")
+    _common(status)
+    status.set_defaults(handler=_run_status)
+
+    resume = commands.add_parser("resume", help="retry a projection stopped on a dead letter")
+    _common(resume)
+    resume.add_argument("name", choices=[p.name for p in projections.ALL])
+    resume.set_defaults(handler=_run_resume)
+    group.set_defaults(handler=lambda args: _help(group))
+
+    check = subparsers.add_parser(
+        "reconcile",
+        help="compare read models with a replay of the log; exit 1 on drift",
+        description=(
+            "Recompute each read model from the log and compare it with the stored tables: "
+            "checksums over key ranges first, then rows. Prints every missing, extra or "
+            "different row; --repair rewrites them and records each change in "
+            "daybook_reconcile_log."
+        ),
+    )
+    _common(check)
+    check.add_argument("name", nargs="?", choices=[p.name for p in projections.ALL])
+    check.add_argument("--repair", action="store_true", help="rewrite drifted rows")
+    check.set_defaults(handler=_run_reconcile)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _readmodels(args: argparse.Namespace) -> str:
+    url: str = args.readmodels_url or readmodel_url(args.url)
+    return url
+
+
+def _run_project(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ledger = open_ledger(args.url)
+    runner = ProjectionRunner(
+        ledger,
+        _readmodels(args),
+        projections.ALL,
+        batch_size=args.batch_size,
+        poll_interval=args.poll_interval,
+    )
+    stop = runner.stop
+
+    def on_signal(signum: int, frame: Any) -> None:
+        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+        runner._stop.set()
+        runner.log.interrupt()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        runner.run_forever()
+    finally:
+        stop()
+        ledger.close()
+    return 0
+
+
+def _run_rebuild(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.url)
+    try:
+        result = rebuild(
+            ledger,
+            _readmodels(args),
+            projections.by_name(args.name),
+            batch_size=args.batch_size,
+            keep_old=args.keep_old,
+            progress=not args.no_progress,
+        )
+    except RebuildError as error:
+        print(f"daybook: {error}", file=sys.stderr)
+        return 1
+    finally:
+        ledger.close()
+    switched = (
+        f"; reads switched from version {result.previous_version}"
+        if result.previous_version is not None
+        else ""
+    )
+    print(
+        f"{result.name} version {result.version} built to position {result.position}: "
+        f"{result.events:,} events in {result.seconds:.1f}s "
+        f"({result.events_per_second:,.0f} events/s){switched}"
+    )
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.url)
+    try:
+        rows = projection_status(ledger, _readmodels(args))
+    finally:
+        ledger.close()
+    print(
+        f"{'projection':<20} {'ver':>3} {'serving':<7} {'state':<10} {'position':>10} "
+        f"{'head':>10} {'lag':>8} {'lag s':>8} {'dead':>4}"
+    )
+    for row in rows:
+        print(
+            f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} {row.state:<10} "
+            f"{row.position:>10} {row.head:>10} {row.lag_events:>8} {row.lag_seconds:>8.1f} "
+            f"{row.dead_letters:>4}"
+        )
+        if row.error:
+            print(f"    {row.error}")
+    return 1 if any(r.state == "stopped" and r.active for r in rows) else 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    store = open_store(_readmodels(args))
+    try:
+        store.ensure_catalog()
+        projection = projections.by_name(args.name)
+        store.resume(projection.name, projection.version)
+    finally:
+        store.close()
+    print(f"{args.name}: resumed; a running `daybook project` retries its parked events")
+    return 0
+
+
+def _run_reconcile(args: argparse.Namespace) -> int:
+    chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
+    ledger = open_ledger(args.url)
+    drifted = False
+    try:
+        for projection in chosen:
+            try:
+                report = reconcile(ledger, _readmodels(args), projection, repair=args.repair)
+            except LookupError as error:
+                print(f"{projection.name}: skipped ({error})")
+                continue
+            verdict = "clean" if report.clean else f"{len(report.drifts)} drifted rows"
+            if report.repaired:
+                verdict += ", repaired"
+            print(
+                f"{report.name} v{report.version} at position {report.position}: {verdict} "
+                f"({report.rows_expected} rows, {report.ranges_differing}/"
+                f"{report.ranges_checked} key ranges differ)"
+            )
+            for drift in report.drifts:
+                print(f"  {drift.describe()}")
+            drifted = drifted or not report.clean
+    finally:
+        ledger.close()
+    return 1 if drifted else 0

@@ -1,0 +1,174 @@
+"""Blue/green rebuilds: a new projection version built in bulk beside the one serving reads.
+
+The new version's tables fill from the start of the log in large batches (COPY for append-only
+tables, one multi-row upsert per table for the rest) while the current version keeps
+following the log and answering queries. When the new version reaches the head, one
+transaction marks it active and the old one retired; the old tables are then dropped unless
+kept on request. Progress is committed with every batch, so an interrupted rebuild resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from domain.ledger import Ledger
+from infrastructure.readmodels.runner import ProjectionRunner, Progress
+from infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
+from projections.model import Projection
+
+
+class RebuildError(Exception):
+    """A rebuild that cannot start; the message says what to do instead."""
+
+    code = "rebuild_refused"
+
+
+class ProgressBar:
+    """Events done, events/s and ETA on one stderr line, redrawn at most ten times a second."""
+
+    def __init__(self, label: str, start: int, stream: TextIO = sys.stderr) -> None:
+        self.label = label
+        self.start_position = start
+        self.stream = stream
+        self.started = time.monotonic()
+        self.events = 0
+        self.drawn = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        self.events += progress.events
+        now = time.monotonic()
+        if now - self.drawn < 0.1 and progress.position < progress.head:
+            return
+        self.drawn = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.events / elapsed
+        total = max(progress.head - self.start_position, 1)
+        done = min(progress.position - self.start_position, total)
+        remaining = max(progress.head - progress.position, 0)
+        eta = remaining / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * done / total)
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{self.events:,} events  {rate:,.0f} events/s  "
+            f"ETA {int(eta // 60)}:{int(eta % 60):02d}  "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    name: str
+    version: int
+    events: int
+    seconds: float
+    position: int
+    previous_version: int | None
+    resumed_from: int
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def rebuild(
+    ledger: Ledger,
+    url: str,
+    projection: Projection,
+    *,
+    batch_size: int = 20_000,
+    keep_old: bool = False,
+    progress: bool = True,
+    stream: TextIO = sys.stderr,
+    wait_interval: float = 0.5,
+) -> RebuildResult:
+    """Build ``projection`` at its version from the log and switch reads to it."""
+    store = open_store(url)
+    try:
+        store.ensure_catalog()
+        active = store.active_version(projection.name)
+        existing = store.version(projection.name, projection.version)
+        if active is not None and active > projection.version:
+            msg = (
+                f"{projection.name} already serves version {active}, newer than version "
+                f"{projection.version} defined here; deploy the newer definition"
+            )
+            raise RebuildError(msg)
+        if existing is not None and existing.state == LIVE and active == projection.version:
+            msg = (
+                f"{projection.name} version {projection.version} is already live; bump the "
+                "projection's version to rebuild it beside this one, or run "
+                f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
+            )
+            raise RebuildError(msg)
+        if existing is not None and existing.state == STOPPED:
+            msg = (
+                f"{projection.name} version {projection.version} stopped on a dead letter: "
+                f"{existing.error}; fix the definition and bump its version, or resume it"
+            )
+            raise RebuildError(msg)
+        record = store.register(projection)
+        resumed_from = 0 if record is None else record.position
+    finally:
+        store.close()
+
+    bar = ProgressBar(f"{projection.name} v{projection.version}", resumed_from, stream)
+    counted: list[int] = []
+
+    def on_progress(step: Progress) -> None:
+        counted.append(step.events)
+        if progress:
+            bar(step)
+
+    runner = ProjectionRunner(
+        ledger,
+        url,
+        [projection],
+        batch_size=batch_size,
+        keep_old=keep_old,
+        on_progress=on_progress,
+    )
+    started = time.monotonic()
+    try:
+        while True:
+            runner.run_until_caught_up()
+            if runner.slots:
+                slot = next(iter(runner.slots.values()))
+                if slot.record.state == LIVE:
+                    break
+                continue
+            # Another runner holds this version: wait for it to finish the job.
+            assert runner.store is not None
+            current = runner.store.version(projection.name, projection.version)
+            if current is None or current.state != REBUILDING:
+                break
+            time.sleep(wait_interval)
+    finally:
+        runner.stop()
+        if progress:
+            bar.close()
+    seconds = time.monotonic() - started
+    check = open_store(url)
+    try:
+        final = check.version(projection.name, projection.version)
+    finally:
+        check.close()
+    if final is not None and final.state == STOPPED:
+        msg = f"{projection.name} version {projection.version} stopped: {final.error}"
+        raise RebuildError(msg)
+    return RebuildResult(
+        projection.name,
+        projection.version,
+        sum(counted),
+        seconds,
+        0 if final is None else final.position,
+        active if active != projection.version else None,
+        resumed_from,
+    )

@@ -1,0 +1,69 @@
+"""Where each projection stands: version, position, lag, state, dead letters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from domain.ledger import Ledger
+from infrastructure.readmodels.log import LogReader
+from infrastructure.readmodels.store import open_store
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    name: str
+    version: int
+    active: bool
+    state: str
+    position: int
+    head: int
+    lag_events: int
+    #: Age of the oldest event not yet applied (0 when caught up).
+    lag_seconds: float
+    dead_letters: int
+    error: str | None
+
+
+def projection_status(ledger: Ledger, url: str) -> list[VersionStatus]:
+    """Every known projection version, newest first within each projection."""
+    log = LogReader(ledger)
+    store = open_store(url)
+    try:
+        store.ensure_catalog()
+        with store.transaction(write=False):
+            records = store.versions()
+            active = store.active_versions()
+            parked: dict[tuple[str, int], int] = {}
+            for letter in store.dead_letters():
+                if letter["resolved_at"] is None:
+                    key = (letter["name"], int(letter["version"]))
+                    parked[key] = parked.get(key, 0) + 1
+        head = log.head()
+        now = datetime.now(UTC)
+        result = []
+        for record in sorted(records, key=lambda r: (r.name, -r.version)):
+            lag = max(0, head - record.position)
+            lag_seconds = 0.0
+            if lag and record.state != "retired":
+                pending = log.read(record.position, 1)
+                if pending:
+                    lag_seconds = max(0.0, (now - pending[0].timestamp).total_seconds())
+            result.append(
+                VersionStatus(
+                    record.name,
+                    record.version,
+                    active.get(record.name) == record.version,
+                    record.state,
+                    record.position,
+                    head,
+                    lag,
+                    lag_seconds,
+                    parked.get((record.name, record.version), 0),
+                    record.error,
+                )
+            )
+        return result
+    finally:
+        store.close()
+        log.close()
