@@ -20,6 +20,7 @@ from infrastructure.urls import DEFAULT_URL, BadURL
 COMMAND_MODULES = [
     "infrastructure.demo",
     "infrastructure.streaming.cli",
+    "infrastructure.readmodels.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
