@@ -1,0 +1,166 @@
+"""The faust-streaming app: one agent that feeds ``StreamApplier`` with batches.
+
+faust acknowledges events even when an agent raises: ``Stream.take_events`` acks every event
+of a batch in a ``finally:`` after the agent body, whether the body finished, raised, or was
+cancelled (a worker stopping, a crash of the agent), and the acked offsets are committed at
+the next commit tick (faust/streams.py, ``take_events``/``take``). An event whose batch never
+reached the database would then be lost. So the agent uses ``noack_take`` and acknowledges
+each event itself, only after the transaction that applied (or parked) it committed; the
+body never raises for an event it could not apply (that is parked), and waits out database
+outages (retrying the same batch) instead of raising. This is the one place that works around
+it: ``_project``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import psycopg
+
+from infrastructure.readmodels.store import readmodel_url
+from infrastructure.streaming.broker import (
+    DEFAULT_PARTITIONS,
+    DEFAULT_TOPIC,
+    bootstrap_servers,
+    dead_letter_topic,
+)
+from infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from projections import ALL
+from projections.model import Projection
+
+log = logging.getLogger("daybook.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    store_url: str
+    broker_url: str
+    topic: str = DEFAULT_TOPIC
+    partitions: int = DEFAULT_PARTITIONS
+    group: str = "daybook-projections"
+    #: Read models go here (default: beside the events).
+    readmodels_url: str | None = None
+    batch_size: int = 2000
+    batch_wait: float = 0.05
+    web_port: int = 0
+    #: Short enough that a killed worker's partitions move on within seconds.
+    session_timeout: float = 6.0
+    heartbeat_interval: float = 1.0
+    commit_interval: float = 0.5
+
+
+def make_app(
+    config: WorkerConfig, projections: Sequence[Projection] = ALL
+) -> tuple[faust.App, StreamApplier]:
+    """The faust app (its id is the consumer group) and the applier its agent drives."""
+    app = faust.App(
+        config.group,
+        broker=f"kafka://{bootstrap_servers(config.broker_url)}",
+        # Tansu does not filter aborted transactions, so no exactly_once; the progress rows
+        # make redelivery harmless anyway.
+        processing_guarantee="at_least_once",
+        # State lives in PostgreSQL; faust tables are not used (restarts stalled in their
+        # recovery), so its store and data dir are throwaway.
+        store="memory://",
+        datadir=tempfile.mkdtemp(prefix="daybook-faust-"),
+        web_enabled=config.web_port > 0,
+        web_port=config.web_port or 6066,
+        topic_partitions=config.partitions,
+        topic_replication_factor=1,
+        broker_session_timeout=config.session_timeout,
+        broker_heartbeat_interval=config.heartbeat_interval,
+        # faust requires the request timeout to be at least the session timeout.
+        broker_request_timeout=max(20.0, config.session_timeout + 1),
+        broker_commit_interval=config.commit_interval,
+        broker_commit_every=config.batch_size,
+        broker_max_poll_records=config.batch_size,
+        stream_buffer_maxsize=max(4096, config.batch_size * 2),
+        consumer_auto_offset_reset="earliest",
+    )
+    topic = app.topic(
+        config.topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=config.partitions,
+    )
+    dead_letters = app.topic(
+        dead_letter_topic(config.topic),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=1,
+    )
+    applier = StreamApplier(
+        config.readmodels_url or readmodel_url(config.store_url),
+        projections,
+        group=config.group,
+        topic=config.topic,
+        partitions=config.partitions,
+        writer=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+    async def publish_dead_letters(letters: Sequence[DeadLetter]) -> None:
+        for letter in letters:
+            await app.producer.send_and_wait(
+                dead_letters.get_topic_name(),
+                str(letter.position).encode(),
+                letter.value,
+                partition=None,
+                timestamp=None,
+                headers=[("error", letter.error.encode()), ("group", config.group.encode())],
+            )
+        await asyncio.to_thread(applier.mark_published, letters)
+
+    async def apply_until_done(messages: list[Message]) -> None:
+        """Apply one batch, retrying through database outages; never raises for data."""
+        attempt = 0
+        while True:
+            try:
+                result = await asyncio.to_thread(applier.apply, messages)
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
+                attempt += 1
+                delay = min(5.0, 0.05 * 2**attempt)
+                log.warning("worker: database unavailable (%s); retrying in %.1fs", error, delay)
+                await asyncio.to_thread(applier.close)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+        if result.parked:
+            await publish_dead_letters(result.parked)
+
+    @app.agent(topic, name="daybook-project")
+    async def _project(stream: Any) -> None:
+        # Dead letters recorded before a crash but never published.
+        pending = await asyncio.to_thread(applier.unpublished_dead_letters)
+        if pending:
+            await publish_dead_letters(pending)
+        async for events in stream.noack_take(config.batch_size, within=config.batch_wait):
+            messages = [
+                Message(e.message.partition, e.message.offset, e.message.value) for e in events
+            ]
+            await apply_until_done(messages)
+            for event in events:
+                await stream.ack(event)
+
+    return app, applier
+
+
+def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> None:
+    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop)."""
+    app, applier = make_app(config, projections)
+    worker = faust.Worker(app, loglevel="INFO" if log.isEnabledFor(logging.INFO) else "WARN")
+    try:
+        worker.execute_from_commandline()
+    finally:
+        applier.close()

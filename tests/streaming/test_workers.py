@@ -1,0 +1,103 @@
+"""Relay -> Kafka -> faust workers -> read models, checked against the in-process runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infrastructure import open_ledger
+from infrastructure.readmodels.runner import ProjectionRunner
+from infrastructure.readmodels.store import open_store
+from infrastructure.streaming.progress import read_status
+from projections import ALL
+from tests import services
+from tests.streaming.streams import (
+    Daybook,
+    open_accounts,
+    unique,
+    wait_until,
+    write_money,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
+
+PARTITIONS = 4
+
+
+def relay(url: str, bootstrap: str, topic: str, log: Path) -> Daybook:
+    return Daybook(
+        [
+            "relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
+            "--partitions", str(PARTITIONS), "--batch-size", "1000", "--poll-interval", "0.2", "-v",
+        ],  # fmt: skip
+        log,
+    )
+
+
+def worker(url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = "") -> Daybook:
+    return Daybook(
+        [
+            "worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
+            "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "500", "-v",
+        ],  # fmt: skip
+        log,
+        env={"DAYBOOK_FAULTS": faults} if faults else {},
+    )
+
+
+def applied(url: str, group: str, topic: str) -> int:
+    return sum(p.applied for p in read_status(url, group, topic))
+
+
+def tables(url: str) -> dict[str, list[dict[str, object]]]:
+    store = open_store(url)
+    try:
+        out = {}
+        for projection in ALL:
+            for table in projection.tables:
+                rows = list(store.all_rows(table, projection.version))
+                out[table.name] = sorted(rows, key=lambda r: [str(r[k]) for k in table.key])
+        return out
+    finally:
+        store.close()
+
+
+def reference_tables(url: str, pg_admin_url: str) -> dict[str, list[dict[str, object]]]:
+    """The same log projected by the in-process runner into a database of its own."""
+    name = unique("daybook_ref").replace("-", "_")
+    other = services.create_database(pg_admin_url, name)
+    ledger = open_ledger(url)
+    try:
+        runner = ProjectionRunner(ledger, other, ALL, batch_size=5000)
+        runner.run_until_caught_up()
+        runner.stop()
+        return tables(other)
+    finally:
+        ledger.close()
+        services.drop_database(pg_admin_url, name)
+
+
+def test_two_workers_build_the_same_tables_as_the_in_process_runner(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 30)
+    write_money(ledger, accounts, 2000)
+    topic, group = unique("e2e"), unique("group")
+    processes = [
+        relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start(),
+        worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w1.log").start(),
+        worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log").start(),
+    ]
+    try:
+        write_money(ledger, accounts, 1000, seed=2)  # while everything runs
+        head = ledger.head()
+        wait_until(lambda: applied(pg_url, group, topic) == head, "the workers to apply every event")
+        status = read_status(pg_url, group, topic)
+        assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+    finally:
+        for process in processes:
+            process.stop()
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
