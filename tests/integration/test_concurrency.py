@@ -1,0 +1,173 @@
+"""Several writer processes on one PostgreSQL database, and writers killed mid-stream.
+
+Writers are real processes (``tests/integration/writer.py``) printing each outcome only after
+the ledger returned it, so a printed receipt is one a caller really received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from domain.ledger import Ledger
+from infrastructure import open_ledger
+from infrastructure.urls import postgres_params
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+START_BALANCE = 10_000
+START_STOCK = 200
+SKUS = ["SKU-A", "SKU-B", "SKU-C"]
+
+
+def prepare(url: str, accounts: int = 8) -> tuple[Ledger, list[UUID]]:
+    ledger = open_ledger(url)
+    ids = [ledger.open_account(f"owner-{i}", "EUR") for i in range(accounts)]
+    for account in ids:
+        ledger.deposit(account, START_BALANCE)
+    for sku in SKUS:
+        ledger.receive_stock(sku, START_STOCK)
+    return ledger, ids
+
+
+def writer(url: str, accounts: list[UUID], seed: str, **options: Any) -> subprocess.Popen[str]:
+    setup = {
+        "url": url,
+        "seed": seed,
+        "count": options.get("count", 200),
+        "threads": options.get("threads", 2),
+        "accounts": [str(a) for a in accounts],
+        "skus": SKUS,
+        "crash_before_commit": options.get("crash_before_commit"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.writer", json.dumps(setup)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def lines(process: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
+    assert process.stdout is not None
+    for line in process.stdout:
+        yield json.loads(line)
+
+
+def events_by_request(ledger: Ledger) -> dict[str, list[tuple[int, Any]]]:
+    """Every event in the log, grouped by the request id in its metadata."""
+    grouped: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    position = 0
+    while batch := ledger.recorder.select_notifications(position + 1, 1000):
+        for notification in batch:
+            event = ledger.mapper.to_domain_event(notification)
+            grouped[event.meta.request_id].append((notification.id, event))  # type: ignore[attr-defined]
+            position = notification.id
+    return grouped
+
+
+def recorded_requests(url: str) -> set[str]:
+    with psycopg.connect(postgres_params(url).conninfo()) as conn:
+        return {row[0] for row in conn.execute("SELECT request_id FROM daybook_requests")}
+
+
+def check_log(
+    ledger: Ledger, url: str, accounts: list[UUID], receipts: list[dict[str, Any]]
+) -> None:
+    """Invariants hold, money and stock are conserved, every receipt is in the log exactly
+    once, and every command in the log is whole (all its events, and its request record)."""
+    balances = [ledger.account(a).balance for a in accounts]
+    assert sum(balances) == START_BALANCE * len(accounts), "money was created or destroyed"
+    assert min(balances) >= 0, "an account went below its overdraft limit"
+
+    grouped = events_by_request(ledger)
+    reserved_in_log: dict[str, int] = defaultdict(int)
+    for request_id, events in grouped.items():
+        kinds = sorted(type(e).__name__ for _, e in events)
+        if kinds == ["TransferredIn", "TransferredOut"]:
+            assert events[0][1].transfer_id == events[1][1].transfer_id
+        elif kinds == ["StockReserved"]:
+            reserved_in_log[events[0][1].sku if hasattr(events[0][1], "sku") else ""] += 0
+        else:
+            assert len(events) in (1, 2), f"request {request_id} has events {kinds}"
+    for sku in SKUS:
+        stock = ledger.inventory(sku)
+        assert stock.on_hand == START_STOCK
+        assert 0 <= stock.reserved <= stock.on_hand
+        assert stock.reserved == sum(stock.reservations.values())
+
+    for receipt in receipts:
+        events = grouped.get(receipt["request_id"])
+        assert events, f"receipt {receipt['request_id']} is not in the log"
+        expected = 2 if receipt["command"] == "transfer" else 1
+        assert len(events) == expected, f"receipt {receipt['request_id']} applied twice"
+        assert receipt["position"] == max(position for position, _ in events)
+
+    recorded = recorded_requests(url)
+    in_log = {r for r in grouped if r is not None}
+    assert in_log <= recorded, "events without the request record that commits with them"
+
+
+def test_four_processes_never_break_an_invariant(pg_url: str) -> None:
+    ledger, accounts = prepare(pg_url)
+    processes = [writer(pg_url, accounts, f"p{n}", count=150, threads=2) for n in range(4)]
+    outcomes = [line for process in processes for line in lines(process)]
+    for process in processes:
+        assert process.wait(timeout=120) == 0
+    receipts = [o for o in outcomes if "position" in o]
+    refusals = [o for o in outcomes if "refused" in o]
+    assert len(receipts) + len(refusals) == 4 * 2 * 150
+    assert {r["refused"] for r in refusals} <= {"insufficient_funds", "out_of_stock"}
+    assert refusals, "the random load should hit the limits sometimes"
+    assert not any(r["replayed"] for r in receipts)
+    check_log(ledger, pg_url, accounts, receipts)
+
+
+def test_sigkill_mid_stream_loses_no_receipt_and_leaves_no_half_command(pg_url: str) -> None:
+    ledger, accounts = prepare(pg_url)
+    process = writer(pg_url, accounts, "k", count=5000, threads=4)
+    receipts = []
+    for line in lines(process):
+        if "position" in line:
+            receipts.append(line)
+        if len(receipts) >= 150:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    check_log(ledger, pg_url, accounts, receipts)
+
+
+def test_sigkill_inside_a_group_commit_before_commit(pg_url: str) -> None:
+    """The crash window of group commit: events and request records sent, COMMIT not."""
+    ledger, accounts = prepare(pg_url)
+    process = writer(pg_url, accounts, "w", count=500, threads=8, crash_before_commit=25)
+    outcomes = list(lines(process))
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    in_flight = next(o["crashing"] for o in outcomes if "crashing" in o)
+    assert in_flight, "the killed commit carried requests"
+    receipts = [o for o in outcomes if "position" in o]
+    told = {r["request_id"] for r in receipts}
+    assert not told & set(in_flight), "a caller was told success before its commit"
+    grouped = events_by_request(ledger)
+    assert not set(in_flight) & set(grouped), "events of the killed transaction are in the log"
+    assert not set(in_flight) & recorded_requests(pg_url)
+    check_log(ledger, pg_url, accounts, receipts)
+    # The ledger keeps working for a new process after the crash.
+    time.sleep(0)
+    assert ledger.transfer(accounts[0], accounts[1], 1).position > 0
