@@ -101,3 +101,39 @@ def test_two_workers_build_the_same_tables_as_the_in_process_runner(
             process.stop()
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 30)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("faults"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    # Killed (SIGKILL, from inside) right after its second batch committed, before faust
+    # could acknowledge it: that batch is delivered again, to the worker that takes over.
+    doomed = worker(
+        pg_url, kafka_bootstrap, topic, group, tmp_path / "w1.log", faults="worker.after_commit:2"
+    ).start()
+    assert doomed.wait() == -9, doomed.output
+    steady = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log").start()
+    extra: Daybook | None = None
+    try:
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the takeover")
+        extra = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w3.log").start()
+        write_money(ledger, accounts, 1500, seed=3)  # while the group rebalances
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "two workers")
+        assert extra.stop() == 0, extra.output  # a worker leaves
+        write_money(ledger, accounts, 1500, seed=4)
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the last worker")
+        status = read_status(pg_url, group, topic)
+        assert sum(p.duplicates for p in status) > 0  # redelivered, recognised, skipped
+        assert all(p.state == "live" for p in status)
+    finally:
+        for process in (the_relay, steady, extra):
+            if process is not None:
+                process.stop()
+    assert "worker.after_commit" not in steady.output
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
