@@ -1,0 +1,160 @@
+"""Group commit: many callers, one transaction, and each caller gets exactly its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from domain import commands
+from domain.errors import DomainError, IdempotencyConflict, InsufficientFunds, SkuNotFound
+from domain.ledger import Ledger, Receipt
+from infrastructure import open_async_ledger, open_ledger
+from infrastructure.group_commit import GroupCommitter
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store two ledgers (two writers, each with its own cache) can share."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
+    shared_url: str,
+) -> None:
+    ours = open_ledger(shared_url)
+    theirs = open_ledger(shared_url)  # another process: its own cache and connections
+    x = ours.open_account("x", "EUR")
+    y = ours.open_account("y", "EUR")
+    ours.deposit(x, 100)
+    first = ours.deposit(y, 5, request_id="already-done")
+    assert ours.account(x).balance == 100  # our cache now holds x at balance 100
+
+    theirs.withdraw(x, 100)  # the other writer empties x behind our cache's back
+    head = ours.head()
+
+    outcomes = ours.execute(
+        [
+            commands.deposit(y, 50, request_id="fresh"),
+            commands.withdraw(x, 80, request_id="stale"),  # accepted on the stale cache...
+            commands.deposit(y, 5, request_id="already-done"),  # a replay
+            commands.reserve_stock("SKU-NONE", 1, request_id="no-sku"),  # refused
+            commands.deposit(y, 6, request_id="already-done"),  # same id, other payload
+            commands.deposit(y, 50, request_id="fresh"),  # repeated inside the batch
+        ]
+    )
+    fresh, stale, replay, no_sku, conflict, repeated = outcomes
+    assert isinstance(fresh, Receipt) and not fresh.replayed
+    # ...but the commit met the other writer's version: re-run on fresh state, refused.
+    assert isinstance(stale, InsufficientFunds)
+    assert (
+        isinstance(replay, Receipt)
+        and replay.replayed
+        and replay == Receipt(**{**first.__dict__, "replayed": True})
+    )
+    assert isinstance(no_sku, SkuNotFound)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert isinstance(repeated, Receipt) and repeated.replayed
+    assert repeated.position == fresh.position
+    # Only the fresh deposit was written (PostgreSQL may skip ids of the failed attempt).
+    written = ours.recorder.select_notifications(head + 1, 100)
+    assert [n.id for n in written] == [fresh.position] == [ours.head()]
+    assert theirs.account(y).balance == 5 + 50
+    assert theirs.account(x).balance == 0
+    ours.close()
+    theirs.close()
+
+
+def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
+    store_url: str,
+) -> None:
+    ledger = open_ledger(store_url)
+    assert isinstance(ledger.committer, GroupCommitter)
+    sizes: list[int] = []
+    execute = ledger.execute
+
+    def counting_execute(batch: list[commands.Command]) -> list[Receipt | DomainError]:
+        sizes.append(len(batch))
+        return execute(batch)
+
+    ledger.execute = counting_execute  # type: ignore[method-assign]
+    rich = ledger.open_account("rich", "EUR")
+    poor = ledger.open_account("poor", "EUR")
+    ledger.deposit(rich, 1_000_000)
+    results: dict[tuple[int, int], Receipt | str] = {}
+    barrier = threading.Barrier(12)
+
+    def client(number: int) -> None:
+        barrier.wait()
+        for step in range(25):
+            source = poor if step % 5 == 0 else rich  # every fifth is refused
+            try:
+                results[number, step] = ledger.transfer(
+                    source, rich if source == poor else poor, 10, request_id=f"{number}-{step}"
+                )
+            except DomainError as error:
+                results[number, step] = error.code
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    receipts = [r for r in results.values() if isinstance(r, Receipt)]
+    refusals = [r for r in results.values() if isinstance(r, str)]
+    assert len(receipts) + len(refusals) == 12 * 25
+    assert set(refusals) <= {"insufficient_funds"}
+    assert all(
+        r.request_id == f"{n}-{s}" for (n, s), r in results.items() if isinstance(r, Receipt)
+    )
+    assert len({r.position for r in receipts}) == len(receipts)  # each its own position
+    assert max(sizes) > 1, "concurrent commands should have shared a transaction"
+    total = ledger.account(rich).balance + ledger.account(poor).balance
+    assert total == 1_000_000
+    assert ledger.account(poor).balance == 10 * len(
+        [r for (n, s), r in results.items() if isinstance(r, Receipt) and s % 5 != 0]
+    ) - 10 * len([r for (n, s), r in results.items() if isinstance(r, Receipt) and s % 5 == 0])
+    ledger.close()
+
+
+def test_the_asyncio_entry_point_uses_group_commit(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = open_async_ledger(f"sqlite:///{tmp_path}/async.db")
+        a = await ledger.open_account("a", "EUR", request_id="open-a")
+        b = await ledger.open_account("b", "EUR")
+        assert await ledger.open_account("a", "EUR", request_id="open-a") == a
+        await ledger.deposit(a, 1_000)
+        receipts = await asyncio.gather(
+            *(ledger.transfer(a, b, 10, request_id=f"t{i}") for i in range(50))
+        )
+        assert len({r.position for r in receipts}) == 50
+        with pytest.raises(InsufficientFunds):
+            await ledger.withdraw(b, 501)
+        assert (await ledger.account(b)).balance == 500
+        assert (await ledger.account(a)).balance == 500
+        ledger.ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_without_group_commit_each_command_commits_alone(store_url: str) -> None:
+    ledger = open_ledger(store_url, group_commit=False)
+    assert not isinstance(ledger.committer, GroupCommitter)
+    account = ledger.open_account("solo", "EUR")
+    assert ledger.deposit(account, 5).position == ledger.head()
+    ledger.close()
+
+
+def test_a_closed_ledger_refuses_new_commands() -> None:
+    from infrastructure.group_commit import LedgerClosed
+
+    ledger: Ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR")
+    ledger.close()
+    with pytest.raises(LedgerClosed):
+        ledger.deposit(account, 1)
