@@ -92,6 +92,7 @@ class BatchRows:
         self.appended: dict[str, list[Row]] = {t.name: [] for t in slot.projection.tables}
         self._journal: list[tuple[str, Key | None, Any]] = []
         self._tables = {t.name: t for t in slot.projection.tables}
+        self._columns = {t.name: set(t.column_names) for t in slot.projection.tables}
 
     def get(self, table: str, key: Key) -> Row | None:
         written = self.writes[table].get(key, _ABSENT)
@@ -109,6 +110,11 @@ class BatchRows:
 
     def put(self, table: str, row: Row) -> None:
         spec = self._tables[table]
+        if row.keys() != self._columns[table]:
+            # Caught here, inside the handler call, so it is retried and parked like any
+            # other failure of this event rather than failing the whole batch at flush.
+            msg = f"{table} row must have exactly the columns {sorted(self._columns[table])}"
+            raise ValueError(msg)
         if spec.append_only:
             self._journal.append((table, None, len(self.appended[table])))
             self.appended[table].append(row)
@@ -228,6 +234,8 @@ class ProjectionRunner:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> ProjectionRunner:
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(target=self._run_thread, name="daybook-projections")
         self._thread.daemon = True
         self._thread.start()

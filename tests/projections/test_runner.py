@@ -1,0 +1,159 @@
+"""The in-process runner on every backend: exactly-once batches, queries, poison events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import projections
+from domain.ledger import Ledger
+from infrastructure import open_ledger
+from infrastructure.readmodels import StaleRead, run_projections
+from infrastructure.readmodels.status import projection_status
+from infrastructure.readmodels.store import open_store
+from projections.accounts import ACCOUNT_BALANCES, DEPOSITED
+from projections.model import LogEvent, Projection, Rows
+from tests.projections.helpers import assert_tables_match, workload
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+def test_runner_builds_every_projection_like_a_replay(ledger: Ledger) -> None:
+    workload(ledger, 150)
+    with run_projections(ledger, batch_size=37, poll_interval=0.01) as runner:
+        receipt = ledger.deposit(ledger.open_account("late", "EUR"), 5)
+        for projection in projections.ALL:
+            runner.views.position  # noqa: B018
+        runner.views.balance(receipt.account_id or "", min_position=receipt.position, timeout=30)
+        for name in ("account_statement", "inventory_levels", "daily_activity"):
+            _wait_position(runner.views, name, receipt.position)
+    for projection in projections.ALL:
+        assert_tables_match(ledger, runner.url, projection)
+
+
+def _wait_position(views: Any, name: str, position: int) -> None:
+    views._read(name, lambda store, version: None, position, 30.0)
+
+
+def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger) -> None:
+    ids = workload(ledger, 80)
+    runner = run_projections(ledger, batch_size=7, poll_interval=0.01, start=False)
+    runner.step()
+    runner.step()  # two batches committed, then the runner "dies"
+    runner.stop()
+    workload(ledger, 80, seed=2, accounts=ids)
+    again = run_projections(ledger, runner.url, batch_size=7, poll_interval=0.01, start=False)
+    again.run_until_caught_up()
+    again.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, runner.url, projection)
+
+
+def test_read_your_writes_and_honest_staleness(ledger: Ledger) -> None:
+    account = ledger.open_account("ann", "EUR")
+    with run_projections(ledger, poll_interval=0.01) as runner:
+        receipt = ledger.deposit(account, 700)
+        row = runner.views.balance(account, min_position=receipt.position, timeout=30)
+        assert row is not None
+        assert row.balance == 700
+        assert row.as_of_position >= receipt.position
+        assert row.lag_events is not None and row.lag_events >= 0
+    # The runner is stopped: a newer write cannot become visible, and the read says so.
+    later = ledger.deposit(account, 1)
+    with pytest.raises(StaleRead) as caught:
+        runner.views.balance(account, min_position=later.position, timeout=0.05)
+    assert caught.value.code == "stale_read"
+    assert caught.value.wanted == later.position
+    assert caught.value.reached == row.as_of_position
+    assert str(later.position) in str(caught.value)
+    stale = runner.views.balance(account)
+    assert stale is not None and stale.balance == 700 and stale.lag_events == 1
+
+
+def _poisoned(fail_times: int | None, amount: int = 13) -> tuple[Projection, list[int]]:
+    """account_balances whose deposit handler fails on deposits of ``amount``."""
+    calls: list[int] = []
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] == amount:
+            calls.append(event.position)
+            if fail_times is None or len(calls) <= fail_times:
+                good(event, rows)  # a partial change, which must be undone
+                raise ValueError(f"cannot apply deposit at {event.position}")
+        good(event, rows)
+
+    handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    return Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers), calls
+
+
+def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: Ledger) -> None:
+    poisoned, calls = _poisoned(fail_times=None)
+    account = ledger.open_account("ann", "EUR")
+    ledger.deposit(account, 5)
+    bad = ledger.deposit(account, 13)
+    ledger.deposit(account, 7)
+    defs = [poisoned, projections.ACCOUNT_STATEMENT]
+    runner = run_projections(
+        ledger, projections=defs, start=False, max_attempts=3, retry_backoff=0.001
+    )
+    for _ in range(6):
+        runner.step()
+    runner.stop()
+    assert calls == [bad.position] * 3
+    store = open_store(runner.url)
+    try:
+        (letter,) = store.dead_letters("account_balances")
+        assert letter["position"] == bad.position
+        assert letter["attempts"] == 3
+        assert "cannot apply deposit" in letter["error"]
+        record = store.version("account_balances", 1)
+        assert record is not None
+        assert record.state == "stopped"
+        assert record.position == bad.position - 1  # everything before it, nothing after
+        balance = store.fetch(ACCOUNT_BALANCES.tables[0], 1, (str(account),))
+        assert balance is not None and balance["balance"] == 5
+        statement = store.version("account_statement", 1)
+        assert statement is not None and statement.position == ledger.head()
+    finally:
+        store.close()
+    status = {s.name: s for s in projection_status(ledger, runner.url)}
+    assert status["account_balances"].state == "stopped"
+    assert status["account_balances"].dead_letters == 1
+    assert status["account_balances"].lag_events == 2
+    assert status["account_statement"].state == "live"
+
+    # Fixed and resumed: the parked event is applied, once.
+    store = open_store(runner.url)
+    store.resume("account_balances", 1)
+    store.close()
+    fixed = run_projections(ledger, runner.url, start=False)
+    fixed.run_until_caught_up()
+    fixed.stop()
+    assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
+
+
+def test_a_transient_failure_is_retried_without_parking(ledger: Ledger) -> None:
+    flaky, calls = _poisoned(fail_times=2)
+    account = ledger.open_account("ann", "EUR")
+    ledger.deposit(account, 13)
+    runner = run_projections(
+        ledger, projections=[flaky], start=False, max_attempts=5, retry_backoff=0.001
+    )
+    for _ in range(5):
+        runner.step()
+    runner.stop()
+    assert len(calls) == 3
+    store = open_store(runner.url)
+    try:
+        assert store.dead_letters() == []
+    finally:
+        store.close()
+    assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
