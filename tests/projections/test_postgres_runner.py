@@ -1,0 +1,62 @@
+"""PostgreSQL-only runner behaviour: one writer per version, LISTEN/NOTIFY, reconnection."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+import projections
+from infrastructure import open_ledger
+from infrastructure.readmodels import run_projections
+from tests.projections.helpers import assert_tables_match, workload
+
+pytestmark = pytest.mark.postgres
+
+
+def test_a_second_runner_stands_by_and_takes_over(pg_url: str) -> None:
+    ledger = open_ledger(pg_url)
+    ids = workload(ledger, 60)
+    first = run_projections(ledger, pg_url, start=False)
+    first.run_until_caught_up()
+    second = run_projections(ledger, pg_url, start=False)
+    workload(ledger, 30, seed=2, accounts=ids)
+    assert second.step() == 0 and not second.slots  # every version is locked by the first
+    first.stop()  # its session ends: the locks are free
+    second.run_until_caught_up()
+    assert len(second.slots) == len(projections.ALL)
+    second.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+    ledger.close()
+
+
+def test_notify_wakes_the_runner_long_before_the_poll_interval(pg_url: str) -> None:
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR")
+    with run_projections(ledger, pg_url, poll_interval=3600) as runner:
+        runner.views.balance(account, min_position=ledger.head(), timeout=60)
+        receipt = ledger.deposit(account, 5)
+        # With an hour between polls, only the notification can bring this in.
+        row = runner.views.balance(account, min_position=receipt.position, timeout=60)
+        assert row is not None and row.balance == 5
+    ledger.close()
+
+
+def test_the_runner_reconnects_after_its_connections_are_killed(pg_url: str) -> None:
+    ledger = open_ledger(pg_url)
+    ids = workload(ledger, 30)
+    with run_projections(ledger, pg_url, poll_interval=0.01) as runner:
+        runner.views.balance(ids[0], min_position=ledger.head(), timeout=60)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            # What a server restart does to every session but ours.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        receipt = ledger.deposit(ids[0], 11)
+        row = runner.views.balance(ids[0], min_position=receipt.position, timeout=60)
+        assert row is not None
+        assert runner.error is None
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+    ledger.close()
