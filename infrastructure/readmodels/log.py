@@ -30,7 +30,9 @@ class LogReader:
         self.recorder: Any = ledger.recorder
         mapper = ledger.mapper
         if not isinstance(mapper, ContractMapper):
-            msg = "the ledger must use infrastructure.codec.ContractMapper (open it with open_ledger)"
+            msg = (
+                "the ledger must use infrastructure.codec.ContractMapper (open it with open_ledger)"
+            )
             raise TypeError(msg)
         self.mapper = mapper
         self._listen: psycopg.Connection[Any] | None = None
@@ -50,6 +52,16 @@ class LogReader:
     def interrupt(self) -> None:
         """Wake a ``wait`` early (used to stop runners promptly)."""
         self._interrupt.set()
+        listen = self._listen
+        if listen is not None and not listen.closed:
+            # A waiting LISTEN connection only wakes for a notification: send one.
+            with (
+                suppress(psycopg.Error),
+                psycopg.connect(
+                    listen.info.dsn, password=listen.info.password, autocommit=True
+                ) as conn,
+            ):
+                conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
 
     def wait(self, timeout: float) -> None:
         """Return when new events may have arrived, or after ``timeout`` seconds."""

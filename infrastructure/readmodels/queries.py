@@ -175,13 +175,15 @@ class ReadModels:
             return store.select(STATEMENT, version, where, params, "seq DESC", limit)
 
         rows, position, lag = self._read("account_statement", read, min_position, timeout)
-        entries = tuple(
-            Entry(**{k: row[k] for k in Entry.__dataclass_fields__}) for row in rows
-        )
+        entries = tuple(Entry(**{k: row[k] for k in Entry.__dataclass_fields__}) for row in rows)
         return Statement(UUID(key), entries, position, lag)
 
     def daily_activity(
-        self, *, days: int = 30, today: date | None = None, min_position: int | None = None,
+        self,
+        *,
+        days: int = 30,
+        today: date | None = None,
+        min_position: int | None = None,
         timeout: float = 2.0,
     ) -> Activity:
         """Per-day activity for the ``days`` days up to ``today`` (UTC), oldest first."""
@@ -242,7 +244,9 @@ class ReadModels:
                         version = store.active_version(projection)
                         record = None if version is None else store.version(projection, version)
                         position = 0 if record is None else record.position
-                        if version is not None and (min_position is None or position >= min_position):
+                        if version is not None and (
+                            min_position is None or position >= min_position
+                        ):
                             result = read(store, version)
                             head = store.head_position()
                             break

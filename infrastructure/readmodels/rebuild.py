@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from domain.ledger import Ledger
-from infrastructure.readmodels.runner import ProjectionRunner, Progress
+from infrastructure.readmodels.runner import Progress, ProjectionRunner
 from infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
 from projections.model import Projection
 

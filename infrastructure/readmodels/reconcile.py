@@ -92,9 +92,11 @@ def _checksums(table: Table, rows: Iterable[Row]) -> dict[str, tuple[int, int]]:
 
 
 def _sql_text(columns: Iterable[str]) -> str:
-    return "concat_ws(E'\\x1f', " + ", ".join(
-        f"coalesce({name}::text, E'\\\\N')" for name in columns
-    ) + ")"
+    return (
+        "concat_ws(E'\\x1f', "
+        + ", ".join(f"coalesce({name}::text, E'\\\\N')" for name in columns)
+        + ")"
+    )
 
 
 def _stored_checksums(store: ReadStore, table: Table, version: int) -> dict[str, tuple[int, int]]:
@@ -109,18 +111,14 @@ def _stored_checksums(store: ReadStore, table: Table, version: int) -> dict[str,
     return {bucket: (int(count), int(total)) for bucket, count, total in rows}
 
 
-def _stored_rows(
-    store: ReadStore, table: Table, version: int, buckets: set[str]
-) -> dict[Key, Row]:
+def _stored_rows(store: ReadStore, table: Table, version: int, buckets: set[str]) -> dict[Key, Row]:
     if isinstance(store, PostgresStore):
         rows: Iterable[Row] = store.select(
             table, version, f"substr(md5({_sql_text(table.key)}), 1, 2) = ANY(%s)", [list(buckets)]
         )
     else:
         rows = store.all_rows(table, version)
-    return {
-        table.key_of(row): row for row in rows if _bucket(table.key_of(row)) in buckets
-    }
+    return {table.key_of(row): row for row in rows if _bucket(table.key_of(row)) in buckets}
 
 
 class Replay:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -341,9 +340,7 @@ class ProjectionRunner:
     def _release(self, slot: Slot) -> None:
         self.slots.pop(slot.key, None)
         if self._locks is not None:
-            self._locks.execute(
-                "SELECT pg_advisory_unlock(%s)", (version_lock_key(*slot.key),)
-            )
+            self._locks.execute("SELECT pg_advisory_unlock(%s)", (version_lock_key(*slot.key),))
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -411,6 +408,7 @@ class ProjectionRunner:
             slot.cache.clear()
         slot.record = current
         return True
+
     def _handle_failure(self, store: ReadStore, failure: Failure) -> None:
         slot, event = failure.slot, failure.event
         attempts = slot.attempts.get(event.position, 0) + 1
@@ -418,13 +416,20 @@ class ProjectionRunner:
         if attempts < self.max_attempts:
             log.warning(
                 "projection %s v%s failed on event %s at position %s (attempt %s of %s)",
-                *slot.key, event.type, event.position, attempts, self.max_attempts,
+                *slot.key,
+                event.type,
+                event.position,
+                attempts,
+                self.max_attempts,
             )
             self._stop.wait(self.retry_backoff * 2 ** (attempts - 1))
             return
         log.error(
             "projection %s v%s parked event %s at position %s and stopped:\n%s",
-            *slot.key, event.type, event.position, failure.error,
+            *slot.key,
+            event.type,
+            event.position,
+            failure.error,
         )
         with store.transaction():
             store.add_dead_letter(
@@ -455,7 +460,9 @@ class ProjectionRunner:
                 previous = store.active_version(slot.projection.name)
                 if previous is not None and previous > slot.projection.version:
                     continue
-                serving = None if previous is None else store.version(slot.projection.name, previous)
+                serving = (
+                    None if previous is None else store.version(slot.projection.name, previous)
+                )
                 if serving is not None and serving.position > current.position:
                     # Readers must never see the position go backwards: catch up first.
                     continue

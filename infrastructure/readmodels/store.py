@@ -17,7 +17,7 @@ import hashlib
 import json
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -159,9 +159,8 @@ class ReadStore:
                 f"{c.name} {types[c.type]}{'' if c.nullable else ' NOT NULL'}"
                 for c in table.columns
             )
-            self.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({', '.join(table.key)}))"
-            )
+            key = ", ".join(table.key)
+            self.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
             for number, index in enumerate(table.indexes):
                 self.execute(
                     f"CREATE INDEX IF NOT EXISTS {name}_i{number} ON {name} ({', '.join(index)})"
@@ -297,10 +296,18 @@ class ReadStore:
         if name is not None:
             sql += " WHERE name = %s"
             params.append(name)
-        keys = (
-            "id name version position event_type originator_id error attempts created_at "
-            "resolved_at"
-        ).split()
+        keys = [
+            "id",
+            "name",
+            "version",
+            "position",
+            "event_type",
+            "originator_id",
+            "error",
+            "attempts",
+            "created_at",
+            "resolved_at",
+        ]
         return [
             dict(zip(keys, row, strict=True)) for row in self.execute(sql + " ORDER BY id", params)
         ]

@@ -13,7 +13,9 @@ from infrastructure.readmodels.store import open_store
 from projections.model import MemoryRows, Projection, Row, replay
 
 
-def workload(ledger: Ledger, steps: int, seed: int = 1, accounts: Sequence[UUID] = ()) -> list[UUID]:
+def workload(
+    ledger: Ledger, steps: int, seed: int = 1, accounts: Sequence[UUID] = ()
+) -> list[UUID]:
     """Open a few accounts and SKUs, then run ``steps`` mixed commands (some refused)."""
     rng = random.Random(seed)
     ids = list(accounts)
@@ -78,5 +80,7 @@ def assert_tables_match(ledger: Ledger, url: str, projection: Projection) -> Non
     expected = expected_rows(ledger, projection)
     stored = stored_rows(url, projection)
     for table in projection.tables:
-        want = sorted(expected.tables[table.name].values(), key=lambda r: [str(r[k]) for k in table.key])
+        want = sorted(
+            expected.tables[table.name].values(), key=lambda r: [str(r[k]) for k in table.key]
+        )
         assert stored[table.name] == want, f"{projection.name}.{table.name} differs from replay"

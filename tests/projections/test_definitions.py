@@ -38,7 +38,11 @@ def test_statement_running_balance_ends_at_the_balance() -> None:
     rows = expected_rows(ledger, ACCOUNT_STATEMENT)
     for account_id in ids:
         entries = sorted(
-            (r for r in rows.tables["account_statement"].values() if r["account_id"] == str(account_id)),
+            (
+                r
+                for r in rows.tables["account_statement"].values()
+                if r["account_id"] == str(account_id)
+            ),
             key=lambda r: int(r["seq"] or 0),
         )
         running = 0

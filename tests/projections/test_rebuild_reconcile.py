@@ -22,9 +22,7 @@ from projections.model import Column, LogEvent, Projection, Rows, Table
 from tests.projections.helpers import assert_tables_match, workload
 
 #: Version 2 of account_balances: a new column counting deposits.
-BALANCES_V2 = Table(
-    BALANCES.name, (*BALANCES.columns, Column("deposits", "bigint")), BALANCES.key
-)
+BALANCES_V2 = Table(BALANCES.name, (*BALANCES.columns, Column("deposits", "bigint")), BALANCES.key)
 
 
 def _v2_handler(name: str):  # type: ignore[no-untyped-def]
@@ -92,7 +90,7 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
                 row = views.balance(ids[0])  # type: ignore[attr-defined]
                 assert row is not None and row.currency == "USD"
                 reads[0] += 1
-            except BaseException as error:  # noqa: BLE001 - reported below
+            except BaseException as error:
                 problems.append(error)
                 return
 
@@ -156,7 +154,7 @@ def test_an_interrupted_rebuild_resumes(ledger: Ledger, db_url: str) -> None:
     store = open_store(db_url)
     partial = store.version("account_balances", 2)
     store.close()
-    assert partial is not None and partial.state == "rebuilding" and 0 < partial.position
+    assert partial is not None and partial.state == "rebuilding" and partial.position > 0
     result = rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO())
     assert result.resumed_from == partial.position
     assert result.events < ledger.head()
@@ -174,10 +172,15 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
 
     store = open_store(db_url)
     a, b = str(ids[0]), str(ids[1])
-    store.execute(f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 1 WHERE account_id = %s", (a,))
+    store.execute(
+        f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 1 WHERE account_id = %s", (a,)
+    )
     store.execute(f"DELETE FROM {BALANCES.physical_name(1)} WHERE account_id = %s", (b,))
     extra = {c: 0 for c in BALANCES.column_names} | {
-        "account_id": "ghost", "owner": "ghost", "currency": "EUR", "status": "open",
+        "account_id": "ghost",
+        "owner": "ghost",
+        "currency": "EUR",
+        "status": "open",
         "last_event_at": "x",
     }
     store.upsert(BALANCES, 1, [extra])

@@ -29,8 +29,6 @@ def test_runner_builds_every_projection_like_a_replay(ledger: Ledger) -> None:
     workload(ledger, 150)
     with run_projections(ledger, batch_size=37, poll_interval=0.01) as runner:
         receipt = ledger.deposit(ledger.open_account("late", "EUR"), 5)
-        for projection in projections.ALL:
-            runner.views.position  # noqa: B018
         runner.views.balance(receipt.account_id or "", min_position=receipt.position, timeout=30)
         for name in ("account_statement", "inventory_levels", "daily_activity"):
             _wait_position(runner.views, name, receipt.position)

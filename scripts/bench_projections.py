@@ -1,0 +1,239 @@
+"""Projection benchmarks on PostgreSQL: bulk rebuild rate and convergence latency.
+
+1. Writes a log of ``--events`` events (deposits and transfers, many commands per
+   transaction), unless the database already holds that many.
+2. Rebuilds all four daybook projections from the log with the bulk runner; prints events/s.
+3. Anchor, same run, same log: eventsourcing's ``ProjectionRunner`` keeping one balance table
+   with one transaction per event, over the first ``--anchor-events`` events (at its rate a
+   million events would take minutes); prints events/s and daybook's ratio to it.
+4. Convergence latency: commands at a steady rate with the in-process runner following;
+   the time from a command's commit to its position being visible in account_balances.
+
+    python scripts/bench_projections.py                      # a private server, 1M events
+    python scripts/bench_projections.py --url postgresql://... --events 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+from eventsourcing.persistence import Tracking
+from eventsourcing.postgres import PostgresTrackingRecorder
+from eventsourcing.projection import Projection as ESProjection
+from eventsourcing.projection import ProjectionRunner as ESProjectionRunner
+from psycopg.sql import SQL
+
+import projections
+from domain.accounts import Account
+from domain.commands import Deposit, OpenAccount, Transfer
+from domain.ledger import Ledger
+from infrastructure.bootstrap import open_ledger
+from infrastructure.readmodels import run_projections
+from infrastructure.readmodels.rebuild import ProgressBar
+from infrastructure.readmodels.runner import ProjectionRunner
+from infrastructure.readmodels.store import open_store
+from infrastructure.urls import event_store_env
+
+
+def write_log(ledger: Ledger, events: int, accounts: int, batch: int) -> float:
+    """Append about ``events`` events; returns events/s of writing (not a daybook figure)."""
+    started = time.perf_counter()
+    ids = [uuid4() for _ in range(accounts)]
+    for start in range(0, accounts, batch):
+        ledger.execute(
+            [
+                OpenAccount(request_id=str(uuid4()), account_id=i, owner=f"o{n}", currency="EUR")
+                for n, i in enumerate(ids[start : start + batch], start)
+            ]
+        )
+    for i in range(0, accounts, batch):
+        ledger.execute(
+            [
+                Deposit(request_id=str(uuid4()), account_id=a, amount=1_000_000)
+                for a in ids[i : i + batch]
+            ]
+        )
+    written = ledger.head()
+    n = 0
+    while written < events:
+        commands: list[Any] = []
+        for _ in range(batch):
+            n += 1
+            a, b = ids[n % accounts], ids[(n * 7 + 1) % accounts]
+            if n % 3 == 0 or a == b:
+                commands.append(Deposit(request_id=str(uuid4()), account_id=a, amount=n % 97 + 1))
+            else:
+                commands.append(
+                    Transfer(
+                        request_id=str(uuid4()),
+                        transfer_id=uuid4(),
+                        source=a,
+                        destination=b,
+                        amount=n % 13 + 1,
+                    )
+                )
+        ledger.execute(commands)
+        written = ledger.head()
+        print(f"\rwriting the log: {written:,} events", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return written / (time.perf_counter() - started)
+
+
+class AnchorView(PostgresTrackingRecorder):
+    """A balance table kept by eventsourcing's tracking recorder, one transaction per event."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS anchor_balances"
+                " (account_id text PRIMARY KEY, balance bigint NOT NULL)"
+            )
+        )
+
+    def apply(self, account_id: UUID, delta: int, tracking: Tracking) -> None:
+        with self.datastore.transaction(commit=True) as cursor:
+            cursor.execute(
+                "INSERT INTO anchor_balances VALUES (%s, %s) ON CONFLICT (account_id)"
+                " DO UPDATE SET balance = anchor_balances.balance + EXCLUDED.balance",
+                (str(account_id), delta),
+            )
+            self._insert_tracking(cursor, tracking)
+
+
+_SIGN = {Account.Deposited: 1, Account.Withdrawn: -1, Account.TransferredIn: 1,
+         Account.TransferredOut: -1}  # fmt: skip
+
+
+class AnchorProjection(ESProjection[AnchorView]):
+    name = "anchor"
+
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        sign = _SIGN.get(type(domain_event), 0)
+        amount = getattr(domain_event, "amount", 0)
+        self.view.apply(domain_event.originator_id, sign * amount, tracking)
+
+
+def anchor_rate(url: str, events: int) -> float:
+    env = {**event_store_env(url), "ANCHOR_POSTGRES_POOL_SIZE": "2"}
+    started = time.perf_counter()
+    with ESProjectionRunner(
+        application_class=Ledger,
+        projection_class=AnchorProjection,
+        view_class=AnchorView,
+        env=env,
+    ) as runner:
+        while True:
+            done = runner.view.max_tracking_id(runner.app.name) or 0
+            if done >= events:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        runner.stop()
+    return done / elapsed
+
+
+def convergence(url: str, commands: int, rate: float) -> tuple[float, float]:
+    """p50 and p99 seconds from commit to visible in account_balances."""
+    ledger = open_ledger(url)
+    account = ledger.open_account("latency", "EUR")
+    latencies: list[float] = []
+    with run_projections(ledger, url, poll_interval=0.2):
+        store = open_store(url)
+        for _ in range(commands):
+            receipt = ledger.deposit(account, 1)
+            committed = time.perf_counter()
+            while True:
+                record = store.version(
+                    "account_balances", store.active_version("account_balances") or 1
+                )
+                if record is not None and record.position >= receipt.position:
+                    break
+            latencies.append(time.perf_counter() - committed)
+            time.sleep(max(0.0, 1 / rate - latencies[-1]))
+        store.close()
+    ledger.close()
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="PostgreSQL URL (default: start a private server)")
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--anchor-events", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=20_000)
+    parser.add_argument("--latency-commands", type=int, default=500)
+    parser.add_argument("--latency-rate", type=float, default=100.0)
+    args = parser.parse_args()
+
+    handle = None
+    url = args.url
+    if url is None:
+        from tests import services
+
+        handle = services.start_postgres(Path(tempfile.mkdtemp()) / "pg", durable=True)
+        url = services.create_database(handle.url, "bench_projections")
+    try:
+        ledger = open_ledger(url)
+        if ledger.head() < args.events:
+            rate = write_log(ledger, args.events, args.accounts, 2000)
+            print(f"log written at {rate:,.0f} events/s")
+        head = ledger.head()
+        store = open_store(url)
+        store.ensure_catalog()
+        for name, version in store.active_versions().items():
+            store.execute("DELETE FROM daybook_read_models WHERE name = %s", (name,))
+            store.drop_version_tables(name, version)
+            store.execute("DELETE FROM daybook_projection_versions WHERE name = %s", (name,))
+        store.close()
+
+        # All four projections in one bulk pass over the log (what a fresh deployment or
+        # `daybook projections rebuild` does per projection).
+        bar = ProgressBar("rebuild all", 0)
+        runner = ProjectionRunner(
+            ledger, url, projections.ALL, batch_size=args.batch_size, on_progress=bar
+        )
+        started = time.perf_counter()
+        runner.run_until_caught_up()
+        seconds = time.perf_counter() - started
+        runner.stop()
+        bar.close()
+        daybook = head * len(projections.ALL) / seconds
+        per_log = head / seconds
+        ledger.close()
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS anchor_balances, notification_tracking")
+        anchor = anchor_rate(url, min(args.anchor_events, head))
+        p50, p99 = convergence(url, args.latency_commands, args.latency_rate)
+        print(f"log: {head:,} events on PostgreSQL")
+        print(
+            f"daybook rebuild, all {len(projections.ALL)} projections: {seconds:.1f}s, "
+            f"{per_log:,.0f} log events/s ({daybook:,.0f} event applications/s)"
+        )
+        print(f"eventsourcing ProjectionRunner, 1 table, 1 tx/event: {anchor:,.0f} events/s")
+        print(f"ratio (daybook all projections / anchor one table): {per_log / anchor:.1f}x")
+        print(
+            f"convergence commit -> visible at {args.latency_rate:.0f} commands/s: "
+            f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+        )
+    finally:
+        if handle is not None:
+            handle.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
