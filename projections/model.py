@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 
 Value = str | int | None
@@ -59,11 +60,14 @@ def event_type(event_class: type) -> str:
     return event_class.__qualname__
 
 
+# Cached: every projection formats the same event's time (the cache is per-process, pure).
+@lru_cache(maxsize=8192)
 def iso_time(moment: datetime) -> str:
     """A timestamp as stored in rows: UTC, microseconds, always the same shape."""
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+@lru_cache(maxsize=8192)
 def day_of(moment: datetime) -> str:
     """The UTC calendar day of ``moment`` as ``YYYY-MM-DD``."""
     return moment.astimezone(UTC).date().isoformat()
