@@ -13,11 +13,12 @@ URL); the recorder must also keep idempotency records (``RequestLog``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 from uuid import UUID
 
@@ -162,7 +163,7 @@ class DirectCommitter:
         pass
 
 
-class _Stale(Exception):
+class StaleCache(Exception):
     """A cached aggregate was behind the store when a command was refused."""
 
 
@@ -170,8 +171,10 @@ class UnitOfWork:
     """The aggregates one ``execute`` call works on: copies, so a failed batch leaves the
     cache untouched."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, base: UnitOfWork | None = None) -> None:
         self._ledger = ledger
+        #: The unit of work of a batch still committing, whose state this one builds on.
+        self._base = base
         self.aggregates: dict[UUID, LedgerAggregate] = {}
         #: Version each cached aggregate had when this unit of work took it from the cache.
         self.cached_versions: dict[UUID, int] = {}
@@ -181,6 +184,11 @@ class UnitOfWork:
         self.touched.append(aggregate_id)
         if aggregate_id in self.aggregates:
             return self.aggregates[aggregate_id]
+        if self._base is not None and aggregate_id in self._base.aggregates:
+            # The previous batch's state: a copy, since that batch is still committing.
+            copied = copy.deepcopy(self._base.aggregates[aggregate_id])
+            self.aggregates[aggregate_id] = copied
+            return copied
         repository = self._ledger.repository
         from_cache = False
         if repository.cache is not None:
@@ -241,7 +249,7 @@ class UnitOfWork:
             if version is not None:
                 newer = self._ledger.events.get(aggregate_id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
-                    raise _Stale
+                    raise StaleCache
         self.touched.clear()
 
 
@@ -256,6 +264,28 @@ def _command_method(
     method.__name__ = build.__name__
     method.__doc__ = build.__doc__
     return method
+
+
+@dataclass(eq=False)
+class PreparedBatch:
+    """A batch applied in memory by ``Ledger.prepare``, ready for ``Ledger.commit``."""
+
+    commands: Sequence[Command]
+    uow: UnitOfWork
+    outcomes: list[Outcome | None] = field(default_factory=list)
+    events: list[LedgerAggregate.Event] = field(default_factory=list)
+    pending: list[PendingRequest] = field(default_factory=list)
+    #: index -> (receipt fields, index in ``events`` of the command's last event)
+    receipts: dict[int, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    #: request id -> index of the command that used it first in this batch
+    first_use: dict[str, int] = field(default_factory=dict)
+    #: index of a repeated request -> (batch, index) of its first use
+    repeats: dict[int, tuple[PreparedBatch, int]] = field(default_factory=dict)
+    after: PreparedBatch | None = None
+    committed: bool = False
+
+    def __post_init__(self) -> None:
+        self.outcomes = [None] * len(self.commands)
 
 
 class Ledger(Application[UUID]):
@@ -369,7 +399,7 @@ class Ledger(Application[UUID]):
     # -- the command path -------------------------------------------------------------------
 
     def execute(self, batch: Sequence[Command]) -> list[Outcome]:
-        """Apply ``commands`` in order and commit all their events in one transaction.
+        """Apply ``batch`` in order and commit all its events in one transaction.
 
         Returns one outcome per command: its receipt, or the refusal it met. Nothing is
         reported before the transaction has committed. If the commit fails (another writer
@@ -379,11 +409,9 @@ class Ledger(Application[UUID]):
         applied twice.
         """
         for attempt in range(self.max_attempts):
-            uow = UnitOfWork(self)
             try:
-                return self._attempt(batch, uow, recheck_all=attempt > 0)
-            except (IntegrityError, _Stale, OperationalError, InterfaceError) as error:
-                self._evict(uow)
+                return self.commit(self.prepare(batch, recheck_all=attempt > 0))
+            except (IntegrityError, StaleCache, OperationalError, InterfaceError) as error:
                 if isinstance(error, (OperationalError, InterfaceError)) and (
                     attempt >= self.max_attempts // 4
                 ):
@@ -396,66 +424,97 @@ class Ledger(Application[UUID]):
         )
         return [ConcurrencyConflict(message) for _ in batch]
 
+    def prepare(
+        self,
+        batch: Sequence[Command],
+        *,
+        after: PreparedBatch | None = None,
+        recheck_all: bool = False,
+    ) -> PreparedBatch:
+        """Apply ``batch`` in memory, on copies of the aggregates; nothing is written.
+
+        With ``after``, the batch is applied on top of the state ``after`` leaves behind,
+        before ``after`` has committed (so a group committer can prepare one batch while the
+        previous one commits). Such a batch may only be committed once ``after`` committed;
+        if ``after`` fails, it must be discarded and prepared again.
+
+        Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
+        writer has since changed.
+        """
+        prepared = PreparedBatch(batch, UnitOfWork(self, base=after.uow if after else None))
+        prepared.after = after
+        # On a first attempt only caller-chosen ids can have been seen before; on a retry,
+        # any id may belong to a batch whose commit succeeded although we saw an error.
+        known = self._requests.select_requests(
+            [c.request_id for c in batch if recheck_all or c.caller_request_id]
+        )
+        uow = prepared.uow
+        for index, command in enumerate(batch):
+            request_id = command.request_id
+            if request_id in known:
+                prepared.outcomes[index] = _replay(known[request_id], command)
+                continue
+            if after is not None and request_id in after.first_use:
+                prepared.repeats[index] = (after, after.first_use[request_id])
+                continue
+            if request_id in prepared.first_use:
+                prepared.repeats[index] = (prepared, prepared.first_use[request_id])
+                continue
+            prepared.first_use[request_id] = index
+            with metadata_scope(command.metadata):
+                try:
+                    fields = command.run(uow)
+                except DomainError as refusal:
+                    try:
+                        uow.check_refusal()
+                    except StaleCache:
+                        self._evict(uow)
+                        raise
+                    prepared.outcomes[index] = refusal
+                    if command.caller_request_id:
+                        prepared.pending.append(
+                            PendingRequest(_record(command, {"error": refusal.to_record()}), None)
+                        )
+                    continue
+            prepared.events.extend(uow.collect())
+            last = len(prepared.events) - 1
+            receipt = {"command": command.name, "request_id": request_id, **fields}
+            prepared.receipts[index] = (receipt, last)
+            prepared.pending.append(PendingRequest(_record(command, {"receipt": receipt}), last))
+        return prepared
+
+    def commit(self, prepared: PreparedBatch) -> list[Outcome]:
+        """Write a prepared batch's events and request records in one transaction and
+        return its outcomes. On failure the batch's aggregates are evicted from the cache
+        and the error is raised: nobody has been told anything, and ``execute`` can retry."""
+        assert prepared.after is None or prepared.after.committed, "commit batches in order"
+        if prepared.pending:
+            try:
+                recordings = self.events.put(prepared.events, requests=prepared.pending)
+            except BaseException:
+                self._evict(prepared.uow)
+                raise
+            for index, (receipt, last) in prepared.receipts.items():
+                receipt["position"] = recordings[last].notification.id
+                prepared.outcomes[index] = Receipt.from_record(receipt, replayed=False)
+            if self.repository.cache is not None:
+                for aggregate in prepared.uow.aggregates.values():
+                    self.repository.cache.put(aggregate.id, aggregate)
+        for index, (source, first) in prepared.repeats.items():
+            prepared.outcomes[index] = _repeat(
+                source.commands[first], source.outcomes[first], prepared.commands[index]
+            )
+        prepared.committed = True
+        prepared.after = None
+        assert all(outcome is not None for outcome in prepared.outcomes)
+        return prepared.outcomes  # type: ignore[return-value]
+
     def _evict(self, uow: UnitOfWork) -> None:
         if self.repository.cache is None:
             return
         for aggregate_id in uow.aggregates:
             with contextlib.suppress(KeyError):
                 self.repository.cache.get(aggregate_id, evict=True)
-
-    def _attempt(
-        self, commands: Sequence[Command], uow: UnitOfWork, *, recheck_all: bool
-    ) -> list[Outcome]:
-        # On a first attempt only caller-chosen ids can have been seen before; on a retry,
-        # any id may belong to a batch whose commit succeeded although we saw an error.
-        known = self._requests.select_requests(
-            [c.request_id for c in commands if recheck_all or c.caller_request_id]
-        )
-        outcomes: list[Outcome | None] = [None] * len(commands)
-        later: dict[int, int] = {}  # index of a repeated request -> index of its first use
-        first_use: dict[str, int] = {}
-        events: list[LedgerAggregate.Event] = []
-        pending: list[PendingRequest] = []
-        receipts: dict[int, tuple[dict[str, Any], int]] = {}
-
-        for index, command in enumerate(commands):
-            request_id = command.request_id
-            if request_id in known:
-                outcomes[index] = _replay(known[request_id], command)
-                continue
-            if request_id in first_use:
-                later[index] = first_use[request_id]
-                continue
-            first_use[request_id] = index
-            with metadata_scope(command.metadata):
-                try:
-                    fields = command.run(uow)
-                except DomainError as refusal:
-                    uow.check_refusal()
-                    outcomes[index] = refusal
-                    if command.caller_request_id:
-                        pending.append(
-                            PendingRequest(_record(command, {"error": refusal.to_record()}), None)
-                        )
-                    continue
-            events.extend(uow.collect())
-            receipt = {"command": command.name, "request_id": request_id, **fields}
-            receipts[index] = (receipt, len(events) - 1)
-            pending.append(PendingRequest(_record(command, {"receipt": receipt}), len(events) - 1))
-
-        if pending:
-            recordings = self.events.put(events, requests=pending)
-            for index, (receipt, last) in receipts.items():
-                receipt["position"] = recordings[last].notification.id
-                outcomes[index] = Receipt.from_record(receipt, replayed=False)
-            if self.repository.cache is not None:
-                for aggregate in uow.aggregates.values():
-                    self.repository.cache.put(aggregate.id, aggregate)
-
-        for index, first in later.items():
-            outcomes[index] = _repeat(commands[first], outcomes[first], commands[index])
-        assert all(outcome is not None for outcome in outcomes)
-        return outcomes  # type: ignore[return-value]
 
     def install_committer(self, factory: Callable[[Ledger], Committer]) -> None:
         """Replace how commands reach ``execute`` (group commit lives in infrastructure)."""

@@ -1,9 +1,17 @@
 """Group commit: many callers' commands applied in order and committed in one transaction.
 
 A single writer thread takes every command that is waiting, runs them one after another
-against the cached aggregates (``Ledger.execute``) and commits all their events and request
-records in one transaction. While it commits, new commands queue up and form the next batch,
-so batches grow with load and a lone caller waits for nobody.
+against the cached aggregates (``Ledger.prepare``) and hands the batch to a committing thread,
+which writes all its events and request records in one transaction (``Ledger.commit``).
+While that transaction commits (the database's fsync, with the GIL released), the writer
+thread already prepares the next batch on top of the state the committing one leaves behind:
+the Python work of one batch overlaps the disk wait of the previous one. Batches grow with
+load, and a lone caller waits for nobody.
+
+The next batch is only committed after the previous one committed. If the previous one fails
+(a conflict with another process, a lost connection), the next one, built on its state, is
+thrown away unseen, the failed batch goes through ``Ledger.execute`` (re-applied on fresh
+state, with replays for anything that did commit), and the next batch is prepared again.
 
 Each caller gets exactly its own outcome, and only after the commit: its receipt, its
 refusal, or its replay. If the commit fails, ``Ledger.execute`` re-runs the batch on fresh
@@ -15,15 +23,24 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from eventsourcing.persistence import PersistenceError
 
 from domain.commands import Command
 from domain.errors import DomainError
-from domain.ledger import Ledger, Outcome, Receipt
+from domain.ledger import Ledger, Outcome, PreparedBatch, Receipt
 
 _Item = tuple[Command, "Future[Receipt]"]
+
+
+class _InFlight:
+    """A prepared batch whose transaction the committing thread is running."""
+
+    def __init__(self, items: list[_Item], prepared: PreparedBatch, commit: Future[list[Outcome]]):
+        self.items = items
+        self.prepared = prepared
+        self.commit = commit
 
 
 class LedgerClosed(RuntimeError):
@@ -62,22 +79,73 @@ class GroupCommitter:
             self._thread.join()
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < self._max_batch:
+        committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
+        in_flight: _InFlight | None = None
+        try:
+            while True:
+                items = self._take(block=in_flight is None)
+                if items is None:  # closing
+                    break
+                if not items:  # nothing new waiting: finish the commit under way
+                    assert in_flight is not None
+                    self._finish(in_flight)
+                    in_flight = None
+                    continue
+                commands = [command for command, _ in items]
                 try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._commit(batch)
+                    prepared = self._ledger.prepare(
+                        commands, after=in_flight.prepared if in_flight else None
+                    )
+                except Exception:  # StaleCache, a lost connection, or a bug in one command
+                    prepared = None  # take the slow, careful path below
+                if in_flight is not None:
+                    if not self._finish(in_flight):
+                        prepared = None  # it was built on a batch that did not commit
+                    in_flight = None
+                if prepared is None:
+                    self._commit(items)
+                    continue
+                in_flight = _InFlight(
+                    items, prepared, committer.submit(self._ledger.commit, prepared)
+                )
+            if in_flight is not None:
+                self._finish(in_flight)
+        finally:
+            committer.shutdown()
+
+    def _take(self, *, block: bool) -> list[_Item] | None:
+        """Everything waiting, up to ``max_batch`` (waiting for one item if ``block``);
+        None once the committer is closing and the queue is drained."""
+        items: list[_Item] = []
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return items
+        while item is not None:
+            items.append(item)
+            if len(items) >= self._max_batch:
+                return items
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items
+        # The close marker: serve what came before it, then report closing.
+        if items:
+            self._queue.put(None)
+            return items
+        return None
+
+    def _finish(self, in_flight: _InFlight) -> bool:
+        """Wait for a batch's transaction; settle its callers. False if it did not commit
+        (its callers are then served by ``Ledger.execute``, which retries carefully)."""
+        try:
+            outcomes = in_flight.commit.result()
+        except Exception:
+            self._commit(in_flight.items)
+            return False
+        for (_, future), outcome in zip(in_flight.items, outcomes, strict=True):
+            _settle(future, outcome)
+        return True
 
     def _commit(self, batch: list[_Item]) -> None:
         try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from domain import commands
 from domain.errors import DomainError, IdempotencyConflict, InsufficientFunds, SkuNotFound
-from domain.ledger import Ledger, Receipt
+from domain.ledger import Ledger, PreparedBatch, Receipt
 from infrastructure import open_async_ledger, open_ledger
 from infrastructure.group_commit import GroupCommitter
 
@@ -75,13 +76,13 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
     ledger = open_ledger(store_url)
     assert isinstance(ledger.committer, GroupCommitter)
     sizes: list[int] = []
-    execute = ledger.execute
+    prepare = ledger.prepare
 
-    def counting_execute(batch: list[commands.Command]) -> list[Receipt | DomainError]:
+    def counting_prepare(batch: list[commands.Command], **options: Any) -> PreparedBatch:
         sizes.append(len(batch))
-        return execute(batch)
+        return prepare(batch, **options)
 
-    ledger.execute = counting_execute  # type: ignore[method-assign]
+    ledger.prepare = counting_prepare  # type: ignore[method-assign]
     rich = ledger.open_account("rich", "EUR")
     poor = ledger.open_account("poor", "EUR")
     ledger.deposit(rich, 1_000_000)
@@ -158,3 +159,76 @@ def test_a_closed_ledger_refuses_new_commands() -> None:
     ledger.close()
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 1)
+
+
+def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -> None:
+    """Pipelining: batch N+1 is applied on N's state while N commits. When N's commit fails,
+    N+1 must be thrown away unseen and both must still be applied exactly once."""
+    from eventsourcing.persistence import IntegrityError
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/pipeline.db")
+    a = ledger.open_account("a", "EUR")
+    b = ledger.open_account("b", "EUR")
+    ledger.deposit(a, 10_000)
+    commit = ledger.commit
+    failures = {"left": 3}
+    overlapped: list[bool] = []
+
+    def flaky_commit(prepared: PreparedBatch) -> list[Receipt | DomainError]:
+        overlapped.append(prepared.after is not None)
+        if failures["left"] and len(prepared.commands) > 1:
+            failures["left"] -= 1
+            ledger._evict(prepared.uow)  # as a real failed commit does
+            raise IntegrityError("simulated conflict with another writer")
+        return commit(prepared)
+
+    ledger.commit = flaky_commit  # type: ignore[method-assign]
+    results: dict[str, Receipt] = {}
+
+    def client(number: int) -> None:
+        for step in range(40):
+            request_id = f"{number}-{step}"
+            results[request_id] = ledger.transfer(a, b, 1, request_id=request_id)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures["left"] == 0, "the simulated failures happened"
+    assert len(results) == 320 and not any(r.replayed for r in results.values())
+    assert ledger.account(a).balance == 10_000 - 320
+    assert ledger.account(b).balance == 320
+    # Every transfer is in the log exactly once, at the position its receipt names.
+    positions = sorted(r.position for r in results.values())
+    assert len(set(positions)) == 320
+    written = ledger.recorder.select_notifications(positions[0] - 1, 1000)
+    by_request: dict[str | None, int] = {}
+    for notification in written:
+        event = ledger.mapper.to_domain_event(notification)
+        request_id = event.meta.request_id  # type: ignore[attr-defined]
+        by_request[request_id] = by_request.get(request_id, 0) + 1
+    assert all(by_request.get(r) == 2 for r in results)
+    ledger.close()
+
+
+def test_prepare_after_an_uncommitted_batch_sees_its_state() -> None:
+    ledger = open_ledger("memory://", group_commit=False)
+    a = ledger.open_account("a", "EUR")
+    ledger.deposit(a, 100)
+    first = ledger.prepare([commands.withdraw(a, 60, request_id="w1")])
+    second = ledger.prepare(
+        [
+            commands.withdraw(a, 60, request_id="w2"),  # refused: the first took 60 of 100
+            commands.withdraw(a, 60, request_id="w1"),  # a repeat of the first batch's request
+        ],
+        after=first,
+    )
+    with pytest.raises(AssertionError):
+        ledger.commit(second)  # not before the batch it builds on
+    (receipt,) = ledger.commit(first)
+    refused, repeat = ledger.commit(second)
+    assert isinstance(refused, InsufficientFunds)
+    assert isinstance(repeat, Receipt) and repeat.replayed and repeat.position == receipt.position
+    assert ledger.account(a).balance == 40
