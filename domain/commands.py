@@ -9,10 +9,12 @@ generates new ones, yet must still match the original.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID, uuid4
+
+import orjson
 
 from domain import accounts
 from domain.accounts import Account
@@ -57,10 +59,15 @@ class Command:
         skip = self._envelope | self.generated
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
+    @cached_property
     def fingerprint(self) -> str:
-        """A stable digest of the command name and payload, for idempotency checks."""
-        text = json.dumps([self.name, self.payload()], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """A stable digest of the command name and payload, for idempotency checks.
+
+        Fingerprints are stored with request records: changing how they are computed would
+        turn retries of requests recorded before the change into idempotency conflicts.
+        """
+        text = orjson.dumps([self.name, self.payload()], option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(text).hexdigest()
 
     @property
     def metadata(self) -> Metadata:
@@ -86,7 +93,7 @@ class OpenAccount(Command):
 
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         uow.add(Account.open(self.account_id, self.owner, self.currency, self.overdraft_limit))
-        return {"account_id": str(self.account_id)}
+        return {"account_id": self.account_id}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +104,7 @@ class Deposit(Command):
 
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         uow.account(self.account_id).deposit(self.amount)
-        return {"account_id": str(self.account_id)}
+        return {"account_id": self.account_id}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +115,7 @@ class Withdraw(Command):
 
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         uow.account(self.account_id).withdraw(self.amount)
-        return {"account_id": str(self.account_id)}
+        return {"account_id": self.account_id}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +131,7 @@ class Transfer(Command):
         source = uow.account(self.source)
         destination = uow.account(self.destination)
         accounts.transfer(source, destination, self.amount, self.transfer_id)
-        return {"account_id": str(self.source), "transfer_id": str(self.transfer_id)}
+        return {"account_id": self.source, "transfer_id": self.transfer_id}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +141,7 @@ class CloseAccount(Command):
 
     def run(self, uow: UnitOfWork) -> dict[str, Any]:
         uow.account(self.account_id).close()
-        return {"account_id": str(self.account_id)}
+        return {"account_id": self.account_id}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,8 +61,8 @@ class Receipt:
             "command": self.command,
             "request_id": self.request_id,
             "position": self.position,
-            "account_id": str(self.account_id) if self.account_id else None,
-            "transfer_id": str(self.transfer_id) if self.transfer_id else None,
+            "account_id": self.account_id,
+            "transfer_id": self.transfer_id,
             "sku": self.sku,
             "reservation_id": self.reservation_id,
         }
@@ -74,11 +74,15 @@ class Receipt:
             request_id=record["request_id"],
             position=record["position"],
             replayed=replayed,
-            account_id=UUID(record["account_id"]) if record.get("account_id") else None,
-            transfer_id=UUID(record["transfer_id"]) if record.get("transfer_id") else None,
+            account_id=_uuid(record.get("account_id")),
+            transfer_id=_uuid(record.get("transfer_id")),
             sku=record.get("sku"),
             reservation_id=record.get("reservation_id"),
         )
+
+
+def _uuid(value: UUID | str | None) -> UUID | None:
+    return value if value is None or isinstance(value, UUID) else UUID(value)
 
 
 @dataclass(frozen=True)
@@ -190,19 +194,17 @@ class UnitOfWork:
             self.aggregates[aggregate_id] = copied
             return copied
         repository = self._ledger.repository
-        from_cache = False
-        if repository.cache is not None:
-            try:
-                repository.cache.get(aggregate_id)
-                from_cache = True
-            except KeyError:
-                pass
+        aggregate: LedgerAggregate
         try:
-            aggregate: LedgerAggregate = repository.get(aggregate_id)
-        except AggregateNotFoundError:
-            return None
-        if from_cache:
+            if repository.cache is None:
+                raise KeyError(aggregate_id)
+            aggregate = copy.deepcopy(cast(LedgerAggregate, repository.cache.get(aggregate_id)))
             self.cached_versions[aggregate_id] = aggregate.version
+        except KeyError:
+            try:
+                aggregate = repository.get(aggregate_id)
+            except AggregateNotFoundError:
+                return None
         self.aggregates[aggregate_id] = aggregate
         return aggregate
 
@@ -527,7 +529,7 @@ class Ledger(Application[UUID]):
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:
-    return RequestRecord(command.request_id, command.name, command.fingerprint(), outcome)
+    return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
 
 
 def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
@@ -541,7 +543,7 @@ def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
 
 def _replay(record: RequestRecord, command: Command) -> Outcome:
     """The original outcome of a repeated request (or a conflict if it asks for more)."""
-    if record.fingerprint != command.fingerprint():
+    if record.fingerprint != command.fingerprint:
         return _conflict(command.request_id, record.command)
     if "error" in record.outcome:
         return DomainError.from_record(record.outcome["error"])
@@ -550,7 +552,7 @@ def _replay(record: RequestRecord, command: Command) -> Outcome:
 
 def _repeat(first: Command, outcome: Outcome | None, command: Command) -> Outcome:
     """A request repeated inside one batch gets its first use's outcome, replayed."""
-    if first.fingerprint() != command.fingerprint():
+    if first.fingerprint != command.fingerprint:
         return _conflict(command.request_id, first.name)
     if isinstance(outcome, Receipt):
         return replace(outcome, replayed=True)
