@@ -69,6 +69,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
         error: Exception | None = None
         with self.datastore.get_connection() as conn:
             with conn.pipeline() as pipeline, conn.transaction():
+                with conn.cursor() as curs:
+                    # A receipt promises the events are on disk, whatever the server default.
+                    curs.execute("SET LOCAL synchronous_commit = on")
                 if requests:
                     with conn.cursor() as curs:
                         curs.execute(
