@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from eventsourcing.persistence import PersistenceError
+
 from domain.errors import DomainError
 from infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -68,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BadURL as error:
         print(f"daybook: {error}", file=sys.stderr)
+        return 2
+    except PersistenceError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"daybook: the store did not answer ({reason}); check the URL and that the "
+            "database is running",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("daybook: interrupted", file=sys.stderr)

@@ -1,0 +1,39 @@
+"""The command line: clear one-line errors for user mistakes, and the demo behind `make run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infrastructure.cli import main
+
+
+def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--url", "mysql://somewhere/db"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daybook: unsupported store URL 'mysql://somewhere/db'")
+    assert "Traceback" not in err
+
+
+def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "Store URLs" in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: daybook" in capsys.readouterr().out
+
+
+def test_the_demo_runs_and_conserves_money(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/demo.db"
+    assert main(["demo", "--url", url, "--clients", "3", "--commands", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "Money conserved (transfers move it, only withdrawals remove it): yes" in out
+    assert "Every balance within its overdraft limit: yes" in out
+    assert "Refused, by error code" in out
