@@ -1,0 +1,311 @@
+"""Request ids, on every backend: a repeated request replays its original outcome exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from domain import Ledger, Receipt
+from domain import commands as build
+from domain.errors import (
+    DomainError,
+    IdempotencyConflict,
+    InsufficientFunds,
+    OutOfStock,
+    ReservationResolved,
+)
+from infrastructure import open_ledger
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+def refusal(call: Callable[[], object]) -> DomainError:
+    with pytest.raises(DomainError) as caught:
+        call()
+    return caught.value
+
+
+def assert_replayed(original: Receipt, again: Receipt) -> None:
+    assert again.replayed is True
+    assert original.replayed is False
+    assert again == replace(original, replayed=True)
+
+
+@pytest.fixture
+def funded(ledger: Ledger) -> tuple[UUID, UUID]:
+    a = ledger.open_account("alice", "EUR")
+    b = ledger.open_account("bob", "EUR")
+    ledger.deposit(a, 1_000)
+    return a, b
+
+
+def test_a_repeated_deposit_is_replayed_and_writes_nothing(
+    ledger: Ledger, funded: tuple[UUID, UUID]
+) -> None:
+    a, _ = funded
+    first = ledger.deposit(a, 250, request_id="d-1")
+    head = ledger.head()
+    assert first.position == head
+    for _ in range(3):
+        assert_replayed(first, ledger.deposit(a, 250, request_id="d-1"))
+    assert ledger.head() == head
+    assert ledger.account(a).balance == 1_250
+
+
+def test_a_repeated_transfer_is_replayed_with_its_transfer_id(
+    ledger: Ledger, funded: tuple[UUID, UUID]
+) -> None:
+    a, b = funded
+    first = ledger.transfer(a, b, 300, request_id="t-1")
+    head = ledger.head()
+    again = ledger.transfer(a, b, 300, request_id="t-1")
+    assert_replayed(first, again)
+    assert again.transfer_id == first.transfer_id
+    assert ledger.head() == head
+    assert (ledger.account(a).balance, ledger.account(b).balance) == (700, 300)
+
+
+def test_a_replay_survives_later_writes(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
+    a, b = funded
+    first = ledger.withdraw(a, 100, request_id="w-1")
+    ledger.transfer(a, b, 900)
+    # the withdrawal would now be refused, but the request already succeeded
+    head = ledger.head()
+    assert_replayed(first, ledger.withdraw(a, 100, request_id="w-1"))
+    assert ledger.head() == head
+    assert ledger.account(a).balance == 0
+
+
+def test_a_replay_is_seen_by_a_second_ledger_on_the_same_store(store_url: str) -> None:
+    if store_url == "memory://":
+        pytest.skip("memory:// is private to one ledger")
+    first, second = open_ledger(store_url), open_ledger(store_url)
+    try:
+        a = first.open_account("alice", "EUR", request_id="o-1")
+        assert second.open_account("alice", "EUR", request_id="o-1") == a
+        receipt = first.deposit(a, 10, request_id="d-1")
+        assert_replayed(receipt, second.deposit(a, 10, request_id="d-1"))
+        assert isinstance(
+            refusal(lambda: second.deposit(a, 11, request_id="d-1")), IdempotencyConflict
+        )
+        assert second.account(a).balance == 10
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_refused_request_stays_refused_after_the_state_changes(
+    ledger: Ledger, funded: tuple[UUID, UUID]
+) -> None:
+    a, _ = funded
+    original = refusal(lambda: ledger.withdraw(a, 1_500, request_id="w-big"))
+    assert isinstance(original, InsufficientFunds)
+    head = ledger.head()
+    ledger.deposit(a, 1_000)  # now 2_000: the same withdrawal would succeed
+    head = ledger.head()
+    retried = refusal(lambda: ledger.withdraw(a, 1_500, request_id="w-big"))
+    assert isinstance(retried, InsufficientFunds)
+    assert retried.code == "insufficient_funds"
+    assert str(retried) == str(original)
+    assert retried.details == original.details
+    assert ledger.head() == head
+    assert ledger.account(a).balance == 2_000
+    # a new request id is judged afresh
+    assert ledger.withdraw(a, 1_500, request_id="w-big-2").replayed is False
+
+
+def test_a_refused_reservation_stays_refused_after_restocking(ledger: Ledger) -> None:
+    ledger.receive_stock("SKU-1", 2)
+    original = refusal(lambda: ledger.reserve_stock("SKU-1", 5, request_id="o-1"))
+    assert isinstance(original, OutOfStock)
+    ledger.receive_stock("SKU-1", 10)
+    head = ledger.head()
+    retried = refusal(lambda: ledger.reserve_stock("SKU-1", 5, request_id="o-1"))
+    assert isinstance(retried, OutOfStock)
+    assert str(retried) == str(original)
+    assert ledger.head() == head
+    assert ledger.inventory("SKU-1").reserved == 0
+
+
+def test_a_refusal_for_an_unknown_account_stays_refused(ledger: Ledger) -> None:
+    missing = UUID(int=99)
+    original = refusal(lambda: ledger.deposit(missing, 5, request_id="d-x"))
+    assert original.code == "account_not_found"
+    head = ledger.head()
+    assert refusal(lambda: ledger.deposit(missing, 5, request_id="d-x")).code == (
+        "account_not_found"
+    )
+    assert ledger.head() == head
+
+
+@pytest.mark.parametrize(
+    "different",
+    [
+        lambda lg, a, b: lg.deposit(a, 251, request_id="d-1"),
+        lambda lg, a, b: lg.deposit(b, 250, request_id="d-1"),
+        lambda lg, a, b: lg.withdraw(a, 250, request_id="d-1"),
+        lambda lg, a, b: lg.transfer(a, b, 250, request_id="d-1"),
+        lambda lg, a, b: lg.close_account(a, request_id="d-1"),
+        lambda lg, a, b: lg.open_account("alice", "EUR", request_id="d-1"),
+        lambda lg, a, b: lg.receive_stock("SKU-1", 250, request_id="d-1"),
+    ],
+    ids=["amount", "account", "withdraw", "transfer", "close", "open", "receive"],
+)
+def test_the_same_id_with_another_payload_or_command_is_a_conflict(
+    ledger: Ledger,
+    funded: tuple[UUID, UUID],
+    different: Callable[[Ledger, UUID, UUID], object],
+) -> None:
+    a, b = funded
+    first = ledger.deposit(a, 250, request_id="d-1")
+    head = ledger.head()
+    error = refusal(lambda: different(ledger, a, b))
+    assert isinstance(error, IdempotencyConflict)
+    assert error.code == "idempotency_conflict"
+    assert "d-1" in str(error)
+    assert ledger.head() == head
+    assert ledger.account(a).balance == 1_250
+    # the original is still there to be replayed
+    assert_replayed(first, ledger.deposit(a, 250, request_id="d-1"))
+
+
+def test_a_conflict_with_a_recorded_refusal(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
+    a, _ = funded
+    assert refusal(lambda: ledger.withdraw(a, 5_000, request_id="w-1")).code == (
+        "insufficient_funds"
+    )
+    assert refusal(lambda: ledger.withdraw(a, 5, request_id="w-1")).code == "idempotency_conflict"
+    assert ledger.account(a).balance == 1_000
+
+
+def test_metadata_is_not_part_of_the_payload(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
+    a, _ = funded
+    first = ledger.deposit(a, 5, request_id="d-1", correlation_id="c-1")
+    again = ledger.deposit(a, 5, request_id="d-1", correlation_id="c-2", causation_id="x")
+    assert_replayed(first, again)
+
+
+def test_open_account_retried_returns_the_same_account(ledger: Ledger) -> None:
+    first = ledger.open_account("alice", "EUR", 100, request_id="open-1")
+    head = ledger.head()
+    assert ledger.open_account("alice", "EUR", 100, request_id="open-1") == first
+    assert ledger.head() == head
+    for different in (
+        lambda: ledger.open_account("alice", "USD", 100, request_id="open-1"),
+        lambda: ledger.open_account("alicia", "EUR", 100, request_id="open-1"),
+        lambda: ledger.open_account("alice", "EUR", 0, request_id="open-1"),
+    ):
+        assert refusal(different).code == "idempotency_conflict"
+    assert ledger.head() == head == 1
+
+
+def test_reserve_stock_retried_returns_the_same_reservation(ledger: Ledger) -> None:
+    ledger.receive_stock("SKU-1", 10)
+    chosen = ledger.reserve_stock("SKU-1", 3, request_id="o-1")
+    assert chosen.reservation_id
+    head = ledger.head()
+    again = ledger.reserve_stock("SKU-1", 3, request_id="o-1")
+    assert_replayed(chosen, again)
+    assert again.reservation_id == chosen.reservation_id
+    assert ledger.inventory("SKU-1").reservations == {chosen.reservation_id: 3}
+    assert ledger.head() == head
+
+    named = ledger.reserve_stock("SKU-1", 2, reservation_id="res-2", request_id="o-2")
+    assert_replayed(
+        named, ledger.reserve_stock("SKU-1", 2, reservation_id="res-2", request_id="o-2")
+    )
+    conflict = refusal(
+        lambda: ledger.reserve_stock("SKU-1", 2, reservation_id="res-3", request_id="o-2")
+    )
+    assert conflict.code == "idempotency_conflict"
+    assert refusal(lambda: ledger.reserve_stock("SKU-1", 4, request_id="o-1")).code == (
+        "idempotency_conflict"
+    )
+    assert ledger.inventory("SKU-1").reserved == 5
+
+
+def test_commit_retried_is_replayed_not_resolved_twice(ledger: Ledger) -> None:
+    ledger.receive_stock("SKU-1", 10)
+    reservation = ledger.reserve_stock("SKU-1", 4, reservation_id="r-1").reservation_id
+    assert reservation == "r-1"
+    first = ledger.commit_reservation("SKU-1", "r-1", 3, request_id="ship-1")
+    assert_replayed(first, ledger.commit_reservation("SKU-1", "r-1", 3, request_id="ship-1"))
+    # a fresh request for the same reservation meets the rule instead
+    assert isinstance(
+        refusal(lambda: ledger.commit_reservation("SKU-1", "r-1", 3, request_id="ship-2")),
+        ReservationResolved,
+    )
+    assert refusal(lambda: ledger.commit_reservation("SKU-1", "r-1", request_id="ship-1")).code == (
+        "idempotency_conflict"
+    )
+    stock = ledger.inventory("SKU-1")
+    assert (stock.on_hand, stock.reserved) == (7, 0)
+
+
+def test_requests_without_an_id_are_never_replayed(
+    ledger: Ledger, funded: tuple[UUID, UUID]
+) -> None:
+    a, _ = funded
+    first = ledger.deposit(a, 5)
+    second = ledger.deposit(a, 5)
+    assert first.request_id != second.request_id
+    assert not first.replayed and not second.replayed
+    assert second.position > first.position
+    assert ledger.account(a).balance == 1_010
+
+
+def test_a_batch_with_the_same_request_twice(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
+    a, b = funded
+    head = ledger.head()
+    outcomes = ledger.execute(
+        [
+            build.deposit(a, 10, request_id="b-1"),
+            build.transfer(a, b, 20, request_id="b-2"),
+            build.deposit(a, 10, request_id="b-1"),
+            build.deposit(a, 11, request_id="b-1"),
+            build.transfer(a, b, 20, request_id="b-2"),
+            build.withdraw(b, 1_000, request_id="b-3"),
+            build.withdraw(b, 1_000, request_id="b-3"),
+        ]
+    )
+    deposit, transfer, deposit_again, conflict, transfer_again, refused, refused_again = outcomes
+    assert isinstance(deposit, Receipt) and isinstance(transfer, Receipt)
+    assert deposit.replayed is False and transfer.replayed is False
+    assert deposit_again == replace(deposit, replayed=True)
+    assert transfer_again == replace(transfer, replayed=True)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert isinstance(refused, InsufficientFunds)
+    assert isinstance(refused_again, InsufficientFunds)
+    assert str(refused_again) == str(refused)
+    # one deposit event and two transfer events, nothing for the repeats
+    assert ledger.head() == head + 3 == transfer.position
+    assert deposit.position == head + 1
+    assert (ledger.account(a).balance, ledger.account(b).balance) == (990, 20)
+
+    # and after the batch, each id replays its first outcome
+    assert_replayed(deposit, ledger.deposit(a, 10, request_id="b-1"))
+    assert refusal(lambda: ledger.withdraw(b, 1_000, request_id="b-3")).code == (
+        "insufficient_funds"
+    )
+    assert ledger.head() == head + 3
+
+
+def test_a_batch_repeating_an_earlier_request(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
+    a, _ = funded
+    earlier = ledger.deposit(a, 7, request_id="e-1")
+    head = ledger.head()
+    outcomes: list[Any] = ledger.execute(
+        [build.deposit(a, 7, request_id="e-1"), build.deposit(a, 8, request_id="e-1")]
+    )
+    assert outcomes[0] == replace(earlier, replayed=True)
+    assert isinstance(outcomes[1], IdempotencyConflict)
+    assert ledger.head() == head

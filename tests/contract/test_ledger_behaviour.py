@@ -1,0 +1,220 @@
+"""The embedding API's behaviour, written once and run on every event store backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from domain import Ledger
+from domain.accounts import Account
+from domain.errors import AccountNotFound, DomainError, InsufficientFunds, SkuNotFound
+from domain.inventory import Inventory
+from domain.values import inventory_id
+from infrastructure import open_ledger
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+def logged_events(ledger: Ledger, start: int = 1) -> list[tuple[int, Any]]:
+    """Every event in the log from ``start``, decoded, with its position."""
+    notifications = ledger.recorder.select_notifications(start, 10_000)
+    return [(n.id, ledger.mapper.to_domain_event(n)) for n in notifications]
+
+
+def test_the_readme_embedding_flow(ledger: Ledger) -> None:
+    assert ledger.head() == 0
+    alice = ledger.open_account(owner="alice", currency="EUR", request_id="r-1")
+    bob = ledger.open_account(owner="bob", currency="EUR")
+    assert isinstance(alice, UUID) and isinstance(bob, UUID) and alice != bob
+
+    receipts = [ledger.deposit(alice, 10_000, request_id="r-2")]
+    receipt = ledger.transfer(alice, bob, 2_500, request_id="r-3")
+    receipts.append(receipt)
+    assert isinstance(receipt.position, int)
+    assert receipt.replayed is False
+    assert receipt.command == "transfer"
+    assert receipt.request_id == "r-3"
+    assert receipt.account_id == alice
+    assert receipt.transfer_id is not None
+    assert (ledger.account(alice).balance, ledger.account(alice).available) == (7_500, 7_500)
+    assert ledger.account(bob).balance == 2_500
+
+    receipts.append(ledger.withdraw(bob, 100))
+    assert ledger.account(bob).balance == 2_400
+    receipts.append(ledger.receive_stock("SKU-1", 10))
+    r = ledger.reserve_stock("SKU-1", 3, request_id="o-7")
+    receipts.append(r)
+    assert r.reservation_id
+    assert r.sku == "SKU-1"
+    assert ledger.inventory("SKU-1").available == 7
+
+    receipts.append(ledger.commit_reservation("SKU-1", r.reservation_id, 2))
+    stock = ledger.inventory("SKU-1")
+    assert (stock.on_hand, stock.reserved, stock.available) == (8, 0, 8)
+    r2 = ledger.reserve_stock("SKU-1", 5, reservation_id="o-8")
+    receipts.append(r2)
+    assert r2.reservation_id == "o-8"
+    assert ledger.inventory("SKU-1").reservations == {"o-8": 5}
+    receipts.append(ledger.release_reservation("SKU-1", "o-8"))
+    assert ledger.inventory("SKU-1").available == 8
+
+    positions = [receipt.position for receipt in receipts]
+    assert positions == sorted(positions)
+    assert len(set(positions)) == len(positions)
+    assert ledger.head() == positions[-1]
+
+    with pytest.raises(InsufficientFunds) as caught:
+        ledger.withdraw(bob, 10_000)
+    assert isinstance(caught.value, DomainError)
+    assert caught.value.code == "insufficient_funds"
+    assert ledger.head() == positions[-1]
+
+
+def test_receipt_positions_point_at_the_commands_last_event(ledger: Ledger) -> None:
+    a = ledger.open_account("a", "EUR")
+    b = ledger.open_account("b", "EUR")
+    deposit = ledger.deposit(a, 500)
+    transfer = ledger.transfer(a, b, 200)
+    events = dict(logged_events(ledger))
+    assert isinstance(events[deposit.position], Account.Deposited)
+    assert isinstance(events[transfer.position], Account.TransferredIn)
+    assert isinstance(events[transfer.position - 1], Account.TransferredOut)
+    assert events[transfer.position].transfer_id == transfer.transfer_id
+    assert transfer.position == ledger.head() == 5
+
+
+def test_first_receipt_of_a_sku_creates_it_in_the_same_command(ledger: Ledger) -> None:
+    receipt = ledger.receive_stock("SKU-9", 4)
+    (_, created), (position, received) = logged_events(ledger)
+    assert isinstance(created, Inventory.Created)
+    assert isinstance(received, Inventory.StockReceived)
+    assert created.originator_id == inventory_id("SKU-9")
+    assert receipt.position == position == ledger.head() == 2
+
+
+def test_reads(ledger: Ledger) -> None:
+    account_id = ledger.open_account("carol", "USD", overdraft_limit=300)
+    ledger.withdraw(account_id, 100)
+    view = ledger.account(account_id)
+    assert view.id == account_id
+    assert (view.owner, view.currency, view.status) == ("carol", "USD", "open")
+    assert (view.balance, view.available, view.overdraft_limit) == (-100, 200, 300)
+    assert view.version == 2
+    assert ledger.account(str(account_id)) == view
+
+    ledger.receive_stock("SKU-1", 10)
+    ledger.adjust_stock("SKU-1", -2, "count")
+    ledger.reserve_stock("SKU-1", 3, reservation_id="r-1")
+    stock = ledger.inventory("SKU-1")
+    assert (stock.sku, stock.on_hand, stock.reserved, stock.available) == ("SKU-1", 8, 3, 5)
+    assert stock.reservations == {"r-1": 3}
+    assert stock.version == 4
+
+    ledger.close_account(ledger.open_account("dave", "EUR"))
+    closed = [e for _, e in logged_events(ledger) if isinstance(e, Account.Closed)]
+    assert ledger.account(closed[0].originator_id).status == "closed"
+
+    with pytest.raises(AccountNotFound):
+        ledger.account(UUID(int=1))
+    with pytest.raises(SkuNotFound):
+        ledger.inventory("SKU-NONE")
+
+
+def test_a_second_ledger_on_the_same_store_sees_everything(store_url: str) -> None:
+    if store_url == "memory://":
+        pytest.skip("memory:// is private to one ledger")
+    first = open_ledger(store_url)
+    second = open_ledger(store_url)
+    try:
+        a = first.open_account("a", "EUR")
+        b = first.open_account("b", "EUR")
+        first.deposit(a, 100)
+        assert second.account(a).balance == 100  # nothing cached yet
+        second.transfer(a, b, 60)
+        # the first ledger's cache is behind: its reads and commands must catch up
+        assert first.account(a).balance == 40
+        with pytest.raises(InsufficientFunds):
+            first.withdraw(a, 41)
+        last = first.withdraw(a, 40)
+        assert second.account(a).balance == 0
+        # A conflicting insert may use up a PostgreSQL sequence number: positions can have
+        # gaps, but the head is the last receipt's position and no event is duplicated.
+        assert first.head() == second.head() == last.position
+        assert len(logged_events(second)) == 6
+    finally:
+        first.close()
+        second.close()
+
+
+def test_every_event_carries_metadata(ledger: Ledger) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    a = ledger.open_account("a", "EUR", request_id="open-a")
+    b = ledger.open_account("b", "EUR", request_id="open-b", correlation_id="order-1")
+    ledger.deposit(a, 1_000, request_id="dep-1", correlation_id="order-1", causation_id="open-a")
+    ledger.transfer(a, b, 10, request_id="tr-1", correlation_id="order-1", causation_id="dep-1")
+    ledger.receive_stock("SKU-1", 5)
+    ledger.reserve_stock("SKU-1", 2, reservation_id="res-1", request_id="rs-1")
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    events = [event for _, event in logged_events(ledger)]
+    assert len(events) == 8 == ledger.head()
+    for event in events:
+        assert event.meta.request_id, event
+        assert event.meta.correlation_id, event
+        assert event.timestamp.utcoffset() == timedelta(0), event
+        assert before <= event.timestamp <= after, event
+
+    by_request: dict[str, list[Any]] = {}
+    for event in events:
+        by_request.setdefault(event.meta.request_id, []).append(event)
+
+    (opened,) = by_request["open-a"]
+    assert (opened.meta.correlation_id, opened.meta.causation_id) == ("open-a", None)
+    (opened_b,) = by_request["open-b"]
+    assert (opened_b.meta.correlation_id, opened_b.meta.causation_id) == ("order-1", None)
+    (deposited,) = by_request["dep-1"]
+    assert (deposited.meta.correlation_id, deposited.meta.causation_id) == ("order-1", "open-a")
+    out, in_ = by_request["tr-1"]
+    assert isinstance(out, Account.TransferredOut) and isinstance(in_, Account.TransferredIn)
+    for event in (out, in_):
+        assert (event.meta.correlation_id, event.meta.causation_id) == ("order-1", "dep-1")
+
+    # a command without a request id gets a generated one, shared by all its events
+    created, received = (
+        e
+        for e in events
+        if isinstance(e, Inventory.Event) and not isinstance(e, Inventory.StockReserved)
+    )
+    assert created.meta.request_id == received.meta.request_id
+    assert created.meta.correlation_id == created.meta.request_id
+    assert created.meta.request_id not in {"open-a", "open-b", "dep-1", "tr-1", "rs-1"}
+    (reserved,) = by_request["rs-1"]
+    assert reserved.reservation_id == "res-1"
+
+
+def test_the_notification_log_serves_the_same_events(ledger: Ledger) -> None:
+    a = ledger.open_account("a", "EUR", request_id="n-1")
+    ledger.deposit(a, 5, request_id="n-2")
+    section = ledger.notification_log["1,10"]
+    decoded = [ledger.mapper.to_domain_event(item) for item in section.items]
+    assert [type(e) for e in decoded] == [Account.Opened, Account.Deposited]
+    assert [e.meta.request_id for e in decoded] == ["n-1", "n-2"]
+    assert [item.id for item in section.items] == [1, 2]
+
+
+def test_reads_reject_malformed_keys(ledger: Ledger) -> None:
+    with pytest.raises(DomainError) as caught:
+        ledger.account("not-a-uuid")  # type: ignore[arg-type]
+    assert caught.value.code == "invalid_request"
+    with pytest.raises(DomainError) as caught:
+        ledger.inventory("bad sku")
+    assert caught.value.code == "invalid_sku"

@@ -1,0 +1,547 @@
+"""Model-based test: random commands against the ledger and a tiny reference model.
+
+The model predicts the outcome of every command (a receipt with so many new events, or the
+code of the refusal) and of every retry of an earlier request id (the original outcome again,
+or ``idempotency_conflict`` when the payload differs). After every step the ledger's state must
+equal the model's, and the invariants must hold: balances never below minus the overdraft
+limit, money and stock conserved, ``0 <= reserved <= on_hand``, and the log head moving only
+when something was accepted, by exactly the number of events the command triggers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from domain import Ledger, Receipt
+from domain.errors import DomainError
+from infrastructure import open_ledger
+
+CURRENCIES = ("EUR", "USD")
+MAX_ACCOUNTS = 6
+
+amounts = st.integers(min_value=1, max_value=400)
+invalid_amounts = st.sampled_from([0, -7])
+DELTAS = [d for d in range(-15, 16) if d]
+#: Mostly the SKUs that get stock; "C" never receives any.
+skus = st.sampled_from(["A", "A", "B", "C"])
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Valid values, and now and then an amount that every command refuses (0 or negative)."""
+    return st.sampled_from(range(10)).flatmap(lambda i: invalid_amounts if i == 0 else valid)
+
+
+@dataclass
+class ModelAccount:
+    currency: str
+    limit: int
+    balance: int = 0
+    closed: bool = False
+
+
+@dataclass
+class ModelStock:
+    on_hand: int = 0
+    reservations: dict[str, int] = field(default_factory=dict)
+    resolved: set[str] = field(default_factory=set)
+    received: int = 0
+    adjusted: int = 0
+    shipped: int = 0
+    issued: list[str] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        return sum(self.reservations.values())
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a Ledger command method, kept so that it can be repeated."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def request_id(self) -> str | None:
+        return dict(self.kwargs).get("request_id")
+
+    def __call__(self, ledger: Ledger) -> Any:
+        return getattr(ledger, self.method)(*self.args, **dict(self.kwargs))
+
+    def with_request_id(self, request_id: str | None) -> Call:
+        kwargs = {**dict(self.kwargs), "request_id": request_id}
+        return replace(self, kwargs=tuple(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A request the ledger recorded, and what it answered the first time."""
+
+    call: Call
+    outcome: Receipt | UUID | tuple[str, str]  # receipt, new account id, or (code, message)
+
+
+#: A prediction: the number of events an accepted command adds, or the refusal's code.
+Prediction = int | str
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    store_url = "memory://"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = open_ledger(self.store_url)
+        # Several examples may share one store: keep this example's names apart.
+        self.prefix = uuid4().hex[:8]
+        self.head = self.ledger.head()
+        self.accounts: dict[UUID, ModelAccount] = {}
+        self.stock: dict[str, ModelStock] = {}
+        self.deposited = dict.fromkeys(CURRENCIES, 0)
+        self.withdrawn = dict.fromkeys(CURRENCIES, 0)
+        self.history: list[Recorded] = []
+        self.requests = 0
+
+    def teardown(self) -> None:
+        self.ledger.close()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def sku(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def request_id(self, data: st.DataObject) -> str | None:
+        if data.draw(st.booleans(), label="with request id"):
+            self.requests += 1
+            return f"{self.prefix}-req-{self.requests}"
+        return None
+
+    def pick_account(self, data: st.DataObject) -> UUID:
+        known = list(self.accounts)  # creation order: draws must not depend on random ids
+        if known and data.draw(st.sampled_from(range(10)), label="known account") > 0:
+            return data.draw(st.sampled_from(known), label="account")
+        return UUID(int=data.draw(st.integers(1, 3), label="unknown account"))
+
+    def pick_amount(self, data: st.DataObject, *special: int) -> int:
+        choices = [amounts, *(st.just(max(value, 1)) for value in special)]
+        return data.draw(mostly(st.one_of(*choices)), label="amount")
+
+    def perform(self, call: Call, predicted: Prediction, *, recorded: bool = True) -> Any:
+        """Run ``call``; check the outcome and the head against the prediction.
+
+        ``recorded`` is False for requests refused by a value check: those never reach the
+        store, so their request id stays free.
+        """
+        try:
+            result = call(self.ledger)
+        except DomainError as error:
+            assert isinstance(predicted, str), f"{call} was refused ({error!r}), model: accept"
+            assert error.code == predicted, f"{call}: {error.code} ({error}), model: {predicted}"
+            assert self.ledger.head() == self.head, f"{call} was refused but the head moved"
+            if call.request_id is not None and recorded:
+                self.history.append(Recorded(call, (error.code, str(error))))
+            return None
+        assert isinstance(predicted, int), f"{call} was accepted, model: {predicted}"
+        self.head += predicted
+        if isinstance(result, Receipt):
+            assert result.replayed is False
+            assert result.command == call.method
+            assert result.position == self.head, f"{call}: {result.position} != {self.head}"
+            if call.request_id is not None:
+                assert result.request_id == call.request_id
+        assert self.ledger.head() == self.head
+        if call.request_id is not None:
+            self.history.append(Recorded(call, result))
+        return result
+
+    @initialize()
+    def open_some_accounts_and_stock(self) -> None:
+        """Start from a few funded accounts and one stocked SKU, so that most random
+        commands meet a business rule rather than a missing account."""
+        for number, (currency, limit, funds) in enumerate(
+            [("EUR", 0, 500), ("EUR", 100, 0), ("USD", 0, 300)]
+        ):
+            call = Call(
+                "open_account",
+                (f"start-{number}", currency, limit),
+                (("request_id", f"{self.prefix}-start-{number}"),),
+            )
+            account_id = self.perform(call, 1)
+            self.accounts[account_id] = ModelAccount(currency, limit)
+            if funds:
+                self.perform(Call("deposit", (account_id, funds)), 1)
+                self.accounts[account_id].balance = funds
+                self.deposited[currency] += funds
+        self.perform(Call("receive_stock", (self.sku("A"), 10)), 2)
+        self.stock["A"] = ModelStock(on_hand=10, received=10)
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def open_account(self, data: st.DataObject) -> None:
+        if len(self.accounts) >= MAX_ACCOUNTS:
+            return
+        currency = data.draw(st.sampled_from(CURRENCIES), label="currency")
+        limit = data.draw(st.sampled_from([0, 0, 100]), label="overdraft limit")
+        call = Call(
+            "open_account",
+            (f"owner-{len(self.accounts)}", currency, limit),
+            (("request_id", self.request_id(data)),),
+        )
+        account_id = self.perform(call, 1)
+        assert isinstance(account_id, UUID) and account_id not in self.accounts
+        self.accounts[account_id] = ModelAccount(currency, limit)
+
+    def predict_credit(self, account_id: UUID, amount: int) -> Prediction:
+        if amount <= 0:
+            return "invalid_amount"
+        account = self.accounts.get(account_id)
+        if account is None:
+            return "account_not_found"
+        if account.closed:
+            return "account_closed"
+        return 1
+
+    def predict_debit(self, account_id: UUID, amount: int) -> Prediction:
+        predicted = self.predict_credit(account_id, amount)
+        if predicted == 1:
+            account = self.accounts[account_id]
+            if amount > account.balance + account.limit:
+                return "insufficient_funds"
+        return predicted
+
+    @rule(data=st.data())
+    def deposit(self, data: st.DataObject) -> None:
+        account_id = self.pick_account(data)
+        amount = self.pick_amount(data)
+        call = Call("deposit", (account_id, amount), (("request_id", self.request_id(data)),))
+        predicted = self.predict_credit(account_id, amount)
+        if self.perform(call, predicted, recorded=amount > 0):
+            self.accounts[account_id].balance += amount
+            self.deposited[self.accounts[account_id].currency] += amount
+
+    @rule(data=st.data())
+    def withdraw(self, data: st.DataObject) -> None:
+        account_id = self.pick_account(data)
+        account = self.accounts.get(account_id)
+        special = (account.balance, account.balance + account.limit) if account else (1, 1)
+        amount = self.pick_amount(data, *special)
+        call = Call("withdraw", (account_id, amount), (("request_id", self.request_id(data)),))
+        predicted = self.predict_debit(account_id, amount)
+        if self.perform(call, predicted, recorded=amount > 0):
+            self.accounts[account_id].balance -= amount
+            self.withdrawn[self.accounts[account_id].currency] += amount
+
+    @rule(data=st.data())
+    def transfer(self, data: st.DataObject) -> None:
+        source = self.pick_account(data)
+        model = self.accounts.get(source)
+        partners = [
+            other
+            for other, account in self.accounts.items()
+            if model and other != source and account.currency == model.currency
+        ]
+        if partners and data.draw(st.booleans(), label="same currency"):
+            destination = data.draw(st.sampled_from(partners), label="destination")
+        else:
+            destination = self.pick_account(data)
+        account = self.accounts.get(source)
+        room = account.balance + account.limit if account else 0
+        amount = self.pick_amount(data, room, room + 1)
+        call = Call(
+            "transfer", (source, destination, amount), (("request_id", self.request_id(data)),)
+        )
+        predicted: Prediction
+        if amount <= 0:
+            predicted = "invalid_amount"
+        elif source not in self.accounts or destination not in self.accounts:
+            predicted = "account_not_found"
+        elif source == destination:
+            predicted = "same_account"
+        elif self.accounts[source].closed or self.accounts[destination].closed:
+            predicted = "account_closed"
+        elif self.accounts[source].currency != self.accounts[destination].currency:
+            predicted = "currency_mismatch"
+        else:
+            predicted = self.predict_debit(source, amount)
+            predicted = 2 if predicted == 1 else predicted
+        if self.perform(call, predicted, recorded=amount > 0):
+            self.accounts[source].balance -= amount
+            self.accounts[destination].balance += amount
+
+    @rule(data=st.data())
+    def close_account(self, data: st.DataObject) -> None:
+        account_id = self.pick_account(data)
+        call = Call("close_account", (account_id,), (("request_id", self.request_id(data)),))
+        account = self.accounts.get(account_id)
+        predicted: Prediction
+        if account is None:
+            predicted = "account_not_found"
+        elif account.closed:
+            predicted = "account_closed"
+        elif account.balance != 0:
+            predicted = "account_not_empty"
+        else:
+            predicted = 1
+        if self.perform(call, predicted):
+            self.accounts[account_id].closed = True
+
+    # -- stock ------------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def receive_stock(self, data: st.DataObject) -> None:
+        name = data.draw(skus.filter(lambda n: n != "C"), label="sku")
+        quantity = data.draw(mostly(st.integers(1, 20)), label="quantity")
+        call = Call(
+            "receive_stock", (self.sku(name), quantity), (("request_id", self.request_id(data)),)
+        )
+        predicted: Prediction = (
+            "invalid_amount" if quantity <= 0 else 1 if name in self.stock else 2
+        )
+        if self.perform(call, predicted, recorded=quantity > 0):
+            stock = self.stock.setdefault(name, ModelStock())
+            stock.on_hand += quantity
+            stock.received += quantity
+
+    @rule(data=st.data())
+    def adjust_stock(self, data: st.DataObject) -> None:
+        name = data.draw(skus, label="sku")
+        delta = data.draw(mostly(st.sampled_from(DELTAS)), label="delta")
+        call = Call(
+            "adjust_stock",
+            (self.sku(name), delta, "stock count"),
+            (("request_id", self.request_id(data)),),
+        )
+        stock = self.stock.get(name)
+        predicted: Prediction
+        if delta == 0:
+            predicted = "invalid_amount"
+        elif stock is None:
+            predicted = "sku_not_found"
+        elif stock.on_hand + delta < stock.reserved:
+            predicted = "stock_below_reserved"
+        else:
+            predicted = 1
+        if self.perform(call, predicted, recorded=delta != 0):
+            assert stock is not None
+            stock.on_hand += delta
+            stock.adjusted += delta
+
+    def pick_reservation(self, data: st.DataObject, name: str) -> str:
+        stock = self.stock.get(name)
+        known = stock.issued if stock else []  # issue order, not the random ids' order
+        held = [r for r in known if stock and r in stock.reservations]
+        if held and data.draw(st.booleans(), label="open reservation"):
+            return data.draw(st.sampled_from(held), label="reservation")
+        if known and data.draw(st.sampled_from(range(5)), label="known reservation") > 0:
+            return data.draw(st.sampled_from(known), label="reservation")
+        return "no-such-reservation"
+
+    @rule(data=st.data())
+    def reserve_stock(self, data: st.DataObject) -> None:
+        name = data.draw(skus, label="sku")
+        quantity = data.draw(mostly(st.integers(1, 12)), label="quantity")
+        choose = data.draw(st.sampled_from(["ledger", "new", "reuse"]), label="reservation id")
+        reservation_id: str | None = None
+        if choose == "new":
+            self.requests += 1
+            reservation_id = f"{self.prefix}-res-{self.requests}"
+        elif choose == "reuse":
+            reservation_id = self.pick_reservation(data, name)
+        call = Call(
+            "reserve_stock",
+            (self.sku(name), quantity),
+            (("reservation_id", reservation_id), ("request_id", self.request_id(data))),
+        )
+        stock = self.stock.get(name)
+        predicted: Prediction
+        if quantity <= 0:
+            predicted = "invalid_amount"
+        elif stock is None:
+            predicted = "sku_not_found"
+        elif reservation_id in stock.reservations or reservation_id in stock.resolved:
+            predicted = "reservation_exists"
+        elif quantity > stock.available:
+            predicted = "out_of_stock"
+        else:
+            predicted = 1
+        receipt = self.perform(call, predicted, recorded=quantity > 0)
+        if receipt:
+            assert stock is not None
+            assert receipt.sku == self.sku(name)
+            if reservation_id is not None:
+                assert receipt.reservation_id == reservation_id
+            assert receipt.reservation_id not in stock.reservations
+            stock.reservations[receipt.reservation_id] = quantity
+            stock.issued.append(receipt.reservation_id)
+
+    def predict_resolution(self, name: str, reservation_id: str) -> Prediction:
+        stock = self.stock.get(name)
+        if stock is None:
+            return "sku_not_found"
+        if reservation_id in stock.resolved:
+            return "reservation_resolved"
+        if reservation_id not in stock.reservations:
+            return "reservation_not_found"
+        return 1
+
+    @rule(data=st.data())
+    def commit_reservation(self, data: st.DataObject) -> None:
+        name = data.draw(skus, label="sku")
+        reservation_id = self.pick_reservation(data, name)
+        stock = self.stock.get(name)
+        held = stock.reservations.get(reservation_id, 0) if stock else 0
+        # all of it, part of it, or one more than it holds
+        options = [st.none(), st.integers(1, 6), st.just(max(held - 1, 1)), st.just(held + 1)]
+        quantity = data.draw(mostly(st.one_of(*options)), label="quantity")
+        call = Call(
+            "commit_reservation",
+            (self.sku(name), reservation_id, quantity),
+            (("request_id", self.request_id(data)),),
+        )
+        predicted = self.predict_resolution(name, reservation_id)
+        valid = quantity is None or quantity > 0
+        if not valid:
+            predicted = "invalid_amount"
+        elif predicted == 1 and quantity is not None and quantity > held:
+            predicted = "invalid_amount"  # more than it holds: a business rule, recorded
+        if self.perform(call, predicted, recorded=valid):
+            stock = self.stock[name]
+            held = stock.reservations.pop(reservation_id)
+            shipped = held if quantity is None else quantity
+            stock.on_hand -= shipped
+            stock.shipped += shipped
+            stock.resolved.add(reservation_id)
+
+    @rule(data=st.data())
+    def release_reservation(self, data: st.DataObject) -> None:
+        name = data.draw(skus, label="sku")
+        reservation_id = self.pick_reservation(data, name)
+        call = Call(
+            "release_reservation",
+            (self.sku(name), reservation_id),
+            (("request_id", self.request_id(data)),),
+        )
+        if self.perform(call, self.predict_resolution(name, reservation_id)):
+            stock = self.stock[name]
+            del stock.reservations[reservation_id]
+            stock.resolved.add(reservation_id)
+
+    # -- retries ----------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def retry_same_request(self, data: st.DataObject) -> None:
+        if not self.history:
+            return
+        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        try:
+            result = earlier.call(self.ledger)
+        except DomainError as error:
+            assert isinstance(earlier.outcome, tuple), f"retry of {earlier.call}: {error!r}"
+            assert (error.code, str(error)) == earlier.outcome
+        else:
+            if isinstance(earlier.outcome, Receipt):
+                assert result == replace(earlier.outcome, replayed=True)
+            else:
+                assert result == earlier.outcome, f"retry of {earlier.call} gave {result!r}"
+        assert self.ledger.head() == self.head
+
+    @rule(data=st.data())
+    def retry_with_another_payload(self, data: st.DataObject) -> None:
+        if not self.history:
+            return
+        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        call = changed(earlier.call)
+        with pytest.raises(DomainError) as caught:
+            call(self.ledger)
+        assert caught.value.code == "idempotency_conflict", f"{call}: {caught.value!r}"
+        assert self.ledger.head() == self.head
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def accounts_match_the_model(self) -> None:
+        balances = dict.fromkeys(CURRENCIES, 0)
+        for account_id, model in self.accounts.items():
+            view = self.ledger.account(account_id)
+            assert view.balance == model.balance, (account_id, view, model)
+            assert view.balance >= -view.overdraft_limit
+            assert view.available == view.balance + view.overdraft_limit >= 0
+            assert view.overdraft_limit == model.limit
+            assert view.status == ("closed" if model.closed else "open")
+            balances[view.currency] += view.balance
+        for currency in CURRENCIES:
+            assert balances[currency] == self.deposited[currency] - self.withdrawn[currency]
+
+    @invariant()
+    def stock_matches_the_model(self) -> None:
+        for name, model in self.stock.items():
+            view = self.ledger.inventory(self.sku(name))
+            assert 0 <= view.reserved <= view.on_hand
+            assert view.available == view.on_hand - view.reserved >= 0
+            assert view.on_hand == model.received + model.adjusted - model.shipped
+            assert (view.on_hand, view.reserved) == (model.on_hand, model.reserved)
+            assert view.reservations == model.reservations
+
+    @invariant()
+    def head_moves_only_with_accepted_commands(self) -> None:
+        assert self.ledger.head() == self.head
+
+
+def changed(call: Call) -> Call:
+    """The same request id with a different payload, or for a different command."""
+    args = call.args
+    if call.method in ("deposit", "withdraw", "receive_stock"):
+        return replace(call, args=(args[0], args[1] + 1))
+    if call.method == "transfer":
+        return replace(call, args=(args[0], args[1], args[2] + 1))
+    if call.method == "open_account":
+        return replace(call, args=(args[0] + "-x", *args[1:]))
+    if call.method == "close_account":
+        return replace(call, method="deposit", args=(args[0], 1))
+    if call.method == "adjust_stock":
+        return replace(call, args=(args[0], args[1], args[2] + "!"))
+    if call.method == "reserve_stock":
+        return replace(call, args=(args[0], args[1] + 1))
+    if call.method == "commit_reservation":
+        return replace(call, args=(args[0], args[1], 1 if args[2] is None else args[2] + 1))
+    assert call.method == "release_reservation"
+    return replace(call, method="commit_reservation")
+
+
+EXAMPLES = {"memory": 60, "sqlite": 20, "postgres": 15}
+
+
+def test_the_ledger_behaves_like_the_model(store_url: str) -> None:
+    backend = store_url.split(":", 1)[0].replace("postgresql", "postgres")
+
+    class Machine(LedgerMachine):
+        pass
+
+    Machine.store_url = store_url
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(
+            max_examples=EXAMPLES[backend],
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )

@@ -1,0 +1,92 @@
+"""Old events stay readable: a version-1 ``Account.Opened`` (no overdraft) on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from uuid import UUID, uuid4
+
+import orjson
+import pytest
+from eventsourcing.persistence import StoredEvent
+
+from domain import Ledger
+from domain.accounts import Account
+from domain.errors import InsufficientFunds
+from infrastructure import open_ledger
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+def version_1_opened(account_id: UUID, owner: str = "olga", currency: str = "EUR") -> StoredEvent:
+    """An ``Account.Opened`` as schema version 1 wrote it: no overdraft, no class_version."""
+    state = {
+        "timestamp": "2023-01-31T09:15:00.123456+00:00",
+        "originator_topic": "domain.accounts:Account",
+        "meta": {"request_id": "legacy-1", "correlation_id": "legacy-1", "causation_id": None},
+        "owner": owner,
+        "currency": currency,
+    }
+    return StoredEvent(
+        originator_id=account_id,
+        originator_version=1,
+        topic="domain.accounts:Account.Opened",
+        state=orjson.dumps(state),
+    )
+
+
+def test_a_version_1_account_reads_with_no_overdraft(ledger: Ledger) -> None:
+    account_id = uuid4()
+    ledger.recorder.insert_events([version_1_opened(account_id)])
+    assert ledger.head() == 1
+
+    view = ledger.account(account_id)
+    assert (view.owner, view.currency, view.status) == ("olga", "EUR", "open")
+    assert (view.balance, view.overdraft_limit, view.available, view.version) == (0, 0, 0, 1)
+
+    (notification,) = ledger.recorder.select_notifications(1, 10)
+    event = ledger.mapper.to_domain_event(notification)
+    assert isinstance(event, Account.Opened)
+    assert event.overdraft_limit == 0
+    assert event.meta.request_id == "legacy-1"
+    assert event.timestamp.microsecond == 123456
+
+
+def test_a_version_1_account_accepts_commands(ledger: Ledger) -> None:
+    account_id, other = uuid4(), uuid4()
+    ledger.recorder.insert_events([version_1_opened(account_id), version_1_opened(other, "ivan")])
+
+    ledger.deposit(account_id, 500)
+    with pytest.raises(InsufficientFunds) as caught:
+        ledger.withdraw(account_id, 501)  # the upcast limit is zero: no overdraft
+    assert "overdraft limit 0" in str(caught.value)
+    ledger.transfer(account_id, other, 200)
+    ledger.withdraw(account_id, 300)
+    assert ledger.account(account_id).balance == 0
+    assert ledger.account(other).balance == 200
+    ledger.close_account(account_id)
+    assert ledger.account(account_id).status == "closed"
+    assert ledger.account(account_id).version == 5
+
+
+def test_a_version_1_account_next_to_current_ones(ledger: Ledger) -> None:
+    modern = ledger.open_account("nina", "EUR", overdraft_limit=50)
+    legacy = uuid4()
+    ledger.recorder.insert_events([version_1_opened(legacy)])
+    ledger.transfer(modern, legacy, 50)
+    assert ledger.account(modern).balance == -50
+    assert ledger.account(legacy).balance == 50
+
+    stored = ledger.recorder.select_events(modern, limit=1)[0]
+    assert orjson.loads(stored.state)["class_version"] == 2
+    assert orjson.loads(stored.state)["overdraft_limit"] == 50
+
+
+def test_the_upcaster_is_applied_by_the_mapper(ledger: Ledger) -> None:
+    state = ledger.mapper.decode_state(version_1_opened(UUID(int=5)))  # type: ignore[attr-defined]
+    assert state["overdraft_limit"] == 0
+    assert "class_version" not in state

@@ -1,0 +1,211 @@
+"""Value checks: what a command accepts before any business rule is consulted."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+from uuid import UUID, uuid4
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domain.errors import DomainError, InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
+from domain.values import (
+    MAX_AMOUNT,
+    check_amount,
+    check_currency,
+    check_delta,
+    check_limit,
+    check_sku,
+    check_text,
+    check_uuid,
+    inventory_id,
+)
+
+
+class IntSubclass(int):
+    """An int in disguise: refused like bool, because only a plain int is an amount."""
+
+
+def test_max_amount_fits_a_signed_64_bit_column() -> None:
+    assert MAX_AMOUNT == 2**63 - 1
+
+
+@given(st.integers(min_value=1, max_value=MAX_AMOUNT))
+def test_every_int_from_one_to_the_maximum_is_an_amount(value: int) -> None:
+    assert check_amount(value) == value
+
+
+@pytest.mark.parametrize("value", [1, 2, 10_000, MAX_AMOUNT])
+def test_amount_boundaries_inside(value: int) -> None:
+    assert check_amount(value) is value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1.0,
+        1.5,
+        0.1 + 0.2,
+        float("nan"),
+        float("inf"),
+        True,
+        False,
+        "100",
+        "",
+        b"1",
+        None,
+        Decimal("1"),
+        Decimal("10.50"),
+        Fraction(1, 1),
+        complex(1, 0),
+        [1],
+        IntSubclass(5),
+    ],
+    ids=repr,
+)
+def test_non_int_amounts_are_refused_naming_the_type(value: object) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        check_amount(value)
+    assert caught.value.code == "invalid_amount"
+    assert isinstance(caught.value, DomainError)
+    assert type(value).__name__ in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [0, -1, -10_000, MAX_AMOUNT + 1, 2**64, 10**30, -(2**63)])
+def test_out_of_range_amounts_are_refused_with_the_number(value: int) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        check_amount(value)
+    assert caught.value.code == "invalid_amount"
+    assert str(value) in str(caught.value)
+    assert str(MAX_AMOUNT) in str(caught.value)
+
+
+@given(st.integers().filter(lambda v: not 1 <= v <= MAX_AMOUNT))
+def test_every_int_outside_the_range_is_refused(value: int) -> None:
+    with pytest.raises(InvalidAmount):
+        check_amount(value)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_no_float_is_ever_an_amount(value: float) -> None:
+    with pytest.raises(InvalidAmount):
+        check_amount(value)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_no_decimal_is_ever_an_amount(value: Decimal) -> None:
+    with pytest.raises(InvalidAmount):
+        check_amount(value)
+
+
+def test_amount_message_names_the_field() -> None:
+    with pytest.raises(InvalidAmount, match="quantity"):
+        check_amount(0, "quantity")
+
+
+@pytest.mark.parametrize("value", [1, -1, 42, -42, MAX_AMOUNT, -MAX_AMOUNT])
+def test_deltas_are_signed_non_zero_ints(value: int) -> None:
+    assert check_delta(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, MAX_AMOUNT + 1, -(2**63), 2**64, 1.0, -1.0, True, "3", None, Decimal(2)],
+    ids=repr,
+)
+def test_bad_deltas_are_invalid_amounts(value: object) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        check_delta(value)
+    assert caught.value.code == "invalid_amount"
+    assert repr(value) in str(caught.value) or str(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 500, MAX_AMOUNT])
+def test_overdraft_limit_may_be_zero(value: int) -> None:
+    assert check_limit(value) == value
+
+
+@pytest.mark.parametrize(
+    "value", [-1, MAX_AMOUNT + 1, 1.0, True, False, "0", None, Decimal(0)], ids=repr
+)
+def test_bad_overdraft_limits_are_invalid_amounts(value: object) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        check_limit(value)
+    assert caught.value.code == "invalid_amount"
+    assert repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("code", ["EUR", "USD", "JPY", "GBP", "CHF", "XAU", "BHD"])
+def test_iso_4217_codes_are_currencies(code: str) -> None:
+    assert check_currency(code) == code
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["eur", "Eur", "EU", "EURO", "", " EUR", "EUR ", "XXX", "ABC", "€", 978, None, b"EUR"],
+    ids=repr,
+)
+def test_other_currencies_are_refused(value: object) -> None:
+    with pytest.raises(InvalidCurrency) as caught:
+        check_currency(value)
+    assert caught.value.code == "invalid_currency"
+    assert repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("sku", ["SKU-1", "a", "A" * 64, "shoe.42_red:EU/L-1", "0", "x-y_z.w:v/u"])
+def test_skus(sku: str) -> None:
+    assert check_sku(sku) == sku
+
+
+@pytest.mark.parametrize(
+    "sku",
+    ["", "A" * 65, "SKU 1", "SKU\n", "ski€", "a;b", "a*b", "sku#1", None, 42, b"SKU"],
+    ids=repr,
+)
+def test_bad_skus_are_refused(sku: object) -> None:
+    with pytest.raises(InvalidSku) as caught:
+        check_sku(sku)
+    assert caught.value.code == "invalid_sku"
+    assert repr(sku) in str(caught.value)
+
+
+@given(st.from_regex(r"[A-Za-z0-9._:/-]{1,64}", fullmatch=True))
+def test_every_sku_of_the_alphabet_is_accepted(sku: str) -> None:
+    assert check_sku(sku) == sku
+
+
+def test_inventory_id_is_derived_from_the_sku() -> None:
+    assert inventory_id("SKU-1") == inventory_id("SKU-1")
+    assert inventory_id("SKU-1") != inventory_id("SKU-2")
+    assert inventory_id("SKU-1") != inventory_id("sku-1")
+    assert isinstance(inventory_id("SKU-1"), UUID)
+
+
+@pytest.mark.parametrize("text", ["alice", "Zoë Ångström", "a" * 200, "stock count 2024-05"])
+def test_text(text: str) -> None:
+    assert check_text(text, "owner") == text
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t", "a\nb", "a\x00", "a" * 201, None, 7], ids=repr)
+def test_bad_text_is_an_invalid_request(text: object) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        check_text(text, "owner")
+    assert caught.value.code == "invalid_request"
+    assert "owner" in str(caught.value)
+    assert "200" in str(caught.value)
+
+
+def test_uuid_accepts_uuids_and_their_text() -> None:
+    value = uuid4()
+    assert check_uuid(value, "account_id") == value
+    assert check_uuid(str(value), "account_id") == value
+
+
+@pytest.mark.parametrize("value", ["", "not-a-uuid", "1234", 5, None, b"\x00" * 16], ids=repr)
+def test_bad_uuids_are_invalid_requests(value: object) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        check_uuid(value, "account_id")
+    assert caught.value.code == "invalid_request"
+    assert "account_id" in str(caught.value)
