@@ -18,7 +18,7 @@ import pytest
 
 from domain import Ledger
 from domain.errors import DomainError
-from domain.values import MAX_AMOUNT
+from domain.values import MAX_AMOUNT, inventory_id
 from infrastructure import open_ledger
 
 SKU = "SKU-1"
@@ -220,6 +220,18 @@ def account_cases() -> list[Case]:
             "close unknown",
             "account_not_found",
             lambda lg, w, k: lg.close_account(nobody, **k),
+            business=True,
+        ),
+        case(
+            "deposit to a SKU's id",
+            "account_not_found",
+            lambda lg, w, k: lg.deposit(inventory_id(SKU), 1, **k),
+            business=True,
+        ),
+        case(
+            "transfer to a SKU's id",
+            "account_not_found",
+            lambda lg, w, k: lg.transfer(w.eur, inventory_id(SKU), 1, **k),
             business=True,
         ),
         case(
@@ -529,6 +541,11 @@ def check_cases(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, cases: list[Cas
     if snapshot(ledger, world) != state:
         problems.append("accounts or stock changed")
     assert not problems, "\n".join(problems)
+    # The spy does see writes: an accepted command is one insert.
+    spy.writes = 0
+    ledger.deposit(world.eur2, 1)
+    assert spy.writes == 1
+    assert ledger.head() == head + 1
 
 
 def test_invalid_amounts_are_refused(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -309,3 +309,26 @@ def test_a_batch_repeating_an_earlier_request(ledger: Ledger, funded: tuple[UUID
     assert outcomes[0] == replace(earlier, replayed=True)
     assert isinstance(outcomes[1], IdempotencyConflict)
     assert ledger.head() == head
+
+
+def test_a_request_that_races_itself_is_applied_once(
+    ledger: Ledger, funded: tuple[UUID, UUID], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers both see a request id as new (the window between looking it up and
+    committing); the request record's uniqueness makes the second one a replay."""
+    a, b = funded
+    first = ledger.transfer(a, b, 100, request_id="race-1")
+    head = ledger.head()
+    lookups = ledger.recorder.select_requests
+    calls = []
+
+    def blind_once(request_ids: Any) -> Any:
+        calls.append(list(request_ids))
+        return {} if len(calls) == 1 else lookups(request_ids)
+
+    monkeypatch.setattr(ledger.recorder, "select_requests", blind_once)
+    again = ledger.transfer(a, b, 100, request_id="race-1")
+    assert len(calls) >= 2, "the blind first attempt must have been retried"
+    assert_replayed(first, again)
+    assert ledger.head() == head
+    assert (ledger.account(a).balance, ledger.account(b).balance) == (900, 100)
