@@ -180,8 +180,9 @@ class UnitOfWork:
         #: The unit of work of a batch still committing, whose state this one builds on.
         self._base = base
         self.aggregates: dict[UUID, LedgerAggregate] = {}
-        #: Version each cached aggregate had when this unit of work took it from the cache.
-        self.cached_versions: dict[UUID, int] = {}
+        #: Version of each aggregate taken from a place that may be behind the store (the
+        #: cache, or a batch still committing), as it was when taken.
+        self.read_versions: dict[UUID, int] = {}
         self.touched: list[UUID] = []
 
     def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
@@ -191,6 +192,9 @@ class UnitOfWork:
         if self._base is not None and aggregate_id in self._base.aggregates:
             # The previous batch's state: a copy, since that batch is still committing.
             copied = copy.deepcopy(self._base.aggregates[aggregate_id])
+            # Another writer may have changed it since that batch read it; if that batch
+            # did not change it, its commit will not find out, so a refusal must check.
+            self.read_versions[aggregate_id] = copied.version
             self.aggregates[aggregate_id] = copied
             return copied
         repository = self._ledger.repository
@@ -199,7 +203,7 @@ class UnitOfWork:
             if repository.cache is None:
                 raise KeyError(aggregate_id)
             aggregate = copy.deepcopy(cast(LedgerAggregate, repository.cache.get(aggregate_id)))
-            self.cached_versions[aggregate_id] = aggregate.version
+            self.read_versions[aggregate_id] = aggregate.version
         except KeyError:
             try:
                 aggregate = repository.get(aggregate_id)
@@ -247,7 +251,7 @@ class UnitOfWork:
             if aggregate.pending_events:
                 msg = f"a refused command changed aggregate {aggregate_id}"
                 raise RuntimeError(msg)
-            version = self.cached_versions.get(aggregate_id)
+            version = self.read_versions.get(aggregate_id)
             if version is not None:
                 newer = self._ledger.events.get(aggregate_id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:

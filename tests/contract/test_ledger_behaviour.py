@@ -285,14 +285,6 @@ def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: L
     assert ledger.head() == max(r.position for r in applied)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG (domain/ledger.py, UnitOfWork._get): an aggregate copied from the batch "
-    "still committing (prepare(..., after=...)) carries no cached version, so check_refusal "
-    "cannot see that another writer changed it: the refusal is judged on stale state and "
-    "recorded for good",
-)
 def test_a_pipelined_refusal_is_judged_on_the_latest_committed_state(store_url: str) -> None:
     """Group commit prepares the next batch on top of the one still committing. A refusal in
     that next batch must still be judged on the latest committed state, like any other."""
