@@ -153,6 +153,37 @@ def make_app(
             for event in events:
                 await stream.ack(event)
 
+    beyond_end: dict[Any, int] = {}
+
+    @app.timer(interval=3.0)
+    async def _reread_after_broker_data_loss() -> None:
+        """A broker that lost its data (Tansu on memory storage, restarted) leaves the
+        consumer's position, and the group's committed offsets, past the end of the emptied
+        partitions. Kafka would answer OFFSET_OUT_OF_RANGE and aiokafka would reset to
+        earliest; Tansu just returns nothing, and the worker would wait forever. Seeking to
+        the start is always safe: the progress rows skip whatever was applied already, and
+        the relay re-publishes the log when it notices the loss."""
+        consumer = app.consumer
+        assigned = [tp for tp in consumer.assignment() if tp.topic == config.topic]
+        if not assigned:
+            return
+        ends = await consumer.highwaters(*assigned)
+        for tp in assigned:
+            position, end = await consumer.position(tp), ends.get(tp)
+            if position is None or end is None or position <= end:
+                beyond_end.pop(tp, None)
+                continue
+            # Tansu's high watermark can lag just-produced messages: act on the second look.
+            beyond_end[tp] = beyond_end.get(tp, 0) + 1
+            if beyond_end[tp] >= 2:
+                log.warning(
+                    "worker: %s position %d is past the end of the log (%d): the broker lost "
+                    "data; reading the partition again from the start",
+                    tp, position, end,
+                )  # fmt: skip
+                await consumer.seek(tp, 0)
+                beyond_end.pop(tp, None)
+
     return app, applier
 
 

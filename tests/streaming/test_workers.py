@@ -123,6 +123,8 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
         wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the takeover")
         extra = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w3.log").start()
         write_money(ledger, accounts, 1500, seed=3)  # while the group rebalances
+        # faust prints its assignment table, naming the topic, once it holds partitions.
+        wait_until(lambda: topic in extra.output, "the new worker to get partitions")
         wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "two workers")
         assert extra.stop() == 0, extra.output  # a worker leaves
         write_money(ledger, accounts, 1500, seed=4)
