@@ -45,9 +45,17 @@ class PostgresRecorder(PostgresApplicationRecorder):
         self._insert_requests = SQL(
             "INSERT INTO {} (request_id, command, fingerprint, outcome, "
             "last_originator_id, last_originator_version) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], "
-            "%s::uuid[], %s::bigint[])"
+            "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[]::jsonb[], "
+            "%b::uuid[], %b::bigint[])"
         ).format(requests)
+        # Four plain arrays rather than eventsourcing's array of a composite type: psycopg
+        # dumps plain arrays in C, in binary, where a composite is escaped as text in Python
+        # (measured: most of the Python time of a 16-transfer commit).
+        self._insert_events_by_columns = SQL(
+            "INSERT INTO {} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[]) "
+            "RETURNING notification_id"
+        ).format(events)
         self._select_requests = SQL(
             "SELECT r.request_id, r.command, r.fingerprint, r.outcome, e.notification_id "
             "FROM {} r LEFT JOIN {} e ON e.originator_id = r.last_originator_id "
@@ -65,34 +73,42 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # No automatic retry here (unlike the base class): after a lost connection the
         # commit may or may not have happened, and only the ledger can tell, by looking up
         # the batch's request ids before applying anything again.
-        notification_ids: list[int] = []
-        error: Exception | None = None
-        with self.datastore.get_connection() as conn:
-            with conn.pipeline() as pipeline, conn.transaction():
-                with conn.cursor() as curs:
-                    # A receipt promises the events are on disk, whatever the server default.
-                    curs.execute("SET LOCAL synchronous_commit = on")
+        # The whole transaction, COMMIT included, goes to the server as one pipeline: one
+        # round trip and one fsync per batch. A duplicate key (another writer got there
+        # first) is raised as IntegrityError when the pipeline syncs, and nothing commits.
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            with conn.pipeline(), conn.transaction():
+                # A receipt promises the events are on disk, whatever the server default.
+                curs.execute("SET LOCAL synchronous_commit = on")
                 if requests:
-                    with conn.cursor() as curs:
-                        curs.execute(
-                            self._insert_requests,
-                            self._request_rows(stored_events, requests),
-                            prepare=True,
-                        )
+                    curs.execute(
+                        self._insert_requests,
+                        self._request_rows(stored_events, requests),
+                        prepare=True,
+                    )
                 if stored_events:
-                    with conn.cursor() as curs:
-                        try:
-                            # Locks the table, notifies listeners, inserts RETURNING ids.
-                            self._insert_stored_events(curs, stored_events, **kwargs)
-                            # Sync now so a duplicate key raises IntegrityError here
-                            # rather than a pipeline error at commit.
-                            pipeline.sync()
-                            notification_ids = [row["notification_id"] for row in curs.fetchall()]
-                        except Exception as e:  # re-raised once the pipeline has exited
-                            error = e
-            if error is not None:
-                raise error
-        return notification_ids
+                    # Locks the table, notifies listeners, inserts RETURNING ids.
+                    self._insert_stored_events(curs, stored_events, **kwargs)
+            if not stored_events:
+                return []
+            # The insert was the cursor's last statement: its rows are the new ids, in order.
+            return [row["notification_id"] for row in curs.fetchall()]
+
+    def _insert_stored_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+    ) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_events_by_columns,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+            prepare=True,
+        )
 
     @staticmethod
     def _request_rows(
