@@ -30,8 +30,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy domain projections
 
 bench: $(STAMP)
-	$(PY) scripts/bench_write.py
 	$(PY) scripts/bench_codec.py
+	$(PY) scripts/bench_write.py
+	$(PY) scripts/bench_projections.py
+	$(PY) scripts/bench_streaming.py
 
 clean:
 	rm -rf $(VENV) .daybook bench-results
