@@ -19,7 +19,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from typing import (
+    Any,
+    ClassVar,
+    Concatenate,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+    runtime_checkable,
+)
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -41,6 +51,7 @@ from domain.values import check_sku, check_uuid, inventory_id
 
 A = TypeVar("A", bound=LedgerAggregate)
 P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -259,13 +270,33 @@ class UnitOfWork:
         self.touched.clear()
 
 
-def _command_method(
-    build: Callable[P, Command],
-) -> Callable[Concatenate[Ledger, P], Receipt]:
-    """A Ledger method that builds a command (validating its arguments) and submits it."""
+def _receipt(receipt: Receipt) -> Receipt:
+    return receipt
 
-    def method(self: Ledger, /, *args: P.args, **kwargs: P.kwargs) -> Receipt:
-        return self.committer.submit(build(*args, **kwargs))
+
+def _account_id(receipt: Receipt) -> UUID:
+    assert receipt.account_id is not None
+    return receipt.account_id
+
+
+@overload
+def _command_method(build: Callable[P, Command]) -> Callable[Concatenate[Ledger, P], Receipt]: ...
+
+
+@overload
+def _command_method(
+    build: Callable[P, Command], answer: Callable[[Receipt], T]
+) -> Callable[Concatenate[Ledger, P], T]: ...
+
+
+def _command_method(
+    build: Callable[P, Command], answer: Callable[[Receipt], Any] = _receipt
+) -> Callable[Concatenate[Ledger, P], Any]:
+    """A Ledger method that builds a command (validating its arguments), submits it, and
+    answers with the receipt (or with what ``answer`` takes from it)."""
+
+    def method(self: Ledger, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return answer(self.committer.submit(build(*args, **kwargs)))
 
     method.__name__ = build.__name__
     method.__doc__ = build.__doc__
@@ -320,30 +351,8 @@ class Ledger(Application[UUID]):
 
     # -- commands (signatures and validation live in domain.commands) ---------------------
 
-    def open_account(
-        self,
-        owner: str,
-        currency: str,
-        overdraft_limit: int = 0,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> UUID:
-        """Open an account; returns its id (the original id when a request is replayed)."""
-        receipt = self.committer.submit(
-            commands.open_account(
-                owner,
-                currency,
-                overdraft_limit,
-                request_id=request_id,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
-        )
-        assert receipt.account_id is not None
-        return receipt.account_id
-
+    #: Open an account; returns its id (the original id when a request is replayed).
+    open_account = _command_method(commands.open_account, _account_id)
     deposit = _command_method(commands.deposit)
     withdraw = _command_method(commands.withdraw)
     transfer = _command_method(commands.transfer)

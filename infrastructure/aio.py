@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from uuid import UUID
 
 from domain import commands
 from domain.commands import Command
-from domain.ledger import AccountView, Ledger, Receipt, StockView
+from domain.ledger import AccountView, Ledger, Receipt, StockView, _account_id, _receipt
 from infrastructure.group_commit import GroupCommitter
 
 P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@overload
+def _async_command_method(
+    build: Callable[P, Command],
+) -> Callable[Concatenate[AsyncLedger, P], Awaitable[Receipt]]: ...
+
+
+@overload
+def _async_command_method(
+    build: Callable[P, Command], answer: Callable[[Receipt], T]
+) -> Callable[Concatenate[AsyncLedger, P], Awaitable[T]]: ...
 
 
 def _async_command_method(
-    build: Callable[P, Command],
-) -> Callable[Concatenate[AsyncLedger, P], Awaitable[Receipt]]:
-    async def method(self: AsyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> Receipt:
-        return await self.submit(build(*args, **kwargs))
+    build: Callable[P, Command], answer: Callable[[Receipt], Any] = _receipt
+) -> Callable[Concatenate[AsyncLedger, P], Any]:
+    async def method(self: AsyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return answer(await self.submit(build(*args, **kwargs)))
 
     method.__name__ = build.__name__
     method.__doc__ = build.__doc__
@@ -39,30 +52,8 @@ class AsyncLedger:
     async def submit(self, command: Command) -> Receipt:
         return await asyncio.wrap_future(self._committer.submit_future(command))
 
-    async def open_account(
-        self,
-        owner: str,
-        currency: str,
-        overdraft_limit: int = 0,
-        *,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> UUID:
-        """Open an account; returns its id (the original id when a request is replayed)."""
-        receipt = await self.submit(
-            commands.open_account(
-                owner,
-                currency,
-                overdraft_limit,
-                request_id=request_id,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
-        )
-        assert receipt.account_id is not None
-        return receipt.account_id
-
+    #: Open an account; returns its id (the original id when a request is replayed).
+    open_account = _async_command_method(commands.open_account, _account_id)
     deposit = _async_command_method(commands.deposit)
     withdraw = _async_command_method(commands.withdraw)
     transfer = _async_command_method(commands.transfer)
