@@ -26,3 +26,15 @@ def test_the_embedding_example_runs_as_written(capsys: pytest.CaptureFixture[str
 
 def test_the_example_is_about_twenty_lines() -> None:
     assert len(python_blocks()[0].strip().splitlines()) <= 22
+
+
+def test_the_read_model_example_runs_as_written(tmp_path: Path) -> None:
+    example = python_blocks()[1]
+    assert "run_projections" in example
+    example = example.replace(".daybook/daybook.db", f"{tmp_path}/readme.db".lstrip("/"))
+    example = example.replace("sqlite:///", "sqlite:////")
+    namespace: dict[str, object] = {}
+    exec(compile(example, str(README), "exec"), namespace)
+    row = namespace["row"]
+    assert row.balance == 500  # type: ignore[attr-defined]
+    assert row.as_of_position >= namespace["receipt"].position  # type: ignore[attr-defined]
