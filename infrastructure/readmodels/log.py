@@ -3,18 +3,117 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresDatastore
+from eventsourcing.utils import resolve_topic, retry
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
 
 from domain.ledger import Ledger
-from infrastructure.codec import ContractMapper
-from projections.model import LogEvent
+from infrastructure.codec import ContractMapper, OrjsonTranscoder
+from projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
 EVENTS_CHANNEL = "daybook_events"
+
+#: A stored event as read from the log: position, topic, originator id (text), originator
+#: version, state (bytes, as the mapper wrote them).
+RawEvent = tuple[int, str, str, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Topic:
+    """What decoding needs to know about one stored topic, worked out once."""
+
+    type: str
+    wanted: bool
+    version: int
+    upcasts: tuple[Callable[[dict[str, Any]], None], ...]
+
+
+class EventDecoder:
+    """Stored events to ``LogEvent``s, with exactly ``ContractMapper.decode_state``'s result
+    (JSON values, upcast to the current schema), but cheaper per event: the topic is resolved
+    once, not per event, and an event of a type nobody asked for is skipped before decoding.
+
+    There is no validation to skip here, on purpose: every event was validated against its
+    pydantic contract when it was created, before it was written, and the log is
+    append-only; ``decode_state`` does not validate either. A mapper with a cipher, a
+    compressor or another transcoder is simply called for each event.
+    """
+
+    def __init__(self, mapper: ContractMapper, types: Collection[str] | None = None) -> None:
+        self.mapper = mapper
+        self.types = None if types is None else frozenset(types)
+        self._topics: dict[str, _Topic] = {}
+        self._direct = (
+            isinstance(mapper.transcoder, OrjsonTranscoder)
+            and not mapper.cipher
+            and not mapper.compressor
+        )
+
+    def _topic(self, topic: str) -> _Topic:
+        info = self._topics.get(topic)
+        if info is None:
+            event_class = resolve_topic(topic)
+            current = getattr(event_class, "class_version", 1)
+            name = topic.rpartition(":")[2]
+            info = _Topic(
+                name,
+                self.types is None or name in self.types,
+                current,
+                tuple(getattr(event_class, f"upcast_v{v}_v{v + 1}") for v in range(1, current)),
+            )
+            self._topics[topic] = info
+        return info
+
+    def decode(self, raw: Iterable[RawEvent]) -> list[LogEvent]:
+        """The wanted events among ``raw``, in the same order."""
+        return list(self.iterate(raw))
+
+    def iterate(self, raw: Iterable[RawEvent]) -> Iterator[LogEvent]:
+        """The wanted events among ``raw``, decoded one at a time as they are consumed (so
+        each event's timestamp text is still memoised when its handlers format it)."""
+        topics = self._topics
+        loads = orjson.loads
+        direct = self._direct
+        new_event = tuple.__new__
+        for position, topic, originator_id, originator_version, data in raw:
+            info = topics.get(topic) or self._topic(topic)
+            if not info.wanted:
+                continue
+            if direct:
+                state: dict[str, Any] = loads(data)
+                stored_version = state.pop("class_version", 1)
+                if stored_version != info.version:
+                    for upcast in info.upcasts[stored_version - 1 :]:
+                        upcast(state)
+                state["originator_id"] = originator_id
+                state["originator_version"] = originator_version
+            else:
+                state = self.mapper.decode_state(
+                    StoredEvent(originator_id, originator_version, topic, data)
+                )
+            timestamp = state["timestamp"]
+            # tuple.__new__ is what LogEvent(...) calls, minus a Python frame.
+            yield new_event(
+                LogEvent,
+                (
+                    position,
+                    info.type,
+                    originator_id,
+                    originator_version,
+                    parse_time(timestamp) if isinstance(timestamp, str) else timestamp,
+                    state,
+                ),
+            )
 
 
 class LogReader:
@@ -35,16 +134,49 @@ class LogReader:
             )
             raise TypeError(msg)
         self.mapper = mapper
+        self.decoder = EventDecoder(mapper)
         self._listen: psycopg.Connection[Any] | None = None
         self._interrupt = threading.Event()
+        recorder: Any = ledger.recorder
+        datastore = getattr(recorder, "datastore", None)
+        self._scan_sql: Any = None
+        if isinstance(datastore, PostgresDatastore):
+            self._scan_sql = SQL(
+                "SELECT notification_id, topic, originator_id::text, originator_version, state"
+                " FROM {}.{} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+            ).format(Identifier(datastore.schema), Identifier(recorder.events_table_name))
+
+    @property
+    def concurrent_scans(self) -> bool:
+        """Whether ``scan`` may run in another thread while this one uses the ledger."""
+        return self._scan_sql is not None
 
     def read(self, after: int, limit: int) -> list[LogEvent]:
         """Up to ``limit`` events with positions greater than ``after``, in log order."""
+        return self.decoder.decode(self.scan(after, limit))
+
+    def scan(self, after: int, limit: int) -> list[RawEvent]:
+        """Up to ``limit`` stored events with positions greater than ``after``, undecoded."""
+        if self._scan_sql is not None:
+            rows: list[RawEvent] = self._scan_postgres(after, limit)
+            return rows
         notifications = self.recorder.select_notifications(
             after + 1, limit, inclusive_of_start=True
         )
-        decode = self.mapper.decode_state
-        return [LogEvent.from_state(n.id, n.topic, decode(n)) for n in notifications]
+        return [
+            (n.id, n.topic, str(n.originator_id), n.originator_version, n.state)
+            for n in notifications
+        ]
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _scan_postgres(self, after: int, limit: int) -> Any:
+        # Binary tuples straight from the driver: no dict rows, no Notification objects.
+        with (
+            self.recorder.datastore.get_connection() as conn,
+            conn.cursor(binary=True, row_factory=tuple_row) as cursor,
+        ):
+            cursor.execute(self._scan_sql, (after, limit), prepare=True)
+            return cursor.fetchall()
 
     def head(self) -> int:
         return int(self.recorder.max_notification_id() or 0)
