@@ -1,8 +1,9 @@
 """Projection benchmarks on PostgreSQL: bulk rebuild rate and convergence latency.
 
-1. Writes a log of ``--events`` events (deposits and transfers, many commands per
-   transaction), unless the database already holds that many.
-2. Rebuilds all four daybook projections from the log with the bulk runner; prints events/s.
+1. Writes a log of ``--events`` events (deposits and transfers from the domain's aggregates,
+   COPied in large chunks), unless the database already holds that many.
+2. Rebuilds all four daybook projections from the log in one pass of the bulk runner
+   (``BulkRunner``, what ``daybook projections rebuild`` uses); prints events/s.
 3. Anchor, same run, same log: eventsourcing's ``ProjectionRunner`` keeping one balance table
    with one transaction per event, over the first ``--anchor-events`` events (at its rate a
    million events would take minutes); prints events/s and daybook's ratio to it.
@@ -39,9 +40,9 @@ from domain.accounts import Account, transfer
 from domain.ledger import Ledger
 from infrastructure.bootstrap import open_ledger
 from infrastructure.readmodels import run_projections
+from infrastructure.readmodels.bulk import BulkRunner
 from infrastructure.readmodels.log import EVENTS_CHANNEL
 from infrastructure.readmodels.rebuild import ProgressBar
-from infrastructure.readmodels.runner import ProjectionRunner
 from infrastructure.readmodels.store import open_store
 from infrastructure.urls import event_store_env
 
@@ -206,7 +207,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--anchor-events", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=100_000)
     parser.add_argument("--latency-commands", type=int, default=500)
     parser.add_argument("--latency-rate", type=float, default=100.0)
     args = parser.parse_args()
@@ -232,10 +233,10 @@ def main() -> int:
             store.execute("DELETE FROM daybook_projection_versions WHERE name = %s", (name,))
         store.close()
 
-        # All four projections in one bulk pass over the log (what a fresh deployment or
-        # `daybook projections rebuild` does per projection).
+        # All four projections in one bulk pass over the log (what `daybook projections
+        # rebuild` does per projection).
         bar = ProgressBar("rebuild all", 0)
-        runner = ProjectionRunner(
+        runner = BulkRunner(
             ledger, url, projections.ALL, batch_size=args.batch_size, on_progress=bar
         )
         started = time.perf_counter()

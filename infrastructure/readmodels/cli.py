@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
     )
     _common(build)
     build.add_argument("name", choices=[p.name for p in projections.ALL])
-    build.add_argument("--batch-size", type=int, default=20_000)
+    build.add_argument("--batch-size", type=int, default=100_000)
     build.add_argument("--keep-old", action="store_true", help="keep the old version's tables")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_run_rebuild)

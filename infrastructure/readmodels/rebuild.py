@@ -1,10 +1,11 @@
 """Blue/green rebuilds: a new projection version built in bulk beside the one serving reads.
 
-The new version's tables fill from the start of the log in large batches (COPY for append-only
-tables, one multi-row upsert per table for the rest) while the current version keeps
-following the log and answering queries. When the new version reaches the head, one
-transaction marks it active and the old one retired; the old tables are then dropped unless
-kept on request. Progress is committed with every batch, so an interrupted rebuild resumes.
+The new version's tables fill from the start of the log in large batches on the bulk path
+(``bulk.BulkRunner``: COPY for new rows, one upsert per table for changed ones, batches
+pipelined) while the current version keeps following the log and answering queries. When the
+new version reaches the head, one transaction marks it active and the old one retired; the old
+tables are then dropped unless kept on request. Progress is committed with every batch, so an
+interrupted rebuild resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from domain.ledger import Ledger
-from infrastructure.readmodels.runner import Progress, ProjectionRunner
+from infrastructure.readmodels.bulk import BulkRunner
+from infrastructure.readmodels.runner import Progress
 from infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
 from projections.model import Projection
 
@@ -83,7 +85,7 @@ def rebuild(
     url: str,
     projection: Projection,
     *,
-    batch_size: int = 20_000,
+    batch_size: int = 100_000,
     keep_old: bool = False,
     progress: bool = True,
     stream: TextIO = sys.stderr,
@@ -127,7 +129,7 @@ def rebuild(
         if progress:
             bar(step)
 
-    runner = ProjectionRunner(
+    runner = BulkRunner(
         ledger,
         url,
         [projection],

@@ -404,6 +404,14 @@ class ReadStore:
         where = " AND ".join(f"{k} = %s" for k in table.key)
         self.executemany(f"DELETE FROM {table.physical_name(version)} WHERE {where}", keys)
 
+    def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        """Append rows given as value tuples in column order (keys must not exist yet)."""
+        self.insert(table, version, [dict(zip(table.column_names, v, strict=True)) for v in values])
+
+    def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        """Insert or replace rows given as value tuples in column order."""
+        self.upsert(table, version, [dict(zip(table.column_names, v, strict=True)) for v in values])
+
     def head_position(self) -> int | None:
         """The newest log position, if the event store lives in this database."""
         return None
@@ -419,6 +427,7 @@ class PostgresStore(ReadStore):
             postgres_params(url).conninfo(), connect_timeout=10, autocommit=True
         )
         self._depth = 0
+        self._stages: set[str] = set()
 
     def close(self) -> None:
         with suppress(Exception):
@@ -471,6 +480,40 @@ class PostgresStore(ReadStore):
             for row in rows:
                 copy.write_row([row[n] for n in names])
 
+    def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        self._copy(table.physical_name(version), table, values)
+
+    def _copy(self, name: str, table: Table, values: Sequence[Sequence[Value]]) -> None:
+        if not values:
+            return
+        # Binary COPY: the driver encodes each value in C, the server parses no text.
+        sql = f"COPY {name} ({', '.join(table.column_names)}) FROM STDIN (FORMAT BINARY)"
+        with self.conn.cursor() as cursor, cursor.copy(sql) as copy:
+            copy.set_types([_BINARY_TYPES[c.type] for c in table.columns])
+            for row in values:
+                copy.write_row(row)
+
+    def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        if not values:
+            return
+        # COPY into a session-private staging table (emptied at commit), then one upsert.
+        name = table.physical_name(version)
+        stage = f"{name}_stage"
+        if stage not in self._stages:
+            self.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage}"
+                f" (LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._stages.add(stage)
+        self._copy(stage, table, values)
+        names = table.column_names
+        updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in names if n not in table.key)
+        self.execute(
+            f"INSERT INTO {name} ({', '.join(names)}) SELECT {', '.join(names)} FROM {stage}"
+            f" ON CONFLICT ({', '.join(table.key)}) DO "
+            + (f"UPDATE SET {updates}" if updates else "NOTHING")
+        )
+
     def delete(self, table: Table, version: int, keys: Sequence[Key]) -> None:
         if not keys:
             return
@@ -495,6 +538,10 @@ class PostgresStore(ReadStore):
     def try_lock(self, key: int) -> bool:
         """Take a session advisory lock on this connection, if free (outside transactions)."""
         return bool(self.execute("SELECT pg_try_advisory_lock(%s)", (key,))[0][0])
+
+
+#: Binary COPY type names of the column types.
+_BINARY_TYPES = {"text": "text", "bigint": "int8"}
 
 
 def table_column_type(table: Table, name: str) -> str:
@@ -547,6 +594,22 @@ class SqliteStore(ReadStore):
         self.conn.executemany(
             f"INSERT INTO {table.physical_name(version)} ({', '.join(names)}) VALUES ({marks})",
             [tuple(row[n] for n in names) for row in rows],
+        )
+
+    def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        names = table.column_names
+        self.conn.executemany(
+            f"INSERT INTO {table.physical_name(version)} ({', '.join(names)})"
+            f" VALUES ({', '.join('?' for _ in names)})",
+            values,
+        )
+
+    def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        names = table.column_names
+        self.conn.executemany(
+            f"INSERT OR REPLACE INTO {table.physical_name(version)} ({', '.join(names)})"
+            f" VALUES ({', '.join('?' for _ in names)})",
+            values,
         )
 
     def head_position(self) -> int | None:

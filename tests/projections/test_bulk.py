@@ -1,0 +1,163 @@
+"""The bulk runner (rebuilds, long catch-ups) on every backend: the same tables as a replay and
+as the live runner, and the same handling of bad events, through its fast path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import projections
+from domain.ledger import Ledger
+from infrastructure import open_ledger
+from infrastructure.readmodels.bulk import BulkRunner
+from infrastructure.readmodels.runner import ProjectionRunner
+from infrastructure.readmodels.store import open_store, readmodel_url
+from projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
+from projections.model import LogEvent, Projection, Rows
+from tests.projections.helpers import assert_tables_match, stored_rows, workload
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def url(store_url: str) -> str:
+    return readmodel_url(store_url)
+
+
+def test_bulk_batches_build_every_projection_like_a_replay(ledger: Ledger, url: str) -> None:
+    ids = workload(ledger, 200)
+    seen: list[int] = []
+    runner = BulkRunner(
+        ledger, url, projections.ALL, batch_size=37, on_progress=lambda p: seen.append(p.events)
+    )
+    runner.run_until_caught_up()
+    runner.stop()
+    assert sum(seen) == ledger.head() and max(seen) == 37
+    for projection in projections.ALL:
+        assert_tables_match(ledger, url, projection)
+    # Resumed over committed tables: the caches are warmed from them, rows only change.
+    workload(ledger, 80, seed=3, accounts=ids)
+    again = BulkRunner(ledger, url, projections.ALL, batch_size=50)
+    again.run_until_caught_up()
+    again.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, url, projection)
+
+
+def test_bulk_and_live_runners_write_identical_tables(
+    ledger: Ledger, url: str, tmp_path: object
+) -> None:
+    workload(ledger, 150, seed=7)
+    other = f"sqlite:///{tmp_path}/live.db"
+    for runner in (
+        BulkRunner(ledger, url, projections.ALL, batch_size=64),
+        ProjectionRunner(ledger, other, projections.ALL, batch_size=64),
+    ):
+        runner.run_until_caught_up()
+        runner.stop()
+    for projection in projections.ALL:
+        assert stored_rows(url, projection) == stored_rows(other, projection)
+
+
+def test_projections_at_different_positions_each_get_only_their_events(
+    ledger: Ledger, url: str
+) -> None:
+    ids = workload(ledger, 100)
+    ahead = ProjectionRunner(ledger, url, [ACCOUNT_BALANCES], batch_size=25)
+    ahead.run_until_caught_up()
+    ahead.stop()
+    workload(ledger, 60, seed=4, accounts=ids)
+    runner = BulkRunner(ledger, url, projections.ALL, batch_size=1000)
+    runner.run_until_caught_up()
+    runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, url, projection)
+
+
+def test_a_tracking_row_changed_under_a_batch_in_flight_restarts_from_the_commit(
+    ledger: Ledger, url: str
+) -> None:
+    workload(ledger, 150)
+    runner = BulkRunner(ledger, url, projections.ALL, batch_size=30)
+    runner.step()
+    flight = runner._flight
+    assert flight is not None
+    flight.future.result()  # committed; the next batch is computed on top of it
+    store = open_store(url)
+    store.bump_epoch("account_balances", 1)  # as a repair does
+    store.close()
+    runner.step()  # its write finds the epoch moved and rolls back
+    runner.step()  # which this step learns: it lets everything go, to claim it again
+    assert not runner.slots
+    runner.run_until_caught_up()
+    runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, url, projection)
+
+
+def _poisoned(amount: int = 13) -> tuple[Projection, list[int]]:
+    """account_balances whose deposit handler fails on deposits of ``amount``."""
+    calls: list[int] = []
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] == amount:
+            calls.append(event.position)
+            good(event, rows)  # a partial change, which must be undone
+            raise ValueError(f"cannot apply deposit at {event.position}")
+        good(event, rows)
+
+    handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    return Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers), calls
+
+
+def _wide(amount: int = 13) -> Projection:
+    """account_balances whose deposit handler puts a row with an extra column."""
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] != amount:
+            good(event, rows)
+            return
+        row = rows.get(BALANCES.name, (event.originator_id,))
+        assert row is not None
+        rows.put(BALANCES.name, {**row, "surprise": 1})
+
+    handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    return Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers)
+
+
+@pytest.mark.parametrize("bad", ["raises", "wrong columns"])
+def test_a_bad_event_is_parked_exactly_as_the_live_runner_parks_it(
+    ledger: Ledger, url: str, bad: str
+) -> None:
+    projection = _poisoned()[0] if bad == "raises" else _wide()
+    account = ledger.open_account("ann", "EUR")
+    ledger.deposit(account, 5)
+    bad_position = ledger.deposit(account, 13).position
+    ledger.deposit(account, 7)
+    defs = [projection, projections.ACCOUNT_STATEMENT]
+    runner = BulkRunner(ledger, url, defs, max_attempts=3, retry_backoff=0.001)
+    for _ in range(6):
+        runner.step()
+    runner.stop()
+    store = open_store(url)
+    try:
+        (letter,) = store.dead_letters("account_balances")
+        assert letter["position"] == bad_position and letter["attempts"] == 3
+        record = store.version("account_balances", 1)
+        assert record is not None and record.state == "stopped"
+        assert record.position == bad_position - 1  # everything before it, nothing after
+        balance = store.fetch(BALANCES, 1, (str(account),))
+        assert balance is not None and balance["balance"] == 5
+        statement = store.version("account_statement", 1)
+        assert statement is not None and statement.position == ledger.head()
+    finally:
+        store.close()
+    assert_tables_match(ledger, url, projections.ACCOUNT_STATEMENT)
