@@ -33,7 +33,12 @@ from typing import (
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+)
 
 from domain import commands
 from domain.accounts import Account
@@ -311,6 +316,8 @@ class PreparedBatch:
     uow: UnitOfWork
     outcomes: list[Outcome | None] = field(default_factory=list)
     events: list[LedgerAggregate.Event] = field(default_factory=list)
+    #: ``events`` mapped for the recorder (in ``prepare``, so ``commit`` only does I/O)
+    stored: list[StoredEvent] = field(default_factory=list)
     pending: list[PendingRequest] = field(default_factory=list)
     #: index -> (receipt fields, index in ``events`` of the command's last event)
     receipts: dict[int, tuple[dict[str, Any], int]] = field(default_factory=dict)
@@ -496,6 +503,7 @@ class Ledger(Application[UUID]):
             receipt = {"command": command.name, "request_id": request_id, **fields}
             prepared.receipts[index] = (receipt, last)
             prepared.pending.append(PendingRequest(_record(command, {"receipt": receipt}), last))
+        prepared.stored = [self.mapper.to_stored_event(event) for event in prepared.events]
         return prepared
 
     def commit(self, prepared: PreparedBatch) -> list[Outcome]:
@@ -505,12 +513,13 @@ class Ledger(Application[UUID]):
         assert prepared.after is None or prepared.after.committed, "commit batches in order"
         if prepared.pending:
             try:
-                recordings = self.events.put(prepared.events, requests=prepared.pending)
+                positions = self.recorder.insert_events(prepared.stored, requests=prepared.pending)
             except BaseException:
                 self._evict(prepared.uow)
                 raise
+            assert positions is not None
             for index, (receipt, last) in prepared.receipts.items():
-                receipt["position"] = recordings[last].notification.id
+                receipt["position"] = positions[last]
                 prepared.outcomes[index] = Receipt.from_record(receipt, replayed=False)
             if self.repository.cache is not None:
                 for aggregate in prepared.uow.aggregates.values():

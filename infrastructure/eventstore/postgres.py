@@ -18,6 +18,9 @@ from psycopg.sql import SQL, Identifier
 from domain.ledger import PendingRequest, RequestRecord
 from infrastructure.eventstore import REQUESTS_TABLE, decode_record, encode_outcome
 
+#: Advisory lock key taken while creating daybook's event store tables.
+_CREATE_TABLES_LOCK = 0x6461796B  # "dayk"
+
 
 class PostgresRecorder(PostgresApplicationRecorder):
     """eventsourcing's PostgreSQL recorder plus request records in the same transaction.
@@ -62,6 +65,18 @@ class PostgresRecorder(PostgresApplicationRecorder):
             "AND e.originator_version = r.last_originator_version "
             "WHERE r.request_id = ANY(%s)"
         ).format(requests, events)
+
+    def create_table(self) -> None:
+        # Several processes may start at once on a fresh database, and PostgreSQL does not
+        # serialise concurrent CREATE TYPE / CREATE OR REPLACE FUNCTION on the same object
+        # ("tuple concurrently updated"): take turns, with a session advisory lock held on a
+        # connection of its own while the base class creates everything.
+        with self.datastore.get_connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (_CREATE_TABLES_LOCK,))
+            try:
+                super().create_table()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_CREATE_TABLES_LOCK,))
 
     def insert_events(
         self,

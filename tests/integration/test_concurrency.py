@@ -168,3 +168,30 @@ def test_sigkill_inside_a_group_commit_before_commit(pg_url: str) -> None:
     # The ledger keeps working for a new process after the crash.
     time.sleep(0)
     assert ledger.transfer(accounts[0], accounts[1], 1).position > 0
+
+
+def test_processes_starting_at_once_on_a_fresh_database_all_start(
+    pg_admin_url: str,
+) -> None:
+    """Creating the tables is serialised: concurrent CREATE TYPE / CREATE FUNCTION would
+    otherwise fail with 'tuple concurrently updated'."""
+    from tests import services
+
+    code = "import sys; from infrastructure import open_ledger; open_ledger(sys.argv[1]).close()"
+    for round_number in range(3):
+        name = f"daybook_fresh_{os.getpid()}_{round_number}"
+        url = services.create_database(pg_admin_url, name)
+        starting = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url],
+                cwd=ROOT,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            for _ in range(6)
+        ]
+        for process in starting:
+            _, err = process.communicate(timeout=60)
+            assert process.returncode == 0, err
+        services.drop_database(pg_admin_url, name)
