@@ -21,9 +21,11 @@ does. Both paths run the same definitions, so they build identical tables.
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,8 +249,9 @@ class BulkRunner(ProjectionRunner):
             if slot.record.position < last
         ]
         try:
-            _run(self.decoder.iterate(raw), batches)
-            plans = [rows.plan() for _, rows in batches]
+            with _collector_paused():
+                _run(self.decoder.iterate(raw), batches)
+                plans = [rows.plan() for _, rows in batches]
         except Exception:  # a handler failed or put a bad row: the careful path decides
             if not self._land():
                 return len(raw)
@@ -334,6 +337,22 @@ def _write(
                 raise LostSlot(msg)
             rows.write(plan)
             store.set_position(*key, last, last_at)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch is computed. The batch allocates
+    several objects per event and keeps many (its rows) until written, so the collector would
+    otherwise walk the growing heap again and again, for nothing: handlers build no cycles.
+    (Measured: about 7% of a rebuild.)"""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _run(events: Iterable[LogEvent], batches: list[tuple[Slot, BulkRows]]) -> None:
