@@ -12,6 +12,7 @@ latency for 1, 4 and 16 clients, the ratios, checks invariants after every run, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -30,7 +31,7 @@ from eventsourcing.persistence import IntegrityError
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from domain.errors import DomainError
-from infrastructure import open_ledger
+from infrastructure import open_async_ledger, open_ledger
 from infrastructure.urls import postgres_params
 from scripts.anchor_bank import Bank, Overdrawn, bank_env
 from tests import services
@@ -67,6 +68,12 @@ def run_clients(
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    return summary(clients, per_client, elapsed, latencies, refused)
+
+
+def summary(
+    clients: int, per_client: int, elapsed: float, latencies: list[float], refused: int
+) -> dict[str, float]:
     latencies.sort()
     return {
         "clients": clients,
@@ -98,6 +105,45 @@ def bench_daybook(url: str, clients: int, per_client: int, n_accounts: int) -> d
     assert min(balances) >= 0, "an account went below zero"
     ledger.close()
     return result
+
+
+def bench_daybook_asyncio(
+    url: str, clients: int, per_client: int, n_accounts: int
+) -> dict[str, float]:
+    """The same load from asyncio tasks on one event loop (AsyncLedger), not threads."""
+    ledger = open_async_ledger(url)
+
+    async def scenario() -> dict[str, float]:
+        accounts = [await ledger.open_account(f"owner-{i}", "EUR") for i in range(n_accounts)]
+        for account in accounts:
+            await ledger.deposit(account, START_BALANCE)
+        latencies: list[float] = []
+        refused = 0
+
+        async def client(number: int) -> None:
+            nonlocal refused
+            rnd = random.Random(number)
+            for _ in range(per_client):
+                source, destination = rnd.sample(accounts, 2)
+                started = time.perf_counter()
+                try:
+                    await ledger.transfer(source, destination, rnd.randint(1, 100))
+                except DomainError:
+                    refused += 1
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(n) for n in range(clients)))
+        elapsed = time.perf_counter() - started
+        balances = [(await ledger.account(a)).balance for a in accounts]
+        assert sum(balances) == START_BALANCE * n_accounts, "money not conserved"
+        assert min(balances) >= 0, "an account went below zero"
+        return summary(clients, per_client, elapsed, latencies, refused)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        ledger.ledger.close()
 
 
 def bench_anchor(url: str, clients: int, per_client: int, n_accounts: int) -> dict[str, float]:
@@ -132,7 +178,13 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         return
     clients = [r["clients"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(clients, [r["daybook"]["per_second"] for r in results], "o-", label="daybook")
+    ax.plot(clients, [r["daybook"]["per_second"] for r in results], "o-", label="daybook, threads")
+    ax.plot(
+        clients,
+        [r["daybook_asyncio"]["per_second"] for r in results],
+        "^-",
+        label="daybook, asyncio tasks",
+    )
     ax.plot(clients, [r["anchor"]["per_second"] for r in results], "s--", label="eventsourcing")
     ax.set_xscale("log", base=2)
     ax.set_xticks(clients, [str(c) for c in clients])
@@ -166,21 +218,31 @@ def main() -> int:
         for clients in args.clients:
             per_client = max(1, args.transfers // clients)
             row: dict[str, Any] = {"clients": clients}
-            for name, bench in (("daybook", bench_daybook), ("anchor", bench_anchor)):
+            runs = (
+                ("daybook", bench_daybook),
+                ("daybook_asyncio", bench_daybook_asyncio),
+                ("anchor", bench_anchor),
+            )
+            for name, bench in runs:
                 db = f"bench_{name}_{clients}"
                 url = services.create_database(admin_url, db)
                 row[name] = bench(url, clients, per_client, args.accounts)
                 services.drop_database(admin_url, db)
-            row["ratio"] = row["daybook"]["per_second"] / row["anchor"]["per_second"]
+            anchor = row["anchor"]["per_second"]
+            row["ratio"] = row["daybook"]["per_second"] / anchor
+            row["ratio_asyncio"] = row["daybook_asyncio"]["per_second"] / anchor
             results.append(row)
-            d, a = row["daybook"], row["anchor"]
-            print(
-                f"{clients:>3} clients: daybook {d['per_second']:8,.0f}/s "
-                f"(p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms) | "
-                f"eventsourcing {a['per_second']:7,.0f}/s "
-                f"(p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms) | "
-                f"ratio {row['ratio']:.1f}x"
-            )
+            for name, label in (
+                ("daybook", "daybook, threads"),
+                ("daybook_asyncio", "daybook, asyncio tasks"),
+                ("anchor", "eventsourcing, threads"),
+            ):
+                r = row[name]
+                ratio = f"{r['per_second'] / anchor:5.1f}x" if name != "anchor" else "     "
+                print(
+                    f"{clients:>3} clients  {label:<24} {r['per_second']:8,.0f} transfers/s  "
+                    f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  {ratio}"
+                )
     finally:
         if server is not None:
             server.stop()
