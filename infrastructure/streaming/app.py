@@ -17,16 +17,19 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 import psycopg
 
 from infrastructure.readmodels.store import readmodel_url
+from infrastructure.relay import read_cursor
 from infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
@@ -139,6 +142,27 @@ def make_app(
         if result.parked:
             await publish_dead_letters(result.parked)
 
+    # Taken while a batch is applied and acknowledged, so that a restart happens between
+    # batches (a restart mid-batch would be safe too: the transaction rolls back).
+    batch_lock = asyncio.Lock()
+    republished_at_start = _relay_republished(config)
+    beyond_end: dict[Any, int] = {}
+
+    @app.timer(interval=2.0)
+    async def _restart_after_broker_data_loss() -> None:
+        """Restart this worker in place once the broker has lost its data (see ``restart``).
+
+        Two signs: the relay's cursor says it re-published the log because acknowledged
+        messages were lost (the usual case), or the consumer's position has stayed past the
+        end of a partition (Kafka would answer OFFSET_OUT_OF_RANGE; Tansu returns nothing)."""
+        republished = await asyncio.to_thread(_relay_republished, config)
+        lost = republished is not None and republished > (republished_at_start or 0)
+        if not lost:
+            lost = await _position_past_end(app, config.topic, beyond_end)
+        if lost:
+            async with batch_lock:
+                restart(app, "the broker lost its data (restarted on memory storage?)")
+
     @app.agent(topic, name="daybook-project")
     async def _project(stream: Any) -> None:
         # Dead letters recorded before a crash but never published.
@@ -149,42 +173,75 @@ def make_app(
             messages = [
                 Message(e.message.partition, e.message.offset, e.message.value) for e in events
             ]
-            await apply_until_done(messages)
-            for event in events:
-                await stream.ack(event)
-
-    beyond_end: dict[Any, int] = {}
-
-    @app.timer(interval=3.0)
-    async def _reread_after_broker_data_loss() -> None:
-        """A broker that lost its data (Tansu on memory storage, restarted) leaves the
-        consumer's position, and the group's committed offsets, past the end of the emptied
-        partitions. Kafka would answer OFFSET_OUT_OF_RANGE and aiokafka would reset to
-        earliest; Tansu just returns nothing, and the worker would wait forever. Seeking to
-        the start is always safe: the progress rows skip whatever was applied already, and
-        the relay re-publishes the log when it notices the loss."""
-        consumer = app.consumer
-        assigned = [tp for tp in consumer.assignment() if tp.topic == config.topic]
-        if not assigned:
-            return
-        ends = await consumer.highwaters(*assigned)
-        for tp in assigned:
-            position, end = await consumer.position(tp), ends.get(tp)
-            if position is None or end is None or position <= end:
-                beyond_end.pop(tp, None)
-                continue
-            # Tansu's high watermark can lag just-produced messages: act on the second look.
-            beyond_end[tp] = beyond_end.get(tp, 0) + 1
-            if beyond_end[tp] >= 2:
-                log.warning(
-                    "worker: %s position %d is past the end of the log (%d): the broker lost "
-                    "data; reading the partition again from the start",
-                    tp, position, end,
-                )  # fmt: skip
-                await consumer.seek(tp, 0)
-                beyond_end.pop(tp, None)
+            async with batch_lock:
+                await apply_until_done(messages)
+                for event in events:
+                    await stream.ack(event)
 
     return app, applier
+
+
+def _relay_republished(config: WorkerConfig) -> int | None:
+    """How many times the relay re-published the log after broker data loss (None if the
+    event store cannot be read just now)."""
+    try:
+        cursor = read_cursor(config.store_url, config.topic)
+    except (psycopg.Error, OSError):
+        return None
+    return cursor.republished if cursor is not None else 0
+
+
+async def _position_past_end(app: faust.App, topic: str, beyond_end: dict[Any, int]) -> bool:
+    """True once a partition's position stayed past its end for two looks in a row."""
+    consumer = app.consumer
+    assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
+    if not assigned:
+        return False
+    ends = await consumer.highwaters(*assigned)
+    for tp in assigned:
+        position, end = await consumer.position(tp), ends.get(tp)
+        if position is None or end is None or position <= end:
+            beyond_end.pop(tp, None)
+            continue
+        # Tansu's high watermark can lag just-produced messages: act on the second look.
+        beyond_end[tp] = beyond_end.get(tp, 0) + 1
+        if beyond_end[tp] >= 2:
+            log.warning("worker: %s position %d is past the end (%d)", tp, position, end)
+            return True
+    return False
+
+
+def restart(app: faust.App, reason: str) -> NoReturn:
+    """Replace this worker process with a fresh one (same pid, same command line).
+
+    The one place that works around faust after a broker lost its data. The re-published
+    messages get offsets the consumer has already passed, and faust cannot go back:
+
+    - ``Consumer._drain_messages`` (faust/transport/consumer.py) drops every message whose
+      offset is below the partition's last read offset (``_read_offset``, "DROPPED
+      MESSAGE"), and nothing public resets it, so seeking to 0 fetches the re-published
+      log only for faust to discard it;
+    - the committed offsets faust tracks (``_committed_offset``, ``_acked``) are above the
+      new ones, so it would not commit them either;
+    - offset commits go through aiokafka's ``GroupCoordinator.commit_offsets``, which
+      retries retriable errors without a deadline; the restarted Tansu answered
+      ``UNKNOWN_TOPIC_OR_PARTITION`` (retriable) to them, and faust's fetch loop awaits that
+      commit (``commit_every``) or the one in flight (``maybe_wait_for_commit_to_finish``),
+      so the worker stops fetching.
+
+    A fresh process has none of that state: it joins the group on the new broker, finds no
+    committed offsets, reads from the earliest offset, and the progress rows turn what it
+    applied before into duplicates. Stopping faust gracefully could wait forever on that
+    commit, so this ``exec``s at once, like a crash at a batch boundary: the caller holds
+    the batch lock, and the database connections close with the old process image.
+    """
+    log.warning("worker: %s; restarting this worker in place", reason)
+    shutil.rmtree(str(app.conf.datadir), ignore_errors=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> None:
