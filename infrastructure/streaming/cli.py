@@ -154,7 +154,11 @@ def _status(args: argparse.Namespace) -> int:
         print(
             f"worker {args.group} partition {part.partition}: position {part.position}, "
             f"{part.applied} applied, {part.duplicates} duplicates, state {part.state}"
-            + (f", {part.dead_letters} dead letter(s): {part.last_error}" if part.dead_letters else "")
+            + (
+                f", {part.dead_letters} dead letter(s): {part.last_error}"
+                if part.dead_letters
+                else ""
+            )
         )
     return 1 if any(p.dead_letters or p.state != "live" for p in status) else 0
 

@@ -81,7 +81,8 @@ def create_tables_sql() -> list[SQL]:
             "CREATE TABLE IF NOT EXISTS {} ("
             "group_id text NOT NULL, topic text NOT NULL, partition int NOT NULL, "
             "position bigint NOT NULL, kafka_offset bigint NOT NULL, event_type text, "
-            "error text NOT NULL, envelope bytea NOT NULL, published boolean NOT NULL DEFAULT false, "
+            "error text NOT NULL, envelope bytea NOT NULL, "
+            "published boolean NOT NULL DEFAULT false, "
             "parked_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (group_id, topic, position))"
         ).format(Identifier(DEAD_LETTER_TABLE)),

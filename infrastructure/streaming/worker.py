@@ -143,7 +143,8 @@ class StreamApplier:
             self._locks = PostgresStore(self.url)
             for projection in self.projections:
                 key = version_lock_key(projection.name, projection.version)
-                while not self._locks.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,))[0][0]:
+                try_lock = "SELECT pg_try_advisory_lock_shared(%s)"
+                while not self._locks.execute(try_lock, (key,))[0][0]:
                     log.warning(
                         "worker: an in-process runner writes %s v%s; waiting",
                         projection.name,
