@@ -146,20 +146,17 @@ def make_app(
     # batches (a restart mid-batch would be safe too: the transaction rolls back).
     batch_lock = asyncio.Lock()
     republished_at_start = _relay_republished(config)
-    beyond_end: dict[Any, int] = {}
 
     @app.timer(interval=2.0)
     async def _restart_after_broker_data_loss() -> None:
         """Restart this worker in place once the broker has lost its data (see ``restart``).
 
-        Two signs: the relay's cursor says it re-published the log because acknowledged
-        messages were lost (the usual case), or the consumer's position has stayed past the
-        end of a partition (Kafka would answer OFFSET_OUT_OF_RANGE; Tansu returns nothing)."""
+        The sign is the relay's cursor: it re-published the log because the broker
+        acknowledged messages at offsets it had acknowledged before. (Not the consumer's
+        position against the high watermark: Tansu's high watermark lags what it has
+        acknowledged, so a healthy worker looks "past the end" now and then.)"""
         republished = await asyncio.to_thread(_relay_republished, config)
-        lost = republished is not None and republished > (republished_at_start or 0)
-        if not lost:
-            lost = await _position_past_end(app, config.topic, beyond_end)
-        if lost:
+        if republished is not None and republished > (republished_at_start or 0):
             async with batch_lock:
                 restart(app, "the broker lost its data (restarted on memory storage?)")
 
@@ -191,43 +188,23 @@ def _relay_republished(config: WorkerConfig) -> int | None:
     return cursor.republished if cursor is not None else 0
 
 
-async def _position_past_end(app: faust.App, topic: str, beyond_end: dict[Any, int]) -> bool:
-    """True once a partition's position stayed past its end for two looks in a row."""
-    consumer = app.consumer
-    assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
-    if not assigned:
-        return False
-    ends = await consumer.highwaters(*assigned)
-    for tp in assigned:
-        position, end = await consumer.position(tp), ends.get(tp)
-        if position is None or end is None or position <= end:
-            beyond_end.pop(tp, None)
-            continue
-        # Tansu's high watermark can lag just-produced messages: act on the second look.
-        beyond_end[tp] = beyond_end.get(tp, 0) + 1
-        if beyond_end[tp] >= 2:
-            log.warning("worker: %s position %d is past the end (%d)", tp, position, end)
-            return True
-    return False
-
-
 def restart(app: faust.App, reason: str) -> NoReturn:
     """Replace this worker process with a fresh one (same pid, same command line).
 
     The one place that works around faust after a broker lost its data. The re-published
-    messages get offsets the consumer has already passed, and faust cannot go back:
+    messages get offsets the consumer has already passed, and faust's state says otherwise:
 
-    - ``Consumer._drain_messages`` (faust/transport/consumer.py) drops every message whose
-      offset is below the partition's last read offset (``_read_offset``, "DROPPED
-      MESSAGE"), and nothing public resets it, so seeking to 0 fetches the re-published
-      log only for faust to discard it;
-    - the committed offsets faust tracks (``_committed_offset``, ``_acked``) are above the
-      new ones, so it would not commit them either;
     - offset commits go through aiokafka's ``GroupCoordinator.commit_offsets``, which
-      retries retriable errors without a deadline; the restarted Tansu answered
-      ``UNKNOWN_TOPIC_OR_PARTITION`` (retriable) to them, and faust's fetch loop awaits that
-      commit (``commit_every``) or the one in flight (``maybe_wait_for_commit_to_finish``),
-      so the worker stops fetching.
+      retries retriable errors without a deadline. The restarted Tansu answered
+      ``UNKNOWN_TOPIC_OR_PARTITION`` (retriable) for the topic it had re-created (see
+      ``infrastructure.relay.BrokerLostData``), and faust's fetch loop awaits that commit
+      (``Consumer._drain_messages`` commits every ``broker_commit_every`` acks, and
+      ``maybe_wait_for_commit_to_finish`` waits for the one in flight): it stops fetching;
+    - positions past the end of the emptied partitions: Kafka would answer
+      OFFSET_OUT_OF_RANGE and aiokafka would reset them, Tansu returns nothing;
+    - faust's own bookkeeping is above the new offsets: ``_drain_messages`` drops messages
+      below the last read offset ("DROPPED MESSAGE") unless a seek reset it, and
+      ``_should_commit`` refuses offsets below ``_committed_offset``.
 
     A fresh process has none of that state: it joins the group on the new broker, finds no
     committed offsets, reads from the earliest offset, and the progress rows turn what it
