@@ -59,6 +59,8 @@ class WorkerConfig:
     session_timeout: float = 6.0
     heartbeat_interval: float = 1.0
     commit_interval: float = 0.5
+    #: Longest a fetch waits on the broker for new messages (see ``_shorten_fetch_wait``).
+    fetch_wait: float = 0.05
 
 
 def make_app(
@@ -89,6 +91,7 @@ def make_app(
         stream_buffer_maxsize=max(4096, config.batch_size * 2),
         consumer_auto_offset_reset="earliest",
     )
+    _shorten_fetch_wait(app, config.fetch_wait)
     topic = app.topic(
         config.topic,
         key_type=bytes,
@@ -176,6 +179,28 @@ def make_app(
                     await stream.ack(event)
 
     return app, applier
+
+
+def _shorten_fetch_wait(app: faust.App, seconds: float) -> None:
+    """Make the consumer's fetches wait at most ``seconds`` on the broker.
+
+    faust's aiokafka driver hard-codes ``fetch_max_wait_ms=1500``
+    (``AIOKafkaConsumerThread._create_worker_consumer``). Kafka answers such a long poll as
+    soon as a message arrives, but the Tansu broker holds it for the whole wait (probed:
+    produce-to-consume p50 707 ms at 1,500 ms, 28 ms at 100 ms, 5 ms at 20 ms), which made
+    commit-to-row latency half a second. The consumer is built by faust's consumer thread
+    at start; this wraps that factory and lowers the value before aiokafka reads it. On
+    Kafka the cost is an empty fetch round trip per ``seconds`` while idle.
+    """
+    thread = app.consumer._thread  # faust.transport.consumer.ThreadDelegateConsumer
+    build = thread._create_worker_consumer
+
+    def build_with_short_wait(transport: Any) -> Any:
+        consumer = build(transport)
+        consumer._fetch_max_wait_ms = int(seconds * 1000)  # read by AIOKafkaConsumer.start
+        return consumer
+
+    thread._create_worker_consumer = build_with_short_wait
 
 
 def _relay_republished(config: WorkerConfig) -> int | None:
