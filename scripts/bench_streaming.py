@@ -1,41 +1,63 @@
-"""Streaming benchmark: relay events/s, faust worker events/s (one and two workers), beside
-the in-process runner on the same log. Starts its own PostgreSQL and Tansu broker.
+"""Streaming benchmark: the outbox relay and the faust workers beside the in-process runner.
 
-    python scripts/bench_streaming.py [--events 50000]
+    python scripts/bench_streaming.py [--events 50000] [--latency-commands 500]
 
-Not measured yet: end-to-end latency p50/p99 under a steady load.
+Starts its own durable PostgreSQL and Tansu broker, writes a log of deposits and transfers,
+then measures, in one run:
+
+1. relay: events/s read from the log, published and acknowledged (``acks=all``);
+2. faust workers: events/s applied to the read models by one worker, then by two (a new
+   consumer group each, timed from the group's first committed batch, so the group join is
+   left out), and the in-process runner rebuilding the same log into a database of its own;
+3. convergence latency p50/p99 from command commit to read-model row, under a steady load of
+   deposits: for the workers, until the progress row of the event's partition (committed in
+   the same transaction as the rows) reaches the event's position; for the in-process
+   runner, until its ``account_balances`` position does. Polled every 2 ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
+
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infrastructure import open_ledger  # noqa: E402
-from infrastructure.readmodels.runner import ProjectionRunner  # noqa: E402
-from infrastructure.relay import Relay, RelayConfig, read_cursor  # noqa: E402
-from projections import ALL  # noqa: E402
-from tests import services  # noqa: E402
-from tests.streaming.streams import Daybook, open_accounts, wait_until, write_money  # noqa: E402
-from tests.streaming.test_workers import applied  # noqa: E402
+from domain.ledger import Ledger
+from infrastructure import open_ledger, run_projections
+from infrastructure.readmodels.runner import ProjectionRunner
+from infrastructure.readmodels.store import open_store
+from infrastructure.relay import Relay, RelayConfig
+from infrastructure.streaming import envelope
+from infrastructure.streaming.progress import PROGRESS_TABLE
+from infrastructure.urls import postgres_params
+from projections import ALL
+from tests import services
+from tests.streaming.streams import Daybook, open_accounts, wait_until, write_money
+from tests.streaming.test_workers import applied
 
 PARTITIONS = 4
+TOPIC = "bench"
 
 
-def relay_rate(url: str, bootstrap: str, topic: str, head: int) -> float:
-    relay = Relay(RelayConfig(url, f"kafka://{bootstrap}", topic, PARTITIONS, batch_size=5000))
+def relay_rate(url: str, bootstrap: str, head: int) -> float:
+    """Events/s for the whole log: read, published, acknowledged, cursor stored."""
+    relay = Relay(RelayConfig(url, f"kafka://{bootstrap}", TOPIC, PARTITIONS, batch_size=5000))
 
     async def main() -> float:
         task = asyncio.create_task(relay.run())
         start = time.perf_counter()
         while relay.stats.published < head:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - start
         relay.stop()
         await task
@@ -44,54 +66,189 @@ def relay_rate(url: str, bootstrap: str, topic: str, head: int) -> float:
     return head / asyncio.run(main())
 
 
-def worker_rate(url: str, bootstrap: str, topic: str, head: int, workers: int, base: Path) -> float:
-    group = f"bench-{workers}-{time.time_ns()}"
-    procs = [
+def workers(url: str, bootstrap: str, group: str, count: int, base: Path) -> list[Daybook]:
+    return [
         Daybook(
-            ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
+            ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", TOPIC,
              "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "5000"],
-            base / f"worker-{workers}-{n}.log",
+            base / f"{group}-{n}.log",
         ).start()
-        for n in range(workers)
+        for n in range(count)
     ]  # fmt: skip
+
+
+def worker_rate(
+    admin_url: str, bootstrap: str, head: int, count: int, base: Path
+) -> tuple[float, str, str]:
+    """Events/s applied by ``count`` workers of a new group; the group and the database its
+    read models went to (a new one: workers read events from the topic only)."""
+    group = f"bench-x{count}"
+    url = services.create_database(admin_url, f"bench_x{count}")
+    procs = workers(url, bootstrap, group, count, base)
     try:
-        wait_until(lambda: applied(url, group, topic) > 0, "the first batch", 120)
-        start, first = time.perf_counter(), applied(url, group, topic)
-        wait_until(lambda: applied(url, group, topic) >= head, "all events", 600)
-        return (head - first) / (time.perf_counter() - start)
+        wait_until(lambda: applied(url, group, TOPIC) > 0, "the first batch", 120)
+        start, first = time.perf_counter(), applied(url, group, TOPIC)
+        wait_until(lambda: applied(url, group, TOPIC) >= head, "all events", 900)
+        return (head - first) / (time.perf_counter() - start), group, url
     finally:
         for proc in procs:
             proc.stop()
 
 
+def convergence(
+    ledger: Ledger,
+    accounts: list[UUID],
+    visible: Callable[[], Callable[[int], int]],
+    commands: int,
+    rate: float,
+) -> list[float]:
+    """Seconds from each deposit's commit until ``visible()(partition)`` reaches its position.
+
+    Deposits go out at ``rate`` per second whatever the lag (an open loop), round robin
+    over ``accounts`` so that every partition gets some."""
+    pending: list[tuple[int, int, float]] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+    writing = threading.Event()
+    writing.set()
+
+    def watch() -> None:
+        while writing.is_set() or pending:
+            position_of = visible()
+            now = time.perf_counter()
+            with lock:
+                still = [p for p in pending if position_of(p[1]) < p[0]]
+                latencies.extend(now - p[2] for p in pending if position_of(p[1]) >= p[0])
+                pending[:] = still
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    for n in range(commands):
+        time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        account = accounts[n % len(accounts)]
+        receipt = ledger.deposit(account, 1)  # type: ignore[attr-defined]
+        committed = time.perf_counter()
+        partition = envelope.partition_for(envelope.partition_key(account), PARTITIONS)
+        with lock:
+            pending.append((receipt.position, partition, committed))
+    writing.clear()
+    watcher.join(120)
+    if watcher.is_alive():
+        raise RuntimeError(f"{len(pending)} deposits never became visible")
+    return latencies
+
+
+def stream_visible(url: str, group: str) -> Callable[[], Callable[[int], int]]:
+    conn = psycopg.connect(postgres_params(url).conninfo(), autocommit=True)
+
+    def positions() -> Callable[[int], int]:
+        rows = conn.execute(
+            f"SELECT partition, position FROM {PROGRESS_TABLE} WHERE group_id = %s AND topic = %s",
+            (group, TOPIC),
+        ).fetchall()
+        found = dict(rows)
+        return lambda partition: int(found.get(partition, 0))
+
+    return positions
+
+
+def runner_visible(url: str) -> Callable[[], Callable[[int], int]]:
+    store = open_store(url)
+
+    def positions() -> Callable[[int], int]:
+        record = store.version("account_balances", store.active_version("account_balances") or 1)
+        position = record.position if record is not None else 0
+        return lambda _partition: position
+
+    return positions
+
+
+def percentiles(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p50 = statistics.median(ordered) * 1000
+    p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000
+    return f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--latency-commands", type=int, default=500)
+    parser.add_argument("--latency-rate", type=float, default=100.0, help="deposits per second")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="daybook-bench-stream-"))
     pg = services.start_postgres(base / "pg", durable=True)
     kafka = services.start_kafka(base / "kafka")
+    rows: list[tuple[str, str, str]] = []
     try:
         url = services.create_database(pg.url, "bench_stream")
         ledger = open_ledger(url)
-        write_money(ledger, open_accounts(ledger, 1000), args.events)
+        accounts = open_accounts(ledger, 1000)
+        write_money(ledger, accounts, args.events)
         head = ledger.head()
-        print(f"log: {head} events")
-        print(f"relay:                 {relay_rate(url, kafka.bootstrap, 'bench', head):9.0f} events/s")
-        assert (read_cursor(url, "bench") or None) is not None
-        for workers in (1, 2):
-            rate = worker_rate(url, kafka.bootstrap, "bench", head, workers, base)
-            print(f"faust workers x{workers}:      {rate:9.0f} events/s (after the group joined)")
+        print(f"log: {head:,} events ({base})", flush=True)
+
+        relay = relay_rate(url, kafka.bootstrap, head)
+        print(f"relay {relay:,.0f} events/s", flush=True)
+        one, group, worker_url = worker_rate(pg.url, kafka.bootstrap, head, 1, base)
+        print(f"1 worker {one:,.0f} events/s", flush=True)
+        two, _, _ = worker_rate(pg.url, kafka.bootstrap, head, 2, base)
+        print(f"2 workers {two:,.0f} events/s", flush=True)
         other = services.create_database(pg.url, "bench_runner")
         runner = ProjectionRunner(ledger, other, ALL, batch_size=5000)
         start = time.perf_counter()
         runner.run_until_caught_up()
-        print(f"in-process runner:     {head / (time.perf_counter() - start):9.0f} events/s")
+        runner_rate = head / (time.perf_counter() - start)
         runner.stop()
+        print(f"in-process runner {runner_rate:,.0f} events/s", flush=True)
+
+        # Latency: the first group's worker resumes where it stopped, the relay follows the
+        # log (LISTEN/NOTIFY), deposits go to 40 accounts (all partitions).
+        live = [
+            Daybook(
+                ["relay", "--url", url, "--broker", f"kafka://{kafka.bootstrap}", "--topic",
+                 TOPIC, "--partitions", str(PARTITIONS), "--poll-interval", "0.2"],
+                base / "relay-live.log",
+            ).start(),
+            *workers(worker_url, kafka.bootstrap, group, 1, base),
+        ]  # fmt: skip
+        try:
+            probe = ledger.deposit(accounts[0], 1)  # type: ignore[attr-defined]
+            partition = envelope.partition_for(envelope.partition_key(accounts[0]), PARTITIONS)
+            positions = stream_visible(worker_url, group)
+            wait_until(lambda: positions()(partition) >= probe.position, "the live worker", 120)
+            stream_latency = convergence(
+                ledger, accounts[:40], positions, args.latency_commands, args.latency_rate
+            )
+        finally:
+            for proc in live:
+                proc.stop()
+        with run_projections(ledger, other, poll_interval=0.2):
+            runner_latency = convergence(
+                ledger,
+                accounts[:40],
+                runner_visible(other),
+                args.latency_commands,
+                args.latency_rate,
+            )
         ledger.close()
+        rate = f"{args.latency_rate:.0f} deposits/s"
+        rows = [
+            ("relay: published + acknowledged", f"{relay:9,.0f} events/s", ""),
+            ("1 worker: applied", f"{one:9,.0f} events/s", f"{runner_rate:9,.0f} events/s"),
+            ("2 workers: applied (together)", f"{two:9,.0f} events/s", ""),
+            (f"commit -> row, {rate}", percentiles(stream_latency), percentiles(runner_latency)),
+        ]
     finally:
         kafka.stop()
         pg.stop()
+    print()
+    print(f"{'':34} {'relay + faust workers':26} {'in-process runner':26}")
+    for what, stream, inprocess in rows:
+        print(f"{what:34} {stream:26} {inprocess:26}")
+    print(f"\n{head:,} events, {PARTITIONS} partitions, worker batches of up to 5,000 events")
 
 
 if __name__ == "__main__":
