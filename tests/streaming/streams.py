@@ -40,9 +40,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
 
 
 def open_accounts(ledger: Ledger, count: int, currency: str = "EUR") -> list[uuid.UUID]:
-    outcomes = ledger.execute(
-        [commands.open_account(f"owner-{i}", currency) for i in range(count)]
-    )
+    outcomes = ledger.execute([commands.open_account(f"owner-{i}", currency) for i in range(count)])
     return [o.account_id for o in outcomes]  # type: ignore[union-attr]
 
 
@@ -111,7 +109,11 @@ class Daybook:
 
 
 async def _read_topic(
-    bootstrap: str, topic: str, partitions: int, done: Callable[[dict[int, list[envelope.Envelope]]], bool], timeout: float
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    done: Callable[[dict[int, list[envelope.Envelope]]], bool],
+    timeout: float,
 ) -> dict[int, list[envelope.Envelope]]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"

@@ -23,15 +23,12 @@ pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 PARTITIONS = 4
 
 
-def relay(url: str, bootstrap: str, topic: str, log: Path, *, faults: str = "", batch: int = 500) -> Daybook:
-    return Daybook(
-        [
-            "relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
-            "--partitions", str(PARTITIONS), "--batch-size", str(batch), "--poll-interval", "0.2", "-v",
-        ],  # fmt: skip
-        log,
-        env={"DAYBOOK_FAULTS": faults} if faults else {},
-    )
+def relay(
+    url: str, bootstrap: str, topic: str, log: Path, *, faults: str = "", batch: int = 500
+) -> Daybook:
+    args = ["relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    args += ["--partitions", str(PARTITIONS), "--batch-size", str(batch), "--poll-interval", "0.2"]
+    return Daybook([*args, "-v"], log, env={"DAYBOOK_FAULTS": faults} if faults else {})
 
 
 def cursor_position(url: str, topic: str) -> int:
@@ -50,7 +47,8 @@ def test_relay_killed_mid_batch_loses_nothing_and_consumers_drop_the_repeats(
 
     # Killed (SIGKILL, from inside, at an exact point) in its third batch: after its messages
     # were handed to the producer, or after the broker acknowledged them.
-    first = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay1.log", faults=f"{crash_point}:3").start()
+    log = tmp_path / "relay1.log"
+    first = relay(pg_url, kafka_bootstrap, topic, log, faults=f"{crash_point}:3").start()
     assert first.wait() == -9, first.output
     assert cursor_position(pg_url, topic) == 1000  # two batches of 500 recorded, no more
 

@@ -26,24 +26,17 @@ PARTITIONS = 4
 
 
 def relay(url: str, bootstrap: str, topic: str, log: Path) -> Daybook:
-    return Daybook(
-        [
-            "relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
-            "--partitions", str(PARTITIONS), "--batch-size", "1000", "--poll-interval", "0.2", "-v",
-        ],  # fmt: skip
-        log,
-    )
+    args = ["relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    args += ["--partitions", str(PARTITIONS), "--batch-size", "1000", "--poll-interval", "0.2"]
+    return Daybook([*args, "-v"], log)
 
 
-def worker(url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = "") -> Daybook:
-    return Daybook(
-        [
-            "worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic,
-            "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "500", "-v",
-        ],  # fmt: skip
-        log,
-        env={"DAYBOOK_FAULTS": faults} if faults else {},
-    )
+def worker(
+    url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = ""
+) -> Daybook:
+    args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "500", "-v"]
+    return Daybook(args, log, env={"DAYBOOK_FAULTS": faults} if faults else {})
 
 
 def applied(url: str, group: str, topic: str) -> int:
@@ -93,7 +86,7 @@ def test_two_workers_build_the_same_tables_as_the_in_process_runner(
     try:
         write_money(ledger, accounts, 1000, seed=2)  # while everything runs
         head = ledger.head()
-        wait_until(lambda: applied(pg_url, group, topic) == head, "the workers to apply every event")
+        wait_until(lambda: applied(pg_url, group, topic) == head, "every event applied")
         status = read_status(pg_url, group, topic)
         assert all(p.state == "live" and p.dead_letters == 0 for p in status)
     finally:
