@@ -8,7 +8,9 @@ then measures, in one run:
 1. relay: events/s read from the log, published and acknowledged (``acks=all``);
 2. faust workers: events/s applied to the read models by one worker, then by two (a new
    consumer group each, timed from the group's first committed batch, so the group join is
-   left out), and the in-process runner rebuilding the same log into a database of its own;
+   left out), and the in-process runner rebuilding the same log into a database of its own.
+   For scale, the workers' ``StreamApplier`` is also fed by a plain aiokafka group consumer
+   in 5,000-message fetches (no faust): what batch delivery below faust's stream would give;
 3. convergence latency p50/p99 from command commit to read-model row, under a steady load of
    deposits: for the workers, until the progress row of the event's partition (committed in
    the same transaction as the rows) reaches the event's position; for the in-process
@@ -29,6 +31,7 @@ from pathlib import Path
 from uuid import UUID
 
 import psycopg
+from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +42,7 @@ from infrastructure.readmodels.store import open_store
 from infrastructure.relay import Relay, RelayConfig
 from infrastructure.streaming import envelope
 from infrastructure.streaming.progress import PROGRESS_TABLE
+from infrastructure.streaming.worker import Message, StreamApplier
 from infrastructure.urls import postgres_params
 from projections import ALL
 from tests import services
@@ -93,6 +97,50 @@ def worker_rate(
     finally:
         for proc in procs:
             proc.stop()
+
+
+def batch_rate(admin_url: str, bootstrap: str, head: int) -> float:
+    """Events/s when ``StreamApplier`` gets whole fetches from a plain aiokafka consumer."""
+    url = services.create_database(admin_url, "bench_batches")
+    applier = StreamApplier(url, ALL, group="bench-batches", topic=TOPIC, partitions=PARTITIONS,
+                            writer="bench")  # fmt: skip
+
+    async def main() -> float:
+        consumer = AIOKafkaConsumer(
+            TOPIC,
+            bootstrap_servers=bootstrap,
+            group_id="bench-batches",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=5000,
+            fetch_max_wait_ms=50,
+        )
+        await consumer.start()
+        try:
+            done = first = 0
+            start = 0.0
+            while done < head:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=5000)
+                messages = [
+                    Message(tp.partition, m.offset, m.value)
+                    for tp, ms in fetched.items()
+                    for m in ms
+                ]
+                if not messages:
+                    continue
+                if not done:
+                    start, first = time.perf_counter(), len(messages)
+                await asyncio.to_thread(applier.apply, messages)
+                await consumer.commit()
+                done += len(messages)
+            return (done - first) / (time.perf_counter() - start)
+        finally:
+            await consumer.stop()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        applier.close()
 
 
 def convergence(
@@ -196,6 +244,8 @@ def main() -> None:
         print(f"1 worker {one:,.0f} events/s", flush=True)
         two, _, _ = worker_rate(pg.url, kafka.bootstrap, head, 2, base)
         print(f"2 workers {two:,.0f} events/s", flush=True)
+        batches = batch_rate(pg.url, kafka.bootstrap, head)
+        print(f"applier fed whole fetches {batches:,.0f} events/s", flush=True)
         other = services.create_database(pg.url, "bench_runner")
         runner = ProjectionRunner(ledger, other, ALL, batch_size=5000)
         start = time.perf_counter()
@@ -239,15 +289,16 @@ def main() -> None:
             ("relay: published + acknowledged", f"{relay:9,.0f} events/s", ""),
             ("1 worker: applied", f"{one:9,.0f} events/s", f"{runner_rate:9,.0f} events/s"),
             ("2 workers: applied (together)", f"{two:9,.0f} events/s", ""),
+            ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),
             (f"commit -> row, {rate}", percentiles(stream_latency), percentiles(runner_latency)),
         ]
     finally:
         kafka.stop()
         pg.stop()
     print()
-    print(f"{'':34} {'relay + faust workers':26} {'in-process runner':26}")
+    print(f"{'':38} {'relay + faust workers':26} {'in-process runner':26}")
     for what, stream, inprocess in rows:
-        print(f"{what:34} {stream:26} {inprocess:26}")
+        print(f"{what:38} {stream:26} {inprocess:26}")
     print(f"\n{head:,} events, {PARTITIONS} partitions, worker batches of up to 5,000 events")
 
 
