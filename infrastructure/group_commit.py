@@ -140,8 +140,9 @@ class GroupCommitter:
             except queue.Empty:
                 # Callers just answered are probably about to send their next command:
                 # wait a moment for them rather than commit a fraction of them.
+                # (Not while a commit is under way: its callers are waiting to be answered.)
                 wait = deadline - time.monotonic()
-                if len(items) >= self._expected or wait <= 0:
+                if not block or len(items) >= self._expected or wait <= 0:
                     return items
                 try:
                     item = self._queue.get(timeout=wait)
