@@ -16,19 +16,11 @@ from infrastructure import open_async_ledger, open_ledger
 from infrastructure.group_commit import GroupCommitter
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store two ledgers (two writers, each with its own cache) can share."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    return str(request.getfixturevalue("pg_url"))
-
-
 def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
-    shared_url: str,
+    shared_store_url: str,
 ) -> None:
-    ours = open_ledger(shared_url)
-    theirs = open_ledger(shared_url)  # another process: its own cache and connections
+    ours = open_ledger(shared_store_url)
+    theirs = open_ledger(shared_store_url)  # another process: its own cache and connections
     x = ours.open_account("x", "EUR")
     y = ours.open_account("y", "EUR")
     ours.deposit(x, 100)

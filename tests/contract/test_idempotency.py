@@ -85,10 +85,8 @@ def test_a_replay_survives_later_writes(ledger: Ledger, funded: tuple[UUID, UUID
     assert ledger.account(a).balance == 0
 
 
-def test_a_replay_is_seen_by_a_second_ledger_on_the_same_store(store_url: str) -> None:
-    if store_url == "memory://":
-        pytest.skip("memory:// is private to one ledger")
-    first, second = open_ledger(store_url), open_ledger(store_url)
+def test_a_replay_is_seen_by_a_second_ledger_on_the_same_store(shared_store_url: str) -> None:
+    first, second = open_ledger(shared_store_url), open_ledger(shared_store_url)
     try:
         a = first.open_account("alice", "EUR", request_id="o-1")
         assert second.open_account("alice", "EUR", request_id="o-1") == a

@@ -132,11 +132,9 @@ def test_reads(ledger: Ledger) -> None:
         ledger.inventory("SKU-NONE")
 
 
-def test_a_second_ledger_on_the_same_store_sees_everything(store_url: str) -> None:
-    if store_url == "memory://":
-        pytest.skip("memory:// is private to one ledger")
-    first = open_ledger(store_url)
-    second = open_ledger(store_url)
+def test_a_second_ledger_on_the_same_store_sees_everything(shared_store_url: str) -> None:
+    first = open_ledger(shared_store_url)
+    second = open_ledger(shared_store_url)
     try:
         a = first.open_account("a", "EUR")
         b = first.open_account("b", "EUR")
@@ -285,13 +283,11 @@ def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: L
     assert ledger.head() == max(r.position for r in applied)
 
 
-def test_a_pipelined_refusal_is_judged_on_the_latest_committed_state(store_url: str) -> None:
+def test_a_pipelined_refusal_is_judged_on_the_latest_committed_state(shared_store_url: str) -> None:
     """Group commit prepares the next batch on top of the one still committing. A refusal in
     that next batch must still be judged on the latest committed state, like any other."""
-    if store_url == "memory://":
-        pytest.skip("memory:// has no second writer")
-    ours = open_ledger(store_url, group_commit=False)
-    theirs = open_ledger(store_url, group_commit=False)
+    ours = open_ledger(shared_store_url, group_commit=False)
+    theirs = open_ledger(shared_store_url, group_commit=False)
     try:
         account = ours.open_account("x", "EUR")
         committing = ours.prepare([build.withdraw(account, 50, request_id="w-1")])
