@@ -1,10 +1,11 @@
 """The Ledger application: the embedding API of daybook's write side.
 
 Every public command method validates its arguments, builds a ``Command`` and hands it to the
-ledger's committer. The committer calls ``Ledger.execute`` with one or more commands; all the
-events of one ``execute`` call, and the idempotency records of its requests, are written in one
-transaction. The default committer executes each command alone; ``infrastructure`` installs a
-group committer that batches concurrent commands into one transaction.
+ledger's committer. A batch of commands is applied in memory by ``Ledger.prepare`` and written
+by ``Ledger.commit``: all its events, and the idempotency records of its requests, in one
+transaction; ``Ledger.execute`` does both and retries on conflicts. The default committer
+executes each command alone; ``infrastructure`` installs a group committer that batches
+concurrent commands and prepares the next batch while the previous one commits.
 
 Persistence is configured by environment (``open_ledger`` in ``infrastructure`` builds it from a
 URL); the recorder must also keep idempotency records (``RequestLog``).
