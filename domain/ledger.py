@@ -73,17 +73,6 @@ class Receipt:
     sku: str | None = None
     reservation_id: str | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "request_id": self.request_id,
-            "position": self.position,
-            "account_id": self.account_id,
-            "transfer_id": self.transfer_id,
-            "sku": self.sku,
-            "reservation_id": self.reservation_id,
-        }
-
     @classmethod
     def from_record(cls, record: dict[str, Any], *, replayed: bool) -> Receipt:
         return cls(
