@@ -36,27 +36,20 @@ def emit(line: dict[str, Any]) -> None:
 
 
 def arm_crash(after_commits: int) -> None:
-    """Kill this process inside the N-th events insert, before its transaction commits."""
-    original_insert_events = PostgresRecorder.insert_events
-    original_insert_stored = PostgresRecorder._insert_stored_events
-    in_flight: list[str] = []
+    """Kill this process inside the N-th commit: the batch's append has run on the server,
+    inside the transaction, and COMMIT has not been sent."""
+    original_append = PostgresRecorder._append_batch
     calls = 0
 
-    def insert_events(self: PostgresRecorder, stored: Any, **kwargs: Any) -> Any:
-        in_flight[:] = [p.record.request_id for p in kwargs.get("requests", ())]
-        return original_insert_events(self, stored, **kwargs)
-
-    def insert_then_die(self: PostgresRecorder, curs: Any, *args: Any, **kwargs: Any) -> None:
+    def append_then_die(self: PostgresRecorder, curs: Any, stored: Any, requests: Any) -> None:
         nonlocal calls
-        original_insert_stored(self, curs, *args, **kwargs)
+        original_append(self, curs, stored, requests)  # events and records are on the server...
         calls += 1
         if calls >= after_commits:
-            curs.connection._pipeline.sync()  # the INSERTs have reached the server...
-            emit({"crashing": list(in_flight)})
-            os.kill(os.getpid(), signal.SIGKILL)  # ...and COMMIT never will
+            emit({"crashing": [p.record.request_id for p in requests]})
+            os.kill(os.getpid(), signal.SIGKILL)  # ...and COMMIT never will be
 
-    PostgresRecorder.insert_events = insert_events  # type: ignore[method-assign]
-    PostgresRecorder._insert_stored_events = insert_then_die  # type: ignore[method-assign]
+    PostgresRecorder._append_batch = append_then_die  # type: ignore[method-assign]
 
 
 def main() -> None:
