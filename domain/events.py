@@ -76,13 +76,21 @@ class LedgerAggregate(BaseAggregate[UUID]):
     def __init__(self, **_: Any) -> None:
         """State is set by the Created event's ``apply``."""
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+    def clone(self) -> Self:
         """A copy for one command batch. Aggregate state is flat, or containers of immutable
         values, so copying the containers is a deep copy, and many times faster than the
-        generic one (which the repository's cache uses on every read)."""
+        generic one."""
         clone = object.__new__(type(self))
-        for name, value in self.__dict__.items():
-            if isinstance(value, (dict, list, set)):
-                value = value.copy()
-            clone.__dict__[name] = value
+        state = self.__dict__.copy()
+        for name, value in state.items():
+            if type(value) in _CONTAINERS:
+                state[name] = value.copy()
+        clone.__dict__ = state
         return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        """The repository's cache copies on every read: the same fast copy."""
+        return self.clone()
+
+
+_CONTAINERS = frozenset({dict, list, set})

