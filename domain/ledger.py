@@ -539,11 +539,12 @@ class Ledger(Application[UUID]):
                 raise
             assert positions is not None
             for index, (receipt, last) in prepared.receipts.items():
-                receipt["position"] = positions[last]
-                prepared.outcomes[index] = Receipt.from_record(receipt, replayed=False)
-            if self.repository.cache is not None:
-                for aggregate in prepared.uow.aggregates.values():
-                    self.repository.cache.put(aggregate.id, aggregate)
+                # The fields are this process's own values (UUIDs, not their JSON strings).
+                prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
+            cache = self.repository.cache
+            if cache is not None:
+                for aggregate_id, aggregate in prepared.uow.aggregates.items():
+                    cache.put(aggregate_id, aggregate)
         for index, (source, first) in prepared.repeats.items():
             prepared.outcomes[index] = _repeat(
                 source.commands[first], source.outcomes[first], prepared.commands[index]

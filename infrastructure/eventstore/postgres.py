@@ -8,15 +8,18 @@ lock, and tailing readers then miss events.
 
 from __future__ import annotations
 
+from binascii import b2a_base64
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
 from domain.ledger import PendingRequest, RequestRecord
-from infrastructure.eventstore import REQUESTS_TABLE, decode_record, encode_outcome
+from infrastructure.eventstore import REQUESTS_TABLE, decode_record
 
 #: Advisory lock key taken while creating daybook's event store tables.
 _CREATE_TABLES_LOCK = 0x6461796B  # "dayk"
@@ -46,35 +49,37 @@ class PostgresRecorder(PostgresApplicationRecorder):
             ).format(requests)
         )
         # One server-side function appends a whole batch: request records, then the table
-        # lock, the notification and the events. Sent as one statement (inside BEGIN ...
-        # COMMIT, in one pipeline), it costs the client a single execute instead of eight,
-        # which was most of the Python time of a group commit. The table lock is what keeps
-        # notification ids in commit order (see the module docstring).
+        # lock, the notification and the events. The client makes a single call instead of
+        # eight statements, and sends the batch as one JSON document (events' states in
+        # base64) rather than ten arrays: psycopg dumps arrays element by element in Python,
+        # which was most of the client time of a group commit; orjson writes the document in
+        # a few microseconds. The table lock keeps notification ids in commit order (see the
+        # module docstring); json_to_recordset yields rows in document order, so the ids come
+        # back in the order of the events.
         self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
         self.sql_create_statements.append(
             SQL(
-                "CREATE OR REPLACE FUNCTION {schema}.{function}("
-                "e_ids uuid[], e_versions bigint[], e_topics text[], e_states bytea[], "
-                "r_ids text[], r_commands text[], r_fingerprints text[], r_outcomes text[], "
-                "r_last_ids uuid[], r_last_versions bigint[]) "
+                "CREATE OR REPLACE FUNCTION {schema}.{function}(events json, requests json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
                 "PERFORM set_config('synchronous_commit', 'on', true); "
-                "IF cardinality(r_ids) > 0 THEN "
+                "IF json_array_length(requests) > 0 THEN "
                 "INSERT INTO {requests} (request_id, command, fingerprint, outcome, "
                 "last_originator_id, last_originator_version) "
-                "SELECT i, c, f, o::jsonb, li, lv FROM unnest(r_ids, r_commands, r_fingerprints, "
-                "r_outcomes, r_last_ids, r_last_versions) AS r(i, c, f, o, li, lv); "
+                "SELECT * FROM json_to_recordset(requests) AS r(request_id text, command text, "
+                "fingerprint text, outcome jsonb, last_originator_id uuid, "
+                "last_originator_version bigint); "
                 "END IF; "
-                "IF cardinality(e_ids) > 0 THEN "
+                "IF json_array_length(events) > 0 THEN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
-                "LOCK TABLE {events} IN EXCLUSIVE MODE; "
+                "LOCK TABLE {events_table} IN EXCLUSIVE MODE; "
                 "NOTIFY {channel}; "
-                "RETURN QUERY INSERT INTO {events} "
+                "RETURN QUERY INSERT INTO {events_table} "
                 "(originator_id, originator_version, topic, state) "
-                "SELECT * FROM unnest(e_ids, e_versions, e_topics, e_states) "
+                "SELECT i, v, t, decode(s, 'base64') FROM json_to_recordset(events) "
+                "AS e(i uuid, v bigint, t text, s text) "
                 "RETURNING notification_id; "
                 "END IF; "
                 "END $BODY$"
@@ -82,14 +87,14 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 schema=schema,
                 function=self._append_function,
                 requests=requests,
-                events=events,
+                events_table=events,
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
-        self._append = SQL(
-            "SELECT * FROM {}.{}(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b) AS notification_id"
-        ).format(schema, self._append_function)
+        self._append = SQL("SELECT * FROM {}.{}(%s::json, %s::json) AS notification_id").format(
+            schema, self._append_function
+        )
         self._select_requests = SQL(
             "SELECT r.request_id, r.command, r.fingerprint, r.outcome, e.notification_id "
             "FROM {} r LEFT JOIN {} e ON e.originator_id = r.last_originator_id "
@@ -123,42 +128,43 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # key (another writer got there first) is raised as IntegrityError by the call, and
         # nothing commits. (Measured: plain round trips cost less client time here than
         # psycopg's pipeline mode, and the same wall time as an autocommit call.)
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             with conn.transaction():
                 self._append_batch(curs, stored_events, requests)
             # The append was the cursor's only statement: its rows are the new ids, in order.
-            return [row["notification_id"] for row in curs.fetchall()]
+            return [notification_id for (notification_id,) in curs.fetchall()]
 
     def _append_batch(
         self, curs: Any, stored_events: Sequence[StoredEvent], requests: Sequence[PendingRequest]
     ) -> None:
+        events = [
+            {
+                "i": e.originator_id,
+                "v": e.originator_version,
+                "t": e.topic,
+                "s": b2a_base64(e.state, newline=False),
+            }
+            for e in stored_events
+        ]
+        records = []
+        for pending in requests:
+            record = pending.record
+            index = pending.last_event_index
+            last = stored_events[index] if index is not None else None
+            records.append(
+                {
+                    "request_id": record.request_id,
+                    "command": record.command,
+                    "fingerprint": record.fingerprint,
+                    "outcome": record.outcome,
+                    "last_originator_id": last.originator_id if last else None,
+                    "last_originator_version": last.originator_version if last else None,
+                }
+            )
         curs.execute(
             self._append,
-            (
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
-                *self._request_rows(stored_events, requests),
-            ),
+            (orjson.dumps(events, default=bytes.decode).decode(), orjson.dumps(records).decode()),
             prepare=True,
-        )
-
-    @staticmethod
-    def _request_rows(
-        stored_events: Sequence[StoredEvent], requests: Sequence[PendingRequest]
-    ) -> tuple[list[Any], ...]:
-        last = [
-            stored_events[p.last_event_index] if p.last_event_index is not None else None
-            for p in requests
-        ]
-        return (
-            [p.record.request_id for p in requests],
-            [p.record.command for p in requests],
-            [p.record.fingerprint for p in requests],
-            [encode_outcome(p.record).decode() for p in requests],
-            [e.originator_id if e else None for e in last],
-            [e.originator_version if e else None for e in last],
         )
 
     def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
