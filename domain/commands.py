@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID, uuid4
 
@@ -36,6 +35,18 @@ if TYPE_CHECKING:
     from domain.ledger import UnitOfWork
 
 
+_PAYLOAD_FIELDS: dict[type[Command], tuple[str, ...]] = {}
+
+
+def _payload_fields(command_class: type[Command]) -> tuple[str, ...]:
+    names = _PAYLOAD_FIELDS.get(command_class)
+    if names is None:
+        skip = command_class._envelope | command_class.generated
+        names = tuple(f.name for f in fields(command_class) if f.name not in skip)
+        _PAYLOAD_FIELDS[command_class] = names
+    return names
+
+
 @dataclass(frozen=True, kw_only=True)
 class Command:
     """Base of every command: the request id and metadata travel with it."""
@@ -56,18 +67,22 @@ class Command:
 
     def payload(self) -> dict[str, Any]:
         """What the caller asked for: the fields a retry must repeat exactly."""
-        skip = self._envelope | self.generated
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {name: getattr(self, name) for name in _payload_fields(type(self))}
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
         """A stable digest of the command name and payload, for idempotency checks.
 
         Fingerprints are stored with request records: changing how they are computed would
         turn retries of requests recorded before the change into idempotency conflicts.
         """
-        text = orjson.dumps([self.name, self.payload()], option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(text).hexdigest()
+        # Computed once per command (a frozen dataclass: cached in its __dict__ directly,
+        # as functools.cached_property would, without its per-call lock).
+        cached: str | None = self.__dict__.get("_fingerprint")
+        if cached is None:
+            text = orjson.dumps([self.name, self.payload()], option=orjson.OPT_SORT_KEYS)
+            cached = self.__dict__["_fingerprint"] = hashlib.sha256(text).hexdigest()
+        return cached
 
     @property
     def metadata(self) -> Metadata:

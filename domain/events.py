@@ -76,6 +76,19 @@ class LedgerAggregate(BaseAggregate[UUID]):
     def __init__(self, **_: Any) -> None:
         """State is set by the Created event's ``apply``."""
 
+    def trigger_event(self, event_class: type[CanMutateAggregate[UUID]], **kwargs: Any) -> None:
+        """Number, build and apply the next event, as eventsourcing's ``trigger_event`` does,
+        minus its generic preparation (copying the arguments, checking explicit topics):
+        this runs for every event on the write path, and that preparation was most of it."""
+        event = event_class(  # type: ignore[call-arg]
+            originator_id=self._id,
+            originator_version=self._version + 1,
+            timestamp=event_class.create_timestamp(),
+            **kwargs,
+        )
+        event.mutate(self)
+        self._pending_events.append(event)
+
     def clone(self) -> Self:
         """A copy for one command batch. Aggregate state is flat, or containers of immutable
         values, so copying the containers is a deep copy, and many times faster than the

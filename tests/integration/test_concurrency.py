@@ -21,6 +21,8 @@ from uuid import UUID
 import psycopg
 import pytest
 
+from domain import commands
+from domain.errors import DomainError
 from domain.ledger import Ledger
 from infrastructure import open_ledger
 from infrastructure.urls import postgres_params
@@ -52,6 +54,7 @@ def writer(url: str, accounts: list[UUID], seed: str, **options: Any) -> subproc
         "accounts": [str(a) for a in accounts],
         "skus": SKUS,
         "crash_before_commit": options.get("crash_before_commit"),
+        "announce_commits": options.get("announce_commits", False),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "tests.integration.writer", json.dumps(setup)],
@@ -149,25 +152,89 @@ def test_sigkill_mid_stream_loses_no_receipt_and_leaves_no_half_command(pg_url: 
     check_log(ledger, pg_url, accounts, receipts)
 
 
-def test_sigkill_inside_a_group_commit_before_commit(pg_url: str) -> None:
-    """The crash window of group commit: events and request records sent, COMMIT not."""
+def test_sigkill_inside_a_group_commit_before_it_is_sent(pg_url: str) -> None:
+    """Killed inside a group commit (batch applied, statement built, nothing sent): every
+    caller told success finds its events in the log, none of the batch's callers do."""
     ledger, accounts = prepare(pg_url)
     process = writer(pg_url, accounts, "w", count=500, threads=8, crash_before_commit=25)
     outcomes = list(lines(process))
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     in_flight = next(o["crashing"] for o in outcomes if "crashing" in o)
-    assert in_flight, "the killed commit carried requests"
+    assert len(in_flight) > 1, "the killed commit was a group commit"
     receipts = [o for o in outcomes if "position" in o]
     told = {r["request_id"] for r in receipts}
     assert not told & set(in_flight), "a caller was told success before its commit"
     grouped = events_by_request(ledger)
-    assert not set(in_flight) & set(grouped), "events of the killed transaction are in the log"
+    assert not set(in_flight) & set(grouped), "events of the killed commit are in the log"
     assert not set(in_flight) & recorded_requests(pg_url)
     check_log(ledger, pg_url, accounts, receipts)
     # The ledger keeps working for a new process after the crash.
-    time.sleep(0)
     assert ledger.transfer(accounts[0], accounts[1], 1).position > 0
+
+
+def test_sigkill_after_a_group_commit_was_sent_loses_nothing_and_retries_replay(
+    pg_url: str,
+) -> None:
+    """Killed while its commit statement waits on the server: the server still commits the
+    whole batch although no caller was told. Retrying those requests (same ids, same
+    payloads) from another process replays their outcomes; nothing is applied twice."""
+    ledger, accounts = prepare(pg_url)
+    process = writer(pg_url, accounts, "s", count=2000, threads=8, announce_commits=True)
+    outcomes: list[dict[str, Any]] = []
+    stream = lines(process)
+    for line in stream:
+        outcomes.append(line)
+        if sum("position" in o for o in outcomes) >= 50:
+            break
+    conninfo = postgres_params(pg_url).conninfo()
+    with psycopg.connect(conninfo) as locker, psycopg.connect(conninfo, autocommit=True) as watch:
+        # Hold the events table: the writer's next commit statement reaches the server and
+        # waits there for the lock, mid-transaction.
+        locker.execute("LOCK TABLE daybook_events IN EXCLUSIVE MODE")
+        appends = (
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%daybook_append%' "
+            "AND pid <> pg_backend_pid() AND "
+        )
+        waiting = appends + "wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 60
+        while watch.execute(waiting).fetchone() != (1,):
+            assert time.monotonic() < deadline, "no commit came to wait on the lock"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        outcomes.extend(stream)
+        locker.rollback()  # the statement of the dead process goes on, and commits
+        running = appends + "state = 'active'"
+        while watch.execute(running).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the orphaned commit never finished"
+            time.sleep(0.01)
+    assert process.returncode == -signal.SIGKILL
+    unanswered = [o for o in outcomes if "sending" in o][-1]["sending"]
+    assert len(unanswered) > 1, "the commit under way was a group commit"
+    receipts = [o for o in outcomes if "position" in o]
+    told = {o["request_id"] for o in outcomes if "position" in o or "refused" in o}
+    assert not told & {r["request_id"] for r in unanswered}, "nobody heard about that commit"
+    assert {r["request_id"] for r in unanswered} <= recorded_requests(pg_url), "it committed"
+    check_log(ledger, pg_url, accounts, receipts)
+
+    head = ledger.head()
+    balances = [ledger.account(a).balance for a in accounts]
+    recorded = ledger.recorder.select_requests([r["request_id"] for r in unanswered])  # type: ignore[attr-defined]
+    for request in unanswered:
+        build = getattr(commands, request["command"])
+        payload = {
+            k: UUID(v) if k in ("source", "destination") else v
+            for k, v in request["payload"].items()
+        }
+        (outcome,) = ledger.execute([build(**payload, request_id=request["request_id"])])
+        original = recorded[request["request_id"]].outcome
+        if isinstance(outcome, DomainError):
+            assert original["error"]["code"] == outcome.code, request
+        else:
+            assert outcome.replayed and original["receipt"]["position"] == outcome.position
+    assert ledger.head() == head, "a retry applied a request a second time"
+    assert [ledger.account(a).balance for a in accounts] == balances
 
 
 def test_processes_starting_at_once_on_a_fresh_database_all_start(

@@ -7,8 +7,9 @@ Each thread sends random transfers and reservations (some deliberately over the 
 request ids ``{seed}-{thread}-{n}`` and prints one JSON line per outcome, flushed, *after* the
 ledger returned it: a printed receipt is one the caller really received.
 
-``crash_before_commit: N`` makes the process SIGKILL itself inside the N-th commit, after the
-events and request records were sent to PostgreSQL and before COMMIT: the crash window.
+``crash_before_commit: N`` makes the process SIGKILL itself inside the N-th commit, just
+before its statement is sent. ``announce_commits: true`` prints each batch's commands before
+it is sent (the test then kills the process while the statement waits on the server).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from domain.errors import DomainError
+from domain.ledger import Ledger, PreparedBatch
 from infrastructure import open_ledger
 from infrastructure.eventstore.postgres import PostgresRecorder
 
@@ -31,31 +33,49 @@ _print_lock = threading.Lock()
 
 def emit(line: dict[str, Any]) -> None:
     with _print_lock:
-        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.write(json.dumps(line, default=str) + "\n")
         sys.stdout.flush()
 
 
 def arm_crash(after_commits: int) -> None:
-    """Kill this process inside the N-th commit: the batch's append has run on the server,
-    inside the transaction, and COMMIT has not been sent."""
+    """Kill this process inside the N-th commit, at the last moment it controls: the batch
+    is applied and handed to the committing thread, its statement built, nothing sent."""
     original_append = PostgresRecorder._append_batch
     calls = 0
 
-    def append_then_die(self: PostgresRecorder, curs: Any, stored: Any, requests: Any) -> None:
+    def die_before_sending(self: PostgresRecorder, curs: Any, stored: Any, requests: Any) -> None:
         nonlocal calls
-        original_append(self, curs, stored, requests)  # events and records are on the server...
         calls += 1
         if calls >= after_commits:
             emit({"crashing": [p.record.request_id for p in requests]})
-            os.kill(os.getpid(), signal.SIGKILL)  # ...and COMMIT never will be
+            os.kill(os.getpid(), signal.SIGKILL)
+        original_append(self, curs, stored, requests)
 
-    PostgresRecorder._append_batch = append_then_die  # type: ignore[method-assign]
+    PostgresRecorder._append_batch = die_before_sending  # type: ignore[method-assign]
+
+
+def announce_commits() -> None:
+    """Print each batch's commands (request id, command, payload) before it is sent, so a
+    test can retry exactly the requests of a commit whose answer it never saw."""
+    original_commit = Ledger.commit
+
+    def announcing_commit(self: Ledger, prepared: PreparedBatch) -> Any:
+        sending = [
+            {"request_id": c.request_id, "command": c.name, "payload": c.payload()}
+            for c in prepared.commands
+        ]
+        emit({"sending": sending})
+        return original_commit(self, prepared)
+
+    Ledger.commit = announcing_commit  # type: ignore[method-assign]
 
 
 def main() -> None:
     setup = json.loads(sys.argv[1])
     if setup.get("crash_before_commit"):
         arm_crash(setup["crash_before_commit"])
+    if setup.get("announce_commits"):
+        announce_commits()
     ledger = open_ledger(setup["url"])
     accounts = [UUID(a) for a in setup["accounts"]]
     skus: list[str] = setup["skus"]
