@@ -8,8 +8,6 @@ stored state of older events (eventsourcing's mapper calls them in order).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, ClassVar, Self
@@ -38,14 +36,20 @@ def current_metadata() -> Metadata:
     return _current_metadata.get() or _NO_METADATA
 
 
-@contextmanager
-def metadata_scope(metadata: Metadata) -> Iterator[None]:
-    """Stamp ``metadata`` on every event triggered inside the block."""
-    token = _current_metadata.set(metadata)
-    try:
-        yield
-    finally:
-        _current_metadata.reset(token)
+class metadata_scope:
+    """Stamp ``metadata`` on every event triggered inside the block. (A plain class rather
+    than a generator context manager: it is entered once per command on the write path.)"""
+
+    __slots__ = ("_metadata", "_token")
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = metadata
+
+    def __enter__(self) -> None:
+        self._token = _current_metadata.set(self._metadata)
+
+    def __exit__(self, *_: object) -> None:
+        _current_metadata.reset(self._token)
 
 
 class DomainEvent(BaseModel):
@@ -88,6 +92,11 @@ class LedgerAggregate(BaseAggregate[UUID]):
         )
         event.mutate(self)
         self._pending_events.append(event)
+
+    def collect_events(self) -> list[CanMutateAggregate[UUID]]:
+        """The pending events, oldest first; the aggregate then has none."""
+        events, self._pending_events = self._pending_events, []
+        return events
 
     def clone(self) -> Self:
         """A copy for one command batch. Aggregate state is flat, or containers of immutable

@@ -526,10 +526,14 @@ class Ledger(Application[UUID]):
         to_stored_event = self.mapper.to_stored_event
         prepared.stored.extend(to_stored_event(event) for event in prepared.events[mapped:])
 
-    def commit(self, prepared: PreparedBatch) -> list[Outcome]:
+    def commit(self, prepared: PreparedBatch, *, remember: bool = True) -> list[Outcome]:
         """Write a prepared batch's events and request records in one transaction and
         return its outcomes. On failure the batch's aggregates are evicted from the cache
-        and the error is raised: nobody has been told anything, and ``execute`` can retry."""
+        and the error is raised: nobody has been told anything, and ``execute`` can retry.
+
+        With ``remember=False`` the cache is not updated: call ``remember`` afterwards (a
+        group committer answers its callers first; the next batch builds on this one's
+        state directly, not on the cache)."""
         assert prepared.after is None or prepared.after.committed, "commit batches in order"
         if prepared.pending:
             try:
@@ -541,10 +545,8 @@ class Ledger(Application[UUID]):
             for index, (receipt, last) in prepared.receipts.items():
                 # The fields are this process's own values (UUIDs, not their JSON strings).
                 prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
-            cache = self.repository.cache
-            if cache is not None:
-                for aggregate_id, aggregate in prepared.uow.aggregates.items():
-                    cache.put(aggregate_id, aggregate)
+            if remember:
+                self.remember(prepared)
         for index, (source, first) in prepared.repeats.items():
             prepared.outcomes[index] = _repeat(
                 source.commands[first], source.outcomes[first], prepared.commands[index]
@@ -553,6 +555,13 @@ class Ledger(Application[UUID]):
         prepared.after = None
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
+
+    def remember(self, prepared: PreparedBatch) -> None:
+        """Put a committed batch's aggregates in the cache."""
+        cache = self.repository.cache
+        if cache is not None and prepared.pending:
+            for aggregate_id, aggregate in prepared.uow.aggregates.items():
+                cache.put(aggregate_id, aggregate)
 
     def _evict(self, uow: UnitOfWork) -> None:
         if self.repository.cache is None:

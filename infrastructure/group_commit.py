@@ -315,8 +315,11 @@ class GroupCommitter:
     # -- the committing thread --------------------------------------------------------------
 
     def _commit(self, batch: _Batch) -> None:
-        """Write the batch; answer its callers at once (the writer thread is busy)."""
-        _settle(batch.items, self._ledger.commit(batch.prepared))
+        """Write the batch; answer its callers at once (the writer thread is busy), then
+        cache its aggregates (the batch built on top of it reads them from it, not from
+        the cache, and the writer only starts another after this returns)."""
+        _settle(batch.items, self._ledger.commit(batch.prepared, remember=False))
+        self._ledger.remember(batch.prepared)
 
     # -- the careful path ---------------------------------------------------------------------
 

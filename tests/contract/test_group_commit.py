@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,9 +70,9 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
     sizes: list[int] = []
     commit = ledger.commit
 
-    def counting_commit(prepared: PreparedBatch) -> list[Receipt | DomainError]:
+    def counting_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
         sizes.append(len(prepared.commands))
-        return commit(prepared)
+        return commit(prepared, **options)
 
     ledger.commit = counting_commit  # type: ignore[method-assign]
     rich = ledger.open_account("rich", "EUR")
@@ -165,13 +166,13 @@ def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -
     failures = {"left": 3}
     overlapped: list[bool] = []
 
-    def flaky_commit(prepared: PreparedBatch) -> list[Receipt | DomainError]:
+    def flaky_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
         overlapped.append(prepared.after is not None)
         if failures["left"] and len(prepared.commands) > 1:
             failures["left"] -= 1
             ledger._evict(prepared.uow)  # as a real failed commit does
             raise IntegrityError("simulated conflict with another writer")
-        return commit(prepared)
+        return commit(prepared, **options)
 
     ledger.commit = flaky_commit  # type: ignore[method-assign]
     results: dict[str, Receipt] = {}

@@ -59,13 +59,13 @@ def announce_commits() -> None:
     test can retry exactly the requests of a commit whose answer it never saw."""
     original_commit = Ledger.commit
 
-    def announcing_commit(self: Ledger, prepared: PreparedBatch) -> Any:
+    def announcing_commit(self: Ledger, prepared: PreparedBatch, **options: Any) -> Any:
         sending = [
             {"request_id": c.request_id, "command": c.name, "payload": c.payload()}
             for c in prepared.commands
         ]
         emit({"sending": sending})
-        return original_commit(self, prepared)
+        return original_commit(self, prepared, **options)
 
     Ledger.commit = announcing_commit  # type: ignore[method-assign]
 
