@@ -1,11 +1,12 @@
 """The Ledger application: the embedding API of daybook's write side.
 
 Every public command method validates its arguments, builds a ``Command`` and hands it to the
-ledger's committer. A batch of commands is applied in memory by ``Ledger.prepare`` and written
-by ``Ledger.commit``: all its events, and the idempotency records of its requests, in one
-transaction; ``Ledger.execute`` does both and retries on conflicts. The default committer
-executes each command alone; ``infrastructure`` installs a group committer that batches
-concurrent commands and prepares the next batch while the previous one commits.
+ledger's committer. A batch of commands is applied in memory (``Ledger.prepare``, or
+``new_batch`` then ``apply`` as commands arrive) and written by ``Ledger.commit``: all its
+events, and the idempotency records of its requests, in one transaction; ``Ledger.execute``
+prepares and commits, and retries on conflicts. The default committer executes each command
+alone; ``infrastructure`` installs a group committer that batches concurrent commands and
+applies the next batch while the previous one commits.
 
 Persistence is configured by environment (``open_ledger`` in ``infrastructure`` builds it from a
 URL); the recorder must also keep idempotency records (``RequestLog``).

@@ -32,7 +32,7 @@ def _async_command_method(
     build: Callable[P, Command], answer: Callable[[Receipt], Any] = _receipt
 ) -> Callable[Concatenate[AsyncLedger, P], Any]:
     async def method(self: AsyncLedger, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        return answer(await self.submit(build(*args, **kwargs)))
+        return answer(await self._committer.submit_async(build(*args, **kwargs)))
 
     method.__name__ = build.__name__
     method.__doc__ = build.__doc__
