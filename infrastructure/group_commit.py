@@ -271,8 +271,8 @@ class GroupCommitter:
             committing = self._committing
             now = time.monotonic()
             building = self._building = _Batch(
+                # On the state of the batch still committing, if there is one.
                 self._ledger.new_batch(after=committing.prepared if committing else None),
-                # Callers who came while a batch commits go out right after it.
                 deadline=now + self._max_wait,
             )
         try:

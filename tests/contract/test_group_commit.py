@@ -164,10 +164,8 @@ def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -
     ledger.deposit(a, 10_000)
     commit = ledger.commit
     failures = {"left": 3}
-    overlapped: list[bool] = []
 
     def flaky_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
-        overlapped.append(prepared.after is not None)
         if failures["left"] and len(prepared.commands) > 1:
             failures["left"] -= 1
             ledger._evict(prepared.uow)  # as a real failed commit does
@@ -224,3 +222,61 @@ def test_prepare_after_an_uncommitted_batch_sees_its_state() -> None:
     assert isinstance(refused, InsufficientFunds)
     assert isinstance(repeat, Receipt) and repeat.replayed and repeat.position == receipt.position
     assert ledger.account(a).balance == 40
+
+
+def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Path) -> None:
+    """Deterministic: a command arrives while the batch before it commits, and is applied on
+    that batch's uncommitted state; the commit then fails. The waiting command must be
+    applied again on fresh state, the failed one re-run, and each written exactly once."""
+    from eventsourcing.persistence import IntegrityError
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/fail.db")
+    a = ledger.open_account("a", "EUR")
+    b = ledger.open_account("b", "EUR")
+    ledger.deposit(a, 1_000)
+    entered, release, second_applied = threading.Event(), threading.Event(), threading.Event()
+    applied_after: list[bool] = []  # for "second": was it built on an uncommitted batch?
+    commit, apply = ledger.commit, ledger.apply
+
+    def failing_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        if [c.request_id for c in prepared.commands] == ["first"] and not release.is_set():
+            entered.set()
+            release.wait(10)
+            ledger._evict(prepared.uow)  # as a real failed commit does
+            raise IntegrityError("simulated conflict with another writer")
+        return commit(prepared, **options)
+
+    def watching_apply(prepared: PreparedBatch, batch: Any, **options: Any) -> None:
+        apply(prepared, batch, **options)
+        if any(c.request_id == "second" for c in batch):
+            applied_after.append(prepared.after is not None)
+            second_applied.set()
+
+    ledger.commit = failing_commit  # type: ignore[method-assign]
+    ledger.apply = watching_apply  # type: ignore[method-assign]
+    results: dict[str, Receipt] = {}
+
+    def send(request_id: str, amount: int) -> None:
+        results[request_id] = ledger.transfer(a, b, amount, request_id=request_id)
+
+    first = threading.Thread(target=send, args=("first", 10))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=send, args=("second", 20))
+    second.start()
+    assert second_applied.wait(10)
+    release.set()
+    first.join(10)
+    second.join(10)
+
+    assert applied_after == [True, False], "applied on the failing batch, then again fresh"
+    assert not results["first"].replayed and not results["second"].replayed
+    assert ledger.account(a).balance == 1_000 - 30
+    assert ledger.account(b).balance == 30
+    transfers = [
+        e
+        for n in ledger.recorder.select_notifications(1, 100)
+        if type(e := ledger.mapper.to_domain_event(n)).__name__ == "TransferredOut"
+    ]
+    assert sorted(e.meta.request_id for e in transfers) == ["first", "second"]  # type: ignore[attr-defined]
+    ledger.close()
