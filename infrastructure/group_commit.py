@@ -54,6 +54,8 @@ class _Waiter:
         self._outcome: Outcome | BaseException | None = None
 
     def settle(self, outcome: Outcome | BaseException) -> None:
+        if self._outcome is not None:  # settled already (see GroupCommitter._abandon)
+            return
         self._outcome = outcome
         self._lock.release()
 
@@ -186,6 +188,8 @@ class GroupCommitter:
         # Writer-thread state: the batch committing, and the one being built on top of it.
         self._committing: _Batch | None = None
         self._building: _Batch | None = None
+        #: Commands taken from the inbox and not yet in a batch.
+        self._in_hand: list[_Item] = []
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
         self._thread = threading.Thread(target=self._run, name="daybook-group-commit", daemon=True)
         self._thread.start()
@@ -241,8 +245,34 @@ class GroupCommitter:
                     closing = True
                 elif items:
                     self._apply(items)
+        except BaseException as error:
+            self._abandon(error)
+            raise
         finally:
             self._committer.shutdown()
+
+    def _abandon(self, error: BaseException) -> None:
+        """The writer thread itself failed (a bug, not a refusal): refuse new commands and
+        tell every caller still waiting, rather than leave them blocked. None of their
+        commands was committed, except those of a commit that succeeds meanwhile (whose
+        callers it answers itself)."""
+        self._closed.set()
+        self._inbox.close()
+        stopped = RuntimeError(f"daybook's group commit stopped ({error!r}); not committed")
+        waiting: list[_Item] = []
+        committing, self._committing = self._committing, None
+        if committing is not None and committing.commit is not None:
+            with contextlib.suppress(Exception):
+                committing.commit.result()
+            if committing.commit.exception() is not None:
+                waiting += committing.items
+        if self._building is not None:
+            waiting += self._building.items
+            self._building = None
+        waiting += self._in_hand
+        while items := self._inbox.take(0, 0, self._max_batch):
+            waiting += items
+        _settle(waiting, [stopped] * len(waiting))
 
     def _what_to_wait_for(self) -> tuple[int, float | None, int]:
         """(commands to wait for, timeout, most to take)."""
@@ -266,6 +296,11 @@ class GroupCommitter:
 
     def _apply(self, items: list[_Item]) -> None:
         """Apply newly arrived commands to the batch being built."""
+        self._in_hand = items  # for _abandon, should the writer fail in between
+        self._apply_in_hand(items)
+        self._in_hand = []
+
+    def _apply_in_hand(self, items: list[_Item]) -> None:
         building = self._building
         if building is None:
             committing = self._committing

@@ -280,3 +280,26 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
     ]
     assert sorted(e.meta.request_id for e in transfers) == ["first", "second"]  # type: ignore[attr-defined]
     ledger.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_callers_are_told_if_the_writer_thread_itself_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the group committer must not leave callers blocked forever."""
+    from infrastructure.group_commit import LedgerClosed
+
+    ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR")
+    committer = ledger.committer
+    assert isinstance(committer, GroupCommitter)
+
+    def broken(*_: Any) -> None:
+        raise AssertionError("a bug in the writer")
+
+    monkeypatch.setattr(committer, "_apply_in_hand", broken)
+    with pytest.raises(RuntimeError, match="group commit stopped"):
+        ledger.deposit(account, 5)
+    with pytest.raises(LedgerClosed):
+        ledger.deposit(account, 5)
+    assert ledger.account(account).balance == 0
