@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import defaultdict, deque
@@ -77,6 +78,8 @@ class _AsyncReply:
         self.loop = loop
         self.future: asyncio.Future[Receipt] = loop.create_future()
 
+
+_log = logging.getLogger(__name__)
 
 _Reply = _Waiter | _AsyncReply
 _Item = tuple[Command, _Reply]
@@ -246,8 +249,8 @@ class GroupCommitter:
                 elif items:
                     self._apply(items)
         except BaseException as error:
+            _log.exception("daybook's group commit writer failed; the ledger is closed")
             self._abandon(error)
-            raise
         finally:
             self._committer.shutdown()
 

@@ -282,7 +282,6 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
     ledger.close()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_callers_are_told_if_the_writer_thread_itself_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
