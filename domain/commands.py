@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
 
@@ -19,6 +19,7 @@ from domain import accounts
 from domain.accounts import Account
 from domain.errors import InvalidRequest
 from domain.events import Metadata
+from domain.ids import new_id_text, new_uuid
 from domain.inventory import Inventory, check_reservation_id
 from domain.values import (
     check_amount,
@@ -245,7 +246,7 @@ def _envelope(
     request_id: str | None, correlation_id: str | None, causation_id: str | None
 ) -> dict[str, Any]:
     return {
-        "request_id": str(uuid4()) if request_id is None else _check_id(request_id, "request_id"),
+        "request_id": new_id_text() if request_id is None else _check_id(request_id, "request_id"),
         "caller_request_id": request_id is not None,
         "correlation_id": None
         if correlation_id is None
@@ -265,7 +266,7 @@ def open_account(
 ) -> OpenAccount:
     """Open an account with a zero balance in one ISO 4217 currency."""
     return OpenAccount(
-        account_id=uuid4(),
+        account_id=new_uuid(),
         owner=check_text(owner, "owner"),
         currency=check_currency(currency),
         overdraft_limit=check_limit(overdraft_limit),
@@ -316,7 +317,7 @@ def transfer(
 ) -> Transfer:
     """Debit one account and credit another of the same currency, atomically."""
     return Transfer(
-        transfer_id=uuid4(),
+        transfer_id=new_uuid(),
         source=check_uuid(source, "source"),
         destination=check_uuid(destination, "destination"),
         amount=check_amount(amount),
@@ -386,7 +387,7 @@ def reserve_stock(
         sku=check_sku(sku),
         quantity=check_amount(quantity, "quantity"),
         reservation_id=(
-            str(uuid4()) if reservation_id is None else check_reservation_id(reservation_id)
+            new_id_text() if reservation_id is None else check_reservation_id(reservation_id)
         ),
         caller_reservation_id=reservation_id is not None,
         **_envelope(request_id, correlation_id, causation_id),

@@ -18,6 +18,7 @@ import contextlib
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import (
@@ -33,7 +34,13 @@ from typing import (
 )
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    Cache,
+    LRUCache,
+    Repository,
+)
 from eventsourcing.persistence import (
     IntegrityError,
     InterfaceError,
@@ -193,18 +200,20 @@ class UnitOfWork:
 
     def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
         self.touched.append(aggregate_id)
-        if aggregate_id in self.aggregates:
-            return self.aggregates[aggregate_id]
-        if self._base is not None and aggregate_id in self._base.aggregates:
+        # (One dict lookup per place: a UUID's hash is computed in Python, each time.)
+        aggregate = self.aggregates.get(aggregate_id)
+        if aggregate is not None:
+            return aggregate
+        base = self._base.aggregates.get(aggregate_id) if self._base is not None else None
+        if base is not None:
             # The previous batch's state: a copy, since that batch is still committing.
-            copied = self._base.aggregates[aggregate_id].clone()
+            copied = base.clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
             self.read_versions[aggregate_id] = copied.version
             self.aggregates[aggregate_id] = copied
             return copied
         repository = self._ledger.repository
-        aggregate: LedgerAggregate
         try:
             if repository.cache is None:
                 raise KeyError(aggregate_id)
@@ -320,6 +329,33 @@ class PreparedBatch:
     committed: bool = False
 
 
+class _AggregateCache(Cache[UUID, Any]):
+    """eventsourcing's ``LRUCache`` on an ``OrderedDict``: the same recency order, kept by
+    C code rather than a linked list of Python lists. Each command reads two aggregates from
+    it and each commit writes them back, so it is on the write path's every step."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+        self.cache: OrderedDict[UUID, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: UUID, *, evict: bool = False) -> Any:
+        with self.lock:
+            if evict:
+                return self.cache.pop(key)
+            value = self.cache[key]
+            self.cache.move_to_end(key)
+            return value
+
+    def put(self, key: UUID, value: Any) -> None:
+        with self.lock:
+            self.cache[key] = value
+            self.cache.move_to_end(key)
+            if len(self.cache) > self.maxsize:
+                self.cache.popitem(last=False)
+
+
 class Ledger(Application[UUID]):
     """Accounts and inventory on an append-only event store, with idempotent commands."""
 
@@ -343,6 +379,12 @@ class Ledger(Application[UUID]):
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
         self.committer: Committer = DirectCommitter(self)
+
+    def construct_repository(self) -> Repository[UUID]:
+        repository = super().construct_repository()
+        if isinstance(repository.cache, LRUCache):
+            repository.cache = _AggregateCache(repository.cache.maxsize)
+        return repository
 
     # -- commands (signatures and validation live in domain.commands) ---------------------
 

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import pytest
 
 from domain import Ledger
 from domain.errors import DomainError
+from domain.ids import new_id_text, new_uuid
 from domain.values import MAX_AMOUNT, inventory_id
 from infrastructure import open_ledger
 
@@ -481,13 +482,19 @@ class Spy:
             self.writes += 1
             return insert(*args, **kwargs)
 
-        def recording_uuid4() -> UUID:
-            value = uuid4()
+        def recording_uuid() -> UUID:
+            value = new_uuid()
             self.generated.append(str(value))
             return value
 
+        def recording_text() -> str:
+            value = new_id_text()
+            self.generated.append(value)
+            return value
+
         monkeypatch.setattr(ledger.recorder, "insert_events", counting_insert)
-        monkeypatch.setattr("domain.commands.uuid4", recording_uuid4)
+        monkeypatch.setattr("domain.commands.new_uuid", recording_uuid)
+        monkeypatch.setattr("domain.commands.new_id_text", recording_text)
 
 
 def check_cases(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, cases: list[Case]) -> None:
