@@ -23,6 +23,8 @@ CLOSED = "closed"
 class Account(LedgerAggregate):
     """A money account. Invariant: balance >= -overdraft_limit, always."""
 
+    flat_state = True
+
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         owner: str
         currency: str

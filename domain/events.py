@@ -69,6 +69,10 @@ class DomainEvent(BaseModel):
 class LedgerAggregate(BaseAggregate[UUID]):
     """Base of daybook's aggregates: eventsourcing's aggregate with pydantic events."""
 
+    #: True when the aggregate's own state holds no containers (only immutable values), so
+    #: ``clone`` need only copy its list of pending events.
+    flat_state: ClassVar[bool] = False
+
     class Event(DomainEvent, CanMutateAggregate[UUID]):
         """An event that changes an existing aggregate."""
 
@@ -109,9 +113,12 @@ class LedgerAggregate(BaseAggregate[UUID]):
         generic one."""
         clone = object.__new__(type(self))
         state = self.__dict__.copy()
-        for name, value in state.items():
-            if type(value) in _CONTAINERS:
-                state[name] = value.copy()
+        if self.flat_state:
+            state["_pending_events"] = state["_pending_events"].copy()
+        else:
+            for name, value in state.items():
+                if type(value) in _CONTAINERS:
+                    state[name] = value.copy()
         clone.__dict__ = state
         return clone
 

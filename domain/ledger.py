@@ -192,44 +192,47 @@ class UnitOfWork:
         self._ledger = ledger
         #: The unit of work of a batch still committing, whose state this one builds on.
         self._base = base
-        self.aggregates: dict[UUID, LedgerAggregate] = {}
+        # Keyed by ``UUID.int``: a UUID's hash is computed by Python code on every lookup,
+        # an int's is not, and a command makes a dozen lookups.
+        self.aggregates: dict[int, LedgerAggregate] = {}
         #: Version of each aggregate taken from a place that may be behind the store (the
         #: cache, or a batch still committing), as it was when taken.
-        self.read_versions: dict[UUID, int] = {}
-        self.touched: list[UUID] = []
+        self.read_versions: dict[int, int] = {}
+        self.touched: list[int] = []
 
     def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
-        self.touched.append(aggregate_id)
-        # (One dict lookup per place: a UUID's hash is computed in Python, each time.)
-        aggregate = self.aggregates.get(aggregate_id)
+        key = aggregate_id.int
+        self.touched.append(key)
+        aggregate = self.aggregates.get(key)
         if aggregate is not None:
             return aggregate
-        base = self._base.aggregates.get(aggregate_id) if self._base is not None else None
+        base = self._base.aggregates.get(key) if self._base is not None else None
         if base is not None:
             # The previous batch's state: a copy, since that batch is still committing.
             copied = base.clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
-            self.read_versions[aggregate_id] = copied.version
-            self.aggregates[aggregate_id] = copied
+            self.read_versions[key] = copied.version
+            self.aggregates[key] = copied
             return copied
         repository = self._ledger.repository
         try:
             if repository.cache is None:
                 raise KeyError(aggregate_id)
             aggregate = cast(LedgerAggregate, repository.cache.get(aggregate_id)).clone()
-            self.read_versions[aggregate_id] = aggregate.version
+            self.read_versions[key] = aggregate.version
         except KeyError:
             try:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
                 return None
-        self.aggregates[aggregate_id] = aggregate
+        self.aggregates[key] = aggregate
         return aggregate
 
     def add(self, aggregate: A) -> A:
-        self.aggregates[aggregate.id] = aggregate
-        self.touched.append(aggregate.id)
+        key = aggregate.id.int
+        self.aggregates[key] = aggregate
+        self.touched.append(key)
         return aggregate
 
     def account(self, account_id: UUID) -> Account:
@@ -250,8 +253,8 @@ class UnitOfWork:
 
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
-        for aggregate_id in dict.fromkeys(self.touched):
-            events.extend(self.aggregates[aggregate_id].collect_events())  # type: ignore[arg-type]
+        for key in dict.fromkeys(self.touched):
+            events.extend(self.aggregates[key].collect_events())  # type: ignore[arg-type]
         self.touched.clear()
         return events
 
@@ -259,16 +262,16 @@ class UnitOfWork:
         """A refused command must have changed nothing, and must have been judged on the
         latest committed state: a cached aggregate may be behind another process's writes,
         and a refusal (unlike an acceptance) would never meet a version conflict to show it."""
-        for aggregate_id in dict.fromkeys(self.touched):
-            aggregate = self.aggregates.get(aggregate_id)
+        for key in dict.fromkeys(self.touched):
+            aggregate = self.aggregates.get(key)
             if aggregate is None:
                 continue
             if aggregate.pending_events:
-                msg = f"a refused command changed aggregate {aggregate_id}"
+                msg = f"a refused command changed aggregate {aggregate.id}"
                 raise RuntimeError(msg)
-            version = self.read_versions.get(aggregate_id)
+            version = self.read_versions.get(key)
             if version is not None:
-                newer = self._ledger.events.get(aggregate_id, gt=version, limit=1)
+                newer = self._ledger.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
                     raise StaleCache
         self.touched.clear()
@@ -331,29 +334,32 @@ class PreparedBatch:
 
 class _AggregateCache(Cache[UUID, Any]):
     """eventsourcing's ``LRUCache`` on an ``OrderedDict``: the same recency order, kept by
-    C code rather than a linked list of Python lists. Each command reads two aggregates from
-    it and each commit writes them back, so it is on the write path's every step."""
+    C code rather than a linked list of Python lists, and keyed by ``UUID.int`` (see
+    ``UnitOfWork``). Each command reads two aggregates from it and each commit writes them
+    back, so it is on the write path's every step."""
 
     def __init__(self, maxsize: int) -> None:
         super().__init__()
         self.maxsize = maxsize
-        self.cache: OrderedDict[UUID, Any] = OrderedDict()
+        self._entries: OrderedDict[int, Any] = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, key: UUID, *, evict: bool = False) -> Any:
+        entry = key.int
         with self.lock:
             if evict:
-                return self.cache.pop(key)
-            value = self.cache[key]
-            self.cache.move_to_end(key)
+                return self._entries.pop(entry)
+            value = self._entries[entry]
+            self._entries.move_to_end(entry)
             return value
 
     def put(self, key: UUID, value: Any) -> None:
+        entry = key.int
         with self.lock:
-            self.cache[key] = value
-            self.cache.move_to_end(key)
-            if len(self.cache) > self.maxsize:
-                self.cache.popitem(last=False)
+            self._entries[entry] = value
+            self._entries.move_to_end(entry)
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
 
 
 class Ledger(Application[UUID]):
@@ -603,15 +609,15 @@ class Ledger(Application[UUID]):
         """Put a committed batch's aggregates in the cache."""
         cache = self.repository.cache
         if cache is not None and prepared.pending:
-            for aggregate_id, aggregate in prepared.uow.aggregates.items():
-                cache.put(aggregate_id, aggregate)
+            for aggregate in prepared.uow.aggregates.values():
+                cache.put(aggregate.id, aggregate)
 
     def _evict(self, uow: UnitOfWork) -> None:
         if self.repository.cache is None:
             return
-        for aggregate_id in uow.aggregates:
+        for aggregate in uow.aggregates.values():
             with contextlib.suppress(KeyError):
-                self.repository.cache.get(aggregate_id, evict=True)
+                self.repository.cache.get(aggregate.id, evict=True)
 
     def install_committer(self, factory: Callable[[Ledger], Committer]) -> None:
         """Replace how commands reach ``execute`` (group commit lives in infrastructure)."""

@@ -272,3 +272,11 @@ def test_balance_never_goes_below_minus_the_overdraft_limit(
         assert account.balance == expected
         assert account.balance >= -limit
         assert account.available == account.balance + limit >= 0
+
+
+def test_a_clone_changes_independently_of_its_original() -> None:
+    original = opened(balance=100)
+    copy = original.clone()
+    copy.withdraw(30)
+    assert (original.balance, original.version, original.pending_events) == (100, 2, [])
+    assert (copy.balance, copy.version, len(copy.pending_events)) == (70, 3, 1)

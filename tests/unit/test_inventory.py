@@ -286,3 +286,13 @@ def test_invariants_hold_whatever_is_tried(operations: list[tuple[str, int]]) ->
             assert inventory.collect_events() == []
         inventory.collect_events()
         check_invariants(inventory)
+
+
+def test_a_clone_changes_independently_of_its_original() -> None:
+    original = stocked(10, order_1=3)
+    copy = original.clone()
+    copy.reserve("order_2", 2)
+    copy.commit("order_1")
+    assert original.reservations == {"order_1": 3} and original.resolved == set()
+    assert original.pending_events == []
+    assert copy.reservations == {"order_2": 2} and copy.resolved == {"order_1"}
