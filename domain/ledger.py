@@ -18,7 +18,6 @@ import contextlib
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import (
@@ -34,13 +33,7 @@ from typing import (
 )
 from uuid import UUID
 
-from eventsourcing.application import (
-    AggregateNotFoundError,
-    Application,
-    Cache,
-    LRUCache,
-    Repository,
-)
+from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     IntegrityError,
     InterfaceError,
@@ -332,36 +325,6 @@ class PreparedBatch:
     committed: bool = False
 
 
-class _AggregateCache(Cache[UUID, Any]):
-    """eventsourcing's ``LRUCache`` on an ``OrderedDict``: the same recency order, kept by
-    C code rather than a linked list of Python lists, and keyed by ``UUID.int`` (see
-    ``UnitOfWork``). Each command reads two aggregates from it and each commit writes them
-    back, so it is on the write path's every step."""
-
-    def __init__(self, maxsize: int) -> None:
-        super().__init__()
-        self.maxsize = maxsize
-        self._entries: OrderedDict[int, Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: UUID, *, evict: bool = False) -> Any:
-        entry = key.int
-        with self.lock:
-            if evict:
-                return self._entries.pop(entry)
-            value = self._entries[entry]
-            self._entries.move_to_end(entry)
-            return value
-
-    def put(self, key: UUID, value: Any) -> None:
-        entry = key.int
-        with self.lock:
-            self._entries[entry] = value
-            self._entries.move_to_end(entry)
-            if len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
-
-
 class Ledger(Application[UUID]):
     """Accounts and inventory on an append-only event store, with idempotent commands."""
 
@@ -385,12 +348,6 @@ class Ledger(Application[UUID]):
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
         self.committer: Committer = DirectCommitter(self)
-
-    def construct_repository(self) -> Repository[UUID]:
-        repository = super().construct_repository()
-        if isinstance(repository.cache, LRUCache):
-            repository.cache = _AggregateCache(repository.cache.maxsize)
-        return repository
 
     # -- commands (signatures and validation live in domain.commands) ---------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from domain.ledger import Ledger
+from infrastructure.aggregate_cache import install_aggregate_cache
 from infrastructure.aio import AsyncLedger
 from infrastructure.group_commit import GroupCommitter
 from infrastructure.urls import DEFAULT_URL, event_store_env
@@ -15,6 +16,7 @@ def open_ledger(url: str = DEFAULT_URL, *, group_commit: bool = True) -> Ledger:
     transactions; without it, each command commits alone.
     """
     ledger = Ledger(env=event_store_env(url))
+    install_aggregate_cache(ledger)
     if group_commit:
         ledger.install_committer(GroupCommitter)
     return ledger

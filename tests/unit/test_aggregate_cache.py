@@ -6,12 +6,12 @@ from uuid import uuid4
 
 import pytest
 
-from domain.ledger import _AggregateCache
 from infrastructure import open_ledger
+from infrastructure.aggregate_cache import AggregateCache
 
 
 def test_it_evicts_the_least_recently_used() -> None:
-    cache = _AggregateCache(maxsize=2)
+    cache = AggregateCache(maxsize=2)
     a, b, c = uuid4(), uuid4(), uuid4()
     cache.put(a, "A")
     cache.put(b, "B")
@@ -33,7 +33,7 @@ def test_the_ledger_uses_it_with_the_configured_size() -> None:
     ledger = open_ledger("memory://", group_commit=False)
     try:
         cache = ledger.repository.cache
-        assert isinstance(cache, _AggregateCache)
+        assert isinstance(cache, AggregateCache)
         assert cache.maxsize == int(ledger.env["AGGREGATE_CACHE_MAXSIZE"])
         account = ledger.open_account("Ada", "EUR")
         assert cache.get(account).id == account
