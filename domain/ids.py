@@ -36,15 +36,20 @@ def _random16() -> bytes:
         return data[:16]
 
 
+def _random_v4() -> int:
+    """128 random bits with the version 4 and RFC 4122 variant bits set, as ``UUID.int``."""
+    return int.from_bytes(_random16()) & _VERSION_MASK | _VERSION_4
+
+
 def new_uuid() -> UUID:
     """A fresh version 4 UUID, equal in every way to one from ``uuid.uuid4()``."""
     value = _new(UUID)
-    _set(value, "int", int.from_bytes(_random16()) & _VERSION_MASK | _VERSION_4)
+    _set(value, "int", _random_v4())
     _set(value, "is_safe", _UNKNOWN)
     return value
 
 
 def new_id_text() -> str:
     """A fresh version 4 UUID in its usual text form (request and reservation ids)."""
-    h = "%032x" % (int.from_bytes(_random16()) & _VERSION_MASK | _VERSION_4)
+    h = f"{_random_v4():032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
