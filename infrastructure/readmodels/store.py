@@ -580,34 +580,23 @@ class SqliteStore(ReadStore):
         return "id INTEGER PRIMARY KEY AUTOINCREMENT"
 
     def upsert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
-        names = table.column_names
-        marks = ", ".join("?" for _ in names)
-        self.conn.executemany(
-            f"INSERT OR REPLACE INTO {table.physical_name(version)} ({', '.join(names)})"
-            f" VALUES ({marks})",
-            [tuple(row[n] for n in names) for row in rows],
-        )
+        self._write("INSERT OR REPLACE", table, version, _in_column_order(table, rows))
 
     def insert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
-        names = table.column_names
-        marks = ", ".join("?" for _ in names)
-        self.conn.executemany(
-            f"INSERT INTO {table.physical_name(version)} ({', '.join(names)}) VALUES ({marks})",
-            [tuple(row[n] for n in names) for row in rows],
-        )
+        self._write("INSERT", table, version, _in_column_order(table, rows))
 
     def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
-        names = table.column_names
-        self.conn.executemany(
-            f"INSERT INTO {table.physical_name(version)} ({', '.join(names)})"
-            f" VALUES ({', '.join('?' for _ in names)})",
-            values,
-        )
+        self._write("INSERT", table, version, values)
 
     def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        self._write("INSERT OR REPLACE", table, version, values)
+
+    def _write(
+        self, verb: str, table: Table, version: int, values: Sequence[Sequence[Value]]
+    ) -> None:
         names = table.column_names
         self.conn.executemany(
-            f"INSERT OR REPLACE INTO {table.physical_name(version)} ({', '.join(names)})"
+            f"{verb} INTO {table.physical_name(version)} ({', '.join(names)})"
             f" VALUES ({', '.join('?' for _ in names)})",
             values,
         )
@@ -647,3 +636,8 @@ def key_text(key: Key) -> str:
 
 def values_equal(a: Value, b: Value) -> bool:
     return a == b
+
+
+def _in_column_order(table: Table, rows: Sequence[Row]) -> list[tuple[Value, ...]]:
+    names = table.column_names
+    return [tuple(row[n] for n in names) for row in rows]
