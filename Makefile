@@ -25,9 +25,17 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
+# Type and import checkers resolve modules from folders, and the folders here are not named
+# as they import (domain/ is daybook.domain): build/lint/daybook is a tree of links that is.
+LINT_VIEW := build/lint
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check domain projections infrastructure tests scripts
-	$(VENV)/bin/mypy domain projections
+	rm -rf $(LINT_VIEW) && mkdir -p $(LINT_VIEW)/daybook
+	ln -s ../../../domain ../../../projections ../../../infrastructure $(LINT_VIEW)/daybook/
+	ln -s ../../../infrastructure/face/__init__.py $(LINT_VIEW)/daybook/__init__.py
+	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections
+	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(PY) scripts/bench_codec.py

@@ -1,10 +1,10 @@
 """daybook's domain: aggregates, their rules, and the Ledger application. No I/O here."""
 
-from domain.accounts import Account
-from domain.errors import DomainError
-from domain.events import Metadata
-from domain.inventory import Inventory
-from domain.ledger import AccountView, Ledger, Receipt, StockView
+from daybook.domain.accounts import Account
+from daybook.domain.errors import DomainError
+from daybook.domain.events import Metadata
+from daybook.domain.inventory import Inventory
+from daybook.domain.ledger import AccountView, Ledger, Receipt, StockView
 
 __all__ = [
     "Account",

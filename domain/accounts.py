@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from domain.errors import (
+from daybook.domain.errors import (
     AccountClosed,
     AccountNotEmpty,
     BalanceOverflow,
@@ -13,8 +13,8 @@ from domain.errors import (
     InsufficientFunds,
     SameAccount,
 )
-from domain.events import LedgerAggregate
-from domain.values import MAX_AMOUNT
+from daybook.domain.events import LedgerAggregate
+from daybook.domain.values import MAX_AMOUNT
 
 OPEN = "open"
 CLOSED = "closed"

@@ -15,13 +15,13 @@ from uuid import UUID
 
 import orjson
 
-from domain import accounts
-from domain.accounts import Account
-from domain.errors import InvalidRequest
-from domain.events import Metadata
-from domain.ids import new_id_text, new_uuid
-from domain.inventory import Inventory, check_reservation_id
-from domain.values import (
+from daybook.domain import accounts
+from daybook.domain.accounts import Account
+from daybook.domain.errors import InvalidRequest
+from daybook.domain.events import Metadata
+from daybook.domain.ids import new_id_text, new_uuid
+from daybook.domain.inventory import Inventory, check_reservation_id
+from daybook.domain.values import (
     check_amount,
     check_currency,
     check_delta,
@@ -33,7 +33,7 @@ from domain.values import (
 )
 
 if TYPE_CHECKING:
-    from domain.ledger import UnitOfWork
+    from daybook.domain.ledger import UnitOfWork
 
 
 _PAYLOAD_FIELDS: dict[type[Command], tuple[str, ...]] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from domain.errors import (
+from daybook.domain.errors import (
     InvalidAmount,
     InvalidRequest,
     OutOfStock,
@@ -15,8 +15,8 @@ from domain.errors import (
     StockBelowReserved,
     StockOverflow,
 )
-from domain.events import LedgerAggregate
-from domain.values import MAX_AMOUNT
+from daybook.domain.events import LedgerAggregate
+from daybook.domain.values import MAX_AMOUNT
 
 
 class Inventory(LedgerAggregate):

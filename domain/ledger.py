@@ -41,19 +41,19 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 
-from domain import commands
-from domain.accounts import Account
-from domain.commands import Command
-from domain.errors import (
+from daybook.domain import commands
+from daybook.domain.accounts import Account
+from daybook.domain.commands import Command
+from daybook.domain.errors import (
     AccountNotFound,
     ConcurrencyConflict,
     DomainError,
     IdempotencyConflict,
     SkuNotFound,
 )
-from domain.events import LedgerAggregate, metadata_scope
-from domain.inventory import Inventory
-from domain.values import check_sku, check_uuid, inventory_id
+from daybook.domain.events import LedgerAggregate, metadata_scope
+from daybook.domain.inventory import Inventory
+from daybook.domain.values import check_sku, check_uuid, inventory_id
 
 A = TypeVar("A", bound=LedgerAggregate)
 P = ParamSpec("P")

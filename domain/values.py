@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from uuid import UUID, uuid5
 
-from domain.errors import InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
+from daybook.domain.errors import InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
 
 #: Amounts and quantities are integers in 1 .. MAX_AMOUNT (fits a signed 64-bit column).
 MAX_AMOUNT = 2**63 - 1

@@ -1,14 +1,2 @@
-"""daybook's adapters: event stores by URL, codecs, runners, relay, CLI."""
-
-from infrastructure.aio import AsyncLedger
-from infrastructure.bootstrap import open_async_ledger, open_ledger
-from infrastructure.readmodels import StaleRead, open_read_models, run_projections
-
-__all__ = [
-    "AsyncLedger",
-    "StaleRead",
-    "open_async_ledger",
-    "open_ledger",
-    "open_read_models",
-    "run_projections",
-]
+"""daybook's application layer and adapters: the ledger service, event stores by URL, codecs,
+read-model runners, the relay and stream workers, the CLI."""

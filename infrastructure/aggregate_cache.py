@@ -9,7 +9,7 @@ from uuid import UUID
 
 from eventsourcing.application import Cache, LRUCache
 
-from domain.ledger import Ledger
+from daybook.domain.ledger import Ledger
 
 
 class AggregateCache(Cache[UUID, Any]):

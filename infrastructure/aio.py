@@ -7,10 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from uuid import UUID
 
-from domain import commands
-from domain.commands import Command
-from domain.ledger import AccountView, Ledger, Receipt, StockView, _account_id, _receipt
-from infrastructure.group_commit import GroupCommitter
+from daybook.domain import commands
+from daybook.domain.commands import Command
+from daybook.domain.ledger import AccountView, Ledger, Receipt, StockView, _account_id, _receipt
+from daybook.infrastructure.group_commit import GroupCommitter
 
 P = ParamSpec("P")
 T = TypeVar("T")

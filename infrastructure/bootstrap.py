@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from domain.ledger import Ledger
-from infrastructure.aggregate_cache import install_aggregate_cache
-from infrastructure.aio import AsyncLedger
-from infrastructure.group_commit import GroupCommitter
-from infrastructure.urls import DEFAULT_URL, event_store_env
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.aggregate_cache import install_aggregate_cache
+from daybook.infrastructure.aio import AsyncLedger
+from daybook.infrastructure.group_commit import GroupCommitter
+from daybook.infrastructure.urls import DEFAULT_URL, event_store_env
 
 
 def open_ledger(url: str = DEFAULT_URL, *, group_commit: bool = True) -> Ledger:

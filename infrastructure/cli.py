@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 
 from eventsourcing.persistence import PersistenceError
 
-from domain.errors import DomainError
-from infrastructure.urls import DEFAULT_URL, BadURL
+from daybook.domain.errors import DomainError
+from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
 #: Modules that add subcommands; each has ``register(subparsers) -> None`` and sets
 #: ``handler`` (a function of the parsed args returning an exit code) on its parsers.
 COMMAND_MODULES = [
-    "infrastructure.demo",
-    "infrastructure.streaming.cli",
-    "infrastructure.readmodels.cli",
+    "daybook.infrastructure.demo",
+    "daybook.infrastructure.streaming.cli",
+    "daybook.infrastructure.readmodels.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]

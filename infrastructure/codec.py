@@ -19,6 +19,8 @@ from eventsourcing.persistence import Mapper, StoredEvent, Transcoder, Transcodi
 from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
 
+from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
+
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, Decimal):

@@ -10,13 +10,13 @@ from collections import Counter
 from typing import Any
 from uuid import UUID
 
-from domain.errors import DomainError
-from domain.ledger import Ledger
-from infrastructure.bootstrap import open_ledger
+from daybook.domain.errors import DomainError
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.bootstrap import open_ledger
 
 
 def register(subparsers: Any) -> None:
-    from infrastructure.cli import add_url_argument
+    from daybook.infrastructure.cli import add_url_argument
 
     parser = subparsers.add_parser(
         "demo",

@@ -38,8 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from eventsourcing.persistence import PersistenceError
 
-from domain.commands import Command
-from domain.ledger import Ledger, Outcome, PreparedBatch, Receipt
+from daybook.domain.commands import Command
+from daybook.domain.ledger import Ledger, Outcome, PreparedBatch, Receipt
 
 
 class _Waiter:

@@ -40,18 +40,18 @@ from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Notification
 from psycopg.sql import SQL, Identifier
 
-from domain.ledger import Ledger
-from infrastructure.bootstrap import open_ledger
-from infrastructure.streaming import envelope
-from infrastructure.streaming.broker import (
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     TopicMismatch,
     bootstrap_servers,
     ensure_topic,
 )
-from infrastructure.streaming.faults import crash_point
-from infrastructure.urls import postgres_params, scheme
+from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.urls import postgres_params, scheme
 
 log = logging.getLogger("daybook.relay")
 

@@ -9,8 +9,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 DEFAULT_URL = "sqlite:///.daybook/daybook.db"
 
 _CODEC = {
-    "MAPPER_TOPIC": "infrastructure.codec:ContractMapper",
-    "TRANSCODER_TOPIC": "infrastructure.codec:OrjsonTranscoder",
+    "MAPPER_TOPIC": "daybook.infrastructure.codec:ContractMapper",
+    "TRANSCODER_TOPIC": "daybook.infrastructure.codec:OrjsonTranscoder",
 }
 
 
@@ -81,19 +81,19 @@ def event_store_env(url: str) -> dict[str, str]:
     """The eventsourcing environment for the event store at ``url``."""
     kind = scheme(url)
     if kind == "memory":
-        return {"PERSISTENCE_MODULE": "infrastructure.eventstore.memory:Factory", **_CODEC}
+        return {"PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.memory:Factory", **_CODEC}
     if kind == "sqlite":
         path = sqlite_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return {
-            "PERSISTENCE_MODULE": "infrastructure.eventstore.sqlite:Factory",
+            "PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.sqlite:Factory",
             "SQLITE_DBNAME": str(path),
             "SQLITE_LOCK_TIMEOUT": "30",
             **_CODEC,
         }
     params = postgres_params(url)
     return {
-        "PERSISTENCE_MODULE": "infrastructure.eventstore.postgres:Factory",
+        "PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.postgres:Factory",
         "POSTGRES_DBNAME": params.dbname,
         "POSTGRES_HOST": params.host,
         "POSTGRES_PORT": str(params.port),

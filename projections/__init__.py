@@ -6,10 +6,10 @@ Runners (the in-process runner in ``infrastructure.readmodels``, the faust worke
 store, batching and tracking; ``replay`` builds the same rows in memory.
 """
 
-from projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT
-from projections.activity import DAILY_ACTIVITY
-from projections.inventory import INVENTORY_LEVELS
-from projections.model import (
+from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT
+from daybook.projections.activity import DAILY_ACTIVITY
+from daybook.projections.inventory import INVENTORY_LEVELS
+from daybook.projections.model import (
     Column,
     Key,
     LogEvent,

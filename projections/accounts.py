@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from domain.accounts import Account
-from projections.model import (
+from daybook.domain.accounts import Account
+from daybook.projections.model import (
     Column,
     Handler,
     LogEvent,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from projections.accounts import (
+from daybook.projections.accounts import (
     DEPOSITED,
     OPENED,
     TRANSFERRED_OUT,
     WITHDRAWN,
 )
-from projections.inventory import COMMITTED, RELEASED, RESERVED
-from projections.model import Column, LogEvent, Projection, Row, Rows, Table, day_of
+from daybook.projections.inventory import COMMITTED, RELEASED, RESERVED
+from daybook.projections.model import Column, LogEvent, Projection, Row, Rows, Table, day_of
 
 MONEY = Table(
     "daily_money",

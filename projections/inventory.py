@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from domain.inventory import Inventory
-from projections.model import Column, LogEvent, Projection, Row, Rows, Table, event_type, iso_time
+from daybook.domain.inventory import Inventory
+from daybook.projections.model import (
+    Column,
+    LogEvent,
+    Projection,
+    Row,
+    Rows,
+    Table,
+    event_type,
+    iso_time,
+)
 
 CREATED = event_type(Inventory.Created)
 RECEIVED = event_type(Inventory.StockReceived)

@@ -19,9 +19,9 @@ from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from domain.accounts import Account, transfer
-from domain.events import Metadata, metadata_scope
-from infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.domain.accounts import Account, transfer
+from daybook.domain.events import Metadata, metadata_scope
+from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 
 
 def sample_events(count: int) -> list[object]:

@@ -35,16 +35,16 @@ from eventsourcing.projection import Projection as ESProjection
 from eventsourcing.projection import ProjectionRunner as ESProjectionRunner
 from psycopg.sql import SQL
 
-import projections
-from domain.accounts import Account, transfer
-from domain.ledger import Ledger
-from infrastructure.bootstrap import open_ledger
-from infrastructure.readmodels import run_projections
-from infrastructure.readmodels.bulk import BulkRunner
-from infrastructure.readmodels.log import EVENTS_CHANNEL
-from infrastructure.readmodels.rebuild import ProgressBar
-from infrastructure.readmodels.store import open_store
-from infrastructure.urls import event_store_env
+from daybook import projections
+from daybook.domain.accounts import Account, transfer
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.readmodels import run_projections
+from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.log import EVENTS_CHANNEL
+from daybook.infrastructure.readmodels.rebuild import ProgressBar
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.urls import event_store_env
 
 
 def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int = 50_000) -> float:
@@ -215,7 +215,7 @@ def main() -> int:
     handle = None
     url = args.url
     if url is None:
-        from tests import services
+        from scripts import services
 
         handle = services.start_postgres(Path(tempfile.mkdtemp()) / "pg", durable=True)
         url = services.create_database(handle.url, "bench_projections")

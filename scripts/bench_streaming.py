@@ -35,17 +35,17 @@ from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from domain.ledger import Ledger
-from infrastructure import open_ledger, run_projections
-from infrastructure.readmodels.runner import ProjectionRunner
-from infrastructure.readmodels.store import open_store
-from infrastructure.relay import Relay, RelayConfig
-from infrastructure.streaming import envelope
-from infrastructure.streaming.progress import PROGRESS_TABLE
-from infrastructure.streaming.worker import Message, StreamApplier
-from infrastructure.urls import postgres_params
-from projections import ALL
-from tests import services
+from daybook import open_ledger, run_projections
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.relay import Relay, RelayConfig
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.progress import PROGRESS_TABLE
+from daybook.infrastructure.streaming.worker import Message, StreamApplier
+from daybook.infrastructure.urls import postgres_params
+from daybook.projections import ALL
+from scripts import services
 from tests.streaming.streams import Daybook, open_accounts, wait_until, write_money
 from tests.streaming.test_workers import applied
 

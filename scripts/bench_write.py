@@ -30,11 +30,11 @@ from eventsourcing.persistence import IntegrityError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from domain.errors import DomainError
-from infrastructure import open_async_ledger, open_ledger
-from infrastructure.urls import postgres_params
+from daybook import open_async_ledger, open_ledger
+from daybook.domain.errors import DomainError
+from daybook.infrastructure.urls import postgres_params
 from scripts.anchor_bank import Bank, Overdrawn, bank_env
-from tests import services
+from scripts import services
 
 START_BALANCE = 1_000_000
 

@@ -8,16 +8,34 @@ of its own. Both services start only when a test needs them, so unit tests stay 
 
 from __future__ import annotations
 
+import importlib.abc
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import services
+from scripts import services
 
 _database_numbers = itertools.count(1)
+
+
+class _LayerFoldersAreNotPackages(importlib.abc.MetaPathFinder):
+    """The repository root is on ``sys.path`` while tests run, which would make its folders
+    importable by their folder names (``domain.accounts``): a second copy of every module
+    that an installed daybook does not have. Refuse those names, so tests see what users
+    see (old stored topics, for one, must resolve without them)."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname.partition(".")[0] in ("domain", "projections", "infrastructure"):
+            msg = f"{fullname} is not a module: import daybook.{fullname}"
+            raise ModuleNotFoundError(msg, name=fullname)
+        return None
+
+
+sys.meta_path.insert(0, _LayerFoldersAreNotPackages())
 
 
 @pytest.fixture(scope="session")

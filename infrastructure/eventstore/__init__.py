@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from domain.ledger import PendingRequest, RequestRecord
+from daybook.domain.ledger import PendingRequest, RequestRecord
 
 REQUESTS_TABLE = "daybook_requests"
 

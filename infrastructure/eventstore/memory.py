@@ -8,8 +8,8 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder, POPOFactory
 
-from domain.ledger import PendingRequest, RequestRecord
-from infrastructure.eventstore import completed
+from daybook.domain.ledger import PendingRequest, RequestRecord
+from daybook.infrastructure.eventstore import completed
 
 
 class MemoryRecorder(POPOApplicationRecorder):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import projections
-from domain.ledger import Ledger
-from infrastructure.readmodels.queries import ReadModels, StaleRead, open_read_models
-from infrastructure.readmodels.runner import ProjectionRunner
-from infrastructure.readmodels.store import readmodel_url
-from projections.model import Projection
+from daybook import projections
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead, open_read_models
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.projections.model import Projection
 
 
 class EmbeddedProjections(ProjectionRunner):

@@ -29,11 +29,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from domain.ledger import Ledger
-from infrastructure.readmodels.log import EventDecoder, RawEvent
-from infrastructure.readmodels.runner import Progress, ProjectionRunner, Slot, _moved
-from infrastructure.readmodels.store import LIVE, REBUILDING, ReadStore
-from projections.model import Handler, Key, LogEvent, Projection, Row, Table, Value, iso_time
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.log import EventDecoder, RawEvent
+from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, Slot, _moved
+from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, ReadStore
+from daybook.projections.model import (
+    Handler,
+    Key,
+    LogEvent,
+    Projection,
+    Row,
+    Table,
+    Value,
+    iso_time,
+)
 
 log = logging.getLogger(__name__)
 

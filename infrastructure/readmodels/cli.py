@@ -9,14 +9,14 @@ import signal
 import sys
 from typing import Any
 
-import projections
-from infrastructure.bootstrap import open_ledger
-from infrastructure.readmodels.rebuild import RebuildError, rebuild
-from infrastructure.readmodels.reconcile import reconcile
-from infrastructure.readmodels.runner import ProjectionRunner
-from infrastructure.readmodels.status import projection_status
-from infrastructure.readmodels.store import open_store, readmodel_url
-from infrastructure.urls import DEFAULT_URL
+from daybook import projections
+from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
+from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.status import projection_status
+from daybook.infrastructure.readmodels.store import open_store, readmodel_url
+from daybook.infrastructure.urls import DEFAULT_URL
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

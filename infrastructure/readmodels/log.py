@@ -16,9 +16,9 @@ from eventsourcing.utils import resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from domain.ledger import Ledger
-from infrastructure.codec import ContractMapper, OrjsonTranscoder
-from projections.model import LogEvent, parse_time
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
 EVENTS_CHANNEL = "daybook_events"

@@ -20,14 +20,14 @@ from uuid import UUID
 
 import psycopg
 
-from domain.ledger import Ledger
-from domain.values import inventory_id
-from infrastructure.readmodels.store import ReadStore, open_store
-from infrastructure.urls import DEFAULT_URL
-from projections.accounts import BALANCES, STATEMENT
-from projections.activity import MONEY, STOCK
-from projections.inventory import LEVELS
-from projections.model import Row
+from daybook.domain.ledger import Ledger
+from daybook.domain.values import inventory_id
+from daybook.infrastructure.readmodels.store import ReadStore, open_store
+from daybook.infrastructure.urls import DEFAULT_URL
+from daybook.projections.accounts import BALANCES, STATEMENT
+from daybook.projections.activity import MONEY, STOCK
+from daybook.projections.inventory import LEVELS
+from daybook.projections.model import Row
 
 T = TypeVar("T")
 

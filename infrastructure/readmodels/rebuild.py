@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from domain.ledger import Ledger
-from infrastructure.readmodels.bulk import BulkRunner
-from infrastructure.readmodels.runner import Progress
-from infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
-from projections.model import Projection
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.runner import Progress
+from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
+from daybook.projections.model import Projection
 
 
 class RebuildError(Exception):

@@ -15,16 +15,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.ledger import Ledger
-from infrastructure.readmodels.log import LogReader
-from infrastructure.readmodels.store import (
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.readmodels.store import (
     LIVE,
     REBUILDING,
     PostgresStore,
     ReadStore,
     open_store,
 )
-from projections.model import Key, MemoryRows, Projection, Row, Table, Value, sort_key
+from daybook.projections.model import Key, MemoryRows, Projection, Row, Table, Value, sort_key
 
 _SEP = "\x1f"
 _NULL = "\\N"

@@ -24,9 +24,9 @@ from typing import Any
 
 import psycopg
 
-from domain.ledger import Ledger
-from infrastructure.readmodels.log import LogReader
-from infrastructure.readmodels.store import (
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.readmodels.store import (
     LIVE,
     REBUILDING,
     PostgresStore,
@@ -35,7 +35,7 @@ from infrastructure.readmodels.store import (
     open_store,
     version_lock_key,
 )
-from projections.model import Key, LogEvent, Projection, Row, Table, iso_time
+from daybook.projections.model import Key, LogEvent, Projection, Row, Table, iso_time
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from domain.ledger import Ledger
-from infrastructure.readmodels.log import LogReader
-from infrastructure.readmodels.store import open_store
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.readmodels.store import open_store
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 
 import psycopg
 
-from infrastructure.urls import postgres_params, scheme, sqlite_path
-from projections.model import Key, Projection, Row, Table, Value
+from daybook.infrastructure.urls import postgres_params, scheme, sqlite_path
+from daybook.projections.model import Key, Projection, Row, Table, Value
 
 LIVE = "live"
 REBUILDING = "rebuilding"

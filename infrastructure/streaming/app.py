@@ -29,17 +29,17 @@ import faust
 import psycopg
 from faust.transport.consumer import CONSUMER_FETCHING
 
-from infrastructure.readmodels.store import readmodel_url
-from infrastructure.relay import read_cursor
-from infrastructure.streaming.broker import (
+from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.infrastructure.relay import read_cursor
+from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     bootstrap_servers,
     dead_letter_topic,
 )
-from infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
-from projections import ALL
-from projections.model import Projection
+from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.projections import ALL
+from daybook.projections.model import Projection
 
 log = logging.getLogger("daybook.worker")
 

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from infrastructure.urls import BadURL
+from daybook.infrastructure.urls import BadURL
 
 DEFAULT_TOPIC = "daybook.events"
 DEFAULT_PARTITIONS = 8

@@ -10,13 +10,13 @@ import signal
 import sys
 from typing import Any
 
-from infrastructure.streaming.broker import (
+from daybook.infrastructure.streaming.broker import (
     BROKER_ENV,
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     default_broker,
 )
-from infrastructure.urls import DEFAULT_URL
+from daybook.infrastructure.urls import DEFAULT_URL
 
 
 def register(subparsers: Any) -> None:
@@ -88,7 +88,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_relay(args: argparse.Namespace) -> int:
-    from infrastructure.relay import Relay, RelayConfig, rewind
+    from daybook.infrastructure.relay import Relay, RelayConfig, rewind
 
     _logging(args)
     if args.rewind:
@@ -117,7 +117,7 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from infrastructure.streaming.app import WorkerConfig, run_worker
+    from daybook.infrastructure.streaming.app import WorkerConfig, run_worker
 
     _logging(args)
     run_worker(
@@ -136,8 +136,8 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from infrastructure.relay import read_cursor
-    from infrastructure.streaming.progress import read_status
+    from daybook.infrastructure.relay import read_cursor
+    from daybook.infrastructure.streaming.progress import read_status
 
     cursor = read_cursor(args.url, args.topic)
     if cursor is None:

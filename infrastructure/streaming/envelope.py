@@ -28,6 +28,8 @@ import orjson
 from aiokafka.partitioner import murmur2
 from eventsourcing.utils import resolve_topic
 
+from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
+
 #: Version of the envelope layout itself (not of the event payloads).
 ENVELOPE_VERSION = 1
 

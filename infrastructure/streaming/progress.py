@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.sql import SQL, Identifier
 
-from infrastructure.urls import postgres_params
+from daybook.infrastructure.urls import postgres_params
 
 PROGRESS_TABLE = "daybook_stream_progress"
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"

@@ -29,11 +29,11 @@ from datetime import datetime
 
 from psycopg.sql import Identifier
 
-from infrastructure.readmodels.runner import BatchRows, RowCache, Slot
-from infrastructure.readmodels.store import PostgresStore, open_store, version_lock_key
-from infrastructure.streaming import envelope
-from infrastructure.streaming.faults import crash_point
-from infrastructure.streaming.progress import (
+from daybook.infrastructure.readmodels.runner import BatchRows, RowCache, Slot
+from daybook.infrastructure.readmodels.store import PostgresStore, open_store, version_lock_key
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.streaming.progress import (
     DEAD_LETTER_TABLE,
     GAP,
     LIVE,
@@ -42,7 +42,7 @@ from infrastructure.streaming.progress import (
     classify,
     create_tables_sql,
 )
-from projections.model import LogEvent, Projection, iso_time
+from daybook.projections.model import LogEvent, Projection, iso_time
 
 log = logging.getLogger("daybook.worker")
 

@@ -16,11 +16,11 @@ from uuid import UUID
 
 import pytest
 
-from domain import Ledger
-from domain.errors import DomainError
-from domain.ids import new_id_text, new_uuid
-from domain.values import MAX_AMOUNT, inventory_id
-from infrastructure import open_ledger
+from daybook import open_ledger
+from daybook.domain import Ledger
+from daybook.domain.errors import DomainError
+from daybook.domain.ids import new_id_text, new_uuid
+from daybook.domain.values import MAX_AMOUNT, inventory_id
 
 SKU = "SKU-1"
 NOT_A_UUID: Any = "not-a-uuid"
@@ -493,8 +493,8 @@ class Spy:
             return value
 
         monkeypatch.setattr(ledger.recorder, "insert_events", counting_insert)
-        monkeypatch.setattr("domain.commands.new_uuid", recording_uuid)
-        monkeypatch.setattr("domain.commands.new_id_text", recording_text)
+        monkeypatch.setattr("daybook.domain.commands.new_uuid", recording_uuid)
+        monkeypatch.setattr("daybook.domain.commands.new_id_text", recording_text)
 
 
 def check_cases(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, cases: list[Case]) -> None:

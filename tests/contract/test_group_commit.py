@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from domain import commands
-from domain.errors import DomainError, IdempotencyConflict, InsufficientFunds, SkuNotFound
-from domain.ledger import Ledger, PreparedBatch, Receipt
-from infrastructure import open_async_ledger, open_ledger
-from infrastructure.group_commit import GroupCommitter
+from daybook import open_async_ledger, open_ledger
+from daybook.domain import commands
+from daybook.domain.errors import DomainError, IdempotencyConflict, InsufficientFunds, SkuNotFound
+from daybook.domain.ledger import Ledger, PreparedBatch, Receipt
+from daybook.infrastructure.group_commit import GroupCommitter
 
 
 def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
@@ -144,7 +144,7 @@ def test_without_group_commit_each_command_commits_alone(store_url: str) -> None
 
 
 def test_a_closed_ledger_refuses_new_commands() -> None:
-    from infrastructure.group_commit import LedgerClosed
+    from daybook.infrastructure.group_commit import LedgerClosed
 
     ledger: Ledger = open_ledger("memory://")
     account = ledger.open_account("a", "EUR")
@@ -286,7 +286,7 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug in the group committer must not leave callers blocked forever."""
-    from infrastructure.group_commit import LedgerClosed
+    from daybook.infrastructure.group_commit import LedgerClosed
 
     ledger = open_ledger("memory://")
     account = ledger.open_account("a", "EUR")

@@ -9,16 +9,16 @@ from uuid import UUID
 
 import pytest
 
-from domain import Ledger, Receipt
-from domain import commands as build
-from domain.errors import (
+from daybook import open_ledger
+from daybook.domain import Ledger, Receipt
+from daybook.domain import commands as build
+from daybook.domain.errors import (
     DomainError,
     IdempotencyConflict,
     InsufficientFunds,
     OutOfStock,
     ReservationResolved,
 )
-from infrastructure import open_ledger
 
 
 @pytest.fixture

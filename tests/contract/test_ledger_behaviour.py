@@ -10,14 +10,14 @@ from uuid import UUID
 
 import pytest
 
-from domain import Ledger, Receipt
-from domain import commands as build
-from domain.accounts import Account
-from domain.errors import AccountNotFound, DomainError, InsufficientFunds, SkuNotFound
-from domain.inventory import Inventory
-from domain.ledger import StaleCache
-from domain.values import inventory_id
-from infrastructure import open_ledger
+from daybook import open_ledger
+from daybook.domain import Ledger, Receipt
+from daybook.domain import commands as build
+from daybook.domain.accounts import Account
+from daybook.domain.errors import AccountNotFound, DomainError, InsufficientFunds, SkuNotFound
+from daybook.domain.inventory import Inventory
+from daybook.domain.ledger import StaleCache
+from daybook.domain.values import inventory_id
 
 
 @pytest.fixture

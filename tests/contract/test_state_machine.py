@@ -25,9 +25,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from domain import Ledger, Receipt
-from domain.errors import DomainError
-from infrastructure import open_ledger
+from daybook import open_ledger
+from daybook.domain import Ledger, Receipt
+from daybook.domain.errors import DomainError
 
 CURRENCIES = ("EUR", "USD")
 MAX_ACCOUNTS = 6

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from eventsourcing.persistence import StoredEvent
 
-from domain import Ledger
-from domain.accounts import Account
-from domain.errors import InsufficientFunds
-from infrastructure import open_ledger
+from daybook import open_ledger
+from daybook.domain import Ledger
+from daybook.domain.accounts import Account
+from daybook.domain.errors import InsufficientFunds
 
 
 @pytest.fixture

@@ -21,11 +21,11 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from domain import commands
-from domain.errors import DomainError
-from domain.ledger import Ledger
-from infrastructure import open_ledger
-from infrastructure.urls import postgres_params
+from daybook import open_ledger
+from daybook.domain import commands
+from daybook.domain.errors import DomainError
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.urls import postgres_params
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -242,9 +242,9 @@ def test_processes_starting_at_once_on_a_fresh_database_all_start(
 ) -> None:
     """Creating the tables is serialised: concurrent CREATE TYPE / CREATE FUNCTION would
     otherwise fail with 'tuple concurrently updated'."""
-    from tests import services
+    from scripts import services
 
-    code = "import sys; from infrastructure import open_ledger; open_ledger(sys.argv[1]).close()"
+    code = "import sys; from daybook import open_ledger; open_ledger(sys.argv[1]).close()"
     for round_number in range(3):
         name = f"daybook_fresh_{os.getpid()}_{round_number}"
         url = services.create_database(pg_admin_url, name)

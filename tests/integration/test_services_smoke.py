@@ -1,4 +1,4 @@
-"""Smoke tests for the real services of tests/services.py (PostgreSQL and the Kafka broker).
+"""Smoke tests for the real services of scripts/services.py (PostgreSQL and the Kafka broker).
 
 Kept fast: the Kafka test reads with a partition-assigned consumer (no consumer
 group), because every group join on Tansu costs a fixed ~3 s rebalance delay.
@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests import services
+from scripts import services
 
 
 @pytest.mark.postgres

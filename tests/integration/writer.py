@@ -23,10 +23,10 @@ import threading
 from typing import Any
 from uuid import UUID
 
-from domain.errors import DomainError
-from domain.ledger import Ledger, PreparedBatch
-from infrastructure import open_ledger
-from infrastructure.eventstore.postgres import PostgresRecorder
+from daybook import open_ledger
+from daybook.domain.errors import DomainError
+from daybook.domain.ledger import Ledger, PreparedBatch
+from daybook.infrastructure.eventstore.postgres import PostgresRecorder
 
 _print_lock = threading.Lock()
 

@@ -6,11 +6,11 @@ import random
 from collections.abc import Sequence
 from uuid import UUID
 
-from domain.errors import DomainError
-from domain.ledger import Ledger
-from infrastructure.readmodels.log import LogReader
-from infrastructure.readmodels.store import open_store
-from projections.model import MemoryRows, Projection, Row, replay
+from daybook.domain.errors import DomainError
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.projections.model import MemoryRows, Projection, Row, replay
 
 
 def workload(

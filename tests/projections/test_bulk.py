@@ -7,14 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-import projections
-from domain.ledger import Ledger
-from infrastructure import open_ledger
-from infrastructure.readmodels.bulk import BulkRunner
-from infrastructure.readmodels.runner import ProjectionRunner
-from infrastructure.readmodels.store import open_store, readmodel_url
-from projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
-from projections.model import LogEvent, Projection, Rows
+from daybook import open_ledger, projections
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import open_store, readmodel_url
+from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
+from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, stored_rows, workload
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from infrastructure import open_ledger
-from projections import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DAILY_ACTIVITY, INVENTORY_LEVELS
-from projections.model import LogEvent, MemoryRows
+from daybook import open_ledger
+from daybook.projections import (
+    ACCOUNT_BALANCES,
+    ACCOUNT_STATEMENT,
+    DAILY_ACTIVITY,
+    INVENTORY_LEVELS,
+)
+from daybook.projections.model import LogEvent, MemoryRows
 from tests.projections.helpers import expected_rows, workload
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-import projections
-from infrastructure import open_ledger
-from infrastructure.readmodels import run_projections
+from daybook import open_ledger, projections
+from daybook.infrastructure.readmodels import run_projections
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres

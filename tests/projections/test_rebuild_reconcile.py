@@ -8,17 +8,16 @@ from collections.abc import Iterator
 
 import pytest
 
-import projections
-from domain.ledger import Ledger
-from infrastructure import open_ledger
-from infrastructure.cli import main
-from infrastructure.readmodels import run_projections
-from infrastructure.readmodels.rebuild import rebuild
-from infrastructure.readmodels.reconcile import reconcile
-from infrastructure.readmodels.store import open_store
-from projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
-from projections.activity import MONEY
-from projections.model import Column, LogEvent, Projection, Rows, Table
+from daybook import open_ledger, projections
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels import run_projections
+from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
+from daybook.projections.activity import MONEY
+from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
 from tests.projections.helpers import assert_tables_match, workload
 
 #: Version 2 of account_balances: a new column counting deposits.

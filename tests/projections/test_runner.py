@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-import projections
-from domain.ledger import Ledger
-from infrastructure import open_ledger
-from infrastructure.readmodels import StaleRead, run_projections
-from infrastructure.readmodels.status import projection_status
-from infrastructure.readmodels.store import open_store
-from projections.accounts import ACCOUNT_BALANCES, DEPOSITED
-from projections.model import LogEvent, Projection, Rows
+from daybook import open_ledger, projections
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels import StaleRead, run_projections
+from daybook.infrastructure.readmodels.status import projection_status
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.projections.accounts import ACCOUNT_BALANCES, DEPOSITED
+from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from domain import commands
-from domain.ledger import Ledger
-from infrastructure.streaming import envelope
-from infrastructure.streaming.progress import Step, classify
+from daybook.domain import commands
+from daybook.domain.ledger import Ledger
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.progress import Step, classify
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Upper bound for any single wait in these tests (they finish far sooner when healthy).
@@ -73,7 +73,7 @@ class Daybook:
     def start(self) -> Daybook:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "infrastructure.streaming.cli", *self.args],
+            [sys.executable, "-m", "daybook.infrastructure.streaming.cli", *self.args],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -11,13 +11,13 @@ from uuid import uuid4
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from domain.accounts import Account
-from infrastructure import open_ledger
-from infrastructure.relay import read_cursor
-from infrastructure.streaming import envelope
-from infrastructure.streaming.broker import dead_letter_topic
-from infrastructure.streaming.progress import read_dead_letters, read_status
-from tests import services
+from daybook import open_ledger
+from daybook.domain.accounts import Account
+from daybook.infrastructure.relay import read_cursor
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.broker import dead_letter_topic
+from daybook.infrastructure.streaming.progress import read_dead_letters, read_status
+from scripts import services
 from tests.streaming.streams import (
     WAIT,
     follow_chain,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from infrastructure import open_ledger
-from infrastructure.relay import read_cursor
+from daybook import open_ledger
+from daybook.infrastructure.relay import read_cursor
 from tests.streaming.streams import (
     Daybook,
     follow_chain,

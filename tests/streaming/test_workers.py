@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from infrastructure import open_ledger
-from infrastructure.readmodels.runner import ProjectionRunner
-from infrastructure.readmodels.store import open_store
-from infrastructure.streaming.progress import read_status
-from projections import ALL
-from tests import services
+from daybook import open_ledger
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.streaming.progress import read_status
+from daybook.projections import ALL
+from scripts import services
 from tests.streaming.streams import (
     Daybook,
     open_accounts,

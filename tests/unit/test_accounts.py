@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.accounts import CLOSED, OPEN, Account, transfer
-from domain.errors import (
+from daybook.domain.accounts import CLOSED, OPEN, Account, transfer
+from daybook.domain.errors import (
     AccountClosed,
     AccountNotEmpty,
     BalanceOverflow,
@@ -18,7 +18,7 @@ from domain.errors import (
     InsufficientFunds,
     SameAccount,
 )
-from domain.values import MAX_AMOUNT
+from daybook.domain.values import MAX_AMOUNT
 
 
 def opened(currency: str = "EUR", overdraft_limit: int = 0, balance: int = 0) -> Account:

@@ -6,8 +6,8 @@ from uuid import uuid4
 
 import pytest
 
-from infrastructure import open_ledger
-from infrastructure.aggregate_cache import AggregateCache
+from daybook import open_ledger
+from daybook.infrastructure.aggregate_cache import AggregateCache
 
 
 def test_it_evicts_the_least_recently_used() -> None:

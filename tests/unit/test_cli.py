@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from infrastructure.cli import main
+from daybook.infrastructure.cli import main
 
 
 def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,11 @@ from eventsourcing.persistence import StoredEvent
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.accounts import Account
-from domain.events import LedgerAggregate, Metadata
-from domain.inventory import Inventory
-from domain.values import MAX_AMOUNT
-from infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.domain.accounts import Account
+from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.inventory import Inventory
+from daybook.domain.values import MAX_AMOUNT
+from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 
 
 class Sample(LedgerAggregate.Event):
@@ -160,14 +160,14 @@ def test_the_mapper_writes_the_schema_version_and_no_control_fields(
         originator_id=UUID(int=7),
         originator_version=1,
         timestamp=datetime(2024, 5, 1, tzinfo=UTC),
-        originator_topic="domain.accounts:Account",
+        originator_topic="daybook.domain.accounts:Account",
         owner="Zoë",
         currency="EUR",
         overdraft_limit=0,
         meta=Metadata(request_id="r-1", correlation_id="c-1", causation_id="x-1"),
     )
     stored = mapper.to_stored_event(event)
-    assert stored.topic == "domain.accounts:Account.Opened"
+    assert stored.topic == "daybook.domain.accounts:Account.Opened"
     assert stored.originator_id == UUID(int=7)
     assert stored.originator_version == 1
     state = orjson.loads(stored.state)

@@ -6,7 +6,7 @@ import os
 import pickle
 from uuid import RFC_4122, UUID
 
-from domain.ids import new_id_text, new_uuid
+from daybook.domain.ids import new_id_text, new_uuid
 
 
 def test_ids_are_version_4_uuids_like_the_standard_library_makes() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.errors import (
+from daybook.domain.errors import (
     DomainError,
     InvalidAmount,
     InvalidRequest,
@@ -17,8 +17,8 @@ from domain.errors import (
     StockBelowReserved,
     StockOverflow,
 )
-from domain.inventory import Inventory, check_reservation_id
-from domain.values import MAX_AMOUNT, inventory_id
+from daybook.domain.inventory import Inventory, check_reservation_id
+from daybook.domain.values import MAX_AMOUNT, inventory_id
 
 
 def stocked(on_hand: int = 0, **reservations: int) -> Inventory:

@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.errors import DomainError, InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
-from domain.values import (
+from daybook.domain.errors import (
+    DomainError,
+    InvalidAmount,
+    InvalidCurrency,
+    InvalidRequest,
+    InvalidSku,
+)
+from daybook.domain.values import (
     MAX_AMOUNT,
     check_amount,
     check_currency,

@@ -1,6 +1,6 @@
-"""Real external services for the daybook test session: PostgreSQL and a Kafka broker.
+"""Real external services for tests and benchmarks: PostgreSQL and a Kafka broker.
 
-This module deliberately contains no pytest fixtures; ``conftest.py`` wraps the
+This module deliberately contains no pytest fixtures; ``tests/conftest.py`` wraps the
 plain functions below.  Everything here only ever talks to 127.0.0.1.
 
 PostgreSQL
