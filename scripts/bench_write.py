@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daybook import open_async_ledger, open_ledger
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.urls import postgres_params
-from scripts.anchor_bank import Bank, Overdrawn, bank_env
 from scripts import services
+from scripts.anchor_bank import Bank, Overdrawn, bank_env
 
 START_BALANCE = 1_000_000
 
