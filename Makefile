@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit lint bench clean
+.PHONY: install run test unit lint generate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ lint: $(STAMP)
 	rm -rf $(LINT_VIEW) && mkdir -p $(LINT_VIEW)/daybook
 	ln -s ../../../domain ../../../projections ../../../infrastructure $(LINT_VIEW)/daybook/
 	ln -s ../../../infrastructure/face/__init__.py $(LINT_VIEW)/daybook/__init__.py
-	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections
+	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections \
+	  -m daybook.infrastructure.bootstrap -m daybook.infrastructure.codec \
+	  -p daybook.infrastructure.eventstore -p daybook.infrastructure.ledger \
+	  -m daybook.infrastructure.settings -m daybook.infrastructure.topics \
+	  -m daybook.infrastructure.urls
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
+
+# The ledger's typed methods, one per registered command (infrastructure/ledger/methods.py).
+generate: $(STAMP)
+	$(PY) scripts/generate_ledger_methods.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_codec.py

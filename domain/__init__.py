@@ -1,18 +1,23 @@
-"""daybook's domain: aggregates, their rules, and the Ledger application. No I/O here."""
+"""daybook's domain: aggregates, their rules, events and commands. The business, pure: no
+I/O, threads, sleeps or persistence here."""
 
-from daybook.domain.accounts import Account
+from daybook.domain.accounts import Account, AccountView
+from daybook.domain.commands import Aggregates, Command, Receipt, command_named, registered
 from daybook.domain.errors import DomainError
-from daybook.domain.events import Metadata
-from daybook.domain.inventory import Inventory
-from daybook.domain.ledger import AccountView, Ledger, Receipt, StockView
+from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.inventory import Inventory, StockView
 
 __all__ = [
     "Account",
     "AccountView",
+    "Aggregates",
+    "Command",
     "DomainError",
     "Inventory",
-    "Ledger",
+    "LedgerAggregate",
     "Metadata",
     "Receipt",
     "StockView",
+    "command_named",
+    "registered",
 ]

@@ -1,29 +1,98 @@
-"""Accounts: money in minor units, one currency each, never below -overdraft_limit."""
+"""Accounts: money in minor units, one currency each, never below -overdraft_limit.
+
+The aggregate, the rules it refuses by (each error with its code), the view readers get, and
+the commands that change accounts, each with its handler.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from daybook.domain.errors import (
-    AccountClosed,
-    AccountNotEmpty,
-    BalanceOverflow,
-    CurrencyMismatch,
-    InsufficientFunds,
-    SameAccount,
+from daybook.domain.commands import (
+    AccountId,
+    Aggregates,
+    Amount,
+    Command,
+    Currency,
+    Limit,
+    Text,
+    Uuid,
+    generated,
 )
+from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.ids import new_uuid
 from daybook.domain.values import MAX_AMOUNT
 
 OPEN = "open"
 CLOSED = "closed"
 
 
+class CurrencyMismatch(DomainError):
+    """A transfer between accounts of different currencies."""
+
+    code = "currency_mismatch"
+
+
+class SameAccount(DomainError):
+    """A transfer from an account to itself."""
+
+    code = "same_account"
+
+
+class InsufficientFunds(DomainError):
+    """A debit would take the balance below minus the overdraft limit."""
+
+    code = "insufficient_funds"
+
+
+class AccountNotFound(DomainError):
+    """No account has this id."""
+
+    code = "account_not_found"
+
+
+class AccountClosed(DomainError):
+    """The account is closed and refuses every command."""
+
+    code = "account_closed"
+
+
+class AccountNotEmpty(DomainError):
+    """An account can only be closed at a zero balance."""
+
+    code = "account_not_empty"
+
+
+class BalanceOverflow(DomainError):
+    """A credit would take the balance past 2**63-1."""
+
+    code = "balance_overflow"
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """An account's state, read from the log (strongly consistent)."""
+
+    id: UUID
+    owner: str
+    currency: str
+    balance: int
+    available: int
+    overdraft_limit: int
+    status: str
+    version: int
+
+
 class Account(LedgerAggregate):
     """A money account. Invariant: balance >= -overdraft_limit, always."""
 
     flat_state = True
+    key_name = "account_id"
+    read_as = "account"
 
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         owner: str
@@ -95,10 +164,26 @@ class Account(LedgerAggregate):
             overdraft_limit=overdraft_limit,
         )
 
+    @classmethod
+    def not_found(cls, key: Any) -> DomainError:
+        return AccountNotFound(f"no account has id {key}", account_id=str(key))
+
     @property
     def available(self) -> int:
         """What can still be debited: balance plus the overdraft limit."""
         return self.balance + self.overdraft_limit
+
+    def view(self) -> AccountView:
+        return AccountView(
+            id=self.id,
+            owner=self.owner,
+            currency=self.currency,
+            balance=self.balance,
+            available=self.available,
+            overdraft_limit=self.overdraft_limit,
+            status=self.status,
+            version=self.version,
+        )
 
     def check_open(self) -> None:
         if self.status == CLOSED:
@@ -178,3 +263,68 @@ def transfer(source: Account, destination: Account, amount: int, transfer_id: UU
     destination.trigger_event(
         Account.TransferredIn, amount=amount, transfer_id=transfer_id, counterparty=source.id
     )
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+class OpenAccount(Command):
+    """Open an account with a zero balance in one ISO 4217 currency."""
+
+    owner: Text
+    currency: Currency
+    overdraft_limit: Limit = 0
+    account_id: AccountId = generated(factory=new_uuid, kw_only=True)
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.add(
+            Account.open(self.account_id, self.owner, self.currency, self.overdraft_limit)
+        )
+        return {"account_id": self.account_id}
+
+
+class Deposit(Command):
+    """Credit ``amount`` minor units to an account."""
+
+    account_id: AccountId
+    amount: Amount
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Account, self.account_id).deposit(self.amount)
+        return {"account_id": self.account_id}
+
+
+class Withdraw(Command):
+    """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
+
+    account_id: AccountId
+    amount: Amount
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Account, self.account_id).withdraw(self.amount)
+        return {"account_id": self.account_id}
+
+
+class Transfer(Command):
+    """Debit one account and credit another of the same currency, atomically."""
+
+    source: AccountId
+    destination: AccountId
+    amount: Amount
+    transfer_id: Uuid = generated(factory=new_uuid, kw_only=True)
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        source = aggregates.get(Account, self.source)
+        destination = aggregates.get(Account, self.destination)
+        transfer(source, destination, self.amount, self.transfer_id)
+        return {"account_id": self.source, "transfer_id": self.transfer_id}
+
+
+class CloseAccount(Command):
+    """Close an account at zero balance; it then refuses everything."""
+
+    account_id: AccountId
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Account, self.account_id).close()
+        return {"account_id": self.account_id}

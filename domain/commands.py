@@ -1,74 +1,198 @@
-"""Commands: validated requests to change the ledger, each applied by one ``run``.
+"""Commands: a caller's request to change the ledger, checked when it is built, applied by its
+handler.
 
-A command is built only from checked values (see ``domain.values``), so by the time it runs
-the only refusals left are business rules. Ids the ledger generates (new account ids,
-reservation ids, transfer ids) are not part of a command's fingerprint: a retried request
-generates new ones, yet must still match the original.
+A command is one class: its fields are what the caller asks for, each annotated with the
+check that refuses a bad value (``Amount``, ``Currency``, ``AccountId``...), and its
+``handle`` method applies it to aggregates and says what the receipt names. Defining the
+class registers it: the ledger's blocking and asyncio methods, and everything else that
+offers commands, are derived from the registry (``registered()``), so a new command needs
+nothing else.
+
+Every command carries an envelope: ``request_id`` (chosen by the caller, or generated),
+``correlation_id`` and ``causation_id``, stored as metadata on every event it writes. Fields
+the ledger can generate (an account id, a reservation id) are ``generated``: the caller may
+choose them, and then they are part of what a retry must repeat; otherwise the ledger picks a
+fresh one, which is not.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Protocol,
+    TypeVar,
+    dataclass_transform,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 from uuid import UUID
 
 import orjson
 
-from daybook.domain import accounts
-from daybook.domain.accounts import Account
-from daybook.domain.errors import InvalidRequest
-from daybook.domain.events import Metadata
-from daybook.domain.ids import new_id_text, new_uuid
-from daybook.domain.inventory import Inventory, check_reservation_id
+from daybook.domain.errors import DomainError
+from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.ids import new_id_text
 from daybook.domain.values import (
     check_amount,
     check_currency,
     check_delta,
     check_limit,
+    check_request_text,
     check_sku,
     check_text,
     check_uuid,
-    inventory_id,
 )
 
-if TYPE_CHECKING:
-    from daybook.domain.ledger import UnitOfWork
+A = TypeVar("A", bound=LedgerAggregate)
 
 
-_PAYLOAD_FIELDS: dict[type[Command], tuple[str, ...]] = {}
+@dataclass(frozen=True, slots=True)
+class Check:
+    """How a field's value is checked: ``check(value, what)`` returns the value to keep
+    (perhaps converted, as a UUID from its text) or raises the refusal; ``what`` names the
+    value in the message (the field's name unless ``label`` says otherwise)."""
+
+    check: Callable[[object, str], Any]
+    optional: bool = False
+    label: str | None = None
+
+    def __call__(self, value: object, name: str) -> Any:
+        if value is None and self.optional:
+            return None
+        return self.check(value, self.label or name)
 
 
-def _payload_fields(command_class: type[Command]) -> tuple[str, ...]:
-    names = _PAYLOAD_FIELDS.get(command_class)
-    if names is None:
-        skip = command_class._envelope | command_class.generated
-        names = tuple(f.name for f in fields(command_class) if f.name not in skip)
-        _PAYLOAD_FIELDS[command_class] = names
-    return names
+Amount = Annotated[int, Check(check_amount)]
+OptionalAmount = Annotated[int | None, Check(check_amount, optional=True)]
+Delta = Annotated[int, Check(check_delta, label="adjustment")]
+Limit = Annotated[int, Check(check_limit)]
+Currency = Annotated[str, Check(check_currency)]
+Sku = Annotated[str, Check(check_sku, label="SKU")]
+Text = Annotated[str, Check(check_text)]
+Uuid = Annotated[UUID, Check(check_uuid)]
+AccountId = Uuid
+RequestText = Annotated[str, Check(check_request_text)]
 
 
-@dataclass(frozen=True, kw_only=True)
+def generated(*, factory: Callable[[], object], kw_only: bool = True) -> Any:
+    """A field the ledger fills with ``factory()`` unless the caller chooses its value.
+    (Keyword arguments named as ``dataclass_transform`` field specifiers name them, so type
+    checkers know the field has a default and comes after the payload.)"""
+    return field(default=None, kw_only=kw_only, metadata={"generated": factory})
+
+
+class Aggregates(Protocol):
+    """The aggregates a handler works on (the ledger's unit of work provides them)."""
+
+    def get(self, kind: type[A], key: Any) -> A:
+        """The aggregate of ``kind`` for ``key``; raises ``kind.not_found(key)`` if none."""
+        ...
+
+    def find(self, kind: type[A], key: Any) -> A | None:
+        """The aggregate of ``kind`` for ``key``, or None."""
+        ...
+
+    def add(self, aggregate: A) -> A:
+        """A new aggregate, written with the command's other events."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What building and fingerprinting a command class needs, worked out once per class."""
+
+    #: (field name, check) for every field with a check, in field order.
+    checks: tuple[tuple[str, Check], ...]
+    #: (field name, factory) for every generated field.
+    generated: tuple[tuple[str, Callable[[], object]], ...]
+    #: Fields a retry must repeat: the payload (generated fields only when chosen).
+    payload: tuple[str, ...]
+
+
+_REGISTRY: dict[str, type[Command]] = {}
+_SPECS: dict[type[Command], _Spec] = {}
+_ENVELOPE = ("request_id", "correlation_id", "causation_id")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field, generated))
+@dataclass(frozen=True)
 class Command:
-    """Base of every command: the request id and metadata travel with it."""
+    """Base of every command. Subclasses are frozen dataclasses, registered by ``name`` (their
+    class name in snake case unless they set one): ``Transfer`` is ``ledger.transfer``."""
 
     name: ClassVar[str] = "command"
-    #: Fields generated by the ledger rather than given by the caller.
-    generated: ClassVar[frozenset[str]] = frozenset()
 
-    request_id: str
-    #: True when the caller chose ``request_id`` (only those refusals are recorded).
-    caller_request_id: bool = field(default=False, compare=False)
+    _: KW_ONLY
+    #: The caller's id for this request; a retry with the same id and payload is replayed.
+    request_id: str = generated(factory=new_id_text)
     correlation_id: str | None = None
     causation_id: str | None = None
 
-    _envelope: ClassVar[frozenset[str]] = frozenset(
-        {"request_id", "caller_request_id", "correlation_id", "causation_id"}
-    )
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
+        if "name" not in cls.__dict__:
+            cls.name = _snake(cls.__name__)
+        if cls.handle is Command.handle:
+            return  # an abstract intermediate class
+        known = _REGISTRY.get(cls.name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            msg = f"command name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}"
+            raise TypeError(msg)
+        _REGISTRY[cls.name] = cls
+
+    def __post_init__(self) -> None:
+        spec = _spec(type(self))
+        setter = object.__setattr__
+        for name, check in spec.checks:
+            value = getattr(self, name)
+            checked = check(value, name)
+            if checked is not value:
+                setter(self, name, checked)
+        chosen = []
+        for name, factory in spec.generated:
+            if getattr(self, name) is None:
+                setter(self, name, factory())
+            else:
+                chosen.append(name)
+        if self.request_id is not None:
+            chosen.append("request_id")
+        setter(self, "_chosen", frozenset(chosen))
+        for name in _ENVELOPE:
+            value = getattr(self, name)
+            if value is None:
+                if name == "request_id":
+                    setter(self, name, new_id_text())
+            else:
+                check_request_text(value, name)
+
+    @property
+    def caller_request_id(self) -> bool:
+        """True when the caller chose ``request_id`` (only those refusals are recorded)."""
+        return "request_id" in self.__dict__["_chosen"]
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        """Apply the command; return what its receipt names (``account_id``, ``sku``...).
+        Raises a ``DomainError`` when a rule refuses it, having changed nothing."""
+        raise NotImplementedError
 
     def payload(self) -> dict[str, Any]:
         """What the caller asked for: the fields a retry must repeat exactly."""
-        return {name: getattr(self, name) for name in _payload_fields(type(self))}
+        spec = _spec(type(self))
+        chosen: frozenset[str] = self.__dict__["_chosen"]
+        names = spec.payload + tuple(name for name, _ in spec.generated if name in chosen)
+        return {name: getattr(self, name) for name in names}
 
     @property
     def fingerprint(self) -> str:
@@ -77,8 +201,8 @@ class Command:
         Fingerprints are stored with request records: changing how they are computed would
         turn retries of requests recorded before the change into idempotency conflicts.
         """
-        # Computed once per command (a frozen dataclass: cached in its __dict__ directly,
-        # as functools.cached_property would, without its per-call lock).
+        # Computed once per command (frozen: cached in its __dict__ directly, as
+        # functools.cached_property would, without its per-call lock).
         cached: str | None = self.__dict__.get("_fingerprint")
         if cached is None:
             text = orjson.dumps([self.name, self.payload()], option=orjson.OPT_SORT_KEYS)
@@ -93,336 +217,140 @@ class Command:
             causation_id=self.causation_id,
         )
 
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        """Apply the command to aggregates from ``uow``; return the receipt's extra fields."""
-        raise NotImplementedError
+
+def _spec(command_class: type[Command]) -> _Spec:
+    spec = _SPECS.get(command_class)
+    if spec is None:
+        spec = _SPECS[command_class] = _build_spec(command_class)
+    return spec
 
 
-@dataclass(frozen=True, kw_only=True)
-class OpenAccount(Command):
-    name = "open_account"
-    generated = frozenset({"account_id"})
-    account_id: UUID
-    owner: str
-    currency: str
-    overdraft_limit: int = 0
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.add(Account.open(self.account_id, self.owner, self.currency, self.overdraft_limit))
-        return {"account_id": self.account_id}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Deposit(Command):
-    name = "deposit"
-    account_id: UUID
-    amount: int
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.account(self.account_id).deposit(self.amount)
-        return {"account_id": self.account_id}
+def _build_spec(command_class: type[Command]) -> _Spec:
+    hints = get_type_hints(command_class, include_extras=True)
+    checks: list[tuple[str, Check]] = []
+    made: list[tuple[str, Callable[[], object]]] = []
+    payload: list[str] = []
+    for spec_field in fields(command_class):
+        name = spec_field.name
+        if name in _ENVELOPE:
+            continue
+        hint = hints.get(name)
+        check = _check_of(hint)
+        factory = spec_field.metadata.get("generated")
+        if factory is not None:
+            made.append((name, factory))
+            if check is not None:
+                checks.append((name, Check(check.check, optional=True, label=check.label)))
+            continue
+        if check is not None:
+            checks.append((name, check))
+        payload.append(name)
+    return _Spec(tuple(checks), tuple(made), tuple(payload))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Withdraw(Command):
-    name = "withdraw"
-    account_id: UUID
-    amount: int
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.account(self.account_id).withdraw(self.amount)
-        return {"account_id": self.account_id}
+def _check_of(hint: object) -> Check | None:
+    if get_origin(hint) is Annotated:
+        for extra in get_args(hint)[1:]:
+            if isinstance(extra, Check):
+                return extra
+    return None
 
 
-@dataclass(frozen=True, kw_only=True)
-class Transfer(Command):
-    name = "transfer"
-    generated = frozenset({"transfer_id"})
-    transfer_id: UUID
-    source: UUID
-    destination: UUID
-    amount: int
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        source = uow.account(self.source)
-        destination = uow.account(self.destination)
-        accounts.transfer(source, destination, self.amount, self.transfer_id)
-        return {"account_id": self.source, "transfer_id": self.transfer_id}
+def registered() -> Iterator[type[Command]]:
+    """Every registered command class, in registration order."""
+    return iter(list(_REGISTRY.values()))
 
 
-@dataclass(frozen=True, kw_only=True)
-class CloseAccount(Command):
-    name = "close_account"
-    account_id: UUID
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.account(self.account_id).close()
-        return {"account_id": self.account_id}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReceiveStock(Command):
-    name = "receive_stock"
-    sku: str
-    quantity: int
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        inventory = uow.find_inventory(self.sku)
-        if inventory is None:
-            inventory = uow.add(Inventory.create(inventory_id(self.sku), self.sku))
-        inventory.receive(self.quantity)
-        return {"sku": self.sku}
+def command_named(name: str) -> type[Command]:
+    """The command registered as ``name``; ``KeyError`` names the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        msg = f"no command is called {name!r}; known: {known}"
+        raise KeyError(msg) from None
 
 
-@dataclass(frozen=True, kw_only=True)
-class AdjustStock(Command):
-    name = "adjust_stock"
-    sku: str
-    delta: int
-    reason: str
+@dataclass(frozen=True, slots=True)
+class Parameter:
+    """One argument of a command as callers pass it (for generated methods, routes, CLI)."""
 
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.inventory(self.sku).adjust(self.delta, self.reason)
-        return {"sku": self.sku}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReserveStock(Command):
-    name = "reserve_stock"
-    reservation_id: str
-    #: False when the ledger chose the reservation id (then it is not part of the payload).
-    caller_reservation_id: bool = field(default=True, compare=False)
-    sku: str
-    quantity: int
-
-    def payload(self) -> dict[str, Any]:
-        payload = super().payload()
-        del payload["caller_reservation_id"]
-        if not self.caller_reservation_id:
-            del payload["reservation_id"]
-        return payload
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.inventory(self.sku).reserve(self.reservation_id, self.quantity)
-        return {"sku": self.sku, "reservation_id": self.reservation_id}
+    name: str
+    annotation: Any
+    required: bool
+    #: Positional (the payload) or keyword-only (generated fields and the envelope).
+    positional: bool
+    default: Any = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class CommitReservation(Command):
-    name = "commit_reservation"
-    sku: str
-    reservation_id: str
-    quantity: int | None = None
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.inventory(self.sku).commit(self.reservation_id, self.quantity)
-        return {"sku": self.sku, "reservation_id": self.reservation_id}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReleaseReservation(Command):
-    name = "release_reservation"
-    sku: str
-    reservation_id: str
-
-    def run(self, uow: UnitOfWork) -> dict[str, Any]:
-        uow.inventory(self.sku).release(self.reservation_id)
-        return {"sku": self.sku, "reservation_id": self.reservation_id}
-
-
-# -- builders: validate the caller's arguments and make the command ---------------------------
-# Ledger (blocking) and AsyncLedger (asyncio) expose these with the same signatures.
-
-
-def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
-        raise InvalidRequest(
-            f"{what} must be 1-200 printable characters, got {value!r}", field=what
+def parameters(command_class: type[Command]) -> list[Parameter]:
+    """The arguments of ``command_class``, in calling order (positional first)."""
+    hints = get_type_hints(command_class)
+    result = []
+    for spec_field in fields(command_class):
+        required = spec_field.default is MISSING and spec_field.default_factory is MISSING
+        default = None if spec_field.default is MISSING else spec_field.default
+        annotation = hints[spec_field.name]
+        if spec_field.metadata.get("generated") is not None or spec_field.name == "request_id":
+            annotation = annotation | None
+        result.append(
+            Parameter(spec_field.name, annotation, required, not spec_field.kw_only, default)
         )
-    return value
+    # Positional (the payload) first, then the fields the ledger can generate, the envelope last.
+    return sorted(result, key=lambda p: (not p.positional, p.name in _ENVELOPE))
 
 
-def _envelope(
-    request_id: str | None, correlation_id: str | None, causation_id: str | None
-) -> dict[str, Any]:
-    return {
-        "request_id": new_id_text() if request_id is None else _check_id(request_id, "request_id"),
-        "caller_request_id": request_id is not None,
-        "correlation_id": None
-        if correlation_id is None
-        else _check_id(correlation_id, "correlation_id"),
-        "causation_id": None if causation_id is None else _check_id(causation_id, "causation_id"),
-    }
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that a command was applied: where its last event sits in the log."""
+
+    command: str
+    request_id: str
+    position: int
+    replayed: bool = False
+    account_id: UUID | None = None
+    transfer_id: UUID | None = None
+    sku: str | None = None
+    reservation_id: str | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, replayed: bool) -> Receipt:
+        """A receipt from its recorded form (JSON values: ids as text)."""
+        return cls(
+            command=record["command"],
+            request_id=record["request_id"],
+            position=record["position"],
+            replayed=replayed,
+            account_id=_uuid(record.get("account_id")),
+            transfer_id=_uuid(record.get("transfer_id")),
+            sku=record.get("sku"),
+            reservation_id=record.get("reservation_id"),
+        )
 
 
-def open_account(
-    owner: str,
-    currency: str,
-    overdraft_limit: int = 0,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> OpenAccount:
-    """Open an account with a zero balance in one ISO 4217 currency."""
-    return OpenAccount(
-        account_id=new_uuid(),
-        owner=check_text(owner, "owner"),
-        currency=check_currency(currency),
-        overdraft_limit=check_limit(overdraft_limit),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
+def _uuid(value: UUID | str | None) -> UUID | None:
+    return value if value is None or isinstance(value, UUID) else UUID(value)
 
 
-def deposit(
-    account_id: UUID,
-    amount: int,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> Deposit:
-    """Credit ``amount`` minor units to an account."""
-    return Deposit(
-        account_id=check_uuid(account_id, "account_id"),
-        amount=check_amount(amount),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def withdraw(
-    account_id: UUID,
-    amount: int,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> Withdraw:
-    """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
-    return Withdraw(
-        account_id=check_uuid(account_id, "account_id"),
-        amount=check_amount(amount),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def transfer(
-    source: UUID,
-    destination: UUID,
-    amount: int,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> Transfer:
-    """Debit one account and credit another of the same currency, atomically."""
-    return Transfer(
-        transfer_id=new_uuid(),
-        source=check_uuid(source, "source"),
-        destination=check_uuid(destination, "destination"),
-        amount=check_amount(amount),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def close_account(
-    account_id: UUID,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> CloseAccount:
-    """Close an account at zero balance; it then refuses everything."""
-    return CloseAccount(
-        account_id=check_uuid(account_id, "account_id"),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def receive_stock(
-    sku: str,
-    quantity: int,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> ReceiveStock:
-    """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-    return ReceiveStock(
-        sku=check_sku(sku),
-        quantity=check_amount(quantity, "quantity"),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def adjust_stock(
-    sku: str,
-    delta: int,
-    reason: str,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> AdjustStock:
-    """Correct on-hand stock after a count (``delta`` may be negative)."""
-    return AdjustStock(
-        sku=check_sku(sku),
-        delta=check_delta(delta),
-        reason=check_text(reason, "reason"),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def reserve_stock(
-    sku: str,
-    quantity: int,
-    *,
-    reservation_id: str | None = None,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> ReserveStock:
-    """Hold ``quantity`` units for an order; the receipt names the reservation id."""
-    return ReserveStock(
-        sku=check_sku(sku),
-        quantity=check_amount(quantity, "quantity"),
-        reservation_id=(
-            new_id_text() if reservation_id is None else check_reservation_id(reservation_id)
-        ),
-        caller_reservation_id=reservation_id is not None,
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def commit_reservation(
-    sku: str,
-    reservation_id: str,
-    quantity: int | None = None,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> CommitReservation:
-    """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-    return CommitReservation(
-        sku=check_sku(sku),
-        reservation_id=check_reservation_id(reservation_id),
-        quantity=None if quantity is None else check_amount(quantity, "quantity"),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
-
-
-def release_reservation(
-    sku: str,
-    reservation_id: str,
-    *,
-    request_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> ReleaseReservation:
-    """Give a reservation's units back to available stock."""
-    return ReleaseReservation(
-        sku=check_sku(sku),
-        reservation_id=check_reservation_id(reservation_id),
-        **_envelope(request_id, correlation_id, causation_id),
-    )
+__all__ = [
+    "AccountId",
+    "Aggregates",
+    "Amount",
+    "Check",
+    "Command",
+    "Currency",
+    "Delta",
+    "DomainError",
+    "Limit",
+    "OptionalAmount",
+    "Parameter",
+    "Receipt",
+    "RequestText",
+    "Sku",
+    "Text",
+    "Uuid",
+    "command_named",
+    "generated",
+    "parameters",
+    "registered",
+]

@@ -1,8 +1,12 @@
-"""Every way a command can be refused, each with a stable code.
+"""Refusals: the base class, and the rules every command shares, each with a stable code.
 
 Callers branch on ``error.code``; people read ``str(error)``. ``error.details`` holds the
 numbers that broke the rule, as JSON-friendly values, so a refusal can be recorded and
 replayed exactly when the same request is retried.
+
+A rule that belongs to one aggregate is refused by an error defined beside it (account rules
+in ``accounts``, stock rules in ``inventory``); every subclass registers its code here, so a
+recorded refusal is rebuilt as the same class.
 """
 
 from __future__ import annotations
@@ -61,90 +65,6 @@ class InvalidSku(DomainError):
     """A SKU is empty, too long, or has characters outside [A-Za-z0-9._:/-]."""
 
     code = "invalid_sku"
-
-
-class CurrencyMismatch(DomainError):
-    """A transfer between accounts of different currencies."""
-
-    code = "currency_mismatch"
-
-
-class SameAccount(DomainError):
-    """A transfer from an account to itself."""
-
-    code = "same_account"
-
-
-class InsufficientFunds(DomainError):
-    """A debit would take the balance below minus the overdraft limit."""
-
-    code = "insufficient_funds"
-
-
-class AccountNotFound(DomainError):
-    """No account has this id."""
-
-    code = "account_not_found"
-
-
-class AccountClosed(DomainError):
-    """The account is closed and refuses every command."""
-
-    code = "account_closed"
-
-
-class AccountNotEmpty(DomainError):
-    """An account can only be closed at a zero balance."""
-
-    code = "account_not_empty"
-
-
-class BalanceOverflow(DomainError):
-    """A credit would take the balance past 2**63-1."""
-
-    code = "balance_overflow"
-
-
-class SkuNotFound(DomainError):
-    """No stock was ever received for this SKU."""
-
-    code = "sku_not_found"
-
-
-class OutOfStock(DomainError):
-    """A reservation asks for more than is available."""
-
-    code = "out_of_stock"
-
-
-class StockBelowReserved(DomainError):
-    """An adjustment would leave less stock on hand than is reserved."""
-
-    code = "stock_below_reserved"
-
-
-class StockOverflow(DomainError):
-    """Receiving or adjusting would take on-hand stock past 2**63-1."""
-
-    code = "stock_overflow"
-
-
-class ReservationNotFound(DomainError):
-    """No reservation has this id for this SKU."""
-
-    code = "reservation_not_found"
-
-
-class ReservationResolved(DomainError):
-    """The reservation was already committed or released."""
-
-    code = "reservation_resolved"
-
-
-class ReservationExists(DomainError):
-    """A reservation id was used twice for one SKU."""
-
-    code = "reservation_exists"
 
 
 class IdempotencyConflict(DomainError):

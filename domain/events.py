@@ -16,6 +16,9 @@ from uuid import UUID
 from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
 from pydantic import BaseModel, ConfigDict, Field
 
+from daybook.domain.errors import DomainError
+from daybook.domain.values import check_uuid
+
 
 class Metadata(BaseModel):
     """Who asked for the change and why: carried by every event a command triggers."""
@@ -67,11 +70,45 @@ class DomainEvent(BaseModel):
 
 
 class LedgerAggregate(BaseAggregate[UUID]):
-    """Base of daybook's aggregates: eventsourcing's aggregate with pydantic events."""
+    """Base of daybook's aggregates: eventsourcing's aggregate with pydantic events.
+
+    An aggregate is found by a key (``key_name``): its id by default, or something the id is
+    derived from (an ``Inventory`` by its SKU). With ``read_as`` set, the ledger offers a
+    strongly consistent read of one by key (``ledger.account(account_id)``), answering with
+    ``view()``.
+    """
 
     #: True when the aggregate's own state holds no containers (only immutable values), so
     #: ``clone`` need only copy its list of pending events.
     flat_state: ClassVar[bool] = False
+    #: The name of the key callers find one by.
+    key_name: ClassVar[str] = "id"
+    #: The name of the ledger's read method for one aggregate (None: no such method).
+    read_as: ClassVar[str | None] = None
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        """The aggregate id for ``key`` (checked: a refusal names ``key_name``)."""
+        return check_uuid(key, cls.key_name)
+
+    @classmethod
+    def not_found(cls, key: Any) -> DomainError:
+        """The refusal when no aggregate of this kind has ``key``."""
+        return DomainError(f"no {cls.__name__} has {cls.key_name} {key}")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("read_as")
+        if name is not None:
+            known = _READABLE.get(name)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                msg = f"read method {name!r} is taken by {known.__module__}.{known.__qualname__}"
+                raise TypeError(msg)
+            _READABLE[name] = cls
+
+    def view(self) -> Any:
+        """The aggregate's state for a reader: an immutable value."""
+        raise NotImplementedError
 
     class Event(DomainEvent, CanMutateAggregate[UUID]):
         """An event that changes an existing aggregate."""
@@ -128,3 +165,9 @@ class LedgerAggregate(BaseAggregate[UUID]):
 
 
 _CONTAINERS = frozenset({dict, list, set})
+_READABLE: dict[str, type[LedgerAggregate]] = {}
+
+
+def readable() -> dict[str, type[LedgerAggregate]]:
+    """Every aggregate class the ledger offers a read method for, by that method's name."""
+    return dict(_READABLE)

@@ -1,27 +1,93 @@
-"""Inventory: stock of one SKU, reserved before it ships, never oversold."""
+"""Inventory: stock of one SKU, reserved before it ships, never oversold.
+
+The aggregate (found by its SKU), the rules it refuses by, the view readers get, and the
+commands that change stock, each with its handler.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
-from daybook.domain.errors import (
-    InvalidAmount,
-    InvalidRequest,
-    OutOfStock,
-    ReservationExists,
-    ReservationNotFound,
-    ReservationResolved,
-    StockBelowReserved,
-    StockOverflow,
+from daybook.domain.commands import (
+    Aggregates,
+    Amount,
+    Check,
+    Command,
+    Delta,
+    OptionalAmount,
+    Sku,
+    Text,
+    generated,
 )
+from daybook.domain.errors import DomainError, InvalidAmount, InvalidRequest
 from daybook.domain.events import LedgerAggregate
-from daybook.domain.values import MAX_AMOUNT
+from daybook.domain.ids import new_id_text
+from daybook.domain.values import MAX_AMOUNT, check_sku, inventory_id
+
+
+class SkuNotFound(DomainError):
+    """No stock was ever received for this SKU."""
+
+    code = "sku_not_found"
+
+
+class OutOfStock(DomainError):
+    """A reservation asks for more than is available."""
+
+    code = "out_of_stock"
+
+
+class StockBelowReserved(DomainError):
+    """An adjustment would leave less stock on hand than is reserved."""
+
+    code = "stock_below_reserved"
+
+
+class StockOverflow(DomainError):
+    """Receiving or adjusting would take on-hand stock past 2**63-1."""
+
+    code = "stock_overflow"
+
+
+class ReservationNotFound(DomainError):
+    """No reservation has this id for this SKU."""
+
+    code = "reservation_not_found"
+
+
+class ReservationResolved(DomainError):
+    """The reservation was already committed or released."""
+
+    code = "reservation_resolved"
+
+
+class ReservationExists(DomainError):
+    """A reservation id was used twice for one SKU."""
+
+    code = "reservation_exists"
+
+
+@dataclass(frozen=True)
+class StockView:
+    """A SKU's stock, read from the log (strongly consistent)."""
+
+    sku: str
+    on_hand: int
+    reserved: int
+    available: int
+    reservations: dict[str, int]
+    version: int
 
 
 class Inventory(LedgerAggregate):
     """Stock of one SKU. Invariants: 0 <= reserved <= on_hand, and each reservation
     resolves (commit or release) exactly once."""
+
+    key_name = "sku"
+    read_as = "inventory"
 
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         sku: str
@@ -87,9 +153,27 @@ class Inventory(LedgerAggregate):
     def create(cls, inventory_id: UUID, sku: str) -> Inventory:
         return cls._create(cls.Created, id=inventory_id, sku=sku)
 
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        return inventory_id(check_sku(key))
+
+    @classmethod
+    def not_found(cls, key: Any) -> DomainError:
+        return SkuNotFound(f"no stock was ever received for SKU {key!r}", sku=key)
+
     @property
     def available(self) -> int:
         return self.on_hand - self.reserved
+
+    def view(self) -> StockView:
+        return StockView(
+            sku=self.sku,
+            on_hand=self.on_hand,
+            reserved=self.reserved,
+            available=self.available,
+            reservations=dict(self.reservations),
+            version=self.version,
+        )
 
     def receive(self, quantity: int) -> None:
         if self.on_hand + quantity > MAX_AMOUNT:
@@ -184,11 +268,78 @@ class Inventory(LedgerAggregate):
         self.trigger_event(self.ReservationReleased, reservation_id=reservation_id, quantity=held)
 
 
-def check_reservation_id(value: object) -> str:
+def check_reservation_id(value: object, what: str = "reservation_id") -> str:
     """Reservation ids are short printable strings chosen by the caller or by the ledger."""
     if not isinstance(value, str) or not 0 < len(value) <= 100 or not value.isprintable():
         raise InvalidRequest(
-            f"reservation_id must be 1-100 printable characters, got {value!r}",
-            field="reservation_id",
+            f"{what} must be 1-100 printable characters, got {value!r}",
+            field=what,
         )
     return value
+
+
+ReservationId = Annotated[str, Check(check_reservation_id)]
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+class ReceiveStock(Command):
+    """Add received units to a SKU's stock (the first receipt creates the SKU)."""
+
+    sku: Sku
+    quantity: Amount
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        inventory = aggregates.find(Inventory, self.sku)
+        if inventory is None:
+            inventory = aggregates.add(Inventory.create(inventory_id(self.sku), self.sku))
+        inventory.receive(self.quantity)
+        return {"sku": self.sku}
+
+
+class AdjustStock(Command):
+    """Correct on-hand stock after a count (``delta`` may be negative)."""
+
+    sku: Sku
+    delta: Delta
+    reason: Text
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Inventory, self.sku).adjust(self.delta, self.reason)
+        return {"sku": self.sku}
+
+
+class ReserveStock(Command):
+    """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+
+    sku: Sku
+    quantity: Amount
+    reservation_id: ReservationId = generated(factory=new_id_text, kw_only=True)
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Inventory, self.sku).reserve(self.reservation_id, self.quantity)
+        return {"sku": self.sku, "reservation_id": self.reservation_id}
+
+
+class CommitReservation(Command):
+    """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
+
+    sku: Sku
+    reservation_id: ReservationId
+    quantity: OptionalAmount = None
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Inventory, self.sku).commit(self.reservation_id, self.quantity)
+        return {"sku": self.sku, "reservation_id": self.reservation_id}
+
+
+class ReleaseReservation(Command):
+    """Give a reservation's units back to available stock."""
+
+    sku: Sku
+    reservation_id: ReservationId
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Inventory, self.sku).release(self.reservation_id)
+        return {"sku": self.sku, "reservation_id": self.reservation_id}

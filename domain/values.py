@@ -44,47 +44,46 @@ def check_amount(value: object, what: str = "amount") -> int:
     return value
 
 
-def check_delta(value: object) -> int:
+def check_delta(value: object, what: str = "adjustment") -> int:
     """A signed stock correction: a non-zero int whose size fits in 63 bits."""
     if type(value) is not int:
         raise InvalidAmount(
-            f"adjustment must be a whole number of units (int), got {type(value).__name__} "
-            f"{value!r}",
+            f"{what} must be a whole number of units (int), got {type(value).__name__} {value!r}",
             value=repr(value),
         )
     if value == 0 or abs(value) > MAX_AMOUNT:
         raise InvalidAmount(
-            f"adjustment must be non-zero and at most {MAX_AMOUNT} in size, got {value}",
+            f"{what} must be non-zero and at most {MAX_AMOUNT} in size, got {value}",
             value=str(value),
         )
     return value
 
 
-def check_limit(value: object) -> int:
+def check_limit(value: object, what: str = "overdraft_limit") -> int:
     """An overdraft limit: an int in 0 .. MAX_AMOUNT."""
     if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
         raise InvalidAmount(
-            f"overdraft_limit must be an int between 0 and {MAX_AMOUNT}, got {value!r}",
+            f"{what} must be an int between 0 and {MAX_AMOUNT}, got {value!r}",
             value=repr(value),
         )
     return value
 
 
-def check_currency(value: object) -> str:
+def check_currency(value: object, what: str = "currency") -> str:
     """An active ISO 4217 code, upper case, such as 'EUR'."""
     if not isinstance(value, str) or value not in ISO_4217:
         raise InvalidCurrency(
-            f"currency must be an ISO 4217 code such as 'EUR' or 'USD', got {value!r}",
+            f"{what} must be an ISO 4217 code such as 'EUR' or 'USD', got {value!r}",
             value=repr(value),
         )
     return value
 
 
-def check_sku(value: object) -> str:
+def check_sku(value: object, what: str = "SKU") -> str:
     """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -."""
     if not isinstance(value, str) or not _SKU.fullmatch(value):
         raise InvalidSku(
-            f"SKU must be 1-64 characters of letters, digits and . _ : / -, got {value!r}",
+            f"{what} must be 1-64 characters of letters, digits and . _ : / -, got {value!r}",
             value=repr(value),
         )
     return value
@@ -102,6 +101,16 @@ def check_text(value: object, what: str, max_length: int = 200) -> str:
             f"{what} must be non-blank text of at most {max_length} characters "
             f"without control characters, got {value!r}",
             field=what,
+        )
+    return value
+
+
+def check_request_text(value: object, what: str) -> str:
+    """A request, correlation or causation id, or a reservation id: 1-200 printable
+    characters chosen by the caller."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+        raise InvalidRequest(
+            f"{what} must be 1-200 printable characters, got {value!r}", field=what
         )
     return value
 

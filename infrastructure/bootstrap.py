@@ -1,27 +1,119 @@
-"""The composition root: the one place where URLs become wired objects."""
+"""The composition root: the one place where settings become wired objects.
+
+Every entry point (the Python API, the CLI, the services) builds what it needs here, from a
+``Settings`` (arguments, then ``DAYBOOK_*`` variables, then defaults). URLs travel as given.
+"""
 
 from __future__ import annotations
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.aggregate_cache import install_aggregate_cache
-from daybook.infrastructure.aio import AsyncLedger
-from daybook.infrastructure.group_commit import GroupCommitter
-from daybook.infrastructure.urls import DEFAULT_URL, event_store_env
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import InfrastructureFactory, Mapper
+from eventsourcing.utils import Environment
+
+from daybook import projections as definitions
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.ledger.application import LedgerService
+from daybook.infrastructure.ledger.cache import install_aggregate_cache
+from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
+from daybook.infrastructure.ledger.group_commit import GroupCommitter
+from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
+from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.urls import event_store_env
+from daybook.projections.model import Projection
 
 
-def open_ledger(url: str = DEFAULT_URL, *, group_commit: bool = True) -> Ledger:
-    """A ``Ledger`` on the event store at ``url`` (tables are created if missing).
-
-    With ``group_commit`` (the default), concurrent commands from many threads share
-    transactions; without it, each command commits alone.
-    """
-    ledger = Ledger(env=event_store_env(url))
-    install_aggregate_cache(ledger)
-    if group_commit:
-        ledger.install_committer(GroupCommitter)
-    return ledger
+def settings_for(
+    url: str | None = None, settings: Settings | None = None, **given: Any
+) -> Settings:
+    """``settings`` with ``url`` (and other ``given`` values) in place, or fresh settings."""
+    if settings is None:
+        return Settings.load(url=url, **given)
+    changes = {name: value for name, value in {"url": url, **given}.items() if value is not None}
+    return settings.model_copy(update=changes) if changes else settings
 
 
-def open_async_ledger(url: str = DEFAULT_URL) -> AsyncLedger:
+def ledger_service(settings: Settings) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing)."""
+    env = event_store_env(settings.url)
+    env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
+    service = LedgerService(env=env)
+    install_aggregate_cache(service)
+    if settings.group_commit:
+        service.install_committer(GroupCommitter)
+    return service
+
+
+def open_ledger(
+    url: str | None = None, *, group_commit: bool | None = None, settings: Settings | None = None
+) -> Ledger:
+    """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
+    the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
+    many threads share transactions; without it, each command commits alone."""
+    chosen = settings_for(url, settings, group_commit=group_commit)
+    return Ledger(ledger_service(chosen), chosen)
+
+
+def open_async_ledger(url: str | None = None, *, settings: Settings | None = None) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
-    return AsyncLedger(open_ledger(url))
+    chosen = settings_for(url, settings, group_commit=True)
+    return AsyncLedger(ledger_service(chosen), chosen)
+
+
+def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:
+    """The event log at ``url``, read-only (the relay, the runner, the reconciler read it)."""
+    chosen = settings_for(url, settings)
+    env = Environment(LedgerService.name, event_store_env(chosen.url))
+    factory = InfrastructureFactory.construct(env)
+    recorder = factory.application_recorder()  # creates the tables if missing, as a ledger does
+    mapper: Mapper[UUID] = factory.mapper(transcoder=factory.transcoder())
+    return EventLog(recorder, mapper, on_close=factory.close)
+
+
+def event_log_of(ledger: Ledger) -> EventLog:
+    """A read-only view of a ledger's own log, on the ledger's connections."""
+    return EventLog(ledger.service.recorder, ledger.service.mapper)
+
+
+def open_read_models(
+    url: str | None = None, *, log: EventLog | None = None, settings: Settings | None = None
+) -> ReadModels:
+    """Queries on the read models at ``url`` (default: ``$DAYBOOK_READMODELS_URL``, else the
+    event store's database). Pass the event ``log`` when it lives elsewhere, so answers can
+    report their lag."""
+    return ReadModels(url or settings_for(None, settings).readmodels, log=log)
+
+
+def run_projections(
+    ledger: Ledger,
+    url: str | None = None,
+    *,
+    projections: Sequence[Projection] = definitions.ALL,
+    start: bool = True,
+    **options: Any,
+) -> EmbeddedProjections:
+    """Keep read models up to date in a background thread beside ``ledger`` (use as a context
+    manager); ``runner.views`` queries them. ``url`` is the read-model database; by default
+    the ledger's settings say (``readmodels_url``, else the event store's own database; a
+    temporary SQLite file for a ``memory://`` event store)."""
+    if url is None:
+        url = readmodel_url(ledger.settings.readmodels)
+    runner = EmbeddedProjections(event_log_of(ledger), url, projections, **options)
+    if start:
+        runner.start()
+    return runner
+
+
+__all__: Sequence[str] = [
+    "event_log_of",
+    "ledger_service",
+    "open_async_ledger",
+    "open_event_log",
+    "open_ledger",
+    "open_read_models",
+    "run_projections",
+    "settings_for",
+]

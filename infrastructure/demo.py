@@ -11,8 +11,8 @@ from typing import Any
 from uuid import UUID
 
 from daybook.domain.errors import DomainError
-from daybook.domain.ledger import Ledger
 from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.ledger.facade import Ledger
 
 
 def register(subparsers: Any) -> None:
@@ -53,7 +53,9 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
     print(f"daybook demo on {args.url} (run {run_id})")
     accounts = {
-        owner: ledger.open_account(owner, "EUR", overdraft_limit=500 if owner == "frank" else 0)
+        owner: ledger.open_account(
+            owner, "EUR", overdraft_limit=500 if owner == "frank" else 0
+        ).account_id
         for owner in OWNERS
     }
     for index, account in enumerate(accounts.values()):

@@ -40,8 +40,7 @@ from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Notification
 from psycopg.sql import SQL, Identifier
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -120,13 +119,12 @@ class BrokerLostData(Exception):
 class Relay:
     """Publishes the log to Kafka: ``await relay.run()`` until ``relay.stop()``."""
 
-    def __init__(self, config: RelayConfig, ledger: Ledger | None = None) -> None:
+    def __init__(self, config: RelayConfig, log: EventLog) -> None:
         if scheme(config.store_url) != "postgresql":
             raise ValueError("the outbox relay needs a postgresql:// event store")
         self.config = config
         self.stats = RelayStats()
-        self._ledger = ledger
-        self._owns_ledger = ledger is None
+        self._log = log
         self._conninfo = postgres_params(config.store_url).conninfo()
         self._bootstrap = bootstrap_servers(config.broker_url)
         self._stopping = asyncio.Event()
@@ -141,8 +139,6 @@ class Relay:
     async def run(self) -> None:
         """Relay until stopped: standby while another relay holds the lock, back off (with
         jitter) while the database or the broker is down, resume from the stored cursor."""
-        if self._ledger is None:
-            self._ledger = await asyncio.to_thread(open_ledger, self.config.store_url)
         try:
             while not self._stopping.is_set():
                 try:
@@ -155,8 +151,6 @@ class Relay:
                     await self._backoff()
         finally:
             self.stats.state = "stopped"
-            if self._owns_ledger and self._ledger is not None:
-                self._ledger.close()
 
     @contextlib.asynccontextmanager
     async def _leadership(self) -> AsyncIterator[psycopg.AsyncConnection[Any] | None]:
@@ -194,8 +188,7 @@ class Relay:
         log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
         listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
-            assert self._ledger is not None
-            channel = getattr(self._ledger.recorder, "channel_name", "daybook_events")
+            channel = getattr(self._log.recorder, "channel_name", "daybook_events")
             await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
             while not self._stopping.is_set():
                 producer = await self._start_producer()
@@ -243,15 +236,10 @@ class Relay:
         producer: AIOKafkaProducer,
         cursor: RelayCursor,
     ) -> RelayCursor:
-        assert self._ledger is not None
-        recorder = self._ledger.recorder
         self.stats.state = "live"
         while not self._stopping.is_set():
             batch = await asyncio.to_thread(
-                recorder.select_notifications,
-                cursor.position,
-                self.config.batch_size,
-                inclusive_of_start=False,
+                self._log.notifications, cursor.position, self.config.batch_size
             )
             if not batch:
                 await self._wait_for_events(listen)
@@ -277,8 +265,7 @@ class Relay:
         self, producer: AIOKafkaProducer, cursor: RelayCursor, batch: Sequence[Notification]
     ) -> RelayCursor:
         """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
-        assert self._ledger is not None
-        decode_state = self._ledger.mapper.decode_state
+        decode_state = self._log.mapper.decode_state
         partitions = cursor.partitions
         chain = list(cursor.chain)
         sent: list[tuple[int, asyncio.Future[Any]]] = []

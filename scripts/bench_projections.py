@@ -35,13 +35,12 @@ from eventsourcing.projection import Projection as ESProjection
 from eventsourcing.projection import ProjectionRunner as ESProjectionRunner
 from psycopg.sql import SQL
 
-from daybook import projections
+from daybook import Ledger, projections, run_projections
 from daybook.domain.accounts import Account, transfer
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.bootstrap import open_ledger
-from daybook.infrastructure.readmodels import run_projections
+from daybook.infrastructure.bootstrap import event_log_of, open_ledger
+from daybook.infrastructure.eventstore.log import EVENTS_CHANNEL
+from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.readmodels.bulk import BulkRunner
-from daybook.infrastructure.readmodels.log import EVENTS_CHANNEL
 from daybook.infrastructure.readmodels.rebuild import ProgressBar
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.urls import event_store_env
@@ -59,8 +58,8 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     written: projections never read them.
     """
     started = time.perf_counter()
-    mapper = ledger.mapper
-    table = ledger.recorder.events_table_name
+    mapper = ledger.service.mapper
+    table = ledger.service.recorder.events_table_name
     first = written = ledger.head()
     conn = psycopg.connect(url, autocommit=True)
 
@@ -162,7 +161,7 @@ def anchor_rate(url: str, events: int) -> float:
     env = {**event_store_env(url), "ANCHOR_POSTGRES_POOL_SIZE": "2"}
     started = time.perf_counter()
     with ESProjectionRunner(
-        application_class=Ledger,
+        application_class=LedgerService,
         projection_class=AnchorProjection,
         view_class=AnchorView,
         env=env,
@@ -180,7 +179,7 @@ def anchor_rate(url: str, events: int) -> float:
 def convergence(url: str, commands: int, rate: float) -> tuple[float, float]:
     """p50 and p99 seconds from commit to visible in account_balances."""
     ledger = open_ledger(url)
-    account = ledger.open_account("latency", "EUR")
+    account = ledger.open_account("latency", "EUR").account_id
     latencies: list[float] = []
     with run_projections(ledger, url, poll_interval=0.2):
         store = open_store(url)
@@ -237,7 +236,7 @@ def main() -> int:
         # rebuild` does per projection).
         bar = ProgressBar("rebuild all", 0)
         runner = BulkRunner(
-            ledger, url, projections.ALL, batch_size=args.batch_size, on_progress=bar
+            event_log_of(ledger), url, projections.ALL, batch_size=args.batch_size, on_progress=bar
         )
         started = time.perf_counter()
         runner.run_until_caught_up()

@@ -35,8 +35,8 @@ from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daybook import open_ledger, run_projections
-from daybook.domain.ledger import Ledger
+from daybook import Ledger, open_ledger, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.relay import Relay, RelayConfig
@@ -247,7 +247,7 @@ def main() -> None:
         batches = batch_rate(pg.url, kafka.bootstrap, head)
         print(f"applier fed whole fetches {batches:,.0f} events/s", flush=True)
         other = services.create_database(pg.url, "bench_runner")
-        runner = ProjectionRunner(ledger, other, ALL, batch_size=5000)
+        runner = ProjectionRunner(event_log_of(ledger), other, ALL, batch_size=5000)
         start = time.perf_counter()
         runner.run_until_caught_up()
         runner_rate = head / (time.perf_counter() - start)

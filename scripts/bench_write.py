@@ -88,7 +88,7 @@ def summary(
 
 def bench_daybook(url: str, clients: int, per_client: int, n_accounts: int) -> dict[str, float]:
     ledger = open_ledger(url)
-    accounts = [ledger.open_account(f"owner-{i}", "EUR") for i in range(n_accounts)]
+    accounts = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(n_accounts)]
     for account in accounts:
         ledger.deposit(account, START_BALANCE)
 
@@ -114,7 +114,9 @@ def bench_daybook_asyncio(
     ledger = open_async_ledger(url)
 
     async def scenario() -> dict[str, float]:
-        accounts = [await ledger.open_account(f"owner-{i}", "EUR") for i in range(n_accounts)]
+        accounts = [
+            (await ledger.open_account(f"owner-{i}", "EUR")).account_id for i in range(n_accounts)
+        ]
         for account in accounts:
             await ledger.deposit(account, START_BALANCE)
         latencies: list[float] = []
@@ -143,12 +145,14 @@ def bench_daybook_asyncio(
     try:
         return asyncio.run(scenario())
     finally:
-        ledger.ledger.close()
+        ledger.service.close()
 
 
 def bench_anchor(url: str, clients: int, per_client: int, n_accounts: int) -> dict[str, float]:
     bank = Bank(env=bank_env(postgres_params(url), pool_size=max(clients, 2)))
-    accounts = [bank.open_account(f"owner-{i}", START_BALANCE) for i in range(n_accounts)]
+    accounts = [
+        bank.open_account(f"owner-{i}", START_BALANCE).account_id for i in range(n_accounts)
+    ]
 
     def transfer(source: UUID, destination: UUID, amount: int) -> bool:
         while True:  # optimistic concurrency: retry when another client got there first

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from daybook.domain.ledger import PendingRequest, RequestRecord
+from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
 
 REQUESTS_TABLE = "daybook_requests"
 

@@ -8,8 +8,8 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder, POPOFactory
 
-from daybook.domain.ledger import PendingRequest, RequestRecord
 from daybook.infrastructure.eventstore import completed
+from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
 
 
 class MemoryRecorder(POPOApplicationRecorder):

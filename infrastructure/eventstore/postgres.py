@@ -18,8 +18,8 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
-from daybook.domain.ledger import PendingRequest, RequestRecord
 from daybook.infrastructure.eventstore import REQUESTS_TABLE, decode_record
+from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
 
 #: Advisory lock key taken while creating daybook's event store tables.
 _CREATE_TABLES_LOCK = 0x6461796B  # "dayk"

@@ -8,13 +8,13 @@ from typing import Any
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteFactory
 
-from daybook.domain.ledger import PendingRequest, RequestRecord
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     completed,
     decode_record,
     encode_outcome,
 )
+from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):

@@ -7,23 +7,81 @@ here; the layers behind it are ``daybook.domain`` (the business, pure),
 (the ledger service, adapters, services, CLI).
 """
 
-from daybook.domain import errors
-from daybook.domain.errors import DomainError
-from daybook.domain.ledger import AccountView, Ledger, Receipt, StockView
-from daybook.infrastructure.aio import AsyncLedger
-from daybook.infrastructure.bootstrap import open_async_ledger, open_ledger
-from daybook.infrastructure.readmodels import StaleRead, open_read_models, run_projections
+from daybook.domain.accounts import (
+    AccountClosed,
+    AccountNotEmpty,
+    AccountNotFound,
+    AccountView,
+    BalanceOverflow,
+    CurrencyMismatch,
+    InsufficientFunds,
+    SameAccount,
+)
+from daybook.domain.commands import Command, Receipt
+from daybook.domain.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    IdempotencyConflict,
+    InvalidAmount,
+    InvalidCurrency,
+    InvalidRequest,
+    InvalidSku,
+)
+from daybook.domain.inventory import (
+    OutOfStock,
+    ReservationExists,
+    ReservationNotFound,
+    ReservationResolved,
+    SkuNotFound,
+    StockBelowReserved,
+    StockOverflow,
+    StockView,
+)
+from daybook.infrastructure.bootstrap import (
+    open_async_ledger,
+    open_event_log,
+    open_ledger,
+    open_read_models,
+    run_projections,
+)
+from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
+from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.settings import Settings
+
+__version__ = "0.2.0"  # keep in step with pyproject.toml
 
 __all__ = [
+    "AccountClosed",
+    "AccountNotEmpty",
+    "AccountNotFound",
     "AccountView",
     "AsyncLedger",
+    "BalanceOverflow",
+    "Command",
+    "ConcurrencyConflict",
+    "CurrencyMismatch",
     "DomainError",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidAmount",
+    "InvalidCurrency",
+    "InvalidRequest",
+    "InvalidSku",
     "Ledger",
+    "OutOfStock",
     "Receipt",
+    "ReservationExists",
+    "ReservationNotFound",
+    "ReservationResolved",
+    "SameAccount",
+    "Settings",
+    "SkuNotFound",
     "StaleRead",
+    "StockBelowReserved",
+    "StockOverflow",
     "StockView",
-    "errors",
     "open_async_ledger",
+    "open_event_log",
     "open_ledger",
     "open_read_models",
     "run_projections",

@@ -5,60 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from daybook import projections
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead, open_read_models
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import readmodel_url
 from daybook.projections.model import Projection
 
 
 class EmbeddedProjections(ProjectionRunner):
-    """A runner in a background thread beside a ``Ledger``; ``views`` queries its tables."""
+    """A runner in a background thread beside a ledger; ``views`` queries its tables."""
 
-    def __init__(self, ledger: Ledger, url: str, defs: Sequence[Projection], **options: Any):
-        super().__init__(ledger, url, defs, **options)
-        self.views = ReadModels(url, ledger=ledger)
+    def __init__(self, log: EventLog, url: str, defs: Sequence[Projection], **options: Any):
+        super().__init__(log, url, defs, **options)
+        self.views = ReadModels(url, log=log)
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
         self.views.close()
-
-
-def run_projections(
-    ledger: Ledger,
-    url: str | None = None,
-    *,
-    projections: Sequence[Projection] = projections.ALL,
-    start: bool = True,
-    **options: Any,
-) -> EmbeddedProjections:
-    """Keep read models up to date in a background thread (use as a context manager).
-
-    ``url`` is the read-model database; by default the event store's own database (a
-    temporary SQLite file for a ``memory://`` event store).
-    """
-    if url is None:
-        url = readmodel_url(events_url_of(ledger))
-    runner = EmbeddedProjections(ledger, url, projections, **options)
-    return runner.start() if start else runner  # type: ignore[return-value]
-
-
-def events_url_of(ledger: Ledger) -> str:
-    """The URL of the event store a ledger was opened on (from its environment)."""
-    env = ledger.env
-    module = env.get("PERSISTENCE_MODULE", "")
-    if "postgres" in module:
-        password = f":{env['POSTGRES_PASSWORD']}" if env.get("POSTGRES_PASSWORD") else ""
-        return (
-            f"postgresql://{env.get('POSTGRES_USER', 'postgres')}{password}@"
-            f"{env['POSTGRES_HOST']}:{env.get('POSTGRES_PORT', '5432')}/{env['POSTGRES_DBNAME']}"
-        )
-    if "sqlite" in module:
-        name = env["SQLITE_DBNAME"]
-        if ":memory:" not in name and "mode=memory" not in name:
-            return f"sqlite:///{name}"
-    return "memory://"
 
 
 __all__ = [
@@ -66,7 +28,4 @@ __all__ = [
     "ProjectionRunner",
     "ReadModels",
     "StaleRead",
-    "events_url_of",
-    "open_read_models",
-    "run_projections",
 ]

@@ -29,8 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.log import EventDecoder, RawEvent
+from daybook.infrastructure.eventstore.log import EventDecoder, EventLog, RawEvent
 from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, Slot, _moved
 from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, ReadStore
 from daybook.projections.model import (
@@ -199,14 +198,14 @@ class BulkRunner(ProjectionRunner):
 
     def __init__(
         self,
-        ledger: Ledger,
+        log: EventLog,
         readmodels_url: str,
         projections: Sequence[Projection],
         *,
         batch_size: int = 100_000,
         **options: Any,
     ) -> None:
-        super().__init__(ledger, readmodels_url, projections, batch_size=batch_size, **options)
+        super().__init__(log, readmodels_url, projections, batch_size=batch_size, **options)
         handled = {name for p in self.projections for name in p.handlers}
         self.decoder = EventDecoder(self.log.mapper, handled)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="daybook-bulk-writer")

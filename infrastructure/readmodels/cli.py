@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from daybook import projections
-from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.bootstrap import open_event_log
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
@@ -98,9 +98,9 @@ def _readmodels(args: argparse.Namespace) -> str:
 
 def _run_project(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    ledger = open_ledger(args.url)
+    log = open_event_log(args.url)
     runner = ProjectionRunner(
-        ledger,
+        log,
         _readmodels(args),
         projections.ALL,
         batch_size=args.batch_size,
@@ -119,15 +119,15 @@ def _run_project(args: argparse.Namespace) -> int:
         runner.run_forever()
     finally:
         stop()
-        ledger.close()
+        log.close()
     return 0
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    ledger = open_ledger(args.url)
+    log = open_event_log(args.url)
     try:
         result = rebuild(
-            ledger,
+            log,
             _readmodels(args),
             projections.by_name(args.name),
             batch_size=args.batch_size,
@@ -138,7 +138,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
         print(f"daybook: {error}", file=sys.stderr)
         return 1
     finally:
-        ledger.close()
+        log.close()
     switched = (
         f"; reads switched from version {result.previous_version}"
         if result.previous_version is not None
@@ -153,11 +153,11 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    ledger = open_ledger(args.url)
+    log = open_event_log(args.url)
     try:
-        rows = projection_status(ledger, _readmodels(args))
+        rows = projection_status(log, _readmodels(args))
     finally:
-        ledger.close()
+        log.close()
     print(
         f"{'projection':<20} {'ver':>3} {'serving':<7} {'state':<10} {'position':>10} "
         f"{'head':>10} {'lag':>8} {'lag s':>8} {'dead':>4}"
@@ -187,12 +187,12 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
-    ledger = open_ledger(args.url)
+    log = open_event_log(args.url)
     drifted = False
     try:
         for projection in chosen:
             try:
-                report = reconcile(ledger, _readmodels(args), projection, repair=args.repair)
+                report = reconcile(log, _readmodels(args), projection, repair=args.repair)
             except LookupError as error:
                 print(f"{projection.name}: skipped ({error})")
                 continue
@@ -208,5 +208,5 @@ def _run_reconcile(args: argparse.Namespace) -> int:
                 print(f"  {drift.describe()}")
             drifted = drifted or not report.clean
     finally:
-        ledger.close()
+        log.close()
     return 1 if drifted else 0

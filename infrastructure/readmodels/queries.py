@@ -20,10 +20,9 @@ from uuid import UUID
 
 import psycopg
 
-from daybook.domain.ledger import Ledger
 from daybook.domain.values import inventory_id
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.store import ReadStore, open_store
-from daybook.infrastructure.urls import DEFAULT_URL
 from daybook.projections.accounts import BALANCES, STATEMENT
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
@@ -115,9 +114,9 @@ class Activity:
 class ReadModels:
     """Read-side queries over one read-model database (one connection; thread-safe)."""
 
-    def __init__(self, url: str, *, ledger: Ledger | None = None, poll: float = 0.005) -> None:
+    def __init__(self, url: str, *, log: EventLog | None = None, poll: float = 0.005) -> None:
         self.url = url
-        self.ledger = ledger
+        self.log = log
         self.poll = poll
         self._store: ReadStore | None = None
         self._lock = threading.Lock()
@@ -267,8 +266,8 @@ class ReadModels:
                 raise StaleRead(projection, min_position or 0, position, timeout)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-        if head is None and self.ledger is not None:
-            head = self.ledger.head()
+        if head is None and self.log is not None:
+            head = self.log.head()
         lag = None if head is None else max(0, head - position)
         return result, position, lag
 
@@ -301,11 +300,3 @@ class ReadModels:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def open_read_models(url: str = DEFAULT_URL, *, ledger: Ledger | None = None) -> ReadModels:
-    """Queries on the read models at ``url`` (the event store's database by default).
-
-    Pass ``ledger`` when the event log lives elsewhere, so answers can report their lag.
-    """
-    return ReadModels(url, ledger=ledger)

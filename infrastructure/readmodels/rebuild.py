@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from daybook.domain.ledger import Ledger
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.runner import Progress
 from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
@@ -81,7 +81,7 @@ class RebuildResult:
 
 
 def rebuild(
-    ledger: Ledger,
+    log: EventLog,
     url: str,
     projection: Projection,
     *,
@@ -130,7 +130,7 @@ def rebuild(
             bar(step)
 
     runner = BulkRunner(
-        ledger,
+        log,
         url,
         [projection],
         batch_size=batch_size,

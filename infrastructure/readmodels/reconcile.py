@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.store import (
     LIVE,
     REBUILDING,
@@ -124,7 +123,7 @@ def _stored_rows(store: ReadStore, table: Table, version: int, buckets: set[str]
 class Replay:
     """A projection rebuilt in memory from the log, advanced on demand."""
 
-    def __init__(self, log: LogReader, projection: Projection) -> None:
+    def __init__(self, log: EventLog, projection: Projection) -> None:
         self.log = log
         self.projection = projection
         self.rows = MemoryRows(projection)
@@ -143,10 +142,9 @@ class Replay:
 
 
 def reconcile(
-    ledger: Ledger, url: str, projection: Projection, *, repair: bool = False
+    log: EventLog, url: str, projection: Projection, *, repair: bool = False
 ) -> ReconcileReport:
     """Compare the stored tables of ``projection``'s version with a replay of the log."""
-    log = LogReader(ledger)
     store = open_store(url)
     try:
         store.ensure_catalog()
@@ -171,7 +169,6 @@ def reconcile(
         return report
     finally:
         store.close()
-        log.close()
 
 
 def _compare(

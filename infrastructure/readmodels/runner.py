@@ -24,8 +24,7 @@ from typing import Any
 
 import psycopg
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.store import (
     LIVE,
     REBUILDING,
@@ -199,7 +198,7 @@ class ProjectionRunner:
 
     def __init__(
         self,
-        ledger: Ledger,
+        log: EventLog,
         readmodels_url: str,
         projections: Sequence[Projection],
         *,
@@ -212,7 +211,7 @@ class ProjectionRunner:
         switch: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
-        self.log = LogReader(ledger)
+        self.log = log
         self.url = readmodels_url
         self.projections = list(projections)
         self.batch_size = batch_size

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.store import open_store
 
 
@@ -25,9 +24,8 @@ class VersionStatus:
     error: str | None
 
 
-def projection_status(ledger: Ledger, url: str) -> list[VersionStatus]:
+def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
     """Every known projection version, newest first within each projection."""
-    log = LogReader(ledger)
     store = open_store(url)
     try:
         store.ensure_catalog()
@@ -66,4 +64,3 @@ def projection_status(ledger: Ledger, url: str) -> list[VersionStatus]:
         return result
     finally:
         store.close()
-        log.close()

@@ -95,6 +95,9 @@ def _run_relay(args: argparse.Namespace) -> int:
         rewind(args.url, args.topic)
         print(f"daybook: the relay will re-publish {args.topic} from the start of the log")
         return 0
+    from daybook.infrastructure.bootstrap import open_event_log
+
+    log = open_event_log(args.url)
     relay = Relay(
         RelayConfig(
             store_url=args.url,
@@ -103,7 +106,8 @@ def _run_relay(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             batch_size=args.batch_size,
             poll_interval=args.poll_interval,
-        )
+        ),
+        log,
     )
 
     async def main() -> None:
@@ -112,7 +116,10 @@ def _run_relay(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, relay.stop)
         await relay.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
     return 0
 
 

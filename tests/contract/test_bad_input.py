@@ -16,10 +16,9 @@ from uuid import UUID
 
 import pytest
 
-from daybook import open_ledger
-from daybook.domain import Ledger
+from daybook import Ledger, open_ledger
 from daybook.domain.errors import DomainError
-from daybook.domain.ids import new_id_text, new_uuid
+from daybook.domain.ids import new_id_text
 from daybook.domain.values import MAX_AMOUNT, inventory_id
 
 SKU = "SKU-1"
@@ -35,10 +34,10 @@ class World:
 
 
 def prepare(ledger: Ledger) -> World:
-    eur = ledger.open_account("alice", "EUR")
-    eur2 = ledger.open_account("bob", "EUR", overdraft_limit=100)
-    usd = ledger.open_account("carol", "USD")
-    closed = ledger.open_account("dave", "EUR")
+    eur = ledger.open_account("alice", "EUR").account_id
+    eur2 = ledger.open_account("bob", "EUR", overdraft_limit=100).account_id
+    usd = ledger.open_account("carol", "USD").account_id
+    closed = ledger.open_account("dave", "EUR").account_id
     ledger.deposit(eur, 1_000)
     ledger.deposit(usd, 50)
     ledger.close_account(closed)
@@ -148,7 +147,7 @@ def amount_cases() -> list[Case]:
             case(
                 f"overdraft limit {bad!r}",
                 "invalid_amount",
-                lambda lg, w, k, b=b: lg.open_account("eve", "EUR", b, **k),
+                lambda lg, w, k, b=b: lg.open_account("eve", "EUR", b, **k).account_id,
             )
         )
     cases.append(
@@ -167,7 +166,7 @@ def currency_and_text_cases() -> list[Case]:
         case(
             f"currency {bad!r}",
             "invalid_currency",
-            lambda lg, w, k, b=bad: lg.open_account("eve", b, **k),
+            lambda lg, w, k, b=bad: lg.open_account("eve", b, **k).account_id,
         )
         for bad in ["eur", "EURO", "EU", "", "XXX", " EUR", "€", 978, None]
     ]
@@ -175,7 +174,7 @@ def currency_and_text_cases() -> list[Case]:
         case(
             f"owner {bad!r}",
             "invalid_request",
-            lambda lg, w, k, b=bad: lg.open_account(b, "EUR", **k),
+            lambda lg, w, k, b=bad: lg.open_account(b, "EUR", **k).account_id,
         )
         for bad in ["", "   ", "a\nb", "x" * 201, None, 5]
     ]
@@ -471,29 +470,23 @@ def snapshot(ledger: Ledger, world: World) -> object:
 
 
 class Spy:
-    """Counts writes to the store and remembers the ids the ledger generates."""
+    """Counts writes to the store and remembers the request ids the ledger generates."""
 
     def __init__(self, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
         self.writes = 0
         self.generated: list[str] = []
-        insert = ledger.recorder.insert_events
+        insert = ledger.service.recorder.insert_events
 
         def counting_insert(*args: Any, **kwargs: Any) -> Any:
             self.writes += 1
             return insert(*args, **kwargs)
-
-        def recording_uuid() -> UUID:
-            value = new_uuid()
-            self.generated.append(str(value))
-            return value
 
         def recording_text() -> str:
             value = new_id_text()
             self.generated.append(value)
             return value
 
-        monkeypatch.setattr(ledger.recorder, "insert_events", counting_insert)
-        monkeypatch.setattr("daybook.domain.commands.new_uuid", recording_uuid)
+        monkeypatch.setattr(ledger.service.recorder, "insert_events", counting_insert)
         monkeypatch.setattr("daybook.domain.commands.new_id_text", recording_text)
 
 
@@ -524,13 +517,13 @@ def check_cases(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, cases: list[Cas
         attempt(item, {})
         if spy.writes:
             problems.append(f"{item.label}: wrote to the store although nothing was accepted")
-        if spy.generated and ledger.recorder.select_requests(spy.generated):
+        if spy.generated and ledger.service.recorder.select_requests(spy.generated):
             problems.append(f"{item.label}: recorded a request the caller never named")
 
         # With a request id: recorded only when a business rule refused it.
         request_id = f"bad-{number}"
         error = attempt(item, {"request_id": request_id})
-        recorded = ledger.recorder.select_requests([request_id])
+        recorded = ledger.service.recorder.select_requests([request_id])
         if item.business:
             outcome = recorded.get(request_id)
             if outcome is None or outcome.outcome.get("error", {}).get("code") != item.code:
@@ -584,7 +577,7 @@ def test_bad_request_ids_are_refused(ledger: Ledger, field: str) -> None:
         calls: list[Callable[[], object]] = [
             lambda b=bad: ledger.deposit(world.eur, 1, **{field: b}),
             lambda b=bad: ledger.transfer(world.eur, world.eur2, 1, **{field: b}),
-            lambda b=bad: ledger.open_account("eve", "EUR", **{field: b}),
+            lambda b=bad: ledger.open_account("eve", "EUR", **{field: b}).account_id,
             lambda b=bad: ledger.receive_stock(SKU, 1, **{field: b}),
             lambda b=bad: ledger.reserve_stock(SKU, 1, **{field: b}),
         ]
@@ -594,7 +587,7 @@ def test_bad_request_ids_are_refused(ledger: Ledger, field: str) -> None:
             assert caught.value.code == "invalid_request", (field, bad)
             assert field in str(caught.value)
         assert ledger.head() == head
-    assert ledger.recorder.select_requests(["", "x" * 201, "a\nb", "tab\there"]) == {}
+    assert ledger.service.recorder.select_requests(["", "x" * 201, "a\nb", "tab\there"]) == {}
 
 
 def test_refusal_messages_carry_the_numbers(ledger: Ledger) -> None:

@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 
-from daybook import open_async_ledger, open_ledger
-from daybook.domain import commands
-from daybook.domain.errors import DomainError, IdempotencyConflict, InsufficientFunds, SkuNotFound
-from daybook.domain.ledger import Ledger, PreparedBatch, Receipt
-from daybook.infrastructure.group_commit import GroupCommitter
+from daybook import InsufficientFunds, Ledger, Receipt, SkuNotFound, open_async_ledger, open_ledger
+from daybook.domain.accounts import Deposit, Withdraw
+from daybook.domain.errors import DomainError, IdempotencyConflict
+from daybook.domain.inventory import (
+    ReserveStock,
+)
+from daybook.infrastructure.ledger.application import PreparedBatch
+from daybook.infrastructure.ledger.group_commit import GroupCommitter
 
 
 def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
@@ -21,8 +24,8 @@ def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
 ) -> None:
     ours = open_ledger(shared_store_url)
     theirs = open_ledger(shared_store_url)  # another process: its own cache and connections
-    x = ours.open_account("x", "EUR")
-    y = ours.open_account("y", "EUR")
+    x = ours.open_account("x", "EUR").account_id
+    y = ours.open_account("y", "EUR").account_id
     ours.deposit(x, 100)
     first = ours.deposit(y, 5, request_id="already-done")
     assert ours.account(x).balance == 100  # our cache now holds x at balance 100
@@ -30,14 +33,14 @@ def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
     theirs.withdraw(x, 100)  # the other writer empties x behind our cache's back
     head = ours.head()
 
-    outcomes = ours.execute(
+    outcomes = ours.service.execute(
         [
-            commands.deposit(y, 50, request_id="fresh"),
-            commands.withdraw(x, 80, request_id="stale"),  # accepted on the stale cache...
-            commands.deposit(y, 5, request_id="already-done"),  # a replay
-            commands.reserve_stock("SKU-NONE", 1, request_id="no-sku"),  # refused
-            commands.deposit(y, 6, request_id="already-done"),  # same id, other payload
-            commands.deposit(y, 50, request_id="fresh"),  # repeated inside the batch
+            Deposit(y, 50, request_id="fresh"),
+            Withdraw(x, 80, request_id="stale"),  # accepted on the stale cache...
+            Deposit(y, 5, request_id="already-done"),  # a replay
+            ReserveStock("SKU-NONE", 1, request_id="no-sku"),  # refused
+            Deposit(y, 6, request_id="already-done"),  # same id, other payload
+            Deposit(y, 50, request_id="fresh"),  # repeated inside the batch
         ]
     )
     fresh, stale, replay, no_sku, conflict, repeated = outcomes
@@ -54,7 +57,7 @@ def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
     assert isinstance(repeated, Receipt) and repeated.replayed
     assert repeated.position == fresh.position
     # Only the fresh deposit was written (PostgreSQL may skip ids of the failed attempt).
-    written = ours.recorder.select_notifications(head + 1, 100)
+    written = ours.service.recorder.select_notifications(head + 1, 100)
     assert [n.id for n in written] == [fresh.position] == [ours.head()]
     assert theirs.account(y).balance == 5 + 50
     assert theirs.account(x).balance == 0
@@ -66,17 +69,17 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
     store_url: str,
 ) -> None:
     ledger = open_ledger(store_url)
-    assert isinstance(ledger.committer, GroupCommitter)
+    assert isinstance(ledger.service.committer, GroupCommitter)
     sizes: list[int] = []
-    commit = ledger.commit
+    commit = ledger.service.commit
 
     def counting_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
         sizes.append(len(prepared.commands))
         return commit(prepared, **options)
 
-    ledger.commit = counting_commit  # type: ignore[method-assign]
-    rich = ledger.open_account("rich", "EUR")
-    poor = ledger.open_account("poor", "EUR")
+    ledger.service.commit = counting_commit  # type: ignore[method-assign]
+    rich = ledger.open_account("rich", "EUR").account_id
+    poor = ledger.open_account("poor", "EUR").account_id
     ledger.deposit(rich, 1_000_000)
     results: dict[tuple[int, int], Receipt | str] = {}
     barrier = threading.Barrier(12)
@@ -118,9 +121,9 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
 def test_the_asyncio_entry_point_uses_group_commit(tmp_path: Path) -> None:
     async def scenario() -> None:
         ledger = open_async_ledger(f"sqlite:///{tmp_path}/async.db")
-        a = await ledger.open_account("a", "EUR", request_id="open-a")
-        b = await ledger.open_account("b", "EUR")
-        assert await ledger.open_account("a", "EUR", request_id="open-a") == a
+        a = (await ledger.open_account("a", "EUR", request_id="open-a")).account_id
+        b = (await ledger.open_account("b", "EUR")).account_id
+        assert (await ledger.open_account("a", "EUR", request_id="open-a")).account_id == a
         await ledger.deposit(a, 1_000)
         receipts = await asyncio.gather(
             *(ledger.transfer(a, b, 10, request_id=f"t{i}") for i in range(50))
@@ -130,24 +133,24 @@ def test_the_asyncio_entry_point_uses_group_commit(tmp_path: Path) -> None:
             await ledger.withdraw(b, 501)
         assert (await ledger.account(b)).balance == 500
         assert (await ledger.account(a)).balance == 500
-        ledger.ledger.close()
+        await ledger.close()
 
     asyncio.run(scenario())
 
 
 def test_without_group_commit_each_command_commits_alone(store_url: str) -> None:
     ledger = open_ledger(store_url, group_commit=False)
-    assert not isinstance(ledger.committer, GroupCommitter)
-    account = ledger.open_account("solo", "EUR")
+    assert not isinstance(ledger.service.committer, GroupCommitter)
+    account = ledger.open_account("solo", "EUR").account_id
     assert ledger.deposit(account, 5).position == ledger.head()
     ledger.close()
 
 
 def test_a_closed_ledger_refuses_new_commands() -> None:
-    from daybook.infrastructure.group_commit import LedgerClosed
+    from daybook.infrastructure.ledger.group_commit import LedgerClosed
 
     ledger: Ledger = open_ledger("memory://")
-    account = ledger.open_account("a", "EUR")
+    account = ledger.open_account("a", "EUR").account_id
     ledger.close()
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 1)
@@ -159,20 +162,20 @@ def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -
     from eventsourcing.persistence import IntegrityError
 
     ledger = open_ledger(f"sqlite:///{tmp_path}/pipeline.db")
-    a = ledger.open_account("a", "EUR")
-    b = ledger.open_account("b", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
     ledger.deposit(a, 10_000)
-    commit = ledger.commit
+    commit = ledger.service.commit
     failures = {"left": 3}
 
     def flaky_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
         if failures["left"] and len(prepared.commands) > 1:
             failures["left"] -= 1
-            ledger._evict(prepared.uow)  # as a real failed commit does
+            ledger.service._evict(prepared.uow)  # as a real failed commit does
             raise IntegrityError("simulated conflict with another writer")
         return commit(prepared, **options)
 
-    ledger.commit = flaky_commit  # type: ignore[method-assign]
+    ledger.service.commit = flaky_commit  # type: ignore[method-assign]
     results: dict[str, Receipt] = {}
 
     def client(number: int) -> None:
@@ -193,10 +196,10 @@ def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -
     # Every transfer is in the log exactly once, at the position its receipt names.
     positions = sorted(r.position for r in results.values())
     assert len(set(positions)) == 320
-    written = ledger.recorder.select_notifications(positions[0] - 1, 1000)
+    written = ledger.service.recorder.select_notifications(positions[0] - 1, 1000)
     by_request: dict[str | None, int] = {}
     for notification in written:
-        event = ledger.mapper.to_domain_event(notification)
+        event = ledger.service.mapper.to_domain_event(notification)
         request_id = event.meta.request_id  # type: ignore[attr-defined]
         by_request[request_id] = by_request.get(request_id, 0) + 1
     assert all(by_request.get(r) == 2 for r in results)
@@ -205,20 +208,20 @@ def test_a_batch_prepared_on_a_failed_commit_is_prepared_again(tmp_path: Path) -
 
 def test_prepare_after_an_uncommitted_batch_sees_its_state() -> None:
     ledger = open_ledger("memory://", group_commit=False)
-    a = ledger.open_account("a", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
     ledger.deposit(a, 100)
-    first = ledger.prepare([commands.withdraw(a, 60, request_id="w1")])
-    second = ledger.prepare(
+    first = ledger.service.prepare([Withdraw(a, 60, request_id="w1")])
+    second = ledger.service.prepare(
         [
-            commands.withdraw(a, 60, request_id="w2"),  # refused: the first took 60 of 100
-            commands.withdraw(a, 60, request_id="w1"),  # a repeat of the first batch's request
+            Withdraw(a, 60, request_id="w2"),  # refused: the first took 60 of 100
+            Withdraw(a, 60, request_id="w1"),  # a repeat of the first batch's request
         ],
         after=first,
     )
     with pytest.raises(AssertionError):
-        ledger.commit(second)  # not before the batch it builds on
-    (receipt,) = ledger.commit(first)
-    refused, repeat = ledger.commit(second)
+        ledger.service.commit(second)  # not before the batch it builds on
+    (receipt,) = ledger.service.commit(first)
+    refused, repeat = ledger.service.commit(second)
     assert isinstance(refused, InsufficientFunds)
     assert isinstance(repeat, Receipt) and repeat.replayed and repeat.position == receipt.position
     assert ledger.account(a).balance == 40
@@ -231,18 +234,18 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
     from eventsourcing.persistence import IntegrityError
 
     ledger = open_ledger(f"sqlite:///{tmp_path}/fail.db")
-    a = ledger.open_account("a", "EUR")
-    b = ledger.open_account("b", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
     ledger.deposit(a, 1_000)
     entered, release, second_applied = threading.Event(), threading.Event(), threading.Event()
     applied_after: list[bool] = []  # for "second": was it built on an uncommitted batch?
-    commit, apply = ledger.commit, ledger.apply
+    commit, apply = ledger.service.commit, ledger.service.apply
 
     def failing_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
         if [c.request_id for c in prepared.commands] == ["first"] and not release.is_set():
             entered.set()
             release.wait(10)
-            ledger._evict(prepared.uow)  # as a real failed commit does
+            ledger.service._evict(prepared.uow)  # as a real failed commit does
             raise IntegrityError("simulated conflict with another writer")
         return commit(prepared, **options)
 
@@ -252,8 +255,8 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
             applied_after.append(prepared.after is not None)
             second_applied.set()
 
-    ledger.commit = failing_commit  # type: ignore[method-assign]
-    ledger.apply = watching_apply  # type: ignore[method-assign]
+    ledger.service.commit = failing_commit  # type: ignore[method-assign]
+    ledger.service.apply = watching_apply  # type: ignore[method-assign]
     results: dict[str, Receipt] = {}
 
     def send(request_id: str, amount: int) -> None:
@@ -275,8 +278,8 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
     assert ledger.account(b).balance == 30
     transfers = [
         e
-        for n in ledger.recorder.select_notifications(1, 100)
-        if type(e := ledger.mapper.to_domain_event(n)).__name__ == "TransferredOut"
+        for n in ledger.service.recorder.select_notifications(1, 100)
+        if type(e := ledger.service.mapper.to_domain_event(n)).__name__ == "TransferredOut"
     ]
     assert sorted(e.meta.request_id for e in transfers) == ["first", "second"]  # type: ignore[attr-defined]
     ledger.close()
@@ -286,11 +289,11 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug in the group committer must not leave callers blocked forever."""
-    from daybook.infrastructure.group_commit import LedgerClosed
+    from daybook.infrastructure.ledger.group_commit import LedgerClosed
 
     ledger = open_ledger("memory://")
-    account = ledger.open_account("a", "EUR")
-    committer = ledger.committer
+    account = ledger.open_account("a", "EUR").account_id
+    committer = ledger.service.committer
     assert isinstance(committer, GroupCommitter)
 
     def broken(*_: Any) -> None:

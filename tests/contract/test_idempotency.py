@@ -9,16 +9,10 @@ from uuid import UUID
 
 import pytest
 
-from daybook import open_ledger
-from daybook.domain import Ledger, Receipt
-from daybook.domain import commands as build
-from daybook.domain.errors import (
-    DomainError,
-    IdempotencyConflict,
-    InsufficientFunds,
-    OutOfStock,
-    ReservationResolved,
-)
+from daybook import InsufficientFunds, Ledger, OutOfStock, ReservationResolved, open_ledger
+from daybook.domain import Receipt
+from daybook.domain.accounts import Deposit, Transfer, Withdraw
+from daybook.domain.errors import DomainError, IdempotencyConflict
 
 
 @pytest.fixture
@@ -42,8 +36,8 @@ def assert_replayed(original: Receipt, again: Receipt) -> None:
 
 @pytest.fixture
 def funded(ledger: Ledger) -> tuple[UUID, UUID]:
-    a = ledger.open_account("alice", "EUR")
-    b = ledger.open_account("bob", "EUR")
+    a = ledger.open_account("alice", "EUR").account_id
+    b = ledger.open_account("bob", "EUR").account_id
     ledger.deposit(a, 1_000)
     return a, b
 
@@ -88,8 +82,8 @@ def test_a_replay_survives_later_writes(ledger: Ledger, funded: tuple[UUID, UUID
 def test_a_replay_is_seen_by_a_second_ledger_on_the_same_store(shared_store_url: str) -> None:
     first, second = open_ledger(shared_store_url), open_ledger(shared_store_url)
     try:
-        a = first.open_account("alice", "EUR", request_id="o-1")
-        assert second.open_account("alice", "EUR", request_id="o-1") == a
+        a = first.open_account("alice", "EUR", request_id="o-1").account_id
+        assert second.open_account("alice", "EUR", request_id="o-1").account_id == a
         receipt = first.deposit(a, 10, request_id="d-1")
         assert_replayed(receipt, second.deposit(a, 10, request_id="d-1"))
         assert isinstance(
@@ -153,7 +147,7 @@ def test_a_refusal_for_an_unknown_account_stays_refused(ledger: Ledger) -> None:
         lambda lg, a, b: lg.withdraw(a, 250, request_id="d-1"),
         lambda lg, a, b: lg.transfer(a, b, 250, request_id="d-1"),
         lambda lg, a, b: lg.close_account(a, request_id="d-1"),
-        lambda lg, a, b: lg.open_account("alice", "EUR", request_id="d-1"),
+        lambda lg, a, b: lg.open_account("alice", "EUR", request_id="d-1").account_id,
         lambda lg, a, b: lg.receive_stock("SKU-1", 250, request_id="d-1"),
     ],
     ids=["amount", "account", "withdraw", "transfer", "close", "open", "receive"],
@@ -193,14 +187,14 @@ def test_metadata_is_not_part_of_the_payload(ledger: Ledger, funded: tuple[UUID,
 
 
 def test_open_account_retried_returns_the_same_account(ledger: Ledger) -> None:
-    first = ledger.open_account("alice", "EUR", 100, request_id="open-1")
+    first = ledger.open_account("alice", "EUR", 100, request_id="open-1").account_id
     head = ledger.head()
-    assert ledger.open_account("alice", "EUR", 100, request_id="open-1") == first
+    assert ledger.open_account("alice", "EUR", 100, request_id="open-1").account_id == first
     assert ledger.head() == head
     for different in (
-        lambda: ledger.open_account("alice", "USD", 100, request_id="open-1"),
-        lambda: ledger.open_account("alicia", "EUR", 100, request_id="open-1"),
-        lambda: ledger.open_account("alice", "EUR", 0, request_id="open-1"),
+        lambda: ledger.open_account("alice", "USD", 100, request_id="open-1").account_id,
+        lambda: ledger.open_account("alicia", "EUR", 100, request_id="open-1").account_id,
+        lambda: ledger.open_account("alice", "EUR", 0, request_id="open-1").account_id,
     ):
         assert refusal(different).code == "idempotency_conflict"
     assert ledger.head() == head == 1
@@ -264,15 +258,15 @@ def test_requests_without_an_id_are_never_replayed(
 def test_a_batch_with_the_same_request_twice(ledger: Ledger, funded: tuple[UUID, UUID]) -> None:
     a, b = funded
     head = ledger.head()
-    outcomes = ledger.execute(
+    outcomes = ledger.service.execute(
         [
-            build.deposit(a, 10, request_id="b-1"),
-            build.transfer(a, b, 20, request_id="b-2"),
-            build.deposit(a, 10, request_id="b-1"),
-            build.deposit(a, 11, request_id="b-1"),
-            build.transfer(a, b, 20, request_id="b-2"),
-            build.withdraw(b, 1_000, request_id="b-3"),
-            build.withdraw(b, 1_000, request_id="b-3"),
+            Deposit(a, 10, request_id="b-1"),
+            Transfer(a, b, 20, request_id="b-2"),
+            Deposit(a, 10, request_id="b-1"),
+            Deposit(a, 11, request_id="b-1"),
+            Transfer(a, b, 20, request_id="b-2"),
+            Withdraw(b, 1_000, request_id="b-3"),
+            Withdraw(b, 1_000, request_id="b-3"),
         ]
     )
     deposit, transfer, deposit_again, conflict, transfer_again, refused, refused_again = outcomes
@@ -301,8 +295,8 @@ def test_a_batch_repeating_an_earlier_request(ledger: Ledger, funded: tuple[UUID
     a, _ = funded
     earlier = ledger.deposit(a, 7, request_id="e-1")
     head = ledger.head()
-    outcomes: list[Any] = ledger.execute(
-        [build.deposit(a, 7, request_id="e-1"), build.deposit(a, 8, request_id="e-1")]
+    outcomes: list[Any] = ledger.service.execute(
+        [Deposit(a, 7, request_id="e-1"), Deposit(a, 8, request_id="e-1")]
     )
     assert outcomes[0] == replace(earlier, replayed=True)
     assert isinstance(outcomes[1], IdempotencyConflict)
@@ -320,14 +314,14 @@ def test_a_request_that_races_itself_is_applied_once(
     # committed just before it (a group committer replays those from memory).
     ledger.open_account("spacer", "EUR")
     head = ledger.head()
-    lookups = ledger.recorder.select_requests
+    lookups = ledger.service.recorder.select_requests
     calls = []
 
     def blind_once(request_ids: Any) -> Any:
         calls.append(list(request_ids))
         return {} if len(calls) == 1 else lookups(request_ids)
 
-    monkeypatch.setattr(ledger.recorder, "select_requests", blind_once)
+    monkeypatch.setattr(ledger.service.recorder, "select_requests", blind_once)
     again = ledger.transfer(a, b, 100, request_id="race-1")
     assert len(calls) >= 2, "the blind first attempt must have been retried"
     assert_replayed(first, again)

@@ -10,14 +10,15 @@ from uuid import UUID
 
 import pytest
 
-from daybook import open_ledger
-from daybook.domain import Ledger, Receipt
-from daybook.domain import commands as build
-from daybook.domain.accounts import Account
-from daybook.domain.errors import AccountNotFound, DomainError, InsufficientFunds, SkuNotFound
-from daybook.domain.inventory import Inventory
-from daybook.domain.ledger import StaleCache
+from daybook import AccountNotFound, InsufficientFunds, Ledger, SkuNotFound, open_ledger
+from daybook.domain import Receipt
+from daybook.domain.accounts import Account, Withdraw
+from daybook.domain.errors import DomainError
+from daybook.domain.inventory import (
+    Inventory,
+)
 from daybook.domain.values import inventory_id
+from daybook.infrastructure.ledger.application import StaleCache
 
 
 @pytest.fixture
@@ -29,14 +30,14 @@ def ledger(store_url: str) -> Iterator[Ledger]:
 
 def logged_events(ledger: Ledger, start: int = 1) -> list[tuple[int, Any]]:
     """Every event in the log from ``start``, decoded, with its position."""
-    notifications = ledger.recorder.select_notifications(start, 10_000)
-    return [(n.id, ledger.mapper.to_domain_event(n)) for n in notifications]
+    notifications = ledger.service.recorder.select_notifications(start, 10_000)
+    return [(n.id, ledger.service.mapper.to_domain_event(n)) for n in notifications]
 
 
 def test_the_readme_embedding_flow(ledger: Ledger) -> None:
     assert ledger.head() == 0
-    alice = ledger.open_account(owner="alice", currency="EUR", request_id="r-1")
-    bob = ledger.open_account(owner="bob", currency="EUR")
+    alice = ledger.open_account(owner="alice", currency="EUR", request_id="r-1").account_id
+    bob = ledger.open_account(owner="bob", currency="EUR").account_id
     assert isinstance(alice, UUID) and isinstance(bob, UUID) and alice != bob
 
     receipts = [ledger.deposit(alice, 10_000, request_id="r-2")]
@@ -83,8 +84,8 @@ def test_the_readme_embedding_flow(ledger: Ledger) -> None:
 
 
 def test_receipt_positions_point_at_the_commands_last_event(ledger: Ledger) -> None:
-    a = ledger.open_account("a", "EUR")
-    b = ledger.open_account("b", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
     deposit = ledger.deposit(a, 500)
     transfer = ledger.transfer(a, b, 200)
     events = dict(logged_events(ledger))
@@ -105,7 +106,7 @@ def test_first_receipt_of_a_sku_creates_it_in_the_same_command(ledger: Ledger) -
 
 
 def test_reads(ledger: Ledger) -> None:
-    account_id = ledger.open_account("carol", "USD", overdraft_limit=300)
+    account_id = ledger.open_account("carol", "USD", overdraft_limit=300).account_id
     ledger.withdraw(account_id, 100)
     view = ledger.account(account_id)
     assert view.id == account_id
@@ -122,7 +123,7 @@ def test_reads(ledger: Ledger) -> None:
     assert stock.reservations == {"r-1": 3}
     assert stock.version == 4
 
-    ledger.close_account(ledger.open_account("dave", "EUR"))
+    ledger.close_account(ledger.open_account("dave", "EUR").account_id)
     closed = [e for _, e in logged_events(ledger) if isinstance(e, Account.Closed)]
     assert ledger.account(closed[0].originator_id).status == "closed"
 
@@ -136,8 +137,8 @@ def test_a_second_ledger_on_the_same_store_sees_everything(shared_store_url: str
     first = open_ledger(shared_store_url)
     second = open_ledger(shared_store_url)
     try:
-        a = first.open_account("a", "EUR")
-        b = first.open_account("b", "EUR")
+        a = first.open_account("a", "EUR").account_id
+        b = first.open_account("b", "EUR").account_id
         first.deposit(a, 100)
         assert second.account(a).balance == 100  # nothing cached yet
         second.transfer(a, b, 60)
@@ -158,8 +159,8 @@ def test_a_second_ledger_on_the_same_store_sees_everything(shared_store_url: str
 
 def test_every_event_carries_metadata(ledger: Ledger) -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
-    a = ledger.open_account("a", "EUR", request_id="open-a")
-    b = ledger.open_account("b", "EUR", request_id="open-b", correlation_id="order-1")
+    a = ledger.open_account("a", "EUR", request_id="open-a").account_id
+    b = ledger.open_account("b", "EUR", request_id="open-b", correlation_id="order-1").account_id
     ledger.deposit(a, 1_000, request_id="dep-1", correlation_id="order-1", causation_id="open-a")
     ledger.transfer(a, b, 10, request_id="tr-1", correlation_id="order-1", causation_id="dep-1")
     ledger.receive_stock("SKU-1", 5)
@@ -203,10 +204,10 @@ def test_every_event_carries_metadata(ledger: Ledger) -> None:
 
 
 def test_the_notification_log_serves_the_same_events(ledger: Ledger) -> None:
-    a = ledger.open_account("a", "EUR", request_id="n-1")
+    a = ledger.open_account("a", "EUR", request_id="n-1").account_id
     ledger.deposit(a, 5, request_id="n-2")
-    section = ledger.notification_log["1,10"]
-    decoded = [ledger.mapper.to_domain_event(item) for item in section.items]
+    section = ledger.service.notification_log["1,10"]
+    decoded = [ledger.service.mapper.to_domain_event(item) for item in section.items]
     assert [type(e) for e in decoded] == [Account.Opened, Account.Deposited]
     assert [e.meta.request_id for e in decoded] == ["n-1", "n-2"]
     assert [item.id for item in section.items] == [1, 2]
@@ -223,8 +224,8 @@ def test_reads_reject_malformed_keys(ledger: Ledger) -> None:
 
 def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: Ledger) -> None:
     """Many threads at once: group commit batches them, and every rule still holds."""
-    a = ledger.open_account("a", "EUR")
-    b = ledger.open_account("b", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
     ledger.deposit(a, 1_000)
     ledger.receive_stock("SKU-1", 50)
     start = ledger.head()
@@ -289,20 +290,20 @@ def test_a_pipelined_refusal_is_judged_on_the_latest_committed_state(shared_stor
     ours = open_ledger(shared_store_url, group_commit=False)
     theirs = open_ledger(shared_store_url, group_commit=False)
     try:
-        account = ours.open_account("x", "EUR")
-        committing = ours.prepare([build.withdraw(account, 50, request_id="w-1")])
+        account = ours.open_account("x", "EUR").account_id
+        committing = ours.service.prepare([Withdraw(account, 50, request_id="w-1")])
         assert isinstance(committing.outcomes[0], InsufficientFunds)  # balance 0: right
         theirs.deposit(account, 100)  # another process commits a deposit
         try:
             # prepared after that deposit committed: it must see it, or give up (stale)
-            following = ours.prepare(
-                [build.withdraw(account, 50, request_id="w-2")], after=committing
+            following = ours.service.prepare(
+                [Withdraw(account, 50, request_id="w-2")], after=committing
             )
         except StaleCache:
             following = None
-        ours.commit(committing)
+        ours.service.commit(committing)
         if following is not None:
-            (outcome,) = ours.commit(following)
+            (outcome,) = ours.service.commit(following)
             assert not isinstance(outcome, DomainError), f"refused on stale state: {outcome}"
     finally:
         ours.close()

@@ -25,8 +25,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from daybook import open_ledger
-from daybook.domain import Ledger, Receipt
+from daybook import Ledger, open_ledger
+from daybook.domain import Receipt
 from daybook.domain.errors import DomainError
 
 CURRENCIES = ("EUR", "USD")
@@ -183,7 +183,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 (f"start-{number}", currency, limit),
                 (("request_id", f"{self.prefix}-start-{number}"),),
             )
-            account_id = self.perform(call, 1)
+            account_id = self.perform(call, 1).account_id
             self.accounts[account_id] = ModelAccount(currency, limit)
             if funds:
                 self.perform(Call("deposit", (account_id, funds)), 1)
@@ -205,7 +205,9 @@ class LedgerMachine(RuleBasedStateMachine):
             (f"owner-{len(self.accounts)}", currency, limit),
             (("request_id", self.request_id(data)),),
         )
-        account_id = self.perform(call, 1)
+        receipt = self.perform(call, 1)
+        assert isinstance(receipt, Receipt) and receipt.command == "open_account"
+        account_id = receipt.account_id
         assert isinstance(account_id, UUID) and account_id not in self.accounts
         self.accounts[account_id] = ModelAccount(currency, limit)
 

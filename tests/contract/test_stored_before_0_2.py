@@ -13,9 +13,8 @@ from uuid import UUID
 
 import pytest
 
-from daybook import open_ledger, projections
-from daybook.domain.errors import InsufficientFunds
-from daybook.infrastructure.readmodels.log import LogReader
+from daybook import InsufficientFunds, open_ledger, projections
+from daybook.infrastructure.bootstrap import event_log_of
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ledger-v0.1.db"
 ANN = UUID("8f966467-1b2a-4440-9107-a142e7c5c17b")
@@ -53,7 +52,7 @@ def test_requests_recorded_before_the_move_replay(url: str) -> None:
 
 def test_projections_read_the_old_log(url: str) -> None:
     with open_ledger(url) as ledger:
-        reader = LogReader(ledger)
+        reader = event_log_of(ledger)
         events = reader.read(0, 100)
         reader.close()
     assert len(events) == 15

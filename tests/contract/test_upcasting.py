@@ -9,10 +9,8 @@ import orjson
 import pytest
 from eventsourcing.persistence import StoredEvent
 
-from daybook import open_ledger
-from daybook.domain import Ledger
+from daybook import InsufficientFunds, Ledger, open_ledger
 from daybook.domain.accounts import Account
-from daybook.domain.errors import InsufficientFunds
 
 
 @pytest.fixture
@@ -41,15 +39,15 @@ def version_1_opened(account_id: UUID, owner: str = "olga", currency: str = "EUR
 
 def test_a_version_1_account_reads_with_no_overdraft(ledger: Ledger) -> None:
     account_id = uuid4()
-    ledger.recorder.insert_events([version_1_opened(account_id)])
+    ledger.service.recorder.insert_events([version_1_opened(account_id)])
     assert ledger.head() == 1
 
     view = ledger.account(account_id)
     assert (view.owner, view.currency, view.status) == ("olga", "EUR", "open")
     assert (view.balance, view.overdraft_limit, view.available, view.version) == (0, 0, 0, 1)
 
-    (notification,) = ledger.recorder.select_notifications(1, 10)
-    event = ledger.mapper.to_domain_event(notification)
+    (notification,) = ledger.service.recorder.select_notifications(1, 10)
+    event = ledger.service.mapper.to_domain_event(notification)
     assert isinstance(event, Account.Opened)
     assert event.overdraft_limit == 0
     assert event.meta.request_id == "legacy-1"
@@ -58,7 +56,9 @@ def test_a_version_1_account_reads_with_no_overdraft(ledger: Ledger) -> None:
 
 def test_a_version_1_account_accepts_commands(ledger: Ledger) -> None:
     account_id, other = uuid4(), uuid4()
-    ledger.recorder.insert_events([version_1_opened(account_id), version_1_opened(other, "ivan")])
+    ledger.service.recorder.insert_events(
+        [version_1_opened(account_id), version_1_opened(other, "ivan")]
+    )
 
     ledger.deposit(account_id, 500)
     with pytest.raises(InsufficientFunds) as caught:
@@ -74,19 +74,19 @@ def test_a_version_1_account_accepts_commands(ledger: Ledger) -> None:
 
 
 def test_a_version_1_account_next_to_current_ones(ledger: Ledger) -> None:
-    modern = ledger.open_account("nina", "EUR", overdraft_limit=50)
+    modern = ledger.open_account("nina", "EUR", overdraft_limit=50).account_id
     legacy = uuid4()
-    ledger.recorder.insert_events([version_1_opened(legacy)])
+    ledger.service.recorder.insert_events([version_1_opened(legacy)])
     ledger.transfer(modern, legacy, 50)
     assert ledger.account(modern).balance == -50
     assert ledger.account(legacy).balance == 50
 
-    stored = ledger.recorder.select_events(modern, limit=1)[0]
+    stored = ledger.service.recorder.select_events(modern, limit=1)[0]
     assert orjson.loads(stored.state)["class_version"] == 2
     assert orjson.loads(stored.state)["overdraft_limit"] == 50
 
 
 def test_the_upcaster_is_applied_by_the_mapper(ledger: Ledger) -> None:
-    state = ledger.mapper.decode_state(version_1_opened(UUID(int=5)))  # type: ignore[attr-defined]
+    state = ledger.service.mapper.decode_state(version_1_opened(UUID(int=5)))  # type: ignore[attr-defined]
     assert state["overdraft_limit"] == 0
     assert "class_version" not in state

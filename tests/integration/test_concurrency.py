@@ -21,10 +21,9 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from daybook import open_ledger
-from daybook.domain import commands
+from daybook import Ledger, open_ledger
+from daybook.domain.commands import command_named
 from daybook.domain.errors import DomainError
-from daybook.domain.ledger import Ledger
 from daybook.infrastructure.urls import postgres_params
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -37,7 +36,7 @@ SKUS = ["SKU-A", "SKU-B", "SKU-C"]
 
 def prepare(url: str, accounts: int = 8) -> tuple[Ledger, list[UUID]]:
     ledger = open_ledger(url)
-    ids = [ledger.open_account(f"owner-{i}", "EUR") for i in range(accounts)]
+    ids = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(accounts)]
     for account in ids:
         ledger.deposit(account, START_BALANCE)
     for sku in SKUS:
@@ -75,9 +74,9 @@ def events_by_request(ledger: Ledger) -> dict[str, list[tuple[int, Any]]]:
     """Every event in the log, grouped by the request id in its metadata."""
     grouped: dict[str, list[tuple[int, Any]]] = defaultdict(list)
     position = 0
-    while batch := ledger.recorder.select_notifications(position + 1, 1000):
+    while batch := ledger.service.recorder.select_notifications(position + 1, 1000):
         for notification in batch:
-            event = ledger.mapper.to_domain_event(notification)
+            event = ledger.service.mapper.to_domain_event(notification)
             grouped[event.meta.request_id].append((notification.id, event))  # type: ignore[attr-defined]
             position = notification.id
     return grouped
@@ -220,14 +219,14 @@ def test_sigkill_after_a_group_commit_was_sent_loses_nothing_and_retries_replay(
 
     head = ledger.head()
     balances = [ledger.account(a).balance for a in accounts]
-    recorded = ledger.recorder.select_requests([r["request_id"] for r in unanswered])  # type: ignore[attr-defined]
+    recorded = ledger.service.recorder.select_requests([r["request_id"] for r in unanswered])
     for request in unanswered:
-        build = getattr(commands, request["command"])
+        build = command_named(request["command"])
         payload = {
             k: UUID(v) if k in ("source", "destination") else v
             for k, v in request["payload"].items()
         }
-        (outcome,) = ledger.execute([build(**payload, request_id=request["request_id"])])
+        (outcome,) = ledger.service.execute([build(**payload, request_id=request["request_id"])])
         original = recorded[request["request_id"]].outcome
         if isinstance(outcome, DomainError):
             assert original["error"]["code"] == outcome.code, request

@@ -25,8 +25,8 @@ from uuid import UUID
 
 from daybook import open_ledger
 from daybook.domain.errors import DomainError
-from daybook.domain.ledger import Ledger, PreparedBatch
 from daybook.infrastructure.eventstore.postgres import PostgresRecorder
+from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 
 _print_lock = threading.Lock()
 
@@ -57,9 +57,9 @@ def arm_crash(after_commits: int) -> None:
 def announce_commits() -> None:
     """Print each batch's commands (request id, command, payload) before it is sent, so a
     test can retry exactly the requests of a commit whose answer it never saw."""
-    original_commit = Ledger.commit
+    original_commit = LedgerService.commit
 
-    def announcing_commit(self: Ledger, prepared: PreparedBatch, **options: Any) -> Any:
+    def announcing_commit(self: LedgerService, prepared: PreparedBatch, **options: Any) -> Any:
         sending = [
             {"request_id": c.request_id, "command": c.name, "payload": c.payload()}
             for c in prepared.commands
@@ -67,7 +67,7 @@ def announce_commits() -> None:
         emit({"sending": sending})
         return original_commit(self, prepared, **options)
 
-    Ledger.commit = announcing_commit  # type: ignore[method-assign]
+    LedgerService.commit = announcing_commit  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ import random
 from collections.abc import Sequence
 from uuid import UUID
 
+from daybook import Ledger
 from daybook.domain.errors import DomainError
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.log import LogReader
+from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.model import MemoryRows, Projection, Row, replay
 
@@ -20,7 +20,9 @@ def workload(
     rng = random.Random(seed)
     ids = list(accounts)
     if not ids:
-        ids = [ledger.open_account(f"owner{i}", "EUR" if i % 3 else "USD") for i in range(6)]
+        ids = [
+            ledger.open_account(f"owner{i}", "EUR" if i % 3 else "USD").account_id for i in range(6)
+        ]
         for sku in ("SKU-1", "SKU-2"):
             ledger.receive_stock(sku, 1000)
     reservations: list[tuple[str, str]] = []
@@ -51,7 +53,7 @@ def workload(
 
 
 def expected_rows(ledger: Ledger, projection: Projection, upto: int | None = None) -> MemoryRows:
-    reader = LogReader(ledger)
+    reader = event_log_of(ledger)
     events = []
     position = 0
     while True:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from daybook import open_ledger, projections
-from daybook.domain.ledger import Ledger
+from daybook import Ledger, open_ledger, projections
+from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import open_store, readmodel_url
@@ -33,7 +33,11 @@ def test_bulk_batches_build_every_projection_like_a_replay(ledger: Ledger, url: 
     ids = workload(ledger, 200)
     seen: list[int] = []
     runner = BulkRunner(
-        ledger, url, projections.ALL, batch_size=37, on_progress=lambda p: seen.append(p.events)
+        event_log_of(ledger),
+        url,
+        projections.ALL,
+        batch_size=37,
+        on_progress=lambda p: seen.append(p.events),
     )
     runner.run_until_caught_up()
     runner.stop()
@@ -42,7 +46,7 @@ def test_bulk_batches_build_every_projection_like_a_replay(ledger: Ledger, url: 
         assert_tables_match(ledger, url, projection)
     # Resumed over committed tables: the caches are warmed from them, rows only change.
     workload(ledger, 80, seed=3, accounts=ids)
-    again = BulkRunner(ledger, url, projections.ALL, batch_size=50)
+    again = BulkRunner(event_log_of(ledger), url, projections.ALL, batch_size=50)
     again.run_until_caught_up()
     again.stop()
     for projection in projections.ALL:
@@ -55,8 +59,8 @@ def test_bulk_and_live_runners_write_identical_tables(
     workload(ledger, 150, seed=7)
     other = f"sqlite:///{tmp_path}/live.db"
     for runner in (
-        BulkRunner(ledger, url, projections.ALL, batch_size=64),
-        ProjectionRunner(ledger, other, projections.ALL, batch_size=64),
+        BulkRunner(event_log_of(ledger), url, projections.ALL, batch_size=64),
+        ProjectionRunner(event_log_of(ledger), other, projections.ALL, batch_size=64),
     ):
         runner.run_until_caught_up()
         runner.stop()
@@ -68,11 +72,11 @@ def test_projections_at_different_positions_each_get_only_their_events(
     ledger: Ledger, url: str
 ) -> None:
     ids = workload(ledger, 100)
-    ahead = ProjectionRunner(ledger, url, [ACCOUNT_BALANCES], batch_size=25)
+    ahead = ProjectionRunner(event_log_of(ledger), url, [ACCOUNT_BALANCES], batch_size=25)
     ahead.run_until_caught_up()
     ahead.stop()
     workload(ledger, 60, seed=4, accounts=ids)
-    runner = BulkRunner(ledger, url, projections.ALL, batch_size=1000)
+    runner = BulkRunner(event_log_of(ledger), url, projections.ALL, batch_size=1000)
     runner.run_until_caught_up()
     runner.stop()
     for projection in projections.ALL:
@@ -83,7 +87,7 @@ def test_a_tracking_row_changed_under_a_batch_in_flight_restarts_from_the_commit
     ledger: Ledger, url: str
 ) -> None:
     workload(ledger, 150)
-    runner = BulkRunner(ledger, url, projections.ALL, batch_size=30)
+    runner = BulkRunner(event_log_of(ledger), url, projections.ALL, batch_size=30)
     runner.step()
     flight = runner._flight
     assert flight is not None
@@ -137,12 +141,12 @@ def test_a_bad_event_is_parked_exactly_as_the_live_runner_parks_it(
     ledger: Ledger, url: str, bad: str
 ) -> None:
     projection = _poisoned()[0] if bad == "raises" else _wide()
-    account = ledger.open_account("ann", "EUR")
+    account = ledger.open_account("ann", "EUR").account_id
     ledger.deposit(account, 5)
     bad_position = ledger.deposit(account, 13).position
     ledger.deposit(account, 7)
     defs = [projection, projections.ACCOUNT_STATEMENT]
-    runner = BulkRunner(ledger, url, defs, max_attempts=3, retry_backoff=0.001)
+    runner = BulkRunner(event_log_of(ledger), url, defs, max_attempts=3, retry_backoff=0.001)
     for _ in range(6):
         runner.step()
     runner.stop()

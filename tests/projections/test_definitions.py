@@ -59,8 +59,8 @@ def test_statement_running_balance_ends_at_the_balance() -> None:
 
 def test_daily_activity_counts_every_movement_once() -> None:
     ledger = open_ledger("memory://")
-    a = ledger.open_account("a", "EUR")
-    b = ledger.open_account("b", "EUR")
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
     ledger.deposit(a, 100)
     ledger.deposit(a, 50)
     ledger.withdraw(a, 30)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from daybook import open_ledger, projections
-from daybook.infrastructure.readmodels import run_projections
+from daybook import open_ledger, projections, run_projections
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -31,7 +30,7 @@ def test_a_second_runner_stands_by_and_takes_over(pg_url: str) -> None:
 
 def test_notify_wakes_the_runner_long_before_the_poll_interval(pg_url: str) -> None:
     ledger = open_ledger(pg_url)
-    account = ledger.open_account("ann", "EUR")
+    account = ledger.open_account("ann", "EUR").account_id
     with run_projections(ledger, pg_url, poll_interval=3600) as runner:
         runner.views.balance(account, min_position=ledger.head(), timeout=60)
         receipt = ledger.deposit(account, 5)

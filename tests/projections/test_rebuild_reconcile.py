@@ -8,10 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from daybook import open_ledger, projections
-from daybook.domain.ledger import Ledger
+from daybook import Ledger, open_ledger, projections, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
-from daybook.infrastructure.readmodels import run_projections
 from daybook.infrastructure.readmodels.rebuild import rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.store import open_store
@@ -101,7 +100,9 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
     writer.start()
     reader.start()
     try:
-        result = rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=50, stream=io.StringIO())
+        result = rebuild(
+            event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, batch_size=50, stream=io.StringIO()
+        )
         assert result.previous_version == 1
         # The new code is deployed: a runner with version 2 takes over from the old one.
         new = run_projections(ledger, db_url, projections=ALL_V2, poll_interval=0.01)
@@ -134,7 +135,9 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
 def test_an_interrupted_rebuild_resumes(ledger: Ledger, db_url: str) -> None:
     workload(ledger, 150)
     with run_projections(ledger, db_url, poll_interval=0.01) as live:
-        live.views.balance(ledger.open_account("x", "EUR"), min_position=ledger.head(), timeout=30)
+        live.views.balance(
+            ledger.open_account("x", "EUR").account_id, min_position=ledger.head(), timeout=30
+        )
     output = io.StringIO()
     batches = [0]
 
@@ -149,12 +152,14 @@ def test_an_interrupted_rebuild_resumes(ledger: Ledger, db_url: str) -> None:
 
     output.write = stream_write  # type: ignore[method-assign]
     with pytest.raises(Interrupted):
-        rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=output)
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=output)
     store = open_store(db_url)
     partial = store.version("account_balances", 2)
     store.close()
     assert partial is not None and partial.state == "rebuilding" and partial.position > 0
-    result = rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO())
+    result = rebuild(
+        event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO()
+    )
     assert result.resumed_from == partial.position
     assert result.events < ledger.head()
     assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
@@ -166,7 +171,7 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
         for name in ("account_balances", "account_statement", "daily_activity"):
             runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
-        assert reconcile(ledger, db_url, projection).clean
+        assert reconcile(event_log_of(ledger), db_url, projection).clean
     assert main(["reconcile", "--url", db_url]) == 0
 
     store = open_store(db_url)
@@ -189,13 +194,13 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
     money_rows = store.count(MONEY, 1)
     store.close()
 
-    report = reconcile(ledger, db_url, ACCOUNT_BALANCES)
+    report = reconcile(event_log_of(ledger), db_url, ACCOUNT_BALANCES)
     found = {(d.kind, d.key) for d in report.drifts}
     assert found == {("different", (a,)), ("missing", (b,)), ("extra", ("ghost",))}
     assert 0 < report.ranges_differing <= 3 < report.ranges_checked
-    statement = reconcile(ledger, db_url, projections.ACCOUNT_STATEMENT)
+    statement = reconcile(event_log_of(ledger), db_url, projections.ACCOUNT_STATEMENT)
     assert [(d.kind, d.key) for d in statement.drifts] == [("missing", (a, statement_row["seq"]))]
-    activity = reconcile(ledger, db_url, projections.DAILY_ACTIVITY)
+    activity = reconcile(event_log_of(ledger), db_url, projections.DAILY_ACTIVITY)
     assert len(activity.drifts) == money_rows and {d.kind for d in activity.drifts} == {"different"}
 
     assert main(["reconcile", "--url", db_url]) == 1

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from daybook import open_ledger, projections
-from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels import StaleRead, run_projections
+from daybook import Ledger, open_ledger, projections, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.accounts import ACCOUNT_BALANCES, DEPOSITED
@@ -27,7 +27,7 @@ def ledger(store_url: str) -> Iterator[Ledger]:
 def test_runner_builds_every_projection_like_a_replay(ledger: Ledger) -> None:
     workload(ledger, 150)
     with run_projections(ledger, batch_size=37, poll_interval=0.01) as runner:
-        receipt = ledger.deposit(ledger.open_account("late", "EUR"), 5)
+        receipt = ledger.deposit(ledger.open_account("late", "EUR").account_id, 5)
         runner.views.balance(receipt.account_id or "", min_position=receipt.position, timeout=30)
         for name in ("account_statement", "inventory_levels", "daily_activity"):
             _wait_position(runner.views, name, receipt.position)
@@ -54,7 +54,7 @@ def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger)
 
 
 def test_read_your_writes_and_honest_staleness(ledger: Ledger) -> None:
-    account = ledger.open_account("ann", "EUR")
+    account = ledger.open_account("ann", "EUR").account_id
     with run_projections(ledger, poll_interval=0.01) as runner:
         receipt = ledger.deposit(account, 700)
         row = runner.views.balance(account, min_position=receipt.position, timeout=30)
@@ -93,7 +93,7 @@ def _poisoned(fail_times: int | None, amount: int = 13) -> tuple[Projection, lis
 
 def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: Ledger) -> None:
     poisoned, calls = _poisoned(fail_times=None)
-    account = ledger.open_account("ann", "EUR")
+    account = ledger.open_account("ann", "EUR").account_id
     ledger.deposit(account, 5)
     bad = ledger.deposit(account, 13)
     ledger.deposit(account, 7)
@@ -121,7 +121,7 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
         assert statement is not None and statement.position == ledger.head()
     finally:
         store.close()
-    status = {s.name: s for s in projection_status(ledger, runner.url)}
+    status = {s.name: s for s in projection_status(event_log_of(ledger), runner.url)}
     assert status["account_balances"].state == "stopped"
     assert status["account_balances"].dead_letters == 1
     assert status["account_balances"].lag_events == 2
@@ -139,7 +139,7 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
 
 def test_a_transient_failure_is_retried_without_parking(ledger: Ledger) -> None:
     flaky, calls = _poisoned(fail_times=2)
-    account = ledger.open_account("ann", "EUR")
+    account = ledger.open_account("ann", "EUR").account_id
     ledger.deposit(account, 13)
     runner = run_projections(
         ledger, projections=[flaky], start=False, max_attempts=5, retry_backoff=0.001

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from daybook.domain import commands
-from daybook.domain.ledger import Ledger
+from daybook import Ledger
+from daybook.domain.accounts import Deposit, OpenAccount, Transfer
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.progress import Step, classify
 
@@ -40,7 +40,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
 
 
 def open_accounts(ledger: Ledger, count: int, currency: str = "EUR") -> list[uuid.UUID]:
-    outcomes = ledger.execute([commands.open_account(f"owner-{i}", currency) for i in range(count)])
+    outcomes = ledger.service.execute([OpenAccount(f"owner-{i}", currency) for i in range(count)])
     return [o.account_id for o in outcomes]  # type: ignore[union-attr]
 
 
@@ -53,12 +53,12 @@ def write_money(ledger: Ledger, accounts: list[uuid.UUID], events: int, seed: in
         while len(batch) < 200 and written < events:
             a, b = rng.sample(accounts, 2)
             if rng.random() < 0.7:
-                batch.append(commands.deposit(a, rng.randint(1, 1000)))
+                batch.append(Deposit(a, rng.randint(1, 1000)))
                 written += 1
             else:
-                batch.append(commands.transfer(a, b, 1))
+                batch.append(Transfer(a, b, 1))
                 written += 2
-        ledger.execute(batch)
+        ledger.service.execute(batch)
 
 
 @dataclass

@@ -50,8 +50,8 @@ def insert_poison(ledger: object) -> tuple[int, int]:
         timestamp=datetime.now(UTC),
         amount=5,
     )
-    stored = ledger.mapper.to_stored_event(event)  # type: ignore[attr-defined]
-    (position,) = ledger.recorder.insert_events([stored])  # type: ignore[attr-defined]
+    stored = ledger.service.mapper.to_stored_event(event)  # type: ignore[attr-defined]
+    (position,) = ledger.service.recorder.insert_events([stored])  # type: ignore[attr-defined]
     return position, envelope.partition_for(envelope.partition_key(aggregate_id), PARTITIONS)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger
+from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.streaming.progress import read_status
@@ -62,7 +63,7 @@ def reference_tables(url: str, pg_admin_url: str) -> dict[str, list[dict[str, ob
     other = services.create_database(pg_admin_url, name)
     ledger = open_ledger(url)
     try:
-        runner = ProjectionRunner(ledger, other, ALL, batch_size=5000)
+        runner = ProjectionRunner(event_log_of(ledger), other, ALL, batch_size=5000)
         runner.run_until_caught_up()
         runner.stop()
         return tables(other)

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daybook.domain.accounts import CLOSED, OPEN, Account, transfer
-from daybook.domain.errors import (
+from daybook import (
     AccountClosed,
     AccountNotEmpty,
     BalanceOverflow,
     CurrencyMismatch,
-    DomainError,
     InsufficientFunds,
     SameAccount,
 )
+from daybook.domain.accounts import CLOSED, OPEN, Account, transfer
+from daybook.domain.errors import DomainError
 from daybook.domain.values import MAX_AMOUNT
 
 

@@ -7,7 +7,7 @@ from uuid import uuid4
 import pytest
 
 from daybook import open_ledger
-from daybook.infrastructure.aggregate_cache import AggregateCache
+from daybook.infrastructure.ledger.cache import AggregateCache
 
 
 def test_it_evicts_the_least_recently_used() -> None:
@@ -32,10 +32,10 @@ def test_it_evicts_the_least_recently_used() -> None:
 def test_the_ledger_uses_it_with_the_configured_size() -> None:
     ledger = open_ledger("memory://", group_commit=False)
     try:
-        cache = ledger.repository.cache
+        cache = ledger.service.repository.cache
         assert isinstance(cache, AggregateCache)
-        assert cache.maxsize == int(ledger.env["AGGREGATE_CACHE_MAXSIZE"])
-        account = ledger.open_account("Ada", "EUR")
+        assert cache.maxsize == int(ledger.service.env["AGGREGATE_CACHE_MAXSIZE"])
+        account = ledger.open_account("Ada", "EUR").account_id
         assert cache.get(account).id == account
     finally:
         ledger.close()

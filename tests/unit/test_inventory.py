@@ -6,10 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daybook.domain.errors import (
-    DomainError,
-    InvalidAmount,
-    InvalidRequest,
+from daybook import (
     OutOfStock,
     ReservationExists,
     ReservationNotFound,
@@ -17,6 +14,7 @@ from daybook.domain.errors import (
     StockBelowReserved,
     StockOverflow,
 )
+from daybook.domain.errors import DomainError, InvalidAmount, InvalidRequest
 from daybook.domain.inventory import Inventory, check_reservation_id
 from daybook.domain.values import MAX_AMOUNT, inventory_id
 

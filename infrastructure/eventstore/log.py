@@ -1,4 +1,9 @@
-"""Reading the event log as ``LogEvent``s, and waiting for it to grow."""
+"""The event log, read-only: events after a position, the head, and waiting for it to grow.
+
+Everything that follows the log (the projection runner, rebuilds, the reconciler, status, the
+outbox relay) reads it through an ``EventLog``, which needs only the store's recorder and the
+codec: no ledger, no committer, nothing that writes.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,12 @@ from typing import Any
 
 import orjson
 import psycopg
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.utils import resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from daybook.domain.ledger import Ledger
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 from daybook.projections.model import LogEvent, parse_time
 
@@ -116,28 +120,28 @@ class EventDecoder:
             )
 
 
-class LogReader:
-    """The log of one ``Ledger``: events after a position, the head, and new-event wake-ups.
+class EventLog:
+    """One event store's log: events after a position, the head, and new-event wake-ups.
 
     On PostgreSQL a LISTEN connection wakes the reader as soon as events commit; waits are
     still bounded by the poll interval, so a lost notification or a dropped listen connection
-    only costs one interval, never a stall.
+    only costs one interval, never a stall. ``close`` releases what the log opened itself
+    (its listen connection, and whatever ``on_close`` releases: the store's connections when
+    the log opened them).
     """
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self.recorder: Any = ledger.recorder
-        mapper = ledger.mapper
+    def __init__(
+        self, recorder: Any, mapper: Any, *, on_close: Callable[[], None] | None = None
+    ) -> None:
         if not isinstance(mapper, ContractMapper):
-            msg = (
-                "the ledger must use infrastructure.codec.ContractMapper (open it with open_ledger)"
-            )
+            msg = "the event log needs daybook's ContractMapper (open it with open_event_log)"
             raise TypeError(msg)
+        self.recorder: Any = recorder
         self.mapper = mapper
         self.decoder = EventDecoder(mapper)
+        self._on_close = on_close
         self._listen: psycopg.Connection[Any] | None = None
         self._interrupt = threading.Event()
-        recorder: Any = ledger.recorder
         datastore = getattr(recorder, "datastore", None)
         self._scan_sql: Any = None
         if isinstance(datastore, PostgresDatastore):
@@ -148,7 +152,7 @@ class LogReader:
 
     @property
     def concurrent_scans(self) -> bool:
-        """Whether ``scan`` may run in another thread while this one uses the ledger."""
+        """Whether ``scan`` may run in another thread while this one reads the log too."""
         return self._scan_sql is not None
 
     def read(self, after: int, limit: int) -> list[LogEvent]:
@@ -228,8 +232,15 @@ class LogReader:
                 self._listen.close()
             self._listen = None
 
+    def notifications(self, after: int, limit: int) -> list[Notification]:
+        """Up to ``limit`` stored events after ``after``, as the recorder gives them."""
+        return list(self.recorder.select_notifications(after, limit, inclusive_of_start=False))
+
     def close(self) -> None:
         self._close_listen()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 def _connect_args(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from eventsourcing.application import Cache, LRUCache
 
-from daybook.domain.ledger import Ledger
+from daybook.infrastructure.ledger.application import LedgerService
 
 
 class AggregateCache(Cache[UUID, Any]):
@@ -42,7 +42,7 @@ class AggregateCache(Cache[UUID, Any]):
                 self._entries.popitem(last=False)
 
 
-def install_aggregate_cache(ledger: Ledger) -> None:
+def install_aggregate_cache(ledger: LedgerService) -> None:
     """Replace the ledger's LRU cache (if it has one) with an ``AggregateCache`` of the same
     size."""
     cache = ledger.repository.cache

@@ -2,10 +2,10 @@
 
 Three kinds of thread take part. Callers (threads, or asyncio tasks on their event loop) put
 commands in the inbox and wait. One writer thread applies them, in arrival order, to the
-cached aggregates (``Ledger.apply``): it builds the next batch *while callers are still
+cached aggregates (``LedgerService.apply``): it builds the next batch *while callers are still
 sending* and *while the previous batch commits*, so the Python work of applying commands
 overlaps both the callers' turnaround and the database's fsync. One committing thread writes
-each batch in one transaction (``Ledger.commit``) and answers its callers the moment it has
+each batch in one transaction (``LedgerService.commit``) and answers its callers the moment it has
 committed.
 
 When to commit a batch: a commit costs about one fsync, and a fixed amount of client CPU,
@@ -18,7 +18,7 @@ into smaller batches, and costs more than it saves.)
 
 Batches commit strictly in order, one at a time. A batch is built on the uncommitted state of
 the one committing before it; if that commit fails (a conflict with another process, a lost
-connection), nobody is told anything: the failed batch goes through ``Ledger.execute``
+connection), nobody is told anything: the failed batch goes through ``LedgerService.execute``
 (re-applied on fresh state, looking every request id up, so anything that did commit is
 replayed rather than applied twice), and the batch built on top of it is thrown away and its
 commands applied again. Each caller gets exactly its own outcome, and only after its commit:
@@ -38,8 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from eventsourcing.persistence import PersistenceError
 
-from daybook.domain.commands import Command
-from daybook.domain.ledger import Ledger, Outcome, PreparedBatch, Receipt
+from daybook.domain.commands import Command, Receipt
+from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
 
 
 class _Waiter:
@@ -174,7 +174,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: LedgerService,
         *,
         max_batch: int = 1000,
         max_wait: float = 0.005,
@@ -362,7 +362,7 @@ class GroupCommitter:
     # -- the careful path ---------------------------------------------------------------------
 
     def _execute(self, items: list[_Item], *, recheck_all: bool = False) -> None:
-        """Commands whose batch failed: ``Ledger.execute`` retries them on fresh state."""
+        """Commands whose batch failed: ``LedgerService.execute`` retries them on fresh state."""
         if not items:
             return
         commands = [command for command, _ in items]

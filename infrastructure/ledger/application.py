@@ -1,15 +1,13 @@
-"""The Ledger application: the embedding API of daybook's write side.
+"""The ledger service: the write path behind ``Ledger`` and ``AsyncLedger``.
 
-Every public command method validates its arguments, builds a ``Command`` and hands it to the
-ledger's committer. A batch of commands is applied in memory (``Ledger.prepare``, or
-``new_batch`` then ``apply`` as commands arrive) and written by ``Ledger.commit``: all its
-events, and the idempotency records of its requests, in one transaction; ``Ledger.execute``
-prepares and commits, and retries on conflicts. The default committer executes each command
-alone; ``infrastructure`` installs a group committer that batches concurrent commands and
-applies the next batch while the previous one commits.
+A batch of commands is applied in memory (``LedgerService.prepare``, or ``new_batch`` then
+``apply`` as commands arrive) and written by ``commit``: all its events, and the idempotency
+records of its requests, in one transaction; ``execute`` prepares and commits, and retries on
+conflicts. Committers decide how commands reach it: one at a time (``DirectCommitter``) or
+batched with other callers' commands (``group_commit.GroupCommitter``).
 
-Persistence is configured by environment (``open_ledger`` in ``infrastructure`` builds it from a
-URL); the recorder must also keep idempotency records (``RequestLog``).
+The service is an eventsourcing ``Application`` configured by environment (``bootstrap``
+builds it from a URL); its recorder also keeps idempotency records (``RequestLog``).
 """
 
 from __future__ import annotations
@@ -20,17 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import (
-    Any,
-    ClassVar,
-    Concatenate,
-    ParamSpec,
-    Protocol,
-    TypeVar,
-    cast,
-    overload,
-    runtime_checkable,
-)
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -41,108 +29,12 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 
-from daybook.domain import commands
-from daybook.domain.accounts import Account
-from daybook.domain.commands import Command
-from daybook.domain.errors import (
-    AccountNotFound,
-    ConcurrencyConflict,
-    DomainError,
-    IdempotencyConflict,
-    SkuNotFound,
-)
+from daybook.domain.commands import Command, Receipt
+from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
-from daybook.domain.inventory import Inventory
-from daybook.domain.values import check_sku, check_uuid, inventory_id
+from daybook.infrastructure.ledger.requests import PendingRequest, RequestLog, RequestRecord
 
 A = TypeVar("A", bound=LedgerAggregate)
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof that a command was applied: where its last event sits in the log."""
-
-    command: str
-    request_id: str
-    position: int
-    replayed: bool = False
-    account_id: UUID | None = None
-    transfer_id: UUID | None = None
-    sku: str | None = None
-    reservation_id: str | None = None
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any], *, replayed: bool) -> Receipt:
-        return cls(
-            command=record["command"],
-            request_id=record["request_id"],
-            position=record["position"],
-            replayed=replayed,
-            account_id=_uuid(record.get("account_id")),
-            transfer_id=_uuid(record.get("transfer_id")),
-            sku=record.get("sku"),
-            reservation_id=record.get("reservation_id"),
-        )
-
-
-def _uuid(value: UUID | str | None) -> UUID | None:
-    return value if value is None or isinstance(value, UUID) else UUID(value)
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """What happened to a request: written in the same transaction as its events."""
-
-    request_id: str
-    command: str
-    fingerprint: str
-    #: ``{"receipt": {...}}`` or ``{"error": {...}}``.
-    outcome: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class PendingRequest:
-    """A request record to write; the recorder fills in the receipt's log position from the
-    notification id of the event at ``last_event_index`` (known only once inserted)."""
-
-    record: RequestRecord
-    last_event_index: int | None
-
-
-@runtime_checkable
-class RequestLog(Protocol):
-    """The part of the recorder that keeps idempotency records."""
-
-    def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]: ...
-
-
-@dataclass(frozen=True)
-class AccountView:
-    """An account's state, read from the log (strongly consistent)."""
-
-    id: UUID
-    owner: str
-    currency: str
-    balance: int
-    available: int
-    overdraft_limit: int
-    status: str
-    version: int
-
-
-@dataclass(frozen=True)
-class StockView:
-    """A SKU's stock, read from the log (strongly consistent)."""
-
-    sku: str
-    on_hand: int
-    reserved: int
-    available: int
-    reservations: dict[str, int]
-    version: int
-
 
 Outcome = Receipt | DomainError
 
@@ -158,13 +50,13 @@ class Committer(Protocol):
 class DirectCommitter:
     """Executes each command in its own transaction, one at a time."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
+    def __init__(self, service: LedgerService) -> None:
+        self._service = service
         self._lock = threading.Lock()
 
     def submit(self, command: Command) -> Receipt:
         with self._lock:
-            (outcome,) = self._ledger.execute([command])
+            (outcome,) = self._service.execute([command])
         if isinstance(outcome, DomainError):
             raise outcome
         return outcome
@@ -178,11 +70,11 @@ class StaleCache(Exception):
 
 
 class UnitOfWork:
-    """The aggregates one ``execute`` call works on: copies, so a failed batch leaves the
-    cache untouched."""
+    """The aggregates one batch works on (handlers see it as ``Aggregates``): copies, so a
+    failed batch leaves the cache untouched."""
 
-    def __init__(self, ledger: Ledger, base: UnitOfWork | None = None) -> None:
-        self._ledger = ledger
+    def __init__(self, service: LedgerService, base: UnitOfWork | None = None) -> None:
+        self._service = service
         #: The unit of work of a batch still committing, whose state this one builds on.
         self._base = base
         # Keyed by ``UUID.int``: a UUID's hash is computed by Python code on every lookup,
@@ -208,7 +100,7 @@ class UnitOfWork:
             self.read_versions[key] = copied.version
             self.aggregates[key] = copied
             return copied
-        repository = self._ledger.repository
+        repository = self._service.repository
         try:
             if repository.cache is None:
                 raise KeyError(aggregate_id)
@@ -228,21 +120,15 @@ class UnitOfWork:
         self.touched.append(key)
         return aggregate
 
-    def account(self, account_id: UUID) -> Account:
-        aggregate = self._get(account_id)
-        if not isinstance(aggregate, Account):
-            raise AccountNotFound(f"no account has id {account_id}", account_id=str(account_id))
+    def find(self, kind: type[A], key: Any) -> A | None:
+        aggregate = self._get(kind.id_for(key))
+        return aggregate if isinstance(aggregate, kind) else None
+
+    def get(self, kind: type[A], key: Any) -> A:
+        aggregate = self._get(kind.id_for(key))
+        if not isinstance(aggregate, kind):
+            raise kind.not_found(key)
         return aggregate
-
-    def find_inventory(self, sku: str) -> Inventory | None:
-        aggregate = self._get(inventory_id(sku))
-        return aggregate if isinstance(aggregate, Inventory) else None
-
-    def inventory(self, sku: str) -> Inventory:
-        inventory = self.find_inventory(sku)
-        if inventory is None:
-            raise SkuNotFound(f"no stock was ever received for SKU {sku!r}", sku=sku)
-        return inventory
 
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
@@ -264,48 +150,15 @@ class UnitOfWork:
                 raise RuntimeError(msg)
             version = self.read_versions.get(key)
             if version is not None:
-                newer = self._ledger.events.get(aggregate.id, gt=version, limit=1)
+                newer = self._service.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
                     raise StaleCache
         self.touched.clear()
 
 
-def _receipt(receipt: Receipt) -> Receipt:
-    return receipt
-
-
-def _account_id(receipt: Receipt) -> UUID:
-    assert receipt.account_id is not None
-    return receipt.account_id
-
-
-@overload
-def _command_method(build: Callable[P, Command]) -> Callable[Concatenate[Ledger, P], Receipt]: ...
-
-
-@overload
-def _command_method(
-    build: Callable[P, Command], answer: Callable[[Receipt], T]
-) -> Callable[Concatenate[Ledger, P], T]: ...
-
-
-def _command_method(
-    build: Callable[P, Command], answer: Callable[[Receipt], Any] = _receipt
-) -> Callable[Concatenate[Ledger, P], Any]:
-    """A Ledger method that builds a command (validating its arguments), submits it, and
-    answers with the receipt (or with what ``answer`` takes from it)."""
-
-    def method(self: Ledger, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        return answer(self.committer.submit(build(*args, **kwargs)))
-
-    method.__name__ = build.__name__
-    method.__doc__ = build.__doc__
-    return method
-
-
 @dataclass(eq=False)
 class PreparedBatch:
-    """Commands applied in memory by ``Ledger.apply``, ready for ``Ledger.commit``."""
+    """Commands applied in memory by ``LedgerService.apply``, ready for ``commit``."""
 
     uow: UnitOfWork
     #: The batch this one builds on (its state is this one's starting point).
@@ -325,8 +178,8 @@ class PreparedBatch:
     committed: bool = False
 
 
-class Ledger(Application[UUID]):
-    """Accounts and inventory on an append-only event store, with idempotent commands."""
+class LedgerService(Application[UUID]):
+    """Aggregates on an append-only event store, with idempotent commands applied in batches."""
 
     name = "daybook"
     env: ClassVar[dict[str, str]] = {
@@ -343,59 +196,21 @@ class Ledger(Application[UUID]):
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
-                "open the ledger with infrastructure.open_ledger(url)"
+                "open the ledger with daybook.open_ledger(url)"
             )
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
         self.committer: Committer = DirectCommitter(self)
 
-    # -- commands (signatures and validation live in domain.commands) ---------------------
-
-    #: Open an account; returns its id (the original id when a request is replayed).
-    open_account = _command_method(commands.open_account, _account_id)
-    deposit = _command_method(commands.deposit)
-    withdraw = _command_method(commands.withdraw)
-    transfer = _command_method(commands.transfer)
-    close_account = _command_method(commands.close_account)
-    receive_stock = _command_method(commands.receive_stock)
-    adjust_stock = _command_method(commands.adjust_stock)
-    reserve_stock = _command_method(commands.reserve_stock)
-    commit_reservation = _command_method(commands.commit_reservation)
-    release_reservation = _command_method(commands.release_reservation)
-
     # -- reads (strongly consistent, straight from the log) ---------------------------------
 
-    def account(self, account_id: UUID) -> AccountView:
-        """An account's current state."""
-        account_id = check_uuid(account_id, "account_id")
-        account = self._read(account_id)
-        if not isinstance(account, Account):
-            raise AccountNotFound(f"no account has id {account_id}", account_id=str(account_id))
-        return AccountView(
-            id=account.id,
-            owner=account.owner,
-            currency=account.currency,
-            balance=account.balance,
-            available=account.available,
-            overdraft_limit=account.overdraft_limit,
-            status=account.status,
-            version=account.version,
-        )
-
-    def inventory(self, sku: str) -> StockView:
-        """A SKU's current stock."""
-        sku = check_sku(sku)
-        inventory = self._read(inventory_id(sku))
-        if not isinstance(inventory, Inventory):
-            raise SkuNotFound(f"no stock was ever received for SKU {sku!r}", sku=sku)
-        return StockView(
-            sku=inventory.sku,
-            on_hand=inventory.on_hand,
-            reserved=inventory.reserved,
-            available=inventory.available,
-            reservations=dict(inventory.reservations),
-            version=inventory.version,
-        )
+    def read(self, kind: type[A], key: Any) -> A:
+        """The current state of the ``kind`` aggregate with ``key``, fast-forwarded from the
+        store (the cache may be behind other processes' writes)."""
+        aggregate = self._read(kind.id_for(key))
+        if not isinstance(aggregate, kind):
+            raise kind.not_found(key)
+        return aggregate
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
@@ -511,7 +326,7 @@ class Ledger(Application[UUID]):
             prepared.first_use[request_id] = index
             with metadata_scope(command.metadata):
                 try:
-                    fields = command.run(uow)
+                    fields = command.handle(uow)
                 except DomainError as refusal:
                     try:
                         uow.check_refusal()
@@ -576,8 +391,8 @@ class Ledger(Application[UUID]):
             with contextlib.suppress(KeyError):
                 self.repository.cache.get(aggregate.id, evict=True)
 
-    def install_committer(self, factory: Callable[[Ledger], Committer]) -> None:
-        """Replace how commands reach ``execute`` (group commit lives in infrastructure)."""
+    def install_committer(self, factory: Callable[[LedgerService], Committer]) -> None:
+        """Replace how commands reach ``execute`` (see ``group_commit``)."""
         old, self.committer = self.committer, factory(self)
         old.close()
 

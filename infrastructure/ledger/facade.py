@@ -1,0 +1,134 @@
+"""The ledger as callers see it: ``Ledger`` (blocking) and ``AsyncLedger`` (asyncio).
+
+Both have one method per registered command and per readable aggregate (generated into
+``methods``, so the two cannot drift apart), ``submit`` for any command object, ``read``,
+``head``, ``close``, and are context managers. Commands go to the service's committer: with
+group commit, concurrent callers share transactions; asyncio callers wait on their own event
+loop, without a thread each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from daybook.domain.commands import Command, Receipt, command_named
+from daybook.domain.events import LedgerAggregate, readable
+from daybook.infrastructure.ledger.application import LedgerService
+from daybook.infrastructure.ledger.group_commit import GroupCommitter
+from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
+from daybook.infrastructure.settings import Settings
+
+A = TypeVar("A", bound=LedgerAggregate)
+
+
+def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
+    """The command or readable aggregate registered as ``name`` after the methods were
+    generated (an embedding service's own), if any."""
+    try:
+        return command_named(name), None
+    except KeyError:
+        return None, readable().get(name)
+
+
+class Ledger(LedgerMethods):
+    """The blocking ledger: ``ledger.transfer(a, b, 500)`` returns a ``Receipt`` once the
+    command is durable, or raises its refusal (a ``DomainError``). Thread-safe."""
+
+    def __init__(self, service: LedgerService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+
+    def submit(self, command: Command) -> Receipt:
+        return self.service.committer.submit(command)
+
+    def read(self, kind: type[A], key: Any) -> A:
+        return self.service.read(kind, key)
+
+    def head(self) -> int:
+        """The log position of the newest event (0 for an empty log)."""
+        return self.service.head()
+
+    def close(self) -> None:
+        """Finish the commands already submitted, then release the store."""
+        self.service.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    if not TYPE_CHECKING:  # for type checkers, a misspelt method stays an error
+
+        def __getattr__(self, name: str) -> Callable[..., Any]:
+            command_class, kind = _late_method(name)
+            if command_class is not None:
+                return functools.wraps(command_class)(
+                    lambda *args, **kwargs: self.submit(command_class(*args, **kwargs))
+                )
+            if kind is not None:
+                return lambda key: self.read(kind, key).view()
+            raise AttributeError(name)
+
+
+class AsyncLedger(AsyncLedgerMethods):
+    """The asyncio ledger: ``await ledger.transfer(a, b, 500)``, the same methods and outcomes
+    as ``Ledger``, always with group commit."""
+
+    def __init__(self, service: LedgerService, settings: Settings) -> None:
+        if not isinstance(service.committer, GroupCommitter):
+            service.install_committer(GroupCommitter)
+        assert isinstance(service.committer, GroupCommitter)
+        self.service = service
+        self.settings = settings
+        self._committer = service.committer
+
+    async def submit(self, command: Command) -> Receipt:
+        return await self._committer.submit_async(command)
+
+    async def read(self, kind: type[A], key: Any) -> A:
+        return await asyncio.to_thread(self.service.read, kind, key)
+
+    async def head(self) -> int:
+        """The log position of the newest event (0 for an empty log)."""
+        return await asyncio.to_thread(self.service.head)
+
+    async def close(self) -> None:
+        """Finish the commands already submitted, then release the store."""
+        await asyncio.to_thread(self.service.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+            command_class, kind = _late_method(name)
+            if command_class is not None:
+                return functools.wraps(command_class)(
+                    lambda *args, **kwargs: self.submit(command_class(*args, **kwargs))
+                )
+            if kind is not None:
+
+                async def read(key: Any) -> Any:
+                    return (await self.read(kind, key)).view()
+
+                return read
+            raise AttributeError(name)

@@ -1,0 +1,95 @@
+"""Settings: everything the composition root needs, from arguments or ``DAYBOOK_*`` variables.
+
+One object holds the URLs and options; ``bootstrap`` turns it into wired objects. URLs are
+kept exactly as given (a PostgreSQL URL with ``?host=/run/postgresql`` stays that way) and
+checked only for what daybook can use; every part that needs a URL receives this text.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daybook.infrastructure.urls import DEFAULT_URL, BadURL, scheme
+
+DEFAULT_BROKER = "kafka://127.0.0.1:9092"
+DEFAULT_TOPIC = "daybook.events"
+DEFAULT_PARTITIONS = 8
+
+#: Environment variable -> setting.
+ENVIRONMENT = {
+    "DAYBOOK_URL": "url",
+    "DAYBOOK_READMODELS_URL": "readmodels_url",
+    "DAYBOOK_KAFKA_URL": "broker_url",
+    "DAYBOOK_TOPIC": "topic",
+    "DAYBOOK_PARTITIONS": "partitions",
+    "DAYBOOK_GROUP_COMMIT": "group_commit",
+    "DAYBOOK_CACHE_SIZE": "cache_size",
+}
+
+
+class Settings(BaseModel):
+    """What daybook runs on. Build with ``Settings.load(...)`` to read the environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: The event store: memory://, sqlite:///path.db or postgresql://...
+    url: str = DEFAULT_URL
+    #: The read-model database (None: the event store's own database).
+    readmodels_url: str | None = None
+    #: The Kafka broker for the relay and stream workers: kafka://host:port[,host:port]
+    broker_url: str = DEFAULT_BROKER
+    #: The topic the relay publishes the log to.
+    topic: str = DEFAULT_TOPIC
+    partitions: int = Field(DEFAULT_PARTITIONS, ge=1, le=10_000)
+    #: Batch concurrent commands into shared transactions.
+    group_commit: bool = True
+    #: How many aggregates the write path keeps in memory.
+    cache_size: int = Field(100_000, ge=0)
+
+    @field_validator("url", "readmodels_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            scheme(value)  # refuses what no backend serves, with a message that says what does
+        return value
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **given: Any) -> Settings:
+        """Settings from ``given`` arguments, then ``DAYBOOK_*`` variables, then defaults.
+        Arguments that are None count as not given. Raises ``BadSettings``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            name: env[variable] for variable, name in ENVIRONMENT.items() if env.get(variable)
+        }
+        values.update({name: value for name, value in given.items() if value is not None})
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise BadSettings.from_validation(error) from None
+
+    @property
+    def readmodels(self) -> str:
+        """Where read models live: ``readmodels_url``, or the event store's database."""
+        return self.readmodels_url or self.url
+
+
+class BadSettings(BadURL):
+    """A setting daybook cannot use; the message names it and says what would work."""
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> BadSettings:
+        problems = []
+        for item in error.errors():
+            cause = item.get("ctx", {}).get("error")
+            if isinstance(cause, BadURL):  # says which URL and what would work already
+                problems.append(str(cause))
+                continue
+            name = ".".join(str(part) for part in item["loc"]) or "settings"
+            variable = next((v for v, n in ENVIRONMENT.items() if n == name), None)
+            where = f"{name} (or ${variable})" if variable else name
+            problems.append(f"{where}: {item['msg']}")
+        return cls("; ".join(problems))
