@@ -44,8 +44,8 @@ def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_server(service_dir: Path) -> Iterator[services.PostgresHandle]:
-    handle = services.start_postgres(service_dir / "postgres")
+def pg_server() -> Iterator[services.PostgresHandle]:
+    handle = services.start_postgres()
     yield handle
     handle.stop()
 
