@@ -232,6 +232,18 @@ class PostgresHandle:
         """True while the server process we started is alive (always True if external)."""
         return self.external or (self._proc is not None and self._proc.poll() is None)
 
+    def exit_report(self) -> str | None:
+        """``None`` while the server runs; once it has exited, its exit status and log tail."""
+        if self.running:
+            return None
+        if self._proc is None:
+            return f"the test PostgreSQL at {self.url} was stopped"
+        assert self.log_path is not None, "a server we started has a log"
+        return (
+            f"the test PostgreSQL at {self.url} exited with status {self._proc.returncode}; "
+            f"the end of its log ({self.log_path}):\n{_tail(self.log_path)}"
+        )
+
     def stop(self) -> None:
         """Fast-shutdown the server (SIGINT), wait for it and remove its directory.
 

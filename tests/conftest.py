@@ -55,13 +55,22 @@ def pg_admin_url(pg_server: services.PostgresHandle) -> str:
     return pg_server.url
 
 
+def _require_running(server: services.PostgresHandle) -> None:
+    """Fail with why, rather than with the next connection's "connection refused"."""
+    report = server.exit_report()
+    if report is not None:
+        pytest.fail(report, pytrace=False)
+
+
 @pytest.fixture
-def pg_url(pg_admin_url: str) -> Iterator[str]:
+def pg_url(pg_server: services.PostgresHandle) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
+    _require_running(pg_server)
     name = f"daybook_test_{os.getpid()}_{next(_database_numbers)}"
-    url = services.create_database(pg_admin_url, name)
+    url = services.create_database(pg_server.url, name)
     yield url
-    services.drop_database(pg_admin_url, name)
+    _require_running(pg_server)
+    services.drop_database(pg_server.url, name)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -101,6 +103,27 @@ def test_the_server_has_a_directory_of_its_own_that_stop_removes(
     server.stop()
     assert not directory.exists()
     server.stop()  # idempotent
+
+
+@pytest.mark.postgres
+def test_a_server_that_exited_says_so_with_its_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
+    server = services.start_postgres()
+    try:
+        assert server.exit_report() is None
+        assert server.data_dir is not None
+        postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        while server.running:  # the kill is asynchronous; pytest-timeout bounds this wait
+            time.sleep(0.01)
+        report = server.exit_report()
+        assert report is not None
+        assert f"{server.url} exited with status {-signal.SIGKILL}" in report
+        assert "database system is ready to accept connections" in report  # the log's tail
+    finally:
+        directory = server.directory
+        server.stop()
+    assert directory is not None and not directory.exists()
 
 
 async def _roundtrip(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
