@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -216,7 +215,7 @@ def main() -> int:
     if url is None:
         from scripts import services
 
-        handle = services.start_postgres(Path(tempfile.mkdtemp()) / "pg", durable=True)
+        handle = services.start_postgres(durable=True)
         url = services.create_database(handle.url, "bench_projections")
     try:
         ledger = open_ledger(url)

@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=100.0, help="deposits per second")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="daybook-bench-stream-"))
-    pg = services.start_postgres(base / "pg", durable=True)
+    pg = services.start_postgres(durable=True)
     kafka = services.start_kafka(base / "kafka")
     rows: list[tuple[str, str, str]] = []
     try:

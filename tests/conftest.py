@@ -44,8 +44,8 @@ def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_server(service_dir: Path) -> Iterator[services.PostgresHandle]:
-    handle = services.start_postgres(service_dir / "postgres")
+def pg_server() -> Iterator[services.PostgresHandle]:
+    handle = services.start_postgres()
     yield handle
     handle.stop()
 
@@ -55,13 +55,22 @@ def pg_admin_url(pg_server: services.PostgresHandle) -> str:
     return pg_server.url
 
 
+def _require_running(server: services.PostgresHandle) -> None:
+    """Fail with why, rather than with the next connection's "connection refused"."""
+    report = server.exit_report()
+    if report is not None:
+        pytest.fail(report, pytrace=False)
+
+
 @pytest.fixture
-def pg_url(pg_admin_url: str) -> Iterator[str]:
+def pg_url(pg_server: services.PostgresHandle) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
+    _require_running(pg_server)
     name = f"daybook_test_{os.getpid()}_{next(_database_numbers)}"
-    url = services.create_database(pg_admin_url, name)
+    url = services.create_database(pg_server.url, name)
     yield url
-    services.drop_database(pg_admin_url, name)
+    _require_running(pg_server)
+    services.drop_database(pg_server.url, name)
 
 
 @pytest.fixture(scope="session")

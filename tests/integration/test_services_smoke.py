@@ -7,7 +7,12 @@ group), because every group join on Tansu costs a fixed ~3 s rebalance delay.
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
+import signal
+import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -43,6 +48,103 @@ def test_database_is_created_empty_usable_and_dropped(pg_admin_url: str) -> None
             "SELECT count(*) FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()
         assert row == (0,)
+
+
+def _pytest_temp_root(factory: pytest.TempPathFactory) -> list[Path]:
+    """The directories pytest makes private (0700) when a run starts: its base temp and, by
+    default, the per-user root above it (``pytest-of-<user>``)."""
+    base = factory.getbasetemp()
+    return [base, base.parent] if base.parent.name.startswith("pytest-of-") else [base]
+
+
+@pytest.mark.postgres
+def test_server_survives_another_run_making_the_pytest_temp_root_private(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)  # this tests our own server
+    server = services.start_postgres()
+    private = _pytest_temp_root(tmp_path_factory)
+    modes = {directory: directory.stat().st_mode for directory in private}
+    try:
+        for directory in private:
+            directory.chmod(0o700)  # what pytest does to its temp root when another run starts
+        # The checkpointer opens pg_control by its absolute path, so a server whose data sits
+        # below a directory it can no longer traverse dies at the next checkpoint; CHECKPOINT
+        # and DROP DATABASE (which forces one) bring that moment forward.
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            conn.execute("CHECKPOINT")
+        url = services.create_database(server.url, "after_private_root")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("after_private_root",)
+        services.drop_database(server.url, "after_private_root")
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert server.running
+    finally:
+        for directory, mode in modes.items():
+            directory.chmod(mode)
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_the_server_has_a_directory_of_its_own_that_stop_removes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
+    server = services.start_postgres()
+    directory = server.directory
+    assert directory is not None and server.data_dir is not None and server.log_path is not None
+    assert server.data_dir.parent == directory == server.log_path.parent
+    runs_as = pwd.getpwnam(services.PG_SYSTEM_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert {path.stat().st_uid for path in (directory, server.data_dir, server.log_path)} == {
+        runs_as
+    }
+    server.stop()
+    assert not directory.exists()
+    server.stop()  # idempotent
+
+
+@pytest.mark.postgres
+def test_a_server_that_exited_says_so_with_its_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
+    server = services.start_postgres()
+    try:
+        assert server.exit_report() is None
+        assert server.data_dir is not None
+        postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        while server.running:  # the kill is asynchronous; pytest-timeout bounds this wait
+            time.sleep(0.01)
+        report = server.exit_report()
+        assert report is not None
+        assert f"{server.url} exited with status {-signal.SIGKILL}" in report
+        assert "database system is ready to accept connections" in report  # the log's tail
+    finally:
+        directory = server.directory
+        server.stop()
+    assert directory is not None and not directory.exists()
+
+
+def test_creating_the_system_user_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[list[str]] = []
+    entry = pwd.struct_passwd(("someone", "x", 990, 990, "", "/", "/usr/sbin/nologin"))
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if not created:
+            raise KeyError(name)
+        return entry
+
+    def run(command: list[str], **kwargs: object) -> None:
+        created.append(command)
+
+    monkeypatch.setattr(services.pwd, "getpwnam", getpwnam)
+    monkeypatch.setattr(services.subprocess, "run", run)
+    with pytest.warns(
+        UserWarning, match="creating the system user 'someone'.*refuses to run as root"
+    ):
+        assert services._ensure_system_user("someone") == entry
+    assert created and created[0][0] == "useradd" and created[0][-1] == "someone"
 
 
 async def _roundtrip(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
