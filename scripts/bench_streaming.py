@@ -39,9 +39,9 @@ from daybook import open_ledger, run_projections
 from daybook.domain.ledger import Ledger
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import open_store
-from daybook.infrastructure.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.progress import PROGRESS_TABLE
+from daybook.infrastructure.streaming.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL

@@ -30,13 +30,13 @@ import psycopg
 from faust.transport.consumer import CONSUMER_FETCHING
 
 from daybook.infrastructure.readmodels.store import readmodel_url
-from daybook.infrastructure.relay import read_cursor
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     bootstrap_servers,
     dead_letter_topic,
 )
+from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
 from daybook.projections import ALL
 from daybook.projections.model import Projection
@@ -318,7 +318,7 @@ def restart(app: faust.App, reason: str) -> NoReturn:
     - offset commits go through aiokafka's ``GroupCoordinator.commit_offsets``, which
       retries retriable errors without a deadline. The restarted Tansu answered
       ``UNKNOWN_TOPIC_OR_PARTITION`` (retriable) for the topic it had re-created (see
-      ``infrastructure.relay.BrokerLostData``), and faust's fetch loop awaits that commit
+      ``streaming.relay.BrokerLostData``), and faust's fetch loop awaits that commit
       (``Consumer._drain_messages`` commits every ``broker_commit_every`` acks, and
       ``maybe_wait_for_commit_to_finish`` waits for the one in flight): it stops fetching;
     - positions past the end of the emptied partitions: Kafka would answer

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger
-from daybook.infrastructure.relay import read_cursor
+from daybook.infrastructure.streaming.relay import read_cursor
 from tests.streaming.streams import (
     Daybook,
     follow_chain,
