@@ -68,9 +68,12 @@ class WorkerConfig:
 
 
 def make_app(
-    config: WorkerConfig, projections: Sequence[Projection] = ALL
+    config: WorkerConfig, projections: Sequence[Projection] = ALL, *, datadir: str
 ) -> tuple[faust.App, StreamApplier]:
-    """The faust app (its id is the consumer group) and the applier its agent drives."""
+    """The faust app (its id is the consumer group) and the applier its agent drives.
+
+    ``datadir`` is faust's data directory; the caller owns it (``run_worker`` removes it).
+    """
     app = faust.App(
         config.group,
         broker=f"kafka://{bootstrap_servers(config.broker_url)}",
@@ -80,7 +83,7 @@ def make_app(
         # State lives in PostgreSQL; faust tables are not used (restarts stalled in their
         # recovery), so its store and data dir are throwaway.
         store="memory://",
-        datadir=tempfile.mkdtemp(prefix="daybook-faust-"),
+        datadir=datadir,
         web_enabled=config.web_port > 0,
         web_port=config.web_port or 6066,
         topic_partitions=config.partitions,
@@ -260,10 +263,20 @@ def restart(app: faust.App, reason: str) -> NoReturn:
 
 
 def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> None:
-    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop)."""
-    app, applier = make_app(config, projections)
-    worker = faust.Worker(app, loglevel="INFO" if log.isEnabledFor(logging.INFO) else "WARN")
-    try:
-        worker.execute_from_commandline()
-    finally:
-        applier.close()
+    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop).
+
+    The body of ``daybook worker``: faust's worker takes over the process (it installs
+    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped).
+    """
+    # faust's data directory is unused (memory store, no tables) but required. It goes
+    # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
+    with tempfile.TemporaryDirectory(
+        prefix="daybook-faust-", ignore_cleanup_errors=True
+    ) as datadir:
+        app, applier = make_app(config, projections, datadir=datadir)
+        level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
+        worker = faust.Worker(app, loglevel=level)
+        try:
+            worker.execute_from_commandline()
+        finally:
+            applier.close()
