@@ -69,7 +69,7 @@ class Envelope:
         return resolve_topic(self.type).model_validate(self.to_state())
 
 
-def partition_key(aggregate_id: UUID) -> bytes:
+def partition_key(aggregate_id: UUID | str) -> bytes:
     return str(aggregate_id).encode()
 
 

@@ -42,6 +42,7 @@ from psycopg.sql import SQL, Identifier
 
 from daybook.domain.ledger import Ledger
 from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.codec import ContractMapper
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -115,6 +116,11 @@ class BrokerLostData(Exception):
     in the topic consumers read. (Probed against Tansu 0.6.0; a real Kafka has no such path,
     and a new producer costs nothing there.)
     """
+
+    def __init__(self, message: str, restart: RelayCursor) -> None:
+        super().__init__(message)
+        #: Where to go on from: the start of the log (see ``Relay._publish``).
+        self.restart = restart
 
 
 class Relay:
@@ -259,11 +265,11 @@ class Relay:
             try:
                 moved = await self._publish(producer, cursor, batch)
             except BrokerLostData as lost:
-                log.warning("relay: %s; re-publishing the log from the start", lost.args[0])
-                await _save_cursor(lock_conn, lost.args[1])
-                self.stats.republished = lost.args[1].republished
+                log.warning("relay: %s; re-publishing the log from the start", lost)
+                await _save_cursor(lock_conn, lost.restart)
+                self.stats.republished = lost.restart.republished
                 # With a new producer: see ``BrokerLostData``.
-                return lost.args[1]
+                return lost.restart
             crash_point("relay.after_send")
             await _save_cursor(lock_conn, moved)
             self.stats.published += len(batch)
@@ -278,7 +284,9 @@ class Relay:
     ) -> RelayCursor:
         """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
         assert self._ledger is not None
-        decode_state = self._ledger.mapper.decode_state
+        mapper = self._ledger.mapper
+        assert isinstance(mapper, ContractMapper)  # what bootstrap gives every ledger
+        decode_state = mapper.decode_state
         partitions = cursor.partitions
         chain = list(cursor.chain)
         sent: list[tuple[int, asyncio.Future[Any]]] = []
