@@ -38,7 +38,8 @@ lint: $(STAMP)
 	  -m daybook.infrastructure.bootstrap -m daybook.infrastructure.codec \
 	  -p daybook.infrastructure.eventstore -p daybook.infrastructure.ledger \
 	  -m daybook.infrastructure.settings -m daybook.infrastructure.topics \
-	  -m daybook.infrastructure.urls
+	  -m daybook.infrastructure.urls -p daybook.infrastructure.streaming \
+	  -p daybook.infrastructure.compat
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 # The ledger's typed methods, one per registered command (infrastructure/ledger/methods.py).

@@ -36,26 +36,31 @@ from aiokafka import AIOKafkaConsumer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daybook import Ledger, open_ledger, run_projections
-from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.bootstrap import event_log_of, open_event_log
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import open_store
-from daybook.infrastructure.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming import envelope
-from daybook.infrastructure.streaming.progress import PROGRESS_TABLE
+from daybook.infrastructure.streaming.progress import PROGRESS_TABLE, read_status
+from daybook.infrastructure.streaming.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
 from scripts import services
-from tests.streaming.streams import Daybook, open_accounts, wait_until, write_money
-from tests.streaming.test_workers import applied
+from scripts.streams import Daybook, open_accounts, wait_until, write_money
 
 PARTITIONS = 4
 TOPIC = "bench"
 
 
+def applied(url: str, group: str, topic: str) -> int:
+    """Events the group's workers applied, over all partitions."""
+    return sum(p.applied for p in read_status(url, group, topic))
+
+
 def relay_rate(url: str, bootstrap: str, head: int) -> float:
     """Events/s for the whole log: read, published, acknowledged, cursor stored."""
-    relay = Relay(RelayConfig(url, f"kafka://{bootstrap}", TOPIC, PARTITIONS, batch_size=5000))
+    log = open_event_log(url)
+    relay = Relay(RelayConfig(url, f"kafka://{bootstrap}", TOPIC, PARTITIONS, batch_size=5000), log)
 
     async def main() -> float:
         task = asyncio.create_task(relay.run())
@@ -67,7 +72,10 @@ def relay_rate(url: str, bootstrap: str, head: int) -> float:
         await task
         return elapsed
 
-    return head / asyncio.run(main())
+    try:
+        return head / asyncio.run(main())
+    finally:
+        log.close()
 
 
 def workers(url: str, bootstrap: str, group: str, count: int, base: Path) -> list[Daybook]:

@@ -5,10 +5,11 @@ of a batch in a ``finally:`` after the agent body, whether the body finished, ra
 cancelled (a worker stopping, a crash of the agent), and the acked offsets are committed at
 the next commit tick (faust/streams.py, ``take_events``/``take``). An event whose batch never
 reached the database would then be lost. So the agent takes no events from faust's stream at
-all: it receives whole fetches (``_drain_in_batches``, which also removes faust's per-message
-delivery cost) and acknowledges each message itself, only after the transaction that applied
-(or parked) it committed; the body never raises for an event it could not apply (that is
-parked), and waits out database outages (retrying the same batch) instead of raising.
+all: it receives whole fetches (``compat.faust.drain_in_batches``, which also removes faust's
+per-message delivery cost) and acknowledges each message itself, only after the transaction
+that applied (or parked) it committed; the body never raises for an event it could not apply
+(that is parked), and waits out database outages (retrying the same batch) instead of
+raising.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ from typing import Any, NoReturn
 
 import faust
 import psycopg
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.types import Message as FaustMessage
 
+from daybook.infrastructure.compat import aiokafka as aiokafka_compat
+from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.readmodels.store import readmodel_url
-from daybook.infrastructure.relay import read_cursor
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     bootstrap_servers,
     dead_letter_topic,
 )
+from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
 from daybook.projections import ALL
 from daybook.projections.model import Projection
@@ -65,9 +68,12 @@ class WorkerConfig:
 
 
 def make_app(
-    config: WorkerConfig, projections: Sequence[Projection] = ALL
+    config: WorkerConfig, projections: Sequence[Projection] = ALL, *, datadir: str
 ) -> tuple[faust.App, StreamApplier]:
-    """The faust app (its id is the consumer group) and the applier its agent drives."""
+    """The faust app (its id is the consumer group) and the applier its agent drives.
+
+    ``datadir`` is faust's data directory; the caller owns it (``run_worker`` removes it).
+    """
     app = faust.App(
         config.group,
         broker=f"kafka://{bootstrap_servers(config.broker_url)}",
@@ -77,7 +83,7 @@ def make_app(
         # State lives in PostgreSQL; faust tables are not used (restarts stalled in their
         # recovery), so its store and data dir are throwaway.
         store="memory://",
-        datadir=tempfile.mkdtemp(prefix="daybook-faust-"),
+        datadir=datadir,
         web_enabled=config.web_port > 0,
         web_port=config.web_port or 6066,
         topic_partitions=config.partitions,
@@ -95,8 +101,8 @@ def make_app(
     _shorten_fetch_wait(app, config.fetch_wait)
     # Whole fetches of the topic, for the agent; two at most in flight (back-pressure on the
     # fetch loop while a batch is applied).
-    handoff: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=2)
-    _drain_in_batches(app, config.topic, handoff)
+    handoff: asyncio.Queue[list[FaustMessage]] = asyncio.Queue(maxsize=2)
+    faust_compat.drain_in_batches(app, config.topic, handoff)
     topic = app.topic(
         config.topic,
         key_type=bytes,
@@ -155,7 +161,8 @@ def make_app(
     batch_lock = asyncio.Lock()
     republished_at_start = _relay_republished(config)
 
-    @app.timer(interval=2.0)
+    # faust annotates App.timer as returning a bare Callable.
+    @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
     async def _restart_after_broker_data_loss() -> None:
         """Restart this worker in place once the broker has lost its data (see ``restart``).
 
@@ -171,7 +178,7 @@ def make_app(
     @app.agent(topic, name="daybook-project")
     async def _project(stream: Any) -> None:
         # The agent's stream is what subscribes faust to the topic (the Conductor); the
-        # messages themselves come whole fetches at a time from ``_drain_in_batches``.
+        # messages themselves come whole fetches at a time from ``drain_in_batches``.
         del stream
         # Dead letters recorded before a crash but never published.
         pending = await asyncio.to_thread(applier.unpublished_dead_letters)
@@ -186,12 +193,11 @@ def make_app(
             # partitions' new owners back to the committed offsets, so they come again.
             generation = app.consumer_generation_id
             current = [m for m in fetched if m.generation_id == generation]
-            for message in fetched:
-                if message.generation_id != generation:
-                    consumer.unacked.discard(message)
+            faust_compat.untrack(app, (m for m in fetched if m.generation_id != generation))
             if not current:
                 continue
-            messages = [Message(m.partition, m.offset, m.value) for m in current]
+            # A message without a value (a tombstone) is no envelope: parked as such.
+            messages = [Message(m.partition, m.offset, m.value or b"") for m in current]
             async with batch_lock:
                 await apply_until_done(messages)
                 ack = consumer.ack
@@ -204,99 +210,15 @@ def make_app(
 def _shorten_fetch_wait(app: faust.App, seconds: float) -> None:
     """Make the consumer's fetches wait at most ``seconds`` on the broker.
 
-    faust's aiokafka driver hard-codes ``fetch_max_wait_ms=1500``
-    (``AIOKafkaConsumerThread._create_worker_consumer``). Kafka answers such a long poll as
-    soon as a message arrives, but the Tansu broker holds it for the whole wait (probed:
-    produce-to-consume p50 707 ms at 1,500 ms, 28 ms at 100 ms, 5 ms at 20 ms), which made
-    commit-to-row latency half a second. The consumer is built by faust's consumer thread
-    at start; this wraps that factory and lowers the value before aiokafka reads it. On
-    Kafka the cost is an empty fetch round trip per ``seconds`` while idle.
+    faust's aiokafka driver hard-codes ``fetch_max_wait_ms=1500``. Kafka answers such a long
+    poll as soon as a message arrives, but the Tansu broker holds it for the whole wait
+    (probed: produce-to-consume p50 707 ms at 1,500 ms, 28 ms at 100 ms, 5 ms at 20 ms),
+    which made commit-to-row latency half a second. On Kafka the cost is an empty fetch
+    round trip per ``seconds`` while idle.
     """
-    thread = app.consumer._thread  # faust.transport.consumer.ThreadDelegateConsumer
-    build = thread._create_worker_consumer
-
-    def build_with_short_wait(transport: Any) -> Any:
-        consumer = build(transport)
-        consumer._fetch_max_wait_ms = int(seconds * 1000)  # read by AIOKafkaConsumer.start
-        return consumer
-
-    thread._create_worker_consumer = build_with_short_wait
-
-
-def _drain_in_batches(app: faust.App, topic: str, handoff: asyncio.Queue[list[Any]]) -> None:
-    """Hand ``topic``'s messages to the agent a whole fetch at a time, not one by one.
-
-    faust's fetch loop (``Consumer._drain_messages``) delivers each message through
-    ``wait_first(callback(message), suspend_flow.wait())`` (two new tasks), the Conductor's
-    callback (a lock, flow control, decode, a queue put) and the stream's iterator (more loop
-    turns and a processor per message): about 5,000 messages/s on this machine with an agent
-    doing nothing, which was the workers' ceiling. This replaces that loop on the app's
-    consumer with the same loop minus the per-message delivery: read-offset and gap
-    bookkeeping, ``broker_commit_every`` commits and the stop conditions are faust's, every
-    message is tracked as pending (``track_message``, so that a rebalance's ``wait_empty``
-    waits for the batch in flight to be applied and acknowledged), and the fetch is put on
-    ``handoff`` (bounded: the loop waits while the agent is behind). faust still owns the
-    group, assignment, rebalances (``getmany`` stops at a generation change or a paused flow,
-    and seeks back to the committed offsets), acknowledgements and commits; messages of
-    other topics go the ordinary way. Like faust's loop, messages read while the flow is
-    suspended for a rebalance are left to that seek.
-    """
-    consumer = app.consumer
-
-    async def drain(fetcher: Any) -> None:
-        callback = consumer.callback
-        getmany = consumer.getmany
-        consumer_should_stop = consumer._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        get_read_offset = consumer._read_offset.__getitem__
-        set_read_offset = consumer._read_offset.__setitem__
-        suspend_flow = consumer.suspend_flow
-        suspended = suspend_flow.is_set
-        acks_enabled_for = app.topics.acks_enabled_for
-        track = consumer.track_message
-        commit_every = consumer._commit_every
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                consumer.diag.set_flag(CONSUMER_FETCHING)
-                fetched: list[Any] = []
-                await consumer.sleep(0)
-                if not consumer.should_stop:
-                    async for tp, message in getmany(timeout=1.0):
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is not None and offset < r_offset:
-                            continue  # faust's "DROPPED MESSAGE": read before a seek back
-                        if r_offset and offset - r_offset > 1 and acks_enabled_for(tp.topic):
-                            await consumer._add_gap(tp, r_offset + 1, offset)
-                        if commit_every is not None and consumer._n_acked >= commit_every:
-                            consumer._n_acked = 0
-                            await consumer.commit()
-                        if tp.topic != topic:
-                            await consumer.wait_first(callback(message), suspend_flow.wait())
-                        elif not suspended():
-                            track(message)
-                            fetched.append(message)
-                        set_read_offset(tp, offset)
-                    consumer.diag.unset_flag(CONSUMER_FETCHING)
-                if fetched:
-                    try:
-                        await handoff.put(fetched)
-                    except BaseException:
-                        for message in fetched:
-                            consumer.unacked.discard(message)
-                        raise
-        except consumer.consumer_stopped_errors:
-            if consumer.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            if consumer.transport.app.should_stop:
-                return
-            raise
-        finally:
-            consumer.diag.unset_flag(CONSUMER_FETCHING)
-
-    consumer._drain_messages = drain  # called by faust's Fetcher service
+    faust_compat.customize_worker_consumer(
+        app, lambda consumer: aiokafka_compat.set_fetch_max_wait(consumer, seconds)
+    )
 
 
 def _relay_republished(config: WorkerConfig) -> int | None:
@@ -318,7 +240,7 @@ def restart(app: faust.App, reason: str) -> NoReturn:
     - offset commits go through aiokafka's ``GroupCoordinator.commit_offsets``, which
       retries retriable errors without a deadline. The restarted Tansu answered
       ``UNKNOWN_TOPIC_OR_PARTITION`` (retriable) for the topic it had re-created (see
-      ``infrastructure.relay.BrokerLostData``), and faust's fetch loop awaits that commit
+      ``streaming.relay.BrokerLostData``), and faust's fetch loop awaits that commit
       (``Consumer._drain_messages`` commits every ``broker_commit_every`` acks, and
       ``maybe_wait_for_commit_to_finish`` waits for the one in flight): it stops fetching;
     - positions past the end of the emptied partitions: Kafka would answer
@@ -343,10 +265,20 @@ def restart(app: faust.App, reason: str) -> NoReturn:
 
 
 def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> None:
-    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop)."""
-    app, applier = make_app(config, projections)
-    worker = faust.Worker(app, loglevel="INFO" if log.isEnabledFor(logging.INFO) else "WARN")
-    try:
-        worker.execute_from_commandline()
-    finally:
-        applier.close()
+    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop).
+
+    The body of ``daybook worker``: faust's worker takes over the process (it installs
+    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped).
+    """
+    # faust's data directory is unused (memory store, no tables) but required. It goes
+    # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
+    with tempfile.TemporaryDirectory(
+        prefix="daybook-faust-", ignore_cleanup_errors=True
+    ) as datadir:
+        app, applier = make_app(config, projections, datadir=datadir)
+        level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
+        worker = faust.Worker(app, loglevel=level)
+        try:
+            worker.execute_from_commandline()
+        finally:
+            applier.close()

@@ -88,7 +88,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_relay(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.relay import Relay, RelayConfig, rewind
+    from daybook.infrastructure.streaming.relay import Relay, RelayConfig, rewind
 
     _logging(args)
     if args.rewind:
@@ -143,8 +143,8 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.relay import read_cursor
     from daybook.infrastructure.streaming.progress import read_status
+    from daybook.infrastructure.streaming.relay import read_cursor
 
     cursor = read_cursor(args.url, args.topic)
     if cursor is None:

@@ -25,10 +25,10 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from aiokafka.partitioner import murmur2
 from eventsourcing.utils import resolve_topic
 
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
+from daybook.infrastructure.compat.aiokafka import default_partition
 
 #: Version of the envelope layout itself (not of the event payloads).
 ENVELOPE_VERSION = 1
@@ -69,14 +69,14 @@ class Envelope:
         return resolve_topic(self.type).model_validate(self.to_state())
 
 
-def partition_key(aggregate_id: UUID) -> bytes:
+def partition_key(aggregate_id: UUID | str) -> bytes:
     return str(aggregate_id).encode()
 
 
 def partition_for(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (murmur2, as the Java client), computed by the relay
     itself so that it knows each event's partition and can chain it (see the module doc)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return default_partition(key, partitions)
 
 
 def encode(event_type: str, state: dict[str, Any], position: int, prev: int) -> tuple[bytes, bytes]:

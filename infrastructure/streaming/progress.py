@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 from daybook.infrastructure.urls import postgres_params
 
@@ -65,7 +65,7 @@ class PartitionStatus:
     waiting_for: int
 
 
-def create_tables_sql() -> list[SQL]:
+def create_tables_sql() -> list[Composed]:
     return [
         SQL(
             "CREATE TABLE IF NOT EXISTS {} ("

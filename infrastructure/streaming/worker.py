@@ -210,9 +210,9 @@ class StreamApplier:
                     part.state, part.waiting_for, part.changed = GAP, env.prev, True
                     result.gaps += 1
                     continue
-                error = self._apply_event(env, batches)
-                if error is not None:
-                    self._park(store, part, message, env, error, result)
+                failure = self._apply_event(env, batches)
+                if failure is not None:
+                    self._park(store, part, message, env, failure, result)
                 else:
                     result.applied += 1
                     part.applied += 1

@@ -13,12 +13,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from daybook import open_ledger
 from daybook.domain.accounts import Account
-from daybook.infrastructure.relay import read_cursor
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import dead_letter_topic
 from daybook.infrastructure.streaming.progress import read_dead_letters, read_status
+from daybook.infrastructure.streaming.relay import read_cursor
 from scripts import services
-from tests.streaming.streams import (
+from scripts.streams import (
     WAIT,
     follow_chain,
     open_accounts,

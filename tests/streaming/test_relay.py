@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger
-from daybook.infrastructure.relay import read_cursor
-from tests.streaming.streams import (
+from daybook.infrastructure.streaming.relay import read_cursor
+from scripts.streams import (
     Daybook,
     follow_chain,
     open_accounts,

@@ -46,6 +46,14 @@ def test_no_module_imports_a_layer_by_its_folder_name() -> None:
     assert offenders == []
 
 
+def test_scripts_do_not_import_tests() -> None:
+    importing = re.compile(r"(?<![\w.])(from|import)\s+tests\b")
+    offenders = [
+        path.name for path in (ROOT / "scripts").rglob("*.py") if importing.search(path.read_text())
+    ]
+    assert offenders == []
+
+
 def test_nothing_generic_lands_at_the_top_of_site_packages(tmp_path: Path) -> None:
     # Run from an empty folder: the repository's folders must not be what makes it work.
     probe = (

@@ -115,6 +115,11 @@ class BrokerLostData(Exception):
     and a new producer costs nothing there.)
     """
 
+    def __init__(self, message: str, restart: RelayCursor) -> None:
+        super().__init__(message)
+        #: Where to go on from: the start of the log (see ``Relay._publish``).
+        self.restart = restart
+
 
 class Relay:
     """Publishes the log to Kafka: ``await relay.run()`` until ``relay.stop()``."""
@@ -247,11 +252,11 @@ class Relay:
             try:
                 moved = await self._publish(producer, cursor, batch)
             except BrokerLostData as lost:
-                log.warning("relay: %s; re-publishing the log from the start", lost.args[0])
-                await _save_cursor(lock_conn, lost.args[1])
-                self.stats.republished = lost.args[1].republished
+                log.warning("relay: %s; re-publishing the log from the start", lost)
+                await _save_cursor(lock_conn, lost.restart)
+                self.stats.republished = lost.restart.republished
                 # With a new producer: see ``BrokerLostData``.
-                return lost.args[1]
+                return lost.restart
             crash_point("relay.after_send")
             await _save_cursor(lock_conn, moved)
             self.stats.published += len(batch)

@@ -1,4 +1,5 @@
-"""Helpers for the streaming tests: event writers, daybook subprocesses, topic readers."""
+"""Daybook processes for streaming tests and benchmarks: event writers, `daybook relay` and
+`daybook worker` subprocesses, topic readers."""
 
 from __future__ import annotations
 

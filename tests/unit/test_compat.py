@@ -1,0 +1,260 @@
+"""The faust-streaming and aiokafka internals daybook relies on are still there, as expected.
+
+Every name a compat module lists in ``RELIED_ON`` is checked against the installed library;
+names that ``__init__`` sets are checked on unstarted instances (no broker needed).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiokafka
+import aiokafka.partitioner
+import faust
+import faust.transport.consumer
+import pytest
+from faust.types import Message
+
+from daybook.infrastructure.compat import Internal
+from daybook.infrastructure.compat import aiokafka as aiokafka_compat
+from daybook.infrastructure.compat import faust as faust_compat
+
+COMPAT_MODULES = {"faust": faust_compat, "aiokafka": aiokafka_compat}
+
+
+def unstarted_kafka_consumer() -> Any:
+    """An ``AIOKafkaConsumer`` that never connects (its constructor wants a running loop)."""
+
+    async def build() -> Any:
+        consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9")
+        await consumer.stop()
+        return consumer
+
+    return asyncio.run(build())
+
+
+@pytest.fixture
+def faust_app(tmp_path: Path) -> Iterator[faust.App]:
+    """A worker app as ``make_app`` configures one, never started."""
+    loop = asyncio.new_event_loop()
+    app = faust.App(
+        "daybook-compat-check",
+        broker="kafka://127.0.0.1:9",
+        store="memory://",
+        datadir=str(tmp_path),
+        processing_guarantee="at_least_once",
+        broker_commit_every=100,
+        loop=loop,
+    )
+    yield app
+    # The consumer's thread has an event loop of its own; neither ever ran.
+    consumer: Any = app.consumer
+    consumer._thread.thread_loop.close()
+    loop.close()
+
+
+@pytest.fixture
+def instances(faust_app: faust.App) -> dict[str, object]:
+    """Unstarted instances of the owners whose names are set by ``__init__``."""
+    return {
+        "faust.transport.drivers.aiokafka:Consumer": faust_app.consumer,
+        "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
+    }
+
+
+def relied_on(module: Any) -> list[Any]:
+    return [pytest.param(internal, id=internal.label) for internal in module.RELIED_ON]
+
+
+def check(internal: Internal, instances: dict[str, object]) -> None:
+    instance = instances[internal.owner] if internal.on_instance else None
+    problem = internal.problem(instance)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+
+
+@pytest.mark.parametrize("internal", relied_on(faust_compat))
+def test_faust_streaming_still_has(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+@pytest.mark.parametrize("internal", relied_on(aiokafka_compat))
+def test_aiokafka_still_has(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+def private_names_used(module: Any) -> set[str]:
+    """``x._name`` read or set in a module's code (not ``self._name``, not in strings)."""
+    tree = ast.parse(Path(inspect.getfile(module)).read_text())
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    }
+
+
+@pytest.mark.parametrize("library", sorted(COMPAT_MODULES))
+def test_every_private_name_a_compat_module_uses_is_listed(library: str) -> None:
+    module = COMPAT_MODULES[library]
+    listed = {internal.name for internal in module.RELIED_ON}
+    assert private_names_used(module) - listed == set()
+
+
+# -- the check itself fails, and says what to look at --------------------------------------
+
+
+def problem_of(module: Any, name: str, instances: dict[str, object]) -> str | None:
+    (internal,) = [i for i in module.RELIED_ON if i.name == name]
+    return internal.problem(instances[internal.owner] if internal.on_instance else None)
+
+
+def test_a_removed_method_is_named_with_what_relies_on_it(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    monkeypatch.delattr(faust.transport.consumer.Consumer, "_add_gap")
+    assert problem_of(faust_compat, "_add_gap", instances) == (
+        "faust-streaming no longer has Consumer._add_gap, which "
+        "daybook.infrastructure.compat.faust.drain_in_batches relies on; check the new "
+        "faust version's fetch loop (Consumer._drain_messages)"
+    )
+
+
+def test_a_removed_instance_attribute_is_named(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    consumer = instances["faust.transport.drivers.aiokafka:Consumer"]
+    monkeypatch.delattr(consumer, "_read_offset")
+    problem = problem_of(faust_compat, "_read_offset", instances)
+    assert problem is not None
+    assert problem.startswith("faust-streaming no longer has Consumer._read_offset, which ")
+
+
+def test_a_removed_module_function_is_named(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    monkeypatch.delattr(aiokafka.partitioner, "murmur2")
+    assert problem_of(aiokafka_compat, "murmur2", instances) == (
+        "aiokafka no longer has aiokafka.partitioner.murmur2, which "
+        "daybook.infrastructure.compat.aiokafka.default_partition relies on; check aiokafka's "
+        "DefaultPartitioner (it must still hash keys as the Java client does)"
+    )
+
+
+def test_a_reshaped_method_is_named(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    def add_gap(self: object, tp: object, offset_from: int, offset_to: int) -> None: ...
+
+    async def add_gaps(self: object, tp: object, gaps: list[tuple[int, int]]) -> None: ...
+
+    consumer_class = faust.transport.consumer.Consumer
+    monkeypatch.setattr(consumer_class, "_add_gap", add_gap)
+    problem = problem_of(faust_compat, "_add_gap", instances)
+    assert problem is not None
+    assert "changed Consumer._add_gap: it is not a coroutine function" in problem
+    monkeypatch.setattr(consumer_class, "_add_gap", add_gaps)
+    problem = problem_of(faust_compat, "_add_gap", instances)
+    assert problem is not None
+    assert "it takes (tp, gaps), not (tp, offset_from, offset_to, ...)" in problem
+
+
+def test_a_value_of_another_type_is_named(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    monkeypatch.setattr(instances["faust.transport.drivers.aiokafka:Consumer"], "_n_acked", "0")
+    problem = problem_of(faust_compat, "_n_acked", instances)
+    assert problem is not None
+    assert "changed Consumer._n_acked: it is a str, not int" in problem
+
+
+def test_a_setting_the_library_stopped_reading_is_named(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    async def start(self: object) -> None:  # reads nothing daybook sets
+        pass
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "start", start)
+    problem = problem_of(aiokafka_compat, "_fetch_max_wait_ms", instances)
+    assert problem is not None
+    assert (
+        "aiokafka no longer uses AIOKafkaConsumer._fetch_max_wait_ms in "
+        "aiokafka.AIOKafkaConsumer.start, which "
+        "daybook.infrastructure.compat.aiokafka.set_fetch_max_wait relies on"
+    ) in problem
+
+
+def test_a_missing_owner_is_named() -> None:
+    internal = Internal(
+        "faust-streaming", "faust.transport.consumer:Gone", "x", faust_compat.untrack, "it"
+    )
+    assert internal.problem() == (
+        "faust-streaming no longer has faust.transport.consumer.Gone, which "
+        "daybook.infrastructure.compat.faust.untrack relies on; check it"
+    )
+
+
+# -- what the compat functions do -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "partition"),
+    # Partitions of 1,000 that Kafka's Java client picks (org.apache.kafka Utils.murmur2).
+    [(b"", 681), (b"a", 524), (b"ab", 434), (b"abc", 107), (b"123456789", 566), (b"\x00 ", 742)],
+)
+def test_default_partition_is_the_java_clients(key: bytes, partition: int) -> None:
+    assert aiokafka_compat.default_partition(key, 1000) == partition
+
+
+def test_set_fetch_max_wait_sets_what_the_consumer_starts_with() -> None:
+    consumer = unstarted_kafka_consumer()
+    aiokafka_compat.set_fetch_max_wait(consumer, 0.05)
+    assert consumer._fetch_max_wait_ms == 50
+
+
+def test_customize_worker_consumer_sees_the_consumer_faust_builds(faust_app: faust.App) -> None:
+    seen: list[Any] = []
+    faust_compat.customize_worker_consumer(faust_app, seen.append)
+    consumer: Any = faust_app.consumer
+
+    async def build() -> Any:
+        built = consumer._thread._create_worker_consumer(consumer.transport)
+        await built.stop()
+        return built
+
+    built = asyncio.run(build())
+    assert seen == [built]
+    assert isinstance(built, aiokafka.AIOKafkaConsumer)
+
+
+def a_message(offset: int) -> Message:
+    return Message("daybook.events", 0, offset, 0.0, 0, None, b"k", b"v", None)
+
+
+def test_untrack_drops_tracked_messages_without_acknowledging_them(faust_app: faust.App) -> None:
+    consumer = faust_app.consumer
+    messages = [a_message(offset) for offset in range(3)]
+    for message in messages:
+        consumer.track_message(message)
+    faust_compat.untrack(faust_app, messages[:2])
+    assert set(consumer.unacked) == {messages[2]}
+    assert not any(message.acked for message in messages)
+    faust_compat.untrack(faust_app, messages[2:])
+
+
+def test_drain_in_batches_replaces_the_fetch_loop_with_one_faust_can_call(
+    faust_app: faust.App,
+) -> None:
+    handoff: asyncio.Queue[list[Message]] = asyncio.Queue(maxsize=2)
+    faust_compat.drain_in_batches(faust_app, "daybook.events", handoff)
+    consumer: Any = faust_app.consumer
+    drain = consumer._drain_messages
+    assert inspect.iscoroutinefunction(drain)
+    assert list(inspect.signature(drain).parameters) == ["fetcher"]
