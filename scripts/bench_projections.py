@@ -41,6 +41,7 @@ from daybook.domain.ledger import Ledger
 from daybook.infrastructure.bootstrap import open_ledger
 from daybook.infrastructure.readmodels import run_projections
 from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.cli import collector_paused
 from daybook.infrastructure.readmodels.log import EVENTS_CHANNEL
 from daybook.infrastructure.readmodels.rebuild import ProgressBar
 from daybook.infrastructure.readmodels.store import open_store
@@ -240,7 +241,8 @@ def main() -> int:
             ledger, url, projections.ALL, batch_size=args.batch_size, on_progress=bar
         )
         started = time.perf_counter()
-        runner.run_until_caught_up()
+        with collector_paused():  # as `daybook projections rebuild` runs
+            runner.run_until_caught_up()
         seconds = time.perf_counter() - started
         runner.stop()
         bar.close()

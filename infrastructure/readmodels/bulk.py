@@ -21,11 +21,9 @@ does. Both paths run the same definitions, so they build identical tables.
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,9 +256,8 @@ class BulkRunner(ProjectionRunner):
             if slot.record.position < last
         ]
         try:
-            with _collector_paused():
-                _run(self.decoder.iterate(raw), batches)
-                plans = [rows.plan() for _, rows in batches]
+            _run(self.decoder.iterate(raw), batches)
+            plans = [rows.plan() for _, rows in batches]
         except Exception:  # a handler failed or put a bad row: the careful path decides
             if not self._land():
                 return len(raw)
@@ -346,22 +343,6 @@ def _write(
                 raise LostSlot(msg)
             rows.write(plan)
             store.set_position(*key, last, last_at)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a batch is computed. The batch allocates
-    several objects per event and keeps many (its rows) until written, so the collector would
-    otherwise walk the growing heap again and again, for nothing: handlers build no cycles.
-    (Measured: about 7% of a rebuild.)"""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _run(events: Iterable[LogEvent], batches: list[tuple[Slot, BulkRows]]) -> None:

@@ -3,6 +3,7 @@ as the live runner, and the same handling of bad events, through its fast path."
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -160,3 +161,22 @@ def test_a_bad_event_is_parked_exactly_as_the_live_runner_parks_it(
     finally:
         store.close()
     assert_tables_match(ledger, url, projections.ACCOUNT_STATEMENT)
+
+
+def test_the_bulk_path_leaves_the_garbage_collector_alone(ledger: Ledger, url: str) -> None:
+    # Pausing it is process-wide; only the rebuild command may choose to (see its CLI).
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+    collecting: list[bool] = []
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        collecting.append(gc.isenabled())
+        good(event, rows)
+
+    handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    watched = Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers)
+    workload(ledger, 60)
+    runner = BulkRunner(ledger, url, [watched], batch_size=1000)
+    runner.run_until_caught_up()
+    runner.stop()
+    assert collecting and all(collecting)
+    assert_tables_match(ledger, url, ACCOUNT_BALANCES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ import pytest
 from daybook import open_ledger, projections
 from daybook.domain.ledger import Ledger
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels import cli as readmodels_cli
 from daybook.infrastructure.readmodels import run_projections
-from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
@@ -217,3 +219,20 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
             runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
         assert_tables_match(ledger, db_url, projection)
+
+
+def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collecting: list[bool] = []
+
+    def spy(ledger: Ledger, url: str, projection: Projection, **options: object) -> RebuildResult:
+        collecting.append(gc.isenabled())
+        return RebuildResult(projection.name, projection.version, 0, 1.0, 0, None, 0)
+
+    monkeypatch.setattr(readmodels_cli, "rebuild", spy)
+    assert gc.isenabled()
+    assert main(["projections", "rebuild", "account_balances", "--url", "memory://"]) == 0
+    assert collecting == [False]
+    assert gc.isenabled()
+    assert "account_balances version 1 built" in capsys.readouterr().out
