@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daybook import open_ledger, run_projections
 from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.progress import PROGRESS_TABLE
@@ -203,10 +204,11 @@ def stream_visible(url: str, group: str) -> Callable[[], Callable[[int], int]]:
 
 
 def runner_visible(url: str) -> Callable[[], Callable[[int], int]]:
-    store = open_store(url)
+    catalog = VersionCatalog(open_store(url))
 
     def positions() -> Callable[[int], int]:
-        record = store.version("account_balances", store.active_version("account_balances") or 1)
+        active = catalog.active_version("account_balances") or 1
+        record = catalog.version("account_balances", active)
         position = record.position if record is not None else 0
         return lambda _partition: position
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from daybook import projections
 from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead, open_read_models
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import readmodel_url
 from daybook.projections.model import Projection
 
 
@@ -41,7 +41,9 @@ def run_projections(
     if url is None:
         url = readmodel_url(events_url_of(ledger))
     runner = EmbeddedProjections(ledger, url, projections, **options)
-    return runner.start() if start else runner  # type: ignore[return-value]
+    if start:
+        runner.start()
+    return runner
 
 
 def events_url_of(ledger: Ledger) -> str:

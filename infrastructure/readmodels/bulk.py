@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.log import EventDecoder, RawEvent
 from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, Slot, _moved
-from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, ReadStore
+from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.projections.model import (
     Handler,
     Key,
@@ -332,17 +333,19 @@ def _write(
 ) -> None:
     """One batch's transaction (in the writer thread): check each tracking row still holds
     the position and epoch the batch was computed from, write the rows, move the positions."""
+    catalog = VersionCatalog(store)
     with store.transaction():
         for (_, rows), plan, (key, position, epoch) in zip(batches, plans, expected, strict=True):
-            current = store.version(*key, lock=True)
-            if current is None or current.state not in (LIVE, REBUILDING):
-                msg = f"projection {key[0]} v{key[1]} is {current and current.state}"
+            current = catalog.version(*key, lock=True)
+            if current is None or not current.state.writable:
+                state = "absent" if current is None else current.state.value
+                msg = f"projection {key[0]} v{key[1]} is {state}"
                 raise LostSlot(msg)
             if current.position != position or current.epoch != epoch:
                 msg = f"projection {key[0]} v{key[1]} was changed by another writer"
                 raise LostSlot(msg)
             rows.write(plan)
-            store.set_position(*key, last, last_at)
+            catalog.set_position(*key, last, last_at)
 
 
 def _run(events: Iterable[LogEvent], batches: list[tuple[Slot, BulkRows]]) -> None:

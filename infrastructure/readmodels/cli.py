@@ -14,11 +14,16 @@ from typing import Any
 
 from daybook import projections
 from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.readmodels.catalog import (
+    IllegalTransition,
+    VersionCatalog,
+    VersionState,
+)
+from daybook.infrastructure.readmodels.location import open_store, readmodel_url
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.readmodels.store import open_store, readmodel_url
 from daybook.infrastructure.urls import DEFAULT_URL
 
 
@@ -127,19 +132,17 @@ def _run_project(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
     )
-    stop = runner.stop
 
     def on_signal(signum: int, frame: Any) -> None:
         print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
-        runner._stop.set()
-        runner.log.interrupt()
+        runner.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         runner.run_forever()
     finally:
-        stop()
+        runner.stop()
         ledger.close()
     return 0
 
@@ -186,21 +189,26 @@ def _run_status(args: argparse.Namespace) -> int:
     )
     for row in rows:
         print(
-            f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} {row.state:<10} "
+            f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} "
+            f"{row.state.value:<10} "
             f"{row.position:>10} {row.head:>10} {row.lag_events:>8} {row.lag_seconds:>8.1f} "
             f"{row.dead_letters:>4}"
         )
         if row.error:
             print(f"    {row.error}")
-    return 1 if any(r.state == "stopped" and r.active for r in rows) else 0
+    return 1 if any(r.state is VersionState.STOPPED and r.active for r in rows) else 0
 
 
 def _run_resume(args: argparse.Namespace) -> int:
+    projection = projections.by_name(args.name)
     store = open_store(_readmodels(args))
     try:
-        store.ensure_catalog()
-        projection = projections.by_name(args.name)
-        store.resume(projection.name, projection.version)
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        catalog.resume(projection.name, projection.version)
+    except (IllegalTransition, LookupError) as refused:
+        print(f"daybook: {args.name} v{projection.version}: {refused}", file=sys.stderr)
+        return 1
     finally:
         store.close()
     print(f"{args.name}: resumed; a running `daybook project` retries its parked events")

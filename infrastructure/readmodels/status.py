@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.log import LogReader
-from daybook.infrastructure.readmodels.store import open_store
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,7 @@ class VersionStatus:
     name: str
     version: int
     active: bool
-    state: str
+    state: VersionState
     position: int
     head: int
     lag_events: int
@@ -30,14 +32,15 @@ def projection_status(ledger: Ledger, url: str) -> list[VersionStatus]:
     log = LogReader(ledger)
     store = open_store(url)
     try:
-        store.ensure_catalog()
+        catalog = VersionCatalog(store)
+        catalog.ensure()
         with store.transaction(write=False):
-            records = store.versions()
-            active = store.active_versions()
+            records = catalog.versions()
+            active = catalog.active_versions()
             parked: dict[tuple[str, int], int] = {}
-            for letter in store.dead_letters():
-                if letter["resolved_at"] is None:
-                    key = (letter["name"], int(letter["version"]))
+            for letter in DeadLetters(store).entries():
+                if letter.resolved_at is None:
+                    key = (letter.name, letter.version)
                     parked[key] = parked.get(key, 0) + 1
         head = log.head()
         now = datetime.now(UTC)
@@ -45,7 +48,7 @@ def projection_status(ledger: Ledger, url: str) -> list[VersionStatus]:
         for record in sorted(records, key=lambda r: (r.name, -r.version)):
             lag = max(0, head - record.position)
             lag_seconds = 0.0
-            if lag and record.state != "retired":
+            if lag and record.state is not VersionState.RETIRED:
                 pending = log.read(record.position, 1)
                 if pending:
                     lag_seconds = max(0.0, (now - pending[0].timestamp).total_seconds())

@@ -29,7 +29,7 @@ import faust
 import psycopg
 from faust.transport.consumer import CONSUMER_FETCHING
 
-from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.relay import read_cursor
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -38,6 +38,7 @@ from daybook.infrastructure.streaming.broker import (
     dead_letter_topic,
 )
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.infrastructure.transient import is_transient
 from daybook.projections import ALL
 from daybook.projections.model import Projection
 
@@ -141,7 +142,9 @@ def make_app(
             try:
                 result = await asyncio.to_thread(applier.apply, messages)
                 break
-            except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
+            except Exception as error:
+                if not is_transient(error):
+                    raise
                 attempt += 1
                 delay = min(5.0, 0.05 * 2**attempt)
                 log.warning("worker: database unavailable (%s); retrying in %.1fs", error, delay)

@@ -8,8 +8,8 @@ from uuid import UUID
 
 from daybook.domain.errors import DomainError
 from daybook.domain.ledger import Ledger
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.log import LogReader
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.model import MemoryRows, Projection, Row, replay
 
 

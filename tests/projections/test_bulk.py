@@ -11,8 +11,10 @@ import pytest
 from daybook import open_ledger, projections
 from daybook.domain.ledger import Ledger
 from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store, readmodel_url
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store, readmodel_url
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, stored_rows, workload
@@ -90,7 +92,7 @@ def test_a_tracking_row_changed_under_a_batch_in_flight_restarts_from_the_commit
     assert flight is not None
     flight.future.result()  # committed; the next batch is computed on top of it
     store = open_store(url)
-    store.bump_epoch("account_balances", 1)  # as a repair does
+    VersionCatalog(store).bump_epoch("account_balances", 1)  # as a repair does
     store.close()
     runner.step()  # its write finds the epoch moved and rolls back
     runner.step()  # which this step learns: it lets everything go, to claim it again
@@ -149,14 +151,15 @@ def test_a_bad_event_is_parked_exactly_as_the_live_runner_parks_it(
     runner.stop()
     store = open_store(url)
     try:
-        (letter,) = store.dead_letters("account_balances")
-        assert letter["position"] == bad_position and letter["attempts"] == 3
-        record = store.version("account_balances", 1)
-        assert record is not None and record.state == "stopped"
+        (letter,) = DeadLetters(store).entries("account_balances")
+        assert letter.position == bad_position and letter.attempts == 3
+        catalog = VersionCatalog(store)
+        record = catalog.version("account_balances", 1)
+        assert record is not None and record.state is VersionState.STOPPED
         assert record.position == bad_position - 1  # everything before it, nothing after
         balance = store.fetch(BALANCES, 1, (str(account),))
         assert balance is not None and balance["balance"] == 5
-        statement = store.version("account_statement", 1)
+        statement = catalog.version("account_statement", 1)
         assert statement is not None and statement.position == ledger.head()
     finally:
         store.close()

@@ -14,9 +14,10 @@ from daybook.domain.ledger import Ledger
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import cli as readmodels_cli
 from daybook.infrastructure.readmodels import run_projections
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
 from daybook.projections.activity import MONEY
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
@@ -120,8 +121,10 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
     new.stop()
     store = open_store(db_url)
     try:
-        assert store.active_version("account_balances") == 2
-        assert store.version("account_balances", 1).state == "retired"  # type: ignore[union-attr]
+        catalog = VersionCatalog(store)
+        assert catalog.active_version("account_balances") == 2
+        retired = catalog.version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
         assert store.execute("SELECT count(*) FROM daybook_projection_versions")[0][0] == 5
         with pytest.raises(Exception):  # noqa: B017 - dropped: sqlite and psycopg differ
             store.count(BALANCES, 1)
@@ -153,9 +156,10 @@ def test_an_interrupted_rebuild_resumes(ledger: Ledger, db_url: str) -> None:
     with pytest.raises(Interrupted):
         rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=output)
     store = open_store(db_url)
-    partial = store.version("account_balances", 2)
+    partial = VersionCatalog(store).version("account_balances", 2)
     store.close()
-    assert partial is not None and partial.state == "rebuilding" and partial.position > 0
+    assert partial is not None and partial.state is VersionState.REBUILDING
+    assert partial.position > 0
     result = rebuild(ledger, db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO())
     assert result.resumed_from == partial.position
     assert result.events < ledger.head()

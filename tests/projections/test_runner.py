@@ -10,8 +10,10 @@ import pytest
 from daybook import open_ledger, projections
 from daybook.domain.ledger import Ledger
 from daybook.infrastructure.readmodels import StaleRead, run_projections
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.accounts import ACCOUNT_BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
@@ -107,29 +109,30 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
     assert calls == [bad.position] * 3
     store = open_store(runner.url)
     try:
-        (letter,) = store.dead_letters("account_balances")
-        assert letter["position"] == bad.position
-        assert letter["attempts"] == 3
-        assert "cannot apply deposit" in letter["error"]
-        record = store.version("account_balances", 1)
+        (letter,) = DeadLetters(store).entries("account_balances")
+        assert letter.position == bad.position
+        assert letter.attempts == 3
+        assert "cannot apply deposit" in letter.error
+        catalog = VersionCatalog(store)
+        record = catalog.version("account_balances", 1)
         assert record is not None
-        assert record.state == "stopped"
+        assert record.state is VersionState.STOPPED
         assert record.position == bad.position - 1  # everything before it, nothing after
         balance = store.fetch(ACCOUNT_BALANCES.tables[0], 1, (str(account),))
         assert balance is not None and balance["balance"] == 5
-        statement = store.version("account_statement", 1)
+        statement = catalog.version("account_statement", 1)
         assert statement is not None and statement.position == ledger.head()
     finally:
         store.close()
     status = {s.name: s for s in projection_status(ledger, runner.url)}
-    assert status["account_balances"].state == "stopped"
+    assert status["account_balances"].state is VersionState.STOPPED
     assert status["account_balances"].dead_letters == 1
     assert status["account_balances"].lag_events == 2
-    assert status["account_statement"].state == "live"
+    assert status["account_statement"].state is VersionState.LIVE
 
     # Fixed and resumed: the parked event is applied, once.
     store = open_store(runner.url)
-    store.resume("account_balances", 1)
+    VersionCatalog(store).resume("account_balances", 1)
     store.close()
     fixed = run_projections(ledger, runner.url, start=False)
     fixed.run_until_caught_up()
@@ -150,7 +153,7 @@ def test_a_transient_failure_is_retried_without_parking(ledger: Ledger) -> None:
     assert len(calls) == 3
     store = open_store(runner.url)
     try:
-        assert store.dead_letters() == []
+        assert DeadLetters(store).entries() == []
     finally:
         store.close()
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.projections import ALL
 from scripts import services
