@@ -34,7 +34,8 @@ lint: $(STAMP)
 	rm -rf $(LINT_VIEW) && mkdir -p $(LINT_VIEW)/daybook
 	ln -s ../../../domain ../../../projections ../../../infrastructure $(LINT_VIEW)/daybook/
 	ln -s ../../../infrastructure/face/__init__.py $(LINT_VIEW)/daybook/__init__.py
-	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections
+	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections \
+		-p daybook.infrastructure.readmodels -m daybook.infrastructure.transient
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
