@@ -7,22 +7,45 @@ from typing import Any
 
 from daybook import projections
 from daybook.domain.ledger import Ledger
-from daybook.infrastructure.readmodels.location import readmodel_url
+from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead, open_read_models
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import ReadStoreError
 from daybook.projections.model import Projection
 
 
 class EmbeddedProjections(ProjectionRunner):
-    """A runner in a background thread beside a ``Ledger``; ``views`` queries its tables."""
+    """A runner in a background thread beside a ``Ledger``; ``views`` queries its tables.
 
-    def __init__(self, ledger: Ledger, url: str, defs: Sequence[Projection], **options: Any):
-        super().__init__(ledger, url, defs, **options)
-        self.views = ReadModels(url, ledger=ledger)
+    It owns its ``location``: a scratch database made for a ``memory://`` ledger is removed
+    when the runner stops (query it before)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        location: ReadModelLocation,
+        defs: Sequence[Projection],
+        **options: Any,
+    ) -> None:
+        super().__init__(ledger, location.url, defs, **options)
+        self.location = location
+        self._views: ReadModels | None = ReadModels(location.url, ledger=ledger)
+
+    @property
+    def views(self) -> ReadModels:
+        if self._views is None:
+            msg = "the runner stopped and removed its scratch read models; query them before"
+            raise ReadStoreError(msg)
+        return self._views
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
-        self.views.close()
+        if self._views is not None:
+            self._views.close()
+        if self.location.scratch is not None:
+            # Nothing may open the database again: it would come back, empty, and stay.
+            self._views = None
+            self.location.close()
 
 
 def run_projections(
@@ -35,12 +58,15 @@ def run_projections(
 ) -> EmbeddedProjections:
     """Keep read models up to date in a background thread (use as a context manager).
 
-    ``url`` is the read-model database; by default the event store's own database (a
-    temporary SQLite file for a ``memory://`` event store).
+    ``url`` is the read-model database; by default the event store's own database (for a
+    ``memory://`` event store, a temporary SQLite file that the runner removes when it stops).
     """
-    if url is None:
-        url = readmodel_url(events_url_of(ledger))
-    runner = EmbeddedProjections(ledger, url, projections, **options)
+    location = ReadModelLocation(events_url_of(ledger), url)
+    try:
+        runner = EmbeddedProjections(ledger, location, projections, **options)
+    except BaseException:
+        location.close()
+        raise
     if start:
         runner.start()
     return runner

@@ -19,7 +19,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionState,
 )
-from daybook.infrastructure.readmodels.location import open_store, readmodel_url
+from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
@@ -99,9 +99,12 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _readmodels(args: argparse.Namespace) -> str:
-    url: str = args.readmodels_url or readmodel_url(args.url)
-    return url
+@contextmanager
+def _readmodels(args: argparse.Namespace) -> Iterator[str]:
+    """The read-model URL for this command (a scratch database, removed when the command
+    ends, for a memory:// event store)."""
+    with ReadModelLocation(args.url, args.readmodels_url) as location:
+        yield location.url
 
 
 @contextmanager
@@ -125,35 +128,36 @@ def collector_paused() -> Iterator[None]:
 def _run_project(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ledger = open_ledger(args.url)
-    runner = ProjectionRunner(
-        ledger,
-        _readmodels(args),
-        projections.ALL,
-        batch_size=args.batch_size,
-        poll_interval=args.poll_interval,
-    )
+    with _readmodels(args) as url:
+        runner = ProjectionRunner(
+            ledger,
+            url,
+            projections.ALL,
+            batch_size=args.batch_size,
+            poll_interval=args.poll_interval,
+        )
 
-    def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
-        runner.request_stop()
+        def on_signal(signum: int, frame: Any) -> None:
+            print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+            runner.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        runner.run_forever()
-    finally:
-        runner.stop()
-        ledger.close()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            runner.run_forever()
+        finally:
+            runner.stop()
+            ledger.close()
     return 0
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
     ledger = open_ledger(args.url)
     try:
-        with collector_paused():
+        with _readmodels(args) as url, collector_paused():
             result = rebuild(
                 ledger,
-                _readmodels(args),
+                url,
                 projections.by_name(args.name),
                 batch_size=args.batch_size,
                 keep_old=args.keep_old,
@@ -180,7 +184,8 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     ledger = open_ledger(args.url)
     try:
-        rows = projection_status(ledger, _readmodels(args))
+        with _readmodels(args) as url:
+            rows = projection_status(ledger, url)
     finally:
         ledger.close()
     print(
@@ -201,16 +206,17 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_resume(args: argparse.Namespace) -> int:
     projection = projections.by_name(args.name)
-    store = open_store(_readmodels(args))
-    try:
-        catalog = VersionCatalog(store)
-        catalog.ensure()
-        catalog.resume(projection.name, projection.version)
-    except (IllegalTransition, LookupError) as refused:
-        print(f"daybook: {args.name} v{projection.version}: {refused}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+    with _readmodels(args) as url:
+        store = open_store(url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            catalog.resume(projection.name, projection.version)
+        except (IllegalTransition, LookupError) as refused:
+            print(f"daybook: {args.name} v{projection.version}: {refused}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
     print(f"{args.name}: resumed; a running `daybook project` retries its parked events")
     return 0
 
@@ -222,7 +228,8 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     try:
         for projection in chosen:
             try:
-                report = reconcile(ledger, _readmodels(args), projection, repair=args.repair)
+                with _readmodels(args) as url:
+                    report = reconcile(ledger, url, projection, repair=args.repair)
             except LookupError as error:
                 print(f"{projection.name}: skipped ({error})")
                 continue

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from pathlib import Path
+from types import TracebackType
 
 from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.sqlite import SqliteStore
@@ -22,9 +25,43 @@ def open_store(url: str) -> ReadStore:
 
 
 def readmodel_url(events_url: str) -> str:
-    """Where read models live by default: beside the events (a temporary SQLite file for an
-    in-memory event store, which no other process can see anyway)."""
+    """Where read models live by default: in the event store's own database. An in-memory
+    event store has none (``ReadModelLocation`` gives it a scratch database)."""
     if scheme(events_url) == "memory":
-        directory = tempfile.mkdtemp(prefix="daybook-readmodels-")
-        return f"sqlite:///{directory}/readmodels.db"
+        msg = (
+            "an in-memory event store has no database for read models: "
+            "give a read-model URL (sqlite:///path.db or postgresql://...)"
+        )
+        raise ReadStoreError(msg)
     return events_url
+
+
+class ReadModelLocation:
+    """The read-model database for an event store: ``url`` if given, else the event store's
+    own database. A ``memory://`` event store gets a scratch SQLite file in a temporary
+    directory of its own (no other process could read its log anyway), which ``close``
+    removes with everything in it."""
+
+    def __init__(self, events_url: str, url: str | None = None) -> None:
+        self.scratch: Path | None = None
+        if url is None and scheme(events_url) == "memory":
+            self.scratch = Path(tempfile.mkdtemp(prefix="daybook-readmodels-"))
+            url = f"sqlite:///{self.scratch}/readmodels.db"
+        self.url = url if url is not None else readmodel_url(events_url)
+
+    def close(self) -> None:
+        """Remove the scratch directory, if this location made one."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+    def __enter__(self) -> ReadModelLocation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -13,7 +13,7 @@ from daybook.domain.ledger import Ledger
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
-from daybook.infrastructure.readmodels.location import open_store, readmodel_url
+from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
@@ -28,8 +28,9 @@ def ledger(store_url: str) -> Iterator[Ledger]:
 
 
 @pytest.fixture
-def url(store_url: str) -> str:
-    return readmodel_url(store_url)
+def url(store_url: str) -> Iterator[str]:
+    with ReadModelLocation(store_url) as location:
+        yield location.url
 
 
 def test_bulk_batches_build_every_projection_like_a_replay(ledger: Ledger, url: str) -> None:
