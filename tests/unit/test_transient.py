@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -16,24 +15,14 @@ from eventsourcing.sqlite import SQLiteDatastore
 from daybook.infrastructure.transient import is_transient
 
 
-def _raised(call: Callable[[], object]) -> BaseException:
-    try:
-        call()
-    except BaseException as error:
-        return error
-    raise AssertionError("expected an exception")
-
-
 def _wrapped(wrapper: type[persistence.PersistenceError], cause: BaseException) -> BaseException:
     """``cause`` as eventsourcing re-raises it: ``raise Wrapper(str(e)) from e``."""
-
-    def reraise() -> None:
+    with pytest.raises(wrapper) as caught:
         try:
             raise cause
         except BaseException as error:
             raise wrapper(str(error)) from error
-
-    return _raised(reraise)
+    return caught.value
 
 
 def _closed_port() -> int:
@@ -47,9 +36,9 @@ def _closed_port() -> int:
 def refused() -> psycopg.OperationalError:
     """What psycopg raises when nothing listens on the server's port."""
     conninfo = f"host=127.0.0.1 port={_closed_port()} dbname=daybook connect_timeout=5"
-    error = _raised(lambda: psycopg.connect(conninfo))
-    assert isinstance(error, psycopg.OperationalError)
-    return error
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(conninfo)
+    return caught.value
 
 
 @pytest.fixture
@@ -59,11 +48,11 @@ def locked(tmp_path: Path) -> sqlite3.OperationalError:
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
-    error = _raised(lambda: waiter.execute("BEGIN IMMEDIATE"))
+    with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
+        waiter.execute("BEGIN IMMEDIATE")
     waiter.close()
     holder.close()
-    assert isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
-    return error
+    return caught.value
 
 
 def test_a_refused_connection_is_transient(refused: psycopg.OperationalError) -> None:
@@ -85,33 +74,32 @@ def test_a_locked_sqlite_database_is_transient(locked: sqlite3.OperationalError)
 
 def test_a_missing_table_is_not_transient_even_wrapped(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "x.db")
-    missing = _raised(lambda: conn.execute("SELECT * FROM nope"))
+    with pytest.raises(sqlite3.OperationalError, match="no such table") as missing:
+        conn.execute("SELECT * FROM nope")
     conn.close()
-    assert isinstance(missing, sqlite3.OperationalError)
-    assert not is_transient(missing)
+    assert not is_transient(missing.value)
     # Wrapped by eventsourcing's own SQLite datastore, as the event store raises it.
     datastore = SQLiteDatastore(str(tmp_path / "events.db"))
 
-    def query() -> None:
-        with datastore.transaction(commit=False) as cursor:
-            cursor.execute("SELECT * FROM nope")
-
-    wrapped = _raised(query)
+    with (
+        pytest.raises(persistence.OperationalError) as wrapped,
+        datastore.transaction(commit=False) as cursor,
+    ):
+        cursor.execute("SELECT * FROM nope")
     datastore.close()
-    assert isinstance(wrapped, persistence.OperationalError)
-    assert isinstance(wrapped.__cause__, sqlite3.OperationalError)
-    assert not is_transient(wrapped)
+    assert isinstance(wrapped.value.__cause__, sqlite3.OperationalError)
+    assert not is_transient(wrapped.value)
 
 
 def test_an_sqlite_integrity_error_is_not_transient(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "x.db")
     conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
     conn.execute("INSERT INTO t VALUES (1)")
-    duplicate = _raised(lambda: conn.execute("INSERT INTO t VALUES (1)"))
+    with pytest.raises(sqlite3.IntegrityError) as duplicate:
+        conn.execute("INSERT INTO t VALUES (1)")
     conn.close()
-    assert isinstance(duplicate, sqlite3.IntegrityError)
-    assert not is_transient(duplicate)
-    assert not is_transient(_wrapped(persistence.IntegrityError, duplicate))
+    assert not is_transient(duplicate.value)
+    assert not is_transient(_wrapped(persistence.IntegrityError, duplicate.value))
 
 
 @pytest.mark.parametrize(
