@@ -39,11 +39,10 @@ def in_order(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (str(r["k"]), int(r["n"] or 0)))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: object) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/readmodels.db"
-    return str(request.getfixturevalue("pg_url"))
+@pytest.fixture
+def url(shared_store_url: str) -> str:
+    """A database on each dialect that several connections open at once."""
+    return shared_store_url
 
 
 @pytest.fixture
