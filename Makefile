@@ -39,7 +39,8 @@ lint: $(STAMP)
 	  -p daybook.infrastructure.eventstore -p daybook.infrastructure.ledger \
 	  -m daybook.infrastructure.settings -m daybook.infrastructure.topics \
 	  -m daybook.infrastructure.urls -p daybook.infrastructure.streaming \
-	  -p daybook.infrastructure.compat
+	  -p daybook.infrastructure.compat -p daybook.infrastructure.readmodels \
+	  -m daybook.infrastructure.transient -m daybook.infrastructure.lifecycle
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 # The ledger's typed methods, one per registered command (infrastructure/ledger/methods.py).

@@ -20,7 +20,7 @@ from daybook.infrastructure.ledger.cache import install_aggregate_cache
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
-from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
@@ -97,11 +97,14 @@ def run_projections(
 ) -> EmbeddedProjections:
     """Keep read models up to date in a background thread beside ``ledger`` (use as a context
     manager); ``runner.views`` queries them. ``url`` is the read-model database; by default
-    the ledger's settings say (``readmodels_url``, else the event store's own database; a
-    temporary SQLite file for a ``memory://`` event store)."""
-    if url is None:
-        url = readmodel_url(ledger.settings.readmodels)
-    runner = EmbeddedProjections(event_log_of(ledger), url, projections, **options)
+    the ledger's settings say (``readmodels_url``, else the event store's own database; for
+    a ``memory://`` event store, a temporary SQLite file the runner removes when it stops)."""
+    location = ReadModelLocation(ledger.settings.url, url or ledger.settings.readmodels_url)
+    try:
+        runner = EmbeddedProjections(event_log_of(ledger), location, projections, **options)
+    except BaseException:
+        location.close()
+        raise
     if start:
         runner.start()
     return runner

@@ -40,8 +40,10 @@ from daybook.infrastructure.bootstrap import event_log_of, open_ledger
 from daybook.infrastructure.eventstore.log import EVENTS_CHANNEL
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.cli import collector_paused
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import ProgressBar
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.urls import event_store_env
 
 
@@ -182,12 +184,13 @@ def convergence(url: str, commands: int, rate: float) -> tuple[float, float]:
     latencies: list[float] = []
     with run_projections(ledger, url, poll_interval=0.2):
         store = open_store(url)
+        catalog = VersionCatalog(store)
         for _ in range(commands):
             receipt = ledger.deposit(account, 1)
             committed = time.perf_counter()
             while True:
-                record = store.version(
-                    "account_balances", store.active_version("account_balances") or 1
+                record = catalog.version(
+                    "account_balances", catalog.active_version("account_balances") or 1
                 )
                 if record is not None and record.position >= receipt.position:
                     break
@@ -224,10 +227,11 @@ def main() -> int:
             print(f"log written at {rate:,.0f} events/s")
         head = ledger.head()
         store = open_store(url)
-        store.ensure_catalog()
-        for name, version in store.active_versions().items():
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        for name, version in catalog.active_versions().items():
             store.execute("DELETE FROM daybook_read_models WHERE name = %s", (name,))
-            store.drop_version_tables(name, version)
+            catalog.drop_tables(name, version)
             store.execute("DELETE FROM daybook_projection_versions WHERE name = %s", (name,))
         store.close()
 
@@ -238,7 +242,8 @@ def main() -> int:
             event_log_of(ledger), url, projections.ALL, batch_size=args.batch_size, on_progress=bar
         )
         started = time.perf_counter()
-        runner.run_until_caught_up()
+        with collector_paused():  # as `daybook projections rebuild` runs
+            runner.run_until_caught_up()
         seconds = time.perf_counter() - started
         runner.stop()
         bar.close()

@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daybook import Ledger, open_ledger, run_projections
 from daybook.infrastructure.bootstrap import event_log_of, open_event_log
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.progress import PROGRESS_TABLE, read_status
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig
@@ -211,10 +212,11 @@ def stream_visible(url: str, group: str) -> Callable[[], Callable[[int], int]]:
 
 
 def runner_visible(url: str) -> Callable[[], Callable[[int], int]]:
-    store = open_store(url)
+    catalog = VersionCatalog(open_store(url))
 
     def positions() -> Callable[[int], int]:
-        record = store.version("account_balances", store.active_version("account_balances") or 1)
+        active = catalog.active_version("account_balances") or 1
+        record = catalog.version("account_balances", active)
         position = record.position if record is not None else 0
         return lambda _partition: position
 

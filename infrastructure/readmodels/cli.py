@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from daybook import projections
 from daybook.infrastructure.bootstrap import open_event_log
+from daybook.infrastructure.readmodels.catalog import (
+    IllegalTransition,
+    VersionCatalog,
+    VersionState,
+)
+from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.readmodels.store import open_store, readmodel_url
 from daybook.infrastructure.urls import DEFAULT_URL
 
 
@@ -91,49 +99,70 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _readmodels(args: argparse.Namespace) -> str:
-    url: str = args.readmodels_url or readmodel_url(args.url)
-    return url
+@contextmanager
+def _readmodels(args: argparse.Namespace) -> Iterator[str]:
+    """The read-model URL for this command (a scratch database, removed when the command
+    ends, for a memory:// event store)."""
+    with ReadModelLocation(args.url, args.readmodels_url) as location:
+        yield location.url
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (it is process-wide: entry points only).
+
+    A rebuild allocates several objects per event and keeps many (each batch's rows) until
+    they are written, and its handlers build no reference cycles: the collector would walk
+    the growing heap again and again for nothing. The README's benchmark section says what
+    it costs."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _run_project(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log = open_event_log(args.url)
-    runner = ProjectionRunner(
-        log,
-        _readmodels(args),
-        projections.ALL,
-        batch_size=args.batch_size,
-        poll_interval=args.poll_interval,
-    )
-    stop = runner.stop
+    with _readmodels(args) as url:
+        runner = ProjectionRunner(
+            log,
+            url,
+            projections.ALL,
+            batch_size=args.batch_size,
+            poll_interval=args.poll_interval,
+        )
 
-    def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
-        runner._stop.set()
-        runner.log.interrupt()
+        def on_signal(signum: int, frame: Any) -> None:
+            print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+            runner.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        runner.run_forever()
-    finally:
-        stop()
-        log.close()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            runner.run_forever()
+        finally:
+            runner.stop()
+            log.close()
     return 0
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
     log = open_event_log(args.url)
     try:
-        result = rebuild(
-            log,
-            _readmodels(args),
-            projections.by_name(args.name),
-            batch_size=args.batch_size,
-            keep_old=args.keep_old,
-            progress=not args.no_progress,
-        )
+        with _readmodels(args) as url, collector_paused():
+            result = rebuild(
+                log,
+                url,
+                projections.by_name(args.name),
+                batch_size=args.batch_size,
+                keep_old=args.keep_old,
+                progress=not args.no_progress,
+            )
     except RebuildError as error:
         print(f"daybook: {error}", file=sys.stderr)
         return 1
@@ -155,7 +184,8 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     log = open_event_log(args.url)
     try:
-        rows = projection_status(log, _readmodels(args))
+        with _readmodels(args) as url:
+            rows = projection_status(log, url)
     finally:
         log.close()
     print(
@@ -164,23 +194,29 @@ def _run_status(args: argparse.Namespace) -> int:
     )
     for row in rows:
         print(
-            f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} {row.state:<10} "
+            f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} "
+            f"{row.state.value:<10} "
             f"{row.position:>10} {row.head:>10} {row.lag_events:>8} {row.lag_seconds:>8.1f} "
             f"{row.dead_letters:>4}"
         )
         if row.error:
             print(f"    {row.error}")
-    return 1 if any(r.state == "stopped" and r.active for r in rows) else 0
+    return 1 if any(r.state is VersionState.STOPPED and r.active for r in rows) else 0
 
 
 def _run_resume(args: argparse.Namespace) -> int:
-    store = open_store(_readmodels(args))
-    try:
-        store.ensure_catalog()
-        projection = projections.by_name(args.name)
-        store.resume(projection.name, projection.version)
-    finally:
-        store.close()
+    projection = projections.by_name(args.name)
+    with _readmodels(args) as url:
+        store = open_store(url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            catalog.resume(projection.name, projection.version)
+        except (IllegalTransition, LookupError) as refused:
+            print(f"daybook: {args.name} v{projection.version}: {refused}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
     print(f"{args.name}: resumed; a running `daybook project` retries its parked events")
     return 0
 
@@ -192,7 +228,8 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     try:
         for projection in chosen:
             try:
-                report = reconcile(log, _readmodels(args), projection, repair=args.repair)
+                with _readmodels(args) as url:
+                    report = reconcile(log, url, projection, repair=args.repair)
             except LookupError as error:
                 print(f"{projection.name}: skipped ({error})")
                 continue

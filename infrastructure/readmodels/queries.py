@@ -8,7 +8,6 @@ event log is not reachable from here). ``min_position`` waits for read-your-writ
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +17,12 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
-import psycopg
-
 from daybook.domain.values import inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.readmodels.store import ReadStore, open_store
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import BALANCES, STATEMENT
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
@@ -135,9 +135,20 @@ class ReadModels:
         row, position, lag = self._read("account_balances", read, min_position, timeout)
         if row is None:
             return None
-        fields = {k: row[k] for k in Balance.__dataclass_fields__ if k in row}
-        fields["account_id"] = UUID(key)
-        return Balance(**fields, as_of_position=position, lag_events=lag)
+        return Balance(
+            account_id=UUID(key),
+            owner=_text(row, "owner"),
+            currency=_text(row, "currency"),
+            balance=_int(row, "balance"),
+            held=_int(row, "held"),
+            available=_int(row, "available"),
+            overdraft_limit=_int(row, "overdraft_limit"),
+            status=_text(row, "status"),
+            version=_int(row, "version"),
+            last_event_at=_text(row, "last_event_at"),
+            as_of_position=position,
+            lag_events=lag,
+        )
 
     def stock(
         self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
@@ -151,8 +162,16 @@ class ReadModels:
         row, position, lag = self._read("inventory_levels", read, min_position, timeout)
         if row is None:
             return None
-        fields = {k: row[k] for k in Stock.__dataclass_fields__ if k in row}
-        return Stock(**fields, as_of_position=position, lag_events=lag)
+        return Stock(
+            sku=_text(row, "sku"),
+            on_hand=_int(row, "on_hand"),
+            reserved=_int(row, "reserved"),
+            available=_int(row, "available"),
+            version=_int(row, "version"),
+            last_event_at=_text(row, "last_event_at"),
+            as_of_position=position,
+            lag_events=lag,
+        )
 
     def statement(
         self,
@@ -167,14 +186,27 @@ class ReadModels:
         key = str(account_id)
 
         def read(store: ReadStore, version: int) -> list[Row]:
-            where, params = "account_id = %s", [key]
+            where = "account_id = %s"
+            params: list[str | int] = [key]
             if before_seq is not None:
                 where += " AND seq < %s"
-                params.append(before_seq)  # type: ignore[arg-type]
+                params.append(before_seq)
             return store.select(STATEMENT, version, where, params, "seq DESC", limit)
 
         rows, position, lag = self._read("account_statement", read, min_position, timeout)
-        entries = tuple(Entry(**{k: row[k] for k in Entry.__dataclass_fields__}) for row in rows)
+        entries = tuple(
+            Entry(
+                seq=_int(row, "seq"),
+                position=_int(row, "position"),
+                occurred_at=_text(row, "occurred_at"),
+                kind=_text(row, "kind"),
+                amount=_int(row, "amount"),
+                balance=_int(row, "balance"),
+                transfer_id=_optional_text(row, "transfer_id"),
+                counterparty=_optional_text(row, "counterparty"),
+            )
+            for row in rows
+        )
         return Statement(UUID(key), entries, position, lag)
 
     def daily_activity(
@@ -234,14 +266,16 @@ class ReadModels:
     ) -> tuple[T, int, int | None]:
         deadline = time.monotonic() + timeout
         delay = self.poll
-        retries = 0
+        dropped = failures = 0
         while True:
+            store: ReadStore | None = None
             try:
                 with self._lock:
                     store = self._connection()
                     with store.transaction(write=False):
-                        version = store.active_version(projection)
-                        record = None if version is None else store.version(projection, version)
+                        catalog = VersionCatalog(store)
+                        version = catalog.active_version(projection)
+                        record = None if version is None else catalog.version(projection, version)
                         position = 0 if record is None else record.position
                         if version is not None and (
                             min_position is None or position >= min_position
@@ -249,18 +283,18 @@ class ReadModels:
                             result = read(store, version)
                             head = store.head_position()
                             break
-            except (psycopg.errors.UndefinedTable, sqlite3.OperationalError) as error:
-                # The version we looked up was switched away and dropped as we read it.
-                retries += 1
-                if retries > 20:
+            except Exception as error:
+                if store is not None and store.is_missing_table(error):
+                    # The version we looked up was switched away and dropped as we read it.
+                    dropped += 1
+                    if dropped > 20:
+                        raise
+                    continue
+                failures += 1
+                if not is_transient(error) or failures > 3:
                     raise
-                self._reset_if_broken(error)
-                continue
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self._reset()
-                retries += 1
-                if retries > 3:
-                    raise
+                with self._lock:
+                    self._reset()
                 continue
             if time.monotonic() >= deadline:
                 raise StaleRead(projection, min_position or 0, position, timeout)
@@ -273,13 +307,14 @@ class ReadModels:
 
     def _connection(self) -> ReadStore:
         if self._store is None:
-            self._store = open_store(self.url)
-            self._store.ensure_catalog()
+            store = open_store(self.url)
+            try:
+                VersionCatalog(store).ensure()
+            except BaseException:
+                store.close()
+                raise
+            self._store = store
         return self._store
-
-    def _reset_if_broken(self, error: Exception) -> None:
-        if isinstance(error, sqlite3.OperationalError) and "no such table" not in str(error):
-            raise error
 
     def _reset(self) -> None:
         if self._store is not None:
@@ -300,3 +335,21 @@ class ReadModels:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _int(row: Row, column: str) -> int:
+    value = row[column]
+    if not isinstance(value, int):
+        raise ReadStoreError(f"read-model column {column} holds {value!r}, not an integer")
+    return value
+
+
+def _text(row: Row, column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise ReadStoreError(f"read-model column {column} holds {value!r}, not text")
+    return value
+
+
+def _optional_text(row: Row, column: str) -> str | None:
+    return None if row[column] is None else _text(row, column)

@@ -17,8 +17,9 @@ from typing import TextIO
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import Progress
-from daybook.infrastructure.readmodels.store import LIVE, REBUILDING, STOPPED, open_store
 from daybook.projections.model import Projection
 
 
@@ -94,29 +95,31 @@ def rebuild(
     """Build ``projection`` at its version from the log and switch reads to it."""
     store = open_store(url)
     try:
-        store.ensure_catalog()
-        active = store.active_version(projection.name)
-        existing = store.version(projection.name, projection.version)
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        active = catalog.active_version(projection.name)
+        existing = catalog.version(projection.name, projection.version)
         if active is not None and active > projection.version:
             msg = (
                 f"{projection.name} already serves version {active}, newer than version "
                 f"{projection.version} defined here; deploy the newer definition"
             )
             raise RebuildError(msg)
-        if existing is not None and existing.state == LIVE and active == projection.version:
+        live = existing is not None and existing.state is VersionState.LIVE
+        if live and active == projection.version:
             msg = (
                 f"{projection.name} version {projection.version} is already live; bump the "
                 "projection's version to rebuild it beside this one, or run "
                 f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
             )
             raise RebuildError(msg)
-        if existing is not None and existing.state == STOPPED:
+        if existing is not None and existing.state is VersionState.STOPPED:
             msg = (
                 f"{projection.name} version {projection.version} stopped on a dead letter: "
                 f"{existing.error}; fix the definition and bump its version, or resume it"
             )
             raise RebuildError(msg)
-        record = store.register(projection)
+        record = catalog.register(projection)
         resumed_from = 0 if record is None else record.position
     finally:
         store.close()
@@ -143,13 +146,13 @@ def rebuild(
             runner.run_until_caught_up()
             if runner.slots:
                 slot = next(iter(runner.slots.values()))
-                if slot.record.state == LIVE:
+                if slot.record.state is VersionState.LIVE:
                     break
                 continue
             # Another runner holds this version: wait for it to finish the job.
             assert runner.store is not None
-            current = runner.store.version(projection.name, projection.version)
-            if current is None or current.state != REBUILDING:
+            current = VersionCatalog(runner.store).version(projection.name, projection.version)
+            if current is None or current.state is not VersionState.REBUILDING:
                 break
             time.sleep(wait_interval)
     finally:
@@ -159,10 +162,10 @@ def rebuild(
     seconds = time.monotonic() - started
     check = open_store(url)
     try:
-        final = check.version(projection.name, projection.version)
+        final = VersionCatalog(check).version(projection.name, projection.version)
     finally:
         check.close()
-    if final is not None and final.state == STOPPED:
+    if final is not None and final.state is VersionState.STOPPED:
         msg = f"{projection.name} version {projection.version} stopped: {final.error}"
         raise RebuildError(msg)
     return RebuildResult(

@@ -3,30 +3,24 @@
 The expected rows come from replaying the projection in memory up to the position the stored
 tables claim to reflect, read in the same snapshot as the tables (under the tracking row's
 lock when repairing, so the runner cannot move on meanwhile). Tables are compared cheaply
-first: rows fall into 256 key ranges (by the first byte of the MD5 of the key), and each
-range's row count and checksum are computed on both sides (inside PostgreSQL for stored
-rows). Only ranges whose checksums differ are compared row by row.
+first: rows fall into 256 key ranges, and each range's row count and checksum are computed on
+both sides (``checksums``; by the database itself where it can). Only ranges whose checksums
+differ are compared row by row.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.readmodels.store import (
-    LIVE,
-    REBUILDING,
-    PostgresStore,
-    ReadStore,
-    open_store,
-)
-from daybook.projections.model import Key, MemoryRows, Projection, Row, Table, Value, sort_key
+from daybook.infrastructure.readmodels import checksums
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
+from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.projections.model import Key, MemoryRows, Projection, Row, Table, sort_key
 
-_SEP = "\x1f"
-_NULL = "\\N"
 _READ_CHUNK = 10_000
 
 
@@ -68,58 +62,6 @@ class ReconcileReport:
         return not self.drifts
 
 
-def _text(value: Value) -> str:
-    return _NULL if value is None else str(value)
-
-
-def _bucket(key: Key) -> str:
-    return hashlib.md5(_SEP.join(_text(v) for v in key).encode()).hexdigest()[:2]
-
-
-def _row_sum(table: Table, row: Row) -> int:
-    text = _SEP.join(_text(row[name]) for name in table.column_names)
-    return int(hashlib.md5(text.encode()).hexdigest()[:15], 16)
-
-
-def _checksums(table: Table, rows: Iterable[Row]) -> dict[str, tuple[int, int]]:
-    sums: dict[str, tuple[int, int]] = {}
-    for row in rows:
-        bucket = _bucket(table.key_of(row))
-        count, total = sums.get(bucket, (0, 0))
-        sums[bucket] = (count + 1, total + _row_sum(table, row))
-    return sums
-
-
-def _sql_text(columns: Iterable[str]) -> str:
-    return (
-        "concat_ws(E'\\x1f', "
-        + ", ".join(f"coalesce({name}::text, E'\\\\N')" for name in columns)
-        + ")"
-    )
-
-
-def _stored_checksums(store: ReadStore, table: Table, version: int) -> dict[str, tuple[int, int]]:
-    if not isinstance(store, PostgresStore):
-        return _checksums(table, store.all_rows(table, version))
-    key_text, row_text = _sql_text(table.key), _sql_text(table.column_names)
-    rows = store.execute(
-        f"SELECT substr(md5({key_text}), 1, 2), count(*),"
-        f" sum(('x' || substr(md5({row_text}), 1, 15))::bit(60)::bigint)"
-        f" FROM {table.physical_name(version)} GROUP BY 1"
-    )
-    return {bucket: (int(count), int(total)) for bucket, count, total in rows}
-
-
-def _stored_rows(store: ReadStore, table: Table, version: int, buckets: set[str]) -> dict[Key, Row]:
-    if isinstance(store, PostgresStore):
-        rows: Iterable[Row] = store.select(
-            table, version, f"substr(md5({_sql_text(table.key)}), 1, 2) = ANY(%s)", [list(buckets)]
-        )
-    else:
-        rows = store.all_rows(table, version)
-    return {table.key_of(row): row for row in rows if _bucket(table.key_of(row)) in buckets}
-
-
 class Replay:
     """A projection rebuilt in memory from the log, advanced on demand."""
 
@@ -147,17 +89,18 @@ def reconcile(
     """Compare the stored tables of ``projection``'s version with a replay of the log."""
     store = open_store(url)
     try:
-        store.ensure_catalog()
-        record = store.version(projection.name, projection.version)
-        if record is None or record.state not in (LIVE, REBUILDING, "stopped"):
-            state = "absent" if record is None else record.state
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        record = catalog.version(projection.name, projection.version)
+        if record is None or record.state is VersionState.RETIRED:
+            state = "absent" if record is None else record.state.value
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
             raise LookupError(msg)
         replay = Replay(log, projection)
         # Most of the replay happens before any lock is taken; the rest under it.
         replay.advance(record.position)
         with store.transaction(write=repair):
-            record = store.version(projection.name, projection.version, lock=repair)
+            record = catalog.version(projection.name, projection.version, lock=repair)
             assert record is not None
             replay.advance(record.position)
             report = ReconcileReport(projection.name, projection.version, record.position)
@@ -176,16 +119,16 @@ def _compare(
 ) -> None:
     wanted = expected.tables[table.name]
     report.rows_expected += len(wanted)
-    expected_sums = _checksums(table, wanted.values())
-    stored_sums = _stored_checksums(store, table, version)
+    expected_sums = checksums.by_range(table, wanted.values())
+    stored_sums = store.range_checksums(table, version)
     buckets = set(expected_sums) | set(stored_sums)
     report.ranges_checked += len(buckets)
     differing = {b for b in buckets if expected_sums.get(b) != stored_sums.get(b)}
     report.ranges_differing += len(differing)
     if not differing:
         return
-    stored = _stored_rows(store, table, version, differing)
-    wanted_here = {k: r for k, r in wanted.items() if _bucket(k) in differing}
+    stored = store.rows_in_ranges(table, version, differing)
+    wanted_here = {k: r for k, r in wanted.items() if checksums.range_of(k) in differing}
     for key in sorted(set(stored) | set(wanted_here), key=sort_key):
         want, have = wanted_here.get(key), stored.get(key)
         if want is None:
@@ -203,6 +146,7 @@ def _normal(table: Table, row: Row) -> tuple[Any, ...]:
 def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -> None:
     """Rewrite drifted rows, log every change, and tell runners their caches are stale."""
     version = projection.version
+    repairs = ReconcileLog(store)
     for drift in report.drifts:
         table = projection.table(drift.table)
         if drift.kind == "extra":
@@ -210,7 +154,7 @@ def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -
         else:
             assert drift.expected is not None
             store.upsert(table, version, [drift.expected])
-        store.record_repair(
+        repairs.record(
             projection.name,
             version,
             report.position,
@@ -220,4 +164,4 @@ def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -
             drift.stored,
             drift.expected,
         )
-    store.bump_epoch(projection.name, version)
+    VersionCatalog(store).bump_epoch(projection.name, version)

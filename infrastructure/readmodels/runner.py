@@ -6,10 +6,10 @@ tracking row and checks it still holds the position this runner started from. A 
 a lost connection or a second runner therefore can only make a batch roll back and be
 re-read, never apply twice or skip.
 
-One writer per projection version: on PostgreSQL the runner holds a session advisory lock
-per version; a second runner waits as a standby and takes over when the first's session
-ends. (The position check above keeps even a runner that lost its lock without noticing from
-doing harm.)
+One writer per projection version: the runner holds a writer lock per version (on PostgreSQL
+a session advisory lock); a second runner waits as a standby and takes over when the first's
+session ends. (The position check above keeps even a runner that lost its lock without
+noticing, or two runners on SQLite, which has no such locks, from doing harm.)
 """
 
 from __future__ import annotations
@@ -18,29 +18,27 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any
-
-import psycopg
+from typing import Any, Self
 
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.readmodels.store import (
-    LIVE,
-    REBUILDING,
-    PostgresStore,
-    ReadStore,
+from daybook.infrastructure.readmodels.catalog import (
+    IllegalTransition,
+    VersionCatalog,
     VersionRecord,
-    open_store,
+    VersionState,
     version_lock_key,
 )
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.model import Key, LogEvent, Projection, Row, Table, iso_time
 
 log = logging.getLogger(__name__)
 
 _ABSENT: Any = object()
-#: Errors after which the runner reconnects and carries on.
-TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 
 
 class RowCache:
@@ -223,7 +221,7 @@ class ProjectionRunner:
         self.switch = switch
         self.on_progress = on_progress
         self.store: ReadStore | None = None
-        self._locks: PostgresStore | None = None
+        self._locks: WriterLocks | None = None
         self.slots: dict[tuple[str, int], Slot] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -231,7 +229,7 @@ class ProjectionRunner:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> ProjectionRunner:
+    def start(self) -> Self:
         if self._thread is not None:
             return self
         self._thread = threading.Thread(target=self._run_thread, name="daybook-projections")
@@ -239,17 +237,21 @@ class ProjectionRunner:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the batch in hand, then stop; nothing committed is lost."""
+    def request_stop(self) -> None:
+        """Ask ``run_forever`` to return after the batch in hand (safe in a signal handler)."""
         self._stop.set()
         self.log.interrupt()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, then stop; nothing committed is lost."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         self._disconnect()
         self.log.close()
 
-    def __enter__(self) -> ProjectionRunner:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -275,7 +277,9 @@ class ProjectionRunner:
                 if self.step() == 0:
                     self.log.wait(self.poll_interval)
                 failures = 0
-            except TRANSIENT as error:
+            except Exception as error:
+                if not is_transient(error):
+                    raise
                 failures += 1
                 log.warning("projection runner: %s; reconnecting", error)
                 self._disconnect()
@@ -294,12 +298,11 @@ class ProjectionRunner:
         if self.store is None:
             store = open_store(self.url)
             try:
-                store.ensure_catalog()
+                catalog = VersionCatalog(store)
+                catalog.ensure()
                 for projection in self.projections:
-                    store.register(projection)
-                if isinstance(store, PostgresStore):
-                    self._locks = PostgresStore(self.url)
-                    self._locks.conn.autocommit = True
+                    catalog.register(projection)
+                self._locks = store.open_locks()
             except BaseException:
                 store.close()
                 raise
@@ -316,20 +319,21 @@ class ProjectionRunner:
 
     def _claim_slots(self, store: ReadStore) -> None:
         """Take every projection version we may write (free lock, live or rebuilding)."""
-        if self._locks is not None:
-            self._locks.execute("SELECT 1")  # a dead lock session means our locks are gone
+        assert self._locks is not None
+        self._locks.check()  # a dead lock session means our locks are gone
+        catalog = VersionCatalog(store)
         for projection in self.projections:
             key = (projection.name, projection.version)
             if key in self.slots:
                 continue
-            record = store.version(*key)
+            record = catalog.version(*key)
             if record is None:
-                record = store.register(projection)
-            if record is None or record.state not in (LIVE, REBUILDING):
+                record = catalog.register(projection)
+            if record is None or not record.state.writable:
                 continue
-            if self._locks is not None and not self._locks.try_lock(version_lock_key(*key)):
+            if not self._locks.try_take(version_lock_key(*key)):
                 continue  # another runner writes it; we stand by
-            record = store.version(*key)
+            record = catalog.version(*key)
             assert record is not None
             cache = RowCache(projection, self.cache_limit)
             with store.transaction(write=False):
@@ -339,7 +343,7 @@ class ProjectionRunner:
     def _release(self, slot: Slot) -> None:
         self.slots.pop(slot.key, None)
         if self._locks is not None:
-            self._locks.execute("SELECT pg_advisory_unlock(%s)", (version_lock_key(*slot.key),))
+            self._locks.release(version_lock_key(*slot.key))
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -366,9 +370,10 @@ class ProjectionRunner:
     def _apply_batch(self, store: ReadStore, events: list[LogEvent]) -> list[Failure]:
         failures: list[Failure] = []
         batches: list[tuple[Slot, BatchRows, int, str | None]] = []
+        catalog = VersionCatalog(store)
         with store.transaction():
             for slot in list(self.slots.values()):
-                current = store.version(*slot.key, lock=True)
+                current = catalog.version(*slot.key, lock=True)
                 if not self._still_ours(slot, current):
                     continue
                 rows = BatchRows(slot, store)
@@ -388,7 +393,7 @@ class ProjectionRunner:
                 if position == slot.record.position:
                     continue
                 rows.flush()
-                store.set_position(*slot.key, position, last_at)
+                catalog.set_position(*slot.key, position, last_at)
                 batches.append((slot, rows, position, last_at))
         # Committed: only now may the caches and positions move on.
         for slot, rows, position, last_at in batches:
@@ -398,8 +403,9 @@ class ProjectionRunner:
 
     def _still_ours(self, slot: Slot, current: VersionRecord | None) -> bool:
         """Check the tracking row before writing: moved, repaired or retired under us?"""
-        if current is None or current.state not in (LIVE, REBUILDING):
-            log.info("projection %s v%s is %s; releasing it", *slot.key, current and current.state)
+        if current is None or not current.state.writable:
+            state = "absent" if current is None else current.state.value
+            log.info("projection %s v%s is %s; releasing it", *slot.key, state)
             self._release(slot)
             return False
         if current.position != slot.record.position or current.epoch != slot.record.epoch:
@@ -430,16 +436,24 @@ class ProjectionRunner:
             event.position,
             failure.error,
         )
-        with store.transaction():
-            store.add_dead_letter(
-                *slot.key, event.position, event.type, event.originator_id, failure.error, attempts
-            )
-            store.set_state(
-                *slot.key,
-                "stopped",
-                f"event {event.type} at position {event.position} failed {attempts} times; "
-                f"see daybook_dead_letters. Last error: {failure.error.strip().splitlines()[-1]}",
-            )
+        reason = (
+            f"event {event.type} at position {event.position} failed {attempts} times; "
+            f"see daybook_dead_letters. Last error: {failure.error.strip().splitlines()[-1]}"
+        )
+        try:
+            with store.transaction():
+                VersionCatalog(store).stop(*slot.key, reason)
+                DeadLetters(store).add(
+                    *slot.key,
+                    event.position,
+                    event.type,
+                    event.originator_id,
+                    failure.error,
+                    attempts,
+                )
+        except (IllegalTransition, LookupError) as refused:
+            # Retired (or stopped) by someone else meanwhile: not ours to park any more.
+            log.info("projection %s v%s: %s; releasing it", *slot.key, refused)
         self._release(slot)
 
     def _switch_caught_up(self, store: ReadStore) -> None:
@@ -447,58 +461,37 @@ class ProjectionRunner:
         if not self.switch:
             return
         head = self.log.head()
+        catalog = VersionCatalog(store)
         for slot in list(self.slots.values()):
-            if slot.record.state != REBUILDING or slot.record.position < head:
+            if slot.record.state is not VersionState.REBUILDING or slot.record.position < head:
                 continue
             with store.transaction():
-                current = store.version(*slot.key, lock=True)
-                if current is None or current.state != REBUILDING:
+                current = catalog.version(*slot.key, lock=True)
+                if current is None or current.state is not VersionState.REBUILDING:
                     continue
                 if current.position < head:
                     continue
-                previous = store.active_version(slot.projection.name)
+                previous = catalog.active_version(slot.projection.name)
                 if previous is not None and previous > slot.projection.version:
                     continue
                 serving = (
-                    None if previous is None else store.version(slot.projection.name, previous)
+                    None if previous is None else catalog.version(slot.projection.name, previous)
                 )
                 if serving is not None and serving.position > current.position:
                     # Readers must never see the position go backwards: catch up first.
                     continue
                 # Marks the old version retired: its runner, which locks that row at the start
                 # of every batch, lets go of it at its next batch.
-                store.activate(*slot.key)
-            slot.record = _state(slot.record, LIVE)
+                catalog.activate(*slot.key)
+            slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
             if previous is not None and previous != slot.projection.version and not self.keep_old:
                 with store.transaction():
-                    store.drop_version_tables(slot.projection.name, previous)
+                    catalog.drop_tables(slot.projection.name, previous)
 
 
 def _moved(record: VersionRecord, position: int, last_event_at: str | None) -> VersionRecord:
-    return VersionRecord(
-        record.name,
-        record.version,
-        record.state,
-        position,
-        record.epoch,
-        last_event_at or record.last_event_at,
-        record.updated_at,
-        record.error,
-    )
-
-
-def _state(record: VersionRecord, state: str) -> VersionRecord:
-    return VersionRecord(
-        record.name,
-        record.version,
-        state,
-        record.position,
-        record.epoch,
-        record.last_event_at,
-        record.updated_at,
-        record.error,
-    )
+    return replace(record, position=position, last_event_at=last_event_at or record.last_event_at)
 
 
 def tables_of(projections: Sequence[Projection]) -> list[Table]:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store
 
 
 @dataclass(frozen=True)
@@ -14,7 +16,7 @@ class VersionStatus:
     name: str
     version: int
     active: bool
-    state: str
+    state: VersionState
     position: int
     head: int
     lag_events: int
@@ -28,14 +30,15 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
     """Every known projection version, newest first within each projection."""
     store = open_store(url)
     try:
-        store.ensure_catalog()
+        catalog = VersionCatalog(store)
+        catalog.ensure()
         with store.transaction(write=False):
-            records = store.versions()
-            active = store.active_versions()
+            records = catalog.versions()
+            active = catalog.active_versions()
             parked: dict[tuple[str, int], int] = {}
-            for letter in store.dead_letters():
-                if letter["resolved_at"] is None:
-                    key = (letter["name"], int(letter["version"]))
+            for letter in DeadLetters(store).entries():
+                if letter.resolved_at is None:
+                    key = (letter.name, letter.version)
                     parked[key] = parked.get(key, 0) + 1
         head = log.head()
         now = datetime.now(UTC)
@@ -43,7 +46,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
         for record in sorted(records, key=lambda r: (r.name, -r.version)):
             lag = max(0, head - record.position)
             lag_seconds = 0.0
-            if lag and record.state != "retired":
+            if lag and record.state is not VersionState.RETIRED:
                 pending = log.read(record.position, 1)
                 if pending:
                     lag_seconds = max(0.0, (now - pending[0].timestamp).total_seconds())

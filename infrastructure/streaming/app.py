@@ -32,7 +32,7 @@ from faust.types import Message as FaustMessage
 
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
-from daybook.infrastructure.readmodels.store import readmodel_url
+from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
@@ -41,6 +41,7 @@ from daybook.infrastructure.streaming.broker import (
 )
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.infrastructure.transient import is_transient
 from daybook.projections import ALL
 from daybook.projections.model import Projection
 
@@ -147,7 +148,9 @@ def make_app(
             try:
                 result = await asyncio.to_thread(applier.apply, messages)
                 break
-            except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
+            except Exception as error:
+                if not is_transient(error):
+                    raise
                 attempt += 1
                 delay = min(5.0, 0.05 * 2**attempt)
                 log.warning("worker: database unavailable (%s); retrying in %.1fs", error, delay)

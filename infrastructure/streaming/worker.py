@@ -29,8 +29,10 @@ from datetime import datetime
 
 from psycopg.sql import Identifier
 
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, version_lock_key
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import BatchRows, RowCache, Slot
-from daybook.infrastructure.readmodels.store import PostgresStore, open_store, version_lock_key
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.progress import (
@@ -110,41 +112,40 @@ class StreamApplier:
         self.writer = writer
         self.max_attempts = max_attempts
         self.cache_limit = cache_limit
-        self.store: PostgresStore | None = None
-        self._locks: PostgresStore | None = None
+        self.store: ReadStore | None = None
+        self._locks: WriterLocks | None = None
         self._slots: list[Slot] = []
         self._serial = -1
         self._group_key = version_lock_key(f"stream:{group}:{topic}", 0)
 
     # -- connection --------------------------------------------------------------------------
 
-    def connect(self) -> PostgresStore:
+    def connect(self) -> ReadStore:
         if self.store is not None:
             return self.store
         store = open_store(self.url)
-        if not isinstance(store, PostgresStore):
-            store.close()
-            raise ValueError("faust workers write read models to PostgreSQL only")
         try:
-            store.ensure_catalog()
+            self._locks = store.open_locks()
+            if not self._locks.between_processes:
+                raise ValueError("faust workers write read models to PostgreSQL only")
+            catalog = VersionCatalog(store)
+            catalog.ensure()
             with store.transaction():
-                store._ddl_guard()
+                store.ddl_guard()
                 for statement in create_tables_sql():
-                    store.execute(statement.as_string(store.conn))
+                    store.execute(statement.as_string())
                 store.execute(
                     f"CREATE TABLE IF NOT EXISTS {WRITERS_TABLE} (group_id text NOT NULL, "
                     "topic text NOT NULL, serial bigint NOT NULL, writer text NOT NULL, "
                     "PRIMARY KEY (group_id, topic))"
                 )
             for projection in self.projections:
-                store.register(projection)
+                catalog.register(projection)
             # Shared locks: workers of a group write together; an in-process runner (which
             # takes the same keys exclusively) stands by while they run, and vice versa.
-            self._locks = PostgresStore(self.url)
             for projection in self.projections:
                 key = version_lock_key(projection.name, projection.version)
-                try_lock = "SELECT pg_try_advisory_lock_shared(%s)"
-                while not self._locks.execute(try_lock, (key,))[0][0]:
+                while not self._locks.try_take(key, shared=True):
                     log.warning(
                         "worker: an in-process runner writes %s v%s; waiting",
                         projection.name,
@@ -160,7 +161,7 @@ class StreamApplier:
         self.store = store
         self._slots = []
         for projection in self.projections:
-            record = store.version(projection.name, projection.version)
+            record = catalog.version(projection.name, projection.version)
             assert record is not None
             self._slots.append(Slot(projection, record, RowCache(projection, self.cache_limit)))
         self._serial = -1
@@ -182,7 +183,7 @@ class StreamApplier:
         result = BatchResult()
         involved = sorted({m.partition for m in messages})
         with store.transaction():
-            store.execute("SELECT pg_advisory_xact_lock(%s)", (self._group_key,))
+            store.lock_transaction(self._group_key)
             self._check_caches(store)
             progress = self._lock_progress(store, involved)
             batches = {id(slot): BatchRows(slot, store) for slot in self._slots}
@@ -251,7 +252,7 @@ class StreamApplier:
 
     def _park(
         self,
-        store: PostgresStore,
+        store: ReadStore,
         part: _Partition,
         message: Message,
         env: envelope.Envelope | None,
@@ -283,7 +284,7 @@ class StreamApplier:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _check_caches(self, store: PostgresStore) -> None:
+    def _check_caches(self, store: ReadStore) -> None:
         """Keep the row caches only if nobody else wrote since our last batch."""
         rows = store.execute(
             f"INSERT INTO {WRITERS_TABLE} (group_id, topic, serial, writer) "
@@ -293,8 +294,9 @@ class StreamApplier:
             (self.group, self.topic, self.writer),
         )
         serial = int(rows[0][0])
+        catalog = VersionCatalog(store)
         for slot in self._slots:
-            current = store.version(*slot.key)
+            current = catalog.version(*slot.key)
             assert current is not None
             if self._serial == -1:
                 # First batch on this connection: load small tables whole. (Not position 0:
@@ -307,8 +309,8 @@ class StreamApplier:
             slot.record = current
         self._serial = serial
 
-    def _lock_progress(self, store: PostgresStore, partitions: list[int]) -> dict[int, _Partition]:
-        table = Identifier(PROGRESS_TABLE).as_string(store.conn)
+    def _lock_progress(self, store: ReadStore, partitions: list[int]) -> dict[int, _Partition]:
+        table = Identifier(PROGRESS_TABLE).as_string()
         store.execute(
             f"INSERT INTO {table} (group_id, topic, partition) "
             "SELECT %s, %s, p FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
@@ -322,7 +324,7 @@ class StreamApplier:
         )
         return {row[0]: _Partition(*row[1:]) for row in rows}
 
-    def _save_progress(self, store: PostgresStore, progress: dict[int, _Partition]) -> None:
+    def _save_progress(self, store: ReadStore, progress: dict[int, _Partition]) -> None:
         changed = [(p, s) for p, s in progress.items() if s.changed]
         if not changed:
             return
@@ -339,7 +341,7 @@ class StreamApplier:
             ],
         )  # fmt: skip
 
-    def _move_versions(self, store: PostgresStore, last_at: str | None) -> None:
+    def _move_versions(self, store: ReadStore, last_at: str | None) -> None:
         """Each version's position: every event up to the smallest partition position has
         been applied (a safe lower bound; an idle partition holds it back)."""
         rows = store.execute(
@@ -350,8 +352,9 @@ class StreamApplier:
         count, low = rows[0]
         position = int(low) if count >= self.partitions else 0
         at = iso_time(datetime.fromisoformat(last_at)) if last_at else None
+        catalog = VersionCatalog(store)
         for slot in self._slots:
-            store.set_position(*slot.key, position, at)
+            catalog.set_position(*slot.key, position, at)
 
     def unpublished_dead_letters(self) -> list[DeadLetter]:
         """Dead letters recorded but not yet on the dead-letter topic (say, after a crash

@@ -9,7 +9,7 @@ from uuid import UUID
 from daybook import Ledger
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.bootstrap import event_log_of
-from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.projections.model import MemoryRows, Projection, Row, replay
 
 

@@ -3,6 +3,7 @@ as the live runner, and the same handling of bad events, through its fast path."
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -10,8 +11,10 @@ import pytest
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.bulk import BulkRunner
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store, readmodel_url
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, stored_rows, workload
@@ -25,8 +28,9 @@ def ledger(store_url: str) -> Iterator[Ledger]:
 
 
 @pytest.fixture
-def url(store_url: str) -> str:
-    return readmodel_url(store_url)
+def url(store_url: str) -> Iterator[str]:
+    with ReadModelLocation(store_url) as location:
+        yield location.url
 
 
 def test_bulk_batches_build_every_projection_like_a_replay(ledger: Ledger, url: str) -> None:
@@ -93,7 +97,7 @@ def test_a_tracking_row_changed_under_a_batch_in_flight_restarts_from_the_commit
     assert flight is not None
     flight.future.result()  # committed; the next batch is computed on top of it
     store = open_store(url)
-    store.bump_epoch("account_balances", 1)  # as a repair does
+    VersionCatalog(store).bump_epoch("account_balances", 1)  # as a repair does
     store.close()
     runner.step()  # its write finds the epoch moved and rolls back
     runner.step()  # which this step learns: it lets everything go, to claim it again
@@ -152,15 +156,35 @@ def test_a_bad_event_is_parked_exactly_as_the_live_runner_parks_it(
     runner.stop()
     store = open_store(url)
     try:
-        (letter,) = store.dead_letters("account_balances")
-        assert letter["position"] == bad_position and letter["attempts"] == 3
-        record = store.version("account_balances", 1)
-        assert record is not None and record.state == "stopped"
+        (letter,) = DeadLetters(store).entries("account_balances")
+        assert letter.position == bad_position and letter.attempts == 3
+        catalog = VersionCatalog(store)
+        record = catalog.version("account_balances", 1)
+        assert record is not None and record.state is VersionState.STOPPED
         assert record.position == bad_position - 1  # everything before it, nothing after
         balance = store.fetch(BALANCES, 1, (str(account),))
         assert balance is not None and balance["balance"] == 5
-        statement = store.version("account_statement", 1)
+        statement = catalog.version("account_statement", 1)
         assert statement is not None and statement.position == ledger.head()
     finally:
         store.close()
     assert_tables_match(ledger, url, projections.ACCOUNT_STATEMENT)
+
+
+def test_the_bulk_path_leaves_the_garbage_collector_alone(ledger: Ledger, url: str) -> None:
+    # Pausing it is process-wide; only the rebuild command may choose to (see its CLI).
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+    collecting: list[bool] = []
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        collecting.append(gc.isenabled())
+        good(event, rows)
+
+    handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    watched = Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers)
+    workload(ledger, 60)
+    runner = BulkRunner(ledger, url, [watched], batch_size=1000)
+    runner.run_until_caught_up()
+    runner.stop()
+    assert collecting and all(collecting)
+    assert_tables_match(ledger, url, ACCOUNT_BALANCES)

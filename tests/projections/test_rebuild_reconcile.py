@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
 from collections.abc import Iterator
@@ -11,9 +12,11 @@ import pytest
 from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
-from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.infrastructure.readmodels import cli as readmodels_cli
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
 from daybook.projections.activity import MONEY
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
@@ -119,8 +122,10 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
     new.stop()
     store = open_store(db_url)
     try:
-        assert store.active_version("account_balances") == 2
-        assert store.version("account_balances", 1).state == "retired"  # type: ignore[union-attr]
+        catalog = VersionCatalog(store)
+        assert catalog.active_version("account_balances") == 2
+        retired = catalog.version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
         assert store.execute("SELECT count(*) FROM daybook_projection_versions")[0][0] == 5
         with pytest.raises(Exception):  # noqa: B017 - dropped: sqlite and psycopg differ
             store.count(BALANCES, 1)
@@ -154,9 +159,10 @@ def test_an_interrupted_rebuild_resumes(ledger: Ledger, db_url: str) -> None:
     with pytest.raises(Interrupted):
         rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=output)
     store = open_store(db_url)
-    partial = store.version("account_balances", 2)
+    partial = VersionCatalog(store).version("account_balances", 2)
     store.close()
-    assert partial is not None and partial.state == "rebuilding" and partial.position > 0
+    assert partial is not None and partial.state is VersionState.REBUILDING
+    assert partial.position > 0
     result = rebuild(
         event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO()
     )
@@ -222,3 +228,20 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
             runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
         assert_tables_match(ledger, db_url, projection)
+
+
+def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collecting: list[bool] = []
+
+    def spy(ledger: Ledger, url: str, projection: Projection, **options: object) -> RebuildResult:
+        collecting.append(gc.isenabled())
+        return RebuildResult(projection.name, projection.version, 0, 1.0, 0, None, 0)
+
+    monkeypatch.setattr(readmodels_cli, "rebuild", spy)
+    assert gc.isenabled()
+    assert main(["projections", "rebuild", "account_balances", "--url", "memory://"]) == 0
+    assert collecting == [False]
+    assert gc.isenabled()
+    assert "account_balances version 1 built" in capsys.readouterr().out

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.readmodels.store import open_store
+from daybook.infrastructure.readmodels.store import ReadStoreError
 from daybook.projections.accounts import ACCOUNT_BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
@@ -24,9 +30,16 @@ def ledger(store_url: str) -> Iterator[Ledger]:
     ledger.close()
 
 
-def test_runner_builds_every_projection_like_a_replay(ledger: Ledger) -> None:
+@pytest.fixture
+def url(store_url: str) -> Iterator[str]:
+    """Read models that outlive a runner (a scratch database for a memory:// ledger)."""
+    with ReadModelLocation(store_url) as location:
+        yield location.url
+
+
+def test_runner_builds_every_projection_like_a_replay(ledger: Ledger, url: str) -> None:
     workload(ledger, 150)
-    with run_projections(ledger, batch_size=37, poll_interval=0.01) as runner:
+    with run_projections(ledger, url, batch_size=37, poll_interval=0.01) as runner:
         receipt = ledger.deposit(ledger.open_account("late", "EUR").account_id, 5)
         runner.views.balance(receipt.account_id or "", min_position=receipt.position, timeout=30)
         for name in ("account_statement", "inventory_levels", "daily_activity"):
@@ -39,9 +52,9 @@ def _wait_position(views: Any, name: str, position: int) -> None:
     views._read(name, lambda store, version: None, position, 30.0)
 
 
-def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger) -> None:
+def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger, url: str) -> None:
     ids = workload(ledger, 80)
-    runner = run_projections(ledger, batch_size=7, poll_interval=0.01, start=False)
+    runner = run_projections(ledger, url, batch_size=7, poll_interval=0.01, start=False)
     runner.step()
     runner.step()  # two batches committed, then the runner "dies"
     runner.stop()
@@ -53,9 +66,9 @@ def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger)
         assert_tables_match(ledger, runner.url, projection)
 
 
-def test_read_your_writes_and_honest_staleness(ledger: Ledger) -> None:
+def test_read_your_writes_and_honest_staleness(ledger: Ledger, url: str) -> None:
     account = ledger.open_account("ann", "EUR").account_id
-    with run_projections(ledger, poll_interval=0.01) as runner:
+    with run_projections(ledger, url, poll_interval=0.01) as runner:
         receipt = ledger.deposit(account, 700)
         row = runner.views.balance(account, min_position=receipt.position, timeout=30)
         assert row is not None
@@ -91,7 +104,9 @@ def _poisoned(fail_times: int | None, amount: int = 13) -> tuple[Projection, lis
     return Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers), calls
 
 
-def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: Ledger) -> None:
+def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
+    ledger: Ledger, url: str
+) -> None:
     poisoned, calls = _poisoned(fail_times=None)
     account = ledger.open_account("ann", "EUR").account_id
     ledger.deposit(account, 5)
@@ -99,7 +114,7 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
     ledger.deposit(account, 7)
     defs = [poisoned, projections.ACCOUNT_STATEMENT]
     runner = run_projections(
-        ledger, projections=defs, start=False, max_attempts=3, retry_backoff=0.001
+        ledger, url, projections=defs, start=False, max_attempts=3, retry_backoff=0.001
     )
     for _ in range(6):
         runner.step()
@@ -107,29 +122,30 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
     assert calls == [bad.position] * 3
     store = open_store(runner.url)
     try:
-        (letter,) = store.dead_letters("account_balances")
-        assert letter["position"] == bad.position
-        assert letter["attempts"] == 3
-        assert "cannot apply deposit" in letter["error"]
-        record = store.version("account_balances", 1)
+        (letter,) = DeadLetters(store).entries("account_balances")
+        assert letter.position == bad.position
+        assert letter.attempts == 3
+        assert "cannot apply deposit" in letter.error
+        catalog = VersionCatalog(store)
+        record = catalog.version("account_balances", 1)
         assert record is not None
-        assert record.state == "stopped"
+        assert record.state is VersionState.STOPPED
         assert record.position == bad.position - 1  # everything before it, nothing after
         balance = store.fetch(ACCOUNT_BALANCES.tables[0], 1, (str(account),))
         assert balance is not None and balance["balance"] == 5
-        statement = store.version("account_statement", 1)
+        statement = catalog.version("account_statement", 1)
         assert statement is not None and statement.position == ledger.head()
     finally:
         store.close()
     status = {s.name: s for s in projection_status(event_log_of(ledger), runner.url)}
-    assert status["account_balances"].state == "stopped"
+    assert status["account_balances"].state is VersionState.STOPPED
     assert status["account_balances"].dead_letters == 1
     assert status["account_balances"].lag_events == 2
-    assert status["account_statement"].state == "live"
+    assert status["account_statement"].state is VersionState.LIVE
 
     # Fixed and resumed: the parked event is applied, once.
     store = open_store(runner.url)
-    store.resume("account_balances", 1)
+    VersionCatalog(store).resume("account_balances", 1)
     store.close()
     fixed = run_projections(ledger, runner.url, start=False)
     fixed.run_until_caught_up()
@@ -137,12 +153,12 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(ledger: 
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
 
 
-def test_a_transient_failure_is_retried_without_parking(ledger: Ledger) -> None:
+def test_a_transient_failure_is_retried_without_parking(ledger: Ledger, url: str) -> None:
     flaky, calls = _poisoned(fail_times=2)
     account = ledger.open_account("ann", "EUR").account_id
     ledger.deposit(account, 13)
     runner = run_projections(
-        ledger, projections=[flaky], start=False, max_attempts=5, retry_backoff=0.001
+        ledger, url, projections=[flaky], start=False, max_attempts=5, retry_backoff=0.001
     )
     for _ in range(5):
         runner.step()
@@ -150,7 +166,37 @@ def test_a_transient_failure_is_retried_without_parking(ledger: Ledger) -> None:
     assert len(calls) == 3
     store = open_store(runner.url)
     try:
-        assert store.dead_letters() == []
+        assert DeadLetters(store).entries() == []
     finally:
         store.close()
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
+
+
+def test_a_memory_ledgers_scratch_read_models_are_removed_when_the_runner_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where temporary files go
+    ledger = open_ledger("memory://")
+    try:
+        account = ledger.open_account("ann", "EUR").account_id
+        receipt = ledger.deposit(account, 5)
+        with run_projections(ledger, poll_interval=0.01) as runner:
+            row = runner.views.balance(account, min_position=receipt.position, timeout=30)
+            assert row is not None and row.balance == 5
+            assert list(tmp_path.iterdir()) == [runner.location.scratch]
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(ReadStoreError):
+            runner.views.balance(account)  # it would make the database again, empty
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        ledger.close()
+
+
+def test_commands_on_a_memory_ledger_leave_no_files_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["projections", "status", "--url", "memory://"]) == 0
+    assert main(["reconcile", "--url", "memory://"]) == 0
+    assert "account_balances" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -8,12 +8,12 @@ import pytest
 
 from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.readmodels.store import open_store
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.projections import ALL
 from scripts import services
-from scripts.streams import (
+from tests.streaming.streams import (
     Daybook,
     open_accounts,
     unique,
@@ -133,23 +133,3 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
     assert "worker.after_commit" not in steady.output
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
-
-
-def test_a_stopped_worker_leaves_no_files_behind(
-    pg_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    # faust needs a data directory (unused: the state is in PostgreSQL); the worker makes a
-    # temporary one, under TMPDIR, and must remove it when it stops.
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    topic, group = unique("tidy"), unique("group")
-    the_worker = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log")
-    the_worker.env["TMPDIR"] = str(temp)
-    the_worker.start()
-    try:
-        wait_until(lambda: topic in the_worker.output, "the worker to get partitions")
-        assert [entry.name.startswith("daybook-faust-") for entry in temp.iterdir()] == [True]
-    finally:
-        code = the_worker.stop()
-    assert code == 0, the_worker.output
-    assert list(temp.iterdir()) == []

@@ -1,0 +1,78 @@
+"""Events a projection version could not apply: ``daybook_dead_letters``.
+
+The runner parks an event after its last attempt, in the same transaction as it stops the
+version (``VersionCatalog.stop``), so a stopped version always has the letter that says why.
+``VersionCatalog.resume`` marks the version's letters resolved as it lets it try again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daybook.infrastructure.readmodels.store import ReadStore, now_text
+
+
+@dataclass(frozen=True)
+class ParkedEvent:
+    id: int
+    name: str
+    version: int
+    position: int
+    event_type: str
+    originator_id: str
+    error: str
+    attempts: int
+    created_at: str
+    resolved_at: str | None
+
+
+_COLUMNS = (
+    "id, name, version, position, event_type, originator_id, error, attempts,"
+    " created_at, resolved_at"
+)
+
+
+class DeadLetters:
+    def __init__(self, store: ReadStore) -> None:
+        self.store = store
+
+    def create_table(self) -> None:
+        self.store.execute(
+            f"CREATE TABLE IF NOT EXISTS daybook_dead_letters ({self.store.serial_key()},"
+            " name TEXT NOT NULL, version BIGINT NOT NULL, position BIGINT NOT NULL,"
+            " event_type TEXT NOT NULL, originator_id TEXT NOT NULL, error TEXT NOT NULL,"
+            " attempts BIGINT NOT NULL, created_at TEXT NOT NULL, resolved_at TEXT)"
+        )
+
+    def add(
+        self,
+        name: str,
+        version: int,
+        position: int,
+        event_type: str,
+        originator_id: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        self.store.execute(
+            "INSERT INTO daybook_dead_letters (name, version, position, event_type,"
+            " originator_id, error, attempts, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (name, version, position, event_type, originator_id, error, attempts, now_text()),
+        )
+
+    def entries(self, name: str | None = None) -> list[ParkedEvent]:
+        """Every letter (resolved ones too), oldest first; of projection ``name`` if given."""
+        sql = f"SELECT {_COLUMNS} FROM daybook_dead_letters"
+        params: list[str] = []
+        if name is not None:
+            sql += " WHERE name = %s"
+            params.append(name)
+        return [ParkedEvent(*row) for row in self.store.execute(sql + " ORDER BY id", params)]
+
+    def resolve(self, name: str, version: int) -> None:
+        """Mark the version's unresolved letters resolved (it is about to retry them)."""
+        self.store.execute(
+            "UPDATE daybook_dead_letters SET resolved_at = %s"
+            " WHERE name = %s AND version = %s AND resolved_at IS NULL",
+            (now_text(), name, version),
+        )

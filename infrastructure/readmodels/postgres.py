@@ -1,0 +1,194 @@
+"""Read models in PostgreSQL (psycopg 3): batch writes as arrays and binary COPY, advisory
+locks, checksums computed by the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from typing import Any
+
+import psycopg
+
+from daybook.infrastructure.readmodels import checksums
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
+from daybook.infrastructure.urls import postgres_params
+from daybook.projections.model import Key, Row, Table, Value
+
+#: Binary COPY type names of the column types.
+_BINARY_TYPES = {"text": "text", "bigint": "int8"}
+
+
+def _connect(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:
+    # Autocommit: transactions are always explicit (see ``ReadStore.transaction``).
+    return psycopg.connect(conninfo, connect_timeout=10, autocommit=True)
+
+
+class AdvisoryLocks(WriterLocks):
+    """Session advisory locks on a connection of their own: they hold while it lives, and
+    PostgreSQL releases them when it dies with its process."""
+
+    between_processes = True
+
+    def __init__(self, conninfo: str) -> None:
+        self.conn = _connect(conninfo)
+
+    def try_take(self, key: int, *, shared: bool = False) -> bool:
+        function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        row = self.conn.execute(f"SELECT {function}(%s)", (key,)).fetchone()
+        return bool(row and row[0])
+
+    def release(self, key: int) -> None:
+        self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+    def check(self) -> None:
+        self.conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.conn.close()
+
+
+class PostgresStore(ReadStore):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conninfo = postgres_params(url).conninfo()
+        self.conn = _connect(self.conninfo)
+        self._stages: set[str] = set()
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.conn.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cursor:
+            cursor.execute(sql, params or None)
+            return cursor.fetchall() if cursor.description else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(sql, rows)
+
+    # -- dialect -----------------------------------------------------------------------------
+
+    def lock_transaction(self, key: int) -> None:
+        self.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+
+    def open_locks(self) -> AdvisoryLocks:
+        return AdvisoryLocks(self.conninfo)
+
+    def serial_key(self) -> str:
+        return "id BIGSERIAL PRIMARY KEY"
+
+    def locking(self, select: str) -> str:
+        return f"{select} FOR UPDATE"
+
+    def head_position(self) -> int | None:
+        rows = self.execute("SELECT to_regclass('daybook_events') IS NOT NULL")
+        if not rows[0][0]:
+            return None
+        return int(
+            self.execute("SELECT COALESCE(max(notification_id), 0) FROM daybook_events")[0][0]
+        )
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return isinstance(error, psycopg.errors.UndefinedTable)
+
+    # -- reconciling: the same figures as ``checksums``, computed by the server --------------
+
+    def range_checksums(self, table: Table, version: int) -> dict[str, tuple[int, int]]:
+        key_text, row_text = _joined_text(table.key), _joined_text(table.column_names)
+        rows = self.execute(
+            f"SELECT substr(md5({key_text}), 1, 2), count(*),"
+            f" sum(('x' || substr(md5({row_text}), 1, 15))::bit(60)::bigint)"
+            f" FROM {table.physical_name(version)} GROUP BY 1"
+        )
+        return {bucket: (int(count), int(total)) for bucket, count, total in rows}
+
+    def rows_in_ranges(self, table: Table, version: int, ranges: set[str]) -> dict[Key, Row]:
+        where = f"substr(md5({_joined_text(table.key)}), 1, 2) = ANY(%s)"
+        rows = self.select(table, version, where, [sorted(ranges)])
+        return {table.key_of(row): row for row in rows}
+
+    # -- writing rows --------------------------------------------------------------------------
+
+    def upsert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        # One statement for the whole batch: each column travels as one array.
+        names = table.column_names
+        casts = ", ".join(f"%s::{c.type}[]" for c in table.columns)
+        columns = [[row[n] for row in rows] for n in names]
+        self.execute(
+            f"INSERT INTO {table.physical_name(version)} ({', '.join(names)})"
+            f" SELECT * FROM unnest({casts}) {_on_conflict(table)}",
+            columns,
+        )
+
+    def insert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        names = table.column_names
+        sql = f"COPY {table.physical_name(version)} ({', '.join(names)}) FROM STDIN"
+        with self.conn.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([row[n] for n in names])
+
+    def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        self._copy(table.physical_name(version), table, values)
+
+    def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        if not values:
+            return
+        # COPY into a session-private staging table (emptied at commit), then one upsert.
+        name = table.physical_name(version)
+        stage = f"{name}_stage"
+        if stage not in self._stages:
+            self.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage}"
+                f" (LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._stages.add(stage)
+        self._copy(stage, table, values)
+        names = ", ".join(table.column_names)
+        self.execute(
+            f"INSERT INTO {name} ({names}) SELECT {names} FROM {stage} {_on_conflict(table)}"
+        )
+
+    def _copy(self, name: str, table: Table, values: Sequence[Sequence[Value]]) -> None:
+        if not values:
+            return
+        # Binary COPY: the driver encodes each value in C, the server parses no text.
+        sql = f"COPY {name} ({', '.join(table.column_names)}) FROM STDIN (FORMAT BINARY)"
+        with self.conn.cursor() as cursor, cursor.copy(sql) as copy:
+            copy.set_types([_BINARY_TYPES[c.type] for c in table.columns])
+            for row in values:
+                copy.write_row(row)
+
+    def delete(self, table: Table, version: int, keys: Sequence[Key]) -> None:
+        if not keys:
+            return
+        types = {c.name: c.type for c in table.columns}
+        columns = [[key[i] for key in keys] for i in range(len(table.key))]
+        casts = ", ".join(f"%s::{types[k]}[]" for k in table.key)
+        match = " AND ".join(f"t.{k} = d.{k}" for k in table.key)
+        self.execute(
+            f"DELETE FROM {table.physical_name(version)} t USING unnest({casts})"
+            f" AS d({', '.join(table.key)}) WHERE {match}",
+            columns,
+        )
+
+
+def _on_conflict(table: Table) -> str:
+    updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in table.column_names if n not in table.key)
+    return f"ON CONFLICT ({', '.join(table.key)}) DO " + (
+        f"UPDATE SET {updates}" if updates else "NOTHING"
+    )
+
+
+def _joined_text(columns: Iterable[str]) -> str:
+    """SQL for ``checksums``' text of these columns: values as text, ``\\x1f`` between them,
+    ``\\N`` for NULL."""
+    null = checksums.NULL.replace("\\", "\\\\")
+    separator = f"\\x{ord(checksums.SEPARATOR):02x}"
+    values = ", ".join(f"coalesce({name}::text, E'{null}')" for name in columns)
+    return f"concat_ws(E'{separator}', {values})"

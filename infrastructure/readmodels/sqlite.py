@@ -1,0 +1,113 @@
+"""Read models in SQLite: one file, one writer at a time (``BEGIN IMMEDIATE``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
+from daybook.projections.model import Row, Table, Value
+
+
+class NoLocks(WriterLocks):
+    """SQLite has no locks that outlive a transaction, so every lock is granted: two runners
+    may both follow a version, and the tracking row (checked and moved in every batch's
+    transaction) still lets only one of them apply each batch."""
+
+    between_processes = False
+
+    def try_take(self, key: int, *, shared: bool = False) -> bool:
+        return True
+
+    def release(self, key: int) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteStore(ReadStore):
+    # IMMEDIATE takes the write lock up front: the tracking row cannot change under us.
+    begin_write = "BEGIN IMMEDIATE"
+    begin_read = "BEGIN"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.conn.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(self._sql(sql), tuple(params)).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(self._sql(sql), rows)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%s", "?")  # callers write psycopg's placeholders
+
+    # -- dialect -----------------------------------------------------------------------------
+
+    def lock_transaction(self, key: int) -> None:
+        """Nothing to take: a write transaction (``BEGIN IMMEDIATE``) already holds the
+        database's only write lock until it ends."""
+
+    def open_locks(self) -> NoLocks:
+        return NoLocks()
+
+    def serial_key(self) -> str:
+        return "id INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def locking(self, select: str) -> str:
+        return select  # the write transaction holds the whole database already
+
+    def head_position(self) -> int | None:
+        rows = self.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'stored_events'"
+        )
+        if not rows[0][0]:
+            return None
+        return int(self.execute("SELECT COALESCE(max(rowid), 0) FROM stored_events")[0][0])
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
+
+    # -- writing rows --------------------------------------------------------------------------
+
+    def upsert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
+        self._write("INSERT OR REPLACE", table, version, _in_column_order(table, rows))
+
+    def insert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
+        self._write("INSERT", table, version, _in_column_order(table, rows))
+
+    def insert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        self._write("INSERT", table, version, values)
+
+    def upsert_values(self, table: Table, version: int, values: Sequence[Sequence[Value]]) -> None:
+        self._write("INSERT OR REPLACE", table, version, values)
+
+    def _write(
+        self, verb: str, table: Table, version: int, values: Sequence[Sequence[Value]]
+    ) -> None:
+        names = table.column_names
+        self.conn.executemany(
+            f"{verb} INTO {table.physical_name(version)} ({', '.join(names)})"
+            f" VALUES ({', '.join('?' for _ in names)})",
+            values,
+        )
+
+
+def _in_column_order(table: Table, rows: Sequence[Row]) -> list[tuple[Value, ...]]:
+    names = table.column_names
+    return [tuple(row[n] for n in names) for row in rows]

@@ -1,0 +1,65 @@
+"""Whether a failure is worth retrying: one answer for every service that retries.
+
+Transient: the connection was lost or refused, the server is shutting down or starting up,
+a transaction lost a serialization conflict or a deadlock, a lock wait timed out, SQLite's
+database is locked by another writer, or the network failed (``OSError``). eventsourcing
+wraps driver errors in its own classes (after its own retries), so those are judged by the
+error they wrap. Everything else (integrity and programming errors, missing tables, bad
+data) would fail the same way again: retrying only hides it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import psycopg
+import psycopg_pool
+from eventsourcing.persistence import ConnectionUnavailableError, PersistenceError
+
+#: PostgreSQL SQLSTATEs a retry can cure (besides class 08, connection exceptions).
+_RETRYABLE_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available: lock_timeout, NOWAIT
+        "57P01",  # admin_shutdown: the server is shutting down
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now: starting up or in recovery
+        "57P05",  # idle_session_timeout: the server closed the session
+        "53300",  # too_many_connections
+    }
+)
+
+#: SQLite's primary result codes for "another connection holds the lock".
+_SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def is_transient(error: BaseException) -> bool:
+    """True if the same call may succeed when tried again (after reconnecting)."""
+    if isinstance(error, PersistenceError):
+        # eventsourcing raises these ``from`` the driver's error when it has one.
+        cause = error.__cause__
+        if cause is not None:
+            return is_transient(cause)
+        # Its own pool timing out waiting for a connection has no cause.
+        return isinstance(error, ConnectionUnavailableError)
+    if isinstance(error, psycopg.Error):
+        return _postgres_transient(error)
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) keep the primary code in the low byte.
+        return code is not None and code & 0xFF in _SQLITE_BUSY_CODES
+    return isinstance(error, OSError)
+
+
+def _postgres_transient(error: psycopg.Error) -> bool:
+    state = error.sqlstate
+    if state is not None:
+        return state.startswith("08") or state in _RETRYABLE_SQLSTATES
+    # No SQLSTATE: the driver or the pool failed, not a statement. An OperationalError then
+    # means the connection could not be made or was lost. libpq gives no SQLSTATE for a
+    # failed connection attempt, so a wrong password looks like a refused port here and is
+    # retried too (with the caller's backoff, and logged each time).
+    if isinstance(error, psycopg.errors.PipelineAborted | psycopg_pool.PoolClosed):
+        return False  # an earlier error aborted the pipeline; a closed pool stays closed
+    return isinstance(error, psycopg.OperationalError)

@@ -1,0 +1,228 @@
+"""Each read-model dialect through the one ``ReadStore`` interface, SQLite and PostgreSQL
+alike: rows, transactions, checksums, locks, the log's head, and the version catalog."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import open_ledger
+from daybook.infrastructure.readmodels import checksums
+from daybook.infrastructure.readmodels.catalog import (
+    IllegalTransition,
+    VersionCatalog,
+    VersionState,
+)
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
+from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.projections.model import Column, Projection, Row, Table
+
+PAIRS = Table(
+    "pairs",
+    (Column("k"), Column("n", "bigint"), Column("amount", "bigint"), Column("note", nullable=True)),
+    ("k", "n"),
+    indexes=(("amount",),),
+)
+NOTES = Table("notes", (Column("seq", "bigint"), Column("text")), ("seq",), append_only=True)
+PROBE = Projection("probe", 1, (PAIRS, NOTES))
+PROBE_V2 = Projection("probe", 2, (PAIRS, NOTES))
+
+
+def pair(k: str, n: int, amount: int, note: str | None = None) -> Row:
+    return {"k": k, "n": n, "amount": amount, "note": note}
+
+
+def in_order(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (str(r["k"]), int(r["n"] or 0)))
+
+
+@pytest.fixture
+def url(shared_store_url: str) -> str:
+    """A database on each dialect that several connections open at once."""
+    return shared_store_url
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[ReadStore]:
+    store = open_store(url)
+    VersionCatalog(store).ensure()
+    VersionCatalog(store).register(PROBE)
+    yield store
+    store.close()
+
+
+def test_rows_written_every_way_read_back_alike(store: ReadStore) -> None:
+    with store.transaction():
+        store.insert(PAIRS, 1, [pair("a", 1, 10), pair("a", 2, 20, "ü")])
+        store.insert_values(PAIRS, 1, [("b", 1, 30, None), ("c", 7, 70, "x")])
+        store.upsert(PAIRS, 1, [pair("a", 1, 11), pair("d", 1, 40)])
+        store.upsert_values(PAIRS, 1, [("b", 1, 31, "changed"), ("e", 5, 50, None)])
+        store.delete(PAIRS, 1, [("c", 7), ("nobody", 0)])
+        store.insert(NOTES, 1, [{"seq": 1, "text": "first"}])
+        store.insert_values(NOTES, 1, [(2, "second")])
+    expected = [
+        pair("a", 1, 11),
+        pair("a", 2, 20, "ü"),
+        pair("b", 1, 31, "changed"),
+        pair("d", 1, 40),
+        pair("e", 5, 50),
+    ]
+    assert in_order(list(store.all_rows(PAIRS, 1))) == expected
+    assert store.count(PAIRS, 1) == 5 and store.count(NOTES, 1) == 2
+    assert store.fetch(PAIRS, 1, ("a", 2)) == pair("a", 2, 20, "ü")
+    assert store.fetch(PAIRS, 1, ("c", 7)) is None
+    assert store.select(PAIRS, 1, "amount >= %s", [31], "amount DESC", 2) == [
+        pair("e", 5, 50),
+        pair("d", 1, 40),
+    ]
+
+
+def test_a_new_row_written_twice_fails_and_the_transaction_changes_nothing(
+    store: ReadStore,
+) -> None:
+    with pytest.raises(Exception), store.transaction():  # noqa: B017 - the drivers differ
+        store.insert(PAIRS, 1, [pair("a", 1, 10)])
+        with store.transaction():  # joins the outer one
+            store.insert_values(PAIRS, 1, [("a", 1, 99, None)])
+    assert store.count(PAIRS, 1) == 0
+    with store.transaction():  # the connection is usable again
+        store.upsert_values(PAIRS, 1, [("a", 1, 10, None)])
+    assert store.count(PAIRS, 1) == 1
+
+
+def test_stored_checksums_are_the_reference_ones(store: ReadStore) -> None:
+    rows = [pair(f"k{i}", i, i * 7, None if i % 3 else f"nöte {i}") for i in range(300)]
+    with store.transaction():
+        store.insert(PAIRS, 1, rows)
+    reference = checksums.by_range(PAIRS, rows)
+    assert store.range_checksums(PAIRS, 1) == reference
+    some = set(sorted(reference)[:5])
+    wanted = {PAIRS.key_of(r): r for r in rows if checksums.range_of(PAIRS.key_of(r)) in some}
+    assert store.rows_in_ranges(PAIRS, 1, some) == wanted
+    # One changed value changes exactly its range's checksum.
+    with store.transaction():
+        store.upsert(PAIRS, 1, [pair("k5", 5, 36)])
+    changed = store.range_checksums(PAIRS, 1)
+    assert {b for b in reference if changed[b] != reference[b]} == {checksums.range_of(("k5", 5))}
+
+
+def test_a_missing_table_is_recognised(store: ReadStore) -> None:
+    VersionCatalog(store).drop_tables("probe", 1)
+    with pytest.raises(Exception) as missing:  # each driver raises its own class
+        store.count(PAIRS, 1)
+    assert store.is_missing_table(missing.value)
+    with pytest.raises(Exception) as wrong:
+        store.execute("SELECT no_such_column FROM daybook_read_models")
+    assert not store.is_missing_table(wrong.value)
+
+
+def test_head_position_is_the_logs_when_the_events_live_here(store: ReadStore, url: str) -> None:
+    assert store.head_position() is None
+    ledger = open_ledger(url)
+    try:
+        receipt = ledger.deposit(ledger.open_account("ann", "EUR"), 5)
+        assert store.head_position() == receipt.position == ledger.head()
+    finally:
+        ledger.close()
+
+
+def test_writer_locks_are_exclusive_between_sessions_where_the_dialect_has_them(
+    store: ReadStore, url: str
+) -> None:
+    other_store = open_store(url)
+    mine, other = store.open_locks(), other_store.open_locks()
+    free = not mine.between_processes  # without such locks, every lock is granted
+    try:
+        assert mine.try_take(1)
+        assert other.try_take(1) is free
+        assert other.try_take(1, shared=True) is free
+        mine.release(1)
+        assert other.try_take(1, shared=True)
+        assert mine.try_take(1, shared=True)  # shared holders share
+        assert mine.try_take(2) and other.try_take(2) is free
+        mine.check()
+        mine.close()  # closing the session lets go of what it held
+        assert other.try_take(2)
+        # A transaction's lock conflicts with the same key held by a session, until it ends.
+        mine = store.open_locks()
+        with other_store.transaction():
+            other_store.lock_transaction(3)
+            assert mine.try_take(3) is free
+        assert mine.try_take(3)
+    finally:
+        mine.close()
+        other.close()
+        other_store.close()
+
+
+def test_a_locking_read_is_valid_sql(store: ReadStore) -> None:
+    with store.transaction():
+        sql = store.locking("SELECT name FROM daybook_projection_versions WHERE name = %s")
+        assert store.execute(sql, ("probe",)) == [("probe",)]
+
+
+def test_the_catalog_moves_versions_only_by_legal_transitions(store: ReadStore) -> None:
+    catalog, letters = VersionCatalog(store), DeadLetters(store)
+    v2 = catalog.register(PROBE_V2)
+    assert v2 is not None and v2.state is VersionState.REBUILDING
+    assert _stored_states(store) == {1: "live", 2: "rebuilding"}
+
+    with store.transaction():
+        catalog.stop("probe", 1, "event 7 failed")
+        letters.add("probe", 1, 7, "Deposited", "acc-1", "Traceback ...", 3)
+    record = catalog.version("probe", 1)
+    assert record is not None and record.state is VersionState.STOPPED
+    assert record.error == "event 7 failed"
+    with pytest.raises(IllegalTransition):
+        catalog.stop("probe", 1, "again")
+
+    assert catalog.resume("probe", 1) is VersionState.LIVE  # it serves reads
+    (letter,) = letters.entries("probe")
+    assert letter.position == 7 and letter.attempts == 3 and letter.resolved_at is not None
+    with pytest.raises(IllegalTransition):
+        catalog.resume("probe", 1)
+
+    assert catalog.activate("probe", 2) == 1
+    assert catalog.active_version("probe") == 2
+    assert _stored_states(store) == {1: "retired", 2: "live"}
+    before = catalog.versions("probe")
+    for refused in (
+        lambda: catalog.stop("probe", 1, "late"),
+        lambda: catalog.resume("probe", 1),
+        lambda: catalog.activate("probe", 1),
+        lambda: catalog.activate("probe", 2),
+    ):
+        with pytest.raises(IllegalTransition):
+            refused()
+    assert catalog.versions("probe") == before  # a refused move writes nothing
+    assert catalog.active_version("probe") == 2
+    with pytest.raises(LookupError):
+        catalog.resume("probe", 9)
+    assert catalog.drop_tables("probe", 1) == ["rm_pairs_v1", "rm_notes_v1"]
+
+
+def test_repairs_are_logged_with_rows_before_and_after(store: ReadStore) -> None:
+    ReconcileLog(store).record("probe", 1, 42, "pairs", ("a", 1), "different",
+                               pair("a", 1, 10), pair("a", 1, 11))  # fmt: skip
+    rows = store.execute(
+        "SELECT name, version, position, table_name, row_key, change, before, after"
+        " FROM daybook_reconcile_log"
+    )
+    assert rows == [
+        (
+            "probe", 1, 42, "pairs", '["a", 1]', "different",
+            '{"amount": 10, "k": "a", "n": 1, "note": null}',
+            '{"amount": 11, "k": "a", "n": 1, "note": null}',
+        )
+    ]  # fmt: skip
+
+
+def _stored_states(store: ReadStore) -> dict[int, str]:
+    """The states as stored: the same text as every earlier release wrote."""
+    rows = store.execute(
+        "SELECT version, state FROM daybook_projection_versions WHERE name = %s", ("probe",)
+    )
+    return {int(version): state for version, state in rows}

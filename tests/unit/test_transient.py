@@ -1,0 +1,155 @@
+"""``is_transient``: which failures a retry can cure, judged on real exceptions."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+import pytest
+from eventsourcing import persistence
+from eventsourcing.sqlite import SQLiteDatastore
+
+from daybook.infrastructure.transient import is_transient
+
+
+def _wrapped(wrapper: type[persistence.PersistenceError], cause: BaseException) -> BaseException:
+    """``cause`` as eventsourcing re-raises it: ``raise Wrapper(str(e)) from e``."""
+    with pytest.raises(wrapper) as caught:
+        try:
+            raise cause
+        except BaseException as error:
+            raise wrapper(str(error)) from error
+    return caught.value
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nobody listens there any more
+
+
+@pytest.fixture
+def refused() -> psycopg.OperationalError:
+    """What psycopg raises when nothing listens on the server's port."""
+    conninfo = f"host=127.0.0.1 port={_closed_port()} dbname=daybook connect_timeout=5"
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(conninfo)
+    return caught.value
+
+
+@pytest.fixture
+def locked(tmp_path: Path) -> sqlite3.OperationalError:
+    """What SQLite raises when another connection holds the write lock."""
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
+        waiter.execute("BEGIN IMMEDIATE")
+    waiter.close()
+    holder.close()
+    return caught.value
+
+
+def test_a_refused_connection_is_transient(refused: psycopg.OperationalError) -> None:
+    assert refused.sqlstate is None
+    assert is_transient(refused)
+
+
+def test_a_refused_connection_wrapped_by_eventsourcing_is_transient(
+    refused: psycopg.OperationalError,
+) -> None:
+    assert is_transient(_wrapped(persistence.OperationalError, refused))
+    assert is_transient(_wrapped(persistence.InterfaceError, refused))
+
+
+def test_a_locked_sqlite_database_is_transient(locked: sqlite3.OperationalError) -> None:
+    assert is_transient(locked)
+    assert is_transient(_wrapped(persistence.OperationalError, locked))
+
+
+def test_a_missing_table_is_not_transient_even_wrapped(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.OperationalError, match="no such table") as missing:
+        conn.execute("SELECT * FROM nope")
+    conn.close()
+    assert not is_transient(missing.value)
+    # Wrapped by eventsourcing's own SQLite datastore, as the event store raises it.
+    datastore = SQLiteDatastore(str(tmp_path / "events.db"))
+
+    with (
+        pytest.raises(persistence.OperationalError) as wrapped,
+        datastore.transaction(commit=False) as cursor,
+    ):
+        cursor.execute("SELECT * FROM nope")
+    datastore.close()
+    assert isinstance(wrapped.value.__cause__, sqlite3.OperationalError)
+    assert not is_transient(wrapped.value)
+
+
+def test_an_sqlite_integrity_error_is_not_transient(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db")
+    conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(sqlite3.IntegrityError) as duplicate:
+        conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    assert not is_transient(duplicate.value)
+    assert not is_transient(_wrapped(persistence.IntegrityError, duplicate.value))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.SerializationFailure("could not serialize access"),
+        psycopg.errors.DeadlockDetected("deadlock detected"),
+        psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
+        psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+        psycopg.errors.CrashShutdown("terminating connection because of crash"),
+        psycopg.errors.CannotConnectNow("the database system is starting up"),
+        psycopg.errors.TooManyConnections("sorry, too many clients already"),
+        psycopg.errors.ConnectionFailure("connection failure"),
+        psycopg.OperationalError("the connection is closed"),
+        psycopg.OperationalError("consuming input failed: server closed the connection"),
+        psycopg_pool.PoolTimeout("couldn't get a connection after 30.00 sec"),
+        persistence.ConnectionUnavailableError("timed out waiting for a connection"),
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError("timed out"),
+        OSError(113, "No route to host"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_transient(error: BaseException) -> None:
+    assert is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.UniqueViolation("duplicate key value violates unique constraint"),
+        psycopg.errors.ForeignKeyViolation("violates foreign key constraint"),
+        psycopg.errors.UndefinedTable('relation "rm_account_balances_v1" does not exist'),
+        psycopg.errors.SyntaxError("syntax error at or near"),
+        psycopg.errors.InsufficientPrivilege("permission denied"),
+        psycopg.errors.DiskFull("could not extend file"),
+        psycopg.errors.QueryCanceled("canceling statement due to user request"),
+        psycopg.errors.NumericValueOutOfRange("bigint out of range"),
+        psycopg.InterfaceError("the cursor is closed"),
+        psycopg.errors.PipelineAborted("pipeline aborted"),
+        psycopg_pool.PoolClosed("the pool is closed"),
+        psycopg.ProgrammingError("query has no parameters"),
+        persistence.OperationalError("Can't do multi-row tracking with single-row tracking"),
+        persistence.ProgrammingError("table not found"),
+        ValueError("bad value"),
+        KeyError("account_id"),
+        RuntimeError("boom"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_not_transient(error: BaseException) -> None:
+    assert not is_transient(error)
