@@ -28,8 +28,8 @@ class LogEvent(NamedTuple):
     ``type`` is the event class's qualified name (``"Account.Deposited"``); ``data`` is the
     payload at the current schema version (already upcast), as JSON values.
 
-    A named tuple rather than a frozen dataclass: just as immutable, and built five times
-    faster, which matters when a rebuild makes a million of them.
+    A named tuple rather than a frozen dataclass: just as immutable, and much cheaper to
+    build, which matters when a rebuild makes a million of them.
     """
 
     position: int

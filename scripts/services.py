@@ -221,12 +221,21 @@ class PostgresHandle:
     directory: Path | None = None
     data_dir: Path | None = None
     log_path: Path | None = None
+    #: Where the server's Unix socket is (None for an external server).
+    socket_dir: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     def database_url(self, name: str) -> str:
         """URL of database ``name`` on this server (it is not created)."""
         return database_url(self.url, name)
+
+    def socket_url(self, name: str) -> str:
+        """URL of database ``name`` through the server's Unix socket (``?host=/dir``)."""
+        if self.socket_dir is None:
+            raise ServiceError("an external server's socket directory is unknown")
+        port = urlsplit(self.url).port
+        return f"postgresql://postgres@/{name}?host={self.socket_dir}&port={port}"
 
     @property
     def running(self) -> bool:
@@ -280,13 +289,15 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
-def _pg_settings(port: int, durable: bool) -> str:
+def _pg_settings(port: int, durable: bool, socket_dir: Path) -> str:
     """``postgresql.conf`` lines appended after ``initdb``."""
     lines = [
         "# --- daybook test settings ---",
         f"listen_addresses = '{_LOOPBACK}'",
         f"port = {port}",
-        "unix_socket_directories = ''",  # TCP only: no socket-path length/permission issues
+        # Also a Unix socket, in the server's own directory (a short path, and nobody else's),
+        # for tests of socket URLs (postgresql://user@/db?host=/dir).
+        f"unix_socket_directories = '{socket_dir}'",
         "max_connections = 300",
         "logging_collector = off",  # stderr goes to our log file
         "log_min_messages = warning",
@@ -367,16 +378,18 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
     directory = Path(tempfile.mkdtemp(prefix="daybook-postgres-"))
     data_dir = directory / "pgdata"
     log_path = directory / "postgres.log"
+    socket_dir = directory / "socket"
     try:
         data_dir.mkdir(mode=0o700)
+        socket_dir.mkdir(mode=0o700)
         log_path.touch()
         if owner is not None:
-            for path in (directory, data_dir, log_path):
+            for path in (directory, data_dir, socket_dir, log_path):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         _initdb(bin_dir, data_dir, creds, timeout)
         port = _free_port()
         with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.write(_pg_settings(port, durable))
+            conf.write(_pg_settings(port, durable, socket_dir))
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
         proc = subprocess.Popen(
             [str(bin_dir / "postgres"), "-D", str(data_dir)],
@@ -399,6 +412,7 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
         directory=directory,
         data_dir=data_dir,
         log_path=log_path,
+        socket_dir=socket_dir,
         _proc=proc,
         _log_file=log_file,
     )

@@ -129,9 +129,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # round trip and one fsync. A duplicate key (another writer got there first) fails
         # the statement with IntegrityError and nothing commits. Once the call is sent, the
         # server commits it even if this process dies before the answer arrives; the batch's
-        # request records then make every retry a replay. (Measured: explicit BEGIN and
-        # COMMIT round trips cost about 15% of the group commit throughput, and psycopg's
-        # pipeline mode more CPU than it saves.)
+        # request records then make every retry a replay. (Explicit BEGIN and COMMIT round
+        # trips, or psycopg's pipeline mode, cost the group commit more than they save.)
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             self._append_batch(curs, stored_events, requests)
             # The call was the cursor's only statement: its rows are the new ids, in order.

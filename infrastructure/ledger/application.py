@@ -33,6 +33,7 @@ from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
 from daybook.infrastructure.ledger.requests import PendingRequest, RequestLog, RequestRecord
+from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -40,19 +41,28 @@ Outcome = Receipt | DomainError
 
 
 class Committer(Protocol):
-    """Gets commands executed: alone, or batched with other callers' commands."""
+    """Gets commands executed: alone, or batched with other callers' commands. A service:
+    ``start``, ``close`` (finishing what was submitted), ``health``."""
+
+    def start(self) -> None: ...
 
     def submit(self, command: Command) -> Receipt: ...
 
     def close(self) -> None: ...
 
+    def health(self) -> Health: ...
+
 
 class DirectCommitter:
-    """Executes each command in its own transaction, one at a time."""
+    """Executes each command in its own transaction, one at a time, in the caller's thread."""
 
     def __init__(self, service: LedgerService) -> None:
         self._service = service
         self._lock = threading.Lock()
+        self._health = Supervisor("direct commit")
+
+    def start(self) -> None:
+        self._health.move(ServiceState.RUNNING)
 
     def submit(self, command: Command) -> Receipt:
         with self._lock:
@@ -62,7 +72,11 @@ class DirectCommitter:
         return outcome
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            self._health.move(ServiceState.STOPPED)
+
+    def health(self) -> Health:
+        return self._health.health()
 
 
 class StaleCache(Exception):
@@ -201,6 +215,7 @@ class LedgerService(Application[UUID]):
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
         self.committer: Committer = DirectCommitter(self)
+        self.committer.start()
 
     # -- reads (strongly consistent, straight from the log) ---------------------------------
 
@@ -395,6 +410,7 @@ class LedgerService(Application[UUID]):
         """Replace how commands reach ``execute`` (see ``group_commit``)."""
         old, self.committer = self.committer, factory(self)
         old.close()
+        self.committer.start()
 
     def close(self) -> None:
         self.committer.close()

@@ -20,6 +20,7 @@ from daybook.domain.events import LedgerAggregate, readable
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
+from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.settings import Settings
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -51,6 +52,10 @@ class Ledger(LedgerMethods):
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         return self.service.head()
+
+    def health(self) -> Health:
+        """The committer's health: running, stopped, or failed with the reason."""
+        return self.service.committer.health()
 
     def close(self) -> None:
         """Finish the commands already submitted, then release the store."""
@@ -101,6 +106,10 @@ class AsyncLedger(AsyncLedgerMethods):
     async def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         return await asyncio.to_thread(self.service.head)
+
+    async def health(self) -> Health:
+        """The committer's health: running, stopped, or failed with the reason."""
+        return self.service.committer.health()
 
     async def close(self) -> None:
         """Finish the commands already submitted, then release the store."""

@@ -13,8 +13,8 @@ whatever its size, so a batch should carry every caller that is about to send. T
 commit just answered usually send their next command within a fraction of a millisecond, so
 the writer keeps gathering (and applying) until the batch holds as many commands as the last
 commit answered, at most ``max_wait`` (5 ms) after its first; a lone caller waits for nobody.
-(Measured: sending whatever arrived as soon as the previous commit ended splits the callers
-into smaller batches, and costs more than it saves.)
+(Sending whatever arrived as soon as the previous commit ended splits the callers into
+smaller batches, which costs more than it saves.)
 
 Batches commit strictly in order, one at a time. A batch is built on the uncommitted state of
 the one committing before it; if that commit fails (a conflict with another process, a lost
@@ -40,6 +40,7 @@ from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
+from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 
 class _Waiter:
@@ -195,7 +196,16 @@ class GroupCommitter:
         self._in_hand: list[_Item] = []
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
         self._thread = threading.Thread(target=self._run, name="daybook-group-commit", daemon=True)
-        self._thread.start()
+        #: Its health: running, stopped, or failed with the reason (a bug in the writer).
+        self.supervisor = Supervisor("group commit")
+
+    def start(self) -> None:
+        """Start the writer thread (commands submitted before wait in the inbox)."""
+        if self.supervisor.move(ServiceState.RUNNING) and not self._thread.is_alive():
+            self._thread.start()
+
+    def health(self) -> Health:
+        return self.supervisor.health()
 
     def submit(self, command: Command) -> Receipt:
         """Run ``command`` with whatever else is waiting; its receipt, or raise its refusal."""
@@ -215,9 +225,13 @@ class GroupCommitter:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.supervisor.move(ServiceState.STOPPING)
         self._inbox.close()
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()  # never started: it drains the inbox and stops
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        self.supervisor.move(ServiceState.STOPPED)
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -250,6 +264,7 @@ class GroupCommitter:
                     self._apply(items)
         except BaseException as error:
             _log.exception("daybook's group commit writer failed; the ledger is closed")
+            self.supervisor.move(ServiceState.FAILED, f"{type(error).__name__}: {error}")
             self._abandon(error)
         finally:
             self._committer.shutdown()

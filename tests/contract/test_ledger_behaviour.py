@@ -14,9 +14,7 @@ from daybook import AccountNotFound, InsufficientFunds, Ledger, SkuNotFound, ope
 from daybook.domain import Receipt
 from daybook.domain.accounts import Account, Withdraw
 from daybook.domain.errors import DomainError
-from daybook.domain.inventory import (
-    Inventory,
-)
+from daybook.domain.inventory import Inventory
 from daybook.domain.values import inventory_id
 from daybook.infrastructure.ledger.application import StaleCache
 

@@ -183,7 +183,7 @@ def test_the_bulk_path_leaves_the_garbage_collector_alone(ledger: Ledger, url: s
     handlers = {**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
     watched = Projection(ACCOUNT_BALANCES.name, 1, ACCOUNT_BALANCES.tables, handlers)
     workload(ledger, 60)
-    runner = BulkRunner(ledger, url, [watched], batch_size=1000)
+    runner = BulkRunner(event_log_of(ledger), url, [watched], batch_size=1000)
     runner.run_until_caught_up()
     runner.stop()
     assert collecting and all(collecting)

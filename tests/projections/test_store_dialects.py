@@ -123,7 +123,7 @@ def test_head_position_is_the_logs_when_the_events_live_here(store: ReadStore, u
     assert store.head_position() is None
     ledger = open_ledger(url)
     try:
-        receipt = ledger.deposit(ledger.open_account("ann", "EUR"), 5)
+        receipt = ledger.deposit(ledger.open_account("ann", "EUR").account_id, 5)
         assert store.head_position() == receipt.position == ledger.head()
     finally:
         ledger.close()

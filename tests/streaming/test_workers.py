@@ -13,7 +13,7 @@ from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.projections import ALL
 from scripts import services
-from tests.streaming.streams import (
+from scripts.streams import (
     Daybook,
     open_accounts,
     unique,

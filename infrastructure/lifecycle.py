@@ -1,0 +1,299 @@
+"""One lifecycle for every long-running part: start, stop (draining), health, supervision.
+
+A service's work is a *body*: a function that runs until asked to stop (its ``Stopping``
+says when) and raises when something goes wrong. A ``Supervisor`` runs the body and decides
+what a failure means:
+
+- a transient failure (``is_transient``: a lost connection, a store or broker outage) is
+  logged and the body is started again after a backoff with full jitter, growing to a
+  ceiling, and reset once the body has run well for a while; the service is ``RETRYING``
+  meanwhile, with the error in its health;
+- any other failure is a bug or bad data that a retry would only hide: the service stops
+  with state ``FAILED`` and the reason, logged once, visible in ``health()``. Nothing dies
+  silently.
+
+``stop()`` asks the body to finish what it has in hand and waits for it. Thread services
+(``SupervisedThread``) run the body in a thread of their own; asyncio services
+(``SupervisedTask``) as a task on the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from daybook.infrastructure.transient import is_transient
+
+log = logging.getLogger("daybook.services")
+
+
+class ServiceState(enum.Enum):
+    """Where a service is in its life; ``can_become`` lists the moves it may make."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    #: A transient failure: waiting to start the body again.
+    RETRYING = "retrying"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    #: A failure a retry would not cure; the reason is in ``Health.error``.
+    FAILED = "failed"
+
+    def can_become(self, other: ServiceState) -> bool:
+        return other in _MOVES[self]
+
+
+_MOVES: dict[ServiceState, frozenset[ServiceState]] = {
+    ServiceState.CREATED: frozenset({ServiceState.RUNNING, ServiceState.STOPPED}),
+    ServiceState.RUNNING: frozenset(
+        {ServiceState.RETRYING, ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED}
+    ),
+    ServiceState.RETRYING: frozenset(
+        {ServiceState.RUNNING, ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED}
+    ),
+    ServiceState.STOPPING: frozenset({ServiceState.STOPPED, ServiceState.FAILED}),
+    ServiceState.STOPPED: frozenset(),
+    ServiceState.FAILED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Health:
+    """A service's state, since when, how often it restarted, and its last failure."""
+
+    name: str
+    state: ServiceState
+    since: datetime
+    restarts: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state in (ServiceState.CREATED, ServiceState.RUNNING, ServiceState.STOPPED)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a transient failure is retried: exponential backoff with full jitter."""
+
+    initial: float = 0.1
+    ceiling: float = 5.0
+    #: After running this long without failing, the next failure starts from ``initial``.
+    healthy_after: float = 60.0
+    #: Give up (``FAILED``) after this many restarts in a row; None: never.
+    max_restarts: int | None = None
+
+    def delay(self, attempt: int, draw: Callable[[float, float], float] = random.uniform) -> float:
+        """Seconds to wait before attempt ``attempt`` (1 for the first retry)."""
+        return draw(0.0, min(self.ceiling, self.initial * 2 ** (attempt - 1)))
+
+
+class Stopping:
+    """Tells a body that its service is stopping; a body checks it between units of work
+    and may wait on it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early when stopping; True if stopping."""
+        return self._event.wait(timeout)
+
+
+@dataclass
+class Supervisor:
+    """The restart policy and health bookkeeping shared by thread and asyncio services."""
+
+    name: str
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    transient: Callable[[BaseException], bool] = is_transient
+    #: Called after a failed run of the body, before the next (release connections...).
+    on_failure: Callable[[BaseException], None] | None = None
+    _health: Health = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _attempt: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._health = Health(self.name, ServiceState.CREATED, datetime.now(UTC))
+
+    def health(self) -> Health:
+        with self._lock:
+            return self._health
+
+    def move(self, state: ServiceState, error: str | None = None) -> bool:
+        """Enter ``state`` if the current state allows it."""
+        with self._lock:
+            current = self._health
+            if current.state is state and error == current.error:
+                return True
+            if not current.state.can_become(state) and current.state is not state:
+                return False
+            restarts = current.restarts + (
+                state is ServiceState.RUNNING and current.state is ServiceState.RETRYING
+            )
+            self._health = replace(
+                current, state=state, since=datetime.now(UTC), restarts=restarts, error=error
+            )
+            return True
+
+    def ran(self, started: float) -> None:
+        """The body ran from ``started`` (monotonic) until now; long enough resets backoff."""
+        if time.monotonic() - started >= self.policy.healthy_after:
+            self._attempt = 0
+
+    def judge(self, error: BaseException) -> float | None:
+        """After the body raised ``error``: seconds to wait before restarting it, or None
+        when the service has failed for good (already logged and recorded)."""
+        reason = f"{type(error).__name__}: {error}".strip()
+        if self.on_failure is not None:
+            try:
+                self.on_failure(error)
+            except Exception:  # cleaning up after a failure must not hide the failure
+                log.warning("%s: cleaning up after a failure failed", self.name, exc_info=True)
+        if not self.transient(error):
+            log.error("%s failed and stopped: %s", self.name, reason, exc_info=error)
+            self.move(ServiceState.FAILED, reason)
+            return None
+        self._attempt += 1
+        limit = self.policy.max_restarts
+        if limit is not None and self._attempt > limit:
+            log.error("%s failed %d times in a row and stopped: %s", self.name, limit, reason)
+            self.move(ServiceState.FAILED, f"gave up after {limit} restarts: {reason}")
+            return None
+        delay = self.policy.delay(self._attempt)
+        log.warning("%s: %s; restarting in %.2fs", self.name, reason, delay)
+        self.move(ServiceState.RETRYING, reason)
+        return delay
+
+
+class SupervisedThread:
+    """A service whose body runs in a thread of its own (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[Stopping], None],
+        *,
+        policy: RestartPolicy | None = None,
+        transient: Callable[[BaseException], bool] = is_transient,
+        on_failure: Callable[[BaseException], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._body = body
+        self._on_stop = on_stop
+        self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
+        self.stopping = Stopping()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.supervisor.move(ServiceState.RUNNING)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Ask the body to finish what it has in hand, and wait up to ``timeout`` seconds."""
+        self.supervisor.move(ServiceState.STOPPING, self.supervisor.health().error)
+        self.stopping.set()
+        if self._on_stop is not None:
+            self._on_stop()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s did not stop within %ss", self.name, timeout)
+                return
+        self.supervisor.move(ServiceState.STOPPED)
+
+    def health(self) -> Health:
+        return self.supervisor.health()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        supervisor = self.supervisor
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                self._body(self.stopping)
+            except BaseException as error:  # judged: retried, or recorded as FAILED
+                supervisor.ran(started)
+                delay = supervisor.judge(error)
+                if delay is None:
+                    return
+                if self.stopping.wait(delay):
+                    break
+                supervisor.move(ServiceState.RUNNING)
+                continue
+            break
+        supervisor.move(ServiceState.STOPPED)
+
+
+class SupervisedTask:
+    """A service whose body is a coroutine on the running event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[Stopping], Awaitable[None]],
+        *,
+        policy: RestartPolicy | None = None,
+        transient: Callable[[BaseException], bool] = is_transient,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._body = body
+        self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
+        self.stopping = Stopping()
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run the body under supervision until ``stop`` (or a failure that is not transient)."""
+        supervisor = self.supervisor
+        supervisor.move(ServiceState.RUNNING)
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                await self._body(self.stopping)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # judged: retried, or recorded as FAILED
+                supervisor.ran(started)
+                delay = supervisor.judge(error)
+                if delay is None:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                if self.stopping:
+                    break
+                supervisor.move(ServiceState.RUNNING)
+                continue
+            break
+        supervisor.move(ServiceState.STOPPED)
+
+    def stop(self) -> None:
+        """Ask the body to finish (call on the loop's thread)."""
+        self.supervisor.move(ServiceState.STOPPING, self.supervisor.health().error)
+        self.stopping.set()
+        self._wake.set()
+
+    def health(self) -> Health:
+        return self.supervisor.health()
