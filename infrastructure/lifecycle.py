@@ -150,6 +150,12 @@ class Supervisor:
             )
             return True
 
+    def succeeded(self) -> None:
+        """A unit of work went through: back to RUNNING, and the next failure starts the
+        backoff from ``initial`` (for services that retry one unit at a time)."""
+        self._attempt = 0
+        self.move(ServiceState.RUNNING)
+
     def ran(self, started: float) -> None:
         """The body ran from ``started`` (monotonic) until now; long enough resets backoff."""
         if time.monotonic() - started >= self.policy.healthy_after:
@@ -158,7 +164,8 @@ class Supervisor:
     def judge(self, error: BaseException) -> float | None:
         """After the body raised ``error``: seconds to wait before restarting it, or None
         when the service has failed for good (already logged and recorded)."""
-        reason = f"{type(error).__name__}: {error}".strip()
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         if self.on_failure is not None:
             try:
                 self.on_failure(error)
@@ -225,8 +232,16 @@ class SupervisedThread:
         return self.supervisor.health()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait until the service's thread has ended (stopped or failed)."""
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def run(self) -> Health:
+        """Run the body under supervision in the calling thread (a process's main service,
+        whose signal handlers call ``stop``); returns the final health."""
+        self.supervisor.move(ServiceState.RUNNING)
+        self._run()
+        return self.health()
 
     def _run(self) -> None:
         supervisor = self.supervisor

@@ -14,6 +14,7 @@ import sqlite3
 
 import psycopg
 import psycopg_pool
+from aiokafka.errors import KafkaError, UnknownError
 from eventsourcing.persistence import ConnectionUnavailableError, PersistenceError
 
 #: PostgreSQL SQLSTATEs a retry can cure (besides class 08, connection exceptions).
@@ -45,6 +46,12 @@ def is_transient(error: BaseException) -> bool:
         return isinstance(error, ConnectionUnavailableError)
     if isinstance(error, psycopg.Error):
         return _postgres_transient(error)
+    if isinstance(error, KafkaError):
+        # aiokafka marks each broker error class retriable or not (a lost connection, a
+        # timeout, a leader election: yes; a refused authorization, a bad request: no). The
+        # broker's own "unknown server error" is a fault on its side, not in the request:
+        # retried too (a broker that lost its data answers it while recreating topics).
+        return bool(error.retriable) or isinstance(error, UnknownError)
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
         # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) keep the primary code in the low byte.

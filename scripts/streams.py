@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -71,6 +72,21 @@ class Daybook:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
+    #: Processes started and not yet reaped (``kill_leftovers`` ends them).
+    running: ClassVar[list[Daybook]] = []
+
+    @classmethod
+    def kill_leftovers(cls) -> list[str]:
+        """SIGKILL every process still running (a test that failed before stopping its
+        own); returns their command lines."""
+        killed = []
+        for daybook in cls.running:
+            if daybook.proc is not None and daybook.proc.poll() is None:
+                daybook.kill()
+                killed.append(" ".join(daybook.args[:1]))
+        cls.running.clear()
+        return killed
+
     def start(self) -> Daybook:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
@@ -81,6 +97,7 @@ class Daybook:
             env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
         )
         log.close()
+        Daybook.running.append(self)
         return self
 
     def kill(self) -> None:

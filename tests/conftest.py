@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import services
+from scripts import services, streams
 
 _database_numbers = itertools.count(1)
 
@@ -84,6 +84,14 @@ def kafka(service_dir: Path) -> Iterator[services.KafkaHandle]:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(kafka: services.KafkaHandle) -> str:
     return kafka.bootstrap
+
+
+@pytest.fixture(autouse=True)
+def _no_daybook_process_outlives_its_test() -> Iterator[None]:
+    """A test that fails before stopping its relay or worker must not leave it running
+    (and taking CPU from the tests after it)."""
+    yield
+    streams.Daybook.kill_leftovers()
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from daybook import projections
 from daybook.infrastructure.bootstrap import open_event_log
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     VersionCatalog,
@@ -144,10 +145,13 @@ def _run_project(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
-            runner.run_forever()
+            health = runner.run_forever()
         finally:
             runner.stop()
             log.close()
+    if health.state is ServiceState.FAILED:
+        print(f"daybook project: stopped: {health.error}", file=sys.stderr)
+        return 1
     return 0
 
 

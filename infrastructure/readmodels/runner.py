@@ -15,7 +15,6 @@ noticing, or two runners on SQLite, which has no such locks, from doing harm.)
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     VersionCatalog,
@@ -33,7 +33,6 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
-from daybook.infrastructure.transient import is_transient
 from daybook.projections.model import Key, LogEvent, Projection, Row, Table, iso_time
 
 log = logging.getLogger(__name__)
@@ -223,33 +222,43 @@ class ProjectionRunner:
         self.store: ReadStore | None = None
         self._locks: WriterLocks | None = None
         self.slots: dict[tuple[str, int], Slot] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        #: The runner as a service: a transient failure (the log's store or the read-model
+        #: database unreachable, at any point) reconnects after a backoff; anything else
+        #: stops it as FAILED with the reason, in ``health()`` and the log.
+        self.service = SupervisedThread(
+            "projection runner",
+            self._follow,
+            on_failure=lambda _: self._disconnect(),
+            on_stop=self.log.interrupt,
+        )
+        self._stop = self.service.stopping
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> Self:
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._run_thread, name="daybook-projections")
-        self._thread.daemon = True
-        self._thread.start()
+        """Follow the log in a thread of its own (see ``service``)."""
+        self.service.start()
         return self
 
     def request_stop(self) -> None:
-        """Ask ``run_forever`` to return after the batch in hand (safe in a signal handler)."""
+        """Ask the runner to return after the batch in hand (safe in a signal handler)."""
         self._stop.set()
         self.log.interrupt()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, then stop; nothing committed is lost."""
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self.service.stop(timeout)
         self._disconnect()
         self.log.close()
+
+    def health(self) -> Health:
+        return self.service.health()
+
+    @property
+    def error(self) -> str | None:
+        """Why the runner failed (None while it has not)."""
+        health = self.service.health()
+        return health.error if health.state is ServiceState.FAILED else None
 
     def __enter__(self) -> Self:
         return self.start()
@@ -262,33 +271,20 @@ class ProjectionRunner:
     ) -> None:
         self.stop()
 
-    def _run_thread(self) -> None:
-        try:
-            self.run_forever()
-        except BaseException as error:  # surfaced through .error and the log
-            self.error = error
-            log.exception("projection runner died")
+    def run_forever(self) -> Health:
+        """Follow the log in this thread, supervised as ``start`` would, until stopped or
+        failed; the final health says which."""
+        return self.service.run()
 
-    def run_forever(self) -> None:
-        """Follow the log until ``stop``; reconnect after database errors."""
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                if self.step() == 0:
-                    self.log.wait(self.poll_interval)
-                failures = 0
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                failures += 1
-                log.warning("projection runner: %s; reconnecting", error)
-                self._disconnect()
-                self._stop.wait(min(2.0, 0.05 * 2**failures))
+    def _follow(self, stopping: Stopping) -> None:
+        while not stopping:
+            if self.step() == 0:
+                self.log.wait(self.poll_interval)
 
     def run_until_caught_up(self, max_idle_steps: int = 1) -> None:
         """Apply everything up to the current head, then return (switches included)."""
         idle = 0
-        while idle < max_idle_steps and not self._stop.is_set():
+        while idle < max_idle_steps and not self._stop:
             if self.step() == 0:
                 idle += 1
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -32,6 +31,7 @@ from faust.types import Message as FaustMessage
 
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
+from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -41,7 +41,6 @@ from daybook.infrastructure.streaming.broker import (
 )
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
-from daybook.infrastructure.transient import is_transient
 from daybook.projections import ALL
 from daybook.projections.model import Projection
 
@@ -69,11 +68,17 @@ class WorkerConfig:
 
 
 def make_app(
-    config: WorkerConfig, projections: Sequence[Projection] = ALL, *, datadir: str
+    config: WorkerConfig,
+    projections: Sequence[Projection] = ALL,
+    *,
+    datadir: str,
+    stop: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[faust.App, StreamApplier]:
     """The faust app (its id is the consumer group) and the applier its agent drives.
 
     ``datadir`` is faust's data directory; the caller owns it (``run_worker`` removes it).
+    ``stop`` stops whatever runs the app (``run_worker``: the faust worker; by default the
+    app) once a failure no retry cures has stopped the agent.
     """
     app = faust.App(
         config.group,
@@ -142,20 +147,21 @@ def make_app(
         await asyncio.to_thread(applier.mark_published, letters)
 
     async def apply_until_done(messages: list[Message]) -> None:
-        """Apply one batch, retrying through database outages; never raises for data."""
-        attempt = 0
+        """Apply one batch, retrying through database outages (with backoff and jitter);
+        never raises for data (that is parked). A failure no retry cures stops the worker:
+        its health says FAILED and why, and ``run_worker`` reports it."""
+        supervisor = applier.supervisor
         while True:
             try:
                 result = await asyncio.to_thread(applier.apply, messages)
                 break
             except Exception as error:
-                if not is_transient(error):
-                    raise
-                attempt += 1
-                delay = min(5.0, 0.05 * 2**attempt)
-                log.warning("worker: database unavailable (%s); retrying in %.1fs", error, delay)
                 await asyncio.to_thread(applier.close)
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = supervisor.judge(error)  # logged, and recorded in its health
+                if delay is None:
+                    raise _Stopped from error
+                await asyncio.sleep(delay)
+        supervisor.succeeded()
         if result.parked:
             await publish_dead_letters(result.parked)
 
@@ -202,7 +208,23 @@ def make_app(
             # A message without a value (a tombstone) is no envelope: parked as such.
             messages = [Message(m.partition, m.offset, m.value or b"") for m in current]
             async with batch_lock:
-                await apply_until_done(messages)
+                try:
+                    await apply_until_done(messages)
+                except BaseException as error:
+                    # Stopping (or failed): nothing of this batch, nor of the fetches waiting
+                    # behind it, will be acknowledged here; faust must not wait for them
+                    # (they come again from the committed offsets).
+                    faust_compat.untrack(app, current)
+                    while not handoff.empty():
+                        faust_compat.untrack(app, handoff.get_nowait())
+                    if not isinstance(error, _Stopped):
+                        raise
+                    # Stop the worker as SIGTERM does, and wait here to be cancelled. (An
+                    # agent that raises is restarted by faust's supervisor, and a worker
+                    # stopping while that happens waits forever.)
+                    stopping = asyncio.ensure_future((stop or app.stop)())
+                    await asyncio.shield(stopping)
+                    await asyncio.Event().wait()
                 ack = consumer.ack
                 for message in current:
                     ack(message)
@@ -267,8 +289,17 @@ def restart(app: faust.App, reason: str) -> NoReturn:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> None:
-    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop).
+class _Stopped(Exception):
+    """The worker's agent stopped on a failure no retry cures (see its health)."""
+
+
+def _failed(applier: StreamApplier) -> bool:
+    return applier.supervisor.health().state is ServiceState.FAILED
+
+
+def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> Health:
+    """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop), or
+    until a failure no retry cures; returns its final health.
 
     The body of ``daybook worker``: faust's worker takes over the process (it installs
     signal handlers, sets up logging, and exits with ``SystemExit`` when stopped).
@@ -278,10 +309,24 @@ def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) ->
     with tempfile.TemporaryDirectory(
         prefix="daybook-faust-", ignore_cleanup_errors=True
     ) as datadir:
-        app, applier = make_app(config, projections, datadir=datadir)
+        workers: list[faust.Worker] = []
+        app, applier = make_app(
+            config, projections, datadir=datadir, stop=lambda: workers[0].stop()
+        )
         level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
         worker = faust.Worker(app, loglevel=level)
+        workers.append(worker)
+        applier.supervisor.move(ServiceState.RUNNING)
         try:
             worker.execute_from_commandline()
+        except SystemExit as exit:
+            if exit.code not in (None, 0) and not _failed(applier):
+                raise
+        except Exception:
+            # A crash: the agent recorded why (FAILED); faust re-raises it after shutting down.
+            if not _failed(applier):
+                raise
         finally:
             applier.close()
+        applier.supervisor.move(ServiceState.STOPPED)
+        return applier.supervisor.health()

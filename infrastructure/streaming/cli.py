@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.streaming.broker import (
     BROKER_ENV,
     DEFAULT_PARTITIONS,
@@ -110,16 +111,19 @@ def _run_relay(args: argparse.Namespace) -> int:
         log,
     )
 
-    async def main() -> None:
+    async def main() -> Health:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, relay.stop)
-        await relay.run()
+        return await relay.run()
 
     try:
-        asyncio.run(main())
+        health = asyncio.run(main())
     finally:
         log.close()
+    if health.state is ServiceState.FAILED:
+        print(f"daybook relay: stopped: {health.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -127,7 +131,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.app import WorkerConfig, run_worker
 
     _logging(args)
-    run_worker(
+    health = run_worker(
         WorkerConfig(
             store_url=args.url,
             broker_url=args.broker,
@@ -139,6 +143,9 @@ def _run_worker(args: argparse.Namespace) -> int:
             web_port=args.port,
         )
     )
+    if health.state is ServiceState.FAILED:
+        print(f"daybook worker: stopped: {health.error}", file=sys.stderr)
+        return 1
     return 0
 
 

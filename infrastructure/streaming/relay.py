@@ -41,6 +41,7 @@ from eventsourcing.persistence import Notification
 from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedTask
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -50,6 +51,7 @@ from daybook.infrastructure.streaming.broker import (
     ensure_topic,
 )
 from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import postgres_params, scheme
 
 log = logging.getLogger("daybook.relay")
@@ -134,28 +136,40 @@ class Relay:
         self._bootstrap = bootstrap_servers(config.broker_url)
         self._stopping = asyncio.Event()
         self._attempt = 0
+        #: The relay as a service: the database unreachable at any point (reading the log,
+        #: holding the lock, moving the cursor) restarts it after a backoff, from the stored
+        #: cursor; anything else stops it as FAILED with the reason.
+        self.service = SupervisedTask(
+            "relay",
+            self._relay,
+            policy=RestartPolicy(initial=config.backoff_min, ceiling=config.backoff_max),
+            on_failure=self._record_failure,
+        )
 
     def stop(self) -> None:
-        """Ask ``run`` to finish the batch in hand and return."""
+        """Ask ``run`` to finish the batch in hand and return (call on the loop's thread)."""
         self._stopping.set()
+        self.service.stop()
+
+    def health(self) -> Health:
+        return self.service.health()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> Health:
         """Relay until stopped: standby while another relay holds the lock, back off (with
-        jitter) while the database or the broker is down, resume from the stored cursor."""
+        jitter) while the database or the broker is down, resume from the stored cursor.
+        Returns the final health (FAILED, with the reason, after an error no retry cures)."""
         try:
-            while not self._stopping.is_set():
-                try:
-                    async with self._leadership() as lock_conn:
-                        if lock_conn is None:
-                            continue
-                        await self._lead(lock_conn)
-                except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
-                    self._failed("database", error)
-                    await self._backoff()
+            await self.service.run()
         finally:
             self.stats.state = "stopped"
+        return self.service.health()
+
+    async def _relay(self, stopping: Stopping) -> None:
+        async with self._leadership() as lock_conn:
+            if lock_conn is not None:
+                await self._lead(lock_conn)
 
     @contextlib.asynccontextmanager
     async def _leadership(self) -> AsyncIterator[psycopg.AsyncConnection[Any] | None]:
@@ -202,6 +216,9 @@ class Relay:
                 try:
                     cursor = await self._publish_until_stopped(lock_conn, listen, producer, cursor)
                 except (TimeoutError, KafkaError) as error:
+                    if not is_transient(error):
+                        raise
+                    # The broker is down: keep the lock (and the cursor) and wait for it.
                     self._failed("broker", error)
                     await self._backoff()
                 finally:
@@ -225,11 +242,11 @@ class Relay:
             await ensure_topic(self._bootstrap, self.config.topic, self.config.partitions)
             await producer.start()
             return producer
-        except TopicMismatch:
-            raise
-        except (TimeoutError, KafkaError, OSError) as error:
+        except Exception as error:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            if not is_transient(error):
+                raise  # TopicMismatch, a refused authorization: a retry cannot help
             self._failed("broker", error)
             await self._backoff()
             return None
@@ -356,6 +373,9 @@ class Relay:
         ceiling = min(self.config.backoff_max, self.config.backoff_min * 2**self._attempt)
         self._attempt = min(self._attempt + 1, 30)
         await self._sleep(random.uniform(ceiling / 2, ceiling))
+
+    def _record_failure(self, error: BaseException) -> None:
+        self.stats.last_error = f"{type(error).__name__}: {error}"
 
     def _failed(self, what: str, error: BaseException) -> None:
         self.stats.state = f"waiting for {what}"

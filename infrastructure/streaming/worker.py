@@ -29,6 +29,7 @@ from datetime import datetime
 
 from psycopg.sql import Identifier
 
+from daybook.infrastructure.lifecycle import Supervisor
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, version_lock_key
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import BatchRows, RowCache, Slot
@@ -117,6 +118,10 @@ class StreamApplier:
         self._slots: list[Slot] = []
         self._serial = -1
         self._group_key = version_lock_key(f"stream:{group}:{topic}", 0)
+        #: The worker's health: a batch that meets a transient failure (the read-model
+        #: database unreachable) is retried after a backoff; any other failure stops the
+        #: worker as FAILED with the reason.
+        self.supervisor = Supervisor(f"stream worker {group}")
 
     # -- connection --------------------------------------------------------------------------
 

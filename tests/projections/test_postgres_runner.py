@@ -6,6 +6,7 @@ import psycopg
 import pytest
 
 from daybook import open_ledger, projections, run_projections
+from daybook.infrastructure.lifecycle import ServiceState
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -55,6 +56,8 @@ def test_the_runner_reconnects_after_its_connections_are_killed(pg_url: str) -> 
         row = runner.views.balance(ids[0], min_position=receipt.position, timeout=60)
         assert row is not None
         assert runner.error is None
+        health = runner.health()
+        assert health.state is ServiceState.RUNNING and health.restarts >= 1
     for projection in projections.ALL:
         assert_tables_match(ledger, pg_url, projection)
     ledger.close()

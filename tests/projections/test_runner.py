@@ -12,6 +12,7 @@ import pytest
 from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
@@ -200,3 +201,16 @@ def test_commands_on_a_memory_ledger_leave_no_files_behind(
     assert main(["reconcile", "--url", "memory://"]) == 0
     assert "account_balances" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_runner_that_cannot_go_on_stops_with_its_reason(tmp_path: Path) -> None:
+    target = tmp_path / "not-a-database.db"
+    target.write_text("this file is not a database")
+    with open_ledger(f"sqlite:///{tmp_path}/events.db") as ledger:
+        ledger.open_account("ann", "EUR")
+        runner = run_projections(ledger, f"sqlite:///{target}", poll_interval=0.01)
+        runner.service.join(60)
+        health = runner.health()
+        runner.stop()
+    assert health.state is ServiceState.FAILED
+    assert runner.error is not None and "not a database" in runner.error

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import psycopg
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
@@ -133,3 +136,31 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
     assert "worker.after_commit" not in steady.output
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+def test_a_failure_no_retry_cures_stops_the_worker_with_its_reason(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A progress table of the wrong shape (an undefined column is not an outage): the
+    worker must not retry forever or die silently; it stops, says why, and exits 1."""
+    topic, group = unique("broken"), unique("group")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE daybook_stream_progress (something_else text)")
+    asyncio.run(produce(kafka_bootstrap, topic, [b"any message makes the worker apply"]))
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log").start()
+    try:
+        assert process.wait() == 1, process.output
+    finally:
+        process.stop()
+    assert "daybook worker: stopped: UndefinedColumn" in process.output
+    assert f"stream worker {group} failed and stopped: UndefinedColumn" in process.output
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=b"k", partition=0)
+    finally:
+        await producer.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import psycopg_pool
 import pytest
+from aiokafka import errors as kafka_errors
 from eventsourcing import persistence
 from eventsourcing.sqlite import SQLiteDatastore
 
@@ -153,3 +154,13 @@ def test_transient(error: BaseException) -> None:
 )
 def test_not_transient(error: BaseException) -> None:
     assert not is_transient(error)
+
+
+def test_broker_errors_are_transient_unless_the_request_itself_is_wrong() -> None:
+    errors = kafka_errors
+    assert is_transient(errors.KafkaConnectionError("broker down"))
+    assert is_transient(errors.NodeNotReadyError("node not ready"))
+    assert is_transient(errors.RequestTimedOutError())
+    assert is_transient(errors.UnknownError())
+    assert not is_transient(errors.TopicAuthorizationFailedError())
+    assert not is_transient(errors.InvalidTopicError())

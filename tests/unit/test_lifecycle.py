@@ -1,0 +1,144 @@
+"""Supervised services: transient failures restart with backoff, others stop visibly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from daybook.infrastructure.lifecycle import (
+    RestartPolicy,
+    ServiceState,
+    Stopping,
+    SupervisedTask,
+    SupervisedThread,
+)
+
+QUICK = RestartPolicy(initial=0.001, ceiling=0.002)
+
+
+class Flaky:
+    """A body that fails ``failures`` times with ``error``, then works until stopped."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures = failures
+        self.error = error
+        self.runs = 0
+        self.working = threading.Event()
+
+    def __call__(self, stopping: Stopping) -> None:
+        self.runs += 1
+        if self.runs <= self.failures:
+            raise self.error
+        self.working.set()
+        stopping.wait()
+
+
+def test_every_state_moves_only_as_its_transitions_allow() -> None:
+    moves = {(a, b) for a in ServiceState for b in ServiceState if a is not b and a.can_become(b)}
+    assert (ServiceState.CREATED, ServiceState.RUNNING) in moves
+    assert (ServiceState.RUNNING, ServiceState.RETRYING) in moves
+    assert (ServiceState.RETRYING, ServiceState.RUNNING) in moves
+    assert not any(a in (ServiceState.STOPPED, ServiceState.FAILED) for a, _ in moves)
+    assert (ServiceState.CREATED, ServiceState.FAILED) not in moves
+
+
+def test_a_transient_failure_restarts_the_body_and_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = Flaky(3, ConnectionRefusedError("the store is down"))
+    service = SupervisedThread("flaky", body, policy=QUICK)
+    with caplog.at_level(logging.WARNING, logger="daybook.services"):
+        service.start()
+        assert body.working.wait(30)
+        health = service.health()
+        assert health.state is ServiceState.RUNNING and health.restarts == 3
+        assert health.error is None
+        service.stop()
+    assert service.health().state is ServiceState.STOPPED
+    assert body.runs == 4
+    assert sum("the store is down" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_any_other_failure_stops_the_service_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = Flaky(1, ValueError("a bug"))
+    service = SupervisedThread("buggy", body, policy=QUICK)
+    with caplog.at_level(logging.ERROR, logger="daybook.services"):
+        service.start()
+        service.join(30)
+    health = service.health()
+    assert health.state is ServiceState.FAILED and health.error == "ValueError: a bug"
+    assert not health.ok and body.runs == 1
+    assert any("buggy failed and stopped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_after_too_many_restarts_stops_the_service() -> None:
+    body = Flaky(10, TimeoutError("no answer"))
+    service = SupervisedThread(
+        "hopeless", body, policy=RestartPolicy(initial=0.001, ceiling=0.001, max_restarts=2)
+    )
+    service.start()
+    service.join(30)
+    assert service.health().state is ServiceState.FAILED
+    assert "gave up after 2 restarts" in (service.health().error or "")
+    assert body.runs == 3
+
+
+def test_cleanup_runs_after_each_failed_run() -> None:
+    cleaned: list[str] = []
+    body = Flaky(2, OSError("lost"))
+    service = SupervisedThread(
+        "cleaned", body, policy=QUICK, on_failure=lambda error: cleaned.append(str(error))
+    )
+    service.start()
+    assert body.working.wait(30)
+    service.stop()
+    assert cleaned == ["lost", "lost"]
+
+
+def test_backoff_grows_to_its_ceiling_with_full_jitter() -> None:
+    policy = RestartPolicy(initial=0.1, ceiling=1.0)
+    highest = [policy.delay(n, draw=lambda low, high: high) for n in range(1, 7)]
+    assert highest == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert all(policy.delay(n, draw=lambda low, high: low) == 0.0 for n in range(1, 7))
+
+
+def test_run_in_the_calling_thread_returns_the_final_health() -> None:
+    service = SupervisedThread("foreground", Flaky(1, KeyError("k")), policy=QUICK)
+    assert service.run().state is ServiceState.FAILED
+
+
+def test_an_asyncio_service_restarts_on_transient_failures_and_stops_on_others() -> None:
+    async def scenario() -> tuple[ServiceState, int, ServiceState, str | None]:
+        runs = 0
+
+        async def flaky(stopping: Stopping) -> None:
+            nonlocal runs
+            runs += 1
+            if runs <= 2:
+                raise ConnectionResetError("broker gone")
+            while not stopping:
+                await asyncio.sleep(0.001)
+
+        service = SupervisedTask("async flaky", flaky, policy=QUICK)
+        task = asyncio.create_task(service.run())
+        while runs < 3:
+            await asyncio.sleep(0.001)
+        running = service.health()
+        service.stop()
+        await task
+
+        async def buggy(stopping: Stopping) -> None:
+            raise RuntimeError("bad state")
+
+        failing = SupervisedTask("async buggy", buggy, policy=QUICK)
+        await failing.run()
+        return running.state, running.restarts, failing.health().state, failing.health().error
+
+    state, restarts, failed, reason = asyncio.run(scenario())
+    assert (state, restarts) == (ServiceState.RUNNING, 2)
+    assert failed is ServiceState.FAILED and reason == "RuntimeError: bad state"
