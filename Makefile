@@ -34,13 +34,7 @@ lint: $(STAMP)
 	rm -rf $(LINT_VIEW) && mkdir -p $(LINT_VIEW)/daybook
 	ln -s ../../../domain ../../../projections ../../../infrastructure $(LINT_VIEW)/daybook/
 	ln -s ../../../infrastructure/face/__init__.py $(LINT_VIEW)/daybook/__init__.py
-	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -m daybook -p daybook.domain -p daybook.projections \
-	  -m daybook.infrastructure.bootstrap -m daybook.infrastructure.codec \
-	  -p daybook.infrastructure.eventstore -p daybook.infrastructure.ledger \
-	  -m daybook.infrastructure.settings -m daybook.infrastructure.topics \
-	  -m daybook.infrastructure.urls -p daybook.infrastructure.streaming \
-	  -p daybook.infrastructure.compat -p daybook.infrastructure.readmodels \
-	  -m daybook.infrastructure.transient -m daybook.infrastructure.lifecycle
+	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -p daybook
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 # The ledger's typed methods, one per registered command (infrastructure/ledger/methods.py).

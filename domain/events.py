@@ -127,21 +127,23 @@ class LedgerAggregate(BaseAggregate[UUID]):
         the checks ``mutate`` makes of events read back: this runs for every event on the
         write path, and those were most of its cost."""
         event = event_class(  # type: ignore[call-arg]
-            originator_id=self._id,
-            originator_version=self._version + 1,
+            originator_id=self.id,
+            originator_version=self.version + 1,
             timestamp=event_class.create_timestamp(),
             **kwargs,
         )
         # ``event.mutate(self)`` minus its checks that the event names this aggregate and
         # its next version: true by construction here (replays from the store still check).
         event.apply(self)
-        self._version = event.originator_version
-        self._modified_on = event.timestamp
-        self._pending_events.append(event)
+        self.version = event.originator_version
+        self.modified_on = event.timestamp
+        self.pending_events.append(event)
 
     def collect_events(self) -> list[CanMutateAggregate[UUID]]:
         """The pending events, oldest first; the aggregate then has none."""
-        events, self._pending_events = self._pending_events, []
+        pending = self.pending_events
+        events = pending.copy()
+        pending.clear()
         return events
 
     def clone(self) -> Self:
@@ -151,6 +153,8 @@ class LedgerAggregate(BaseAggregate[UUID]):
         clone = object.__new__(type(self))
         state = self.__dict__.copy()
         if self.flat_state:
+            # The list behind ``pending_events``, by the name eventsourcing's BaseAggregate
+            # gives it (daybook.infrastructure.compat.eventsourcing checks it still does).
             state["_pending_events"] = state["_pending_events"].copy()
         else:
             for name, value in state.items():

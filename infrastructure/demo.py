@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 from daybook.domain.errors import DomainError
+from daybook.domain.ids import new_uuid
 from daybook.infrastructure.bootstrap import open_ledger
 from daybook.infrastructure.ledger.facade import Ledger
 
@@ -52,12 +53,11 @@ def run(args: argparse.Namespace) -> int:
 def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
     print(f"daybook demo on {args.url} (run {run_id})")
-    accounts = {
-        owner: ledger.open_account(
-            owner, "EUR", overdraft_limit=500 if owner == "frank" else 0
-        ).account_id
-        for owner in OWNERS
-    }
+    # The demo chooses its account ids (a caller may; otherwise the receipt names them).
+    accounts = {owner: new_uuid() for owner in OWNERS}
+    for owner, account_id in accounts.items():
+        limit = 500 if owner == "frank" else 0
+        ledger.open_account(owner, "EUR", overdraft_limit=limit, account_id=account_id)
     for index, account in enumerate(accounts.values()):
         ledger.deposit(account, 10_000 * (index + 1), request_id=f"{run_id}-seed-{index}")
     for sku, quantity in SKUS.items():

@@ -22,6 +22,7 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.infrastructure.compat.eventsourcing import listen_conninfo
 from daybook.projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
@@ -220,9 +221,8 @@ class EventLog:
 
     def _listen_connection(self, datastore: Any) -> psycopg.Connection[Any]:
         if self._listen is None or self._listen.closed:
-            kwargs = datastore.pool.kwargs if hasattr(datastore.pool, "kwargs") else {}
-            conninfo = datastore.pool.conninfo
-            self._listen = psycopg.connect(conninfo, autocommit=True, **_connect_args(kwargs))
+            conninfo, settings = listen_conninfo(datastore)
+            self._listen = psycopg.connect(conninfo, autocommit=True, **settings)
             self._listen.execute(f"LISTEN {EVENTS_CHANNEL}")
         return self._listen
 
@@ -241,8 +241,3 @@ class EventLog:
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
-
-
-def _connect_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"dbname", "host", "port", "user", "password", "connect_timeout"}
-    return {k: v for k, v in kwargs.items() if k in allowed}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
 from daybook.domain.values import inventory_id
@@ -26,7 +26,7 @@ from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import BALANCES, STATEMENT
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
-from daybook.projections.model import Row
+from daybook.projections.model import Key, Projection, Row
 
 T = TypeVar("T")
 
@@ -107,6 +107,15 @@ class DayActivity:
 @dataclass(frozen=True)
 class Activity:
     days: tuple[DayActivity, ...]
+    as_of_position: int
+    lag_events: int | None
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """A value read from a read model, and the log position it reflects."""
+
+    value: T
     as_of_position: int
     lag_events: int | None
 
@@ -249,6 +258,25 @@ class ReadModels:
                 )
             )
         return Activity(tuple(result), position, lag)
+
+    def row(
+        self,
+        projection: Projection,
+        table: str,
+        key: Key,
+        *,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[Row | None]:
+        """One row of any projection's table by its key (None if absent), with the log
+        position it reflects: for read models without a query of their own."""
+        spec = projection.table(table)
+
+        def read(store: ReadStore, version: int) -> Row | None:
+            return store.fetch(spec, version, key)
+
+        found, position, lag = self._read(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag)
 
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""

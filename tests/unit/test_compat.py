@@ -12,19 +12,29 @@ import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import aiokafka
 import aiokafka.partitioner
 import faust
 import faust.transport.consumer
 import pytest
+from eventsourcing.application import LRUCache
+from eventsourcing.popo import POPOApplicationRecorder
+from eventsourcing.postgres import PostgresDatastore
 from faust.types import Message
 
+from daybook.domain.accounts import Account
 from daybook.infrastructure.compat import Internal
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
+from daybook.infrastructure.compat import eventsourcing as eventsourcing_compat
 from daybook.infrastructure.compat import faust as faust_compat
 
-COMPAT_MODULES = {"faust": faust_compat, "aiokafka": aiokafka_compat}
+COMPAT_MODULES = {
+    "faust": faust_compat,
+    "aiokafka": aiokafka_compat,
+    "eventsourcing": eventsourcing_compat,
+}
 
 
 def unstarted_kafka_consumer() -> Any:
@@ -59,12 +69,19 @@ def faust_app(tmp_path: Path) -> Iterator[faust.App]:
 
 
 @pytest.fixture
-def instances(faust_app: faust.App) -> dict[str, object]:
-    """Unstarted instances of the owners whose names are set by ``__init__``."""
-    return {
+def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
+    """Unstarted instances of the owners whose names are set by ``__init__`` (a PostgreSQL
+    datastore whose pool never connects: nothing listens on port 9)."""
+    datastore = PostgresDatastore("x", "127.0.0.1", 9, "nobody", "")
+    yield {
         "faust.transport.drivers.aiokafka:Consumer": faust_app.consumer,
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
+        "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
+        "eventsourcing.postgres:PostgresDatastore": datastore,
+        "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
+        "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
     }
+    datastore.close()
 
 
 def relied_on(module: Any) -> list[Any]:
@@ -86,6 +103,24 @@ def test_faust_streaming_still_has(internal: Internal, instances: dict[str, obje
 @pytest.mark.parametrize("internal", relied_on(aiokafka_compat))
 def test_aiokafka_still_has(internal: Internal, instances: dict[str, object]) -> None:
     check(internal, instances)
+
+
+@pytest.mark.parametrize("internal", relied_on(eventsourcing_compat))
+def test_eventsourcing_still_has(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+def test_a_renamed_eventsourcing_hook_is_named_with_what_relies_on_it(
+    monkeypatch: pytest.MonkeyPatch, instances: dict[str, object]
+) -> None:
+    from eventsourcing.sqlite import SQLiteAggregateRecorder, SQLiteApplicationRecorder
+
+    monkeypatch.delattr(SQLiteApplicationRecorder, "_insert_events")
+    monkeypatch.delattr(SQLiteAggregateRecorder, "_insert_events")
+    problem = problem_of(eventsourcing_compat, "_insert_events", instances, "sqlite")
+    assert problem is not None and problem.startswith(
+        "eventsourcing no longer has SQLiteApplicationRecorder._insert_events, which "
+    )
 
 
 def private_names_used(module: Any) -> set[str]:
@@ -111,8 +146,8 @@ def test_every_private_name_a_compat_module_uses_is_listed(library: str) -> None
 # -- the check itself fails, and says what to look at --------------------------------------
 
 
-def problem_of(module: Any, name: str, instances: dict[str, object]) -> str | None:
-    (internal,) = [i for i in module.RELIED_ON if i.name == name]
+def problem_of(module: Any, name: str, instances: dict[str, object], owner: str = "") -> str | None:
+    (internal,) = [i for i in module.RELIED_ON if i.name == name and owner in i.owner]
     return internal.problem(instances[internal.owner] if internal.on_instance else None)
 
 

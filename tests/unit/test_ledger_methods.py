@@ -23,8 +23,13 @@ def test_the_generated_methods_are_current() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def builtin(cls: type) -> bool:
+    """daybook's own (other tests register commands of their own, as services do)."""
+    return cls.__module__.startswith("daybook.")
+
+
 def test_every_registered_command_is_a_method_of_both_faces_with_its_arguments() -> None:
-    for command_class in registered():
+    for command_class in filter(builtin, registered()):
         expected = ["self", *(p.name for p in parameters(command_class))]
         for face in (Ledger, AsyncLedger):
             method = getattr(face, command_class.name)
@@ -35,6 +40,8 @@ def test_every_registered_command_is_a_method_of_both_faces_with_its_arguments()
 
 def test_every_readable_aggregate_is_a_read_method_of_both_faces() -> None:
     for name, kind in readable().items():
+        if not builtin(kind):
+            continue
         assert list(inspect.signature(getattr(Ledger, name)).parameters) == ["self", kind.key_name]
         assert inspect.iscoroutinefunction(getattr(AsyncLedger, name))
 

@@ -29,7 +29,11 @@ def test_the_example_is_about_twenty_lines() -> None:
 
 
 def test_the_read_model_example_runs_as_written(tmp_path: Path) -> None:
-    example = python_blocks()[1]
+    (example,) = [
+        b
+        for b in python_blocks()
+        if b.startswith("from daybook import open_ledger, run_projections\n")
+    ]
     assert "run_projections" in example
     example = example.replace(".daybook/daybook.db", f"{tmp_path}/readme.db".lstrip("/"))
     example = example.replace("sqlite:///", "sqlite:////")

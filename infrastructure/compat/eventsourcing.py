@@ -1,0 +1,130 @@
+"""eventsourcing's internals that daybook relies on (written against 9.5).
+
+daybook's recorders extend eventsourcing's: each writes a batch's idempotency records in the
+transaction that inserts its events, by overriding the protected ``_insert_events`` hook the
+public ``insert_events`` calls, and the PostgreSQL one adds its own DDL to the list of
+statements ``create_table`` runs. The aggregate cache replaces the repository's. The domain's
+aggregate base (``daybook.domain.events.LedgerAggregate``) subclasses ``BaseAggregate``: it
+creates aggregates with ``_create`` and copies the list behind ``pending_events`` by name;
+the domain cannot import this module, so those names are listed here and checked, like the
+others, by tests/unit/test_compat.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daybook.domain.events import LedgerAggregate
+from daybook.infrastructure.compat import Internal, Kind
+
+
+def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
+    """The connection string and the connection settings of a PostgreSQL datastore's pool,
+    for a connection of one's own (the event log's LISTEN connection): psycopg_pool keeps
+    them as the ``conninfo`` and ``kwargs`` it was built with."""
+    pool = datastore.pool
+    allowed = {"dbname", "host", "port", "user", "password", "connect_timeout"}
+    kwargs = getattr(pool, "kwargs", None) or {}
+    return str(pool.conninfo), {k: v for k, v in kwargs.items() if k in allowed}
+
+
+def _recorders() -> None:
+    """Stands for the recorders in ``daybook.infrastructure.eventstore`` (memory, sqlite,
+    postgres), which override and extend the names below."""
+
+
+#: Every eventsourcing name daybook uses beyond its documented interface, and its shape.
+RELIED_ON: tuple[Internal, ...] = (
+    Internal(
+        "eventsourcing",
+        "eventsourcing.popo:POPOApplicationRecorder",
+        "_insert_events",
+        _recorders,
+        "the in-memory recorder's insert_events (it must still call _insert_events)",
+        kind=Kind.FUNCTION,
+        parameters=("stored_events",),
+        used_in="eventsourcing.popo:POPOApplicationRecorder.insert_events",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.popo:POPOApplicationRecorder",
+        "_database_lock",
+        _recorders,
+        "POPOAggregateRecorder.__init__ (the lock every in-memory read and write takes)",
+        on_instance=True,
+        members=("__enter__", "__exit__"),
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteApplicationRecorder",
+        "_insert_events",
+        _recorders,
+        "the SQLite recorder's insert_events (it must call _insert_events in its transaction)",
+        kind=Kind.FUNCTION,
+        parameters=("c", "stored_events"),
+        used_in="eventsourcing.sqlite:SQLiteAggregateRecorder.insert_events",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteApplicationRecorder",
+        "construct_create_table_statements",
+        _recorders,
+        "the SQLite recorder's table creation",
+        kind=Kind.FUNCTION,
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.postgres:PostgresApplicationRecorder",
+        "create_table",
+        _recorders,
+        "the PostgreSQL recorder's table creation (it must run sql_create_statements)",
+        kind=Kind.FUNCTION,
+        used_in="eventsourcing.postgres:PostgresAggregateRecorder.create_table",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.postgres:PostgresDatastore",
+        "lock_timeout",
+        _recorders,
+        "PostgresDatastore.__init__ (POSTGRES_LOCK_TIMEOUT, used by the append function)",
+        on_instance=True,
+        types=(int,),
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.postgres:PostgresDatastore",
+        "pool",
+        listen_conninfo,
+        "PostgresDatastore.__init__ (its psycopg_pool pool: conninfo and kwargs)",
+        on_instance=True,
+        members=("conninfo", "kwargs"),
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.application:LRUCache",
+        "maxsize",
+        _recorders,
+        "LRUCache.__init__ (daybook's AggregateCache takes the repository's cache size)",
+        on_instance=True,
+        types=(int,),
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.domain:BaseAggregate",
+        "_create",
+        LedgerAggregate.trigger_event,
+        "BaseAggregate._create (how the domain creates an aggregate from its first event)",
+        kind=Kind.FUNCTION,
+        parameters=("event_class",),
+    ),
+    Internal(
+        "eventsourcing",
+        "daybook.domain.accounts:Account",
+        "_pending_events",
+        LedgerAggregate.clone,
+        "BaseAggregate.__base_init__ and pending_events (the list clone copies by name)",
+        on_instance=True,
+        types=(list,),
+        used_in="eventsourcing.domain:BaseAggregate.__base_init__",
+    ),
+)
