@@ -7,7 +7,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from eventsourcing.persistence import InfrastructureFactory, Mapper
@@ -73,6 +73,49 @@ def open_event_log(url: str | None = None, *, settings: Settings | None = None) 
     return EventLog(recorder, mapper, on_close=factory.close)
 
 
+def projection_runner(
+    settings: Settings, *, projections: Sequence[Projection] = definitions.ALL, **options: Any
+) -> EmbeddedProjections:
+    """The projection runner as a process runs it (``daybook project``): the log read on
+    connections of its own, the read models where the settings say; not started."""
+    location = ReadModelLocation(settings.url, settings.readmodels_url)
+    try:
+        log = open_event_log(settings=settings)
+    except BaseException:
+        location.close()
+        raise
+    return EmbeddedProjections(log, location, projections, **options)
+
+
+def outbox_relay(settings: Settings, **options: Any) -> Relay:
+    """The outbox relay for ``settings`` (``daybook relay``); ``close`` it when done."""
+    from daybook.infrastructure.streaming.relay import Relay, RelayConfig  # see the end
+
+    config = RelayConfig(
+        store_url=settings.url,
+        broker_url=settings.broker_url,
+        topic=settings.topic,
+        partitions=settings.partitions,
+        **options,
+    )
+    return Relay(config, open_event_log(settings=settings), owns_log=True)
+
+
+def stream_worker_config(settings: Settings, **options: Any) -> WorkerConfig:
+    """What a stream worker runs on (``daybook worker``)."""
+    from daybook.infrastructure.streaming.app import WorkerConfig  # see the end
+
+    return WorkerConfig(
+        store_url=settings.url,
+        broker_url=settings.broker_url,
+        topic=settings.topic,
+        partitions=settings.partitions,
+        group=settings.group,
+        readmodels_url=settings.readmodels_url,
+        **options,
+    )
+
+
 def event_log_of(ledger: Ledger) -> EventLog:
     """A read-only view of a ledger's own log, on the ledger's connections."""
     return EventLog(ledger.service.recorder, ledger.service.mapper)
@@ -110,6 +153,12 @@ def run_projections(
     return runner
 
 
+# The streaming parts (aiokafka, faust) are imported where they are built, not above:
+# importing faust costs most of a second, and `import daybook` should not pay it.
+if TYPE_CHECKING:
+    from daybook.infrastructure.streaming.app import WorkerConfig
+    from daybook.infrastructure.streaming.relay import Relay
+
 __all__: Sequence[str] = [
     "event_log_of",
     "ledger_service",
@@ -117,6 +166,9 @@ __all__: Sequence[str] = [
     "open_event_log",
     "open_ledger",
     "open_read_models",
+    "outbox_relay",
+    "projection_runner",
     "run_projections",
     "settings_for",
+    "stream_worker_config",
 ]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
 #: Modules that add subcommands; each has ``register(subparsers) -> None`` and sets
@@ -50,9 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_url_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url",
-        default=os.environ.get("DAYBOOK_URL", DEFAULT_URL),
-        help=f"event store URL (default: $DAYBOOK_URL or {DEFAULT_URL})",
+        "--url", help=f"event store URL (default: $DAYBOOK_URL, else {DEFAULT_URL})"
+    )
+
+
+def add_readmodels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--readmodels-url",
+        help="read-model database URL (default: $DAYBOOK_READMODELS_URL, else the event "
+        "store's database)",
+    )
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings for a command: its options, then ``DAYBOOK_*`` variables, then defaults
+    (one composition root: every command builds what it runs from these)."""
+    return Settings.load(
+        url=getattr(args, "url", None),
+        readmodels_url=getattr(args, "readmodels_url", None),
+        broker_url=getattr(args, "broker", None),
+        topic=getattr(args, "topic", None),
+        partitions=getattr(args, "partitions", None),
+        group=getattr(args, "group", None),
     )
 
 

@@ -13,12 +13,11 @@ from uuid import UUID
 from daybook.domain.errors import DomainError
 from daybook.domain.ids import new_uuid
 from daybook.infrastructure.bootstrap import open_ledger
+from daybook.infrastructure.cli import add_url_argument, settings_of
 from daybook.infrastructure.ledger.facade import Ledger
 
 
 def register(subparsers: Any) -> None:
-    from daybook.infrastructure.cli import add_url_argument
-
     parser = subparsers.add_parser(
         "demo",
         help="run a burst of concurrent transfers and reservations and print a summary",
@@ -43,7 +42,7 @@ SKUS = {"SKU-KETTLE": 400, "SKU-TEAPOT": 250, "SKU-MUG": 1200}
 
 
 def run(args: argparse.Namespace) -> int:
-    ledger = open_ledger(args.url)
+    ledger = open_ledger(settings=settings_of(args))
     try:
         return _demo(ledger, args)
     finally:
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
-    print(f"daybook demo on {args.url} (run {run_id})")
+    print(f"daybook demo on {ledger.settings.url} (run {run_id})")
     # The demo chooses its account ids (a caller may; otherwise the receipt names them).
     accounts = {owner: new_uuid() for owner in OWNERS}
     for owner, account_id in accounts.items():

@@ -18,6 +18,7 @@ from daybook.infrastructure.urls import DEFAULT_URL, BadURL, scheme
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
 DEFAULT_TOPIC = "daybook.events"
 DEFAULT_PARTITIONS = 8
+DEFAULT_GROUP = "daybook-projections"
 
 #: Environment variable -> setting.
 ENVIRONMENT = {
@@ -26,6 +27,7 @@ ENVIRONMENT = {
     "DAYBOOK_KAFKA_URL": "broker_url",
     "DAYBOOK_TOPIC": "topic",
     "DAYBOOK_PARTITIONS": "partitions",
+    "DAYBOOK_GROUP": "group",
     "DAYBOOK_GROUP_COMMIT": "group_commit",
     "DAYBOOK_CACHE_SIZE": "cache_size",
 }
@@ -45,6 +47,8 @@ class Settings(BaseModel):
     #: The topic the relay publishes the log to.
     topic: str = DEFAULT_TOPIC
     partitions: int = Field(DEFAULT_PARTITIONS, ge=1, le=10_000)
+    #: The stream workers' consumer group (one per set of read models).
+    group: str = DEFAULT_GROUP
     #: Batch concurrent commands into shared transactions.
     group_commit: bool = True
     #: How many aggregates the write path keeps in memory.

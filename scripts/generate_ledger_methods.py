@@ -7,7 +7,7 @@ readable aggregate, for the blocking and the asyncio ledger.
 The methods are generated rather than written by hand so that the two faces cannot drift
 apart, and rather than made at run time so that type checkers and editors know every
 argument. Commands registered by an embedding service after import still work through
-``Ledger.submit`` and the ledgers' attribute fallback.
+``Ledger.execute`` and the ledgers' attribute fallback.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def command_method(command_class: type[Command], prefix: str, await_: str) -> st
     return (
         f"    {prefix}def {command_class.name}({declared}) -> Receipt:\n"
         f'        """{doc(command_class)}"""\n'
-        f"        return {await_}self.submit({command_class.__name__}({passed}))\n"
+        f"        return {await_}self.execute({command_class.__name__}({passed}))\n"
     )
 
 
@@ -129,13 +129,13 @@ def render() -> str:
         for module, names in sorted(modules.items())
     )
     parts = [HEADER.format(imports=imports)]
-    for class_name, prefix, await_, submit in (
-        ("LedgerMethods", "", "", "def submit(self, command: Command) -> Receipt"),
+    for class_name, prefix, await_, execute in (
+        ("LedgerMethods", "", "", "def execute(self, command: Command) -> Receipt"),
         (
             "AsyncLedgerMethods",
             "async ",
             "await ",
-            "async def submit(self, command: Command) -> Receipt",
+            "async def execute(self, command: Command) -> Receipt",
         ),
     ):
         read = (
@@ -147,7 +147,7 @@ def render() -> str:
             f"\n\nclass {class_name}(ABC):\n",
             f'    """{"Coroutine" if prefix else "Blocking"} methods of the ledger, one per '
             'command and readable aggregate."""\n',
-            f"\n    @abstractmethod\n    {submit}:\n"
+            f"\n    @abstractmethod\n    {execute}:\n"
             '        """Run ``command``; its receipt, or raise its refusal."""\n',
             f"\n    @abstractmethod\n    {read}:\n"
             '        """The current state of the ``kind`` aggregate with ``key``."""\n',

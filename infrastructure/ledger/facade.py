@@ -43,7 +43,7 @@ class Ledger(LedgerMethods):
         self.service = service
         self.settings = settings
 
-    def submit(self, command: Command) -> Receipt:
+    def execute(self, command: Command) -> Receipt:
         return self.service.committer.submit(command)
 
     def read(self, kind: type[A], key: Any) -> A:
@@ -78,7 +78,7 @@ class Ledger(LedgerMethods):
             command_class, kind = _late_method(name)
             if command_class is not None:
                 return functools.wraps(command_class)(
-                    lambda *args, **kwargs: self.submit(command_class(*args, **kwargs))
+                    lambda *args, **kwargs: self.execute(command_class(*args, **kwargs))
                 )
             if kind is not None:
                 return lambda key: self.read(kind, key).view()
@@ -97,7 +97,7 @@ class AsyncLedger(AsyncLedgerMethods):
         self.settings = settings
         self._committer = service.committer
 
-    async def submit(self, command: Command) -> Receipt:
+    async def execute(self, command: Command) -> Receipt:
         return await self._committer.submit_async(command)
 
     async def read(self, kind: type[A], key: Any) -> A:
@@ -132,7 +132,7 @@ class AsyncLedger(AsyncLedgerMethods):
             command_class, kind = _late_method(name)
             if command_class is not None:
                 return functools.wraps(command_class)(
-                    lambda *args, **kwargs: self.submit(command_class(*args, **kwargs))
+                    lambda *args, **kwargs: self.execute(command_class(*args, **kwargs))
                 )
             if kind is not None:
 

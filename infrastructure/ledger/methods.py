@@ -43,7 +43,7 @@ class LedgerMethods(ABC):
     """Blocking methods of the ledger, one per command and readable aggregate."""
 
     @abstractmethod
-    def submit(self, command: Command) -> Receipt:
+    def execute(self, command: Command) -> Receipt:
         """Run ``command``; its receipt, or raise its refusal."""
 
     @abstractmethod
@@ -62,7 +62,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
-        return self.submit(
+        return self.execute(
             OpenAccount(
                 owner,
                 currency,
@@ -86,7 +86,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
-        return self.submit(
+        return self.execute(
             Deposit(
                 account_id,
                 amount,
@@ -106,7 +106,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
-        return self.submit(
+        return self.execute(
             Withdraw(
                 account_id,
                 amount,
@@ -128,7 +128,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
-        return self.submit(
+        return self.execute(
             Transfer(
                 source,
                 destination,
@@ -151,7 +151,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
-        return self.submit(
+        return self.execute(
             CloseAccount(
                 account_id,
                 **_given(
@@ -170,7 +170,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-        return self.submit(
+        return self.execute(
             ReceiveStock(
                 sku,
                 quantity,
@@ -191,7 +191,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
-        return self.submit(
+        return self.execute(
             AdjustStock(
                 sku,
                 delta,
@@ -213,7 +213,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order; the receipt names the reservation id."""
-        return self.submit(
+        return self.execute(
             ReserveStock(
                 sku,
                 quantity,
@@ -237,7 +237,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-        return self.submit(
+        return self.execute(
             CommitReservation(
                 sku,
                 reservation_id,
@@ -258,7 +258,7 @@ class LedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
-        return self.submit(
+        return self.execute(
             ReleaseReservation(
                 sku,
                 reservation_id,
@@ -283,7 +283,7 @@ class AsyncLedgerMethods(ABC):
     """Coroutine methods of the ledger, one per command and readable aggregate."""
 
     @abstractmethod
-    async def submit(self, command: Command) -> Receipt:
+    async def execute(self, command: Command) -> Receipt:
         """Run ``command``; its receipt, or raise its refusal."""
 
     @abstractmethod
@@ -302,7 +302,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
-        return await self.submit(
+        return await self.execute(
             OpenAccount(
                 owner,
                 currency,
@@ -326,7 +326,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
-        return await self.submit(
+        return await self.execute(
             Deposit(
                 account_id,
                 amount,
@@ -346,7 +346,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
-        return await self.submit(
+        return await self.execute(
             Withdraw(
                 account_id,
                 amount,
@@ -368,7 +368,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
-        return await self.submit(
+        return await self.execute(
             Transfer(
                 source,
                 destination,
@@ -391,7 +391,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
-        return await self.submit(
+        return await self.execute(
             CloseAccount(
                 account_id,
                 **_given(
@@ -410,7 +410,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-        return await self.submit(
+        return await self.execute(
             ReceiveStock(
                 sku,
                 quantity,
@@ -431,7 +431,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
-        return await self.submit(
+        return await self.execute(
             AdjustStock(
                 sku,
                 delta,
@@ -453,7 +453,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order; the receipt names the reservation id."""
-        return await self.submit(
+        return await self.execute(
             ReserveStock(
                 sku,
                 quantity,
@@ -477,7 +477,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-        return await self.submit(
+        return await self.execute(
             CommitReservation(
                 sku,
                 reservation_id,
@@ -498,7 +498,7 @@ class AsyncLedgerMethods(ABC):
         causation_id: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
-        return await self.submit(
+        return await self.execute(
             ReleaseReservation(
                 sku,
                 reservation_id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from daybook import projections
-from daybook.infrastructure.bootstrap import open_event_log
+from daybook.infrastructure.bootstrap import open_event_log, projection_runner
+from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
@@ -23,22 +23,12 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
-from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.urls import DEFAULT_URL
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("DAYBOOK_URL", DEFAULT_URL),
-        help=f"event store URL (default: $DAYBOOK_URL or {DEFAULT_URL})",
-    )
-    parser.add_argument(
-        "--readmodels-url",
-        default=os.environ.get("DAYBOOK_READMODELS_URL"),
-        help="read-model database URL (default: the event store's database)",
-    )
+    add_url_argument(parser)
+    add_readmodels_argument(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -104,7 +94,8 @@ def _help(parser: argparse.ArgumentParser) -> int:
 def _readmodels(args: argparse.Namespace) -> Iterator[str]:
     """The read-model URL for this command (a scratch database, removed when the command
     ends, for a memory:// event store)."""
-    with ReadModelLocation(args.url, args.readmodels_url) as location:
+    settings = settings_of(args)
+    with ReadModelLocation(settings.url, settings.readmodels_url) as location:
         yield location.url
 
 
@@ -128,27 +119,20 @@ def collector_paused() -> Iterator[None]:
 
 def _run_project(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log = open_event_log(args.url)
-    with _readmodels(args) as url:
-        runner = ProjectionRunner(
-            log,
-            url,
-            projections.ALL,
-            batch_size=args.batch_size,
-            poll_interval=args.poll_interval,
-        )
+    runner = projection_runner(
+        settings_of(args), batch_size=args.batch_size, poll_interval=args.poll_interval
+    )
 
-        def on_signal(signum: int, frame: Any) -> None:
-            print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
-            runner.request_stop()
+    def on_signal(signum: int, frame: Any) -> None:
+        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+        runner.request_stop()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        try:
-            health = runner.run_forever()
-        finally:
-            runner.stop()
-            log.close()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        health = runner.run_forever()
+    finally:
+        runner.stop()
     if health.state is ServiceState.FAILED:
         print(f"daybook project: stopped: {health.error}", file=sys.stderr)
         return 1
@@ -156,7 +140,7 @@ def _run_project(args: argparse.Namespace) -> int:
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    log = open_event_log(args.url)
+    log = open_event_log(settings=settings_of(args))
     try:
         with _readmodels(args) as url, collector_paused():
             result = rebuild(
@@ -186,7 +170,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    log = open_event_log(args.url)
+    log = open_event_log(settings=settings_of(args))
     try:
         with _readmodels(args) as url:
             rows = projection_status(log, url)
@@ -227,7 +211,7 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
-    log = open_event_log(args.url)
+    log = open_event_log(settings=settings_of(args))
     drifted = False
     try:
         for projection in chosen:

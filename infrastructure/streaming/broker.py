@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from daybook.infrastructure import settings
 from daybook.infrastructure.urls import BadURL
 
-DEFAULT_TOPIC = "daybook.events"
-DEFAULT_PARTITIONS = 8
-DEFAULT_BROKER = "kafka://127.0.0.1:9092"
+DEFAULT_TOPIC = settings.DEFAULT_TOPIC
+DEFAULT_PARTITIONS = settings.DEFAULT_PARTITIONS
+DEFAULT_BROKER = settings.DEFAULT_BROKER
 BROKER_ENV = "DAYBOOK_KAFKA_URL"
 
 
 def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dead-letters"
-
-
-def default_broker() -> str:
-    return os.environ.get(BROKER_ENV, DEFAULT_BROKER)
 
 
 def bootstrap_servers(url: str) -> str:

@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from typing import Any
 
+from daybook.infrastructure.bootstrap import outbox_relay, stream_worker_config
+from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
 from daybook.infrastructure.lifecycle import Health, ServiceState
-from daybook.infrastructure.streaming.broker import (
-    BROKER_ENV,
+from daybook.infrastructure.settings import (
+    DEFAULT_BROKER,
+    DEFAULT_GROUP,
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
-    default_broker,
 )
-from daybook.infrastructure.urls import DEFAULT_URL
+from daybook.infrastructure.streaming.broker import BROKER_ENV
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +51,10 @@ def register(subparsers: Any) -> None:
         ),
     )
     _common(worker)
-    worker.add_argument("--group", default="daybook-projections", help="consumer group id")
+    worker.add_argument(
+        "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+    )
+    add_readmodels_argument(worker)
     worker.add_argument("--batch-size", type=int, default=2000)
     worker.add_argument("--batch-wait", type=float, default=0.05, help="seconds to fill a batch")
     worker.add_argument("--port", type=int, default=0, help="faust web port (0: none)")
@@ -60,24 +64,27 @@ def register(subparsers: Any) -> None:
     stream_commands = stream.add_subparsers(dest="stream_command", metavar="COMMAND")
     status = stream_commands.add_parser("status", help="relay cursor and worker partitions")
     _common(status)
-    status.add_argument("--group", default="daybook-projections")
+    status.add_argument(
+        "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+    )
     status.set_defaults(handler=_status)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("DAYBOOK_URL", DEFAULT_URL),
-        help="event store URL (postgresql://...; default: $DAYBOOK_URL)",
-    )
+    add_url_argument(parser)
     parser.add_argument(
         "--broker",
-        default=default_broker(),
-        help=f"Kafka URL, kafka://host:port (default: ${BROKER_ENV} or kafka://127.0.0.1:9092)",
+        help=f"Kafka URL, kafka://host:port (default: ${BROKER_ENV}, else {DEFAULT_BROKER})",
     )
-    parser.add_argument("--topic", default=DEFAULT_TOPIC)
-    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--topic", help=f"the events topic (default: $DAYBOOK_TOPIC, else {DEFAULT_TOPIC})"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        help=f"partitions of the topic (default: $DAYBOOK_PARTITIONS, else {DEFAULT_PARTITIONS})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
 def _logging(args: argparse.Namespace) -> None:
@@ -89,27 +96,15 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_relay(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.streaming.relay import Relay, RelayConfig, rewind
+    from daybook.infrastructure.streaming.relay import rewind
 
     _logging(args)
+    settings = settings_of(args)
     if args.rewind:
-        rewind(args.url, args.topic)
-        print(f"daybook: the relay will re-publish {args.topic} from the start of the log")
+        rewind(settings.url, settings.topic)
+        print(f"daybook: the relay will re-publish {settings.topic} from the start of the log")
         return 0
-    from daybook.infrastructure.bootstrap import open_event_log
-
-    log = open_event_log(args.url)
-    relay = Relay(
-        RelayConfig(
-            store_url=args.url,
-            broker_url=args.broker,
-            topic=args.topic,
-            partitions=args.partitions,
-            batch_size=args.batch_size,
-            poll_interval=args.poll_interval,
-        ),
-        log,
-    )
+    relay = outbox_relay(settings, batch_size=args.batch_size, poll_interval=args.poll_interval)
 
     async def main() -> Health:
         loop = asyncio.get_running_loop()
@@ -120,7 +115,7 @@ def _run_relay(args: argparse.Namespace) -> int:
     try:
         health = asyncio.run(main())
     finally:
-        log.close()
+        relay.close()
     if health.state is ServiceState.FAILED:
         print(f"daybook relay: stopped: {health.error}", file=sys.stderr)
         return 1
@@ -128,21 +123,16 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.streaming.app import WorkerConfig, run_worker
+    from daybook.infrastructure.streaming.app import run_worker
 
     _logging(args)
-    health = run_worker(
-        WorkerConfig(
-            store_url=args.url,
-            broker_url=args.broker,
-            topic=args.topic,
-            partitions=args.partitions,
-            group=args.group,
-            batch_size=args.batch_size,
-            batch_wait=args.batch_wait,
-            web_port=args.port,
-        )
+    config = stream_worker_config(
+        settings_of(args),
+        batch_size=args.batch_size,
+        batch_wait=args.batch_wait,
+        web_port=args.port,
     )
+    health = run_worker(config)
     if health.state is ServiceState.FAILED:
         print(f"daybook worker: stopped: {health.error}", file=sys.stderr)
         return 1
@@ -153,20 +143,21 @@ def _status(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.progress import read_status
     from daybook.infrastructure.streaming.relay import read_cursor
 
-    cursor = read_cursor(args.url, args.topic)
+    settings = settings_of(args)
+    cursor = read_cursor(settings.url, settings.topic)
     if cursor is None:
-        print(f"relay  {args.topic}: never ran")
+        print(f"relay  {settings.topic}: never ran")
     else:
         print(
-            f"relay  {args.topic}: position {cursor.position}, {cursor.partitions} partitions, "
+            f"relay  {settings.topic}: position {cursor.position}, {cursor.partitions} partitions, "
             f"re-published after broker data loss {cursor.republished} time(s)"
         )
-    status = read_status(args.url, args.group, args.topic)
+    status = read_status(settings.url, settings.group, settings.topic)
     if not status:
-        print(f"worker {args.group}: no partition applied yet")
+        print(f"worker {settings.group}: no partition applied yet")
     for part in status:
         print(
-            f"worker {args.group} partition {part.partition}: position {part.position}, "
+            f"worker {settings.group} partition {part.partition}: position {part.position}, "
             f"{part.applied} applied, {part.duplicates} duplicates, state {part.state}"
             + (
                 f", {part.dead_letters} dead letter(s): {part.last_error}"

@@ -126,12 +126,13 @@ class BrokerLostData(Exception):
 class Relay:
     """Publishes the log to Kafka: ``await relay.run()`` until ``relay.stop()``."""
 
-    def __init__(self, config: RelayConfig, log: EventLog) -> None:
+    def __init__(self, config: RelayConfig, log: EventLog, *, owns_log: bool = False) -> None:
         if scheme(config.store_url) != "postgresql":
             raise ValueError("the outbox relay needs a postgresql:// event store")
         self.config = config
         self.stats = RelayStats()
         self._log = log
+        self._owns_log = owns_log
         self._conninfo = postgres_params(config.store_url).conninfo()
         self._bootstrap = bootstrap_servers(config.broker_url)
         self._stopping = asyncio.Event()
@@ -153,6 +154,11 @@ class Relay:
 
     def health(self) -> Health:
         return self.service.health()
+
+    def close(self) -> None:
+        """Release the log, if the relay was given it to own (see ``bootstrap``)."""
+        if self._owns_log:
+            self._log.close()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

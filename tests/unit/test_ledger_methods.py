@@ -49,4 +49,4 @@ def test_every_readable_aggregate_is_a_read_method_of_both_faces() -> None:
 def test_both_faces_have_the_same_methods() -> None:
     public = {n for n in dir(Ledger) if not n.startswith("_")}
     assert public == {n for n in dir(AsyncLedger) if not n.startswith("_")}
-    assert {"submit", "read", "head", "close"} <= public
+    assert {"execute", "read", "head", "close", "health"} <= public
