@@ -30,7 +30,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -293,20 +293,10 @@ class Relay:
         self, producer: AIOKafkaProducer, cursor: RelayCursor, batch: Sequence[Notification]
     ) -> RelayCursor:
         """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
-        decode_state = self._log.mapper.decode_state
         partitions = cursor.partitions
-        chain = list(cursor.chain)
+        planned, chain = plan_messages(batch, cursor.chain, self._log.mapper.decode_state)
         sent: list[tuple[int, asyncio.Future[Any]]] = []
-        for notification in batch:
-            key = envelope.partition_key(notification.originator_id)
-            partition = envelope.partition_for(key, partitions)
-            _, value = envelope.encode(
-                notification.topic,
-                decode_state(notification),
-                notification.id,
-                chain[partition],
-            )
-            chain[partition] = notification.id
+        for partition, key, value in planned:
             future = await producer.send(self.config.topic, value, key=key, partition=partition)
             sent.append((partition, future))
         crash_point("relay.mid_send")
@@ -329,7 +319,7 @@ class Relay:
         moved = replace(
             cursor,
             position=batch[-1].id,
-            chain=tuple(chain),
+            chain=chain,
             next_offsets=tuple(next_offsets),
         )
         if not lost:
@@ -387,6 +377,29 @@ class Relay:
         self.stats.state = f"waiting for {what}"
         self.stats.last_error = f"{type(error).__name__}: {error}"
         log.warning("relay: %s unavailable (%s); retrying", what, self.stats.last_error)
+
+
+def plan_messages(
+    batch: Sequence[Notification],
+    chain: Sequence[int],
+    decode_state: Callable[[Notification], dict[str, Any]],
+) -> tuple[list[tuple[int, bytes | None, bytes]], tuple[int, ...]]:
+    """The messages that publish ``batch`` after ``chain`` (the last position sent to each
+    partition): ``(partition, key, value)`` in order, and the chain after them. Pure: the
+    same log and chain always give the same messages, which is what lets consumers tell a
+    re-published event from a new one."""
+    links = list(chain)
+    partitions = len(links)
+    planned: list[tuple[int, bytes | None, bytes]] = []
+    for notification in batch:
+        key = envelope.partition_key(notification.originator_id)
+        partition = envelope.partition_for(key, partitions)
+        _, value = envelope.encode(
+            notification.topic, decode_state(notification), notification.id, links[partition]
+        )
+        links[partition] = notification.id
+        planned.append((partition, key, value))
+    return planned, tuple(links)
 
 
 # -- the cursor table -------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""A rebuild's switch reaches every follower; an interrupted first build is never served."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import Ledger, open_ledger, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.projections.accounts import ACCOUNT_BALANCES
+from tests.projections.helpers import assert_tables_match, workload
+from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/daybook.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def ledger(db_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(db_url)
+    yield ledger
+    ledger.close()
+
+
+def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
+    ledger: Ledger,
+    db_url: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ids = workload(ledger, 80)
+    caplog.set_level(logging.INFO)
+    with run_projections(ledger, db_url, poll_interval=0.01, start=False) as old:
+        old.run_until_caught_up()
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
+        workload(ledger, 20, seed=3, accounts=ids)
+        old.run_until_caught_up()  # it lets go of version 1, and cannot follow version 2
+        capsys.readouterr()
+        assert main(["projections", "status", "--url", db_url]) == 1
+    out = capsys.readouterr().out
+    assert "cannot follow account_balances version 2" in out
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("cannot follow account_balances version 2" in line for line in logged), logged
+    # The new code deployed: its runner follows version 2, and status is content again.
+    with run_projections(ledger, db_url, poll_interval=0.01, start=False) as new:
+        new.projections = [ACCOUNT_BALANCES_V2]
+        new.run_until_caught_up()
+    assert main(["projections", "status", "--url", db_url]) == 0
+    assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
+
+
+def test_an_interrupted_first_build_is_not_served_and_resumes(ledger: Ledger, db_url: str) -> None:
+    ids = workload(ledger, 150)
+    output = io.StringIO()
+    writes = [0]
+
+    class Interrupted(Exception):
+        pass
+
+    def stream_write(text: str) -> int:
+        writes[0] += 1
+        if writes[0] == 1:
+            raise Interrupted
+        return len(text)
+
+    output.write = stream_write  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES, batch_size=20, stream=output)
+    store = open_store(db_url)
+    try:
+        catalog = VersionCatalog(store)
+        partial = catalog.version("account_balances", 1)
+        assert partial is not None and 0 < partial.position < ledger.head()
+        assert partial.state is VersionState.REBUILDING
+        assert catalog.active_version("account_balances") is None
+    finally:
+        store.close()
+    with ReadModels(db_url) as views, pytest.raises(StaleRead):
+        views.balance(ids[0], timeout=0.05)  # nothing is served from a partial build
+    result = rebuild(
+        event_log_of(ledger), db_url, ACCOUNT_BALANCES, batch_size=20, stream=io.StringIO()
+    )
+    assert result.resumed_from == partial.position
+    assert_tables_match(ledger, db_url, ACCOUNT_BALANCES)
+    with ReadModels(db_url) as views:
+        row = views.balance(ids[0])
+        assert row is not None and row.as_of_position == ledger.head()

@@ -1,0 +1,135 @@
+"""One owner per checkpoint: the in-process runner (a log position) or one stream group (a
+partition vector). Writers refuse what they do not own, the handover converts a checkpoint
+without applying an event twice or skipping one, and a stream version's position is honest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import Ledger, open_ledger, projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.streaming.worker import StreamApplier
+from tests.projections.helpers import assert_tables_match, stored_rows, workload
+from tests.streaming.messages import Stream, of_partitions
+
+pytestmark = pytest.mark.postgres
+
+GROUP, TOPIC = "g", "events"
+
+
+@pytest.fixture
+def ledger(pg_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(pg_url)
+    yield ledger
+    ledger.close()
+
+
+def applier(url: str, partitions: int = 4) -> StreamApplier:
+    return StreamApplier(
+        url, projections.ALL, group=GROUP, topic=TOPIC, partitions=partitions, writer="test"
+    )
+
+
+def snapshot(url: str) -> tuple[dict[str, object], list[tuple[object, ...]]]:
+    tables = {p.name: stored_rows(url, p) for p in projections.ALL}
+    store = open_store(url)
+    try:
+        catalog = [
+            (r.name, r.version, r.state, r.position) for r in VersionCatalog(store).versions()
+        ]
+    finally:
+        store.close()
+    return tables, catalog
+
+
+def test_workers_refuse_versions_the_runner_owns_and_change_nothing(
+    ledger: Ledger, pg_url: str
+) -> None:
+    workload(ledger, 120)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    runner.stop()
+    before = snapshot(pg_url)
+    worker = applier(pg_url)
+    try:
+        with pytest.raises(Exception, match="handover") as refused:
+            worker.apply(Stream(4).publish(ledger))
+    finally:
+        worker.close()
+    message = str(refused.value)
+    assert "runner" in message
+    assert "daybook projections handover account_balances --to stream:g" in message
+    assert getattr(refused.value, "code", None) == "not_owner"
+    assert snapshot(pg_url) == before
+
+
+def uneven(ledger: Ledger, url: str) -> list[object]:
+    """Stream versions whose partitions stand at different positions: 0 and 1 applied
+    through, 2 half-way, 3 not at all."""
+    messages = Stream(4).publish(ledger)
+    two = of_partitions(messages, 2)
+    worker = applier(url)
+    try:
+        worker.apply(of_partitions(messages, 0, 1))
+        worker.apply(two[: len(two) // 2])
+    finally:
+        worker.close()
+    return messages  # type: ignore[return-value]
+
+
+def test_a_runner_leaves_a_stream_version_alone_until_it_is_handed_over(
+    ledger: Ledger, pg_url: str
+) -> None:
+    workload(ledger, 200)
+    uneven(ledger, pg_url)
+    before = snapshot(pg_url)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    assert snapshot(pg_url) == before  # refused: not its checkpoint
+    names = [p.name for p in projections.ALL]
+    handover = ["projections", "handover", *names, "--to", "runner", "--url", pg_url]
+    assert main([*handover, "--topic", TOPIC, "--partitions", "4"]) == 0
+    workload(ledger, 60, seed=5)
+    runner.run_until_caught_up()
+    runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def test_reconcile_checks_a_healthy_stream_version_at_its_vector(
+    ledger: Ledger, pg_url: str
+) -> None:
+    workload(ledger, 200)
+    uneven(ledger, pg_url)
+    before = snapshot(pg_url)
+    for projection in projections.ALL:
+        report = reconcile(event_log_of(ledger), pg_url, projection)
+        assert report.clean, [d.describe() for d in report.drifts]
+    assert main(["reconcile", "--url", pg_url, "--repair"]) == 0
+    assert snapshot(pg_url) == before
+
+
+def test_idle_partitions_do_not_hold_back_a_stream_version(ledger: Ledger, pg_url: str) -> None:
+    accounts = [ledger.open_account(f"o{i}", "EUR").account_id for i in range(3)]
+    for n in range(30):
+        ledger.deposit(accounts[n % 3], 10 + n)
+    stream = Stream(8)
+    messages = stream.publish(ledger)
+    assert len({m.partition for m in messages}) <= 3  # five or more of the eight are idle
+    worker = applier(pg_url, partitions=8)
+    try:
+        worker.apply(messages)
+    finally:
+        worker.close()
+    head = ledger.head()
+    with ReadModels(pg_url, log=event_log_of(ledger)) as views:
+        row = views.balance(accounts[0], min_position=head, timeout=2.0)
+        assert row is not None and row.as_of_position == head and row.lag_events == 0

@@ -1,0 +1,73 @@
+"""The reconciler at a position: bounded memory, repairs that end in exit 0, business keys."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import Ledger, open_ledger, projections, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.projections.inventory import LEVELS
+from tests.projections.helpers import assert_tables_match, workload
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def ledger(pg_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(pg_url)
+    yield ledger
+    ledger.close()
+
+
+def test_repair_exits_0_once_everything_is_repaired_and_names_skus(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload(ledger, 120)
+    with run_projections(ledger, pg_url, start=False) as runner:
+        runner.run_until_caught_up()
+    store = open_store(pg_url)
+    store.execute(f"UPDATE {LEVELS.physical_name(1)} SET on_hand = on_hand + 3 WHERE sku = 'SKU-2'")
+    store.close()
+    assert main(["reconcile", "inventory_levels", "--url", pg_url]) == 1
+    assert "SKU-2" in capsys.readouterr().out
+    assert main(["reconcile", "--url", pg_url, "--repair"]) == 0
+    assert "repaired" in capsys.readouterr().out
+    assert main(["reconcile", "--url", pg_url]) == 0
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def _peak(ledger: Ledger, url: str) -> int:
+    runner = ProjectionRunner(event_log_of(ledger), url, projections.ALL, batch_size=5000)
+    runner.run_until_caught_up()
+    runner.stop()
+    tracemalloc.start()
+    try:
+        for projection in projections.ALL:
+            assert reconcile(event_log_of(ledger), url, projection).clean
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_reconcilers_memory_does_not_grow_with_the_log(pg_url: str, pg_admin_url: str) -> None:
+    from scripts.bench_projections import write_log
+
+    ledger = open_ledger(pg_url)
+    try:
+        write_log(pg_url, ledger, 10_000, accounts=500, chunk=5_000)
+        small = _peak(ledger, pg_url)
+        write_log(pg_url, ledger, 100_000, accounts=500, chunk=20_000)
+        large = _peak(ledger, pg_url)
+    finally:
+        ledger.close()
+    # Ten times the log, not ten times the memory: what grows is bounded by batch and cache
+    # sizes, not by the number of events or rows.
+    assert large < small * 2, (small, large)
