@@ -24,6 +24,7 @@ MONEY = Table(
         Column("transfer_volume", "bigint"),
     ),
     key=("day", "currency"),
+    summed=True,
 )
 
 STOCK = Table(
@@ -35,6 +36,7 @@ STOCK = Table(
         Column("released", "bigint"),
     ),
     key=("day",),
+    summed=True,
 )
 
 #: Money events carry no currency; the projection remembers each account's.

@@ -35,6 +35,7 @@ LEVELS = Table(
     ),
     key=("inventory_id",),
     indexes=(("sku",),),
+    label=("sku",),
 )
 
 

@@ -111,25 +111,46 @@ class Column:
     nullable: bool = False
 
 
+#: The column a summed table's stored rows carry besides its own (see ``Table.summed``).
+SHARD = "shard"
+
+
 @dataclass(frozen=True)
 class Table:
     """A read-model table. ``append_only`` tables are only ever inserted into, never read
-    or changed by their handlers, so runners may stream them (COPY) without caching."""
+    or changed by their handlers, so runners may stream them (COPY) without caching.
+
+    ``summed`` tables hold totals over many aggregates (daily volumes): every column outside
+    the key is a count or a sum. Runners may then store each key's row in shards (one per
+    stream partition, say, so that workers never write the same row) and readers add the
+    shards up: the rows read are the same either way. ``label`` names the columns that tell a
+    person which row this is when the key does not (a SKU rather than its inventory id)."""
 
     name: str
     columns: tuple[Column, ...]
     key: tuple[str, ...]
     append_only: bool = False
     indexes: tuple[tuple[str, ...], ...] = ()
+    summed: bool = False
+    label: tuple[str, ...] = ()
 
     #: Derived once (runners ask for them for every row they touch).
     column_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     #: ``row -> primary key``, in ``key`` order.
     key_of: Callable[[Mapping[str, Value]], Key] = field(init=False, repr=False, compare=False)
 
+    #: The table as stored: a summed table's rows with their shard in the key.
+    stored: Table = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "column_names", tuple(c.name for c in self.columns))
         object.__setattr__(self, "key_of", _key_getter(self.key))
+        stored = self
+        if self.summed:
+            columns = (*self.columns, Column(SHARD, "bigint"))
+            stored = Table(self.name, columns, (*self.key, SHARD), indexes=self.indexes)
+        object.__setattr__(self, "stored", stored)
+
 
     def physical_name(self, version: int) -> str:
         """The table's name in the database for one projection version (blue/green)."""

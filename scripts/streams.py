@@ -185,6 +185,8 @@ def follow_chain(
     for messages in seen.values():
         last = 0
         for message in messages:
+            if message.is_mark:
+                continue
             step = classify(last, message.position, message.prev)
             if step is Step.APPLY:
                 applied.append(message.position)

@@ -22,149 +22,20 @@ does. Both paths run the same definitions, so they build identical tables.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog, RawEvent
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
-from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, Slot, _moved
+from daybook.infrastructure.readmodels.checkpoints import RUNNER
+from daybook.infrastructure.readmodels.engine import BulkRows, Slot, TablePlan, apply_fast
+from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, _moved
 from daybook.infrastructure.readmodels.store import ReadStore
-from daybook.projections.model import (
-    Handler,
-    Key,
-    LogEvent,
-    Projection,
-    Row,
-    Table,
-    Value,
-    iso_time,
-)
+from daybook.projections.model import Projection, iso_time
 
 log = logging.getLogger(__name__)
-
-_ABSENT: Any = object()
-
-#: One table's share of a batch: the table, new rows, changed rows, deleted keys.
-_TablePlan = tuple[Table, list[Sequence[Value]], list[Sequence[Value]], list[Key]]
-
-
-class RowShapeError(ValueError):
-    """A handler put a row whose columns are not exactly its table's."""
-
-
-class BulkRows:
-    """The ``Rows`` handlers see in a bulk batch: writes buffered over the slot's committed
-    row cache, nothing else per call."""
-
-    def __init__(self, slot: Slot, store: ReadStore) -> None:
-        self.slot = slot
-        self.store = store
-        cache = slot.cache
-        self._tables = {t.name: t for t in slot.projection.tables}
-        #: table -> key -> row (None: deleted), for tables handlers read and change.
-        self.writes: dict[str, dict[Key, Row | None]] = {}
-        #: table -> rows, for append-only tables.
-        self.appended: dict[str, list[Row]] = {}
-        self._committed: dict[str, dict[Key, Row | None]] = {}
-        #: table -> (its writes, its key column if it has only one, its key function)
-        self._put: dict[str, tuple[dict[Key, Row | None], str, Callable[[Row], Key]]] = {}
-        for table in slot.projection.tables:
-            if table.append_only:
-                self.appended[table.name] = []
-                continue
-            writes: dict[Key, Row | None] = {}
-            self.writes[table.name] = writes
-            self._committed[table.name] = cache.rows[table.name]
-            single = table.key[0] if len(table.key) == 1 else ""
-            self._put[table.name] = (writes, single, table.key_of)
-
-    def get(self, table: str, key: Key) -> Row | None:
-        row = self.writes[table].get(key, _ABSENT)
-        if row is _ABSENT:
-            row = self._committed[table].get(key, _ABSENT)
-            if row is _ABSENT:
-                row = self._miss(table, key)
-        return row  # type: ignore[no-any-return]
-
-    def _miss(self, table: str, key: Key) -> Row | None:
-        spec = self._tables[table]
-        if spec.append_only or self.slot.cache.complete.get(table):
-            return None
-        row = self.store.fetch(spec, self.slot.projection.version, key)
-        self._committed[table][key] = row
-        return row
-
-    def put(self, table: str, row: Row) -> None:
-        target = self._put.get(table)
-        if target is None:
-            self.appended[table].append(row)
-        else:
-            writes, single, key_of = target
-            writes[(row[single],) if single else key_of(row)] = row
-
-    def delete(self, table: str, key: Key) -> None:
-        self.writes[table][key] = None
-
-    def plan(self) -> list[_TablePlan]:
-        """What ``write`` will send, per table. Raises ``RowShapeError`` if a row's columns
-        are not exactly its table's."""
-        # Checked once per row written rather than at every put: a row replaced later in
-        # the batch is never written, and a bad column carried forward by ``{**row, ...}``
-        # is still seen. (Only a bad row that a later put rebuilds from scratch goes
-        # unnoticed, where the careful path would have parked its event.)
-        return [self._plan(name) for name in self._tables]
-
-    def write(self, plans: list[_TablePlan]) -> None:
-        """Write the batch (inside the caller's transaction)."""
-        version = self.slot.projection.version
-        for table, inserts, upserts, deletes in plans:
-            self.store.insert_values(table, version, inserts)
-            self.store.upsert_values(table, version, upserts)
-            self.store.delete(table, version, deletes)
-
-    def _plan(self, name: str) -> _TablePlan:
-        table = self._tables[name]
-        names = table.column_names
-        inserts: list[Sequence[Value]] = []
-        upserts: list[Sequence[Value]] = []
-        deletes: list[Key] = []
-        if table.append_only:
-            for row in self.appended[name]:
-                # Rows are usually built in column order: then the check and the values
-                # are two C-level calls.
-                inserts.append(tuple(row.values()) if tuple(row) == names else _values(table, row))
-            return table, inserts, upserts, deletes
-        # Rows the cache knows are absent (a complete table, or a fetched miss) are new:
-        # COPY them. Rows it holds, or cannot vouch for, are upserted.
-        committed = self._committed[name]
-        complete = bool(self.slot.cache.complete.get(name))
-        for key, written in self.writes[name].items():
-            before = committed.get(key, _ABSENT)
-            known_absent = before is None or (before is _ABSENT and complete)
-            if written is None:
-                if not known_absent:
-                    deletes.append(key)
-                continue
-            values = tuple(written.values()) if tuple(written) == names else _values(table, written)
-            (inserts if known_absent else upserts).append(values)
-        return table, inserts, upserts, deletes
-
-    def merge_into_cache(self) -> None:
-        cache = self.slot.cache
-        for table, writes in self.writes.items():
-            cache.rows[table].update(writes)
-        if cache.size() > cache.limit:
-            cache.clear()
-
-
-def _values(table: Table, row: Row) -> list[Value]:
-    """``row``'s values in column order, if it has exactly the table's columns."""
-    if len(row) != len(table.column_names) or not all(n in row for n in table.column_names):
-        msg = f"{table.name} row must have exactly the columns {sorted(table.column_names)}"
-        raise RowShapeError(msg)
-    return [row[n] for n in table.column_names]
 
 
 class LostSlot(Exception):
@@ -241,7 +112,7 @@ class BulkRunner(ProjectionRunner):
         raw = self._read(start)
         if not raw:
             self._land()
-            self._switch_caught_up(store)
+            self._switch_caught_up(store, start)
             return 0
         # The tracking row keeps the time of the last event read, wanted or not.
         (final,) = self.log.decoder.decode(raw[-1:])
@@ -256,7 +127,7 @@ class BulkRunner(ProjectionRunner):
             if slot.record.position < last
         ]
         try:
-            _run(self.decoder.iterate(raw), batches)
+            apply_fast(self.decoder.iterate(raw), batches)
             plans = [rows.plan() for _, rows in batches]
         except Exception:  # a handler failed or put a bad row: the careful path decides
             if not self._land():
@@ -281,7 +152,7 @@ class BulkRunner(ProjectionRunner):
                 slot.attempts = {p: n for p, n in slot.attempts.items() if p > last}
         if len(raw) < self.batch_size:
             self._land()
-            self._switch_caught_up(store)
+            self._switch_caught_up(store, last)
         return len(raw)
 
     def _read(self, start: int) -> list[RawEvent]:
@@ -325,7 +196,7 @@ class BulkRunner(ProjectionRunner):
 def _write(
     store: ReadStore,
     batches: list[tuple[Slot, BulkRows]],
-    plans: list[list[_TablePlan]],
+    plans: list[list[TablePlan]],
     expected: list[tuple[tuple[str, int], int, int]],
     last: int,
     last_at: str,
@@ -336,8 +207,10 @@ def _write(
     with store.transaction():
         for (_, rows), plan, (key, position, epoch) in zip(batches, plans, expected, strict=True):
             current = catalog.version(*key, lock=True)
-            if current is None or not current.state.writable:
+            if current is None or not current.state.writable or current.owner != RUNNER:
                 state = "absent" if current is None else current.state.value
+                if current is not None and current.owner != RUNNER:
+                    state = f"handed over to {current.owner}"
                 msg = f"projection {key[0]} v{key[1]} is {state}"
                 raise LostSlot(msg)
             if current.position != position or current.epoch != epoch:
@@ -345,32 +218,3 @@ def _write(
                 raise LostSlot(msg)
             rows.write(plan)
             catalog.set_position(*key, last, last_at)
-
-
-def _run(events: Iterable[LogEvent], batches: list[tuple[Slot, BulkRows]]) -> None:
-    """Apply ``events`` in log order, each to every projection that handles its type."""
-    if not batches:
-        return
-    start = min(slot.record.position for slot, _ in batches)
-    dispatch: dict[str, list[tuple[Handler, BulkRows]]] = {}
-    for slot, rows in batches:
-        after = slot.record.position
-        for name, handler in slot.projection.handlers.items():
-            if after > start:
-                handler = _after(after, handler)
-            dispatch.setdefault(name, []).append((handler, rows))
-    nothing: list[tuple[Handler, BulkRows]] = []
-    get = dispatch.get
-    for event in events:
-        for handler, rows in get(event.type, nothing):
-            handler(event, rows)
-
-
-def _after(position: int, handler: Handler) -> Handler:
-    """``handler`` for a projection that has already applied events up to ``position``."""
-
-    def guarded(event: LogEvent, rows: Any) -> None:
-        if event.position > position:
-            handler(event, rows)
-
-    return guarded

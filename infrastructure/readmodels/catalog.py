@@ -2,10 +2,13 @@
 
 Tables shared by every projection:
 
-- ``daybook_projection_versions``: one row per (projection, version): its state, the log
-  position its tables reflect and an ``epoch`` bumped whenever rows are changed by anything
-  other than the runner (reconciler repairs), so a runner knows to drop its row cache.
-- ``daybook_read_models``: which version of each projection serves reads.
+- ``daybook_projection_versions``: one row per (projection, version): its state, its owner
+  (``checkpoints``: the runner, whose checkpoint is ``position``, or one stream group, whose
+  checkpoint is a partition vector), and an ``epoch`` bumped whenever rows are changed by
+  anything but the owner's writers (a repair, a handover), so writers drop their row caches;
+  ``note`` says when a follower cannot follow it (its code defines an older version).
+- ``daybook_read_models``: which version of each projection serves reads (none until its
+  first version has been built up to the head: a partial build is never served).
 - ``daybook_dead_letters`` and ``daybook_reconcile_log`` (``dead_letters``,
   ``reconcile_log``), created with them.
 
@@ -23,6 +26,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from daybook.infrastructure.readmodels.checkpoints import (
+    RUNNER,
+    create_progress_table,
+    group_of,
+    read_vector,
+)
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
@@ -59,10 +68,10 @@ class VersionState(enum.Enum):
         return self in (VersionState.LIVE, VersionState.REBUILDING)
 
     @staticmethod
-    def registered(*, serving: bool) -> VersionState:
-        """A new version: live if it is its projection's first (it serves at once), else
-        rebuilding beside the one that serves."""
-        return VersionState.LIVE if serving else VersionState.REBUILDING
+    def registered() -> VersionState:
+        """A new version is built from the log before it serves reads, the first version of
+        a projection too (an interrupted first build must not be served as if complete)."""
+        return VersionState.REBUILDING
 
     def activated(self) -> VersionState:
         """Reads switch to this version: it has caught up with the log."""
@@ -79,7 +88,8 @@ class VersionState(enum.Enum):
     def resumed(self, *, serving: bool) -> VersionState:
         """The cause was fixed: the version tries its parked events again, as live if it
         serves reads, else as rebuilding."""
-        return self._move("resume", VersionState.registered(serving=serving), VersionState.STOPPED)
+        to = VersionState.LIVE if serving else VersionState.REBUILDING
+        return self._move("resume", to, VersionState.STOPPED)
 
     def _move(self, operation: str, to: VersionState, *allowed: VersionState) -> VersionState:
         if self not in allowed:
@@ -97,6 +107,17 @@ class VersionRecord:
     last_event_at: str | None
     updated_at: str
     error: str | None
+    #: ``runner`` or ``stream:GROUP`` (see ``checkpoints``).
+    owner: str = RUNNER
+    #: A stream owner's topic and partition count.
+    topic: str | None = None
+    partitions: int | None = None
+    #: Why a follower cannot follow this version (None: nothing to say).
+    note: str | None = None
+
+    @property
+    def group(self) -> str | None:
+        return group_of(self.owner)
 
 
 def version_lock_key(name: str, version: int) -> int:
@@ -105,12 +126,33 @@ def version_lock_key(name: str, version: int) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_COLUMNS = "name, version, state, position, epoch, last_event_at, updated_at, error"
+_COLUMNS = (
+    "name, version, state, position, epoch, last_event_at, updated_at, error,"
+    " owner, topic, partitions, note"
+)
 
 
 def _record(row: tuple[Any, ...]) -> VersionRecord:
-    name, version, state, *rest = row
-    return VersionRecord(name, int(version), VersionState(state), *rest)
+    name, version, state, position, epoch, *rest, partitions, note = row
+    return VersionRecord(
+        name,
+        int(version),
+        VersionState(state),
+        int(position),
+        int(epoch),
+        *rest,
+        None if partitions is None else int(partitions),
+        note,
+    )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a version stands, whoever owns it: every event up to ``position`` is applied;
+    ``includes_later``: some events after it are too (a stream partition ahead)."""
+
+    position: int
+    includes_later: bool = False
 
 
 class VersionCatalog:
@@ -136,6 +178,10 @@ class VersionCatalog:
                 "CREATE TABLE IF NOT EXISTS daybook_read_models ("
                 " name TEXT PRIMARY KEY, active_version BIGINT NOT NULL, switched_at TEXT NOT NULL)"
             )
+            for column in ("owner TEXT NOT NULL DEFAULT 'runner'", "topic TEXT",
+                           "partitions BIGINT", "note TEXT"):  # fmt: skip
+                store.add_column("daybook_projection_versions", column)
+            create_progress_table(store)
             DeadLetters(store).create_table()
             ReconcileLog(store).create_table()
 
@@ -149,10 +195,17 @@ class VersionCatalog:
             params.append(name)
         return [_record(row) for row in self.store.execute(sql + " ORDER BY name, version", params)]
 
-    def version(self, name: str, version: int, *, lock: bool = False) -> VersionRecord | None:
-        """The version's row; ``lock``: locked until the transaction ends."""
+    def version(
+        self, name: str, version: int, *, lock: bool = False, share: bool = False
+    ) -> VersionRecord | None:
+        """The version's row; ``lock``: locked until the transaction ends; ``share``: the
+        same, but shared with other sharers (stream workers of one group)."""
         sql = f"SELECT {_COLUMNS} FROM daybook_projection_versions WHERE name = %s AND version = %s"
-        rows = self.store.execute(self.store.locking(sql) if lock else sql, (name, version))
+        if lock:
+            sql = self.store.locking(sql)
+        elif share:
+            sql = self.store.sharing(sql)
+        rows = self.store.execute(sql, (name, version))
         return _record(rows[0]) if rows else None
 
     def active_versions(self) -> dict[str, int]:
@@ -167,11 +220,26 @@ class VersionCatalog:
 
     # -- registering and moving --------------------------------------------------------------
 
-    def register(self, projection: Projection) -> VersionRecord | None:
-        """Make sure ``projection``'s version exists, with its tables: the first version of a
-        projection goes live at once; a newer one starts rebuilding beside the active one. An
-        older version than the active one is not recreated (returns None unless it still
-        exists)."""
+    def checkpoint(self, record: VersionRecord) -> Checkpoint:
+        """The version's checkpoint in this transaction's snapshot."""
+        group = record.group
+        if group is None or record.topic is None or not record.partitions:
+            return Checkpoint(record.position)
+        vector = read_vector(self.store, group, record.topic, record.partitions)
+        return Checkpoint(vector.position, vector.includes_later)
+
+    def register(
+        self,
+        projection: Projection,
+        *,
+        owner: str = RUNNER,
+        topic: str | None = None,
+        partitions: int | None = None,
+    ) -> VersionRecord | None:
+        """Make sure ``projection``'s version exists, with its tables, owned by ``owner`` if
+        it is new. A new version is built beside the active one (the first version of a
+        projection too) and serves once it has caught up. An older version than the active
+        one is not recreated (returns None unless it still exists)."""
         store = self.store
         with store.transaction():
             store.ddl_guard()
@@ -182,18 +250,15 @@ class VersionCatalog:
             if active is not None and active > projection.version:
                 return None
             store.create_tables(projection)
-            state = VersionState.registered(serving=active is None)
+            state = VersionState.registered()
             tables = [t.physical_name(projection.version) for t in projection.tables]
             store.execute(
                 "INSERT INTO daybook_projection_versions (name, version, state, position,"
-                " epoch, updated_at, tables) VALUES (%s, %s, %s, 0, 0, %s, %s)",
-                (projection.name, projection.version, state.value, now_text(), json.dumps(tables)),
-            )
-            if active is None:
-                store.execute(
-                    "INSERT INTO daybook_read_models VALUES (%s, %s, %s)",
-                    (projection.name, projection.version, now_text()),
-                )
+                " epoch, updated_at, tables, owner, topic, partitions)"
+                " VALUES (%s, %s, %s, 0, 0, %s, %s, %s, %s, %s)",
+                (projection.name, projection.version, state.value, now_text(),
+                 json.dumps(tables), owner, topic, partitions),
+            )  # fmt: skip
             return self.version(projection.name, projection.version)
 
     def set_position(
@@ -206,6 +271,31 @@ class VersionCatalog:
             " last_event_at = COALESCE(%s, last_event_at), updated_at = %s"
             " WHERE name = %s AND version = %s",
             (position, last_event_at, now_text(), name, version),
+        )
+
+    def set_owner(
+        self,
+        name: str,
+        version: int,
+        owner: str,
+        *,
+        position: int,
+        topic: str | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """Hand the version to ``owner`` (in the handover's transaction, which converted
+        the checkpoint); writers' caches are dropped (the epoch moves)."""
+        self.store.execute(
+            "UPDATE daybook_projection_versions SET owner = %s, topic = %s, partitions = %s,"
+            " position = %s, epoch = epoch + 1, updated_at = %s WHERE name = %s AND version = %s",
+            (owner, topic, partitions, position, now_text(), name, version),
+        )
+
+    def set_note(self, name: str, version: int, note: str | None) -> None:
+        """Say (or, with None, stop saying) why a follower cannot follow this version."""
+        self.store.execute(
+            "UPDATE daybook_projection_versions SET note = %s WHERE name = %s AND version = %s",
+            (note, name, version),
         )
 
     def bump_epoch(self, name: str, version: int) -> None:
@@ -228,11 +318,17 @@ class VersionCatalog:
                 if replaced is not None:
                     moves.append((replaced, replaced.state.retired()))
             # Every move was allowed: now write them.
-            self.store.execute(
-                "UPDATE daybook_read_models SET active_version = %s, switched_at = %s"
-                " WHERE name = %s",
-                (version, now_text(), name),
-            )
+            if previous is None:
+                self.store.execute(
+                    "INSERT INTO daybook_read_models VALUES (%s, %s, %s)",
+                    (name, version, now_text()),
+                )
+            else:
+                self.store.execute(
+                    "UPDATE daybook_read_models SET active_version = %s, switched_at = %s"
+                    " WHERE name = %s",
+                    (version, now_text(), name),
+                )
             for moved, state in moves:
                 self._set_state(moved.name, moved.version, state)
             return previous

@@ -20,6 +20,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionState,
 )
+from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
@@ -62,6 +63,24 @@ def register(subparsers: Any) -> None:
     status = commands.add_parser("status", help="version, position, lag and state of each")
     _common(status)
     status.set_defaults(handler=_run_status)
+
+    hand = commands.add_parser(
+        "handover",
+        help="hand projections to the runner or to a stream group, converting the checkpoint",
+        description=(
+            "Each projection version has one owner: the in-process runner (`--to runner`) or "
+            "the workers of one consumer group (`--to stream:GROUP`). The handover converts "
+            "the checkpoint (a log position, a partition vector) in one transaction, applying "
+            "from the log what the new one needs: no event is applied twice or skipped. "
+            "Writers of the old owner let go at their next batch."
+        ),
+    )
+    _common(hand)
+    hand.add_argument("names", nargs="+", metavar="NAME", choices=[p.name for p in projections.ALL])
+    hand.add_argument("--to", required=True, help="runner, or stream:GROUP")
+    hand.add_argument("--topic", help="the events topic (default: $DAYBOOK_TOPIC)")
+    hand.add_argument("--partitions", type=int, help="its partitions ($DAYBOOK_PARTITIONS)")
+    hand.set_defaults(handler=_run_handover)
 
     resume = commands.add_parser("resume", help="retry a projection stopped on a dead letter")
     _common(resume)
@@ -177,19 +196,51 @@ def _run_status(args: argparse.Namespace) -> int:
     finally:
         log.close()
     print(
-        f"{'projection':<20} {'ver':>3} {'serving':<7} {'state':<10} {'position':>10} "
-        f"{'head':>10} {'lag':>8} {'lag s':>8} {'dead':>4}"
+        f"{'projection':<20} {'ver':>3} {'serving':<7} {'state':<10} {'owner':<16} "
+        f"{'position':>10} {'head':>10} {'lag':>8} {'lag s':>8} {'dead':>4}"
     )
     for row in rows:
+        position = f"{row.position}{'+' if row.includes_later else ''}"
         print(
             f"{row.name:<20} {row.version:>3} {'yes' if row.active else '':<7} "
-            f"{row.state.value:<10} "
-            f"{row.position:>10} {row.head:>10} {row.lag_events:>8} {row.lag_seconds:>8.1f} "
+            f"{row.state.value:<10} {row.owner:<16} "
+            f"{position:>10} {row.head:>10} {row.lag_events:>8} {row.lag_seconds:>8.1f} "
             f"{row.dead_letters:>4}"
         )
         if row.error:
             print(f"    {row.error}")
-    return 1 if any(r.state is VersionState.STOPPED and r.active for r in rows) else 0
+        if row.note:
+            print(f"    {row.note}")
+    if any(row.includes_later for row in rows):
+        print("(+: some events after that position are applied too, by partitions ahead)")
+    stopped = any(r.state is VersionState.STOPPED and r.active for r in rows)
+    unfollowed = any(r.note and r.active for r in rows)
+    return 1 if stopped or unfollowed else 0
+
+
+def _run_handover(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    chosen = [projections.by_name(name) for name in dict.fromkeys(args.names)]
+    log = open_event_log(settings=settings)
+    try:
+        with _readmodels(args) as url:
+            handed = handover(
+                log, url, chosen, args.to, topic=settings.topic, partitions=settings.partitions
+            )
+    except HandoverRefused as refused:
+        print(f"daybook: {refused}", file=sys.stderr)
+        return 1
+    finally:
+        log.close()
+    for item in handed:
+        if item.previous_owner == item.owner:
+            print(f"{item.name} v{item.version}: already owned by {item.owner}")
+            continue
+        print(
+            f"{item.name} v{item.version}: handed from {item.previous_owner} to {item.owner} "
+            f"at position {item.position} ({item.applied} events applied from the log)"
+        )
+    return 0
 
 
 def _run_resume(args: argparse.Namespace) -> int:

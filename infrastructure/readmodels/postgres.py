@@ -82,6 +82,9 @@ class PostgresStore(ReadStore):
     def locking(self, select: str) -> str:
         return f"{select} FOR UPDATE"
 
+    def sharing(self, select: str) -> str:
+        return f"{select} FOR SHARE"
+
     def head_position(self) -> int | None:
         rows = self.execute("SELECT to_regclass('daybook_events') IS NOT NULL")
         if not rows[0][0]:
@@ -89,6 +92,9 @@ class PostgresStore(ReadStore):
         return int(
             self.execute("SELECT COALESCE(max(notification_id), 0) FROM daybook_events")[0][0]
         )
+
+    def add_column(self, table: str, definition: str) -> None:
+        self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {definition}")
 
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.UndefinedTable)
@@ -100,7 +106,7 @@ class PostgresStore(ReadStore):
         rows = self.execute(
             f"SELECT substr(md5({key_text}), 1, 2), count(*),"
             f" sum(('x' || substr(md5({row_text}), 1, 15))::bit(60)::bigint)"
-            f" FROM {table.physical_name(version)} GROUP BY 1"
+            f" FROM {self.source(table, version)} GROUP BY 1"
         )
         return {bucket: (int(count), int(total)) for bucket, count, total in rows}
 

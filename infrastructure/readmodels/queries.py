@@ -1,9 +1,12 @@
 """Queries on read models, each answer saying which log position it reflects.
 
-Every answer is read in one snapshot together with the tracking position of the version that
-serves reads, so ``as_of_position`` is exact: the answer contains every event up to it and
-none after. ``lag_events`` is how many log positions the head is ahead (``None`` when the
-event log is not reachable from here). ``min_position`` waits for read-your-writes.
+Every answer is read in one snapshot together with the checkpoint of the version that serves
+reads. ``as_of_position`` is the largest position such that the answer contains every event up
+to it. For a version the in-process runner owns, it contains none after; for one a stream
+group owns, events after it may be partly included (a partition ahead of another), and the
+answer says so (``includes_later``). ``lag_events`` is how many log positions the head is
+ahead (``None`` when the event log is not reachable from here). ``min_position`` waits for
+read-your-writes.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ class StaleRead(Exception):
 
     code: ClassVar[str] = "stale_read"
 
-    def __init__(self, projection: str, wanted: int, reached: int, timeout: float) -> None:
-        super().__init__(
-            f"read model {projection} reached log position {reached}, not {wanted}, "
-            f"within {timeout}s; retry later or raise the timeout"
-        )
+    def __init__(
+        self, projection: str, wanted: int, reached: int, timeout: float, *, built: bool = True
+    ) -> None:
+        if built:
+            text = f"read model {projection} reached log position {reached}, not {wanted}, "
+        else:
+            text = f"read model {projection} is still being built (no version serves yet), "
+        super().__init__(f"{text}within {timeout}s; retry later or raise the timeout")
         self.projection = projection
         self.wanted = wanted
         self.reached = reached
@@ -60,6 +66,8 @@ class Balance:
     last_event_at: str
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class Stock:
     last_event_at: str
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class Statement:
     entries: tuple[Entry, ...]
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,8 @@ class Activity:
     days: tuple[DayActivity, ...]
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class Answer(Generic[T]):
     value: T
     as_of_position: int
     lag_events: int | None
+    includes_later: bool = False
 
 
 class ReadModels:
@@ -141,7 +156,7 @@ class ReadModels:
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(BALANCES, version, (key,))
 
-        row, position, lag = self._read("account_balances", read, min_position, timeout)
+        row, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
         if row is None:
             return None
         return Balance(
@@ -157,6 +172,7 @@ class ReadModels:
             last_event_at=_text(row, "last_event_at"),
             as_of_position=position,
             lag_events=lag,
+            includes_later=later,
         )
 
     def stock(
@@ -168,7 +184,7 @@ class ReadModels:
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(LEVELS, version, (key,))
 
-        row, position, lag = self._read("inventory_levels", read, min_position, timeout)
+        row, position, lag, later = self._read_at("inventory_levels", read, min_position, timeout)
         if row is None:
             return None
         return Stock(
@@ -180,6 +196,7 @@ class ReadModels:
             last_event_at=_text(row, "last_event_at"),
             as_of_position=position,
             lag_events=lag,
+            includes_later=later,
         )
 
     def statement(
@@ -202,7 +219,7 @@ class ReadModels:
                 params.append(before_seq)
             return store.select(STATEMENT, version, where, params, "seq DESC", limit)
 
-        rows, position, lag = self._read("account_statement", read, min_position, timeout)
+        rows, position, lag, later = self._read_at("account_statement", read, min_position, timeout)
         entries = tuple(
             Entry(
                 seq=_int(row, "seq"),
@@ -216,7 +233,7 @@ class ReadModels:
             )
             for row in rows
         )
-        return Statement(UUID(key), entries, position, lag)
+        return Statement(UUID(key), entries, position, lag, later)
 
     def daily_activity(
         self,
@@ -236,7 +253,9 @@ class ReadModels:
             stock = store.select(STOCK, version, "day >= %s AND day <= %s", bounds, "day")
             return money, stock
 
-        (money, stock), position, lag = self._read("daily_activity", read, min_position, timeout)
+        (money, stock), position, lag, later = self._read_at(
+            "daily_activity", read, min_position, timeout
+        )
         by_day: dict[str, dict[str, Any]] = {}
         for row in money:
             day = by_day.setdefault(str(row["day"]), {"money": {}, "stock": None})
@@ -257,7 +276,7 @@ class ReadModels:
                     int(units.get("released") or 0),
                 )
             )
-        return Activity(tuple(result), position, lag)
+        return Activity(tuple(result), position, lag, later)
 
     def row(
         self,
@@ -275,8 +294,8 @@ class ReadModels:
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(spec, version, key)
 
-        found, position, lag = self._read(projection.name, read, min_position, timeout)
-        return Answer(found, position, lag)
+        found, position, lag, later = self._read_at(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag, later)
 
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""
@@ -292,6 +311,17 @@ class ReadModels:
         min_position: int | None,
         timeout: float,
     ) -> tuple[T, int, int | None]:
+        result, position, lag, _ = self._read_at(projection, read, min_position, timeout)
+        return result, position, lag
+
+    def _read_at(
+        self,
+        projection: str,
+        read: Callable[[ReadStore, int], T],
+        min_position: int | None,
+        timeout: float,
+    ) -> tuple[T, int, int | None, bool]:
+        """``_read``, and whether events after the position may be partly included."""
         deadline = time.monotonic() + timeout
         delay = self.poll
         dropped = failures = 0
@@ -304,7 +334,8 @@ class ReadModels:
                         catalog = VersionCatalog(store)
                         version = catalog.active_version(projection)
                         record = None if version is None else catalog.version(projection, version)
-                        position = 0 if record is None else record.position
+                        checkpoint = None if record is None else catalog.checkpoint(record)
+                        position = 0 if checkpoint is None else checkpoint.position
                         if version is not None and (
                             min_position is None or position >= min_position
                         ):
@@ -325,13 +356,15 @@ class ReadModels:
                     self._reset()
                 continue
             if time.monotonic() >= deadline:
-                raise StaleRead(projection, min_position or 0, position, timeout)
+                built = version is not None
+                raise StaleRead(projection, min_position or 0, position, timeout, built=built)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         if head is None and self.log is not None:
             head = self.log.head()
         lag = None if head is None else max(0, head - position)
-        return result, position, lag
+        assert checkpoint is not None
+        return result, position, lag, checkpoint.includes_later
 
     def _connection(self) -> ReadStore:
         if self._store is None:

@@ -6,20 +6,36 @@ tracking row and checks it still holds the position this runner started from. A 
 a lost connection or a second runner therefore can only make a batch roll back and be
 re-read, never apply twice or skip.
 
-One writer per projection version: the runner holds a writer lock per version (on PostgreSQL
-a session advisory lock); a second runner waits as a standby and takes over when the first's
-session ends. (The position check above keeps even a runner that lost its lock without
-noticing, or two runners on SQLite, which has no such locks, from doing harm.)
+One writer per projection version: the runner writes only versions whose checkpoint it owns
+(``checkpoints``: owner ``runner``; a stream group's versions are left alone, said once in
+the log, until ``daybook projections handover`` hands them over), and it holds a writer lock
+per version (on PostgreSQL a session advisory lock); a second runner waits as a standby and
+takes over when the first's session ends. (The position check above keeps even a runner that
+lost its lock without noticing, or two runners on SQLite, which has no such locks, from doing
+harm.)
+
+A runner follows the version that serves reads. When a rebuild switches reads to a version
+this runner's code does not define (a newer one), it says so once in its log and on that
+version's catalog row, which ``daybook projections status`` shows (exiting 1) until a runner
+with the new code follows it.
+
+A database error no retry cures, met while writing a batch, stops only the projection whose
+rows caused it (state ``stopped``, with the error), found by writing each projection's part
+of the batch alone; the others go on.
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
+import os
+import socket
+import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
+
+import psycopg
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
@@ -30,150 +46,21 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionState,
     version_lock_key,
 )
+from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
+from daybook.infrastructure.readmodels.engine import (
+    BatchRows,
+    Failure,
+    RowCache,
+    Slot,
+    apply_careful,
+)
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
-from daybook.projections.model import Key, LogEvent, Projection, Row, Table, iso_time
+from daybook.infrastructure.streaming.faults import crash_point
+from daybook.projections.model import LogEvent, Projection, Table
 
 log = logging.getLogger(__name__)
-
-_ABSENT: Any = object()
-
-
-class RowCache:
-    """Committed rows of one projection version, kept across batches while this runner is
-    the only writer. ``complete`` tables hold every row, so a miss means the row is absent."""
-
-    def __init__(self, projection: Projection, limit: int) -> None:
-        self.projection = projection
-        self.limit = limit
-        self.rows: dict[str, dict[Key, Row | None]] = {}
-        self.complete: dict[str, bool] = {}
-        self.clear()
-
-    def clear(self) -> None:
-        self.rows = {t.name: {} for t in self.projection.tables if not t.append_only}
-        self.complete = {t.name: False for t in self.projection.tables}
-
-    def size(self) -> int:
-        return sum(len(r) for r in self.rows.values())
-
-    def warm(self, store: ReadStore, position: int) -> None:
-        """Load small tables whole; a version at position 0 has empty tables."""
-        self.clear()
-        version = self.projection.version
-        budget = self.limit
-        for table in self.projection.tables:
-            if table.append_only:
-                continue
-            if position == 0:
-                self.complete[table.name] = True
-                continue
-            count = store.count(table, version)
-            if count <= budget:
-                self.rows[table.name] = {table.key_of(r): r for r in store.all_rows(table, version)}
-                self.complete[table.name] = True
-                budget -= count
-
-
-class BatchRows:
-    """The ``Rows`` a handler sees during a batch: writes are buffered over the cache, with
-    an undo journal so that an event whose handler fails leaves no partial change."""
-
-    def __init__(self, slot: Slot, store: ReadStore) -> None:
-        self.slot = slot
-        self.store = store
-        self.writes: dict[str, dict[Key, Row | None]] = {t.name: {} for t in slot.projection.tables}
-        self.appended: dict[str, list[Row]] = {t.name: [] for t in slot.projection.tables}
-        self._journal: list[tuple[str, Key | None, Any]] = []
-        self._tables = {t.name: t for t in slot.projection.tables}
-        self._columns = {t.name: set(t.column_names) for t in slot.projection.tables}
-
-    def get(self, table: str, key: Key) -> Row | None:
-        written = self.writes[table].get(key, _ABSENT)
-        if written is not _ABSENT:
-            return written  # type: ignore[no-any-return]
-        cache = self.slot.cache
-        cached = cache.rows.get(table, {}).get(key, _ABSENT)
-        if cached is not _ABSENT:
-            return cached  # type: ignore[no-any-return]
-        if cache.complete.get(table) or self._tables[table].append_only:
-            return None
-        row = self.store.fetch(self._tables[table], self.slot.projection.version, key)
-        cache.rows[table][key] = row
-        return row
-
-    def put(self, table: str, row: Row) -> None:
-        spec = self._tables[table]
-        if row.keys() != self._columns[table]:
-            # Caught here, inside the handler call, so it is retried and parked like any
-            # other failure of this event rather than failing the whole batch at flush.
-            msg = f"{table} row must have exactly the columns {sorted(self._columns[table])}"
-            raise ValueError(msg)
-        if spec.append_only:
-            self._journal.append((table, None, len(self.appended[table])))
-            self.appended[table].append(row)
-            return
-        key = spec.key_of(row)
-        self._journal.append((table, key, self.writes[table].get(key, _ABSENT)))
-        self.writes[table][key] = row
-
-    def delete(self, table: str, key: Key) -> None:
-        self._journal.append((table, key, self.writes[table].get(key, _ABSENT)))
-        self.writes[table][key] = None
-
-    def begin_event(self) -> None:
-        self._journal.clear()
-
-    def undo_event(self) -> None:
-        for table, key, before in reversed(self._journal):
-            if key is None:
-                del self.appended[table][before:]
-            elif before is _ABSENT:
-                self.writes[table].pop(key, None)
-            else:
-                self.writes[table][key] = before
-        self._journal.clear()
-
-    def flush(self) -> None:
-        version = self.slot.projection.version
-        for table in self.slot.projection.tables:
-            writes = self.writes[table.name]
-            if writes:
-                self.store.upsert(table, version, [r for r in writes.values() if r is not None])
-                self.store.delete(table, version, [k for k, r in writes.items() if r is None])
-            if self.appended[table.name]:
-                self.store.insert(table, version, self.appended[table.name])
-
-    def merge_into_cache(self) -> None:
-        cache = self.slot.cache
-        for table, writes in self.writes.items():
-            if table in cache.rows:
-                cache.rows[table].update(writes)
-        if cache.size() > cache.limit:
-            cache.clear()
-
-
-@dataclass
-class Slot:
-    """One projection version this runner writes."""
-
-    projection: Projection
-    record: VersionRecord
-    cache: RowCache
-    #: Failed attempts at the event at a position.
-    attempts: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.projection.name, self.projection.version)
-
-
-@dataclass(frozen=True)
-class Failure:
-    slot: Slot
-    event: LogEvent
-    error: str
 
 
 @dataclass
@@ -222,6 +109,8 @@ class ProjectionRunner:
         self.store: ReadStore | None = None
         self._locks: WriterLocks | None = None
         self.slots: dict[tuple[str, int], Slot] = {}
+        #: What this runner has said once already (see ``_tell``).
+        self._told: set[tuple[tuple[str, int], str]] = set()
         #: The runner as a service: a transient failure (the log's store or the read-model
         #: database unreachable, at any point) reconnects after a backoff; anything else
         #: stops it as FAILED with the reason, in ``health()`` and the log.
@@ -314,7 +203,8 @@ class ProjectionRunner:
         self.slots.clear()
 
     def _claim_slots(self, store: ReadStore) -> None:
-        """Take every projection version we may write (free lock, live or rebuilding)."""
+        """Take every projection version we may write: ours to write (owner ``runner``),
+        live or rebuilding, its writer lock free."""
         assert self._locks is not None
         self._locks.check()  # a dead lock session means our locks are gone
         catalog = VersionCatalog(store)
@@ -325,7 +215,15 @@ class ProjectionRunner:
             record = catalog.version(*key)
             if record is None:
                 record = catalog.register(projection)
-            if record is None or not record.state.writable:
+            if record is None:
+                continue
+            if record.owner != RUNNER:
+                self._tell(key, "owner", f"projection {key[0]} v{key[1]} is owned by "
+                           f"{record.owner}; this runner leaves it alone (to take it over: "
+                           f"{handover_command(key[0], RUNNER)})")  # fmt: skip
+                continue
+            if not record.state.writable:
+                self._cannot_follow(catalog, projection, record)
                 continue
             if not self._locks.try_take(version_lock_key(*key)):
                 continue  # another runner writes it; we stand by
@@ -333,8 +231,40 @@ class ProjectionRunner:
             assert record is not None
             cache = RowCache(projection, self.cache_limit)
             with store.transaction(write=False):
-                cache.warm(store, record.position)
+                cache.warm(store, empty=record.position == 0)
+            if record.note is not None and catalog.active_version(key[0]) == key[1]:
+                with store.transaction():
+                    catalog.set_note(*key, None)  # followed again
             self.slots[key] = Slot(projection, record, cache)
+
+    def _cannot_follow(
+        self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
+    ) -> None:
+        """Say so if reads moved to a version newer than this runner's code defines."""
+        if record.state is not VersionState.RETIRED:
+            return
+        serving = catalog.active_version(projection.name)
+        if serving is None or serving <= projection.version:
+            return
+        key = (projection.name, projection.version)
+        note = (
+            f"a runner ({socket.gethostname()}:{os.getpid()}) cannot follow {projection.name} "
+            f"version {serving}: its code defines version {projection.version}; deploy the "
+            "new code"
+        )
+        if self._tell(key, "follow", note, level=logging.ERROR):
+            with catalog.store.transaction():
+                catalog.set_note(projection.name, serving, note)
+
+    def _tell(
+        self, key: tuple[str, int], topic: str, message: str, level: int = logging.WARNING
+    ) -> bool:
+        """Log ``message`` once per version and topic; True the first time."""
+        if (key, topic) in self._told:
+            return False
+        self._told.add((key, topic))
+        log.log(level, "%s", message)
+        return True
 
     def _release(self, slot: Slot) -> None:
         self.slots.pop(slot.key, None)
@@ -352,16 +282,44 @@ class ProjectionRunner:
         start = min(slot.record.position for slot in self.slots.values())
         events = self.log.read(start, self.batch_size)
         if not events:
-            self._switch_caught_up(store)
+            self._switch_caught_up(store, start)
             return 0
-        failures = self._apply_batch(store, events)
+        try:
+            failures = self._apply_batch(store, events)
+        except Exception as error:
+            if not is_row_error(error) or len(self.slots) < 2:
+                raise
+            failures = self._apply_alone(store, events, error)
         for failure in failures:
             self._handle_failure(store, failure)
         if self.on_progress is not None:
             self.on_progress(Progress(len(events), events[-1].position, self.log.head()))
         if len(events) < self.batch_size:
-            self._switch_caught_up(store)
+            self._switch_caught_up(store, events[-1].position)
         return len(events)
+
+    def _apply_alone(
+        self, store: ReadStore, events: list[LogEvent], error: Exception
+    ) -> list[Failure]:
+        """After a batch failed with an error no retry cures: write each projection's part
+        alone, and stop the one that fails again, with the error (the others go on)."""
+        log.warning("projection runner: a batch failed (%s); writing each projection alone",
+                    _reason(error))  # fmt: skip
+        failures: list[Failure] = []
+        slots = dict(self.slots)
+        for key, slot in list(slots.items()):
+            self.slots = {key: slot}
+            try:
+                failures.extend(self._apply_batch(store, events))
+            except Exception as alone:
+                if not is_row_error(alone):
+                    self.slots = slots
+                    raise
+                slot.cache.clear()
+                self._stop_version(store, slot, f"writing its rows failed: {_reason(alone)}")
+                slots.pop(key, None)
+        self.slots = slots
+        return failures
 
     def _apply_batch(self, store: ReadStore, events: list[LogEvent]) -> list[Failure]:
         failures: list[Failure] = []
@@ -373,24 +331,15 @@ class ProjectionRunner:
                 if not self._still_ours(slot, current):
                     continue
                 rows = BatchRows(slot, store)
-                position, last_at = slot.record.position, None
-                for event in events:
-                    if event.position <= position:
-                        continue
-                    rows.begin_event()
-                    try:
-                        slot.projection.apply(event, rows)
-                    except Exception:  # a handler bug or bad event: retried, then parked
-                        rows.undo_event()
-                        failures.append(Failure(slot, event, traceback.format_exc(limit=5)))
-                        break
-                    position, last_at = event.position, iso_time(event.timestamp)
-                    slot.attempts.pop(event.position, None)
+                position, last_at, failure = apply_careful(slot, rows, events, slot.record.position)
+                if failure is not None:
+                    failures.append(failure)
                 if position == slot.record.position:
                     continue
                 rows.flush()
                 catalog.set_position(*slot.key, position, last_at)
                 batches.append((slot, rows, position, last_at))
+            crash_point("runner.before_commit")
         # Committed: only now may the caches and positions move on.
         for slot, rows, position, last_at in batches:
             rows.merge_into_cache()
@@ -399,9 +348,14 @@ class ProjectionRunner:
 
     def _still_ours(self, slot: Slot, current: VersionRecord | None) -> bool:
         """Check the tracking row before writing: moved, repaired or retired under us?"""
-        if current is None or not current.state.writable:
-            state = "absent" if current is None else current.state.value
-            log.info("projection %s v%s is %s; releasing it", *slot.key, state)
+        if current is None or not current.state.writable or current.owner != RUNNER:
+            if current is None:
+                why = "absent"
+            elif current.owner != RUNNER:
+                why = f"handed over to {current.owner}"
+            else:
+                why = current.state.value
+            log.info("projection %s v%s is %s; releasing it", *slot.key, why)
             self._release(slot)
             return False
         if current.position != slot.record.position or current.epoch != slot.record.epoch:
@@ -436,36 +390,43 @@ class ProjectionRunner:
             f"event {event.type} at position {event.position} failed {attempts} times; "
             f"see daybook_dead_letters. Last error: {failure.error.strip().splitlines()[-1]}"
         )
+        letter = (event.position, event.type, event.originator_id, failure.error, attempts)
+        self._stop_version(store, slot, reason, letter)
+
+    def _stop_version(
+        self,
+        store: ReadStore,
+        slot: Slot,
+        reason: str,
+        letter: tuple[int, str, str, str, int] | None = None,
+    ) -> None:
+        """Stop the version (with its dead letter, if an event caused it) and let it go."""
+        log.error("projection %s v%s stopped: %s", *slot.key, reason)
         try:
             with store.transaction():
                 VersionCatalog(store).stop(*slot.key, reason)
-                DeadLetters(store).add(
-                    *slot.key,
-                    event.position,
-                    event.type,
-                    event.originator_id,
-                    failure.error,
-                    attempts,
-                )
+                if letter is not None:
+                    DeadLetters(store).add(*slot.key, *letter)
         except (IllegalTransition, LookupError) as refused:
             # Retired (or stopped) by someone else meanwhile: not ours to park any more.
             log.info("projection %s v%s: %s; releasing it", *slot.key, refused)
         self._release(slot)
 
-    def _switch_caught_up(self, store: ReadStore) -> None:
-        """A rebuilding version that has reached the head replaces the active one."""
+    def _switch_caught_up(self, store: ReadStore, reached: int) -> None:
+        """A rebuilding version that read to the end of the log (``reached``: the position
+        of the last event there was) replaces the active one; the first version of a
+        projection starts serving."""
         if not self.switch:
             return
-        head = self.log.head()
         catalog = VersionCatalog(store)
         for slot in list(self.slots.values()):
-            if slot.record.state is not VersionState.REBUILDING or slot.record.position < head:
+            if slot.record.state is not VersionState.REBUILDING or slot.record.position < reached:
                 continue
             with store.transaction():
                 current = catalog.version(*slot.key, lock=True)
                 if current is None or current.state is not VersionState.REBUILDING:
                     continue
-                if current.position < head:
+                if current.position < reached or current.owner != RUNNER:
                     continue
                 previous = catalog.active_version(slot.projection.name)
                 if previous is not None and previous > slot.projection.version:
@@ -473,17 +434,31 @@ class ProjectionRunner:
                 serving = (
                     None if previous is None else catalog.version(slot.projection.name, previous)
                 )
-                if serving is not None and serving.position > current.position:
+                if serving is not None and catalog.checkpoint(serving).position > current.position:
                     # Readers must never see the position go backwards: catch up first.
                     continue
                 # Marks the old version retired: its runner, which locks that row at the start
                 # of every batch, lets go of it at its next batch.
                 catalog.activate(*slot.key)
+                catalog.set_note(*slot.key, None)
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
             if previous is not None and previous != slot.projection.version and not self.keep_old:
                 with store.transaction():
                     catalog.drop_tables(slot.projection.name, previous)
+
+
+def is_row_error(error: BaseException) -> bool:
+    """Whether the database refused rows (a key written twice, a value out of range): the
+    fault of the projection that wrote them, not of the connection or the server."""
+    if isinstance(error, sqlite3.IntegrityError):
+        return True
+    return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _moved(record: VersionRecord, position: int, last_event_at: str | None) -> VersionRecord:

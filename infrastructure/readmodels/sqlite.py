@@ -80,6 +80,11 @@ class SqliteStore(ReadStore):
             return None
         return int(self.execute("SELECT COALESCE(max(rowid), 0) FROM stored_events")[0][0])
 
+    def add_column(self, table: str, definition: str) -> None:
+        name = definition.split()[0]
+        if not any(row[1] == name for row in self.execute(f"PRAGMA table_info({table})")):
+            self.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
 

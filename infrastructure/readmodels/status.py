@@ -24,6 +24,12 @@ class VersionStatus:
     lag_seconds: float
     dead_letters: int
     error: str | None
+    #: ``runner`` or ``stream:GROUP``.
+    owner: str = "runner"
+    #: Events after ``position`` are partly applied too (a stream partition ahead).
+    includes_later: bool = False
+    #: Why a follower cannot follow this version.
+    note: str | None = None
 
 
 def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
@@ -34,6 +40,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
         catalog.ensure()
         with store.transaction(write=False):
             records = catalog.versions()
+            checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
             active = catalog.active_versions()
             parked: dict[tuple[str, int], int] = {}
             for letter in DeadLetters(store).entries():
@@ -44,10 +51,12 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
         now = datetime.now(UTC)
         result = []
         for record in sorted(records, key=lambda r: (r.name, -r.version)):
-            lag = max(0, head - record.position)
+            checkpoint = checkpoints[(record.name, record.version)]
+            position = checkpoint.position
+            lag = max(0, head - position)
             lag_seconds = 0.0
             if lag and record.state is not VersionState.RETIRED:
-                pending = log.read(record.position, 1)
+                pending = log.read(position, 1)
                 if pending:
                     lag_seconds = max(0.0, (now - pending[0].timestamp).total_seconds())
             result.append(
@@ -56,12 +65,15 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
                     record.version,
                     active.get(record.name) == record.version,
                     record.state,
-                    record.position,
+                    position,
                     head,
                     lag,
                     lag_seconds,
                     parked.get((record.name, record.version), 0),
                     record.error,
+                    record.owner,
+                    checkpoint.includes_later,
+                    record.note,
                 )
             )
         return result

@@ -22,6 +22,11 @@ DDL_LOCK = 0x64617962  # "dayb"
 
 _COLUMN_TYPES = {"text": "TEXT", "bigint": "BIGINT"}
 
+#: The shard of a summed table's rows written by the log's runner and by repairs (stream
+#: workers write one shard per partition, numbered from 0).
+LOG_SHARD = -1
+REPAIR_SHARD = -2
+
 
 class ReadStoreError(Exception):
     """A read-model database problem that retrying will not fix."""
@@ -121,9 +126,18 @@ class ReadStore(ABC):
     def locking(self, select: str) -> str:
         """``select`` made to lock the rows it reads until the transaction ends."""
 
+    def sharing(self, select: str) -> str:
+        """``select`` made to lock the rows it reads against writers (not against other
+        sharers) until the transaction ends."""
+        return self.locking(select)
+
     @abstractmethod
     def head_position(self) -> int | None:
         """The newest log position, if the event store lives in this database."""
+
+    @abstractmethod
+    def add_column(self, table: str, definition: str) -> None:
+        """Add a column (``name TYPE ...``) to a table unless it has one of that name."""
 
     @abstractmethod
     def is_missing_table(self, error: BaseException) -> bool:
@@ -134,7 +148,7 @@ class ReadStore(ABC):
     def create_tables(self, projection: Projection) -> None:
         """Create the tables of ``projection`` at its version (call inside a transaction)."""
         self.ddl_guard()
-        for table in projection.tables:
+        for table in (t.stored for t in projection.tables):
             name = table.physical_name(projection.version)
             columns = ", ".join(
                 f"{c.name} {_COLUMN_TYPES[c.type]}{'' if c.nullable else ' NOT NULL'}"
@@ -151,13 +165,27 @@ class ReadStore(ABC):
         self.execute(f"DROP TABLE IF EXISTS {name}")
 
     # -- reading rows ----------------------------------------------------------------------
+    #
+    # Reads see a table's rows as its definition has them: a summed table's shards are added
+    # up here (``source``). Writers of shards use ``Table.stored``.
+
+    def source(self, table: Table, version: int) -> str:
+        """What to select a table's rows from."""
+        name = table.physical_name(version)
+        if not table.summed:
+            return name
+        keys = ", ".join(table.key)
+        sums = ", ".join(
+            f"CAST(sum({c}) AS BIGINT) AS {c}" for c in table.column_names if c not in table.key
+        )
+        return f"(SELECT {keys}, {sums} FROM {name} GROUP BY {keys}) AS {name}_total"
 
     def count(self, table: Table, version: int) -> int:
-        return int(self.execute(f"SELECT count(*) FROM {table.physical_name(version)}")[0][0])
+        return int(self.execute(f"SELECT count(*) FROM {self.source(table, version)}")[0][0])
 
     def all_rows(self, table: Table, version: int) -> Iterator[Row]:
         names = table.column_names
-        sql = f"SELECT {', '.join(names)} FROM {table.physical_name(version)}"
+        sql = f"SELECT {', '.join(names)} FROM {self.source(table, version)}"
         for values in self.execute(sql):
             yield dict(zip(names, values, strict=True))
 
@@ -165,7 +193,7 @@ class ReadStore(ABC):
         names = table.column_names
         where = " AND ".join(f"{k} = %s" for k in table.key)
         rows = self.execute(
-            f"SELECT {', '.join(names)} FROM {table.physical_name(version)} WHERE {where}", key
+            f"SELECT {', '.join(names)} FROM {self.source(table, version)} WHERE {where}", key
         )
         return dict(zip(names, rows[0], strict=True)) if rows else None
 
@@ -179,7 +207,7 @@ class ReadStore(ABC):
         limit: int | None = None,
     ) -> list[Row]:
         names = table.column_names
-        sql = f"SELECT {', '.join(names)} FROM {table.physical_name(version)}"
+        sql = f"SELECT {', '.join(names)} FROM {self.source(table, version)}"
         if where:
             sql += f" WHERE {where}"
         if order:
@@ -207,6 +235,14 @@ class ReadStore(ABC):
     @abstractmethod
     def insert(self, table: Table, version: int, rows: Sequence[Row]) -> None:
         """Append rows that must not exist yet (a duplicate is a bug, and fails)."""
+
+    def replace_total(self, table: Table, version: int, key: Key, row: Row | None) -> None:
+        """Make a summed table's row at ``key`` read as ``row`` (None: absent): its shards go,
+        one row takes their place (a repair)."""
+        where = " AND ".join(f"{k} = %s" for k in table.key)
+        self.execute(f"DELETE FROM {table.physical_name(version)} WHERE {where}", key)
+        if row is not None:
+            self.insert(table.stored, version, [{**row, "shard": REPAIR_SHARD}])
 
     def delete(self, table: Table, version: int, keys: Sequence[Key]) -> None:
         if not keys:

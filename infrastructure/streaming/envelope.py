@@ -33,6 +33,12 @@ from daybook.infrastructure.compat.aiokafka import default_partition
 #: Version of the envelope layout itself (not of the event payloads).
 ENVELOPE_VERSION = 1
 
+#: The type of a mark: no event, but the relay's word that the partition gets nothing else
+#: up to the mark's ``position`` after its ``prev`` (sent to every partition after every
+#: batch, so that a consumer knows an idle partition is complete up to there).
+MARK = "daybook.mark"
+_NO_AGGREGATE = UUID(int=0)
+
 _HEADER_FIELDS = ("originator_id", "originator_version", "timestamp", "meta")
 
 
@@ -53,6 +59,10 @@ class Envelope:
     @property
     def key(self) -> bytes:
         return partition_key(self.aggregate_id)
+
+    @property
+    def is_mark(self) -> bool:
+        return self.type == MARK
 
     def to_state(self) -> dict[str, Any]:
         """The event's state as ``ContractMapper.decode_state`` gives it."""
@@ -104,6 +114,11 @@ def encode(event_type: str, state: dict[str, Any], position: int, prev: int) -> 
     return partition_key(aggregate_id), value
 
 
+def encode_mark(position: int, prev: int) -> bytes:
+    """A mark: the partition whose last event is ``prev`` gets no other up to ``position``."""
+    return orjson.dumps({"v": ENVELOPE_VERSION, "type": MARK, "position": position, "prev": prev})
+
+
 class BadEnvelope(ValueError):
     """A message on the events topic that is not a daybook envelope this version reads."""
 
@@ -114,6 +129,8 @@ def decode(value: bytes) -> Envelope:
         raw = orjson.loads(value)
         if raw.get("v") != ENVELOPE_VERSION:
             raise BadEnvelope(f"unsupported envelope version {raw.get('v')!r}")
+        if raw["type"] == MARK:
+            return Envelope(MARK, 0, _NO_AGGREGATE, 0, raw["position"], raw["prev"], "", {}, {})
         return Envelope(
             type=raw["type"],
             schema=raw["schema"],

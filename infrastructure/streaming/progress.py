@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier
 
+from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
 from daybook.infrastructure.urls import postgres_params
 
-PROGRESS_TABLE = "daybook_stream_progress"
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"
 
 LIVE = "live"
@@ -66,17 +66,8 @@ class PartitionStatus:
 
 
 def create_tables_sql() -> list[Composed]:
+    """The dead-letter table (the progress table is the catalog's: ``checkpoints``)."""
     return [
-        SQL(
-            "CREATE TABLE IF NOT EXISTS {} ("
-            "group_id text NOT NULL, topic text NOT NULL, partition int NOT NULL, "
-            "position bigint NOT NULL DEFAULT 0, applied bigint NOT NULL DEFAULT 0, "
-            "duplicates bigint NOT NULL DEFAULT 0, dead_letters bigint NOT NULL DEFAULT 0, "
-            "state text NOT NULL DEFAULT 'live', last_error text, "
-            "waiting_for bigint NOT NULL DEFAULT 0, "
-            "updated_at timestamptz NOT NULL DEFAULT now(), "
-            "PRIMARY KEY (group_id, topic, partition))"
-        ).format(Identifier(PROGRESS_TABLE)),
         SQL(
             "CREATE TABLE IF NOT EXISTS {} ("
             "group_id text NOT NULL, topic text NOT NULL, partition int NOT NULL, "

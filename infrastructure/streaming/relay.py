@@ -385,9 +385,10 @@ def plan_messages(
     decode_state: Callable[[Notification], dict[str, Any]],
 ) -> tuple[list[tuple[int, bytes | None, bytes]], tuple[int, ...]]:
     """The messages that publish ``batch`` after ``chain`` (the last position sent to each
-    partition): ``(partition, key, value)`` in order, and the chain after them. Pure: the
-    same log and chain always give the same messages, which is what lets consumers tell a
-    re-published event from a new one."""
+    partition): ``(partition, key, value)`` in order, then a mark for every partition (see
+    ``envelope.MARK``), and the chain after them. Pure: the same log and chain always give
+    the same messages, which is what lets consumers tell a re-published event from a new
+    one."""
     links = list(chain)
     partitions = len(links)
     planned: list[tuple[int, bytes | None, bytes]] = []
@@ -399,6 +400,12 @@ def plan_messages(
         )
         links[partition] = notification.id
         planned.append((partition, key, value))
+    if batch:
+        last = batch[-1].id
+        planned.extend(
+            (partition, None, envelope.encode_mark(last, prev))
+            for partition, prev in enumerate(links)
+        )
     return planned, tuple(links)
 
 

@@ -1,39 +1,47 @@
 """Applying a batch of stream messages to the read models: the faust workers' core.
 
-The same projection definitions, row buffering (``BatchRows``) and read-model store
-(``ReadStore``) as the in-process runner; what differs is where events come from and how
-progress is tracked. One batch is one read-model transaction that
+The same projection engine (``readmodels.engine``) and read-model store as the in-process
+runner; what differs is where events come from and how progress is tracked. A group's
+checkpoint is a partition vector (``readmodels.checkpoints``): one progress row per partition.
+One batch is one read-model transaction that
 
-1. takes the consumer group's transaction-level advisory lock. Workers own different
-   partitions, but some read-model rows are shared across aggregates (daily totals), and a
-   read-modify-write on them must not interleave. It also serialises two workers that both
-   hold a partition for a moment during a rebalance;
-2. locks the batch's partitions' progress rows and classifies each message against them
-   (``progress.classify``): duplicates and messages past a gap change nothing;
-3. applies the rest with every projection, writes the rows, parks events that keep failing
-   (dead-letter row, published to the dead-letter topic after the commit), and moves the
-   progress rows and each projection version's position.
+1. locks the batch's partitions' progress rows (nothing else: workers of one group own
+   different partitions and never wait for each other) and classifies each message against
+   them (``progress.classify``): duplicates and messages past a gap change nothing; a mark
+   moves the partition's bound;
+2. reads the group's projection versions (a shared lock, so a handover or a switch of reads
+   waits for the batch): only versions the group owns, live or rebuilding, are written;
+3. applies the rest with every projection, each event's summed rows in its partition's
+   shard, parks events that keep failing (dead-letter row, published to the dead-letter
+   topic after the commit), and moves the progress rows.
+
+Every row a handler reads for an event is that event's aggregate's or a summed table's shard
+of that partition, so a worker's row cache stays valid while it keeps its partitions; a
+partition last written by another worker (a rebalance), a repair or a handover (the version's
+epoch) drops it.
 
 Nothing is acknowledged to Kafka before that transaction commits (see ``app``), so a crash
-anywhere means redelivery, which step 2 turns into no-ops.
+anywhere means redelivery, which step 1 turns into no-ops.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-
-from psycopg.sql import Identifier
 
 from daybook.infrastructure.lifecycle import Supervisor
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, version_lock_key
+from daybook.infrastructure.readmodels.catalog import (
+    IllegalTransition,
+    VersionCatalog,
+    VersionState,
+)
+from daybook.infrastructure.readmodels.checkpoints import NotOwner, read_vector, stream_owner
+from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot
 from daybook.infrastructure.readmodels.location import open_store
-from daybook.infrastructure.readmodels.runner import BatchRows, RowCache, Slot
-from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
+from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.statelog import StateLog
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.progress import (
@@ -45,12 +53,11 @@ from daybook.infrastructure.streaming.progress import (
     classify,
     create_tables_sql,
 )
-from daybook.projections.model import LogEvent, Projection, iso_time
+from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
 
 PARKED = "parked events (see dead letters)"
-WRITERS_TABLE = "daybook_stream_writers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,8 @@ class _Partition:
     state: str
     last_error: str | None
     waiting_for: int
+    bound: int
+    writer: str | None
     changed: bool = False
 
 
@@ -104,20 +113,23 @@ class StreamApplier:
         writer: str,
         max_attempts: int = 3,
         cache_limit: int = 200_000,
+        head: Callable[[], int | None] | None = None,
     ) -> None:
         self.url = readmodels_url
+        #: The log's head (default: read beside the read models, if the log is there).
+        self._head = head
         self.projections = list(projections)
         self.group = group
+        self.owner = stream_owner(group)
         self.topic = topic
         self.partitions = partitions
         self.writer = writer
         self.max_attempts = max_attempts
         self.cache_limit = cache_limit
         self.store: ReadStore | None = None
-        self._locks: WriterLocks | None = None
         self._slots: list[Slot] = []
-        self._serial = -1
-        self._group_key = version_lock_key(f"stream:{group}:{topic}", 0)
+        self._told: set[tuple[str, int]] = set()
+        self.states = StateLog(log)
         #: The worker's health: a batch that meets a transient failure (the read-model
         #: database unreachable) is retried after a backoff; any other failure stops the
         #: worker as FAILED with the reason.
@@ -130,8 +142,7 @@ class StreamApplier:
             return self.store
         store = open_store(self.url)
         try:
-            self._locks = store.open_locks()
-            if not self._locks.between_processes:
+            if not store.open_locks().between_processes:
                 raise ValueError("faust workers write read models to PostgreSQL only")
             catalog = VersionCatalog(store)
             catalog.ensure()
@@ -139,66 +150,45 @@ class StreamApplier:
                 store.ddl_guard()
                 for statement in create_tables_sql():
                     store.execute(statement.as_string())
-                store.execute(
-                    f"CREATE TABLE IF NOT EXISTS {WRITERS_TABLE} (group_id text NOT NULL, "
-                    "topic text NOT NULL, serial bigint NOT NULL, writer text NOT NULL, "
-                    "PRIMARY KEY (group_id, topic))"
+            for projection in self.projections:
+                catalog.register(
+                    projection, owner=self.owner, topic=self.topic, partitions=self.partitions
                 )
-            for projection in self.projections:
-                catalog.register(projection)
-            # Shared locks: workers of a group write together; an in-process runner (which
-            # takes the same keys exclusively) stands by while they run, and vice versa.
-            for projection in self.projections:
-                key = version_lock_key(projection.name, projection.version)
-                while not self._locks.try_take(key, shared=True):
-                    log.warning(
-                        "worker: an in-process runner writes %s v%s; waiting",
-                        projection.name,
-                        projection.version,
-                    )
-                    time.sleep(1.0)
         except BaseException:
             store.close()
-            if self._locks is not None:
-                self._locks.close()
-                self._locks = None
             raise
         self.store = store
         self._slots = []
-        for projection in self.projections:
-            record = catalog.version(projection.name, projection.version)
-            assert record is not None
-            self._slots.append(Slot(projection, record, RowCache(projection, self.cache_limit)))
-        self._serial = -1
         return store
 
     def close(self) -> None:
-        for connection in (self.store, self._locks):
-            if connection is not None:
-                connection.close()
+        if self.store is not None:
+            self.store.close()
         self.store = None
-        self._locks = None
+        self._slots = []
 
     # -- one batch ---------------------------------------------------------------------------
 
     def apply(self, messages: Sequence[Message]) -> BatchResult:
-        """Apply ``messages`` (in arrival order) in one transaction; raises only for database
-        errors (the caller reconnects and retries the same messages)."""
+        """Apply ``messages`` (in arrival order) in one transaction; raises for database
+        errors (the caller reconnects and retries the same messages) and ``NotOwner`` when
+        the group owns none of its projections' versions."""
         store = self.connect()
         result = BatchResult()
         involved = sorted({m.partition for m in messages})
         with store.transaction():
-            store.lock_transaction(self._group_key)
-            self._check_caches(store)
             progress = self._lock_progress(store, involved)
+            self._claim(store, progress)
             batches = {id(slot): BatchRows(slot, store) for slot in self._slots}
-            last_at: str | None = None
             for message in messages:
                 part = progress[message.partition]
                 try:
                     env = envelope.decode(message.value)
                 except envelope.BadEnvelope as error:
                     self._park(store, part, message, None, str(error), result)
+                    continue
+                if env.is_mark:
+                    self._mark(message.partition, part, env)
                     continue
                 step = classify(part.position, env.position, env.prev)
                 if step is Step.DUPLICATE:
@@ -207,36 +197,79 @@ class StreamApplier:
                     result.duplicates += 1
                     continue
                 if step is Step.GAP:
-                    if part.state != GAP or part.waiting_for != env.prev:
-                        log.warning(
-                            "worker: partition %d applied up to %d but got %d (prev %d); "
-                            "waiting for the relay to re-publish",
-                            message.partition, part.position, env.position, env.prev,
-                        )  # fmt: skip
-                    part.state, part.waiting_for, part.changed = GAP, env.prev, True
+                    self._gap(message.partition, part, env.prev, env.position)
                     result.gaps += 1
                     continue
+                for rows in batches.values():
+                    rows.shard = message.partition
                 failure = self._apply_event(env, batches)
                 if failure is not None:
                     self._park(store, part, message, env, failure, result)
                 else:
                     result.applied += 1
                     part.applied += 1
-                    last_at = env.occurred_at
                 part.position = env.position
-                if part.state == GAP:
-                    part.state = PARKED if part.dead_letters else LIVE
-                part.waiting_for = 0
+                part.bound = max(part.bound, env.position)
+                self._gap_ended(message.partition, part)
                 part.changed = True
             crash_point("worker.before_commit")
             for rows in batches.values():
                 rows.flush()
             self._save_progress(store, progress)
-            self._move_versions(store, last_at)
         for rows in batches.values():
             rows.merge_into_cache()
         crash_point("worker.after_commit")
+        if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
+            self._serve_caught_up(store)
         return result
+
+    def _serve_caught_up(self, store: ReadStore) -> None:
+        """A version being built starts serving once every event up to the head is in."""
+        head = self._head() if self._head is not None else store.head_position()
+        if head is None:
+            return
+        catalog = VersionCatalog(store)
+        vector = read_vector(store, self.group, self.topic, self.partitions)
+        if vector.position < head:
+            return
+        for slot in self._slots:
+            if slot.record.state is not VersionState.REBUILDING:
+                continue
+            serving = catalog.active_version(slot.projection.name)
+            if serving is not None and serving > slot.projection.version:
+                continue
+            try:
+                catalog.activate(*slot.key)
+            except IllegalTransition:
+                continue  # another worker of the group did it first
+            log.info("worker: projection %s now reads from version %s", *slot.key)
+
+    def _mark(self, partition: int, part: _Partition, env: envelope.Envelope) -> None:
+        """The relay says: after ``prev``, this partition gets nothing up to the mark."""
+        if env.prev == part.position:
+            if env.position > part.bound:
+                part.bound, part.changed = env.position, True
+            self._gap_ended(partition, part)
+        elif env.prev > part.position:
+            self._gap(partition, part, env.prev, env.position)
+        # prev < position: an old mark, delivered again; nothing to learn.
+
+    def _gap(self, partition: int, part: _Partition, prev: int, position: int) -> None:
+        self.states.during(
+            ("gap", partition),
+            f"worker: partition {partition} applied up to {part.position} but got {position} "
+            f"(prev {prev}); waiting for the relay to re-publish",
+        )
+        if part.state != GAP or part.waiting_for != prev:
+            part.state, part.waiting_for, part.changed = GAP, prev, True
+
+    def _gap_ended(self, partition: int, part: _Partition) -> None:
+        if part.state == GAP:
+            part.state = PARKED if part.dead_letters else LIVE
+            part.waiting_for, part.changed = 0, True
+            self.states.ended(
+                ("gap", partition), f"worker: partition {partition} goes on past its gap"
+            )
 
     def _apply_event(self, env: envelope.Envelope, batches: dict[int, BatchRows]) -> str | None:
         """Apply to every projection, or to none (the error after the last attempt)."""
@@ -289,77 +322,73 @@ class StreamApplier:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _check_caches(self, store: ReadStore) -> None:
-        """Keep the row caches only if nobody else wrote since our last batch."""
-        rows = store.execute(
-            f"INSERT INTO {WRITERS_TABLE} (group_id, topic, serial, writer) "
-            "VALUES (%s, %s, 1, %s) ON CONFLICT (group_id, topic) DO UPDATE "
-            f"SET serial = {WRITERS_TABLE}.serial + 1, writer = EXCLUDED.writer "
-            "RETURNING serial",
-            (self.group, self.topic, self.writer),
-        )
-        serial = int(rows[0][0])
+    def _claim(self, store: ReadStore, progress: dict[int, _Partition]) -> None:
+        """The versions this batch writes: the group's own, live or rebuilding, read under a
+        shared lock; row caches kept only if nobody else wrote meanwhile."""
         catalog = VersionCatalog(store)
-        for slot in self._slots:
-            current = catalog.version(*slot.key)
-            assert current is not None
-            if self._serial == -1:
-                # First batch on this connection: load small tables whole. (Not position 0:
-                # ``warm`` takes that to mean empty tables, and a stream version's position
-                # is only a lower bound, 0 while any partition is idle.)
-                slot.cache.warm(store, max(current.position, 1))
-            elif serial != self._serial + 1 or current.epoch != slot.record.epoch:
-                # Another worker (or a repair) wrote since our last batch.
+        known = {slot.key: slot for slot in self._slots}
+        slots: list[Slot] = []
+        refused: NotOwner | None = None
+        for projection in self.projections:
+            key = (projection.name, projection.version)
+            record = catalog.version(*key, share=True)
+            if record is None:
+                continue
+            if record.owner != self.owner:
+                refused = refused or NotOwner(*key, record.owner, self.owner)
+                if key not in self._told:
+                    self._told.add(key)
+                    why = NotOwner(*key, record.owner, self.owner)
+                    log.warning("worker: %s; leaving it alone", why)
+                continue
+            if not record.state.writable:
+                continue
+            slot = known.get(key)
+            if slot is None or slot.record.epoch != record.epoch:
+                slot = Slot(projection, record, RowCache(projection, self.cache_limit))
+                slot.cache.warm(store, empty=False)
+            slot.record = record
+            slots.append(slot)
+        if not slots and refused is not None:
+            raise refused
+        if any(p.writer not in (None, self.writer) for p in progress.values()):
+            # A partition another worker wrote since: what we remember of it may be old.
+            for slot in slots:
                 slot.cache.clear()
-            slot.record = current
-        self._serial = serial
+        self._slots = slots
 
     def _lock_progress(self, store: ReadStore, partitions: list[int]) -> dict[int, _Partition]:
-        table = Identifier(PROGRESS_TABLE).as_string()
         store.execute(
-            f"INSERT INTO {table} (group_id, topic, partition) "
+            f"INSERT INTO {PROGRESS_TABLE} (group_id, topic, partition) "
             "SELECT %s, %s, p FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
             (self.group, self.topic, partitions),
         )
         rows = store.execute(
             f"SELECT partition, position, applied, duplicates, dead_letters, state, last_error, "
-            f"waiting_for FROM {table} WHERE group_id = %s AND topic = %s "
-            "AND partition = ANY(%s) FOR UPDATE",
+            f"waiting_for, bound, writer FROM {PROGRESS_TABLE} WHERE group_id = %s "
+            "AND topic = %s AND partition = ANY(%s) ORDER BY partition FOR UPDATE",
             (self.group, self.topic, partitions),
         )
-        return {row[0]: _Partition(*row[1:]) for row in rows}
+        return {int(row[0]): _Partition(*row[1:]) for row in rows}
 
     def _save_progress(self, store: ReadStore, progress: dict[int, _Partition]) -> None:
-        changed = [(p, s) for p, s in progress.items() if s.changed]
+        changed = [(p, s) for p, s in progress.items() if s.changed or s.writer != self.writer]
         if not changed:
             return
         store.executemany(
             f"UPDATE {PROGRESS_TABLE} SET position = %s, applied = %s, duplicates = %s, "
-            "dead_letters = %s, state = %s, last_error = %s, waiting_for = %s, updated_at = now() "
-            "WHERE group_id = %s AND topic = %s AND partition = %s",
+            "dead_letters = %s, state = %s, last_error = %s, waiting_for = %s, bound = %s, "
+            "writer = %s WHERE group_id = %s AND topic = %s AND partition = %s",
             [
                 (
                     s.position, s.applied, s.duplicates, s.dead_letters, s.state,
-                    s.last_error, s.waiting_for, self.group, self.topic, p,
+                    s.last_error, s.waiting_for, s.bound, self.writer, self.group, self.topic, p,
                 )
                 for p, s in changed
             ],
         )  # fmt: skip
-
-    def _move_versions(self, store: ReadStore, last_at: str | None) -> None:
-        """Each version's position: every event up to the smallest partition position has
-        been applied (a safe lower bound; an idle partition holds it back)."""
-        rows = store.execute(
-            f"SELECT count(*), COALESCE(min(position), 0) FROM {PROGRESS_TABLE} "
-            "WHERE group_id = %s AND topic = %s",
-            (self.group, self.topic),
-        )
-        count, low = rows[0]
-        position = int(low) if count >= self.partitions else 0
-        at = iso_time(datetime.fromisoformat(last_at)) if last_at else None
-        catalog = VersionCatalog(store)
-        for slot in self._slots:
-            catalog.set_position(*slot.key, position, at)
+        for _, part in changed:
+            part.writer = self.writer
 
     def unpublished_dead_letters(self) -> list[DeadLetter]:
         """Dead letters recorded but not yet on the dead-letter topic (say, after a crash

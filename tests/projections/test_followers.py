@@ -43,21 +43,26 @@ def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
 ) -> None:
     ids = workload(ledger, 80)
     caplog.set_level(logging.INFO)
-    with run_projections(ledger, db_url, poll_interval=0.01, start=False) as old:
+    old = run_projections(ledger, db_url, start=False)
+    try:
         old.run_until_caught_up()
         rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
         workload(ledger, 20, seed=3, accounts=ids)
         old.run_until_caught_up()  # it lets go of version 1, and cannot follow version 2
         capsys.readouterr()
         assert main(["projections", "status", "--url", db_url]) == 1
+    finally:
+        old.stop()
     out = capsys.readouterr().out
     assert "cannot follow account_balances version 2" in out
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("cannot follow account_balances version 2" in line for line in logged), logged
     # The new code deployed: its runner follows version 2, and status is content again.
-    with run_projections(ledger, db_url, poll_interval=0.01, start=False) as new:
-        new.projections = [ACCOUNT_BALANCES_V2]
+    new = run_projections(ledger, db_url, projections=[ACCOUNT_BALANCES_V2], start=False)
+    try:
         new.run_until_caught_up()
+    finally:
+        new.stop()
     assert main(["projections", "status", "--url", db_url]) == 0
     assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
 

@@ -39,9 +39,8 @@ def test_each_move_goes_where_it_says_or_is_refused(name: str, state: VersionSta
     assert refused.value.operation in str(refused.value)
 
 
-def test_a_new_version_is_live_only_if_it_is_the_first() -> None:
-    assert VersionState.registered(serving=True) is LIVE
-    assert VersionState.registered(serving=False) is REBUILDING
+def test_a_new_version_is_built_before_it_serves_even_the_first() -> None:
+    assert VersionState.registered() is REBUILDING
 
 
 def test_only_live_and_rebuilding_versions_are_written() -> None:

@@ -1,0 +1,135 @@
+"""Checkpoints: how far a projection version got, and who may move it.
+
+Each projection version has exactly one owner, recorded in the catalog:
+
+- ``runner``: the in-process runner (or a bulk rebuild). The checkpoint is one log position
+  P: every event up to P is applied, none after.
+- ``stream:GROUP``: the stream workers of one consumer group. The checkpoint is a partition
+  vector, kept in ``daybook_stream_progress`` (one row per partition of the group's topic,
+  moved in the same transaction as the rows): per partition, the last log position applied
+  from it (``position``), and ``bound``: every event of that partition up to ``bound`` is
+  applied. (The relay sends each partition a mark after every batch, "nothing else for you up
+  to C", so an idle partition's bound moves on although it gets no event.)
+
+A stream version's honest position is the smallest bound over its partitions: every event up
+to it is applied, by every partition. Events after it may be partly applied (a partition
+ahead of the others), and answers say so.
+
+Converting between the two is computable because the relay's partitioning is: an event's
+partition is the murmur2 hash of its aggregate id (``partition_of``). From a log position P,
+each partition's vector entry is the last event at or before P that went to it; from a vector,
+the events that bring every partition up to the largest position in it are read from the log.
+``handover`` does both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daybook.infrastructure.readmodels.store import ReadStore
+
+PROGRESS_TABLE = "daybook_stream_progress"
+
+RUNNER = "runner"
+_STREAM = "stream:"
+
+
+def stream_owner(group: str) -> str:
+    return f"{_STREAM}{group}"
+
+
+def group_of(owner: str) -> str | None:
+    """The consumer group of a ``stream:GROUP`` owner (None for the runner)."""
+    return owner[len(_STREAM) :] if owner.startswith(_STREAM) else None
+
+
+def handover_command(name: str, to: str) -> str:
+    return f"daybook projections handover {name} --to {to}"
+
+
+class NotOwner(Exception):
+    """A writer asked to write a projection version another owner's checkpoint tracks."""
+
+    code = "not_owner"
+
+    def __init__(self, name: str, version: int, owner: str, writer: str) -> None:
+        super().__init__(
+            f"projection {name} v{version} is owned by {owner}, not {writer}: hand it over "
+            f"first ({handover_command(name, writer)})"
+        )
+        self.name = name
+        self.version = version
+        self.owner = owner
+
+
+def create_progress_table(store: ReadStore) -> None:
+    """The partition vectors of stream groups (inside a transaction)."""
+    store.execute(
+        f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} ("
+        "group_id TEXT NOT NULL, topic TEXT NOT NULL, partition BIGINT NOT NULL, "
+        "position BIGINT NOT NULL DEFAULT 0, applied BIGINT NOT NULL DEFAULT 0, "
+        "duplicates BIGINT NOT NULL DEFAULT 0, dead_letters BIGINT NOT NULL DEFAULT 0, "
+        "state TEXT NOT NULL DEFAULT 'live', last_error TEXT, "
+        "waiting_for BIGINT NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (group_id, topic, partition))"
+    )
+    store.add_column(PROGRESS_TABLE, "bound BIGINT NOT NULL DEFAULT 0")
+    store.add_column(PROGRESS_TABLE, "writer TEXT")
+
+
+@dataclass(frozen=True)
+class Vector:
+    """A stream group's checkpoint: per partition, the last position applied and the bound."""
+
+    positions: tuple[int, ...]
+    bounds: tuple[int, ...]
+
+    @property
+    def position(self) -> int:
+        """The honest position: every event up to it is applied."""
+        return min(self.bounds) if self.bounds else 0
+
+    @property
+    def includes_later(self) -> bool:
+        """Whether some events after ``position`` are applied (a partition ahead)."""
+        return max(self.positions, default=0) > self.position
+
+    @property
+    def furthest(self) -> int:
+        return max(*self.positions, self.position) if self.positions else 0
+
+
+def read_vector(
+    store: ReadStore, group: str, topic: str, partitions: int, *, lock: bool = False
+) -> Vector:
+    """The group's vector (partitions without a row yet count as 0); ``lock``: FOR UPDATE."""
+    sql = (
+        f"SELECT partition, position, bound FROM {PROGRESS_TABLE}"
+        " WHERE group_id = %s AND topic = %s ORDER BY partition"
+    )
+    rows = store.execute(store.locking(sql) if lock else sql, (group, topic))
+    positions, bounds = [0] * partitions, [0] * partitions
+    for partition, position, bound in rows:
+        if 0 <= int(partition) < partitions:
+            positions[int(partition)] = int(position)
+            bounds[int(partition)] = max(int(bound), int(position))
+    return Vector(tuple(positions), tuple(bounds))
+
+
+def write_vector(store: ReadStore, group: str, topic: str, vector: Vector) -> None:
+    """Set the group's vector (handover), creating missing partition rows."""
+    for partition, (position, bound) in enumerate(
+        zip(vector.positions, vector.bounds, strict=True)
+    ):
+        store.execute(
+            f"INSERT INTO {PROGRESS_TABLE} (group_id, topic, partition, position, bound)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic, partition)"
+            " DO UPDATE SET position = EXCLUDED.position, bound = EXCLUDED.bound,"
+            " state = 'live', waiting_for = 0",
+            (group, topic, partition, position, bound),
+        )
+
+
+#: ``aggregate id -> partition`` for a partition count (the relay's partitioner).
+PartitionOf = Callable[[str], int]

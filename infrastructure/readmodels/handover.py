@@ -1,0 +1,276 @@
+"""Handing a projection version from one owner to another (``daybook projections handover``).
+
+One transaction per call: it locks the versions' catalog rows and the stream group's progress
+rows (what every writer locks before writing, so writers wait), converts the checkpoint, reads
+from the log whatever events the new checkpoint needs that the old one did not have, applies
+them through the projection engine, and records the new owner. Nothing is applied twice and
+nothing is skipped, with partitions at different positions and idle ones:
+
+- to the runner, from a vector: the position becomes the furthest the vector reached, after
+  applying each partition's events between its vector entry and that position;
+- to ``stream:GROUP``, from a position P: each partition's entry becomes the last event at or
+  before P that went to it (the relay's partitioning), raised to where the group already
+  stands if it is further (its workers' Kafka offsets are there); the events in between are
+  applied, to this version and to any the group already owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord
+from daybook.infrastructure.readmodels.checkpoints import (
+    RUNNER,
+    Vector,
+    group_of,
+    read_vector,
+    write_vector,
+)
+from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot, apply_careful
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.streaming import envelope
+from daybook.projections.model import LogEvent, Projection
+
+_CHUNK = 5_000
+
+
+class HandoverRefused(Exception):
+    """A handover that cannot be done as asked; the message says why and what to do."""
+
+    code = "handover_refused"
+
+
+@dataclass(frozen=True)
+class Handed:
+    name: str
+    version: int
+    previous_owner: str
+    owner: str
+    #: Events read from the log and applied to bring the checkpoint over.
+    applied: int
+    #: The log position every event up to which is applied, afterwards.
+    position: int
+
+
+def partition_of(partitions: int) -> Callable[[str], int]:
+    def partition(aggregate_id: str) -> int:
+        return envelope.partition_for(envelope.partition_key(aggregate_id), partitions)
+
+    return partition
+
+
+def handover(
+    log: EventLog,
+    url: str,
+    definitions: Sequence[Projection],
+    to: str,
+    *,
+    topic: str,
+    partitions: int,
+) -> list[Handed]:
+    """Hand the code's versions of ``definitions`` to ``to`` (``runner`` or
+    ``stream:GROUP``)."""
+    group = group_of(to)
+    if to != RUNNER and not group:
+        raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        with store.transaction():
+            records = []
+            for projection in definitions:
+                record = catalog.version(projection.name, projection.version, lock=True)
+                if record is None:
+                    raise HandoverRefused(
+                        f"{projection.name} has no version {projection.version} yet: start a "
+                        "runner or workers to build it (they own what they build)"
+                    )
+                records.append((projection, record))
+            if group is None:
+                return [_to_runner(log, store, catalog, p, r) for p, r in records]
+            return _to_group(log, store, catalog, records, group, topic, partitions)
+    finally:
+        store.close()
+
+
+def _to_runner(
+    log: EventLog,
+    store: ReadStore,
+    catalog: VersionCatalog,
+    projection: Projection,
+    record: VersionRecord,
+) -> Handed:
+    source = record.group
+    if source is None:
+        return Handed(record.name, record.version, RUNNER, RUNNER, 0, record.position)
+    assert record.topic is not None and record.partitions
+    vector = read_vector(store, source, record.topic, record.partitions, lock=True)
+    target = max(vector.furthest, vector.position)
+    starts = vector.positions
+    applied = _bring(log, store, projection, record, starts, target, record.partitions)
+    catalog.set_owner(record.name, record.version, RUNNER, position=target)
+    return Handed(record.name, record.version, record.owner, RUNNER, applied, target)
+
+
+def _to_group(
+    log: EventLog,
+    store: ReadStore,
+    catalog: VersionCatalog,
+    records: list[tuple[Projection, VersionRecord]],
+    group: str,
+    topic: str,
+    partitions: int,
+) -> list[Handed]:
+    owner = f"stream:{group}"
+    for _, record in records:
+        if record.owner not in (RUNNER, owner):
+            raise HandoverRefused(
+                f"{record.name} v{record.version} is owned by {record.owner}: hand it to the "
+                f"runner first (daybook projections handover {record.name} --to runner)"
+            )
+        if record.owner == owner and (record.topic, record.partitions) != (topic, partitions):
+            raise HandoverRefused(
+                f"{record.name} v{record.version} follows topic {record.topic} with "
+                f"{record.partitions} partitions, not {topic} with {partitions}"
+            )
+    moving = [(p, r) for p, r in records if r.owner == RUNNER]
+    current = read_vector(store, group, topic, partitions, lock=True)
+    staying = [
+        r
+        for r in catalog.versions()
+        if r.owner == owner and r.state.writable and (r.name, r.version) not in
+        {(m.name, m.version) for _, m in moving}
+    ]  # fmt: skip
+    # Where every partition will stand: no lower than the group (its Kafka offsets are
+    # there), no lower than what each version handed over has applied.
+    last_before = [_last_events(log, r.position, partitions) for _, r in moving]
+    target = [max(current.positions[q], *(c[q] for c in last_before)) for q in range(partitions)]
+    applied: dict[tuple[str, int], int] = {}
+    bounds = [
+        max(current.bounds[q], target[q]) if staying else target[q] for q in range(partitions)
+    ]
+    for projection, record in moving:
+        applied[(record.name, record.version)] = _bring_after(
+            log, store, projection, record, record.position, target, partitions
+        )
+        bounds = [min(bounds[q], max(record.position, target[q])) for q in range(partitions)]
+    by_name = {p.name: p for p, _ in records}
+    for record in staying:
+        projection = by_name.get(record.name)
+        if projection is None or projection.version != record.version:
+            if current.positions != tuple(target):
+                raise HandoverRefused(
+                    f"the group {group} also owns {record.name} v{record.version}, which would "
+                    f"have to move with it: hand it over in the same command"
+                )
+            continue
+        applied[(record.name, record.version)] = _bring(
+            log, store, projection, record, current.positions, max(target), partitions, target
+        )
+    write_vector(store, group, topic, Vector(tuple(target), tuple(bounds)))
+    handed = []
+    for _, record in moving:
+        catalog.set_owner(
+            record.name, record.version, owner,
+            position=min(bounds), topic=topic, partitions=partitions,
+        )  # fmt: skip
+        handed.append(
+            Handed(record.name, record.version, RUNNER, owner,
+                   applied[(record.name, record.version)], min(bounds))
+        )  # fmt: skip
+    for record in staying:
+        catalog.bump_epoch(record.name, record.version)
+    return handed
+
+
+def _last_events(log: EventLog, position: int, partitions: int) -> list[int]:
+    """Per partition, the last event at or before ``position`` that went to it (0: none)."""
+    partition = partition_of(partitions)
+    last = [0] * partitions
+    after = 0
+    while after < position:
+        raw = log.scan(after, min(_CHUNK * 4, position - after))
+        if not raw:
+            break
+        for event_position, _topic, originator_id, _version, _state in raw:
+            if event_position > position:
+                break
+            last[partition(originator_id)] = event_position
+        after = raw[-1][0]
+    return last
+
+
+def _bring(
+    log: EventLog,
+    store: ReadStore,
+    projection: Projection,
+    record: VersionRecord,
+    starts: Sequence[int],
+    target: int,
+    partitions: int,
+    limits: Sequence[int] | None = None,
+) -> int:
+    """Apply, per partition q, the events after ``starts[q]`` up to ``target`` (or up to
+    ``limits[q]``): what a partition vector lacks to reach a position (or another vector)."""
+    partition = partition_of(partitions)
+    ends = list(limits) if limits is not None else [target] * partitions
+
+    def wanted(event: LogEvent) -> bool:
+        q = partition(event.originator_id)
+        return starts[q] < event.position <= ends[q]
+
+    return _apply(log, store, projection, record, min(starts), max(ends), wanted)
+
+
+def _bring_after(
+    log: EventLog,
+    store: ReadStore,
+    projection: Projection,
+    record: VersionRecord,
+    position: int,
+    target: Sequence[int],
+    partitions: int,
+) -> int:
+    """Apply, per partition q, the events after ``position`` up to ``target[q]``: what a
+    log position lacks to reach a partition vector."""
+    partition = partition_of(partitions)
+
+    def wanted(event: LogEvent) -> bool:
+        return event.position <= target[partition(event.originator_id)]
+
+    return _apply(log, store, projection, record, position, max(target), wanted)
+
+
+def _apply(
+    log: EventLog,
+    store: ReadStore,
+    projection: Projection,
+    record: VersionRecord,
+    after: int,
+    until: int,
+    wanted: Callable[[LogEvent], bool],
+) -> int:
+    slot = Slot(projection, record, RowCache(projection, 50_000))
+    count = 0
+    while after < until:
+        events = [e for e in log.read(after, _CHUNK) if e.position <= until]
+        if not events:
+            break
+        rows = BatchRows(slot, store)
+        chosen = [e for e in events if wanted(e)]
+        _, _, failure = apply_careful(slot, rows, chosen, 0)
+        if failure is not None:
+            raise HandoverRefused(
+                f"{projection.name} v{projection.version} cannot apply event "
+                f"{failure.event.type} at position {failure.event.position}: "
+                f"{failure.error.strip().splitlines()[-1]}; nothing was handed over"
+            )
+        rows.flush()
+        rows.merge_into_cache()
+        count += len(chosen)
+        after = events[-1].position
+    return count
