@@ -272,17 +272,23 @@ def _run_reconcile(args: argparse.Namespace) -> int:
             except LookupError as error:
                 print(f"{projection.name}: skipped ({error})")
                 continue
-            verdict = "clean" if report.clean else f"{len(report.drifts)} drifted rows"
+            verdict = "clean" if report.clean else f"{report.drift_count} drifted rows"
             if report.repaired:
                 verdict += ", repaired"
+            elif args.repair and not report.clean:
+                verdict += ", not repaired (the owner kept moving; run it again)"
+            owner = "" if report.vector is None else f" (vector {list(report.vector)})"
             print(
-                f"{report.name} v{report.version} at position {report.position}: {verdict} "
-                f"({report.rows_expected} rows, {report.ranges_differing}/"
-                f"{report.ranges_checked} key ranges differ)"
+                f"{report.name} v{report.version} owned by {report.owner} at position "
+                f"{report.position}{owner}: {verdict} ({report.rows_expected} rows, "
+                f"{report.ranges_differing}/{report.ranges_checked} key ranges differ, "
+                f"{report.seconds:.1f}s)"
             )
             for drift in report.drifts:
                 print(f"  {drift.describe()}")
-            drifted = drifted or not report.clean
+            if report.unlisted:
+                print(f"  ... and {report.unlisted} more")
+            drifted = drifted or not (report.clean or report.repaired)
     finally:
         log.close()
     return 1 if drifted else 0

@@ -1,27 +1,67 @@
 """The reconciler: recompute read models from the log and prove the stored tables match.
 
-The expected rows come from replaying the projection in memory up to the position the stored
-tables claim to reflect, read in the same snapshot as the tables (under the tracking row's
-lock when repairing, so the runner cannot move on meanwhile). Tables are compared cheaply
-first: rows fall into 256 key ranges, and each range's row count and checksum are computed on
-both sides (``checksums``; by the database itself where it can). Only ranges whose checksums
-differ are compared row by row.
+At the owner's checkpoint, in bounded memory, without stopping the owner:
+
+1. The checkpoint (a log position, or a stream group's partition vector) is read, and the
+   log folded up to it through the projection engine (the bulk path, as a rebuild does) into
+   a scratch SQLite database of its own: memory holds one batch and a bounded row cache,
+   never the projection. For a vector, each event counts if its partition's entry has
+   reached it, and events the group parked (its dead letters) are left out, as the group
+   left them out.
+2. In one read snapshot of the read-model database (no lock: the owner keeps writing), the
+   checkpoint is read again; the fold catches up to it (only the events since step 1); then
+   both sides' tables are compared: 256 key ranges, each range's row count and checksum
+   (``checksums``; computed by the database where it can), then, range by range, the rows of
+   ranges that differ.
+3. ``repair``: one transaction takes what the owner's writers take (the version's row, and a
+   group's progress rows), checks that the checkpoint and epoch are still those compared,
+   rewrites the drifted rows (a summed table's shards become one row), records each change in
+   ``daybook_reconcile_log`` and moves the epoch so writers drop their caches. If the owner
+   moved on meanwhile, steps 2 and 3 run again from there: a repair writes exactly the rows
+   of the checkpoint it holds, never older ones.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.eventstore.log import EventDecoder, EventLog
 from daybook.infrastructure.readmodels import checksums
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.catalog import (
+    VersionCatalog,
+    VersionRecord,
+    VersionState,
+)
+from daybook.infrastructure.readmodels.checkpoints import RUNNER, Vector, read_vector
+from daybook.infrastructure.readmodels.engine import BulkRows, RowCache, Slot, apply_fast
+from daybook.infrastructure.readmodels.handover import partition_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
+from daybook.infrastructure.readmodels.sqlite import SqliteStore
 from daybook.infrastructure.readmodels.store import ReadStore
-from daybook.projections.model import Key, MemoryRows, Projection, Row, Table, sort_key
+from daybook.projections.model import Key, LogEvent, Projection, Row, Table, sort_key
 
-_READ_CHUNK = 10_000
+#: Events read and folded per scratch transaction.
+FOLD_BATCH = 10_000
+#: Rows of the fold kept in memory between batches.
+FOLD_CACHE = 20_000
+#: Drifted rows listed per table (the count says how many more there are).
+DRIFTS_LISTED = 1_000
+#: How often the comparison follows an owner that moved on before a repair gives up.
+REPAIR_ROUNDS = 10
+
+
+class ReconcileError(Exception):
+    """The log cannot be folded up to the checkpoint (an event the definition refuses)."""
+
+    code = "reconcile_failed"
 
 
 @dataclass(frozen=True)
@@ -33,17 +73,20 @@ class Drift:
     kind: str  # "missing", "extra" or "different"
     expected: Row | None
     stored: Row | None
+    #: The row's business key (``Table.label``), when its key does not tell a person.
+    label: str = ""
 
     def describe(self) -> str:
+        name = f"{self.table} {self.label or list(self.key)}"
         if self.kind == "different":
             assert self.expected is not None and self.stored is not None
             changes = ", ".join(
-                f"{name}: {self.stored.get(name)!r} should be {value!r}"
-                for name, value in self.expected.items()
-                if self.stored.get(name) != value
+                f"{column}: {self.stored.get(column)!r} should be {value!r}"
+                for column, value in self.expected.items()
+                if self.stored.get(column) != value
             )
-            return f"{self.table} {list(self.key)} different ({changes})"
-        return f"{self.table} {list(self.key)} {self.kind}"
+            return f"{name} different ({changes})"
+        return f"{name} {self.kind}"
 
 
 @dataclass
@@ -51,42 +94,123 @@ class ReconcileReport:
     name: str
     version: int
     position: int
+    owner: str = RUNNER
+    #: For a stream owner: per partition, the last position applied.
+    vector: tuple[int, ...] | None = None
     ranges_checked: int = 0
     ranges_differing: int = 0
     rows_expected: int = 0
     drifts: list[Drift] = field(default_factory=list)
+    #: Drifted rows beyond those listed.
+    unlisted: int = 0
     repaired: bool = False
+    seconds: float = 0.0
 
     @property
     def clean(self) -> bool:
         return not self.drifts
 
+    @property
+    def drift_count(self) -> int:
+        return len(self.drifts) + self.unlisted
 
-class Replay:
-    """A projection rebuilt in memory from the log, advanced on demand."""
 
-    def __init__(self, log: EventLog, projection: Projection) -> None:
+@dataclass(frozen=True)
+class _Point:
+    """A checkpoint to fold to: a position, or a vector (with its partitions' parked events)."""
+
+    position: int
+    epoch: int
+    vector: Vector | None = None
+    parked: frozenset[int] = frozenset()
+
+
+class Fold:
+    """A projection folded from the log into a scratch database, advanced on demand."""
+
+    def __init__(self, log: EventLog, projection: Projection, directory: Path) -> None:
         self.log = log
         self.projection = projection
-        self.rows = MemoryRows(projection)
-        self.position = 0
+        self.store = SqliteStore(directory / "fold.db")
+        self.store.execute("PRAGMA synchronous=OFF")
+        with self.store.transaction():
+            self.store.create_tables(projection)
+        record = VersionRecord(projection.name, projection.version, VersionState.LIVE, 0, 0,
+                               None, "", None)  # fmt: skip
+        self.slot = Slot(projection, record, RowCache(projection, FOLD_CACHE))
+        self.slot.cache.warm(self.store, empty=True)
+        self.decoder = EventDecoder(log.mapper, projection.handlers)
+        #: Every event up to here is folded (or, for a vector, considered).
+        self.done = 0
+        self.partitions: Callable[[str], int] | None = None
+        #: For a vector: per partition, every event up to here is folded.
+        self.complete: list[int] | None = None
 
-    def advance(self, to: int) -> None:
-        while self.position < to:
-            events = self.log.read(self.position, min(_READ_CHUNK, to - self.position))
-            if not events:
+    def advance(self, point: _Point, partitions: int | None) -> None:
+        """Fold the events the checkpoint has and the fold has not."""
+        vector = point.vector
+        wanted: Callable[[LogEvent], bool] | None = None
+        if vector is None:
+            start, end = self.done, point.position
+        else:
+            assert partitions is not None
+            partition = self.partitions or partition_of(partitions)
+            self.partitions = partition
+            complete = self.complete or [0] * partitions
+            positions, parked = vector.positions, point.parked
+
+            def wanted(event: LogEvent) -> bool:
+                q = partition(event.originator_id)
+                return complete[q] < event.position <= positions[q] and (
+                    event.position not in parked
+                )
+
+            start, end = min(complete), max(vector.furthest, vector.position)
+        while start < end:
+            raw = self.log.scan(start, min(FOLD_BATCH, end - start))
+            if not raw:
                 break
-            for event in events:
-                if event.position > to:
-                    return
-                self.projection.apply(event, self.rows)
-                self.position = event.position
+            events = [e for e in self.decoder.iterate(raw) if e.position <= end]
+            if wanted is not None:
+                events = [e for e in events if wanted(e)]
+            rows = BulkRows(self.slot, self.store)
+            try:
+                apply_fast(events, [(self.slot, rows)])
+                plan = rows.plan()
+            except Exception as error:
+                raise ReconcileError(
+                    f"{self.projection.name} v{self.projection.version}: folding the log "
+                    f"failed after position {start}: {error}"
+                ) from error
+            with self.store.transaction():
+                rows.write(plan)
+            rows.merge_into_cache()
+            start = raw[-1][0]
+        if vector is None:
+            self.done = end
+        else:
+            # Every event of partition q up to its bound is in the owner's tables (and so
+            # folded here): the next round starts after it.
+            self.complete = list(vector.bounds)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="daybook-reconcile-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def reconcile(
     log: EventLog, url: str, projection: Projection, *, repair: bool = False
 ) -> ReconcileReport:
-    """Compare the stored tables of ``projection``'s version with a replay of the log."""
+    """Compare the stored tables of ``projection``'s version with a fold of the log."""
+    started = time.monotonic()
     store = open_store(url)
     try:
         catalog = VersionCatalog(store)
@@ -96,47 +220,119 @@ def reconcile(
             state = "absent" if record is None else record.state.value
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
             raise LookupError(msg)
-        replay = Replay(log, projection)
-        # Most of the replay happens before any lock is taken; the rest under it.
-        replay.advance(record.position)
-        with store.transaction(write=repair):
-            record = catalog.version(projection.name, projection.version, lock=repair)
-            assert record is not None
-            replay.advance(record.position)
-            report = ReconcileReport(projection.name, projection.version, record.position)
-            for table in projection.tables:
-                _compare(store, table, projection.version, replay.rows, report)
-            if repair and report.drifts:
-                _repair(store, projection, report)
-                report.repaired = True
+        with _scratch() as directory:
+            fold = Fold(log, projection, directory)
+            try:
+                report = _reconcile(store, catalog, fold, record, repair)
+            finally:
+                fold.close()
+        report.seconds = time.monotonic() - started
         return report
     finally:
         store.close()
 
 
-def _compare(
-    store: ReadStore, table: Table, version: int, expected: MemoryRows, report: ReconcileReport
-) -> None:
-    wanted = expected.tables[table.name]
-    report.rows_expected += len(wanted)
-    expected_sums = checksums.by_range(table, wanted.values())
-    stored_sums = store.range_checksums(table, version)
-    buckets = set(expected_sums) | set(stored_sums)
-    report.ranges_checked += len(buckets)
-    differing = {b for b in buckets if expected_sums.get(b) != stored_sums.get(b)}
-    report.ranges_differing += len(differing)
-    if not differing:
-        return
-    stored = store.rows_in_ranges(table, version, differing)
-    wanted_here = {k: r for k, r in wanted.items() if checksums.range_of(k) in differing}
-    for key in sorted(set(stored) | set(wanted_here), key=sort_key):
-        want, have = wanted_here.get(key), stored.get(key)
-        if want is None:
-            report.drifts.append(Drift(table.name, key, "extra", None, have))
-        elif have is None:
-            report.drifts.append(Drift(table.name, key, "missing", want, None))
-        elif _normal(table, want) != _normal(table, have):
-            report.drifts.append(Drift(table.name, key, "different", want, have))
+def _reconcile(
+    store: ReadStore, catalog: VersionCatalog, fold: Fold, record: VersionRecord, repair: bool
+) -> ReconcileReport:
+    projection = fold.projection
+    with store.transaction(write=False):
+        point = _point(store, catalog, record)
+    fold.advance(point, record.partitions)  # the bulk of the work: no transaction open
+    for _ in range(REPAIR_ROUNDS):
+        with store.transaction(write=False):  # one snapshot: checkpoint and rows agree
+            current = catalog.version(projection.name, projection.version)
+            assert current is not None
+            record = current
+            point = _point(store, catalog, record)
+            fold.advance(point, record.partitions)
+            report = _compare(store, fold, record, point)
+        if not repair or report.clean:
+            return report
+        with store.transaction():
+            if _locked_point(store, catalog, record) != point:
+                continue  # the owner moved on: compare again from there
+            _repair(store, projection, report)
+            report.repaired = True
+            return report
+    report.repaired = False
+    return report
+
+
+def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> _Point:
+    group = record.group
+    if group is None or record.topic is None or not record.partitions:
+        return _Point(record.position, record.epoch)
+    vector = read_vector(store, group, record.topic, record.partitions)
+    return _Point(vector.position, record.epoch, vector, _parked(store, group, record.topic))
+
+
+def _locked_point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> _Point:
+    """The checkpoint under the locks its owner's writers take."""
+    current = catalog.version(record.name, record.version, lock=True)
+    assert current is not None
+    group = current.group
+    if group is None or current.topic is None or not current.partitions:
+        return _Point(current.position, current.epoch)
+    vector = read_vector(store, group, current.topic, current.partitions, lock=True)
+    return _Point(vector.position, current.epoch, vector, _parked(store, group, current.topic))
+
+
+def _parked(store: ReadStore, group: str, topic: str) -> frozenset[int]:
+    """Positions the group parked (stream groups write PostgreSQL only)."""
+    found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
+    if not found[0][0]:
+        return frozenset()
+    rows = store.execute(
+        "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s",
+        (group, topic),
+    )
+    return frozenset(int(row[0]) for row in rows)
+
+
+def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point) -> ReconcileReport:
+    projection = fold.projection
+    report = ReconcileReport(
+        projection.name,
+        projection.version,
+        point.position,
+        record.owner,
+        None if point.vector is None else point.vector.positions,
+    )
+    for table in projection.tables:
+        expected = checksums.by_range(table, fold.store.all_rows(table, projection.version))
+        stored = store.range_checksums(table, projection.version)
+        report.rows_expected += sum(count for count, _ in expected.values())
+        buckets = set(expected) | set(stored)
+        report.ranges_checked += len(buckets)
+        differing = sorted(b for b in buckets if expected.get(b) != stored.get(b))
+        report.ranges_differing += len(differing)
+        for bucket in differing:  # range by range: memory for one range's rows at a time
+            have = store.rows_in_ranges(table, projection.version, {bucket})
+            want = fold.store.rows_in_ranges(table, projection.version, {bucket})
+            for key in sorted(set(have) | set(want), key=sort_key):
+                drift = _drift(table, key, want.get(key), have.get(key))
+                if drift is None:
+                    continue
+                if len(report.drifts) < DRIFTS_LISTED:
+                    report.drifts.append(drift)
+                else:
+                    report.unlisted += 1
+    return report
+
+
+def _drift(table: Table, key: Key, want: Row | None, have: Row | None) -> Drift | None:
+    either = want if want is not None else have
+    label = ""
+    if table.label and either is not None:
+        label = " ".join(str(either.get(column)) for column in table.label)
+    if want is None:
+        return Drift(table.name, key, "extra", None, have, label)
+    if have is None:
+        return Drift(table.name, key, "missing", want, None, label)
+    if _normal(table, want) != _normal(table, have):
+        return Drift(table.name, key, "different", want, have, label)
+    return None
 
 
 def _normal(table: Table, row: Row) -> tuple[Any, ...]:
@@ -144,12 +340,14 @@ def _normal(table: Table, row: Row) -> tuple[Any, ...]:
 
 
 def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -> None:
-    """Rewrite drifted rows, log every change, and tell runners their caches are stale."""
+    """Rewrite drifted rows, log every change, and tell writers their caches are stale."""
     version = projection.version
     repairs = ReconcileLog(store)
     for drift in report.drifts:
         table = projection.table(drift.table)
-        if drift.kind == "extra":
+        if table.summed:
+            store.replace_total(table, version, drift.key, drift.expected)
+        elif drift.kind == "extra":
             store.delete(table, version, [drift.key])
         else:
             assert drift.expected is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,13 @@ class SqliteStore(ReadStore):
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self.conn.executemany(self._sql(sql), rows)
+
+    def all_rows(self, table: Table, version: int) -> Iterator[Row]:
+        # Row by row from the cursor: a table may not fit in memory (the reconciler's fold).
+        names = table.column_names
+        cursor = self.conn.execute(f"SELECT {', '.join(names)} FROM {self.source(table, version)}")
+        for values in cursor:
+            yield dict(zip(names, values, strict=True))
 
     def _sql(self, sql: str) -> str:
         return sql.replace("%s", "?")  # callers write psycopg's placeholders

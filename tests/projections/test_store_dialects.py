@@ -50,6 +50,7 @@ def store(url: str) -> Iterator[ReadStore]:
     store = open_store(url)
     VersionCatalog(store).ensure()
     VersionCatalog(store).register(PROBE)
+    VersionCatalog(store).activate("probe", 1)  # built: it serves
     yield store
     store.close()
 
