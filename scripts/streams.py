@@ -71,6 +71,8 @@ class Daybook:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    #: The command line module: the streaming commands, or every command.
+    module: str = "daybook.infrastructure.streaming.cli"
 
     #: Processes started and not yet reaped (``kill_leftovers`` ends them).
     running: ClassVar[list[Daybook]] = []
@@ -90,7 +92,7 @@ class Daybook:
     def start(self) -> Daybook:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daybook.infrastructure.streaming.cli", *self.args],
+            [sys.executable, "-m", self.module, *self.args],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

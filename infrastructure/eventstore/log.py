@@ -23,6 +23,7 @@ from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 from daybook.infrastructure.compat.eventsourcing import listen_conninfo
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
@@ -162,6 +163,7 @@ class EventLog:
 
     def scan(self, after: int, limit: int) -> list[RawEvent]:
         """Up to ``limit`` stored events with positions greater than ``after``, undecoded."""
+        crash_point("log.read")
         if self._scan_sql is not None:
             rows: list[RawEvent] = self._scan_postgres(after, limit)
             return rows
@@ -234,6 +236,7 @@ class EventLog:
 
     def notifications(self, after: int, limit: int) -> list[Notification]:
         """Up to ``limit`` stored events after ``after``, as the recorder gives them."""
+        crash_point("log.read")
         return list(self.recorder.select_notifications(after, limit, inclusive_of_start=False))
 
     def close(self) -> None:

@@ -133,14 +133,19 @@ _COLUMNS = (
 
 
 def _record(row: tuple[Any, ...]) -> VersionRecord:
-    name, version, state, position, epoch, *rest, partitions, note = row
+    name, version, state, position, epoch, last_event_at, updated_at, error = row[:8]
+    owner, topic, partitions, note = row[8:]
     return VersionRecord(
         name,
         int(version),
         VersionState(state),
         int(position),
         int(epoch),
-        *rest,
+        last_event_at,
+        updated_at,
+        error,
+        owner,
+        topic,
         None if partitions is None else int(partitions),
         note,
     )

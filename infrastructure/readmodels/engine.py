@@ -20,7 +20,7 @@ partitions therefore never write the same row.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,9 +266,9 @@ class BulkRows:
             self.writes[table.name] = writes
             self._committed[table.name] = cache.rows[table.name]
             single = table.key[0] if len(table.key) == 1 and not table.summed else ""
-            key_of = table.key_of
+            key_of: Callable[[Row], Key] = table.key_of
             if table.summed:
-                key_of = _with_log_shard(key_of)
+                key_of = _with_log_shard(table.key_of)
             self._put[table.name] = (writes, single, key_of)
 
     def get(self, table: str, key: Key) -> Row | None:
@@ -356,7 +356,7 @@ class BulkRows:
             cache.clear()
 
 
-def _with_log_shard(key_of: Callable[[Row], Key]) -> Callable[[Row], Key]:
+def _with_log_shard(key_of: Callable[[Mapping[str, Value]], Key]) -> Callable[[Row], Key]:
     def stored_key(row: Row) -> Key:
         return (*key_of(row), LOG_SHARD)
 

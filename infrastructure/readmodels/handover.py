@@ -160,8 +160,8 @@ def _to_group(
         bounds = [min(bounds[q], max(record.position, target[q])) for q in range(partitions)]
     by_name = {p.name: p for p, _ in records}
     for record in staying:
-        projection = by_name.get(record.name)
-        if projection is None or projection.version != record.version:
+        defined = by_name.get(record.name)
+        if defined is None or defined.version != record.version:
             if current.positions != tuple(target):
                 raise HandoverRefused(
                     f"the group {group} also owns {record.name} v{record.version}, which would "
@@ -169,7 +169,7 @@ def _to_group(
                 )
             continue
         applied[(record.name, record.version)] = _bring(
-            log, store, projection, record, current.positions, max(target), partitions, target
+            log, store, defined, record, current.positions, max(target), partitions, target
         )
     write_vector(store, group, topic, Vector(tuple(target), tuple(bounds)))
     handed = []

@@ -406,7 +406,10 @@ class ProjectionRunner:
             with store.transaction():
                 VersionCatalog(store).stop(*slot.key, reason)
                 if letter is not None:
-                    DeadLetters(store).add(*slot.key, *letter)
+                    position, event_type, originator_id, error, attempts = letter
+                    DeadLetters(store).add(
+                        *slot.key, position, event_type, originator_id, error, attempts
+                    )
         except (IllegalTransition, LookupError) as refused:
             # Retired (or stopped) by someone else meanwhile: not ours to park any more.
             log.info("projection %s v%s: %s; releasing it", *slot.key, refused)

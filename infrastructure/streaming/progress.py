@@ -17,6 +17,8 @@ import psycopg
 from psycopg.sql import SQL, Composed, Identifier
 
 from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
+
+__all__ = ["DEAD_LETTER_TABLE", "GAP", "LIVE", "PROGRESS_TABLE", "Step", "classify"]
 from daybook.infrastructure.urls import postgres_params
 
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"

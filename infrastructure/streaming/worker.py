@@ -173,6 +173,7 @@ class StreamApplier:
         """Apply ``messages`` (in arrival order) in one transaction; raises for database
         errors (the caller reconnects and retries the same messages) and ``NotOwner`` when
         the group owns none of its projections' versions."""
+        crash_point("worker.batch")
         store = self.connect()
         result = BatchResult()
         involved = sorted({m.partition for m in messages})

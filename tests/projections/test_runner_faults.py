@@ -1,0 +1,101 @@
+"""The in-process runner killed between writing rows and COMMIT, and cut off from the event
+store for ten seconds in the middle of a log read: nothing lost, nothing applied twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daybook import Ledger, open_ledger, projections
+from daybook.infrastructure.bootstrap import projection_runner
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.streaming import faults
+from scripts import services
+from scripts.outage import Outage
+from scripts.streams import Daybook, unique, wait_until
+from tests.projections.helpers import assert_tables_match, workload
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+OUTAGE_SECONDS = 10.0
+
+
+@pytest.fixture
+def ledger(pg_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(pg_url)
+    yield ledger
+    ledger.close()
+
+
+def positions(url: str) -> dict[str, int]:
+    store = open_store(url)
+    try:
+        return {r.name: r.position for r in VersionCatalog(store).versions()}
+    finally:
+        store.close()
+
+
+def project(url: str, log: Path, faults_spec: str = "") -> Daybook:
+    args = ["project", "--url", url, "--batch-size", "50", "--poll-interval", "0.05"]
+    env = {"DAYBOOK_FAULTS": faults_spec} if faults_spec else {}
+    return Daybook(args, log, env=env, module="daybook.infrastructure.cli")
+
+
+def test_a_runner_killed_between_writing_rows_and_commit_loses_and_repeats_nothing(
+    ledger: Ledger, pg_url: str, tmp_path: Path
+) -> None:
+    workload(ledger, 300)
+    doomed = project(pg_url, tmp_path / "doomed.log", "runner.before_commit:3").start()
+    assert doomed.wait() == -9, doomed.output
+    assert "fault point runner.before_commit: SIGKILL" in doomed.output
+    # Two batches of 50 committed; the third's rows were written and never committed.
+    assert set(positions(pg_url).values()) == {100}
+    again = project(pg_url, tmp_path / "again.log").start()
+    try:
+        head = ledger.head()
+        wait_until(lambda: set(positions(pg_url).values()) == {head}, "the restarted runner")
+    finally:
+        assert again.stop() == 0, again.output
+    assert "fault point" not in again.output
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def test_the_event_store_gone_for_ten_seconds_mid_log_read_stops_nothing(
+    ledger: Ledger, pg_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """Read models on another database; the event store unreachable from the runner for ten
+    seconds, starting inside a log read; commands keep arriving meanwhile."""
+    ids = workload(ledger, 100)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    with Outage.of_url(pg_url) as outage:
+        faults.arm("log.read:4:pause", tmp_path)
+        runner = projection_runner(
+            Settings(url=outage.url(pg_url), readmodels_url=readmodels), poll_interval=0.05
+        )
+        runner.start()
+        try:
+            marker = faults.paused_file("log.read", tmp_path)
+            wait_until(marker.exists, "the runner to reach its fourth log read")
+            outage.cut()
+            marker.unlink()  # the read goes on, into the outage
+            workload(ledger, 60, seed=2, accounts=ids)
+            time.sleep(OUTAGE_SECONDS)
+            assert runner.health().state is not ServiceState.FAILED, runner.health()
+            outage.restore()
+            head = ledger.head()
+            wait_until(
+                lambda: set(positions(readmodels).values()) == {head}, "the runner to catch up"
+            )
+            assert runner.health().state is ServiceState.RUNNING, runner.health()
+        finally:
+            faults.disarm()
+            runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, readmodels, projection)

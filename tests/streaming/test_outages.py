@@ -1,0 +1,111 @@
+"""The relay and a worker cut off from PostgreSQL for ten seconds, starting at an exact
+point (a log read; a batch): both go on afterwards, nothing lost, nothing applied twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger
+from daybook.infrastructure.streaming import faults
+from daybook.infrastructure.streaming.progress import read_status
+from daybook.infrastructure.streaming.relay import read_cursor
+from scripts.outage import Outage
+from scripts.streams import (
+    Daybook,
+    follow_chain,
+    open_accounts,
+    read_topic,
+    unique,
+    wait_until,
+    write_money,
+)
+from tests.streaming.test_workers import PARTITIONS, applied, reference_tables, tables
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
+
+OUTAGE_SECONDS = 10.0
+
+
+def relay(url: str, bootstrap: str, topic: str, log: Path, env: dict[str, str]) -> Daybook:
+    args = ["relay", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    args += ["--partitions", str(PARTITIONS), "--batch-size", "300", "--poll-interval", "0.2"]
+    return Daybook([*args, "-v"], log, env=env)
+
+
+def worker(
+    url: str, bootstrap: str, topic: str, group: str, log: Path, env: dict[str, str]
+) -> Daybook:
+    args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "300", "-v"]
+    return Daybook(args, log, env=env)
+
+
+def paused(directory: Path, name: str) -> Path:
+    return faults.paused_file(name, directory)
+
+
+def test_the_relay_survives_ten_seconds_without_its_database_from_a_log_read(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic = unique("relay-outage")
+    env = {"DAYBOOK_FAULTS": "log.read:3:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(pg_url) as outage:
+        process = relay(outage.url(pg_url), kafka_bootstrap, topic, tmp_path / "relay.log", env)
+        process.start()
+        try:
+            wait_until(paused(tmp_path, "log.read").exists, "the relay's third log read")
+            outage.cut()
+            paused(tmp_path, "log.read").unlink()
+            write_money(ledger, accounts, 500, seed=2)
+            time.sleep(OUTAGE_SECONDS)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
+        finally:
+            assert process.stop() == 0, process.output
+    positions, _, gaps = follow_chain(read_topic(kafka_bootstrap, topic, PARTITIONS, head))
+    assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
+    ledger.close()
+
+
+def test_a_worker_survives_ten_seconds_without_its_database_from_a_batch(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("worker-outage"), unique("group")
+    env = {"DAYBOOK_FAULTS": "worker.batch:2:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(pg_url) as outage:
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        process = worker(outage.url(pg_url), kafka_bootstrap, topic, group, tmp_path / "w.log", env)
+        process.start()
+        try:
+            wait_until(paused(tmp_path, "worker.batch").exists, "the worker's second batch")
+            outage.cut()
+            paused(tmp_path, "worker.batch").unlink()
+            write_money(ledger, accounts, 500, seed=2)
+            time.sleep(OUTAGE_SECONDS)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
+            status = read_status(pg_url, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+        finally:
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
+def _cursor(url: str, topic: str) -> int:
+    cursor = read_cursor(url, topic)
+    return cursor.position if cursor else 0
