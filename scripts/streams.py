@@ -178,6 +178,40 @@ def read_topic(
     )
 
 
+def assert_in_log_order(seen: dict[int, list[envelope.Envelope]]) -> None:
+    """Each partition, read as a worker follows its chain, delivers its events in log order:
+    every message is the next one, or a repeat of one already delivered (same position, same
+    aggregate version); nothing arrives past a gap; each aggregate's versions rise."""
+    for partition, messages in seen.items():
+        taken: dict[int, tuple[object, int]] = {}
+        last = 0
+        for message in messages:
+            if message.is_mark:
+                continue
+            what = (message.aggregate_id, message.aggregate_version)
+            step = classify(last, message.position, message.prev)
+            if step is Step.APPLY:
+                taken[message.position] = what
+                last = message.position
+            elif step is Step.DUPLICATE:
+                if taken.get(message.position) != what:
+                    raise AssertionError(
+                        f"partition {partition}: position {message.position} arrived after "
+                        f"{last} and is no repeat of one delivered: out of order"
+                    )
+            else:
+                raise AssertionError(
+                    f"partition {partition}: position {message.position} (prev {message.prev}) "
+                    f"arrived when {last} was the last delivered: out of order or lost"
+                )
+        versions: dict[object, int] = {}
+        for position in sorted(taken):
+            aggregate, version = taken[position]
+            if version <= versions.get(aggregate, 0):
+                raise AssertionError(f"partition {partition}: {aggregate} went back to {version}")
+            versions[aggregate] = version
+
+
 def follow_chain(
     seen: dict[int, list[envelope.Envelope]],
 ) -> tuple[list[int], int, int]:

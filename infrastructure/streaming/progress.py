@@ -65,6 +65,10 @@ class PartitionStatus:
     last_error: str | None
     #: The ``prev`` a gap is waiting for (0 when not in a gap).
     waiting_for: int
+    #: Every event of the partition up to here is applied (see ``checkpoints``).
+    bound: int = 0
+    #: The worker that last wrote it (``host:pid``).
+    writer: str | None = None
 
 
 def create_tables_sql() -> list[Composed]:
@@ -91,7 +95,8 @@ def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]
         rows = conn.execute(
             SQL(
                 "SELECT partition, position, applied, duplicates, dead_letters, state, "
-                "last_error, waiting_for FROM {} WHERE group_id = %s AND topic = %s "
+                "last_error, waiting_for, bound, writer FROM {} WHERE group_id = %s "
+                "AND topic = %s "
                 "ORDER BY partition"
             ).format(Identifier(PROGRESS_TABLE)),
             (group, topic),

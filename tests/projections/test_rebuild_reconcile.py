@@ -96,7 +96,6 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
                 return
 
     old = run_projections(ledger, db_url, poll_interval=0.01)
-    old.run_until_caught_up  # noqa: B018
     old.views.balance(ids[0], min_position=ledger.head(), timeout=30)
     writer = threading.Thread(target=write)
     reader = threading.Thread(target=read, args=(old.views,))

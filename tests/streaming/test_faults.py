@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
@@ -102,14 +103,24 @@ def test_a_poison_event_is_parked_on_the_dead_letter_topic_and_the_rest_goes_on(
     ledger.close()
 
 
+@pytest.fixture
+def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[services.KafkaHandle]:
+    """A broker of this test's own, always (it is stopped and restarted empty), even when
+    the session uses an external one."""
+    monkeypatch.delenv(services.KAFKA_BOOTSTRAP_ENV, raising=False)
+    handle = services.start_kafka(tmp_path / "broker")
+    yield handle
+    handle.stop()
+
+
 def test_the_broker_losing_everything_while_stopped_loses_and_repeats_nothing(
-    pg_url: str, pg_admin_url: str, kafka: services.KafkaHandle, tmp_path: Path
+    pg_url: str, pg_admin_url: str, own_broker: services.KafkaHandle, tmp_path: Path
 ) -> None:
     """The broker stopped for a while and restarted empty (memory storage): the relay
     notices, re-publishes the log, the workers restart themselves and finish with the
     in-process runner's tables, every event applied exactly once."""
-    if kafka.external:
-        pytest.skip("needs the broker this session started (it is restarted)")
+    kafka = own_broker
+    assert not kafka.external
     ledger = open_ledger(pg_url)
     accounts = open_accounts(ledger, 30)
     write_money(ledger, accounts, 1000)

@@ -10,6 +10,7 @@ from daybook import open_ledger
 from daybook.infrastructure.streaming.relay import read_cursor
 from scripts.streams import (
     Daybook,
+    assert_in_log_order,
     follow_chain,
     open_accounts,
     read_topic,
@@ -64,11 +65,5 @@ def test_relay_killed_mid_batch_loses_nothing_and_consumers_drop_the_repeats(
     if crash_point == "relay.after_send":
         assert duplicates == 500  # the acknowledged, unrecorded batch came again
     assert gaps == 0
-    for messages in seen.values():  # each aggregate's events in log order
-        versions: dict[object, int] = {}
-        for message in messages:
-            if message.position > versions.get(("p", message.aggregate_id), 0):
-                assert message.aggregate_version > versions.get(message.aggregate_id, 0)
-                versions[message.aggregate_id] = message.aggregate_version
-                versions[("p", message.aggregate_id)] = message.position
+    assert_in_log_order(seen)
     ledger.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import psycopg
@@ -93,6 +94,9 @@ def test_two_workers_build_the_same_tables_as_the_in_process_runner(
         wait_until(lambda: applied(pg_url, group, topic) == head, "every event applied")
         status = read_status(pg_url, group, topic)
         assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+        # Each worker wrote the partitions the group gave it (both got some).
+        writers = {p.writer for p in status}
+        assert writers == {f"{socket.gethostname()}:{w.proc.pid}" for w in processes[1:] if w.proc}
     finally:
         for process in processes:
             process.stop()
@@ -114,6 +118,7 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
         pg_url, kafka_bootstrap, topic, group, tmp_path / "w1.log", faults="worker.after_commit:2"
     ).start()
     assert doomed.wait() == -9, doomed.output
+    assert "fault point worker.after_commit: SIGKILL" in doomed.output
     steady = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log").start()
     extra: Daybook | None = None
     try:
@@ -133,7 +138,7 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
         for process in (the_relay, steady, extra):
             if process is not None:
                 process.stop()
-    assert "worker.after_commit" not in steady.output
+    assert "fault point" not in steady.output
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
 
