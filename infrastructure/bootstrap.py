@@ -87,6 +87,26 @@ def projection_runner(
     return EmbeddedProjections(log, location, projections, **options)
 
 
+def continuous_reconciler(
+    settings: Settings, *, projections: Sequence[Projection] = definitions.ALL, **options: Any
+) -> ContinuousReconciler:
+    """The continuous reconciler (``daybook reconcile --continuous``); ``close`` it when done."""
+    from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler
+
+    location = ReadModelLocation(settings.url, settings.readmodels_url)
+    try:
+        log = open_event_log(settings=settings)
+    except BaseException:
+        location.close()
+        raise
+
+    def close() -> None:
+        log.close()
+        location.close()
+
+    return ContinuousReconciler(log, location.url, projections, on_close=close, **options)
+
+
 def outbox_relay(settings: Settings, **options: Any) -> Relay:
     """The outbox relay for ``settings`` (``daybook relay``); ``close`` it when done."""
     from daybook.infrastructure.streaming.relay import Relay, RelayConfig  # see the end
@@ -156,10 +176,12 @@ def run_projections(
 # The streaming parts (aiokafka, faust) are imported where they are built, not above:
 # importing faust costs most of a second, and `import daybook` should not pay it.
 if TYPE_CHECKING:
+    from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler
     from daybook.infrastructure.streaming.app import WorkerConfig
     from daybook.infrastructure.streaming.relay import Relay
 
 __all__: Sequence[str] = [
+    "continuous_reconciler",
     "event_log_of",
     "ledger_service",
     "open_async_ledger",

@@ -12,7 +12,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from daybook import projections
-from daybook.infrastructure.bootstrap import open_event_log, projection_runner
+from daybook.infrastructure.bootstrap import (
+    continuous_reconciler,
+    open_event_log,
+    projection_runner,
+)
 from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import (
@@ -101,6 +105,13 @@ def register(subparsers: Any) -> None:
     _common(check)
     check.add_argument("name", nargs="?", choices=[p.name for p in projections.ALL])
     check.add_argument("--repair", action="store_true", help="rewrite drifted rows")
+    check.add_argument(
+        "--continuous",
+        action="store_true",
+        help="keep reconciling as a service, recording each run (status shows the last)",
+    )
+    check.add_argument("--every-events", type=int, default=100_000, help="with --continuous")
+    check.add_argument("--every-seconds", type=float, default=600.0, help="with --continuous")
     check.set_defaults(handler=_run_reconcile)
 
 
@@ -211,11 +222,26 @@ def _run_status(args: argparse.Namespace) -> int:
             print(f"    {row.error}")
         if row.note:
             print(f"    {row.note}")
+        run = row.reconciled
+        if run is not None:
+            if run.error:
+                verdict = f"failed: {run.error}"
+            elif run.drifted:
+                verdict = f"{run.drifted} drifted rows" + (", repaired" if run.repaired else "")
+            else:
+                verdict = "clean"
+            print(f"    reconciled at position {run.position} ({run.finished_at}): {verdict}")
+            for drift in run.drifts[:5]:
+                print(f"      {drift}")
     if any(row.includes_later for row in rows):
         print("(+: some events after that position are applied too, by partitions ahead)")
     stopped = any(r.state is VersionState.STOPPED and r.active for r in rows)
     unfollowed = any(r.note and r.active for r in rows)
-    return 1 if stopped or unfollowed else 0
+    drifted = any(
+        r.active and r.reconciled and r.reconciled.drifted and not r.reconciled.repaired
+        for r in rows
+    )
+    return 1 if stopped or unfollowed or drifted else 0
 
 
 def _run_handover(args: argparse.Namespace) -> int:
@@ -260,8 +286,37 @@ def _run_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    service = continuous_reconciler(
+        settings_of(args),
+        projections=chosen,
+        every_events=args.every_events,
+        every_seconds=args.every_seconds,
+        repair=args.repair,
+    )
+
+    def on_signal(signum: int, frame: Any) -> None:
+        print(f"daybook reconcile: signal {signum}, stopping", file=sys.stderr)
+        service.service.stopping.set()
+        service.log.interrupt()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        health = service.run_forever()
+    finally:
+        service.close()
+    if health.state is ServiceState.FAILED:
+        print(f"daybook reconcile: stopped: {health.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
+    if args.continuous:
+        return _run_continuous(args, chosen)
     log = open_event_log(settings=settings_of(args))
     drifted = False
     try:

@@ -9,6 +9,7 @@ from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconciler import ReconcileRun, last_runs
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class VersionStatus:
     includes_later: bool = False
     #: Why a follower cannot follow this version.
     note: str | None = None
+    #: The continuous reconciler's last run on this version.
+    reconciled: ReconcileRun | None = None
 
 
 def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
@@ -47,6 +50,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
                 if letter.resolved_at is None:
                     key = (letter.name, letter.version)
                     parked[key] = parked.get(key, 0) + 1
+        runs = last_runs(store)
         head = log.head()
         now = datetime.now(UTC)
         result = []
@@ -74,6 +78,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
                     record.owner,
                     checkpoint.includes_later,
                     record.note,
+                    runs.get((record.name, record.version)),
                 )
             )
         return result

@@ -1,0 +1,241 @@
+"""The continuous reconciler: a supervised service that reconciles each serving projection
+version every N events or T seconds, and records every run in ``daybook_reconcile_runs``
+(what ``daybook projections status`` shows). Report-only unless told to repair.
+
+Each run is ``reconcile`` (at the owner's checkpoint, in bounded memory, no lock during the
+fold). The table keeps the last ``KEPT_RUNS`` runs of each version: it does not grow with
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconcile import ReconcileError, ReconcileReport, reconcile
+from daybook.infrastructure.readmodels.store import ReadStore, now_text
+from daybook.projections.model import Projection
+
+log = logging.getLogger("daybook.reconciler")
+
+RUNS_TABLE = "daybook_reconcile_runs"
+#: Runs kept per projection version.
+KEPT_RUNS = 100
+#: Drifted rows described per run (the count says how many there were).
+DESCRIBED = 20
+
+
+@dataclass(frozen=True)
+class ReconcileRun:
+    name: str
+    version: int
+    owner: str
+    position: int
+    vector: list[int] | None
+    ranges_checked: int
+    ranges_differing: int
+    drifted: int
+    drifts: list[str]
+    repaired: bool
+    seconds: float
+    finished_at: str
+    error: str | None
+
+
+def create_runs_table(store: ReadStore) -> None:
+    store.execute(
+        f"CREATE TABLE IF NOT EXISTS {RUNS_TABLE} ({store.serial_key()}, name TEXT NOT NULL,"
+        " version BIGINT NOT NULL, owner TEXT NOT NULL, position BIGINT NOT NULL,"
+        " vector TEXT, ranges_checked BIGINT NOT NULL, ranges_differing BIGINT NOT NULL,"
+        " drifted BIGINT NOT NULL, drifts TEXT NOT NULL, repaired BIGINT NOT NULL,"
+        " seconds TEXT NOT NULL, finished_at TEXT NOT NULL, error TEXT)"
+    )
+
+
+def record_run(store: ReadStore, run: ReconcileRun) -> None:
+    """Record ``run`` and forget the oldest of its version's runs beyond ``KEPT_RUNS``."""
+    with store.transaction():
+        create_runs_table(store)
+        store.execute(
+            f"INSERT INTO {RUNS_TABLE} (name, version, owner, position, vector, ranges_checked,"
+            " ranges_differing, drifted, drifts, repaired, seconds, finished_at, error)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                run.name, run.version, run.owner, run.position,
+                None if run.vector is None else json.dumps(run.vector),
+                run.ranges_checked, run.ranges_differing, run.drifted, json.dumps(run.drifts),
+                int(run.repaired), f"{run.seconds:.3f}", run.finished_at, run.error,
+            ),
+        )  # fmt: skip
+        store.execute(
+            f"DELETE FROM {RUNS_TABLE} WHERE name = %s AND version = %s AND id <= ("
+            f" SELECT id FROM {RUNS_TABLE} WHERE name = %s AND version = %s"
+            f" ORDER BY id DESC LIMIT 1 OFFSET {KEPT_RUNS})",
+            (run.name, run.version, run.name, run.version),
+        )
+
+
+def last_runs(store: ReadStore) -> dict[tuple[str, int], ReconcileRun]:
+    """The latest run of each projection version (none if the table does not exist)."""
+    try:
+        with store.transaction(write=False):
+            rows = store.execute(
+                "SELECT name, version, owner, position, vector, ranges_checked,"
+                " ranges_differing, drifted, drifts, repaired, seconds, finished_at, error"
+                f" FROM {RUNS_TABLE} r WHERE id = (SELECT max(id) FROM {RUNS_TABLE}"
+                " WHERE name = r.name AND version = r.version)"
+            )
+    except Exception as error:
+        if store.is_missing_table(error):
+            return {}
+        raise
+    runs = {}
+    for row in rows:
+        name, version, owner, position, vector, checked, differing, drifted = row[:8]
+        drifts, repaired, seconds, finished_at, error = row[8:]
+        runs[(name, int(version))] = ReconcileRun(
+            name, int(version), owner, int(position),
+            None if vector is None else json.loads(vector), int(checked), int(differing),
+            int(drifted), json.loads(drifts), bool(repaired), float(seconds), finished_at, error,
+        )  # fmt: skip
+    return runs
+
+
+def run_of(report: ReconcileReport) -> ReconcileRun:
+    return ReconcileRun(
+        report.name,
+        report.version,
+        report.owner,
+        report.position,
+        None if report.vector is None else list(report.vector),
+        report.ranges_checked,
+        report.ranges_differing,
+        report.drift_count,
+        [drift.describe() for drift in report.drifts[:DESCRIBED]],
+        report.repaired,
+        report.seconds,
+        now_text(),
+        None,
+    )
+
+
+class ContinuousReconciler:
+    """Reconciles the serving version of each of ``projections`` every ``every_events`` log
+    events or ``every_seconds`` seconds, whichever comes first; records each run."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        url: str,
+        projections: Sequence[Projection],
+        *,
+        every_events: int = 100_000,
+        every_seconds: float = 600.0,
+        repair: bool = False,
+        poll_interval: float = 1.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_close = on_close
+        self.log = log
+        self.url = url
+        self.projections = list(projections)
+        self.every_events = every_events
+        self.every_seconds = every_seconds
+        self.repair = repair
+        self.poll_interval = poll_interval
+        #: (name, version) -> (position, monotonic time) of the last run.
+        self._last: dict[tuple[str, int], tuple[int, float]] = {}
+        self.runs = 0
+        self.service = SupervisedThread(
+            "continuous reconciler", self._body, on_stop=self.log.interrupt
+        )
+
+    def start(self) -> Self:
+        self.service.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.service.stop(timeout)
+
+    def health(self) -> Health:
+        return self.service.health()
+
+    def close(self) -> None:
+        """Release what the service was given to own (see ``bootstrap``)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    def run_forever(self) -> Health:
+        return self.service.run()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _body(self, stopping: Stopping) -> None:
+        while not stopping:
+            self.run_due()
+            stopping.wait(self.poll_interval)
+
+    def run_due(self) -> list[ReconcileRun]:
+        """Reconcile every serving version that is due; the runs recorded."""
+        done = []
+        head = self.log.head()
+        now = time.monotonic()
+        store = open_store(self.url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            active = catalog.active_versions()
+            for projection in self.projections:
+                key = (projection.name, projection.version)
+                if active.get(projection.name) != projection.version:
+                    continue
+                position, at = self._last.get(key, (-1, 0.0))
+                recent = position >= 0 and now - at < self.every_seconds
+                if recent and head - position < self.every_events:
+                    continue
+                run = self._reconcile(projection)
+                record_run(store, run)
+                self._last[key] = (run.position, time.monotonic())
+                self.runs += 1
+                done.append(run)
+        finally:
+            store.close()
+        return done
+
+    def _reconcile(self, projection: Projection) -> ReconcileRun:
+        try:
+            report = reconcile(self.log, self.url, projection, repair=self.repair)
+        except (ReconcileError, LookupError) as error:
+            log.error("reconciler: %s v%s: %s", projection.name, projection.version, error)
+            return ReconcileRun(projection.name, projection.version, "", 0, None, 0, 0, 0, [],
+                                False, 0.0, now_text(), str(error))  # fmt: skip
+        run = run_of(report)
+        if report.clean:
+            log.info("reconciler: %s v%s clean at %s", report.name, report.version,
+                     report.position)  # fmt: skip
+        else:
+            log.warning(
+                "reconciler: %s v%s at position %s: %d drifted rows%s: %s",
+                report.name, report.version, report.position, report.drift_count,
+                " (repaired)" if report.repaired else "", "; ".join(run.drifts[:3]),
+            )  # fmt: skip
+        return run

@@ -1,0 +1,99 @@
+"""The continuous reconciler: a supervised service recording every run, report-only unless
+told to repair, its run table bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import Ledger, open_ledger, projections, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconciler import (
+    KEPT_RUNS,
+    RUNS_TABLE,
+    ContinuousReconciler,
+    record_run,
+)
+from daybook.projections.accounts import BALANCES
+from tests.projections.helpers import assert_tables_match, workload
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def ledger(pg_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(pg_url)
+    yield ledger
+    ledger.close()
+
+
+def corrupt(url: str, account: object) -> None:
+    store = open_store(url)
+    store.execute(
+        f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 7 WHERE account_id = %s",
+        (str(account),),
+    )
+    store.close()
+
+
+def test_it_reports_drift_without_repairing_by_default_and_repairs_when_told(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = workload(ledger, 100)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    corrupt(pg_url, ids[0])
+    log = event_log_of(ledger)
+    watcher = ContinuousReconciler(log, pg_url, projections.ALL, every_events=1, every_seconds=0)
+    runs = {run.name: run for run in watcher.run_due()}
+    assert set(runs) == {p.name for p in projections.ALL}
+    balances = runs["account_balances"]
+    assert balances.drifted == 1 and not balances.repaired
+    assert str(ids[0]) in balances.drifts[0]
+    assert all(run.drifted == 0 for name, run in runs.items() if name != "account_balances")
+    capsys.readouterr()
+    assert main(["projections", "status", "--url", pg_url]) == 1
+    assert "1 drifted rows" in capsys.readouterr().out
+    with pytest.raises(AssertionError):
+        assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)  # left as found
+
+    fixer = ContinuousReconciler(
+        log, pg_url, [projections.ACCOUNT_BALANCES], every_events=1, every_seconds=0, repair=True
+    )
+    (run,) = fixer.run_due()
+    assert run.drifted == 1 and run.repaired
+    assert main(["projections", "status", "--url", pg_url]) == 0
+    assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
+
+
+def test_it_runs_as_a_service_and_its_runs_table_stays_bounded(ledger: Ledger, pg_url: str) -> None:
+    workload(ledger, 60)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    service = ContinuousReconciler(
+        event_log_of(ledger), pg_url, [projections.ACCOUNT_BALANCES], every_events=1,
+        every_seconds=0, poll_interval=0.01,
+    )  # fmt: skip
+    service.start()
+    try:
+        while service.runs < 3:
+            service.service.stopping.wait(0.05)
+        assert service.health().state is ServiceState.RUNNING
+    finally:
+        service.stop()
+    assert service.health().state is ServiceState.STOPPED
+    (last,) = service.run_due()
+    store = open_store(pg_url)
+    try:
+        for _ in range(KEPT_RUNS + 5):
+            record_run(store, last)
+        (count,) = store.execute(f"SELECT count(*) FROM {RUNS_TABLE}")[0]
+        assert count == KEPT_RUNS
+    finally:
+        store.close()
