@@ -94,8 +94,8 @@ def last_runs(store: ReadStore) -> dict[tuple[str, int], ReconcileRun]:
                 f" FROM {RUNS_TABLE} r WHERE id = (SELECT max(id) FROM {RUNS_TABLE}"
                 " WHERE name = r.name AND version = r.version)"
             )
-    except Exception as error:
-        if store.is_missing_table(error):
+    except Exception as failure:
+        if store.is_missing_table(failure):
             return {}
         raise
     runs = {}

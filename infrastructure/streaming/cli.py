@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -133,10 +134,16 @@ def _run_worker(args: argparse.Namespace) -> int:
         web_port=args.port,
     )
     health = run_worker(config)
+    code = 0
     if health.state is ServiceState.FAILED:
         print(f"daybook worker: stopped: {health.error}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    # faust leaves threads behind (its consumer thread, aiokafka's) that can keep a stopped
+    # worker's interpreter from exiting, for minutes; everything of ours is closed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _status(args: argparse.Namespace) -> int:
