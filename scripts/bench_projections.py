@@ -1,13 +1,21 @@
-"""Projection benchmarks on PostgreSQL: bulk rebuild rate and convergence latency.
+"""Projection benchmarks on PostgreSQL: rebuild rates against their anchors, the reconciler's
+memory, and convergence latency. Everything in one run, on one log, one server:
 
 1. Writes a log of ``--events`` events (deposits and transfers from the domain's aggregates,
    COPied in large chunks), unless the database already holds that many.
-2. Rebuilds all four daybook projections from the log in one pass of the bulk runner
-   (``BulkRunner``, what ``daybook projections rebuild`` uses); prints events/s.
-3. Anchor, same run, same log: eventsourcing's ``ProjectionRunner`` keeping one balance table
-   with one transaction per event, over the first ``--anchor-events`` events (at its rate a
-   million events would take minutes); prints events/s and daybook's ratio to it.
-4. Convergence latency: commands at a steady rate with the in-process runner following;
+2. Like with like: daybook's bulk rebuild of one projection, account_balances (what
+   ``daybook projections rebuild account_balances`` does), against eventsourcing's
+   ``ProjectionRunner`` building the same table with the same handlers (one transaction per
+   event, its tracking records) over the first ``--anchor-events`` events (at its rate a
+   million would take many minutes); the anchor's table is checked against daybook's
+   definition replayed to the same position.
+3. A yardstick for the physical limit: PostgreSQL computing every account's balance from the
+   events table in one SQL statement (the server decoding the JSON).
+4. daybook's bulk rebuild of all four projections in one pass (the target: 100,000 log
+   events/s on a 2-core machine that also runs PostgreSQL).
+5. The reconciler on account_statement (the table that grows with the log): seconds and
+   peak traced Python memory (tracemalloc).
+6. Convergence latency: commands at a steady rate with the in-process runner following;
    the time from a command's commit to its position being visible in account_balances.
 
     python scripts/bench_projections.py                      # a private server, 1M events
@@ -20,10 +28,12 @@ import argparse
 import statistics
 import sys
 import time
+import tracemalloc
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,6 +42,7 @@ from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.projection import Projection as ESProjection
 from eventsourcing.projection import ProjectionRunner as ESProjectionRunner
+from eventsourcing.utils import get_topic
 from psycopg.sql import SQL
 
 from daybook import Ledger, projections, run_projections
@@ -43,8 +54,10 @@ from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.cli import collector_paused
 from daybook.infrastructure.readmodels.location import open_store
-from daybook.infrastructure.readmodels.rebuild import ProgressBar
+from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.urls import event_store_env
+from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
+from daybook.projections.model import LogEvent, Projection
 
 
 def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int = 50_000) -> float:
@@ -123,42 +136,68 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     return (written - first) / (time.perf_counter() - started)
 
 
+ANCHOR_TABLE = "anchor_account_balances"
+
+
+class AnchorRows:
+    """daybook's ``Rows`` over one eventsourcing transaction: every get and put is a statement
+    on the anchor's copy of the account_balances table."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+        self.names = BALANCES.column_names
+
+    def get(self, table: str, key: tuple[Any, ...]) -> dict[str, Any] | None:
+        self.cursor.execute(
+            f"SELECT {', '.join(self.names)} FROM {ANCHOR_TABLE} WHERE account_id = %s", key
+        )
+        row = self.cursor.fetchone()
+        return None if row is None else dict(zip(self.names, row.values(), strict=True))
+
+    def put(self, table: str, row: dict[str, Any]) -> None:
+        updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in self.names if n != "account_id")
+        self.cursor.execute(
+            f"INSERT INTO {ANCHOR_TABLE} ({', '.join(self.names)}) VALUES"
+            f" ({', '.join('%s' for _ in self.names)}) ON CONFLICT (account_id) DO UPDATE SET"
+            f" {updates}",
+            [row[n] for n in self.names],
+        )
+
+    def delete(self, table: str, key: tuple[Any, ...]) -> None:
+        self.cursor.execute(f"DELETE FROM {ANCHOR_TABLE} WHERE account_id = %s", key)
+
+
 class AnchorView(PostgresTrackingRecorder):
-    """A balance table kept by eventsourcing's tracking recorder, one transaction per event."""
+    """The account_balances table kept by eventsourcing's tracking recorder, one transaction
+    per event, with daybook's own handlers: the same table, the same rules."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        columns = ", ".join(
+            f"{c.name} {'BIGINT' if c.type == 'bigint' else 'TEXT'}" for c in BALANCES.columns
+        )
         self.sql_create_statements.append(
-            SQL(
-                "CREATE TABLE IF NOT EXISTS anchor_balances"
-                " (account_id text PRIMARY KEY, balance bigint NOT NULL)"
-            )
+            SQL(f"CREATE TABLE IF NOT EXISTS {ANCHOR_TABLE} ({columns}, PRIMARY KEY (account_id))")
         )
 
-    def apply(self, account_id: UUID, delta: int, tracking: Tracking) -> None:
+    def apply(self, event: LogEvent, tracking: Tracking) -> None:
         with self.datastore.transaction(commit=True) as cursor:
-            cursor.execute(
-                "INSERT INTO anchor_balances VALUES (%s, %s) ON CONFLICT (account_id)"
-                " DO UPDATE SET balance = anchor_balances.balance + EXCLUDED.balance",
-                (str(account_id), delta),
-            )
+            ACCOUNT_BALANCES.apply(event, AnchorRows(cursor))
             self._insert_tracking(cursor, tracking)
-
-
-_SIGN = {Account.Deposited: 1, Account.Withdrawn: -1, Account.TransferredIn: 1,
-         Account.TransferredOut: -1}  # fmt: skip
 
 
 class AnchorProjection(ESProjection[AnchorView]):
     name = "anchor"
 
     def process_event(self, domain_event: Any, tracking: Tracking) -> None:
-        sign = _SIGN.get(type(domain_event), 0)
-        amount = getattr(domain_event, "amount", 0)
-        self.view.apply(domain_event.originator_id, sign * amount, tracking)
+        state = domain_event.model_dump(mode="json")
+        event = LogEvent.from_state(tracking.notification_id, get_topic(type(domain_event)), state)
+        self.view.apply(event._replace(originator_id=str(domain_event.originator_id)), tracking)
 
 
-def anchor_rate(url: str, events: int) -> float:
+def anchor_rate(url: str, events: int) -> tuple[float, int]:
+    """Events/s of eventsourcing's ``ProjectionRunner`` building account_balances over the
+    first ``events`` events, and how many it did."""
     env = {**event_store_env(url), "ANCHOR_POSTGRES_POOL_SIZE": "2"}
     started = time.perf_counter()
     with ESProjectionRunner(
@@ -174,7 +213,85 @@ def anchor_rate(url: str, events: int) -> float:
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
         runner.stop()
-    return done / elapsed
+    return done / elapsed, done
+
+
+def anchor_matches(url: str, ledger: Ledger, upto: int) -> bool:
+    """The anchor's table equals daybook's definition replayed up to ``upto``."""
+    log = event_log_of(ledger)
+    events: list[LogEvent] = []
+    while not events or events[-1].position < upto:
+        batch = log.read(events[-1].position if events else 0, 10_000)
+        if not batch:
+            break
+        events.extend(e for e in batch if e.position <= upto)
+    expected = projections.replay(ACCOUNT_BALANCES, events).tables[BALANCES.name]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT {', '.join(BALANCES.column_names)} FROM {ANCHOR_TABLE}")
+        stored = {row[0]: dict(zip(BALANCES.column_names, row, strict=True)) for row in rows}
+    return stored == {key[0]: row for key, row in expected.items()}
+
+
+def yardstick(url: str) -> float:
+    """Events/s of PostgreSQL computing every account's balance from the events table in one
+    statement (JSON decoded by the server): the physical limit of reading the log here."""
+    signs = {
+        get_topic(Account.Deposited): 1, get_topic(Account.Withdrawn): -1,
+        get_topic(Account.TransferredIn): 1, get_topic(Account.TransferredOut): -1,
+    }  # fmt: skip
+    cases = " ".join(f"WHEN '{topic}' THEN {sign}" for topic, sign in signs.items())
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS yardstick_balances")
+        started = time.perf_counter()
+        conn.execute(
+            "CREATE TABLE yardstick_balances AS SELECT originator_id,"
+            f" sum(CASE topic {cases} ELSE 0 END"
+            " * COALESCE((convert_from(state, 'UTF8')::jsonb ->> 'amount')::bigint, 0)) AS balance"
+            " FROM daybook_events GROUP BY originator_id"
+        )
+        seconds = time.perf_counter() - started
+        found = conn.execute("SELECT max(notification_id) FROM daybook_events").fetchone()
+        count = found[0] if found else 0
+        conn.execute("DROP TABLE yardstick_balances")
+    return int(count or 0) / seconds
+
+
+def rebuild_rate(url: str, ledger: Ledger, defs: Sequence[Projection], batch_size: int) -> float:
+    """Log events/s of one bulk pass building ``defs`` from scratch."""
+    reset(url)
+    runner = BulkRunner(event_log_of(ledger), url, defs, batch_size=batch_size)
+    started = time.perf_counter()
+    with collector_paused():  # as `daybook projections rebuild` runs
+        runner.run_until_caught_up()
+    seconds = time.perf_counter() - started
+    runner.stop()
+    return ledger.head() / seconds
+
+
+def reset(url: str) -> None:
+    """Forget every projection version (tables dropped): the next build starts from zero."""
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        for record in catalog.versions():
+            catalog.drop_tables(record.name, record.version)
+        store.execute("DELETE FROM daybook_read_models")
+        store.execute("DELETE FROM daybook_projection_versions")
+    finally:
+        store.close()
+
+
+def reconcile_peak(url: str, ledger: Ledger) -> tuple[float, int]:
+    """Seconds and peak traced memory (bytes) of reconciling account_statement, the table that
+    grows with the log (one row per money event)."""
+    tracemalloc.start()
+    try:
+        report = reconcile(event_log_of(ledger), url, projections.ACCOUNT_STATEMENT)
+        assert report.clean, [d.describe() for d in report.drifts[:5]]
+        return report.seconds, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def convergence(url: str, commands: int, rate: float) -> tuple[float, float]:
@@ -224,51 +341,46 @@ def main() -> int:
         ledger = open_ledger(url)
         if ledger.head() < args.events:
             rate = write_log(url, ledger, args.events, args.accounts)
-            print(f"log written at {rate:,.0f} events/s")
+            print(f"log written at {rate:,.0f} events/s (setup)", flush=True)
         head = ledger.head()
-        store = open_store(url)
-        catalog = VersionCatalog(store)
-        catalog.ensure()
-        for name, version in catalog.active_versions().items():
-            store.execute("DELETE FROM daybook_read_models WHERE name = %s", (name,))
-            catalog.drop_tables(name, version)
-            store.execute("DELETE FROM daybook_projection_versions WHERE name = %s", (name,))
-        store.close()
 
-        # All four projections in one bulk pass over the log (what `daybook projections
-        # rebuild` does per projection).
-        bar = ProgressBar("rebuild all", 0)
-        runner = BulkRunner(
-            event_log_of(ledger), url, projections.ALL, batch_size=args.batch_size, on_progress=bar
-        )
-        started = time.perf_counter()
-        with collector_paused():  # as `daybook projections rebuild` runs
-            runner.run_until_caught_up()
-        seconds = time.perf_counter() - started
-        runner.stop()
-        bar.close()
-        daybook = head * len(projections.ALL) / seconds
-        per_log = head / seconds
-        ledger.close()
-
+        one = rebuild_rate(url, ledger, [ACCOUNT_BALANCES], args.batch_size)
+        print(f"daybook rebuild of account_balances: {one:,.0f} log events/s", flush=True)
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("DROP TABLE IF EXISTS anchor_balances, notification_tracking")
-        anchor = anchor_rate(url, min(args.anchor_events, head))
+            conn.execute(f"DROP TABLE IF EXISTS {ANCHOR_TABLE}, notification_tracking")
+        anchor, anchored = anchor_rate(url, min(args.anchor_events, head))
+        same = anchor_matches(url, ledger, anchored)
+        print(f"eventsourcing ProjectionRunner, account_balances: {anchor:,.0f} events/s"
+              f" (table equals daybook's: {same})", flush=True)  # fmt: skip
+        yard = yardstick(url)
+        print(f"PostgreSQL, balances in one statement: {yard:,.0f} events/s", flush=True)
+        four = rebuild_rate(url, ledger, projections.ALL, args.batch_size)
+        print(f"daybook rebuild, all 4 projections: {four:,.0f} log events/s", flush=True)
+        seconds, peak = reconcile_peak(url, ledger)
+        print(f"reconcile account_statement: {seconds:.1f}s, peak {peak / 2**20:.1f} MiB traced",
+              flush=True)  # fmt: skip
+        ledger.close()
         p50, p99 = convergence(url, args.latency_commands, args.latency_rate)
-        print(f"log: {head:,} events on PostgreSQL")
-        print(
-            f"daybook rebuild, all {len(projections.ALL)} projections: {seconds:.1f}s, "
-            f"{per_log:,.0f} log events/s ({daybook:,.0f} event applications/s)"
-        )
-        print(f"eventsourcing ProjectionRunner, 1 table, 1 tx/event: {anchor:,.0f} events/s")
-        print(f"ratio (daybook all projections / anchor one table): {per_log / anchor:.1f}x")
-        print(
-            f"convergence commit -> visible at {args.latency_rate:.0f} commands/s: "
-            f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
-        )
     finally:
         if handle is not None:
             handle.stop()
+    print()
+    print(f"log: {head:,} events on PostgreSQL (durable), same run, same log")
+    rows = [
+        ("daybook rebuild, account_balances (bulk)", f"{one:,.0f} events/s"),
+        ("eventsourcing ProjectionRunner, account_balances", f"{anchor:,.0f} events/s"
+         f" (first {anchored:,} events)"),
+        ("  ratio daybook / eventsourcing, same table", f"{one / anchor:.1f}x"),
+        ("PostgreSQL yardstick, balances in one statement", f"{yard:,.0f} events/s"),
+        ("  daybook / yardstick", f"{one / yard:.2f}"),
+        ("daybook rebuild, all 4 projections (target 100,000)", f"{four:,.0f} log events/s"),
+        ("reconcile account_statement, peak traced memory", f"{peak / 2**20:.1f} MiB"
+         f" ({seconds:.1f}s)"),
+        (f"commit -> visible at {args.latency_rate:.0f} commands/s",
+         f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"),
+    ]  # fmt: skip
+    for what, figure in rows:
+        print(f"{what:52} {figure}")
     return 0
 
 

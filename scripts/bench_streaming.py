@@ -6,9 +6,12 @@ Starts its own durable PostgreSQL and Tansu broker, writes a log of deposits and
 then measures, in one run:
 
 1. relay: events/s read from the log, published and acknowledged (``acks=all``);
-2. faust workers: events/s applied to the read models by one worker, then by two (a new
-   consumer group each, timed from the group's first committed batch, so the group join is
-   left out), and the in-process runner rebuilding the same log into a database of its own.
+2. faust workers: events/s applied to the read models by one worker, then by two and by
+   four (a new consumer group each, timed once every worker of the group holds partitions
+   and the group has committed a batch, so joining is left out), with the time they spent
+   waiting for locks (sessions of their read-model database waiting on a lock, sampled
+   every 5 ms); and the in-process runner
+   rebuilding the same log into a database of its own.
    For scale, the workers' ``StreamApplier`` is also fed by a plain aiokafka group consumer
    in 5,000-message fetches (no faust): what batch delivery below faust's stream would give;
 3. convergence latency p50/p99 from command commit to read-model row, under a steady load of
@@ -83,26 +86,75 @@ def workers(url: str, bootstrap: str, group: str, count: int, base: Path) -> lis
     return [
         Daybook(
             ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", TOPIC,
-             "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "5000"],
+             "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "5000", "-v"],
             base / f"{group}-{n}.log",
         ).start()
         for n in range(count)
     ]  # fmt: skip
 
 
+def assigned(procs: list[Daybook]) -> bool:
+    """Whether every worker holds partitions (faust prints its assignment, naming the topic,
+    each time it gets one): the group has stopped rebalancing as workers join."""
+    return all(f"| {TOPIC} " in proc.output for proc in procs)
+
+
+class LockWaits:
+    """Samples, every ``interval`` seconds, how many sessions of a database wait for a lock
+    (``pg_stat_activity``): the time workers spent waiting on each other, seen from outside
+    (only the workers write to their read-model database)."""
+
+    def __init__(self, url: str, interval: float = 0.005) -> None:
+        self.url = url
+        self.interval = interval
+        self.samples = 0
+        self.waiting = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> LockWaits:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        """Session-seconds spent waiting for locks (sampled)."""
+        return self.waiting * self.interval
+
+    def _sample(self) -> None:
+        with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                self.samples += 1
+                self.waiting += int(row[0]) if row else 0
+                time.sleep(self.interval)
+
+
 def worker_rate(
     admin_url: str, bootstrap: str, head: int, count: int, base: Path
-) -> tuple[float, str, str]:
-    """Events/s applied by ``count`` workers of a new group; the group and the database its
-    read models went to (a new one: workers read events from the topic only)."""
+) -> tuple[float, float, str, str]:
+    """Events/s applied by ``count`` workers of a new group, and the seconds they spent
+    waiting for locks; the group and the database its read models went to (a new one:
+    workers read events from the topic only)."""
     group = f"bench-x{count}"
     url = services.create_database(admin_url, f"bench_x{count}")
     procs = workers(url, bootstrap, group, count, base)
     try:
+        # Timed once every worker holds partitions: joining is not applying.
+        wait_until(lambda: assigned(procs), "every worker to hold partitions", 120)
         wait_until(lambda: applied(url, group, TOPIC) > 0, "the first batch", 120)
-        start, first = time.perf_counter(), applied(url, group, TOPIC)
-        wait_until(lambda: applied(url, group, TOPIC) >= head, "all events", 900)
-        return (head - first) / (time.perf_counter() - start), group, url
+        with LockWaits(url) as waits:
+            start, first = time.perf_counter(), applied(url, group, TOPIC)
+            wait_until(lambda: applied(url, group, TOPIC) >= head, "all events", 900)
+            rate = (head - first) / (time.perf_counter() - start)
+        return rate, waits.seconds, group, url
     finally:
         for proc in procs:
             proc.stop()
@@ -250,10 +302,13 @@ def main() -> None:
 
         relay = relay_rate(url, kafka.bootstrap, head)
         print(f"relay {relay:,.0f} events/s", flush=True)
-        one, group, worker_url = worker_rate(pg.url, kafka.bootstrap, head, 1, base)
+        one, one_waited, group, worker_url = worker_rate(pg.url, kafka.bootstrap, head, 1, base)
         print(f"1 worker {one:,.0f} events/s", flush=True)
-        two, _, _ = worker_rate(pg.url, kafka.bootstrap, head, 2, base)
-        print(f"2 workers {two:,.0f} events/s", flush=True)
+        scaled = {}
+        for count in (2, 4):
+            rate, waited, _, _ = worker_rate(pg.url, kafka.bootstrap, head, count, base)
+            scaled[count] = (rate, waited)
+            print(f"{count} workers {rate:,.0f} events/s, {waited:.2f}s waiting", flush=True)
         batches = batch_rate(pg.url, kafka.bootstrap, head)
         print(f"applier fed whole fetches {batches:,.0f} events/s", flush=True)
         other = services.create_database(pg.url, "bench_runner")
@@ -298,7 +353,18 @@ def main() -> None:
         rows = [
             ("relay: published + acknowledged", f"{relay:9,.0f} events/s", ""),
             ("1 worker: applied", f"{one:9,.0f} events/s", f"{runner_rate:9,.0f} events/s"),
-            ("2 workers: applied (together)", f"{two:9,.0f} events/s", ""),
+            *(
+                (f"{n} workers: applied (together)", f"{r:9,.0f} events/s ({r / one:.2f}x)", "")
+                for n, (r, _) in scaled.items()
+            ),
+            (
+                "workers waiting for locks (sampled)",
+                ", ".join(
+                    f"{n}: {w:.2f}s"
+                    for n, w in ((1, one_waited), *((n, w) for n, (_, w) in scaled.items()))
+                ),
+                "",
+            ),
             ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),
             (f"commit -> row, {rate}", percentiles(stream_latency), percentiles(runner_latency)),
         ]

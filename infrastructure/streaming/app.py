@@ -41,6 +41,7 @@ from daybook.infrastructure.streaming.broker import (
 )
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
 from daybook.projections.model import Projection
 
@@ -132,6 +133,7 @@ def make_app(
         topic=config.topic,
         partitions=config.partitions,
         writer=f"{socket.gethostname()}:{os.getpid()}",
+        head=LogHead(config.store_url),
     )
 
     async def publish_dead_letters(letters: Sequence[DeadLetter]) -> None:
@@ -230,6 +232,30 @@ def make_app(
                     ack(message)
 
     return app, applier
+
+
+class LogHead:
+    """The event log's head, read from the event store (the read models may live
+    elsewhere): a version the workers build starts serving once it has reached it. None
+    while the event store cannot be reached (asked again after the next batch)."""
+
+    def __init__(self, store_url: str) -> None:
+        self.conninfo = postgres_params(store_url).conninfo()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def __call__(self) -> int | None:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+            row = self._conn.execute(
+                "SELECT COALESCE(max(notification_id), 0) FROM daybook_events"
+            ).fetchone()
+            return int(row[0]) if row else None
+        except (psycopg.Error, OSError):
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            return None
 
 
 def _shorten_fetch_wait(app: faust.App, seconds: float) -> None:
