@@ -18,6 +18,7 @@ from typing import TextIO
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import Progress
 from daybook.projections.model import Projection
@@ -111,6 +112,13 @@ def rebuild(
                 f"{projection.name} version {projection.version} is already live; bump the "
                 "projection's version to rebuild it beside this one, or run "
                 f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
+            )
+            raise RebuildError(msg)
+        if existing is not None and existing.owner != RUNNER:
+            msg = (
+                f"{projection.name} version {projection.version} is owned by {existing.owner}, "
+                "whose workers build it; to build it here instead, "
+                f"{handover_command(projection.name, RUNNER)} first"
             )
             raise RebuildError(msg)
         if existing is not None and existing.state is VersionState.STOPPED:

@@ -164,7 +164,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"worker {settings.group}: no partition applied yet")
     for part in status:
         print(
-            f"worker {settings.group} partition {part.partition}: position {part.position}, "
+            f"worker {settings.group} partition {part.partition}: position {part.position} "
+            f"(complete to {part.bound}), "
             f"{part.applied} applied, {part.duplicates} duplicates, state {part.state}"
             + (
                 f", {part.dead_letters} dead letter(s): {part.last_error}"

@@ -131,7 +131,8 @@ def test_four_processes_never_break_an_invariant(pg_url: str) -> None:
     refusals = [o for o in outcomes if "refused" in o]
     assert len(receipts) + len(refusals) == 4 * 2 * 150
     assert {r["refused"] for r in refusals} <= {"insufficient_funds", "out_of_stock"}
-    assert refusals, "the random load should hit the limits sometimes"
+    # Each thread's first transfer asks for more than all the money there is.
+    assert len(refusals) >= 4 * 2
     assert not any(r["replayed"] for r in receipts)
     check_log(ledger, pg_url, accounts, receipts)
 

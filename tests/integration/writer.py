@@ -85,7 +85,11 @@ def main() -> None:
         for n in range(setup["count"]):
             request_id = f"{setup['seed']}-{thread}-{n}"
             try:
-                if rnd.random() < 0.6:
+                if n == 0:
+                    # Over the limit whatever the others did: more than all money there is.
+                    source, destination = rnd.sample(accounts, 2)
+                    receipt = ledger.transfer(source, destination, 2**62, request_id=request_id)
+                elif rnd.random() < 0.6:
                     source, destination = rnd.sample(accounts, 2)
                     receipt = ledger.transfer(
                         source, destination, rnd.randint(1, 400), request_id=request_id
