@@ -251,8 +251,9 @@ def _run_handover(args: argparse.Namespace) -> int:
     try:
         with _readmodels(args) as url:
             handed = handover(
-                log, url, chosen, args.to, topic=settings.topic, partitions=settings.partitions
-            )
+                log, url, chosen, args.to, topic=settings.topic, partitions=settings.partitions,
+                known=projections.ALL,
+            )  # fmt: skip
     except HandoverRefused as refused:
         print(f"daybook: {refused}", file=sys.stderr)
         return 1

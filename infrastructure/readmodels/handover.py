@@ -70,9 +70,11 @@ def handover(
     *,
     topic: str,
     partitions: int,
+    known: Sequence[Projection] = (),
 ) -> list[Handed]:
     """Hand the code's versions of ``definitions`` to ``to`` (``runner`` or
-    ``stream:GROUP``)."""
+    ``stream:GROUP``). ``known``: definitions of other projections, for versions the group
+    owns already that must move with it (its partitions are raised for the newcomers)."""
     group = group_of(to)
     if to != RUNNER and not group:
         raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
@@ -92,7 +94,7 @@ def handover(
                 records.append((projection, record))
             if group is None:
                 return [_to_runner(log, store, catalog, p, r) for p, r in records]
-            return _to_group(log, store, catalog, records, group, topic, partitions)
+            return _to_group(log, store, catalog, records, group, topic, partitions, known)
     finally:
         store.close()
 
@@ -124,6 +126,7 @@ def _to_group(
     group: str,
     topic: str,
     partitions: int,
+    known: Sequence[Projection],
 ) -> list[Handed]:
     owner = f"stream:{group}"
     for _, record in records:
@@ -158,7 +161,7 @@ def _to_group(
             log, store, projection, record, record.position, target, partitions
         )
         bounds = [min(bounds[q], max(record.position, target[q])) for q in range(partitions)]
-    by_name = {p.name: p for p, _ in records}
+    by_name = {p.name: p for p in known} | {p.name: p for p, _ in records}
     for record in staying:
         defined = by_name.get(record.name)
         if defined is None or defined.version != record.version:

@@ -135,3 +135,33 @@ def test_idle_partitions_do_not_hold_back_a_stream_version(ledger: Ledger, pg_ur
     with ReadModels(pg_url, log=event_log_of(ledger)) as views:
         row = views.balance(accounts[0], min_position=head, timeout=2.0)
         assert row is not None and row.as_of_position == head and row.lag_events == 0
+
+
+def test_projections_handed_to_a_group_one_at_a_time_and_back_apply_each_event_once(
+    ledger: Ledger, pg_url: str
+) -> None:
+    ids = workload(ledger, 150)
+    stream = Stream(4)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    options = ["--url", pg_url, "--topic", TOPIC, "--partitions", "4"]
+    to_group = ["--to", f"stream:{GROUP}", *options]
+    assert main(["projections", "handover", "account_balances", *to_group]) == 0
+    worker = applier(pg_url)
+    try:
+        worker.apply(of_partitions(stream.publish(ledger), 0, 2))  # the group moves ahead
+        workload(ledger, 80, seed=2, accounts=ids)
+        runner.run_until_caught_up()  # the runner goes on with the other three
+        # The runner's position converts to partitions ahead of the group's in 1 and 3, behind
+        # in 0 and 2: the group's own version is brought up too.
+        assert main(["projections", "handover", "account_statement", *to_group]) == 0
+        worker.apply(stream.publish(ledger))  # everything, repeats included
+    finally:
+        worker.close()
+    workload(ledger, 40, seed=3, accounts=ids)
+    back = ["--to", "runner", *options]
+    assert main(["projections", "handover", "account_balances", "account_statement", *back]) == 0
+    runner.run_until_caught_up()
+    runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
