@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
@@ -14,6 +15,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections.inventory import LEVELS
+from daybook.projections.model import Handler, LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -71,3 +73,44 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(pg_url: str, pg_admin
     # Ten times the log, not ten times the memory: what grows is bounded by batch and cache
     # sizes, not by the number of events or rows.
     assert large < small * 2, (small, large)
+
+
+def test_the_fold_never_holds_the_lock_the_owner_writes_under(ledger: Ledger, pg_url: str) -> None:
+    """The owner moves on while the reconciler folds: the fold catches up without the
+    tracking row's lock (the owner's writers could not write meanwhile)."""
+    workload(ledger, 60)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    workload(ledger, 30, seed=2)
+    other = psycopg.connect(pg_url, autocommit=True)
+    lock_free: list[bool] = []
+
+    def watched(handler: Handler) -> Handler:
+        def handle(event: LogEvent, rows: Rows) -> None:
+            if not lock_free:
+                runner.run_until_caught_up()  # the owner moves on while the fold runs
+            try:
+                with other.transaction():
+                    other.execute(
+                        "SELECT 1 FROM daybook_projection_versions"
+                        " WHERE name = 'account_balances' FOR UPDATE NOWAIT"
+                    )
+                lock_free.append(True)
+            except psycopg.errors.LockNotAvailable:
+                lock_free.append(False)
+            handler(event, rows)
+
+        return handle
+
+    balances = projections.ACCOUNT_BALANCES
+    handlers = {name: watched(handler) for name, handler in balances.handlers.items()}
+    report = reconcile(
+        event_log_of(ledger),
+        pg_url,
+        Projection(balances.name, balances.version, balances.tables, handlers),
+        repair=True,
+    )
+    runner.stop()
+    other.close()
+    assert report.clean and report.position == ledger.head()
+    assert len(lock_free) > 1 and all(lock_free)
