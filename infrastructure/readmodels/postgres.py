@@ -96,6 +96,9 @@ class PostgresStore(ReadStore):
     def add_column(self, table: str, definition: str) -> None:
         self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {definition}")
 
+    def refused_rows(self, error: BaseException) -> bool:
+        return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)
+
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.UndefinedTable)
 

@@ -29,13 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Self
-
-import psycopg
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
@@ -287,7 +284,7 @@ class ProjectionRunner:
         try:
             failures = self._apply_batch(store, events)
         except Exception as error:
-            if not is_row_error(error) or len(self.slots) < 2:
+            if not store.refused_rows(error) or len(self.slots) < 2:
                 raise
             failures = self._apply_alone(store, events, error)
         for failure in failures:
@@ -312,7 +309,7 @@ class ProjectionRunner:
             try:
                 failures.extend(self._apply_batch(store, events))
             except Exception as alone:
-                if not is_row_error(alone):
+                if not store.refused_rows(alone):
                     self.slots = slots
                     raise
                 slot.cache.clear()
@@ -449,14 +446,6 @@ class ProjectionRunner:
             if previous is not None and previous != slot.projection.version and not self.keep_old:
                 with store.transaction():
                     catalog.drop_tables(slot.projection.name, previous)
-
-
-def is_row_error(error: BaseException) -> bool:
-    """Whether the database refused rows (a key written twice, a value out of range): the
-    fault of the projection that wrote them, not of the connection or the server."""
-    if isinstance(error, sqlite3.IntegrityError):
-        return True
-    return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)
 
 
 def _reason(error: BaseException) -> str:

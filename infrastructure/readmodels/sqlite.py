@@ -92,6 +92,9 @@ class SqliteStore(ReadStore):
         if not any(row[1] == name for row in self.execute(f"PRAGMA table_info({table})")):
             self.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
+    def refused_rows(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.IntegrityError)
+
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
 

@@ -140,6 +140,11 @@ class ReadStore(ABC):
         """Add a column (``name TYPE ...``) to a table unless it has one of that name."""
 
     @abstractmethod
+    def refused_rows(self, error: BaseException) -> bool:
+        """Whether ``error`` says the database refused rows written (a key twice, a value out
+        of range): the fault of whoever wrote them, not of the connection or the server."""
+
+    @abstractmethod
     def is_missing_table(self, error: BaseException) -> bool:
         """Whether ``error`` says a table does not exist (dropped under a reader, say)."""
 

@@ -1,0 +1,67 @@
+"""A database error that is the rows' fault stops only the projection that wrote them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daybook import Ledger, open_ledger, projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
+from tests.projections.helpers import assert_tables_match, workload
+
+#: Append-only, keyed by account: a second entry for an account is refused by the database
+#: (handlers cannot see append-only rows, so only the write finds out).
+ENTRIES = Table("one_entry", (Column("account_id"), Column("amount", "bigint")), ("account_id",),
+                append_only=True)  # fmt: skip
+
+
+def _entry(event: LogEvent, rows: Rows) -> None:
+    rows.put(ENTRIES.name, {"account_id": event.originator_id, "amount": 1})
+
+
+BROKEN = Projection("one_entry", 1, (ENTRIES,), {"Account.Deposited": _entry})
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/daybook.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def ledger(url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(url)
+    yield ledger
+    ledger.close()
+
+
+def test_rows_the_database_refuses_stop_that_projection_only(ledger: Ledger, url: str) -> None:
+    ids = workload(ledger, 40)
+    for _ in range(2):
+        ledger.deposit(ids[0], 5)  # two deposits to one account: two entries, one key
+    runner = ProjectionRunner(
+        event_log_of(ledger), url, [projections.ACCOUNT_BALANCES, BROKEN], batch_size=1000
+    )
+    runner.run_until_caught_up()
+    assert runner.health().state is not ServiceState.FAILED
+    runner.stop()
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        broken = catalog.version("one_entry", 1)
+        assert broken is not None and broken.state is VersionState.STOPPED
+        assert broken.error is not None and "writing its rows failed" in broken.error
+        balances = catalog.version("account_balances", 1)
+        assert balances is not None and balances.state is VersionState.LIVE
+        assert balances.position == ledger.head()
+    finally:
+        store.close()
+    assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
