@@ -36,3 +36,4 @@ def test_bench_projections_smoke(pg_url: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ratio" in result.stdout and "p99" in result.stdout
+    assert "table equals daybook's: True" in result.stdout  # like with like
