@@ -4,8 +4,9 @@ At the owner's checkpoint, in bounded memory, without stopping the owner:
 
 1. The checkpoint (a log position, or a stream group's partition vector) is read, and the
    log folded up to it through the projection engine (the bulk path, as a rebuild does) into
-   a scratch SQLite database of its own: memory holds one batch and a bounded row cache,
-   never the projection. For a vector, each event counts if its partition's entry has
+   scratch tables (on PostgreSQL, temporary tables of a session of its own, checksummed by
+   the server; beside SQLite, a scratch file): memory holds one batch and a bounded row
+   cache, never the projection. For a vector, each event counts if its partition's entry has
    reached it, and events the group parked (its dead letters) are left out, as the group
    left them out.
 2. In one read snapshot of the read-model database (no lock: the owner keeps writing), the
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog
-from daybook.infrastructure.readmodels import checksums
 from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
@@ -43,9 +43,11 @@ from daybook.infrastructure.readmodels.checkpoints import RUNNER, Vector, read_v
 from daybook.infrastructure.readmodels.engine import BulkRows, RowCache, Slot, apply_fast
 from daybook.infrastructure.readmodels.handover import partition_of
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.sqlite import SqliteStore
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.urls import scheme
 from daybook.projections.model import Key, LogEvent, Projection, Row, Table, sort_key
 
 #: Events read and folded per scratch transaction.
@@ -128,13 +130,23 @@ class _Point:
 class Fold:
     """A projection folded from the log into a scratch database, advanced on demand."""
 
-    def __init__(self, log: EventLog, projection: Projection, directory: Path) -> None:
+    def __init__(self, log: EventLog, projection: Projection, url: str, directory: Path) -> None:
         self.log = log
         self.projection = projection
-        self.store = SqliteStore(directory / "fold.db")
-        self.store.execute("PRAGMA synchronous=OFF")
-        with self.store.transaction():
-            self.store.create_tables(projection)
+        self.store: ReadStore
+        if scheme(url) == "postgresql":
+            # Temporary tables of a session of its own, in the read models' server: written
+            # without WAL, checksummed by the server like the stored tables, and gone with
+            # the session however it ends.
+            self.store = PostgresStore(url)
+            with self.store.transaction():
+                self.store.create_tables(projection, temporary=True)
+        else:
+            sqlite = SqliteStore(directory / "fold.db")
+            sqlite.execute("PRAGMA synchronous=OFF")
+            with sqlite.transaction():
+                sqlite.create_tables(projection)
+            self.store = sqlite
         record = VersionRecord(projection.name, projection.version, VersionState.LIVE, 0, 0,
                                None, "", None)  # fmt: skip
         self.slot = Slot(projection, record, RowCache(projection, FOLD_CACHE))
@@ -221,7 +233,7 @@ def reconcile(
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
             raise LookupError(msg)
         with _scratch() as directory:
-            fold = Fold(log, projection, directory)
+            fold = Fold(log, projection, url, directory)
             try:
                 report = _reconcile(store, catalog, fold, record, repair)
             finally:
@@ -300,7 +312,7 @@ def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point)
         None if point.vector is None else point.vector.positions,
     )
     for table in projection.tables:
-        expected = checksums.by_range(table, fold.store.all_rows(table, projection.version))
+        expected = fold.store.range_checksums(table, projection.version)
         stored = store.range_checksums(table, projection.version)
         report.rows_expected += sum(count for count, _ in expected.values())
         buckets = set(expected) | set(stored)

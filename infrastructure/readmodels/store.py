@@ -150,9 +150,12 @@ class ReadStore(ABC):
 
     # -- tables ----------------------------------------------------------------------------
 
-    def create_tables(self, projection: Projection) -> None:
-        """Create the tables of ``projection`` at its version (call inside a transaction)."""
-        self.ddl_guard()
+    def create_tables(self, projection: Projection, *, temporary: bool = False) -> None:
+        """Create the tables of ``projection`` at its version (call inside a transaction);
+        ``temporary``: this session's own, hiding any of the same name, gone when it ends."""
+        if not temporary:
+            self.ddl_guard()
+        kind = "TEMPORARY TABLE" if temporary else "TABLE"
         for table in (t.stored for t in projection.tables):
             name = table.physical_name(projection.version)
             columns = ", ".join(
@@ -160,8 +163,8 @@ class ReadStore(ABC):
                 for c in table.columns
             )
             key = ", ".join(table.key)
-            self.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
-            for number, index in enumerate(table.indexes):
+            self.execute(f"CREATE {kind} IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
+            for number, index in enumerate(() if temporary else table.indexes):
                 self.execute(
                     f"CREATE INDEX IF NOT EXISTS {name}_i{number} ON {name} ({', '.join(index)})"
                 )
