@@ -212,21 +212,26 @@ def anchor_rate(url: str, events: int) -> tuple[float, int]:
                 break
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        table = f"{runner.view.datastore.schema}.{runner.view.tracking_table_name}"
         runner.stop()
-        # It may have gone on a little after the count above: the table reflects this many.
-        applied = runner.view.max_tracking_id(runner.app.name) or done
-    return done / elapsed, applied
+    # It may have gone on a little after the count above: the table reflects its last
+    # tracking record, read once everything has stopped.
+    with psycopg.connect(url) as conn:
+        found = conn.execute(f"SELECT max(notification_id) FROM {table}").fetchone()
+    return done / elapsed, int(found[0]) if found and found[0] else done
 
 
 def anchor_matches(url: str, ledger: Ledger, upto: int) -> bool:
     """The anchor's table equals daybook's definition replayed up to ``upto``."""
     log = event_log_of(ledger)
     events: list[LogEvent] = []
-    while not events or events[-1].position < upto:
-        batch = log.read(events[-1].position if events else 0, 10_000)
+    after = 0
+    while after < upto:
+        batch = log.read(after, 10_000)
         if not batch:
             break
         events.extend(e for e in batch if e.position <= upto)
+        after = batch[-1].position
     expected = projections.replay(ACCOUNT_BALANCES, events).tables[BALANCES.name]
     with psycopg.connect(url) as conn:
         rows = conn.execute(f"SELECT {', '.join(BALANCES.column_names)} FROM {ANCHOR_TABLE}")
