@@ -139,6 +139,9 @@ class Fold:
             # without WAL, checksummed by the server like the stored tables, and gone with
             # the session however it ends.
             self.store = PostgresStore(url)
+            # Temporary tables live in the session's own buffers (8 MB by default), which a
+            # folded table outgrows at once; settable only before the first one is made.
+            self.store.execute("SET temp_buffers = '128MB'")
             with self.store.transaction():
                 self.store.create_tables(projection, temporary=True)
         else:

@@ -162,8 +162,11 @@ class ReadStore(ABC):
                 f"{c.name} {_COLUMN_TYPES[c.type]}{'' if c.nullable else ' NOT NULL'}"
                 for c in table.columns
             )
-            key = ", ".join(table.key)
-            self.execute(f"CREATE {kind} IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
+            key = f", PRIMARY KEY ({', '.join(table.key)})"
+            if temporary and table.append_only:
+                # Scratch rows only ever appended: a key index would be upkeep for nothing.
+                key = ""
+            self.execute(f"CREATE {kind} IF NOT EXISTS {name} ({columns}{key})")
             for number, index in enumerate(() if temporary else table.indexes):
                 self.execute(
                     f"CREATE INDEX IF NOT EXISTS {name}_i{number} ON {name} ({', '.join(index)})"
