@@ -35,6 +35,7 @@ from daybook.infrastructure.lifecycle import Supervisor
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     VersionCatalog,
+    VersionRecord,
     VersionState,
 )
 from daybook.infrastructure.readmodels.checkpoints import NotOwner, read_vector, stream_owner
@@ -343,6 +344,7 @@ class StreamApplier:
                     log.warning("worker: %s; leaving it alone", why)
                 continue
             if not record.state.writable:
+                self._cannot_follow(catalog, projection, record)
                 continue
             slot = known.get(key)
             if slot is None or slot.record.epoch != record.epoch:
@@ -357,6 +359,24 @@ class StreamApplier:
             for slot in slots:
                 slot.cache.clear()
         self._slots = slots
+
+    def _cannot_follow(
+        self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
+    ) -> None:
+        """Say so, once, if reads moved to a version newer than this worker's code defines."""
+        key = (projection.name, projection.version)
+        serving = catalog.active_version(projection.name)
+        if record.state is not VersionState.RETIRED or serving is None or key in self._told:
+            return
+        if serving <= projection.version:
+            return
+        self._told.add(key)
+        note = (
+            f"a worker of {self.owner} ({self.writer}) cannot follow {projection.name} version "
+            f"{serving}: its code defines version {projection.version}; deploy the new code"
+        )
+        log.error("worker: %s", note)
+        catalog.set_note(projection.name, serving, note)
 
     def _lock_progress(self, store: ReadStore, partitions: list[int]) -> dict[int, _Partition]:
         store.execute(

@@ -165,3 +165,24 @@ def test_projections_handed_to_a_group_one_at_a_time_and_back_apply_each_event_o
     runner.stop()
     for projection in projections.ALL:
         assert_tables_match(ledger, pg_url, projection)
+
+
+def test_workers_whose_code_is_older_than_the_serving_version_say_so(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    workload(ledger, 80)
+    stream = Stream(4)
+    worker = applier(pg_url)
+    try:
+        worker.apply(stream.publish(ledger))  # the group builds version 1, which serves
+        rebuild(event_log_of(ledger), pg_url, ACCOUNT_BALANCES_V2, progress=False)
+        workload(ledger, 20, seed=4)
+        worker.apply(stream.publish(ledger))  # version 1 is retired: it cannot follow 2
+    finally:
+        worker.close()
+    capsys.readouterr()
+    assert main(["projections", "status", "--url", pg_url]) == 1
+    assert "cannot follow account_balances version 2" in capsys.readouterr().out
