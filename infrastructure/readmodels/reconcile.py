@@ -54,6 +54,8 @@ from daybook.projections.model import Key, LogEvent, Projection, Row, Table, sor
 FOLD_BATCH = 10_000
 #: Rows of the fold kept in memory between batches.
 FOLD_CACHE = 20_000
+#: Batches between two vacuums of the scratch tables handlers change.
+VACUUM_EVERY = 10
 #: Drifted rows listed per table (the count says how many more there are).
 DRIFTS_LISTED = 1_000
 #: How often the comparison follows an owner that moved on before a repair gives up.
@@ -160,6 +162,7 @@ class Fold:
         self.partitions: Callable[[str], int] | None = None
         #: For a vector: per partition, every event up to here is folded.
         self.complete: list[int] | None = None
+        self.batches = 0
 
     def advance(self, point: _Point, partitions: int | None) -> None:
         """Fold the events the checkpoint has and the fold has not."""
@@ -201,12 +204,24 @@ class Fold:
                 rows.write(plan)
             rows.merge_into_cache()
             start = raw[-1][0]
+            self.batches += 1
+            if self.batches % VACUUM_EVERY == 0:
+                self._vacuum()
         if vector is None:
             self.done = end
         else:
             # Every event of partition q up to its bound is in the owner's tables (and so
             # folded here): the next round starts after it.
             self.complete = list(vector.bounds)
+
+    def _vacuum(self) -> None:
+        """Temporary tables get no autovacuum: rows changed batch after batch (a running
+        balance per account) would leave their dead versions to every later upsert."""
+        if not isinstance(self.store, PostgresStore):
+            return
+        for table in self.projection.tables:
+            if not table.append_only:
+                self.store.execute(f"VACUUM {table.physical_name(self.projection.version)}")
 
     def close(self) -> None:
         self.store.close()
