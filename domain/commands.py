@@ -9,7 +9,8 @@ offers commands, are derived from the registry (``registered()``), so a new comm
 nothing else.
 
 Every command carries an envelope: ``request_id`` (chosen by the caller, or generated),
-``correlation_id`` and ``causation_id``, stored as metadata on every event it writes. Fields
+``correlation_id``, ``causation_id`` and ``actor`` (who asked), stored as metadata on every
+event it writes. Fields
 the ledger can generate (an account id, a reservation id) are ``generated``: the caller may
 choose them, and then they are part of what a retry must repeat; otherwise the ledger picks a
 fresh one, which is not.
@@ -118,7 +119,7 @@ class _Spec:
 
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}
-_ENVELOPE = ("request_id", "correlation_id", "causation_id")
+_ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor")
 
 
 def _snake(name: str) -> str:
@@ -138,6 +139,8 @@ class Command:
     request_id: str = generated(factory=new_id_text)
     correlation_id: str | None = None
     causation_id: str | None = None
+    #: Who asks (recorded on every event; not part of what a retry must repeat).
+    actor: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -215,6 +218,7 @@ class Command:
             request_id=self.request_id,
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,
+            actor=self.actor,
         )
 
 
