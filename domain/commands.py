@@ -117,6 +117,9 @@ class _Spec:
     payload: tuple[str, ...]
 
 
+#: Verbs whose commands reduce risk unless their class says otherwise (``reduces_risk``).
+RISK_REDUCING_VERBS = frozenset({"release", "void", "cancel", "compensate"})
+
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}
 _ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor")
@@ -133,6 +136,10 @@ class Command:
     class name in snake case unless they set one): ``Transfer`` is ``ledger.transfer``."""
 
     name: ClassVar[str] = "command"
+    #: True for commands that lower exposure (release a reservation, void a hold, cancel,
+    #: compensate): services under load never shed them. By default, commands whose names
+    #: start with one of ``RISK_REDUCING_VERBS`` do; a class may say otherwise.
+    reduces_risk: ClassVar[bool] = False
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
@@ -147,6 +154,8 @@ class Command:
         dataclass(frozen=True)(cls)
         if "name" not in cls.__dict__:
             cls.name = _snake(cls.__name__)
+        if "reduces_risk" not in cls.__dict__:
+            cls.reduces_risk = cls.name.split("_", 1)[0] in RISK_REDUCING_VERBS
         if cls.handle is Command.handle:
             return  # an abstract intermediate class
         known = _REGISTRY.get(cls.name)
