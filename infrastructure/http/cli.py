@@ -51,7 +51,9 @@ def register(subparsers: Any) -> None:
     add_readmodels_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=whole_number(1, 65535), default=8000, help="port")
-    serve.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key: HTTPS")
+    serve.add_argument(
+        "--tls-cert", help="TLS certificate chain (PEM); with --tls-key: HTTPS (default: none)"
+    )
     serve.add_argument("--tls-key", help="TLS private key (PEM) (default: none, plain HTTP)")
     serve.add_argument(
         "--cors-origin",

@@ -224,6 +224,9 @@ def test_reading_commands_refuse_a_missing_database(
         ["balance", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"],
         ["stock", "SKU-1"],
         ["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"],
+        ["serve"],
+        ["tokens", "list"],
+        ["tokens", "create", "x", "--scope", "read"],
     ],
 )
 def test_memory_is_refused_where_it_cannot_work(
@@ -249,6 +252,9 @@ def test_memory_is_refused_where_it_cannot_work(
         (["worker", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["projections", "rebuild", "account_balances", "--batch-size", "0"], "at least 1"),
         (["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", "--limit", "0"], "at least 1"),
+        (["serve", "--port", "70000"], "--port: must be at most 65535, got 70000"),
+        (["serve", "--read-connections", "0"], "--read-connections: must be at least 1"),
+        (["serve", "--token-cache-seconds", "-1"], "must be more than 0 seconds"),
     ],
 )
 def test_numbers_are_checked(argv: list[str], wrong: str) -> None:
