@@ -151,6 +151,19 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
             raise Problem("not_found", f"no problem has the code {code!r}")
         return _json({"code": code, "description": text})
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+            schema["security"] = [{"bearer": []}]
+            for path in ("/health", "/problems/{code}"):
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     _handle_errors(app)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.cors_origins:
