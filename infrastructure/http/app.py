@@ -109,9 +109,9 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     app.state.limits = limits
     commands = CommandRoutes(parts.ledger, auth, command_door)
     app.state.commands = commands
-    app.include_router(commands.router())
+    commands.install(app)
     reads = ReadRoutes(parts.pool, auth, read_door, options.max_read_wait)
-    app.include_router(reads.router())
+    reads.install(app)
 
     @app.get("/health", tags=["service"], summary="Liveness and the health of each part")
     async def health() -> Response:
@@ -154,6 +154,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
+            schema["paths"] = {**commands.operations, **schema["paths"]}
             schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
             schemes["bearer"] = {"type": "http", "scheme": "bearer"}
             schema["security"] = [{"bearer": []}]

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -73,11 +73,14 @@ class ReadRoutes:
     #: Longest ``timeout`` a read may ask for, in seconds.
     max_wait: float = 10.0
 
-    def router(self) -> APIRouter:
-        router = APIRouter(prefix="/v1", tags=["reads"])
+    def install(self, app: FastAPI) -> None:
+        """Add the read routes to ``app`` (on the app itself, as the command routes)."""
+        router = app
         reader = Depends(self.auth.require("read"))
 
-        @router.get("/accounts/{account_id}/balance", summary="An account's balance")
+        @router.get(
+            "/v1/accounts/{account_id}/balance", tags=["reads"], summary="An account's balance"
+        )
         async def balance(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
             wait = self._wait(request)
@@ -88,7 +91,8 @@ class ReadRoutes:
             return _answer(_plain(found), found.as_of_position, found.lag_events)
 
         @router.get(
-            "/balances/snapshot",
+            "/v1/balances/snapshot",
+            tags=["reads"],
             summary="Many balances (all, or those listed in ids) read at one log position",
         )
         async def snapshot(request: Request, _: Token = reader) -> Response:
@@ -102,7 +106,11 @@ class ReadRoutes:
             }
             return _answer(body, found.as_of_position, found.lag_events)
 
-        @router.get("/balances", summary="Balances in account id order, paginated by cursor")
+        @router.get(
+            "/v1/balances",
+            tags=["reads"],
+            summary="Balances in account id order, paginated by cursor",
+        )
         async def balances(request: Request, _: Token = reader) -> Response:
             limit = _number(request, "limit", 100, 1, MAX_PAGE)
             after = _cursor(request, "after")
@@ -114,7 +122,7 @@ class ReadRoutes:
             }
             return _answer(body, page.as_of_position, page.lag_events)
 
-        @router.get("/stock/{sku}", summary="A SKU's stock levels")
+        @router.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
         async def stock(sku: str, request: Request, _: Token = reader) -> Response:
             try:
                 checked = check_sku(sku)
@@ -128,7 +136,8 @@ class ReadRoutes:
             return _answer(_plain(found), found.as_of_position, found.lag_events)
 
         @router.get(
-            "/accounts/{account_id}/statement",
+            "/v1/accounts/{account_id}/statement",
+            tags=["reads"],
             summary="An account's statement, newest first, paginated by cursor",
         )
         async def statement(account_id: str, request: Request, _: Token = reader) -> Response:
@@ -149,15 +158,13 @@ class ReadRoutes:
             }
             return _answer(body, found.as_of_position, found.lag_events)
 
-        @router.get("/activity", summary="Per-day activity (UTC), oldest first")
+        @router.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
         async def activity(request: Request, _: Token = reader) -> Response:
             days = _number(request, "days", 30, 1, 366)
             wait = self._wait(request)
             found = await self._query(lambda v: v.daily_activity(days=days, **wait))
             body = {"days": [asdict(d) for d in found.days]}
             return _answer(body, found.as_of_position, found.lag_events)
-
-        return router
 
     async def _query(self, query: Callable[[ReadModels], T]) -> T:
         with _entered(self.door):
