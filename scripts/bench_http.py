@@ -5,14 +5,15 @@ On PostgreSQL (``DAYBOOK_BENCH_DATABASE_URL``, or a durable server from the embe
 wheel: fsync and synchronous_commit on), for each client count, three runs of random
 transfers between shared accounts, each on a fresh database:
 
-- ``daybook serve`` (a real process, access log off): keep-alive httpx clients, each transfer
+- ``daybook serve`` (a real process, access log off): keep-alive clients, each transfer
   a POST with its Idempotency-Key and bearer token;
 - the Python API (``AsyncLedger``), the same transfers from asyncio tasks in this process;
 - the anchor (``scripts/anchor_http.py``): the plain eventsourcing bank behind FastAPI and
-  uvicorn, the same httpx clients.
+  uvicorn, the same clients.
 
-The HTTP clients run in this process, on the same 2 cores as the servers and PostgreSQL:
-the figures are what one machine does end to end; compare the ratios. Prints transfers/s,
+The HTTP clients (aiohttp, which costs a fraction of httpx's CPU per request) run in this
+process, on the same 2 cores as the servers and PostgreSQL: the figures are what one machine
+does end to end; compare the ratios. Prints transfers/s,
 p50/p99 latency and the ratios; checks that money was conserved after every run; writes
 ``bench-results/http.json``.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,16 +89,18 @@ async def drive(
                     refused += 1
                 latencies.append(time.perf_counter() - started)
         finally:
-            if isinstance(connection, httpx.AsyncClient):
-                await connection.aclose()
+            if isinstance(connection, aiohttp.ClientSession):
+                await connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client(n) for n in range(clients)))
     return summary(clients, time.perf_counter() - started, latencies, refused)
 
 
-#: One keep-alive connection per client.
-ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+def session(base_url: str, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """One client: one keep-alive connection."""
+    connector = aiohttp.TCPConnector(limit=1)
+    return aiohttp.ClientSession(base_url, headers=headers, connector=connector)
 
 
 def bench_serve(
@@ -111,16 +115,17 @@ def bench_serve(
     server = ServeProcess(url, logs / "serve.log", args).start()
     headers = {"Authorization": f"Bearer {secret}"}
 
-    def connect() -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=server.base_url, headers=headers, limits=ONE_CONNECTION)
+    def connect() -> aiohttp.ClientSession:
+        return session(server.base_url, headers)
 
-    async def send(http: httpx.AsyncClient, source: str, destination: str, amount: int) -> bool:
+    async def send(http: aiohttp.ClientSession, source: str, destination: str, amount: int) -> bool:
         body = {"source": source, "destination": destination, "amount": amount}
         key = {"Idempotency-Key": uuid.uuid4().hex}
-        reply = await http.post("/v1/commands/transfer", json=body, headers=key)
-        if reply.status_code not in (200, 409):
-            raise RuntimeError(f"daybook serve answered {reply.status_code}: {reply.text}")
-        return reply.status_code == 200
+        async with http.post("/v1/commands/transfer", json=body, headers=key) as reply:
+            text = await reply.text()
+            if reply.status not in (200, 409):
+                raise RuntimeError(f"daybook serve answered {reply.status}: {text}")
+            return reply.status == 200
 
     try:
         result = asyncio.run(drive(clients, per_client, accounts, send, connect))
@@ -201,15 +206,18 @@ def bench_anchor(
             for i in range(n_accounts)
         ]
 
-        def connect() -> httpx.AsyncClient:
-            return httpx.AsyncClient(base_url=base, limits=ONE_CONNECTION, timeout=60)
+        def connect() -> aiohttp.ClientSession:
+            return session(base)
 
-        async def send(http: httpx.AsyncClient, source: str, destination: str, amount: int) -> bool:
+        async def send(
+            http: aiohttp.ClientSession, source: str, destination: str, amount: int
+        ) -> bool:
             body = {"source": source, "destination": destination, "amount": amount}
-            reply = await http.post("/transfers", json=body)
-            if reply.status_code not in (200, 409):
-                raise RuntimeError(f"the anchor answered {reply.status_code}: {reply.text}")
-            return reply.status_code == 200
+            async with http.post("/transfers", json=body) as reply:
+                text = await reply.text()
+                if reply.status not in (200, 409):
+                    raise RuntimeError(f"the anchor answered {reply.status}: {text}")
+                return reply.status == 200
 
         result = asyncio.run(drive(clients, per_client, accounts, send, connect))
         total = sum(httpx.get(f"{base}/accounts/{a}").json()["balance"] for a in accounts)
