@@ -42,9 +42,15 @@ Handler = Callable[[argparse.Namespace], int]
 EXIT_BROKEN_PIPE = 141
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and examples as written; every option's default shown, unless it has
-    none (options that fall back to a ``DAYBOOK_*`` variable say so in their own words)."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped, examples as written; every option's default shown, unless it
+    has none (options that fall back to a ``DAYBOOK_*`` variable say so in their own
+    words)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # laid out by hand: examples, lists
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -114,6 +120,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def rate(text: str) -> float:
+    """An argparse type: requests per second, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more requests per second, got {text}")
+    return value
+
+
 def build_parser() -> Parser:
     from daybook import __version__
 
@@ -125,11 +142,11 @@ def build_parser() -> Parser:
             "(eventually consistent, and say how far behind they are)."
         ),
         epilog=(
-            "Store URLs: memory:// (the demo only: it lives inside one process), "
-            "sqlite:///path/to/file.db, postgresql://user:password@host:port/dbname. "
-            f"Default: $DAYBOOK_URL or {DEFAULT_URL}.\n\nexamples:\n  daybook demo\n"
+            "Store URLs: memory:// (the demo only: it lives inside one process),\n"
+            "sqlite:///path/to/file.db, postgresql://user:password@host:port/dbname.\n"
+            f"Default: $DAYBOOK_URL, else {DEFAULT_URL}.\n\nexamples:\n  daybook demo\n"
             "  daybook serve --url postgresql://daybook@localhost/daybook\n"
-            "  daybook balance 0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b\n  daybook --version"
+            "  daybook balance 0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b\n  daybook --version\n"
         ),
     )
     parser.add_argument("--version", action="version", version=f"daybook {__version__}")

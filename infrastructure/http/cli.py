@@ -12,6 +12,7 @@ from daybook.infrastructure.cli import (
     add_url_argument,
     checked_settings,
     command,
+    rate,
     seconds,
     whole_number,
 )
@@ -83,7 +84,7 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--token-rate",
-        type=float,
+        type=rate,
         default=0.0,
         help="requests per second per token unless the token has its own (0: no limit; default: 0)",
     )
@@ -147,7 +148,7 @@ def register(subparsers: Any) -> None:
     )
     create.add_argument(
         "--rate",
-        type=float,
+        type=rate,
         help="requests per second this token may send (default: the server's --token-rate)",
     )
     add_url_argument(create)
