@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from daybook.infrastructure.urls import postgres_params, scheme, sqlite_path
+from daybook.infrastructure.urls import DEFAULT_URL, postgres_params, scheme, sqlite_path
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "dbk_"
@@ -160,6 +160,8 @@ class SqlTokens:
         self._kind = scheme(url)
         self._url = url
         self._lock = threading.Lock()
+        if url == DEFAULT_URL:  # tokens may come before the first ledger, as in the README
+            sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as conn:
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, "
