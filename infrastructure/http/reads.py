@@ -75,10 +75,9 @@ class ReadRoutes:
 
     def install(self, app: FastAPI) -> None:
         """Add the read routes to ``app`` (on the app itself, as the command routes)."""
-        router = app
         reader = Depends(self.auth.require("read"))
 
-        @router.get(
+        @app.get(
             "/v1/accounts/{account_id}/balance", tags=["reads"], summary="An account's balance"
         )
         async def balance(account_id: str, request: Request, _: Token = reader) -> Response:
@@ -90,7 +89,7 @@ class ReadRoutes:
                 raise _absent(f"no account {key} in the read model", position)
             return _answer(_plain(found), found.as_of_position, found.lag_events)
 
-        @router.get(
+        @app.get(
             "/v1/balances/snapshot",
             tags=["reads"],
             summary="Many balances (all, or those listed in ids) read at one log position",
@@ -106,7 +105,7 @@ class ReadRoutes:
             }
             return _answer(body, found.as_of_position, found.lag_events)
 
-        @router.get(
+        @app.get(
             "/v1/balances",
             tags=["reads"],
             summary="Balances in account id order, paginated by cursor",
@@ -122,7 +121,7 @@ class ReadRoutes:
             }
             return _answer(body, page.as_of_position, page.lag_events)
 
-        @router.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
+        @app.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
         async def stock(sku: str, request: Request, _: Token = reader) -> Response:
             try:
                 checked = check_sku(sku)
@@ -135,7 +134,7 @@ class ReadRoutes:
                 raise _absent(f"no stock of {checked} in the read model", position)
             return _answer(_plain(found), found.as_of_position, found.lag_events)
 
-        @router.get(
+        @app.get(
             "/v1/accounts/{account_id}/statement",
             tags=["reads"],
             summary="An account's statement, newest first, paginated by cursor",
@@ -158,7 +157,7 @@ class ReadRoutes:
             }
             return _answer(body, found.as_of_position, found.lag_events)
 
-        @router.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
+        @app.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
         async def activity(request: Request, _: Token = reader) -> Response:
             days = _number(request, "days", 30, 1, 366)
             wait = self._wait(request)

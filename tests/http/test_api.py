@@ -350,3 +350,23 @@ def test_problem_codes_describe_themselves(api: Api) -> None:
         405,
         "method_not_allowed",
     )
+
+
+def test_a_bug_is_a_500_problem_without_a_traceback(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(command: object) -> None:
+        raise RuntimeError("a bug, with internals: /secret/path")
+
+    monkeypatch.setattr(sqlite_api.parts.ledger, "execute", broken)
+    reply = sqlite_api.command("open_account", {"owner": "ann", "currency": "EUR"})
+    body = assert_problem(reply, 500, "internal_error")
+    assert "secret" not in reply.text and "RuntimeError" not in body["detail"]
+
+
+def test_a_command_after_the_ledger_closed_is_503_shutting_down(sqlite_api: Api) -> None:
+    account = sqlite_api.open_account()
+    sqlite_api.parts.ledger.service.committer.close()  # as the server's shutdown does
+    reply = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+    assert_problem(reply, 503, "shutting_down")
+    assert int(reply.headers["retry-after"]) >= 1
