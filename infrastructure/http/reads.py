@@ -178,13 +178,9 @@ class ReadRoutes:
                 ) from None
 
     def _wait(self, request: Request) -> dict[str, Any]:
-        """``min_position`` and ``timeout`` of a read, from its query or headers."""
-        text = request.query_params.get("min_position") or request.headers.get(
-            "daybook-min-position"
-        )
-        if text is None:
-            return {"timeout": 0.0}
-        position = _whole(text, "min_position", 0, None)
+        """``min_position`` and ``timeout`` of a read, from its query or headers. Without a
+        ``min_position`` a read still waits (up to ``timeout``) for a read model that has
+        not been built yet, as just after the server started."""
         timeout = request.query_params.get("timeout", "2")
         try:
             seconds = float(timeout)
@@ -195,7 +191,12 @@ class ReadRoutes:
                 "invalid_parameter",
                 f"timeout is seconds between 0 and {self.max_wait:g}, got {timeout!r}",
             )
-        return {"min_position": position, "timeout": seconds}
+        text = request.query_params.get("min_position") or request.headers.get(
+            "daybook-min-position"
+        )
+        if text is None:
+            return {"timeout": seconds}
+        return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
 
 
 @contextmanager
