@@ -9,7 +9,8 @@ offers commands, are derived from the registry (``registered()``), so a new comm
 nothing else.
 
 Every command carries an envelope: ``request_id`` (chosen by the caller, or generated),
-``correlation_id`` and ``causation_id``, stored as metadata on every event it writes. Fields
+``correlation_id``, ``causation_id`` and ``actor`` (who asked), stored as metadata on every
+event it writes. Fields
 the ledger can generate (an account id, a reservation id) are ``generated``: the caller may
 choose them, and then they are part of what a retry must repeat; otherwise the ledger picks a
 fresh one, which is not.
@@ -116,9 +117,12 @@ class _Spec:
     payload: tuple[str, ...]
 
 
+#: Verbs whose commands reduce risk unless their class says otherwise (``reduces_risk``).
+RISK_REDUCING_VERBS = frozenset({"release", "void", "cancel", "compensate"})
+
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}
-_ENVELOPE = ("request_id", "correlation_id", "causation_id")
+_ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor")
 
 
 def _snake(name: str) -> str:
@@ -132,18 +136,26 @@ class Command:
     class name in snake case unless they set one): ``Transfer`` is ``ledger.transfer``."""
 
     name: ClassVar[str] = "command"
+    #: True for commands that lower exposure (release a reservation, void a hold, cancel,
+    #: compensate): services under load never shed them. By default, commands whose names
+    #: start with one of ``RISK_REDUCING_VERBS`` do; a class may say otherwise.
+    reduces_risk: ClassVar[bool] = False
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
     request_id: str = generated(factory=new_id_text)
     correlation_id: str | None = None
     causation_id: str | None = None
+    #: Who asks (recorded on every event; not part of what a retry must repeat).
+    actor: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         dataclass(frozen=True)(cls)
         if "name" not in cls.__dict__:
             cls.name = _snake(cls.__name__)
+        if "reduces_risk" not in cls.__dict__:
+            cls.reduces_risk = cls.name.split("_", 1)[0] in RISK_REDUCING_VERBS
         if cls.handle is Command.handle:
             return  # an abstract intermediate class
         known = _REGISTRY.get(cls.name)
@@ -215,6 +227,7 @@ class Command:
             request_id=self.request_id,
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,
+            actor=self.actor,
         )
 
 

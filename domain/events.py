@@ -28,6 +28,8 @@ class Metadata(BaseModel):
     request_id: str | None = None
     correlation_id: str | None = None
     causation_id: str | None = None
+    #: Who asked: the name of the caller's credential (an HTTP token's name), if known.
+    actor: str | None = None
 
 
 _NO_METADATA = Metadata()

@@ -153,14 +153,50 @@ def run_projections(
     return runner
 
 
+def http_parts(
+    settings: Settings,
+    options: HttpOptions | None = None,
+    *,
+    projections: Sequence[Projection] | None = definitions.ALL,
+    tokens: TokenStore | None = None,
+) -> HttpParts:
+    """What ``daybook serve`` serves: the asyncio ledger, a pool of read-model connections,
+    the token store (in the event store's database) and, unless ``projections`` is None
+    (another process runs them), the projection runner, started."""
+    from daybook.infrastructure.http.app import HttpOptions, HttpParts  # see the end
+    from daybook.infrastructure.http.reads import ReadPool
+    from daybook.infrastructure.http.tokens import open_tokens
+
+    chosen = options or HttpOptions()
+    ledger = open_async_ledger(settings=settings)
+    log = EventLog(ledger.service.recorder, ledger.service.mapper)
+    location = ReadModelLocation(settings.url, settings.readmodels_url)
+    runner = None
+    if projections is not None:
+        runner = EmbeddedProjections(log, location, projections)
+        runner.start()
+    views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
+    parts = HttpParts(ledger, ReadPool(views), tokens or open_tokens(settings.url), chosen)
+    if runner is not None:
+        parts.services["projections"] = runner.health
+        parts.on_close.append(runner.stop)
+    else:
+        parts.on_close.append(location.close)
+    return parts
+
+
 # The streaming parts (aiokafka, faust) are imported where they are built, not above:
 # importing faust costs most of a second, and `import daybook` should not pay it.
+# The HTTP parts (FastAPI) likewise.
 if TYPE_CHECKING:
+    from daybook.infrastructure.http.app import HttpOptions, HttpParts
+    from daybook.infrastructure.http.tokens import TokenStore
     from daybook.infrastructure.streaming.app import WorkerConfig
     from daybook.infrastructure.streaming.relay import Relay
 
 __all__: Sequence[str] = [
     "event_log_of",
+    "http_parts",
     "ledger_service",
     "open_async_ledger",
     "open_event_log",

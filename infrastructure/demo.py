@@ -13,12 +13,15 @@ from uuid import UUID
 from daybook.domain.errors import DomainError
 from daybook.domain.ids import new_uuid
 from daybook.infrastructure.bootstrap import open_ledger
-from daybook.infrastructure.cli import add_url_argument, settings_of
+from daybook.infrastructure.cli import add_url_argument, checked_settings, command, whole_number
 from daybook.infrastructure.ledger.facade import Ledger
+from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.preflight import where
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command(
+        subparsers,
         "demo",
         help="run a burst of concurrent transfers and reservations and print a summary",
         description=(
@@ -27,13 +30,16 @@ def register(subparsers: Any) -> None:
             "invalid and duplicate requests, and prints balances, stock, refusals by error "
             "code and replayed duplicates. Money and stock are checked to be conserved."
         ),
+        examples=[
+            "daybook demo",
+            "daybook demo --url memory:// --clients 16 --commands 500",
+            "daybook demo --url sqlite:///demo.db --seed 42",
+        ],
     )
     add_url_argument(parser)
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    parser.add_argument(
-        "--commands", type=int, default=200, help="commands per client (default 200)"
-    )
-    parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    parser.add_argument("--clients", type=whole_number(1), default=8, help="concurrent clients")
+    parser.add_argument("--commands", type=whole_number(1), default=200, help="commands per client")
+    parser.add_argument("--seed", type=int, default=7, help="random seed")
     parser.set_defaults(handler=run)
 
 
@@ -42,7 +48,8 @@ SKUS = {"SKU-KETTLE": 400, "SKU-TEAPOT": 250, "SKU-MUG": 1200}
 
 
 def run(args: argparse.Namespace) -> int:
-    ledger = open_ledger(settings=settings_of(args))
+    settings = checked_settings(args, kinds=("memory", "sqlite", "postgresql"), existing=False)
+    ledger = open_ledger(settings=settings)
     try:
         return _demo(ledger, args)
     finally:
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
-    print(f"daybook demo on {ledger.settings.url} (run {run_id})")
+    print(f"daybook demo on {where(ledger.settings.url)} (run {run_id})")
     # The demo chooses its account ids (a caller may; otherwise the receipt names them).
     accounts = {owner: new_uuid() for owner in OWNERS}
     for owner, account_id in accounts.items():
@@ -68,10 +75,14 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     lock = threading.Lock()
     ids = list(accounts.values())
 
+    interrupted = threading.Event()
+
     def client(number: int) -> None:
         rnd = random.Random(args.seed * 1000 + number)
         sent: list[tuple[str, UUID, UUID, int]] = []
         for step in range(args.commands):
+            if interrupted.is_set():
+                return
             roll = rnd.random()
             try:
                 if roll < 0.45:
@@ -110,13 +121,23 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
             except DomainError as error:
                 with lock:
                     refusals[error.code] += 1
+            except LedgerClosed:
+                return
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        # Ctrl-C: let each client finish the command in hand (its answer is on its way)
+        # before the ledger closes, then stop with one line (the command line says it).
+        interrupted.set()
+        for thread in threads:
+            thread.join()
+        raise
     elapsed = time.perf_counter() - started
     total = args.clients * args.commands
 

@@ -60,6 +60,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return self.execute(
@@ -72,6 +73,7 @@ class LedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -84,6 +86,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return self.execute(
@@ -91,7 +94,10 @@ class LedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -104,6 +110,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return self.execute(
@@ -111,7 +118,10 @@ class LedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -126,6 +136,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return self.execute(
@@ -138,6 +149,7 @@ class LedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -149,13 +161,17 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return self.execute(
             CloseAccount(
                 account_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -168,6 +184,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return self.execute(
@@ -175,7 +192,10 @@ class LedgerMethods(ABC):
                 sku,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -189,6 +209,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return self.execute(
@@ -197,7 +218,10 @@ class LedgerMethods(ABC):
                 delta,
                 reason,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -211,6 +235,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order; the receipt names the reservation id."""
         return self.execute(
@@ -222,6 +247,7 @@ class LedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -235,6 +261,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return self.execute(
@@ -243,7 +270,10 @@ class LedgerMethods(ABC):
                 reservation_id,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -256,6 +286,7 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return self.execute(
@@ -263,7 +294,10 @@ class LedgerMethods(ABC):
                 sku,
                 reservation_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -300,6 +334,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return await self.execute(
@@ -312,6 +347,7 @@ class AsyncLedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -324,6 +360,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return await self.execute(
@@ -331,7 +368,10 @@ class AsyncLedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -344,6 +384,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return await self.execute(
@@ -351,7 +392,10 @@ class AsyncLedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -366,6 +410,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return await self.execute(
@@ -378,6 +423,7 @@ class AsyncLedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -389,13 +435,17 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return await self.execute(
             CloseAccount(
                 account_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -408,6 +458,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return await self.execute(
@@ -415,7 +466,10 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -429,6 +483,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return await self.execute(
@@ -437,7 +492,10 @@ class AsyncLedgerMethods(ABC):
                 delta,
                 reason,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -451,6 +509,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order; the receipt names the reservation id."""
         return await self.execute(
@@ -462,6 +521,7 @@ class AsyncLedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -475,6 +535,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return await self.execute(
@@ -483,7 +544,10 @@ class AsyncLedgerMethods(ABC):
                 reservation_id,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )
@@ -496,6 +560,7 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return await self.execute(
@@ -503,7 +568,10 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 reservation_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
                 ),
             )
         )

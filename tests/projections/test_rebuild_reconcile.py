@@ -6,6 +6,7 @@ import gc
 import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -231,7 +232,7 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
 
 
 def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     collecting: list[bool] = []
 
@@ -241,7 +242,9 @@ def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
 
     monkeypatch.setattr(readmodels_cli, "rebuild", spy)
     assert gc.isenabled()
-    assert main(["projections", "rebuild", "account_balances", "--url", "memory://"]) == 0
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    open_ledger(url).close()
+    assert main(["projections", "rebuild", "account_balances", "--url", url]) == 0
     assert collecting == [False]
     assert gc.isenabled()
     assert "account_balances version 1 built" in capsys.readouterr().out
