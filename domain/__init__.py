@@ -5,14 +5,19 @@ from daybook.domain.accounts import Account, AccountView
 from daybook.domain.commands import Aggregates, Command, Receipt, command_named, registered
 from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.holds import Hold, HoldView
 from daybook.domain.inventory import Inventory, StockView
+from daybook.domain.linked import Atomic
 
 __all__ = [
     "Account",
     "AccountView",
     "Aggregates",
+    "Atomic",
     "Command",
     "DomainError",
+    "Hold",
+    "HoldView",
     "Inventory",
     "LedgerAggregate",
     "Metadata",

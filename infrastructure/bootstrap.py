@@ -6,7 +6,8 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -25,6 +26,9 @@ from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
 
+#: What time it is (timezone-aware, UTC).
+Clock = Callable[[], datetime]
+
 
 def settings_for(
     url: str | None = None, settings: Settings | None = None, **given: Any
@@ -36,11 +40,12 @@ def settings_for(
     return settings.model_copy(update=changes) if changes else settings
 
 
-def ledger_service(settings: Settings) -> LedgerService:
-    """The write side's application service on ``settings.url`` (tables created if missing)."""
+def ledger_service(settings: Settings, *, clock: Clock | None = None) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing).
+    ``clock`` tells it the time (default: the system's, in UTC); holds expire by it."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(env=env)
+    service = LedgerService(env=env, clock=clock)
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)
@@ -48,19 +53,26 @@ def ledger_service(settings: Settings) -> LedgerService:
 
 
 def open_ledger(
-    url: str | None = None, *, group_commit: bool | None = None, settings: Settings | None = None
+    url: str | None = None,
+    *,
+    group_commit: bool | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
 ) -> Ledger:
     """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
     the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
-    many threads share transactions; without it, each command commits alone."""
+    many threads share transactions; without it, each command commits alone. ``clock``: see
+    ``ledger_service``."""
     chosen = settings_for(url, settings, group_commit=group_commit)
-    return Ledger(ledger_service(chosen), chosen)
+    return Ledger(ledger_service(chosen, clock=clock), chosen)
 
 
-def open_async_ledger(url: str | None = None, *, settings: Settings | None = None) -> AsyncLedger:
+def open_async_ledger(
+    url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
+) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
     chosen = settings_for(url, settings, group_commit=True)
-    return AsyncLedger(ledger_service(chosen), chosen)
+    return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
 def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:

@@ -8,6 +8,7 @@ store, batching and tracking; ``replay`` builds the same rows in memory.
 
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT
 from daybook.projections.activity import DAILY_ACTIVITY
+from daybook.projections.holds import OPEN_HOLDS_PROJECTION
 from daybook.projections.inventory import INVENTORY_LEVELS
 from daybook.projections.model import (
     Column,
@@ -29,6 +30,7 @@ ALL: tuple[Projection, ...] = (
     ACCOUNT_STATEMENT,
     INVENTORY_LEVELS,
     DAILY_ACTIVITY,
+    OPEN_HOLDS_PROJECTION,
 )
 
 
@@ -48,6 +50,7 @@ __all__ = [
     "ALL",
     "DAILY_ACTIVITY",
     "INVENTORY_LEVELS",
+    "OPEN_HOLDS_PROJECTION",
     "Column",
     "Key",
     "LogEvent",
