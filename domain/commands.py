@@ -21,6 +21,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields
+from datetime import datetime
 from typing import (
     Annotated,
     Any,
@@ -94,6 +95,10 @@ def generated(*, factory: Callable[[], object], kw_only: bool = True) -> Any:
 
 class Aggregates(Protocol):
     """The aggregates a handler works on (the ledger's unit of work provides them)."""
+
+    #: The instant the command is judged at, from the ledger's clock (every aggregate handed
+    #: out carries it as ``as_of``); None outside a ledger.
+    now: datetime | None
 
     def get(self, kind: type[A], key: Any) -> A:
         """The aggregate of ``kind`` for ``key``; raises ``kind.not_found(key)`` if none."""

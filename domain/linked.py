@@ -62,6 +62,7 @@ class _Linked:
     def __init__(self, aggregates: Aggregates) -> None:
         self._aggregates = aggregates
         self._copies: dict[UUID, LedgerAggregate] = {}
+        self.now = aggregates.now
 
     def find(self, kind: type[A], key: Any) -> A | None:
         aggregate_id = kind.id_for(key)
@@ -80,6 +81,7 @@ class _Linked:
         return aggregate
 
     def add(self, aggregate: A) -> A:
+        aggregate.as_of = self.now
         self._copies[aggregate.id] = aggregate
         return aggregate
 
