@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -274,6 +274,29 @@ class ReadModels:
 
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(spec, version, key)
+
+        found, position, lag = self._read(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag)
+
+    def rows(
+        self,
+        projection: Projection,
+        table: str,
+        *,
+        where: str = "",
+        params: Sequence[Any] = (),
+        order: str = "",
+        limit: int | None = None,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[list[Row]]:
+        """Rows of any projection's table (``where`` and ``order`` in SQL over its columns,
+        with ``%s`` placeholders), read in one snapshot: for read models without a query of
+        their own."""
+        spec = projection.table(table)
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            return store.select(spec, version, where, params, order, limit)
 
         found, position, lag = self._read(projection.name, read, min_position, timeout)
         return Answer(found, position, lag)
