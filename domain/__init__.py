@@ -8,6 +8,8 @@ from daybook.domain.events import LedgerAggregate, Metadata
 from daybook.domain.holds import Hold, HoldView
 from daybook.domain.inventory import Inventory, StockView
 from daybook.domain.linked import Atomic
+from daybook.domain.orders import OrderLine, PlaceOrder
+from daybook.domain.sagas import Saga, SagaDefinition, SagaView
 
 __all__ = [
     "Account",
@@ -21,7 +23,12 @@ __all__ = [
     "Inventory",
     "LedgerAggregate",
     "Metadata",
+    "OrderLine",
+    "PlaceOrder",
     "Receipt",
+    "Saga",
+    "SagaDefinition",
+    "SagaView",
     "StockView",
     "command_named",
     "registered",

@@ -141,9 +141,10 @@ class Command:
     class name in snake case unless they set one): ``Transfer`` is ``ledger.transfer``."""
 
     name: ClassVar[str] = "command"
-    #: True when the ledgers offer the command through a method written by hand rather than
-    #: a generated one (``Atomic``: its argument is a list of commands).
-    hand_written: ClassVar[bool] = False
+    #: False when the ledgers offer no generated method for the command: one written by hand
+    #: (``atomic``: its argument is a list of commands), or none (the saga processor's own
+    #: commands, sent with ``execute``).
+    generated_method: ClassVar[bool] = True
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
@@ -325,6 +326,7 @@ class Receipt:
     sku: str | None = None
     reservation_id: str | None = None
     hold_id: UUID | None = None
+    saga_id: UUID | None = None
     #: A linked list's receipt (``ledger.atomic``): one receipt per command, in order. They
     #: committed together, so each carries the list's position and ``replayed``.
     linked: tuple[Receipt, ...] = ()
@@ -360,6 +362,7 @@ class Receipt:
             sku=record.get("sku"),
             reservation_id=record.get("reservation_id"),
             hold_id=_uuid(record.get("hold_id")),
+            saga_id=_uuid(record.get("saga_id")),
             linked=tuple(record.get("linked", ())),
         )
 

@@ -55,9 +55,9 @@ def check_linked(value: object, what: str = "commands") -> tuple[Command, ...]:
 LinkedCommands = Annotated[tuple[Command, ...], Check(check_linked)]
 
 
-class _Linked:
-    """The aggregates one list works on: copies of the batch's, handed back only when every
-    command of the list was accepted."""
+class Staged:
+    """Aggregates staged for a group of changes: copies of the batch's, handed back (with
+    their new events) only when every change was accepted; dropped otherwise."""
 
     def __init__(self, aggregates: Aggregates) -> None:
         self._aggregates = aggregates
@@ -95,7 +95,7 @@ class Atomic(Command):
 
     #: Offered as ``ledger.atomic([...])``, written by hand in the ledgers (its argument is
     #: a list of commands, and its receipt lists theirs).
-    hand_written = True
+    generated_method = False
 
     commands: LinkedCommands
 
@@ -103,7 +103,7 @@ class Atomic(Command):
         return {"commands": [[command.name, command.payload()] for command in self.commands]}
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        linked = _Linked(aggregates)
+        linked = Staged(aggregates)
         receipts = []
         for index, command in enumerate(self.commands):
             try:

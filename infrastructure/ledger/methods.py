@@ -32,6 +32,7 @@ from daybook.domain.inventory import (
     ReserveStock,
     StockView,
 )
+from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaView
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -380,6 +381,50 @@ class LedgerMethods(ABC):
             )
         )
 
+    def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                ),
+            )
+        )
+
+    def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                ),
+            )
+        )
+
     def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
@@ -394,6 +439,11 @@ class LedgerMethods(ABC):
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return self.read(Inventory, sku).view()
+
+    def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return self.read(Saga, saga_id).view()
 
 
 class AsyncLedgerMethods(ABC):
@@ -735,6 +785,50 @@ class AsyncLedgerMethods(ABC):
             )
         )
 
+    async def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return await self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                ),
+            )
+        )
+
+    async def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return await self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                ),
+            )
+        )
+
     async def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
@@ -749,3 +843,8 @@ class AsyncLedgerMethods(ABC):
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return (await self.read(Inventory, sku)).view()
+
+    async def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return (await self.read(Saga, saga_id)).view()
