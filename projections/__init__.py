@@ -23,6 +23,7 @@ from daybook.projections.model import (
     event_type,
     replay,
 )
+from daybook.projections.sagas import SAGA_LIST
 
 #: The projections daybook runs by default, at their current versions.
 ALL: tuple[Projection, ...] = (
@@ -31,6 +32,7 @@ ALL: tuple[Projection, ...] = (
     INVENTORY_LEVELS,
     DAILY_ACTIVITY,
     OPEN_HOLDS_PROJECTION,
+    SAGA_LIST,
 )
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "DAILY_ACTIVITY",
     "INVENTORY_LEVELS",
     "OPEN_HOLDS_PROJECTION",
+    "SAGA_LIST",
     "Column",
     "Key",
     "LogEvent",
