@@ -36,8 +36,10 @@ class Knobs:
     lost_reply_rate: float = 0.0
     #: Share of charge requests dropped before anything happens (a timeout, no charge).
     drop_rate: float = 0.0
-    #: Share of requests answered 503 before anything happens.
+    #: Share of charge requests answered 503 before anything happens.
     unavailable_rate: float = 0.0
+    #: Share of refund requests answered 503 before anything happens.
+    refund_unavailable_rate: float = 0.0
     #: Share of charge requests that hang ``hang_seconds`` before being processed.
     hang_rate: float = 0.0
     hang_seconds: float = 3.0
@@ -58,6 +60,7 @@ class FakeGateway:
         #: How many charge requests arrived per key (retries and duplicates included).
         self.requests: Counter[str] = Counter()
         self.refunds: Counter[str] = Counter()
+        self.refund_requests: Counter[str] = Counter()
         self.closed: set[str] = set()
 
     def _roll(self, key: str, what: str) -> float:
@@ -109,6 +112,12 @@ class FakeGateway:
     def lookup(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             return self.charges.get(key)
+
+    def refund_unavailable(self, key: str) -> bool:
+        with self._lock:
+            self.refund_requests[key] += 1
+            roll = random.Random(f"{self.knobs.seed}:{key}:{self.refund_requests[key]}:refund")
+            return roll.random() < self.knobs.refund_unavailable_rate
 
     def refund(self, key: str) -> dict[str, Any]:
         with self._lock:
@@ -199,6 +208,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._reply(200 if record["status"] == "succeeded" else 402, record)
         elif self.path == "/refunds":
+            if gateway.refund_unavailable(str(body.get("key"))):
+                self._reply(503, {"error": "try again later"})
+                return
             self._reply(200, gateway.refund(str(body.get("key"))))
         elif self.path == "/knobs":
             names = {f.name for f in fields(Knobs)}
