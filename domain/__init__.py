@@ -9,6 +9,7 @@ from daybook.domain.holds import Hold, HoldView
 from daybook.domain.inventory import Inventory, StockView
 from daybook.domain.linked import Atomic
 from daybook.domain.orders import OrderLine, PlaceOrder
+from daybook.domain.reconciliation import RemoteRecord
 from daybook.domain.sagas import Saga, SagaDefinition, SagaView
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "OrderLine",
     "PlaceOrder",
     "Receipt",
+    "RemoteRecord",
     "Saga",
     "SagaDefinition",
     "SagaView",

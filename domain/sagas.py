@@ -215,7 +215,7 @@ class DecisionMetadata(Metadata):
     decision: Decision | None = None
 
 
-def _decided(by: str, why: str, at: datetime) -> DecisionMetadata:
+def decided(by: str, why: str, at: datetime) -> DecisionMetadata:
     meta = current_metadata()
     return DecisionMetadata(
         request_id=meta.request_id,
@@ -520,7 +520,7 @@ class Saga(LedgerAggregate):
             code=code,
             message=message,
             compensate_it=isinstance(step.action, Remote) and step.compensation is not None,
-            meta=_decided(by, f"step {step.name} failed ({code}): compensate", now),
+            meta=decided(by, f"step {step.name} failed ({code}): compensate", now),
         )
         self._finish_if_nothing_to_compensate()
 
@@ -545,7 +545,7 @@ class Saga(LedgerAggregate):
             generation=generation,
             compensate_it=isinstance(definition_step.action, Remote)
             and definition_step.compensation is not None,
-            meta=_decided(by, f"the deadline of step {step} passed: compensate", now),
+            meta=decided(by, f"the deadline of step {step} passed: compensate", now),
         )
         self._finish_if_nothing_to_compensate()
 
@@ -562,7 +562,7 @@ class Saga(LedgerAggregate):
         self.trigger_event(
             self.Cancelled,
             compensate_current=step.name if remote else None,
-            meta=_decided(by, why, now),
+            meta=decided(by, why, now),
         )
         self._finish_if_nothing_to_compensate()
 
@@ -571,7 +571,7 @@ class Saga(LedgerAggregate):
             self.Compensated,
             step=step,
             result=dict(result),
-            meta=_decided(by, f"compensated step {step}", now),
+            meta=decided(by, f"compensated step {step}", now),
         )
         self._finish_if_nothing_to_compensate()
 
@@ -584,9 +584,7 @@ class Saga(LedgerAggregate):
                 self.NeedsAttention,
                 step=step,
                 error=error,
-                meta=_decided(
-                    by, f"compensating step {step} failed {attempt} times ({error})", now
-                ),
+                meta=decided(by, f"compensating step {step} failed {attempt} times ({error})", now),
             )
             return
         self.attempt_failed(step, attempt, error, retry_at)
@@ -599,7 +597,7 @@ class Saga(LedgerAggregate):
                 saga_id=str(self.id),
                 state=self.state.value,
             )
-        self.trigger_event(self.Retried, meta=_decided(by, why, now))
+        self.trigger_event(self.Retried, meta=decided(by, why, now))
 
     def _finish_if_nothing_to_compensate(self) -> None:
         if not self.pending_compensations:

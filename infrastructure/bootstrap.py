@@ -22,7 +22,7 @@ from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
-from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
 
@@ -128,6 +128,38 @@ def stream_worker_config(settings: Settings, **options: Any) -> WorkerConfig:
     )
 
 
+def payment_gateway(settings: Settings) -> HttpPaymentGateway:
+    """The payment gateway at ``settings.gateway_url`` (the httpx adapter)."""
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
+
+    if not settings.gateway_url:
+        msg = "no payment gateway is configured: pass --gateway or set $DAYBOOK_GATEWAY_URL"
+        raise BadSettings(msg)
+    return HttpPaymentGateway(settings.gateway_url)
+
+
+def saga_processor(
+    ledger: Ledger,
+    views: ReadModels,
+    gateway: PaymentGateway | None = None,
+    **options: Any,
+) -> SagaProcessor:
+    """The saga processor for ``ledger`` (sagas found in ``views``, the read models), calling
+    ``gateway`` (default: the one the ledger's settings name); not started."""
+    from daybook.domain.orders import PAYMENTS
+    from daybook.infrastructure.sagas.processor import SagaProcessor
+
+    port = gateway if gateway is not None else payment_gateway(ledger.settings)
+    return SagaProcessor(ledger, views, {PAYMENTS: port}, **options)
+
+
+def expiry_sweeper(ledger: Ledger, views: ReadModels, **options: Any) -> ExpirySweeper:
+    """The sweeper that records expired holds and reservations; not started."""
+    from daybook.infrastructure.expiry import ExpirySweeper
+
+    return ExpirySweeper(ledger, views, **options)
+
+
 def event_log_of(ledger: Ledger) -> EventLog:
     """A read-only view of a ledger's own log, on the ledger's connections."""
     return EventLog(ledger.service.recorder, ledger.service.mapper)
@@ -168,19 +200,26 @@ def run_projections(
 # The streaming parts (aiokafka, faust) are imported where they are built, not above:
 # importing faust costs most of a second, and `import daybook` should not pay it.
 if TYPE_CHECKING:
+    from daybook.infrastructure.expiry import ExpirySweeper
+    from daybook.infrastructure.gateway import PaymentGateway
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
+    from daybook.infrastructure.sagas.processor import SagaProcessor
     from daybook.infrastructure.streaming.app import WorkerConfig
     from daybook.infrastructure.streaming.relay import Relay
 
 __all__: Sequence[str] = [
     "event_log_of",
+    "expiry_sweeper",
     "ledger_service",
     "open_async_ledger",
     "open_event_log",
     "open_ledger",
     "open_read_models",
     "outbox_relay",
+    "payment_gateway",
     "projection_runner",
     "run_projections",
+    "saga_processor",
     "settings_for",
     "stream_worker_config",
 ]

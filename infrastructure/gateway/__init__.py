@@ -65,6 +65,10 @@ class PaymentGateway(Protocol):
 
     def refund(self, key: str) -> Refund: ...
 
+    def charges(self) -> list[Charge]:
+        """Every charge the remote holds (for reconciliation)."""
+        ...
+
 
 __all__ = [
     "Charge",

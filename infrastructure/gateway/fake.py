@@ -171,7 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         gateway = self.server.gateway
         self._wait()
-        if self.path.startswith("/charges/"):
+        if self.path == "/charges":
+            self._reply(200, {"charges": list(gateway.stats()["charges"].values())})
+        elif self.path.startswith("/charges/"):
             record = gateway.lookup(unquote(self.path[len("/charges/") :]))
             if record is None:
                 self._reply(404, {"error": "no charge under that key"})

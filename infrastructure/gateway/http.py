@@ -69,6 +69,12 @@ class HttpPaymentGateway:
             return Refund(key, str(data["status"]), int(data.get("amount", 0)))
         raise _unexpected(response)
 
+    def charges(self) -> list[Charge]:
+        response = self._send("GET", "/charges")
+        if response.status_code == 200:
+            return [_charge(item) for item in response.json()["charges"]]
+        raise _unexpected(response)
+
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._client.request(method, path, **kwargs)

@@ -234,6 +234,7 @@ class SagaProcessor:
                         move.generation,
                         decided_by=self.name,
                         request_id=f"saga:{saga_id}:deadline:{move.generation}",
+                        correlation_id=str(saga_id),
                     )
                 )
             elif isinstance(move, RunStep):
@@ -245,6 +246,7 @@ class SagaProcessor:
                             move.step.name,
                             decided_by=self.name,
                             request_id=f"saga:{saga_id}:{move.step.name}",
+                            correlation_id=str(saga_id),
                         )
                     )
                     crash_point("saga.after_local")
@@ -319,7 +321,11 @@ class SagaProcessor:
             result = {"charge_id": charge.charge_id, "amount": charge.amount}
             self._send(
                 CompleteRemoteStep(
-                    saga.id, step.name, result, request_id=f"saga:{saga.id}:{step.name}:done"
+                    saga.id,
+                    step.name,
+                    result,
+                    request_id=f"saga:{saga.id}:{step.name}:done",
+                    correlation_id=str(saga.id),
                 )
             )
         else:
@@ -331,6 +337,7 @@ class SagaProcessor:
                     _text(f"the gateway declined the charge ({charge.decline_code})"),
                     decided_by=self.name,
                     request_id=f"saga:{saga.id}:{step.name}:failed",
+                    correlation_id=str(saga.id),
                 )
             )
         return True
@@ -360,6 +367,7 @@ class SagaProcessor:
                     _text(f"gave up after {attempt} attempts: {error}"),
                     decided_by=self.name,
                     request_id=f"saga:{saga.id}:{step}:failed",
+                    correlation_id=str(saga.id),
                 )
             )
             return True
@@ -371,6 +379,7 @@ class SagaProcessor:
                 _text(error),
                 self._retry_at(attempt, now),
                 request_id=f"saga:{saga.id}:{step}:retry:{attempt}",
+                correlation_id=str(saga.id),
             )
         )
         return True
@@ -387,6 +396,7 @@ class SagaProcessor:
                         attempt,
                         decided_by=self.name,
                         request_id=f"saga:{saga.id}:undo:{step.name}:{attempt}",
+                        correlation_id=str(saga.id),
                     )
                 )
             except DomainError as refusal:
@@ -417,6 +427,7 @@ class SagaProcessor:
                 {"status": refund.status, "amount": refund.amount},
                 decided_by=self.name,
                 request_id=f"saga:{saga.id}:undo:{step.name}:done",
+                correlation_id=str(saga.id),
             )
         )
         return True
@@ -432,5 +443,6 @@ class SagaProcessor:
                 compensating=True,
                 decided_by=self.name,
                 request_id=f"saga:{saga.id}:undo:{step}:retry:{attempt}",
+                correlation_id=str(saga.id),
             )
         )
