@@ -225,7 +225,7 @@ def _orders(ledger: Ledger, args: argparse.Namespace, run_id: str) -> bool:
         and ledger.account(customer).balance == 1_000_000 - paid
         and ledger.account(customer).held == 0
     )
-    shipped = Counter()
+    shipped: Counter[str] = Counter()
     for saga in completed:
         for line in saga.data["lines"]:
             shipped[line["sku"]] += line["quantity"]
