@@ -143,6 +143,9 @@ class FakeGateway:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes: without TCP_NODELAY the second waits for the
+    # client's delayed acknowledgement of the first.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the tests and the demo print what matters."""
