@@ -21,6 +21,7 @@ from daybook.infrastructure.bootstrap import (
     saga_processor,
 )
 from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.reconcile import reconcile_payments
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
@@ -119,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             while not stop.wait(1.0):
                 for health in (processor.health(), sweeper.health(), runner.health()):
-                    if not health.ok and health.error and health.state.value == "failed":
+                    if health.state is ServiceState.FAILED:
                         print(
                             f"daybook sagas: {health.name} failed: {health.error}", file=sys.stderr
                         )

@@ -168,6 +168,8 @@ class SagaProcessor:
         if failure is not None:
             raise failure
         now = self.clock()
+        with self._lock:  # forget breaker waits that are over (bounded by the sagas waiting)
+            self._not_before = {s: t for s, t in self._not_before.items() if t > now}
         rows = self.views.rows(
             SAGA_LIST,
             SAGAS.name,

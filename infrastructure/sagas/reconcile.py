@@ -12,18 +12,29 @@ who decided, why, when), once per finding and action.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from uuid import UUID
 
 from daybook.domain.errors import DomainError
 from daybook.domain.reconciliation import RecordReconciliation
 from daybook.domain.sagas import Saga, SagaState
+from daybook.domain.values import inventory_id
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, PaymentGateway
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.sagas.processor import idempotency_key
 
 RECONCILER = "payment reconciler"
+
+#: Money events: their signed effect on the account's balance.
+_POSTINGS = {
+    "Account.Deposited": 1,
+    "Account.Withdrawn": -1,
+    "Account.TransferredIn": 1,
+    "Account.TransferredOut": -1,
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,49 @@ def reconcile_payments(
             _record(ledger, finding)
             report.findings.append(finding)
     return report
+
+
+def saga_postings(log: EventLog, sagas: Collection[UUID]) -> dict[UUID, Counter[str]]:
+    """What every saga posted, from the log: net money per account id, and units shipped
+    per inventory id (``"shipped:<id>"``), summed over the events tagged with the saga's id
+    (the processor sends every command with it as correlation id)."""
+    wanted = {str(saga_id): saga_id for saga_id in sagas}
+    postings: dict[UUID, Counter[str]] = {saga_id: Counter() for saga_id in sagas}
+    position = 0
+    while batch := log.read(position, 10_000):
+        position = batch[-1].position
+        for event in batch:
+            meta = event.data.get("meta") or {}
+            saga_id = wanted.get(str(meta.get("correlation_id")))
+            if saga_id is None:
+                continue
+            sign = _POSTINGS.get(event.type)
+            if sign is not None:
+                postings[saga_id][event.originator_id] += sign * int(event.data["amount"])
+            elif event.type == "Inventory.ReservationCommitted":
+                postings[saga_id][f"shipped:{event.originator_id}"] += int(event.data["shipped"])
+    return postings
+
+
+def check_saga_postings(ledger: Ledger, log: EventLog, sagas: Collection[UUID]) -> list[str]:
+    """Problems with what finished order sagas posted: nothing unless the order completed,
+    and then exactly its total from the customer to the merchant and its lines shipped."""
+    problems = []
+    for saga_id, posted in saga_postings(log, sagas).items():
+        saga = ledger.read(Saga, saga_id)
+        expected: Counter[str] = Counter()
+        if saga.state is SagaState.COMPLETED:
+            data = saga.data
+            expected[str(data["customer"])] -= int(data["total"])
+            expected[str(data["merchant"])] += int(data["total"])
+            for line in data["lines"]:
+                expected[f"shipped:{inventory_id(line['sku'])}"] += int(line["quantity"])
+        elif not saga.state.finished:
+            continue
+        actual = Counter({k: v for k, v in posted.items() if v})
+        if actual != Counter({k: v for k, v in expected.items() if v}):
+            problems.append(f"saga {saga_id} ({saga.state.value}) posted {dict(actual)}")
+    return problems
 
 
 def _decide(
