@@ -23,8 +23,14 @@ from daybook.domain.errors import DomainError
 from daybook.domain.holds import ExpireHold
 from daybook.domain.inventory import ExpireReservation
 from daybook.infrastructure.ledger.facade import Ledger
-from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedThread
-from daybook.infrastructure.readmodels.queries import Answer, ReadModels
+from daybook.infrastructure.lifecycle import (
+    Health,
+    RestartPolicy,
+    ServiceState,
+    Stopping,
+    SupervisedThread,
+)
+from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
 from daybook.projections.holds import EXPIRING_RESERVATIONS, OPEN_HOLDS, OPEN_HOLDS_PROJECTION
 from daybook.projections.model import iso_time
 
@@ -131,6 +137,7 @@ class ExpirySweeper:
             params=[due],
             order="expires_at",
             limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         for row in holds:
             recorded += self._record(ExpireHold(UUID(str(row["hold_id"]))))
@@ -141,6 +148,7 @@ class ExpirySweeper:
             params=[due],
             order="expires_at",
             limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         for row in reservations:
             command = ExpireReservation(str(row["sku"]), str(row["reservation_id"]))
@@ -159,8 +167,14 @@ class ExpirySweeper:
 
     def _run(self, stopping: Stopping) -> None:
         while not stopping:
-            full = self.sweep() >= self.batch
-            self.service.supervisor.succeeded()
+            try:
+                full = self.sweep() >= self.batch
+            except StaleRead as error:
+                # The open_holds read model is not there yet: say so, and look again.
+                self.service.supervisor.move(ServiceState.RETRYING, str(error))
+                full = False
+            else:
+                self.service.supervisor.succeeded()
             if not full:
                 stopping.wait(self.interval)
 

@@ -58,8 +58,14 @@ from daybook.infrastructure.gateway import (
     PaymentGateway,
 )
 from daybook.infrastructure.ledger.facade import Ledger
-from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedThread
-from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.lifecycle import (
+    Health,
+    RestartPolicy,
+    ServiceState,
+    Stopping,
+    SupervisedThread,
+)
+from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient
@@ -157,8 +163,14 @@ class SagaProcessor:
 
     def _run(self, stopping: Stopping) -> None:
         while not stopping:
-            self.run_due()
-            self.service.supervisor.succeeded()
+            try:
+                self.run_due()
+            except StaleRead as error:
+                # The sagas read model is not there yet (its runner is starting, or
+                # stopped): nothing can be seen to be due. Say so in health, and look again.
+                self.service.supervisor.move(ServiceState.RETRYING, str(error))
+            else:
+                self.service.supervisor.succeeded()
             stopping.wait(self.poll)
 
     def run_due(self) -> int:
@@ -177,6 +189,7 @@ class SagaProcessor:
             params=[iso_time(now)],
             order="wake_at",
             limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         handed = 0
         for row in rows:

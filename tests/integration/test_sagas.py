@@ -16,6 +16,7 @@ from daybook.domain.orders import PlaceOrder, hold_id_of
 from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaState, Wait
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
 
@@ -192,3 +193,22 @@ def test_a_compensation_that_keeps_failing_needs_attention_until_a_person_retrie
     assert [d.by for d in decisions][:2] == ["bob", "saga processor"]
     assert "alice" in [d.by for d in decisions]
     assert all(d.at is not None and d.why for d in decisions)
+
+
+def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> None:
+    """A misconfigured gateway (a URL where no gateway answers its routes) is a failure a
+    retry would only hide: the processor stops with FAILED and the reason in its health."""
+    misconfigured = HttpPaymentGateway(f"{shop.server.url}/no-such-prefix")
+    processor = SagaProcessor(
+        shop.ledger, shop.processor.views, {"payments": misconfigured}, poll=0.01
+    )
+    saga_id = shop.order("o-8", [("KETTLE", 1, 3_000)])
+    processor.drive(saga_id, max_moves=2)  # reserve and hold: local, no gateway
+    processor.wake(saga_id)
+    processor.start()
+    processor.service.join(timeout=30)
+    health = processor.health()
+    assert health.state is ServiceState.FAILED
+    assert health.error is not None and "refused the request (404)" in health.error
+    processor.stop()
+    assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
