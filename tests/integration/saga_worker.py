@@ -27,9 +27,10 @@ ENDED = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.NEEDS_ATTENTION)
 def main() -> None:
     setup = json.loads(sys.argv[1])
     sagas = [UUID(s) for s in setup["sagas"]]
-    with open_ledger(setup["url"]) as ledger, run_projections(
-        ledger, projections=[SAGA_LIST], poll_interval=0.01
-    ) as runner:
+    with (
+        open_ledger(setup["url"]) as ledger,
+        run_projections(ledger, projections=[SAGA_LIST], poll_interval=0.01) as runner,
+    ):
         gateway = HttpPaymentGateway(setup["gateway"], timeout=2.0)
         processor = SagaProcessor(
             ledger,
