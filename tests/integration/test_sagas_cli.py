@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,44 @@ def test_the_sagas_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         events = list(ledger.service.events.get(RemoteRecord.id_for("stray-key")))
         decision = events[-1].meta.decision  # type: ignore[attr-defined]
         assert decision.by == "payment reconciler" and "charge_without_order" in decision.why
+
+
+def test_daybook_sagas_run_drives_orders_and_stops_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shop.db"
+    with FakeGatewayServer() as server, open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        expiring = ledger.hold(customer, 100, timeout=1).hold_id  # the sweeper records it
+        assert expiring is not None
+        command = [sys.executable, "-m", "daybook.infrastructure.cli", "sagas", "run"]
+        process = subprocess.Popen(
+            [*command, "--url", url, "--gateway", server.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            sagas = [
+                ledger.execute(PlaceOrder(f"o-{n}", customer, merchant, [("KETTLE", 1, 900)]))
+                for n in range(3)
+            ]
+            for _ in range(3000):
+                states = {ledger.read(Saga, r.saga_id).state for r in sagas}  # type: ignore[arg-type]
+                recorded = ledger.hold_status(expiring).recorded
+                if states == {SagaState.COMPLETED} and recorded:
+                    break
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.01)
+            assert states == {SagaState.COMPLETED}
+            assert ledger.hold_status(expiring).status == "expired" and recorded
+            assert server.gateway.charged == {
+                idempotency_key(r.saga_id, "charge"): 1 for r in sagas
+            }  # type: ignore[arg-type]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert "driving sagas" in out
