@@ -22,9 +22,10 @@ from daybook.infrastructure.bootstrap import (
 )
 from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
 from daybook.infrastructure.lifecycle import ServiceState
-from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
 from daybook.infrastructure.sagas.reconcile import reconcile_payments
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
+from daybook.projections.model import Row
 from daybook.projections.sagas import SAGAS
 
 STATES = ("running", "compensating", "completed", "compensated", "needs_attention")
@@ -132,18 +133,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    with ReadModels(settings.readmodels) as views:
-        where, params = ("state = %s", [args.state]) if args.state else ("", [])
-        answer = views.rows(
+def _saga_rows(
+    views: ReadModels, where: str, params: list[Any], limit: int | None
+) -> Answer[list[Row]] | None:
+    """Rows of the sagas read model, or None (said on stderr) if it has not been built."""
+    try:
+        return views.rows(
             SAGA_LIST,
             SAGAS.name,
             where=where,
             params=params,
             order="updated_at DESC",
-            limit=args.limit,
+            limit=limit,
+            timeout=0.0,
         )
+    except StaleRead:
+        print(
+            "daybook: the sagas read model has not been built here; run `daybook project` "
+            "or `daybook sagas run` (with the same --url / --readmodels-url)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _list(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    with ReadModels(settings.readmodels) as views:
+        where, params = ("state = %s", [args.state]) if args.state else ("", [])
+        answer = _saga_rows(views, where, params, args.limit)
+    if answer is None:
+        return 2
     print(f"{'saga':36}  {'kind':6} {'state':15} {'step':10} {'tries':>5}  reference / last error")
     for row in answer.value:
         error = f"  ({row['last_error']})" if row["last_error"] else ""
@@ -204,7 +223,10 @@ def _reconcile(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     gateway = payment_gateway(settings)
     with open_ledger(settings=settings) as ledger, ReadModels(settings.readmodels) as views:
-        rows = views.rows(SAGA_LIST, SAGAS.name, where="kind = 'order' AND state = 'completed'")
+        rows = _saga_rows(views, "kind = 'order' AND state = 'completed'", [], None)
+        if rows is None:
+            gateway.close()
+            return 2
         completed = [UUID(str(row["saga_id"])) for row in rows.value]
         report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)
     gateway.close()
