@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_projections.py
 	$(PY) scripts/bench_streaming.py
 	$(PY) scripts/bench_http.py
+	$(PY) scripts/bench_sagas.py
 
 clean:
 	rm -rf $(VENV) .daybook bench-results

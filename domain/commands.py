@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
+from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields
+from datetime import datetime
 from typing import (
     Annotated,
     Any,
@@ -48,6 +49,7 @@ from daybook.domain.values import (
     check_request_text,
     check_sku,
     check_text,
+    check_timeout,
     check_uuid,
 )
 
@@ -78,6 +80,9 @@ Currency = Annotated[str, Check(check_currency)]
 Sku = Annotated[str, Check(check_sku, label="SKU")]
 Text = Annotated[str, Check(check_text)]
 Uuid = Annotated[UUID, Check(check_uuid)]
+OptionalUuid = Annotated[UUID | None, Check(check_uuid, optional=True)]
+Timeout = Annotated[int, Check(check_timeout)]
+OptionalTimeout = Annotated[int | None, Check(check_timeout, optional=True)]
 AccountId = Uuid
 RequestText = Annotated[str, Check(check_request_text)]
 
@@ -91,6 +96,10 @@ def generated(*, factory: Callable[[], object], kw_only: bool = True) -> Any:
 
 class Aggregates(Protocol):
     """The aggregates a handler works on (the ledger's unit of work provides them)."""
+
+    #: The instant the command is judged at, from the ledger's clock (every aggregate handed
+    #: out carries it as ``as_of``); None outside a ledger.
+    now: datetime | None
 
     def get(self, kind: type[A], key: Any) -> A:
         """The aggregate of ``kind`` for ``key``; raises ``kind.not_found(key)`` if none."""
@@ -140,6 +149,10 @@ class Command:
     #: compensate): services under load never shed them. By default, commands whose names
     #: start with one of ``RISK_REDUCING_VERBS`` do; a class may say otherwise.
     reduces_risk: ClassVar[bool] = False
+    #: False when the ledgers offer no generated method for the command: one written by hand
+    #: (``atomic``: its argument is a list of commands), or none (the saga processor's own
+    #: commands, sent with ``execute``).
+    generated_method: ClassVar[bool] = True
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
@@ -325,19 +338,45 @@ class Receipt:
     transfer_id: UUID | None = None
     sku: str | None = None
     reservation_id: str | None = None
+    hold_id: UUID | None = None
+    saga_id: UUID | None = None
+    #: A linked list's receipt (``ledger.atomic``): one receipt per command, in order. They
+    #: committed together, so each carries the list's position and ``replayed``.
+    linked: tuple[Receipt, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(
+            not isinstance(part, Receipt)
+            or (part.position, part.replayed) != (self.position, self.replayed)
+            for part in self.linked
+        ):
+            parts = tuple(
+                Receipt.from_record(
+                    {**(asdict(part) if isinstance(part, Receipt) else part), "position": 0},
+                    replayed=self.replayed,
+                    position=self.position,
+                )
+                for part in self.linked
+            )
+            object.__setattr__(self, "linked", parts)
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, replayed: bool) -> Receipt:
+    def from_record(
+        cls, record: Mapping[str, Any], *, replayed: bool, position: int | None = None
+    ) -> Receipt:
         """A receipt from its recorded form (JSON values: ids as text)."""
         return cls(
             command=record["command"],
             request_id=record["request_id"],
-            position=record["position"],
+            position=record["position"] if position is None else position,
             replayed=replayed,
             account_id=_uuid(record.get("account_id")),
             transfer_id=_uuid(record.get("transfer_id")),
             sku=record.get("sku"),
             reservation_id=record.get("reservation_id"),
+            hold_id=_uuid(record.get("hold_id")),
+            saga_id=_uuid(record.get("saga_id")),
+            linked=tuple(record.get("linked", ())),
         )
 
 
@@ -356,11 +395,14 @@ __all__ = [
     "DomainError",
     "Limit",
     "OptionalAmount",
+    "OptionalTimeout",
+    "OptionalUuid",
     "Parameter",
     "Receipt",
     "RequestText",
     "Sku",
     "Text",
+    "Timeout",
     "Uuid",
     "command_named",
     "generated",

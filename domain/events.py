@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 from uuid import UUID
 
 from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
@@ -87,6 +87,15 @@ class LedgerAggregate(BaseAggregate[UUID]):
     key_name: ClassVar[str] = "id"
     #: The name of the ledger's read method for one aggregate (None: no such method).
     read_as: ClassVar[str | None] = None
+
+    # The instant this copy of the aggregate is judged at: the ledger sets it, from its
+    # injectable clock, on every aggregate it hands to a command or a read. Rules that depend
+    # on time (a hold that expires) read it here, so the domain never reads a clock. None
+    # outside the ledger: nothing has expired.
+    if TYPE_CHECKING:
+        as_of: datetime | None
+    else:
+        as_of = None
 
     @classmethod
     def id_for(cls, key: Any) -> UUID:

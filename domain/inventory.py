@@ -7,7 +7,8 @@ commands that change stock, each with its handler.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -18,6 +19,7 @@ from daybook.domain.commands import (
     Command,
     Delta,
     OptionalAmount,
+    OptionalTimeout,
     Sku,
     Text,
     generated,
@@ -70,6 +72,18 @@ class ReservationExists(DomainError):
     code = "reservation_exists"
 
 
+class ReservationExpired(DomainError):
+    """The reservation's timeout has passed: its units are available again."""
+
+    code = "reservation_expired"
+
+
+class ReservationNotExpired(DomainError):
+    """An expiry was asked for before the reservation's timeout passed (or it has none)."""
+
+    code = "reservation_not_expired"
+
+
 @dataclass(frozen=True)
 class StockView:
     """A SKU's stock, read from the log (strongly consistent)."""
@@ -95,6 +109,8 @@ class Inventory(LedgerAggregate):
         reserved: int
         reservations: dict[str, int]
         resolved: set[str]
+        #: When reservations made with a timeout expire: reservation id -> instant.
+        expiring: dict[str, datetime]
 
     class Created(LedgerAggregate.Created):
         sku: str
@@ -105,6 +121,7 @@ class Inventory(LedgerAggregate):
             inventory.reserved = 0
             inventory.reservations = {}
             inventory.resolved = set()
+            inventory.expiring = {}
 
     class StockReceived(LedgerAggregate.Event):
         quantity: int
@@ -120,12 +137,24 @@ class Inventory(LedgerAggregate):
             inventory.on_hand += self.delta
 
     class StockReserved(LedgerAggregate.Event):
+        """Units set aside; with ``expires_at`` (schema v2) they stop counting as reserved
+        at that instant."""
+
+        class_version = 2
         reservation_id: str
         quantity: int
+        expires_at: datetime | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Version 1 reservations had no timeout."""
+            state["expires_at"] = None
 
         def apply(self, inventory: Inventory) -> None:
             inventory.reservations[self.reservation_id] = self.quantity
             inventory.reserved += self.quantity
+            if self.expires_at is not None:
+                inventory.expiring[self.reservation_id] = self.expires_at
 
     class ReservationCommitted(LedgerAggregate.Event):
         """Shipped: ``shipped`` units leave stock, ``released`` go back to available."""
@@ -137,6 +166,7 @@ class Inventory(LedgerAggregate):
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
             inventory.resolved.add(self.reservation_id)
+            inventory.expiring.pop(self.reservation_id, None)
             inventory.reserved -= self.shipped + self.released
             inventory.on_hand -= self.shipped
 
@@ -147,6 +177,19 @@ class Inventory(LedgerAggregate):
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
             inventory.resolved.add(self.reservation_id)
+            inventory.expiring.pop(self.reservation_id, None)
+            inventory.reserved -= self.quantity
+
+    class ReservationExpired(LedgerAggregate.Event):
+        """A reservation's timeout passed; its units went back to available stock."""
+
+        reservation_id: str
+        quantity: int
+
+        def apply(self, inventory: Inventory) -> None:
+            del inventory.reservations[self.reservation_id]
+            inventory.resolved.add(self.reservation_id)
+            del inventory.expiring[self.reservation_id]
             inventory.reserved -= self.quantity
 
     @classmethod
@@ -161,17 +204,32 @@ class Inventory(LedgerAggregate):
     def not_found(cls, key: Any) -> DomainError:
         return SkuNotFound(f"no stock was ever received for SKU {key!r}", sku=key)
 
+    def _lapsed(self) -> list[str]:
+        """Reservations whose timeout has passed at ``as_of`` (expiry perhaps unrecorded)."""
+        moment = self.as_of
+        if not self.expiring or moment is None:
+            return []
+        return [rid for rid, expires_at in self.expiring.items() if moment >= expires_at]
+
+    @property
+    def held(self) -> int:
+        """Units reserved at ``as_of``: a reservation stops counting the instant it expires."""
+        return self.reserved - sum(self.reservations[rid] for rid in self._lapsed())
+
     @property
     def available(self) -> int:
-        return self.on_hand - self.reserved
+        return self.on_hand - self.held
 
     def view(self) -> StockView:
+        lapsed = self._lapsed()
+        reservations = {r: q for r, q in self.reservations.items() if r not in lapsed}
+        reserved = sum(reservations.values())
         return StockView(
             sku=self.sku,
             on_hand=self.on_hand,
-            reserved=self.reserved,
-            available=self.available,
-            reservations=dict(self.reservations),
+            reserved=reserved,
+            available=self.on_hand - reserved,
+            reservations=reservations,
             version=self.version,
         )
 
@@ -196,35 +254,45 @@ class Inventory(LedgerAggregate):
                 on_hand=self.on_hand,
                 delta=delta,
             )
-        if after < self.reserved:
+        reserved = self.held
+        if after < reserved:
             raise StockBelowReserved(
-                f"SKU {self.sku} has {self.on_hand} on hand and {self.reserved} reserved; "
+                f"SKU {self.sku} has {self.on_hand} on hand and {reserved} reserved; "
                 f"adjusting by {delta} would leave {after}, below what is reserved",
                 sku=self.sku,
                 on_hand=self.on_hand,
-                reserved=self.reserved,
+                reserved=reserved,
                 delta=delta,
             )
         self.trigger_event(self.StockAdjusted, delta=delta, reason=reason)
 
-    def reserve(self, reservation_id: str, quantity: int) -> None:
+    def reserve(
+        self, reservation_id: str, quantity: int, expires_at: datetime | None = None
+    ) -> None:
         if reservation_id in self.reservations or reservation_id in self.resolved:
             raise ReservationExists(
                 f"SKU {self.sku} already has a reservation {reservation_id!r}",
                 sku=self.sku,
                 reservation_id=reservation_id,
             )
-        if quantity > self.available:
+        reserved = self.held
+        available = self.on_hand - reserved
+        if quantity > available:
             raise OutOfStock(
-                f"SKU {self.sku} has {self.available} available ({self.on_hand} on hand, "
-                f"{self.reserved} reserved); cannot reserve {quantity}",
+                f"SKU {self.sku} has {available} available ({self.on_hand} on hand, "
+                f"{reserved} reserved); cannot reserve {quantity}",
                 sku=self.sku,
-                available=self.available,
+                available=available,
                 on_hand=self.on_hand,
-                reserved=self.reserved,
+                reserved=reserved,
                 quantity=quantity,
             )
-        self.trigger_event(self.StockReserved, reservation_id=reservation_id, quantity=quantity)
+        self.trigger_event(
+            self.StockReserved,
+            reservation_id=reservation_id,
+            quantity=quantity,
+            expires_at=expires_at,
+        )
 
     def _open_reservation(self, reservation_id: str) -> int:
         if reservation_id in self.resolved:
@@ -235,13 +303,23 @@ class Inventory(LedgerAggregate):
                 reservation_id=reservation_id,
             )
         try:
-            return self.reservations[reservation_id]
+            held = self.reservations[reservation_id]
         except KeyError:
             raise ReservationNotFound(
                 f"SKU {self.sku} has no reservation {reservation_id!r}",
                 sku=self.sku,
                 reservation_id=reservation_id,
             ) from None
+        if reservation_id in self._lapsed():
+            expires_at = self.expiring[reservation_id]
+            raise ReservationExpired(
+                f"reservation {reservation_id!r} of SKU {self.sku} expired at "
+                f"{expires_at.isoformat()}; its units are available again",
+                sku=self.sku,
+                reservation_id=reservation_id,
+                expires_at=expires_at.isoformat(),
+            )
+        return held
 
     def commit(self, reservation_id: str, quantity: int | None = None) -> None:
         """Ship ``quantity`` units of the reservation (all by default); release the rest."""
@@ -266,6 +344,32 @@ class Inventory(LedgerAggregate):
     def release(self, reservation_id: str) -> None:
         held = self._open_reservation(reservation_id)
         self.trigger_event(self.ReservationReleased, reservation_id=reservation_id, quantity=held)
+
+    def expire(self, reservation_id: str) -> None:
+        """Record the expiry of a reservation whose timeout has passed."""
+        if reservation_id in self.resolved:
+            raise ReservationResolved(
+                f"reservation {reservation_id!r} of SKU {self.sku} was already resolved",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        if reservation_id not in self.reservations:
+            raise ReservationNotFound(
+                f"SKU {self.sku} has no reservation {reservation_id!r}",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        if reservation_id not in self._lapsed():
+            raise ReservationNotExpired(
+                f"reservation {reservation_id!r} of SKU {self.sku} has not expired",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        self.trigger_event(
+            self.ReservationExpired,
+            reservation_id=reservation_id,
+            quantity=self.reservations[reservation_id],
+        )
 
 
 def check_reservation_id(value: object, what: str = "reservation_id") -> str:
@@ -311,14 +415,22 @@ class AdjustStock(Command):
 
 
 class ReserveStock(Command):
-    """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+    """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
 
     sku: Sku
     quantity: Amount
+    timeout: OptionalTimeout = field(default=None, kw_only=True)
     reservation_id: ReservationId = generated(factory=new_id_text, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).reserve(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        expires_at = None
+        if self.timeout is not None:
+            if inventory.as_of is None:
+                msg = "a reservation with a timeout was made without the ledger's clock"
+                raise RuntimeError(msg)
+            expires_at = inventory.as_of + timedelta(seconds=self.timeout)
+        inventory.reserve(self.reservation_id, self.quantity, expires_at)
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -342,4 +454,15 @@ class ReleaseReservation(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         aggregates.get(Inventory, self.sku).release(self.reservation_id)
+        return {"sku": self.sku, "reservation_id": self.reservation_id}
+
+
+class ExpireReservation(Command):
+    """Record that a reservation's timeout passed (its units were free from then)."""
+
+    sku: Sku
+    reservation_id: ReservationId
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Inventory, self.sku).expire(self.reservation_id)
         return {"sku": self.sku, "reservation_id": self.reservation_id}

@@ -6,7 +6,8 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -21,9 +22,12 @@ from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
-from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
+
+#: What time it is (timezone-aware, UTC).
+Clock = Callable[[], datetime]
 
 
 def settings_for(
@@ -36,11 +40,12 @@ def settings_for(
     return settings.model_copy(update=changes) if changes else settings
 
 
-def ledger_service(settings: Settings) -> LedgerService:
-    """The write side's application service on ``settings.url`` (tables created if missing)."""
+def ledger_service(settings: Settings, *, clock: Clock | None = None) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing).
+    ``clock`` tells it the time (default: the system's, in UTC); holds expire by it."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(env=env)
+    service = LedgerService(env=env, clock=clock)
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)
@@ -48,19 +53,26 @@ def ledger_service(settings: Settings) -> LedgerService:
 
 
 def open_ledger(
-    url: str | None = None, *, group_commit: bool | None = None, settings: Settings | None = None
+    url: str | None = None,
+    *,
+    group_commit: bool | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
 ) -> Ledger:
     """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
     the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
-    many threads share transactions; without it, each command commits alone."""
+    many threads share transactions; without it, each command commits alone. ``clock``: see
+    ``ledger_service``."""
     chosen = settings_for(url, settings, group_commit=group_commit)
-    return Ledger(ledger_service(chosen), chosen)
+    return Ledger(ledger_service(chosen, clock=clock), chosen)
 
 
-def open_async_ledger(url: str | None = None, *, settings: Settings | None = None) -> AsyncLedger:
+def open_async_ledger(
+    url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
+) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
     chosen = settings_for(url, settings, group_commit=True)
-    return AsyncLedger(ledger_service(chosen), chosen)
+    return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
 def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:
@@ -114,6 +126,38 @@ def stream_worker_config(settings: Settings, **options: Any) -> WorkerConfig:
         readmodels_url=settings.readmodels_url,
         **options,
     )
+
+
+def payment_gateway(settings: Settings) -> HttpPaymentGateway:
+    """The payment gateway at ``settings.gateway_url`` (the httpx adapter)."""
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
+
+    if not settings.gateway_url:
+        msg = "no payment gateway is configured: pass --gateway or set $DAYBOOK_GATEWAY_URL"
+        raise BadSettings(msg)
+    return HttpPaymentGateway(settings.gateway_url)
+
+
+def saga_processor(
+    ledger: Ledger,
+    views: ReadModels,
+    gateway: PaymentGateway | None = None,
+    **options: Any,
+) -> SagaProcessor:
+    """The saga processor for ``ledger`` (sagas found in ``views``, the read models), calling
+    ``gateway`` (default: the one the ledger's settings name); not started."""
+    from daybook.domain.orders import PAYMENTS
+    from daybook.infrastructure.sagas.processor import SagaProcessor
+
+    port = gateway if gateway is not None else payment_gateway(ledger.settings)
+    return SagaProcessor(ledger, views, {PAYMENTS: port}, **options)
+
+
+def expiry_sweeper(ledger: Ledger, views: ReadModels, **options: Any) -> ExpirySweeper:
+    """The sweeper that records expired holds and reservations; not started."""
+    from daybook.infrastructure.expiry import ExpirySweeper
+
+    return ExpirySweeper(ledger, views, **options)
 
 
 def event_log_of(ledger: Ledger) -> EventLog:
@@ -189,13 +233,18 @@ def http_parts(
 # importing faust costs most of a second, and `import daybook` should not pay it.
 # The HTTP parts (FastAPI) likewise.
 if TYPE_CHECKING:
+    from daybook.infrastructure.expiry import ExpirySweeper
+    from daybook.infrastructure.gateway import PaymentGateway
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
     from daybook.infrastructure.http.app import HttpOptions, HttpParts
     from daybook.infrastructure.http.tokens import TokenStore
+    from daybook.infrastructure.sagas.processor import SagaProcessor
     from daybook.infrastructure.streaming.app import WorkerConfig
     from daybook.infrastructure.streaming.relay import Relay
 
 __all__: Sequence[str] = [
     "event_log_of",
+    "expiry_sweeper",
     "http_parts",
     "ledger_service",
     "open_async_ledger",
@@ -203,8 +252,10 @@ __all__: Sequence[str] = [
     "open_ledger",
     "open_read_models",
     "outbox_relay",
+    "payment_gateway",
     "projection_runner",
     "run_projections",
+    "saga_processor",
     "settings_for",
     "stream_worker_config",
 ]

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "daybook.infrastructure.http.cli",
     "daybook.infrastructure.streaming.cli",
     "daybook.infrastructure.readmodels.cli",
+    "daybook.infrastructure.sagas.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
@@ -182,6 +183,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         topic=getattr(args, "topic", None),
         partitions=getattr(args, "partitions", None),
         group=getattr(args, "group", None),
+        gateway_url=getattr(args, "gateway", None),
     )
 
 

@@ -30,6 +30,7 @@ ENVIRONMENT = {
     "DAYBOOK_GROUP": "group",
     "DAYBOOK_GROUP_COMMIT": "group_commit",
     "DAYBOOK_CACHE_SIZE": "cache_size",
+    "DAYBOOK_GATEWAY_URL": "gateway_url",
 }
 
 
@@ -53,6 +54,8 @@ class Settings(BaseModel):
     group_commit: bool = True
     #: How many aggregates the write path keeps in memory.
     cache_size: int = Field(100_000, ge=0)
+    #: The payment gateway the saga processor calls (http://host:port); None: none.
+    gateway_url: str | None = None
 
     @field_validator("url", "readmodels_url")
     @classmethod

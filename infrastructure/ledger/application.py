@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 from uuid import UUID
 
@@ -98,12 +99,15 @@ class UnitOfWork:
         #: cache, or a batch still committing), as it was when taken.
         self.read_versions: dict[int, int] = {}
         self.touched: list[int] = []
+        #: The instant the command being applied is judged at (``LedgerAggregate.as_of``).
+        self.now: datetime | None = None
 
     def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
         key = aggregate_id.int
         self.touched.append(key)
         aggregate = self.aggregates.get(key)
         if aggregate is not None:
+            aggregate.as_of = self.now
             return aggregate
         base = self._base.aggregates.get(key) if self._base is not None else None
         if base is not None:
@@ -113,6 +117,7 @@ class UnitOfWork:
             # did not change it, its commit will not find out, so a refusal must check.
             self.read_versions[key] = copied.version
             self.aggregates[key] = copied
+            copied.as_of = self.now
             return copied
         repository = self._service.repository
         try:
@@ -126,10 +131,12 @@ class UnitOfWork:
             except AggregateNotFoundError:
                 return None
         self.aggregates[key] = aggregate
+        aggregate.as_of = self.now
         return aggregate
 
     def add(self, aggregate: A) -> A:
         key = aggregate.id.int
+        aggregate.as_of = self.now
         self.aggregates[key] = aggregate
         self.touched.append(key)
         return aggregate
@@ -205,8 +212,13 @@ class LedgerService(Application[UUID]):
     #: How often a batch is re-run after a version conflict or a lost connection.
     max_attempts: ClassVar[int] = 40
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str] | None = None, *, clock: Callable[[], datetime] | None = None
+    ) -> None:
         super().__init__(env)
+        #: What time it is: commands and reads are judged at its reading (holds expire by
+        #: it). Injectable, so tests can move time.
+        self.clock: Callable[[], datetime] = clock or _utc_now
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -239,6 +251,7 @@ class LedgerService(Application[UUID]):
         # The cache may be behind other processes' writes: fast-forward from the store.
         for event in self.events.get(aggregate_id, gt=aggregate.version):
             cast(LedgerAggregate.Event, event).mutate(aggregate)
+        aggregate.as_of = self.clock()
         return aggregate
 
     # -- the command path -------------------------------------------------------------------
@@ -339,6 +352,7 @@ class LedgerService(Application[UUID]):
                 prepared.repeats[index] = (prepared, prepared.first_use[request_id])
                 continue
             prepared.first_use[request_id] = index
+            uow.now = self.clock()
             with metadata_scope(command.metadata):
                 try:
                     fields = command.handle(uow)
@@ -415,6 +429,10 @@ class LedgerService(Application[UUID]):
     def close(self) -> None:
         self.committer.close()
         super().close()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

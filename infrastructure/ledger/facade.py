@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from daybook.domain.commands import Command, Receipt, command_named
 from daybook.domain.events import LedgerAggregate, readable
+from daybook.domain.linked import Atomic
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
@@ -24,6 +25,18 @@ from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.settings import Settings
 
 A = TypeVar("A", bound=LedgerAggregate)
+
+
+def _given(
+    request_id: str | None, correlation_id: str | None, causation_id: str | None
+) -> dict[str, str]:
+    """The envelope fields a caller gave (None: generated, or left out)."""
+    given = {
+        "request_id": request_id,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
@@ -45,6 +58,23 @@ class Ledger(LedgerMethods):
 
     def execute(self, command: Command) -> Receipt:
         return self.service.committer.submit(command)
+
+    def atomic(
+        self,
+        commands: Sequence[Command],
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Apply ``commands`` all-or-nothing in one transaction; ``receipt.linked`` holds
+        their receipts in order. A refusal is the failing command's own error, naming its
+        index; ``details["outcomes"]`` gives every command's code (the others:
+        ``linked_command_failed``). Idempotent as a whole, by ``request_id``."""
+        return self.execute(
+            # The check turns the list into the tuple the field declares.
+            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+        )
 
     def read(self, kind: type[A], key: Any) -> A:
         return self.service.read(kind, key)
@@ -99,6 +129,20 @@ class AsyncLedger(AsyncLedgerMethods):
 
     async def execute(self, command: Command) -> Receipt:
         return await self._committer.submit_async(command)
+
+    async def atomic(
+        self,
+        commands: Sequence[Command],
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Apply ``commands`` all-or-nothing in one transaction (see ``Ledger.atomic``)."""
+        return await self.execute(
+            # The check turns the list into the tuple the field declares.
+            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+        )
 
     async def read(self, kind: type[A], key: Any) -> A:
         return await asyncio.to_thread(self.service.read, kind, key)

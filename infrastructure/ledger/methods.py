@@ -21,15 +21,18 @@ from daybook.domain.accounts import (
 )
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.holds import CaptureHold, ExpireHold, Hold, HoldView, PlaceHold, VoidHold
 from daybook.domain.inventory import (
     AdjustStock,
     CommitReservation,
+    ExpireReservation,
     Inventory,
     ReceiveStock,
     ReleaseReservation,
     ReserveStock,
     StockView,
 )
+from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaView
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -176,6 +179,106 @@ class LedgerMethods(ABC):
             )
         )
 
+    def hold(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        destination: UUID | None = None,
+        timeout: int,
+        hold_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
+        return self.execute(
+            PlaceHold(
+                account_id,
+                amount,
+                **_given(
+                    destination=destination,
+                    timeout=timeout,
+                    hold_id=hold_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    def capture(
+        self,
+        hold_id: UUID,
+        amount: int | None = None,
+        *,
+        transfer_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
+        return self.execute(
+            CaptureHold(
+                hold_id,
+                amount,
+                **_given(
+                    transfer_id=transfer_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    def void(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Release a hold: its funds are available again, nothing is posted."""
+        return self.execute(
+            VoidHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    def expire_hold(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Record that a hold's timeout passed (its funds were available from that instant)."""
+        return self.execute(
+            ExpireHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
     def receive_stock(
         self,
         sku: str,
@@ -231,18 +334,20 @@ class LedgerMethods(ABC):
         sku: str,
         quantity: int,
         *,
+        timeout: int | None = None,
         reservation_id: str | None = None,
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
     ) -> Receipt:
-        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+        """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return self.execute(
             ReserveStock(
                 sku,
                 quantity,
                 **_given(
+                    timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -302,15 +407,101 @@ class LedgerMethods(ABC):
             )
         )
 
+    def expire_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Record that a reservation's timeout passed (its units were free from then)."""
+        return self.execute(
+            ExpireReservation(
+                sku,
+                reservation_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
     def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return self.read(Account, account_id).view()
 
+    def hold_status(self, hold_id: UUID) -> HoldView:
+        """The current state of one Hold, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return self.read(Hold, hold_id).view()
+
     def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return self.read(Inventory, sku).view()
+
+    def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return self.read(Saga, saga_id).view()
 
 
 class AsyncLedgerMethods(ABC):
@@ -450,6 +641,106 @@ class AsyncLedgerMethods(ABC):
             )
         )
 
+    async def hold(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        destination: UUID | None = None,
+        timeout: int,
+        hold_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
+        return await self.execute(
+            PlaceHold(
+                account_id,
+                amount,
+                **_given(
+                    destination=destination,
+                    timeout=timeout,
+                    hold_id=hold_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    async def capture(
+        self,
+        hold_id: UUID,
+        amount: int | None = None,
+        *,
+        transfer_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
+        return await self.execute(
+            CaptureHold(
+                hold_id,
+                amount,
+                **_given(
+                    transfer_id=transfer_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    async def void(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Release a hold: its funds are available again, nothing is posted."""
+        return await self.execute(
+            VoidHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    async def expire_hold(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Record that a hold's timeout passed (its funds were available from that instant)."""
+        return await self.execute(
+            ExpireHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
     async def receive_stock(
         self,
         sku: str,
@@ -505,18 +796,20 @@ class AsyncLedgerMethods(ABC):
         sku: str,
         quantity: int,
         *,
+        timeout: int | None = None,
         reservation_id: str | None = None,
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
     ) -> Receipt:
-        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+        """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return await self.execute(
             ReserveStock(
                 sku,
                 quantity,
                 **_given(
+                    timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -576,12 +869,98 @@ class AsyncLedgerMethods(ABC):
             )
         )
 
+    async def expire_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Record that a reservation's timeout passed (its units were free from then)."""
+        return await self.execute(
+            ExpireReservation(
+                sku,
+                reservation_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    async def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return await self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
+    async def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return await self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                ),
+            )
+        )
+
     async def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return (await self.read(Account, account_id)).view()
 
+    async def hold_status(self, hold_id: UUID) -> HoldView:
+        """The current state of one Hold, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return (await self.read(Hold, hold_id)).view()
+
     async def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return (await self.read(Inventory, sku)).view()
+
+    async def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return (await self.read(Saga, saga_id)).view()

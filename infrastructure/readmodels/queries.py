@@ -350,6 +350,29 @@ class ReadModels:
         found, position, lag = self._read(projection.name, read, min_position, timeout)
         return Answer(found, position, lag)
 
+    def rows(
+        self,
+        projection: Projection,
+        table: str,
+        *,
+        where: str = "",
+        params: Sequence[Any] = (),
+        order: str = "",
+        limit: int | None = None,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[list[Row]]:
+        """Rows of any projection's table (``where`` and ``order`` in SQL over its columns,
+        with ``%s`` placeholders), read in one snapshot: for read models without a query of
+        their own."""
+        spec = projection.table(table)
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            return store.select(spec, version, where, params, order, limit)
+
+        found, position, lag = self._read(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag)
+
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""
         _, position, _ = self._read(projection, lambda store, version: None, None, 0.0)

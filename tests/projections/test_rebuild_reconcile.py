@@ -127,7 +127,9 @@ def test_schema_change_rebuild_while_commands_arrive(ledger: Ledger, db_url: str
         assert catalog.active_version("account_balances") == 2
         retired = catalog.version("account_balances", 1)
         assert retired is not None and retired.state is VersionState.RETIRED
-        assert store.execute("SELECT count(*) FROM daybook_projection_versions")[0][0] == 5
+        # Every projection at version 1, and account_balances at version 2 too.
+        versions = store.execute("SELECT count(*) FROM daybook_projection_versions")[0][0]
+        assert versions == len(projections.ALL) + 1
         with pytest.raises(Exception):  # noqa: B017 - dropped: sqlite and psycopg differ
             store.count(BALANCES, 1)
     finally:
