@@ -127,7 +127,7 @@ class _Spec:
 
 
 #: Verbs whose commands reduce risk unless their class says otherwise (``reduces_risk``).
-RISK_REDUCING_VERBS = frozenset({"release", "void", "cancel", "compensate"})
+RISK_REDUCING_VERBS = frozenset({"release", "void", "expire", "cancel", "compensate"})
 
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}

@@ -23,6 +23,9 @@ from daybook.projections import SAGA_LIST
 
 def test_the_sagas_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/shop.db"
+    assert main(["sagas", "list", "--url", url]) == 2  # no ledger there: said, not raised
+    assert "there is no database at" in capsys.readouterr().err
+    open_ledger(url).close()
     assert main(["sagas", "list", "--url", url]) == 2  # nothing built yet: said, not raised
     assert "the sagas read model has not been built" in capsys.readouterr().err
     with FakeGatewayServer() as server, open_ledger(url) as ledger:

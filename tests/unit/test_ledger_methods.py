@@ -52,3 +52,14 @@ def test_both_faces_have_the_same_methods() -> None:
     public = {n for n in dir(Ledger) if not n.startswith("_")}
     assert public == {n for n in dir(AsyncLedger) if not n.startswith("_")}
     assert {"execute", "read", "head", "close", "health"} <= public
+
+
+def test_commands_that_lower_exposure_say_so() -> None:
+    from daybook.domain.commands import command_named
+
+    lowering = {"release_reservation", "void", "expire_hold", "expire_reservation", "cancel_saga"}
+    raising = {"transfer", "withdraw", "hold", "capture", "reserve_stock", "deposit"}
+    for name in lowering:
+        assert command_named(name).reduces_risk, name
+    for name in raising:
+        assert not command_named(name).reduces_risk, name
