@@ -131,7 +131,7 @@ RISK_REDUCING_VERBS = frozenset({"release", "void", "expire", "cancel", "compens
 
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}
-_ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor")
+_ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor", "traceparent")
 
 
 def _snake(name: str) -> str:
@@ -161,6 +161,9 @@ class Command:
     causation_id: str | None = None
     #: Who asks (recorded on every event; not part of what a retry must repeat).
     actor: str | None = None
+    #: The caller's trace (a W3C ``traceparent``), recorded on every event; set by the
+    #: ledger from the active span when the caller leaves it out.
+    traceparent: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -241,6 +244,7 @@ class Command:
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,
             actor=self.actor,
+            traceparent=self.traceparent,
         )
 
 

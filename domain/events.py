@@ -30,6 +30,9 @@ class Metadata(BaseModel):
     causation_id: str | None = None
     #: Who asked: the name of the caller's credential (an HTTP token's name), if known.
     actor: str | None = None
+    #: The trace of the request that caused the change (a W3C ``traceparent``), so that what
+    #: the event causes later, elsewhere (projections, the relay, workers, sagas) continues it.
+    traceparent: str | None = None
 
 
 _NO_METADATA = Metadata()

@@ -221,6 +221,7 @@ def http_parts(
         runner.start()
     views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
     parts = HttpParts(ledger, ReadPool(views), tokens or open_tokens(settings.url), chosen)
+    parts.log, parts.readmodels_url = log, location.url
     if runner is not None:
         parts.services["projections"] = runner.health
         parts.on_close.append(runner.stop)

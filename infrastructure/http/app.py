@@ -23,20 +23,25 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.board import Dashboard
 from daybook.infrastructure.http.commands import CommandRoutes
+from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.problems import Problem, describe
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
 from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
+from daybook.infrastructure.observability import metrics
 
 log = logging.getLogger("daybook.http")
 
@@ -72,6 +77,9 @@ class HttpParts:
     options: HttpOptions = field(default_factory=HttpOptions)
     #: Health of the other services this process runs (the projections), by name.
     services: dict[str, Callable[[], Health]] = field(default_factory=dict)
+    #: The event log and the read-model database, for the dashboard (None: no dashboard).
+    log: EventLog | None = None
+    readmodels_url: str | None = None
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -112,6 +120,8 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     commands.install(app)
     reads = ReadRoutes(parts.pool, auth, read_door, options.max_read_wait)
     reads.install(app)
+    if parts.log is not None and parts.readmodels_url is not None:
+        Dashboard(parts.pool, auth, parts.log, parts.readmodels_url).install(app)
 
     @app.get("/health", tags=["service"], summary="Liveness and the health of each part")
     async def health() -> Response:
@@ -128,6 +138,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         return _json(body, 200 if ok else 503)
 
     admin = Depends(auth.require("admin"))
+    reader = Depends(auth.require("read", limited=False))
 
     @app.get("/v1/status", tags=["service"], summary="Admission, rate limits and the log head")
     async def status(_: Token = admin) -> Response:
@@ -165,6 +176,13 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (read scope)")
+    async def prometheus(_: Token = reader) -> Response:
+        for door in (command_door, read_door):
+            metrics.ADMISSION_DEPTH.labels(door.name).set(door.inside)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     _handle_errors(app)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.cors_origins:
@@ -186,6 +204,8 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
                 "Retry-After",
             ],
         )
+    # Outermost: every request is measured and traced, refusals and errors included.
+    app.add_middleware(Observe)
     return app
 
 

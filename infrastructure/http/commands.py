@@ -28,6 +28,8 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from daybook.domain.commands import Command, Receipt, parameters, registered
 from daybook.domain.errors import DomainError
@@ -38,7 +40,7 @@ from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
 
 #: Fields the server fills in: the caller cannot send them.
-_SERVER_SET = frozenset({"request_id", "actor"})
+_SERVER_SET = frozenset({"request_id", "actor", "traceparent"})
 #: The draft makes the key a structured-field String ("..." with \\ escapes, RFC 8941); a
 #: bare key (printable ASCII, no spaces, quotes or backslashes) is taken too.
 _QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,128})"')
@@ -108,7 +110,9 @@ class CommandRoutes:
         # (parameter resolution, telemetry, its own route matching) cost as much CPU as
         # everything the route does; the body is parsed here anyway. Its OpenAPI operation
         # is written from the registry below and merged into the document (``app.py``).
-        app.router.add_route(path, run, methods=["POST"], name=command_class.name)
+        app.router.routes.append(
+            _CommandRoute(path, run, methods=["POST"], name=command_class.name)
+        )
         self.operations[path] = {
             "post": {
                 "tags": ["commands"],
@@ -118,6 +122,17 @@ class CommandRoutes:
                 **_openapi(command_class, accepted, required),
             }
         }
+
+
+class _CommandRoute(Route):
+    """A plain route that, like FastAPI's own, names itself in the scope when it matches
+    (metrics and traces label requests by route template: ``observe``)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
 
 
 def idempotency_key(header: str | None) -> str:

@@ -60,6 +60,11 @@ class ReadPool:
         finally:
             self._free.put_nowait(views)
 
+    def any(self) -> ReadModels:
+        """One connection for a query run outside the pool's turns (each ``ReadModels`` is
+        thread-safe: it serialises its own queries)."""
+        return self._all[0]
+
     def close(self) -> None:
         for views in self._all:
             views.close()

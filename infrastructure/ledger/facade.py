@@ -22,6 +22,7 @@ from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
 from daybook.infrastructure.lifecycle import Health
+from daybook.infrastructure.observability.tracing import command_span
 from daybook.infrastructure.settings import Settings
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -57,7 +58,8 @@ class Ledger(LedgerMethods):
         self.settings = settings
 
     def execute(self, command: Command) -> Receipt:
-        return self.service.committer.submit(command)
+        with command_span(command):
+            return self.service.committer.submit(command)
 
     def atomic(
         self,
@@ -128,7 +130,8 @@ class AsyncLedger(AsyncLedgerMethods):
         self._committer = service.committer
 
     async def execute(self, command: Command) -> Receipt:
-        return await self._committer.submit_async(command)
+        with command_span(command):
+            return await self._committer.submit_async(command)
 
     async def atomic(
         self,

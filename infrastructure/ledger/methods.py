@@ -64,6 +64,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return self.execute(
@@ -77,6 +78,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -90,6 +92,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return self.execute(
@@ -101,6 +104,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -114,6 +118,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return self.execute(
@@ -125,6 +130,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -140,6 +146,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return self.execute(
@@ -153,6 +160,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -165,6 +173,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return self.execute(
@@ -175,6 +184,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -191,6 +201,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
         return self.execute(
@@ -205,6 +216,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -219,6 +231,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
         return self.execute(
@@ -231,6 +244,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -243,6 +257,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Release a hold: its funds are available again, nothing is posted."""
         return self.execute(
@@ -253,6 +268,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -265,6 +281,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Record that a hold's timeout passed (its funds were available from that instant)."""
         return self.execute(
@@ -275,6 +292,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -288,6 +306,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return self.execute(
@@ -299,6 +318,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -313,6 +333,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return self.execute(
@@ -325,6 +346,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -340,6 +362,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return self.execute(
@@ -353,6 +376,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -367,6 +391,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return self.execute(
@@ -379,6 +404,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -392,6 +418,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return self.execute(
@@ -403,6 +430,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -416,6 +444,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Record that a reservation's timeout passed (its units were free from then)."""
         return self.execute(
@@ -427,6 +456,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -441,6 +471,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Stop a running saga and compensate what it did (a person's decision)."""
         return self.execute(
@@ -453,6 +484,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -467,6 +499,7 @@ class LedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Try the compensations of a saga that needs attention again (a person's decision)."""
         return self.execute(
@@ -479,6 +512,7 @@ class LedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -526,6 +560,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return await self.execute(
@@ -539,6 +574,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -552,6 +588,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return await self.execute(
@@ -563,6 +600,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -576,6 +614,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return await self.execute(
@@ -587,6 +626,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -602,6 +642,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return await self.execute(
@@ -615,6 +656,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -627,6 +669,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return await self.execute(
@@ -637,6 +680,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -653,6 +697,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
         return await self.execute(
@@ -667,6 +712,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -681,6 +727,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
         return await self.execute(
@@ -693,6 +740,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -705,6 +753,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Release a hold: its funds are available again, nothing is posted."""
         return await self.execute(
@@ -715,6 +764,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -727,6 +777,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Record that a hold's timeout passed (its funds were available from that instant)."""
         return await self.execute(
@@ -737,6 +788,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -750,6 +802,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return await self.execute(
@@ -761,6 +814,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -775,6 +829,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return await self.execute(
@@ -787,6 +842,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -802,6 +858,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return await self.execute(
@@ -815,6 +872,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -829,6 +887,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return await self.execute(
@@ -841,6 +900,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -854,6 +914,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return await self.execute(
@@ -865,6 +926,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -878,6 +940,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Record that a reservation's timeout passed (its units were free from then)."""
         return await self.execute(
@@ -889,6 +952,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -903,6 +967,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Stop a running saga and compensate what it did (a person's decision)."""
         return await self.execute(
@@ -915,6 +980,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -929,6 +995,7 @@ class AsyncLedgerMethods(ABC):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Try the compensations of a saga that needs attention again (a person's decision)."""
         return await self.execute(
@@ -941,6 +1008,7 @@ class AsyncLedgerMethods(ABC):
                     correlation_id=correlation_id,
                     causation_id=causation_id,
                     actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )

@@ -64,7 +64,8 @@ COMMAND_SECONDS = Histogram(
 )
 ADMISSION_DEPTH = Gauge(
     "daybook_admission_queue_depth",
-    "Commands admitted and not yet answered.",
+    "Requests admitted and not yet answered, by door (command, read).",
+    ["door"],
     registry=REGISTRY,
 )
 

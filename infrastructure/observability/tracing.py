@@ -22,6 +22,27 @@ TRACER = trace.get_tracer("daybook")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+def enabled() -> bool:
+    """Whether an SDK is installed (without one, daybook makes no spans at all: the API's
+    no-op spans still cost a little on the write path)."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+@contextmanager
+def command_span(command: Any) -> Iterator[None]:
+    """The span of one command, from its submission to its answer; the command carries the
+    span's traceparent into its events' metadata (unless its caller set one)."""
+    if not enabled():
+        yield
+        return
+    attributes = {"daybook.command": command.name, "daybook.request_id": command.request_id}
+    with TRACER.start_as_current_span(f"command {command.name}", attributes=attributes):
+        if command.traceparent is None:
+            object.__setattr__(command, "traceparent", current_traceparent())
+        yield
+
+
 def current_traceparent() -> str | None:
     """The active span's context as a W3C ``traceparent`` (None when nothing is traced)."""
     carrier: dict[str, str] = {}
