@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import sqlite3
 import sys
@@ -23,6 +24,7 @@ from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.errors import DomainError
 from daybook.infrastructure import preflight
+from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -171,6 +173,24 @@ def add_readmodels_argument(parser: argparse.ArgumentParser) -> None:
         help="read-model database URL (default: $DAYBOOK_READMODELS_URL, else the event "
         "store's database)",
     )
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=os.environ.get("DAYBOOK_LOG_FORMAT", "console"),
+        help="log lines as text for a console, or one JSON object each (default: "
+        "$DAYBOOK_LOG_FORMAT, else console)",
+    )
+
+
+def setup_logging(args: argparse.Namespace, level: int | str = logging.INFO) -> None:
+    """Logging for a long-running command (its entry point owns the process): JSON or
+    console lines on stderr, rate-limited, secrets redacted."""
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    configure_logging(getattr(args, "log_format", "console"), int(level))
 
 
 def settings_of(args: argparse.Namespace) -> Settings:

@@ -65,6 +65,8 @@ class HttpOptions:
     max_read_wait: float = 10.0
     #: Origins allowed to call from a browser (empty: CORS off).
     cors_origins: tuple[str, ...] = ()
+    #: A log line per request (with its request id and trace).
+    access_log: bool = True
 
 
 @dataclass
@@ -205,7 +207,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
             ],
         )
     # Outermost: every request is measured and traced, refusals and errors included.
-    app.add_middleware(Observe)
+    app.add_middleware(Observe, access_log=options.access_log)
     return app
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
 from daybook.infrastructure.cli import (
+    add_log_format_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
     rate,
     seconds,
+    setup_logging,
     whole_number,
 )
 from daybook.infrastructure.http.tokens import SCOPES, TokenError, open_tokens
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
             "daybook serve --cors-origin https://dashboard.example.com --token-rate 200",
             "daybook serve --command-capacity 4096 --read-capacity 512 --read-connections 8",
             "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --max-read-wait 5",
-            "daybook serve --no-access-log --log-level warning",
+            "daybook serve --no-access-log --log-level warning --log-format json",
         ],
     )
     add_url_argument(serve)
@@ -111,6 +112,7 @@ def register(subparsers: Any) -> None:
         default="info",
         help="server log level",
     )
+    add_log_format_argument(serve)
     serve.set_defaults(handler=_serve)
 
     tokens = command(
@@ -207,10 +209,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_read_wait=args.max_read_wait,
         cors_origins=tuple(args.cors_origin),
+        access_log=not args.no_access_log,
     )
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(args, args.log_level)
     if args.no_projections:
         parts = http_parts(settings, options, projections=None)
     else:
@@ -228,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        access_log=not args.no_access_log,
+        access_log=False,  # the application logs each request itself, with its ids
         log_level=args.log_level,
     )
 

@@ -9,6 +9,7 @@ trace) on every log line written while it is handled.
 
 from __future__ import annotations
 
+import logging
 from time import perf_counter
 
 from opentelemetry.trace import SpanKind
@@ -21,9 +22,13 @@ from daybook.infrastructure.observability.logs import log_context
 _UNMATCHED = "unmatched"
 
 
+log = logging.getLogger("daybook.http.access")
+
+
 class Observe:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,5 +63,16 @@ class Observe:
                 span.set_attribute("http.request.method", method)
                 span.set_attribute("http.route", template)
                 span.set_attribute("http.response.status_code", status)
+                seconds = perf_counter() - started
                 metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
-                metrics.HTTP_SECONDS.labels(method, template).observe(perf_counter() - started)
+                metrics.HTTP_SECONDS.labels(method, template).observe(seconds)
+                if self.access_log:  # inside the request's context: its ids are on the line
+                    fields = {"method": method, "route": template, "status": status}
+                    log.info(
+                        "%s %s %d %.1f ms",
+                        method,
+                        scope.get("path", ""),
+                        status,
+                        seconds * 1000,
+                        extra={"fields": {**fields, "seconds": round(seconds, 6)}},
+                    )

@@ -38,6 +38,8 @@ def run(
         ssl_keyfile=tls_key,
         access_log=access_log,
         log_level=log_level,
+        # The command's own logging (setup_logging: JSON or console) formats uvicorn's lines.
+        log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=None,
         server_header=False,

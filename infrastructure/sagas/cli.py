@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import signal
 import sys
 import threading
@@ -21,10 +20,12 @@ from daybook.infrastructure.bootstrap import (
     saga_processor,
 )
 from daybook.infrastructure.cli import (
+    add_log_format_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
+    setup_logging,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import ServiceState
@@ -83,10 +84,12 @@ def register(subparsers: Any) -> None:
         examples=[
             "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
             "daybook sagas run --readmodels-url postgresql://app@rm/read --workers 16",
+            "daybook sagas run --log-format json",
         ],
     )
     _common(run)
     _gateway(run)
+    add_log_format_argument(run)
     run.add_argument(
         "--workers", type=whole_number(1), default=8, help="sagas driven at once (default: 8)"
     )
@@ -185,7 +188,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(args)
     settings = checked_settings(args, readmodels=True, existing=False)
     gateway = payment_gateway(settings)
     stop = threading.Event()
