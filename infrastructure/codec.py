@@ -69,7 +69,12 @@ class ContractMapper(Mapper[Any]):
         del state["originator_id"], state["originator_version"]
         meta = state.get("meta")
         if isinstance(meta, BaseModel):  # every event's metadata, without a callback
-            state["meta"] = meta.__dict__
+            fields = meta.__dict__
+            if fields.get("traceparent") is None:
+                # Written only when there is a trace: events stay as they were before traces
+                # existed, and untraced ones pay no bytes for it.
+                fields = {key: value for key, value in fields.items() if key != "traceparent"}
+            state["meta"] = fields
         if class_version > 1:
             state["class_version"] = class_version
         data = self.transcoder.encode(state)

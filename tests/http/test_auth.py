@@ -28,6 +28,9 @@ ROUTES = [
     ("GET", "/v1/stock/SKU-1", "read"),
     ("GET", "/v1/activity", "read"),
     ("GET", "/v1/status", "admin"),
+    ("GET", "/metrics", "read"),
+    ("GET", "/v1/dashboard", "read"),
+    ("POST", "/v1/projections/account_balances/resume", "admin"),
 ]
 
 
@@ -46,7 +49,13 @@ def test_every_route_the_matrix_names_exists(api: Api) -> None:
         if not path.startswith(("/health", "/problems"))
     }
     named = {
-        (m, p.replace(ACCOUNT, "{account_id}").replace("SKU-1", "{sku}")) for m, p, _ in ROUTES
+        (
+            m,
+            p.replace(ACCOUNT, "{account_id}")
+            .replace("SKU-1", "{sku}")
+            .replace("account_balances/", "{name}/"),
+        )
+        for m, p, _ in ROUTES
     }
     assert {(m, p) for m, p in served if not p.startswith("/v1/commands/")} <= named
     assert ("POST", "/v1/commands/deposit") in served
