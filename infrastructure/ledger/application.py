@@ -90,6 +90,8 @@ class UnitOfWork:
     def __init__(self, service: LedgerService, base: UnitOfWork | None = None) -> None:
         self._service = service
         #: The unit of work of a batch still committing, whose state this one builds on.
+        #: Only needed while commands are applied: ``seal`` drops it, or every batch would
+        #: keep the one before it alive, and a process under steady load all of them.
         self._base = base
         # Keyed by ``UUID.int``: a UUID's hash is computed by Python code on every lookup,
         # an int's is not, and a command makes a dozen lookups.
@@ -150,6 +152,10 @@ class UnitOfWork:
             events.extend(self.aggregates[key].collect_events())  # type: ignore[arg-type]
         self.touched.clear()
         return events
+
+    def seal(self) -> None:
+        """No more commands will be applied: let go of the batch this one built on."""
+        self._base = None
 
     def check_refusal(self) -> None:
         """A refused command must have changed nothing, and must have been judged on the
@@ -371,6 +377,8 @@ class LedgerService(Application[UUID]):
         group committer answers its callers first; the next batch builds on this one's
         state directly, not on the cache)."""
         assert prepared.after is None or prepared.after.committed, "commit batches in order"
+        prepared.uow.seal()
+        prepared.after = None
         if prepared.pending:
             try:
                 positions = self.recorder.insert_events(prepared.stored, requests=prepared.pending)
@@ -387,8 +395,8 @@ class LedgerService(Application[UUID]):
             prepared.outcomes[index] = _repeat(
                 source.commands[first], source.outcomes[first], prepared.commands[index]
             )
+        prepared.repeats.clear()  # they name earlier batches: keep none of them alive
         prepared.committed = True
-        prepared.after = None
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
 

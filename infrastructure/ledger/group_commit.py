@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -300,6 +301,11 @@ class GroupCommitter:
         if building is None:
             return 1, None, limit  # the first command (a finished commit pokes us)
         if self._committing is not None:
+            if limit == 0:
+                # Full, and waiting for the commit under way: sleep until it pokes us.
+                # (Asking for more would return at once, and spinning here takes the
+                # interpreter from the committing thread.)
+                return sys.maxsize, None, 0
             return self._apply_every, None, limit  # more, until the commit pokes us
         missing = max(1, min(self._expected - taken, self._apply_every))
         return missing, max(0.0, building.deadline - time.monotonic()), limit
