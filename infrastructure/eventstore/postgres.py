@@ -11,14 +11,17 @@ from __future__ import annotations
 from binascii import b2a_base64
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent
+import psycopg
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
 from daybook.infrastructure.eventstore import REQUESTS_TABLE, decode_record
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
 
 #: Advisory lock key taken while creating daybook's event store tables.
@@ -101,6 +104,10 @@ class PostgresRecorder(PostgresApplicationRecorder):
             "AND e.originator_version = r.last_originator_version "
             "WHERE r.request_id = ANY(%s)"
         ).format(requests, events)
+        self._latest_versions = SQL(
+            "SELECT originator_id, max(originator_version) FROM {} "
+            "WHERE originator_id = ANY(%s) GROUP BY originator_id"
+        ).format(events)
 
     def create_table(self) -> None:
         # Several processes may start at once on a fresh database, and PostgreSQL does not
@@ -131,10 +138,23 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # server commits it even if this process dies before the answer arrives; the batch's
         # request records then make every retry a replay. (Explicit BEGIN and COMMIT round
         # trips, or psycopg's pipeline mode, cost the group commit more than they save.)
-        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
-            self._append_batch(curs, stored_events, requests)
-            # The call was the cursor's only statement: its rows are the new ids, in order.
-            return [notification_id for (notification_id,) in curs.fetchall()]
+        try:
+            with (
+                self.datastore.get_connection() as conn,
+                conn.cursor(row_factory=tuple_row) as curs,
+            ):
+                self._append_batch(curs, stored_events, requests)
+                # The call was the cursor's only statement: its rows are the new ids, in order.
+                return [notification_id for (notification_id,) in curs.fetchall()]
+        except IntegrityError as error:
+            cause = error.__cause__
+            if isinstance(cause, psycopg.errors.UniqueViolation):
+                table = cause.diag.table_name
+                if table == REQUESTS_TABLE:
+                    raise DuplicateRequest(str(error)) from cause
+                if table == self.events_table_name:
+                    raise VersionConflict(str(error)) from cause
+            raise
 
     def _append_batch(
         self, curs: Any, stored_events: Sequence[StoredEvent], requests: Sequence[PendingRequest]
@@ -184,6 +204,13 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 record.outcome["receipt"]["position"] = row["notification_id"]
             found[record.request_id] = record
         return found
+
+    def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        if not originator_ids:
+            return {}
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._latest_versions, (list(originator_ids),), prepare=True)
+            return {originator_id: version for originator_id, version in curs.fetchall()}
 
 
 class Factory(PostgresFactory):

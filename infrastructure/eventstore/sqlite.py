@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteFactory
 
 from daybook.infrastructure.eventstore import (
@@ -14,7 +15,11 @@ from daybook.infrastructure.eventstore import (
     decode_record,
     encode_outcome,
 )
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
+
+#: SQLite caps bound parameters per statement; 500 stays well below every limit.
+_CHUNK = 500
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):
@@ -27,6 +32,20 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             "request_id TEXT PRIMARY KEY, command TEXT NOT NULL, "
             "fingerprint TEXT NOT NULL, outcome BLOB NOT NULL)",
         ]
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        try:
+            return super().insert_events(stored_events, **kwargs)
+        except IntegrityError as error:
+            # SQLite names the unique index that refused the row in its message.
+            message = str(error)
+            if f"{REQUESTS_TABLE}.request_id" in message:
+                raise DuplicateRequest(message) from error
+            if f"{self.events_table_name}.originator_id" in message:
+                raise VersionConflict(message) from error
+            raise
 
     def _insert_events(
         self,
@@ -52,9 +71,8 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             return {}
         found: dict[str, RequestRecord] = {}
         with self.datastore.transaction(commit=False) as c:
-            # SQLite caps bound parameters per statement; 500 stays well below every limit.
-            for start in range(0, len(request_ids), 500):
-                chunk = list(request_ids[start : start + 500])
+            for start in range(0, len(request_ids), _CHUNK):
+                chunk = list(request_ids[start : start + _CHUNK])
                 marks = ",".join("?" * len(chunk))
                 c.execute(
                     f"SELECT request_id, command, fingerprint, outcome FROM {REQUESTS_TABLE} "
@@ -63,6 +81,20 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
                 )
                 for row in c.fetchall():
                     found[row[0]] = decode_record(row[0], row[1], row[2], row[3])
+        return found
+
+    def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        found: dict[UUID, int] = {}
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(originator_ids), _CHUNK):
+                chunk = [i.hex for i in originator_ids[start : start + _CHUNK]]
+                c.execute(
+                    f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
+                    f"WHERE originator_id IN ({','.join('?' * len(chunk))}) GROUP BY originator_id",
+                    chunk,
+                )
+                for originator_id, version in c.fetchall():
+                    found[UUID(originator_id)] = version
         return found
 
 

@@ -16,7 +16,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 from uuid import UUID
@@ -32,6 +32,7 @@ from eventsourcing.persistence import (
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import PendingRequest, RequestLog, RequestRecord
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
@@ -99,6 +100,9 @@ class UnitOfWork:
         #: Version of each aggregate taken from a place that may be behind the store (the
         #: cache, or a batch still committing), as it was when taken.
         self.read_versions: dict[int, int] = {}
+        #: Version of every aggregate when this batch took it (0: created here). After a
+        #: version conflict, comparing them with the store names the aggregates that moved.
+        self.taken_versions: dict[int, int] = {}
         self.touched: list[int] = []
 
     def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
@@ -113,7 +117,7 @@ class UnitOfWork:
             copied = base.clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
-            self.read_versions[key] = copied.version
+            self.read_versions[key] = self.taken_versions[key] = copied.version
             self.aggregates[key] = copied
             return copied
         repository = self._service.repository
@@ -127,12 +131,14 @@ class UnitOfWork:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
                 return None
+        self.taken_versions[key] = aggregate.version
         self.aggregates[key] = aggregate
         return aggregate
 
     def add(self, aggregate: A) -> A:
         key = aggregate.id.int
         self.aggregates[key] = aggregate
+        self.taken_versions.setdefault(key, 0)
         self.touched.append(key)
         return aggregate
 
@@ -145,6 +151,11 @@ class UnitOfWork:
         if not isinstance(aggregate, kind):
             raise kind.not_found(key)
         return aggregate
+
+    def written(self) -> list[LedgerAggregate]:
+        """The aggregates this batch changes or creates."""
+        taken = self.taken_versions
+        return [a for key, a in self.aggregates.items() if a.version != taken.get(key, -1)]
 
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
@@ -195,6 +206,8 @@ class PreparedBatch:
     first_use: dict[str, int] = field(default_factory=dict)
     #: index of a repeated request -> (batch, index) of its first use
     repeats: dict[int, tuple[PreparedBatch, int]] = field(default_factory=dict)
+    #: index -> the aggregates (``UUID.int``) the command read or changed
+    touched: dict[int, frozenset[int]] = field(default_factory=dict)
     committed: bool = False
 
 
@@ -250,31 +263,93 @@ class LedgerService(Application[UUID]):
     # -- the command path -------------------------------------------------------------------
 
     def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Outcome]:
-        """Apply ``batch`` in order and commit all its events in one transaction.
+        """Apply ``batch`` in order and commit its events, in as few transactions as the
+        other writers allow.
 
         Returns one outcome per command: its receipt, or the refusal it met. Nothing is
-        reported before the transaction has committed. If the commit fails (another writer
-        changed an aggregate first, or the connection was lost), the whole batch is applied
-        again on fresh state; every command carries a request id whose record commits with
-        its events, so a batch whose commit did happen is recognised and replayed, never
-        applied twice. ``recheck_all`` looks every request id up from the first attempt
-        (for a batch that already failed once elsewhere).
+        reported before its transaction has committed. When the store refuses the write:
+
+        - another writer changed some of the batch's aggregates first (``VersionConflict``):
+          the batch is split. The commands connected to those aggregates (directly, or
+          through an aggregate they share with such a command, so their order holds) are
+          applied again on fresh state, after a jittered backoff; the others are committed
+          at once. Only a command still meeting changes after ``max_attempts`` tries gets
+          ``concurrency_conflict``;
+        - a request id was recorded meanwhile (``DuplicateRequest``): applied again, now
+          looking it up, which replays it;
+        - the connection was lost (the commit may or may not have happened): applied again
+          looking every request id up, so whatever did commit is replayed, never applied
+          twice; after a few such failures the error is raised;
+        - any other integrity error is raised: applying the batch again would not help.
+
+        ``recheck_all`` looks every request id up from the first attempt (for a batch whose
+        commit already failed elsewhere, perhaps after it happened).
         """
-        for attempt in range(self.max_attempts):
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        self._execute_part(batch, list(range(len(batch))), outcomes, recheck_all=recheck_all)
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _execute_part(
+        self,
+        batch: Sequence[Command],
+        indices: list[int],
+        outcomes: list[Outcome | None],
+        *,
+        recheck_all: bool,
+        fresh: bool = False,
+    ) -> None:
+        """``execute`` for ``batch[i]`` for each ``i`` in ``indices``, into ``outcomes``."""
+        conflicts = outages = duplicates = 0
+        while indices:
+            prepared: PreparedBatch | None = None
             try:
-                return self.commit(self.prepare(batch, recheck_all=recheck_all or attempt > 0))
-            except (IntegrityError, StaleCache, OperationalError, InterfaceError) as error:
-                if isinstance(error, (OperationalError, InterfaceError)) and (
-                    attempt >= self.max_attempts // 4
-                ):
+                prepared = self.prepare(
+                    [batch[i] for i in indices], recheck_all=recheck_all, fresh=fresh
+                )
+                results = self.commit(prepared)
+            except DuplicateRequest:
+                # Another writer recorded one of our caller-chosen ids after we looked: the
+                # next lookup finds it. Not a contention: no backoff, no attempt spent.
+                duplicates += 1
+                if duplicates > len(indices):
                     raise
-                # Jittered backoff so that competing writers stop colliding.
-                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
-        message = (
-            f"gave up after {self.max_attempts} attempts: other writers kept changing the "
-            "same accounts or SKUs; retry the request"
-        )
-        return [ConcurrencyConflict(message) for _ in batch]
+                continue
+            except (VersionConflict, StaleCache) as error:
+                conflicts += 1
+                contended = list(range(len(indices)))
+                if isinstance(error, VersionConflict) and prepared is not None:
+                    contended = _contended(prepared, {i.int for i in error.stale})
+                    clean = set(range(len(indices))) - set(contended)
+                    if clean:
+                        # Untouched by the other writer: commit them now, on the state
+                        # they were judged on (still the latest).
+                        self._execute_part(
+                            batch, [indices[k] for k in sorted(clean)], outcomes, recheck_all=False
+                        )
+                indices = [indices[k] for k in contended]
+                if conflicts >= self.max_attempts:
+                    message = (
+                        f"gave up after {self.max_attempts} attempts: other writers kept "
+                        "changing the same accounts or SKUs; retry the request"
+                    )
+                    for index in indices:
+                        outcomes[index] = ConcurrencyConflict(message)
+                    return
+                fresh = True
+                _backoff(conflicts)
+                continue
+            except (OperationalError, InterfaceError):
+                outages += 1
+                if outages > self.max_attempts // 4:
+                    raise
+                # The commit may have happened: look every id up before applying again.
+                recheck_all = fresh = True
+                _backoff(outages)
+                continue
+            for index, outcome in zip(indices, results, strict=True):
+                outcomes[index] = outcome
+            return
 
     def prepare(
         self,
@@ -282,24 +357,28 @@ class LedgerService(Application[UUID]):
         *,
         after: PreparedBatch | None = None,
         recheck_all: bool = False,
+        fresh: bool = False,
     ) -> PreparedBatch:
         """Apply ``batch`` in memory, on copies of the aggregates; nothing is written.
 
         Commands whose caller chose the request id (or, with ``recheck_all``, every command)
         are first looked up in the store, so that a request already recorded is replayed.
-        With ``after``, see ``new_batch``.
+        With ``after``, see ``new_batch``. ``fresh``: a previous attempt met another
+        writer's changes.
 
         Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
         writer has since changed.
         """
         prepared = self.new_batch(after=after)
-        # On a first attempt only caller-chosen ids can have been seen before; on a retry,
-        # any id may belong to a batch whose commit succeeded although we saw an error.
-        known = self._requests.select_requests(
-            [c.request_id for c in batch if recheck_all or c.caller_request_id]
-        )
-        self.apply(prepared, batch, known=known)
+        self.apply(prepared, batch, known=self.lookup(batch, every=recheck_all))
         return prepared
+
+    def lookup(self, batch: Sequence[Command], *, every: bool = False) -> dict[str, RequestRecord]:
+        """The recorded requests among ``batch``: those whose caller chose the id (only
+        those can have been seen before), or, with ``every``, all (after a failed commit,
+        any id may belong to a batch that committed although we saw an error)."""
+        wanted = [c.request_id for c in batch if every or c.caller_request_id]
+        return self._requests.select_requests(wanted) if wanted else {}
 
     def new_batch(self, *, after: PreparedBatch | None = None) -> PreparedBatch:
         """An empty batch to ``apply`` commands to.
@@ -320,11 +399,11 @@ class LedgerService(Application[UUID]):
     ) -> None:
         """Run ``batch`` in memory after the commands already in ``prepared``.
 
-        ``known`` holds the request records found in the store for some of these commands:
-        those are replayed, not run. A command whose id is recorded but not in ``known``
-        runs, and its batch then fails to commit on the duplicate request id (the careful
-        path, ``execute``, looks every id up). On an exception other than a refusal the
-        batch is unusable: discard it.
+        ``known`` holds the request records found in the store for these commands (see
+        ``lookup``): those are replayed, not run. A command whose id was recorded by
+        another writer after the lookup runs, and its batch then fails to commit with
+        ``DuplicateRequest``. On an exception other than a refusal the batch is unusable:
+        discard it.
         """
         known = known or {}
         after = prepared.after
@@ -349,6 +428,7 @@ class LedgerService(Application[UUID]):
                 try:
                     fields = command.handle(uow)
                 except DomainError as refusal:
+                    prepared.touched[index] = frozenset(uow.touched)
                     try:
                         uow.check_refusal()
                     except StaleCache:
@@ -360,6 +440,7 @@ class LedgerService(Application[UUID]):
                             PendingRequest(_record(command, {"error": refusal.to_record()}), None)
                         )
                     continue
+            prepared.touched[index] = frozenset(uow.touched)
             prepared.events.extend(uow.collect())
             last = len(prepared.events) - 1
             receipt = {"command": command.name, "request_id": request_id, **fields}
@@ -382,8 +463,13 @@ class LedgerService(Application[UUID]):
         if prepared.pending:
             try:
                 positions = self.recorder.insert_events(prepared.stored, requests=prepared.pending)
+            except VersionConflict as conflict:
+                conflict.stale = self._moved(prepared.uow)
+                raise
+            except IntegrityError:
+                raise  # nothing was written, and the cache is right: the batch was not
             except BaseException:
-                self._evict(prepared.uow)
+                self._evict(prepared.uow)  # it may have been written after all
                 raise
             assert positions is not None
             for index, (receipt, last) in prepared.receipts.items():
@@ -407,12 +493,29 @@ class LedgerService(Application[UUID]):
             for aggregate in prepared.uow.aggregates.values():
                 cache.put(aggregate.id, aggregate)
 
-    def _evict(self, uow: UnitOfWork) -> None:
+    def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:
             return
         for aggregate in uow.aggregates.values():
-            with contextlib.suppress(KeyError):
-                self.repository.cache.get(aggregate.id, evict=True)
+            if only is None or aggregate.id in only:
+                with contextlib.suppress(KeyError):
+                    self.repository.cache.get(aggregate.id, evict=True)
+
+    def _moved(self, uow: UnitOfWork) -> frozenset[UUID]:
+        """After a version conflict: the aggregates of ``uow`` another writer changed since
+        it took them (evicted from the cache, so the next attempt reads them fresh)."""
+        written = uow.written()
+        try:
+            latest = self._requests.latest_versions([a.id for a in written])
+        except Exception:  # the store is unreachable: assume they all moved
+            moved = frozenset(a.id for a in written)
+        else:
+            taken = uow.taken_versions
+            moved = frozenset(
+                a.id for a in written if latest.get(a.id, 0) != taken.get(a.id.int, 0)
+            )
+        self._evict(uow, moved)
+        return moved
 
     def install_committer(self, factory: Callable[[LedgerService], Committer]) -> None:
         """Replace how commands reach ``execute`` (see ``group_commit``)."""
@@ -423,6 +526,41 @@ class LedgerService(Application[UUID]):
     def close(self) -> None:
         self.committer.close()
         super().close()
+
+
+def _backoff(attempt: int) -> None:
+    """A jittered pause before attempt ``attempt + 1``, so that competing writers stop
+    colliding."""
+    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+
+
+def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
+    """The commands of a batch that met a version conflict which must be applied again:
+    those that touched an aggregate in ``moved``, and every command connected to one of them
+    through an aggregate they both touched or a request id they share (so that, applied
+    again, they keep their order relative to each other). All of them if none touched one.
+    """
+    count = len(prepared.commands)
+    parent = list(range(count))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_toucher: dict[int, int] = {}
+    for index, keys in prepared.touched.items():
+        for key in keys:
+            other = first_toucher.setdefault(key, index)
+            parent[root(index)] = root(other)
+    for index, (source, first) in prepared.repeats.items():
+        if source is prepared:
+            parent[root(index)] = root(first)
+    roots = {root(first_toucher[key]) for key in moved if key in first_toucher}
+    if not roots:
+        return list(range(count))
+    return [index for index in range(count) if root(index) in roots]
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

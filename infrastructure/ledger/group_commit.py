@@ -37,10 +37,11 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from eventsourcing.persistence import PersistenceError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 
@@ -334,8 +335,11 @@ class GroupCommitter:
                 self._ledger.new_batch(after=committing.prepared if committing else None),
                 deadline=now + self._max_wait,
             )
+        commands = [command for command, _ in items]
         try:
-            self._ledger.apply(building.prepared, [command for command, _ in items])
+            # A caller-chosen id may have been recorded by an earlier batch (a retry): look
+            # those up first, so the retry is replayed instead of failing the batch.
+            self._ledger.apply(building.prepared, commands, known=self._ledger.lookup(commands))
         except Exception:
             # A stale cache, a lost connection, or a bug in one command: this batch's state
             # is suspect. Serve all its commands the careful way, after the commit under way.
@@ -363,11 +367,22 @@ class GroupCommitter:
         them carefully, and apply the batch built on top of it again."""
         self._committing = None
         assert batch.commit is not None
-        if batch.commit.exception() is None:
+        error = batch.commit.exception()
+        if error is None:
             self._expected = len(batch.items)
             return
         built_on_it, self._building = self._building, None
-        self._execute(batch.items, recheck_all=True)
+        if isinstance(error, IntegrityError) and not isinstance(
+            error, VersionConflict | DuplicateRequest
+        ):
+            # Not a conflict: the same batch would fail the same way. Nothing was written;
+            # find the command that breaks the constraint by running each alone.
+            for item in batch.items:
+                self._execute([item])
+        else:
+            # After an error that is not an integrity error the commit may have happened:
+            # look every request id up.
+            self._execute(batch.items, recheck_all=not isinstance(error, IntegrityError))
         if built_on_it is not None:
             self._apply(built_on_it.items)
 
@@ -389,7 +404,7 @@ class GroupCommitter:
         commands = [command for command, _ in items]
         try:
             outcomes = self._ledger.execute(commands, recheck_all=recheck_all)
-        except PersistenceError as error:
+        except (OperationalError, InterfaceError) as error:
             # The store is unreachable: nothing was committed for anyone in this batch
             # (or, if it was, a retry with the same request ids will replay it).
             _settle(items, [error] * len(items))
@@ -398,10 +413,11 @@ class GroupCommitter:
             if len(items) == 1:
                 _settle(items, [error])
                 return
-            # An unexpected error in one command must not fail its neighbours: run each
+            # An error that is not a refusal nor a conflict (a bug in one command, a
+            # constraint the ledger does not know) must not fail its neighbours: run each
             # alone. Nothing of the failed batch was committed.
             for item in items:
-                self._execute([item], recheck_all=True)
+                self._execute([item], recheck_all=recheck_all)
             return
         _settle(items, outcomes)
 

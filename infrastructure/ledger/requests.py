@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class PendingRequest:
 
 @runtime_checkable
 class RequestLog(Protocol):
-    """The part of the recorder that keeps idempotency records."""
+    """The part of the recorder that keeps idempotency records, and tells the ledger where
+    aggregates stand after a refused write."""
 
     def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+
+    def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The newest stored version of each of these aggregates (absent: none stored)."""
+        ...
