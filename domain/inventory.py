@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from daybook.domain.commands import (
     Aggregates,
@@ -84,17 +84,25 @@ class StockView:
 
 class Inventory(LedgerAggregate):
     """Stock of one SKU. Invariants: 0 <= reserved <= on_hand, and each reservation
-    resolves (commit or release) exactly once."""
+    resolves (commit or release) exactly once.
+
+    Only open reservations are live state. That a reservation id was used at all (so it
+    cannot be reserved again, and resolving it again is "resolved", not "not found") is
+    kept by its own ``ReservationClaim``, which the commands look up: a SKU does not grow
+    with its history. Reservations made before claims existed (``StockReserved`` schema
+    version 1) are remembered in ``unclaimed``, which no new reservation joins.
+    """
 
     key_name = "sku"
     read_as = "inventory"
+    replay_only = frozenset({"unclaimed"})
 
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         sku: str
         on_hand: int
         reserved: int
         reservations: dict[str, int]
-        resolved: set[str]
+        unclaimed: set[str]
 
     class Created(LedgerAggregate.Created):
         sku: str
@@ -104,7 +112,7 @@ class Inventory(LedgerAggregate):
             inventory.on_hand = 0
             inventory.reserved = 0
             inventory.reservations = {}
-            inventory.resolved = set()
+            inventory.unclaimed = set()
 
     class StockReceived(LedgerAggregate.Event):
         quantity: int
@@ -120,12 +128,24 @@ class Inventory(LedgerAggregate):
             inventory.on_hand += self.delta
 
     class StockReserved(LedgerAggregate.Event):
+        """Units held for a reservation (schema v2 added ``claimed``)."""
+
+        class_version = 2
         reservation_id: str
         quantity: int
+        #: Whether a ``ReservationClaim`` marks the id as used.
+        claimed: bool = True
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Version 1 reservations were made before claims existed."""
+            state["claimed"] = False
 
         def apply(self, inventory: Inventory) -> None:
             inventory.reservations[self.reservation_id] = self.quantity
             inventory.reserved += self.quantity
+            if not self.claimed:  # only replays meet these (see replay_only)
+                inventory.unclaimed.add(self.reservation_id)
 
     class ReservationCommitted(LedgerAggregate.Event):
         """Shipped: ``shipped`` units leave stock, ``released`` go back to available."""
@@ -136,7 +156,6 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
             inventory.reserved -= self.shipped + self.released
             inventory.on_hand -= self.shipped
 
@@ -146,7 +165,6 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
             inventory.reserved -= self.quantity
 
     @classmethod
@@ -207,8 +225,14 @@ class Inventory(LedgerAggregate):
             )
         self.trigger_event(self.StockAdjusted, delta=delta, reason=reason)
 
-    def reserve(self, reservation_id: str, quantity: int) -> None:
-        if reservation_id in self.reservations or reservation_id in self.resolved:
+    def used(self, reservation_id: str, claimed: bool = False) -> bool:
+        """Whether ``reservation_id`` was ever reserved on this SKU. ``claimed``: whether its
+        ``ReservationClaim`` exists (the commands look it up; see ``is_claimed``), which the
+        SKU's own state cannot tell once the reservation is resolved."""
+        return claimed or reservation_id in self.reservations or reservation_id in self.unclaimed
+
+    def reserve(self, reservation_id: str, quantity: int, *, claimed: bool = False) -> None:
+        if self.used(reservation_id, claimed):
             raise ReservationExists(
                 f"SKU {self.sku} already has a reservation {reservation_id!r}",
                 sku=self.sku,
@@ -226,8 +250,9 @@ class Inventory(LedgerAggregate):
             )
         self.trigger_event(self.StockReserved, reservation_id=reservation_id, quantity=quantity)
 
-    def _open_reservation(self, reservation_id: str) -> int:
-        if reservation_id in self.resolved:
+
+    def _open_reservation(self, reservation_id: str, claimed: bool = False) -> int:
+        if reservation_id not in self.reservations and self.used(reservation_id, claimed):
             raise ReservationResolved(
                 f"reservation {reservation_id!r} of SKU {self.sku} was already committed or "
                 "released",
@@ -243,9 +268,11 @@ class Inventory(LedgerAggregate):
                 reservation_id=reservation_id,
             ) from None
 
-    def commit(self, reservation_id: str, quantity: int | None = None) -> None:
+    def commit(
+        self, reservation_id: str, quantity: int | None = None, *, claimed: bool = False
+    ) -> None:
         """Ship ``quantity`` units of the reservation (all by default); release the rest."""
-        held = self._open_reservation(reservation_id)
+        held = self._open_reservation(reservation_id, claimed)
         shipped = held if quantity is None else quantity
         if shipped > held:
             raise InvalidAmount(
@@ -263,9 +290,51 @@ class Inventory(LedgerAggregate):
             released=held - shipped,
         )
 
-    def release(self, reservation_id: str) -> None:
-        held = self._open_reservation(reservation_id)
+    def release(self, reservation_id: str, *, claimed: bool = False) -> None:
+        held = self._open_reservation(reservation_id, claimed)
         self.trigger_event(self.ReservationReleased, reservation_id=reservation_id, quantity=held)
+
+
+class ReservationClaim(LedgerAggregate):
+    """That a reservation id of a SKU was used: created with the reservation, never
+    changed. Found by ``(sku, reservation_id)``."""
+
+    flat_state = True
+    write_once = True
+    key_name = "reservation"
+
+    if TYPE_CHECKING:
+        sku: str
+        reservation_id: str
+
+    class Claimed(LedgerAggregate.Created):
+        sku: str
+        reservation_id: str
+
+        def apply(self, claim: ReservationClaim) -> None:
+            claim.sku, claim.reservation_id = self.sku, self.reservation_id
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        sku, reservation_id = key
+        return uuid5(inventory_id(check_sku(sku)), reservation_id)
+
+    @classmethod
+    def claim(cls, sku: str, reservation_id: str) -> ReservationClaim:
+        return cls._create(
+            cls.Claimed,
+            id=cls.id_for((sku, reservation_id)),
+            sku=sku,
+            reservation_id=reservation_id,
+        )
+
+
+def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str) -> bool:
+    """Whether a claim marks ``reservation_id`` as used on ``inventory``'s SKU (looked up
+    only when the SKU's own state cannot tell)."""
+    if reservation_id in inventory.reservations or reservation_id in inventory.unclaimed:
+        return False  # not needed: the SKU knows
+    return aggregates.find(ReservationClaim, (inventory.sku, reservation_id)) is not None
 
 
 def check_reservation_id(value: object, what: str = "reservation_id") -> str:
@@ -318,7 +387,13 @@ class ReserveStock(Command):
     reservation_id: ReservationId = generated(factory=new_id_text, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).reserve(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.reserve(
+            self.reservation_id,
+            self.quantity,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
+        aggregates.add(ReservationClaim.claim(self.sku, self.reservation_id))
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -330,7 +405,12 @@ class CommitReservation(Command):
     quantity: OptionalAmount = None
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).commit(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.commit(
+            self.reservation_id,
+            self.quantity,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -341,5 +421,8 @@ class ReleaseReservation(Command):
     reservation_id: ReservationId
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).release(self.reservation_id)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.release(
+            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}

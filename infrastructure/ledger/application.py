@@ -88,8 +88,13 @@ class UnitOfWork:
     """The aggregates one batch works on (handlers see it as ``Aggregates``): copies, so a
     failed batch leaves the cache untouched."""
 
-    def __init__(self, service: LedgerService, base: UnitOfWork | None = None) -> None:
+    def __init__(
+        self, service: LedgerService, base: UnitOfWork | None = None, *, fresh: bool = False
+    ) -> None:
         self._service = service
+        #: Look write-once aggregates up in the store instead of assuming they do not exist
+        #: (a previous attempt met another writer's changes).
+        self._fresh = fresh
         #: The unit of work of a batch still committing, whose state this one builds on.
         #: Only needed while commands are applied: ``seal`` drops it, or every batch would
         #: keep the one before it alive, and a process under steady load all of them.
@@ -104,8 +109,12 @@ class UnitOfWork:
         #: version conflict, comparing them with the store names the aggregates that moved.
         self.taken_versions: dict[int, int] = {}
         self.touched: list[int] = []
+        #: Write-once aggregates taken to be absent without asking the store (see
+        #: ``LedgerAggregate.write_once``): a refusal, or an acceptance that does not
+        #: create one, must check.
+        self.assumed_absent: dict[int, UUID] = {}
 
-    def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
+    def _get(self, aggregate_id: UUID, kind: type[LedgerAggregate]) -> LedgerAggregate | None:
         key = aggregate_id.int
         self.touched.append(key)
         aggregate = self.aggregates.get(key)
@@ -127,6 +136,11 @@ class UnitOfWork:
             aggregate = cast(LedgerAggregate, repository.cache.get(aggregate_id)).clone()
             self.read_versions[key] = aggregate.version
         except KeyError:
+            if kind.write_once and not self._fresh:
+                # Not in this batch, the one before or the cache: most likely it does not
+                # exist. Creating it lets the store check; anything else checks below.
+                self.assumed_absent[key] = aggregate_id
+                return None
             try:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
@@ -143,11 +157,11 @@ class UnitOfWork:
         return aggregate
 
     def find(self, kind: type[A], key: Any) -> A | None:
-        aggregate = self._get(kind.id_for(key))
+        aggregate = self._get(kind.id_for(key), kind)
         return aggregate if isinstance(aggregate, kind) else None
 
     def get(self, kind: type[A], key: Any) -> A:
-        aggregate = self._get(kind.id_for(key))
+        aggregate = self._get(kind.id_for(key), kind)
         if not isinstance(aggregate, kind):
             raise kind.not_found(key)
         return aggregate
@@ -184,7 +198,24 @@ class UnitOfWork:
                 newer = self._service.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
                     raise StaleCache
+        self._check_assumed_absent()
         self.touched.clear()
+
+    def check_acceptance(self) -> None:
+        """An accepted command that relied on a write-once aggregate being absent, without
+        creating it (the store would have checked that), must have been right."""
+        if self.assumed_absent:
+            self._check_assumed_absent()
+
+    def _check_assumed_absent(self) -> None:
+        assumed = self.assumed_absent
+        unchecked = [
+            assumed[key]
+            for key in dict.fromkeys(self.touched)
+            if key in assumed and key not in self.aggregates
+        ]
+        if unchecked and self._service.latest_versions(unchecked):
+            raise StaleCache
 
 
 @dataclass(eq=False)
@@ -249,6 +280,10 @@ class LedgerService(Application[UUID]):
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         return self.recorder.max_notification_id() or 0
+
+    def latest_versions(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The newest stored version of each aggregate that exists."""
+        return self._requests.latest_versions(aggregate_ids) if aggregate_ids else {}
 
     def _read(self, aggregate_id: UUID) -> LedgerAggregate | None:
         try:
@@ -369,7 +404,7 @@ class LedgerService(Application[UUID]):
         Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
         writer has since changed.
         """
-        prepared = self.new_batch(after=after)
+        prepared = self.new_batch(after=after, fresh=fresh)
         self.apply(prepared, batch, known=self.lookup(batch, every=recheck_all))
         return prepared
 
@@ -380,15 +415,19 @@ class LedgerService(Application[UUID]):
         wanted = [c.request_id for c in batch if every or c.caller_request_id]
         return self._requests.select_requests(wanted) if wanted else {}
 
-    def new_batch(self, *, after: PreparedBatch | None = None) -> PreparedBatch:
+    def new_batch(
+        self, *, after: PreparedBatch | None = None, fresh: bool = False
+    ) -> PreparedBatch:
         """An empty batch to ``apply`` commands to.
 
         With ``after``, the batch builds on the state ``after`` leaves behind, before
         ``after`` has committed (so a group committer can prepare one batch while the
         previous one commits). Such a batch may only be committed once ``after`` committed;
         if ``after`` fails, it must be discarded and its commands applied again.
+        ``fresh``: see ``prepare``.
         """
-        return PreparedBatch(UnitOfWork(self, base=after.uow if after else None), after=after)
+        base = after.uow if after else None
+        return PreparedBatch(UnitOfWork(self, base=base, fresh=fresh), after=after)
 
     def apply(
         self,
@@ -441,6 +480,7 @@ class LedgerService(Application[UUID]):
                         )
                     continue
             prepared.touched[index] = frozenset(uow.touched)
+            uow.check_acceptance()
             prepared.events.extend(uow.collect())
             last = len(prepared.events) - 1
             receipt = {"command": command.name, "request_id": request_id, **fields}
@@ -491,7 +531,8 @@ class LedgerService(Application[UUID]):
         cache = self.repository.cache
         if cache is not None and prepared.pending:
             for aggregate in prepared.uow.aggregates.values():
-                cache.put(aggregate.id, aggregate)
+                if not aggregate.write_once:  # markers: not worth a place in the cache
+                    cache.put(aggregate.id, aggregate)
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:
@@ -506,7 +547,7 @@ class LedgerService(Application[UUID]):
         it took them (evicted from the cache, so the next attempt reads them fresh)."""
         written = uow.written()
         try:
-            latest = self._requests.latest_versions([a.id for a in written])
+            latest = self.latest_versions([a.id for a in written])
         except Exception:  # the store is unreachable: assume they all moved
             moved = frozenset(a.id for a in written)
         else:

@@ -383,7 +383,7 @@ class LedgerMachine(RuleBasedStateMachine):
         elif quantity > stock.available:
             predicted = "out_of_stock"
         else:
-            predicted = 1
+            predicted = 2  # the reservation, and the claim on its id
         receipt = self.perform(call, predicted, recorded=quantity > 0)
         if receipt:
             assert stock is not None
