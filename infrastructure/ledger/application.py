@@ -49,13 +49,21 @@ class Committer(Protocol):
 
     def submit(self, command: Command) -> Receipt: ...
 
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        """Each command's outcome, in order: its receipt, its refusal, or the error that
+        stopped it (the commands are not applied all-or-nothing)."""
+        ...
+
     def close(self) -> None: ...
 
     def health(self) -> Health: ...
 
 
 class DirectCommitter:
-    """Executes each command in its own transaction, one at a time, in the caller's thread."""
+    """Executes each command in its own transaction, one at a time, in the caller's thread
+    (a submission of many: ``chunk`` commands per transaction)."""
+
+    chunk: ClassVar[int] = 1000
 
     def __init__(self, service: LedgerService) -> None:
         self._service = service
@@ -70,6 +78,25 @@ class DirectCommitter:
             (outcome,) = self._service.execute([command])
         if isinstance(outcome, DomainError):
             raise outcome
+        return outcome
+
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        outcomes: list[Outcome | BaseException] = []
+        with self._lock:
+            for start in range(0, len(commands), self.chunk):
+                chunk = commands[start : start + self.chunk]
+                try:
+                    outcomes.extend(self._service.execute(chunk))
+                except Exception:
+                    # Not a refusal nor a conflict: find whose, running each alone.
+                    outcomes.extend(self._alone(command) for command in chunk)
+        return outcomes
+
+    def _alone(self, command: Command) -> Outcome | BaseException:
+        try:
+            (outcome,) = self._service.execute([command])
+        except Exception as error:
+            return error
         return outcome
 
     def close(self) -> None:

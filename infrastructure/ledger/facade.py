@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from daybook.domain.commands import Command, Receipt, command_named
+from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate, readable
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
@@ -24,6 +25,31 @@ from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.settings import Settings
 
 A = TypeVar("A", bound=LedgerAggregate)
+
+#: The most commands one ``submit`` takes.
+MAX_SUBMISSION = 10_000
+
+#: What ``submit`` answers for each command: its receipt, its refusal (a ``DomainError``),
+#: or the error that stopped it (the store unreachable, say).
+Outcome = Receipt | DomainError | Exception
+
+
+def _submission(commands: object) -> list[Command]:
+    """``commands`` as a list, or ``InvalidRequest`` (nothing is run)."""
+    if not isinstance(commands, list | tuple):
+        msg = f"submit takes a list of commands, got {type(commands).__name__}"
+        raise InvalidRequest(msg, field="commands")
+    if len(commands) > MAX_SUBMISSION:
+        msg = (
+            f"submit takes at most {MAX_SUBMISSION:,} commands, got {len(commands):,}; "
+            "split them over several calls"
+        )
+        raise InvalidRequest(msg, field="commands", limit=MAX_SUBMISSION, count=len(commands))
+    for index, command in enumerate(commands):
+        if not isinstance(command, Command):
+            msg = f"item {index} of the submission is a {type(command).__name__}, not a command"
+            raise InvalidRequest(msg, field="commands", index=index)
+    return list(commands)
 
 
 def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
@@ -45,6 +71,15 @@ class Ledger(LedgerMethods):
 
     def execute(self, command: Command) -> Receipt:
         return self.service.committer.submit(command)
+
+    def submit(self, commands: Sequence[Command]) -> list[Outcome]:
+        """Run up to ``MAX_SUBMISSION`` commands in one call; one outcome per command, in
+        order: its ``Receipt``, its refusal (a ``DomainError``, returned, not raised), or the
+        error that stopped it. Each command keeps its own request id and idempotency. Not
+        all-or-nothing: a refusal does not stop the others. Commands are applied in order,
+        so a command sees the effect of those before it. Raises ``InvalidRequest`` (and runs
+        nothing) for a malformed submission."""
+        return self.service.committer.submit_many(_submission(commands))  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
         return self.service.read(kind, key)
@@ -99,6 +134,11 @@ class AsyncLedger(AsyncLedgerMethods):
 
     async def execute(self, command: Command) -> Receipt:
         return await self._committer.submit_async(command)
+
+    async def submit(self, commands: Sequence[Command]) -> list[Outcome]:
+        """``Ledger.submit`` from a coroutine."""
+        outcomes = await self._committer.submit_many_async(_submission(commands))
+        return outcomes  # type: ignore[return-value]
 
     async def read(self, kind: type[A], key: Any) -> A:
         return await asyncio.to_thread(self.service.read, kind, key)

@@ -82,9 +82,52 @@ class _AsyncReply:
         self.future: asyncio.Future[Receipt] = loop.create_future()
 
 
+class _Submission:
+    """The outcomes of one batch submission, gathered as the batches carrying its commands
+    commit (possibly several, settled from both the writer and the committing thread); its
+    caller is woken once, when the last arrives."""
+
+    __slots__ = ("_lock", "_remaining", "done", "future", "loop", "outcomes")
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.outcomes: list[Outcome | BaseException | None] = [None] * count
+        self._remaining = count
+        self._lock = threading.Lock()
+        #: For a thread: released when complete. For a coroutine: ``loop`` and a future.
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.loop = loop
+        self.future: asyncio.Future[list[Outcome | BaseException]] | None = (
+            loop.create_future() if loop is not None else None
+        )
+
+    def settle(self, index: int, outcome: Outcome | BaseException) -> bool:
+        """Fill one slot; True if that was the last."""
+        with self._lock:
+            if self.outcomes[index] is not None:
+                return False
+            self.outcomes[index] = outcome
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def wait(self) -> list[Outcome | BaseException]:
+        self.done.acquire()
+        return self.outcomes  # type: ignore[return-value]
+
+
+class _Slot:
+    """One command's place in a ``_Submission``."""
+
+    __slots__ = ("index", "submission")
+
+    def __init__(self, submission: _Submission, index: int) -> None:
+        self.submission = submission
+        self.index = index
+
+
 _log = logging.getLogger(__name__)
 
-_Reply = _Waiter | _AsyncReply
+_Reply = _Waiter | _AsyncReply | _Slot
 _Item = tuple[Command, _Reply]
 
 
@@ -113,10 +156,14 @@ class _Inbox:
         self._closing = False
 
     def put(self, item: _Item) -> None:
+        self.put_many((item,))
+
+    def put_many(self, items: Sequence[_Item]) -> None:
+        """Queue ``items`` together (nobody else's come between them)."""
         with self._lock:
             if self._closing:
                 raise LedgerClosed("the ledger is closed; open a new one to submit commands")
-            self._items.append(item)
+            self._items.extend(items)
             if self._want and len(self._items) >= self._want:
                 self._want = 0
                 self._wake.release()
@@ -221,6 +268,32 @@ class GroupCommitter:
         reply = _AsyncReply(asyncio.get_running_loop())
         self._inbox.put((command, reply))
         return reply.future
+
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        """Run ``commands`` in order, batched with whatever else is waiting; one outcome per
+        command (its receipt, its refusal, or the error that stopped it)."""
+        if not commands:
+            return []
+        submission = _Submission(len(commands))
+        self._inbox.put_many(
+            [(command, _Slot(submission, i)) for i, command in enumerate(commands)]
+        )
+        return submission.wait()
+
+    def submit_many_async(
+        self, commands: Sequence[Command]
+    ) -> asyncio.Future[list[Outcome | BaseException]]:
+        """The same from a coroutine (call it on the event loop)."""
+        loop = asyncio.get_running_loop()
+        submission = _Submission(len(commands), loop)
+        assert submission.future is not None
+        if not commands:
+            submission.future.set_result([])
+            return submission.future
+        self._inbox.put_many(
+            [(command, _Slot(submission, i)) for i, command in enumerate(commands)]
+        )
+        return submission.future
 
     def close(self) -> None:
         """Finish the commands already queued, then stop the writer thread."""
@@ -425,21 +498,37 @@ class GroupCommitter:
 def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> None:
     """Hand each caller its outcome: threads directly, each event loop once per batch
     (waking a loop costs a system call; one wake-up settles all its callers)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AsyncReply, Outcome | BaseException]]]
-    by_loop = defaultdict(list)
+    by_loop: dict[asyncio.AbstractEventLoop, list[_LoopSettlement]] = defaultdict(list)
     for (_, reply), outcome in zip(items, outcomes, strict=True):
         if isinstance(reply, _Waiter):
             reply.settle(outcome)
-        else:
+        elif isinstance(reply, _AsyncReply):
             by_loop[reply.loop].append((reply, outcome))
-    for loop, replies in by_loop.items():
+        elif reply.submission.settle(reply.index, outcome):  # the submission's last outcome
+            submission = reply.submission
+            if submission.loop is None:
+                submission.done.release()
+            else:
+                by_loop[submission.loop].append(submission)
+    for loop, settlements in by_loop.items():
         # RuntimeError: the loop was closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_on_loop, replies)
+            loop.call_soon_threadsafe(_settle_on_loop, settlements)
 
 
-def _settle_on_loop(replies: list[tuple[_AsyncReply, Outcome | BaseException]]) -> None:
-    for reply, outcome in replies:
+#: What an event loop is handed: one caller's outcome, or a whole submission's.
+_LoopSettlement = tuple[_AsyncReply, Outcome | BaseException] | _Submission
+
+
+def _settle_on_loop(settlements: list[_LoopSettlement]) -> None:
+    for settlement in settlements:
+        if isinstance(settlement, _Submission):
+            future = settlement.future
+            assert future is not None
+            if not future.done():  # unless the caller was cancelled
+                future.set_result(settlement.outcomes)  # type: ignore[arg-type]
+            continue
+        reply, outcome = settlement
         if reply.future.done():  # the caller was cancelled
             continue
         if isinstance(outcome, BaseException):
