@@ -6,6 +6,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -19,6 +20,7 @@ from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.cache import install_aggregate_cache
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
+from daybook.infrastructure.ledger.retention import Clock, Retention
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import Settings
@@ -36,31 +38,46 @@ def settings_for(
     return settings.model_copy(update=changes) if changes else settings
 
 
-def ledger_service(settings: Settings) -> LedgerService:
-    """The write side's application service on ``settings.url`` (tables created if missing)."""
+def ledger_service(
+    settings: Settings, *, clock: Clock | None = None, purge: bool = True
+) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing),
+    with its request purge service running unless ``purge`` is False or the settings turn
+    it off. ``clock``: Unix seconds for request retention (default: ``time.time``)."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(env=env)
+    retention = Retention(settings.request_retention.total_seconds(), clock=clock or time.time)
+    service = LedgerService(env=env, retention=retention)
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)
+    service.request_purge.interval = settings.request_purge_interval.total_seconds()
+    if purge and service.request_purge.interval > 0:
+        service.request_purge.start()
     return service
 
 
 def open_ledger(
-    url: str | None = None, *, group_commit: bool | None = None, settings: Settings | None = None
+    url: str | None = None,
+    *,
+    group_commit: bool | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
 ) -> Ledger:
     """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
     the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
-    many threads share transactions; without it, each command commits alone."""
+    many threads share transactions; without it, each command commits alone. ``clock``
+    (Unix seconds) decides when request records expire (tests move it)."""
     chosen = settings_for(url, settings, group_commit=group_commit)
-    return Ledger(ledger_service(chosen), chosen)
+    return Ledger(ledger_service(chosen, clock=clock), chosen)
 
 
-def open_async_ledger(url: str | None = None, *, settings: Settings | None = None) -> AsyncLedger:
+def open_async_ledger(
+    url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
+) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
     chosen = settings_for(url, settings, group_commit=True)
-    return AsyncLedger(ledger_service(chosen), chosen)
+    return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
 def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "daybook.infrastructure.demo",
     "daybook.infrastructure.streaming.cli",
     "daybook.infrastructure.readmodels.cli",
+    "daybook.infrastructure.ledger.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]

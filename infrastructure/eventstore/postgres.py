@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from binascii import b2a_base64
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -20,9 +21,19 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
-from daybook.infrastructure.eventstore import REQUESTS_TABLE, decode_record
+from daybook.infrastructure.eventstore import (
+    REQUESTS_TABLE,
+    UPGRADE_RETENTION,
+    decode_record,
+    default_expiry,
+)
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
-from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
+from daybook.infrastructure.ledger.requests import (
+    Expiry,
+    PendingRequest,
+    PurgeReport,
+    RequestRecord,
+)
 
 #: Advisory lock key taken while creating daybook's event store tables.
 _CREATE_TABLES_LOCK = 0x6461796B  # "dayk"
@@ -48,8 +59,33 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "request_id text PRIMARY KEY, command text NOT NULL, "
                 "fingerprint text NOT NULL, outcome jsonb NOT NULL, "
                 "last_originator_id uuid, last_originator_version bigint, "
-                "recorded_at timestamptz NOT NULL DEFAULT now())"
+                "recorded_at timestamptz NOT NULL DEFAULT now(), "
+                "caller boolean NOT NULL DEFAULT true, expires_at timestamptz NOT NULL)"
             ).format(requests)
+        )
+        # A table written before records expired lacks the two columns: its records get one
+        # default window from the upgrade (a constant default: no table rewrite). Checked
+        # first, so that starting a process takes no lock on the table.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = {schema} AND table_name = {table} "
+                "AND column_name = 'expires_at') THEN "
+                "ALTER TABLE {requests} ADD COLUMN IF NOT EXISTS caller boolean NOT NULL "
+                "DEFAULT true, ADD COLUMN expires_at timestamptz NOT NULL "
+                "DEFAULT (now() + {window}); "
+                "END IF; END $$"
+            ).format(
+                schema=Literal(self.datastore.schema),
+                table=Literal(REQUESTS_TABLE),
+                requests=requests,
+                window=Literal(timedelta(seconds=UPGRADE_RETENTION)),
+            )
+        )
+        self.sql_create_statements.append(
+            SQL("CREATE INDEX IF NOT EXISTS {} ON {} (expires_at)").format(
+                Identifier(f"{REQUESTS_TABLE}_expires_at"), requests
+            )
         )
         # One server-side function appends a whole batch: request records, then the table
         # lock, the notification and the events. The client makes a single call instead of
@@ -58,22 +94,30 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # which was most of the client time of a group commit; orjson writes the document in
         # a few microseconds. The table lock keeps notification ids in commit order (see the
         # module docstring); json_to_recordset yields rows in document order, so the ids come
-        # back in the order of the events.
+        # back in the order of the events. A caller's request id whose record has expired is
+        # new again: its old row is deleted first, in the same transaction.
         self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
         self.sql_create_statements.append(
             SQL(
-                "CREATE OR REPLACE FUNCTION {schema}.{function}(events json, requests json) "
+                "CREATE OR REPLACE FUNCTION {schema}.{function}"
+                "(events json, requests json, reused json, now double precision) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
                 "PERFORM set_config('synchronous_commit', 'on', true); "
+                "IF json_array_length(reused) > 0 THEN "
+                "DELETE FROM {requests} WHERE expires_at <= to_timestamp(now) "
+                "AND request_id IN (SELECT json_array_elements_text(reused)); "
+                "END IF; "
                 "IF json_array_length(requests) > 0 THEN "
                 "INSERT INTO {requests} (request_id, command, fingerprint, outcome, "
-                "last_originator_id, last_originator_version) "
-                "SELECT * FROM json_to_recordset(requests) AS r(request_id text, command text, "
+                "last_originator_id, last_originator_version, caller, expires_at) "
+                "SELECT request_id, command, fingerprint, outcome, last_originator_id, "
+                "last_originator_version, caller, to_timestamp(expires_at) "
+                "FROM json_to_recordset(requests) AS r(request_id text, command text, "
                 "fingerprint text, outcome jsonb, last_originator_id uuid, "
-                "last_originator_version bigint); "
+                "last_originator_version bigint, caller boolean, expires_at double precision); "
                 "END IF; "
                 "IF json_array_length(events) > 0 THEN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
@@ -95,19 +139,35 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
-        self._append = SQL("SELECT * FROM {}.{}(%s::json, %s::json) AS notification_id").format(
-            schema, self._append_function
-        )
+        self._append = SQL(
+            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s) AS notification_id"
+        ).format(schema, self._append_function)
         self._select_requests = SQL(
-            "SELECT r.request_id, r.command, r.fingerprint, r.outcome, e.notification_id "
+            "SELECT r.request_id, r.command, r.fingerprint, r.outcome, r.caller, "
+            "e.notification_id "
             "FROM {} r LEFT JOIN {} e ON e.originator_id = r.last_originator_id "
             "AND e.originator_version = r.last_originator_version "
-            "WHERE r.request_id = ANY(%s)"
+            "WHERE r.request_id = ANY(%s) AND r.expires_at > to_timestamp(%s)"
         ).format(requests, events)
         self._latest_versions = SQL(
             "SELECT originator_id, max(originator_version) FROM {} "
             "WHERE originator_id = ANY(%s) GROUP BY originator_id"
         ).format(events)
+        # The oldest first, through the expires_at index; rows another purge is deleting
+        # are skipped rather than waited for. One statement: a short transaction.
+        self._purge = SQL(
+            "DELETE FROM {0} WHERE request_id IN (SELECT request_id FROM {0} "
+            "WHERE expires_at <= to_timestamp(%s) ORDER BY expires_at LIMIT %s "
+            "FOR UPDATE SKIP LOCKED)"
+        ).format(requests)
+        self._expired = SQL(
+            "SELECT count(*) FILTER (WHERE expires_at <= to_timestamp(%(now)s) AND caller), "
+            "count(*) FILTER (WHERE expires_at <= to_timestamp(%(now)s) AND NOT caller), "
+            "count(*) FILTER (WHERE expires_at > to_timestamp(%(now)s)), "
+            "extract(epoch FROM min(expires_at)), "
+            "extract(epoch FROM max(expires_at) FILTER "
+            "(WHERE expires_at <= to_timestamp(%(now)s))) FROM {}"
+        ).format(requests)
 
     def create_table(self) -> None:
         # Several processes may start at once on a fresh database, and PostgreSQL does not
@@ -126,6 +186,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         *,
         requests: Sequence[PendingRequest] = (),
+        expiry: Expiry | None = None,
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -143,7 +204,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 self.datastore.get_connection() as conn,
                 conn.cursor(row_factory=tuple_row) as curs,
             ):
-                self._append_batch(curs, stored_events, requests)
+                self._append_batch(curs, stored_events, requests, expiry or default_expiry())
                 # The call was the cursor's only statement: its rows are the new ids, in order.
                 return [notification_id for (notification_id,) in curs.fetchall()]
         except IntegrityError as error:
@@ -157,7 +218,11 @@ class PostgresRecorder(PostgresApplicationRecorder):
             raise
 
     def _append_batch(
-        self, curs: Any, stored_events: Sequence[StoredEvent], requests: Sequence[PendingRequest]
+        self,
+        curs: Any,
+        stored_events: Sequence[StoredEvent],
+        requests: Sequence[PendingRequest],
+        expiry: Expiry,
     ) -> None:
         events = [
             {
@@ -181,24 +246,35 @@ class PostgresRecorder(PostgresApplicationRecorder):
                     "outcome": record.outcome,
                     "last_originator_id": last.originator_id if last else None,
                     "last_originator_version": last.originator_version if last else None,
+                    "caller": record.caller,
+                    "expires_at": expiry.of(record),
                 }
             )
+        reused = [pending.record.request_id for pending in requests if pending.record.caller]
         curs.execute(
             self._append,
-            (orjson.dumps(events, default=bytes.decode).decode(), orjson.dumps(records).decode()),
+            (
+                orjson.dumps(events, default=bytes.decode).decode(),
+                orjson.dumps(records).decode(),
+                orjson.dumps(reused).decode(),
+                expiry.now,
+            ),
             prepare=True,
         )
 
-    def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+    def select_requests(
+        self, request_ids: Sequence[str], now: float | None = None
+    ) -> dict[str, RequestRecord]:
         if not request_ids:
             return {}
+        since = float("-inf") if now is None else now
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_requests, (list(request_ids),), prepare=True)
+            curs.execute(self._select_requests, (list(request_ids), since), prepare=True)
             rows = curs.fetchall()
         found = {}
         for row in rows:
             record = decode_record(
-                row["request_id"], row["command"], row["fingerprint"], row["outcome"]
+                row["request_id"], row["command"], row["fingerprint"], row["outcome"], row["caller"]
             )
             if "receipt" in record.outcome:
                 record.outcome["receipt"]["position"] = row["notification_id"]
@@ -211,6 +287,26 @@ class PostgresRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             curs.execute(self._latest_versions, (list(originator_ids),), prepare=True)
             return {originator_id: version for originator_id, version in curs.fetchall()}
+
+    def purge_requests(self, now: float, limit: int) -> int:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._purge, (now, limit), prepare=True)
+            return int(curs.rowcount)
+
+    def expired_requests(self, now: float) -> PurgeReport:
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._expired, {"now": now})
+            row = curs.fetchone()
+        assert row is not None  # an aggregate query answers one row
+        caller, generated, kept, oldest, newest = row
+        expired = bool(caller or generated)
+        return PurgeReport(
+            caller=caller,
+            generated=generated,
+            kept=kept,
+            oldest=float(oldest) if expired and oldest is not None else None,
+            newest=float(newest) if newest is not None else None,
+        )
 
 
 class Factory(PostgresFactory):

@@ -33,7 +33,13 @@ from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
-from daybook.infrastructure.ledger.requests import PendingRequest, RequestLog, RequestRecord
+from daybook.infrastructure.ledger.requests import (
+    DEFAULT_RETENTION,
+    PendingRequest,
+    RequestLog,
+    RequestRecord,
+)
+from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -282,8 +288,12 @@ class LedgerService(Application[UUID]):
     #: How often a batch is re-run after a version conflict or a lost connection.
     max_attempts: ClassVar[int] = 40
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str] | None = None, *, retention: Retention | None = None
+    ) -> None:
         super().__init__(env)
+        #: How long request records are kept, on which clock.
+        self.retention = retention or Retention(DEFAULT_RETENTION)
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -291,6 +301,8 @@ class LedgerService(Application[UUID]):
             )
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
+        #: Deletes expired request records (started by ``bootstrap`` unless disabled).
+        self.request_purge = RequestPurge(self._requests, self.retention)
         self.committer: Committer = DirectCommitter(self)
         self.committer.start()
 
@@ -440,7 +452,9 @@ class LedgerService(Application[UUID]):
         those can have been seen before), or, with ``every``, all (after a failed commit,
         any id may belong to a batch that committed although we saw an error)."""
         wanted = [c.request_id for c in batch if every or c.caller_request_id]
-        return self._requests.select_requests(wanted) if wanted else {}
+        if not wanted:
+            return {}
+        return self._requests.select_requests(wanted, self.retention.clock())
 
     def new_batch(
         self, *, after: PreparedBatch | None = None, fresh: bool = False
@@ -529,7 +543,9 @@ class LedgerService(Application[UUID]):
         prepared.after = None
         if prepared.pending:
             try:
-                positions = self.recorder.insert_events(prepared.stored, requests=prepared.pending)
+                positions = self.recorder.insert_events(
+                    prepared.stored, requests=prepared.pending, expiry=self.retention.expiry()
+                )
             except VersionConflict as conflict:
                 conflict.stale = self._moved(prepared.uow)
                 raise
@@ -558,8 +574,7 @@ class LedgerService(Application[UUID]):
         cache = self.repository.cache
         if cache is not None and prepared.pending:
             for aggregate in prepared.uow.aggregates.values():
-                if not aggregate.write_once:  # markers: not worth a place in the cache
-                    cache.put(aggregate.id, aggregate)
+                cache.put(aggregate.id, aggregate)
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:
@@ -592,6 +607,7 @@ class LedgerService(Application[UUID]):
         self.committer.start()
 
     def close(self) -> None:
+        self.request_purge.stop()
         self.committer.close()
         super().close()
 
@@ -632,7 +648,11 @@ def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:
-    return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
+    if command.caller_request_id:
+        return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
+    # Only the ledger's own retry, with this very command, can look a generated id up: no
+    # payload to compare, so no fingerprint to compute.
+    return RequestRecord(command.request_id, command.name, "", outcome, caller=False)
 
 
 def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
@@ -646,7 +666,15 @@ def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
 
 def _replay(record: RequestRecord, command: Command) -> Outcome:
     """The original outcome of a repeated request (or a conflict if it asks for more)."""
-    if record.fingerprint != command.fingerprint:
+    if not record.caller:
+        if command.caller_request_id:  # a caller chose an id the ledger generated
+            return IdempotencyConflict(
+                f"request id {command.request_id!r} was generated by the ledger for another "
+                "request; choose request ids of your own",
+                request_id=command.request_id,
+                original_command=record.command,
+            )
+    elif record.fingerprint != command.fingerprint:
         return _conflict(command.request_id, record.command)
     if "error" in record.outcome:
         return DomainError.from_record(record.outcome["error"])

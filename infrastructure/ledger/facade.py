@@ -21,6 +21,7 @@ from daybook.domain.events import LedgerAggregate, readable
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
+from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.settings import Settings
 
@@ -92,6 +93,11 @@ class Ledger(LedgerMethods):
         """The committer's health: running, stopped, or failed with the reason."""
         return self.service.committer.health()
 
+    @property
+    def request_purge(self) -> RequestPurge:
+        """The service deleting expired request records (its ``health()``, ``purge()``)."""
+        return self.service.request_purge
+
     def close(self) -> None:
         """Finish the commands already submitted, then release the store."""
         self.service.close()
@@ -150,6 +156,11 @@ class AsyncLedger(AsyncLedgerMethods):
     async def health(self) -> Health:
         """The committer's health: running, stopped, or failed with the reason."""
         return self.service.committer.health()
+
+    @property
+    def request_purge(self) -> RequestPurge:
+        """The service deleting expired request records (its ``health()``, ``purge()``)."""
+        return self.service.request_purge
 
     async def close(self) -> None:
         """Finish the commands already submitted, then release the store."""

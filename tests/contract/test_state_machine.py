@@ -6,11 +6,15 @@ or ``idempotency_conflict`` when the payload differs). After every step the ledg
 equal the model's, and the invariants must hold: balances never below minus the overdraft
 limit, money and stock conserved, ``0 <= reserved <= on_hand``, and the log head moving only
 when something was accepted, by exactly the number of events the command triggers.
+
+Time moves too (the ledger's clock is the model's): a request id is replayed only within its
+retention window and is new after it, whether or not the purge has run meanwhile.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -25,9 +29,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from daybook import Ledger, open_ledger
+from daybook import Ledger, Settings, open_ledger
 from daybook.domain import Receipt
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
 
 CURRENCIES = ("EUR", "USD")
 MAX_ACCOUNTS = 6
@@ -37,6 +42,9 @@ invalid_amounts = st.sampled_from([0, -7])
 DELTAS = [d for d in range(-15, 16) if d]
 #: Mostly the SKUs that get stock; "C" never receives any.
 skus = st.sampled_from(["A", "A", "B", "C"])
+#: The retention window of caller-chosen request ids, and how far time moves in one step.
+WINDOW = 3 * 3600.0
+STEPS = [1.0, 600.0, GENERATED_RETENTION, WINDOW - 1, WINDOW, 2 * WINDOW]
 
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -97,6 +105,18 @@ class Recorded:
 
     call: Call
     outcome: Receipt | UUID | tuple[str, str]  # receipt, new account id, or (code, message)
+    #: When (the ledger's clock): the record is kept until ``at + WINDOW``.
+    at: float
+
+
+class Clock:
+    """The ledger's clock: it moves only when the machine says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 #: A prediction: the number of events an accepted command adds, or the refusal's code.
@@ -108,7 +128,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = open_ledger(self.store_url)
+        self.clock = Clock()
+        settings = Settings.load(
+            url=self.store_url,
+            request_retention=timedelta(seconds=WINDOW),
+            request_purge_interval=timedelta(0),  # the machine purges when it chooses
+        )
+        self.ledger = open_ledger(settings=settings, clock=self.clock)
         # Several examples may share one store: keep this example's names apart.
         self.prefix = uuid4().hex[:8]
         self.head = self.ledger.head()
@@ -156,7 +182,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert error.code == predicted, f"{call}: {error.code} ({error}), model: {predicted}"
             assert self.ledger.head() == self.head, f"{call} was refused but the head moved"
             if call.request_id is not None and recorded:
-                self.history.append(Recorded(call, (error.code, str(error))))
+                self.history.append(Recorded(call, (error.code, str(error)), self.clock()))
             return None
         assert isinstance(predicted, int), f"{call} was accepted, model: {predicted}"
         self.head += predicted
@@ -168,7 +194,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert result.request_id == call.request_id
         assert self.ledger.head() == self.head
         if call.request_id is not None:
-            self.history.append(Recorded(call, result))
+            self.history.append(Recorded(call, result, self.clock()))
         return result
 
     @initialize()
@@ -446,13 +472,50 @@ class LedgerMachine(RuleBasedStateMachine):
             del stock.reservations[reservation_id]
             stock.resolved.add(reservation_id)
 
+    # -- time and retention -----------------------------------------------------------------
+
+    def kept(self) -> list[Recorded]:
+        """The recorded requests still within their retention window."""
+        now = self.clock()
+        return [r for r in self.history if r.at + WINDOW > now]
+
+    def expired(self) -> list[Recorded]:
+        now = self.clock()
+        latest = {r.call.request_id: r for r in self.history}  # an id may be used again
+        return [r for r in latest.values() if r.at + WINDOW <= now]
+
+    @rule(step=st.sampled_from(STEPS))
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule()
+    def purge_expired_requests(self) -> None:
+        self.ledger.request_purge.purge()
+        assert self.ledger.head() == self.head
+
+    @rule(data=st.data())
+    def reuse_an_expired_request_id(self, data: st.DataObject) -> None:
+        """After its window a request id is new: a different request with it is judged
+        afresh, not refused as a conflict nor answered with the old outcome."""
+        expired = self.expired()
+        if not expired:
+            return
+        earlier = data.draw(st.sampled_from(expired), label="expired request")
+        account_id = self.pick_account(data)
+        amount = data.draw(amounts, label="amount")
+        call = Call("deposit", (account_id, amount), (("request_id", earlier.call.request_id),))
+        if self.perform(call, self.predict_credit(account_id, amount)):
+            self.accounts[account_id].balance += amount
+            self.deposited[self.accounts[account_id].currency] += amount
+
     # -- retries ----------------------------------------------------------------------------
 
     @rule(data=st.data())
     def retry_same_request(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         try:
             result = earlier.call(self.ledger)
         except DomainError as error:
@@ -467,9 +530,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def retry_with_another_payload(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         call = changed(earlier.call)
         with pytest.raises(DomainError) as caught:
             call(self.ledger)
