@@ -224,7 +224,7 @@ def test_records_written_before_they_expired_get_one_window_from_the_upgrade(
     clock = Clock(time.time())
     settings = Settings.load(url=pg_url, request_purge_interval=timedelta(0))
     with open_ledger(settings=settings, clock=clock) as ledger:
-        with pytest.raises(Exception, match="recorded by daybook 0.2") as caught:
+        with pytest.raises(Exception, match=r"recorded by daybook 0\.2") as caught:
             ledger.execute(refused)
         assert getattr(caught.value, "code", None) == "insufficient_funds"
         assert ledger.request_purge.report().kept == 1
