@@ -48,6 +48,7 @@ def ledger_service(
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
     retention = Retention(settings.request_retention.total_seconds(), clock=clock or time.time)
     service = LedgerService(env=env, retention=retention)
+    service.snapshot_interval = settings.snapshot_interval
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)

@@ -34,6 +34,7 @@ ENVIRONMENT = {
     "DAYBOOK_CACHE_SIZE": "cache_size",
     "DAYBOOK_REQUEST_RETENTION": "request_retention",
     "DAYBOOK_REQUEST_PURGE_INTERVAL": "request_purge_interval",
+    "DAYBOOK_SNAPSHOT_INTERVAL": "snapshot_interval",
 }
 
 
@@ -63,6 +64,9 @@ class Settings(BaseModel):
     #: How often the ledger deletes expired request records (0: never; then run
     #: ``daybook requests purge``).
     request_purge_interval: timedelta = timedelta(minutes=1)
+    #: Snapshot an account or SKU every this many events (0: never), so loading one reads
+    #: its latest snapshot and at most this many events.
+    snapshot_interval: int = Field(100, ge=0)
 
     @field_validator("url", "readmodels_url")
     @classmethod

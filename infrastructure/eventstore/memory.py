@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.popo import POPOApplicationRecorder, POPOFactory
+from eventsourcing.persistence import AggregateRecorder, IntegrityError, StoredEvent
+from eventsourcing.popo import POPOAggregateRecorder, POPOApplicationRecorder, POPOFactory
 
 from daybook.infrastructure.eventstore import completed, default_expiry
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
@@ -29,6 +29,8 @@ class MemoryRecorder(POPOApplicationRecorder):
         self._requests: dict[str, tuple[RequestRecord, float]] = {}
         #: (expires at, request id), the soonest first: what the purge takes from.
         self._expiries: list[tuple[float, str]] = []
+        #: Where snapshots go (the factory links the application's snapshot recorder).
+        self.snapshot_recorder: LatestSnapshots | None = None
 
     def _insert_events(
         self,
@@ -36,6 +38,7 @@ class MemoryRecorder(POPOApplicationRecorder):
         *,
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
+        snapshots: Sequence[StoredEvent] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         expiry = expiry or default_expiry()
@@ -53,6 +56,8 @@ class MemoryRecorder(POPOApplicationRecorder):
                 expires = expiry.of(record)
                 self._requests[record.request_id] = (record, expires)
                 heapq.heappush(self._expiries, (expires, record.request_id))
+            if snapshots and self.snapshot_recorder is not None:
+                self.snapshot_recorder.replace(snapshots)
             return notification_ids
 
     def _live(self, request_id: str, now: float | None) -> bool:
@@ -96,6 +101,28 @@ class MemoryRecorder(POPOApplicationRecorder):
             )
 
 
+class LatestSnapshots(POPOAggregateRecorder):
+    """Snapshots, the latest of each aggregate only (an older one is never read again)."""
+
+    def replace(self, snapshots: Sequence[StoredEvent]) -> None:
+        with self._database_lock:
+            for snapshot in snapshots:
+                index = self._stored_events_index[str(snapshot.originator_id)]
+                for version in list(index):
+                    self._stored_events[index.pop(version)] = None  # type: ignore[call-overload]
+            self._update_table(snapshots)
+
+
 class Factory(POPOFactory):
     def application_recorder(self) -> MemoryRecorder:
-        return MemoryRecorder()
+        self._application = MemoryRecorder()
+        return self._application
+
+    def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
+        if purpose != "snapshots":
+            return super().aggregate_recorder(purpose)
+        recorder = LatestSnapshots()
+        application = getattr(self, "_application", None)
+        if application is not None:
+            application.snapshot_recorder = recorder
+        return recorder

@@ -53,6 +53,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
         schema = Identifier(self.datastore.schema)
         requests = SQL("{}.{}").format(schema, Identifier(REQUESTS_TABLE))
         events = SQL("{}.{}").format(schema, Identifier(self.events_table_name))
+        # The table eventsourcing's factory creates for the application's snapshots.
+        prefix = self.events_table_name.removesuffix("_events")
+        snapshots = SQL("{}.{}").format(schema, Identifier(f"{prefix}_snapshots"))
         self.sql_create_statements.append(
             SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
@@ -101,11 +104,21 @@ class PostgresRecorder(PostgresApplicationRecorder):
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
-                "(events json, requests json, reused json, now double precision) "
+                "(events json, requests json, reused json, now double precision, "
+                "snapshots json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
                 "PERFORM set_config('synchronous_commit', 'on', true); "
+                # Only the latest snapshot of an aggregate is ever read: the new one
+                # replaces the older.
+                "IF json_array_length(snapshots) > 0 THEN "
+                "DELETE FROM {snapshots} s USING json_to_recordset(snapshots) AS n(i uuid) "
+                "WHERE s.originator_id = n.i; "
+                "INSERT INTO {snapshots} (originator_id, originator_version, topic, state) "
+                "SELECT i, v, t, decode(s, 'base64') FROM json_to_recordset(snapshots) "
+                "AS n(i uuid, v bigint, t text, s text); "
+                "END IF; "
                 "IF json_array_length(reused) > 0 THEN "
                 "DELETE FROM {requests} WHERE expires_at <= to_timestamp(now) "
                 "AND request_id IN (SELECT json_array_elements_text(reused)); "
@@ -134,13 +147,14 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 schema=schema,
                 function=self._append_function,
                 requests=requests,
+                snapshots=snapshots,
                 events_table=events,
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
         self._append = SQL(
-            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s) AS notification_id"
+            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json) AS notification_id"
         ).format(schema, self._append_function)
         self._select_requests = SQL(
             "SELECT r.request_id, r.command, r.fingerprint, r.outcome, r.caller, "
@@ -187,6 +201,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         *,
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
+        snapshots: Sequence[StoredEvent] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -204,7 +219,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 self.datastore.get_connection() as conn,
                 conn.cursor(row_factory=tuple_row) as curs,
             ):
-                self._append_batch(curs, stored_events, requests, expiry or default_expiry())
+                self._append_batch(
+                    curs, stored_events, requests, expiry or default_expiry(), snapshots
+                )
                 # The call was the cursor's only statement: its rows are the new ids, in order.
                 return [notification_id for (notification_id,) in curs.fetchall()]
         except IntegrityError as error:
@@ -223,16 +240,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         requests: Sequence[PendingRequest],
         expiry: Expiry,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
-        events = [
-            {
-                "i": e.originator_id,
-                "v": e.originator_version,
-                "t": e.topic,
-                "s": b2a_base64(e.state, newline=False),
-            }
-            for e in stored_events
-        ]
+        events = _rows(stored_events)
         records = []
         for pending in requests:
             record = pending.record
@@ -258,6 +268,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 orjson.dumps(records).decode(),
                 orjson.dumps(reused).decode(),
                 expiry.now,
+                orjson.dumps(_rows(snapshots), default=bytes.decode).decode(),
             ),
             prepare=True,
         )
@@ -307,6 +318,19 @@ class PostgresRecorder(PostgresApplicationRecorder):
             oldest=float(oldest) if expired and oldest is not None else None,
             newest=float(newest) if newest is not None else None,
         )
+
+
+def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
+    """Stored events as the append function reads them (states in base64)."""
+    return [
+        {
+            "i": e.originator_id,
+            "v": e.originator_version,
+            "t": e.topic,
+            "s": b2a_base64(e.state, newline=False),
+        }
+        for e in stored
+    ]
 
 
 class Factory(PostgresFactory):

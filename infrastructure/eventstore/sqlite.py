@@ -32,7 +32,11 @@ _FOREVER = float("inf")
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):
-    """eventsourcing's SQLite recorder plus request records in the same transaction."""
+    """eventsourcing's SQLite recorder plus request records and snapshots in the same
+    transaction."""
+
+    #: The snapshot table eventsourcing's factory creates for the application's snapshots.
+    snapshots_table = "stored_snapshots"
 
     def construct_create_table_statements(self) -> list[str]:
         return [
@@ -83,9 +87,19 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
         *,
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
+        snapshots: Sequence[StoredEvent] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         notification_ids = super()._insert_events(c, stored_events, **kwargs) or []
+        for snapshot in snapshots:  # only the latest of each aggregate is ever read
+            originator_id = snapshot.originator_id.hex  # type: ignore[union-attr]
+            c.execute(
+                f"DELETE FROM {self.snapshots_table} WHERE originator_id = ?", (originator_id,)
+            )
+            c.execute(
+                f"INSERT INTO {self.snapshots_table} VALUES (?, ?, ?, ?)",
+                (originator_id, snapshot.originator_version, snapshot.topic, snapshot.state),
+            )
         if not requests:
             return notification_ids
         expiry = expiry or default_expiry()

@@ -13,6 +13,7 @@ builds it from a URL); its recorder also keeps idempotency records (``RequestLog
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 import time
@@ -32,6 +33,7 @@ from eventsourcing.persistence import (
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
+from daybook.domain.snapshots import snapshot_class
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     DEFAULT_RETENTION,
@@ -45,6 +47,8 @@ from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 A = TypeVar("A", bound=LedgerAggregate)
 
 Outcome = Receipt | DomainError
+
+_log = logging.getLogger("daybook.ledger")
 
 
 class Committer(Protocol):
@@ -281,6 +285,9 @@ class LedgerService(Application[UUID]):
     name = "daybook"
     env: ClassVar[dict[str, str]] = {
         "AGGREGATE_CACHE_MAXSIZE": "100000",
+        # The repository loads the latest snapshot and the events after it; the ledger
+        # writes snapshots itself, with the batch that reaches them (see ``commit``).
+        "IS_SNAPSHOTTING_ENABLED": "y",
         # Commands rely on optimistic concurrency to catch a stale cache (see UnitOfWork),
         # so the write path needs no fast-forward query; reads fast-forward explicitly.
         "AGGREGATE_CACHE_FASTFORWARD": "n",
@@ -294,6 +301,9 @@ class LedgerService(Application[UUID]):
         super().__init__(env)
         #: How long request records are kept, on which clock.
         self.retention = retention or Retention(DEFAULT_RETENTION)
+        #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
+        self.snapshot_interval = 100
+        self._snapshot_failures: set[type[LedgerAggregate]] = set()
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -544,7 +554,10 @@ class LedgerService(Application[UUID]):
         if prepared.pending:
             try:
                 positions = self.recorder.insert_events(
-                    prepared.stored, requests=prepared.pending, expiry=self.retention.expiry()
+                    prepared.stored,
+                    requests=prepared.pending,
+                    expiry=self.retention.expiry(),
+                    snapshots=self._snapshots(prepared.uow),
                 )
             except VersionConflict as conflict:
                 conflict.stale = self._moved(prepared.uow)
@@ -568,6 +581,30 @@ class LedgerService(Application[UUID]):
         prepared.committed = True
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
+
+    def _snapshots(self, uow: UnitOfWork) -> list[StoredEvent]:
+        """Snapshots of the aggregates whose version this batch takes past a multiple of
+        ``snapshot_interval``, as they will be once it commits (written with it, in the
+        same transaction: a snapshot never gets ahead of the events)."""
+        interval = self.snapshot_interval
+        if not interval:
+            return []
+        taken = uow.taken_versions
+        due = []
+        for key, aggregate in uow.aggregates.items():
+            if aggregate.version // interval > taken.get(key, 0) // interval:
+                contract = snapshot_class(type(aggregate))
+                if contract is None:
+                    continue
+                try:
+                    due.append(self.mapper.to_stored_event(contract.take(aggregate)))
+                except Exception:
+                    # A snapshot only saves replaying: never fail a commit for one. Said
+                    # once per kind: the same mismatch would repeat on every batch.
+                    if type(aggregate) not in self._snapshot_failures:
+                        self._snapshot_failures.add(type(aggregate))
+                        _log.exception("no snapshot of %s: it could not be taken", aggregate.id)
+        return due
 
     def remember(self, prepared: PreparedBatch) -> None:
         """Put a committed batch's aggregates in the cache."""
