@@ -220,6 +220,11 @@ class GroupCommitter:
 
     ``apply_every``: while gathering, the writer wakes to apply commands once this many wait
     (fewer thread switches than waking for each; enough to overlap the callers' turnaround).
+
+    ``pipeline_at``: the writer applies at most this many commands at a time, and a batch
+    holding this many goes out as soon as nothing is committing. Commands that arrive
+    together in large numbers (a batch submission) are then applied while the commands
+    before them commit, instead of all being applied first and committed after.
     """
 
     def __init__(
@@ -229,11 +234,13 @@ class GroupCommitter:
         max_batch: int = 1000,
         max_wait: float = 0.005,
         apply_every: int = 4,
+        pipeline_at: int = 200,
     ) -> None:
         self._ledger = ledger
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._apply_every = apply_every
+        self._pipeline_at = pipeline_at
         #: How many callers the last commit answered: most will send again soon.
         self._expected = 1
         self._inbox = _Inbox()
@@ -371,7 +378,7 @@ class GroupCommitter:
         """(commands to wait for, timeout, most to take)."""
         building = self._building
         taken = len(building.items) if building else 0
-        limit = self._max_batch - taken
+        limit = min(self._max_batch - taken, self._pipeline_at)
         if building is None:
             return 1, None, limit  # the first command (a finished commit pokes us)
         if self._committing is not None:
@@ -389,6 +396,7 @@ class GroupCommitter:
         return (
             taken >= self._expected
             or taken >= self._max_batch
+            or taken >= self._pipeline_at
             or time.monotonic() >= building.deadline
         )
 

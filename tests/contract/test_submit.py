@@ -136,3 +136,32 @@ def test_the_asyncio_twin(store_url: str) -> None:
         await ledger.close()
 
     asyncio.run(scenario())
+
+
+def test_a_large_submission_is_applied_while_its_first_part_commits(tmp_path: Any) -> None:
+    """Commands that arrive together are not all applied before the first commit: a chunk
+    goes out as soon as nothing is committing, and the rest is applied meanwhile."""
+    from daybook.infrastructure.ledger.application import PreparedBatch
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/pipeline.db")
+    a, b = funded(ledger, 2, 10_000)
+    sizes: list[int] = []
+    overlapped: list[bool] = []
+    commit, apply = ledger.service.commit, ledger.service.apply
+
+    def counting_commit(prepared: PreparedBatch, **options: Any) -> Any:
+        sizes.append(len(prepared.commands))
+        return commit(prepared, **options)
+
+    def watching_apply(prepared: PreparedBatch, batch: Any, **options: Any) -> None:
+        overlapped.append(prepared.after is not None)  # applied on a batch still committing
+        apply(prepared, batch, **options)
+
+    ledger.service.commit = counting_commit  # type: ignore[method-assign]
+    ledger.service.apply = watching_apply  # type: ignore[method-assign]
+    outcomes = ledger.submit([Transfer(a, b, 1) for _ in range(1_000)])
+    assert all(isinstance(o, Receipt) for o in outcomes)
+    assert sum(sizes) == 1_000 and len(sizes) > 1 and max(sizes) <= 1_000
+    assert any(overlapped)
+    assert ledger.account(b).balance == 11_000
+    ledger.close()
