@@ -165,3 +165,21 @@ def test_a_large_submission_is_applied_while_its_first_part_commits(tmp_path: An
     assert any(overlapped)
     assert ledger.account(b).balance == 11_000
     ledger.close()
+
+
+def test_the_readme_submission_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+        if "ledger.submit(" in block
+    ]
+    with open_ledger("memory://") as ledger:
+        a, b = funded(ledger, 2, 1_000)
+        namespace: dict[str, Any] = {"ledger": ledger, "a": a, "b": b}
+        exec(compile(example, "README.md", "exec"), namespace)
+        assert [type(o) for o in namespace["outcomes"]] == [Receipt, Receipt]
+        assert ledger.account(a).balance == 905
