@@ -393,11 +393,14 @@ class LedgerService(Application[UUID]):
                 )
                 results = self.commit(prepared)
             except DuplicateRequest:
-                # Another writer recorded one of our caller-chosen ids after we looked: the
-                # next lookup finds it. Not a contention: no backoff, no attempt spent.
+                # One of our ids was recorded after we looked: a caller's request retried
+                # through another writer, or (a generated id) an earlier attempt of ours
+                # that committed after all. The next lookup, of every id, finds it. Not a
+                # contention: no backoff, no attempt spent.
                 duplicates += 1
                 if duplicates > len(indices):
                     raise
+                recheck_all = True
                 continue
             except (VersionConflict, StaleCache) as error:
                 conflicts += 1
@@ -407,9 +410,13 @@ class LedgerService(Application[UUID]):
                     clean = set(range(len(indices))) - set(contended)
                     if clean:
                         # Untouched by the other writer: commit them now, on the state
-                        # they were judged on (still the latest).
+                        # they were judged on (still the latest). Still looking every id up
+                        # if an earlier attempt may have committed (a lost connection).
                         self._execute_part(
-                            batch, [indices[k] for k in sorted(clean)], outcomes, recheck_all=False
+                            batch,
+                            [indices[k] for k in sorted(clean)],
+                            outcomes,
+                            recheck_all=recheck_all,
                         )
                 indices = [indices[k] for k in contended]
                 if conflicts >= self.max_attempts:

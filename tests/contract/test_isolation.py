@@ -250,3 +250,36 @@ def test_the_contended_part_of_a_batch_keeps_its_order(shared_store_url: str) ->
     ours.close()
     theirs.close()
 
+
+
+def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
+    shared_store_url: str,
+) -> None:
+    """The first attempt's answer is lost and the statement commits later, after the retry
+    has looked its request ids up and found nothing: the retry then meets a version conflict
+    and must look the ids up again (they are generated: only their records can tell), so the
+    commands are replayed rather than applied a second time."""
+    from eventsourcing.persistence import OperationalError
+
+    ledger = open_ledger(shared_store_url)
+    hot = ledger.open_account("hot", "EUR").account_id
+    calm = ledger.open_account("calm", "EUR").account_id
+    recorder = ledger.service.recorder
+    insert = recorder.insert_events
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def scripted_insert(stored: Any, **options: Any) -> Any:
+        calls.append((stored, options))
+        if len(calls) == 1:  # sent, but the answer is lost: it will commit later
+            raise OperationalError("server closed the connection unexpectedly")
+        if len(calls) == 2:  # the orphan commits now, after the retry's lookups
+            insert(calls[0][0], **calls[0][1])
+        return insert(stored, **options)
+
+    recorder.insert_events = scripted_insert  # type: ignore[method-assign]
+    outcomes = ledger.service.execute([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
+    assert len(calls) == 2, "the scripted failures happened"
+    assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
+    ledger.close()
