@@ -47,6 +47,9 @@ from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 A = TypeVar("A", bound=LedgerAggregate)
 
 Outcome = Receipt | DomainError
+#: What ``execute`` answers for one command: its outcome, or the error that stopped it (the
+#: store unreachable through several attempts, a constraint the ledger does not know, a bug).
+Result = Outcome | Exception
 
 _log = logging.getLogger("daybook.ledger")
 
@@ -86,7 +89,7 @@ class DirectCommitter:
     def submit(self, command: Command) -> Receipt:
         with self._lock:
             (outcome,) = self._service.execute([command])
-        if isinstance(outcome, DomainError):
+        if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
@@ -94,20 +97,8 @@ class DirectCommitter:
         outcomes: list[Outcome | BaseException] = []
         with self._lock:
             for start in range(0, len(commands), self.chunk):
-                chunk = commands[start : start + self.chunk]
-                try:
-                    outcomes.extend(self._service.execute(chunk))
-                except Exception:
-                    # Not a refusal nor a conflict: find whose, running each alone.
-                    outcomes.extend(self._alone(command) for command in chunk)
+                outcomes.extend(self._service.execute(commands[start : start + self.chunk]))
         return outcomes
-
-    def _alone(self, command: Command) -> Outcome | BaseException:
-        try:
-            (outcome,) = self._service.execute([command])
-        except Exception as error:
-            return error
-        return outcome
 
     def close(self) -> None:
         with self._lock:
@@ -346,12 +337,14 @@ class LedgerService(Application[UUID]):
 
     # -- the command path -------------------------------------------------------------------
 
-    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Outcome]:
+    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Result]:
         """Apply ``batch`` in order and commit its events, in as few transactions as the
         other writers allow.
 
-        Returns one outcome per command: its receipt, or the refusal it met. Nothing is
-        reported before its transaction has committed. When the store refuses the write:
+        Returns one result per command: its receipt, the refusal it met, or the error that
+        stopped it; it raises nothing for one command's trouble, so no caller has to guess
+        which commands committed. Nothing is reported before its transaction has committed.
+        When the store refuses the write:
 
         - another writer changed some of the batch's aggregates first (``VersionConflict``):
           the batch is split. The commands connected to those aggregates (directly, or
@@ -363,13 +356,15 @@ class LedgerService(Application[UUID]):
           looking it up, which replays it;
         - the connection was lost (the commit may or may not have happened): applied again
           looking every request id up, so whatever did commit is replayed, never applied
-          twice; after a few such failures the error is raised;
-        - any other integrity error is raised: applying the batch again would not help.
+          twice; after a few such failures, the error is the result of those commands;
+        - any other integrity error, or any other exception (a bug in one command): not
+          retried as it is; each command is run alone (looking its id up), and the error is
+          the result of the one it belongs to.
 
         ``recheck_all`` looks every request id up from the first attempt (for a batch whose
         commit already failed elsewhere, perhaps after it happened).
         """
-        outcomes: list[Outcome | None] = [None] * len(batch)
+        outcomes: list[Result | None] = [None] * len(batch)
         self._execute_part(batch, list(range(len(batch))), outcomes, recheck_all=recheck_all)
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
@@ -378,7 +373,7 @@ class LedgerService(Application[UUID]):
         self,
         batch: Sequence[Command],
         indices: list[int],
-        outcomes: list[Outcome | None],
+        outcomes: list[Result | None],
         *,
         recheck_all: bool,
         fresh: bool = False,
@@ -392,14 +387,16 @@ class LedgerService(Application[UUID]):
                     [batch[i] for i in indices], recheck_all=recheck_all, fresh=fresh
                 )
                 results = self.commit(prepared)
-            except DuplicateRequest:
+            except DuplicateRequest as error:
                 # One of our ids was recorded after we looked: a caller's request retried
                 # through another writer, or (a generated id) an earlier attempt of ours
                 # that committed after all. The next lookup, of every id, finds it. Not a
                 # contention: no backoff, no attempt spent.
                 duplicates += 1
                 if duplicates > len(indices):
-                    raise
+                    for index in indices:
+                        outcomes[index] = error
+                    return
                 recheck_all = True
                 continue
             except (VersionConflict, StaleCache) as error:
@@ -430,14 +427,27 @@ class LedgerService(Application[UUID]):
                 fresh = True
                 _backoff(conflicts)
                 continue
-            except (OperationalError, InterfaceError):
+            except (OperationalError, InterfaceError) as error:
                 outages += 1
                 if outages > self.max_attempts // 4:
-                    raise
+                    for index in indices:
+                        outcomes[index] = error
+                    return
                 # The commit may have happened: look every id up before applying again.
                 recheck_all = fresh = True
                 _backoff(outages)
                 continue
+            except Exception as error:
+                # A constraint the ledger does not know, or a bug in a command: the same
+                # batch would fail the same way. Nothing of it was written; find whose it is
+                # by running each alone (looking ids up: an earlier attempt may have been
+                # written after all).
+                if len(indices) == 1:
+                    outcomes[indices[0]] = error
+                    return
+                for index in indices:
+                    self._execute_part(batch, [index], outcomes, recheck_all=recheck_all)
+                return
             for index, outcome in zip(indices, results, strict=True):
                 outcomes[index] = outcome
             return

@@ -37,7 +37,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
+from eventsourcing.persistence import IntegrityError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
@@ -461,8 +461,8 @@ class GroupCommitter:
             for item in batch.items:
                 self._execute([item])
         else:
-            # After an error that is not an integrity error the commit may have happened:
-            # look every request id up.
+            # An integrity error says nothing was written; after any other error the
+            # commit may have happened, and every request id must be looked up.
             self._execute(batch.items, recheck_all=not isinstance(error, IntegrityError))
         if built_on_it is not None:
             self._apply(built_on_it.items)
@@ -485,20 +485,9 @@ class GroupCommitter:
         commands = [command for command, _ in items]
         try:
             outcomes = self._ledger.execute(commands, recheck_all=recheck_all)
-        except (OperationalError, InterfaceError) as error:
-            # The store is unreachable: nothing was committed for anyone in this batch
-            # (or, if it was, a retry with the same request ids will replay it).
+        except Exception as error:  # a bug in the ledger itself: nobody is left waiting
+            _log.exception("daybook's careful path failed")
             _settle(items, [error] * len(items))
-            return
-        except Exception as error:
-            if len(items) == 1:
-                _settle(items, [error])
-                return
-            # An error that is not a refusal nor a conflict (a bug in one command, a
-            # constraint the ledger does not know) must not fail its neighbours: run each
-            # alone. Nothing of the failed batch was committed.
-            for item in items:
-                self._execute([item], recheck_all=recheck_all)
             return
         _settle(items, outcomes)
 

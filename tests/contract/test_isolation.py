@@ -283,3 +283,38 @@ def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     assert len(calls) == 2, "the scripted failures happened"
     assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
     ledger.close()
+
+
+def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
+    """A batch is split after a conflict; its clean part commits; the rest then fails for
+    good (the store keeps dropping the connection). Each command gets its own result: the
+    one that committed its receipt, as applied (not run again and answered as a replay),
+    the other the error."""
+    from eventsourcing.persistence import OperationalError
+
+    ours = open_ledger(shared_store_url, group_commit=False)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    hot = ours.open_account("hot", "EUR").account_id
+    calm = ours.open_account("calm", "EUR").account_id
+    recorder = ours.service.recorder
+    insert = recorder.insert_events
+    calls = 0
+
+    def scripted_insert(stored: Any, **options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        touches_hot = any(event.originator_id == hot for event in stored)
+        if calls == 1:
+            theirs.deposit(hot, 1)  # the first attempt meets another writer on hot
+        elif touches_hot:
+            raise OperationalError("server closed the connection unexpectedly")
+        return insert(stored, **options)
+
+    recorder.insert_events = scripted_insert  # type: ignore[method-assign]
+    on_hot, on_calm = ours.submit([Deposit(hot, 10), Deposit(calm, 20)])
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(on_hot, OperationalError)
+    assert isinstance(on_calm, Receipt) and not on_calm.replayed
+    assert (ours.account(hot).balance, ours.account(calm).balance) == (1, 20)
+    ours.close()
+    theirs.close()
