@@ -44,6 +44,8 @@ generate: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_codec.py
 	$(PY) scripts/bench_write.py
+	$(PY) scripts/bench_history.py
+	$(PY) scripts/soak_write.py
 	$(PY) scripts/bench_projections.py
 	$(PY) scripts/bench_streaming.py
 	$(PY) scripts/bench_http.py

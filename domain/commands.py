@@ -239,7 +239,9 @@ class Command:
 
     @property
     def metadata(self) -> Metadata:
-        return Metadata(
+        # Built without validating again: ``__post_init__`` checked the three values (and
+        # this runs for every command on the write path).
+        return Metadata.model_construct(
             request_id=self.request_id,
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,

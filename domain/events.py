@@ -86,6 +86,13 @@ class LedgerAggregate(BaseAggregate[UUID]):
     #: True when the aggregate's own state holds no containers (only immutable values), so
     #: ``clone`` need only copy its list of pending events.
     flat_state: ClassVar[bool] = False
+    #: Containers in the state that only replaying old events changes (never a command):
+    #: copies share them rather than copy them.
+    replay_only: ClassVar[frozenset[str]] = frozenset()
+    #: Created by one event and never changed (a marker that something happened once). The
+    #: write path does not look one up in the store before creating it: the store refuses
+    #: a second creation, and the command is then judged again on what the store holds.
+    write_once: ClassVar[bool] = False
     #: The name of the key callers find one by.
     key_name: ClassVar[str] = "id"
     #: The name of the ledger's read method for one aggregate (None: no such method).
@@ -171,8 +178,9 @@ class LedgerAggregate(BaseAggregate[UUID]):
             # gives it (daybook.infrastructure.compat.eventsourcing checks it still does).
             state["_pending_events"] = state["_pending_events"].copy()
         else:
+            shared = self.replay_only
             for name, value in state.items():
-                if type(value) in _CONTAINERS:
+                if type(value) in _CONTAINERS and name not in shared:
                     state[name] = value.copy()
         clone.__dict__ = state
         return clone

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from daybook.domain.commands import (
     Aggregates,
@@ -98,17 +98,25 @@ class StockView:
 
 class Inventory(LedgerAggregate):
     """Stock of one SKU. Invariants: 0 <= reserved <= on_hand, and each reservation
-    resolves (commit or release) exactly once."""
+    resolves (commit or release) exactly once.
+
+    Only open reservations are live state. That a reservation id was used at all (so it
+    cannot be reserved again, and resolving it again is "resolved", not "not found") is
+    kept by its own ``ReservationClaim``, which the commands look up: a SKU does not grow
+    with its history. Reservations made before claims existed (``StockReserved`` schema
+    version 1) are remembered in ``unclaimed``, which no new reservation joins.
+    """
 
     key_name = "sku"
     read_as = "inventory"
+    replay_only = frozenset({"unclaimed"})
 
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         sku: str
         on_hand: int
         reserved: int
         reservations: dict[str, int]
-        resolved: set[str]
+        unclaimed: set[str]
         #: When reservations made with a timeout expire: reservation id -> instant.
         expiring: dict[str, datetime]
 
@@ -120,7 +128,7 @@ class Inventory(LedgerAggregate):
             inventory.on_hand = 0
             inventory.reserved = 0
             inventory.reservations = {}
-            inventory.resolved = set()
+            inventory.unclaimed = set()
             inventory.expiring = {}
 
     class StockReceived(LedgerAggregate.Event):
@@ -137,24 +145,29 @@ class Inventory(LedgerAggregate):
             inventory.on_hand += self.delta
 
     class StockReserved(LedgerAggregate.Event):
-        """Units set aside; with ``expires_at`` (schema v2) they stop counting as reserved
-        at that instant."""
+        """Units set aside; with ``expires_at`` they stop counting as reserved at that
+        instant. Schema v2 added ``expires_at`` and ``claimed``."""
 
         class_version = 2
         reservation_id: str
         quantity: int
         expires_at: datetime | None
+        #: Whether a ``ReservationClaim`` marks the id as used.
+        claimed: bool = True
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
-            """Version 1 reservations had no timeout."""
+            """Version 1 reservations had no timeout and were made before claims existed."""
             state["expires_at"] = None
+            state["claimed"] = False
 
         def apply(self, inventory: Inventory) -> None:
             inventory.reservations[self.reservation_id] = self.quantity
             inventory.reserved += self.quantity
             if self.expires_at is not None:
                 inventory.expiring[self.reservation_id] = self.expires_at
+            if not self.claimed:  # only replays meet these (see replay_only)
+                inventory.unclaimed.add(self.reservation_id)
 
     class ReservationCommitted(LedgerAggregate.Event):
         """Shipped: ``shipped`` units leave stock, ``released`` go back to available."""
@@ -165,7 +178,6 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
             inventory.expiring.pop(self.reservation_id, None)
             inventory.reserved -= self.shipped + self.released
             inventory.on_hand -= self.shipped
@@ -176,7 +188,6 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
             inventory.expiring.pop(self.reservation_id, None)
             inventory.reserved -= self.quantity
 
@@ -188,7 +199,6 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
             del inventory.expiring[self.reservation_id]
             inventory.reserved -= self.quantity
 
@@ -266,10 +276,21 @@ class Inventory(LedgerAggregate):
             )
         self.trigger_event(self.StockAdjusted, delta=delta, reason=reason)
 
+    def used(self, reservation_id: str, claimed: bool = False) -> bool:
+        """Whether ``reservation_id`` was ever reserved on this SKU. ``claimed``: whether its
+        ``ReservationClaim`` exists (the commands look it up; see ``is_claimed``), which the
+        SKU's own state cannot tell once the reservation is resolved."""
+        return claimed or reservation_id in self.reservations or reservation_id in self.unclaimed
+
     def reserve(
-        self, reservation_id: str, quantity: int, expires_at: datetime | None = None
+        self,
+        reservation_id: str,
+        quantity: int,
+        expires_at: datetime | None = None,
+        *,
+        claimed: bool = False,
     ) -> None:
-        if reservation_id in self.reservations or reservation_id in self.resolved:
+        if self.used(reservation_id, claimed):
             raise ReservationExists(
                 f"SKU {self.sku} already has a reservation {reservation_id!r}",
                 sku=self.sku,
@@ -294,8 +315,8 @@ class Inventory(LedgerAggregate):
             expires_at=expires_at,
         )
 
-    def _open_reservation(self, reservation_id: str) -> int:
-        if reservation_id in self.resolved:
+    def _open_reservation(self, reservation_id: str, claimed: bool = False) -> int:
+        if reservation_id not in self.reservations and self.used(reservation_id, claimed):
             raise ReservationResolved(
                 f"reservation {reservation_id!r} of SKU {self.sku} was already committed or "
                 "released",
@@ -321,9 +342,11 @@ class Inventory(LedgerAggregate):
             )
         return held
 
-    def commit(self, reservation_id: str, quantity: int | None = None) -> None:
+    def commit(
+        self, reservation_id: str, quantity: int | None = None, *, claimed: bool = False
+    ) -> None:
         """Ship ``quantity`` units of the reservation (all by default); release the rest."""
-        held = self._open_reservation(reservation_id)
+        held = self._open_reservation(reservation_id, claimed)
         shipped = held if quantity is None else quantity
         if shipped > held:
             raise InvalidAmount(
@@ -341,13 +364,13 @@ class Inventory(LedgerAggregate):
             released=held - shipped,
         )
 
-    def release(self, reservation_id: str) -> None:
-        held = self._open_reservation(reservation_id)
+    def release(self, reservation_id: str, *, claimed: bool = False) -> None:
+        held = self._open_reservation(reservation_id, claimed)
         self.trigger_event(self.ReservationReleased, reservation_id=reservation_id, quantity=held)
 
-    def expire(self, reservation_id: str) -> None:
+    def expire(self, reservation_id: str, *, claimed: bool = False) -> None:
         """Record the expiry of a reservation whose timeout has passed."""
-        if reservation_id in self.resolved:
+        if reservation_id not in self.reservations and self.used(reservation_id, claimed):
             raise ReservationResolved(
                 f"reservation {reservation_id!r} of SKU {self.sku} was already resolved",
                 sku=self.sku,
@@ -386,6 +409,48 @@ ReservationId = Annotated[str, Check(check_reservation_id)]
 
 
 # -- commands ---------------------------------------------------------------------------------
+
+
+class ReservationClaim(LedgerAggregate):
+    """That a reservation id of a SKU was used: created with the reservation, never
+    changed. Found by ``(sku, reservation_id)``."""
+
+    flat_state = True
+    write_once = True
+    key_name = "reservation"
+
+    if TYPE_CHECKING:
+        sku: str
+        reservation_id: str
+
+    class Claimed(LedgerAggregate.Created):
+        sku: str
+        reservation_id: str
+
+        def apply(self, claim: ReservationClaim) -> None:
+            claim.sku, claim.reservation_id = self.sku, self.reservation_id
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        sku, reservation_id = key
+        return uuid5(inventory_id(check_sku(sku)), reservation_id)
+
+    @classmethod
+    def claim(cls, sku: str, reservation_id: str) -> ReservationClaim:
+        return cls._create(
+            cls.Claimed,
+            id=cls.id_for((sku, reservation_id)),
+            sku=sku,
+            reservation_id=reservation_id,
+        )
+
+
+def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str) -> bool:
+    """Whether a claim marks ``reservation_id`` as used on ``inventory``'s SKU (looked up
+    only when the SKU's own state cannot tell)."""
+    if reservation_id in inventory.reservations or reservation_id in inventory.unclaimed:
+        return False  # not needed: the SKU knows
+    return aggregates.find(ReservationClaim, (inventory.sku, reservation_id)) is not None
 
 
 class ReceiveStock(Command):
@@ -430,7 +495,13 @@ class ReserveStock(Command):
                 msg = "a reservation with a timeout was made without the ledger's clock"
                 raise RuntimeError(msg)
             expires_at = inventory.as_of + timedelta(seconds=self.timeout)
-        inventory.reserve(self.reservation_id, self.quantity, expires_at)
+        inventory.reserve(
+            self.reservation_id,
+            self.quantity,
+            expires_at,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
+        aggregates.add(ReservationClaim.claim(self.sku, self.reservation_id))
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -442,7 +513,12 @@ class CommitReservation(Command):
     quantity: OptionalAmount = None
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).commit(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.commit(
+            self.reservation_id,
+            self.quantity,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -453,7 +529,10 @@ class ReleaseReservation(Command):
     reservation_id: ReservationId
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).release(self.reservation_id)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.release(
+            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -464,5 +543,8 @@ class ExpireReservation(Command):
     reservation_id: ReservationId
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).expire(self.reservation_id)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.expire(
+            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}

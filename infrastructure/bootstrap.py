@@ -40,15 +40,25 @@ def settings_for(
     return settings.model_copy(update=changes) if changes else settings
 
 
-def ledger_service(settings: Settings, *, clock: Clock | None = None) -> LedgerService:
-    """The write side's application service on ``settings.url`` (tables created if missing).
-    ``clock`` tells it the time (default: the system's, in UTC); holds expire by it."""
+def ledger_service(
+    settings: Settings, *, clock: Clock | None = None, purge: bool = True
+) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing),
+    with its request purge service running unless ``purge`` is False or the settings turn
+    it off. ``clock`` tells it the time (default: the system's, in UTC): holds and
+    reservations expire by it, and request records are kept by it."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(env=env, clock=clock)
+    service = LedgerService(
+        env=env, clock=clock, retention=settings.request_retention.total_seconds()
+    )
+    service.snapshot_interval = settings.snapshot_interval
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)
+    service.request_purge.interval = settings.request_purge_interval.total_seconds()
+    if purge and service.request_purge.interval > 0:
+        service.request_purge.start()
     return service
 
 
@@ -62,7 +72,7 @@ def open_ledger(
     """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
     the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
     many threads share transactions; without it, each command commits alone. ``clock``: see
-    ``ledger_service``."""
+    ``ledger_service`` (tests move it)."""
     chosen = settings_for(url, settings, group_commit=group_commit)
     return Ledger(ledger_service(chosen, clock=clock), chosen)
 

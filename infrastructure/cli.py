@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "daybook.infrastructure.streaming.cli",
     "daybook.infrastructure.readmodels.cli",
     "daybook.infrastructure.sagas.cli",
+    "daybook.infrastructure.ledger.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]

@@ -317,9 +317,9 @@ def test_a_request_that_races_itself_is_applied_once(
     lookups = ledger.service.recorder.select_requests
     calls = []
 
-    def blind_once(request_ids: Any) -> Any:
+    def blind_once(request_ids: Any, *args: Any) -> Any:
         calls.append(list(request_ids))
-        return {} if len(calls) == 1 else lookups(request_ids)
+        return {} if len(calls) == 1 else lookups(request_ids, *args)
 
     monkeypatch.setattr(ledger.service.recorder, "select_requests", blind_once)
     again = ledger.transfer(a, b, 100, request_id="race-1")

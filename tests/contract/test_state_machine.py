@@ -7,8 +7,10 @@ equal the model's, and the invariants must hold: balances never below minus the 
 limit, money and stock conserved, ``0 <= reserved <= on_hand``, and the log head moving only
 when something was accepted, by exactly the number of events the command triggers.
 
-Time is the ledger's injected clock, moved by a rule: holds (and their expiry, exact at the
-instant of the timeout) and linked command lists (all or nothing) are part of the model.
+Time is the ledger's injected clock, moved by rules: holds (and their expiry, exact at the
+instant of the timeout) and linked command lists (all or nothing) are part of the model, and a
+request id is replayed only within its retention window and is new after it, whether or not
+the purge has run meanwhile.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from daybook import Ledger, open_ledger
+from daybook import Ledger, Settings, open_ledger
 from daybook.domain import Receipt
 from daybook.domain.accounts import Deposit, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
 
 CURRENCIES = ("EUR", "USD")
 MAX_ACCOUNTS = 6
@@ -43,6 +46,9 @@ invalid_amounts = st.sampled_from([0, -7])
 DELTAS = [d for d in range(-15, 16) if d]
 #: Mostly the SKUs that get stock; "C" never receives any.
 skus = st.sampled_from(["A", "A", "B", "C"])
+#: The retention window of caller-chosen request ids, and how far time moves in one step.
+WINDOW = 3 * 3600.0
+STEPS = [1.0, 600.0, GENERATED_RETENTION, WINDOW - 1, WINDOW, 2 * WINDOW]
 
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -115,13 +121,29 @@ class Recorded:
 
     call: Call
     outcome: Receipt | UUID | tuple[str, str]  # receipt, new account id, or (code, message)
+    #: When (the ledger's clock): the record is kept until ``at + WINDOW``.
+    at: float
+
+
+EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    """The ledger's clock: it moves only when the machine says so. ``now`` is seconds
+    since ``EPOCH``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def instant(self) -> datetime:
+        return EPOCH + timedelta(seconds=self.now)
 
 
 #: A prediction: the number of events an accepted command adds, or the refusal's code.
 Prediction = int | str
-
-
-EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -129,9 +151,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        #: Seconds since EPOCH on the ledger's clock.
-        self.now = 0
-        self.ledger = open_ledger(self.store_url, clock=lambda: EPOCH + timedelta(seconds=self.now))
+        self.clock = Clock()
+        settings = Settings.load(
+            url=self.store_url,
+            request_retention=timedelta(seconds=WINDOW),
+            request_purge_interval=timedelta(0),  # the machine purges when it chooses
+        )
+        self.ledger = open_ledger(settings=settings, clock=self.clock.instant)
         self.holds: dict[UUID, ModelHold] = {}
         self.hold_order: list[UUID] = []
         # Several examples may share one store: keep this example's names apart.
@@ -181,7 +207,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert error.code == predicted, f"{call}: {error.code} ({error}), model: {predicted}"
             assert self.ledger.head() == self.head, f"{call} was refused but the head moved"
             if call.request_id is not None and recorded:
-                self.history.append(Recorded(call, (error.code, str(error))))
+                self.history.append(Recorded(call, (error.code, str(error)), self.clock()))
             return None
         assert isinstance(predicted, int), f"{call} was accepted, model: {predicted}"
         self.head += predicted
@@ -193,7 +219,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert result.request_id == call.request_id
         assert self.ledger.head() == self.head
         if call.request_id is not None:
-            self.history.append(Recorded(call, result))
+            self.history.append(Recorded(call, result, self.clock()))
         return result
 
     @initialize()
@@ -250,7 +276,7 @@ class LedgerMachine(RuleBasedStateMachine):
         return sum(
             h.amount
             for h in self.holds.values()
-            if h.account == account_id and h.status == "open" and not h.expired(self.now)
+            if h.account == account_id and h.status == "open" and not h.expired(self.clock.now)
         )
 
     def available(self, account_id: UUID) -> int:
@@ -417,7 +443,7 @@ class LedgerMachine(RuleBasedStateMachine):
         elif quantity > stock.available:
             predicted = "out_of_stock"
         else:
-            predicted = 1
+            predicted = 2  # the reservation, and the claim on its id
         receipt = self.perform(call, predicted, recorded=quantity > 0)
         if receipt:
             assert stock is not None
@@ -484,7 +510,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([5, 5, 1]))
     def advance_time(self, seconds: int) -> None:
-        self.now += seconds
+        self.clock.now += seconds
 
     def pick_hold(self, data: st.DataObject) -> UUID:
         if self.hold_order and data.draw(st.sampled_from(range(6)), label="known hold") > 0:
@@ -530,7 +556,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if receipt:
             assert receipt.hold_id not in self.holds
             self.holds[receipt.hold_id] = ModelHold(
-                account_id, destination, amount, self.now + timeout
+                account_id, destination, amount, self.clock.now + timeout
             )
             self.hold_order.append(receipt.hold_id)
 
@@ -538,7 +564,7 @@ class LedgerMachine(RuleBasedStateMachine):
         hold = self.holds.get(hold_id)
         if hold is None:
             return "hold_not_found"
-        if hold.expired(self.now):
+        if hold.expired(self.clock.now):
             return "hold_expired"
         if hold.status != "open":
             return "hold_resolved"
@@ -592,7 +618,7 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "hold_not_found"
         elif hold.status != "open":
             predicted = "hold_resolved"
-        elif not hold.expired(self.now):
+        elif not hold.expired(self.clock.now):
             predicted = "hold_not_expired"
         else:
             predicted = 2
@@ -655,14 +681,50 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.deposited[self.accounts[command.account_id].currency] += command.amount
             for account_id, balance in balances.items():
                 self.accounts[account_id].balance = balance
+    # -- time and retention -----------------------------------------------------------------
+
+    def kept(self) -> list[Recorded]:
+        """The recorded requests still within their retention window."""
+        now = self.clock()
+        return [r for r in self.history if r.at + WINDOW > now]
+
+    def expired(self) -> list[Recorded]:
+        now = self.clock()
+        latest = {r.call.request_id: r for r in self.history}  # an id may be used again
+        return [r for r in latest.values() if r.at + WINDOW <= now]
+
+    @rule(step=st.sampled_from(STEPS))
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule()
+    def purge_expired_requests(self) -> None:
+        self.ledger.request_purge.purge()
+        assert self.ledger.head() == self.head
+
+    @rule(data=st.data())
+    def reuse_an_expired_request_id(self, data: st.DataObject) -> None:
+        """After its window a request id is new: a different request with it is judged
+        afresh, not refused as a conflict nor answered with the old outcome."""
+        expired = self.expired()
+        if not expired:
+            return
+        earlier = data.draw(st.sampled_from(expired), label="expired request")
+        account_id = self.pick_account(data)
+        amount = data.draw(amounts, label="amount")
+        call = Call("deposit", (account_id, amount), (("request_id", earlier.call.request_id),))
+        if self.perform(call, self.predict_credit(account_id, amount)):
+            self.accounts[account_id].balance += amount
+            self.deposited[self.accounts[account_id].currency] += amount
 
     # -- retries ----------------------------------------------------------------------------
 
     @rule(data=st.data())
     def retry_same_request(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         try:
             result = earlier.call(self.ledger)
         except DomainError as error:
@@ -677,9 +739,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def retry_with_another_payload(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         call = changed(earlier.call)
         with pytest.raises(DomainError) as caught:
             call(self.ledger)
