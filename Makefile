@@ -44,8 +44,12 @@ generate: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_codec.py
 	$(PY) scripts/bench_write.py
+	$(PY) scripts/bench_history.py
+	$(PY) scripts/soak_write.py
 	$(PY) scripts/bench_projections.py
 	$(PY) scripts/bench_streaming.py
+	$(PY) scripts/bench_http.py
+	$(PY) scripts/bench_sagas.py
 
 clean:
 	rm -rf $(VENV) .daybook bench-results

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -85,10 +86,13 @@ class AccountView:
     overdraft_limit: int
     status: str
     version: int
+    #: Funds held by open holds that have not expired (at the time of the read).
+    held: int = 0
 
 
 class Account(LedgerAggregate):
-    """A money account. Invariant: balance >= -overdraft_limit, always."""
+    """A money account. Invariants: balance >= -overdraft_limit, always; and what open holds
+    reserve can always be captured (a debit never takes ``available`` below zero)."""
 
     flat_state = True
     key_name = "account_id"
@@ -100,6 +104,9 @@ class Account(LedgerAggregate):
         overdraft_limit: int
         balance: int
         status: str
+        #: Open holds: hold id -> (amount, expires at). Replaced, never changed in place, so
+        #: copies of the aggregate may share it (``flat_state``).
+        holds: Mapping[UUID, tuple[int, datetime]]
 
     class Opened(LedgerAggregate.Created):
         """An account was opened (schema v2 added ``overdraft_limit``)."""
@@ -120,6 +127,7 @@ class Account(LedgerAggregate):
             account.overdraft_limit = self.overdraft_limit
             account.balance = 0
             account.status = OPEN
+            account.holds = {}
 
     class Deposited(LedgerAggregate.Event):
         amount: int
@@ -153,6 +161,29 @@ class Account(LedgerAggregate):
         def apply(self, account: Account) -> None:
             account.status = CLOSED
 
+    class HoldPlaced(LedgerAggregate.Event):
+        """Funds set aside for a hold: ``available`` goes down, ``balance`` does not."""
+
+        hold_id: UUID
+        amount: int
+        expires_at: datetime
+
+        def apply(self, account: Account) -> None:
+            account.holds = {**account.holds, self.hold_id: (self.amount, self.expires_at)}
+
+    class HoldReleased(LedgerAggregate.Event):
+        """A hold stopped reserving funds: ``reason`` is captured, voided or expired (a
+        capture's debit follows as its own event)."""
+
+        hold_id: UUID
+        amount: int
+        reason: str
+
+        def apply(self, account: Account) -> None:
+            holds = dict(account.holds)
+            del holds[self.hold_id]
+            account.holds = holds
+
     @classmethod
     def open(cls, account_id: UUID, owner: str, currency: str, overdraft_limit: int) -> Account:
         """Open an account with a zero balance."""
@@ -169,20 +200,35 @@ class Account(LedgerAggregate):
         return AccountNotFound(f"no account has id {key}", account_id=str(key))
 
     @property
+    def held(self) -> int:
+        """What open holds reserve at ``as_of``: a hold stops counting at the instant it
+        expires, whether or not its expiry has been recorded."""
+        if not self.holds:
+            return 0
+        moment = self.as_of
+        return sum(
+            amount
+            for amount, expires_at in self.holds.values()
+            if moment is None or moment < expires_at
+        )
+
+    @property
     def available(self) -> int:
-        """What can still be debited: balance plus the overdraft limit."""
-        return self.balance + self.overdraft_limit
+        """What can still be debited: balance plus the overdraft limit, less what is held."""
+        return self.balance + self.overdraft_limit - self.held
 
     def view(self) -> AccountView:
+        held = self.held
         return AccountView(
             id=self.id,
             owner=self.owner,
             currency=self.currency,
             balance=self.balance,
-            available=self.available,
+            available=self.balance + self.overdraft_limit - held,
             overdraft_limit=self.overdraft_limit,
             status=self.status,
             version=self.version,
+            held=held,
         )
 
     def check_open(self) -> None:
@@ -195,16 +241,24 @@ class Account(LedgerAggregate):
     def check_debit(self, amount: int) -> None:
         """Refuse unless ``amount`` can be debited now."""
         self.check_open()
-        if amount > self.available:
+        available = self.available
+        if amount > available:
+            held = self.held
+            details: dict[str, Any] = {
+                "account_id": str(self.id),
+                "available": available,
+                "balance": self.balance,
+                "overdraft_limit": self.overdraft_limit,
+                "amount": amount,
+            }
+            if held:
+                details["held"] = held
+            on_hold = f", held {held}" if held else ""
             raise InsufficientFunds(
-                f"account {self.id} has {self.available} {self.currency} available "
-                f"(balance {self.balance}, overdraft limit {self.overdraft_limit}); "
+                f"account {self.id} has {available} {self.currency} available "
+                f"(balance {self.balance}, overdraft limit {self.overdraft_limit}{on_hold}); "
                 f"cannot debit {amount}",
-                account_id=str(self.id),
-                available=self.available,
-                balance=self.balance,
-                overdraft_limit=self.overdraft_limit,
-                amount=amount,
+                **details,
             )
 
     def check_credit(self, amount: int) -> None:
@@ -236,7 +290,26 @@ class Account(LedgerAggregate):
                 account_id=str(self.id),
                 balance=self.balance,
             )
+        held = self.held
+        if held:
+            raise AccountNotEmpty(
+                f"account {self.id} has {held} {self.currency} held by open holds; "
+                "capture or void them before closing it",
+                account_id=str(self.id),
+                balance=self.balance,
+                held=held,
+            )
         self.trigger_event(self.Closed)
+
+    def place_hold(self, hold_id: UUID, amount: int, expires_at: datetime) -> None:
+        """Set ``amount`` aside until ``expires_at`` (refused like a debit of it)."""
+        self.check_debit(amount)
+        self.trigger_event(self.HoldPlaced, hold_id=hold_id, amount=amount, expires_at=expires_at)
+
+    def release_hold(self, hold_id: UUID, reason: str) -> None:
+        """Stop reserving a hold's funds (its resolution was checked by the hold)."""
+        amount, _ = self.holds[hold_id]
+        self.trigger_event(self.HoldReleased, hold_id=hold_id, amount=amount, reason=reason)
 
 
 def transfer(source: Account, destination: Account, amount: int, transfer_id: UUID) -> None:

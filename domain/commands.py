@@ -9,7 +9,8 @@ offers commands, are derived from the registry (``registered()``), so a new comm
 nothing else.
 
 Every command carries an envelope: ``request_id`` (chosen by the caller, or generated),
-``correlation_id`` and ``causation_id``, stored as metadata on every event it writes. Fields
+``correlation_id``, ``causation_id`` and ``actor`` (who asked), stored as metadata on every
+event it writes. Fields
 the ledger can generate (an account id, a reservation id) are ``generated``: the caller may
 choose them, and then they are part of what a retry must repeat; otherwise the ledger picks a
 fresh one, which is not.
@@ -20,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
+from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields
+from datetime import datetime
 from typing import (
     Annotated,
     Any,
@@ -47,6 +49,7 @@ from daybook.domain.values import (
     check_request_text,
     check_sku,
     check_text,
+    check_timeout,
     check_uuid,
 )
 
@@ -77,6 +80,9 @@ Currency = Annotated[str, Check(check_currency)]
 Sku = Annotated[str, Check(check_sku, label="SKU")]
 Text = Annotated[str, Check(check_text)]
 Uuid = Annotated[UUID, Check(check_uuid)]
+OptionalUuid = Annotated[UUID | None, Check(check_uuid, optional=True)]
+Timeout = Annotated[int, Check(check_timeout)]
+OptionalTimeout = Annotated[int | None, Check(check_timeout, optional=True)]
 AccountId = Uuid
 RequestText = Annotated[str, Check(check_request_text)]
 
@@ -90,6 +96,10 @@ def generated(*, factory: Callable[[], object], kw_only: bool = True) -> Any:
 
 class Aggregates(Protocol):
     """The aggregates a handler works on (the ledger's unit of work provides them)."""
+
+    #: The instant the command is judged at, from the ledger's clock (every aggregate handed
+    #: out carries it as ``as_of``); None outside a ledger.
+    now: datetime | None
 
     def get(self, kind: type[A], key: Any) -> A:
         """The aggregate of ``kind`` for ``key``; raises ``kind.not_found(key)`` if none."""
@@ -116,9 +126,12 @@ class _Spec:
     payload: tuple[str, ...]
 
 
+#: Verbs whose commands reduce risk unless their class says otherwise (``reduces_risk``).
+RISK_REDUCING_VERBS = frozenset({"release", "void", "expire", "cancel", "compensate"})
+
 _REGISTRY: dict[str, type[Command]] = {}
 _SPECS: dict[type[Command], _Spec] = {}
-_ENVELOPE = ("request_id", "correlation_id", "causation_id")
+_ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor", "traceparent")
 
 
 def _snake(name: str) -> str:
@@ -132,18 +145,33 @@ class Command:
     class name in snake case unless they set one): ``Transfer`` is ``ledger.transfer``."""
 
     name: ClassVar[str] = "command"
+    #: True for commands that lower exposure (release a reservation, void a hold, cancel,
+    #: compensate): services under load never shed them. By default, commands whose names
+    #: start with one of ``RISK_REDUCING_VERBS`` do; a class may say otherwise.
+    reduces_risk: ClassVar[bool] = False
+    #: False when the ledgers offer no generated method for the command: one written by hand
+    #: (``atomic``: its argument is a list of commands), or none (the saga processor's own
+    #: commands, sent with ``execute``).
+    generated_method: ClassVar[bool] = True
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
     request_id: str = generated(factory=new_id_text)
     correlation_id: str | None = None
     causation_id: str | None = None
+    #: Who asks (recorded on every event; not part of what a retry must repeat).
+    actor: str | None = None
+    #: The caller's trace (a W3C ``traceparent``), recorded on every event; set by the
+    #: ledger from the active span when the caller leaves it out.
+    traceparent: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         dataclass(frozen=True)(cls)
         if "name" not in cls.__dict__:
             cls.name = _snake(cls.__name__)
+        if "reduces_risk" not in cls.__dict__:
+            cls.reduces_risk = cls.name.split("_", 1)[0] in RISK_REDUCING_VERBS
         if cls.handle is Command.handle:
             return  # an abstract intermediate class
         known = _REGISTRY.get(cls.name)
@@ -211,10 +239,14 @@ class Command:
 
     @property
     def metadata(self) -> Metadata:
-        return Metadata(
+        # Built without validating again: ``__post_init__`` checked the three values (and
+        # this runs for every command on the write path).
+        return Metadata.model_construct(
             request_id=self.request_id,
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,
+            actor=self.actor,
+            traceparent=self.traceparent,
         )
 
 
@@ -312,19 +344,45 @@ class Receipt:
     transfer_id: UUID | None = None
     sku: str | None = None
     reservation_id: str | None = None
+    hold_id: UUID | None = None
+    saga_id: UUID | None = None
+    #: A linked list's receipt (``ledger.atomic``): one receipt per command, in order. They
+    #: committed together, so each carries the list's position and ``replayed``.
+    linked: tuple[Receipt, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(
+            not isinstance(part, Receipt)
+            or (part.position, part.replayed) != (self.position, self.replayed)
+            for part in self.linked
+        ):
+            parts = tuple(
+                Receipt.from_record(
+                    {**(asdict(part) if isinstance(part, Receipt) else part), "position": 0},
+                    replayed=self.replayed,
+                    position=self.position,
+                )
+                for part in self.linked
+            )
+            object.__setattr__(self, "linked", parts)
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, replayed: bool) -> Receipt:
+    def from_record(
+        cls, record: Mapping[str, Any], *, replayed: bool, position: int | None = None
+    ) -> Receipt:
         """A receipt from its recorded form (JSON values: ids as text)."""
         return cls(
             command=record["command"],
             request_id=record["request_id"],
-            position=record["position"],
+            position=record["position"] if position is None else position,
             replayed=replayed,
             account_id=_uuid(record.get("account_id")),
             transfer_id=_uuid(record.get("transfer_id")),
             sku=record.get("sku"),
             reservation_id=record.get("reservation_id"),
+            hold_id=_uuid(record.get("hold_id")),
+            saga_id=_uuid(record.get("saga_id")),
+            linked=tuple(record.get("linked", ())),
         )
 
 
@@ -343,11 +401,14 @@ __all__ = [
     "DomainError",
     "Limit",
     "OptionalAmount",
+    "OptionalTimeout",
+    "OptionalUuid",
     "Parameter",
     "Receipt",
     "RequestText",
     "Sku",
     "Text",
+    "Timeout",
     "Uuid",
     "command_named",
     "generated",

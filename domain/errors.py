@@ -77,3 +77,9 @@ class ConcurrencyConflict(DomainError):
     """Other writers kept changing the same aggregates; the command was not applied."""
 
     code = "concurrency_conflict"
+
+
+class InvalidTimeout(DomainError):
+    """A timeout is not a whole number of seconds in range."""
+
+    code = "invalid_timeout"

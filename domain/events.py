@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 from uuid import UUID
 
 from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
@@ -28,6 +28,11 @@ class Metadata(BaseModel):
     request_id: str | None = None
     correlation_id: str | None = None
     causation_id: str | None = None
+    #: Who asked: the name of the caller's credential (an HTTP token's name), if known.
+    actor: str | None = None
+    #: The trace of the request that caused the change (a W3C ``traceparent``), so that what
+    #: the event causes later, elsewhere (projections, the relay, workers, sagas) continues it.
+    traceparent: str | None = None
 
 
 _NO_METADATA = Metadata()
@@ -81,10 +86,26 @@ class LedgerAggregate(BaseAggregate[UUID]):
     #: True when the aggregate's own state holds no containers (only immutable values), so
     #: ``clone`` need only copy its list of pending events.
     flat_state: ClassVar[bool] = False
+    #: Containers in the state that only replaying old events changes (never a command):
+    #: copies share them rather than copy them.
+    replay_only: ClassVar[frozenset[str]] = frozenset()
+    #: Created by one event and never changed (a marker that something happened once). The
+    #: write path does not look one up in the store before creating it: the store refuses
+    #: a second creation, and the command is then judged again on what the store holds.
+    write_once: ClassVar[bool] = False
     #: The name of the key callers find one by.
     key_name: ClassVar[str] = "id"
     #: The name of the ledger's read method for one aggregate (None: no such method).
     read_as: ClassVar[str | None] = None
+
+    # The instant this copy of the aggregate is judged at: the ledger sets it, from its
+    # injectable clock, on every aggregate it hands to a command or a read. Rules that depend
+    # on time (a hold that expires) read it here, so the domain never reads a clock. None
+    # outside the ledger: nothing has expired.
+    if TYPE_CHECKING:
+        as_of: datetime | None
+    else:
+        as_of = None
 
     @classmethod
     def id_for(cls, key: Any) -> UUID:
@@ -157,8 +178,9 @@ class LedgerAggregate(BaseAggregate[UUID]):
             # gives it (daybook.infrastructure.compat.eventsourcing checks it still does).
             state["_pending_events"] = state["_pending_events"].copy()
         else:
+            shared = self.replay_only
             for name, value in state.items():
-                if type(value) in _CONTAINERS:
+                if type(value) in _CONTAINERS and name not in shared:
                     state[name] = value.copy()
         clone.__dict__ = state
         return clone

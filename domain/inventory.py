@@ -7,9 +7,10 @@ commands that change stock, each with its handler.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from daybook.domain.commands import (
     Aggregates,
@@ -18,6 +19,7 @@ from daybook.domain.commands import (
     Command,
     Delta,
     OptionalAmount,
+    OptionalTimeout,
     Sku,
     Text,
     generated,
@@ -70,6 +72,18 @@ class ReservationExists(DomainError):
     code = "reservation_exists"
 
 
+class ReservationExpired(DomainError):
+    """The reservation's timeout has passed: its units are available again."""
+
+    code = "reservation_expired"
+
+
+class ReservationNotExpired(DomainError):
+    """An expiry was asked for before the reservation's timeout passed (or it has none)."""
+
+    code = "reservation_not_expired"
+
+
 @dataclass(frozen=True)
 class StockView:
     """A SKU's stock, read from the log (strongly consistent)."""
@@ -84,17 +98,27 @@ class StockView:
 
 class Inventory(LedgerAggregate):
     """Stock of one SKU. Invariants: 0 <= reserved <= on_hand, and each reservation
-    resolves (commit or release) exactly once."""
+    resolves (commit or release) exactly once.
+
+    Only open reservations are live state. That a reservation id was used at all (so it
+    cannot be reserved again, and resolving it again is "resolved", not "not found") is
+    kept by its own ``ReservationClaim``, which the commands look up: a SKU does not grow
+    with its history. Reservations made before claims existed (``StockReserved`` schema
+    version 1) are remembered in ``unclaimed``, which no new reservation joins.
+    """
 
     key_name = "sku"
     read_as = "inventory"
+    replay_only = frozenset({"unclaimed"})
 
     if TYPE_CHECKING:  # set by events; not constructor fields (the metaclass reads annotations)
         sku: str
         on_hand: int
         reserved: int
         reservations: dict[str, int]
-        resolved: set[str]
+        unclaimed: set[str]
+        #: When reservations made with a timeout expire: reservation id -> instant.
+        expiring: dict[str, datetime]
 
     class Created(LedgerAggregate.Created):
         sku: str
@@ -104,7 +128,8 @@ class Inventory(LedgerAggregate):
             inventory.on_hand = 0
             inventory.reserved = 0
             inventory.reservations = {}
-            inventory.resolved = set()
+            inventory.unclaimed = set()
+            inventory.expiring = {}
 
     class StockReceived(LedgerAggregate.Event):
         quantity: int
@@ -120,12 +145,29 @@ class Inventory(LedgerAggregate):
             inventory.on_hand += self.delta
 
     class StockReserved(LedgerAggregate.Event):
+        """Units set aside; with ``expires_at`` they stop counting as reserved at that
+        instant. Schema v2 added ``expires_at`` and ``claimed``."""
+
+        class_version = 2
         reservation_id: str
         quantity: int
+        expires_at: datetime | None
+        #: Whether a ``ReservationClaim`` marks the id as used.
+        claimed: bool = True
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Version 1 reservations had no timeout and were made before claims existed."""
+            state["expires_at"] = None
+            state["claimed"] = False
 
         def apply(self, inventory: Inventory) -> None:
             inventory.reservations[self.reservation_id] = self.quantity
             inventory.reserved += self.quantity
+            if self.expires_at is not None:
+                inventory.expiring[self.reservation_id] = self.expires_at
+            if not self.claimed:  # only replays meet these (see replay_only)
+                inventory.unclaimed.add(self.reservation_id)
 
     class ReservationCommitted(LedgerAggregate.Event):
         """Shipped: ``shipped`` units leave stock, ``released`` go back to available."""
@@ -136,7 +178,7 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
+            inventory.expiring.pop(self.reservation_id, None)
             inventory.reserved -= self.shipped + self.released
             inventory.on_hand -= self.shipped
 
@@ -146,7 +188,18 @@ class Inventory(LedgerAggregate):
 
         def apply(self, inventory: Inventory) -> None:
             del inventory.reservations[self.reservation_id]
-            inventory.resolved.add(self.reservation_id)
+            inventory.expiring.pop(self.reservation_id, None)
+            inventory.reserved -= self.quantity
+
+    class ReservationExpired(LedgerAggregate.Event):
+        """A reservation's timeout passed; its units went back to available stock."""
+
+        reservation_id: str
+        quantity: int
+
+        def apply(self, inventory: Inventory) -> None:
+            del inventory.reservations[self.reservation_id]
+            del inventory.expiring[self.reservation_id]
             inventory.reserved -= self.quantity
 
     @classmethod
@@ -161,17 +214,32 @@ class Inventory(LedgerAggregate):
     def not_found(cls, key: Any) -> DomainError:
         return SkuNotFound(f"no stock was ever received for SKU {key!r}", sku=key)
 
+    def _lapsed(self) -> list[str]:
+        """Reservations whose timeout has passed at ``as_of`` (expiry perhaps unrecorded)."""
+        moment = self.as_of
+        if not self.expiring or moment is None:
+            return []
+        return [rid for rid, expires_at in self.expiring.items() if moment >= expires_at]
+
+    @property
+    def held(self) -> int:
+        """Units reserved at ``as_of``: a reservation stops counting the instant it expires."""
+        return self.reserved - sum(self.reservations[rid] for rid in self._lapsed())
+
     @property
     def available(self) -> int:
-        return self.on_hand - self.reserved
+        return self.on_hand - self.held
 
     def view(self) -> StockView:
+        lapsed = self._lapsed()
+        reservations = {r: q for r, q in self.reservations.items() if r not in lapsed}
+        reserved = sum(reservations.values())
         return StockView(
             sku=self.sku,
             on_hand=self.on_hand,
-            reserved=self.reserved,
-            available=self.available,
-            reservations=dict(self.reservations),
+            reserved=reserved,
+            available=self.on_hand - reserved,
+            reservations=reservations,
             version=self.version,
         )
 
@@ -196,38 +264,59 @@ class Inventory(LedgerAggregate):
                 on_hand=self.on_hand,
                 delta=delta,
             )
-        if after < self.reserved:
+        reserved = self.held
+        if after < reserved:
             raise StockBelowReserved(
-                f"SKU {self.sku} has {self.on_hand} on hand and {self.reserved} reserved; "
+                f"SKU {self.sku} has {self.on_hand} on hand and {reserved} reserved; "
                 f"adjusting by {delta} would leave {after}, below what is reserved",
                 sku=self.sku,
                 on_hand=self.on_hand,
-                reserved=self.reserved,
+                reserved=reserved,
                 delta=delta,
             )
         self.trigger_event(self.StockAdjusted, delta=delta, reason=reason)
 
-    def reserve(self, reservation_id: str, quantity: int) -> None:
-        if reservation_id in self.reservations or reservation_id in self.resolved:
+    def used(self, reservation_id: str, claimed: bool = False) -> bool:
+        """Whether ``reservation_id`` was ever reserved on this SKU. ``claimed``: whether its
+        ``ReservationClaim`` exists (the commands look it up; see ``is_claimed``), which the
+        SKU's own state cannot tell once the reservation is resolved."""
+        return claimed or reservation_id in self.reservations or reservation_id in self.unclaimed
+
+    def reserve(
+        self,
+        reservation_id: str,
+        quantity: int,
+        expires_at: datetime | None = None,
+        *,
+        claimed: bool = False,
+    ) -> None:
+        if self.used(reservation_id, claimed):
             raise ReservationExists(
                 f"SKU {self.sku} already has a reservation {reservation_id!r}",
                 sku=self.sku,
                 reservation_id=reservation_id,
             )
-        if quantity > self.available:
+        reserved = self.held
+        available = self.on_hand - reserved
+        if quantity > available:
             raise OutOfStock(
-                f"SKU {self.sku} has {self.available} available ({self.on_hand} on hand, "
-                f"{self.reserved} reserved); cannot reserve {quantity}",
+                f"SKU {self.sku} has {available} available ({self.on_hand} on hand, "
+                f"{reserved} reserved); cannot reserve {quantity}",
                 sku=self.sku,
-                available=self.available,
+                available=available,
                 on_hand=self.on_hand,
-                reserved=self.reserved,
+                reserved=reserved,
                 quantity=quantity,
             )
-        self.trigger_event(self.StockReserved, reservation_id=reservation_id, quantity=quantity)
+        self.trigger_event(
+            self.StockReserved,
+            reservation_id=reservation_id,
+            quantity=quantity,
+            expires_at=expires_at,
+        )
 
-    def _open_reservation(self, reservation_id: str) -> int:
-        if reservation_id in self.resolved:
+    def _open_reservation(self, reservation_id: str, claimed: bool = False) -> int:
+        if reservation_id not in self.reservations and self.used(reservation_id, claimed):
             raise ReservationResolved(
                 f"reservation {reservation_id!r} of SKU {self.sku} was already committed or "
                 "released",
@@ -235,17 +324,29 @@ class Inventory(LedgerAggregate):
                 reservation_id=reservation_id,
             )
         try:
-            return self.reservations[reservation_id]
+            held = self.reservations[reservation_id]
         except KeyError:
             raise ReservationNotFound(
                 f"SKU {self.sku} has no reservation {reservation_id!r}",
                 sku=self.sku,
                 reservation_id=reservation_id,
             ) from None
+        if reservation_id in self._lapsed():
+            expires_at = self.expiring[reservation_id]
+            raise ReservationExpired(
+                f"reservation {reservation_id!r} of SKU {self.sku} expired at "
+                f"{expires_at.isoformat()}; its units are available again",
+                sku=self.sku,
+                reservation_id=reservation_id,
+                expires_at=expires_at.isoformat(),
+            )
+        return held
 
-    def commit(self, reservation_id: str, quantity: int | None = None) -> None:
+    def commit(
+        self, reservation_id: str, quantity: int | None = None, *, claimed: bool = False
+    ) -> None:
         """Ship ``quantity`` units of the reservation (all by default); release the rest."""
-        held = self._open_reservation(reservation_id)
+        held = self._open_reservation(reservation_id, claimed)
         shipped = held if quantity is None else quantity
         if shipped > held:
             raise InvalidAmount(
@@ -263,9 +364,35 @@ class Inventory(LedgerAggregate):
             released=held - shipped,
         )
 
-    def release(self, reservation_id: str) -> None:
-        held = self._open_reservation(reservation_id)
+    def release(self, reservation_id: str, *, claimed: bool = False) -> None:
+        held = self._open_reservation(reservation_id, claimed)
         self.trigger_event(self.ReservationReleased, reservation_id=reservation_id, quantity=held)
+
+    def expire(self, reservation_id: str, *, claimed: bool = False) -> None:
+        """Record the expiry of a reservation whose timeout has passed."""
+        if reservation_id not in self.reservations and self.used(reservation_id, claimed):
+            raise ReservationResolved(
+                f"reservation {reservation_id!r} of SKU {self.sku} was already resolved",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        if reservation_id not in self.reservations:
+            raise ReservationNotFound(
+                f"SKU {self.sku} has no reservation {reservation_id!r}",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        if reservation_id not in self._lapsed():
+            raise ReservationNotExpired(
+                f"reservation {reservation_id!r} of SKU {self.sku} has not expired",
+                sku=self.sku,
+                reservation_id=reservation_id,
+            )
+        self.trigger_event(
+            self.ReservationExpired,
+            reservation_id=reservation_id,
+            quantity=self.reservations[reservation_id],
+        )
 
 
 def check_reservation_id(value: object, what: str = "reservation_id") -> str:
@@ -282,6 +409,48 @@ ReservationId = Annotated[str, Check(check_reservation_id)]
 
 
 # -- commands ---------------------------------------------------------------------------------
+
+
+class ReservationClaim(LedgerAggregate):
+    """That a reservation id of a SKU was used: created with the reservation, never
+    changed. Found by ``(sku, reservation_id)``."""
+
+    flat_state = True
+    write_once = True
+    key_name = "reservation"
+
+    if TYPE_CHECKING:
+        sku: str
+        reservation_id: str
+
+    class Claimed(LedgerAggregate.Created):
+        sku: str
+        reservation_id: str
+
+        def apply(self, claim: ReservationClaim) -> None:
+            claim.sku, claim.reservation_id = self.sku, self.reservation_id
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        sku, reservation_id = key
+        return uuid5(inventory_id(check_sku(sku)), reservation_id)
+
+    @classmethod
+    def claim(cls, sku: str, reservation_id: str) -> ReservationClaim:
+        return cls._create(
+            cls.Claimed,
+            id=cls.id_for((sku, reservation_id)),
+            sku=sku,
+            reservation_id=reservation_id,
+        )
+
+
+def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str) -> bool:
+    """Whether a claim marks ``reservation_id`` as used on ``inventory``'s SKU (looked up
+    only when the SKU's own state cannot tell)."""
+    if reservation_id in inventory.reservations or reservation_id in inventory.unclaimed:
+        return False  # not needed: the SKU knows
+    return aggregates.find(ReservationClaim, (inventory.sku, reservation_id)) is not None
 
 
 class ReceiveStock(Command):
@@ -311,14 +480,28 @@ class AdjustStock(Command):
 
 
 class ReserveStock(Command):
-    """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+    """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
 
     sku: Sku
     quantity: Amount
+    timeout: OptionalTimeout = field(default=None, kw_only=True)
     reservation_id: ReservationId = generated(factory=new_id_text, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).reserve(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        expires_at = None
+        if self.timeout is not None:
+            if inventory.as_of is None:
+                msg = "a reservation with a timeout was made without the ledger's clock"
+                raise RuntimeError(msg)
+            expires_at = inventory.as_of + timedelta(seconds=self.timeout)
+        inventory.reserve(
+            self.reservation_id,
+            self.quantity,
+            expires_at,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
+        aggregates.add(ReservationClaim.claim(self.sku, self.reservation_id))
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -330,7 +513,12 @@ class CommitReservation(Command):
     quantity: OptionalAmount = None
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).commit(self.reservation_id, self.quantity)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.commit(
+            self.reservation_id,
+            self.quantity,
+            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -341,5 +529,22 @@ class ReleaseReservation(Command):
     reservation_id: ReservationId
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        aggregates.get(Inventory, self.sku).release(self.reservation_id)
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.release(
+            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+        )
+        return {"sku": self.sku, "reservation_id": self.reservation_id}
+
+
+class ExpireReservation(Command):
+    """Record that a reservation's timeout passed (its units were free from then)."""
+
+    sku: Sku
+    reservation_id: ReservationId
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        inventory = aggregates.get(Inventory, self.sku)
+        inventory.expire(
+            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+        )
         return {"sku": self.sku, "reservation_id": self.reservation_id}

@@ -5,10 +5,19 @@ from __future__ import annotations
 import re
 from uuid import UUID, uuid5
 
-from daybook.domain.errors import InvalidAmount, InvalidCurrency, InvalidRequest, InvalidSku
+from daybook.domain.errors import (
+    InvalidAmount,
+    InvalidCurrency,
+    InvalidRequest,
+    InvalidSku,
+    InvalidTimeout,
+)
 
 #: Amounts and quantities are integers in 1 .. MAX_AMOUNT (fits a signed 64-bit column).
 MAX_AMOUNT = 2**63 - 1
+
+#: Holds and reservations expire at most this many seconds after they are made (a year).
+MAX_TIMEOUT = 366 * 24 * 3600
 
 #: Active ISO 4217 currency codes (funds and precious metals included).
 _ISO_4217_CODES = """
@@ -64,6 +73,18 @@ def check_limit(value: object, what: str = "overdraft_limit") -> int:
     if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
         raise InvalidAmount(
             f"{what} must be an int between 0 and {MAX_AMOUNT}, got {value!r}",
+            value=repr(value),
+        )
+    return value
+
+
+def check_timeout(value: object, what: str = "timeout") -> int:
+    """A timeout: whole seconds in 1 .. MAX_TIMEOUT (no floats: time in the write path is
+    exact)."""
+    if type(value) is not int or not 0 < value <= MAX_TIMEOUT:
+        raise InvalidTimeout(
+            f"{what} must be a whole number of seconds (int) between 1 and {MAX_TIMEOUT}, "
+            f"got {type(value).__name__} {value!r}",
             value=repr(value),
         )
     return value

@@ -6,7 +6,8 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -21,9 +22,12 @@ from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
-from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
+
+#: What time it is (timezone-aware, UTC).
+Clock = Callable[[], datetime]
 
 
 def settings_for(
@@ -36,31 +40,49 @@ def settings_for(
     return settings.model_copy(update=changes) if changes else settings
 
 
-def ledger_service(settings: Settings) -> LedgerService:
-    """The write side's application service on ``settings.url`` (tables created if missing)."""
+def ledger_service(
+    settings: Settings, *, clock: Clock | None = None, purge: bool = True
+) -> LedgerService:
+    """The write side's application service on ``settings.url`` (tables created if missing),
+    with its request purge service running unless ``purge`` is False or the settings turn
+    it off. ``clock`` tells it the time (default: the system's, in UTC): holds and
+    reservations expire by it, and request records are kept by it."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(env=env)
+    service = LedgerService(
+        env=env, clock=clock, retention=settings.request_retention.total_seconds()
+    )
+    service.snapshot_interval = settings.snapshot_interval
     install_aggregate_cache(service)
     if settings.group_commit:
         service.install_committer(GroupCommitter)
+    service.request_purge.interval = settings.request_purge_interval.total_seconds()
+    if purge and service.request_purge.interval > 0:
+        service.request_purge.start()
     return service
 
 
 def open_ledger(
-    url: str | None = None, *, group_commit: bool | None = None, settings: Settings | None = None
+    url: str | None = None,
+    *,
+    group_commit: bool | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
 ) -> Ledger:
     """A blocking ``Ledger`` on the event store at ``url`` (default: ``$DAYBOOK_URL``, else
     the embedded SQLite file). With ``group_commit`` (the default), concurrent commands from
-    many threads share transactions; without it, each command commits alone."""
+    many threads share transactions; without it, each command commits alone. ``clock``: see
+    ``ledger_service`` (tests move it)."""
     chosen = settings_for(url, settings, group_commit=group_commit)
-    return Ledger(ledger_service(chosen), chosen)
+    return Ledger(ledger_service(chosen, clock=clock), chosen)
 
 
-def open_async_ledger(url: str | None = None, *, settings: Settings | None = None) -> AsyncLedger:
+def open_async_ledger(
+    url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
+) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
     chosen = settings_for(url, settings, group_commit=True)
-    return AsyncLedger(ledger_service(chosen), chosen)
+    return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
 def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:
@@ -136,6 +158,38 @@ def stream_worker_config(settings: Settings, **options: Any) -> WorkerConfig:
     )
 
 
+def payment_gateway(settings: Settings) -> HttpPaymentGateway:
+    """The payment gateway at ``settings.gateway_url`` (the httpx adapter)."""
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
+
+    if not settings.gateway_url:
+        msg = "no payment gateway is configured: pass --gateway or set $DAYBOOK_GATEWAY_URL"
+        raise BadSettings(msg)
+    return HttpPaymentGateway(settings.gateway_url)
+
+
+def saga_processor(
+    ledger: Ledger,
+    views: ReadModels,
+    gateway: PaymentGateway | None = None,
+    **options: Any,
+) -> SagaProcessor:
+    """The saga processor for ``ledger`` (sagas found in ``views``, the read models), calling
+    ``gateway`` (default: the one the ledger's settings name); not started."""
+    from daybook.domain.orders import PAYMENTS
+    from daybook.infrastructure.sagas.processor import SagaProcessor
+
+    port = gateway if gateway is not None else payment_gateway(ledger.settings)
+    return SagaProcessor(ledger, views, {PAYMENTS: port}, **options)
+
+
+def expiry_sweeper(ledger: Ledger, views: ReadModels, **options: Any) -> ExpirySweeper:
+    """The sweeper that records expired holds and reservations; not started."""
+    from daybook.infrastructure.expiry import ExpirySweeper
+
+    return ExpirySweeper(ledger, views, **options)
+
+
 def event_log_of(ledger: Ledger) -> EventLog:
     """A read-only view of a ledger's own log, on the ledger's connections."""
     return EventLog(ledger.service.recorder, ledger.service.mapper)
@@ -173,24 +227,68 @@ def run_projections(
     return runner
 
 
+def http_parts(
+    settings: Settings,
+    options: HttpOptions | None = None,
+    *,
+    projections: Sequence[Projection] | None = definitions.ALL,
+    tokens: TokenStore | None = None,
+) -> HttpParts:
+    """What ``daybook serve`` serves: the asyncio ledger, a pool of read-model connections,
+    the token store (in the event store's database) and, unless ``projections`` is None
+    (another process runs them), the projection runner, started."""
+    from daybook.infrastructure.http.app import HttpOptions, HttpParts  # see the end
+    from daybook.infrastructure.http.reads import ReadPool
+    from daybook.infrastructure.http.tokens import open_tokens
+
+    chosen = options or HttpOptions()
+    ledger = open_async_ledger(settings=settings)
+    log = EventLog(ledger.service.recorder, ledger.service.mapper)
+    location = ReadModelLocation(settings.url, settings.readmodels_url)
+    runner = None
+    if projections is not None:
+        runner = EmbeddedProjections(log, location, projections)
+        runner.start()
+    views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
+    parts = HttpParts(ledger, ReadPool(views), tokens or open_tokens(settings.url), chosen)
+    parts.log, parts.readmodels_url = log, location.url
+    if runner is not None:
+        parts.services["projections"] = runner.health
+        parts.on_close.append(runner.stop)
+    else:
+        parts.on_close.append(location.close)
+    return parts
+
+
 # The streaming parts (aiokafka, faust) are imported where they are built, not above:
 # importing faust costs most of a second, and `import daybook` should not pay it.
+# The HTTP parts (FastAPI) likewise.
 if TYPE_CHECKING:
+    from daybook.infrastructure.expiry import ExpirySweeper
+    from daybook.infrastructure.gateway import PaymentGateway
+    from daybook.infrastructure.gateway.http import HttpPaymentGateway
+    from daybook.infrastructure.http.app import HttpOptions, HttpParts
+    from daybook.infrastructure.http.tokens import TokenStore
     from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler
+    from daybook.infrastructure.sagas.processor import SagaProcessor
     from daybook.infrastructure.streaming.app import WorkerConfig
     from daybook.infrastructure.streaming.relay import Relay
 
 __all__: Sequence[str] = [
     "continuous_reconciler",
     "event_log_of",
+    "expiry_sweeper",
+    "http_parts",
     "ledger_service",
     "open_async_ledger",
     "open_event_log",
     "open_ledger",
     "open_read_models",
     "outbox_relay",
+    "payment_gateway",
     "projection_runner",
     "run_projections",
+    "saga_processor",
     "settings_for",
     "stream_worker_config",
 ]

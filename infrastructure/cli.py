@@ -1,19 +1,30 @@
 """The ``daybook`` command line. Each area registers its own subcommands.
 
-User mistakes (bad input, refused commands, unreachable stores) print one clear line on
-stderr and exit non-zero; only real bugs show a traceback.
+A person's mistake (a bad number, a URL no command can use, a store that does not answer, a
+refused command, a closed pipe, Ctrl-C) ends as one line on stderr saying what was wrong and
+what to do, with a non-zero exit; only a bug in daybook shows a traceback. Every command and
+option has help with its default shown, and every command's help ends with examples that use
+each of its options (tests/unit/test_cli_help.py holds all of them to it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+import psycopg
 from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.errors import DomainError
+from daybook.infrastructure import preflight
+from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -21,15 +32,113 @@ from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 #: ``handler`` (a function of the parsed args returning an exit code) on its parsers.
 COMMAND_MODULES = [
     "daybook.infrastructure.demo",
+    "daybook.infrastructure.lookup",
+    "daybook.infrastructure.http.cli",
     "daybook.infrastructure.streaming.cli",
     "daybook.infrastructure.readmodels.cli",
+    "daybook.infrastructure.sagas.cli",
+    "daybook.infrastructure.ledger.cli",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: Exit status of a process whose output pipe closed (128 + SIGPIPE), as shells report it.
+EXIT_BROKEN_PIPE = 141
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped, examples as written; every option's default shown, unless it
+    has none (options that fall back to a ``DAYBOOK_*`` variable say so in their own
+    words)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # laid out by hand: examples, lists
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == argparse.SUPPRESS
+        shown = not nothing and not isinstance(
+            action, argparse._HelpAction | argparse._VersionAction
+        )
+        if shown and "%(default)" not in text and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command and its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def command(
+    subparsers: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    examples: Sequence[str],
+) -> Parser:
+    """A subcommand with its help, a description and examples (``daybook ...`` lines)."""
+    lines = "\n".join(f"  {example}" for example in examples)
+    parser: Parser = subparsers.add_parser(
+        name, help=help, description=description, epilog=f"examples:\n{lines}"
+    )
+    return parser
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``minimum`` .. ``maximum``, or a one-line refusal."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def rate(text: str) -> float:
+    """An argparse type: requests per second, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more requests per second, got {text}")
+    return value
+
+
+def build_parser() -> Parser:
+    from daybook import __version__
+
+    parser = Parser(
         prog="daybook",
         description=(
             "daybook: an event-sourced ledger with CQRS projections. Commands are checked "
@@ -37,21 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
             "(eventually consistent, and say how far behind they are)."
         ),
         epilog=(
-            "Store URLs: memory://, sqlite:///path/to/file.db, "
-            "postgresql://user:password@host:port/dbname. "
-            f"Default: $DAYBOOK_URL or {DEFAULT_URL}."
+            "Store URLs: memory:// (the demo only: it lives inside one process),\n"
+            "sqlite:///path/to/file.db, postgresql://user:password@host:port/dbname.\n"
+            f"Default: $DAYBOOK_URL, else {DEFAULT_URL}.\n\nexamples:\n  daybook demo\n"
+            "  daybook serve --url postgresql://daybook@localhost/daybook\n"
+            "  daybook balance 0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b\n  daybook --version\n"
         ),
     )
+    parser.add_argument("--version", action="version", version=f"daybook {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
-def add_url_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url", help=f"event store URL (default: $DAYBOOK_URL, else {DEFAULT_URL})"
-    )
+def add_url_argument(parser: argparse.ArgumentParser, *, postgres_only: bool = False) -> None:
+    if postgres_only:
+        text = "event store URL, postgresql://... (default: $DAYBOOK_URL; required otherwise)"
+    else:
+        text = f"event store URL (default: $DAYBOOK_URL, else {DEFAULT_URL})"
+    parser.add_argument("--url", help=text)
 
 
 def add_readmodels_argument(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +174,24 @@ def add_readmodels_argument(parser: argparse.ArgumentParser) -> None:
         help="read-model database URL (default: $DAYBOOK_READMODELS_URL, else the event "
         "store's database)",
     )
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=os.environ.get("DAYBOOK_LOG_FORMAT", "console"),
+        help="log lines as text for a console, or one JSON object each (default: "
+        "$DAYBOOK_LOG_FORMAT, else console)",
+    )
+
+
+def setup_logging(args: argparse.Namespace, level: int | str = logging.INFO) -> None:
+    """Logging for a long-running command (its entry point owns the process): JSON or
+    console lines on stderr, rate-limited, secrets redacted."""
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    configure_logging(getattr(args, "log_format", "console"), int(level))
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -72,35 +204,105 @@ def settings_of(args: argparse.Namespace) -> Settings:
         topic=getattr(args, "topic", None),
         partitions=getattr(args, "partitions", None),
         group=getattr(args, "group", None),
+        gateway_url=getattr(args, "gateway", None),
     )
 
 
+def checked_settings(
+    args: argparse.Namespace,
+    *,
+    kinds: Sequence[str] = ("sqlite", "postgresql"),
+    why: str = "",
+    existing: bool = True,
+    readmodels: bool = False,
+) -> Settings:
+    """``settings_of(args)``, having checked that the event store is of ``kinds`` (``why``
+    says why no other will do), answers, and (with ``existing``) already holds a ledger; with
+    ``readmodels``, that the read-model database answers too. Raises ``Unusable``."""
+    settings = settings_of(args)
+    if settings.url == DEFAULT_URL and "DAYBOOK_URL" not in os.environ and "sqlite" not in kinds:
+        raise preflight.Unusable(f"this command needs --url ({why}) or $DAYBOOK_URL")
+    preflight.check_store(settings.url, kinds=kinds, why=why, existing=existing)
+    if readmodels and settings.readmodels_url is not None:
+        preflight.check_store(
+            settings.readmodels_url,
+            role="read-model database",
+            kinds=("sqlite", "postgresql"),
+            why="read models are tables in a database",
+        )
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    return guarded(lambda: _dispatch(build_parser(), argv))
+
+
+def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
         return 2
+    return handler(args)
+
+
+def guarded(run: Callable[[], int]) -> int:
+    """Run a command line; a person's mistake becomes one line on stderr and an exit code."""
     try:
-        return handler(args)
+        code = run()
+        # Written out here, not at exit: a reader that has gone is then still a
+        # BrokenPipeError this function handles, not a message from the interpreter.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `daybook demo | head`: the reader has gone. Point stdout at nothing, so the
+        # interpreter's final flush does not raise again, and say it once.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        _say("the output was closed before everything was written (broken pipe)")
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
     except DomainError as error:
-        print(f"daybook: refused ({error.code}): {error}", file=sys.stderr)
+        _say(f"refused ({error.code}): {error}")
         return 1
     except BadURL as error:
-        print(f"daybook: {error}", file=sys.stderr)
+        _say(str(error))
         return 2
-    except PersistenceError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(
-            f"daybook: the store did not answer ({reason}); check the URL and that the "
-            "database is running",
-            file=sys.stderr,
+    except Exception as error:
+        message = _user_error(error)
+        if message is None:
+            raise
+        _say(message)
+        return 2
+
+
+def _user_error(error: Exception) -> str | None:
+    """One line for a failure a person can fix (None: a bug, to be shown in full)."""
+    from daybook.infrastructure.readmodels import StaleRead
+    from daybook.infrastructure.readmodels.store import ReadStoreError
+
+    if isinstance(error, StaleRead | ReadStoreError):
+        return str(error)
+    cause: BaseException | None = error
+    while cause is not None:  # eventsourcing wraps the driver's error
+        if isinstance(cause, psycopg.OperationalError):
+            return f"the database did not answer: {preflight.explain(cause)}"
+        if isinstance(cause, sqlite3.DatabaseError):
+            return f"the SQLite database cannot be used: {cause} (check the path)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, PersistenceError):
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        return (
+            f"the store did not answer ({reason}); check the URL and that the database is running"
         )
-        return 2
-    except KeyboardInterrupt:
-        print("daybook: interrupted", file=sys.stderr)
-        return 130
+    return None
+
+
+def _say(line: str) -> None:
+    with contextlib.suppress(BrokenPipeError, ValueError):
+        print(f"daybook: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,13 @@ class OrjsonTranscoder(Transcoder):
     """JSON with orjson: several times faster than the standard library's encoder."""
 
     def encode(self, obj: Any) -> bytes:
-        return orjson.dumps(obj, default=_default)
+        try:
+            return orjson.dumps(obj, default=_default)
+        except TypeError:
+            # A mapping keyed by something other than str (a snapshot's open holds, keyed by
+            # hold id): written with str keys, which the contract parses back. Only then, as
+            # the option costs every encode about half again.
+            return orjson.dumps(obj, default=_default, option=orjson.OPT_NON_STR_KEYS)
 
     def decode(self, data: bytes) -> Any:
         return orjson.loads(data)
@@ -69,7 +75,12 @@ class ContractMapper(Mapper[Any]):
         del state["originator_id"], state["originator_version"]
         meta = state.get("meta")
         if isinstance(meta, BaseModel):  # every event's metadata, without a callback
-            state["meta"] = meta.__dict__
+            fields = meta.__dict__
+            if fields.get("traceparent") is None:
+                # Written only when there is a trace: events stay as they were before traces
+                # existed, and untraced ones pay no bytes for it.
+                fields = {key: value for key, value in fields.items() if key != "traceparent"}
+            state["meta"] = fields
         if class_version > 1:
             state["class_version"] = class_version
         data = self.transcoder.encode(state)

@@ -12,13 +12,21 @@ from uuid import UUID
 
 from daybook.domain.errors import DomainError
 from daybook.domain.ids import new_uuid
-from daybook.infrastructure.bootstrap import open_ledger
-from daybook.infrastructure.cli import add_url_argument, settings_of
+from daybook.domain.sagas import Saga, SagaState
+from daybook.infrastructure.bootstrap import open_ledger, run_projections, saga_processor
+from daybook.infrastructure.cli import add_url_argument, checked_settings, command, whole_number
+from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.ledger.facade import Ledger
+from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.preflight import where
+from daybook.infrastructure.sagas import place_order
+from daybook.projections import SAGA_LIST
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = command(
+        subparsers,
         "demo",
         help="run a burst of concurrent transfers and reservations and print a summary",
         description=(
@@ -27,13 +35,19 @@ def register(subparsers: Any) -> None:
             "invalid and duplicate requests, and prints balances, stock, refusals by error "
             "code and replayed duplicates. Money and stock are checked to be conserved."
         ),
+        examples=[
+            "daybook demo",
+            "daybook demo --url memory:// --clients 16 --commands 500",
+            "daybook demo --url sqlite:///demo.db --seed 42 --orders 0",
+        ],
     )
     add_url_argument(parser)
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument("--clients", type=whole_number(1), default=8, help="concurrent clients")
+    parser.add_argument("--commands", type=whole_number(1), default=200, help="commands per client")
+    parser.add_argument("--seed", type=int, default=7, help="random seed")
     parser.add_argument(
-        "--commands", type=int, default=200, help="commands per client (default 200)"
+        "--orders", type=whole_number(0), default=40, help="orders through the order saga"
     )
-    parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     parser.set_defaults(handler=run)
 
 
@@ -42,7 +56,8 @@ SKUS = {"SKU-KETTLE": 400, "SKU-TEAPOT": 250, "SKU-MUG": 1200}
 
 
 def run(args: argparse.Namespace) -> int:
-    ledger = open_ledger(settings=settings_of(args))
+    settings = checked_settings(args, kinds=("memory", "sqlite", "postgresql"), existing=False)
+    ledger = open_ledger(settings=settings)
     try:
         return _demo(ledger, args)
     finally:
@@ -51,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     run_id = f"demo-{int(time.time() * 1000)}"
-    print(f"daybook demo on {ledger.settings.url} (run {run_id})")
+    print(f"daybook demo on {where(ledger.settings.url)} (run {run_id})")
     # The demo chooses its account ids (a caller may; otherwise the receipt names them).
     accounts = {owner: new_uuid() for owner in OWNERS}
     for owner, account_id in accounts.items():
@@ -68,10 +83,14 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     lock = threading.Lock()
     ids = list(accounts.values())
 
+    interrupted = threading.Event()
+
     def client(number: int) -> None:
         rnd = random.Random(args.seed * 1000 + number)
         sent: list[tuple[str, UUID, UUID, int]] = []
         for step in range(args.commands):
+            if interrupted.is_set():
+                return
             roll = rnd.random()
             try:
                 if roll < 0.45:
@@ -110,13 +129,23 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
             except DomainError as error:
                 with lock:
                     refusals[error.code] += 1
+            except LedgerClosed:
+                return
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        # Ctrl-C: let each client finish the command in hand (its answer is on its way)
+        # before the ledger closes, then stop with one line (the command line says it).
+        interrupted.set()
+        for thread in threads:
+            thread.join()
+        raise
     elapsed = time.perf_counter() - started
     total = args.clients * args.commands
 
@@ -153,7 +182,90 @@ def _demo(ledger: Ledger, args: argparse.Namespace) -> int:
     )
     overdrawn = [o for o, a in accounts.items() if ledger.account(a).available < 0]
     print(f"Every balance within its overdraft limit: {'yes' if not overdrawn else 'NO'}")
-    return 0 if conserved and not overdrawn and not stats["unexpected success"] else 1
+    orders_ok = _orders(ledger, args, run_id) if args.orders > 0 else True
+    ok = conserved and not overdrawn and not stats["unexpected success"] and orders_ok
+    return 0 if ok else 1
+
+
+ORDER_STOCK = {"SKU-LAMP": 120, "SKU-DESK": 70}
+
+
+def _orders(ledger: Ledger, args: argparse.Namespace, run_id: str) -> bool:
+    """The order workflow (``place_order``): sagas driven by the saga processor against a
+    fake payment gateway on a loopback port that declines a fifth of the charges and loses
+    some replies; prints how the orders ended and checks money, stock and charges."""
+    print(
+        f"\nOrders: {args.orders} through the order saga (fake gateway: 20% declined, "
+        "5% replies lost, 5% requests dropped)"
+    )
+    rnd = random.Random(args.seed)
+    customer = ledger.open_account("customer", "EUR").account_id
+    merchant = ledger.open_account("merchant", "EUR").account_id
+    assert customer is not None and merchant is not None
+    ledger.deposit(customer, 1_000_000, request_id=f"{run_id}-orders-funds")
+    skus = {f"{sku}-{run_id}": quantity for sku, quantity in ORDER_STOCK.items()}
+    for sku, quantity in skus.items():
+        ledger.receive_stock(sku, quantity)
+    knobs = Knobs(decline_rate=0.2, lost_reply_rate=0.05, drop_rate=0.05, seed=args.seed)
+    started = time.perf_counter()
+    with (
+        FakeGatewayServer(knobs) as server,
+        run_projections(ledger, projections=[SAGA_LIST], poll_interval=0.01) as runner,
+    ):
+        gateway = HttpPaymentGateway(server.url)
+        processor = saga_processor(ledger, runner.views, gateway, poll=0.01)
+        processor.start()
+        sagas = []
+        for number in range(args.orders):
+            lines = [(sku, rnd.randint(1, 3), rnd.randint(500, 5_000)) for sku in skus]
+            receipt = place_order(ledger, f"{run_id}-order-{number}", customer, merchant, lines)
+            assert receipt.saga_id is not None
+            sagas.append(receipt.saga_id)
+        for _ in range(6000):
+            ended = [ledger.read(Saga, s) for s in sagas]
+            if all(s.state.finished or s.state is SagaState.NEEDS_ATTENTION for s in ended):
+                break
+            time.sleep(0.01)
+        processor.stop()
+        gateway.close()
+        charged = dict(server.gateway.charged)
+    elapsed = time.perf_counter() - started
+    states = Counter(s.state.value for s in ended)
+    causes = Counter(
+        (s.last_error or "").split(":")[0] for s in ended if s.state is SagaState.COMPENSATED
+    )
+    print(
+        f"  ended in {elapsed:.2f} s: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items()))
+    )
+    for cause, count in sorted(causes.items()):
+        print(f"    compensated because of {cause:<20} {count:>4}")
+    completed = [s for s in ended if s.state is SagaState.COMPLETED]
+    paid = sum(int(s.data["total"]) for s in completed)
+    money = (
+        ledger.account(merchant).balance == paid
+        and ledger.account(customer).balance == 1_000_000 - paid
+        and ledger.account(customer).held == 0
+    )
+    shipped: Counter[str] = Counter()
+    for saga in completed:
+        for line in saga.data["lines"]:
+            shipped[line["sku"]] += line["quantity"]
+    stock = all(
+        ledger.inventory(sku).on_hand == quantity - shipped[sku]
+        and not ledger.inventory(sku).reservations
+        for sku, quantity in skus.items()
+    )
+    once = all(count == 1 for count in charged.values())
+    print(
+        f"  merchant paid {paid:,} for {len(completed)} completed orders; "
+        f"money conserved and nothing left held: {'yes' if money else 'NO'}"
+    )
+    print(
+        f"  stock shipped for completed orders only, nothing left reserved: "
+        f"{'yes' if stock else 'NO'}"
+    )
+    print(f"  no charge made twice ({len(charged)} charged keys): {'yes' if once else 'NO'}")
+    return money and stock and once and set(states) <= {"completed", "compensated"}
 
 
 def _invalid(ledger: Ledger, rnd: random.Random, ids: list[UUID]) -> None:

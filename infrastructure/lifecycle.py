@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.transient import is_transient
 
 log = logging.getLogger("daybook.services")
@@ -135,20 +136,32 @@ class Supervisor:
             return self._health
 
     def move(self, state: ServiceState, error: str | None = None) -> bool:
-        """Enter ``state`` if the current state allows it."""
+        """Enter ``state`` if the current state allows it (a start, a recovery and a stop are
+        logged, and every move is in the metrics: ``daybook_service_up``)."""
         with self._lock:
             current = self._health
             if current.state is state and error == current.error:
                 return True
             if not current.state.can_become(state) and current.state is not state:
                 return False
-            restarts = current.restarts + (
-                state is ServiceState.RUNNING and current.state is ServiceState.RETRYING
-            )
+            restarted = state is ServiceState.RUNNING and current.state is ServiceState.RETRYING
             self._health = replace(
-                current, state=state, since=datetime.now(UTC), restarts=restarts, error=error
+                current,
+                state=state,
+                since=datetime.now(UTC),
+                restarts=current.restarts + restarted,
+                error=error,
             )
-            return True
+        up = state in (ServiceState.RUNNING, ServiceState.RETRYING, ServiceState.STOPPING)
+        metrics.SERVICE_UP.labels(self.name).set(1 if up else 0)
+        if restarted:
+            metrics.SERVICE_RESTARTS.labels(self.name).inc()
+            log.info("%s: recovered (restart %d)", self.name, current.restarts + 1)
+        elif state is ServiceState.RUNNING and current.state is ServiceState.CREATED:
+            log.info("%s: started", self.name)
+        elif state is ServiceState.STOPPED and current.state is not ServiceState.STOPPED:
+            log.info("%s: stopped", self.name)
+        return True
 
     def succeeded(self) -> None:
         """A unit of work went through: back to RUNNING, and the next failure starts the

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from daybook.infrastructure.ledger.requests import DEFAULT_RETENTION, GENERATED_RETENTION
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL, scheme
 
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
@@ -30,6 +32,10 @@ ENVIRONMENT = {
     "DAYBOOK_GROUP": "group",
     "DAYBOOK_GROUP_COMMIT": "group_commit",
     "DAYBOOK_CACHE_SIZE": "cache_size",
+    "DAYBOOK_GATEWAY_URL": "gateway_url",
+    "DAYBOOK_REQUEST_RETENTION": "request_retention",
+    "DAYBOOK_REQUEST_PURGE_INTERVAL": "request_purge_interval",
+    "DAYBOOK_SNAPSHOT_INTERVAL": "snapshot_interval",
 }
 
 
@@ -53,12 +59,52 @@ class Settings(BaseModel):
     group_commit: bool = True
     #: How many aggregates the write path keeps in memory.
     cache_size: int = Field(100_000, ge=0)
+    #: The payment gateway the saga processor calls (http://host:port); None: none.
+    gateway_url: str | None = None
+    #: How long the record of a caller-chosen request id is kept: within it, a retry is
+    #: replayed; after it, the id is new (seconds, or ISO 8601 such as P3D).
+    request_retention: timedelta = timedelta(seconds=DEFAULT_RETENTION)
+    #: How often the ledger deletes expired request records (0: never; then run
+    #: ``daybook requests purge``).
+    request_purge_interval: timedelta = timedelta(minutes=1)
+    #: Snapshot an account or SKU every this many events (0: never), so loading one reads
+    #: its latest snapshot and at most this many events.
+    snapshot_interval: int = Field(100, ge=0)
 
     @field_validator("url", "readmodels_url")
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
         if value is not None:
             scheme(value)  # refuses what no backend serves, with a message that says what does
+        return value
+
+    @field_validator("request_retention", "request_purge_interval", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """A number of seconds as text (as environment variables are) is a duration too."""
+        if isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value  # an ISO 8601 duration, or a mistake pydantic will name
+        return value
+
+    @field_validator("request_retention")
+    @classmethod
+    def _long_enough(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < GENERATED_RETENTION:
+            msg = (
+                f"must be at least {GENERATED_RETENTION / 3600:g} hour, which is how long the "
+                "ledger keeps records for its own retries"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("request_purge_interval")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0:
+            raise ValueError("must not be negative (0 turns the purge service off)")
         return value
 
     @classmethod

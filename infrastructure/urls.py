@@ -84,7 +84,15 @@ def event_store_env(url: str) -> dict[str, str]:
         return {"PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.memory:Factory", **_CODEC}
     if kind == "sqlite":
         path = sqlite_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if url == DEFAULT_URL:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the embedded default needs no setup
+        elif not path.parent.is_dir():
+            # A path someone typed: a missing folder is more likely a typo than a wish for a
+            # new tree of folders holding an empty ledger.
+            raise BadURL(
+                f"store URL {url!r}: the folder {str(path.parent)!r} does not exist; create "
+                "it or fix the path"
+            )
         return {
             "PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.sqlite:Factory",
             "SQLITE_DBNAME": str(path),

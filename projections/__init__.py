@@ -8,6 +8,7 @@ store, batching and tracking; ``replay`` builds the same rows in memory.
 
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT
 from daybook.projections.activity import DAILY_ACTIVITY
+from daybook.projections.holds import OPEN_HOLDS_PROJECTION
 from daybook.projections.inventory import INVENTORY_LEVELS
 from daybook.projections.model import (
     Column,
@@ -22,6 +23,7 @@ from daybook.projections.model import (
     event_type,
     replay,
 )
+from daybook.projections.sagas import SAGA_LIST
 
 #: The projections daybook runs by default, at their current versions.
 ALL: tuple[Projection, ...] = (
@@ -29,6 +31,8 @@ ALL: tuple[Projection, ...] = (
     ACCOUNT_STATEMENT,
     INVENTORY_LEVELS,
     DAILY_ACTIVITY,
+    OPEN_HOLDS_PROJECTION,
+    SAGA_LIST,
 )
 
 
@@ -48,6 +52,8 @@ __all__ = [
     "ALL",
     "DAILY_ACTIVITY",
     "INVENTORY_LEVELS",
+    "OPEN_HOLDS_PROJECTION",
+    "SAGA_LIST",
     "Column",
     "Key",
     "LogEvent",

@@ -21,6 +21,8 @@ WITHDRAWN = event_type(Account.Withdrawn)
 TRANSFERRED_OUT = event_type(Account.TransferredOut)
 TRANSFERRED_IN = event_type(Account.TransferredIn)
 CLOSED = event_type(Account.Closed)
+HOLD_PLACED = event_type(Account.HoldPlaced)
+HOLD_RELEASED = event_type(Account.HoldReleased)
 
 #: Signed effect of each money event on the balance.
 MONEY_SIGN = {DEPOSITED: 1, WITHDRAWN: -1, TRANSFERRED_OUT: -1, TRANSFERRED_IN: 1}
@@ -32,7 +34,9 @@ BALANCES = Table(
         Column("owner"),
         Column("currency"),
         Column("balance", "bigint"),
-        # No command places holds yet; the column keeps the shape dashboards expect.
+        # Held by open holds until their release or expiry is in the log (the write side
+        # stops counting a hold the instant it expires; a read model cannot, and follows
+        # the hold sweeper's record of it).
         Column("held", "bigint"),
         Column("available", "bigint"),
         Column("overdraft_limit", "bigint"),
@@ -90,6 +94,23 @@ def _money(event: LogEvent, rows: Rows) -> None:
     )
 
 
+def _held(event: LogEvent, rows: Rows) -> None:
+    row = _existing(rows, BALANCES.name, event)
+    sign = 1 if event.type == HOLD_PLACED else -1
+    held = int(row["held"] or 0) + sign * int(event.data["amount"])
+    rows.put(
+        BALANCES.name,
+        {
+            **row,
+            "held": held,
+            "available": int(row["balance"] or 0) - held + int(row["overdraft_limit"] or 0),
+            "version": event.originator_version,
+            "last_event_at": iso_time(event.timestamp),
+            "position": event.position,
+        },
+    )
+
+
 def _closed(event: LogEvent, rows: Rows) -> None:
     row = _existing(rows, BALANCES.name, event)
     rows.put(
@@ -115,6 +136,8 @@ ACCOUNT_BALANCES = Projection(
         TRANSFERRED_OUT: _money,
         TRANSFERRED_IN: _money,
         CLOSED: _closed,
+        HOLD_PLACED: _held,
+        HOLD_RELEASED: _held,
     },
 )
 

@@ -20,6 +20,7 @@ ADJUSTED = event_type(Inventory.StockAdjusted)
 RESERVED = event_type(Inventory.StockReserved)
 COMMITTED = event_type(Inventory.ReservationCommitted)
 RELEASED = event_type(Inventory.ReservationReleased)
+EXPIRED = event_type(Inventory.ReservationExpired)
 
 LEVELS = Table(
     "inventory_levels",
@@ -108,5 +109,7 @@ INVENTORY_LEVELS = Projection(
         RESERVED: _reserved,
         COMMITTED: _committed,
         RELEASED: _released,
+        # An expired reservation's units go back exactly as a released one's do.
+        EXPIRED: _released,
     },
 )

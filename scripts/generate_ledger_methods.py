@@ -115,7 +115,7 @@ def read_method(name: str, kind: type[LedgerAggregate], prefix: str, await_: str
 
 
 def render() -> str:
-    commands = list(registered())
+    commands = [command for command in registered() if command.generated_method]
     kinds = readable()
     modules: dict[str, set[str]] = {}
     for command_class in commands:

@@ -7,14 +7,19 @@ statements ``create_table`` runs. The aggregate cache replaces the repository's.
 aggregate base (``daybook.domain.events.LedgerAggregate``) subclasses ``BaseAggregate``: it
 creates aggregates with ``_create`` and copies the list behind ``pending_events`` by name;
 the domain cannot import this module, so those names are listed here and checked, like the
-others, by tests/unit/test_compat.py.
+others, by tests/unit/test_compat.py. The domain's snapshots
+(``daybook.domain.snapshots.LedgerSnapshot``) rebuild an aggregate by setting the attributes
+``BaseAggregate`` keeps its id, version and timestamps in.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.snapshots import LedgerSnapshot
 from daybook.infrastructure.compat import Internal, Kind
 
 
@@ -116,6 +121,24 @@ RELIED_ON: tuple[Internal, ...] = (
         "BaseAggregate._create (how the domain creates an aggregate from its first event)",
         kind=Kind.FUNCTION,
         parameters=("event_class",),
+    ),
+    *(
+        Internal(
+            "eventsourcing",
+            "daybook.domain.accounts:Account",
+            name,
+            LedgerSnapshot.mutate,
+            "BaseAggregate.__base_init__ (where an aggregate keeps its id, version and times)",
+            on_instance=True,
+            types=types,
+            used_in="eventsourcing.domain:BaseAggregate.__base_init__",
+        )
+        for name, types in (
+            ("_id", (UUID,)),
+            ("_version", (int,)),
+            ("_created_on", (datetime,)),
+            ("_modified_on", (datetime,)),
+        )
     ),
     Internal(
         "eventsourcing",

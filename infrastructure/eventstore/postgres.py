@@ -10,16 +10,30 @@ from __future__ import annotations
 
 from binascii import b2a_base64
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import StoredEvent
+import psycopg
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
-from daybook.infrastructure.eventstore import REQUESTS_TABLE, decode_record
-from daybook.infrastructure.ledger.requests import PendingRequest, RequestRecord
+from daybook.infrastructure.eventstore import (
+    REQUESTS_TABLE,
+    UPGRADE_RETENTION,
+    decode_record,
+    default_expiry,
+)
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.requests import (
+    Expiry,
+    PendingRequest,
+    PurgeReport,
+    RequestRecord,
+)
 
 #: Advisory lock key taken while creating daybook's event store tables.
 _CREATE_TABLES_LOCK = 0x6461796B  # "dayk"
@@ -39,14 +53,42 @@ class PostgresRecorder(PostgresApplicationRecorder):
         schema = Identifier(self.datastore.schema)
         requests = SQL("{}.{}").format(schema, Identifier(REQUESTS_TABLE))
         events = SQL("{}.{}").format(schema, Identifier(self.events_table_name))
+        # The table eventsourcing's factory creates for the application's snapshots.
+        prefix = self.events_table_name.removesuffix("_events")
+        snapshots = SQL("{}.{}").format(schema, Identifier(f"{prefix}_snapshots"))
         self.sql_create_statements.append(
             SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
                 "request_id text PRIMARY KEY, command text NOT NULL, "
                 "fingerprint text NOT NULL, outcome jsonb NOT NULL, "
                 "last_originator_id uuid, last_originator_version bigint, "
-                "recorded_at timestamptz NOT NULL DEFAULT now())"
+                "recorded_at timestamptz NOT NULL DEFAULT now(), "
+                "caller boolean NOT NULL DEFAULT true, expires_at timestamptz NOT NULL)"
             ).format(requests)
+        )
+        # A table written before records expired lacks the two columns: its records get one
+        # default window from the upgrade (a constant default: no table rewrite). Checked
+        # first, so that starting a process takes no lock on the table.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = {schema} AND table_name = {table} "
+                "AND column_name = 'expires_at') THEN "
+                "ALTER TABLE {requests} ADD COLUMN IF NOT EXISTS caller boolean NOT NULL "
+                "DEFAULT true, ADD COLUMN expires_at timestamptz NOT NULL "
+                "DEFAULT (now() + {window}); "
+                "END IF; END $$"
+            ).format(
+                schema=Literal(self.datastore.schema),
+                table=Literal(REQUESTS_TABLE),
+                requests=requests,
+                window=Literal(timedelta(seconds=UPGRADE_RETENTION)),
+            )
+        )
+        self.sql_create_statements.append(
+            SQL("CREATE INDEX IF NOT EXISTS {} ON {} (expires_at)").format(
+                Identifier(f"{REQUESTS_TABLE}_expires_at"), requests
+            )
         )
         # One server-side function appends a whole batch: request records, then the table
         # lock, the notification and the events. The client makes a single call instead of
@@ -55,22 +97,40 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # which was most of the client time of a group commit; orjson writes the document in
         # a few microseconds. The table lock keeps notification ids in commit order (see the
         # module docstring); json_to_recordset yields rows in document order, so the ids come
-        # back in the order of the events.
+        # back in the order of the events. A caller's request id whose record has expired is
+        # new again: its old row is deleted first, in the same transaction.
         self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
         self.sql_create_statements.append(
             SQL(
-                "CREATE OR REPLACE FUNCTION {schema}.{function}(events json, requests json) "
+                "CREATE OR REPLACE FUNCTION {schema}.{function}"
+                "(events json, requests json, reused json, now double precision, "
+                "snapshots json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
                 "PERFORM set_config('synchronous_commit', 'on', true); "
+                # Only the latest snapshot of an aggregate is ever read: the new one
+                # replaces the older.
+                "IF json_array_length(snapshots) > 0 THEN "
+                "DELETE FROM {snapshots} s USING json_to_recordset(snapshots) AS n(i uuid) "
+                "WHERE s.originator_id = n.i; "
+                "INSERT INTO {snapshots} (originator_id, originator_version, topic, state) "
+                "SELECT i, v, t, decode(s, 'base64') FROM json_to_recordset(snapshots) "
+                "AS n(i uuid, v bigint, t text, s text); "
+                "END IF; "
+                "IF json_array_length(reused) > 0 THEN "
+                "DELETE FROM {requests} WHERE expires_at <= to_timestamp(now) "
+                "AND request_id IN (SELECT json_array_elements_text(reused)); "
+                "END IF; "
                 "IF json_array_length(requests) > 0 THEN "
                 "INSERT INTO {requests} (request_id, command, fingerprint, outcome, "
-                "last_originator_id, last_originator_version) "
-                "SELECT * FROM json_to_recordset(requests) AS r(request_id text, command text, "
+                "last_originator_id, last_originator_version, caller, expires_at) "
+                "SELECT request_id, command, fingerprint, outcome, last_originator_id, "
+                "last_originator_version, caller, to_timestamp(expires_at) "
+                "FROM json_to_recordset(requests) AS r(request_id text, command text, "
                 "fingerprint text, outcome jsonb, last_originator_id uuid, "
-                "last_originator_version bigint); "
+                "last_originator_version bigint, caller boolean, expires_at double precision); "
                 "END IF; "
                 "IF json_array_length(events) > 0 THEN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
@@ -87,20 +147,41 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 schema=schema,
                 function=self._append_function,
                 requests=requests,
+                snapshots=snapshots,
                 events_table=events,
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
-        self._append = SQL("SELECT * FROM {}.{}(%s::json, %s::json) AS notification_id").format(
-            schema, self._append_function
-        )
+        self._append = SQL(
+            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json) AS notification_id"
+        ).format(schema, self._append_function)
         self._select_requests = SQL(
-            "SELECT r.request_id, r.command, r.fingerprint, r.outcome, e.notification_id "
+            "SELECT r.request_id, r.command, r.fingerprint, r.outcome, r.caller, "
+            "e.notification_id "
             "FROM {} r LEFT JOIN {} e ON e.originator_id = r.last_originator_id "
             "AND e.originator_version = r.last_originator_version "
-            "WHERE r.request_id = ANY(%s)"
+            "WHERE r.request_id = ANY(%s) AND r.expires_at > to_timestamp(%s)"
         ).format(requests, events)
+        self._latest_versions = SQL(
+            "SELECT originator_id, max(originator_version) FROM {} "
+            "WHERE originator_id = ANY(%s) GROUP BY originator_id"
+        ).format(events)
+        # The oldest first, through the expires_at index; rows another purge is deleting
+        # are skipped rather than waited for. One statement: a short transaction.
+        self._purge = SQL(
+            "DELETE FROM {0} WHERE request_id IN (SELECT request_id FROM {0} "
+            "WHERE expires_at <= to_timestamp(%s) ORDER BY expires_at LIMIT %s "
+            "FOR UPDATE SKIP LOCKED)"
+        ).format(requests)
+        self._expired = SQL(
+            "SELECT count(*) FILTER (WHERE expires_at <= to_timestamp(%(now)s) AND caller), "
+            "count(*) FILTER (WHERE expires_at <= to_timestamp(%(now)s) AND NOT caller), "
+            "count(*) FILTER (WHERE expires_at > to_timestamp(%(now)s)), "
+            "extract(epoch FROM min(expires_at)), "
+            "extract(epoch FROM max(expires_at) FILTER "
+            "(WHERE expires_at <= to_timestamp(%(now)s))) FROM {}"
+        ).format(requests)
 
     def create_table(self) -> None:
         # Several processes may start at once on a fresh database, and PostgreSQL does not
@@ -119,6 +200,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         *,
         requests: Sequence[PendingRequest] = (),
+        expiry: Expiry | None = None,
+        snapshots: Sequence[StoredEvent] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -131,23 +214,35 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # server commits it even if this process dies before the answer arrives; the batch's
         # request records then make every retry a replay. (Explicit BEGIN and COMMIT round
         # trips, or psycopg's pipeline mode, cost the group commit more than they save.)
-        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
-            self._append_batch(curs, stored_events, requests)
-            # The call was the cursor's only statement: its rows are the new ids, in order.
-            return [notification_id for (notification_id,) in curs.fetchall()]
+        try:
+            with (
+                self.datastore.get_connection() as conn,
+                conn.cursor(row_factory=tuple_row) as curs,
+            ):
+                self._append_batch(
+                    curs, stored_events, requests, expiry or default_expiry(), snapshots
+                )
+                # The call was the cursor's only statement: its rows are the new ids, in order.
+                return [notification_id for (notification_id,) in curs.fetchall()]
+        except IntegrityError as error:
+            cause = error.__cause__
+            if isinstance(cause, psycopg.errors.UniqueViolation):
+                table = cause.diag.table_name
+                if table == REQUESTS_TABLE:
+                    raise DuplicateRequest(str(error)) from cause
+                if table == self.events_table_name:
+                    raise VersionConflict(str(error)) from cause
+            raise
 
     def _append_batch(
-        self, curs: Any, stored_events: Sequence[StoredEvent], requests: Sequence[PendingRequest]
+        self,
+        curs: Any,
+        stored_events: Sequence[StoredEvent],
+        requests: Sequence[PendingRequest],
+        expiry: Expiry,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
-        events = [
-            {
-                "i": e.originator_id,
-                "v": e.originator_version,
-                "t": e.topic,
-                "s": b2a_base64(e.state, newline=False),
-            }
-            for e in stored_events
-        ]
+        events = _rows(stored_events)
         records = []
         for pending in requests:
             record = pending.record
@@ -161,29 +256,81 @@ class PostgresRecorder(PostgresApplicationRecorder):
                     "outcome": record.outcome,
                     "last_originator_id": last.originator_id if last else None,
                     "last_originator_version": last.originator_version if last else None,
+                    "caller": record.caller,
+                    "expires_at": expiry.of(record),
                 }
             )
+        reused = [pending.record.request_id for pending in requests if pending.record.caller]
         curs.execute(
             self._append,
-            (orjson.dumps(events, default=bytes.decode).decode(), orjson.dumps(records).decode()),
+            (
+                orjson.dumps(events, default=bytes.decode).decode(),
+                orjson.dumps(records).decode(),
+                orjson.dumps(reused).decode(),
+                expiry.now,
+                orjson.dumps(_rows(snapshots), default=bytes.decode).decode(),
+            ),
             prepare=True,
         )
 
-    def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+    def select_requests(
+        self, request_ids: Sequence[str], now: float | None = None
+    ) -> dict[str, RequestRecord]:
         if not request_ids:
             return {}
+        since = float("-inf") if now is None else now
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_requests, (list(request_ids),), prepare=True)
+            curs.execute(self._select_requests, (list(request_ids), since), prepare=True)
             rows = curs.fetchall()
         found = {}
         for row in rows:
             record = decode_record(
-                row["request_id"], row["command"], row["fingerprint"], row["outcome"]
+                row["request_id"], row["command"], row["fingerprint"], row["outcome"], row["caller"]
             )
             if "receipt" in record.outcome:
                 record.outcome["receipt"]["position"] = row["notification_id"]
             found[record.request_id] = record
         return found
+
+    def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        if not originator_ids:
+            return {}
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._latest_versions, (list(originator_ids),), prepare=True)
+            return {originator_id: version for originator_id, version in curs.fetchall()}
+
+    def purge_requests(self, now: float, limit: int) -> int:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._purge, (now, limit), prepare=True)
+            return int(curs.rowcount)
+
+    def expired_requests(self, now: float) -> PurgeReport:
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._expired, {"now": now})
+            row = curs.fetchone()
+        assert row is not None  # an aggregate query answers one row
+        caller, generated, kept, oldest, newest = row
+        expired = bool(caller or generated)
+        return PurgeReport(
+            caller=caller,
+            generated=generated,
+            kept=kept,
+            oldest=float(oldest) if expired and oldest is not None else None,
+            newest=float(newest) if newest is not None else None,
+        )
+
+
+def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
+    """Stored events as the append function reads them (states in base64)."""
+    return [
+        {
+            "i": e.originator_id,
+            "v": e.originator_version,
+            "t": e.topic,
+            "s": b2a_base64(e.state, newline=False),
+        }
+        for e in stored
+    ]
 
 
 class Factory(PostgresFactory):

@@ -26,10 +26,21 @@ from daybook.domain.errors import (
     InvalidCurrency,
     InvalidRequest,
     InvalidSku,
+    InvalidTimeout,
+)
+from daybook.domain.holds import (
+    HoldExists,
+    HoldExpired,
+    HoldNotExpired,
+    HoldNotFound,
+    HoldResolved,
+    HoldView,
 )
 from daybook.domain.inventory import (
     OutOfStock,
     ReservationExists,
+    ReservationExpired,
+    ReservationNotExpired,
     ReservationNotFound,
     ReservationResolved,
     SkuNotFound,
@@ -37,6 +48,9 @@ from daybook.domain.inventory import (
     StockOverflow,
     StockView,
 )
+from daybook.domain.linked import LinkedCommandFailed
+from daybook.domain.orders import OrderLine, PlaceOrder
+from daybook.domain.sagas import SagaExists, SagaFinished, SagaMovedOn, SagaNotFound, SagaView
 from daybook.infrastructure.bootstrap import (
     open_async_ledger,
     open_event_log,
@@ -46,6 +60,7 @@ from daybook.infrastructure.bootstrap import (
 )
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.sagas import place_order
 from daybook.infrastructure.settings import Settings
 
 __version__ = "0.2.0"  # keep in step with pyproject.toml
@@ -61,18 +76,35 @@ __all__ = [
     "ConcurrencyConflict",
     "CurrencyMismatch",
     "DomainError",
+    "HoldExists",
+    "HoldExpired",
+    "HoldNotExpired",
+    "HoldNotFound",
+    "HoldResolved",
+    "HoldView",
     "IdempotencyConflict",
     "InsufficientFunds",
     "InvalidAmount",
     "InvalidCurrency",
     "InvalidRequest",
     "InvalidSku",
+    "InvalidTimeout",
     "Ledger",
+    "LinkedCommandFailed",
+    "OrderLine",
     "OutOfStock",
+    "PlaceOrder",
     "Receipt",
     "ReservationExists",
+    "ReservationExpired",
+    "ReservationNotExpired",
     "ReservationNotFound",
     "ReservationResolved",
+    "SagaExists",
+    "SagaFinished",
+    "SagaMovedOn",
+    "SagaNotFound",
+    "SagaView",
     "SameAccount",
     "Settings",
     "SkuNotFound",
@@ -84,5 +116,6 @@ __all__ = [
     "open_event_log",
     "open_ledger",
     "open_read_models",
+    "place_order",
     "run_projections",
 ]

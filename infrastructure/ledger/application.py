@@ -13,11 +13,13 @@ builds it from a URL); its recorder also keeps idempotency records (``RequestLog
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 from uuid import UUID
 
@@ -32,12 +34,25 @@ from eventsourcing.persistence import (
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
-from daybook.infrastructure.ledger.requests import PendingRequest, RequestLog, RequestRecord
+from daybook.domain.snapshots import snapshot_class
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.requests import (
+    DEFAULT_RETENTION,
+    PendingRequest,
+    RequestLog,
+    RequestRecord,
+)
+from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 A = TypeVar("A", bound=LedgerAggregate)
 
 Outcome = Receipt | DomainError
+#: What ``execute`` answers for one command: its outcome, or the error that stopped it (the
+#: store unreachable through several attempts, a constraint the ledger does not know, a bug).
+Result = Outcome | Exception
+
+_log = logging.getLogger("daybook.ledger")
 
 
 class Committer(Protocol):
@@ -48,13 +63,21 @@ class Committer(Protocol):
 
     def submit(self, command: Command) -> Receipt: ...
 
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        """Each command's outcome, in order: its receipt, its refusal, or the error that
+        stopped it (the commands are not applied all-or-nothing)."""
+        ...
+
     def close(self) -> None: ...
 
     def health(self) -> Health: ...
 
 
 class DirectCommitter:
-    """Executes each command in its own transaction, one at a time, in the caller's thread."""
+    """Executes each command in its own transaction, one at a time, in the caller's thread
+    (a submission of many: ``chunk`` commands per transaction)."""
+
+    chunk: ClassVar[int] = 1000
 
     def __init__(self, service: LedgerService) -> None:
         self._service = service
@@ -67,9 +90,16 @@ class DirectCommitter:
     def submit(self, command: Command) -> Receipt:
         with self._lock:
             (outcome,) = self._service.execute([command])
-        if isinstance(outcome, DomainError):
+        if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        outcomes: list[Outcome | BaseException] = []
+        with self._lock:
+            for start in range(0, len(commands), self.chunk):
+                outcomes.extend(self._service.execute(commands[start : start + self.chunk]))
+        return outcomes
 
     def close(self) -> None:
         with self._lock:
@@ -87,9 +117,16 @@ class UnitOfWork:
     """The aggregates one batch works on (handlers see it as ``Aggregates``): copies, so a
     failed batch leaves the cache untouched."""
 
-    def __init__(self, service: LedgerService, base: UnitOfWork | None = None) -> None:
+    def __init__(
+        self, service: LedgerService, base: UnitOfWork | None = None, *, fresh: bool = False
+    ) -> None:
         self._service = service
+        #: Look write-once aggregates up in the store instead of assuming they do not exist
+        #: (a previous attempt met another writer's changes).
+        self._fresh = fresh
         #: The unit of work of a batch still committing, whose state this one builds on.
+        #: Only needed while commands are applied: ``seal`` drops it, or every batch would
+        #: keep the one before it alive, and a process under steady load all of them.
         self._base = base
         # Keyed by ``UUID.int``: a UUID's hash is computed by Python code on every lookup,
         # an int's is not, and a command makes a dozen lookups.
@@ -97,13 +134,23 @@ class UnitOfWork:
         #: Version of each aggregate taken from a place that may be behind the store (the
         #: cache, or a batch still committing), as it was when taken.
         self.read_versions: dict[int, int] = {}
+        #: Version of every aggregate when this batch took it (0: created here). After a
+        #: version conflict, comparing them with the store names the aggregates that moved.
+        self.taken_versions: dict[int, int] = {}
         self.touched: list[int] = []
+        #: The instant the command being applied is judged at (``LedgerAggregate.as_of``).
+        self.now: datetime | None = None
+        #: Write-once aggregates taken to be absent without asking the store (see
+        #: ``LedgerAggregate.write_once``): a refusal, or an acceptance that does not
+        #: create one, must check.
+        self.assumed_absent: dict[int, UUID] = {}
 
-    def _get(self, aggregate_id: UUID) -> LedgerAggregate | None:
+    def _get(self, aggregate_id: UUID, kind: type[LedgerAggregate]) -> LedgerAggregate | None:
         key = aggregate_id.int
         self.touched.append(key)
         aggregate = self.aggregates.get(key)
         if aggregate is not None:
+            aggregate.as_of = self.now
             return aggregate
         base = self._base.aggregates.get(key) if self._base is not None else None
         if base is not None:
@@ -111,8 +158,9 @@ class UnitOfWork:
             copied = base.clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
-            self.read_versions[key] = copied.version
+            self.read_versions[key] = self.taken_versions[key] = copied.version
             self.aggregates[key] = copied
+            copied.as_of = self.now
             return copied
         repository = self._service.repository
         try:
@@ -121,28 +169,42 @@ class UnitOfWork:
             aggregate = cast(LedgerAggregate, repository.cache.get(aggregate_id)).clone()
             self.read_versions[key] = aggregate.version
         except KeyError:
+            if kind.write_once and not self._fresh:
+                # Not in this batch, the one before or the cache: most likely it does not
+                # exist. Creating it lets the store check; anything else checks below.
+                self.assumed_absent[key] = aggregate_id
+                return None
             try:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
                 return None
+        self.taken_versions[key] = aggregate.version
         self.aggregates[key] = aggregate
+        aggregate.as_of = self.now
         return aggregate
 
     def add(self, aggregate: A) -> A:
         key = aggregate.id.int
+        aggregate.as_of = self.now
         self.aggregates[key] = aggregate
+        self.taken_versions.setdefault(key, 0)
         self.touched.append(key)
         return aggregate
 
     def find(self, kind: type[A], key: Any) -> A | None:
-        aggregate = self._get(kind.id_for(key))
+        aggregate = self._get(kind.id_for(key), kind)
         return aggregate if isinstance(aggregate, kind) else None
 
     def get(self, kind: type[A], key: Any) -> A:
-        aggregate = self._get(kind.id_for(key))
+        aggregate = self._get(kind.id_for(key), kind)
         if not isinstance(aggregate, kind):
             raise kind.not_found(key)
         return aggregate
+
+    def written(self) -> list[LedgerAggregate]:
+        """The aggregates this batch changes or creates."""
+        taken = self.taken_versions
+        return [a for key, a in self.aggregates.items() if a.version != taken.get(key, -1)]
 
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
@@ -150,6 +212,10 @@ class UnitOfWork:
             events.extend(self.aggregates[key].collect_events())  # type: ignore[arg-type]
         self.touched.clear()
         return events
+
+    def seal(self) -> None:
+        """No more commands will be applied: let go of the batch this one built on."""
+        self._base = None
 
     def check_refusal(self) -> None:
         """A refused command must have changed nothing, and must have been judged on the
@@ -167,7 +233,24 @@ class UnitOfWork:
                 newer = self._service.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
                     raise StaleCache
+        self._check_assumed_absent()
         self.touched.clear()
+
+    def check_acceptance(self) -> None:
+        """An accepted command that relied on a write-once aggregate being absent, without
+        creating it (the store would have checked that), must have been right."""
+        if self.assumed_absent:
+            self._check_assumed_absent()
+
+    def _check_assumed_absent(self) -> None:
+        assumed = self.assumed_absent
+        unchecked = [
+            assumed[key]
+            for key in dict.fromkeys(self.touched)
+            if key in assumed and key not in self.aggregates
+        ]
+        if unchecked and self._service.latest_versions(unchecked):
+            raise StaleCache
 
 
 @dataclass(eq=False)
@@ -189,6 +272,8 @@ class PreparedBatch:
     first_use: dict[str, int] = field(default_factory=dict)
     #: index of a repeated request -> (batch, index) of its first use
     repeats: dict[int, tuple[PreparedBatch, int]] = field(default_factory=dict)
+    #: index -> the aggregates (``UUID.int``) the command read or changed
+    touched: dict[int, frozenset[int]] = field(default_factory=dict)
     committed: bool = False
 
 
@@ -198,6 +283,9 @@ class LedgerService(Application[UUID]):
     name = "daybook"
     env: ClassVar[dict[str, str]] = {
         "AGGREGATE_CACHE_MAXSIZE": "100000",
+        # The repository loads the latest snapshot and the events after it; the ledger
+        # writes snapshots itself, with the batch that reaches them (see ``commit``).
+        "IS_SNAPSHOTTING_ENABLED": "y",
         # Commands rely on optimistic concurrency to catch a stale cache (see UnitOfWork),
         # so the write path needs no fast-forward query; reads fast-forward explicitly.
         "AGGREGATE_CACHE_FASTFORWARD": "n",
@@ -205,8 +293,22 @@ class LedgerService(Application[UUID]):
     #: How often a batch is re-run after a version conflict or a lost connection.
     max_attempts: ClassVar[int] = 40
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        retention: float = DEFAULT_RETENTION,
+    ) -> None:
         super().__init__(env)
+        #: What time it is: commands and reads are judged at its reading (holds expire by
+        #: it), and request records are kept by it. Injectable, so tests can move time.
+        self.clock: Callable[[], datetime] = clock or _utc_now
+        #: How long request records of caller-chosen ids are kept (seconds), on that clock.
+        self.retention = Retention(retention, clock=lambda: self.clock().timestamp())
+        #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
+        self.snapshot_interval = 100
+        self._snapshot_failures: set[type[LedgerAggregate]] = set()
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -214,6 +316,8 @@ class LedgerService(Application[UUID]):
             )
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
+        #: Deletes expired request records (started by ``bootstrap`` unless disabled).
+        self.request_purge = RequestPurge(self._requests, self.retention)
         self.committer: Committer = DirectCommitter(self)
         self.committer.start()
 
@@ -231,6 +335,10 @@ class LedgerService(Application[UUID]):
         """The log position of the newest event (0 for an empty log)."""
         return self.recorder.max_notification_id() or 0
 
+    def latest_versions(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The newest stored version of each aggregate that exists."""
+        return self._requests.latest_versions(aggregate_ids) if aggregate_ids else {}
+
     def _read(self, aggregate_id: UUID) -> LedgerAggregate | None:
         try:
             aggregate: LedgerAggregate = self.repository.get(aggregate_id)
@@ -239,36 +347,125 @@ class LedgerService(Application[UUID]):
         # The cache may be behind other processes' writes: fast-forward from the store.
         for event in self.events.get(aggregate_id, gt=aggregate.version):
             cast(LedgerAggregate.Event, event).mutate(aggregate)
+        aggregate.as_of = self.clock()
         return aggregate
 
     # -- the command path -------------------------------------------------------------------
 
-    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Outcome]:
-        """Apply ``batch`` in order and commit all its events in one transaction.
+    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Result]:
+        """Apply ``batch`` in order and commit its events, in as few transactions as the
+        other writers allow.
 
-        Returns one outcome per command: its receipt, or the refusal it met. Nothing is
-        reported before the transaction has committed. If the commit fails (another writer
-        changed an aggregate first, or the connection was lost), the whole batch is applied
-        again on fresh state; every command carries a request id whose record commits with
-        its events, so a batch whose commit did happen is recognised and replayed, never
-        applied twice. ``recheck_all`` looks every request id up from the first attempt
-        (for a batch that already failed once elsewhere).
+        Returns one result per command: its receipt, the refusal it met, or the error that
+        stopped it; it raises nothing for one command's trouble, so no caller has to guess
+        which commands committed. Nothing is reported before its transaction has committed.
+        When the store refuses the write:
+
+        - another writer changed some of the batch's aggregates first (``VersionConflict``):
+          the batch is split. The commands connected to those aggregates (directly, or
+          through an aggregate they share with such a command, so their order holds) are
+          applied again on fresh state, after a jittered backoff; the others are committed
+          at once. Only a command still meeting changes after ``max_attempts`` tries gets
+          ``concurrency_conflict``;
+        - a request id was recorded meanwhile (``DuplicateRequest``): applied again, now
+          looking it up, which replays it;
+        - the connection was lost (the commit may or may not have happened): applied again
+          looking every request id up, so whatever did commit is replayed, never applied
+          twice; after a few such failures, the error is the result of those commands;
+        - any other integrity error, or any other exception (a bug in one command): not
+          retried as it is; each command is run alone (looking its id up), and the error is
+          the result of the one it belongs to.
+
+        ``recheck_all`` looks every request id up from the first attempt (for a batch whose
+        commit already failed elsewhere, perhaps after it happened).
         """
-        for attempt in range(self.max_attempts):
+        outcomes: list[Result | None] = [None] * len(batch)
+        self._execute_part(batch, list(range(len(batch))), outcomes, recheck_all=recheck_all)
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _execute_part(
+        self,
+        batch: Sequence[Command],
+        indices: list[int],
+        outcomes: list[Result | None],
+        *,
+        recheck_all: bool,
+        fresh: bool = False,
+    ) -> None:
+        """``execute`` for ``batch[i]`` for each ``i`` in ``indices``, into ``outcomes``."""
+        conflicts = outages = duplicates = 0
+        while indices:
+            prepared: PreparedBatch | None = None
             try:
-                return self.commit(self.prepare(batch, recheck_all=recheck_all or attempt > 0))
-            except (IntegrityError, StaleCache, OperationalError, InterfaceError) as error:
-                if isinstance(error, (OperationalError, InterfaceError)) and (
-                    attempt >= self.max_attempts // 4
-                ):
-                    raise
-                # Jittered backoff so that competing writers stop colliding.
-                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
-        message = (
-            f"gave up after {self.max_attempts} attempts: other writers kept changing the "
-            "same accounts or SKUs; retry the request"
-        )
-        return [ConcurrencyConflict(message) for _ in batch]
+                prepared = self.prepare(
+                    [batch[i] for i in indices], recheck_all=recheck_all, fresh=fresh
+                )
+                results = self.commit(prepared)
+            except DuplicateRequest as error:
+                # One of our ids was recorded after we looked: a caller's request retried
+                # through another writer, or (a generated id) an earlier attempt of ours
+                # that committed after all. The next lookup, of every id, finds it. Not a
+                # contention: no backoff, no attempt spent.
+                duplicates += 1
+                if duplicates > len(indices):
+                    for index in indices:
+                        outcomes[index] = error
+                    return
+                recheck_all = True
+                continue
+            except (VersionConflict, StaleCache) as error:
+                conflicts += 1
+                contended = list(range(len(indices)))
+                if isinstance(error, VersionConflict) and prepared is not None:
+                    contended = _contended(prepared, {i.int for i in error.stale})
+                    clean = set(range(len(indices))) - set(contended)
+                    if clean:
+                        # Untouched by the other writer: commit them now, on the state
+                        # they were judged on (still the latest). Still looking every id up
+                        # if an earlier attempt may have committed (a lost connection).
+                        self._execute_part(
+                            batch,
+                            [indices[k] for k in sorted(clean)],
+                            outcomes,
+                            recheck_all=recheck_all,
+                        )
+                indices = [indices[k] for k in contended]
+                if conflicts >= self.max_attempts:
+                    message = (
+                        f"gave up after {self.max_attempts} attempts: other writers kept "
+                        "changing the same accounts or SKUs; retry the request"
+                    )
+                    for index in indices:
+                        outcomes[index] = ConcurrencyConflict(message)
+                    return
+                fresh = True
+                _backoff(conflicts)
+                continue
+            except (OperationalError, InterfaceError) as error:
+                outages += 1
+                if outages > self.max_attempts // 4:
+                    for index in indices:
+                        outcomes[index] = error
+                    return
+                # The commit may have happened: look every id up before applying again.
+                recheck_all = fresh = True
+                _backoff(outages)
+                continue
+            except Exception as error:
+                # A constraint the ledger does not know, or a bug in a command: the same
+                # batch would fail the same way. Nothing of it was written; find whose it is
+                # by running each alone (looking ids up: an earlier attempt may have been
+                # written after all).
+                if len(indices) == 1:
+                    outcomes[indices[0]] = error
+                    return
+                for index in indices:
+                    self._execute_part(batch, [index], outcomes, recheck_all=recheck_all)
+                return
+            for index, outcome in zip(indices, results, strict=True):
+                outcomes[index] = outcome
+            return
 
     def prepare(
         self,
@@ -276,34 +473,44 @@ class LedgerService(Application[UUID]):
         *,
         after: PreparedBatch | None = None,
         recheck_all: bool = False,
+        fresh: bool = False,
     ) -> PreparedBatch:
         """Apply ``batch`` in memory, on copies of the aggregates; nothing is written.
 
         Commands whose caller chose the request id (or, with ``recheck_all``, every command)
         are first looked up in the store, so that a request already recorded is replayed.
-        With ``after``, see ``new_batch``.
+        With ``after``, see ``new_batch``. ``fresh``: a previous attempt met another
+        writer's changes.
 
         Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
         writer has since changed.
         """
-        prepared = self.new_batch(after=after)
-        # On a first attempt only caller-chosen ids can have been seen before; on a retry,
-        # any id may belong to a batch whose commit succeeded although we saw an error.
-        known = self._requests.select_requests(
-            [c.request_id for c in batch if recheck_all or c.caller_request_id]
-        )
-        self.apply(prepared, batch, known=known)
+        prepared = self.new_batch(after=after, fresh=fresh)
+        self.apply(prepared, batch, known=self.lookup(batch, every=recheck_all))
         return prepared
 
-    def new_batch(self, *, after: PreparedBatch | None = None) -> PreparedBatch:
+    def lookup(self, batch: Sequence[Command], *, every: bool = False) -> dict[str, RequestRecord]:
+        """The recorded requests among ``batch``: those whose caller chose the id (only
+        those can have been seen before), or, with ``every``, all (after a failed commit,
+        any id may belong to a batch that committed although we saw an error)."""
+        wanted = [c.request_id for c in batch if every or c.caller_request_id]
+        if not wanted:
+            return {}
+        return self._requests.select_requests(wanted, self.retention.clock())
+
+    def new_batch(
+        self, *, after: PreparedBatch | None = None, fresh: bool = False
+    ) -> PreparedBatch:
         """An empty batch to ``apply`` commands to.
 
         With ``after``, the batch builds on the state ``after`` leaves behind, before
         ``after`` has committed (so a group committer can prepare one batch while the
         previous one commits). Such a batch may only be committed once ``after`` committed;
         if ``after`` fails, it must be discarded and its commands applied again.
+        ``fresh``: see ``prepare``.
         """
-        return PreparedBatch(UnitOfWork(self, base=after.uow if after else None), after=after)
+        base = after.uow if after else None
+        return PreparedBatch(UnitOfWork(self, base=base, fresh=fresh), after=after)
 
     def apply(
         self,
@@ -314,11 +521,11 @@ class LedgerService(Application[UUID]):
     ) -> None:
         """Run ``batch`` in memory after the commands already in ``prepared``.
 
-        ``known`` holds the request records found in the store for some of these commands:
-        those are replayed, not run. A command whose id is recorded but not in ``known``
-        runs, and its batch then fails to commit on the duplicate request id (the careful
-        path, ``execute``, looks every id up). On an exception other than a refusal the
-        batch is unusable: discard it.
+        ``known`` holds the request records found in the store for these commands (see
+        ``lookup``): those are replayed, not run. A command whose id was recorded by
+        another writer after the lookup runs, and its batch then fails to commit with
+        ``DuplicateRequest``. On an exception other than a refusal the batch is unusable:
+        discard it.
         """
         known = known or {}
         after = prepared.after
@@ -339,10 +546,12 @@ class LedgerService(Application[UUID]):
                 prepared.repeats[index] = (prepared, prepared.first_use[request_id])
                 continue
             prepared.first_use[request_id] = index
+            uow.now = self.clock()
             with metadata_scope(command.metadata):
                 try:
                     fields = command.handle(uow)
                 except DomainError as refusal:
+                    prepared.touched[index] = frozenset(uow.touched)
                     try:
                         uow.check_refusal()
                     except StaleCache:
@@ -354,6 +563,8 @@ class LedgerService(Application[UUID]):
                             PendingRequest(_record(command, {"error": refusal.to_record()}), None)
                         )
                     continue
+            prepared.touched[index] = frozenset(uow.touched)
+            uow.check_acceptance()
             prepared.events.extend(uow.collect())
             last = len(prepared.events) - 1
             receipt = {"command": command.name, "request_id": request_id, **fields}
@@ -371,11 +582,23 @@ class LedgerService(Application[UUID]):
         group committer answers its callers first; the next batch builds on this one's
         state directly, not on the cache)."""
         assert prepared.after is None or prepared.after.committed, "commit batches in order"
+        prepared.uow.seal()
+        prepared.after = None
         if prepared.pending:
             try:
-                positions = self.recorder.insert_events(prepared.stored, requests=prepared.pending)
+                positions = self.recorder.insert_events(
+                    prepared.stored,
+                    requests=prepared.pending,
+                    expiry=self.retention.expiry(),
+                    snapshots=self._snapshots(prepared.uow),
+                )
+            except VersionConflict as conflict:
+                conflict.stale = self._moved(prepared.uow)
+                raise
+            except IntegrityError:
+                raise  # nothing was written, and the cache is right: the batch was not
             except BaseException:
-                self._evict(prepared.uow)
+                self._evict(prepared.uow)  # it may have been written after all
                 raise
             assert positions is not None
             for index, (receipt, last) in prepared.receipts.items():
@@ -387,10 +610,34 @@ class LedgerService(Application[UUID]):
             prepared.outcomes[index] = _repeat(
                 source.commands[first], source.outcomes[first], prepared.commands[index]
             )
+        prepared.repeats.clear()  # they name earlier batches: keep none of them alive
         prepared.committed = True
-        prepared.after = None
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
+
+    def _snapshots(self, uow: UnitOfWork) -> list[StoredEvent]:
+        """Snapshots of the aggregates whose version this batch takes past a multiple of
+        ``snapshot_interval``, as they will be once it commits (written with it, in the
+        same transaction: a snapshot never gets ahead of the events)."""
+        interval = self.snapshot_interval
+        if not interval:
+            return []
+        taken = uow.taken_versions
+        due = []
+        for key, aggregate in uow.aggregates.items():
+            if aggregate.version // interval > taken.get(key, 0) // interval:
+                contract = snapshot_class(type(aggregate))
+                if contract is None:
+                    continue
+                try:
+                    due.append(self.mapper.to_stored_event(contract.take(aggregate)))
+                except Exception:
+                    # A snapshot only saves replaying: never fail a commit for one. Said
+                    # once per kind: the same mismatch would repeat on every batch.
+                    if type(aggregate) not in self._snapshot_failures:
+                        self._snapshot_failures.add(type(aggregate))
+                        _log.exception("no snapshot of %s: it could not be taken", aggregate.id)
+        return due
 
     def remember(self, prepared: PreparedBatch) -> None:
         """Put a committed batch's aggregates in the cache."""
@@ -399,12 +646,29 @@ class LedgerService(Application[UUID]):
             for aggregate in prepared.uow.aggregates.values():
                 cache.put(aggregate.id, aggregate)
 
-    def _evict(self, uow: UnitOfWork) -> None:
+    def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:
             return
         for aggregate in uow.aggregates.values():
-            with contextlib.suppress(KeyError):
-                self.repository.cache.get(aggregate.id, evict=True)
+            if only is None or aggregate.id in only:
+                with contextlib.suppress(KeyError):
+                    self.repository.cache.get(aggregate.id, evict=True)
+
+    def _moved(self, uow: UnitOfWork) -> frozenset[UUID]:
+        """After a version conflict: the aggregates of ``uow`` another writer changed since
+        it took them (evicted from the cache, so the next attempt reads them fresh)."""
+        written = uow.written()
+        try:
+            latest = self.latest_versions([a.id for a in written])
+        except Exception:  # the store is unreachable: assume they all moved
+            moved = frozenset(a.id for a in written)
+        else:
+            taken = uow.taken_versions
+            moved = frozenset(
+                a.id for a in written if latest.get(a.id, 0) != taken.get(a.id.int, 0)
+            )
+        self._evict(uow, moved)
+        return moved
 
     def install_committer(self, factory: Callable[[LedgerService], Committer]) -> None:
         """Replace how commands reach ``execute`` (see ``group_commit``)."""
@@ -413,12 +677,56 @@ class LedgerService(Application[UUID]):
         self.committer.start()
 
     def close(self) -> None:
+        self.request_purge.stop()
         self.committer.close()
         super().close()
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _backoff(attempt: int) -> None:
+    """A jittered pause before attempt ``attempt + 1``, so that competing writers stop
+    colliding."""
+    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+
+
+def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
+    """The commands of a batch that met a version conflict which must be applied again:
+    those that touched an aggregate in ``moved``, and every command connected to one of them
+    through an aggregate they both touched or a request id they share (so that, applied
+    again, they keep their order relative to each other). All of them if none touched one.
+    """
+    count = len(prepared.commands)
+    parent = list(range(count))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_toucher: dict[int, int] = {}
+    for index, keys in prepared.touched.items():
+        for key in keys:
+            other = first_toucher.setdefault(key, index)
+            parent[root(index)] = root(other)
+    for index, (source, first) in prepared.repeats.items():
+        if source is prepared:
+            parent[root(index)] = root(first)
+    roots = {root(first_toucher[key]) for key in moved if key in first_toucher}
+    if not roots:
+        return list(range(count))
+    return [index for index in range(count) if root(index) in roots]
+
+
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:
-    return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
+    if command.caller_request_id:
+        return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
+    # Only the ledger's own retry, with this very command, can look a generated id up: no
+    # payload to compare, so no fingerprint to compute.
+    return RequestRecord(command.request_id, command.name, "", outcome, caller=False)
 
 
 def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
@@ -432,7 +740,15 @@ def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:
 
 def _replay(record: RequestRecord, command: Command) -> Outcome:
     """The original outcome of a repeated request (or a conflict if it asks for more)."""
-    if record.fingerprint != command.fingerprint:
+    if not record.caller:
+        if command.caller_request_id:  # a caller chose an id the ledger generated
+            return IdempotencyConflict(
+                f"request id {command.request_id!r} was generated by the ledger for another "
+                "request; choose request ids of your own",
+                request_id=command.request_id,
+                original_command=record.command,
+            )
+    elif record.fingerprint != command.fingerprint:
         return _conflict(command.request_id, record.command)
     if "error" in record.outcome:
         return DomainError.from_record(record.outcome["error"])

@@ -33,6 +33,9 @@ class AggregateCache(Cache[UUID, Any]):
             self._entries.move_to_end(entry)
             return value
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def put(self, key: UUID, value: Any) -> None:
         entry = key.int
         with self.lock:

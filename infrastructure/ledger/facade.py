@@ -11,19 +11,60 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from daybook.domain.commands import Command, Receipt, command_named
+from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate, readable
+from daybook.domain.linked import Atomic
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
+from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
+from daybook.infrastructure.observability.tracing import command_span
 from daybook.infrastructure.settings import Settings
 
 A = TypeVar("A", bound=LedgerAggregate)
+
+#: The most commands one ``submit`` takes.
+MAX_SUBMISSION = 10_000
+
+#: What ``submit`` answers for each command: its receipt, its refusal (a ``DomainError``),
+#: or the error that stopped it (the store unreachable, say).
+Outcome = Receipt | DomainError | Exception
+
+
+def _submission(commands: object) -> list[Command]:
+    """``commands`` as a list, or ``InvalidRequest`` (nothing is run)."""
+    if not isinstance(commands, list | tuple):
+        msg = f"submit takes a list of commands, got {type(commands).__name__}"
+        raise InvalidRequest(msg, field="commands")
+    if len(commands) > MAX_SUBMISSION:
+        msg = (
+            f"submit takes at most {MAX_SUBMISSION:,} commands, got {len(commands):,}; "
+            "split them over several calls"
+        )
+        raise InvalidRequest(msg, field="commands", limit=MAX_SUBMISSION, count=len(commands))
+    for index, command in enumerate(commands):
+        if not isinstance(command, Command):
+            msg = f"item {index} of the submission is a {type(command).__name__}, not a command"
+            raise InvalidRequest(msg, field="commands", index=index)
+    return list(commands)
+
+
+def _given(
+    request_id: str | None, correlation_id: str | None, causation_id: str | None
+) -> dict[str, str]:
+    """The envelope fields a caller gave (None: generated, or left out)."""
+    given = {
+        "request_id": request_id,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
@@ -44,7 +85,34 @@ class Ledger(LedgerMethods):
         self.settings = settings
 
     def execute(self, command: Command) -> Receipt:
-        return self.service.committer.submit(command)
+        with command_span(command):
+            return self.service.committer.submit(command)
+
+    def atomic(
+        self,
+        commands: Sequence[Command],
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Apply ``commands`` all-or-nothing in one transaction; ``receipt.linked`` holds
+        their receipts in order. A refusal is the failing command's own error, naming its
+        index; ``details["outcomes"]`` gives every command's code (the others:
+        ``linked_command_failed``). Idempotent as a whole, by ``request_id``."""
+        return self.execute(
+            # The check turns the list into the tuple the field declares.
+            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+        )
+
+    def submit(self, commands: Sequence[Command]) -> list[Outcome]:
+        """Run up to ``MAX_SUBMISSION`` commands in one call; one outcome per command, in
+        order: its ``Receipt``, its refusal (a ``DomainError``, returned, not raised), or the
+        error that stopped it. Each command keeps its own request id and idempotency. Not
+        all-or-nothing: a refusal does not stop the others. Commands are applied in order,
+        so a command sees the effect of those before it. Raises ``InvalidRequest`` (and runs
+        nothing) for a malformed submission."""
+        return self.service.committer.submit_many(_submission(commands))  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
         return self.service.read(kind, key)
@@ -56,6 +124,11 @@ class Ledger(LedgerMethods):
     def health(self) -> Health:
         """The committer's health: running, stopped, or failed with the reason."""
         return self.service.committer.health()
+
+    @property
+    def request_purge(self) -> RequestPurge:
+        """The service deleting expired request records (its ``health()``, ``purge()``)."""
+        return self.service.request_purge
 
     def close(self) -> None:
         """Finish the commands already submitted, then release the store."""
@@ -98,7 +171,27 @@ class AsyncLedger(AsyncLedgerMethods):
         self._committer = service.committer
 
     async def execute(self, command: Command) -> Receipt:
-        return await self._committer.submit_async(command)
+        with command_span(command):
+            return await self._committer.submit_async(command)
+
+    async def atomic(
+        self,
+        commands: Sequence[Command],
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Receipt:
+        """Apply ``commands`` all-or-nothing in one transaction (see ``Ledger.atomic``)."""
+        return await self.execute(
+            # The check turns the list into the tuple the field declares.
+            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+        )
+
+    async def submit(self, commands: Sequence[Command]) -> list[Outcome]:
+        """``Ledger.submit`` from a coroutine."""
+        outcomes = await self._committer.submit_many_async(_submission(commands))
+        return outcomes  # type: ignore[return-value]
 
     async def read(self, kind: type[A], key: Any) -> A:
         return await asyncio.to_thread(self.service.read, kind, key)
@@ -110,6 +203,11 @@ class AsyncLedger(AsyncLedgerMethods):
     async def health(self) -> Health:
         """The committer's health: running, stopped, or failed with the reason."""
         return self.service.committer.health()
+
+    @property
+    def request_purge(self) -> RequestPurge:
+        """The service deleting expired request records (its ``health()``, ``purge()``)."""
+        return self.service.request_purge
 
     async def close(self) -> None:
         """Finish the commands already submitted, then release the store."""

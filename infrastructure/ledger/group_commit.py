@@ -30,16 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from eventsourcing.persistence import PersistenceError
+from eventsourcing.persistence import IntegrityError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
 
@@ -80,9 +82,52 @@ class _AsyncReply:
         self.future: asyncio.Future[Receipt] = loop.create_future()
 
 
+class _Submission:
+    """The outcomes of one batch submission, gathered as the batches carrying its commands
+    commit (possibly several, settled from both the writer and the committing thread); its
+    caller is woken once, when the last arrives."""
+
+    __slots__ = ("_lock", "_remaining", "done", "future", "loop", "outcomes")
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.outcomes: list[Outcome | BaseException | None] = [None] * count
+        self._remaining = count
+        self._lock = threading.Lock()
+        #: For a thread: released when complete. For a coroutine: ``loop`` and a future.
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.loop = loop
+        self.future: asyncio.Future[list[Outcome | BaseException]] | None = (
+            loop.create_future() if loop is not None else None
+        )
+
+    def settle(self, index: int, outcome: Outcome | BaseException) -> bool:
+        """Fill one slot; True if that was the last."""
+        with self._lock:
+            if self.outcomes[index] is not None:
+                return False
+            self.outcomes[index] = outcome
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def wait(self) -> list[Outcome | BaseException]:
+        self.done.acquire()
+        return self.outcomes  # type: ignore[return-value]
+
+
+class _Slot:
+    """One command's place in a ``_Submission``."""
+
+    __slots__ = ("index", "submission")
+
+    def __init__(self, submission: _Submission, index: int) -> None:
+        self.submission = submission
+        self.index = index
+
+
 _log = logging.getLogger(__name__)
 
-_Reply = _Waiter | _AsyncReply
+_Reply = _Waiter | _AsyncReply | _Slot
 _Item = tuple[Command, _Reply]
 
 
@@ -111,10 +156,14 @@ class _Inbox:
         self._closing = False
 
     def put(self, item: _Item) -> None:
+        self.put_many((item,))
+
+    def put_many(self, items: Sequence[_Item]) -> None:
+        """Queue ``items`` together (nobody else's come between them)."""
         with self._lock:
             if self._closing:
                 raise LedgerClosed("the ledger is closed; open a new one to submit commands")
-            self._items.append(item)
+            self._items.extend(items)
             if self._want and len(self._items) >= self._want:
                 self._want = 0
                 self._wake.release()
@@ -171,6 +220,11 @@ class GroupCommitter:
 
     ``apply_every``: while gathering, the writer wakes to apply commands once this many wait
     (fewer thread switches than waking for each; enough to overlap the callers' turnaround).
+
+    ``pipeline_at``: the writer applies at most this many commands at a time, and a batch
+    holding this many goes out as soon as nothing is committing. Commands that arrive
+    together in large numbers (a batch submission) are then applied while the commands
+    before them commit, instead of all being applied first and committed after.
     """
 
     def __init__(
@@ -180,11 +234,13 @@ class GroupCommitter:
         max_batch: int = 1000,
         max_wait: float = 0.005,
         apply_every: int = 4,
+        pipeline_at: int = 200,
     ) -> None:
         self._ledger = ledger
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._apply_every = apply_every
+        self._pipeline_at = pipeline_at
         #: How many callers the last commit answered: most will send again soon.
         self._expected = 1
         self._inbox = _Inbox()
@@ -219,6 +275,32 @@ class GroupCommitter:
         reply = _AsyncReply(asyncio.get_running_loop())
         self._inbox.put((command, reply))
         return reply.future
+
+    def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
+        """Run ``commands`` in order, batched with whatever else is waiting; one outcome per
+        command (its receipt, its refusal, or the error that stopped it)."""
+        if not commands:
+            return []
+        submission = _Submission(len(commands))
+        self._inbox.put_many(
+            [(command, _Slot(submission, i)) for i, command in enumerate(commands)]
+        )
+        return submission.wait()
+
+    def submit_many_async(
+        self, commands: Sequence[Command]
+    ) -> asyncio.Future[list[Outcome | BaseException]]:
+        """The same from a coroutine (call it on the event loop)."""
+        loop = asyncio.get_running_loop()
+        submission = _Submission(len(commands), loop)
+        assert submission.future is not None
+        if not commands:
+            submission.future.set_result([])
+            return submission.future
+        self._inbox.put_many(
+            [(command, _Slot(submission, i)) for i, command in enumerate(commands)]
+        )
+        return submission.future
 
     def close(self) -> None:
         """Finish the commands already queued, then stop the writer thread."""
@@ -296,10 +378,15 @@ class GroupCommitter:
         """(commands to wait for, timeout, most to take)."""
         building = self._building
         taken = len(building.items) if building else 0
-        limit = self._max_batch - taken
+        limit = min(self._max_batch - taken, self._pipeline_at)
         if building is None:
             return 1, None, limit  # the first command (a finished commit pokes us)
         if self._committing is not None:
+            if limit == 0:
+                # Full, and waiting for the commit under way: sleep until it pokes us.
+                # (Asking for more would return at once, and spinning here takes the
+                # interpreter from the committing thread.)
+                return sys.maxsize, None, 0
             return self._apply_every, None, limit  # more, until the commit pokes us
         missing = max(1, min(self._expected - taken, self._apply_every))
         return missing, max(0.0, building.deadline - time.monotonic()), limit
@@ -309,6 +396,7 @@ class GroupCommitter:
         return (
             taken >= self._expected
             or taken >= self._max_batch
+            or taken >= self._pipeline_at
             or time.monotonic() >= building.deadline
         )
 
@@ -328,8 +416,11 @@ class GroupCommitter:
                 self._ledger.new_batch(after=committing.prepared if committing else None),
                 deadline=now + self._max_wait,
             )
+        commands = [command for command, _ in items]
         try:
-            self._ledger.apply(building.prepared, [command for command, _ in items])
+            # A caller-chosen id may have been recorded by an earlier batch (a retry): look
+            # those up first, so the retry is replayed instead of failing the batch.
+            self._ledger.apply(building.prepared, commands, known=self._ledger.lookup(commands))
         except Exception:
             # A stale cache, a lost connection, or a bug in one command: this batch's state
             # is suspect. Serve all its commands the careful way, after the commit under way.
@@ -357,11 +448,22 @@ class GroupCommitter:
         them carefully, and apply the batch built on top of it again."""
         self._committing = None
         assert batch.commit is not None
-        if batch.commit.exception() is None:
+        error = batch.commit.exception()
+        if error is None:
             self._expected = len(batch.items)
             return
         built_on_it, self._building = self._building, None
-        self._execute(batch.items, recheck_all=True)
+        if isinstance(error, IntegrityError) and not isinstance(
+            error, VersionConflict | DuplicateRequest
+        ):
+            # Not a conflict: the same batch would fail the same way. Nothing was written;
+            # find the command that breaks the constraint by running each alone.
+            for item in batch.items:
+                self._execute([item])
+        else:
+            # An integrity error says nothing was written; after any other error the
+            # commit may have happened, and every request id must be looked up.
+            self._execute(batch.items, recheck_all=not isinstance(error, IntegrityError))
         if built_on_it is not None:
             self._apply(built_on_it.items)
 
@@ -383,19 +485,9 @@ class GroupCommitter:
         commands = [command for command, _ in items]
         try:
             outcomes = self._ledger.execute(commands, recheck_all=recheck_all)
-        except PersistenceError as error:
-            # The store is unreachable: nothing was committed for anyone in this batch
-            # (or, if it was, a retry with the same request ids will replay it).
+        except Exception as error:  # a bug in the ledger itself: nobody is left waiting
+            _log.exception("daybook's careful path failed")
             _settle(items, [error] * len(items))
-            return
-        except Exception as error:
-            if len(items) == 1:
-                _settle(items, [error])
-                return
-            # An unexpected error in one command must not fail its neighbours: run each
-            # alone. Nothing of the failed batch was committed.
-            for item in items:
-                self._execute([item], recheck_all=True)
             return
         _settle(items, outcomes)
 
@@ -403,21 +495,37 @@ class GroupCommitter:
 def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> None:
     """Hand each caller its outcome: threads directly, each event loop once per batch
     (waking a loop costs a system call; one wake-up settles all its callers)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AsyncReply, Outcome | BaseException]]]
-    by_loop = defaultdict(list)
+    by_loop: dict[asyncio.AbstractEventLoop, list[_LoopSettlement]] = defaultdict(list)
     for (_, reply), outcome in zip(items, outcomes, strict=True):
         if isinstance(reply, _Waiter):
             reply.settle(outcome)
-        else:
+        elif isinstance(reply, _AsyncReply):
             by_loop[reply.loop].append((reply, outcome))
-    for loop, replies in by_loop.items():
+        elif reply.submission.settle(reply.index, outcome):  # the submission's last outcome
+            submission = reply.submission
+            if submission.loop is None:
+                submission.done.release()
+            else:
+                by_loop[submission.loop].append(submission)
+    for loop, settlements in by_loop.items():
         # RuntimeError: the loop was closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_on_loop, replies)
+            loop.call_soon_threadsafe(_settle_on_loop, settlements)
 
 
-def _settle_on_loop(replies: list[tuple[_AsyncReply, Outcome | BaseException]]) -> None:
-    for reply, outcome in replies:
+#: What an event loop is handed: one caller's outcome, or a whole submission's.
+_LoopSettlement = tuple[_AsyncReply, Outcome | BaseException] | _Submission
+
+
+def _settle_on_loop(settlements: list[_LoopSettlement]) -> None:
+    for settlement in settlements:
+        if isinstance(settlement, _Submission):
+            future = settlement.future
+            assert future is not None
+            if not future.done():  # unless the caller was cancelled
+                future.set_result(settlement.outcomes)  # type: ignore[arg-type]
+            continue
+        reply, outcome = settlement
         if reply.future.done():  # the caller was cancelled
             continue
         if isinstance(outcome, BaseException):

@@ -21,15 +21,18 @@ from daybook.domain.accounts import (
 )
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.holds import CaptureHold, ExpireHold, Hold, HoldView, PlaceHold, VoidHold
 from daybook.domain.inventory import (
     AdjustStock,
     CommitReservation,
+    ExpireReservation,
     Inventory,
     ReceiveStock,
     ReleaseReservation,
     ReserveStock,
     StockView,
 )
+from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaView
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -60,6 +63,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return self.execute(
@@ -72,6 +77,8 @@ class LedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -84,6 +91,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return self.execute(
@@ -91,7 +100,11 @@ class LedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -104,6 +117,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return self.execute(
@@ -111,7 +126,11 @@ class LedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -126,6 +145,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return self.execute(
@@ -138,6 +159,8 @@ class LedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -149,13 +172,127 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return self.execute(
             CloseAccount(
                 account_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def hold(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        destination: UUID | None = None,
+        timeout: int,
+        hold_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
+        return self.execute(
+            PlaceHold(
+                account_id,
+                amount,
+                **_given(
+                    destination=destination,
+                    timeout=timeout,
+                    hold_id=hold_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def capture(
+        self,
+        hold_id: UUID,
+        amount: int | None = None,
+        *,
+        transfer_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
+        return self.execute(
+            CaptureHold(
+                hold_id,
+                amount,
+                **_given(
+                    transfer_id=transfer_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def void(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Release a hold: its funds are available again, nothing is posted."""
+        return self.execute(
+            VoidHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def expire_hold(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Record that a hold's timeout passed (its funds were available from that instant)."""
+        return self.execute(
+            ExpireHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -168,6 +305,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return self.execute(
@@ -175,7 +314,11 @@ class LedgerMethods(ABC):
                 sku,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -189,6 +332,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return self.execute(
@@ -197,7 +342,11 @@ class LedgerMethods(ABC):
                 delta,
                 reason,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -207,21 +356,27 @@ class LedgerMethods(ABC):
         sku: str,
         quantity: int,
         *,
+        timeout: int | None = None,
         reservation_id: str | None = None,
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
-        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+        """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return self.execute(
             ReserveStock(
                 sku,
                 quantity,
                 **_given(
+                    timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -235,6 +390,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return self.execute(
@@ -243,7 +400,11 @@ class LedgerMethods(ABC):
                 reservation_id,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -256,6 +417,8 @@ class LedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return self.execute(
@@ -263,7 +426,93 @@ class LedgerMethods(ABC):
                 sku,
                 reservation_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def expire_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Record that a reservation's timeout passed (its units were free from then)."""
+        return self.execute(
+            ExpireReservation(
+                sku,
+                reservation_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -273,10 +522,20 @@ class LedgerMethods(ABC):
         consistent); refused with its not-found code if there is none."""
         return self.read(Account, account_id).view()
 
+    def hold_status(self, hold_id: UUID) -> HoldView:
+        """The current state of one Hold, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return self.read(Hold, hold_id).view()
+
     def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return self.read(Inventory, sku).view()
+
+    def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return self.read(Saga, saga_id).view()
 
 
 class AsyncLedgerMethods(ABC):
@@ -300,6 +559,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
         return await self.execute(
@@ -312,6 +573,8 @@ class AsyncLedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -324,6 +587,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
         return await self.execute(
@@ -331,7 +596,11 @@ class AsyncLedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -344,6 +613,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
         return await self.execute(
@@ -351,7 +622,11 @@ class AsyncLedgerMethods(ABC):
                 account_id,
                 amount,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -366,6 +641,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
         return await self.execute(
@@ -378,6 +655,8 @@ class AsyncLedgerMethods(ABC):
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -389,13 +668,127 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
         return await self.execute(
             CloseAccount(
                 account_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def hold(
+        self,
+        account_id: UUID,
+        amount: int,
+        *,
+        destination: UUID | None = None,
+        timeout: int,
+        hold_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
+        return await self.execute(
+            PlaceHold(
+                account_id,
+                amount,
+                **_given(
+                    destination=destination,
+                    timeout=timeout,
+                    hold_id=hold_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def capture(
+        self,
+        hold_id: UUID,
+        amount: int | None = None,
+        *,
+        transfer_id: UUID | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
+        return await self.execute(
+            CaptureHold(
+                hold_id,
+                amount,
+                **_given(
+                    transfer_id=transfer_id,
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def void(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Release a hold: its funds are available again, nothing is posted."""
+        return await self.execute(
+            VoidHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def expire_hold(
+        self,
+        hold_id: UUID,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Record that a hold's timeout passed (its funds were available from that instant)."""
+        return await self.execute(
+            ExpireHold(
+                hold_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -408,6 +801,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
         return await self.execute(
@@ -415,7 +810,11 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -429,6 +828,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
         return await self.execute(
@@ -437,7 +838,11 @@ class AsyncLedgerMethods(ABC):
                 delta,
                 reason,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -447,21 +852,27 @@ class AsyncLedgerMethods(ABC):
         sku: str,
         quantity: int,
         *,
+        timeout: int | None = None,
         reservation_id: str | None = None,
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
-        """Hold ``quantity`` units for an order; the receipt names the reservation id."""
+        """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
         return await self.execute(
             ReserveStock(
                 sku,
                 quantity,
                 **_given(
+                    timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -475,6 +886,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
         return await self.execute(
@@ -483,7 +896,11 @@ class AsyncLedgerMethods(ABC):
                 reservation_id,
                 quantity,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -496,6 +913,8 @@ class AsyncLedgerMethods(ABC):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
         return await self.execute(
@@ -503,7 +922,93 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 reservation_id,
                 **_given(
-                    request_id=request_id, correlation_id=correlation_id, causation_id=causation_id
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def expire_reservation(
+        self,
+        sku: str,
+        reservation_id: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Record that a reservation's timeout passed (its units were free from then)."""
+        return await self.execute(
+            ExpireReservation(
+                sku,
+                reservation_id,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def cancel_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Stop a running saga and compensate what it did (a person's decision)."""
+        return await self.execute(
+            CancelSaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
+        )
+
+    async def retry_saga(
+        self,
+        saga_id: UUID,
+        decided_by: str,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
+    ) -> Receipt:
+        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        return await self.execute(
+            RetrySaga(
+                saga_id,
+                decided_by,
+                reason,
+                **_given(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
                 ),
             )
         )
@@ -513,7 +1018,17 @@ class AsyncLedgerMethods(ABC):
         consistent); refused with its not-found code if there is none."""
         return (await self.read(Account, account_id)).view()
 
+    async def hold_status(self, hold_id: UUID) -> HoldView:
+        """The current state of one Hold, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return (await self.read(Hold, hold_id)).view()
+
     async def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
         return (await self.read(Inventory, sku)).view()
+
+    async def saga(self, saga_id: UUID) -> SagaView:
+        """The current state of one Saga, read from the log (strongly
+        consistent); refused with its not-found code if there is none."""
+        return (await self.read(Saga, saga_id)).view()

@@ -1,10 +1,32 @@
-"""Idempotency records: what happened to each request, written with its events."""
+"""Idempotency records: what happened to each request, written with its events, kept for a
+retention window.
+
+A record of a request id the caller chose answers that caller's retries for ``retention``
+(a setting): the same id and payload replay the original outcome, another payload is an
+``idempotency_conflict``. After the window the id is new again. A record of an id the
+ledger generated serves only the ledger's own retry of a commit whose answer was lost, and
+is kept for ``GENERATED_RETENTION``. Expired records are deleted by the purge service
+(``retention.RequestPurge``) in small batches; until then lookups ignore them, so when an
+id becomes new does not depend on when the purge ran.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+#: How long the record of a caller-chosen request id is kept unless configured otherwise
+#: (``Settings.request_retention``; the README says why three days).
+DEFAULT_RETENTION = 72 * 3600.0
+
+#: How long the record of a generated request id is kept. It is needed while the ledger may
+#: still retry the commit it belongs to: ``LedgerService.execute`` gives up after at most
+#: ``max_attempts`` (40) attempts with backoffs under 50 ms, each bounded by the store's lock
+#: and connection timeouts (30 s and 10 s): minutes at worst. An hour leaves a wide margin.
+GENERATED_RETENTION = 3600.0
 
 
 @dataclass(frozen=True)
@@ -13,9 +35,13 @@ class RequestRecord:
 
     request_id: str
     command: str
+    #: The command's ``fingerprint``; empty for a generated id (only the ledger's own retry,
+    #: with the same command, can look it up).
     fingerprint: str
     #: ``{"receipt": {...}}`` or ``{"error": {...}}``.
     outcome: dict[str, Any]
+    #: Whether the caller chose the request id (else the ledger generated it).
+    caller: bool = True
 
 
 @dataclass(frozen=True)
@@ -27,8 +53,60 @@ class PendingRequest:
     last_event_index: int | None
 
 
+@dataclass(frozen=True)
+class Expiry:
+    """When records written now expire (Unix seconds, from the ledger's clock)."""
+
+    now: float
+    caller: float
+    generated: float
+
+    def of(self, record: RequestRecord) -> float:
+        return self.caller if record.caller else self.generated
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What a purge would delete (or did): expired records, by kind."""
+
+    caller: int = 0
+    generated: int = 0
+    #: Records not expired, kept.
+    kept: int = 0
+    #: The earliest and latest expiry among the expired ones (Unix seconds).
+    oldest: float | None = None
+    newest: float | None = None
+
+    @property
+    def expired(self) -> int:
+        return self.caller + self.generated
+
+
+def utc(seconds: float) -> str:
+    """Unix seconds as an ISO 8601 UTC time, for people."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
 @runtime_checkable
 class RequestLog(Protocol):
-    """The part of the recorder that keeps idempotency records."""
+    """The part of the recorder that keeps idempotency records, and tells the ledger where
+    aggregates stand after a refused write."""
 
-    def select_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+    def select_requests(
+        self, request_ids: Sequence[str], now: float | None = None
+    ) -> dict[str, RequestRecord]:
+        """The records of these ids not expired at ``now`` (None: all of them)."""
+        ...
+
+    def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The newest stored version of each of these aggregates (absent: none stored)."""
+        ...
+
+    def purge_requests(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` records expired at ``now``, in one short transaction;
+        how many were deleted."""
+        ...
+
+    def expired_requests(self, now: float) -> PurgeReport:
+        """What ``purge_requests`` would delete at ``now``."""
+        ...

@@ -17,7 +17,17 @@ from daybook.infrastructure.bootstrap import (
     open_event_log,
     projection_runner,
 )
-from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
+from daybook.infrastructure.cli import (
+    add_log_format_argument,
+    add_readmodels_argument,
+    add_url_argument,
+    checked_settings,
+    command,
+    seconds,
+    settings_of,
+    setup_logging,
+    whole_number,
+)
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
@@ -36,8 +46,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_readmodels_argument(parser)
 
 
+_NAMES = [p.name for p in projections.ALL]
+_PG = "postgresql://daybook@localhost/daybook"
+
+
 def register(subparsers: Any) -> None:
-    project = subparsers.add_parser(
+    project = command(
+        subparsers,
         "project",
         help="keep the read models up to date (the projection runner)",
         description=(
@@ -45,30 +60,86 @@ def register(subparsers: Any) -> None:
             "batches, recording positions in the same transactions. One runner writes each "
             "projection version; start more as standbys. Stops cleanly on SIGINT/SIGTERM."
         ),
+        examples=[
+            f"daybook project --url {_PG}",
+            "daybook project --url sqlite:///ledger.db --readmodels-url sqlite:///views.db",
+            f"daybook project --url {_PG} --batch-size 5000 --poll-interval 0.5",
+        ],
     )
     _common(project)
-    project.add_argument("--batch-size", type=int, default=1000)
-    project.add_argument("--poll-interval", type=float, default=0.2)
+    project.add_argument(
+        "--batch-size", type=whole_number(1), default=1000, help="events per transaction, at most"
+    )
+    project.add_argument(
+        "--poll-interval",
+        type=seconds,
+        default=0.2,
+        help="seconds between looks at the log when nothing wakes the runner",
+    )
     project.set_defaults(handler=_run_project)
 
-    group = subparsers.add_parser("projections", help="rebuild, inspect or resume projections")
+    group = command(
+        subparsers,
+        "projections",
+        help="rebuild, inspect or resume projections",
+        description="Rebuild a projection from the log, show every version's state, or "
+        "resume one stopped on an event it could not apply.",
+        examples=[
+            "daybook projections status",
+            "daybook projections rebuild account_balances",
+            "daybook projections resume account_balances",
+        ],
+    )
     commands = group.add_subparsers(dest="projections_command", metavar="COMMAND")
-    build = commands.add_parser(
+    build = command(
+        commands,
         "rebuild",
         help="build a projection's current version from the log, then switch reads to it",
+        description=(
+            "Build the code's version of a projection from the whole log in bulk, while the "
+            "current version keeps serving reads; reads switch atomically once the new "
+            "version has caught up, and the old tables are dropped. Interrupted, it resumes."
+        ),
+        examples=[
+            f"daybook projections rebuild account_balances --url {_PG}",
+            "daybook projections rebuild daily_activity --batch-size 20000 --keep-old",
+            "daybook projections rebuild account_statement --no-progress "
+            "--readmodels-url sqlite:///views.db",
+        ],
     )
     _common(build)
-    build.add_argument("name", choices=[p.name for p in projections.ALL])
-    build.add_argument("--batch-size", type=int, default=100_000)
+    build.add_argument("name", choices=_NAMES, help="the projection: " + ", ".join(_NAMES))
+    build.add_argument(
+        "--batch-size",
+        type=whole_number(1),
+        default=100_000,
+        help="events per transaction, at most",
+    )
     build.add_argument("--keep-old", action="store_true", help="keep the old version's tables")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_run_rebuild)
 
-    status = commands.add_parser("status", help="version, position, lag and state of each")
+    status = command(
+        commands,
+        "status",
+        help="version, position, lag and state of each",
+        description=(
+            "For every projection version: whether it serves reads, its state (live, "
+            "rebuilding, stopped, retired), its log position, the head, its lag in events "
+            "and seconds, and its parked events. Exits 1 when a serving version is stopped."
+        ),
+        examples=[
+            "daybook projections status",
+            f"daybook projections status --url {_PG}",
+            "daybook projections status --url sqlite:///ledger.db "
+            "--readmodels-url sqlite:///views.db",
+        ],
+    )
     _common(status)
     status.set_defaults(handler=_run_status)
 
-    hand = commands.add_parser(
+    hand = command(
+        commands,
         "handover",
         help="hand projections to the runner or to a stream group, converting the checkpoint",
         description=(
@@ -78,21 +149,43 @@ def register(subparsers: Any) -> None:
             "from the log what the new one needs: no event is applied twice or skipped. "
             "Writers of the old owner let go at their next batch."
         ),
+        examples=[
+            f"daybook projections handover account_balances --to stream:daybook --url {_PG}",
+            f"daybook projections handover daily_activity inventory_levels --to runner --url {_PG}",
+        ],
     )
     _common(hand)
-    hand.add_argument("names", nargs="+", metavar="NAME", choices=[p.name for p in projections.ALL])
-    hand.add_argument("--to", required=True, help="runner, or stream:GROUP")
+    hand.add_argument(
+        "names", nargs="+", metavar="NAME", choices=_NAMES, help="projections: " + ", ".join(_NAMES)
+    )
+    hand.add_argument("--to", required=True, help="the new owner: runner, or stream:GROUP")
     hand.add_argument("--topic", help="the events topic (default: $DAYBOOK_TOPIC)")
-    hand.add_argument("--partitions", type=int, help="its partitions ($DAYBOOK_PARTITIONS)")
+    hand.add_argument(
+        "--partitions", type=whole_number(1), help="its partitions (default: $DAYBOOK_PARTITIONS)"
+    )
     hand.set_defaults(handler=_run_handover)
 
-    resume = commands.add_parser("resume", help="retry a projection stopped on a dead letter")
+    resume = command(
+        commands,
+        "resume",
+        help="retry a projection stopped on a dead letter",
+        description=(
+            "Move a projection version stopped on an event it could not apply back to work: "
+            "a running `daybook project` retries its parked events (fix the cause first)."
+        ),
+        examples=[
+            "daybook projections resume account_balances",
+            f"daybook projections resume daily_activity --url {_PG}",
+            "daybook projections resume inventory_levels --readmodels-url sqlite:///views.db",
+        ],
+    )
     _common(resume)
-    resume.add_argument("name", choices=[p.name for p in projections.ALL])
+    resume.add_argument("name", choices=_NAMES, help="the projection: " + ", ".join(_NAMES))
     resume.set_defaults(handler=_run_resume)
     group.set_defaults(handler=lambda args: _help(group))
 
-    check = subparsers.add_parser(
+    check = command(
+        subparsers,
         "reconcile",
         help="compare read models with a replay of the log; exit 1 on drift",
         description=(
@@ -101,23 +194,45 @@ def register(subparsers: Any) -> None:
             "different row; --repair rewrites them and records each change in "
             "daybook_reconcile_log."
         ),
+        examples=[
+            "daybook reconcile",
+            f"daybook reconcile account_balances --url {_PG}",
+            "daybook reconcile --repair --readmodels-url sqlite:///views.db",
+        ],
     )
     _common(check)
-    check.add_argument("name", nargs="?", choices=[p.name for p in projections.ALL])
+    check.add_argument(
+        "name", nargs="?", choices=_NAMES, help="one projection (default: every one)"
+    )
     check.add_argument("--repair", action="store_true", help="rewrite drifted rows")
     check.add_argument(
         "--continuous",
         action="store_true",
         help="keep reconciling as a service, recording each run (status shows the last)",
     )
-    check.add_argument("--every-events", type=int, default=100_000, help="with --continuous")
-    check.add_argument("--every-seconds", type=float, default=600.0, help="with --continuous")
+    check.add_argument(
+        "--every-events",
+        type=whole_number(1),
+        default=100_000,
+        help="with --continuous: reconcile after this many new events (default 100000)",
+    )
+    check.add_argument(
+        "--every-seconds",
+        type=seconds,
+        default=600.0,
+        help="with --continuous: and at least this often (default 600)",
+    )
+    add_log_format_argument(check)
     check.set_defaults(handler=_run_reconcile)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
+
+
+#: Why these commands cannot work on memory://.
+_WHY = "memory:// lives inside one process, and this command would see an empty ledger of its own"
 
 
 @contextmanager
@@ -148,9 +263,10 @@ def collector_paused() -> Iterator[None]:
 
 
 def _run_project(args: argparse.Namespace) -> int:
+    settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     runner = projection_runner(
-        settings_of(args), batch_size=args.batch_size, poll_interval=args.poll_interval
+        settings, batch_size=args.batch_size, poll_interval=args.poll_interval
     )
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -170,7 +286,7 @@ def _run_project(args: argparse.Namespace) -> int:
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    log = open_event_log(settings=settings_of(args))
+    log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
     try:
         with _readmodels(args) as url, collector_paused():
             result = rebuild(
@@ -200,7 +316,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    log = open_event_log(settings=settings_of(args))
+    log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
     try:
         with _readmodels(args) as url:
             rows = projection_status(log, url)
@@ -272,6 +388,7 @@ def _run_handover(args: argparse.Namespace) -> int:
 
 def _run_resume(args: argparse.Namespace) -> int:
     projection = projections.by_name(args.name)
+    checked_settings(args, why=_WHY, readmodels=True)
     with _readmodels(args) as url:
         store = open_store(url)
         try:
@@ -288,9 +405,9 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 
 def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args)
     service = continuous_reconciler(
-        settings_of(args),
+        checked_settings(args, why=_WHY, readmodels=True),
         projections=chosen,
         every_events=args.every_events,
         every_seconds=args.every_seconds,
@@ -318,7 +435,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
     if args.continuous:
         return _run_continuous(args, chosen)
-    log = open_event_log(settings=settings_of(args))
+    log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
     drifted = False
     try:
         for projection in chosen:

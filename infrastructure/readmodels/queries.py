@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -68,6 +68,29 @@ class Balance:
     lag_events: int | None
     #: Events after ``as_of_position`` may be partly included (a stream-owned version).
     includes_later: bool = False
+
+
+@dataclass(frozen=True)
+class Balances:
+    """Many balances read in one snapshot: every row reflects the same ``as_of_position``,
+    so sums over them are never torn (``totals``: balance per currency)."""
+
+    balances: tuple[Balance, ...]
+    #: Requested ids the read model has no row for (in the order asked).
+    missing: tuple[UUID, ...]
+    totals: dict[str, int]
+    as_of_position: int
+    lag_events: int | None
+
+
+@dataclass(frozen=True)
+class BalancePage:
+    """Balances in account id order after ``after``; ``next_after`` continues (None: last)."""
+
+    balances: tuple[Balance, ...]
+    next_after: str | None
+    as_of_position: int
+    lag_events: int | None
 
 
 @dataclass(frozen=True)
@@ -174,6 +197,55 @@ class ReadModels:
             lag_events=lag,
             includes_later=later,
         )
+
+    def balances(
+        self,
+        account_ids: Sequence[UUID | str] | None = None,
+        *,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Balances:
+        """The balances of ``account_ids`` (every account when None), all read in one
+        snapshot at one ``as_of_position``."""
+        keys = None if account_ids is None else [str(UUID(str(a))) for a in account_ids]
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            if keys is None:
+                return store.select(BALANCES, version, order="account_id")
+            rows: list[Row] = []
+            for start in range(0, len(keys), 500):  # bounded statement size
+                chunk = keys[start : start + 500]
+                where = f"account_id IN ({', '.join(['%s'] * len(chunk))})"
+                rows.extend(store.select(BALANCES, version, where, chunk))
+            return rows
+
+        rows, position, lag = self._read("account_balances", read, min_position, timeout)
+        found = {str(row["account_id"]): _balance(row, position, lag) for row in rows}
+        ordered = list(found.values()) if keys is None else [found[k] for k in keys if k in found]
+        totals: dict[str, int] = {}
+        for balance in ordered:
+            totals[balance.currency] = totals.get(balance.currency, 0) + balance.balance
+        missing = () if keys is None else tuple(UUID(k) for k in keys if k not in found)
+        return Balances(tuple(ordered), missing, totals, position, lag)
+
+    def balance_page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> BalancePage:
+        """Up to ``limit`` balances in account id order, after the account id ``after``."""
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            where, params = ("account_id > %s", [after]) if after is not None else ("", [])
+            return store.select(BALANCES, version, where, params, "account_id", limit + 1)
+
+        rows, position, lag = self._read("account_balances", read, min_position, timeout)
+        page = tuple(_balance(row, position, lag) for row in rows[:limit])
+        following = str(page[-1].account_id) if len(rows) > limit and page else None
+        return BalancePage(page, following, position, lag)
 
     def stock(
         self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
@@ -297,6 +369,29 @@ class ReadModels:
         found, position, lag, later = self._read_at(projection.name, read, min_position, timeout)
         return Answer(found, position, lag, later)
 
+    def rows(
+        self,
+        projection: Projection,
+        table: str,
+        *,
+        where: str = "",
+        params: Sequence[Any] = (),
+        order: str = "",
+        limit: int | None = None,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[list[Row]]:
+        """Rows of any projection's table (``where`` and ``order`` in SQL over its columns,
+        with ``%s`` placeholders), read in one snapshot: for read models without a query of
+        their own."""
+        spec = projection.table(table)
+
+        def read(store: ReadStore, version: int) -> list[Row]:
+            return store.select(spec, version, where, params, order, limit)
+
+        found, position, lag = self._read(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag)
+
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""
         _, position, _ = self._read(projection, lambda store, version: None, None, 0.0)
@@ -396,6 +491,23 @@ class ReadModels:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _balance(row: Row, position: int, lag: int | None) -> Balance:
+    return Balance(
+        account_id=UUID(_text(row, "account_id")),
+        owner=_text(row, "owner"),
+        currency=_text(row, "currency"),
+        balance=_int(row, "balance"),
+        held=_int(row, "held"),
+        available=_int(row, "available"),
+        overdraft_limit=_int(row, "overdraft_limit"),
+        status=_text(row, "status"),
+        version=_int(row, "version"),
+        last_event_at=_text(row, "last_event_at"),
+        as_of_position=position,
+        lag_events=lag,
+    )
 
 
 def _int(row: Row, column: str) -> int:

@@ -10,31 +10,64 @@ import signal
 import sys
 from typing import Any
 
+from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import outbox_relay, stream_worker_config
-from daybook.infrastructure.cli import add_readmodels_argument, add_url_argument, settings_of
+from daybook.infrastructure.cli import (
+    Parser,
+    add_readmodels_argument,
+    add_url_argument,
+    checked_settings,
+    command,
+    guarded,
+    seconds,
+    whole_number,
+)
 from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.settings import (
     DEFAULT_BROKER,
     DEFAULT_GROUP,
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
+    Settings,
 )
 from daybook.infrastructure.streaming.broker import BROKER_ENV
 
+_PG = "postgresql://daybook@localhost/daybook"
+_KAFKA = "kafka://localhost:9092"
+#: Why the streaming commands need PostgreSQL.
+_WHY = (
+    "the relay and the stream workers keep their cursors and progress in the event store's "
+    "PostgreSQL database and wait on LISTEN/NOTIFY and advisory locks"
+)
+
 
 def register(subparsers: Any) -> None:
-    relay = subparsers.add_parser(
+    relay = command(
+        subparsers,
         "relay",
         help="publish the event log to Kafka (the outbox relay)",
         description=(
             "Publish the event log, in order, to a Kafka topic keyed by aggregate id. The "
             "cursor moves only after the broker acknowledged a batch; one relay per topic is "
-            "active (advisory lock), others wait as standbys."
+            "active (advisory lock), others wait as standbys. Needs PostgreSQL."
         ),
+        examples=[
+            f"daybook relay --url {_PG} --broker {_KAFKA}",
+            f"daybook relay --url {_PG} --topic daybook.events --partitions 8 -v",
+            f"daybook relay --url {_PG} --batch-size 1000 --poll-interval 1",
+            f"daybook relay --url {_PG} --rewind",
+        ],
     )
     _common(relay)
-    relay.add_argument("--batch-size", type=int, default=5000)
-    relay.add_argument("--poll-interval", type=float, default=0.5)
+    relay.add_argument(
+        "--batch-size", type=whole_number(1), default=5000, help="events per publish, at most"
+    )
+    relay.add_argument(
+        "--poll-interval",
+        type=seconds,
+        default=0.5,
+        help="seconds between looks at the log when no notification wakes the relay",
+    )
     relay.add_argument(
         "--rewind",
         action="store_true",
@@ -42,7 +75,8 @@ def register(subparsers: Any) -> None:
     )
     relay.set_defaults(handler=_run_relay)
 
-    worker = subparsers.add_parser(
+    worker = command(
+        subparsers,
         "worker",
         help="apply the stream to the read models (a faust-streaming worker)",
         description=(
@@ -50,29 +84,64 @@ def register(subparsers: Any) -> None:
             "definitions to the PostgreSQL read models in batches. Run several: the group "
             "spreads the partitions over them."
         ),
+        examples=[
+            f"daybook worker --url {_PG} --broker {_KAFKA} --group daybook-projections",
+            f"daybook worker --url {_PG} --readmodels-url postgresql://daybook@views/daybook",
+            f"daybook worker --url {_PG} --batch-size 5000 --batch-wait 0.1 --port 6066",
+            f"daybook worker --url {_PG} --topic daybook.events --partitions 8 -v",
+        ],
     )
     _common(worker)
     worker.add_argument(
         "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
     )
     add_readmodels_argument(worker)
-    worker.add_argument("--batch-size", type=int, default=2000)
-    worker.add_argument("--batch-wait", type=float, default=0.05, help="seconds to fill a batch")
-    worker.add_argument("--port", type=int, default=0, help="faust web port (0: none)")
+    worker.add_argument(
+        "--batch-size", type=whole_number(1), default=2000, help="events per transaction, at most"
+    )
+    worker.add_argument("--batch-wait", type=seconds, default=0.05, help="seconds to fill a batch")
+    worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     worker.set_defaults(handler=_run_worker)
 
-    stream = subparsers.add_parser("stream", help="distributed projections: status")
+    stream = command(
+        subparsers,
+        "stream",
+        help="distributed projections: status",
+        description="Inspect the relay and the stream workers.",
+        examples=[f"daybook stream status --url {_PG}"],
+    )
     stream_commands = stream.add_subparsers(dest="stream_command", metavar="COMMAND")
-    status = stream_commands.add_parser("status", help="relay cursor and worker partitions")
+    status = command(
+        stream_commands,
+        "status",
+        help="relay cursor and worker partitions",
+        description=(
+            "The relay's cursor (position, partitions, re-publications after broker data "
+            "loss) and, for one consumer group, each partition's position, applied events, "
+            "duplicates skipped and dead letters. Exits 1 when a partition is not live."
+        ),
+        examples=[
+            f"daybook stream status --url {_PG}",
+            f"daybook stream status --url {_PG} --group daybook-projections -v",
+            f"daybook stream status --url {_PG} --topic daybook.events --partitions 8 "
+            f"--broker {_KAFKA}",
+        ],
+    )
     _common(status)
     status.add_argument(
         "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
     )
     status.set_defaults(handler=_status)
+    stream.set_defaults(handler=lambda args: _help(stream))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    add_url_argument(parser)
+    add_url_argument(parser, postgres_only=True)
     parser.add_argument(
         "--broker",
         help=f"Kafka URL, kafka://host:port (default: ${BROKER_ENV}, else {DEFAULT_BROKER})",
@@ -82,10 +151,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--partitions",
-        type=int,
+        type=whole_number(1),
         help=f"partitions of the topic (default: $DAYBOOK_PARTITIONS, else {DEFAULT_PARTITIONS})",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)"
+    )
+
+
+def _settings(args: argparse.Namespace, *, broker: bool) -> Settings:
+    """The settings, checked: PostgreSQL that answers, and (with ``broker``) a broker."""
+    settings = checked_settings(args, kinds=("postgresql",), why=_WHY, readmodels=True)
+    if settings.readmodels_url is not None:
+        preflight.check_store(
+            settings.readmodels_url,
+            role="read-model database",
+            kinds=("postgresql",),
+            why="the stream workers write read models to PostgreSQL",
+        )
+    if broker:
+        preflight.check_broker(settings.broker_url)
+    return settings
 
 
 def _logging(args: argparse.Namespace) -> None:
@@ -99,10 +185,14 @@ def _logging(args: argparse.Namespace) -> None:
 def _run_relay(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.relay import rewind
 
+    settings = _settings(args, broker=not args.rewind)
     _logging(args)
-    settings = settings_of(args)
     if args.rewind:
-        rewind(settings.url, settings.topic)
+        try:
+            rewind(settings.url, settings.topic)
+        except RuntimeError as refused:  # a relay is running
+            print(f"daybook relay: {refused}", file=sys.stderr)
+            return 1
         print(f"daybook: the relay will re-publish {settings.topic} from the start of the log")
         return 0
     relay = outbox_relay(settings, batch_size=args.batch_size, poll_interval=args.poll_interval)
@@ -126,9 +216,10 @@ def _run_relay(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.app import run_worker
 
+    settings = _settings(args, broker=True)
     _logging(args)
     config = stream_worker_config(
-        settings_of(args),
+        settings,
         batch_size=args.batch_size,
         batch_wait=args.batch_wait,
         web_port=args.port,
@@ -150,7 +241,7 @@ def _status(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.progress import read_status
     from daybook.infrastructure.streaming.relay import read_cursor
 
-    settings = settings_of(args)
+    settings = _settings(args, broker=False)
     cursor = read_cursor(settings.url, settings.topic)
     if cursor is None:
         print(f"relay  {settings.topic}: never ran")
@@ -178,17 +269,18 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Just the streaming commands (``python -m infrastructure.streaming.cli relay ...``)."""
-    parser = argparse.ArgumentParser(prog="daybook")
+    parser = Parser(prog="daybook")
     register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 2
-    try:
+
+    def run() -> int:
+        args = parser.parse_args(argv)
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help()
+            return 2
         return int(handler(args))
-    except KeyboardInterrupt:
-        return 130
+
+    return guarded(run)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,52 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 5)
     assert ledger.account(account).balance == 0
+
+
+def test_a_full_batch_waiting_for_a_commit_does_not_spin() -> None:
+    """While a commit is under way, the next batch is full and more commands wait, the
+    writer thread sleeps until the commit ends; it must not keep asking the inbox for
+    nothing (which starves the committing thread of the interpreter)."""
+    ledger = open_ledger("memory://", group_commit=False)
+    a = ledger.open_account("a", "EUR").account_id
+    service = ledger.service
+    service.install_committer(lambda s: GroupCommitter(s, max_batch=2))
+    committer = service.committer
+    assert isinstance(committer, GroupCommitter)
+    entered, release = threading.Event(), threading.Event()
+    commit = service.commit
+
+    def held_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+        return commit(prepared, **options)
+
+    service.commit = held_commit  # type: ignore[method-assign]
+    inbox = committer._inbox
+    idle_takes = 0
+    take = inbox.take
+
+    def counting_take(want: int, timeout: float | None, limit: int) -> Any:
+        nonlocal idle_takes
+        items = take(want, timeout, limit)
+        if entered.is_set() and not release.is_set() and items == []:
+            idle_takes += 1
+        return items
+
+    inbox.take = counting_take  # type: ignore[method-assign]
+    first = threading.Thread(target=ledger.deposit, args=(a, 1))
+    first.start()
+    assert entered.wait(10)
+    later = [threading.Thread(target=ledger.deposit, args=(a, 1)) for _ in range(8)]
+    for thread in later:
+        thread.start()
+    while len(inbox._items) < 6:  # a full batch of two applied, six more waiting
+        time.sleep(0.001)
+    time.sleep(0.2)  # the writer's chance to spin, if it would
+    release.set()
+    for thread in [first, *later]:
+        thread.join()
+    assert idle_takes <= 2, f"the writer asked the inbox {idle_takes} times for nothing"
+    assert ledger.account(a).balance == 9
+    ledger.close()

@@ -317,9 +317,9 @@ def test_a_request_that_races_itself_is_applied_once(
     lookups = ledger.service.recorder.select_requests
     calls = []
 
-    def blind_once(request_ids: Any) -> Any:
+    def blind_once(request_ids: Any, *args: Any) -> Any:
         calls.append(list(request_ids))
-        return {} if len(calls) == 1 else lookups(request_ids)
+        return {} if len(calls) == 1 else lookups(request_ids, *args)
 
     monkeypatch.setattr(ledger.service.recorder, "select_requests", blind_once)
     again = ledger.transfer(a, b, 100, request_id="race-1")
@@ -327,3 +327,19 @@ def test_a_request_that_races_itself_is_applied_once(
     assert_replayed(first, again)
     assert ledger.head() == head
     assert (ledger.account(a).balance, ledger.account(b).balance) == (900, 100)
+
+
+def test_the_actor_is_recorded_on_every_event_and_is_not_part_of_the_payload(
+    store_url: str,
+) -> None:
+    from daybook import open_ledger
+    from daybook.domain.accounts import Deposit, OpenAccount
+
+    with open_ledger(store_url) as ledger:
+        opened = ledger.execute(OpenAccount("ann", "EUR", actor="clerk-7"))
+        assert opened.account_id is not None
+        ledger.execute(Deposit(opened.account_id, 5, request_id="d-1", actor="clerk-7"))
+        # The same request from another actor is a retry, not a new deposit.
+        assert ledger.execute(Deposit(opened.account_id, 5, request_id="d-1")).replayed
+        events = list(ledger.service.repository.event_store.get(opened.account_id))
+        assert [event.meta.actor for event in events] == ["clerk-7", "clerk-7"]

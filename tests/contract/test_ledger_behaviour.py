@@ -14,7 +14,7 @@ from daybook import AccountNotFound, InsufficientFunds, Ledger, SkuNotFound, ope
 from daybook.domain import Receipt
 from daybook.domain.accounts import Account, Withdraw
 from daybook.domain.errors import DomainError
-from daybook.domain.inventory import Inventory
+from daybook.domain.inventory import Inventory, ReservationClaim
 from daybook.domain.values import inventory_id
 from daybook.infrastructure.ledger.application import StaleCache
 
@@ -166,7 +166,7 @@ def test_every_event_carries_metadata(ledger: Ledger) -> None:
     after = datetime.now(UTC) + timedelta(seconds=1)
 
     events = [event for _, event in logged_events(ledger)]
-    assert len(events) == 8 == ledger.head()
+    assert len(events) == 9 == ledger.head()
     for event in events:
         assert event.meta.request_id, event
         assert event.meta.correlation_id, event
@@ -197,8 +197,9 @@ def test_every_event_carries_metadata(ledger: Ledger) -> None:
     assert created.meta.request_id == received.meta.request_id
     assert created.meta.correlation_id == created.meta.request_id
     assert created.meta.request_id not in {"open-a", "open-b", "dep-1", "tr-1", "rs-1"}
-    (reserved,) = by_request["rs-1"]
-    assert reserved.reservation_id == "res-1"
+    reserved, claimed = by_request["rs-1"]  # the reservation, and its id's claim
+    assert reserved.reservation_id == claimed.reservation_id == "res-1"
+    assert isinstance(claimed, ReservationClaim.Claimed)
 
 
 def test_the_notification_log_serves_the_same_events(ledger: Ledger) -> None:
@@ -274,7 +275,7 @@ def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: L
     assert (stock.on_hand, stock.reserved, stock.available) == (50, 50, 0)
 
     events = dict(logged_events(ledger, start + 1))
-    assert len(events) == 100 + 50 + 10
+    assert len(events) == 100 + 2 * 50 + 10  # a reservation and its claim
     applied = accepted("withdraw") + accepted("reserve") + originals
     assert len({r.position for r in applied}) == len(applied)
     for receipt in applied:

@@ -6,11 +6,17 @@ or ``idempotency_conflict`` when the payload differs). After every step the ledg
 equal the model's, and the invariants must hold: balances never below minus the overdraft
 limit, money and stock conserved, ``0 <= reserved <= on_hand``, and the log head moving only
 when something was accepted, by exactly the number of events the command triggers.
+
+Time is the ledger's injected clock, moved by rules: holds (and their expiry, exact at the
+instant of the timeout) and linked command lists (all or nothing) are part of the model, and a
+request id is replayed only within its retention window and is new after it, whether or not
+the purge has run meanwhile.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -25,9 +31,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from daybook import Ledger, open_ledger
+from daybook import Ledger, Settings, open_ledger
 from daybook.domain import Receipt
+from daybook.domain.accounts import Deposit, Transfer, Withdraw
+from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
 
 CURRENCIES = ("EUR", "USD")
 MAX_ACCOUNTS = 6
@@ -37,6 +46,9 @@ invalid_amounts = st.sampled_from([0, -7])
 DELTAS = [d for d in range(-15, 16) if d]
 #: Mostly the SKUs that get stock; "C" never receives any.
 skus = st.sampled_from(["A", "A", "B", "C"])
+#: The retention window of caller-chosen request ids, and how far time moves in one step.
+WINDOW = 3 * 3600.0
+STEPS = [1.0, 600.0, GENERATED_RETENTION, WINDOW - 1, WINDOW, 2 * WINDOW]
 
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -50,6 +62,18 @@ class ModelAccount:
     limit: int
     balance: int = 0
     closed: bool = False
+
+
+@dataclass
+class ModelHold:
+    account: UUID
+    destination: UUID | None
+    amount: int
+    expires_at: int  # seconds on the model's clock
+    status: str = "open"
+
+    def expired(self, now: int) -> bool:
+        return self.status == "expired" or (self.status == "open" and now >= self.expires_at)
 
 
 @dataclass
@@ -97,6 +121,25 @@ class Recorded:
 
     call: Call
     outcome: Receipt | UUID | tuple[str, str]  # receipt, new account id, or (code, message)
+    #: When (the ledger's clock): the record is kept until ``at + WINDOW``.
+    at: float
+
+
+EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    """The ledger's clock: it moves only when the machine says so. ``now`` is seconds
+    since ``EPOCH``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def instant(self) -> datetime:
+        return EPOCH + timedelta(seconds=self.now)
 
 
 #: A prediction: the number of events an accepted command adds, or the refusal's code.
@@ -108,7 +151,15 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = open_ledger(self.store_url)
+        self.clock = Clock()
+        settings = Settings.load(
+            url=self.store_url,
+            request_retention=timedelta(seconds=WINDOW),
+            request_purge_interval=timedelta(0),  # the machine purges when it chooses
+        )
+        self.ledger = open_ledger(settings=settings, clock=self.clock.instant)
+        self.holds: dict[UUID, ModelHold] = {}
+        self.hold_order: list[UUID] = []
         # Several examples may share one store: keep this example's names apart.
         self.prefix = uuid4().hex[:8]
         self.head = self.ledger.head()
@@ -156,7 +207,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert error.code == predicted, f"{call}: {error.code} ({error}), model: {predicted}"
             assert self.ledger.head() == self.head, f"{call} was refused but the head moved"
             if call.request_id is not None and recorded:
-                self.history.append(Recorded(call, (error.code, str(error))))
+                self.history.append(Recorded(call, (error.code, str(error)), self.clock()))
             return None
         assert isinstance(predicted, int), f"{call} was accepted, model: {predicted}"
         self.head += predicted
@@ -168,7 +219,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert result.request_id == call.request_id
         assert self.ledger.head() == self.head
         if call.request_id is not None:
-            self.history.append(Recorded(call, result))
+            self.history.append(Recorded(call, result, self.clock()))
         return result
 
     @initialize()
@@ -221,12 +272,21 @@ class LedgerMachine(RuleBasedStateMachine):
             return "account_closed"
         return 1
 
+    def held(self, account_id: UUID) -> int:
+        return sum(
+            h.amount
+            for h in self.holds.values()
+            if h.account == account_id and h.status == "open" and not h.expired(self.clock.now)
+        )
+
+    def available(self, account_id: UUID) -> int:
+        account = self.accounts[account_id]
+        return account.balance + account.limit - self.held(account_id)
+
     def predict_debit(self, account_id: UUID, amount: int) -> Prediction:
         predicted = self.predict_credit(account_id, amount)
-        if predicted == 1:
-            account = self.accounts[account_id]
-            if amount > account.balance + account.limit:
-                return "insufficient_funds"
+        if predicted == 1 and amount > self.available(account_id):
+            return "insufficient_funds"
         return predicted
 
     @rule(data=st.data())
@@ -243,7 +303,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def withdraw(self, data: st.DataObject) -> None:
         account_id = self.pick_account(data)
         account = self.accounts.get(account_id)
-        special = (account.balance, account.balance + account.limit) if account else (1, 1)
+        special = (account.balance, self.available(account_id)) if account else (1, 1)
         amount = self.pick_amount(data, *special)
         call = Call("withdraw", (account_id, amount), (("request_id", self.request_id(data)),))
         predicted = self.predict_debit(account_id, amount)
@@ -265,7 +325,7 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             destination = self.pick_account(data)
         account = self.accounts.get(source)
-        room = account.balance + account.limit if account else 0
+        room = self.available(source) if account else 0
         amount = self.pick_amount(data, room, room + 1)
         call = Call(
             "transfer", (source, destination, amount), (("request_id", self.request_id(data)),)
@@ -298,7 +358,7 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "account_not_found"
         elif account.closed:
             predicted = "account_closed"
-        elif account.balance != 0:
+        elif account.balance != 0 or self.held(account_id):
             predicted = "account_not_empty"
         else:
             predicted = 1
@@ -383,7 +443,7 @@ class LedgerMachine(RuleBasedStateMachine):
         elif quantity > stock.available:
             predicted = "out_of_stock"
         else:
-            predicted = 1
+            predicted = 2  # the reservation, and the claim on its id
         receipt = self.perform(call, predicted, recorded=quantity > 0)
         if receipt:
             assert stock is not None
@@ -446,13 +506,225 @@ class LedgerMachine(RuleBasedStateMachine):
             del stock.reservations[reservation_id]
             stock.resolved.add(reservation_id)
 
+    # -- time, holds, linked lists -----------------------------------------------------------
+
+    @rule(seconds=st.sampled_from([5, 5, 1]))
+    def advance_time(self, seconds: int) -> None:
+        self.clock.now += seconds
+
+    def pick_hold(self, data: st.DataObject) -> UUID:
+        if self.hold_order and data.draw(st.sampled_from(range(6)), label="known hold") > 0:
+            return data.draw(st.sampled_from(self.hold_order), label="hold")
+        return UUID(int=data.draw(st.integers(1, 3), label="unknown hold"))
+
+    @rule(data=st.data())
+    def hold(self, data: st.DataObject) -> None:
+        account_id = self.pick_account(data)
+        account = self.accounts.get(account_id)
+        amount = self.pick_amount(data, self.available(account_id) if account else 1)
+        timeout = data.draw(st.sampled_from([5, 5, 10, 0]), label="timeout")
+        destination = None
+        if data.draw(st.booleans(), label="with destination"):
+            destination = self.pick_account(data)
+        call = Call(
+            "hold",
+            (account_id, amount),
+            (
+                ("destination", destination),
+                ("timeout", timeout),
+                ("request_id", self.request_id(data)),
+            ),
+        )
+        target = self.accounts.get(destination) if destination is not None else None
+        predicted: Prediction
+        if amount <= 0:
+            predicted = "invalid_amount"
+        elif timeout == 0:
+            predicted = "invalid_timeout"
+        elif account is None or (destination is not None and target is None):
+            predicted = "account_not_found"
+        elif destination == account_id:
+            predicted = "same_account"
+        elif target is not None and target.closed:
+            predicted = "account_closed"
+        elif target is not None and target.currency != account.currency:
+            predicted = "currency_mismatch"
+        else:
+            predicted = self.predict_debit(account_id, amount)
+            predicted = 2 if predicted == 1 else predicted
+        receipt = self.perform(call, predicted, recorded=amount > 0 and timeout > 0)
+        if receipt:
+            assert receipt.hold_id not in self.holds
+            self.holds[receipt.hold_id] = ModelHold(
+                account_id, destination, amount, self.clock.now + timeout
+            )
+            self.hold_order.append(receipt.hold_id)
+
+    def predict_open_hold(self, hold_id: UUID) -> Prediction:
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            return "hold_not_found"
+        if hold.expired(self.clock.now):
+            return "hold_expired"
+        if hold.status != "open":
+            return "hold_resolved"
+        return 1
+
+    @rule(data=st.data())
+    def capture(self, data: st.DataObject) -> None:
+        hold_id = self.pick_hold(data)
+        hold = self.holds.get(hold_id)
+        held = hold.amount if hold else 1
+        quantity = data.draw(
+            st.one_of(st.none(), st.just(held), st.just(held + 1), st.integers(1, held)),
+            label="amount",
+        )
+        call = Call("capture", (hold_id, quantity), (("request_id", self.request_id(data)),))
+        predicted = self.predict_open_hold(hold_id)
+        amount = held if quantity is None else quantity
+        if predicted == 1:
+            assert hold is not None
+            target = self.accounts[hold.destination] if hold.destination else None
+            if target is not None and target.closed:
+                predicted = "account_closed"
+            elif amount > hold.amount:
+                predicted = "invalid_amount"
+            else:
+                predicted = 3 if target is None else 4
+        if self.perform(call, predicted):
+            assert hold is not None
+            hold.status = "captured"
+            self.accounts[hold.account].balance -= amount
+            if hold.destination is None:
+                self.withdrawn[self.accounts[hold.account].currency] += amount
+            else:
+                self.accounts[hold.destination].balance += amount
+
+    @rule(data=st.data())
+    def void(self, data: st.DataObject) -> None:
+        hold_id = self.pick_hold(data)
+        call = Call("void", (hold_id,), (("request_id", self.request_id(data)),))
+        predicted = self.predict_open_hold(hold_id)
+        if self.perform(call, 2 if predicted == 1 else predicted):
+            self.holds[hold_id].status = "voided"
+
+    @rule(data=st.data())
+    def expire_hold(self, data: st.DataObject) -> None:
+        hold_id = self.pick_hold(data)
+        hold = self.holds.get(hold_id)
+        call = Call("expire_hold", (hold_id,), (("request_id", self.request_id(data)),))
+        predicted: Prediction
+        if hold is None:
+            predicted = "hold_not_found"
+        elif hold.status != "open":
+            predicted = "hold_resolved"
+        elif not hold.expired(self.clock.now):
+            predicted = "hold_not_expired"
+        else:
+            predicted = 2
+        if self.perform(call, predicted):
+            self.holds[hold_id].status = "expired"
+
+    @rule(data=st.data())
+    def atomic(self, data: st.DataObject) -> None:
+        """A list of deposits, withdrawals and transfers: all applied, or none."""
+        if not self.accounts:
+            return
+        known = list(self.accounts)
+        balances = {a: m.balance for a, m in self.accounts.items()}
+        commands: list[Command] = []
+        predicted: Prediction = 0
+        failed = None
+        for _ in range(data.draw(st.integers(1, 3), label="legs")):
+            kind = data.draw(st.sampled_from(["deposit", "withdraw", "transfer"]), label="leg")
+            account_id = data.draw(st.sampled_from(known), label="account")
+            amount = data.draw(st.integers(1, 400), label="amount")
+            account = self.accounts[account_id]
+            room = balances[account_id] + account.limit - self.held(account_id)
+            code: str | None = "account_closed" if account.closed else None
+            if kind == "deposit":
+                commands.append(Deposit(account_id, amount))
+                effects = [(account_id, amount)]
+            elif kind == "withdraw":
+                commands.append(Withdraw(account_id, amount))
+                code = code or ("insufficient_funds" if amount > room else None)
+                effects = [(account_id, -amount)]
+            else:
+                other = data.draw(st.sampled_from(known), label="destination")
+                commands.append(Transfer(account_id, other, amount))
+                partner = self.accounts[other]
+                if other == account_id:
+                    code = "same_account"
+                elif code is None and partner.closed:
+                    code = "account_closed"
+                elif code is None and partner.currency != account.currency:
+                    code = "currency_mismatch"
+                elif code is None and amount > room:
+                    code = "insufficient_funds"
+                effects = [(account_id, -amount), (other, amount)]
+            if failed is None and code is not None:
+                failed = (len(commands) - 1, code)
+            if failed is None:
+                predicted = int(predicted) + len(effects)
+                for target, change in effects:
+                    balances[target] += change
+        if failed is not None:
+            predicted = failed[1]
+        call = Call("atomic", (tuple(commands),), (("request_id", self.request_id(data)),))
+        receipt = self.perform(call, predicted)
+        if receipt:
+            assert len(receipt.linked) == len(commands)
+            for command in commands:
+                if isinstance(command, Withdraw):
+                    self.withdrawn[self.accounts[command.account_id].currency] += command.amount
+                elif isinstance(command, Deposit):
+                    self.deposited[self.accounts[command.account_id].currency] += command.amount
+            for account_id, balance in balances.items():
+                self.accounts[account_id].balance = balance
+    # -- time and retention -----------------------------------------------------------------
+
+    def kept(self) -> list[Recorded]:
+        """The recorded requests still within their retention window."""
+        now = self.clock()
+        return [r for r in self.history if r.at + WINDOW > now]
+
+    def expired(self) -> list[Recorded]:
+        now = self.clock()
+        latest = {r.call.request_id: r for r in self.history}  # an id may be used again
+        return [r for r in latest.values() if r.at + WINDOW <= now]
+
+    @rule(step=st.sampled_from(STEPS))
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule()
+    def purge_expired_requests(self) -> None:
+        self.ledger.request_purge.purge()
+        assert self.ledger.head() == self.head
+
+    @rule(data=st.data())
+    def reuse_an_expired_request_id(self, data: st.DataObject) -> None:
+        """After its window a request id is new: a different request with it is judged
+        afresh, not refused as a conflict nor answered with the old outcome."""
+        expired = self.expired()
+        if not expired:
+            return
+        earlier = data.draw(st.sampled_from(expired), label="expired request")
+        account_id = self.pick_account(data)
+        amount = data.draw(amounts, label="amount")
+        call = Call("deposit", (account_id, amount), (("request_id", earlier.call.request_id),))
+        if self.perform(call, self.predict_credit(account_id, amount)):
+            self.accounts[account_id].balance += amount
+            self.deposited[self.accounts[account_id].currency] += amount
+
     # -- retries ----------------------------------------------------------------------------
 
     @rule(data=st.data())
     def retry_same_request(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         try:
             result = earlier.call(self.ledger)
         except DomainError as error:
@@ -467,9 +739,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def retry_with_another_payload(self, data: st.DataObject) -> None:
-        if not self.history:
+        kept = self.kept()
+        if not kept:
             return
-        earlier = data.draw(st.sampled_from(self.history), label="earlier request")
+        earlier = data.draw(st.sampled_from(kept), label="earlier request")
         call = changed(earlier.call)
         with pytest.raises(DomainError) as caught:
             call(self.ledger)
@@ -485,7 +758,8 @@ class LedgerMachine(RuleBasedStateMachine):
             view = self.ledger.account(account_id)
             assert view.balance == model.balance, (account_id, view, model)
             assert view.balance >= -view.overdraft_limit
-            assert view.available == view.balance + view.overdraft_limit >= 0
+            assert view.held == self.held(account_id)
+            assert view.available == view.balance + view.overdraft_limit - view.held >= 0
             assert view.overdraft_limit == model.limit
             assert view.status == ("closed" if model.closed else "open")
             balances[view.currency] += view.balance
@@ -524,6 +798,15 @@ def changed(call: Call) -> Call:
         return replace(call, args=(args[0], args[1] + 1))
     if call.method == "commit_reservation":
         return replace(call, args=(args[0], args[1], 1 if args[2] is None else args[2] + 1))
+    if call.method == "hold":
+        return replace(call, args=(args[0], args[1] + 1))
+    if call.method == "capture":
+        return replace(call, args=(args[0], 1 if args[1] is None else args[1] + 1))
+    if call.method in ("void", "expire_hold"):
+        return replace(call, method="capture", args=(args[0], None))
+    if call.method == "atomic":
+        (commands,) = args
+        return replace(call, args=((*commands, commands[0]),))
     assert call.method == "release_reservation"
     return replace(call, method="commit_reservation")
 

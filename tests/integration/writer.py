@@ -43,13 +43,15 @@ def arm_crash(after_commits: int) -> None:
     original_append = PostgresRecorder._append_batch
     calls = 0
 
-    def die_before_sending(self: PostgresRecorder, curs: Any, stored: Any, requests: Any) -> None:
+    def die_before_sending(
+        self: PostgresRecorder, curs: Any, stored: Any, requests: Any, *more: Any
+    ) -> None:
         nonlocal calls
         calls += 1
         if calls >= after_commits:
             emit({"crashing": [p.record.request_id for p in requests]})
             os.kill(os.getpid(), signal.SIGKILL)
-        original_append(self, curs, stored, requests)
+        original_append(self, curs, stored, requests, *more)
 
     PostgresRecorder._append_batch = die_before_sending  # type: ignore[method-assign]
 

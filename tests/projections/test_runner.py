@@ -193,13 +193,14 @@ def test_a_memory_ledgers_scratch_read_models_are_removed_when_the_runner_stops(
         ledger.close()
 
 
-def test_commands_on_a_memory_ledger_leave_no_files_behind(
+def test_commands_refuse_a_memory_ledger_and_leave_no_files_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A command in a process of its own would only ever see an empty ledger of its own.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert main(["projections", "status", "--url", "memory://"]) == 0
-    assert main(["reconcile", "--url", "memory://"]) == 0
-    assert "account_balances" in capsys.readouterr().out
+    assert main(["projections", "status", "--url", "memory://"]) == 2
+    assert main(["reconcile", "--url", "memory://"]) == 2
+    assert "memory:// lives inside one process" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -32,8 +32,12 @@ def test_the_demo_runs_and_conserves_money(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path}/demo.db"
-    assert main(["demo", "--url", url, "--clients", "3", "--commands", "40"]) == 0
+    args = ["demo", "--url", url, "--clients", "3", "--commands", "40", "--orders", "8"]
+    assert main(args) == 0
     out = capsys.readouterr().out
+    assert "Orders: 8 through the order saga" in out
+    assert "money conserved and nothing left held: yes" in out
+    assert "no charge made twice" in out
     assert "Money conserved (transfers move it, only withdrawals remove it): yes" in out
     assert "Every balance within its overdraft limit: yes" in out
     assert "Refused, by error code" in out

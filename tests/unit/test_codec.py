@@ -173,7 +173,12 @@ def test_the_mapper_writes_the_schema_version_and_no_control_fields(
     state = orjson.loads(stored.state)
     assert state["class_version"] == 2
     assert "originator_id" not in state and "originator_version" not in state
-    assert state["meta"] == {"request_id": "r-1", "correlation_id": "c-1", "causation_id": "x-1"}
+    assert state["meta"] == {
+        "request_id": "r-1",
+        "correlation_id": "c-1",
+        "causation_id": "x-1",
+        "actor": None,
+    }
     assert state["owner"] == "Zoë"
 
 

@@ -30,6 +30,8 @@ def builtin(cls: type) -> bool:
 
 def test_every_registered_command_is_a_method_of_both_faces_with_its_arguments() -> None:
     for command_class in filter(builtin, registered()):
+        if not command_class.generated_method:  # ``atomic``, the saga processor's commands
+            continue
         expected = ["self", *(p.name for p in parameters(command_class))]
         for face in (Ledger, AsyncLedger):
             method = getattr(face, command_class.name)
@@ -50,3 +52,14 @@ def test_both_faces_have_the_same_methods() -> None:
     public = {n for n in dir(Ledger) if not n.startswith("_")}
     assert public == {n for n in dir(AsyncLedger) if not n.startswith("_")}
     assert {"execute", "read", "head", "close", "health"} <= public
+
+
+def test_commands_that_lower_exposure_say_so() -> None:
+    from daybook.domain.commands import command_named
+
+    lowering = {"release_reservation", "void", "expire_hold", "expire_reservation", "cancel_saga"}
+    raising = {"transfer", "withdraw", "hold", "capture", "reserve_stock", "deposit"}
+    for name in lowering:
+        assert command_named(name).reduces_risk, name
+    for name in raising:
+        assert not command_named(name).reduces_risk, name

@@ -142,3 +142,33 @@ def test_an_asyncio_service_restarts_on_transient_failures_and_stops_on_others()
     state, restarts, failed, reason = asyncio.run(scenario())
     assert (state, restarts) == (ServiceState.RUNNING, 2)
     assert failed is ServiceState.FAILED and reason == "RuntimeError: bad state"
+
+
+def test_a_service_logs_its_start_recovery_and_stop_and_shows_in_the_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from daybook.infrastructure.observability import metrics
+
+    body = Flaky(1, ConnectionResetError("lost"))
+    service = SupervisedThread("logged service", body, policy=QUICK)
+    with caplog.at_level(logging.INFO, logger="daybook.services"):
+        service.start()
+        assert body.working.wait(30)
+        assert (
+            metrics.REGISTRY.get_sample_value("daybook_service_up", {"service": "logged service"})
+            == 1
+        )
+        service.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "logged service: started" in lines
+    assert "logged service: recovered (restart 1)" in lines
+    assert "logged service: stopped" in lines
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "daybook_service_restarts_total", {"service": "logged service"}
+        )
+        == 1
+    )
+    assert (
+        metrics.REGISTRY.get_sample_value("daybook_service_up", {"service": "logged service"}) == 0
+    )

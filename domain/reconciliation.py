@@ -1,0 +1,81 @@
+"""Reconciliation decisions: what a comparison with a remote found about one of its records
+(a charge, by idempotency key), and what was done about it. Each decision is an event whose
+metadata says who decided, why and when, so the log explains every refund it did not ask
+for."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from pydantic import Field
+
+from daybook.domain.commands import Aggregates, Command, Text
+from daybook.domain.events import LedgerAggregate
+from daybook.domain.sagas import DecisionMetadata, decided
+
+
+class RemoteRecord(LedgerAggregate):
+    """The reconciliation history of one remote record."""
+
+    key_name = "key"
+
+    if TYPE_CHECKING:
+        key: str
+        findings: int
+
+    class Opened(LedgerAggregate.Created):
+        key: str
+
+        def apply(self, record: RemoteRecord) -> None:
+            record.key = self.key
+            record.findings = 0
+
+    class Decided(LedgerAggregate.Event):
+        meta: DecisionMetadata = Field(default_factory=DecisionMetadata)
+        finding: str
+        action: str
+        detail: str
+
+        def apply(self, record: RemoteRecord) -> None:
+            record.findings += 1
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        return uuid5(NAMESPACE_URL, f"daybook:remote-record:{key}")
+
+    def view(self) -> dict[str, Any]:
+        return {"key": self.key, "findings": self.findings}
+
+
+class RecordReconciliation(Command):
+    """Record what reconciliation found about a remote record and what it did."""
+
+    generated_method = False
+
+    key: Text
+    finding: Text
+    action: Text
+    detail: Text
+    decided_by: Text = "reconciler"
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        record = aggregates.find(RemoteRecord, self.key)
+        if record is None:
+            record = aggregates.add(
+                RemoteRecord._create(
+                    RemoteRecord.Opened, id=RemoteRecord.id_for(self.key), key=self.key
+                )
+            )
+        if aggregates.now is None:
+            msg = "a reconciliation was recorded without the ledger's clock"
+            raise RuntimeError(msg)
+        record.trigger_event(
+            RemoteRecord.Decided,
+            finding=self.finding,
+            action=self.action,
+            detail=self.detail,
+            meta=decided(self.decided_by, f"{self.finding}: {self.detail}", aggregates.now),
+        )
+        return {}

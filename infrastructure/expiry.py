@@ -1,0 +1,188 @@
+"""Expiries: what is about to expire (``open_holds``), and the sweeper that records them.
+
+A hold or a reservation stops counting the instant its timeout passes: the write side judges
+that by the ledger's clock, so nothing here is needed for correctness. The sweeper writes the
+record (``Hold.Expired``, ``Inventory.ReservationExpired``), which releases the row in the
+read models and tells everyone downstream. It finds candidates in the ``open_holds`` read
+model (eventually consistent: a candidate the ledger no longer considers open is refused and
+skipped) and sends each expiry as a command without a request id of its own: the domain makes
+it happen at most once (a hold resolves once; a second expiry is refused), and a refusal is
+then not recorded, so a clock that runs a little ahead here cannot pin a "not expired yet"
+answer to a request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from daybook.domain.errors import DomainError
+from daybook.domain.holds import ExpireHold
+from daybook.domain.inventory import ExpireReservation
+from daybook.infrastructure.ledger.facade import Ledger
+from daybook.infrastructure.lifecycle import (
+    Health,
+    RestartPolicy,
+    ServiceState,
+    Stopping,
+    SupervisedThread,
+)
+from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
+from daybook.projections.holds import EXPIRING_RESERVATIONS, OPEN_HOLDS, OPEN_HOLDS_PROJECTION
+from daybook.projections.model import iso_time
+
+log = logging.getLogger("daybook.expiry")
+
+#: Refusals that mean "nothing to record" (resolved meanwhile, or not yet due by the
+#: ledger's clock): the candidate is skipped.
+_NOTHING_TO_DO = frozenset(
+    {
+        "hold_resolved",
+        "hold_not_expired",
+        "hold_not_found",
+        "reservation_resolved",
+        "reservation_not_expired",
+        "reservation_not_found",
+        "sku_not_found",
+    }
+)
+
+
+@dataclass(frozen=True)
+class OpenHold:
+    hold_id: UUID
+    account_id: UUID
+    destination: UUID | None
+    amount: int
+    currency: str
+    expires_at: datetime
+    placed_at: datetime
+
+
+def open_holds(
+    views: ReadModels,
+    *,
+    account_id: UUID | str | None = None,
+    expiring_before: datetime | None = None,
+    limit: int = 100,
+    min_position: int | None = None,
+) -> Answer[list[OpenHold]]:
+    """Open holds, soonest expiry first: of one account, or all; only those expiring before
+    ``expiring_before`` if given."""
+    clauses, params = [], []
+    if account_id is not None:
+        clauses.append("account_id = %s")
+        params.append(str(account_id))
+    if expiring_before is not None:
+        clauses.append("expires_at < %s")
+        params.append(iso_time(expiring_before))
+    answer = views.rows(
+        OPEN_HOLDS_PROJECTION,
+        OPEN_HOLDS.name,
+        where=" AND ".join(clauses),
+        params=params,
+        order="expires_at, hold_id",
+        limit=limit,
+        min_position=min_position,
+    )
+    holds = [
+        OpenHold(
+            hold_id=UUID(str(row["hold_id"])),
+            account_id=UUID(str(row["account_id"])),
+            destination=None if row["destination"] is None else UUID(str(row["destination"])),
+            amount=int(row["amount"] or 0),
+            currency=str(row["currency"]),
+            expires_at=datetime.fromisoformat(str(row["expires_at"])),
+            placed_at=datetime.fromisoformat(str(row["placed_at"])),
+        )
+        for row in answer.value
+    ]
+    return Answer(holds, answer.as_of_position, answer.lag_events)
+
+
+class ExpirySweeper:
+    """Records the expiry of every hold and reservation whose timeout passed (a supervised
+    service: ``start``, ``stop``, ``health``; or ``sweep`` once)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        views: ReadModels,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        interval: float = 1.0,
+        batch: int = 500,
+        policy: RestartPolicy | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.views = views
+        self.clock = clock or ledger.service.clock
+        self.interval = interval
+        self.batch = batch
+        #: How many expiries this sweeper recorded.
+        self.recorded = 0
+        self.service = SupervisedThread("expiry sweeper", self._run, policy=policy)
+
+    def sweep(self) -> int:
+        """Record the expiries due now (at most ``batch`` of each kind); how many."""
+        due = iso_time(self.clock())
+        recorded = 0
+        holds = self.views.rows(
+            OPEN_HOLDS_PROJECTION,
+            OPEN_HOLDS.name,
+            where="expires_at <= %s",
+            params=[due],
+            order="expires_at",
+            limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
+        ).value
+        for row in holds:
+            recorded += self._record(ExpireHold(UUID(str(row["hold_id"]))))
+        reservations = self.views.rows(
+            OPEN_HOLDS_PROJECTION,
+            EXPIRING_RESERVATIONS.name,
+            where="expires_at <= %s",
+            params=[due],
+            order="expires_at",
+            limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
+        ).value
+        for row in reservations:
+            command = ExpireReservation(str(row["sku"]), str(row["reservation_id"]))
+            recorded += self._record(command)
+        self.recorded += recorded
+        return recorded
+
+    def _record(self, command: ExpireHold | ExpireReservation) -> int:
+        try:
+            self.ledger.execute(command)
+        except DomainError as refusal:
+            if refusal.code not in _NOTHING_TO_DO:
+                raise
+            return 0
+        return 1
+
+    def _run(self, stopping: Stopping) -> None:
+        while not stopping:
+            try:
+                full = self.sweep() >= self.batch
+            except StaleRead as error:
+                # The open_holds read model is not there yet: say so, and look again.
+                self.service.supervisor.move(ServiceState.RETRYING, str(error))
+                full = False
+            else:
+                self.service.supervisor.succeeded()
+            if not full:
+                stopping.wait(self.interval)
+
+    def start(self) -> None:
+        self.service.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.service.stop(timeout)
+
+    def health(self) -> Health:
+        return self.service.health()

@@ -1,0 +1,81 @@
+"""The payment gateway port: what a saga's remote payment steps call, and what they may get.
+
+Every call carries an idempotency key: a repeated ``charge`` with the same key is answered
+with the original result, never charged twice. A failed call says which of two things is
+known: ``Unavailable`` (the request was not processed: safe to try again) or
+``OutcomeUnknown`` (it may have been: look the key up before deciding anything).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ChargeStatus(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+
+
+@dataclass(frozen=True)
+class Charge:
+    """The remote's record of a charge (by its idempotency key)."""
+
+    key: str
+    status: ChargeStatus
+    amount: int
+    currency: str
+    charge_id: str | None = None
+    decline_code: str | None = None
+    refunded: bool = False
+
+
+@dataclass(frozen=True)
+class Refund:
+    key: str
+    #: ``refunded``: the charge was refunded (now or before); ``nothing_to_refund``: there is
+    #: no successful charge under the key (and none will be accepted after this).
+    status: str
+    amount: int = 0
+
+
+class GatewayError(Exception):
+    """A call that did not get an answer."""
+
+
+class Unavailable(GatewayError):
+    """The request was not processed (refused connection, the remote said so)."""
+
+
+class OutcomeUnknown(GatewayError):
+    """The request may or may not have been processed (a timeout after sending, a dropped
+    connection): the caller must look the key up, never guess."""
+
+
+class PaymentGateway(Protocol):
+    """The port: implemented by ``HttpPaymentGateway`` (httpx), served for tests and the
+    demo by ``FakeGatewayServer``."""
+
+    def charge(
+        self, key: str, *, amount: int, currency: str, customer: str, reference: str
+    ) -> Charge: ...
+
+    def lookup(self, key: str) -> Charge | None: ...
+
+    def refund(self, key: str) -> Refund: ...
+
+    def charges(self) -> list[Charge]:
+        """Every charge the remote holds (for reconciliation)."""
+        ...
+
+
+__all__ = [
+    "Charge",
+    "ChargeStatus",
+    "GatewayError",
+    "OutcomeUnknown",
+    "PaymentGateway",
+    "Refund",
+    "Unavailable",
+]

@@ -1,0 +1,1 @@
+"""daybook over HTTP: the ASGI application behind ``daybook serve``."""

@@ -1,0 +1,299 @@
+"""The ASGI application behind ``daybook serve`` (FastAPI, served by uvicorn).
+
+``create_app(parts)`` wires routes to what ``bootstrap.http_parts`` built: the asyncio ledger,
+a pool of read-model connections, the token store, and (when the server runs them) the
+projections. Routes: ``POST /v1/commands/<name>`` per registered command, reads under
+``/v1/``, ``GET /health`` (the only route without a token), ``GET /v1/status`` (admin),
+``/problems/<code>`` (what a problem code means), the OpenAPI document (``/openapi.json``)
+and its docs page (``/docs``).
+
+Every error is problem+json (``problems``), a bug included: it is logged with its
+traceback on the server and answered ``500 internal_error`` without one. Bodies larger than
+``max_body_bytes`` are refused while they arrive. CORS is off unless origins are given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.http.admission import Door, RateLimits
+from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.board import Dashboard
+from daybook.infrastructure.http.commands import CommandRoutes
+from daybook.infrastructure.http.observe import Observe
+from daybook.infrastructure.http.problems import Problem, describe
+from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
+from daybook.infrastructure.http.tokens import Token, TokenStore
+from daybook.infrastructure.ledger.facade import AsyncLedger
+from daybook.infrastructure.lifecycle import Health
+from daybook.infrastructure.observability import metrics
+
+log = logging.getLogger("daybook.http")
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """How the server admits and answers requests (``daybook serve`` options)."""
+
+    #: Commands handed to the committer and not yet answered, at most (then 503).
+    command_capacity: int = 2048
+    #: Reads waiting for or holding a read-model connection, at most (then 503).
+    read_capacity: int = 256
+    #: Read-model connections.
+    read_connections: int = 4
+    #: Requests per second per token unless the token says otherwise (0: no limit).
+    token_rate: float = 0.0
+    #: How long a verified token is trusted before it is looked up again.
+    token_cache_seconds: float = 5.0
+    max_body_bytes: int = 64 * 1024
+    #: Longest wait a read may ask for with min_position.
+    max_read_wait: float = 10.0
+    #: Origins allowed to call from a browser (empty: CORS off).
+    cors_origins: tuple[str, ...] = ()
+    #: A log line per request (with its request id and trace).
+    access_log: bool = True
+
+
+@dataclass
+class HttpParts:
+    """What the application serves; ``close`` releases it (the projections first)."""
+
+    ledger: AsyncLedger
+    pool: ReadPool
+    tokens: TokenStore
+    options: HttpOptions = field(default_factory=HttpOptions)
+    #: Health of the other services this process runs (the projections), by name.
+    services: dict[str, Callable[[], Health]] = field(default_factory=dict)
+    #: The event log and the read-model database, for the dashboard (None: no dashboard).
+    log: EventLog | None = None
+    readmodels_url: str | None = None
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for close in self.on_close:
+            close()
+        self.pool.close()
+        await self.ledger.close()
+        self.tokens.close()
+
+
+def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
+    """The application; with ``owns_parts``, its shutdown (after the server has answered
+    every request in progress) closes them, so the committer finishes what it was given."""
+    options = parts.options
+    limits = RateLimits(options.token_rate)
+    auth = Authenticator(parts.tokens, limits, options.token_cache_seconds)
+    command_door = Door("command", options.command_capacity)
+    read_door = Door("read", options.read_capacity)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_parts:
+            await parts.close()
+
+    app = FastAPI(
+        title="daybook",
+        summary="An event-sourced ledger: strict writes, reads that say how fresh they are.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.parts = parts
+    app.state.auth = auth
+    app.state.doors = {"command": command_door, "read": read_door}
+    app.state.limits = limits
+    commands = CommandRoutes(parts.ledger, auth, command_door)
+    app.state.commands = commands
+    commands.install(app)
+    reads = ReadRoutes(parts.pool, auth, read_door, options.max_read_wait)
+    reads.install(app)
+    if parts.log is not None and parts.readmodels_url is not None:
+        Dashboard(parts.pool, auth, parts.log, parts.readmodels_url).install(app)
+
+    @app.get("/health", tags=["service"], summary="Liveness and the health of each part")
+    async def health() -> Response:
+        states = {"committer": await parts.ledger.health()}
+        states.update({name: check() for name, check in parts.services.items()})
+        ok = all(h.ok for h in states.values())
+        body = {
+            "status": "ok" if ok else "failing",
+            "services": {
+                name: {"state": h.state.value, "restarts": h.restarts, "error": h.error}
+                for name, h in states.items()
+            },
+        }
+        return _json(body, 200 if ok else 503)
+
+    admin = Depends(auth.require("admin"))
+    reader = Depends(auth.require("read", limited=False))
+
+    @app.get("/v1/status", tags=["service"], summary="Admission, rate limits and the log head")
+    async def status(_: Token = admin) -> Response:
+        doors = {
+            door.name: {
+                "in_progress": door.inside,
+                "capacity": door.capacity,
+                "admitted": door.admitted,
+                "shed": door.shed,
+                "drain_per_second": round(door.rate.per_second, 1),
+            }
+            for door in (command_door, read_door)
+        }
+        head = await parts.ledger.head()
+        return _json({"admission": doors, "rate_limited": limits.limited, "head": head})
+
+    @app.get("/problems/{code}", tags=["service"], summary="What a problem code means")
+    async def problem(code: str) -> Response:
+        text = describe(code)
+        if text is None:
+            raise Problem("not_found", f"no problem has the code {code!r}")
+        return _json({"code": code, "description": text})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema["paths"] = {**commands.operations, **schema["paths"]}
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+            schema["security"] = [{"bearer": []}]
+            for path in ("/health", "/problems/{code}"):
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (read scope)")
+    async def prometheus(_: Token = reader) -> Response:
+        for door in (command_door, read_door):
+            metrics.ADMISSION_DEPTH.labels(door.name).set(door.inside)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    _handle_errors(app)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    if options.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Daybook-Min-Position",
+            ],
+            expose_headers=[
+                "Daybook-Position",
+                "Daybook-As-Of-Position",
+                "Daybook-Lag-Events",
+                "Idempotent-Replayed",
+                "Retry-After",
+            ],
+        )
+    # Outermost: every request is measured and traced, refusals and errors included.
+    app.add_middleware(Observe, access_log=options.access_log)
+    return app
+
+
+def _handle_errors(app: FastAPI) -> None:
+    async def problem(request: Request, error: Exception) -> Response:
+        assert isinstance(error, Problem)
+        return error.response()
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        if error.status_code == 404:
+            return Problem("not_found", f"nothing is at {request.url.path}").response()
+        if error.status_code == 405:
+            return Problem(
+                "method_not_allowed", f"{request.url.path} does not take {request.method}"
+            ).response()
+        return Problem("invalid_request", str(error.detail), status=error.status_code).response()
+
+    async def invalid(request: Request, error: Exception) -> Response:
+        return Problem(
+            "invalid_parameter", "a parameter has a value that cannot be used"
+        ).response()
+
+    async def bug(request: Request, error: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return Problem(
+            "internal_error", "the server failed to handle this request; its log says why"
+        ).response()
+
+    app.add_exception_handler(Problem, problem)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, bug)
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes: by Content-Length at once, and while a body
+    without one arrives (so nothing larger is ever held in memory)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _too_large(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = _too_large(self.limit).response()
+        response.headers["Connection"] = "close"
+        await response({"type": "http"}, _nothing, send)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem("payload_too_large", f"the body is larger than {limit} bytes")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _version() -> str:
+    from daybook import __version__
+
+    return __version__
+
+
+__all__: Sequence[str] = ["BodyLimit", "HttpOptions", "HttpParts", "create_app"]

@@ -1,0 +1,230 @@
+"""The dashboard: ``/`` of ``daybook serve``, so people can see the system converge.
+
+The page and its script and style ship in the package (``http/dashboard/``: no CDN, no build
+step) and poll ``/v1/dashboard`` (read scope), which gathers what the page shows in one
+answer: the log head; write throughput, commit latency and refusals (from the metrics);
+projections (owner, state, position, lag, last reconcile, parked events); sagas by state and
+the stuck ones; holds expiring soonest; recent reconcile decisions. ``POST
+/v1/projections/{name}/resume`` (admin scope) replays a projection's parked events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import orjson
+from fastapi import Depends, FastAPI
+from starlette.responses import Response
+
+from daybook import projections as definitions
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.problems import Problem
+from daybook.infrastructure.http.reads import ReadPool
+from daybook.infrastructure.http.tokens import Token
+from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.readmodels import ReadModels, StaleRead
+from daybook.infrastructure.readmodels.catalog import IllegalTransition, VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.status import projection_status
+
+_ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+_OUTCOMES_OK = frozenset({"ok", "replayed"})
+
+
+def asset(name: str) -> bytes:
+    return (resources.files("daybook.infrastructure.http") / "dashboard" / name).read_bytes()
+
+
+@dataclass
+class Throughput:
+    """Commands per second, from the commands counter sampled at each dashboard poll (a
+    bounded window: the last minute)."""
+
+    window: float = 60.0
+    samples: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def observe(self, now: float, total: float) -> float:
+        self.samples.append((now, total))
+        while self.samples and now - self.samples[0][0] > self.window:
+            self.samples.popleft()
+        first_time, first_total = self.samples[0]
+        elapsed = now - first_time
+        return (total - first_total) / elapsed if elapsed > 0 else 0.0
+
+
+def _command_totals() -> tuple[float, float]:
+    """(all commands answered, refused ones), from the metrics registry."""
+    total = refused = 0.0
+    for family in metrics.COMMANDS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                total += sample.value
+                if sample.labels.get("outcome") not in _OUTCOMES_OK:
+                    refused += sample.value
+    return total, refused
+
+
+def quantile(histogram: Any, q: float) -> float | None:
+    """The ``q`` quantile of a histogram's observations, interpolated within its bucket
+    (as PromQL's histogram_quantile does); None before any observation."""
+    buckets: list[tuple[float, float]] = []
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+@dataclass
+class Dashboard:
+    pool: ReadPool
+    auth: Authenticator
+    log: EventLog
+    readmodels_url: str
+    throughput: Throughput = field(default_factory=Throughput)
+
+    def install(self, app: FastAPI) -> None:
+        reader = Depends(self.auth.require("read", limited=False))
+        admin = Depends(self.auth.require("admin"))
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> Response:
+            return Response(asset("index.html"), media_type=_ASSETS["index.html"])
+
+        @app.get("/dashboard/{name}", include_in_schema=False)
+        async def static(name: str) -> Response:
+            if name not in _ASSETS:
+                raise Problem("not_found", f"the dashboard has no file {name!r}")
+            return Response(asset(name), media_type=_ASSETS[name])
+
+        @app.get("/v1/dashboard", tags=["service"], summary="What the dashboard shows")
+        async def dashboard(_: Token = reader) -> Response:
+            view = await asyncio.to_thread(self.view)
+            return Response(orjson.dumps(view), media_type="application/json")
+
+        @app.post(
+            "/v1/projections/{name}/resume",
+            tags=["service"],
+            summary="Replay a stopped projection's parked events (admin)",
+        )
+        async def resume(name: str, _: Token = admin) -> Response:
+            return await asyncio.to_thread(self.resume, name)
+
+    def view(self) -> dict[str, Any]:
+        total, refused = _command_totals()
+        rate = self.throughput.observe(time.monotonic(), total)
+        return {
+            "head": self.log.head(),
+            "writes": {
+                "rate": rate,
+                "commit_p50": quantile(metrics.COMMIT_SECONDS, 0.5),
+                "commit_p99": quantile(metrics.COMMIT_SECONDS, 0.99),
+                "refused": int(refused),
+            },
+            "projections": self._projections(),
+            "sagas": self._sagas(),
+            "holds": self._holds(),
+            "decisions": [],
+        }
+
+    def _projections(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": status.name,
+                "version": status.version,
+                "owner": "runner",
+                "state": status.state.value,
+                "serving": status.active,
+                "position": status.position,
+                "lag_events": status.lag_events,
+                "lag_seconds": status.lag_seconds,
+                "parked": status.dead_letters,
+                "last_reconcile": None,
+                "error": status.error,
+            }
+            for status in projection_status(self.log, self.readmodels_url)
+        ]
+
+    def _views(self) -> ReadModels:
+        return self.pool.any()
+
+    def _sagas(self) -> dict[str, Any]:
+        now = datetime.now(UTC).isoformat()
+        try:
+            answer = self._views().rows(
+                definitions.SAGA_LIST, "sagas", order="updated_at DESC", timeout=0.0
+            )
+        except StaleRead:
+            return {"counts": {}, "stuck": []}
+        counts: dict[str, int] = {}
+        stuck = []
+        for row in answer.value:
+            state = str(row["state"])
+            counts[state] = counts.get(state, 0) + 1
+            deadline = row["deadline_at"]
+            late = deadline is not None and str(deadline) < now and state == "running"
+            if state == "needs_attention" or late:
+                stuck.append(
+                    {
+                        "saga_id": row["saga_id"],
+                        "state": state,
+                        "step": row["step"],
+                        "deadline": deadline,
+                        "last_error": row["last_error"],
+                    }
+                )
+        return {"counts": counts, "stuck": stuck[:20]}
+
+    def _holds(self) -> list[dict[str, Any]]:
+        try:
+            answer = self._views().rows(
+                definitions.OPEN_HOLDS_PROJECTION,
+                "open_holds",
+                order="expires_at",
+                limit=10,
+                timeout=0.0,
+            )
+        except StaleRead:
+            return []
+        keys = ("hold_id", "account_id", "amount", "currency", "expires_at")
+        return [{key: row[key] for key in keys} for row in answer.value]
+
+    def resume(self, name: str) -> Response:
+        try:
+            projection = definitions.by_name(name)
+        except KeyError as error:
+            raise Problem("not_found", str(error.args[0])) from None
+        store = open_store(self.readmodels_url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            catalog.resume(projection.name, projection.version)
+        except (IllegalTransition, LookupError) as refused:
+            raise Problem("invalid_request", f"{name} v{projection.version}: {refused}") from None
+        finally:
+            store.close()
+        body = {"projection": name, "version": projection.version, "resumed": True}
+        return Response(orjson.dumps(body), media_type="application/json")

@@ -1,0 +1,288 @@
+"""``daybook serve`` and ``daybook tokens create|list|revoke``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from daybook.infrastructure.cli import (
+    add_log_format_argument,
+    add_readmodels_argument,
+    add_url_argument,
+    checked_settings,
+    command,
+    rate,
+    seconds,
+    setup_logging,
+    whole_number,
+)
+from daybook.infrastructure.http.tokens import SCOPES, TokenError, open_tokens
+from daybook.infrastructure.preflight import where
+
+_PG = "postgresql://daybook@localhost/daybook"
+
+
+def register(subparsers: Any) -> None:
+    serve = command(
+        subparsers,
+        "serve",
+        help="serve the ledger over HTTP (commands, reads, OpenAPI docs at /docs)",
+        description=(
+            "Serve the ledger over HTTP with uvicorn: POST /v1/commands/<name> for every "
+            "command (Idempotency-Key required), reads under /v1/ that say which log "
+            "position they reflect, /health, and the OpenAPI document at /openapi.json "
+            "with its docs page at /docs. Every route but /health, the docs and /problems "
+            "needs a bearer token (daybook tokens create). Keeps the read models up to date "
+            "in-process unless --no-projections. SIGTERM or Ctrl-C: stop accepting, answer "
+            "every request in progress, commit what was accepted, exit."
+        ),
+        examples=[
+            "daybook serve",
+            f"daybook serve --url {_PG} --host 0.0.0.0 --port 8443 "
+            "--tls-cert cert.pem --tls-key key.pem",
+            f"daybook serve --url {_PG} --readmodels-url postgresql://daybook@views/daybook "
+            "--no-projections",
+            "daybook serve --cors-origin https://dashboard.example.com --token-rate 200",
+            "daybook serve --command-capacity 4096 --read-capacity 512 --read-connections 8",
+            "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --max-read-wait 5",
+            "daybook serve --no-access-log --log-level warning --log-format json",
+        ],
+    )
+    add_url_argument(serve)
+    add_readmodels_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=whole_number(1, 65535), default=8000, help="port")
+    serve.add_argument(
+        "--tls-cert", help="TLS certificate chain (PEM); with --tls-key: HTTPS (default: none)"
+    )
+    serve.add_argument("--tls-key", help="TLS private key (PEM) (default: none, plain HTTP)")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="a browser origin allowed to call the API; repeat for more (default: none, CORS off)",
+    )
+    serve.add_argument(
+        "--no-projections",
+        action="store_true",
+        help="do not run the projections here (another process keeps the read models)",
+    )
+    serve.add_argument(
+        "--command-capacity",
+        type=whole_number(1),
+        default=2048,
+        help="commands in progress at most; more are refused with 503 and Retry-After",
+    )
+    serve.add_argument(
+        "--read-capacity",
+        type=whole_number(1),
+        default=256,
+        help="reads in progress at most; more are refused with 503 and Retry-After",
+    )
+    serve.add_argument(
+        "--read-connections", type=whole_number(1, 64), default=4, help="read-model connections"
+    )
+    serve.add_argument(
+        "--token-rate",
+        type=rate,
+        default=0.0,
+        help="requests per second per token unless the token has its own (0: no limit; default: 0)",
+    )
+    serve.add_argument(
+        "--token-cache-seconds",
+        type=seconds,
+        default=5.0,
+        help="how long a verified token is trusted before it is looked up again (a "
+        "revocation by another process takes effect within it)",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=whole_number(64), default=64 * 1024, help="largest body taken"
+    )
+    serve.add_argument(
+        "--max-read-wait",
+        type=seconds,
+        default=10.0,
+        help="longest wait a read may ask for with min_position, in seconds",
+    )
+    serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    serve.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="server log level",
+    )
+    add_log_format_argument(serve)
+    serve.set_defaults(handler=_serve)
+
+    tokens = command(
+        subparsers,
+        "tokens",
+        help="create, list or revoke the HTTP API's bearer tokens",
+        description="Bearer tokens for daybook serve, stored hashed in the event store's "
+        "database. A token's name is recorded as the actor of every command sent with it.",
+        examples=[
+            "daybook tokens create dashboard --scope read",
+            "daybook tokens list",
+            "daybook tokens revoke dashboard",
+        ],
+    )
+    token_commands = tokens.add_subparsers(dest="tokens_command", metavar="COMMAND")
+    create = command(
+        token_commands,
+        "create",
+        help="make a token and print it (once: only its hash is kept)",
+        description="Make a bearer token with the given scopes and print it on stdout; it "
+        "cannot be shown again. Scopes: read (queries), write (commands), admin (everything).",
+        examples=[
+            "daybook tokens create dashboard --scope read",
+            f"daybook tokens create checkout --scope read --scope write --rate 50 --url {_PG}",
+            "daybook tokens create ops --scope admin",
+        ],
+    )
+    create.add_argument("name", help="who the token speaks for (recorded as the actor)")
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=SCOPES,
+        required=True,
+        help="a scope; repeat for more",
+    )
+    create.add_argument(
+        "--rate",
+        type=rate,
+        help="requests per second this token may send (default: the server's --token-rate)",
+    )
+    add_url_argument(create)
+    create.set_defaults(handler=_create)
+
+    listing = command(
+        token_commands,
+        "list",
+        help="the tokens: name, scopes, created, revoked",
+        description="Every token ever made, revoked ones included (never their secrets).",
+        examples=["daybook tokens list", f"daybook tokens list --url {_PG}"],
+    )
+    add_url_argument(listing)
+    listing.set_defaults(handler=_list)
+
+    revoke = command(
+        token_commands,
+        "revoke",
+        help="revoke a token",
+        description="Revoke a token: a running server refuses it within its "
+        "--token-cache-seconds. Its name stays taken.",
+        examples=["daybook tokens revoke dashboard", f"daybook tokens revoke ops --url {_PG}"],
+    )
+    revoke.add_argument("name", help="the token's name")
+    add_url_argument(revoke)
+    revoke.set_defaults(handler=_revoke)
+    tokens.set_defaults(handler=lambda args: _help(tokens))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+_WHY = (
+    "memory:// lives inside one process, and this command would see an empty ledger of its "
+    "own (and no tokens)"
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from daybook.infrastructure.bootstrap import http_parts
+    from daybook.infrastructure.http.app import HttpOptions
+    from daybook.infrastructure.http.server import run
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("daybook serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
+    settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
+    options = HttpOptions(
+        command_capacity=args.command_capacity,
+        read_capacity=args.read_capacity,
+        read_connections=args.read_connections,
+        token_rate=args.token_rate,
+        token_cache_seconds=args.token_cache_seconds,
+        max_body_bytes=args.max_body_bytes,
+        max_read_wait=args.max_read_wait,
+        cors_origins=tuple(args.cors_origin),
+        access_log=not args.no_access_log,
+    )
+    setup_logging(args, args.log_level)
+    if args.no_projections:
+        parts = http_parts(settings, options, projections=None)
+    else:
+        parts = http_parts(settings, options)
+    scheme = "https" if args.tls_cert else "http"
+    print(
+        f"daybook serve: {where(settings.url)} on {scheme}://{args.host}:{args.port} "
+        f"(docs at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run(
+        parts,
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        access_log=False,  # the application logs each request itself, with its ids
+        log_level=args.log_level,
+    )
+
+
+def _tokens(args: argparse.Namespace) -> Any:
+    settings = checked_settings(args, why=_WHY, existing=False)
+    return open_tokens(settings.url)
+
+
+def _create(args: argparse.Namespace) -> int:
+    store = _tokens(args)
+    try:
+        token, secret = store.create(args.name, args.scope, rate=args.rate)
+    except TokenError as error:
+        print(f"daybook tokens: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(secret)
+    print(
+        f"daybook tokens: {token.name} ({', '.join(sorted(token.scopes))}): this is the only "
+        "time the token is shown; keep it secret",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = _tokens(args)
+    try:
+        found = store.list()
+    finally:
+        store.close()
+    if not found:
+        print("no tokens (daybook tokens create NAME --scope read)")
+    for token in found:
+        state = f"revoked {token.revoked_at}" if token.revoked_at else "active"
+        rate = f"{token.rate:g}/s" if token.rate else "server default rate"
+        print(
+            f"{token.name:<24} {' '.join(sorted(token.scopes)):<18} created {token.created_at}"
+            f"  {state}  {rate}"
+        )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    store = _tokens(args)
+    try:
+        token = store.revoke(args.name)
+    except TokenError as error:
+        print(f"daybook tokens: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"{token.name}: revoked {token.revoked_at}")
+    return 0

@@ -1,0 +1,317 @@
+"""Commands over HTTP: ``POST /v1/commands/<name>`` for every registered command, derived
+from the registry (a command added to daybook, or by an embedding service before the app is
+built, is served with nothing else to write).
+
+The body is a JSON object of the command's arguments (``parameters(command)``, less
+``request_id`` and ``actor``, which the server sets). Values reach the command's own checks
+unconverted: ``12.5``, ``"100"``, ``true`` and ``2**63`` are refused by the same rule, with
+the same code, as through the Python API, never coerced.
+
+Every POST needs an ``Idempotency-Key`` (the IETF httpapi idempotency-key draft): the key,
+scoped by the caller's token, is the command's request id, so the ledger's own idempotency
+records answer a retry: the same key and payload get the original receipt (``replayed``,
+and the header ``Idempotent-Replayed: true``) or the original refusal; another payload under
+the key is ``422 idempotency_conflict``; a retry while the first request is still in this
+server is ``409 idempotency_key_in_use``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin
+from uuid import UUID
+
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
+
+from daybook.domain.commands import Command, Receipt, parameters, registered
+from daybook.domain.errors import DomainError
+from daybook.infrastructure.http.admission import Door
+from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
+from daybook.infrastructure.ledger.facade import AsyncLedger
+from daybook.infrastructure.ledger.group_commit import LedgerClosed
+
+#: Fields the server fills in: the caller cannot send them.
+_SERVER_SET = frozenset({"request_id", "actor", "traceparent"})
+#: The draft makes the key a structured-field String ("..." with \\ escapes, RFC 8941); a
+#: bare key (printable ASCII, no spaces, quotes or backslashes) is taken too.
+_QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,128})"')
+_BARE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
+_JSON_TYPE = re.compile(r"application/([a-z0-9.+-]*\+)?json\s*(;.*)?$", re.IGNORECASE)
+
+
+@dataclass
+class CommandRoutes:
+    ledger: AsyncLedger
+    auth: Authenticator
+    door: Door
+    #: Request ids (scoped keys) of requests this server is processing.
+    in_flight: set[str] = field(default_factory=set)
+    #: The OpenAPI path items of the command routes.
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def install(self, app: FastAPI, commands: Iterable[type[Command]] | None = None) -> None:
+        """Add a route per command to ``app`` (on the app itself: an included router is
+        matched a second time on every request)."""
+        for command_class in commands if commands is not None else registered():
+            self._add(app, command_class)
+
+    def _add(self, app: FastAPI, command_class: type[Command]) -> None:
+        accepted = {p.name: p for p in parameters(command_class) if p.name not in _SERVER_SET}
+        required = [name for name, p in accepted.items() if p.required]
+        caller = self.auth.require("write", limited=not command_class.reduces_risk)
+
+        async def run(request: Request) -> Response:
+            # The token is checked here rather than as a FastAPI dependency: resolving
+            # dependencies costs more per request than everything else in this function.
+            token = await caller(request)
+            key = idempotency_key(request.headers.get("idempotency-key"))
+            arguments = arguments_of(await json_body(request), command_class, accepted, required)
+            request_id = f"{token.name}/{key}"
+            if request_id in self.in_flight:
+                raise Problem(
+                    "idempotency_key_in_use",
+                    f"a request with Idempotency-Key {key!r} is still being processed; retry "
+                    "once it has been answered",
+                    headers={"Retry-After": "1"},
+                )
+            try:
+                command = command_class(**arguments, request_id=request_id, actor=token.name)
+            except DomainError as error:
+                raise Problem.of(error) from None
+            self.door.enter(always=command_class.reduces_risk)
+            self.in_flight.add(request_id)
+            try:
+                receipt = await self.ledger.execute(command)
+            except DomainError as error:
+                raise Problem.of(error) from None
+            except LedgerClosed:
+                raise Problem(
+                    "shutting_down",
+                    "the server is stopping and took no new command; retry shortly",
+                    headers={"Retry-After": "5", "Connection": "close"},
+                ) from None
+            finally:
+                self.in_flight.discard(request_id)
+                self.door.leave()
+            return receipt_response(receipt, key)
+
+        doc = (command_class.__doc__ or command_class.name).strip()
+        path = f"/v1/commands/{command_class.name}"
+        # A plain Starlette route: this is the hot path, and FastAPI's per-request machinery
+        # (parameter resolution, telemetry, its own route matching) cost as much CPU as
+        # everything the route does; the body is parsed here anyway. Its OpenAPI operation
+        # is written from the registry below and merged into the document (``app.py``).
+        app.router.routes.append(
+            _CommandRoute(path, run, methods=["POST"], name=command_class.name)
+        )
+        self.operations[path] = {
+            "post": {
+                "tags": ["commands"],
+                "summary": doc.splitlines()[0],
+                "description": _description(doc, command_class),
+                "operationId": command_class.name,
+                **_openapi(command_class, accepted, required),
+            }
+        }
+
+
+class _CommandRoute(Route):
+    """A plain route that, like FastAPI's own, names itself in the scope when it matches
+    (metrics and traces label requests by route template: ``observe``)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+def idempotency_key(header: str | None) -> str:
+    if header is None or not header.strip():
+        raise Problem(
+            "idempotency_key_missing",
+            "this operation needs an Idempotency-Key header (a fresh UUID per operation; "
+            "send the same key to retry it)",
+        )
+    value = header.strip()
+    quoted = _QUOTED.fullmatch(value)
+    if quoted is not None:
+        return re.sub(r"\\(.)", r"\1", quoted.group(1))
+    if not _BARE.fullmatch(value):
+        raise Problem(
+            "idempotency_key_invalid",
+            "the Idempotency-Key must be a string of 1-128 printable ASCII characters, quoted "
+            '("...") or without spaces, quotes and backslashes',
+        )
+    return value
+
+
+async def json_body(request: Request) -> Any:
+    media = request.headers.get("content-type", "")
+    if not _JSON_TYPE.match(media.strip()):
+        raise Problem(
+            "unsupported_media_type",
+            f"send the body as application/json, not {media or 'without a Content-Type'}",
+        )
+    body = await request.body()
+    try:
+        # The standard library's parser, not orjson: it keeps integers of any size exact (so
+        # 2**64 is refused as too large, not read as a float), and it lets us refuse repeated
+        # members and NaN, which would otherwise make one body mean two things.
+        return json.loads(body, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise Problem("malformed_json", f"the body is not valid JSON: {error}") from None
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"member {name!r} appears twice")
+        result[name] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def arguments_of(
+    body: Any,
+    command_class: type[Command],
+    accepted: dict[str, Any],
+    required: list[str],
+) -> dict[str, Any]:
+    """The command's keyword arguments from a JSON body, names checked (values are checked
+    by the command itself)."""
+    if not isinstance(body, dict):
+        raise Problem(
+            "invalid_request",
+            f"the body must be a JSON object of {command_class.name}'s arguments",
+        )
+    takes = ", ".join(accepted)
+    unknown = [name for name in body if name not in accepted]
+    if unknown:
+        raise Problem(
+            "invalid_request",
+            f"{command_class.name} has no argument {', '.join(map(repr, unknown))}; it takes "
+            f"{takes}",
+            details={"unknown": unknown},
+        )
+    missing = [name for name in required if name not in body]
+    if missing:
+        raise Problem(
+            "invalid_request",
+            f"{command_class.name} needs {', '.join(map(repr, missing))}; it takes {takes}",
+            details={"missing": missing},
+        )
+    # null for an optional argument means "not given" (the ledger generates or omits it).
+    return {k: v for k, v in body.items() if v is not None or accepted[k].required}
+
+
+def receipt_response(receipt: Receipt, key: str) -> Response:
+    body = {
+        "command": receipt.command,
+        "request_id": receipt.request_id,
+        "idempotency_key": key,
+        "position": receipt.position,
+        "replayed": receipt.replayed,
+    }
+    for name in ("account_id", "transfer_id", "sku", "reservation_id"):
+        value = getattr(receipt, name)
+        if value is not None:
+            body[name] = str(value) if isinstance(value, UUID) else value
+    headers = {"Daybook-Position": str(receipt.position)}
+    if receipt.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+
+
+# -- OpenAPI --------------------------------------------------------------------------------
+
+_RECEIPT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "string"},
+        "request_id": {"type": "string"},
+        "idempotency_key": {"type": "string"},
+        "position": {"type": "integer", "description": "log position of the last event"},
+        "replayed": {"type": "boolean"},
+        "account_id": {"type": "string", "format": "uuid"},
+        "transfer_id": {"type": "string", "format": "uuid"},
+        "sku": {"type": "string"},
+        "reservation_id": {"type": "string"},
+    },
+    "required": ["command", "request_id", "position", "replayed"],
+}
+
+
+def _schema_of(annotation: Any) -> dict[str, Any]:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if get_origin(annotation) is not None and args else annotation
+    if base is int:
+        return {"type": "integer"}
+    if base is UUID:
+        return {"type": "string", "format": "uuid"}
+    if base is bool:
+        return {"type": "boolean"}
+    return {"type": "string"}
+
+
+def _description(doc: str, command_class: type[Command]) -> str:
+    risk = (
+        "\n\nReduces risk: never shed under load, not counted against rate limits."
+        if command_class.reduces_risk
+        else ""
+    )
+    return doc + risk
+
+
+def _openapi(
+    command_class: type[Command], accepted: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
+    properties = {name: _schema_of(p.annotation) for name, p in accepted.items()}
+    problem = {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}}
+    return {
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string", "maxLength": 130},
+                "description": "A fresh key per operation; resend it to retry safely.",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": properties,
+                        "required": required,
+                        "additionalProperties": False,
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The receipt (also for a replay: Idempotent-Replayed: true)",
+                "content": {"application/json": {"schema": _RECEIPT_SCHEMA}},
+            },
+            "400": {"description": "Malformed request", **problem},
+            "409": {"description": "Refused by the ledger's state", **problem},
+            "422": {"description": "Refused by a rule about the values", **problem},
+            "503": {"description": "Overloaded or stopping; see Retry-After", **problem},
+        },
+    }

@@ -1,0 +1,161 @@
+"use strict";
+// daybook's dashboard: polls /v1/dashboard every two seconds and draws what it says.
+// No framework and no build step; the token lives in this tab's session storage only.
+
+const POLL_MS = 2000;
+const TREND_POINTS = 60;
+const trends = new Map(); // "name vN" -> recent lag figures
+
+const $ = (id) => document.getElementById(id);
+
+function token() { return sessionStorage.getItem("daybook-token") || ""; }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ "Accept": "application/json" }, options.headers || {});
+  if (token()) headers["Authorization"] = "Bearer " + token();
+  const answer = await fetch(path, Object.assign({}, options, { headers }));
+  const body = await answer.json().catch(() => ({}));
+  if (!answer.ok) {
+    const detail = body.detail || body.title || answer.statusText;
+    throw new Error(`${answer.status} ${body.code ? body.code + ": " : ""}${detail}`);
+  }
+  return body;
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text === null || text === undefined ? "–" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function number(value) {
+  return typeof value === "number" ? value.toLocaleString("en") : "–";
+}
+
+function seconds(value) {
+  if (typeof value !== "number") return "–";
+  return value < 1 ? `${(value * 1000).toFixed(1)} ms` : `${value.toFixed(2)} s`;
+}
+
+function trend(key, lag) {
+  const points = trends.get(key) || [];
+  points.push(lag);
+  while (points.length > TREND_POINTS) points.shift();
+  trends.set(key, points);
+  const top = Math.max(1, ...points);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "trend");
+  svg.setAttribute("viewBox", `0 0 ${TREND_POINTS} 20`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `lag over the last ${points.length} updates, now ${lag}`);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  const start = TREND_POINTS - points.length;
+  line.setAttribute("points", points.map((v, i) => `${start + i},${20 - (v / top) * 18 - 1}`).join(" "));
+  svg.appendChild(line);
+  return svg;
+}
+
+function drawProjections(projections) {
+  const body = $("projections").tBodies[0];
+  body.replaceChildren();
+  for (const p of projections) {
+    const row = body.insertRow();
+    row.dataset.projection = p.name;
+    cell(row, p.name);
+    cell(row, p.version, "num");
+    cell(row, p.owner);
+    cell(row, p.state, `state-${p.state}`);
+    cell(row, number(p.position), "num");
+    cell(row, p.lag_events ? `${number(p.lag_events)} (${seconds(p.lag_seconds)})` : "0", "num");
+    row.insertCell().appendChild(trend(`${p.name} v${p.version}`, p.lag_events || 0));
+    const last = p.last_reconcile;
+    cell(row, last ? `${last.result} at ${number(last.position)}, ${last.drift} drifted` : "never",
+      last ? `state-${last.result}` : "");
+    cell(row, number(p.parked), "num");
+    const actions = row.insertCell();
+    if (p.parked > 0) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = "Replay parked";
+      button.setAttribute("aria-label", `Replay the parked events of ${p.name} version ${p.version}`);
+      button.addEventListener("click", () => replay(p.name, button));
+      actions.appendChild(button);
+    }
+  }
+}
+
+function drawRows(tableId, rows, columns) {
+  const body = $(tableId).tBodies[0];
+  body.replaceChildren();
+  for (const item of rows) {
+    const row = body.insertRow();
+    for (const [name, format] of columns) cell(row, format ? format(item[name]) : item[name]);
+  }
+}
+
+async function replay(name, button) {
+  button.disabled = true;
+  try {
+    await api(`/v1/projections/${encodeURIComponent(name)}/resume`, { method: "POST" });
+    $("error").textContent = "";
+    await refresh();
+  } catch (error) {
+    $("error").textContent = `Replay of ${name} refused: ${error.message}`;
+    button.disabled = false;
+  }
+}
+
+async function refresh() {
+  if (!token()) {
+    $("error").textContent = "Enter a token with the read scope (daybook tokens create).";
+    return;
+  }
+  try {
+    const view = await api("/v1/dashboard");
+    $("head").textContent = number(view.head);
+    $("rate").textContent = view.writes.rate.toFixed(1);
+    $("p50").textContent = seconds(view.writes.commit_p50);
+    $("p99").textContent = seconds(view.writes.commit_p99);
+    $("refused").textContent = number(view.writes.refused);
+    drawProjections(view.projections);
+    const counts = Object.entries(view.sagas.counts).map(([state, n]) => `${state} ${n}`);
+    $("saga-counts").textContent = counts.length ? counts.join(" · ") : "no sagas yet";
+    drawRows("stuck", view.sagas.stuck, [["saga_id"], ["state"], ["step"], ["deadline"], ["last_error"]]);
+    drawRows("holds", view.holds, [["hold_id"], ["account_id"], ["amount", number], ["expires_at"]]);
+    drawRows("decisions", view.decisions,
+      [["at"], ["projection"], ["position", number], ["result"], ["drift", number]]);
+    $("updated").textContent = new Date().toLocaleTimeString();
+    $("error").textContent = "";
+  } catch (error) {
+    $("error").textContent = `Could not refresh: ${error.message}`;
+  }
+}
+
+async function lookup(path) {
+  try {
+    $("lookup-result").textContent = JSON.stringify(await api(path), null, 2);
+  } catch (error) {
+    $("lookup-result").textContent = error.message;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("token").value = token();
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem("daybook-token", $("token").value.trim());
+    $("token-state").textContent = "token set";
+    refresh();
+  });
+  $("balance-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    lookup(`/v1/accounts/${encodeURIComponent($("account").value.trim())}/balance`);
+  });
+  $("stock-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    lookup(`/v1/stock/${encodeURIComponent($("sku").value.trim())}`);
+  });
+  refresh();
+  setInterval(refresh, POLL_MS);
+});

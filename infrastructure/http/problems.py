@@ -1,0 +1,153 @@
+"""Errors over HTTP: RFC 9457 problem details (``application/problem+json``) that carry the
+refusal's stable ``code``.
+
+Every refusal, the domain's and the HTTP layer's own (a missing idempotency key, a body that
+is not JSON, an expired token, a full queue), is answered the same way: ``type`` (a relative
+URI, ``/problems/<code>``, that the server answers with the code's description), ``title``,
+``status``, ``detail`` (the message a person reads), ``code`` (what a program branches on) and
+``details`` (the numbers that broke the rule). ``STATUS`` is the code -> HTTP status table the
+README repeats; tests hold the two to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from daybook.domain.errors import DomainError
+
+PROBLEM_JSON = "application/problem+json"
+
+#: HTTP status of each code. Codes not listed (a refusal added by an embedding service) are
+#: answered 422: the request was understood and refused by a rule.
+STATUS: dict[str, int] = {
+    # The request itself is malformed or incomplete.
+    "malformed_json": 400,
+    "idempotency_key_missing": 400,
+    "idempotency_key_invalid": 400,
+    "invalid_cursor": 400,
+    "invalid_parameter": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    # Well-formed, refused by a rule about the values.
+    "invalid_amount": 422,
+    "invalid_currency": 422,
+    "invalid_sku": 422,
+    "invalid_request": 422,
+    "currency_mismatch": 422,
+    "same_account": 422,
+    # The idempotency-key draft: another payload under a used key is 422, a key whose first
+    # request is still being processed is 409.
+    "idempotency_conflict": 422,
+    "idempotency_key_in_use": 409,
+    # Something the command names does not exist.
+    "account_not_found": 404,
+    "sku_not_found": 404,
+    "reservation_not_found": 404,
+    # Refused by the state of the ledger: valid input, wrong moment.
+    "insufficient_funds": 409,
+    "balance_overflow": 409,
+    "account_closed": 409,
+    "account_not_empty": 409,
+    "out_of_stock": 409,
+    "stock_below_reserved": 409,
+    "stock_overflow": 409,
+    "reservation_resolved": 409,
+    "reservation_exists": 409,
+    "concurrency_conflict": 409,
+    # Try again later (each with Retry-After).
+    "rate_limited": 429,
+    "internal_error": 500,
+    "overloaded": 503,
+    "shutting_down": 503,
+    "stale_read": 503,
+}
+
+
+def status_of(code: str) -> int:
+    return STATUS.get(code, 422)
+
+
+class Problem(Exception):
+    """An HTTP answer that is a refusal; raise it anywhere in a request."""
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status or status_of(code)
+        self.details = dict(details or {})
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def of(cls, error: DomainError) -> Problem:
+        return cls(error.code, error.message, details=error.details)
+
+    def response(self) -> Response:
+        body: dict[str, Any] = {
+            "type": f"/problems/{self.code}",
+            "title": title_of(self.code),
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if self.details:
+            body["details"] = self.details
+        return Response(
+            orjson.dumps(body, default=str),
+            status_code=self.status,
+            headers=self.headers,
+            media_type=PROBLEM_JSON,
+        )
+
+
+def title_of(code: str) -> str:
+    """``insufficient_funds`` -> ``Insufficient funds``."""
+    return code.replace("_", " ").capitalize()
+
+
+#: What each HTTP-layer code means (the domain's codes are described by their classes).
+DESCRIPTIONS: dict[str, str] = {
+    "malformed_json": "The body is not valid JSON (or repeats a member, or holds NaN).",
+    "idempotency_key_missing": "Every POST needs an Idempotency-Key header.",
+    "idempotency_key_invalid": "The Idempotency-Key is not 1-128 printable ASCII characters.",
+    "idempotency_key_in_use": "A request with this Idempotency-Key is still being processed.",
+    "invalid_cursor": "The cursor was not one this server handed out.",
+    "invalid_parameter": "A query parameter or header has a value that cannot be used.",
+    "unauthorized": "No valid bearer token: missing, unknown or revoked.",
+    "forbidden": "The token lacks the scope this endpoint needs.",
+    "not_found": "Nothing is at this path, or the read model has no such row.",
+    "method_not_allowed": "This path does not take this method.",
+    "payload_too_large": "The body is larger than the server accepts.",
+    "unsupported_media_type": "Bodies must be application/json.",
+    "rate_limited": "This token sent more requests than its rate allows; see Retry-After.",
+    "internal_error": "A bug in daybook; the server log has the details.",
+    "overloaded": "The server's queue is full; retry after Retry-After seconds.",
+    "shutting_down": "The server is stopping; retry against another or after a restart.",
+    "stale_read": "The read model did not reach min_position in time; see Retry-After.",
+}
+
+
+def describe(code: str) -> str | None:
+    """What ``code`` means, or None if no refusal has it."""
+    if code in DESCRIPTIONS:
+        return DESCRIPTIONS[code]
+    error_class = DomainError._by_code.get(code)
+    if error_class is None:
+        return None
+    return (error_class.__doc__ or title_of(code)).strip().splitlines()[0]

@@ -1,0 +1,291 @@
+"""Reads over HTTP, from the read models: each answer says which log position it reflects.
+
+Consistency tokens: a write answers its log position (``position``, and the header
+``Daybook-Position``); a read given ``min_position`` (query parameter, or the header
+``Daybook-Min-Position``) waits until the read model has reached it, at most ``timeout``
+seconds (bounded by the server), and otherwise answers ``503 stale_read`` with
+``Retry-After``. Every answer carries ``as_of_position`` and ``lag_events`` (also as headers
+``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``). Lists are paginated by an opaque
+cursor; ``/v1/balances/snapshot`` reads many balances at one position.
+
+Queries run in worker threads, on a small pool of read-model connections, behind the read
+door (bounded admission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+import orjson
+from fastapi import Depends, FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daybook.domain.errors import DomainError
+from daybook.domain.values import check_sku, check_uuid
+from daybook.infrastructure.http.admission import Door
+from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.problems import Problem
+from daybook.infrastructure.http.tokens import Token
+from daybook.infrastructure.readmodels import ReadModels, StaleRead
+
+T = TypeVar("T")
+
+#: Most rows one page or one snapshot by ids may ask for.
+MAX_PAGE = 1000
+MAX_IDS = 1000
+
+
+class ReadPool:
+    """A few read-model connections (``ReadModels`` each hold one), lent one per query."""
+
+    def __init__(self, views: list[ReadModels]) -> None:
+        self._all = views
+        self._free: asyncio.Queue[ReadModels] | None = None
+
+    async def run(self, query: Callable[[ReadModels], T]) -> T:
+        if self._free is None:  # made on the serving loop
+            self._free = asyncio.Queue()
+            for views in self._all:
+                self._free.put_nowait(views)
+        views = await self._free.get()
+        try:
+            return await asyncio.to_thread(query, views)
+        finally:
+            self._free.put_nowait(views)
+
+    def any(self) -> ReadModels:
+        """One connection for a query run outside the pool's turns (each ``ReadModels`` is
+        thread-safe: it serialises its own queries)."""
+        return self._all[0]
+
+    def close(self) -> None:
+        for views in self._all:
+            views.close()
+
+
+@dataclass
+class ReadRoutes:
+    pool: ReadPool
+    auth: Authenticator
+    door: Door
+    #: Longest ``timeout`` a read may ask for, in seconds.
+    max_wait: float = 10.0
+
+    def install(self, app: FastAPI) -> None:
+        """Add the read routes to ``app`` (on the app itself, as the command routes)."""
+        reader = Depends(self.auth.require("read"))
+
+        @app.get(
+            "/v1/accounts/{account_id}/balance", tags=["reads"], summary="An account's balance"
+        )
+        async def balance(account_id: str, request: Request, _: Token = reader) -> Response:
+            key = _uuid(account_id, "account_id")
+            wait = self._wait(request)
+            found = await self._query(lambda v: v.balance(key, **wait))
+            if found is None:
+                position = await self._query(lambda v: v.position("account_balances"))
+                raise _absent(f"no account {key} in the read model", position)
+            return _answer(_plain(found), found.as_of_position, found.lag_events)
+
+        @app.get(
+            "/v1/balances/snapshot",
+            tags=["reads"],
+            summary="Many balances (all, or those listed in ids) read at one log position",
+        )
+        async def snapshot(request: Request, _: Token = reader) -> Response:
+            ids = _ids(request)
+            wait = self._wait(request)
+            found = await self._query(lambda v: v.balances(ids, **wait))
+            body = {
+                "balances": [_plain(b, skip_position=True) for b in found.balances],
+                "missing": [str(m) for m in found.missing],
+                "totals": found.totals,
+            }
+            return _answer(body, found.as_of_position, found.lag_events)
+
+        @app.get(
+            "/v1/balances",
+            tags=["reads"],
+            summary="Balances in account id order, paginated by cursor",
+        )
+        async def balances(request: Request, _: Token = reader) -> Response:
+            limit = _number(request, "limit", 100, 1, MAX_PAGE)
+            after = _cursor(request, "after")
+            wait = self._wait(request)
+            page = await self._query(lambda v: v.balance_page(after=after, limit=limit, **wait))
+            body = {
+                "balances": [_plain(b, skip_position=True) for b in page.balances],
+                "next_cursor": _encode({"after": page.next_after}) if page.next_after else None,
+            }
+            return _answer(body, page.as_of_position, page.lag_events)
+
+        @app.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
+        async def stock(sku: str, request: Request, _: Token = reader) -> Response:
+            try:
+                checked = check_sku(sku)
+            except DomainError as error:
+                raise Problem.of(error) from None
+            wait = self._wait(request)
+            found = await self._query(lambda v: v.stock(checked, **wait))
+            if found is None:
+                position = await self._query(lambda v: v.position("inventory_levels"))
+                raise _absent(f"no stock of {checked} in the read model", position)
+            return _answer(_plain(found), found.as_of_position, found.lag_events)
+
+        @app.get(
+            "/v1/accounts/{account_id}/statement",
+            tags=["reads"],
+            summary="An account's statement, newest first, paginated by cursor",
+        )
+        async def statement(account_id: str, request: Request, _: Token = reader) -> Response:
+            key = _uuid(account_id, "account_id")
+            limit = _number(request, "limit", 50, 1, MAX_PAGE)
+            before = _cursor(request, "before")
+            wait = self._wait(request)
+            before_seq = None if before is None else _whole(before, "the cursor", 1, None)
+            found = await self._query(
+                lambda v: v.statement(key, limit=limit, before_seq=before_seq, **wait)
+            )
+            entries = [asdict(e) for e in found.entries]
+            more = len(entries) == limit and entries and entries[-1]["seq"] > 1
+            body = {
+                "account_id": str(key),
+                "entries": entries,
+                "next_cursor": _encode({"before": entries[-1]["seq"]}) if more else None,
+            }
+            return _answer(body, found.as_of_position, found.lag_events)
+
+        @app.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
+        async def activity(request: Request, _: Token = reader) -> Response:
+            days = _number(request, "days", 30, 1, 366)
+            wait = self._wait(request)
+            found = await self._query(lambda v: v.daily_activity(days=days, **wait))
+            body = {"days": [asdict(d) for d in found.days]}
+            return _answer(body, found.as_of_position, found.lag_events)
+
+    async def _query(self, query: Callable[[ReadModels], T]) -> T:
+        with _entered(self.door):
+            try:
+                return await self.pool.run(query)
+            except StaleRead as error:
+                raise Problem(
+                    "stale_read",
+                    str(error),
+                    headers={"Retry-After": "1"},
+                    details={"wanted": error.wanted, "reached": error.reached},
+                ) from None
+
+    def _wait(self, request: Request) -> dict[str, Any]:
+        """``min_position`` and ``timeout`` of a read, from its query or headers. Without a
+        ``min_position`` a read still waits (up to ``timeout``) for a read model that has
+        not been built yet, as just after the server started."""
+        timeout = request.query_params.get("timeout", "2")
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= self.max_wait:
+            raise Problem(
+                "invalid_parameter",
+                f"timeout is seconds between 0 and {self.max_wait:g}, got {timeout!r}",
+            )
+        text = request.query_params.get("min_position") or request.headers.get(
+            "daybook-min-position"
+        )
+        if text is None:
+            return {"timeout": seconds}
+        return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
+
+
+@contextmanager
+def _entered(door: Door) -> Iterator[None]:
+    door.enter()
+    try:
+        yield
+    finally:
+        door.leave()
+
+
+def _answer(body: dict[str, Any], position: int, lag: int | None) -> Response:
+    body["as_of_position"] = position
+    body["lag_events"] = lag
+    headers = {"Daybook-As-Of-Position": str(position)}
+    if lag is not None:
+        headers["Daybook-Lag-Events"] = str(lag)
+    return Response(orjson.dumps(body, default=str), media_type="application/json", headers=headers)
+
+
+def _plain(value: Any, *, skip_position: bool = False) -> dict[str, Any]:
+    data = {k: str(v) if isinstance(v, UUID) else v for k, v in asdict(value).items()}
+    if skip_position:
+        data.pop("as_of_position", None)
+        data.pop("lag_events", None)
+    return data
+
+
+def _absent(what: str, position: int) -> Problem:
+    return Problem(
+        "not_found",
+        f"{what} as of log position {position}; if it was written just now, read with "
+        "min_position set to the write's position",
+        details={"as_of_position": position},
+    )
+
+
+def _uuid(text: str, what: str) -> UUID:
+    try:
+        return check_uuid(text, what)
+    except DomainError as error:
+        raise Problem.of(error) from None
+
+
+def _ids(request: Request) -> list[UUID] | None:
+    values = request.query_params.getlist("ids")
+    if not values:
+        return None
+    ids = [part for value in values for part in value.split(",") if part]
+    if len(ids) > MAX_IDS:
+        raise Problem("invalid_parameter", f"ask for at most {MAX_IDS} ids at a time")
+    return [_uuid(text, "ids") for text in ids]
+
+
+def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum} .. {maximum}" if maximum is not None else f"at least {minimum}"
+        raise Problem("invalid_parameter", f"{name} is a whole number, {bound}; got {text!r}")
+    return value
+
+
+def _number(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:
+    text = request.query_params.get(name)
+    return default if text is None else _whole(text, name, minimum, maximum)
+
+
+def _encode(state: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
+
+
+def _cursor(request: Request, field: str) -> str | None:
+    """The ``field`` of the request's cursor (None without one)."""
+    text = request.query_params.get("cursor")
+    if text is None:
+        return None
+    try:
+        state = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        value = state[field]
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise TypeError(value)
+    except Exception:  # any decoding failure means the same thing to the caller
+        raise Problem("invalid_cursor", "the cursor is not one this endpoint handed out") from None
+    return str(value)

@@ -1,0 +1,34 @@
+"""Why a batch's write was refused by the store: three cases, each with its own remedy.
+
+- ``VersionConflict``: another writer appended to an aggregate the batch changes (or created
+  one the batch creates). The batch was built on state that is no longer the latest: the
+  commands on those aggregates are applied again on fresh state; the others are not
+  affected.
+- ``DuplicateRequest``: a request id of the batch was recorded meanwhile (the same request,
+  retried through another writer). Looking the ids up again turns it into a replay.
+- any other ``IntegrityError``: a constraint the ledger does not know about. Applying the
+  same command again would fail the same way: it is not retried.
+
+Both are eventsourcing ``IntegrityError``s, so code that only knows that class still sees
+a refused write. Nothing of a refused batch was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError
+
+
+class VersionConflict(IntegrityError):
+    """An aggregate version the batch writes exists already."""
+
+    def __init__(self, message: str, *, stale: Collection[UUID] = ()) -> None:
+        super().__init__(message)
+        #: The aggregates found changed by another writer (filled in by the ledger).
+        self.stale: frozenset[UUID] = frozenset(stale)
+
+
+class DuplicateRequest(IntegrityError):
+    """A request id the batch records was recorded already."""

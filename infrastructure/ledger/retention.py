@@ -1,0 +1,105 @@
+"""How long request records are kept, on whose clock, and the service that deletes them.
+
+See ``daybook.infrastructure.ledger.requests`` for what a record promises and for how long.
+The clock is injected (``Retention.clock``) so that tests and the model-based test can move
+time; it reads Unix seconds, like ``time.time``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from daybook.infrastructure.ledger.requests import (
+    GENERATED_RETENTION,
+    Expiry,
+    PurgeReport,
+    RequestLog,
+)
+from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
+
+#: Unix seconds now.
+Clock = Callable[[], float]
+
+log = logging.getLogger("daybook.requests")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Records of caller-chosen request ids are kept ``caller`` seconds after they were
+    written; those of generated ids ``generated`` seconds."""
+
+    caller: float
+    generated: float = GENERATED_RETENTION
+    clock: Clock = field(default=time.time, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.caller < self.generated:
+            msg = (
+                f"the request retention window ({self.caller:g} s) must be at least as long "
+                f"as the ledger keeps its own retries' records ({self.generated:g} s)"
+            )
+            raise ValueError(msg)
+
+    def expiry(self) -> Expiry:
+        """When records written now expire."""
+        now = self.clock()
+        return Expiry(now, now + self.caller, now + self.generated)
+
+
+class RequestPurge:
+    """Deletes expired request records, ``batch`` rows per transaction (so no lock is held
+    for long and writers are never kept waiting), as long as there are any, then every
+    ``interval`` seconds. A supervised service: a lost connection is retried with backoff,
+    anything else stops it as ``failed``, logged and visible in ``health()``."""
+
+    def __init__(
+        self,
+        requests: RequestLog,
+        retention: Retention,
+        *,
+        interval: float = 60.0,
+        batch: int = 1_000,
+    ) -> None:
+        self._requests = requests
+        self._retention = retention
+        self.interval = interval
+        self.batch = batch
+        #: Records deleted since the service started.
+        self.deleted = 0
+        self._service = SupervisedThread("daybook-request-purge", self._run)
+
+    def start(self) -> None:
+        self._service.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._service.stop(timeout)
+
+    def health(self) -> Health:
+        return self._service.health()
+
+    def purge(self, *, stopping: Stopping | None = None) -> int:
+        """Delete every record expired now, batch by batch; how many."""
+        deleted = 0
+        now = self._retention.clock()
+        while not stopping:
+            count = self._requests.purge_requests(now, self.batch)
+            deleted += count
+            self.deleted += count
+            if count < self.batch:
+                break
+        if deleted:
+            log.info("deleted %d expired request records", deleted)
+        return deleted
+
+    def report(self) -> PurgeReport:
+        """What ``purge`` would delete now."""
+        return self._requests.expired_requests(self._retention.clock())
+
+    def _run(self, stopping: Stopping) -> None:
+        while not stopping:
+            self.purge(stopping=stopping)
+            self._service.supervisor.succeeded()
+            stopping.wait(self.interval)

@@ -1,0 +1,231 @@
+"""``daybook balance ID``, ``daybook stock SKU``, ``daybook statement ID``: a quick look at the
+read models from a terminal, each answer saying which log position it reflects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+from uuid import UUID
+
+from daybook.domain.errors import DomainError
+from daybook.domain.values import check_sku, check_uuid
+from daybook.infrastructure.bootstrap import open_event_log, open_read_models
+from daybook.infrastructure.cli import (
+    add_readmodels_argument,
+    add_url_argument,
+    checked_settings,
+    command,
+    seconds,
+    whole_number,
+)
+from daybook.infrastructure.readmodels import ReadModels, StaleRead
+
+_ID = "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"
+_PG = "postgresql://daybook@localhost/daybook"
+
+
+def register(subparsers: Any) -> None:
+    balance = command(
+        subparsers,
+        "balance",
+        help="an account's balance, from the read models",
+        description=(
+            "An account's balance and available amount as the account_balances read model "
+            "has it, with the log position it reflects and how far the log's head is ahead."
+        ),
+        examples=[
+            f"daybook balance {_ID}",
+            f"daybook balance {_ID} --url {_PG} --min-position 1200 --timeout 5",
+            f"daybook balance {_ID} --readmodels-url sqlite:///views.db --json",
+        ],
+    )
+    balance.add_argument("account_id", type=_account_id, help="the account's id (a UUID)")
+    _common(balance)
+    balance.set_defaults(handler=_balance)
+
+    stock = command(
+        subparsers,
+        "stock",
+        help="a SKU's stock levels, from the read models",
+        description="On hand, reserved and available units of a SKU as the inventory_levels "
+        "read model has them, with the log position it reflects.",
+        examples=[
+            "daybook stock SKU-KETTLE",
+            f"daybook stock SKU-MUG --url {_PG} --min-position 1200 --timeout 5",
+            "daybook stock SKU-TEAPOT --readmodels-url sqlite:///views.db --json",
+        ],
+    )
+    stock.add_argument("sku", type=_sku, help="the SKU")
+    _common(stock)
+    stock.set_defaults(handler=_stock)
+
+    statement = command(
+        subparsers,
+        "statement",
+        help="an account's newest statement entries, from the read models",
+        description="An account's statement entries, newest first, with the running balance "
+        "after each, from the account_statement read model.",
+        examples=[
+            f"daybook statement {_ID}",
+            f"daybook statement {_ID} --limit 100 --before 5000",
+            f"daybook statement {_ID} --url {_PG} --min-position 1200 --timeout 5 --json",
+            f"daybook statement {_ID} --readmodels-url sqlite:///views.db",
+        ],
+    )
+    statement.add_argument("account_id", type=_account_id, help="the account's id (a UUID)")
+    statement.add_argument(
+        "--limit", type=whole_number(1), default=20, help="entries to show, at most"
+    )
+    statement.add_argument(
+        "--before",
+        type=whole_number(1),
+        help="only entries before this sequence number (the next page; default: the newest)",
+    )
+    _common(statement)
+    statement.set_defaults(handler=_statement)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_url_argument(parser)
+    add_readmodels_argument(parser)
+    parser.add_argument(
+        "--min-position",
+        type=whole_number(0),
+        help="wait until the read model reflects this log position (a receipt's position; "
+        "default: answer at once)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=2.0,
+        help="seconds to wait for --min-position",
+    )
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def _account_id(text: str) -> UUID:
+    try:
+        return check_uuid(text, "account id")
+    except DomainError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _sku(text: str) -> str:
+    try:
+        return check_sku(text)
+    except DomainError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+@contextmanager
+def _views(args: argparse.Namespace) -> Iterator[ReadModels]:
+    settings = checked_settings(args, readmodels=True)
+    log = open_event_log(settings=settings)
+    try:
+        with open_read_models(settings=settings, log=log) as views:
+            yield views
+    finally:
+        log.close()
+
+
+def _wait(args: argparse.Namespace) -> dict[str, Any]:
+    if args.min_position is None:
+        return {"timeout": 0.0}
+    return {"min_position": args.min_position, "timeout": args.timeout}
+
+
+def _not_serving(projection: str, error: StaleRead) -> int:
+    if error.wanted == 0:
+        print(
+            f"daybook: the {projection} read model has not been built here yet: run "
+            "`daybook project` (or `daybook serve`, which keeps the read models up to date)",
+            file=sys.stderr,
+        )
+        return 1
+    raise error
+
+
+def _behind(position: int, lag: int | None) -> str:
+    if lag is None:
+        return f"as of log position {position}"
+    return f"as of log position {position} ({lag} events behind the head)"
+
+
+def _balance(args: argparse.Namespace) -> int:
+    with _views(args) as views:
+        try:
+            found = views.balance(args.account_id, **_wait(args))
+            position = views.position("account_balances") if found is None else 0
+        except StaleRead as error:
+            return _not_serving("account_balances", error)
+    if found is None:
+        print(
+            f"daybook: no account {args.account_id} in the read model as of log position "
+            f"{position}; if it was opened just now, pass its receipt's --min-position",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(asdict(found), default=str))
+        return 0
+    print(f"account {found.account_id} ({found.owner}, {found.currency}, {found.status})")
+    print(
+        f"balance {found.balance:,}  available {found.available:,}  held {found.held:,}  "
+        f"overdraft limit {found.overdraft_limit:,}"
+    )
+    print(_behind(found.as_of_position, found.lag_events))
+    return 0
+
+
+def _stock(args: argparse.Namespace) -> int:
+    with _views(args) as views:
+        try:
+            found = views.stock(args.sku, **_wait(args))
+            position = views.position("inventory_levels") if found is None else 0
+        except StaleRead as error:
+            return _not_serving("inventory_levels", error)
+    if found is None:
+        print(
+            f"daybook: no stock of {args.sku} in the read model as of log position {position}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(asdict(found)))
+        return 0
+    print(
+        f"{found.sku}: on hand {found.on_hand:,}  reserved {found.reserved:,}  "
+        f"available {found.available:,}"
+    )
+    print(_behind(found.as_of_position, found.lag_events))
+    return 0
+
+
+def _statement(args: argparse.Namespace) -> int:
+    with _views(args) as views:
+        try:
+            found = views.statement(
+                args.account_id, limit=args.limit, before_seq=args.before, **_wait(args)
+            )
+        except StaleRead as error:
+            return _not_serving("account_statement", error)
+    if args.json:
+        print(json.dumps(asdict(found), default=str))
+        return 0
+    if not found.entries:
+        print(f"no statement entries for {args.account_id}")
+    for entry in found.entries:
+        other = f"  with {entry.counterparty}" if entry.counterparty else ""
+        print(
+            f"{entry.seq:>6}  {entry.occurred_at}  {entry.kind:<14} {entry.amount:>14,}  "
+            f"balance {entry.balance:>14,}{other}"
+        )
+    print(_behind(found.as_of_position, found.lag_events))
+    if found.entries and found.entries[-1].seq > 1:
+        print(f"older entries: --before {found.entries[-1].seq}")
+    return 0

@@ -1,0 +1,1 @@
+"""Seeing daybook converge: Prometheus metrics, OpenTelemetry traces, structured logs."""

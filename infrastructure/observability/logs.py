@@ -1,0 +1,134 @@
+"""Structured logs: JSON lines (or plain lines for a console), with the ids of what caused
+them, repeated warnings rate-limited, secrets never written.
+
+``configure_logging`` is for entry points (``daybook serve``, ``project``, ``relay``,
+``worker``: ``--log-format json|console``); library code only logs. The ids come from
+``log_context`` (a context variable: set around a request, a command, a batch, a saga
+step) and from the active trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TextIO
+
+import orjson
+from opentelemetry import trace
+
+_NONE: Mapping[str, str] = MappingProxyType({})
+_CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("daybook_log_context", default=_NONE)
+
+
+@contextmanager
+def log_context(**ids: str | None) -> Iterator[None]:
+    """Add ``ids`` (request_id, correlation_id, saga_id...) to every line logged inside."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in ids.items() if v}})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+# Secrets that may reach a message: passwords in URLs, bearer tokens, daybook's own tokens.
+_SECRETS = (
+    (re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I), r"\g<keep>***@"),
+    (re.compile(r"(?P<keep>bearer\s+)\S+", re.I), r"\g<keep>***"),
+    (re.compile(r"(?P<keep>password=)\S+", re.I), r"\g<keep>***"),
+    (re.compile(r"dbk_[A-Za-z0-9_-]{8,}"), "dbk_***"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret it may hold replaced by ``***``."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC), level, logger, event, the ids in context, the
+    trace and span ids, extra fields, and the exception if any; secrets redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": redact(record.getMessage()),
+        }
+        line.update(_CONTEXT.get())
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            line["trace_id"] = format(span_context.trace_id, "032x")
+            line["span_id"] = format(span_context.span_id, "016x")
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            line.update({k: v for k, v in fields.items() if k not in line})
+        if record.exc_info:
+            line["error"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """A readable line: time, level, logger, event, then the ids in context."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = " ".join(f"{k}={v}" for k, v in _CONTEXT.get().items())
+        return redact(f"{text} [{ids}]" if ids else text)
+
+
+class RateLimit(logging.Filter):
+    """Lets a repeating warning through once, then at most once per ``interval`` seconds
+    with how many were held back; a message template counts as one warning, whatever its
+    arguments. Bounded: it remembers at most ``capacity`` templates."""
+
+    def __init__(self, interval: float = 30.0, capacity: int = 1024) -> None:
+        super().__init__()
+        self.interval = interval
+        self.capacity = capacity
+        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        seen = self._last.get(key)
+        if seen is None or now - seen[0] >= self.interval:
+            held = seen[1] if seen else 0
+            if len(self._last) >= self.capacity and key not in self._last:
+                self._last.clear()
+            self._last[key] = (now, 0)
+            if held:
+                record.msg = f"{record.msg} (and {held} more like it since the last)"
+            return True
+        self._last[key] = (seen[0], seen[1] + 1)
+        return False
+
+
+def configure_logging(
+    log_format: str = "console", level: int = logging.INFO, stream: TextIO | None = None
+) -> logging.Handler:
+    """Send every log line to ``stream`` (stderr) as JSON or as console text, rate-limited
+    and redacted. For entry points only: it sets up the root logger."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
+    handler.addFilter(RateLimit())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler

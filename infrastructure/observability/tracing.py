@@ -1,0 +1,117 @@
+"""OpenTelemetry traces through the API only: no-op until an SDK is configured.
+
+A command's span is the parent of everything it causes, also in other processes and long
+after: the trace context (W3C ``traceparent``) is stored in the metadata of every event the
+command writes, so the projection batch that applies the event, the relay's publish and the
+stream worker's apply continue the command's trace (as links to the batch's span when one
+batch carries many traces). ``configure_tracing`` installs the SDK (the optional
+``daybook[otel]`` extra) with an exporter; library code never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context, trace
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+TRACER = trace.get_tracer("daybook")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def enabled() -> bool:
+    """Whether an SDK is installed (without one, daybook makes no spans at all: the API's
+    no-op spans still cost a little on the write path)."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+@contextmanager
+def command_span(command: Any) -> Iterator[None]:
+    """The span of one command, from its submission to its answer; the command carries the
+    span's traceparent into its events' metadata (unless its caller set one)."""
+    if not enabled():
+        yield
+        return
+    attributes = {"daybook.command": command.name, "daybook.request_id": command.request_id}
+    with TRACER.start_as_current_span(f"command {command.name}", attributes=attributes):
+        if command.traceparent is None:
+            object.__setattr__(command, "traceparent", current_traceparent())
+        yield
+
+
+def current_traceparent() -> str | None:
+    """The active span's context as a W3C ``traceparent`` (None when nothing is traced)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def context_of(traceparent: str | None) -> context.Context | None:
+    """The context a stored ``traceparent`` names (None for none, or a malformed one)."""
+    if not traceparent:
+        return None
+    extracted = _PROPAGATOR.extract({"traceparent": traceparent})
+    span_context = trace.get_current_span(extracted).get_span_context()
+    return extracted if span_context.is_valid else None
+
+
+def links_to(traceparents: Iterable[str | None], limit: int = 64) -> list[Link]:
+    """Links to the traces of the events a batch applies (at most ``limit``, distinct)."""
+    links: list[Link] = []
+    seen: set[int] = set()
+    for traceparent in traceparents:
+        parent = context_of(traceparent)
+        if parent is None:
+            continue
+        span_context = trace.get_current_span(parent).get_span_context()
+        if span_context.span_id in seen:
+            continue
+        seen.add(span_context.span_id)
+        links.append(Link(span_context))
+        if len(links) >= limit:
+            break
+    return links
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    parent: str | None = None,
+    links: list[Link] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+) -> Iterator[Span]:
+    """A span named ``name``: a child of the stored ``parent`` traceparent when given, else of
+    the current span."""
+    with TRACER.start_as_current_span(
+        name,
+        context=context_of(parent),
+        kind=kind,
+        links=links,
+        attributes=dict(attributes or {}),
+    ) as current:
+        yield current
+
+
+def configure_tracing(exporter: Any = None, *, service_name: str = "daybook") -> Any:
+    """Install the OpenTelemetry SDK with ``exporter`` (default: OTLP over HTTP, from the
+    ``OTEL_*`` variables) and return the tracer provider. Entry points call this; library
+    code does not (an embedding service configures its own)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider

@@ -1,0 +1,321 @@
+"""``daybook sagas run|list|show|retry|cancel|reconcile``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import signal
+import sys
+import threading
+from typing import Any, cast
+from uuid import UUID
+
+from daybook.domain.events import LedgerAggregate
+from daybook.domain.sagas import CancelSaga, RetrySaga, Saga
+from daybook.infrastructure.bootstrap import (
+    expiry_sweeper,
+    open_ledger,
+    payment_gateway,
+    run_projections,
+    saga_processor,
+)
+from daybook.infrastructure.cli import (
+    add_log_format_argument,
+    add_readmodels_argument,
+    add_url_argument,
+    checked_settings,
+    command,
+    setup_logging,
+    whole_number,
+)
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
+from daybook.infrastructure.sagas.reconcile import reconcile_payments
+from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
+from daybook.projections.model import Row
+from daybook.projections.sagas import SAGAS
+
+STATES = ("running", "compensating", "completed", "compensated", "needs_attention")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_url_argument(parser)
+    add_readmodels_argument(parser)
+
+
+def _gateway(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gateway",
+        help="payment gateway URL, http://host:port (default: $DAYBOOK_GATEWAY_URL)",
+    )
+
+
+def _decision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", type=UUID, help="the saga's id (as `daybook sagas list` shows)")
+    parser.add_argument("--by", default=None, help="who decides (default: the system user)")
+    parser.add_argument("--reason", required=True, help="why (recorded with the decision)")
+
+
+def register(subparsers: Any) -> None:
+    group = command(
+        subparsers,
+        "sagas",
+        help="run, inspect, retry or cancel sagas",
+        description=(
+            "Sagas carry an operation that crosses a boundary (an order: reserve stock, hold "
+            "funds, charge the payment gateway, capture) to an end: completed, compensated, or "
+            "needs_attention when a compensation keeps failing."
+        ),
+        examples=["daybook sagas list --state needs_attention", "daybook sagas run --help"],
+    )
+    commands = group.add_subparsers(dest="sagas_command", metavar="COMMAND")
+    group.set_defaults(handler=lambda args: _help(group))
+
+    run = command(
+        commands,
+        "run",
+        help="drive sagas and record expiries (the saga processor and the expiry sweeper)",
+        description=(
+            "Run the saga processor (local steps through the ledger, remote steps through "
+            "the payment gateway, deadlines, compensations) and the sweeper that records "
+            "expired holds and reservations, with the read models they poll kept up to "
+            "date. Stops cleanly on SIGINT/SIGTERM."
+        ),
+        examples=[
+            "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
+            "daybook sagas run --readmodels-url postgresql://app@rm/read --workers 16",
+            "daybook sagas run --log-format json",
+        ],
+    )
+    _common(run)
+    _gateway(run)
+    add_log_format_argument(run)
+    run.add_argument(
+        "--workers", type=whole_number(1), default=8, help="sagas driven at once (default: 8)"
+    )
+    run.set_defaults(handler=_run)
+
+    listing = command(
+        commands,
+        "list",
+        help="sagas by state, from the sagas read model",
+        description="Sagas from the sagas read model, the most recently changed first.",
+        examples=[
+            "daybook sagas list --state needs_attention --limit 20",
+            "daybook sagas list --url postgresql://app@db/ledger --readmodels-url sqlite:///rm.db",
+        ],
+    )
+    _common(listing)
+    listing.add_argument(
+        "--state", choices=STATES, help="only sagas in this state (default: every state)"
+    )
+    listing.add_argument(
+        "--limit", type=whole_number(1), default=50, help="at most this many (default: 50)"
+    )
+    listing.set_defaults(handler=_list)
+
+    show = command(
+        commands,
+        "show",
+        help="one saga: its state and event history",
+        description="A saga's state and every event of its history, with the decisions made.",
+        examples=["daybook sagas show 2f1c... --url postgresql://app@db/ledger"],
+    )
+    add_url_argument(show)
+    show.add_argument("saga_id", type=UUID, help="the saga's id")
+    show.set_defaults(handler=_show)
+
+    retry = command(
+        commands,
+        "retry",
+        help="try the compensations of a saga that needs attention again",
+        description=(
+            "Move a saga that needs attention back to compensating, so the processor tries its "
+            "compensations again; who decided and why are recorded."
+        ),
+        examples=[
+            'daybook sagas retry 2f1c... --reason "gateway fixed" --by ops-alice',
+            'daybook sagas retry 2f1c... --url postgresql://app@db/ledger --reason "fixed"',
+        ],
+    )
+    add_url_argument(retry)
+    _decision(retry)
+    retry.set_defaults(handler=_retry)
+
+    cancel = command(
+        commands,
+        "cancel",
+        help="stop a running saga and compensate it",
+        description=(
+            "Cancel a running saga: its completed steps are compensated in reverse order; who "
+            "decided and why are recorded."
+        ),
+        examples=[
+            'daybook sagas cancel 2f1c... --reason "customer asked" --by ops-bob',
+            'daybook sagas cancel 2f1c... --url postgresql://app@db/ledger --reason "duplicate"',
+        ],
+    )
+    add_url_argument(cancel)
+    _decision(cancel)
+    cancel.set_defaults(handler=_cancel)
+
+    check = command(
+        commands,
+        "reconcile",
+        help="compare the gateway's charges with saga outcomes; refund or flag, and record",
+        description=(
+            "Compare the payment gateway's charges with the orders' outcomes: a charge with no "
+            "completed order is flagged (refunded with --repair); a completed order without a "
+            "charge is flagged. Every decision is recorded. Exits 1 while findings remain."
+        ),
+        examples=[
+            "daybook sagas reconcile --gateway http://pay:8080",
+            "daybook sagas reconcile --repair --readmodels-url sqlite:///rm.db",
+            "daybook sagas reconcile --url postgresql://app@db/ledger --gateway http://pay:8080",
+        ],
+    )
+    _common(check)
+    _gateway(check)
+    check.add_argument(
+        "--repair", action="store_true", help="refund charges no completed order explains"
+    )
+    check.set_defaults(handler=_reconcile)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    settings = checked_settings(args, readmodels=True, existing=False)
+    gateway = payment_gateway(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with (
+        open_ledger(settings=settings) as ledger,
+        run_projections(ledger, projections=[SAGA_LIST, OPEN_HOLDS_PROJECTION]) as runner,
+    ):
+        processor = saga_processor(ledger, runner.views, gateway, workers=args.workers)
+        sweeper = expiry_sweeper(ledger, runner.views)
+        processor.start()
+        sweeper.start()
+        print(f"daybook sagas: driving sagas on {settings.url} with {settings.gateway_url}")
+        try:
+            while not stop.wait(1.0):
+                for health in (processor.health(), sweeper.health(), runner.health()):
+                    if health.state is ServiceState.FAILED:
+                        print(
+                            f"daybook sagas: {health.name} failed: {health.error}", file=sys.stderr
+                        )
+                        return 1
+        finally:
+            processor.stop()
+            sweeper.stop()
+            gateway.close()
+    return 0
+
+
+def _saga_rows(
+    views: ReadModels, where: str, params: list[Any], limit: int | None
+) -> Answer[list[Row]] | None:
+    """Rows of the sagas read model, or None (said on stderr) if it has not been built."""
+    try:
+        return views.rows(
+            SAGA_LIST,
+            SAGAS.name,
+            where=where,
+            params=params,
+            order="updated_at DESC",
+            limit=limit,
+            timeout=0.0,
+        )
+    except StaleRead:
+        print(
+            "daybook: the sagas read model has not been built here; run `daybook project` "
+            "or `daybook sagas run` (with the same --url / --readmodels-url)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _list(args: argparse.Namespace) -> int:
+    settings = checked_settings(args, readmodels=True)
+    with ReadModels(settings.readmodels) as views:
+        where, params = ("state = %s", [args.state]) if args.state else ("", [])
+        answer = _saga_rows(views, where, params, args.limit)
+    if answer is None:
+        return 2
+    print(f"{'saga':36}  {'kind':6} {'state':15} {'step':10} {'tries':>5}  reference / last error")
+    for row in answer.value:
+        error = f"  ({row['last_error']})" if row["last_error"] else ""
+        print(
+            f"{row['saga_id']}  {row['kind']!s:6} {row['state']!s:15} {row['step']!s:10} "
+            f"{row['attempts']!s:>5}  {row['reference']}{error}"
+        )
+    lag = "" if answer.lag_events is None else f", {answer.lag_events} events behind the log"
+    print(f"({len(answer.value)} shown; as of log position {answer.as_of_position}{lag})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    with open_ledger(settings=checked_settings(args)) as ledger:
+        view = ledger.read(Saga, args.saga_id).view()
+        print(f"saga {view.saga_id} ({view.kind}): {view.state}, step {view.step}")
+        if view.last_error:
+            print(f"  last error: {view.last_error}")
+        if view.deadline:
+            print(f"  deadline: {view.deadline.isoformat()}")
+        print("history:")
+        for stored in ledger.service.events.get(args.saga_id):
+            event = cast(LedgerAggregate.Event, stored)
+            fields = {
+                k: v
+                for k, v in event.__dict__.items()
+                if k not in ("originator_id", "originator_version", "timestamp", "meta")
+            }
+            name = type(event).__name__
+            print(f"  {event.originator_version:>3} {event.timestamp.isoformat()} {name} {fields}")
+            decision = getattr(event.meta, "decision", None)
+            if decision is not None:
+                print(
+                    f"      decided by {decision.by} at {decision.at.isoformat()}: {decision.why}"
+                )
+    return 0
+
+
+def _who(args: argparse.Namespace) -> str:
+    return str(args.by or getpass.getuser())
+
+
+def _retry(args: argparse.Namespace) -> int:
+    with open_ledger(settings=checked_settings(args)) as ledger:
+        ledger.execute(RetrySaga(args.saga_id, _who(args), args.reason))
+    print(f"saga {args.saga_id}: compensating again")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with open_ledger(settings=checked_settings(args)) as ledger:
+        ledger.execute(CancelSaga(args.saga_id, _who(args), args.reason))
+    print(f"saga {args.saga_id}: cancelled; its compensations will run")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    settings = checked_settings(args, readmodels=True)
+    gateway = payment_gateway(settings)
+    with open_ledger(settings=settings) as ledger, ReadModels(settings.readmodels) as views:
+        rows = _saga_rows(views, "kind = 'order' AND state = 'completed'", [], None)
+        if rows is None:
+            gateway.close()
+            return 2
+        completed = [UUID(str(row["saga_id"])) for row in rows.value]
+        report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)
+    gateway.close()
+    for finding in report.findings:
+        print(f"  {finding.kind:28} {finding.key}  {finding.action}: {finding.detail}")
+    print(f"{report.checked} charges checked, {len(report.findings)} findings")
+    return 1 if report.unresolved else 0

@@ -1,0 +1,463 @@
+"""The saga processor: a supervised service that drives sagas to their end.
+
+It finds sagas with something to do in the ``sagas`` read model (``wake_at`` due) and drives
+each, in a pool of worker threads, until it must wait: it reads the saga from the ledger
+(strongly consistent), asks it for its next move, does it, records the outcome, and asks
+again. Decisions are the saga's; this module only carries them out:
+
+- a local step is one ledger command (``RunLocalStep``) that applies the step and records it
+  in one transaction, with a request id derived from the saga and the step, so a repeated
+  delivery (after a crash, or from a second processor) is replayed, not applied twice;
+- a remote step is a call through its port with an idempotency key derived the same way.
+  A failure that a retry may cure is recorded with the time of the next attempt (exponential
+  backoff, full jitter); a call whose outcome is unknown is looked up by its key, and every
+  retry looks the key up before calling again: nothing is guessed. A circuit breaker per
+  dependency stops calls while it is open; the sagas wait (no attempt is spent);
+- deadlines and compensations come from the saga (``next_move``); a compensation that keeps
+  failing moves the saga to ``needs_attention`` after the policy's limit.
+
+Crash points (``DAYBOOK_FAULTS``) sit at every step boundary: before and after each local
+command, before and after each remote call, and between compensations.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from daybook.domain.commands import Command
+from daybook.domain.errors import DomainError
+from daybook.domain.sagas import (
+    Compensate,
+    CompleteRemoteCompensation,
+    CompleteRemoteStep,
+    FailStep,
+    FireDeadline,
+    FireSagaDeadline,
+    Local,
+    Remote,
+    RetryLater,
+    RunLocalCompensation,
+    RunLocalStep,
+    RunStep,
+    Saga,
+    Wait,
+)
+from daybook.infrastructure.gateway import (
+    Charge,
+    ChargeStatus,
+    GatewayError,
+    OutcomeUnknown,
+    PaymentGateway,
+)
+from daybook.infrastructure.ledger.facade import Ledger
+from daybook.infrastructure.lifecycle import (
+    Health,
+    RestartPolicy,
+    ServiceState,
+    Stopping,
+    SupervisedThread,
+)
+from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
+from daybook.infrastructure.sagas.breaker import CircuitBreaker
+from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.transient import is_transient
+from daybook.projections.model import iso_time
+from daybook.projections.sagas import SAGA_LIST, SAGAS
+
+log = logging.getLogger("daybook.sagas")
+
+#: Refusals that mean another delivery got there first: read the saga again.
+_MOVED_ON = frozenset({"saga_moved_on", "saga_finished", "idempotency_conflict"})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter between attempts of one step."""
+
+    initial: float = 0.05
+    ceiling: float = 5.0
+
+    def delay(self, attempt: int, draw: Callable[[float, float], float]) -> float:
+        return draw(0.0, min(self.ceiling, self.initial * 2 ** (attempt - 1)))
+
+
+def _text(message: str) -> str:
+    """A message as a recorded field takes it: one line, at most 200 characters."""
+    return " ".join(message.split())[:200] or "(no message)"
+
+
+def idempotency_key(saga_id: UUID, step: str) -> str:
+    """The key a remote step (and its compensation) is called with."""
+    return f"{saga_id}:{step}"
+
+
+class SagaProcessor:
+    """Drives sagas (see the module docstring). ``start``/``stop``/``health`` as a service;
+    ``drive(saga_id)`` and ``run_due()`` for one saga or one pass."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        views: ReadModels,
+        ports: Mapping[str, PaymentGateway],
+        *,
+        clock: Callable[[], datetime] | None = None,
+        workers: int = 8,
+        poll: float = 0.05,
+        batch: int = 256,
+        backoff: Backoff | None = None,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 2.0,
+        name: str = "saga processor",
+        seed: int | None = None,
+        policy: RestartPolicy | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.views = views
+        self.ports = dict(ports)
+        self.clock = clock or ledger.service.clock
+        self.poll = poll
+        self.batch = batch
+        self.backoff = backoff or Backoff()
+        self.name = name
+        self._random = random.Random(seed)
+        self._random_lock = threading.Lock()
+        self.breakers = {
+            dependency: CircuitBreaker(
+                dependency, self.clock, threshold=breaker_threshold, cooldown=breaker_cooldown
+            )
+            for dependency in self.ports
+        }
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="daybook-saga")
+        self._lock = threading.Lock()
+        self._in_flight: set[UUID] = set()
+        #: Sagas waiting for an open breaker: not driven before then.
+        self._not_before: dict[UUID, datetime] = {}
+        self._failure: BaseException | None = None
+        #: How many moves this processor made (steps, compensations, deadlines, retries).
+        self.moves = 0
+        self.service = SupervisedThread(name, self._run, policy=policy, on_stop=self._on_stop)
+
+    # -- the service ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.service.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.service.stop(timeout)
+        self._pool.shutdown(wait=True)
+
+    def _on_stop(self) -> None:
+        """Finish the sagas in hand; take no new ones."""
+
+    def health(self) -> Health:
+        return self.service.health()
+
+    def _run(self, stopping: Stopping) -> None:
+        while not stopping:
+            try:
+                self.run_due()
+            except StaleRead as error:
+                # The sagas read model is not there yet (its runner is starting, or
+                # stopped): nothing can be seen to be due. Say so in health, and look again.
+                self.service.supervisor.move(ServiceState.RETRYING, str(error))
+            else:
+                self.service.supervisor.succeeded()
+            stopping.wait(self.poll)
+
+    def run_due(self) -> int:
+        """One pass: hand every due saga to a worker; how many were handed out. Raises the
+        failure of a worker that met something a retry cannot cure."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        now = self.clock()
+        with self._lock:  # forget breaker waits that are over (bounded by the sagas waiting)
+            self._not_before = {s: t for s, t in self._not_before.items() if t > now}
+        rows = self.views.rows(
+            SAGA_LIST,
+            SAGAS.name,
+            where="state IN ('running', 'compensating') AND wake_at <= %s",
+            params=[iso_time(now)],
+            order="wake_at",
+            limit=self.batch,
+            timeout=0.0,  # not built yet: StaleRead at once (see _run)
+        ).value
+        handed = 0
+        for row in rows:
+            if self.wake(UUID(str(row["saga_id"])), now=now) is not None:
+                handed += 1
+        return handed
+
+    def wake(self, saga_id: UUID, *, now: datetime | None = None) -> Future[None] | None:
+        """Drive ``saga_id`` in a worker now (unless one is at it already, or it waits for
+        an open breaker)."""
+        with self._lock:
+            if saga_id in self._in_flight:
+                return None
+            not_before = self._not_before.get(saga_id)
+            if not_before is not None:
+                if (now or self.clock()) < not_before:
+                    return None
+                del self._not_before[saga_id]
+            self._in_flight.add(saga_id)
+        try:
+            return self._pool.submit(self._drive_in_worker, saga_id)
+        except RuntimeError:  # the pool shut down: the processor is stopping
+            with self._lock:
+                self._in_flight.discard(saga_id)
+            return None
+
+    def _drive_in_worker(self, saga_id: UUID) -> None:
+        try:
+            self.drive(saga_id)
+        except Exception as error:
+            if is_transient(error):
+                # The store or a port is out: the saga is due again at the next pass.
+                log.warning("%s: saga %s: %s; retrying", self.name, saga_id, error)
+            else:
+                log.exception("%s: saga %s failed", self.name, saga_id)
+                self._failure = error
+        finally:
+            with self._lock:
+                self._in_flight.discard(saga_id)
+
+    # -- driving one saga ---------------------------------------------------------------------
+
+    def drive(self, saga_id: UUID, *, max_moves: int = 1000) -> Saga:
+        """Make the saga's moves until it must wait; its state then."""
+        for _ in range(max_moves):
+            saga = self.ledger.read(Saga, saga_id)
+            now = self.clock()
+            move = saga.next_move(now)
+            if isinstance(move, Wait):
+                return saga
+            self.moves += 1
+            if isinstance(move, FireDeadline):
+                self._send(
+                    FireSagaDeadline(
+                        saga_id,
+                        move.step,
+                        move.generation,
+                        decided_by=self.name,
+                        request_id=f"saga:{saga_id}:deadline:{move.generation}",
+                        correlation_id=str(saga_id),
+                    )
+                )
+            elif isinstance(move, RunStep):
+                if isinstance(move.step.action, Local):
+                    crash_point("saga.before_local")
+                    self._send(
+                        RunLocalStep(
+                            saga_id,
+                            move.step.name,
+                            decided_by=self.name,
+                            request_id=f"saga:{saga_id}:{move.step.name}",
+                            correlation_id=str(saga_id),
+                        )
+                    )
+                    crash_point("saga.after_local")
+                elif not self._remote_step(saga, move):
+                    return saga
+            elif isinstance(move, Compensate):
+                crash_point("saga.between_compensations")
+                if not self._compensate(saga, move):
+                    return saga
+        return self.ledger.read(Saga, saga_id)
+
+    def _send(self, command: Command) -> bool:
+        """Execute a recording command; False if the saga had moved on already."""
+        try:
+            self.ledger.execute(command)
+        except DomainError as refusal:
+            if refusal.code in _MOVED_ON:
+                return False
+            raise
+        return True
+
+    def _retry_at(self, attempt: int, now: datetime) -> datetime:
+        with self._random_lock:
+            delay = self.backoff.delay(attempt, self._random.uniform)
+        return now + timedelta(seconds=delay)
+
+    def _breaker_open(self, saga: Saga, dependency: str) -> bool:
+        breaker = self.breakers[dependency]
+        if breaker.allow():
+            return False
+        # Wait for the breaker, spending no attempt; the deadline still applies.
+        reopens = breaker.reopens_at() or self.clock()
+        with self._lock:
+            self._not_before[saga.id] = reopens
+        return True
+
+    def _remote_step(self, saga: Saga, move: RunStep) -> bool:
+        """Call a remote step and record what happened; False when the saga must wait for
+        its dependency's breaker."""
+        step, attempt = move.step, move.attempt
+        remote = step.action
+        assert isinstance(remote, Remote)
+        if self._breaker_open(saga, remote.dependency):
+            return False
+        port = self.ports[remote.dependency]
+        breaker = self.breakers[remote.dependency]
+        key = idempotency_key(saga.id, step.name)
+        request = remote.build(saga.context)
+        charge: Charge | None = None
+        try:
+            if attempt > 1:
+                # An earlier try may have been done without our hearing of it: ask first.
+                charge = port.lookup(key)
+            if charge is None:
+                crash_point("saga.before_remote")
+                charge = self._call(port, remote.operation, key, request)
+                crash_point("saga.after_remote")
+        except OutcomeUnknown as unknown:
+            breaker.failed()
+            try:
+                charge = port.lookup(key)
+            except GatewayError as error:
+                return self._retry(saga, step.name, attempt, f"outcome unknown ({error})")
+            if charge is None:
+                # Looked up: definitely not done. Try again (same key) after a backoff.
+                return self._retry(saga, step.name, attempt, f"not done ({unknown})")
+        except GatewayError as error:
+            breaker.failed()
+            return self._retry(saga, step.name, attempt, str(error))
+        breaker.succeeded()
+        if charge.status is ChargeStatus.SUCCEEDED:
+            result = {"charge_id": charge.charge_id, "amount": charge.amount}
+            self._send(
+                CompleteRemoteStep(
+                    saga.id,
+                    step.name,
+                    result,
+                    request_id=f"saga:{saga.id}:{step.name}:done",
+                    correlation_id=str(saga.id),
+                )
+            )
+        else:
+            self._send(
+                FailStep(
+                    saga.id,
+                    step.name,
+                    "payment_declined",
+                    _text(f"the gateway declined the charge ({charge.decline_code})"),
+                    decided_by=self.name,
+                    request_id=f"saga:{saga.id}:{step.name}:failed",
+                    correlation_id=str(saga.id),
+                )
+            )
+        return True
+
+    def _call(
+        self, port: PaymentGateway, operation: str, key: str, request: Mapping[str, Any]
+    ) -> Charge:
+        if operation != "charge":
+            msg = f"the payment port has no forward operation {operation!r}"
+            raise ValueError(msg)
+        return port.charge(
+            key,
+            amount=int(request["amount"]),
+            currency=str(request["currency"]),
+            customer=str(request["customer"]),
+            reference=str(request["reference"]),
+        )
+
+    def _retry(self, saga: Saga, step: str, attempt: int, error: str) -> bool:
+        now = self.clock()
+        if attempt >= saga.definition.policy.max_attempts:
+            self._send(
+                FailStep(
+                    saga.id,
+                    step,
+                    "remote_unavailable",
+                    _text(f"gave up after {attempt} attempts: {error}"),
+                    decided_by=self.name,
+                    request_id=f"saga:{saga.id}:{step}:failed",
+                    correlation_id=str(saga.id),
+                )
+            )
+            return True
+        self._send(
+            RetryLater(
+                saga.id,
+                step,
+                attempt,
+                _text(error),
+                self._retry_at(attempt, now),
+                request_id=f"saga:{saga.id}:{step}:retry:{attempt}",
+                correlation_id=str(saga.id),
+            )
+        )
+        return True
+
+    def _compensate(self, saga: Saga, move: Compensate) -> bool:
+        step, attempt = move.step, move.attempt
+        compensation = step.compensation
+        if isinstance(compensation, Local):
+            try:
+                self.ledger.execute(
+                    RunLocalCompensation(
+                        saga.id,
+                        step.name,
+                        attempt,
+                        decided_by=self.name,
+                        request_id=f"saga:{saga.id}:undo:{step.name}:{attempt}",
+                        correlation_id=str(saga.id),
+                    )
+                )
+            except DomainError as refusal:
+                if refusal.code in _MOVED_ON:
+                    return True
+                self._compensation_failed(saga, step.name, attempt, f"{refusal.code}: {refusal}")
+            return True
+        assert isinstance(compensation, Remote)
+        if self._breaker_open(saga, compensation.dependency):
+            return False
+        port = self.ports[compensation.dependency]
+        breaker = self.breakers[compensation.dependency]
+        key = idempotency_key(saga.id, step.name)
+        try:
+            crash_point("saga.before_remote")
+            refund = port.refund(key)
+            crash_point("saga.after_remote")
+        except GatewayError as error:
+            breaker.failed()
+            self._compensation_failed(saga, step.name, attempt, str(error))
+            return True
+        breaker.succeeded()
+        self._send(
+            CompleteRemoteCompensation(
+                saga.id,
+                step.name,
+                attempt,
+                {"status": refund.status, "amount": refund.amount},
+                decided_by=self.name,
+                request_id=f"saga:{saga.id}:undo:{step.name}:done",
+                correlation_id=str(saga.id),
+            )
+        )
+        return True
+
+    def _compensation_failed(self, saga: Saga, step: str, attempt: int, error: str) -> None:
+        self._send(
+            RetryLater(
+                saga.id,
+                step,
+                attempt,
+                _text(error),
+                self._retry_at(attempt, self.clock()),
+                compensating=True,
+                decided_by=self.name,
+                request_id=f"saga:{saga.id}:undo:{step}:retry:{attempt}",
+                correlation_id=str(saga.id),
+            )
+        )

@@ -1,0 +1,180 @@
+"""Reconciliation against the payment gateway: its charges compared with saga outcomes.
+
+- a successful, unrefunded charge whose saga did not complete (compensated, or no saga at
+  all) is money taken for nothing: refunded with ``repair``, else flagged;
+- a completed order whose charge the gateway does not hold (or holds refunded or declined)
+  is goods given for nothing: flagged for a person;
+- a charge of a saga still running or compensating is left alone (the processor is at it).
+
+Every finding, and what was done about it, is recorded in the log (``RecordReconciliation``:
+who decided, why, when), once per finding and action.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from daybook.domain.errors import DomainError
+from daybook.domain.reconciliation import RecordReconciliation
+from daybook.domain.sagas import Saga, SagaState
+from daybook.domain.values import inventory_id
+from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, PaymentGateway
+from daybook.infrastructure.ledger.facade import Ledger
+from daybook.infrastructure.sagas.processor import idempotency_key
+
+RECONCILER = "payment reconciler"
+
+#: Money events: their signed effect on the account's balance.
+_POSTINGS = {
+    "Account.Deposited": 1,
+    "Account.Withdrawn": -1,
+    "Account.TransferredIn": 1,
+    "Account.TransferredOut": -1,
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str
+    kind: str
+    action: str
+    detail: str
+
+    @property
+    def resolved(self) -> bool:
+        return self.action == "refunded"
+
+
+@dataclass
+class Report:
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def unresolved(self) -> list[Finding]:
+        return [f for f in self.findings if not f.resolved]
+
+
+def _saga_of(ledger: Ledger, key: str) -> Saga | None:
+    saga_id, _, _ = key.partition(":")
+    try:
+        return ledger.read(Saga, UUID(saga_id))
+    except (ValueError, DomainError):
+        return None
+
+
+def reconcile_payments(
+    ledger: Ledger,
+    gateway: PaymentGateway,
+    *,
+    completed: Iterable[UUID] = (),
+    repair: bool = False,
+    step: str = "charge",
+) -> Report:
+    """Compare the gateway's charges with the sagas they belong to (and ``completed``
+    sagas with the gateway); record every finding; refund with ``repair``."""
+    report = Report()
+    charges = {charge.key: charge for charge in gateway.charges()}
+    for charge in charges.values():
+        report.checked += 1
+        if charge.status is not ChargeStatus.SUCCEEDED or charge.refunded:
+            continue
+        saga = _saga_of(ledger, charge.key)
+        if saga is not None and saga.state in (
+            SagaState.COMPLETED,
+            SagaState.RUNNING,
+            SagaState.COMPENSATING,
+        ):
+            continue
+        kind = "charge_without_order" if saga is None else f"charge_of_{saga.state.value}_order"
+        detail = f"{charge.amount} {charge.currency} charged, no completed order"
+        _decide(ledger, report, gateway, charge, kind, detail, repair)
+    for saga_id in completed:
+        key = idempotency_key(saga_id, step)
+        found = charges.get(key)
+        if found is None or found.status is not ChargeStatus.SUCCEEDED or found.refunded:
+            finding = Finding(key, "order_without_charge", "flagged", "completed, not paid")
+            _record(ledger, finding)
+            report.findings.append(finding)
+    return report
+
+
+def saga_postings(log: EventLog, sagas: Collection[UUID]) -> dict[UUID, Counter[str]]:
+    """What every saga posted, from the log: net money per account id, and units shipped
+    per inventory id (``"shipped:<id>"``), summed over the events tagged with the saga's id
+    (the processor sends every command with it as correlation id)."""
+    wanted = {str(saga_id): saga_id for saga_id in sagas}
+    postings: dict[UUID, Counter[str]] = {saga_id: Counter() for saga_id in sagas}
+    position = 0
+    while batch := log.read(position, 10_000):
+        position = batch[-1].position
+        for event in batch:
+            meta = event.data.get("meta") or {}
+            saga_id = wanted.get(str(meta.get("correlation_id")))
+            if saga_id is None:
+                continue
+            sign = _POSTINGS.get(event.type)
+            if sign is not None:
+                postings[saga_id][event.originator_id] += sign * int(event.data["amount"])
+            elif event.type == "Inventory.ReservationCommitted":
+                postings[saga_id][f"shipped:{event.originator_id}"] += int(event.data["shipped"])
+    return postings
+
+
+def check_saga_postings(ledger: Ledger, log: EventLog, sagas: Collection[UUID]) -> list[str]:
+    """Problems with what finished order sagas posted: nothing unless the order completed,
+    and then exactly its total from the customer to the merchant and its lines shipped."""
+    problems = []
+    for saga_id, posted in saga_postings(log, sagas).items():
+        saga = ledger.read(Saga, saga_id)
+        expected: Counter[str] = Counter()
+        if saga.state is SagaState.COMPLETED:
+            data = saga.data
+            expected[str(data["customer"])] -= int(data["total"])
+            expected[str(data["merchant"])] += int(data["total"])
+            for line in data["lines"]:
+                expected[f"shipped:{inventory_id(line['sku'])}"] += int(line["quantity"])
+        elif not saga.state.finished:
+            continue
+        actual = Counter({k: v for k, v in posted.items() if v})
+        if actual != Counter({k: v for k, v in expected.items() if v}):
+            problems.append(f"saga {saga_id} ({saga.state.value}) posted {dict(actual)}")
+    return problems
+
+
+def _decide(
+    ledger: Ledger,
+    report: Report,
+    gateway: PaymentGateway,
+    charge: Charge,
+    kind: str,
+    detail: str,
+    repair: bool,
+) -> None:
+    action = "flagged"
+    if repair:
+        try:
+            gateway.refund(charge.key)
+            action = "refunded"
+        except GatewayError as error:
+            detail = f"{detail}; refund failed: {error}"
+    finding = Finding(charge.key, kind, action, detail)
+    _record(ledger, finding)
+    report.findings.append(finding)
+
+
+def _record(ledger: Ledger, finding: Finding) -> None:
+    ledger.execute(
+        RecordReconciliation(
+            finding.key,
+            finding.kind,
+            finding.action,
+            " ".join(finding.detail.split())[:200],
+            decided_by=RECONCILER,
+            request_id=f"reconcile:{finding.key}:{finding.kind}:{finding.action}",
+        )
+    )

@@ -1,0 +1,95 @@
+"""A real ``daybook serve`` process on a loopback port, for tests and the HTTP benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class ServeProcess:
+    """``daybook serve --url URL --port P [args]`` with its output in ``log_path``."""
+
+    url: str
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    #: How clients check the server's certificate (with --tls-cert: an ``ssl.SSLContext``).
+    verify: Any = True
+
+    @property
+    def base_url(self) -> str:
+        scheme = "https" if "--tls-cert" in self.args else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServeProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        command = [sys.executable, "-m", "daybook.infrastructure.cli", "serve", "--url", self.url]
+        self.proc = subprocess.Popen(
+            [*command, "--port", str(self.port), *self.args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daybook serve exited {self.proc.returncode}:\n{self.output}")
+            try:
+                health = httpx.get(f"{self.base_url}/health", timeout=1.0, verify=self.verify)
+                if health.status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"daybook serve did not answer within {timeout}s")
+            time.sleep(0.1)
+
+    def terminate(self) -> None:
+        """SIGTERM: the server drains and exits by itself."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.terminate()
+            try:
+                return self.wait()
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return -1 if self.proc is None else self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,226 @@
+"""Holds and reservation timeouts, on every backend, with the ledger's clock injected."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+import pytest
+
+from daybook import Ledger, open_ledger
+from daybook.domain.errors import DomainError
+from daybook.domain.holds import Hold
+
+
+class Clock:
+    """Time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(store_url: str, clock: Clock) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url, clock=clock)
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def accounts(ledger: Ledger) -> tuple[UUID, UUID]:
+    a = ledger.open_account("alice", "EUR").account_id
+    b = ledger.open_account("bob", "EUR").account_id
+    assert a is not None and b is not None
+    ledger.deposit(a, 1_000)
+    return a, b
+
+
+def refusal(call: Callable[[], object]) -> DomainError:
+    with pytest.raises(DomainError) as caught:
+        call()
+    return caught.value
+
+
+def test_a_hold_lowers_available_not_balance(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
+    a, _ = accounts
+    receipt = ledger.hold(a, 300, timeout=60, request_id="h-1")
+    assert receipt.command == "hold" and receipt.hold_id is not None
+    assert receipt.account_id == a and receipt.position == ledger.head()
+    view = ledger.account(a)
+    assert (view.balance, view.held, view.available) == (1_000, 300, 700)
+    status = ledger.hold_status(receipt.hold_id)
+    assert (status.status, status.amount, status.account_id) == ("open", 300, a)
+    # A debit is judged against what is available, not the balance.
+    error = refusal(lambda: ledger.withdraw(a, 701))
+    assert error.code == "insufficient_funds" and error.details["held"] == 300
+    ledger.withdraw(a, 700)
+    assert ledger.account(a).available == 0
+
+
+def test_capture_all_posts_a_debit(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
+    a, _ = accounts
+    hold_id = ledger.hold(a, 300, timeout=60).hold_id
+    assert hold_id is not None
+    receipt = ledger.capture(hold_id)
+    assert receipt.hold_id == hold_id and receipt.transfer_id is None
+    view = ledger.account(a)
+    assert (view.balance, view.held, view.available) == (700, 0, 700)
+    assert ledger.hold_status(hold_id).status == "captured"
+    assert ledger.hold_status(hold_id).captured == 300
+
+
+def test_capture_part_of_a_pending_transfer_releases_the_rest(
+    ledger: Ledger, accounts: tuple[UUID, UUID]
+) -> None:
+    a, b = accounts
+    hold_id = ledger.hold(a, 300, destination=b, timeout=60).hold_id
+    assert hold_id is not None
+    receipt = ledger.capture(hold_id, 120)
+    assert receipt.transfer_id is not None
+    assert ledger.account(a).balance == 880 and ledger.account(a).available == 880
+    assert ledger.account(b).balance == 120
+    assert ledger.hold_status(hold_id).captured == 120
+
+
+def test_void_releases_everything(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
+    a, _ = accounts
+    hold_id = ledger.hold(a, 300, timeout=60).hold_id
+    assert hold_id is not None
+    ledger.void(hold_id)
+    view = ledger.account(a)
+    assert (view.balance, view.held, view.available) == (1_000, 0, 1_000)
+    assert ledger.hold_status(hold_id).status == "voided"
+
+
+def test_a_hold_resolves_exactly_once(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
+    a, _ = accounts
+    hold_id = ledger.hold(a, 300, timeout=60).hold_id
+    assert hold_id is not None
+    ledger.capture(hold_id, 100)
+    head = ledger.head()
+    for again in (lambda: ledger.capture(hold_id), lambda: ledger.void(hold_id)):
+        error = refusal(again)
+        assert error.code == "hold_resolved"
+        assert error.details["resolution"] == "captured"
+    assert refusal(lambda: ledger.expire_hold(hold_id)).code == "hold_resolved"
+    assert ledger.head() == head
+    assert ledger.account(a).balance == 900
+
+
+def test_expiry_is_exact_at_decision_time(
+    ledger: Ledger, accounts: tuple[UUID, UUID], clock: Clock
+) -> None:
+    a, _ = accounts
+    hold_id = ledger.hold(a, 600, timeout=30).hold_id
+    assert hold_id is not None
+    clock.advance(29.999999)
+    assert ledger.account(a).available == 400
+    assert refusal(lambda: ledger.withdraw(a, 401)).code == "insufficient_funds"
+    assert refusal(lambda: ledger.expire_hold(hold_id)).code == "hold_not_expired"
+    clock.advance(0.000001)  # the instant it expires: nothing has recorded it yet
+    view = ledger.account(a)
+    assert (view.held, view.available) == (0, 1_000)
+    status = ledger.hold_status(hold_id)
+    assert (status.status, status.recorded) == ("expired", False)
+    head = ledger.head()
+    error = refusal(lambda: ledger.capture(hold_id))
+    assert error.code == "hold_expired" and error.details["recorded"] is False
+    assert refusal(lambda: ledger.void(hold_id)).code == "hold_expired"
+    assert ledger.head() == head
+    ledger.withdraw(a, 1_000)  # the expired hold no longer stands in the way
+    ledger.expire_hold(hold_id, request_id=f"expire-{hold_id}")
+    assert ledger.hold_status(hold_id).recorded is True
+    assert ledger.expire_hold(hold_id, request_id=f"expire-{hold_id}").replayed
+    assert refusal(lambda: ledger.capture(hold_id)).details["recorded"] is True
+
+
+def test_hold_refusals_have_their_codes_and_change_nothing(
+    ledger: Ledger, accounts: tuple[UUID, UUID]
+) -> None:
+    a, b = accounts
+    other = ledger.open_account("carl", "USD").account_id
+    assert other is not None
+    head = ledger.head()
+    cases = {
+        "insufficient_funds": lambda: ledger.hold(a, 1_001, timeout=5),
+        "invalid_timeout": lambda: ledger.hold(a, 1, timeout=0),
+        "invalid_amount": lambda: ledger.hold(a, 0, timeout=5),
+        "account_not_found": lambda: ledger.hold(uuid4(), 1, timeout=5),
+        "same_account": lambda: ledger.hold(a, 1, destination=a, timeout=5),
+        "currency_mismatch": lambda: ledger.hold(a, 1, destination=other, timeout=5),
+        "hold_not_found": lambda: ledger.capture(uuid4()),
+    }
+    for code, call in cases.items():
+        assert refusal(call).code == code, code
+    for bad in (1.5, "60", True, -1, 10**9):
+        error = refusal(lambda bad=bad: ledger.hold(a, 1, timeout=bad))
+        assert error.code == "invalid_timeout" and "seconds" in str(error)
+    assert ledger.head() == head
+    hold_id = ledger.hold(a, 10, destination=b, timeout=5).hold_id
+    assert hold_id is not None
+    assert refusal(lambda: ledger.capture(hold_id, 11)).code == "invalid_amount"
+    again = refusal(lambda: ledger.hold(a, 10, timeout=5, hold_id=hold_id))
+    assert again.code == "hold_exists"
+    error = refusal(lambda: ledger.close_account(a))
+    assert error.code == "account_not_empty"
+
+
+def test_a_hold_is_idempotent_by_request_id(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
+    a, _ = accounts
+    first = ledger.hold(a, 300, timeout=60, request_id="h-9")
+    again = ledger.hold(a, 300, timeout=60, request_id="h-9")
+    assert again.replayed and again.hold_id == first.hold_id
+    assert ledger.account(a).held == 300
+    assert refusal(lambda: ledger.hold(a, 301, timeout=60, request_id="h-9")).code == (
+        "idempotency_conflict"
+    )
+
+
+def test_the_hold_aggregate_is_found_by_hold_id_only(
+    ledger: Ledger, accounts: tuple[UUID, UUID]
+) -> None:
+    a, _ = accounts
+    # An account id is no hold id: the hold's aggregate id is derived from its own id.
+    assert refusal(lambda: ledger.capture(a)).code == "hold_not_found"
+    assert Hold.id_for(a) != a
+
+
+def test_reservations_expire_at_their_timeout(ledger: Ledger, clock: Clock) -> None:
+    ledger.receive_stock("SKU-T", 10)
+    receipt = ledger.reserve_stock("SKU-T", 7, timeout=10, reservation_id="r-1")
+    ledger.reserve_stock("SKU-T", 2, reservation_id="r-2")  # no timeout: never expires
+    assert ledger.inventory("SKU-T").available == 1
+    assert refusal(lambda: ledger.reserve_stock("SKU-T", 2)).code == "out_of_stock"
+    error = refusal(lambda: ledger.expire_reservation("SKU-T", "r-1"))
+    assert error.code == "reservation_not_expired"
+    clock.advance(10)
+    stock = ledger.inventory("SKU-T")
+    assert (stock.reserved, stock.available, stock.reservations) == (2, 8, {"r-2": 2})
+    assert refusal(lambda: ledger.commit_reservation("SKU-T", "r-1")).code == (
+        "reservation_expired"
+    )
+    assert refusal(lambda: ledger.release_reservation("SKU-T", "r-1")).code == (
+        "reservation_expired"
+    )
+    ledger.reserve_stock("SKU-T", 8)
+    ledger.expire_reservation("SKU-T", "r-1")
+    assert refusal(lambda: ledger.expire_reservation("SKU-T", "r-1")).code == (
+        "reservation_resolved"
+    )
+    assert refusal(lambda: ledger.expire_reservation("SKU-T", "r-2")).code == (
+        "reservation_not_expired"
+    )
+    assert receipt.reservation_id == "r-1"
+    assert ledger.inventory("SKU-T").on_hand == 10

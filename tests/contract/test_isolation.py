@@ -1,0 +1,320 @@
+"""Callers are isolated from each other's trouble.
+
+A command on an aggregate another writer keeps changing may end in ``concurrency_conflict``;
+the commands it happened to share a batch with may not. A retried request is replayed
+without failing the batch it arrived in. A version conflict, a duplicate request id and any
+other integrity error are told apart, and each takes its own path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
+from daybook.domain.accounts import Deposit, OpenAccount, Transfer
+from daybook.domain.errors import DomainError
+from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.group_commit import GroupCommitter
+from daybook.infrastructure.ledger.requests import PendingRequest
+from daybook.infrastructure.urls import postgres_params, sqlite_path
+
+#: Largest stored event state the test constraint allows: ordinary events are smaller, an
+#: account opened for a 200-character owner is not.
+STATE_LIMIT = 400
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url)
+    yield ledger
+    ledger.close()
+
+
+def limit_event_size(url: str) -> None:
+    """A real constraint the ledger knows nothing about: big events are refused."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(sqlite_path(url)) as conn:
+            conn.execute(
+                "CREATE TRIGGER limit_event_size BEFORE INSERT ON stored_events "
+                f"WHEN length(NEW.state) > {STATE_LIMIT} "
+                "BEGIN SELECT RAISE(ABORT, 'event too large'); END"
+            )
+        return
+    with psycopg.connect(postgres_params(url).conninfo(), autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE daybook_events ADD CONSTRAINT limit_event_size "
+            f"CHECK (octet_length(state) <= {STATE_LIMIT})"
+        )
+
+
+def hold_commits(service: LedgerService) -> tuple[threading.Event, threading.Event]:
+    """Make the next commit wait until released, so that the commands sent meanwhile are
+    gathered into one batch. Returns (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    commit = service.commit
+
+    def held(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+        return commit(prepared, **options)
+
+    service.commit = held  # type: ignore[method-assign]
+    return entered, release
+
+
+def in_one_batch(ledger: Ledger, calls: list[Any]) -> list[Receipt | BaseException]:
+    """Run ``calls`` (functions of nothing) from threads of their own, all in one group
+    commit batch (behind a held commit), and return their outcomes in order."""
+    # Applied as each arrives (not four at a time), so all join the batch behind the held one.
+    ledger.service.install_committer(lambda service: GroupCommitter(service, apply_every=1))
+    committer = ledger.service.committer
+    assert isinstance(committer, GroupCommitter)
+    spacer = ledger.open_account("spacer", "EUR").account_id
+    entered, release = hold_commits(ledger.service)
+    opener = threading.Thread(target=ledger.deposit, args=(spacer, 1))
+    opener.start()
+    assert entered.wait(10)
+    outcomes: list[Receipt | BaseException | None] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = calls[index]()
+        except BaseException as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    while (building := committer._building) is None or len(building.items) < len(calls):
+        threading.Event().wait(0.001)  # the writer applies them to the batch behind
+    release.set()
+    for thread in [opener, *threads]:
+        thread.join()
+    assert all(outcome is not None for outcome in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+def test_recorders_tell_version_conflicts_from_duplicate_request_ids(ledger: Ledger) -> None:
+    service = ledger.service
+    account = ledger.open_account("a", "EUR").account_id
+    first = service.prepare([Deposit(account, 1, request_id="first")])
+    second = service.prepare([Deposit(account, 2, request_id="second")])  # same version
+    service.commit(first)
+    with pytest.raises(VersionConflict):
+        service.recorder.insert_events(second.stored, requests=second.pending)
+    again = service.prepare([Deposit(account, 3, request_id="third")])  # the next version
+    (pending,) = again.pending
+    reused = PendingRequest(replace(pending.record, request_id="first"), pending.last_event_index)
+    with pytest.raises(DuplicateRequest):
+        service.recorder.insert_events(again.stored, requests=[reused])
+    assert ledger.account(account).balance == 1
+
+
+def test_an_unrelated_command_never_sees_a_concurrency_conflict(shared_store_url: str) -> None:
+    ours = open_ledger(shared_store_url)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    hot = ours.open_account("hot", "EUR").account_id
+    calm = ours.open_account("calm", "EUR").account_id
+    other = ours.open_account("other", "EUR").account_id
+    ours.deposit(calm, 100)
+    recorder = ours.service.recorder
+    insert = recorder.insert_events
+    attempts_on_hot = 0
+
+    def contended_insert(stored: Any, **options: Any) -> Any:
+        nonlocal attempts_on_hot
+        if any(event.originator_id == hot for event in stored):
+            attempts_on_hot += 1
+            theirs.deposit(hot, 1)  # the other writer gets there first, every time
+        return insert(stored, **options)
+
+    recorder.insert_events = contended_insert  # type: ignore[method-assign]
+    outcomes = ours.service.execute(
+        [
+            Deposit(hot, 5, request_id="on-the-hot-account"),
+            Deposit(calm, 7, request_id="unrelated-1"),
+            Transfer(calm, other, 10, request_id="unrelated-2"),
+        ]
+    )
+    hot_outcome, deposit, transfer = outcomes
+    assert isinstance(hot_outcome, ConcurrencyConflict)
+    assert isinstance(deposit, Receipt) and isinstance(transfer, Receipt)
+    assert attempts_on_hot == LedgerService.max_attempts
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert ours.account(calm).balance == 100 + 7 - 10
+    assert ours.account(other).balance == 10
+    assert ours.account(hot).balance == LedgerService.max_attempts  # theirs, none of ours
+    ours.close()
+    theirs.close()
+
+
+def test_an_integrity_error_that_is_no_conflict_fails_its_command_alone(
+    shared_store_url: str,
+) -> None:
+    ledger = open_ledger(shared_store_url)
+    account = ledger.open_account("a", "EUR").account_id
+    limit_event_size(shared_store_url)
+    tries = 0  # writes that carried the event too large
+    insert = ledger.service.recorder.insert_events
+
+    def counting_insert(stored: Any, **options: Any) -> Any:
+        nonlocal tries
+        tries += any(p.record.request_id == "too-big" for p in options.get("requests", ()))
+        return insert(stored, **options)
+
+    ledger.service.recorder.insert_events = counting_insert  # type: ignore[method-assign]
+    too_big, fine = in_one_batch(
+        ledger,
+        [
+            lambda: ledger.execute(OpenAccount("x" * 200, "EUR", request_id="too-big")),
+            lambda: ledger.deposit(account, 5, request_id="fine"),
+        ],
+    )
+    assert isinstance(too_big, IntegrityError) and not isinstance(
+        too_big, VersionConflict | DuplicateRequest
+    )
+    assert "too large" in str(too_big) or "limit_event_size" in str(too_big)
+    assert isinstance(fine, Receipt) and not fine.replayed
+    # In the batch, then alone: no retries of a write that can never succeed.
+    assert tries == 2, f"the write that breaks the constraint was tried {tries} times"
+    assert ledger.account(account).balance == 5
+    ledger.close()
+
+
+def test_a_retried_request_replays_without_failing_its_batch(ledger: Ledger) -> None:
+    account = ledger.open_account("a", "EUR").account_id
+    original = ledger.deposit(account, 5, request_id="retried")
+    ledger.open_account("in between", "EUR")  # so the retry is not in the last batch
+    failed_commits = 0
+    careful = 0
+    commit, execute = ledger.service.commit, ledger.service.execute
+
+    def counting_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        nonlocal failed_commits
+        try:
+            return commit(prepared, **options)
+        except Exception:
+            failed_commits += 1
+            raise
+
+    def counting_execute(batch: Any, **options: Any) -> Any:
+        nonlocal careful
+        careful += 1
+        return execute(batch, **options)
+
+    ledger.service.execute = counting_execute  # type: ignore[method-assign]
+    ledger.service.commit = counting_commit  # type: ignore[method-assign]
+    retry, fresh = in_one_batch(
+        ledger,
+        [
+            lambda: ledger.deposit(account, 5, request_id="retried"),
+            lambda: ledger.deposit(account, 6, request_id="fresh"),
+        ],
+    )
+    assert isinstance(retry, Receipt) and retry == replace(original, replayed=True)
+    assert isinstance(fresh, Receipt) and not fresh.replayed
+    assert (failed_commits, careful) == (0, 0)
+    assert ledger.account(account).balance == 5 + 6
+
+
+def test_the_contended_part_of_a_batch_keeps_its_order(shared_store_url: str) -> None:
+    """Split after a conflict, commands that share an aggregate stay together and in order:
+    a credit and the debit that needs it are never separated."""
+    ours = open_ledger(shared_store_url)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    hot = ours.open_account("hot", "EUR").account_id
+    middle = ours.open_account("middle", "EUR").account_id
+    calm = ours.open_account("calm", "EUR").account_id
+    ours.deposit(hot, 100)
+    theirs.deposit(hot, 1)  # our cache is now behind on the hot account, once
+    outcomes = ours.service.execute(
+        [
+            Transfer(hot, middle, 50, request_id="credit-middle"),
+            Transfer(middle, calm, 50, request_id="needs-the-credit"),
+            Deposit(calm, 1, request_id="unrelated"),
+        ]
+    )
+    assert all(isinstance(outcome, Receipt) for outcome in outcomes), outcomes
+    balances = [ours.account(a).balance for a in (hot, middle, calm)]
+    assert balances == [51, 0, 51]
+    ours.close()
+    theirs.close()
+
+
+
+def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
+    shared_store_url: str,
+) -> None:
+    """The first attempt's answer is lost and the statement commits later, after the retry
+    has looked its request ids up and found nothing: the retry then meets a version conflict
+    and must look the ids up again (they are generated: only their records can tell), so the
+    commands are replayed rather than applied a second time."""
+    from eventsourcing.persistence import OperationalError
+
+    ledger = open_ledger(shared_store_url)
+    hot = ledger.open_account("hot", "EUR").account_id
+    calm = ledger.open_account("calm", "EUR").account_id
+    recorder = ledger.service.recorder
+    insert = recorder.insert_events
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def scripted_insert(stored: Any, **options: Any) -> Any:
+        calls.append((stored, options))
+        if len(calls) == 1:  # sent, but the answer is lost: it will commit later
+            raise OperationalError("server closed the connection unexpectedly")
+        if len(calls) == 2:  # the orphan commits now, after the retry's lookups
+            insert(calls[0][0], **calls[0][1])
+        return insert(stored, **options)
+
+    recorder.insert_events = scripted_insert  # type: ignore[method-assign]
+    outcomes = ledger.service.execute([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
+    assert len(calls) == 2, "the scripted failures happened"
+    assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
+    ledger.close()
+
+
+def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
+    """A batch is split after a conflict; its clean part commits; the rest then fails for
+    good (the store keeps dropping the connection). Each command gets its own result: the
+    one that committed its receipt, as applied (not run again and answered as a replay),
+    the other the error."""
+    from eventsourcing.persistence import OperationalError
+
+    ours = open_ledger(shared_store_url, group_commit=False)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    hot = ours.open_account("hot", "EUR").account_id
+    calm = ours.open_account("calm", "EUR").account_id
+    recorder = ours.service.recorder
+    insert = recorder.insert_events
+    calls = 0
+
+    def scripted_insert(stored: Any, **options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        touches_hot = any(event.originator_id == hot for event in stored)
+        if calls == 1:
+            theirs.deposit(hot, 1)  # the first attempt meets another writer on hot
+        elif touches_hot:
+            raise OperationalError("server closed the connection unexpectedly")
+        return insert(stored, **options)
+
+    recorder.insert_events = scripted_insert  # type: ignore[method-assign]
+    on_hot, on_calm = ours.submit([Deposit(hot, 10), Deposit(calm, 20)])
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(on_hot, OperationalError)
+    assert isinstance(on_calm, Receipt) and not on_calm.replayed
+    assert (ours.account(hot).balance, ours.account(calm).balance) == (1, 20)
+    ours.close()
+    theirs.close()

@@ -1,0 +1,185 @@
+"""Batch submission: many commands in one call, one outcome per command, in order.
+
+Each command keeps its own idempotency and its own receipt or refusal; the submission is not
+atomic (a refusal does not stop the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from daybook import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    Ledger,
+    Receipt,
+    open_async_ledger,
+    open_ledger,
+)
+from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
+from daybook.domain.inventory import ReceiveStock, ReserveStock
+from daybook.infrastructure.ledger.facade import MAX_SUBMISSION
+
+
+@pytest.fixture(params=[True, False], ids=["group-commit", "direct"])
+def ledger(store_url: str, request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    ledger = open_ledger(store_url, group_commit=request.param)
+    yield ledger
+    ledger.close()
+
+
+def funded(ledger: Ledger, count: int, amount: int) -> list[UUID]:
+    accounts = [
+        o.account_id
+        for o in ledger.submit([OpenAccount(f"owner-{i}", "EUR") for i in range(count)])
+        if isinstance(o, Receipt) and o.account_id is not None
+    ]
+    assert len(accounts) == count
+    ledger.submit([Deposit(account, amount) for account in accounts])
+    return accounts
+
+
+def test_one_outcome_per_command_in_order(ledger: Ledger) -> None:
+    a, b = funded(ledger, 2, 100)
+    head = ledger.head()
+    outcomes = ledger.submit(
+        [
+            Transfer(a, b, 60, request_id="t-1"),
+            Withdraw(a, 60, request_id="w-1"),  # refused: 40 left
+            Deposit(a, 5, request_id="d-1"),
+            Transfer(a, b, 60, request_id="t-1"),  # the same request again: replayed
+            Deposit(a, 6, request_id="d-1"),  # the same id, another payload
+            Withdraw(a, 45),  # 45 left after the deposit: accepted, in order
+        ]
+    )
+    transfer, refused, deposit, again, conflict, withdrawal = outcomes
+    assert isinstance(transfer, Receipt) and not transfer.replayed
+    assert isinstance(refused, InsufficientFunds)
+    assert isinstance(deposit, Receipt) and deposit.position > transfer.position
+    assert again == replace(transfer, replayed=True)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert isinstance(withdrawal, Receipt) and withdrawal.position > deposit.position
+    assert ledger.head() == head + 4
+    assert (ledger.account(a).balance, ledger.account(b).balance) == (0, 160)
+    # each command keeps its own idempotency: retrying the whole submission replays it
+    retried = ledger.submit([Transfer(a, b, 60, request_id="t-1"), Deposit(a, 5, request_id="d-1")])
+    assert retried == [replace(transfer, replayed=True), replace(deposit, replayed=True)]
+    assert ledger.head() == head + 4
+
+
+def test_thousands_of_commands_in_one_call(ledger: Ledger) -> None:
+    accounts = funded(ledger, 50, 1_000)
+    ledger.receive_stock("SKU-1", 10_000)
+    commands: list[Any] = []
+    for number in range(3_000):
+        if number % 3 == 2:
+            commands.append(ReserveStock("SKU-1", 1, request_id=f"r-{number}"))
+        else:
+            source, destination = accounts[number % 50], accounts[(number * 7 + 1) % 50]
+            commands.append(Transfer(source, destination, 1 + number % 40))
+    outcomes = ledger.submit(commands)
+    assert len(outcomes) == 3_000
+    receipts = [o for o in outcomes if isinstance(o, Receipt)]
+    refusals = [o for o in outcomes if not isinstance(o, Receipt)]
+    assert {type(o) for o in refusals} <= {InsufficientFunds}
+    for outcome, command in zip(outcomes, commands, strict=True):
+        assert not isinstance(outcome, Receipt) or outcome.command == command.name
+    assert len({r.position for r in receipts}) == len(receipts)
+    assert sum(ledger.account(a).balance for a in accounts) == 50 * 1_000
+    assert ledger.inventory("SKU-1").reserved == 1_000
+
+
+def test_a_submission_with_nothing_in_it(ledger: Ledger) -> None:
+    assert ledger.submit([]) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a list",
+        [Deposit(UUID(int=1), 5), "not a command"],
+        [Deposit(UUID(int=1), 5)] * (MAX_SUBMISSION + 1),
+    ],
+    ids=["not-a-list", "not-a-command", "too-many"],
+)
+def test_a_malformed_submission_is_refused_whole(ledger: Ledger, bad: Any) -> None:
+    head = ledger.head()
+    with pytest.raises(InvalidRequest) as caught:
+        ledger.submit(bad)
+    assert caught.value.code == "invalid_request"
+    assert ledger.head() == head
+
+
+def test_the_asyncio_twin(store_url: str) -> None:
+    async def scenario() -> None:
+        ledger = open_async_ledger(store_url)
+        opened = await ledger.submit([OpenAccount("a", "EUR"), OpenAccount("b", "EUR")])
+        a, b = (o.account_id for o in opened if isinstance(o, Receipt))
+        assert a is not None and b is not None
+        outcomes = await ledger.submit(
+            [Deposit(a, 10), Transfer(a, b, 4), Transfer(a, b, 7), ReceiveStock("SKU-1", 3)]
+        )
+        assert [type(o) for o in outcomes] == [Receipt, Receipt, InsufficientFunds, Receipt]
+        together = await asyncio.gather(
+            *(ledger.submit([Transfer(b, a, 1), Transfer(a, b, 1)]) for _ in range(20))
+        )
+        assert all(isinstance(o, Receipt) for pair in together for o in pair)
+        assert (await ledger.account(a)).balance == 6
+        assert (await ledger.account(b)).balance == 4
+        await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_large_submission_is_applied_while_its_first_part_commits(tmp_path: Any) -> None:
+    """Commands that arrive together are not all applied before the first commit: a chunk
+    goes out as soon as nothing is committing, and the rest is applied meanwhile."""
+    from daybook.infrastructure.ledger.application import PreparedBatch
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/pipeline.db")
+    a, b = funded(ledger, 2, 10_000)
+    sizes: list[int] = []
+    overlapped: list[bool] = []
+    commit, apply = ledger.service.commit, ledger.service.apply
+
+    def counting_commit(prepared: PreparedBatch, **options: Any) -> Any:
+        sizes.append(len(prepared.commands))
+        return commit(prepared, **options)
+
+    def watching_apply(prepared: PreparedBatch, batch: Any, **options: Any) -> None:
+        overlapped.append(prepared.after is not None)  # applied on a batch still committing
+        apply(prepared, batch, **options)
+
+    ledger.service.commit = counting_commit  # type: ignore[method-assign]
+    ledger.service.apply = watching_apply  # type: ignore[method-assign]
+    outcomes = ledger.submit([Transfer(a, b, 1) for _ in range(1_000)])
+    assert all(isinstance(o, Receipt) for o in outcomes)
+    assert sum(sizes) == 1_000 and len(sizes) > 1 and max(sizes) <= 1_000
+    assert any(overlapped)
+    assert ledger.account(b).balance == 11_000
+    ledger.close()
+
+
+def test_the_readme_submission_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+        if "ledger.submit(" in block
+    ]
+    with open_ledger("memory://") as ledger:
+        a, b = funded(ledger, 2, 1_000)
+        namespace: dict[str, Any] = {"ledger": ledger, "a": a, "b": b}
+        exec(compile(example, "README.md", "exec"), namespace)
+        assert [type(o) for o in namespace["outcomes"]] == [Receipt, Receipt]
+        assert ledger.account(a).balance == 905

@@ -1,0 +1,372 @@
+"""The HTTP API on every backend: commands with idempotency keys, problem+json refusals that
+change nothing, consistency tokens, snapshot reads and cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from daybook.domain.commands import registered
+from daybook.infrastructure.http.problems import PROBLEM_JSON
+from tests.http.conftest import Api
+
+
+def assert_problem(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, Any] = reply.json()
+    assert body["code"] == code and body["status"] == status
+    assert body["type"] == f"/problems/{code}"
+    assert body["title"] and body["detail"]
+    assert "Traceback" not in reply.text
+    return body
+
+
+# -- the bad-input matrix -------------------------------------------------------------------
+
+BIG = 2**63
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"amount": 12.5}, "invalid_amount"),  # a float
+        ({"amount": 100.0}, "invalid_amount"),  # a float that looks whole
+        ({"amount": "100"}, "invalid_amount"),  # a numeric string
+        ({"amount": BIG}, "invalid_amount"),  # just past 2**63-1
+        ({"amount": 2**64}, "invalid_amount"),  # past 64 bits (orjson would make it a float)
+        ({"amount": 10**30}, "invalid_amount"),
+        ({"amount": True}, "invalid_amount"),  # a boolean
+        ({"amount": 0}, "invalid_amount"),
+        ({"amount": -5}, "invalid_amount"),
+        ({"amount": None}, "invalid_amount"),
+        ({"amount": [1]}, "invalid_amount"),
+        ({}, "invalid_request"),  # missing field
+        ({"amount": 5, "memo": "x"}, "invalid_request"),  # unknown field
+        ({"amount": 5, "request_id": "mine"}, "invalid_request"),  # set by the server
+        ({"amount": 5, "actor": "someone-else"}, "invalid_request"),  # set by the server
+        ({"amount": 5, "correlation_id": ""}, "invalid_request"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(api: Api, body: dict[str, Any], code: str) -> None:
+    account = api.open_account()
+    head = api.head()
+    reply = api.command("deposit", {"account_id": account, **body})
+    assert_problem(reply, 422, code)
+    assert api.head() == head
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "code"),
+    [
+        (b'{"amount": 5', "application/json", 400, "malformed_json"),
+        (b'{"amount": NaN}', "application/json", 400, "malformed_json"),
+        (b'{"amount": 5, "amount": 500000}', "application/json", 400, "malformed_json"),
+        (b"\xff\xfe{}", "application/json", 400, "malformed_json"),
+        (b"", "application/json", 400, "malformed_json"),
+        (b"[1, 2]", "application/json", 422, "invalid_request"),  # not an object
+        (b'{"amount": 5}', "text/plain", 415, "unsupported_media_type"),
+        (b'{"amount": 5}', "", 415, "unsupported_media_type"),
+        (b"amount=5", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        (b'{"pad": "' + b"x" * 70_000 + b'"}', "application/json", 413, "payload_too_large"),
+    ],
+)
+def test_malformed_bodies_are_refused_and_write_nothing(
+    api: Api, raw: bytes, content_type: str, status: int, code: str
+) -> None:
+    api.open_account()
+    head = api.head()
+    headers = {**api.auth("tester"), "Idempotency-Key": api.key()}
+    if content_type:
+        headers["Content-Type"] = content_type
+    reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=headers))
+    assert_problem(reply, status, code)
+    assert api.head() == head
+
+
+def test_an_oversized_body_without_a_length_is_refused_as_it_arrives(api: Api) -> None:
+    head = api.head()
+
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    headers = {**api.auth("tester"), "Idempotency-Key": "k", "Content-Type": "application/json"}
+    reply = api.run(api.client.post("/v1/commands/deposit", content=chunks(), headers=headers))
+    assert_problem(reply, 413, "payload_too_large")
+    assert api.head() == head
+
+
+def test_a_domain_refusal_is_problem_json_with_its_code_and_numbers(api: Api) -> None:
+    account = api.open_account()
+    reply = api.command("withdraw", {"account_id": account, "amount": 500})
+    body = assert_problem(reply, 409, "insufficient_funds")
+    assert body["details"]["available"] == 0 and body["details"]["amount"] == 500
+    assert "500" in body["detail"]
+    missing = api.command("deposit", {"account_id": str(uuid.uuid4()), "amount": 5})
+    assert_problem(missing, 404, "account_not_found")
+
+
+# -- every registered command is served ----------------------------------------------------
+
+
+def test_every_registered_command_has_a_route_and_a_schema(api: Api) -> None:
+    document = api.run(api.client.get("/openapi.json")).json()
+    for command_class in registered():
+        path = document["paths"][f"/v1/commands/{command_class.name}"]["post"]
+        schema = path["requestBody"]["content"]["application/json"]["schema"]
+        assert "request_id" not in schema["properties"] and "actor" not in schema["properties"]
+        assert any(p["name"] == "Idempotency-Key" and p["required"] for p in path["parameters"])
+    assert api.run(api.client.get("/docs")).status_code == 200
+
+
+def test_the_stock_commands_work_over_http(api: Api) -> None:
+    assert api.command("receive_stock", {"sku": "SKU-1", "quantity": 10}).status_code == 200
+    reserved = api.command("reserve_stock", {"sku": "SKU-1", "quantity": 3}).json()
+    committed = api.command(
+        "commit_reservation",
+        {"sku": "SKU-1", "reservation_id": reserved["reservation_id"], "quantity": 2},
+    )
+    assert committed.status_code == 200, committed.text
+    stock = api.get("/v1/stock/SKU-1", min_position=committed.json()["position"]).json()
+    assert (stock["on_hand"], stock["reserved"], stock["available"]) == (8, 0, 8)
+
+
+# -- idempotency keys -----------------------------------------------------------------------
+
+
+def test_the_same_key_and_payload_replay_the_original_receipt(api: Api) -> None:
+    account = api.open_account()
+    first = api.command("deposit", {"account_id": account, "amount": 700}, key="pay-1")
+    again = api.command("deposit", {"account_id": account, "amount": 700}, key='"pay-1"')
+    assert first.status_code == again.status_code == 200
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["replayed"] is True
+    assert {**again.json(), "replayed": False} == {**first.json(), "replayed": False}
+    assert (
+        api.get(f"/v1/accounts/{account}/balance", min_position=first.json()["position"]).json()[
+            "balance"
+        ]
+        == 700
+    )
+
+
+def test_the_same_key_with_another_payload_is_refused_as_the_draft_says(api: Api) -> None:
+    account = api.open_account()
+    api.command("deposit", {"account_id": account, "amount": 700}, key="pay-1")
+    head = api.head()
+    other = api.command("deposit", {"account_id": account, "amount": 701}, key="pay-1")
+    assert_problem(other, 422, "idempotency_conflict")
+    command = api.command("withdraw", {"account_id": account, "amount": 700}, key="pay-1")
+    assert_problem(command, 422, "idempotency_conflict")
+    assert api.head() == head
+
+
+def test_a_refusal_is_replayed_too(api: Api) -> None:
+    account = api.open_account()
+    refused = api.command("withdraw", {"account_id": account, "amount": 50}, key="w-1")
+    assert_problem(refused, 409, "insufficient_funds")
+    api.command("deposit", {"account_id": account, "amount": 100})
+    again = api.command("withdraw", {"account_id": account, "amount": 50}, key="w-1")
+    assert_problem(again, 409, "insufficient_funds")  # the original outcome, not a new try
+
+
+@pytest.mark.parametrize("key", [None, "", "   ", "has space", "x" * 129, '"unterminated'])
+def test_a_missing_or_malformed_key_is_refused(api: Api, key: str | None) -> None:
+    account = api.open_account()
+    head = api.head()
+    headers = api.auth("tester")
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    body = {"account_id": account, "amount": 5}
+    reply = api.run(api.client.post("/v1/commands/deposit", json=body, headers=headers))
+    expected = (
+        "idempotency_key_missing" if key is None or not key.strip() else ("idempotency_key_invalid")
+    )
+    assert_problem(reply, 400, expected)
+    assert api.head() == head
+
+
+def test_a_retry_while_the_first_is_in_progress_is_409(api: Api) -> None:
+    account = api.open_account()
+    in_flight: set[str] = api.app.state.commands.in_flight
+    in_flight.add("tester/busy")  # as if the first request with this key were in the ledger
+    reply = api.command("deposit", {"account_id": account, "amount": 5}, key="busy")
+    assert_problem(reply, 409, "idempotency_key_in_use")
+    assert reply.headers["retry-after"] == "1"
+    in_flight.discard("tester/busy")
+    assert api.command("deposit", {"account_id": account, "amount": 5}, key="busy").is_success
+
+
+def test_concurrent_retries_apply_once(api: Api) -> None:
+    account = api.open_account()
+    body = {"account_id": account, "amount": 5}
+
+    async def burst() -> list[httpx.Response]:
+        return list(
+            await asyncio.gather(
+                *(api.send_command("deposit", body, key="same") for _ in range(20))
+            )
+        )
+
+    replies = api.run(burst())
+    assert {r.status_code for r in replies} <= {200, 409}
+    assert sum(r.status_code == 200 and not r.json()["replayed"] for r in replies) == 1
+    balance = api.get(f"/v1/accounts/{account}/balance", min_position=api.head()).json()
+    assert balance["balance"] == 5
+
+
+def test_keys_are_scoped_by_token(api: Api) -> None:
+    api.token("other", "write")
+    account = api.open_account()
+    one = api.command("deposit", {"account_id": account, "amount": 5}, key="k")
+    two = api.command("deposit", {"account_id": account, "amount": 5}, key="k", who="other")
+    assert one.is_success and two.is_success and not two.json()["replayed"]
+    assert (
+        api.get(f"/v1/accounts/{account}/balance", min_position=api.head()).json()["balance"] == 10
+    )
+
+
+def test_the_tokens_name_is_the_actor_in_event_metadata(api: Api) -> None:
+    api.token("checkout", "write")
+    account = api.open_account()
+    api.command("deposit", {"account_id": account, "amount": 5}, who="checkout")
+    events = api.parts.ledger.service.repository.event_store.get(uuid.UUID(account))
+    assert [e.meta.actor for e in events] == ["tester", "checkout"]
+
+
+# -- consistency tokens ---------------------------------------------------------------------
+
+
+def test_a_write_answers_its_position_and_a_read_waits_for_it(api: Api) -> None:
+    account = api.open_account()
+    reply = api.command("deposit", {"account_id": account, "amount": 42})
+    position = reply.json()["position"]
+    assert reply.headers["daybook-position"] == str(position)
+    read = api.get(f"/v1/accounts/{account}/balance", min_position=position, timeout=5)
+    assert read.status_code == 200
+    body = read.json()
+    assert body["balance"] == 42 and body["as_of_position"] >= position
+    assert body["lag_events"] is not None and body["lag_events"] >= 0
+    assert read.headers["daybook-as-of-position"] == str(body["as_of_position"])
+    by_header = api.run(
+        api.client.get(
+            f"/v1/accounts/{account}/balance",
+            headers={**api.auth("tester"), "Daybook-Min-Position": str(position)},
+        )
+    )
+    assert by_header.json()["balance"] == 42
+
+
+def test_a_position_not_reached_in_time_is_503_with_retry_after(api: Api) -> None:
+    account = api.open_account()
+    reply = api.get(f"/v1/accounts/{account}/balance", min_position=10**9, timeout=0.05)
+    body = assert_problem(reply, 503, "stale_read")
+    assert int(reply.headers["retry-after"]) >= 1 and body["details"]["wanted"] == 10**9
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"min_position": "-1"}, {"min_position": "x"}, {"min_position": "1", "timeout": "9999"}],
+)
+def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
+    account = api.open_account()
+    reply = api.get(f"/v1/accounts/{account}/balance", **params)
+    assert_problem(reply, 400, "invalid_parameter")
+
+
+def test_an_unknown_account_is_404_saying_as_of_when(api: Api) -> None:
+    api.open_account()
+    reply = api.get(f"/v1/accounts/{uuid.uuid4()}/balance", min_position=api.head())
+    body = assert_problem(reply, 404, "not_found")
+    assert body["details"]["as_of_position"] >= 1
+    assert_problem(api.get("/v1/accounts/not-a-uuid/balance"), 422, "invalid_request")
+
+
+# -- snapshots and cursors ------------------------------------------------------------------
+
+
+def test_a_snapshot_reads_many_balances_at_one_position(api: Api) -> None:
+    accounts = [api.open_account(f"owner-{i}") for i in range(5)]
+    for index, account in enumerate(accounts):
+        api.command("deposit", {"account_id": account, "amount": 100 * (index + 1)})
+    api.command("transfer", {"source": accounts[4], "destination": accounts[0], "amount": 50})
+    every = api.get("/v1/balances/snapshot", min_position=api.head()).json()
+    assert every["totals"] == {"EUR": 1500}
+    assert len(every["balances"]) == 5 and every["as_of_position"] == api.head()
+    some = api.get(
+        "/v1/balances/snapshot", ids=f"{accounts[0]},{accounts[4]},{uuid.UUID(int=1)}"
+    ).json()
+    assert [b["balance"] for b in some["balances"]] == [150, 450]
+    assert some["missing"] == [str(uuid.UUID(int=1))]
+    assert some["totals"] == {"EUR": 600}
+
+
+def test_balances_page_by_cursor_each_exactly_once(api: Api) -> None:
+    accounts = {api.open_account(f"owner-{i}") for i in range(7)}
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 3, "min_position": api.head()}
+    while True:
+        page = api.get("/v1/balances", **params).json()
+        seen.extend(b["account_id"] for b in page["balances"])
+        if page["next_cursor"] is None:
+            break
+        params = {"limit": 3, "cursor": page["next_cursor"]}
+    assert sorted(seen) == sorted(accounts)
+    assert_problem(api.get("/v1/balances", cursor="garbage"), 400, "invalid_cursor")
+    assert_problem(api.get("/v1/balances", limit=0), 400, "invalid_parameter")
+
+
+def test_a_statement_pages_by_cursor(api: Api) -> None:
+    account = api.open_account()
+    for amount in range(1, 6):
+        api.command("deposit", {"account_id": account, "amount": amount})
+    first = api.get(f"/v1/accounts/{account}/statement", limit=3, min_position=api.head()).json()
+    assert [e["amount"] for e in first["entries"]] == [5, 4, 3]
+    rest = api.get(f"/v1/accounts/{account}/statement", limit=3, cursor=first["next_cursor"])
+    assert [e["amount"] for e in rest.json()["entries"]] == [2, 1]
+
+
+def test_activity_and_health(api: Api) -> None:
+    account = api.open_account()
+    api.command("deposit", {"account_id": account, "amount": 5})
+    days = api.get("/v1/activity", days=2, min_position=api.head()).json()["days"]
+    assert days[-1]["money"]["EUR"]["deposit_volume"] == 5
+    health = api.run(api.client.get("/health"))  # no token needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_problem_codes_describe_themselves(api: Api) -> None:
+    described = api.run(api.client.get("/problems/insufficient_funds")).json()
+    assert "overdraft" in described["description"]
+    assert_problem(api.run(api.client.get("/problems/no_such_code")), 404, "not_found")
+    assert_problem(api.run(api.client.get("/v1/nowhere")), 404, "not_found")
+    assert_problem(
+        api.run(api.client.get("/v1/commands/deposit", headers=api.auth("tester"))),
+        405,
+        "method_not_allowed",
+    )
+
+
+def test_a_bug_is_a_500_problem_without_a_traceback(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(command: object) -> None:
+        raise RuntimeError("a bug, with internals: /secret/path")
+
+    monkeypatch.setattr(sqlite_api.parts.ledger, "execute", broken)
+    reply = sqlite_api.command("open_account", {"owner": "ann", "currency": "EUR"})
+    body = assert_problem(reply, 500, "internal_error")
+    assert "secret" not in reply.text and "RuntimeError" not in body["detail"]
+
+
+def test_a_command_after_the_ledger_closed_is_503_shutting_down(sqlite_api: Api) -> None:
+    account = sqlite_api.open_account()
+    sqlite_api.parts.ledger.service.committer.close()  # as the server's shutdown does
+    reply = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+    assert_problem(reply, 503, "shutting_down")
+    assert int(reply.headers["retry-after"]) >= 1

@@ -1,0 +1,226 @@
+"""Who may do what: no token, the wrong scope, a revoked token; tokens stored hashed; rate
+limits per token; CORS off unless asked for."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.http.app import HttpOptions
+from daybook.infrastructure.http.tokens import TokenError, open_tokens
+from tests.http.conftest import Api, make_api
+
+ACCOUNT = str(uuid.UUID(int=5))
+#: (method, path, scope it needs); every route but /health, the docs and /problems.
+ROUTES = [
+    ("POST", "/v1/commands/deposit", "write"),
+    ("POST", "/v1/commands/release_reservation", "write"),
+    ("GET", f"/v1/accounts/{ACCOUNT}/balance", "read"),
+    ("GET", "/v1/balances", "read"),
+    ("GET", "/v1/balances/snapshot", "read"),
+    ("GET", f"/v1/accounts/{ACCOUNT}/statement", "read"),
+    ("GET", "/v1/stock/SKU-1", "read"),
+    ("GET", "/v1/activity", "read"),
+    ("GET", "/v1/status", "admin"),
+    ("GET", "/metrics", "read"),
+    ("GET", "/v1/dashboard", "read"),
+    ("POST", "/v1/projections/account_balances/resume", "admin"),
+]
+
+
+def call(api: Api, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+    headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+    body = {"account_id": ACCOUNT, "amount": 5}
+    return api.run(api.client.request(method, path, headers=headers, json=body))
+
+
+def test_every_route_the_matrix_names_exists(api: Api) -> None:
+    document = api.run(api.client.get("/openapi.json")).json()
+    served = {
+        (method.upper(), path)
+        for path, methods in document["paths"].items()
+        for method in methods
+        if not path.startswith(("/health", "/problems"))
+    }
+    named = {
+        (
+            m,
+            p.replace(ACCOUNT, "{account_id}")
+            .replace("SKU-1", "{sku}")
+            .replace("account_balances/", "{name}/"),
+        )
+        for m, p, _ in ROUTES
+    }
+    assert {(m, p) for m, p in served if not p.startswith("/v1/commands/")} <= named
+    assert ("POST", "/v1/commands/deposit") in served
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
+def test_no_token_is_401(api: Api, method: str, path: str, scope: str) -> None:
+    head = api.head()
+    for headers in ({}, {"Authorization": "Bearer dbk_not-a-token"}, {"Authorization": "Basic x"}):
+        reply = call(api, method, path, headers)
+        assert reply.status_code == 401, reply.text
+        assert reply.json()["code"] == "unauthorized"
+        assert reply.headers["www-authenticate"] == "Bearer"
+    assert api.head() == head
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
+def test_the_wrong_scope_is_403(api: Api, method: str, path: str, scope: str) -> None:
+    for other in {"read", "write", "admin"} - {scope, "admin"}:
+        api.token(f"only-{other}", other)
+        head = api.head()
+        reply = call(api, method, path, api.auth(f"only-{other}"))
+        assert reply.status_code == 403, reply.text
+        assert reply.json()["code"] == "forbidden"
+        assert api.head() == head
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
+def test_the_right_scope_and_admin_get_through(
+    api: Api, method: str, path: str, scope: str
+) -> None:
+    api.token("right", scope)
+    api.token("boss", "admin")
+    for who in ("right", "boss"):
+        reply = call(api, method, path, api.auth(who))
+        assert reply.status_code not in (401, 403), reply.text
+
+
+def test_a_revoked_token_is_refused_at_once(api: Api) -> None:
+    api.token("leaver", "read")
+    assert api.get("/v1/balances", who="leaver").status_code == 200
+    api.parts.tokens.revoke("leaver")
+    api.app.state.auth.forget("leaver")
+    reply = api.get("/v1/balances", who="leaver")
+    assert reply.status_code == 401 and reply.json()["code"] == "unauthorized"
+
+
+def test_a_revocation_elsewhere_takes_effect_once_the_cache_expires(tmp_path: Path) -> None:
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_cache_seconds=5.0))
+    try:
+        clock = [0.0]
+        api.app.state.auth.clock = lambda: clock[0]
+        api.token("leaver", "read")
+        assert api.get("/v1/balances", who="leaver").status_code == 200
+        # Revoked by another process (the CLI), through its own store.
+        assert main(["tokens", "revoke", "leaver", "--url", f"sqlite:///{tmp_path}/ledger.db"]) == 0
+        clock[0] = 4.0
+        assert api.get("/v1/balances", who="leaver").status_code == 200  # still trusted
+        clock[0] = 5.5
+        assert api.get("/v1/balances", who="leaver").status_code == 401
+    finally:
+        api.close()
+
+
+def test_health_docs_and_problem_pages_need_no_token(api: Api) -> None:
+    for path in ("/health", "/openapi.json", "/docs", "/problems/overloaded"):
+        assert api.run(api.client.get(path)).status_code == 200, path
+
+
+def test_tokens_are_stored_hashed(sqlite_api: Api, tmp_path: Path) -> None:
+    secret = sqlite_api.token("dashboard", "read")
+    database = (tmp_path / "ledger.db").read_bytes()
+    assert secret.encode() not in database
+    with sqlite3.connect(tmp_path / "ledger.db") as conn:
+        (stored,) = conn.execute("SELECT token_hash FROM daybook_tokens WHERE name = 'dashboard'")
+    assert stored[0] != secret and len(stored[0]) == 64
+
+
+def test_token_names_are_never_reused(store_url: str) -> None:
+    store = open_tokens(store_url)
+    store.create("ops", ["admin"])
+    store.revoke("ops")
+    with pytest.raises(TokenError, match="never reused"):
+        store.create("ops", ["admin"])
+    with pytest.raises(TokenError, match="scopes are"):
+        store.create("new", ["root"])
+    with pytest.raises(TokenError, match="token name"):
+        store.create("has space", ["read"])
+    with pytest.raises(TokenError, match="no token is called"):
+        store.revoke("nobody")
+    [token] = store.list()
+    assert token.name == "ops" and not token.active
+    store.close()
+
+
+def test_tokens_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    assert main(["tokens", "create", "dashboard", "--scope", "read", "--url", url]) == 0
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert secret.startswith("dbk_") and "only time" in err
+    assert main(["tokens", "create", "dashboard", "--scope", "read", "--url", url]) == 1
+    assert "never reused" in capsys.readouterr().err
+    assert main(["tokens", "list", "--url", url]) == 0
+    listing = capsys.readouterr().out
+    assert "dashboard" in listing and "read" in listing and secret not in listing
+    assert main(["tokens", "revoke", "dashboard", "--url", url]) == 0
+    assert main(["tokens", "list", "--url", url]) == 0
+    assert "revoked" in capsys.readouterr().out
+
+
+# -- rate limits ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Api]:
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_rate=2.0))
+    api.app.state.limits.clock = lambda: 100.0  # time stands still: only the count matters
+    yield api
+    api.close()
+
+
+def test_a_token_over_its_rate_gets_429_with_retry_after(limited: Api) -> None:
+    replies = [limited.get("/v1/balances") for _ in range(4)]
+    assert [r.status_code for r in replies] == [200, 200, 429, 429]
+    assert replies[2].json()["code"] == "rate_limited"
+    assert int(replies[2].headers["retry-after"]) >= 1
+    limited.token("own-rate", "read", rate=5.0)  # a token's own rate wins
+    assert [limited.get("/v1/balances", who="own-rate").status_code for _ in range(6)] == [
+        200
+    ] * 5 + [429]
+
+
+def test_risk_reducing_commands_are_not_rate_limited(limited: Api) -> None:
+    limited.command("receive_stock", {"sku": "SKU-1", "quantity": 10})
+    reservations = [
+        limited.command("reserve_stock", {"sku": "SKU-1", "quantity": 1}) for _ in range(3)
+    ]
+    assert [r.status_code for r in reservations] == [200, 429, 429]
+    reserved = reservations[0].json()["reservation_id"]
+    release = {"sku": "SKU-1", "reservation_id": reserved}
+    assert limited.command("release_reservation", release).status_code == 200
+
+
+# -- CORS -----------------------------------------------------------------------------------
+
+
+def preflight(api: Api) -> httpx.Response:
+    headers = {
+        "Origin": "https://dashboard.example",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    return api.run(api.client.options("/v1/balances", headers=headers))
+
+
+def test_cors_is_off_by_default(sqlite_api: Api) -> None:
+    assert "access-control-allow-origin" not in preflight(sqlite_api).headers
+
+
+def test_cors_for_the_origins_given(tmp_path: Path) -> None:
+    options = HttpOptions(cors_origins=("https://dashboard.example",))
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", options)
+    try:
+        allowed = preflight(api).headers.get("access-control-allow-origin")
+        assert allowed == "https://dashboard.example"
+    finally:
+        api.close()

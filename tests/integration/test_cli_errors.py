@@ -1,0 +1,265 @@
+"""Every way a person can hold the command line wrong ends as one line on stderr and a
+non-zero exit, never a traceback (one test per case that used to print one)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger
+from daybook.infrastructure.cli import EXIT_BROKEN_PIPE, main
+from daybook.infrastructure.urls import BadURL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (a database that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def one_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
+    """Run ``daybook argv``; assert it exits ``code`` with one line on stderr; that line."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def daybook(*args: str, **popen: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "daybook.infrastructure.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+@pytest.fixture
+def ledger_file(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger:
+        ledger.open_account("ann", "EUR")
+    return url
+
+
+def reader_gone(*args: str) -> tuple[int, str]:
+    """Run ``daybook args`` with its stdout a pipe whose reader closed at once (``| head``
+    that has read enough); its exit code and stderr."""
+    proc = daybook(*args, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode()
+
+
+def assert_broken_pipe(code: int, err: str) -> None:
+    assert code == EXIT_BROKEN_PIPE
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert err.strip() == (
+        "daybook: the output was closed before everything was written (broken pipe)"
+    )
+
+
+# -- output closed early: `| head` ----------------------------------------------------------
+
+
+def test_demo_into_a_closed_pipe() -> None:
+    assert_broken_pipe(*reader_gone("demo", "--url", "memory://", "--commands", "5"))
+
+
+def test_stream_status_into_a_closed_pipe(pg_url: str) -> None:
+    assert_broken_pipe(*reader_gone("stream", "status", "--url", pg_url))
+
+
+def test_reconcile_into_a_closed_pipe(ledger_file: str) -> None:
+    assert_broken_pipe(*reader_gone("reconcile", "--url", ledger_file))
+
+
+# -- URLs that cannot work ------------------------------------------------------------------
+
+
+def test_sqlite_path_under_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line(capsys, ["projections", "status", "--url", "sqlite:////dev/null/x.db"])
+    assert "'/dev/null' is not a folder" in line
+
+
+def test_readmodels_in_memory_are_refused(
+    capsys: pytest.CaptureFixture[str], ledger_file: str
+) -> None:
+    argv = ["projections", "status", "--url", ledger_file, "--readmodels-url", "memory://"]
+    line = one_line(capsys, argv)
+    assert "read-model database URL 'memory://': this command needs sqlite:// or" in line
+
+
+def test_readmodels_on_a_server_that_is_down(
+    capsys: pytest.CaptureFixture[str], ledger_file: str
+) -> None:
+    url = f"postgresql://127.0.0.1:{closed_port()}/x"
+    argv = ["projections", "status", "--url", ledger_file, "--readmodels-url", url]
+    assert "read-model database at" in one_line(capsys, argv)
+
+
+def test_a_file_that_is_not_a_database(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "notes.db").write_text("shopping list\n")
+    line = one_line(capsys, ["projections", "status", "--url", f"sqlite:///{tmp_path}/notes.db"])
+    assert "is not a SQLite database" in line
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/ledger.db", "memory://"])
+def test_relay_needs_postgresql(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, url: str
+) -> None:
+    line = one_line(capsys, ["relay", "--url", url.format(tmp=tmp_path)])
+    assert "this command needs postgresql://" in line
+    assert not (tmp_path / "ledger.db").exists()  # refused before anything was created
+
+
+def test_relay_without_a_url_says_it_needs_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DAYBOOK_URL", raising=False)
+    assert "this command needs --url" in one_line(capsys, ["relay"])
+
+
+def test_stream_status_refuses_sqlite(capsys: pytest.CaptureFixture[str], ledger_file: str) -> None:
+    line = one_line(capsys, ["stream", "status", "--url", ledger_file])
+    assert "this command needs postgresql://" in line
+
+
+def test_worker_on_sqlite(capsys: pytest.CaptureFixture[str], ledger_file: str) -> None:
+    assert "needs postgresql://" in one_line(capsys, ["worker", "--url", ledger_file])
+
+
+def test_worker_with_no_broker(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
+    broker = f"kafka://127.0.0.1:{closed_port()}"
+    line = one_line(capsys, ["worker", "--url", pg_url, "--broker", broker])
+    assert "no Kafka broker answers" in line and "connection refused" in line
+
+
+@pytest.mark.parametrize(
+    "argv", [["projections", "resume", "account_balances"], ["stream", "status"]]
+)
+def test_while_the_database_is_down(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    line = one_line(capsys, [*argv, "--url", f"postgresql://127.0.0.1:{closed_port()}/daybook"])
+    assert "connection refused" in line
+
+
+def test_refused_and_unknown_host_read_differently(capsys: pytest.CaptureFixture[str]) -> None:
+    status = ["projections", "status", "--url"]
+    refused = one_line(capsys, [*status, f"postgresql://u:pw@127.0.0.1:{closed_port()}/x"])
+    unknown = one_line(capsys, [*status, "postgresql://u:pw@no-such-host.invalid/x"])
+    assert "connection refused" in refused and "unknown host" in unknown
+    assert "pw" not in refused + unknown  # a password never reaches a message
+
+
+def test_a_database_that_does_not_exist(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
+    url = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    assert "the database does not exist" in one_line(
+        capsys, ["projections", "status", "--url", url]
+    )
+
+
+def test_ctrl_c_during_the_demo(tmp_path: Path) -> None:
+    proc = daybook(
+        "demo",
+        "--url",
+        f"sqlite:///{tmp_path}/demo.db",
+        "--commands",
+        "100000",
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"daybook demo on")  # the clients are starting
+    time.sleep(0.5)  # let them get going (not a threshold: any moment of the run will do)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.decode().strip() == "daybook: interrupted"
+
+
+# -- paths and stores that would have been created or read as empty -------------------------
+
+
+def test_sqlite_folder_missing_is_refused_not_created(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/nonexistent/dir/x.db"
+    assert "does not exist" in one_line(capsys, ["demo", "--url", url])
+    with pytest.raises(BadURL, match="does not exist"):
+        open_ledger(url)  # the Python API refuses it too
+    assert not (tmp_path / "nonexistent").exists()
+
+
+@pytest.mark.parametrize("argv", [["projections", "status"], ["reconcile"]])
+def test_reading_commands_refuse_a_missing_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    line = one_line(capsys, [*argv, "--url", f"sqlite:///{tmp_path}/typo.db"])
+    assert "there is no database at" in line
+    assert not (tmp_path / "typo.db").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["project"],
+        ["projections", "status"],
+        ["projections", "rebuild", "account_balances"],
+        ["projections", "resume", "account_balances"],
+        ["reconcile"],
+        ["balance", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"],
+        ["stock", "SKU-1"],
+        ["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"],
+        ["serve"],
+        ["tokens", "list"],
+        ["tokens", "create", "x", "--scope", "read"],
+    ],
+)
+def test_memory_is_refused_where_it_cannot_work(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    line = one_line(capsys, [*argv, "--url", "memory://"])
+    assert "memory:// lives inside one process" in line
+
+
+# -- numbers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "wrong"),
+    [
+        (["demo", "--clients", "0"], "--clients: must be at least 1, got 0"),
+        (["demo", "--commands", "-5"], "--commands: must be at least 1, got -5"),
+        (["demo", "--clients", "many"], "--clients: expected a whole number, got 'many'"),
+        (["project", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["project", "--poll-interval", "0"], "--poll-interval: must be more than 0 seconds"),
+        (["relay", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["relay", "--partitions", "0"], "--partitions: must be at least 1, got 0"),
+        (["worker", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["projections", "rebuild", "account_balances", "--batch-size", "0"], "at least 1"),
+        (["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", "--limit", "0"], "at least 1"),
+        (["serve", "--port", "70000"], "--port: must be at most 65535, got 70000"),
+        (["serve", "--read-connections", "0"], "--read-connections: must be at least 1"),
+        (["serve", "--token-cache-seconds", "-1"], "must be more than 0 seconds"),
+    ],
+)
+def test_numbers_are_checked(argv: list[str], wrong: str) -> None:
+    proc = daybook(*argv, stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and wrong in lines[0], lines

@@ -1,0 +1,86 @@
+"""``daybook balance``, ``stock`` and ``statement``: a quick look at the read models that says
+which log position it reflects."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger, run_projections
+from daybook.infrastructure.cli import main
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path) -> tuple[str, str, int]:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger, run_projections(ledger) as runner:
+        account = ledger.open_account("ann", "EUR").account_id
+        assert account is not None
+        for amount in (100, 250, 75):
+            ledger.deposit(account, amount)
+        ledger.receive_stock("SKU-1", 12)
+        receipt = ledger.reserve_stock("SKU-1", 5)
+        runner.views.stock("SKU-1", min_position=receipt.position, timeout=10)
+        runner.views.statement(account, min_position=receipt.position, timeout=10)
+    return url, str(account), receipt.position
+
+
+def test_balance(ledger_url: tuple[str, str, int], capsys: pytest.CaptureFixture[str]) -> None:
+    url, account, position = ledger_url
+    assert main(["balance", account, "--url", url, "--min-position", str(position)]) == 0
+    out = capsys.readouterr().out
+    assert "balance 425  available 425" in out
+    assert f"as of log position {position} (0 events behind the head)" in out
+    assert main(["balance", account, "--url", url, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["balance"] == 425 and answer["as_of_position"] == position
+
+
+def test_stock_and_statement(
+    ledger_url: tuple[str, str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, account, _ = ledger_url
+    assert main(["stock", "SKU-1", "--url", url]) == 0
+    assert "SKU-1: on hand 12  reserved 5  available 7" in capsys.readouterr().out
+    assert main(["statement", account, "--url", url, "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "balance            425" in out and "balance            350" in out
+    assert "older entries: --before 3" in out
+    assert main(["statement", account, "--url", url, "--before", "3"]) == 0
+    assert "balance            100" in capsys.readouterr().out
+
+
+def test_what_the_read_model_has_not_seen(
+    ledger_url: tuple[str, str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _, position = ledger_url
+    assert main(["balance", str(uuid.uuid4()), "--url", url]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("daybook: no account") and f"as of log position {position}" in err
+    assert main(["stock", "SKU-NONE", "--url", url]) == 1
+    assert "no stock of SKU-NONE" in capsys.readouterr().err
+    wanted = [
+        "balance",
+        str(uuid.uuid4()),
+        "--url",
+        url,
+        "--min-position",
+        "999",
+        "--timeout",
+        "0.1",
+    ]
+    assert main(wanted) == 2
+    assert "reached log position" in capsys.readouterr().err
+
+
+def test_before_any_read_model_was_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+    assert main(["balance", str(account), "--url", url]) == 1
+    assert "has not been built here yet: run `daybook project`" in capsys.readouterr().err

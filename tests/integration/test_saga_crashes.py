@@ -1,0 +1,121 @@
+"""SIGKILL the saga processor at every step boundary; after a restart every order ends
+completed or compensated, money and stock are conserved, the gateway charged no key twice,
+and no hold or reservation of a finished saga is left open."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from daybook import Ledger, open_ledger
+from daybook.domain.orders import PlaceOrder, hold_id_of
+from daybook.domain.sagas import Saga, SagaState
+from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
+from daybook.infrastructure.sagas.processor import idempotency_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: (crash point, on which passage): every step boundary the processor has.
+CRASHES = [
+    ("saga.before_local", 2),
+    ("saga.after_local", 3),
+    ("saga.before_remote", 1),
+    ("saga.after_remote", 2),
+    ("saga.between_compensations", 1),
+    ("saga.after_local", 7),
+    ("saga.after_remote", 1),
+]
+
+
+def run_worker(url: str, gateway: str, sagas: list[UUID], faults: str | None) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DAYBOOK_FAULTS", None)
+    if faults:
+        env["DAYBOOK_FAULTS"] = faults
+    setup = {"url": url, "gateway": gateway, "sagas": [str(s) for s in sagas]}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.integration.saga_worker", json.dumps(setup)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    if faults is None:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert '"done": true' in result.stdout
+    return result.returncode
+
+
+def order_totals(ledger: Ledger, sagas: list[UUID]) -> dict[UUID, int]:
+    return {s: int(ledger.read(Saga, s).data["total"]) for s in sagas}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sigkill_at_every_step_boundary(pg_url: str) -> None:
+    knobs = Knobs(decline_rate=0.3, lost_reply_rate=0.3, drop_rate=0.2, seed=11)
+    with FakeGatewayServer(knobs) as server, open_ledger(pg_url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 1_000_000)
+        ledger.receive_stock("KETTLE", 100)
+        ledger.receive_stock("MUG", 5)
+        sagas = []
+        for n in range(12):
+            lines = [("KETTLE", 1 + n % 3, 700), ("MUG", 2 if n % 4 == 0 else 1, 300)]
+            receipt = ledger.execute(PlaceOrder(f"o-{n}", customer, merchant, lines))
+            assert receipt.saga_id is not None
+            sagas.append(receipt.saga_id)
+
+        killed = 0
+        for point, passage in CRASHES:
+            code = run_worker(pg_url, server.url, sagas, f"{point}:{passage}")
+            if code == -signal.SIGKILL:
+                killed += 1
+            else:
+                assert code == 0, f"{point}:{passage} exited {code}"
+        assert killed >= 5, "the crash points were not reached"
+        run_worker(pg_url, server.url, sagas, None)
+
+        states = {s: ledger.read(Saga, s).state for s in sagas}
+        assert set(states.values()) <= {SagaState.COMPLETED, SagaState.COMPENSATED}
+        completed = [s for s in sagas if states[s] is SagaState.COMPLETED]
+        assert completed and len(completed) < len(sagas)
+        totals = order_totals(ledger, sagas)
+        paid = sum(totals[s] for s in completed)
+        # Money: moved from the customer to the merchant for completed orders only.
+        assert ledger.account(customer).balance == 1_000_000 - paid
+        assert ledger.account(merchant).balance == paid
+        assert ledger.account(customer).held == 0
+        # Stock: shipped for completed orders only; nothing left reserved.
+        shipped = {"KETTLE": 0, "MUG": 0}
+        for s in completed:
+            for line in ledger.read(Saga, s).data["lines"]:
+                shipped[line["sku"]] += line["quantity"]
+        assert ledger.inventory("KETTLE").on_hand == 100 - shipped["KETTLE"]
+        assert ledger.inventory("MUG").on_hand == 5 - shipped["MUG"]
+        for sku in ("KETTLE", "MUG"):
+            assert ledger.inventory(sku).reservations == {}
+        for s in sagas:
+            if "hold" in ledger.read(Saga, s).results:
+                assert ledger.hold_status(hold_id_of(s)).status in ("captured", "voided")
+        # The gateway: no key charged twice; completed orders charged and kept, others not
+        # charged or refunded.
+        gateway = server.gateway
+        assert all(count == 1 for count in gateway.charged.values())
+        for s in sagas:
+            record = gateway.charges.get(idempotency_key(s, "charge"))
+            succeeded = record is not None and record["status"] == "succeeded"
+            if states[s] is SagaState.COMPLETED:
+                assert succeeded and not record["refunded"]  # type: ignore[index]
+            elif succeeded:
+                assert record["refunded"]  # type: ignore[index]

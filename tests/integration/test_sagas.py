@@ -1,0 +1,214 @@
+"""The order saga driven by the saga processor, against the fake gateway over real HTTP, on
+SQLite and PostgreSQL. Time is the ledger's injected clock (real time plus an offset the
+test moves), so backoffs and deadlines pass when the test says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import pytest
+
+from daybook import Ledger, open_ledger, open_read_models
+from daybook.domain.orders import PlaceOrder, hold_id_of
+from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaState, Wait
+from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@dataclass
+class Shop:
+    ledger: Ledger
+    server: FakeGatewayServer
+    processor: SagaProcessor
+    clock: Clock
+    customer: UUID
+    merchant: UUID
+
+    def order(self, order_id: str, lines: list[tuple[str, int, int]], **options: int) -> UUID:
+        receipt = self.ledger.execute(
+            PlaceOrder(order_id, self.customer, self.merchant, lines, **options)
+        )
+        assert receipt.saga_id is not None
+        return receipt.saga_id
+
+    def run(self, saga_id: UUID, *, rounds: int = 50) -> Saga:
+        """Drive the saga; whenever it waits, move time to when it wakes."""
+        for _ in range(rounds):
+            saga = self.processor.drive(saga_id)
+            if saga.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+                return saga
+            now = self.clock()
+            move = saga.next_move(now)
+            if isinstance(move, Wait) and move.until is not None:
+                target = move.until
+            else:  # it waits for the breaker to let a call through
+                target = self.processor.breakers["payments"].reopens_at() or now
+            self.clock.advance((target - now).total_seconds() + 0.001)
+        view = self.ledger.read(Saga, saga_id).view()
+        raise AssertionError(f"saga {saga_id} did not end: {view}")
+
+    def charged(self) -> dict[str, int]:
+        return dict(self.server.gateway.charged)
+
+
+@pytest.fixture
+def shop(shared_store_url: str) -> Iterator[Shop]:
+    clock = Clock()
+    ledger = open_ledger(shared_store_url, clock=clock)
+    server = FakeGatewayServer(Knobs(seed=5)).start()
+    views: ReadModels = open_read_models(shared_store_url)
+    processor = SagaProcessor(
+        ledger, views, {"payments": HttpPaymentGateway(server.url, timeout=2.0)}, seed=1
+    )
+    customer = ledger.open_account("customer", "EUR").account_id
+    merchant = ledger.open_account("merchant", "EUR").account_id
+    assert customer is not None and merchant is not None
+    ledger.deposit(customer, 100_000)
+    ledger.receive_stock("KETTLE", 10)
+    ledger.receive_stock("MUG", 3)
+    yield Shop(ledger, server, processor, clock, customer, merchant)
+    processor.stop()
+    views.close()
+    server.stop()
+    ledger.close()
+
+
+def assert_nothing_left_open(shop: Shop, saga_id: UUID) -> None:
+    status = shop.ledger.hold_status(hold_id_of(saga_id))
+    assert status.status in ("captured", "voided", "expired")
+    for sku in ("KETTLE", "MUG"):
+        assert shop.ledger.inventory(sku).reservations == {}
+
+
+def test_an_order_completes_money_and_stock_move_once(shop: Shop) -> None:
+    saga_id = shop.order("o-1", [("KETTLE", 2, 3_000), ("MUG", 3, 500)])
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPLETED
+    assert shop.ledger.account(shop.customer).balance == 100_000 - 7_500
+    assert shop.ledger.account(shop.merchant).balance == 7_500
+    assert shop.ledger.inventory("KETTLE").on_hand == 8
+    assert shop.ledger.inventory("MUG").on_hand == 0
+    assert shop.charged() == {idempotency_key(saga_id, "charge"): 1}
+    assert_nothing_left_open(shop, saga_id)
+
+
+def test_out_of_stock_on_a_later_line_releases_the_earlier_ones(shop: Shop) -> None:
+    saga_id = shop.order("o-2", [("KETTLE", 2, 3_000), ("MUG", 4, 500)])
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED
+    assert saga.last_error is not None and "out_of_stock" in saga.last_error
+    assert shop.ledger.inventory("KETTLE").available == 10
+    assert shop.charged() == {}
+
+
+def test_a_declined_payment_voids_the_hold_and_releases_the_stock(shop: Shop) -> None:
+    shop.server.gateway.knobs.decline_rate = 1.0
+    saga_id = shop.order("o-3", [("KETTLE", 1, 3_000)])
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED
+    assert "payment_declined" in (saga.last_error or "")
+    view = shop.ledger.account(shop.customer)
+    assert (view.balance, view.held) == (100_000, 0)
+    assert shop.ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+    assert shop.ledger.inventory("KETTLE").available == 10
+    assert_nothing_left_open(shop, saga_id)
+
+
+def test_a_charge_whose_reply_was_lost_is_looked_up_not_repeated(shop: Shop) -> None:
+    shop.server.gateway.knobs.lost_reply_rate = 1.0
+    saga_id = shop.order("o-4", [("KETTLE", 1, 3_000)])
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPLETED
+    key = idempotency_key(saga_id, "charge")
+    assert shop.charged() == {key: 1}
+    assert shop.server.gateway.requests[key] == 1  # the lookup answered; no second charge
+
+
+def test_a_request_that_timed_out_uncharged_is_tried_again_with_the_same_key(shop: Shop) -> None:
+    shop.server.gateway.knobs.drop_rate = 0.7
+    saga_ids = [shop.order(f"o-5-{n}", [("KETTLE", 1, 100)]) for n in range(4)]
+    for saga_id in saga_ids:
+        assert shop.run(saga_id).state is SagaState.COMPLETED
+    assert sorted(shop.charged().values()) == [1, 1, 1, 1]
+    assert sum(shop.server.gateway.requests.values()) > 4  # some were dropped and retried
+
+
+def test_the_payment_deadline_compensates_while_the_breaker_holds_calls(shop: Shop) -> None:
+    shop.server.gateway.knobs.unavailable_rate = 1.0
+    shop.processor.breakers["payments"].cooldown = timedelta(seconds=60)
+    saga_id = shop.order("o-6", [("KETTLE", 1, 3_000)], payment_deadline=30)
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED
+    assert "deadline" in (saga.last_error or "")
+    key = idempotency_key(saga_id, "charge")
+    # Five failures opened the breaker; the saga waited for it, and the deadline came.
+    assert shop.server.gateway.requests[key] == 5
+    assert shop.processor.breakers["payments"].opened >= 1
+    assert shop.charged() == {}
+    assert shop.server.gateway.stats()["charges"] == {}
+    assert key in shop.server.gateway.closed  # refunded by key: a late charge cannot land
+    assert_nothing_left_open(shop, saga_id)
+
+
+def test_a_compensation_that_keeps_failing_needs_attention_until_a_person_retries(
+    shop: Shop,
+) -> None:
+    saga_id = shop.order("o-7", [("KETTLE", 1, 3_000)])
+    shop.processor.drive(saga_id, max_moves=3)  # reserve, hold, charge: done
+    saga = shop.ledger.read(Saga, saga_id)
+    assert saga.results["charge"]["charge_id"]
+    shop.ledger.execute(CancelSaga(saga_id, "bob", "customer called", request_id="c-1"))
+    shop.server.gateway.knobs.refund_unavailable_rate = 1.0
+    saga = shop.run(saga_id, rounds=200)
+    assert saga.state is SagaState.NEEDS_ATTENTION
+    assert saga.last_error is not None and "503" in saga.last_error
+    assert shop.ledger.account(shop.customer).held == 3_000  # not released out of order
+    assert shop.processor.drive(saga_id).state is SagaState.NEEDS_ATTENTION  # it waits
+    # A person brings the gateway back and retries.
+    shop.server.gateway.knobs.refund_unavailable_rate = 0.0
+    shop.ledger.execute(RetrySaga(saga_id, "alice", "gateway back"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED
+    assert shop.server.gateway.refunds[idempotency_key(saga_id, "charge")] == 1
+    assert_nothing_left_open(shop, saga_id)
+    history = [e for e in shop.ledger.service.events.get(saga_id)]
+    decisions = [e.meta.decision for e in history if getattr(e.meta, "decision", None)]
+    assert [d.by for d in decisions][:2] == ["bob", "saga processor"]
+    assert "alice" in [d.by for d in decisions]
+    assert all(d.at is not None and d.why for d in decisions)
+
+
+def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> None:
+    """A misconfigured gateway (a URL where no gateway answers its routes) is a failure a
+    retry would only hide: the processor stops with FAILED and the reason in its health."""
+    misconfigured = HttpPaymentGateway(f"{shop.server.url}/no-such-prefix")
+    processor = SagaProcessor(
+        shop.ledger, shop.processor.views, {"payments": misconfigured}, poll=0.01
+    )
+    saga_id = shop.order("o-8", [("KETTLE", 1, 3_000)])
+    processor.drive(saga_id, max_moves=2)  # reserve and hold: local, no gateway
+    processor.wake(saga_id)
+    processor.start()
+    processor.service.join(timeout=30)
+    health = processor.health()
+    assert health.state is ServiceState.FAILED
+    assert health.error is not None and "refused the request (404)" in health.error
+    processor.stop()
+    assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed

@@ -1,0 +1,132 @@
+"""``daybook sagas list|show|cancel|retry|reconcile`` on a SQLite store, with the fake gateway."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger, run_projections
+from daybook.domain.orders import PlaceOrder
+from daybook.domain.reconciliation import RemoteRecord
+from daybook.domain.sagas import Saga, SagaState
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.gateway.fake import FakeGatewayServer
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
+from daybook.projections import SAGA_LIST
+
+
+def test_the_sagas_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/shop.db"
+    assert main(["sagas", "list", "--url", url]) == 2  # no ledger there: said, not raised
+    assert "there is no database at" in capsys.readouterr().err
+    open_ledger(url).close()
+    assert main(["sagas", "list", "--url", url]) == 2  # nothing built yet: said, not raised
+    assert "the sagas read model has not been built" in capsys.readouterr().err
+    with FakeGatewayServer() as server, open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        done = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 900)]))
+        waiting = ledger.execute(PlaceOrder("o-2", customer, merchant, [("KETTLE", 1, 900)]))
+        assert done.saga_id is not None and waiting.saga_id is not None
+        with run_projections(ledger, projections=[SAGA_LIST]) as runner:
+            gateway = HttpPaymentGateway(server.url)
+            processor = SagaProcessor(ledger, runner.views, {"payments": gateway})
+            assert processor.drive(done.saga_id).state is SagaState.COMPLETED
+            processor.stop()
+            runner.views.rows(SAGA_LIST, "sagas", min_position=ledger.head())
+
+        assert main(["sagas", "list", "--url", url]) == 0
+        out = capsys.readouterr().out
+        assert str(done.saga_id) in out and "completed" in out and "o-2" in out
+        assert main(["sagas", "list", "--url", url, "--state", "completed"]) == 0
+        assert str(waiting.saga_id) not in capsys.readouterr().out
+
+        code = main(
+            [
+                "sagas",
+                "cancel",
+                str(waiting.saga_id),
+                "--url",
+                url,
+                "--by",
+                "ann",
+                "--reason",
+                "customer called",
+            ]
+        )
+        assert code == 0
+        assert ledger.read(Saga, waiting.saga_id).state is SagaState.COMPENSATED
+        assert main(["sagas", "show", str(waiting.saga_id), "--url", url]) == 0
+        out = capsys.readouterr().out
+        assert "Cancelled" in out and "decided by ann" in out and "customer called" in out
+
+        # Refused decisions say why, with their code, and change nothing.
+        head = ledger.head()
+        assert main(["sagas", "retry", str(done.saga_id), "--url", url, "--reason", "x"]) == 1
+        assert "saga_moved_on" in capsys.readouterr().err
+        assert ledger.head() == head
+
+        # A charge no completed order explains: flagged, then refunded with --repair.
+        gateway.charge("stray-key", amount=500, currency="EUR", customer="c", reference="r")
+        args = ["sagas", "reconcile", "--url", url, "--gateway", server.url]
+        assert main(args) == 1
+        assert "charge_without_order" in capsys.readouterr().out
+        assert main([*args, "--repair"]) == 0
+        assert "refunded" in capsys.readouterr().out
+        assert server.gateway.refunds["stray-key"] == 1
+        assert server.gateway.refunds.get(idempotency_key(done.saga_id, "charge")) is None
+        assert ledger.read(RemoteRecord, "stray-key").findings == 2
+        events = list(ledger.service.events.get(RemoteRecord.id_for("stray-key")))
+        decision = events[-1].meta.decision  # type: ignore[attr-defined]
+        assert decision.by == "payment reconciler" and "charge_without_order" in decision.why
+
+
+def test_daybook_sagas_run_drives_orders_and_stops_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shop.db"
+    with FakeGatewayServer() as server, open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        expiring = ledger.hold(customer, 100, timeout=1).hold_id  # the sweeper records it
+        assert expiring is not None
+        command = [sys.executable, "-m", "daybook.infrastructure.cli", "sagas", "run"]
+        process = subprocess.Popen(
+            [*command, "--url", url, "--gateway", server.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            sagas = [
+                ledger.execute(PlaceOrder(f"o-{n}", customer, merchant, [("KETTLE", 1, 900)]))
+                for n in range(3)
+            ]
+            for _ in range(3000):
+                states = {ledger.read(Saga, r.saga_id).state for r in sagas}  # type: ignore[arg-type]
+                hold = ledger.hold_status(expiring)
+                recorded = hold.status == "expired" and hold.recorded
+                if states == {SagaState.COMPLETED} and recorded:
+                    break
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.01)
+            assert states == {SagaState.COMPLETED}
+            assert recorded
+            assert server.gateway.charged == {
+                idempotency_key(r.saga_id, "charge"): 1 for r in sagas
+            }  # type: ignore[arg-type]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert "driving sagas" in out

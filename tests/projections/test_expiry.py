@@ -1,0 +1,91 @@
+"""Open holds in the read models, and the sweeper that records expiries (injected clock)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from daybook import Ledger, open_ledger, run_projections
+from daybook.infrastructure.expiry import ExpirySweeper, open_holds
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.projections import ACCOUNT_BALANCES, OPEN_HOLDS_PROJECTION
+from tests.projections.helpers import assert_tables_match
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(shared_store_url: str, clock: Clock) -> Iterator[Ledger]:
+    ledger = open_ledger(shared_store_url, clock=clock)
+    yield ledger
+    ledger.close()
+
+
+def test_open_holds_soonest_first_and_the_sweeper_records_expiries(
+    ledger: Ledger, clock: Clock, shared_store_url: str
+) -> None:
+    a = ledger.open_account("a", "EUR").account_id
+    b = ledger.open_account("b", "EUR").account_id
+    assert a is not None and b is not None
+    ledger.deposit(a, 1_000)
+    late = ledger.hold(a, 100, timeout=60).hold_id
+    soon = ledger.hold(a, 200, destination=b, timeout=10).hold_id
+    captured = ledger.hold(a, 50, timeout=5).hold_id
+    assert captured is not None
+    ledger.capture(captured)
+    ledger.receive_stock("SKU-X", 5)
+    ledger.reserve_stock("SKU-X", 3, timeout=10, reservation_id="r-1")
+    ledger.reserve_stock("SKU-X", 1, reservation_id="r-2")
+    with run_projections(ledger) as runner:
+        head = ledger.head()
+        answer = open_holds(runner.views, account_id=a, min_position=head)
+        assert [h.hold_id for h in answer.value] == [soon, late]
+        assert answer.value[0].destination == b and answer.value[0].amount == 200
+        balance = runner.views.balance(a, min_position=head)
+        assert balance is not None and (balance.held, balance.available) == (300, 650)
+
+        sweeper = ExpirySweeper(ledger, runner.views)
+        assert sweeper.sweep() == 0  # nothing is due yet
+        clock.now += timedelta(seconds=10)
+        assert ledger.account(a).held == 100  # exact at once, before any record
+        assert sweeper.sweep() == 2  # the hold and the reservation
+        assert ledger.hold_status(soon).recorded  # type: ignore[arg-type]
+        assert sweeper.sweep() == 0  # the read model may lag: refused, skipped
+        head = ledger.head()
+        answer = open_holds(runner.views, min_position=head)
+        assert [h.hold_id for h in answer.value] == [late]
+        balance = runner.views.balance(a, min_position=head)
+        assert balance is not None and (balance.held, balance.available) == (100, 850)
+        stock = runner.views.stock("SKU-X", min_position=head)
+        assert stock is not None and (stock.reserved, stock.available) == (1, 4)
+
+        clock.now += timedelta(seconds=60)
+        sweeper.interval = 0.01
+        sweeper.start()
+        try:
+            for _ in range(500):
+                if sweeper.recorded == 3:
+                    break
+                runner.views.balance(a, min_position=ledger.head())
+                clock.now += timedelta(microseconds=1)
+        finally:
+            sweeper.stop()
+        assert sweeper.recorded == 3
+        assert sweeper.health().state is ServiceState.STOPPED
+        runner.views.balance(a, min_position=ledger.head())
+        for projection in (ACCOUNT_BALANCES, OPEN_HOLDS_PROJECTION):
+            assert_tables_match(ledger, runner.location.url, projection)
+    assert ledger.account(a).held == 0

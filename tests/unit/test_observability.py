@@ -1,0 +1,150 @@
+"""Metrics, trace propagation through stored metadata, and structured logs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import urllib.request
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.observability.logs import (
+    JsonFormatter,
+    RateLimit,
+    configure_logging,
+    log_context,
+    redact,
+)
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The SDK with an in-memory exporter (installed once per process, as the SDK allows)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+def value(name: str, **labels: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(name, labels)
+
+
+def test_counters_and_histograms_count_what_they_are_given() -> None:
+    before = value("daybook_commands_total", command="deposit", outcome="ok") or 0.0
+    metrics.COMMANDS.labels("deposit", "ok").inc(3)
+    assert value("daybook_commands_total", command="deposit", outcome="ok") == before + 3
+    count = value("daybook_commit_duration_seconds_count") or 0.0
+    with metrics.timed(metrics.COMMIT_SECONDS):
+        pass
+    assert value("daybook_commit_duration_seconds_count") == count + 1
+    assert b"daybook_commands_total" in metrics.exposition()
+
+
+def test_a_metrics_port_serves_the_registry_over_http() -> None:
+    server = metrics.MetricsServer(0)
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as answer:
+            body = answer.read()
+    finally:
+        server.stop()
+    assert b"# TYPE daybook_commit_batch_size histogram" in body
+
+
+def test_a_stored_traceparent_continues_the_trace_in_another_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.span("command") as command:
+        stored = tracing.current_traceparent()
+    assert stored is not None
+    with tracing.span("projection batch", parent=stored):
+        pass
+    with tracing.span("relay publish", links=tracing.links_to([stored, stored, None, "junk"])):
+        pass
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    trace_id = command.get_span_context().trace_id
+    batch = by_name["projection batch"]
+    assert batch.context.trace_id == trace_id
+    assert batch.parent is not None and batch.parent.span_id == command.get_span_context().span_id
+    (link,) = by_name["relay publish"].links
+    assert link.context.span_id == command.get_span_context().span_id
+
+
+def test_without_an_sdk_nothing_is_traced_and_nothing_breaks() -> None:
+    assert tracing.context_of(None) is None
+    assert tracing.context_of("not a traceparent") is None
+
+
+def test_json_lines_carry_the_ids_of_what_caused_them(spans: InMemorySpanExporter) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("daybook.test.json")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        with log_context(request_id="r-1", saga_id="s-9"), tracing.span("request"):
+            logger.warning("refused %s", "deposit", extra={"fields": {"code": "invalid_amount"}})
+        logger.info("plain")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert first["event"] == "refused deposit" and first["level"] == "warning"
+    assert (first["request_id"], first["saga_id"], first["code"]) == (
+        "r-1",
+        "s-9",
+        "invalid_amount",
+    )
+    assert len(first["trace_id"]) == 32 and "time" in first
+    assert "request_id" not in second
+
+
+def test_a_repeating_warning_is_let_through_once_then_summarised() -> None:
+    limit = RateLimit(interval=3600)
+    records = [
+        logging.LogRecord("w", logging.WARNING, __file__, 1, "gap at %d", (n,), None)
+        for n in range(5)
+    ]
+    passed = [limit.filter(r) for r in records]
+    assert passed == [True, False, False, False, False]
+    info = logging.LogRecord("w", logging.INFO, __file__, 1, "gap at %d", (1,), None)
+    assert limit.filter(info)
+    limit.interval = 0.0
+    later = logging.LogRecord("w", logging.WARNING, __file__, 1, "gap at %d", (9,), None)
+    assert limit.filter(later) and "and 4 more like it" in later.getMessage()
+
+
+def test_secrets_never_reach_a_line() -> None:
+    line = redact(
+        "connecting to postgresql://app:s3cret@db/ledger with Bearer dbk_abcdefghijklmnop"
+        " password=hunter2"
+    )
+    assert "s3cret" not in line and "abcdefghijklmnop" not in line and "hunter2" not in line
+    assert "postgresql://app:***@db/ledger" in line
+
+
+def test_configure_logging_writes_json_to_the_stream() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("json", stream=stream)
+        logging.getLogger("daybook.test").info("started")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert orjson.loads(stream.getvalue())["event"] == "started"
