@@ -209,7 +209,9 @@ class UnitOfWork:
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
         for key in dict.fromkeys(self.touched):
-            events.extend(self.aggregates[key].collect_events())  # type: ignore[arg-type]
+            aggregate = self.aggregates.get(key)
+            if aggregate is not None:  # None: looked for and not found (nothing to collect)
+                events.extend(aggregate.collect_events())  # type: ignore[arg-type]
         self.touched.clear()
         return events
 
