@@ -25,8 +25,8 @@ def drain_in_batches(app: faust.App, topic: str, handoff: asyncio.Queue[list[Mes
     faust's fetch loop (``Consumer._drain_messages``) delivers each message through
     ``wait_first(callback(message), suspend_flow.wait())`` (two new tasks), the Conductor's
     callback (a lock, flow control, decode, a queue put) and the stream's iterator (more loop
-    turns and a processor per message): about 5,000 messages/s on this machine with an agent
-    doing nothing, which was the workers' ceiling. This replaces that loop on the app's
+    turns and a processor per message), which capped the workers' rate even with an agent
+    doing nothing. This replaces that loop on the app's
     consumer with the same loop minus the per-message delivery: read-offset and gap
     bookkeeping, ``broker_commit_every`` commits and the stop conditions are faust's, every
     message is tracked as pending (``track_message``, so that a rebalance's ``wait_empty``

@@ -262,10 +262,9 @@ def _shorten_fetch_wait(app: faust.App, seconds: float) -> None:
     """Make the consumer's fetches wait at most ``seconds`` on the broker.
 
     faust's aiokafka driver hard-codes ``fetch_max_wait_ms=1500``. Kafka answers such a long
-    poll as soon as a message arrives, but the Tansu broker holds it for the whole wait
-    (probed: produce-to-consume p50 707 ms at 1,500 ms, 28 ms at 100 ms, 5 ms at 20 ms),
-    which made commit-to-row latency half a second. On Kafka the cost is an empty fetch
-    round trip per ``seconds`` while idle.
+    poll as soon as a message arrives, but the Tansu broker holds it for the whole wait, so
+    commit-to-row latency grew with that wait (``scripts/bench_streaming.py`` reports it).
+    On Kafka the cost is an empty fetch round trip per ``seconds`` while idle.
     """
     faust_compat.customize_worker_consumer(
         app, lambda consumer: aiokafka_compat.set_fetch_max_wait(consumer, seconds)
