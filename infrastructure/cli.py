@@ -25,6 +25,7 @@ from eventsourcing.persistence import PersistenceError
 from daybook.domain.errors import DomainError
 from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
+from daybook.infrastructure.observability.tracing import configure_tracing
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -192,6 +193,26 @@ def setup_logging(args: argparse.Namespace, level: int | str = logging.INFO) -> 
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
     configure_logging(getattr(args, "log_format", "console"), int(level))
+    setup_tracing()
+
+
+#: The standard OpenTelemetry variables that ask for traces to be exported.
+TRACE_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def setup_tracing() -> None:
+    """Export traces over OTLP when an endpoint is set (the standard ``OTEL_*`` variables;
+    ``OTEL_SERVICE_NAME`` names the service); without one, daybook makes no spans. Needs the
+    ``daybook[otel]`` extra: asking for traces without it is refused in one line."""
+    if not any(os.environ.get(name) for name in TRACE_ENDPOINTS):
+        return
+    try:
+        configure_tracing(service_name=os.environ.get("OTEL_SERVICE_NAME", "daybook"))
+    except ImportError:
+        raise preflight.Unusable(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed: "
+            "pip install 'daybook[otel]' (or unset the variable)"
+        ) from None
 
 
 def settings_of(args: argparse.Namespace) -> Settings:

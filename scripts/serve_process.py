@@ -35,6 +35,8 @@ class ServeProcess:
     proc: subprocess.Popen[bytes] | None = None
     #: How clients check the server's certificate (with --tls-cert: an ``ssl.SSLContext``).
     verify: Any = True
+    #: Environment variables for the server, on top of this process's.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -49,7 +51,7 @@ class ServeProcess:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
         )
         log.close()
         deadline = time.monotonic() + timeout
