@@ -152,6 +152,8 @@ def register(subparsers: Any) -> None:
         examples=[
             f"daybook projections handover account_balances --to stream:daybook --url {_PG}",
             f"daybook projections handover daily_activity inventory_levels --to runner --url {_PG}",
+            f"daybook projections handover sagas --to stream:views --topic daybook-events "
+            f"--partitions 8 --url {_PG} --readmodels-url postgresql://views@rm/views",
         ],
     )
     _common(hand)
@@ -198,6 +200,8 @@ def register(subparsers: Any) -> None:
             "daybook reconcile",
             f"daybook reconcile account_balances --url {_PG}",
             "daybook reconcile --repair --readmodels-url sqlite:///views.db",
+            f"daybook reconcile --continuous --every-events 50000 --every-seconds 300 --url {_PG}",
+            f"daybook reconcile --continuous --repair --log-format json --url {_PG}",
         ],
     )
     _common(check)

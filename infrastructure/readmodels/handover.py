@@ -16,8 +16,12 @@ nothing is skipped, with partitions at different positions and idle ones:
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from psycopg.errors import DeadlockDetected, SerializationFailure
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord
@@ -82,21 +86,52 @@ def handover(
     try:
         catalog = VersionCatalog(store)
         catalog.ensure()
-        with store.transaction():
-            records = []
-            for projection in definitions:
-                record = catalog.version(projection.name, projection.version, lock=True)
-                if record is None:
-                    raise HandoverRefused(
-                        f"{projection.name} has no version {projection.version} yet: start a "
-                        "runner or workers to build it (they own what they build)"
-                    )
-                records.append((projection, record))
-            if group is None:
-                return [_to_runner(log, store, catalog, p, r) for p, r in records]
-            return _to_group(log, store, catalog, records, group, topic, partitions, known)
+        # A writer (a worker's batch, the runner) may hold rows the handover waits for
+        # while it waits for one the handover holds (seen under load with six versions):
+        # PostgreSQL breaks the cycle by aborting one side. The aborted transaction wrote
+        # nothing, so running it again from the start, reading everything afresh, is safe.
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return _handover(
+                    log, store, catalog, definitions, to, group, topic, partitions, known
+                )
+            except (DeadlockDetected, SerializationFailure):
+                if attempt == _ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")
     finally:
         store.close()
+
+
+#: How often a handover that met a deadlock with a writer is run again.
+_ATTEMPTS = 6
+
+
+def _handover(
+    log: EventLog,
+    store: ReadStore,
+    catalog: VersionCatalog,
+    definitions: Sequence[Projection],
+    to: str,
+    group: str | None,
+    topic: str,
+    partitions: int,
+    known: Sequence[Projection],
+) -> list[Handed]:
+    with store.transaction():
+        records = []
+        for projection in definitions:
+            record = catalog.version(projection.name, projection.version, lock=True)
+            if record is None:
+                raise HandoverRefused(
+                    f"{projection.name} has no version {projection.version} yet: start a "
+                    "runner or workers to build it (they own what they build)"
+                )
+            records.append((projection, record))
+        if group is None:
+            return [_to_runner(log, store, catalog, p, r) for p, r in records]
+        return _to_group(log, store, catalog, records, group, topic, partitions, known)
 
 
 def _to_runner(
