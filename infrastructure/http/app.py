@@ -34,7 +34,7 @@ from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.board import Dashboard
-from daybook.infrastructure.http.commands import CommandRoutes
+from daybook.infrastructure.http.commands import CommandRoutes, receipt_schema
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.problems import Problem, describe
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
@@ -168,7 +168,9 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             schema["paths"] = {**commands.operations, **schema["paths"]}
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["Receipt"] = receipt_schema()
+            schemes = components.setdefault("securitySchemes", {})
             schemes["bearer"] = {"type": "http", "scheme": "bearer"}
             schema["security"] = [{"bearer": []}]
             for path in ("/health", "/problems/{code}"):
