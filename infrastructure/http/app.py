@@ -2,7 +2,8 @@
 
 ``create_app(parts)`` wires routes to what ``bootstrap.http_parts`` built: the asyncio ledger,
 a pool of read-model connections, the token store, and (when the server runs them) the
-projections. Routes: ``POST /v1/commands/<name>`` per registered command, reads under
+projections. Routes: ``POST /v1/commands/<name>`` per registered command, ``POST
+/v1/atomic`` and ``POST /v1/batch`` for lists of them (``lists``), reads under
 ``/v1/``, ``GET /health`` (the only route without a token), ``GET /v1/status`` (admin),
 ``/problems/<code>`` (what a problem code means), the OpenAPI document (``/openapi.json``)
 and its docs page (``/docs``).
@@ -35,6 +36,7 @@ from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.board import Dashboard
 from daybook.infrastructure.http.commands import CommandRoutes, receipt_schema
+from daybook.infrastructure.http.lists import ListRoutes
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.problems import Problem, describe
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
@@ -120,6 +122,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     commands = CommandRoutes(parts.ledger, auth, command_door)
     app.state.commands = commands
     commands.install(app)
+    ListRoutes(commands).install(app)
     reads = ReadRoutes(parts.pool, auth, read_door, options.max_read_wait)
     reads.install(app)
     if parts.log is not None and parts.readmodels_url is not None:
