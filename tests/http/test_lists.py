@@ -231,3 +231,18 @@ def test_lists_need_a_key_json_and_a_bounded_length(
     problem = assert_problem(post(api, path, body), 422, "invalid_request")
     assert problem["details"] == {"limit": 2, "count": 3}
     assert api.head() == head
+
+
+def test_the_openapi_document_describes_both_and_their_idempotency(api: Api) -> None:
+    paths = api.run(api.client.get("/openapi.json")).json()["paths"]
+    for path in ("/v1/atomic", "/v1/batch"):
+        operation = paths[path]["post"]
+        assert any(
+            p["name"] == "Idempotency-Key" and p["required"] for p in operation["parameters"]
+        )
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["required"] == ["commands"] and schema["properties"]["commands"]["maxItems"]
+        assert "idempotency_conflict" in operation["description"]
+    assert "`<token>/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
+    atomic = paths["/v1/atomic"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert atomic["schema"] == {"$ref": "#/components/schemas/Receipt"}
