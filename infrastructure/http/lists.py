@@ -11,10 +11,12 @@ with the same answers as a single command (``commands``):
   ``details.outcomes``); nothing of a refused list is written.
 - ``/v1/batch`` gives item ``i`` the request id ``<token>/<key>/<i>`` (``ledger.submit``), so
   each command keeps its own idempotency. Before anything runs, the ids are looked up: the
-  same key with another list (an item changed, added or removed) is ``422
-  idempotency_conflict`` and nothing is applied; the same list again answers every item's
-  original outcome. An item that failed for want of the server (``500``/``503`` in its
-  outcome) was not applied: send it again under a new key.
+  same key with another list (an item changed, or the list shorter than the first) or
+  already used for a single command or a linked list is ``422 idempotency_conflict`` and
+  nothing is applied; the same list again answers every item's original outcome, and runs
+  again, as a single command's retry would, only the items that left no record (refused
+  ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items
+  appended at the end, which are new commands.
 
 A list that cannot be read (not an object, no commands, too many, an unknown command or
 field, a bad value) is refused as a whole (``400``/``422``, ``details.index`` naming the
@@ -200,9 +202,10 @@ class ListRoutes:
                 commands.door.leave()
 
     async def _check_batch(self, scope: str, key: str, submitted: list[Command]) -> None:
-        """Refuse a batch whose key was used for another list: an item recorded with another
-        payload, a longer list (an item past this one's end), or a shorter one (some of these
-        items recorded, others not)."""
+        """Refuse a batch whose key was used for another list (an item recorded with another
+        payload, or an item past this one's end) or for a single command or linked list.
+        Items without a record are not refused: like a single command's, a retry runs them
+        (they left none because they were not applied)."""
         # The key's own id too: used by a single command or a linked list.
         ids = [command.request_id for command in submitted] + [f"{scope}/{len(submitted)}", scope]
         service = self.commands.ledger.service
@@ -215,7 +218,7 @@ class ListRoutes:
             if command.request_id in records
             and records[command.request_id].fingerprint != command.fingerprint
         ]
-        if changed or set(records) != {command.request_id for command in submitted}:
+        if changed or set(records) - {command.request_id for command in submitted}:
             raise Problem.of(
                 IdempotencyConflict(
                     f"Idempotency-Key {key!r} was already used for another batch; use a new "
@@ -351,11 +354,12 @@ def _openapi_batch() -> dict[str, Any]:
             f"{MAX_BATCH} commands. Idempotency: item `i` gets the request id "
             "`<token>/<Idempotency-Key>/<i>`, so each command keeps its own idempotency. "
             "The same key and list answer every item's original outcome (`replayed`); the "
-            "same key with another list (an item changed, added or removed) is `422 "
-            "idempotency_conflict` and nothing is applied. An item that failed for want of "
-            "the server (status 500 or 503) was not applied: send it again under a new key. "
-            "A list that cannot be read is refused as a whole (400/422, `details.index`) "
-            "before anything runs."
+            "same key with another list (an item changed, or fewer items) or already used "
+            "for a single command or linked list is `422 idempotency_conflict` and nothing "
+            "is applied. Items that left no record (refused `concurrency_conflict`, or status "
+            "500/503: not applied) run again on a retry, as a single command's would, and "
+            "items appended at the end are new commands. A list that cannot be read is "
+            "refused as a whole (400/422, `details.index`) before anything runs."
         ),
         "operationId": "batch",
         "parameters": [
