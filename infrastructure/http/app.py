@@ -2,7 +2,8 @@
 
 ``create_app(parts)`` wires routes to what ``bootstrap.http_parts`` built: the asyncio ledger,
 a pool of read-model connections, the token store, and (when the server runs them) the
-projections. Routes: ``POST /v1/commands/<name>`` per registered command, reads under
+projections. Routes: ``POST /v1/commands/<name>`` per registered command, ``POST
+/v1/atomic`` and ``POST /v1/batch`` for lists of them (``lists``), reads under
 ``/v1/``, ``GET /health`` (the only route without a token), ``GET /v1/status`` (admin),
 ``/problems/<code>`` (what a problem code means), the OpenAPI document (``/openapi.json``)
 and its docs page (``/docs``).
@@ -34,7 +35,8 @@ from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.board import Dashboard
-from daybook.infrastructure.http.commands import CommandRoutes
+from daybook.infrastructure.http.commands import CommandRoutes, receipt_schema
+from daybook.infrastructure.http.lists import ListRoutes
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.problems import Problem, describe
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
@@ -120,6 +122,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     commands = CommandRoutes(parts.ledger, auth, command_door)
     app.state.commands = commands
     commands.install(app)
+    ListRoutes(commands).install(app)
     reads = ReadRoutes(parts.pool, auth, read_door, options.max_read_wait)
     reads.install(app)
     if parts.log is not None and parts.readmodels_url is not None:
@@ -168,7 +171,9 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             schema["paths"] = {**commands.operations, **schema["paths"]}
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["Receipt"] = receipt_schema()
+            schemes = components.setdefault("securitySchemes", {})
             schemes["bearer"] = {"type": "http", "scheme": "bearer"}
             schema["security"] = [{"bearer": []}]
             for path in ("/health", "/problems/{code}"):

@@ -3,8 +3,10 @@
 The page and its script and style ship in the package (``http/dashboard/``: no CDN, no build
 step) and poll ``/v1/dashboard`` (read scope), which gathers what the page shows in one
 answer: the log head; write throughput, commit latency and refusals (from the metrics);
-projections (owner, state, position, lag, last reconcile, parked events); sagas by state and
-the stuck ones; holds expiring soonest; recent reconcile decisions. ``POST
+projections (owner from the read-model catalog: the runner or ``stream:GROUP``; state,
+position, lag, parked events; the continuous reconciler's last run, from
+``daybook_reconcile_runs``); sagas by state and the stuck ones; holds expiring soonest; and
+the reconciler's recent decisions: the rows it repaired (``daybook_reconcile_log``). ``POST
 /v1/projections/{name}/resume`` (admin scope) replays a projection's parked events.
 """
 
@@ -32,6 +34,8 @@ from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.catalog import IllegalTransition, VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.reconcile_log import recent_repairs
+from daybook.infrastructure.readmodels.reconciler import ReconcileRun
 from daybook.infrastructure.readmodels.status import projection_status
 
 _ASSETS = {
@@ -40,6 +44,8 @@ _ASSETS = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 _OUTCOMES_OK = frozenset({"ok", "replayed"})
+#: Reconciler repairs the dashboard lists.
+DECISIONS = 20
 
 
 def asset(name: str) -> bytes:
@@ -98,6 +104,27 @@ def quantile(histogram: Any, q: float) -> float | None:
     return lower_bound
 
 
+def _last_reconcile(run: ReconcileRun | None) -> dict[str, Any] | None:
+    """A reconciler run as the page shows it: ``result`` is ``clean``, ``drift`` (found, not
+    repaired), ``repaired`` or ``failed``."""
+    if run is None:
+        return None
+    if run.error:
+        result = "failed"
+    elif run.drifted:
+        result = "repaired" if run.repaired else "drift"
+    else:
+        result = "clean"
+    return {
+        "result": result,
+        "position": run.position,
+        "drift": run.drifted,
+        "at": run.finished_at,
+        "drifts": run.drifts[:5],
+        "error": run.error,
+    }
+
+
 @dataclass
 class Dashboard:
     pool: ReadPool
@@ -147,7 +174,7 @@ class Dashboard:
             "projections": self._projections(),
             "sagas": self._sagas(),
             "holds": self._holds(),
-            "decisions": [],
+            "decisions": self._decisions(),
         }
 
     def _projections(self) -> list[dict[str, Any]]:
@@ -155,17 +182,35 @@ class Dashboard:
             {
                 "name": status.name,
                 "version": status.version,
-                "owner": "runner",
+                "owner": status.owner,
                 "state": status.state.value,
                 "serving": status.active,
                 "position": status.position,
                 "lag_events": status.lag_events,
                 "lag_seconds": status.lag_seconds,
                 "parked": status.dead_letters,
-                "last_reconcile": None,
+                "last_reconcile": _last_reconcile(status.reconciled),
                 "error": status.error,
             }
             for status in projection_status(self.log, self.readmodels_url)
+        ]
+
+    def _decisions(self) -> list[dict[str, Any]]:
+        store = open_store(self.readmodels_url)
+        try:
+            repairs = recent_repairs(store, DECISIONS)
+        finally:
+            store.close()
+        return [
+            {
+                "at": repair.repaired_at,
+                "projection": f"{repair.name} v{repair.version}",
+                "position": repair.position,
+                "table": repair.table,
+                "row": ", ".join(str(value) for value in repair.key),
+                "change": repair.change,
+            }
+            for repair in repairs
         ]
 
     def _views(self) -> ReadModels:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
 from uuid import UUID
 
 import orjson
@@ -218,18 +218,23 @@ def arguments_of(
     return {k: v for k, v in body.items() if v is not None or accepted[k].required}
 
 
+def receipt_body(receipt: Receipt) -> dict[str, Any]:
+    """Every field of ``receipt`` as JSON (ids as text), those it leaves unset (None) left
+    out; a linked list's receipts (``linked``), one per command, the same way."""
+    body: dict[str, Any] = {}
+    for spec in fields(receipt):
+        value = getattr(receipt, spec.name)
+        if spec.name == "linked":
+            if value:
+                body["linked"] = [receipt_body(part) for part in value]
+        elif value is not None:
+            body[spec.name] = str(value) if isinstance(value, UUID) else value
+    return body
+
+
 def receipt_response(receipt: Receipt, key: str) -> Response:
-    body = {
-        "command": receipt.command,
-        "request_id": receipt.request_id,
-        "idempotency_key": key,
-        "position": receipt.position,
-        "replayed": receipt.replayed,
-    }
-    for name in ("account_id", "transfer_id", "sku", "reservation_id"):
-        value = getattr(receipt, name)
-        if value is not None:
-            body[name] = str(value) if isinstance(value, UUID) else value
+    body = receipt_body(receipt)
+    body["idempotency_key"] = key
     headers = {"Daybook-Position": str(receipt.position)}
     if receipt.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -238,20 +243,51 @@ def receipt_response(receipt: Receipt, key: str) -> Response:
 
 # -- OpenAPI --------------------------------------------------------------------------------
 
+_RECEIPT_DESCRIPTIONS = {
+    "position": "log position of the command's last event",
+    "replayed": "true when this answers a retry of a command applied before",
+    "linked": "a linked list's receipts, one per command in order (POST /v1/atomic)",
+}
+
+
+def receipt_schema() -> dict[str, Any]:
+    """The receipt's JSON schema, from ``Receipt``'s own fields (a field added there is
+    answered and described with nothing else to write)."""
+    hints = get_type_hints(Receipt)
+    properties: dict[str, Any] = {}
+    required = []
+    for spec in fields(Receipt):
+        if spec.name == "linked":
+            schema: dict[str, Any] = {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Receipt"},
+            }
+        else:
+            schema = _schema_of(hints[spec.name])
+        if spec.name in _RECEIPT_DESCRIPTIONS:
+            schema["description"] = _RECEIPT_DESCRIPTIONS[spec.name]
+        properties[spec.name] = schema
+        unset = spec.default is MISSING and spec.default_factory is MISSING
+        if unset or spec.name == "replayed":
+            required.append(spec.name)
+    return {
+        "type": "object",
+        "description": "The command's receipt; the fields it leaves unset are left out.",
+        "properties": properties,
+        "required": required,
+    }
+
+
+#: The answer of a command route: the receipt and the key it was sent with.
 _RECEIPT_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "command": {"type": "string"},
-        "request_id": {"type": "string"},
-        "idempotency_key": {"type": "string"},
-        "position": {"type": "integer", "description": "log position of the last event"},
-        "replayed": {"type": "boolean"},
-        "account_id": {"type": "string", "format": "uuid"},
-        "transfer_id": {"type": "string", "format": "uuid"},
-        "sku": {"type": "string"},
-        "reservation_id": {"type": "string"},
-    },
-    "required": ["command", "request_id", "position", "replayed"],
+    "allOf": [
+        {"$ref": "#/components/schemas/Receipt"},
+        {
+            "type": "object",
+            "properties": {"idempotency_key": {"type": "string"}},
+            "required": ["idempotency_key"],
+        },
+    ]
 }
 
 

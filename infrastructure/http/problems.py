@@ -99,6 +99,15 @@ class Problem(Exception):
         return cls(error.code, error.message, details=error.details)
 
     def response(self) -> Response:
+        return Response(
+            orjson.dumps(self.body(), default=str),
+            status_code=self.status,
+            headers=self.headers,
+            media_type=PROBLEM_JSON,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The problem details as a JSON object."""
         body: dict[str, Any] = {
             "type": f"/problems/{self.code}",
             "title": title_of(self.code),
@@ -108,12 +117,7 @@ class Problem(Exception):
         }
         if self.details:
             body["details"] = self.details
-        return Response(
-            orjson.dumps(body, default=str),
-            status_code=self.status,
-            headers=self.headers,
-            media_type=PROBLEM_JSON,
-        )
+        return body
 
 
 def title_of(code: str) -> str:

@@ -500,6 +500,12 @@ class LedgerService(Application[UUID]):
             return {}
         return self._requests.select_requests(wanted, self.retention.clock())
 
+    def recorded(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+        """The request records (not expired) of these ids, whether or not they are known."""
+        if not request_ids:
+            return {}
+        return self._requests.select_requests(list(request_ids), self.retention.clock())
+
     def new_batch(
         self, *, after: PreparedBatch | None = None, fresh: bool = False
     ) -> PreparedBatch:

@@ -37,7 +37,8 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
-from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.reconcile import ReconcileReport, reconcile
+from daybook.infrastructure.readmodels.reconciler import record_run, run_of
 from daybook.infrastructure.readmodels.status import projection_status
 
 
@@ -194,7 +195,8 @@ def register(subparsers: Any) -> None:
             "Recompute each read model from the log and compare it with the stored tables: "
             "checksums over key ranges first, then rows. Prints every missing, extra or "
             "different row; --repair rewrites them and records each change in "
-            "daybook_reconcile_log."
+            "daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs (projections "
+            "status and the dashboard show the last)."
         ),
         examples=[
             "daybook reconcile",
@@ -435,6 +437,15 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     return 0
 
 
+def _record(url: str, report: ReconcileReport) -> None:
+    """Record a run as the continuous reconciler does (status and the dashboard show it)."""
+    store = open_store(url)
+    try:
+        record_run(store, run_of(report))
+    finally:
+        store.close()
+
+
 def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
     if args.continuous:
@@ -446,6 +457,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
             try:
                 with _readmodels(args) as url:
                     report = reconcile(log, url, projection, repair=args.repair)
+                    _record(url, report)
             except LookupError as error:
                 print(f"{projection.name}: skipped ({error})")
                 continue

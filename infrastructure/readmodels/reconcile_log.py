@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
-from daybook.projections.model import Key, Row
+from daybook.projections.model import Key, Row, Value
 
 
 class ReconcileLog:
@@ -47,3 +48,35 @@ class ReconcileLog:
                 now_text(),
             ),
         )
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One row the reconciler rewrote."""
+
+    name: str
+    version: int
+    position: int
+    table: str
+    key: list[Value]
+    change: str
+    repaired_at: str
+
+
+def recent_repairs(store: ReadStore, limit: int = 20) -> list[Repair]:
+    """The last ``limit`` repairs, newest first (none if nothing was ever repaired)."""
+    try:
+        with store.transaction(write=False):
+            rows = store.execute(
+                "SELECT name, version, position, table_name, row_key, change, repaired_at"
+                " FROM daybook_reconcile_log ORDER BY id DESC LIMIT %s",
+                (limit,),
+            )
+    except Exception as failure:
+        if store.is_missing_table(failure):
+            return []
+        raise
+    return [
+        Repair(name, int(version), int(position), table, json.loads(key), change, at)
+        for name, version, position, table, key, change, at in rows
+    ]

@@ -4,13 +4,14 @@ change nothing, consistency tokens, snapshot reads and cursors."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from daybook.domain.commands import registered
+from daybook.domain.commands import Receipt, registered
 from daybook.infrastructure.http.problems import PROBLEM_JSON
 from tests.http.conftest import Api
 
@@ -134,6 +135,52 @@ def test_the_stock_commands_work_over_http(api: Api) -> None:
     assert committed.status_code == 200, committed.text
     stock = api.get("/v1/stock/SKU-1", min_position=committed.json()["position"]).json()
     assert (stock["on_hand"], stock["reserved"], stock["available"]) == (8, 0, 8)
+
+
+# -- every receipt field is answered -------------------------------------------------------
+
+
+def test_a_hold_and_its_capture_answer_every_receipt_field(api: Api) -> None:
+    payer, payee = api.open_account("ann"), api.open_account("bob")
+    api.command("deposit", {"account_id": payer, "amount": 500})
+    body = {"account_id": payer, "amount": 200, "destination": payee, "timeout": 60}
+    held = api.command("hold", body)
+    assert held.status_code == 200, held.text
+    hold = held.json()
+    assert hold["account_id"] == payer and uuid.UUID(hold["hold_id"])
+    assert "transfer_id" not in hold and "linked" not in hold  # unset fields are left out
+    captured = api.command("capture", {"hold_id": hold["hold_id"], "amount": 150})
+    assert captured.status_code == 200, captured.text
+    capture = captured.json()
+    assert capture["hold_id"] == hold["hold_id"] and capture["account_id"] == payer
+    assert uuid.UUID(capture["transfer_id"])
+    assert capture["command"] == "capture" and capture["position"] > hold["position"]
+
+
+def test_an_order_answers_its_saga_id(api: Api) -> None:
+    customer, merchant = api.open_account("ann"), api.open_account("shop")
+    api.command("receive_stock", {"sku": "KETTLE", "quantity": 3})
+    body = {
+        "order_id": "o-1",
+        "customer": customer,
+        "merchant": merchant,
+        "lines": [["KETTLE", 1, 90]],
+    }
+    placed = api.command("place_order", body, key="order-1")
+    assert placed.status_code == 200, placed.text
+    assert uuid.UUID(placed.json()["saga_id"]) and placed.json()["account_id"] == customer
+    again = api.command("place_order", body, key="order-1")
+    assert again.json() == {**placed.json(), "replayed": True}
+
+
+def test_the_receipt_schema_names_every_receipt_field(api: Api) -> None:
+    document = api.run(api.client.get("/openapi.json")).json()
+    schema = document["components"]["schemas"]["Receipt"]
+    assert set(schema["properties"]) == {f.name for f in dataclasses.fields(Receipt)}
+    assert schema["properties"]["linked"]["items"] == {"$ref": "#/components/schemas/Receipt"}
+    answer = document["paths"]["/v1/commands/hold"]["post"]["responses"]["200"]
+    parts = answer["content"]["application/json"]["schema"]["allOf"]
+    assert {"$ref": "#/components/schemas/Receipt"} in parts
 
 
 # -- idempotency keys -----------------------------------------------------------------------

@@ -21,6 +21,8 @@ ACCOUNT = str(uuid.UUID(int=5))
 ROUTES = [
     ("POST", "/v1/commands/deposit", "write"),
     ("POST", "/v1/commands/release_reservation", "write"),
+    ("POST", "/v1/atomic", "write"),
+    ("POST", "/v1/batch", "write"),
     ("GET", f"/v1/accounts/{ACCOUNT}/balance", "read"),
     ("GET", "/v1/balances", "read"),
     ("GET", "/v1/balances/snapshot", "read"),

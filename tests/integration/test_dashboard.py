@@ -1,12 +1,14 @@
 """The dashboard in a real browser (Debian's Chromium, headless, driven by Playwright) against
 a real ``daybook serve``: it loads without console errors, a transfer made through the API
-appears and lag returns to zero, a parked event is replayed from its button, a stuck saga
+appears and lag returns to zero, the owner and last reconcile of each projection and the rows
+a reconcile repaired are shown, a parked event is replayed from its button, a stuck saga
 is listed. Screenshots of each state go to bench-results/screenshots/ (not in git); with
 DAYBOOK_UPDATE_SCREENSHOT=1 the README's picture is taken from the last one."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from daybook import open_ledger
 from daybook.domain.accounts import Account
 from daybook.domain.orders import PlaceOrder
 from daybook.domain.sagas import CancelSaga, RetryLater, RunLocalStep
+from daybook.infrastructure.cli import main
 from daybook.infrastructure.http.tokens import open_tokens
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.projections.accounts import BALANCES, STATEMENT_HEADS
@@ -88,6 +91,18 @@ def poisoned_deposit(url: str, account_id: str) -> None:
             amount=5,
         )
         ledger.service.recorder.insert_events([ledger.service.mapper.to_stored_event(event)])
+
+
+def tamper(url: str, account_id: str) -> None:
+    """Change an account's balance row behind the runner's back (drift to reconcile)."""
+    store = open_store(url)
+    try:
+        with store.transaction():
+            row = store.fetch(BALANCES, 1, (account_id,))
+            assert row is not None
+            store.upsert(BALANCES, 1, [{**row, "owner": "tampered"}])
+    finally:
+        store.close()
 
 
 def restore_rows(url: str, account_id: str) -> None:
@@ -161,6 +176,22 @@ def test_the_dashboard_shows_the_system_converge(
     expect(page.locator("#lookup-result")).to_contain_text('"balance": 250', timeout=SHOWS)
     shot(page, "2-transfer")
 
+    # Who owns each projection (the server's runner), and the last reconcile: a row changed
+    # behind the runner's back is found and repaired by `daybook reconcile --repair`, which
+    # records its run; the page shows the run and the repaired row.
+    expect(balances.locator("td").nth(2)).to_have_text("runner")
+    reconciled = balances.locator("td").nth(7)
+    expect(reconciled).to_have_text("never")
+    tamper(pg_url, accounts[1])
+    assert main(["reconcile", "account_balances", "--url", pg_url, "--repair"]) == 0
+    expect(reconciled).to_have_text(re.compile(r"^1 drifted at [\d,]+, repaired$"), timeout=SHOWS)
+    repair = page.locator("#decisions tbody tr").first
+    expect(repair).to_contain_text("account_balances v1")
+    expect(repair).to_contain_text(accounts[1])
+    assert main(["reconcile", "account_balances", "--url", pg_url]) == 0
+    expect(reconciled).to_have_text(re.compile(r"^clean at [\d,]+$"), timeout=SHOWS)
+    shot(page, "3-reconciled")
+
     # A parked event: the projections stop and say so; the operator restores the rows the
     # event needs, and replays it from each one's button.
     stranger = str(uuid4())
@@ -173,7 +204,7 @@ def test_the_dashboard_shows_the_system_converge(
     for button in buttons.values():
         expect(button).to_be_visible(timeout=60_000)
     expect(balances.locator("td").nth(3)).to_have_text("stopped")
-    shot(page, "3-parked")
+    shot(page, "4-parked")
     restore_rows(pg_url, stranger)
     for name, button in buttons.items():
         button.click()
@@ -203,7 +234,7 @@ def test_the_dashboard_shows_the_system_converge(
             )
     stuck = page.locator("#stuck tbody tr").filter(has_text=str(saga))
     expect(stuck).to_contain_text("needs_attention", timeout=SHOWS)
-    last = shot(page, "4-stuck-saga")
+    last = shot(page, "5-stuck-saga")
 
     assert errors == []
     if os.environ.get("DAYBOOK_UPDATE_SCREENSHOT"):

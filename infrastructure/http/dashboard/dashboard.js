@@ -70,8 +70,8 @@ function drawProjections(projections) {
     cell(row, p.lag_events ? `${number(p.lag_events)} (${seconds(p.lag_seconds)})` : "0", "num");
     row.insertCell().appendChild(trend(`${p.name} v${p.version}`, p.lag_events || 0));
     const last = p.last_reconcile;
-    cell(row, last ? `${last.result} at ${number(last.position)}, ${last.drift} drifted` : "never",
-      last ? `state-${last.result}` : "");
+    const reconciled = cell(row, reconcileText(last), last ? `state-${last.result}` : "");
+    if (last) reconciled.title = [`finished ${last.at}`, ...last.drifts].join("\n");
     cell(row, number(p.parked), "num");
     const actions = row.insertCell();
     if (p.parked > 0) {
@@ -83,6 +83,15 @@ function drawProjections(projections) {
       actions.appendChild(button);
     }
   }
+}
+
+function reconcileText(last) {
+  if (!last) return "never";
+  const at = `at ${number(last.position)}`;
+  if (last.result === "failed") return `failed: ${last.error}`;
+  if (last.result === "clean") return `clean ${at}`;
+  const rows = `${number(last.drift)} drifted ${at}`;
+  return last.result === "repaired" ? `${rows}, repaired` : `${rows}, not repaired`;
 }
 
 function drawRows(tableId, rows, columns) {
@@ -124,7 +133,7 @@ async function refresh() {
     drawRows("stuck", view.sagas.stuck, [["saga_id"], ["state"], ["step"], ["deadline"], ["last_error"]]);
     drawRows("holds", view.holds, [["hold_id"], ["account_id"], ["amount", number], ["expires_at"]]);
     drawRows("decisions", view.decisions,
-      [["at"], ["projection"], ["position", number], ["result"], ["drift", number]]);
+      [["at"], ["projection"], ["position", number], ["table"], ["row"], ["change"]]);
     $("updated").textContent = new Date().toLocaleTimeString();
     $("error").textContent = "";
   } catch (error) {

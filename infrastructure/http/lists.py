@@ -1,0 +1,392 @@
+"""Lists of commands over HTTP: ``POST /v1/atomic`` (linked commands, all-or-nothing) and
+``POST /v1/batch`` (a submission: each command on its own, one outcome each, in order).
+
+Both take ``{"commands": [{"command": NAME, "fields": {...}}, ...]}``, each item's fields
+checked as ``POST /v1/commands/<name>`` checks its body, and both need an Idempotency-Key
+with the same answers as a single command (``commands``):
+
+- ``/v1/atomic`` is one request: the key (``<token>/<key>``) is the request id of the list
+  (``ledger.atomic``), so a retry replays its receipt, whose ``linked`` holds one receipt per
+  command, or its refusal (the failing command's code, ``details.index`` and
+  ``details.outcomes``); nothing of a refused list is written.
+- ``/v1/batch`` gives item ``i`` the request id ``<token>/<key>/<i>`` (``ledger.submit``), so
+  each command keeps its own idempotency. Before anything runs, the ids are looked up: the
+  same key with another list (an item changed, or the list shorter than the first) or
+  already used for a single command or a linked list is ``422 idempotency_conflict`` and
+  nothing is applied; the same list again answers every item's original outcome, and runs
+  again, as a single command's retry would, only the items that left no record (refused
+  ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items
+  appended at the end, which are new commands.
+
+A list that cannot be read (not an object, no commands, too many, an unknown command or
+field, a bad value) is refused as a whole (``400``/``422``, ``details.index`` naming the
+item) before anything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from daybook.domain.commands import Command, Receipt, command_named, parameters
+from daybook.domain.errors import DomainError, IdempotencyConflict
+from daybook.domain.linked import MAX_LINKED, Atomic
+from daybook.infrastructure.http.commands import (
+    _SERVER_SET,
+    CommandRoutes,
+    _CommandRoute,
+    arguments_of,
+    idempotency_key,
+    json_body,
+    receipt_body,
+    receipt_response,
+)
+from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
+from daybook.infrastructure.ledger.group_commit import LedgerClosed
+
+log = logging.getLogger("daybook.http")
+
+#: The most commands one ``POST /v1/batch`` takes (and one ``/v1/atomic``: ``MAX_LINKED``).
+MAX_BATCH = 1000
+
+
+def in_use(key: str) -> Problem:
+    return Problem(
+        "idempotency_key_in_use",
+        f"a request with Idempotency-Key {key!r} is still being processed; retry once it has "
+        "been answered",
+        headers={"Retry-After": "1"},
+    )
+
+
+def shutting_down() -> Problem:
+    return Problem(
+        "shutting_down",
+        "the server is stopping and took no new command; retry shortly",
+        headers={"Retry-After": "5", "Connection": "close"},
+    )
+
+
+def commands_of(body: Any, limit: int, actor: str, request_ids: str | None = None) -> list[Command]:
+    """The commands a list's body names, each checked as its own route checks it; a
+    ``Problem`` naming the first bad item otherwise (nothing has run). With
+    ``request_ids``, item ``i``'s request id is ``<request_ids>/<i>``."""
+    if not isinstance(body, dict) or set(body) != {"commands"}:
+        raise Problem(
+            "invalid_request",
+            'the body must be {"commands": [{"command": NAME, "fields": {...}}, ...]}',
+        )
+    items = body["commands"]
+    if not isinstance(items, list) or not 0 < len(items) <= limit:
+        count = len(items) if isinstance(items, list) else None
+        raise Problem(
+            "invalid_request",
+            f"commands must be a list of 1 to {limit} commands",
+            details={"limit": limit, "count": count},
+        )
+    return [
+        _command(index, item, actor, None if request_ids is None else f"{request_ids}/{index}")
+        for index, item in enumerate(items)
+    ]
+
+
+def _command(index: int, item: Any, actor: str, request_id: str | None) -> Command:
+    where = f"commands[{index}]"
+    if not isinstance(item, dict) or "command" not in item or set(item) - {"command", "fields"}:
+        raise Problem(
+            "invalid_request",
+            f'{where} must be {{"command": NAME, "fields": {{...}}}}',
+            details={"index": index},
+        )
+    name = item["command"]
+    try:
+        if not isinstance(name, str):
+            raise KeyError(f"the command name must be a string, got {name!r}")
+        command_class = command_named(name)
+        if command_class is Atomic:
+            raise KeyError("a list cannot hold a list (atomic)")
+    except KeyError as error:
+        raise Problem(
+            "invalid_request", f"{where}: {error.args[0]}", details={"index": index}
+        ) from None
+    accepted = {p.name: p for p in parameters(command_class) if p.name not in _SERVER_SET}
+    required = [n for n, p in accepted.items() if p.required]
+    try:
+        arguments = arguments_of(item.get("fields", {}), command_class, accepted, required)
+        if request_id is not None:
+            arguments["request_id"] = request_id
+        return command_class(**arguments, actor=actor)
+    except Problem as problem:
+        raise Problem(
+            problem.code,
+            f"{where}: {problem.detail}",
+            details={**problem.details, "index": index},
+        ) from None
+    except DomainError as error:
+        raise Problem(
+            error.code,
+            f"{where} ({name}): {error.message}",
+            details={**error.details, "index": index},
+        ) from None
+
+
+@dataclass
+class ListRoutes:
+    """``/v1/atomic`` and ``/v1/batch``, sharing the command routes' ledger, admission and
+    keys in progress."""
+
+    commands: CommandRoutes
+
+    def install(self, app: FastAPI) -> None:
+        caller = self.commands.auth.require("write")
+
+        async def atomic(request: Request) -> Response:
+            token = await caller(request)
+            key = idempotency_key(request.headers.get("idempotency-key"))
+            listed = commands_of(await json_body(request), MAX_LINKED, token.name)
+            request_id = f"{token.name}/{key}"
+            receipt = await self._run(
+                request_id, key, listed, self.commands.ledger.atomic(listed, request_id=request_id)
+            )
+            return receipt_response(receipt, key)
+
+        async def batch(request: Request) -> Response:
+            token = await caller(request)
+            key = idempotency_key(request.headers.get("idempotency-key"))
+            scope = f"{token.name}/{key}"
+            submitted = commands_of(await json_body(request), MAX_BATCH, token.name, scope)
+            await self._check_batch(scope, key, submitted)
+            outcomes = await self._run(
+                scope, key, submitted, self.commands.ledger.submit(submitted)
+            )
+            return _batch_response(key, outcomes)
+
+        for path, endpoint, name in (
+            ("/v1/atomic", atomic, "atomic"),
+            ("/v1/batch", batch, "batch"),
+        ):
+            app.router.routes.append(_CommandRoute(path, endpoint, methods=["POST"], name=name))
+        self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
+        self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
+
+    async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:
+        """``work`` (a coroutine), admitted for every command of the list, with the key
+        marked in progress; a refusal becomes a ``Problem``."""
+        commands = self.commands
+        if request_id in commands.in_flight:
+            work.close()
+            raise in_use(key)
+        entered = 0
+        try:
+            always = all(type(command).reduces_risk for command in listed)
+            for _ in listed:
+                commands.door.enter(always=always)
+                entered += 1
+            commands.in_flight.add(request_id)
+            return await work
+        except DomainError as error:
+            raise Problem.of(error) from None
+        except LedgerClosed:
+            raise shutting_down() from None
+        finally:
+            work.close()  # not awaited when admission refused it (a no-op once it ran)
+            commands.in_flight.discard(request_id)
+            for _ in range(entered):
+                commands.door.leave()
+
+    async def _check_batch(self, scope: str, key: str, submitted: list[Command]) -> None:
+        """Refuse a batch whose key was used for another list (an item recorded with another
+        payload, or an item past this one's end) or for a single command or linked list.
+        Items without a record are not refused: like a single command's, a retry runs them
+        (they left none because they were not applied)."""
+        # The key's own id too: used by a single command or a linked list.
+        ids = [command.request_id for command in submitted] + [f"{scope}/{len(submitted)}", scope]
+        service = self.commands.ledger.service
+        records = await asyncio.to_thread(service.recorded, ids)
+        if not records:
+            return
+        changed = [
+            index
+            for index, command in enumerate(submitted)
+            if command.request_id in records
+            and records[command.request_id].fingerprint != command.fingerprint
+        ]
+        if changed or set(records) - {command.request_id for command in submitted}:
+            raise Problem.of(
+                IdempotencyConflict(
+                    f"Idempotency-Key {key!r} was already used for another batch; use a new "
+                    "key for a new batch",
+                    changed=changed,
+                )
+            )
+
+
+def _batch_response(key: str, outcomes: list[Any]) -> Response:
+    answers: list[dict[str, Any]] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Receipt):
+            answers.append({"index": index, "status": 200, **receipt_body(outcome)})
+            continue
+        if isinstance(outcome, DomainError):
+            problem = Problem.of(outcome)
+        elif isinstance(outcome, LedgerClosed):
+            problem = shutting_down()
+        else:
+            log.error("batch item %d failed", index, exc_info=outcome)
+            problem = Problem("internal_error", "the server failed this command; its log says why")
+        answers.append({"index": index, "status": problem.status, "problem": problem.body()})
+    receipts = [outcome for outcome in outcomes if isinstance(outcome, Receipt)]
+    position = max((receipt.position for receipt in receipts), default=None)
+    body = {
+        "idempotency_key": key,
+        "position": position,
+        "applied": sum(not r.replayed for r in receipts),
+        "refused": len(outcomes) - len(receipts),
+        "outcomes": answers,
+    }
+    headers = {}
+    if position is not None:
+        headers["Daybook-Position"] = str(position)
+    if receipts and len(receipts) == len(outcomes) and all(r.replayed for r in receipts):
+        headers["Idempotent-Replayed"] = "true"
+    return Response(orjson.dumps(body, default=str), media_type="application/json", headers=headers)
+
+
+# -- OpenAPI --------------------------------------------------------------------------------
+
+_ITEM = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "string", "description": "a command's name, as in /v1/commands/"},
+        "fields": {
+            "type": "object",
+            "description": "its arguments, as the body of /v1/commands/<name>",
+        },
+    },
+    "required": ["command"],
+    "additionalProperties": False,
+}
+_PROBLEM = {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}}
+_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "maxLength": 130},
+}
+
+
+def _request(limit: int) -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "properties": {
+            "commands": {"type": "array", "items": _ITEM, "minItems": 1, "maxItems": limit}
+        },
+        "required": ["commands"],
+        "additionalProperties": False,
+    }
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _refusals() -> dict[str, Any]:
+    return {
+        "400": {"description": "Malformed request", **_PROBLEM},
+        "409": {"description": "Refused by the ledger's state, or the key in use", **_PROBLEM},
+        "422": {
+            "description": "A bad item (details.index), or the key used for another list",
+            **_PROBLEM,
+        },
+        "503": {"description": "Overloaded or stopping; see Retry-After", **_PROBLEM},
+    }
+
+
+def _openapi_atomic() -> dict[str, Any]:
+    return {
+        "tags": ["commands"],
+        "summary": "Apply a list of commands all-or-nothing, in one transaction",
+        "description": (
+            "Linked commands (`ledger.atomic`): in order, each seeing the effects of those "
+            "before it; if one is refused, none is applied, and the refusal is that "
+            "command's own code with `details.index` and every command's code in "
+            f"`details.outcomes` (the others: `linked_command_failed`). At most {MAX_LINKED} "
+            "commands. The Idempotency-Key is the list's request id: the same key and list "
+            "replay its outcome; the same key with another list is `422 "
+            "idempotency_conflict`."
+        ),
+        "operationId": "atomic",
+        "parameters": [{**_KEY, "description": "A fresh key per list; resend it to retry safely."}],
+        "requestBody": _request(MAX_LINKED),
+        "responses": {
+            "200": {
+                "description": "The list's receipt; `linked` holds one receipt per command",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Receipt"}}
+                },
+            },
+            **_refusals(),
+        },
+    }
+
+
+def _openapi_batch() -> dict[str, Any]:
+    outcome = {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "status": {"type": "integer", "description": "the HTTP status of this command"},
+            "problem": {"type": "object", "description": "the refusal, as problem+json"},
+        },
+        "description": "The command's receipt fields (status 200), or its problem",
+        "required": ["index", "status"],
+    }
+    return {
+        "tags": ["commands"],
+        "summary": "Submit many commands, each applied on its own; one outcome each, in order",
+        "description": (
+            "A submission (`ledger.submit`), not all-or-nothing: a refusal does not stop the "
+            "others; commands are applied in order, each seeing those before it. At most "
+            f"{MAX_BATCH} commands. Idempotency: item `i` gets the request id "
+            "`<token>/<Idempotency-Key>/<i>`, so each command keeps its own idempotency. "
+            "The same key and list answer every item's original outcome (`replayed`); the "
+            "same key with another list (an item changed, or fewer items) or already used "
+            "for a single command or linked list is `422 idempotency_conflict` and nothing "
+            "is applied. Items that left no record (refused `concurrency_conflict`, or status "
+            "500/503: not applied) run again on a retry, as a single command's would, and "
+            "items appended at the end are new commands. A list that cannot be read is "
+            "refused as a whole (400/422, `details.index`) before anything runs."
+        ),
+        "operationId": "batch",
+        "parameters": [
+            {**_KEY, "description": "A fresh key per batch; resend it with the same list."}
+        ],
+        "requestBody": _request(MAX_BATCH),
+        "responses": {
+            "200": {
+                "description": "One outcome per command, in order",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "idempotency_key": {"type": "string"},
+                                "position": {
+                                    "type": ["integer", "null"],
+                                    "description": "the highest position of the receipts",
+                                },
+                                "applied": {"type": "integer"},
+                                "refused": {"type": "integer"},
+                                "outcomes": {"type": "array", "items": outcome},
+                            },
+                        }
+                    }
+                },
+            },
+            **_refusals(),
+        },
+    }

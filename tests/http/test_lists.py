@@ -1,0 +1,258 @@
+"""Lists of commands over HTTP: ``POST /v1/atomic`` (all-or-nothing) and ``POST /v1/batch``
+(one outcome per command), with the Idempotency-Key answers of a single command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from daybook.infrastructure.http import lists
+from tests.http.conftest import Api
+from tests.http.test_api import assert_problem
+
+
+def post(api: Api, path: str, body: Any, key: str | None = "list-1") -> httpx.Response:
+    headers = api.auth("tester")
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return api.run(api.client.post(path, json=body, headers=headers))
+
+
+def item(command: str, **fields: Any) -> dict[str, Any]:
+    return {"command": command, "fields": fields}
+
+
+def balance(api: Api, account: str) -> int:
+    answer = api.get(f"/v1/accounts/{account}/balance", min_position=api.head()).json()
+    value: int = answer["balance"]
+    return value
+
+
+@pytest.fixture
+def accounts(api: Api) -> tuple[str, str]:
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    return ann, bob
+
+
+# -- /v1/atomic -----------------------------------------------------------------------------
+
+
+def test_a_linked_list_applies_every_command_and_answers_each_receipt(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    ann, bob = accounts
+    body = {
+        "commands": [
+            item("transfer", source=ann, destination=bob, amount=60),
+            item("withdraw", account_id=bob, amount=10),
+        ]
+    }
+    reply = post(api, "/v1/atomic", body)
+    assert reply.status_code == 200, reply.text
+    receipt = reply.json()
+    assert receipt["command"] == "atomic" and receipt["idempotency_key"] == "list-1"
+    assert [part["command"] for part in receipt["linked"]] == ["transfer", "withdraw"]
+    assert receipt["linked"][0]["transfer_id"] and receipt["linked"][1]["account_id"] == bob
+    assert reply.headers["daybook-position"] == str(receipt["position"])
+    assert (balance(api, ann), balance(api, bob)) == (40, 50)
+
+    again = post(api, "/v1/atomic", body)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == {**receipt, "replayed": True, "linked": [
+        {**part, "replayed": True} for part in receipt["linked"]
+    ]}  # fmt: skip
+    head = api.head()
+    other = {"commands": body["commands"][:1]}
+    assert_problem(post(api, "/v1/atomic", other), 422, "idempotency_conflict")
+    assert api.head() == head and (balance(api, ann), balance(api, bob)) == (40, 50)
+
+
+def test_a_refused_linked_list_writes_nothing_and_names_the_command(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    ann, bob = accounts
+    head = api.head()
+    body = {
+        "commands": [
+            item("transfer", source=ann, destination=bob, amount=60),
+            item("withdraw", account_id=bob, amount=500),
+        ]
+    }
+    problem = assert_problem(post(api, "/v1/atomic", body), 409, "insufficient_funds")
+    assert problem["details"]["index"] == 1
+    codes = [outcome["code"] for outcome in problem["details"]["outcomes"]]
+    assert codes == ["linked_command_failed", "insufficient_funds"]
+    assert api.head() == head and balance(api, ann) == 100
+    # A retry gets the original refusal.
+    assert_problem(post(api, "/v1/atomic", body), 409, "insufficient_funds")
+
+
+# -- /v1/batch ------------------------------------------------------------------------------
+
+
+def test_a_batch_answers_one_outcome_per_command_in_order(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    ann, bob = accounts
+    body = {
+        "commands": [
+            item("deposit", account_id=bob, amount=5),
+            item("withdraw", account_id=bob, amount=1_000),
+            item("transfer", source=ann, destination=bob, amount=30),
+            item("hold", account_id=ann, amount=20, timeout=60),
+        ]
+    }
+    reply = post(api, "/v1/batch", body, key="batch-1")
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    outcomes = answer["outcomes"]
+    assert [o["index"] for o in outcomes] == [0, 1, 2, 3]
+    assert [o["status"] for o in outcomes] == [200, 409, 200, 200]
+    assert outcomes[1]["problem"]["code"] == "insufficient_funds"
+    assert outcomes[1]["problem"]["type"] == "/problems/insufficient_funds"
+    assert outcomes[0]["request_id"] == "tester/batch-1/0"
+    assert outcomes[2]["transfer_id"] and outcomes[3]["hold_id"]
+    assert (answer["applied"], answer["refused"]) == (3, 1)
+    assert answer["position"] == outcomes[3]["position"] == int(reply.headers["daybook-position"])
+    assert (balance(api, ann), balance(api, bob)) == (70, 35)
+
+    # The same key and list: every item's original outcome, nothing applied again.
+    head = api.head()
+    again = post(api, "/v1/batch", body, key="batch-1").json()
+    assert api.head() == head
+    assert [o["status"] for o in again["outcomes"]] == [200, 409, 200, 200]
+    assert all(o["replayed"] for o in again["outcomes"] if o["status"] == 200)
+    assert again["outcomes"][3]["hold_id"] == outcomes[3]["hold_id"]
+    assert again["applied"] == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda cs: [cs[0], {**cs[1], "fields": {**cs[1]["fields"], "amount": 6}}],  # changed
+        lambda cs: cs[:1],  # removed
+    ],
+    ids=["changed", "removed"],
+)
+def test_the_same_key_with_another_batch_is_refused_and_applies_nothing(
+    api: Api, accounts: tuple[str, str], change: Any
+) -> None:
+    ann, _ = accounts
+    commands = [
+        item("deposit", account_id=ann, amount=5),
+        item("deposit", account_id=ann, amount=5),
+    ]
+    assert post(api, "/v1/batch", {"commands": commands}, key="b").is_success
+    head = api.head()
+    reply = post(api, "/v1/batch", {"commands": change(commands)}, key="b")
+    assert_problem(reply, 422, "idempotency_conflict")
+    assert api.head() == head and balance(api, ann) == 110
+
+
+def test_a_key_used_for_a_single_command_is_refused_for_a_batch(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    ann, _ = accounts
+    assert api.command("deposit", {"account_id": ann, "amount": 5}, key="one").is_success
+    head = api.head()
+    body = {"commands": [item("deposit", account_id=ann, amount=5)]}
+    assert_problem(post(api, "/v1/batch", body, key="one"), 422, "idempotency_conflict")
+    assert api.head() == head
+
+
+def test_a_batch_key_in_use_is_409(api: Api, accounts: tuple[str, str]) -> None:
+    ann, _ = accounts
+    in_flight: set[str] = api.app.state.commands.in_flight
+    in_flight.add("tester/busy")
+    body = {"commands": [item("deposit", account_id=ann, amount=5)]}
+    for path in ("/v1/batch", "/v1/atomic"):
+        assert_problem(post(api, path, body, key="busy"), 409, "idempotency_key_in_use")
+    in_flight.discard("tester/busy")
+    assert post(api, "/v1/batch", body, key="busy").is_success
+
+
+# -- bad input, for both --------------------------------------------------------------------
+
+ACCOUNT = "00000000-0000-0000-0000-000000000005"
+
+
+@pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ([], 422, "invalid_request"),
+        ({}, 422, "invalid_request"),
+        ({"commands": []}, 422, "invalid_request"),
+        ({"commands": "deposit"}, 422, "invalid_request"),
+        ({"commands": [item("deposit", amount=5)], "extra": 1}, 422, "invalid_request"),
+        ({"commands": ["deposit"]}, 422, "invalid_request"),
+        ({"commands": [{"fields": {}}]}, 422, "invalid_request"),
+        ({"commands": [item("no_such_command")]}, 422, "invalid_request"),
+        ({"commands": [item("atomic", commands=[])]}, 422, "invalid_request"),
+        ({"commands": [{"command": "deposit", "fields": {}, "x": 1}]}, 422, "invalid_request"),
+        ({"commands": [item("deposit", account_id=ACCOUNT)]}, 422, "invalid_request"),
+        (
+            {"commands": [item("deposit", account_id=ACCOUNT, amount=5, memo="x")]},
+            422,
+            "invalid_request",
+        ),
+        (
+            {"commands": [item("deposit", account_id=ACCOUNT, amount=5, request_id="r")]},
+            422,
+            "invalid_request",
+        ),
+        (
+            {"commands": [item("deposit", account_id=ACCOUNT, amount=12.5)]},
+            422,
+            "invalid_amount",
+        ),
+    ],
+)
+def test_a_list_that_cannot_be_read_is_refused_whole(
+    api: Api, accounts: tuple[str, str], path: str, body: Any, status: int, code: str
+) -> None:
+    ann, _ = accounts
+    head = api.head()
+    if isinstance(body, dict) and isinstance(body.get("commands"), list) and body["commands"]:
+        # A good command first: it must not be applied either.
+        body = {**body, "commands": [item("deposit", account_id=ann, amount=1), *body["commands"]]}
+    problem = assert_problem(post(api, path, body), status, code)
+    if code == "invalid_amount":
+        assert problem["details"]["index"] == 1
+    assert api.head() == head
+
+
+@pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
+def test_lists_need_a_key_json_and_a_bounded_length(
+    api: Api, accounts: tuple[str, str], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ann, _ = accounts
+    head = api.head()
+    body = {"commands": [item("deposit", account_id=ann, amount=1)] * 3}
+    assert_problem(post(api, path, body, key=None), 400, "idempotency_key_missing")
+    headers = {**api.auth("tester"), "Idempotency-Key": "k", "Content-Type": "application/json"}
+    malformed = api.run(api.client.post(path, content=b'{"commands": [', headers=headers))
+    assert_problem(malformed, 400, "malformed_json")
+    monkeypatch.setattr(lists, "MAX_BATCH", 2)
+    monkeypatch.setattr(lists, "MAX_LINKED", 2)
+    problem = assert_problem(post(api, path, body), 422, "invalid_request")
+    assert problem["details"] == {"limit": 2, "count": 3}
+    assert api.head() == head
+
+
+def test_the_openapi_document_describes_both_and_their_idempotency(api: Api) -> None:
+    paths = api.run(api.client.get("/openapi.json")).json()["paths"]
+    for path in ("/v1/atomic", "/v1/batch"):
+        operation = paths[path]["post"]
+        assert any(
+            p["name"] == "Idempotency-Key" and p["required"] for p in operation["parameters"]
+        )
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["required"] == ["commands"] and schema["properties"]["commands"]["maxItems"]
+        assert "idempotency_conflict" in operation["description"]
+    assert "`<token>/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
+    atomic = paths["/v1/atomic"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert atomic["schema"] == {"$ref": "#/components/schemas/Receipt"}
