@@ -21,7 +21,7 @@ from daybook import Ledger, open_async_ledger, open_ledger
 from daybook.domain.accounts import Deposit, InsufficientFunds, Withdraw
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.ledger.application import outcome_label
-from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability import metrics, tracing
 
 _EXPORTER = InMemorySpanExporter()
 _INSTALLED: list[bool] = []
@@ -186,3 +186,16 @@ def test_a_batch_of_several_traces_links_to_each(
     assert {link.context.span_id for link in commit.links} == {p.span_id for p in parents}
     assert commit.context is not None
     assert commit.context.trace_id not in {p.trace_id for p in parents}
+
+
+def test_a_stored_traceparent_is_read_as_the_propagator_reads_it() -> None:
+    stored = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    parent = tracing.context_of(stored)
+    assert parent is not None
+    assert tracing.span_context_of(stored) == trace.get_current_span(parent).get_span_context()
+    zero = "00-00000000000000000000000000000000-b7ad6b7169203331-01"
+    for junk in (None, "", "junk", zero, stored.upper()[:-1]):
+        assert tracing.span_context_of(junk) is None
+    later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more"  # a future version
+    found = tracing.span_context_of(later)
+    assert found is not None and found.span_id == 0xB7AD6B7169203331
