@@ -129,7 +129,9 @@ class Ledger(LedgerMethods):
         error that stopped it. Each command keeps its own request id and idempotency. Not
         all-or-nothing: a refusal does not stop the others. Commands are applied in order,
         so a command sees the effect of those before it. Raises ``InvalidRequest`` (and runs
-        nothing) for a malformed submission."""
+        nothing) for a malformed submission. Each command is counted in
+        ``daybook_commands_total``; none is timed in ``daybook_command_duration_seconds``
+        (they are answered together, when the submission is)."""
         return self.service.committer.submit_many(_submission(commands))  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
