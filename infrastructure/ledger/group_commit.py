@@ -500,7 +500,8 @@ class GroupCommitter:
 def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> None:
     """Hand each caller its outcome: threads directly, each event loop once per batch
     (waking a loop costs a system call; one wake-up settles all its callers). Every answer
-    passes here once, so this is where they are counted."""
+    passes here once, so this is where they are counted: first, so that a caller holding
+    its answer finds it counted."""
     count_outcomes([command for command, _ in items], outcomes)
     by_loop: dict[asyncio.AbstractEventLoop, list[_LoopSettlement]] = defaultdict(list)
     for (_, reply), outcome in zip(items, outcomes, strict=True):
