@@ -18,6 +18,13 @@ again. Decisions are the saga's; this module only carries them out:
 
 Crash points (``DAYBOOK_FAULTS``) sit at every step boundary: before and after each local
 command, before and after each remote call, and between compensations.
+
+Seen from outside: each move runs in a span (``saga step charge``, ``saga compensate hold``,
+``saga deadline charge``) continuing the trace of the command that started the saga, with a
+client span per remote call; ``daybook_saga_compensations_total{step}`` and
+``daybook_saga_deadlines_fired_total`` count the moves this processor recorded (a replayed
+delivery is not counted again); ``daybook_sagas{state}`` is set from the ``sagas`` read
+model at most once a second; each breaker sets ``daybook_circuit_breaker_state``.
 """
 
 from __future__ import annotations
