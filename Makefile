@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_streaming.py
 	$(PY) scripts/bench_http.py
 	$(PY) scripts/bench_sagas.py
+	$(PY) scripts/bench_instrumentation.py
 
 clean:
 	rm -rf $(VENV) .daybook bench-results

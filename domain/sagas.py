@@ -251,6 +251,9 @@ class Saga(LedgerAggregate):
         #: The deadline of the current step: (step, at, generation), or None.
         deadline: tuple[str, datetime, int] | None
         generation: int
+        #: The trace of the command that started the saga (W3C ``traceparent``), which
+        #: every step continues; None if it was not traced.
+        traceparent: str | None
 
     class Started(LedgerAggregate.Created):
         kind: str
@@ -268,6 +271,7 @@ class Saga(LedgerAggregate):
             saga.retry_at = None
             saga.deadline = None
             saga.generation = 0
+            saga.traceparent = self.meta.traceparent
 
     class DeadlineSet(LedgerAggregate.Event):
         step: str

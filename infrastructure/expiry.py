@@ -30,6 +30,7 @@ from daybook.infrastructure.lifecycle import (
     Stopping,
     SupervisedThread,
 )
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
 from daybook.projections.holds import EXPIRING_RESERVATIONS, OPEN_HOLDS, OPEN_HOLDS_PROJECTION
 from daybook.projections.model import iso_time
@@ -141,6 +142,8 @@ class ExpirySweeper:
         ).value
         for row in holds:
             recorded += self._record(ExpireHold(UUID(str(row["hold_id"]))))
+        if recorded:
+            metrics.HOLDS_EXPIRED.inc(recorded)
         reservations = self.views.rows(
             OPEN_HOLDS_PROJECTION,
             EXPIRING_RESERVATIONS.name,
@@ -154,7 +157,16 @@ class ExpirySweeper:
             command = ExpireReservation(str(row["sku"]), str(row["reservation_id"]))
             recorded += self._record(command)
         self.recorded += recorded
+        self._observe_open_holds()
         return recorded
+
+    def _observe_open_holds(self) -> None:
+        """Set ``daybook_holds_open`` from the ``open_holds`` read model: one count per sweep
+        (the ledger keeps holds per account and has no total to ask). As current as the
+        read model (its lag is ``daybook_projection_lag_events``): a hold this sweep
+        expired is counted until its record is applied there."""
+        counted = self.views.count(OPEN_HOLDS_PROJECTION, OPEN_HOLDS.name, timeout=0.0)
+        metrics.HOLDS_OPEN.set(sum(counted.value.values()))
 
     def _record(self, command: ExpireHold | ExpireReservation) -> int:
         try:

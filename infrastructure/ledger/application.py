@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar, cast
@@ -44,6 +44,7 @@ from daybook.infrastructure.ledger.requests import (
 )
 from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
+from daybook.infrastructure.observability import metrics, tracing
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -90,6 +91,7 @@ class DirectCommitter:
     def submit(self, command: Command) -> Receipt:
         with self._lock:
             (outcome,) = self._service.execute([command])
+        count_outcomes([command], [outcome])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -99,6 +101,7 @@ class DirectCommitter:
         with self._lock:
             for start in range(0, len(commands), self.chunk):
                 outcomes.extend(self._service.execute(commands[start : start + self.chunk]))
+        count_outcomes(commands, outcomes)
         return outcomes
 
     def close(self) -> None:
@@ -588,18 +591,28 @@ class LedgerService(Application[UUID]):
 
         With ``remember=False`` the cache is not updated: call ``remember`` afterwards (a
         group committer answers its callers first; the next batch builds on this one's
-        state directly, not on the cache)."""
+        state directly, not on the cache).
+
+        Observed once per transaction that commits (``daybook_commit_duration_seconds``,
+        ``daybook_commit_batch_size``, and a ``daybook.commit`` span): a batch with nothing
+        to write (only replays) is not a commit, and an attempt that fails is not observed
+        in the histograms (its span ends with the error); its retry, which ``execute`` may
+        split, is observed as the batches that do commit."""
         assert prepared.after is None or prepared.after.committed, "commit batches in order"
         prepared.uow.seal()
         prepared.after = None
         if prepared.pending:
             try:
-                positions = self.recorder.insert_events(
-                    prepared.stored,
-                    requests=prepared.pending,
-                    expiry=self.retention.expiry(),
-                    snapshots=self._snapshots(prepared.uow),
-                )
+                with _commit_span(prepared):
+                    started = time.perf_counter()
+                    positions = self.recorder.insert_events(
+                        prepared.stored,
+                        requests=prepared.pending,
+                        expiry=self.retention.expiry(),
+                        snapshots=self._snapshots(prepared.uow),
+                    )
+                    metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+                    metrics.COMMIT_BATCH.observe(len(prepared.commands))
             except VersionConflict as conflict:
                 conflict.stale = self._moved(prepared.uow)
                 raise
@@ -688,6 +701,50 @@ class LedgerService(Application[UUID]):
         self.request_purge.stop()
         self.committer.close()
         super().close()
+
+
+def outcome_label(outcome: Outcome | BaseException) -> str:
+    """What ``daybook_commands_total`` calls an outcome: ``ok``, ``replayed``, the refusal's
+    code, or ``error`` (the error that stopped the command: the store unreachable, a bug)."""
+    if isinstance(outcome, Receipt):
+        return "replayed" if outcome.replayed else "ok"
+    if isinstance(outcome, DomainError):
+        return outcome.code
+    return "error"
+
+
+def count_outcomes(
+    commands: Sequence[Command], outcomes: Sequence[Outcome | BaseException]
+) -> None:
+    """Count answered commands in ``daybook_commands_total``, once per (command, outcome)
+    pair of the batch: the counter's lock is taken per pair, not per command."""
+    counts: dict[tuple[str, str], int] = {}
+    for command, outcome in zip(commands, outcomes, strict=True):
+        key = (command.name, outcome_label(outcome))
+        counts[key] = counts.get(key, 0) + 1
+    for (name, label), count in counts.items():
+        metrics.COMMANDS.labels(name, label).inc(count)
+
+
+@contextlib.contextmanager
+def _commit_span(prepared: PreparedBatch) -> Iterator[None]:
+    """The ``daybook.commit`` span of one batch's transaction: a child of its command's span
+    when one traced command is in it, else linked to each traced command's span (from the
+    ``traceparent`` of their envelopes). Nothing at all when no tracing SDK is installed."""
+    if not tracing.enabled():
+        yield
+        return
+    traced = list(dict.fromkeys(c.traceparent for c in prepared.commands if c.traceparent))
+    attributes = {
+        "daybook.batch_size": len(prepared.commands),
+        "daybook.events": len(prepared.stored),
+    }
+    if len(traced) == 1:
+        with tracing.span("daybook.commit", parent=traced[0], attributes=attributes):
+            yield
+    else:
+        with tracing.span("daybook.commit", links=tracing.links_to(traced), attributes=attributes):
+            yield
 
 
 def _utc_now() -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -24,6 +25,7 @@ from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
 from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.tracing import command_span
 from daybook.infrastructure.settings import Settings
 
@@ -53,6 +55,18 @@ def _submission(commands: object) -> list[Command]:
             msg = f"item {index} of the submission is a {type(command).__name__}, not a command"
             raise InvalidRequest(msg, field="commands", index=index)
     return list(commands)
+
+
+#: ``daybook_command_duration_seconds`` per command name (``labels`` takes a lock each call).
+_LATENCY: dict[str, Any] = {}
+
+
+def _observe_latency(name: str, started: float) -> None:
+    """Observe one command's time from submission to answer (receipt or refusal)."""
+    histogram = _LATENCY.get(name)
+    if histogram is None:
+        histogram = _LATENCY[name] = metrics.COMMAND_SECONDS.labels(name)
+    histogram.observe(time.perf_counter() - started)
 
 
 def _given(
@@ -85,8 +99,12 @@ class Ledger(LedgerMethods):
         self.settings = settings
 
     def execute(self, command: Command) -> Receipt:
-        with command_span(command):
-            return self.service.committer.submit(command)
+        started = time.perf_counter()
+        try:
+            with command_span(command):
+                return self.service.committer.submit(command)
+        finally:
+            _observe_latency(command.name, started)
 
     def atomic(
         self,
@@ -111,7 +129,9 @@ class Ledger(LedgerMethods):
         error that stopped it. Each command keeps its own request id and idempotency. Not
         all-or-nothing: a refusal does not stop the others. Commands are applied in order,
         so a command sees the effect of those before it. Raises ``InvalidRequest`` (and runs
-        nothing) for a malformed submission."""
+        nothing) for a malformed submission. Each command is counted in
+        ``daybook_commands_total``; none is timed in ``daybook_command_duration_seconds``
+        (they are answered together, when the submission is)."""
         return self.service.committer.submit_many(_submission(commands))  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
@@ -171,8 +191,12 @@ class AsyncLedger(AsyncLedgerMethods):
         self._committer = service.committer
 
     async def execute(self, command: Command) -> Receipt:
-        with command_span(command):
-            return await self._committer.submit_async(command)
+        started = time.perf_counter()
+        try:
+            with command_span(command):
+                return await self._committer.submit_async(command)
+        finally:
+            _observe_latency(command.name, started)
 
     async def atomic(
         self,

@@ -40,7 +40,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from eventsourcing.persistence import IntegrityError
 
 from daybook.domain.commands import Command, Receipt
-from daybook.infrastructure.ledger.application import LedgerService, Outcome, PreparedBatch
+from daybook.infrastructure.ledger.application import (
+    LedgerService,
+    Outcome,
+    PreparedBatch,
+    count_outcomes,
+)
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 
@@ -494,7 +499,10 @@ class GroupCommitter:
 
 def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> None:
     """Hand each caller its outcome: threads directly, each event loop once per batch
-    (waking a loop costs a system call; one wake-up settles all its callers)."""
+    (waking a loop costs a system call; one wake-up settles all its callers). Every answer
+    passes here once, so this is where they are counted: first, so that a caller holding
+    its answer finds it counted."""
+    count_outcomes([command for command, _ in items], outcomes)
     by_loop: dict[asyncio.AbstractEventLoop, list[_LoopSettlement]] = defaultdict(list)
     for (_, reply), outcome in zip(items, outcomes, strict=True):
         if isinstance(reply, _Waiter):

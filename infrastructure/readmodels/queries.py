@@ -392,6 +392,26 @@ class ReadModels:
         found, position, lag = self._read(projection.name, read, min_position, timeout)
         return Answer(found, position, lag)
 
+    def count(
+        self,
+        projection: Projection,
+        table: str,
+        *,
+        by: str | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[dict[Any, int]]:
+        """How many rows a projection's table holds (``{None: n}``), or how many per value
+        of its column ``by``: one aggregate query, for gauges."""
+        spec = projection.table(table)
+
+        def read(store: ReadStore, version: int) -> dict[Any, int]:
+            if by is None:
+                return {None: store.count(spec, version)}
+            return store.count_by(spec, version, by)
+
+        found, position, lag = self._read(projection.name, read, None, timeout)
+        return Answer(found, position, lag)
+
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""
         _, position, _ = self._read(projection, lambda store, version: None, None, 0.0)

@@ -227,6 +227,15 @@ class ReadStore(ABC):
             sql += f" LIMIT {int(limit)}"
         return [dict(zip(names, values, strict=True)) for values in self.execute(sql, params)]
 
+    def count_by(self, table: Table, version: int, column: str) -> dict[Any, int]:
+        """How many rows the table holds for each value of ``column``."""
+        if column not in table.column_names:
+            msg = f"{table.name} has no column {column!r}"
+            raise ValueError(msg)
+        source = self.source(table, version)
+        sql = f"SELECT {column}, count(*) FROM {source} GROUP BY {column}"
+        return {value: int(count) for value, count in self.execute(sql)}
+
     def range_checksums(self, table: Table, version: int) -> dict[str, tuple[int, int]]:
         """Row count and checksum of each key range of the stored table (see
         ``checksums``); computed here from every row unless the dialect can do better."""

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from daybook.infrastructure.observability import metrics
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
@@ -17,9 +19,15 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+#: ``daybook_circuit_breaker_state``'s value for each state.
+GAUGE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
 class CircuitBreaker:
     """Opens after ``threshold`` failures in a row; after ``cooldown`` seconds lets one trial
-    call through, which closes it (success) or opens it again (failure)."""
+    call through, which closes it (success) or opens it again (failure). Its state is the
+    gauge ``daybook_circuit_breaker_state{dependency=name}`` (one breaker per dependency in
+    a process: with two, the last to change sets it)."""
 
     def __init__(
         self,
@@ -40,6 +48,14 @@ class CircuitBreaker:
         self._trial = False
         #: How often it opened.
         self.opened = 0
+        self._gauge = metrics.CIRCUIT_STATE.labels(name)
+        self._gauge.set(GAUGE_VALUES[self._state])
+
+    def _move(self, state: BreakerState) -> None:
+        """Change state (holding the lock), and the gauge with it."""
+        if state is not self._state:
+            self._state = state
+            self._gauge.set(GAUGE_VALUES[state])
 
     @property
     def state(self) -> BreakerState:
@@ -55,7 +71,7 @@ class CircuitBreaker:
                 assert self._opened_at is not None
                 if self._clock() < self._opened_at + self.cooldown:
                     return False
-                self._state = BreakerState.HALF_OPEN
+                self._move(BreakerState.HALF_OPEN)
                 self._trial = False
             if self._trial:
                 return False  # one trial at a time
@@ -72,7 +88,7 @@ class CircuitBreaker:
     def succeeded(self) -> None:
         with self._lock:
             self._failures = 0
-            self._state = BreakerState.CLOSED
+            self._move(BreakerState.CLOSED)
             self._trial = False
 
     def failed(self) -> None:
@@ -81,6 +97,6 @@ class CircuitBreaker:
             if self._state is BreakerState.HALF_OPEN or self._failures >= self.threshold:
                 if self._state is not BreakerState.OPEN:
                     self.opened += 1
-                self._state = BreakerState.OPEN
+                self._move(BreakerState.OPEN)
                 self._opened_at = self._clock()
                 self._trial = False

@@ -18,6 +18,13 @@ again. Decisions are the saga's; this module only carries them out:
 
 Crash points (``DAYBOOK_FAULTS``) sit at every step boundary: before and after each local
 command, before and after each remote call, and between compensations.
+
+Seen from outside: each move runs in a span (``saga step charge``, ``saga compensate hold``,
+``saga deadline charge``) continuing the trace of the command that started the saga, with a
+client span per remote call; ``daybook_saga_compensations_total{step}`` and
+``daybook_saga_deadlines_fired_total`` count the moves this processor recorded (a replayed
+delivery is not counted again); ``daybook_sagas{state}`` is set from the ``sagas`` read
+model at most once a second; each breaker sets ``daybook_circuit_breaker_state``.
 """
 
 from __future__ import annotations
@@ -25,14 +32,18 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from daybook.domain.commands import Command
+from opentelemetry.trace import SpanKind
+
+from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import DomainError
 from daybook.domain.sagas import (
     Compensate,
@@ -48,6 +59,7 @@ from daybook.domain.sagas import (
     RunLocalStep,
     RunStep,
     Saga,
+    SagaState,
     Wait,
 )
 from daybook.infrastructure.gateway import (
@@ -65,6 +77,7 @@ from daybook.infrastructure.lifecycle import (
     Stopping,
     SupervisedThread,
 )
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
@@ -144,6 +157,8 @@ class SagaProcessor:
         self._failure: BaseException | None = None
         #: How many moves this processor made (steps, compensations, deadlines, retries).
         self.moves = 0
+        #: When ``run_due`` next sets ``daybook_sagas`` (monotonic seconds).
+        self._observe_at = 0.0
         self.service = SupervisedThread(name, self._run, policy=policy, on_stop=self._on_stop)
 
     # -- the service ----------------------------------------------------------------------
@@ -195,7 +210,22 @@ class SagaProcessor:
         for row in rows:
             if self.wake(UUID(str(row["saga_id"])), now=now) is not None:
                 handed += 1
+        if time.monotonic() >= self._observe_at:
+            self._observe_at = time.monotonic() + self.observe_every
+            self.observe_states()
         return handed
+
+    #: How often (seconds) ``run_due`` counts the sagas by state for ``daybook_sagas``.
+    observe_every = 1.0
+
+    def observe_states(self) -> dict[str, int]:
+        """Set ``daybook_sagas{state}`` from the ``sagas`` read model (one count by state;
+        as current as that read model), every state included, and return the counts."""
+        counted = self.views.count(SAGA_LIST, SAGAS.name, by="state", timeout=0.0).value
+        counts = {state.value: int(counted.get(state.value, 0)) for state in SagaState}
+        for state, count in counts.items():
+            metrics.SAGAS.labels(state).set(count)
+        return counts
 
     def wake(self, saga_id: UUID, *, now: datetime | None = None) -> Future[None] | None:
         """Drive ``saga_id`` in a worker now (unless one is at it already, or it waits for
@@ -242,46 +272,55 @@ class SagaProcessor:
                 return saga
             self.moves += 1
             if isinstance(move, FireDeadline):
-                self._send(
-                    FireSagaDeadline(
-                        saga_id,
-                        move.step,
-                        move.generation,
-                        decided_by=self.name,
-                        request_id=f"saga:{saga_id}:deadline:{move.generation}",
-                        correlation_id=str(saga_id),
-                    )
-                )
-            elif isinstance(move, RunStep):
-                if isinstance(move.step.action, Local):
-                    crash_point("saga.before_local")
-                    self._send(
-                        RunLocalStep(
+                with _step_span(saga, "deadline", move.step):
+                    fired = self._send(
+                        FireSagaDeadline(
                             saga_id,
-                            move.step.name,
+                            move.step,
+                            move.generation,
                             decided_by=self.name,
-                            request_id=f"saga:{saga_id}:{move.step.name}",
+                            request_id=f"saga:{saga_id}:deadline:{move.generation}",
                             correlation_id=str(saga_id),
                         )
                     )
-                    crash_point("saga.after_local")
-                elif not self._remote_step(saga, move):
+                if _new(fired):
+                    metrics.SAGA_DEADLINES.inc()
+            elif isinstance(move, RunStep):
+                with _step_span(saga, "step", move.step.name):
+                    if isinstance(move.step.action, Local):
+                        crash_point("saga.before_local")
+                        self._send(
+                            RunLocalStep(
+                                saga_id,
+                                move.step.name,
+                                decided_by=self.name,
+                                request_id=f"saga:{saga_id}:{move.step.name}",
+                                correlation_id=str(saga_id),
+                            )
+                        )
+                        crash_point("saga.after_local")
+                        moved = True
+                    else:
+                        moved = self._remote_step(saga, move)
+                if not moved:
                     return saga
             elif isinstance(move, Compensate):
                 crash_point("saga.between_compensations")
-                if not self._compensate(saga, move):
+                with _step_span(saga, "compensate", move.step.name):
+                    moved = self._compensate(saga, move)
+                if not moved:
                     return saga
         return self.ledger.read(Saga, saga_id)
 
-    def _send(self, command: Command) -> bool:
-        """Execute a recording command; False if the saga had moved on already."""
+    def _send(self, command: Command) -> Receipt | None:
+        """Execute a recording command: its receipt (``replayed`` if another delivery
+        recorded it first), or None if the saga had moved on already."""
         try:
-            self.ledger.execute(command)
+            return self.ledger.execute(command)
         except DomainError as refusal:
             if refusal.code in _MOVED_ON:
-                return False
+                return None
             raise
-        return True
 
     def _retry_at(self, attempt: int, now: datetime) -> datetime:
         with self._random_lock:
@@ -314,15 +353,18 @@ class SagaProcessor:
         try:
             if attempt > 1:
                 # An earlier try may have been done without our hearing of it: ask first.
-                charge = port.lookup(key)
+                with _remote_span(remote.dependency, "lookup"):
+                    charge = port.lookup(key)
             if charge is None:
                 crash_point("saga.before_remote")
-                charge = self._call(port, remote.operation, key, request)
+                with _remote_span(remote.dependency, remote.operation):
+                    charge = self._call(port, remote.operation, key, request)
                 crash_point("saga.after_remote")
         except OutcomeUnknown as unknown:
             breaker.failed()
             try:
-                charge = port.lookup(key)
+                with _remote_span(remote.dependency, "lookup"):
+                    charge = port.lookup(key)
             except GatewayError as error:
                 return self._retry(saga, step.name, attempt, f"outcome unknown ({error})")
             if charge is None:
@@ -404,7 +446,7 @@ class SagaProcessor:
         compensation = step.compensation
         if isinstance(compensation, Local):
             try:
-                self.ledger.execute(
+                undone = self.ledger.execute(
                     RunLocalCompensation(
                         saga.id,
                         step.name,
@@ -418,6 +460,9 @@ class SagaProcessor:
                 if refusal.code in _MOVED_ON:
                     return True
                 self._compensation_failed(saga, step.name, attempt, f"{refusal.code}: {refusal}")
+            else:
+                if _new(undone):
+                    metrics.SAGA_COMPENSATIONS.labels(step.name).inc()
             return True
         assert isinstance(compensation, Remote)
         if self._breaker_open(saga, compensation.dependency):
@@ -427,14 +472,15 @@ class SagaProcessor:
         key = idempotency_key(saga.id, step.name)
         try:
             crash_point("saga.before_remote")
-            refund = port.refund(key)
+            with _remote_span(compensation.dependency, "refund"):
+                refund = port.refund(key)
             crash_point("saga.after_remote")
         except GatewayError as error:
             breaker.failed()
             self._compensation_failed(saga, step.name, attempt, str(error))
             return True
         breaker.succeeded()
-        self._send(
+        compensated = self._send(
             CompleteRemoteCompensation(
                 saga.id,
                 step.name,
@@ -445,6 +491,8 @@ class SagaProcessor:
                 correlation_id=str(saga.id),
             )
         )
+        if _new(compensated):
+            metrics.SAGA_COMPENSATIONS.labels(step.name).inc()
         return True
 
     def _compensation_failed(self, saga: Saga, step: str, attempt: int, error: str) -> None:
@@ -461,3 +509,33 @@ class SagaProcessor:
                 correlation_id=str(saga.id),
             )
         )
+
+
+def _new(receipt: Receipt | None) -> bool:
+    """Whether a recording command was recorded now (not replayed, nor moved on): what the
+    saga counters count, so that a second delivery does not count a move twice."""
+    return receipt is not None and not receipt.replayed
+
+
+@contextmanager
+def _step_span(saga: Saga, move: str, step: str) -> Iterator[None]:
+    """The span of one saga move (``saga step charge``, ``saga compensate hold``, ``saga
+    deadline charge``), continuing the trace of the command that started the saga; its
+    commands' spans and commits are its children. Nothing when no tracing SDK is set up."""
+    if not tracing.enabled():
+        yield
+        return
+    attributes = {"daybook.saga_id": str(saga.id), "daybook.saga": saga.kind, "daybook.step": step}
+    with tracing.span(f"saga {move} {step}", parent=saga.traceparent, attributes=attributes):
+        yield
+
+
+@contextmanager
+def _remote_span(dependency: str, operation: str) -> Iterator[None]:
+    """The span of one call to a remote dependency (a child of the saga move's span)."""
+    if not tracing.enabled():
+        yield
+        return
+    attributes = {"daybook.dependency": dependency, "daybook.operation": operation}
+    with tracing.span(f"{dependency} {operation}", kind=SpanKind.CLIENT, attributes=attributes):
+        yield

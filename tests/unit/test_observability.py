@@ -24,15 +24,20 @@ from daybook.infrastructure.observability.logs import (
 )
 
 _EXPORTER = InMemorySpanExporter()
+_INSTALLED: list[bool] = []
 
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    """The SDK with an in-memory exporter (installed once per process, as the SDK allows)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
+    """The SDK with an in-memory exporter. The SDK's provider can be set once per process:
+    this adds its exporter to whichever provider another test module installed."""
+    if not _INSTALLED:
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
         provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
+        _INSTALLED.append(True)
     _EXPORTER.clear()
     yield _EXPORTER
     _EXPORTER.clear()

@@ -1,0 +1,201 @@
+"""The write side seen from outside: ``/metrics`` after known work, and the commit's span.
+
+Metrics live in one process-wide registry, so each test scrapes ``exposition()`` before and
+after its work and checks the differences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from daybook import Ledger, open_async_ledger, open_ledger
+from daybook.domain.accounts import Deposit, InsufficientFunds, Withdraw
+from daybook.domain.errors import DomainError
+from daybook.infrastructure.ledger.application import outcome_label
+from daybook.infrastructure.observability import metrics, tracing
+
+_EXPORTER = InMemorySpanExporter()
+_INSTALLED: list[bool] = []
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The SDK with an in-memory exporter. The SDK's provider can be set once per process:
+    this adds its exporter to whichever provider another test installed."""
+    if not _INSTALLED:
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        _INSTALLED.append(True)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of ``/metrics``, by name and labels."""
+    text = metrics.exposition().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def delta(
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    key = (name, frozenset(labels.items()))
+    return scrape().get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture(params=[True, False], ids=["group-commit", "direct"])
+def ledger(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}", group_commit=request.param)
+    yield ledger
+    ledger.close()
+
+
+def _known_work(ledger: Ledger) -> None:
+    """1 account opened, 5 deposits, 2 refused withdrawals, 1 replayed deposit."""
+    account = ledger.open_account("ada", "EUR").account_id
+    assert account is not None
+    for _ in range(4):
+        ledger.deposit(account, 10)
+    ledger.deposit(account, 10, request_id="d-1")
+    for _ in range(2):
+        with pytest.raises(InsufficientFunds):
+            ledger.withdraw(account, 1000)
+    assert ledger.deposit(account, 10, request_id="d-1").replayed
+
+
+def _assert_known_work(before: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
+    commands = "daybook_commands_total"
+    assert delta(before, commands, command="open_account", outcome="ok") == 1
+    assert delta(before, commands, command="deposit", outcome="ok") == 5
+    assert delta(before, commands, command="deposit", outcome="replayed") == 1
+    assert delta(before, commands, command="withdraw", outcome="insufficient_funds") == 2
+    latency = "daybook_command_duration_seconds_count"
+    assert delta(before, latency, command="deposit") == 6
+    assert delta(before, latency, command="withdraw") == 2
+    # A transaction per accepted command (one caller, one at a time); a refusal without a
+    # caller's request id and a replay have nothing to write, so they are not commits.
+    assert delta(before, "daybook_commit_duration_seconds_count") == 6
+    assert delta(before, "daybook_commit_batch_size_count") == 6
+    assert delta(before, "daybook_commit_batch_size_sum") == 6
+
+
+def test_known_work_is_counted_once_per_command(ledger: Ledger) -> None:
+    before = scrape()
+    _known_work(ledger)
+    _assert_known_work(before)
+
+
+def test_asyncio_callers_are_counted_the_same(tmp_path: Path) -> None:
+    async def work() -> None:
+        async with open_async_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+            account = (await ledger.open_account("ada", "EUR")).account_id
+            assert account is not None
+            for _ in range(4):
+                await ledger.deposit(account, 10)
+            await ledger.deposit(account, 10, request_id="d-1")
+            for _ in range(2):
+                with pytest.raises(InsufficientFunds):
+                    await ledger.withdraw(account, 1000)
+            assert (await ledger.deposit(account, 10, request_id="d-1")).replayed
+
+    before = scrape()
+    asyncio.run(work())
+    _assert_known_work(before)
+
+
+def test_a_submission_counts_each_of_its_commands(ledger: Ledger) -> None:
+    account = ledger.open_account("ada", "EUR").account_id
+    assert account is not None
+    before = scrape()
+    outcomes = ledger.submit(
+        [
+            Deposit(account, 10, request_id="s-1"),
+            Deposit(account, 10),
+            Withdraw(account, 1000),
+            Deposit(account, 10, request_id="s-1"),
+        ]
+    )
+    assert [outcome_label(o) for o in outcomes] == ["ok", "ok", "insufficient_funds", "replayed"]
+    commands = "daybook_commands_total"
+    assert delta(before, commands, command="deposit", outcome="ok") == 2
+    assert delta(before, commands, command="deposit", outcome="replayed") == 1
+    assert delta(before, commands, command="withdraw", outcome="insufficient_funds") == 1
+    # one batch, one transaction, of four commands
+    assert delta(before, "daybook_commit_batch_size_count") == 1
+    assert delta(before, "daybook_commit_batch_size_sum") == 4
+
+
+def test_outcome_labels() -> None:
+    assert outcome_label(InsufficientFunds("no")) == "insufficient_funds"
+    assert outcome_label(DomainError("no")) == "domain_error"
+    assert outcome_label(ConnectionError("gone")) == "error"
+
+
+def _by_name(spans: InMemorySpanExporter) -> dict[str, list[ReadableSpan]]:
+    found: dict[str, list[ReadableSpan]] = {}
+    for span in spans.get_finished_spans():
+        found.setdefault(span.name, []).append(span)
+    return found
+
+
+def test_a_commands_trace_holds_its_commit(ledger: Ledger, spans: InMemorySpanExporter) -> None:
+    account = ledger.open_account("ada", "EUR").account_id
+    assert account is not None
+    spans.clear()
+    ledger.deposit(account, 10)
+    by_name = _by_name(spans)
+    (command,) = by_name["command deposit"]
+    (commit,) = by_name["daybook.commit"]
+    assert command.context is not None and commit.context is not None
+    assert commit.context.trace_id == command.context.trace_id
+    assert commit.parent is not None and commit.parent.span_id == command.context.span_id
+    assert commit.attributes is not None and commit.attributes["daybook.batch_size"] == 1
+
+
+def test_a_batch_of_several_traces_links_to_each(
+    ledger: Ledger, spans: InMemorySpanExporter
+) -> None:
+    account = ledger.open_account("ada", "EUR").account_id
+    assert account is not None
+    tracer = trace.get_tracer("test")
+    parents = []
+    for name in ("first", "second"):
+        with tracer.start_as_current_span(name) as caller:
+            parents.append(caller.get_span_context())
+    traceparents = [f"00-{p.trace_id:032x}-{p.span_id:016x}-01" for p in parents]
+    spans.clear()
+    ledger.submit([Deposit(account, 10, traceparent=t) for t in traceparents])
+    (commit,) = _by_name(spans)["daybook.commit"]
+    assert {link.context.span_id for link in commit.links} == {p.span_id for p in parents}
+    assert commit.context is not None
+    assert commit.context.trace_id not in {p.trace_id for p in parents}
+
+
+def test_a_stored_traceparent_is_read_as_the_propagator_reads_it() -> None:
+    stored = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    parent = tracing.context_of(stored)
+    assert parent is not None
+    assert tracing.span_context_of(stored) == trace.get_current_span(parent).get_span_context()
+    zero = "00-00000000000000000000000000000000-b7ad6b7169203331-01"
+    for junk in (None, "", "junk", zero, stored.upper()[:-1]):
+        assert tracing.span_context_of(junk) is None
+    later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more"  # a future version
+    found = tracing.span_context_of(later)
+    assert found is not None and found.span_id == 0xB7AD6B7169203331
