@@ -19,10 +19,12 @@ from daybook.infrastructure.bootstrap import (
 )
 from daybook.infrastructure.cli import (
     add_log_format_argument,
+    add_metrics_port_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
+    metrics_served,
     seconds,
     settings_of,
     setup_logging,
@@ -64,6 +66,7 @@ def register(subparsers: Any) -> None:
             f"daybook project --url {_PG}",
             "daybook project --url sqlite:///ledger.db --readmodels-url sqlite:///views.db",
             f"daybook project --url {_PG} --batch-size 5000 --poll-interval 0.5",
+            f"daybook project --url {_PG} --metrics-port 9464 --log-format json",
         ],
     )
     _common(project)
@@ -76,6 +79,8 @@ def register(subparsers: Any) -> None:
         default=0.2,
         help="seconds between looks at the log when nothing wakes the runner",
     )
+    add_metrics_port_argument(project)
+    add_log_format_argument(project)
     project.set_defaults(handler=_run_project)
 
     group = command(
@@ -198,6 +203,8 @@ def register(subparsers: Any) -> None:
             "daybook reconcile",
             f"daybook reconcile account_balances --url {_PG}",
             "daybook reconcile --repair --readmodels-url sqlite:///views.db",
+            f"daybook reconcile --continuous --every-events 50000 --every-seconds 300 --url {_PG}"
+            " --log-format json --metrics-port 9465",
         ],
     )
     _common(check)
@@ -223,6 +230,7 @@ def register(subparsers: Any) -> None:
         help="with --continuous: and at least this often (default 600)",
     )
     add_log_format_argument(check)
+    add_metrics_port_argument(check)
     check.set_defaults(handler=_run_reconcile)
 
 
@@ -264,19 +272,20 @@ def collector_paused() -> Iterator[None]:
 
 def _run_project(args: argparse.Namespace) -> int:
     settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args)
     runner = projection_runner(
         settings, batch_size=args.batch_size, poll_interval=args.poll_interval
     )
 
     def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+        logging.getLogger("daybook.project").info("daybook project: signal %d, stopping", signum)
         runner.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        health = runner.run_forever()
+        with metrics_served(args, "projection runner"):
+            health = runner.run_forever()
     finally:
         runner.stop()
     if health.state is ServiceState.FAILED:
@@ -406,6 +415,7 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
     setup_logging(args)
+    served = metrics_served(args, "continuous reconciler")
     service = continuous_reconciler(
         checked_settings(args, why=_WHY, readmodels=True),
         projections=chosen,
@@ -422,7 +432,8 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        health = service.run_forever()
+        with served:
+            health = service.run_forever()
     finally:
         service.close()
     if health.state is ServiceState.FAILED:

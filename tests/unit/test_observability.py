@@ -5,13 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import urllib.request
-from collections.abc import Iterator
 
 import orjson
-import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook.infrastructure.observability import metrics, tracing
@@ -22,20 +17,6 @@ from daybook.infrastructure.observability.logs import (
     log_context,
     redact,
 )
-
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """The SDK with an in-memory exporter (installed once per process, as the SDK allows)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    yield _EXPORTER
-    _EXPORTER.clear()
 
 
 def value(name: str, **labels: str) -> float | None:
