@@ -400,9 +400,10 @@ class ProjectionRunner:
         # Committed: only now may the caches and positions move on.
         committed = time.time()
         positions = [event.position for event in events]
+        ages = [committed - event.timestamp.timestamp() for event in events] if batches else []
         for slot, rows, position, last_at in batches:
             rows.merge_into_cache()
-            _count_applied(slot, events, positions, slot.record.position, position, committed)
+            _count_applied(slot, positions, ages, slot.record.position, position)
             slot.record = _moved(slot.record, position, last_at)
         return failures
 
@@ -514,23 +515,18 @@ class ProjectionRunner:
 
 
 def _count_applied(
-    slot: Slot,
-    events: list[LogEvent],
-    positions: list[int],
-    before: int,
-    after: int,
-    committed: float,
+    slot: Slot, positions: list[int], ages: list[float], before: int, after: int
 ) -> None:
     """Count the events a version applied in a committed batch (past ``before``, up to
-    ``after``), and how long each took from its time to ``committed``."""
+    ``after``), and how long each took from its time to the commit (``ages``)."""
     first, last = bisect_right(positions, before), bisect_right(positions, after)
     if last <= first:
         return
     name, version = slot.key
     metrics.PROJECTION_APPLIED.labels(name, str(version)).inc(last - first)
-    observe = metrics.CONVERGENCE_SECONDS.labels(name).observe
-    for event in events[first:last]:
-        observe(max(0.0, committed - event.timestamp.timestamp()))
+    metrics.observe_many(
+        metrics.CONVERGENCE_SECONDS.labels(name), [max(0.0, age) for age in ages[first:last]]
+    )
 
 
 def _unresolved_letters(store: ReadStore, name: str, version: int) -> int:

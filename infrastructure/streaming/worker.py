@@ -197,12 +197,11 @@ class StreamApplier:
         ):
             result, times = self._apply(store, messages)
         committed = time.time()
+        ages = [max(0.0, committed - at) for at in times]
         for slot in self._slots:
             name, version = slot.key
             metrics.PROJECTION_APPLIED.labels(name, str(version)).inc(len(times))
-            observe = metrics.CONVERGENCE_SECONDS.labels(name).observe
-            for at in times:
-                observe(max(0.0, committed - at))
+            metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels(name), ages)
         if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
             self._serve_caught_up(store)
         return result

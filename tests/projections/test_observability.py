@@ -121,8 +121,7 @@ def test_the_reconciler_counts_runs_by_result_and_drifted_rows(pg_url: str) -> N
     assert value("daybook_reconciler_runs_total", projection=name, result="clean") == clean + 1
     assert value("daybook_reconciler_runs_total", projection=name, result="drift") == drift + 1
     assert (
-        value("daybook_reconciler_runs_total", projection=name, result="repaired")
-        == repaired + 1
+        value("daybook_reconciler_runs_total", projection=name, result="repaired") == repaired + 1
     )
     assert value("daybook_reconciler_drift_rows_total", projection=name, repaired="false") == (
         found + 1

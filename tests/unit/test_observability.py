@@ -129,3 +129,22 @@ def test_configure_logging_writes_json_to_the_stream() -> None:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert orjson.loads(stream.getvalue())["event"] == "started"
+
+
+def test_observing_many_at_once_counts_as_observing_each() -> None:
+    amounts = [0.0, 0.0001, 0.00011, 0.003, 0.003, 1.0, 7.5, 59.9, 60.0, 61.0, 3600.0, 0.5]
+    one_by_one = metrics.CONVERGENCE_SECONDS.labels("test-one-by-one")
+    for amount in amounts:
+        one_by_one.observe(amount)
+    metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels("test-at-once"), amounts)
+    samples = {
+        (s.name, s.labels["projection"], s.labels.get("le")): s.value
+        for family in metrics.CONVERGENCE_SECONDS.collect()
+        for s in family.samples
+        if s.labels["projection"].startswith("test-") and not s.name.endswith("_created")
+    }
+    each = {(n, le): v for (n, p, le), v in samples.items() if p == "test-one-by-one"}
+    many = {(n, le): v for (n, p, le), v in samples.items() if p == "test-at-once"}
+    assert many == each
+    assert many[("daybook_convergence_seconds_count", None)] == len(amounts)
+    assert many[("daybook_convergence_seconds_bucket", "60.0")] == 10
