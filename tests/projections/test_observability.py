@@ -4,6 +4,7 @@ JSON log lines."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -203,3 +204,37 @@ def test_project_logs_json_lines_and_serves_its_metrics(pg_url: str, tmp_path: P
     assert any(e.startswith(f"projection runner: caught up at log position {head}") for e in events)
     assert "projection runner: stopped" in events
     assert events.index("projection runner: started") < events.index("projection runner: stopped")
+
+
+def test_the_runner_says_once_that_it_caught_up_and_again_after_a_reconnect(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("fay", "EUR").account_id
+    caplog.set_level(logging.INFO)
+    with run_projections(ledger, pg_url, poll_interval=0.01) as runner:
+        runner.views.balance(account, min_position=ledger.head(), timeout=60)
+        for amount in range(1, 6):  # caught up already: no line per event
+            receipt = ledger.deposit(account, amount)
+        runner.views.balance(account, min_position=receipt.position, timeout=60)
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # an outage
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        receipt = ledger.deposit(account, 11)
+        runner.views.balance(account, min_position=receipt.position, timeout=60)
+        deadline = time.monotonic() + 30
+        while sum("caught up" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    ledger.close()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("daybook")]
+    lines = [m for m in said if m.startswith("projection runner:")]
+    caught_up = [m for m in lines if "caught up" in m]
+    assert len(caught_up) == 2, lines
+    assert lines[0] == "projection runner: started"
+    recovered = next(i for i, m in enumerate(lines) if m.startswith("projection runner: recovered"))
+    again = [i for i, m in enumerate(lines) if "caught up" in m][1]
+    assert recovered < again, lines  # said again once the reconnected runner caught up
+    assert lines[-1] == "projection runner: stopped"
