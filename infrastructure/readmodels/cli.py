@@ -425,7 +425,9 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     )
 
     def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook reconcile: signal {signum}, stopping", file=sys.stderr)
+        logging.getLogger("daybook.reconcile").info(
+            "daybook reconcile: signal %d, stopping", signum
+        )
         service.service.stopping.set()
         service.log.interrupt()
 

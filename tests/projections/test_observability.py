@@ -238,3 +238,45 @@ def test_the_runner_says_once_that_it_caught_up_and_again_after_a_reconnect(
     again = [i for i, m in enumerate(lines) if "caught up" in m][1]
     assert recovered < again, lines  # said again once the reconnected runner caught up
     assert lines[-1] == "projection runner: stopped"
+
+
+def test_the_continuous_reconciler_serves_its_runs_and_logs_json(
+    pg_url: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    ledger.deposit(ledger.open_account("gus", "EUR").account_id, 4)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    ledger.close()
+    out = tmp_path / "reconcile.log"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daybook.infrastructure.cli", "reconcile", "account_balances",
+             "--continuous", "--every-seconds", "0.2", "--url", pg_url,
+             "--log-format", "json", "--metrics-port", "0"],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while out.read_text().count("clean at") < 2:  # two runs, each one line
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        port = next(
+            line["metrics_port"]
+            for line in map(orjson.loads, out.read_text().splitlines())
+            if "metrics_port" in line
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+            body = answer.read()
+        runs = scraped(body, "daybook_reconciler_runs_total", projection=BALANCES.name,
+                       result="clean")  # fmt: skip
+        assert runs is not None and runs >= 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, out.read_text()
+    events = [orjson.loads(line)["event"] for line in out.read_text().splitlines()]
+    assert events[1] == "continuous reconciler: started", events[:3]
+    assert events[-1] == "continuous reconciler: stopped"
