@@ -202,6 +202,8 @@ class StreamApplier:
             name, version = slot.key
             metrics.PROJECTION_APPLIED.labels(name, str(version)).inc(len(times))
             metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels(name), ages)
+            if result.parked:  # applied to none of the group's versions
+                metrics.PROJECTION_PARKED.labels(name, str(version)).inc(len(result.parked))
         if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
             self._serve_caught_up(store)
         return result
@@ -366,6 +368,7 @@ class StreamApplier:
         known = {slot.key: slot for slot in self._slots}
         slots: list[Slot] = []
         refused: NotOwner | None = None
+        parked: int | None = None
         for projection in self.projections:
             key = (projection.name, projection.version)
             record = catalog.version(*key, share=True)
@@ -385,6 +388,9 @@ class StreamApplier:
             if slot is None or slot.record.epoch != record.epoch:
                 slot = Slot(projection, record, RowCache(projection, self.cache_limit))
                 slot.cache.warm(store, empty=False)
+                if parked is None:
+                    parked = self._parked_count(store)
+                metrics.PROJECTION_PARKED.labels(*map(str, key)).set(parked)
             slot.record = record
             slots.append(slot)
         if not slots and refused is not None:
@@ -394,6 +400,14 @@ class StreamApplier:
             for slot in slots:
                 slot.cache.clear()
         self._slots = slots
+
+    def _parked_count(self, store: ReadStore) -> int:
+        """The group's parked events (each one applied to none of its versions)."""
+        rows = store.execute(
+            f"SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE group_id = %s AND topic = %s",
+            (self.group, self.topic),
+        )
+        return int(rows[0][0]) if rows else 0
 
     def _cannot_follow(
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord

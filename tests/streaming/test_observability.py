@@ -252,3 +252,34 @@ def test_relay_and_worker_serve_their_metrics_and_log_json(
     assert f"stream worker {group}: started" in worker_events
     assert f"stream worker {group}: stopped" in worker_events
     assert any(e.startswith("worker: partition 0 caught up") for e in worker_events)
+
+
+def test_a_parked_message_counts_for_every_version_of_the_group(pg_url: str) -> None:
+    from tests.streaming.messages import Stream
+
+    ledger = open_ledger(pg_url)
+    ledger.deposit(ledger.open_account("cy", "EUR").account_id, 3)
+    messages = Stream(1).publish(ledger)
+    ledger.close()
+    group = unique("g")
+    worker = StreamApplier(
+        pg_url, projections.ALL, group=group, topic="t", partitions=1, writer="test"
+    )
+    labels = {"projection": BALANCES.name, "version": str(BALANCES.version)}
+    try:
+        worker.apply(messages)
+        assert value("daybook_projection_parked_events", **labels) == 0
+        junk = Message(0, messages[-1].offset + 1, b"not an envelope")
+        assert len(worker.apply([junk]).parked) == 1
+        assert value("daybook_projection_parked_events", **labels) == 1
+    finally:
+        worker.close()
+    again = StreamApplier(
+        pg_url, projections.ALL, group=group, topic="t", partitions=1, writer="other"
+    )
+    metrics.PROJECTION_PARKED.labels(*labels.values()).set(0)
+    try:
+        again.apply([Message(0, junk.offset + 1, messages[-1].value)])  # a duplicate
+        assert value("daybook_projection_parked_events", **labels) == 1  # read back at start
+    finally:
+        again.close()
