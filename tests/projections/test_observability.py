@@ -280,3 +280,25 @@ def test_the_continuous_reconciler_serves_its_runs_and_logs_json(
     events = [orjson.loads(line)["event"] for line in out.read_text().splitlines()]
     assert events[1] == "continuous reconciler: started", events[:3]
     assert events[-1] == "continuous reconciler: stopped"
+
+
+def test_a_parked_event_shows_in_the_parked_gauge(pg_url: str) -> None:
+    from tests.projections.test_runner import _poisoned
+
+    poisoned, _ = _poisoned(fail_times=None)
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("hal", "EUR").account_id
+    ledger.deposit(account, 13)  # the poisoned amount
+    labels = {"projection": BALANCES.name, "version": str(BALANCES.version)}
+    runner = run_projections(
+        ledger, pg_url, projections=[poisoned], start=False, max_attempts=2, retry_backoff=0.001
+    )
+    try:
+        runner.step()
+        assert value("daybook_projection_parked_events", **labels) == 0  # read at the claim
+        for _ in range(3):
+            runner.step()
+        assert value("daybook_projection_parked_events", **labels) == 1
+    finally:
+        runner.stop()
+        ledger.close()
