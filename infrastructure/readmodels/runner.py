@@ -111,12 +111,12 @@ class ProjectionRunner:
         self.slots: dict[tuple[str, int], Slot] = {}
         #: What this runner has said once already (see ``_tell``).
         self._told: set[tuple[tuple[str, int], str]] = set()
-        #: The runner as a service: a transient failure (the log's store or the read-model
-        #: database unreachable, at any point) reconnects after a backoff; anything else
-        #: stops it as FAILED with the reason, in ``health()`` and the log.
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
+        #: The runner as a service: a transient failure (the log's store or the read-model
+        #: database unreachable, at any point) reconnects after a backoff; anything else
+        #: stops it as FAILED with the reason, in ``health()`` and the log.
         self.service = SupervisedThread(
             "projection runner",
             self._follow,
