@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import psycopg
@@ -25,6 +25,7 @@ from eventsourcing.persistence import PersistenceError
 from daybook.domain.errors import DomainError
 from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
+from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
@@ -213,6 +214,35 @@ def setup_tracing() -> None:
             "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed: "
             "pip install 'daybook[otel]' (or unset the variable)"
         ) from None
+
+
+def add_metrics_port_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=whole_number(0, 65535),
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: any free port, "
+        "logged at start; default: no metrics endpoint)",
+    )
+
+
+@contextlib.contextmanager
+def metrics_served(args: argparse.Namespace, what: str) -> Iterator[MetricsServer | None]:
+    """``/metrics`` on ``--metrics-port`` while the block runs (nothing without it)."""
+    port = getattr(args, "metrics_port", None)
+    if port is None:
+        yield None
+        return
+    server = MetricsServer(port)
+    server.start()
+    logging.getLogger("daybook.metrics").info(
+        "%s: metrics at http://%s:%d/metrics", what, server.address, server.port,
+        extra={"fields": {"metrics_port": server.port}},
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def settings_of(args: argparse.Namespace) -> Settings:

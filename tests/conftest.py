@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from scripts import services, streams
 
@@ -110,3 +114,24 @@ def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shared.db"
     return str(request.getfixturevalue("pg_url"))
+
+
+_SPANS = InMemorySpanExporter()
+_SPANS_INSTALLED: list[bool] = []
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The OpenTelemetry SDK with an in-memory exporter: every span finished during the
+    test. (The SDK's provider can be set once per process, as it allows, and stays
+    installed; the exporter joins whichever provider is installed, once.)"""
+    if not _SPANS_INSTALLED:
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
+        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+        _SPANS_INSTALLED.append(True)
+    _SPANS.clear()
+    yield _SPANS
+    _SPANS.clear()

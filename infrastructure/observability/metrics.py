@@ -11,7 +11,9 @@ versions, partitions, routes: never ids, keys or amounts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from time import perf_counter
 from typing import Any
@@ -194,6 +196,26 @@ def timed(histogram: Any) -> Iterator[None]:
         yield
     finally:
         histogram.observe(perf_counter() - started)
+
+
+def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
+    """Observe each of ``amounts`` in ``histogram`` (one labelled histogram), as many calls
+    of ``observe`` would, at the cost of one per bucket touched rather than one per amount
+    (convergence is observed for every event of every batch). Reaches into
+    ``prometheus_client``'s histogram (its bounds, per-bucket counts and sum; tests hold the
+    result equal to ``observe``'s) and falls back to ``observe`` if they are not there."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    # ``observe`` counts an amount in the first bucket whose bound is >= it.
+    tally = Tally(bisect_left(bounds, amount) for amount in amounts)
+    for index, count in tally.items():
+        buckets[index].inc(count)
+    total.inc(sum(amounts))
 
 
 def exposition() -> bytes:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER = trace.get_tracer("daybook")
@@ -46,18 +46,23 @@ def command_span(command: Any) -> Iterator[None]:
         yield
 
 
-def traceparent_of(span: Span) -> str:
-    """``span``'s context as a W3C ``traceparent`` (what the propagator would inject, made
-    directly: this runs once per traced command)."""
-    c = span.get_span_context()
-    return f"00-{c.trace_id:032x}-{c.span_id:016x}-{c.trace_flags:02x}"
-
-
 def current_traceparent() -> str | None:
     """The active span's context as a W3C ``traceparent`` (None when nothing is traced)."""
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent")
+
+
+def traceparent_of(current: Span) -> str | None:
+    """``current``'s context as a W3C ``traceparent`` (to carry in an event's metadata or a
+    message's headers), made directly: this runs once per traced command."""
+    span_context = current.get_span_context()
+    if not span_context.is_valid:
+        return None
+    return (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+        f"{int(span_context.trace_flags):02x}"
+    )
 
 
 def context_of(traceparent: str | None) -> context.Context | None:
@@ -124,6 +129,66 @@ def span(
         attributes=dict(attributes or {}),
     ) as current:
         yield current
+
+
+def traceparent_in(state: Mapping[str, Any]) -> str | None:
+    """The ``traceparent`` stored in an event's metadata (its decoded state's ``meta``)."""
+    meta = state.get("meta")
+    if isinstance(meta, Mapping):
+        found = meta.get("traceparent")
+        return found if isinstance(found, str) else None
+    return None
+
+
+@contextmanager
+def continued(
+    name: str,
+    traced: Iterable[tuple[str | None, int]],
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Span]]:
+    """For each distinct traceparent among ``traced`` (``(traceparent, log position)`` of the
+    events a batch handles), a span named ``name`` whose parent is that traceparent, open for
+    the block: a batch of events from many commands continues each command's trace. Each span
+    carries ``attributes``, the number of that trace's events in the batch and their first
+    and last positions. Yields the spans by traceparent.
+
+    Without an SDK this is one check: ``traced`` (best a generator) is never iterated."""
+    if not enabled():
+        yield {}
+        return
+    grouped: dict[str, list[int]] = {}
+    for traceparent, position in traced:
+        if traceparent:
+            grouped.setdefault(traceparent, []).append(position)
+    spans: dict[str, Span] = {}
+    common = dict(attributes or {})
+    for traceparent, positions in grouped.items():
+        parent = context_of(traceparent)
+        if parent is None:
+            continue
+        spans[traceparent] = TRACER.start_span(
+            name,
+            context=parent,
+            kind=kind,
+            attributes={
+                **common,
+                "daybook.events": len(positions),
+                "daybook.position.first": positions[0],
+                "daybook.position.last": positions[-1],
+            },
+        )
+    try:
+        yield spans
+    except BaseException as error:
+        for current in spans.values():
+            current.record_exception(error)
+            current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}"))
+        raise
+    finally:
+        for current in spans.values():
+            current.end()
 
 
 def configure_tracing(exporter: Any = None, *, service_name: str = "daybook") -> Any:

@@ -19,10 +19,12 @@ from daybook.infrastructure.bootstrap import (
 )
 from daybook.infrastructure.cli import (
     add_log_format_argument,
+    add_metrics_port_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
+    metrics_served,
     seconds,
     settings_of,
     setup_logging,
@@ -65,6 +67,7 @@ def register(subparsers: Any) -> None:
             f"daybook project --url {_PG}",
             "daybook project --url sqlite:///ledger.db --readmodels-url sqlite:///views.db",
             f"daybook project --url {_PG} --batch-size 5000 --poll-interval 0.5",
+            f"daybook project --url {_PG} --metrics-port 9464 --log-format json",
         ],
     )
     _common(project)
@@ -77,6 +80,8 @@ def register(subparsers: Any) -> None:
         default=0.2,
         help="seconds between looks at the log when nothing wakes the runner",
     )
+    add_metrics_port_argument(project)
+    add_log_format_argument(project)
     project.set_defaults(handler=_run_project)
 
     group = command(
@@ -203,7 +208,8 @@ def register(subparsers: Any) -> None:
             f"daybook reconcile account_balances --url {_PG}",
             "daybook reconcile --repair --readmodels-url sqlite:///views.db",
             f"daybook reconcile --continuous --every-events 50000 --every-seconds 300 --url {_PG}",
-            f"daybook reconcile --continuous --repair --log-format json --url {_PG}",
+            f"daybook reconcile --continuous --repair --log-format json --metrics-port 9465 "
+            f"--url {_PG}",
         ],
     )
     _common(check)
@@ -229,6 +235,7 @@ def register(subparsers: Any) -> None:
         help="with --continuous: and at least this often (default 600)",
     )
     add_log_format_argument(check)
+    add_metrics_port_argument(check)
     check.set_defaults(handler=_run_reconcile)
 
 
@@ -270,19 +277,20 @@ def collector_paused() -> Iterator[None]:
 
 def _run_project(args: argparse.Namespace) -> int:
     settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args)
     runner = projection_runner(
         settings, batch_size=args.batch_size, poll_interval=args.poll_interval
     )
 
     def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook project: signal {signum}, stopping", file=sys.stderr)
+        logging.getLogger("daybook.project").info("daybook project: signal %d, stopping", signum)
         runner.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        health = runner.run_forever()
+        with metrics_served(args, "projection runner"):
+            health = runner.run_forever()
     finally:
         runner.stop()
     if health.state is ServiceState.FAILED:
@@ -412,6 +420,7 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
     setup_logging(args)
+    served = metrics_served(args, "continuous reconciler")
     service = continuous_reconciler(
         checked_settings(args, why=_WHY, readmodels=True),
         projections=chosen,
@@ -421,14 +430,17 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     )
 
     def on_signal(signum: int, frame: Any) -> None:
-        print(f"daybook reconcile: signal {signum}, stopping", file=sys.stderr)
+        logging.getLogger("daybook.reconcile").info(
+            "daybook reconcile: signal %d, stopping", signum
+        )
         service.service.stopping.set()
         service.log.interrupt()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        health = service.run_forever()
+        with served:
+            health = service.run_forever()
     finally:
         service.close()
     if health.state is ServiceState.FAILED:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
@@ -250,16 +251,32 @@ def reconcile(
             state = "absent" if record is None else record.state.value
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
             raise LookupError(msg)
-        with _scratch() as directory:
-            fold = Fold(log, projection, url, directory)
-            try:
-                report = _reconcile(store, catalog, fold, record, repair)
-            finally:
-                fold.close()
+        try:
+            with _scratch() as directory:
+                fold = Fold(log, projection, url, directory)
+                try:
+                    report = _reconcile(store, catalog, fold, record, repair)
+                finally:
+                    fold.close()
+        except Exception:
+            metrics.RECONCILER_RUNS.labels(projection.name, "failed").inc()
+            raise
         report.seconds = time.monotonic() - started
+        _count(report)
         return report
     finally:
         store.close()
+
+
+def _count(report: ReconcileReport) -> None:
+    """A run in the metrics: by result, and the drifted rows found (repaired or not)."""
+    if report.clean:
+        result = "clean"
+    else:
+        result = "repaired" if report.repaired else "drift"
+        repaired = "true" if report.repaired else "false"
+        metrics.RECONCILER_DRIFT.labels(report.name, repaired).inc(report.drift_count)
+    metrics.RECONCILER_RUNS.labels(report.name, result).inc()
 
 
 def _reconcile(

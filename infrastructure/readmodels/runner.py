@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -36,6 +38,7 @@ from typing import Self
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     VersionCatalog,
@@ -108,6 +111,9 @@ class ProjectionRunner:
         self.slots: dict[tuple[str, int], Slot] = {}
         #: What this runner has said once already (see ``_tell``).
         self._told: set[tuple[tuple[str, int], str]] = set()
+        #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
+        #: after a full batch; the next catch-up is logged (once, not per event).
+        self._behind = True
         #: The runner as a service: a transient failure (the log's store or the read-model
         #: database unreachable, at any point) reconnects after a backoff; anything else
         #: stops it as FAILED with the reason, in ``health()`` and the log.
@@ -198,6 +204,7 @@ class ProjectionRunner:
         self.store = None
         self._locks = None
         self.slots.clear()
+        self._behind = True
 
     def _claim_slots(self, store: ReadStore) -> None:
         """Take every projection version we may write: ours to write (owner ``runner``),
@@ -233,6 +240,9 @@ class ProjectionRunner:
                 with store.transaction():
                     catalog.set_note(*key, None)  # followed again
             self.slots[key] = Slot(projection, record, cache)
+            with store.transaction(write=False):
+                parked = _unresolved_letters(store, *key)
+            metrics.PROJECTION_PARKED.labels(key[0], str(key[1])).set(parked)
 
     def _cannot_follow(
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
@@ -279,21 +289,71 @@ class ProjectionRunner:
         start = min(slot.record.position for slot in self.slots.values())
         events = self.log.read(start, self.batch_size)
         if not events:
+            self._measure_lag([], 0)
+            self._caught_up(start)
             self._switch_caught_up(store, start)
             return 0
-        try:
-            failures = self._apply_batch(store, events)
-        except Exception as error:
-            if not store.refused_rows(error) or len(self.slots) < 2:
-                raise
-            failures = self._apply_alone(store, events, error)
+        with tracing.continued(
+            "daybook.projection.apply",
+            ((tracing.traceparent_in(event.data), event.position) for event in events),
+            attributes={
+                "daybook.projection": [key[0] for key in self.slots],
+                "daybook.version": [key[1] for key in self.slots],
+                "daybook.batch.size": len(events),
+            },
+        ):
+            try:
+                failures = self._apply_batch(store, events)
+            except Exception as error:
+                if not store.refused_rows(error) or len(self.slots) < 2:
+                    raise
+                failures = self._apply_alone(store, events, error)
         for failure in failures:
             self._handle_failure(store, failure)
+        full = len(events) >= self.batch_size
+        head = self.log.head() if full or self.on_progress is not None else events[-1].position
+        self._measure_lag(events, head)
         if self.on_progress is not None:
-            self.on_progress(Progress(len(events), events[-1].position, self.log.head()))
-        if len(events) < self.batch_size:
+            self.on_progress(Progress(len(events), events[-1].position, head))
+        if full:
+            self._behind = True
+        else:
+            self._caught_up(events[-1].position)
             self._switch_caught_up(store, events[-1].position)
         return len(events)
+
+    def _caught_up(self, position: int) -> None:
+        """Read to the end of the log: said once after a start, a reconnect or a backlog."""
+        if self._behind:
+            self._behind = False
+            log.info(
+                "projection runner: caught up at log position %d (%s)",
+                position,
+                ", ".join(f"{name} v{version}" for name, version in self.slots) or "no versions",
+            )
+
+    def _measure_lag(self, events: list[LogEvent], head: int) -> None:
+        """Each version's lag after a batch of ``events`` (none: the log was read to its
+        end). Counted in events the batch read and the version has not applied; past a
+        full batch, the rest of the log is estimated as ``head`` minus the batch's last
+        position (a gap in positions counts there, and only there). In seconds: the age
+        of the oldest event not applied (past a full batch, the age of its last event, an
+        upper bound), 0 when caught up."""
+        now = time.time()
+        positions = [event.position for event in events]
+        beyond = max(0, head - positions[-1]) if positions else 0
+        for (name, version), slot in self.slots.items():
+            applied = bisect_right(positions, slot.record.position)
+            unapplied = len(positions) - applied + beyond
+            if applied < len(positions):
+                age = now - events[applied].timestamp.timestamp()
+            elif beyond:
+                age = now - events[-1].timestamp.timestamp()
+            else:
+                age = 0.0
+            labels = (name, str(version))
+            metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(unapplied)
+            metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, age))
 
     def _apply_alone(
         self, store: ReadStore, events: list[LogEvent], error: Exception
@@ -338,8 +398,12 @@ class ProjectionRunner:
                 batches.append((slot, rows, position, last_at))
             crash_point("runner.before_commit")
         # Committed: only now may the caches and positions move on.
+        committed = time.time()
+        positions = [event.position for event in events]
+        ages = [committed - event.timestamp.timestamp() for event in events] if batches else []
         for slot, rows, position, last_at in batches:
             rows.merge_into_cache()
+            _count_applied(slot, positions, ages, slot.record.position, position)
             slot.record = _moved(slot.record, position, last_at)
         return failures
 
@@ -407,6 +471,8 @@ class ProjectionRunner:
                     DeadLetters(store).add(
                         *slot.key, position, event_type, originator_id, error, attempts
                     )
+            if letter is not None:
+                metrics.PROJECTION_PARKED.labels(slot.key[0], str(slot.key[1])).inc()
         except (IllegalTransition, LookupError) as refused:
             # Retired (or stopped) by someone else meanwhile: not ours to park any more.
             log.info("projection %s v%s: %s; releasing it", *slot.key, refused)
@@ -446,6 +512,30 @@ class ProjectionRunner:
             if previous is not None and previous != slot.projection.version and not self.keep_old:
                 with store.transaction():
                     catalog.drop_tables(slot.projection.name, previous)
+
+
+def _count_applied(
+    slot: Slot, positions: list[int], ages: list[float], before: int, after: int
+) -> None:
+    """Count the events a version applied in a committed batch (past ``before``, up to
+    ``after``), and how long each took from its time to the commit (``ages``)."""
+    first, last = bisect_right(positions, before), bisect_right(positions, after)
+    if last <= first:
+        return
+    name, version = slot.key
+    metrics.PROJECTION_APPLIED.labels(name, str(version)).inc(last - first)
+    metrics.observe_many(
+        metrics.CONVERGENCE_SECONDS.labels(name), [max(0.0, age) for age in ages[first:last]]
+    )
+
+
+def _unresolved_letters(store: ReadStore, name: str, version: int) -> int:
+    rows = store.execute(
+        "SELECT count(*) FROM daybook_dead_letters"
+        " WHERE name = %s AND version = %s AND resolved_at IS NULL",
+        (name, version),
+    )
+    return int(rows[0][0]) if rows else 0
 
 
 def _reason(error: BaseException) -> str:

@@ -21,17 +21,19 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import faust
 import psycopg
+from faust.types import TP
 from faust.types import Message as FaustMessage
 
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, ServiceState
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -166,6 +168,30 @@ def make_app(
         supervisor.succeeded()
         if result.parked:
             await publish_dead_letters(result.parked)
+        measure_lag(result.offsets)
+
+    #: Partitions that reached the end of what the broker had (see ``measure_lag``).
+    caught_up: set[int] = set()
+
+    def measure_lag(offsets: dict[int, int]) -> None:
+        """Per partition of the batch: messages the broker has beyond the last one applied
+        (from the highwater of the consumer's latest fetch, when it knows one). A partition
+        that reaches the end is said once, and again only after a backlog of a batch."""
+        consumer: Any = app.consumer
+        for partition, offset in offsets.items():
+            try:
+                highwater = consumer.highwater(TP(config.topic, partition))
+            except Exception:  # no fetch of that partition yet, or the consumer restarting
+                continue
+            if not isinstance(highwater, int):
+                continue
+            lag = max(0, highwater - offset - 1)
+            metrics.WORKER_LAG_EVENTS.labels(config.group, str(partition)).set(lag)
+            if lag == 0 and partition not in caught_up:
+                caught_up.add(partition)
+                log.info("worker: partition %d caught up at offset %d", partition, offset)
+            elif lag >= config.batch_size:
+                caught_up.discard(partition)
 
     # Taken while a batch is applied and acknowledged, so that a restart happens between
     # batches (a restart mid-batch would be safe too: the transaction rolls back).
@@ -208,7 +234,10 @@ def make_app(
             if not current:
                 continue
             # A message without a value (a tombstone) is no envelope: parked as such.
-            messages = [Message(m.partition, m.offset, m.value or b"") for m in current]
+            messages = [
+                Message(m.partition, m.offset, m.value or b"", traceparent_header(m.headers))
+                for m in current
+            ]
             async with batch_lock:
                 try:
                     await apply_until_done(messages)
@@ -232,6 +261,18 @@ def make_app(
                     ack(message)
 
     return app, applier
+
+
+def traceparent_header(headers: Any) -> str | None:
+    """The ``traceparent`` header of a Kafka message (faust gives headers as pairs, or a
+    mapping), if it has one."""
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for key, value in pairs:
+        if key == "traceparent" and value:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
 
 
 class LogHead:
@@ -322,12 +363,17 @@ def _failed(applier: StreamApplier) -> bool:
     return applier.supervisor.health().state is ServiceState.FAILED
 
 
-def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) -> Health:
+def run_worker(
+    config: WorkerConfig, projections: Sequence[Projection] = ALL, *, keep_logging: bool = False
+) -> Health:
     """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop), or
     until a failure no retry cures; returns its final health.
 
     The body of ``daybook worker``: faust's worker takes over the process (it installs
-    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped).
+    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped). With
+    ``keep_logging``, faust's lines go through the root logger's handlers as they are
+    (``--log-format json``: daybook's JSON lines) instead of faust's own, and its banner
+    is left out.
     """
     # faust's data directory is unused (memory store, no tables) but required. It goes
     # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
@@ -339,7 +385,17 @@ def run_worker(config: WorkerConfig, projections: Sequence[Projection] = ALL) ->
             config, projections, datadir=datadir, stop=lambda: workers[0].stop()
         )
         level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
-        worker = faust.Worker(app, loglevel=level)
+        if keep_logging:
+            # faust clears the root logger's handlers, configures its own, then adds these.
+            app.conf.loghandlers = list(logging.getLogger().handlers)
+            worker = faust.Worker(
+                app,
+                loglevel=level,
+                quiet=True,
+                logging_config={"version": 1, "disable_existing_loggers": False},
+            )
+        else:
+            worker = faust.Worker(app, loglevel=level)
         workers.append(worker)
         applier.supervisor.move(ServiceState.RUNNING)
         try:

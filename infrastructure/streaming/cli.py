@@ -14,12 +14,16 @@ from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import outbox_relay, stream_worker_config
 from daybook.infrastructure.cli import (
     Parser,
+    add_log_format_argument,
+    add_metrics_port_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
     guarded,
+    metrics_served,
     seconds,
+    setup_logging,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import Health, ServiceState
@@ -56,6 +60,7 @@ def register(subparsers: Any) -> None:
             f"daybook relay --url {_PG} --topic daybook.events --partitions 8 -v",
             f"daybook relay --url {_PG} --batch-size 1000 --poll-interval 1",
             f"daybook relay --url {_PG} --rewind",
+            f"daybook relay --url {_PG} --metrics-port 9466 --log-format json",
         ],
     )
     _common(relay)
@@ -73,6 +78,8 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="re-publish the whole log (the relay must be stopped), then exit",
     )
+    add_metrics_port_argument(relay)
+    add_log_format_argument(relay)
     relay.set_defaults(handler=_run_relay)
 
     worker = command(
@@ -89,6 +96,7 @@ def register(subparsers: Any) -> None:
             f"daybook worker --url {_PG} --readmodels-url postgresql://daybook@views/daybook",
             f"daybook worker --url {_PG} --batch-size 5000 --batch-wait 0.1 --port 6066",
             f"daybook worker --url {_PG} --topic daybook.events --partitions 8 -v",
+            f"daybook worker --url {_PG} --metrics-port 9467 --log-format json",
         ],
     )
     _common(worker)
@@ -101,6 +109,8 @@ def register(subparsers: Any) -> None:
     )
     worker.add_argument("--batch-wait", type=seconds, default=0.05, help="seconds to fill a batch")
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
+    add_metrics_port_argument(worker)
+    add_log_format_argument(worker)
     worker.set_defaults(handler=_run_worker)
 
     stream = command(
@@ -175,11 +185,10 @@ def _settings(args: argparse.Namespace, *, broker: bool) -> Settings:
 
 
 def _logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    """Warnings only unless -v (or JSON lines, which a collector filters): the service's
+    start, catch-up, reconnect and stop are INFO lines."""
+    json_lines = getattr(args, "log_format", "console") == "json"
+    setup_logging(args, logging.INFO if args.verbose or json_lines else logging.WARNING)
 
 
 def _run_relay(args: argparse.Namespace) -> int:
@@ -204,7 +213,8 @@ def _run_relay(args: argparse.Namespace) -> int:
         return await relay.run()
 
     try:
-        health = asyncio.run(main())
+        with metrics_served(args, "relay"):
+            health = asyncio.run(main())
     finally:
         relay.close()
     if health.state is ServiceState.FAILED:
@@ -224,7 +234,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         batch_wait=args.batch_wait,
         web_port=args.port,
     )
-    health = run_worker(config)
+    with metrics_served(args, "worker"):
+        health = run_worker(config, keep_logging=args.log_format == "json")
     code = 0
     if health.state is ServiceState.FAILED:
         print(f"daybook worker: stopped: {health.error}", file=sys.stderr)

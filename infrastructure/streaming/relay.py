@@ -38,10 +38,12 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Notification
+from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedTask
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -137,6 +139,8 @@ class Relay:
         self._bootstrap = bootstrap_servers(config.broker_url)
         self._stopping = asyncio.Event()
         self._attempt = 0
+        #: Whether the relay has yet to publish to the end of the log (see ``_caught_up``).
+        self._behind = True
         #: The relay as a service: the database unreachable at any point (reading the log,
         #: holding the lock, moving the cursor) restarts it after a backoff, from the stored
         #: cursor; anything else stops it as FAILED with the reason.
@@ -270,6 +274,7 @@ class Relay:
                 self._log.notifications, cursor.position, self.config.batch_size
             )
             if not batch:
+                self._caught_up(cursor.position)
                 await self._wait_for_events(listen)
                 continue
             try:
@@ -287,22 +292,72 @@ class Relay:
             self.stats.republished = moved.republished
             self._attempt = 0
             cursor = moved
+            metrics.RELAY_PUBLISHED.labels(self.config.topic).inc(len(batch))
+            if len(batch) >= self.config.batch_size:
+                # More to come: the rest of the log, estimated by positions (gaps count).
+                head = await asyncio.to_thread(self._log.head)
+                metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(
+                    max(0, head - cursor.position)
+                )
+                self._behind = True
+            else:
+                self._caught_up(cursor.position)
         return cursor
+
+    def _caught_up(self, position: int) -> None:
+        """Published to the end of the log: lag 0, said once after a start, a reconnect
+        (to the database or the broker) or a backlog."""
+        metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(0)
+        if self._behind:
+            self._behind = False
+            log.info("relay: caught up: published %s to log position %d",
+                     self.config.topic, position)  # fmt: skip
 
     async def _publish(
         self, producer: AIOKafkaProducer, cursor: RelayCursor, batch: Sequence[Notification]
     ) -> RelayCursor:
         """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
         partitions = cursor.partitions
-        planned, chain = plan_messages(batch, cursor.chain, self._log.mapper.decode_state)
+        decode_state: Callable[[Notification], dict[str, Any]] = self._log.mapper.decode_state
+        #: Per event of the batch, in order: its traceparent (only when tracing).
+        traced: list[str | None] = []
+        if tracing.enabled():
+            decode_plain = decode_state
+
+            def decode_traced(notification: Notification) -> dict[str, Any]:
+                state = decode_plain(notification)
+                traced.append(tracing.traceparent_in(state))
+                return state
+
+            decode_state = decode_traced
+        planned, chain = plan_messages(batch, cursor.chain, decode_state)
         sent: list[tuple[int, asyncio.Future[Any]]] = []
-        for partition, key, value in planned:
-            future = await producer.send(self.config.topic, value, key=key, partition=partition)
-            sent.append((partition, future))
-        crash_point("relay.mid_send")
-        results = await asyncio.wait_for(
-            asyncio.gather(*(future for _, future in sent)), self.config.request_timeout * 2
-        )
+        with tracing.continued(
+            "daybook.relay.publish",
+            zip(traced, (n.id for n in batch), strict=False),
+            kind=SpanKind.PRODUCER,
+            attributes={"daybook.topic": self.config.topic, "daybook.batch.size": len(batch)},
+        ) as spans:
+            # Each event's message carries its publish span's context in a header, so the
+            # worker that applies it continues the trace from there.
+            headers = {
+                parent: [("traceparent", (tracing.traceparent_of(span) or "").encode())]
+                for parent, span in spans.items()
+            }
+            for index, (partition, key, value) in enumerate(planned):
+                parent = traced[index] if index < len(traced) else None
+                future = await producer.send(
+                    self.config.topic,
+                    value,
+                    key=key,
+                    partition=partition,
+                    headers=headers.get(parent) if parent is not None else None,
+                )
+                sent.append((partition, future))
+            crash_point("relay.mid_send")
+            results = await asyncio.wait_for(
+                asyncio.gather(*(future for _, future in sent)), self.config.request_timeout * 2
+            )
         first: dict[int, int] = {}
         last: dict[int, int] = {}
         for (partition, _), metadata in zip(sent, results, strict=True):
@@ -371,9 +426,11 @@ class Relay:
         await self._sleep(random.uniform(ceiling / 2, ceiling))
 
     def _record_failure(self, error: BaseException) -> None:
+        self._behind = True
         self.stats.last_error = f"{type(error).__name__}: {error}"
 
     def _failed(self, what: str, error: BaseException) -> None:
+        self._behind = True
         self.stats.state = f"waiting for {what}"
         self.stats.last_error = f"{type(error).__name__}: {error}"
         log.warning("relay: %s unavailable (%s); retrying", what, self.stats.last_error)

@@ -27,11 +27,15 @@ anywhere means redelivery, which step 1 turns into no-ops.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanKind
+
 from daybook.infrastructure.lifecycle import Supervisor
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     VersionCatalog,
@@ -66,6 +70,8 @@ class Message:
     partition: int
     offset: int
     value: bytes
+    #: The trace the message continues (its ``traceparent`` header: the relay's publish).
+    traceparent: str | None = None
 
 
 @dataclass
@@ -97,6 +103,8 @@ class BatchResult:
     duplicates: int = 0
     gaps: int = 0
     parked: list[DeadLetter] = field(default_factory=list)
+    #: Per partition, the last offset of the batch (applied, skipped or parked).
+    offsets: dict[int, int] = field(default_factory=dict)
 
 
 class StreamApplier:
@@ -176,7 +184,36 @@ class StreamApplier:
         the group owns none of its projections' versions."""
         crash_point("worker.batch")
         store = self.connect()
+        with tracing.continued(
+            "daybook.worker.apply",
+            _traced(messages),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "daybook.group": self.group,
+                "daybook.projection": [p.name for p in self.projections],
+                "daybook.version": [p.version for p in self.projections],
+                "daybook.batch.size": len(messages),
+            },
+        ):
+            result, times = self._apply(store, messages)
+        committed = time.time()
+        ages = [max(0.0, committed - at) for at in times]
+        for slot in self._slots:
+            name, version = slot.key
+            metrics.PROJECTION_APPLIED.labels(name, str(version)).inc(len(times))
+            metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels(name), ages)
+            if result.parked:  # applied to none of the group's versions
+                metrics.PROJECTION_PARKED.labels(name, str(version)).inc(len(result.parked))
+        if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
+            self._serve_caught_up(store)
+        return result
+
+    def _apply(
+        self, store: ReadStore, messages: Sequence[Message]
+    ) -> tuple[BatchResult, list[float]]:
+        """The batch's transaction; the result, and the time of each event applied."""
         result = BatchResult()
+        times: list[float] = []
         involved = sorted({m.partition for m in messages})
         with store.transaction():
             progress = self._lock_progress(store, involved)
@@ -184,6 +221,7 @@ class StreamApplier:
             batches = {id(slot): BatchRows(slot, store) for slot in self._slots}
             for message in messages:
                 part = progress[message.partition]
+                result.offsets[message.partition] = message.offset
                 try:
                     env = envelope.decode(message.value)
                 except envelope.BadEnvelope as error:
@@ -204,12 +242,14 @@ class StreamApplier:
                     continue
                 for rows in batches.values():
                     rows.shard = message.partition
-                failure = self._apply_event(env, batches)
+                event = LogEvent.from_state(env.position, env.type, env.to_state())
+                failure = self._apply_event(event, batches)
                 if failure is not None:
                     self._park(store, part, message, env, failure, result)
                 else:
                     result.applied += 1
                     part.applied += 1
+                    times.append(event.timestamp.timestamp())
                 part.position = env.position
                 part.bound = max(part.bound, env.position)
                 self._gap_ended(message.partition, part)
@@ -221,9 +261,7 @@ class StreamApplier:
         for rows in batches.values():
             rows.merge_into_cache()
         crash_point("worker.after_commit")
-        if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
-            self._serve_caught_up(store)
-        return result
+        return result, times
 
     def _serve_caught_up(self, store: ReadStore) -> None:
         """A version being built starts serving once every event up to the head is in."""
@@ -273,9 +311,8 @@ class StreamApplier:
                 ("gap", partition), f"worker: partition {partition} goes on past its gap"
             )
 
-    def _apply_event(self, env: envelope.Envelope, batches: dict[int, BatchRows]) -> str | None:
+    def _apply_event(self, event: LogEvent, batches: dict[int, BatchRows]) -> str | None:
         """Apply to every projection, or to none (the error after the last attempt)."""
-        event = LogEvent.from_state(env.position, env.type, env.to_state())
         error = ""
         for _ in range(self.max_attempts):
             for rows in batches.values():
@@ -331,6 +368,7 @@ class StreamApplier:
         known = {slot.key: slot for slot in self._slots}
         slots: list[Slot] = []
         refused: NotOwner | None = None
+        parked: int | None = None
         for projection in self.projections:
             key = (projection.name, projection.version)
             record = catalog.version(*key, share=True)
@@ -350,6 +388,9 @@ class StreamApplier:
             if slot is None or slot.record.epoch != record.epoch:
                 slot = Slot(projection, record, RowCache(projection, self.cache_limit))
                 slot.cache.warm(store, empty=False)
+                if parked is None:
+                    parked = self._parked_count(store)
+                metrics.PROJECTION_PARKED.labels(*map(str, key)).set(parked)
             slot.record = record
             slots.append(slot)
         if not slots and refused is not None:
@@ -359,6 +400,14 @@ class StreamApplier:
             for slot in slots:
                 slot.cache.clear()
         self._slots = slots
+
+    def _parked_count(self, store: ReadStore) -> int:
+        """The group's parked events (each one applied to none of its versions)."""
+        rows = store.execute(
+            f"SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE group_id = %s AND topic = %s",
+            (self.group, self.topic),
+        )
+        return int(rows[0][0]) if rows else 0
 
     def _cannot_follow(
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
@@ -432,3 +481,17 @@ class StreamApplier:
             "WHERE group_id = %s AND topic = %s AND position = ANY(%s)",
             (self.group, self.topic, [letter.position for letter in letters]),
         )
+
+
+def _traced(messages: Sequence[Message]) -> Iterator[tuple[str | None, int]]:
+    """``(traceparent, position)`` of each event among ``messages``: the message's header
+    (the relay's publish span), else the traceparent in the event's metadata (its command's
+    span). Only iterated when tracing is on (it decodes the envelopes once more)."""
+    for message in messages:
+        try:
+            env = envelope.decode(message.value)
+        except envelope.BadEnvelope:
+            continue
+        if not env.is_mark:
+            parent = message.traceparent or tracing.traceparent_in({"meta": env.metadata})
+            yield parent, env.position

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,25 +21,6 @@ from daybook.domain.accounts import Deposit, InsufficientFunds, Withdraw
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.ledger.application import outcome_label
 from daybook.infrastructure.observability import metrics, tracing
-
-_EXPORTER = InMemorySpanExporter()
-_INSTALLED: list[bool] = []
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """The SDK with an in-memory exporter. The SDK's provider can be set once per process:
-    this adds its exporter to whichever provider another test installed."""
-    if not _INSTALLED:
-        provider = trace.get_tracer_provider()
-        if not isinstance(provider, TracerProvider):
-            provider = TracerProvider()
-            trace.set_tracer_provider(provider)
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        _INSTALLED.append(True)
-    _EXPORTER.clear()
-    yield _EXPORTER
-    _EXPORTER.clear()
 
 
 def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -5,13 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import urllib.request
-from collections.abc import Iterator
 
 import orjson
-import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook.infrastructure.observability import metrics, tracing
@@ -22,25 +17,6 @@ from daybook.infrastructure.observability.logs import (
     log_context,
     redact,
 )
-
-_EXPORTER = InMemorySpanExporter()
-_INSTALLED: list[bool] = []
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """The SDK with an in-memory exporter. The SDK's provider can be set once per process:
-    this adds its exporter to whichever provider another test module installed."""
-    if not _INSTALLED:
-        provider = trace.get_tracer_provider()
-        if not isinstance(provider, TracerProvider):
-            provider = TracerProvider()
-            trace.set_tracer_provider(provider)
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        _INSTALLED.append(True)
-    _EXPORTER.clear()
-    yield _EXPORTER
-    _EXPORTER.clear()
 
 
 def value(name: str, **labels: str) -> float | None:
@@ -153,3 +129,22 @@ def test_configure_logging_writes_json_to_the_stream() -> None:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert orjson.loads(stream.getvalue())["event"] == "started"
+
+
+def test_observing_many_at_once_counts_as_observing_each() -> None:
+    amounts = [0.0, 0.0001, 0.00011, 0.003, 0.003, 1.0, 7.5, 59.9, 60.0, 61.0, 3600.0, 0.5]
+    one_by_one = metrics.CONVERGENCE_SECONDS.labels("test-one-by-one")
+    for amount in amounts:
+        one_by_one.observe(amount)
+    metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels("test-at-once"), amounts)
+    samples = {
+        (s.name, s.labels["projection"], s.labels.get("le")): s.value
+        for family in metrics.CONVERGENCE_SECONDS.collect()
+        for s in family.samples
+        if s.labels["projection"].startswith("test-") and not s.name.endswith("_created")
+    }
+    each = {(n, le): v for (n, p, le), v in samples.items() if p == "test-one-by-one"}
+    many = {(n, le): v for (n, p, le), v in samples.items() if p == "test-at-once"}
+    assert many == each
+    assert many[("daybook_convergence_seconds_count", None)] == len(amounts)
+    assert many[("daybook_convergence_seconds_bucket", "60.0")] == 10
