@@ -23,7 +23,7 @@ from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.sagas.processor import SagaProcessor
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
-from tests.contract.test_write_observability import delta, scrape, spans  # noqa: F401
+from tests.contract.test_write_observability import delta, scrape
 
 
 class Clock:
