@@ -176,7 +176,7 @@ def test_sagas_by_state_and_holds_open_after_known_work(shop: Shop) -> None:
 
 def test_saga_steps_continue_the_orders_trace(
     shop: Shop,
-    spans: InMemorySpanExporter,  # noqa: F811
+    spans: InMemorySpanExporter,
 ) -> None:
     saga_id = shop.order("o-traced")
     assert shop.run(saga_id).state is SagaState.COMPLETED
