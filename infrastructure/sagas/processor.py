@@ -77,6 +77,7 @@ from daybook.infrastructure.lifecycle import (
     Stopping,
     SupervisedThread,
 )
+from daybook.infrastructure.observability.logs import log_context
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
@@ -247,6 +248,10 @@ class SagaProcessor:
             return None
 
     def _drive_in_worker(self, saga_id: UUID) -> None:
+        with log_context(saga_id=str(saga_id)):  # on every line logged about it
+            self._drive_logged(saga_id)
+
+    def _drive_logged(self, saga_id: UUID) -> None:
         try:
             self.drive(saga_id)
         except Exception as error:

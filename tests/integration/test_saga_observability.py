@@ -209,3 +209,39 @@ def test_saga_steps_continue_the_orders_trace(
     commits = [s for s in commits if s.parent and s.parent.span_id == local[0].context.span_id]
     assert [s.name for s in commits] == ["daybook.commit"]
     assert commits[0].context is not None and commits[0].context.trace_id == trace_id
+
+
+def test_a_saga_s_log_lines_carry_its_id(tmp_path: Path) -> None:
+    """A line the processor logs about a saga (here: the store out while driving it) names
+    the saga in its JSON."""
+    import io
+    import logging
+
+    import orjson
+    import psycopg
+
+    from daybook.infrastructure.observability.logs import JsonFormatter
+
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    views = open_read_models(f"sqlite:///{tmp_path / 'ledger.db'}")
+    processor = SagaProcessor(ledger, views, {})
+    saga_id = UUID(int=42)
+
+    def store_out(saga: UUID, **options: object) -> Saga:
+        raise psycopg.OperationalError("connection refused")
+
+    processor.drive = store_out  # type: ignore[method-assign]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("daybook")
+    logger.addHandler(handler)
+    try:
+        processor._drive_in_worker(saga_id)
+    finally:
+        logger.removeHandler(handler)
+        processor.stop()
+        views.close()
+        ledger.close()
+    (line,) = [orjson.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["saga_id"] == str(saga_id) and "retrying" in line["event"]
