@@ -77,8 +77,8 @@ from daybook.infrastructure.lifecycle import (
     Stopping,
     SupervisedThread,
 )
-from daybook.infrastructure.observability.logs import log_context
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.observability.logs import log_context
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
