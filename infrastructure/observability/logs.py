@@ -92,7 +92,9 @@ class ConsoleFormatter(logging.Formatter):
 class RateLimit(logging.Filter):
     """Lets a repeating warning through once, then at most once per ``interval`` seconds
     with how many were held back; a message template counts as one warning, whatever its
-    arguments. Bounded: it remembers at most ``capacity`` templates."""
+    arguments, except that a template starting with the service's name (``"%s: ..."``)
+    counts per service, so one service's repeats never hide another's. Bounded: it
+    remembers at most ``capacity`` templates."""
 
     def __init__(self, interval: float = 30.0, capacity: int = 1024) -> None:
         super().__init__()
@@ -103,7 +105,10 @@ class RateLimit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        key = (record.name, record.msg)
+        key: tuple[str, object] = (record.name, record.msg)
+        if isinstance(record.msg, str) and record.msg.startswith("%s:") and record.args:
+            first = record.args[0] if isinstance(record.args, tuple) else None
+            key = (record.name, (record.msg, first))
         now = time.monotonic()
         seen = self._last.get(key)
         if seen is None or now - seen[0] >= self.interval:

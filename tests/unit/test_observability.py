@@ -109,6 +109,19 @@ def test_a_repeating_warning_is_let_through_once_then_summarised() -> None:
     assert limit.filter(later) and "and 4 more like it" in later.getMessage()
 
 
+def test_one_service_s_repeats_never_hide_another_s() -> None:
+    limit = RateLimit(interval=3600)
+    template = "%s: %s; restarting in %.2fs"
+
+    def restart(service: str, delay: float) -> logging.LogRecord:
+        args = (service, "connection refused", delay)
+        return logging.LogRecord("s", logging.WARNING, __file__, 1, template, args, None)
+
+    passed = [limit.filter(restart(s, d)) for s, d in [("relay", 0.1), ("relay", 0.3)]]
+    passed += [limit.filter(restart(s, d)) for s, d in [("runner", 0.2), ("runner", 0.4)]]
+    assert passed == [True, False, True, False]
+
+
 def test_secrets_never_reach_a_line() -> None:
     line = redact(
         "connecting to postgresql://app:s3cret@db/ledger with Bearer dbk_abcdefghijklmnop"
