@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from daybook import open_ledger
+from daybook import open_ledger, projections
 from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.relay import read_cursor
+from scripts import services
 from scripts.outage import Outage
 from scripts.streams import (
     Daybook,
@@ -36,9 +37,17 @@ def relay(url: str, bootstrap: str, topic: str, log: Path, env: dict[str, str]) 
 
 
 def worker(
-    url: str, bootstrap: str, topic: str, group: str, log: Path, env: dict[str, str]
+    url: str,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    log: Path,
+    env: dict[str, str],
+    readmodels: str | None = None,
 ) -> Daybook:
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    if readmodels is not None:
+        args += ["--readmodels-url", readmodels]
     args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "300", "-v"]
     return Daybook(args, log, env=env)
 
@@ -109,3 +118,66 @@ def test_a_worker_survives_ten_seconds_without_its_database_from_a_batch(
 def _cursor(url: str, topic: str) -> int:
     cursor = read_cursor(url, topic)
     return cursor.position if cursor else 0
+
+
+#: The read-model outages below last a few seconds, not ten: the worker has no timer that an
+#: outage's length could outlast (a failed batch is judged transient and retried after a
+#: backoff whose ceiling it reaches within seconds), so what a test must show is where the
+#: outage starts.
+READ_MODEL_OUTAGE_SECONDS = 2.5
+
+#: Table writes in one batch (every projection writes each of its tables once).
+TABLES_PER_BATCH = sum(len(projection.tables) for projection in projections.ALL)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        # In the second batch: its messages classified against the progress rows, some of
+        # its rows written, the rest not.
+        f"rows.write:{TABLES_PER_BATCH + 2}",
+        # The second batch's rows and progress written; COMMIT is next.
+        "worker.commit:2",
+    ],
+    ids=["mid-apply", "at-commit"],
+)
+def test_a_worker_survives_its_read_model_database_gone_mid_batch(
+    point: str, pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Read models on a database of their own, which alone goes away (the event store and
+    the broker stay) inside a batch's transaction. The worker retries the batch by itself;
+    nothing was acknowledged to Kafka, so the same messages come again and are applied
+    once: the tables equal the in-process runner's."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("worker-rm-outage"), unique("group")
+    name = point.partition(":")[0]
+    env = {"DAYBOOK_FAULTS": f"{point}:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(readmodels) as outage:
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", env, outage.url(readmodels)
+        )
+        process.start()
+        try:
+            wait_until(paused(tmp_path, name).exists, f"the worker to reach {point}")
+            outage.cut()
+            paused(tmp_path, name).unlink()
+            write_money(ledger, accounts, 500, seed=2)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
+            status = read_status(readmodels, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+        finally:
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    # It did meet the outage inside the batch, and retried (rather than never noticing).
+    assert f"fault point {name}: paused" in process.output
+    assert "restarting in" in process.output and "recovered" in process.output
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
