@@ -1,14 +1,21 @@
-"""The relay and a worker cut off from PostgreSQL for ten seconds, starting at an exact
-point (a log read; a batch): both go on afterwards, nothing lost, nothing applied twice."""
+"""The relay and a worker cut off from PostgreSQL (ten seconds, starting at a log read or a
+batch), a worker cut off from its read-model database alone (inside a batch's transaction),
+and both cut off from the broker (mid-publish): each goes on afterwards, nothing lost,
+nothing applied twice."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger, projections
+from daybook.infrastructure.bootstrap import outbox_relay
+from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.relay import read_cursor
@@ -180,4 +187,77 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
     assert f"fault point {name}: paused" in process.output
     assert "restarting in" in process.output and "recovered" in process.output
     assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
+#: Longer than the relay's request timeout below: the batch in flight then fails (rather
+#: than being delivered late by the producer's own retries) and the relay goes through its
+#: "broker unavailable" path: new producers, refused until the broker is back. Past that,
+#: no timer of the relay or the worker could be outlasted by a longer outage.
+BROKER_OUTAGE_SECONDS = 3.0
+RELAY_REQUEST_TIMEOUT = 1.0
+
+
+def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
+    pg_url: str, pg_admin_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker of its own behind the proxy, advertising the proxy's address (Kafka clients
+    connect where the metadata says, so every connection goes through it), unreachable
+    from the moment the relay has handed a batch to its producer and waits for the
+    acknowledgements. The relay runs in this process (for its short request timeout).
+    Neither the relay nor the worker stops; the relay keeps its cursor (no rewind, no
+    re-publishing of the log) and publishes on from it: every event is on the topic, and
+    the worker's tables equal the in-process runner's."""
+    caplog.set_level(logging.WARNING, "daybook.relay")
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("broker-outage"), unique("group")
+    port = services.free_port()
+    with Outage("127.0.0.1", port) as outage:
+        bootstrap = f"127.0.0.1:{outage.port}"
+        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+        settings = Settings(
+            url=pg_url, broker_url=f"kafka://{bootstrap}", topic=topic, partitions=PARTITIONS
+        )
+        the_relay = outbox_relay(
+            settings, batch_size=300, poll_interval=0.2, request_timeout=RELAY_REQUEST_TIMEOUT
+        )
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(the_relay.run(),))
+        faults.arm("relay.mid_send:2:pause", tmp_path)
+        thread.start()
+        process = worker(pg_url, bootstrap, topic, group, tmp_path / "w.log", {}).start()
+        try:
+            wait_until(paused(tmp_path, "relay.mid_send").exists, "the relay's second send")
+            before = _cursor(pg_url, topic)
+            wait_until(lambda: applied(pg_url, group, topic) == before, "the worker's first batch")
+            outage.cut()
+            paused(tmp_path, "relay.mid_send").unlink()
+            write_money(ledger, accounts, 500, seed=2)
+            time.sleep(BROKER_OUTAGE_SECONDS)
+            assert thread.is_alive() and the_relay.health().ok, the_relay.health()
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            assert _cursor(pg_url, topic) == before  # kept, neither moved nor rewound
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
+            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
+            status = read_status(pg_url, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            cursor = read_cursor(pg_url, topic)
+            assert cursor is not None and cursor.republished == 0 and before > 0
+            seen = read_topic(bootstrap, topic, PARTITIONS, head)
+        finally:
+            faults.disarm()
+            loop.call_soon_threadsafe(the_relay.stop)
+            thread.join(30)
+            the_relay.close()
+            loop.close()
+            assert process.stop() == 0, process.output
+            broker.stop()
+    assert any("broker unavailable" in r.getMessage() for r in caplog.records), caplog.text
+    positions, _, gaps = follow_chain(seen)
+    assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
