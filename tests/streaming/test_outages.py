@@ -157,7 +157,6 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
     once: the tables equal the in-process runner's."""
     ledger = open_ledger(pg_url)
     accounts = open_accounts(ledger, 20)
-    write_money(ledger, accounts, 1500)
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     topic, group = unique("worker-rm-outage"), unique("group")
     name = point.partition(":")[0]
@@ -169,10 +168,11 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
         )
         process.start()
         try:
+            write_money(ledger, accounts, 800)  # while the worker joins its group
             wait_until(paused(tmp_path, name).exists, f"the worker to reach {point}")
             outage.cut()
             paused(tmp_path, name).unlink()
-            write_money(ledger, accounts, 500, seed=2)
+            write_money(ledger, accounts, 300, seed=2)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             assert process.proc is not None and process.proc.poll() is None, process.output
             outage.restore()
