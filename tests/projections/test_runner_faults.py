@@ -111,22 +111,31 @@ TABLES_PER_BATCH = sum(len(projection.tables) for projection in projections.ALL)
 
 
 @pytest.mark.parametrize(
-    "point",
+    ("point", "commit_lands"),
     [
         # In the second batch, after some of its rows are written and before the rest.
-        f"rows.write:{TABLES_PER_BATCH + 2}",
-        # The second batch written and its positions moved; COMMIT is next.
-        "runner.before_commit:2",
+        (f"rows.write:{TABLES_PER_BATCH + 2}", False),
+        # The second batch written and its positions moved; COMMIT is next (and lost).
+        ("runner.before_commit:2", False),
+        # The same, but the COMMIT reaches the server and its reply is lost: the runner
+        # cannot tell whether the batch is in.
+        ("runner.before_commit:2", True),
     ],
-    ids=["mid-apply", "at-commit"],
+    ids=["mid-apply", "at-commit", "commit-reply-lost"],
 )
 def test_the_read_model_database_gone_mid_batch_stops_nothing(
-    point: str, ledger: Ledger, pg_url: str, pg_admin_url: str, tmp_path: Path
+    point: str,
+    commit_lands: bool,
+    ledger: Ledger,
+    pg_url: str,
+    pg_admin_url: str,
+    tmp_path: Path,
 ) -> None:
     """Read models on another database, which alone goes away (the event store stays) while
-    the runner is inside a read-model transaction: writing a batch's rows, or about to
-    commit it. The runner retries by itself; the batch's rows are rolled back and written
-    again once, so the tables equal a replay of the whole log."""
+    the runner is inside a read-model transaction: writing a batch's rows, about to commit
+    it, or waiting for the reply to its COMMIT. The runner retries by itself; a batch rolled
+    back is written again once, a batch committed is not written again, so the tables
+    equal a replay of the whole log."""
     ids = workload(ledger, 150)
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     name = point.partition(":")[0]
@@ -141,13 +150,18 @@ def test_the_read_model_database_gone_mid_batch_stops_nothing(
         try:
             marker = faults.paused_file(name, tmp_path)
             wait_until(marker.exists, f"the runner to reach {point}")
-            outage.cut()
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
             marker.unlink()  # the transaction goes on, into the outage
             workload(ledger, 60, seed=2, accounts=ids)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             health = runner.health()
             assert health.state is not ServiceState.FAILED, health
             assert health.restarts >= 1, health  # it did meet the outage
+            # Two batches of 50 in the database if the second one's COMMIT landed, else one.
+            assert set(positions(readmodels).values()) == {100 if commit_lands else 50}
             outage.restore()
             head = ledger.head()
             wait_until(

@@ -138,23 +138,31 @@ TABLES_PER_BATCH = sum(len(projection.tables) for projection in projections.ALL)
 
 
 @pytest.mark.parametrize(
-    "point",
+    ("point", "commit_lands"),
     [
         # In the second batch: its messages classified against the progress rows, some of
         # its rows written, the rest not.
-        f"rows.write:{TABLES_PER_BATCH + 2}",
-        # The second batch's rows and progress written; COMMIT is next.
-        "worker.commit:2",
+        (f"rows.write:{TABLES_PER_BATCH + 2}", False),
+        # The second batch's rows and progress written, its COMMIT sent and carried out,
+        # the reply lost: the worker cannot tell whether the batch is in. (A COMMIT lost
+        # on its way is, on the server, the rollback of the case above.)
+        ("worker.commit:2", True),
     ],
-    ids=["mid-apply", "at-commit"],
+    ids=["mid-apply", "commit-reply-lost"],
 )
 def test_a_worker_survives_its_read_model_database_gone_mid_batch(
-    point: str, pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+    point: str,
+    commit_lands: bool,
+    pg_url: str,
+    pg_admin_url: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
 ) -> None:
     """Read models on a database of their own, which alone goes away (the event store and
     the broker stay) inside a batch's transaction. The worker retries the batch by itself;
-    nothing was acknowledged to Kafka, so the same messages come again and are applied
-    once: the tables equal the in-process runner's."""
+    nothing was acknowledged to Kafka, so the same messages come again: applied once if
+    the batch was rolled back, skipped as duplicates if it was committed. The tables equal
+    the in-process runner's."""
     ledger = open_ledger(pg_url)
     accounts = open_accounts(ledger, 20)
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
@@ -170,7 +178,10 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
         try:
             write_money(ledger, accounts, 800)  # while the worker joins its group
             wait_until(paused(tmp_path, name).exists, f"the worker to reach {point}")
-            outage.cut()
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
             paused(tmp_path, name).unlink()
             write_money(ledger, accounts, 300, seed=2)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
@@ -180,6 +191,8 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
             wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
             status = read_status(readmodels, group, topic)
             assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            if commit_lands:  # the committed batch came again, and was recognised
+                assert sum(p.duplicates for p in status) > 0, status
         finally:
             for each in (process, the_relay):
                 assert each.stop() == 0, each.output
