@@ -22,6 +22,10 @@ class Outage:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._clients: set[socket.socket] = set()
+        #: Set by ``cut_after_next_request``: replies are dropped, the next request is cut.
+        self._mute = threading.Event()
+        self._cut_delay: float | None = None
         self.cuts = 0
         threading.Thread(target=self._accept, daemon=True, name="outage-proxy").start()
 
@@ -50,7 +54,15 @@ class Outage:
                 connection.shutdown(socket.SHUT_RDWR)
             connection.close()
 
+    def cut_after_next_request(self, delay: float = 0.3) -> None:
+        """From now on no reply reaches a client; the next data a client sends (say, a
+        COMMIT) still reaches the server, and ``delay`` seconds later (time for the server to
+        act on it) every connection is cut: the client cannot tell whether it happened."""
+        self._cut_delay = delay
+        self._mute.set()
+
     def restore(self) -> None:
+        self._mute.clear()
         self._down.clear()
 
     def close(self) -> None:
@@ -86,13 +98,20 @@ class Outage:
             server.settimeout(None)
             with self._lock:
                 self._open.update((client, server))
+                self._clients.add(client)
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._mute.is_set():
+                    sink.sendall(data)
+                elif source in self._clients:
+                    sink.sendall(data)
+                    delay, self._cut_delay = self._cut_delay, None
+                    if delay is not None:
+                        threading.Timer(delay, self.cut).start()
         except OSError:
             pass
         finally:
@@ -103,3 +122,5 @@ class Outage:
             with self._lock:
                 self._open.discard(source)
                 self._open.discard(sink)
+                self._clients.discard(source)
+                self._clients.discard(sink)

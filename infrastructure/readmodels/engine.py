@@ -26,6 +26,7 @@ from typing import Any
 
 from daybook.infrastructure.readmodels.catalog import VersionRecord
 from daybook.infrastructure.readmodels.store import LOG_SHARD, ReadStore
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.projections.model import (
     SHARD,
     Handler,
@@ -205,6 +206,9 @@ class BatchRows:
                 self.store.delete(stored, version, [k for k, r in writes.items() if r is None])
             if self.appended[table.name]:
                 self.store.insert(stored, version, self.appended[table.name])
+            # Some of the batch's rows are written, in its open transaction: an outage can
+            # start here (fault tests).
+            crash_point("rows.write")
 
     def merge_into_cache(self) -> None:
         cache = self.slot.cache

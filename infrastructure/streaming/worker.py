@@ -258,6 +258,7 @@ class StreamApplier:
             for rows in batches.values():
                 rows.flush()
             self._save_progress(store, progress)
+            crash_point("worker.commit")  # rows and progress written; COMMIT next
         for rows in batches.values():
             rows.merge_into_cache()
         crash_point("worker.after_commit")

@@ -99,3 +99,77 @@ def test_the_event_store_gone_for_ten_seconds_mid_log_read_stops_nothing(
             runner.stop()
     for projection in projections.ALL:
         assert_tables_match(ledger, readmodels, projection)
+
+
+#: The read-model outages below last a few seconds, not ten: the runner has no timer that an
+#: outage's length could outlast (every failed attempt is judged transient, and the backoff
+#: stops growing at its ceiling), so what a test must show is where the outage starts.
+READ_MODEL_OUTAGE_SECONDS = 2.5
+
+#: Table writes in one batch that every projection takes part in.
+TABLES_PER_BATCH = sum(len(projection.tables) for projection in projections.ALL)
+
+
+@pytest.mark.parametrize(
+    ("point", "commit_lands"),
+    [
+        # In the second batch, after some of its rows are written and before the rest.
+        (f"rows.write:{TABLES_PER_BATCH + 2}", False),
+        # The second batch written and its positions moved; COMMIT is next (and lost).
+        ("runner.before_commit:2", False),
+        # The same, but the COMMIT reaches the server and its reply is lost: the runner
+        # cannot tell whether the batch is in.
+        ("runner.before_commit:2", True),
+    ],
+    ids=["mid-apply", "at-commit", "commit-reply-lost"],
+)
+def test_the_read_model_database_gone_mid_batch_stops_nothing(
+    point: str,
+    commit_lands: bool,
+    ledger: Ledger,
+    pg_url: str,
+    pg_admin_url: str,
+    tmp_path: Path,
+) -> None:
+    """Read models on another database, which alone goes away (the event store stays) while
+    the runner is inside a read-model transaction: writing a batch's rows, about to commit
+    it, or waiting for the reply to its COMMIT. The runner retries by itself; a batch rolled
+    back is written again once, a batch committed is not written again, so the tables
+    equal a replay of the whole log."""
+    ids = workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    name = point.partition(":")[0]
+    with Outage.of_url(readmodels) as outage:
+        faults.arm(f"{point}:pause", tmp_path)
+        runner = projection_runner(
+            Settings(url=pg_url, readmodels_url=outage.url(readmodels)),
+            poll_interval=0.05,
+            batch_size=50,
+        )
+        runner.start()
+        try:
+            marker = faults.paused_file(name, tmp_path)
+            wait_until(marker.exists, f"the runner to reach {point}")
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            marker.unlink()  # the transaction goes on, into the outage
+            workload(ledger, 60, seed=2, accounts=ids)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            health = runner.health()
+            assert health.state is not ServiceState.FAILED, health
+            assert health.restarts >= 1, health  # it did meet the outage
+            # Two batches of 50 in the database if the second one's COMMIT landed, else one.
+            assert set(positions(readmodels).values()) == {100 if commit_lands else 50}
+            outage.restore()
+            head = ledger.head()
+            wait_until(
+                lambda: set(positions(readmodels).values()) == {head}, "the runner to catch up"
+            )
+            assert runner.health().state is ServiceState.RUNNING, runner.health()
+        finally:
+            faults.disarm()
+            runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, readmodels, projection)

@@ -1,17 +1,25 @@
-"""The relay and a worker cut off from PostgreSQL for ten seconds, starting at an exact
-point (a log read; a batch): both go on afterwards, nothing lost, nothing applied twice."""
+"""The relay and a worker cut off from PostgreSQL (ten seconds, starting at a log read or a
+batch), a worker cut off from its read-model database alone (inside a batch's transaction),
+and both cut off from the broker (mid-publish): each goes on afterwards, nothing lost,
+nothing applied twice."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from daybook import open_ledger
+from daybook import open_ledger, projections
+from daybook.infrastructure.bootstrap import outbox_relay
+from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.relay import read_cursor
+from scripts import services
 from scripts.outage import Outage
 from scripts.streams import (
     Daybook,
@@ -36,9 +44,17 @@ def relay(url: str, bootstrap: str, topic: str, log: Path, env: dict[str, str]) 
 
 
 def worker(
-    url: str, bootstrap: str, topic: str, group: str, log: Path, env: dict[str, str]
+    url: str,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    log: Path,
+    env: dict[str, str],
+    readmodels: str | None = None,
 ) -> Daybook:
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
+    if readmodels is not None:
+        args += ["--readmodels-url", readmodels]
     args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "300", "-v"]
     return Daybook(args, log, env=env)
 
@@ -109,3 +125,152 @@ def test_a_worker_survives_ten_seconds_without_its_database_from_a_batch(
 def _cursor(url: str, topic: str) -> int:
     cursor = read_cursor(url, topic)
     return cursor.position if cursor else 0
+
+
+#: The read-model outages below last a few seconds, not ten: the worker has no timer that an
+#: outage's length could outlast (a failed batch is judged transient and retried after a
+#: backoff whose ceiling it reaches within seconds), so what a test must show is where the
+#: outage starts.
+READ_MODEL_OUTAGE_SECONDS = 2.5
+
+#: Table writes in one batch (every projection writes each of its tables once).
+TABLES_PER_BATCH = sum(len(projection.tables) for projection in projections.ALL)
+
+
+@pytest.mark.parametrize(
+    ("point", "commit_lands"),
+    [
+        # In the second batch: its messages classified against the progress rows, some of
+        # its rows written, the rest not.
+        (f"rows.write:{TABLES_PER_BATCH + 2}", False),
+        # The second batch's rows and progress written, its COMMIT sent and carried out,
+        # the reply lost: the worker cannot tell whether the batch is in. (A COMMIT lost
+        # on its way is, on the server, the rollback of the case above.)
+        ("worker.commit:2", True),
+    ],
+    ids=["mid-apply", "commit-reply-lost"],
+)
+def test_a_worker_survives_its_read_model_database_gone_mid_batch(
+    point: str,
+    commit_lands: bool,
+    pg_url: str,
+    pg_admin_url: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+) -> None:
+    """Read models on a database of their own, which alone goes away (the event store and
+    the broker stay) inside a batch's transaction. The worker retries the batch by itself;
+    nothing was acknowledged to Kafka, so the same messages come again: applied once if
+    the batch was rolled back, skipped as duplicates if it was committed. The tables equal
+    the in-process runner's."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("worker-rm-outage"), unique("group")
+    name = point.partition(":")[0]
+    env = {"DAYBOOK_FAULTS": f"{point}:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(readmodels) as outage:
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", env, outage.url(readmodels)
+        )
+        process.start()
+        try:
+            write_money(ledger, accounts, 800)  # while the worker joins its group
+            wait_until(paused(tmp_path, name).exists, f"the worker to reach {point}")
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            paused(tmp_path, name).unlink()
+            write_money(ledger, accounts, 300, seed=2)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
+            status = read_status(readmodels, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            if commit_lands:  # the committed batch came again, and was recognised
+                assert sum(p.duplicates for p in status) > 0, status
+        finally:
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    # It did meet the outage inside the batch, and retried (rather than never noticing).
+    assert f"fault point {name}: paused" in process.output
+    assert "restarting in" in process.output and "recovered" in process.output
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
+#: Longer than the relay's request timeout below: the batch in flight then fails (rather
+#: than being delivered late by the producer's own retries) and the relay goes through its
+#: "broker unavailable" path: new producers, refused until the broker is back. Past that,
+#: no timer of the relay or the worker could be outlasted by a longer outage.
+BROKER_OUTAGE_SECONDS = 3.0
+RELAY_REQUEST_TIMEOUT = 1.0
+
+
+def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
+    pg_url: str, pg_admin_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker of its own behind the proxy, advertising the proxy's address (Kafka clients
+    connect where the metadata says, so every connection goes through it), unreachable
+    from the moment the relay has handed a batch to its producer and waits for the
+    acknowledgements. The relay runs in this process (for its short request timeout).
+    Neither the relay nor the worker stops; the relay keeps its cursor (no rewind, no
+    re-publishing of the log) and publishes on from it: every event is on the topic, and
+    the worker's tables equal the in-process runner's."""
+    caplog.set_level(logging.WARNING, "daybook.relay")
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("broker-outage"), unique("group")
+    port = services.free_port()
+    with Outage("127.0.0.1", port) as outage:
+        bootstrap = f"127.0.0.1:{outage.port}"
+        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+        settings = Settings(
+            url=pg_url, broker_url=f"kafka://{bootstrap}", topic=topic, partitions=PARTITIONS
+        )
+        the_relay = outbox_relay(
+            settings, batch_size=300, poll_interval=0.2, request_timeout=RELAY_REQUEST_TIMEOUT
+        )
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(the_relay.run(),))
+        faults.arm("relay.mid_send:2:pause", tmp_path)
+        thread.start()
+        process = worker(pg_url, bootstrap, topic, group, tmp_path / "w.log", {}).start()
+        try:
+            wait_until(paused(tmp_path, "relay.mid_send").exists, "the relay's second send")
+            before = _cursor(pg_url, topic)
+            wait_until(lambda: applied(pg_url, group, topic) == before, "the worker's first batch")
+            outage.cut()
+            paused(tmp_path, "relay.mid_send").unlink()
+            write_money(ledger, accounts, 500, seed=2)
+            time.sleep(BROKER_OUTAGE_SECONDS)
+            assert thread.is_alive() and the_relay.health().ok, the_relay.health()
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            assert _cursor(pg_url, topic) == before  # kept, neither moved nor rewound
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
+            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
+            status = read_status(pg_url, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            cursor = read_cursor(pg_url, topic)
+            assert cursor is not None and cursor.republished == 0 and before > 0
+            seen = read_topic(bootstrap, topic, PARTITIONS, head)
+        finally:
+            faults.disarm()
+            loop.call_soon_threadsafe(the_relay.stop)
+            thread.join(30)
+            the_relay.close()
+            loop.close()
+            assert process.stop() == 0, process.output
+            broker.stop()
+    assert any("broker unavailable" in r.getMessage() for r in caplog.records), caplog.text
+    positions, _, gaps = follow_chain(seen)
+    assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
