@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -66,27 +67,40 @@ def test_one_batch_with_refusals_replays_and_a_conflict_with_another_writer(
     theirs.close()
 
 
-def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
-    store_url: str,
-) -> None:
-    ledger = open_ledger(store_url)
-    assert isinstance(ledger.service.committer, GroupCommitter)
-    sizes: list[int] = []
-    commit = ledger.service.commit
+CLIENTS = 12
 
-    def counting_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
-        sizes.append(len(prepared.commands))
-        return commit(prepared, **options)
 
-    ledger.service.commit = counting_commit  # type: ignore[method-assign]
+def run_callers_behind_a_held_commit(
+    ledger: Ledger,
+) -> tuple[list[list[str | None]], dict[tuple[int, int], Receipt | str], UUID, UUID]:
+    """Twelve callers send 25 transfers each, and their first commands all arrive while a
+    commit is held open: they are queued (and applied on top of it) before it is let go, so
+    a committer that groups them has every chance to, whatever the scheduler does.
+
+    Returns the request ids of every commit, in order, and each caller's outcomes."""
+    committed: list[list[str | None]] = []
     rich = ledger.open_account("rich", "EUR").account_id
     poor = ledger.open_account("poor", "EUR").account_id
+    assert rich is not None and poor is not None
     ledger.deposit(rich, 1_000_000)
+    service = ledger.service
+    committer = service.committer
+    assert isinstance(committer, GroupCommitter)
+    entered, release = threading.Event(), threading.Event()
+    commit = service.commit
+
+    def recording_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        request_ids = [c.request_id for c in prepared.commands]
+        if request_ids == ["gate"]:
+            entered.set()
+            assert release.wait(10)
+        committed.append(request_ids)
+        return commit(prepared, **options)
+
+    service.commit = recording_commit  # type: ignore[method-assign]
     results: dict[tuple[int, int], Receipt | str] = {}
-    barrier = threading.Barrier(12)
 
     def client(number: int) -> None:
-        barrier.wait()
         for step in range(25):
             source = poor if step % 5 == 0 else rich  # every fifth is refused
             try:
@@ -96,26 +110,72 @@ def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
             except DomainError as error:
                 results[number, step] = error.code
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+    gate = threading.Thread(target=ledger.deposit, args=(rich, 1), kwargs={"request_id": "gate"})
+    gate.start()
+    assert entered.wait(10), "the gate's commit started"
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+
+    def waiting() -> int:  # queued for the writer, or applied to the batch it builds
+        building = committer._building
+        return len(committer._inbox._items) + (len(building.items) if building else 0)
+
+    deadline = time.monotonic() + 10
+    while waiting() < CLIENTS and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert waiting() == CLIENTS, "every caller's first command waits behind the gate"
+    release.set()
+    for thread in [gate, *threads]:
         thread.join()
+    return committed, results, rich, poor
+
+
+def first_commands_per_commit(committed: list[list[str | None]]) -> list[int]:
+    """How many of the callers' first commands (sent while the gate was held) each commit
+    carried, for the commits that carried any."""
+    firsts = {f"{n}-0" for n in range(CLIENTS)}
+    counts = [len(firsts.intersection(ids)) for ids in committed]
+    return [c for c in counts if c]
+
+
+def test_concurrent_callers_share_transactions_and_get_their_own_outcomes(
+    store_url: str,
+) -> None:
+    ledger = open_ledger(store_url)
+    committed, results, rich, poor = run_callers_behind_a_held_commit(ledger)
+
+    # The twelve commands that waited behind the gate went out together: in one commit, or
+    # two when the writer sent what it had applied the moment the gate's commit ended.
+    shared = first_commands_per_commit(committed)
+    assert sum(shared) == CLIENTS
+    assert len(shared) <= 2 and max(shared) >= CLIENTS // 2, shared
 
     receipts = [r for r in results.values() if isinstance(r, Receipt)]
     refusals = [r for r in results.values() if isinstance(r, str)]
-    assert len(receipts) + len(refusals) == 12 * 25
+    assert len(receipts) + len(refusals) == CLIENTS * 25
     assert set(refusals) <= {"insufficient_funds"}
     assert all(
         r.request_id == f"{n}-{s}" for (n, s), r in results.items() if isinstance(r, Receipt)
     )
     assert len({r.position for r in receipts}) == len(receipts)  # each its own position
-    assert max(sizes) > 1, "concurrent commands should have shared a transaction"
     total = ledger.account(rich).balance + ledger.account(poor).balance
-    assert total == 1_000_000
+    assert total == 1_000_000 + 1
     assert ledger.account(poor).balance == 10 * len(
         [r for (n, s), r in results.items() if isinstance(r, Receipt) and s % 5 != 0]
     ) - 10 * len([r for (n, s), r in results.items() if isinstance(r, Receipt) and s % 5 == 0])
+    ledger.close()
+
+
+def test_the_sharing_check_sees_a_committer_that_does_not_group(store_url: str) -> None:
+    """The check above is not a formality: with batches of one, the same callers behind the
+    same held commit go out in twelve commits, and it would fail."""
+    ledger = open_ledger(store_url, group_commit=False)
+    ledger.service.install_committer(lambda s: GroupCommitter(s, max_batch=1))
+    committed, results, _, _ = run_callers_behind_a_held_commit(ledger)
+    assert first_commands_per_commit(committed) == [1] * CLIENTS
+    assert all(len(ids) == 1 for ids in committed)
+    assert len(results) == CLIENTS * 25
     ledger.close()
 
 
