@@ -193,7 +193,12 @@ def setup_logging(args: argparse.Namespace, level: int | str = logging.INFO) -> 
     console lines on stderr, rate-limited, secrets redacted."""
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
-    configure_logging(getattr(args, "log_format", "console"), int(level))
+    log_format = getattr(args, "log_format", "console")
+    if log_format not in ("console", "json"):  # argparse checks choices, not defaults
+        raise preflight.Unusable(
+            f"unknown log format {log_format!r} (from $DAYBOOK_LOG_FORMAT): use json or console"
+        )
+    configure_logging(log_format, int(level))
     setup_tracing()
 
 
@@ -266,10 +271,13 @@ def checked_settings(
     why: str = "",
     existing: bool = True,
     readmodels: bool = False,
+    new_readmodels: bool = False,
 ) -> Settings:
     """``settings_of(args)``, having checked that the event store is of ``kinds`` (``why``
     says why no other will do), answers, and (with ``existing``) already holds a ledger; with
-    ``readmodels``, that the read-model database answers too. Raises ``Unusable``."""
+    ``readmodels``, that the read-model database answers too (and, with ``existing`` and
+    unless ``new_readmodels``, is already there: a mistyped path is refused rather than made
+    into an empty database). Raises ``Unusable``."""
     settings = settings_of(args)
     if settings.url == DEFAULT_URL and "DAYBOOK_URL" not in os.environ and "sqlite" not in kinds:
         raise preflight.Unusable(f"this command needs --url ({why}) or $DAYBOOK_URL")
@@ -280,6 +288,7 @@ def checked_settings(
             role="read-model database",
             kinds=("sqlite", "postgresql"),
             why="read models are tables in a database",
+            existing=existing and not new_readmodels,
         )
     return settings
 
@@ -331,11 +340,14 @@ def guarded(run: Callable[[], int]) -> int:
 
 def _user_error(error: Exception) -> str | None:
     """One line for a failure a person can fix (None: a bug, to be shown in full)."""
+    from daybook.infrastructure.gateway import GatewayError
     from daybook.infrastructure.readmodels import StaleRead
     from daybook.infrastructure.readmodels.store import ReadStoreError
 
     if isinstance(error, StaleRead | ReadStoreError):
         return str(error)
+    if isinstance(error, GatewayError):
+        return f"the payment gateway did not answer: {error} (check --gateway and that it runs)"
     cause: BaseException | None = error
     while cause is not None:  # eventsourcing wraps the driver's error
         if isinstance(cause, psycopg.OperationalError):

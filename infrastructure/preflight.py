@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Collection
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -165,3 +166,20 @@ def check_broker(url: str) -> None:
         f"no Kafka broker answers ({'; '.join(reasons)}): start one, or pass "
         "--broker kafka://host:port"
     )
+
+
+def check_gateway(url: str | None) -> None:
+    """That ``url`` is an http(s) URL of a server that answers (any HTTP answer will do)."""
+    import httpx
+
+    if url is None:
+        raise Unusable(
+            "no payment gateway: give --gateway http://host:port or $DAYBOOK_GATEWAY_URL"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Unusable(f"the payment gateway URL {url!r}: write http://host:port")
+    try:
+        httpx.get(url, timeout=CONNECT_TIMEOUT)
+    except httpx.HTTPError as error:
+        raise Unusable(f"the payment gateway at {url} did not answer: {error}") from None

@@ -1,6 +1,6 @@
 """Logs for states that can last: one line when a state starts, a summary every so often
 while it lasts, one line when it ends. A worker waiting for a gap meets the state once per
-message; the log must not (it once wrote 70,000 lines in two minutes)."""
+message; the log must not (one line per message floods it while the wait lasts)."""
 
 from __future__ import annotations
 

@@ -59,10 +59,16 @@ def postgres_params(url: str) -> PostgresParams:
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
         raise BadURL(f"store URL {url!r} names no database: add /dbname at the end")
+    try:
+        port = int(query.get("port", [parts.port or 5432])[0])
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise BadURL(f"store URL {url!r}: the port must be a number from 1 to 65535")
     return PostgresParams(
         dbname=dbname,
         host=host,
-        port=int(query.get("port", [parts.port or 5432])[0]),
+        port=port,
         user=unquote(parts.username or "postgres"),
         password=unquote(parts.password or ""),
     )

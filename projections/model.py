@@ -11,7 +11,7 @@ returns unchanged, which is what lets the reconciler compare rows byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol
@@ -224,10 +224,6 @@ class MemoryRows:
     def delete(self, table: str, key: Key) -> None:
         self.tables[table].pop(key, None)
 
-    def sorted_rows(self, table: str) -> list[Row]:
-        rows = self.tables[table]
-        return [rows[key] for key in sorted(rows, key=sort_key)]
-
 
 def _key_getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Value]], Key]:
     """A fast ``row -> key tuple`` for these key columns."""
@@ -259,9 +255,3 @@ def replay(projection: Projection, events: Iterable[LogEvent]) -> MemoryRows:
     for event in events:
         projection.apply(event, rows)
     return rows
-
-
-def iter_types(projections: Iterable[Projection]) -> Iterator[str]:
-    """Every event type any of ``projections`` handles."""
-    for projection in projections:
-        yield from projection.event_types

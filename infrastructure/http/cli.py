@@ -234,13 +234,15 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
-def _tokens(args: argparse.Namespace) -> Any:
-    settings = checked_settings(args, why=_WHY, existing=False)
+def _tokens(args: argparse.Namespace, *, existing: bool = True) -> Any:
+    """The token store; only ``create`` may start a new database (list and revoke refuse a
+    mistyped path instead of making an empty database there)."""
+    settings = checked_settings(args, why=_WHY, existing=existing)
     return open_tokens(settings.url)
 
 
 def _create(args: argparse.Namespace) -> int:
-    store = _tokens(args)
+    store = _tokens(args, existing=False)
     try:
         token, secret = store.create(args.name, args.scope, rate=args.rate)
     except TokenError as error:

@@ -158,7 +158,7 @@ def register(subparsers: Any) -> None:
         examples=[
             f"daybook projections handover account_balances --to stream:daybook --url {_PG}",
             f"daybook projections handover daily_activity inventory_levels --to runner --url {_PG}",
-            f"daybook projections handover sagas --to stream:views --topic daybook-events "
+            f"daybook projections handover sagas --to stream:views --topic daybook.events "
             f"--partitions 8 --url {_PG} --readmodels-url postgresql://views@rm/views",
         ],
     )
@@ -300,7 +300,9 @@ def _run_project(args: argparse.Namespace) -> int:
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
+    log = open_event_log(
+        settings=checked_settings(args, why=_WHY, readmodels=True, new_readmodels=True)
+    )
     try:
         with _readmodels(args) as url, collector_paused():
             result = rebuild(

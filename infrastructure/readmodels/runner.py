@@ -58,7 +58,7 @@ from daybook.infrastructure.readmodels.engine import (
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
 from daybook.infrastructure.streaming.faults import crash_point
-from daybook.projections.model import LogEvent, Projection, Table
+from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,3 @@ def _reason(error: BaseException) -> str:
 
 def _moved(record: VersionRecord, position: int, last_event_at: str | None) -> VersionRecord:
     return replace(record, position=position, last_event_at=last_event_at or record.last_event_at)
-
-
-def tables_of(projections: Sequence[Projection]) -> list[Table]:
-    return [table for projection in projections for table in projection.tables]

@@ -12,6 +12,7 @@ from uuid import UUID
 
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.sagas import CancelSaga, RetrySaga, Saga
+from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import (
     expiry_sweeper,
     open_ledger,
@@ -21,10 +22,12 @@ from daybook.infrastructure.bootstrap import (
 )
 from daybook.infrastructure.cli import (
     add_log_format_argument,
+    add_metrics_port_argument,
     add_readmodels_argument,
     add_url_argument,
     checked_settings,
     command,
+    metrics_served,
     setup_logging,
     whole_number,
 )
@@ -84,12 +87,13 @@ def register(subparsers: Any) -> None:
         examples=[
             "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
             "daybook sagas run --readmodels-url postgresql://app@rm/read --workers 16",
-            "daybook sagas run --log-format json",
+            "daybook sagas run --log-format json --metrics-port 9466",
         ],
     )
     _common(run)
     _gateway(run)
     add_log_format_argument(run)
+    add_metrics_port_argument(run)
     run.add_argument(
         "--workers", type=whole_number(1), default=8, help="sagas driven at once (default: 8)"
     )
@@ -190,11 +194,13 @@ def _help(parser: argparse.ArgumentParser) -> int:
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = checked_settings(args, readmodels=True, existing=False)
+    preflight.check_gateway(settings.gateway_url)
     gateway = payment_gateway(settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with (
+        metrics_served(args, "daybook sagas"),
         open_ledger(settings=settings) as ledger,
         run_projections(ledger, projections=[SAGA_LIST, OPEN_HOLDS_PROJECTION]) as runner,
     ):
@@ -306,6 +312,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _reconcile(args: argparse.Namespace) -> int:
     settings = checked_settings(args, readmodels=True)
+    preflight.check_gateway(settings.gateway_url)
     gateway = payment_gateway(settings)
     with open_ledger(settings=settings) as ledger, ReadModels(settings.readmodels) as views:
         rows = _saga_rows(views, "kind = 'order' AND state = 'completed'", [], None)

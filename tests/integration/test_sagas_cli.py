@@ -130,3 +130,27 @@ def test_daybook_sagas_run_drives_orders_and_stops_on_sigterm(tmp_path: Path) ->
             out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
         assert "driving sagas" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "gateway", "said"),
+    [
+        ("reconcile", "http://127.0.0.1:1", "the payment gateway at http://127.0.0.1:1 did not"),
+        ("run", "notaurl", "the payment gateway URL 'notaurl': write http://host:port"),
+        ("reconcile", "ftp://pay", "the payment gateway URL 'ftp://pay'"),
+    ],
+)
+def test_a_gateway_that_cannot_be_used_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, gateway: str, said: str
+) -> None:
+    import logging
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    open_ledger(url).close()
+    handlers = list(logging.root.handlers)  # `sagas run` sets up the process's logging
+    try:
+        assert main(["sagas", command, "--url", url, "--gateway", gateway]) == 2
+    finally:
+        logging.root.handlers[:] = handlers
+    err = capsys.readouterr().err
+    assert err.startswith(f"daybook: {said}") and "Traceback" not in err, err

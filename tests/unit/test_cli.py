@@ -16,6 +16,15 @@ def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://u@h:notaport/x", "postgresql://u@h:99999/x", "postgresql://u@h/x?port=a"]
+)
+def test_a_bad_port_is_one_clear_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["balance", "00000000-0000-0000-0000-000000000001", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daybook: store URL") and "port must be a number" in err, err
+
+
 def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -41,3 +50,13 @@ def test_the_demo_runs_and_conserves_money(
     assert "Money conserved (transfers move it, only withdrawals remove it): yes" in out
     assert "Every balance within its overdraft limit: yes" in out
     assert "Refused, by error code" in out
+
+
+def test_an_unknown_log_format_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DAYBOOK_LOG_FORMAT", "xml")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert main(["sagas", "run", "--url", url, "--gateway", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daybook: unknown log format 'xml'"), err
