@@ -25,7 +25,7 @@ from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
 from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
-from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.tracing import command_span
 from daybook.infrastructure.settings import Settings
 
@@ -101,6 +101,8 @@ class Ledger(LedgerMethods):
     def execute(self, command: Command) -> Receipt:
         started = time.perf_counter()
         try:
+            if not tracing.enabled():  # no span to make: skip the context manager's cost
+                return self.service.committer.submit(command)
             with command_span(command):
                 return self.service.committer.submit(command)
         finally:
@@ -193,6 +195,8 @@ class AsyncLedger(AsyncLedgerMethods):
     async def execute(self, command: Command) -> Receipt:
         started = time.perf_counter()
         try:
+            if not tracing.enabled():  # no span to make: skip the context manager's cost
+                return await self._committer.submit_async(command)
             with command_span(command):
                 return await self._committer.submit_async(command)
         finally:
