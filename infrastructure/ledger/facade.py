@@ -57,16 +57,11 @@ def _submission(commands: object) -> list[Command]:
     return list(commands)
 
 
-#: ``daybook_command_duration_seconds`` per command name (``labels`` takes a lock each call).
-_LATENCY: dict[str, Any] = {}
-
-
 def _observe_latency(name: str, started: float) -> None:
-    """Observe one command's time from submission to answer (receipt or refusal)."""
-    histogram = _LATENCY.get(name)
-    if histogram is None:
-        histogram = _LATENCY[name] = metrics.COMMAND_SECONDS.labels(name)
-    histogram.observe(time.perf_counter() - started)
+    """Observe one command's time from submission to answer (receipt or refusal): added to
+    ``daybook_command_duration_seconds`` in bulk, not one lock per command (see
+    ``metrics.observe_command_seconds``)."""
+    metrics.observe_command_seconds(name, time.perf_counter() - started)
 
 
 def _given(
