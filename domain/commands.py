@@ -239,9 +239,10 @@ class Command:
 
     @property
     def metadata(self) -> Metadata:
-        # Built without validating again: ``__post_init__`` checked the three values (and
-        # this runs for every command on the write path).
-        return Metadata.model_construct(
+        # The validating constructor, not ``model_construct``: the values are checked in
+        # pydantic-core's compiled code, while ``model_construct`` is pure Python and costs
+        # about three times as much (this runs for every command on the write path).
+        return Metadata(
             request_id=self.request_id,
             correlation_id=self.correlation_id or self.request_id,
             causation_id=self.causation_id,

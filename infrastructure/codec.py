@@ -79,7 +79,9 @@ class ContractMapper(Mapper[Any]):
             if fields.get("traceparent") is None:
                 # Written only when there is a trace: events stay as they were before traces
                 # existed, and untraced ones pay no bytes for it.
-                fields = {key: value for key, value in fields.items() if key != "traceparent"}
+                # (A copy less one key: cheaper than a comprehension over every field.)
+                fields = fields.copy()
+                fields.pop("traceparent", None)
             state["meta"] = fields
         if class_version > 1:
             state["class_version"] = class_version

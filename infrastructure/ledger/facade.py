@@ -25,7 +25,7 @@ from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
 from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
-from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.tracing import command_span
 from daybook.infrastructure.settings import Settings
 
@@ -57,16 +57,11 @@ def _submission(commands: object) -> list[Command]:
     return list(commands)
 
 
-#: ``daybook_command_duration_seconds`` per command name (``labels`` takes a lock each call).
-_LATENCY: dict[str, Any] = {}
-
-
 def _observe_latency(name: str, started: float) -> None:
-    """Observe one command's time from submission to answer (receipt or refusal)."""
-    histogram = _LATENCY.get(name)
-    if histogram is None:
-        histogram = _LATENCY[name] = metrics.COMMAND_SECONDS.labels(name)
-    histogram.observe(time.perf_counter() - started)
+    """Observe one command's time from submission to answer (receipt or refusal): added to
+    ``daybook_command_duration_seconds`` in bulk, not one lock per command (see
+    ``metrics.observe_command_seconds``)."""
+    metrics.observe_command_seconds(name, time.perf_counter() - started)
 
 
 def _given(
@@ -101,6 +96,8 @@ class Ledger(LedgerMethods):
     def execute(self, command: Command) -> Receipt:
         started = time.perf_counter()
         try:
+            if not tracing.enabled():  # no span to make: skip the context manager's cost
+                return self.service.committer.submit(command)
             with command_span(command):
                 return self.service.committer.submit(command)
         finally:
@@ -193,6 +190,8 @@ class AsyncLedger(AsyncLedgerMethods):
     async def execute(self, command: Command) -> Receipt:
         started = time.perf_counter()
         try:
+            if not tracing.enabled():  # no span to make: skip the context manager's cost
+                return await self._committer.submit_async(command)
             with command_span(command):
                 return await self._committer.submit_async(command)
         finally:

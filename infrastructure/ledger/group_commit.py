@@ -161,7 +161,14 @@ class _Inbox:
         self._closing = False
 
     def put(self, item: _Item) -> None:
-        self.put_many((item,))
+        # ``put_many`` for one item, written out: this runs for every command.
+        with self._lock:
+            if self._closing:
+                raise LedgerClosed("the ledger is closed; open a new one to submit commands")
+            self._items.append(item)
+            if self._want and len(self._items) >= self._want:
+                self._want = 0
+                self._wake.release()
 
     def put_many(self, items: Sequence[_Item]) -> None:
         """Queue ``items`` together (nobody else's come between them)."""

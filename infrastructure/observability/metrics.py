@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from time import perf_counter
@@ -57,7 +58,16 @@ COMMIT_BATCH = Histogram(
     buckets=_SIZES,
     registry=REGISTRY,
 )
-COMMAND_SECONDS = Histogram(
+class _CommandSeconds(Histogram):
+    """``COMMAND_SECONDS``: adds the observations still waiting (``observe_command_seconds``)
+    before it is read, so every scrape sees every command answered before it."""
+
+    def collect(self) -> Any:
+        flush_command_seconds()
+        return super().collect()
+
+
+COMMAND_SECONDS = _CommandSeconds(
     "daybook_command_duration_seconds",
     "Time from a command's submission to its answer (receipt or refusal).",
     ["command"],
@@ -216,6 +226,39 @@ def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
     for index, count in tally.items():
         buckets[index].inc(count)
     total.inc(sum(amounts))
+
+
+#: Command latencies not yet added to ``COMMAND_SECONDS``: (command name, seconds). Every
+#: command is timed, and ``observe`` takes the histogram's locks twice per call; these are
+#: added in bulk (``observe_many``: a lock per bucket touched), when enough wait or when the
+#: histogram is read. A deque: ``append`` and ``popleft`` are atomic, so callers on any
+#: thread add to it without a lock, and none is lost while it is emptied.
+_PENDING_COMMAND_SECONDS: deque[tuple[str, float]] = deque()
+_PENDING_LOCK = threading.Lock()
+#: How many latencies wait at most (a read adds them at once, however few).
+_PENDING_LIMIT = 256
+
+
+def observe_command_seconds(name: str, seconds: float) -> None:
+    """Observe one command's latency in ``COMMAND_SECONDS`` (labelled ``name``)."""
+    _PENDING_COMMAND_SECONDS.append((name, seconds))
+    if len(_PENDING_COMMAND_SECONDS) >= _PENDING_LIMIT:
+        flush_command_seconds()
+
+
+def flush_command_seconds() -> None:
+    """Add the waiting command latencies to ``COMMAND_SECONDS`` (under a lock, so a reader
+    flushing at the same time waits for them to be in)."""
+    pending = _PENDING_COMMAND_SECONDS
+    if not pending:
+        return
+    with _PENDING_LOCK:
+        by_name: dict[str, list[float]] = {}
+        for _ in range(len(pending)):
+            name, seconds = pending.popleft()
+            by_name.setdefault(name, []).append(seconds)
+        for name, amounts in by_name.items():
+            observe_many(COMMAND_SECONDS.labels(name), amounts)
 
 
 def exposition() -> bytes:

@@ -10,6 +10,7 @@ batch carries many traces). ``configure_tracing`` installs the SDK (the optional
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,11 +26,31 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
+#: Whether ``enabled`` has seen an SDK installed: the API lets a provider be set once per
+#: process, so once seen it stays.
+_installed = False
+#: The API's own module global for the provider (None until one is set), if it still has it.
+_UNKNOWN = object()
+#: Whether the API may load a provider named by its environment variable on first use.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
 def enabled() -> bool:
     """Whether an SDK is installed (without one, daybook makes no spans at all: the API's
-    no-op spans still cost a little on the write path)."""
+    no-op spans still cost a little on the write path).
+
+    This runs for every command. Without a provider, ``trace.get_tracer_provider()`` looks
+    up its environment variable each call (a raised ``KeyError``, microseconds), so that is
+    skipped while the API's global says none is set and the variable was not set when
+    daybook was imported; once an SDK is seen, the answer is kept (it cannot be replaced)."""
+    global _installed
+    if _installed:
+        return True
+    if not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) is None:
+        return False
     provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    _installed = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _installed
 
 
 @contextmanager

@@ -161,3 +161,23 @@ def test_observing_many_at_once_counts_as_observing_each() -> None:
     assert many == each
     assert many[("daybook_convergence_seconds_count", None)] == len(amounts)
     assert many[("daybook_convergence_seconds_bucket", "60.0")] == 10
+
+
+def test_command_latencies_waiting_to_be_added_are_in_every_read() -> None:
+    def count(name: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "daybook_command_duration_seconds_count", {"command": name}
+        )
+        return value or 0.0
+
+    few = metrics._PENDING_LIMIT // 4
+    for _ in range(few):
+        metrics.observe_command_seconds("test-waiting", 0.001)
+    assert count("test-waiting") == few  # read at once: the waiting ones are added first
+    for _ in range(metrics._PENDING_LIMIT):
+        metrics.observe_command_seconds("test-many", 0.5)
+    assert not metrics._PENDING_COMMAND_SECONDS  # enough waited: added without a read
+    assert count("test-many") == metrics._PENDING_LIMIT
+    assert metrics.REGISTRY.get_sample_value(
+        "daybook_command_duration_seconds_bucket", {"command": "test-many", "le": "0.5"}
+    ) == metrics._PENDING_LIMIT
