@@ -29,6 +29,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from daybook.infrastructure.compat import prometheus_client as prometheus_compat
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: Seconds: from a tenth of a millisecond to a minute.
@@ -58,6 +60,8 @@ COMMIT_BATCH = Histogram(
     buckets=_SIZES,
     registry=REGISTRY,
 )
+
+
 class _CommandSeconds(Histogram):
     """``COMMAND_SECONDS``: adds the observations still waiting (``observe_command_seconds``)
     before it is read, so every scrape sees every command answered before it."""
@@ -212,15 +216,14 @@ def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
     """Observe each of ``amounts`` in ``histogram`` (one labelled histogram), as many calls
     of ``observe`` would, at the cost of one per bucket touched rather than one per amount
     (convergence is observed for every event of every batch). Reaches into
-    ``prometheus_client``'s histogram (its bounds, per-bucket counts and sum; tests hold the
-    result equal to ``observe``'s) and falls back to ``observe`` if they are not there."""
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None:
+    ``prometheus_client``'s histogram through ``compat.prometheus_client`` (tests hold the
+    result equal to ``observe``'s) and falls back to ``observe`` if it cannot."""
+    parts = prometheus_compat.histogram_parts(histogram)
+    if parts is None:
         for amount in amounts:
             histogram.observe(amount)
         return
+    bounds, buckets, total = parts
     # ``observe`` counts an amount in the first bucket whose bound is >= it.
     tally = Tally(bisect_left(bounds, amount) for amount in amounts)
     for index, count in tally.items():

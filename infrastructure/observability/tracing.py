@@ -20,6 +20,8 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from daybook.infrastructure.compat import opentelemetry as opentelemetry_compat
+
 TRACER = trace.get_tracer("daybook")
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: A version-00 ``traceparent``, the only version daybook writes.
@@ -29,8 +31,6 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 #: Whether ``enabled`` has seen an SDK installed: the API lets a provider be set once per
 #: process, so once seen it stays.
 _installed = False
-#: The API's own module global for the provider (None until one is set), if it still has it.
-_UNKNOWN = object()
 #: Whether the API may load a provider named by its environment variable on first use.
 _PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
@@ -46,7 +46,7 @@ def enabled() -> bool:
     global _installed
     if _installed:
         return True
-    if not _PROVIDER_FROM_ENV and getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) is None:
+    if not _PROVIDER_FROM_ENV and opentelemetry_compat.provider_unset():
         return False
     provider = trace.get_tracer_provider()
     _installed = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)

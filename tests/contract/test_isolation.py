@@ -251,7 +251,6 @@ def test_the_contended_part_of_a_batch_keeps_its_order(shared_store_url: str) ->
     theirs.close()
 
 
-
 def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     shared_store_url: str,
 ) -> None:

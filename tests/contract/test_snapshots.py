@@ -148,7 +148,6 @@ def test_snapshot_contracts_are_validated() -> None:
     assert InventorySnapshot.class_version >= 1
 
 
-
 class Tally(LedgerAggregate):
     """A test aggregate whose snapshot contract gained a field in version 2."""
 

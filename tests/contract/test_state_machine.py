@@ -681,6 +681,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.deposited[self.accounts[command.account_id].currency] += command.amount
             for account_id, balance in balances.items():
                 self.accounts[account_id].balance = balance
+
     # -- time and retention -----------------------------------------------------------------
 
     def kept(self) -> list[Recorded]:

@@ -90,4 +90,3 @@ def test_a_request_s_spans_reach_the_otlp_endpoint_in_the_caller_s_trace(
     ours = {name for name, trace_id in receiver.spans if trace_id == TRACE_ID}
     assert "command open_account" in ours, receiver.spans
     assert "POST /v1/commands/open_account" in ours, receiver.spans  # the request
-

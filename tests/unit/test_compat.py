@@ -23,17 +23,22 @@ from eventsourcing.application import LRUCache
 from eventsourcing.popo import POPOApplicationRecorder
 from eventsourcing.postgres import PostgresDatastore
 from faust.types import Message
+from prometheus_client import CollectorRegistry, Histogram
 
 from daybook.domain.accounts import Account
 from daybook.infrastructure.compat import Internal
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import eventsourcing as eventsourcing_compat
 from daybook.infrastructure.compat import faust as faust_compat
+from daybook.infrastructure.compat import opentelemetry as opentelemetry_compat
+from daybook.infrastructure.compat import prometheus_client as prometheus_compat
 
 COMPAT_MODULES = {
     "faust": faust_compat,
     "aiokafka": aiokafka_compat,
     "eventsourcing": eventsourcing_compat,
+    "opentelemetry": opentelemetry_compat,
+    "prometheus_client": prometheus_compat,
 }
 
 
@@ -80,6 +85,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "eventsourcing.postgres:PostgresDatastore": datastore,
         "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
         "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
+        "prometheus_client.metrics:Histogram": Histogram("x", "y", registry=CollectorRegistry()),
     }
     datastore.close()
 
@@ -107,6 +113,16 @@ def test_aiokafka_still_has(internal: Internal, instances: dict[str, object]) ->
 
 @pytest.mark.parametrize("internal", relied_on(eventsourcing_compat))
 def test_eventsourcing_still_has(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+@pytest.mark.parametrize("internal", relied_on(opentelemetry_compat))
+def test_opentelemetry_api_still_has(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+@pytest.mark.parametrize("internal", relied_on(prometheus_compat))
+def test_prometheus_client_still_has(internal: Internal, instances: dict[str, object]) -> None:
     check(internal, instances)
 
 

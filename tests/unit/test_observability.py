@@ -178,6 +178,9 @@ def test_command_latencies_waiting_to_be_added_are_in_every_read() -> None:
         metrics.observe_command_seconds("test-many", 0.5)
     assert not metrics._PENDING_COMMAND_SECONDS  # enough waited: added without a read
     assert count("test-many") == metrics._PENDING_LIMIT
-    assert metrics.REGISTRY.get_sample_value(
-        "daybook_command_duration_seconds_bucket", {"command": "test-many", "le": "0.5"}
-    ) == metrics._PENDING_LIMIT
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "daybook_command_duration_seconds_bucket", {"command": "test-many", "le": "0.5"}
+        )
+        == metrics._PENDING_LIMIT
+    )
