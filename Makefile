@@ -19,8 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/daybook demo
 
+# Four processes: most tests wait on servers, processes and timeouts rather than compute, so
+# they overlap well even on two cores (each process starts its own PostgreSQL and broker).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 4 --dist worksteal
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -210,6 +210,13 @@ class EventLog:
             self._interrupt.clear()
             return
         try:
+            if self._listen is None or self._listen.closed:
+                # Listening starts now: what committed between the caller's last read and
+                # this LISTEN sent its notification to nobody. Return at once so the caller
+                # reads again; from here on, every commit's notification waits on this
+                # connection until the next wait takes it.
+                self._listen_connection(datastore)
+                return
             connection = self._listen_connection(datastore)
             for _ in connection.notifies(timeout=timeout, stop_after=1):
                 break

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 
-from daybook import open_ledger, projections, run_projections
+from daybook import open_event_log, open_ledger, projections, run_projections
 from daybook.infrastructure.lifecycle import ServiceState
 from tests.projections.helpers import assert_tables_match, workload
 
@@ -61,3 +63,21 @@ def test_the_runner_reconnects_after_its_connections_are_killed(pg_url: str) -> 
     for projection in projections.ALL:
         assert_tables_match(ledger, pg_url, projection)
     ledger.close()
+
+
+def test_a_commit_before_listening_starts_is_not_missed(pg_url: str) -> None:
+    """What commits between a reader's last read and its first LISTEN notifies nobody: the
+    first wait returns at once so the reader reads again, instead of sleeping a poll
+    interval (an hour here) on a notification that already went by."""
+    ledger = open_ledger(pg_url)
+    log = open_event_log(pg_url)
+    log.head()  # the reader's read
+    ledger.open_account("ann", "EUR")  # commits before the reader listens
+    waiting = threading.Thread(target=log.wait, args=(3600,), daemon=True)
+    waiting.start()
+    waiting.join(timeout=60)
+    returned = not waiting.is_alive()
+    log.interrupt()
+    log.close()
+    ledger.close()
+    assert returned, "the first wait slept through a commit made before it listened"
