@@ -280,6 +280,8 @@ class PreparedBatch:
     #: index -> the aggregates (``UUID.int``) the command read or changed
     touched: dict[int, frozenset[int]] = field(default_factory=dict)
     committed: bool = False
+    #: When (the retention clock) its first command was applied.
+    applied_at: float | None = None
 
 
 class LedgerService(Application[UUID]):
@@ -550,7 +552,11 @@ class LedgerService(Application[UUID]):
             if request_id in known:
                 prepared.outcomes[index] = _replay(known[request_id], command)
                 continue
-            if after is not None and request_id in after.first_use:
+            if (
+                after is not None
+                and request_id in after.first_use
+                and not self._outlived(after, command)
+            ):
                 prepared.repeats[index] = (after, after.first_use[request_id])
                 continue
             if request_id in prepared.first_use:
@@ -558,6 +564,8 @@ class LedgerService(Application[UUID]):
                 continue
             prepared.first_use[request_id] = index
             uow.now = self.clock()
+            if prepared.applied_at is None:
+                prepared.applied_at = uow.now.timestamp()
             with metadata_scope(command.metadata):
                 try:
                     fields = command.handle(uow)
@@ -583,6 +591,14 @@ class LedgerService(Application[UUID]):
             prepared.pending.append(PendingRequest(_record(command, {"receipt": receipt}), last))
         to_stored_event = self.mapper.to_stored_event
         prepared.stored.extend(to_stored_event(event) for event in prepared.events[mapped:])
+
+    def _outlived(self, earlier: PreparedBatch, command: Command) -> bool:
+        """Whether the record ``earlier`` keeps of ``command``'s request id has expired by
+        now: then the id is new, as the lookup of a committed record would say. (With a
+        clock that moves only in tests, the batch built on may be days old on it.)"""
+        if earlier.applied_at is None or not command.caller_request_id:
+            return False
+        return earlier.applied_at + self.retention.caller <= self.retention.clock()
 
     def commit(self, prepared: PreparedBatch, *, remember: bool = True) -> list[Outcome]:
         """Write a prepared batch's events and request records in one transaction and

@@ -415,3 +415,68 @@ def test_a_full_batch_waiting_for_a_commit_does_not_spin() -> None:
     assert idle_takes <= 2, f"the writer asked the inbox {idle_takes} times for nothing"
     assert ledger.account(a).balance == 9
     ledger.close()
+
+
+def test_a_request_id_expired_on_the_clock_is_new_even_in_the_batch_built_on(
+    tmp_path: Path,
+) -> None:
+    """Deterministic: the batch before (which used a request id) has written its records but
+    not yet reported; a command with the same id arrives and is applied on it, after the
+    clock moved past that record's retention window. The id is new, as a lookup of the
+    record would say: the command is applied, not refused as a reuse with another payload.
+    (Found by the model-based test, where time jumps between two commands.)"""
+    from datetime import UTC, datetime, timedelta
+
+    from daybook import Settings
+
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    window = timedelta(hours=3)
+    settings = Settings.load(
+        url=f"sqlite:///{tmp_path}/expired.db",
+        request_retention=window,
+        request_purge_interval=timedelta(0),
+    )
+    ledger = open_ledger(settings=settings, clock=lambda: now[0])
+    a = ledger.open_account("a", "EUR").account_id
+    entered, release, second_applied = threading.Event(), threading.Event(), threading.Event()
+    applied_after: list[bool] = []
+    commit, apply = ledger.service.commit, ledger.service.apply
+
+    def held_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        outcomes = commit(prepared, **options)  # written, with the expiry of its time
+        if any(c.payload().get("amount") == 10 for c in prepared.commands):
+            entered.set()  # ... and not yet reported: the next batch builds on it
+            release.wait(10)
+        return outcomes
+
+    def watching_apply(prepared: PreparedBatch, batch: Any, **options: Any) -> None:
+        apply(prepared, batch, **options)
+        if any(c.payload().get("amount") == 20 for c in batch):
+            applied_after.append(prepared.after is not None)
+            second_applied.set()
+
+    ledger.service.commit = held_commit  # type: ignore[method-assign]
+    ledger.service.apply = watching_apply  # type: ignore[method-assign]
+    results: dict[int, Any] = {}
+
+    def send(amount: int) -> None:
+        try:
+            results[amount] = ledger.deposit(a, amount, request_id="reused")
+        except DomainError as error:
+            results[amount] = error
+
+    first = threading.Thread(target=send, args=(10,))
+    first.start()
+    assert entered.wait(10)
+    now[0] += window  # the first use's record has expired by the clock
+    second = threading.Thread(target=send, args=(20,))
+    second.start()
+    assert second_applied.wait(10)
+    release.set()
+    first.join(10)
+    second.join(10)
+
+    assert applied_after[0], "the second was applied on the batch still committing"
+    assert isinstance(results[10], Receipt) and isinstance(results[20], Receipt), results
+    assert ledger.account(a).balance == 30
+    ledger.close()
