@@ -95,8 +95,8 @@ def handover(
                 return _handover(
                     log, store, catalog, definitions, to, group, topic, partitions, known
                 )
-            except (DeadlockDetected, SerializationFailure):
-                if attempt == _ATTEMPTS:
+            except Exception as error:
+                if not _deadlocked(error) or attempt == _ATTEMPTS:
                     raise
                 time.sleep(random.uniform(0, 0.05 * 2**attempt))
         raise AssertionError("unreachable")
@@ -106,6 +106,17 @@ def handover(
 
 #: How often a handover that met a deadlock with a writer is run again.
 _ATTEMPTS = 6
+
+
+def _deadlocked(error: BaseException) -> bool:
+    """Whether PostgreSQL aborted the transaction to break a deadlock (or a serialization
+    conflict), also when a store or eventsourcing wrapped the driver's error."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DeadlockDetected | SerializationFailure):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _handover(

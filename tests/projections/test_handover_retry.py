@@ -31,6 +31,27 @@ def test_a_deadlocked_handover_runs_again(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(calls) == 2
 
 
+def test_a_wrapped_deadlock_is_recognised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store or eventsourcing may wrap the driver's error: the deadlock is still seen."""
+    calls = []
+
+    class Wrapped(Exception):
+        pass
+
+    def deadlocks_once(*args: Any) -> list[str]:
+        calls.append(args)
+        if len(calls) == 1:
+            try:
+                raise DeadlockDetected("deadlock detected")
+            except DeadlockDetected as error:
+                raise Wrapped("the store failed") from error
+        return ["handed"]
+
+    monkeypatch.setattr(module, "_handover", deadlocks_once)
+    assert run(tmp_path) == ["handed"]
+    assert len(calls) == 2
+
+
 def test_a_handover_that_keeps_deadlocking_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
