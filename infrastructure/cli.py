@@ -28,6 +28,7 @@ from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
 from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.transient import causes
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
 #: Modules that add subcommands; each has ``register(subparsers) -> None`` and sets
@@ -348,13 +349,11 @@ def _user_error(error: Exception) -> str | None:
         return str(error)
     if isinstance(error, GatewayError):
         return f"the payment gateway did not answer: {error} (check --gateway and that it runs)"
-    cause: BaseException | None = error
-    while cause is not None:  # eventsourcing wraps the driver's error
+    for cause in causes(error):  # eventsourcing wraps the driver's error
         if isinstance(cause, psycopg.OperationalError):
             return f"the database did not answer: {preflight.explain(cause)}"
         if isinstance(cause, sqlite3.DatabaseError):
             return f"the SQLite database cannot be used: {cause} (check the path)"
-        cause = cause.__cause__ or cause.__context__
     if isinstance(error, PersistenceError):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
         return (

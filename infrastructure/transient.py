@@ -11,6 +11,7 @@ data) would fail the same way again: retrying only hides it.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
@@ -33,6 +34,15 @@ _RETRYABLE_SQLSTATES = frozenset(
 
 #: SQLite's primary result codes for "another connection holds the lock".
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what caused it, and so on (eventsourcing and the stores wrap the
+    driver's error, explicitly or while handling it)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def is_transient(error: BaseException) -> bool:

@@ -36,6 +36,7 @@ from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot, 
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.transient import causes
 from daybook.projections.model import LogEvent, Projection
 
 _CHUNK = 5_000
@@ -111,12 +112,7 @@ _ATTEMPTS = 6
 def _deadlocked(error: BaseException) -> bool:
     """Whether PostgreSQL aborted the transaction to break a deadlock (or a serialization
     conflict), also when a store or eventsourcing wrapped the driver's error."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, DeadlockDetected | SerializationFailure):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(c, DeadlockDetected | SerializationFailure) for c in causes(error))
 
 
 def _handover(
