@@ -677,11 +677,16 @@ class LedgerService(Application[UUID]):
         return due
 
     def remember(self, prepared: PreparedBatch) -> None:
-        """Put a committed batch's aggregates in the cache."""
+        """Put a committed batch's aggregates in the cache. Not write-once ones: a marker
+        like a reservation claim is read only when something is repeated or unknown, and
+        its absence from the cache is already handled (``LedgerAggregate.write_once``);
+        cached, every one would push a live aggregate out, and memory would follow their
+        count until the cache is full."""
         cache = self.repository.cache
         if cache is not None and prepared.pending:
             for aggregate in prepared.uow.aggregates.values():
-                cache.put(aggregate.id, aggregate)
+                if not aggregate.write_once:
+                    cache.put(aggregate.id, aggregate)
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:

@@ -33,6 +33,11 @@ class AggregateCache(Cache[UUID, Any]):
             self._entries.move_to_end(entry)
             return value
 
+    def ids(self) -> list[UUID]:
+        """The ids of the cached aggregates, least recently used first."""
+        with self.lock:
+            return [UUID(int=entry) for entry in self._entries]
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -54,6 +54,25 @@ def test_live_state_does_not_grow_with_past_reservations(store_url: str) -> None
         assert (stock.on_hand, stock.reserved) == (1_000 - 155, 2)
 
 
+def test_reservation_claims_take_no_place_in_the_aggregate_cache(store_url: str) -> None:
+    """A claim is written once and read only when the SKU's state cannot tell (a repeated
+    or unknown reservation id): cached, every reservation would push a useful aggregate
+    out of the cache, and a long run's memory would follow the count of reservations."""
+    with open_ledger(store_url) as ledger:
+        ledger.receive_stock("SKU-1", 1_000)
+        reserve_and_ship(ledger, "SKU-1", 50)
+        cache = ledger.service.repository.cache
+        assert cache is not None
+        cached = [type(cache.get(key)).__name__ for key in cache.ids()]
+        assert "ReservationClaim" not in cached
+        assert "Inventory" in cached
+        # And still each reservation resolves exactly once, and an id is never reused.
+        with pytest.raises(ReservationResolved):
+            ledger.commit_reservation("SKU-1", "r-1")
+        with pytest.raises(ReservationExists):
+            ledger.reserve_stock("SKU-1", 1, reservation_id="r-2")
+
+
 def assert_resolved_exactly_once(ledger: Ledger, sku: str, committed: str, released: str) -> None:
     for reservation in (committed, released):
         with pytest.raises(ReservationResolved):
