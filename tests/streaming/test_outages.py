@@ -124,6 +124,63 @@ def test_a_worker_survives_ten_seconds_without_its_database_from_a_batch(
     ledger.close()
 
 
+@pytest.mark.parametrize("save_lands", [True, False], ids=["reply-lost", "save-lost"])
+def test_the_relay_survives_losing_the_reply_to_saving_its_cursor(
+    save_lands: bool, pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The relay's second batch acknowledged by the broker; then the statement that moves
+    its cursor reaches PostgreSQL and is carried out, and the reply is lost (or, the other
+    case, the connection is gone before it is sent). The relay cannot tell which; it goes on
+    from the stored cursor: after the saved move it publishes nothing twice, after the lost
+    one it publishes that batch again and the worker skips the repeats. Every event is on
+    the topic in an unbroken chain, and the tables equal the in-process runner's."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("relay-save"), unique("group")
+    env = {"DAYBOOK_FAULTS": "relay.after_send:2:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(pg_url) as outage:
+        the_relay = relay(outage.url(pg_url), kafka_bootstrap, topic, tmp_path / "relay.log", env)
+        the_relay.start()
+        process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", {}).start()
+        try:
+            wait_until(paused(tmp_path, "relay.after_send").exists, "the relay's second batch")
+            before = _cursor(pg_url, topic)
+            if save_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            paused(tmp_path, "relay.after_send").unlink()
+            wait_until(lambda: outage.cuts == 1, "the cut")
+            after = _cursor(pg_url, topic)
+            # The move was carried out, or not, as the case says; the relay cannot know.
+            assert (after > before) is save_lands, (before, after)
+            write_money(ledger, accounts, 300, seed=2)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert the_relay.proc is not None and the_relay.proc.poll() is None, the_relay.output
+            assert _cursor(pg_url, topic) == after  # it cannot have moved meanwhile
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
+            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
+            status = read_status(pg_url, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            seen = read_topic(kafka_bootstrap, topic, PARTITIONS, head)
+        finally:
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    # It did meet the outage at the save, and restarted (rather than never noticing).
+    assert "fault point relay.after_send: paused" in the_relay.output
+    assert "restarting in" in the_relay.output and "recovered" in the_relay.output
+    positions, duplicates, gaps = follow_chain(seen)
+    assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
+    # Published once after the saved move; the batch again after the lost one.
+    assert (duplicates == 0) is save_lands, duplicates
+    assert (sum(p.duplicates for p in status) == 0) is save_lands, status
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
 def _cursor(url: str, topic: str) -> int:
     cursor = read_cursor(url, topic)
     return cursor.position if cursor else 0
