@@ -262,6 +262,47 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
     ledger.close()
 
 
+def test_a_worker_survives_its_read_model_database_gone_while_it_fetches(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Read models on a database of their own, which alone goes away while the worker has
+    applied everything there was and waits on its Kafka fetch (no batch in flight: its
+    connection is idle, and only the next batch finds it dead). Events arrive during the
+    outage; the worker fetches them, fails to apply them, and retries the same batch until
+    the database is back. The tables equal the in-process runner's."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("worker-fetch-outage"), unique("group")
+    with Outage.of_url(readmodels) as outage:
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", {}, outage.url(readmodels)
+        )
+        process.start()
+        try:
+            write_money(ledger, accounts, 800)
+            head = ledger.head()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the first events")
+            outage.cut()  # the worker is between batches, in its fetch loop
+            write_money(ledger, accounts, 300, seed=2)
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to publish them")
+            wait_until(lambda: "restarting in" in process.output, "the worker to meet the outage")
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
+            status = read_status(readmodels, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+        finally:
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    assert "recovered" in process.output
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
 #: Longer than the relay's request timeout below (``--request-timeout``): the batch in
 #: flight then fails (rather than being delivered late by the producer's own retries) and
 #: the relay goes through its "broker unavailable" path: new producers, refused until the
