@@ -188,6 +188,7 @@ class ProjectionRunner:
             try:
                 catalog = VersionCatalog(store)
                 catalog.ensure()
+                crash_point("runner.connect")  # the catalog is there; versions next
                 for projection in self.projections:
                     catalog.register(projection)
                 self._locks = store.open_locks()

@@ -173,3 +173,44 @@ def test_the_read_model_database_gone_mid_batch_stops_nothing(
             runner.stop()
     for projection in projections.ALL:
         assert_tables_match(ledger, readmodels, projection)
+
+
+def test_the_read_model_database_gone_during_start_up_stops_nothing(
+    ledger: Ledger, pg_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """Read models on another database, which goes away while the runner starts: its
+    catalog made, its versions not yet registered. The runner retries its start-up by itself
+    and then builds every projection from the log."""
+    ids = workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    with Outage.of_url(readmodels) as outage:
+        faults.arm("runner.connect:1:pause", tmp_path)
+        runner = projection_runner(
+            Settings(url=pg_url, readmodels_url=outage.url(readmodels)),
+            poll_interval=0.05,
+            batch_size=50,
+        )
+        runner.start()
+        try:
+            marker = faults.paused_file("runner.connect", tmp_path)
+            wait_until(marker.exists, "the runner's start-up")
+            outage.cut()
+            marker.unlink()  # the start-up goes on, into the outage
+            workload(ledger, 60, seed=2, accounts=ids)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            health = runner.health()
+            assert health.state is not ServiceState.FAILED, health
+            assert health.restarts >= 1, health  # it did meet the outage
+            outage.restore()
+            head = ledger.head()
+            names = {projection.name for projection in projections.ALL}
+            wait_until(
+                lambda: positions(readmodels) == dict.fromkeys(names, head),
+                "the runner to build every projection",
+            )
+            assert runner.health().state is ServiceState.RUNNING, runner.health()
+        finally:
+            faults.disarm()
+            runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, readmodels, projection)
