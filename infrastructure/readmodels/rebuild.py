@@ -3,8 +3,8 @@
 The new version's tables fill from the start of the log in large batches on the bulk path
 (``bulk.BulkRunner``: COPY for new rows, one upsert per table for changed ones, batches
 pipelined) while the current version keeps following the log and answering queries. When the
-new version reaches the head, one transaction marks it active and the old one retired; the old
-tables are then dropped unless kept on request. Progress is committed with every batch, so an
+new version reaches the head, one transaction marks it active and the old one retired and drops
+the old tables (unless kept on request). Progress is committed with every batch, so an
 interrupted rebuild resumes.
 """
 
