@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger, projections
+from daybook.infrastructure.bootstrap import projection_runner
+from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.relay import read_cursor
@@ -301,6 +306,92 @@ def test_a_worker_survives_its_read_model_database_gone_while_it_fetches(
     assert "recovered" in process.output
     assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+#: Past eventsourcing's own retries (about two seconds) of a log read.
+BOTH_DOWN_SECONDS = 5.0
+
+
+def test_every_service_survives_both_databases_gone_at_once(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The event store and the read-model databases go away together, while the relay,
+    a worker (read models on a database of its own) and the in-process runner (on another)
+    work through a backlog; commands go on meanwhile (straight to the event store). Each
+    service waits the outage out and catches up: every event on the topic once in an
+    unbroken chain, and both sets of tables equal a replay of the whole log."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("both-down"), unique("group")
+    worker_rm = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    runner_rm = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    with (
+        Outage.of_url(pg_url) as events,
+        Outage.of_url(worker_rm) as worker_side,
+        Outage.of_url(runner_rm) as runner_side,
+    ):
+        outages = (events, worker_side, runner_side)
+        the_relay = relay(events.url(pg_url), kafka_bootstrap, topic, tmp_path / "relay.log", {})
+        the_relay.start()
+        process = worker(
+            events.url(pg_url),
+            kafka_bootstrap,
+            topic,
+            group,
+            tmp_path / "w.log",
+            {},
+            worker_side.url(worker_rm),
+        )
+        process.start()
+        runner = projection_runner(
+            Settings(url=events.url(pg_url), readmodels_url=runner_side.url(runner_rm)),
+            poll_interval=0.05,
+            batch_size=100,
+        )
+        runner.start()
+        try:
+            wait_until(
+                lambda: applied(worker_rm, group, topic) > 0 and min(_positions(runner_rm)) > 0,
+                "the worker and the runner to have started applying",
+            )
+            for outage in outages:
+                outage.cut()
+            write_money(ledger, accounts, 300, seed=2)
+            time.sleep(BOTH_DOWN_SECONDS)
+            for each in (the_relay, process):
+                assert each.proc is not None and each.proc.poll() is None, each.output
+            assert runner.health().state is not ServiceState.FAILED, runner.health()
+            for outage in outages:
+                outage.restore()
+            head = ledger.head()
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
+            wait_until(lambda: applied(worker_rm, group, topic) == head, "the worker to catch up")
+            wait_until(lambda: set(_positions(runner_rm)) == {head}, "the runner to catch up")
+            status = read_status(worker_rm, group, topic)
+            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            assert runner.health().state is ServiceState.RUNNING, runner.health()
+            seen = read_topic(kafka_bootstrap, topic, PARTITIONS, head)
+        finally:
+            runner.stop()
+            for each in (process, the_relay):
+                assert each.stop() == 0, each.output
+    for each in (the_relay, process):  # each met the outage, and recovered
+        assert "restarting in" in each.output and "recovered" in each.output, each.output
+    positions, _, gaps = follow_chain(seen)
+    assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
+    reference = reference_tables(pg_url, pg_admin_url)
+    assert tables(worker_rm) == reference
+    assert tables(runner_rm) == reference
+    ledger.close()
+
+
+def _positions(url: str) -> list[int]:
+    store = open_store(url)
+    try:
+        return [r.position for r in VersionCatalog(store).versions()] or [0]
+    finally:
+        store.close()
 
 
 #: Longer than the relay's request timeout below (``--request-timeout``): the batch in
