@@ -198,6 +198,11 @@ class ProjectionRunner:
             self.store = store
         return self.store
 
+    def let_go(self) -> None:
+        """After a failure: close the read-model connections and let go of every version;
+        the next step connects and claims them again, from what is committed."""
+        self._disconnect()
+
     def _disconnect(self) -> None:
         for connection in (self.store, self._locks):
             if connection is not None:

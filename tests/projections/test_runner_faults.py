@@ -3,6 +3,7 @@ store for ten seconds in the middle of a log read: nothing lost, nothing applied
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from daybook.infrastructure.bootstrap import event_log_of, projection_runner
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
@@ -21,9 +23,9 @@ from daybook.projections.accounts import BALANCES
 from daybook.projections.model import Projection
 from scripts import services
 from scripts.outage import Outage
-from scripts.streams import Daybook, unique, wait_until
+from scripts.streams import WAIT, Daybook, unique, wait_until
 from tests.projections.helpers import assert_tables_match, workload
-from tests.projections.test_rebuild_reconcile import ALL_V2
+from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2, ALL_V2
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -299,3 +301,65 @@ def positions_of(url: str, definitions: Sequence[Projection]) -> set[int]:
         return {r.position if r is not None else -1 for r in records}
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("commit_lands", [False, True], ids=["switch-lost", "reply-lost"])
+def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
+    commit_lands: bool, ledger: Ledger, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """``daybook projections rebuild`` of account_balances version 2 beside version 1 (read
+    models on another database), which goes away in the rebuild's switch of reads: before
+    its COMMIT (lost) or after it (carried out, the reply lost). The rebuild waits the
+    outage out and finishes: reads on version 2, built from the whole log, version 1
+    retired and its tables dropped."""
+    workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    results: list[RebuildResult] = []
+    errors: list[BaseException] = []
+
+    def build(url: str) -> None:
+        try:
+            results.append(
+                rebuild(
+                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    with Outage.of_url(readmodels) as outage:
+        faults.arm("runner.switch:1:pause", tmp_path)
+        builder = threading.Thread(target=build, args=(outage.url(readmodels),))
+        builder.start()
+        try:
+            marker = faults.paused_file("runner.switch", tmp_path)
+            wait_until(marker.exists, "the rebuild to switch reads to version 2")
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            marker.unlink()  # the switch goes on, into the outage
+            wait_until(lambda: outage.cuts == 1, "the cut")
+            assert (active_version(readmodels) == 2) is commit_lands
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert builder.is_alive() and not errors, errors  # it waits, it did not give up
+            outage.restore()
+            builder.join(WAIT)
+        finally:
+            faults.disarm()
+            builder.join(WAIT)
+    assert not errors and results, errors
+    assert results[0].previous_version == 1 and results[0].position == ledger.head()
+    assert active_version(readmodels) == 2
+    store = open_store(readmodels)
+    try:
+        retired = VersionCatalog(store).version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
+        kept = store.execute("SELECT to_regclass(%s)", (BALANCES.physical_name(1),))[0][0]
+        assert kept is None, "version 1's table was kept"
+    finally:
+        store.close()
+    assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)
