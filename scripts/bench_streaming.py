@@ -116,6 +116,18 @@ def workers(
     return procs
 
 
+def assignment(output: str) -> list[int]:
+    """The partitions of the topic a worker held last (faust prints a table per assignment:
+    ``| bench | {0, 2} |``, or ``{0-3}`` for a run of them)."""
+    tables = re.findall(rf"^\| {re.escape(TOPIC)}\s+\| \{{([\d, -]*)\}}", output, re.MULTILINE)
+    held: list[int] = []
+    for part in tables[-1].split(",") if tables else []:
+        first, _, last = part.strip().partition("-")
+        if first:
+            held.extend(range(int(first), int(last or first) + 1))
+    return held
+
+
 def gates(base: Path, group: str, count: int) -> list[Path]:
     return [faults.paused_file("worker.batch", base / f"{group}-{n}.gate") for n in range(count)]
 
@@ -275,10 +287,7 @@ def worker_rate(
                 g.unlink()
             wait_until(lambda: applied(url, group, TOPIC) >= head, "all events", 900)
             end = sample()
-        partitions = [
-            sorted(int(p) for p in re.findall(r"partition (\d+) caught up", proc.output))
-            for proc in procs
-        ]
+        partitions = [assignment(proc.output) for proc in procs]
     finally:
         for proc in procs:
             proc.stop()
