@@ -255,6 +255,8 @@ def test_the_read_model_database_gone_at_a_switch_of_reads_stops_nothing(
                 outage.cut()
             marker.unlink()  # the switch goes on, into the outage
             wait_until(lambda: outage.cuts == 1, "the cut")
+            if commit_lands:  # the server may finish the COMMIT after the cut
+                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
             assert (active_version(readmodels) == 2) is commit_lands
             workload(ledger, 60, seed=2, accounts=ids)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
@@ -343,6 +345,8 @@ def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
                 outage.cut()
             marker.unlink()  # the switch goes on, into the outage
             wait_until(lambda: outage.cuts == 1, "the cut")
+            if commit_lands:  # the server may finish the COMMIT after the cut
+                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
             assert (active_version(readmodels) == 2) is commit_lands
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             assert builder.is_alive() and not errors, errors  # it waits, it did not give up

@@ -157,8 +157,11 @@ def test_the_relay_survives_losing_the_reply_to_saving_its_cursor(
                 outage.cut()
             paused(tmp_path, "relay.after_send").unlink()
             wait_until(lambda: outage.cuts == 1, "the cut")
+            # The move was carried out (the server may finish it after the cut), or not, as
+            # the case says; the relay cannot know.
+            if save_lands:
+                wait_until(lambda: _cursor(pg_url, topic) > before, "the saved move")
             after = _cursor(pg_url, topic)
-            # The move was carried out, or not, as the case says; the relay cannot know.
             assert (after > before) is save_lands, (before, after)
             write_money(ledger, accounts, 300, seed=2)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
@@ -387,9 +390,12 @@ def test_every_service_survives_both_databases_gone_at_once(
 
 
 def _positions(url: str) -> list[int]:
+    """The runner's versions' positions ([0] before it made its catalog)."""
     store = open_store(url)
     try:
-        return [r.position for r in VersionCatalog(store).versions()] or [0]
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        return [r.position for r in catalog.versions()] or [0]
     finally:
         store.close()
 
