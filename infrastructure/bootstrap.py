@@ -138,7 +138,7 @@ def outbox_relay(settings: Settings, **options: Any) -> Relay:
         broker_url=settings.broker_url,
         topic=settings.topic,
         partitions=settings.partitions,
-        **options,
+        **({"request_timeout": settings.relay_request_timeout} | options),
     )
     return Relay(config, open_event_log(settings=settings), owns_log=True)
 

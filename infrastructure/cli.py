@@ -261,6 +261,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         topic=getattr(args, "topic", None),
         partitions=getattr(args, "partitions", None),
         group=getattr(args, "group", None),
+        relay_request_timeout=getattr(args, "request_timeout", None),
         gateway_url=getattr(args, "gateway", None),
     )
 

@@ -21,6 +21,7 @@ DEFAULT_BROKER = "kafka://127.0.0.1:9092"
 DEFAULT_TOPIC = "daybook.events"
 DEFAULT_PARTITIONS = 8
 DEFAULT_GROUP = "daybook-projections"
+DEFAULT_RELAY_REQUEST_TIMEOUT = 15.0
 
 #: Environment variable -> setting.
 ENVIRONMENT = {
@@ -30,6 +31,7 @@ ENVIRONMENT = {
     "DAYBOOK_TOPIC": "topic",
     "DAYBOOK_PARTITIONS": "partitions",
     "DAYBOOK_GROUP": "group",
+    "DAYBOOK_RELAY_REQUEST_TIMEOUT": "relay_request_timeout",
     "DAYBOOK_GROUP_COMMIT": "group_commit",
     "DAYBOOK_CACHE_SIZE": "cache_size",
     "DAYBOOK_GATEWAY_URL": "gateway_url",
@@ -55,6 +57,9 @@ class Settings(BaseModel):
     partitions: int = Field(DEFAULT_PARTITIONS, ge=1, le=10_000)
     #: The stream workers' consumer group (one per set of read models).
     group: str = DEFAULT_GROUP
+    #: Seconds the broker may take to acknowledge the relay's batch before the relay counts
+    #: it as down (and waits for it with backoff, keeping its cursor).
+    relay_request_timeout: float = Field(DEFAULT_RELAY_REQUEST_TIMEOUT, gt=0, le=3600)
     #: Batch concurrent commands into shared transactions.
     group_commit: bool = True
     #: How many aggregates the write path keeps in memory.

@@ -1,17 +1,23 @@
 """Streaming benchmark: the outbox relay and the faust workers beside the in-process runner.
 
     python scripts/bench_streaming.py [--events 50000] [--latency-commands 500]
+    python scripts/bench_streaming.py --workers-only --rounds 3 --events 60000
 
 Starts its own durable PostgreSQL and Tansu broker, writes a log of deposits and transfers,
 then measures, in one run:
 
 1. relay: events/s read from the log, published and acknowledged (``acks=all``);
 2. faust workers: events/s applied to the read models by one worker, then by two and by
-   four (a new consumer group each, timed once every worker of the group holds partitions
-   and the group has committed a batch, so joining is left out), with the time they spent
-   waiting for locks (sessions of their read-model database waiting on a lock, sampled
-   every 5 ms); and the in-process runner
-   rebuilding the same log into a database of its own.
+   four (a new consumer group each), in the steady state: every worker of the group waits
+   at its first batch (a pause point, ``infrastructure/streaming/faults.py``) until all of
+   them hold partitions and have a batch in hand, so joining the group and rebalancing are
+   left out; then all go at once and the clock runs until every event is applied. With the
+   time they spent waiting for locks (sessions of their read-model database waiting on a
+   lock, sampled every 5 ms), the partitions each worker had and the events per
+   partition, and the CPU each process used meanwhile (each worker, PostgreSQL, the broker,
+   and the whole machine, other work included, from ``/proc``). ``--rounds N`` repeats the
+   1, 2 and 4 workers N times on the same log. Then the in-process runner rebuilds the same
+   log into a database of its own.
    For scale, the workers' ``StreamApplier`` is also fed by a plain aiokafka group consumer
    in 5,000-message fetches (no faust): what batch delivery below faust's stream would give;
 3. convergence latency p50/p99 from command commit to read-model row, under a steady load of
@@ -24,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
@@ -43,7 +52,7 @@ from daybook.infrastructure.bootstrap import event_log_of, open_event_log
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
-from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming import envelope, faults
 from daybook.infrastructure.streaming.progress import PROGRESS_TABLE, read_status
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
@@ -82,21 +91,45 @@ def relay_rate(url: str, bootstrap: str, head: int) -> float:
         log.close()
 
 
-def workers(url: str, bootstrap: str, group: str, count: int, base: Path) -> list[Daybook]:
-    return [
-        Daybook(
-            ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", TOPIC,
-             "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "5000", "-v"],
-            base / f"{group}-{n}.log",
-        ).start()
-        for n in range(count)
-    ]  # fmt: skip
+def workers(
+    url: str, bootstrap: str, group: str, count: int, base: Path, gate: bool = False
+) -> list[Daybook]:
+    """``count`` workers of ``group``; with ``gate``, each stops before applying its first
+    batch until ``open_gate`` (a pause point of ``infrastructure.streaming.faults``, in a
+    directory per worker)."""
+    procs = []
+    for n in range(count):
+        env = {}
+        if gate:
+            directory = base / f"{group}-{n}.gate"
+            directory.mkdir()
+            env = {"DAYBOOK_FAULTS": "worker.batch:1:pause", "DAYBOOK_FAULTS_DIR": str(directory)}
+        procs.append(
+            Daybook(
+                ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", TOPIC,
+                 "--partitions", str(PARTITIONS), "--group", group, "--batch-size", "5000",
+                 "-v"],
+                base / f"{group}-{n}.log",
+                env=env,
+            ).start()
+        )  # fmt: skip
+    return procs
 
 
-def assigned(procs: list[Daybook]) -> bool:
-    """Whether every worker holds partitions (faust prints its assignment, naming the topic,
-    each time it gets one): the group has stopped rebalancing as workers join."""
-    return all(f"| {TOPIC} " in proc.output for proc in procs)
+def assignment(output: str) -> list[int]:
+    """The partitions of the topic a worker held last (faust prints a table per assignment:
+    ``| bench | {0, 2} |``, or ``{0-3}`` for a run of them)."""
+    tables = re.findall(rf"^\| {re.escape(TOPIC)}\s+\| \{{([\d, -]*)\}}", output, re.MULTILINE)
+    held: list[int] = []
+    for part in tables[-1].split(",") if tables else []:
+        first, _, last = part.strip().partition("-")
+        if first:
+            held.extend(range(int(first), int(last or first) + 1))
+    return held
+
+
+def gates(base: Path, group: str, count: int) -> list[Path]:
+    return [faults.paused_file("worker.batch", base / f"{group}-{n}.gate") for n in range(count)]
 
 
 class LockWaits:
@@ -137,27 +170,154 @@ class LockWaits:
                 time.sleep(self.interval)
 
 
+class CpuTimes:
+    """CPU seconds used so far, from ``/proc`` (Linux): by a process and its threads, by a
+    server and its children (PostgreSQL's backends), and by the whole machine."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    @classmethod
+    def of(cls, pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / cls.TICK  # utime, stime
+
+    @classmethod
+    def tree(cls, root: int) -> dict[int, float]:
+        """``root`` and its children (one level: PostgreSQL's backends and workers)."""
+        found = {root: cls.of(root)}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == root:
+                found[int(entry.name)] = cls.of(int(entry.name))
+        return found
+
+    @staticmethod
+    def machine() -> tuple[float, float]:
+        """(busy, total) CPU seconds of the machine since boot, over all cores."""
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle, iowait
+        return (sum(ticks) - idle) / CpuTimes.TICK, sum(ticks) / CpuTimes.TICK
+
+
+@dataclass
+class Sample:
+    """Everything measured at one moment of a worker run."""
+
+    at: float
+    workers: list[float]
+    postgres: dict[int, float]
+    broker: float
+    machine: tuple[float, float]
+
+
+@dataclass
+class WorkerRun:
+    count: int
+    rate: float
+    waited: float
+    group: str
+    url: str
+    #: Cores used in the timed window: each worker, PostgreSQL, the broker, the machine
+    #: (everything on it, other work included), and the machine's cores.
+    worker_cores: list[float]
+    postgres_cores: float
+    broker_cores: float
+    machine_cores: float
+    cores: float
+    #: The partitions each worker applied.
+    partitions: list[list[int]]
+
+    def cpu(self) -> str:
+        mine = " + ".join(f"{c:.2f}" for c in self.worker_cores)
+        return (
+            f"workers {mine}, postgres {self.postgres_cores:.2f}, broker "
+            f"{self.broker_cores:.2f}; machine {self.machine_cores:.2f} of {self.cores:.0f} "
+            f"cores busy (other work {self.others:.2f})"
+        )
+
+    @property
+    def others(self) -> float:
+        ours = sum(self.worker_cores) + self.postgres_cores + self.broker_cores
+        return max(0.0, self.machine_cores - ours)
+
+
 def worker_rate(
-    admin_url: str, bootstrap: str, head: int, count: int, base: Path
-) -> tuple[float, float, str, str]:
-    """Events/s applied by ``count`` workers of a new group, and the seconds they spent
-    waiting for locks; the group and the database its read models went to (a new one:
-    workers read events from the topic only)."""
-    group = f"bench-x{count}"
-    url = services.create_database(admin_url, f"bench_x{count}")
-    procs = workers(url, bootstrap, group, count, base)
+    admin_url: str,
+    bootstrap: str,
+    head: int,
+    count: int,
+    base: Path,
+    round: int,
+    servers: tuple[int, int],
+) -> WorkerRun:
+    """``count`` workers of a new group (writing to a new database: workers read events from
+    the topic only), timed in the steady state: each worker waits at its first batch until
+    every worker of the group holds partitions and has a batch in hand (so joining and
+    rebalancing are left out: a rebalance would take the batch away from a waiting worker);
+    then all go at once, and the clock runs until every event is applied. ``servers`` are
+    the pids of PostgreSQL and the broker."""
+    group = f"bench-x{count}-r{round}"
+    url = services.create_database(admin_url, f"bench_x{count}_r{round}")
+    procs = workers(url, bootstrap, group, count, base, gate=True)
+    postgres_pid, broker_pid = servers
+
+    def sample() -> Sample:
+        return Sample(
+            time.perf_counter(),
+            [CpuTimes.of(proc.proc.pid) for proc in procs if proc.proc is not None],
+            CpuTimes.tree(postgres_pid),
+            CpuTimes.of(broker_pid),
+            CpuTimes.machine(),
+        )
+
     try:
-        # Timed once every worker holds partitions: joining is not applying.
-        wait_until(lambda: assigned(procs), "every worker to hold partitions", 120)
-        wait_until(lambda: applied(url, group, TOPIC) > 0, "the first batch", 120)
+        waiting = gates(base, group, count)
+        wait_until(lambda: all(g.exists() for g in waiting), "every worker's first batch", 300)
         with LockWaits(url) as waits:
-            start, first = time.perf_counter(), applied(url, group, TOPIC)
+            start = sample()
+            for g in waiting:
+                g.unlink()
             wait_until(lambda: applied(url, group, TOPIC) >= head, "all events", 900)
-            rate = (head - first) / (time.perf_counter() - start)
-        return rate, waits.seconds, group, url
+            end = sample()
+        partitions = [assignment(proc.output) for proc in procs]
     finally:
         for proc in procs:
             proc.stop()
+    seconds = end.at - start.at
+    machine = (end.machine[0] - start.machine[0], end.machine[1] - start.machine[1])
+    cores = os.cpu_count() or 1
+    postgres = sum(t - start.postgres.get(pid, 0.0) for pid, t in end.postgres.items())
+    return WorkerRun(
+        count=count,
+        rate=head / seconds,
+        waited=waits.seconds,
+        group=group,
+        url=url,
+        worker_cores=[(e - b) / seconds for b, e in zip(start.workers, end.workers, strict=True)],
+        postgres_cores=postgres / seconds,
+        broker_cores=(end.broker - start.broker) / seconds,
+        machine_cores=machine[0] / machine[1] * cores if machine[1] else 0.0,
+        cores=cores,
+        partitions=partitions,
+    )
+
+
+def partition_totals(url: str) -> dict[int, int]:
+    """Events per partition of the topic, computed from the log as the relay does."""
+    totals = dict.fromkeys(range(PARTITIONS), 0)
+    with psycopg.connect(postgres_params(url).conninfo(), autocommit=True) as conn:
+        for (originator,) in conn.execute("SELECT originator_id FROM daybook_events"):
+            key = envelope.partition_key(originator)
+            totals[envelope.partition_for(key, PARTITIONS)] += 1
+    return totals
 
 
 def batch_rate(admin_url: str, bootstrap: str, head: int) -> float:
@@ -287,6 +447,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--latency-commands", type=int, default=500)
     parser.add_argument("--latency-rate", type=float, default=100.0, help="deposits per second")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the 1, 2 and 4 workers this many times"
+    )
+    parser.add_argument(
+        "--workers-only",
+        action="store_true",
+        help="only the relay and the workers (no plain-aiokafka applier, runner or latency)",
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="daybook-bench-stream-"))
     pg = services.start_postgres(durable=True)
@@ -302,13 +470,32 @@ def main() -> None:
 
         relay = relay_rate(url, kafka.bootstrap, head)
         print(f"relay {relay:,.0f} events/s", flush=True)
-        one, one_waited, group, worker_url = worker_rate(pg.url, kafka.bootstrap, head, 1, base)
-        print(f"1 worker {one:,.0f} events/s", flush=True)
-        scaled = {}
-        for count in (2, 4):
-            rate, waited, _, _ = worker_rate(pg.url, kafka.bootstrap, head, count, base)
-            scaled[count] = (rate, waited)
-            print(f"{count} workers {rate:,.0f} events/s, {waited:.2f}s waiting", flush=True)
+        totals = partition_totals(url)
+        print("events per partition: " + ", ".join(f"{totals[p]:,}" for p in sorted(totals)))
+        assert pg.pid is not None and kafka.pid is not None, "the benchmark starts its own"
+        runs: dict[int, list[WorkerRun]] = {1: [], 2: [], 4: []}
+        for round in range(1, args.rounds + 1):
+            for count in runs:
+                run = worker_rate(
+                    pg.url, kafka.bootstrap, head, count, base, round, (pg.pid, kafka.pid)
+                )
+                runs[count].append(run)
+                print(
+                    f"round {round}: {count} worker(s) {run.rate:,.0f} events/s "
+                    f"({run.rate / runs[1][-1].rate:.2f}x), {run.waited:.2f}s waiting for "
+                    f"locks, partitions {run.partitions}; CPU (cores): {run.cpu()}",
+                    flush=True,
+                )
+        group, worker_url = runs[1][0].group, runs[1][0].url
+        one = statistics.median(run.rate for run in runs[1])
+        if args.workers_only:
+            print()
+            for count, done in runs.items():
+                rates = ", ".join(f"{run.rate:,.0f}" for run in done)
+                ratios = ", ".join(f"{run.rate / first.rate:.2f}x" for run, first in
+                                   zip(done, runs[1], strict=True))  # fmt: skip
+                print(f"{count} worker(s): {rates} events/s ({ratios} one worker, same round)")
+            return
         batches = batch_rate(pg.url, kafka.bootstrap, head)
         print(f"applier fed whole fetches {batches:,.0f} events/s", flush=True)
         other = services.create_database(pg.url, "bench_runner")
@@ -354,15 +541,17 @@ def main() -> None:
             ("relay: published + acknowledged", f"{relay:9,.0f} events/s", ""),
             ("1 worker: applied", f"{one:9,.0f} events/s", f"{runner_rate:9,.0f} events/s"),
             *(
-                (f"{n} workers: applied (together)", f"{r:9,.0f} events/s ({r / one:.2f}x)", "")
-                for n, (r, _) in scaled.items()
+                (
+                    f"{n} workers: applied (together)",
+                    f"{statistics.median(r.rate for r in runs[n]):9,.0f} events/s "
+                    f"({statistics.median(r.rate for r in runs[n]) / one:.2f}x)",
+                    "",
+                )
+                for n in (2, 4)
             ),
             (
                 "workers waiting for locks (sampled)",
-                ", ".join(
-                    f"{n}: {w:.2f}s"
-                    for n, w in ((1, one_waited), *((n, w) for n, (_, w) in scaled.items()))
-                ),
+                ", ".join(f"{n}: {max(r.waited for r in done):.2f}s" for n, done in runs.items()),
                 "",
             ),
             ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),

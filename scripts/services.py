@@ -242,6 +242,11 @@ class PostgresHandle:
         """True while the server process we started is alive (always True if external)."""
         return self.external or (self._proc is not None and self._proc.poll() is None)
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (None if external or stopped), e.g. to measure its CPU."""
+        return self._proc.pid if self._proc is not None else None
+
     def exit_report(self) -> str | None:
         """``None`` while the server runs; once it has exited, its exit status and log tail."""
         if self.running:
@@ -540,6 +545,11 @@ class KafkaHandle:
     def running(self) -> bool:
         """True while the broker process we started is alive (always True if external)."""
         return self.external or (self._proc is not None and self._proc.poll() is None)
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id (None if external or stopped), e.g. to measure its CPU."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self, *, graceful: bool = False) -> None:
         """Stop the broker; idempotent.

@@ -3,9 +3,9 @@
 The new version's tables fill from the start of the log in large batches on the bulk path
 (``bulk.BulkRunner``: COPY for new rows, one upsert per table for changed ones, batches
 pipelined) while the current version keeps following the log and answering queries. When the
-new version reaches the head, one transaction marks it active and the old one retired; the old
-tables are then dropped unless kept on request. Progress is committed with every batch, so an
-interrupted rebuild resumes.
+new version reaches the head, one transaction marks it active and the old one retired and drops
+the old tables (unless kept on request). Progress is committed with every batch, so an
+interrupted rebuild resumes; an outage of the read-model database is waited out.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.lifecycle import ServiceState, Supervisor
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
@@ -148,21 +149,28 @@ def rebuild(
         keep_old=keep_old,
         on_progress=on_progress,
     )
+    # The read-model database unreachable at any point (a batch, the switch of reads, its
+    # COMMIT's reply) is waited out: the runner lets go and claims the version again from
+    # what is committed, as the runner does after any failed batch. A switch whose reply was
+    # lost is found done (the version is live, the old tables went in its transaction).
+    supervisor = Supervisor(
+        f"rebuild of {projection.name} v{projection.version}", on_failure=lambda _: runner.let_go()
+    )
+    supervisor.move(ServiceState.RUNNING)
     started = time.monotonic()
     try:
         while True:
-            runner.run_until_caught_up()
-            if runner.slots:
-                slot = next(iter(runner.slots.values()))
-                if slot.record.state is VersionState.LIVE:
-                    break
+            try:
+                done = _built(runner, projection, wait_interval)
+            except Exception as error:
+                delay = supervisor.judge(error)  # logged
+                if delay is None:
+                    raise
+                time.sleep(delay)
                 continue
-            # Another runner holds this version: wait for it to finish the job.
-            assert runner.store is not None
-            current = VersionCatalog(runner.store).version(projection.name, projection.version)
-            if current is None or current.state is not VersionState.REBUILDING:
+            supervisor.succeeded()
+            if done:
                 break
-            time.sleep(wait_interval)
     finally:
         runner.stop()
         if progress:
@@ -185,3 +193,19 @@ def rebuild(
         active if active != projection.version else None,
         resumed_from,
     )
+
+
+def _built(runner: BulkRunner, projection: Projection, wait_interval: float) -> bool:
+    """One round of the build: True once the version serves reads (or another runner that
+    holds it finished, or stopped, it)."""
+    runner.run_until_caught_up()
+    if runner.slots:
+        slot = next(iter(runner.slots.values()))
+        return slot.record.state is VersionState.LIVE
+    # Another runner holds this version: wait for it to finish the job.
+    assert runner.store is not None
+    current = VersionCatalog(runner.store).version(projection.name, projection.version)
+    if current is None or current.state is not VersionState.REBUILDING:
+        return True
+    time.sleep(wait_interval)
+    return False

@@ -188,6 +188,7 @@ class ProjectionRunner:
             try:
                 catalog = VersionCatalog(store)
                 catalog.ensure()
+                crash_point("runner.connect")  # the catalog is there; versions next
                 for projection in self.projections:
                     catalog.register(projection)
                 self._locks = store.open_locks()
@@ -196,6 +197,11 @@ class ProjectionRunner:
                 raise
             self.store = store
         return self.store
+
+    def let_go(self) -> None:
+        """After a failure: close the read-model connections and let go of every version;
+        the next step connects and claims them again, from what is committed."""
+        self._disconnect()
 
     def _disconnect(self) -> None:
         for connection in (self.store, self._locks):
@@ -507,11 +513,19 @@ class ProjectionRunner:
                 # of every batch, lets go of it at its next batch.
                 catalog.activate(*slot.key)
                 catalog.set_note(*slot.key, None)
+                # In the same transaction: a switch whose COMMIT reply was lost (did it
+                # happen?) leaves nothing behind. Once switched, no runner looks at the old
+                # version again, so a drop left for later would never come. Readers that
+                # looked the old version up just before retry on the new one (``queries``).
+                if (
+                    previous is not None
+                    and previous != slot.projection.version
+                    and not self.keep_old
+                ):
+                    catalog.drop_tables(slot.projection.name, previous)
+                crash_point("runner.switch")  # the switch written; COMMIT next
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
-            if previous is not None and previous != slot.projection.version and not self.keep_old:
-                with store.transaction():
-                    catalog.drop_tables(slot.projection.name, previous)
 
 
 def _count_applied(

@@ -31,6 +31,7 @@ from daybook.infrastructure.settings import (
     DEFAULT_BROKER,
     DEFAULT_GROUP,
     DEFAULT_PARTITIONS,
+    DEFAULT_RELAY_REQUEST_TIMEOUT,
     DEFAULT_TOPIC,
     Settings,
 )
@@ -59,6 +60,7 @@ def register(subparsers: Any) -> None:
             f"daybook relay --url {_PG} --broker {_KAFKA}",
             f"daybook relay --url {_PG} --topic daybook.events --partitions 8 -v",
             f"daybook relay --url {_PG} --batch-size 1000 --poll-interval 1",
+            f"daybook relay --url {_PG} --request-timeout 5",
             f"daybook relay --url {_PG} --rewind",
             f"daybook relay --url {_PG} --metrics-port 9466 --log-format json",
         ],
@@ -72,6 +74,15 @@ def register(subparsers: Any) -> None:
         type=seconds,
         default=0.5,
         help="seconds between looks at the log when no notification wakes the relay",
+    )
+    relay.add_argument(
+        "--request-timeout",
+        type=seconds,
+        help=(
+            "seconds the broker may take to acknowledge a batch before the relay counts it as "
+            "down and waits for it, keeping its cursor (default: $DAYBOOK_RELAY_REQUEST_TIMEOUT, "
+            f"else {DEFAULT_RELAY_REQUEST_TIMEOUT:g})"
+        ),
     )
     relay.add_argument(
         "--rewind",

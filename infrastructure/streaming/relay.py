@@ -41,6 +41,7 @@ from eventsourcing.persistence import Notification
 from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
 
+from daybook.infrastructure import settings
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedTask
 from daybook.infrastructure.observability import metrics, tracing
@@ -92,7 +93,7 @@ class RelayConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     #: How long the broker may take to acknowledge a batch before it counts as down.
-    request_timeout: float = 15.0
+    request_timeout: float = settings.DEFAULT_RELAY_REQUEST_TIMEOUT
 
 
 @dataclass

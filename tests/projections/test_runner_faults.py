@@ -3,23 +3,29 @@ store for ten seconds in the middle of a log read: nothing lost, nothing applied
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from daybook import Ledger, open_ledger, projections
-from daybook.infrastructure.bootstrap import projection_runner
+from daybook.infrastructure.bootstrap import event_log_of, projection_runner
 from daybook.infrastructure.lifecycle import ServiceState
-from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
+from daybook.projections.accounts import BALANCES
+from daybook.projections.model import Projection
 from scripts import services
 from scripts.outage import Outage
-from scripts.streams import Daybook, unique, wait_until
+from scripts.streams import WAIT, Daybook, unique, wait_until
 from tests.projections.helpers import assert_tables_match, workload
+from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2, ALL_V2
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -173,3 +179,191 @@ def test_the_read_model_database_gone_mid_batch_stops_nothing(
             runner.stop()
     for projection in projections.ALL:
         assert_tables_match(ledger, readmodels, projection)
+
+
+def test_the_read_model_database_gone_during_start_up_stops_nothing(
+    ledger: Ledger, pg_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """Read models on another database, which goes away while the runner starts: its
+    catalog made, its versions not yet registered. The runner retries its start-up by itself
+    and then builds every projection from the log."""
+    ids = workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    with Outage.of_url(readmodels) as outage:
+        faults.arm("runner.connect:1:pause", tmp_path)
+        runner = projection_runner(
+            Settings(url=pg_url, readmodels_url=outage.url(readmodels)),
+            poll_interval=0.05,
+            batch_size=50,
+        )
+        runner.start()
+        try:
+            marker = faults.paused_file("runner.connect", tmp_path)
+            wait_until(marker.exists, "the runner's start-up")
+            outage.cut()
+            marker.unlink()  # the start-up goes on, into the outage
+            workload(ledger, 60, seed=2, accounts=ids)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            health = runner.health()
+            assert health.state is not ServiceState.FAILED, health
+            assert health.restarts >= 1, health  # it did meet the outage
+            outage.restore()
+            head = ledger.head()
+            names = {projection.name for projection in projections.ALL}
+            wait_until(
+                lambda: positions(readmodels) == dict.fromkeys(names, head),
+                "the runner to build every projection",
+            )
+            assert runner.health().state is ServiceState.RUNNING, runner.health()
+        finally:
+            faults.disarm()
+            runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, readmodels, projection)
+
+
+@pytest.mark.parametrize("commit_lands", [False, True], ids=["switch-lost", "reply-lost"])
+def test_the_read_model_database_gone_at_a_switch_of_reads_stops_nothing(
+    commit_lands: bool, ledger: Ledger, pg_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """Version 1 of every projection built and serving; a runner whose code has version 2
+    of account_balances builds it beside version 1 and, at the end of the log, switches
+    reads to it. The read-model database goes away in that switch's transaction, before its
+    COMMIT (lost) or after it (carried out, the reply lost). The runner goes on: reads end
+    up on version 2, built from the whole log; version 1 is retired and its tables are
+    dropped, as after a switch without an outage."""
+    ids = workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    with Outage.of_url(readmodels) as outage:
+        faults.arm("runner.switch:1:pause", tmp_path)
+        runner = projection_runner(
+            Settings(url=pg_url, readmodels_url=outage.url(readmodels)),
+            projections=ALL_V2,
+            poll_interval=0.05,
+            batch_size=50,
+        )
+        runner.start()
+        try:
+            marker = faults.paused_file("runner.switch", tmp_path)
+            wait_until(marker.exists, "the runner to switch reads to version 2")
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            marker.unlink()  # the switch goes on, into the outage
+            wait_until(lambda: outage.cuts == 1, "the cut")
+            if commit_lands:  # the server may finish the COMMIT after the cut
+                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
+            assert (active_version(readmodels) == 2) is commit_lands
+            workload(ledger, 60, seed=2, accounts=ids)
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            health = runner.health()
+            assert health.state is not ServiceState.FAILED, health
+            assert health.restarts >= 1, health  # it did meet the outage
+            outage.restore()
+            head = ledger.head()
+            wait_until(
+                lambda: (
+                    active_version(readmodels) == 2 and positions_of(readmodels, ALL_V2) == {head}
+                ),
+                "the runner to catch up on version 2",
+            )
+        finally:
+            faults.disarm()
+            runner.stop()
+    store = open_store(readmodels)
+    try:
+        catalog = VersionCatalog(store)
+        retired = catalog.version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
+        kept = store.execute("SELECT to_regclass(%s)", (BALANCES.physical_name(1),))[0][0]
+        assert kept is None, "version 1's table was kept"
+    finally:
+        store.close()
+    for projection in ALL_V2:
+        assert_tables_match(ledger, readmodels, projection)
+
+
+def active_version(url: str) -> int | None:
+    store = open_store(url)
+    try:
+        return VersionCatalog(store).active_version("account_balances")
+    finally:
+        store.close()
+
+
+def positions_of(url: str, definitions: Sequence[Projection]) -> set[int]:
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        records = [catalog.version(p.name, p.version) for p in definitions]
+        return {r.position if r is not None else -1 for r in records}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("commit_lands", [False, True], ids=["switch-lost", "reply-lost"])
+def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
+    commit_lands: bool, ledger: Ledger, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """``daybook projections rebuild`` of account_balances version 2 beside version 1 (read
+    models on another database), which goes away in the rebuild's switch of reads: before
+    its COMMIT (lost) or after it (carried out, the reply lost). The rebuild waits the
+    outage out and finishes: reads on version 2, built from the whole log, version 1
+    retired and its tables dropped."""
+    workload(ledger, 150)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    results: list[RebuildResult] = []
+    errors: list[BaseException] = []
+
+    def build(url: str) -> None:
+        try:
+            results.append(
+                rebuild(
+                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    with Outage.of_url(readmodels) as outage:
+        faults.arm("runner.switch:1:pause", tmp_path)
+        builder = threading.Thread(target=build, args=(outage.url(readmodels),))
+        builder.start()
+        try:
+            marker = faults.paused_file("runner.switch", tmp_path)
+            wait_until(marker.exists, "the rebuild to switch reads to version 2")
+            if commit_lands:
+                outage.cut_after_next_request()
+            else:
+                outage.cut()
+            marker.unlink()  # the switch goes on, into the outage
+            wait_until(lambda: outage.cuts == 1, "the cut")
+            if commit_lands:  # the server may finish the COMMIT after the cut
+                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
+            assert (active_version(readmodels) == 2) is commit_lands
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert builder.is_alive() and not errors, errors  # it waits, it did not give up
+            outage.restore()
+            builder.join(WAIT)
+        finally:
+            faults.disarm()
+            builder.join(WAIT)
+    assert not errors and results, errors
+    assert results[0].previous_version == 1 and results[0].position == ledger.head()
+    assert active_version(readmodels) == 2
+    store = open_store(readmodels)
+    try:
+        retired = VersionCatalog(store).version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
+        kept = store.execute("SELECT to_regclass(%s)", (BALANCES.physical_name(1),))[0][0]
+        assert kept is None, "version 1's table was kept"
+    finally:
+        store.close()
+    assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)

@@ -60,3 +60,26 @@ def test_an_unknown_log_format_is_one_clear_line(
     assert main(["sagas", "run", "--url", url, "--gateway", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("daybook: unknown log format 'xml'"), err
+
+
+def test_the_relay_request_timeout_comes_from_the_option_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daybook.infrastructure.cli import build_parser, settings_of
+    from daybook.infrastructure.settings import DEFAULT_RELAY_REQUEST_TIMEOUT
+
+    def timeout(*options: str) -> float:
+        args = build_parser().parse_args(["relay", "--url", "postgresql://u@h/x", *options])
+        return settings_of(args).relay_request_timeout
+
+    monkeypatch.delenv("DAYBOOK_RELAY_REQUEST_TIMEOUT", raising=False)
+    assert timeout() == DEFAULT_RELAY_REQUEST_TIMEOUT
+    monkeypatch.setenv("DAYBOOK_RELAY_REQUEST_TIMEOUT", "2.5")
+    assert timeout() == 2.5
+    assert timeout("--request-timeout", "1") == 1.0
+
+
+def test_a_relay_request_timeout_of_zero_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["relay", "--url", "postgresql://u@h/x", "--request-timeout", "0"])
+    assert "must be more than 0 seconds" in capsys.readouterr().err
