@@ -95,43 +95,21 @@ def rebuild(
     wait_interval: float = 0.5,
 ) -> RebuildResult:
     """Build ``projection`` at its version from the log and switch reads to it."""
-    store = open_store(url)
-    try:
-        catalog = VersionCatalog(store)
-        catalog.ensure()
-        active = catalog.active_version(projection.name)
-        existing = catalog.version(projection.name, projection.version)
-        if active is not None and active > projection.version:
-            msg = (
-                f"{projection.name} already serves version {active}, newer than version "
-                f"{projection.version} defined here; deploy the newer definition"
-            )
-            raise RebuildError(msg)
-        live = existing is not None and existing.state is VersionState.LIVE
-        if live and active == projection.version:
-            msg = (
-                f"{projection.name} version {projection.version} is already live; bump the "
-                "projection's version to rebuild it beside this one, or run "
-                f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
-            )
-            raise RebuildError(msg)
-        if existing is not None and existing.owner != RUNNER:
-            msg = (
-                f"{projection.name} version {projection.version} is owned by {existing.owner}, "
-                "whose workers build it; to build it here instead, "
-                f"{handover_command(projection.name, RUNNER)} first"
-            )
-            raise RebuildError(msg)
-        if existing is not None and existing.state is VersionState.STOPPED:
-            msg = (
-                f"{projection.name} version {projection.version} stopped on a dead letter: "
-                f"{existing.error}; fix the definition and bump its version, or resume it"
-            )
-            raise RebuildError(msg)
-        record = catalog.register(projection)
-        resumed_from = 0 if record is None else record.position
-    finally:
-        store.close()
+    # The checks before building wait out an outage of the read-model database like the
+    # build does; a refusal stops at once, with its message and no more.
+    starting = Supervisor(f"start of the rebuild of {projection.name} v{projection.version}")
+    starting.move(ServiceState.RUNNING)
+    while True:
+        try:
+            active, resumed_from = _prepare(url, projection)
+            break
+        except RebuildError:
+            raise
+        except Exception as error:
+            delay = starting.judge(error)  # logged
+            if delay is None:
+                raise
+            time.sleep(delay)
 
     bar = ProgressBar(f"{projection.name} v{projection.version}", resumed_from, stream)
     counted: list[int] = []
@@ -193,6 +171,48 @@ def rebuild(
         active if active != projection.version else None,
         resumed_from,
     )
+
+
+def _prepare(url: str, projection: Projection) -> tuple[int | None, int]:
+    """Check that this version may be built here and register it: (the version serving
+    reads, the position a resumed build starts from)."""
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        active = catalog.active_version(projection.name)
+        existing = catalog.version(projection.name, projection.version)
+        if active is not None and active > projection.version:
+            msg = (
+                f"{projection.name} already serves version {active}, newer than version "
+                f"{projection.version} defined here; deploy the newer definition"
+            )
+            raise RebuildError(msg)
+        live = existing is not None and existing.state is VersionState.LIVE
+        if live and active == projection.version:
+            msg = (
+                f"{projection.name} version {projection.version} is already live; bump the "
+                "projection's version to rebuild it beside this one, or run "
+                f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
+            )
+            raise RebuildError(msg)
+        if existing is not None and existing.owner != RUNNER:
+            msg = (
+                f"{projection.name} version {projection.version} is owned by {existing.owner}, "
+                "whose workers build it; to build it here instead, "
+                f"{handover_command(projection.name, RUNNER)} first"
+            )
+            raise RebuildError(msg)
+        if existing is not None and existing.state is VersionState.STOPPED:
+            msg = (
+                f"{projection.name} version {projection.version} stopped on a dead letter: "
+                f"{existing.error}; fix the definition and bump its version, or resume it"
+            )
+            raise RebuildError(msg)
+        record = catalog.register(projection)
+        return active, 0 if record is None else record.position
+    finally:
+        store.close()
 
 
 def _built(runner: BulkRunner, projection: Projection, wait_interval: float) -> bool:

@@ -367,3 +367,41 @@ def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
     finally:
         store.close()
     assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)
+
+
+def test_a_rebuild_started_while_the_read_model_database_is_gone_waits_for_it(
+    ledger: Ledger, pg_admin_url: str
+) -> None:
+    """``daybook projections rebuild`` started during an outage of the read-model database
+    (its checks before building cannot reach it) waits the outage out, then builds and
+    switches as usual; it neither gives up nor builds on a guess."""
+    workload(ledger, 100)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    results: list[RebuildResult] = []
+    errors: list[BaseException] = []
+
+    def build(url: str) -> None:
+        try:
+            results.append(
+                rebuild(
+                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    with Outage.of_url(readmodels) as outage:
+        outage.cut()
+        builder = threading.Thread(target=build, args=(outage.url(readmodels),))
+        builder.start()
+        try:
+            time.sleep(READ_MODEL_OUTAGE_SECONDS)
+            assert builder.is_alive() and not errors, errors  # it waits, it did not give up
+            outage.restore()
+            builder.join(WAIT)
+        finally:
+            builder.join(WAIT)
+    assert not errors and results, errors
+    assert results[0].position == ledger.head() and results[0].resumed_from == 0
+    assert active_version(readmodels) == 2
+    assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)
