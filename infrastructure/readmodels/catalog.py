@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,6 +37,11 @@ from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
 from daybook.projections.model import Projection
+
+log = logging.getLogger("daybook.projections")
+
+#: The note of a retired version whose tables stay (``VersionCatalog.keep_tables``).
+KEPT = "replaced; its tables are kept on request"
 
 
 class IllegalTransition(Exception):
@@ -364,6 +370,52 @@ class VersionCatalog:
         for table in names:
             self.store.drop_table(table)
         return names
+
+    def keep_tables(self, name: str, version: int) -> None:
+        """Record that a retired version's tables stay (``--keep-old``): no runner drops
+        them (``drop_retired``)."""
+        self.set_note(name, version, KEPT)
+
+    def drop_retired(self, name: str, *, lock_wait: float = 2.0) -> bool:
+        """Drop the tables of ``name``'s retired versions, unless kept; False when some
+        were left for later.
+
+        Each version in a transaction of its own, after the switch that retired it has
+        committed: a DROP waits for every transaction reading the table, and inside the
+        switch it would hold the catalog, so every new read of the projection would queue
+        behind the slowest read of the old version. Once switched, new reads use the new
+        version and nothing waits on the drop; a drop that still waits longer than
+        ``lock_wait`` gives up and is left for the next call (every runner calls this when
+        it connects, after a switch, and while one is left, when idle), as is one whose
+        switch's reply was lost."""
+        rows = self.store.execute(
+            "SELECT version, tables FROM daybook_projection_versions WHERE name = %s"
+            " AND state = %s AND tables <> '[]' AND (note IS NULL OR note <> %s)",
+            (name, VersionState.RETIRED.value, KEPT),
+        )
+        done = True
+        for version, tables in rows:
+            names: list[str] = json.loads(tables)
+            try:
+                with self.store.transaction():
+                    self.store.wait_for_locks_at_most(lock_wait)
+                    for table in names:
+                        self.store.drop_table(table)
+                    self.store.execute(
+                        "UPDATE daybook_projection_versions SET tables = '[]', updated_at = %s"
+                        " WHERE name = %s AND version = %s",
+                        (now_text(), name, version),
+                    )
+            except Exception as error:
+                if not self.store.lock_not_granted(error):
+                    raise
+                log.info(
+                    "projection %s v%s: its tables are still being read; dropped later",
+                    name,
+                    version,
+                )
+                done = False
+        return done
 
     def _locked(self, name: str, version: int) -> VersionRecord:
         record = self.version(name, version, lock=True)

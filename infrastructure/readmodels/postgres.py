@@ -73,6 +73,9 @@ class PostgresStore(ReadStore):
     def lock_transaction(self, key: int) -> None:
         self.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
 
+    def wait_for_locks_at_most(self, seconds: float) -> None:
+        self.execute(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
+
     def open_locks(self) -> AdvisoryLocks:
         return AdvisoryLocks(self.conninfo)
 
@@ -95,6 +98,9 @@ class PostgresStore(ReadStore):
 
     def add_column(self, table: str, definition: str) -> None:
         self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {definition}")
+
+    def lock_not_granted(self, error: BaseException) -> bool:
+        return isinstance(error, psycopg.errors.LockNotAvailable)
 
     def refused_rows(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)

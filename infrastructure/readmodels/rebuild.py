@@ -3,26 +3,30 @@
 The new version's tables fill from the start of the log in large batches on the bulk path
 (``bulk.BulkRunner``: COPY for new rows, one upsert per table for changed ones, batches
 pipelined) while the current version keeps following the log and answering queries. When the
-new version reaches the head, one transaction marks it active and the old one retired and drops
-the old tables (unless kept on request). Progress is committed with every batch, so an
-interrupted rebuild resumes; an outage of the read-model database is waited out.
+new version reaches the head, one transaction marks it active and the old one retired; the
+old tables are dropped after it (unless kept on request: ``VersionCatalog.drop_retired``).
+Progress is committed with every batch, so an interrupted rebuild resumes; an outage of the
+read-model database is waited out.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import ServiceState, Supervisor
 from daybook.infrastructure.readmodels.bulk import BulkRunner
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord, VersionState
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import Progress
 from daybook.projections.model import Projection
+
+_T = TypeVar("_T")
 
 
 class RebuildError(Exception):
@@ -94,22 +98,13 @@ def rebuild(
     stream: TextIO = sys.stderr,
     wait_interval: float = 0.5,
 ) -> RebuildResult:
-    """Build ``projection`` at its version from the log and switch reads to it."""
-    # The checks before building wait out an outage of the read-model database like the
-    # build does; a refusal stops at once, with its message and no more.
-    starting = Supervisor(f"start of the rebuild of {projection.name} v{projection.version}")
-    starting.move(ServiceState.RUNNING)
-    while True:
-        try:
-            active, resumed_from = _prepare(url, projection)
-            break
-        except RebuildError:
-            raise
-        except Exception as error:
-            delay = starting.judge(error)  # logged
-            if delay is None:
-                raise
-            time.sleep(delay)
+    """Build ``projection`` at its version from the log and switch reads to it.
+
+    An outage of the read-model database at any point (the checks before building, a
+    batch, the switch of reads, its COMMIT's reply, the last look at the catalog) is waited
+    out, with backoff; any other error, a refusal included, ends the rebuild at once."""
+    name = f"rebuild of {projection.name} v{projection.version}"
+    active, resumed_from = _waiting_out_outages(Supervisor(name), lambda: _prepare(url, projection))
 
     bar = ProgressBar(f"{projection.name} v{projection.version}", resumed_from, stream)
     counted: list[int] = []
@@ -127,38 +122,20 @@ def rebuild(
         keep_old=keep_old,
         on_progress=on_progress,
     )
-    # The read-model database unreachable at any point (a batch, the switch of reads, its
-    # COMMIT's reply) is waited out: the runner lets go and claims the version again from
-    # what is committed, as the runner does after any failed batch. A switch whose reply was
-    # lost is found done (the version is live, the old tables went in its transaction).
-    supervisor = Supervisor(
-        f"rebuild of {projection.name} v{projection.version}", on_failure=lambda _: runner.let_go()
-    )
-    supervisor.move(ServiceState.RUNNING)
+    # After a failure the runner lets go and claims the version again from what is
+    # committed, as the runner does after any failed batch. A switch whose reply was lost is
+    # found done (the version is live).
+    building = Supervisor(name, on_failure=lambda _: runner.let_go())
     started = time.monotonic()
     try:
-        while True:
-            try:
-                done = _built(runner, projection, wait_interval)
-            except Exception as error:
-                delay = supervisor.judge(error)  # logged
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                continue
-            supervisor.succeeded()
-            if done:
-                break
+        while not _waiting_out_outages(building, lambda: _built(runner, projection, wait_interval)):
+            pass
     finally:
         runner.stop()
         if progress:
             bar.close()
     seconds = time.monotonic() - started
-    check = open_store(url)
-    try:
-        final = VersionCatalog(check).version(projection.name, projection.version)
-    finally:
-        check.close()
+    final = _waiting_out_outages(Supervisor(name), lambda: _final(url, projection))
     if final is not None and final.state is VersionState.STOPPED:
         msg = f"{projection.name} version {projection.version} stopped: {final.error}"
         raise RebuildError(msg)
@@ -171,6 +148,33 @@ def rebuild(
         active if active != projection.version else None,
         resumed_from,
     )
+
+
+def _waiting_out_outages(supervisor: Supervisor, step: Callable[[], _T]) -> _T:
+    """``step()``, again after each transient failure (logged, with backoff); any other
+    error is raised as it is, unlogged: the caller tells the user, without a traceback."""
+    supervisor.move(ServiceState.RUNNING)
+    while True:
+        try:
+            result = step()
+        except Exception as error:
+            if not supervisor.transient(error):
+                raise
+            delay = supervisor.judge(error)  # logged
+            if delay is None:  # restarted too often in a row
+                raise
+            time.sleep(delay)
+            continue
+        supervisor.succeeded()
+        return result
+
+
+def _final(url: str, projection: Projection) -> VersionRecord | None:
+    store = open_store(url)
+    try:
+        return VersionCatalog(store).version(projection.name, projection.version)
+    finally:
+        store.close()
 
 
 def _prepare(url: str, projection: Projection) -> tuple[int | None, int]:

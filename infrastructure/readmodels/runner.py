@@ -62,6 +62,9 @@ from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger(__name__)
 
+#: Seconds between tries to drop a retired version's tables that were still being read.
+DROP_RETRY = 30.0
+
 
 @dataclass
 class Progress:
@@ -104,6 +107,8 @@ class ProjectionRunner:
         self.retry_backoff = retry_backoff
         self.cache_limit = cache_limit
         self.keep_old = keep_old
+        #: Projections whose retired tables are still to drop, and when to try again.
+        self._drops_left: dict[str, float] = {}
         self.switch = switch
         self.on_progress = on_progress
         self.store: ReadStore | None = None
@@ -196,6 +201,8 @@ class ProjectionRunner:
                 store.close()
                 raise
             self.store = store
+            for projection in self.projections:  # what a switch may have left behind
+                self._drop_retired(store, projection.name)
         return self.store
 
     def let_go(self) -> None:
@@ -298,6 +305,7 @@ class ProjectionRunner:
             self._measure_lag([], 0)
             self._caught_up(start)
             self._switch_caught_up(store, start)
+            self._retry_drops(store)
             return 0
         with tracing.continued(
             "daybook.projection.apply",
@@ -513,19 +521,29 @@ class ProjectionRunner:
                 # of every batch, lets go of it at its next batch.
                 catalog.activate(*slot.key)
                 catalog.set_note(*slot.key, None)
-                # In the same transaction: a switch whose COMMIT reply was lost (did it
-                # happen?) leaves nothing behind. Once switched, no runner looks at the old
-                # version again, so a drop left for later would never come. Readers that
-                # looked the old version up just before retry on the new one (``queries``).
-                if (
-                    previous is not None
-                    and previous != slot.projection.version
-                    and not self.keep_old
-                ):
-                    catalog.drop_tables(slot.projection.name, previous)
+                # Tables to keep are recorded with the switch; the others are dropped once
+                # it has committed (``drop_retired`` says why not here), and again by any
+                # runner that connects, should this one not get there (a lost reply).
+                if previous is not None and previous != slot.projection.version and self.keep_old:
+                    catalog.keep_tables(slot.projection.name, previous)
                 crash_point("runner.switch")  # the switch written; COMMIT next
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
+            self._drop_retired(store, slot.projection.name)
+
+    def _drop_retired(self, store: ReadStore, name: str) -> None:
+        """Drop the tables ``name``'s switches retired; one still being read is tried
+        again when this runner is next idle, at most every ``DROP_RETRY`` seconds."""
+        if VersionCatalog(store).drop_retired(name):
+            self._drops_left.pop(name, None)
+        else:
+            self._drops_left[name] = time.monotonic() + DROP_RETRY
+
+    def _retry_drops(self, store: ReadStore) -> None:
+        now = time.monotonic()
+        for name, due in list(self._drops_left.items()):
+            if due <= now:
+                self._drop_retired(store, name)
 
 
 def _count_applied(

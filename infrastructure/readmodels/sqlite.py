@@ -70,6 +70,10 @@ class SqliteStore(ReadStore):
         """Nothing to take: a write transaction (``BEGIN IMMEDIATE``) already holds the
         database's only write lock until it ends."""
 
+    def wait_for_locks_at_most(self, seconds: float) -> None:
+        """Nothing to bound: a write transaction already holds the database's only write
+        lock, and readers (WAL) never block it."""
+
     def open_locks(self) -> NoLocks:
         return NoLocks()
 

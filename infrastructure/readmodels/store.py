@@ -110,6 +110,11 @@ class ReadStore(ABC):
         """Wait for the lock ``key`` and hold it until this transaction ends: write
         transactions taking the same key run one after another."""
 
+    @abstractmethod
+    def wait_for_locks_at_most(self, seconds: float) -> None:
+        """In this transaction, give up (with an error) on a lock not granted within
+        ``seconds`` rather than queue for it (and make every later reader queue behind)."""
+
     def ddl_guard(self) -> None:
         """Serialise schema changes between processes starting at once (in a transaction)."""
         self.lock_transaction(DDL_LOCK)
@@ -143,6 +148,10 @@ class ReadStore(ABC):
     def refused_rows(self, error: BaseException) -> bool:
         """Whether ``error`` says the database refused rows written (a key twice, a value out
         of range): the fault of whoever wrote them, not of the connection or the server."""
+
+    def lock_not_granted(self, error: BaseException) -> bool:
+        """Whether ``error`` is ``wait_for_locks_at_most`` giving up."""
+        return False
 
     @abstractmethod
     def is_missing_table(self, error: BaseException) -> bool:

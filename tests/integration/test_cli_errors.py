@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -263,3 +264,21 @@ def test_numbers_are_checked(argv: list[str], wrong: str) -> None:
     assert proc.returncode == 2
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and wrong in lines[0], lines
+
+
+def test_a_rebuild_on_a_foreign_read_model_database_says_so_in_one_line(
+    ledger_file: str, tmp_path: Path
+) -> None:
+    """A read-model database whose catalog table is someone else's: the rebuild stops at
+    once with one line (it waits out outages, not mistakes), and no traceback. (A process
+    of its own: what it logs reaches stderr as it would for a user, which it does not under
+    pytest's log capture.)"""
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE daybook_read_models (something TEXT)")
+    rebuilding = daybook("projections", "rebuild", "account_balances", "--url", ledger_file,
+                         "--readmodels-url", f"sqlite:///{foreign}")  # fmt: skip
+    _, err = rebuilding.communicate(timeout=120)
+    assert rebuilding.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "cannot be used" in lines[0], lines

@@ -8,13 +8,15 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of, projection_runner
 from daybook.infrastructure.lifecycle import ServiceState
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.catalog import KEPT, VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.settings import Settings
@@ -405,3 +407,83 @@ def test_a_rebuild_started_while_the_read_model_database_is_gone_waits_for_it(
     assert results[0].position == ledger.head() and results[0].resumed_from == 0
     assert active_version(readmodels) == 2
     assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)
+
+
+def table_exists(url: str, name: str) -> bool:
+    store = open_store(url)
+    try:
+        return store.execute("SELECT to_regclass(%s)", (name,))[0][0] is not None
+    finally:
+        store.close()
+
+
+def test_a_switch_of_reads_never_waits_for_a_long_read_of_the_old_version(
+    ledger: Ledger, pg_admin_url: str
+) -> None:
+    """A transaction reading version 1's table (a slow report, a reconcile) stays open while
+    a runner switches reads to version 2. Dropping version 1's tables waits for that
+    reader; were the drop in the switch's transaction, the catalog would stay locked with
+    it and every new read of the projection would queue behind the slow one. The switch
+    commits, new reads answer from version 2 at once, and the drop comes when the slow
+    reader is done (here: when a runner next connects)."""
+    ids = workload(ledger, 100)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    slow = psycopg.connect(readmodels, autocommit=True)
+    try:
+        slow.execute("BEGIN")
+        slow.execute(f"SELECT count(*) FROM {BALANCES.physical_name(1)}").fetchone()
+        switching = ProjectionRunner(event_log_of(ledger), readmodels, ALL_V2, batch_size=500)
+        switched = threading.Thread(target=switching.run_until_caught_up, daemon=True)
+        switched.start()
+        wait_until(lambda: active_version(readmodels) == 2, "the switch to version 2")
+        answers: list[object] = []
+        reader = ReadModels(readmodels)
+        asking = threading.Thread(
+            target=lambda: answers.append(reader.balance(ids[0], timeout=WAIT)), daemon=True
+        )
+        asking.start()
+        wait_until(lambda: bool(answers), "a read while the slow reader holds version 1")
+        assert answers[0] is not None
+        switched.join(WAIT)
+        assert not switched.is_alive(), "the runner waited on the slow reader"
+        assert table_exists(readmodels, BALANCES.physical_name(1))  # still being read
+        switching.stop()
+        reader.close()
+    finally:
+        slow.close()
+    later = ProjectionRunner(event_log_of(ledger), readmodels, ALL_V2, batch_size=500)
+    later.run_until_caught_up()
+    later.stop()
+    assert not table_exists(readmodels, BALANCES.physical_name(1))
+    for projection in ALL_V2:
+        assert_tables_match(ledger, readmodels, projection)
+
+
+def test_tables_kept_on_request_stay_whoever_runs_next(ledger: Ledger, pg_admin_url: str) -> None:
+    """``--keep-old`` is recorded with the switch: version 1's tables stay, also when a
+    runner without the option connects later (which drops what a switch left behind)."""
+    workload(ledger, 60)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    keeping = ProjectionRunner(
+        event_log_of(ledger), readmodels, ALL_V2, batch_size=500, keep_old=True
+    )
+    keeping.run_until_caught_up()
+    keeping.stop()
+    assert active_version(readmodels) == 2
+    later = ProjectionRunner(event_log_of(ledger), readmodels, ALL_V2, batch_size=500)
+    later.run_until_caught_up()
+    later.stop()
+    assert table_exists(readmodels, BALANCES.physical_name(1))
+    store = open_store(readmodels)
+    try:
+        retired = VersionCatalog(store).version("account_balances", 1)
+        assert retired is not None and retired.state is VersionState.RETIRED
+        assert retired.note == KEPT
+    finally:
+        store.close()
