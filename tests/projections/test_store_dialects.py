@@ -3,9 +3,11 @@ alike: rows, transactions, checksums, locks, the log's head, and the version cat
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from daybook import open_ledger
@@ -231,3 +233,31 @@ def _stored_states(store: ReadStore) -> dict[int, str]:
         "SELECT version, state FROM daybook_projection_versions WHERE name = %s", ("probe",)
     )
     return {int(version): state for version, state in rows}
+
+
+def test_connecting_does_not_wait_for_a_reader_of_the_catalog(pg_url: str) -> None:
+    """Every runner and reader ensures the catalog when it connects. A transaction that has
+    read the catalog (any query, for as long as it stays open) must not make that wait:
+    asking to add a column that is already there would take the table's exclusive lock and
+    queue behind the reader, and every later reader behind it."""
+    first = open_store(pg_url)
+    VersionCatalog(first).ensure()
+    first.close()
+    reading = psycopg.connect(pg_url, autocommit=True)
+    try:
+        reading.execute("BEGIN")
+        reading.execute("SELECT count(*) FROM daybook_projection_versions").fetchone()
+        done = threading.Event()
+
+        def connect() -> None:
+            store = open_store(pg_url)
+            try:
+                VersionCatalog(store).ensure()
+            finally:
+                store.close()
+            done.set()
+
+        threading.Thread(target=connect, daemon=True).start()
+        assert done.wait(60), "connecting waited for the reader of the catalog"
+    finally:
+        reading.close()
