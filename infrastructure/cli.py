@@ -27,7 +27,7 @@ from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
-from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.settings import MIN_BROKER_TIMEOUT, Settings
 from daybook.infrastructure.transient import causes
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -124,6 +124,17 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def broker_seconds(text: str) -> float:
+    """An argparse type: seconds to wait for a broker, 0.1 or more (less would count a
+    healthy broker as down on every batch, and wait for it for ever)."""
+    value = seconds(text)
+    if value < MIN_BROKER_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_BROKER_TIMEOUT} seconds, got {text}"
+        )
     return value
 
 

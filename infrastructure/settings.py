@@ -22,6 +22,8 @@ DEFAULT_TOPIC = "daybook.events"
 DEFAULT_PARTITIONS = 8
 DEFAULT_GROUP = "daybook-projections"
 DEFAULT_RELAY_REQUEST_TIMEOUT = 15.0
+#: The least a broker request may be given (less counts a healthy broker as down).
+MIN_BROKER_TIMEOUT = 0.1
 
 #: Environment variable -> setting.
 ENVIRONMENT = {
@@ -59,7 +61,9 @@ class Settings(BaseModel):
     group: str = DEFAULT_GROUP
     #: Seconds the broker may take to acknowledge the relay's batch before the relay counts
     #: it as down (and waits for it with backoff, keeping its cursor).
-    relay_request_timeout: float = Field(DEFAULT_RELAY_REQUEST_TIMEOUT, gt=0, le=3600)
+    relay_request_timeout: float = Field(
+        DEFAULT_RELAY_REQUEST_TIMEOUT, ge=MIN_BROKER_TIMEOUT, le=3600
+    )
     #: Batch concurrent commands into shared transactions.
     group_commit: bool = True
     #: How many aggregates the write path keeps in memory.

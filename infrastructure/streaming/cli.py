@@ -18,6 +18,7 @@ from daybook.infrastructure.cli import (
     add_metrics_port_argument,
     add_readmodels_argument,
     add_url_argument,
+    broker_seconds,
     checked_settings,
     command,
     guarded,
@@ -77,7 +78,7 @@ def register(subparsers: Any) -> None:
     )
     relay.add_argument(
         "--request-timeout",
-        type=seconds,
+        type=broker_seconds,
         help=(
             "seconds the broker may take to acknowledge a batch before the relay counts it as "
             "down and waits for it, keeping its cursor (default: $DAYBOOK_RELAY_REQUEST_TIMEOUT, "

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.settings import BadSettings, Settings
 
 
 def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,3 +84,15 @@ def test_a_relay_request_timeout_of_zero_is_refused(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["relay", "--url", "postgresql://u@h/x", "--request-timeout", "0"])
     assert "must be more than 0 seconds" in capsys.readouterr().err
+
+
+def test_a_relay_request_timeout_too_short_for_any_broker_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A typo like 0.0001 would count a healthy broker as down on every batch, and the
+    relay would wait for it for ever: refused, naming the option, and the setting too."""
+    with pytest.raises(SystemExit):
+        main(["relay", "--url", "postgresql://u@h/x", "--request-timeout", "0.0001"])
+    assert "--request-timeout: must be at least 0.1 seconds" in capsys.readouterr().err
+    with pytest.raises(BadSettings, match=r"\$DAYBOOK_RELAY_REQUEST_TIMEOUT\): .* 0.1"):
+        Settings.load({"DAYBOOK_RELAY_REQUEST_TIMEOUT": "0.0001"})
