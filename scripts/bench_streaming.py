@@ -240,7 +240,8 @@ class WorkerRun:
         return (
             f"workers {mine}, postgres {self.postgres_cores:.2f}, broker "
             f"{self.broker_cores:.2f}; machine {self.machine_cores:.2f} of {self.cores:.0f} "
-            f"cores busy (other work {self.others:.2f})"
+            f"cores busy (other work {self.others:.2f}); "
+            f"{self.rate / max(sum(self.worker_cores), 1e-9):,.0f} events per worker core-second"
         )
 
     @property
@@ -474,14 +475,14 @@ def main() -> None:
         print("events per partition: " + ", ".join(f"{totals[p]:,}" for p in sorted(totals)))
         assert pg.pid is not None and kafka.pid is not None, "the benchmark starts its own"
         runs: dict[int, list[WorkerRun]] = {1: [], 2: [], 4: []}
-        for round in range(1, args.rounds + 1):
+        for round_number in range(1, args.rounds + 1):
             for count in runs:
                 run = worker_rate(
-                    pg.url, kafka.bootstrap, head, count, base, round, (pg.pid, kafka.pid)
+                    pg.url, kafka.bootstrap, head, count, base, round_number, (pg.pid, kafka.pid)
                 )
                 runs[count].append(run)
                 print(
-                    f"round {round}: {count} worker(s) {run.rate:,.0f} events/s "
+                    f"round {round_number}: {count} worker(s) {run.rate:,.0f} events/s "
                     f"({run.rate / runs[1][-1].rate:.2f}x), {run.waited:.2f}s waiting for "
                     f"locks, partitions {run.partitions}; CPU (cores): {run.cpu()}",
                     flush=True,
