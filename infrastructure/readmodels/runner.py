@@ -505,7 +505,7 @@ class ProjectionRunner:
                     continue
                 # Marks the old version retired: its runner, which locks that row at the start
                 # of every batch, lets go of it at its next batch.
-                catalog.activate(*slot.key)
+                catalog.activate(slot.projection)
                 catalog.set_note(*slot.key, None)
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
