@@ -317,9 +317,11 @@ class VersionCatalog:
             (now_text(), name, version),
         )
 
-    def activate(self, name: str, version: int) -> int | None:
-        """Serve reads of ``name`` from ``version`` (rebuilding -> live) and retire the
-        version it replaces (live or stopped -> retired); returns that version."""
+    def activate(self, projection: Projection) -> int | None:
+        """Serve reads of ``projection`` from its version (rebuilding -> live), with every
+        table's key in place (``ReadStore.create_keys``), and retire the version it replaces
+        (live or stopped -> retired); returns that version."""
+        name, version = projection.name, projection.version
         with self.store.transaction():
             record = self._locked(name, version)
             previous = self.active_version(name)
@@ -329,6 +331,7 @@ class VersionCatalog:
                 if replaced is not None:
                     moves.append((replaced, replaced.state.retired()))
             # Every move was allowed: now write them.
+            self.store.create_keys(projection)
             if previous is None:
                 self.store.execute(
                     "INSERT INTO daybook_read_models VALUES (%s, %s, %s)",

@@ -389,6 +389,8 @@ def _normal(table: Table, row: Row) -> tuple[Any, ...]:
 def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -> None:
     """Rewrite drifted rows, log every change, and tell writers their caches are stale."""
     version = projection.version
+    # A version still being built has no key on its append-only tables yet; an upsert needs it.
+    store.create_keys(projection)
     repairs = ReconcileLog(store)
     for drift in report.drifts:
         table = projection.table(drift.table)

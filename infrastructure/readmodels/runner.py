@@ -502,31 +502,47 @@ class ProjectionRunner:
         for slot in list(self.slots.values()):
             if slot.record.state is not VersionState.REBUILDING or slot.record.position < reached:
                 continue
-            with store.transaction():
-                current = catalog.version(*slot.key, lock=True)
-                if current is None or current.state is not VersionState.REBUILDING:
-                    continue
-                if current.position < reached or current.owner != RUNNER:
-                    continue
-                previous = catalog.active_version(slot.projection.name)
-                if previous is not None and previous > slot.projection.version:
-                    continue
-                serving = (
-                    None if previous is None else catalog.version(slot.projection.name, previous)
-                )
-                if serving is not None and catalog.checkpoint(serving).position > current.position:
-                    # Readers must never see the position go backwards: catch up first.
-                    continue
-                # Marks the old version retired: its runner, which locks that row at the start
-                # of every batch, lets go of it at its next batch.
-                catalog.activate(*slot.key)
-                catalog.set_note(*slot.key, None)
-                # Tables to keep are recorded with the switch; the others are dropped once
-                # it has committed (``drop_retired`` says why not here), and again by any
-                # runner that connects, should this one not get there (a lost reply).
-                if previous is not None and previous != slot.projection.version and self.keep_old:
-                    catalog.keep_tables(slot.projection.name, previous)
-                crash_point("runner.switch")  # the switch written; COMMIT next
+            try:
+                with store.transaction():
+                    current = catalog.version(*slot.key, lock=True)
+                    if current is None or current.state is not VersionState.REBUILDING:
+                        continue
+                    if current.position < reached or current.owner != RUNNER:
+                        continue
+                    previous = catalog.active_version(slot.projection.name)
+                    if previous is not None and previous > slot.projection.version:
+                        continue
+                    serving = (
+                        None
+                        if previous is None
+                        else catalog.version(slot.projection.name, previous)
+                    )
+                    if (
+                        serving is not None
+                        and catalog.checkpoint(serving).position > current.position
+                    ):
+                        # Readers must never see the position go backwards: catch up first.
+                        continue
+                    # Marks the old version retired: its runner, which locks that row at the
+                    # start of every batch, lets go of it at its next batch.
+                    catalog.activate(slot.projection)
+                    catalog.set_note(*slot.key, None)
+                    # Tables to keep are recorded with the switch; the others are dropped
+                    # once it has committed (``drop_retired`` says why not here), and again
+                    # by any runner that connects, should this one not get there (a lost
+                    # reply).
+                    replaced = previous is not None and previous != slot.projection.version
+                    if replaced and self.keep_old and previous is not None:
+                        catalog.keep_tables(slot.projection.name, previous)
+                    crash_point("runner.switch")  # the switch written; COMMIT next
+            except Exception as error:
+                if not store.refused_rows(error):
+                    raise
+                # Appended rows that repeat a key are found when the key's index is built,
+                # as the version is about to serve: it never serves.
+                slot.cache.clear()
+                self._stop_version(store, slot, f"writing its rows failed: {_reason(error)}")
+                continue
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
             self._drop_retired(store, slot.projection.name)

@@ -172,13 +172,28 @@ class ReadStore(ABC):
                 for c in table.columns
             )
             key = f", PRIMARY KEY ({', '.join(table.key)})"
-            if temporary and table.append_only:
-                # Scratch rows only ever appended: a key index would be upkeep for nothing.
+            if table.append_only:
+                # Rows only ever appended (COPY), never looked up by key while the version is
+                # built: the key's unique index is built once, sorted, by ``create_keys``
+                # when the version starts serving. Kept up row by row instead, in the random
+                # order of the keys, it cost the server more than the rest of the rebuild.
                 key = ""
             self.execute(f"CREATE {kind} IF NOT EXISTS {name} ({columns}{key})")
             for number, index in enumerate(() if temporary else table.indexes):
                 self.execute(
                     f"CREATE INDEX IF NOT EXISTS {name}_i{number} ON {name} ({', '.join(index)})"
+                )
+
+    def create_keys(self, projection: Projection) -> None:
+        """Give the append-only tables of ``projection``'s version their key (a unique
+        index; ``create_tables`` leaves it out): before the version serves reads, and before
+        anything but an append writes to them. Fails if two rows have the same key."""
+        for table in projection.tables:
+            if table.append_only:
+                name = table.physical_name(projection.version)
+                self.execute(
+                    f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_key ON {name}"
+                    f" ({', '.join(table.key)})"
                 )
 
     def drop_table(self, name: str) -> None:

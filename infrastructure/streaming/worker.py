@@ -280,7 +280,7 @@ class StreamApplier:
             if serving is not None and serving > slot.projection.version:
                 continue
             try:
-                catalog.activate(*slot.key)
+                catalog.activate(slot.projection)
             except IllegalTransition:
                 continue  # another worker of the group did it first
             log.info("worker: projection %s now reads from version %s", *slot.key)

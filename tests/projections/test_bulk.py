@@ -4,16 +4,20 @@ as the live runner, and the same handling of bad events, through its fast path."
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from daybook import Ledger, open_ledger, projections
+from daybook.domain.events import LedgerAggregate
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
+from daybook.infrastructure.readmodels.rebuild import rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
@@ -188,3 +192,58 @@ def test_the_bulk_path_leaves_the_garbage_collector_alone(ledger: Ledger, url: s
     runner.stop()
     assert collecting and all(collecting)
     assert_tables_match(ledger, url, ACCOUNT_BALANCES)
+
+
+def test_a_rebuild_serves_tables_identical_to_the_live_runners(
+    store_url: str, url: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Transfers, holds (captured, voided, left open), stock and reservations, over several
+    # days; rebuilt in bulk (every table's key built at the switch) and kept by the live
+    # runner elsewhere: every table's checksums, and rows, are the same.
+    day = [datetime(2030, 1, 1, tzinfo=UTC)]
+    ticks = itertools.count()
+    monkeypatch.setattr(  # events' times, a microsecond apart, on the day in hand
+        LedgerAggregate.Event,
+        "create_timestamp",
+        staticmethod(lambda: day[0] + timedelta(microseconds=next(ticks))),
+    )
+    ledger = open_ledger(store_url, clock=lambda: day[0])
+    try:
+        ids = workload(ledger, 60)
+        for step in range(4):
+            workload(ledger, 40, seed=step + 2, accounts=ids)
+            euros = [ids[1], ids[2], ids[4], ids[5]]  # workload's accounts in EUR
+            a, b = euros[step], euros[(step + 1) % 4]
+            ledger.deposit(a, 1_000)
+            kept = ledger.hold(a, 30, destination=b, timeout=7 * 86_400).hold_id
+            captured = ledger.hold(a, 20, destination=b, timeout=3_600).hold_id
+            voided = ledger.hold(a, 10, timeout=3_600).hold_id
+            assert kept is not None and captured is not None and voided is not None
+            ledger.capture(captured)
+            ledger.void(voided)
+            day[0] += timedelta(days=1)
+        log = event_log_of(ledger)
+        for projection in projections.ALL:
+            rebuild(log, url, projection, batch_size=64, progress=False)
+        other = f"sqlite:///{tmp_path}/live.db"
+        live = ProjectionRunner(event_log_of(ledger), other, projections.ALL, batch_size=64)
+        live.run_until_caught_up()
+        live.stop()
+    finally:
+        ledger.close()
+    rebuilt, kept_live = open_store(url), open_store(other)
+    try:
+        for projection in projections.ALL:
+            record = VersionCatalog(rebuilt).version(projection.name, projection.version)
+            assert record is not None and record.state is VersionState.LIVE
+            for table in projection.tables:
+                sums = rebuilt.range_checksums(table, projection.version)
+                assert sums == kept_live.range_checksums(table, projection.version), table.name
+    finally:
+        rebuilt.close()
+        kept_live.close()
+    daily = stored_rows(url, projections.DAILY_ACTIVITY)
+    assert len({row["day"] for row in daily["daily_money"]}) == 4 and daily["daily_stock"]
+    assert len(stored_rows(url, projections.OPEN_HOLDS_PROJECTION)["open_holds"]) == 4
+    for projection in projections.ALL:
+        assert stored_rows(url, projection) == stored_rows(other, projection)

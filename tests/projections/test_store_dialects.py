@@ -53,7 +53,7 @@ def store(url: str) -> Iterator[ReadStore]:
     store = open_store(url)
     VersionCatalog(store).ensure()
     VersionCatalog(store).register(PROBE)
-    VersionCatalog(store).activate("probe", 1)  # built: it serves
+    VersionCatalog(store).activate(PROBE)  # built: it serves
     yield store
     store.close()
 
@@ -95,6 +95,32 @@ def test_a_new_row_written_twice_fails_and_the_transaction_changes_nothing(
     with store.transaction():  # the connection is usable again
         store.upsert_values(PAIRS, 1, [("a", 1, 10, None)])
     assert store.count(PAIRS, 1) == 1
+
+
+def test_an_append_only_table_gets_its_key_before_its_version_serves(store: ReadStore) -> None:
+    # Built without it (appends only; the index is built once, at the switch), served with it.
+    catalog = VersionCatalog(store)
+    catalog.register(PROBE_V2)
+    with store.transaction():
+        store.insert(NOTES, 2, [{"seq": 1, "text": "a"}])
+    catalog.activate(PROBE_V2)
+    with pytest.raises(Exception) as refused, store.transaction():  # the drivers differ
+        store.insert(NOTES, 2, [{"seq": 1, "text": "again"}])
+    assert store.refused_rows(refused.value)
+    assert store.count(NOTES, 2) == 1
+
+
+def test_a_version_whose_appended_rows_repeat_a_key_never_serves(store: ReadStore) -> None:
+    catalog = VersionCatalog(store)
+    catalog.register(PROBE_V2)
+    with store.transaction():
+        store.insert(NOTES, 2, [{"seq": 1, "text": "a"}, {"seq": 1, "text": "b"}])
+    with pytest.raises(Exception) as refused:  # the drivers differ
+        catalog.activate(PROBE_V2)
+    assert store.refused_rows(refused.value)
+    record = catalog.version("probe", 2)
+    assert record is not None and record.state is VersionState.REBUILDING
+    assert catalog.active_version("probe") == 1
 
 
 def test_stored_checksums_are_the_reference_ones(store: ReadStore) -> None:
@@ -192,15 +218,15 @@ def test_the_catalog_moves_versions_only_by_legal_transitions(store: ReadStore) 
     with pytest.raises(IllegalTransition):
         catalog.resume("probe", 1)
 
-    assert catalog.activate("probe", 2) == 1
+    assert catalog.activate(PROBE_V2) == 1
     assert catalog.active_version("probe") == 2
     assert _stored_states(store) == {1: "retired", 2: "live"}
     before = catalog.versions("probe")
     for refused in (
         lambda: catalog.stop("probe", 1, "late"),
         lambda: catalog.resume("probe", 1),
-        lambda: catalog.activate("probe", 1),
-        lambda: catalog.activate("probe", 2),
+        lambda: catalog.activate(PROBE),
+        lambda: catalog.activate(PROBE_V2),
     ):
         with pytest.raises(IllegalTransition):
             refused()
