@@ -14,7 +14,9 @@ and synchronous_commit on), each run on a fresh database:
 Prints transfers/s and p50/p99 latency (per transfer; per batch for submission) and the
 ratio to the anchor with as many clients (batch rows: to the anchor's best), checks after
 every run that money was conserved, no balance went negative, and the log holds exactly the
-accepted transfers; writes ``bench-results/write.json`` and ``write.png``.
+accepted transfers; writes ``bench-results/write.json`` and ``write.png``. Python's garbage
+collector is settled first, as ``daybook serve`` settles it (``settle_collector``), for every
+case alike.
 
     python scripts/bench_write.py [--transfers 8000] [--clients 1 4 16 64]
                                   [--batches 100 1000] [--submitters 4] [--accounts 200]
