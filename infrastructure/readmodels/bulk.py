@@ -98,7 +98,7 @@ class BulkRunner(ProjectionRunner):
             self._flight = None
         super()._disconnect()
 
-    def step(self) -> int:
+    def _step(self) -> int:
         """Apply one bulk batch; returns how many log events it read (0 when caught up)."""
         if self._flight is None:
             store = self._connect()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
@@ -107,6 +108,7 @@ class ProjectionRunner:
         self.retry_backoff = retry_backoff
         self.cache_limit = cache_limit
         self.keep_old = keep_old
+        self._stepping = threading.Lock()
         #: Projections whose retired tables are still to drop, and when to try again.
         self._drops_left: dict[str, float] = {}
         self.switch = switch
@@ -294,7 +296,14 @@ class ProjectionRunner:
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Apply one batch; returns how many events it read (0 when caught up)."""
+        """Apply one batch; returns how many events it read (0 when caught up). One caller
+        at a time: steps share the runner's connection and its in-memory positions, and two
+        at once would both apply the batch after the last committed one (a caller's
+        ``run_until_caught_up`` while the runner's own thread follows the log, say)."""
+        with self._stepping:
+            return self._step()
+
+    def _step(self) -> int:
         store = self._connect()
         self._claim_slots(store)
         if not self.slots:

@@ -497,3 +497,36 @@ def test_tables_kept_on_request_stay_whoever_runs_next(ledger: Ledger, pg_admin_
         assert retired.note == KEPT
     finally:
         store.close()
+
+
+def test_a_caller_stepping_a_runner_that_follows_in_its_thread_waits_for_its_batch(
+    ledger: Ledger, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """The runner's own thread follows the log while a caller runs it up to the head too
+    (``run_until_caught_up``, as a script or a test might). The two share the runner's
+    connection and positions: the caller's step waits for the batch in hand (two steps at
+    once applied events twice, now and then), and every event is applied once."""
+    workload(ledger, 120)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    runner = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=50)
+    faults.arm("runner.before_commit:1:pause", tmp_path)
+    try:
+        runner.start()
+        marker = faults.paused_file("runner.before_commit", tmp_path)
+        wait_until(marker.exists, "the runner's first batch to reach its COMMIT")
+        caller = threading.Thread(target=runner.run_until_caught_up, daemon=True)
+        caller.start()
+        caller.join(1.0)
+        assert caller.is_alive(), "the caller stepped while the runner's batch was in hand"
+        marker.unlink()
+        caller.join(WAIT)
+        assert not caller.is_alive()
+        head = ledger.head()
+        wait_until(
+            lambda: positions_of(readmodels, projections.ALL) == {head}, "the runner at the head"
+        )
+    finally:
+        faults.disarm()
+        runner.stop()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, readmodels, projection)
