@@ -299,6 +299,29 @@ def met_the_outage(health_of: Callable[[], Health]) -> None:
     wait_until(met, "the runner to meet the outage")
 
 
+def rebuild_in_background(
+    ledger: Ledger, url: str
+) -> tuple[threading.Thread, list[RebuildResult], list[BaseException]]:
+    """``daybook projections rebuild`` of account_balances version 2 in a thread of its own:
+    the thread, and what the rebuild returned or raised once it ends."""
+    results: list[RebuildResult] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(
+                rebuild(
+                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
+                )
+            )
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    return thread, results, errors
+
+
 def active_version(url: str) -> int | None:
     store = open_store(url)
     try:
@@ -331,23 +354,9 @@ def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
     first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
     first.run_until_caught_up()
     first.stop()
-    results: list[RebuildResult] = []
-    errors: list[BaseException] = []
-
-    def build(url: str) -> None:
-        try:
-            results.append(
-                rebuild(
-                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
-                )
-            )
-        except BaseException as error:
-            errors.append(error)
-
     with Outage.of_url(readmodels) as outage:
         faults.arm("runner.switch:1:pause", tmp_path)
-        builder = threading.Thread(target=build, args=(outage.url(readmodels),))
-        builder.start()
+        builder, results, errors = rebuild_in_background(ledger, outage.url(readmodels))
         try:
             marker = faults.paused_file("runner.switch", tmp_path)
             wait_until(marker.exists, "the rebuild to switch reads to version 2")
@@ -389,23 +398,9 @@ def test_a_rebuild_started_while_the_read_model_database_is_gone_waits_for_it(
     switches as usual; it neither gives up nor builds on a guess."""
     workload(ledger, 100)
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    results: list[RebuildResult] = []
-    errors: list[BaseException] = []
-
-    def build(url: str) -> None:
-        try:
-            results.append(
-                rebuild(
-                    event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=50, progress=False
-                )
-            )
-        except BaseException as error:
-            errors.append(error)
-
     with Outage.of_url(readmodels) as outage:
         outage.cut()
-        builder = threading.Thread(target=build, args=(outage.url(readmodels),))
-        builder.start()
+        builder, results, errors = rebuild_in_background(ledger, outage.url(readmodels))
         try:
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             assert builder.is_alive() and not errors, errors  # it waits, it did not give up
