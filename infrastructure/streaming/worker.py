@@ -283,6 +283,16 @@ class StreamApplier:
                 catalog.activate(slot.projection)
             except IllegalTransition:
                 continue  # another worker of the group did it first
+            except Exception as error:
+                if not store.refused_rows(error):
+                    raise
+                # Appended rows that repeat a key are found when the key's index is built,
+                # as the version is about to serve: it stops there, with that reason (as
+                # the runner's would), and never serves. The group goes on with the rest.
+                reason = f"writing its rows failed: {type(error).__name__}: {error}"
+                catalog.stop(*slot.key, reason.strip().splitlines()[0])
+                log.error("worker: projection %s v%s stopped: %s", *slot.key, reason)
+                continue
             log.info("worker: projection %s now reads from version %s", *slot.key)
 
     def _mark(self, partition: int, part: _Partition, env: envelope.Envelope) -> None:

@@ -7,7 +7,10 @@ import logging
 import pytest
 
 from daybook import open_ledger, projections
+from daybook.domain.accounts import Account
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.streaming.worker import StreamApplier
+from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
 from tests.projections.helpers import workload
 from tests.streaming.messages import Stream, of_partitions
 
@@ -35,3 +38,55 @@ def test_a_partition_waiting_for_a_gap_logs_when_it_starts_not_per_event(
     assert len(messages) > 300
     # One line when the wait starts (and a summary if it outlasts the summary interval).
     assert 1 <= len(gap_lines) <= 2, [r.getMessage() for r in gap_lines[:5]]
+
+
+def _note_each_deposit(event: LogEvent, rows: Rows) -> None:
+    """A projection bug: every deposit appends a row under the account's key alone."""
+    rows.put("deposit_notes", {"account_id": event.originator_id, "amount": event.data["amount"]})
+
+
+NOTES = Table(
+    "deposit_notes",
+    (Column("account_id"), Column("amount", "bigint")),
+    key=("account_id",),
+    append_only=True,
+)
+REPEATS_KEYS = Projection(
+    name="deposit_notes",
+    version=1,
+    tables=(NOTES,),
+    handlers={event_type(Account.Deposited): _note_each_deposit},
+)
+
+
+def test_a_version_built_by_workers_whose_rows_repeat_a_key_stops_and_never_serves(
+    pg_url: str,
+) -> None:
+    """Append-only rows get their key's index when the version is about to serve; rows that
+    repeat a key stop the version there, with that reason, as the runner's would: the
+    workers go on (the other projections serve), and the broken version never does."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(3)]
+    for account in accounts * 2:
+        ledger.deposit(account, 10)
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    ledger.close()
+    worker = StreamApplier(
+        pg_url,
+        [*projections.ALL, REPEATS_KEYS],
+        group="g",
+        topic="t",
+        partitions=1,
+        writer="test",
+    )
+    try:
+        worker.apply(messages)
+        assert worker.store is not None
+        catalog = VersionCatalog(worker.store)
+        broken = catalog.version("deposit_notes", 1)
+        assert broken is not None and broken.state is VersionState.STOPPED
+        assert broken.error is not None and "writing its rows failed" in broken.error
+        assert catalog.active_version("deposit_notes") is None
+        assert catalog.active_version("account_balances") == 1
+    finally:
+        worker.close()
