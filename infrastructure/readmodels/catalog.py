@@ -40,9 +40,6 @@ from daybook.projections.model import Projection
 
 log = logging.getLogger("daybook.projections")
 
-#: The note of a retired version whose tables stay (``VersionCatalog.keep_tables``).
-KEPT = "replaced; its tables are kept on request"
-
 
 class IllegalTransition(Exception):
     """A projection version was asked to move where its state does not allow."""
@@ -190,7 +187,8 @@ class VersionCatalog:
                 " name TEXT PRIMARY KEY, active_version BIGINT NOT NULL, switched_at TEXT NOT NULL)"
             )
             for column in ("owner TEXT NOT NULL DEFAULT 'runner'", "topic TEXT",
-                           "partitions BIGINT", "note TEXT"):  # fmt: skip
+                           "partitions BIGINT", "note TEXT",
+                           "drop_pending BIGINT NOT NULL DEFAULT 0"):  # fmt: skip
                 store.add_column("daybook_projection_versions", column)
             create_progress_table(store)
             DeadLetters(store).create_table()
@@ -317,12 +315,17 @@ class VersionCatalog:
             (now_text(), name, version),
         )
 
-    def activate(self, projection: Projection) -> int | None:
+    def activate(self, projection: Projection, *, keep_old: bool = False) -> int | None:
         """Serve reads of ``projection`` from its version (rebuilding -> live), with every
         table's key in place (``ReadStore.create_keys``), and retire the version it replaces
-        (live or stopped -> retired); returns that version."""
+        (live or stopped -> retired), marking its tables to drop (``drop_retired``, once
+        this has committed) unless ``keep_old``; returns that version."""
         name, version = projection.name, projection.version
         with self.store.transaction():
+            # The keys first, before any catalog row is locked: building an index over a
+            # large table takes a while, and the replaced version's writer locks its row at
+            # every batch (the new version's row is its own writer's already).
+            self.store.create_keys(projection)
             record = self._locked(name, version)
             previous = self.active_version(name)
             moves = [(record, record.state.activated())]
@@ -331,7 +334,6 @@ class VersionCatalog:
                 if replaced is not None:
                     moves.append((replaced, replaced.state.retired()))
             # Every move was allowed: now write them.
-            self.store.create_keys(projection)
             if previous is None:
                 self.store.execute(
                     "INSERT INTO daybook_read_models VALUES (%s, %s, %s)",
@@ -345,6 +347,12 @@ class VersionCatalog:
                 )
             for moved, state in moves:
                 self._set_state(moved.name, moved.version, state)
+            if len(moves) > 1 and not keep_old:
+                self.store.execute(
+                    "UPDATE daybook_projection_versions SET drop_pending = 1"
+                    " WHERE name = %s AND version = %s",
+                    (name, previous),
+                )
             return previous
 
     def stop(self, name: str, version: int, error: str) -> None:
@@ -374,14 +382,10 @@ class VersionCatalog:
             self.store.drop_table(table)
         return names
 
-    def keep_tables(self, name: str, version: int) -> None:
-        """Record that a retired version's tables stay (``--keep-old``): no runner drops
-        them (``drop_retired``)."""
-        self.set_note(name, version, KEPT)
-
     def drop_retired(self, name: str, *, lock_wait: float = 2.0) -> bool:
-        """Drop the tables of ``name``'s retired versions, unless kept; False when some
-        were left for later.
+        """Drop the tables that switches of ``name`` retired and did not keep (``activate``
+        marks them); False when some were left for later. Versions retired before switches
+        marked them are never dropped here: whether they were kept is not known.
 
         Each version in a transaction of its own, after the switch that retired it has
         committed: a DROP waits for every transaction reading the table, and inside the
@@ -393,8 +397,8 @@ class VersionCatalog:
         switch's reply was lost."""
         rows = self.store.execute(
             "SELECT version, tables FROM daybook_projection_versions WHERE name = %s"
-            " AND state = %s AND tables <> '[]' AND (note IS NULL OR note <> %s)",
-            (name, VersionState.RETIRED.value, KEPT),
+            " AND state = %s AND drop_pending = 1",
+            (name, VersionState.RETIRED.value),
         )
         done = True
         for version, tables in rows:
@@ -405,8 +409,8 @@ class VersionCatalog:
                     for table in names:
                         self.store.drop_table(table)
                     self.store.execute(
-                        "UPDATE daybook_projection_versions SET tables = '[]', updated_at = %s"
-                        " WHERE name = %s AND version = %s",
+                        "UPDATE daybook_projection_versions SET tables = '[]', drop_pending = 0,"
+                        " updated_at = %s WHERE name = %s AND version = %s",
                         (now_text(), name, version),
                     )
             except Exception as error:

@@ -73,6 +73,13 @@ class PostgresStore(ReadStore):
     def lock_transaction(self, key: int) -> None:
         self.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
 
+    def has_unique_key(self, name: str) -> bool:
+        rows = self.execute(
+            "SELECT to_regclass(%s) IS NOT NULL OR to_regclass(%s) IS NOT NULL",
+            (f"{name}_pkey", f"{name}_key"),
+        )
+        return bool(rows[0][0])
+
     def wait_for_locks_at_most(self, seconds: float) -> None:
         self.execute(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
 

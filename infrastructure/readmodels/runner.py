@@ -534,15 +534,12 @@ class ProjectionRunner:
                         continue
                     # Marks the old version retired: its runner, which locks that row at the
                     # start of every batch, lets go of it at its next batch.
-                    catalog.activate(slot.projection)
+                    # The replaced version's tables, unless kept, are marked to drop with
+                    # the switch, and dropped once it has committed (``drop_retired`` says
+                    # why not here), or by any runner that connects, should this one not
+                    # get there (a lost reply).
+                    catalog.activate(slot.projection, keep_old=self.keep_old)
                     catalog.set_note(*slot.key, None)
-                    # Tables to keep are recorded with the switch; the others are dropped
-                    # once it has committed (``drop_retired`` says why not here), and again
-                    # by any runner that connects, should this one not get there (a lost
-                    # reply).
-                    replaced = previous is not None and previous != slot.projection.version
-                    if replaced and self.keep_old and previous is not None:
-                        catalog.keep_tables(slot.projection.name, previous)
                     crash_point("runner.switch")  # the switch written; COMMIT next
             except Exception as error:
                 if not store.refused_rows(error):

@@ -70,6 +70,13 @@ class SqliteStore(ReadStore):
         """Nothing to take: a write transaction (``BEGIN IMMEDIATE``) already holds the
         database's only write lock until it ends."""
 
+    def has_unique_key(self, name: str) -> bool:
+        rows = self.execute(
+            "SELECT 1 FROM pragma_index_list(%s) WHERE origin = 'pk' OR name = %s",
+            (name, f"{name}_key"),
+        )
+        return bool(rows)
+
     def wait_for_locks_at_most(self, seconds: float) -> None:
         """Nothing to bound: a write transaction already holds the database's only write
         lock, and readers (WAL) never block it."""

@@ -191,10 +191,18 @@ class ReadStore(ABC):
         for table in projection.tables:
             if table.append_only:
                 name = table.physical_name(projection.version)
-                self.execute(
-                    f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_key ON {name}"
-                    f" ({', '.join(table.key)})"
-                )
+                # Asked first: tables made before keys were deferred have a primary key
+                # (a second unique index would cost every append), and even an index that
+                # exists takes a lock that waits for the table's writers.
+                if not self.has_unique_key(name):
+                    self.execute(
+                        f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_key ON {name}"
+                        f" ({', '.join(table.key)})"
+                    )
+
+    @abstractmethod
+    def has_unique_key(self, name: str) -> bool:
+        """Whether table ``name`` has its primary key or the key ``create_keys`` builds."""
 
     def drop_table(self, name: str) -> None:
         self.execute(f"DROP TABLE IF EXISTS {name}")

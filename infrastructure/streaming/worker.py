@@ -26,6 +26,7 @@ anywhere means redelivery, which step 1 turns into no-ops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -290,10 +291,13 @@ class StreamApplier:
                 # as the version is about to serve: it stops there, with that reason (as
                 # the runner's would), and never serves. The group goes on with the rest.
                 reason = f"writing its rows failed: {type(error).__name__}: {error}"
-                catalog.stop(*slot.key, reason.strip().splitlines()[0])
+                with contextlib.suppress(IllegalTransition, LookupError):
+                    # (Another worker of the group, finding the same, may have been first.)
+                    catalog.stop(*slot.key, reason.strip().splitlines()[0])
                 log.error("worker: projection %s v%s stopped: %s", *slot.key, reason)
                 continue
             log.info("worker: projection %s now reads from version %s", *slot.key)
+            catalog.drop_retired(slot.projection.name)  # what the switch replaced
 
     def _mark(self, partition: int, part: _Partition, env: envelope.Envelope) -> None:
         """The relay says: after ``prev``, this partition gets nothing up to the mark."""

@@ -287,3 +287,28 @@ def test_connecting_does_not_wait_for_a_reader_of_the_catalog(pg_url: str) -> No
         assert done.wait(60), "connecting waited for the reader of the catalog"
     finally:
         reading.close()
+
+
+def test_a_table_made_with_its_primary_key_gets_no_second_one(url: str) -> None:
+    """Versions made before append-only keys were deferred have a primary key: serving
+    them (or repairing them) adds no second unique index, which every append would pay."""
+    store = open_store(url)
+    name = NOTES.physical_name(7)
+    if url.startswith("postgresql"):
+        indexes = "SELECT indexname FROM pg_indexes WHERE tablename = %s"
+    else:
+        indexes = "SELECT name FROM pragma_index_list(%s)"
+    try:
+        with store.transaction():
+            store.execute(
+                f"CREATE TABLE {name} (seq BIGINT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (seq))"
+            )
+        assert store.has_unique_key(name)
+        before = store.execute(indexes, (name,))
+        with store.transaction():
+            store.create_keys(Projection("probe", 7, (NOTES,)))
+        assert store.execute(indexes, (name,)) == before and len(before) == 1
+    finally:
+        with store.transaction():
+            store.drop_table(name)
+        store.close()
