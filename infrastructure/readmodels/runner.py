@@ -248,6 +248,11 @@ class ProjectionRunner:
                 continue  # another runner writes it; we stand by
             record = catalog.version(*key)
             assert record is not None
+            if record.state is VersionState.LIVE:
+                # Serving: its keys are in place, unless an older daybook (which built no
+                # deferred keys) switched to it; then build them now.
+                with store.transaction():
+                    store.create_keys(projection)
             cache = RowCache(projection, self.cache_limit)
             with store.transaction(write=False):
                 cache.warm(store, empty=record.position == 0)

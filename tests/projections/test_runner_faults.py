@@ -21,7 +21,7 @@ from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
-from daybook.projections.accounts import BALANCES
+from daybook.projections.accounts import BALANCES, STATEMENT
 from daybook.projections.model import Projection
 from scripts import services
 from scripts.outage import Outage
@@ -527,3 +527,27 @@ def test_a_caller_stepping_a_runner_that_follows_in_its_thread_waits_for_its_bat
         runner.stop()
     for projection in projections.ALL:
         assert_tables_match(ledger, readmodels, projection)
+
+
+def test_a_serving_version_without_its_keys_gets_them_from_the_next_runner(
+    ledger: Ledger, pg_admin_url: str
+) -> None:
+    """A version an older daybook switched to (which built no deferred keys) serves without
+    its statement's key; the next runner to take it builds the key."""
+    workload(ledger, 60)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
+    first.run_until_caught_up()
+    first.stop()
+    statement = STATEMENT.physical_name(1)
+    store = open_store(readmodels)
+    try:
+        with store.transaction():
+            store.execute(f"DROP INDEX {statement}_key")
+        assert not store.has_unique_key(statement)
+        later = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL)
+        later.run_until_caught_up()
+        later.stop()
+        assert store.has_unique_key(statement)
+    finally:
+        store.close()
