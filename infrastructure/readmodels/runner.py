@@ -108,7 +108,8 @@ class ProjectionRunner:
         self.retry_backoff = retry_backoff
         self.cache_limit = cache_limit
         self.keep_old = keep_old
-        self._stepping = threading.Lock()
+        #: Held by a step, and by ``stop`` (re-entrant: a step's thread may stop the runner).
+        self._stepping = threading.RLock()
         #: Projections whose retired tables are still to drop, and when to try again.
         self._drops_left: dict[str, float] = {}
         self.switch = switch
@@ -147,7 +148,14 @@ class ProjectionRunner:
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, then stop; nothing committed is lost."""
         self.service.stop(timeout)
-        self._disconnect()
+        # A caller's step (``run_until_caught_up`` on another thread) finishes first, rather
+        # than lose its connection mid-batch; one stuck longer is cut off as before.
+        stepping = self._stepping.acquire(timeout=timeout)
+        try:
+            self._disconnect()
+        finally:
+            if stepping:
+                self._stepping.release()
         self.log.close()
 
     def health(self) -> Health:
