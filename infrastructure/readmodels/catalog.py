@@ -41,6 +41,15 @@ from daybook.projections.model import Projection
 log = logging.getLogger("daybook.projections")
 
 
+def repeated_keys(reason: str) -> str:
+    """Why a version whose appended rows repeat a key stopped at its switch, and what helps
+    (resuming would build the same rows and stop again)."""
+    return (
+        f"writing its rows failed: {reason}; its handlers append rows that repeat a key: fix "
+        "the projection and bump its version"
+    )
+
+
 class IllegalTransition(Exception):
     """A projection version was asked to move where its state does not allow."""
 

@@ -45,6 +45,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
+    repeated_keys,
     version_lock_key,
 )
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
@@ -560,7 +561,7 @@ class ProjectionRunner:
                 # Appended rows that repeat a key are found when the key's index is built,
                 # as the version is about to serve: it never serves.
                 slot.cache.clear()
-                self._stop_version(store, slot, f"writing its rows failed: {_reason(error)}")
+                self._stop_version(store, slot, repeated_keys(_reason(error)))
                 continue
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)

@@ -42,6 +42,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
+    repeated_keys,
 )
 from daybook.infrastructure.readmodels.checkpoints import NotOwner, read_vector, stream_owner
 from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot
@@ -290,10 +291,11 @@ class StreamApplier:
                 # Appended rows that repeat a key are found when the key's index is built,
                 # as the version is about to serve: it stops there, with that reason (as
                 # the runner's would), and never serves. The group goes on with the rest.
-                reason = f"writing its rows failed: {type(error).__name__}: {error}"
+                first_line = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+                reason = repeated_keys(first_line)
                 with contextlib.suppress(IllegalTransition, LookupError):
                     # (Another worker of the group, finding the same, may have been first.)
-                    catalog.stop(*slot.key, reason.strip().splitlines()[0])
+                    catalog.stop(*slot.key, reason)
                 log.error("worker: projection %s v%s stopped: %s", *slot.key, reason)
                 continue
             log.info("worker: projection %s now reads from version %s", *slot.key)

@@ -86,6 +86,7 @@ def test_a_version_built_by_workers_whose_rows_repeat_a_key_stops_and_never_serv
         broken = catalog.version("deposit_notes", 1)
         assert broken is not None and broken.state is VersionState.STOPPED
         assert broken.error is not None and "writing its rows failed" in broken.error
+        assert "bump its version" in broken.error  # resuming would stop it again
         assert catalog.active_version("deposit_notes") is None
         assert catalog.active_version("account_balances") == 1
     finally:
