@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -81,7 +82,7 @@ def test_the_event_store_gone_for_ten_seconds_mid_log_read_stops_nothing(
     """Read models on another database; the event store unreachable from the runner for ten
     seconds, starting inside a log read; commands keep arriving meanwhile."""
     ids = workload(ledger, 100)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    readmodels = new_read_models(pg_admin_url)
     with Outage.of_url(pg_url) as outage:
         faults.arm("log.read:4:pause", tmp_path)
         runner = projection_runner(
@@ -145,7 +146,7 @@ def test_the_read_model_database_gone_mid_batch_stops_nothing(
     back is written again once, a batch committed is not written again, so the tables
     equal a replay of the whole log."""
     ids = workload(ledger, 150)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    readmodels = new_read_models(pg_admin_url)
     name = point.partition(":")[0]
     with Outage.of_url(readmodels) as outage:
         faults.arm(f"{point}:pause", tmp_path)
@@ -190,7 +191,7 @@ def test_the_read_model_database_gone_during_start_up_stops_nothing(
     catalog made, its versions not yet registered. The runner retries its start-up by itself
     and then builds every projection from the log."""
     ids = workload(ledger, 150)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    readmodels = new_read_models(pg_admin_url)
     with Outage.of_url(readmodels) as outage:
         faults.arm("runner.connect:1:pause", tmp_path)
         runner = projection_runner(
@@ -235,10 +236,8 @@ def test_the_read_model_database_gone_at_a_switch_of_reads_stops_nothing(
     up on version 2, built from the whole log; version 1 is retired and its tables are
     dropped, as after a switch without an outage."""
     ids = workload(ledger, 150)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
-    first.run_until_caught_up()
-    first.stop()
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
     with Outage.of_url(readmodels) as outage:
         faults.arm("runner.switch:1:pause", tmp_path)
         runner = projection_runner(
@@ -249,17 +248,7 @@ def test_the_read_model_database_gone_at_a_switch_of_reads_stops_nothing(
         )
         runner.start()
         try:
-            marker = faults.paused_file("runner.switch", tmp_path)
-            wait_until(marker.exists, "the runner to switch reads to version 2")
-            if commit_lands:
-                outage.cut_after_next_request()
-            else:
-                outage.cut()
-            marker.unlink()  # the switch goes on, into the outage
-            wait_until(lambda: outage.cuts == 1, "the cut")
-            if commit_lands:  # the server may finish the COMMIT after the cut
-                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
-            assert (active_version(readmodels) == 2) is commit_lands
+            cut_in_the_switch(outage, readmodels, tmp_path, commit_lands=commit_lands)
             workload(ledger, 60, seed=2, accounts=ids)
             met_the_outage(runner.health)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)  # and stays up through it
@@ -322,6 +311,43 @@ def rebuild_in_background(
     return thread, results, errors
 
 
+def new_read_models(pg_admin_url: str) -> str:
+    """A read-model database of its own (another than the event store's)."""
+    return services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+
+
+def run_to_head(
+    ledger: Ledger, readmodels: str, definitions: Sequence[Projection], **options: Any
+) -> None:
+    """A runner with ``definitions`` applies the whole log (switching reads if it builds a
+    newer version), then stops."""
+    runner = ProjectionRunner(
+        event_log_of(ledger), readmodels, definitions, batch_size=500, **options
+    )
+    runner.run_until_caught_up()
+    runner.stop()
+
+
+def cut_in_the_switch(
+    outage: Outage, readmodels: str, tmp_path: Path, *, commit_lands: bool
+) -> None:
+    """With a switch of reads to version 2 paused at ``runner.switch`` (armed by the
+    caller): cut the read-model database before the switch's COMMIT, or (``commit_lands``)
+    just after it, with its reply lost; let the switch go on into the outage, and check the
+    switch is in exactly when its COMMIT got through."""
+    marker = faults.paused_file("runner.switch", tmp_path)
+    wait_until(marker.exists, "the switch of reads to version 2")
+    if commit_lands:
+        outage.cut_after_next_request()
+    else:
+        outage.cut()
+    marker.unlink()  # the switch goes on, into the outage
+    wait_until(lambda: outage.cuts == 1, "the cut")
+    if commit_lands:  # the server may finish the COMMIT after the cut
+        wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
+    assert (active_version(readmodels) == 2) is commit_lands
+
+
 def active_version(url: str) -> int | None:
     store = open_store(url)
     try:
@@ -350,25 +376,13 @@ def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
     outage out and finishes: reads on version 2, built from the whole log, version 1
     retired and its tables dropped."""
     workload(ledger, 150)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
-    first.run_until_caught_up()
-    first.stop()
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
     with Outage.of_url(readmodels) as outage:
         faults.arm("runner.switch:1:pause", tmp_path)
         builder, results, errors = rebuild_in_background(ledger, outage.url(readmodels))
         try:
-            marker = faults.paused_file("runner.switch", tmp_path)
-            wait_until(marker.exists, "the rebuild to switch reads to version 2")
-            if commit_lands:
-                outage.cut_after_next_request()
-            else:
-                outage.cut()
-            marker.unlink()  # the switch goes on, into the outage
-            wait_until(lambda: outage.cuts == 1, "the cut")
-            if commit_lands:  # the server may finish the COMMIT after the cut
-                wait_until(lambda: active_version(readmodels) == 2, "the switch to land")
-            assert (active_version(readmodels) == 2) is commit_lands
+            cut_in_the_switch(outage, readmodels, tmp_path, commit_lands=commit_lands)
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             assert builder.is_alive() and not errors, errors  # it waits, it did not give up
             outage.restore()
@@ -397,7 +411,7 @@ def test_a_rebuild_started_while_the_read_model_database_is_gone_waits_for_it(
     (its checks before building cannot reach it) waits the outage out, then builds and
     switches as usual; it neither gives up nor builds on a guess."""
     workload(ledger, 100)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    readmodels = new_read_models(pg_admin_url)
     with Outage.of_url(readmodels) as outage:
         outage.cut()
         builder, results, errors = rebuild_in_background(ledger, outage.url(readmodels))
@@ -432,10 +446,8 @@ def test_a_switch_of_reads_never_waits_for_a_long_read_of_the_old_version(
     commits, new reads answer from version 2 at once, and the drop comes when the slow
     reader is done (here: when a runner next connects)."""
     ids = workload(ledger, 100)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
-    first.run_until_caught_up()
-    first.stop()
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
     slow = psycopg.connect(readmodels, autocommit=True)
     try:
         slow.execute("BEGIN")
@@ -459,9 +471,7 @@ def test_a_switch_of_reads_never_waits_for_a_long_read_of_the_old_version(
         reader.close()
     finally:
         slow.close()
-    later = ProjectionRunner(event_log_of(ledger), readmodels, ALL_V2, batch_size=500)
-    later.run_until_caught_up()
-    later.stop()
+    run_to_head(ledger, readmodels, ALL_V2)
     assert not table_exists(readmodels, BALANCES.physical_name(1))
     for projection in ALL_V2:
         assert_tables_match(ledger, readmodels, projection)
@@ -473,19 +483,11 @@ def test_tables_kept_on_request_stay_whoever_runs_next(ledger: Ledger, pg_admin_
     a switch marked and left behind). Versions retired by code that did not mark them are
     the same case: whether they were kept is not known, so they stay."""
     workload(ledger, 60)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
-    first.run_until_caught_up()
-    first.stop()
-    keeping = ProjectionRunner(
-        event_log_of(ledger), readmodels, ALL_V2, batch_size=500, keep_old=True
-    )
-    keeping.run_until_caught_up()
-    keeping.stop()
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
+    run_to_head(ledger, readmodels, ALL_V2, keep_old=True)
     assert active_version(readmodels) == 2
-    later = ProjectionRunner(event_log_of(ledger), readmodels, ALL_V2, batch_size=500)
-    later.run_until_caught_up()
-    later.stop()
+    run_to_head(ledger, readmodels, ALL_V2)
     assert table_exists(readmodels, BALANCES.physical_name(1))
     store = open_store(readmodels)
     try:
@@ -504,7 +506,7 @@ def test_a_caller_stepping_a_runner_that_follows_in_its_thread_waits_for_its_bat
     connection and positions: the caller's step waits for the batch in hand (two steps at
     once applied events twice, now and then), and every event is applied once."""
     workload(ledger, 120)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    readmodels = new_read_models(pg_admin_url)
     runner = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=50)
     faults.arm("runner.before_commit:1:pause", tmp_path)
     try:
@@ -535,19 +537,15 @@ def test_a_serving_version_without_its_keys_gets_them_from_the_next_runner(
     """A version an older daybook switched to (which built no deferred keys) serves without
     its statement's key; the next runner to take it builds the key."""
     workload(ledger, 60)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    first = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL, batch_size=500)
-    first.run_until_caught_up()
-    first.stop()
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
     statement = STATEMENT.physical_name(1)
     store = open_store(readmodels)
     try:
         with store.transaction():
             store.execute(f"DROP INDEX {statement}_key")
         assert not store.has_unique_key(statement)
-        later = ProjectionRunner(event_log_of(ledger), readmodels, projections.ALL)
-        later.run_until_caught_up()
-        later.stop()
+        run_to_head(ledger, readmodels, projections.ALL)
         assert store.has_unique_key(statement)
     finally:
         store.close()
