@@ -17,7 +17,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
-from daybook.infrastructure.streaming.progress import read_status
+from daybook.infrastructure.streaming.progress import PartitionStatus, read_status
 from daybook.infrastructure.streaming.relay import read_cursor
 from scripts import services
 from scripts.outage import Outage
@@ -119,9 +119,7 @@ def test_a_worker_survives_ten_seconds_without_its_database_from_a_batch(
             assert process.proc is not None and process.proc.poll() is None, process.output
             outage.restore()
             head = ledger.head()
-            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
-            status = read_status(pg_url, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            caught_up_and_live(pg_url, group, topic, head)
         finally:
             for each in (process, the_relay):
                 assert each.stop() == 0, each.output
@@ -170,9 +168,7 @@ def test_the_relay_survives_losing_the_reply_to_saving_its_cursor(
             outage.restore()
             head = ledger.head()
             wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
-            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
-            status = read_status(pg_url, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            status = caught_up_and_live(pg_url, group, topic, head)
             seen = read_topic(kafka_bootstrap, topic, PARTITIONS, head)
         finally:
             for each in (process, the_relay):
@@ -255,9 +251,7 @@ def test_a_worker_survives_its_read_model_database_gone_mid_batch(
             assert process.proc is not None and process.proc.poll() is None, process.output
             outage.restore()
             head = ledger.head()
-            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
-            status = read_status(readmodels, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            status = caught_up_and_live(readmodels, group, topic, head)
             if commit_lands:  # the committed batch came again, and was recognised
                 assert sum(p.duplicates for p in status) > 0, status
         finally:
@@ -300,9 +294,7 @@ def test_a_worker_survives_its_read_model_database_gone_while_it_fetches(
             time.sleep(READ_MODEL_OUTAGE_SECONDS)
             assert process.proc is not None and process.proc.poll() is None, process.output
             outage.restore()
-            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker to catch up")
-            status = read_status(readmodels, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            caught_up_and_live(readmodels, group, topic, head)
         finally:
             for each in (process, the_relay):
                 assert each.stop() == 0, each.output
@@ -369,10 +361,8 @@ def test_every_service_survives_both_databases_gone_at_once(
                 outage.restore()
             head = ledger.head()
             wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
-            wait_until(lambda: applied(worker_rm, group, topic) == head, "the worker to catch up")
             wait_until(lambda: set(_positions(runner_rm)) == {head}, "the runner to catch up")
-            status = read_status(worker_rm, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            caught_up_and_live(worker_rm, group, topic, head)
             assert runner.health().state is ServiceState.RUNNING, runner.health()
             seen = read_topic(kafka_bootstrap, topic, PARTITIONS, head)
         finally:
@@ -451,9 +441,7 @@ def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
             outage.restore()
             head = ledger.head()
             wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to catch up")
-            wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to catch up")
-            status = read_status(pg_url, group, topic)
-            assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+            caught_up_and_live(pg_url, group, topic, head)
             cursor = read_cursor(pg_url, topic)
             assert cursor is not None and cursor.republished == 0 and before > 0
             seen = read_topic(bootstrap, topic, PARTITIONS, head)
@@ -468,3 +456,12 @@ def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
     assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+def caught_up_and_live(url: str, group: str, topic: str, head: int) -> list[PartitionStatus]:
+    """Wait until the group's workers applied every event up to ``head`` (their read
+    models at ``url``); every partition is then live, with no event parked. Its status."""
+    wait_until(lambda: applied(url, group, topic) == head, "the worker to catch up")
+    status = read_status(url, group, topic)
+    assert all(p.state == "live" and p.dead_letters == 0 for p in status)
+    return status
