@@ -359,7 +359,9 @@ class LedgerService(Application[UUID]):
 
     # -- the command path -------------------------------------------------------------------
 
-    def execute(self, batch: Sequence[Command], *, recheck_all: bool = False) -> list[Result]:
+    def execute(
+        self, batch: Sequence[Command], *, recheck_all: bool = False, fresh: bool = False
+    ) -> list[Result]:
         """Apply ``batch`` in order and commit its events, in as few transactions as the
         other writers allow.
 
@@ -384,10 +386,14 @@ class LedgerService(Application[UUID]):
           the result of the one it belongs to.
 
         ``recheck_all`` looks every request id up from the first attempt (for a batch whose
-        commit already failed elsewhere, perhaps after it happened).
+        commit already failed elsewhere, perhaps after it happened); ``fresh`` looks
+        write-once aggregates up from the first attempt (for a batch that already met a
+        version conflict elsewhere: assuming them absent again would meet it again).
         """
         outcomes: list[Result | None] = [None] * len(batch)
-        self._execute_part(batch, list(range(len(batch))), outcomes, recheck_all=recheck_all)
+        self._execute_part(
+            batch, list(range(len(batch))), outcomes, recheck_all=recheck_all, fresh=fresh
+        )
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 

@@ -474,8 +474,14 @@ class GroupCommitter:
                 self._execute([item])
         else:
             # An integrity error says nothing was written; after any other error the
-            # commit may have happened, and every request id must be looked up.
-            self._execute(batch.items, recheck_all=not isinstance(error, IntegrityError))
+            # commit may have happened, and every request id must be looked up. After a
+            # version conflict, write-once aggregates are looked up rather than assumed
+            # absent, or the same write would be refused again.
+            self._execute(
+                batch.items,
+                recheck_all=not isinstance(error, IntegrityError),
+                fresh=isinstance(error, VersionConflict),
+            )
         if built_on_it is not None:
             self._apply(built_on_it.items)
 
@@ -490,13 +496,15 @@ class GroupCommitter:
 
     # -- the careful path ---------------------------------------------------------------------
 
-    def _execute(self, items: list[_Item], *, recheck_all: bool = False) -> None:
+    def _execute(
+        self, items: list[_Item], *, recheck_all: bool = False, fresh: bool = False
+    ) -> None:
         """Commands whose batch failed: ``LedgerService.execute`` retries them on fresh state."""
         if not items:
             return
         commands = [command for command, _ in items]
         try:
-            outcomes = self._ledger.execute(commands, recheck_all=recheck_all)
+            outcomes = self._ledger.execute(commands, recheck_all=recheck_all, fresh=fresh)
         except Exception as error:  # a bug in the ledger itself: nobody is left waiting
             _log.exception("daybook's careful path failed")
             _settle(items, [error] * len(items))

@@ -480,3 +480,33 @@ def test_a_request_id_expired_on_the_clock_is_new_even_in_the_batch_built_on(
     assert isinstance(results[10], Receipt) and isinstance(results[20], Receipt), results
     assert ledger.account(a).balance == 30
     ledger.close()
+
+
+def test_a_reservation_id_used_before_costs_the_store_one_refused_write(store_url: str) -> None:
+    """A reservation that resolved is no longer in its inventory: reusing its id is first
+    judged on the assumption that the id is free, and the store's unique key refuses the
+    write. The careful path must then look the claim up, not assume again and have the
+    same write refused a second time."""
+    ledger = open_ledger(store_url)
+    ledger.receive_stock("A", 5)
+    ledger.reserve_stock("A", 1, reservation_id="r-1")
+    ledger.release_reservation("A", "r-1")
+    recorder = ledger.service.recorder
+    refused = []
+    insert_events = recorder.insert_events
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return insert_events(*args, **kwargs)
+        except Exception as error:
+            refused.append(error)
+            raise
+
+    recorder.insert_events = counting  # type: ignore[method-assign]
+    head = ledger.head()
+    with pytest.raises(DomainError) as caught:
+        ledger.reserve_stock("A", 1, reservation_id="r-1")
+    assert caught.value.code == "reservation_exists"
+    assert [type(error).__name__ for error in refused] == ["VersionConflict"]
+    assert ledger.head() == head
+    ledger.close()
