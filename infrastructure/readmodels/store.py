@@ -194,6 +194,14 @@ class ReadStore(ABC):
                 # Asked first: tables made before keys were deferred have a primary key
                 # (a second unique index would cost every append), and even an index that
                 # exists takes a lock that waits for the table's writers.
+                if self.has_unique_key(name):
+                    continue
+                # Workers of one stream group may switch the version at the same moment.
+                # PostgreSQL lets two transactions build the same index at once, and fails
+                # the second at COMMIT with a unique violation in its own catalog, which
+                # would read as rows that repeat a key. So one builds; the other waits for
+                # it here, then finds the key and builds nothing.
+                self.ddl_guard()
                 if not self.has_unique_key(name):
                     self.execute(
                         f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_key ON {name}"

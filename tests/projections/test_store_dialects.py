@@ -312,3 +312,64 @@ def test_a_table_made_with_its_primary_key_gets_no_second_one(url: str) -> None:
         with store.transaction():
             store.drop_table(name)
         store.close()
+
+
+def test_two_writers_switching_one_version_at_once_build_its_key_once(pg_url: str) -> None:
+    """Workers of one stream group may reach the switch of a version together. Both find
+    its append-only table without a key and build one; PostgreSQL lets both build, then
+    fails the second at COMMIT with a unique violation in its own catalog (pg_class), which
+    the worker would take for appended rows that repeat a key: it would stop the version
+    the first one had just made serve. The second must find the key built and the version
+    switched instead."""
+    setup = open_store(pg_url)
+    catalog = VersionCatalog(setup)
+    catalog.ensure()
+    catalog.register(PROBE)
+    notes = NOTES.physical_name(1)
+    with setup.transaction():
+        setup.execute(f"INSERT INTO {notes} SELECT g, 'note' FROM generate_series(1, 200000) AS g")
+    # A writer of the table holds both switches at the index build until both wait there
+    # (or, once serialised, one at the index and one before it): then both go at once.
+    blocker = psycopg.connect(pg_url)
+    blocker.execute(f"LOCK TABLE {notes} IN ROW EXCLUSIVE MODE")
+    outcomes: list[str] = []
+
+    def switch() -> None:
+        store = open_store(pg_url)
+        try:
+            VersionCatalog(store).activate(PROBE)
+            outcomes.append("switched")
+        except IllegalTransition:
+            outcomes.append("already switched")
+        except Exception as error:
+            outcomes.append(f"{type(error).__name__}: {error}".splitlines()[0])
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=switch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    # Watched from a connection of its own: inside a transaction, such as the blocker's,
+    # pg_stat_activity keeps showing what it showed first.
+    with psycopg.connect(pg_url, autocommit=True) as watcher:
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                waiting = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if waiting and waiting[0] >= 2:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the two switches never both waited")
+        finally:
+            blocker.rollback()
+            blocker.close()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["already switched", "switched"]
+    assert catalog.version("probe", 1).state is VersionState.LIVE  # type: ignore[union-attr]
+    assert setup.has_unique_key(notes)
+    setup.close()
