@@ -23,7 +23,8 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -448,3 +449,30 @@ class VersionCatalog:
             " WHERE name = %s AND version = %s",
             (state.value, error, now_text(), name, version),
         )
+
+
+#: Seconds between tries to drop a retired version's tables that were still being read.
+DROP_RETRY = 30.0
+
+
+class RetiredDrops:
+    """One writer's part in dropping what switches of reads retired
+    (``VersionCatalog.drop_retired``): ``drop`` right after a switch and when connecting;
+    tables still being read stay, and ``retry`` (called when the writer has a moment) tries
+    them again, at most every ``DROP_RETRY`` seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._due: dict[str, float] = {}
+
+    def drop(self, store: ReadStore, name: str) -> None:
+        if VersionCatalog(store).drop_retired(name):
+            self._due.pop(name, None)
+        else:
+            self._due[name] = self.clock() + DROP_RETRY
+
+    def retry(self, store: ReadStore) -> None:
+        now = self.clock()
+        for name, due in list(self._due.items()):
+            if due <= now:
+                self.drop(store, name)

@@ -42,6 +42,7 @@ from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, Sup
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
+    RetiredDrops,
     VersionCatalog,
     VersionRecord,
     VersionState,
@@ -63,9 +64,6 @@ from daybook.infrastructure.streaming.faults import crash_point
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger(__name__)
-
-#: Seconds between tries to drop a retired version's tables that were still being read.
-DROP_RETRY = 30.0
 
 
 @dataclass
@@ -112,7 +110,8 @@ class ProjectionRunner:
         #: Held by a step, and by ``stop`` (re-entrant: a step's thread may stop the runner).
         self._stepping = threading.RLock()
         #: Projections whose retired tables are still to drop, and when to try again.
-        self._drops_left: dict[str, float] = {}
+        #: What switches retired and left to drop (tables still being read).
+        self.drops = RetiredDrops()
         self.switch = switch
         self.on_progress = on_progress
         self.store: ReadStore | None = None
@@ -213,7 +212,7 @@ class ProjectionRunner:
                 raise
             self.store = store
             for projection in self.projections:  # what a switch may have left behind
-                self._drop_retired(store, projection.name)
+                self.drops.drop(store, projection.name)
         return self.store
 
     def let_go(self) -> None:
@@ -328,7 +327,7 @@ class ProjectionRunner:
             self._measure_lag([], 0)
             self._caught_up(start)
             self._switch_caught_up(store, start)
-            self._retry_drops(store)
+            self.drops.retry(store)
             return 0
         with tracing.continued(
             "daybook.projection.apply",
@@ -565,21 +564,7 @@ class ProjectionRunner:
                 continue
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
-            self._drop_retired(store, slot.projection.name)
-
-    def _drop_retired(self, store: ReadStore, name: str) -> None:
-        """Drop the tables ``name``'s switches retired; one still being read is tried
-        again when this runner is next idle, at most every ``DROP_RETRY`` seconds."""
-        if VersionCatalog(store).drop_retired(name):
-            self._drops_left.pop(name, None)
-        else:
-            self._drops_left[name] = time.monotonic() + DROP_RETRY
-
-    def _retry_drops(self, store: ReadStore) -> None:
-        now = time.monotonic()
-        for name, due in list(self._drops_left.items()):
-            if due <= now:
-                self._drop_retired(store, name)
+            self.drops.drop(store, slot.projection.name)
 
 
 def _count_applied(

@@ -39,6 +39,7 @@ from daybook.infrastructure.lifecycle import Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
+    RetiredDrops,
     VersionCatalog,
     VersionRecord,
     VersionState,
@@ -141,6 +142,8 @@ class StreamApplier:
         self._slots: list[Slot] = []
         self._told: set[tuple[str, int]] = set()
         self.states = StateLog(log)
+        #: What switches retired and left to drop (tables still being read).
+        self.drops = RetiredDrops()
         #: The worker's health: a batch that meets a transient failure (the read-model
         #: database unreachable) is retried after a backoff; any other failure stops the
         #: worker as FAILED with the reason.
@@ -162,9 +165,15 @@ class StreamApplier:
                 for statement in create_tables_sql():
                     store.execute(statement.as_string())
             for projection in self.projections:
-                catalog.register(
+                record = catalog.register(
                     projection, owner=self.owner, topic=self.topic, partitions=self.partitions
                 )
+                if record is not None and record.state is VersionState.LIVE:
+                    # Serving: its keys are in place, unless code that built no deferred
+                    # keys switched to it; then build them now.
+                    with store.transaction():
+                        store.create_keys(projection)
+                self.drops.drop(store, projection.name)  # what a switch left behind
         except BaseException:
             store.close()
             raise
@@ -208,6 +217,7 @@ class StreamApplier:
                 metrics.PROJECTION_PARKED.labels(name, str(version)).inc(len(result.parked))
         if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
             self._serve_caught_up(store)
+        self.drops.retry(store)
         return result
 
     def _apply(
@@ -299,7 +309,7 @@ class StreamApplier:
                 log.error("worker: projection %s v%s stopped: %s", *slot.key, reason)
                 continue
             log.info("worker: projection %s now reads from version %s", *slot.key)
-            catalog.drop_retired(slot.projection.name)  # what the switch replaced
+            self.drops.drop(store, slot.projection.name)  # what the switch replaced
 
     def _mark(self, partition: int, part: _Partition, env: envelope.Envelope) -> None:
         """The relay says: after ``prev``, this partition gets nothing up to the mark."""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 
+import psycopg
 import pytest
 
 from daybook import open_ledger, projections
 from daybook.domain.accounts import Account
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.catalog import DROP_RETRY, VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming.worker import StreamApplier
+from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
 from tests.projections.helpers import workload
 from tests.streaming.messages import Stream, of_partitions
@@ -91,3 +97,53 @@ def test_a_version_built_by_workers_whose_rows_repeat_a_key_stops_and_never_serv
         assert catalog.active_version("account_balances") == 1
     finally:
         worker.close()
+
+
+def test_a_worker_drops_what_a_switch_left_behind_and_builds_keys_a_switch_left_out(
+    pg_url: str,
+) -> None:
+    """A switch marks the replaced version's tables to drop and drops them after it
+    commits; tables still being read stay, for the next writer to drop. A worker is such a
+    writer: it drops what is left when it connects and, while some stay, after a batch when
+    the retry is due. A serving version whose append-only tables have no key (switched by
+    code that did not build keys) gets them when a worker connects."""
+    ledger = open_ledger(pg_url)
+    workload(ledger, 60)
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    ledger.close()
+    old, new = ACCOUNT_STATEMENT, replace(ACCOUNT_STATEMENT, version=2)
+    setup = open_store(pg_url)
+    catalog = VersionCatalog(setup)
+    catalog.ensure()
+    catalog.register(old, owner="stream:g", topic="t", partitions=1)
+    catalog.activate(old)
+    catalog.register(new, owner="stream:g", topic="t", partitions=1)
+    with setup.transaction():  # the switch as code that built no deferred keys left it
+        setup.execute("UPDATE daybook_projection_versions SET state = 'live'"
+                      " WHERE name = %s AND version = 2", (new.name,))  # fmt: skip
+        setup.execute("UPDATE daybook_projection_versions SET state = 'retired', drop_pending = 1"
+                      " WHERE name = %s AND version = 1", (new.name,))  # fmt: skip
+    statement = STATEMENT.physical_name(1)
+    assert not setup.has_unique_key(STATEMENT.physical_name(2))
+    slow = psycopg.connect(pg_url, autocommit=True)
+    slow.execute("BEGIN")
+    slow.execute(f"SELECT count(*) FROM {statement}").fetchone()
+    worker = StreamApplier(pg_url, [new], group="g", topic="t", partitions=1, writer="test")
+    try:
+        worker.apply(messages[:20])
+        assert setup.has_unique_key(STATEMENT.physical_name(2))
+        assert exists(setup, statement)  # still being read: left for later
+        slow.close()
+        worker.apply(messages[20:40])
+        assert exists(setup, statement)  # not due yet
+        worker.drops.clock = lambda: time.monotonic() + DROP_RETRY  # the retry is due
+        worker.apply(messages[40:])
+        assert not exists(setup, statement)
+    finally:
+        worker.close()
+        slow.close()
+        setup.close()
+
+
+def exists(store: ReadStore, table: str) -> bool:
+    return store.execute("SELECT to_regclass(%s)", (table,))[0][0] is not None
