@@ -402,9 +402,10 @@ class VersionCatalog:
         switch it would hold the catalog, so every new read of the projection would queue
         behind the slowest read of the old version. Once switched, new reads use the new
         version and nothing waits on the drop; a drop that still waits longer than
-        ``lock_wait`` gives up and is left for the next call (every runner calls this when
-        it connects, after a switch, and while one is left, when idle), as is one whose
-        switch's reply was lost."""
+        ``lock_wait`` gives up and is left for the next call (runners and stream workers
+        call this through ``RetiredDrops``: when they connect, after a switch, and while
+        one is left, every ``DROP_RETRY`` seconds), as is one whose switch's reply was
+        lost."""
         rows = self.store.execute(
             "SELECT version, tables FROM daybook_projection_versions WHERE name = %s"
             " AND state = %s AND drop_pending = 1",
