@@ -117,6 +117,24 @@ class PostgresStore(ReadStore):
     def lock_not_granted(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.LockNotAvailable)
 
+    def create_unique_index(self, table: str, index: str, columns: Sequence[str]) -> None:
+        # Workers of one stream group may switch a version at the same moment, and both
+        # build its key: PostgreSQL lets two transactions build the same index, and fails
+        # the second (once the first commits) with a unique violation in its own catalog,
+        # which would read as rows that repeat a key. That one finds the index built and
+        # goes on. (No lock taken first: ``register`` takes the DDL lock before a catalog
+        # row, and a switch's callers may already hold the row.)
+        self.execute("SAVEPOINT daybook_create_key")
+        try:
+            super().create_unique_index(table, index, columns)
+        except psycopg.errors.UniqueViolation as error:
+            self.execute("ROLLBACK TO SAVEPOINT daybook_create_key")
+            if error.diag.constraint_name != "pg_class_relname_nsp_index" or not (
+                self.has_unique_key(table)
+            ):
+                raise
+        self.execute("RELEASE SAVEPOINT daybook_create_key")
+
     def refused_rows(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)
 

@@ -187,26 +187,20 @@ class ReadStore(ABC):
     def create_keys(self, projection: Projection) -> None:
         """Give the append-only tables of ``projection``'s version their key (a unique
         index; ``create_tables`` leaves it out): before the version serves reads, and before
-        anything but an append writes to them. Fails if two rows have the same key."""
+        anything but an append writes to them. Fails if two rows have the same key. Call
+        inside a transaction."""
         for table in projection.tables:
             if table.append_only:
                 name = table.physical_name(projection.version)
                 # Asked first: tables made before keys were deferred have a primary key
                 # (a second unique index would cost every append), and even an index that
                 # exists takes a lock that waits for the table's writers.
-                if self.has_unique_key(name):
-                    continue
-                # Workers of one stream group may switch the version at the same moment.
-                # PostgreSQL lets two transactions build the same index at once, and fails
-                # the second at COMMIT with a unique violation in its own catalog, which
-                # would read as rows that repeat a key. So one builds; the other waits for
-                # it here, then finds the key and builds nothing.
-                self.ddl_guard()
                 if not self.has_unique_key(name):
-                    self.execute(
-                        f"CREATE UNIQUE INDEX IF NOT EXISTS {name}_key ON {name}"
-                        f" ({', '.join(table.key)})"
-                    )
+                    self.create_unique_index(name, f"{name}_key", table.key)
+
+    def create_unique_index(self, table: str, index: str, columns: Sequence[str]) -> None:
+        """Build ``index`` on ``table`` unless it exists (``create_keys``)."""
+        self.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {table} ({', '.join(columns)})")
 
     @abstractmethod
     def has_unique_key(self, name: str) -> bool:

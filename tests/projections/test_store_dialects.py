@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -373,3 +373,62 @@ def test_two_writers_switching_one_version_at_once_build_its_key_once(pg_url: st
     assert catalog.version("probe", 1).state is VersionState.LIVE  # type: ignore[union-attr]
     assert setup.has_unique_key(notes)
     setup.close()
+
+
+def test_a_switch_holding_its_catalog_row_and_a_writer_connecting_never_deadlock(
+    pg_url: str,
+) -> None:
+    """The runner's switch holds its version's catalog row when the key is built; a runner
+    or worker connecting meanwhile registers its versions, which takes the DDL lock and then
+    that row. Building the key must not wait for the DDL lock: each would wait for the
+    other, until PostgreSQL broke one of them off."""
+    setup = open_store(pg_url)
+    VersionCatalog(setup).ensure()
+    VersionCatalog(setup).register(PROBE)
+    outcomes: dict[str, str] = {}
+    row_held, go = threading.Event(), threading.Event()
+
+    def run(name: str, body: Callable[[ReadStore], object]) -> None:
+        store = open_store(pg_url)
+        try:
+            body(store)
+            outcomes[name] = "done"
+        except Exception as error:
+            outcomes[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+        finally:
+            store.close()
+
+    def switch(store: ReadStore) -> None:
+        with store.transaction():
+            VersionCatalog(store).version("probe", 1, lock=True)  # as the runner's switch
+            row_held.set()
+            go.wait(30)
+            VersionCatalog(store).activate(PROBE)
+
+    def connect(store: ReadStore) -> None:
+        row_held.wait(30)
+        VersionCatalog(store).register(PROBE)  # waits for the row, holding the DDL lock
+
+    threads = [
+        threading.Thread(target=run, args=("switch", switch)),
+        threading.Thread(target=run, args=("connect", connect)),
+    ]
+    for thread in threads:
+        thread.start()
+    with psycopg.connect(pg_url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting and waiting[0] >= 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the connecting writer never waited for the row")
+    go.set()
+    for thread in threads:
+        thread.join(60)
+    setup.close()
+    assert outcomes == {"switch": "done", "connect": "done"}
