@@ -217,6 +217,9 @@ class StreamApplier:
                 metrics.PROJECTION_PARKED.labels(name, str(version)).inc(len(result.parked))
         if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
             self._serve_caught_up(store)
+        # After the batch committed: a drop still blocked by a reader gives up after its
+        # lock wait (2 s, at most every DROP_RETRY seconds); an error here comes out of
+        # the batch, and its messages, delivered again, are skipped as duplicates.
         self.drops.retry(store)
         return result
 
