@@ -51,10 +51,12 @@ def server_cpu(postmaster: int) -> float:
 
 
 def postmaster_of(url: str) -> int:
+    """The server's postmaster: the parent of this connection's backend, read while the
+    connection (and so the backend) still lives."""
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    return int(_stat(int(row[0]))[1])
+        assert row is not None
+        return int(_stat(int(row[0]))[1])
 
 
 def main() -> int:
