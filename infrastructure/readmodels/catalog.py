@@ -42,12 +42,19 @@ from daybook.projections.model import Projection
 log = logging.getLogger("daybook.projections")
 
 
-def repeated_keys(reason: str) -> str:
-    """Why a version whose appended rows repeat a key stopped at its switch, and what helps
-    (resuming would build the same rows and stop again)."""
+def first_line(error: BaseException) -> str:
+    """``error`` in one line, for a version's recorded reason."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def repeated_keys(error: BaseException) -> str:
+    """Why a version whose appended rows repeat a key (``error``, from building the key)
+    stopped at its switch, and what helps (resuming would build the same rows and stop
+    again)."""
     return (
-        f"writing its rows failed: {reason}; its handlers append rows that repeat a key: fix "
-        "the projection and bump its version"
+        f"writing its rows failed: {first_line(error)}; its handlers append rows that repeat"
+        " a key: fix the projection and bump its version"
     )
 
 

@@ -46,6 +46,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
+    first_line,
     repeated_keys,
     version_lock_key,
 )
@@ -109,7 +110,6 @@ class ProjectionRunner:
         self.keep_old = keep_old
         #: Held by a step, and by ``stop`` (re-entrant: a step's thread may stop the runner).
         self._stepping = threading.RLock()
-        #: Projections whose retired tables are still to drop, and when to try again.
         #: What switches retired and left to drop (tables still being read).
         self.drops = RetiredDrops()
         self.switch = switch
@@ -397,7 +397,7 @@ class ProjectionRunner:
         """After a batch failed with an error no retry cures: write each projection's part
         alone, and stop the one that fails again, with the error (the others go on)."""
         log.warning("projection runner: a batch failed (%s); writing each projection alone",
-                    _reason(error))  # fmt: skip
+                    first_line(error))  # fmt: skip
         failures: list[Failure] = []
         slots = dict(self.slots)
         for key, slot in list(slots.items()):
@@ -409,7 +409,7 @@ class ProjectionRunner:
                     self.slots = slots
                     raise
                 slot.cache.clear()
-                self._stop_version(store, slot, f"writing its rows failed: {_reason(alone)}")
+                self._stop_version(store, slot, f"writing its rows failed: {first_line(alone)}")
                 slots.pop(key, None)
         self.slots = slots
         return failures
@@ -560,7 +560,7 @@ class ProjectionRunner:
                 # Appended rows that repeat a key are found when the key's index is built,
                 # as the version is about to serve: it never serves.
                 slot.cache.clear()
-                self._stop_version(store, slot, repeated_keys(_reason(error)))
+                self._stop_version(store, slot, repeated_keys(error))
                 continue
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
@@ -589,11 +589,6 @@ def _unresolved_letters(store: ReadStore, name: str, version: int) -> int:
         (name, version),
     )
     return int(rows[0][0]) if rows else 0
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _moved(record: VersionRecord, position: int, last_event_at: str | None) -> VersionRecord:

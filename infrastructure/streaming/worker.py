@@ -304,8 +304,7 @@ class StreamApplier:
                 # Appended rows that repeat a key are found when the key's index is built,
                 # as the version is about to serve: it stops there, with that reason (as
                 # the runner's would), and never serves. The group goes on with the rest.
-                first_line = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-                reason = repeated_keys(first_line)
+                reason = repeated_keys(error)
                 with contextlib.suppress(IllegalTransition, LookupError):
                     # (Another worker of the group, finding the same, may have been first.)
                     catalog.stop(*slot.key, reason)
