@@ -314,6 +314,23 @@ def test_a_table_made_with_its_primary_key_gets_no_second_one(url: str) -> None:
         store.close()
 
 
+def wait_for_lock_waits(url: str, count: int, who: str) -> None:
+    """Until ``count`` sessions of the database at ``url`` wait for a lock. Watched from a
+    connection of its own: inside a transaction (a blocker's, say), pg_stat_activity keeps
+    showing what it showed first."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting and waiting[0] >= count:
+                return
+            time.sleep(0.05)
+    pytest.fail(f"{who} never waited for a lock")
+
+
 def test_two_writers_switching_one_version_at_once_build_its_key_once(pg_url: str) -> None:
     """Workers of one stream group may reach the switch of a version together. Both find
     its append-only table without a key and build one; PostgreSQL lets both build, then
@@ -349,24 +366,11 @@ def test_two_writers_switching_one_version_at_once_build_its_key_once(pg_url: st
     threads = [threading.Thread(target=switch) for _ in range(2)]
     for thread in threads:
         thread.start()
-    # Watched from a connection of its own: inside a transaction, such as the blocker's,
-    # pg_stat_activity keeps showing what it showed first.
-    with psycopg.connect(pg_url, autocommit=True) as watcher:
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                waiting = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                ).fetchone()
-                if waiting and waiting[0] >= 2:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail("the two switches never both waited")
-        finally:
-            blocker.rollback()
-            blocker.close()
+    try:
+        wait_for_lock_waits(pg_url, 2, "the two switches")
+    finally:
+        blocker.rollback()
+        blocker.close()
     for thread in threads:
         thread.join(60)
     assert sorted(outcomes) == ["already switched", "switched"]
@@ -415,18 +419,7 @@ def test_a_switch_holding_its_catalog_row_and_a_writer_connecting_never_deadlock
     ]
     for thread in threads:
         thread.start()
-    with psycopg.connect(pg_url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            waiting = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            ).fetchone()
-            if waiting and waiting[0] >= 1:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the connecting writer never waited for the row")
+    wait_for_lock_waits(pg_url, 1, "the connecting writer")
     go.set()
     for thread in threads:
         thread.join(60)
