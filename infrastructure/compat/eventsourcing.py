@@ -3,7 +3,7 @@
 daybook's recorders extend eventsourcing's: each writes a batch's idempotency records in the
 transaction that inserts its events, by overriding the protected ``_insert_events`` hook the
 public ``insert_events`` calls, and the PostgreSQL one adds its own DDL to the list of
-statements ``create_table`` runs. The aggregate cache replaces the repository's. The domain's
+statements ``create_table`` runs, and runs them itself. The aggregate cache replaces the repository's. The domain's
 aggregate base (``daybook.domain.events.LedgerAggregate``) subclasses ``BaseAggregate``: it
 creates aggregates with ``_create`` and copies the list behind ``pending_events`` by name;
 the domain cannot import this module, so those names are listed here and checked, like the
@@ -77,14 +77,26 @@ RELIED_ON: tuple[Internal, ...] = (
         "the SQLite recorder's table creation",
         kind=Kind.FUNCTION,
     ),
+    # daybook's PostgreSQL recorder creates its tables as the base class does, from the same
+    # list of statements, but one transaction per statement.
     Internal(
         "eventsourcing",
-        "eventsourcing.postgres:PostgresApplicationRecorder",
-        "create_table",
+        "eventsourcing.postgres:PostgresRecorder",
+        "sql_create_statements",
         _recorders,
-        "the PostgreSQL recorder's table creation (it must run sql_create_statements)",
+        "PostgresRecorder.create_table (the list must still hold all of a recorder's DDL)",
+        on_instance=True,
+        types=(list,),
+        used_in="eventsourcing.postgres:PostgresRecorder.create_table",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.postgres:PostgresDatastore",
+        "register_type_adapters",
+        _recorders,
+        "PostgresRecorder.create_table (what it does after the statements, daybook's too)",
         kind=Kind.FUNCTION,
-        used_in="eventsourcing.postgres:PostgresAggregateRecorder.create_table",
+        used_in="eventsourcing.postgres:PostgresRecorder.create_table",
     ),
     Internal(
         "eventsourcing",

@@ -8,6 +8,7 @@ lock, and tailing readers then miss events.
 
 from __future__ import annotations
 
+import contextlib
 from binascii import b2a_base64
 from collections.abc import Sequence
 from datetime import timedelta
@@ -187,11 +188,25 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # Several processes may start at once on a fresh database, and PostgreSQL does not
         # serialise concurrent CREATE TYPE / CREATE OR REPLACE FUNCTION on the same object
         # ("tuple concurrently updated"): take turns, with a session advisory lock held on a
-        # connection of its own while the base class creates everything.
+        # connection of its own.
+        # Each statement is then a transaction of its own, unlike the base class's one for
+        # all: CREATE INDEX IF NOT EXISTS locks its table in SHARE mode even when the index
+        # exists, and held to the end of one transaction, the events table's lock would wait
+        # for the request records' table while a write, which holds that table, waits for
+        # the events table: 'deadlock detected', for the start or the write. One lock at a
+        # time cannot close a cycle. Every statement is idempotent, so a start that dies
+        # half-way is completed by the next.
         with self.datastore.get_connection() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (_CREATE_TABLES_LOCK,))
             try:
-                super().create_table()
+                for statement in self.sql_create_statements:
+                    with (
+                        self.datastore.transaction(commit=True) as curs,
+                        # A type has no IF NOT EXISTS (the base class suppresses it too).
+                        contextlib.suppress(psycopg.errors.DuplicateObject),
+                    ):
+                        curs.execute(statement, prepare=False)
+                self.datastore.register_type_adapters()
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_CREATE_TABLES_LOCK,))
 

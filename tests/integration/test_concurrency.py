@@ -272,3 +272,84 @@ def test_processes_starting_at_once_on_a_fresh_database_all_start(
             _, err = process.communicate(timeout=60)
             assert process.returncode == 0, err
         services.drop_database(pg_admin_url, name)
+
+
+def deadlocks_once_all_sessions_ended(url: str) -> int:
+    """The database's count of deadlocks PostgreSQL detected. A session adds its counts to the
+    shared statistics by the time it has ended, so this waits for every other session of
+    the database to end first."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if row and row[0] == 0:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("sessions of the test's database never ended")
+        row = watcher.execute(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_a_process_starting_while_others_write_deadlocks_nobody(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process starting (a deploy, a restart) runs the event store's CREATE ... IF NOT EXISTS
+    statements while other processes write. An index statement locks its table in SHARE
+    mode even when the index exists. Had the statements run in one transaction, the start
+    would hold the events table's lock while it waits for the request records' table, and a
+    write holds the request records' table while it waits for the events table: PostgreSQL
+    would end one of them with 'deadlock detected' (the write is retried; the start, in CI
+    once, failed). Here a write arrives exactly between the two statements."""
+    ledger, accounts = prepare(pg_url, accounts=2)
+    starter = threading.current_thread()
+    outcomes: dict[str, Any] = {}
+
+    def write() -> None:
+        try:
+            outcomes["receipt"] = ledger.transfer(
+                accounts[0], accounts[1], 5, request_id="written-during-a-start"
+            )
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcomes["error"] = error
+
+    def write_now_and_wait_until_it_waits_or_is_done() -> None:
+        writing = threading.Thread(target=write)
+        writing.start()
+        outcomes["writer"] = writing
+        with psycopg.connect(pg_url, autocommit=True) as watcher:
+            while writing.is_alive():
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if row and row[0]:
+                    return
+                time.sleep(0.01)
+
+    execute = psycopg.Cursor.execute
+
+    def execute_then_write(self: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = execute(self, query, *args, **kwargs)
+        text = query.as_string(self) if hasattr(query, "as_string") else str(query)
+        if threading.current_thread() is starter and "CREATE UNIQUE INDEX" in text:
+            if "writer" not in outcomes:
+                write_now_and_wait_until_it_waits_or_is_done()
+        return result
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute_then_write)
+    started = open_ledger(pg_url)
+    monkeypatch.undo()
+    assert "writer" in outcomes, "the start never created the events table's index"
+    outcomes["writer"].join(timeout=30)
+    assert "error" not in outcomes, outcomes.get("error")
+    assert ledger.account(accounts[1]).balance == START_BALANCE + 5
+    started.close()
+    ledger.close()
+    assert deadlocks_once_all_sessions_ended(pg_url) == 0

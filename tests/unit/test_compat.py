@@ -21,7 +21,7 @@ import faust.transport.consumer
 import pytest
 from eventsourcing.application import LRUCache
 from eventsourcing.popo import POPOApplicationRecorder
-from eventsourcing.postgres import PostgresDatastore
+from eventsourcing.postgres import PostgresDatastore, PostgresRecorder
 from faust.types import Message
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -83,6 +83,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
+        "eventsourcing.postgres:PostgresRecorder": PostgresRecorder(datastore),
         "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
         "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
         "prometheus_client.metrics:Histogram": Histogram("x", "y", registry=CollectorRegistry()),
