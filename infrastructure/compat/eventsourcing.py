@@ -3,11 +3,11 @@
 daybook's recorders extend eventsourcing's: each writes a batch's idempotency records in the
 transaction that inserts its events, by overriding the protected ``_insert_events`` hook the
 public ``insert_events`` calls, and the PostgreSQL one adds its own DDL to the list of
-statements ``create_table`` runs, and runs them itself. The aggregate cache replaces the repository's. The domain's
-aggregate base (``daybook.domain.events.LedgerAggregate``) subclasses ``BaseAggregate``: it
-creates aggregates with ``_create`` and copies the list behind ``pending_events`` by name;
-the domain cannot import this module, so those names are listed here and checked, like the
-others, by tests/unit/test_compat.py. The domain's snapshots
+statements ``create_table`` runs, and runs them itself. The aggregate cache replaces the
+repository's. The domain's aggregate base (``daybook.domain.events.LedgerAggregate``)
+subclasses ``BaseAggregate``: it creates aggregates with ``_create`` and copies the list behind
+``pending_events`` by name; the domain cannot import this module, so those names are listed
+here and checked, like the others, by tests/unit/test_compat.py. The domain's snapshots
 (``daybook.domain.snapshots.LedgerSnapshot``) rebuild an aggregate by setting the attributes
 ``BaseAggregate`` keeps its id, version and timestamps in.
 """

@@ -316,7 +316,7 @@ def test_a_process_starting_while_others_write_deadlocks_nobody(
             outcomes["receipt"] = ledger.transfer(
                 accounts[0], accounts[1], 5, request_id="written-during-a-start"
             )
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+        except Exception as error:  # reported by the assertion below
             outcomes["error"] = error
 
     def write_now_and_wait_until_it_waits_or_is_done() -> None:
@@ -338,9 +338,9 @@ def test_a_process_starting_while_others_write_deadlocks_nobody(
     def execute_then_write(self: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
         result = execute(self, query, *args, **kwargs)
         text = query.as_string(self) if hasattr(query, "as_string") else str(query)
-        if threading.current_thread() is starter and "CREATE UNIQUE INDEX" in text:
-            if "writer" not in outcomes:
-                write_now_and_wait_until_it_waits_or_is_done()
+        at_the_window = threading.current_thread() is starter and "CREATE UNIQUE INDEX" in text
+        if at_the_window and "writer" not in outcomes:
+            write_now_and_wait_until_it_waits_or_is_done()
         return result
 
     monkeypatch.setattr(psycopg.Cursor, "execute", execute_then_write)
