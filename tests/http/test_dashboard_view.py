@@ -8,7 +8,9 @@ from typing import Any
 
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.projections.accounts import BALANCES
+from daybook.projections.sagas import SAGAS
 from tests.http.conftest import Api
 
 
@@ -57,3 +59,54 @@ def test_the_dashboard_shows_owners_the_last_reconcile_and_its_repairs(
     assert main(["reconcile", "account_balances", "--url", ledger_url]) == 0
     assert projection(api, "account_balances")["last_reconcile"]["result"] == "clean"
     assert projection(api, "account_statement")["last_reconcile"] is None
+
+
+def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatch: Any) -> None:
+    """Finished sagas stay in the sagas read model (one row per order, for months): the
+    dashboard, polled every few seconds, counts them in the database and reads only the
+    stuck ones, at most twenty, rather than every saga ever run."""
+    api = sqlite_api
+    account = api.open_account("ann")
+    deposit = api.command("deposit", {"account_id": account, "amount": 5}).json()
+    api.get(f"/v1/accounts/{account}/balance", min_position=deposit["position"])
+    url = api.parts.readmodels_url
+    assert url is not None
+
+    def saga(number: int, state: str, deadline: str | None = None) -> dict[str, Any]:
+        at = f"2026-01-01T00:{number // 60 % 60:02d}:{number % 60:02d}+00:00"
+        return {
+            "saga_id": f"00000000-0000-4000-8000-{number:012d}", "kind": "order",
+            "reference": f"order-{number}", "state": state, "step": "pay",
+            "plan": "reserve pay ship", "attempts": 1, "last_error": None,
+            "deadline_at": deadline, "retry_at": None, "wake_at": None,
+            "started_at": at, "updated_at": at, "version": 3, "position": number,
+        }  # fmt: skip
+
+    finished = [saga(n, "completed") for n in range(300)]
+    stuck = [saga(1000 + n, "needs_attention") for n in range(25)]
+    late = [saga(2000, "running", deadline="2026-01-01T00:00:00+00:00")]
+    on_time = [saga(2001, "running", deadline="2999-01-01T00:00:00+00:00")]
+    store = open_store(url)
+    try:
+        with store.transaction():
+            store.upsert(SAGAS, 1, finished + stuck + late + on_time)
+    finally:
+        store.close()
+
+    read: list[int] = []
+    select = ReadStore.select
+
+    def counted(self: ReadStore, *args: Any, **kwargs: Any) -> list[Any]:
+        rows = select(self, *args, **kwargs)
+        read.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(ReadStore, "select", counted)
+    sagas = api.get("/v1/dashboard").json()["sagas"]
+    assert sagas["counts"] == {"completed": 300, "needs_attention": 25, "running": 2}
+    assert len(sagas["stuck"]) == 20
+    # The newest first: the late one, then the last needs_attention ones.
+    assert [s["saga_id"][-4:] for s in sagas["stuck"]] == ["2000"] + [
+        f"{1000 + n}" for n in range(24, 5, -1)
+    ]
+    assert sum(read) <= 20 + 10, f"the dashboard read {read} rows"
