@@ -26,6 +26,7 @@ from daybook import Ledger, open_ledger
 from daybook.domain.commands import command_named
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.urls import postgres_params
+from tests.pg_locks import deadlocks_once_all_sessions_ended, waits_or_finishes
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -274,29 +275,6 @@ def test_processes_starting_at_once_on_a_fresh_database_all_start(
         services.drop_database(pg_admin_url, name)
 
 
-def deadlocks_once_all_sessions_ended(url: str) -> int:
-    """The database's count of deadlocks PostgreSQL detected. A session adds its counts to the
-    shared statistics by the time it has ended, so this waits for every other session of
-    the database to end first."""
-    with psycopg.connect(url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            row = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid()"
-            ).fetchone()
-            if row and row[0] == 0:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("sessions of the test's database never ended")
-        row = watcher.execute(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-
 def test_a_process_starting_while_others_write_deadlocks_nobody(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,15 +301,7 @@ def test_a_process_starting_while_others_write_deadlocks_nobody(
         writing = threading.Thread(target=write)
         writing.start()
         outcomes["writer"] = writing
-        with psycopg.connect(pg_url, autocommit=True) as watcher:
-            while writing.is_alive():
-                row = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                ).fetchone()
-                if row and row[0]:
-                    return
-                time.sleep(0.01)
+        waits_or_finishes(pg_url, writing, 1)
 
     execute = psycopg.Cursor.execute
 

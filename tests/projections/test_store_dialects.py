@@ -22,6 +22,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.projections.model import Column, Projection, Row, Table
+from tests.pg_locks import wait_for_lock_waits
 
 PAIRS = Table(
     "pairs",
@@ -312,23 +313,6 @@ def test_a_table_made_with_its_primary_key_gets_no_second_one(url: str) -> None:
         with store.transaction():
             store.drop_table(name)
         store.close()
-
-
-def wait_for_lock_waits(url: str, count: int, who: str) -> None:
-    """Until ``count`` sessions of the database at ``url`` wait for a lock. Watched from a
-    connection of its own: inside a transaction (a blocker's, say), pg_stat_activity keeps
-    showing what it showed first."""
-    with psycopg.connect(url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            waiting = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            ).fetchone()
-            if waiting and waiting[0] >= count:
-                return
-            time.sleep(0.05)
-    pytest.fail(f"{who} never waited for a lock")
 
 
 def test_two_writers_switching_one_version_at_once_build_its_key_once(pg_url: str) -> None:

@@ -1,0 +1,72 @@
+"""Watching PostgreSQL's locks from a test: sessions waiting for one, and deadlocks detected.
+
+Each watches from a connection of its own: inside a transaction (a blocker's, say),
+pg_stat_activity keeps showing what it showed first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+_WAITING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND wait_event_type = 'Lock'"
+)
+
+
+def _waiting(watcher: psycopg.Connection[tuple[int]]) -> int:
+    row = watcher.execute(_WAITING).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_for_lock_waits(url: str, count: int, who: str) -> None:
+    """Until ``count`` sessions of the database at ``url`` wait for a lock."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _waiting(watcher) >= count:
+                return
+            time.sleep(0.05)
+    pytest.fail(f"{who} never waited for a lock")
+
+
+def waits_or_finishes(url: str, thread: threading.Thread, count: int) -> bool:
+    """Until ``thread`` has finished (True) or ``count`` sessions of the database at ``url``
+    wait for a lock (False): for a step that waits on the code under test's old behaviour
+    and not on its new one."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not thread.is_alive():
+                return True
+            if _waiting(watcher) >= count:
+                return False
+            time.sleep(0.01)
+    pytest.fail("the step neither finished nor waited for a lock")
+
+
+def deadlocks_once_all_sessions_ended(url: str) -> int:
+    """The database's count of deadlocks PostgreSQL detected. A session adds its counts to
+    the shared statistics by the time it has ended, so this waits for every other session
+    of the database to end first."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if row and row[0] == 0:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("sessions of the test's database never ended")
+        row = watcher.execute(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
