@@ -68,6 +68,13 @@ class PostgresStore(ReadStore):
         with self.conn.cursor() as cursor:
             cursor.executemany(sql, rows)
 
+    def control(self, sql: str) -> None:
+        # Never prepared: psycopg prepares a statement at its fifth run, sending the Parse
+        # alone and the statement only once the Parse's reply is in. A COMMIT gains nothing
+        # from a plan, and that way it would cost a round trip more, once per connection;
+        # unprepared, the COMMIT is one message, sent whole, whatever happens to the reply.
+        self.conn.execute(sql, prepare=False)
+
     # -- dialect -----------------------------------------------------------------------------
 
     def lock_transaction(self, key: int) -> None:

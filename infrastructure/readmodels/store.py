@@ -91,17 +91,21 @@ class ReadStore(ABC):
             finally:
                 self._depth -= 1
             return
-        self.execute(self.begin_write if write else self.begin_read)
+        self.control(self.begin_write if write else self.begin_read)
         self._depth = 1
         try:
             yield
         except BaseException:
             self._depth = 0
             with suppress(Exception):
-                self.execute("ROLLBACK")
+                self.control("ROLLBACK")
             raise
         self._depth = 0
-        self.execute("COMMIT" if write else "ROLLBACK")
+        self.control("COMMIT" if write else "ROLLBACK")
+
+    def control(self, sql: str) -> None:
+        """Run a transaction's BEGIN, COMMIT or ROLLBACK."""
+        self.execute(sql)
 
     # -- what each dialect does its own way ------------------------------------------------
 
