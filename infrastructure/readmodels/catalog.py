@@ -332,6 +332,23 @@ class VersionCatalog:
             (now_text(), name, version),
         )
 
+    def build_keys(self, projection: Projection) -> None:
+        """Give ``projection``'s version its keys (``ReadStore.create_keys``) in a transaction
+        of its own, committed before the switch (``activate``) locks any catalog row. Called
+        outside any transaction, just before the switch.
+
+        An index build locks its table in SHARE mode until its transaction ends, for as long
+        as the build takes over a large table. Held inside the switch, with catalog rows,
+        it made a cycle: another worker of the group, holding the version's row FOR SHARE
+        for its batch, waited for the table while the switch waited for that row
+        ('deadlock detected'); and a writer connecting (``register``: the DDL lock, then the
+        row) held every other connection's ``ensure`` behind it for the whole build. Alone,
+        the build holds no other lock: a writer waits for it, or it for the writer, never
+        both. Fails with the store's refusal (``refused_rows``) when appended rows repeat
+        a key."""
+        with self.store.transaction():
+            self.store.create_keys(projection)
+
     def activate(self, projection: Projection, *, keep_old: bool = False) -> int | None:
         """Serve reads of ``projection`` from its version (rebuilding -> live), with every
         table's key in place (``ReadStore.create_keys``), and retire the version it replaces
@@ -339,9 +356,8 @@ class VersionCatalog:
         this has committed) unless ``keep_old``; returns that version."""
         name, version = projection.name, projection.version
         with self.store.transaction():
-            # The keys first, before any catalog row is locked: building an index over a
-            # large table takes a while, and the replaced version's writer locks its row at
-            # every batch (the new version's row is its own writer's already).
+            # Built already by ``build_keys`` as a rule; this builds only what is still
+            # missing (a version an older daybook switched to), and costs a look otherwise.
             self.store.create_keys(projection)
             record = self._locked(name, version)
             previous = self.active_version(name)

@@ -314,14 +314,28 @@ def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> 
     return _Point(vector.position, record.epoch, vector, _parked(store, group, record.topic))
 
 
-def _locked_point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> _Point:
-    """The checkpoint under the locks its owner's writers take."""
+def _locked_point(
+    store: ReadStore, catalog: VersionCatalog, record: VersionRecord
+) -> _Point | None:
+    """The checkpoint under the locks its owner's writers take, taken in their order so that
+    a writer and the repair never wait for each other in a cycle: a stream group's workers
+    lock their partitions' progress rows, then the version's catalog row; the runner locks
+    only the row. ``record`` names the owner the compare saw: None if it has changed since
+    (a handover), and the caller compares again."""
+    group = record.group
+    vector = None
+    if group is not None and record.topic is not None and record.partitions:
+        vector = read_vector(store, group, record.topic, record.partitions, lock=True)
     current = catalog.version(record.name, record.version, lock=True)
     assert current is not None
-    group = current.group
-    if group is None or current.topic is None or not current.partitions:
+    if (current.owner, current.topic, current.partitions) != (
+        record.owner,
+        record.topic,
+        record.partitions,
+    ):
+        return None
+    if vector is None or group is None or current.topic is None:
         return _Point(current.position, current.epoch)
-    vector = read_vector(store, group, current.topic, current.partitions, lock=True)
     return _Point(vector.position, current.epoch, vector, _parked(store, group, current.topic))
 
 

@@ -525,6 +525,7 @@ class ProjectionRunner:
             if slot.record.state is not VersionState.REBUILDING or slot.record.position < reached:
                 continue
             try:
+                catalog.build_keys(slot.projection)  # before the switch locks any row
                 with store.transaction():
                     current = catalog.version(*slot.key, lock=True)
                     if current is None or current.state is not VersionState.REBUILDING:

@@ -295,6 +295,7 @@ class StreamApplier:
             if serving is not None and serving > slot.projection.version:
                 continue
             try:
+                catalog.build_keys(slot.projection)
                 catalog.activate(slot.projection)
             except IllegalTransition:
                 continue  # another worker of the group did it first
