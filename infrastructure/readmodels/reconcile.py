@@ -425,4 +425,5 @@ def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -
             drift.stored,
             drift.expected,
         )
+    repairs.trim(projection.name, version)
     VersionCatalog(store).bump_epoch(projection.name, version)

@@ -1,4 +1,9 @@
-"""Every row the reconciler repaired, before and after: ``daybook_reconcile_log``."""
+"""The rows the reconciler repaired, before and after: ``daybook_reconcile_log``.
+
+The newest ``KEPT_REPAIRS`` of each projection version are kept: a projection that keeps
+drifting under a continuous reconciler with repair on would otherwise add its drifted rows
+at every run, for as long as it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ from dataclasses import dataclass
 
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
 from daybook.projections.model import Key, Row, Value
+
+
+#: Repaired rows kept per projection version (the newest).
+KEPT_REPAIRS = 10_000
 
 
 class ReconcileLog:
@@ -47,6 +56,16 @@ class ReconcileLog:
                 None if after is None else json.dumps(after, sort_keys=True),
                 now_text(),
             ),
+        )
+
+    def trim(self, name: str, version: int) -> None:
+        """Forget the version's repairs beyond the newest ``KEPT_REPAIRS`` (in the repair's
+        transaction, after its rows are recorded)."""
+        self.store.execute(
+            "DELETE FROM daybook_reconcile_log WHERE name = %s AND version = %s AND id <= ("
+            " SELECT id FROM daybook_reconcile_log WHERE name = %s AND version = %s"
+            f" ORDER BY id DESC LIMIT 1 OFFSET {int(KEPT_REPAIRS)})",
+            (name, version, name, version),
         )
 
 

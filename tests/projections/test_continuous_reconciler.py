@@ -11,6 +11,7 @@ from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels import reconcile_log
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconciler import (
     KEPT_RUNS,
@@ -97,3 +98,32 @@ def test_it_runs_as_a_service_and_its_runs_table_stays_bounded(ledger: Ledger, p
         assert count == KEPT_RUNS
     finally:
         store.close()
+
+
+def test_the_log_of_repairs_keeps_the_newest_of_each_version(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A projection that keeps drifting, under a continuous reconciler with repair on, adds
+    its drifted rows to the log of repairs at every run: the log keeps the newest
+    ``KEPT_REPAIRS`` of each version, as the runs table keeps the last runs."""
+    monkeypatch.setattr(reconcile_log, "KEPT_REPAIRS", 5)
+    ids = workload(ledger, 60)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    fixer = ContinuousReconciler(
+        event_log_of(ledger), pg_url, [projections.ACCOUNT_BALANCES], every_events=1,
+        every_seconds=0, repair=True,
+    )  # fmt: skip
+    for round_number in range(4):
+        for account in ids[:3]:
+            corrupt(pg_url, account)
+        (run,) = fixer.run_due()
+        assert run.drifted == 3 and run.repaired, round_number
+    store = open_store(pg_url)
+    try:
+        rows = store.execute("SELECT id, row_key FROM daybook_reconcile_log ORDER BY id")
+    finally:
+        store.close()
+    assert len(rows) == 5
+    assert [row[0] for row in rows] == list(range(12 - 4, 12 + 1)), "not the newest five"
