@@ -352,8 +352,9 @@ class VersionCatalog:
     def activate(self, projection: Projection, *, keep_old: bool = False) -> int | None:
         """Serve reads of ``projection`` from its version (rebuilding -> live), with every
         table's key in place (``ReadStore.create_keys``), and retire the version it replaces
-        (live or stopped -> retired), marking its tables to drop (``drop_retired``, once
-        this has committed) unless ``keep_old``; returns that version."""
+        (live or stopped -> retired) and any older one that stopped, marking their tables to
+        drop (``drop_retired``, once this has committed) unless ``keep_old``; returns the
+        version it replaces."""
         name, version = projection.name, projection.version
         with self.store.transaction():
             # Built already by ``build_keys`` as a rule; this builds only what is still
@@ -366,6 +367,16 @@ class VersionCatalog:
                 replaced = self.version(name, previous, lock=True)
                 if replaced is not None:
                     moves.append((replaced, replaced.state.retired()))
+            # Older versions that stopped without ever serving go with it: none can serve
+            # now (an older version than the active one is never registered again), and
+            # their tables, as large as the projection, would stay for good.
+            for older in self.versions(name):
+                if older.version >= version or older.version == previous:
+                    continue
+                if older.state is VersionState.STOPPED:
+                    stopped = self._locked(name, older.version)
+                    if stopped.state is VersionState.STOPPED:  # (not resumed meanwhile)
+                        moves.append((stopped, stopped.state.retired()))
             # Every move was allowed: now write them.
             if previous is None:
                 self.store.execute(
@@ -380,11 +391,11 @@ class VersionCatalog:
                 )
             for moved, state in moves:
                 self._set_state(moved.name, moved.version, state)
-            if len(moves) > 1 and not keep_old:
+            for retired, _ in moves[1:] if not keep_old else ():
                 self.store.execute(
                     "UPDATE daybook_projection_versions SET drop_pending = 1"
                     " WHERE name = %s AND version = %s",
-                    (name, previous),
+                    (name, retired.version),
                 )
             return previous
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionSta
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.readmodels.store import ReadStoreError
+from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.projections.accounts import ACCOUNT_BALANCES, DEPOSITED
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
@@ -152,6 +153,58 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
     fixed.run_until_caught_up()
     fixed.stop()
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
+
+
+def table_exists(store: ReadStore, name: str) -> bool:
+    try:
+        store.execute(f"SELECT 1 FROM {name} LIMIT 1")
+    except Exception as error:
+        if store.is_missing_table(error):
+            return False
+        raise
+    return True
+
+
+def test_a_version_that_stopped_without_serving_goes_when_a_newer_one_serves(
+    ledger: Ledger, url: str
+) -> None:
+    """Version 2 stops on an event its handler cannot apply; the fix ships as version 3,
+    which builds and serves. Version 2 can never serve now (an older version than the one
+    serving is never registered again): it is retired with version 1, and its tables,
+    as large as the projection, are dropped rather than kept for good."""
+    account = ledger.open_account("ann", "EUR").account_id
+    for amount in (5, 13, 7):
+        ledger.deposit(account, amount)
+
+    def build(projection: Projection) -> None:
+        runner = run_projections(
+            ledger, url, projections=[projection], start=False, max_attempts=2,
+            retry_backoff=0.001,
+        )  # fmt: skip
+        for _ in range(6):
+            runner.step()
+        runner.stop()
+
+    poisoned, _ = _poisoned(fail_times=None)
+    build(ACCOUNT_BALANCES)
+    build(replace(poisoned, version=2))
+    build(replace(ACCOUNT_BALANCES, version=3))
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        states = {r.version: r.state for r in catalog.versions("account_balances")}
+        assert states == {
+            1: VersionState.RETIRED,
+            2: VersionState.RETIRED,
+            3: VersionState.LIVE,
+        }
+        assert catalog.active_version("account_balances") == 3
+        for version in (1, 2):
+            table = ACCOUNT_BALANCES.tables[0].physical_name(version)
+            assert not table_exists(store, table), f"version {version}'s table was kept"
+    finally:
+        store.close()
+    assert_tables_match(ledger, url, replace(ACCOUNT_BALANCES, version=3))
 
 
 def test_a_transient_failure_is_retried_without_parking(ledger: Ledger, url: str) -> None:
