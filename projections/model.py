@@ -151,7 +151,6 @@ class Table:
             stored = Table(self.name, columns, (*self.key, SHARD), indexes=self.indexes)
         object.__setattr__(self, "stored", stored)
 
-
     def physical_name(self, version: int) -> str:
         """The table's name in the database for one projection version (blue/green)."""
         return f"rm_{self.name}_v{version}"

@@ -356,9 +356,7 @@ def main() -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             # The anchor starts from zero on a reused database too (its tracking table is
             # named after the projection): else it resumes and reports events it never did.
-            conn.execute(
-                f"DROP TABLE IF EXISTS {ANCHOR_TABLE}, {AnchorProjection.name}_tracking"
-            )
+            conn.execute(f"DROP TABLE IF EXISTS {ANCHOR_TABLE}, {AnchorProjection.name}_tracking")
         anchor, anchored = anchor_rate(url, min(args.anchor_events, head))
         same = anchor_matches(url, ledger, anchored)
         print(f"eventsourcing ProjectionRunner, account_balances: {anchor:,.0f} events/s"

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
 from daybook.projections.model import Key, Row, Value
 
-
 #: Repaired rows kept per projection version (the newest).
 KEPT_REPAIRS = 10_000
 
