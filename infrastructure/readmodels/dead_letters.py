@@ -69,6 +69,15 @@ class DeadLetters:
             params.append(name)
         return [ParkedEvent(*row) for row in self.store.execute(sql + " ORDER BY id", params)]
 
+    def unresolved(self) -> dict[tuple[str, int], int]:
+        """How many letters each version has parked and not yet retried: one aggregate
+        query (status and the dashboard ask at every poll; the resolved stay)."""
+        rows = self.store.execute(
+            "SELECT name, version, count(*) FROM daybook_dead_letters"
+            " WHERE resolved_at IS NULL GROUP BY name, version"
+        )
+        return {(str(name), int(version)): int(count) for name, version, count in rows}
+
     def resolve(self, name: str, version: int) -> None:
         """Mark the version's unresolved letters resolved (it is about to retry them)."""
         self.store.execute(

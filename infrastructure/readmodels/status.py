@@ -45,11 +45,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
             records = catalog.versions()
             checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
             active = catalog.active_versions()
-            parked: dict[tuple[str, int], int] = {}
-            for letter in DeadLetters(store).entries():
-                if letter.resolved_at is None:
-                    key = (letter.name, letter.version)
-                    parked[key] = parked.get(key, 0) + 1
+            parked = DeadLetters(store).unresolved()
         runs = last_runs(store)
         head = log.head()
         now = datetime.now(UTC)

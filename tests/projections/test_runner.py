@@ -153,6 +153,9 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
     fixed.run_until_caught_up()
     fixed.stop()
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
+    status = {s.name: s for s in projection_status(event_log_of(ledger), runner.url)}
+    assert status["account_balances"].state is VersionState.LIVE
+    assert status["account_balances"].dead_letters == 0  # resolved: kept, not counted
 
 
 def table_exists(store: ReadStore, name: str) -> bool:
