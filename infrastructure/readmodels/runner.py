@@ -525,26 +525,13 @@ class ProjectionRunner:
             if slot.record.state is not VersionState.REBUILDING or slot.record.position < reached:
                 continue
             try:
+                with store.transaction(write=False):
+                    ready = self._may_switch(catalog, slot, reached, lock=False)
+                if not ready:
+                    continue
                 catalog.build_keys(slot.projection)  # before the switch locks any row
                 with store.transaction():
-                    current = catalog.version(*slot.key, lock=True)
-                    if current is None or current.state is not VersionState.REBUILDING:
-                        continue
-                    if current.position < reached or current.owner != RUNNER:
-                        continue
-                    previous = catalog.active_version(slot.projection.name)
-                    if previous is not None and previous > slot.projection.version:
-                        continue
-                    serving = (
-                        None
-                        if previous is None
-                        else catalog.version(slot.projection.name, previous)
-                    )
-                    if (
-                        serving is not None
-                        and catalog.checkpoint(serving).position > current.position
-                    ):
-                        # Readers must never see the position go backwards: catch up first.
+                    if not self._may_switch(catalog, slot, reached, lock=True):
                         continue
                     # Marks the old version retired: its runner, which locks that row at the
                     # start of every batch, lets go of it at its next batch.
@@ -566,6 +553,22 @@ class ProjectionRunner:
             slot.record = replace(slot.record, state=slot.record.state.activated())
             log.info("projection %s now reads from version %s", *slot.key)
             self.drops.drop(store, slot.projection.name)
+
+    def _may_switch(self, catalog: VersionCatalog, slot: Slot, reached: int, *, lock: bool) -> bool:
+        """Whether ``slot``'s version may start serving: still this runner's, rebuilding, read
+        up to ``reached``, no newer version serving, and not behind the serving one. Asked
+        before its keys are built (a build takes a while), and again under the row's lock."""
+        current = catalog.version(*slot.key, lock=lock)
+        if current is None or current.state is not VersionState.REBUILDING:
+            return False
+        if current.position < reached or current.owner != RUNNER:
+            return False
+        previous = catalog.active_version(slot.projection.name)
+        if previous is not None and previous > slot.projection.version:
+            return False
+        serving = None if previous is None else catalog.version(slot.projection.name, previous)
+        # Readers must never see the position go backwards: catch up first.
+        return serving is None or catalog.checkpoint(serving).position <= current.position
 
 
 def _count_applied(

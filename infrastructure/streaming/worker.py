@@ -294,8 +294,13 @@ class StreamApplier:
             serving = catalog.active_version(slot.projection.name)
             if serving is not None and serving > slot.projection.version:
                 continue
+            current = catalog.version(*slot.key)
+            if current is None or current.state is not VersionState.REBUILDING:
+                continue  # switched by another worker of the group, or stopped
+            if current.owner != self.owner:
+                continue  # handed over: not the group's to switch (nor to build keys for)
             try:
-                catalog.build_keys(slot.projection)
+                catalog.build_keys(slot.projection)  # before the switch locks any row
                 catalog.activate(slot.projection)
             except IllegalTransition:
                 continue  # another worker of the group did it first

@@ -12,6 +12,7 @@ from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.reconcile import reconcile
@@ -186,3 +187,30 @@ def test_workers_whose_code_is_older_than_the_serving_version_say_so(
     capsys.readouterr()
     assert main(["projections", "status", "--url", pg_url]) == 1
     assert "cannot follow account_balances version 2" in capsys.readouterr().out
+
+
+def test_a_runner_neither_builds_keys_for_nor_stops_a_version_handed_away(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The runner built account_statement v1 without switching it, and the version was then
+    handed to a stream group. The runner, still holding its slot, reaches the head: it
+    must leave the group's version alone, not build its key (a build that finds appended
+    rows repeating a key would stop the group's version with the runner's reason)."""
+    workload(ledger, 40)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_STATEMENT], switch=False)
+    runner.run_until_caught_up()
+    handover(log, pg_url, [projections.ACCOUNT_STATEMENT], "stream:g", topic=TOPIC, partitions=4)
+    table = projections.ACCOUNT_STATEMENT.tables[0].physical_name(1)
+    store = open_store(pg_url)
+    try:
+        store.execute(f"INSERT INTO {table} SELECT * FROM {table} LIMIT 1")  # a repeated key
+        runner.switch = True
+        runner.step()
+        record = VersionCatalog(store).version("account_statement", 1)
+        assert record is not None
+        assert (record.owner, record.state.value, record.error) == ("stream:g", "rebuilding", None)
+        assert not store.has_unique_key(table)
+    finally:
+        store.close()
+        runner.stop()
