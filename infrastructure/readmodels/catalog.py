@@ -344,10 +344,13 @@ class VersionCatalog:
         ('deadlock detected'); and a writer connecting (``register``: the DDL lock, then the
         row) held every other connection's ``ensure`` behind it for the whole build. Alone,
         the build holds no other lock: a writer waits for it, or it for the writer, never
-        both. Fails with the store's refusal (``refused_rows``) when appended rows repeat
-        a key."""
-        with self.store.transaction():
-            self.store.create_keys(projection)
+        both. One transaction per table, so that it is so with several append-only tables
+        too. Fails with the store's refusal (``refused_rows``) when appended rows repeat a
+        key."""
+        for table in projection.tables:
+            if table.append_only:
+                with self.store.transaction():
+                    self.store.create_keys(projection, table)
 
     def activate(self, projection: Projection, *, keep_old: bool = False) -> int | None:
         """Serve reads of ``projection`` from its version (rebuilding -> live), with every

@@ -188,12 +188,12 @@ class ReadStore(ABC):
                     f"CREATE INDEX IF NOT EXISTS {name}_i{number} ON {name} ({', '.join(index)})"
                 )
 
-    def create_keys(self, projection: Projection) -> None:
-        """Give the append-only tables of ``projection``'s version their key (a unique
-        index; ``create_tables`` leaves it out): before the version serves reads, and before
-        anything but an append writes to them. Fails if two rows have the same key. Call
-        inside a transaction."""
-        for table in projection.tables:
+    def create_keys(self, projection: Projection, only: Table | None = None) -> None:
+        """Give the append-only tables of ``projection``'s version (or just ``only``) their
+        key (a unique index; ``create_tables`` leaves it out): before the version serves
+        reads, and before anything but an append writes to them. Fails if two rows have the
+        same key. Call inside a transaction."""
+        for table in projection.tables if only is None else (only,):
             if table.append_only:
                 name = table.physical_name(projection.version)
                 # Asked first: tables made before keys were deferred have a primary key
