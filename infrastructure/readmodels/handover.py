@@ -97,7 +97,7 @@ def handover(
                     log, store, catalog, definitions, to, group, topic, partitions, known
                 )
             except Exception as error:
-                if not _deadlocked(error) or attempt == _ATTEMPTS:
+                if not deadlocked(error) or attempt == _ATTEMPTS:
                     raise
                 time.sleep(random.uniform(0, 0.05 * 2**attempt))
         raise AssertionError("unreachable")
@@ -109,7 +109,7 @@ def handover(
 _ATTEMPTS = 6
 
 
-def _deadlocked(error: BaseException) -> bool:
+def deadlocked(error: BaseException) -> bool:
     """Whether PostgreSQL aborted the transaction to break a deadlock (or a serialization
     conflict), also when a store or eventsourcing wrapped the driver's error."""
     return any(isinstance(c, DeadlockDetected | SerializationFailure) for c in causes(error))

@@ -42,7 +42,7 @@ from daybook.infrastructure.readmodels.catalog import (
 )
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, Vector, read_vector
 from daybook.infrastructure.readmodels.engine import BulkRows, RowCache, Slot, apply_fast
-from daybook.infrastructure.readmodels.handover import partition_of
+from daybook.infrastructure.readmodels.handover import deadlocked, partition_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
@@ -296,12 +296,19 @@ def _reconcile(
             report = _compare(store, fold, record, point)
         if not repair or report.clean:
             return report
-        with store.transaction():
-            if _locked_point(store, catalog, record) != point:
-                continue  # the owner moved on: compare again from there
-            _repair(store, projection, report)
-            report.repaired = True
-            return report
+        try:
+            with store.transaction():
+                if _locked_point(store, catalog, record) != point:
+                    continue  # the owner moved on: compare again from there
+                _repair(store, projection, report)
+                report.repaired = True
+                return report
+        except Exception as error:
+            # A handover locks the catalog rows before the progress rows, the other way
+            # round: PostgreSQL may break the cycle by aborting the repair, which then wrote
+            # nothing. Compare again, as when the owner moved on.
+            if not deadlocked(error):
+                raise
     report.repaired = False
     return report
 
@@ -320,8 +327,9 @@ def _locked_point(
     """The checkpoint under the locks its owner's writers take, taken in their order so that
     a writer and the repair never wait for each other in a cycle: a stream group's workers
     lock their partitions' progress rows, then the version's catalog row; the runner locks
-    only the row. ``record`` names the owner the compare saw: None if it has changed since
-    (a handover), and the caller compares again."""
+    only the row. (A handover takes them the other way round; the caller runs the repair
+    again if PostgreSQL breaks that cycle by aborting it.) ``record`` names the owner the
+    compare saw: None if it has changed since (a handover), and the caller compares again."""
     group = record.group
     vector = None
     if group is not None and record.topic is not None and record.partitions:

@@ -14,12 +14,16 @@ import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import pytest
+from psycopg.errors import DeadlockDetected
 
 from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.handover import partition_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.reconcile import reconcile
@@ -57,7 +61,11 @@ def test_a_worker_switching_a_version_and_another_workers_batch_never_deadlock(
     held while the switch waited for the catalog row that B held, and B waited for the
     table: a deadlock, and a switch rolled back (its index build with it) or a batch lost."""
     ledger = open_ledger(pg_url)
-    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(8)]
+    # Accounts on both partitions (each worker must have statement rows to append).
+    partition = partition_of(2)
+    accounts: list[UUID] = []
+    while len({partition(str(account)) for account in accounts}) < 2 or len(accounts) < 8:
+        accounts.append(ledger.open_account(f"owner-{len(accounts)}", "EUR").account_id)
     for account in accounts:
         ledger.deposit(account, 100)
     stream, outcomes, threads = Stream(2), {}, []
@@ -173,3 +181,40 @@ def test_a_switch_building_its_keys_holds_up_no_one_connecting(pg_url: str) -> N
     runner.stop(), ledger.close()
     assert finished["writer"] and finished["reader"], f"waited for the build: {finished}"
     assert outcomes["writer"] == outcomes["reader"] == "done"
+
+
+def test_a_repair_that_postgresql_aborts_to_break_a_deadlock_runs_again(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handover locks a version's catalog row before its group's progress rows; a repair
+    of that version locks them the other way round, as the group's workers do. When
+    PostgreSQL breaks that cycle by aborting the repair, the repair, which wrote nothing,
+    compares again and repairs: ``daybook reconcile --repair`` does not fail on it."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(4)]
+    for account in accounts:
+        ledger.deposit(account, 100)
+    worker = StreamApplier(
+        pg_url, [ACCOUNT_BALANCES], group="g", topic="t", partitions=1, writer="w"
+    )
+    worker.apply(Stream(1).publish(ledger))
+    worker.connect().execute(
+        f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 1 WHERE account_id = %s",
+        (str(accounts[0]),),
+    )
+    worker.close()
+    locked_point = reconcile_module._locked_point
+    aborted: list[bool] = []
+
+    def aborted_once(*args: Any) -> Any:
+        if not aborted:
+            aborted.append(True)
+            raise DeadlockDetected("deadlock detected")
+        return locked_point(*args)
+
+    monkeypatch.setattr(reconcile_module, "_locked_point", aborted_once)
+    log = event_log_of(ledger)
+    report = reconcile(log, pg_url, ACCOUNT_BALANCES, repair=True)
+    assert aborted and report.repaired
+    assert reconcile(log, pg_url, ACCOUNT_BALANCES).clean
+    ledger.close()
