@@ -310,3 +310,16 @@ def test_drain_in_batches_replaces_the_fetch_loop_with_one_faust_can_call(
     drain = consumer._drain_messages
     assert inspect.iscoroutinefunction(drain)
     assert list(inspect.signature(drain).parameters) == ["fetcher"]
+
+
+def test_the_postgres_recorder_daybook_extends_creates_tables_as_its_base_does() -> None:
+    """daybook's PostgreSQL recorder runs ``sql_create_statements`` itself, one transaction
+    each, instead of calling eventsourcing's ``create_table``; that is the whole of what it
+    replaces only while no class between it and ``PostgresRecorder`` overrides the method."""
+    from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
+
+    for recorder in (PostgresAggregateRecorder, PostgresApplicationRecorder):
+        assert recorder.create_table is PostgresRecorder.create_table, (
+            f"eventsourcing's {recorder.__name__} now creates its tables its own way: check "
+            "daybook.infrastructure.eventstore.postgres.PostgresRecorder.create_table"
+        )
