@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from scripts import services
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,7 @@ class ServeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
+            preexec_fn=services.sigint_as_default,  # Ctrl-C is how tests stop it, too
         )
         log.close()
         deadline = time.monotonic() + timeout

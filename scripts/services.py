@@ -141,6 +141,15 @@ def _pdeathsig_preexec(sig: signal.Signals) -> Callable[[], None] | None:
     return preexec
 
 
+def sigint_as_default() -> None:
+    """A ``preexec_fn``: the child starts with SIGINT's default disposition (Python's
+    KeyboardInterrupt), whatever the parent's is at that moment. A program started while
+    SIGINT is ignored keeps ignoring it, as Unix programs do (a shell's background jobs);
+    test processes were seen, now and then, to start children that way (SIGINT and SIGQUIT
+    in the child's SigIgn), so a test that stops a child with SIGINT says how it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _terminate(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> None:
     """Send ``sig``, wait up to ``timeout`` seconds, then SIGKILL as a last resort."""
     if proc.poll() is not None:

@@ -17,6 +17,7 @@ import pytest
 from daybook import open_ledger
 from daybook.infrastructure.cli import EXIT_BROKEN_PIPE, main
 from daybook.infrastructure.urls import BadURL
+from scripts import services
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +46,7 @@ def daybook(*args: str, **popen: object) -> subprocess.Popen[bytes]:
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
+        preexec_fn=services.sigint_as_default,  # Ctrl-C reaches it as it would a user's
         **popen,
     )
 
@@ -187,7 +189,10 @@ def test_ctrl_c_during_the_demo(tmp_path: Path) -> None:
     assert proc.stdout.readline().startswith(b"daybook demo on")  # the clients are starting
     time.sleep(0.5)  # let them get going (not a threshold: any moment of the run will do)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # (nothing to kill unless it timed out: then not left running)
     assert proc.returncode == 130
     assert err.decode().strip() == "daybook: interrupted"
 
