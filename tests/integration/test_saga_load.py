@@ -39,6 +39,9 @@ def test_concurrent_orders_all_end_and_reconcile(pg_url: str) -> None:
         ledger.receive_stock("LAMP", 10_000)
         ledger.receive_stock("DESK", 150)  # some orders find it out of stock
         with run_projections(ledger, projections=[SAGA_LIST], poll_interval=0.02) as runner:
+            # The processor finds its work in the sagas read model: until its first version
+            # serves, the processor waits, retrying (healthy, but not yet running).
+            runner.views.rows(SAGA_LIST, "sagas", limit=1, timeout=60)
             gateway = HttpPaymentGateway(server.url)
             processor = saga_processor(
                 ledger, runner.views, gateway, workers=8, poll=0.02, backoff=Backoff(0.01, 0.2)
