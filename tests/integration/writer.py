@@ -8,8 +8,9 @@ request ids ``{seed}-{thread}-{n}`` and prints one JSON line per outcome, flushe
 ledger returned it: a printed receipt is one the caller really received.
 
 ``crash_before_commit: N`` makes the process SIGKILL itself inside the first group commit
-(more than one request) from the N-th commit on, just before its statement is sent. ``announce_commits: true`` prints each batch's commands before
-it is sent (the test then kills the process while the statement waits on the server).
+(more than one request) from the N-th commit on, just before its statement is sent.
+``announce_commits: true`` prints each batch's commands before it is sent (the test then
+kills the process while the statement waits on the server).
 """
 
 from __future__ import annotations
