@@ -31,6 +31,10 @@ def main() -> None:
         open_ledger(setup["url"]) as ledger,
         run_projections(ledger, projections=[SAGA_LIST], poll_interval=0.01) as runner,
     ):
+        # The processor finds its work in the sagas read model: until its first version
+        # serves, the processor waits, retrying, and its health says so (not ok). On a busy
+        # machine that first build takes a while; it is not a failure of this process.
+        runner.views.rows(SAGA_LIST, "sagas", limit=1, timeout=120)
         gateway = HttpPaymentGateway(setup["gateway"], timeout=2.0)
         processor = SagaProcessor(
             ledger,
