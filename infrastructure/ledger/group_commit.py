@@ -315,17 +315,20 @@ class GroupCommitter:
         return submission.future
 
     def close(self) -> None:
-        """Finish the commands already queued, then stop the writer thread."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self.supervisor.move(ServiceState.STOPPING)
-        self._inbox.close()
-        if not self._thread.is_alive() and self._thread.ident is None:
-            self._thread.start()  # never started: it drains the inbox and stops
-        if threading.current_thread() is not self._thread:
+        """Finish the commands already queued, then stop the writer thread. After the
+        writer itself failed (it closed the inbox and told its callers), wait for it to end:
+        a closed ledger leaves no thread behind, and its health stays failed."""
+        closing = not self._closed.is_set()
+        if closing:
+            self._closed.set()
+            self.supervisor.move(ServiceState.STOPPING)
+            self._inbox.close()
+            if not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()  # never started: it drains the inbox and stops
+        if threading.current_thread() is not self._thread and self._thread.ident is not None:
             self._thread.join()
-        self.supervisor.move(ServiceState.STOPPED)
+        if closing:
+            self.supervisor.move(ServiceState.STOPPED)
 
     # -- the writer thread ----------------------------------------------------------------
 

@@ -286,6 +286,7 @@ def test_prepare_after_an_uncommitted_batch_sees_its_state() -> None:
     assert isinstance(refused, InsufficientFunds)
     assert isinstance(repeat, Receipt) and repeat.replayed and repeat.position == receipt.position
     assert ledger.account(a).balance == 40
+    ledger.close()
 
 
 def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Path) -> None:
@@ -366,6 +367,8 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 5)
     assert ledger.account(account).balance == 0
+    ledger.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("daybook-")]
 
 
 def test_a_full_batch_waiting_for_a_commit_does_not_spin() -> None:

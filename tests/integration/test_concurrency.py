@@ -36,8 +36,20 @@ START_STOCK = 200
 SKUS = ["SKU-A", "SKU-B", "SKU-C"]
 
 
+_prepared: list[Ledger] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_prepared() -> Iterator[None]:
+    """Each test's ledger is closed after it (its request purge and committer stop)."""
+    yield
+    while _prepared:
+        _prepared.pop().close()
+
+
 def prepare(url: str, accounts: int = 8) -> tuple[Ledger, list[UUID]]:
     ledger = open_ledger(url)
+    _prepared.append(ledger)
     ids = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(accounts)]
     for account in ids:
         ledger.deposit(account, START_BALANCE)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from daybook import open_ledger
+from collections.abc import Iterator
+
+import pytest
+
+from daybook import Ledger, open_ledger
 from daybook.projections import (
     ACCOUNT_BALANCES,
     ACCOUNT_STATEMENT,
@@ -13,8 +17,13 @@ from daybook.projections.model import LogEvent, MemoryRows
 from tests.projections.helpers import expected_rows, workload
 
 
-def test_balances_and_stock_agree_with_the_write_model() -> None:
-    ledger = open_ledger("memory://")
+@pytest.fixture
+def ledger() -> Iterator[Ledger]:
+    with open_ledger("memory://") as ledger:
+        yield ledger
+
+
+def test_balances_and_stock_agree_with_the_write_model(ledger: Ledger) -> None:
     ids = workload(ledger, 300)
     balances = expected_rows(ledger, ACCOUNT_BALANCES).tables["account_balances"]
     for account_id in ids:
@@ -37,8 +46,7 @@ def test_balances_and_stock_agree_with_the_write_model() -> None:
         )
 
 
-def test_statement_running_balance_ends_at_the_balance() -> None:
-    ledger = open_ledger("memory://")
+def test_statement_running_balance_ends_at_the_balance(ledger: Ledger) -> None:
     ids = workload(ledger, 200)
     rows = expected_rows(ledger, ACCOUNT_STATEMENT)
     for account_id in ids:
@@ -57,8 +65,7 @@ def test_statement_running_balance_ends_at_the_balance() -> None:
         assert running == ledger.account(account_id).balance
 
 
-def test_daily_activity_counts_every_movement_once() -> None:
-    ledger = open_ledger("memory://")
+def test_daily_activity_counts_every_movement_once(ledger: Ledger) -> None:
     a = ledger.open_account("a", "EUR").account_id
     b = ledger.open_account("b", "EUR").account_id
     ledger.deposit(a, 100)
