@@ -25,6 +25,14 @@ from scripts.serve_process import ROOT, ServeProcess
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
+def plain_http(base_url: str, headers: dict[str, str]) -> httpx.AsyncClient:
+    """A client of the plain-HTTP test server. No TLS settings: httpx otherwise loads the CA
+    bundle for every client (40 ms of the event loop each, so a hundred clients made in
+    turn held back the first ones' requests for seconds), and a timeout long enough for a
+    loaded machine: a client's timeout is not the server's failure."""
+    return httpx.AsyncClient(base_url=base_url, headers=headers, verify=False, timeout=30.0)
+
+
 @pytest.fixture
 def servers() -> Iterator[list[ServeProcess]]:
     """Servers a test starts; any still running at its end are killed."""
@@ -65,7 +73,7 @@ def test_sigterm_under_load_answers_every_caller_and_loses_nothing(
     async def client(number: int) -> None:
         headers = {"Authorization": f"Bearer {secret}"}
         body = {"account_id": str(accounts[number]), "amount": 1}
-        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+        async with plain_http(server.base_url, headers) as http:
             for step in range(5_000):  # bounded; the server goes away long before
                 key = f"c{number}-{step}"
                 try:
@@ -141,7 +149,7 @@ def test_a_flood_is_shed_with_retry_after_and_risk_reducing_commands_get_through
     async def flooder(number: int) -> None:
         headers = {"Authorization": f"Bearer {flood}"}
         body = {"account_id": str(accounts[number % 8]), "amount": 1}
-        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+        async with plain_http(server.base_url, headers) as http:
             for step in range(8):
                 reply = await post(http, "deposit", body, f"f{number}-{step}")
                 code = "accepted" if reply.status_code == 200 else reply.json()["code"]
@@ -152,7 +160,7 @@ def test_a_flood_is_shed_with_retry_after_and_risk_reducing_commands_get_through
     async def release(reservation: str) -> None:
         headers = {"Authorization": f"Bearer {ops}"}
         body = {"sku": "SKU-F", "reservation_id": reservation}
-        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+        async with plain_http(server.base_url, headers) as http:
             releases.append(
                 (await post(http, "release_reservation", body, reservation)).status_code
             )
@@ -160,7 +168,7 @@ def test_a_flood_is_shed_with_retry_after_and_risk_reducing_commands_get_through
     async def trickler() -> list[httpx.Response]:
         headers = {"Authorization": f"Bearer {trickle}"}
         body = {"account_id": str(accounts[0]), "amount": 1}
-        async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
+        async with plain_http(server.base_url, headers) as http:
             # All at once: the bucket's burst (2) gets through, the rest are over the rate.
             return list(
                 await asyncio.gather(*(post(http, "deposit", body, f"t{i}") for i in range(6)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def worker(
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
     args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "500", "-v"]
     return Daybook(args, log, env={"DAYBOOK_FAULTS": faults} if faults else {})
+
+
+def holds_partitions(worker: Daybook, topic: str) -> bool:
+    """Whether faust's assignment table in the worker's output gives it partitions of
+    ``topic`` (its subscription tables name the topic earlier, without partitions)."""
+    return re.search(rf"\| {re.escape(topic)} +\| \{{\d", worker.output) is not None
 
 
 def applied(url: str, group: str, topic: str) -> int:
@@ -89,6 +96,11 @@ def test_two_workers_build_the_same_tables_as_the_in_process_runner(
         worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log").start(),
     ]
     try:
+        # Both workers hold partitions before the rest of the log is written: a worker that
+        # started seconds after the other (a loaded machine) could otherwise find the first
+        # one done with everything.
+        for process in processes[1:]:
+            wait_until(lambda p=process: holds_partitions(p, topic), "both to get partitions")
         write_money(ledger, accounts, 1000, seed=2)  # while everything runs
         head = ledger.head()
         wait_until(lambda: applied(pg_url, group, topic) == head, "every event applied")
@@ -125,8 +137,7 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
         wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the takeover")
         extra = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w3.log").start()
         write_money(ledger, accounts, 1500, seed=3)  # while the group rebalances
-        # faust prints its assignment table, naming the topic, once it holds partitions.
-        wait_until(lambda: topic in extra.output, "the new worker to get partitions")
+        wait_until(lambda: holds_partitions(extra, topic), "the new worker to get partitions")
         wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "two workers")
         assert extra.stop() == 0, extra.output  # a worker leaves
         write_money(ledger, accounts, 1500, seed=4)
