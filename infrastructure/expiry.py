@@ -70,9 +70,10 @@ def open_holds(
     expiring_before: datetime | None = None,
     limit: int = 100,
     min_position: int | None = None,
+    timeout: float = 2.0,
 ) -> Answer[list[OpenHold]]:
     """Open holds, soonest expiry first: of one account, or all; only those expiring before
-    ``expiring_before`` if given."""
+    ``expiring_before`` if given. ``min_position`` and ``timeout`` as for every read."""
     clauses, params = [], []
     if account_id is not None:
         clauses.append("account_id = %s")
@@ -88,6 +89,7 @@ def open_holds(
         order="expires_at, hold_id",
         limit=limit,
         min_position=min_position,
+        timeout=timeout,
     )
     holds = [
         OpenHold(

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -24,6 +25,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from scripts import services, streams
 
 _database_numbers = itertools.count(1)
+
+# Hypothesis fails an example that takes longer than 200 ms by default: a pause of a loaded
+# machine, not a property of the code. Examples are counted, never timed.
+settings.register_profile("daybook", deadline=None)
+settings.load_profile("daybook")
 
 
 class _LayerFoldersAreNotPackages(importlib.abc.MetaPathFinder):

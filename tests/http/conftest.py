@@ -69,6 +69,10 @@ class Api:
         return await self.client.post(f"/v1/commands/{name}", json=body, headers=sent)
 
     def get(self, path: str, *, who: str = "tester", **params: Any) -> httpx.Response:
+        # Reads wait up to the server's longest wait, not its default 2 s, unless the test
+        # says otherwise: the read models' first version is built as the app starts, which
+        # a loaded machine can make slow (other routes ignore the parameter).
+        params.setdefault("timeout", 10)
         return self.run(self.client.get(path, params=params, headers=self.auth(who)))
 
     def head(self) -> int:

@@ -219,7 +219,14 @@ def test_sigkill_after_a_group_commit_was_sent_loses_nothing_and_retries_replay(
             while watch.execute(waiting).fetchone() != (1,):
                 assert time.monotonic() < deadline, "no commit came to wait on the lock"
                 time.sleep(0.01)
-            time.sleep(0.1)  # its "sending" line was written before the statement went out
+            # Its "sending" line was written before the statement went out, and no later
+            # commit can send before it ends: once the output stops growing (the last
+            # answers of the commit before it printed), the last "sending" line is its.
+            seen = -1
+            while seen != len(outcomes):
+                seen = len(outcomes)
+                assert time.monotonic() < deadline, "the writer's output never settled"
+                time.sleep(0.5)
             unanswered = [o for o in outcomes if "sending" in o][-1]["sending"]
             if len(unanswered) > 1:
                 break

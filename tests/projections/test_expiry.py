@@ -51,7 +51,7 @@ def test_open_holds_soonest_first_and_the_sweeper_records_expiries(
     ledger.reserve_stock("SKU-X", 1, reservation_id="r-2")
     with run_projections(ledger) as runner:
         head = ledger.head()
-        answer = open_holds(runner.views, account_id=a, min_position=head)
+        answer = open_holds(runner.views, account_id=a, min_position=head, timeout=60)
         assert [h.hold_id for h in answer.value] == [soon, late]
         assert answer.value[0].destination == b and answer.value[0].amount == 200
         balance = runner.views.balance(a, min_position=head)

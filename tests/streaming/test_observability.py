@@ -218,9 +218,17 @@ def test_relay_and_worker_serve_their_metrics_and_log_json(
         relay_port, worker_port = metrics_port(relay_log), metrics_port(worker_log)
         assert relay_port is not None, relay.output
         assert worker_port is not None, worker.output
-        relayed = scrape(relay_port)
-        assert sample(relayed, "daybook_relay_published_events_total", topic=topic) == head
-        assert sample(relayed, "daybook_relay_lag_events", topic=topic) == 0
+        # The worker can apply a batch before the relay has heard the broker's acknowledgement
+        # and counted it: wait for the relay's count rather than read it once.
+        published = "daybook_relay_published_events_total"
+        wait_until(
+            lambda: sample(scrape(relay_port), published, topic=topic) == head,
+            "the relay's count",
+        )
+        wait_until(
+            lambda: sample(scrape(relay_port), "daybook_relay_lag_events", topic=topic) == 0,
+            "the relay's lag to reach 0",
+        )
         labels = {"projection": BALANCES.name, "version": str(BALANCES.version)}
         applied_metric = "daybook_projection_applied_events_total"
         wait_until(
