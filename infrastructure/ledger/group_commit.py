@@ -257,6 +257,7 @@ class GroupCommitter:
         self._expected = 1
         self._inbox = _Inbox()
         self._closed = threading.Event()
+        self._closing = threading.Lock()
         # Writer-thread state: the batch committing, and the one being built on top of it.
         self._committing: _Batch | None = None
         self._building: _Batch | None = None
@@ -318,13 +319,14 @@ class GroupCommitter:
         """Finish the commands already queued, then stop the writer thread. After the
         writer itself failed (it closed the inbox and told its callers), wait for it to end:
         a closed ledger leaves no thread behind, and its health stays failed."""
-        closing = not self._closed.is_set()
-        if closing:
-            self._closed.set()
-            self.supervisor.move(ServiceState.STOPPING)
-            self._inbox.close()
-            if not self._thread.is_alive() and self._thread.ident is None:
-                self._thread.start()  # never started: it drains the inbox and stops
+        with self._closing:  # several threads may close at once: one of them closes
+            closing = not self._closed.is_set()
+            if closing:
+                self._closed.set()
+                self.supervisor.move(ServiceState.STOPPING)
+                self._inbox.close()
+                if not self._thread.is_alive() and self._thread.ident is None:
+                    self._thread.start()  # never started: it drains the inbox and stops
         if threading.current_thread() is not self._thread and self._thread.ident is not None:
             self._thread.join()
         if closing:

@@ -347,6 +347,40 @@ def test_commands_applied_on_a_commit_that_fails_are_applied_again(tmp_path: Pat
     ledger.close()
 
 
+def test_every_close_returns_once_the_writer_has_ended() -> None:
+    """Threads closing one ledger at once (a server's shutdown hooks, say) each return only
+    when the queued commands are committed and the writer thread is gone."""
+    ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR").account_id
+    committer = ledger.service.committer
+    assert isinstance(committer, GroupCommitter)
+    commit = ledger.service.commit
+
+    def slow_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        time.sleep(0.3)
+        return commit(prepared, **options)
+
+    ledger.service.commit = slow_commit  # type: ignore[method-assign]
+    depositing = threading.Thread(target=ledger.deposit, args=(account, 5))
+    depositing.start()
+    while not committer._building and not committer._committing:
+        time.sleep(0.001)  # the deposit is in the writer's hands
+    writer_alive_after_close: list[bool] = []
+
+    def close() -> None:
+        ledger.close()
+        writer_alive_after_close.append(committer._thread.is_alive())
+
+    closers = [threading.Thread(target=close) for _ in range(4)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join()
+    depositing.join()
+    assert writer_alive_after_close == [False] * 4
+    assert ledger.account(account).balance == 5
+
+
 def test_callers_are_told_if_the_writer_thread_itself_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -362,13 +396,25 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
         raise AssertionError("a bug in the writer")
 
     monkeypatch.setattr(committer, "_apply_in_hand", broken)
+    # The failed writer's last step (ending its committing thread) made slow: close() must
+    # wait for it, however long it takes, so that a closed ledger leaves no thread behind.
+    pool = committer._committer
+    shutdown = pool.shutdown
+
+    def slow_shutdown(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        shutdown(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "shutdown", slow_shutdown)
     with pytest.raises(RuntimeError, match="group commit stopped"):
         ledger.deposit(account, 5)
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 5)
     assert ledger.account(account).balance == 0
     ledger.close()
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("daybook-")]
+    assert not committer._thread.is_alive()
+    assert not any(thread.is_alive() for thread in pool._threads)
+    assert committer.health().state.value == "failed"
 
 
 def test_a_full_batch_waiting_for_a_commit_does_not_spin() -> None:

@@ -294,7 +294,7 @@ def test_a_write_answers_its_position_and_a_read_waits_for_it(api: Api) -> None:
     reply = api.command("deposit", {"account_id": account, "amount": 42})
     position = reply.json()["position"]
     assert reply.headers["daybook-position"] == str(position)
-    read = api.get(f"/v1/accounts/{account}/balance", min_position=position, timeout=5)
+    read = api.get(f"/v1/accounts/{account}/balance", min_position=position)
     assert read.status_code == 200
     body = read.json()
     assert body["balance"] == 42 and body["as_of_position"] >= position

@@ -44,7 +44,7 @@ def test_failures_say_whether_the_request_may_have_been_processed(
     server: FakeGatewayServer,
 ) -> None:
     # A timeout no loaded machine reaches by accident; only the hang below uses a short one
-    # (a slow machine can only make that one fire later, never keep it from firing).
+    # (0.3 s against a 3 s hang: a slow machine makes it fire later, not keep it from firing).
     gateway = HttpPaymentGateway(server.url, timeout=10.0)
     knobs = server.gateway.knobs
     knobs.unavailable_rate = 1.0

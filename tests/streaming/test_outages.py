@@ -394,7 +394,7 @@ def _positions(url: str) -> list[int]:
 #: flight then fails (rather than being delivered late by the producer's own retries) and
 #: the relay goes through its "broker unavailable" path: new producers, refused until the
 #: broker is back. Past that, no timer of the relay or the worker could be outlasted by a
-#: longer outage.
+#: longer outage. (The outage lasts at least this long, and until the relay has failed.)
 BROKER_OUTAGE_SECONDS = 3.0
 RELAY_REQUEST_TIMEOUT = 1.0
 
@@ -438,8 +438,11 @@ def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
             # The batch in flight fails within the request timeout (rather than being
             # delivered late by the producer's own retries): the relay goes through its
             # broker-down path. On a loaded machine it may take longer than the outage to
-            # say so, so the outage lasts until it has.
-            wait_until(lambda: "broker unavailable" in the_relay.output, "the relay's failure")
+            # say so, so the outage lasts until it has, at most 10 s: well past the 1 s
+            # asked for, and short of the relay's default request timeout (15 s).
+            wait_until(
+                lambda: "broker unavailable" in the_relay.output, "the relay's failure", 10.0
+            )
             for each in (the_relay, process):
                 assert each.proc is not None and each.proc.poll() is None, each.output
             assert _cursor(pg_url, topic) == before  # kept, neither moved nor rewound
