@@ -67,25 +67,24 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(
 ) -> None:
     from scripts.bench_projections import write_log
 
-    # Batches, the row cache and the memo of timestamp texts a tenth of their size in
-    # production or less, so that the small log already fills every bounded structure
-    # (the memo filling up was most of what "grew" from a small log to a large one), and a
-    # log ten times larger is many more batches and cache fills, measured quickly enough
-    # under tracemalloc.
-    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 500)
-    monkeypatch.setattr(reconcile_module, "FOLD_CACHE", 1_000)
+    # Batches, the row cache and the memo of timestamp texts smaller than in production, so
+    # that the small log already fills every bounded structure (the memo filling up was
+    # most of what "grew" from a small log to a large one) and the large one is many more
+    # batches and cache fills of the same size.
+    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 2_000)
+    monkeypatch.setattr(reconcile_module, "FOLD_CACHE", 2_000)
     monkeypatch.setattr(projection_model, "_TIME_TEXT_LIMIT", 1_000)
     ledger = open_ledger(pg_url)
     try:
-        write_log(pg_url, ledger, 3_000, accounts=500, chunk=3_000)
+        write_log(pg_url, ledger, 10_000, accounts=500, chunk=10_000)
         small = _peak(ledger, pg_url)
-        write_log(pg_url, ledger, 27_000, accounts=500, chunk=9_000)
+        write_log(pg_url, ledger, 90_000, accounts=500, chunk=30_000)
         large = _peak(ledger, pg_url)
     finally:
         ledger.close()
     # Ten times the log, not ten times the memory: what grows is bounded by batch and cache
     # sizes, not by the number of events or rows.
-    print(f"peak {small:,} bytes for a 3,000-event log, {large:,} for 30,000")
+    print(f"peak {small:,} bytes for a 10,000-event log, {large:,} for 100,000")
     assert large < small * 2, (small, large)
 
 
