@@ -46,6 +46,21 @@ class ServeProcess:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
+        """Start the server and wait until it answers ``/health``. A port found free can be
+        taken before the server binds it (by any process's next outgoing connection, whose
+        local port comes from the same range): then the server exits saying so, and it is
+        started again on another port."""
+        for _ in range(5):
+            written = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                if b"address already in use" not in self.log_path.read_bytes()[written:]:
+                    raise
+                self.port = free_port()
+        raise RuntimeError(f"daybook serve found no free port in 5 tries:\n{self.output}")
+
+    def _start(self, timeout: float) -> ServeProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         command = [sys.executable, "-m", "daybook.infrastructure.cli", "serve", "--url", self.url]
         self.proc = subprocess.Popen(

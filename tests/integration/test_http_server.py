@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -242,6 +243,23 @@ def test_no_token_reaches_the_logs(
     for token in (secret, revoked, wrong):
         assert token not in log and token[4:] not in log
     assert "Bearer" not in log and "authorization" not in log.lower()
+
+
+def test_a_test_server_whose_port_was_taken_starts_on_another(
+    pg_url: str, tmp_path: Path, servers: list[ServeProcess]
+) -> None:
+    """Between finding a port free and binding it, another process can take it (CI saw
+    exactly that): the server says so and exits, and the helper starts it elsewhere."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServeProcess(pg_url, tmp_path / "serve.log", port=port)
+        servers.append(server)
+        server.start()
+        assert server.port != port
+        assert "address already in use" in server.output
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
 def test_tls_through_uvicorns_options(
