@@ -46,7 +46,7 @@ from daybook import open_async_ledger, open_ledger
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.http.tokens import open_tokens
 from scripts import services
-from scripts.serve_process import ROOT, ServeProcess, free_port
+from scripts.serve_process import ROOT, ServeProcess
 
 START_BALANCE = 1_000_000
 
@@ -168,7 +168,7 @@ def bench_python(url: str, clients: int, per_client: int, n_accounts: int) -> di
 def bench_anchor(
     url: str, clients: int, per_client: int, n_accounts: int, logs: Path
 ) -> dict[str, Any]:
-    port = free_port()
+    port = services.free_port()
     log = open(logs / "anchor.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,6 @@ from scripts import services
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @dataclass
 class ServeProcess:
     """``daybook serve --url URL --port P [args]`` with its output in ``log_path``."""
@@ -33,7 +25,7 @@ class ServeProcess:
     url: str
     log_path: Path
     args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=services.free_port)
     proc: subprocess.Popen[bytes] | None = None
     #: How clients check the server's certificate (with --tls-cert: an ``ssl.SSLContext``).
     verify: Any = True
@@ -57,7 +49,7 @@ class ServeProcess:
             except RuntimeError:
                 if b"address already in use" not in self.log_path.read_bytes()[written:]:
                     raise
-                self.port = free_port()
+                self.port = services.free_port()
         raise RuntimeError(f"daybook serve found no free port in 5 tries:\n{self.output}")
 
     def _start(self, timeout: float) -> ServeProcess:

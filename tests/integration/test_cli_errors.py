@@ -30,9 +30,17 @@ def closed_port() -> int:
     return port
 
 
-def one_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
-    """Run ``daybook argv``; assert it exits ``code`` with one line on stderr; that line."""
-    assert main(argv) == code
+def one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2, *, by_exit: bool = False
+) -> str:
+    """Run ``daybook argv``; assert it exits ``code`` (returned by ``main``, or with
+    ``by_exit`` raised as argparse's ``SystemExit``) with one line on stderr; that line."""
+    if by_exit:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == code
+    else:
+        assert main(argv) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -266,13 +274,7 @@ def test_memory_is_refused_where_it_cannot_work(
 def test_numbers_are_checked(
     capsys: pytest.CaptureFixture[str], argv: list[str], wrong: str
 ) -> None:
-    with pytest.raises(SystemExit) as exited:  # argparse's exit, as a user's shell sees it
-        main(argv)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and wrong in lines[0], lines
+    assert wrong in one_line(capsys, argv, by_exit=True)
 
 
 def test_a_rebuild_on_a_foreign_read_model_database_says_so_in_one_line(
