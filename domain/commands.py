@@ -40,7 +40,7 @@ import orjson
 
 from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate, Metadata
-from daybook.domain.ids import new_id_text
+from daybook.domain.ids import new_request_id
 from daybook.domain.values import (
     check_amount,
     check_currency,
@@ -156,7 +156,7 @@ class Command:
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.
-    request_id: str = generated(factory=new_id_text)
+    request_id: str = generated(factory=new_request_id)
     correlation_id: str | None = None
     causation_id: str | None = None
     #: Who asks (recorded on every event; not part of what a retry must repeat).
@@ -201,7 +201,7 @@ class Command:
             value = getattr(self, name)
             if value is None:
                 if name == "request_id":
-                    setter(self, name, new_id_text())
+                    setter(self, name, new_request_id())
             else:
                 check_request_text(value, name)
 

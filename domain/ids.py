@@ -1,5 +1,11 @@
 """Random ids (RFC 4122 version 4 UUIDs) for requests, accounts, transfers, reservations.
 
+Request ids the ledger generates differ from every other id in one respect: their variant
+bits are RFC 4122's reserved ``111`` (the fourth group starts with ``e`` or ``f``) where
+``uuid.uuid4`` and every other generator in use write ``10``. The ledger keeps no record of
+each id it generates, so this is how it tells one sent back by a caller
+(``is_generated_request_id``).
+
 The same randomness as ``uuid.uuid4`` (the operating system's CSPRNG), drawn 4 KiB at a time
 rather than 16 bytes per id. Every command needs two ids, and ``os.urandom`` releases the GIL
 around its system call: on the write path that hands the interpreter to another thread in
@@ -13,6 +19,7 @@ drops the parent's unused bytes, so two processes never hand out the same id.
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 from uuid import UUID, SafeUUID
 
@@ -53,3 +60,21 @@ def new_id_text() -> str:
     """A fresh version 4 UUID in its usual text form (request and reservation ids)."""
     h = f"{_random_v4():032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_VARIANT_RESERVED = 0xE000 << 48
+_VERSION_4_ONLY = ~(0xF000 << 64)
+_GENERATED_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[ef][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def new_request_id() -> str:
+    """A fresh request id of the ledger's own (for a command sent without one): a version 4
+    UUID in its usual text form, with the reserved variant bits (see the module docstring)."""
+    value = int.from_bytes(_random16()) & _VERSION_4_ONLY | (4 << 76) | _VARIANT_RESERVED
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def is_generated_request_id(text: str) -> bool:
+    """Whether ``text`` has the form of a request id the ledger generated."""
+    return _GENERATED_FORM.fullmatch(text) is not None

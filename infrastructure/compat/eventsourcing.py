@@ -61,6 +61,17 @@ RELIED_ON: tuple[Internal, ...] = (
     ),
     Internal(
         "eventsourcing",
+        "eventsourcing.popo:POPOApplicationRecorder",
+        "_stored_events_index",
+        _recorders,
+        "POPOAggregateRecorder.__init__ (per aggregate id text, version -> place in the list "
+        "of stored events, whose position is one more; read by the memory recorder's "
+        "positions and snapshots)",
+        on_instance=True,
+        types=(dict,),
+    ),
+    Internal(
+        "eventsourcing",
         "eventsourcing.sqlite:SQLiteApplicationRecorder",
         "_insert_events",
         _recorders,

@@ -78,6 +78,16 @@ class MemoryRecorder(POPOApplicationRecorder):
                 found[originator_id] = latest[0].originator_version
         return found
 
+    def positions(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        found = {}
+        with self._database_lock:
+            for originator_id, version in keys:
+                # The index maps a version to its place in the list; its position is one more.
+                index = self._stored_events_index[str(originator_id)].get(version)
+                if index is not None:
+                    found[(originator_id, version)] = index + 1
+        return found
+
     def purge_requests(self, now: float, limit: int) -> int:
         deleted = 0
         with self._database_lock:

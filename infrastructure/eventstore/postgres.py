@@ -168,6 +168,11 @@ class PostgresRecorder(PostgresApplicationRecorder):
             "SELECT originator_id, max(originator_version) FROM {} "
             "WHERE originator_id = ANY(%s) GROUP BY originator_id"
         ).format(events)
+        self._positions = SQL(
+            "SELECT e.originator_id, e.originator_version, e.notification_id FROM {} e "
+            "JOIN unnest(%s::uuid[], %s::bigint[]) AS k(i, v) "
+            "ON e.originator_id = k.i AND e.originator_version = k.v"
+        ).format(events)
         # The oldest first, through the expires_at index; rows another purge is deleting
         # are skipped rather than waited for. One statement: a short transaction.
         self._purge = SQL(
@@ -313,6 +318,13 @@ class PostgresRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             curs.execute(self._latest_versions, (list(originator_ids),), prepare=True)
             return {originator_id: version for originator_id, version in curs.fetchall()}
+
+    def positions(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        if not keys:
+            return {}
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._positions, ([i for i, _ in keys], [v for _, v in keys]))
+            return {(i, v): position for i, v, position in curs.fetchall()}
 
     def purge_requests(self, now: float, limit: int) -> int:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:

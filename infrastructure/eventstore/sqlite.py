@@ -161,6 +161,20 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
                     found[UUID(originator_id)] = version
         return found
 
+    def positions(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        found: dict[tuple[UUID, int], int] = {}
+        with self.datastore.transaction(commit=False) as c:
+            for originator_id, version in keys:  # rare (a retry's lookup): one query each
+                c.execute(
+                    f"SELECT rowid FROM {self.events_table_name} "
+                    "WHERE originator_id = ? AND originator_version = ?",
+                    (originator_id.hex, version),
+                )
+                row = c.fetchone()
+                if row is not None:
+                    found[(originator_id, version)] = int(row[0])
+        return found
+
     def purge_requests(self, now: float, limit: int) -> int:
         # The oldest first, through the expires_at index; one short write transaction.
         with self.datastore.transaction(commit=True) as c:

@@ -34,13 +34,17 @@ from eventsourcing.persistence import (
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.events import LedgerAggregate, metadata_scope
+from daybook.domain.ids import is_generated_request_id, new_request_id
 from daybook.domain.snapshots import snapshot_class
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import (
+    BATCH_TOKEN,
     DEFAULT_RETENTION,
+    FENCED_TOKEN,
     PendingRequest,
     RequestLog,
     RequestRecord,
+    token_record,
 )
 from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
@@ -282,6 +286,34 @@ class PreparedBatch:
     committed: bool = False
     #: When (the retention clock) its first command was applied.
     applied_at: float | None = None
+    #: The batch token recorded for its accepted commands with generated request ids (see
+    #: ``daybook.infrastructure.ledger.requests``); None while it has none.
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A batch whose commit failed in a way that leaves open whether it happened (a lost
+    connection): its token, and for each generated request id it accepted, the receipt it
+    would have given and the command's last event (aggregate id, version)."""
+
+    token: str
+    receipts: dict[str, tuple[dict[str, Any], UUID, int]]
+
+    @classmethod
+    def of(cls, prepared: PreparedBatch) -> Attempt | None:
+        """None if the batch has no token: its commands all have records of their own."""
+        if prepared.token is None:
+            return None
+        receipts: dict[str, tuple[dict[str, Any], UUID, int]] = {}
+        for index, (receipt, last) in prepared.receipts.items():
+            command = prepared.commands[index]
+            if not command.caller_request_id:
+                event = prepared.stored[last]
+                # The mapper keeps the domain event's UUID (eventsourcing types it wider).
+                originator_id = cast(UUID, event.originator_id)
+                receipts[command.request_id] = (receipt, originator_id, event.originator_version)
+        return cls(prepared.token, receipts)
 
 
 class LedgerService(Application[UUID]):
@@ -360,7 +392,11 @@ class LedgerService(Application[UUID]):
     # -- the command path -------------------------------------------------------------------
 
     def execute(
-        self, batch: Sequence[Command], *, recheck_all: bool = False, fresh: bool = False
+        self,
+        batch: Sequence[Command],
+        *,
+        attempt: PreparedBatch | None = None,
+        fresh: bool = False,
     ) -> list[Result]:
         """Apply ``batch`` in order and commit its events, in as few transactions as the
         other writers allow.
@@ -376,24 +412,29 @@ class LedgerService(Application[UUID]):
           applied again on fresh state, after a jittered backoff; the others are committed
           at once. Only a command still meeting changes after ``max_attempts`` tries gets
           ``concurrency_conflict``;
-        - a request id was recorded meanwhile (``DuplicateRequest``): applied again, now
-          looking it up, which replays it;
-        - the connection was lost (the commit may or may not have happened): applied again
-          looking every request id up, so whatever did commit is replayed, never applied
-          twice; after a few such failures, the error is the result of those commands;
-        - any other integrity error, or any other exception (a bug in one command): not
-          retried as it is; each command is run alone (looking its id up), and the error is
-          the result of the one it belongs to.
+        - a request id or a batch token was recorded meanwhile (``DuplicateRequest``):
+          applied again, now looking it up, which replays it;
+        - the connection was lost (the commit may or may not have happened): applied again,
+          looking up the request ids and the batch tokens of every attempt whose outcome is
+          unknown, so whatever did commit is replayed, never applied twice (and an attempt
+          still on its way is fenced off: see ``prepare``); after a few such failures, the
+          error is the result of those commands;
+        - any other integrity error: nothing was written; each command is run alone, and the
+          error is the result of the one it belongs to;
+        - any other exception (a bug in one command, or in the store after sending): as for
+          a lost connection, then each command is run alone.
 
-        ``recheck_all`` looks every request id up from the first attempt (for a batch whose
-        commit already failed elsewhere, perhaps after it happened); ``fresh`` looks
-        write-once aggregates up from the first attempt (for a batch that already met a
-        version conflict elsewhere: assuming them absent again would meet it again).
+        ``attempt``: a batch of these commands whose commit already failed elsewhere, perhaps
+        after it happened (looked up and fenced as above); ``fresh`` looks write-once
+        aggregates up from the first attempt (for a batch that already met a version
+        conflict elsewhere: assuming them absent again would meet it again).
         """
         outcomes: list[Result | None] = [None] * len(batch)
-        self._execute_part(
-            batch, list(range(len(batch))), outcomes, recheck_all=recheck_all, fresh=fresh
-        )
+        attempts: list[Attempt] = []
+        earlier = Attempt.of(attempt) if attempt is not None else None
+        if earlier is not None:
+            attempts.append(earlier)
+        self._execute_part(batch, list(range(len(batch))), outcomes, attempts, fresh=fresh)
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 
@@ -402,30 +443,38 @@ class LedgerService(Application[UUID]):
         batch: Sequence[Command],
         indices: list[int],
         outcomes: list[Result | None],
+        attempts: list[Attempt],
         *,
-        recheck_all: bool,
         fresh: bool = False,
     ) -> None:
-        """``execute`` for ``batch[i]`` for each ``i`` in ``indices``, into ``outcomes``."""
+        """``execute`` for ``batch[i]`` for each ``i`` in ``indices``, into ``outcomes``.
+        ``attempts``: the batches of these commands whose outcome is unknown, shared by
+        every part (one part's lost commit is another's to look up)."""
         conflicts = outages = duplicates = 0
         while indices:
             prepared: PreparedBatch | None = None
             try:
-                prepared = self.prepare(
-                    [batch[i] for i in indices], recheck_all=recheck_all, fresh=fresh
-                )
-                results = self.commit(prepared)
+                prepared = self.prepare([batch[i] for i in indices], fresh=fresh, attempts=attempts)
+                try:
+                    results = self.commit(prepared)
+                except IntegrityError:
+                    raise  # refused by the store: nothing was written
+                except Exception:
+                    # The commit may have happened: remember the batch, to look it up.
+                    sent = Attempt.of(prepared)
+                    if sent is not None:
+                        attempts.append(sent)
+                    raise
             except DuplicateRequest as error:
                 # One of our ids was recorded after we looked: a caller's request retried
-                # through another writer, or (a generated id) an earlier attempt of ours
-                # that committed after all. The next lookup, of every id, finds it. Not a
-                # contention: no backoff, no attempt spent.
+                # through another writer, or a batch token of ours (an earlier attempt that
+                # committed after all, or a fence another part wrote). The next lookup finds
+                # it. Not a contention: no backoff, no attempt spent.
                 duplicates += 1
-                if duplicates > len(indices):
+                if duplicates > len(indices) + len(attempts):
                     for index in indices:
                         outcomes[index] = error
                     return
-                recheck_all = True
                 continue
             except (VersionConflict, StaleCache) as error:
                 conflicts += 1
@@ -438,10 +487,7 @@ class LedgerService(Application[UUID]):
                         # they were judged on (still the latest). Still looking every id up
                         # if an earlier attempt may have committed (a lost connection).
                         self._execute_part(
-                            batch,
-                            [indices[k] for k in sorted(clean)],
-                            outcomes,
-                            recheck_all=recheck_all,
+                            batch, [indices[k] for k in sorted(clean)], outcomes, attempts
                         )
                 indices = [indices[k] for k in contended]
                 if conflicts >= self.max_attempts:
@@ -461,20 +507,19 @@ class LedgerService(Application[UUID]):
                     for index in indices:
                         outcomes[index] = error
                     return
-                # The commit may have happened: look every id up before applying again.
-                recheck_all = fresh = True
+                # The commit may have happened: the next attempt looks it up (``attempts``).
+                fresh = True
                 _backoff(outages)
                 continue
             except Exception as error:
                 # A constraint the ledger does not know, or a bug in a command: the same
-                # batch would fail the same way. Nothing of it was written; find whose it is
-                # by running each alone (looking ids up: an earlier attempt may have been
-                # written after all).
+                # batch would fail the same way. Find whose it is by running each alone
+                # (looking up any attempt that may have been written after all).
                 if len(indices) == 1:
                     outcomes[indices[0]] = error
                     return
                 for index in indices:
-                    self._execute_part(batch, [index], outcomes, recheck_all=recheck_all)
+                    self._execute_part(batch, [index], outcomes, attempts)
                 return
             for index, outcome in zip(indices, results, strict=True):
                 outcomes[index] = outcome
@@ -485,31 +530,70 @@ class LedgerService(Application[UUID]):
         batch: Sequence[Command],
         *,
         after: PreparedBatch | None = None,
-        recheck_all: bool = False,
         fresh: bool = False,
+        attempts: Sequence[Attempt] = (),
     ) -> PreparedBatch:
         """Apply ``batch`` in memory, on copies of the aggregates; nothing is written.
 
-        Commands whose caller chose the request id (or, with ``recheck_all``, every command)
-        are first looked up in the store, so that a request already recorded is replayed.
-        With ``after``, see ``new_batch``. ``fresh``: a previous attempt met another
-        writer's changes.
+        Commands whose caller chose the request id are first looked up in the store, so
+        that a request already recorded is replayed. With ``after``, see ``new_batch``.
+        ``fresh``: a previous attempt met another writer's changes.
+
+        ``attempts``: earlier batches of these commands whose commit may or may not have
+        happened. Each one's token is looked up: recorded as a batch, it committed, and its
+        commands with generated ids are replayed; recorded as fenced, it never will. Not
+        recorded, it may still be on its way to the store (a statement whose connection
+        broke can commit after the error): this batch then records it as fenced, in its own
+        transaction, so that of the two exactly one commits, and a conflict on the token
+        sends this one back to look again.
 
         Raises ``StaleCache`` if a refusal was judged on a cached aggregate that another
         writer has since changed.
         """
         prepared = self.new_batch(after=after, fresh=fresh)
-        self.apply(prepared, batch, known=self.lookup(batch, every=recheck_all))
+        known = self.lookup(batch)
+        if attempts:
+            found, unknown = self._settle_attempts(batch, attempts)
+            known.update(found)
+            prepared.pending.extend(
+                PendingRequest(token_record(token, FENCED_TOKEN), None) for token in unknown
+            )
+        self.apply(prepared, batch, known=known)
         return prepared
 
-    def lookup(self, batch: Sequence[Command], *, every: bool = False) -> dict[str, RequestRecord]:
+    def lookup(self, batch: Sequence[Command]) -> dict[str, RequestRecord]:
         """The recorded requests among ``batch``: those whose caller chose the id (only
-        those can have been seen before), or, with ``every``, all (after a failed commit,
-        any id may belong to a batch that committed although we saw an error)."""
-        wanted = [c.request_id for c in batch if every or c.caller_request_id]
+        those are recorded one by one)."""
+        wanted = [c.request_id for c in batch if c.caller_request_id]
         if not wanted:
             return {}
         return self._requests.select_requests(wanted, self.retention.clock())
+
+    def _settle_attempts(
+        self, batch: Sequence[Command], attempts: Sequence[Attempt]
+    ) -> tuple[dict[str, RequestRecord], list[str]]:
+        """What ``prepare`` learns of earlier attempts: the records of ``batch``'s generated
+        request ids that one of them committed (with their positions), and the tokens of
+        those whose outcome is still unknown."""
+        tokens = self._requests.select_requests([a.token for a in attempts], self.retention.clock())
+        generated = [c.request_id for c in batch if not c.caller_request_id]
+        known: dict[str, RequestRecord] = {}
+        unknown: list[str] = []
+        for attempt in attempts:
+            token = tokens.get(attempt.token)
+            if token is None:
+                unknown.append(attempt.token)
+                continue
+            if token.command != BATCH_TOKEN:
+                continue  # fenced: it never committed
+            ours = {i: attempt.receipts[i] for i in generated if i in attempt.receipts}
+            positions = self._requests.positions([(oid, v) for _, oid, v in ours.values()])
+            for request_id, (receipt, originator_id, version) in ours.items():
+                outcome = {"receipt": dict(receipt, position=positions[originator_id, version])}
+                known[request_id] = RequestRecord(
+                    request_id, receipt["command"], "", outcome, caller=False
+                )
+        return known, unknown
 
     def recorded(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The request records (not expired) of these ids, whether or not they are known."""
@@ -558,6 +642,13 @@ class LedgerService(Application[UUID]):
             if request_id in known:
                 prepared.outcomes[index] = _replay(known[request_id], command)
                 continue
+            if command.caller_request_id and is_generated_request_id(request_id):
+                prepared.outcomes[index] = IdempotencyConflict(
+                    f"request id {request_id!r} was generated by the ledger for another "
+                    "request; choose request ids of your own",
+                    request_id=request_id,
+                )
+                continue
             if (
                 after is not None
                 and request_id in after.first_use
@@ -594,7 +685,16 @@ class LedgerService(Application[UUID]):
             last = len(prepared.events) - 1
             receipt = {"command": command.name, "request_id": request_id, **fields}
             prepared.receipts[index] = (receipt, last)
-            prepared.pending.append(PendingRequest(_record(command, {"receipt": receipt}), last))
+            if command.caller_request_id:
+                prepared.pending.append(
+                    PendingRequest(_record(command, {"receipt": receipt}), last)
+                )
+            elif prepared.token is None:
+                # One record for all of the batch's generated ids (see ``prepare``).
+                prepared.token = new_request_id()
+                prepared.pending.append(
+                    PendingRequest(token_record(prepared.token, BATCH_TOKEN), None)
+                )
         to_stored_event = self.mapper.to_stored_event
         prepared.stored.extend(to_stored_event(event) for event in prepared.events[mapped:])
 
@@ -814,11 +914,8 @@ def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:
-    if command.caller_request_id:
-        return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
-    # Only the ledger's own retry, with this very command, can look a generated id up: no
-    # payload to compare, so no fingerprint to compute.
-    return RequestRecord(command.request_id, command.name, "", outcome, caller=False)
+    """The record of a request whose caller chose its id."""
+    return RequestRecord(command.request_id, command.name, command.fingerprint, outcome)
 
 
 def _conflict(request_id: str, first_command: str) -> IdempotencyConflict:

@@ -75,8 +75,9 @@ def describe(report: PurgeReport, deleted: int | None = None) -> str:
     verb = "would delete" if deleted is None else f"deleted {deleted:,} of"
     return (
         f"{verb} {report.expired:,} expired request records ({report.caller:,} of "
-        f"caller-chosen ids past their retention window, {report.generated:,} of generated "
-        f"ids no longer needed for the ledger's own retries{span}); {report.kept:,} kept"
+        f"caller-chosen ids past their retention window, {report.generated:,} batch "
+        f"token{'' if report.generated == 1 else 's'} of generated ids no longer needed "
+        f"for the ledger's own retries{span}); {report.kept:,} kept"
     )
 
 

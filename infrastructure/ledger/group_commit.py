@@ -479,12 +479,13 @@ class GroupCommitter:
                 self._execute([item])
         else:
             # An integrity error says nothing was written; after any other error the
-            # commit may have happened, and every request id must be looked up. After a
-            # version conflict, write-once aggregates are looked up rather than assumed
-            # absent, or the same write would be refused again.
+            # commit may have happened, and the retry must look the batch up (and fence it
+            # off if it is still on its way). After a version conflict, write-once
+            # aggregates are looked up rather than assumed absent, or the same write would
+            # be refused again.
             self._execute(
                 batch.items,
-                recheck_all=not isinstance(error, IntegrityError),
+                attempt=None if isinstance(error, IntegrityError) else batch.prepared,
                 fresh=isinstance(error, VersionConflict),
             )
         if built_on_it is not None:
@@ -502,14 +503,14 @@ class GroupCommitter:
     # -- the careful path ---------------------------------------------------------------------
 
     def _execute(
-        self, items: list[_Item], *, recheck_all: bool = False, fresh: bool = False
+        self, items: list[_Item], *, attempt: PreparedBatch | None = None, fresh: bool = False
     ) -> None:
         """Commands whose batch failed: ``LedgerService.execute`` retries them on fresh state."""
         if not items:
             return
         commands = [command for command, _ in items]
         try:
-            outcomes = self._ledger.execute(commands, recheck_all=recheck_all, fresh=fresh)
+            outcomes = self._ledger.execute(commands, attempt=attempt, fresh=fresh)
         except Exception as error:  # a bug in the ledger itself: nobody is left waiting
             _log.exception("daybook's careful path failed")
             _settle(items, [error] * len(items))

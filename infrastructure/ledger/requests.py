@@ -3,11 +3,19 @@ retention window.
 
 A record of a request id the caller chose answers that caller's retries for ``retention``
 (a setting): the same id and payload replay the original outcome, another payload is an
-``idempotency_conflict``. After the window the id is new again. A record of an id the
-ledger generated serves only the ledger's own retry of a commit whose answer was lost, and
-is kept for ``GENERATED_RETENTION``. Expired records are deleted by the purge service
-(``retention.RequestPurge``) in small batches; until then lookups ignore them, so when an
-id becomes new does not depend on when the purge ran.
+``idempotency_conflict``. After the window the id is new again.
+
+An id the ledger generated serves only the ledger's own retry of a commit whose answer was
+lost, and that retry holds the batch it sent: so such ids get no record each. A batch that
+accepted any writes one record for all of them, its *batch token*, kept for
+``GENERATED_RETENTION``. A retry looks the token up: found, the batch committed and its
+receipts stand; not found, the retry's own transaction records the token as *fenced*, so
+that the lost batch, if it is still on its way, fails on that key instead of committing
+after the retry judged its commands again (``LedgerService.prepare``).
+
+Expired records are deleted by the purge service (``retention.RequestPurge``) in small
+batches; until then lookups ignore them, so when an id becomes new does not depend on when
+the purge ran.
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from uuid import UUID
 #: (``Settings.request_retention``; the README says why three days).
 DEFAULT_RETENTION = 72 * 3600.0
 
-#: How long the record of a generated request id is kept. It is needed while the ledger may
-#: still retry the commit it belongs to: ``LedgerService.execute`` gives up after at most
-#: ``max_attempts`` (40) attempts with backoffs under 50 ms, each bounded by the store's lock
-#: and connection timeouts (30 s and 10 s): minutes at worst. An hour leaves a wide margin.
+#: How long a batch token (the record of a batch's generated request ids) is kept. It is
+#: needed while the ledger may still retry the commit it belongs to: ``LedgerService.execute``
+#: gives up after at most ``max_attempts`` (40) attempts with backoffs under 50 ms, each
+#: bounded by the store's lock and connection timeouts (30 s and 10 s): minutes at worst. An
+#: hour leaves a wide margin.
 GENERATED_RETENTION = 3600.0
 
 
@@ -42,6 +51,17 @@ class RequestRecord:
     outcome: dict[str, Any]
     #: Whether the caller chose the request id (else the ledger generated it).
     caller: bool = True
+
+
+#: The ``command`` of a batch token: the batch committed.
+BATCH_TOKEN = "daybook.batch"
+#: The ``command`` of a fenced token: the batch never committed, and now never will.
+FENCED_TOKEN = "daybook.fenced"
+
+
+def token_record(token: str, command: str) -> RequestRecord:
+    """A batch token (``BATCH_TOKEN``) or a fence for one (``FENCED_TOKEN``)."""
+    return RequestRecord(token, command, "", {}, caller=False)
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,10 @@ class RequestLog(Protocol):
 
     def latest_versions(self, originator_ids: Sequence[UUID]) -> dict[UUID, int]:
         """The newest stored version of each of these aggregates (absent: none stored)."""
+        ...
+
+    def positions(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        """The log position of each stored event among ``keys`` (aggregate id, version)."""
         ...
 
     def purge_requests(self, now: float, limit: int) -> int:

@@ -29,7 +29,7 @@ log = logging.getLogger("daybook.requests")
 @dataclass(frozen=True)
 class Retention:
     """Records of caller-chosen request ids are kept ``caller`` seconds after they were
-    written; those of generated ids ``generated`` seconds."""
+    written; batch tokens (one per batch, for its generated ids) ``generated`` seconds."""
 
     caller: float
     generated: float = GENERATED_RETENTION

@@ -284,6 +284,52 @@ def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     ledger.close()
 
 
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_a_lost_commit_that_lands_before_the_retry_reads_is_fenced_off(
+    shared_store_url: str, group_commit: bool
+) -> None:
+    """The first attempt's answer is lost, and the statement commits just after the retry
+    has looked its batch token up (not there yet) and before the retry reads the accounts:
+    the retry sees the deposits already in the balances, writes no conflicting version, and
+    without a fence would apply them a second time. The retry records the lost batch's token
+    as fenced in its own transaction, meets the token the lost batch wrote, looks again and
+    replays. (Generated ids have no record each: the token is all a retry can find.)"""
+    from eventsourcing.persistence import OperationalError
+
+    ledger = open_ledger(shared_store_url, group_commit=group_commit)
+    hot = ledger.open_account("hot", "EUR").account_id
+    calm = ledger.open_account("calm", "EUR").account_id
+    recorder = ledger.service.recorder
+    insert, select = recorder.insert_events, recorder.select_requests
+    lost: list[tuple[Any, dict[str, Any]]] = []
+    landed: list[str] = []
+
+    def losing_insert(stored: Any, **options: Any) -> Any:
+        if not lost:  # sent, but the answer is lost: it will commit later
+            lost.append((stored, options))
+            raise OperationalError("server closed the connection unexpectedly")
+        return insert(stored, **options)
+
+    def late_landing(request_ids: Any, *args: Any) -> Any:
+        found = select(request_ids, *args)
+        tokens = {p.record.request_id for p in lost[0][1]["requests"]} if lost else set()
+        if not landed and tokens & set(request_ids):
+            insert(lost[0][0], **lost[0][1])  # the lost statement commits now
+            landed.append("yes")
+        return found
+
+    recorder.insert_events = losing_insert  # type: ignore[method-assign]
+    recorder.select_requests = late_landing  # type: ignore[method-assign]
+    outcomes = ledger.submit([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
+    recorder.insert_events, recorder.select_requests = insert, select  # type: ignore[method-assign]
+    assert landed, "the lost commit landed between the retry's lookup and its reads"
+    assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
+    assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
+    positions = [o.position for o in outcomes if isinstance(o, Receipt)]
+    assert positions == [ledger.head() - 1, ledger.head()]  # where the lost batch put them
+    ledger.close()
+
+
 def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
     """A batch is split after a conflict; its clean part commits; the rest then fails for
     good (the store keeps dropping the connection). Each command gets its own result: the

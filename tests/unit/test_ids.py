@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
-from uuid import RFC_4122, UUID
+import uuid
+from uuid import RESERVED_FUTURE, RFC_4122, UUID
 
-from daybook.domain.ids import new_id_text, new_uuid
+from daybook.domain.ids import is_generated_request_id, new_id_text, new_request_id, new_uuid
 
 
 def test_ids_are_version_4_uuids_like_the_standard_library_makes() -> None:
@@ -20,9 +21,27 @@ def test_ids_are_version_4_uuids_like_the_standard_library_makes() -> None:
         assert str(UUID(text)) == text and UUID(text).version == 4
 
 
+def test_generated_request_ids_are_told_apart_from_every_other_id_by_their_variant() -> None:
+    for _ in range(1000):
+        text = new_request_id()
+        parsed = UUID(text)
+        assert str(parsed) == text and parsed.variant == RESERVED_FUTURE
+        assert is_generated_request_id(text)
+        # what callers use for request ids: never taken for the ledger's own
+        assert not is_generated_request_id(str(uuid.uuid4()))
+        assert not is_generated_request_id(new_id_text())
+    sample = new_request_id()
+    for text in ("", "r-1", sample.upper(), sample + "0", "x" + sample[1:]):
+        assert not is_generated_request_id(text), text
+
+
 def test_ids_do_not_repeat_across_many_refills() -> None:
-    values = {new_uuid() for _ in range(50_000)} | {UUID(new_id_text()) for _ in range(50_000)}
-    assert len(values) == 100_000
+    values = (
+        {new_uuid() for _ in range(50_000)}
+        | {UUID(new_id_text()) for _ in range(50_000)}
+        | {UUID(new_request_id()) for _ in range(50_000)}
+    )
+    assert len(values) == 150_000
 
 
 def test_a_forked_child_draws_fresh_randomness() -> None:
