@@ -8,6 +8,7 @@ other integrity error are told apart, and each takes its own path.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError
 
 from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
-from daybook.domain.accounts import Deposit, OpenAccount, Transfer
+from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
@@ -284,21 +285,13 @@ def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     ledger.close()
 
 
-@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
-def test_a_lost_commit_that_lands_before_the_retry_reads_is_fenced_off(
-    shared_store_url: str, group_commit: bool
-) -> None:
-    """The first attempt's answer is lost, and the statement commits just after the retry
-    has looked its batch token up (not there yet) and before the retry reads the accounts:
-    the retry sees the deposits already in the balances, writes no conflicting version, and
-    without a fence would apply them a second time. The retry records the lost batch's token
-    as fenced in its own transaction, meets the token the lost batch wrote, looks again and
-    replays. (Generated ids have no record each: the token is all a retry can find.)"""
+@contextlib.contextmanager
+def first_commit_lost_then_landing(ledger: Ledger) -> Iterator[list[str]]:
+    """The first commit's answer is lost, and its statement commits later: just after the
+    retry has looked its batch token up (and found nothing), before the retry reads any
+    aggregate. Yields a list that holds one item once that happened."""
     from eventsourcing.persistence import OperationalError
 
-    ledger = open_ledger(shared_store_url, group_commit=group_commit)
-    hot = ledger.open_account("hot", "EUR").account_id
-    calm = ledger.open_account("calm", "EUR").account_id
     recorder = ledger.service.recorder
     insert, select = recorder.insert_events, recorder.select_requests
     lost: list[tuple[Any, dict[str, Any]]] = []
@@ -315,18 +308,55 @@ def test_a_lost_commit_that_lands_before_the_retry_reads_is_fenced_off(
         tokens = {p.record.request_id for p in lost[0][1]["requests"]} if lost else set()
         if not landed and tokens & set(request_ids):
             insert(lost[0][0], **lost[0][1])  # the lost statement commits now
-            landed.append("yes")
+            landed.append("landed")
         return found
 
     recorder.insert_events = losing_insert  # type: ignore[method-assign]
     recorder.select_requests = late_landing  # type: ignore[method-assign]
-    outcomes = ledger.submit([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
-    recorder.insert_events, recorder.select_requests = insert, select  # type: ignore[method-assign]
+    try:
+        yield landed
+    finally:
+        recorder.insert_events, recorder.select_requests = insert, select  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_a_lost_commit_that_lands_before_the_retry_reads_is_fenced_off(
+    shared_store_url: str, group_commit: bool
+) -> None:
+    """The retry sees the lost batch's deposits already in the balances, so it writes no
+    conflicting version, and without a fence would apply them a second time. It records
+    the lost batch's token as fenced in its own transaction, meets the token the lost batch
+    wrote, looks again and replays. (Generated ids have no record each: the token is all a
+    retry can find.)"""
+    ledger = open_ledger(shared_store_url, group_commit=group_commit)
+    hot = ledger.open_account("hot", "EUR").account_id
+    calm = ledger.open_account("calm", "EUR").account_id
+    with first_commit_lost_then_landing(ledger) as landed:
+        outcomes = ledger.submit([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
     assert landed, "the lost commit landed between the retry's lookup and its reads"
     assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
     assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
     positions = [o.position for o in outcomes if isinstance(o, Receipt)]
     assert positions == [ledger.head() - 1, ledger.head()]  # where the lost batch put them
+    ledger.close()
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_a_retry_that_refuses_what_a_lost_commit_did_is_fenced_off_too(
+    shared_store_url: str, group_commit: bool
+) -> None:
+    """The lost batch withdrew everything; the retry, seeing that, refuses the withdrawal.
+    A refusal of a generated id writes nothing, so without the fence the caller would be
+    told "insufficient funds" for money that left the account. The fence alone makes a
+    transaction, meets the lost batch's token, and the withdrawal is answered as done."""
+    ledger = open_ledger(shared_store_url, group_commit=group_commit)
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 10)
+    with first_commit_lost_then_landing(ledger) as landed:
+        (outcome,) = ledger.submit([Withdraw(account, 10)])  # a generated id
+    assert landed, "the lost commit landed between the retry's lookup and its reads"
+    assert isinstance(outcome, Receipt) and outcome.replayed, outcome
+    assert ledger.account(account).balance == 0
     ledger.close()
 
 
