@@ -348,6 +348,8 @@ class LedgerService(Application[UUID]):
         #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
         self.snapshot_interval = 100
         self._snapshot_failures: set[type[LedgerAggregate]] = set()
+        #: Tells this ledger's receipts on command objects from another's (see ``_DONE``).
+        self._identity = object()
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -640,7 +642,14 @@ class LedgerService(Application[UUID]):
             prepared.outcomes.append(None)
             request_id = command.request_id
             if request_id in known:
-                prepared.outcomes[index] = _replay(known[request_id], command)
+                outcome = prepared.outcomes[index] = _replay(known[request_id], command)
+                if isinstance(outcome, Receipt) and not command.caller_request_id:
+                    command.__dict__[_DONE] = (self._identity, outcome)
+                continue
+            done = command.__dict__.get(_DONE)
+            if done is not None and done[0] is self._identity:
+                # This very command, with its generated id, committed here already.
+                prepared.outcomes[index] = replace(done[1], replayed=True)
                 continue
             if command.caller_request_id and is_generated_request_id(request_id):
                 prepared.outcomes[index] = IdempotencyConflict(
@@ -744,9 +753,12 @@ class LedgerService(Application[UUID]):
                 self._evict(prepared.uow)  # it may have been written after all
                 raise
             assert positions is not None
+            commands = prepared.commands
             for index, (receipt, last) in prepared.receipts.items():
                 # The fields are this process's own values (UUIDs, not their JSON strings).
-                prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
+                done = prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
+                if not commands[index].caller_request_id:
+                    commands[index].__dict__[_DONE] = (self._identity, done)
             if remember:
                 self.remember(prepared)
         for index, (source, first) in prepared.repeats.items():
@@ -911,6 +923,16 @@ def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
     if not roots:
         return list(range(count))
     return [index for index in range(count) if root(index) in roots]
+
+
+#: Where a command with a generated request id keeps its receipt once committed. Its id has
+#: no record of its own (one token per batch), so a caller that sends the very same command
+#: object again (a retry loop, the same object twice in a submission), or a retry of the
+#: ledger's that runs it again after its commit was answered, finds it here and replays it:
+#: kept as long as the caller keeps the command, and no longer. (Set in the frozen
+#: dataclass's ``__dict__``, as ``fingerprint`` caches itself; with the ledger's identity, so
+#: the same object sent to another ledger is applied there.)
+_DONE = "_daybook_receipt"
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

@@ -360,6 +360,85 @@ def test_a_retry_that_refuses_what_a_lost_commit_did_is_fenced_off_too(
     ledger.close()
 
 
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_the_same_command_object_sent_again_is_replayed(store_url: str, group_commit: bool) -> None:
+    """A command made without a request id carries the one the ledger generated for it;
+    sending that very object again (a retry loop, the same object twice in one submission)
+    replays it, although generated ids have no record of their own."""
+    with open_ledger(store_url, group_commit=group_commit) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        deposit = Deposit(account, 5)
+        first = ledger.execute(deposit)
+        again = ledger.execute(deposit)
+        assert again == replace(first, replayed=True)
+        twice = Deposit(account, 7)
+        outcomes = ledger.submit([twice, twice])
+        assert [o.replayed for o in outcomes if isinstance(o, Receipt)] == [False, True]
+        assert ledger.account(account).balance == 12
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_a_command_repeated_in_a_batch_whose_commit_failed_is_applied_once(
+    store_url: str, group_commit: bool
+) -> None:
+    """The batch's commit fails with an error that says nothing about what was written; its
+    commands are then run one by one, and the repeat of a command finds it done."""
+    with open_ledger(store_url, group_commit=group_commit) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        recorder = ledger.service.recorder
+        insert = recorder.insert_events
+        failed: list[int] = []
+
+        def failing_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("the driver failed after sending")
+            return insert(*args, **kwargs)
+
+        recorder.insert_events = failing_once  # type: ignore[method-assign]
+        deposit = Deposit(account, 5)
+        outcomes = ledger.submit([deposit, deposit])
+        recorder.insert_events = insert  # type: ignore[method-assign]
+        assert failed, "the scripted failure happened"
+        assert ledger.account(account).balance == 5, outcomes
+        assert [o.replayed for o in outcomes if isinstance(o, Receipt)] == [False, True]
+
+
+def test_a_repeat_in_the_batch_built_on_a_lost_commit_is_not_applied_again(
+    store_url: str,
+) -> None:
+    """A submission's first batch commits but its answer is lost; the batch the writer built
+    on top of it holds a repeat of one of its commands. The lost batch is looked up and
+    replayed, the one built on it is applied again, and the repeat is replayed too."""
+    from eventsourcing.persistence import OperationalError
+
+    with open_ledger(store_url) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        other = ledger.open_account("b", "EUR").account_id
+        recorder = ledger.service.recorder
+        insert = recorder.insert_events
+        lost: list[int] = []
+
+        def answer_lost_once(*args: Any, **kwargs: Any) -> Any:
+            written = insert(*args, **kwargs)
+            if not lost:
+                lost.append(1)
+                raise OperationalError("server closed the connection unexpectedly")
+            return written
+
+        recorder.insert_events = answer_lost_once  # type: ignore[method-assign]
+        deposit = Deposit(account, 5)
+        # Applied 200 at a time: the repeat lands in a later batch than the first use.
+        fillers = [Deposit(other, 1) for _ in range(300)]
+        outcomes = ledger.submit([deposit, *fillers, deposit])
+        recorder.insert_events = insert  # type: ignore[method-assign]
+        assert lost, "the scripted failure happened"
+        assert ledger.account(account).balance == 5
+        assert ledger.account(other).balance == 300
+        assert all(isinstance(o, Receipt) for o in outcomes), outcomes
+        assert outcomes[-1].replayed  # type: ignore[union-attr]
+
+
 def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
     """A batch is split after a conflict; its clean part commits; the rest then fails for
     good (the store keeps dropping the connection). Each command gets its own result: the
