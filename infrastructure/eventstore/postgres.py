@@ -56,7 +56,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
         events = SQL("{}.{}").format(schema, Identifier(self.events_table_name))
         # The table eventsourcing's factory creates for the application's snapshots.
         prefix = self.events_table_name.removesuffix("_events")
-        snapshots = SQL("{}.{}").format(schema, Identifier(f"{prefix}_snapshots"))
+        self._snapshots_table_name = f"{prefix}_snapshots"
+        snapshots = SQL("{}.{}").format(schema, Identifier(self._snapshots_table_name))
         self.sql_create_statements.append(
             SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
@@ -250,7 +251,10 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 table = cause.diag.table_name
                 if table == REQUESTS_TABLE:
                     raise DuplicateRequest(str(error)) from cause
-                if table == self.events_table_name:
+                # Another writer's batch took an aggregate across a snapshot boundary from
+                # the same version, and committed first: its snapshot row is the first key
+                # this batch meets (snapshots are written before the events).
+                if table in (self.events_table_name, self._snapshots_table_name):
                     raise VersionConflict(str(error)) from cause
             raise
 

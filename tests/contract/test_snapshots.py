@@ -3,14 +3,16 @@ history. A snapshot is a validated contract with a schema version, like an event
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Any, ClassVar
 from uuid import UUID
 
 import orjson
+import psycopg
 import pytest
 
-from daybook import Ledger, Settings, open_ledger
+from daybook import Ledger, Receipt, Settings, open_ledger
 from daybook.domain.accounts import Account, Deposit
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.inventory import Inventory
@@ -21,6 +23,7 @@ from daybook.domain.snapshots import (
     SnapshotMismatch,
 )
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.infrastructure.urls import postgres_params
 
 INTERVAL = 50
 
@@ -187,3 +190,47 @@ def test_an_older_snapshot_is_upcast_like_an_event() -> None:
     assert isinstance(restored, TallySnapshot)
     again = restored.mutate(None)
     assert (again.count, again.label, again.version) == (1, "tally", 2)  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_two_writers_crossing_a_snapshot_boundary_at_once_meet_a_version_conflict(
+    pg_url: str,
+) -> None:
+    """Two processes' batches take one account across a snapshot boundary from the same
+    version, both in flight: the second waits for the first's snapshot row, and when the
+    first commits, meets a unique violation on the snapshots table. That is a version
+    conflict like any other (the account moved): the second deposit is applied again on the
+    new state and succeeds, rather than answering its caller with a database error."""
+    from tests.pg_locks import wait_for_lock_waits
+
+    conninfo = postgres_params(pg_url).conninfo()
+    chosen = Settings.load(url=pg_url, snapshot_interval=2, group_commit=False)
+    with open_ledger(settings=chosen) as first, open_ledger(settings=chosen) as second:
+        account = first.open_account("a", "EUR").account_id
+        first.deposit(account, 1)
+        first.deposit(account, 1)  # version 3: the next change writes a snapshot
+        assert second.service.repository.cache is not None
+        second.service.repository.cache.put(account, second.service.repository.get(account))
+        results: dict[str, Any] = {}
+
+        def deposit(name: str, ledger: Any) -> None:
+            try:
+                results[name] = ledger.deposit(account, 10)
+            except Exception as error:  # what the caller would be answered
+                results[name] = error
+
+        with psycopg.connect(conninfo) as blocker:
+            # Holds the events table: the first batch stops at its table lock, after
+            # writing its snapshot row.
+            blocker.execute("LOCK TABLE daybook_events IN SHARE MODE")
+            one = threading.Thread(target=deposit, args=("first", first))
+            one.start()
+            wait_for_lock_waits(conninfo, 1, "the first batch")
+            two = threading.Thread(target=deposit, args=("second", second))
+            two.start()
+            wait_for_lock_waits(conninfo, 2, "the second batch")  # on the first's snapshot
+        one.join(30)
+        two.join(30)
+        assert isinstance(results["first"], Receipt), results
+        assert isinstance(results["second"], Receipt), results
+        assert first.account(account).balance == 22
