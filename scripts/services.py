@@ -104,6 +104,17 @@ class ServiceError(RuntimeError):
     """A test service could not be started, stopped or restarted."""
 
 
+class PortTaken(ServiceError):
+    """The port chosen for a service was taken before the service bound it: ``free_port``
+    finds a port free, and any process's next outgoing connection, or another test
+    process's server, can take it in the moment before the service binds it."""
+
+
+#: How many ports a service is started on before its start fails (each try takes a port
+#: that was free a moment before).
+PORT_TRIES = 5
+
+
 # --------------------------------------------------------------------------- #
 # Generic process helpers
 # --------------------------------------------------------------------------- #
@@ -162,6 +173,34 @@ def _terminate(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: floa
         _log.warning("pid %s ignored %s for %.0fs; killing it", proc.pid, sig.name, timeout)
         proc.kill()
         proc.wait(10)
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (from ``/proc``: its
+    socket descriptors, and the kernel's table of listening sockets)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                listening = fields[3] == "0A"  # TCP_LISTEN
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if listening and local_port == port and fields[9] in inodes:
+                    return True
+    return False
+
+
+def _written_since(path: Path, offset: int) -> str:
+    """What was written to the log at ``path`` after its first ``offset`` bytes."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -324,21 +363,33 @@ def _pg_settings(port: int, durable: bool, socket_dir: Path) -> str:
 
 
 def _wait_for_postgres(
-    url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    data_dir: Path,
+    timeout: float,
+    log_offset: int = 0,
 ) -> None:
-    """Poll until ``url`` accepts a connection, the process dies, or ``timeout`` passes."""
+    """Poll until ``url`` accepts a connection to *this* server (its data directory: another
+    test process's server may hold the port), the process dies, or ``timeout`` passes.
+    Raises ``PortTaken`` when the port was not ours to have."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServiceError(f"postgres exited with {proc.returncode}:\n{_tail(log_path)}")
+            taken = "Address already in use" in _written_since(log_path, log_offset)
+            error = PortTaken if taken else ServiceError
+            raise error(f"postgres exited with {proc.returncode}:\n{_tail(log_path)}")
         try:
             with psycopg.connect(url, connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return
+                row = conn.execute("SHOW data_directory").fetchone()
         except psycopg.OperationalError as exc:
             last_error = exc
             time.sleep(0.05)
+            continue
+        if row is None or Path(row[0]).resolve() != data_dir.resolve():
+            raise PortTaken(f"{url} answers for another server ({row}), not {data_dir}")
+        return
     raise ServiceError(f"postgres not ready after {timeout}s ({last_error}):\n{_tail(log_path)}")
 
 
@@ -401,25 +452,11 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
             for path in (directory, data_dir, socket_dir, log_path):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         _initdb(bin_dir, data_dir, creds, timeout)
-        port = free_port()
-        with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
-            conf.write(_pg_settings(port, durable, socket_dir))
-        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the handle
-        proc = subprocess.Popen(
-            [str(bin_dir / "postgres"), "-D", str(data_dir)],
-            **creds,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_pdeathsig_preexec(signal.SIGINT),
-            start_new_session=True,  # a Ctrl-C in the terminal is pytest's, not postgres's
-        )
     except BaseException:
         shutil.rmtree(directory)
         raise
-    url = f"postgresql://postgres@{_LOOPBACK}:{port}/postgres"
     handle = PostgresHandle(
-        url=url,
+        url="",
         external=False,
         durable=durable,
         startup_seconds=0.0,
@@ -427,19 +464,43 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
         data_dir=data_dir,
         log_path=log_path,
         socket_dir=socket_dir,
-        _proc=proc,
-        _log_file=log_file,
     )
     atexit.register(handle.stop)
-    try:
-        _wait_for_postgres(url, proc, log_path, timeout)
-    except BaseException:
-        handle.stop()
-        raise
+    for attempt in range(1, PORT_TRIES + 1):
+        port = free_port()
+        handle.url = f"postgresql://postgres@{_LOOPBACK}:{port}/postgres"
+        try:
+            # Appended: the last ``port`` line of the file wins on a retry.
+            with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+                conf.write(_pg_settings(port, durable, socket_dir))
+            offset = log_path.stat().st_size
+            log_file = handle._log_file = open(log_path, "ab")  # noqa: SIM115 - the handle's
+            proc = handle._proc = subprocess.Popen(
+                [str(bin_dir / "postgres"), "-D", str(data_dir)],
+                **creds,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_pdeathsig_preexec(signal.SIGINT),
+                start_new_session=True,  # a Ctrl-C in the terminal is pytest's, not postgres's
+            )
+            _wait_for_postgres(handle.url, proc, log_path, data_dir, timeout, offset)
+            break
+        except PortTaken:
+            if attempt == PORT_TRIES:
+                handle.stop()
+                raise
+            _log.warning("postgres: port %d was taken before it bound it; another port", port)
+            _terminate(proc, signal.SIGINT, timeout=30)
+            log_file.close()
+            handle._proc = handle._log_file = None
+        except BaseException:
+            handle.stop()
+            raise
     handle.startup_seconds = time.monotonic() - started
     _log.info(
         "postgres ready at %s in %.2fs (durable=%s, in %s)",
-        url,
+        handle.url,
         handle.startup_seconds,
         durable,
         directory,
@@ -611,6 +672,7 @@ class KafkaHandle:
             return
         assert self.binary and self.log_path and self.storage_url, "not a broker we started"
         started = time.monotonic()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         listener = f"tcp://{self.bootstrap}"
         advertised = f"tcp://{self.advertised or self.bootstrap}"
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the handle
@@ -633,9 +695,15 @@ class KafkaHandle:
         )
         try:
             wait_for_kafka(self.bootstrap, timeout=timeout, proc=self._proc)
+            # Tansu reports a port it could not bind in its log (and ends); the wait may
+            # have reached whoever holds the port: another test process's broker.
+            if not _listens(self._proc.pid, self.port):
+                raise PortTaken(f"{self.bootstrap} answers, but not from this broker")
         except BaseException as exc:
             self._stop_process()
-            raise ServiceError(f"{exc}\n--- {self.log_path} ---\n{_tail(self.log_path)}") from exc
+            taken = "AddrInUse" in _written_since(self.log_path, offset)
+            error = PortTaken if taken else ServiceError
+            raise error(f"{exc}\n--- {self.log_path} ---\n{_tail(self.log_path)}") from exc
         self.startup_seconds = time.monotonic() - started
 
     def restart(self, *, graceful: bool = False, timeout: float = 30.0) -> None:
@@ -671,7 +739,7 @@ def start_kafka(
 
     base_dir.mkdir(parents=True, exist_ok=True)
     handle = KafkaHandle(
-        bootstrap=f"{_LOOPBACK}:{port or free_port()}",
+        bootstrap="",
         external=False,
         startup_seconds=0.0,
         log_path=base_dir / "tansu.log",
@@ -681,6 +749,14 @@ def start_kafka(
         advertised=advertised,
     )
     atexit.register(handle._stop_process, signal.SIGKILL)
-    handle.start(timeout=timeout)
+    for attempt in range(1, PORT_TRIES + 1):
+        handle.bootstrap = f"{_LOOPBACK}:{port or free_port()}"
+        try:
+            handle.start(timeout=timeout)
+            break
+        except PortTaken:
+            if port is not None or attempt == PORT_TRIES:
+                raise  # a port the caller chose is the only one it can have
+            _log.warning("tansu: %s was taken before it bound it; another port", handle.bootstrap)
     _log.info("tansu ready at %s in %.2fs", handle.bootstrap, handle.startup_seconds)
     return handle

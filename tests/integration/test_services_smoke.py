@@ -10,9 +10,11 @@ import asyncio
 import os
 import pwd
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -183,3 +185,67 @@ def test_broker_round_trips_a_message(kafka_bootstrap: str) -> None:
     topic = f"smoke-{uuid.uuid4().hex[:12]}"
     got = asyncio.run(asyncio.wait_for(_roundtrip(kafka_bootstrap, topic), timeout=30))
     assert got == [(b"k1", b"hello"), (b"k2", b"world")]
+
+
+def _ports_taken_first(monkeypatch: pytest.MonkeyPatch, taken: list[int]) -> None:
+    """``free_port`` answers ``taken`` first (ports another process holds), then real ones."""
+    queue = iter(taken)
+    real = services.free_port
+    monkeypatch.setattr(services, "free_port", lambda: next(queue, None) or real())
+
+
+@pytest.mark.postgres
+def test_a_postgres_whose_port_was_taken_starts_on_another(
+    pg_server: services.PostgresHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between finding a port free and binding it, another process can take it: a plain
+    socket (postgres then exits, "Address already in use"), or another test process's
+    server, which answers on that port as if it were this one. The server is started again
+    on another port each time, and the URL is this server's."""
+    monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
+    other = pg_server if not pg_server.external else services.start_postgres()
+    try:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = [held.getsockname()[1], int(urlsplit(other.url).port or 0)]
+            _ports_taken_first(monkeypatch, taken)
+            handle = services.start_postgres()
+        try:
+            assert urlsplit(handle.url).port not in taken
+            assert handle.data_dir is not None and handle.log_path is not None
+            with psycopg.connect(handle.url) as conn:
+                row = conn.execute("SHOW data_directory").fetchone()
+            assert row is not None and Path(row[0]).resolve() == handle.data_dir.resolve()
+            assert "Address already in use" in handle.log_path.read_text()
+        finally:
+            handle.stop()
+    finally:
+        if other is not pg_server:
+            other.stop()
+
+
+def test_a_broker_whose_port_was_taken_starts_on_another(
+    kafka: services.KafkaHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for PostgreSQL: a held socket (Tansu logs AddrInUse and ends), then another test
+    process's broker (which answers the readiness check itself)."""
+    monkeypatch.delenv(services.KAFKA_BOOTSTRAP_ENV, raising=False)
+    other = kafka if not kafka.external else services.start_kafka(tmp_path / "other")
+    try:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = [held.getsockname()[1], other.port]
+            _ports_taken_first(monkeypatch, taken)
+            handle = services.start_kafka(tmp_path / "broker")
+        try:
+            assert handle.port not in taken
+            assert handle.pid is not None and services._listens(handle.pid, handle.port)
+            assert handle.log_path is not None
+            assert "AddrInUse" in handle.log_path.read_text()
+        finally:
+            handle.stop()
+    finally:
+        if other is not kafka:
+            other.stop()
