@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.integration.bench_smoke import run_bench
 
 
 def test_bench_instrumentation_smoke(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_instrumentation.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--transfers",
-            "32",
-            "--runs",
-            "1",
-            "--accounts",
-            "4",
-            "--no-postgres",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
+    out = run_bench(
+        "bench_instrumentation.py",
+        *("--transfers", "32", "--runs", "1", "--accounts", "4", "--no-postgres"),
+        *("--out", str(tmp_path)),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ratio ON/OFF" in result.stdout
+    assert "ratio ON/OFF" in out
     report = json.loads((tmp_path / "instrumentation.json").read_text())
     assert [r["name"] for r in report["results"]] == ["sqlite, threads", "sqlite, asyncio"]
     # ON runs made spans and counted commands: the comparison is not of two OFF runs

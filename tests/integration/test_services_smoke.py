@@ -7,12 +7,14 @@ group), because every group join on Tansu costs a fixed ~3 s rebalance delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -187,11 +189,18 @@ def test_broker_round_trips_a_message(kafka_bootstrap: str) -> None:
     assert got == [(b"k1", b"hello"), (b"k2", b"world")]
 
 
-def _ports_taken_first(monkeypatch: pytest.MonkeyPatch, taken: list[int]) -> None:
-    """``free_port`` answers ``taken`` first (ports another process holds), then real ones."""
-    queue = iter(taken)
-    real = services.free_port
-    monkeypatch.setattr(services, "free_port", lambda: next(queue, None) or real())
+@contextlib.contextmanager
+def ports_taken_first(monkeypatch: pytest.MonkeyPatch, server_port: int) -> Iterator[list[int]]:
+    """``free_port`` answers two taken ports first: one a plain socket holds, then
+    ``server_port`` (another server's); then real ones. Yields the two."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = [held.getsockname()[1], server_port]
+        queue = iter(taken)
+        real = services.free_port
+        monkeypatch.setattr(services, "free_port", lambda: next(queue, None) or real())
+        yield taken
 
 
 @pytest.mark.postgres
@@ -205,11 +214,7 @@ def test_a_postgres_whose_port_was_taken_starts_on_another(
     monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
     other = pg_server if not pg_server.external else services.start_postgres()
     try:
-        with socket.socket() as held:
-            held.bind(("127.0.0.1", 0))
-            held.listen()
-            taken = [held.getsockname()[1], int(urlsplit(other.url).port or 0)]
-            _ports_taken_first(monkeypatch, taken)
+        with ports_taken_first(monkeypatch, int(urlsplit(other.url).port or 0)) as taken:
             handle = services.start_postgres()
         try:
             assert urlsplit(handle.url).port not in taken
@@ -233,11 +238,7 @@ def test_a_broker_whose_port_was_taken_starts_on_another(
     monkeypatch.delenv(services.KAFKA_BOOTSTRAP_ENV, raising=False)
     other = kafka if not kafka.external else services.start_kafka(tmp_path / "other")
     try:
-        with socket.socket() as held:
-            held.bind(("127.0.0.1", 0))
-            held.listen()
-            taken = [held.getsockname()[1], other.port]
-            _ports_taken_first(monkeypatch, taken)
+        with ports_taken_first(monkeypatch, other.port) as taken:
             handle = services.start_kafka(tmp_path / "broker")
         try:
             assert handle.port not in taken
