@@ -497,8 +497,11 @@ class LedgerService(Application[UUID]):
                         f"gave up after {self.max_attempts} attempts: other writers kept "
                         "changing the same accounts or SKUs; retry the request"
                     )
-                    for index in indices:
-                        outcomes[index] = ConcurrencyConflict(message)
+                    answers = self._give_up(
+                        [batch[i] for i in indices], attempts, ConcurrencyConflict(message)
+                    )
+                    for index, answer in zip(indices, answers, strict=True):
+                        outcomes[index] = answer
                     return
                 fresh = True
                 _backoff(conflicts)
@@ -570,6 +573,38 @@ class LedgerService(Application[UUID]):
         if not wanted:
             return {}
         return self._requests.select_requests(wanted, self.retention.clock())
+
+    def _give_up(
+        self, commands: Sequence[Command], attempts: Sequence[Attempt], answer: Result
+    ) -> list[Result]:
+        """The answers of commands that will not be tried again: ``answer`` ("not applied:
+        retry"), unless an earlier attempt of theirs whose outcome was unknown committed
+        (then its replay). Unknown attempts are fenced first, in a transaction of their own,
+        so that none can commit after the answer and make it false; if even that fails, the
+        error is the answer (the outcome is unknown, and the answer says so)."""
+        if not attempts:
+            return [answer] * len(commands)
+        for _ in range(len(attempts) + 1):
+            try:
+                known, unknown = self._settle_attempts(commands, attempts)
+                if unknown:
+                    fence = self.new_batch()
+                    fence.pending.extend(
+                        PendingRequest(token_record(token, FENCED_TOKEN), None)
+                        for token in unknown
+                    )
+                    self.commit(fence)
+            except DuplicateRequest:
+                continue  # one of them committed meanwhile: look again
+            except Exception as error:
+                return [error] * len(commands)
+            return [
+                _replay(known[c.request_id], c) if c.request_id in known else answer
+                for c in commands
+            ]
+        # Not reached: each conflict on a token settles that attempt, so a pass without one
+        # comes within len(attempts) + 1.
+        return [answer] * len(commands)
 
     def _settle_attempts(
         self, batch: Sequence[Command], attempts: Sequence[Attempt]

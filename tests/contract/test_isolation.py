@@ -439,6 +439,40 @@ def test_a_repeat_in_the_batch_built_on_a_lost_commit_is_not_applied_again(
         assert outcomes[-1].replayed  # type: ignore[union-attr]
 
 
+def test_a_retry_that_gives_up_fences_off_the_lost_commit_first(shared_store_url: str) -> None:
+    """The first commit's answer is lost; every retry then meets another writer's change
+    until the ledger gives up and answers ``concurrency_conflict`` ("retry the request").
+    That answer must stay true: the lost statement is fenced off before it is given, so
+    when it finally reaches the store it fails, and nothing was applied."""
+    from eventsourcing.persistence import OperationalError
+
+    ledger = open_ledger(shared_store_url, group_commit=False)
+    # 8 attempts at most after conflicts; after lost connections, 8 // 4 = 2.
+    ledger.service.max_attempts = 8  # type: ignore[misc]
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 10)
+    recorder = ledger.service.recorder
+    insert = recorder.insert_events
+    lost: list[tuple[Any, dict[str, Any]]] = []
+
+    def scripted(stored: Any, **options: Any) -> Any:
+        if not lost:  # sent, but the answer is lost: it may still commit
+            lost.append((stored, options))
+            raise OperationalError("server closed the connection unexpectedly")
+        if stored:  # every retry: another writer got there first
+            raise VersionConflict("duplicate key value violates unique constraint")
+        return insert(stored, **options)  # a write of records alone (a fence)
+
+    recorder.insert_events = scripted  # type: ignore[method-assign]
+    (outcome,) = ledger.submit([Withdraw(account, 10)])  # a generated id
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(outcome, ConcurrencyConflict), outcome
+    with pytest.raises(DuplicateRequest):  # the lost statement arrives: fenced off
+        insert(lost[0][0], **lost[0][1])
+    assert ledger.account(account).balance == 10  # as the answer said: not applied
+    ledger.close()
+
+
 def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
     """A batch is split after a conflict; its clean part commits; the rest then fails for
     good (the store keeps dropping the connection). Each command gets its own result: the
