@@ -701,7 +701,9 @@ class KafkaHandle:
                 raise PortTaken(f"{self.bootstrap} answers, but not from this broker")
         except BaseException as exc:
             self._stop_process()
-            taken = "AddrInUse" in _written_since(self.log_path, offset)
+            taken = isinstance(exc, PortTaken) or "AddrInUse" in _written_since(
+                self.log_path, offset
+            )
             error = PortTaken if taken else ServiceError
             raise error(f"{exc}\n--- {self.log_path} ---\n{_tail(self.log_path)}") from exc
         self.startup_seconds = time.monotonic() - started

@@ -578,33 +578,47 @@ class LedgerService(Application[UUID]):
         self, commands: Sequence[Command], attempts: Sequence[Attempt], answer: Result
     ) -> list[Result]:
         """The answers of commands that will not be tried again: ``answer`` ("not applied:
-        retry"), unless an earlier attempt of theirs whose outcome was unknown committed
-        (then its replay). Unknown attempts are fenced first, in a transaction of their own,
-        so that none can commit after the answer and make it false; if even that fails, the
-        error is the answer (the outcome is unknown, and the answer says so)."""
-        if not attempts:
-            return [answer] * len(commands)
+        retry"), unless an earlier attempt of theirs committed after all (then its replay:
+        looked up by caller-chosen id, and by batch token). Attempts whose outcome is still
+        unknown are fenced first, in a transaction of their own, so that none can commit
+        after the answer and make it false; if that fails, the error is the answer for the
+        commands not found (their outcome is unknown, and the answer says so). A caller-chosen
+        id needs no fence: retried with the same id, the request replays whatever happened.
+        """
+        known: dict[str, RequestRecord] = {}
         for _ in range(len(attempts) + 1):
             try:
-                known, unknown = self._settle_attempts(commands, attempts)
-                if unknown:
-                    fence = self.new_batch()
-                    fence.pending.extend(
-                        PendingRequest(token_record(token, FENCED_TOKEN), None)
-                        for token in unknown
-                    )
-                    self.commit(fence)
+                known = self.lookup(commands)
+                if attempts:
+                    found, unknown = self._settle_attempts(commands, attempts)
+                    known.update(found)
+                    if unknown:
+                        fence = self.new_batch()
+                        fence.pending.extend(
+                            PendingRequest(token_record(token, FENCED_TOKEN), None)
+                            for token in unknown
+                        )
+                        self.commit(fence)
             except DuplicateRequest:
                 continue  # one of them committed meanwhile: look again
             except Exception as error:
-                return [error] * len(commands)
-            return [
-                _replay(known[c.request_id], c) if c.request_id in known else answer
-                for c in commands
-            ]
-        # Not reached: each conflict on a token settles that attempt, so a pass without one
-        # comes within len(attempts) + 1.
-        return [answer] * len(commands)
+                answer = error
+            break
+        answers: list[Result] = []
+        for command in commands:
+            record = known.get(command.request_id)
+            if record is None:
+                answers.append(answer)
+                continue
+            outcome = _replay(record, command)
+            self._keep_done(command, outcome)
+            answers.append(outcome)
+        return answers
+
+    def _keep_done(self, command: Command, outcome: Outcome) -> None:
+        """Keep the receipt of a command with a generated id on the command (see ``_DONE``)."""
+        if isinstance(outcome, Receipt) and not command.caller_request_id:
+            command.__dict__[_DONE] = (self._identity, outcome)
 
     def _settle_attempts(
         self, batch: Sequence[Command], attempts: Sequence[Attempt]
@@ -678,8 +692,7 @@ class LedgerService(Application[UUID]):
             request_id = command.request_id
             if request_id in known:
                 outcome = prepared.outcomes[index] = _replay(known[request_id], command)
-                if isinstance(outcome, Receipt) and not command.caller_request_id:
-                    command.__dict__[_DONE] = (self._identity, outcome)
+                self._keep_done(command, outcome)
                 continue
             done = command.__dict__.get(_DONE)
             if done is not None and done[0] is self._identity:
@@ -792,8 +805,7 @@ class LedgerService(Application[UUID]):
             for index, (receipt, last) in prepared.receipts.items():
                 # The fields are this process's own values (UUIDs, not their JSON strings).
                 done = prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
-                if not commands[index].caller_request_id:
-                    commands[index].__dict__[_DONE] = (self._identity, done)
+                self._keep_done(commands[index], done)
             if remember:
                 self.remember(prepared)
         for index, (source, first) in prepared.repeats.items():

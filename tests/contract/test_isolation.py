@@ -473,6 +473,40 @@ def test_a_retry_that_gives_up_fences_off_the_lost_commit_first(shared_store_url
     ledger.close()
 
 
+def test_a_retry_that_gives_up_replays_what_the_lost_commit_did(shared_store_url: str) -> None:
+    """As above, but the lost statement lands during the last retry, after its lookups: the
+    commands it carried, one with a generated id and one with the caller's, are answered with
+    their replays (looked up by batch token and by request id), not told to retry."""
+    from eventsourcing.persistence import OperationalError
+
+    ledger = open_ledger(shared_store_url, group_commit=False)
+    ledger.service.max_attempts = 8  # type: ignore[misc]
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 10)
+    recorder = ledger.service.recorder
+    insert = recorder.insert_events
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def scripted(stored: Any, **options: Any) -> Any:
+        calls.append((stored, options))
+        if len(calls) == 1:  # sent, but the answer is lost
+            raise OperationalError("server closed the connection unexpectedly")
+        if len(calls) == 1 + 8:  # the last retry's commit: the lost statement lands first
+            insert(calls[0][0], **calls[0][1])
+        raise VersionConflict("duplicate key value violates unique constraint")
+
+    recorder.insert_events = scripted  # type: ignore[method-assign]
+    withdraw, deposit = Withdraw(account, 3), Deposit(account, 5, request_id="caller-1")
+    outcomes = ledger.submit([withdraw, deposit])
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert len(calls) == 9, "the ledger gave up after the scripted conflicts"
+    assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
+    assert ledger.account(account).balance == 12
+    assert ledger.execute(withdraw).replayed  # kept on the command: sent again, replayed
+    assert ledger.account(account).balance == 12
+    ledger.close()
+
+
 def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url: str) -> None:
     """A batch is split after a conflict; its clean part commits; the rest then fails for
     good (the store keeps dropping the connection). Each command gets its own result: the
