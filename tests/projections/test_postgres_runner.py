@@ -9,6 +9,7 @@ import pytest
 
 from daybook import open_event_log, open_ledger, projections, run_projections
 from daybook.infrastructure.lifecycle import ServiceState
+from tests.pg_locks import wait_for_advisory_locks_released
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -22,7 +23,8 @@ def test_a_second_runner_stands_by_and_takes_over(pg_url: str) -> None:
     second = run_projections(ledger, pg_url, start=False)
     workload(ledger, 30, seed=2, accounts=ids)
     assert second.step() == 0 and not second.slots  # every version is locked by the first
-    first.stop()  # its session ends: the locks are free
+    first.stop()  # its session ends: the locks are free once the server has ended it
+    wait_for_advisory_locks_released(pg_url)
     second.run_until_caught_up()
     assert len(second.slots) == len(projections.ALL)
     second.stop()
