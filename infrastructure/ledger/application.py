@@ -556,13 +556,8 @@ class LedgerService(Application[UUID]):
         writer has since changed.
         """
         prepared = self.new_batch(after=after, fresh=fresh)
-        known = self.lookup(batch)
-        if attempts:
-            found, unknown = self._settle_attempts(batch, attempts)
-            known.update(found)
-            prepared.pending.extend(
-                PendingRequest(token_record(token, FENCED_TOKEN), None) for token in unknown
-            )
+        known, fences = self._look_up(batch, attempts)
+        prepared.pending.extend(fences)
         self.apply(prepared, batch, known=known)
         return prepared
 
@@ -588,17 +583,11 @@ class LedgerService(Application[UUID]):
         known: dict[str, RequestRecord] = {}
         for _ in range(len(attempts) + 1):
             try:
-                known = self.lookup(commands)
-                if attempts:
-                    found, unknown = self._settle_attempts(commands, attempts)
-                    known.update(found)
-                    if unknown:
-                        fence = self.new_batch()
-                        fence.pending.extend(
-                            PendingRequest(token_record(token, FENCED_TOKEN), None)
-                            for token in unknown
-                        )
-                        self.commit(fence)
+                known, fences = self._look_up(commands, attempts)
+                if fences:
+                    fence = self.new_batch()
+                    fence.pending.extend(fences)
+                    self.commit(fence)
             except DuplicateRequest:
                 continue  # one of them committed meanwhile: look again
             except Exception as error:
@@ -620,20 +609,23 @@ class LedgerService(Application[UUID]):
         if isinstance(outcome, Receipt) and not command.caller_request_id:
             command.__dict__[_DONE] = (self._identity, outcome)
 
-    def _settle_attempts(
+    def _look_up(
         self, batch: Sequence[Command], attempts: Sequence[Attempt]
-    ) -> tuple[dict[str, RequestRecord], list[str]]:
-        """What ``prepare`` learns of earlier attempts: the records of ``batch``'s generated
-        request ids that one of them committed (with their positions), and the tokens of
-        those whose outcome is still unknown."""
+    ) -> tuple[dict[str, RequestRecord], list[PendingRequest]]:
+        """What ``prepare`` and ``_give_up`` learn before they answer: the records of
+        ``batch``'s caller-chosen ids (``lookup``) and of its generated ids that an earlier
+        attempt committed (with their positions), and a fence for each attempt whose
+        outcome is still unknown."""
+        known = self.lookup(batch)
+        if not attempts:
+            return known, []
         tokens = self._requests.select_requests([a.token for a in attempts], self.retention.clock())
         generated = [c.request_id for c in batch if not c.caller_request_id]
-        known: dict[str, RequestRecord] = {}
-        unknown: list[str] = []
+        fences: list[PendingRequest] = []
         for attempt in attempts:
             token = tokens.get(attempt.token)
             if token is None:
-                unknown.append(attempt.token)
+                fences.append(PendingRequest(token_record(attempt.token, FENCED_TOKEN), None))
                 continue
             if token.command != BATCH_TOKEN:
                 continue  # fenced: it never committed
@@ -644,7 +636,7 @@ class LedgerService(Application[UUID]):
                 known[request_id] = RequestRecord(
                     request_id, receipt["command"], "", outcome, caller=False
                 )
-        return known, unknown
+        return known, fences
 
     def recorded(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The request records (not expired) of these ids, whether or not they are known."""
