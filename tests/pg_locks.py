@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import LiteralString
 
 import psycopg
 import pytest
@@ -18,20 +20,35 @@ _WAITING = (
 )
 
 
-def _waiting(watcher: psycopg.Connection[tuple[int]]) -> int:
-    row = watcher.execute(_WAITING).fetchone()
+def _count(watcher: psycopg.Connection[tuple[int]], query: LiteralString) -> int:
+    row = watcher.execute(query).fetchone()
     return int(row[0]) if row else 0
+
+
+def _waiting(watcher: psycopg.Connection[tuple[int]]) -> int:
+    return _count(watcher, _WAITING)
+
+
+def _until(
+    watcher: psycopg.Connection[tuple[int]],
+    query: LiteralString,
+    ready: Callable[[int], bool],
+    failure: str,
+    interval: float = 0.05,
+) -> None:
+    """Poll the count ``query`` answers until ``ready`` accepts it; fail after 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ready(_count(watcher, query)):
+            return
+        time.sleep(interval)
+    pytest.fail(failure)
 
 
 def wait_for_lock_waits(url: str, count: int, who: str) -> None:
     """Until ``count`` sessions of the database at ``url`` wait for a lock."""
     with psycopg.connect(url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if _waiting(watcher) >= count:
-                return
-            time.sleep(0.05)
-    pytest.fail(f"{who} never waited for a lock")
+        _until(watcher, _WAITING, lambda n: n >= count, f"{who} never waited for a lock")
 
 
 def waits_or_finishes(url: str, thread: threading.Thread, count: int) -> bool:
@@ -54,17 +71,13 @@ def deadlocks_once_all_sessions_ended(url: str) -> int:
     the shared statistics by the time it has ended, so this waits for every other session
     of the database to end first."""
     with psycopg.connect(url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            row = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid()"
-            ).fetchone()
-            if row and row[0] == 0:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("sessions of the test's database never ended")
+        _until(
+            watcher,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()",
+            lambda n: n == 0,
+            "sessions of the test's database never ended",
+        )
         row = watcher.execute(
             "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
         ).fetchone()
@@ -77,14 +90,12 @@ def wait_for_advisory_locks_released(url: str) -> None:
     session's locks go when the server has ended it, a moment after its client closed the
     connection (about one close in fifty on an idle machine still holds them just after)."""
     with psycopg.connect(url, autocommit=True) as watcher:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            row = watcher.execute(
-                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-                " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
-                " AND l.mode = 'ExclusiveLock' AND l.granted"
-            ).fetchone()
-            if row and row[0] == 0:
-                return
-            time.sleep(0.01)
-    pytest.fail("advisory locks still held 30 s after their sessions were closed")
+        _until(
+            watcher,
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+            " AND l.mode = 'ExclusiveLock' AND l.granted",
+            lambda n: n == 0,
+            "advisory locks still held 30 s after their sessions were closed",
+            interval=0.01,
+        )
