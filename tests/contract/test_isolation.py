@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -439,6 +440,16 @@ def test_a_repeat_in_the_batch_built_on_a_lost_commit_is_not_applied_again(
         assert outcomes[-1].replayed  # type: ignore[union-attr]
 
 
+def ledger_that_gives_up(url: str) -> tuple[Ledger, UUID]:
+    """A ledger that gives up after 8 version conflicts (and after 8 // 4 = 2 lost
+    connections), with an account holding 10."""
+    ledger = open_ledger(url, group_commit=False)
+    ledger.service.max_attempts = 8  # type: ignore[misc]
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 10)
+    return ledger, account
+
+
 def test_a_retry_that_gives_up_fences_off_the_lost_commit_first(shared_store_url: str) -> None:
     """The first commit's answer is lost; every retry then meets another writer's change
     until the ledger gives up and answers ``concurrency_conflict`` ("retry the request").
@@ -446,11 +457,7 @@ def test_a_retry_that_gives_up_fences_off_the_lost_commit_first(shared_store_url
     when it finally reaches the store it fails, and nothing was applied."""
     from eventsourcing.persistence import OperationalError
 
-    ledger = open_ledger(shared_store_url, group_commit=False)
-    # 8 attempts at most after conflicts; after lost connections, 8 // 4 = 2.
-    ledger.service.max_attempts = 8  # type: ignore[misc]
-    account = ledger.open_account("a", "EUR").account_id
-    ledger.deposit(account, 10)
+    ledger, account = ledger_that_gives_up(shared_store_url)
     recorder = ledger.service.recorder
     insert = recorder.insert_events
     lost: list[tuple[Any, dict[str, Any]]] = []
@@ -479,10 +486,7 @@ def test_a_retry_that_gives_up_replays_what_the_lost_commit_did(shared_store_url
     their replays (looked up by batch token and by request id), not told to retry."""
     from eventsourcing.persistence import OperationalError
 
-    ledger = open_ledger(shared_store_url, group_commit=False)
-    ledger.service.max_attempts = 8  # type: ignore[misc]
-    account = ledger.open_account("a", "EUR").account_id
-    ledger.deposit(account, 10)
+    ledger, account = ledger_that_gives_up(shared_store_url)
     recorder = ledger.service.recorder
     insert = recorder.insert_events
     calls: list[tuple[Any, dict[str, Any]]] = []
