@@ -14,8 +14,9 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -203,6 +204,18 @@ def ports_taken_first(monkeypatch: pytest.MonkeyPatch, server_port: int) -> Iter
         yield taken
 
 
+@contextlib.contextmanager
+def another_server(session: Any, start: Callable[[], Any]) -> Iterator[Any]:
+    """A running server of the session's kind on a known port: the session's own, or, when
+    that one is external (maybe elsewhere), one started for the test and stopped after."""
+    other = session if not session.external else start()
+    try:
+        yield other
+    finally:
+        if other is not session:
+            other.stop()
+
+
 @pytest.mark.postgres
 def test_a_postgres_whose_port_was_taken_starts_on_another(
     pg_server: services.PostgresHandle, monkeypatch: pytest.MonkeyPatch
@@ -212,22 +225,20 @@ def test_a_postgres_whose_port_was_taken_starts_on_another(
     server, which answers on that port as if it were this one. The server is started again
     on another port each time, and the URL is this server's."""
     monkeypatch.delenv(services.DATABASE_URL_ENV, raising=False)
-    other = pg_server if not pg_server.external else services.start_postgres()
+    with (
+        another_server(pg_server, services.start_postgres) as other,
+        ports_taken_first(monkeypatch, int(urlsplit(other.url).port or 0)) as taken,
+    ):
+        handle = services.start_postgres()
     try:
-        with ports_taken_first(monkeypatch, int(urlsplit(other.url).port or 0)) as taken:
-            handle = services.start_postgres()
-        try:
-            assert urlsplit(handle.url).port not in taken
-            assert handle.data_dir is not None and handle.log_path is not None
-            with psycopg.connect(handle.url) as conn:
-                row = conn.execute("SHOW data_directory").fetchone()
-            assert row is not None and Path(row[0]).resolve() == handle.data_dir.resolve()
-            assert "Address already in use" in handle.log_path.read_text()
-        finally:
-            handle.stop()
+        assert urlsplit(handle.url).port not in taken
+        assert handle.data_dir is not None and handle.log_path is not None
+        with psycopg.connect(handle.url) as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+        assert row is not None and Path(row[0]).resolve() == handle.data_dir.resolve()
+        assert "Address already in use" in handle.log_path.read_text()
     finally:
-        if other is not pg_server:
-            other.stop()
+        handle.stop()
 
 
 def test_a_broker_whose_port_was_taken_starts_on_another(
@@ -236,17 +247,15 @@ def test_a_broker_whose_port_was_taken_starts_on_another(
     """As for PostgreSQL: a held socket (Tansu logs AddrInUse and ends), then another test
     process's broker (which answers the readiness check itself)."""
     monkeypatch.delenv(services.KAFKA_BOOTSTRAP_ENV, raising=False)
-    other = kafka if not kafka.external else services.start_kafka(tmp_path / "other")
+    with (
+        another_server(kafka, lambda: services.start_kafka(tmp_path / "other")) as other,
+        ports_taken_first(monkeypatch, other.port) as taken,
+    ):
+        handle = services.start_kafka(tmp_path / "broker")
     try:
-        with ports_taken_first(monkeypatch, other.port) as taken:
-            handle = services.start_kafka(tmp_path / "broker")
-        try:
-            assert handle.port not in taken
-            assert handle.pid is not None and services._listens(handle.pid, handle.port)
-            assert handle.log_path is not None
-            assert "AddrInUse" in handle.log_path.read_text()
-        finally:
-            handle.stop()
+        assert handle.port not in taken
+        assert handle.pid is not None and services._listens(handle.pid, handle.port)
+        assert handle.log_path is not None
+        assert "AddrInUse" in handle.log_path.read_text()
     finally:
-        if other is not kafka:
-            other.stop()
+        handle.stop()
