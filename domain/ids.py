@@ -58,7 +58,12 @@ def new_uuid() -> UUID:
 
 def new_id_text() -> str:
     """A fresh version 4 UUID in its usual text form (request and reservation ids)."""
-    h = f"{_random_v4():032x}"
+    return _text(_random_v4())
+
+
+def _text(value: int) -> str:
+    """128 bits in a UUID's usual text form."""
+    h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -70,9 +75,7 @@ _GENERATED_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[ef][0-9a-f]
 def new_request_id() -> str:
     """A fresh request id of the ledger's own (for a command sent without one): a version 4
     UUID in its usual text form, with the reserved variant bits (see the module docstring)."""
-    value = int.from_bytes(_random16()) & _VERSION_4_ONLY | (4 << 76) | _VARIANT_RESERVED
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return _text(int.from_bytes(_random16()) & _VERSION_4_ONLY | (4 << 76) | _VARIANT_RESERVED)
 
 
 def is_generated_request_id(text: str) -> bool:
