@@ -44,6 +44,11 @@ def group_of(owner: str) -> str | None:
     return owner[len(_STREAM) :] if owner.startswith(_STREAM) else None
 
 
+def version_label(name: str, version: int) -> str:
+    """How a stream group's dead letter names a version it left the event out of."""
+    return f"{name}:{version}"
+
+
 def handover_command(name: str, to: str) -> str:
     return f"daybook projections handover {name} --to {to}"
 

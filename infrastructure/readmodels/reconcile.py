@@ -40,7 +40,12 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionRecord,
     VersionState,
 )
-from daybook.infrastructure.readmodels.checkpoints import RUNNER, Vector, read_vector
+from daybook.infrastructure.readmodels.checkpoints import (
+    RUNNER,
+    Vector,
+    read_vector,
+    version_label,
+)
 from daybook.infrastructure.readmodels.engine import BulkRows, RowCache, Slot, apply_fast
 from daybook.infrastructure.readmodels.handover import deadlocked, partition_of
 from daybook.infrastructure.readmodels.location import open_store
@@ -318,7 +323,9 @@ def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> 
     if group is None or record.topic is None or not record.partitions:
         return _Point(record.position, record.epoch)
     vector = read_vector(store, group, record.topic, record.partitions)
-    return _Point(vector.position, record.epoch, vector, _parked(store, group, record.topic))
+    return _Point(
+        vector.position, record.epoch, vector, _parked(store, group, record.topic, record)
+    )
 
 
 def _locked_point(
@@ -344,17 +351,22 @@ def _locked_point(
         return None
     if vector is None or group is None or current.topic is None:
         return _Point(current.position, current.epoch)
-    return _Point(vector.position, current.epoch, vector, _parked(store, group, current.topic))
+    return _Point(
+        vector.position, current.epoch, vector, _parked(store, group, current.topic, current)
+    )
 
 
-def _parked(store: ReadStore, group: str, topic: str) -> frozenset[int]:
-    """Positions the group parked (stream groups write PostgreSQL only)."""
+def _parked(store: ReadStore, group: str, topic: str, record: VersionRecord) -> frozenset[int]:
+    """Positions the group left out of ``record``'s version: parked while the group wrote it
+    (stream groups write PostgreSQL only). A letter parked for other versions, say before a
+    fixed version was built by the runner and handed over, is in this one's rows."""
     found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
     if not found[0][0]:
         return frozenset()
     rows = store.execute(
-        "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s",
-        (group, topic),
+        "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"
+        " AND (versions IS NULL OR %s = ANY(versions))",
+        (group, topic, version_label(record.name, record.version)),
     )
     return frozenset(int(row[0]) for row in rows)
 

@@ -261,7 +261,12 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.streaming.progress import read_status
+    from daybook.infrastructure.streaming.progress import (
+        LIVE,
+        PARKED,
+        read_dead_letters,
+        read_status,
+    )
     from daybook.infrastructure.streaming.relay import read_cursor
 
     settings = _settings(args, broker=False)
@@ -287,7 +292,25 @@ def _status(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    return 1 if any(p.dead_letters or p.state != "live" for p in status) else 0
+    letters = read_dead_letters(settings.url, settings.group, settings.topic)
+    open_letters = [letter for letter in letters if letter["open"]]
+    if letters:
+        versions = sorted({v for letter in open_letters for v in letter["versions"] or ["all"]})
+        print(
+            f"worker {settings.group}: {len(letters)} dead letter(s), {len(open_letters)} left "
+            "out of versions still served or being built"
+            + (f" ({', '.join(versions)})" if open_letters else "")
+        )
+    if open_letters:
+        print(
+            "  to bring them in: fix the projection, give it a new version, build it with "
+            "'daybook projections rebuild NAME' and hand it to the group with "
+            f"'daybook projections handover NAME --to stream:{settings.group}'",
+            file=sys.stderr,
+        )
+    # A partition that parked events is healthy again once none of them is open.
+    stuck = any(p.state not in (LIVE, PARKED) for p in status)
+    return 1 if open_letters or stuck else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from psycopg.sql import SQL, Composed, Identifier
 
 from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
 
-__all__ = ["DEAD_LETTER_TABLE", "GAP", "LIVE", "PROGRESS_TABLE", "Step", "classify"]
+__all__ = ["DEAD_LETTER_TABLE", "GAP", "LIVE", "PARKED", "PROGRESS_TABLE", "Step", "classify"]
 from daybook.infrastructure.urls import postgres_params
 
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"
@@ -27,6 +27,9 @@ LIVE = "live"
 #: An envelope arrived whose ``prev`` is ahead of what was applied: something is missing and
 #: the partition waits for the relay to re-publish it.
 GAP = "waiting for re-published events"
+#: The partition parked events and went on past them (``stream status`` tells whether any
+#: is still left out of a version in use).
+PARKED = "parked events (see dead letters)"
 
 
 class Step(enum.Enum):
@@ -83,6 +86,12 @@ def create_tables_sql() -> list[Composed]:
             "parked_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (group_id, topic, position))"
         ).format(Identifier(DEAD_LETTER_TABLE)),
+        # The versions the event was left out of (``name:version``), the group's versions
+        # when it was parked: a version built later (by the runner, then handed over) has it
+        # in. Absent on letters an older daybook parked, which count for every version.
+        SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS versions text[]").format(
+            Identifier(DEAD_LETTER_TABLE)
+        ),
     ]
 
 
@@ -110,10 +119,15 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
         found = conn.execute("SELECT to_regclass(%s)", (DEAD_LETTER_TABLE,)).fetchone()
         if not found or found[0] is None:
             return []
+        # ``open``: some version the event was left out of is still served or being built
+        # (letters parked before versions were recorded count as open). Once every one of
+        # them is retired (a fixed version was built and handed over), the letter is history.
         cur = conn.execute(
             SQL(
-                "SELECT partition, position, kafka_offset, event_type, error FROM {} "
-                "WHERE group_id = %s AND topic = %s ORDER BY position"
+                "SELECT partition, position, kafka_offset, event_type, error, versions, "
+                "(versions IS NULL OR EXISTS (SELECT 1 FROM daybook_projection_versions v "
+                "WHERE v.state <> 'retired' AND v.name || ':' || v.version = ANY(versions))) "
+                "AS open FROM {} WHERE group_id = %s AND topic = %s ORDER BY position"
             ).format(Identifier(DEAD_LETTER_TABLE)),
             (group, topic),
         )

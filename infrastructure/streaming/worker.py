@@ -45,7 +45,12 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionState,
     repeated_keys,
 )
-from daybook.infrastructure.readmodels.checkpoints import NotOwner, read_vector, stream_owner
+from daybook.infrastructure.readmodels.checkpoints import (
+    NotOwner,
+    read_vector,
+    stream_owner,
+    version_label,
+)
 from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore
@@ -56,6 +61,7 @@ from daybook.infrastructure.streaming.progress import (
     DEAD_LETTER_TABLE,
     GAP,
     LIVE,
+    PARKED,
     PROGRESS_TABLE,
     Step,
     classify,
@@ -64,8 +70,6 @@ from daybook.infrastructure.streaming.progress import (
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
-
-PARKED = "parked events (see dead letters)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,11 +385,12 @@ class StreamApplier:
         )  # fmt: skip
         store.execute(
             f"INSERT INTO {DEAD_LETTER_TABLE} (group_id, topic, partition, position, "
-            "kafka_offset, event_type, error, envelope) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
+            "kafka_offset, event_type, error, envelope, versions) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             (
                 self.group, self.topic, message.partition, position, message.offset,
                 env.type if env is not None else None, error, message.value,
+                [version_label(*slot.key) for slot in self._slots],
             ),
         )  # fmt: skip
         part.dead_letters += 1
