@@ -1,6 +1,7 @@
 """Whether a failure is worth retrying: one answer for every service that retries.
 
-Transient: the connection was lost or refused, the server is shutting down or starting up,
+Transient: the connection was lost or refused (but not a server refusing the credentials, the
+role or the database: see ``_REFUSALS``), the server is shutting down or starting up,
 a transaction lost a serialization conflict or a deadlock, a lock wait timed out, SQLite's
 database is locked by another writer, or the network failed (``OSError``). eventsourcing
 wraps driver errors in its own classes (after its own retries), so those are judged by the
@@ -10,6 +11,7 @@ data) would fail the same way again: retrying only hides it.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 
@@ -74,9 +76,25 @@ def _postgres_transient(error: psycopg.Error) -> bool:
     if state is not None:
         return state.startswith("08") or state in _RETRYABLE_SQLSTATES
     # No SQLSTATE: the driver or the pool failed, not a statement. An OperationalError then
-    # means the connection could not be made or was lost. libpq gives no SQLSTATE for a
-    # failed connection attempt, so a wrong password looks like a refused port here and is
-    # retried too (with the caller's backoff, and logged each time).
+    # means the connection could not be made or was lost: retried, unless the server
+    # answered and refused who or what was asked for.
     if isinstance(error, psycopg.errors.PipelineAborted | psycopg_pool.PoolClosed):
         return False  # an earlier error aborted the pipeline; a closed pool stays closed
-    return isinstance(error, psycopg.OperationalError)
+    return isinstance(error, psycopg.OperationalError) and not _refused(str(error))
+
+
+#: The server's answers to a connection attempt that no retry changes (a wrong password, no
+#: pg_hba.conf line for this client, a role or database that does not exist). libpq gives no
+#: SQLSTATE for a failed connection attempt, only the server's message: these are
+#: PostgreSQL's own texts in English. A server set to answer in another language is not
+#: recognised, and its refusals are retried like a refused port, as before.
+_REFUSALS = re.compile(
+    r"FATAL:\s+(password authentication failed|no pg_hba\.conf entry"
+    r'|role ".*" does not exist|database ".*" does not exist'
+    r'|role ".*" is not permitted to log in|permission denied for database)'
+)
+
+
+def _refused(message: str) -> bool:
+    """Whether the server refused the connection for good (its startup ``FATAL`` says so)."""
+    return _REFUSALS.search(message) is not None

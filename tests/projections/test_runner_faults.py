@@ -549,3 +549,46 @@ def test_a_serving_version_without_its_keys_gets_them_from_the_next_runner(
         assert store.has_unique_key(statement)
     finally:
         store.close()
+
+
+def test_a_runner_whose_database_refuses_it_for_good_stops_with_the_reason(
+    ledger: Ledger, pg_url: str, pg_admin_url: str
+) -> None:
+    """The read models' role loses its right to log in while the runner runs. The server
+    answers each new connection with a refusal no retry changes: the runner stops (health
+    ``FAILED``, the server's words as the reason) instead of retrying for ever."""
+    role = unique("daybook_role").replace("-", "_")
+    readmodels = new_read_models(pg_admin_url)
+    name = readmodels.rpartition("/")[2]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"ALTER DATABASE {name} OWNER TO {role}")  # and its public schema
+    as_role = readmodels.replace("postgres@", f"{role}@", 1)
+    assert as_role != readmodels
+    workload(ledger, 20)
+    runner = projection_runner(Settings(url=pg_url, readmodels_url=as_role), poll_interval=0.05)
+    runner.start()
+    try:
+        head = ledger.head()
+
+        def caught_up() -> bool:
+            try:
+                return set(positions(readmodels).values()) == {head}
+            except psycopg.errors.UndefinedTable:
+                return False  # the runner has not made its catalog yet
+
+        wait_until(caught_up, "the runner to catch up")
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"ALTER ROLE {role} NOLOGIN")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+        workload(ledger, 20, seed=2)
+        wait_until(lambda: runner.health().state is ServiceState.FAILED, "the runner to stop")
+        assert "is not permitted to log in" in str(runner.health().error)
+    finally:
+        runner.stop()
+        services.drop_database(pg_admin_url, name)
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {role}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import sqlite3
 from pathlib import Path
@@ -14,6 +16,8 @@ from eventsourcing import persistence
 from eventsourcing.sqlite import SQLiteDatastore
 
 from daybook.infrastructure.transient import is_transient
+
+_roles = itertools.count()
 
 
 def _wrapped(wrapper: type[persistence.PersistenceError], cause: BaseException) -> BaseException:
@@ -164,3 +168,49 @@ def test_broker_errors_are_transient_unless_the_request_itself_is_wrong() -> Non
     assert is_transient(errors.UnknownError())
     assert not is_transient(errors.TopicAuthorizationFailedError())
     assert not is_transient(errors.InvalidTopicError())
+
+
+def _refusal(conninfo: str) -> psycopg.OperationalError:
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(conninfo, connect_timeout=5)
+    return caught.value
+
+
+@pytest.mark.postgres
+def test_a_server_refusing_the_database_or_the_role_is_not_transient(pg_url: str) -> None:
+    """The server answered, and no retry will change its answer: a database or a role that
+    does not exist. (A service then stops with the reason instead of retrying forever.)"""
+    conninfo = psycopg.conninfo.conninfo_to_dict(pg_url)
+    missing_database = _refusal(psycopg.conninfo.make_conninfo(**{**conninfo, "dbname": "nope"}))
+    missing_role = _refusal(psycopg.conninfo.make_conninfo(**{**conninfo, "user": "nobody"}))
+    for error in (missing_database, missing_role):
+        assert error.sqlstate is None  # libpq gives none for a failed connection
+        assert not is_transient(error), error
+        assert not is_transient(_wrapped(persistence.OperationalError, error))
+
+
+@pytest.mark.postgres
+def test_a_wrong_password_is_not_transient(pg_url: str) -> None:
+    """A role whose connections must give a password (a line of its own at the top of the
+    server's pg_hba.conf, then a reload), and a connection that gives the wrong one."""
+    role = f"daybook_pw_{next(_roles)}_{os.getpid()}"
+    admin = psycopg.connect(pg_url, autocommit=True)
+    row = admin.execute("SHOW hba_file").fetchone()
+    assert row is not None
+    hba = Path(row[0])
+    before = hba.read_text()
+    admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'right'")
+    try:
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n{before}")
+        admin.execute("SELECT pg_reload_conf()")
+        conninfo = psycopg.conninfo.conninfo_to_dict(pg_url)
+        wrong = _refusal(
+            psycopg.conninfo.make_conninfo(**{**conninfo, "user": role, "password": "wrong"})
+        )
+        assert "password authentication failed" in str(wrong)
+        assert not is_transient(wrong)
+    finally:
+        hba.write_text(before)
+        admin.execute("SELECT pg_reload_conf()")
+        admin.execute(f"DROP ROLE {role}")
+        admin.close()
