@@ -65,8 +65,9 @@ class PaymentGateway(Protocol):
 
     def refund(self, key: str) -> Refund: ...
 
-    def charges(self) -> list[Charge]:
-        """Every charge the remote holds (for reconciliation)."""
+    def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
+        """The charges whose key sorts after ``after`` (by code point), in that order, at most
+        ``limit`` of them: reconciliation pages through every charge the remote holds."""
         ...
 
 

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 @dataclass
@@ -113,6 +113,12 @@ class FakeGateway:
         with self._lock:
             return self.charges.get(key)
 
+    def page(self, after: str, limit: int) -> list[dict[str, Any]]:
+        """Charges whose key sorts after ``after``, in key order, at most ``limit``."""
+        with self._lock:
+            keys = sorted(k for k in self.charges if k > after)[: max(0, limit)]
+            return [dict(self.charges[k]) for k in keys]
+
     def refund_unavailable(self, key: str) -> bool:
         with self._lock:
             self.refund_requests[key] += 1
@@ -174,8 +180,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         gateway = self.server.gateway
         self._wait()
-        if self.path == "/charges":
-            self._reply(200, {"charges": list(gateway.stats()["charges"].values())})
+        url = urlsplit(self.path)
+        if url.path == "/charges":
+            query = parse_qs(url.query)
+            try:
+                limit = int(query.get("limit", ["1000"])[0])
+            except ValueError:
+                self._reply(400, {"error": "limit must be a whole number"})
+                return
+            after = query.get("after", [""])[0]
+            self._reply(200, {"charges": gateway.page(after, limit)})
         elif self.path.startswith("/charges/"):
             record = gateway.lookup(unquote(self.path[len("/charges/") :]))
             if record is None:

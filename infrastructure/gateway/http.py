@@ -5,6 +5,8 @@ The wire protocol is the fake gateway's (``fake.py``), shaped like common paymen
     POST /charges        {"key", "amount", "currency", "customer", "reference"}
                          200 succeeded, 402 declined (the same answer again for the same key)
     GET  /charges/{key}  200 the charge, 404 none under that key
+    GET  /charges?after=KEY&limit=N
+                         200 {"charges": [...]}: keys after KEY (by code point), in order
     POST /refunds        {"key"}  200 {"status": "refunded" | "nothing_to_refund"}
 
 Failures are sorted by what is known about the request: not sent or refused before
@@ -69,8 +71,8 @@ class HttpPaymentGateway:
             return Refund(key, str(data["status"]), int(data.get("amount", 0)))
         raise _unexpected(response)
 
-    def charges(self) -> list[Charge]:
-        response = self._send("GET", "/charges")
+    def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
+        response = self._send("GET", "/charges", params={"after": after, "limit": limit})
         if response.status_code == 200:
             return [_charge(item) for item in response.json()["charges"]]
         raise _unexpected(response)

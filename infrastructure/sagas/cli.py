@@ -7,6 +7,7 @@ import getpass
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 from uuid import UUID
 
@@ -33,7 +34,7 @@ from daybook.infrastructure.cli import (
 )
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
-from daybook.infrastructure.sagas.reconcile import reconcile_payments
+from daybook.infrastructure.sagas.reconcile import PAGE, reconcile_payments
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
 from daybook.projections.model import Row
 from daybook.projections.sagas import SAGAS
@@ -225,7 +226,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _saga_rows(
-    views: ReadModels, where: str, params: list[Any], limit: int | None
+    views: ReadModels,
+    where: str,
+    params: list[Any],
+    limit: int | None,
+    order: str = "updated_at DESC",
 ) -> Answer[list[Row]] | None:
     """Rows of the sagas read model, or None (said on stderr) if it has not been built."""
     try:
@@ -234,7 +239,7 @@ def _saga_rows(
             SAGAS.name,
             where=where,
             params=params,
-            order="updated_at DESC",
+            order=order,
             limit=limit,
             timeout=0.0,
         )
@@ -245,6 +250,21 @@ def _saga_rows(
             file=sys.stderr,
         )
         return None
+
+
+def _completed_orders(views: ReadModels) -> Iterator[UUID]:
+    """Completed order sagas, in ascending order of their ids' text, a page at a time (by
+    key, so memory holds one page however many there are)."""
+    after = ""
+    while True:
+        where = "kind = 'order' AND state = 'completed' AND saga_id > %s"
+        answer = _saga_rows(views, where, [after], PAGE, order="saga_id")
+        rows = [] if answer is None else answer.value
+        for row in rows:
+            yield UUID(str(row["saga_id"]))
+        if len(rows) < PAGE:
+            return
+        after = str(rows[-1]["saga_id"])
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -315,11 +335,10 @@ def _reconcile(args: argparse.Namespace) -> int:
     preflight.check_gateway(settings.gateway_url)
     gateway = payment_gateway(settings)
     with open_ledger(settings=settings) as ledger, ReadModels(settings.readmodels) as views:
-        rows = _saga_rows(views, "kind = 'order' AND state = 'completed'", [], None)
-        if rows is None:
+        if _saga_rows(views, "", [], 1) is None:
             gateway.close()
             return 2
-        completed = [UUID(str(row["saga_id"])) for row in rows.value]
+        completed = _completed_orders(views)
         report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)
     gateway.close()
     for finding in report.findings:

@@ -13,7 +13,7 @@ who decided, why, when), once per finding and action.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -27,6 +27,9 @@ from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.sagas.processor import idempotency_key
 
 RECONCILER = "payment reconciler"
+
+#: Charges asked of the gateway at a time.
+PAGE = 1000
 
 #: Money events: their signed effect on the account's balance.
 _POSTINGS = {
@@ -67,6 +70,17 @@ def _saga_of(ledger: Ledger, key: str) -> Saga | None:
         return None
 
 
+def gateway_charges(gateway: PaymentGateway, page: int = PAGE) -> Iterator[Charge]:
+    """Every charge the gateway holds, in key order, asked for ``page`` at a time."""
+    after = ""
+    while True:
+        batch = gateway.charges(after, page)
+        yield from batch
+        if len(batch) < page:
+            return
+        after = batch[-1].key
+
+
 def reconcile_payments(
     ledger: Ledger,
     gateway: PaymentGateway,
@@ -74,12 +88,18 @@ def reconcile_payments(
     completed: Iterable[UUID] = (),
     repair: bool = False,
     step: str = "charge",
+    page: int = PAGE,
 ) -> Report:
     """Compare the gateway's charges with the sagas they belong to (and ``completed``
-    sagas with the gateway); record every finding; refund with ``repair``."""
+    sagas with the gateway); record every finding; refund with ``repair``.
+
+    Memory holds a page of charges, whatever the gateway holds, and ``completed`` is
+    consumed as it comes. Give it in ascending order of the ids' text (as
+    ``daybook sagas reconcile-payments`` reads them): it is merged with a second pass over
+    the charges, which come in key order. An id out of that order is looked up on its own,
+    so any order is correct; the sorted one costs no request per saga."""
     report = Report()
-    charges = {charge.key: charge for charge in gateway.charges()}
-    for charge in charges.values():
+    for charge in gateway_charges(gateway, page):
         report.checked += 1
         if charge.status is not ChargeStatus.SUCCEEDED or charge.refunded:
             continue
@@ -93,9 +113,18 @@ def reconcile_payments(
         kind = "charge_without_order" if saga is None else f"charge_of_{saga.state.value}_order"
         detail = f"{charge.amount} {charge.currency} charged, no completed order"
         _decide(ledger, report, gateway, charge, kind, detail, repair)
+    charges = gateway_charges(gateway, page)
+    current = next(charges, None)
+    merged = ""  # the merge has gone past every key below this
     for saga_id in completed:
         key = idempotency_key(saga_id, step)
-        found = charges.get(key)
+        if key < merged:
+            found = gateway.lookup(key)
+        else:
+            merged = key
+            while current is not None and current.key < key:
+                current = next(charges, None)
+            found = current if current is not None and current.key == key else None
         if found is None or found.status is not ChargeStatus.SUCCEEDED or found.refunded:
             finding = Finding(key, "order_without_charge", "flagged", "completed, not paid")
             _record(ledger, finding)

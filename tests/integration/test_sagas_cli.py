@@ -17,11 +17,14 @@ from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.gateway.fake import FakeGatewayServer
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.sagas import cli as sagas_cli
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
 from daybook.projections import SAGA_LIST
 
 
-def test_the_sagas_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_sagas_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"sqlite:///{tmp_path}/shop.db"
     assert main(["sagas", "list", "--url", url]) == 2  # no ledger there: said, not raised
     assert "there is no database at" in capsys.readouterr().err
@@ -88,6 +91,14 @@ def test_the_sagas_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         events = list(ledger.service.events.get(RemoteRecord.id_for("stray-key")))
         decision = events[-1].meta.decision  # type: ignore[attr-defined]
         assert decision.by == "payment reconciler" and "charge_without_order" in decision.why
+        # Completed orders are read a page at a time (one here): the paid one is found paid,
+        # and once its charge is refunded, flagged.
+        monkeypatch.setattr(sagas_cli, "PAGE", 1)
+        assert main(args) == 0
+        assert "order_without_charge" not in capsys.readouterr().out
+        gateway.refund(idempotency_key(done.saga_id, "charge"))
+        assert main(args) == 1
+        assert f"order_without_charge         {done.saga_id}:charge" in capsys.readouterr().out
 
 
 def test_daybook_sagas_run_drives_orders_and_stops_on_sigterm(tmp_path: Path) -> None:
