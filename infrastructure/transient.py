@@ -87,7 +87,8 @@ def _postgres_transient(error: psycopg.Error) -> bool:
 #: pg_hba.conf line for this client, a role or database that does not exist). libpq gives no
 #: SQLSTATE for a failed connection attempt, only the server's message: these are
 #: PostgreSQL's own texts in English. A server set to answer in another language is not
-#: recognised, and its refusals are retried like a refused port, as before.
+#: recognised, and its refusals are retried like a refused port, as before. Other refusals
+#: (ident, peer, certificates, a ``reject`` line) are retried too: safe, if slow to notice.
 _REFUSALS = re.compile(
     r"FATAL:\s+(password authentication failed|no pg_hba\.conf entry"
     r'|role ".*" does not exist|database ".*" does not exist'

@@ -258,8 +258,12 @@ def _completed_orders(views: ReadModels) -> Iterator[UUID]:
     after = ""
     while True:
         where = "kind = 'order' AND state = 'completed' AND saga_id > %s"
-        answer = _saga_rows(views, where, [after], PAGE, order="saga_id")
-        rows = [] if answer is None else answer.value
+        # StaleRead (the read model gone meanwhile) is the caller's to report: ending the
+        # scan early would leave orders unchecked and report nothing.
+        rows = views.rows(
+            SAGA_LIST, SAGAS.name, where=where, params=[after], order="saga_id", limit=PAGE,
+            timeout=0.0,
+        ).value  # fmt: skip
         for row in rows:
             yield UUID(str(row["saga_id"]))
         if len(rows) < PAGE:
@@ -339,7 +343,12 @@ def _reconcile(args: argparse.Namespace) -> int:
             gateway.close()
             return 2
         completed = _completed_orders(views)
-        report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)
+        try:
+            report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)
+        except StaleRead as error:
+            gateway.close()
+            print(f"daybook: the sagas read model could not be read: {error}", file=sys.stderr)
+            return 2
     gateway.close()
     for finding in report.findings:
         print(f"  {finding.kind:28} {finding.key}  {finding.action}: {finding.detail}")

@@ -71,14 +71,23 @@ def _saga_of(ledger: Ledger, key: str) -> Saga | None:
 
 
 def gateway_charges(gateway: PaymentGateway, page: int = PAGE) -> Iterator[Charge]:
-    """Every charge the gateway holds, in key order, asked for ``page`` at a time."""
+    """Every charge the gateway holds, in key order, asked for ``page`` at a time. Ends on
+    an empty page (a gateway may cap a page below ``page``), and raises ``GatewayError`` if
+    keys do not come in strictly increasing order after the one asked for: a gateway that
+    ignores ``after`` would otherwise be read again and again."""
+    if page < 1:
+        raise ValueError("page must be at least 1")
     after = ""
-    while True:
-        batch = gateway.charges(after, page)
-        yield from batch
-        if len(batch) < page:
-            return
-        after = batch[-1].key
+    while batch := gateway.charges(after, page):
+        for charge in batch:
+            if charge.key <= after:
+                msg = (
+                    f"the gateway listed charge {charge.key!r} after {after!r}: charges must "
+                    "come in increasing key order (GET /charges?after=KEY&limit=N)"
+                )
+                raise GatewayError(msg)
+            after = charge.key
+            yield charge
 
 
 def reconcile_payments(
@@ -95,7 +104,7 @@ def reconcile_payments(
 
     Memory holds a page of charges, whatever the gateway holds, and ``completed`` is
     consumed as it comes. Give it in ascending order of the ids' text (as
-    ``daybook sagas reconcile-payments`` reads them): it is merged with a second pass over
+    ``daybook sagas reconcile`` reads them): it is merged with a second pass over
     the charges, which come in key order. An id out of that order is looked up on its own,
     so any order is correct; the sorted one costs no request per saga."""
     report = Report()

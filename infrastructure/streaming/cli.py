@@ -298,13 +298,12 @@ def _status(args: argparse.Namespace) -> int:
         versions = sorted({v for letter in open_letters for v in letter["versions"] or ["all"]})
         print(
             f"worker {settings.group}: {len(letters)} dead letter(s), {len(open_letters)} left "
-            "out of versions still served or being built"
-            + (f" ({', '.join(versions)})" if open_letters else "")
+            "out of versions not retired" + (f" ({', '.join(versions)})" if open_letters else "")
         )
     if open_letters:
         print(
-            "  to bring them in: fix the projection, give it a new version, build it with "
-            "'daybook projections rebuild NAME' and hand it to the group with "
+            "  to bring them in: give each version named a new version (fixed), build it "
+            "with 'daybook projections rebuild NAME' and hand it to the group with "
             f"'daybook projections handover NAME --to stream:{settings.group}'",
             file=sys.stderr,
         )

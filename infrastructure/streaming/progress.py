@@ -95,6 +95,16 @@ def create_tables_sql() -> list[Composed]:
     ]
 
 
+def dead_letter_versions(conn: Any) -> bool:
+    """Whether the dead-letter table records versions (a worker of this daybook connected)."""
+    row = conn.execute(
+        "SELECT count(*) FROM information_schema.columns"
+        " WHERE table_name = %s AND column_name = 'versions' AND table_schema = current_schema()",
+        (DEAD_LETTER_TABLE,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]:
     """The group's partitions as recorded (empty if it never applied anything)."""
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
@@ -119,15 +129,21 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
         found = conn.execute("SELECT to_regclass(%s)", (DEAD_LETTER_TABLE,)).fetchone()
         if not found or found[0] is None:
             return []
-        # ``open``: some version the event was left out of is still served or being built
-        # (letters parked before versions were recorded count as open). Once every one of
-        # them is retired (a fixed version was built and handed over), the letter is history.
+        # ``open``: some version the event was left out of is not retired yet (letters
+        # parked before versions were recorded count as open). Once every one of them is
+        # retired (fixed versions built and handed over), the letter is history. A table no
+        # upgraded worker has connected to yet has no ``versions``: every letter is open.
+        versions = "versions" if dead_letter_versions(conn) else "NULL::text[]"
         cur = conn.execute(
             SQL(
-                "SELECT partition, position, kafka_offset, event_type, error, versions, "
-                "(versions IS NULL OR EXISTS (SELECT 1 FROM daybook_projection_versions v "
-                "WHERE v.state <> 'retired' AND v.name || ':' || v.version = ANY(versions))) "
-                "AS open FROM {} WHERE group_id = %s AND topic = %s ORDER BY position"
+                "SELECT partition, position, kafka_offset, event_type, error, "
+                + versions
+                + " AS versions, ("
+                + versions
+                + " IS NULL OR EXISTS "
+                "(SELECT 1 FROM daybook_projection_versions v WHERE v.state <> 'retired' "
+                "AND v.name || ':' || v.version = ANY(" + versions + "))) AS open "
+                "FROM {} WHERE group_id = %s AND topic = %s ORDER BY position"
             ).format(Identifier(DEAD_LETTER_TABLE)),
             (group, topic),
         )

@@ -7,12 +7,14 @@ import random
 import uuid
 from typing import Any
 
+import pytest
+
 from daybook import open_ledger
-from daybook.infrastructure.gateway import Charge
+from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.sagas.processor import idempotency_key
-from daybook.infrastructure.sagas.reconcile import reconcile_payments
+from daybook.infrastructure.sagas.reconcile import gateway_charges, reconcile_payments
 
 
 class Counting:
@@ -72,3 +74,25 @@ def test_completed_orders_are_merged_with_the_charges_a_page_at_a_time() -> None
         assert {f.key for f in report.findings if f.kind == "order_without_charge"} == expected
         assert shuffled.lookups > 0  # ids out of order are looked up on their own
         http.close()
+
+
+class Listing:
+    """A gateway's listing alone: pages capped at ``cap``, or ``after`` ignored."""
+
+    def __init__(self, keys: list[str], cap: int, honours_after: bool = True) -> None:
+        self.keys, self.cap, self.honours_after = sorted(keys), cap, honours_after
+
+    def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
+        keys = [k for k in self.keys if k > after or not self.honours_after]
+        return [Charge(k, ChargeStatus.DECLINED, 1, "EUR") for k in keys[: min(limit, self.cap)]]
+
+
+def test_a_gateway_that_pages_short_is_read_to_the_end_and_one_that_ignores_after_is_refused() -> (
+    None
+):
+    keys = [f"k-{n:02}" for n in range(10)]
+    capped = Listing(keys, cap=3)
+    assert [c.key for c in gateway_charges(capped, page=1000)] == keys  # type: ignore[arg-type]
+    stuck = Listing(keys, cap=3, honours_after=False)
+    with pytest.raises(GatewayError, match="increasing key order"):
+        list(gateway_charges(stuck, page=3))  # type: ignore[arg-type]

@@ -206,7 +206,7 @@ def test_an_event_parked_for_one_version_is_not_left_out_of_another_versions_rec
     status = ["stream", "status", "--url", pg_url, "--group", "g", "--topic", "t"]
     assert main(status) == 1
     out, err = capsys.readouterr()
-    assert "3 dead letter(s), 3 left out of versions still served or being built" in out
+    assert "3 dead letter(s), 3 left out of versions not retired" in out
     assert "(deposit_totals:1)" in out and "daybook projections rebuild NAME" in err
     runner = ProjectionRunner(log, pg_url, [FIXED_TOTALS])
     runner.run_until_caught_up()
@@ -225,3 +225,26 @@ def test_an_event_parked_for_one_version_is_not_left_out_of_another_versions_rec
         store.close()
         ledger.close()
     assert sorted(int(row[0]) for row in totals) == [30, 30, 30]
+
+
+def test_letters_parked_before_versions_were_recorded_count_for_every_version(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dead-letter table as older workers left it (no ``versions``): status and the
+    reconciler read it as before, every letter open and left out of every version."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("owner", "EUR").account_id
+    for amount in (10, 13):
+        ledger.deposit(account, amount)
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
+    try:
+        assert len(worker.apply(messages).parked) == 1
+    finally:
+        worker.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE daybook_stream_dead_letters DROP COLUMN versions")
+    assert main(["stream", "status", "--url", pg_url, "--group", "g", "--topic", "t"]) == 1
+    assert "1 dead letter(s), 1 left out of versions" in capsys.readouterr().out
+    assert reconcile(event_log_of(ledger), pg_url, BUGGY_TOTALS).clean
+    ledger.close()
