@@ -113,13 +113,17 @@ class PostgresStore(ReadStore):
     def add_column(self, table: str, definition: str) -> None:
         # Asked first: ALTER TABLE takes the table's exclusive lock even when the column is
         # there, and every reader and runner ensures the catalog when it connects.
-        present = self.execute(
-            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
-            " AND table_name = %s AND column_name = %s",
-            (table, definition.split()[0]),
-        )
-        if not present:
+        if not self.has_column(table, definition.split()[0]):
             self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {definition}")
+
+    def has_column(self, table: str, name: str) -> bool:
+        return bool(
+            self.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                " AND table_name = %s AND column_name = %s",
+                (table, name),
+            )
+        )
 
     def lock_not_granted(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.LockNotAvailable)

@@ -363,18 +363,14 @@ def _parked(store: ReadStore, group: str, topic: str, record: VersionRecord) -> 
     found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
     if not found[0][0]:
         return frozenset()
+    sql = "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"
+    params: tuple[str, ...] = (group, topic)
     # A table no upgraded worker has connected to yet records no versions: every letter
     # counts, as it did.
-    recorded = store.execute(
-        "SELECT count(*) FROM information_schema.columns WHERE table_name ="
-        " 'daybook_stream_dead_letters' AND column_name = 'versions'"
-        " AND table_schema = current_schema()"
-    )[0][0]
-    rows = store.execute(
-        "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"
-        + (" AND (versions IS NULL OR %s = ANY(versions))" if recorded else ""),
-        (group, topic, version_label(record.name, record.version))[: 3 if recorded else 2],
-    )
+    if store.has_column("daybook_stream_dead_letters", "versions"):
+        sql += " AND (versions IS NULL OR %s = ANY(versions))"
+        params += (version_label(record.name, record.version),)
+    rows = store.execute(sql, params)
     return frozenset(int(row[0]) for row in rows)
 
 

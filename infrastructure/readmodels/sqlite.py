@@ -99,9 +99,11 @@ class SqliteStore(ReadStore):
         return int(self.execute("SELECT COALESCE(max(rowid), 0) FROM stored_events")[0][0])
 
     def add_column(self, table: str, definition: str) -> None:
-        name = definition.split()[0]
-        if not any(row[1] == name for row in self.execute(f"PRAGMA table_info({table})")):
+        if not self.has_column(table, definition.split()[0]):
             self.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+
+    def has_column(self, table: str, name: str) -> bool:
+        return any(row[1] == name for row in self.execute(f"PRAGMA table_info({table})"))
 
     def refused_rows(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.IntegrityError)

@@ -145,6 +145,10 @@ class ReadStore(ABC):
         """The newest log position, if the event store lives in this database."""
 
     @abstractmethod
+    def has_column(self, table: str, name: str) -> bool:
+        """Whether ``table`` has a column ``name`` (say, before an upgrade added it)."""
+
+    @abstractmethod
     def add_column(self, table: str, definition: str) -> None:
         """Add a column (``name TYPE ...``) to a table unless it has one of that name."""
 

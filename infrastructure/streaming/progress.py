@@ -17,6 +17,7 @@ import psycopg
 from psycopg.sql import SQL, Composed, Identifier
 
 from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
+from daybook.infrastructure.readmodels.location import open_store
 
 __all__ = ["DEAD_LETTER_TABLE", "GAP", "LIVE", "PARKED", "PROGRESS_TABLE", "Step", "classify"]
 from daybook.infrastructure.urls import postgres_params
@@ -86,23 +87,14 @@ def create_tables_sql() -> list[Composed]:
             "parked_at timestamptz NOT NULL DEFAULT now(), "
             "PRIMARY KEY (group_id, topic, position))"
         ).format(Identifier(DEAD_LETTER_TABLE)),
-        # The versions the event was left out of (``name:version``), the group's versions
-        # when it was parked: a version built later (by the runner, then handed over) has it
-        # in. Absent on letters an older daybook parked, which count for every version.
-        SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS versions text[]").format(
-            Identifier(DEAD_LETTER_TABLE)
-        ),
     ]
 
 
-def dead_letter_versions(conn: Any) -> bool:
-    """Whether the dead-letter table records versions (a worker of this daybook connected)."""
-    row = conn.execute(
-        "SELECT count(*) FROM information_schema.columns"
-        " WHERE table_name = %s AND column_name = 'versions' AND table_schema = current_schema()",
-        (DEAD_LETTER_TABLE,),
-    ).fetchone()
-    return bool(row and row[0])
+#: The versions the event was left out of (``name:version``), the group's versions when it
+#: was parked: a version built later (by the runner, then handed over) has it in. Added to
+#: tables an older daybook made (``ReadStore.add_column``); its letters have none, and count
+#: for every version.
+VERSIONS_COLUMN = "versions text[]"
 
 
 def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]:
@@ -125,27 +117,24 @@ def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]
 
 def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
     """Parked events of the group, oldest first."""
-    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
-        found = conn.execute("SELECT to_regclass(%s)", (DEAD_LETTER_TABLE,)).fetchone()
-        if not found or found[0] is None:
+    store = open_store(store_url)
+    try:
+        if store.execute("SELECT to_regclass(%s)", (DEAD_LETTER_TABLE,))[0][0] is None:
             return []
         # ``open``: some version the event was left out of is not retired yet (letters
         # parked before versions were recorded count as open). Once every one of them is
         # retired (fixed versions built and handed over), the letter is history. A table no
         # upgraded worker has connected to yet has no ``versions``: every letter is open.
-        versions = "versions" if dead_letter_versions(conn) else "NULL::text[]"
-        cur = conn.execute(
-            SQL(
-                "SELECT partition, position, kafka_offset, event_type, error, "
-                + versions
-                + " AS versions, ("
-                + versions
-                + " IS NULL OR EXISTS "
-                "(SELECT 1 FROM daybook_projection_versions v WHERE v.state <> 'retired' "
-                "AND v.name || ':' || v.version = ANY(" + versions + "))) AS open "
-                "FROM {} WHERE group_id = %s AND topic = %s ORDER BY position"
-            ).format(Identifier(DEAD_LETTER_TABLE)),
+        versions = "versions" if store.has_column(DEAD_LETTER_TABLE, "versions") else "NULL"
+        rows = store.execute(
+            f"SELECT partition, position, kafka_offset, event_type, error, {versions}::text[],"
+            f" ({versions} IS NULL OR EXISTS (SELECT 1 FROM daybook_projection_versions v"
+            " WHERE v.state <> 'retired' AND v.name || ':' || v.version"
+            f" = ANY({versions}::text[]))) FROM {DEAD_LETTER_TABLE}"
+            " WHERE group_id = %s AND topic = %s ORDER BY position",
             (group, topic),
         )
-        names = [d.name for d in cur.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        store.close()
+    names = ("partition", "position", "kafka_offset", "event_type", "error", "versions", "open")
+    return [dict(zip(names, row, strict=True)) for row in rows]

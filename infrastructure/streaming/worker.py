@@ -63,6 +63,7 @@ from daybook.infrastructure.streaming.progress import (
     LIVE,
     PARKED,
     PROGRESS_TABLE,
+    VERSIONS_COLUMN,
     Step,
     classify,
     create_tables_sql,
@@ -168,6 +169,7 @@ class StreamApplier:
                 store.ddl_guard()
                 for statement in create_tables_sql():
                     store.execute(statement.as_string())
+                store.add_column(DEAD_LETTER_TABLE, VERSIONS_COLUMN)
             for projection in self.projections:
                 record = catalog.register(
                     projection, owner=self.owner, topic=self.topic, partitions=self.partitions
