@@ -11,6 +11,7 @@ read-your-writes.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
-from daybook.domain.values import inventory_id
+from daybook.domain.errors import InvalidRequest
+from daybook.domain.values import check_sku, check_uuid, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
@@ -32,6 +34,11 @@ from daybook.projections.inventory import LEVELS
 from daybook.projections.model import Key, Projection, Row
 
 T = TypeVar("T")
+
+#: The most rows one page of balances or statement entries may ask for.
+MAX_PAGE = 10_000
+#: The most days of activity one answer may cover (about ten years).
+MAX_DAYS = 3_660
 
 
 class StaleRead(Exception):
@@ -81,6 +88,8 @@ class Balances:
     totals: dict[str, int]
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,8 @@ class BalancePage:
     next_after: str | None
     as_of_position: int
     lag_events: int | None
+    #: Events after ``as_of_position`` may be partly included (a stream-owned version).
+    includes_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,7 +185,7 @@ class ReadModels:
         self, account_id: UUID | str, *, min_position: int | None = None, timeout: float = 2.0
     ) -> Balance | None:
         """An account's balance, or None if the read model has not seen the account."""
-        key = str(account_id)
+        key = _account_key(account_id, "account_id")
 
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(BALANCES, version, (key,))
@@ -207,7 +218,12 @@ class ReadModels:
     ) -> Balances:
         """The balances of ``account_ids`` (every account when None), all read in one
         snapshot at one ``as_of_position``."""
-        keys = None if account_ids is None else [str(UUID(str(a))) for a in account_ids]
+        if isinstance(account_ids, str | bytes):
+            raise InvalidRequest(
+                f"account_ids must be a list of account ids, got {account_ids!r}",
+                field="account_ids",
+            )
+        keys = None if account_ids is None else [_account_key(a, "account id") for a in account_ids]
 
         def read(store: ReadStore, version: int) -> list[Row]:
             if keys is None:
@@ -219,14 +235,14 @@ class ReadModels:
                 rows.extend(store.select(BALANCES, version, where, chunk))
             return rows
 
-        rows, position, lag = self._read("account_balances", read, min_position, timeout)
-        found = {str(row["account_id"]): _balance(row, position, lag) for row in rows}
+        rows, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
+        found = {str(row["account_id"]): _balance(row, position, lag, later) for row in rows}
         ordered = list(found.values()) if keys is None else [found[k] for k in keys if k in found]
         totals: dict[str, int] = {}
         for balance in ordered:
             totals[balance.currency] = totals.get(balance.currency, 0) + balance.balance
         missing = () if keys is None else tuple(UUID(k) for k in keys if k not in found)
-        return Balances(tuple(ordered), missing, totals, position, lag)
+        return Balances(tuple(ordered), missing, totals, position, lag, later)
 
     def balance_page(
         self,
@@ -237,21 +253,24 @@ class ReadModels:
         timeout: float = 2.0,
     ) -> BalancePage:
         """Up to ``limit`` balances in account id order, after the account id ``after``."""
+        _whole(limit, "limit", 1, MAX_PAGE)
+        if after is not None:
+            after = _account_key(after, "after")
 
         def read(store: ReadStore, version: int) -> list[Row]:
             where, params = ("account_id > %s", [after]) if after is not None else ("", [])
             return store.select(BALANCES, version, where, params, "account_id", limit + 1)
 
-        rows, position, lag = self._read("account_balances", read, min_position, timeout)
-        page = tuple(_balance(row, position, lag) for row in rows[:limit])
+        rows, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
+        page = tuple(_balance(row, position, lag, later) for row in rows[:limit])
         following = str(page[-1].account_id) if len(rows) > limit and page else None
-        return BalancePage(page, following, position, lag)
+        return BalancePage(page, following, position, lag, later)
 
     def stock(
         self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
     ) -> Stock | None:
         """A SKU's stock levels, or None if the read model has not seen the SKU."""
-        key = str(inventory_id(sku))
+        key = str(inventory_id(check_sku(sku)))
 
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(LEVELS, version, (key,))
@@ -281,7 +300,10 @@ class ReadModels:
         timeout: float = 2.0,
     ) -> Statement:
         """The newest ``limit`` entries (newest first), or those before ``before_seq``."""
-        key = str(account_id)
+        key = _account_key(account_id, "account_id")
+        _whole(limit, "limit", 1, MAX_PAGE)
+        if before_seq is not None:
+            _whole(before_seq, "before_seq", 1, 2**63 - 1)
 
         def read(store: ReadStore, version: int) -> list[Row]:
             where = "account_id = %s"
@@ -316,6 +338,9 @@ class ReadModels:
         timeout: float = 2.0,
     ) -> Activity:
         """Per-day activity for the ``days`` days up to ``today`` (UTC), oldest first."""
+        _whole(days, "days", 1, MAX_DAYS)
+        if today is not None and (isinstance(today, datetime) or not isinstance(today, date)):
+            raise InvalidRequest(f"today must be a date, got {today!r}", field="today")
         last = today or datetime.now(UTC).date()
         first = (last - timedelta(days=days - 1)).isoformat()
         bounds = [first, last.isoformat()]
@@ -385,12 +410,14 @@ class ReadModels:
         with ``%s`` placeholders), read in one snapshot: for read models without a query of
         their own."""
         spec = projection.table(table)
+        if limit is not None:
+            _whole(limit, "limit", 1, 2**63 - 1)
 
         def read(store: ReadStore, version: int) -> list[Row]:
             return store.select(spec, version, where, params, order, limit)
 
-        found, position, lag = self._read(projection.name, read, min_position, timeout)
-        return Answer(found, position, lag)
+        found, position, lag, later = self._read_at(projection.name, read, min_position, timeout)
+        return Answer(found, position, lag, later)
 
     def count(
         self,
@@ -409,25 +436,15 @@ class ReadModels:
                 return {None: store.count(spec, version)}
             return store.count_by(spec, version, by)
 
-        found, position, lag = self._read(projection.name, read, None, timeout)
-        return Answer(found, position, lag)
+        found, position, lag, later = self._read_at(projection.name, read, None, timeout)
+        return Answer(found, position, lag, later)
 
     def position(self, projection: str) -> int:
         """The log position the serving version of ``projection`` reflects."""
-        _, position, _ = self._read(projection, lambda store, version: None, None, 0.0)
+        _, position, _, _ = self._read_at(projection, lambda store, version: None, None, 0.0)
         return position
 
     # -- plumbing ----------------------------------------------------------------------------
-
-    def _read(
-        self,
-        projection: str,
-        read: Callable[[ReadStore, int], T],
-        min_position: int | None,
-        timeout: float,
-    ) -> tuple[T, int, int | None]:
-        result, position, lag, _ = self._read_at(projection, read, min_position, timeout)
-        return result, position, lag
 
     def _read_at(
         self,
@@ -436,7 +453,19 @@ class ReadModels:
         min_position: int | None,
         timeout: float,
     ) -> tuple[T, int, int | None, bool]:
-        """``_read``, and whether events after the position may be partly included."""
+        """What ``read`` finds in the serving version, at which log position, how far the
+        head is ahead, and whether events after the position may be partly included."""
+        if min_position is not None:
+            _whole(min_position, "min_position", 0, 2**63 - 1)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not (math.isfinite(timeout) and timeout >= 0)
+        ):
+            raise InvalidRequest(
+                f"timeout must be a number of seconds, 0 or more, got {timeout!r}",
+                field="timeout",
+            )
         deadline = time.monotonic() + timeout
         delay = self.poll
         dropped = failures = 0
@@ -513,7 +542,20 @@ class ReadModels:
         self.close()
 
 
-def _balance(row: Row, position: int, lag: int | None) -> Balance:
+def _account_key(value: object, what: str) -> str:
+    """An account id as the read models store it (a UUID's lower-case text)."""
+    return str(check_uuid(value, what))
+
+
+def _whole(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(
+            f"{what} must be a whole number from {low} to {high}, got {value!r}", field=what
+        )
+    return value
+
+
+def _balance(row: Row, position: int, lag: int | None, later: bool) -> Balance:
     return Balance(
         account_id=UUID(_text(row, "account_id")),
         owner=_text(row, "owner"),
@@ -527,6 +569,7 @@ def _balance(row: Row, position: int, lag: int | None) -> Balance:
         last_event_at=_text(row, "last_event_at"),
         as_of_position=position,
         lag_events=lag,
+        includes_later=later,
     )
 
 

@@ -214,3 +214,30 @@ def test_a_runner_neither_builds_keys_for_nor_stops_a_version_handed_away(
     finally:
         store.close()
         runner.stop()
+
+
+def test_every_query_of_a_stream_version_says_when_it_may_include_later_events(
+    ledger: Ledger, pg_url: str
+) -> None:
+    ids = workload(ledger, 60)
+    stream = Stream(4)
+    worker = applier(pg_url)
+    try:
+        worker.apply(stream.publish(ledger))  # caught up: the group's versions serve
+        workload(ledger, 60, seed=2, accounts=ids)
+        later = stream.publish(ledger)
+        events = [m for m in later if not envelope.decode(m.value).is_mark]
+        worker.apply(of_partitions(later, events[-1].partition))  # one runs ahead to the head
+    finally:
+        worker.close()
+    balances = projections.ACCOUNT_BALANCES
+    with ReadModels(pg_url, log=event_log_of(ledger)) as views:
+        one = views.balance(ids[0])
+        assert one is not None and one.includes_later  # what the single-row reads say
+        many = views.balances()
+        page = views.balance_page(limit=3)
+        assert many.includes_later and page.includes_later
+        assert all(b.includes_later for b in (*many.balances, *page.balances))
+        assert views.rows(balances, "account_balances").includes_later
+        assert views.count(balances, "account_balances").includes_later
+        assert many.as_of_position == one.as_of_position < ledger.head()
