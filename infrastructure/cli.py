@@ -103,13 +103,16 @@ def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], in
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if len(text) <= 20 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        top = 2**63 - 1 if maximum is None else maximum  # what a 64-bit column holds
+        if value > top:
+            raise argparse.ArgumentTypeError(f"must be at most {top}, got {value}")
         return value
 
     parse.__name__ = "whole number"

@@ -167,9 +167,29 @@ async def json_body(request: Request) -> Any:
         # The standard library's parser, not orjson: it keeps integers of any size exact (so
         # 2**64 is refused as too large, not read as a float), and it lets us refuse repeated
         # members and NaN, which would otherwise make one body mean two things.
-        return json.loads(body, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+        return json.loads(
+            body,
+            object_pairs_hook=_unique_members,
+            parse_constant=_no_constant,
+            parse_int=_integer,
+        )
     except (ValueError, UnicodeDecodeError) as error:
         raise Problem("malformed_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise Problem(
+            "malformed_json", "the body is not valid JSON: its values are nested too deeply"
+        ) from None
+
+
+#: No integer a command takes has more digits than this (2**63 has 19); longer ones are
+#: refused as they are read, before Python spends time converting them.
+_MAX_DIGITS = 20
+
+
+def _integer(text: str) -> int:
+    if len(text) > _MAX_DIGITS + 1:
+        raise ValueError(f"a number has more than {_MAX_DIGITS} digits")
+    return int(text)
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -258,13 +258,18 @@ def _ids(request: Request) -> list[UUID] | None:
 
 def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 20 else minimum - 1
     except ValueError:
         value = minimum - 1
-    if value < minimum or (maximum is not None and value > maximum):
+    top = _MAX_WHOLE if maximum is None else maximum
+    if not minimum <= value <= top:
         bound = f"{minimum} .. {maximum}" if maximum is not None else f"at least {minimum}"
         raise Problem("invalid_parameter", f"{name} is a whole number, {bound}; got {text!r}")
     return value
+
+
+#: Positions and sequence numbers are stored as signed 64-bit integers.
+_MAX_WHOLE = 2**63 - 1
 
 
 def _number(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:

@@ -4,11 +4,13 @@ change nothing, consistency tokens, snapshot reads and cursors."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import uuid
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from daybook.domain.commands import Receipt, registered
@@ -70,6 +72,13 @@ def test_bad_input_is_refused_and_writes_nothing(api: Api, body: dict[str, Any],
         (b"\xff\xfe{}", "application/json", 400, "malformed_json"),
         (b"", "application/json", 400, "malformed_json"),
         (b"[1, 2]", "application/json", 422, "invalid_request"),  # not an object
+        (
+            b'{"amount": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+            "application/json",
+            400,
+            "malformed_json",
+        ),
+        (b'{"amount": ' + b"9" * 5_000 + b"}", "application/json", 400, "malformed_json"),
         (b'{"amount": 5}', "text/plain", 415, "unsupported_media_type"),
         (b'{"amount": 5}', "", 415, "unsupported_media_type"),
         (b"amount=5", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
@@ -87,6 +96,19 @@ def test_malformed_bodies_are_refused_and_write_nothing(
     reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=headers))
     assert_problem(reply, status, code)
     assert api.head() == head
+
+
+def test_a_body_too_deep_or_a_number_too_long_is_told_in_the_clients_terms(api: Api) -> None:
+    headers = {**api.auth("tester"), "Content-Type": "application/json"}
+    bodies = {
+        b'{"amount": ' + b"[" * 30_000 + b"]" * 30_000 + b"}": "nested too deeply",
+        b'{"amount": ' + b"9" * 5_000 + b"}": "more than 20 digits",
+    }
+    for raw, said in bodies.items():
+        sent = {**headers, "Idempotency-Key": api.key()}
+        reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=sent))
+        body = assert_problem(reply, 400, "malformed_json")
+        assert said in body["detail"] and "sys." not in body["detail"]
 
 
 def test_an_oversized_body_without_a_length_is_refused_as_it_arrives(api: Api) -> None:
@@ -318,7 +340,13 @@ def test_a_position_not_reached_in_time_is_503_with_retry_after(api: Api) -> Non
 
 @pytest.mark.parametrize(
     "params",
-    [{"min_position": "-1"}, {"min_position": "x"}, {"min_position": "1", "timeout": "9999"}],
+    [
+        {"min_position": "-1"},
+        {"min_position": "x"},
+        {"min_position": "1", "timeout": "9999"},
+        {"min_position": str(2**63)},  # past what a position can be
+        {"min_position": "9" * 5_000},
+    ],
 )
 def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
     account = api.open_account()
@@ -376,6 +404,9 @@ def test_a_statement_pages_by_cursor(api: Api) -> None:
     assert [e["amount"] for e in first["entries"]] == [5, 4, 3]
     rest = api.get(f"/v1/accounts/{account}/statement", limit=3, cursor=first["next_cursor"])
     assert [e["amount"] for e in rest.json()["entries"]] == [2, 1]
+    too_far = base64.urlsafe_b64encode(orjson.dumps({"before": 2**63})).decode()
+    reply = api.get(f"/v1/accounts/{account}/statement", cursor=too_far)
+    assert_problem(reply, 400, "invalid_parameter")
 
 
 def test_activity_and_health(api: Api) -> None:

@@ -269,6 +269,12 @@ def test_memory_is_refused_where_it_cannot_work(
         (["serve", "--port", "70000"], "--port: must be at most 65535, got 70000"),
         (["serve", "--read-connections", "0"], "--read-connections: must be at least 1"),
         (["serve", "--token-cache-seconds", "-1"], "must be more than 0 seconds"),
+        # Past what a 64-bit column holds: SQLite would raise OverflowError on them.
+        (
+            ["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", "--before", str(2**63)],
+            f"--before: must be at most {2**63 - 1}",
+        ),
+        (["requests", "purge", "--batch-size", "1" + "0" * 20], "--batch-size: expected a whole"),
     ],
 )
 def test_numbers_are_checked(
