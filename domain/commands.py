@@ -153,6 +153,10 @@ class Command:
     #: (``atomic``: its argument is a list of commands), or none (the saga processor's own
     #: commands, sent with ``execute``).
     generated_method: ClassVar[bool] = True
+    #: False for commands that only daybook's own services send (the saga processor's
+    #: steps, the payment reconciler's records): the HTTP API does not offer them, alone or
+    #: in a list. Python callers, who run those services, still can (``execute``).
+    public: ClassVar[bool] = True
 
     _: KW_ONLY
     #: The caller's id for this request; a retry with the same id and payload is replayed.

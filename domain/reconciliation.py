@@ -53,6 +53,7 @@ class RecordReconciliation(Command):
     """Record what reconciliation found about a remote record and what it did."""
 
     generated_method = False
+    public = False
 
     key: Text
     finding: Text

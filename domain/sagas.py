@@ -641,9 +641,22 @@ def json_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 class _SagaCommand(Command):
     """Commands that drive a saga: sent by the processor with ids derived from the saga, the
-    step and the attempt, so a repeated delivery is a replay."""
+    step and the attempt, so a repeated delivery is a replay. Not offered over HTTP: only the
+    processor knows that a step ran (that the gateway charged)."""
 
     generated_method: ClassVar[bool] = False
+    public: ClassVar[bool] = False
+
+
+def _kind_of(saga: Saga, step: str, action: object, kind: type[Local | Remote]) -> None:
+    """Refuse a command that records a step (or compensation) of the other kind: a remote
+    step is done only when its remote answered, a local one only by running it."""
+    if not isinstance(action, kind):
+        raise InvalidRequest(
+            f"step {step!r} of saga {saga.id} is not {kind.__name__.lower()}; "
+            f"it cannot be recorded this way",
+            field="step",
+        )
 
 
 class RunLocalStep(_SagaCommand):
@@ -657,7 +670,8 @@ class RunLocalStep(_SagaCommand):
         saga = aggregates.get(Saga, self.saga_id)
         step = saga.check_at_step(self.step)
         now = _now(aggregates)
-        assert isinstance(step.action, Local)
+        _kind_of(saga, self.step, step.action, Local)
+        assert isinstance(step.action, Local)  # for the type checker
         staged = Staged(aggregates)
         try:
             fields = step.action.build(saga.context).handle(staged)
@@ -678,7 +692,8 @@ class CompleteRemoteStep(_SagaCommand):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         saga = aggregates.get(Saga, self.saga_id)
-        saga.check_at_step(self.step)
+        step = saga.check_at_step(self.step)
+        _kind_of(saga, self.step, step.action, Remote)
         saga.complete_step(self.step, json_fields(self.result), _now(aggregates))
         return {"saga_id": self.saga_id}
 
@@ -751,7 +766,8 @@ class RunLocalCompensation(_SagaCommand):
         saga = aggregates.get(Saga, self.saga_id)
         step = saga.check_compensating(self.step, self.attempt)
         compensation = step.compensation
-        assert isinstance(compensation, Local)
+        _kind_of(saga, self.step, compensation, Local)
+        assert isinstance(compensation, Local)  # for the type checker
         staged = Staged(aggregates)
         try:
             fields = compensation.build(saga.context).handle(staged)
@@ -776,7 +792,8 @@ class CompleteRemoteCompensation(_SagaCommand):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         saga = aggregates.get(Saga, self.saga_id)
-        saga.check_compensating(self.step, self.attempt)
+        step = saga.check_compensating(self.step, self.attempt)
+        _kind_of(saga, self.step, step.compensation, Remote)
         saga.compensated(self.step, json_fields(self.result), self.decided_by, _now(aggregates))
         return {"saga_id": self.saga_id}
 
@@ -785,6 +802,7 @@ class CancelSaga(_SagaCommand):
     """Stop a running saga and compensate what it did (a person's decision)."""
 
     generated_method = True
+    public = True
 
     saga_id: Uuid
     decided_by: Text
@@ -800,6 +818,7 @@ class RetrySaga(_SagaCommand):
     """Try the compensations of a saga that needs attention again (a person's decision)."""
 
     generated_method = True
+    public = True
 
     saga_id: Uuid
     decided_by: Text

@@ -33,6 +33,7 @@ from starlette.types import Scope
 
 from daybook.domain.commands import Command, Receipt, parameters, registered
 from daybook.domain.errors import DomainError
+from daybook.domain.linked import Atomic
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
@@ -62,7 +63,9 @@ class CommandRoutes:
         """Add a route per command to ``app`` (on the app itself: an included router is
         matched a second time on every request)."""
         for command_class in commands if commands is not None else registered():
-            self._add(app, command_class)
+            # Linked commands have a route of their own (``/v1/atomic``), which reads a list.
+            if command_class.public and command_class is not Atomic:
+                self._add(app, command_class)
 
     def _add(self, app: FastAPI, command_class: type[Command]) -> None:
         accepted = {p.name: p for p in parameters(command_class) if p.name not in _SERVER_SET}
@@ -181,9 +184,10 @@ async def json_body(request: Request) -> Any:
         ) from None
 
 
-#: No integer a command takes has more digits than this (2**63 has 19); longer ones are
-#: refused as they are read, before Python spends time converting them.
-_MAX_DIGITS = 20
+#: Integers longer than this are refused as they are read, before Python spends time
+#: converting them (no command takes one past 2**63, which has 19 digits; shorter ones still
+#: reach the command's own check and its code, ``invalid_amount`` say).
+_MAX_DIGITS = 100
 
 
 def _integer(text: str) -> int:

@@ -112,6 +112,8 @@ def _command(index: int, item: Any, actor: str, request_id: str | None) -> Comma
         command_class = command_named(name)
         if command_class is Atomic:
             raise KeyError("a list cannot hold a list (atomic)")
+        if not command_class.public:
+            raise KeyError(f"{name} is sent only by daybook's own services, not over HTTP")
     except KeyError as error:
         raise Problem(
             "invalid_request", f"{where}: {error.args[0]}", details={"index": index}

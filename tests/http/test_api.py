@@ -102,7 +102,7 @@ def test_a_body_too_deep_or_a_number_too_long_is_told_in_the_clients_terms(api: 
     headers = {**api.auth("tester"), "Content-Type": "application/json"}
     bodies = {
         b'{"amount": ' + b"[" * 30_000 + b"]" * 30_000 + b"}": "nested too deeply",
-        b'{"amount": ' + b"9" * 5_000 + b"}": "more than 20 digits",
+        b'{"amount": ' + b"9" * 5_000 + b"}": "more than 100 digits",
     }
     for raw, said in bodies.items():
         sent = {**headers, "Idempotency-Key": api.key()}
@@ -137,14 +137,57 @@ def test_a_domain_refusal_is_problem_json_with_its_code_and_numbers(api: Api) ->
 # -- every registered command is served ----------------------------------------------------
 
 
-def test_every_registered_command_has_a_route_and_a_schema(api: Api) -> None:
+def test_every_public_command_has_a_route_and_a_schema(api: Api) -> None:
     document = api.run(api.client.get("/openapi.json")).json()
-    for command_class in registered():
+    offered = [c for c in registered() if c.public and c.name != "atomic"]
+    assert len(offered) >= 18
+    for command_class in offered:
         path = document["paths"][f"/v1/commands/{command_class.name}"]["post"]
         schema = path["requestBody"]["content"]["application/json"]["schema"]
         assert "request_id" not in schema["properties"] and "actor" not in schema["properties"]
         assert any(p["name"] == "Idempotency-Key" and p["required"] for p in path["parameters"])
     assert api.run(api.client.get("/docs")).status_code == 200
+
+
+#: What only daybook's own services send: the saga processor's record that a step ran (a
+#: gateway charged) and the payment reconciler's records; and linked commands, which have a
+#: route of their own (``/v1/atomic``).
+NOT_OFFERED = [
+    "run_local_step",
+    "complete_remote_step",
+    "fail_step",
+    "retry_later",
+    "fire_saga_deadline",
+    "run_local_compensation",
+    "complete_remote_compensation",
+    "record_reconciliation",
+]
+
+
+def test_commands_only_daybooks_services_send_are_not_offered_over_http(api: Api) -> None:
+    """A token that may write must not be able to say that a payment step succeeded: the
+    order would complete, its hold captured and its stock shipped, with nothing charged."""
+    assert {c.name for c in registered() if not c.public} == set(NOT_OFFERED)
+    account = api.open_account()
+    head = api.head()
+    fields = {"saga_id": str(uuid.uuid4()), "step": "charge", "result": {"charged": "x"}}
+    document = api.run(api.client.get("/openapi.json")).json()
+    for name in [*NOT_OFFERED, "atomic"]:
+        assert f"/v1/commands/{name}" not in document["paths"]
+        assert api.command(name, fields).status_code == 404
+    for name in NOT_OFFERED:
+        for path in ("/v1/batch", "/v1/atomic"):
+            body = {
+                "commands": [
+                    {"command": "deposit", "fields": {"account_id": account, "amount": 5}},
+                    {"command": name, "fields": fields},
+                ]
+            }
+            headers = {**api.auth("tester"), "Idempotency-Key": api.key()}
+            reply = api.run(api.client.post(path, json=body, headers=headers))
+            problem = assert_problem(reply, 422, "invalid_request")
+            assert "not over HTTP" in problem["detail"]
+    assert api.head() == head
 
 
 def test_the_stock_commands_work_over_http(api: Api) -> None:

@@ -212,3 +212,33 @@ def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> 
     assert health.error is not None and "refused the request (404)" in health.error
     processor.stop()
     assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
+
+
+def test_a_step_is_recorded_only_by_the_command_of_its_kind() -> None:
+    """A local step runs its command; a remote one is done only when its remote answered.
+    Recording either the other way is refused with a code, and writes nothing (it used to
+    fail an assertion, or record a payment that was never made)."""
+    from daybook import place_order
+    from daybook.domain.errors import DomainError
+    from daybook.domain.sagas import CompleteRemoteStep, RunLocalStep
+
+    with open_ledger("memory://") as ledger:
+        customer = ledger.open_account("ann", "EUR").account_id
+        merchant = ledger.open_account("shop", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        saga_id = place_order(ledger, "order-1", customer, merchant, [("KETTLE", 1, 4_500)]).saga_id
+        head = ledger.head()
+        with pytest.raises(DomainError) as remote_as_done:
+            ledger.execute(CompleteRemoteStep(saga_id, "reserve-0", {"done": True}))
+        assert ledger.head() == head
+        ledger.execute(RunLocalStep(saga_id, "reserve-0"))
+        ledger.execute(RunLocalStep(saga_id, "hold"))
+        head = ledger.head()
+        with pytest.raises(DomainError) as run_remote:
+            ledger.execute(RunLocalStep(saga_id, "charge"))
+        assert ledger.head() == head
+    assert remote_as_done.value.code == run_remote.value.code == "invalid_request"
+    assert "'reserve-0'" in str(remote_as_done.value) and "not remote" in str(remote_as_done.value)
+    assert "'charge'" in str(run_remote.value) and "not local" in str(run_remote.value)
