@@ -22,6 +22,7 @@ from daybook.infrastructure.urls import (
     DEFAULT_URL,
     BadURL,
     postgres_params,
+    redacted,
     scheme,
     sqlite_path,
 )
@@ -152,7 +153,7 @@ def check_broker(url: str) -> None:
     for server in servers:
         host, _, port_text = server.rpartition(":")
         if not host or not port_text.isdigit():
-            raise Unusable(f"the broker URL {url!r}: write kafka://host:port")
+            raise Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
         try:
             socket.create_connection((host.strip("[]"), int(port_text)), CONNECT_TIMEOUT).close()
             return
@@ -178,7 +179,7 @@ def check_gateway(url: str | None) -> None:
         )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Unusable(f"the payment gateway URL {url!r}: write http://host:port")
+        raise Unusable(f"the payment gateway URL {redacted(url)!r}: write http://host:port")
     try:
         httpx.get(url, timeout=CONNECT_TIMEOUT)
     except httpx.HTTPError as error:

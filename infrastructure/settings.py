@@ -96,6 +96,9 @@ class Settings(BaseModel):
                 return timedelta(seconds=float(value))
             except ValueError:
                 return value  # an ISO 8601 duration, or a mistake pydantic will name
+            except OverflowError:  # inf, 1e20: no duration is that long
+                msg = f"{value!r} seconds is longer than any duration daybook can keep"
+                raise ValueError(msg) from None
         return value
 
     @field_validator("request_retention")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+from psycopg.conninfo import make_conninfo
 
 DEFAULT_URL = "sqlite:///.daybook/daybook.db"
 
@@ -27,7 +29,8 @@ class PostgresParams:
     password: str
 
     def conninfo(self) -> str:
-        """A libpq connection string for psycopg."""
+        """A libpq connection string for psycopg (quotes and backslashes in a password
+        escaped as libpq reads them)."""
         parts = {
             "dbname": self.dbname,
             "host": self.host,
@@ -35,7 +38,20 @@ class PostgresParams:
             "user": self.user,
             "password": self.password,
         }
-        return " ".join(f"{k}='{v}'" for k, v in parts.items() if v != "")
+        return make_conninfo(**{k: v for k, v in parts.items() if v != ""})
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if it has one, written ``***``: for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # a malformed host or port: keep only what surely holds no secret
+        return f"{url.split('://', 1)[0]}://..."
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def scheme(url: str) -> str:
@@ -45,7 +61,7 @@ def scheme(url: str) -> str:
         return "postgresql"
     if name not in ("memory", "sqlite", "postgresql"):
         raise BadURL(
-            f"unsupported store URL {url!r}: use memory://, sqlite:///path/to/file.db "
+            f"unsupported store URL {redacted(url)!r}: use memory://, sqlite:///path/to/file.db "
             "or postgresql://user:password@host:port/dbname"
         )
     return name
@@ -58,13 +74,13 @@ def postgres_params(url: str) -> PostgresParams:
     host = query.get("host", [parts.hostname or "localhost"])[0]
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
-        raise BadURL(f"store URL {url!r} names no database: add /dbname at the end")
+        raise BadURL(f"store URL {redacted(url)!r} names no database: add /dbname at the end")
     try:
-        port = int(query.get("port", [parts.port or 5432])[0])
+        port = int(query.get("port", [5432 if parts.port is None else parts.port])[0])
     except ValueError:
         port = -1
     if not 0 < port < 65536:
-        raise BadURL(f"store URL {url!r}: the port must be a number from 1 to 65535")
+        raise BadURL(f"store URL {redacted(url)!r}: the port must be a number from 1 to 65535")
     return PostgresParams(
         dbname=dbname,
         host=host,

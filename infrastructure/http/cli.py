@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from typing import Any
 
@@ -191,6 +192,23 @@ _WHY = (
 )
 
 
+def _tls_problem(cert: str, key: str) -> str | None:
+    """Why the server could not use this certificate and key, or None: read here, before
+    anything starts, so a wrong path is one line rather than the server's traceback. (A key
+    protected by a passphrase is refused too: the server could not ask for it.)"""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as error:
+        return (
+            f"the TLS certificate {cert!r} and key {key!r} do not make a pair it can use "
+            f"({error.reason or error}); give PEM files, the key without a passphrase"
+        )
+    except OSError as error:
+        return f"cannot read the TLS certificate or key: {error.filename or cert}: {error.strerror}"
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from daybook.infrastructure.bootstrap import http_parts
     from daybook.infrastructure.collector import settle_collector
@@ -199,6 +217,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("daybook serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
+    if args.tls_cert and (problem := _tls_problem(args.tls_cert, args.tls_key)):
+        print(f"daybook serve: {problem}", file=sys.stderr)
         return 2
     settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
     options = HttpOptions(

@@ -10,7 +10,7 @@ from types import TracebackType
 from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.sqlite import SqliteStore
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
-from daybook.infrastructure.urls import scheme, sqlite_path
+from daybook.infrastructure.urls import redacted, scheme, sqlite_path
 
 
 def open_store(url: str) -> ReadStore:
@@ -20,7 +20,10 @@ def open_store(url: str) -> ReadStore:
         return PostgresStore(url)
     if kind == "sqlite":
         return SqliteStore(sqlite_path(url))
-    msg = f"read models need a database: use sqlite:///path.db or postgresql://..., not {url!r}"
+    msg = (
+        "read models need a database: use sqlite:///path.db or postgresql://..., "
+        f"not {redacted(url)!r}"
+    )
     raise ReadStoreError(msg)
 
 

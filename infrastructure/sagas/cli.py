@@ -35,6 +35,7 @@ from daybook.infrastructure.cli import (
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
 from daybook.infrastructure.sagas.reconcile import PAGE, reconcile_payments
+from daybook.infrastructure.urls import redacted
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
 from daybook.projections.model import Row
 from daybook.projections.sagas import SAGAS
@@ -209,7 +210,10 @@ def _run(args: argparse.Namespace) -> int:
         sweeper = expiry_sweeper(ledger, runner.views)
         processor.start()
         sweeper.start()
-        print(f"daybook sagas: driving sagas on {settings.url} with {settings.gateway_url}")
+        print(
+            f"daybook sagas: driving sagas on {redacted(settings.url)} "
+            f"with {redacted(settings.gateway_url or '')}"
+        )
         try:
             while not stop.wait(1.0):
                 for health in (processor.health(), sweeper.health(), runner.health()):

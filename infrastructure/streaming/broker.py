@@ -8,7 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from daybook.infrastructure import settings
-from daybook.infrastructure.urls import BadURL
+from daybook.infrastructure.urls import BadURL, redacted
 
 DEFAULT_TOPIC = settings.DEFAULT_TOPIC
 DEFAULT_PARTITIONS = settings.DEFAULT_PARTITIONS
@@ -26,7 +26,7 @@ def bootstrap_servers(url: str) -> str:
         return url
     parts = urlsplit(url)
     if parts.scheme != "kafka" or not parts.netloc:
-        raise BadURL(f"unsupported broker URL {url!r}: use kafka://host:port")
+        raise BadURL(f"unsupported broker URL {redacted(url)!r}: use kafka://host:port")
     return parts.netloc
 
 

@@ -211,6 +211,10 @@ def test_the_window_is_a_setting() -> None:
     )
     with pytest.raises(BadSettings, match=r"request_retention.*at least 1 hour"):
         Settings.load(env={"DAYBOOK_REQUEST_RETENTION": "60"})
+    for endless in ("inf", "1e20"):
+        for variable in ("DAYBOOK_REQUEST_RETENTION", "DAYBOOK_REQUEST_PURGE_INTERVAL"):
+            with pytest.raises(BadSettings, match="longer than any duration"):
+                Settings.load(env={variable: endless})
 
 
 @pytest.mark.postgres

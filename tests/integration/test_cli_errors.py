@@ -283,6 +283,21 @@ def test_numbers_are_checked(
     assert wrong in one_line(capsys, argv, by_exit=True)
 
 
+def test_serve_with_a_tls_pair_it_cannot_use_says_so_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    serve = ["serve", "--url", f"sqlite:///{tmp_path}/d.db", "--port", str(closed_port())]
+    missing = one_line(
+        capsys, [*serve, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(junk)]
+    )
+    assert "cannot read the TLS certificate or key" in missing and "none.pem" in missing
+    unusable = one_line(capsys, [*serve, "--tls-cert", str(junk), "--tls-key", str(junk)])
+    assert "do not make a pair" in unusable
+    assert not (tmp_path / "d.db").exists()  # refused before anything was opened
+
+
 def test_a_rebuild_on_a_foreign_read_model_database_says_so_in_one_line(
     ledger_file: str, tmp_path: Path
 ) -> None:

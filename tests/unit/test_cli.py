@@ -8,6 +8,7 @@ import pytest
 
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.settings import BadSettings, Settings
+from daybook.infrastructure.urls import postgres_params
 
 
 def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -24,6 +25,35 @@ def test_a_bad_port_is_one_clear_line(url: str, capsys: pytest.CaptureFixture[st
     assert main(["balance", "00000000-0000-0000-0000-000000000001", "--url", url]) == 2
     err = capsys.readouterr().err
     assert err.startswith("daybook: store URL") and "port must be a number" in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["stock", "SKU-1", "--url", "postgresql://app:S3cretPW@db.example:99999/ledger"], "port"),
+        (["stock", "SKU-1", "--url", "postgresql://app:S3cretPW@db.example:0/ledger"], "port"),
+        (["serve", "--url", "postgresql://app:S3cretPW@db.example:5432"], "names no database"),
+        (["demo", "--url", "postgresq://app:S3cretPW@db.example/ledger"], "unsupported"),
+        (["projections", "status", "--url", "mysql://app:S3cretPW@db.example/x"], "unsupported"),
+    ],
+)
+def test_a_refused_url_never_shows_its_password(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "app:***@db.example" in err, err
+    assert "S3cretPW" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("password", ["it's", "back\\slash", "both ' and \\ and spaces"])
+def test_any_password_reaches_libpq_as_it_was_written(password: str) -> None:
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = f"postgresql://app:{quote(password, safe='')}@db.example:5432/ledger"
+    assert conninfo_to_dict(postgres_params(url).conninfo())["password"] == password
 
 
 def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
