@@ -37,6 +37,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.transient import causes
+from daybook.infrastructure.urls import scheme
 from daybook.projections.model import LogEvent, Projection
 
 _CHUNK = 5_000
@@ -83,6 +84,12 @@ def handover(
     group = group_of(to)
     if to != RUNNER and not group:
         raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
+    if group and scheme(url) != "postgresql":
+        # The workers refuse any other database, so the versions would have no writer.
+        raise HandoverRefused(
+            f"stream workers keep read models on PostgreSQL only, and these are on "
+            f"{scheme(url)}: no worker of {to} could write them; keep them with the runner"
+        )
     store = open_store(url)
     try:
         catalog = VersionCatalog(store)

@@ -283,6 +283,30 @@ def test_numbers_are_checked(
     assert wrong in one_line(capsys, argv, by_exit=True)
 
 
+def test_a_handover_to_stream_workers_on_sqlite_is_refused_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str], ledger_file: str
+) -> None:
+    """The workers keep read models on PostgreSQL only: a version handed to a group on
+    SQLite would have no writer at all."""
+    from daybook import projections
+    from daybook.infrastructure.bootstrap import event_log_of
+    from daybook.infrastructure.readmodels.runner import ProjectionRunner
+
+    with open_ledger(ledger_file) as ledger:
+        runner = ProjectionRunner(event_log_of(ledger), ledger_file, projections.ALL)
+        runner.run_until_caught_up()
+        runner.stop()
+    assert main(["projections", "status", "--url", ledger_file]) == 0
+    before = capsys.readouterr().out
+    line = one_line(
+        capsys, ["projections", "handover", "account_balances", "--to", "stream:g", "--url",
+                 ledger_file], code=1,
+    )  # fmt: skip
+    assert "PostgreSQL only" in line and "keep them with the runner" in line
+    assert main(["projections", "status", "--url", ledger_file]) == 0
+    assert capsys.readouterr().out == before
+
+
 def test_serve_with_a_tls_pair_it_cannot_use_says_so_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
