@@ -152,6 +152,14 @@ def rate(text: str) -> float:
     return value
 
 
+def positive_rate(text: str) -> float:
+    """An argparse type: requests per second, above 0 (a token's own limit)."""
+    value = rate(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0 requests per second, got 0")
+    return value
+
+
 def build_parser() -> Parser:
     from daybook import __version__
 

@@ -13,6 +13,7 @@ from daybook.infrastructure.cli import (
     add_url_argument,
     checked_settings,
     command,
+    positive_rate,
     rate,
     seconds,
     setup_logging,
@@ -151,7 +152,7 @@ def register(subparsers: Any) -> None:
     )
     create.add_argument(
         "--rate",
-        type=rate,
+        type=positive_rate,
         help="requests per second this token may send (default: the server's --token-rate)",
     )
     add_url_argument(create)

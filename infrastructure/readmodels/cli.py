@@ -225,13 +225,11 @@ def register(subparsers: Any) -> None:
     check.add_argument(
         "--every-events",
         type=whole_number(1),
-        default=100_000,
         help="with --continuous: reconcile after this many new events (default 100000)",
     )
     check.add_argument(
         "--every-seconds",
         type=seconds,
-        default=600.0,
         help="with --continuous: and at least this often (default 600)",
     )
     add_log_format_argument(check)
@@ -426,8 +424,8 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     service = continuous_reconciler(
         checked_settings(args, why=_WHY, readmodels=True),
         projections=chosen,
-        every_events=args.every_events,
-        every_seconds=args.every_seconds,
+        every_events=100_000 if args.every_events is None else args.every_events,
+        every_seconds=600.0 if args.every_seconds is None else args.every_seconds,
         repair=args.repair,
     )
 
@@ -464,6 +462,13 @@ def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
     if args.continuous:
         return _run_continuous(args, chosen)
+    if args.every_events is not None or args.every_seconds is not None:
+        print(
+            "daybook reconcile: --every-events and --every-seconds pace --continuous; "
+            "add --continuous, or leave them out for one pass",
+            file=sys.stderr,
+        )
+        return 2
     log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
     drifted = False
     try:

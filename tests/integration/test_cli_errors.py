@@ -275,6 +275,7 @@ def test_memory_is_refused_where_it_cannot_work(
             f"--before: must be at most {2**63 - 1}",
         ),
         (["requests", "purge", "--batch-size", "1" + "0" * 20], "--batch-size: expected a whole"),
+        (["tokens", "create", "x", "--scope", "read", "--rate", "0"], "--rate: must be above 0"),
     ],
 )
 def test_numbers_are_checked(
@@ -305,6 +306,14 @@ def test_a_handover_to_stream_workers_on_sqlite_is_refused_and_changes_nothing(
     assert "PostgreSQL only" in line and "keep them with the runner" in line
     assert main(["projections", "status", "--url", ledger_file]) == 0
     assert capsys.readouterr().out == before
+
+
+def test_pacing_a_single_reconcile_is_refused_not_ignored(
+    capsys: pytest.CaptureFixture[str], ledger_file: str
+) -> None:
+    for pace in (["--every-events", "5"], ["--every-seconds", "5"]):
+        line = one_line(capsys, ["reconcile", *pace, "--url", ledger_file])
+        assert "add --continuous" in line
 
 
 def test_serve_with_a_tls_pair_it_cannot_use_says_so_before_starting(
