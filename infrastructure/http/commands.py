@@ -17,6 +17,7 @@ server is ``409 idempotency_key_in_use``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
@@ -316,14 +317,34 @@ _RECEIPT_SCHEMA = {
 
 
 def _schema_of(annotation: Any) -> dict[str, Any]:
+    """The JSON schema of an argument, from its annotation (``Annotated`` checks unwrapped;
+    ``X | None`` is X)."""
+    origin = get_origin(annotation)
+    if origin in (tuple, list):
+        items = [a for a in get_args(annotation) if a is not Ellipsis]
+        return {"type": "array", "items": _schema_of(items[0]) if items else {}}
+    if origin is dict or annotation is dict:
+        return {"type": "object"}
     args = [a for a in get_args(annotation) if a is not type(None)]
-    base = args[0] if get_origin(annotation) is not None and args else annotation
+    base = args[0] if origin is not None and args else annotation
+    if base is not annotation:
+        return _schema_of(base)
     if base is int:
         return {"type": "integer"}
     if base is UUID:
         return {"type": "string", "format": "uuid"}
     if base is bool:
         return {"type": "boolean"}
+    if dataclasses.is_dataclass(base):  # sent as a list of its fields, in order (a line)
+        fields = dataclasses.fields(base)
+        hints = get_type_hints(base)
+        return {
+            "type": "array",
+            "prefixItems": [_schema_of(hints[f.name]) for f in fields],
+            "minItems": len(fields),
+            "maxItems": len(fields),
+            "description": ", ".join(f.name for f in fields),
+        }
     return {"type": "string"}
 
 

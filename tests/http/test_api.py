@@ -147,6 +147,12 @@ def test_every_public_command_has_a_route_and_a_schema(api: Api) -> None:
         assert "request_id" not in schema["properties"] and "actor" not in schema["properties"]
         assert any(p["name"] == "Idempotency-Key" and p["required"] for p in path["parameters"])
     assert api.run(api.client.get("/docs")).status_code == 200
+    order = document["paths"]["/v1/commands/place_order"]["post"]["requestBody"]
+    lines = order["content"]["application/json"]["schema"]["properties"]["lines"]
+    assert lines["type"] == "array"  # a list of [sku, quantity, unit_price], not a string
+    line = lines["items"]
+    assert [item["type"] for item in line["prefixItems"]] == ["string", "integer", "integer"]
+    assert line["minItems"] == line["maxItems"] == 3
 
 
 #: What only daybook's own services send: the saga processor's record that a step ran (a
