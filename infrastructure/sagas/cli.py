@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ from daybook.infrastructure.urls import redacted
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
 from daybook.projections.model import Row
 from daybook.projections.sagas import SAGAS
+
+#: A saga id, for the examples in --help.
+_SAGA = "2f1c4b9e-7d3a-4c55-9e0b-6a1d2c3e4f50"
 
 STATES = ("running", "compensating", "completed", "compensated", "needs_attention")
 
@@ -125,7 +129,7 @@ def register(subparsers: Any) -> None:
         "show",
         help="one saga: its state and event history",
         description="A saga's state and every event of its history, with the decisions made.",
-        examples=["daybook sagas show 2f1c... --url postgresql://app@db/ledger"],
+        examples=[f"daybook sagas show {_SAGA} --url postgresql://app@db/ledger"],
     )
     add_url_argument(show)
     show.add_argument("saga_id", type=UUID, help="the saga's id")
@@ -140,8 +144,8 @@ def register(subparsers: Any) -> None:
             "compensations again; who decided and why are recorded."
         ),
         examples=[
-            'daybook sagas retry 2f1c... --reason "gateway fixed" --by ops-alice',
-            'daybook sagas retry 2f1c... --url postgresql://app@db/ledger --reason "fixed"',
+            f'daybook sagas retry {_SAGA} --reason "gateway fixed" --by ops-alice',
+            f'daybook sagas retry {_SAGA} --url postgresql://app@db/ledger --reason "fixed"',
         ],
     )
     add_url_argument(retry)
@@ -157,8 +161,8 @@ def register(subparsers: Any) -> None:
             "decided and why are recorded."
         ),
         examples=[
-            'daybook sagas cancel 2f1c... --reason "customer asked" --by ops-bob',
-            'daybook sagas cancel 2f1c... --url postgresql://app@db/ledger --reason "duplicate"',
+            f'daybook sagas cancel {_SAGA} --reason "customer asked" --by ops-bob',
+            f'daybook sagas cancel {_SAGA} --url postgresql://app@db/ledger --reason "duplicate"',
         ],
     )
     add_url_argument(cancel)
@@ -311,13 +315,20 @@ def _show(args: argparse.Namespace) -> int:
                 if k not in ("originator_id", "originator_version", "timestamp", "meta")
             }
             name = type(event).__name__
-            print(f"  {event.originator_version:>3} {event.timestamp.isoformat()} {name} {fields}")
+            text = json.dumps(fields, default=_plain)
+            print(f"  {event.originator_version:>3} {event.timestamp.isoformat()} {name} {text}")
             decision = getattr(event.meta, "decision", None)
             if decision is not None:
                 print(
                     f"      decided by {decision.by} at {decision.at.isoformat()}: {decision.why}"
                 )
     return 0
+
+
+def _plain(value: object) -> object:
+    """Event fields as a person reads them: times in ISO 8601, ids and states as text."""
+    isoformat = getattr(value, "isoformat", None)
+    return isoformat() if callable(isoformat) else str(value)
 
 
 def _who(args: argparse.Namespace) -> str:

@@ -71,6 +71,9 @@ def test_the_sagas_commands(
         assert main(["sagas", "show", str(waiting.saga_id), "--url", url]) == 0
         out = capsys.readouterr().out
         assert "Cancelled" in out and "decided by ann" in out and "customer called" in out
+        # Fields as a person reads them, not Python's reprs.
+        assert "datetime.datetime(" not in out and "UUID(" not in out and "<SagaState" not in out
+        assert '"saga_id": "' in out or '"order_id": "' in out
 
         # Refused decisions say why, with their code, and change nothing.
         head = ledger.head()
