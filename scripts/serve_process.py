@@ -47,7 +47,7 @@ class ServeProcess:
             try:
                 return self._start(timeout)
             except RuntimeError:
-                if b"address already in use" not in self.log_path.read_bytes()[written:]:
+                if b"address already in use" not in self.log_path.read_bytes()[written:].lower():
                     raise
                 self.port = services.free_port()
         raise RuntimeError(f"daybook serve found no free port in 5 tries:\n{self.output}")

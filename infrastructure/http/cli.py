@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import ssl
 import sys
 from typing import Any
@@ -210,6 +211,21 @@ def _tls_problem(cert: str, key: str) -> str | None:
     return None
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (taken, not an address of this
+    machine), or None: tried before anything is opened, so the answer is one line rather
+    than a banner followed by the server's error. The server binds again itself."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        return f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from daybook.infrastructure.bootstrap import http_parts
     from daybook.infrastructure.collector import settle_collector
@@ -220,6 +236,9 @@ def _serve(args: argparse.Namespace) -> int:
         print("daybook serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
         return 2
     if args.tls_cert and (problem := _tls_problem(args.tls_cert, args.tls_key)):
+        print(f"daybook serve: {problem}", file=sys.stderr)
+        return 2
+    if problem := _listen_problem(args.host, args.port):
         print(f"daybook serve: {problem}", file=sys.stderr)
         return 2
     settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)

@@ -45,7 +45,10 @@ def run(
         server_header=False,
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind (it has logged why)
+        return 1
     if not server.started:
         return 1
     log.info("daybook serve: stopped; every request in progress was answered")

@@ -316,6 +316,19 @@ def test_pacing_a_single_reconcile_is_refused_not_ignored(
         assert "add --continuous" in line
 
 
+def test_serve_on_a_port_in_use_says_so_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        url = f"sqlite:///{tmp_path}/d.db"
+        line = one_line(capsys, ["serve", "--url", url, "--port", str(port)])
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "another --port" in line
+    assert not (tmp_path / "d.db").exists()  # refused before anything was opened
+
+
 def test_serve_with_a_tls_pair_it_cannot_use_says_so_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
