@@ -223,8 +223,10 @@ class ListRoutes:
         if changed or set(records) - {command.request_id for command in submitted}:
             raise Problem.of(
                 IdempotencyConflict(
-                    f"Idempotency-Key {key!r} was already used for another batch; use a new "
-                    "key for a new batch",
+                    f"Idempotency-Key {key!r} was already used: for another batch, or for a "
+                    f"single command or linked list keyed {key!r} or {key + '/N'!r} (a batch's "
+                    "items are recorded under its key and their index); use a new key for a "
+                    "new batch",
                     changed=changed,
                 )
             )
