@@ -68,6 +68,25 @@ class NotOwner(Exception):
         self.owner = owner
 
 
+class GroupAlreadyStarted(Exception):
+    """Workers of a group that has applied events met a projection version new to it: they
+    would build it only from the group's committed offsets on, and serve it incomplete."""
+
+    code = "group_already_started"
+
+    def __init__(self, name: str, version: int, group: str, topic: str, position: int) -> None:
+        owner = stream_owner(group)
+        super().__init__(
+            f"projection {name} v{version} is new to {owner}, which has applied {topic} up to "
+            f"position {position}: its workers would build it from there on only; start them "
+            f"with a new --group, or build it with 'daybook projections rebuild {name}' and "
+            f"hand it over with '{handover_command(name, owner)}'"
+        )
+        self.name = name
+        self.version = version
+        self.group = group
+
+
 def create_progress_table(store: ReadStore) -> None:
     """The partition vectors of stream groups (inside a transaction)."""
     store.execute(
@@ -99,6 +118,11 @@ class Vector:
     def includes_later(self) -> bool:
         """Whether some events after ``position`` are applied (a partition ahead)."""
         return max(self.positions, default=0) > self.position
+
+    @property
+    def started(self) -> bool:
+        """Whether the group has consumed anything of its topic (its offsets moved on)."""
+        return any(self.positions) or any(self.bounds)
 
     @property
     def furthest(self) -> int:

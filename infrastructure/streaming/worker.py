@@ -46,6 +46,7 @@ from daybook.infrastructure.readmodels.catalog import (
     repeated_keys,
 )
 from daybook.infrastructure.readmodels.checkpoints import (
+    GroupAlreadyStarted,
     NotOwner,
     read_vector,
     stream_owner,
@@ -146,6 +147,8 @@ class StreamApplier:
         self.store: ReadStore | None = None
         self._slots: list[Slot] = []
         self._told: set[tuple[str, int]] = set()
+        #: Whether this connection registered the projections' versions (``_register``).
+        self._registered = False
         self.states = StateLog(log)
         #: What switches retired and left to drop (tables still being read).
         self.drops = RetiredDrops()
@@ -170,37 +173,69 @@ class StreamApplier:
                 for statement in create_tables_sql():
                     store.execute(statement.as_string())
                 store.add_column(DEAD_LETTER_TABLE, VERSIONS_COLUMN)
-            for projection in self.projections:
-                record = catalog.register(
-                    projection, owner=self.owner, topic=self.topic, partitions=self.partitions
-                )
-                if record is not None and record.state is VersionState.LIVE:
-                    # Serving: its keys are in place, unless code that built no deferred
-                    # keys switched to it; then build them now.
-                    with store.transaction():
-                        store.create_keys(projection)
-                self.drops.drop(store, projection.name)  # what a switch left behind
         except BaseException:
             store.close()
             raise
         self.store = store
+        self._registered = False
         self._slots = []
         return store
+
+    def _register(self, store: ReadStore) -> None:
+        """Make sure the projections' versions exist (with their keys, if serving), before
+        the first batch of a connection. (Not in ``connect``: the agent connects at start to
+        re-send dead letters, outside the batch path whose failures stop the worker.)"""
+        catalog = VersionCatalog(store)
+        self._refuse_new_to_started_group(store, catalog)
+        for projection in self.projections:
+            record = catalog.register(
+                projection, owner=self.owner, topic=self.topic, partitions=self.partitions
+            )
+            if record is not None and record.state is VersionState.LIVE:
+                # Serving: its keys are in place, unless code that built no deferred keys
+                # switched to it; then build them now.
+                with store.transaction():
+                    store.create_keys(projection)
+            self.drops.drop(store, projection.name)  # what a switch left behind
+        self._registered = True
+
+    def _refuse_new_to_started_group(self, store: ReadStore, catalog: VersionCatalog) -> None:
+        """Raise ``GroupAlreadyStarted``, before anything is registered, for a version new
+        to a group that has consumed part of the topic already: Kafka gives the group's
+        workers only what comes after its committed offsets, so the version would be built
+        from there on, and then served as complete once the group's vector reached the
+        head."""
+        vector = read_vector(store, self.group, self.topic, self.partitions)
+        if not vector.started:
+            return
+        for projection in self.projections:
+            if catalog.version(projection.name, projection.version) is not None:
+                continue
+            active = catalog.active_version(projection.name)
+            if active is not None and active > projection.version:
+                continue  # an older version is never registered again
+            raise GroupAlreadyStarted(
+                projection.name, projection.version, self.group, self.topic, vector.furthest
+            )
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
         self.store = None
+        self._registered = False
         self._slots = []
 
     # -- one batch ---------------------------------------------------------------------------
 
     def apply(self, messages: Sequence[Message]) -> BatchResult:
         """Apply ``messages`` (in arrival order) in one transaction; raises for database
-        errors (the caller reconnects and retries the same messages) and ``NotOwner`` when
-        the group owns none of its projections' versions."""
+        errors (the caller reconnects and retries the same messages), ``NotOwner`` when
+        the group owns none of its projections' versions, and ``GroupAlreadyStarted`` when
+        one of them would be a version new to a group that has consumed events."""
         crash_point("worker.batch")
         store = self.connect()
+        if not self._registered:
+            self._register(store)
         with tracing.continued(
             "daybook.worker.apply",
             _traced(messages),

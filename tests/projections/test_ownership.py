@@ -241,3 +241,51 @@ def test_every_query_of_a_stream_version_says_when_it_may_include_later_events(
         assert views.rows(balances, "account_balances").includes_later
         assert views.count(balances, "account_balances").includes_later
         assert many.as_of_position == one.as_of_position < ledger.head()
+
+
+def test_a_version_new_to_a_group_that_has_applied_events_is_refused_and_changes_nothing(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """Workers with a bumped version restarted in the same group would build it only from
+    the group's committed offsets on, and serve it incomplete. They refuse it, with the two
+    ways that build it whole; the version the group serves stays as it was. The second way
+    (rebuild, then hand over) then works for the same group."""
+    from tests.projections.test_rebuild_reconcile import ALL_V2
+
+    workload(ledger, 80)
+    stream = Stream(4)
+    worker = applier(pg_url)
+    try:
+        worker.apply(stream.publish(ledger))  # the group builds version 1, which serves
+    finally:
+        worker.close()
+    workload(ledger, 20, seed=4)
+    later = stream.publish(ledger)  # what Kafka delivers after the group's offsets
+    before = snapshot(pg_url)
+    bumped = StreamApplier(pg_url, ALL_V2, group=GROUP, topic=TOPIC, partitions=4, writer="new")
+    try:
+        with pytest.raises(Exception, match="new --group") as refused:
+            bumped.apply(later)
+    finally:
+        bumped.close()
+    assert getattr(refused.value, "code", None) == "group_already_started"
+    message = str(refused.value)
+    assert "account_balances v2" in message
+    assert "daybook projections rebuild account_balances" in message
+    assert "daybook projections handover account_balances --to stream:g" in message
+    assert snapshot(pg_url) == before
+
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    log = event_log_of(ledger)
+    rebuild(log, pg_url, ACCOUNT_BALANCES_V2, progress=False)
+    handover(log, pg_url, [ACCOUNT_BALANCES_V2], f"stream:{GROUP}", topic=TOPIC, partitions=4,
+             known=ALL_V2)  # fmt: skip
+    bumped = StreamApplier(pg_url, ALL_V2, group=GROUP, topic=TOPIC, partitions=4, writer="new")
+    try:
+        bumped.apply(later)
+    finally:
+        bumped.close()
+    for projection in ALL_V2:
+        assert_tables_match(ledger, pg_url, projection)
