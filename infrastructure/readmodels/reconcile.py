@@ -113,6 +113,9 @@ class ReconcileReport:
     drifts: list[Drift] = field(default_factory=list)
     #: Drifted rows beyond those listed.
     unlisted: int = 0
+    #: Per table, the key ranges that differ (what a repair reads again and rewrites: the
+    #: listed drifts are only the first ``DRIFTS_LISTED``).
+    differing: dict[str, list[str]] = field(default_factory=dict)
     repaired: bool = False
     seconds: float = 0.0
 
@@ -305,7 +308,7 @@ def _reconcile(
             with store.transaction():
                 if _locked_point(store, catalog, record) != point:
                     continue  # the owner moved on: compare again from there
-                _repair(store, projection, report)
+                _repair(store, fold, report)
                 report.repaired = True
                 return report
         except Exception as error:
@@ -391,18 +394,25 @@ def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point)
         report.ranges_checked += len(buckets)
         differing = sorted(b for b in buckets if expected.get(b) != stored.get(b))
         report.ranges_differing += len(differing)
+        if differing:
+            report.differing[table.name] = differing
         for bucket in differing:  # range by range: memory for one range's rows at a time
             have = store.rows_in_ranges(table, projection.version, {bucket})
             want = fold.store.rows_in_ranges(table, projection.version, {bucket})
-            for key in sorted(set(have) | set(want), key=sort_key):
-                drift = _drift(table, key, want.get(key), have.get(key))
-                if drift is None:
-                    continue
+            for drift in _drifts(table, want, have):
                 if len(report.drifts) < DRIFTS_LISTED:
                     report.drifts.append(drift)
                 else:
                     report.unlisted += 1
     return report
+
+
+def _drifts(table: Table, want: dict[Key, Row], have: dict[Key, Row]) -> Iterator[Drift]:
+    """The rows of one key range where the fold (``want``) and the store (``have``) differ."""
+    for key in sorted(set(have) | set(want), key=sort_key):
+        drift = _drift(table, key, want.get(key), have.get(key))
+        if drift is not None:
+            yield drift
 
 
 def _drift(table: Table, key: Key, want: Row | None, have: Row | None) -> Drift | None:
@@ -423,30 +433,39 @@ def _normal(table: Table, row: Row) -> tuple[Any, ...]:
     return tuple(row.get(name) for name in table.column_names)
 
 
-def _repair(store: ReadStore, projection: Projection, report: ReconcileReport) -> None:
-    """Rewrite drifted rows, log every change, and tell writers their caches are stale."""
+def _repair(store: ReadStore, fold: Fold, report: ReconcileReport) -> None:
+    """Rewrite every drifted row, log every change, and tell writers their caches are stale.
+
+    The report lists only the first ``DRIFTS_LISTED`` drifts; the repair reads each key range
+    that differed again, from both sides, one range at a time (bounded memory), under the
+    locks that hold the checkpoint where it was compared, and rewrites every row in it that
+    differs."""
+    projection = fold.projection
     version = projection.version
     # A version still being built has no key on its append-only tables yet; an upsert needs it.
     store.create_keys(projection)
     repairs = ReconcileLog(store)
-    for drift in report.drifts:
-        table = projection.table(drift.table)
-        if table.summed:
-            store.replace_total(table, version, drift.key, drift.expected)
-        elif drift.kind == "extra":
-            store.delete(table, version, [drift.key])
-        else:
-            assert drift.expected is not None
-            store.upsert(table, version, [drift.expected])
-        repairs.record(
-            projection.name,
-            version,
-            report.position,
-            drift.table,
-            drift.key,
-            drift.kind,
-            drift.stored,
-            drift.expected,
-        )
+    for table in projection.tables:
+        for bucket in report.differing.get(table.name, ()):
+            have = store.rows_in_ranges(table, version, {bucket})
+            want = fold.store.rows_in_ranges(table, version, {bucket})
+            for drift in _drifts(table, want, have):
+                if table.summed:
+                    store.replace_total(table, version, drift.key, drift.expected)
+                elif drift.kind == "extra":
+                    store.delete(table, version, [drift.key])
+                else:
+                    assert drift.expected is not None
+                    store.upsert(table, version, [drift.expected])
+                repairs.record(
+                    projection.name,
+                    version,
+                    report.position,
+                    drift.table,
+                    drift.key,
+                    drift.kind,
+                    drift.stored,
+                    drift.expected,
+                )
     repairs.trim(projection.name, version)
     VersionCatalog(store).bump_epoch(projection.name, version)

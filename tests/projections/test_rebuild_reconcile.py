@@ -14,6 +14,7 @@ from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import cli as readmodels_cli
+from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
@@ -229,6 +230,31 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
         for name in ("account_balances", "account_statement", "daily_activity"):
             runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
+        assert_tables_match(ledger, db_url, projection)
+
+
+def test_a_repair_rewrites_every_drifted_row_not_only_those_listed(
+    ledger: Ledger, db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report lists a bounded number of drifted rows and counts the rest; a repair
+    rewrites them all (summed rows too), and says repaired only then."""
+    monkeypatch.setattr(reconcile_module, "DRIFTS_LISTED", 2)
+    workload(ledger, 60)
+    with run_projections(ledger, db_url, start=False) as runner:
+        runner.run_until_caught_up()
+    store = open_store(db_url)
+    balances = store.count(BALANCES, 1)
+    store.execute(f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 1")
+    store.execute(f"UPDATE {MONEY.physical_name(1)} SET deposits = deposits * 2 + 1")
+    store.close()
+    assert balances > 2
+    assert main(["reconcile", "account_balances", "--url", db_url, "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"{balances} drifted rows, repaired" in out
+    assert f"and {balances - 2} more" in out
+    assert main(["reconcile", "daily_activity", "--url", db_url, "--repair"]) == 0
+    assert main(["reconcile", "--url", db_url]) == 0
+    for projection in (ACCOUNT_BALANCES, projections.DAILY_ACTIVITY):
         assert_tables_match(ledger, db_url, projection)
 
 
