@@ -11,7 +11,9 @@ nothing is skipped, with partitions at different positions and idle ones:
 - to ``stream:GROUP``, from a position P: each partition's entry becomes the last event at or
   before P that went to it (the relay's partitioning), raised to where the group already
   stands if it is further (its workers' Kafka offsets are there); the events in between are
-  applied, to this version and to any the group already owns.
+  applied, to this version and to any the group already owns. Each partition's bound is at
+  least P (every event of it up to P is applied), so the position readers see never goes
+  back.
 """
 
 from __future__ import annotations
@@ -202,14 +204,19 @@ def _to_group(
     last_before = [_last_events(log, r.position, partitions) for _, r in moving]
     target = [max(current.positions[q], *(c[q] for c in last_before)) for q in range(partitions)]
     applied: dict[tuple[str, int], int] = {}
-    bounds = [
-        max(current.bounds[q], target[q]) if staying else target[q] for q in range(partitions)
-    ]
+    # Each partition's bound: every event of it up to there is applied, afterwards, to
+    # every version the group owns. A version that stays has every event of q up to where
+    # the group stood, or up to target[q] once brought there; a version handed over has
+    # every event up to its position P (the runner's), and those of q up to target[q]. So
+    # a partition whose last event is before P, or that has none, is bound at P, not at its
+    # last event: readers never see the position go back.
+    owned = [[max(current.bounds[q], target[q]) for q in range(partitions)]] if staying else []
     for projection, record in moving:
         applied[(record.name, record.version)] = _bring_after(
             log, store, projection, record, record.position, target, partitions
         )
-        bounds = [min(bounds[q], max(record.position, target[q])) for q in range(partitions)]
+        owned.append([max(record.position, target[q]) for q in range(partitions)])
+    bounds = [min(b[q] for b in owned) for q in range(partitions)] if owned else target
     by_name = {p.name: p for p in known} | {p.name: p for p, _ in records}
     for record in staying:
         defined = by_name.get(record.name)

@@ -289,3 +289,40 @@ def test_a_version_new_to_a_group_that_has_applied_events_is_refused_and_changes
         bumped.close()
     for projection in ALL_V2:
         assert_tables_match(ledger, pg_url, projection)
+
+
+def test_a_handover_to_a_group_never_moves_the_position_readers_see_back(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The runner has applied every event up to the head; the last ones went to one
+    partition. Handed to a group that owns nothing yet, the version still answers as of the
+    head: every partition has every event up to it, whether its own last one is earlier."""
+    ids = [ledger.open_account(f"owner{n}", "EUR").account_id for n in range(8)]
+    receipt = ledger.deposit(ids[0], 10)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+    runner.run_until_caught_up()
+    runner.stop()
+    with ReadModels(pg_url, log=log) as views:
+        assert views.position("account_balances") == receipt.position == ledger.head()
+        handed = handover(
+            log, pg_url, [projections.ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC,
+            partitions=4,
+        )  # fmt: skip
+        assert [h.position for h in handed] == [receipt.position]
+        assert views.position("account_balances") == receipt.position
+        row = views.balance(ids[0], min_position=receipt.position, timeout=0.0)
+        assert row is not None and row.balance == 10 and row.as_of_position == receipt.position
+    # The group's workers go on from there: nothing applied twice, nothing skipped.
+    workload(ledger, 40, accounts=ids)
+    worker = StreamApplier(
+        pg_url, [projections.ACCOUNT_BALANCES], group=GROUP, topic=TOPIC, partitions=4,
+        writer="test",
+    )  # fmt: skip
+    try:
+        worker.apply(Stream(4).publish(ledger))
+    finally:
+        worker.close()
+    assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
+    with ReadModels(pg_url, log=log) as views:
+        assert views.position("account_balances") == ledger.head()
