@@ -128,6 +128,16 @@ def run_of(report: ReconcileReport) -> ReconcileRun:
     )
 
 
+@dataclass(frozen=True)
+class _LastRun:
+    #: The log's head when the run was decided on (its position may be far behind it: a
+    #: version whose runner is down, or a stopped one).
+    head: int
+    #: When it ran (monotonic seconds).
+    at: float
+    failed: bool
+
+
 class ContinuousReconciler:
     """Reconciles the serving version of each of ``projections`` every ``every_events`` log
     events or ``every_seconds`` seconds, whichever comes first; records each run."""
@@ -152,8 +162,8 @@ class ContinuousReconciler:
         self.every_seconds = every_seconds
         self.repair = repair
         self.poll_interval = poll_interval
-        #: (name, version) -> (position, monotonic time) of the last run.
-        self._last: dict[tuple[str, int], tuple[int, float]] = {}
+        #: (name, version) -> its last run.
+        self._last: dict[tuple[str, int], _LastRun] = {}
         self.runs = 0
         self.service = SupervisedThread(
             "continuous reconciler", self._body, on_stop=self.log.interrupt
@@ -208,18 +218,25 @@ class ContinuousReconciler:
                 key = (projection.name, projection.version)
                 if active.get(projection.name) != projection.version:
                     continue
-                position, at = self._last.get(key, (-1, 0.0))
-                recent = position >= 0 and now - at < self.every_seconds
-                if recent and head - position < self.every_events:
+                if not self._due(self._last.get(key), head, now):
                     continue
                 run = self._reconcile(projection)
                 record_run(store, run)
-                self._last[key] = (run.position, time.monotonic())
+                self._last[key] = _LastRun(head, time.monotonic(), run.error is not None)
                 self.runs += 1
                 done.append(run)
         finally:
             store.close()
         return done
+
+    def _due(self, last: _LastRun | None, head: int, now: float) -> bool:
+        """Every ``every_events`` events written since the last run (counted from the head
+        it saw, not from its position: a version left behind the head would otherwise be
+        due at every poll), or every ``every_seconds``. A run that failed waits the
+        seconds: new events do not cure a fold that fails."""
+        if last is None or now - last.at >= self.every_seconds:
+            return True
+        return not last.failed and head - last.head >= self.every_events
 
     def _reconcile(self, projection: Projection) -> ReconcileRun:
         try:

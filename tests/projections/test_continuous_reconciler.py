@@ -4,6 +4,7 @@ told to repair, its run table bounded."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,7 @@ from daybook.infrastructure.readmodels.reconciler import (
     record_run,
 )
 from daybook.projections.accounts import BALANCES
+from daybook.projections.model import LogEvent, Rows
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -127,3 +129,57 @@ def test_the_log_of_repairs_keeps_the_newest_of_each_version(
         store.close()
     assert len(rows) == 5
     assert [row[0] for row in rows] == list(range(12 - 4, 12 + 1)), "not the newest five"
+
+
+def test_a_version_that_lags_the_head_is_reconciled_once_per_n_new_events(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """Its runner is down: the version stands 20 events behind the head. "Every 10 events"
+    counts events written since the last run, not how far the version lags: without new
+    events, polls run nothing (each run folds the log, logs a line and records a row)."""
+    account = ledger.open_account("ann", "EUR").account_id
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    for _ in range(20):
+        ledger.deposit(account, 1)
+    watcher = ContinuousReconciler(
+        event_log_of(ledger), pg_url, [projections.ACCOUNT_BALANCES], every_events=10,
+        every_seconds=600,
+    )  # fmt: skip
+    assert len(watcher.run_due()) == 1
+    assert watcher.run_due() == []
+    assert watcher.run_due() == []
+    for _ in range(10):
+        ledger.deposit(account, 1)
+    assert len(watcher.run_due()) == 1
+    assert watcher.run_due() == []
+
+
+def _refuse(event: LogEvent, rows: Rows) -> None:
+    raise ValueError("this definition refuses every event")
+
+
+def test_a_run_that_failed_waits_its_interval_whatever_the_log_does(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The fold fails (a definition that refuses an event the served version has): the
+    next try waits the interval in seconds, not the next event, or a busy log would fold
+    and log an error at every poll."""
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 5)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    broken = replace(
+        projections.ACCOUNT_BALANCES,
+        handlers=dict.fromkeys(projections.ACCOUNT_BALANCES.handlers, _refuse),
+    )
+    watcher = ContinuousReconciler(
+        event_log_of(ledger), pg_url, [broken], every_events=1, every_seconds=600
+    )
+    (failed,) = watcher.run_due()
+    assert failed.error is not None and "refuses every event" in failed.error
+    for _ in range(5):
+        ledger.deposit(account, 1)
+    assert watcher.run_due() == []
