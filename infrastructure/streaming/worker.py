@@ -150,6 +150,8 @@ class StreamApplier:
         #: Whether this connection registered the projections' versions (``_register``).
         self._registered = False
         self.states = StateLog(log)
+        #: Per partition that parked events: when it last parked one (``states.clock``).
+        self._parked_at: dict[int, float] = {}
         #: What switches retired and left to drop (tables still being read).
         self.drops = RetiredDrops()
         #: The worker's health: a batch that meets a transient failure (the read-model
@@ -306,6 +308,7 @@ class StreamApplier:
                     result.applied += 1
                     part.applied += 1
                     times.append(event.timestamp.timestamp())
+                    self._parking_ended(message.partition)
                 part.position = env.position
                 part.bound = max(part.bound, env.position)
                 self._gap_ended(message.partition, part)
@@ -416,10 +419,15 @@ class StreamApplier:
         commit. The partition moves past it (its status says so) rather than stalling."""
         summary = error.strip().splitlines()[-1] if error.strip() else "error"
         position = env.position if env is not None else -message.offset - 1
-        log.error(
-            "worker: parked event at position %s (partition %d offset %d): %s",
-            position, message.partition, message.offset, summary,
-        )  # fmt: skip
+        # A handler bug can fail every event of a kind: one line when the partition starts
+        # parking, a summary while it goes on (each event is a dead letter all the same).
+        self.states.during(
+            ("parked", message.partition),
+            f"worker: parked event at position {position} (partition {message.partition} "
+            f"offset {message.offset}): {summary}",
+            logging.ERROR,
+        )
+        self._parked_at[message.partition] = self.states.clock()
         store.execute(
             f"INSERT INTO {DEAD_LETTER_TABLE} (group_id, topic, partition, position, "
             "kafka_offset, event_type, error, envelope, versions) "
@@ -435,6 +443,18 @@ class StreamApplier:
         part.last_error = f"position {position}: {summary}"
         part.changed = True
         result.parked.append(DeadLetter(position, message.value, summary))
+
+    def _parking_ended(self, partition: int) -> None:
+        """The partition applied an event: it has stopped parking once it has gone a
+        summary interval without parking one (events of a failing kind scattered among
+        events it applies would otherwise log a start and an end each)."""
+        parked_at = self._parked_at.get(partition)
+        if parked_at is None or self.states.clock() - parked_at < self.states.summary_every:
+            return
+        del self._parked_at[partition]
+        self.states.ended(
+            ("parked", partition), f"worker: partition {partition} applies events again"
+        )
 
     # -- bookkeeping -------------------------------------------------------------------------
 

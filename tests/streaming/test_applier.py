@@ -51,6 +51,72 @@ def test_a_partition_waiting_for_a_gap_logs_when_it_starts_not_per_event(
     assert 1 <= len(gap_lines) <= 2, [r.getMessage() for r in gap_lines[:5]]
 
 
+def _fail_deposit(event: LogEvent, rows: Rows) -> None:
+    raise KeyError("new_field")
+
+
+def _add_withdrawal(event: LogEvent, rows: Rows) -> None:
+    key = (event.originator_id,)
+    row = rows.get("withdrawal_totals", key) or {"account_id": event.originator_id, "total": 0}
+    rows.put("withdrawal_totals", {**row, "total": row["total"] + event.data["amount"]})
+
+
+#: A projection bug: every deposit fails (withdrawals, between them, apply).
+FAILS_DEPOSITS = Projection(
+    name="withdrawal_totals",
+    version=1,
+    tables=(
+        Table(
+            "withdrawal_totals",
+            (Column("account_id"), Column("total", "bigint")),
+            key=("account_id",),
+        ),
+    ),
+    handlers={
+        event_type(Account.Deposited): _fail_deposit,
+        event_type(Account.Withdrawn): _add_withdrawal,
+    },
+)
+
+
+def test_a_partition_parking_event_after_event_logs_when_it_starts_not_per_event(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each parked event is a dead letter; the log says when the partition starts parking,
+    sums up while it goes on, and says when it has gone a while without parking."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    for _ in range(150):
+        ledger.deposit(account, 2)
+        ledger.withdraw(account, 1)
+    stream = Stream(1)
+    messages = stream.publish(ledger)
+    worker = StreamApplier(
+        pg_url, [FAILS_DEPOSITS], group="g", topic="t", partitions=1, writer="test"
+    )
+    now = [1000.0]
+    worker.states.clock = lambda: now[0]
+    caplog.set_level(logging.INFO, logger="daybook.worker")
+    try:
+        for start in range(0, len(messages), 50):
+            worker.apply(messages[start : start + 50])
+        parked = [r for r in caplog.records if "parked event" in r.getMessage()]
+        assert [r.levelno for r in parked] == [logging.ERROR], [r.getMessage() for r in parked]
+        assert "new_field" in parked[0].getMessage()
+        assert worker.store is not None
+        letters = worker.store.execute("SELECT count(*) FROM daybook_stream_dead_letters")
+        assert letters[0][0] == 150  # every one recorded all the same
+        caplog.clear()
+        now[0] += worker.states.summary_every  # a while without parking, then one applies
+        ledger.withdraw(account, 1)
+        worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+        ledger.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("partition 0 applies events again" in line for line in lines), lines
+
+
 def _note_each_deposit(event: LogEvent, rows: Rows) -> None:
     """A projection bug: every deposit appends a row under the account's key alone."""
     rows.put("deposit_notes", {"account_id": event.originator_id, "amount": event.data["amount"]})
