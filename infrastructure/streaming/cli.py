@@ -204,14 +204,14 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _run_relay(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.streaming.relay import rewind
+    from daybook.infrastructure.streaming.relay import RewindRefused, rewind
 
     settings = _settings(args, broker=not args.rewind)
     _logging(args)
     if args.rewind:
         try:
             rewind(settings.url, settings.topic)
-        except RuntimeError as refused:  # a relay is running
+        except RewindRefused as refused:  # a relay is running, or none published the topic
             print(f"daybook relay: {refused}", file=sys.stderr)
             return 1
         print(f"daybook: the relay will re-publish {settings.topic} from the start of the log")

@@ -546,11 +546,19 @@ def read_cursor(store_url: str, topic: str = DEFAULT_TOPIC) -> RelayCursor | Non
     return RelayCursor(topic, position, partitions, tuple(chain), tuple(next_offsets), republished)
 
 
+class RewindRefused(RuntimeError):
+    """A rewind that cannot make the relay re-publish the log; nothing was changed."""
+
+    code = "rewind_refused"
+
+
 def rewind(store_url: str, topic: str = DEFAULT_TOPIC) -> None:
     """Make the relay re-publish the whole log (consumers skip what they already have).
 
     Used to rebuild through the stream when the topic no longer holds the whole log.
     The expected offsets are kept: nothing was lost, so a lower one is still a loss.
+    Raises ``RewindRefused`` while a relay publishes ``topic``, and when no relay has
+    published it (a mistyped topic would otherwise rewind nothing and report success).
     """
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
         # A running relay keeps its cursor in memory and would write it back: refuse.
@@ -558,11 +566,25 @@ def rewind(store_url: str, topic: str = DEFAULT_TOPIC) -> None:
             "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"daybook.relay/{topic}",)
         ).fetchone()
         if not lock or not lock[0]:
-            raise RuntimeError(f"a relay is publishing {topic!r}: stop it before rewinding")
-        conn.execute(
+            raise RewindRefused(f"a relay is publishing {topic!r}: stop it before rewinding")
+        exists = conn.execute("SELECT to_regclass(%s)", (CURSOR_TABLE,)).fetchone()
+        if not exists or exists[0] is None:
+            raise RewindRefused(
+                "no relay has published from this database yet: its first run publishes the "
+                "whole log, nothing to rewind"
+            )
+        rewound = conn.execute(
             SQL(
                 "UPDATE {} SET position = 0, chain = array_fill(0::bigint, ARRAY[partitions]), "
                 "updated_at = now() WHERE topic = %s"
             ).format(Identifier(CURSOR_TABLE)),
             (topic,),
         )
+        if rewound.rowcount == 0:
+            rows = conn.execute(
+                SQL("SELECT topic FROM {} ORDER BY topic").format(Identifier(CURSOR_TABLE))
+            ).fetchall()
+            known = ", ".join(str(row[0]) for row in rows) or "none"
+            raise RewindRefused(
+                f"no relay has published topic {topic!r}; the topics relays published: {known}"
+            )
