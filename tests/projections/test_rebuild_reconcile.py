@@ -178,7 +178,7 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
     ids = workload(ledger, 120)
     with run_projections(ledger, db_url, poll_interval=0.01) as runner:
         for name in ("account_balances", "account_statement", "daily_activity"):
-            runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
+            runner.views._read_at(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
         assert reconcile(event_log_of(ledger), db_url, projection).clean
     assert main(["reconcile", "--url", db_url]) == 0
@@ -228,7 +228,7 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
     with run_projections(ledger, db_url, poll_interval=0.01) as runner:
         workload(ledger, 40, seed=5, accounts=ids)
         for name in ("account_balances", "account_statement", "daily_activity"):
-            runner.views._read(name, lambda s, v: None, ledger.head(), 30.0)
+            runner.views._read_at(name, lambda s, v: None, ledger.head(), 30.0)
     for projection in projections.ALL:
         assert_tables_match(ledger, db_url, projection)
 

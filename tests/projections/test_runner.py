@@ -51,7 +51,7 @@ def test_runner_builds_every_projection_like_a_replay(ledger: Ledger, url: str) 
 
 
 def _wait_position(views: Any, name: str, position: int) -> None:
-    views._read(name, lambda store, version: None, position, 30.0)
+    views._read_at(name, lambda store, version: None, position, 30.0)
 
 
 def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger, url: str) -> None:
