@@ -57,6 +57,15 @@ def _submission(commands: object) -> list[Command]:
     return list(commands)
 
 
+def _command(command: object) -> Command:
+    """``command`` if it is a command, or ``InvalidRequest`` (nothing is run). Checked before
+    it is queued: what reaches the committer must be a command."""
+    if not isinstance(command, Command):
+        msg = f"execute takes a command, got {type(command).__name__}"
+        raise InvalidRequest(msg, field="command")
+    return command
+
+
 def _observe_latency(name: str, started: float) -> None:
     """Observe one command's time from submission to answer (receipt or refusal): added to
     ``daybook_command_duration_seconds`` in bulk, not one lock per command (see
@@ -94,6 +103,7 @@ class Ledger(LedgerMethods):
         self.settings = settings
 
     def execute(self, command: Command) -> Receipt:
+        command = _command(command)
         started = time.perf_counter()
         try:
             if not tracing.enabled():  # no span to make: skip the context manager's cost
@@ -188,6 +198,7 @@ class AsyncLedger(AsyncLedgerMethods):
         self._committer = service.committer
 
     async def execute(self, command: Command) -> Receipt:
+        command = _command(command)
         started = time.perf_counter()
         try:
             if not tracing.enabled():  # no span to make: skip the context manager's cost

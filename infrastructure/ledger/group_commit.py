@@ -522,8 +522,12 @@ def _settle(items: list[_Item], outcomes: Sequence[Outcome | BaseException]) -> 
     """Hand each caller its outcome: threads directly, each event loop once per batch
     (waking a loop costs a system call; one wake-up settles all its callers). Every answer
     passes here once, so this is where they are counted: first, so that a caller holding
-    its answer finds it counted."""
-    count_outcomes([command for command, _ in items], outcomes)
+    its answer finds it counted. Counting must not cost anyone an answer: should it fail,
+    the callers are answered all the same (and the writer thread goes on)."""
+    try:
+        count_outcomes([command for command, _ in items], outcomes)
+    except Exception:
+        _log.exception("daybook could not count %d outcomes", len(items))
     by_loop: dict[asyncio.AbstractEventLoop, list[_LoopSettlement]] = defaultdict(list)
     for (_, reply), outcome in zip(items, outcomes, strict=True):
         if isinstance(reply, _Waiter):

@@ -417,6 +417,30 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     assert committer.health().state.value == "failed"
 
 
+def test_callers_get_their_outcomes_even_if_counting_them_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting outcomes for the metrics is not worth a caller: if it fails, every caller is
+    still answered and the writer goes on."""
+    from daybook.infrastructure.ledger import group_commit
+
+    ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR").account_id
+
+    def broken(*_: Any) -> None:
+        raise AssertionError("a bug in counting")
+
+    monkeypatch.setattr(group_commit, "count_outcomes", broken)
+    assert ledger.deposit(account, 5).position == ledger.head()
+    with pytest.raises(InsufficientFunds):
+        ledger.withdraw(account, 6)
+    outcomes = ledger.submit([Deposit(account, 1), Withdraw(account, 7)])
+    assert isinstance(outcomes[0], Receipt) and isinstance(outcomes[1], InsufficientFunds)
+    assert ledger.health().state.value == "running"
+    assert ledger.account(account).balance == 6
+    ledger.close()
+
+
 def test_a_full_batch_waiting_for_a_commit_does_not_spin() -> None:
     """While a commit is under way, the next batch is full and more commands wait, the
     writer thread sleeps until the commit ends; it must not keep asking the inbox for

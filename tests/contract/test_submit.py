@@ -117,6 +117,41 @@ def test_a_malformed_submission_is_refused_whole(ledger: Ledger, bad: Any) -> No
     assert ledger.head() == head
 
 
+#: What a caller might hand ``execute`` by mistake: a command as the HTTP API takes it, the
+#: name of one, a command class instead of a command, nothing.
+NOT_COMMANDS: list[Any] = [{"command": "deposit", "amount": 5}, "deposit", Deposit, None]
+
+
+def test_execute_refuses_what_is_not_a_command(ledger: Ledger) -> None:
+    """Refused in the caller's thread, before it reaches the committer: the caller is told,
+    and the ledger goes on serving everyone."""
+    account = ledger.open_account("a", "EUR").account_id
+    head = ledger.head()
+    for bad in NOT_COMMANDS:
+        with pytest.raises(InvalidRequest) as caught:
+            ledger.execute(bad)
+        assert caught.value.code == "invalid_request"
+        assert type(bad).__name__ in str(caught.value)
+    assert ledger.head() == head
+    assert ledger.health().state.value == "running"
+    assert ledger.deposit(account, 5).position == ledger.head()
+
+
+def test_the_asyncio_execute_refuses_what_is_not_a_command(store_url: str) -> None:
+    async def scenario() -> None:
+        ledger = open_async_ledger(store_url)
+        account = (await ledger.open_account("a", "EUR")).account_id
+        for bad in NOT_COMMANDS:
+            with pytest.raises(InvalidRequest) as caught:
+                await ledger.execute(bad)
+            assert caught.value.code == "invalid_request"
+        assert (await ledger.health()).state.value == "running"
+        assert (await ledger.deposit(account, 5)).position == await ledger.head()
+        await ledger.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_asyncio_twin(store_url: str) -> None:
     async def scenario() -> None:
         ledger = open_async_ledger(store_url)
