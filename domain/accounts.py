@@ -56,6 +56,12 @@ class AccountNotFound(DomainError):
     code = "account_not_found"
 
 
+class AccountExists(DomainError):
+    """An account id was chosen twice."""
+
+    code = "account_exists"
+
+
 class AccountClosed(DomainError):
     """The account is closed and refuses every command."""
 
@@ -350,6 +356,11 @@ class OpenAccount(Command):
     account_id: AccountId = generated(factory=new_uuid, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        if aggregates.find(Account, self.account_id) is not None:
+            raise AccountExists(
+                f"an account with id {self.account_id} exists already",
+                account_id=str(self.account_id),
+            )
         aggregates.add(
             Account.open(self.account_id, self.owner, self.currency, self.overdraft_limit)
         )

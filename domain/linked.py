@@ -81,13 +81,25 @@ class Staged:
         return aggregate
 
     def add(self, aggregate: A) -> A:
+        # Replacing a staged aggregate would drop the changes the list made to it while
+        # their receipts stand: a command creates an aggregate only after looking it up.
+        if aggregate.id in self._copies:
+            msg = f"a command of the list created {aggregate.id}, which the list holds already"
+            raise ValueError(msg)
         aggregate.as_of = self.now
         self._copies[aggregate.id] = aggregate
         return aggregate
 
     def hand_back(self) -> None:
+        outer = self._aggregates
         for aggregate in self._copies.values():
-            self._aggregates.add(aggregate)
+            if isinstance(outer, Staged):
+                # A list inside a list (a saga step that is one): its copies replace the
+                # outer list's, rather than being created there again.
+                aggregate.as_of = outer.now
+                outer._copies[aggregate.id] = aggregate
+            else:
+                outer.add(aggregate)
 
 
 class Atomic(Command):

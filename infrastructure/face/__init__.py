@@ -9,6 +9,7 @@ here; the layers behind it are ``daybook.domain`` (the business, pure),
 
 from daybook.domain.accounts import (
     AccountClosed,
+    AccountExists,
     AccountNotEmpty,
     AccountNotFound,
     AccountView,
@@ -67,6 +68,7 @@ __version__ = "0.2.0"  # keep in step with pyproject.toml
 
 __all__ = [
     "AccountClosed",
+    "AccountExists",
     "AccountNotEmpty",
     "AccountNotFound",
     "AccountView",

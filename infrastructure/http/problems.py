@@ -61,6 +61,7 @@ STATUS: dict[str, int] = {
     "stock_overflow": 409,
     "reservation_resolved": 409,
     "reservation_exists": 409,
+    "account_exists": 409,
     "concurrency_conflict": 409,
     # Try again later (each with Retry-After).
     "rate_limited": 429,

@@ -234,6 +234,18 @@ def account_cases() -> list[Case]:
             business=True,
         ),
         case(
+            "open an account id in use",
+            "account_exists",
+            lambda lg, w, k: lg.open_account("eve", "USD", account_id=w.eur, **k),
+            business=True,
+        ),
+        case(
+            "open a closed account's id",
+            "account_exists",
+            lambda lg, w, k: lg.open_account("eve", "EUR", account_id=w.closed, **k),
+            business=True,
+        ),
+        case(
             "malformed account id",
             "invalid_request",
             lambda lg, w, k: lg.deposit(NOT_A_UUID, 1, **k),

@@ -108,6 +108,23 @@ def test_later_commands_see_earlier_ones_including_new_aggregates(ledger: Ledger
     assert ledger.inventory("SKU-L").available == 0
 
 
+def test_a_list_that_opens_one_account_id_twice_is_refused(ledger: Ledger) -> None:
+    """The second opening does not replace the first (and the deposit between them with
+    it): it is refused, and so is the list."""
+    account_id = UUID("5d0c1f2a-8e4b-4b7a-9c3d-2f6e1a0b9c8d")
+    head = ledger.head()
+    opened = OpenAccount("ann", "EUR", account_id=account_id)
+    for again in (OpenAccount("bob", "USD", account_id=account_id), opened):
+        with pytest.raises(DomainError) as caught:
+            ledger.atomic([opened, Deposit(account_id, 700), again])
+        assert caught.value.code == "account_exists"
+        assert caught.value.details["index"] == 2
+        assert ledger.head() == head
+    with pytest.raises(DomainError) as missing:
+        ledger.account(account_id)
+    assert missing.value.code == "account_not_found"
+
+
 @pytest.mark.parametrize(
     "commands",
     [[], "transfer", [Deposit("9c1d4ab4-5a50-4c39-9d3a-7e56fd2a0b4f", 1), "not a command"]],

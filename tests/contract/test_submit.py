@@ -24,6 +24,7 @@ from daybook import (
     open_ledger,
 )
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
+from daybook.domain.errors import DomainError
 from daybook.domain.inventory import ReceiveStock, ReserveStock
 from daybook.infrastructure.ledger.facade import MAX_SUBMISSION
 
@@ -115,6 +116,30 @@ def test_a_malformed_submission_is_refused_whole(ledger: Ledger, bad: Any) -> No
         ledger.submit(bad)
     assert caught.value.code == "invalid_request"
     assert ledger.head() == head
+
+
+def test_an_account_id_opened_twice_is_refused_and_stays_its_own_commands_trouble(
+    ledger: Ledger,
+) -> None:
+    """The second opening of a chosen id is refused at once, whether the first is in the
+    same submission or committed long ago; the commands batched with it are applied."""
+    (other,) = funded(ledger, 1, 1)
+    chosen = UUID("0f6b1c3e-2a4d-4e8f-9b7a-1c2d3e4f5a6b")
+    outcomes = ledger.submit(
+        [
+            Deposit(other, 5),
+            OpenAccount("ann", "EUR", account_id=chosen),
+            OpenAccount("ann again", "EUR", account_id=chosen),
+        ]
+    )
+    assert [type(o).__name__ for o in outcomes] == ["Receipt", "Receipt", "AccountExists"]
+    with pytest.raises(DomainError) as caught:
+        ledger.open_account("bob", "USD", account_id=chosen)
+    assert caught.value.code == "account_exists"
+    assert str(chosen) in str(caught.value)
+    view = ledger.account(chosen)
+    assert (view.owner, view.currency, view.version) == ("ann", "EUR", 1)
+    assert ledger.account(other).balance == 6
 
 
 #: What a caller might hand ``execute`` by mistake: a command as the HTTP API takes it, the
