@@ -413,7 +413,8 @@ class LedgerService(Application[UUID]):
           through an aggregate they share with such a command, so their order holds) are
           applied again on fresh state, after a jittered backoff; the others are committed
           at once. Only a command still meeting changes after ``max_attempts`` tries gets
-          ``concurrency_conflict``;
+          ``concurrency_conflict``. If none moved, the batch conflicts with itself: each
+          command is run alone, as for any other integrity error;
         - a request id or a batch token was recorded meanwhile (``DuplicateRequest``):
           applied again, now looking it up, which replays it;
         - the connection was lost (the commit may or may not have happened): applied again,
@@ -479,6 +480,14 @@ class LedgerService(Application[UUID]):
                     return
                 continue
             except (VersionConflict, StaleCache) as error:
+                if isinstance(error, VersionConflict) and not error.stale and len(indices) > 1:
+                    # No other writer moved any of the batch's aggregates: the batch conflicts
+                    # with itself (two commands creating one aggregate), and would again on
+                    # every attempt. Find whose it is by running each alone, looking
+                    # write-once aggregates up, as for a constraint the ledger does not know.
+                    for index in indices:
+                        self._execute_part(batch, [index], outcomes, attempts, fresh=True)
+                    return
                 conflicts += 1
                 contended = list(range(len(indices)))
                 if isinstance(error, VersionConflict) and prepared is not None:

@@ -12,8 +12,9 @@ from uuid import UUID
 import pytest
 
 from daybook import InsufficientFunds, Ledger, Receipt, SkuNotFound, open_async_ledger, open_ledger
-from daybook.domain.accounts import Deposit, Withdraw
-from daybook.domain.errors import DomainError, IdempotencyConflict
+from daybook.domain.accounts import Account, Deposit, OpenAccount, Withdraw
+from daybook.domain.commands import Aggregates
+from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
 from daybook.domain.inventory import (
     ReserveStock,
 )
@@ -415,6 +416,48 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     assert not committer._thread.is_alive()
     assert not any(thread.is_alive() for thread in pool._threads)
     assert committer.health().state.value == "failed"
+
+
+def open_carelessly(self: OpenAccount, aggregates: Aggregates) -> dict[str, Any]:
+    """``OpenAccount`` as a handler that forgets to look the id up first would be."""
+    aggregates.add(Account.open(self.account_id, self.owner, self.currency, 0))
+    return {"account_id": self.account_id}
+
+
+def test_a_batch_that_conflicts_with_itself_fails_only_the_command_at_fault(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creations of one id in a batch: the store refuses the batch, but no other writer
+    moved anything, so retrying the whole batch would meet the same conflict every time.
+    Each command is run alone instead, and only the one at fault is refused."""
+    ledger = open_ledger(store_url)
+    ledger.service.max_attempts = 3
+    other = ledger.open_account("other", "EUR").account_id
+    chosen = UUID("7a1e2b3c-4d5e-4f60-8a9b-0c1d2e3f4a5b")
+    written: list[int] = []
+    insert = ledger.service.recorder.insert_events
+
+    def counting_insert(*args: Any, **kwargs: Any) -> Any:
+        written.append(len(args[0]))
+        return insert(*args, **kwargs)
+
+    ledger.service.recorder.insert_events = counting_insert  # type: ignore[method-assign]
+    monkeypatch.setattr(OpenAccount, "handle", open_carelessly)
+    outcomes = ledger.submit(
+        [
+            Deposit(other, 5),
+            OpenAccount("careless", "EUR", account_id=chosen),
+            OpenAccount("careless", "EUR", account_id=chosen),
+            Deposit(other, 6),
+        ]
+    )
+    assert [type(o) for o in outcomes] == [Receipt, Receipt, ConcurrencyConflict, Receipt]
+    assert ledger.account(other).balance == 11
+    assert ledger.account(chosen).owner == "careless"
+    # The whole batch is not retried: written once by the group committer, once more on
+    # the careful path, which then runs each command alone.
+    assert written.count(4) <= 2, written
+    ledger.close()
 
 
 def test_callers_get_their_outcomes_even_if_counting_them_fails(
