@@ -111,16 +111,18 @@ def check_sku(value: object, what: str = "SKU") -> str:
 
 
 def check_text(value: object, what: str, max_length: int = 200) -> str:
-    """Free text such as an owner name or a reason: non-blank, bounded, no control chars."""
+    """Free text such as an owner name or a reason: non-blank, bounded, no control chars,
+    and no lone surrogates (a Python string may hold them; UTF-8, and so the event store,
+    cannot)."""
     if (
         not isinstance(value, str)
         or not value.strip()
         or len(value) > max_length
-        or any(ord(c) < 32 for c in value)
+        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value)
     ):
         raise InvalidRequest(
             f"{what} must be non-blank text of at most {max_length} characters "
-            f"without control characters, got {value!r}",
+            f"without control characters or lone surrogates, got {value!r}",
             field=what,
         )
     return value

@@ -175,7 +175,7 @@ def currency_and_text_cases() -> list[Case]:
             "invalid_request",
             lambda lg, w, k, b=bad: lg.open_account(b, "EUR", **k).account_id,
         )
-        for bad in ["", "   ", "a\nb", "x" * 201, None, 5]
+        for bad in ["", "   ", "a\nb", "x" * 201, None, 5, "ann\ud800", "\udfff"]
     ]
     cases += [
         case(
@@ -183,7 +183,7 @@ def currency_and_text_cases() -> list[Case]:
             "invalid_request",
             lambda lg, w, k, b=bad: lg.adjust_stock(SKU, 1, b, **k),
         )
-        for bad in ["", " ", "a\x00", None]
+        for bad in ["", " ", "a\x00", None, "count\udfff"]
     ]
     return cases
 
@@ -567,7 +567,7 @@ def test_stock_rules_refuse(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> 
     check_cases(ledger, monkeypatch, stock_cases())
 
 
-BAD_IDS: list[object] = ["", "x" * 201, "a\nb", "tab\there", 5, b"r-1", UUID(int=1)]
+BAD_IDS: list[object] = ["", "x" * 201, "a\nb", "tab\there", "r-\ud800", 5, b"r-1", UUID(int=1)]
 
 
 @pytest.mark.parametrize("field", ["request_id", "correlation_id", "causation_id"])
