@@ -226,6 +226,19 @@ class Inventory(LedgerAggregate):
         """Units reserved at ``as_of``: a reservation stops counting the instant it expires."""
         return self.reserved - sum(self.reservations[rid] for rid in self._lapsed())
 
+    def _record_lapses(self) -> None:
+        """Record the expiry of every reservation lapsed at ``as_of``. Called by a command
+        about to rely on their units, before its own event: written with it, the expiry
+        changes the SKU's version, so a writer whose clock is behind (another host, or this
+        one after a step back) cannot still ship a lapsed reservation's units as well; it
+        meets the version, reloads, and finds the reservation resolved."""
+        for reservation_id in self._lapsed():
+            self.trigger_event(
+                self.ReservationExpired,
+                reservation_id=reservation_id,
+                quantity=self.reservations[reservation_id],
+            )
+
     @property
     def available(self) -> int:
         return self.on_hand - self.held
@@ -274,6 +287,8 @@ class Inventory(LedgerAggregate):
                 reserved=reserved,
                 delta=delta,
             )
+        if after < self.reserved:  # allowed only by reservations that lapsed
+            self._record_lapses()
         self.trigger_event(self.StockAdjusted, delta=delta, reason=reason)
 
     def used(self, reservation_id: str, claimed: bool = False) -> bool:
@@ -308,6 +323,8 @@ class Inventory(LedgerAggregate):
                 reserved=reserved,
                 quantity=quantity,
             )
+        if quantity > self.on_hand - self.reserved:  # allowed only by reservations that lapsed
+            self._record_lapses()
         self.trigger_event(
             self.StockReserved,
             reservation_id=reservation_id,
@@ -318,8 +335,8 @@ class Inventory(LedgerAggregate):
     def _open_reservation(self, reservation_id: str, claimed: bool = False) -> int:
         if reservation_id not in self.reservations and self.used(reservation_id, claimed):
             raise ReservationResolved(
-                f"reservation {reservation_id!r} of SKU {self.sku} was already committed or "
-                "released",
+                f"reservation {reservation_id!r} of SKU {self.sku} was already committed, "
+                "released or expired",
                 sku=self.sku,
                 reservation_id=reservation_id,
             )
@@ -355,6 +372,17 @@ class Inventory(LedgerAggregate):
                 sku=self.sku,
                 reservation_id=reservation_id,
                 held=held,
+                quantity=shipped,
+            )
+        if shipped > self.on_hand:
+            # Never true while every reliance on a lapse is recorded (``_record_lapses``);
+            # checked all the same, since stock shipped twice cannot be taken back.
+            raise OutOfStock(
+                f"SKU {self.sku} has {self.on_hand} on hand; cannot ship {shipped} for "
+                f"reservation {reservation_id!r}",
+                sku=self.sku,
+                on_hand=self.on_hand,
+                reservation_id=reservation_id,
                 quantity=shipped,
             )
         self.trigger_event(

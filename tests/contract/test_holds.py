@@ -214,8 +214,9 @@ def test_reservations_expire_at_their_timeout(ledger: Ledger, clock: Clock) -> N
     assert refusal(lambda: ledger.release_reservation("SKU-T", "r-1")).code == (
         "reservation_expired"
     )
-    ledger.reserve_stock("SKU-T", 8)
+    ledger.reserve_stock("SKU-T", 1)  # needs none of r-1's units
     ledger.expire_reservation("SKU-T", "r-1")
+    ledger.reserve_stock("SKU-T", 7)
     assert refusal(lambda: ledger.expire_reservation("SKU-T", "r-1")).code == (
         "reservation_resolved"
     )
@@ -224,3 +225,63 @@ def test_reservations_expire_at_their_timeout(ledger: Ledger, clock: Clock) -> N
     )
     assert receipt.reservation_id == "r-1"
     assert ledger.inventory("SKU-T").on_hand == 10
+
+
+def test_units_a_lapsed_reservation_gave_up_never_ship_twice(ledger: Ledger, clock: Clock) -> None:
+    """A reservation that needs a lapsed reservation's units records that expiry with it:
+    a clock stepped back (an NTP correction) then finds the lapsed one expired, and cannot
+    ship its units as well."""
+    ledger.receive_stock("SKU-S", 10)
+    ledger.reserve_stock("SKU-S", 10, reservation_id="r-1", timeout=60)
+    clock.advance(61)
+    ledger.reserve_stock("SKU-S", 10, reservation_id="r-2")
+    assert ledger.inventory("SKU-S").reservations == {"r-2": 10}
+    clock.advance(-2)  # r-1 is not due on this reading, but its expiry is recorded
+    head = ledger.head()
+    assert refusal(lambda: ledger.commit_reservation("SKU-S", "r-1")).code == (
+        "reservation_resolved"
+    )
+    assert ledger.head() == head
+    ledger.commit_reservation("SKU-S", "r-2")
+    stock = ledger.inventory("SKU-S")
+    assert (stock.on_hand, stock.reserved) == (0, 0)
+
+
+def test_an_adjustment_that_needs_lapsed_units_records_their_expiry(
+    ledger: Ledger, clock: Clock
+) -> None:
+    ledger.receive_stock("SKU-A", 10)
+    ledger.reserve_stock("SKU-A", 4, reservation_id="r-1", timeout=60)
+    ledger.reserve_stock("SKU-A", 3, reservation_id="r-2", timeout=600)
+    ledger.adjust_stock("SKU-A", -2, "count")  # 8 on hand, 7 reserved: no lapse needed
+    assert ledger.inventory("SKU-A").reservations == {"r-1": 4, "r-2": 3}
+    clock.advance(61)
+    ledger.adjust_stock("SKU-A", -5, "count")  # 3 on hand: only r-1's lapse allows it
+    clock.advance(-2)
+    assert ledger.inventory("SKU-A").reservations == {"r-2": 3}
+    assert refusal(lambda: ledger.commit_reservation("SKU-A", "r-1")).code == (
+        "reservation_resolved"
+    )
+    ledger.commit_reservation("SKU-A", "r-2")
+    assert ledger.inventory("SKU-A").on_hand == 0
+
+
+def test_two_writers_whose_clocks_disagree_never_oversell(shared_store_url: str) -> None:
+    """Writer b's clock is past r-1's timeout, writer a's is not: b reserves r-1's units
+    again, and a, on its older reading, can no longer ship r-1."""
+    now_a, now_b = Clock(), Clock()
+    with (
+        open_ledger(shared_store_url, clock=now_a) as a,
+        open_ledger(shared_store_url, clock=now_b) as b,
+    ):
+        a.receive_stock("KETTLE", 10)
+        a.reserve_stock("KETTLE", 10, reservation_id="r-1", timeout=60)
+        now_b.advance(61)
+        now_a.advance(59)
+        b.reserve_stock("KETTLE", 10, reservation_id="r-2")
+        assert refusal(lambda: a.commit_reservation("KETTLE", "r-1")).code == (
+            "reservation_resolved"
+        )
+        b.commit_reservation("KETTLE", "r-2")
+        stock = a.inventory("KETTLE")
+        assert (stock.on_hand, stock.reserved) == (0, 0)

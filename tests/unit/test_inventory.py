@@ -297,3 +297,24 @@ def test_a_clone_changes_independently_of_its_original() -> None:
     assert original.reservations == {"order_1": 3}
     assert original.pending_events == []
     assert copy.reservations == {"order_2": 2}
+
+
+def test_a_reservation_never_ships_more_than_is_on_hand() -> None:
+    """A log written before reservations recorded the lapses they rely on may hold two
+    reservations of the same units (one made while the other had lapsed): the second to
+    ship is refused rather than taking stock below zero."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    inventory = stocked(10)
+    inventory.reserve("r-1", 10, start + timedelta(seconds=60))
+    # What such a writer wrote: r-2's reservation, without r-1's expiry.
+    inventory.trigger_event(
+        Inventory.StockReserved, reservation_id="r-2", quantity=10, expires_at=None
+    )
+    inventory.collect_events()
+    inventory.as_of = start + timedelta(seconds=59)
+    inventory.commit("r-1")
+    inventory.collect_events()
+    error = refused(inventory, lambda: inventory.commit("r-2"), OutOfStock)
+    assert error.details["on_hand"] == 0 and error.details["quantity"] == 10
