@@ -244,12 +244,17 @@ class Account(LedgerAggregate):
                 account_id=str(self.id),
             )
 
-    def check_debit(self, amount: int) -> None:
-        """Refuse unless ``amount`` can be debited now."""
+    def check_debit(self, amount: int, *, releasing: UUID | None = None) -> None:
+        """Refuse unless ``amount`` can be debited now; ``releasing``: once that hold of
+        this account is released (a capture checks before it changes anything)."""
         self.check_open()
-        available = self.available
+        held = self.held
+        if releasing is not None and releasing in self.holds:
+            released, expires_at = self.holds[releasing]
+            if self.as_of is None or self.as_of < expires_at:  # counted in ``held``
+                held -= released
+        available = self.balance + self.overdraft_limit - held
         if amount > available:
-            held = self.held
             details: dict[str, Any] = {
                 "account_id": str(self.id),
                 "available": available,

@@ -207,7 +207,8 @@ class Hold(LedgerAggregate):
                 resolution=self.status,
             )
 
-    def capture(self, amount: int, transfer_id: UUID | None) -> None:
+    def check_capture(self, amount: int) -> None:
+        """Refuse unless ``amount`` of the hold can be captured."""
         self.check_open()
         if amount > self.amount:
             raise InvalidAmount(
@@ -216,6 +217,9 @@ class Hold(LedgerAggregate):
                 held=self.amount,
                 amount=amount,
             )
+
+    def capture(self, amount: int, transfer_id: UUID | None) -> None:
+        self.check_capture(amount)
         self.trigger_event(
             self.Captured, amount=amount, released=self.amount - amount, transfer_id=transfer_id
         )
@@ -312,9 +316,13 @@ class CaptureHold(Command):
         if hold.destination is not None:
             destination = aggregates.get(Account, hold.destination)
             destination.check_credit(amount)
+        hold.check_capture(amount)
+        # Every rule is checked before the first event: a refusal changes nothing. The
+        # debit is within ``available`` once the hold is released, unless the hold's funds
+        # were spent while it looked lapsed (to a writer whose clock is ahead of this one).
+        source.check_debit(amount, releasing=self.hold_id)
         transfer_id = self.transfer_id if destination is not None else None
         hold.capture(amount, transfer_id)
-        # Released first: the debit below is then within ``available`` by construction.
         source.release_hold(self.hold_id, CAPTURED)
         if destination is None:
             source.withdraw(amount)

@@ -285,3 +285,41 @@ def test_two_writers_whose_clocks_disagree_never_oversell(shared_store_url: str)
         b.commit_reservation("KETTLE", "r-2")
         stock = a.inventory("KETTLE")
         assert (stock.on_hand, stock.reserved) == (0, 0)
+
+
+def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_a_coded_refusal(
+    ledger: Ledger, accounts: tuple[UUID, UUID], clock: Clock
+) -> None:
+    """The funds of a lapsed hold were withdrawn; on a clock stepped back the hold looks
+    open again, and capturing it is refused for want of funds, changing nothing."""
+    a, b = accounts
+    hold_id = ledger.hold(a, 1_000, destination=b, timeout=60).hold_id
+    assert hold_id is not None
+    clock.advance(61)
+    ledger.withdraw(a, 1_000)
+    clock.advance(-2)
+    head = ledger.head()
+    error = refusal(lambda: ledger.capture(hold_id))
+    assert error.code == "insufficient_funds"
+    assert ledger.head() == head
+    assert (ledger.account(a).balance, ledger.account(b).balance) == (0, 0)
+
+
+def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(
+    shared_store_url: str,
+) -> None:
+    now_a, now_b = Clock(), Clock()
+    with (
+        open_ledger(shared_store_url, clock=now_a) as a,
+        open_ledger(shared_store_url, clock=now_b) as b,
+    ):
+        payer = a.open_account("payer", "EUR").account_id
+        shop = a.open_account("shop", "EUR").account_id
+        a.deposit(payer, 1_000)
+        hold_id = a.hold(payer, 1_000, destination=shop, timeout=60).hold_id
+        assert hold_id is not None
+        now_b.advance(61)
+        now_a.advance(59)
+        b.withdraw(payer, 1_000)
+        assert refusal(lambda: a.capture(hold_id)).code == "insufficient_funds"
+        assert (a.account(payer).balance, a.account(shop).balance) == (0, 0)
