@@ -113,6 +113,13 @@ class Aggregates(Protocol):
         """A new aggregate, written with the command's other events."""
         ...
 
+    def confirm_refusal(self) -> None:
+        """Before a command records a refusal it caught as its outcome (a saga step that
+        failed) instead of being refused: raise unless that refusal was judged on the
+        latest committed state, so the command is run again on fresh state (as a refused
+        command is)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class _Spec:

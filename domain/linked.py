@@ -90,6 +90,9 @@ class Staged:
         self._copies[aggregate.id] = aggregate
         return aggregate
 
+    def confirm_refusal(self) -> None:
+        self._aggregates.confirm_refusal()
+
     def hand_back(self) -> None:
         outer = self._aggregates
         for aggregate in self._copies.values():

@@ -676,6 +676,7 @@ class RunLocalStep(_SagaCommand):
         try:
             fields = step.action.build(saga.context).handle(staged)
         except DomainError as refusal:
+            aggregates.confirm_refusal()  # recorded as the step's failure: judged on fresh state
             saga.fail_step(step, refusal.code, refusal.message, self.decided_by, now)
             return {"saga_id": self.saga_id}
         staged.hand_back()
@@ -774,6 +775,7 @@ class RunLocalCompensation(_SagaCommand):
         except DomainError as refusal:
             if refusal.code not in compensation.done_when:
                 raise
+            aggregates.confirm_refusal()  # recorded as done: judged on fresh state
             fields = {"already": refusal.code}
         else:
             staged.hand_back()

@@ -232,18 +232,25 @@ class UnitOfWork:
         and a refusal (unlike an acceptance) would never meet a version conflict to show it."""
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
-            if aggregate is None:
-                continue
-            if aggregate.pending_events:
+            if aggregate is not None and aggregate.pending_events:
                 msg = f"a refused command changed aggregate {aggregate.id}"
                 raise RuntimeError(msg)
+        self.confirm_refusal()
+        self.touched.clear()
+
+    def confirm_refusal(self) -> None:
+        """Raise ``StaleCache`` unless what the command touched so far was read at the
+        latest committed state. For a refused command (``check_refusal``), and for a
+        refusal a command caught and records as its outcome (a saga step that failed):
+        its events will meet no version conflict on the aggregates it only read."""
+        for key in dict.fromkeys(self.touched):
+            aggregate = self.aggregates.get(key)
             version = self.read_versions.get(key)
-            if version is not None:
+            if aggregate is not None and version is not None:
                 newer = self._service.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:
                     raise StaleCache
         self._check_assumed_absent()
-        self.touched.clear()
 
     def check_acceptance(self) -> None:
         """An accepted command that relied on a write-once aggregate being absent, without
@@ -724,6 +731,11 @@ class LedgerService(Application[UUID]):
             with metadata_scope(command.metadata):
                 try:
                     fields = command.handle(uow)
+                except StaleCache:
+                    # A refusal the command caught, to record it as its outcome, was judged
+                    # on a stale cache (``UnitOfWork.confirm_refusal``): run it again fresh.
+                    self._evict(uow)
+                    raise
                 except DomainError as refusal:
                     prepared.touched[index] = frozenset(uow.touched)
                     try:

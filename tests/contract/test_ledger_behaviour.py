@@ -307,3 +307,31 @@ def test_a_pipelined_refusal_is_judged_on_the_latest_committed_state(shared_stor
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_saga_step_refused_on_a_stale_cache_is_judged_again_on_fresh_state(
+    shared_store_url: str,
+) -> None:
+    """A saga step records its command's refusal as the step's failure, in the same
+    transaction: that refusal must be judged on the latest committed state too. Here the
+    first ledger's cache holds the customer at balance 0 while another process deposits."""
+    from daybook import place_order
+    from daybook.domain.sagas import RunLocalStep, Saga
+
+    ours = open_ledger(shared_store_url)
+    theirs = open_ledger(shared_store_url)
+    try:
+        customer = ours.open_account("ann", "EUR").account_id
+        merchant = ours.open_account("shop", "EUR").account_id
+        ours.receive_stock("KETTLE", 5)
+        theirs.deposit(customer, 50_000)
+        saga_id = place_order(ours, "order-1", customer, merchant, [("KETTLE", 1, 4_500)]).saga_id
+        assert saga_id is not None
+        ours.execute(RunLocalStep(saga_id, "reserve-0"))
+        ours.execute(RunLocalStep(saga_id, "hold"))
+        view = ours.read(Saga, saga_id).view()
+        assert view.last_error is None and "hold" in view.results, view
+        assert ours.account(customer).available == 50_000 - 4_500
+    finally:
+        ours.close()
+        theirs.close()

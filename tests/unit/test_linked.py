@@ -36,6 +36,9 @@ class Batch:
         self.aggregates[aggregate.id] = aggregate
         return aggregate
 
+    def confirm_refusal(self) -> None:
+        """Nothing here is behind a store."""
+
 
 def test_a_list_cannot_create_an_aggregate_it_holds_already() -> None:
     """Replacing it would drop what the list did to it, while the receipts stand."""
