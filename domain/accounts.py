@@ -361,7 +361,7 @@ class OpenAccount(Command):
     account_id: AccountId = generated(factory=new_uuid, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        if self.chose("account_id") and aggregates.find(Account, self.account_id) is not None:
+        if aggregates.find(Account, self.account_id) is not None:
             raise AccountExists(
                 f"an account with id {self.account_id} exists already",
                 account_id=str(self.account_id),

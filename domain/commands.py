@@ -221,11 +221,6 @@ class Command:
         """True when the caller chose ``request_id`` (only those refusals are recorded)."""
         return "request_id" in self.__dict__["_chosen"]
 
-    def chose(self, name: str) -> bool:
-        """Whether the caller chose the generated field ``name``. One the ledger generated
-        (a fresh random UUID) names nothing that exists yet, so it needs no lookup."""
-        return name in self.__dict__["_chosen"]
-
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         """Apply the command; return what its receipt names (``account_id``, ``sku``...).
         Raises a ``DomainError`` when a rule refuses it, having changed nothing."""

@@ -260,7 +260,7 @@ class PlaceHold(Command):
     hold_id: Uuid = generated(factory=new_uuid, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        if self.chose("hold_id") and aggregates.find(Hold, self.hold_id) is not None:
+        if aggregates.find(Hold, self.hold_id) is not None:
             raise HoldExists(
                 f"a hold with id {self.hold_id} exists already", hold_id=str(self.hold_id)
             )
