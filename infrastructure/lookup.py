@@ -24,6 +24,7 @@ from daybook.infrastructure.cli import (
     whole_number,
 )
 from daybook.infrastructure.readmodels import ReadModels, StaleRead
+from daybook.infrastructure.readmodels.queries import MAX_PAGE
 
 _ID = "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"
 _PG = "postgresql://daybook@localhost/daybook"
@@ -79,7 +80,7 @@ def register(subparsers: Any) -> None:
     )
     statement.add_argument("account_id", type=_account_id, help="the account's id (a UUID)")
     statement.add_argument(
-        "--limit", type=whole_number(1), default=20, help="entries to show, at most"
+        "--limit", type=whole_number(1, MAX_PAGE), default=20, help="entries to show, at most"
     )
     statement.add_argument(
         "--before",

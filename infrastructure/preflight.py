@@ -152,17 +152,18 @@ def check_broker(url: str) -> None:
     reasons = []
     for server in servers:
         host, _, port_text = server.rpartition(":")
+        shown = server.rpartition("@")[2]  # never a user name and password
         if not host or not port_text.isdigit():
             raise Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
         try:
             socket.create_connection((host.strip("[]"), int(port_text)), CONNECT_TIMEOUT).close()
             return
         except socket.gaierror:
-            reasons.append(f"{server}: unknown host")
+            reasons.append(f"{shown}: unknown host")
         except ConnectionRefusedError:
-            reasons.append(f"{server}: connection refused")
+            reasons.append(f"{shown}: connection refused")
         except OSError as error:
-            reasons.append(f"{server}: {error.strerror or 'no answer'}")
+            reasons.append(f"{shown}: {error.strerror or 'no answer'}")
     raise Unusable(
         f"no Kafka broker answers ({'; '.join(reasons)}): start one, or pass "
         "--broker kafka://host:port"
@@ -183,4 +184,4 @@ def check_gateway(url: str | None) -> None:
     try:
         httpx.get(url, timeout=CONNECT_TIMEOUT)
     except httpx.HTTPError as error:
-        raise Unusable(f"the payment gateway at {url} did not answer: {error}") from None
+        raise Unusable(f"the payment gateway at {redacted(url)} did not answer: {error}") from None

@@ -214,15 +214,24 @@ def _tls_problem(cert: str, key: str) -> str | None:
 def _listen_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on ``host:port`` (taken, not an address of this
     machine), or None: tried before anything is opened, so the answer is one line rather
-    than a banner followed by the server's error. The server binds again itself."""
+    than a banner followed by the server's error. Binds every address the host names, as
+    the server (asyncio's ``create_server``) does, then lets them go; the server binds again."""
+    probes: list[socket.socket] = []
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            probe = socket.socket(family, kind, proto)
+            probes.append(probe)
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
     except OSError as error:
         reason = error.strerror or str(error)
         return f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
+    finally:
+        for probe in probes:
+            probe.close()
     return None
 
 

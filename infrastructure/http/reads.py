@@ -92,7 +92,7 @@ class ReadRoutes:
             if found is None:
                 position = await self._query(lambda v: v.position("account_balances"))
                 raise _absent(f"no account {key} in the read model", position)
-            return _answer(_plain(found), found.as_of_position, found.lag_events)
+            return _answer(_plain(found), found)
 
         @app.get(
             "/v1/balances/snapshot",
@@ -108,7 +108,7 @@ class ReadRoutes:
                 "missing": [str(m) for m in found.missing],
                 "totals": found.totals,
             }
-            return _answer(body, found.as_of_position, found.lag_events)
+            return _answer(body, found)
 
         @app.get(
             "/v1/balances",
@@ -124,7 +124,7 @@ class ReadRoutes:
                 "balances": [_plain(b, skip_position=True) for b in page.balances],
                 "next_cursor": _encode({"after": page.next_after}) if page.next_after else None,
             }
-            return _answer(body, page.as_of_position, page.lag_events)
+            return _answer(body, page)
 
         @app.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
         async def stock(sku: str, request: Request, _: Token = reader) -> Response:
@@ -137,7 +137,7 @@ class ReadRoutes:
             if found is None:
                 position = await self._query(lambda v: v.position("inventory_levels"))
                 raise _absent(f"no stock of {checked} in the read model", position)
-            return _answer(_plain(found), found.as_of_position, found.lag_events)
+            return _answer(_plain(found), found)
 
         @app.get(
             "/v1/accounts/{account_id}/statement",
@@ -160,7 +160,7 @@ class ReadRoutes:
                 "entries": entries,
                 "next_cursor": _encode({"before": entries[-1]["seq"]}) if more else None,
             }
-            return _answer(body, found.as_of_position, found.lag_events)
+            return _answer(body, found)
 
         @app.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
         async def activity(request: Request, _: Token = reader) -> Response:
@@ -168,7 +168,7 @@ class ReadRoutes:
             wait = self._wait(request)
             found = await self._query(lambda v: v.daily_activity(days=days, **wait))
             body = {"days": [asdict(d) for d in found.days]}
-            return _answer(body, found.as_of_position, found.lag_events)
+            return _answer(body, found)
 
     async def _query(self, query: Callable[[ReadModels], T]) -> T:
         with _entered(self.door):
@@ -213,9 +213,14 @@ def _entered(door: Door) -> Iterator[None]:
         door.leave()
 
 
-def _answer(body: dict[str, Any], position: int, lag: int | None) -> Response:
+def _answer(body: dict[str, Any], answer: Any) -> Response:
+    """``body`` with what ``answer`` (any query's answer) reflects: its log position, the
+    head's lead, and whether events after the position may be partly included."""
+    position: int = answer.as_of_position
+    lag: int | None = answer.lag_events
     body["as_of_position"] = position
     body["lag_events"] = lag
+    body["includes_later"] = answer.includes_later
     headers = {"Daybook-As-Of-Position": str(position)}
     if lag is not None:
         headers["Daybook-Lag-Events"] = str(lag)

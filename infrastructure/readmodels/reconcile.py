@@ -62,7 +62,7 @@ FOLD_BATCH = 10_000
 FOLD_CACHE = 20_000
 #: Batches between two vacuums of the scratch tables handlers change.
 VACUUM_EVERY = 10
-#: Drifted rows listed per table (the count says how many more there are).
+#: Drifted rows listed per projection, over all its tables (the count says how many more).
 DRIFTS_LISTED = 1_000
 #: How often the comparison follows an owner that moved on before a repair gives up.
 REPAIR_ROUNDS = 10

@@ -422,6 +422,7 @@ def test_a_snapshot_reads_many_balances_at_one_position(api: Api) -> None:
     every = api.get("/v1/balances/snapshot", min_position=api.head()).json()
     assert every["totals"] == {"EUR": 1500}
     assert len(every["balances"]) == 5 and every["as_of_position"] == api.head()
+    assert every["includes_later"] is False  # the runner's versions include none after
     some = api.get(
         "/v1/balances/snapshot", ids=f"{accounts[0]},{accounts[4]},{uuid.UUID(int=1)}"
     ).json()
@@ -451,6 +452,7 @@ def test_a_statement_pages_by_cursor(api: Api) -> None:
         api.command("deposit", {"account_id": account, "amount": amount})
     first = api.get(f"/v1/accounts/{account}/statement", limit=3, min_position=api.head()).json()
     assert [e["amount"] for e in first["entries"]] == [5, 4, 3]
+    assert first["includes_later"] is False and first["as_of_position"] == api.head()
     rest = api.get(f"/v1/accounts/{account}/statement", limit=3, cursor=first["next_cursor"])
     assert [e["amount"] for e in rest.json()["entries"]] == [2, 1]
     too_far = base64.urlsafe_b64encode(orjson.dumps({"before": 2**63})).decode()

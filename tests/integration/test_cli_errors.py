@@ -276,6 +276,10 @@ def test_memory_is_refused_where_it_cannot_work(
         ),
         (["requests", "purge", "--batch-size", "1" + "0" * 20], "--batch-size: expected a whole"),
         (["tokens", "create", "x", "--scope", "read", "--rate", "0"], "--rate: must be above 0"),
+        (
+            ["statement", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", "--limit", "10001"],
+            "--limit: must be at most 10000",
+        ),
     ],
 )
 def test_numbers_are_checked(

@@ -46,6 +46,18 @@ def test_a_refused_url_never_shows_its_password(
     assert "S3cretPW" not in err and "Traceback" not in err
 
 
+def test_the_broker_and_gateway_checks_never_show_a_password() -> None:
+    from daybook.infrastructure import preflight
+
+    for check, url in (
+        (preflight.check_gateway, "http://user:S3cretPW@127.0.0.1:1/"),
+        (preflight.check_broker, "kafka://user:S3cretPW@127.0.0.1:1"),
+    ):
+        with pytest.raises(preflight.Unusable) as refused:
+            check(url)
+        assert "S3cretPW" not in str(refused.value) and "127.0.0.1" in str(refused.value)
+
+
 @pytest.mark.parametrize("password", ["it's", "back\\slash", "both ' and \\ and spaces"])
 def test_any_password_reaches_libpq_as_it_was_written(password: str) -> None:
     from urllib.parse import quote
