@@ -323,3 +323,23 @@ def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(
         b.withdraw(payer, 1_000)
         assert refusal(lambda: a.capture(hold_id)).code == "insufficient_funds"
         assert (a.account(payer).balance, a.account(shop).balance) == (0, 0)
+
+
+def test_a_hold_sent_again_with_its_generated_id_is_told_it_exists(
+    ledger: Ledger, accounts: tuple[UUID, UUID]
+) -> None:
+    """The same command object sent again after an answer was lost, or twice in one list:
+    the hold it names exists, and the caller is told so (``hold_exists``), not to retry
+    (which a new command would turn into a second hold on the same funds)."""
+    from daybook.domain.holds import PlaceHold
+
+    ann, _ = accounts
+    twice = PlaceHold(ann, 100, timeout=60)
+    assert refusal(lambda: ledger.atomic([twice, twice])).code == "hold_exists"
+    once = PlaceHold(ann, 100, timeout=60)
+    ledger.execute(once)
+    head = ledger.head()
+    again = PlaceHold(ann, 100, timeout=60)
+    object.__setattr__(again, "hold_id", once.hold_id)  # as a caller keeping the first id
+    assert refusal(lambda: ledger.execute(again)).code == "hold_exists"
+    assert ledger.head() == head
