@@ -361,9 +361,9 @@ class OpenAccount(Command):
     account_id: AccountId = generated(factory=new_uuid, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        if aggregates.find(Account, self.account_id) is not None:
+        if aggregates.taken(Account, self.account_id):  # an account, or any other aggregate
             raise AccountExists(
-                f"an account with id {self.account_id} exists already",
+                f"the id {self.account_id} is taken already; open the account with another",
                 account_id=str(self.account_id),
             )
         aggregates.add(

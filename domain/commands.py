@@ -113,6 +113,11 @@ class Aggregates(Protocol):
         """A new aggregate, written with the command's other events."""
         ...
 
+    def taken(self, kind: type[A], key: Any) -> bool:
+        """Whether ``kind``'s id for ``key`` names an aggregate already, of any kind: a
+        command that creates one with an id its caller chose refuses a taken id."""
+        ...
+
     def confirm_refusal(self) -> None:
         """Before a command records a refusal it caught as its outcome (a saga step that
         failed) instead of being refused: raise unless that refusal was judged on the

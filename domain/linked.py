@@ -80,6 +80,9 @@ class Staged:
             raise kind.not_found(key)
         return aggregate
 
+    def taken(self, kind: type[A], key: Any) -> bool:
+        return kind.id_for(key) in self._copies or self._aggregates.taken(kind, key)
+
     def add(self, aggregate: A) -> A:
         # Replacing a staged aggregate would drop the changes the list made to it while
         # their receipts stand: a command creates an aggregate only after looking it up.

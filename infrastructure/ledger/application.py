@@ -190,6 +190,9 @@ class UnitOfWork:
         aggregate.as_of = self.now
         return aggregate
 
+    def taken(self, kind: type[A], key: Any) -> bool:
+        return self._get(kind.id_for(key), kind) is not None
+
     def add(self, aggregate: A) -> A:
         key = aggregate.id.int
         aggregate.as_of = self.now

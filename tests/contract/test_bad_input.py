@@ -240,6 +240,12 @@ def account_cases() -> list[Case]:
             business=True,
         ),
         case(
+            "open an account with a SKU's id",
+            "account_exists",
+            lambda lg, w, k: lg.open_account("eve", "EUR", account_id=inventory_id(SKU), **k),
+            business=True,
+        ),
+        case(
             "open a closed account's id",
             "account_exists",
             lambda lg, w, k: lg.open_account("eve", "EUR", account_id=w.closed, **k),

@@ -36,6 +36,9 @@ class Batch:
         self.aggregates[aggregate.id] = aggregate
         return aggregate
 
+    def taken(self, kind: type[A], key: Any) -> bool:
+        return kind.id_for(key) in self.aggregates
+
     def confirm_refusal(self) -> None:
         """Nothing here is behind a store."""
 
