@@ -13,8 +13,12 @@ from daybook.domain.errors import (
     InvalidTimeout,
 )
 
+#: The largest integer a signed 64-bit column holds: the bound of every amount, count, log
+#: position and sequence number daybook stores.
+MAX_BIGINT = 2**63 - 1
+
 #: Amounts and quantities are integers in 1 .. MAX_AMOUNT (fits a signed 64-bit column).
-MAX_AMOUNT = 2**63 - 1
+MAX_AMOUNT = MAX_BIGINT
 
 #: Holds and reservations expire at most this many seconds after they are made (a year).
 MAX_TIMEOUT = 366 * 24 * 3600

@@ -23,6 +23,7 @@ import psycopg
 from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.errors import DomainError
+from daybook.domain.values import MAX_BIGINT
 from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
@@ -110,7 +111,7 @@ def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], in
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        top = 2**63 - 1 if maximum is None else maximum  # what a 64-bit column holds
+        top = MAX_BIGINT if maximum is None else maximum
         if value > top:
             raise argparse.ArgumentTypeError(f"must be at most {top}, got {value}")
         return value

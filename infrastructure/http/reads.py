@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daybook.domain.errors import DomainError
-from daybook.domain.values import check_sku, check_uuid
+from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import Problem
@@ -266,15 +266,11 @@ def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
         value = int(text) if len(text) <= 20 else minimum - 1
     except ValueError:
         value = minimum - 1
-    top = _MAX_WHOLE if maximum is None else maximum
+    top = MAX_BIGINT if maximum is None else maximum
     if not minimum <= value <= top:
         bound = f"{minimum} .. {maximum}" if maximum is not None else f"at least {minimum}"
         raise Problem("invalid_parameter", f"{name} is a whole number, {bound}; got {text!r}")
     return value
-
-
-#: Positions and sequence numbers are stored as signed 64-bit integers.
-_MAX_WHOLE = 2**63 - 1
 
 
 def _number(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:

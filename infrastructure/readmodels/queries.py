@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
 from daybook.domain.errors import InvalidRequest
-from daybook.domain.values import check_sku, check_uuid, inventory_id
+from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
@@ -303,7 +303,7 @@ class ReadModels:
         key = _account_key(account_id, "account_id")
         _whole(limit, "limit", 1, MAX_PAGE)
         if before_seq is not None:
-            _whole(before_seq, "before_seq", 1, 2**63 - 1)
+            _whole(before_seq, "before_seq", 1, MAX_BIGINT)
 
         def read(store: ReadStore, version: int) -> list[Row]:
             where = "account_id = %s"
@@ -411,7 +411,7 @@ class ReadModels:
         their own."""
         spec = projection.table(table)
         if limit is not None:
-            _whole(limit, "limit", 1, 2**63 - 1)
+            _whole(limit, "limit", 1, MAX_BIGINT)
 
         def read(store: ReadStore, version: int) -> list[Row]:
             return store.select(spec, version, where, params, order, limit)
@@ -456,7 +456,7 @@ class ReadModels:
         """What ``read`` finds in the serving version, at which log position, how far the
         head is ahead, and whether events after the position may be partly included."""
         if min_position is not None:
-            _whole(min_position, "min_position", 0, 2**63 - 1)
+            _whole(min_position, "min_position", 0, MAX_BIGINT)
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
