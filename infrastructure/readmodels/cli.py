@@ -421,12 +421,13 @@ def _run_resume(args: argparse.Namespace) -> int:
 def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
     setup_logging(args)
     served = metrics_served(args, "continuous reconciler")
+    # The pacing given, if any; the reconciler's own defaults otherwise.
+    paced = {"every_events": args.every_events, "every_seconds": args.every_seconds}
     service = continuous_reconciler(
         checked_settings(args, why=_WHY, readmodels=True),
         projections=chosen,
-        every_events=100_000 if args.every_events is None else args.every_events,
-        every_seconds=600.0 if args.every_seconds is None else args.every_seconds,
         repair=args.repair,
+        **{name: value for name, value in paced.items() if value is not None},
     )
 
     def on_signal(signum: int, frame: Any) -> None:
