@@ -89,23 +89,23 @@ class Staged:
         if aggregate.id in self._copies:
             msg = f"a command of the list created {aggregate.id}, which the list holds already"
             raise ValueError(msg)
+        self._keep(aggregate)
+        return aggregate
+
+    def _keep(self, aggregate: LedgerAggregate) -> None:
         aggregate.as_of = self.now
         self._copies[aggregate.id] = aggregate
-        return aggregate
 
     def confirm_refusal(self) -> None:
         self._aggregates.confirm_refusal()
 
     def hand_back(self) -> None:
         outer = self._aggregates
+        # A list inside a list (a saga step that is one): its copies replace the outer
+        # list's, rather than being created there again.
+        keep = outer._keep if isinstance(outer, Staged) else outer.add
         for aggregate in self._copies.values():
-            if isinstance(outer, Staged):
-                # A list inside a list (a saga step that is one): its copies replace the
-                # outer list's, rather than being created there again.
-                aggregate.as_of = outer.now
-                outer._copies[aggregate.id] = aggregate
-            else:
-                outer.add(aggregate)
+            keep(aggregate)
 
 
 class Atomic(Command):

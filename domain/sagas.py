@@ -29,7 +29,7 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -648,15 +648,21 @@ class _SagaCommand(Command):
     public: ClassVar[bool] = False
 
 
-def _kind_of(saga: Saga, step: str, action: object, kind: type[Local | Remote]) -> None:
-    """Refuse a command that records a step (or compensation) of the other kind: a remote
-    step is done only when its remote answered, a local one only by running it."""
+#: A step's action or compensation: run by the ledger, or a call through a port.
+K = TypeVar("K", Local, Remote)
+
+
+def _kind_of(saga: Saga, step: str, action: object, kind: type[K]) -> K:
+    """``action`` if it is of ``kind``; else refuse the command, which records a step (or
+    compensation) of the other kind: a remote step is done only when its remote answered,
+    a local one only by running it."""
     if not isinstance(action, kind):
         raise InvalidRequest(
             f"step {step!r} of saga {saga.id} is not {kind.__name__.lower()}; "
             f"it cannot be recorded this way",
             field="step",
         )
+    return action
 
 
 class RunLocalStep(_SagaCommand):
@@ -670,11 +676,10 @@ class RunLocalStep(_SagaCommand):
         saga = aggregates.get(Saga, self.saga_id)
         step = saga.check_at_step(self.step)
         now = _now(aggregates)
-        _kind_of(saga, self.step, step.action, Local)
-        assert isinstance(step.action, Local)  # for the type checker
+        action = _kind_of(saga, self.step, step.action, Local)
         staged = Staged(aggregates)
         try:
-            fields = step.action.build(saga.context).handle(staged)
+            fields = action.build(saga.context).handle(staged)
         except DomainError as refusal:
             aggregates.confirm_refusal()  # recorded as the step's failure: judged on fresh state
             saga.fail_step(step, refusal.code, refusal.message, self.decided_by, now)
@@ -766,9 +771,7 @@ class RunLocalCompensation(_SagaCommand):
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         saga = aggregates.get(Saga, self.saga_id)
         step = saga.check_compensating(self.step, self.attempt)
-        compensation = step.compensation
-        _kind_of(saga, self.step, compensation, Local)
-        assert isinstance(compensation, Local)  # for the type checker
+        compensation = _kind_of(saga, self.step, step.compensation, Local)
         staged = Staged(aggregates)
         try:
             fields = compensation.build(saga.context).handle(staged)
