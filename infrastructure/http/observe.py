@@ -3,7 +3,8 @@
 One ASGI middleware, outside everything else: a server span per request (continuing the
 caller's trace when it sends a ``traceparent`` header), the request counted and timed by
 method, route template and status (templates, not paths: a label per account id would grow
-without bound), and the request's ids (the caller's ``X-Request-Id`` or a fresh one, the
+without bound; and methods outside HTTP's own as ``other``, since the method is any token a
+client sends), and the request's ids (the caller's ``X-Request-Id`` or a fresh one, the
 trace) on every log line written while it is handled.
 """
 
@@ -20,6 +21,11 @@ from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import log_context
 
 _UNMATCHED = "unmatched"
+#: The methods HTTP defines (RFC 9110, and PATCH); the metrics call any other ``other``.
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_OTHER = "other"
 
 
 log = logging.getLogger("daybook.http.access")
@@ -64,8 +70,9 @@ class Observe:
                 span.set_attribute("http.route", template)
                 span.set_attribute("http.response.status_code", status)
                 seconds = perf_counter() - started
-                metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
-                metrics.HTTP_SECONDS.labels(method, template).observe(seconds)
+                measured = method if method in _METHODS else _OTHER
+                metrics.HTTP_REQUESTS.labels(measured, template, str(status)).inc()
+                metrics.HTTP_SECONDS.labels(measured, template).observe(seconds)
                 if self.access_log:  # inside the request's context: its ids are on the line
                     fields = {"method": method, "route": template, "status": status}
                     log.info(

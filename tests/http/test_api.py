@@ -15,6 +15,7 @@ import pytest
 
 from daybook.domain.commands import Receipt, registered
 from daybook.infrastructure.http.problems import PROBLEM_JSON
+from daybook.infrastructure.observability import metrics
 from tests.http.conftest import Api
 
 
@@ -499,3 +500,32 @@ def test_a_command_after_the_ledger_closed_is_503_shutting_down(sqlite_api: Api)
     reply = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
     assert_problem(reply, 503, "shutting_down")
     assert int(reply.headers["retry-after"]) >= 1
+
+
+def test_request_methods_nobody_routes_add_no_metric_series(sqlite_api: Api) -> None:
+    """The method is the client's choice of text: each one measured by name would be a new
+    series of the request counter and of the latency histogram, for as long as the server
+    runs."""
+
+    def series() -> set[tuple[str, ...]]:
+        return {
+            tuple(sorted(sample.labels.items()))
+            for family in metrics.HTTP_REQUESTS.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+
+    sqlite_api.run(sqlite_api.client.request("BREW", "/health"))  # "other" exists from here
+    before = series()
+    for n in range(200):
+        reply = sqlite_api.run(sqlite_api.client.request(f"BREW{n}", "/health"))
+        assert reply.status_code == 405
+        reply = sqlite_api.run(sqlite_api.client.request(f"BREW{n}", f"/nowhere/{n}"))
+        assert reply.status_code == 404
+    assert len(series() - before) <= 1  # at most the 404's "other" on the unmatched route
+    reply = sqlite_api.run(sqlite_api.client.get("/health"))
+    assert reply.status_code == 200
+    sample = metrics.REGISTRY.get_sample_value(
+        "daybook_http_requests_total", {"method": "GET", "route": "/health", "status": "200"}
+    )
+    assert sample
