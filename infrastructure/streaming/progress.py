@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -18,11 +19,25 @@ from psycopg.sql import SQL, Composed, Identifier
 
 from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.store import ReadStore
 
-__all__ = ["DEAD_LETTER_TABLE", "GAP", "LIVE", "PARKED", "PROGRESS_TABLE", "Step", "classify"]
+__all__ = [
+    "DEAD_LETTER_TABLE",
+    "GAP",
+    "LETTER_RETENTION",
+    "LIVE",
+    "PARKED",
+    "PROGRESS_TABLE",
+    "Step",
+    "classify",
+    "purge_closed_letters",
+]
 from daybook.infrastructure.urls import postgres_params
 
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"
+#: Seconds a closed letter (every version it was left out of is retired) is kept after it
+#: was parked: 30 days.
+LETTER_RETENTION = 30 * 86_400.0
 
 LIVE = "live"
 #: An envelope arrived whose ``prev`` is ahead of what was applied: something is missing and
@@ -138,3 +153,27 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
         store.close()
     names = ("partition", "position", "kafka_offset", "event_type", "error", "versions", "open")
     return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def purge_closed_letters(
+    store: ReadStore, group: str, topic: str, parked_before: datetime, limit: int
+) -> int:
+    """Delete up to ``limit`` of the group's closed letters parked before ``parked_before``,
+    oldest first, in one short transaction; how many.
+
+    Closed: published on the dead-letter topic, and every version it names retired (the
+    fixed versions that replaced them have the event; see ``read_dead_letters``). Open
+    letters and letters that name no versions (parked by an older daybook: they count for
+    every version) are kept. Rows another purge is deleting are skipped, not waited for.
+    """
+    with store.transaction():
+        rows = store.execute(
+            f"DELETE FROM {DEAD_LETTER_TABLE} WHERE (group_id, topic, position) IN ("
+            f" SELECT group_id, topic, position FROM {DEAD_LETTER_TABLE} l"
+            " WHERE group_id = %s AND topic = %s AND published AND versions IS NOT NULL"
+            " AND parked_at < %s AND NOT EXISTS (SELECT 1 FROM daybook_projection_versions v"
+            " WHERE v.state <> 'retired' AND v.name || ':' || v.version = ANY(l.versions))"
+            " ORDER BY parked_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING 1",
+            (group, topic, parked_before, limit),
+        )
+    return len(rows)

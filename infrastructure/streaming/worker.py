@@ -32,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from opentelemetry.trace import SpanKind
 
@@ -61,6 +62,7 @@ from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.progress import (
     DEAD_LETTER_TABLE,
     GAP,
+    LETTER_RETENTION,
     LIVE,
     PARKED,
     PROGRESS_TABLE,
@@ -68,10 +70,14 @@ from daybook.infrastructure.streaming.progress import (
     Step,
     classify,
     create_tables_sql,
+    purge_closed_letters,
 )
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
+
+#: Seconds between a worker's looks for closed dead letters past their retention.
+LETTER_PURGE_INTERVAL = 3_600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,8 @@ class StreamApplier:
         max_attempts: int = 3,
         cache_limit: int = 200_000,
         head: Callable[[], int | None] | None = None,
+        letter_retention: float = LETTER_RETENTION,
+        letter_purge_interval: float = LETTER_PURGE_INTERVAL,
     ) -> None:
         self.url = readmodels_url
         #: The log's head (default: read beside the read models, if the log is there).
@@ -154,6 +162,11 @@ class StreamApplier:
         self._parked_at: dict[int, float] = {}
         #: What switches retired and left to drop (tables still being read).
         self.drops = RetiredDrops()
+        #: Closed dead letters are deleted ``letter_retention`` seconds after they were
+        #: parked, checked at most every ``letter_purge_interval`` seconds (``purge_letters``).
+        self.letter_retention = letter_retention
+        self.letter_purge_interval = letter_purge_interval
+        self._letters_due = 0.0
         #: The worker's health: a batch that meets a transient failure (the read-model
         #: database unreachable) is retried after a backoff; any other failure stops the
         #: worker as FAILED with the reason.
@@ -264,7 +277,28 @@ class StreamApplier:
         # lock wait (2 s, at most every DROP_RETRY seconds); an error here comes out of
         # the batch, and its messages, delivered again, are skipped as duplicates.
         self.drops.retry(store)
+        if time.monotonic() >= self._letters_due:
+            self._letters_due = time.monotonic() + self.letter_purge_interval
+            self.purge_letters()
         return result
+
+    def purge_letters(self, now: datetime | None = None, batch: int = 1_000) -> int:
+        """Delete the group's closed dead letters parked more than ``letter_retention``
+        seconds before ``now`` (default: the time now), ``batch`` rows per transaction;
+        how many. Open letters stay whatever their age: they say what a version in use
+        lacks."""
+        store = self.connect()
+        moment = now if now is not None else datetime.now(UTC)
+        parked_before = moment - timedelta(seconds=self.letter_retention)
+        deleted = 0
+        while True:
+            count = purge_closed_letters(store, self.group, self.topic, parked_before, batch)
+            deleted += count
+            if count < batch:
+                break
+        if deleted:
+            log.info("worker: deleted %d closed dead letters of group %s", deleted, self.group)
+        return deleted
 
     def _apply(
         self, store: ReadStore, messages: Sequence[Message]
