@@ -224,7 +224,7 @@ class EventLog:
             for _ in connection.notifies(timeout=0):
                 pass
         except psycopg.Error:
-            self._close_listen()
+            self.stop_listening()
             self._interrupt.wait(min(timeout, 0.5))
             self._interrupt.clear()
 
@@ -235,7 +235,10 @@ class EventLog:
             self._listen.execute(f"LISTEN {EVENTS_CHANNEL}")
         return self._listen
 
-    def _close_listen(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listen connection (the next ``wait`` opens one again). A reader that
+        stops waiting must: a listening session nobody reads holds back the server's
+        notification queue, which every commit adds to, until commits fail when it is full."""
         if self._listen is not None:
             with suppress(Exception):
                 self._listen.close()
@@ -247,7 +250,7 @@ class EventLog:
         return list(self.recorder.select_notifications(after, limit, inclusive_of_start=False))
 
     def close(self) -> None:
-        self._close_listen()
+        self.stop_listening()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()

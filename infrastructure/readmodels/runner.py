@@ -128,7 +128,7 @@ class ProjectionRunner:
         self.service = SupervisedThread(
             "projection runner",
             self._follow,
-            on_failure=lambda _: self._disconnect(),
+            on_failure=lambda _: self._after_failure(),
             on_stop=self.log.interrupt,
         )
         self._stop = self.service.stopping
@@ -219,6 +219,13 @@ class ProjectionRunner:
         """After a failure: close the read-model connections and let go of every version;
         the next step connects and claims them again, from what is committed."""
         self._disconnect()
+
+    def _after_failure(self) -> None:
+        """Let go of everything, the log's listen connection too: a runner that failed for
+        good waits no more, and the connection would hold back the server's notification
+        queue (see ``EventLog.stop_listening``); a retry listens again at its first wait."""
+        self._disconnect()
+        self.log.stop_listening()
 
     def _disconnect(self) -> None:
         for connection in (self.store, self._locks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -83,3 +84,43 @@ def test_a_commit_before_listening_starts_is_not_missed(pg_url: str) -> None:
     log.close()
     ledger.close()
     assert returned, "the first wait slept through a commit made before it listened"
+
+
+def _listening(pg_url: str) -> int:
+    """Sessions of the test's database that listen for new events."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'LISTEN %'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_runner_that_failed_stops_listening(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session that listens and is never read holds back PostgreSQL's notification
+    queue, shared by the whole server: every commit adds to it (once the session's socket
+    is full, after some 100,000), up to its 8 GB, and then every commit fails. A runner
+    that failed for good reads no more, so it must not go on listening."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    runner = run_projections(ledger, pg_url, poll_interval=0.05)
+    try:
+        runner.views.balance(account, min_position=ledger.head(), timeout=60)
+        deadline = time.monotonic() + 30
+        while _listening(pg_url) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # it listens from its first wait on
+        assert _listening(pg_url) == 1
+
+        def a_bug() -> int:
+            raise RuntimeError("a bug in the runner")
+
+        monkeypatch.setattr(runner, "step", a_bug)
+        ledger.deposit(account, 5)  # wakes it
+        runner.service.join(60)
+        assert runner.health().state is ServiceState.FAILED
+        for _ in range(50):
+            ledger.deposit(account, 5)  # the service goes on writing
+        assert _listening(pg_url) == 0
+    finally:
+        runner.stop()
+        ledger.close()
