@@ -216,27 +216,33 @@ class Relay:
     async def _lead(self, lock_conn: psycopg.AsyncConnection[Any]) -> None:
         cursor = await _load_cursor(lock_conn, self.config.topic, self.config.partitions)
         log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
-        listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-        try:
-            channel = getattr(self._log.recorder, "channel_name", "daybook_events")
-            await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
-            while not self._stopping.is_set():
-                producer = await self._start_producer()
-                if producer is None:
-                    continue
-                try:
-                    cursor = await self._publish_until_stopped(lock_conn, listen, producer, cursor)
-                except (TimeoutError, KafkaError) as error:
-                    if not is_transient(error):
-                        raise
-                    # The broker is down: keep the lock (and the cursor) and wait for it.
-                    self._failed("broker", error)
-                    await self._backoff()
-                finally:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(producer.stop(), self.config.request_timeout)
-        finally:
-            await listen.close()
+        channel = getattr(self._log.recorder, "channel_name", "daybook_events")
+        while not self._stopping.is_set():
+            producer = await self._start_producer()
+            if producer is None:
+                continue
+            # Listening only while publishing: a session that listens and is not read (the
+            # broker down, for as long as that lasts) holds back the server's notification
+            # queue, which every commit adds to; when it is full, commits fail. Listening
+            # starts before the first read of the log, so nothing committed is missed.
+            listen: psycopg.AsyncConnection[Any] | None = None
+            try:
+                listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
+                cursor = await self._publish_until_stopped(lock_conn, listen, producer, cursor)
+            except (TimeoutError, KafkaError) as error:
+                if not is_transient(error):
+                    raise
+                # The broker is down: keep the lock (and the cursor) and wait for it.
+                self._failed("broker", error)
+                if listen is not None:
+                    await listen.close()
+                await self._backoff()
+            finally:
+                if listen is not None:
+                    await listen.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), self.config.request_timeout)
 
     async def _start_producer(self) -> AIOKafkaProducer | None:
         """A started producer on a topic with the right partitions, or None after a failed
