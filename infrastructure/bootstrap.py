@@ -236,7 +236,9 @@ def http_parts(
 ) -> HttpParts:
     """What ``daybook serve`` serves: the asyncio ledger, a pool of read-model connections,
     the token store (in the event store's database) and, unless ``projections`` is None
-    (another process runs them), the projection runner, started."""
+    (another process runs them), the projection runner, started. ``services`` holds the
+    health of each part running in the process besides the committer (the request purge,
+    the projections)."""
     from daybook.infrastructure.http.app import HttpOptions, HttpParts  # see the end
     from daybook.infrastructure.http.reads import ReadPool
     from daybook.infrastructure.http.tokens import open_tokens
@@ -252,6 +254,9 @@ def http_parts(
     views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
     parts = HttpParts(ledger, ReadPool(views), tokens or open_tokens(settings.url), chosen)
     parts.log, parts.readmodels_url = log, location.url
+    # The request purge runs in this process too: a purge that stopped for good is a
+    # failed part, in /health like the others.
+    parts.services["request purge"] = ledger.request_purge.health
     if runner is not None:
         parts.services["projections"] = runner.health
         parts.on_close.append(runner.stop)

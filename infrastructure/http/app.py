@@ -79,7 +79,7 @@ class HttpParts:
     pool: ReadPool
     tokens: TokenStore
     options: HttpOptions = field(default_factory=HttpOptions)
-    #: Health of the other services this process runs (the projections), by name.
+    #: Health of the other services this process runs (request purge, projections), by name.
     services: dict[str, Callable[[], Health]] = field(default_factory=dict)
     #: The event log and the read-model database, for the dashboard (None: no dashboard).
     log: EventLog | None = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import sqlite3
+import time
 import uuid
 from typing import Any
 
@@ -14,8 +16,13 @@ import orjson
 import pytest
 
 from daybook.domain.commands import Receipt, registered
+from daybook.infrastructure.bootstrap import http_parts
+from daybook.infrastructure.eventstore import REQUESTS_TABLE
 from daybook.infrastructure.http.problems import PROBLEM_JSON
+from daybook.infrastructure.http.tokens import open_tokens
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.settings import Settings
 from tests.http.conftest import Api
 
 
@@ -529,3 +536,25 @@ def test_request_methods_nobody_routes_add_no_metric_series(sqlite_api: Api) -> 
         "daybook_http_requests_total", {"method": "GET", "route": "/health", "status": "200"}
     )
     assert sample
+
+
+def test_health_is_503_when_the_request_purge_has_failed(tmp_path: Any) -> None:
+    # The purge runs in the server's process: when it stops for good (here its table is
+    # gone, which no retry cures), /health must say so, as it does for the projections.
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    parts = http_parts(Settings.load(url=url, request_purge_interval=0.01), tokens=open_tokens(url))
+    api = Api(parts)
+    try:
+        purge = parts.ledger.request_purge
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            db.execute(f"ALTER TABLE {REQUESTS_TABLE} RENAME TO gone")
+        deadline = time.monotonic() + 60
+        while purge.health().state is not ServiceState.FAILED:
+            assert time.monotonic() < deadline, purge.health()
+            time.sleep(0.02)
+        reply = api.run(api.client.get("/health"))
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["status"] == "failing"
+        assert reply.json()["services"]["request purge"]["state"] == "failed"
+    finally:
+        api.close()
