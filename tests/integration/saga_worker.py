@@ -2,10 +2,13 @@
 
     python -m tests.integration.saga_worker SETUP_JSON
 
-SETUP_JSON: {"url", "gateway", "sagas": [saga ids]}. Runs the saga processor (with its own
-runner of the ``sagas`` read model) until every listed saga has ended, then prints
-``{"done": true}``. With ``DAYBOOK_FAULTS`` set (see daybook.infrastructure.streaming.faults)
-the process SIGKILLs itself at the named step boundary.
+SETUP_JSON: {"url", "gateway", "sagas": [saga ids], "clock_offset": seconds (optional)}.
+With a clock offset, the ledger and the processor run that many seconds ahead of the system
+clock (a restart after a deadline passed, without waiting for it). Runs the saga processor
+(with its own runner of the ``sagas`` read model) until every listed saga has ended, then
+prints ``{"done": true}``. With ``DAYBOOK_FAULTS`` set (see
+daybook.infrastructure.streaming.faults) the process SIGKILLs itself at the named step
+boundary.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from daybook import open_ledger, run_projections
@@ -27,8 +31,9 @@ ENDED = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.NEEDS_ATTENTION)
 def main() -> None:
     setup = json.loads(sys.argv[1])
     sagas = [UUID(s) for s in setup["sagas"]]
+    offset = timedelta(seconds=float(setup.get("clock_offset", 0)))
     with (
-        open_ledger(setup["url"]) as ledger,
+        open_ledger(setup["url"], clock=lambda: datetime.now(UTC) + offset) as ledger,
         run_projections(ledger, projections=[SAGA_LIST], poll_interval=0.01) as runner,
     ):
         # The processor finds its work in the sagas read model: until its first version

@@ -34,12 +34,19 @@ CRASHES = [
 ]
 
 
-def run_worker(url: str, gateway: str, sagas: list[UUID], faults: str | None) -> int:
+def run_worker(
+    url: str, gateway: str, sagas: list[UUID], faults: str | None, clock_offset: float = 0
+) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DAYBOOK_FAULTS", None)
     if faults:
         env["DAYBOOK_FAULTS"] = faults
-    setup = {"url": url, "gateway": gateway, "sagas": [str(s) for s in sagas]}
+    setup = {
+        "url": url,
+        "gateway": gateway,
+        "sagas": [str(s) for s in sagas],
+        "clock_offset": clock_offset,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "tests.integration.saga_worker", json.dumps(setup)],
         cwd=ROOT,
@@ -119,3 +126,58 @@ def test_sigkill_at_every_step_boundary(pg_url: str) -> None:
                 assert succeeded and not record["refunded"]  # type: ignore[index]
             elif succeeded:
                 assert record["refunded"]  # type: ignore[index]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("point", "refund_killed"),
+    [("saga.before_remote", False), ("saga.after_remote", False), ("saga.after_remote", True)],
+)
+def test_sigkill_at_the_charge_then_the_payment_deadline_passes(
+    pg_url: str, point: str, refund_killed: bool
+) -> None:
+    # Killed just before or just after the gateway charged, with nothing recorded; the
+    # restarted processor finds the payment deadline passed. The saga is compensated: a
+    # charge made in that window is refunded once, never charged again, and the hold and
+    # reservation are let go. With ``refund_killed`` the restarted processor is killed too,
+    # after the gateway refunded and before the refund was recorded, and restarted again.
+    with FakeGatewayServer(Knobs()) as server, open_ledger(pg_url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        placed = ledger.execute(
+            PlaceOrder("late", customer, merchant, [("KETTLE", 2, 700)], payment_deadline=300)
+        )
+        saga_id = placed.saga_id
+        assert saga_id is not None
+        key = idempotency_key(saga_id, "charge")
+
+        code = run_worker(pg_url, server.url, [saga_id], f"{point}:1")
+        assert code == -signal.SIGKILL, "the crash point was not reached"
+        saga = ledger.read(Saga, saga_id)
+        assert saga.state is SagaState.RUNNING and "charge" not in saga.results
+        gateway = server.gateway
+        charged_in_window = point == "saga.after_remote"
+        assert gateway.charged.get(key, 0) == (1 if charged_in_window else 0)
+
+        # Restarted 400 s later by its clock: past the 300 s payment deadline.
+        if refund_killed:
+            code = run_worker(pg_url, server.url, [saga_id], f"{point}:1", clock_offset=400)
+            assert code == -signal.SIGKILL, "the refund's crash point was not reached"
+            assert gateway.charges[key]["refunded"]
+            assert ledger.read(Saga, saga_id).state is SagaState.COMPENSATING
+        run_worker(pg_url, server.url, [saga_id], None, clock_offset=400)
+
+        saga = ledger.read(Saga, saga_id)
+        assert saga.state is SagaState.COMPENSATED, (saga.state, saga.last_error)
+        assert gateway.charged.get(key, 0) == (1 if charged_in_window else 0)
+        if charged_in_window:
+            assert gateway.charges[key]["refunded"] and gateway.refunds[key] == 1
+        assert ledger.account(customer).balance == ledger.account(customer).available == 10_000
+        assert ledger.account(merchant).balance == 0
+        assert ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+        assert ledger.inventory("KETTLE").on_hand == ledger.inventory("KETTLE").available == 5
+        assert ledger.inventory("KETTLE").reservations == {}
