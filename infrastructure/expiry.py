@@ -32,6 +32,7 @@ from daybook.infrastructure.lifecycle import (
 )
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.projections.holds import EXPIRING_RESERVATIONS, OPEN_HOLDS, OPEN_HOLDS_PROJECTION
 from daybook.projections.model import iso_time
 
@@ -171,12 +172,16 @@ class ExpirySweeper:
         metrics.HOLDS_OPEN.set(sum(counted.value.values()))
 
     def _record(self, command: ExpireHold | ExpireReservation) -> int:
+        crash_point("expiry.before_record")
         try:
             self.ledger.execute(command)
         except DomainError as refusal:
             if refusal.code not in _NOTHING_TO_DO:
                 raise
             return 0
+        # Killed here, the expiry is recorded and the read model may still list it: the
+        # next sweep sends it again and is refused (a hold or reservation resolves once).
+        crash_point("expiry.after_record")
         return 1
 
     def _run(self, stopping: Stopping) -> None:
