@@ -19,6 +19,7 @@ from daybook.infrastructure.ledger.requests import (
     RequestLog,
 )
 from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
+from daybook.infrastructure.streaming.faults import crash_point
 
 #: Unix seconds now.
 Clock = Callable[[], float]
@@ -88,6 +89,9 @@ class RequestPurge:
             count = self._requests.purge_requests(now, self.batch)
             deleted += count
             self.deleted += count
+            # Each batch commits alone: killed between batches, the next purge deletes the
+            # rest (lookups ignore an expired record already, whether or not it is gone).
+            crash_point("purge.after_batch")
             if count < self.batch:
                 break
         if deleted:
