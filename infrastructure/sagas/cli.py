@@ -88,7 +88,8 @@ def register(subparsers: Any) -> None:
             "Run the saga processor (local steps through the ledger, remote steps through "
             "the payment gateway, deadlines, compensations) and the sweeper that records "
             "expired holds and reservations, with the read models they poll kept up to "
-            "date. Stops cleanly on SIGINT/SIGTERM."
+            "date. Stops cleanly on SIGINT/SIGTERM; exits 1 when one of its parts (those, "
+            "or the ledger's committer or request purge) has failed."
         ),
         examples=[
             "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
@@ -218,9 +219,17 @@ def _run(args: argparse.Namespace) -> int:
             f"daybook sagas: driving sagas on {redacted(settings.url)} "
             f"with {redacted(settings.gateway_url or '')}"
         )
+        # The ledger's own services (its committer, its request purge) run here too.
+        parts = (
+            processor.health,
+            sweeper.health,
+            runner.health,
+            ledger.health,
+            ledger.request_purge.health,
+        )
         try:
             while not stop.wait(1.0):
-                for health in (processor.health(), sweeper.health(), runner.health()):
+                for health in (part() for part in parts):
                     if health.state is ServiceState.FAILED:
                         print(
                             f"daybook sagas: {health.name} failed: {health.error}", file=sys.stderr

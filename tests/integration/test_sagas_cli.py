@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ from daybook.domain.orders import PlaceOrder
 from daybook.domain.reconciliation import RemoteRecord
 from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.eventstore import REQUESTS_TABLE
 from daybook.infrastructure.gateway.fake import FakeGatewayServer
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.sagas import cli as sagas_cli
@@ -168,3 +172,33 @@ def test_a_gateway_that_cannot_be_used_is_one_line(
         logging.root.handlers[:] = handlers
     err = capsys.readouterr().err
     assert err.startswith(f"daybook: {said}") and "Traceback" not in err, err
+
+
+def test_daybook_sagas_run_exits_when_its_request_purge_has_failed(tmp_path: Path) -> None:
+    # The purge runs in `sagas run`'s process too: when it stops for good (its table is
+    # gone, which no retry cures), the command says so and exits 1, as for its other parts.
+    path = tmp_path / "shop.db"
+    url = f"sqlite:///{path}"
+    open_ledger(url).close()
+    with FakeGatewayServer() as server:
+        command = [sys.executable, "-m", "daybook.infrastructure.cli", "sagas", "run"]
+        process = subprocess.Popen(
+            [*command, "--url", url, "--gateway", server.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "DAYBOOK_REQUEST_PURGE_INTERVAL": "0.05"},
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                # Dropped again should the process (re)create it as it opens the ledger.
+                with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(path) as db:
+                    db.execute(f"DROP TABLE IF EXISTS {REQUESTS_TABLE}")
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        assert process.returncode == 1, (out, err[-3000:])
+        assert "daybook-request-purge failed" in err, err[-3000:]
