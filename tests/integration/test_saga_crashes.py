@@ -131,17 +131,25 @@ def test_sigkill_at_every_step_boundary(pg_url: str) -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.parametrize(
-    ("point", "refund_killed"),
-    [("saga.before_remote", False), ("saga.after_remote", False), ("saga.after_remote", True)],
+    ("point", "then"),
+    [
+        ("saga.before_remote", None),
+        ("saga.after_remote", None),
+        # The restart killed too: after the gateway refunded, before the refund was recorded.
+        ("saga.after_remote", "saga.after_remote:1"),
+        # The restart killed too: between compensations (refund and void recorded, the
+        # reservation not yet released).
+        ("saga.after_remote", "saga.between_compensations:3"),
+    ],
 )
 def test_sigkill_at_the_charge_then_the_payment_deadline_passes(
-    pg_url: str, point: str, refund_killed: bool
+    pg_url: str, point: str, then: str | None
 ) -> None:
     # Killed just before or just after the gateway charged, with nothing recorded; the
     # restarted processor finds the payment deadline passed. The saga is compensated: a
     # charge made in that window is refunded once, never charged again, and the hold and
-    # reservation are let go. With ``refund_killed`` the restarted processor is killed too,
-    # after the gateway refunded and before the refund was recorded, and restarted again.
+    # reservation are let go. With ``then``, the restarted processor is killed there as
+    # well, and restarted again.
     with FakeGatewayServer(Knobs()) as server, open_ledger(pg_url) as ledger:
         customer = ledger.open_account("customer", "EUR").account_id
         merchant = ledger.open_account("merchant", "EUR").account_id
@@ -164,11 +172,14 @@ def test_sigkill_at_the_charge_then_the_payment_deadline_passes(
         assert gateway.charged.get(key, 0) == (1 if charged_in_window else 0)
 
         # Restarted 400 s later by its clock: past the 300 s payment deadline.
-        if refund_killed:
-            code = run_worker(pg_url, server.url, [saga_id], f"{point}:1", clock_offset=400)
-            assert code == -signal.SIGKILL, "the refund's crash point was not reached"
+        if then is not None:
+            code = run_worker(pg_url, server.url, [saga_id], then, clock_offset=400)
+            assert code == -signal.SIGKILL, f"{then} was not reached"
             assert gateway.charges[key]["refunded"]
             assert ledger.read(Saga, saga_id).state is SagaState.COMPENSATING
+            if then.startswith("saga.between_compensations"):
+                assert ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+                assert ledger.inventory("KETTLE").reserved == 2
         run_worker(pg_url, server.url, [saga_id], None, clock_offset=400)
 
         saga = ledger.read(Saga, saga_id)
