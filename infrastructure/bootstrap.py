@@ -233,12 +233,13 @@ def http_parts(
     *,
     projections: Sequence[Projection] | None = definitions.ALL,
     tokens: TokenStore | None = None,
+    sweep: bool = True,
 ) -> HttpParts:
     """What ``daybook serve`` serves: the asyncio ledger, a pool of read-model connections,
-    the token store (in the event store's database) and, unless ``projections`` is None
-    (another process runs them), the projection runner, started. ``services`` holds the
-    health of each part running in the process besides the committer (the request purge,
-    the projections)."""
+    the token store (in the event store's database), the projection runner unless
+    ``projections`` is None (another process runs them), and the expiry sweeper if
+    ``sweep``, started. ``services`` holds the health of each part running in the process
+    besides the committer (the request purge, the sweeper, the projections)."""
     from daybook.infrastructure.http.app import HttpOptions, HttpParts  # see the end
     from daybook.infrastructure.http.reads import ReadPool
     from daybook.infrastructure.http.tokens import open_tokens
@@ -257,6 +258,17 @@ def http_parts(
     # The request purge runs in this process too: a purge that stopped for good is a
     # failed part, in /health like the others.
     parts.services["request purge"] = ledger.request_purge.health
+    if sweep:
+        # Holds and reservations the server takes must have their expiries recorded: until
+        # then each stays in its account's or SKU's state (and snapshots). The sweeper is
+        # safe beside others (each expiry is recorded once; a second is refused, skipped).
+        sweeper = expiry_sweeper(
+            Ledger(ledger.service, settings), ReadModels(location.url, log=log)
+        )
+        sweeper.start()
+        parts.services["expiry sweeper"] = sweeper.health
+        parts.on_close.append(sweeper.stop)
+        parts.on_close.append(sweeper.views.close)
     if runner is not None:
         parts.services["projections"] = runner.health
         parts.on_close.append(runner.stop)

@@ -189,8 +189,10 @@ class ExpirySweeper:
             try:
                 full = self.sweep() >= self.batch
             except StaleRead as error:
-                # The open_holds read model is not there yet: say so, and look again.
-                self.service.supervisor.move(ServiceState.RETRYING, str(error))
+                # The open_holds read model is not built yet (a first build may take a
+                # while): say so, and look again. Not a failure: nothing is due that the
+                # ledger does not already judge expired, and /health stays ok meanwhile.
+                self.service.supervisor.move(ServiceState.RUNNING, f"waiting: {error}")
                 full = False
             else:
                 self.service.supervisor.succeeded()

@@ -37,7 +37,8 @@ def register(subparsers: Any) -> None:
             "position they reflect, /health, and the OpenAPI document at /openapi.json "
             "with its docs page at /docs. Every route but /health, the docs and /problems "
             "needs a bearer token (daybook tokens create). Keeps the read models up to date "
-            "in-process unless --no-projections. SIGTERM or Ctrl-C: stop accepting, answer "
+            "in-process unless --no-projections, and records hold and reservation expiries unless "
+            "--no-sweeper. SIGTERM or Ctrl-C: stop accepting, answer "
             "every request in progress, commit what was accepted, exit."
         ),
         examples=[
@@ -70,6 +71,12 @@ def register(subparsers: Any) -> None:
         "--no-projections",
         action="store_true",
         help="do not run the projections here (another process keeps the read models)",
+    )
+    serve.add_argument(
+        "--no-sweeper",
+        action="store_true",
+        help="do not record hold and reservation expiries here (another process does: "
+        "another daybook serve, or daybook sagas run)",
     )
     serve.add_argument(
         "--command-capacity",
@@ -263,10 +270,11 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
     )
     setup_logging(args, args.log_level)
+    sweep = not args.no_sweeper
     if args.no_projections:
-        parts = http_parts(settings, options, projections=None)
+        parts = http_parts(settings, options, projections=None, sweep=sweep)
     else:
-        parts = http_parts(settings, options)
+        parts = http_parts(settings, options, sweep=sweep)
     settle_collector()  # started: what exists now lives as long as the process
     scheme = "https" if args.tls_cert else "http"
     print(

@@ -558,3 +558,50 @@ def test_health_is_503_when_the_request_purge_has_failed(tmp_path: Any) -> None:
         assert reply.json()["services"]["request purge"]["state"] == "failed"
     finally:
         api.close()
+
+
+def test_the_server_records_the_expiry_of_holds_and_reservations(sqlite_api: Api) -> None:
+    # Until its expiry is recorded, a hold stays in its account's state (and a reservation
+    # in its SKU's): a server taking them must record their expiries, or that state grows
+    # with every one that times out.
+    api = sqlite_api
+    payer = api.open_account("ann")
+    assert api.command("deposit", {"account_id": payer, "amount": 500}).status_code == 200
+    held = api.command("hold", {"account_id": payer, "amount": 200, "timeout": 1})
+    assert held.status_code == 200, held.text
+    hold_id = uuid.UUID(held.json()["hold_id"])
+    assert api.command("receive_stock", {"sku": "KETTLE", "quantity": 3}).status_code == 200
+    body = {"sku": "KETTLE", "quantity": 2, "timeout": 1}
+    reserved = api.command("reserve_stock", body)
+    assert reserved.status_code == 200, reserved.text
+    log = api.parts.log
+    assert log is not None
+    deadline = time.monotonic() + 60
+    while True:
+        topics = [topic.rpartition(":")[2] for _, topic, *_ in log.scan(0, 1_000)]
+        if {"Hold.Expired", "Inventory.ReservationExpired"} <= set(topics):
+            break
+        assert time.monotonic() < deadline, topics
+        time.sleep(0.1)
+    hold = api.run(api.parts.ledger.hold_status(hold_id))
+    assert (hold.status, hold.recorded) == ("expired", True)
+    health = api.run(api.client.get("/health")).json()
+    assert health["services"]["expiry sweeper"]["state"] == "running", health
+
+
+def test_health_is_ok_while_the_sweeper_waits_for_its_read_model(tmp_path: Any) -> None:
+    # With the projections run elsewhere, the open_holds read model may not be built yet:
+    # the sweeper waits for it and says so, which is no failure of the server.
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    parts = http_parts(Settings.load(url=url), projections=None, tokens=open_tokens(url))
+    api = Api(parts)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting" not in str(parts.services["expiry sweeper"]().error):
+            assert time.monotonic() < deadline, parts.services["expiry sweeper"]()
+            time.sleep(0.02)
+        reply = api.run(api.client.get("/health"))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["services"]["expiry sweeper"]["state"] == "running"
+    finally:
+        api.close()
