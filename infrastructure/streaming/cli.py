@@ -140,7 +140,9 @@ def register(subparsers: Any) -> None:
         description=(
             "The relay's cursor (position, partitions, re-publications after broker data "
             "loss) and, for one consumer group, each partition's position, applied events, "
-            "duplicates skipped and dead letters. Exits 1 when a partition is not live."
+            "duplicates skipped and dead letters. Exits 1 when a partition is not live, or "
+            "when the group has applied nothing here (a misspelt --group: the groups that "
+            "have are listed)."
         ),
         examples=[
             f"daybook stream status --url {_PG}",
@@ -265,11 +267,19 @@ def _status(args: argparse.Namespace) -> int:
         LIVE,
         PARKED,
         read_dead_letters,
+        read_groups,
         read_status,
     )
     from daybook.infrastructure.streaming.relay import read_cursor
 
     settings = _settings(args, broker=False)
+    status = read_status(settings.url, settings.group, settings.topic)
+    unknown = (
+        None if status else _unknown_group(settings, read_groups(settings.url, settings.topic))
+    )
+    if unknown is not None:
+        print(f"daybook: {unknown}", file=sys.stderr)
+        return 1
     cursor = read_cursor(settings.url, settings.topic)
     if cursor is None:
         print(f"relay  {settings.topic}: never ran")
@@ -278,7 +288,6 @@ def _status(args: argparse.Namespace) -> int:
             f"relay  {settings.topic}: position {cursor.position}, {cursor.partitions} partitions, "
             f"re-published after broker data loss {cursor.republished} time(s)"
         )
-    status = read_status(settings.url, settings.group, settings.topic)
     if not status:
         print(f"worker {settings.group}: no partition applied yet")
     for part in status:
@@ -310,6 +319,19 @@ def _status(args: argparse.Namespace) -> int:
     # A partition that parked events is healthy again once none of them is open.
     stuck = any(p.state not in (LIVE, PARKED) for p in status)
     return 1 if open_letters or stuck else 0
+
+
+def _unknown_group(settings: Settings, groups: list[str]) -> str | None:
+    """Why a group that applied nothing here is a mistake (a misspelt --group, another
+    database), given the groups that did; None for the default group before any worker
+    ran, where nothing applied yet is the answer."""
+    if not groups and settings.group == DEFAULT_GROUP:
+        return None
+    others = f"groups that have: {', '.join(groups)}" if groups else "no group has yet"
+    return (
+        f"no stream group {settings.group!r} has applied anything from topic "
+        f"{settings.topic!r} here ({others})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,21 @@ def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]
     return [PartitionStatus(group, topic, *row) for row in rows]
 
 
+def read_groups(store_url: str, topic: str) -> list[str]:
+    """The groups that have recorded progress on ``topic``, by name."""
+    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()
+        if not found or found[0] is None:
+            return []
+        rows = conn.execute(
+            SQL("SELECT DISTINCT group_id FROM {} WHERE topic = %s ORDER BY group_id").format(
+                Identifier(PROGRESS_TABLE)
+            ),
+            (topic,),
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
 def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
     """Parked events of the group, oldest first."""
     store = open_store(store_url)
