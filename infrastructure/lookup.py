@@ -157,6 +157,15 @@ def _behind(position: int, lag: int | None) -> str:
     return f"as of log position {position} ({lag} events behind the head)"
 
 
+def _no_account(account_id: UUID, position: int) -> int:
+    print(
+        f"daybook: no account {account_id} in the read model as of log position "
+        f"{position}; if it was opened just now, pass its receipt's --min-position",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _balance(args: argparse.Namespace) -> int:
     with _views(args) as views:
         try:
@@ -165,12 +174,7 @@ def _balance(args: argparse.Namespace) -> int:
         except StaleRead as error:
             return _not_serving("account_balances", error)
     if found is None:
-        print(
-            f"daybook: no account {args.account_id} in the read model as of log position "
-            f"{position}; if it was opened just now, pass its receipt's --min-position",
-            file=sys.stderr,
-        )
-        return 1
+        return _no_account(args.account_id, position)
     if args.json:
         print(json.dumps(asdict(found), default=str))
         return 0
@@ -213,8 +217,11 @@ def _statement(args: argparse.Namespace) -> int:
             found = views.statement(
                 args.account_id, limit=args.limit, before_seq=args.before, **_wait(args)
             )
+            position = views.position("account_statement") if found is None else 0
         except StaleRead as error:
             return _not_serving("account_statement", error)
+    if found is None:
+        return _no_account(args.account_id, position)
     if args.json:
         print(json.dumps(asdict(found), default=str))
         return 0

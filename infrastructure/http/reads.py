@@ -153,6 +153,9 @@ class ReadRoutes:
             found = await self._query(
                 lambda v: v.statement(key, limit=limit, before_seq=before_seq, **wait)
             )
+            if found is None:
+                position = await self._query(lambda v: v.position("account_statement"))
+                raise _absent(f"no account {key} in the read model", position)
             entries = [asdict(e) for e in found.entries]
             more = len(entries) == limit and entries and entries[-1]["seq"] > 1
             body = {

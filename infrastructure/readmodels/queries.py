@@ -28,7 +28,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.infrastructure.transient import is_transient
-from daybook.projections.accounts import BALANCES, STATEMENT
+from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
 from daybook.projections.model import Key, Projection, Row
@@ -298,22 +298,29 @@ class ReadModels:
         before_seq: int | None = None,
         min_position: int | None = None,
         timeout: float = 2.0,
-    ) -> Statement:
-        """The newest ``limit`` entries (newest first), or those before ``before_seq``."""
+    ) -> Statement | None:
+        """The newest ``limit`` entries (newest first), or those before ``before_seq``; None
+        if the read model has not seen the account (an account opened and not used yet has
+        a statement with no entries)."""
         key = _account_key(account_id, "account_id")
         _whole(limit, "limit", 1, MAX_PAGE)
         if before_seq is not None:
             _whole(before_seq, "before_seq", 1, MAX_BIGINT)
 
-        def read(store: ReadStore, version: int) -> list[Row]:
+        def read(store: ReadStore, version: int) -> list[Row] | None:
             where = "account_id = %s"
             params: list[str | int] = [key]
             if before_seq is not None:
                 where += " AND seq < %s"
                 params.append(before_seq)
-            return store.select(STATEMENT, version, where, params, "seq DESC", limit)
+            rows = store.select(STATEMENT, version, where, params, "seq DESC", limit)
+            if not rows and store.fetch(STATEMENT_HEADS, version, (key,)) is None:
+                return None
+            return rows
 
         rows, position, lag, later = self._read_at("account_statement", read, min_position, timeout)
+        if rows is None:
+            return None
         entries = tuple(
             Entry(
                 seq=_int(row, "seq"),

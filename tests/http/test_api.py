@@ -412,10 +412,14 @@ def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
 
 
 def test_an_unknown_account_is_404_saying_as_of_when(api: Api) -> None:
-    api.open_account()
+    opened = api.open_account()
     reply = api.get(f"/v1/accounts/{uuid.uuid4()}/balance", min_position=api.head())
     body = assert_problem(reply, 404, "not_found")
     assert body["details"]["as_of_position"] >= 1
+    reply = api.get(f"/v1/accounts/{uuid.uuid4()}/statement", min_position=api.head())
+    assert assert_problem(reply, 404, "not_found")["details"]["as_of_position"] >= 1
+    empty = api.get(f"/v1/accounts/{opened}/statement", min_position=api.head())
+    assert empty.status_code == 200 and empty.json()["entries"] == []  # known, not used yet
     assert_problem(api.get("/v1/accounts/not-a-uuid/balance"), 422, "invalid_request")
 
 

@@ -62,6 +62,11 @@ def test_what_the_read_model_has_not_seen(
     assert err.startswith("daybook: no account") and f"as of log position {position}" in err
     assert main(["stock", "SKU-NONE", "--url", url]) == 1
     assert "no stock of SKU-NONE" in capsys.readouterr().err
+    unknown = str(uuid.uuid4())
+    assert main(["statement", unknown, "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.strip().startswith(f"daybook: no account {unknown} in the read model as of log")
     wanted = [
         "balance",
         str(uuid.uuid4()),
@@ -84,3 +89,18 @@ def test_before_any_read_model_was_built(
         account = ledger.open_account("ann", "EUR").account_id
     assert main(["balance", str(account), "--url", url]) == 1
     assert "has not been built here yet: run `daybook project`" in capsys.readouterr().err
+
+
+def test_a_statement_of_an_account_with_no_entries_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An account opened and not yet used is known: its statement is empty, not an error."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger, run_projections(ledger) as runner:
+        receipt = ledger.open_account("ann", "EUR")
+        runner.views.balance(receipt.account_id, min_position=receipt.position, timeout=10)
+        statement = runner.views.statement(receipt.account_id, min_position=receipt.position)
+        assert statement is not None and statement.entries == ()
+        assert runner.views.statement(uuid.uuid4()) is None  # as balance() says of it
+    assert main(["statement", str(receipt.account_id), "--url", url]) == 0
+    assert f"no statement entries for {receipt.account_id}" in capsys.readouterr().out
