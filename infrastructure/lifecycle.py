@@ -10,7 +10,8 @@ what a failure means:
   meanwhile, with the error in its health;
 - any other failure is a bug or bad data that a retry would only hide: the service stops
   with state ``FAILED`` and the reason, logged once, visible in ``health()``. Nothing dies
-  silently.
+  silently. A refusal (an error whose class names its rule with a ``code``) is the user's
+  to fix: it is logged as one line with its code; a bug keeps its traceback.
 
 ``stop()`` asks the body to finish what it has in hand and waits for it. Thread services
 (``SupervisedThread``) run the body in a thread of their own; asyncio services
@@ -178,14 +179,21 @@ class Supervisor:
         """After the body raised ``error``: seconds to wait before restarting it, or None
         when the service has failed for good (already logged and recorded)."""
         lines = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        code = refusal_code(error)
+        if code is not None:
+            reason = f"refused ({code}): {lines[0]}" if lines else f"refused ({code})"
+        else:
+            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         if self.on_failure is not None:
             try:
                 self.on_failure(error)
             except Exception:  # cleaning up after a failure must not hide the failure
                 log.warning("%s: cleaning up after a failure failed", self.name, exc_info=True)
         if not self.transient(error):
-            log.error("%s failed and stopped: %s", self.name, reason, exc_info=error)
+            if code is not None:
+                log.error("%s stopped: %s", self.name, reason)
+            else:
+                log.error("%s failed and stopped: %s", self.name, reason, exc_info=error)
             self.move(ServiceState.FAILED, reason)
             return None
         self._attempt += 1
@@ -198,6 +206,13 @@ class Supervisor:
         log.warning("%s: %s; restarting in %.2fs", self.name, reason, delay)
         self.move(ServiceState.RETRYING, reason)
         return delay
+
+
+def refusal_code(error: BaseException) -> str | None:
+    """The code of a refusal: a ``DomainError``, or an infrastructure error whose class
+    names the rule it enforces (``GroupAlreadyStarted.code``); None for anything else."""
+    code = getattr(type(error), "code", None)  # the class's: SystemExit's is per instance
+    return code if isinstance(code, str) else None
 
 
 class SupervisedThread:

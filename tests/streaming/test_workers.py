@@ -16,7 +16,9 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.streaming.progress import read_status
+from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections import ALL
+from daybook.projections.accounts import ACCOUNT_BALANCES
 from scripts import services
 from scripts.streams import (
     Daybook,
@@ -25,6 +27,7 @@ from scripts.streams import (
     wait_until,
     write_money,
 )
+from tests.streaming.messages import Stream
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
@@ -170,6 +173,32 @@ def test_a_failure_no_retry_cures_stops_the_worker_with_its_reason(
         process.stop()
     assert "daybook worker: stopped: UndefinedColumn" in process.output
     assert f"stream worker {group} failed and stopped: UndefinedColumn" in process.output
+
+
+def test_a_worker_refused_by_a_users_mistake_says_why_in_one_line_without_a_traceback(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Workers started with projection versions new to a group that has applied events
+    (group_already_started) stop with exit 1 and the refusal's code and advice: the user's
+    to fix, so no traceback, which is for bugs."""
+    topic, group = unique("refused"), unique("group")
+    ledger = open_ledger(pg_url)
+    open_accounts(ledger, 3)
+    applier = StreamApplier(pg_url, [ACCOUNT_BALANCES], group=group, topic=topic,
+                            partitions=PARTITIONS, writer="before")  # fmt: skip
+    try:
+        applier.apply(Stream(PARTITIONS).publish(ledger))
+    finally:
+        applier.close()
+        ledger.close()
+    asyncio.run(produce(kafka_bootstrap, topic, [b"any message makes the worker apply"]))
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log").start()
+    try:
+        assert process.wait() == 1, process.output
+    finally:
+        process.stop()
+    assert "group_already_started" in process.output and "new --group" in process.output
+    assert "Traceback" not in process.output, process.output
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:

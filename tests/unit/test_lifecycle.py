@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from daybook.domain.accounts import InsufficientFunds
 from daybook.infrastructure.lifecycle import (
     RestartPolicy,
     ServiceState,
@@ -74,6 +75,24 @@ def test_any_other_failure_stops_the_service_with_its_reason(
     assert health.state is ServiceState.FAILED and health.error == "ValueError: a bug"
     assert not health.ok and body.runs == 1
     assert any("buggy failed and stopped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_stops_the_service_with_its_code_in_one_line_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A coded refusal is the user's to fix: its code and message, not a traceback, which
+    is for bugs (above)."""
+    body = Flaky(1, InsufficientFunds("account a has 5 EUR available, not 7"))
+    service = SupervisedThread("refused", body, policy=QUICK)
+    with caplog.at_level(logging.ERROR, logger="daybook.services"):
+        service.start()
+        service.join(30)
+    health = service.health()
+    assert health.state is ServiceState.FAILED and body.runs == 1
+    assert health.error == "refused (insufficient_funds): account a has 5 EUR available, not 7"
+    [record] = [r for r in caplog.records if r.name == "daybook.services"]
+    assert record.getMessage() == f"refused stopped: {health.error}"
+    assert record.exc_info is None
 
 
 def test_a_failure_after_too_many_restarts_stops_the_service() -> None:
