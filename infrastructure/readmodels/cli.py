@@ -201,7 +201,8 @@ def register(subparsers: Any) -> None:
             "checksums over key ranges first, then rows. Prints every missing, extra or "
             "different row; --repair rewrites them and records each change in "
             "daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs (projections "
-            "status and the dashboard show the last)."
+            "status and the dashboard show the last). A projection named with no version "
+            "to check (never built, or retired) exits 1; a full pass skips those."
         ),
         examples=[
             "daybook reconcile",
@@ -479,6 +480,9 @@ def _run_reconcile(args: argparse.Namespace) -> int:
                     report = reconcile(log, url, projection, repair=args.repair)
                     _record(url, report)
             except LookupError as error:
+                if args.name:  # the one projection asked for was not checked
+                    print(f"daybook: {error}", file=sys.stderr)
+                    return 1
                 print(f"{projection.name}: skipped ({error})")
                 continue
             verdict = "clean" if report.clean else f"{report.drift_count} drifted rows"

@@ -320,6 +320,17 @@ def test_pacing_a_single_reconcile_is_refused_not_ignored(
         assert "add --continuous" in line
 
 
+def test_reconciling_a_named_projection_that_was_never_built_fails(
+    capsys: pytest.CaptureFixture[str], ledger_file: str
+) -> None:
+    """Asked for one projection, reconcile that checked nothing has not done what was asked
+    (a full pass still skips the versions not built, and says so)."""
+    line = one_line(capsys, ["reconcile", "account_balances", "--url", ledger_file], code=1)
+    assert line == "daybook: account_balances version 1 is absent; nothing to reconcile"
+    assert main(["reconcile", "--url", ledger_file]) == 0
+    assert "account_balances: skipped" in capsys.readouterr().out
+
+
 def test_serve_on_a_port_in_use_says_so_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
