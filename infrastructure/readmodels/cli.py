@@ -376,7 +376,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_handover(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+    settings = checked_settings(args, why=_WHY, readmodels=True)
     chosen = [projections.by_name(name) for name in dict.fromkeys(args.names)]
     log = open_event_log(settings=settings)
     try:

@@ -312,6 +312,15 @@ def test_a_handover_to_stream_workers_on_sqlite_is_refused_and_changes_nothing(
     assert capsys.readouterr().out == before
 
 
+def test_a_handover_on_a_mistyped_path_is_refused_and_creates_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["projections", "handover", "account_balances", "--to", "runner", "--url",
+            f"sqlite:///{tmp_path}/typo.db"]  # fmt: skip
+    assert "there is no database at" in one_line(capsys, argv)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pacing_a_single_reconcile_is_refused_not_ignored(
     capsys: pytest.CaptureFixture[str], ledger_file: str
 ) -> None:
