@@ -147,6 +147,7 @@ def register(subparsers: Any) -> None:
         examples=[
             f"daybook stream status --url {_PG}",
             f"daybook stream status --url {_PG} --group daybook-projections -v",
+            f"daybook stream status --url {_PG} --readmodels-url postgresql://daybook@views/daybook",
             f"daybook stream status --url {_PG} --topic daybook.events --partitions 8 "
             f"--broker {_KAFKA}",
         ],
@@ -155,6 +156,7 @@ def register(subparsers: Any) -> None:
     status.add_argument(
         "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
     )
+    add_readmodels_argument(status)
     status.set_defaults(handler=_status)
     stream.set_defaults(handler=lambda args: _help(stream))
 
@@ -273,10 +275,10 @@ def _status(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.relay import read_cursor
 
     settings = _settings(args, broker=False)
-    status = read_status(settings.url, settings.group, settings.topic)
-    unknown = (
-        None if status else _unknown_group(settings, read_groups(settings.url, settings.topic))
-    )
+    # The workers keep their progress and dead letters beside the read models they write.
+    readmodels = settings.readmodels
+    status = read_status(readmodels, settings.group, settings.topic)
+    unknown = None if status else _unknown_group(settings, read_groups(readmodels, settings.topic))
     if unknown is not None:
         print(f"daybook: {unknown}", file=sys.stderr)
         return 1
@@ -301,7 +303,7 @@ def _status(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    letters = read_dead_letters(settings.url, settings.group, settings.topic)
+    letters = read_dead_letters(readmodels, settings.group, settings.topic)
     open_letters = [letter for letter in letters if letter["open"]]
     if letters:
         versions = sorted({v for letter in open_letters for v in letter["versions"] or ["all"]})

@@ -23,6 +23,8 @@ from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
+from scripts import services
+from scripts.streams import unique
 from tests.projections.helpers import workload
 from tests.streaming.messages import Stream, of_partitions
 
@@ -403,3 +405,27 @@ def test_status_of_a_group_that_wrote_nothing_here_says_so_and_fails(
         "daybook: no stream group 'gg' has applied anything from topic 't' here "
         "(groups that have: g)"
     )
+
+
+def test_status_reads_a_group_whose_read_models_have_a_database_of_their_own(
+    pg_url: str, pg_admin_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Workers given --readmodels-url keep their progress and dead letters there, beside
+    the rows: ``stream status`` given the same URL reads them there too."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    ledger = open_ledger(pg_url)
+    ledger.open_account("owner", "EUR")
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    ledger.close()
+    worker = StreamApplier(readmodels, projections.ALL, group="g", topic="t", partitions=1,
+                           writer="w")  # fmt: skip
+    try:
+        worker.apply(messages)
+        status = ["stream", "status", "--url", pg_url, "--readmodels-url", readmodels,
+                  "--topic", "t", "--group", "g"]  # fmt: skip
+        assert main(status) == 0
+        out = capsys.readouterr().out
+        assert "worker g partition 0: position 1 (complete to 1), 1 applied" in out
+    finally:
+        worker.close()
+        services.drop_database(pg_admin_url, readmodels.rsplit("/", 1)[1])
