@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
             "--tls-cert cert.pem --tls-key key.pem",
             f"daybook serve --url {_PG} --readmodels-url postgresql://daybook@views/daybook "
             "--no-projections",
+            f"daybook serve --url {_PG} --port 8001 --no-projections --no-sweeper",
             "daybook serve --cors-origin https://dashboard.example.com --token-rate 200",
             "daybook serve --command-capacity 4096 --read-capacity 512 --read-connections 8",
             "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --max-read-wait 5",
