@@ -262,8 +262,14 @@ def http_parts(
         # Holds and reservations the server takes must have their expiries recorded: until
         # then each stays in its account's or SKU's state (and snapshots). The sweeper is
         # safe beside others (each expiry is recorded once; a second is refused, skipped).
+        from daybook.infrastructure.expiry import SWEEP_PATIENCE
+
+        # Waiting for its read model is normal while this process builds it; when another
+        # process should, a sweeper that finds nothing for long says so in /health.
         sweeper = expiry_sweeper(
-            Ledger(ledger.service, settings), ReadModels(location.url, log=log)
+            Ledger(ledger.service, settings),
+            ReadModels(location.url, log=log),
+            patience=None if runner is not None else SWEEP_PATIENCE,
         )
         sweeper.start()
         parts.services["expiry sweeper"] = sweeper.health

@@ -14,6 +14,7 @@ answer to a request id.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,8 +39,12 @@ from daybook.projections.model import iso_time
 
 log = logging.getLogger("daybook.expiry")
 
-#: Refusals that mean "nothing to record" (resolved meanwhile, or not yet due by the
-#: ledger's clock): the candidate is skipped.
+#: How long a sweeper whose read model another process builds waits for it to appear
+#: before its health says it is stuck (``ExpirySweeper.patience``).
+SWEEP_PATIENCE = 300.0
+
+#: Refusals that mean "nothing to record now" (resolved meanwhile, not yet due by the
+#: ledger's clock, or contended): the candidate is skipped.
 _NOTHING_TO_DO = frozenset(
     {
         "hold_resolved",
@@ -49,6 +54,9 @@ _NOTHING_TO_DO = frozenset(
         "reservation_not_expired",
         "reservation_not_found",
         "sku_not_found",
+        # Other writers kept the aggregate busy past the ledger's retries: not now. The
+        # candidate is still listed, and the next sweep sends it again.
+        "concurrency_conflict",
     }
 )
 
@@ -120,12 +128,18 @@ class ExpirySweeper:
         interval: float = 1.0,
         batch: int = 500,
         policy: RestartPolicy | None = None,
+        patience: float | None = None,
     ) -> None:
         self.ledger = ledger
         self.views = views
         self.clock = clock or ledger.service.clock
         self.interval = interval
         self.batch = batch
+        #: Seconds the sweeper may wait for its read model to be built before its health
+        #: says it is stuck (RETRYING). None: for ever, when this process builds it itself
+        #: (a first build of a long log takes what it takes, and the runner's health tells).
+        self.patience = patience
+        self._waiting_since: float | None = None
         #: How many expiries this sweeper recorded.
         self.recorded = 0
         self.service = SupervisedThread("expiry sweeper", self._run, policy=policy)
@@ -190,11 +204,20 @@ class ExpirySweeper:
                 full = self.sweep() >= self.batch
             except StaleRead as error:
                 # The open_holds read model is not built yet (a first build may take a
-                # while): say so, and look again. Not a failure: nothing is due that the
-                # ledger does not already judge expired, and /health stays ok meanwhile.
-                self.service.supervisor.move(ServiceState.RUNNING, f"waiting: {error}")
+                # while): say so, and look again. Not a failure at first (the ledger
+                # already judges the expired as expired); past ``patience`` nobody seems
+                # to be building it, and no expiry will ever be recorded: that is.
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
+                waited = time.monotonic() - self._waiting_since
+                if self.patience is not None and waited > self.patience:
+                    reason = f"nothing to sweep from after {waited:.0f} s: {error}"
+                    self.service.supervisor.move(ServiceState.RETRYING, reason)
+                else:
+                    self.service.supervisor.move(ServiceState.RUNNING, f"waiting: {error}")
                 full = False
             else:
+                self._waiting_since = None
                 self.service.supervisor.succeeded()
             if not full:
                 stopping.wait(self.interval)

@@ -10,8 +10,9 @@ what a failure means:
   meanwhile, with the error in its health;
 - any other failure is a bug or bad data that a retry would only hide: the service stops
   with state ``FAILED`` and the reason, logged once, visible in ``health()``. Nothing dies
-  silently. A refusal (an error whose class names its rule with a ``code``) is the user's
-  to fix: it is logged as one line with its code; a bug keeps its traceback.
+  silently. A ``Refused`` (a service refusing to go on for a reason its operator must fix:
+  an ownership, a configuration) is logged as one line with its code; a bug keeps its
+  traceback.
 
 ``stop()`` asks the body to finish what it has in hand and waits for it. Thread services
 (``SupervisedThread``) run the body in a thread of their own; asyncio services
@@ -208,11 +209,19 @@ class Supervisor:
         return delay
 
 
+class Refused(Exception):
+    """A service's refusal to go on that its operator must fix (a projection version owned
+    by another writer, new to a group already started): ``code`` names the rule, the message
+    says what to do. Opt-in by subclassing: a domain refusal raised inside a service body
+    (a conflict that outlasted its retries, a command the code built wrong) is not the
+    operator's doing, and keeps its traceback like any other failure."""
+
+    code: str = "refused"
+
+
 def refusal_code(error: BaseException) -> str | None:
-    """The code of a refusal: a ``DomainError``, or an infrastructure error whose class
-    names the rule it enforces (``GroupAlreadyStarted.code``); None for anything else."""
-    code = getattr(type(error), "code", None)  # the class's: SystemExit's is per instance
-    return code if isinstance(code, str) else None
+    """The code of a ``Refused``; None for anything else."""
+    return error.code if isinstance(error, Refused) else None
 
 
 class SupervisedThread:

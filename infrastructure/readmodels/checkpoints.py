@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daybook.infrastructure.lifecycle import Refused
 from daybook.infrastructure.readmodels.store import ReadStore
 
 PROGRESS_TABLE = "daybook_stream_progress"
@@ -53,7 +54,7 @@ def handover_command(name: str, to: str) -> str:
     return f"daybook projections handover {name} --to {to}"
 
 
-class NotOwner(Exception):
+class NotOwner(Refused):
     """A writer asked to write a projection version another owner's checkpoint tracks."""
 
     code = "not_owner"
@@ -68,7 +69,7 @@ class NotOwner(Exception):
         self.owner = owner
 
 
-class GroupAlreadyStarted(Exception):
+class GroupAlreadyStarted(Refused):
     """Workers of a group that has applied events met a projection version new to it: they
     would build it only from the group's committed offsets on, and serve it incomplete."""
 

@@ -325,11 +325,11 @@ def _status(args: argparse.Namespace) -> int:
 
 def _unknown_group(settings: Settings, groups: list[str]) -> str | None:
     """Why a group that applied nothing here is a mistake (a misspelt --group, another
-    database), given the groups that did; None for the default group before any worker
-    ran, where nothing applied yet is the answer."""
-    if not groups and settings.group == DEFAULT_GROUP:
+    database), given the groups that did; None before any group applied anything from the
+    topic (a new deployment), where nothing applied yet is the answer, whatever the name."""
+    if not groups:
         return None
-    others = f"groups that have: {', '.join(groups)}" if groups else "no group has yet"
+    others = f"groups that have: {', '.join(groups)}"
     return (
         f"no stream group {settings.group!r} has applied anything from topic "
         f"{settings.topic!r} here ({others})"

@@ -609,3 +609,24 @@ def test_health_is_ok_while_the_sweeper_waits_for_its_read_model(tmp_path: Any) 
         assert reply.json()["services"]["expiry sweeper"]["state"] == "running"
     finally:
         api.close()
+
+
+def test_health_fails_when_nobody_builds_the_sweepers_read_model(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Projections run elsewhere, yet nothing builds open_holds (a wrong read-model URL, a
+    # group without it): no expiry would ever be recorded. Past its patience, /health says.
+    monkeypatch.setattr("daybook.infrastructure.expiry.SWEEP_PATIENCE", 0.2)
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    parts = http_parts(Settings.load(url=url), projections=None, tokens=open_tokens(url))
+    api = Api(parts)
+    try:
+        deadline = time.monotonic() + 60
+        while parts.services["expiry sweeper"]().state is not ServiceState.RETRYING:
+            assert time.monotonic() < deadline, parts.services["expiry sweeper"]()
+            time.sleep(0.02)
+        reply = api.run(api.client.get("/health"))
+        assert reply.status_code == 503, reply.text
+        assert "nothing to sweep from" in reply.json()["services"]["expiry sweeper"]["error"]
+    finally:
+        api.close()

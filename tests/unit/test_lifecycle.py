@@ -10,6 +10,7 @@ import pytest
 
 from daybook.domain.accounts import InsufficientFunds
 from daybook.infrastructure.lifecycle import (
+    Refused,
     RestartPolicy,
     ServiceState,
     Stopping,
@@ -80,19 +81,43 @@ def test_any_other_failure_stops_the_service_with_its_reason(
 def test_a_refusal_stops_the_service_with_its_code_in_one_line_without_a_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A coded refusal is the user's to fix: its code and message, not a traceback, which
+    """A refusal is the operator's to fix: its code and message, not a traceback, which
     is for bugs (above)."""
-    body = Flaky(1, InsufficientFunds("account a has 5 EUR available, not 7"))
+
+    class Owned(Refused):
+        code = "not_owner"
+
+    body = Flaky(1, Owned("projection p v1 is owned by runner: hand it over first"))
     service = SupervisedThread("refused", body, policy=QUICK)
     with caplog.at_level(logging.ERROR, logger="daybook.services"):
         service.start()
         service.join(30)
     health = service.health()
     assert health.state is ServiceState.FAILED and body.runs == 1
-    assert health.error == "refused (insufficient_funds): account a has 5 EUR available, not 7"
+    assert (
+        health.error
+        == "refused (not_owner): projection p v1 is owned by runner: hand it over first"
+    )
     [record] = [r for r in caplog.records if r.name == "daybook.services"]
     assert record.getMessage() == f"refused stopped: {health.error}"
     assert record.exc_info is None
+
+
+def test_a_domain_refusal_inside_a_service_is_a_failure_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A domain error raised by a service's own work (a conflict that outlasted its
+    retries, a command built wrong) is not the operator's mistake: it keeps its traceback."""
+    body = Flaky(1, InsufficientFunds("account a has 5 EUR available, not 7"))
+    service = SupervisedThread("worker", body, policy=QUICK)
+    with caplog.at_level(logging.ERROR, logger="daybook.services"):
+        service.start()
+        service.join(30)
+    health = service.health()
+    assert health.state is ServiceState.FAILED
+    assert health.error == "InsufficientFunds: account a has 5 EUR available, not 7"
+    [record] = [r for r in caplog.records if r.name == "daybook.services"]
+    assert record.exc_info is not None
 
 
 def test_a_failure_after_too_many_restarts_stops_the_service() -> None:
