@@ -15,6 +15,7 @@ traceback on the server and answered ``500 internal_error`` without one. Bodies 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -88,7 +89,9 @@ class HttpParts:
 
     async def close(self) -> None:
         for close in self.on_close:
-            close()
+            # Stopping a service joins its thread (up to its drain timeout): off the event
+            # loop, which may still be answering requests meanwhile.
+            await asyncio.to_thread(close)
         self.pool.close()
         await self.ledger.close()
         self.tokens.close()

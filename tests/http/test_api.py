@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import sqlite3
+import threading
 import time
 import uuid
 from typing import Any
@@ -630,3 +631,26 @@ def test_health_fails_when_nobody_builds_the_sweepers_read_model(
         assert "nothing to sweep from" in reply.json()["services"]["expiry sweeper"]["error"]
     finally:
         api.close()
+
+
+def test_closing_the_parts_leaves_the_event_loop_free(tmp_path: Any) -> None:
+    # Stopping the sweeper and the projections joins their threads (up to their drain
+    # timeouts): the loop must go on meanwhile (the server answers the requests in hand).
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    parts = http_parts(Settings.load(url=url), tokens=open_tokens(url))
+    release = threading.Event()
+    released: list[bool] = []
+    parts.on_close.insert(0, lambda: released.append(release.wait(10)))
+    ticks = 0
+
+    async def scenario() -> None:
+        nonlocal ticks
+        closing = asyncio.ensure_future(parts.close())
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        release.set()
+        await closing
+
+    asyncio.run(scenario())
+    assert ticks == 5 and released == [True]  # the loop ran while the first part stopped
