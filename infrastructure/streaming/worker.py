@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +70,7 @@ from daybook.infrastructure.streaming.progress import (
     VERSIONS_COLUMN,
     Step,
     classify,
+    create_purge_index,
     create_tables_sql,
     purge_closed_letters,
 )
@@ -78,6 +80,12 @@ log = logging.getLogger("daybook.worker")
 
 #: Seconds between a worker's looks for closed dead letters past their retention.
 LETTER_PURGE_INTERVAL = 3_600.0
+#: Closed dead letters deleted per transaction, and transactions per look: a look runs after
+#: a batch, under the agent's batch lock, so it must not hold the worker for long (nothing is
+#: consumed meanwhile, and a stop waits for it). A look that deletes that many (there may be
+#: more) makes the next one due after the next batch, so a backlog drains batch by batch.
+LETTER_PURGE_BATCH = 1_000
+LETTER_PURGE_BATCHES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +171,17 @@ class StreamApplier:
         #: What switches retired and left to drop (tables still being read).
         self.drops = RetiredDrops()
         #: Closed dead letters are deleted ``letter_retention`` seconds after they were
-        #: parked, checked at most every ``letter_purge_interval`` seconds (``purge_letters``).
+        #: parked, checked at most every ``letter_purge_interval`` seconds (``purge_letters``),
+        #: ``letter_batch`` rows per transaction and ``letter_batches`` transactions a look.
         self.letter_retention = letter_retention
         self.letter_purge_interval = letter_purge_interval
-        self._letters_due = 0.0
+        self.letter_batch = LETTER_PURGE_BATCH
+        self.letter_batches = LETTER_PURGE_BATCHES
+        # The first look is due at a random moment of the first interval, not with the first
+        # batch: workers of a group started together do not all look at once, and a worker
+        # restarted over and over looks no more often, on average, than one left running
+        # (yet still looks, as it would not if each start waited a whole interval).
+        self._letters_due = time.monotonic() + random.uniform(0, letter_purge_interval)
         #: The worker's health: a batch that meets a transient failure (the read-model
         #: database unreachable) is retried after a backoff; any other failure stops the
         #: worker as FAILED with the reason.
@@ -188,6 +203,7 @@ class StreamApplier:
                 for statement in create_tables_sql():
                     store.execute(statement.as_string())
                 store.add_column(DEAD_LETTER_TABLE, VERSIONS_COLUMN)
+                create_purge_index(store)
         except BaseException:
             store.close()
             raise
@@ -278,20 +294,53 @@ class StreamApplier:
         # the batch, and its messages, delivered again, are skipped as duplicates.
         self.drops.retry(store)
         if time.monotonic() >= self._letters_due:
-            self._letters_due = time.monotonic() + self.letter_purge_interval
-            self.purge_letters()
+            self._purge_due_letters()
         return result
 
-    def purge_letters(self, now: datetime | None = None, batch: int = 1_000) -> int:
+    def _purge_due_letters(self) -> None:
+        """The look for closed dead letters after a batch: housekeeping, which never fails
+        the batch nor stops the worker."""
+        interval = self.letter_purge_interval
+        failing = f"worker: deleting closed dead letters of group {self.group} fails"
+        try:
+            deleted = self.purge_letters(batch=self.letter_batch, batches=self.letter_batches)
+        except Exception as error:
+            # The batch has committed: an error out of ``apply`` would have its messages
+            # delivered again and skipped as duplicates (the letters it parked left
+            # unpublished until a restart), or stop the worker (a statement timeout), and
+            # stop it again after each restart. The letters can wait for the next look; a
+            # connection the error broke is the next batch's to find, and reopen.
+            self._letters_due = time.monotonic() + interval
+            lines = str(error).strip().splitlines()
+            self.states.during(
+                failing,
+                f"worker: could not delete closed dead letters of group {self.group} "
+                f"(trying again in {interval:g}s): {type(error).__name__}: "
+                f"{lines[0] if lines else 'no message'}",
+            )
+            return
+        self.states.ended(
+            failing, f"worker: deletes closed dead letters of group {self.group} again"
+        )
+        full = deleted >= self.letter_batch * self.letter_batches
+        self._letters_due = time.monotonic() + (0.0 if full else interval)
+
+    def purge_letters(
+        self,
+        now: datetime | None = None,
+        batch: int = LETTER_PURGE_BATCH,
+        batches: int = LETTER_PURGE_BATCHES,
+    ) -> int:
         """Delete the group's closed dead letters parked more than ``letter_retention``
-        seconds before ``now`` (default: the time now), ``batch`` rows per transaction;
-        how many. Open letters stay whatever their age: they say what a version in use
-        lacks."""
+        seconds before ``now`` (default: the time now), oldest first, ``batch`` rows per
+        transaction and at most ``batches`` transactions; how many (``batch * batches``:
+        there may be more). Open letters stay whatever their age: they say what a version
+        in use lacks."""
         store = self.connect()
         moment = now if now is not None else datetime.now(UTC)
         parked_before = moment - timedelta(seconds=self.letter_retention)
         deleted = 0
-        while True:
+        for _ in range(batches):
             count = purge_closed_letters(store, self.group, self.topic, parked_before, batch)
             deleted += count
             if count < batch:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +23,8 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.streaming import worker as worker_module
+from daybook.infrastructure.streaming.progress import PURGE_INDEX, purge_closed_letters
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
@@ -326,7 +331,7 @@ def test_closed_dead_letters_are_deleted_after_their_retention_and_open_ones_sta
     a kind parks as many as the log brings. A letter stays while a version it was left out
     of is not retired (it says what the version lacks), and for ``letter_retention`` after
     it was parked; then a worker of the group deletes it (after a batch, at most every
-    ``letter_purge_interval``)."""
+    ``letter_purge_interval``: here after every batch)."""
     ledger = open_ledger(pg_url)
     accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(40)]
     for amount in (10, 13):
@@ -358,9 +363,8 @@ def test_closed_dead_letters_are_deleted_after_their_retention_and_open_ones_sta
         runner.stop()
         handover(log, pg_url, [FIXED_TOTALS], "stream:g", topic="t", partitions=1,
                  known=[BUGGY_TOTALS])  # fmt: skip
-        fixed = StreamApplier(
-            pg_url, [FIXED_TOTALS], group="g", topic="t", partitions=1, writer="w"
-        )
+        fixed = StreamApplier(pg_url, [FIXED_TOTALS], group="g", topic="t", partitions=1,
+                              writer="w", letter_purge_interval=0)  # fmt: skip
         try:
             ledger.deposit(accounts[0], 13)
             fixed.apply(of_partitions(stream.publish(ledger), 0))  # looks for closed letters
@@ -369,7 +373,8 @@ def test_closed_dead_letters_are_deleted_after_their_retention_and_open_ones_sta
         finally:
             fixed.close()
         fixed = StreamApplier(pg_url, [FIXED_TOTALS], group="g", topic="t", partitions=1,
-                              writer="w", letter_retention=0)  # fmt: skip
+                              writer="w", letter_retention=0,
+                              letter_purge_interval=0)  # fmt: skip
         try:
             ledger.deposit(accounts[0], 13)
             fixed.apply(of_partitions(stream.publish(ledger), 0))
@@ -432,3 +437,164 @@ def test_status_reads_a_group_whose_read_models_have_a_database_of_their_own(
     finally:
         worker.close()
         services.drop_database(pg_admin_url, readmodels.rsplit("/", 1)[1])
+
+
+def test_the_purge_deletes_only_closed_letters_and_a_bounded_number_after_a_batch(
+    pg_url: str,
+) -> None:
+    """The purge runs after a batch, holding up the worker: each look deletes at most
+    ``letter_batches`` transactions of ``letter_batch`` letters. A look that deletes that
+    many makes the next one due after the next batch, so a backlog drains batch by batch;
+    one that deletes fewer waits ``letter_purge_interval``. Letters it must not delete stay
+    whatever their age: not yet on the dead-letter topic, parked by an older daybook (no
+    versions: open for good), another group's or another topic's (theirs to delete)."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(40)]
+    for account in accounts:
+        ledger.deposit(account, 13)
+    log = event_log_of(ledger)
+    stream = Stream(1)
+    buggy = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
+    try:
+        buggy.mark_published(buggy.apply(of_partitions(stream.publish(ledger), 0)).parked)
+    finally:
+        buggy.close()
+    runner = ProjectionRunner(log, pg_url, [FIXED_TOTALS])
+    runner.run_until_caught_up()
+    runner.stop()
+    handover(log, pg_url, [FIXED_TOTALS], "stream:g", topic="t", partitions=1,
+             known=[BUGGY_TOTALS])  # fmt: skip
+    store = open_store(pg_url)
+    insert = (
+        "INSERT INTO daybook_stream_dead_letters (group_id, topic, partition, position,"
+        " kafka_offset, error, envelope, published, versions, parked_at)"
+        " VALUES (%s, %s, 0, %s, 0, 'e', '', %s, %s, now() - interval '31 days')"
+    )
+    closed = ["deposit_totals:1"]
+    letters = "SELECT group_id, topic, position FROM daybook_stream_dead_letters"
+    try:
+        keep = [
+            ("g", "t", -1, False, closed),  # not yet on the dead-letter topic
+            ("g", "t", -2, True, None),  # parked by an older daybook
+            ("h", "t", 1, True, closed),  # another group's
+            ("g", "u", 1, True, closed),  # another topic's
+        ]
+        store.executemany(insert, keep)
+        store.execute(  # the group's closed letters, past their retention too
+            "UPDATE daybook_stream_dead_letters SET parked_at = now() - interval '31 days'"
+        )
+        kept = [("g", "t", -2), ("g", "t", -1), ("g", "u", 1), ("h", "t", 1)]
+        store.execute(f"DROP INDEX {PURGE_INDEX}")  # a table made before the index was
+        fixed = StreamApplier(pg_url, [FIXED_TOTALS], group="g", topic="t", partitions=1,
+                              writer="w", letter_purge_interval=0)  # fmt: skip
+        fixed.letter_purge_interval = 3_600.0  # (built with 0: the first look is due at once)
+        fixed.letter_batch, fixed.letter_batches = 7, 2
+        try:
+            left = []
+            for _ in range(4):
+                ledger.deposit(accounts[0], 10)
+                assert fixed.apply(of_partitions(stream.publish(ledger), 0)).applied == 1
+                left.append(len(store.execute(letters)))
+            # 14 a look while looks delete 14; 12 (fewer), then an hour's wait: none.
+            assert left == [26 + 4, 12 + 4, 4, 4]
+            assert sorted(store.execute(letters)) == kept
+            assert store.execute("SELECT to_regclass(%s)", (PURGE_INDEX,))[0][0] is not None
+            store.execute(insert, ("g", "t", -3, True, closed))
+            ledger.deposit(accounts[0], 10)
+            fixed.apply(of_partitions(stream.publish(ledger), 0))
+            assert len(store.execute(letters)) == 5  # closed, but the next look is not due
+            assert fixed.purge_letters(batch=7, batches=10) == 1
+        finally:
+            fixed.close()
+        assert sorted(store.execute(letters)) == kept
+    finally:
+        store.close()
+        ledger.close()
+
+
+def test_a_purge_that_fails_neither_fails_the_batch_nor_stops_the_worker(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The purge runs after the batch committed: its error must not come out of ``apply``,
+    where the batch's messages, delivered again, would be skipped as duplicates (and the
+    letters it parked never published), or stop the worker (a statement timeout, and the
+    same again after each restart). It is logged once and tried again after the interval."""
+    tries: list[object] = []
+
+    def timing_out(store: ReadStore, *args: object) -> int:
+        tries.append(args)
+        with store.transaction():
+            store.execute("SET LOCAL statement_timeout = 1")
+            store.execute("SELECT pg_sleep(1)")
+        return 0
+
+    monkeypatch.setattr(worker_module, "purge_closed_letters", timing_out)
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("owner", "EUR").account_id
+    stream = Stream(1)
+    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1,
+                           writer="w", letter_purge_interval=0)  # fmt: skip
+    worker.letter_purge_interval = 0.5  # (built with 0: the first look is due at once)
+    caplog.set_level(logging.INFO, logger="daybook.worker")
+    try:
+        batch = []
+        for amount in (13, 13, 10):
+            ledger.deposit(account, amount)
+            batch.append(of_partitions(stream.publish(ledger), 0))
+        first = worker.apply(batch[0])  # the purge fails after it
+        assert len(first.parked) == 1 and first.applied == 1  # the 13; the account opened
+        assert len(tries) == 1
+        second = worker.apply(batch[1])  # applied (no duplicates), no look within the interval
+        assert len(second.parked) == 1 and second.duplicates == 0
+        assert len(tries) == 1
+        time.sleep(worker.letter_purge_interval)
+        third = worker.apply(batch[2])  # the next look, failing again
+        assert third.applied == 1 and len(tries) == 2
+        assert worker.supervisor.health().error is None
+    finally:
+        worker.close()
+        ledger.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # not one per failing look
+    assert "could not delete closed dead letters of group g" in warnings[0]
+    assert "statement timeout" in warnings[0]
+
+
+class _Explained:
+    """A store that explains the statements it is given instead of running them."""
+
+    def __init__(self, store: ReadStore) -> None:
+        self.store = store
+        self.plans: list[str] = []
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self.store.transaction()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        rows = self.store.execute(f"EXPLAIN {sql}", params)
+        self.plans.append("\n".join(row[0] for row in rows))
+        return []
+
+
+def test_the_purge_reads_the_oldest_letters_from_its_index_not_all_of_them(pg_url: str) -> None:
+    """Each purge transaction takes the group's oldest letters from ``PURGE_INDEX`` until
+    it has its batch; read and sorted whole, a group's letters cost each transaction their
+    number, and a backlog of them time quadratic in its size."""
+    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
+    try:
+        store = worker.connect()
+        store.execute(
+            "INSERT INTO daybook_stream_dead_letters (group_id, topic, partition, position,"
+            " kafka_offset, error, envelope, published, versions, parked_at)"
+            " SELECT g, 't', 0, n, n, 'e', '', true, ARRAY['deposit_totals:1'],"
+            " now() - interval '40 days' + n * interval '1 ms'"
+            " FROM generate_series(1, 50000) n, (VALUES ('g'), ('h')) AS groups (g)"
+        )
+        store.execute("ANALYZE daybook_stream_dead_letters")
+        explained = _Explained(store)
+        purge_closed_letters(explained, "g", "t", datetime.now(UTC), 1_000)  # type: ignore[arg-type]
+    finally:
+        worker.close()
+    [plan] = explained.plans
+    assert f"Index Scan using {PURGE_INDEX}" in plan, plan
+    assert "Sort" not in plan, plan
