@@ -1,4 +1,5 @@
-"""Watching PostgreSQL's locks from a test: sessions waiting for one, and deadlocks detected.
+"""Watching PostgreSQL from a test: sessions waiting for a lock, deadlocks detected, and
+sessions listening for new events.
 
 Each watches from a connection of its own: inside a transaction (a blocker's, say),
 pg_stat_activity keeps showing what it showed first.
@@ -98,4 +99,15 @@ def wait_for_advisory_locks_released(url: str) -> None:
             lambda n: n == 0,
             "advisory locks still held 30 s after their sessions were closed",
             interval=0.01,
+        )
+
+
+def listening_sessions(url: str) -> int:
+    """Sessions of ``url``'s database that listen for new events (a session nobody reads
+    holds back the server's notification queue)."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        return _count(
+            watcher,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'LISTEN %'",
         )

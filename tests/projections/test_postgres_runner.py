@@ -10,7 +10,7 @@ import pytest
 
 from daybook import open_event_log, open_ledger, projections, run_projections
 from daybook.infrastructure.lifecycle import ServiceState
-from tests.pg_locks import wait_for_advisory_locks_released
+from tests.pg_locks import listening_sessions, wait_for_advisory_locks_released
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -86,16 +86,6 @@ def test_a_commit_before_listening_starts_is_not_missed(pg_url: str) -> None:
     assert returned, "the first wait slept through a commit made before it listened"
 
 
-def _listening(pg_url: str) -> int:
-    """Sessions of the test's database that listen for new events."""
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        row = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND query LIKE 'LISTEN %'"
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def test_a_runner_that_failed_stops_listening(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A session that listens and is never read holds back PostgreSQL's notification
     queue, shared by the whole server: every commit adds to it (once the session's socket
@@ -107,9 +97,9 @@ def test_a_runner_that_failed_stops_listening(pg_url: str, monkeypatch: pytest.M
     try:
         runner.views.balance(account, min_position=ledger.head(), timeout=60)
         deadline = time.monotonic() + 30
-        while _listening(pg_url) == 0 and time.monotonic() < deadline:
+        while listening_sessions(pg_url) == 0 and time.monotonic() < deadline:
             time.sleep(0.02)  # it listens from its first wait on
-        assert _listening(pg_url) == 1
+        assert listening_sessions(pg_url) == 1
 
         def a_bug() -> int:
             raise RuntimeError("a bug in the runner")
@@ -120,7 +110,7 @@ def test_a_runner_that_failed_stops_listening(pg_url: str, monkeypatch: pytest.M
         assert runner.health().state is ServiceState.FAILED
         for _ in range(50):
             ledger.deposit(account, 5)  # the service goes on writing
-        assert _listening(pg_url) == 0
+        assert listening_sessions(pg_url) == 0
     finally:
         runner.stop()
         ledger.close()

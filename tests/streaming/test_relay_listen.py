@@ -7,12 +7,12 @@ import socket
 import threading
 import time
 
-import psycopg
 import pytest
 
 from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig
+from tests.pg_locks import listening_sessions
 
 pytestmark = pytest.mark.postgres
 
@@ -21,15 +21,6 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _listening(pg_url: str) -> int:
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        row = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND query LIKE 'LISTEN %'"
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None:
@@ -56,7 +47,7 @@ def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None
             ledger.deposit(account, 5)  # the ledger goes on writing
             time.sleep(0.05)
         assert relay.stats.state == "waiting for broker"
-        assert _listening(pg_url) == 0
+        assert listening_sessions(pg_url) == 0
     finally:
         loop.call_soon_threadsafe(relay.stop)
         thread.join(30)
