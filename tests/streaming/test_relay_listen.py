@@ -1,4 +1,5 @@
-"""The relay's LISTEN session, while the broker is down."""
+"""The relay's LISTEN session, while the broker is down: from the start, or after the relay
+has published."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
-from daybook.infrastructure.streaming.relay import Relay, RelayConfig
+from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_cursor
+from scripts import services
 from tests.pg_locks import listening_sessions
 
 pytestmark = pytest.mark.postgres
@@ -48,6 +52,66 @@ def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None
             time.sleep(0.05)
         assert relay.stats.state == "waiting for broker"
         assert listening_sessions(pg_url) == 0
+    finally:
+        loop.call_soon_threadsafe(relay.stop)
+        thread.join(30)
+        loop.close()
+        relay.close()
+        ledger.close()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[services.KafkaHandle]:
+    """A broker of this test's own (it is stopped and started again), even when the session
+    uses an external one."""
+    monkeypatch.delenv(services.KAFKA_BOOTSTRAP_ENV, raising=False)
+    handle = services.start_kafka(tmp_path / "broker")
+    yield handle
+    handle.stop()
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.05)
+
+
+def test_the_relay_stops_listening_when_the_broker_goes_down_and_listens_again_after(
+    pg_url: str, own_broker: services.KafkaHandle
+) -> None:
+    """The relay publishes, listens while it waits for more, then the broker goes down: it
+    closes its LISTEN session for the outage (nobody would read it), and opens it again once
+    it publishes again, missing nothing committed meanwhile."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    config = RelayConfig(
+        pg_url, f"kafka://{own_broker.bootstrap}", topic="t", partitions=1, backoff_max=0.2,
+        request_timeout=1.0,
+    )  # fmt: skip
+    relay = Relay(config, event_log_of(ledger))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
+    thread.start()
+
+    def published() -> int:
+        cursor = read_cursor(pg_url, "t")
+        return cursor.position if cursor else 0
+
+    try:
+        ledger.deposit(account, 5)
+        _until(lambda: published() == ledger.head(), "the relay to publish")
+        _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen")
+        own_broker.stop()
+        for _ in range(5):
+            ledger.deposit(account, 5)  # committed during the outage
+        _until(lambda: relay.stats.state == "waiting for broker", "the relay to see the outage")
+        for _ in range(20):
+            assert listening_sessions(pg_url) == 0
+            time.sleep(0.05)
+        own_broker.start()
+        _until(lambda: published() == ledger.head(), "the relay to publish after the outage")
+        _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen again")
     finally:
         loop.call_soon_threadsafe(relay.stop)
         thread.join(30)
