@@ -4,6 +4,7 @@ has published."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daybook import open_ledger
+from daybook import Ledger, open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_cursor
 from scripts import services
@@ -27,6 +28,31 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@contextlib.contextmanager
+def relay_running(url: str, ledger: Ledger, broker: str) -> Iterator[Relay]:
+    """A relay of ``ledger``'s log (at ``url``) to topic ``t`` on ``broker``, in a thread of
+    its own; stopped, and its connections closed, on the way out."""
+    config = RelayConfig(url, broker, topic="t", partitions=1, backoff_max=0.2, request_timeout=1.0)
+    relay = Relay(config, event_log_of(ledger))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
+    thread.start()
+    try:
+        yield relay
+    finally:
+        loop.call_soon_threadsafe(relay.stop)
+        thread.join(30)
+        loop.close()
+        relay.close()
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.05)
+
+
 def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None:
     """A session that listens and is never read holds back PostgreSQL's notification
     queue, shared by the whole server: every commit adds to it (once the session's socket
@@ -34,29 +60,15 @@ def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None
     broker is down the relay reads nothing, for as long as the outage lasts."""
     ledger = open_ledger(pg_url)
     account = ledger.open_account("ann", "EUR").account_id
-    config = RelayConfig(
-        pg_url, f"kafka://127.0.0.1:{_closed_port()}", topic="t", backoff_max=0.2,
-        request_timeout=1.0,
-    )  # fmt: skip
-    relay = Relay(config, event_log_of(ledger))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while relay.stats.state != "waiting for broker" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert relay.stats.state == "waiting for broker"
-        for _ in range(20):
-            ledger.deposit(account, 5)  # the ledger goes on writing
-            time.sleep(0.05)
-        assert relay.stats.state == "waiting for broker"
-        assert listening_sessions(pg_url) == 0
+        with relay_running(pg_url, ledger, f"kafka://127.0.0.1:{_closed_port()}") as relay:
+            _until(lambda: relay.stats.state == "waiting for broker", "the relay to wait")
+            for _ in range(20):
+                ledger.deposit(account, 5)  # the ledger goes on writing
+                time.sleep(0.05)
+            assert relay.stats.state == "waiting for broker"
+            assert listening_sessions(pg_url) == 0
     finally:
-        loop.call_soon_threadsafe(relay.stop)
-        thread.join(30)
-        loop.close()
-        relay.close()
         ledger.close()
 
 
@@ -70,13 +82,6 @@ def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serv
     handle.stop()
 
 
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
-        time.sleep(0.05)
-
-
 def test_the_relay_stops_listening_when_the_broker_goes_down_and_listens_again_after(
     pg_url: str, own_broker: services.KafkaHandle
 ) -> None:
@@ -85,36 +90,25 @@ def test_the_relay_stops_listening_when_the_broker_goes_down_and_listens_again_a
     it publishes again, missing nothing committed meanwhile."""
     ledger = open_ledger(pg_url)
     account = ledger.open_account("ann", "EUR").account_id
-    config = RelayConfig(
-        pg_url, f"kafka://{own_broker.bootstrap}", topic="t", partitions=1, backoff_max=0.2,
-        request_timeout=1.0,
-    )  # fmt: skip
-    relay = Relay(config, event_log_of(ledger))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
-    thread.start()
 
     def published() -> int:
         cursor = read_cursor(pg_url, "t")
         return cursor.position if cursor else 0
 
     try:
-        ledger.deposit(account, 5)
-        _until(lambda: published() == ledger.head(), "the relay to publish")
-        _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen")
-        own_broker.stop()
-        for _ in range(5):
-            ledger.deposit(account, 5)  # committed during the outage
-        _until(lambda: relay.stats.state == "waiting for broker", "the relay to see the outage")
-        for _ in range(20):
-            assert listening_sessions(pg_url) == 0
-            time.sleep(0.05)
-        own_broker.start()
-        _until(lambda: published() == ledger.head(), "the relay to publish after the outage")
-        _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen again")
+        with relay_running(pg_url, ledger, f"kafka://{own_broker.bootstrap}") as relay:
+            ledger.deposit(account, 5)
+            _until(lambda: published() == ledger.head(), "the relay to publish")
+            _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen")
+            own_broker.stop()
+            for _ in range(5):
+                ledger.deposit(account, 5)  # committed during the outage
+            _until(lambda: relay.stats.state == "waiting for broker", "the relay to see it")
+            for _ in range(20):
+                assert listening_sessions(pg_url) == 0
+                time.sleep(0.05)
+            own_broker.start()
+            _until(lambda: published() == ledger.head(), "the relay to publish after it")
+            _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen again")
     finally:
-        loop.call_soon_threadsafe(relay.stop)
-        thread.join(30)
-        loop.close()
-        relay.close()
         ledger.close()
