@@ -6,6 +6,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -246,35 +247,53 @@ def http_parts(
 
     chosen = options or HttpOptions()
     ledger = open_async_ledger(settings=settings)
-    log = EventLog(ledger.service.recorder, ledger.service.mapper)
-    location = ReadModelLocation(settings.url, settings.readmodels_url)
-    runner = None
-    if projections is not None:
-        runner = EmbeddedProjections(log, location, projections)
-        runner.start()
-    views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
-    parts = HttpParts(ledger, ReadPool(views), tokens or open_tokens(settings.url), chosen)
-    parts.log, parts.readmodels_url = log, location.url
-    # The request purge runs in this process too: a purge that stopped for good is a
-    # failed part, in /health like the others.
-    parts.services["request purge"] = ledger.request_purge.health
-    if sweep:
-        # Holds and reservations the server takes must have their expiries recorded: until
-        # then each stays in its account's or SKU's state (and snapshots). The sweeper is
-        # safe beside others (each expiry is recorded once; a second is refused, skipped).
-        from daybook.infrastructure.expiry import SWEEP_PATIENCE
+    # What has started so far, stopped in reverse should a later part fail to start: a
+    # caller that gets no parts has nothing to close them with.
+    started: list[Callable[[], None]] = [ledger.service.close]
+    try:
+        log = EventLog(ledger.service.recorder, ledger.service.mapper)
+        location = ReadModelLocation(settings.url, settings.readmodels_url)
+        started.append(location.close)
+        runner = None
+        if projections is not None:
+            runner = EmbeddedProjections(log, location, projections)
+            runner.start()
+            started.append(runner.stop)
+        views = [ReadModels(location.url, log=log) for _ in range(chosen.read_connections)]
+        started.extend(view.close for view in views)
+        if tokens is None:
+            tokens = open_tokens(settings.url)
+            started.append(tokens.close)
+        parts = HttpParts(ledger, ReadPool(views), tokens, chosen)
+        parts.log, parts.readmodels_url = log, location.url
+        # The request purge runs in this process too: a purge that stopped for good is a
+        # failed part, in /health like the others.
+        parts.services["request purge"] = ledger.request_purge.health
+        if sweep:
+            # Holds and reservations the server takes must have their expiries recorded:
+            # until then each stays in its account's or SKU's state (and snapshots). The
+            # sweeper is safe beside others (each expiry is recorded once; a second is
+            # refused, skipped).
+            from daybook.infrastructure.expiry import SWEEP_PATIENCE
 
-        # Waiting for its read model is normal while this process builds it; when another
-        # process should, a sweeper that finds nothing for long says so in /health.
-        sweeper = expiry_sweeper(
-            Ledger(ledger.service, settings),
-            ReadModels(location.url, log=log),
-            patience=None if runner is not None else SWEEP_PATIENCE,
-        )
-        sweeper.start()
-        parts.services["expiry sweeper"] = sweeper.health
-        parts.on_close.append(sweeper.stop)
-        parts.on_close.append(sweeper.views.close)
+            # Waiting for its read model is normal while this process builds it; when
+            # another process should, a sweeper that finds nothing for long says so.
+            sweeper = expiry_sweeper(
+                Ledger(ledger.service, settings),
+                ReadModels(location.url, log=log),
+                patience=None if runner is not None else SWEEP_PATIENCE,
+            )
+            started.append(sweeper.views.close)
+            sweeper.start()
+            started.append(sweeper.stop)
+            parts.services["expiry sweeper"] = sweeper.health
+            parts.on_close.append(sweeper.stop)
+            parts.on_close.append(sweeper.views.close)
+    except BaseException:
+        for stop in reversed(started):
+            with contextlib.suppress(Exception):
+                stop()
+        raise
     if runner is not None:
         parts.services["projections"] = runner.health
         parts.on_close.append(runner.stop)

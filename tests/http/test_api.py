@@ -654,3 +654,23 @@ def test_closing_the_parts_leaves_the_event_loop_free(tmp_path: Any) -> None:
 
     asyncio.run(scenario())
     assert ticks == 5 and released == [True]  # the loop ran while the first part stopped
+
+
+def test_parts_that_fail_to_start_leave_nothing_running(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last part fails to start: the caller gets no parts to close, so whatever had
+    # started (the committer, the request purge, the projections) must be stopped already.
+    before = {thread.ident for thread in threading.enumerate()}
+
+    def broken(self: object) -> None:
+        raise RuntimeError("the sweeper cannot start")
+
+    monkeypatch.setattr("daybook.infrastructure.expiry.ExpirySweeper.start", broken)
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with pytest.raises(RuntimeError, match="the sweeper cannot start"):
+        http_parts(Settings.load(url=url))
+    deadline = time.monotonic() + 30
+    while left := [t.name for t in threading.enumerate() if t.ident not in before]:
+        assert time.monotonic() < deadline, f"still running: {left}"
+        time.sleep(0.05)
