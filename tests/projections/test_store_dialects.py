@@ -88,10 +88,11 @@ def test_rows_written_every_way_read_back_alike(store: ReadStore) -> None:
 def test_a_new_row_written_twice_fails_and_the_transaction_changes_nothing(
     store: ReadStore,
 ) -> None:
-    with pytest.raises(Exception), store.transaction():  # noqa: B017 - the drivers differ
+    with pytest.raises(Exception) as refused, store.transaction():  # the drivers differ
         store.insert(PAIRS, 1, [pair("a", 1, 10)])
         with store.transaction():  # joins the outer one
             store.insert_values(PAIRS, 1, [("a", 1, 99, None)])
+    assert store.refused_rows(refused.value), refused.value  # the key twice, not another fault
     assert store.count(PAIRS, 1) == 0
     with store.transaction():  # the connection is usable again
         store.upsert_values(PAIRS, 1, [("a", 1, 10, None)])
