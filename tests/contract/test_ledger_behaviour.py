@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,8 @@ from daybook.domain.accounts import Account, Withdraw
 from daybook.domain.errors import DomainError
 from daybook.domain.inventory import Inventory, ReservationClaim
 from daybook.domain.values import inventory_id
-from daybook.infrastructure.ledger.application import StaleCache
+from daybook.infrastructure.ledger.application import PreparedBatch, StaleCache
+from daybook.infrastructure.ledger.group_commit import GroupCommitter
 
 
 @pytest.fixture
@@ -222,14 +224,32 @@ def test_reads_reject_malformed_keys(ledger: Ledger) -> None:
 
 
 def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: Ledger) -> None:
-    """Many threads at once: group commit batches them, and every rule still holds."""
+    """Many threads at once: group commit batches them, and every rule still holds. The
+    threads' first commands all arrive while a commit is held open, so that they share one
+    whatever the scheduler does."""
     a = ledger.open_account("a", "EUR").account_id
     b = ledger.open_account("b", "EUR").account_id
+    gate_account = ledger.open_account("gate", "EUR").account_id
     ledger.deposit(a, 1_000)
     ledger.receive_stock("SKU-1", 50)
     start = ledger.head()
     outcomes: list[tuple[str, Receipt | DomainError]] = []
     lock = threading.Lock()
+    service = ledger.service
+    committer = service.committer
+    assert isinstance(committer, GroupCommitter)
+    commit = service.commit
+    sizes: list[int] = []  # how many commands each commit carried
+    entered, release = threading.Event(), threading.Event()
+
+    def recording_commit(prepared: PreparedBatch, **options: Any) -> list[Receipt | DomainError]:
+        if [c.request_id for c in prepared.commands] == ["gate"]:
+            entered.set()
+            assert release.wait(30)
+        sizes.append(len(prepared.commands))
+        return commit(prepared, **options)
+
+    service.commit = recording_commit  # type: ignore[method-assign]
 
     def worker(number: int) -> None:
         for step in range(30):
@@ -247,11 +267,27 @@ def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: L
                 with lock:
                     outcomes.append((kind, outcome))
 
+    gate = threading.Thread(
+        target=ledger.deposit, args=(gate_account, 1), kwargs={"request_id": "gate"}
+    )
+    gate.start()
+    assert entered.wait(30), "the gate's commit started"
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+
+    def waiting() -> int:  # queued for the writer, or applied to the batch it builds
+        building = committer._building
+        return len(committer._inbox._items) + (len(building.items) if building else 0)
+
+    deadline = time.monotonic() + 30
+    while waiting() < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert waiting() == len(threads), "every thread's first command waits behind the gate"
+    release.set()
+    for thread in [gate, *threads]:
         thread.join()
+    assert max(sizes) > 1, sizes  # callers shared a transaction
 
     def accepted(kind: str) -> list[Receipt]:
         return [o for k, o in outcomes if k == kind and isinstance(o, Receipt)]
@@ -275,7 +311,7 @@ def test_concurrent_callers_share_transactions_without_breaking_a_rule(ledger: L
     assert (stock.on_hand, stock.reserved, stock.available) == (50, 50, 0)
 
     events = dict(logged_events(ledger, start + 1))
-    assert len(events) == 100 + 2 * 50 + 10  # a reservation and its claim
+    assert len(events) == 1 + 100 + 2 * 50 + 10  # the gate; a reservation and its claim
     applied = accepted("withdraw") + accepted("reserve") + originals
     assert len({r.position for r in applied}) == len(applied)
     for receipt in applied:
