@@ -96,7 +96,11 @@ def test_the_right_scope_and_admin_get_through(
         assert reply.status_code not in (401, 403), reply.text
 
 
-def test_a_revoked_token_is_refused_at_once(api: Api) -> None:
+def test_a_token_revoked_through_the_servers_own_store_and_forgotten_is_refused_at_once(
+    api: Api,
+) -> None:
+    # An embedding service that revokes in-process tells the authenticator (``forget``);
+    # a revocation by another process waits out the cache (the next test).
     api.token("leaver", "read")
     assert api.get("/v1/balances", who="leaver").status_code == 200
     api.parts.tokens.revoke("leaver")
