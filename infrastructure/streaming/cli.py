@@ -141,8 +141,8 @@ def register(subparsers: Any) -> None:
             "The relay's cursor (position, partitions, re-publications after broker data "
             "loss) and, for one consumer group, each partition's position, applied events, "
             "duplicates skipped and dead letters. Exits 1 when a partition is not live, or "
-            "when the group has applied nothing here (a misspelt --group: the groups that "
-            "have are listed)."
+            "when the group has applied nothing here while other groups have (a misspelt "
+            "--group: those are listed)."
         ),
         examples=[
             f"daybook stream status --url {_PG}",
@@ -329,10 +329,9 @@ def _unknown_group(settings: Settings, groups: list[str]) -> str | None:
     topic (a new deployment), where nothing applied yet is the answer, whatever the name."""
     if not groups:
         return None
-    others = f"groups that have: {', '.join(groups)}"
     return (
         f"no stream group {settings.group!r} has applied anything from topic "
-        f"{settings.topic!r} here ({others})"
+        f"{settings.topic!r} here (groups that have: {', '.join(groups)})"
     )
 
 

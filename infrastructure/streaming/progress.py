@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier
@@ -133,35 +133,31 @@ VERSIONS_COLUMN = "versions text[]"
 
 def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]:
     """The group's partitions as recorded (empty if it never applied anything)."""
-    with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
-        found = conn.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()
-        if not found or found[0] is None:
-            return []
-        rows = conn.execute(
-            SQL(
-                "SELECT partition, position, applied, duplicates, dead_letters, state, "
-                "last_error, waiting_for, bound, writer FROM {} WHERE group_id = %s "
-                "AND topic = %s "
-                "ORDER BY partition"
-            ).format(Identifier(PROGRESS_TABLE)),
-            (group, topic),
-        ).fetchall()
+    rows = _read_progress(
+        store_url,
+        "SELECT partition, position, applied, duplicates, dead_letters, state, last_error, "
+        "waiting_for, bound, writer FROM {} WHERE group_id = %s AND topic = %s "
+        "ORDER BY partition",
+        (group, topic),
+    )
     return [PartitionStatus(group, topic, *row) for row in rows]
 
 
 def read_groups(store_url: str, topic: str) -> list[str]:
     """The groups that have recorded progress on ``topic``, by name."""
+    rows = _read_progress(
+        store_url, "SELECT DISTINCT group_id FROM {} WHERE topic = %s ORDER BY group_id", (topic,)
+    )
+    return [row[0] for row in rows]
+
+
+def _read_progress(store_url: str, query: LiteralString, params: tuple[str, ...]) -> list[Any]:
+    """Rows of ``query`` on the progress table (``{}`` in it); none if no worker made it."""
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
         found = conn.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()
         if not found or found[0] is None:
             return []
-        rows = conn.execute(
-            SQL("SELECT DISTINCT group_id FROM {} WHERE topic = %s ORDER BY group_id").format(
-                Identifier(PROGRESS_TABLE)
-            ),
-            (topic,),
-        ).fetchall()
-    return [row[0] for row in rows]
+        return conn.execute(SQL(query).format(Identifier(PROGRESS_TABLE)), params).fetchall()
 
 
 def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
