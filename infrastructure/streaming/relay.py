@@ -226,6 +226,7 @@ class Relay:
             # queue, which every commit adds to; when it is full, commits fail. Listening
             # starts before the first read of the log, so nothing committed is missed.
             listen: psycopg.AsyncConnection[Any] | None = None
+            broker_down = False
             try:
                 listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
                 await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
@@ -235,14 +236,14 @@ class Relay:
                     raise
                 # The broker is down: keep the lock (and the cursor) and wait for it.
                 self._failed("broker", error)
-                if listen is not None:
-                    await listen.close()
-                await self._backoff()
+                broker_down = True
             finally:
                 if listen is not None:
                     await listen.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.stop(), self.config.request_timeout)
+            if broker_down:
+                await self._backoff()  # listening no more (see above)
 
     async def _start_producer(self) -> AIOKafkaProducer | None:
         """A started producer on a topic with the right partitions, or None after a failed
