@@ -5,11 +5,7 @@ money and stock they held are available again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -17,33 +13,12 @@ import pytest
 from daybook import Ledger, open_ledger
 from daybook.domain.holds import Hold
 from daybook.domain.inventory import Inventory
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.killed import done_or_killed, run_module
 
 
 def run_sweeper(url: str, setup: dict[str, object], faults: str | None) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DAYBOOK_FAULTS", None)
-    if faults:
-        env["DAYBOOK_FAULTS"] = faults
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.expiry_worker",
-            json.dumps({"url": url, **setup}),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    said = f"stdout: {result.stdout[-1500:]}\nstderr: {result.stderr[-3000:]}"
-    if faults is None:
-        assert result.returncode == 0 and '"done": true' in result.stdout, said
-    assert result.returncode in (0, -signal.SIGKILL), f"{faults} exited {result.returncode}; {said}"
-    return result.returncode
+    worker = "tests.integration.expiry_worker"
+    return done_or_killed(run_module(worker, [json.dumps({"url": url, **setup})], faults), faults)
 
 
 def topics(ledger: Ledger, aggregate_id: UUID) -> list[str]:

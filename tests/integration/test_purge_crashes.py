@@ -4,35 +4,20 @@ past its window is new."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger
 from daybook.infrastructure.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.killed import run_module
 
 
 def purge(url: str, faults: str | None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DAYBOOK_FAULTS", None)
-    if faults:
-        env["DAYBOOK_FAULTS"] = faults
     command = ["requests", "purge", "--url", url, "--batch-size", "3"]
-    return subprocess.run(
-        [sys.executable, "-m", "daybook.infrastructure.cli", *command],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_module("daybook.infrastructure.cli", command, faults)
 
 
 @pytest.mark.slow

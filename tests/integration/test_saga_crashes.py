@@ -5,11 +5,7 @@ and no hold or reservation of a finished saga is left open."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -19,8 +15,7 @@ from daybook.domain.orders import PlaceOrder, hold_id_of
 from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.sagas.processor import idempotency_key
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.killed import done_or_killed, run_module
 
 #: (crash point, on which passage): every step boundary the processor has.
 CRASHES = [
@@ -37,30 +32,14 @@ CRASHES = [
 def run_worker(
     url: str, gateway: str, sagas: list[UUID], faults: str | None, clock_offset: float = 0
 ) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DAYBOOK_FAULTS", None)
-    if faults:
-        env["DAYBOOK_FAULTS"] = faults
     setup = {
         "url": url,
         "gateway": gateway,
         "sagas": [str(s) for s in sagas],
         "clock_offset": clock_offset,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.integration.saga_worker", json.dumps(setup)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    said = f"stdout: {result.stdout[-1500:]}\nstderr: {result.stderr[-3000:]}"
-    if faults is None:
-        assert result.returncode == 0, said
-        assert '"done": true' in result.stdout
-    assert result.returncode in (0, -signal.SIGKILL), f"{faults} exited {result.returncode}; {said}"
-    return result.returncode
+    result = run_module("tests.integration.saga_worker", [json.dumps(setup)], faults)
+    return done_or_killed(result, faults)
 
 
 def order_totals(ledger: Ledger, sagas: list[UUID]) -> dict[UUID, int]:
