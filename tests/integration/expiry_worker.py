@@ -44,7 +44,7 @@ def main() -> None:
         sweeper.start()
         try:
             while not all_recorded(ledger, holds, setup["sku"], setup["reservations"]):
-                # (RETRYING while the read model's first version is built is no failure.)
+                # (Waiting while the read model's first version is built is no failure.)
                 if sweeper.health().state is ServiceState.FAILED:
                     print(json.dumps({"failed": sweeper.health().error}), flush=True)
                     sys.exit(1)
