@@ -27,6 +27,7 @@ from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
@@ -490,6 +491,8 @@ class ReadModels:
                         if version is not None and (
                             min_position is None or position >= min_position
                         ):
+                            # A batch may commit here; the snapshot keeps it out of the rows.
+                            crash_point("query.rows")
                             result = read(store, version)
                             head = store.head_position()
                             break
