@@ -192,7 +192,7 @@ _MAX_DIGITS = 100
 
 
 def _integer(text: str) -> int:
-    if len(text) > _MAX_DIGITS + 1:
+    if len(text.removeprefix("-")) > _MAX_DIGITS:
         raise ValueError(f"a number has more than {_MAX_DIGITS} digits")
     return int(text)
 

@@ -120,6 +120,17 @@ def test_a_body_too_deep_or_a_number_too_long_is_told_in_the_clients_terms(api: 
         assert said in body["detail"] and "sys." not in body["detail"]
 
 
+def test_a_number_of_more_than_100_digits_is_malformed_with_or_without_a_sign(api: Api) -> None:
+    account = api.open_account()
+    headers = {**api.auth("tester"), "Content-Type": "application/json"}
+    refused = {"9" * 100: 422, "-" + "9" * 100: 422, "9" * 101: 400, "-" + "9" * 101: 400}
+    for number, status in refused.items():
+        raw = f'{{"account_id": "{account}", "amount": {number}}}'.encode()
+        sent = {**headers, "Idempotency-Key": api.key()}
+        reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=sent))
+        assert_problem(reply, status, "invalid_amount" if status == 422 else "malformed_json")
+
+
 def test_an_oversized_body_without_a_length_is_refused_as_it_arrives(api: Api) -> None:
     head = api.head()
 
