@@ -304,7 +304,8 @@ def checked_settings(
     unless ``new_readmodels``, is already there: a mistyped path is refused rather than made
     into an empty database). Raises ``Unusable``."""
     settings = settings_of(args)
-    if settings.url == DEFAULT_URL and "DAYBOOK_URL" not in os.environ and "sqlite" not in kinds:
+    given = getattr(args, "url", None) is not None or os.environ.get("DAYBOOK_URL")
+    if not given and "sqlite" not in kinds:
         raise preflight.Unusable(f"this command needs --url ({why}) or $DAYBOOK_URL")
     preflight.check_store(settings.url, kinds=kinds, why=why, existing=existing)
     if readmodels and settings.readmodels_url is not None:

@@ -130,10 +130,14 @@ def test_a_file_that_is_not_a_database(capsys: pytest.CaptureFixture[str], tmp_p
     assert "is not a SQLite database" in line
 
 
-@pytest.mark.parametrize("url", ["sqlite:///{tmp}/ledger.db", "memory://"])
+@pytest.mark.parametrize(
+    "url", ["sqlite:///{tmp}/ledger.db", "memory://", "sqlite:///.daybook/daybook.db"]
+)
 def test_relay_needs_postgresql(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, url: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
+    # The embedded default's path, given as --url with no $DAYBOOK_URL, is still a URL given.
+    monkeypatch.delenv("DAYBOOK_URL", raising=False)
     line = one_line(capsys, ["relay", "--url", url.format(tmp=tmp_path)])
     assert "this command needs postgresql://" in line
     assert not (tmp_path / "ledger.db").exists()  # refused before anything was created
