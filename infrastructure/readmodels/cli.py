@@ -132,7 +132,9 @@ def register(subparsers: Any) -> None:
         description=(
             "For every projection version: whether it serves reads, its state (live, "
             "rebuilding, stopped, retired), its log position, the head, its lag in events "
-            "and seconds, and its parked events. Exits 1 when a serving version is stopped."
+            "and seconds, its parked events and its last reconcile run. Exits 1 when a "
+            "serving version is stopped, has a follower that cannot follow it, or drifted "
+            "without repair."
         ),
         examples=[
             "daybook projections status",

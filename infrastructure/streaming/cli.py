@@ -140,9 +140,10 @@ def register(subparsers: Any) -> None:
         description=(
             "The relay's cursor (position, partitions, re-publications after broker data "
             "loss) and, for one consumer group, each partition's position, applied events, "
-            "duplicates skipped and dead letters. Exits 1 when a partition is not live, or "
-            "when the group has applied nothing here while other groups have (a misspelt "
-            "--group: those are listed)."
+            "duplicates skipped and dead letters. Exits 1 when a partition is not live, "
+            "while a dead letter is left out of a version that is not retired, or when the "
+            "group has applied nothing here while other groups have (a misspelt --group: "
+            "those are listed)."
         ),
         examples=[
             f"daybook stream status --url {_PG}",
