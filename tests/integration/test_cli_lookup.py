@@ -50,7 +50,11 @@ def test_stock_and_statement(
     assert "balance            425" in out and "balance            350" in out
     assert "older entries: --before 3" in out
     assert main(["statement", account, "--url", url, "--before", "3"]) == 0
-    assert "balance            100" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "balance            100" in out
+    assert "older entries" not in out  # the first deposit is the account's oldest entry
+    assert main(["statement", account, "--url", url]) == 0
+    assert "older entries" not in capsys.readouterr().out
 
 
 def test_what_the_read_model_has_not_seen(
