@@ -63,7 +63,7 @@ class HttpOptions:
     token_rate: float = 0.0
     #: How long a verified token is trusted before it is looked up again.
     token_cache_seconds: float = 5.0
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 1024 * 1024
     #: Longest wait a read may ask for with min_position.
     max_read_wait: float = 10.0
     #: Origins allowed to call from a browser (empty: CORS off).

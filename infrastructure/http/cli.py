@@ -108,7 +108,7 @@ def register(subparsers: Any) -> None:
         "revocation by another process takes effect within it)",
     )
     serve.add_argument(
-        "--max-body-bytes", type=whole_number(64), default=64 * 1024, help="largest body taken"
+        "--max-body-bytes", type=whole_number(64), default=1024 * 1024, help="largest body taken"
     )
     serve.add_argument(
         "--max-read-wait",

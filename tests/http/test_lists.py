@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -256,3 +257,21 @@ def test_the_openapi_document_describes_both_and_their_idempotency(api: Api) -> 
     assert "`<token>/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
     atomic = paths["/v1/atomic"]["post"]["responses"]["200"]["content"]["application/json"]
     assert atomic["schema"] == {"$ref": "#/components/schemas/Receipt"}
+
+
+def test_a_batch_of_the_longest_list_fits_the_default_body_limit(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    """A server on its defaults takes the longest list it accepts: every transfer of it,
+    written as a caller would (ids in full, a request key), fits in the body limit."""
+    ann, bob = accounts
+    body = {
+        "commands": [
+            item("transfer", source=ann, destination=bob, amount=1, transfer_id=str(uuid.uuid4()))
+            for _ in range(lists.MAX_BATCH)
+        ]
+    }
+    reply = post(api, "/v1/batch", body, key="longest")
+    assert reply.status_code == 200, reply.text
+    statuses = [o["status"] for o in reply.json()["outcomes"]]
+    assert statuses.count(200) == 100 and statuses.count(409) == lists.MAX_BATCH - 100
