@@ -19,7 +19,7 @@ from uuid import UUID
 import pytest
 from psycopg.errors import DeadlockDetected
 
-from daybook import open_ledger
+from daybook import open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
@@ -31,6 +31,7 @@ from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, BALANCES
 from tests.pg_locks import deadlocks_once_all_sessions_ended, wait_for_lock_waits, waits_or_finishes
+from tests.projections.helpers import assert_tables_match
 from tests.streaming.messages import Stream, of_partitions
 
 pytestmark = pytest.mark.postgres
@@ -217,4 +218,51 @@ def test_a_repair_that_postgresql_aborts_to_break_a_deadlock_runs_again(
     report = reconcile(log, pg_url, ACCOUNT_BALANCES, repair=True)
     assert aborted and report.repaired
     assert reconcile(log, pg_url, ACCOUNT_BALANCES).clean
+    ledger.close()
+
+
+def test_workers_of_a_group_on_different_partitions_never_wait_for_each_other(
+    pg_url: str,
+) -> None:
+    """Workers scale out: worker A's batch of partition 0 is written, the day's money total
+    among its rows, and its COMMIT not yet sent; worker B's batch of partition 1, deposits
+    of the same day and currency, commits meanwhile. A lock shared by the group, or one
+    daily row that both write, would keep B waiting until A commits."""
+    ledger = open_ledger(pg_url)
+    partition = partition_of(2)
+    accounts: list[UUID] = []
+    while len({partition(str(account)) for account in accounts}) < 2 or len(accounts) < 8:
+        accounts.append(ledger.open_account(f"owner-{len(accounts)}", "EUR").account_id)
+    for account in accounts:
+        ledger.deposit(account, 100)
+    stream = Stream(2)
+    first = stream.publish(ledger)
+    a, b = (
+        StreamApplier(pg_url, projections.ALL, group="g", topic="t", partitions=2, writer=w)
+        for w in "ab"
+    )
+    a.apply(of_partitions(first, 0))
+    b.apply(of_partitions(first, 1))  # every event in: the group's versions serve
+    for account in accounts:
+        ledger.deposit(account, 1)
+    later = stream.publish(ledger)
+    outcomes: dict[str, str] = {}
+    b_finished: list[bool] = []
+    threads: list[threading.Thread] = []
+    save = a._save_progress
+
+    def save_then_batch_of_b(*args: Any) -> None:
+        save(*args)  # A's rows and progress written; its COMMIT is next
+        threads.append(in_thread(outcomes, "b", lambda: b.apply(of_partitions(later, 1))))
+        b_finished.append(waits_or_finishes(pg_url, threads[0], 1))
+
+    a._save_progress = save_then_batch_of_b  # type: ignore[method-assign]
+    outcome_of(outcomes, "a", lambda: a.apply(of_partitions(later, 0)))
+    for thread in threads:
+        thread.join()  # (a B that waited goes on once A has committed)
+    a.close(), b.close()
+    assert outcomes == {"a": "done", "b": "done"}
+    assert b_finished == [True], "worker B waited for a lock that worker A held"
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
     ledger.close()
