@@ -4,6 +4,7 @@ without applying an event twice or skipping one, and a stream version's position
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -88,15 +89,25 @@ def uneven(ledger: Ledger, url: str) -> list[object]:
 
 
 def test_a_runner_leaves_a_stream_version_alone_until_it_is_handed_over(
-    ledger: Ledger, pg_url: str
+    ledger: Ledger, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     workload(ledger, 200)
     uneven(ledger, pg_url)
     before = snapshot(pg_url)
+    caplog.set_level(logging.WARNING, logger="daybook")
     runner = ProjectionRunner(event_log_of(ledger), pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    workload(ledger, 10, seed=4)
     runner.run_until_caught_up()
     assert snapshot(pg_url) == before  # refused: not its checkpoint
     names = [p.name for p in projections.ALL]
+    # It says so once per version, naming the owner and the command that hands it over.
+    told = [r.getMessage() for r in caplog.records if "leaves it alone" in r.getMessage()]
+    assert len(told) == len(names), told
+    for name in names:
+        (line,) = [t for t in told if t.startswith(f"projection {name} v1 ")]
+        assert f"owned by stream:{GROUP}" in line
+        assert f"daybook projections handover {name} --to runner" in line
     handover = ["projections", "handover", *names, "--to", "runner", "--url", pg_url]
     assert main([*handover, "--topic", TOPIC, "--partitions", "4"]) == 0
     workload(ledger, 60, seed=5)
