@@ -132,9 +132,10 @@ def register(subparsers: Any) -> None:
         description=(
             "For every projection version: whether it serves reads, its state (live, "
             "rebuilding, stopped, retired), its log position, the head, its lag in events "
-            "and seconds, its parked events and its last reconcile run. Exits 1 when a "
-            "serving version is stopped, has a follower that cannot follow it, or drifted "
-            "without repair."
+            "and seconds, its parked events, and its last reconcile run (position, ranges "
+            "checked and differing, duration, drifted rows with their keys, repaired or not). "
+            "Exits 1 when a serving version is stopped, has a runner or workers that cannot "
+            "follow it, or drifted without repair."
         ),
         examples=[
             "daybook projections status",
@@ -360,10 +361,15 @@ def _run_status(args: argparse.Namespace) -> int:
             if run.error:
                 verdict = f"failed: {run.error}"
             elif run.drifted:
-                verdict = f"{run.drifted} drifted rows" + (", repaired" if run.repaired else "")
+                repaired = "repaired" if run.repaired else "not repaired"
+                verdict = f"{run.drifted} drifted rows, {repaired}"
             else:
                 verdict = "clean"
-            print(f"    reconciled at position {run.position} ({run.finished_at}): {verdict}")
+            print(
+                f"    reconciled at position {run.position} ({run.finished_at}, "
+                f"{run.ranges_checked} ranges checked, {run.ranges_differing} differing, "
+                f"in {run.seconds:.2f}s): {verdict}"
+            )
             for drift in run.drifts[:5]:
                 print(f"      {drift}")
     if any(row.includes_later for row in rows):

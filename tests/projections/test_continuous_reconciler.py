@@ -61,7 +61,17 @@ def test_it_reports_drift_without_repairing_by_default_and_repairs_when_told(
     assert all(run.drifted == 0 for name, run in runs.items() if name != "account_balances")
     capsys.readouterr()
     assert main(["projections", "status", "--url", pg_url]) == 1
-    assert "1 drifted rows" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # status shows each version's last run: position, ranges, duration, drift with its
+    # keys, and whether it was repaired.
+    (line,) = [s for s in out.splitlines() if "reconciled at" in s and "drifted" in s]
+    assert f"reconciled at position {balances.position} " in line
+    assert (
+        f"{balances.ranges_checked} ranges checked, {balances.ranges_differing} differing" in line
+    )
+    assert f"in {balances.seconds:.2f}s" in line
+    assert line.endswith(": 1 drifted rows, not repaired"), line
+    assert str(ids[0]) in out
     with pytest.raises(AssertionError):
         assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)  # left as found
 
