@@ -150,6 +150,20 @@ def make_app(
             )
         await asyncio.to_thread(applier.mark_published, letters)
 
+    async def backoff_unless_suspended(delay: float) -> None:
+        """Wait ``delay`` seconds before the batch is tried again; raise ``_Abandoned`` as
+        soon as faust suspends the flow of messages (a stop, or a rebalance taking the
+        partitions away). Both wait for every fetched message to be acknowledged first
+        (``wait_empty``): a batch retried through an outage would hold them up for as long
+        as the outage lasts, SIGTERM and SIGINT included."""
+        waited = 0.0
+        while app.flow_control.is_active():
+            if waited >= delay:
+                return
+            await asyncio.sleep(min(FLOW_CHECK_SECONDS, delay - waited))
+            waited += FLOW_CHECK_SECONDS
+        raise _Abandoned
+
     async def apply_until_done(messages: list[Message]) -> None:
         """Apply one batch, retrying through database outages (with backoff and jitter);
         never raises for data (that is parked). A failure no retry cures stops the worker:
@@ -164,7 +178,7 @@ def make_app(
                 delay = supervisor.judge(error)  # logged, and recorded in its health
                 if delay is None:
                     raise _Stopped from error
-                await asyncio.sleep(delay)
+                await backoff_unless_suspended(delay)
         supervisor.succeeded()
         if result.parked:
             await publish_dead_letters(result.parked)
@@ -248,6 +262,8 @@ def make_app(
                     faust_compat.untrack(app, current)
                     while not handoff.empty():
                         faust_compat.untrack(app, handoff.get_nowait())
+                    if isinstance(error, _Abandoned):
+                        continue  # faust stops the worker, or gives it other partitions
                     if not isinstance(error, _Stopped):
                         raise
                     # Stop the worker as SIGTERM does, and wait here to be cancelled. (An
@@ -357,6 +373,16 @@ def restart(app: faust.App, reason: str) -> NoReturn:
 
 class _Stopped(Exception):
     """The worker's agent stopped on a failure no retry cures (see its health)."""
+
+
+class _Abandoned(Exception):
+    """A batch waiting out an outage given up, unacknowledged, because faust stops the
+    worker or rebalances: its messages come again from the committed offsets, to whoever
+    owns their partitions then (the progress rows skip what was applied)."""
+
+
+#: How often a batch waiting out an outage looks whether faust has suspended the flow.
+FLOW_CHECK_SECONDS = 0.05
 
 
 def _failed(applier: StreamApplier) -> bool:

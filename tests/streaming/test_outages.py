@@ -303,6 +303,46 @@ def test_a_worker_survives_its_read_model_database_gone_while_it_fetches(
     ledger.close()
 
 
+def test_a_worker_waiting_out_an_outage_stops_on_sigterm_and_a_new_one_goes_on(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker retrying a batch through an outage of its read-model database still stops
+    when told (SIGTERM), at once, with nothing of that batch acknowledged: faust must not
+    wait for it. A worker started once the database is back applies it."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("worker-stop-outage"), unique("group")
+    with Outage.of_url(readmodels) as outage:
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", {}, outage.url(readmodels)
+        )
+        process.start()
+        after: Daybook | None = None
+        try:
+            write_money(ledger, accounts, 800)
+            head = ledger.head()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the first events")
+            outage.cut()
+            write_money(ledger, accounts, 300, seed=2)
+            wait_until(lambda: "restarting in" in process.output, "the worker to meet the outage")
+            assert process.stop() == 0, process.output  # SIGTERM, the outage still on
+            outage.restore()
+            head = ledger.head()
+            after = worker(
+                pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log", {},
+                outage.url(readmodels),
+            ).start()  # fmt: skip
+            caught_up_and_live(readmodels, group, topic, head)
+        finally:
+            for each in (after, the_relay):
+                if each is not None:
+                    assert each.stop() == 0, each.output
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
+
+
 #: Past eventsourcing's own retries (about two seconds) of a log read.
 BOTH_DOWN_SECONDS = 5.0
 
