@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,6 +17,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections import model as projection_model
+from daybook.projections.accounts import BALANCES
 from daybook.projections.inventory import LEVELS
 from daybook.projections.model import Handler, LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
@@ -127,3 +129,41 @@ def test_the_fold_never_holds_the_lock_the_owner_writes_under(ledger: Ledger, pg
     other.close()
     assert report.clean and report.position == ledger.head()
     assert len(lock_free) > 1 and all(lock_free)
+
+
+def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler compares at the runner's position and finds a drifted balance; before
+    it repairs, the runner applies a deposit to that very account. The repair must compare
+    again from there: written as folded at the first position, the balance would lose the
+    deposit the runner applied."""
+    ids = workload(ledger, 60)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+    runner.run_until_caught_up()
+    runner.stop()
+    store = open_store(pg_url)
+    store.execute(
+        f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 7 WHERE account_id = %s",
+        (str(ids[0]),),
+    )
+    store.close()
+    compare = reconcile_module._compare
+    compared: list[int] = []
+
+    def compare_then_the_owner_moves_on(*args: Any) -> Any:
+        report = compare(*args)
+        compared.append(report.position)
+        if len(compared) == 1:
+            ledger.deposit(ids[0], 5)
+            owner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+            owner.run_until_caught_up()  # reads the drifted row, adds the deposit to it
+            owner.stop()
+        return report
+
+    monkeypatch.setattr(reconcile_module, "_compare", compare_then_the_owner_moves_on)
+    report = reconcile(log, pg_url, projections.ACCOUNT_BALANCES, repair=True)
+    assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
+    assert report.repaired and len(compared) == 2 and compared[1] > compared[0], compared
+    assert report.position == ledger.head()
