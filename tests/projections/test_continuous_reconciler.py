@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
-from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.bootstrap import event_log_of, open_event_log
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels import reconcile_log
@@ -20,8 +20,11 @@ from daybook.infrastructure.readmodels.reconciler import (
     ContinuousReconciler,
     record_run,
 )
+from daybook.infrastructure.settings import Settings
 from daybook.projections.accounts import BALANCES
 from daybook.projections.model import LogEvent, Rows
+from scripts.outage import Outage
+from scripts.streams import wait_until
 from tests.projections.helpers import assert_tables_match, workload
 
 pytestmark = pytest.mark.postgres
@@ -193,3 +196,34 @@ def test_a_run_that_failed_waits_its_interval_whatever_the_log_does(
     for _ in range(5):
         ledger.deposit(account, 1)
     assert watcher.run_due() == []
+
+
+def test_it_waits_out_an_outage_of_its_databases_and_goes_on(ledger: Ledger, pg_url: str) -> None:
+    """The event store and the read models (one database) gone for a while under the
+    running service: its runs fail, it retries, and it reconciles again once they are back;
+    it never stops for good."""
+
+    workload(ledger, 60)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    with Outage.of_url(pg_url) as outage:
+        log = open_event_log(settings=Settings(url=outage.url(pg_url)))
+        service = ContinuousReconciler(
+            log, outage.url(pg_url), [projections.ACCOUNT_BALANCES], every_events=1,
+            every_seconds=0, poll_interval=0.01,
+        )  # fmt: skip
+        service.start()
+        try:
+            wait_until(lambda: service.runs >= 1, "a first run")
+            outage.cut()
+            wait_until(
+                lambda: service.health().state is ServiceState.RETRYING, "the outage to be met"
+            )
+            outage.restore()
+            runs = service.runs
+            wait_until(lambda: service.runs > runs + 1, "runs after the outage")
+            assert service.health().state is ServiceState.RUNNING, service.health()
+        finally:
+            service.stop()
+            log.close()
