@@ -230,6 +230,11 @@ class Hold(LedgerAggregate):
 
     def expire(self) -> None:
         """Record the expiry of a hold whose timeout has passed."""
+        self.check_expire()
+        self.trigger_event(self.Expired, released=self.amount)
+
+    def check_expire(self) -> None:
+        """Refuse unless the hold is open and its timeout has passed."""
         if self.status != OPEN:
             raise HoldResolved(
                 f"hold {self.hold_id} was already {self.status}",
@@ -242,7 +247,22 @@ class Hold(LedgerAggregate):
                 hold_id=str(self.hold_id),
                 expires_at=self.expires_at.isoformat(),
             )
-        self.trigger_event(self.Expired, released=self.amount)
+
+
+def holding_account(aggregates: Aggregates, hold: Hold) -> Account:
+    """The account whose funds ``hold`` sets aside, refused unless it still counts the hold
+    (checked before the hold changes: a refusal changes nothing). The hold is open, so an
+    account that does not count it is a copy older than the hold, from a writer whose cache
+    is behind another's: the refusal sends the command back to be judged on the latest
+    state, where the account counts it."""
+    account = aggregates.get(Account, hold.account_id)
+    if hold.hold_id not in account.holds:
+        raise HoldNotFound(
+            f"account {account.id} counts no open hold {hold.hold_id}",
+            hold_id=str(hold.hold_id),
+            account_id=str(account.id),
+        )
+    return account
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -311,7 +331,7 @@ class CaptureHold(Command):
         hold = aggregates.get(Hold, self.hold_id)
         hold.check_open()
         amount = hold.amount if self.amount is None else self.amount
-        source = aggregates.get(Account, hold.account_id)
+        source = holding_account(aggregates, hold)
         destination = None
         if hold.destination is not None:
             destination = aggregates.get(Account, hold.destination)
@@ -341,8 +361,10 @@ class VoidHold(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         hold = aggregates.get(Hold, self.hold_id)
+        hold.check_open()
+        account = holding_account(aggregates, hold)
         hold.void()
-        aggregates.get(Account, hold.account_id).release_hold(self.hold_id, VOIDED)
+        account.release_hold(self.hold_id, VOIDED)
         return {"account_id": hold.account_id, "hold_id": self.hold_id}
 
 
@@ -353,6 +375,8 @@ class ExpireHold(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         hold = aggregates.get(Hold, self.hold_id)
+        hold.check_expire()
+        account = holding_account(aggregates, hold)
         hold.expire()
-        aggregates.get(Account, hold.account_id).release_hold(self.hold_id, EXPIRED)
+        account.release_hold(self.hold_id, EXPIRED)
         return {"account_id": hold.account_id, "hold_id": self.hold_id}

@@ -325,6 +325,36 @@ def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(
         assert (a.account(payer).balance, a.account(shop).balance) == (0, 0)
 
 
+@pytest.mark.parametrize("resolution", ["captured", "voided", "expired"])
+def test_a_hold_another_writer_placed_resolves_through_an_older_cached_account(
+    shared_store_url: str, resolution: str
+) -> None:
+    """Writer a cached the account before writer b placed the hold on it (a server and a
+    saga processor, each with its own cache): a finds the hold in the store but not in its
+    copy of the account, and judges the command again on the latest state."""
+    clock = Clock()
+    with (
+        open_ledger(shared_store_url, clock=clock) as a,
+        open_ledger(shared_store_url, clock=clock) as b,
+    ):
+        payer = a.open_account("payer", "EUR").account_id
+        shop = a.open_account("shop", "EUR").account_id
+        assert payer is not None and shop is not None
+        a.deposit(payer, 1_000)
+        hold_id = b.hold(payer, 600, destination=shop, timeout=60).hold_id
+        assert hold_id is not None
+        if resolution == "captured":
+            a.capture(hold_id)
+        elif resolution == "voided":
+            a.void(hold_id)
+        else:
+            clock.advance(60)
+            a.expire_hold(hold_id)
+        assert a.hold_status(hold_id).status == resolution
+        view = b.account(payer)
+        assert (view.held, view.available) == (0, 400 if resolution == "captured" else 1_000)
+
+
 def test_a_hold_sent_again_with_its_generated_id_is_told_it_exists(
     ledger: Ledger, accounts: tuple[UUID, UUID]
 ) -> None:
