@@ -44,7 +44,7 @@ from uuid import UUID
 from opentelemetry.trace import SpanKind
 
 from daybook.domain.commands import Command, Receipt
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import ConcurrencyConflict, DomainError
 from daybook.domain.sagas import (
     Compensate,
     CompleteRemoteCompensation,
@@ -255,8 +255,10 @@ class SagaProcessor:
         try:
             self.drive(saga_id)
         except Exception as error:
-            if is_transient(error):
-                # The store or a port is out: the saga is due again at the next pass.
+            if is_transient(error) or isinstance(error, ConcurrencyConflict):
+                # The store or a port is out, or other writers kept the saga's accounts or
+                # SKUs busy past the ledger's retries (nothing was applied): the saga is
+                # due again at the next pass.
                 log.warning("%s: saga %s: %s; retrying", self.name, saga_id, error)
             else:
                 log.exception("%s: saga %s failed", self.name, saga_id)

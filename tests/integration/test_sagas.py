@@ -11,14 +11,17 @@ from uuid import UUID
 
 import pytest
 
-from daybook import Ledger, open_ledger, open_read_models
+from daybook import Ledger, open_ledger, open_read_models, run_projections
+from daybook.domain.commands import Command, Receipt
+from daybook.domain.errors import ConcurrencyConflict
 from daybook.domain.orders import PlaceOrder, hold_id_of
-from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaState, Wait
+from daybook.domain.sagas import CancelSaga, RetrySaga, RunLocalStep, Saga, SagaState, Wait
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
+from daybook.projections.sagas import SAGA_LIST
 
 
 class Clock:
@@ -212,6 +215,33 @@ def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> 
     assert health.error is not None and "refused the request (404)" in health.error
     processor.stop()
     assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
+
+
+def test_contention_past_the_ledgers_retries_leaves_the_saga_to_the_next_pass(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other writers kept the customer's account busy past the ledger's retries: a step is
+    refused with concurrency_conflict, nothing applied. The saga is driven again at the
+    next pass and the processor keeps running (it used to stop, failed, and `daybook sagas
+    run` with it)."""
+    saga_id = shop.order("o-9", [("KETTLE", 1, 3_000)])
+    execute = shop.ledger.execute
+    refused: list[Command] = []
+
+    def contended(command: Command) -> Receipt:
+        if isinstance(command, RunLocalStep) and not refused:
+            refused.append(command)
+            raise ConcurrencyConflict("gave up after 40 attempts: other writers kept changing")
+        return execute(command)
+
+    monkeypatch.setattr(shop.ledger, "execute", contended)
+    shop.processor.wake(saga_id).result()  # the pass that meets the contention
+    assert shop.run(saga_id).state is SagaState.COMPLETED
+    assert len(refused) == 1
+    with run_projections(shop.ledger, projections=[SAGA_LIST]) as runner:
+        runner.views.rows(SAGA_LIST, "sagas", min_position=shop.ledger.head(), limit=1)
+        shop.processor.views = runner.views
+        assert shop.processor.run_due() == 0  # no failure kept for the processor to stop on
 
 
 def test_a_step_is_recorded_only_by_the_command_of_its_kind() -> None:
