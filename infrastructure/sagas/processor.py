@@ -463,6 +463,8 @@ class SagaProcessor:
                         correlation_id=str(saga.id),
                     )
                 )
+            except ConcurrencyConflict:
+                raise  # not applied, not failed: the next pass tries it again
             except DomainError as refusal:
                 if refusal.code in _MOVED_ON:
                     return True

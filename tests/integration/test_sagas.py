@@ -15,7 +15,15 @@ from daybook import Ledger, open_ledger, open_read_models, run_projections
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict
 from daybook.domain.orders import PlaceOrder, hold_id_of
-from daybook.domain.sagas import CancelSaga, RetrySaga, RunLocalStep, Saga, SagaState, Wait
+from daybook.domain.sagas import (
+    CancelSaga,
+    RetrySaga,
+    RunLocalCompensation,
+    RunLocalStep,
+    Saga,
+    SagaState,
+    Wait,
+)
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
@@ -242,6 +250,31 @@ def test_contention_past_the_ledgers_retries_leaves_the_saga_to_the_next_pass(
         runner.views.rows(SAGA_LIST, "sagas", min_position=shop.ledger.head(), limit=1)
         shop.processor.views = runner.views
         assert shop.processor.run_due() == 0  # no failure kept for the processor to stop on
+
+
+def test_contention_spends_no_attempt_of_a_compensation(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compensation refused with concurrency_conflict did not fail: it was not applied.
+    It is tried again at the next pass without counting against the policy's attempts,
+    which end in needs_attention (it used to count as a failed attempt)."""
+    saga_id = shop.order("o-10", [("KETTLE", 2, 3_000), ("MUG", 4, 500)])  # MUG: out of stock
+    execute = shop.ledger.execute
+    refused: list[Command] = []
+
+    def contended(command: Command) -> Receipt:
+        if isinstance(command, RunLocalCompensation) and not refused:
+            refused.append(command)
+            raise ConcurrencyConflict("gave up after 40 attempts: other writers kept changing")
+        return execute(command)
+
+    monkeypatch.setattr(shop.ledger, "execute", contended)
+    shop.processor.wake(saga_id).result()  # the pass that meets the contention
+    assert shop.run(saga_id).state is SagaState.COMPENSATED
+    assert len(refused) == 1
+    history = list(shop.ledger.service.events.get(saga_id))
+    assert [type(e).__name__ for e in history].count("AttemptFailed") == 0
+    assert shop.ledger.inventory("KETTLE").available == 10
 
 
 def test_a_step_is_recorded_only_by_the_command_of_its_kind() -> None:
