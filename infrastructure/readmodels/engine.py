@@ -68,6 +68,23 @@ class RowCache:
     def size(self) -> int:
         return sum(len(r) for r in self.rows.values())
 
+    def merge(self, table: str, writes: Mapping[Key, Row | None]) -> None:
+        """Take a committed batch's rows of ``table`` (None: deleted). A deleted row stays as
+        a mark that it is absent, except in a complete table, where a miss already says so:
+        there the marks of every row ever deleted (one per resolved hold) would only fill
+        the cache until it is cleared, and the table would no longer be held whole."""
+        rows = self.rows.get(table)
+        if rows is None:
+            return
+        if not self.complete.get(table):
+            rows.update(writes)
+            return
+        for key, row in writes.items():
+            if row is None:
+                rows.pop(key, None)
+            else:
+                rows[key] = row
+
     def warm(self, store: ReadStore, empty: bool) -> None:
         """Load small tables whole; ``empty``: the version has no rows yet."""
         self.clear()
@@ -213,8 +230,7 @@ class BatchRows:
     def merge_into_cache(self) -> None:
         cache = self.slot.cache
         for table, writes in self.writes.items():
-            if table in cache.rows:
-                cache.rows[table].update(writes)
+            cache.merge(table, writes)
         if cache.size() > cache.limit:
             cache.clear()
 
@@ -355,7 +371,7 @@ class BulkRows:
     def merge_into_cache(self) -> None:
         cache = self.slot.cache
         for table, writes in self.writes.items():
-            cache.rows[table].update(writes)
+            cache.merge(table, writes)
         if cache.size() > cache.limit:
             cache.clear()
 

@@ -68,6 +68,38 @@ def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger,
         assert_tables_match(ledger, runner.url, projection)
 
 
+def test_the_row_cache_keeps_no_rows_of_resolved_holds(ledger: Ledger, url: str) -> None:
+    """A table the runner holds whole needs no mark for a deleted row (a miss already says
+    absent): kept, the keys of every hold and reservation ever resolved filled the cache
+    until it was cleared, and its tables were no longer held whole."""
+    payer = ledger.open_account("payer", "EUR").account_id
+    assert payer is not None
+    ledger.deposit(payer, 1_000)
+    ledger.receive_stock("KETTLE", 100)
+    runner = run_projections(
+        ledger, url, projections=[projections.OPEN_HOLDS_PROJECTION], start=False
+    )
+
+    def resolve_one_of_each() -> None:
+        hold_id = ledger.hold(payer, 10, timeout=3600).hold_id
+        assert hold_id is not None
+        ledger.void(hold_id)
+        reservation_id = ledger.reserve_stock("KETTLE", 1, timeout=3600).reservation_id
+        assert reservation_id is not None
+        ledger.release_reservation("KETTLE", reservation_id)
+        while runner.step():
+            pass
+
+    resolve_one_of_each()
+    (slot,) = runner.slots.values()
+    kept = slot.cache.size()
+    for _ in range(20):
+        resolve_one_of_each()
+    assert slot.cache.size() == kept
+    assert all(slot.cache.complete.values())
+    runner.stop()
+
+
 def test_read_your_writes_and_honest_staleness(ledger: Ledger, url: str) -> None:
     account = ledger.open_account("ann", "EUR").account_id
     with run_projections(ledger, url, poll_interval=0.01) as runner:
