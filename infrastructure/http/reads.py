@@ -117,7 +117,7 @@ class ReadRoutes:
         )
         async def balances(request: Request, _: Token = reader) -> Response:
             limit = _number(request, "limit", 100, 1, MAX_PAGE)
-            after = _cursor(request, "after")
+            after = _cursor(request, "after", _account_id)
             wait = self._wait(request)
             page = await self._query(lambda v: v.balance_page(after=after, limit=limit, **wait))
             body = {
@@ -285,8 +285,11 @@ def _encode(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
 
 
-def _cursor(request: Request, field: str) -> str | None:
-    """The ``field`` of the request's cursor (None without one)."""
+def _cursor(
+    request: Request, field: str, read: Callable[[str | int], str] = str
+) -> str | None:
+    """The ``field`` of the request's cursor (None without one), as ``read`` makes it: a
+    cursor it refuses was not handed out by this endpoint, whatever else it holds."""
     text = request.query_params.get("cursor")
     if text is None:
         return None
@@ -295,6 +298,11 @@ def _cursor(request: Request, field: str) -> str | None:
         value = state[field]
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise TypeError(value)
+        return read(value)
     except Exception:  # any decoding failure means the same thing to the caller
         raise Problem("invalid_cursor", "the cursor is not one this endpoint handed out") from None
-    return str(value)
+
+
+def _account_id(value: str | int) -> str:
+    """An account id as the read models compare it (a balances cursor holds one)."""
+    return str(check_uuid(value, "the cursor"))

@@ -470,6 +470,14 @@ def test_balances_page_by_cursor_each_exactly_once(api: Api) -> None:
     assert_problem(api.get("/v1/balances", limit=0), 400, "invalid_parameter")
 
 
+@pytest.mark.parametrize("after", [1, "junk", ""])
+def test_a_balances_cursor_that_names_no_account_id_is_invalid_cursor(
+    api: Api, after: object
+) -> None:
+    forged = base64.urlsafe_b64encode(orjson.dumps({"after": after})).decode().rstrip("=")
+    assert_problem(api.get("/v1/balances", cursor=forged), 400, "invalid_cursor")
+
+
 def test_a_statement_pages_by_cursor(api: Api) -> None:
     account = api.open_account()
     for amount in range(1, 6):
