@@ -20,7 +20,7 @@ from daybook.infrastructure.cli import (
     setup_logging,
     whole_number,
 )
-from daybook.infrastructure.http.tokens import SCOPES, TokenError, open_tokens
+from daybook.infrastructure.http.tokens import SCOPES, TokenError, check_name, open_tokens
 from daybook.infrastructure.preflight import where
 
 _PG = "postgresql://daybook@localhost/daybook"
@@ -151,7 +151,9 @@ def register(subparsers: Any) -> None:
             "daybook tokens create ops --scope admin",
         ],
     )
-    create.add_argument("name", help="who the token speaks for (recorded as the actor)")
+    create.add_argument(
+        "name", type=_token_name, help="who the token speaks for (recorded as the actor)"
+    )
     create.add_argument(
         "--scope",
         action="append",
@@ -189,6 +191,15 @@ def register(subparsers: Any) -> None:
     add_url_argument(revoke)
     revoke.set_defaults(handler=_revoke)
     tokens.set_defaults(handler=lambda args: _help(tokens))
+
+
+def _token_name(text: str) -> str:
+    """A name checked as the arguments are read: a refused one never opens (and so never
+    creates) the database."""
+    try:
+        return check_name(text)
+    except TokenError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -325,6 +325,15 @@ def test_a_handover_on_a_mistyped_path_is_refused_and_creates_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["has space", ".dot-first", "x" * 65, "é"])
+def test_a_token_name_it_cannot_take_is_refused_before_a_database_is_made(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
+) -> None:
+    argv = ["tokens", "create", name, "--scope", "read", "--url", f"sqlite:///{tmp_path}/new.db"]
+    assert "a token name is 1-64 letters" in one_line(capsys, argv, by_exit=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pacing_a_single_reconcile_is_refused_not_ignored(
     capsys: pytest.CaptureFixture[str], ledger_file: str
 ) -> None:
