@@ -99,22 +99,29 @@ def sqlite_path(url: str) -> Path:
     return Path(path[1:])
 
 
+def sqlite_file(url: str) -> Path:
+    """The path of a SQLite database daybook may open, creating it if need be: its folder
+    must exist (only the embedded default's is made)."""
+    path = sqlite_path(url)
+    if url == DEFAULT_URL:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the embedded default needs no setup
+    elif not path.parent.is_dir():
+        # A path someone typed: a missing folder is more likely a typo than a wish for a new
+        # tree of folders holding an empty database.
+        raise BadURL(
+            f"store URL {url!r}: the folder {str(path.parent)!r} does not exist; create it or "
+            "fix the path"
+        )
+    return path
+
+
 def event_store_env(url: str) -> dict[str, str]:
     """The eventsourcing environment for the event store at ``url``."""
     kind = scheme(url)
     if kind == "memory":
         return {"PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.memory:Factory", **_CODEC}
     if kind == "sqlite":
-        path = sqlite_path(url)
-        if url == DEFAULT_URL:
-            path.parent.mkdir(parents=True, exist_ok=True)  # the embedded default needs no setup
-        elif not path.parent.is_dir():
-            # A path someone typed: a missing folder is more likely a typo than a wish for a
-            # new tree of folders holding an empty ledger.
-            raise BadURL(
-                f"store URL {url!r}: the folder {str(path.parent)!r} does not exist; create "
-                "it or fix the path"
-            )
+        path = sqlite_file(url)
         return {
             "PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.sqlite:Factory",
             "SQLITE_DBNAME": str(path),

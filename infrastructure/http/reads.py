@@ -285,9 +285,7 @@ def _encode(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
 
 
-def _cursor(
-    request: Request, field: str, read: Callable[[str | int], str] = str
-) -> str | None:
+def _cursor(request: Request, field: str, read: Callable[[str | int], str] = str) -> str | None:
     """The ``field`` of the request's cursor (None without one), as ``read`` makes it: a
     cursor it refuses was not handed out by this endpoint, whatever else it holds."""
     text = request.query_params.get("cursor")

@@ -10,7 +10,7 @@ from types import TracebackType
 from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.sqlite import SqliteStore
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
-from daybook.infrastructure.urls import redacted, scheme, sqlite_path
+from daybook.infrastructure.urls import redacted, scheme, sqlite_file
 
 
 def open_store(url: str) -> ReadStore:
@@ -19,7 +19,7 @@ def open_store(url: str) -> ReadStore:
     if kind == "postgresql":
         return PostgresStore(url)
     if kind == "sqlite":
-        return SqliteStore(sqlite_path(url))
+        return SqliteStore(sqlite_file(url))
     msg = (
         "read models need a database: use sqlite:///path.db or postgresql://..., "
         f"not {redacted(url)!r}"

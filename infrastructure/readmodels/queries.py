@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -219,7 +219,9 @@ class ReadModels:
     ) -> Balances:
         """The balances of ``account_ids`` (every account when None), all read in one
         snapshot at one ``as_of_position``."""
-        if isinstance(account_ids, str | bytes):
+        if account_ids is not None and (
+            isinstance(account_ids, str | bytes) or not isinstance(account_ids, Iterable)
+        ):
             raise InvalidRequest(
                 f"account_ids must be a list of account ids, got {account_ids!r}",
                 field="account_ids",
@@ -350,7 +352,13 @@ class ReadModels:
         if today is not None and (isinstance(today, datetime) or not isinstance(today, date)):
             raise InvalidRequest(f"today must be a date, got {today!r}", field="today")
         last = today or datetime.now(UTC).date()
-        first = (last - timedelta(days=days - 1)).isoformat()
+        try:
+            first = (last - timedelta(days=days - 1)).isoformat()
+        except OverflowError:
+            raise InvalidRequest(
+                f"days must not reach back before the year 1: {days} days up to {last}",
+                field="days",
+            ) from None
         bounds = [first, last.isoformat()]
 
         def read(store: ReadStore, version: int) -> tuple[list[Row], list[Row]]:

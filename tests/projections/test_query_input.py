@@ -5,7 +5,7 @@ answer to a question nobody asked (a page of nothing, a statement without a limi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from daybook import open_ledger, run_projections
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.urls import BadURL
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ BAD: list[tuple[str, Callable[[ReadModels, str], Any], str, str]] = [
     ("balance id", lambda v, a: v.balance("nope"), "invalid_request", "account_id"),
     ("balances id", lambda v, a: v.balances([a, "nope"]), "invalid_request", "account id"),
     ("balances text", lambda v, a: v.balances(a), "invalid_request", "account_ids"),
+    ("balances number", lambda v, a: v.balances(5), "invalid_request", "account_ids"),
     ("page limit 0", lambda v, a: v.balance_page(limit=0), "invalid_request", "limit"),
     ("page limit text", lambda v, a: v.balance_page(limit="5"), "invalid_request", "limit"),
     ("page after", lambda v, a: v.balance_page(after="zz"), "invalid_request", "after"),
@@ -46,6 +48,12 @@ BAD: list[tuple[str, Callable[[ReadModels, str], Any], str, str]] = [
         lambda v, a: v.daily_activity(today=datetime.now(UTC)),
         "invalid_request",
         "today",
+    ),
+    (
+        "days before year 1",
+        lambda v, a: v.daily_activity(today=date(1, 1, 3), days=5),
+        "invalid_request",
+        "days",
     ),
     ("sku", lambda v, a: v.stock("no spaces allowed"), "invalid_sku", "SKU"),
     ("min_position", lambda v, a: v.balance(a, min_position=-1), "invalid_request", "min_position"),
@@ -72,3 +80,11 @@ def test_ids_in_any_form_find_the_same_row(views: tuple[ReadModels, str]) -> Non
     page = read_models.balances([account.upper()])
     assert [str(b.account_id) for b in page.balances] == [account] and page.missing == ()
     assert [e.amount for e in read_models.statement(account.upper()).entries] == [100]
+
+
+def test_a_read_model_path_in_a_missing_folder_is_refused_not_created(tmp_path: Path) -> None:
+    read_models = ReadModels(f"sqlite:///{tmp_path}/typo/daybook.db")
+    with pytest.raises(BadURL, match="does not exist"):
+        read_models.balance("0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", timeout=0)
+    read_models.close()
+    assert list(tmp_path.iterdir()) == []
