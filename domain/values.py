@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from uuid import UUID, uuid5
 
 from daybook.domain.errors import (
@@ -37,6 +38,9 @@ _ISO_4217_CODES = """
 """
 ISO_4217 = frozenset(_ISO_4217_CODES.split())
 
+#: Unicode categories free text may not hold: controls, lone surrogates, line and paragraph
+#: separators.
+_NOT_TEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 _NAMESPACE = UUID("6d2f1c44-7b35-4f0e-9a3e-3f2f6b1d0a11")
 
@@ -115,18 +119,19 @@ def check_sku(value: object, what: str = "SKU") -> str:
 
 
 def check_text(value: object, what: str, max_length: int = 200) -> str:
-    """Free text such as an owner name or a reason: non-blank, bounded, no control chars,
-    and no lone surrogates (a Python string may hold them; UTF-8, and so the event store,
-    cannot)."""
+    """Free text such as an owner name or a reason: non-blank, bounded, on one line, no
+    control chars (DEL and the C1 range as well as those below space: a terminal acts on
+    them), and no lone surrogates (a Python string may hold them; UTF-8, and so the event
+    store, cannot)."""
     if (
         not isinstance(value, str)
         or not value.strip()
         or len(value) > max_length
-        or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value)
+        or any(unicodedata.category(c) in _NOT_TEXT for c in value)
     ):
         raise InvalidRequest(
-            f"{what} must be non-blank text of at most {max_length} characters "
-            f"without control characters or lone surrogates, got {value!r}",
+            f"{what} must be non-blank text of at most {max_length} characters on one "
+            f"line, without control characters or lone surrogates, got {value!r}",
             field=what,
         )
     return value

@@ -175,7 +175,18 @@ def currency_and_text_cases() -> list[Case]:
             "invalid_request",
             lambda lg, w, k, b=bad: lg.open_account(b, "EUR", **k).account_id,
         )
-        for bad in ["", "   ", "a\nb", "x" * 201, None, 5, "ann\ud800", "\udfff"]
+        for bad in [
+            "",
+            "   ",
+            "a\nb",
+            "x" * 201,
+            None,
+            5,
+            "ann\ud800",
+            "\udfff",
+            "a\x7fb",
+            "a\x85b",
+        ]
     ]
     cases += [
         case(

@@ -194,7 +194,11 @@ def test_text(text: str) -> None:
     assert check_text(text, "owner") == text
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\t", "a\nb", "a\x00", "a" * 201, None, 7], ids=repr)
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "\t", "a\nb", "a\x00", "a\x7f", "a\x9b[2J", "a\u2028b", "a" * 201, None, 7],
+    ids=repr,
+)
 def test_bad_text_is_an_invalid_request(text: object) -> None:
     with pytest.raises(InvalidRequest) as caught:
         check_text(text, "owner")
