@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -36,6 +37,11 @@ from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.readmodels import ReadModels, StaleRead
 
 T = TypeVar("T")
+
+#: Numbers in a query, in ASCII digits only: ``int()`` and ``float()`` would also read
+#: "1_000", " 3" and other scripts' digits.
+_WHOLE = re.compile(r"-?[0-9]{1,20}")
+_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{0,10})?|\.[0-9]{1,10}")
 
 #: Most rows one page or one snapshot by ids may ask for.
 MAX_PAGE = 1000
@@ -190,10 +196,7 @@ class ReadRoutes:
         ``min_position`` a read still waits (up to ``timeout``) for a read model that has
         not been built yet, as just after the server started."""
         timeout = request.query_params.get("timeout", "2")
-        try:
-            seconds = float(timeout)
-        except ValueError:
-            seconds = -1.0
+        seconds = float(timeout) if _SECONDS.fullmatch(timeout) else -1.0
         if not 0 <= seconds <= self.max_wait:
             raise Problem(
                 "invalid_parameter",
@@ -265,10 +268,7 @@ def _ids(request: Request) -> list[UUID] | None:
 
 
 def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
-    try:
-        value = int(text) if len(text) <= 20 else minimum - 1
-    except ValueError:
-        value = minimum - 1
+    value = int(text) if _WHOLE.fullmatch(text) else minimum - 1
     top = MAX_BIGINT if maximum is None else maximum
     if not minimum <= value <= top:
         bound = f"{minimum} .. {maximum}" if maximum is not None else f"at least {minimum}"

@@ -415,6 +415,11 @@ def test_a_position_not_reached_in_time_is_503_with_retry_after(api: Api) -> Non
         {"min_position": "1", "timeout": "9999"},
         {"min_position": str(2**63)},  # past what a position can be
         {"min_position": "9" * 5_000},
+        {"min_position": "1_000"},  # int() reads it as 1000
+        {"min_position": "\u0663"},  # an Arabic-Indic 3, which int() reads as 3
+        {"min_position": " 3"},
+        {"timeout": "1_0"},
+        {"timeout": "\u0661"},
     ],
 )
 def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
