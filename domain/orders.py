@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from daybook.domain.accounts import Account
+from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount
 from daybook.domain.commands import AccountId, Aggregates, Check, Command, Text, Timeout
 from daybook.domain.errors import InvalidAmount, InvalidRequest
 from daybook.domain.holds import CaptureHold, PlaceHold, VoidHold
@@ -200,8 +200,24 @@ class PlaceOrder(Command):
                 order_id=self.order_id,
                 saga_id=str(saga_id),
             )
+        # The order's hold moves the customer's money to the merchant: an order whose hold
+        # would be refused is refused here, before a saga starts only to compensate.
+        if self.customer == self.merchant:
+            raise SameAccount(
+                f"order {self.order_id!r} is paid by account {self.customer} to itself; the "
+                "merchant must be another account",
+                account_id=str(self.customer),
+            )
         customer = aggregates.get(Account, self.customer)
-        aggregates.get(Account, self.merchant)
+        merchant = aggregates.get(Account, self.merchant)
+        if merchant.currency != customer.currency:
+            raise CurrencyMismatch(
+                f"order {self.order_id!r}: the customer's account {customer.id} holds "
+                f"{customer.currency} but the merchant's account {merchant.id} holds "
+                f"{merchant.currency}; an order is paid in one currency",
+                source_currency=customer.currency,
+                destination_currency=merchant.currency,
+            )
         total = sum(line.quantity * line.unit_price for line in self.lines)
         if total > MAX_AMOUNT:
             raise InvalidAmount(

@@ -305,3 +305,24 @@ def test_a_step_is_recorded_only_by_the_command_of_its_kind() -> None:
     assert remote_as_done.value.code == run_remote.value.code == "invalid_request"
     assert "'reserve-0'" in str(remote_as_done.value) and "not remote" in str(remote_as_done.value)
     assert "'charge'" in str(run_remote.value) and "not local" in str(run_remote.value)
+
+
+def test_an_order_its_hold_would_refuse_is_refused_when_placed() -> None:
+    """An order paid to its own customer, or to a merchant in another currency, can never
+    take its hold: it is refused with the hold's own code before a saga starts (it used to
+    be accepted, and its saga compensated later)."""
+    from daybook.domain.errors import DomainError
+    from daybook.domain.orders import PlaceOrder
+
+    with open_ledger("memory://") as ledger:
+        customer = ledger.open_account("ann", "EUR").account_id
+        pounds = ledger.open_account("shop", "GBP").account_id
+        assert customer is not None and pounds is not None
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 5)
+        head = ledger.head()
+        for merchant, code in ((customer, "same_account"), (pounds, "currency_mismatch")):
+            with pytest.raises(DomainError) as refused:
+                ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 4_500)]))
+            assert refused.value.code == code
+            assert ledger.head() == head
