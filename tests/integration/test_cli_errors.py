@@ -292,6 +292,22 @@ def test_numbers_are_checked(
     assert wrong in one_line(capsys, argv, by_exit=True)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["balance", "nope"],
+        ["statement", "nope"],
+        ["sagas", "show", "nope"],
+        ["sagas", "cancel", "nope", "--reason", "x"],
+        ["sagas", "retry", "nope", "--reason", "x"],
+    ],
+)
+def test_ids_are_checked_in_the_same_words(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert "id must be a UUID, got 'nope'" in one_line(capsys, argv, by_exit=True)
+
+
 def test_a_handover_to_stream_workers_on_sqlite_is_refused_and_changes_nothing(
     capsys: pytest.CaptureFixture[str], ledger_file: str
 ) -> None:
