@@ -56,7 +56,10 @@ def redacted(url: str) -> str:
 
 def scheme(url: str) -> str:
     """``memory``, ``sqlite`` or ``postgresql``."""
-    name = urlsplit(url).scheme
+    try:
+        name = urlsplit(url).scheme
+    except ValueError as error:  # a malformed host, such as an unclosed [IPv6 address
+        raise BadURL(f"store URL {redacted(url)!r}: {error}") from None
     if name == "postgres":
         return "postgresql"
     if name not in ("memory", "sqlite", "postgresql"):

@@ -108,6 +108,15 @@ def test_sqlite_path_under_a_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert "'/dev/null' is not a folder" in line
 
 
+@pytest.mark.parametrize("url", ["postgresql://[::1/ledger", "postgresql://u:pw@[::1/ledger"])
+def test_a_url_that_cannot_be_split_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    line = one_line(capsys, ["balance", "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", "--url", url])
+    assert "store URL 'postgresql://...'" in line and "Invalid IPv6 URL" in line
+    assert "Value error" not in line and "pw" not in line
+
+
 def test_readmodels_in_memory_are_refused(
     capsys: pytest.CaptureFixture[str], ledger_file: str
 ) -> None:
