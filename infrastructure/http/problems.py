@@ -11,6 +11,7 @@ README repeats; tests hold the two to each other.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,7 +102,7 @@ class Problem(Exception):
 
     def response(self) -> Response:
         return Response(
-            orjson.dumps(self.body(), default=str),
+            _encoded(self.body()),
             status_code=self.status,
             headers=self.headers,
             media_type=PROBLEM_JSON,
@@ -119,6 +120,15 @@ class Problem(Exception):
         if self.details:
             body["details"] = self.details
         return body
+
+
+def _encoded(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body, default=str)
+    except TypeError:
+        # The refusal repeats a lone surrogate the request sent (JSON may escape one, as a
+        # member's name say): orjson writes only valid UTF-8, the standard library escapes it.
+        return json.dumps(body, default=str).encode()
 
 
 def title_of(code: str) -> str:

@@ -107,6 +107,28 @@ def test_malformed_bodies_are_refused_and_write_nothing(
     assert api.head() == head
 
 
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/commands/deposit", b'{"amount": 5, "\\ud800": 1}'),
+        ("/v1/atomic", b'{"commands": [{"command": "deposit", "fields": {"\\udfff": 1}}]}'),
+        ("/v1/batch", b'{"commands": [{"command": "deposit", "fields": {"\\udfff": 1}}]}'),
+    ],
+)
+def test_a_member_named_by_a_lone_surrogate_is_refused_by_name(
+    api: Api, path: str, raw: bytes
+) -> None:
+    """JSON may escape a lone surrogate, which UTF-8 cannot hold: the refusal that names the
+    member still answers (it was a 500, the problem failing to encode)."""
+    head = api.head()
+    headers = {**api.auth("tester"), "Idempotency-Key": api.key()}
+    headers["Content-Type"] = "application/json"
+    reply = api.run(api.client.post(path, content=raw, headers=headers))
+    body = assert_problem(reply, 422, "invalid_request")
+    assert "has no argument" in body["detail"]
+    assert api.head() == head
+
+
 def test_a_body_too_deep_or_a_number_too_long_is_told_in_the_clients_terms(api: Api) -> None:
     headers = {**api.auth("tester"), "Content-Type": "application/json"}
     bodies = {
