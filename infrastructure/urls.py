@@ -56,6 +56,8 @@ def redacted(url: str) -> str:
 
 def scheme(url: str) -> str:
     """``memory``, ``sqlite`` or ``postgresql``."""
+    if not isinstance(url, str):
+        raise BadURL(f"a store URL is text such as sqlite:///path/to/file.db, got {url!r}")
     try:
         name = urlsplit(url).scheme
     except ValueError as error:  # a malformed host, such as an unclosed [IPv6 address

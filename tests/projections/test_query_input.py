@@ -88,3 +88,11 @@ def test_a_read_model_path_in_a_missing_folder_is_refused_not_created(tmp_path: 
         read_models.balance("0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", timeout=0)
     read_models.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", [5, None, ["sqlite:///x.db"]], ids=repr)
+def test_a_read_model_url_that_is_not_text_is_refused(url: object) -> None:
+    read_models = ReadModels(url)  # type: ignore[arg-type]  # what a careless caller passes
+    with pytest.raises(BadURL, match="a store URL is text"):
+        read_models.balance("0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b", timeout=0)
+    read_models.close()
