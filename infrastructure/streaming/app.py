@@ -32,7 +32,7 @@ from faust.types import Message as FaustMessage
 
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
-from daybook.infrastructure.lifecycle import Health, ServiceState
+from daybook.infrastructure.lifecycle import Health, Refused, ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
@@ -226,6 +226,15 @@ def make_app(
             async with batch_lock:
                 restart(app, "the broker lost its data (restarted on memory storage?)")
 
+    async def stop_worker() -> NoReturn:
+        """Stop the worker as SIGTERM does, and wait here to be cancelled. (An agent that
+        raises is restarted by faust's supervisor, and a worker stopping while that happens
+        waits forever.)"""
+        stopping = asyncio.ensure_future((stop or app.stop)())
+        await asyncio.shield(stopping)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable: the agent is cancelled")
+
     @app.agent(topic, name="daybook-project")
     async def _project(stream: Any) -> None:
         # The agent's stream is what subscribes faust to the topic (the Conductor); the
@@ -235,6 +244,15 @@ def make_app(
         pending = await asyncio.to_thread(applier.unpublished_dead_letters)
         if pending:
             await publish_dead_letters(pending)
+        try:
+            await asyncio.to_thread(applier.refuse_at_start)
+        except Refused as refusal:
+            applier.supervisor.judge(refusal)  # FAILED, said in one line
+            await stop_worker()
+        except Exception:
+            # Not a refusal (an outage, a broken table): the first batch meets it again,
+            # where it is waited out or stops the worker with its reason.
+            await asyncio.to_thread(applier.close)
         consumer = app.consumer
         while True:
             fetched = await handoff.get()
@@ -266,12 +284,7 @@ def make_app(
                         continue  # faust stops the worker, or gives it other partitions
                     if not isinstance(error, _Stopped):
                         raise
-                    # Stop the worker as SIGTERM does, and wait here to be cancelled. (An
-                    # agent that raises is restarted by faust's supervisor, and a worker
-                    # stopping while that happens waits forever.)
-                    stopping = asyncio.ensure_future((stop or app.stop)())
-                    await asyncio.shield(stopping)
-                    await asyncio.Event().wait()
+                    await stop_worker()
                 ack = consumer.ack
                 for message in current:
                     ack(message)

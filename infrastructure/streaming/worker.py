@@ -249,6 +249,20 @@ class StreamApplier:
                 projection.name, projection.version, self.group, self.topic, vector.furthest
             )
 
+    def refuse_at_start(self) -> None:
+        """Raise, at start, the refusal the first batch would meet: ``GroupAlreadyStarted``,
+        or ``NotOwner`` when every one of the projections' versions has another owner.
+        Otherwise a worker its group cannot serve would say so only when events next come,
+        and run on in silence on a quiet topic."""
+        store = self.connect()
+        catalog = VersionCatalog(store)
+        self._refuse_new_to_started_group(store, catalog)
+        records = [(p, catalog.version(p.name, p.version)) for p in self.projections]
+        owners = [record.owner for _, record in records if record is not None]
+        if records and len(owners) == len(records) and self.owner not in owners:
+            projection, _ = records[0]
+            raise NotOwner(projection.name, projection.version, owners[0], self.owner)
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -180,7 +180,8 @@ def test_a_worker_refused_by_a_users_mistake_says_why_in_one_line_without_a_trac
 ) -> None:
     """Workers started with projection versions new to a group that has applied events
     (group_already_started) stop with exit 1 and the refusal's code and advice: the user's
-    to fix, so no traceback, which is for bugs."""
+    to fix, so no traceback, which is for bugs. They say so at start: on a quiet topic no
+    batch would ever come to say it."""
     topic, group = unique("refused"), unique("group")
     ledger = open_ledger(pg_url)
     open_accounts(ledger, 3)
@@ -191,13 +192,36 @@ def test_a_worker_refused_by_a_users_mistake_says_why_in_one_line_without_a_trac
     finally:
         applier.close()
         ledger.close()
-    asyncio.run(produce(kafka_bootstrap, topic, [b"any message makes the worker apply"]))
     process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log").start()
     try:
         assert process.wait() == 1, process.output
     finally:
         process.stop()
     assert "group_already_started" in process.output and "new --group" in process.output
+    assert "Traceback" not in process.output, process.output
+
+
+def test_a_worker_whose_group_owns_none_of_its_versions_stops_at_start(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Every version built and kept by the in-process runner: a worker has nothing to
+    write, says whose they are and how to hand them over, and exits 1, with no event on
+    its topic to make it apply a batch first."""
+    topic, group = unique("unowned"), unique("group")
+    ledger = open_ledger(pg_url)
+    try:
+        open_accounts(ledger, 3)
+        runner = ProjectionRunner(event_log_of(ledger), pg_url, ALL)
+        runner.run_until_caught_up()
+        runner.stop()
+    finally:
+        ledger.close()
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log").start()
+    try:
+        assert process.wait() == 1, process.output
+    finally:
+        process.stop()
+    assert "not_owner" in process.output and "projections handover" in process.output
     assert "Traceback" not in process.output, process.output
 
 
