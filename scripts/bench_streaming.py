@@ -12,12 +12,14 @@ then measures, in one run:
    at its first batch (a pause point, ``infrastructure/streaming/faults.py``) until all of
    them hold partitions and have a batch in hand, so joining the group and rebalancing are
    left out; then all go at once and the clock runs until every event is applied. With the
-   time they spent waiting for locks (sessions of their read-model database waiting on a
-   lock, sampled every 5 ms), the partitions each worker had and the events per
-   partition, and the CPU each process used meanwhile (each worker, PostgreSQL, the broker,
-   and the whole machine, other work included, from ``/proc``). ``--rounds N`` repeats the
-   1, 2 and 4 workers N times on the same log. Then the in-process runner rebuilds the same
-   log into a database of its own.
+   time they spent waiting for locks while applying batches (sessions of their read-model
+   database waiting on a lock, sampled every 5 ms), and apart from it the time they waited
+   for the schema-change guard, which each worker takes once, on its first batch (after the
+   common start), to register its projections' versions; the partitions each worker had
+   and the events per partition, and the CPU each process used meanwhile (each worker,
+   PostgreSQL, the broker, and the whole machine, other work included, from ``/proc``).
+   ``--rounds N`` repeats the 1, 2 and 4 workers N times on the same log. Then the
+   in-process runner rebuilds the same log into a database of its own.
    For scale, the workers' ``StreamApplier`` is also fed by a plain aiokafka group consumer
    in 5,000-message fetches (no faust): what batch delivery below faust's stream would give;
 3. convergence latency p50/p99 from command commit to read-model row, under a steady load of
@@ -52,6 +54,7 @@ from daybook.infrastructure.bootstrap import event_log_of, open_event_log
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import DDL_LOCK
 from daybook.infrastructure.streaming import envelope, faults
 from daybook.infrastructure.streaming.progress import PROGRESS_TABLE, read_status
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig
@@ -133,15 +136,19 @@ def gates(base: Path, group: str, count: int) -> list[Path]:
 
 
 class LockWaits:
-    """Samples, every ``interval`` seconds, how many sessions of a database wait for a lock
-    (``pg_stat_activity``): the time workers spent waiting on each other, seen from outside
-    (only the workers write to their read-model database)."""
+    """Samples, every ``interval`` seconds, the sessions of a database that wait for a lock
+    (``pg_locks``): the time workers spent waiting on each other, seen from outside (only
+    the workers write to their read-model database). Waits for the schema-change guard
+    (``ReadStore.ddl_guard``) are counted apart: a worker takes it when it registers its
+    projections' versions, once, on its first batch, and the workers of a group starting
+    together register one after another; every other wait is one between batches."""
 
     def __init__(self, url: str, interval: float = 0.005) -> None:
         self.url = url
         self.interval = interval
         self.samples = 0
         self.waiting = 0
+        self.registering = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -155,18 +162,33 @@ class LockWaits:
 
     @property
     def seconds(self) -> float:
-        """Session-seconds spent waiting for locks (sampled)."""
+        """Session-seconds spent waiting for locks while applying batches (sampled)."""
         return self.waiting * self.interval
 
+    @property
+    def registering_seconds(self) -> float:
+        """Session-seconds spent waiting for the schema-change guard (sampled)."""
+        return self.registering * self.interval
+
     def _sample(self) -> None:
+        # One view (``pg_locks``: a consistent snapshot) says both that a session waits and
+        # for what; ``pg_stat_activity`` only says which database the session is on. A
+        # ``bigint`` advisory key is split into ``classid`` (high half) and ``objid``.
+        query = (
+            "SELECT count(*) FILTER (WHERE NOT guard), count(*) FILTER (WHERE guard) FROM ("
+            " SELECT l.locktype = 'advisory' AND l.objsubid = 1"
+            " AND l.classid::bigint = %s AND l.objid::bigint = %s AS guard"
+            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE NOT l.granted AND a.datname = current_database()) AS waits"
+        )
+        key = (DDL_LOCK >> 32, DDL_LOCK & 0xFFFFFFFF)
         with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
             while not self._stop.is_set():
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                ).fetchone()
+                row = conn.execute(query, key).fetchone()
                 self.samples += 1
-                self.waiting += int(row[0]) if row else 0
+                if row:
+                    self.waiting += int(row[0])
+                    self.registering += int(row[1])
                 time.sleep(self.interval)
 
 
@@ -222,7 +244,10 @@ class Sample:
 class WorkerRun:
     count: int
     rate: float
+    #: Session-seconds the workers waited for locks while applying batches, and while
+    #: registering their versions (the schema-change guard), sampled: ``LockWaits``.
     waited: float
+    registering: float
     group: str
     url: str
     #: Cores used in the timed window: each worker, PostgreSQL, the broker, the machine
@@ -300,6 +325,7 @@ def worker_rate(
         count=count,
         rate=head / seconds,
         waited=waits.seconds,
+        registering=waits.registering_seconds,
         group=group,
         url=url,
         worker_cores=[(e - b) / seconds for b, e in zip(start.workers, end.workers, strict=True)],
@@ -488,8 +514,10 @@ def main() -> None:
                 runs[count].append(run)
                 print(
                     f"round {round_number}: {count} worker(s) {run.rate:,.0f} events/s "
-                    f"({run.rate / runs[1][-1].rate:.2f}x), {run.waited:.2f}s waiting for "
-                    f"locks, partitions {run.partitions}; CPU (cores): {run.cpu()}",
+                    f"({run.rate / runs[1][-1].rate:.2f}x); waiting for locks "
+                    f"{run.waited:.2f}s applying batches, {run.registering:.2f}s registering "
+                    f"versions (schema-change guard); partitions {run.partitions}; "
+                    f"CPU (cores): {run.cpu()}",
                     flush=True,
                 )
         group, worker_url = runs[1][0].group, runs[1][0].url
@@ -556,8 +584,15 @@ def main() -> None:
                 for n in (2, 4)
             ),
             (
-                "workers waiting for locks (sampled)",
+                "lock waits applying batches (sampled)",
                 ", ".join(f"{n}: {max(r.waited for r in done):.2f}s" for n, done in runs.items()),
+                "",
+            ),
+            (
+                "lock waits registering (schema guard)",
+                ", ".join(
+                    f"{n}: {max(r.registering for r in done):.2f}s" for n, done in runs.items()
+                ),
                 "",
             ),
             ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),
