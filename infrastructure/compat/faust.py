@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, MutableMapping
+from time import monotonic
 from typing import Any
 
 import faust
@@ -116,6 +117,26 @@ def untrack(app: faust.App, messages: Iterable[Message]) -> None:
         pending.discard(message)
 
 
+def record_stream_inbound(app: faust.App, partitions: Iterable[TP]) -> None:
+    """Tell faust's livelock check that events of ``partitions`` are being processed now.
+
+    Every 2.5 commit intervals the consumer checks each assigned partition
+    (``AIOKafkaConsumerThread.verify_event_path``): when the broker has messages beyond the
+    consumer's position and no event of that partition entered a faust stream for
+    ``stream_processing_timeout`` (or ever, once the worker is that old), it logs at ERROR
+    that the stream has not started, or stopped, processing. It learns of events from the
+    monitor's ``stream_inbound_time``, which only a ``faust.Stream`` fills
+    (``Monitor.on_stream_event_in``); the agent's batches come from ``drain_in_batches``
+    instead, so without this every busy partition looked stalled. Called as a batch starts,
+    as faust records an event entering a stream: a batch taking longer than the timeout (a
+    database outage waited out) is then reported as faust would report a slow event.
+    """
+    inbound: MutableMapping[TP, float] = app.monitor.stream_inbound_time
+    now = monotonic()  # the clock the check compares with
+    for tp in partitions:
+        inbound[tp] = now
+
+
 def customize_worker_consumer(app: faust.App, customize: Callable[[Any], None]) -> None:
     """Run ``customize`` on the aiokafka consumer faust builds, before it starts.
 
@@ -186,6 +207,16 @@ RELIED_ON: tuple[Internal, ...] = (
         "Consumer.unacked and Consumer.wait_empty",
         on_instance=True,
         members=("discard",),
+    ),
+    Internal(
+        "faust-streaming",
+        "faust.sensors.monitor:Monitor",
+        "stream_inbound_time",
+        record_stream_inbound,
+        "what the new faust version's livelock check reads to tell that a stream processes",
+        on_instance=True,
+        types=(MutableMapping,),
+        used_in="faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.verify_event_path",
     ),
     Internal(
         "faust-streaming",

@@ -270,6 +270,9 @@ def make_app(
                 Message(m.partition, m.offset, m.value or b"", traceparent_header(m.headers))
                 for m in current
             ]
+            # No faust stream sees these events: faust's livelock check learns here that
+            # their partitions are processed (it called them stalled otherwise).
+            faust_compat.record_stream_inbound(app, {m.tp for m in current})
             async with batch_lock:
                 try:
                     await apply_until_done(messages)

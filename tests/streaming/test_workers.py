@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 from pathlib import Path
 
 import psycopg
@@ -15,6 +16,7 @@ from daybook import open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections import ALL
@@ -41,10 +43,10 @@ def relay(url: str, bootstrap: str, topic: str, log: Path) -> Daybook:
 
 
 def worker(
-    url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = ""
+    url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = "", batch: int = 500
 ) -> Daybook:
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
-    args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "500", "-v"]
+    args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", str(batch), "-v"]
     return Daybook(args, log, env={"DAYBOOK_FAULTS": faults} if faults else {})
 
 
@@ -223,6 +225,80 @@ def test_a_worker_whose_group_owns_none_of_its_versions_stops_at_start(
         process.stop()
     assert "not_owner" in process.output and "projections handover" in process.output
     assert "Traceback" not in process.output, process.output
+
+
+#: faust's livelock timeouts for the test below, in seconds (five minutes by default), set
+#: as faust reads them: from the environment.
+LIVELOCK_TIMEOUT = 2.0
+#: How often faust's livelock check runs: 2.5 commit intervals (``WorkerConfig``'s 0.5 s).
+LIVELOCK_CHECK_INTERVAL = 2.5 * 0.5
+
+
+def test_a_worker_keeping_up_with_a_steady_load_reports_no_stalled_stream(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """faust's livelock check says a partition's stream has not started, or stopped,
+    processing when the broker has messages beyond the consumer's position and no event of
+    that partition entered a faust stream for ``stream_processing_timeout``. The worker
+    applies whole fetches without a faust stream: while it keeps up with a steady load
+    (small batches, so that fetched messages often wait their turn), faust must not call its
+    partitions stalled (it did, at ERROR, every few checks), nor their commits."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 10)
+    topic, group = unique("steady"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log", batch=50)
+    process.env["STREAM_PROCESSING_TIMEOUT"] = str(LIVELOCK_TIMEOUT)
+    process.env["BROKER_COMMIT_LIVELOCK_SOFT_TIMEOUT"] = str(LIVELOCK_TIMEOUT)
+    process.start()
+    try:
+        wait_until(lambda: holds_partitions(process, topic), "the worker to get partitions")
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the first events")
+        # The load lasts past the timeout and several checks after it; each step's events
+        # are applied before the next step's are written.
+        until = time.monotonic() + LIVELOCK_TIMEOUT + 8 * LIVELOCK_CHECK_INTERVAL
+        step = 0
+        while time.monotonic() < until:
+            step += 1
+            write_money(ledger, accounts, 1000, seed=step)
+            head = ledger.head()
+            wait_until(lambda h=head: applied(pg_url, group, topic) >= h, f"step {step}")
+    finally:
+        process.stop()
+        the_relay.stop()
+        ledger.close()
+    errors = [line for line in process.output.splitlines() if "[ERROR]" in line]
+    assert errors == [], "\n".join(errors)
+
+
+def test_a_worker_held_in_a_batch_past_the_timeout_is_reported_slow(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The other side of the test above: the check is told about the worker's batches, not
+    silenced. A batch that does not finish within ``stream_processing_timeout`` while
+    messages wait behind it is reported by faust as a stream slow since its last event."""
+    ledger = open_ledger(pg_url)
+    write_money(ledger, open_accounts(ledger, 10), 3000)
+    topic, group = unique("held"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log", batch=50)
+    process.env.update(
+        DAYBOOK_FAULTS="worker.batch:2:pause",
+        DAYBOOK_FAULTS_DIR=str(tmp_path),
+        STREAM_PROCESSING_TIMEOUT=str(LIVELOCK_TIMEOUT),
+    )
+    process.start()
+    held = faults.paused_file("worker.batch", tmp_path)
+    try:
+        wait_until(held.exists, "the worker's second batch")
+        wait_until(lambda: "Stream stopped processing, or is slow" in process.output, "faust")
+        held.unlink()
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "every event applied")
+    finally:
+        held.unlink(missing_ok=True)
+        process.stop()
+        the_relay.stop()
+        ledger.close()
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:

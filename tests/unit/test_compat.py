@@ -80,6 +80,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
     datastore = PostgresDatastore("x", "127.0.0.1", 9, "nobody", "")
     yield {
         "faust.transport.drivers.aiokafka:Consumer": faust_app.consumer,
+        "faust.sensors.monitor:Monitor": faust_app.monitor,
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
