@@ -14,8 +14,10 @@ then measures, in one run:
    left out; then all go at once and the clock runs until every event is applied. With the
    time they spent waiting for locks while applying batches (sessions of their read-model
    database waiting on a lock, sampled every 5 ms), and apart from it the time they waited
-   for the schema-change guard, which each worker takes once, on its first batch (after the
-   common start), to register its projections' versions; the partitions each worker had
+   on the version catalog, which happens once per version: registering it (the
+   schema-change guard, taken on each worker's first batch, after the common start) and
+   switching reads to it when the build reaches the head (its catalog row locked while the
+   batches in flight finish); the partitions each worker had
    and the events per partition, and the CPU each process used meanwhile (each worker,
    PostgreSQL, the broker, and the whole machine, other work included, from ``/proc``).
    ``--rounds N`` repeats the 1, 2 and 4 workers N times on the same log. Then the
@@ -138,10 +140,14 @@ def gates(base: Path, group: str, count: int) -> list[Path]:
 class LockWaits:
     """Samples, every ``interval`` seconds, the sessions of a database that wait for a lock
     (``pg_locks``): the time workers spent waiting on each other, seen from outside (only
-    the workers write to their read-model database). Waits for the schema-change guard
-    (``ReadStore.ddl_guard``) are counted apart: a worker takes it when it registers its
-    projections' versions, once, on its first batch, and the workers of a group starting
-    together register one after another; every other wait is one between batches."""
+    the workers write to their read-model database). Waits on the version catalog are
+    counted apart, as they come once per version: for the schema-change guard
+    (``ReadStore.ddl_guard``), which a worker takes when it registers its projections'
+    versions on its first batch (the workers of a group starting together register one
+    after another), and those of the switch to serving: it builds the version's keys (an
+    index build locks its table against writes) and locks the version's catalog row while
+    the batches in flight finish, and the next batches wait for it. Every other wait is one
+    between batches."""
 
     def __init__(self, url: str, interval: float = 0.005) -> None:
         self.url = url
@@ -167,7 +173,7 @@ class LockWaits:
 
     @property
     def registering_seconds(self) -> float:
-        """Session-seconds spent waiting for the schema-change guard (sampled)."""
+        """Session-seconds spent waiting on the version catalog (sampled)."""
         return self.registering * self.interval
 
     def _sample(self) -> None:
@@ -176,12 +182,18 @@ class LockWaits:
         # ``bigint`` advisory key is split into ``classid`` (high half) and ``objid``.
         query = (
             "SELECT count(*) FILTER (WHERE NOT guard), count(*) FILTER (WHERE guard) FROM ("
-            " SELECT l.locktype = 'advisory' AND l.objsubid = 1"
-            " AND l.classid::bigint = %s AND l.objid::bigint = %s AS guard"
+            " SELECT (l.locktype = 'advisory' AND l.objsubid = 1"
+            " AND l.classid::bigint = %s AND l.objid::bigint = %s)"
+            " OR a.query ~* %s OR EXISTS (SELECT 1 FROM pg_stat_activity b"
+            " WHERE b.pid = ANY(pg_blocking_pids(l.pid)) AND b.query ~* %s) AS guard"
             " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE NOT l.granted AND a.datname = current_database()) AS waits"
         )
-        key = (DDL_LOCK >> 32, DDL_LOCK & 0xFFFFFFFF)
+        # A wait on the catalog: for its rows (the switch locks the version's), or for a
+        # table a key is being built on (the switch builds them first), by the waiter or
+        # by whoever it waits for.
+        catalog = r"daybook_projection_versions|^\s*(create|drop|alter)\s"
+        key = (DDL_LOCK >> 32, DDL_LOCK & 0xFFFFFFFF, catalog, catalog)
         with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
             while not self._stop.is_set():
                 row = conn.execute(query, key).fetchone()
@@ -245,7 +257,7 @@ class WorkerRun:
     count: int
     rate: float
     #: Session-seconds the workers waited for locks while applying batches, and while
-    #: registering their versions (the schema-change guard), sampled: ``LockWaits``.
+    #: on the version catalog (registering, switching), sampled: ``LockWaits``.
     waited: float
     registering: float
     group: str
@@ -516,7 +528,7 @@ def main() -> None:
                     f"round {round_number}: {count} worker(s) {run.rate:,.0f} events/s "
                     f"({run.rate / runs[1][-1].rate:.2f}x); waiting for locks "
                     f"{run.waited:.2f}s applying batches, {run.registering:.2f}s registering "
-                    f"versions (schema-change guard); partitions {run.partitions}; "
+                    f"and switching versions (catalog); partitions {run.partitions}; "
                     f"CPU (cores): {run.cpu()}",
                     flush=True,
                 )
@@ -589,7 +601,7 @@ def main() -> None:
                 "",
             ),
             (
-                "lock waits registering (schema guard)",
+                "lock waits on the version catalog",
                 ", ".join(
                     f"{n}: {max(r.registering for r in done):.2f}s" for n, done in runs.items()
                 ),

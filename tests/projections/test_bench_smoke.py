@@ -45,9 +45,9 @@ def test_bench_projections_smoke(pg_url: str) -> None:
 def test_bench_streaming_smoke() -> None:
     """The streaming benchmark (its own PostgreSQL and broker) on a log of one batch: the
     applier fed whole fetches applies it all, so its rate is not 0 (with the first fetch
-    left out of it, it was); and the workers' lock waits while applying batches leave out
-    their registration, which they do one after another under the schema-change guard
-    (counted in, it made four workers seem to wait for each other)."""
+    left out of it, it was); and the workers' lock waits while applying batches are
+    reported apart from those on the version catalog (registering, switching), which come
+    once per version (counted in, they made four workers seem to wait for each other)."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench_streaming.py"
     result = subprocess.run(
         [sys.executable, str(script), "--events", "300", "--rounds", "1",
@@ -60,10 +60,8 @@ def test_bench_streaming_smoke() -> None:
     table = {line[:38].strip(): line[38:].strip() for line in result.stdout.splitlines()}
     fed = re.fullmatch(r"([\d,]+) events/s", table["(applier fed whole fetches, no faust)"])
     assert fed is not None and int(fed[1].replace(",", "")) > 0, result.stdout
-    assert table["lock waits applying batches (sampled)"] == "1: 0.00s, 2: 0.00s, 4: 0.00s", (
-        result.stdout
-    )
-    assert re.fullmatch(
-        r"1: \d+\.\d\ds, 2: \d+\.\d\ds, 4: \d+\.\d\ds",
-        table["lock waits registering (schema guard)"],
-    )
+    # Both kinds of wait are reported, each for 1, 2 and 4 workers. (Whether batches wait
+    # for each other is proven by test_lock_orders, which holds one open; a sample here
+    # would only say whether one happened to be seen.)
+    for row in ("lock waits applying batches (sampled)", "lock waits on the version catalog"):
+        assert re.fullmatch(r"1: \d+\.\d\ds, 2: \d+\.\d\ds, 4: \d+\.\d\ds", table[row]), row
