@@ -225,6 +225,23 @@ def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> 
     assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
 
 
+def contend_once(shop: Shop, monkeypatch: pytest.MonkeyPatch, kind: type[Command]) -> list[Command]:
+    """The first command of ``kind`` the ledger is given is refused as the ledger refuses
+    one whose aggregates other writers kept changing past its retries (nothing applied);
+    the list it returns gets that command."""
+    execute = shop.ledger.execute
+    refused: list[Command] = []
+
+    def contended(command: Command) -> Receipt:
+        if isinstance(command, kind) and not refused:
+            refused.append(command)
+            raise ConcurrencyConflict("gave up after 40 attempts: other writers kept changing")
+        return execute(command)
+
+    monkeypatch.setattr(shop.ledger, "execute", contended)
+    return refused
+
+
 def test_contention_past_the_ledgers_retries_leaves_the_saga_to_the_next_pass(
     shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,16 +250,7 @@ def test_contention_past_the_ledgers_retries_leaves_the_saga_to_the_next_pass(
     next pass and the processor keeps running (it used to stop, failed, and `daybook sagas
     run` with it)."""
     saga_id = shop.order("o-9", [("KETTLE", 1, 3_000)])
-    execute = shop.ledger.execute
-    refused: list[Command] = []
-
-    def contended(command: Command) -> Receipt:
-        if isinstance(command, RunLocalStep) and not refused:
-            refused.append(command)
-            raise ConcurrencyConflict("gave up after 40 attempts: other writers kept changing")
-        return execute(command)
-
-    monkeypatch.setattr(shop.ledger, "execute", contended)
+    refused = contend_once(shop, monkeypatch, RunLocalStep)
     shop.processor.wake(saga_id).result()  # the pass that meets the contention
     assert shop.run(saga_id).state is SagaState.COMPLETED
     assert len(refused) == 1
@@ -259,16 +267,7 @@ def test_contention_spends_no_attempt_of_a_compensation(
     It is tried again at the next pass without counting against the policy's attempts,
     which end in needs_attention (it used to count as a failed attempt)."""
     saga_id = shop.order("o-10", [("KETTLE", 2, 3_000), ("MUG", 4, 500)])  # MUG: out of stock
-    execute = shop.ledger.execute
-    refused: list[Command] = []
-
-    def contended(command: Command) -> Receipt:
-        if isinstance(command, RunLocalCompensation) and not refused:
-            refused.append(command)
-            raise ConcurrencyConflict("gave up after 40 attempts: other writers kept changing")
-        return execute(command)
-
-    monkeypatch.setattr(shop.ledger, "execute", contended)
+    refused = contend_once(shop, monkeypatch, RunLocalCompensation)
     shop.processor.wake(saga_id).result()  # the pass that meets the contention
     assert shop.run(saga_id).state is SagaState.COMPENSATED
     assert len(refused) == 1
