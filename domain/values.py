@@ -108,6 +108,15 @@ def check_currency(value: object, what: str = "currency") -> str:
     return value
 
 
+def as_text(message: str, max_length: int = 200) -> str:
+    """``message`` (text someone else chose: a remote's error, an exception's) as free text
+    ``check_text`` takes: on one line, what it refuses replaced by U+FFFD, cut to
+    ``max_length``."""
+    line = " ".join(message.split())
+    kept = "".join("\ufffd" if unicodedata.category(c) in _NOT_TEXT else c for c in line)
+    return kept[:max_length] or "(no message)"
+
+
 def check_sku(value: object, what: str = "SKU") -> str:
     """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -."""
     if not isinstance(value, str) or not _SKU.fullmatch(value):

@@ -62,6 +62,7 @@ from daybook.domain.sagas import (
     SagaState,
     Wait,
 )
+from daybook.domain.values import as_text
 from daybook.infrastructure.gateway import (
     Charge,
     ChargeStatus,
@@ -101,11 +102,6 @@ class Backoff:
 
     def delay(self, attempt: int, draw: Callable[[float, float], float]) -> float:
         return draw(0.0, min(self.ceiling, self.initial * 2 ** (attempt - 1)))
-
-
-def _text(message: str) -> str:
-    """A message as a recorded field takes it: one line, at most 200 characters."""
-    return " ".join(message.split())[:200] or "(no message)"
 
 
 def idempotency_key(saga_id: UUID, step: str) -> str:
@@ -398,7 +394,7 @@ class SagaProcessor:
                     saga.id,
                     step.name,
                     "payment_declined",
-                    _text(f"the gateway declined the charge ({charge.decline_code})"),
+                    as_text(f"the gateway declined the charge ({charge.decline_code})"),
                     decided_by=self.name,
                     request_id=f"saga:{saga.id}:{step.name}:failed",
                     correlation_id=str(saga.id),
@@ -428,7 +424,7 @@ class SagaProcessor:
                     saga.id,
                     step,
                     "remote_unavailable",
-                    _text(f"gave up after {attempt} attempts: {error}"),
+                    as_text(f"gave up after {attempt} attempts: {error}"),
                     decided_by=self.name,
                     request_id=f"saga:{saga.id}:{step}:failed",
                     correlation_id=str(saga.id),
@@ -440,7 +436,7 @@ class SagaProcessor:
                 saga.id,
                 step,
                 attempt,
-                _text(error),
+                as_text(error),
                 self._retry_at(attempt, now),
                 request_id=f"saga:{saga.id}:{step}:retry:{attempt}",
                 correlation_id=str(saga.id),
@@ -510,7 +506,7 @@ class SagaProcessor:
                 saga.id,
                 step,
                 attempt,
-                _text(error),
+                as_text(error),
                 self._retry_at(attempt, self.clock()),
                 compensating=True,
                 decided_by=self.name,

@@ -20,7 +20,7 @@ from uuid import UUID
 from daybook.domain.errors import DomainError
 from daybook.domain.reconciliation import RecordReconciliation
 from daybook.domain.sagas import Saga, SagaState
-from daybook.domain.values import inventory_id
+from daybook.domain.values import as_text, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, PaymentGateway
 from daybook.infrastructure.ledger.facade import Ledger
@@ -211,7 +211,7 @@ def _record(ledger: Ledger, finding: Finding) -> None:
             finding.key,
             finding.kind,
             finding.action,
-            " ".join(finding.detail.split())[:200],
+            as_text(finding.detail),
             decided_by=RECONCILER,
             request_id=f"reconcile:{finding.key}:{finding.kind}:{finding.action}",
         )

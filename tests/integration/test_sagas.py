@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -24,6 +25,7 @@ from daybook.domain.sagas import (
     SagaState,
     Wait,
 )
+from daybook.infrastructure.gateway import Unavailable
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
@@ -223,6 +225,28 @@ def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> 
     assert health.error is not None and "refused the request (404)" in health.error
     processor.stop()
     assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
+
+
+def test_a_remote_error_with_control_characters_is_recorded_as_a_retry(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's error text is the remote's to choose (a 5xx body, say): a DEL or a C1
+    control in it, which free text refuses, must not make the retry it is recorded with
+    refused, nor stop the processor (it did: RetryLater was invalid_request)."""
+    port = shop.processor.ports["payments"]
+    charge = port.charge
+    failed: list[str] = []
+
+    def garbled(key: str, **request: Any) -> Any:
+        if not failed:
+            failed.append(key)
+            raise Unavailable("the gateway answered 503: <p>\x7fbusy\x9b</p>\ud800")
+        return charge(key, **request)
+
+    monkeypatch.setattr(port, "charge", garbled)
+    saga_id = shop.order("o-11", [("KETTLE", 1, 3_000)])
+    assert shop.run(saga_id).state is SagaState.COMPLETED
+    assert failed == [idempotency_key(saga_id, "charge")]
 
 
 def contend_once(shop: Shop, monkeypatch: pytest.MonkeyPatch, kind: type[Command]) -> list[Command]:

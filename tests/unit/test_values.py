@@ -19,6 +19,7 @@ from daybook.domain.errors import (
 )
 from daybook.domain.values import (
     MAX_AMOUNT,
+    as_text,
     check_amount,
     check_currency,
     check_delta,
@@ -219,3 +220,13 @@ def test_bad_uuids_are_invalid_requests(value: object) -> None:
         check_uuid(value, "account_id")
     assert caught.value.code == "invalid_request"
     assert "account_id" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["busy\x7f", "a\x9bb", "lone \ud800", "two\nlines\u2028", "x" * 500, " \t "],
+)
+def test_any_message_made_text_is_taken_as_free_text(message: str) -> None:
+    """A remote's error text, recorded with a saga's retry or a reconciliation, is made
+    into text ``check_text`` takes, whatever it holds."""
+    assert check_text(as_text(message), "error") == as_text(message)
