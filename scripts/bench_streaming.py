@@ -189,11 +189,13 @@ class LockWaits:
             " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE NOT l.granted AND a.datname = current_database()) AS waits"
         )
-        # A wait on the catalog: for its rows (the switch locks the version's), or for a
-        # table a key is being built on (the switch builds them first), by the waiter or
-        # by whoever it waits for.
+        # A wait on the catalog: the waiting statement (a blocked session's query is the
+        # one it waits in) reads a version's row, which only a catalog change (the switch)
+        # locks; or builds a key; or waits for a key's build. A blocker's query says only
+        # what it runs now, not what took the lock, except for a key's build: that session
+        # runs nothing else.
         catalog = r"daybook_projection_versions|^\s*(create|drop|alter)\s"
-        key = (DDL_LOCK >> 32, DDL_LOCK & 0xFFFFFFFF, catalog, catalog)
+        key = (DDL_LOCK >> 32, DDL_LOCK & 0xFFFFFFFF, catalog, r"^\s*(create|drop|alter)\s")
         with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
             while not self._stop.is_set():
                 row = conn.execute(query, key).fetchone()

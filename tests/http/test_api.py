@@ -514,6 +514,10 @@ def test_a_statement_pages_by_cursor(api: Api) -> None:
     assert first["includes_later"] is False and first["as_of_position"] == api.head()
     rest = api.get(f"/v1/accounts/{account}/statement", limit=3, cursor=first["next_cursor"])
     assert [e["amount"] for e in rest.json()["entries"]] == [2, 1]
+    assert rest.json()["next_cursor"] is None
+    # A last page that is full offers no cursor either: the opening is no entry.
+    whole = api.get(f"/v1/accounts/{account}/statement", limit=5).json()
+    assert len(whole["entries"]) == 5 and whole["next_cursor"] is None
     too_far = base64.urlsafe_b64encode(orjson.dumps({"before": 2**63})).decode()
     reply = api.get(f"/v1/accounts/{account}/statement", cursor=too_far)
     assert_problem(reply, 400, "invalid_parameter")
