@@ -214,15 +214,18 @@ def run_projections(
     **options: Any,
 ) -> EmbeddedProjections:
     """Keep read models up to date in a background thread beside ``ledger`` (use as a context
-    manager); ``runner.views`` queries them. ``url`` is the read-model database; by default
-    the ledger's settings say (``readmodels_url``, else the event store's own database; for
-    a ``memory://`` event store, a temporary SQLite file the runner removes when it stops)."""
+    manager); ``runner.views`` queries them. ``start=False``: no thread, in a ``with`` block
+    too; the caller applies the log itself (``step``, ``run_until_caught_up``). ``url`` is
+    the read-model database; by default the ledger's settings say (``readmodels_url``, else
+    the event store's own database; for a ``memory://`` event store, a temporary SQLite file
+    the runner removes when it stops)."""
     location = ReadModelLocation(ledger.settings.url, url or ledger.settings.readmodels_url)
     try:
         runner = EmbeddedProjections(event_log_of(ledger), location, projections, **options)
     except BaseException:
         location.close()
         raise
+    runner.start_on_enter = start
     if start:
         runner.start()
     return runner

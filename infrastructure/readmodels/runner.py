@@ -104,6 +104,9 @@ class ProjectionRunner:
         self.projections = list(projections)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        #: Whether ``with runner:`` starts its thread (``run_projections(start=False)``: no,
+        #: the caller steps it).
+        self.start_on_enter = True
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
         self.cache_limit = cache_limit
@@ -168,7 +171,7 @@ class ProjectionRunner:
         return health.error if health.state is ServiceState.FAILED else None
 
     def __enter__(self) -> Self:
-        return self.start()
+        return self.start() if self.start_on_enter else self
 
     def __exit__(
         self,

@@ -68,6 +68,21 @@ def test_stopping_and_restarting_applies_each_event_exactly_once(ledger: Ledger,
         assert_tables_match(ledger, runner.url, projection)
 
 
+def test_a_runner_asked_not_to_start_stays_in_its_callers_hands_inside_with(
+    ledger: Ledger, url: str
+) -> None:
+    """``start=False`` holds in a ``with`` block too: the caller steps the runner itself,
+    and no thread of its own applies batches meanwhile (``with`` used to start one)."""
+    workload(ledger, 20)
+    with run_projections(ledger, url, batch_size=5, start=False) as runner:
+        assert runner.health().state is not ServiceState.RUNNING
+        runner.step()
+        assert runner.health().state is not ServiceState.RUNNING
+        runner.run_until_caught_up()
+    for projection in projections.ALL:
+        assert_tables_match(ledger, runner.url, projection)
+
+
 def test_the_row_cache_keeps_no_rows_of_resolved_holds(ledger: Ledger, url: str) -> None:
     """A table the runner holds whole needs no mark for a deleted row (a miss already says
     absent): kept, the keys of every hold and reservation ever resolved filled the cache
