@@ -201,14 +201,16 @@ class PlaceOrder(Command):
                 saga_id=str(saga_id),
             )
         # The order's hold moves the customer's money to the merchant: an order whose hold
-        # would be refused is refused here, before a saga starts only to compensate.
+        # would be refused is refused here, before a saga starts only to compensate. (The
+        # customer is looked up first: an account that does not exist is not found, as in
+        # a transfer.)
+        customer = aggregates.get(Account, self.customer)
         if self.customer == self.merchant:
             raise SameAccount(
                 f"order {self.order_id!r} is paid by account {self.customer} to itself; the "
                 "merchant must be another account",
                 account_id=str(self.customer),
             )
-        customer = aggregates.get(Account, self.customer)
         merchant = aggregates.get(Account, self.merchant)
         if merchant.currency != customer.currency:
             raise CurrencyMismatch(

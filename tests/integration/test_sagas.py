@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 
 from daybook import Ledger, open_ledger, open_read_models, run_projections
 from daybook.domain.commands import Command, Receipt
-from daybook.domain.errors import ConcurrencyConflict
+from daybook.domain.errors import ConcurrencyConflict, DomainError
 from daybook.domain.orders import PlaceOrder, hold_id_of
 from daybook.domain.sagas import (
     CancelSaga,
@@ -333,10 +333,8 @@ def test_a_step_is_recorded_only_by_the_command_of_its_kind() -> None:
 def test_an_order_its_hold_would_refuse_is_refused_when_placed() -> None:
     """An order paid to its own customer, or to a merchant in another currency, can never
     take its hold: it is refused with the hold's own code before a saga starts (it used to
-    be accepted, and its saga compensated later)."""
-    from daybook.domain.errors import DomainError
-    from daybook.domain.orders import PlaceOrder
-
+    be accepted, and its saga compensated later). An account that does not exist is not
+    found first, as a transfer's are."""
     with open_ledger("memory://") as ledger:
         customer = ledger.open_account("ann", "EUR").account_id
         pounds = ledger.open_account("shop", "GBP").account_id
@@ -344,8 +342,14 @@ def test_an_order_its_hold_would_refuse_is_refused_when_placed() -> None:
         ledger.deposit(customer, 10_000)
         ledger.receive_stock("KETTLE", 5)
         head = ledger.head()
-        for merchant, code in ((customer, "same_account"), (pounds, "currency_mismatch")):
+        nobody = uuid4()
+        cases = [
+            (customer, customer, "same_account"),
+            (customer, pounds, "currency_mismatch"),
+            (nobody, nobody, "account_not_found"),
+        ]
+        for payer, merchant, code in cases:
             with pytest.raises(DomainError) as refused:
-                ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 4_500)]))
+                ledger.execute(PlaceOrder("o-1", payer, merchant, [("KETTLE", 1, 4_500)]))
             assert refused.value.code == code
             assert ledger.head() == head
