@@ -211,13 +211,6 @@ def _stock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _older_entries(views: ReadModels, account_id: UUID, seq: int) -> bool:
-    """Whether the account has statement entries before ``seq``. Asked, not inferred from
-    ``seq``: sequence numbers count every event of the account, and its opening is no entry."""
-    page = views.statement(account_id, limit=1, before_seq=seq)
-    return page is not None and bool(page.entries)
-
-
 def _statement(args: argparse.Namespace) -> int:
     with _views(args) as views:
         try:
@@ -225,11 +218,6 @@ def _statement(args: argparse.Namespace) -> int:
                 args.account_id, limit=args.limit, before_seq=args.before, **_wait(args)
             )
             position = views.position("account_statement") if found is None else 0
-            older = (
-                found is not None
-                and bool(found.entries)
-                and _older_entries(views, args.account_id, found.entries[-1].seq)
-            )
         except StaleRead as error:
             return _not_serving("account_statement", error)
     if found is None:
@@ -246,6 +234,6 @@ def _statement(args: argparse.Namespace) -> int:
             f"balance {entry.balance:>14,}{other}"
         )
     print(_behind(found.as_of_position, found.lag_events))
-    if older:
+    if found.older:
         print(f"older entries: --before {found.entries[-1].seq}")
     return 0

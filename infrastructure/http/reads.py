@@ -156,17 +156,14 @@ class ReadRoutes:
             before = _cursor(request, "before")
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
-            # One entry more than the page, read in the same snapshot: whether there are
-            # older ones (sequence numbers count every event of the account, so the last
-            # one's says nothing: the opening is no entry).
             found = await self._query(
-                lambda v: v.statement(key, limit=limit + 1, before_seq=before_seq, **wait)
+                lambda v: v.statement(key, limit=limit, before_seq=before_seq, **wait)
             )
             if found is None:
                 position = await self._query(lambda v: v.position("account_statement"))
                 raise _absent(f"no account {key} in the read model", position)
-            entries = [asdict(e) for e in found.entries[:limit]]
-            more = len(found.entries) > limit
+            entries = [asdict(e) for e in found.entries]
+            more = found.older
             body = {
                 "account_id": str(key),
                 "entries": entries,

@@ -139,6 +139,8 @@ class Statement:
     lag_events: int | None
     #: Events after ``as_of_position`` may be partly included (a stream-owned version).
     includes_later: bool = False
+    #: The account has entries older than the last one here (ask with ``before_seq``).
+    older: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,9 +304,9 @@ class ReadModels:
         min_position: int | None = None,
         timeout: float = 2.0,
     ) -> Statement | None:
-        """The newest ``limit`` entries (newest first), or those before ``before_seq``; None
-        if the read model has not seen the account (an account opened and not used yet has
-        a statement with no entries)."""
+        """The newest ``limit`` entries (newest first), or those before ``before_seq``, and
+        whether older ones exist; None if the read model has not seen the account (an
+        account opened and not used yet has a statement with no entries)."""
         key = _account_key(account_id, "account_id")
         _whole(limit, "limit", 1, MAX_PAGE)
         if before_seq is not None:
@@ -316,7 +318,10 @@ class ReadModels:
             if before_seq is not None:
                 where += " AND seq < %s"
                 params.append(before_seq)
-            rows = store.select(STATEMENT, version, where, params, "seq DESC", limit)
+            # One row more than asked, in the same snapshot: whether older entries exist
+            # (sequence numbers count every event of the account, so the last one's says
+            # nothing: the opening is no entry).
+            rows = store.select(STATEMENT, version, where, params, "seq DESC", limit + 1)
             if not rows and store.fetch(STATEMENT_HEADS, version, (key,)) is None:
                 return None
             return rows
@@ -335,9 +340,9 @@ class ReadModels:
                 transfer_id=_optional_text(row, "transfer_id"),
                 counterparty=_optional_text(row, "counterparty"),
             )
-            for row in rows
+            for row in rows[:limit]
         )
-        return Statement(UUID(key), entries, position, lag, later)
+        return Statement(UUID(key), entries, position, lag, later, len(rows) > limit)
 
     def daily_activity(
         self,
