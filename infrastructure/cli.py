@@ -18,12 +18,13 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
+from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import PersistenceError
 
 from daybook.domain.errors import DomainError
-from daybook.domain.values import MAX_BIGINT
+from daybook.domain.values import MAX_BIGINT, check_uuid
 from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
@@ -117,6 +118,19 @@ def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], in
         return value
 
     parse.__name__ = "whole number"
+    return parse
+
+
+def uuid_argument(what: str) -> Callable[[str], UUID]:
+    """An argparse type: ``what`` (an id) as a UUID, refused in the domain's words."""
+
+    def parse(text: str) -> UUID:
+        try:
+            return check_uuid(text, what)
+        except DomainError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = what
     return parse
 
 

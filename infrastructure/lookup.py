@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from daybook.domain.errors import DomainError
-from daybook.domain.values import check_sku, check_uuid
+from daybook.domain.values import check_sku
 from daybook.infrastructure.bootstrap import open_event_log, open_read_models
 from daybook.infrastructure.cli import (
     add_readmodels_argument,
@@ -21,11 +21,13 @@ from daybook.infrastructure.cli import (
     checked_settings,
     command,
     seconds,
+    uuid_argument,
     whole_number,
 )
 from daybook.infrastructure.readmodels import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.queries import MAX_PAGE
 
+_ACCOUNT_ID = uuid_argument("account id")
 _ID = "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b"
 _PG = "postgresql://daybook@localhost/daybook"
 
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
             f"daybook balance {_ID} --readmodels-url sqlite:///views.db --json",
         ],
     )
-    balance.add_argument("account_id", type=_account_id, help="the account's id (a UUID)")
+    balance.add_argument("account_id", type=_ACCOUNT_ID, help="the account's id (a UUID)")
     _common(balance)
     balance.set_defaults(handler=_balance)
 
@@ -78,7 +80,7 @@ def register(subparsers: Any) -> None:
             f"daybook statement {_ID} --readmodels-url sqlite:///views.db",
         ],
     )
-    statement.add_argument("account_id", type=_account_id, help="the account's id (a UUID)")
+    statement.add_argument("account_id", type=_ACCOUNT_ID, help="the account's id (a UUID)")
     statement.add_argument(
         "--limit", type=whole_number(1, MAX_PAGE), default=20, help="entries to show, at most"
     )
@@ -107,13 +109,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for --min-position",
     )
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-
-
-def _account_id(text: str) -> UUID:
-    try:
-        return check_uuid(text, "account id")
-    except DomainError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _sku(text: str) -> str:

@@ -12,10 +12,8 @@ from collections.abc import Iterator
 from typing import Any, cast
 from uuid import UUID
 
-from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.sagas import CancelSaga, RetrySaga, Saga
-from daybook.domain.values import check_uuid
 from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import (
     expiry_sweeper,
@@ -33,6 +31,7 @@ from daybook.infrastructure.cli import (
     command,
     metrics_served,
     setup_logging,
+    uuid_argument,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import ServiceState
@@ -61,16 +60,12 @@ def _gateway(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _saga_id(text: str) -> UUID:
-    try:
-        return check_uuid(text, "saga id")
-    except DomainError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+_SAGA_ID = uuid_argument("saga id")
 
 
 def _decision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "saga_id", type=_saga_id, help="the saga's id (as `daybook sagas list` shows)"
+        "saga_id", type=_SAGA_ID, help="the saga's id (as `daybook sagas list` shows)"
     )
     parser.add_argument("--by", default=None, help="who decides (default: the system user)")
     parser.add_argument("--reason", required=True, help="why (recorded with the decision)")
@@ -144,7 +139,7 @@ def register(subparsers: Any) -> None:
         examples=[f"daybook sagas show {_SAGA} --url postgresql://app@db/ledger"],
     )
     add_url_argument(show)
-    show.add_argument("saga_id", type=_saga_id, help="the saga's id")
+    show.add_argument("saga_id", type=_SAGA_ID, help="the saga's id")
     show.set_defaults(handler=_show)
 
     retry = command(
