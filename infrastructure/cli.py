@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -100,14 +101,17 @@ def command(
     return parser
 
 
+#: Numbers as a person writes them, in ASCII digits: ``int()`` and ``float()`` also read
+#: "1_000", "+5", " 3", other scripts' digits, "1e3", "inf" and "nan".
+_WHOLE = re.compile(r"-?[0-9]{1,20}")
+_DECIMAL = re.compile(r"-?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})")
+
+
 def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in ``minimum`` .. ``maximum``, or a one-line refusal."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text) if len(text) <= 20 else None
-        except ValueError:
-            value = None
+        value = int(text) if _WHOLE.fullmatch(text) else None
         if value is None:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
         if value < minimum:
@@ -136,11 +140,10 @@ def uuid_argument(what: str) -> Callable[[str], UUID]:
 
 def seconds(text: str) -> float:
     """An argparse type: a positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
+    value = float(text) if _DECIMAL.fullmatch(text) else None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
 
@@ -158,11 +161,10 @@ def broker_seconds(text: str) -> float:
 
 def rate(text: str) -> float:
     """An argparse type: requests per second, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}") from None
-    if not 0 <= value < float("inf"):
+    value = float(text) if _DECIMAL.fullmatch(text) else None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}")
+    if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more requests per second, got {text}")
     return value
 

@@ -272,6 +272,16 @@ def test_memory_is_refused_where_it_cannot_work(
         (["demo", "--clients", "0"], "--clients: must be at least 1, got 0"),
         (["demo", "--commands", "-5"], "--commands: must be at least 1, got -5"),
         (["demo", "--clients", "many"], "--clients: expected a whole number, got 'many'"),
+        # What int() and float() read but a person would not write: digit separators, a
+        # plus sign, spaces, other scripts' digits, exponents and special values.
+        (["demo", "--clients", "1_0"], "--clients: expected a whole number, got '1_0'"),
+        (["demo", "--clients", "+5"], "--clients: expected a whole number, got '+5'"),
+        (["demo", "--clients", " 3"], "--clients: expected a whole number, got ' 3'"),
+        (["demo", "--clients", "\u0663"], "--clients: expected a whole number"),
+        (["project", "--poll-interval", "1_0"], "--poll-interval: expected a number of seconds"),
+        (["project", "--poll-interval", "nan"], "--poll-interval: expected a number of seconds"),
+        (["project", "--poll-interval", "1e3"], "--poll-interval: expected a number of seconds"),
+        (["tokens", "create", "x", "--scope", "read", "--rate", "inf"], "expected requests per"),
         (["project", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["project", "--poll-interval", "0"], "--poll-interval: must be more than 0 seconds"),
         (["relay", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
