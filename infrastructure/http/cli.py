@@ -20,10 +20,12 @@ from daybook.infrastructure.cli import (
     setup_logging,
     whole_number,
 )
+from daybook.infrastructure.http.options import HttpOptions
 from daybook.infrastructure.http.tokens import SCOPES, TokenError, check_name, open_tokens
 from daybook.infrastructure.preflight import where
 
 _PG = "postgresql://daybook@localhost/daybook"
+_DEFAULTS = HttpOptions()
 
 
 def register(subparsers: Any) -> None:
@@ -82,38 +84,44 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--command-capacity",
         type=whole_number(1),
-        default=2048,
+        default=_DEFAULTS.command_capacity,
         help="commands in progress at most; more are refused with 503 and Retry-After",
     )
     serve.add_argument(
         "--read-capacity",
         type=whole_number(1),
-        default=256,
+        default=_DEFAULTS.read_capacity,
         help="reads in progress at most; more are refused with 503 and Retry-After",
     )
     serve.add_argument(
-        "--read-connections", type=whole_number(1, 64), default=4, help="read-model connections"
+        "--read-connections",
+        type=whole_number(1, 64),
+        default=_DEFAULTS.read_connections,
+        help="read-model connections",
     )
     serve.add_argument(
         "--token-rate",
         type=rate,
-        default=0.0,
+        default=_DEFAULTS.token_rate,
         help="requests per second per token unless the token has its own (0: no limit; default: 0)",
     )
     serve.add_argument(
         "--token-cache-seconds",
         type=seconds,
-        default=5.0,
+        default=_DEFAULTS.token_cache_seconds,
         help="how long a verified token is trusted before it is looked up again (a "
         "revocation by another process takes effect within it)",
     )
     serve.add_argument(
-        "--max-body-bytes", type=whole_number(64), default=1024 * 1024, help="largest body taken"
+        "--max-body-bytes",
+        type=whole_number(64),
+        default=_DEFAULTS.max_body_bytes,
+        help="largest body taken",
     )
     serve.add_argument(
         "--max-read-wait",
         type=seconds,
-        default=10.0,
+        default=_DEFAULTS.max_read_wait,
         help="longest wait a read may ask for with min_position, in seconds",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
@@ -257,7 +265,6 @@ def _listen_problem(host: str, port: int) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     from daybook.infrastructure.bootstrap import http_parts
     from daybook.infrastructure.collector import settle_collector
-    from daybook.infrastructure.http.app import HttpOptions
     from daybook.infrastructure.http.server import run
 
     if bool(args.tls_cert) != bool(args.tls_key):
