@@ -196,21 +196,7 @@ class ReadModels:
         row, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
         if row is None:
             return None
-        return Balance(
-            account_id=UUID(key),
-            owner=_text(row, "owner"),
-            currency=_text(row, "currency"),
-            balance=_int(row, "balance"),
-            held=_int(row, "held"),
-            available=_int(row, "available"),
-            overdraft_limit=_int(row, "overdraft_limit"),
-            status=_text(row, "status"),
-            version=_int(row, "version"),
-            last_event_at=_text(row, "last_event_at"),
-            as_of_position=position,
-            lag_events=lag,
-            includes_later=later,
-        )
+        return _balance(row, position, lag, later)
 
     def balances(
         self,
