@@ -131,6 +131,11 @@ class LedgerAggregate(BaseAggregate[UUID]):
         """The aggregate's state for a reader: an immutable value."""
         raise NotImplementedError
 
+    @property
+    def settled(self) -> bool:
+        """True once no command can change it again (a resolved hold, a finished saga)."""
+        return False
+
     class Event(DomainEvent, CanMutateAggregate[UUID]):
         """An event that changes an existing aggregate."""
 

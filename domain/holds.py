@@ -159,6 +159,10 @@ class Hold(LedgerAggregate):
         def apply(self, hold: Hold) -> None:
             hold.status = EXPIRED
 
+    @property
+    def settled(self) -> bool:
+        return self.status != OPEN
+
     @classmethod
     def id_for(cls, key: Any) -> UUID:
         # Derived from the hold id, so a hold id can never name another kind of aggregate.

@@ -408,6 +408,10 @@ class Saga(LedgerAggregate):
     def context(self) -> SagaContext:
         return SagaContext(self.id, self.data, self.results)
 
+    @property
+    def settled(self) -> bool:
+        return self.state.finished
+
     def view(self) -> SagaView:
         steps = self.steps
         step = steps[self.current].name if self.current < len(steps) else None

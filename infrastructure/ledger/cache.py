@@ -43,6 +43,13 @@ class AggregateCache(Cache[UUID, Any]):
 
     def put(self, key: UUID, value: Any) -> None:
         entry = key.int
+        if value.settled:
+            # Nothing will change it again, so no command needs it at hand. Kept, one per
+            # resolved hold and finished saga would push live aggregates out, and a process
+            # would hold as many as the cache has room for (a finished saga is a few KB).
+            with self.lock:
+                self._entries.pop(entry, None)
+            return
         with self.lock:
             self._entries[entry] = value
             self._entries.move_to_end(entry)

@@ -12,6 +12,7 @@ import weakref
 from typing import Any
 
 from daybook import open_ledger
+from daybook.domain.holds import Hold
 from daybook.infrastructure.ledger.application import PreparedBatch, UnitOfWork
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 
@@ -71,3 +72,32 @@ def test_live_units_of_work_stay_bounded_under_continuous_load(store_url: str) -
     balances = sum(ledger.account(a).balance for a in accounts)
     assert balances == 1_000_000 * len(accounts)
     ledger.close()
+
+
+def test_resolved_holds_leave_the_aggregate_cache(store_url: str) -> None:
+    """A captured or voided hold never changes again. Cached, every one would push a live
+    aggregate out, and a process would hold one per hold it ever resolved until the cache
+    is full; a read that loads one again does not cache it either."""
+    ledger = open_ledger(store_url)
+    try:
+        account = ledger.open_account("alice", "EUR").account_id
+        assert account is not None
+        ledger.deposit(account, 10_000)
+        cache = ledger.service.repository.cache
+        holds = [ledger.hold(account, 10, timeout=60).hold_id for _ in range(20)]
+        aggregates = {Hold.id_for(hold_id) for hold_id in holds}
+        assert aggregates <= set(cache.ids())  # open ones are cached
+        open_one = Hold.id_for(ledger.hold(account, 10, timeout=60).hold_id)
+        for n, hold_id in enumerate(holds):
+            assert hold_id is not None
+            if n % 2:
+                ledger.capture(hold_id)
+            else:
+                ledger.void(hold_id)
+            assert ledger.hold_status(hold_id).status in ("captured", "voided")
+        cached = set(cache.ids())
+        assert not cached & aggregates
+        assert {account, open_one} <= cached
+        assert ledger.account(account).held == 10
+    finally:
+        ledger.close()

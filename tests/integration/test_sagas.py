@@ -15,6 +15,7 @@ import pytest
 from daybook import Ledger, open_ledger, open_read_models, run_projections
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError
+from daybook.domain.holds import Hold
 from daybook.domain.orders import PlaceOrder, hold_id_of
 from daybook.domain.sagas import (
     CancelSaga,
@@ -108,6 +109,28 @@ def assert_nothing_left_open(shop: Shop, saga_id: UUID) -> None:
     assert status.status in ("captured", "voided", "expired")
     for sku in ("KETTLE", "MUG"):
         assert shop.ledger.inventory(sku).reservations == {}
+
+
+def test_finished_sagas_leave_the_aggregate_cache(shop: Shop) -> None:
+    """A finished saga (and its resolved hold) never changes again: the processor's ledger
+    keeps none of them cached, where each would push a live aggregate out (a process running
+    orders for months would otherwise fill its cache with them)."""
+    sagas = [shop.order(f"o-{n}", [("KETTLE", 1, 100)]) for n in range(3)]
+    shop.server.gateway.knobs.decline_rate = 1.0
+    sagas.append(shop.order("o-declined", [("KETTLE", 1, 100)]))
+    cache = shop.ledger.service.repository.cache
+    assert set(sagas) <= set(cache.ids())  # running ones are cached
+    shop.server.gateway.knobs.decline_rate = 0.0
+    states = [shop.run(saga_id).state for saga_id in sagas[:3]]
+    shop.server.gateway.knobs.decline_rate = 1.0
+    states.append(shop.run(sagas[3]).state)
+    assert states == [SagaState.COMPLETED] * 3 + [SagaState.COMPENSATED]
+    for saga_id in sagas:
+        assert shop.ledger.read(Saga, saga_id).state.finished  # a read does not cache it
+    cached = set(cache.ids())
+    assert not cached & set(sagas)
+    assert not cached & {Hold.id_for(hold_id_of(saga_id)) for saga_id in sagas}
+    assert shop.customer in cached
 
 
 def test_an_order_completes_money_and_stock_move_once(shop: Shop) -> None:
