@@ -105,6 +105,12 @@ class ContractMapper(Mapper[Any]):
 
     def decode_state(self, stored_event: StoredEvent) -> dict[str, Any]:
         """The event's state at the current schema version, as plain JSON values."""
+        return self.decode_versioned(stored_event)[0]
+
+    def decode_versioned(self, stored_event: StoredEvent) -> tuple[dict[str, Any], int]:
+        """``decode_state``, and the schema version the state is at: this code's version of
+        the event, or the stored one when newer code wrote it (its state is as written:
+        nothing here knows how to bring it down)."""
         data = stored_event.state
         if self.cipher:
             data = self.cipher.decrypt(data)
@@ -119,4 +125,4 @@ class ContractMapper(Mapper[Any]):
             stored_version += 1
         state["originator_id"] = stored_event.originator_id
         state["originator_version"] = stored_event.originator_version
-        return state
+        return state, stored_version

@@ -25,7 +25,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from eventsourcing.utils import resolve_topic
+from eventsourcing.utils import TopicError, resolve_topic
 
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
 from daybook.infrastructure.compat.aiokafka import default_partition
@@ -55,6 +55,10 @@ class Envelope:
     occurred_at: str
     metadata: dict[str, Any]
     payload: dict[str, Any]
+    #: The schema version ``payload`` is at, as the relay read it from the log (None: a relay
+    #: of an older daybook sent it, whose ``schema`` named its own code's version even for
+    #: a payload newer code wrote, so nothing can be told from it).
+    payload_schema: int | None = None
 
     @property
     def key(self) -> bytes:
@@ -65,9 +69,14 @@ class Envelope:
         return self.type == MARK
 
     def to_state(self) -> dict[str, Any]:
-        """The event's state as ``ContractMapper.decode_state`` gives it."""
+        """The event's state as ``ContractMapper.decode_state`` gives it: a payload of an
+        older schema than this code's (published by a relay running older code) is upcast
+        here, as the mapper upcasts a stored event."""
+        payload = self.payload
+        if self.payload_schema is not None:
+            payload = upcast(self.type, self.payload_schema, payload)
         return {
-            **self.payload,
+            **payload,
             "originator_id": self.aggregate_id,
             "originator_version": self.aggregate_version,
             "timestamp": self.occurred_at,
@@ -77,6 +86,23 @@ class Envelope:
     def to_domain_event(self) -> Any:
         """The pydantic domain event (validated against its contract)."""
         return resolve_topic(self.type).model_validate(self.to_state())
+
+
+def upcast(event_type: str, schema: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` (of schema version ``schema``) at this code's schema version of
+    ``event_type``; ``payload`` itself when it is there already, or newer, or of a type this
+    code does not know (no handler here reads it)."""
+    try:
+        event_class = resolve_topic(event_type)
+    except TopicError:
+        return payload
+    current: int = getattr(event_class, "class_version", 1)
+    if schema >= current:
+        return payload
+    state = dict(payload)
+    for version in range(schema, current):
+        getattr(event_class, f"upcast_v{version}_v{version + 1}")(state)
+    return state
 
 
 def partition_key(aggregate_id: UUID | str) -> bytes:
@@ -89,19 +115,24 @@ def partition_for(key: bytes, partitions: int) -> int:
     return default_partition(key, partitions)
 
 
-def encode(event_type: str, state: dict[str, Any], position: int, prev: int) -> tuple[bytes, bytes]:
-    """``(key, value)`` for a decoded stored event (``state`` is consumed)."""
+def encode(
+    event_type: str, state: dict[str, Any], position: int, prev: int, schema: int | None = None
+) -> tuple[bytes, bytes]:
+    """``(key, value)`` for a decoded stored event (``state`` is consumed) whose state is at
+    schema version ``schema`` (``ContractMapper.decode_versioned``; default: this code's)."""
     aggregate_id = state.pop("originator_id")
     aggregate_version = state.pop("originator_version")
     occurred_at = state.pop("timestamp")
     if isinstance(occurred_at, datetime):
         occurred_at = occurred_at.isoformat()
     metadata = state.pop("meta", None) or {}
+    code_schema = getattr(resolve_topic(event_type), "class_version", 1)
     value = orjson.dumps(
         {
             "v": ENVELOPE_VERSION,
             "type": event_type,
-            "schema": getattr(resolve_topic(event_type), "class_version", 1),
+            "schema": code_schema,
+            "payload_schema": code_schema if schema is None else schema,
             "aggregate_id": aggregate_id,
             "aggregate_version": aggregate_version,
             "position": position,
@@ -141,6 +172,7 @@ def decode(value: bytes) -> Envelope:
             occurred_at=raw["occurred_at"],
             metadata=raw["metadata"],
             payload=raw["payload"],
+            payload_schema=raw.get("payload_schema"),
         )
     except BadEnvelope:
         raise

@@ -326,19 +326,19 @@ class Relay:
     ) -> RelayCursor:
         """Send ``batch`` and wait for every acknowledgement; the cursor after it."""
         partitions = cursor.partitions
-        decode_state: Callable[[Notification], dict[str, Any]] = self._log.mapper.decode_state
+        decode: Decode = self._log.mapper.decode_versioned
         #: Per event of the batch, in order: its traceparent (only when tracing).
         traced: list[str | None] = []
         if tracing.enabled():
-            decode_plain = decode_state
+            decode_plain = decode
 
-            def decode_traced(notification: Notification) -> dict[str, Any]:
-                state = decode_plain(notification)
+            def decode_traced(notification: Notification) -> tuple[dict[str, Any], int]:
+                state, schema = decode_plain(notification)
                 traced.append(tracing.traceparent_in(state))
-                return state
+                return state, schema
 
-            decode_state = decode_traced
-        planned, chain = plan_messages(batch, cursor.chain, decode_state)
+            decode = decode_traced
+        planned, chain = plan_messages(batch, cursor.chain, decode)
         sent: list[tuple[int, asyncio.Future[Any]]] = []
         with tracing.continued(
             "daybook.relay.publish",
@@ -444,24 +444,28 @@ class Relay:
         log.warning("relay: %s unavailable (%s); retrying", what, self.stats.last_error)
 
 
+#: A stored event's state and the schema version it is at (``ContractMapper.decode_versioned``).
+Decode = Callable[[Notification], tuple[dict[str, Any], int]]
+
+
 def plan_messages(
-    batch: Sequence[Notification],
-    chain: Sequence[int],
-    decode_state: Callable[[Notification], dict[str, Any]],
+    batch: Sequence[Notification], chain: Sequence[int], decode: Decode
 ) -> tuple[list[tuple[int, bytes | None, bytes]], tuple[int, ...]]:
     """The messages that publish ``batch`` after ``chain`` (the last position sent to each
     partition): ``(partition, key, value)`` in order, then a mark for every partition (see
     ``envelope.MARK``), and the chain after them. Pure: the same log and chain always give
     the same messages, which is what lets consumers tell a re-published event from a new
-    one."""
+    one. Each envelope names the schema its payload is at, which is the stored one when
+    newer code wrote the event: a worker upcasts only what is older than its code."""
     links = list(chain)
     partitions = len(links)
     planned: list[tuple[int, bytes | None, bytes]] = []
     for notification in batch:
         key = envelope.partition_key(notification.originator_id)
         partition = envelope.partition_for(key, partitions)
+        state, schema = decode(notification)
         _, value = envelope.encode(
-            notification.topic, decode_state(notification), notification.id, links[partition]
+            notification.topic, state, notification.id, links[partition], schema
         )
         links[partition] = notification.id
         planned.append((partition, key, value))

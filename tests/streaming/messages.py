@@ -29,7 +29,7 @@ class Stream:
             batch = log.notifications(self.position, batch_size)
             if not batch:
                 return out
-            planned, self.chain = plan_messages(batch, self.chain, log.mapper.decode_state)
+            planned, self.chain = plan_messages(batch, self.chain, log.mapper.decode_versioned)
             for partition, _key, value in planned:
                 out.append(Message(partition, self.offsets[partition], value))
                 self.offsets[partition] += 1
