@@ -88,6 +88,25 @@ class GroupAlreadyStarted(Refused):
         self.group = group
 
 
+class CodeLacksVersion(Refused):
+    """A stream worker whose code does not define a version its group writes. The group's
+    partition progress is one checkpoint for every version it owns: a batch applied without
+    that version would move it past events the version never got."""
+
+    code = "code_lacks_version"
+
+    def __init__(self, name: str, version: int, owner: str, defined: int | None) -> None:
+        code = "does not define it" if defined is None else f"defines version {defined}"
+        super().__init__(
+            f"{owner} writes projection {name} v{version}, and this worker's code {code}: a "
+            "batch applied without it would move the group past events that version never "
+            "got; deploy the new code"
+        )
+        self.name = name
+        self.version = version
+        self.owner = owner
+
+
 def create_progress_table(store: ReadStore) -> None:
     """The partition vectors of stream groups (inside a transaction)."""
     store.execute(

@@ -48,6 +48,7 @@ from daybook.infrastructure.readmodels.catalog import (
     repeated_keys,
 )
 from daybook.infrastructure.readmodels.checkpoints import (
+    CodeLacksVersion,
     GroupAlreadyStarted,
     NotOwner,
     read_vector,
@@ -257,11 +258,36 @@ class StreamApplier:
         store = self.connect()
         catalog = VersionCatalog(store)
         self._refuse_new_to_started_group(store, catalog)
+        try:
+            self._refuse_lacking(catalog)
+        except CodeLacksVersion as refusal:
+            self._note_lacking(store, refusal)
+            raise
         records = [(p, catalog.version(p.name, p.version)) for p in self.projections]
         owners = [record.owner for _, record in records if record is not None]
         if records and len(owners) == len(records) and self.owner not in owners:
             projection, _ = records[0]
             raise NotOwner(projection.name, projection.version, owners[0], self.owner)
+
+    def _refuse_lacking(self, catalog: VersionCatalog) -> None:
+        """Raise ``CodeLacksVersion`` for a version the group writes (live or rebuilding)
+        that this worker's code does not define: say, one handed to the group after a
+        rebuild with newer code, while this worker still runs the old."""
+        defined = {p.name: p.version for p in self.projections}
+        for record in catalog.versions():
+            if record.owner != self.owner or not record.state.writable:
+                continue
+            if defined.get(record.name) != record.version:
+                raise CodeLacksVersion(
+                    record.name, record.version, self.owner, defined.get(record.name)
+                )
+
+    def _note_lacking(self, store: ReadStore, refusal: CodeLacksVersion) -> None:
+        """Say on the version's catalog row (for ``projections status``) that a worker of
+        the group stopped for it; the group's next writer of it clears the note."""
+        note = f"a worker of {self.owner} ({self.writer}) stopped: {refusal}"
+        with store.transaction():
+            VersionCatalog(store).set_note(refusal.name, refusal.version, note)
 
     def close(self) -> None:
         if self.store is not None:
@@ -275,12 +301,21 @@ class StreamApplier:
     def apply(self, messages: Sequence[Message]) -> BatchResult:
         """Apply ``messages`` (in arrival order) in one transaction; raises for database
         errors (the caller reconnects and retries the same messages), ``NotOwner`` when
-        the group owns none of its projections' versions, and ``GroupAlreadyStarted`` when
-        one of them would be a version new to a group that has consumed events."""
+        the group owns none of its projections' versions, ``GroupAlreadyStarted`` when
+        one of them would be a version new to a group that has consumed events, and
+        ``CodeLacksVersion`` (having applied nothing) when the group writes a version its
+        code does not define."""
         crash_point("worker.batch")
         store = self.connect()
         if not self._registered:
             self._register(store)
+        try:
+            return self._apply_traced(store, messages)
+        except CodeLacksVersion as refusal:  # the batch rolled back: nothing moved
+            self._note_lacking(store, refusal)
+            raise
+
+    def _apply_traced(self, store: ReadStore, messages: Sequence[Message]) -> BatchResult:
         with tracing.continued(
             "daybook.worker.apply",
             _traced(messages),
@@ -585,8 +620,11 @@ class StreamApplier:
                 if parked is None:
                     parked = self._parked_count(store)
                 metrics.PROJECTION_PARKED.labels(*map(str, key)).set(parked)
+            if record.note is not None and catalog.active_version(key[0]) == key[1]:
+                catalog.set_note(*key, None)  # followed again
             slot.record = record
             slots.append(slot)
+        self._refuse_lacking(catalog)
         if not slots and refused is not None:
             raise refused
         if any(p.writer not in (None, self.writer) for p in progress.values()):

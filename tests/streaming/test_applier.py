@@ -18,6 +18,7 @@ from daybook.domain.accounts import Account
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.catalog import DROP_RETRY, VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.checkpoints import CodeLacksVersion
 from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
@@ -610,3 +611,48 @@ def test_the_purge_reads_the_oldest_letters_from_its_index_not_all_of_them(pg_ur
     [plan] = explained.plans
     assert f"Index Scan using {PURGE_INDEX}" in plan, plan
     assert "Sort" not in plan, plan
+
+
+def test_a_worker_whose_code_lacks_a_version_its_group_writes_applies_nothing(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The group's partition progress is one checkpoint for every version it owns. v2 of a
+    projection is built by the runner and handed to the group while a worker still runs the
+    code of v1 (and of another projection the group owns): it must not apply a batch to the
+    other projection alone and move the group past events v2 never got. It refuses, the
+    status says why, and a worker with the new code applies the batch to both."""
+    fixed = FIXED_TOTALS
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(3)]
+    for account in accounts:
+        ledger.deposit(account, 10)
+    log = event_log_of(ledger)
+    stream = Stream(1)
+    old_code = [projections.ACCOUNT_BALANCES, BUGGY_TOTALS]
+    old = StreamApplier(pg_url, old_code, group="g", topic="t", partitions=1, writer="old")
+    new = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES, fixed], group="g", topic="t",
+                        partitions=1, writer="new")  # fmt: skip
+    try:
+        old.apply(stream.publish(ledger))
+        runner = ProjectionRunner(log, pg_url, [fixed])
+        runner.run_until_caught_up()
+        runner.stop()
+        handover(log, pg_url, [fixed], "stream:g", topic="t", partitions=1,
+                 known=[BUGGY_TOTALS])  # fmt: skip
+        for account in accounts:
+            ledger.deposit(account, 5)
+        later = stream.publish(ledger)
+        with pytest.raises(CodeLacksVersion, match="deposit_totals v2"):
+            old.apply(later)
+        assert main(["projections", "status", "--url", pg_url]) == 1
+        assert "a worker of stream:g (old) stopped" in capsys.readouterr().out
+        with pytest.raises(CodeLacksVersion):  # and says so at start, before joining
+            old.refuse_at_start()
+        new.apply(later)
+        assert reconcile(log, pg_url, fixed).clean
+        assert reconcile(log, pg_url, projections.ACCOUNT_BALANCES).clean
+        assert main(["projections", "status", "--url", pg_url]) == 0  # followed again
+    finally:
+        old.close()
+        new.close()
+        ledger.close()
