@@ -433,6 +433,10 @@ class ProjectionRunner:
                 current = catalog.version(*slot.key, lock=True)
                 if not self._still_ours(slot, current):
                     continue
+                if slot.record.note is not None and slot.record.state is VersionState.LIVE:
+                    # Serving, and followed: by this runner. A note that another could not
+                    # (older code, gone or not) says nothing about the version any more.
+                    catalog.set_note(*slot.key, None)
                 rows = BatchRows(slot, store)
                 position, last_at, failure = apply_careful(slot, rows, events, slot.record.position)
                 if failure is not None:

@@ -67,6 +67,34 @@ def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
     assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
 
 
+def test_a_note_from_an_old_runner_goes_once_a_runner_follows_the_version(
+    ledger: Ledger, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling deployment: the runner with the new code builds version 2 and switches
+    reads while the old one runs; the old one then notes that it cannot follow. Once the
+    old one is gone and the new one goes on following version 2, status is content again:
+    the note does not outlive what it said."""
+    ids = workload(ledger, 60)
+    old = run_projections(ledger, db_url, start=False)
+    new = run_projections(ledger, db_url, projections=[ACCOUNT_BALANCES_V2], start=False)
+    try:
+        old.run_until_caught_up()
+        new.run_until_caught_up()  # builds version 2 and switches reads to it
+        workload(ledger, 10, seed=3, accounts=ids)
+        old.run_until_caught_up()  # lets go of version 1, and cannot follow version 2
+        old.stop()
+        capsys.readouterr()
+        assert main(["projections", "status", "--url", db_url]) == 1
+        assert "cannot follow account_balances version 2" in capsys.readouterr().out
+        workload(ledger, 10, seed=4, accounts=ids)
+        new.run_until_caught_up()
+        assert main(["projections", "status", "--url", db_url]) == 0
+    finally:
+        old.stop()
+        new.stop()
+    assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
+
+
 def test_an_interrupted_first_build_is_not_served_and_resumes(ledger: Ledger, db_url: str) -> None:
     ids = workload(ledger, 150)
     output = io.StringIO()
