@@ -254,6 +254,10 @@ class ProjectionRunner:
                 record = catalog.register(projection)
             if record is None:
                 continue
+            if record.owner != RUNNER and record.state is VersionState.RETIRED:
+                # A group's version that a rebuild replaced: the newer one may be ours.
+                self._cannot_follow(catalog, projection, record)
+                continue
             if record.owner != RUNNER:
                 self._tell(key, "owner", f"projection {key[0]} v{key[1]} is owned by "
                            f"{record.owner}; this runner leaves it alone (to take it over: "
@@ -291,6 +295,9 @@ class ProjectionRunner:
         serving = catalog.active_version(projection.name)
         if serving is None or serving <= projection.version:
             return
+        newer = catalog.version(projection.name, serving)
+        if newer is None or newer.owner != RUNNER:
+            return  # a stream group's to follow, not a runner's
         key = (projection.name, projection.version)
         note = (
             f"a runner ({socket.gethostname()}:{os.getpid()}) cannot follow {projection.name} "

@@ -13,6 +13,7 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.rebuild import rebuild
@@ -93,6 +94,34 @@ def test_a_note_from_an_old_runner_goes_once_a_runner_follows_the_version(
         old.stop()
         new.stop()
     assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
+
+
+def test_a_runner_says_it_cannot_follow_a_rebuild_of_a_version_a_group_owned(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 1 is handed to a stream group; a rebuild with newer code builds version 2
+    (the runner's) and switches reads to it, retiring the group's version 1. A runner with
+    the old code is running: it cannot follow version 2, and says so, as it does when it
+    owned version 1 itself (it said only that the group owned version 1, and status was
+    content while nobody followed version 2)."""
+    ledger = open_ledger(pg_url)
+    try:
+        ids = workload(ledger, 40)
+        log = event_log_of(ledger)
+        old = run_projections(ledger, pg_url, start=False)
+        try:
+            old.run_until_caught_up()
+            handover(log, pg_url, [ACCOUNT_BALANCES], "stream:g", topic="t", partitions=1)
+            rebuild(log, pg_url, ACCOUNT_BALANCES_V2, progress=False)
+            workload(ledger, 10, seed=3, accounts=ids)
+            old.run_until_caught_up()
+            capsys.readouterr()
+            assert main(["projections", "status", "--url", pg_url]) == 1
+        finally:
+            old.stop()
+        assert "cannot follow account_balances version 2" in capsys.readouterr().out
+    finally:
+        ledger.close()
 
 
 def test_an_interrupted_first_build_is_not_served_and_resumes(ledger: Ledger, db_url: str) -> None:
