@@ -597,12 +597,19 @@ class StreamApplier:
         known = {slot.key: slot for slot in self._slots}
         slots: list[Slot] = []
         refused: NotOwner | None = None
+        #: Refusals naming a version that replaced one of the group's: what to hand over.
+        replaced: NotOwner | None = None
         parked: int | None = None
         for projection in self.projections:
             key = (projection.name, projection.version)
             record = catalog.version(*key, share=True)
             if record is None:
                 continue
+            if record.owner == self.owner and record.state is VersionState.RETIRED:
+                serving = catalog.active_version(projection.name)
+                newer = None if serving is None else catalog.version(projection.name, serving)
+                if newer is not None and newer.owner != self.owner and replaced is None:
+                    replaced = NotOwner(projection.name, newer.version, newer.owner, self.owner)
             if record.owner != self.owner:
                 refused = refused or NotOwner(*key, record.owner, self.owner)
                 if key not in self._told:
@@ -625,8 +632,9 @@ class StreamApplier:
             slot.record = record
             slots.append(slot)
         self._refuse_lacking(catalog)
-        if not slots and refused is not None:
-            raise refused
+        refusal = replaced or refused
+        if not slots and refusal is not None:
+            raise refusal
         if any(p.writer not in (None, self.writer) for p in progress.values()):
             # A partition another worker wrote since: what we remember of it may be old.
             for slot in slots:

@@ -337,3 +337,33 @@ def test_a_handover_to_a_group_never_moves_the_position_readers_see_back(
     assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
     with ReadModels(pg_url, log=log) as views:
         assert views.position("account_balances") == ledger.head()
+
+
+def test_a_worker_left_owning_nothing_by_a_rebuild_names_the_version_that_replaced_it(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The group owned account_balances v1 only (the other projections are the runner's). A
+    rebuild with newer code builds v2, the runner's, and retires v1: the group's workers
+    are left owning nothing, and the refusal names v2 and the handover that gives it to
+    them (it named the first of the runner's projections, which is not theirs to take)."""
+    from daybook.infrastructure.readmodels.checkpoints import NotOwner
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    ids = workload(ledger, 40)
+    others = [p for p in projections.ALL if p is not projections.ACCOUNT_BALANCES]
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, others)
+    runner.run_until_caught_up()
+    runner.stop()
+    stream = Stream(1)
+    worker = applier(pg_url, partitions=1)
+    try:
+        worker.apply(stream.publish(ledger))  # the group builds account_balances v1
+        rebuild(event_log_of(ledger), pg_url, ACCOUNT_BALANCES_V2, progress=False)
+        workload(ledger, 10, seed=3, accounts=ids)
+        with pytest.raises(NotOwner) as refused:
+            worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+    assert "account_balances v2 is owned by runner" in str(refused.value)
+    assert "handover account_balances --to stream:" in str(refused.value)
