@@ -12,6 +12,7 @@ read-your-writes.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -172,6 +173,10 @@ class Answer(Generic[T]):
     includes_later: bool = False
 
 
+#: Longest pause, in seconds, between a query's reconnects while its database is unreachable.
+_OUTAGE_BACKOFF_CAP = 1.0
+
+
 class ReadModels:
     """Read-side queries over one read-model database (one connection; thread-safe)."""
 
@@ -181,6 +186,8 @@ class ReadModels:
         self.poll = poll
         self._store: ReadStore | None = None
         self._lock = threading.Lock()
+        #: Set by ``close``: a query waiting out an outage then stops waiting.
+        self._closed = False
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -502,11 +509,17 @@ class ReadModels:
                     if dropped > 20:
                         raise
                     continue
+                # An outage (the database restarting, a lost connection) is waited out, as
+                # long as it lasts: reconnect with backoff. Anything else is raised.
                 failures += 1
-                if not is_transient(error) or failures > 3:
+                if not is_transient(error) or self._closed:
                     raise
                 with self._lock:
                     self._reset()
+                time.sleep(
+                    random.uniform(0.5, 1.0)
+                    * min(_OUTAGE_BACKOFF_CAP, 0.01 * 2 ** min(failures, 10))
+                )
                 continue
             if time.monotonic() >= deadline:
                 built = version is not None
@@ -536,6 +549,7 @@ class ReadModels:
         self._store = None
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             self._reset()
 

@@ -15,6 +15,7 @@ import pytest
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of, projection_runner
 from daybook.infrastructure.lifecycle import Health, ServiceState
+from daybook.infrastructure.readmodels import queries
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
@@ -592,3 +593,43 @@ def test_a_runner_whose_database_refuses_it_for_good_stops_with_the_reason(
         services.drop_database(pg_admin_url, name)
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE {role}")
+
+
+def test_a_read_waits_out_the_read_model_database_gone_past_a_few_reconnects(
+    ledger: Ledger, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query while the read-model database refuses connections (a PostgreSQL restart)
+    reconnects with backoff until it is back, however many attempts that takes, and then
+    answers. It gave up after three immediate reconnects, and ``daybook serve`` answered
+    such a read ``500 internal_error`` with a traceback in its log."""
+    ids = workload(ledger, 40)
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
+    attempts: list[str] = []
+    real_open_store = queries.open_store
+
+    def counted_open_store(url: str) -> Any:
+        attempts.append(url)
+        return real_open_store(url)
+
+    monkeypatch.setattr(queries, "open_store", counted_open_store)
+    with Outage.of_url(readmodels) as outage:
+        reader = ReadModels(outage.url(readmodels))
+        answers: list[object] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                answers.append(reader.balance(ids[0], timeout=WAIT))
+            except BaseException as error:
+                errors.append(error)
+
+        outage.cut()
+        asking = threading.Thread(target=read, daemon=True)
+        asking.start()
+        wait_until(lambda: len(attempts) >= 8 or not asking.is_alive(), "eight connection attempts")
+        outage.restore()
+        asking.join(WAIT)
+        reader.close()
+    assert not errors, errors
+    assert answers and answers[0] is not None
