@@ -48,8 +48,9 @@ from daybook.infrastructure.http.commands import (
     receipt_body,
     receipt_response,
 )
-from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
+from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem, unavailable
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.transient import is_transient
 
 log = logging.getLogger("daybook.http")
 
@@ -242,6 +243,8 @@ def _batch_response(key: str, outcomes: list[Any]) -> Response:
             problem = Problem.of(outcome)
         elif isinstance(outcome, LedgerClosed):
             problem = shutting_down()
+        elif is_transient(outcome):
+            problem = unavailable(outcome)
         else:
             log.error("batch item %d failed", index, exc_info=outcome)
             problem = Problem("internal_error", "the server failed this command; its log says why")

@@ -70,6 +70,7 @@ STATUS: dict[str, int] = {
     "overloaded": 503,
     "shutting_down": 503,
     "stale_read": 503,
+    "unavailable": 503,
 }
 
 
@@ -155,7 +156,23 @@ DESCRIPTIONS: dict[str, str] = {
     "overloaded": "The server's queue is full; retry after Retry-After seconds.",
     "shutting_down": "The server is stopping; retry against another or after a restart.",
     "stale_read": "The read model did not reach min_position in time; see Retry-After.",
+    "unavailable": (
+        "A database daybook needs did not answer (restarting, or out of reach); retry after "
+        "Retry-After seconds, a command with the same Idempotency-Key."
+    ),
 }
+
+
+def unavailable(error: BaseException) -> Problem:
+    """The answer to a request that met a database outage (``is_transient``): not a bug, so
+    no traceback; a command retried with its Idempotency-Key is replayed if it did commit."""
+    return Problem(
+        "unavailable",
+        f"a database daybook needs did not answer ({type(error).__name__}); retry after "
+        "Retry-After seconds (a command with the same Idempotency-Key: it is never applied "
+        "twice)",
+        headers={"Retry-After": "1"},
+    )
 
 
 def describe(code: str) -> str | None:

@@ -509,17 +509,23 @@ class ReadModels:
                     if dropped > 20:
                         raise
                     continue
-                # An outage (the database restarting, a lost connection) is waited out, as
-                # long as it lasts: reconnect with backoff. Anything else is raised.
+                # An outage (the database restarting, a lost connection) is waited out
+                # within the read's timeout: reconnect with backoff (at once, the first
+                # times: a connection the server dropped earlier is only found out now).
+                # Then its error is raised (over HTTP, 503 unavailable). Anything else is
+                # raised at once.
                 failures += 1
                 if not is_transient(error) or self._closed:
                     raise
+                if failures > 3 and time.monotonic() >= deadline:
+                    raise
                 with self._lock:
                     self._reset()
-                time.sleep(
-                    random.uniform(0.5, 1.0)
-                    * min(_OUTAGE_BACKOFF_CAP, 0.01 * 2 ** min(failures, 10))
-                )
+                if failures > 1:
+                    time.sleep(
+                        random.uniform(0.5, 1.0)
+                        * min(_OUTAGE_BACKOFF_CAP, 0.01 * 2 ** min(failures, 10))
+                    )
                 continue
             if time.monotonic() >= deadline:
                 built = version is not None

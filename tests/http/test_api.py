@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import sqlite3
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import pytest
 
 from daybook.domain.commands import Receipt, registered
@@ -554,6 +556,35 @@ def test_a_bug_is_a_500_problem_without_a_traceback(
     reply = sqlite_api.command("open_account", {"owner": "ann", "currency": "EUR"})
     body = assert_problem(reply, 500, "internal_error")
     assert "secret" not in reply.text and "RuntimeError" not in body["detail"]
+
+
+def test_a_database_outage_is_a_503_to_retry_not_a_bug(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that does not answer (a restart, the network) is no bug in daybook: the
+    request is answered 503 unavailable with Retry-After (a command retried with its key is
+    replayed if it did commit), and the log has one line for it, without a traceback. Both
+    were 500 internal_error with a traceback, reads and commands alike."""
+    account = sqlite_api.open_account()
+
+    async def out(command: object) -> None:
+        raise psycopg.OperationalError("connection failed: Connection refused")
+
+    def read_out(*args: object, **kwargs: object) -> None:
+        raise psycopg.OperationalError("connection failed: Connection refused")
+
+    monkeypatch.setattr(sqlite_api.parts.ledger, "execute", out)
+    for views in sqlite_api.parts.pool._all:
+        monkeypatch.setattr(views, "balance", read_out)
+    with caplog.at_level(logging.WARNING, logger="daybook.http"):
+        command = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+        read = sqlite_api.get(f"/v1/accounts/{account}/balance")
+    for reply in (command, read):
+        body = assert_problem(reply, 503, "unavailable")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert "Idempotency-Key" in body["detail"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert sum("did not answer" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_a_command_after_the_ledger_closed_is_503_shutting_down(sqlite_api: Api) -> None:

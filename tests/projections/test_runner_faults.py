@@ -23,6 +23,7 @@ from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import BALANCES, STATEMENT
 from daybook.projections.model import Projection
 from scripts import services
@@ -633,3 +634,36 @@ def test_a_read_waits_out_the_read_model_database_gone_past_a_few_reconnects(
         reader.close()
     assert not errors, errors
     assert answers and answers[0] is not None
+
+
+def test_a_read_gives_up_on_an_outage_once_its_timeout_has_passed(
+    ledger: Ledger, pg_admin_url: str
+) -> None:
+    """Waiting out an outage is bounded by the read's timeout: then the outage's own error
+    is raised (``daybook serve`` answers it 503 unavailable), rather than the read hanging
+    for as long as the database is down."""
+    ids = workload(ledger, 10)
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
+    with Outage.of_url(readmodels) as outage:
+        reader = ReadModels(outage.url(readmodels))
+        assert reader.balance(ids[0]) is not None
+        outage.cut()
+        outcome: list[BaseException | object] = []
+
+        def read() -> None:
+            try:
+                outcome.append(reader.balance(ids[0], timeout=0.5))
+            except BaseException as error:
+                outcome.append(error)
+
+        asking = threading.Thread(target=read, daemon=True)
+        asking.start()
+        asking.join(WAIT)
+        stuck = asking.is_alive()
+        outage.restore()
+        asking.join(WAIT)
+        reader.close()
+    assert not stuck, "the read was still waiting long after its timeout"
+    assert len(outcome) == 1 and isinstance(outcome[0], Exception), outcome
+    assert is_transient(outcome[0]), outcome[0]
