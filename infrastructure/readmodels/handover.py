@@ -193,9 +193,27 @@ def _to_group(
             )
     moving = [(p, r) for p, r in records if r.owner == RUNNER]
     current = read_vector(store, group, topic, partitions, lock=True)
+    versions = catalog.versions()
+    for _, record in moving:
+        for other in versions:
+            if (
+                other.owner == owner
+                and other.name == record.name
+                and other.version != record.version
+                and other.state.writable
+                and record.state.writable
+            ):
+                # A worker's code defines one version of a projection, and a worker whose
+                # code lacks a version its group writes refuses: no worker could run.
+                raise HandoverRefused(
+                    f"the group {group} writes {other.name} v{other.version} "
+                    f"({other.state.value}), and no worker writes two versions of a "
+                    f"projection: let v{record.version} switch reads first (daybook "
+                    f"projections rebuild {record.name}), then hand it over"
+                )
     staying = [
         r
-        for r in catalog.versions()
+        for r in versions
         if r.owner == owner and r.state.writable and (r.name, r.version) not in
         {(m.name, m.version) for _, m in moving}
     ]  # fmt: skip

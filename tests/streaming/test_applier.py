@@ -19,7 +19,7 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.catalog import DROP_RETRY, VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.checkpoints import CodeLacksVersion
-from daybook.infrastructure.readmodels.handover import handover
+from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
@@ -655,4 +655,37 @@ def test_a_worker_whose_code_lacks_a_version_its_group_writes_applies_nothing(
     finally:
         old.close()
         new.close()
+        ledger.close()
+
+
+def test_a_group_is_not_handed_a_second_version_of_a_projection_it_writes(pg_url: str) -> None:
+    """No worker's code defines two versions of one projection, and a worker refuses to run
+    while its group writes one its code does not define: a group writing v1 of a projection
+    that is handed v2 still rebuilding (before its switch retired v1) would have no worker
+    left, old code or new. The handover refuses, changes nothing, and the group goes on."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(3)]
+    for account in accounts:
+        ledger.deposit(account, 10)
+    log = event_log_of(ledger)
+    stream = Stream(1)
+    old = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES, BUGGY_TOTALS], group="g",
+                        topic="t", partitions=1, writer="old")  # fmt: skip
+    store = open_store(pg_url)
+    try:
+        old.apply(stream.publish(ledger))
+        with store.transaction():
+            VersionCatalog(store).register(FIXED_TOTALS)  # the runner's, not switched yet
+        with pytest.raises(HandoverRefused, match="deposit_totals v1"):
+            handover(log, pg_url, [FIXED_TOTALS], "stream:g", topic="t", partitions=1,
+                     known=[BUGGY_TOTALS])  # fmt: skip
+        record = VersionCatalog(store).version("deposit_totals", 2)
+        assert record is not None and record.owner == "runner"
+        for account in accounts:
+            ledger.deposit(account, 5)
+        old.apply(stream.publish(ledger))  # the group still has its worker
+        assert reconcile(log, pg_url, BUGGY_TOTALS).clean
+    finally:
+        store.close()
+        old.close()
         ledger.close()
