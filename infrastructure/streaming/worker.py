@@ -252,7 +252,8 @@ class StreamApplier:
 
     def refuse_at_start(self) -> None:
         """Raise, at start, the refusal the first batch would meet: ``GroupAlreadyStarted``,
-        or ``NotOwner`` when every one of the projections' versions has another owner.
+        or ``NotOwner`` when every one of the projections' versions has another owner, or
+        none is the group's to write because a rebuild replaced it (naming the new one).
         Otherwise a worker its group cannot serve would say so only when events next come,
         and run on in silence on a quiet topic."""
         store = self.connect()
@@ -264,10 +265,18 @@ class StreamApplier:
             self._note_lacking(store, refusal)
             raise
         records = [(p, catalog.version(p.name, p.version)) for p in self.projections]
-        owners = [record.owner for _, record in records if record is not None]
-        if records and len(owners) == len(records) and self.owner not in owners:
-            projection, _ = records[0]
-            raise NotOwner(projection.name, projection.version, owners[0], self.owner)
+        found = [record for _, record in records if record is not None]
+        if not records or len(found) < len(records):
+            return  # a version not there yet is registered, the group's, at the first batch
+        if any(r.owner == self.owner and r.state.writable for r in found):
+            return
+        # None to write: each is another owner's, or the group's but replaced by a
+        # rebuild (then name what replaced it, as ``_claim`` does).
+        for record in found:
+            if (replaced := self._replaced(catalog, record)) is not None:
+                raise replaced
+        if all(r.owner != self.owner for r in found):
+            raise NotOwner(found[0].name, found[0].version, found[0].owner, self.owner)
 
     def _refuse_lacking(self, catalog: VersionCatalog) -> None:
         """Raise ``CodeLacksVersion`` for a version the group writes (live or rebuilding)
@@ -605,11 +614,8 @@ class StreamApplier:
             record = catalog.version(*key, share=True)
             if record is None:
                 continue
-            if record.owner == self.owner and record.state is VersionState.RETIRED:
-                serving = catalog.active_version(projection.name)
-                newer = None if serving is None else catalog.version(projection.name, serving)
-                if newer is not None and newer.owner != self.owner and replaced is None:
-                    replaced = NotOwner(projection.name, newer.version, newer.owner, self.owner)
+            if replaced is None:
+                replaced = self._replaced(catalog, record)
             if record.owner != self.owner:
                 refused = refused or NotOwner(*key, record.owner, self.owner)
                 if key not in self._told:
@@ -640,6 +646,17 @@ class StreamApplier:
             for slot in slots:
                 slot.cache.clear()
         self._slots = slots
+
+    def _replaced(self, catalog: VersionCatalog, record: VersionRecord) -> NotOwner | None:
+        """For a version of the group's that a rebuild retired, when another owner has the
+        version that replaced it: the refusal naming that one and its handover."""
+        if record.owner != self.owner or record.state is not VersionState.RETIRED:
+            return None
+        serving = catalog.active_version(record.name)
+        newer = None if serving is None else catalog.version(record.name, serving)
+        if newer is None or newer.owner == self.owner:
+            return None
+        return NotOwner(record.name, newer.version, newer.owner, self.owner)
 
     def _parked_count(self, store: ReadStore) -> int:
         """The group's parked events (each one applied to none of its versions)."""

@@ -367,3 +367,31 @@ def test_a_worker_left_owning_nothing_by_a_rebuild_names_the_version_that_replac
         worker.close()
     assert "account_balances v2 is owned by runner" in str(refused.value)
     assert "handover account_balances --to stream:" in str(refused.value)
+
+
+def test_a_worker_left_owning_nothing_by_a_rebuild_is_refused_at_start(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """As above, a worker (re)started after the rebuild: it says so at start, as it does
+    when every version has another owner, rather than joining the group and running on in
+    silence until an event comes."""
+    from daybook.infrastructure.readmodels.checkpoints import NotOwner
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    workload(ledger, 40)
+    others = [p for p in projections.ALL if p is not projections.ACCOUNT_BALANCES]
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, others)
+    runner.run_until_caught_up()
+    runner.stop()
+    worker = applier(pg_url, partitions=1)
+    try:
+        worker.apply(Stream(1).publish(ledger))  # the group builds account_balances v1
+        worker.refuse_at_start()  # the group writes v1: nothing to refuse
+        rebuild(event_log_of(ledger), pg_url, ACCOUNT_BALANCES_V2, progress=False)
+        with pytest.raises(NotOwner) as refused:
+            worker.refuse_at_start()
+    finally:
+        worker.close()
+    assert "account_balances v2 is owned by runner" in str(refused.value)
+    assert "handover account_balances --to stream:" in str(refused.value)
