@@ -97,10 +97,18 @@ class CodeLacksVersion(Refused):
 
     def __init__(self, name: str, version: int, owner: str, defined: int | None) -> None:
         code = "does not define it" if defined is None else f"defines version {defined}"
+        if defined is not None and defined > version:
+            # Code newer than the group's version: no deployment helps; the switch does.
+            remedy = (
+                f"run the code of v{version} until v{defined} replaces it (daybook projections "
+                f"rebuild {name}, then {handover_command(name, owner)})"
+            )
+        else:
+            remedy = "deploy the new code"
         super().__init__(
             f"{owner} writes projection {name} v{version}, and this worker's code {code}: a "
-            "batch applied without it would move the group past events that version never "
-            "got; deploy the new code"
+            f"batch applied without it would move the group past events that version never "
+            f"got; {remedy}"
         )
         self.name = name
         self.version = version

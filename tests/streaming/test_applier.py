@@ -689,3 +689,34 @@ def test_a_group_is_not_handed_a_second_version_of_a_projection_it_writes(pg_url
         store.close()
         old.close()
         ledger.close()
+
+
+def test_a_worker_with_newer_code_than_its_groups_version_is_told_to_switch_it_first(
+    pg_url: str,
+) -> None:
+    """Workers given the code of v2 while the group still writes v1 (v2 being rebuilt by
+    the runner) refuse: they would leave v1, which serves reads, behind. Deploying newer
+    code cannot help them; the refusal says what does."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("owner", "EUR").account_id
+    ledger.deposit(account, 10)
+    stream = Stream(1)
+    old = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1,
+                        writer="old")  # fmt: skip
+    new = StreamApplier(pg_url, [FIXED_TOTALS], group="g", topic="t", partitions=1,
+                        writer="new")  # fmt: skip
+    store = open_store(pg_url)
+    try:
+        old.apply(stream.publish(ledger))
+        with store.transaction():
+            VersionCatalog(store).register(FIXED_TOTALS)  # the runner's, not switched yet
+        with pytest.raises(CodeLacksVersion, match="deposit_totals v1") as refused:
+            new.refuse_at_start()
+    finally:
+        store.close()
+        old.close()
+        new.close()
+        ledger.close()
+    message = str(refused.value)
+    assert "deploy the new code" not in message
+    assert "daybook projections rebuild deposit_totals" in message
