@@ -28,6 +28,8 @@ from daybook.infrastructure.eventstore import (
     decode_record,
     default_expiry,
 )
+from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
+from daybook.infrastructure.eventstore.identity import create_statements as identity_statements
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     Expiry,
@@ -37,7 +39,7 @@ from daybook.infrastructure.ledger.requests import (
 )
 
 #: Advisory lock key taken while creating daybook's event store tables.
-_CREATE_TABLES_LOCK = 0x6461796B  # "dayk"
+_CREATE_TABLES_LOCK = CREATE_TABLES_LOCK
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
@@ -92,6 +94,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 Identifier(f"{REQUESTS_TABLE}_expires_at"), requests
             )
         )
+        # The store's identity, which the relay names in what it publishes.
+        self.sql_create_statements.extend(identity_statements(self.datastore.schema))
         # One server-side function appends a whole batch: request records, then the table
         # lock, the notification and the events. The client makes a single call instead of
         # eight statements, and sends the batch as one JSON document (events' states in

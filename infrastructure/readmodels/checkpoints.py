@@ -128,6 +128,9 @@ def create_progress_table(store: ReadStore) -> None:
     )
     store.add_column(PROGRESS_TABLE, "bound BIGINT NOT NULL DEFAULT 0")
     store.add_column(PROGRESS_TABLE, "writer TEXT")
+    # The identity of the event store the group follows, set by its first batch that names
+    # one (``ForeignStore``); on every row of the group's.
+    store.add_column(PROGRESS_TABLE, "store_id TEXT")
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,24 @@ def write_vector(store: ReadStore, group: str, topic: str, vector: Vector) -> No
             " state = 'live', waiting_for = 0",
             (group, topic, partition, position, bound),
         )
+
+
+class ForeignStore(Refused):
+    """A stream worker met a message another event store's relay published to its topic:
+    its positions are not those of the log the group follows."""
+
+    code = "foreign_store"
+
+    def __init__(self, group: str, topic: str, follows: str, other: str, position: int) -> None:
+        super().__init__(
+            f"{stream_owner(group)} follows event store {follows}, but {topic!r} also carries "
+            f"events of event store {other} (position {position}): two databases' relays "
+            "publish to one topic; give each database its own --topic (and its own groups); "
+            "nothing of the batch was applied"
+        )
+        self.group = group
+        self.follows = follows
+        self.other = other
 
 
 #: ``aggregate id -> partition`` for a partition count (the relay's partitioner).

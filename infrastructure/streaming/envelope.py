@@ -15,6 +15,11 @@ has applied position ``p`` of a partition knows an envelope is
 
 That chain is what makes "redelivered messages change nothing" hold even when the broker
 loses data and the relay re-publishes from the log: Kafka offsets alone cannot say it.
+
+Positions and chains are only comparable within one event store, so every envelope (marks
+included) also names the ``store`` it comes from: the event store's identity (see
+``eventstore.identity``). A consumer that meets two stores on one topic refuses. Envelopes
+an older relay sent have none, and are read as before.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class Envelope:
     #: of an older daybook sent it, whose ``schema`` named its own code's version even for
     #: a payload newer code wrote, so nothing can be told from it).
     payload_schema: int | None = None
+    #: The identity of the event store the relay published it from (None: an older relay).
+    store: str | None = None
 
     @property
     def key(self) -> bytes:
@@ -116,10 +123,16 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 def encode(
-    event_type: str, state: dict[str, Any], position: int, prev: int, schema: int | None = None
+    event_type: str,
+    state: dict[str, Any],
+    position: int,
+    prev: int,
+    schema: int | None = None,
+    store: str | None = None,
 ) -> tuple[bytes, bytes]:
     """``(key, value)`` for a decoded stored event (``state`` is consumed) whose state is at
-    schema version ``schema`` (``ContractMapper.decode_versioned``; default: this code's)."""
+    schema version ``schema`` (``ContractMapper.decode_versioned``; default: this code's),
+    read from the event store whose identity is ``store``."""
     aggregate_id = state.pop("originator_id")
     aggregate_version = state.pop("originator_version")
     occurred_at = state.pop("timestamp")
@@ -127,27 +140,31 @@ def encode(
         occurred_at = occurred_at.isoformat()
     metadata = state.pop("meta", None) or {}
     code_schema = getattr(resolve_topic(event_type), "class_version", 1)
-    value = orjson.dumps(
-        {
-            "v": ENVELOPE_VERSION,
-            "type": event_type,
-            "schema": code_schema,
-            "payload_schema": code_schema if schema is None else schema,
-            "aggregate_id": aggregate_id,
-            "aggregate_version": aggregate_version,
-            "position": position,
-            "prev": prev,
-            "occurred_at": occurred_at,
-            "metadata": metadata,
-            "payload": state,
-        }
-    )
-    return partition_key(aggregate_id), value
+    fields: dict[str, Any] = {
+        "v": ENVELOPE_VERSION,
+        "type": event_type,
+        "schema": code_schema,
+        "payload_schema": code_schema if schema is None else schema,
+        "aggregate_id": aggregate_id,
+        "aggregate_version": aggregate_version,
+        "position": position,
+        "prev": prev,
+        "occurred_at": occurred_at,
+        "metadata": metadata,
+        "payload": state,
+    }
+    if store is not None:
+        fields["store"] = store
+    return partition_key(aggregate_id), orjson.dumps(fields)
 
 
-def encode_mark(position: int, prev: int) -> bytes:
+def encode_mark(position: int, prev: int, store: str | None = None) -> bytes:
     """A mark: the partition whose last event is ``prev`` gets no other up to ``position``."""
-    return orjson.dumps({"v": ENVELOPE_VERSION, "type": MARK, "position": position, "prev": prev})
+    fields: dict[str, Any] = {"v": ENVELOPE_VERSION, "type": MARK, "position": position}
+    fields["prev"] = prev
+    if store is not None:
+        fields["store"] = store
+    return orjson.dumps(fields)
 
 
 class BadEnvelope(ValueError):
@@ -161,7 +178,10 @@ def decode(value: bytes) -> Envelope:
         if raw.get("v") != ENVELOPE_VERSION:
             raise BadEnvelope(f"unsupported envelope version {raw.get('v')!r}")
         if raw["type"] == MARK:
-            return Envelope(MARK, 0, _NO_AGGREGATE, 0, raw["position"], raw["prev"], "", {}, {})
+            return Envelope(
+                MARK, 0, _NO_AGGREGATE, 0, raw["position"], raw["prev"], "", {}, {},
+                store=raw.get("store"),
+            )  # fmt: skip
         return Envelope(
             type=raw["type"],
             schema=raw["schema"],
@@ -173,6 +193,7 @@ def decode(value: bytes) -> Envelope:
             metadata=raw["metadata"],
             payload=raw["payload"],
             payload_schema=raw.get("payload_schema"),
+            store=raw.get("store"),
         )
     except BadEnvelope:
         raise

@@ -18,6 +18,11 @@ position, two things per partition, moved together in one statement:
   start of the log and re-publishes everything; consumers skip what they already applied and
   fill their gaps. A *higher* offset means someone else wrote to the topic: harmless.
 
+Every message names the event store it comes from (its identity: ``eventstore.identity``).
+A topic is one store's: before publishing, the relay reads the last message of each partition
+and refuses (``topic_of_another_store``) when one names another store, since consumers of the
+topic would mix two logs' positions.
+
 Only one relay runs per topic: it holds a PostgreSQL advisory lock on a connection it also
 uses to write the cursor, so a relay that lost its lock (its connection died) cannot move the
 cursor any more. A standby waits on the same lock and takes over when the holder dies.
@@ -35,15 +40,22 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Notification
 from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure import settings
+from daybook.infrastructure.eventstore.identity import ensure_store_id
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.lifecycle import Health, RestartPolicy, Stopping, SupervisedTask
+from daybook.infrastructure.lifecycle import (
+    Health,
+    Refused,
+    RestartPolicy,
+    Stopping,
+    SupervisedTask,
+)
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
@@ -126,6 +138,22 @@ class BrokerLostData(Exception):
         self.restart = restart
 
 
+class TopicOfAnotherStore(Refused):
+    """The topic's partitions end with messages another event store's relay published."""
+
+    code = "topic_of_another_store"
+
+    def __init__(self, topic: str, store: str, other: str, partition: int) -> None:
+        super().__init__(
+            f"topic {topic!r} holds events of another event store (store {other}, last "
+            f"message of partition {partition}; this one is {store}): consumers would mix "
+            "the two logs; give each database its own --topic"
+        )
+        self.topic = topic
+        self.store = store
+        self.other = other
+
+
 class Relay:
     """Publishes the log to Kafka: ``await relay.run()`` until ``relay.stop()``."""
 
@@ -142,6 +170,10 @@ class Relay:
         self._attempt = 0
         #: Whether the relay has yet to publish to the end of the log (see ``_caught_up``).
         self._behind = True
+        #: The event store's identity, named in every message (read when leading).
+        self._store_id: str | None = None
+        #: Whether the topic was found to hold no other store's messages (once per lead).
+        self._topic_checked = False
         #: The relay as a service: the database unreachable at any point (reading the log,
         #: holding the lock, moving the cursor) restarts it after a backoff, from the stored
         #: cursor; anything else stops it as FAILED with the reason.
@@ -189,6 +221,7 @@ class Relay:
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
             await _create_cursor_table(conn)
+            self._store_id = await ensure_store_id(conn)
             waited = False
             while not self._stopping.is_set():
                 cur = await conn.execute(
@@ -215,6 +248,7 @@ class Relay:
 
     async def _lead(self, lock_conn: psycopg.AsyncConnection[Any]) -> None:
         cursor = await _load_cursor(lock_conn, self.config.topic, self.config.partitions)
+        self._topic_checked = False
         log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
         channel = getattr(self._log.recorder, "channel_name", "daybook_events")
         while not self._stopping.is_set():
@@ -258,6 +292,9 @@ class Relay:
         )
         try:
             await ensure_topic(self._bootstrap, self.config.topic, self.config.partitions)
+            if not self._topic_checked:
+                await self._refuse_another_store()
+                self._topic_checked = True
             await producer.start()
             return producer
         except Exception as error:
@@ -268,6 +305,41 @@ class Relay:
             self._failed("broker", error)
             await self._backoff()
             return None
+
+    async def _refuse_another_store(self) -> None:
+        """Raise ``TopicOfAnotherStore`` if a partition's last message names another store
+        (messages of an older relay name none, and pass)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            request_timeout_ms=int(self.config.request_timeout * 1000),
+        )
+        await consumer.start()
+        try:
+            parts = [TopicPartition(self.config.topic, p) for p in range(self.config.partitions)]
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            waiting = {tp for tp in parts if ends[tp] > 0}
+            for tp in waiting:
+                consumer.seek(tp, ends[tp] - 1)
+            deadline = time.monotonic() + self.config.request_timeout
+            while waiting and time.monotonic() < deadline:
+                fetched = await consumer.getmany(*waiting, timeout_ms=200, max_records=100)
+                for tp, records in fetched.items():
+                    last = [r for r in records if r.offset == ends[tp] - 1]
+                    if not last:
+                        continue
+                    waiting.discard(tp)
+                    try:
+                        other = envelope.decode(last[0].value).store
+                    except envelope.BadEnvelope:
+                        continue
+                    if other is not None and other != self._store_id:
+                        raise TopicOfAnotherStore(
+                            self.config.topic, str(self._store_id), other, tp.partition
+                        )
+        finally:
+            await consumer.stop()
 
     async def _publish_until_stopped(
         self,
@@ -338,7 +410,7 @@ class Relay:
                 return state, schema
 
             decode = decode_traced
-        planned, chain = plan_messages(batch, cursor.chain, decode)
+        planned, chain = plan_messages(batch, cursor.chain, decode, store=self._store_id)
         sent: list[tuple[int, asyncio.Future[Any]]] = []
         with tracing.continued(
             "daybook.relay.publish",
@@ -449,14 +521,19 @@ Decode = Callable[[Notification], tuple[dict[str, Any], int]]
 
 
 def plan_messages(
-    batch: Sequence[Notification], chain: Sequence[int], decode: Decode
+    batch: Sequence[Notification],
+    chain: Sequence[int],
+    decode: Decode,
+    *,
+    store: str | None = None,
 ) -> tuple[list[tuple[int, bytes | None, bytes]], tuple[int, ...]]:
     """The messages that publish ``batch`` after ``chain`` (the last position sent to each
     partition): ``(partition, key, value)`` in order, then a mark for every partition (see
     ``envelope.MARK``), and the chain after them. Pure: the same log and chain always give
     the same messages, which is what lets consumers tell a re-published event from a new
     one. Each envelope names the schema its payload is at, which is the stored one when
-    newer code wrote the event: a worker upcasts only what is older than its code."""
+    newer code wrote the event: a worker upcasts only what is older than its code. Every
+    message names ``store``, the identity of the event store the batch was read from."""
     links = list(chain)
     partitions = len(links)
     planned: list[tuple[int, bytes | None, bytes]] = []
@@ -465,14 +542,14 @@ def plan_messages(
         partition = envelope.partition_for(key, partitions)
         state, schema = decode(notification)
         _, value = envelope.encode(
-            notification.topic, state, notification.id, links[partition], schema
+            notification.topic, state, notification.id, links[partition], schema, store
         )
         links[partition] = notification.id
         planned.append((partition, key, value))
     if batch:
         last = batch[-1].id
         planned.extend(
-            (partition, None, envelope.encode_mark(last, prev))
+            (partition, None, envelope.encode_mark(last, prev, store))
             for partition, prev in enumerate(links)
         )
     return planned, tuple(links)

@@ -49,6 +49,7 @@ from daybook.infrastructure.readmodels.catalog import (
 )
 from daybook.infrastructure.readmodels.checkpoints import (
     CodeLacksVersion,
+    ForeignStore,
     GroupAlreadyStarted,
     NotOwner,
     read_vector,
@@ -313,7 +314,8 @@ class StreamApplier:
         the group owns none of its projections' versions, ``GroupAlreadyStarted`` when
         one of them would be a version new to a group that has consumed events, and
         ``CodeLacksVersion`` (having applied nothing) when the group writes a version its
-        code does not define."""
+        code does not define, and ``ForeignStore`` (having applied nothing) for a message
+        of another event store than the one the group follows."""
         crash_point("worker.batch")
         store = self.connect()
         if not self._registered:
@@ -416,6 +418,7 @@ class StreamApplier:
         involved = sorted({m.partition for m in messages})
         with store.transaction():
             progress = self._lock_progress(store, involved)
+            follows = self._followed_store(store)
             self._claim(store, progress)
             batches = {id(slot): BatchRows(slot, store) for slot in self._slots}
             for message in messages:
@@ -426,6 +429,7 @@ class StreamApplier:
                 except envelope.BadEnvelope as error:
                     self._park(store, part, message, None, str(error), result)
                     continue
+                follows = self._follow(store, follows, env, involved)
                 if env.is_mark:
                     self._mark(message.partition, part, env)
                     continue
@@ -463,6 +467,38 @@ class StreamApplier:
             rows.merge_into_cache()
         crash_point("worker.after_commit")
         return result, times
+
+    def _followed_store(self, store: ReadStore) -> str | None:
+        """The event store the group follows (None until a message named one)."""
+        rows = store.execute(
+            f"SELECT store_id FROM {PROGRESS_TABLE} WHERE group_id = %s AND topic = %s "
+            "AND store_id IS NOT NULL ORDER BY partition LIMIT 1",
+            (self.group, self.topic),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def _follow(
+        self,
+        store: ReadStore,
+        follows: str | None,
+        env: envelope.Envelope,
+        partitions: list[int],
+    ) -> str | None:
+        """The store the group follows after ``env``: raise ``ForeignStore`` (the batch then
+        rolls back: nothing applied) if it names another than the group follows; the first
+        it meets that names one, the group follows from then on (recorded on the batch's
+        own ``partitions``, whose rows it holds: rows made later take it from them).
+        Envelopes of an older relay name none, and pass."""
+        if env.store is None or env.store == follows:
+            return follows
+        if follows is not None:
+            raise ForeignStore(self.group, self.topic, follows, env.store, env.position)
+        store.execute(
+            f"UPDATE {PROGRESS_TABLE} SET store_id = %s WHERE group_id = %s AND topic = %s "
+            "AND partition = ANY(%s)",
+            (env.store, self.group, self.topic, partitions),
+        )
+        return env.store
 
     def _serve_caught_up(self, store: ReadStore) -> None:
         """A version being built starts serving once every event up to the head is in."""
@@ -685,10 +721,13 @@ class StreamApplier:
         catalog.set_note(projection.name, serving, note)
 
     def _lock_progress(self, store: ReadStore, partitions: list[int]) -> dict[int, _Partition]:
+        # New rows take the event store the group follows, if it follows one already.
         store.execute(
-            f"INSERT INTO {PROGRESS_TABLE} (group_id, topic, partition) "
-            "SELECT %s, %s, p FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
-            (self.group, self.topic, partitions),
+            f"INSERT INTO {PROGRESS_TABLE} (group_id, topic, partition, store_id) "
+            f"SELECT %s, %s, p, (SELECT store_id FROM {PROGRESS_TABLE} "
+            "WHERE group_id = %s AND topic = %s AND store_id IS NOT NULL LIMIT 1) "
+            "FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
+            (self.group, self.topic, self.group, self.topic, partitions),
         )
         rows = store.execute(
             f"SELECT partition, position, applied, duplicates, dead_letters, state, last_error, "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
 from daybook import Ledger
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.streaming.relay import plan_messages
@@ -15,8 +17,10 @@ from daybook.infrastructure.streaming.worker import Message
 class Stream:
     """A topic's partitions as the relay fills them, message offsets included."""
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, store: str | None = None) -> None:
         self.partitions = partitions
+        #: The event store identity every message names (None: as an older relay sent them).
+        self.store = store
         self.chain: tuple[int, ...] = (0,) * partitions
         self.position = 0
         self.offsets = [0] * partitions
@@ -31,6 +35,8 @@ class Stream:
                 return out
             planned, self.chain = plan_messages(batch, self.chain, log.mapper.decode_versioned)
             for partition, _key, value in planned:
+                if self.store is not None:
+                    value = orjson.dumps({**orjson.loads(value), "store": self.store})
                 out.append(Message(partition, self.offsets[partition], value))
                 self.offsets[partition] += 1
             self.position = batch[-1].id

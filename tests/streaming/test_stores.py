@@ -1,0 +1,202 @@
+"""Two event stores (two databases) whose relays publish to one topic: refused, never mixed.
+
+Log positions and chains mean something only within one event store; a stream group that
+took another store's messages would move its checkpoint past its own events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from daybook import open_ledger, projections
+from daybook.infrastructure.eventstore.identity import ensure_store_id
+from daybook.infrastructure.readmodels.checkpoints import ForeignStore
+from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.progress import read_dead_letters, read_status
+from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.streaming.worker import Message, StreamApplier
+from scripts import services
+from scripts.streams import Daybook, open_accounts, unique, wait_until, write_money
+from tests.projections.helpers import workload
+from tests.streaming.messages import Stream, of_partitions
+
+pytestmark = pytest.mark.postgres
+
+PARTITIONS = 4
+
+
+@pytest.fixture
+def other_pg_url(pg_server: services.PostgresHandle) -> Iterator[str]:
+    """A second fresh database: a second event store."""
+    name = f"daybook_test_other_{os.getpid()}"
+    url = services.create_database(pg_server.url, name)
+    yield url
+    services.drop_database(pg_server.url, name)
+
+
+def store_id(url: str) -> str:
+    """The event store's identity, made with its tables."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT store_id FROM daybook_store").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_processes_starting_together_on_a_fresh_database_agree_on_its_identity(
+    pg_url: str,
+) -> None:
+    async def identities() -> list[str]:
+        conns = [await psycopg.AsyncConnection.connect(pg_url, autocommit=True) for _ in range(6)]
+        try:
+            return list(await asyncio.gather(*(ensure_store_id(conn) for conn in conns)))
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    found = asyncio.run(identities())
+    assert len(set(found)) == 1, found
+    ledger = open_ledger(pg_url)  # the event store's own tables keep it
+    ledger.close()
+    assert store_id(pg_url) == found[0]
+
+
+def test_a_worker_refuses_another_stores_messages_and_applies_nothing(
+    pg_url: str, other_pg_url: str
+) -> None:
+    first, second = open_ledger(pg_url), open_ledger(other_pg_url)
+    workload(first, 300, seed=1)
+    workload(second, 100, seed=2)
+    ours = of_partitions(Stream(1, store_id(other_pg_url)).publish(second), 0)
+    theirs = of_partitions(Stream(1, store_id(pg_url)).publish(first), 0)
+    first.close()
+    second.close()
+    assert store_id(pg_url) != store_id(other_pg_url)
+    worker = StreamApplier(
+        other_pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        worker.apply(ours[:20])  # the group now follows the second store
+        before = read_status(other_pg_url, "g", "t")
+        with pytest.raises(ForeignStore) as refused:
+            worker.apply([*ours[20:40], *theirs[:50]])
+        assert refused.value.code == "foreign_store"
+        assert "give each database its own --topic" in str(refused.value)
+        # Nothing of the batch was applied, parked or counted: the position did not jump.
+        assert read_status(other_pg_url, "g", "t") == before
+        assert read_dead_letters(other_pg_url, "g", "t") == []
+        # Its own events go on as before.
+        worker.apply(ours[20:])
+        last = max(
+            e.position for e in map(envelope.decode, (m.value for m in ours)) if not e.is_mark
+        )
+        status = read_status(other_pg_url, "g", "t")[0]
+        assert (status.position, status.duplicates, status.dead_letters) == (last, 0, 0)
+    finally:
+        worker.close()
+
+
+def test_messages_naming_no_store_are_applied_as_before(pg_url: str) -> None:
+    ledger = open_ledger(pg_url)
+    workload(ledger, 100)
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    ledger.close()
+    worker = StreamApplier(pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="w")
+    try:
+        assert worker.apply(messages).applied > 0
+    finally:
+        worker.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_relay_refuses_a_topic_another_store_publishes(
+    pg_url: str, other_pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = unique("two-stores")
+    first, second = open_ledger(pg_url), open_ledger(other_pg_url)
+    write_money(first, open_accounts(first, 10), 200)
+    write_money(second, open_accounts(second, 10), 100, seed=2)
+    head = first.head()
+    first.close()
+    second.close()
+
+    def relay(url: str, log: str) -> Daybook:
+        args = ["relay", "--url", url, "--broker", f"kafka://{kafka_bootstrap}"]
+        args += ["--topic", topic, "--partitions", str(PARTITIONS), "--poll-interval", "0.2"]
+        return Daybook([*args, "-v"], tmp_path / log)
+
+    publishing = relay(pg_url, "first.log").start()
+    try:
+        wait_until(
+            lambda: (c := read_cursor(pg_url, topic)) is not None and c.position == head,
+            "the first store's relay to publish its log",
+        )
+        refused = relay(other_pg_url, "second.log").start()
+        assert refused.wait() == 1, refused.output
+        assert "topic_of_another_store" in refused.output
+        assert "give each database its own --topic" in refused.output
+        cursor = read_cursor(other_pg_url, topic)
+        assert cursor is None or cursor.position == 0  # published nothing
+    finally:
+        assert publishing.stop() == 0, publishing.output
+
+
+def produce(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
+    """Put ``messages`` on ``topic`` as a relay would (each to its partition)."""
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for message in messages:
+                await producer.send_and_wait(topic, message.value, partition=message.partition)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_worker_meeting_another_stores_events_on_its_topic_stops_having_applied_nothing(
+    pg_url: str, other_pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic, group = unique("two-stores"), unique("group")
+    first, second = open_ledger(pg_url), open_ledger(other_pg_url)
+    write_money(first, open_accounts(first, 10), 300)
+    write_money(second, open_accounts(second, 10), 100, seed=2)
+    head = second.head()
+    second.close()
+    broker = ["--broker", f"kafka://{kafka_bootstrap}", "--topic", topic]
+    broker += ["--partitions", str(PARTITIONS)]
+    publishing = Daybook(
+        ["relay", "--url", other_pg_url, *broker, "--poll-interval", "0.2", "-v"],
+        tmp_path / "relay.log",
+    ).start()
+    consuming = Daybook(
+        ["worker", "--url", other_pg_url, *broker, "--group", group, "-v"],
+        tmp_path / "worker.log",
+    ).start()
+    try:
+        wait_until(
+            lambda: sum(p.applied for p in read_status(other_pg_url, group, topic)) == head,
+            "the worker to apply its own store's log",
+        )
+        before = read_status(other_pg_url, group, topic)
+        # The first store's events, as its relay publishes them, on the same topic.
+        produce(kafka_bootstrap, topic, Stream(PARTITIONS, store_id(pg_url)).publish(first))
+        assert consuming.wait() == 1, consuming.output
+        assert "foreign_store" in consuming.output, consuming.output
+        assert "give each database its own --topic" in consuming.output
+        assert read_status(other_pg_url, group, topic) == before  # no jump, nothing counted
+        assert read_dead_letters(other_pg_url, group, topic) == []
+    finally:
+        first.close()
+        consuming.stop()
+        assert publishing.stop() == 0, publishing.output
