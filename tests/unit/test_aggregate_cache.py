@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from uuid import uuid4
 
 import pytest
@@ -10,23 +11,40 @@ from daybook import open_ledger
 from daybook.infrastructure.ledger.cache import AggregateCache
 
 
+@dataclass(frozen=True)
+class Cached:
+    """What the cache holds: anything with ``settled`` (an aggregate)."""
+
+    name: str
+    settled: bool = False
+
+
 def test_it_evicts_the_least_recently_used() -> None:
     cache = AggregateCache(maxsize=2)
     a, b, c = uuid4(), uuid4(), uuid4()
-    cache.put(a, "A")
-    cache.put(b, "B")
-    assert cache.get(a) == "A"  # a is now the most recent
-    cache.put(c, "C")  # evicts b
+    cache.put(a, Cached("A"))
+    cache.put(b, Cached("B"))
+    assert cache.get(a) == Cached("A")  # a is now the most recent
+    cache.put(c, Cached("C"))  # evicts b
     with pytest.raises(KeyError):
         cache.get(b)
-    assert (cache.get(a), cache.get(c)) == ("A", "C")
-    cache.put(a, "A2")  # replacing refreshes too
-    cache.put(b, "B")  # evicts c
+    assert (cache.get(a), cache.get(c)) == (Cached("A"), Cached("C"))
+    cache.put(a, Cached("A2"))  # replacing refreshes too
+    cache.put(b, Cached("B"))  # evicts c
     with pytest.raises(KeyError):
         cache.get(c)
-    assert cache.get(a, evict=True) == "A2"
+    assert cache.get(a, evict=True) == Cached("A2")
     with pytest.raises(KeyError):
         cache.get(a)
+
+
+def test_a_settled_value_is_not_kept_and_drops_the_one_it_replaces() -> None:
+    cache = AggregateCache(maxsize=2)
+    a, b = uuid4(), uuid4()
+    cache.put(a, Cached("A"))
+    cache.put(a, Cached("A", settled=True))
+    cache.put(b, Cached("B", settled=True))
+    assert cache.ids() == []
 
 
 def test_the_ledger_uses_it_with_the_configured_size() -> None:
