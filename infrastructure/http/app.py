@@ -40,13 +40,12 @@ from daybook.infrastructure.http.commands import CommandRoutes, receipt_schema
 from daybook.infrastructure.http.lists import ListRoutes
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.options import HttpOptions
-from daybook.infrastructure.http.problems import Problem, describe, unavailable
+from daybook.infrastructure.http.problems import Problem, describe, is_outage, unavailable
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
 from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics
-from daybook.infrastructure.transient import is_transient
 
 log = logging.getLogger("daybook.http")
 
@@ -219,7 +218,7 @@ def _handle_errors(app: FastAPI) -> None:
         ).response()
 
     async def bug(request: Request, error: Exception) -> Response:
-        if is_transient(error):  # an outage, not a bug: one line, no traceback
+        if is_outage(error):  # an outage, not a bug: one line, no traceback
             log.warning("%s %s: a database did not answer: %s", request.method,
                         request.url.path, error)  # fmt: skip
             return unavailable(error).response()

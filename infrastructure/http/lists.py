@@ -48,9 +48,8 @@ from daybook.infrastructure.http.commands import (
     receipt_body,
     receipt_response,
 )
-from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem, unavailable
+from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem, is_outage, unavailable
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
-from daybook.infrastructure.transient import is_transient
 
 log = logging.getLogger("daybook.http")
 
@@ -243,7 +242,7 @@ def _batch_response(key: str, outcomes: list[Any]) -> Response:
             problem = Problem.of(outcome)
         elif isinstance(outcome, LedgerClosed):
             problem = shutting_down()
-        elif is_transient(outcome):
+        elif is_outage(outcome):
             problem = unavailable(outcome)
         else:
             log.error("batch item %d failed", index, exc_info=outcome)

@@ -19,6 +19,7 @@ import orjson
 from starlette.responses import Response
 
 from daybook.domain.errors import DomainError
+from daybook.infrastructure.transient import is_transient
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -161,6 +162,17 @@ DESCRIPTIONS: dict[str, str] = {
         "Retry-After seconds, a command with the same Idempotency-Key."
     ),
 }
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` means a database daybook needs did not answer (``is_transient``)
+    rather than a bug. ``is_transient`` counts every ``OSError`` as the network's, for the
+    services that retry; but the database drivers raise their own errors, so a bare one
+    that is no lost connection (a file missing from an install, a timeout of daybook's
+    own) reaching a request is a bug: 500, with its traceback in the log."""
+    if isinstance(error, OSError) and not isinstance(error, ConnectionError):
+        return False
+    return is_transient(error)
 
 
 def unavailable(error: BaseException) -> Problem:

@@ -587,6 +587,47 @@ def test_a_database_outage_is_a_503_to_retry_not_a_bug(
     assert sum("did not answer" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_a_file_or_timeout_error_is_a_bug_not_an_outage(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``is_transient`` counts every OSError as the network's, but no database daybook
+    needs reaches a request as a bare one: its driver raises its own errors. A file that
+    is not there (a dashboard asset missing from an install) or a timeout of daybook's own
+    is a bug: 500 internal_error with the traceback in the log, not 503 unavailable
+    naming a database, with no traceback, that clients retry for ever."""
+    from daybook.infrastructure.http import board
+
+    def missing(name: str) -> bytes:
+        raise FileNotFoundError(2, "No such file or directory", name)
+
+    async def timed_out(command: object) -> None:
+        raise TimeoutError("waited too long for something of daybook's own")
+
+    async def submitted(commands: list[object]) -> list[BaseException]:
+        return [PermissionError(13, "Permission denied", "/etc/daybook") for _ in commands]
+
+    monkeypatch.setattr(board, "asset", missing)
+    monkeypatch.setattr(sqlite_api.parts.ledger, "execute", timed_out)
+    monkeypatch.setattr(sqlite_api.parts.ledger, "submit", submitted)
+    opening = {"command": "open_account", "fields": {"owner": "ann", "currency": "EUR"}}
+    with caplog.at_level(logging.WARNING, logger="daybook.http"):
+        page = sqlite_api.run(sqlite_api.client.get("/dashboard/dashboard.js"))
+        command = sqlite_api.command("open_account", {"owner": "ann", "currency": "EUR"})
+        batch = sqlite_api.run(
+            sqlite_api.client.post(
+                "/v1/batch",
+                json={"commands": [opening]},
+                headers={**sqlite_api.auth("tester"), "Idempotency-Key": sqlite_api.key()},
+            )
+        )
+    for reply in (page, command):
+        assert_problem(reply, 500, "internal_error")
+    assert batch.status_code == 200, batch.text
+    (outcome,) = batch.json()["outcomes"]
+    assert (outcome["status"], outcome["problem"]["code"]) == (500, "internal_error")
+    assert len([r for r in caplog.records if r.exc_info]) == 3, "each bug's traceback is logged"
+
+
 def test_a_command_after_the_ledger_closed_is_503_shutting_down(sqlite_api: Api) -> None:
     account = sqlite_api.open_account()
     sqlite_api.parts.ledger.service.committer.close()  # as the server's shutdown does
