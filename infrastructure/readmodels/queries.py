@@ -186,8 +186,10 @@ class ReadModels:
         self.poll = poll
         self._store: ReadStore | None = None
         self._lock = threading.Lock()
-        #: Set by ``close``: a query waiting out an outage then stops waiting.
-        self._closed = False
+        #: How many times ``close`` was called: a query waiting out an outage stops waiting
+        #: when it changes (a ``ReadModels`` closed and queried again reconnects, and its
+        #: later queries wait as a new one's do).
+        self._closes = 0
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -481,6 +483,7 @@ class ReadModels:
                 field="timeout",
             )
         deadline = time.monotonic() + timeout
+        closes = self._closes
         delay = self.poll
         dropped = failures = 0
         while True:
@@ -515,7 +518,7 @@ class ReadModels:
                 # Then its error is raised (over HTTP, 503 unavailable). Anything else is
                 # raised at once.
                 failures += 1
-                if not is_transient(error) or self._closed:
+                if not is_transient(error) or self._closes != closes:
                     raise
                 if failures > 3 and time.monotonic() >= deadline:
                     raise
@@ -555,7 +558,7 @@ class ReadModels:
         self._store = None
 
     def close(self) -> None:
-        self._closed = True
+        self._closes += 1
         with self._lock:
             self._reset()
 

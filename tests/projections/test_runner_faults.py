@@ -596,13 +596,16 @@ def test_a_runner_whose_database_refuses_it_for_good_stops_with_the_reason(
             admin.execute(f"DROP ROLE {role}")
 
 
+@pytest.mark.parametrize("closed_before", [False, True], ids=["new", "closed and used again"])
 def test_a_read_waits_out_the_read_model_database_gone_past_a_few_reconnects(
-    ledger: Ledger, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, closed_before: bool
 ) -> None:
     """A query while the read-model database refuses connections (a PostgreSQL restart)
     reconnects with backoff until it is back, however many attempts that takes, and then
     answers. It gave up after three immediate reconnects, and ``daybook serve`` answered
-    such a read ``500 internal_error`` with a traceback in its log."""
+    such a read ``500 internal_error`` with a traceback in its log. A ``ReadModels`` closed
+    and queried again (it reconnects) waits the same way: closing stops only the reads
+    under way."""
     ids = workload(ledger, 40)
     readmodels = new_read_models(pg_admin_url)
     run_to_head(ledger, readmodels, projections.ALL)
@@ -616,6 +619,9 @@ def test_a_read_waits_out_the_read_model_database_gone_past_a_few_reconnects(
     monkeypatch.setattr(queries, "open_store", counted_open_store)
     with Outage.of_url(readmodels) as outage:
         reader = ReadModels(outage.url(readmodels))
+        if closed_before:
+            assert reader.balance(ids[0]) is not None
+            reader.close()
         answers: list[object] = []
         errors: list[BaseException] = []
 
