@@ -52,6 +52,18 @@ class OrjsonTranscoder(Transcoder):
         """Types are restored by the events' pydantic contracts, not by transcodings."""
 
 
+def upcast(event_class: type, state: dict[str, Any], version: int) -> int:
+    """Bring ``state``, at schema version ``version`` of ``event_class``, up to this code's
+    version, in place (the class's ``upcast_vN_vN+1`` methods, in order); the version it is
+    at then: this code's, or ``version`` when newer code wrote it (nothing here knows how to
+    bring it down)."""
+    current: int = getattr(event_class, "class_version", 1)
+    while version < current:
+        getattr(event_class, f"upcast_v{version}_v{version + 1}")(state)
+        version += 1
+    return version
+
+
 #: Per event class: (topic, schema version).
 _CLASSES: dict[type, tuple[str, int]] = {}
 
@@ -118,11 +130,7 @@ class ContractMapper(Mapper[Any]):
             data = self.compressor.decompress(data)
         state: dict[str, Any] = self.transcoder.decode(data)
         event_class = resolve_topic(stored_event.topic)
-        stored_version = state.pop("class_version", 1)
-        current_version = getattr(event_class, "class_version", 1)
-        while stored_version < current_version:
-            getattr(event_class, f"upcast_v{stored_version}_v{stored_version + 1}")(state)
-            stored_version += 1
+        version = upcast(event_class, state, state.pop("class_version", 1))
         state["originator_id"] = stored_event.originator_id
         state["originator_version"] = stored_event.originator_version
-        return state, stored_version
+        return state, version

@@ -33,6 +33,7 @@ import orjson
 from eventsourcing.utils import TopicError, resolve_topic
 
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
+from daybook.infrastructure.codec import upcast
 from daybook.infrastructure.compat.aiokafka import default_partition
 
 #: Version of the envelope layout itself (not of the event payloads).
@@ -81,7 +82,7 @@ class Envelope:
         here, as the mapper upcasts a stored event."""
         payload = self.payload
         if self.payload_schema is not None:
-            payload = upcast(self.type, self.payload_schema, payload)
+            payload = _upcast(self.type, self.payload_schema, payload)
         return {
             **payload,
             "originator_id": self.aggregate_id,
@@ -95,20 +96,19 @@ class Envelope:
         return resolve_topic(self.type).model_validate(self.to_state())
 
 
-def upcast(event_type: str, schema: int, payload: dict[str, Any]) -> dict[str, Any]:
+def _upcast(event_type: str, schema: int, payload: dict[str, Any]) -> dict[str, Any]:
     """``payload`` (of schema version ``schema``) at this code's schema version of
-    ``event_type``; ``payload`` itself when it is there already, or newer, or of a type this
-    code does not know (no handler here reads it)."""
+    ``event_type``, as the mapper upcasts a stored event (``codec.upcast``); ``payload``
+    itself when it is there already, or newer, or of a type this code does not know (no
+    handler here reads it)."""
     try:
         event_class = resolve_topic(event_type)
     except TopicError:
         return payload
-    current: int = getattr(event_class, "class_version", 1)
-    if schema >= current:
+    if schema >= getattr(event_class, "class_version", 1):
         return payload
     state = dict(payload)
-    for version in range(schema, current):
-        getattr(event_class, f"upcast_v{version}_v{version + 1}")(state)
+    upcast(event_class, state, schema)
     return state
 
 
