@@ -38,9 +38,6 @@ from daybook.infrastructure.ledger.requests import (
     RequestRecord,
 )
 
-#: Advisory lock key taken while creating daybook's event store tables.
-_CREATE_TABLES_LOCK = CREATE_TABLES_LOCK
-
 
 class PostgresRecorder(PostgresApplicationRecorder):
     """eventsourcing's PostgreSQL recorder plus request records in the same transaction.
@@ -207,7 +204,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # time cannot close a cycle. Every statement is idempotent, so a start that dies
         # half-way is completed by the next.
         with self.datastore.get_connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (_CREATE_TABLES_LOCK,))
+            conn.execute("SELECT pg_advisory_lock(%s)", (CREATE_TABLES_LOCK,))
             try:
                 for statement in self.sql_create_statements:
                     with (
@@ -218,7 +215,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                         curs.execute(statement, prepare=False)
                 self.datastore.register_type_adapters()
             finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (_CREATE_TABLES_LOCK,))
+                conn.execute("SELECT pg_advisory_unlock(%s)", (CREATE_TABLES_LOCK,))
 
     def insert_events(
         self,

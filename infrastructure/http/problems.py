@@ -176,7 +176,7 @@ def is_outage(error: BaseException) -> bool:
 
 
 def unavailable(error: BaseException) -> Problem:
-    """The answer to a request that met a database outage (``is_transient``): not a bug, so
+    """The answer to a request that met a database outage (``is_outage``): not a bug, so
     no traceback; a command retried with its Idempotency-Key is replayed if it did commit."""
     return Problem(
         "unavailable",

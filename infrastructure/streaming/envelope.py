@@ -160,8 +160,12 @@ def encode(
 
 def encode_mark(position: int, prev: int, store: str | None = None) -> bytes:
     """A mark: the partition whose last event is ``prev`` gets no other up to ``position``."""
-    fields: dict[str, Any] = {"v": ENVELOPE_VERSION, "type": MARK, "position": position}
-    fields["prev"] = prev
+    fields: dict[str, Any] = {
+        "v": ENVELOPE_VERSION,
+        "type": MARK,
+        "position": position,
+        "prev": prev,
+    }
     if store is not None:
         fields["store"] = store
     return orjson.dumps(fields)
