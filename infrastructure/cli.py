@@ -111,9 +111,9 @@ def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], in
     """An argparse type: an integer in ``minimum`` .. ``maximum``, or a one-line refusal."""
 
     def parse(text: str) -> int:
-        value = int(text) if _WHOLE.fullmatch(text) else None
-        if value is None:
+        if not _WHOLE.fullmatch(text):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+        value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         top = MAX_BIGINT if maximum is None else maximum
@@ -140,9 +140,9 @@ def uuid_argument(what: str) -> Callable[[str], UUID]:
 
 def seconds(text: str) -> float:
     """An argparse type: a positive number of seconds."""
-    value = float(text) if _DECIMAL.fullmatch(text) else None
-    if value is None:
+    if not _DECIMAL.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
@@ -161,9 +161,9 @@ def broker_seconds(text: str) -> float:
 
 def rate(text: str) -> float:
     """An argparse type: requests per second, 0 or more."""
-    value = float(text) if _DECIMAL.fullmatch(text) else None
-    if value is None:
+    if not _DECIMAL.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}")
+    value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more requests per second, got {text}")
     return value
