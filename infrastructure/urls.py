@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
+import psycopg
 from psycopg.conninfo import make_conninfo
 
 DEFAULT_URL = "sqlite:///.daybook/daybook.db"
@@ -20,6 +21,32 @@ class BadURL(ValueError):
     """A store URL daybook cannot use; the message says what would work."""
 
 
+#: libpq's TCP settings on every PostgreSQL connection daybook opens (a URL's query may set
+#: each otherwise, ``?tcp_user_timeout=10000``). Without them, a server that goes silent
+#: without closing anything (a network partition, a host that dies, a failover that moves
+#: its address) holds the thread using a connection: for about 15 minutes while the kernel
+#: retransmits what it sent, and for over two hours while it waits for an answer it has been
+#: promised (a query the server acknowledged, a LISTEN session: libpq's keepalives with the
+#: kernel's defaults). With them the connection fails within about 30 seconds (keepalive
+#: probes after 10 idle seconds; the user timeout ends it once what was sent, probes
+#: included, has gone unacknowledged for 30), and the service's outage handling reconnects
+#: as after any lost connection. A slow query is not cut short: a live server's kernel
+#: acknowledges while it works.
+TCP_LIVENESS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+#: Settings libpq reads as whole numbers (it would refuse others only when connecting).
+_WHOLE_SECONDS_OR_COUNTS = frozenset({*TCP_LIVENESS, "connect_timeout"})
+
+#: The URL's own parts: a query naming them again is refused rather than silently ignored.
+_URL_PARTS = frozenset({"dbname", "user", "password", "hostaddr"})
+
+
 @dataclass(frozen=True)
 class PostgresParams:
     dbname: str
@@ -27,6 +54,12 @@ class PostgresParams:
     port: int
     user: str
     password: str
+    #: Further libpq settings from the URL's query (``sslmode``, ``tcp_user_timeout``...).
+    options: tuple[tuple[str, str], ...] = ()
+
+    def settings(self) -> dict[str, str]:
+        """libpq settings beyond where and who: ``TCP_LIVENESS``, then the URL's."""
+        return {**TCP_LIVENESS, **dict(self.options)}
 
     def conninfo(self) -> str:
         """A libpq connection string for psycopg (quotes and backslashes in a password
@@ -37,6 +70,7 @@ class PostgresParams:
             "port": str(self.port),
             "user": self.user,
             "password": self.password,
+            **self.settings(),
         }
         return make_conninfo(**{k: v for k, v in parts.items() if v != ""})
 
@@ -73,9 +107,10 @@ def scheme(url: str) -> str:
 
 
 def postgres_params(url: str) -> PostgresParams:
-    """Split a postgresql:// URL; ``?host=/socket/dir`` selects a Unix socket."""
+    """Split a postgresql:// URL; ``?host=/socket/dir`` selects a Unix socket, and other
+    query parameters are libpq's (``?sslmode=verify-full``), checked by libpq."""
     parts = urlsplit(url)
-    query = parse_qs(parts.query)
+    query = parse_qs(parts.query, keep_blank_values=True)
     host = query.get("host", [parts.hostname or "localhost"])[0]
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
@@ -92,7 +127,32 @@ def postgres_params(url: str) -> PostgresParams:
         port=port,
         user=unquote(parts.username or "postgres"),
         password=unquote(parts.password or ""),
+        options=_options(url, query),
     )
+
+
+def _options(url: str, query: dict[str, list[str]]) -> tuple[tuple[str, str], ...]:
+    """The query's libpq settings, each given once and known to libpq."""
+    options = {k: v for k, v in query.items() if k not in ("host", "port")}
+    for name, values in options.items():
+        if name in _URL_PARTS:
+            raise BadURL(
+                f"store URL {redacted(url)!r}: give {name} in the URL itself"
+                f" (postgresql://user:password@host:port/dbname), not as ?{name}="
+            )
+        if len(values) != 1:
+            raise BadURL(f"store URL {redacted(url)!r}: ?{name}= is given {len(values)} times")
+    chosen = {name: values[0] for name, values in options.items()}
+    for name in _WHOLE_SECONDS_OR_COUNTS.intersection(chosen):
+        if not chosen[name].isascii() or not chosen[name].isdigit():
+            raise BadURL(
+                f"store URL {redacted(url)!r}: ?{name}= takes a whole number, got {chosen[name]!r}"
+            )
+    try:
+        make_conninfo(**chosen)
+    except psycopg.ProgrammingError as error:  # libpq's words: 'invalid connection option "x"'
+        raise BadURL(f"store URL {redacted(url)!r}: {error}") from None
+    return tuple(sorted(chosen.items()))
 
 
 def sqlite_path(url: str) -> Path:
@@ -120,6 +180,10 @@ def sqlite_file(url: str) -> Path:
     return path
 
 
+#: The event store environment's libpq settings (a connection string of settings only).
+SETTINGS_KEY = "DAYBOOK_POSTGRES_SETTINGS"
+
+
 def event_store_env(url: str) -> dict[str, str]:
     """The eventsourcing environment for the event store at ``url``."""
     kind = scheme(url)
@@ -143,7 +207,11 @@ def event_store_env(url: str) -> dict[str, str]:
         "POSTGRES_PASSWORD": params.password,
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "16",
-        "POSTGRES_CONNECT_TIMEOUT": "10",
+        # How long a caller waits for a connection from the pool (eventsourcing's use of
+        # it): the URL's connect_timeout, if it gives one.
+        "POSTGRES_CONNECT_TIMEOUT": dict(params.options).get("connect_timeout", "10"),
+        # Read by daybook's factory: libpq settings for every connection of the pool.
+        SETTINGS_KEY: make_conninfo(**params.settings()),
         # Each insert waits for the events table lock; give up rather than hang forever.
         "POSTGRES_LOCK_TIMEOUT": "30",
         **_CODEC,

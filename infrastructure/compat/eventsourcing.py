@@ -28,9 +28,10 @@ def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
     for a connection of one's own (the event log's LISTEN connection): psycopg_pool keeps
     them as the ``conninfo`` and ``kwargs`` it was built with."""
     pool = datastore.pool
-    allowed = {"dbname", "host", "port", "user", "password", "connect_timeout"}
     kwargs = getattr(pool, "kwargs", None) or {}
-    return str(pool.conninfo), {k: v for k, v in kwargs.items() if k in allowed}
+    # Everything but the row factory eventsourcing adds (a psycopg option, not libpq's): the
+    # event store factory's libpq settings (TCP liveness, the URL's) included.
+    return str(pool.conninfo), {k: v for k, v in kwargs.items() if k != "row_factory"}
 
 
 def _recorders() -> None:
@@ -123,9 +124,10 @@ RELIED_ON: tuple[Internal, ...] = (
         "eventsourcing.postgres:PostgresDatastore",
         "pool",
         listen_conninfo,
-        "PostgresDatastore.__init__ (its psycopg_pool pool: conninfo and kwargs)",
+        "PostgresDatastore.__init__ (its psycopg_pool pool: conninfo and kwargs, and its "
+        "reconnect_timeout, which the event store factory shortens)",
         on_instance=True,
-        members=("conninfo", "kwargs"),
+        members=("conninfo", "kwargs", "reconnect_timeout"),
     ),
     Internal(
         "eventsourcing",

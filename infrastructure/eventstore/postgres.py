@@ -19,6 +19,7 @@ import orjson
 import psycopg
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
@@ -37,6 +38,7 @@ from daybook.infrastructure.ledger.requests import (
     PurgeReport,
     RequestRecord,
 )
+from daybook.infrastructure.urls import SETTINGS_KEY
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
@@ -365,5 +367,24 @@ def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
     ]
 
 
+#: Seconds the pool keeps trying to replace a lost connection (see ``Factory``).
+RECONNECT_TIMEOUT = 30.0
+
+
 class Factory(PostgresFactory):
     application_recorder_class = PostgresRecorder
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        # eventsourcing gives the pool's connections where and who only: add the URL's libpq
+        # settings (TCP liveness above all: see urls.TCP_LIVENESS), and a connect timeout,
+        # which eventsourcing spends on waiting for the pool (a new connection to a silent
+        # host would otherwise wait out the kernel's connection attempts, about 2 minutes).
+        settings = conninfo_to_dict(self.env.get(SETTINGS_KEY) or "")
+        settings.setdefault("connect_timeout", self.env.get(self.POSTGRES_CONNECT_TIMEOUT) or "10")
+        self.datastore.pool.kwargs.update(settings)
+        # psycopg_pool replaces a lost connection with attempts whose delays double until
+        # this many seconds have passed (5 minutes by default). After a long outage the next
+        # attempt could then be a minute away while the server is back; giving up sooner
+        # lets the next caller's wait start a fresh attempt at once.
+        self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT

@@ -138,3 +138,31 @@ def test_a_relay_request_timeout_too_short_for_any_broker_is_refused(
     assert "--request-timeout: must be at least 0.1 seconds" in capsys.readouterr().err
     with pytest.raises(BadSettings, match=r"\$DAYBOOK_RELAY_REQUEST_TIMEOUT\): .* 0.1"):
         Settings.load({"DAYBOOK_RELAY_REQUEST_TIMEOUT": "0.0001"})
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("?bogus=1", 'invalid connection option "bogus"'),
+        ("?tcp_user_timeout=soon", "?tcp_user_timeout= takes a whole number, got 'soon'"),
+        ("?sslmode=require&sslmode=disable", "?sslmode= is given 2 times"),
+        ("?user=other", "give user in the URL itself"),
+    ],
+)
+def test_a_bad_libpq_setting_in_a_url_is_one_clear_line(
+    query: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql://app:S3cretPW@db.example:5432/ledger{query}"
+    assert main(["stock", "SKU-1", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daybook: store URL") and said in err, err
+    assert "S3cretPW" not in err and "Traceback" not in err
+
+
+def test_libpq_settings_in_a_url_reach_libpq_over_the_tcp_defaults() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = "postgresql://app@db.example/ledger?sslmode=verify-full&tcp_user_timeout=5000"
+    given = conninfo_to_dict(postgres_params(url).conninfo())
+    assert given["sslmode"] == "verify-full" and given["tcp_user_timeout"] == "5000"
+    assert (given["keepalives"], given["keepalives_idle"]) == ("1", "10")

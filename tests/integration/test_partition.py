@@ -1,0 +1,123 @@
+"""A network partition between daybook and PostgreSQL: nothing answers, nothing refuses.
+
+Without TCP liveness settings on its connections (``urls.TCP_LIVENESS``), a command sent into
+the partition held its caller for about 15 minutes (the kernel retransmitting the commit),
+and a read for as long, whatever ``timeout`` it asked for. With them, each ends with an
+outage error (``503 unavailable`` over HTTP) soon after the URL's ``tcp_user_timeout``; once
+the link is back, the same request id applies the command exactly once, and reads answer.
+
+The tests shorten the settings through the URL, as a user may. ``_within`` only guards
+against a hang: its bound is minutes, ten times what the settings take.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from daybook import open_event_log, open_ledger, open_read_models, run_projections
+from daybook.infrastructure.http.problems import is_outage
+from daybook.infrastructure.readmodels.postgres import PostgresStore
+from tests.integration.partition import partitionable
+
+#: Give up on a silent server after 2 s unacknowledged, probe an idle connection after 1 s,
+#: and wait at most 2 s for a connection.
+QUICK = "?tcp_user_timeout=2000&keepalives_idle=1&keepalives_interval=1&connect_timeout=2"
+
+HANG = 180.0
+
+
+def _within(seconds: float, call: Callable[[], Any]) -> BaseException:
+    """The error ``call`` ends with; fails the test if it is still running after ``seconds``
+    (a daemon thread: a hung call does not hold the test run)."""
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            ended.append(None)
+        except BaseException as error:  # what is asserted below
+            ended.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting on a silent server after {seconds:.0f}s", pytrace=False)
+    (error,) = ended
+    assert error is not None, "the call succeeded through a cut link"
+    return error
+
+
+def test_a_command_sent_into_a_partition_ends_as_an_outage_and_its_retry_applies_once(
+    pg_url: str,
+) -> None:
+    with partitionable(pg_url) as path, open_ledger(path.url + QUICK) as ledger, path.healed():
+        account = ledger.open_account("ann", "EUR").account_id
+        ledger.deposit(account, 100)
+        path.cut()
+        error = _within(HANG, lambda: ledger.deposit(account, 5, request_id="cut-1"))
+        assert is_outage(error), repr(error)
+        path.heal()
+        # The commit may or may not have reached the server: the same request id decides.
+        ledger.deposit(account, 5, request_id="cut-1")
+        ledger.deposit(account, 5, request_id="cut-1")
+        assert ledger.account(account).balance == 105
+
+
+def test_a_read_during_a_partition_ends_as_an_outage_and_reads_again_once_healed(
+    pg_url: str,
+) -> None:
+    with partitionable(pg_url) as path, open_ledger(path.url + QUICK) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+        receipt = ledger.deposit(account, 100)
+        with run_projections(ledger, poll_interval=0.05) as runner:
+            runner.views.balance(account, min_position=receipt.position, timeout=30)
+        log = open_event_log(path.url + QUICK)
+        views = open_read_models(path.url + QUICK, log=log)
+        try:
+            views.balance(account)  # its connection is open, and goes silent
+            with path.healed():
+                path.cut()
+                error = _within(HANG, lambda: views.balance(account, timeout=3))
+                assert is_outage(error), repr(error)
+            row = views.balance(account, timeout=30)
+            assert row is not None and row.balance == 100
+        finally:
+            views.close()
+            log.close()
+
+
+def _tcp(connection: Any) -> tuple[int, int, int]:
+    """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_USER_TIMEOUT) of a psycopg connection's socket."""
+    fd = os.dup(connection.pgconn.socket)
+    with socket.socket(fileno=fd) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+
+
+def test_every_kind_of_connection_carries_the_settings_to_its_socket(pg_url: str) -> None:
+    """The event store's pool, the log's LISTEN session and a read store: the defaults, and
+    a URL's own value where it gives one."""
+    url = pg_url + "?tcp_user_timeout=12345"
+    with open_ledger(url) as ledger:
+        with ledger.service.recorder.datastore.get_connection() as pooled:
+            assert _tcp(pooled) == (1, 10, 12345)
+        log = open_event_log(url)
+        store = PostgresStore(url)
+        try:
+            log.wait(0)  # opens the listening session
+            assert log._listen is not None
+            assert _tcp(log._listen) == (1, 10, 12345)
+            assert _tcp(store.conn) == (1, 10, 12345)
+        finally:
+            store.close()
+            log.close()
