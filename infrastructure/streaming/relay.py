@@ -41,7 +41,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, RequestTimedOutError
 from eventsourcing.persistence import Notification
 from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
@@ -308,14 +308,15 @@ class Relay:
 
     async def _refuse_another_store(self) -> None:
         """Raise ``TopicOfAnotherStore`` if a partition's last message names another store
-        (messages of an older relay name none, and pass)."""
+        (messages of an older relay name none, and pass); ``RequestTimedOutError`` (an outage:
+        the relay backs off and checks again) if a last message could not be read in time."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             request_timeout_ms=int(self.config.request_timeout * 1000),
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a start that fails leaves a client to close
             parts = [TopicPartition(self.config.topic, p) for p in range(self.config.partitions)]
             consumer.assign(parts)
             ends = await consumer.end_offsets(parts)
@@ -338,6 +339,14 @@ class Relay:
                         raise TopicOfAnotherStore(
                             self.config.topic, str(self._store_id), other, tp.partition
                         )
+            if waiting:
+                # Unchecked is not checked: publishing now could mix two stores' events.
+                unread = ", ".join(str(tp.partition) for tp in sorted(waiting))
+                raise RequestTimedOutError(
+                    f"the last message of partition(s) {unread} of topic"
+                    f" {self.config.topic!r} could not be read within"
+                    f" {self.config.request_timeout:g}s to check which event store wrote it"
+                )
         finally:
             await consumer.stop()
 

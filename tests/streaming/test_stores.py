@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, RequestTimedOutError
 
-from daybook import open_ledger, projections
+from daybook import open_event_log, open_ledger, projections
 from daybook.infrastructure.eventstore.identity import ensure_store_id
 from daybook.infrastructure.readmodels.checkpoints import ForeignStore
 from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.progress import read_dead_letters, read_status
-from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_cursor
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
+from daybook.infrastructure.transient import is_transient
 from scripts import services
 from scripts.streams import Daybook, open_accounts, unique, wait_until, write_money
 from tests.projections.helpers import workload
@@ -200,3 +205,72 @@ def test_a_worker_meeting_another_stores_events_on_its_topic_stops_having_applie
         first.close()
         consuming.stop()
         assert publishing.stop() == 0, publishing.output
+
+
+def _checking_relay(pg_url: str, bootstrap: str, topic: str) -> Relay:
+    """A relay of ``pg_url`` ready to check ``topic`` (as it does once it leads)."""
+    config = RelayConfig(
+        store_url=pg_url,
+        broker_url=f"kafka://{bootstrap}",
+        topic=topic,
+        partitions=PARTITIONS,
+        request_timeout=2.0,
+    )
+    relay = Relay(config, open_event_log(pg_url), owns_log=True)
+    relay._store_id = store_id(pg_url)
+    return relay
+
+
+@pytest.mark.kafka
+def test_a_topic_whose_last_messages_cannot_be_read_in_time_is_not_passed_as_checked(
+    pg_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that does not hand over a partition's last message within the relay's
+    request timeout leaves the topic unchecked: an outage to wait out, not a pass."""
+    open_ledger(pg_url).close()
+    topic = unique("slow-check")
+    assert asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS)) == PARTITIONS
+    produce(kafka_bootstrap, topic, [Message(2, 0, b"another store's message")])
+
+    async def nothing(self: AIOKafkaConsumer, *partitions: Any, **_: Any) -> dict[Any, Any]:
+        await asyncio.sleep(0.05)
+        return {}
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", nothing)
+    relay = _checking_relay(pg_url, kafka_bootstrap, topic)
+    try:
+        with pytest.raises(RequestTimedOutError, match="partition\\(s\\) 2 of topic") as unread:
+            asyncio.run(relay._refuse_another_store())
+        assert is_transient(unread.value)
+    finally:
+        relay.close()
+
+
+def test_a_topic_check_that_cannot_reach_the_broker_leaves_no_consumer_open(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_ledger(pg_url).close()
+    started: list[int] = []
+    stopped: list[int] = []
+    start, stop = AIOKafkaConsumer.start, AIOKafkaConsumer.stop
+
+    async def recorded_start(self: AIOKafkaConsumer) -> None:
+        started.append(id(self))
+        await start(self)
+
+    async def recorded_stop(self: AIOKafkaConsumer) -> None:
+        stopped.append(id(self))
+        await stop(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", recorded_start)
+    monkeypatch.setattr(AIOKafkaConsumer, "stop", recorded_stop)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"
+    relay = _checking_relay(pg_url, nobody, unique("no-broker"))
+    try:
+        with pytest.raises(KafkaConnectionError):
+            asyncio.run(relay._refuse_another_store())
+        assert started and stopped == started  # a consumer whose start failed is closed too
+    finally:
+        relay.close()
