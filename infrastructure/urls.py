@@ -38,13 +38,28 @@ TCP_LIVENESS = {
     "keepalives_interval": "5",
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",
+    # A new connection to a silent host: given up after 10 s, not the kernel's ~2 minutes.
+    "connect_timeout": "10",
 }
 
-#: Settings libpq reads as whole numbers (it would refuse others only when connecting).
-_WHOLE_SECONDS_OR_COUNTS = frozenset({*TCP_LIVENESS, "connect_timeout"})
+#: Settings libpq reads as whole numbers, and those that take one of a few words: libpq
+#: checks their values only when it connects, where a bad one would look like an outage.
+_WHOLE_NUMBERS = frozenset(TCP_LIVENESS)
+_WORDS = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}  # fmt: skip
 
 #: The URL's own parts: a query naming them again is refused rather than silently ignored.
-_URL_PARTS = frozenset({"dbname", "user", "password", "hostaddr"})
+_URL_PARTS = frozenset({"dbname", "user", "password"})
+
+#: Query settings whose values are secrets (hidden by ``redacted``).
+_SECRETS = frozenset({"password", "sslpassword"})
 
 
 @dataclass(frozen=True)
@@ -76,16 +91,26 @@ class PostgresParams:
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password, if it has one, written ``***``: for messages and logs."""
+    """``url`` with its passwords, if it has any (``user:password@``, ``?password=``,
+    ``?sslpassword=``), written ``***``: for messages and logs."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError:  # a malformed host or port: keep only what surely holds no secret
         return f"{url.split('://', 1)[0]}://..."
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    if password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        parts = parts._replace(
+            query="&".join(
+                f"{name}{eq}{'***' if unquote(name) in _SECRETS and eq else value}"
+                for name, eq, value in pairs
+            )
+        )
+    return urlunsplit(parts)
 
 
 def scheme(url: str) -> str:
@@ -108,7 +133,8 @@ def scheme(url: str) -> str:
 
 def postgres_params(url: str) -> PostgresParams:
     """Split a postgresql:// URL; ``?host=/socket/dir`` selects a Unix socket, and other
-    query parameters are libpq's (``?sslmode=verify-full``), checked by libpq."""
+    query parameters are libpq's (``?sslmode=verify-full``): their names checked by libpq,
+    the values of the common ones here (libpq would check those only when connecting)."""
     parts = urlsplit(url)
     query = parse_qs(parts.query, keep_blank_values=True)
     host = query.get("host", [parts.hostname or "localhost"])[0]
@@ -143,11 +169,23 @@ def _options(url: str, query: dict[str, list[str]]) -> tuple[tuple[str, str], ..
         if len(values) != 1:
             raise BadURL(f"store URL {redacted(url)!r}: ?{name}= is given {len(values)} times")
     chosen = {name: values[0] for name, values in options.items()}
-    for name in _WHOLE_SECONDS_OR_COUNTS.intersection(chosen):
-        if not chosen[name].isascii() or not chosen[name].isdigit():
+    for name, value in chosen.items():
+        if value == "":
+            raise BadURL(f"store URL {redacted(url)!r}: ?{name}= is given no value")
+        if name in _WHOLE_NUMBERS and not (value.isascii() and value.isdigit()):
             raise BadURL(
-                f"store URL {redacted(url)!r}: ?{name}= takes a whole number, got {chosen[name]!r}"
+                f"store URL {redacted(url)!r}: ?{name}= takes a whole number, got {value!r}"
             )
+        if name in _WORDS and value not in _WORDS[name]:
+            raise BadURL(
+                f"store URL {redacted(url)!r}: ?{name}= takes one of"
+                f" {', '.join(_WORDS[name])}; got {value!r}"
+            )
+    if chosen.get("connect_timeout") == "0":
+        raise BadURL(
+            f"store URL {redacted(url)!r}: ?connect_timeout=0 would wait for ever for a server"
+            " that does not answer; give a number of seconds (2 or more)"
+        )
     try:
         make_conninfo(**chosen)
     except psycopg.ProgrammingError as error:  # libpq's words: 'invalid connection option "x"'
@@ -208,8 +246,8 @@ def event_store_env(url: str) -> dict[str, str]:
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "16",
         # How long a caller waits for a connection from the pool (eventsourcing's use of
-        # it): the URL's connect_timeout, if it gives one.
-        "POSTGRES_CONNECT_TIMEOUT": dict(params.options).get("connect_timeout", "10"),
+        # it): as long as a new connection may take.
+        "POSTGRES_CONNECT_TIMEOUT": params.settings()["connect_timeout"],
         # Read by daybook's factory: libpq settings for every connection of the pool.
         SETTINGS_KEY: make_conninfo(**params.settings()),
         # Each insert waits for the events table lock; give up rather than hang forever.

@@ -377,14 +377,12 @@ class Factory(PostgresFactory):
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         # eventsourcing gives the pool's connections where and who only: add the URL's libpq
-        # settings (TCP liveness above all: see urls.TCP_LIVENESS), and a connect timeout,
-        # which eventsourcing spends on waiting for the pool (a new connection to a silent
-        # host would otherwise wait out the kernel's connection attempts, about 2 minutes).
-        settings = conninfo_to_dict(self.env.get(SETTINGS_KEY) or "")
-        settings.setdefault("connect_timeout", self.env.get(self.POSTGRES_CONNECT_TIMEOUT) or "10")
-        self.datastore.pool.kwargs.update(settings)
+        # settings (TCP liveness and connect_timeout above all: see urls.TCP_LIVENESS).
+        self.datastore.pool.kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
         # psycopg_pool replaces a lost connection with attempts whose delays double until
-        # this many seconds have passed (5 minutes by default). After a long outage the next
-        # attempt could then be a minute away while the server is back; giving up sooner
-        # lets the next caller's wait start a fresh attempt at once.
+        # this many seconds have passed (5 minutes by default), then gives the slot up (the
+        # next caller that waits grows the pool again). After a long outage the next attempt
+        # could be a minute away while the server is back; with 30 s it is at most about
+        # 16 s away. (Measured once, 100 s of partition: 44 s from healing to a commit by
+        # default, 6 s with this.)
         self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT

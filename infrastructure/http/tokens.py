@@ -183,7 +183,7 @@ class SqlTokens:
                     conn.close()
             else:
                 conninfo = postgres_params(self._url).conninfo()
-                with psycopg.connect(conninfo, connect_timeout=5) as pg:
+                with psycopg.connect(conninfo) as pg:
                     yield pg
 
     def create(

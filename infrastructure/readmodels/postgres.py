@@ -20,7 +20,7 @@ _BINARY_TYPES = {"text": "text", "bigint": "int8"}
 
 def _connect(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:
     # Autocommit: transactions are always explicit (see ``ReadStore.transaction``).
-    return psycopg.connect(conninfo, connect_timeout=10, autocommit=True)
+    return psycopg.connect(conninfo, autocommit=True)  # connect_timeout: the URL's (urls.py)
 
 
 class AdvisoryLocks(WriterLocks):

@@ -319,7 +319,7 @@ class LogHead:
     def __call__(self) -> int | None:
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+                self._conn = psycopg.connect(self.conninfo, autocommit=True)
             row = self._conn.execute(
                 "SELECT COALESCE(max(notification_id), 0) FROM daybook_events"
             ).fetchone()

@@ -7,8 +7,8 @@ in user space, cannot show this: a kernel still acknowledges every packet.
 
 So the path crosses a link: a network namespace joined to this one by a veth pair, with a
 forwarder in it (``forward.py``) to a second forwarder here, which reaches the server.
-``cut()`` takes the link down; packets then vanish with no answer, in both directions, as in
-a partition. ``heal()`` brings it up; connections that have not given up carry on.
+``cut()`` takes the link's far end down; packets then vanish with no answer, in both
+directions, as in a partition. ``heal()`` brings it up; connections that have not given up carry on.
 
     test ─▶ 10.x.y.2:5432 (namespace) ─▶ 10.x.y.1:port (here) ─▶ the server
 
@@ -31,7 +31,12 @@ FORWARD = str(Path(__file__).with_name("forward.py"))
 
 
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"ip {' '.join(args)}: {done.stderr.strip()} (a partition needs root, and network"
+            " namespaces and veth links, as on CI)"
+        )
 
 
 def _forwarder(stack: ExitStack, argv: list[str]) -> None:
@@ -49,13 +54,22 @@ class Partition:
     """The URL of ``url``'s server through a link ``cut`` and ``heal`` control."""
 
     url: str
+    namespace: str
     link: str
+    near_end: str
 
     def cut(self) -> None:
-        _ip("link", "set", self.link, "down")
+        # The far end goes down: this side keeps its route to the far address (marked
+        # linkdown), so packets for it vanish here. (Taking down this side's end instead
+        # would remove that route, and the packets would leave by the default route, where
+        # something may answer them.)
+        _ip("-n", self.namespace, "link", "set", self.link, "down")
 
     def heal(self) -> None:
-        _ip("link", "set", self.link, "up")
+        _ip("-n", self.namespace, "link", "set", self.link, "up")
+        # Forget that the far address stopped answering (else the first packets after
+        # healing are refused as "no route to host" until it is asked again).
+        _ip("neigh", "flush", "dev", self.near_end)
 
     @contextmanager
     def healed(self) -> Iterator[None]:
@@ -88,16 +102,13 @@ def partitionable(url: str) -> Iterator[Partition]:
         _ip("addr", "add", f"{near}/30", "dev", here)
         _ip("link", "set", here, "up")
         inside = ["ip", "netns", "exec", namespace]
-        for command in (
-            ["ip", "addr", "add", f"{far}/30", "dev", there],
-            ["ip", "link", "set", there, "up"],
-            ["ip", "link", "set", "lo", "up"],
-        ):
-            subprocess.run([*inside, *command], check=True, capture_output=True)
+        _ip("-n", namespace, "addr", "add", f"{far}/30", "dev", there)
+        _ip("-n", namespace, "link", "set", there, "up")
+        _ip("-n", namespace, "link", "set", "lo", "up")
         relay_port = 20_000 + tag % 20_000
         _forwarder(stack, [sys.executable, FORWARD, near, str(relay_port), target_host,
                            str(target_port)])  # fmt: skip
         _forwarder(stack, [*inside, sys.executable, FORWARD, far, "5432", near, str(relay_port)])
         userinfo = parts.netloc.rpartition("@")[0]
         netloc = f"{userinfo}@{far}:5432" if userinfo else f"{far}:5432"
-        yield Partition(urlunsplit(parts._replace(netloc=netloc)), here)
+        yield Partition(urlunsplit(parts._replace(netloc=netloc)), namespace, there, here)

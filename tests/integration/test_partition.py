@@ -25,6 +25,8 @@ from daybook.infrastructure.http.problems import is_outage
 from daybook.infrastructure.readmodels.postgres import PostgresStore
 from tests.integration.partition import partitionable
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
 #: Give up on a silent server after 2 s unacknowledged, probe an idle connection after 1 s,
 #: and wait at most 2 s for a connection.
 QUICK = "?tcp_user_timeout=2000&keepalives_idle=1&keepalives_interval=1&connect_timeout=2"

@@ -147,6 +147,11 @@ def test_a_relay_request_timeout_too_short_for_any_broker_is_refused(
         ("?tcp_user_timeout=soon", "?tcp_user_timeout= takes a whole number, got 'soon'"),
         ("?sslmode=require&sslmode=disable", "?sslmode= is given 2 times"),
         ("?user=other", "give user in the URL itself"),
+        ("?sslmode=verify-ful", "?sslmode= takes one of disable, allow, prefer, require"),
+        ("?sslmode=", "?sslmode= is given no value"),
+        ("?connect_timeout=0", "?connect_timeout=0 would wait for ever"),
+        ("?password=S3cretPW", "give password in the URL itself"),
+        ("?sslpassword=S3cretPW&bogus=1", 'invalid connection option "bogus"'),
     ],
 )
 def test_a_bad_libpq_setting_in_a_url_is_one_clear_line(
@@ -166,3 +171,11 @@ def test_libpq_settings_in_a_url_reach_libpq_over_the_tcp_defaults() -> None:
     given = conninfo_to_dict(postgres_params(url).conninfo())
     assert given["sslmode"] == "verify-full" and given["tcp_user_timeout"] == "5000"
     assert (given["keepalives"], given["keepalives_idle"]) == ("1", "10")
+
+
+def test_a_url_may_give_hostaddr_beside_its_host_name() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = "postgresql://app@db.example/ledger?hostaddr=192.0.2.7&sslmode=verify-full"
+    given = conninfo_to_dict(postgres_params(url).conninfo())
+    assert (given["host"], given["hostaddr"]) == ("db.example", "192.0.2.7")
