@@ -136,4 +136,7 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx writes a line at INFO for every request it sends (the gateway calls of a saga
+    # processor, thousands a minute), saying only that it sent it: kept for debugging.
+    logging.getLogger("httpx").setLevel(level if level <= logging.DEBUG else logging.WARNING)
     return handler

@@ -6,7 +6,9 @@ import io
 import logging
 import urllib.request
 
+import httpx
 import orjson
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook.infrastructure.observability import metrics, tracing
@@ -184,3 +186,21 @@ def test_command_latencies_waiting_to_be_added_are_in_every_read() -> None:
         )
         == metrics._PENDING_LIMIT
     )
+
+
+@pytest.mark.parametrize(("level", "lines"), [(logging.INFO, 0), (logging.DEBUG, 1)])
+def test_a_gateway_call_writes_no_line_of_its_own_unless_debugging(level: int, lines: int) -> None:
+    """httpx logs every request at INFO: a saga processor calling the gateway thousands of
+    times a minute would write as many lines, each saying only that it called."""
+    stream = io.StringIO()
+    root, quiet = logging.getLogger(), logging.getLogger("httpx")
+    saved = (list(root.handlers), root.level, quiet.level)
+    try:
+        configure_logging("console", level, stream=stream)
+        with httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200))) as client:
+            client.post("http://gateway.example/payments")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        quiet.setLevel(saved[2])
+    assert stream.getvalue().count("HTTP Request: POST") == lines, stream.getvalue()
