@@ -24,6 +24,7 @@ from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import BadSettings, Settings
+from daybook.infrastructure.transient import may_only_read
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.model import Projection
 
@@ -91,7 +92,18 @@ def open_event_log(url: str | None = None, *, settings: Settings | None = None) 
     chosen = settings_for(url, settings)
     env = Environment(LedgerService.name, event_store_env(chosen.url))
     factory = InfrastructureFactory.construct(env)
-    recorder = factory.application_recorder()  # creates the tables if missing, as a ledger does
+    try:
+        recorder = factory.application_recorder()  # creates the tables if missing, as a ledger does
+    except Exception as error:
+        # A connection that may only read (a replica, a role given SELECT): the tables are
+        # the writers' to make; reading needs none of that.
+        factory.close()
+        if not may_only_read(error):
+            raise
+        factory = InfrastructureFactory.construct(
+            Environment(LedgerService.name, {**event_store_env(chosen.url), "CREATE_TABLE": "no"})
+        )
+        recorder = factory.application_recorder()
     mapper: Mapper[UUID] = factory.mapper(transcoder=factory.transcoder())
     return EventLog(recorder, mapper, on_close=factory.close)
 

@@ -47,6 +47,21 @@ def causes(error: BaseException) -> Iterator[BaseException]:
         cause = cause.__cause__ or cause.__context__
 
 
+def may_only_read(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the connection may only read: a hot
+    standby or ``default_transaction_read_only``, a role without the right to create or
+    change tables, a read-only SQLite file."""
+    for cause in causes(error):
+        if isinstance(
+            cause, psycopg.errors.ReadOnlySqlTransaction | psycopg.errors.InsufficientPrivilege
+        ):
+            return True
+        code = getattr(cause, "sqlite_errorcode", None)
+        if isinstance(cause, sqlite3.Error) and code is not None:
+            return code & 0xFF == sqlite3.SQLITE_READONLY
+    return False
+
+
 def is_transient(error: BaseException) -> bool:
     """True if the same call may succeed when tried again (after reconnecting)."""
     if isinstance(error, PersistenceError):

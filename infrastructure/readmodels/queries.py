@@ -29,7 +29,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.infrastructure.streaming.faults import crash_point
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import is_transient, may_only_read
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
@@ -177,6 +177,19 @@ class Answer(Generic[T]):
 _OUTAGE_BACKOFF_CAP = 1.0
 
 
+def _ensure_catalog(store: ReadStore) -> bool:
+    """Create or upgrade the catalog tables where this connection may write; True if it did.
+    Reads need no write: on a read replica, or as a role that may only read, they go on
+    without (a writer of the read models, the runner or a worker, keeps the catalog)."""
+    try:
+        VersionCatalog(store).ensure()
+    except Exception as error:
+        if not may_only_read(error):
+            raise
+        return False
+    return True
+
+
 class ReadModels:
     """Read-side queries over one read-model database (one connection; thread-safe)."""
 
@@ -190,6 +203,8 @@ class ReadModels:
         #: when it changes (a ``ReadModels`` closed and queried again reconnects, and its
         #: later queries wait as a new one's do).
         self._closes = 0
+        #: Whether the catalog tables are known to exist (once they do, they always will).
+        self._catalog = False
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -493,7 +508,9 @@ class ReadModels:
                     store = self._connection()
                     with store.transaction(write=False):
                         catalog = VersionCatalog(store)
-                        version = catalog.active_version(projection)
+                        if not self._catalog:  # read-only, and no writer made them yet
+                            self._catalog = store.has_column("daybook_read_models", "name")
+                        version = catalog.active_version(projection) if self._catalog else None
                         record = None if version is None else catalog.version(projection, version)
                         checkpoint = None if record is None else catalog.checkpoint(record)
                         position = 0 if checkpoint is None else checkpoint.position
@@ -545,7 +562,7 @@ class ReadModels:
         if self._store is None:
             store = open_store(self.url)
             try:
-                VersionCatalog(store).ensure()
+                self._catalog = self._catalog or _ensure_catalog(store)
             except BaseException:
                 store.close()
                 raise
