@@ -320,7 +320,10 @@ class Relay:
             parts = [TopicPartition(self.config.topic, p) for p in range(self.config.partitions)]
             consumer.assign(parts)
             ends = await consumer.end_offsets(parts)
-            waiting = {tp for tp in parts if ends[tp] > 0}
+            # A partition whose every message is gone (deleted by retention or by request)
+            # has nothing left to tell: only partitions that hold their last one are read.
+            starts = await consumer.beginning_offsets(parts)
+            waiting = {tp for tp in parts if ends[tp] > starts[tp]}
             for tp in waiting:
                 consumer.seek(tp, ends[tp] - 1)
             deadline = time.monotonic() + self.config.request_timeout
