@@ -103,7 +103,11 @@ def open_event_log(url: str | None = None, *, settings: Settings | None = None) 
         factory = InfrastructureFactory.construct(
             Environment(LedgerService.name, {**event_store_env(chosen.url), "CREATE_TABLE": "no"})
         )
-        recorder = factory.application_recorder()
+        try:
+            recorder = factory.application_recorder()
+        except BaseException:
+            factory.close()
+            raise
     mapper: Mapper[UUID] = factory.mapper(transcoder=factory.transcoder())
     return EventLog(recorder, mapper, on_close=factory.close)
 

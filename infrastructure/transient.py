@@ -48,18 +48,15 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def may_only_read(error: BaseException) -> bool:
-    """Whether ``error`` (or what caused it) says the connection may only read: a hot
-    standby or ``default_transaction_read_only``, a role without the right to create or
-    change tables, a read-only SQLite file."""
-    for cause in causes(error):
-        if isinstance(
+    """Whether ``error`` (or what caused it) says the PostgreSQL connection may only read: a
+    hot standby or ``default_transaction_read_only``, a role without the right to create or
+    change tables."""
+    return any(
+        isinstance(
             cause, psycopg.errors.ReadOnlySqlTransaction | psycopg.errors.InsufficientPrivilege
-        ):
-            return True
-        code = getattr(cause, "sqlite_errorcode", None)
-        if isinstance(cause, sqlite3.Error) and code is not None:
-            return code & 0xFF == sqlite3.SQLITE_READONLY
-    return False
+        )
+        for cause in causes(error)
+    )
 
 
 def is_transient(error: BaseException) -> bool:

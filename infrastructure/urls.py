@@ -181,10 +181,10 @@ def _options(url: str, query: dict[str, list[str]]) -> tuple[tuple[str, str], ..
                 f"store URL {redacted(url)!r}: ?{name}= takes one of"
                 f" {', '.join(_WORDS[name])}; got {value!r}"
             )
-    if chosen.get("connect_timeout") == "0":
+    if int(chosen.get("connect_timeout", "2")) < 2:
         raise BadURL(
-            f"store URL {redacted(url)!r}: ?connect_timeout=0 would wait for ever for a server"
-            " that does not answer; give a number of seconds (2 or more)"
+            f"store URL {redacted(url)!r}: ?connect_timeout= takes 2 seconds or more (libpq"
+            " waits for ever with 0, and 2 s with 1)"
         )
     try:
         make_conninfo(**chosen)

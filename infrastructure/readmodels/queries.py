@@ -524,7 +524,9 @@ class ReadModels:
                             break
             except Exception as error:
                 if store is not None and store.is_missing_table(error):
-                    # The version we looked up was switched away and dropped as we read it.
+                    # The version we looked up was switched away and dropped as we read it
+                    # (or the catalog itself is gone: a database replaced by an empty one).
+                    self._catalog = False
                     dropped += 1
                     if dropped > 20:
                         raise
@@ -562,7 +564,7 @@ class ReadModels:
         if self._store is None:
             store = open_store(self.url)
             try:
-                self._catalog = self._catalog or _ensure_catalog(store)
+                self._catalog = _ensure_catalog(store)
             except BaseException:
                 store.close()
                 raise

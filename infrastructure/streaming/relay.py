@@ -138,6 +138,10 @@ class BrokerLostData(Exception):
         self.restart = restart
 
 
+#: How many of a partition's last offsets the topic check reads (see ``_refuse_another_store``).
+_CHECK_WINDOW = 64
+
+
 class TopicOfAnotherStore(Refused):
     """The topic's partitions end with messages another event store's relay published."""
 
@@ -313,6 +317,9 @@ class Relay:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
+            # A seek below what retention has left (deleted meanwhile) reads from the start,
+            # not from the end, where nothing would come.
+            auto_offset_reset="earliest",
             request_timeout_ms=int(self.config.request_timeout * 1000),
         )
         try:
@@ -324,32 +331,36 @@ class Relay:
             # has nothing left to tell: only partitions that hold their last one are read.
             starts = await consumer.beginning_offsets(parts)
             waiting = {tp for tp in parts if ends[tp] > starts[tp]}
+            # The last offset may hold no record a consumer is given (a transaction's commit
+            # marker, a record compaction removed): read the last few, keep the last one.
             for tp in waiting:
-                consumer.seek(tp, ends[tp] - 1)
+                consumer.seek(tp, max(starts[tp], ends[tp] - _CHECK_WINDOW))
+            last: dict[TopicPartition, Any] = {}
             deadline = time.monotonic() + self.config.request_timeout
             while waiting and time.monotonic() < deadline:
-                fetched = await consumer.getmany(*waiting, timeout_ms=200, max_records=100)
+                fetched = await consumer.getmany(*waiting, timeout_ms=200, max_records=500)
                 for tp, records in fetched.items():
-                    last = [r for r in records if r.offset == ends[tp] - 1]
-                    if not last:
-                        continue
-                    waiting.discard(tp)
-                    try:
-                        other = envelope.decode(last[0].value).store
-                    except envelope.BadEnvelope:
-                        continue
-                    if other is not None and other != self._store_id:
-                        raise TopicOfAnotherStore(
-                            self.config.topic, str(self._store_id), other, tp.partition
-                        )
+                    last.update((tp, r) for r in records if r.offset < ends[tp])
+                for tp in list(waiting):
+                    if await consumer.position(tp) >= ends[tp]:
+                        waiting.discard(tp)
             if waiting:
                 # Unchecked is not checked: publishing now could mix two stores' events.
                 unread = ", ".join(str(tp.partition) for tp in sorted(waiting))
                 raise RequestTimedOutError(
-                    f"the last message of partition(s) {unread} of topic"
+                    f"the last messages of partition(s) {unread} of topic"
                     f" {self.config.topic!r} could not be read within"
-                    f" {self.config.request_timeout:g}s to check which event store wrote it"
+                    f" {self.config.request_timeout:g}s to check which event store wrote them"
                 )
+            for tp, record in last.items():
+                try:
+                    other = envelope.decode(record.value).store
+                except envelope.BadEnvelope:
+                    continue
+                if other is not None and other != self._store_id:
+                    raise TopicOfAnotherStore(
+                        self.config.topic, str(self._store_id), other, tp.partition
+                    )
         finally:
             await consumer.stop()
 

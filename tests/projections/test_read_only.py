@@ -89,3 +89,27 @@ def test_before_anything_is_built_such_a_reader_is_told_so_and_creates_nothing(
     finally:
         views.close()
     assert tables(pg_url) == before
+
+
+def test_a_reader_whose_database_lost_its_catalog_is_told_nothing_is_built(pg_url: str) -> None:
+    """A read-model database replaced by an empty one (restored, failed over): the next read
+    says no version has been built, as on a new database, not a missing table."""
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+        receipt = ledger.deposit(account, 700)
+        with run_projections(ledger) as runner:
+            runner.views.balance(account, min_position=receipt.position, timeout=30)
+    views = open_read_models(pg_url)
+    try:
+        assert views.balance(account) is not None
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for (table,) in conn.execute(
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = 'public' AND table_name NOT LIKE 'daybook_events%'"
+                " AND table_name NOT IN ('daybook_requests', 'daybook_store')"
+            ).fetchall():
+                conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+        with pytest.raises(StaleRead, match="is still being built"):
+            views.balance(account, timeout=0.2)
+    finally:
+        views.close()
