@@ -26,6 +26,7 @@ of the batch alone; the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -254,6 +255,8 @@ class ProjectionRunner:
                 record = catalog.register(projection)
             if record is None:
                 continue
+            if record.owner != RUNNER or record.state is VersionState.RETIRED:
+                _forget_lag(key)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)
@@ -475,6 +478,8 @@ class ProjectionRunner:
                 why = current.state.value
             log.info("projection %s v%s is %s; releasing it", *slot.key, why)
             self._release(slot)
+            if current is None or current.owner != RUNNER or current.state is VersionState.RETIRED:
+                _forget_lag(slot.key)
             return False
         if current.position != slot.record.position or current.epoch != slot.record.epoch:
             # Someone else wrote these tables (a repair, or a runner that had our lock).
@@ -590,6 +595,15 @@ class ProjectionRunner:
         serving = None if previous is None else catalog.version(slot.projection.name, previous)
         # Readers must never see the position go backwards: catch up first.
         return serving is None or catalog.checkpoint(serving).position <= current.position
+
+
+def _forget_lag(key: tuple[str, int]) -> None:
+    """Stop reporting the lag of a version this runner will never follow again (retired, or
+    another's): its last figures would stay, and an alert on them fire (or stay quiet) for
+    nothing. A stopped version keeps them: it is still this runner's, once resumed."""
+    for gauge in (metrics.PROJECTION_LAG_EVENTS, metrics.PROJECTION_LAG_SECONDS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(key[0], str(key[1]))
 
 
 def _count_applied(

@@ -160,3 +160,37 @@ def test_an_interrupted_first_build_is_not_served_and_resumes(ledger: Ledger, db
     with ReadModels(db_url) as views:
         row = views.balance(ids[0])
         assert row is not None and row.as_of_position == ledger.head()
+
+
+def _lag_series(version: int) -> list[float]:
+    """This process's lag figures for account_balances ``version`` (events, seconds)."""
+    from daybook.infrastructure.observability import metrics
+
+    found = []
+    for gauge in (metrics.PROJECTION_LAG_EVENTS, metrics.PROJECTION_LAG_SECONDS):
+        for family in gauge.collect():
+            found += [
+                s.value
+                for s in family.samples
+                if s.labels == {"projection": "account_balances", "version": str(version)}
+            ]
+    return found
+
+
+def test_a_runner_stops_reporting_the_lag_of_a_version_it_let_go_for_good(
+    ledger: Ledger, db_url: str
+) -> None:
+    """A retired version's lag, frozen at its last figure, would keep an alert on it
+    firing (or quiet) for as long as the process runs."""
+    ids = workload(ledger, 40)
+    old = run_projections(ledger, db_url, start=False, batch_size=10)
+    try:
+        old.run_until_caught_up()  # version 1 serves reads
+        workload(ledger, 40, seed=2, accounts=ids)
+        old.step()  # one batch of 10: version 1 lags behind, and says by how much
+        assert len(_lag_series(1)) == 2 and _lag_series(1)[0] > 0
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
+        old.run_until_caught_up()  # it lets go of version 1, retired by the rebuild
+        assert _lag_series(1) == []
+    finally:
+        old.stop()
