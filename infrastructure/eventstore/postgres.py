@@ -378,7 +378,9 @@ class Factory(PostgresFactory):
         super().__init__(env)
         # eventsourcing gives the pool's connections where and who only: add the URL's libpq
         # settings (TCP liveness and connect_timeout above all: see urls.TCP_LIVENESS).
-        self.datastore.pool.kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
+        kwargs = self.datastore.pool.kwargs
+        assert isinstance(kwargs, dict)  # eventsourcing builds its pool with a dict
+        kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
         # psycopg_pool replaces a lost connection with attempts whose delays double until
         # this many seconds have passed (5 minutes by default), then gives the slot up (the
         # next caller that waits grows the pool again). After a long outage the next attempt
