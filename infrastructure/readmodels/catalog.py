@@ -98,8 +98,15 @@ class VersionState(enum.Enum):
         return self._move("activate", VersionState.LIVE, VersionState.REBUILDING)
 
     def retired(self) -> VersionState:
-        """Reads switched away from this version, to a newer one."""
-        return self._move("retire", VersionState.RETIRED, VersionState.LIVE, VersionState.STOPPED)
+        """Reads switched away from this version, to a newer one (or, for one still being
+        built, to a newer one than it: it can never serve)."""
+        return self._move(
+            "retire",
+            VersionState.RETIRED,
+            VersionState.LIVE,
+            VersionState.STOPPED,
+            VersionState.REBUILDING,
+        )
 
     def stopped(self) -> VersionState:
         """An event could not be applied: it is parked, and the version waits."""
@@ -355,8 +362,8 @@ class VersionCatalog:
     def activate(self, projection: Projection, *, keep_old: bool = False) -> int | None:
         """Serve reads of ``projection`` from its version (rebuilding -> live), with every
         table's key in place (``ReadStore.create_keys``), and retire the version it replaces
-        (live or stopped -> retired) and any older one that stopped, marking their tables to
-        drop (``drop_retired``, once this has committed) unless ``keep_old``; returns the
+        (live or stopped -> retired) and any older one that never served, marking their tables
+        to drop (``drop_retired``, once this has committed) unless ``keep_old``; returns the
         version it replaces."""
         name, version = projection.name, projection.version
         with self.store.transaction():
@@ -370,16 +377,18 @@ class VersionCatalog:
                 replaced = self.version(name, previous, lock=True)
                 if replaced is not None:
                     moves.append((replaced, replaced.state.retired()))
-            # Older versions that stopped without ever serving go with it: none can serve
-            # now (an older version than the active one is never registered again), and
-            # their tables, as large as the projection, would stay for good.
+            # Older versions that never served go with it, stopped or still being built (a
+            # first build interrupted before a newer version was built): none can serve now
+            # (reads never switch back to an older version), and their tables, as large as
+            # the projection, would stay for good, a runner with the old code adding to them.
+            unserved = (VersionState.STOPPED, VersionState.REBUILDING)
             for older in self.versions(name):
                 if older.version >= version or older.version == previous:
                     continue
-                if older.state is VersionState.STOPPED:
-                    stopped = self._locked(name, older.version)
-                    if stopped.state is VersionState.STOPPED:  # (not resumed meanwhile)
-                        moves.append((stopped, stopped.state.retired()))
+                if older.state in unserved:
+                    locked = self._locked(name, older.version)
+                    if locked.state in unserved:  # (not resumed into serving meanwhile)
+                        moves.append((locked, locked.state.retired()))
             # Every move was allowed: now write them.
             if previous is None:
                 self.store.execute(

@@ -17,7 +17,7 @@ from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.rebuild import rebuild
-from daybook.projections.accounts import ACCOUNT_BALANCES
+from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
 from tests.projections.helpers import assert_tables_match, workload
 from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
 
@@ -192,5 +192,33 @@ def test_a_runner_stops_reporting_the_lag_of_a_version_it_let_go_for_good(
         rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
         old.run_until_caught_up()  # it lets go of version 1, retired by the rebuild
         assert _lag_series(1) == []
+    finally:
+        old.stop()
+
+
+def test_a_first_build_overtaken_by_a_newer_version_is_retired_and_its_tables_go(
+    ledger: Ledger, db_url: str
+) -> None:
+    """Version 1's first build stopped half way; version 2 was built and serves. Version 1
+    can never serve now: it goes, and a runner with the old code stops adding to it."""
+    ids = workload(ledger, 60)
+    old = run_projections(ledger, db_url, start=False, batch_size=10)
+    try:
+        old.step()  # version 1 is built in part, and serves nothing
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
+        workload(ledger, 10, seed=4, accounts=ids)
+        old.run_until_caught_up()
+        store = open_store(db_url)
+        try:
+            catalog = VersionCatalog(store)
+            first = catalog.version("account_balances", 1)
+            assert first is not None and first.state is VersionState.RETIRED
+            assert first.position < ledger.head()  # let go of, not built on
+            assert catalog.active_version("account_balances") == 2
+            assert catalog.drop_retired("account_balances")
+            with store.transaction(write=False):
+                assert not store.has_column(BALANCES.physical_name(1), "account_id")
+        finally:
+            store.close()
     finally:
         old.stop()

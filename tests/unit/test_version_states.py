@@ -16,7 +16,7 @@ Move = Callable[[VersionState], VersionState]
 #: operation -> (the move, {state it may start from: where it ends}).
 MOVES: dict[str, tuple[Move, dict[VersionState, VersionState]]] = {
     "activate": (VersionState.activated, {REBUILDING: LIVE}),
-    "retire": (VersionState.retired, {LIVE: RETIRED, STOPPED: RETIRED}),
+    "retire": (VersionState.retired, {LIVE: RETIRED, STOPPED: RETIRED, REBUILDING: RETIRED}),
     "stop": (VersionState.stopped, {LIVE: STOPPED, REBUILDING: STOPPED}),
     "resume serving": (lambda s: s.resumed(serving=True), {STOPPED: LIVE}),
     "resume building": (lambda s: s.resumed(serving=False), {STOPPED: REBUILDING}),
