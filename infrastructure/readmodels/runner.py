@@ -255,8 +255,6 @@ class ProjectionRunner:
                 record = catalog.register(projection)
             if record is None:
                 continue
-            if record.owner != RUNNER or record.state is VersionState.RETIRED:
-                _forget_lag(key)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)
@@ -288,6 +286,9 @@ class ProjectionRunner:
             with store.transaction(write=False):
                 parked = _unresolved_letters(store, *key)
             metrics.PROJECTION_PARKED.labels(key[0], str(key[1])).set(parked)
+        for projection in self.projections:
+            if (projection.name, projection.version) not in self.slots:
+                _forget_lag((projection.name, projection.version))
 
     def _cannot_follow(
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
@@ -478,8 +479,7 @@ class ProjectionRunner:
                 why = current.state.value
             log.info("projection %s v%s is %s; releasing it", *slot.key, why)
             self._release(slot)
-            if current is None or current.owner != RUNNER or current.state is VersionState.RETIRED:
-                _forget_lag(slot.key)
+            _forget_lag(slot.key)
             return False
         if current.position != slot.record.position or current.epoch != slot.record.epoch:
             # Someone else wrote these tables (a repair, or a runner that had our lock).
@@ -598,9 +598,10 @@ class ProjectionRunner:
 
 
 def _forget_lag(key: tuple[str, int]) -> None:
-    """Stop reporting the lag of a version this runner will never follow again (retired, or
-    another's): its last figures would stay, and an alert on them fire (or stay quiet) for
-    nothing. A stopped version keeps them: it is still this runner's, once resumed."""
+    """Stop reporting the lag of a version this runner does not follow (any more, or yet:
+    retired, another's, stopped, written by another runner while this one stands by): its
+    last figures would stay, and an alert on them fire (or stay quiet) for nothing. Whoever
+    follows it reports it."""
     for gauge in (metrics.PROJECTION_LAG_EVENTS, metrics.PROJECTION_LAG_SECONDS):
         with contextlib.suppress(KeyError):
             gauge.remove(key[0], str(key[1]))
