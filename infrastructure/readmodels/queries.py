@@ -203,7 +203,8 @@ class ReadModels:
         #: when it changes (a ``ReadModels`` closed and queried again reconnects, and its
         #: later queries wait as a new one's do).
         self._closes = 0
-        #: Whether the catalog tables are known to exist (once they do, they always will).
+        #: Whether the catalog tables are known to exist: set on connecting (made here, or
+        #: found by a read), cleared when a read finds a table gone.
         self._catalog = False
 
     # -- queries -----------------------------------------------------------------------------

@@ -286,6 +286,8 @@ class ProjectionRunner:
             with store.transaction(write=False):
                 parked = _unresolved_letters(store, *key)
             metrics.PROJECTION_PARKED.labels(key[0], str(key[1])).set(parked)
+        # Every step starts here: whatever this runner let go of, or never took, stops being
+        # reported by it (the one place that decides it).
         for projection in self.projections:
             if (projection.name, projection.version) not in self.slots:
                 _forget_lag((projection.name, projection.version))
@@ -478,8 +480,7 @@ class ProjectionRunner:
             else:
                 why = current.state.value
             log.info("projection %s v%s is %s; releasing it", *slot.key, why)
-            self._release(slot)
-            _forget_lag(slot.key)
+            self._release(slot)  # (its lag goes at the next claim: ``_forget_lag``)
             return False
         if current.position != slot.record.position or current.epoch != slot.record.epoch:
             # Someone else wrote these tables (a repair, or a runner that had our lock).
