@@ -18,7 +18,7 @@ import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -269,6 +269,48 @@ def add_metrics_port_argument(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: any free port, "
         "logged at start; default: no metrics endpoint)",
     )
+
+
+#: The variable a service's ``--startup-wait`` defaults to.
+STARTUP_WAIT_VARIABLE = "DAYBOOK_STARTUP_WAIT"
+
+_T = TypeVar("_T")
+
+
+def add_startup_wait_argument(parser: argparse.ArgumentParser, only: str = "") -> None:
+    parser.add_argument(
+        "--startup-wait",
+        type=startup_seconds,
+        metavar="SECONDS",
+        help=f"{only}at start, wait at most this long for a database, broker or gateway that "
+        "is down, starting up or out of reach (0: fail at once; default: "
+        "$DAYBOOK_STARTUP_WAIT, else until it answers, as the running service waits out an "
+        "outage)",
+    )
+
+
+def startup_seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    if not _DECIMAL.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 seconds or more, got {text}")
+    return value
+
+
+def when_usable(args: argparse.Namespace, check: Callable[[], _T]) -> _T:
+    """``check()`` (a service's preflight checks) once it passes: a server that is down,
+    starting up or out of reach is waited for, for ``--startup-wait`` seconds (or
+    ``$DAYBOOK_STARTUP_WAIT``; by default until it answers). Call after ``setup_logging``:
+    the wait is logged."""
+    limit = getattr(args, "startup_wait", None)
+    if limit is None and (text := os.environ.get(STARTUP_WAIT_VARIABLE, "").strip()):
+        try:
+            limit = startup_seconds(text)
+        except argparse.ArgumentTypeError as error:
+            raise preflight.Unusable(f"${STARTUP_WAIT_VARIABLE}: {error}") from None
+    return preflight.wait_until_usable(check, limit=limit, log=logging.getLogger("daybook.startup"))
 
 
 @contextlib.contextmanager

@@ -7,17 +7,28 @@ is not a database, an event store created where none was meant to be, or a Postg
 connection pool that took its full 10 s to report that nothing listens on the port. Here each
 ends as ``Unusable`` with one sentence naming the URL's place (never its password) and what
 to do, within a short connect timeout.
+
+A service (``serve``, ``project``, ``relay``, ``worker``, ``sagas run``, ``reconcile
+--continuous``) runs its checks through ``wait_until_usable``: a server that is down, starting
+up or out of reach is waited for, as the running service waits out an outage, rather than
+ending the service; a refusal no wait cures (a wrong password, a missing database, a bad URL)
+still ends it at once.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
+from aiokafka.errors import KafkaError
 
+from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import (
     DEFAULT_URL,
     BadURL,
@@ -39,7 +50,77 @@ MEMORY_IS_PRIVATE = (
 
 
 class Unusable(BadURL):
-    """A store or broker a command cannot use; the message says why and what would work."""
+    """A store or broker a command cannot use; the message says why and what would work.
+    ``transient``: the reason may pass by itself (the server is down, starting up or out of
+    reach), so a service may wait for it (``wait_until_usable``)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+_T = TypeVar("_T")
+
+#: The longest pause between two checks of a service that waits at start.
+MAX_PAUSE = 5.0
+#: How often a service still waiting says so (besides whenever the reason changes).
+SAY_EVERY = 30.0
+
+
+def wait_until_usable(
+    check: Callable[[], _T],
+    *,
+    limit: float | None,
+    log: logging.Logger,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> _T:
+    """``check()``'s result, once it passes. While it fails for a reason that may pass by
+    itself (``Unusable.transient``), wait and check again, with pauses growing to
+    ``MAX_PAUSE``: one warning when the wait starts, one every ``SAY_EVERY`` seconds or when
+    the reason changes, one when it ends. Any other refusal is raised at once; so is a
+    transient one after ``limit`` seconds (None: no limit; 0: the first failure is raised)."""
+    started = clock()
+    pause = 0.5
+    said_at: float | None = None
+    reason = ""
+    while True:
+        try:
+            result = check()
+        except Unusable as refusal:
+            now = clock()
+            waited = now - started
+            if not refusal.transient:
+                raise
+            if limit is not None and waited >= limit:
+                if said_at is None:
+                    raise  # never waited (a limit of 0): the refusal as it is
+                msg = f"{refusal} (gave up after {waited:.0f} s: the startup wait is {limit:g} s)"
+                raise Unusable(msg) from None
+            fields = {"waited_seconds": round(waited, 1), "reason": str(refusal)}
+            if said_at is None:
+                log.warning(
+                    "waiting at start: %s; checking again until it answers (Ctrl-C stops; "
+                    "--startup-wait SECONDS or $DAYBOOK_STARTUP_WAIT gives up after that long)",
+                    refusal, extra={"fields": fields},
+                )  # fmt: skip
+                said_at = now
+            elif str(refusal) != reason or now - said_at >= SAY_EVERY:
+                log.warning(
+                    "still waiting after %.0f s: %s", waited, refusal, extra={"fields": fields}
+                )
+                said_at = now
+            reason = str(refusal)
+            sleep(pause if limit is None else max(0.0, min(pause, limit - waited)))
+            pause = min(pause * 2, MAX_PAUSE)
+            continue
+        if said_at is not None:
+            waited = clock() - started
+            log.warning(
+                "everything this service needs answers now, after %.1f s of waiting; starting",
+                waited, extra={"fields": {"waited_seconds": round(waited, 1)}},
+            )  # fmt: skip
+        return result
 
 
 def where(url: str) -> str:
@@ -119,7 +200,8 @@ def check_postgres(url: str, *, role: str = "event store") -> None:
     try:
         psycopg.connect(params.conninfo(), connect_timeout=CONNECT_TIMEOUT).close()
     except psycopg.Error as error:
-        raise Unusable(f"the {role} at {where(url)}: {explain(error)}") from None
+        message = f"the {role} at {where(url)}: {explain(error)}"
+        raise Unusable(message, transient=is_transient(error)) from None
 
 
 def explain(error: BaseException) -> str:
@@ -145,7 +227,9 @@ def explain(error: BaseException) -> str:
 
 
 def check_broker(url: str) -> None:
-    """Refuse a Kafka URL when none of its bootstrap servers accepts a connection."""
+    """Refuse a Kafka URL when none of its bootstrap servers answers as a Kafka broker (a
+    port that accepts connections is not enough: a broker starting up, or a proxy in front
+    of one that is down, accepts them and then fails every client that starts)."""
     from daybook.infrastructure.streaming.broker import bootstrap_servers
 
     servers = bootstrap_servers(url).split(",")
@@ -157,7 +241,9 @@ def check_broker(url: str) -> None:
             raise Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
         try:
             socket.create_connection((host.strip("[]"), int(port_text)), CONNECT_TIMEOUT).close()
-            return
+            if _kafka_answers(shown):
+                return
+            reasons.append(f"{shown}: accepts connections but gives no Kafka answer (starting up?)")
         except socket.gaierror:
             reasons.append(f"{shown}: unknown host")
         except ConnectionRefusedError:
@@ -166,8 +252,42 @@ def check_broker(url: str) -> None:
             reasons.append(f"{shown}: {error.strerror or 'no answer'}")
     raise Unusable(
         f"no Kafka broker answers ({'; '.join(reasons)}): start one, or pass "
-        "--broker kafka://host:port"
+        "--broker kafka://host:port",
+        # An unknown host too: a name may be missing only until its server is deployed.
+        transient=True,
     )
+
+
+def _kafka_answers(server: str) -> bool:
+    """Whether the broker at ``server`` answers a metadata request within the timeout."""
+    import asyncio
+
+    from aiokafka import AIOKafkaClient
+
+    async def bootstrap() -> None:
+        client = AIOKafkaClient(bootstrap_servers=server, request_timeout_ms=CONNECT_TIMEOUT * 1000)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await client.bootstrap()
+        finally:
+            await client.close()
+
+    # A loop of its own, never made the thread's current one: ``asyncio.run`` would leave
+    # none behind, and the faust worker that starts next asks for the current one.
+    # aiokafka logs each refused connection as an ERROR; here the refusal is the answer,
+    # and the caller says it in its own words.
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(bootstrap())
+        return True
+    except (OSError, TimeoutError, KafkaError):
+        return False
+    finally:
+        loop.close()
+        client_log.setLevel(level)
 
 
 def check_gateway(url: str | None) -> None:
@@ -184,4 +304,5 @@ def check_gateway(url: str | None) -> None:
     try:
         httpx.get(url, timeout=CONNECT_TIMEOUT)
     except httpx.HTTPError as error:
-        raise Unusable(f"the payment gateway at {redacted(url)} did not answer: {error}") from None
+        message = f"the payment gateway at {redacted(url)} did not answer: {error}"
+        raise Unusable(message, transient=isinstance(error, httpx.TransportError)) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.abc
 import itertools
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from daybook.infrastructure.observability.logs import HANDLER_NAME
 from scripts import services, streams
 
 _database_numbers = itertools.count(1)
@@ -102,6 +104,20 @@ def _no_daybook_process_outlives_its_test() -> Iterator[None]:
     (and taking CPU from the tests after it)."""
     yield
     streams.Daybook.kill_leftovers()
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_setup_outlives_its_test() -> Iterator[None]:
+    """A service command run in this process (``main([...])``) sets up the root logger for
+    the process, writing to the stderr of its test: after the test that stream is gone, and
+    a later test's log lines would fail on it. Its handler goes with its test."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in list(root.handlers):
+        if handler.get_name() == HANDLER_NAME:
+            root.removeHandler(handler)
+            root.setLevel(level)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

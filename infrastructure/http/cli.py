@@ -11,6 +11,7 @@ from typing import Any
 from daybook.infrastructure.cli import (
     add_log_format_argument,
     add_readmodels_argument,
+    add_startup_wait_argument,
     add_url_argument,
     checked_settings,
     command,
@@ -18,6 +19,7 @@ from daybook.infrastructure.cli import (
     rate,
     seconds,
     setup_logging,
+    when_usable,
     whole_number,
 )
 from daybook.infrastructure.http.options import HttpOptions
@@ -50,6 +52,7 @@ def register(subparsers: Any) -> None:
             f"daybook serve --url {_PG} --readmodels-url postgresql://daybook@views/daybook "
             "--no-projections",
             f"daybook serve --url {_PG} --port 8001 --no-projections --no-sweeper",
+            f"daybook serve --url {_PG} --startup-wait 120",
             "daybook serve --cors-origin https://dashboard.example.com --token-rate 200",
             "daybook serve --command-capacity 4096 --read-capacity 512 --read-connections 8",
             "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --max-read-wait 5",
@@ -132,6 +135,7 @@ def register(subparsers: Any) -> None:
         help="server log level",
     )
     add_log_format_argument(serve)
+    add_startup_wait_argument(serve)
     serve.set_defaults(handler=_serve)
 
     tokens = command(
@@ -276,7 +280,10 @@ def _serve(args: argparse.Namespace) -> int:
     if problem := _listen_problem(args.host, args.port):
         print(f"daybook serve: {problem}", file=sys.stderr)
         return 2
-    settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
+    setup_logging(args, args.log_level)
+    settings = when_usable(
+        args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
+    )
     options = HttpOptions(
         command_capacity=args.command_capacity,
         read_capacity=args.read_capacity,
@@ -288,7 +295,6 @@ def _serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin),
         access_log=not args.no_access_log,
     )
-    setup_logging(args, args.log_level)
     sweep = not args.no_sweeper
     if args.no_projections:
         parts = http_parts(settings, options, projections=None, sweep=sweep)

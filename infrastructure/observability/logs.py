@@ -123,12 +123,17 @@ class RateLimit(logging.Filter):
         return False
 
 
+#: The name of the handler ``configure_logging`` installs.
+HANDLER_NAME = "daybook"
+
+
 def configure_logging(
     log_format: str = "console", level: int = logging.INFO, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send every log line to ``stream`` (stderr) as JSON or as console text, rate-limited
     and redacted. For entry points only: it sets up the root logger."""
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
     handler.addFilter(RateLimit())
     root = logging.getLogger()

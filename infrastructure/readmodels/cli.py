@@ -21,6 +21,7 @@ from daybook.infrastructure.cli import (
     add_log_format_argument,
     add_metrics_port_argument,
     add_readmodels_argument,
+    add_startup_wait_argument,
     add_url_argument,
     checked_settings,
     command,
@@ -28,6 +29,7 @@ from daybook.infrastructure.cli import (
     seconds,
     settings_of,
     setup_logging,
+    when_usable,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import ServiceState
@@ -68,6 +70,7 @@ def register(subparsers: Any) -> None:
             "daybook project --url sqlite:///ledger.db --readmodels-url sqlite:///views.db",
             f"daybook project --url {_PG} --batch-size 5000 --poll-interval 0.5",
             f"daybook project --url {_PG} --metrics-port 9464 --log-format json",
+            f"daybook project --url {_PG} --startup-wait 60",
         ],
     )
     _common(project)
@@ -82,6 +85,7 @@ def register(subparsers: Any) -> None:
     )
     add_metrics_port_argument(project)
     add_log_format_argument(project)
+    add_startup_wait_argument(project)
     project.set_defaults(handler=_run_project)
 
     group = command(
@@ -214,6 +218,7 @@ def register(subparsers: Any) -> None:
             f"daybook reconcile --continuous --every-events 50000 --every-seconds 300 --url {_PG}",
             f"daybook reconcile --continuous --repair --log-format json --metrics-port 9465 "
             f"--url {_PG}",
+            f"daybook reconcile --continuous --startup-wait 60 --url {_PG}",
         ],
     )
     _common(check)
@@ -238,6 +243,7 @@ def register(subparsers: Any) -> None:
     )
     add_log_format_argument(check)
     add_metrics_port_argument(check)
+    add_startup_wait_argument(check, "with --continuous: ")
     check.set_defaults(handler=_run_reconcile)
 
 
@@ -278,8 +284,10 @@ def collector_paused() -> Iterator[None]:
 
 
 def _run_project(args: argparse.Namespace) -> int:
-    settings = checked_settings(args, why=_WHY, existing=False, readmodels=True)
     setup_logging(args)
+    settings = when_usable(
+        args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
+    )
     runner = projection_runner(
         settings, batch_size=args.batch_size, poll_interval=args.poll_interval
     )
@@ -433,7 +441,7 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     # The pacing given, if any; the reconciler's own defaults otherwise.
     paced = {"every_events": args.every_events, "every_seconds": args.every_seconds}
     service = continuous_reconciler(
-        checked_settings(args, why=_WHY, readmodels=True),
+        when_usable(args, lambda: checked_settings(args, why=_WHY, readmodels=True)),
         projections=chosen,
         repair=args.repair,
         **{name: value for name, value in paced.items() if value is not None},
@@ -476,6 +484,13 @@ def _run_reconcile(args: argparse.Namespace) -> int:
         print(
             "daybook reconcile: --every-events and --every-seconds pace --continuous; "
             "add --continuous, or leave them out for one pass",
+            file=sys.stderr,
+        )
+        return 2
+    if args.startup_wait is not None:
+        print(
+            "daybook reconcile: --startup-wait is for --continuous (one pass refuses a "
+            "database that does not answer at once); add --continuous, or leave it out",
             file=sys.stderr,
         )
         return 2

@@ -26,17 +26,20 @@ from daybook.infrastructure.cli import (
     add_log_format_argument,
     add_metrics_port_argument,
     add_readmodels_argument,
+    add_startup_wait_argument,
     add_url_argument,
     checked_settings,
     command,
     metrics_served,
     setup_logging,
     uuid_argument,
+    when_usable,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import Answer, ReadModels, StaleRead
 from daybook.infrastructure.sagas.reconcile import PAGE, reconcile_payments
+from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.urls import redacted
 from daybook.projections import OPEN_HOLDS_PROJECTION, SAGA_LIST
 from daybook.projections.model import Row
@@ -101,12 +104,14 @@ def register(subparsers: Any) -> None:
             "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
             "daybook sagas run --readmodels-url postgresql://app@rm/read --workers 16",
             "daybook sagas run --log-format json --metrics-port 9466",
+            "daybook sagas run --gateway http://pay:8080 --startup-wait 120",
         ],
     )
     _common(run)
     _gateway(run)
     add_log_format_argument(run)
     add_metrics_port_argument(run)
+    add_startup_wait_argument(run)
     run.add_argument(
         "--workers", type=whole_number(1), default=8, help="sagas driven at once (default: 8)"
     )
@@ -206,8 +211,13 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args)
-    settings = checked_settings(args, readmodels=True, existing=False)
-    preflight.check_gateway(settings.gateway_url)
+
+    def checked() -> Settings:
+        settings = checked_settings(args, readmodels=True, existing=False)
+        preflight.check_gateway(settings.gateway_url)
+        return settings
+
+    settings = when_usable(args, checked)
     gateway = payment_gateway(settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,7 @@ from daybook.infrastructure.cli import (
     add_log_format_argument,
     add_metrics_port_argument,
     add_readmodels_argument,
+    add_startup_wait_argument,
     add_url_argument,
     broker_seconds,
     checked_settings,
@@ -25,6 +26,7 @@ from daybook.infrastructure.cli import (
     metrics_served,
     seconds,
     setup_logging,
+    when_usable,
     whole_number,
 )
 from daybook.infrastructure.lifecycle import Health, ServiceState
@@ -63,6 +65,7 @@ def register(subparsers: Any) -> None:
             f"daybook relay --url {_PG} --batch-size 1000 --poll-interval 1",
             f"daybook relay --url {_PG} --request-timeout 5",
             f"daybook relay --url {_PG} --rewind",
+            f"daybook relay --url {_PG} --startup-wait 0",
             f"daybook relay --url {_PG} --metrics-port 9466 --log-format json",
         ],
     )
@@ -92,6 +95,7 @@ def register(subparsers: Any) -> None:
     )
     add_metrics_port_argument(relay)
     add_log_format_argument(relay)
+    add_startup_wait_argument(relay)
     relay.set_defaults(handler=_run_relay)
 
     worker = command(
@@ -109,6 +113,7 @@ def register(subparsers: Any) -> None:
             f"daybook worker --url {_PG} --batch-size 5000 --batch-wait 0.1 --port 6066",
             f"daybook worker --url {_PG} --topic daybook.events --partitions 8 -v",
             f"daybook worker --url {_PG} --metrics-port 9467 --log-format json",
+            f"daybook worker --url {_PG} --startup-wait 300",
         ],
     )
     _common(worker)
@@ -123,6 +128,7 @@ def register(subparsers: Any) -> None:
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     add_metrics_port_argument(worker)
     add_log_format_argument(worker)
+    add_startup_wait_argument(worker)
     worker.set_defaults(handler=_run_worker)
 
     stream = command(
@@ -211,8 +217,11 @@ def _logging(args: argparse.Namespace) -> None:
 def _run_relay(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.relay import RewindRefused, rewind
 
-    settings = _settings(args, broker=not args.rewind)
     _logging(args)
+    if args.rewind:  # a command a person runs once: refused at once if anything is down
+        settings = _settings(args, broker=False)
+    else:
+        settings = when_usable(args, lambda: _settings(args, broker=True))
     if args.rewind:
         try:
             rewind(settings.url, settings.topic)
@@ -243,8 +252,8 @@ def _run_relay(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.app import run_worker
 
-    settings = _settings(args, broker=True)
     _logging(args)
+    settings = when_usable(args, lambda: _settings(args, broker=True))
     config = stream_worker_config(
         settings,
         batch_size=args.batch_size,

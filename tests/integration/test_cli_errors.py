@@ -10,14 +10,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger
+from daybook.infrastructure import preflight
 from daybook.infrastructure.cli import EXIT_BROKEN_PIPE, main
+from daybook.infrastructure.preflight import Unusable
 from daybook.infrastructure.urls import BadURL
 from scripts import services
+from scripts.outage import Outage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,9 +173,52 @@ def test_worker_on_sqlite(capsys: pytest.CaptureFixture[str], ledger_file: str) 
 
 
 def test_worker_with_no_broker(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:
+    """With no startup wait, a service refuses at once, in one line (by default it would
+    wait for the broker: see the next test)."""
     broker = f"kafka://127.0.0.1:{closed_port()}"
-    line = one_line(capsys, ["worker", "--url", pg_url, "--broker", broker])
+    line = one_line(capsys, ["worker", "--url", pg_url, "--broker", broker, "--startup-wait", "0"])
     assert "no Kafka broker answers" in line and "connection refused" in line
+
+
+def test_a_service_waits_for_a_broker_that_is_down_then_gives_up_at_its_startup_wait(
+    pg_url: str,
+) -> None:
+    broker = f"kafka://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    worker = daybook("worker", "--url", pg_url, "--broker", broker, "--startup-wait", "1.5")
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 2
+    assert time.monotonic() - started >= 1.5  # it waited, rather than refuse at once
+    lines = err.decode().strip().splitlines()
+    assert "Traceback" not in err.decode()
+    assert "waiting at start: no Kafka broker answers" in lines[0]
+    assert "no Kafka broker answers" in lines[-1] and "gave up after 2 s" in lines[-1]
+
+
+def test_a_service_refuses_at_once_what_no_wait_cures(pg_url: str) -> None:
+    """A database that does not exist: no waiting, whatever the startup wait."""
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    serve = daybook("serve", "--url", missing, "--port", str(closed_port()))
+    _, err = serve.communicate(timeout=60)
+    assert serve.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "the database does not exist" in lines[0], lines
+
+
+def test_a_startup_wait_it_cannot_use_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pg_url: str
+) -> None:
+    one_line(capsys, ["project", "--startup-wait", "-1"], by_exit=True)
+    line = one_line(capsys, ["reconcile", "--url", pg_url, "--startup-wait", "5"])
+    assert "--startup-wait is for --continuous" in line
+    # A process of its own: a service sets up logging first, for this process.
+    monkeypatch.setenv("DAYBOOK_STARTUP_WAIT", "soon")
+    project = daybook("project", "--url", f"postgresql://127.0.0.1:{closed_port()}/x")
+    _, err = project.communicate(timeout=60)
+    assert project.returncode == 2
+    assert err.decode().strip().splitlines() == [
+        "daybook: $DAYBOOK_STARTUP_WAIT: expected a number of seconds, got 'soon'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -188,6 +235,30 @@ def test_refused_and_unknown_host_read_differently(capsys: pytest.CaptureFixture
     unknown = one_line(capsys, [*status, "postgresql://u:pw@no-such-host.invalid/x"])
     assert "connection refused" in refused and "unknown host" in unknown
     assert "pw" not in refused + unknown  # a password never reaches a message
+
+
+def test_what_the_preflight_checks_call_transient(pg_url: str) -> None:
+    """A closed port or an absent broker or gateway may come back; a missing database or a
+    malformed URL will not."""
+
+    def refusal(check: Callable[[str], None], url: str) -> Unusable:
+        with pytest.raises(Unusable) as refused:
+            check(url)
+        return refused.value
+
+    closed = closed_port()
+    assert refusal(preflight.check_postgres, f"postgresql://u@127.0.0.1:{closed}/x").transient
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    assert not refusal(preflight.check_postgres, missing).transient
+    assert refusal(preflight.check_broker, f"kafka://127.0.0.1:{closed}").transient
+    assert not refusal(preflight.check_broker, "kafka://no-port").transient
+    # A port that takes connections and drops them (a broker starting up, a proxy in front
+    # of one that is down) is no broker yet.
+    with Outage("127.0.0.1", closed) as silent:
+        half = refusal(preflight.check_broker, f"kafka://127.0.0.1:{silent.port}")
+    assert half.transient and "accepts connections but gives no Kafka answer" in str(half)
+    assert refusal(preflight.check_gateway, f"http://127.0.0.1:{closed}/").transient
+    assert not refusal(preflight.check_gateway, "ftp://gateway").transient
 
 
 def test_a_database_that_does_not_exist(capsys: pytest.CaptureFixture[str], pg_url: str) -> None:

@@ -368,6 +368,38 @@ def positions_of(url: str, definitions: Sequence[Projection]) -> set[int]:
         store.close()
 
 
+def test_a_runner_started_while_the_event_store_is_gone_waits_for_it(
+    ledger: Ledger, pg_url: str, tmp_path: Path
+) -> None:
+    """``daybook project`` started during an outage of the event store (a host restarting
+    with its database, say) waits for it, saying so, then builds every projection: it
+    neither exits nor needs restarting."""
+    workload(ledger, 60)
+    with Outage.of_url(pg_url) as outage:
+        outage.cut()
+        runner = project(outage.url(pg_url), tmp_path / "project.log").start()
+        try:
+            wait_until(lambda: "waiting at start" in runner.output, "the runner to say it waits")
+            time.sleep(2)  # and stays up through the outage
+            assert runner.proc is not None and runner.proc.poll() is None, runner.output
+            outage.restore()
+            head = ledger.head()
+            names = {projection.name for projection in projections.ALL}
+
+            def built() -> bool:
+                try:
+                    return positions(pg_url) == dict.fromkeys(names, head)
+                except psycopg.errors.UndefinedTable:
+                    return False  # the runner has not made its catalog yet
+
+            wait_until(built, "the runner to build every projection")
+            assert "answers now" in runner.output
+        finally:
+            assert runner.stop() == 0, runner.output
+    for projection in projections.ALL:
+        assert_tables_match(ledger, pg_url, projection)
+
+
 @pytest.mark.parametrize("commit_lands", [False, True], ids=["switch-lost", "reply-lost"])
 def test_a_rebuild_waits_out_the_read_model_database_gone_at_its_switch(
     commit_lands: bool, ledger: Ledger, pg_admin_url: str, tmp_path: Path

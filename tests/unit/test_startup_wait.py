@@ -1,0 +1,104 @@
+"""A service started while something it needs is down waits for it (``wait_until_usable``):
+what it waits for, what it says, and when it gives up. A fake clock: no test sleeps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from daybook.infrastructure.preflight import Unusable, wait_until_usable
+
+LOG = logging.getLogger("test.startup")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.pauses.append(seconds)
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def failing(refusals: list[Unusable], result: str = "settings") -> Callable[[], str]:
+    """A check that raises each of ``refusals`` in turn, then passes."""
+    left = list(refusals)
+
+    def check() -> str:
+        if left:
+            raise left.pop(0)
+        return result
+
+    return check
+
+
+DOWN = Unusable("the event store at postgresql://u@db:5432/x: connection refused", transient=True)
+
+
+def wait(check: Callable[[], str], clock: Clock, limit: float | None) -> str:
+    return wait_until_usable(check, limit=limit, log=LOG, sleep=clock.sleep, clock=clock)
+
+
+def test_a_server_that_comes_back_is_waited_for_saying_so_at_the_start_and_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    with caplog.at_level(logging.WARNING, LOG.name):
+        assert wait(failing([DOWN] * 8), clock, None) == "settings"
+    assert clock.pauses == [0.5, 1, 2, 4, 5, 5, 5, 5]  # growing, to at most MAX_PAUSE
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("waiting at start: the event store at postgresql://u@db:5432/x")
+    assert "--startup-wait" in lines[0]
+    # 27.5 s of waiting: no summary yet (one every SAY_EVERY seconds), and one line at the end.
+    assert len(lines) == 2 and "answers now, after 27.5 s" in lines[1]
+
+
+def test_a_long_wait_says_so_every_thirty_seconds_and_when_the_reason_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    starting = Unusable("the event store: the database system is starting up", transient=True)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        wait(failing([DOWN] * 20 + [starting]), clock, None)
+    lines = [r.getMessage() for r in caplog.records]
+    summaries = [line for line in lines if line.startswith("still waiting")]
+    assert len(summaries) == 3, lines  # at about 32.5 s and 67.5 s, and when it starts up
+    assert "starting up" in summaries[-1] and "starting up" not in summaries[-2]
+    assert len(lines) == 5
+
+
+def test_a_refusal_no_wait_cures_ends_the_service_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    wrong = Unusable("the event store: authentication failed (check the user name and password)")
+    with pytest.raises(Unusable) as refused, caplog.at_level(logging.WARNING, LOG.name):
+        wait(failing([DOWN, wrong]), clock, None)
+    assert refused.value is wrong
+    assert clock.pauses == [0.5]
+    assert not [r for r in caplog.records if "answers now" in r.getMessage()]
+
+
+def test_a_limit_of_zero_fails_at_once_with_the_refusal_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    with pytest.raises(Unusable) as refused, caplog.at_level(logging.WARNING, LOG.name):
+        wait(failing([DOWN]), clock, 0)
+    assert refused.value is DOWN
+    assert clock.pauses == [] and caplog.records == []
+
+
+def test_a_limit_gives_up_when_it_has_passed_never_sleeping_beyond_it() -> None:
+    clock = Clock()
+    with pytest.raises(Unusable) as refused:
+        wait(failing([DOWN] * 100), clock, 10)
+    assert clock.now == 10 and clock.pauses == [0.5, 1, 2, 4, 2.5]
+    assert str(refused.value).startswith(str(DOWN))
+    assert "gave up after 10 s: the startup wait is 10 s" in str(refused.value)
+    assert refused.value.transient is False  # giving up is final
