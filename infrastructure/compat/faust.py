@@ -168,6 +168,19 @@ def _loop_reads(name: str, **shape: Any) -> Internal:
 
 
 #: Every private faust name used above, with the shape daybook expects.
+def start_failure(worker: faust.Worker) -> BaseException | None:
+    """The error that ended ``worker``'s start, if its start failed (None if it started,
+    or was stopped while starting).
+
+    mode's ``Worker.execute_from_commandline`` runs the start in a future it keeps as
+    ``_starting_fut``; when the start raises, it logs the error, shuts the worker down and
+    exits, and the error is left only in that future."""
+    starting: asyncio.Future[None] | None = worker._starting_fut
+    if starting is None or not starting.done() or starting.cancelled():
+        return None
+    return starting.exception()
+
+
 RELIED_ON: tuple[Internal, ...] = (
     _loop_reads(
         "_drain_messages",
@@ -236,5 +249,14 @@ RELIED_ON: tuple[Internal, ...] = (
         kind=Kind.FUNCTION,
         parameters=("transport",),
         used_in="faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_consumer",
+    ),
+    Internal(
+        "faust-streaming",
+        "mode.worker:Worker",
+        "_starting_fut",
+        start_failure,
+        "how mode's Worker runs its start (a future that keeps the error a failed start raised)",
+        types=(type(None), asyncio.Future),
+        used_in="mode.worker:Worker.execute_from_commandline",
     ),
 )

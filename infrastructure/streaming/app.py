@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -41,8 +42,10 @@ from daybook.infrastructure.streaming.broker import (
     bootstrap_servers,
     dead_letter_topic,
 )
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
 from daybook.projections.model import Projection
@@ -401,6 +404,29 @@ class _Abandoned(Exception):
 FLOW_CHECK_SECONDS = 0.05
 
 
+#: Counts this worker's starts in place after a failed start (see ``_again_if_the_broker_went``).
+_STARTS_VARIABLE = "DAYBOOK_WORKER_FAILED_STARTS"
+
+
+#: Starts of this worker in place that failed in a row (read once, when ``run_worker`` begins).
+_failed_starts = 0
+
+
+def _again_if_the_broker_went(app: faust.App, worker: faust.Worker) -> None:
+    """faust's start failed. If it failed for want of the broker (which answered the
+    preflight check a moment before: it went in between, or came up only halfway), start
+    this worker again in place: the new process waits at its preflight for the broker to
+    answer, as a worker started during the outage does. A start that fails for another
+    reason ends the worker, as before. Pauses between such starts double up to 30 s, so a
+    broker that answers the check and fails every start is not hammered."""
+    error = faust_compat.start_failure(worker)
+    if error is None or not is_transient(error):
+        return
+    os.environ[_STARTS_VARIABLE] = str(_failed_starts + 1)
+    time.sleep(min(2.0**_failed_starts, 30.0))
+    restart(app, f"the broker stopped answering while the worker started ({error})")
+
+
 def _failed(applier: StreamApplier) -> bool:
     return applier.supervisor.health().state is ServiceState.FAILED
 
@@ -417,6 +443,10 @@ def run_worker(
     (``--log-format json``: daybook's JSON lines) instead of faust's own, and its banner
     is left out.
     """
+    global _failed_starts
+    # Taken out of the environment at once: a worker that starts well begins again from 0.
+    text = os.environ.pop(_STARTS_VARIABLE, "0")
+    _failed_starts = int(text) if text.isdigit() else 0
     # faust's data directory is unused (memory store, no tables) but required. It goes
     # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
     with tempfile.TemporaryDirectory(
@@ -441,9 +471,11 @@ def run_worker(
         workers.append(worker)
         applier.supervisor.move(ServiceState.RUNNING)
         try:
+            crash_point("worker.start")  # the broker may go here (fault tests)
             worker.execute_from_commandline()
         except SystemExit as exit:
             if exit.code not in (None, 0) and not _failed(applier):
+                _again_if_the_broker_went(app, worker)
                 raise
         except Exception:
             # A crash: the agent recorded why (FAILED); faust re-raises it after shutting down.

@@ -510,3 +510,46 @@ def caught_up_and_live(url: str, group: str, topic: str, head: int) -> list[Part
     status = read_status(url, group, topic)
     assert all(p.state == "live" and p.dead_letters == 0 for p in status)
     return status
+
+
+def test_a_worker_whose_broker_goes_between_its_check_and_its_start_waits_for_it(
+    pg_url: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """The broker answers the worker's check at start, then goes before faust's own start
+    reaches it. faust's start fails (and exits the process, as it always does); the worker
+    starts again in place, waits at its check for the broker, saying so, and once the broker
+    is back it starts and applies every event: it does not end for an outage."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 10)
+    write_money(ledger, accounts, 300)
+    topic, group = unique("start-outage"), unique("group")
+    port = services.free_port()
+    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    marker = paused(tmp_path, "worker.start")
+    with Outage("127.0.0.1", port) as outage:
+        bootstrap = f"127.0.0.1:{outage.port}"
+        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+        process = worker(pg_url, bootstrap, topic, group, tmp_path / "w.log", env).start()
+        the_relay: Daybook | None = None
+        try:
+            wait_until(marker.exists, "the worker to pass its check")
+            outage.cut()
+            marker.unlink()
+            wait_until(lambda: "waiting at start" in process.output, "the worker to wait")
+            assert "restarting this worker in place" in process.output
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            outage.restore()
+            # The process started again is armed as the first was: let it through.
+            wait_until(marker.exists, "the started-again worker to pass its check")
+            marker.unlink()
+            the_relay = relay(pg_url, bootstrap, topic, tmp_path / "relay.log", {}).start()
+            head = ledger.head()
+            caught_up_and_live(pg_url, group, topic, head)
+            assert "answers now" in process.output
+        finally:
+            for each in (process, the_relay):
+                if each is not None:
+                    assert each.stop() == 0, each.output
+            broker.stop()
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
