@@ -429,6 +429,54 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
         return PostgresHandle(url=external, external=True, durable=durable, startup_seconds=0.0)
 
     bin_dir = _pg_bin_dir()
+    return _start_server(
+        lambda data_dir, creds: _initdb(bin_dir, data_dir, creds, timeout),
+        durable=durable,
+        timeout=timeout,
+        started=started,
+        prefix="daybook-postgres-",
+    )
+
+
+def start_standby(primary: PostgresHandle, *, timeout: float = 60.0) -> PostgresHandle:
+    """Start a hot standby of ``primary`` (a server ``start_postgres`` started): a base
+    backup of it that streams its WAL and answers read-only queries, as a read replica in
+    production does (writes, DDL and LISTEN are refused). Stop it before the primary."""
+    started = time.monotonic()
+    if primary.external:
+        raise ServiceError("a standby needs a primary started here, not an external server")
+    bin_dir = _pg_bin_dir()
+
+    def backup(data_dir: Path, creds: dict[str, Any]) -> None:
+        command = [
+            str(bin_dir / "pg_basebackup"),
+            "--dbname", primary.url,
+            "--pgdata", str(data_dir),
+            "--write-recovery-conf",  # standby.signal and the primary's address
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+        ]  # fmt: skip
+        result = subprocess.run(command, **creds, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            output = f"{result.stdout}\n{result.stderr}"
+            raise ServiceError(f"pg_basebackup failed ({result.returncode}):\n{output}")
+
+    return _start_server(
+        backup, durable=primary.durable, timeout=timeout, started=started, prefix="daybook-standby-"
+    )
+
+
+def _start_server(
+    make_cluster: Callable[[Path, dict[str, Any]], None],
+    *,
+    durable: bool,
+    timeout: float,
+    started: float,
+    prefix: str,
+) -> PostgresHandle:
+    """Make a cluster in a new directory (``make_cluster(data_dir, creds)``) and start it."""
+    bin_dir = _pg_bin_dir()
     # As root, run everything as an unprivileged user (postgres refuses root).
     # Note: subprocess's ``user=`` alone keeps gid 0 and root's groups, and the
     # *group* permission bits would then apply, so group and supplementary
@@ -440,7 +488,7 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
         creds = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
 
     # mkdtemp makes it 0700, and the system temp dir (/tmp) lets every user through.
-    directory = Path(tempfile.mkdtemp(prefix="daybook-postgres-"))
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
     data_dir = directory / "pgdata"
     log_path = directory / "postgres.log"
     socket_dir = directory / "socket"
@@ -451,7 +499,7 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
         if owner is not None:
             for path in (directory, data_dir, socket_dir, log_path):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        _initdb(bin_dir, data_dir, creds, timeout)
+        make_cluster(data_dir, creds)
     except BaseException:
         shutil.rmtree(directory)
         raise

@@ -7,7 +7,9 @@ codec: no ledger, no committer, nothing that writes.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from psycopg.sql import SQL, Identifier
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 from daybook.infrastructure.compat.eventsourcing import listen_conninfo
 from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.transient import may_only_read
 from daybook.projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
@@ -122,14 +125,23 @@ class EventDecoder:
             )
 
 
+_log = logging.getLogger(__name__)
+
+#: Seconds between two tries at LISTEN on a server that refused it (a hot standby, which
+#: may be promoted meanwhile); in between, new events are found by polling alone.
+LISTEN_RETRY_SECONDS = 60.0
+
+
 class EventLog:
     """One event store's log: events after a position, the head, and new-event wake-ups.
 
     On PostgreSQL a LISTEN connection wakes the reader as soon as events commit; waits are
     still bounded by the poll interval, so a lost notification or a dropped listen connection
-    only costs one interval, never a stall. ``close`` releases what the log opened itself
-    (its listen connection, and whatever ``on_close`` releases: the store's connections when
-    the log opened them).
+    only costs one interval, never a stall. A hot standby (a read replica) refuses LISTEN:
+    there the reader polls, and tries LISTEN again once a minute (the standby may have been
+    promoted), rather than open a connection to be refused at every wait. ``close`` releases
+    what the log opened itself (its listen connection, and whatever ``on_close`` releases:
+    the store's connections when the log opened them).
     """
 
     def __init__(
@@ -143,6 +155,8 @@ class EventLog:
         self.decoder = EventDecoder(mapper)
         self._on_close = on_close
         self._listen: psycopg.Connection[Any] | None = None
+        #: While LISTEN is refused (a hot standby): when to try it again.
+        self._listen_refused_until = 0.0
         self._interrupt = threading.Event()
         datastore = getattr(recorder, "datastore", None)
         self._scan_sql: Any = None
@@ -205,7 +219,10 @@ class EventLog:
     def wait(self, timeout: float) -> None:
         """Return when new events may have arrived, or after ``timeout`` seconds."""
         datastore = getattr(self.recorder, "datastore", None)
-        if not isinstance(datastore, PostgresDatastore):
+        if (
+            not isinstance(datastore, PostgresDatastore)
+            or time.monotonic() < self._listen_refused_until
+        ):
             self._interrupt.wait(timeout)
             self._interrupt.clear()
             return
@@ -223,9 +240,19 @@ class EventLog:
             # Drain anything else already queued so the next wait blocks again.
             for _ in connection.notifies(timeout=0):
                 pass
-        except psycopg.Error:
+        except psycopg.Error as error:
             self.stop_listening()
-            self._interrupt.wait(min(timeout, 0.5))
+            if may_only_read(error):
+                if not self._listen_refused_until:
+                    _log.info(
+                        "the event store refuses LISTEN (%s): new events are found by polling "
+                        "alone, and LISTEN is tried again every %.0f s",
+                        str(error).strip(), LISTEN_RETRY_SECONDS,
+                    )  # fmt: skip
+                self._listen_refused_until = time.monotonic() + LISTEN_RETRY_SECONDS
+                self._interrupt.wait(timeout)
+            else:
+                self._interrupt.wait(min(timeout, 0.5))
             self._interrupt.clear()
 
     def _listen_connection(self, datastore: Any) -> psycopg.Connection[Any]:
@@ -233,6 +260,9 @@ class EventLog:
             conninfo, settings = listen_conninfo(datastore)
             self._listen = psycopg.connect(conninfo, autocommit=True, **settings)
             self._listen.execute(f"LISTEN {EVENTS_CHANNEL}")
+            if self._listen_refused_until:
+                self._listen_refused_until = 0.0
+                _log.info("the event store accepts LISTEN again: new events wake the reader")
         return self._listen
 
     def stop_listening(self) -> None:
