@@ -404,6 +404,21 @@ class _Abandoned(Exception):
 FLOW_CHECK_SECONDS = 0.05
 
 
+class _NoTracebackForAnOutage(logging.Filter):
+    """faust logs a failed start with its traceback (``Error: ...``), as it would a bug. A
+    start that failed for want of the broker is an outage: the worker starts again and
+    says why (``_again_if_the_broker_went``), so the line stays and the traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_transient(error):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_NO_TRACEBACK_FOR_AN_OUTAGE = _NoTracebackForAnOutage()
+
 #: Counts this worker's starts in place after a failed start (see ``_again_if_the_broker_went``).
 _STARTS_VARIABLE = "DAYBOOK_WORKER_FAILED_STARTS"
 
@@ -469,6 +484,7 @@ def run_worker(
         else:
             worker = faust.Worker(app, loglevel=level)
         workers.append(worker)
+        worker.logger.addFilter(_NO_TRACEBACK_FOR_AN_OUTAGE)
         applier.supervisor.move(ServiceState.RUNNING)
         try:
             crash_point("worker.start")  # the broker may go here (fault tests)

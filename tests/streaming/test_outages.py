@@ -537,6 +537,9 @@ def test_a_worker_whose_broker_goes_between_its_check_and_its_start_waits_for_it
             marker.unlink()
             wait_until(lambda: "waiting at start" in process.output, "the worker to wait")
             assert "restarting this worker in place" in process.output
+            # faust's line for the failed start stays, without a traceback: it is an outage.
+            assert "Error: KafkaConnectionError" in process.output
+            assert "Traceback" not in process.output
             assert process.proc is not None and process.proc.poll() is None, process.output
             outage.restore()
             # The process started again is armed as the first was: let it through.
