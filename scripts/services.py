@@ -405,10 +405,16 @@ def _initdb(bin_dir: Path, data_dir: Path, creds: dict[str, Any], timeout: float
         "--no-sync",  # the data dir is throw-away
         "--no-instructions",
     ]  # fmt: skip
-    result = subprocess.run(initdb, **creds, capture_output=True, text=True, timeout=timeout)
+    _run_tool(initdb, creds, timeout)
+
+
+def _run_tool(command: list[str], creds: dict[str, Any], timeout: float) -> None:
+    """Run one of PostgreSQL's programs as the server's user; raise with its output if it fails."""
+    result = subprocess.run(command, **creds, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         output = f"{result.stdout}\n{result.stderr}"
-        raise ServiceError(f"initdb failed ({result.returncode}):\n{output}")
+        name = Path(command[0]).name
+        raise ServiceError(f"{name} failed ({result.returncode}):\n{output}")
 
 
 def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresHandle:
@@ -457,10 +463,7 @@ def start_standby(primary: PostgresHandle, *, timeout: float = 60.0) -> Postgres
             "--checkpoint=fast",
             "--no-sync",
         ]  # fmt: skip
-        result = subprocess.run(command, **creds, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            output = f"{result.stdout}\n{result.stderr}"
-            raise ServiceError(f"pg_basebackup failed ({result.returncode}):\n{output}")
+        _run_tool(command, creds, timeout)
 
     return _start_server(
         backup, durable=primary.durable, timeout=timeout, started=started, prefix="daybook-standby-"

@@ -6,6 +6,8 @@ nothing applied twice."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,21 @@ def worker(
 
 def paused(directory: Path, name: str) -> Path:
     return faults.paused_file(name, directory)
+
+
+@contextmanager
+def broker_behind_a_proxy(tmp_path: Path) -> Iterator[tuple[Outage, str]]:
+    """A broker of its own behind the proxy, advertising the proxy's address (Kafka clients
+    connect where the metadata says, so every connection goes through it): the proxy and
+    the bootstrap address; the broker stops on the way out."""
+    port = services.free_port()
+    with Outage("127.0.0.1", port) as outage:
+        bootstrap = f"127.0.0.1:{outage.port}"
+        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+        try:
+            yield outage, bootstrap
+        finally:
+            broker.stop()
 
 
 def test_the_relay_survives_ten_seconds_without_its_database_from_a_log_read(
@@ -453,11 +470,8 @@ def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
     accounts = open_accounts(ledger, 20)
     write_money(ledger, accounts, 1500)
     topic, group = unique("broker-outage"), unique("group")
-    port = services.free_port()
     env = {"DAYBOOK_FAULTS": "relay.mid_send:2:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
-    with Outage("127.0.0.1", port) as outage:
-        bootstrap = f"127.0.0.1:{outage.port}"
-        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+    with broker_behind_a_proxy(tmp_path) as (outage, bootstrap):
         the_relay = relay(
             pg_url,
             bootstrap,
@@ -496,7 +510,6 @@ def test_the_relay_and_a_worker_survive_the_broker_gone_mid_publish(
         finally:
             for each in (process, the_relay):
                 assert each.stop() == 0, each.output
-            broker.stop()
     positions, _, gaps = follow_chain(seen)
     assert sorted(positions) == list(range(1, head + 1)) and gaps == 0
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
@@ -523,12 +536,9 @@ def test_a_worker_whose_broker_goes_between_its_check_and_its_start_waits_for_it
     accounts = open_accounts(ledger, 10)
     write_money(ledger, accounts, 300)
     topic, group = unique("start-outage"), unique("group")
-    port = services.free_port()
     env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
     marker = paused(tmp_path, "worker.start")
-    with Outage("127.0.0.1", port) as outage:
-        bootstrap = f"127.0.0.1:{outage.port}"
-        broker = services.start_kafka(tmp_path / "kafka", port=port, advertised=bootstrap)
+    with broker_behind_a_proxy(tmp_path) as (outage, bootstrap):
         process = worker(pg_url, bootstrap, topic, group, tmp_path / "w.log", env).start()
         the_relay: Daybook | None = None
         try:
@@ -553,6 +563,5 @@ def test_a_worker_whose_broker_goes_between_its_check_and_its_start_waits_for_it
             for each in (process, the_relay):
                 if each is not None:
                     assert each.stop() == 0, each.output
-            broker.stop()
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
