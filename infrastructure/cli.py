@@ -50,6 +50,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 #: Exit status of a process whose output pipe closed (128 + SIGPIPE), as shells report it.
 EXIT_BROKEN_PIPE = 141
+#: Exit status of a read whose read model had not reached the position asked for within its
+#: timeout: not an error, "not yet" (sysexits' EX_TEMPFAIL: try again later).
+EXIT_NOT_YET = 75
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -415,6 +418,9 @@ def guarded(run: Callable[[], int]) -> int:
         _say(str(error))
         return 2
     except Exception as error:
+        if _not_yet(error):
+            _say(str(error))
+            return EXIT_NOT_YET
         message = _user_error(error)
         if message is None:
             raise
@@ -422,13 +428,19 @@ def guarded(run: Callable[[], int]) -> int:
         return 2
 
 
+def _not_yet(error: Exception) -> bool:
+    """Whether ``error`` says "not yet": a read model behind the position asked for."""
+    from daybook.infrastructure.readmodels import StaleRead
+
+    return isinstance(error, StaleRead)
+
+
 def _user_error(error: Exception) -> str | None:
     """One line for a failure a person can fix (None: a bug, to be shown in full)."""
     from daybook.infrastructure.gateway import GatewayError
-    from daybook.infrastructure.readmodels import StaleRead
     from daybook.infrastructure.readmodels.store import ReadStoreError
 
-    if isinstance(error, StaleRead | ReadStoreError):
+    if isinstance(error, ReadStoreError):
         return str(error)
     if isinstance(error, GatewayError):
         return f"the payment gateway did not answer: {error} (check --gateway and that it runs)"

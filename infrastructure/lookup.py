@@ -106,7 +106,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=seconds,
         default=2.0,
-        help="seconds to wait for --min-position",
+        help="seconds to wait for --min-position (not reached by then: exit status 75, try "
+        "again later)",
     )
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
 
