@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -307,13 +308,31 @@ def when_usable(args: argparse.Namespace, check: Callable[[], _T]) -> _T:
     starting up or out of reach is waited for, for ``--startup-wait`` seconds (or
     ``$DAYBOOK_STARTUP_WAIT``; by default until it answers). Call after ``setup_logging``:
     the wait is logged."""
-    limit = getattr(args, "startup_wait", None)
+    limit = startup_wait(args)
+    log = logging.getLogger("daybook.startup")
+
+    def stop(signum: int, frame: Any) -> None:
+        # Nothing has started yet, so nothing to drain: a supervisor's stop ends the wait.
+        log.warning("stopped while waiting at start (signal %d)", signum)
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return preflight.wait_until_usable(check, limit=limit, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def startup_wait(args: argparse.Namespace) -> float | None:
+    """A service's startup wait: ``--startup-wait``, else ``$DAYBOOK_STARTUP_WAIT``, else
+    None (until it answers)."""
+    limit: float | None = getattr(args, "startup_wait", None)
     if limit is None and (text := os.environ.get(STARTUP_WAIT_VARIABLE, "").strip()):
         try:
             limit = startup_seconds(text)
         except argparse.ArgumentTypeError as error:
             raise preflight.Unusable(f"${STARTUP_WAIT_VARIABLE}: {error}") from None
-    return preflight.wait_until_usable(check, limit=limit, log=logging.getLogger("daybook.startup"))
+    return limit
 
 
 @contextlib.contextmanager

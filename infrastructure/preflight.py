@@ -95,7 +95,7 @@ def wait_until_usable(
             if limit is not None and waited >= limit:
                 if said_at is None:
                     raise  # never waited (a limit of 0): the refusal as it is
-                msg = f"{refusal} (gave up after {waited:.0f} s: the startup wait is {limit:g} s)"
+                msg = f"{refusal} (gave up after {waited:.1f} s: the startup wait is {limit:g} s)"
                 raise Unusable(msg) from None
             fields = {"waited_seconds": round(waited, 1), "reason": str(refusal)}
             if said_at is None:
@@ -106,9 +106,12 @@ def wait_until_usable(
                 )  # fmt: skip
                 said_at = now
             elif str(refusal) != reason or now - said_at >= SAY_EVERY:
+                # The reason first: the log's rate limit then keeps one line per reason, so a
+                # change of reason is never held back as a repeat.
                 log.warning(
-                    "still waiting after %.0f s: %s", waited, refusal, extra={"fields": fields}
-                )
+                    "%s: still waiting at start, after %.0f s",
+                    refusal, waited, extra={"fields": fields},
+                )  # fmt: skip
                 said_at = now
             reason = str(refusal)
             sleep(pause if limit is None else max(0.0, min(pause, limit - waited)))
@@ -201,7 +204,43 @@ def check_postgres(url: str, *, role: str = "event store") -> None:
         psycopg.connect(params.conninfo(), connect_timeout=CONNECT_TIMEOUT).close()
     except psycopg.Error as error:
         message = f"the {role} at {where(url)}: {explain(error)}"
-        raise Unusable(message, transient=is_transient(error)) from None
+        raise Unusable(message, transient=curable_by_waiting(error)) from None
+
+
+#: What a failed connection attempt says when the server is down, starting, stopping, full
+#: or out of reach: libpq gives such failures no error code, only these words.
+_WAIT_CURES = (
+    "connection refused",
+    "timeout expired",
+    "timed out",
+    "could not translate host name",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "no route to host",
+    "network is unreachable",
+    "host is unreachable",
+    "server closed the connection unexpectedly",
+    "connection reset",
+    "is the server running locally",  # no Unix socket: the server is not running (yet)
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "remaining connection slots are reserved",
+)
+
+
+def curable_by_waiting(error: psycopg.Error) -> bool:
+    """Whether a connection attempt that failed with ``error`` may succeed later by itself:
+    the server is down, starting up, shutting down, full or out of reach. Stricter than what
+    a running service retries (``transient.is_transient``): at start, a refusal of this
+    client (no password given, TLS the server does not offer, a certificate, ident or a
+    ``reject`` line) is a mistake in the settings, and waiting would only hide it."""
+    if error.sqlstate is not None:
+        return is_transient(error)
+    text = str(error).lower()
+    return is_transient(error) and any(words in text for words in _WAIT_CURES)
 
 
 def explain(error: BaseException) -> str:
@@ -286,6 +325,14 @@ def _kafka_answers(server: str) -> bool:
     except (OSError, TimeoutError, KafkaError):
         return False
     finally:
+        # Interrupted (Ctrl-C), the check leaves its tasks pending: end them here, or closing
+        # the loop under them prints their complaints on the way out.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         client_log.setLevel(level)
 

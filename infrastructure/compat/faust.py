@@ -167,7 +167,6 @@ def _loop_reads(name: str, **shape: Any) -> Internal:
     return Internal("faust-streaming", _CONSUMER, name, drain_in_batches, _FETCH_LOOP, **shape)
 
 
-#: Every private faust name used above, with the shape daybook expects.
 def start_failure(worker: faust.Worker) -> BaseException | None:
     """The error that ended ``worker``'s start, if its start failed (None if it started,
     or was stopped while starting).
@@ -181,6 +180,13 @@ def start_failure(worker: faust.Worker) -> BaseException | None:
     return starting.exception()
 
 
+def stop_requested(worker: faust.Worker) -> bool:
+    """Whether ``worker`` was told to stop by a signal (SIGTERM, SIGINT): mode's handler
+    records when, in ``_signal_stop_time``, and schedules the stop."""
+    return worker._signal_stop_time is not None
+
+
+#: Every private faust name used above, with the shape daybook expects.
 RELIED_ON: tuple[Internal, ...] = (
     _loop_reads(
         "_drain_messages",
@@ -258,5 +264,14 @@ RELIED_ON: tuple[Internal, ...] = (
         "how mode's Worker runs its start (a future that keeps the error a failed start raised)",
         types=(type(None), asyncio.Future),
         used_in="mode.worker:Worker.execute_from_commandline",
+    ),
+    Internal(
+        "faust-streaming",
+        "mode.worker:Worker",
+        "_signal_stop_time",
+        stop_requested,
+        "how mode's Worker records a stop signal (None until one arrives)",
+        types=(type(None), float),
+        used_in="mode.worker:Worker._schedule_shutdown",
     ),
 )

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import faust
 import psycopg
+from aiokafka.errors import KafkaError
 from faust.types import TP
 from faust.types import Message as FaustMessage
 
@@ -419,27 +420,54 @@ class _NoTracebackForAnOutage(logging.Filter):
 
 _NO_TRACEBACK_FOR_AN_OUTAGE = _NoTracebackForAnOutage()
 
-#: Counts this worker's starts in place after a failed start (see ``_again_if_the_broker_went``).
+#: This worker's starts in place after failed starts: how many in a row, and when the first
+#: failed (seconds since the epoch), as ``COUNT:FIRST`` (see ``_again_if_the_broker_went``).
 _STARTS_VARIABLE = "DAYBOOK_WORKER_FAILED_STARTS"
 
 
-#: Starts of this worker in place that failed in a row (read once, when ``run_worker`` begins).
-_failed_starts = 0
+@dataclass(frozen=True)
+class _FailedStarts:
+    count: int = 0
+    first: float = 0.0
+
+    @classmethod
+    def taken_from_environment(cls) -> _FailedStarts:
+        """Read once, when ``run_worker`` begins, and taken out of the environment: a worker
+        that starts well begins again from none."""
+        count, _, first = os.environ.pop(_STARTS_VARIABLE, "").partition(":")
+        try:
+            return cls(int(count), float(first))
+        except ValueError:
+            return cls()
 
 
-def _again_if_the_broker_went(app: faust.App, worker: faust.Worker) -> None:
-    """faust's start failed. If it failed for want of the broker (which answered the
-    preflight check a moment before: it went in between, or came up only halfway), start
-    this worker again in place: the new process waits at its preflight for the broker to
-    answer, as a worker started during the outage does. A start that fails for another
-    reason ends the worker, as before. Pauses between such starts double up to 30 s, so a
-    broker that answers the check and fails every start is not hammered."""
+def _again_if_the_broker_went(
+    app: faust.App, worker: faust.Worker, before: _FailedStarts, startup_wait: float | None
+) -> None:
+    """faust's start failed. If the broker failed it (it answered the preflight check a
+    moment before: it went in between, or came up only halfway), start this worker again in
+    place: the new process waits at its preflight for the broker to answer, as a worker
+    started during the outage does. Any other failure (a web port taken, a database error)
+    ends the worker, as before; so does a stop signal that came meanwhile, and a startup
+    wait that has run out, counted from the first failed start (0: never start again).
+    Pauses between such starts double up to 30 s, so a broker that answers the check and
+    fails every start is not hammered."""
     error = faust_compat.start_failure(worker)
-    if error is None or not is_transient(error):
+    if not isinstance(error, KafkaError) or not is_transient(error):
         return
-    os.environ[_STARTS_VARIABLE] = str(_failed_starts + 1)
-    time.sleep(min(2.0**_failed_starts, 30.0))
-    restart(app, f"the broker stopped answering while the worker started ({error})")
+    if faust_compat.stop_requested(worker) or startup_wait == 0:
+        return
+    now = time.time()
+    first = before.first if before.count else now
+    if startup_wait is not None and now - first >= startup_wait:
+        log.warning(
+            "worker: the broker failed every start for %.0f s (the startup wait is %g s): "
+            "stopping", now - first, startup_wait,
+        )  # fmt: skip
+        return
+    os.environ[_STARTS_VARIABLE] = f"{before.count + 1}:{first!r}"
+    time.sleep(min(2.0**before.count, 30.0))
+    restart(app, f"the broker failed the worker's start ({error})")
 
 
 def _failed(applier: StreamApplier) -> bool:
@@ -447,7 +475,11 @@ def _failed(applier: StreamApplier) -> bool:
 
 
 def run_worker(
-    config: WorkerConfig, projections: Sequence[Projection] = ALL, *, keep_logging: bool = False
+    config: WorkerConfig,
+    projections: Sequence[Projection] = ALL,
+    *,
+    keep_logging: bool = False,
+    startup_wait: float | None = None,
 ) -> Health:
     """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop), or
     until a failure no retry cures; returns its final health.
@@ -456,12 +488,10 @@ def run_worker(
     signal handlers, sets up logging, and exits with ``SystemExit`` when stopped). With
     ``keep_logging``, faust's lines go through the root logger's handlers as they are
     (``--log-format json``: daybook's JSON lines) instead of faust's own, and its banner
-    is left out.
+    is left out. ``startup_wait``: how long a broker that fails faust's start is waited for
+    (see ``_again_if_the_broker_went``; None: until it answers).
     """
-    global _failed_starts
-    # Taken out of the environment at once: a worker that starts well begins again from 0.
-    text = os.environ.pop(_STARTS_VARIABLE, "0")
-    _failed_starts = int(text) if text.isdigit() else 0
+    failed_starts = _FailedStarts.taken_from_environment()
     # faust's data directory is unused (memory store, no tables) but required. It goes
     # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
     with tempfile.TemporaryDirectory(
@@ -491,7 +521,7 @@ def run_worker(
             worker.execute_from_commandline()
         except SystemExit as exit:
             if exit.code not in (None, 0) and not _failed(applier):
-                _again_if_the_broker_went(app, worker)
+                _again_if_the_broker_went(app, worker, failed_starts, startup_wait)
                 raise
         except Exception:
             # A crash: the agent recorded why (FAILED); faust re-raises it after shutting down.

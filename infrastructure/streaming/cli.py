@@ -26,6 +26,7 @@ from daybook.infrastructure.cli import (
     metrics_served,
     seconds,
     setup_logging,
+    startup_wait,
     when_usable,
     whole_number,
 )
@@ -219,6 +220,13 @@ def _run_relay(args: argparse.Namespace) -> int:
 
     _logging(args)
     if args.rewind:  # a command a person runs once: refused at once if anything is down
+        if args.startup_wait is not None:
+            print(
+                "daybook relay: --startup-wait is for the running relay (--rewind refuses a "
+                "database that does not answer at once); leave it out",
+                file=sys.stderr,
+            )
+            return 2
         settings = _settings(args, broker=False)
     else:
         settings = when_usable(args, lambda: _settings(args, broker=True))
@@ -261,7 +269,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         web_port=args.port,
     )
     with metrics_served(args, "worker"):
-        health = run_worker(config, keep_logging=args.log_format == "json")
+        health = run_worker(
+            config, keep_logging=args.log_format == "json", startup_wait=startup_wait(args)
+        )
     code = 0
     if health.state is ServiceState.FAILED:
         print(f"daybook worker: stopped: {health.error}", file=sys.stderr)

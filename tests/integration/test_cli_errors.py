@@ -3,12 +3,14 @@ non-zero exit, never a traceback (one test per case that used to print one)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,7 +194,61 @@ def test_a_service_waits_for_a_broker_that_is_down_then_gives_up_at_its_startup_
     lines = err.decode().strip().splitlines()
     assert "Traceback" not in err.decode()
     assert "waiting at start: no Kafka broker answers" in lines[0]
-    assert "no Kafka broker answers" in lines[-1] and "gave up after 2 s" in lines[-1]
+    assert "no Kafka broker answers" in lines[-1] and "gave up after " in lines[-1]
+    assert lines[-1].endswith("the startup wait is 1.5 s)")
+
+
+def _stderr_line(process: subprocess.Popen[bytes], words: str, timeout: float = 60) -> list[str]:
+    """Read ``process``'s stderr until a line holds ``words``; the lines read."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        assert line, f"ended before saying {words!r}: {lines}"
+        lines.append(line)
+        if words in line:
+            return lines
+    raise AssertionError(f"never said {words!r}: {lines}")
+
+
+def test_a_service_waiting_at_start_stops_cleanly_on_sigterm() -> None:
+    project = daybook("project", "--url", f"postgresql://127.0.0.1:{closed_port()}/x")
+    _stderr_line(project, "waiting at start")
+    project.send_signal(signal.SIGTERM)
+    _, rest = project.communicate(timeout=30)
+    assert project.returncode == 0
+    assert "stopped while waiting at start (signal 15)" in rest.decode()
+    assert "Traceback" not in rest.decode()
+
+
+def test_ctrl_c_while_a_broker_keeps_the_check_waiting_ends_cleanly(pg_url: str) -> None:
+    """A broker port that accepts and never answers holds the Kafka check for its timeout;
+    Ctrl-C there ends the command at once, with its one line and nothing from asyncio."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        broker = f"kafka://127.0.0.1:{silent.getsockname()[1]}"
+        worker = daybook("worker", "--url", pg_url, "--broker", broker, "--startup-wait", "0")
+        deadline = time.monotonic() + 30
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the check's metadata request
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
+    assert worker.returncode == 130
+    assert err.decode().strip().splitlines() == ["daybook: interrupted"], err.decode()
 
 
 def test_a_service_refuses_at_once_what_no_wait_cures(pg_url: str) -> None:
@@ -211,6 +267,8 @@ def test_a_startup_wait_it_cannot_use_is_refused(
     one_line(capsys, ["project", "--startup-wait", "-1"], by_exit=True)
     line = one_line(capsys, ["reconcile", "--url", pg_url, "--startup-wait", "5"])
     assert "--startup-wait is for --continuous" in line
+    line = one_line(capsys, ["relay", "--url", pg_url, "--rewind", "--startup-wait", "5"])
+    assert "--startup-wait is for the running relay" in line
     # A process of its own: a service sets up logging first, for this process.
     monkeypatch.setenv("DAYBOOK_STARTUP_WAIT", "soon")
     project = daybook("project", "--url", f"postgresql://127.0.0.1:{closed_port()}/x")

@@ -5,6 +5,7 @@ nothing applied twice."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -565,3 +566,36 @@ def test_a_worker_whose_broker_goes_between_its_check_and_its_start_waits_for_it
                     assert each.stop() == 0, each.output
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+def test_a_worker_whose_start_fails_for_another_reason_than_the_broker_stops(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Only a broker that fails faust's start brings the worker back in place: a web port
+    already taken ends it with its reason, once."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["worker", "--url", pg_url, "--broker", f"kafka://{kafka_bootstrap}"]
+        args += ["--topic", unique("taken"), "--port", str(port)]
+        process = Daybook(args, tmp_path / "w.log").start()
+        assert process.wait(60) == 1, process.output
+    assert "address already in use" in process.output
+    assert "restarting this worker in place" not in process.output
+
+
+def test_a_worker_with_no_startup_wait_does_not_start_again_when_the_broker_fails_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    marker = paused(tmp_path, "worker.start")
+    with broker_behind_a_proxy(tmp_path) as (outage, bootstrap):
+        args = ["worker", "--url", pg_url, "--broker", f"kafka://{bootstrap}"]
+        args += ["--topic", unique("no-wait"), "--startup-wait", "0"]
+        process = Daybook(args, tmp_path / "w.log", env=env).start()
+        wait_until(marker.exists, "the worker to pass its check")
+        outage.cut()
+        marker.unlink()
+        assert process.wait(60) == 1, process.output
+    assert "restarting this worker in place" not in process.output

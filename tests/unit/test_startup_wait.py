@@ -3,11 +3,15 @@ what it waits for, what it says, and when it gives up. A fake clock: no test sle
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 
+import psycopg
 import pytest
 
+from daybook.infrastructure import preflight
+from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.preflight import Unusable, wait_until_usable
 
 LOG = logging.getLogger("test.startup")
@@ -68,8 +72,8 @@ def test_a_long_wait_says_so_every_thirty_seconds_and_when_the_reason_changes(
     with caplog.at_level(logging.WARNING, LOG.name):
         wait(failing([DOWN] * 20 + [starting]), clock, None)
     lines = [r.getMessage() for r in caplog.records]
-    summaries = [line for line in lines if line.startswith("still waiting")]
-    assert len(summaries) == 3, lines  # at about 32.5 s and 67.5 s, and when it starts up
+    summaries = [line for line in lines if "still waiting at start" in line]
+    assert len(summaries) == 3, lines  # at 32.5 s and 62.5 s, and when it starts up
     assert "starting up" in summaries[-1] and "starting up" not in summaries[-2]
     assert len(lines) == 5
 
@@ -100,5 +104,57 @@ def test_a_limit_gives_up_when_it_has_passed_never_sleeping_beyond_it() -> None:
         wait(failing([DOWN] * 100), clock, 10)
     assert clock.now == 10 and clock.pauses == [0.5, 1, 2, 4, 2.5]
     assert str(refused.value).startswith(str(DOWN))
-    assert "gave up after 10 s: the startup wait is 10 s" in str(refused.value)
+    assert "gave up after 10.0 s: the startup wait is 10 s" in str(refused.value)
     assert refused.value.transient is False  # giving up is final
+
+
+_AT = 'connection to server at "10.0.0.5", port 5432 failed: '
+
+
+@pytest.mark.parametrize(
+    ("message", "waits"),
+    [
+        (_AT + "Connection refused\n\tIs the server running on that host and accepting", True),
+        (_AT + "timeout expired", True),
+        (_AT + "FATAL:  the database system is starting up", True),
+        (_AT + "FATAL:  sorry, too many clients already", True),
+        ('could not translate host name "db" to address: Name or service not known', True),
+        (
+            'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such '
+            "file or directory\n\tIs the server running locally and accepting connections",
+            True,
+        ),
+        (_AT + "FATAL:  password authentication failed for user \"app\"", False),
+        (_AT + "fe_sendauth: no password supplied", False),
+        (_AT + "server does not support SSL, but SSL was required", False),
+        (_AT + 'FATAL:  pg_hba.conf rejects connection for host "10.0.0.9"', False),
+        (_AT + 'FATAL:  Ident authentication failed for user "app"', False),
+        ('could not read root certificate file "/etc/ca.pem": No such file or directory', False),
+    ],
+)
+def test_at_start_only_a_server_down_starting_full_or_out_of_reach_is_waited_for(
+    message: str, waits: bool
+) -> None:
+    """A running service retries more than this (``is_transient``): a refusal of this
+    client's settings, met at start, is a mistake to fix, not an outage to wait out."""
+    assert preflight.curable_by_waiting(psycopg.OperationalError(message)) is waits
+
+
+def test_every_change_of_reason_reaches_the_log_past_its_rate_limit() -> None:
+    """The service's log holds back repeats of a line for 30 s, one line per reason: a
+    database crash-looping (refused, starting up, refused) says both."""
+    stream = io.StringIO()
+    configure_logging("console", logging.INFO, stream)
+    starting = Unusable("the event store: the database system is starting up", transient=True)
+    clock = Clock()
+    wait_until_usable(
+        failing([DOWN, starting, DOWN]),
+        limit=None,
+        log=logging.getLogger("daybook.startup"),
+        sleep=clock.sleep,
+        clock=clock,
+    )
+    lines = stream.getvalue().splitlines()
+    said = [line for line in lines if "still waiting at start" in line]
+    assert len(said) == 2, lines
+    assert "starting up" in said[0] and "connection refused" in said[1]
