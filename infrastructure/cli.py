@@ -303,11 +303,12 @@ def startup_seconds(text: str) -> float:
     return value
 
 
-def when_usable(args: argparse.Namespace, check: Callable[[], _T]) -> _T:
+def when_usable(args: argparse.Namespace, check: Callable[[], _T], *, waited: float = 0.0) -> _T:
     """``check()`` (a service's preflight checks) once it passes: a server that is down,
     starting up or out of reach is waited for, for ``--startup-wait`` seconds (or
     ``$DAYBOOK_STARTUP_WAIT``; by default until it answers). Call after ``setup_logging``:
-    the wait is logged."""
+    the wait is logged. ``waited``: seconds of the startup wait already spent (by a worker
+    started again in place)."""
     limit = startup_wait(args)
     log = logging.getLogger("daybook.startup")
 
@@ -318,7 +319,7 @@ def when_usable(args: argparse.Namespace, check: Callable[[], _T]) -> _T:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return preflight.wait_until_usable(check, limit=limit, log=log)
+        return preflight.wait_until_usable(check, limit=limit, log=log, waited=waited)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

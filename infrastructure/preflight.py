@@ -72,6 +72,7 @@ def wait_until_usable(
     *,
     limit: float | None,
     log: logging.Logger,
+    waited: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> _T:
@@ -79,8 +80,9 @@ def wait_until_usable(
     itself (``Unusable.transient``), wait and check again, with pauses growing to
     ``MAX_PAUSE``: one warning when the wait starts, one every ``SAY_EVERY`` seconds or when
     the reason changes, one when it ends. Any other refusal is raised at once; so is a
-    transient one after ``limit`` seconds (None: no limit; 0: the first failure is raised)."""
-    started = clock()
+    transient one after ``limit`` seconds (None: no limit; 0: the first failure is raised),
+    of which ``waited`` were spent before this call (by a worker before it started again)."""
+    started = clock() - waited
     pause = 0.5
     said_at: float | None = None
     reason = ""
@@ -93,8 +95,8 @@ def wait_until_usable(
             if not refusal.transient:
                 raise
             if limit is not None and waited >= limit:
-                if said_at is None:
-                    raise  # never waited (a limit of 0): the refusal as it is
+                if limit == 0:
+                    raise  # no wait asked for: the refusal as it is
                 msg = f"{refusal} (gave up after {waited:.1f} s: the startup wait is {limit:g} s)"
                 raise Unusable(msg) from None
             fields = {"waited_seconds": round(waited, 1), "reason": str(refusal)}
@@ -110,7 +112,7 @@ def wait_until_usable(
                 # change of reason is never held back as a repeat.
                 log.warning(
                     "%s: still waiting at start, after %.0f s",
-                    refusal, waited, extra={"fields": fields},
+                    str(refusal), waited, extra={"fields": fields},
                 )  # fmt: skip
                 said_at = now
             reason = str(refusal)
@@ -213,7 +215,8 @@ _WAIT_CURES = (
     "connection refused",
     "timeout expired",
     "timed out",
-    "could not translate host name",
+    "failed to resolve host",  # psycopg's own resolver, whatever the system's words
+    "could not translate host name",  # libpq's
     "name or service not known",
     "temporary failure in name resolution",
     "no route to host",
@@ -228,7 +231,12 @@ _WAIT_CURES = (
     "the database system is not yet accepting connections",
     "too many clients",
     "remaining connection slots are reserved",
+    "could not fork new process for connection",
+    "out of memory",
 )
+
+#: How psycopg reports a host name that resolved to several addresses, each tried in turn.
+_SEVERAL_ATTEMPTS = "multiple connection attempts failed"
 
 
 def curable_by_waiting(error: psycopg.Error) -> bool:
@@ -240,7 +248,18 @@ def curable_by_waiting(error: psycopg.Error) -> bool:
     if error.sqlstate is not None:
         return is_transient(error)
     text = str(error).lower()
-    return is_transient(error) and any(words in text for words in _WAIT_CURES)
+    if not is_transient(error):
+        return False
+    if _SEVERAL_ATTEMPTS in text:
+        # One refused address (``localhost``'s ::1, say) must not make a missing password
+        # at the other look like an outage: every attempt must be one a wait cures.
+        attempts = text.split(_SEVERAL_ATTEMPTS, 1)[1].split("\n- ")[1:]
+        return bool(attempts) and all(_cured(attempt) for attempt in attempts)
+    return _cured(text)
+
+
+def _cured(text: str) -> bool:
+    return any(words in text for words in _WAIT_CURES)
 
 
 def explain(error: BaseException) -> str:

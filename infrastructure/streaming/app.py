@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -434,11 +435,24 @@ class _FailedStarts:
     def taken_from_environment(cls) -> _FailedStarts:
         """Read once, when ``run_worker`` begins, and taken out of the environment: a worker
         that starts well begins again from none."""
-        count, _, first = os.environ.pop(_STARTS_VARIABLE, "").partition(":")
+        failed = cls.in_environment()
+        os.environ.pop(_STARTS_VARIABLE, None)
+        return failed
+
+    @classmethod
+    def in_environment(cls) -> _FailedStarts:
+        count, _, first = os.environ.get(_STARTS_VARIABLE, "").partition(":")
         try:
             return cls(int(count), float(first))
         except ValueError:
             return cls()
+
+
+def waited_at_start() -> float:
+    """Seconds since this worker's first failed start, if it was started again in place
+    (0 otherwise): spent from its startup wait, which counts from that first failure."""
+    failed = _FailedStarts.in_environment()
+    return max(0.0, time.time() - failed.first) if failed.count else 0.0
 
 
 def _again_if_the_broker_went(
@@ -466,6 +480,14 @@ def _again_if_the_broker_went(
         )  # fmt: skip
         return
     os.environ[_STARTS_VARIABLE] = f"{before.count + 1}:{first!r}"
+
+    def stop(signum: int, frame: object) -> None:
+        log.warning("worker: stopped before starting again (signal %d)", signum)
+        raise SystemExit(0)
+
+    # faust's handlers went with its loop: a stop during the pause ends the worker cleanly.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     time.sleep(min(2.0**before.count, 30.0))
     restart(app, f"the broker failed the worker's start ({error})")
 

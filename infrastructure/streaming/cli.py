@@ -258,10 +258,10 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from daybook.infrastructure.streaming.app import run_worker
+    from daybook.infrastructure.streaming.app import run_worker, waited_at_start
 
     _logging(args)
-    settings = when_usable(args, lambda: _settings(args, broker=True))
+    settings = when_usable(args, lambda: _settings(args, broker=True), waited=waited_at_start())
     config = stream_worker_config(
         settings,
         batch_size=args.batch_size,

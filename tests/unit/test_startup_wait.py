@@ -109,6 +109,19 @@ def test_a_limit_gives_up_when_it_has_passed_never_sleeping_beyond_it() -> None:
 
 
 _AT = 'connection to server at "10.0.0.5", port 5432 failed: '
+_REFUSED = "Connection refused\n\tIs the server running on that host and accepting TCP/IP"
+
+
+def _several(*failures: str) -> str:
+    """psycopg's text for a host whose addresses (``localhost``: ::1, 127.0.0.1) were each
+    tried and each failed."""
+    attempts = "".join(
+        f"\n- host: 'localhost', port: '5432', hostaddr: '{address}': connection failed: "
+        f'connection to server at "{address}", port 5432 failed: {failure}'
+        for address, failure in zip(("::1", "127.0.0.1"), failures, strict=True)
+    )
+    several = "\nMultiple connection attempts failed. All failures were:"
+    return f"connection failed: {_AT}{failures[-1]}{several}{attempts}"
 
 
 @pytest.mark.parametrize(
@@ -118,13 +131,18 @@ _AT = 'connection to server at "10.0.0.5", port 5432 failed: '
         (_AT + "timeout expired", True),
         (_AT + "FATAL:  the database system is starting up", True),
         (_AT + "FATAL:  sorry, too many clients already", True),
-        ('could not translate host name "db" to address: Name or service not known', True),
+        ("failed to resolve host 'db': [Errno -2] Name or service not known", True),
+        ("failed to resolve host 'db': [Errno -3] Try again", True),  # musl's words
+        (_AT + "FATAL:  could not fork new process for connection: Resource temporarily", True),
+        (_several(_REFUSED, _REFUSED), True),
+        (_several(_REFUSED, "fe_sendauth: no password supplied"), False),
+        (_several("server does not support SSL, but SSL was required", _REFUSED), False),
         (
             'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such '
             "file or directory\n\tIs the server running locally and accepting connections",
             True,
         ),
-        (_AT + "FATAL:  password authentication failed for user \"app\"", False),
+        (_AT + 'FATAL:  password authentication failed for user "app"', False),
         (_AT + "fe_sendauth: no password supplied", False),
         (_AT + "server does not support SSL, but SSL was required", False),
         (_AT + 'FATAL:  pg_hba.conf rejects connection for host "10.0.0.9"', False),
@@ -158,3 +176,15 @@ def test_every_change_of_reason_reaches_the_log_past_its_rate_limit() -> None:
     said = [line for line in lines if "still waiting at start" in line]
     assert len(said) == 2, lines
     assert "starting up" in said[0] and "connection refused" in said[1]
+
+
+def test_time_already_spent_counts_against_the_limit() -> None:
+    """A worker started again in place has spent part of its startup wait before: it gives
+    up when the whole wait has passed, and says how long that was."""
+    clock = Clock()
+    with pytest.raises(Unusable) as refused:
+        wait_until_usable(
+            failing([DOWN] * 100), limit=10, log=LOG, waited=7, sleep=clock.sleep, clock=clock
+        )
+    assert clock.now == 3 and clock.pauses == [0.5, 1, 1.5]
+    assert "gave up after 10.0 s: the startup wait is 10 s" in str(refused.value)
