@@ -28,6 +28,7 @@ from eventsourcing.persistence import PersistenceError
 from daybook.domain.errors import DomainError
 from daybook.domain.values import MAX_BIGINT, check_uuid
 from daybook.infrastructure import preflight
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
@@ -318,9 +319,11 @@ def when_usable(args: argparse.Namespace, check: Callable[[], _T], *, waited: fl
         raise SystemExit(0)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    metrics.WAITING_AT_START.set(1)
     try:
         return preflight.wait_until_usable(check, limit=limit, log=log, waited=waited)
     finally:
+        metrics.WAITING_AT_START.set(0)
         signal.signal(signal.SIGTERM, previous)
 
 

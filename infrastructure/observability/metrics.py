@@ -181,6 +181,12 @@ SERVICE_UP = Gauge(
     ["service"],
     registry=REGISTRY,
 )
+WAITING_AT_START = Gauge(
+    "daybook_waiting_at_start",
+    "1 while this process checks, and waits for, the servers it needs before starting "
+    "(see --startup-wait), else 0.",
+    registry=REGISTRY,
+)
 SERVICE_RESTARTS = Counter(
     "daybook_service_restarts_total",
     "Restarts of a long-running part after transient failures.",

@@ -285,24 +285,27 @@ def collector_paused() -> Iterator[None]:
 
 def _run_project(args: argparse.Namespace) -> int:
     setup_logging(args)
-    settings = when_usable(
-        args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
-    )
-    runner = projection_runner(
-        settings, batch_size=args.batch_size, poll_interval=args.poll_interval
-    )
+    # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
+    with metrics_served(args, "projection runner"):
+        settings = when_usable(
+            args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
+        )
+        runner = projection_runner(
+            settings, batch_size=args.batch_size, poll_interval=args.poll_interval
+        )
 
-    def on_signal(signum: int, frame: Any) -> None:
-        logging.getLogger("daybook.project").info("daybook project: signal %d, stopping", signum)
-        runner.request_stop()
+        def on_signal(signum: int, frame: Any) -> None:
+            logging.getLogger("daybook.project").info(
+                "daybook project: signal %d, stopping", signum
+            )
+            runner.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        with metrics_served(args, "projection runner"):
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
             health = runner.run_forever()
-    finally:
-        runner.stop()
+        finally:
+            runner.stop()
     if health.state is ServiceState.FAILED:
         print(f"daybook project: stopped: {health.error}", file=sys.stderr)
         return 1
@@ -437,30 +440,30 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projection]) -> int:
     setup_logging(args)
-    served = metrics_served(args, "continuous reconciler")
     # The pacing given, if any; the reconciler's own defaults otherwise.
     paced = {"every_events": args.every_events, "every_seconds": args.every_seconds}
-    service = continuous_reconciler(
-        when_usable(args, lambda: checked_settings(args, why=_WHY, readmodels=True)),
-        projections=chosen,
-        repair=args.repair,
-        **{name: value for name, value in paced.items() if value is not None},
-    )
-
-    def on_signal(signum: int, frame: Any) -> None:
-        logging.getLogger("daybook.reconcile").info(
-            "daybook reconcile: signal %d, stopping", signum
+    # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
+    with metrics_served(args, "continuous reconciler"):
+        service = continuous_reconciler(
+            when_usable(args, lambda: checked_settings(args, why=_WHY, readmodels=True)),
+            projections=chosen,
+            repair=args.repair,
+            **{name: value for name, value in paced.items() if value is not None},
         )
-        service.service.stopping.set()
-        service.log.interrupt()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        with served:
+        def on_signal(signum: int, frame: Any) -> None:
+            logging.getLogger("daybook.reconcile").info(
+                "daybook reconcile: signal %d, stopping", signum
+            )
+            service.service.stopping.set()
+            service.log.interrupt()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
             health = service.run_forever()
-    finally:
-        service.close()
+        finally:
+            service.close()
     if health.state is ServiceState.FAILED:
         print(f"daybook reconcile: stopped: {health.error}", file=sys.stderr)
         return 1

@@ -217,44 +217,46 @@ def _run(args: argparse.Namespace) -> int:
         preflight.check_gateway(settings.gateway_url)
         return settings
 
-    settings = when_usable(args, checked)
-    gateway = payment_gateway(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with (
-        metrics_served(args, "daybook sagas"),
-        open_ledger(settings=settings) as ledger,
-        run_projections(ledger, projections=[SAGA_LIST, OPEN_HOLDS_PROJECTION]) as runner,
-    ):
-        processor = saga_processor(ledger, runner.views, gateway, workers=args.workers)
-        sweeper = expiry_sweeper(ledger, runner.views)
-        processor.start()
-        sweeper.start()
-        print(
-            f"daybook sagas: driving sagas on {redacted(settings.url)} "
-            f"with {redacted(settings.gateway_url or '')}"
-        )
-        # The ledger's own services (its committer, its request purge) run here too.
-        parts = (
-            processor.health,
-            sweeper.health,
-            runner.health,
-            ledger.health,
-            ledger.request_purge.health,
-        )
-        try:
-            while not stop.wait(1.0):
-                for health in (part() for part in parts):
-                    if health.state is ServiceState.FAILED:
-                        print(
-                            f"daybook sagas: {health.name} failed: {health.error}", file=sys.stderr
-                        )
-                        return 1
-        finally:
-            processor.stop()
-            sweeper.stop()
-            gateway.close()
+    # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
+    with metrics_served(args, "daybook sagas"):
+        settings = when_usable(args, checked)
+        gateway = payment_gateway(settings)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        with (
+            open_ledger(settings=settings) as ledger,
+            run_projections(ledger, projections=[SAGA_LIST, OPEN_HOLDS_PROJECTION]) as runner,
+        ):
+            processor = saga_processor(ledger, runner.views, gateway, workers=args.workers)
+            sweeper = expiry_sweeper(ledger, runner.views)
+            processor.start()
+            sweeper.start()
+            print(
+                f"daybook sagas: driving sagas on {redacted(settings.url)} "
+                f"with {redacted(settings.gateway_url or '')}"
+            )
+            # The ledger's own services (its committer, its request purge) run here too.
+            parts = (
+                processor.health,
+                sweeper.health,
+                runner.health,
+                ledger.health,
+                ledger.request_purge.health,
+            )
+            try:
+                while not stop.wait(1.0):
+                    for health in (part() for part in parts):
+                        if health.state is ServiceState.FAILED:
+                            print(
+                                f"daybook sagas: {health.name} failed: {health.error}",
+                                file=sys.stderr,
+                            )
+                            return 1
+            finally:
+                processor.stop()
+                sweeper.stop()
+                gateway.close()
     return 0
 
 

@@ -228,9 +228,6 @@ def _run_relay(args: argparse.Namespace) -> int:
             )
             return 2
         settings = _settings(args, broker=False)
-    else:
-        settings = when_usable(args, lambda: _settings(args, broker=True))
-    if args.rewind:
         try:
             rewind(settings.url, settings.topic)
         except RewindRefused as refused:  # a relay is running, or none published the topic
@@ -238,19 +235,21 @@ def _run_relay(args: argparse.Namespace) -> int:
             return 1
         print(f"daybook: the relay will re-publish {settings.topic} from the start of the log")
         return 0
-    relay = outbox_relay(settings, batch_size=args.batch_size, poll_interval=args.poll_interval)
+    # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
+    with metrics_served(args, "relay"):
+        settings = when_usable(args, lambda: _settings(args, broker=True))
+        relay = outbox_relay(settings, batch_size=args.batch_size, poll_interval=args.poll_interval)
 
-    async def main() -> Health:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, relay.stop)
-        return await relay.run()
+        async def main() -> Health:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, relay.stop)
+            return await relay.run()
 
-    try:
-        with metrics_served(args, "relay"):
+        try:
             health = asyncio.run(main())
-    finally:
-        relay.close()
+        finally:
+            relay.close()
     if health.state is ServiceState.FAILED:
         print(f"daybook relay: stopped: {health.error}", file=sys.stderr)
         return 1
@@ -261,14 +260,15 @@ def _run_worker(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.app import run_worker, waited_at_start
 
     _logging(args)
-    settings = when_usable(args, lambda: _settings(args, broker=True), waited=waited_at_start())
-    config = stream_worker_config(
-        settings,
-        batch_size=args.batch_size,
-        batch_wait=args.batch_wait,
-        web_port=args.port,
-    )
+    # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
     with metrics_served(args, "worker"):
+        settings = when_usable(args, lambda: _settings(args, broker=True), waited=waited_at_start())
+        config = stream_worker_config(
+            settings,
+            batch_size=args.batch_size,
+            batch_wait=args.batch_wait,
+            web_port=args.port,
+        )
         health = run_worker(
             config, keep_logging=args.log_format == "json", startup_wait=startup_wait(args)
         )

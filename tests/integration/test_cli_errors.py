@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -220,6 +221,25 @@ def test_a_service_waiting_at_start_stops_cleanly_on_sigterm() -> None:
     assert project.returncode == 0
     assert "stopped while waiting at start (signal 15)" in rest.decode()
     assert "Traceback" not in rest.decode()
+
+
+def test_a_service_waiting_at_start_serves_its_metrics_saying_so() -> None:
+    """A probe pointed at the metrics port sees the service from its first second, and
+    sees that it waits (an orchestrator would otherwise count it dead and restart it)."""
+    project = daybook(
+        "project", "--url", f"postgresql://127.0.0.1:{closed_port()}/x", "--metrics-port", "0"
+    )
+    try:
+        said = _stderr_line(project, "waiting at start")
+        (line,) = [line for line in said if "metrics at http://" in line]
+        url = line.split("metrics at ", 1)[1].split()[0]
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+        assert "daybook_waiting_at_start 1.0" in text.splitlines()
+    finally:
+        project.send_signal(signal.SIGTERM)
+        project.communicate(timeout=30)
+    assert project.returncode == 0
 
 
 def test_ctrl_c_while_a_broker_keeps_the_check_waiting_ends_cleanly(pg_url: str) -> None:
