@@ -245,11 +245,11 @@ def curable_by_waiting(error: psycopg.Error) -> bool:
     a running service retries (``transient.is_transient``): at start, a refusal of this
     client (no password given, TLS the server does not offer, a certificate, ident or a
     ``reject`` line) is a mistake in the settings, and waiting would only hide it."""
-    if error.sqlstate is not None:
-        return is_transient(error)
-    text = str(error).lower()
     if not is_transient(error):
         return False
+    if error.sqlstate is not None:
+        return True
+    text = str(error).lower()
     if _SEVERAL_ATTEMPTS in text:
         # One refused address (``localhost``'s ::1, say) must not make a missing password
         # at the other look like an outage: every attempt must be one a wait cures.

@@ -406,14 +406,18 @@ class _Abandoned(Exception):
 FLOW_CHECK_SECONDS = 0.05
 
 
+def _broker_failed(error: BaseException | None) -> bool:
+    """Whether ``error`` is the broker failing a start: a retriable Kafka error."""
+    return isinstance(error, KafkaError) and is_transient(error)
+
+
 class _NoTracebackForAnOutage(logging.Filter):
     """faust logs a failed start with its traceback (``Error: ...``), as it would a bug. A
     start that failed for want of the broker is an outage: the worker starts again and
     says why (``_again_if_the_broker_went``), so the line stays and the traceback goes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is not None and is_transient(error):
+        if record.exc_info and _broker_failed(record.exc_info[1]):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -467,7 +471,7 @@ def _again_if_the_broker_went(
     Pauses between such starts double up to 30 s, so a broker that answers the check and
     fails every start is not hammered."""
     error = faust_compat.start_failure(worker)
-    if not isinstance(error, KafkaError) or not is_transient(error):
+    if not _broker_failed(error):
         return
     if faust_compat.stop_requested(worker) or startup_wait == 0:
         return
