@@ -15,12 +15,11 @@ import pytest
 
 from daybook import Ledger, open_ledger, open_read_models, projections
 from daybook.infrastructure.bootstrap import projection_runner
-from daybook.infrastructure.readmodels.catalog import VersionCatalog
-from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.settings import Settings
 from scripts import services
 from scripts.streams import unique, wait_until
 from tests.projections.helpers import assert_tables_match, workload
+from tests.projections.test_runner_faults import positions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -72,17 +71,6 @@ def sessions(url: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def positions(url: str) -> dict[str, int]:
-    """Each projection's position ({} before the runner made its catalog)."""
-    store = open_store(url)
-    try:
-        return {r.name: r.position for r in VersionCatalog(store).versions()}
-    except psycopg.errors.UndefinedTable:
-        return {}
-    finally:
-        store.close()
 
 
 def test_a_runner_reading_the_log_from_a_standby_follows_the_primary_politely(
