@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -287,33 +288,95 @@ def explain(error: BaseException) -> str:
 def check_broker(url: str) -> None:
     """Refuse a Kafka URL when none of its bootstrap servers answers as a Kafka broker (a
     port that accepts connections is not enough: a broker starting up, or a proxy in front
-    of one that is down, accepts them and then fails every client that starts)."""
+    of one that is down, accepts them and then fails every client that starts).
+
+    The refusal is transient (a service waits for the broker) unless every server answered
+    with bytes that no Kafka broker sends: a URL naming some other server's port (the
+    database's, or one whose server speaks first, as SSH does) will not become a broker by
+    waiting. (A server that waits for more, as an HTTP server waits for a line, or hangs up
+    without a word, cannot be told from a broker starting up: it is waited for.)"""
     from daybook.infrastructure.streaming.broker import bootstrap_servers
 
     servers = bootstrap_servers(url).split(",")
     reasons = []
+    strangers = 0
     for server in servers:
         host, _, port_text = server.rpartition(":")
         shown = server.rpartition("@")[2]  # never a user name and password
         if not host or not port_text.isdigit():
             raise Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
+        address = (host.strip("[]"), int(port_text))
         try:
-            socket.create_connection((host.strip("[]"), int(port_text)), CONNECT_TIMEOUT).close()
+            socket.create_connection(address, CONNECT_TIMEOUT).close()
             if _kafka_answers(shown):
                 return
-            reasons.append(f"{shown}: accepts connections but gives no Kafka answer (starting up?)")
+            stranger = _stranger_at(address)
+            if stranger is None:
+                reasons.append(
+                    f"{shown}: accepts connections but gives no Kafka answer (starting up?)"
+                )
+            else:
+                strangers += 1
+                reasons.append(f"{shown}: answers, but not as a Kafka broker ({stranger})")
         except socket.gaierror:
             reasons.append(f"{shown}: unknown host")
         except ConnectionRefusedError:
             reasons.append(f"{shown}: connection refused")
         except OSError as error:
             reasons.append(f"{shown}: {error.strerror or 'no answer'}")
+    if strangers == len(servers):
+        raise Unusable(
+            f"no Kafka broker at {redacted(url)!r} ({'; '.join(reasons)}): is that the "
+            "broker's port? Pass --broker kafka://host:port naming the broker's listener"
+        )
     raise Unusable(
         f"no Kafka broker answers ({'; '.join(reasons)}): start one, or pass "
         "--broker kafka://host:port",
         # An unknown host too: a name may be missing only until its server is deployed.
         transient=True,
     )
+
+
+#: The probe ``_stranger_at`` sends: a Kafka ApiVersions request, version 0 (every broker
+#: answers it, before any authentication, even one that no longer serves that version: it
+#: then answers with an error, in version 0's form).
+_PROBE_ID = 0x0DA1B00C
+_PROBE = struct.pack(">hhih", 18, 0, _PROBE_ID, 7) + b"daybook"
+_PROBE = struct.pack(">i", len(_PROBE)) + _PROBE
+#: What some servers answer it with, to name them in the refusal.
+_SIGNATURES = ((b"E", "a PostgreSQL server"),)
+
+
+def _stranger_at(address: tuple[str, int]) -> str | None:
+    """What answers at ``address`` when it answers a Kafka request with bytes no Kafka
+    broker sends (a description for the refusal); None when it answers as Kafka, says
+    nothing, or goes away without a word (as a broker starting up may)."""
+    answer = b""
+    try:
+        with socket.create_connection(address, CONNECT_TIMEOUT) as connection:
+            connection.settimeout(CONNECT_TIMEOUT)
+            connection.sendall(_PROBE)
+            while len(answer) < 8:
+                chunk = connection.recv(8 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError:
+        pass  # whatever came before the silence, a reset or a timeout is judged below
+    if not answer:
+        return None
+    # A Kafka response: its size (at least a correlation id and an error code), then the
+    # request's correlation id.
+    if len(answer) == 8:
+        size, correlation = struct.unpack(">iI", answer)
+        if 6 <= size <= 1 << 24 and correlation == _PROBE_ID:
+            return None
+    for start, name in _SIGNATURES:
+        if answer.startswith(start):
+            return f"it answered like {name}"
+    if answer.isascii() and answer.decode().isprintable():
+        return f"it answered {answer.decode()!r}"
+    return f"it answered {answer.hex(' ')}"
 
 
 def _kafka_answers(server: str) -> bool:

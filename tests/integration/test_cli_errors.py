@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -181,6 +181,52 @@ def test_worker_with_no_broker(capsys: pytest.CaptureFixture[str], pg_url: str) 
     broker = f"kafka://127.0.0.1:{closed_port()}"
     line = one_line(capsys, ["worker", "--url", pg_url, "--broker", broker, "--startup-wait", "0"])
     assert "no Kafka broker answers" in line and "connection refused" in line
+
+
+@pytest.fixture
+def greeting_port() -> Iterator[int]:
+    """A port whose server speaks first (as SSH, SMTP or MySQL do), then hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                connection, _ = listener.accept()
+                with connection:
+                    connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.mark.parametrize("stranger", ["PostgreSQL", "SSH"])
+def test_a_broker_url_naming_another_servers_port_is_refused_at_once(
+    request: pytest.FixtureRequest, pg_url: str, stranger: str
+) -> None:
+    """A broker URL with the database's port (or some other server's) is a mistake no wait
+    cures: the worker says what answers there, and ends at once rather than wait for a
+    broker that will never start there."""
+    if stranger == "PostgreSQL":
+        port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+        answer = "it answered like a PostgreSQL server"
+    else:
+        port = request.getfixturevalue("greeting_port")
+        answer = "it answered 'SSH-2.0-'"
+    worker = daybook(
+        "worker", "--url", pg_url, "--broker", f"kafka://127.0.0.1:{port}", "--startup-wait", "60"
+    )
+    _, err = worker.communicate(timeout=120)
+    text = err.decode()
+    assert worker.returncode == 2, text
+    assert "waiting at start" not in text and "Traceback" not in text
+    assert f"127.0.0.1:{port}: answers, but not as a Kafka broker ({answer})" in text
+    assert "is that the broker's port?" in text
 
 
 def test_a_service_waits_for_a_broker_that_is_down_then_gives_up_at_its_startup_wait(

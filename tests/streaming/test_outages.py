@@ -599,3 +599,13 @@ def test_a_worker_with_no_startup_wait_does_not_start_again_when_the_broker_fail
         marker.unlink()
         assert process.wait(60) == 1, process.output
     assert "restarting this worker in place" not in process.output
+
+
+def test_the_broker_probe_takes_a_broker_for_a_broker(kafka_bootstrap: str) -> None:
+    """When a broker gives no metadata (starting up), the check probes its port to tell a
+    broker from some other server, which it refuses at once: the probe must know a real
+    broker's answer, or a broker slow to start would end the services waiting for it."""
+    from daybook.infrastructure import preflight
+
+    host, _, port = kafka_bootstrap.split(",")[0].rpartition(":")
+    assert preflight._stranger_at((host, int(port))) is None
