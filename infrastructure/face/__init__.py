@@ -60,7 +60,7 @@ from daybook.infrastructure.bootstrap import (
     run_projections,
 )
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
-from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
 from daybook.infrastructure.settings import Settings
 
@@ -96,6 +96,7 @@ __all__ = [
     "OrderLine",
     "OutOfStock",
     "PlaceOrder",
+    "ReadModelChanged",
     "Receipt",
     "ReservationExists",
     "ReservationExpired",

@@ -46,6 +46,7 @@ from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.readmodels import ReadModelChanged
 
 log = logging.getLogger("daybook.http")
 
@@ -218,6 +219,11 @@ def _handle_errors(app: FastAPI) -> None:
         ).response()
 
     async def bug(request: Request, error: Exception) -> Response:
+        if isinstance(error, ReadModelChanged):  # a deploy under way, not a bug here
+            log.warning("%s %s: %s", request.method, request.url.path, error)
+            return Problem(
+                "read_model_changed", str(error), headers={"Retry-After": "5"}
+            ).response()
         if is_outage(error):  # an outage, not a bug: one line, no traceback
             log.warning("%s %s: a database did not answer: %s", request.method,
                         request.url.path, error)  # fmt: skip

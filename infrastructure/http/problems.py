@@ -71,6 +71,7 @@ STATUS: dict[str, int] = {
     "overloaded": 503,
     "shutting_down": 503,
     "stale_read": 503,
+    "read_model_changed": 503,
     "unavailable": 503,
 }
 
@@ -157,6 +158,10 @@ DESCRIPTIONS: dict[str, str] = {
     "overloaded": "The server's queue is full; retry after Retry-After seconds.",
     "shutting_down": "The server is stopping; retry against another or after a restart.",
     "stale_read": "The read model did not reach min_position in time; see Retry-After.",
+    "read_model_changed": (
+        "The read model's serving version has tables this server's code cannot read (a "
+        "deploy is under way): another server, or this one upgraded, answers."
+    ),
     "unavailable": (
         "A database daybook needs did not answer (restarting, or out of reach); retry after "
         "Retry-After seconds, a command with the same Idempotency-Key."

@@ -7,7 +7,7 @@ from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.location import ReadModelLocation
-from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
+from daybook.infrastructure.readmodels.queries import ReadModelChanged, ReadModels, StaleRead
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import ReadStoreError
 from daybook.projections.model import Projection
@@ -50,6 +50,7 @@ class EmbeddedProjections(ProjectionRunner):
 __all__ = [
     "EmbeddedProjections",
     "ProjectionRunner",
+    "ReadModelChanged",
     "ReadModels",
     "StaleRead",
 ]

@@ -152,6 +152,9 @@ class PostgresStore(ReadStore):
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.UndefinedTable)
 
+    def is_missing_column(self, error: BaseException) -> bool:
+        return isinstance(error, psycopg.errors.UndefinedColumn)
+
     # -- reconciling: the same figures as ``checksums``, computed by the server --------------
 
     def range_checksums(self, table: Table, version: int) -> dict[str, tuple[int, int]]:

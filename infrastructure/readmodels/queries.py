@@ -30,12 +30,16 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient, may_only_read
+from daybook.projections import ALL
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
 from daybook.projections.model import Key, Projection, Row
 
 T = TypeVar("T")
+
+#: The version of each of daybook's projections that this code's queries read.
+_CODE_VERSIONS = {projection.name: projection.version for projection in ALL}
 
 #: The most rows one page of balances or statement entries may ask for.
 MAX_PAGE = 10_000
@@ -59,6 +63,24 @@ class StaleRead(Exception):
         self.projection = projection
         self.wanted = wanted
         self.reached = reached
+
+
+class ReadModelChanged(ReadStoreError):
+    """The serving version of a read model has tables this process's code cannot read (a
+    column it reads was renamed or removed, or is one the serving version does not have
+    yet): the process runs the code of another version than the one serving reads."""
+
+    code: ClassVar[str] = "read_model_changed"
+
+    def __init__(self, projection: str, version: int, error: BaseException) -> None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(
+            f"read model {projection} is served by its version {version}, whose tables this"
+            f" process's code cannot read ({reason}): run this process with the code that"
+            f" defines version {version} (another process with it can answer meanwhile)"
+        )
+        self.projection = projection
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -423,7 +445,9 @@ class ReadModels:
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(spec, version, key)
 
-        found, position, lag, later = self._read_at(projection.name, read, min_position, timeout)
+        found, position, lag, later = self._read_at(
+            projection.name, read, min_position, timeout, code_version=projection.version
+        )
         return Answer(found, position, lag, later)
 
     def rows(
@@ -448,7 +472,9 @@ class ReadModels:
         def read(store: ReadStore, version: int) -> list[Row]:
             return store.select(spec, version, where, params, order, limit)
 
-        found, position, lag, later = self._read_at(projection.name, read, min_position, timeout)
+        found, position, lag, later = self._read_at(
+            projection.name, read, min_position, timeout, code_version=projection.version
+        )
         return Answer(found, position, lag, later)
 
     def count(
@@ -468,7 +494,9 @@ class ReadModels:
                 return {None: store.count(spec, version)}
             return store.count_by(spec, version, by)
 
-        found, position, lag, later = self._read_at(projection.name, read, None, timeout)
+        found, position, lag, later = self._read_at(
+            projection.name, read, None, timeout, code_version=projection.version
+        )
         return Answer(found, position, lag, later)
 
     def position(self, projection: str) -> int:
@@ -484,9 +512,15 @@ class ReadModels:
         read: Callable[[ReadStore, int], T],
         min_position: int | None,
         timeout: float,
+        *,
+        code_version: int | None = None,
     ) -> tuple[T, int, int | None, bool]:
         """What ``read`` finds in the serving version, at which log position, how far the
-        head is ahead, and whether events after the position may be partly included."""
+        head is ahead, and whether events after the position may be partly included.
+        ``code_version``: the version of the projection whose table definitions ``read``
+        uses (default: daybook's own projection of that name)."""
+        if code_version is None:
+            code_version = _CODE_VERSIONS.get(projection)
         if min_position is not None:
             _whole(min_position, "min_position", 0, MAX_BIGINT)
         if (
@@ -524,6 +558,16 @@ class ReadModels:
                             head = store.head_position()
                             break
             except Exception as error:
+                if (
+                    store is not None
+                    and version is not None
+                    and version != code_version
+                    and store.is_missing_column(error)
+                ):
+                    # The serving version's table lacks a column this code's definition
+                    # of another version has (a deploy under way): not a bug, and not an
+                    # outage either, so it is neither retried nor reported as a failure.
+                    raise ReadModelChanged(projection, version, error) from None
                 if store is not None and store.is_missing_table(error):
                     # The version we looked up was switched away and dropped as we read it
                     # (or the catalog itself is gone: a database replaced by an empty one).

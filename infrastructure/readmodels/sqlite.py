@@ -110,6 +110,9 @@ class SqliteStore(ReadStore):
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
 
+    def is_missing_column(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and "no such column" in str(error)
+
     # -- writing rows --------------------------------------------------------------------------
 
     def upsert(self, table: Table, version: int, rows: Sequence[Row]) -> None:

@@ -165,6 +165,10 @@ class ReadStore(ABC):
     def is_missing_table(self, error: BaseException) -> bool:
         """Whether ``error`` says a table does not exist (dropped under a reader, say)."""
 
+    @abstractmethod
+    def is_missing_column(self, error: BaseException) -> bool:
+        """Whether ``error`` says a column does not exist (a table of another version)."""
+
     # -- tables ----------------------------------------------------------------------------
 
     def create_tables(self, projection: Projection, *, temporary: bool = False) -> None:

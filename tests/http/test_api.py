@@ -431,6 +431,36 @@ def test_a_position_not_reached_in_time_is_503_with_retry_after(api: Api) -> Non
     assert int(reply.headers["retry-after"]) >= 1 and body["details"]["wanted"] == 10**9
 
 
+def test_a_serving_version_this_servers_code_cannot_read_is_503_read_model_changed(
+    sqlite_api: Api,
+) -> None:
+    """A deploy under way: reads switched to a version whose table lacks a column this
+    server's code reads. Not a bug (500): another server, or this one upgraded, answers."""
+    from daybook.infrastructure.readmodels.location import open_store
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from daybook.projections.accounts import BALANCES
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    api = sqlite_api
+    account = api.open_account()
+    position = api.command("deposit", {"account_id": account, "amount": 5}).json()["position"]
+    assert api.get(f"/v1/accounts/{account}/balance", min_position=position).status_code == 200
+    url = api.parts.pool.any().url
+    assert api.parts.log is not None
+    rebuild(api.parts.log, url, ACCOUNT_BALANCES_V2, progress=False)
+    store = open_store(url)
+    try:
+        with store.transaction(write=True):
+            table = BALANCES.physical_name(ACCOUNT_BALANCES_V2.version)
+            store.execute(f"ALTER TABLE {table} DROP COLUMN overdraft_limit")
+    finally:
+        store.close()
+    reply = api.get(f"/v1/accounts/{account}/balance")
+    body = assert_problem(reply, 503, "read_model_changed")
+    assert int(reply.headers["retry-after"]) >= 1
+    assert "account_balances is served by its version 2" in body["detail"]
+
+
 @pytest.mark.parametrize(
     "params",
     [

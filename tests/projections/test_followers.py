@@ -11,7 +11,7 @@ import pytest
 from daybook import Ledger, open_ledger, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
-from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
@@ -222,3 +222,46 @@ def test_a_first_build_overtaken_by_a_newer_version_is_retired_and_its_tables_go
             store.close()
     finally:
         old.stop()
+
+
+def test_reads_of_a_version_whose_tables_this_code_cannot_read_say_so(
+    ledger: Ledger, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During a deploy, a process may run the code of another version than the one serving
+    reads. Reading through table definitions the serving version's tables do not match is
+    refused as that (``read_model_changed``), not as a bug or an outage."""
+    ids = workload(ledger, 20)
+    runner = run_projections(ledger, db_url, start=False)
+    try:
+        runner.run_until_caught_up()
+    finally:
+        runner.stop()
+    account = (str(ids[0]),)
+    with ReadModels(db_url) as views:
+        # New code deployed before its rebuild: version 1 serves, which has no `deposits`.
+        with pytest.raises(ReadModelChanged) as early:
+            views.row(ACCOUNT_BALANCES_V2, "account_balances", account)
+        assert early.value.code == "read_model_changed"
+        assert "account_balances is served by its version 1" in str(early.value)
+        assert "deposits" in str(early.value)  # the server's words name the column
+        # A mistake in a query of the serving version's own code is no deploy: as it was.
+        with pytest.raises(Exception) as typo:
+            views.rows(ACCOUNT_BALANCES, "account_balances", where="balanse > %s", params=(0,))
+        assert not isinstance(typo.value, ReadModelChanged)
+        # The rebuild switches reads to version 2; say that version dropped a column that
+        # version 1 reads: the old code's queries are refused, naming version 2.
+        rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
+        store = open_store(db_url)
+        try:
+            with store.transaction(write=True):
+                table = BALANCES.physical_name(ACCOUNT_BALANCES_V2.version)
+                store.execute(f"ALTER TABLE {table} DROP COLUMN overdraft_limit")
+        finally:
+            store.close()
+        with pytest.raises(ReadModelChanged) as late:
+            views.balance(ids[0])
+        assert "account_balances is served by its version 2" in str(late.value)
+    capsys.readouterr()
+    assert main(["balance", str(ids[0]), "--url", db_url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is served by its version 2" in err[0], err
