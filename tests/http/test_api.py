@@ -436,25 +436,14 @@ def test_a_serving_version_this_servers_code_cannot_read_is_503_read_model_chang
 ) -> None:
     """A deploy under way: reads switched to a version whose table lacks a column this
     server's code reads. Not a bug (500): another server, or this one upgraded, answers."""
-    from daybook.infrastructure.readmodels.location import open_store
-    from daybook.infrastructure.readmodels.rebuild import rebuild
-    from daybook.projections.accounts import BALANCES
-    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+    from tests.projections.helpers import switch_to_v2_without_a_column
 
     api = sqlite_api
     account = api.open_account()
     position = api.command("deposit", {"account_id": account, "amount": 5}).json()["position"]
     assert api.get(f"/v1/accounts/{account}/balance", min_position=position).status_code == 200
-    url = api.parts.pool.any().url
     assert api.parts.log is not None
-    rebuild(api.parts.log, url, ACCOUNT_BALANCES_V2, progress=False)
-    store = open_store(url)
-    try:
-        with store.transaction(write=True):
-            table = BALANCES.physical_name(ACCOUNT_BALANCES_V2.version)
-            store.execute(f"ALTER TABLE {table} DROP COLUMN overdraft_limit")
-    finally:
-        store.close()
+    switch_to_v2_without_a_column(api.parts.log, api.parts.pool.any().url)
     reply = api.get(f"/v1/accounts/{account}/balance")
     body = assert_problem(reply, 503, "read_model_changed")
     assert int(reply.headers["retry-after"]) >= 1

@@ -9,6 +9,7 @@ from uuid import UUID
 from daybook import Ledger
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.projections.model import MemoryRows, Projection, Row, replay
 
@@ -86,3 +87,20 @@ def assert_tables_match(ledger: Ledger, url: str, projection: Projection) -> Non
             expected.tables[table.name].values(), key=lambda r: [str(r[k]) for k in table.key]
         )
         assert stored[table.name] == want, f"{projection.name}.{table.name} differs from replay"
+
+
+def switch_to_v2_without_a_column(log: EventLog, url: str) -> None:
+    """Build version 2 of account_balances and switch reads to it, then drop a column of
+    its table that version 1's code reads: a version the old code cannot read."""
+    from daybook.infrastructure.readmodels.rebuild import rebuild
+    from daybook.projections.accounts import BALANCES
+    from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+    rebuild(log, url, ACCOUNT_BALANCES_V2, progress=False)
+    store = open_store(url)
+    try:
+        with store.transaction(write=True):
+            table = BALANCES.physical_name(ACCOUNT_BALANCES_V2.version)
+            store.execute(f"ALTER TABLE {table} DROP COLUMN overdraft_limit")
+    finally:
+        store.close()
