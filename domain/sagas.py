@@ -246,6 +246,9 @@ class Saga(LedgerAggregate):
         #: Steps (with a compensation) to compensate, the next one last.
         pending_compensations: list[str]
         attempts: int
+        #: How many times a person sent it back to compensating (``retry``): each round of
+        #: compensation attempts is numbered anew, and its moves need request ids of their own.
+        retries: int
         last_error: str | None
         retry_at: datetime | None
         #: The deadline of the current step: (step, at, generation), or None.
@@ -267,6 +270,7 @@ class Saga(LedgerAggregate):
             saga.results = {}
             saga.pending_compensations = []
             saga.attempts = 0
+            saga.retries = 0
             saga.last_error = None
             saga.retry_at = None
             saga.deadline = None
@@ -367,6 +371,7 @@ class Saga(LedgerAggregate):
         def apply(self, saga: Saga) -> None:
             saga.state = SagaState.COMPENSATING
             saga.attempts = 0
+            saga.retries += 1
             saga.retry_at = None
 
     class Finished(LedgerAggregate.Event):

@@ -455,7 +455,7 @@ class SagaProcessor:
                         step.name,
                         attempt,
                         decided_by=self.name,
-                        request_id=f"saga:{saga.id}:undo:{step.name}:{attempt}",
+                        request_id=_undo_id(saga, step.name, str(attempt)),
                         correlation_id=str(saga.id),
                     )
                 )
@@ -510,10 +510,19 @@ class SagaProcessor:
                 self._retry_at(attempt, self.clock()),
                 compensating=True,
                 decided_by=self.name,
-                request_id=f"saga:{saga.id}:undo:{step}:retry:{attempt}",
+                request_id=_undo_id(saga, step, f"retry:{attempt}"),
                 correlation_id=str(saga.id),
             )
         )
+
+
+def _undo_id(saga: Saga, step: str, move: str) -> str:
+    """The request id of a compensation move. Attempts are numbered anew after a person's
+    retry, so each round's ids name the round (none for the first, as before rounds had
+    them): with the first round's ids, the retry replayed that round's outcomes, a refusal
+    its cause had since been fixed for, or a failure recorded already, and nothing moved."""
+    round_ = f":round:{saga.retries}" if saga.retries else ""
+    return f"saga:{saga.id}:undo:{step}:{move}{round_}"
 
 
 def _new(receipt: Receipt | None) -> bool:
