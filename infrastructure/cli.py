@@ -223,7 +223,18 @@ def add_readmodels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+def add_log_arguments(parser: argparse.ArgumentParser, *, level: bool = True) -> None:
+    """``--log-format`` of a long-running command (``setup_logging``), and ``--log-level``
+    unless ``level`` is False (the streaming services have ``-v`` instead)."""
+    if level:
+        parser.add_argument(
+            "--log-level",
+            choices=["critical", "error", "warning", "info", "debug"],
+            default="info",
+            help="the least severe lines logged (default: %(default)s; debug adds, among "
+            "others, a line for each request daybook's HTTP clients send, as to the payment "
+            "gateway)",
+        )
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -233,9 +244,12 @@ def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_logging(args: argparse.Namespace, level: int | str = logging.INFO) -> None:
+def setup_logging(args: argparse.Namespace, level: int | str | None = None) -> None:
     """Logging for a long-running command (its entry point owns the process): JSON or
-    console lines on stderr, rate-limited, secrets redacted."""
+    console lines on stderr, rate-limited, secrets redacted; at ``level``, else the
+    command's ``--log-level``, else info."""
+    if level is None:
+        level = getattr(args, "log_level", None) or logging.INFO
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
     log_format = getattr(args, "log_format", "console")

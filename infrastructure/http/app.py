@@ -4,9 +4,10 @@
 a pool of read-model connections, the token store, and (when the server runs them) the
 projections. Routes: ``POST /v1/commands/<name>`` per registered command, ``POST
 /v1/atomic`` and ``POST /v1/batch`` for lists of them (``lists``), reads under
-``/v1/``, ``GET /health`` (the only route without a token), ``GET /v1/status`` (admin),
-``/problems/<code>`` (what a problem code means), the OpenAPI document (``/openapi.json``)
-and its docs page (``/docs``).
+``/v1/``, ``GET /health``, ``GET /v1/status`` (admin), ``/problems/<code>`` (what a problem
+code means), the OpenAPI document (``/openapi.json``), its docs pages (``/docs``,
+``/redoc``) and the dashboard (``board``). Every route needs a token but ``/health``, the
+problem pages, the docs and the dashboard's page and files, none of which holds data.
 
 Every error is problem+json (``problems``), a bug included: it is logged with its
 traceback on the server and answered ``500 internal_error`` without one. Bodies larger than

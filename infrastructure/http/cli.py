@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from daybook.infrastructure.cli import (
-    add_log_format_argument,
+    add_log_arguments,
     add_readmodels_argument,
     add_startup_wait_argument,
     add_url_argument,
@@ -128,13 +128,7 @@ def register(subparsers: Any) -> None:
         help="longest wait a read may ask for with min_position, in seconds",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    serve.add_argument(
-        "--log-level",
-        choices=["critical", "error", "warning", "info", "debug"],
-        default="info",
-        help="server log level",
-    )
-    add_log_format_argument(serve)
+    add_log_arguments(serve)
     add_startup_wait_argument(serve)
     serve.set_defaults(handler=_serve)
 
@@ -280,7 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
     if problem := _listen_problem(args.host, args.port):
         print(f"daybook serve: {problem}", file=sys.stderr)
         return 2
-    setup_logging(args, args.log_level)
+    setup_logging(args)
     settings = when_usable(
         args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
     )

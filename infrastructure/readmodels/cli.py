@@ -18,7 +18,7 @@ from daybook.infrastructure.bootstrap import (
     projection_runner,
 )
 from daybook.infrastructure.cli import (
-    add_log_format_argument,
+    add_log_arguments,
     add_metrics_port_argument,
     add_readmodels_argument,
     add_startup_wait_argument,
@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
             f"daybook project --url {_PG}",
             "daybook project --url sqlite:///ledger.db --readmodels-url sqlite:///views.db",
             f"daybook project --url {_PG} --batch-size 5000 --poll-interval 0.5",
-            f"daybook project --url {_PG} --metrics-port 9464 --log-format json",
+            f"daybook project --url {_PG} --metrics-port 9464 --log-format json --log-level debug",
             f"daybook project --url {_PG} --startup-wait 60",
         ],
     )
@@ -84,7 +84,7 @@ def register(subparsers: Any) -> None:
         help="seconds between looks at the log when nothing wakes the runner",
     )
     add_metrics_port_argument(project)
-    add_log_format_argument(project)
+    add_log_arguments(project)
     add_startup_wait_argument(project)
     project.set_defaults(handler=_run_project)
 
@@ -217,7 +217,7 @@ def register(subparsers: Any) -> None:
             "daybook reconcile --repair --readmodels-url sqlite:///views.db",
             f"daybook reconcile --continuous --every-events 50000 --every-seconds 300 --url {_PG}",
             f"daybook reconcile --continuous --repair --log-format json --metrics-port 9465 "
-            f"--url {_PG}",
+            f"--log-level warning --url {_PG}",
             f"daybook reconcile --continuous --startup-wait 60 --url {_PG}",
         ],
     )
@@ -241,7 +241,7 @@ def register(subparsers: Any) -> None:
         type=seconds,
         help="with --continuous: and at least this often (default 600)",
     )
-    add_log_format_argument(check)
+    add_log_arguments(check)
     add_metrics_port_argument(check)
     add_startup_wait_argument(check, "with --continuous: ")
     check.set_defaults(handler=_run_reconcile)

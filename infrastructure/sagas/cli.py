@@ -23,7 +23,7 @@ from daybook.infrastructure.bootstrap import (
     saga_processor,
 )
 from daybook.infrastructure.cli import (
-    add_log_format_argument,
+    add_log_arguments,
     add_metrics_port_argument,
     add_readmodels_argument,
     add_startup_wait_argument,
@@ -104,12 +104,13 @@ def register(subparsers: Any) -> None:
             "daybook sagas run --url postgresql://app@db/ledger --gateway http://pay:8080",
             "daybook sagas run --readmodels-url postgresql://app@rm/read --workers 16",
             "daybook sagas run --log-format json --metrics-port 9466",
+            "daybook sagas run --log-level debug   # and a line per call to the gateway",
             "daybook sagas run --gateway http://pay:8080 --startup-wait 120",
         ],
     )
     _common(run)
     _gateway(run)
-    add_log_format_argument(run)
+    add_log_arguments(run)
     add_metrics_port_argument(run)
     add_startup_wait_argument(run)
     run.add_argument(

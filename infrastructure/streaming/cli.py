@@ -14,7 +14,7 @@ from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import outbox_relay, stream_worker_config
 from daybook.infrastructure.cli import (
     Parser,
-    add_log_format_argument,
+    add_log_arguments,
     add_metrics_port_argument,
     add_readmodels_argument,
     add_startup_wait_argument,
@@ -95,7 +95,7 @@ def register(subparsers: Any) -> None:
         help="re-publish the whole log (the relay must be stopped), then exit",
     )
     add_metrics_port_argument(relay)
-    add_log_format_argument(relay)
+    add_log_arguments(relay, level=False)
     add_startup_wait_argument(relay)
     relay.set_defaults(handler=_run_relay)
 
@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
     worker.add_argument("--batch-wait", type=seconds, default=0.05, help="seconds to fill a batch")
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     add_metrics_port_argument(worker)
-    add_log_format_argument(worker)
+    add_log_arguments(worker, level=False)
     add_startup_wait_argument(worker)
     worker.set_defaults(handler=_run_worker)
 
@@ -154,13 +154,12 @@ def register(subparsers: Any) -> None:
         ),
         examples=[
             f"daybook stream status --url {_PG}",
-            f"daybook stream status --url {_PG} --group daybook-projections -v",
+            f"daybook stream status --url {_PG} --group daybook-projections",
             f"daybook stream status --url {_PG} --readmodels-url postgresql://daybook@views/daybook",
-            f"daybook stream status --url {_PG} --topic daybook.events --partitions 8 "
-            f"--broker {_KAFKA}",
+            f"daybook stream status --url {_PG} --topic daybook.events",
         ],
     )
-    _common(status)
+    _common(status, service=False)
     status.add_argument(
         "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
     )
@@ -174,14 +173,18 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, service: bool = True) -> None:
+    """The options of the relay and the worker (``service``), or of ``stream status``,
+    which reads the databases only: no broker, partitions or log level."""
     add_url_argument(parser, postgres_only=True)
+    parser.add_argument(
+        "--topic", help=f"the events topic (default: $DAYBOOK_TOPIC, else {DEFAULT_TOPIC})"
+    )
+    if not service:
+        return
     parser.add_argument(
         "--broker",
         help=f"Kafka URL, kafka://host:port (default: ${BROKER_ENV}, else {DEFAULT_BROKER})",
-    )
-    parser.add_argument(
-        "--topic", help=f"the events topic (default: $DAYBOOK_TOPIC, else {DEFAULT_TOPIC})"
     )
     parser.add_argument(
         "--partitions",

@@ -86,3 +86,23 @@ def test_the_worker_takes_a_readmodels_url() -> None:
 def test_streaming_help_does_not_promise_a_default_they_cannot_use(name: str) -> None:
     (parser,) = [p for p in ALL if p.prog == f"daybook {name}"]
     assert "sqlite" not in parser.format_help().split("--url", 1)[1].split("--broker")[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sagas", "run", "--log-level", "debug"],
+        ["serve", "--log-level", "debug"],
+        ["project", "--log-level", "debug"],
+        ["reconcile", "--continuous", "--log-level", "debug"],
+    ],
+)
+def test_a_service_logs_at_its_log_level(argv: list[str]) -> None:
+    """``--log-level debug`` reaches the logging set-up (for ``sagas run``, it is how the
+    gateway client's line per call is seen). (The suite's fixture removes the set-up.)"""
+    import logging
+
+    from daybook.infrastructure.cli import setup_logging
+
+    setup_logging(build_parser().parse_args(argv))
+    assert logging.getLogger().level == logging.DEBUG
