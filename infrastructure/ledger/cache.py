@@ -43,10 +43,12 @@ class AggregateCache(Cache[UUID, Any]):
 
     def put(self, key: UUID, value: Any) -> None:
         entry = key.int
-        if value.settled:
+        if value.settled or value.write_once:
             # Nothing will change it again, so no command needs it at hand. Kept, one per
             # resolved hold and finished saga would push live aggregates out, and a process
             # would hold as many as the cache has room for (a finished saga is a few KB).
+            # Write-once aggregates (reservation claims) likewise: read only to refuse a
+            # repeat, they would come in through the repository's reads, one per repeat.
             with self.lock:
                 self._entries.pop(entry, None)
             return

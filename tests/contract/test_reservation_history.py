@@ -71,6 +71,15 @@ def test_reservation_claims_take_no_place_in_the_aggregate_cache(store_url: str)
             ledger.commit_reservation("SKU-1", "r-1")
         with pytest.raises(ReservationExists):
             ledger.reserve_stock("SKU-1", 1, reservation_id="r-2")
+        # Refusals of repeats look claims up in the store (a shipment confirmed twice): the
+        # claims they read are not cached either. (With something else cached: the store's
+        # repository puts what it reads in a cache that is not empty.)
+        ledger.open_account("ann", "EUR")
+        for number in range(50):
+            with pytest.raises(ReservationResolved):
+                ledger.commit_reservation("SKU-1", f"r-{number}")
+        cached = [type(cache.get(key)).__name__ for key in cache.ids()]
+        assert "ReservationClaim" not in cached, cached
 
 
 def assert_resolved_exactly_once(ledger: Ledger, sku: str, committed: str, released: str) -> None:
