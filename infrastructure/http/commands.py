@@ -77,7 +77,7 @@ class CommandRoutes:
             # The token is checked here rather than as a FastAPI dependency: resolving
             # dependencies costs more per request than everything else in this function.
             token = await caller(request)
-            key = idempotency_key(request.headers.get("idempotency-key"))
+            key = idempotency_key(request)
             arguments = arguments_of(await json_body(request), command_class, accepted, required)
             request_id = f"{token.name}/{key}"
             if request_id in self.in_flight:
@@ -139,7 +139,17 @@ class _CommandRoute(Route):
         return match, child_scope
 
 
-def idempotency_key(header: str | None) -> str:
+def idempotency_key(request: Request) -> str:
+    """The request's Idempotency-Key. Sent twice (two field lines: one field ``a, b`` to
+    HTTP, whatever a proxy made of them), it is refused, as the two keys on one line are:
+    which key a request means must not depend on the proxies it went through."""
+    headers = request.headers.getlist("idempotency-key")
+    if len(headers) > 1:
+        raise Problem(
+            "idempotency_key_invalid",
+            f"send one Idempotency-Key header, not {len(headers)}",
+        )
+    header = headers[0] if headers else None
     if header is None or not header.strip():
         raise Problem(
             "idempotency_key_missing",

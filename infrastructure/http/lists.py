@@ -26,6 +26,7 @@ item) before anything runs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,9 @@ from daybook.infrastructure.http.commands import (
     receipt_response,
 )
 from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem, is_outage, unavailable
+from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.ledger.requests import RequestRecord
 
 log = logging.getLogger("daybook.http")
 
@@ -147,12 +150,15 @@ class ListRoutes:
     commands: CommandRoutes
 
     def install(self, app: FastAPI) -> None:
-        caller = self.commands.auth.require("write")
+        # The rate is taken once the list is read: a list made only of commands that reduce
+        # risk is not counted against it, as such a command alone is not.
+        caller = self.commands.auth.require("write", limited=False)
 
         async def atomic(request: Request) -> Response:
             token = await caller(request)
-            key = idempotency_key(request.headers.get("idempotency-key"))
+            key = idempotency_key(request)
             listed = commands_of(await json_body(request), MAX_LINKED, token.name)
+            self._count(token, listed)
             request_id = f"{token.name}/{key}"
             receipt = await self._run(
                 request_id, key, listed, self.commands.ledger.atomic(listed, request_id=request_id)
@@ -161,9 +167,10 @@ class ListRoutes:
 
         async def batch(request: Request) -> Response:
             token = await caller(request)
-            key = idempotency_key(request.headers.get("idempotency-key"))
+            key = idempotency_key(request)
             scope = f"{token.name}/{key}"
             submitted = commands_of(await json_body(request), MAX_BATCH, token.name, scope)
+            self._count(token, submitted)
             await self._check_batch(scope, key, submitted)
             outcomes = await self._run(
                 scope, key, submitted, self.commands.ledger.submit(submitted)
@@ -177,6 +184,12 @@ class ListRoutes:
             app.router.routes.append(_CommandRoute(path, endpoint, methods=["POST"], name=name))
         self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
         self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
+
+    def _count(self, token: Token, listed: list[Command]) -> None:
+        """Count the request against the token's rate, unless every command of the list
+        reduces risk (never shed, never limited: ``Command.reduces_risk``)."""
+        if not all(type(command).reduces_risk for command in listed):
+            self.commands.auth.limits.take(token.name, token.rate)
 
     async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
@@ -205,31 +218,60 @@ class ListRoutes:
 
     async def _check_batch(self, scope: str, key: str, submitted: list[Command]) -> None:
         """Refuse a batch whose key was used for another list (an item recorded with another
-        payload, or an item past this one's end) or for a single command or linked list.
-        Items without a record are not refused: like a single command's, a retry runs them
-        (they left none because they were not applied)."""
-        # The key's own id too: used by a single command or a linked list.
-        ids = [command.request_id for command in submitted] + [f"{scope}/{len(submitted)}", scope]
+        payload, or an item past this one's end) or for a single command or linked list,
+        then claim the key for this list: a record under the key itself (``_claim``), which
+        a single command or linked list sent with the key later finds, and is refused by.
+        (Its items' records are under ``<key>/<i>``, which neither looks up.) Items without
+        a record are not refused: like a single command's, a retry runs them (they left
+        none because they were not applied)."""
         service = self.commands.ledger.service
-        records = await asyncio.to_thread(service.recorded, ids)
-        if not records:
-            return
-        changed = [
-            index
-            for index, command in enumerate(submitted)
-            if command.request_id in records
-            and records[command.request_id].fingerprint != command.fingerprint
-        ]
-        if changed or set(records) - {command.request_id for command in submitted}:
-            raise Problem.of(
-                IdempotencyConflict(
-                    f"Idempotency-Key {key!r} was already used: for another batch, or for a "
-                    f"single command or linked list keyed {key!r} or {key + '/N'!r} (a batch's "
-                    "items are recorded under its key and their index); use a new key for a "
-                    "new batch",
-                    changed=changed,
-                )
+        claim = _claim(scope, submitted)
+        while True:
+            # The key's own id too: used by a single command, a linked list, or this claim.
+            ids = [command.request_id for command in submitted]
+            records = await asyncio.to_thread(
+                service.recorded, [*ids, f"{scope}/{len(submitted)}", scope]
             )
+            claimed = records.pop(scope, None)
+            changed = [
+                index
+                for index, command in enumerate(submitted)
+                if command.request_id in records
+                and records[command.request_id].fingerprint != command.fingerprint
+            ]
+            if (
+                changed
+                or set(records) - set(ids)
+                or (claimed is not None and claimed.fingerprint != claim.fingerprint)
+            ):
+                raise Problem.of(
+                    IdempotencyConflict(
+                        f"Idempotency-Key {key!r} was already used: for another batch, or for "
+                        f"a single command or linked list keyed {key!r} or {key + '/N'!r} (a "
+                        "batch's items are recorded under its key and their index); use a new "
+                        "key for a new batch",
+                        changed=changed,
+                    )
+                )
+            if claimed is not None:
+                return
+            # (A batch recorded before batches claimed their keys has items and no claim:
+            # claimed now, as for a new batch.)
+            if await asyncio.to_thread(service.claim, claim) is None:
+                return
+            # Claimed meanwhile, by this batch sent again or by another request: look again.
+
+
+#: The ``command`` of a batch's claim on its key.
+BATCH_CLAIM = "batch"
+
+
+def _claim(scope: str, submitted: list[Command]) -> RequestRecord:
+    """The record of a batch's claim on its key: its fingerprint is the list's (the same
+    list sent again matches it; a single command's or a linked list's never does)."""
+    listed = orjson.dumps([BATCH_CLAIM, [command.fingerprint for command in submitted]])
+    outcome = {"receipt": {"command": BATCH_CLAIM, "request_id": scope}}
+    return RequestRecord(scope, BATCH_CLAIM, hashlib.sha256(listed).hexdigest(), outcome)
 
 
 def _batch_response(key: str, outcomes: list[Any]) -> Response:

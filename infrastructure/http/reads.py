@@ -132,7 +132,9 @@ class ReadRoutes:
             }
             return _answer(body, page)
 
-        @app.get("/v1/stock/{sku}", tags=["reads"], summary="A SKU's stock levels")
+        # ``path``: a SKU may hold "/" (sent as is or percent-encoded: either way the path is
+        # decoded before it is matched).
+        @app.get("/v1/stock/{sku:path}", tags=["reads"], summary="A SKU's stock levels")
         async def stock(sku: str, request: Request, _: Token = reader) -> Response:
             try:
                 checked = check_sku(sku)
@@ -153,7 +155,7 @@ class ReadRoutes:
         async def statement(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
             limit = _number(request, "limit", 50, 1, MAX_PAGE)
-            before = _cursor(request, "before")
+            before = _cursor(request, "before", _entry_number)
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
             found = await self._query(
@@ -299,6 +301,15 @@ def _cursor(request: Request, field: str, read: Callable[[str | int], str] = str
         return read(value)
     except Exception:  # any decoding failure means the same thing to the caller
         raise Problem("invalid_cursor", "the cursor is not one this endpoint handed out") from None
+
+
+def _entry_number(value: str | int) -> str:
+    """A statement cursor's entry number: a whole number from 1, as handed out (one past
+    ``2**63 - 1`` is left to the caller's check, which refuses it as ``invalid_parameter``
+    like any position that large)."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(value)
+    return str(value)
 
 
 def _account_id(value: str | int) -> str:

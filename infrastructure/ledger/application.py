@@ -657,6 +657,22 @@ class LedgerService(Application[UUID]):
                 )
         return known, fences
 
+    def claim(self, record: RequestRecord) -> RequestRecord | None:
+        """Write ``record`` alone, in a transaction of its own: a claim on its request id
+        that no command of the ledger makes (an HTTP batch's key, which its items' ids are
+        made from). None once written; the record that holds the id, if one does."""
+        while True:
+            claim = self.new_batch()
+            claim.pending.append(PendingRequest(record, None))
+            try:
+                self.commit(claim)
+                return None
+            except DuplicateRequest:
+                taken = self.recorded([record.request_id]).get(record.request_id)
+                if taken is not None:
+                    return taken
+                # Expired meanwhile: the next commit deletes it before writing.
+
     def recorded(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The request records (not expired) of these ids, whether or not they are known."""
         if not request_ids:

@@ -261,7 +261,13 @@ class ReadModels:
                 f"account_ids must be a list of account ids, got {account_ids!r}",
                 field="account_ids",
             )
-        keys = None if account_ids is None else [_account_key(a, "account id") for a in account_ids]
+        # Each account once, however often (or in whichever case) it is listed: the answer
+        # lists it once, and the totals count it once.
+        keys = (
+            None
+            if account_ids is None
+            else list(dict.fromkeys(_account_key(a, "account id") for a in account_ids))
+        )
 
         def read(store: ReadStore, version: int) -> list[Row]:
             if keys is None:

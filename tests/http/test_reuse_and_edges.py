@@ -1,0 +1,179 @@
+"""Keys reused across kinds of request, repeated header fields and ids, SKUs with a "/",
+tampered cursors and risk-reducing lists over HTTP: each case once answered wrongly."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+
+from tests.http.conftest import Api
+
+
+def _post(api: Api, path: str, body: Any, key: str) -> httpx.Response:
+    headers = {**api.auth("tester"), "Idempotency-Key": key}
+    return api.run(api.client.post(path, json=body, headers=headers))
+
+
+def _transfer(source: str, destination: str, amount: int) -> dict[str, Any]:
+    return {
+        "command": "transfer",
+        "fields": {"source": source, "destination": destination, "amount": amount},
+    }
+
+
+def _balance(api: Api, account: str) -> int:
+    answer = api.get(f"/v1/accounts/{account}/balance", min_position=api.head())
+    value: int = answer.json()["balance"]
+    return value
+
+
+def test_a_batch_key_reused_for_a_single_command_is_a_conflict(sqlite_api: Api) -> None:
+    """The same key, another payload or command: 422 idempotency_conflict, whichever came
+    first (a batch's items are recorded under ``<key>/<i>``: its claim on the key is what a
+    single command finds)."""
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    batch = _post(api, "/v1/batch", {"commands": [_transfer(ann, bob, 1)]}, "reused")
+    assert batch.status_code == 200, batch.text
+
+    single = _post(api, "/v1/commands/deposit", {"account_id": ann, "amount": 50}, "reused")
+
+    assert single.status_code == 422, single.text
+    assert single.json()["code"] == "idempotency_conflict"
+    assert _balance(api, ann) == 99  # nothing applied by the refused request
+
+
+def test_a_batch_key_reused_for_a_linked_list_is_a_conflict(sqlite_api: Api) -> None:
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    batch = _post(api, "/v1/batch", {"commands": [_transfer(ann, bob, 1)]}, "reused")
+    assert batch.status_code == 200, batch.text
+
+    linked = _post(api, "/v1/atomic", {"commands": [_transfer(ann, bob, 7)]}, "reused")
+
+    assert linked.status_code == 422, linked.text
+    assert linked.json()["code"] == "idempotency_conflict"
+    assert _balance(api, ann) == 99
+
+
+def _cursor(state: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(state).encode()).decode().rstrip("=")
+
+
+def test_a_tampered_statement_cursor_is_invalid_cursor(sqlite_api: Api) -> None:
+    """A cursor this server did not hand out is invalid_cursor, as on the balances route."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    for state in ({"before": "abc"}, {"before": 0}, {"before": -5}):
+        answer = api.get(f"/v1/accounts/{ann}/statement", cursor=_cursor(state))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["code"] == "invalid_cursor", (state, answer.json())
+
+
+def test_two_idempotency_key_fields_are_refused(sqlite_api: Api) -> None:
+    """Two Idempotency-Key field lines are one field "a, b" (RFC 9110 5.3), which the
+    server refuses as idempotency_key_invalid when sent on one line; sent as two lines the
+    first key is used silently, so whether the command runs depends on whether a proxy
+    merged the lines."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    headers = [
+        *api.auth("tester").items(),
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", "first"),
+        ("Idempotency-Key", "second"),
+    ]
+    body = json.dumps({"account_id": ann, "amount": 5})
+    answer = api.run(api.client.post("/v1/commands/deposit", content=body, headers=headers))
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "idempotency_key_invalid"
+
+
+def test_a_list_of_risk_reducing_commands_is_not_rate_limited(sqlite_api: Api) -> None:
+    """Commands that reduce risk (void, release...) are never shed and never counted against
+    rate limits: in a list made only of them too."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    holds = [
+        api.command("hold", {"account_id": ann, "amount": 1, "timeout": 600}).json()["hold_id"]
+        for _ in range(3)
+    ]
+    api.token("slow", "write", rate=1)
+    headers = api.auth("slow")
+
+    def post(path: str, body: Any, key: str) -> httpx.Response:
+        sent = {**headers, "Idempotency-Key": key}
+        return api.run(api.client.post(path, json=body, headers=sent))
+
+    assert post("/v1/commands/deposit", {"account_id": ann, "amount": 1}, "uses-burst").is_success
+    single = post("/v1/commands/void", {"hold_id": holds[0]}, "void-0")
+    assert single.status_code == 200, single.text  # a single void is never limited
+
+    void = {"command": "void", "fields": {"hold_id": holds[1]}}
+    batch = post("/v1/batch", {"commands": [void]}, "void-batch")
+    assert batch.status_code == 200, batch.text
+    void = {"command": "void", "fields": {"hold_id": holds[2]}}
+    linked = post("/v1/atomic", {"commands": [void]}, "void-atomic")
+    assert linked.status_code == 200, linked.text
+
+
+def test_a_snapshot_with_a_repeated_id_counts_the_account_once(sqlite_api: Api) -> None:
+    """GET /v1/balances/snapshot?ids=a,a: the same account listed twice (or once upper-case,
+    once lower-case) is one account; its balance must count once in ``totals``."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+
+    answer = api.get(
+        "/v1/balances/snapshot", ids=f"{ann},{ann},{ann.upper()}", min_position=api.head()
+    )
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["totals"] == {"EUR": 100}, body["totals"]
+    assert [b["account_id"] for b in body["balances"]] == [ann]
+
+
+def test_a_sku_with_a_slash_can_be_read(sqlite_api: Api) -> None:
+    """A SKU may hold "/" (1-64 letters, digits and . _ : / -): it is read as sent, or
+    percent-encoded (the path is decoded before routing)."""
+    api = sqlite_api
+    received = api.command("receive_stock", {"sku": "TEA/GREEN", "quantity": 5})
+    assert received.status_code == 200, received.text
+    for path in ("/v1/stock/TEA/GREEN", "/v1/stock/TEA%2FGREEN"):
+        answer = api.get(path, min_position=api.head())
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.json()["on_hand"] == 5
+
+
+def test_a_batch_recorded_before_batches_claimed_their_keys_claims_it_when_sent_again(
+    sqlite_api: Api,
+) -> None:
+    """A batch an older daybook ran has item records and no claim: sent again, it is
+    answered as before, and its key is claimed then."""
+    import sqlite3
+
+    from daybook.infrastructure.eventstore import REQUESTS_TABLE
+
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    body = {"commands": [_transfer(ann, bob, 1)]}
+    assert _post(api, "/v1/batch", body, "old").status_code == 200
+    path = api.parts.pool.any().url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:  # as an older daybook left it: no claim
+        gone = db.execute(f"DELETE FROM {REQUESTS_TABLE} WHERE request_id = 'tester/old'")
+        assert gone.rowcount == 1
+    again = _post(api, "/v1/batch", body, "old")
+    assert again.status_code == 200, again.text
+    assert again.json()["outcomes"][0]["replayed"] is True
+    single = _post(api, "/v1/commands/deposit", {"account_id": ann, "amount": 50}, "old")
+    assert single.status_code == 422 and single.json()["code"] == "idempotency_conflict"
+    assert _balance(api, ann) == 99
