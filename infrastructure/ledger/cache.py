@@ -11,6 +11,9 @@ from eventsourcing.application import Cache, LRUCache
 
 from daybook.infrastructure.ledger.application import LedgerService
 
+#: The most write-once aggregates (reservation claims) the cache keeps, apart from the rest.
+ONCE_MAXSIZE = 10_000
+
 
 class AggregateCache(Cache[UUID, Any]):
     """eventsourcing's ``LRUCache`` on an ``OrderedDict``: the same recency order, kept by
@@ -22,19 +25,24 @@ class AggregateCache(Cache[UUID, Any]):
         super().__init__()
         self.maxsize = maxsize
         self._entries: OrderedDict[int, Any] = OrderedDict()
+        #: Write-once aggregates (reservation claims), apart: see ``put``.
+        self._once: OrderedDict[int, Any] = OrderedDict()
+        self.once_maxsize = min(maxsize, ONCE_MAXSIZE)
         self.lock = threading.Lock()
 
     def get(self, key: UUID, *, evict: bool = False) -> Any:
         entry = key.int
         with self.lock:
+            entries = self._entries if entry in self._entries else self._once
             if evict:
-                return self._entries.pop(entry)
-            value = self._entries[entry]
-            self._entries.move_to_end(entry)
+                return entries.pop(entry)
+            value = entries[entry]
+            entries.move_to_end(entry)
             return value
 
     def ids(self) -> list[UUID]:
-        """The ids of the cached aggregates, least recently used first."""
+        """The ids of the cached aggregates, least recently used first (write-once ones,
+        kept apart, are not among them)."""
         with self.lock:
             return [UUID(int=entry) for entry in self._entries]
 
@@ -43,20 +51,25 @@ class AggregateCache(Cache[UUID, Any]):
 
     def put(self, key: UUID, value: Any) -> None:
         entry = key.int
-        if value.settled or value.write_once:
+        if value.settled:
             # Nothing will change it again, so no command needs it at hand. Kept, one per
             # resolved hold and finished saga would push live aggregates out, and a process
             # would hold as many as the cache has room for (a finished saga is a few KB).
-            # Write-once aggregates (reservation claims) likewise: read only to refuse a
-            # repeat, they would come in through the repository's reads, one per repeat.
             with self.lock:
                 self._entries.pop(entry, None)
             return
+        # Write-once aggregates (reservation claims) come in only through reads that refuse
+        # a repeat (a shipment confirmed twice); kept, the next repeat of the same id is
+        # refused at once. Apart, in a small LRU of their own: a flood of repeats never
+        # pushes live accounts and SKUs out.
+        entries, maxsize = (
+            (self._once, self.once_maxsize) if value.write_once else (self._entries, self.maxsize)
+        )
         with self.lock:
-            self._entries[entry] = value
-            self._entries.move_to_end(entry)
-            if len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
+            entries[entry] = value
+            entries.move_to_end(entry)
+            if len(entries) > maxsize:
+                entries.popitem(last=False)
 
 
 def install_aggregate_cache(ledger: LedgerService) -> None:

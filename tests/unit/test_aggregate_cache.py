@@ -13,10 +13,11 @@ from daybook.infrastructure.ledger.cache import AggregateCache
 
 @dataclass(frozen=True)
 class Cached:
-    """What the cache holds: anything with ``settled`` (an aggregate)."""
+    """What the cache holds: anything with ``settled`` and ``write_once`` (an aggregate)."""
 
     name: str
     settled: bool = False
+    write_once: bool = False
 
 
 def test_it_evicts_the_least_recently_used() -> None:
@@ -57,3 +58,22 @@ def test_the_ledger_uses_it_with_the_configured_size() -> None:
         assert cache.get(account).id == account
     finally:
         ledger.close()
+
+
+def test_write_once_values_are_kept_apart_in_a_small_lru() -> None:
+    """Reservation claims come in through the reads that refuse repeats: kept apart, a
+    flood of them never pushes live aggregates out, and their own LRU stays bounded."""
+    cache = AggregateCache(maxsize=3)
+    live = uuid4()
+    cache.put(live, Cached("live"))
+    claims = [uuid4() for _ in range(cache.once_maxsize + 2)]
+    for claim in claims:
+        cache.put(claim, Cached("claim", write_once=True))
+    assert cache.ids() == [live] and len(cache) == 1
+    assert cache.get(live) == Cached("live")
+    assert cache.get(claims[-1]) == Cached("claim", write_once=True)
+    with pytest.raises(KeyError):
+        cache.get(claims[0])  # the oldest went
+    assert cache.get(claims[-1], evict=True).write_once
+    with pytest.raises(KeyError):
+        cache.get(claims[-1])
