@@ -440,6 +440,61 @@ def test_a_repeat_in_the_batch_built_on_a_lost_commit_is_not_applied_again(
         assert outcomes[-1].replayed  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group", "direct"])
+def test_a_command_answered_outcome_unknown_is_applied_once_when_sent_again(
+    tmp_path: Any, group_commit: bool, committed: bool
+) -> None:
+    """A submission's first batch is sent and the connection breaks (after it committed, or
+    before), and the store stays away through the ledger's retries, which give up: the
+    command's outcome is unknown. The very same object later in the submission, and again
+    in the caller's retry, waits for its lost attempt to be looked up once the store is
+    back: replayed if it committed, applied (once) if it did not, never applied twice."""
+    from eventsourcing.persistence import OperationalError
+
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=group_commit) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]  # gives up after 2 outages
+        account = ledger.open_account("a", "EUR").account_id
+        other = ledger.open_account("b", "EUR").account_id
+        recorder = ledger.service.recorder
+        insert, select = recorder.insert_events, recorder.select_requests
+        calls: list[int] = []
+        down: list[int] = []
+        # Enough failed lookups for the retries of the lost batch to give up (more than
+        # 8 // 4 outages; group commit's first failure is not one of its retries').
+        outage = 3 if group_commit else 2
+
+        def lost_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                if committed:  # the answer is lost
+                    insert(*args, **kwargs)
+                raise OperationalError("server closed the connection unexpectedly")
+            return insert(*args, **kwargs)
+
+        def down_for_a_while(*args: Any, **kwargs: Any) -> Any:
+            if calls and len(down) < outage:
+                down.append(1)
+                raise OperationalError("could not connect to server")
+            return select(*args, **kwargs)
+
+        recorder.insert_events = lost_once  # type: ignore[method-assign]
+        recorder.select_requests = down_for_a_while  # type: ignore[method-assign]
+        deposit = Deposit(account, 5)
+        # Group commit applies 200 commands at a time, the direct committer 1,000 per
+        # transaction: either way the two copies go in different batches.
+        fillers = [Deposit(other, 1) for _ in range(1_000)]
+        outcomes = ledger.submit([deposit, *fillers, deposit])
+        recorder.insert_events, recorder.select_requests = insert, select  # type: ignore[method-assign]
+        assert len(down) == outage, "the scripted failures happened"
+        assert isinstance(outcomes[0], OperationalError)  # the outcome was unknown
+        assert ledger.account(account).balance == 5, outcomes[-1]
+        assert isinstance(outcomes[-1], Receipt) and outcomes[-1].replayed is committed
+        retried = ledger.submit([deposit])  # the caller's retry of the unknown one
+        assert isinstance(retried[0], Receipt) and retried[0].replayed
+        assert ledger.account(account).balance == 5
+
+
 def ledger_that_gives_up(url: str) -> tuple[Ledger, UUID]:
     """A ledger that gives up after 8 version conflicts (and after 8 // 4 = 2 lost
     connections), with an account holding 10."""
