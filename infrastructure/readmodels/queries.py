@@ -544,6 +544,7 @@ class ReadModels:
         dropped = failures = 0
         while True:
             store: ReadStore | None = None
+            version: int | None = None
             try:
                 with self._lock:
                     store = self._connection()
