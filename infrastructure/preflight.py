@@ -352,11 +352,12 @@ def _stranger_at(address: tuple[str, int]) -> str | None:
     broker sends (a description for the refusal); None when it answers as Kafka, says
     nothing, or goes away without a word (as a broker starting up may)."""
     answer = b""
+    deadline = time.monotonic() + CONNECT_TIMEOUT  # for the whole answer, however it comes
     try:
         with socket.create_connection(address, CONNECT_TIMEOUT) as connection:
-            connection.settimeout(CONNECT_TIMEOUT)
             connection.sendall(_PROBE)
             while len(answer) < 8:
+                connection.settimeout(max(0.01, deadline - time.monotonic()))
                 chunk = connection.recv(8 - len(answer))
                 if not chunk:
                     break

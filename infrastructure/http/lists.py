@@ -157,7 +157,11 @@ class ListRoutes:
         async def atomic(request: Request) -> Response:
             token = await caller(request)
             key = idempotency_key(request)
-            listed = commands_of(await json_body(request), MAX_LINKED, token.name)
+            try:
+                listed = commands_of(await json_body(request), MAX_LINKED, token.name)
+            except Problem:
+                self._count(token, None)
+                raise
             self._count(token, listed)
             request_id = f"{token.name}/{key}"
             receipt = await self._run(
@@ -169,7 +173,11 @@ class ListRoutes:
             token = await caller(request)
             key = idempotency_key(request)
             scope = f"{token.name}/{key}"
-            submitted = commands_of(await json_body(request), MAX_BATCH, token.name, scope)
+            try:
+                submitted = commands_of(await json_body(request), MAX_BATCH, token.name, scope)
+            except Problem:
+                self._count(token, None)
+                raise
             self._count(token, submitted)
             await self._check_batch(scope, key, submitted)
             outcomes = await self._run(
@@ -185,10 +193,11 @@ class ListRoutes:
         self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
         self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
 
-    def _count(self, token: Token, listed: list[Command]) -> None:
+    def _count(self, token: Token, listed: list[Command] | None) -> None:
         """Count the request against the token's rate, unless every command of the list
-        reduces risk (never shed, never limited: ``Command.reduces_risk``)."""
-        if not all(type(command).reduces_risk for command in listed):
+        reduces risk (never shed, never limited: ``Command.reduces_risk``); a list that
+        could not be read (None) counts."""
+        if listed is None or not all(type(command).reduces_risk for command in listed):
             self.commands.auth.limits.take(token.name, token.rate)
 
     async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:

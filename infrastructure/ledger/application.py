@@ -602,6 +602,7 @@ class LedgerService(Application[UUID]):
         id needs no fence: retried with the same id, the request replays whatever happened.
         """
         known: dict[str, RequestRecord] = {}
+        settled = False  # every attempt found or fenced: the answers are true
         for _ in range(len(attempts) + 1):
             try:
                 known, fences = self._look_up(commands, attempts)
@@ -609,6 +610,7 @@ class LedgerService(Application[UUID]):
                     fence = self.new_batch()
                     fence.pending.extend(fences)
                     self.commit(fence)
+                settled = True
             except DuplicateRequest:
                 continue  # one of them committed meanwhile: look again
             except Exception as error:
@@ -619,7 +621,7 @@ class LedgerService(Application[UUID]):
             record = known.get(command.request_id)
             if record is None:
                 answers.append(answer)
-                if isinstance(answer, Exception):  # its attempts may still be on their way
+                if not settled:  # its attempts may still be on their way
                     self._keep_unknown([command], attempts)
                 continue
             outcome = _replay(record, command)
@@ -629,27 +631,45 @@ class LedgerService(Application[UUID]):
 
     def _keep_unknown(self, commands: Sequence[Command], attempts: Sequence[Attempt]) -> None:
         """Keep, on each command with a generated id answered "outcome unknown", the attempts
-        that accepted it and may have committed (see ``_UNKNOWN``)."""
+        that accepted it and may have committed (see ``_UNKNOWN``), with those it kept from
+        an earlier unknown outcome (still unresolved: this answer resolved nothing)."""
         for command in commands:
             if command.caller_request_id:
                 continue  # its own record answers a retry
-            mine = tuple(a for a in attempts if command.request_id in a.receipts)
-            if mine:
-                command.__dict__[_UNKNOWN] = (self._identity, mine)
+            kept = self._kept(command)
+            since = kept[1] if kept is not None else self.retention.clock()
+            found = {a.token: a for a in (kept[2] if kept is not None else ())}
+            found.update((a.token, a) for a in attempts if command.request_id in a.receipts)
+            if found:
+                command.__dict__[_UNKNOWN] = (self._identity, since, tuple(found.values()))
+
+    def _kept(self, command: Command) -> tuple[object, float, tuple[Attempt, ...]] | None:
+        """This ledger's ``_UNKNOWN`` marker on ``command``, if it has one."""
+        kept = command.__dict__.get(_UNKNOWN)
+        return kept if kept is not None and kept[0] is self._identity else None
 
     def _unknown_attempts(self, batch: Sequence[Command]) -> list[Attempt]:
         """The attempts kept on ``batch``'s commands by ``_keep_unknown`` (this ledger's)."""
         found: dict[str, Attempt] = {}
         for command in batch:
-            kept = command.__dict__.get(_UNKNOWN)
-            if kept is not None and kept[0] is self._identity:
-                found.update((attempt.token, attempt) for attempt in kept[1])
+            kept = self._kept(command)
+            if kept is not None and not self._too_late(kept):
+                found.update((attempt.token, attempt) for attempt in kept[2])
         return list(found.values())
+
+    def _too_late(self, kept: tuple[object, float, tuple[Attempt, ...]]) -> bool:
+        """Whether the batch tokens a marker's attempts are looked up by may be gone: they
+        are kept ``retention.generated`` seconds after their batch was sent, a little before
+        the marker was set; half of it leaves the retries that led to the answer more than
+        enough. Past it the ledger cannot tell what happened, and says so for good."""
+        return self.retention.clock() - kept[1] > self.retention.generated / 2
 
     def _keep_done(self, command: Command, outcome: Outcome) -> None:
         """Keep the receipt of a command with a generated id on the command (see ``_DONE``)."""
         if isinstance(outcome, Receipt) and not command.caller_request_id:
             command.__dict__[_DONE] = (self._identity, outcome)
+            if self._kept(command) is not None:
+                del command.__dict__[_UNKNOWN]  # known now
 
     def _look_up(
         self, batch: Sequence[Command], attempts: Sequence[Attempt]
@@ -732,7 +752,7 @@ class LedgerService(Application[UUID]):
         ``DuplicateRequest``. On an exception other than a refusal the batch is unusable:
         discard it. ``looked_up``: the attempts kept on commands whose outcome was unknown
         (``_keep_unknown``) were looked up into ``known`` and fenced (``prepare`` does); if
-        not, such a command raises ``OutcomeUnknown``, for the caller to ``prepare`` it.
+        not, such a command raises ``MustLookUp``, for the caller to ``prepare`` it.
         """
         known = known or {}
         after = prepared.after
@@ -752,9 +772,19 @@ class LedgerService(Application[UUID]):
                 # This very command, with its generated id, committed here already.
                 prepared.outcomes[index] = replace(done[1], replayed=True)
                 continue
-            if not looked_up and _UNKNOWN in command.__dict__:
+            kept = self._kept(command)
+            if kept is not None:
                 # Answered "outcome unknown" before: an attempt of it may have committed.
-                raise OutcomeUnknown(request_id)
+                if self._too_late(kept):
+                    prepared.outcomes[index] = UnknownOutcome(
+                        f"command {request_id} may have been applied (its answer was lost in "
+                        "an outage, and its record has expired since): daybook cannot tell "
+                        "any more; check the accounts it touches, and give the next attempt a "
+                        "request id of your own to retry it safely"
+                    )
+                    continue
+                if not looked_up:
+                    raise MustLookUp(request_id)
             if command.caller_request_id and is_generated_request_id(request_id):
                 prepared.outcomes[index] = IdempotencyConflict(
                     f"request id {request_id!r} was generated by the ledger for another "
@@ -863,10 +893,6 @@ class LedgerService(Application[UUID]):
                 raise
             assert positions is not None
             commands = prepared.commands
-            for command in commands:
-                # Its kept attempts were looked up for this batch, which fenced those still
-                # unknown: resolved now, whichever way (see ``_keep_unknown``).
-                command.__dict__.pop(_UNKNOWN, None)
             for index, (receipt, last) in prepared.receipts.items():
                 # The fields are this process's own values (UUIDs, not their JSON strings).
                 done = prepared.outcomes[index] = Receipt(position=positions[last], **receipt)
@@ -878,6 +904,12 @@ class LedgerService(Application[UUID]):
                 source.commands[first], source.outcomes[first], prepared.commands[index]
             )
         prepared.repeats.clear()  # they name earlier batches: keep none of them alive
+        for command, outcome in zip(prepared.commands, prepared.outcomes, strict=True):
+            # Its kept attempts were looked up for this batch (``prepare``), which fenced
+            # those still unknown: resolved now, whichever way (see ``_keep_unknown``);
+            # unless the answer is that it is too late to tell.
+            if self._kept(command) is not None and not isinstance(outcome, UnknownOutcome):
+                del command.__dict__[_UNKNOWN]
         prepared.committed = True
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
@@ -1054,9 +1086,15 @@ _DONE = "_daybook_receipt"
 _UNKNOWN = "_daybook_unknown"
 
 
-class OutcomeUnknown(Exception):
+class MustLookUp(Exception):
     """A command answered "outcome unknown" before reached ``apply`` without its attempts
     looked up: ``prepare`` it (the careful path) instead."""
+
+
+class UnknownOutcome(RuntimeError):
+    """A command whose earlier attempt may or may not have been applied (its answer lost
+    in an outage), sent again when the ledger can no longer tell (the records that would
+    say have expired): it is not run again, and this is its answer, for good."""
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

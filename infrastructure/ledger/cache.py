@@ -46,6 +46,11 @@ class AggregateCache(Cache[UUID, Any]):
         with self.lock:
             return [UUID(int=entry) for entry in self._entries]
 
+    def write_once_ids(self) -> list[UUID]:
+        """The ids of the write-once aggregates kept apart, least recently used first."""
+        with self.lock:
+            return [UUID(int=entry) for entry in self._once]
+
     def __len__(self) -> int:
         return len(self._entries)
 

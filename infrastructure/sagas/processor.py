@@ -492,7 +492,7 @@ class SagaProcessor:
                 attempt,
                 {"status": refund.status, "amount": refund.amount},
                 decided_by=self.name,
-                request_id=f"saga:{saga.id}:undo:{step.name}:done",
+                request_id=_undo_id(saga, step.name, "done"),
                 correlation_id=str(saga.id),
             )
         )

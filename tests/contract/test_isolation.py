@@ -13,17 +13,18 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import psycopg
 import pytest
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, OperationalError
 
 from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
 from daybook.domain.errors import DomainError
-from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
+from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch, UnknownOutcome
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.requests import PendingRequest
@@ -492,6 +493,112 @@ def test_a_command_answered_outcome_unknown_is_applied_once_when_sent_again(
         assert isinstance(outcomes[-1], Receipt) and outcomes[-1].replayed is committed
         retried = ledger.submit([deposit])  # the caller's retry of the unknown one
         assert isinstance(retried[0], Receipt) and retried[0].replayed
+        assert ledger.account(account).balance == 5
+
+
+class _Scripted:
+    """A recorder whose next inserts lose their answer (``lost``: after writing; ``failed``:
+    without writing) and whose next lookups fail, as a store going away does."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.recorder = recorder = ledger.service.recorder
+        self.insert, self.select = recorder.insert_events, recorder.select_requests
+        self.lost = self.failed = self.down = 0
+        self.held: list[tuple[Any, dict[str, Any]]] = []  # failed inserts, to land later
+        recorder.insert_events = self._insert  # type: ignore[method-assign]
+        recorder.select_requests = self._select  # type: ignore[method-assign]
+
+    def _insert(self, stored: Any, **options: Any) -> Any:
+        if self.failed:
+            self.failed -= 1
+            self.held.append((stored, options))
+            raise OperationalError("server closed the connection unexpectedly")
+        written = self.insert(stored, **options)
+        if self.lost:
+            self.lost -= 1
+            raise OperationalError("server closed the connection unexpectedly")
+        return written
+
+    def _select(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            self.down -= 1
+            raise OperationalError("could not connect to server")
+        return self.select(*args, **kwargs)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_an_unknown_outcome_met_twice_keeps_both_attempts(tmp_path: Any) -> None:
+    """Sent once: its commit breaks on its way (it will land later) and the store stays
+    away: outcome unknown. Sent again: that commit is not there yet, and the retry's own
+    commits break too: unknown again. Then the first lands: sent a third time, it is
+    replayed, not applied again (the second answer kept the first attempt)."""
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]  # gives up after 2 outages
+        account = ledger.open_account("a", "EUR").account_id
+        store = _Scripted(ledger)
+        store.failed, store.down = 1, 2
+        deposit = Deposit(account, 5)
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        store.failed = 3
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        first_attempt = store.held[0]
+        store.insert(first_attempt[0], **first_attempt[1])  # it lands now
+        (third,) = ledger.submit([deposit])
+        assert isinstance(third, Receipt) and third.replayed, third
+        assert ledger.account(account).balance == 5
+
+
+def test_an_unknown_outcome_resolved_is_forgotten(tmp_path: Any) -> None:
+    """Once the store is back, the command sent again is replayed (its lost commit did
+    commit): resolved, with nothing to write. An hour later, the records that told are
+    gone, and the same object is still replayed from the receipt it keeps."""
+    clock = _Clock()
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False, clock=clock) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]
+        account = ledger.open_account("a", "EUR").account_id
+        store = _Scripted(ledger)
+        store.lost, store.down = 1, 2
+        deposit = Deposit(account, 5)
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        (second,) = ledger.submit([deposit])
+        assert isinstance(second, Receipt) and second.replayed, second
+        clock.now += timedelta(minutes=61)
+        ledger.request_purge.purge()
+        (third,) = ledger.submit([deposit])
+        assert isinstance(third, Receipt) and third.replayed, third
+        assert ledger.account(account).balance == 5
+
+
+def test_an_unknown_outcome_sent_again_too_late_to_tell_is_said_so_and_not_run(
+    shared_store_url: str,
+) -> None:
+    """Sent again only after the records that would tell have expired (an outage of more
+    than half an hour): daybook cannot tell whether the lost commit landed, and says so,
+    for good, rather than risk applying it twice."""
+    clock = _Clock()
+    with open_ledger(shared_store_url, group_commit=False, clock=clock) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]
+        account = ledger.open_account("a", "EUR").account_id
+        store = _Scripted(ledger)
+        store.lost, store.down = 1, 2
+        deposit = Deposit(account, 5)
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        clock.now += timedelta(minutes=31)
+        (again,) = ledger.submit([deposit])
+        assert isinstance(again, UnknownOutcome), again
+        clock.now += timedelta(minutes=30)
+        ledger.request_purge.purge()
+        (third,) = ledger.submit([deposit])
+        assert isinstance(third, UnknownOutcome), third
+        with pytest.raises(UnknownOutcome, match="may have been applied"):
+            ledger.execute(deposit)
         assert ledger.account(account).balance == 5
 
 

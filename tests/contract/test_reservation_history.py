@@ -18,6 +18,7 @@ from daybook import (
     open_ledger,
 )
 from daybook.domain.inventory import Inventory, ReserveStock
+from daybook.infrastructure.ledger.cache import AggregateCache
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ledger-v0.1.db"
 
@@ -72,14 +73,18 @@ def test_reservation_claims_take_no_place_in_the_aggregate_cache(store_url: str)
         with pytest.raises(ReservationExists):
             ledger.reserve_stock("SKU-1", 1, reservation_id="r-2")
         # Refusals of repeats look claims up in the store (a shipment confirmed twice): the
-        # claims they read are not cached either. (With something else cached: the store's
-        # repository puts what it reads in a cache that is not empty.)
+        # claims they read are kept apart, in the cache's small LRU of write-once aggregates,
+        # never among the live ones. (With something else cached: the store's repository
+        # puts what it reads in a cache that is not empty.)
         ledger.open_account("ann", "EUR")
         for number in range(50):
             with pytest.raises(ReservationResolved):
                 ledger.commit_reservation("SKU-1", f"r-{number}")
         cached = [type(cache.get(key)).__name__ for key in cache.ids()]
         assert "ReservationClaim" not in cached, cached
+        assert isinstance(cache, AggregateCache)
+        apart = {type(cache.get(key)).__name__ for key in cache.write_once_ids()}
+        assert apart == {"ReservationClaim"} and len(cache.write_once_ids()) == 50
 
 
 def assert_resolved_exactly_once(ledger: Ledger, sku: str, committed: str, released: str) -> None:

@@ -177,3 +177,18 @@ def test_a_batch_recorded_before_batches_claimed_their_keys_claims_it_when_sent_
     single = _post(api, "/v1/commands/deposit", {"account_id": ann, "amount": 50}, "old")
     assert single.status_code == 422 and single.json()["code"] == "idempotency_conflict"
     assert _balance(api, ann) == 99
+
+
+def test_a_list_that_cannot_be_read_counts_against_the_rate(sqlite_api: Api) -> None:
+    """Only a list known to be made of risk-reducing commands goes uncounted: one that
+    cannot be read counts, or a token could send malformed lists without limit."""
+    api = sqlite_api
+    api.token("slow", "write", rate=1)
+    headers = api.auth("slow")
+
+    def post(key: str) -> httpx.Response:
+        sent = {**headers, "Idempotency-Key": key}
+        return api.run(api.client.post("/v1/batch", json={"commands": "none"}, headers=sent))
+
+    assert post("bad-1").status_code in (400, 422)
+    assert post("bad-2").status_code == 429
