@@ -79,6 +79,13 @@ class ConcurrencyConflict(DomainError):
     code = "concurrency_conflict"
 
 
+class UnknownOutcome(DomainError):
+    """This very command may have been applied before (its answer was lost in an outage)
+    and the ledger can no longer tell: it was not run again."""
+
+    code = "outcome_unknown"
+
+
 class InvalidTimeout(DomainError):
     """A timeout is not a whole number of seconds in range."""
 

@@ -28,6 +28,7 @@ from daybook.domain.errors import (
     InvalidRequest,
     InvalidSku,
     InvalidTimeout,
+    UnknownOutcome,
 )
 from daybook.domain.holds import (
     HoldExists,
@@ -115,6 +116,7 @@ __all__ = [
     "StockBelowReserved",
     "StockOverflow",
     "StockView",
+    "UnknownOutcome",
     "open_async_ledger",
     "open_event_log",
     "open_ledger",

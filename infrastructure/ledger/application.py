@@ -32,7 +32,12 @@ from eventsourcing.persistence import (
 )
 
 from daybook.domain.commands import Command, Receipt
-from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
+from daybook.domain.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    IdempotencyConflict,
+    UnknownOutcome,
+)
 from daybook.domain.events import LedgerAggregate, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
 from daybook.domain.snapshots import snapshot_class
@@ -1089,12 +1094,6 @@ _UNKNOWN = "_daybook_unknown"
 class MustLookUp(Exception):
     """A command answered "outcome unknown" before reached ``apply`` without its attempts
     looked up: ``prepare`` it (the careful path) instead."""
-
-
-class UnknownOutcome(RuntimeError):
-    """A command whose earlier attempt may or may not have been applied (its answer lost
-    in an outage), sent again when the ledger can no longer tell (the records that would
-    say have expired): it is not run again, and this is its answer, for good."""
 
 
 def _record(command: Command, outcome: dict[str, Any]) -> RequestRecord:

@@ -23,8 +23,8 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 
 from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
-from daybook.domain.errors import DomainError
-from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch, UnknownOutcome
+from daybook.domain.errors import DomainError, UnknownOutcome
+from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.requests import PendingRequest
