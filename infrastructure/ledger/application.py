@@ -492,6 +492,7 @@ class LedgerService(Application[UUID]):
                 if duplicates > len(indices) + len(attempts):
                     for index in indices:
                         outcomes[index] = error
+                    self._keep_unknown([batch[i] for i in indices], attempts)
                     return
                 continue
             except (VersionConflict, StaleCache) as error:
@@ -547,6 +548,8 @@ class LedgerService(Application[UUID]):
                 # (looking up any attempt that may have been written after all).
                 if len(indices) == 1:
                     outcomes[indices[0]] = error
+                    # Sent perhaps (a failure after sending): as for an outage.
+                    self._keep_unknown([batch[indices[0]]], attempts)
                     return
                 for index in indices:
                     self._execute_part(batch, [index], outcomes, attempts)
@@ -582,9 +585,10 @@ class LedgerService(Application[UUID]):
         """
         prepared = self.new_batch(after=after, fresh=fresh)
         kept = [a for a in self._unknown_attempts(batch) if a not in attempts]
-        known, fences = self._look_up(batch, [*attempts, *kept])
+        looked_up = [*attempts, *kept]
+        known, fences = self._look_up(batch, looked_up)
         prepared.pending.extend(fences)
-        self.apply(prepared, batch, known=known, looked_up=True)
+        self.apply(prepared, batch, known=known, looked_up={a.token for a in looked_up})
         return prepared
 
     def lookup(self, batch: Sequence[Command]) -> dict[str, RequestRecord]:
@@ -606,6 +610,8 @@ class LedgerService(Application[UUID]):
         commands not found (their outcome is unknown, and the answer says so). A caller-chosen
         id needs no fence: retried with the same id, the request replays whatever happened.
         """
+        # Those kept from an earlier unknown outcome too: the answer must stay true of them.
+        attempts = [*attempts, *(a for a in self._unknown_attempts(commands) if a not in attempts)]
         known: dict[str, RequestRecord] = {}
         settled = False  # every attempt found or fenced: the answers are true
         for _ in range(len(attempts) + 1):
@@ -641,40 +647,35 @@ class LedgerService(Application[UUID]):
         for command in commands:
             if command.caller_request_id:
                 continue  # its own record answers a retry
-            kept = self._kept(command)
-            since = kept[1] if kept is not None else self.retention.clock()
-            found = {a.token: a for a in (kept[2] if kept is not None else ())}
+            kept = _kept(command)
+            since = kept[0] if kept is not None else self.retention.clock()
+            found = {a.token: a for a in (kept[1] if kept is not None else ())}
             found.update((a.token, a) for a in attempts if command.request_id in a.receipts)
             if found:
-                command.__dict__[_UNKNOWN] = (self._identity, since, tuple(found.values()))
-
-    def _kept(self, command: Command) -> tuple[object, float, tuple[Attempt, ...]] | None:
-        """This ledger's ``_UNKNOWN`` marker on ``command``, if it has one."""
-        kept = command.__dict__.get(_UNKNOWN)
-        return kept if kept is not None and kept[0] is self._identity else None
+                command.__dict__[_UNKNOWN] = (since, tuple(found.values()))
 
     def _unknown_attempts(self, batch: Sequence[Command]) -> list[Attempt]:
-        """The attempts kept on ``batch``'s commands by ``_keep_unknown`` (this ledger's)."""
+        """The attempts kept on ``batch``'s commands by ``_keep_unknown`` that can still be
+        looked up (``_too_late``)."""
         found: dict[str, Attempt] = {}
         for command in batch:
-            kept = self._kept(command)
+            kept = _kept(command)
             if kept is not None and not self._too_late(kept):
-                found.update((attempt.token, attempt) for attempt in kept[2])
+                found.update((attempt.token, attempt) for attempt in kept[1])
         return list(found.values())
 
-    def _too_late(self, kept: tuple[object, float, tuple[Attempt, ...]]) -> bool:
+    def _too_late(self, kept: tuple[float, tuple[Attempt, ...]]) -> bool:
         """Whether the batch tokens a marker's attempts are looked up by may be gone: they
         are kept ``retention.generated`` seconds after their batch was sent, a little before
-        the marker was set; half of it leaves the retries that led to the answer more than
-        enough. Past it the ledger cannot tell what happened, and says so for good."""
-        return self.retention.clock() - kept[1] > self.retention.generated / 2
+        the marker was first set; half of it leaves the retries that led to the answer more
+        than enough. Past it the ledger cannot tell what happened, and says so for good."""
+        return self.retention.clock() - kept[0] > self.retention.generated / 2
 
     def _keep_done(self, command: Command, outcome: Outcome) -> None:
         """Keep the receipt of a command with a generated id on the command (see ``_DONE``)."""
         if isinstance(outcome, Receipt) and not command.caller_request_id:
             command.__dict__[_DONE] = (self._identity, outcome)
-            if self._kept(command) is not None:
-                del command.__dict__[_UNKNOWN]  # known now
+            command.__dict__.pop(_UNKNOWN, None)  # known now
 
     def _look_up(
         self, batch: Sequence[Command], attempts: Sequence[Attempt]
@@ -747,7 +748,7 @@ class LedgerService(Application[UUID]):
         batch: Sequence[Command],
         *,
         known: dict[str, RequestRecord] | None = None,
-        looked_up: bool = False,
+        looked_up: set[str] | None = None,
     ) -> None:
         """Run ``batch`` in memory after the commands already in ``prepared``.
 
@@ -755,9 +756,11 @@ class LedgerService(Application[UUID]):
         ``lookup``): those are replayed, not run. A command whose id was recorded by
         another writer after the lookup runs, and its batch then fails to commit with
         ``DuplicateRequest``. On an exception other than a refusal the batch is unusable:
-        discard it. ``looked_up``: the attempts kept on commands whose outcome was unknown
-        (``_keep_unknown``) were looked up into ``known`` and fenced (``prepare`` does); if
-        not, such a command raises ``MustLookUp``, for the caller to ``prepare`` it.
+        discard it. ``looked_up``: the tokens of the attempts looked up into ``known`` (and
+        fenced) by ``prepare``, the attempts kept on commands whose outcome was unknown
+        (``_keep_unknown``) among them; without it, such a command raises ``MustLookUp``,
+        for the caller to ``prepare`` it. One whose kept attempts were not all looked up
+        (too late to tell) is refused ``UnknownOutcome``.
         """
         known = known or {}
         after = prepared.after
@@ -777,10 +780,12 @@ class LedgerService(Application[UUID]):
                 # This very command, with its generated id, committed here already.
                 prepared.outcomes[index] = replace(done[1], replayed=True)
                 continue
-            kept = self._kept(command)
+            kept = _kept(command)
             if kept is not None:
                 # Answered "outcome unknown" before: an attempt of it may have committed.
-                if self._too_late(kept):
+                if looked_up is None:
+                    raise MustLookUp(request_id)
+                if self._too_late(kept) or any(a.token not in looked_up for a in kept[1]):
                     prepared.outcomes[index] = UnknownOutcome(
                         f"command {request_id} may have been applied (its answer was lost in "
                         "an outage, and its record has expired since): daybook cannot tell "
@@ -788,8 +793,6 @@ class LedgerService(Application[UUID]):
                         "request id of your own to retry it safely"
                     )
                     continue
-                if not looked_up:
-                    raise MustLookUp(request_id)
             if command.caller_request_id and is_generated_request_id(request_id):
                 prepared.outcomes[index] = IdempotencyConflict(
                     f"request id {request_id!r} was generated by the ledger for another "
@@ -913,8 +916,8 @@ class LedgerService(Application[UUID]):
             # Its kept attempts were looked up for this batch (``prepare``), which fenced
             # those still unknown: resolved now, whichever way (see ``_keep_unknown``);
             # unless the answer is that it is too late to tell.
-            if self._kept(command) is not None and not isinstance(outcome, UnknownOutcome):
-                del command.__dict__[_UNKNOWN]
+            if not isinstance(outcome, UnknownOutcome):
+                command.__dict__.pop(_UNKNOWN, None)
         prepared.committed = True
         assert all(outcome is not None for outcome in prepared.outcomes)
         return prepared.outcomes  # type: ignore[return-value]
@@ -1086,9 +1089,18 @@ _DONE = "_daybook_receipt"
 #: was answered "outcome unknown" (the store went away as they committed, and stayed away
 #: through the ledger's retries): sent again (the same object later in a submission, or a
 #: caller's retry loop), it is not run until those attempts are looked up, so that one that
-#: did commit is replayed, and one that did not is fenced off, never applied twice. With
-#: the ledger's identity, as ``_DONE``; gone once a batch holding it commits.
+#: did commit is replayed, and one that did not is fenced off, never applied twice. By
+#: any ledger (unlike ``_DONE``): one reopened on the same store must look them up too (on
+#: another store they are simply not found, and fenced there harmlessly). Gone once a batch
+#: holding it commits, or its outcome is known.
 _UNKNOWN = "_daybook_unknown"
+
+
+def _kept(command: Command) -> tuple[float, tuple[Attempt, ...]] | None:
+    """The ``_UNKNOWN`` marker on ``command``: when it was first answered "outcome unknown"
+    (the ledger's clock, in seconds), and the attempts that may have applied it."""
+    kept: tuple[float, tuple[Attempt, ...]] | None = command.__dict__.get(_UNKNOWN)
+    return kept
 
 
 class MustLookUp(Exception):

@@ -602,6 +602,119 @@ def test_an_unknown_outcome_sent_again_too_late_to_tell_is_said_so_and_not_run(
         assert ledger.account(account).balance == 5
 
 
+def test_an_unknown_outcome_is_looked_up_by_a_ledger_reopened_on_the_store(
+    tmp_path: Any,
+) -> None:
+    """Outcome unknown (the commit landed, its answer was lost), then the application
+    reopens its ledger on the same store (or a second ledger shares it) and retries the
+    very same object: the new ledger looks the kept attempts up too, and replays it."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    first = open_ledger(url, group_commit=False)
+    first.service.max_attempts = 8  # type: ignore[misc]
+    account = first.open_account("a", "EUR").account_id
+    store = _Scripted(first)
+    store.lost, store.down = 1, 2
+    deposit = Deposit(account, 5)
+    assert isinstance(first.submit([deposit])[0], OperationalError)
+    first.close()
+    with open_ledger(url, group_commit=False) as second:
+        (again,) = second.submit([deposit])
+        assert second.account(account).balance == 5, again
+
+
+def test_an_unknown_outcome_resent_into_a_failure_after_sending_keeps_every_attempt(
+    tmp_path: Any,
+) -> None:
+    """Outcome unknown (A1 failed on its way, not landed). Sent again: A2 (fencing A1 and
+    applying the deposit) commits, but the driver then fails with an error that is not an
+    outage. That answer keeps A2 with A1: sent a third time, A2 is found, and replayed."""
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]
+        account = ledger.open_account("a", "EUR").account_id
+        store = _Scripted(ledger)
+        store.failed, store.down = 1, 2
+        deposit = Deposit(account, 5)
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        recorder = ledger.service.recorder
+        scripted = recorder.insert_events
+        broke: list[int] = []
+
+        def driver_fails_after_sending(*args: Any, **kwargs: Any) -> Any:
+            written = store.insert(*args, **kwargs)
+            if not broke:
+                broke.append(1)
+                raise RuntimeError("the driver failed after sending")
+            return written
+
+        recorder.insert_events = driver_fails_after_sending  # type: ignore[method-assign]
+        second = ledger.submit([deposit])[0]
+        recorder.insert_events = scripted  # type: ignore[method-assign]
+        assert isinstance(second, RuntimeError), second
+        (third,) = ledger.submit([deposit])
+        assert ledger.account(account).balance == 5, third
+
+
+def test_a_failure_after_sending_leaves_the_outcome_unknown_and_kept(
+    tmp_path: Any,
+) -> None:
+    """No outage at all: a single command's commit lands, the driver fails after sending
+    (an error the ledger treats as "may have happened"), and the error is the answer: its
+    attempt is kept on the command, and the same object sent again is replayed."""
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        recorder = ledger.service.recorder
+        insert = recorder.insert_events
+        broke: list[int] = []
+
+        def driver_fails_after_sending(*args: Any, **kwargs: Any) -> Any:
+            written = insert(*args, **kwargs)
+            if not broke:
+                broke.append(1)
+                raise RuntimeError("the driver failed after sending")
+            return written
+
+        recorder.insert_events = driver_fails_after_sending  # type: ignore[method-assign]
+        deposit = Deposit(account, 5)
+        first = ledger.submit([deposit])[0]
+        recorder.insert_events = insert  # type: ignore[method-assign]
+        assert isinstance(first, RuntimeError), first
+        (again,) = ledger.submit([deposit])
+        assert ledger.account(account).balance == 5, again
+
+
+def test_giving_up_on_an_unknown_outcome_resent_fences_its_kept_attempts(
+    tmp_path: Any,
+) -> None:
+    """Outcome unknown: A1 failed on its way (it may land later). Sent again, every retry
+    meets another writer (version conflicts: nothing written, the fences of A1 that the
+    retries carried with them neither), and the ledger gives up with
+    ``concurrency_conflict`` ("not applied: retry"): it fences the kept A1 first, so that
+    A1 cannot land after the answer and make it false."""
+    with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
+        ledger.service.max_attempts = 8  # type: ignore[misc]
+        account = ledger.open_account("a", "EUR").account_id
+        store = _Scripted(ledger)
+        store.failed, store.down = 1, 2
+        deposit = Deposit(account, 5)
+        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        recorder = ledger.service.recorder
+        scripted = recorder.insert_events
+
+        def contended(stored: Any, **options: Any) -> Any:
+            if stored:  # every retry: another writer got there first
+                raise VersionConflict("duplicate key value violates unique constraint")
+            return store.insert(stored, **options)  # records alone (a fence)
+
+        recorder.insert_events = contended  # type: ignore[method-assign]
+        (second,) = ledger.submit([deposit])
+        recorder.insert_events = scripted  # type: ignore[method-assign]
+        assert isinstance(second, ConcurrencyConflict), second
+        lost = store.held[0]
+        with pytest.raises(DuplicateRequest):  # the lost statement arrives: fenced off?
+            store.insert(lost[0], **lost[1])
+        assert ledger.account(account).balance == 0  # as the answer said: not applied
+
+
 def ledger_that_gives_up(url: str) -> tuple[Ledger, UUID]:
     """A ledger that gives up after 8 version conflicts (and after 8 // 4 = 2 lost
     connections), with an account holding 10."""
