@@ -498,12 +498,13 @@ def test_a_command_answered_outcome_unknown_is_applied_once_when_sent_again(
 
 class _Scripted:
     """A recorder whose next inserts lose their answer (``lost``: after writing; ``failed``:
-    without writing) and whose next lookups fail, as a store going away does."""
+    without writing; ``broken``: after writing, with an error that is no outage) and whose
+    next lookups fail (``down``), as a store going away does."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.recorder = recorder = ledger.service.recorder
         self.insert, self.select = recorder.insert_events, recorder.select_requests
-        self.lost = self.failed = self.down = 0
+        self.lost = self.failed = self.broken = self.down = 0
         self.held: list[tuple[Any, dict[str, Any]]] = []  # failed inserts, to land later
         recorder.insert_events = self._insert  # type: ignore[method-assign]
         recorder.select_requests = self._select  # type: ignore[method-assign]
@@ -517,6 +518,9 @@ class _Scripted:
         if self.lost:
             self.lost -= 1
             raise OperationalError("server closed the connection unexpectedly")
+        if self.broken:
+            self.broken -= 1
+            raise RuntimeError("the driver failed after sending")
         return written
 
     def _select(self, *args: Any, **kwargs: Any) -> Any:
@@ -534,18 +538,30 @@ class _Clock:
         return self.now
 
 
+def answered_unknown(ledger: Ledger, *, landed: bool) -> tuple[_Scripted, UUID, Deposit]:
+    """A deposit answered "outcome unknown": its commit breaks (after it ``landed``, or on
+    its way, held to land later) and the store stays away through the retries (8 attempts:
+    gives up after 2 outages). The scripted store, the account, and the deposit."""
+    ledger.service.max_attempts = 8  # type: ignore[misc]
+    account = ledger.open_account("a", "EUR").account_id
+    store = _Scripted(ledger)
+    if landed:
+        store.lost = 1
+    else:
+        store.failed = 1
+    store.down = 2
+    deposit = Deposit(account, 5)
+    assert isinstance(ledger.submit([deposit])[0], OperationalError)
+    return store, account, deposit
+
+
 def test_an_unknown_outcome_met_twice_keeps_both_attempts(tmp_path: Any) -> None:
     """Sent once: its commit breaks on its way (it will land later) and the store stays
     away: outcome unknown. Sent again: that commit is not there yet, and the retry's own
     commits break too: unknown again. Then the first lands: sent a third time, it is
     replayed, not applied again (the second answer kept the first attempt)."""
     with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
-        ledger.service.max_attempts = 8  # type: ignore[misc]  # gives up after 2 outages
-        account = ledger.open_account("a", "EUR").account_id
-        store = _Scripted(ledger)
-        store.failed, store.down = 1, 2
-        deposit = Deposit(account, 5)
-        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        store, account, deposit = answered_unknown(ledger, landed=False)
         store.failed = 3
         assert isinstance(ledger.submit([deposit])[0], OperationalError)
         first_attempt = store.held[0]
@@ -561,12 +577,7 @@ def test_an_unknown_outcome_resolved_is_forgotten(tmp_path: Any) -> None:
     gone, and the same object is still replayed from the receipt it keeps."""
     clock = _Clock()
     with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False, clock=clock) as ledger:
-        ledger.service.max_attempts = 8  # type: ignore[misc]
-        account = ledger.open_account("a", "EUR").account_id
-        store = _Scripted(ledger)
-        store.lost, store.down = 1, 2
-        deposit = Deposit(account, 5)
-        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        _store, account, deposit = answered_unknown(ledger, landed=True)
         (second,) = ledger.submit([deposit])
         assert isinstance(second, Receipt) and second.replayed, second
         clock.now += timedelta(minutes=61)
@@ -584,12 +595,7 @@ def test_an_unknown_outcome_sent_again_too_late_to_tell_is_said_so_and_not_run(
     for good, rather than risk applying it twice."""
     clock = _Clock()
     with open_ledger(shared_store_url, group_commit=False, clock=clock) as ledger:
-        ledger.service.max_attempts = 8  # type: ignore[misc]
-        account = ledger.open_account("a", "EUR").account_id
-        store = _Scripted(ledger)
-        store.lost, store.down = 1, 2
-        deposit = Deposit(account, 5)
-        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        _store, account, deposit = answered_unknown(ledger, landed=True)
         clock.now += timedelta(minutes=31)
         (again,) = ledger.submit([deposit])
         assert isinstance(again, UnknownOutcome), again
@@ -610,12 +616,7 @@ def test_an_unknown_outcome_is_looked_up_by_a_ledger_reopened_on_the_store(
     very same object: the new ledger looks the kept attempts up too, and replays it."""
     url = f"sqlite:///{tmp_path}/d.db"
     first = open_ledger(url, group_commit=False)
-    first.service.max_attempts = 8  # type: ignore[misc]
-    account = first.open_account("a", "EUR").account_id
-    store = _Scripted(first)
-    store.lost, store.down = 1, 2
-    deposit = Deposit(account, 5)
-    assert isinstance(first.submit([deposit])[0], OperationalError)
+    _store, account, deposit = answered_unknown(first, landed=True)
     first.close()
     with open_ledger(url, group_commit=False) as second:
         (again,) = second.submit([deposit])
@@ -629,29 +630,13 @@ def test_an_unknown_outcome_resent_into_a_failure_after_sending_keeps_every_atte
     applying the deposit) commits, but the driver then fails with an error that is not an
     outage. That answer keeps A2 with A1: sent a third time, A2 is found, and replayed."""
     with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
-        ledger.service.max_attempts = 8  # type: ignore[misc]
-        account = ledger.open_account("a", "EUR").account_id
-        store = _Scripted(ledger)
-        store.failed, store.down = 1, 2
-        deposit = Deposit(account, 5)
-        assert isinstance(ledger.submit([deposit])[0], OperationalError)
-        recorder = ledger.service.recorder
-        scripted = recorder.insert_events
-        broke: list[int] = []
-
-        def driver_fails_after_sending(*args: Any, **kwargs: Any) -> Any:
-            written = store.insert(*args, **kwargs)
-            if not broke:
-                broke.append(1)
-                raise RuntimeError("the driver failed after sending")
-            return written
-
-        recorder.insert_events = driver_fails_after_sending  # type: ignore[method-assign]
+        store, account, deposit = answered_unknown(ledger, landed=False)
+        store.broken = 1
         second = ledger.submit([deposit])[0]
-        recorder.insert_events = scripted  # type: ignore[method-assign]
         assert isinstance(second, RuntimeError), second
         (third,) = ledger.submit([deposit])
-        assert ledger.account(account).balance == 5, third
+        assert isinstance(third, Receipt) and third.replayed, third
+        assert ledger.account(account).balance == 5
 
 
 def test_a_failure_after_sending_leaves_the_outcome_unknown_and_kept(
@@ -662,24 +647,13 @@ def test_a_failure_after_sending_leaves_the_outcome_unknown_and_kept(
     attempt is kept on the command, and the same object sent again is replayed."""
     with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
         account = ledger.open_account("a", "EUR").account_id
-        recorder = ledger.service.recorder
-        insert = recorder.insert_events
-        broke: list[int] = []
-
-        def driver_fails_after_sending(*args: Any, **kwargs: Any) -> Any:
-            written = insert(*args, **kwargs)
-            if not broke:
-                broke.append(1)
-                raise RuntimeError("the driver failed after sending")
-            return written
-
-        recorder.insert_events = driver_fails_after_sending  # type: ignore[method-assign]
+        _Scripted(ledger).broken = 1
         deposit = Deposit(account, 5)
         first = ledger.submit([deposit])[0]
-        recorder.insert_events = insert  # type: ignore[method-assign]
         assert isinstance(first, RuntimeError), first
         (again,) = ledger.submit([deposit])
-        assert ledger.account(account).balance == 5, again
+        assert isinstance(again, Receipt) and again.replayed, again
+        assert ledger.account(account).balance == 5
 
 
 def test_giving_up_on_an_unknown_outcome_resent_fences_its_kept_attempts(
@@ -691,12 +665,7 @@ def test_giving_up_on_an_unknown_outcome_resent_fences_its_kept_attempts(
     ``concurrency_conflict`` ("not applied: retry"): it fences the kept A1 first, so that
     A1 cannot land after the answer and make it false."""
     with open_ledger(f"sqlite:///{tmp_path}/d.db", group_commit=False) as ledger:
-        ledger.service.max_attempts = 8  # type: ignore[misc]
-        account = ledger.open_account("a", "EUR").account_id
-        store = _Scripted(ledger)
-        store.failed, store.down = 1, 2
-        deposit = Deposit(account, 5)
-        assert isinstance(ledger.submit([deposit])[0], OperationalError)
+        store, account, deposit = answered_unknown(ledger, landed=False)
         recorder = ledger.service.recorder
         scripted = recorder.insert_events
 
