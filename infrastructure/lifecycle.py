@@ -95,8 +95,10 @@ class RestartPolicy:
     max_restarts: int | None = None
 
     def delay(self, attempt: int, draw: Callable[[float, float], float] = random.uniform) -> float:
-        """Seconds to wait before attempt ``attempt`` (1 for the first retry)."""
-        return draw(0.0, min(self.ceiling, self.initial * 2 ** (attempt - 1)))
+        """Seconds to wait before attempt ``attempt`` (1 for the first retry). The exponent
+        stops growing long after the ceiling is reached: unbounded, the 1,025th attempt in a
+        row (some 40 minutes into an outage) overflowed a float and ended the service."""
+        return draw(0.0, min(self.ceiling, self.initial * 2 ** min(attempt - 1, 64)))
 
 
 class Stopping:
@@ -178,7 +180,17 @@ class Supervisor:
 
     def judge(self, error: BaseException) -> float | None:
         """After the body raised ``error``: seconds to wait before restarting it, or None
-        when the service has failed for good (already logged and recorded)."""
+        when the service has failed for good (already logged and recorded). Never raises:
+        a failure to judge (a bug here) fails the service visibly, rather than end its
+        thread with its health still saying it runs."""
+        try:
+            return self._judge(error)
+        except Exception as bug:
+            log.error("%s: judging a failure failed; stopped", self.name, exc_info=bug)
+            self.move(ServiceState.FAILED, f"{type(error).__name__}, then {bug!r} judging it")
+            return None
+
+    def _judge(self, error: BaseException) -> float | None:
         lines = str(error).strip().splitlines()
         code = refusal_code(error)
         if code is not None:

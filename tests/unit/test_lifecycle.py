@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import pytest
 
@@ -149,6 +150,30 @@ def test_backoff_grows_to_its_ceiling_with_full_jitter() -> None:
     highest = [policy.delay(n, draw=lambda low, high: high) for n in range(1, 7)]
     assert highest == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     assert all(policy.delay(n, draw=lambda low, high: low) == 0.0 for n in range(1, 7))
+
+
+def test_backoff_stays_at_its_ceiling_however_long_the_outage() -> None:
+    """The 1,025th restart in a row (some 40 minutes of outage at the default policy) once
+    overflowed a float computing its delay, and ended the service's thread."""
+    policy = RestartPolicy(initial=0.1, ceiling=5.0)
+    assert policy.delay(1_025, draw=lambda low, high: high) == 5.0
+    assert policy.delay(10**9, draw=lambda low, high: high) == 5.0
+
+
+def test_a_failure_to_judge_a_failure_fails_the_service_visibly() -> None:
+    """Whatever goes wrong while a failure is judged, the service ends FAILED with a
+    reason: never a dead thread whose health still says it runs."""
+
+    class Broken(RestartPolicy):
+        def delay(self, attempt: int, draw: Any = None) -> float:
+            raise OverflowError("int too large to convert to float")
+
+    service = SupervisedThread("misjudged", Flaky(5, ConnectionResetError("lost")), policy=Broken())
+    service.start()
+    service.join(30)
+    health = service.health()
+    assert health.state is ServiceState.FAILED and not health.ok
+    assert health.error is not None and "OverflowError" in health.error
 
 
 def test_run_in_the_calling_thread_returns_the_final_health() -> None:
