@@ -8,7 +8,7 @@ from daybook.projections.accounts import (
     TRANSFERRED_OUT,
     WITHDRAWN,
 )
-from daybook.projections.inventory import COMMITTED, RELEASED, RESERVED
+from daybook.projections.inventory import COMMITTED, EXPIRED, RELEASED, RESERVED
 from daybook.projections.model import Column, LogEvent, Projection, Row, Rows, Table, day_of
 
 MONEY = Table(
@@ -115,7 +115,9 @@ def _released(event: LogEvent, rows: Rows) -> None:
 
 DAILY_ACTIVITY = Projection(
     name="daily_activity",
-    version=1,
+    # 2: an expired reservation's units count as released, as a released one's do (version
+    # 1 left them out, so reserved - shipped - released grew with every expiry).
+    version=2,
     tables=(MONEY, STOCK, CURRENCIES),
     handlers={
         OPENED: _opened,
@@ -125,5 +127,6 @@ DAILY_ACTIVITY = Projection(
         RESERVED: _reserved,
         COMMITTED: _committed,
         RELEASED: _released,
+        EXPIRED: _released,
     },
 )

@@ -104,8 +104,9 @@ def test_a_runner_leaves_a_stream_version_alone_until_it_is_handed_over(
     # It says so once per version, naming the owner and the command that hands it over.
     told = [r.getMessage() for r in caplog.records if "leaves it alone" in r.getMessage()]
     assert len(told) == len(names), told
-    for name in names:
-        (line,) = [t for t in told if t.startswith(f"projection {name} v1 ")]
+    for projection in projections.ALL:
+        name = projection.name
+        (line,) = [t for t in told if t.startswith(f"projection {name} v{projection.version} ")]
         assert f"owned by stream:{GROUP}" in line
         assert f"daybook projections handover {name} --to runner" in line
     handover = ["projections", "handover", *names, "--to", "runner", "--url", pg_url]

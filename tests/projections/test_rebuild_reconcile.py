@@ -20,7 +20,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
-from daybook.projections.activity import MONEY
+from daybook.projections.activity import DAILY_ACTIVITY, MONEY
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
 from tests.projections.helpers import assert_tables_match, workload
 
@@ -199,8 +199,10 @@ def test_reconcile_finds_every_corruption_and_repairs_it(ledger: Ledger, db_url:
     store.upsert(BALANCES, 1, [extra])
     statement_row = store.select(STATEMENT, 1, "account_id = %s", [a], "seq", 1)[0]
     store.delete(STATEMENT, 1, [(a, statement_row["seq"])])
-    store.execute(f"UPDATE {MONEY.physical_name(1)} SET deposits = deposits * 2 + 1")
-    money_rows = store.count(MONEY, 1)
+    store.execute(
+        f"UPDATE {MONEY.physical_name(DAILY_ACTIVITY.version)} SET deposits = deposits * 2 + 1"
+    )
+    money_rows = store.count(MONEY, DAILY_ACTIVITY.version)
     store.close()
 
     report = reconcile(event_log_of(ledger), db_url, ACCOUNT_BALANCES)
@@ -245,7 +247,9 @@ def test_a_repair_rewrites_every_drifted_row_not_only_those_listed(
     store = open_store(db_url)
     balances = store.count(BALANCES, 1)
     store.execute(f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 1")
-    store.execute(f"UPDATE {MONEY.physical_name(1)} SET deposits = deposits * 2 + 1")
+    store.execute(
+        f"UPDATE {MONEY.physical_name(DAILY_ACTIVITY.version)} SET deposits = deposits * 2 + 1"
+    )
     store.close()
     assert balances > 2
     assert main(["reconcile", "account_balances", "--url", db_url, "--repair"]) == 0
