@@ -157,12 +157,7 @@ class ListRoutes:
         async def atomic(request: Request) -> Response:
             token = await caller(request)
             key = idempotency_key(request)
-            try:
-                listed = commands_of(await json_body(request), MAX_LINKED, token.name)
-            except Problem:
-                self._count(token, None)
-                raise
-            self._count(token, listed)
+            listed = await self._listed(request, token, MAX_LINKED)
             request_id = f"{token.name}/{key}"
             receipt = await self._run(
                 request_id, key, listed, self.commands.ledger.atomic(listed, request_id=request_id)
@@ -173,12 +168,7 @@ class ListRoutes:
             token = await caller(request)
             key = idempotency_key(request)
             scope = f"{token.name}/{key}"
-            try:
-                submitted = commands_of(await json_body(request), MAX_BATCH, token.name, scope)
-            except Problem:
-                self._count(token, None)
-                raise
-            self._count(token, submitted)
+            submitted = await self._listed(request, token, MAX_BATCH, scope)
             await self._check_batch(scope, key, submitted)
             outcomes = await self._run(
                 scope, key, submitted, self.commands.ledger.submit(submitted)
@@ -193,12 +183,20 @@ class ListRoutes:
         self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
         self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
 
-    def _count(self, token: Token, listed: list[Command] | None) -> None:
-        """Count the request against the token's rate, unless every command of the list
-        reduces risk (never shed, never limited: ``Command.reduces_risk``); a list that
-        could not be read (None) counts."""
-        if listed is None or not all(type(command).reduces_risk for command in listed):
+    async def _listed(
+        self, request: Request, token: Token, most: int, scope: str | None = None
+    ) -> list[Command]:
+        """The request's list of commands (``commands_of``), counted against the token's
+        rate unless every command of it reduces risk (never shed, never limited:
+        ``Command.reduces_risk``); a list that cannot be read counts."""
+        try:
+            listed = commands_of(await json_body(request), most, token.name, scope)
+        except Problem:
             self.commands.auth.limits.take(token.name, token.rate)
+            raise
+        if not all(type(command).reduces_risk for command in listed):
+            self.commands.auth.limits.take(token.name, token.rate)
+        return listed
 
     async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
