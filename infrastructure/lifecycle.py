@@ -7,7 +7,11 @@ what a failure means:
 - a transient failure (``is_transient``: a lost connection, a store or broker outage) is
   logged and the body is started again after a backoff with full jitter, growing to a
   ceiling, and reset once the body has run well for a while; the service is ``RETRYING``
-  meanwhile, with the error in its health;
+  meanwhile, with the error in its health. A service started with ``confirms_recovery``
+  stays ``RETRYING`` through its next attempts until its body calls
+  ``Supervisor.recovered`` (a unit of work went through): an attempt that is still
+  connecting, perhaps to time out again, is not a recovery, and health must not say
+  it runs;
 - any other failure is a bug or bad data that a retry would only hide: the service stops
   with state ``FAILED`` and the reason, logged once, visible in ``health()``. Nothing dies
   silently. A ``Refused`` (a service refusing to go on for a reason its operator must fix:
@@ -173,6 +177,14 @@ class Supervisor:
         self._attempt = 0
         self.move(ServiceState.RUNNING)
 
+    def recovered(self) -> None:
+        """The body got a unit of work through after a restart: ``RETRYING`` becomes
+        ``RUNNING`` (logged and counted once). Cheap enough to call after every unit; the
+        backoff keeps growing until the body has run ``healthy_after`` (see ``ran``). For
+        services started with ``confirms_recovery``."""
+        if self._health.state is ServiceState.RETRYING:
+            self.move(ServiceState.RUNNING)
+
     def ran(self, started: float) -> None:
         """The body ran from ``started`` (monotonic) until now; long enough resets backoff."""
         if time.monotonic() - started >= self.policy.healthy_after:
@@ -248,10 +260,12 @@ class SupervisedThread:
         transient: Callable[[BaseException], bool] = is_transient,
         on_failure: Callable[[BaseException], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        confirms_recovery: bool = False,
     ) -> None:
         self.name = name
         self._body = body
         self._on_stop = on_stop
+        self._confirms_recovery = confirms_recovery
         self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
         self.stopping = Stopping()
         self._thread: threading.Thread | None = None
@@ -305,7 +319,8 @@ class SupervisedThread:
                     return
                 if self.stopping.wait(delay):
                     break
-                supervisor.move(ServiceState.RUNNING)
+                if not self._confirms_recovery:
+                    supervisor.move(ServiceState.RUNNING)
                 continue
             break
         supervisor.move(ServiceState.STOPPED)
@@ -322,9 +337,11 @@ class SupervisedTask:
         policy: RestartPolicy | None = None,
         transient: Callable[[BaseException], bool] = is_transient,
         on_failure: Callable[[BaseException], None] | None = None,
+        confirms_recovery: bool = False,
     ) -> None:
         self.name = name
         self._body = body
+        self._confirms_recovery = confirms_recovery
         self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
         self.stopping = Stopping()
         self._wake = asyncio.Event()
@@ -348,7 +365,8 @@ class SupervisedTask:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 if self.stopping:
                     break
-                supervisor.move(ServiceState.RUNNING)
+                if not self._confirms_recovery:
+                    supervisor.move(ServiceState.RUNNING)
                 continue
             break
         supervisor.move(ServiceState.STOPPED)

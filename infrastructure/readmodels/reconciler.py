@@ -166,7 +166,7 @@ class ContinuousReconciler:
         self._last: dict[tuple[str, int], _LastRun] = {}
         self.runs = 0
         self.service = SupervisedThread(
-            "continuous reconciler", self._body, on_stop=self.log.interrupt
+            "continuous reconciler", self._body, on_stop=self.log.interrupt, confirms_recovery=True
         )
 
     def start(self) -> Self:
@@ -202,6 +202,7 @@ class ContinuousReconciler:
     def _body(self, stopping: Stopping) -> None:
         while not stopping:
             self.run_due()
+            self.service.supervisor.recovered()  # a pass went through: back to work
             stopping.wait(self.poll_interval)
 
     def run_due(self) -> list[ReconcileRun]:

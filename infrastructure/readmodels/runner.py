@@ -126,6 +126,8 @@ class ProjectionRunner:
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
+        #: Each version's position when the runner last failed (see ``_hold_lag``).
+        self._applied: dict[tuple[str, int], int] = {}
         #: The runner as a service: a transient failure (the log's store or the read-model
         #: database unreachable, at any point) reconnects after a backoff; anything else
         #: stops it as FAILED with the reason, in ``health()`` and the log.
@@ -134,6 +136,7 @@ class ProjectionRunner:
             self._follow,
             on_failure=lambda _: self._after_failure(),
             on_stop=self.log.interrupt,
+            confirms_recovery=True,
         )
         self._stop = self.service.stopping
 
@@ -228,8 +231,32 @@ class ProjectionRunner:
         """Let go of everything, the log's listen connection too: a runner that failed for
         good waits no more, and the connection would hold back the server's notification
         queue (see ``EventLog.stop_listening``); a retry listens again at its first wait."""
+        self._hold_lag()
         self._disconnect()
         self.log.stop_listening()
+
+    def _hold_lag(self) -> None:
+        """While the runner cannot apply (retrying, or failed), its lag keeps growing: the
+        gauges say so at every failed attempt, from the positions last applied and the
+        log's head, rather than freeze at the last value (0, say) that an alert would
+        trust. Skipped when the log cannot be read either."""
+        if self.slots:  # else: what the last failure with versions in hand knew
+            self._applied = {key: slot.record.position for key, slot in self.slots.items()}
+        if not self._applied:
+            return
+        try:
+            head = self.log.head()
+            oldest = {p: self.log.read(p, 1) for p in set(self._applied.values()) if p < head}
+        except Exception as error:  # the event store away too: nothing to measure against
+            log.debug("projection runner: lag not measured: %s", first_line(error))
+            return
+        now = time.time()
+        for (name, version), position in self._applied.items():
+            events = oldest.get(position) or []
+            age = now - events[0].timestamp.timestamp() if events else 0.0
+            labels = (name, str(version))
+            metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(max(0, head - position))
+            metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, age))
 
     def _disconnect(self) -> None:
         for connection in (self.store, self._locks):
@@ -347,6 +374,7 @@ class ProjectionRunner:
         start = min(slot.record.position for slot in self.slots.values())
         events = self.log.read(start, self.batch_size)
         if not events:
+            self.service.supervisor.recovered()  # both databases answered: back to work
             self._measure_lag([], 0)
             self._caught_up(start)
             self._switch_caught_up(store, start)
@@ -369,6 +397,7 @@ class ProjectionRunner:
                 failures = self._apply_alone(store, events, error)
         for failure in failures:
             self._handle_failure(store, failure)
+        self.service.supervisor.recovered()  # a batch committed: back to work
         full = len(events) >= self.batch_size
         head = self.log.head() if full or self.on_progress is not None else events[-1].position
         self._measure_lag(events, head)

@@ -186,6 +186,7 @@ class Relay:
             self._relay,
             policy=RestartPolicy(initial=config.backoff_min, ceiling=config.backoff_max),
             on_failure=self._record_failure,
+            confirms_recovery=True,
         )
 
     def stop(self) -> None:
@@ -233,6 +234,7 @@ class Relay:
                     (f"daybook.relay/{self.config.topic}",),
                 )
                 row = await cur.fetchone()
+                self.service.supervisor.recovered()  # the database answered: back to work
                 if row and row[0]:
                     if waited:
                         log.info("relay: took over topic %s", self.config.topic)

@@ -3,6 +3,7 @@ store for ten seconds in the middle of a log read: nothing lost, nothing applied
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ import pytest
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of, projection_runner
 from daybook.infrastructure.lifecycle import Health, ServiceState
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels import queries
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
@@ -704,3 +706,58 @@ def test_a_read_gives_up_on_an_outage_once_its_timeout_has_passed(
     assert not stuck, "the read was still waiting long after its timeout"
     assert len(outcome) == 1 and isinstance(outcome[0], Exception), outcome
     assert is_transient(outcome[0]), outcome[0]
+
+
+def test_a_runner_says_it_runs_again_only_once_it_is_back_at_work_and_its_lag_grows_meanwhile(
+    ledger: Ledger, pg_url: str, pg_admin_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through an outage of the read-model database, each attempt to reconnect said
+    ``recovered``, counted a restart and made health ``running`` (so ``/health`` ok) until
+    it failed again. Now the runner stays ``retrying`` through every attempt, and says it
+    recovered once, when a batch gets through. Meanwhile its lag gauges froze at their
+    last value (0): they now grow with the log."""
+    workload(ledger, 20)
+    readmodels = new_read_models(pg_admin_url)
+    caplog.set_level(logging.INFO, logger="daybook.services")
+    with Outage.of_url(readmodels) as outage:
+        runner = projection_runner(
+            Settings(url=pg_url, readmodels_url=outage.url(readmodels)), poll_interval=0.05
+        )
+        runner.start()
+        try:
+            head = ledger.head()
+            wait_until(lambda: set(positions(readmodels).values()) == {head}, "the first build")
+            outage.cut()
+            seen: list[Health] = []
+
+            def attempts() -> int:
+                return sum("restarting in" in r.getMessage() for r in caplog.records)
+
+            wait_until(lambda: attempts() >= 1, "the runner to meet the outage")
+            wait_until(lambda: seen.append(runner.health()) or attempts() >= 4, "more attempts")
+            assert {h.state for h in seen} == {ServiceState.RETRYING}, seen
+            assert {h.restarts for h in seen} == {0}, seen
+            assert not any("recovered" in r.getMessage() for r in caplog.records)
+            # Meanwhile the log grows: the lag gauges say so, rather than freeze at 0.
+            built = head
+            workload(ledger, 5, seed=3)
+            head = ledger.head()
+            labels = {
+                "projection": "account_balances",
+                "version": str(projections.by_name("account_balances").version),
+            }
+
+            def lag(name: str) -> float:
+                return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+            wait_until(lambda: lag("daybook_projection_lag_events") == head - built, "the lag")
+            assert lag("daybook_projection_lag_seconds") > 0
+            outage.restore()
+            wait_until(lambda: set(positions(readmodels).values()) == {head}, "the catch-up")
+            wait_until(lambda: lag("daybook_projection_lag_events") == 0, "no lag")
+            health = runner.health()
+            assert (health.state, health.restarts) == (ServiceState.RUNNING, 1), health
+        finally:
+            runner.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("projection runner: recovered (restart 1)") == 1, said

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -241,3 +242,95 @@ def test_a_service_logs_its_start_recovery_and_stop_and_shows_in_the_metrics(
     assert (
         metrics.REGISTRY.get_sample_value("daybook_service_up", {"service": "logged service"}) == 0
     )
+
+
+class Reconnecting:
+    """A body that fails ``failures`` times, then on its next run connects until
+    ``connected`` is set (a connect that may well time out again), and only then gets a
+    unit of work through and says so."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.runs = 0
+        self.connecting = threading.Event()
+        self.connected = threading.Event()
+        self.service: SupervisedThread | None = None
+
+    def __call__(self, stopping: Stopping) -> None:
+        assert self.service is not None
+        self.runs += 1
+        if self.runs <= self.failures:
+            raise ConnectionRefusedError("the store is down")
+        self.connecting.set()
+        self.connected.wait(30)
+        self.service.supervisor.recovered()
+        stopping.wait()
+
+
+def test_a_restart_is_no_recovery_until_the_body_gets_work_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Between an outage's attempts, health said ``running`` (and /health ok), and every
+    attempt was logged as a recovery and counted as a restart. A service that confirms
+    its recoveries stays ``retrying``, with the reason, until its body gets work through."""
+    body = Reconnecting(3)
+    service = SupervisedThread("confirming", body, policy=QUICK, confirms_recovery=True)
+    body.service = service
+    with caplog.at_level(logging.INFO, logger="daybook.services"):
+        service.start()
+        assert body.connecting.wait(30)
+        attempting = service.health()
+        body.connected.set()
+        deadline = time.monotonic() + 30
+        while service.health().state is not ServiceState.RUNNING:
+            assert time.monotonic() < deadline, service.health()
+            time.sleep(0.001)
+        recovered = service.health()
+        service.stop()
+    assert attempting.state is ServiceState.RETRYING and not attempting.ok
+    assert attempting.restarts == 0
+    assert attempting.error == "ConnectionRefusedError: the store is down"
+    assert recovered.restarts == 1 and recovered.error is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("confirming: recovered (restart 1)") == 1
+    assert not any("restart 2" in line for line in said), said
+
+
+def test_an_asyncio_service_that_confirms_recoveries_retries_until_work_goes_through() -> None:
+    async def scenario() -> tuple[ServiceState, int, ServiceState, int]:
+        runs = 0
+        connected = asyncio.Event()
+        service: SupervisedTask
+
+        async def flaky(stopping: Stopping) -> None:
+            nonlocal runs
+            runs += 1
+            if runs <= 2:
+                raise ConnectionResetError("broker gone")
+            await connected.wait()
+            service.supervisor.recovered()
+            while not stopping:
+                await asyncio.sleep(0.001)
+
+        service = SupervisedTask("async confirming", flaky, policy=QUICK, confirms_recovery=True)
+        task = asyncio.create_task(service.run())
+        while runs < 3:
+            await asyncio.sleep(0.001)
+        attempting = service.health()
+        connected.set()
+        while service.health().state is not ServiceState.RUNNING:
+            await asyncio.sleep(0.001)
+        running = service.health()
+        service.stop()
+        await task
+        return attempting.state, attempting.restarts, running.state, running.restarts
+
+    assert asyncio.run(scenario()) == (ServiceState.RETRYING, 0, ServiceState.RUNNING, 1)
+
+
+def test_recovered_moves_only_a_retrying_service() -> None:
+    """A caller's own step (``run_until_caught_up`` on a runner never started) must not
+    log the service as started."""
+    service = SupervisedThread("idle", Flaky(0, OSError("x")), confirms_recovery=True)
+    service.supervisor.recovered()
+    assert service.health().state is ServiceState.CREATED
