@@ -315,6 +315,7 @@ def http_parts(
         raise
     if runner is not None:
         parts.services["projections"] = runner.health
+        parts.services["projection versions"] = runner.versions_health
         parts.on_close.append(runner.stop)
     else:
         parts.on_close.append(location.close)

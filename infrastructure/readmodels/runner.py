@@ -126,6 +126,10 @@ class ProjectionRunner:
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
+        #: Versions of this runner's code that it cannot write, and why: stopped (an
+        #: event parked, rows refused) or left behind by reads switched to newer code.
+        #: The runner itself runs on for the others; ``versions_health`` says it.
+        self.halted: dict[tuple[str, int], str] = {}
         #: Each version's position when the runner last failed (see ``_hold_lag``).
         self._applied: dict[tuple[str, int], int] = {}
         #: The runner as a service: a transient failure (the log's store or the read-model
@@ -167,6 +171,18 @@ class ProjectionRunner:
 
     def health(self) -> Health:
         return self.service.health()
+
+    def versions_health(self) -> Health:
+        """The health of the versions this runner's code defines: ``failed``, with each
+        one's reason, while one is stopped or cannot be followed (its read model falls
+        behind, for good, while the runner's own health says it runs); ``running`` again
+        once a resume or a rebuild mends it."""
+        since = self.service.health().since
+        halted = dict(self.halted)
+        if not halted:
+            return Health("projection versions", ServiceState.RUNNING, since)
+        reasons = "; ".join(halted[key] for key in sorted(halted))
+        return Health("projection versions", ServiceState.FAILED, since, error=reasons)
 
     @property
     def error(self) -> str | None:
@@ -282,6 +298,10 @@ class ProjectionRunner:
                 record = catalog.register(projection)
             if record is None:
                 continue
+            if record.owner == RUNNER and record.state is VersionState.STOPPED:
+                self.halted[key] = _stopped(key, record.error)
+            elif not (record.owner == RUNNER and record.state is VersionState.RETIRED):
+                self.halted.pop(key, None)  # (a retired one: see ``_cannot_follow``)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)
@@ -323,20 +343,22 @@ class ProjectionRunner:
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
     ) -> None:
         """Say so if reads moved to a version newer than this runner's code defines."""
+        key = (projection.name, projection.version)
         if record.state is not VersionState.RETIRED:
             return
+        self.halted.pop(key, None)
         serving = catalog.active_version(projection.name)
         if serving is None or serving <= projection.version:
             return
         newer = catalog.version(projection.name, serving)
         if newer is None or newer.owner != RUNNER:
             return  # a stream group's to follow, not a runner's
-        key = (projection.name, projection.version)
         note = (
             f"a runner ({socket.gethostname()}:{os.getpid()}) cannot follow {projection.name} "
             f"version {serving}: its code defines version {projection.version}; deploy the "
             "new code"
         )
+        self.halted[key] = note
         if self._tell(key, "follow", note, level=logging.ERROR):
             with catalog.store.transaction():
                 catalog.set_note(projection.name, serving, note)
@@ -555,6 +577,7 @@ class ProjectionRunner:
     ) -> None:
         """Stop the version (with its dead letter, if an event caused it) and let it go."""
         log.error("projection %s v%s stopped: %s", *slot.key, reason)
+        self.halted[slot.key] = _stopped(slot.key, reason)
         try:
             with store.transaction():
                 VersionCatalog(store).stop(*slot.key, reason)
@@ -663,3 +686,8 @@ def _unresolved_letters(store: ReadStore, name: str, version: int) -> int:
 
 def _moved(record: VersionRecord, position: int, last_event_at: str | None) -> VersionRecord:
     return replace(record, position=position, last_event_at=last_event_at or record.last_event_at)
+
+
+def _stopped(key: tuple[str, int], reason: str | None) -> str:
+    """What a stopped version's health says: why, and what to do."""
+    return f"{key[0]} v{key[1]} stopped: {reason}; once fixed: daybook projections resume {key[0]}"

@@ -26,6 +26,8 @@ from daybook.infrastructure.http.tokens import open_tokens
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.settings import Settings
+from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DEPOSITED
+from daybook.projections.model import LogEvent, Rows
 from tests.http.conftest import Api
 
 
@@ -702,6 +704,42 @@ def test_health_is_503_when_the_request_purge_has_failed(tmp_path: Any) -> None:
         assert reply.status_code == 503, reply.text
         assert reply.json()["status"] == "failing"
         assert reply.json()["services"]["request purge"]["state"] == "failed"
+    finally:
+        api.close()
+
+
+def test_health_is_503_while_a_read_model_the_server_builds_is_stopped(tmp_path: Any) -> None:
+    # An event its code cannot apply stops one projection version (the others go on): the
+    # runner runs, and /health said ok while that read model stood still for good.
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    good = ACCOUNT_BALANCES.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] == 13:
+            raise ValueError("cannot apply a deposit of 13")
+        good(event, rows)
+
+    poisoned = dataclasses.replace(
+        ACCOUNT_BALANCES, handlers={**ACCOUNT_BALANCES.handlers, DEPOSITED: deposit}
+    )
+    parts = http_parts(
+        Settings.load(url=url), projections=[poisoned, ACCOUNT_STATEMENT], tokens=open_tokens(url)
+    )
+    api = Api(parts)
+    api.token("tester", "read", "write", "admin")
+    try:
+        account = api.open_account()
+        assert api.command("deposit", {"account_id": account, "amount": 13}).status_code == 200
+        deadline = time.monotonic() + 60
+        while (reply := api.run(api.client.get("/health"))).status_code == 200:
+            assert time.monotonic() < deadline, reply.text
+            time.sleep(0.05)
+        assert reply.status_code == 503, reply.text
+        services = reply.json()["services"]
+        assert services["projections"]["state"] == "running"
+        stopped = services["projection versions"]
+        assert stopped["state"] == "failed"
+        assert stopped["error"].startswith("account_balances v1 stopped: event Account.Deposited")
     finally:
         api.close()
 

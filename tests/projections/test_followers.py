@@ -56,6 +56,9 @@ def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
         old.run_until_caught_up()  # it lets go of version 1, and cannot follow version 2
         capsys.readouterr()
         assert main(["projections", "status", "--url", db_url]) == 1
+        # The runner itself runs (for the others); its versions' health, in /health, fails.
+        assert old.health().ok and not old.versions_health().ok
+        assert "cannot follow account_balances version 2" in (old.versions_health().error or "")
     finally:
         old.stop()
     out = capsys.readouterr().out
@@ -66,6 +69,7 @@ def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
     new = run_projections(ledger, db_url, projections=[ACCOUNT_BALANCES_V2], start=False)
     try:
         new.run_until_caught_up()
+        assert new.versions_health().ok
     finally:
         new.stop()
     assert main(["projections", "status", "--url", db_url]) == 0

@@ -191,6 +191,22 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
     assert status["account_balances"].dead_letters == 1
     assert status["account_balances"].lag_events == 2
     assert status["account_statement"].state is VersionState.LIVE
+    # The runner ran on for the others, and said it ran; /health said ok while a read model
+    # stood still for good. Its versions' health says which one and why, and so does that
+    # of a runner started again on the same code.
+    assert runner.health().ok
+    halted = runner.versions_health()
+    assert halted.state is ServiceState.FAILED and not halted.ok
+    assert halted.error is not None
+    assert halted.error.startswith(
+        f"account_balances v1 stopped: event Account.Deposited at position {bad.position}"
+        " failed 3 times"
+    )
+    assert halted.error.endswith("once fixed: daybook projections resume account_balances")
+    again = run_projections(ledger, url, projections=defs, start=False)
+    again.run_until_caught_up()
+    again.stop()
+    assert again.versions_health().error == halted.error
 
     # Fixed and resumed: the parked event is applied, once.
     store = open_store(runner.url)
@@ -199,6 +215,7 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
     fixed = run_projections(ledger, runner.url, start=False)
     fixed.run_until_caught_up()
     fixed.stop()
+    assert fixed.versions_health().ok
     assert_tables_match(ledger, runner.url, ACCOUNT_BALANCES)
     status = {s.name: s for s in projection_status(event_log_of(ledger), runner.url)}
     assert status["account_balances"].state is VersionState.LIVE
