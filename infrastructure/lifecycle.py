@@ -7,11 +7,12 @@ what a failure means:
 - a transient failure (``is_transient``: a lost connection, a store or broker outage) is
   logged and the body is started again after a backoff with full jitter, growing to a
   ceiling, and reset once the body has run well for a while; the service is ``RETRYING``
-  meanwhile, with the error in its health. A service started with ``confirms_recovery``
-  stays ``RETRYING`` through its next attempts until its body calls
-  ``Supervisor.recovered`` (a unit of work went through): an attempt that is still
-  connecting, perhaps to time out again, is not a recovery, and health must not say
-  it runs;
+  meanwhile, with the error in its health. It stays ``RETRYING`` through its next
+  attempts until its body says that a unit of work went through (``Supervisor.recovered``
+  or ``succeeded``): an attempt that is still connecting, perhaps to time out again, is
+  no recovery, and health must not say it runs (nor the log "recovered", nor the
+  restart count move) at each attempt of a long outage. So every body calls one of them
+  after each unit of work (both are cheap);
 - any other failure is a bug or bad data that a retry would only hide: the service stops
   with state ``FAILED`` and the reason, logged once, visible in ``health()``. Nothing dies
   silently. A ``Refused`` (a service refusing to go on for a reason its operator must fix:
@@ -172,16 +173,17 @@ class Supervisor:
         return True
 
     def succeeded(self) -> None:
-        """A unit of work went through: back to RUNNING, and the next failure starts the
-        backoff from ``initial`` (for services that retry one unit at a time)."""
+        """A unit of work went through: back to RUNNING (from RETRYING; a waiting note
+        cleared), and the next failure starts the backoff from ``initial`` (for services
+        that retry one unit at a time)."""
         self._attempt = 0
-        self.move(ServiceState.RUNNING)
+        if self._health.state in (ServiceState.RUNNING, ServiceState.RETRYING):
+            self.move(ServiceState.RUNNING)
 
     def recovered(self) -> None:
         """The body got a unit of work through after a restart: ``RETRYING`` becomes
         ``RUNNING`` (logged and counted once). Cheap enough to call after every unit; the
-        backoff keeps growing until the body has run ``healthy_after`` (see ``ran``). For
-        services started with ``confirms_recovery``."""
+        backoff keeps growing until the body has run ``healthy_after`` (see ``ran``)."""
         if self._health.state is ServiceState.RETRYING:
             self.move(ServiceState.RUNNING)
 
@@ -260,12 +262,10 @@ class SupervisedThread:
         transient: Callable[[BaseException], bool] = is_transient,
         on_failure: Callable[[BaseException], None] | None = None,
         on_stop: Callable[[], None] | None = None,
-        confirms_recovery: bool = False,
     ) -> None:
         self.name = name
         self._body = body
         self._on_stop = on_stop
-        self._confirms_recovery = confirms_recovery
         self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
         self.stopping = Stopping()
         self._thread: threading.Thread | None = None
@@ -319,9 +319,7 @@ class SupervisedThread:
                     return
                 if self.stopping.wait(delay):
                     break
-                if not self._confirms_recovery:
-                    supervisor.move(ServiceState.RUNNING)
-                continue
+                continue  # RETRYING until the body says work went through
             break
         supervisor.move(ServiceState.STOPPED)
 
@@ -337,11 +335,9 @@ class SupervisedTask:
         policy: RestartPolicy | None = None,
         transient: Callable[[BaseException], bool] = is_transient,
         on_failure: Callable[[BaseException], None] | None = None,
-        confirms_recovery: bool = False,
     ) -> None:
         self.name = name
         self._body = body
-        self._confirms_recovery = confirms_recovery
         self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
         self.stopping = Stopping()
         self._wake = asyncio.Event()
@@ -365,9 +361,7 @@ class SupervisedTask:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 if self.stopping:
                     break
-                if not self._confirms_recovery:
-                    supervisor.move(ServiceState.RUNNING)
-                continue
+                continue  # RETRYING until the body says work went through
             break
         supervisor.move(ServiceState.STOPPED)
 

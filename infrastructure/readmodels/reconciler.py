@@ -166,7 +166,7 @@ class ContinuousReconciler:
         self._last: dict[tuple[str, int], _LastRun] = {}
         self.runs = 0
         self.service = SupervisedThread(
-            "continuous reconciler", self._body, on_stop=self.log.interrupt, confirms_recovery=True
+            "continuous reconciler", self._body, on_stop=self.log.interrupt
         )
 
     def start(self) -> Self:

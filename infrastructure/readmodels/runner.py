@@ -140,7 +140,6 @@ class ProjectionRunner:
             self._follow,
             on_failure=lambda _: self._after_failure(),
             on_stop=self.log.interrupt,
-            confirms_recovery=True,
         )
         self._stop = self.service.stopping
 
@@ -392,6 +391,9 @@ class ProjectionRunner:
         store = self._connect()
         self._claim_slots(store)
         if not self.slots:
+            # Nothing to write (standing by for another runner's versions, or none ours):
+            # the read-model database answered, which is all this step had to do.
+            self.service.supervisor.recovered()
             return 0
         start = min(slot.record.position for slot in self.slots.values())
         events = self.log.read(start, self.batch_size)

@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -80,6 +80,7 @@ from daybook.infrastructure.lifecycle import (
 )
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import log_context
+from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
@@ -149,9 +150,13 @@ class SagaProcessor:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="daybook-saga")
         self._lock = threading.Lock()
         self._in_flight: set[UUID] = set()
+        #: The workers' futures not yet done (``stop`` waits for them, within its bound).
+        self._futures: set[Future[None]] = set()
         #: Sagas waiting for an open breaker: not driven before then.
         self._not_before: dict[UUID, datetime] = {}
         self._failure: BaseException | None = None
+        #: Why the last drive to end failed, if it met an outage (see ``_run``).
+        self._stalled: str | None = None
         #: How many moves this processor made (steps, compensations, deadlines, retries).
         self.moves = 0
         #: When ``run_due`` next sets ``daybook_sagas`` (monotonic seconds).
@@ -163,9 +168,25 @@ class SagaProcessor:
     def start(self) -> None:
         self.service.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no new sagas, let each worker finish the move in hand, and wait up to
+        ``timeout`` seconds in all. Sagas handed out but not started are left for the next
+        pass of any processor. A move still running then (a gateway call that hangs) is
+        left to its thread and said in the log: its saga is as safe as after a crash (each
+        move is recorded once, a call is looked up before it is repeated), and the next
+        processor to start takes it up. Unbounded, one hung call held the stop for ever."""
+        deadline = time.monotonic() + timeout
         self.service.stop(timeout)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            futures = list(self._futures)
+        _, running = wait(futures, max(0.0, deadline - time.monotonic()))
+        if running:
+            with self._lock:
+                sagas = ", ".join(sorted(str(saga_id) for saga_id in self._in_flight))
+            log.warning("%s: stopped with %d saga move(s) still running after %gs (sagas %s);"
+                        " the next processor to start takes them up",
+                        self.name, len(running), timeout, sagas)  # fmt: skip
 
     def _on_stop(self) -> None:
         """Finish the sagas in hand; take no new ones."""
@@ -176,13 +197,22 @@ class SagaProcessor:
     def _run(self, stopping: Stopping) -> None:
         while not stopping:
             try:
-                self.run_due()
+                handed = self.run_due()
             except StaleRead as error:
                 # The sagas read model is not there yet (its runner is starting, or
                 # stopped): nothing can be seen to be due. Say so in health, and look again.
                 self.service.supervisor.move(ServiceState.RETRYING, str(error))
             else:
-                self.service.supervisor.succeeded()
+                # The read models answered; the sagas themselves may not move (the event
+                # store away, with the read models elsewhere): health says so while the
+                # last drive to end failed on an outage and sagas are still due.
+                stalled = self._stalled
+                if stalled is not None and (handed or self._in_flight):
+                    reason = f"sagas cannot move: {stalled}"
+                    self.service.supervisor.move(ServiceState.RETRYING, reason)
+                else:
+                    self._stalled = None
+                    self.service.supervisor.succeeded()
             stopping.wait(self.poll)
 
     def run_due(self) -> int:
@@ -237,11 +267,19 @@ class SagaProcessor:
                 del self._not_before[saga_id]
             self._in_flight.add(saga_id)
         try:
-            return self._pool.submit(self._drive_in_worker, saga_id)
+            future = self._pool.submit(self._drive_in_worker, saga_id)
         except RuntimeError:  # the pool shut down: the processor is stopping
             with self._lock:
                 self._in_flight.discard(saga_id)
             return None
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     def _drive_in_worker(self, saga_id: UUID) -> None:
         with log_context(saga_id=str(saga_id)):  # on every line logged about it
@@ -250,7 +288,10 @@ class SagaProcessor:
     def _drive_logged(self, saga_id: UUID) -> None:
         try:
             self.drive(saga_id)
+            self._stalled = None
         except Exception as error:
+            if is_transient(error):
+                self._stalled = first_line(error)
             if is_transient(error) or isinstance(error, ConcurrencyConflict):
                 # The store or a port is out, or other writers kept the saga's accounts or
                 # SKUs busy past the ledger's retries (nothing was applied): the saga is
@@ -271,8 +312,8 @@ class SagaProcessor:
             saga = self.ledger.read(Saga, saga_id)
             now = self.clock()
             move = saga.next_move(now)
-            if isinstance(move, Wait):
-                return saga
+            if isinstance(move, Wait) or self.service.stopping:
+                return saga  # (stopping: the move in hand was the last; the rest is due)
             self.moves += 1
             if isinstance(move, FireDeadline):
                 with _step_span(saga, "deadline", move.step):

@@ -53,6 +53,7 @@ from daybook.infrastructure.lifecycle import (
     Health,
     Refused,
     RestartPolicy,
+    ServiceState,
     Stopping,
     SupervisedTask,
 )
@@ -186,7 +187,6 @@ class Relay:
             self._relay,
             policy=RestartPolicy(initial=config.backoff_min, ceiling=config.backoff_max),
             on_failure=self._record_failure,
-            confirms_recovery=True,
         )
 
     def stop(self) -> None:
@@ -383,6 +383,7 @@ class Relay:
                 self._log.notifications, cursor.position, self.config.batch_size
             )
             if not batch:
+                self.service.supervisor.recovered()  # the broker was reached (a producer)
                 self._caught_up(cursor.position)
                 await self._wait_for_events(listen)
                 continue
@@ -396,6 +397,7 @@ class Relay:
                 return lost.restart
             crash_point("relay.after_send")
             await _save_cursor(lock_conn, moved)
+            self.service.supervisor.recovered()  # a batch published and its cursor saved
             self.stats.published += len(batch)
             self.stats.batches += 1
             self.stats.republished = moved.republished
@@ -539,9 +541,14 @@ class Relay:
         self.stats.last_error = f"{type(error).__name__}: {error}"
 
     def _failed(self, what: str, error: BaseException) -> None:
+        """An outage the relay waits out itself, holding its lock and cursor: its health
+        says it retries (until a batch is published, or it finds nothing to publish)."""
         self._behind = True
         self.stats.state = f"waiting for {what}"
         self.stats.last_error = f"{type(error).__name__}: {error}"
+        self.service.supervisor.move(
+            ServiceState.RETRYING, f"{what} unavailable: {self.stats.last_error}"
+        )
         log.warning("relay: %s unavailable (%s); retrying", what, self.stats.last_error)
 
 

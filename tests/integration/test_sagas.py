@@ -4,6 +4,9 @@ test moves), so backoffs and deadlines pass when the test says so."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,13 +29,16 @@ from daybook.domain.sagas import (
     SagaState,
     Wait,
 )
-from daybook.infrastructure.gateway import Unavailable
+from daybook.infrastructure.gateway import Charge, Unavailable
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
 from daybook.projections.sagas import SAGA_LIST
+from scripts import services
+from scripts.outage import Outage
+from scripts.streams import unique, wait_until
 
 
 class Clock:
@@ -376,3 +382,115 @@ def test_an_order_its_hold_would_refuse_is_refused_when_placed() -> None:
                 ledger.execute(PlaceOrder("o-1", payer, merchant, [("KETTLE", 1, 4_500)]))
             assert refused.value.code == code
             assert ledger.head() == head
+
+
+class HungGateway:
+    """The shop's gateway, whose charges hang until ``release`` (a remote that accepted the
+    connection and never answers, behind a client without a timeout)."""
+
+    def __init__(self, inner: HttpPaymentGateway) -> None:
+        self.inner = inner
+        self.entered: list[str] = []
+        self.release = threading.Event()
+
+    def charge(self, key: str, **details: Any) -> Charge:
+        self.entered.append(key)
+        self.release.wait(60)
+        return self.inner.charge(key, **details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_stop_waits_for_hung_gateway_calls_only_as_long_as_it_was_told(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stop(timeout)`` waited for the worker pool without bound: every saga handed out,
+    queued ones included, was driven to its end, and one gateway call that never returned
+    held a deploy's stop (and the process) for ever. Now the queued ones are left for the
+    next pass, the stop gives up after its timeout saying which sagas were in hand, and
+    the next processor finishes every one, charging each once."""
+    hung = HungGateway(HttpPaymentGateway(shop.server.url, timeout=2.0))
+    processor = SagaProcessor(
+        shop.ledger, shop.processor.views, {"payments": hung}, poll=0.01, workers=2
+    )
+    sagas = [shop.order(f"o-hung-{n}", [("KETTLE", 1, 700)]) for n in range(6)]
+    for saga_id in sagas:
+        processor.wake(saga_id)
+    deadline = time.monotonic() + 30
+    while len(hung.entered) < 2:  # both workers inside a call, four sagas queued
+        assert time.monotonic() < deadline, hung.entered
+        time.sleep(0.01)
+    stopping = threading.Thread(target=processor.stop, kwargs={"timeout": 0.2})
+    with caplog.at_level(logging.WARNING):
+        stopping.start()
+        stopping.join(30)
+        alive = stopping.is_alive()
+        hung.release.set()  # (let the calls end either way)
+    assert not alive
+    warned = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert len(warned) == 1 and "2 saga move(s)" in warned[0], warned
+    while processor._futures:  # the two calls answer; their workers make no more moves
+        assert time.monotonic() < deadline + 30, processor._futures
+        time.sleep(0.01)
+    assert len(hung.entered) == 2  # the queued ones never started
+    for saga_id in sagas:
+        assert shop.run(saga_id).state is SagaState.COMPLETED
+    assert shop.charged() == {idempotency_key(saga_id, "charge"): 1 for saga_id in sagas}
+
+
+@pytest.mark.postgres
+def test_the_processor_says_it_retries_while_its_sagas_cannot_move(
+    pg_url: str, pg_admin_url: str
+) -> None:
+    """Read models on a database of their own, the event store away: every pass read the
+    due sagas, every drive failed on the outage (only logged), and health said running.
+    It now says it retries, and why, until sagas move again."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    ledger = open_ledger(pg_url)
+    server = FakeGatewayServer(Knobs(seed=5)).start()
+    views = ReadModels(readmodels)
+    processor: SagaProcessor | None = None
+    try:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 3)
+        saga_id = ledger.execute(
+            PlaceOrder("o-away", customer, merchant, [("KETTLE", 1, 900)])
+        ).saga_id
+        assert saga_id is not None
+        built = run_projections(ledger, readmodels, start=False)
+        built.run_until_caught_up()
+        built.stop()
+        with Outage.of_url(pg_url) as outage:
+            proxied = outage.url(pg_url)
+            # Each attempt to reach the store waits 2 s, not 10: the test sees the outage soon.
+            away = open_ledger(f"{proxied}{'&' if '?' in proxied else '?'}connect_timeout=2")
+            processor = SagaProcessor(
+                away, views, {"payments": HttpPaymentGateway(server.url)}, poll=0.05
+            )
+            outage.cut()
+            processor.start()
+            wait_until(
+                lambda: processor is not None and processor.health().state is ServiceState.RETRYING,
+                "the processor to say its sagas cannot move",
+            )
+            health = processor.health()
+            assert not health.ok
+            assert (health.error or "").startswith("sagas cannot move: "), health
+            outage.restore()
+            wait_until(lambda: ledger.read(Saga, saga_id).state.finished, "the saga to end")
+            wait_until(
+                lambda: processor is not None and processor.health().state is ServiceState.RUNNING,
+                "the processor to say it runs again",
+            )
+            processor.stop()
+            away.close()
+        assert ledger.read(Saga, saga_id).state is SagaState.COMPLETED
+    finally:
+        if processor is not None:
+            processor.stop()
+        views.close()
+        server.stop()
+        ledger.close()

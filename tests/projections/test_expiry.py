@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
+import psycopg
 import pytest
 
 from daybook import Ledger, open_ledger, run_projections
 from daybook.domain.errors import ConcurrencyConflict
 from daybook.domain.holds import ExpireHold
 from daybook.infrastructure.expiry import ExpirySweeper, open_holds
-from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.lifecycle import Health, RestartPolicy, ServiceState
 from daybook.projections import ACCOUNT_BALANCES, OPEN_HOLDS_PROJECTION
 from tests.projections.helpers import assert_tables_match
 
@@ -104,3 +107,53 @@ def test_a_contended_expiry_is_left_to_the_next_sweep(clock: Clock) -> None:
 
     sweeper = ExpirySweeper(Contended(), None, clock=clock)  # type: ignore[arg-type]
     assert sweeper._record(ExpireHold(uuid4())) == 0
+
+
+class DownViews:
+    """A read-model database behind a partition: every read waits for its connect timeout
+    (shortened here), then fails as an outage."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.calls = 0
+
+    def rows(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        time.sleep(self.wait)
+        raise psycopg.OperationalError("connection timeout expired")
+
+    count = rows
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_sweeper_never_says_it_runs_through_an_outage_it_never_got_past(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each attempt of an outage said ``running`` (so /health 200) while it waited to time
+    out, counted a restart and logged "recovered"."""
+    caplog.set_level(logging.INFO, logger="daybook.services")
+    ledger = open_ledger("memory://")
+    views = DownViews(wait=0.3)
+    sweeper = ExpirySweeper(
+        ledger,
+        views,  # type: ignore[arg-type]
+        interval=0.05,
+        policy=RestartPolicy(initial=0.01, ceiling=0.05),
+    )
+    seen: list[Health] = []
+    sweeper.start()
+    try:
+        while views.calls < 2:  # from the first failure on
+            time.sleep(0.01)
+        while views.calls < 8:
+            seen.append(sweeper.health())
+            time.sleep(0.02)
+    finally:
+        sweeper.stop()
+        ledger.close()
+    assert sweeper.recorded == 0  # not one sweep got through
+    assert {h.state for h in seen} == {ServiceState.RETRYING}, seen
+    assert {h.restarts for h in seen} == {0}, seen
+    assert not [r for r in caplog.records if "recovered" in r.getMessage()]

@@ -761,3 +761,29 @@ def test_a_runner_says_it_runs_again_only_once_it_is_back_at_work_and_its_lag_gr
             runner.stop()
     said = [r.getMessage() for r in caplog.records]
     assert said.count("projection runner: recovered (restart 1)") == 1, said
+
+
+def test_a_standby_runner_says_it_runs_again_after_one_lost_connection(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """A runner standing by (another holds every version's writer lock) has no batch to
+    get through: after one lost connection it reconnected, yet stayed ``retrying`` (and
+    /health 503) until the other runner died."""
+    workload(ledger, 5)
+    first = projection_runner(Settings(url=pg_url), poll_interval=0.05)
+    standby = projection_runner(Settings(url=pg_url), poll_interval=0.05)
+    first.start()
+    try:
+        wait_until(lambda: first.slots != {}, "the first runner to own the versions")
+        standby.start()
+        wait_until(lambda: standby._locks is not None, "the standby to connect")
+        assert standby.slots == {} and standby.health().state is ServiceState.RUNNING
+        pid = standby._locks.conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: standby.health().state is ServiceState.RETRYING, "the blip")
+        wait_until(lambda: standby.health().state is ServiceState.RUNNING, "the standby again")
+        assert standby.health().restarts == 1 and standby.slots == {}
+    finally:
+        standby.stop()
+        first.stop()

@@ -15,6 +15,7 @@ import pytest
 
 from daybook import Ledger, open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_cursor
 from scripts import services
 from tests.pg_locks import listening_sessions
@@ -57,7 +58,8 @@ def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None
     """A session that listens and is never read holds back PostgreSQL's notification
     queue, shared by the whole server: every commit adds to it (once the session's socket
     is full, after some 100,000), up to its 8 GB, and then every commit fails. While the
-    broker is down the relay reads nothing, for as long as the outage lasts."""
+    broker is down the relay reads nothing, for as long as the outage lasts. Its health
+    says it retries, with the reason."""
     ledger = open_ledger(pg_url)
     account = ledger.open_account("ann", "EUR").account_id
     try:
@@ -67,6 +69,7 @@ def test_the_relay_does_not_listen_while_the_broker_is_down(pg_url: str) -> None
                 ledger.deposit(account, 5)  # the ledger goes on writing
                 time.sleep(0.05)
             assert relay.stats.state == "waiting for broker"
+            assert relay.health().state is ServiceState.RETRYING
             assert listening_sessions(pg_url) == 0
     finally:
         ledger.close()
@@ -106,9 +109,15 @@ def test_the_relay_stops_listening_when_the_broker_goes_down_and_listens_again_a
             _until(lambda: relay.stats.state == "waiting for broker", "the relay to see it")
             for _ in range(20):
                 assert listening_sessions(pg_url) == 0
+                # Its health said it ran, through the whole outage: it retries.
+                health = relay.health()
+                assert health.state is ServiceState.RETRYING and not health.ok, health
+                assert (health.error or "").startswith("broker unavailable: "), health
                 time.sleep(0.05)
             own_broker.start()
             _until(lambda: published() == ledger.head(), "the relay to publish after it")
             _until(lambda: listening_sessions(pg_url) == 1, "the relay to listen again")
+            health = relay.health()
+            assert (health.state, health.restarts) == (ServiceState.RUNNING, 1), health
     finally:
         ledger.close()

@@ -24,18 +24,22 @@ QUICK = RestartPolicy(initial=0.001, ceiling=0.002)
 
 
 class Flaky:
-    """A body that fails ``failures`` times with ``error``, then works until stopped."""
+    """A body that fails ``failures`` times with ``error``, then works until stopped (and
+    says so to its ``service``'s supervisor, as every body does)."""
 
     def __init__(self, failures: int, error: Exception) -> None:
         self.failures = failures
         self.error = error
         self.runs = 0
         self.working = threading.Event()
+        self.service: SupervisedThread | None = None
 
     def __call__(self, stopping: Stopping) -> None:
         self.runs += 1
         if self.runs <= self.failures:
             raise self.error
+        if self.service is not None:
+            self.service.supervisor.recovered()
         self.working.set()
         stopping.wait()
 
@@ -53,12 +57,13 @@ def test_a_transient_failure_restarts_the_body_and_is_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     body = Flaky(3, ConnectionRefusedError("the store is down"))
-    service = SupervisedThread("flaky", body, policy=QUICK)
+    service = body.service = SupervisedThread("flaky", body, policy=QUICK)
     with caplog.at_level(logging.WARNING, logger="daybook.services"):
         service.start()
         assert body.working.wait(30)
         health = service.health()
-        assert health.state is ServiceState.RUNNING and health.restarts == 3
+        # Three failed attempts, one recovery: restarts counts recoveries, not attempts.
+        assert health.state is ServiceState.RUNNING and health.restarts == 1
         assert health.error is None
         service.stop()
     assert service.health().state is ServiceState.STOPPED
@@ -191,6 +196,7 @@ def test_an_asyncio_service_restarts_on_transient_failures_and_stops_on_others()
             runs += 1
             if runs <= 2:
                 raise ConnectionResetError("broker gone")
+            service.supervisor.recovered()
             while not stopping:
                 await asyncio.sleep(0.001)
 
@@ -210,7 +216,7 @@ def test_an_asyncio_service_restarts_on_transient_failures_and_stops_on_others()
         return running.state, running.restarts, failing.health().state, failing.health().error
 
     state, restarts, failed, reason = asyncio.run(scenario())
-    assert (state, restarts) == (ServiceState.RUNNING, 2)
+    assert (state, restarts) == (ServiceState.RUNNING, 1)
     assert failed is ServiceState.FAILED and reason == "RuntimeError: bad state"
 
 
@@ -220,7 +226,7 @@ def test_a_service_logs_its_start_recovery_and_stop_and_shows_in_the_metrics(
     from daybook.infrastructure.observability import metrics
 
     body = Flaky(1, ConnectionResetError("lost"))
-    service = SupervisedThread("logged service", body, policy=QUICK)
+    service = body.service = SupervisedThread("logged service", body, policy=QUICK)
     with caplog.at_level(logging.INFO, logger="daybook.services"):
         service.start()
         assert body.working.wait(30)
@@ -274,7 +280,7 @@ def test_a_restart_is_no_recovery_until_the_body_gets_work_through(
     attempt was logged as a recovery and counted as a restart. A service that confirms
     its recoveries stays ``retrying``, with the reason, until its body gets work through."""
     body = Reconnecting(3)
-    service = SupervisedThread("confirming", body, policy=QUICK, confirms_recovery=True)
+    service = SupervisedThread("confirming", body, policy=QUICK)
     body.service = service
     with caplog.at_level(logging.INFO, logger="daybook.services"):
         service.start()
@@ -296,7 +302,7 @@ def test_a_restart_is_no_recovery_until_the_body_gets_work_through(
     assert not any("restart 2" in line for line in said), said
 
 
-def test_an_asyncio_service_that_confirms_recoveries_retries_until_work_goes_through() -> None:
+def test_an_asyncio_service_retries_until_work_goes_through() -> None:
     async def scenario() -> tuple[ServiceState, int, ServiceState, int]:
         runs = 0
         connected = asyncio.Event()
@@ -312,7 +318,7 @@ def test_an_asyncio_service_that_confirms_recoveries_retries_until_work_goes_thr
             while not stopping:
                 await asyncio.sleep(0.001)
 
-        service = SupervisedTask("async confirming", flaky, policy=QUICK, confirms_recovery=True)
+        service = SupervisedTask("async confirming", flaky, policy=QUICK)
         task = asyncio.create_task(service.run())
         while runs < 3:
             await asyncio.sleep(0.001)
@@ -331,6 +337,6 @@ def test_an_asyncio_service_that_confirms_recoveries_retries_until_work_goes_thr
 def test_recovered_moves_only_a_retrying_service() -> None:
     """A caller's own step (``run_until_caught_up`` on a runner never started) must not
     log the service as started."""
-    service = SupervisedThread("idle", Flaky(0, OSError("x")), confirms_recovery=True)
+    service = SupervisedThread("idle", Flaky(0, OSError("x")))
     service.supervisor.recovered()
     assert service.health().state is ServiceState.CREATED
