@@ -197,16 +197,15 @@ class ReadRoutes:
         """``min_position`` and ``timeout`` of a read, from its query or headers. Without a
         ``min_position`` a read still waits (up to ``timeout``) for a read model that has
         not been built yet, as just after the server started."""
-        timeout = request.query_params.get("timeout", "2")
+        given = _param(request, "timeout")
+        timeout = "2" if given is None else given
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else -1.0
         if not 0 <= seconds <= self.max_wait:
             raise Problem(
                 "invalid_parameter",
                 f"timeout is seconds between 0 and {self.max_wait:g}, got {timeout!r}",
             )
-        text = request.query_params.get("min_position") or request.headers.get(
-            "daybook-min-position"
-        )
+        text = _param(request, "min_position") or request.headers.get("daybook-min-position")
         if text is None:
             return {"timeout": seconds}
         return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
@@ -269,6 +268,15 @@ def _ids(request: Request) -> list[UUID] | None:
     return [_uuid(text, "ids") for text in ids]
 
 
+def _param(request: Request, name: str) -> str | None:
+    """The query's ``name`` (None without it). Given twice it is refused: the last one
+    silently won, and ``?min_position=90&min_position=1`` read at 1."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise Problem("invalid_parameter", f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
 def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
     value = int(text) if _WHOLE.fullmatch(text) else minimum - 1
     top = MAX_BIGINT if maximum is None else maximum
@@ -279,7 +287,7 @@ def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
 
 
 def _number(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:
-    text = request.query_params.get(name)
+    text = _param(request, name)
     return default if text is None else _whole(text, name, minimum, maximum)
 
 
@@ -290,7 +298,7 @@ def _encode(state: dict[str, Any]) -> str:
 def _cursor(request: Request, field: str, read: Callable[[str | int], str] = str) -> str | None:
     """The ``field`` of the request's cursor (None without one), as ``read`` makes it: a
     cursor it refuses was not handed out by this endpoint, whatever else it holds."""
-    text = request.query_params.get("cursor")
+    text = _param(request, "cursor")
     if text is None:
         return None
     try:

@@ -192,3 +192,30 @@ def test_a_list_that_cannot_be_read_counts_against_the_rate(sqlite_api: Api) -> 
 
     assert post("bad-1").status_code in (400, 422)
     assert post("bad-2").status_code == 429
+
+
+def test_a_query_parameter_given_twice_is_refused(sqlite_api: Api) -> None:
+    """``?min_position=90&min_position=1``: the last one won silently, and a read that asked
+    to see position 90 was answered as of an earlier one. Every parameter but the list of
+    ids is now refused when repeated, and names itself."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    head = api.head()
+    path = f"/v1/accounts/{ann}/balance"
+    for name, values in {
+        "min_position": [head + 1000, 1],
+        "timeout": [10, 0],
+        "limit": [1, 500],
+        "cursor": ["a", "b"],
+    }.items():
+        query = [(name, str(value)) for value in values]
+        target = path if name in ("min_position", "timeout") else f"/v1/accounts/{ann}/statement"
+        if name != "timeout":
+            query.append(("timeout", "10"))
+        reply = api.run(api.client.get(target, params=query, headers=api.auth("tester")))
+        assert reply.status_code == 400, (name, reply.text)
+        problem = reply.json()
+        assert problem["code"] == "invalid_parameter", problem
+        assert f"{name} is given 2 times" in problem["detail"], problem
+    ids = api.get("/v1/balances/snapshot", ids=[ann, ann], min_position=head)
+    assert ids.status_code == 200, ids.text  # a list: repeated on purpose
