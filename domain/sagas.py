@@ -113,6 +113,21 @@ class Step:
     #: Seconds the saga may wait in this step (from when it reaches it) before compensating.
     deadline: int | None = None
 
+    def __post_init__(self) -> None:
+        # A step's name is part of its moves' request ids (at most 200 characters, with
+        # some 90 taken by the saga's id and the move): a longer one left its saga stuck.
+        if not (0 < len(self.name) <= MAX_STEP_NAME and self.name.isprintable()):
+            msg = (
+                f"a saga step's name is 1-{MAX_STEP_NAME} printable characters, "
+                f"got {self.name[:40]!r}{'...' if len(self.name) > 40 else ''}"
+                f" ({len(self.name)} characters)"
+            )
+            raise ValueError(msg)
+
+
+#: The longest name a saga step may have (see ``Step``).
+MAX_STEP_NAME = 100
+
 
 @dataclass(frozen=True)
 class SagaPolicy:

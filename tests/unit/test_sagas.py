@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
@@ -14,6 +15,7 @@ from daybook.domain.errors import DomainError
 from daybook.domain.events import Metadata, metadata_scope
 from daybook.domain.orders import ORDER, order_saga_id
 from daybook.domain.sagas import (
+    MAX_STEP_NAME,
     Compensate,
     DecisionMetadata,
     FireDeadline,
@@ -28,6 +30,8 @@ from daybook.domain.sagas import (
     Step,
     Wait,
 )
+from daybook.domain.values import check_request_text
+from daybook.infrastructure.sagas.processor import _undo_id, idempotency_key
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 ACCOUNT = "6f0a3c3e-7d1b-4f0e-8a51-2b1c9d7e0f11"
@@ -229,3 +233,29 @@ def test_the_order_plan_has_a_step_per_line_and_a_payment_deadline() -> None:
     assert steps[3].deadline == 30 and isinstance(steps[3].action, Remote)
     assert steps[4].compensation is None
     assert order_saga_id("o-1") == order_saga_id("o-1") != order_saga_id("o-2")
+
+
+def test_a_step_name_too_long_for_its_request_ids_is_refused_where_the_saga_is_defined() -> None:
+    """A step's name goes into its moves' request ids (at most 200 characters): a name of
+    140 characters defined fine, then left its saga stuck at the first move whose id was
+    too long (a compensation after a person's retry, say). Names are bounded where they are
+    defined; the longest ids of the longest name fit."""
+    with pytest.raises(
+        ValueError, match=r"1-100 printable characters, got 'xxx.*\(101 characters\)"
+    ):
+        Step("x" * 101, Local(_nothing))
+    with pytest.raises(ValueError, match="printable"):
+        Step("charge\n", Local(_nothing))
+    longest = Step("s" * MAX_STEP_NAME, Local(_nothing)).name
+    saga = SimpleNamespace(id=uuid4(), retries=10**9)
+    for request_id in (
+        _undo_id(saga, longest, f"retry:{10**6}"),  # type: ignore[arg-type]
+        _undo_id(saga, longest, "done"),  # type: ignore[arg-type]
+        f"saga:{saga.id}:{longest}:failed",
+        idempotency_key(saga.id, longest),
+    ):
+        assert check_request_text(request_id, "request_id") == request_id
+
+
+def _nothing(context: SagaContext) -> Command:
+    raise AssertionError("never built")
