@@ -27,7 +27,7 @@ from daybook.domain.commands import (
 from daybook.domain.errors import DomainError, InvalidAmount, InvalidRequest
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.ids import new_id_text
-from daybook.domain.values import MAX_AMOUNT, check_sku, inventory_id
+from daybook.domain.values import MAX_AMOUNT, check_sku, inventory_id, shown
 
 
 class SkuNotFound(DomainError):
@@ -427,7 +427,7 @@ def check_reservation_id(value: object, what: str = "reservation_id") -> str:
     """Reservation ids are short printable strings chosen by the caller or by the ledger."""
     if not isinstance(value, str) or not 0 < len(value) <= 100 or not value.isprintable():
         raise InvalidRequest(
-            f"{what} must be 1-100 printable characters, got {value!r}",
+            f"{what} must be 1-100 printable characters, got {shown(value)}",
             field=what,
         )
     return value

@@ -17,6 +17,7 @@ from uuid import UUID
 from daybook.domain.commands import Aggregates, Check, Command
 from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.values import shown
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -36,7 +37,7 @@ class LinkedCommandFailed(DomainError):
 def check_linked(value: object, what: str = "commands") -> tuple[Command, ...]:
     """A non-empty list of at most MAX_LINKED commands, none of them a list itself."""
     if isinstance(value, Command) or not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidRequest(f"{what} must be a list of commands, got {value!r}", field=what)
+        raise InvalidRequest(f"{what} must be a list of commands, got {shown(value)}", field=what)
     commands = tuple(value)
     if not 0 < len(commands) <= MAX_LINKED:
         raise InvalidRequest(
@@ -45,7 +46,7 @@ def check_linked(value: object, what: str = "commands") -> tuple[Command, ...]:
     for index, command in enumerate(commands):
         if not isinstance(command, Command) or isinstance(command, Atomic):
             raise InvalidRequest(
-                f"{what}[{index}] must be a command (not a linked list), got {command!r}",
+                f"{what}[{index}] must be a command (not a linked list), got {shown(command)}",
                 field=what,
                 index=index,
             )

@@ -38,7 +38,7 @@ from daybook.domain.sagas import (
     SagaPolicy,
     Step,
 )
-from daybook.domain.values import MAX_AMOUNT, check_amount, check_sku
+from daybook.domain.values import MAX_AMOUNT, check_amount, check_sku, shown
 
 #: The most lines one order may have.
 MAX_LINES = 100
@@ -68,7 +68,7 @@ def check_lines(value: object, what: str = "lines") -> tuple[OrderLine, ...]:
             sku, quantity, price = line
         else:
             raise InvalidRequest(
-                f"{what}[{index}] must be (sku, quantity, unit_price), got {line!r}",
+                f"{what}[{index}] must be (sku, quantity, unit_price), got {shown(line)}",
                 field=what,
                 index=index,
             )

@@ -45,14 +45,22 @@ _SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 _NAMESPACE = UUID("6d2f1c44-7b35-4f0e-9a3e-3f2f6b1d0a11")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a refusal that echoes what a caller sent, cut to ``limit``
+    characters (saying how long it was): a megabyte sent is not a megabyte answered, or
+    logged."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_amount(value: object, what: str = "amount") -> int:
     """Return ``value`` if it is an int in 1 .. MAX_AMOUNT, else refuse it."""
     # type() rather than isinstance(): bool is a subclass of int and must be refused.
     if type(value) is not int:
         raise InvalidAmount(
             f"{what} must be a whole number of minor units (int), got {type(value).__name__} "
-            f"{value!r}",
-            value=repr(value),
+            f"{shown(value)}",
+            value=shown(value),
         )
     if not 0 < value <= MAX_AMOUNT:
         raise InvalidAmount(
@@ -65,8 +73,9 @@ def check_delta(value: object, what: str = "adjustment") -> int:
     """A signed stock correction: a non-zero int whose size fits in 63 bits."""
     if type(value) is not int:
         raise InvalidAmount(
-            f"{what} must be a whole number of units (int), got {type(value).__name__} {value!r}",
-            value=repr(value),
+            f"{what} must be a whole number of units (int), got {type(value).__name__} "
+            f"{shown(value)}",
+            value=shown(value),
         )
     if value == 0 or abs(value) > MAX_AMOUNT:
         raise InvalidAmount(
@@ -80,8 +89,8 @@ def check_limit(value: object, what: str = "overdraft_limit") -> int:
     """An overdraft limit: an int in 0 .. MAX_AMOUNT."""
     if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
         raise InvalidAmount(
-            f"{what} must be an int between 0 and {MAX_AMOUNT}, got {value!r}",
-            value=repr(value),
+            f"{what} must be an int between 0 and {MAX_AMOUNT}, got {shown(value)}",
+            value=shown(value),
         )
     return value
 
@@ -92,8 +101,8 @@ def check_timeout(value: object, what: str = "timeout") -> int:
     if type(value) is not int or not 0 < value <= MAX_TIMEOUT:
         raise InvalidTimeout(
             f"{what} must be a whole number of seconds (int) between 1 and {MAX_TIMEOUT}, "
-            f"got {type(value).__name__} {value!r}",
-            value=repr(value),
+            f"got {type(value).__name__} {shown(value)}",
+            value=shown(value),
         )
     return value
 
@@ -102,8 +111,8 @@ def check_currency(value: object, what: str = "currency") -> str:
     """An active ISO 4217 code, upper case, such as 'EUR'."""
     if not isinstance(value, str) or value not in ISO_4217:
         raise InvalidCurrency(
-            f"{what} must be an ISO 4217 code such as 'EUR' or 'USD', got {value!r}",
-            value=repr(value),
+            f"{what} must be an ISO 4217 code such as 'EUR' or 'USD', got {shown(value)}",
+            value=shown(value),
         )
     return value
 
@@ -121,8 +130,8 @@ def check_sku(value: object, what: str = "SKU") -> str:
     """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -."""
     if not isinstance(value, str) or not _SKU.fullmatch(value):
         raise InvalidSku(
-            f"{what} must be 1-64 characters of letters, digits and . _ : / -, got {value!r}",
-            value=repr(value),
+            f"{what} must be 1-64 characters of letters, digits and . _ : / -, got {shown(value)}",
+            value=shown(value),
         )
     return value
 
@@ -140,7 +149,7 @@ def check_text(value: object, what: str, max_length: int = 200) -> str:
     ):
         raise InvalidRequest(
             f"{what} must be non-blank text of at most {max_length} characters on one "
-            f"line, without control characters or lone surrogates, got {value!r}",
+            f"line, without control characters or lone surrogates, got {shown(value)}",
             field=what,
         )
     return value
@@ -151,7 +160,7 @@ def check_request_text(value: object, what: str) -> str:
     characters chosen by the caller."""
     if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
         raise InvalidRequest(
-            f"{what} must be 1-200 printable characters, got {value!r}", field=what
+            f"{what} must be 1-200 printable characters, got {shown(value)}", field=what
         )
     return value
 
@@ -165,7 +174,7 @@ def check_uuid(value: object, what: str) -> UUID:
             return UUID(value)
         except ValueError:
             pass
-    raise InvalidRequest(f"{what} must be a UUID, got {value!r}", field=what)
+    raise InvalidRequest(f"{what} must be a UUID, got {shown(value)}", field=what)
 
 
 def inventory_id(sku: str) -> UUID:

@@ -39,6 +39,7 @@ from starlette.responses import Response
 from daybook.domain.commands import Command, Receipt, command_named, parameters
 from daybook.domain.errors import DomainError, IdempotencyConflict
 from daybook.domain.linked import MAX_LINKED, Atomic
+from daybook.domain.values import shown
 from daybook.infrastructure.http.commands import (
     _SERVER_SET,
     CommandRoutes,
@@ -111,7 +112,7 @@ def _command(index: int, item: Any, actor: str, request_id: str | None) -> Comma
     name = item["command"]
     try:
         if not isinstance(name, str):
-            raise KeyError(f"the command name must be a string, got {name!r}")
+            raise KeyError(f"the command name must be a string, got {shown(name)}")
         command_class = command_named(name)
         if command_class is Atomic:
             raise KeyError("a list cannot hold a list (atomic)")

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from daybook.domain.errors import DomainError
-from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid
+from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid, shown
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import Problem
@@ -203,7 +203,7 @@ class ReadRoutes:
         if not 0 <= seconds <= self.max_wait:
             raise Problem(
                 "invalid_parameter",
-                f"timeout is seconds between 0 and {self.max_wait:g}, got {timeout!r}",
+                f"timeout is seconds between 0 and {self.max_wait:g}, got {shown(timeout)}",
             )
         text = _param(request, "min_position") or request.headers.get("daybook-min-position")
         if text is None:
@@ -282,7 +282,7 @@ def _whole(text: str, name: str, minimum: int, maximum: int | None) -> int:
     top = MAX_BIGINT if maximum is None else maximum
     if not minimum <= value <= top:
         bound = f"{minimum} .. {maximum}" if maximum is not None else f"at least {minimum}"
-        raise Problem("invalid_parameter", f"{name} is a whole number, {bound}; got {text!r}")
+        raise Problem("invalid_parameter", f"{name} is a whole number, {bound}; got {shown(text)}")
     return value
 
 

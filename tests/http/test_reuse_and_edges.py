@@ -219,3 +219,25 @@ def test_a_query_parameter_given_twice_is_refused(sqlite_api: Api) -> None:
         assert f"{name} is given 2 times" in problem["detail"], problem
     ids = api.get("/v1/balances/snapshot", ids=[ann, ann], min_position=head)
     assert ids.status_code == 200, ids.text  # a list: repeated on purpose
+
+
+def test_a_huge_bad_value_is_not_echoed_whole(sqlite_api: Api) -> None:
+    """An owner name of half a megabyte came back whole in the refusal, in its message
+    and again in its details."""
+    api = sqlite_api
+    reply = api.command("open_account", {"owner": "a\n" * 250_000, "currency": "EUR"})
+    assert reply.status_code == 422, reply.text[:300]
+    assert reply.json()["code"] == "invalid_request"
+    assert len(reply.content) < 2_000, len(reply.content)
+    listed = _post(
+        api,
+        "/v1/batch",
+        {
+            "commands": [
+                {"command": "open_account", "fields": {"owner": "b\n" * 250_000, "currency": "EUR"}}
+            ]
+        },
+        "huge",
+    )
+    assert listed.status_code == 422, listed.text[:300]
+    assert len(listed.content) < 2_000, len(listed.content)

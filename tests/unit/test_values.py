@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
@@ -230,3 +231,23 @@ def test_any_message_made_text_is_taken_as_free_text(message: str) -> None:
     """A remote's error text, recorded with a saga's retry or a reconciliation, is made
     into text ``check_text`` takes, whatever it holds."""
     assert check_text(as_text(message), "error") == as_text(message)
+
+
+@pytest.mark.parametrize(
+    ("check", "value"),
+    [
+        (check_text, "x" * 1_000_000),
+        (check_sku, "S" * 500_000),
+        (check_uuid, "u" * 300_000),
+        (check_amount, "9" * 200_000),
+        (check_currency, ["EUR"] * 50_000),
+    ],
+)
+def test_a_refusal_echoes_a_huge_value_cut_short(check: Any, value: object) -> None:
+    """A refusal echoed what was sent, whole: a megabyte owner name came back (and went
+    into logs) as a megabyte message, twice (message and details)."""
+    with pytest.raises(DomainError) as refused:
+        check(value, "field")
+    said = refused.value.message + str(refused.value.details)
+    assert len(said) < 600, len(said)
+    assert f"({len(repr(value))} characters)" in refused.value.message
