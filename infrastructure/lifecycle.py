@@ -163,6 +163,7 @@ class Supervisor:
             )
         up = state in (ServiceState.RUNNING, ServiceState.RETRYING, ServiceState.STOPPING)
         metrics.SERVICE_UP.labels(self.name).set(1 if up else 0)
+        metrics.SERVICE_RETRYING.labels(self.name).set(1 if state is ServiceState.RETRYING else 0)
         if restarted:
             metrics.SERVICE_RESTARTS.labels(self.name).inc()
             log.info("%s: recovered (restart %d)", self.name, current.restarts + 1)
@@ -211,12 +212,8 @@ class Supervisor:
             reason = f"refused ({code}): {lines[0]}" if lines else f"refused ({code})"
         else:
             reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-        if self.on_failure is not None:
-            try:
-                self.on_failure(error)
-            except Exception:  # cleaning up after a failure must not hide the failure
-                log.warning("%s: cleaning up after a failure failed", self.name, exc_info=True)
         if not self.transient(error):
+            self._clean_up(error)
             if code is not None:
                 log.error("%s stopped: %s", self.name, reason)
             else:
@@ -226,13 +223,23 @@ class Supervisor:
         self._attempt += 1
         limit = self.policy.max_restarts
         if limit is not None and self._attempt > limit:
+            self._clean_up(error)
             log.error("%s failed %d times in a row and stopped: %s", self.name, limit, reason)
             self.move(ServiceState.FAILED, f"gave up after {limit} restarts: {reason}")
             return None
         delay = self.policy.delay(self._attempt)
         log.warning("%s: %s; restarting in %.2fs", self.name, reason, delay)
+        # Said first: cleaning up may take a while (connections to a server that is away).
         self.move(ServiceState.RETRYING, reason)
+        self._clean_up(error)
         return delay
+
+    def _clean_up(self, error: BaseException) -> None:
+        if self.on_failure is not None:
+            try:
+                self.on_failure(error)
+            except Exception:  # cleaning up after a failure must not hide the failure
+                log.warning("%s: cleaning up after a failure failed", self.name, exc_info=True)
 
 
 class Refused(Exception):

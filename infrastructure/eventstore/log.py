@@ -160,11 +160,15 @@ class EventLog:
         self._interrupt = threading.Event()
         datastore = getattr(recorder, "datastore", None)
         self._scan_sql: Any = None
+        self._scan_head_sql: Any = None
         if isinstance(datastore, PostgresDatastore):
             self._scan_sql = SQL(
                 "SELECT notification_id, topic, originator_id::text, originator_version, state"
                 " FROM {}.{} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
             ).format(Identifier(datastore.schema), Identifier(recorder.events_table_name))
+            self._scan_head_sql = SQL("SELECT COALESCE(max(notification_id), 0) FROM {}.{}").format(
+                Identifier(datastore.schema), Identifier(recorder.events_table_name)
+            )
 
     @property
     def concurrent_scans(self) -> bool:
@@ -201,6 +205,37 @@ class EventLog:
 
     def head(self) -> int:
         return int(self.recorder.max_notification_id() or 0)
+
+    def glance(
+        self, positions: Iterable[int], seconds: float
+    ) -> tuple[int, dict[int, LogEvent]] | None:
+        """The head, and the first event after each of ``positions`` (those before the
+        head), if the store answers within about ``seconds``; None if it does not. No
+        retries and no long wait for a connection: for gauges while something else fails
+        (see ``ProjectionRunner._hold_lag``), never for what is applied."""
+        wanted = set(positions)
+        try:
+            if self._scan_sql is None:  # SQLite, memory: local, nothing to wait out
+                head = self.head()
+                return head, {p: e for p in wanted if p < head for e in self.read(p, 1)}
+            datastore = self.recorder.datastore
+            with (
+                datastore.pool.connection(timeout=seconds) as conn,
+                conn.cursor(binary=True, row_factory=tuple_row) as cursor,
+            ):
+                cursor.execute(self._scan_head_sql)
+                row = cursor.fetchone()
+                head = int(row[0]) if row else 0
+                first: dict[int, LogEvent] = {}
+                for position in wanted:
+                    if position < head:
+                        cursor.execute(self._scan_sql, (position, 1))
+                        for event in self.decoder.decode(cursor.fetchall()):
+                            first[position] = event
+            return head, first
+        except Exception as error:  # away, or slow to answer: nothing to measure against
+            _log.debug("event log: no glance within %ss: %s", seconds, error)
+            return None
 
     def interrupt(self) -> None:
         """Wake a ``wait`` early (used to stop runners promptly)."""

@@ -187,6 +187,13 @@ WAITING_AT_START = Gauge(
     "(see --startup-wait), else 0.",
     registry=REGISTRY,
 )
+SERVICE_RETRYING = Gauge(
+    "daybook_service_retrying",
+    "1 while a long-running part waits out a failure (an outage, a lock held elsewhere) "
+    "and retries, with nothing going through; 0 otherwise.",
+    ["service"],
+    registry=REGISTRY,
+)
 SERVICE_RESTARTS = Counter(
     "daybook_service_restarts_total",
     "Restarts of a long-running part after transient failures.",

@@ -67,6 +67,10 @@ from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger(__name__)
 
+#: Seconds the runner gives the event store, after a failure, to say how far the log has
+#: gone on (its lag gauges); no answer within them, and the gauges wait for the next one.
+LAG_GLANCE_SECONDS = 1.0
+
 
 @dataclass
 class Progress:
@@ -259,16 +263,16 @@ class ProjectionRunner:
             self._applied = {key: slot.record.position for key, slot in self.slots.items()}
         if not self._applied:
             return
-        try:
-            head = self.log.head()
-            oldest = {p: self.log.read(p, 1) for p in set(self._applied.values()) if p < head}
-        except Exception as error:  # the event store away too: nothing to measure against
-            log.debug("projection runner: lag not measured: %s", first_line(error))
+        # Bounded: when the event store is what is away, this must not hold up the retry
+        # (nor a stop) for a pool's connect timeout, let alone its retries.
+        glanced = self.log.glance(self._applied.values(), LAG_GLANCE_SECONDS)
+        if glanced is None:
             return
+        head, first = glanced
         now = time.time()
         for (name, version), position in self._applied.items():
-            events = oldest.get(position) or []
-            age = now - events[0].timestamp.timestamp() if events else 0.0
+            event = first.get(position)
+            age = now - event.timestamp.timestamp() if event is not None else 0.0
             labels = (name, str(version))
             metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(max(0, head - position))
             metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, age))
@@ -332,6 +336,8 @@ class ProjectionRunner:
             with store.transaction(write=False):
                 parked = _unresolved_letters(store, *key)
             metrics.PROJECTION_PARKED.labels(key[0], str(key[1])).set(parked)
+        # A step went this far: what the runner held at its last failure is history.
+        self._applied = {}
         # Every step starts here: whatever this runner let go of, or never took, stops being
         # reported by it (the one place that decides it).
         for projection in self.projections:

@@ -30,11 +30,12 @@ model at most once a second; each breaker sets ``daybook_circuit_breaker_state``
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -147,7 +148,7 @@ class SagaProcessor:
             )
             for dependency in self.ports
         }
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="daybook-saga")
+        self._pool = _Workers(workers, "daybook-saga")
         self._lock = threading.Lock()
         self._in_flight: set[UUID] = set()
         #: The workers' futures not yet done (``stop`` waits for them, within its bound).
@@ -177,10 +178,13 @@ class SagaProcessor:
         processor to start takes it up. Unbounded, one hung call held the stop for ever."""
         deadline = time.monotonic() + timeout
         self.service.stop(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         with self._lock:
             futures = list(self._futures)
-        _, running = wait(futures, max(0.0, deadline - time.monotonic()))
+        for future in futures:
+            future.cancel()  # the queued ones (a running one goes on)
+        _, undone = wait(futures, max(0.0, deadline - time.monotonic()))
+        running = [future for future in undone if not future.cancelled()]
         if running:
             with self._lock:
                 sagas = ", ".join(sorted(str(saga_id) for saga_id in self._in_flight))
@@ -267,19 +271,21 @@ class SagaProcessor:
                 del self._not_before[saga_id]
             self._in_flight.add(saga_id)
         try:
-            future = self._pool.submit(self._drive_in_worker, saga_id)
+            future = self._pool.submit(lambda: self._drive_in_worker(saga_id))
         except RuntimeError:  # the pool shut down: the processor is stopping
             with self._lock:
                 self._in_flight.discard(saga_id)
             return None
         with self._lock:
             self._futures.add(future)
-        future.add_done_callback(self._forget)
+        future.add_done_callback(lambda done: self._forget(done, saga_id))
         return future
 
-    def _forget(self, future: Future[None]) -> None:
+    def _forget(self, future: Future[None], saga_id: UUID) -> None:
         with self._lock:
             self._futures.discard(future)
+            if future.cancelled():  # never started: its worker's cleanup never ran
+                self._in_flight.discard(saga_id)
 
     def _drive_in_worker(self, saga_id: UUID) -> None:
         with log_context(saga_id=str(saga_id)):  # on every line logged about it
@@ -555,6 +561,60 @@ class SagaProcessor:
                 correlation_id=str(saga.id),
             )
         )
+
+
+class _Workers:
+    """A fixed pool of daemon threads running the processor's sagas. Not
+    ``concurrent.futures.ThreadPoolExecutor``: the interpreter joins its threads on exit,
+    so one gateway call that never returns held the process for ever after a stop that
+    had given up on it. A saga's move is as safe to cut short as a crash: each is recorded
+    once, and a remote call is looked up before it is repeated."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._count = count
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, work: Callable[[], None]) -> Future[None]:
+        """Run ``work`` in a worker; its future. Raises RuntimeError once shut down."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the saga workers are shut down")
+            if not self._threads:  # started at the first saga, as the processor's users
+                for number in range(self._count):  # may only ever drive sagas themselves
+                    thread = threading.Thread(
+                        target=self._work, name=f"{self._name}-{number}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+            future: Future[None] = Future()
+            self._queue.put((future, work))
+        return future
+
+    def shutdown(self) -> None:
+        """Take no more work; each worker ends once the queue before it is done (cancel
+        the futures of what should not start)."""
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, work = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                work()
+            except BaseException as error:  # handed to whoever waits on the future
+                future.set_exception(error)
+            else:
+                future.set_result(None)
 
 
 def _undo_id(saga: Saga, step: str, move: str) -> str:

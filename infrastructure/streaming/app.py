@@ -169,6 +169,31 @@ def make_app(
             waited += FLOW_CHECK_SECONDS
         raise _Abandoned
 
+    async def publish_pending_letters() -> None:
+        """Publish the dead letters recorded before a crash but never published, waiting
+        out outages (of the database or the broker) as a batch does: judged, backed off,
+        said in health. Raised out of the agent, an outage had faust restart it every 5 s
+        (a traceback each time, health saying it ran), and a stop after that waited for
+        ever (see ``stop_worker``)."""
+        supervisor = applier.supervisor
+        while True:
+            try:
+                pending = await asyncio.to_thread(applier.unpublished_dead_letters)
+                if pending:
+                    await publish_dead_letters(pending)
+            except Exception as error:
+                await asyncio.to_thread(applier.close)
+                delay = supervisor.judge(error)  # logged, and recorded in its health
+                if delay is None:
+                    await stop_worker()
+                try:
+                    await backoff_unless_suspended(delay)
+                except _Abandoned:  # stopping, or a rebalance: cancelled, or look again
+                    await asyncio.sleep(FLOW_CHECK_SECONDS)
+                continue
+            supervisor.succeeded()
+            return
+
     async def apply_until_done(messages: list[Message]) -> None:
         """Apply one batch, retrying through database outages (with backoff and jitter);
         never raises for data (that is parked). A failure no retry cures stops the worker:
@@ -245,10 +270,7 @@ def make_app(
         # The agent's stream is what subscribes faust to the topic (the Conductor); the
         # messages themselves come whole fetches at a time from ``drain_in_batches``.
         del stream
-        # Dead letters recorded before a crash but never published.
-        pending = await asyncio.to_thread(applier.unpublished_dead_letters)
-        if pending:
-            await publish_dead_letters(pending)
+        await publish_pending_letters()
         try:
             await asyncio.to_thread(applier.refuse_at_start)
         except Refused as refusal:

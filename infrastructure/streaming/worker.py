@@ -80,6 +80,10 @@ from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
 
+#: Seconds a batch waits for a lock (its partitions' progress rows, a row of a read model)
+#: before it fails and is tried again after a backoff (see ``_apply``).
+BATCH_LOCK_WAIT = 10.0
+
 #: Seconds between a worker's looks for closed dead letters past their retention.
 LETTER_PURGE_INTERVAL = 3_600.0
 #: Closed dead letters deleted per transaction, and transactions per look: a look runs after
@@ -417,6 +421,11 @@ class StreamApplier:
         times: list[float] = []
         involved = sorted({m.partition for m in messages})
         with store.transaction():
+            # A lock another session keeps (a former owner frozen after a rebalance, an
+            # operator's open transaction) fails the batch after this long, as an outage
+            # waited out with backoff, in health and the log: queued for it, the batch
+            # waited for ever, unseen, and SIGTERM with it (faust waits for the batch).
+            store.wait_for_locks_at_most(BATCH_LOCK_WAIT)
             progress = self._lock_progress(store, involved)
             follows = self._followed_store(store)
             self._claim(store, progress)

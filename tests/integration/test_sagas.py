@@ -5,6 +5,8 @@ test moves), so backoffs and deadlines pass when the test says so."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_ke
 from daybook.projections.sagas import SAGA_LIST
 from scripts import services
 from scripts.outage import Outage
-from scripts.streams import unique, wait_until
+from scripts.streams import WAIT, unique, wait_until
 
 
 class Clock:
@@ -430,6 +432,9 @@ def test_a_stop_waits_for_hung_gateway_calls_only_as_long_as_it_was_told(
     assert not alive
     warned = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
     assert len(warned) == 1 and "2 saga move(s)" in warned[0], warned
+    running = sorted(key.partition(":")[0] for key in hung.entered)
+    assert warned[0].endswith(f"(sagas {', '.join(running)}); the next processor to start "
+                              "takes them up"), warned  # fmt: skip
     while processor._futures:  # the two calls answer; their workers make no more moves
         assert time.monotonic() < deadline + 30, processor._futures
         time.sleep(0.01)
@@ -494,3 +499,56 @@ def test_the_processor_says_it_retries_while_its_sagas_cannot_move(
         views.close()
         server.stop()
         ledger.close()
+
+
+_HUNG_AT_EXIT = """
+import sys, time
+from daybook import open_ledger, open_read_models
+from daybook.domain.orders import PlaceOrder
+from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.sagas.processor import SagaProcessor
+
+class Hung:
+    def __init__(self, inner):
+        self.inner, self.entered = inner, []
+    def charge(self, key, **details):
+        self.entered.append(key)
+        time.sleep(600)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+url = sys.argv[1]
+ledger = open_ledger(url)
+server = FakeGatewayServer(Knobs(seed=5)).start()
+views = open_read_models(url)
+hung = Hung(HttpPaymentGateway(server.url, timeout=2.0))
+processor = SagaProcessor(ledger, views, {"payments": hung}, poll=0.01, workers=1)
+customer = ledger.open_account("c", "EUR").account_id
+merchant = ledger.open_account("m", "EUR").account_id
+ledger.deposit(customer, 10_000)
+ledger.receive_stock("KETTLE", 3)
+processor.wake(ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 700)])).saga_id)
+while not hung.entered:
+    time.sleep(0.01)
+processor.stop(timeout=0.2)
+ledger.close()
+views.close()
+server.stop()
+print("returned", flush=True)
+"""
+
+
+def test_a_process_whose_saga_call_hangs_exits_once_the_stop_gave_up(tmp_path: Any) -> None:
+    """``daybook sagas run`` on SIGTERM: the stop gives up on a hung gateway call, and the
+    process ends. The interpreter joined the worker pool's threads on exit, so the process
+    waited for the call, for ever if it never returned."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HUNG_AT_EXIT, f"sqlite:///{tmp_path}/ledger.db"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.stdout == "returned\n", done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr

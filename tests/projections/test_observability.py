@@ -22,9 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from daybook import open_ledger, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.projections.accounts import ACCOUNT_BALANCES as BALANCES
 from daybook.projections.accounts import BALANCES as BALANCES_TABLE
+from tests.projections.helpers import workload
 
 pytestmark = pytest.mark.postgres
 
@@ -301,4 +304,46 @@ def test_a_parked_event_shows_in_the_parked_gauge(pg_url: str) -> None:
         assert value("daybook_projection_parked_events", **labels) == 1
     finally:
         runner.stop()
+        ledger.close()
+
+
+def test_a_runner_failing_with_no_version_in_hand_reports_no_lag_it_let_go_of(
+    tmp_path: Path,
+) -> None:
+    """After a failure the runner's lag gauges follow the log (see ``_hold_lag``). A later
+    failure with no version in hand brought back the lag of a version it had handed over,
+    from its position of long ago."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    ledger = open_ledger(url)
+    labels = {"projection": BALANCES.name, "version": str(BALANCES.version)}
+
+    def lag() -> float | None:
+        return metrics.REGISTRY.get_sample_value("daybook_projection_lag_events", labels)
+
+    try:
+        workload(ledger, 20)
+        runner = run_projections(ledger, url, projections=[BALANCES], start=False)
+        runner.run_until_caught_up()
+        assert lag() == 0
+        # A transient failure (the read-model database blips): judged, on_failure runs.
+        runner.service.supervisor.judge(ConnectionResetError("read models blip"))
+        position = ledger.head()
+        # Meanwhile the version is handed over to a stream group (another writer).
+        store = open_store(url)
+        try:
+            with store.transaction():
+                VersionCatalog(store).set_owner(
+                    BALANCES.name, BALANCES.version, "group:x", position=position
+                )
+        finally:
+            store.close()
+        runner.step()  # reconnects; leaves the version alone, and stops reporting its lag
+        assert lag() is None
+        workload(ledger, 10, seed=2)
+        # Another blip, with no version in hand: the runner reports the lag of the version
+        # it let go of, from the position it had long ago.
+        runner.service.supervisor.judge(ConnectionResetError("read models blip again"))
+        assert lag() is None, f"lag of a version another writer follows: {lag()}"
+        runner.stop()
+    finally:
         ledger.close()

@@ -787,3 +787,40 @@ def test_a_standby_runner_says_it_runs_again_after_one_lost_connection(
     finally:
         standby.stop()
         first.stop()
+
+
+def test_a_runner_says_it_retries_before_it_cleans_up_after_an_event_store_failure(
+    ledger: Ledger, pg_url: str, pg_admin_url: str
+) -> None:
+    """After a failure the runner cleans up and measures its lag against the log; with the
+    event store away, that waited for the store's pool (and its retries) while health
+    still said ``running`` and no failure was logged. Health now says it retries first,
+    and the measure gives up at once on a store that does not answer."""
+    workload(ledger, 10)
+    readmodels = new_read_models(pg_admin_url)
+    with Outage.of_url(pg_url) as outage:
+        proxied = outage.url(pg_url)
+        store_url = f"{proxied}{'&' if '?' in proxied else '?'}connect_timeout=2"
+        runner = projection_runner(
+            Settings(url=store_url, readmodels_url=readmodels), poll_interval=0.05
+        )
+        seen: list[tuple[ServiceState, object]] = []
+        hold = runner._hold_lag
+
+        def observed() -> None:
+            seen.append((runner.health().state, runner.log.glance([0], 0.5)))
+            hold()
+
+        runner._hold_lag = observed  # type: ignore[method-assign]
+        runner.start()
+        try:
+            head = ledger.head()
+            wait_until(lambda: set(positions(readmodels).values()) == {head}, "the build")
+            outage.cut()
+            wait_until(lambda: len(seen) >= 1, "the first failure's clean-up")
+        finally:
+            outage.restore()
+            runner.stop()
+    state, glanced = seen[0]
+    assert state is ServiceState.RETRYING
+    assert glanced is None  # the store away: no answer, no exception

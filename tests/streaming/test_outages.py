@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from daybook import open_ledger, projections
@@ -22,6 +24,7 @@ from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.progress import PartitionStatus, read_status
 from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.urls import postgres_params
 from scripts import services
 from scripts.outage import Outage
 from scripts.streams import (
@@ -61,11 +64,13 @@ def worker(
     log: Path,
     env: dict[str, str],
     readmodels: str | None = None,
+    more: Sequence[str] = (),
 ) -> Daybook:
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
     if readmodels is not None:
         args += ["--readmodels-url", readmodels]
     args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", "300", "-v"]
+    args += more
     return Daybook(args, log, env=env)
 
 
@@ -609,3 +614,101 @@ def test_the_broker_probe_takes_a_broker_for_a_broker(kafka_bootstrap: str) -> N
 
     host, _, port = kafka_bootstrap.split(",")[0].rpartition(":")
     assert preflight._stranger_at((host, int(port))) is None
+
+
+def _retrying(port: int, group: str) -> float:
+    """The worker's ``daybook_service_retrying`` as its metrics port serves it."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    name = f'daybook_service_retrying{{service="stream worker {group}"}} '
+    values = [float(line[len(name) :]) for line in body.splitlines() if line.startswith(name)]
+    return values[0] if values else 0.0
+
+
+def test_a_worker_whose_batch_meets_a_lock_held_elsewhere_says_so_and_stops_on_sigterm(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A session keeps the group's progress rows locked (a former owner frozen after a
+    rebalance, an operator's open transaction): the batch queued for them for ever, the
+    worker's health said it ran, and SIGTERM waited for the lock (faust waits for the
+    batch). The batch now gives up after its lock wait and is retried with backoff, as an
+    outage: the worker says it retries, and stops on SIGTERM; nothing is lost."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("locked"), unique("group")
+    port = services.free_port()
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    metrics_port = ["--metrics-port", str(port)]
+    process = worker(
+        pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", {}, readmodels, metrics_port
+    ).start()
+    holder = psycopg.connect(postgres_params(readmodels).conninfo())
+    try:
+        write_money(ledger, accounts, 300)
+        head = ledger.head()
+        wait_until(lambda: applied(readmodels, group, topic) == head, "the first events")
+        holder.execute(
+            "SELECT * FROM daybook_stream_progress WHERE group_id = %s FOR UPDATE", (group,)
+        )
+        write_money(ledger, accounts, 100, seed=2)
+        wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
+        assert process.stop() == 0, process.output  # while the lock is still held
+        holder.rollback()
+        head = ledger.head()
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log", {}, readmodels
+        ).start()
+        wait_until(lambda: applied(readmodels, group, topic) == head, "the rest")
+        assert process.stop() == 0, process.output
+    finally:
+        holder.close()
+        process.stop()
+        the_relay.stop()
+        ledger.close()
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+
+
+def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The read-model database gone just as the worker's agent starts (after the checks
+    at its start): the error escaped the agent, which faust restarted every 5 s with a
+    traceback while the worker said it ran, and SIGTERM never ended it afterwards. The
+    start now waits the outage out as a batch does, says it retries, and stops on
+    SIGTERM once it has caught up."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("startdown"), unique("group")
+    port = services.free_port()
+    write_money(ledger, accounts, 200)
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(readmodels) as outage:
+        process = worker(
+            pg_url,
+            kafka_bootstrap,
+            topic,
+            group,
+            tmp_path / "w.log",
+            env,
+            outage.url(readmodels),
+            ["--metrics-port", str(port)],
+        ).start()
+        try:
+            marker = paused(tmp_path, "worker.start")
+            wait_until(marker.exists, "the worker at its start")
+            outage.cut()
+            marker.unlink()
+            wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
+            assert "Traceback" not in process.output, process.output
+            outage.restore()
+            head = ledger.head()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker after it")
+            assert _retrying(port, group) == 0
+            assert process.stop() == 0, process.output
+        finally:
+            process.stop()
+            the_relay.stop()
+            ledger.close()
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
