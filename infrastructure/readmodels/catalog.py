@@ -42,6 +42,11 @@ from daybook.projections.model import Projection
 log = logging.getLogger("daybook.projections")
 
 
+#: Tables that keep what happened to a projection version, by ``name`` and ``version``
+#: (see ``VersionCatalog._forget_history``).
+HISTORY_TABLES = ("daybook_dead_letters", "daybook_reconcile_runs", "daybook_reconcile_log")
+
+
 def first_line(error: BaseException) -> str:
     """``error`` in one line, for a version's recorded reason."""
     lines = str(error).strip().splitlines()
@@ -438,6 +443,17 @@ class VersionCatalog:
             self.store.drop_table(table)
         return names
 
+    def _forget_history(self, name: str, version: int) -> None:
+        """With a retired version's tables, what was kept about them: its dead letters and
+        its reconcile runs and repairs (each capped per version, but a version retired is
+        never reconciled again; kept, they added up with every rebuild). Its catalog row
+        stays: it is what stops a runner of old code from building that version anew."""
+        for table in HISTORY_TABLES:
+            if self.store.has_column(table, "version"):  # made once something was recorded
+                self.store.execute(
+                    f"DELETE FROM {table} WHERE name = %s AND version = %s", (name, version)
+                )
+
     def drop_retired(self, name: str, *, lock_wait: float = 2.0) -> bool:
         """Drop the tables that switches of ``name`` retired and did not keep (``activate``
         marks them); False when some were left for later. Versions retired before switches
@@ -465,6 +481,7 @@ class VersionCatalog:
                     self.store.wait_for_locks_at_most(lock_wait)
                     for table in names:
                         self.store.drop_table(table)
+                    self._forget_history(name, version)
                     self.store.execute(
                         "UPDATE daybook_projection_versions SET tables = '[]', drop_pending = 0,"
                         " updated_at = %s WHERE name = %s AND version = %s",

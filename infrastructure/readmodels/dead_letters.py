@@ -8,6 +8,7 @@ version (``VersionCatalog.stop``), so a stopped version always has the letter th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
 
@@ -25,6 +26,9 @@ class ParkedEvent:
     created_at: str
     resolved_at: str | None
 
+
+#: Seconds a resolved letter is kept (30 days): long enough to look back on an incident.
+RESOLVED_RETENTION = 30 * 86_400
 
 _COLUMNS = (
     "id, name, version, position, event_type, originator_id, error, attempts,"
@@ -79,9 +83,17 @@ class DeadLetters:
         return {(str(name), int(version)): int(count) for name, version, count in rows}
 
     def resolve(self, name: str, version: int) -> None:
-        """Mark the version's unresolved letters resolved (it is about to retry them)."""
+        """Mark the version's unresolved letters resolved (it is about to retry them), and
+        forget letters resolved more than ``RESOLVED_RETENTION`` ago: kept, they added up
+        with every incident. (A retired version's go with its tables.)"""
+        now = datetime.now(UTC)
         self.store.execute(
             "UPDATE daybook_dead_letters SET resolved_at = %s"
             " WHERE name = %s AND version = %s AND resolved_at IS NULL",
-            (now_text(), name, version),
+            (now.isoformat(timespec="microseconds"), name, version),
+        )
+        before = (now - timedelta(seconds=RESOLVED_RETENTION)).isoformat(timespec="microseconds")
+        self.store.execute(
+            "DELETE FROM daybook_dead_letters WHERE resolved_at IS NOT NULL AND resolved_at < %s",
+            (before,),
         )

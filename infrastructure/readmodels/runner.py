@@ -130,9 +130,11 @@ class ProjectionRunner:
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
-        #: Versions of this runner's code that it cannot write, and why: stopped (an
-        #: event parked, rows refused) or left behind by reads switched to newer code.
-        #: The runner itself runs on for the others; ``versions_health`` says it.
+        #: Versions of this runner's code that are stopped (an event parked, rows
+        #: refused), and why. The runner itself runs on for the others;
+        #: ``versions_health`` says it. (Not a version left behind by reads switched to
+        #: newer code: that is what a rolling deploy looks like until it ends, and every
+        #: server of the old code failing its health at once would take them all out.)
         self.halted: dict[tuple[str, int], str] = {}
         #: Each version's position when the runner last failed (see ``_hold_lag``).
         self._applied: dict[tuple[str, int], int] = {}
@@ -177,9 +179,9 @@ class ProjectionRunner:
 
     def versions_health(self) -> Health:
         """The health of the versions this runner's code defines: ``failed``, with each
-        one's reason, while one is stopped or cannot be followed (its read model falls
-        behind, for good, while the runner's own health says it runs); ``running`` again
-        once a resume or a rebuild mends it."""
+        one's reason, while one is stopped (its read model stands still, for good, while
+        the runner's own health says it runs); ``running`` again once a resume or a rebuild
+        mends it."""
         since = self.service.health().since
         halted = dict(self.halted)
         if not halted:
@@ -363,7 +365,6 @@ class ProjectionRunner:
             f"version {serving}: its code defines version {projection.version}; deploy the "
             "new code"
         )
-        self.halted[key] = note
         if self._tell(key, "follow", note, level=logging.ERROR):
             with catalog.store.transaction():
                 catalog.set_note(projection.name, serving, note)

@@ -185,6 +185,16 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
+def letter_groups(store: ReadStore, topic: str, *, first: str) -> list[str]:
+    """The groups that may have dead letters of ``topic``, ``first`` first (a worker's
+    own): those with progress rows (a few per group, where letters may be millions)."""
+    rows = store.execute(
+        f"SELECT DISTINCT group_id FROM {PROGRESS_TABLE} WHERE topic = %s", (topic,)
+    )
+    others = sorted(str(row[0]) for row in rows if row[0] != first)
+    return [first, *others]
+
+
 def purge_closed_letters(
     store: ReadStore, group: str, topic: str, parked_before: datetime, limit: int
 ) -> int:

@@ -74,6 +74,7 @@ from daybook.infrastructure.streaming.progress import (
     classify,
     create_purge_index,
     create_tables_sql,
+    letter_groups,
     purge_closed_letters,
 )
 from daybook.projections.model import LogEvent, Projection
@@ -404,10 +405,15 @@ class StreamApplier:
         moment = now if now is not None else datetime.now(UTC)
         parked_before = moment - timedelta(seconds=self.letter_retention)
         deleted = 0
-        for _ in range(batches):
-            count = purge_closed_letters(store, self.group, self.topic, parked_before, batch)
-            deleted += count
-            if count < batch:
+        # Every group's on the topic, not only this one's: a group left behind by a rebuild
+        # through a new group never runs again, and its closed letters stayed for good.
+        for group in letter_groups(store, self.topic, first=self.group):
+            for _ in range(batches - deleted // batch):
+                count = purge_closed_letters(store, group, self.topic, parked_before, batch)
+                deleted += count
+                if count < batch:
+                    break
+            if deleted >= batch * batches:
                 break
         if deleted:
             log.info("worker: deleted %d closed dead letters of group %s", deleted, self.group)

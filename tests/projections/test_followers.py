@@ -56,9 +56,9 @@ def test_a_runner_whose_code_is_older_than_the_serving_version_says_so(
         old.run_until_caught_up()  # it lets go of version 1, and cannot follow version 2
         capsys.readouterr()
         assert main(["projections", "status", "--url", db_url]) == 1
-        # The runner itself runs (for the others); its versions' health, in /health, fails.
-        assert old.health().ok and not old.versions_health().ok
-        assert "cannot follow account_balances version 2" in (old.versions_health().error or "")
+        # A rolling deploy under way looks like this: status and the log say so, but the
+        # old code's servers stay healthy (all failing at once would take them all out).
+        assert old.health().ok and old.versions_health().ok
     finally:
         old.stop()
     out = capsys.readouterr().out

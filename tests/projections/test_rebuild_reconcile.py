@@ -6,6 +6,7 @@ import gc
 import io
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import cli as readmodels_cli
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
+from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
 from daybook.projections.activity import DAILY_ACTIVITY, MONEY
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
@@ -279,3 +282,130 @@ def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
     assert collecting == [False]
     assert gc.isenabled()
     assert "account_balances version 1 built" in capsys.readouterr().out
+
+
+FAILING = {"on": False}
+
+
+def _flaky_deposit(event: LogEvent, rows: Rows) -> None:
+    if FAILING["on"] and event.data["amount"] == 13:
+        raise ValueError("downstream lookup failed")
+    ACCOUNT_BALANCES.handlers[DEPOSITED](event, rows)
+
+
+FLAKY = replace(ACCOUNT_BALANCES, handlers={**ACCOUNT_BALANCES.handlers, DEPOSITED: _flaky_deposit})
+
+
+def test_dead_letters_go_once_resolved_long_ago_or_with_their_versions_tables(
+    tmp_path: Path,
+) -> None:
+    """Each incident (an event parked, the version stopped, fixed, resumed) left a row in
+    daybook_dead_letters for good. A letter resolved more than 30 days ago now goes at the
+    next resume, and a retired version's letters go with its tables."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    ledger = open_ledger(url)
+    account = ledger.open_account("ann", "EUR").account_id
+    rm = f"sqlite:///{tmp_path}/rm.db"
+    counts = []
+    incidents = 6
+    try:
+        for _ in range(incidents):
+            ledger.deposit(account, 13)
+            FAILING["on"] = True
+            runner = run_projections(
+                ledger, rm, projections=[FLAKY], start=False, max_attempts=2, retry_backoff=0.0
+            )
+            for _ in range(4):
+                runner.step()
+            runner.stop()
+            FAILING["on"] = False  # fixed (the downstream came back); an operator resumes
+            store = open_store(rm)
+            with store.transaction():  # the previous incidents were long ago
+                store.execute(
+                    "UPDATE daybook_dead_letters SET resolved_at = %s"
+                    " WHERE resolved_at IS NOT NULL",
+                    ("2020-01-01T00:00:00.000000+00:00",),
+                )
+            VersionCatalog(store).resume("account_balances", 1)
+            counts.append(len(DeadLetters(store).entries()))
+            store.close()
+        # Later the projection is rebuilt as v2; v1 is retired and its tables dropped.
+        runner = run_projections(ledger, rm, projections=[replace(FLAKY, version=2)], start=False)
+        runner.run_until_caught_up()
+        runner.stop()
+        store = open_store(rm)
+        try:
+            record = VersionCatalog(store).version("account_balances", 1)
+            left = len(DeadLetters(store).entries())
+            v1_tables = store.execute(
+                "SELECT tables FROM daybook_projection_versions WHERE version = 1"
+            )[0][0]
+        finally:
+            store.close()
+    finally:
+        ledger.close()
+    assert counts == [1] * incidents, counts  # the resolved of long ago went at each resume
+    assert record is not None and record.state is VersionState.RETIRED and v1_tables == "[]"
+    assert left == 0, (
+        f"daybook_dead_letters after {incidents} resolved incidents and v1 retired "
+        f"({record.state.value}, tables {v1_tables}): {left} rows; per incident {counts}"
+    )
+
+
+def test_a_retired_versions_reconcile_history_goes_with_its_tables(tmp_path: Path) -> None:
+    """daybook_reconcile_runs keeps 100 runs and daybook_reconcile_log 10,000 repairs per
+    version; a version retired by a rebuild (its tables dropped) kept both for good: every
+    rebuild added up to 10,100 rows. They now go with its tables (its catalog row stays:
+    it stops a runner of old code from building that version anew)."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    rm = f"sqlite:///{tmp_path}/rm.db"
+    ledger = open_ledger(url)
+    accounts = [ledger.open_account(f"o{n}", "EUR").account_id for n in range(5)]
+    for account in accounts:
+        ledger.deposit(account, 10)
+    log = event_log_of(ledger)
+    rebuilds = 5
+    seen = []
+    try:
+        for version in range(1, rebuilds + 1):
+            projection = replace(ACCOUNT_BALANCES, version=version)
+            runner = run_projections(ledger, rm, projections=[projection], start=False)
+            runner.run_until_caught_up()
+            runner.stop()
+            for _ in range(3):  # drift (a stray write), found and repaired by the reconciler
+                store = open_store(rm)
+                with store.transaction():
+                    store.execute(f"UPDATE rm_account_balances_v{version} SET balance = 999")
+                store.close()
+                reconciler = ContinuousReconciler(
+                    log, rm, [projection], every_seconds=0, repair=True
+                )
+                assert reconciler.run_due()
+            store = open_store(rm)
+            try:
+                seen.append(
+                    tuple(
+                        store.execute(f"SELECT count(*) FROM {t}")[0][0]
+                        for t in (
+                            "daybook_reconcile_runs",
+                            "daybook_reconcile_log",
+                            "daybook_projection_versions",
+                        )
+                    )
+                )
+                retired = store.execute(
+                    "SELECT count(*) FROM daybook_reconcile_log l JOIN daybook_projection_versions"
+                    " v ON v.name = l.name AND v.version = l.version WHERE v.state = 'retired'"
+                )[0][0]
+                retired_runs = store.execute(
+                    "SELECT count(*) FROM daybook_reconcile_runs l JOIN daybook_projection_versions"
+                    " v ON v.name = l.name AND v.version = l.version WHERE v.state = 'retired'"
+                )[0][0]
+            finally:
+                store.close()
+    finally:
+        ledger.close()
+    assert retired == 0 and retired_runs == 0, (
+        f"retired versions (tables dropped) keep {retired} repair rows and {retired_runs} run "
+        f"rows; (runs, repairs, catalog rows) after each rebuild: {seen}"
+    )

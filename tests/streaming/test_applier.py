@@ -720,3 +720,61 @@ def test_a_worker_with_newer_code_than_its_groups_version_is_told_to_switch_it_f
     message = str(refused.value)
     assert "deploy the new code" not in message
     assert "daybook projections rebuild deposit_totals" in message
+
+
+def test_closed_letters_of_groups_left_behind_by_rebuilds_go_too(pg_url: str) -> None:
+    """The README's rebuild through the stream: bump the version, start workers with a new
+    ``--group``. The old group never runs again; its letters are closed (every version they
+    name is retired) and past their retention, but only a worker of that group deleted
+    them, so they stayed for good. A worker now purges every group's closed letters."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"o{n}", "EUR").account_id for n in range(20)]
+    for amount in (10, 13):
+        for account in accounts:
+            ledger.deposit(account, amount)
+    store = open_store(pg_url)
+    letters_after, progress_after = [], []
+    rebuilds = 4
+    try:
+        for version in range(1, rebuilds + 1):
+            projection = replace(BUGGY_TOTALS, version=version)
+            stream = Stream(2)  # a new group reads the topic from the earliest offset
+            worker = StreamApplier(
+                pg_url,
+                [projection],
+                group=f"g{version}",
+                topic="t",
+                partitions=2,
+                writer="w",
+                letter_retention=0,
+                letter_purge_interval=0,
+            )
+            try:
+                result = worker.apply(stream.publish(ledger))
+                worker.mark_published(result.parked)
+                # the new group looks for closed letters 1 year on (retention 0 here anyway)
+                worker.purge_letters(datetime.now(UTC) + timedelta(days=365))
+            finally:
+                worker.close()
+            assert VersionCatalog(store).active_version("deposit_totals") == version
+            letters_after.append(
+                store.execute("SELECT count(*) FROM daybook_stream_dead_letters")[0][0]
+            )
+            progress_after.append(
+                store.execute("SELECT count(*) FROM daybook_stream_progress")[0][0]
+            )
+        retired_groups = store.execute(
+            "SELECT count(*) FROM daybook_stream_dead_letters WHERE group_id <> %s",
+            (f"g{rebuilds}",),
+        )[0][0]
+    finally:
+        store.close()
+        ledger.close()
+    # Only the serving group's 20 open letters stay (and each group's progress rows: a
+    # worker started again in a group that consumed events must be refused, not start
+    # over from the group's committed offsets).
+    assert letters_after == [20] * rebuilds, letters_after
+    assert retired_groups == 0, (
+        f"closed letters of abandoned groups never deleted: {retired_groups}; "
+        f"letters per rebuild {letters_after}, progress rows {progress_after}"
+    )
