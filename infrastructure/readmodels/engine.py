@@ -166,7 +166,10 @@ class BatchRows:
         spec = self._tables[table]
         if cache.complete.get(table) or spec.append_only:
             return None
-        found = self.store.fetch(spec.stored, self.slot.projection.version, key)
+        try:
+            found = self.store.fetch(spec.stored, self.slot.projection.version, key)
+        except Exception as error:
+            raise StoreFailed(error) from error
         row = None if found is None else _logical(spec, found)
         cache.rows[table][key] = row
         return row
@@ -235,6 +238,18 @@ class BatchRows:
             cache.clear()
 
 
+class StoreFailed(Exception):
+    """A read of the read-model database failed under a handler (a lost connection, a lock
+    not granted in time, a statement cancelled). It is the batch's failure, like any other
+    error of its transaction: the loops over events raise ``error`` itself (retried as an
+    outage, or failing the batch), rather than take it for a bad event, retry the event in
+    a transaction the database has aborted, and park it."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def apply_careful(
     slot: Slot,
     rows: BatchRows,
@@ -252,6 +267,8 @@ def apply_careful(
         rows.begin_event()
         try:
             slot.projection.apply(event, rows)
+        except StoreFailed as failed:  # the batch's failure (an outage...), not the event's
+            raise failed.error from None
         except Exception:  # a handler bug or bad event: retried, then parked
             rows.undo_event()
             return position, last_at, Failure(slot, event, traceback.format_exc(limit=5))

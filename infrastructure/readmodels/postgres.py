@@ -87,8 +87,11 @@ class PostgresStore(ReadStore):
         )
         return bool(rows[0][0])
 
-    def wait_for_locks_at_most(self, seconds: float) -> None:
-        self.execute(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
+    def wait_for_locks_at_most(self, seconds: float | None) -> None:
+        if seconds is None:
+            self.execute("SET LOCAL lock_timeout TO DEFAULT")
+        else:
+            self.execute(f"SET LOCAL lock_timeout = {int(seconds * 1000)}")
 
     def open_locks(self) -> AdvisoryLocks:
         return AdvisoryLocks(self.conninfo)

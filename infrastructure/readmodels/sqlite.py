@@ -76,7 +76,7 @@ class SqliteStore(ReadStore):
         )
         return bool(rows)
 
-    def wait_for_locks_at_most(self, seconds: float) -> None:
+    def wait_for_locks_at_most(self, seconds: float | None) -> None:
         """Nothing to bound: a write transaction already holds the database's only write
         lock, and readers (WAL) never block it."""
 

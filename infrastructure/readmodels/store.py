@@ -115,9 +115,10 @@ class ReadStore(ABC):
         transactions taking the same key run one after another."""
 
     @abstractmethod
-    def wait_for_locks_at_most(self, seconds: float) -> None:
+    def wait_for_locks_at_most(self, seconds: float | None) -> None:
         """In this transaction, give up (with an error) on a lock not granted within
-        ``seconds`` rather than queue for it (and make every later reader queue behind)."""
+        ``seconds`` rather than queue for it (and make every later reader queue behind);
+        None: wait as the connection's settings say again."""
 
     def ddl_guard(self) -> None:
         """Serialise schema changes between processes starting at once (in a transaction)."""

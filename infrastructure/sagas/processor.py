@@ -270,13 +270,15 @@ class SagaProcessor:
                     return None
                 del self._not_before[saga_id]
             self._in_flight.add(saga_id)
-        try:
-            future = self._pool.submit(lambda: self._drive_in_worker(saga_id))
-        except RuntimeError:  # the pool shut down: the processor is stopping
-            with self._lock:
-                self._in_flight.discard(saga_id)
-            return None
+        # Handed out and recorded as one step: a stop (which shuts the workers, then reads
+        # the futures under this lock) either sees the future, to cancel or wait for, or
+        # finds the workers shut.
         with self._lock:
+            try:
+                future = self._pool.submit(lambda: self._drive_in_worker(saga_id))
+            except RuntimeError:  # the workers shut down: the processor is stopping
+                self._in_flight.discard(saga_id)
+                return None
             self._futures.add(future)
         future.add_done_callback(lambda done: self._forget(done, saga_id))
         return future

@@ -37,6 +37,7 @@ from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, Refused, ServiceState
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -169,30 +170,30 @@ def make_app(
             waited += FLOW_CHECK_SECONDS
         raise _Abandoned
 
+    #: Whether dead letters recorded before a crash may still await publishing.
+    letters_pending = True
+
     async def publish_pending_letters() -> None:
-        """Publish the dead letters recorded before a crash but never published, waiting
-        out outages (of the database or the broker) as a batch does: judged, backed off,
-        said in health. Raised out of the agent, an outage had faust restart it every 5 s
-        (a traceback each time, health saying it ran), and a stop after that waited for
-        ever (see ``stop_worker``)."""
-        supervisor = applier.supervisor
-        while True:
-            try:
-                pending = await asyncio.to_thread(applier.unpublished_dead_letters)
-                if pending:
-                    await publish_dead_letters(pending)
-            except Exception as error:
-                await asyncio.to_thread(applier.close)
-                delay = supervisor.judge(error)  # logged, and recorded in its health
-                if delay is None:
-                    await stop_worker()
-                try:
-                    await backoff_unless_suspended(delay)
-                except _Abandoned:  # stopping, or a rebalance: cancelled, or look again
-                    await asyncio.sleep(FLOW_CHECK_SECONDS)
-                continue
-            supervisor.succeeded()
+        """Publish the dead letters recorded before a crash but never published: at the
+        agent's start, and after each batch until it went through. An outage is left to the
+        batches, which wait it out as a stop and a rebalance require: raised out of the
+        agent, it had faust restart the agent every 5 s (a traceback each time, health
+        saying it ran) and a stop after that waited for ever; waited out here, with the
+        fetches piling up behind the agent, a stop waited for ever too."""
+        nonlocal letters_pending
+        try:
+            pending = await asyncio.to_thread(applier.unpublished_dead_letters)
+            if pending:
+                await publish_dead_letters(pending)
+        except Exception as error:
+            if not is_transient(error):
+                applier.supervisor.judge(error)  # FAILED, with the reason
+                await stop_worker()
+            await asyncio.to_thread(applier.close)
+            log.warning("worker: dead letters recorded before could not be published yet"
+                        " (%s); trying again after the next batch", first_line(error))  # fmt: skip
             return
+        letters_pending = False
 
     async def apply_until_done(messages: list[Message]) -> None:
         """Apply one batch, retrying through database outages (with backoff and jitter);
@@ -210,6 +211,8 @@ def make_app(
                     raise _Stopped from error
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
+        if letters_pending:
+            await publish_pending_letters()
         if result.parked:
             await publish_dead_letters(result.parked)
         measure_lag(result.offsets)

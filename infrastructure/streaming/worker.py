@@ -56,7 +56,7 @@ from daybook.infrastructure.readmodels.checkpoints import (
     stream_owner,
     version_label,
 )
-from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot
+from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot, StoreFailed
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.statelog import StateLog
@@ -81,8 +81,8 @@ from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
 
-#: Seconds a batch waits for a lock (its partitions' progress rows, a row of a read model)
-#: before it fails and is tried again after a backoff (see ``_apply``).
+#: Seconds a batch waits for its partitions' progress rows before it fails and is tried
+#: again after a backoff (see ``_apply``).
 BATCH_LOCK_WAIT = 10.0
 
 #: Seconds between a worker's looks for closed dead letters past their retention.
@@ -396,27 +396,27 @@ class StreamApplier:
         batch: int = LETTER_PURGE_BATCH,
         batches: int = LETTER_PURGE_BATCHES,
     ) -> int:
-        """Delete the group's closed dead letters parked more than ``letter_retention``
-        seconds before ``now`` (default: the time now), oldest first, ``batch`` rows per
-        transaction and at most ``batches`` transactions; how many (``batch * batches``:
-        there may be more). Open letters stay whatever their age: they say what a version
-        in use lacks."""
+        """Delete the closed dead letters of the topic's groups (this one's first) parked
+        more than ``letter_retention`` seconds before ``now`` (default: the time now),
+        oldest first, at most ``batch`` rows per transaction and ``batch * batches`` in all;
+        how many (``batch * batches``: there may be more). Open letters stay whatever their
+        age: they say what a version in use lacks."""
         store = self.connect()
         moment = now if now is not None else datetime.now(UTC)
         parked_before = moment - timedelta(seconds=self.letter_retention)
+        budget = batch * batches
         deleted = 0
         # Every group's on the topic, not only this one's: a group left behind by a rebuild
         # through a new group never runs again, and its closed letters stayed for good.
         for group in letter_groups(store, self.topic, first=self.group):
-            for _ in range(batches - deleted // batch):
-                count = purge_closed_letters(store, group, self.topic, parked_before, batch)
+            while deleted < budget:
+                size = min(batch, budget - deleted)
+                count = purge_closed_letters(store, group, self.topic, parked_before, size)
                 deleted += count
-                if count < batch:
+                if count < size:
                     break
-            if deleted >= batch * batches:
-                break
         if deleted:
-            log.info("worker: deleted %d closed dead letters of group %s", deleted, self.group)
+            log.info("worker: deleted %d closed dead letters of topic %s", deleted, self.topic)
         return deleted
 
     def _apply(
@@ -427,12 +427,15 @@ class StreamApplier:
         times: list[float] = []
         involved = sorted({m.partition for m in messages})
         with store.transaction():
-            # A lock another session keeps (a former owner frozen after a rebalance, an
-            # operator's open transaction) fails the batch after this long, as an outage
-            # waited out with backoff, in health and the log: queued for it, the batch
-            # waited for ever, unseen, and SIGTERM with it (faust waits for the batch).
+            # The partitions' progress rows held by another session (a former owner frozen
+            # after a rebalance, an operator's open transaction) fail the batch after this
+            # long, as an outage waited out with backoff, in health and the log: queued
+            # for them, the batch waited for ever, unseen, and SIGTERM with it (faust waits
+            # for the batch). Only there: the rest of the batch waits as it always did
+            # (a switch building a large version's key holds its table for a while).
             store.wait_for_locks_at_most(BATCH_LOCK_WAIT)
             progress = self._lock_progress(store, involved)
+            store.wait_for_locks_at_most(None)
             follows = self._followed_store(store)
             self._claim(store, progress)
             batches = {id(slot): BatchRows(slot, store) for slot in self._slots}
@@ -592,6 +595,8 @@ class StreamApplier:
                 for slot in self._slots:
                     slot.projection.apply(event, batches[id(slot)])
                 return None
+            except StoreFailed as failed:  # the batch's failure, not the event's
+                raise failed.error from None
             except Exception:  # a handler bug or a bad event: retried, then parked
                 for rows in batches.values():
                     rows.undo_event()

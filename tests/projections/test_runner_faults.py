@@ -824,3 +824,42 @@ def test_a_runner_says_it_retries_before_it_cleans_up_after_an_event_store_failu
     state, glanced = seen[0]
     assert state is ServiceState.RETRYING
     assert glanced is None  # the store away: no answer, no exception
+
+
+def test_a_handlers_read_the_database_refuses_fails_the_batch_not_the_event(
+    ledger: Ledger, pg_admin_url: str
+) -> None:
+    """A row read under a handler that the database refuses (here a lock not granted within
+    the database's ``lock_timeout``, an operator's VACUUM FULL holding the table) was taken
+    for a bad event: retried, parked and the version stopped. It fails the batch, which is
+    retried as an outage; nothing is parked."""
+    readmodels = new_read_models(pg_admin_url)
+    name = readmodels.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET lock_timeout = 500')
+    ids = workload(ledger, 20)
+    runner = ProjectionRunner(
+        event_log_of(ledger), readmodels, [projections.ACCOUNT_BALANCES], cache_limit=0
+    )
+    holder = psycopg.connect(readmodels)
+    try:
+        runner.run_until_caught_up()
+        workload(ledger, 10, seed=2, accounts=ids)
+        holder.execute("LOCK TABLE rm_account_balances_v1 IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.LockNotAvailable) as failed:
+            runner.step()
+        assert is_transient(failed.value)
+        holder.rollback()
+        runner.let_go()  # as the service does after a failed step
+        runner.run_until_caught_up()
+    finally:
+        holder.close()
+        runner.stop()
+    store = open_store(readmodels)
+    try:
+        record = VersionCatalog(store).version("account_balances", 1)
+        letters = store.execute("SELECT count(*) FROM daybook_dead_letters")[0][0]
+    finally:
+        store.close()
+    assert record is not None and record.state is VersionState.LIVE and letters == 0
+    assert_tables_match(ledger, readmodels, projections.ACCOUNT_BALANCES)

@@ -27,6 +27,7 @@ from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming import worker as worker_module
 from daybook.infrastructure.streaming.progress import PURGE_INDEX, purge_closed_letters
 from daybook.infrastructure.streaming.worker import StreamApplier
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
 from scripts import services
@@ -778,3 +779,75 @@ def test_closed_letters_of_groups_left_behind_by_rebuilds_go_too(pg_url: str) ->
         f"closed letters of abandoned groups never deleted: {retired_groups}; "
         f"letters per rebuild {letters_after}, progress rows {progress_after}"
     )
+
+
+WITHDRAWAL_TOTALS = Projection(
+    name="money_totals",
+    version=1,
+    tables=(
+        Table(
+            "withdrawal_totals",
+            (Column("account_id"), Column("total", "bigint")),
+            key=("account_id",),
+        ),
+    ),
+    handlers={
+        event_type(Account.Deposited): _add_withdrawal,
+        event_type(Account.Withdrawn): _add_withdrawal,
+    },
+)
+
+
+def test_a_handlers_read_that_fails_fails_the_batch_and_parks_nothing(
+    pg_admin_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read a handler makes (a row not cached) that the database refuses (a lock not
+    granted within the role's or database's ``lock_timeout``, a statement cancelled) was
+    taken for a bad event: retried in a transaction the database had aborted, parked, and
+    the letter's INSERT then failed for good, stopping the worker. It is the batch's
+    failure: raised as it is (a lock not granted is retried as an outage), nothing parked,
+    and the batch goes through once the lock is released."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        name = readmodels.rsplit("/", 1)[1].split("?")[0]
+        admin.execute(f'ALTER DATABASE "{name}" SET lock_timeout = 500')
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"o{n}", "EUR").account_id for n in range(5)]
+    for account in accounts:
+        ledger.deposit(account, 10)
+    stream = Stream(1)
+    worker = StreamApplier(
+        readmodels,
+        [WITHDRAWAL_TOTALS],
+        group="g",
+        topic="t",
+        partitions=1,
+        writer="w",
+        cache_limit=0,
+    )
+    holder = psycopg.connect(readmodels)
+    caplog.set_level(logging.INFO, logger="daybook.worker")
+    try:
+        worker.apply(stream.publish(ledger))
+        for account in accounts:
+            ledger.deposit(account, 7)
+        second = stream.publish(ledger)
+        holder.execute("LOCK TABLE rm_withdrawal_totals_v1 IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.LockNotAvailable) as failed:
+            worker.apply(second)
+        assert is_transient(failed.value)
+        holder.rollback()
+        worker.close()  # as the worker does after a failed batch
+        result = worker.apply(second)
+        assert result.parked == [] and result.applied == len(accounts)
+    finally:
+        holder.close()
+        worker.close()
+        ledger.close()
+    assert not [r for r in caplog.records if "parked event" in r.getMessage()]
+    store = open_store(readmodels)
+    try:
+        rows = store.execute("SELECT count(*) FROM daybook_stream_dead_letters")
+    finally:
+        store.close()
+    assert rows[0][0] == 0

@@ -674,8 +674,8 @@ def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
     """The read-model database gone just as the worker's agent starts (after the checks
     at its start): the error escaped the agent, which faust restarted every 5 s with a
     traceback while the worker said it ran, and SIGTERM never ended it afterwards. The
-    start now waits the outage out as a batch does, says it retries, and stops on
-    SIGTERM once it has caught up."""
+    start now leaves the outage to its batches, which wait it out: the worker says it
+    retries, stops on SIGTERM during the outage, and the next one catches up."""
     ledger = open_ledger(pg_url)
     accounts = open_accounts(ledger, 20)
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
@@ -701,9 +701,23 @@ def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
             outage.cut()
             marker.unlink()
             wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
+            # Meanwhile its consumer fetches the topic's messages: a stop must not wait for
+            # them (nothing of the outage can be acknowledged).
+            time.sleep(5)
             assert "Traceback" not in process.output, process.output
+            assert process.stop() == 0, process.output  # SIGTERM during the outage
             outage.restore()
             head = ledger.head()
+            process = worker(
+                pg_url,
+                kafka_bootstrap,
+                topic,
+                group,
+                tmp_path / "w2.log",
+                {},
+                outage.url(readmodels),
+                ["--metrics-port", str(port)],
+            ).start()
             wait_until(lambda: applied(readmodels, group, topic) == head, "the worker after it")
             assert _retrying(port, group) == 0
             assert process.stop() == 0, process.output
