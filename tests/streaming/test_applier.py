@@ -83,6 +83,15 @@ def _add_withdrawal(event: LogEvent, rows: Rows) -> None:
     rows.put("withdrawal_totals", {**row, "total": row["total"] + event.data["amount"]})
 
 
+def _deposits(ledger: Any, owners: int, amounts: Sequence[int]) -> list[Any]:
+    """``owners`` new accounts, each given a deposit of each of ``amounts`` in turn."""
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(owners)]
+    for amount in amounts:
+        for account in accounts:
+            ledger.deposit(account, amount)
+    return accounts
+
+
 #: A projection bug: every deposit fails (withdrawals, between them, apply).
 FAILS_DEPOSITS = Projection(
     name="withdrawal_totals",
@@ -347,10 +356,7 @@ def test_closed_dead_letters_are_deleted_after_their_retention_and_open_ones_sta
     it was parked; then a worker of the group deletes it (after a batch, at most every
     ``letter_purge_interval``: here after every batch)."""
     ledger = open_ledger(pg_url)
-    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(40)]
-    for amount in (10, 13):
-        for account in accounts:
-            ledger.deposit(account, amount)
+    accounts = _deposits(ledger, 40, (10, 13))
     log = event_log_of(ledger)
     stream = Stream(1)
     buggy = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
@@ -729,10 +735,7 @@ def test_closed_letters_of_groups_left_behind_by_rebuilds_go_too(pg_url: str) ->
     name is retired) and past their retention, but only a worker of that group deleted
     them, so they stayed for good. A worker now purges every group's closed letters."""
     ledger = open_ledger(pg_url)
-    accounts = [ledger.open_account(f"o{n}", "EUR").account_id for n in range(20)]
-    for amount in (10, 13):
-        for account in accounts:
-            ledger.deposit(account, amount)
+    _deposits(ledger, 20, (10, 13))
     store = open_store(pg_url)
     letters_after, progress_after = [], []
     rebuilds = 4
@@ -781,20 +784,11 @@ def test_closed_letters_of_groups_left_behind_by_rebuilds_go_too(pg_url: str) ->
     )
 
 
-WITHDRAWAL_TOTALS = Projection(
+#: Withdrawal totals that count deposits too: every event reads its account's row.
+WITHDRAWAL_TOTALS = replace(
+    FAILS_DEPOSITS,
     name="money_totals",
-    version=1,
-    tables=(
-        Table(
-            "withdrawal_totals",
-            (Column("account_id"), Column("total", "bigint")),
-            key=("account_id",),
-        ),
-    ),
-    handlers={
-        event_type(Account.Deposited): _add_withdrawal,
-        event_type(Account.Withdrawn): _add_withdrawal,
-    },
+    handlers={**FAILS_DEPOSITS.handlers, event_type(Account.Deposited): _add_withdrawal},
 )
 
 
