@@ -27,6 +27,7 @@ from typing import Any
 from daybook.infrastructure.readmodels.catalog import VersionRecord
 from daybook.infrastructure.readmodels.store import LOG_SHARD, ReadStore
 from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.model import (
     SHARD,
     Handler,
@@ -169,7 +170,9 @@ class BatchRows:
         try:
             found = self.store.fetch(spec.stored, self.slot.projection.version, key)
         except Exception as error:
-            raise StoreFailed(error) from error
+            if is_transient(error):  # the batch's; a key the driver refuses is the event's
+                raise StoreFailed(error) from error
+            raise
         row = None if found is None else _logical(spec, found)
         cache.rows[table][key] = row
         return row
@@ -239,11 +242,12 @@ class BatchRows:
 
 
 class StoreFailed(Exception):
-    """A read of the read-model database failed under a handler (a lost connection, a lock
-    not granted in time, a statement cancelled). It is the batch's failure, like any other
-    error of its transaction: the loops over events raise ``error`` itself (retried as an
-    outage, or failing the batch), rather than take it for a bad event, retry the event in
-    a transaction the database has aborted, and park it."""
+    """A read of the read-model database failed under a handler for a reason a retry of
+    the batch may cure (a lost connection, a lock not granted within the role's
+    ``lock_timeout``, a deadlock). It is the batch's failure: the loops over events raise
+    ``error`` itself, retried as an outage, rather than take it for a bad event, retry the
+    event in a transaction the database has aborted, park it and stop. (A read the driver
+    refuses, a key of the wrong shape, is still the event's, parked as before.)"""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))

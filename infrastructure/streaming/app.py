@@ -170,16 +170,18 @@ def make_app(
             waited += FLOW_CHECK_SECONDS
         raise _Abandoned
 
-    #: Whether dead letters recorded before a crash may still await publishing.
+    #: Whether dead letters recorded (before a crash, or by a batch) may await publishing.
     letters_pending = True
 
     async def publish_pending_letters() -> None:
-        """Publish the dead letters recorded before a crash but never published: at the
-        agent's start, and after each batch until it went through. An outage is left to the
-        batches, which wait it out as a stop and a rebalance require: raised out of the
-        agent, it had faust restart the agent every 5 s (a traceback each time, health
-        saying it ran) and a stop after that waited for ever; waited out here, with the
-        fetches piling up behind the agent, a stop waited for ever too."""
+        """Publish the dead letters recorded and not yet published (each once: those a
+        batch just parked among them): at the agent's start, and after a batch that parked
+        some or while some are left. An outage is left to the batches, which wait it out
+        as a stop and a rebalance require: raised out of the agent, it had faust restart
+        the agent every 5 s (a traceback each time, health saying it ran) and a stop after
+        that waited for ever; waited out here, with the fetches piling up behind the agent,
+        a stop waited for ever too. ``_Stopped`` after a failure no retry cures (judged:
+        FAILED, with the reason)."""
         nonlocal letters_pending
         try:
             pending = await asyncio.to_thread(applier.unpublished_dead_letters)
@@ -187,11 +189,12 @@ def make_app(
                 await publish_dead_letters(pending)
         except Exception as error:
             if not is_transient(error):
-                applier.supervisor.judge(error)  # FAILED, with the reason
-                await stop_worker()
+                applier.supervisor.judge(error)
+                raise _Stopped from error
+            letters_pending = True
             await asyncio.to_thread(applier.close)
-            log.warning("worker: dead letters recorded before could not be published yet"
-                        " (%s); trying again after the next batch", first_line(error))  # fmt: skip
+            log.warning("worker: dead letters could not be published yet (%s); trying again"
+                        " after the next batch", first_line(error))  # fmt: skip
             return
         letters_pending = False
 
@@ -211,10 +214,8 @@ def make_app(
                     raise _Stopped from error
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
-        if letters_pending:
+        if letters_pending or result.parked:
             await publish_pending_letters()
-        if result.parked:
-            await publish_dead_letters(result.parked)
         measure_lag(result.offsets)
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).
@@ -273,7 +274,12 @@ def make_app(
         # The agent's stream is what subscribes faust to the topic (the Conductor); the
         # messages themselves come whole fetches at a time from ``drain_in_batches``.
         del stream
-        await publish_pending_letters()
+        try:
+            await publish_pending_letters()
+        except _Stopped:
+            while not handoff.empty():  # fetched already: faust must not wait for them
+                faust_compat.untrack(app, handoff.get_nowait())
+            await stop_worker()
         try:
             await asyncio.to_thread(applier.refuse_at_start)
         except Refused as refusal:

@@ -5,6 +5,7 @@ nothing applied twice."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from daybook import open_ledger, projections
 from daybook.infrastructure.bootstrap import projection_runner
@@ -22,7 +24,12 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
-from daybook.infrastructure.streaming.progress import PartitionStatus, read_status
+from daybook.infrastructure.streaming.broker import dead_letter_topic
+from daybook.infrastructure.streaming.progress import (
+    PartitionStatus,
+    read_dead_letters,
+    read_status,
+)
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.urls import postgres_params
 from scripts import services
@@ -36,6 +43,7 @@ from scripts.streams import (
     wait_until,
     write_money,
 )
+from tests.streaming.test_faults import insert_poison
 from tests.streaming.test_workers import PARTITIONS, applied, reference_tables, tables
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
@@ -726,3 +734,60 @@ def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
             the_relay.stop()
             ledger.close()
     assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+
+
+async def _all_keys(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    keys: list[bytes] = []
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                keys.extend(m.key for m in messages)
+    finally:
+        await consumer.stop()
+    return keys
+
+
+def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_once(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The start's publish of dead letters failed (the read models away), so the first
+    batch after the outage published what was left, its own letter among them, and then
+    its own letters again: twice on the dead-letter topic. Each goes once."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 3)
+    write_money(ledger, accounts, 5)
+    poison, _ = insert_poison(ledger)
+    write_money(ledger, accounts, 5, seed=2)
+    head = ledger.head()
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("dupletters"), unique("group")
+    port = services.free_port()
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    wait_until(lambda: _cursor(pg_url, topic) == head, "everything on the topic")
+    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+    with Outage.of_url(readmodels) as outage:
+        process = worker(
+            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", env,
+            outage.url(readmodels), ["--metrics-port", str(port)],
+        ).start()  # fmt: skip
+        try:
+            marker = paused(tmp_path, "worker.start")
+            wait_until(marker.exists, "the worker at its start")
+            outage.cut()
+            marker.unlink()
+            wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
+            outage.restore()
+            wait_until(lambda: applied(readmodels, group, topic) == head - 1, "the batch")
+            (letter,) = read_dead_letters(readmodels, group, topic)
+            assert letter["position"] == poison
+            keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
+        finally:
+            process.stop()
+            the_relay.stop()
+            ledger.close()
+    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
