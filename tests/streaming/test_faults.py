@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -38,6 +39,16 @@ from tests.streaming.test_workers import (
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
+
+
+def log_with_poison(ledger: Any, accounts: int, transfers: int) -> tuple[int, int]:
+    """``transfers`` among ``accounts`` new accounts, a poison event (``insert_poison``),
+    then as many transfers again; the poison's log position and partition."""
+    opened = open_accounts(ledger, accounts)
+    write_money(ledger, opened, transfers)
+    poison = insert_poison(ledger)
+    write_money(ledger, opened, transfers, seed=2)
+    return poison
 
 
 def insert_poison(ledger: object) -> tuple[int, int]:
@@ -73,10 +84,7 @@ def test_a_poison_event_is_parked_on_the_dead_letter_topic_and_the_rest_goes_on(
     pg_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     ledger = open_ledger(pg_url)
-    accounts = open_accounts(ledger, 30)
-    write_money(ledger, accounts, 500)
-    poison, poison_partition = insert_poison(ledger)
-    write_money(ledger, accounts, 500, seed=2)
+    poison, poison_partition = log_with_poison(ledger, 30, 500)
     head = ledger.head()
     topic, group = unique("poison"), unique("group")
     processes = [

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -43,7 +44,7 @@ from scripts.streams import (
     wait_until,
     write_money,
 )
-from tests.streaming.test_faults import insert_poison
+from tests.streaming.test_faults import log_with_poison
 from tests.streaming.test_workers import PARTITIONS, applied, reference_tables, tables
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
@@ -676,6 +677,44 @@ def test_a_worker_whose_batch_meets_a_lock_held_elsewhere_says_so_and_stops_on_s
     assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
 
 
+@dataclass
+class _Into:
+    """A worker of ``group`` whose read models (``readmodels``, behind a proxy) go just as
+    its agent starts, after the checks at its start."""
+
+    url: str
+    bootstrap: str
+    topic: str
+    group: str
+    readmodels: str
+    port: int
+
+    @contextmanager
+    def an_outage_at_its_start(self, tmp_path: Path) -> Iterator[tuple[Outage, Daybook]]:
+        """The proxy, cut, and the worker, once it says it retries; stopped on the way out."""
+        env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+        with Outage.of_url(self.readmodels) as outage:
+            process = worker(
+                self.url,
+                self.bootstrap,
+                self.topic,
+                self.group,
+                tmp_path / "w.log",
+                env,
+                outage.url(self.readmodels),
+                ["--metrics-port", str(self.port)],
+            ).start()
+            try:
+                marker = paused(tmp_path, "worker.start")
+                wait_until(marker.exists, "the worker at its start")
+                outage.cut()
+                marker.unlink()
+                wait_until(lambda: _retrying(self.port, self.group) == 1, "it to retry")
+                yield outage, process
+            finally:
+                process.stop()
+
+
 def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
     pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -691,24 +730,9 @@ def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
     port = services.free_port()
     write_money(ledger, accounts, 200)
     the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
-    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
-    with Outage.of_url(readmodels) as outage:
-        process = worker(
-            pg_url,
-            kafka_bootstrap,
-            topic,
-            group,
-            tmp_path / "w.log",
-            env,
-            outage.url(readmodels),
-            ["--metrics-port", str(port)],
-        ).start()
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
         try:
-            marker = paused(tmp_path, "worker.start")
-            wait_until(marker.exists, "the worker at its start")
-            outage.cut()
-            marker.unlink()
-            wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
             # Meanwhile its consumer fetches the topic's messages: a stop must not wait for
             # them (nothing of the outage can be acknowledged).
             time.sleep(5)
@@ -759,28 +783,16 @@ def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_on
     batch after the outage published what was left, its own letter among them, and then
     its own letters again: twice on the dead-letter topic. Each goes once."""
     ledger = open_ledger(pg_url)
-    accounts = open_accounts(ledger, 3)
-    write_money(ledger, accounts, 5)
-    poison, _ = insert_poison(ledger)
-    write_money(ledger, accounts, 5, seed=2)
+    poison, _ = log_with_poison(ledger, 3, 5)
     head = ledger.head()
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     topic, group = unique("dupletters"), unique("group")
     port = services.free_port()
     the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
     wait_until(lambda: _cursor(pg_url, topic) == head, "everything on the topic")
-    env = {"DAYBOOK_FAULTS": "worker.start:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
-    with Outage.of_url(readmodels) as outage:
-        process = worker(
-            pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log", env,
-            outage.url(readmodels), ["--metrics-port", str(port)],
-        ).start()  # fmt: skip
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
         try:
-            marker = paused(tmp_path, "worker.start")
-            wait_until(marker.exists, "the worker at its start")
-            outage.cut()
-            marker.unlink()
-            wait_until(lambda: _retrying(port, group) == 1, "the worker to say it retries")
             outage.restore()
             wait_until(lambda: applied(readmodels, group, topic) == head - 1, "the batch")
             (letter,) = read_dead_letters(readmodels, group, topic)
