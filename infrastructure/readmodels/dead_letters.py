@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from daybook.infrastructure.readmodels.store import ReadStore, now_text
+from daybook.infrastructure.readmodels.store import ReadStore, now_text, time_text
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ class DeadLetters:
         self.store.execute(
             "UPDATE daybook_dead_letters SET resolved_at = %s"
             " WHERE name = %s AND version = %s AND resolved_at IS NULL",
-            (now.isoformat(timespec="microseconds"), name, version),
+            (time_text(now), name, version),
         )
-        before = (now - timedelta(seconds=RESOLVED_RETENTION)).isoformat(timespec="microseconds")
+        before = time_text(now - timedelta(seconds=RESOLVED_RETENTION))
         self.store.execute(
             "DELETE FROM daybook_dead_letters WHERE resolved_at IS NOT NULL AND resolved_at < %s",
             (before,),

@@ -272,12 +272,10 @@ class ProjectionRunner:
             return
         head, first = glanced
         now = time.time()
-        for (name, version), position in self._applied.items():
+        for key, position in self._applied.items():
             event = first.get(position)
             age = now - event.timestamp.timestamp() if event is not None else 0.0
-            labels = (name, str(version))
-            metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(max(0, head - position))
-            metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, age))
+            _report_lag(key, head - position, age)
 
     def _disconnect(self) -> None:
         for connection in (self.store, self._locks):
@@ -305,8 +303,8 @@ class ProjectionRunner:
                 continue
             if record.owner == RUNNER and record.state is VersionState.STOPPED:
                 self.halted[key] = _stopped(key, record.error)
-            elif not (record.owner == RUNNER and record.state is VersionState.RETIRED):
-                self.halted.pop(key, None)  # (a retired one: see ``_cannot_follow``)
+            else:
+                self.halted.pop(key, None)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)
@@ -350,16 +348,15 @@ class ProjectionRunner:
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord
     ) -> None:
         """Say so if reads moved to a version newer than this runner's code defines."""
-        key = (projection.name, projection.version)
         if record.state is not VersionState.RETIRED:
             return
-        self.halted.pop(key, None)
         serving = catalog.active_version(projection.name)
         if serving is None or serving <= projection.version:
             return
         newer = catalog.version(projection.name, serving)
         if newer is None or newer.owner != RUNNER:
             return  # a stream group's to follow, not a runner's
+        key = (projection.name, projection.version)
         note = (
             f"a runner ({socket.gethostname()}:{os.getpid()}) cannot follow {projection.name} "
             f"version {serving}: its code defines version {projection.version}; deploy the "
@@ -461,7 +458,7 @@ class ProjectionRunner:
         now = time.time()
         positions = [event.position for event in events]
         beyond = max(0, head - positions[-1]) if positions else 0
-        for (name, version), slot in self.slots.items():
+        for key, slot in self.slots.items():
             applied = bisect_right(positions, slot.record.position)
             unapplied = len(positions) - applied + beyond
             if applied < len(positions):
@@ -470,9 +467,7 @@ class ProjectionRunner:
                 age = now - events[-1].timestamp.timestamp()
             else:
                 age = 0.0
-            labels = (name, str(version))
-            metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(unapplied)
-            metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, age))
+            _report_lag(key, unapplied, age)
 
     def _apply_alone(
         self, store: ReadStore, events: list[LogEvent], error: Exception
@@ -657,6 +652,13 @@ class ProjectionRunner:
         serving = None if previous is None else catalog.version(slot.projection.name, previous)
         # Readers must never see the position go backwards: catch up first.
         return serving is None or catalog.checkpoint(serving).position <= current.position
+
+
+def _report_lag(key: tuple[str, int], events: int, seconds: float) -> None:
+    """Set a version's lag gauges: events not applied, and the age of the oldest."""
+    labels = (key[0], str(key[1]))
+    metrics.PROJECTION_LAG_EVENTS.labels(*labels).set(max(0, events))
+    metrics.PROJECTION_LAG_SECONDS.labels(*labels).set(max(0.0, seconds))
 
 
 def _forget_lag(key: tuple[str, int]) -> None:

@@ -33,8 +33,14 @@ class ReadStoreError(Exception):
 
 
 def now_text() -> str:
-    """The current time as the catalog stores it (UTC, ISO 8601, microseconds)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """The current time as the catalog stores it (see ``time_text``)."""
+    return time_text(datetime.now(UTC))
+
+
+def time_text(moment: datetime) -> str:
+    """``moment`` (UTC) as the catalog stores times: ISO 8601 with microseconds, so that
+    stored times compare as text in time order."""
+    return moment.isoformat(timespec="microseconds")
 
 
 class WriterLocks(ABC):

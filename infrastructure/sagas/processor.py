@@ -298,9 +298,10 @@ class SagaProcessor:
             self.drive(saga_id)
             self._stalled = None
         except Exception as error:
-            if is_transient(error):
+            transient = is_transient(error)
+            if transient:
                 self._stalled = first_line(error)
-            if is_transient(error) or isinstance(error, ConcurrencyConflict):
+            if transient or isinstance(error, ConcurrencyConflict):
                 # The store or a port is out, or other writers kept the saga's accounts or
                 # SKUs busy past the ledger's retries (nothing was applied): the saga is
                 # due again at the next pass.
