@@ -2,8 +2,10 @@
 
 Every call carries an idempotency key: a repeated ``charge`` with the same key is answered
 with the original result, never charged twice. A failed call says which of two things is
-known: ``Unavailable`` (the request was not processed: safe to try again) or
-``OutcomeUnknown`` (it may have been: look the key up before deciding anything).
+known: ``Unavailable`` (the request was not processed: safe to try again),
+``OutcomeUnknown`` (it may have been: look the key up before deciding anything), or
+``Refused`` (the remote answered that it will not process it as asked: asking again the same
+way gets the same answer).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class OutcomeUnknown(GatewayError):
     connection): the caller must look the key up, never guess."""
 
 
+class Refused(GatewayError):
+    """The remote answered, and refused the request without processing it (a bad request,
+    credentials it does not accept): the same request would be refused again."""
+
+
 class PaymentGateway(Protocol):
     """The port: implemented by ``HttpPaymentGateway`` (httpx), served for tests and the
     demo by ``FakeGatewayServer``."""
@@ -78,5 +85,6 @@ __all__ = [
     "OutcomeUnknown",
     "PaymentGateway",
     "Refund",
+    "Refused",
     "Unavailable",
 ]

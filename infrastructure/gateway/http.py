@@ -9,13 +9,17 @@ The wire protocol is the fake gateway's (``fake.py``), shaped like common paymen
                          200 {"charges": [...]}: keys after KEY (by code point), in order
     POST /refunds        {"key"}  200 {"status": "refunded" | "nothing_to_refund"}
 
-Failures are sorted by what is known about the request: not sent or refused before
-processing (``Unavailable``), or possibly processed (``OutcomeUnknown``).
+Failures are sorted by what is known about the request: not sent, or turned away for now
+before processing (``Unavailable``: 503, 429 and the other "try later" answers); possibly
+processed (``OutcomeUnknown``: a timeout after sending, a 5xx, an answer that cannot be read);
+refused for good (``Refused``: any other 4xx). Nothing else leaves this adapter: a saga
+processor must be able to decide about every answer a gateway can give.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -26,8 +30,16 @@ from daybook.infrastructure.gateway import (
     GatewayError,
     OutcomeUnknown,
     Refund,
+    Refused,
     Unavailable,
 )
+
+T = TypeVar("T")
+
+#: Answers that say "not now": the request was not processed, and may be later (a timeout
+#: before the whole request arrived, a request with the same key in progress, too early,
+#: too many requests).
+_TRY_LATER = frozenset({408, 409, 425, 429, 503})
 
 
 class HttpPaymentGateway:
@@ -53,7 +65,7 @@ class HttpPaymentGateway:
         }
         response = self._send("POST", "/charges", json=body)
         if response.status_code in (200, 402):
-            return _charge(response.json())
+            return _read(response, _charge)
         raise _unexpected(response)
 
     def lookup(self, key: str) -> Charge | None:
@@ -61,20 +73,19 @@ class HttpPaymentGateway:
         if response.status_code == 404:
             return None
         if response.status_code == 200:
-            return _charge(response.json())
+            return _read(response, _charge)
         raise _unexpected(response)
 
     def refund(self, key: str) -> Refund:
         response = self._send("POST", "/refunds", json={"key": key})
         if response.status_code == 200:
-            data = response.json()
-            return Refund(key, str(data["status"]), int(data.get("amount", 0)))
+            return _read(response, lambda data: _refund(key, data))
         raise _unexpected(response)
 
     def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
         response = self._send("GET", "/charges", params={"after": after, "limit": limit})
         if response.status_code == 200:
-            return [_charge(item) for item in response.json()["charges"]]
+            return _read(response, lambda data: [_charge(item) for item in data["charges"]])
         raise _unexpected(response)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -86,8 +97,11 @@ class HttpPaymentGateway:
         except httpx.TransportError as error:
             # Sent, perhaps processed: a read timeout, a connection dropped mid-answer.
             raise OutcomeUnknown(f"{method} {path}: {type(error).__name__}: {error}") from error
-        if response.status_code == 503:
-            raise Unavailable(f"{method} {path}: the gateway answered 503")
+        if response.status_code in _TRY_LATER:
+            raise Unavailable(
+                f"{method} {path}: the gateway answered {response.status_code}"
+                f" (not processed; try later): {_excerpt(response)}"
+            )
         return response
 
     def close(self) -> None:
@@ -106,9 +120,44 @@ def _charge(data: dict[str, Any]) -> Charge:
     )
 
 
+def _refund(key: str, data: dict[str, Any]) -> Refund:
+    status = str(data["status"])
+    if status not in ("refunded", "nothing_to_refund"):
+        raise ValueError(f"unknown refund status {status!r}")
+    return Refund(key, status, int(data.get("amount", 0)))
+
+
+def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:
+    """``parse`` of the answer's JSON body. An answer that cannot be read (not JSON, a field
+    missing, a status this adapter does not know) may still mean the request was processed:
+    ``OutcomeUnknown``, so that the caller looks the key up."""
+    try:
+        return parse(response.json())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        msg = (
+            f"{response.request.method} {response.request.url.path}: the gateway's answer"
+            f" ({response.status_code}) could not be read ({type(error).__name__}: {error}):"
+            f" {_excerpt(response)}"
+        )
+        raise OutcomeUnknown(msg) from error
+
+
+def _excerpt(response: httpx.Response) -> str:
+    """The start of the answer's body, for a message (a gateway may answer a whole page)."""
+    text = response.text
+    return text if len(text) <= 200 else f"{text[:200]}..."
+
+
 def _unexpected(response: httpx.Response) -> GatewayError:
     if response.status_code >= 500:
         # The server failed while handling it: it may have done part of the work.
-        return OutcomeUnknown(f"the gateway answered {response.status_code}: {response.text}")
-    msg = f"the gateway refused the request ({response.status_code}): {response.text}"
-    raise ValueError(msg)
+        return OutcomeUnknown(f"the gateway answered {response.status_code}: {_excerpt(response)}")
+    if 400 <= response.status_code < 500:
+        return Refused(
+            f"the gateway refused the request ({response.status_code}): {_excerpt(response)}"
+        )
+    # 1xx, 3xx, or a 2xx this protocol does not use: nothing says what happened.
+    return OutcomeUnknown(
+        f"the gateway answered {response.status_code}, which this protocol does not use:"
+        f" {_excerpt(response)}"
+    )

@@ -70,6 +70,7 @@ from daybook.infrastructure.gateway import (
     GatewayError,
     OutcomeUnknown,
     PaymentGateway,
+    Refused,
 )
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.lifecycle import (
@@ -413,6 +414,13 @@ class SagaProcessor:
                 with _remote_span(remote.dependency, remote.operation):
                     charge = self._call(port, remote.operation, key, request)
                 crash_point("saga.after_remote")
+        except Refused:
+            # The remote answered: up, but it will not take this processor's requests as
+            # they are (credentials, a URL where no gateway answers its routes). No retry
+            # cures that, and guessing would fail orders that did nothing wrong: raised, it
+            # stops the processor visibly until a person looks.
+            breaker.succeeded()
+            raise
         except OutcomeUnknown as unknown:
             breaker.failed()
             try:
@@ -426,6 +434,12 @@ class SagaProcessor:
         except GatewayError as error:
             breaker.failed()
             return self._retry(saga, step.name, attempt, str(error))
+        except BaseException:
+            # A port of the deployment's own raised something else (a bug; it stops the
+            # processor): whichever call took the breaker's one trial, it is answered, or
+            # the breaker would let no call through again (``drive`` may be called again).
+            breaker.failed()
+            raise
         breaker.succeeded()
         if charge.status is ChargeStatus.SUCCEEDED:
             result = {"charge_id": charge.charge_id, "amount": charge.amount}
@@ -530,10 +544,16 @@ class SagaProcessor:
             with _remote_span(compensation.dependency, "refund"):
                 refund = port.refund(key)
             crash_point("saga.after_remote")
+        except Refused:
+            breaker.succeeded()  # as for a forward call: stops the processor visibly
+            raise
         except GatewayError as error:
             breaker.failed()
             self._compensation_failed(saga, step.name, attempt, str(error))
             return True
+        except BaseException:
+            breaker.failed()  # as for a forward call: the trial is answered
+            raise
         breaker.succeeded()
         compensated = self._send(
             CompleteRemoteCompensation(

@@ -1,0 +1,175 @@
+"""Every answer a payment gateway can give is one the saga processor decides about: the
+HTTP adapter sorts each into ``Unavailable`` (not processed: try later), ``OutcomeUnknown``
+(perhaps processed: look the key up) or ``Refused`` (not processed, and never will be as
+asked: the processor stops, visibly). Before, a 429 or an answer that could not be read
+raised a ``ValueError`` out of the adapter, which ended the processor (every saga stopped
+moving) for what a retry cures, and any error but a ``GatewayError`` left the breaker's trial
+call unanswered, so the breaker never let a call through again."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from daybook.domain.sagas import Saga, SagaState
+from daybook.infrastructure.gateway import (
+    Charge,
+    GatewayError,
+    OutcomeUnknown,
+    Refused,
+    Unavailable,
+)
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.sagas.breaker import BreakerState
+from tests.integration.test_sagas import Shop, shop  # noqa: F401  (a fixture)
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """Answers every request with the server's ``answer``."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        answer: Answer = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(answer.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering() -> Iterator[tuple[HttpPaymentGateway, ThreadingHTTPServer]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    server.answer = Answer(429, b'{"error": "too many requests"}')  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.server_address[1]}")
+    yield gateway, server
+    gateway.close()
+    server.shutdown()
+    server.server_close()
+
+
+_CHARGE = {"amount": 100, "currency": "EUR", "customer": "c", "reference": "r"}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (429, b'{"error": "slow down"}', Unavailable),
+        (408, b"", Unavailable),
+        (409, b'{"error": "a request with this key is in progress"}', Unavailable),
+        (503, b"", Unavailable),
+        (400, b'{"error": "bad currency"}', Refused),
+        (401, b'{"error": "bad credentials"}', Refused),
+        (422, b"{}", Refused),
+        (500, b"oops", OutcomeUnknown),
+        (302, b"", OutcomeUnknown),
+        (200, b"<html>maintenance</html>", OutcomeUnknown),
+        (200, b'{"key": "k", "status": "pending", "amount": 1, "currency": "EUR"}', OutcomeUnknown),
+        (200, b'{"key": "k"}', OutcomeUnknown),
+        (200, b"[1, 2]", OutcomeUnknown),
+    ],
+)
+def test_every_answer_is_sorted_into_what_is_known_about_the_request(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+    status: int,
+    body: bytes,
+    expected: type[GatewayError],
+) -> None:
+    gateway, server = answering
+    server.answer = Answer(status, body)  # type: ignore[attr-defined]
+    calls = {
+        "charge": lambda: gateway.charge("k", **_CHARGE),  # type: ignore[arg-type]
+        "lookup": lambda: gateway.lookup("k"),
+        "refund": lambda: gateway.refund("k"),
+        "charges": lambda: gateway.charges(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(GatewayError) as raised:
+            call()
+        assert type(raised.value) is expected, (name, raised.value)
+        assert str(status) in str(raised.value) or status == 200, (name, raised.value)
+
+
+def test_a_rate_limited_gateway_is_retried_and_the_saga_compensates_in_the_end(
+    shop: Shop,  # noqa: F811
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+) -> None:
+    gateway, _ = answering  # answers 429 to everything...
+    gateway.refund = shop.processor.ports["payments"].refund  # type: ignore[method-assign]
+    shop.processor.ports["payments"] = gateway  # ...but refunds, which the real one answers
+    saga_id = shop.order("o-429", [("KETTLE", 1, 100)])
+    saga = shop.processor.drive(saga_id)  # raised ValueError before
+    assert saga.state is SagaState.RUNNING and saga.attempts == 1, saga.view()
+    assert "429" in (saga.last_error or "")
+    saga = shop.run(saga_id, rounds=200)
+    assert saga.state is SagaState.COMPENSATED, saga.view()
+    assert shop.ledger.inventory("KETTLE").available == 10
+
+
+def test_a_refusal_stops_the_processor_visibly_and_leaves_the_breaker_answered(
+    shop: Shop,  # noqa: F811
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+) -> None:
+    """A 4xx other than those that say "try later" is the gateway refusing this
+    processor's requests (credentials, a wrong URL): nothing is guessed, the processor
+    stops (``test_a_failure_no_retry_can_cure_stops_the_processor_visibly``), and the
+    breaker, whose trial call it was, lets the next call through once things are fixed."""
+    gateway, server = answering
+    server.answer = Answer(401, b'{"error": "bad credentials"}')  # type: ignore[attr-defined]
+    shop.processor.ports["payments"] = gateway
+    breaker = shop.processor.breakers["payments"]
+    for _ in range(breaker.threshold):
+        breaker.failed()  # an outage opened it...
+    shop.clock.advance(breaker.cooldown.total_seconds() + 0.001)  # ...and one trial call may now go
+    saga_id = shop.order("o-401", [("KETTLE", 1, 100)])
+    with pytest.raises(Refused, match="401"):
+        shop.processor.drive(saga_id)
+    assert shop.ledger.read(Saga, saga_id).state is SagaState.RUNNING  # nothing guessed
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
+
+
+def test_a_port_that_raises_something_else_still_answers_the_breakers_trial(
+    shop: Shop,  # noqa: F811
+) -> None:
+    port = shop.processor.ports["payments"]
+    real_charge = port.charge
+    failures = [RuntimeError("the provider's SDK broke")]
+
+    def broken(key: str, **request: object) -> Charge:
+        if failures:
+            raise failures.pop()
+        return real_charge(key, **request)  # type: ignore[arg-type]
+
+    port.charge = broken  # type: ignore[method-assign]
+    breaker = shop.processor.breakers["payments"]
+    for _ in range(breaker.threshold):
+        breaker.failed()
+    shop.clock.advance(breaker.cooldown.total_seconds() + 0.001)
+    saga_id = shop.order("o-bug", [("KETTLE", 1, 100)])
+    with pytest.raises(RuntimeError):
+        shop.processor.drive(saga_id)
+    # The trial failed: open again, and a later trial (the port fixed) goes through.
+    assert breaker.state is BreakerState.OPEN
+    shop.clock.advance(breaker.cooldown.total_seconds() + 0.001)
+    assert shop.run(saga_id).state is SagaState.COMPLETED
+    assert breaker.state is BreakerState.CLOSED
+    assert shop.charged() == {f"{saga_id}:charge": 1}
