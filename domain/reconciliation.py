@@ -6,14 +6,27 @@ for."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from pydantic import Field
 
-from daybook.domain.commands import Aggregates, Command, Text
+from daybook.domain.commands import Aggregates, Check, Command, Text
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.sagas import DecisionMetadata, decided
+from daybook.domain.values import check_text
+
+#: The longest remote key recorded: payment APIs take idempotency keys of up to 255
+#: characters, and the gateway's account holds other systems' charges as well as ours.
+MAX_REMOTE_KEY = 255
+
+
+def check_remote_key(value: object, what: str) -> str:
+    """A remote record's key (a charge's idempotency key): text of at most 255 characters."""
+    return check_text(value, what, MAX_REMOTE_KEY)
+
+
+RemoteKey = Annotated[str, Check(check_remote_key)]
 
 
 class RemoteRecord(LedgerAggregate):
@@ -55,7 +68,7 @@ class RecordReconciliation(Command):
     generated_method = False
     public = False
 
-    key: Text
+    key: RemoteKey
     finding: Text
     action: Text
     detail: Text

@@ -155,10 +155,18 @@ def check_text(value: object, what: str, max_length: int = 200) -> str:
     return value
 
 
+#: The longest request id (and correlation, causation or reservation id).
+MAX_REQUEST_TEXT = 200
+
+
 def check_request_text(value: object, what: str) -> str:
     """A request, correlation or causation id, or a reservation id: 1-200 printable
     characters chosen by the caller."""
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_REQUEST_TEXT
+        or not value.isprintable()
+    ):
         raise InvalidRequest(
             f"{what} must be 1-200 printable characters, got {shown(value)}", field=what
         )

@@ -7,20 +7,23 @@
 - a charge of a saga still running or compensating is left alone (the processor is at it).
 
 Every finding, and what was done about it, is recorded in the log (``RecordReconciliation``:
-who decided, why, when), once per finding and action.
+who decided, why, when), once per finding and action. A finding the log cannot hold (a key
+that is not text of at most 255 characters) is still reported, saying so: reconciliation
+goes on to the other charges whatever one of them holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, IdempotencyConflict
 from daybook.domain.reconciliation import RecordReconciliation
 from daybook.domain.sagas import Saga, SagaState
-from daybook.domain.values import as_text, inventory_id
+from daybook.domain.values import MAX_REQUEST_TEXT, as_text, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, PaymentGateway
 from daybook.infrastructure.ledger.facade import Ledger
@@ -136,8 +139,7 @@ def reconcile_payments(
             found = current if current is not None and current.key == key else None
         if found is None or found.status is not ChargeStatus.SUCCEEDED or found.refunded:
             finding = Finding(key, "order_without_charge", "flagged", "completed, not paid")
-            _record(ledger, finding)
-            report.findings.append(finding)
+            _record(ledger, report, finding)
     return report
 
 
@@ -200,19 +202,39 @@ def _decide(
             action = "refunded"
         except GatewayError as error:
             detail = f"{detail}; refund failed: {error}"
-    finding = Finding(charge.key, kind, action, detail)
-    _record(ledger, finding)
+    _record(ledger, report, Finding(charge.key, kind, action, detail))
+
+
+def _record(ledger: Ledger, report: Report, finding: Finding) -> None:
+    """Record ``finding`` in the log and add it to the report. Recorded before under the
+    same finding and action, with another detail (a refund that failed with another
+    error), it is not recorded again; one the log refuses is reported as not recorded."""
+    try:
+        ledger.execute(
+            RecordReconciliation(
+                finding.key,
+                finding.kind,
+                finding.action,
+                as_text(finding.detail),
+                decided_by=RECONCILER,
+                request_id=_request_id(finding),
+            )
+        )
+    except IdempotencyConflict:
+        pass  # recorded by an earlier run, with that run's detail
+    except DomainError as refused:
+        # Raised, it would end the run at this charge, run after run (and a refund made
+        # just before would never reach the report): the report says it instead.
+        detail = f"{finding.detail} (not recorded in the log: {refused.code}: {refused})"
+        finding = Finding(finding.key, finding.kind, finding.action, detail)
     report.findings.append(finding)
 
 
-def _record(ledger: Ledger, finding: Finding) -> None:
-    ledger.execute(
-        RecordReconciliation(
-            finding.key,
-            finding.kind,
-            finding.action,
-            as_text(finding.detail),
-            decided_by=RECONCILER,
-            request_id=f"reconcile:{finding.key}:{finding.kind}:{finding.action}",
-        )
-    )
+def _request_id(finding: Finding) -> str:
+    """One request id per finding and action. A key that would make it too long, or not
+    printable, for a request id is named by its digest instead."""
+    request_id = f"reconcile:{finding.key}:{finding.kind}:{finding.action}"
+    if len(request_id) <= MAX_REQUEST_TEXT and request_id.isprintable():
+        return request_id  # the form recorded by earlier versions: not recorded twice
+    digest = hashlib.sha256(finding.key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"reconcile-sha256:{digest}:{finding.kind}:{finding.action}"

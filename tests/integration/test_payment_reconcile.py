@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from daybook import open_ledger
+from daybook.domain.reconciliation import RemoteRecord
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
@@ -96,3 +97,58 @@ def test_a_gateway_that_pages_short_is_read_to_the_end_and_one_that_ignores_afte
     stuck = Listing(keys, cap=3, honours_after=False)
     with pytest.raises(GatewayError, match="increasing key order"):
         list(gateway_charges(stuck, page=3))  # type: ignore[arg-type]
+
+
+def _findings_recorded(ledger: Any, key: str) -> int:
+    return int(ledger.read(RemoteRecord, key).findings)
+
+
+def test_a_finding_recorded_again_with_another_detail_does_not_end_the_run() -> None:
+    """A flagged charge whose refund then fails (``--repair`` while refunds answer 503) is
+    the same finding and action with another detail: the run went no further than that
+    charge (``idempotency_conflict``), run after run, until the refund went through."""
+    with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
+        http = HttpPaymentGateway(server.url)
+        for key in ("a-stray", "b-stray"):
+            http.charge(key, amount=500, currency="EUR", customer="c", reference="r")
+        first = reconcile_payments(ledger, http)
+        assert [(f.key, f.action) for f in first.findings] == [
+            ("a-stray", "flagged"),
+            ("b-stray", "flagged"),
+        ]
+        server.gateway.knobs.refund_unavailable_rate = 1.0
+        second = reconcile_payments(ledger, http, repair=True)
+        assert [(f.key, f.action) for f in second.findings] == [
+            ("a-stray", "flagged"),
+            ("b-stray", "flagged"),
+        ]
+        assert all("refund failed" in f.detail for f in second.findings)
+        server.gateway.knobs.refund_unavailable_rate = 0.0
+        third = reconcile_payments(ledger, http, repair=True)
+        assert {f.key for f in third.findings if f.action == "refunded"} == {"a-stray", "b-stray"}
+        # Once per finding and action: flagged, then refunded.
+        assert _findings_recorded(ledger, "a-stray") == 2
+        http.close()
+
+
+def test_a_foreign_charge_with_a_long_key_is_recorded_and_the_run_goes_on() -> None:
+    """Other systems' charges sit in the same gateway account, with keys of up to 255
+    characters: a key that made the request id too long ended the run at that charge,
+    after ``--repair`` had refunded it (a refund the log never heard of)."""
+    long_key = "other-system/" + "k" * 157
+    longest = "other-system/" + "x" * 242  # 255 characters
+    too_long = "other-system/" + "z" * 290
+    with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
+        http = HttpPaymentGateway(server.url)
+        for key in (long_key, longest, too_long, "zzz-after"):
+            http.charge(key, amount=500, currency="EUR", customer="c", reference="r")
+        report = reconcile_payments(ledger, http, repair=True)
+        refunded = {f.key: f for f in report.findings if f.action == "refunded"}
+        assert set(refunded) == {long_key, longest, too_long, "zzz-after"}
+        for key in (long_key, longest, "zzz-after"):
+            assert _findings_recorded(ledger, key) == 1, key
+            assert "not recorded" not in refunded[key].detail
+        assert "not recorded in the log: invalid_request" in refunded[too_long].detail
+        again = reconcile_payments(ledger, http, repair=True)
+        assert again.findings == []  # all refunded: nothing left, nothing recorded twice
+        http.close()
