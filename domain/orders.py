@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount
-from daybook.domain.commands import AccountId, Aggregates, Check, Command, Text, Timeout
+from daybook.domain.commands import AccountId, Aggregates, Check, Command, Timeout
 from daybook.domain.errors import InvalidAmount, InvalidRequest
 from daybook.domain.holds import CaptureHold, PlaceHold, VoidHold
 from daybook.domain.inventory import CommitReservation, ReleaseReservation, ReserveStock
@@ -38,7 +38,7 @@ from daybook.domain.sagas import (
     SagaPolicy,
     Step,
 )
-from daybook.domain.values import MAX_AMOUNT, check_amount, check_sku, shown
+from daybook.domain.values import MAX_AMOUNT, check_amount, check_sku, check_text, shown
 
 #: The most lines one order may have.
 MAX_LINES = 100
@@ -83,6 +83,27 @@ def check_lines(value: object, what: str = "lines") -> tuple[OrderLine, ...]:
 
 
 Lines = Annotated[tuple[OrderLine, ...], Check(check_lines)]
+
+
+#: The longest order id: its reservations are named ``ORDER_ID/INDEX``, and a reservation id
+#: has at most 100 characters (``check_reservation_id``), the index at most two digits.
+MAX_ORDER_ID = 100 - len(f"/{MAX_LINES - 1}")
+
+
+def check_order_id(value: object, what: str = "order_id") -> str:
+    """An order id: text that can name the order's reservations (``reservation_id_of``), so
+    that an order accepted is never one whose first step is refused for its name."""
+    text = check_text(value, what, MAX_ORDER_ID)
+    if not text.isprintable():
+        raise InvalidRequest(
+            f"{what} must be printable characters (it names the order's reservations), got "
+            f"{shown(value)}",
+            field=what,
+        )
+    return text
+
+
+OrderId = Annotated[str, Check(check_order_id)]
 
 
 def order_saga_id(order_id: str) -> UUID:
@@ -179,7 +200,7 @@ class PlaceOrder(Command):
 
     generated_method = False
 
-    order_id: Text
+    order_id: OrderId
     customer: AccountId
     merchant: AccountId
     lines: Lines
@@ -212,6 +233,8 @@ class PlaceOrder(Command):
                 account_id=str(self.customer),
             )
         merchant = aggregates.get(Account, self.merchant)
+        customer.check_open()
+        merchant.check_open()
         if merchant.currency != customer.currency:
             raise CurrencyMismatch(
                 f"order {self.order_id!r}: the customer's account {customer.id} holds "

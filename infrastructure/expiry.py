@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.holds import ExpireHold
 from daybook.domain.inventory import ExpireReservation
+from daybook.domain.values import check_uuid, shown
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.lifecycle import (
     Health,
@@ -86,8 +87,14 @@ def open_holds(
     clauses, params = [], []
     if account_id is not None:
         clauses.append("account_id = %s")
-        params.append(str(account_id))
+        params.append(str(check_uuid(account_id, "account_id")))
     if expiring_before is not None:
+        if not isinstance(expiring_before, datetime) or expiring_before.utcoffset() is None:
+            raise InvalidRequest(
+                "expiring_before must be a datetime with a time zone (UTC, say), got "
+                f"{shown(expiring_before)}",
+                field="expiring_before",
+            )
         clauses.append("expires_at < %s")
         params.append(iso_time(expiring_before))
     answer = views.rows(

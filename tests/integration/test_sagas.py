@@ -21,7 +21,7 @@ from daybook import Ledger, open_ledger, open_read_models, run_projections
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.errors import ConcurrencyConflict, DomainError
 from daybook.domain.holds import Hold
-from daybook.domain.orders import PlaceOrder, hold_id_of
+from daybook.domain.orders import MAX_LINES, MAX_ORDER_ID, PlaceOrder, hold_id_of
 from daybook.domain.sagas import (
     CancelSaga,
     RetrySaga,
@@ -374,16 +374,49 @@ def test_an_order_its_hold_would_refuse_is_refused_when_placed() -> None:
         ledger.receive_stock("KETTLE", 5)
         head = ledger.head()
         nobody = uuid4()
+        closed = ledger.open_account("gone", "EUR").account_id
+        ledger.close_account(closed)
+        head = ledger.head()
         cases = [
             (customer, customer, "same_account"),
             (customer, pounds, "currency_mismatch"),
             (nobody, nobody, "account_not_found"),
+            (customer, closed, "account_closed"),  # accepted, then compensated, before
+            (closed, customer, "account_closed"),
         ]
         for payer, merchant, code in cases:
             with pytest.raises(DomainError) as refused:
                 ledger.execute(PlaceOrder("o-1", payer, merchant, [("KETTLE", 1, 4_500)]))
             assert refused.value.code == code
             assert ledger.head() == head
+
+
+def test_an_order_id_that_cannot_name_its_reservations_is_refused_when_placed() -> None:
+    """An order's reservations are named ``ORDER_ID/INDEX``, and a reservation id has at
+    most 100 printable characters: an order id of 98 to 200 characters (or one with a
+    character that is not printable, such as a no-break space) was accepted, and its saga's
+    first step refused for the name, to compensate. Now the order is refused at once."""
+    with open_ledger("memory://") as ledger:
+        customer = ledger.open_account("ann", "EUR").account_id
+        merchant = ledger.open_account("shop", "EUR").account_id
+        ledger.deposit(customer, 10_000)
+        ledger.receive_stock("KETTLE", 200)
+        head = ledger.head()
+        for order_id in ("o" * (MAX_ORDER_ID + 1), "o" * 200, "order\xa01"):
+            with pytest.raises(DomainError) as refused:
+                ledger.execute(PlaceOrder(order_id, customer, merchant, [("KETTLE", 1, 10)]))
+            assert refused.value.code == "invalid_request", order_id
+            assert ledger.head() == head
+        longest = "o" * MAX_ORDER_ID
+        lines = [("KETTLE", 1, 10)] * MAX_LINES
+        receipt = ledger.execute(PlaceOrder(longest, customer, merchant, lines))
+        processor = SagaProcessor(ledger, None, {}, seed=1)  # type: ignore[arg-type]
+        try:
+            saga = processor.drive(receipt.saga_id, max_moves=MAX_LINES)  # every reservation
+        finally:
+            processor.stop()
+        assert saga.state is SagaState.RUNNING and saga.last_error is None, saga.view()
+        assert ledger.inventory("KETTLE").available == 200 - MAX_LINES
 
 
 class HungGateway:

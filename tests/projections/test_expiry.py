@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from daybook import Ledger, open_ledger, run_projections
-from daybook.domain.errors import ConcurrencyConflict
+from daybook.domain.errors import ConcurrencyConflict, DomainError
 from daybook.domain.holds import ExpireHold
 from daybook.infrastructure.expiry import ExpirySweeper, open_holds
 from daybook.infrastructure.lifecycle import Health, RestartPolicy, ServiceState
@@ -38,6 +38,27 @@ def ledger(shared_store_url: str, clock: Clock) -> Iterator[Ledger]:
     ledger = open_ledger(shared_store_url, clock=clock)
     yield ledger
     ledger.close()
+
+
+def test_open_holds_refuses_bad_arguments_with_a_code(ledger: Ledger) -> None:
+    """``open_holds`` is a documented read: a text where a datetime goes raised an
+    AttributeError traceback, and an account id that is not one answered an empty list."""
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 100)
+    ledger.hold(account, 10, timeout=60)
+    with run_projections(ledger) as runner:
+        for arguments in (
+            {"expiring_before": "tomorrow"},
+            {"expiring_before": datetime(2030, 1, 1)},  # no time zone: which 2030?
+            {"account_id": "nope"},
+        ):
+            with pytest.raises(DomainError) as refused:
+                open_holds(runner.views, **arguments)  # type: ignore[arg-type]
+            assert refused.value.code == "invalid_request", arguments
+        answer = open_holds(
+            runner.views, account_id=str(account).upper(), min_position=ledger.head(), timeout=60
+        )
+        assert len(answer.value) == 1
 
 
 def test_open_holds_soonest_first_and_the_sweeper_records_expiries(
