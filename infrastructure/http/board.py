@@ -37,6 +37,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile_log import recent_repairs
 from daybook.infrastructure.readmodels.reconciler import ReconcileRun
 from daybook.infrastructure.readmodels.status import projection_status
+from daybook.infrastructure.sagas.processor import saga_counts
 
 _ASSETS = {
     "index.html": "text/html; charset=utf-8",
@@ -220,11 +221,11 @@ class Dashboard:
 
     def _sagas(self) -> dict[str, Any]:
         # Finished sagas stay in the read model (a row per order, for months): the counts
-        # are one aggregate query, and only the stuck sagas are read, at most STUCK_SHOWN.
+        # are a row per state, and only the stuck sagas are read, at most STUCK_SHOWN.
         now = datetime.now(UTC).isoformat(timespec="microseconds")  # as rows store times
         views = self._views()
         try:
-            counts = views.count(definitions.SAGA_LIST, "sagas", by="state", timeout=0.0)
+            counts = saga_counts(views)
             stuck = views.rows(
                 definitions.SAGA_LIST,
                 "sagas",
@@ -238,7 +239,7 @@ class Dashboard:
             return {"counts": {}, "stuck": []}
         keys = ("saga_id", "state", "step", "last_error")
         return {
-            "counts": {str(state): count for state, count in counts.value.items()},
+            "counts": {state: count for state, count in counts.items() if count},
             "stuck": [
                 {**{key: row[key] for key in keys}, "deadline": row["deadline_at"]}
                 for row in stuck.value

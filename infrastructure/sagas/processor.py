@@ -88,7 +88,7 @@ from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient
 from daybook.projections.model import iso_time
-from daybook.projections.sagas import SAGA_LIST, SAGAS
+from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 
 log = logging.getLogger("daybook.sagas")
 
@@ -251,10 +251,9 @@ class SagaProcessor:
     observe_every = 1.0
 
     def observe_states(self) -> dict[str, int]:
-        """Set ``daybook_sagas{state}`` from the ``sagas`` read model (one count by state;
+        """Set ``daybook_sagas{state}`` from the ``sagas`` read model (its row per state;
         as current as that read model), every state included, and return the counts."""
-        counted = self.views.count(SAGA_LIST, SAGAS.name, by="state", timeout=0.0).value
-        counts = {state.value: int(counted.get(state.value, 0)) for state in SagaState}
+        counts = saga_counts(self.views)
         for state, count in counts.items():
             metrics.SAGAS.labels(state).set(count)
         return counts
@@ -677,3 +676,11 @@ def _remote_span(dependency: str, operation: str) -> Iterator[None]:
     attributes = {"daybook.dependency": dependency, "daybook.operation": operation}
     with tracing.span(f"{dependency} {operation}", kind=SpanKind.CLIENT, attributes=attributes):
         yield
+
+
+def saga_counts(views: ReadModels) -> dict[str, int]:
+    """How many sagas are in each state, every state included, from the ``sagas`` read model
+    (a row per state, whatever the history)."""
+    rows = views.rows(SAGA_LIST, SAGA_STATES.name, timeout=0.0).value
+    counted = {str(row["state"]): int(row["sagas"] or 0) for row in rows}
+    return {state.value: counted.get(state.value, 0) for state in SagaState}

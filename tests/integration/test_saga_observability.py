@@ -7,18 +7,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
+import psycopg
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook import Ledger, open_ledger, open_read_models, run_projections
 from daybook.domain.orders import PlaceOrder
-from daybook.domain.sagas import Saga, SagaState, Wait
+from daybook.domain.sagas import CancelSaga, Saga, SagaState, Wait
 from daybook.infrastructure.expiry import ExpirySweeper
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.sagas.processor import SagaProcessor
@@ -245,3 +248,62 @@ def test_a_saga_s_log_lines_carry_its_id(tmp_path: Path) -> None:
         ledger.close()
     (line,) = [orjson.loads(text) for text in stream.getvalue().splitlines()]
     assert line["saga_id"] == str(saga_id) and "retrying" in line["event"]
+
+
+def _rows_scanned(url: str, sql: str, params: object) -> int:
+    """Rows the scans of ``sql``'s plan read (EXPLAIN ANALYZE: counted, not timed)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).fetchone()
+    assert row is not None
+
+    def scanned(node: dict[str, Any]) -> int:
+        children = node.get("Plans", [])
+        if not children:
+            return int(node["Actual Rows"]) * int(node["Actual Loops"])
+        return sum(scanned(child) for child in children)
+
+    return scanned(row[0][0]["Plan"])
+
+
+def test_counting_sagas_by_state_reads_a_row_per_state_not_every_saga_ever(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processor counts sagas by state once a second (``daybook_sagas``), as the
+    dashboard does at every poll. Finished sagas keep their row for good, and the count
+    read every one of them: work per second that grew with every order ever placed. The
+    ``sagas`` read model now keeps a row per state, moved as sagas move."""
+    shop = Shop(pg_url)
+    try:
+        sagas = [shop.order(f"o-{n}") for n in range(12)]
+        for saga_id in sagas[:8]:
+            shop.ledger.execute(CancelSaga(saga_id, "test", "history"))
+            assert shop.processor.drive(saga_id).state is SagaState.COMPENSATED
+        for saga_id in sagas[8:10]:
+            assert shop.processor.drive(saga_id).state is SagaState.COMPLETED
+        # sagas[10:] stay running, never driven.
+        with run_projections(shop.ledger, pg_url, projections=[SAGA_LIST]) as runner:
+            runner.views.rows(SAGA_LIST, "sagas", min_position=shop.ledger.head(), limit=1)
+            statements: list[tuple[str, object]] = []
+            execute = PostgresStore.execute
+
+            def recorded(store: PostgresStore, sql: str, params: Any = None) -> Any:
+                statements.append((sql, params))
+                return execute(store, sql, params)
+
+            monkeypatch.setattr(PostgresStore, "execute", recorded)
+            counts = shop.processor.observe_states()
+            monkeypatch.undo()
+        assert counts == {
+            **{state.value: 0 for state in SagaState},
+            "compensated": 8,
+            "completed": 2,
+            "running": 2,
+        }
+        # The reads of the sagas read model's tables (the catalog's are the same for every
+        # read model, whatever its size).
+        reads = [(sql, params) for sql, params in statements if "saga" in sql]
+        assert reads
+        scanned = max(_rows_scanned(pg_url, sql, params) for sql, params in reads)
+        assert scanned <= len(SagaState), (scanned, reads)
+    finally:
+        shop.close()
