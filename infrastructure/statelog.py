@@ -9,6 +9,11 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
+
+#: Every line here is limited per key already (see ``LIMITED_AT_SOURCE``).
+_LIMITED = {LIMITED_AT_SOURCE: True}
+
 
 @dataclass
 class _Open:
@@ -40,7 +45,7 @@ class StateLog:
         state = self._open.get(key)
         if state is None:
             self._open[key] = _Open(now, now, 1, message)
-            self.logger.log(level, "%s", message)
+            self.logger.log(level, "%s", message, extra=_LIMITED)
             return
         state.count += 1
         state.detail = message
@@ -53,6 +58,7 @@ class StateLog:
                 now - state.started,
                 state.count,
                 message,
+                extra=_LIMITED,
             )
 
     def ended(self, key: Hashable, message: str, level: int = logging.INFO) -> None:
@@ -61,5 +67,5 @@ class StateLog:
         if state is not None:
             self.logger.log(
                 level, "%s (after %.0fs, %d times)", message, self.clock() - state.started,
-                state.count,
+                state.count, extra=_LIMITED,
             )  # fmt: skip

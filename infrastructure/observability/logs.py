@@ -89,12 +89,19 @@ class ConsoleFormatter(logging.Formatter):
         return redact(f"{text} [{ids}]" if ids else text)
 
 
+#: A log record's attribute (``extra={LIMITED_AT_SOURCE: True}``) saying its line is limited
+#: where it is written (``StateLog``: per partition or version), so ``RateLimit`` lets it
+#: through: counted by its template, one thing's lines would hide another's.
+LIMITED_AT_SOURCE = "daybook_limited_at_source"
+
+
 class RateLimit(logging.Filter):
     """Lets a repeating warning through once, then at most once per ``interval`` seconds
     with how many were held back; a message template counts as one warning, whatever its
     arguments, except that a template starting with the service's name (``"%s: ..."``)
-    counts per service, so one service's repeats never hide another's. Bounded: it
-    remembers at most ``capacity`` templates."""
+    counts per service, so one service's repeats never hide another's. Lines limited where
+    they are written (``LIMITED_AT_SOURCE``) pass. Bounded: it remembers at most
+    ``capacity`` templates."""
 
     def __init__(self, interval: float = 30.0, capacity: int = 1024) -> None:
         super().__init__()
@@ -103,7 +110,7 @@ class RateLimit(logging.Filter):
         self._last: dict[tuple[str, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or getattr(record, LIMITED_AT_SOURCE, False):
             return True
         key: tuple[str, object] = (record.name, record.msg)
         if isinstance(record.msg, str) and record.msg.startswith("%s:") and record.args:

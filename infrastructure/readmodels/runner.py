@@ -41,6 +41,7 @@ from typing import Self
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     RetiredDrops,
@@ -373,7 +374,7 @@ class ProjectionRunner:
         if (key, topic) in self._told:
             return False
         self._told.add((key, topic))
-        log.log(level, "%s", message)
+        log.log(level, "%s", message, extra={LIMITED_AT_SOURCE: True})  # once per version
         return True
 
     def _release(self, slot: Slot) -> None:

@@ -19,6 +19,7 @@ from daybook.infrastructure.observability.logs import (
     log_context,
     redact,
 )
+from daybook.infrastructure.statelog import StateLog
 
 
 def value(name: str, **labels: str) -> float | None:
@@ -122,6 +123,36 @@ def test_one_service_s_repeats_never_hide_another_s() -> None:
     passed = [limit.filter(restart(s, d)) for s, d in [("relay", 0.1), ("relay", 0.3)]]
     passed += [limit.filter(restart(s, d)) for s, d in [("runner", 0.2), ("runner", 0.4)]]
     assert passed == [True, False, True, False]
+
+
+def test_state_lines_of_two_partitions_never_hide_each_other() -> None:
+    """``StateLog`` limits its lines per key (a partition, a version); counted again by
+    their template (``"%s"``), partition 1's gap hid partition 2's parked events, its
+    first line and its summaries alike, for as long as partition 1's state lasted."""
+    now = [0.0]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RateLimit(interval=3600))
+    logger = logging.getLogger("daybook.test.statelog")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        states = StateLog(logger, summary_every=30.0, clock=lambda: now[0])
+        states.during(("gap", 1), "worker: partition 1 waits for a gap")
+        states.during(("parked", 2), "worker: partition 2 parked an event")
+        now[0] = 31.0
+        states.during(("gap", 1), "worker: partition 1 waits for a gap")
+        states.during(("parked", 2), "worker: partition 2 parked an event")
+        states.during(("parked", 2), "worker: partition 2 parked an event")  # within 30 s
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "worker: partition 1 waits for a gap",
+        "worker: partition 2 parked an event",
+        "('gap', 1) (still, for 31s, 2 times; latest: worker: partition 1 waits for a gap)",
+        "('parked', 2) (still, for 31s, 2 times; latest: worker: partition 2 parked an event)",
+    ]
 
 
 def test_secrets_never_reach_a_line() -> None:
