@@ -58,7 +58,7 @@ SAGA_STATES = Table(
 )
 
 
-def _count(rows: Rows, state: object, change: int) -> None:
+def _count(rows: Rows, state: str, change: int) -> None:
     row = rows.get(SAGA_STATES.name, (state,))
     before = 0 if row is None else int(row["sagas"] or 0)
     rows.put(SAGA_STATES.name, {"state": state, "sagas": before + change})
@@ -103,8 +103,8 @@ def _update(event: LogEvent, rows: Rows, **changes: object) -> None:
     before = _existing(rows, event)
     row = {**before, **changes}
     if row["state"] != before["state"]:
-        _count(rows, before["state"], -1)
-        _count(rows, row["state"], 1)
+        _count(rows, str(before["state"]), -1)
+        _count(rows, str(row["state"]), 1)
     row["version"] = event.originator_version
     row["position"] = event.position
     row["updated_at"] = iso_time(event.timestamp)
