@@ -8,9 +8,10 @@ from typing import Any
 
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.location import open_store
-from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.readmodels.store import LOG_SHARD, ReadStore
 from daybook.projections.accounts import BALANCES
-from daybook.projections.sagas import SAGAS
+from daybook.projections.model import SHARD
+from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 from tests.http.conftest import Api
 
 
@@ -63,7 +64,7 @@ def test_the_dashboard_shows_owners_the_last_reconcile_and_its_repairs(
 
 def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatch: Any) -> None:
     """Finished sagas stay in the sagas read model (one row per order, for months): the
-    dashboard, polled every few seconds, counts them in the database and reads only the
+    dashboard, polled every few seconds, reads their counts (a row per state) and only the
     stuck ones, at most twenty, rather than every saga ever run."""
     api = sqlite_api
     account = api.open_account("ann")
@@ -86,10 +87,16 @@ def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatc
     stuck = [saga(1000 + n, "needs_attention") for n in range(25)]
     late = [saga(2000, "running", deadline="2026-01-01T00:00:00+00:00")]
     on_time = [saga(2001, "running", deadline="2999-01-01T00:00:00+00:00")]
+    counts = {"completed": 300, "needs_attention": 25, "running": 2}
     store = open_store(url)
     try:
         with store.transaction():
-            store.upsert(SAGAS, 1, finished + stuck + late + on_time)
+            store.upsert(SAGAS, SAGA_LIST.version, finished + stuck + late + on_time)
+            store.upsert(
+                SAGA_STATES.stored,
+                SAGA_LIST.version,
+                [{"state": k, "sagas": n, SHARD: LOG_SHARD} for k, n in counts.items()],
+            )
     finally:
         store.close()
 
@@ -103,7 +110,7 @@ def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatc
 
     monkeypatch.setattr(ReadStore, "select", counted)
     sagas = api.get("/v1/dashboard").json()["sagas"]
-    assert sagas["counts"] == {"completed": 300, "needs_attention": 25, "running": 2}
+    assert sagas["counts"] == counts
     assert len(sagas["stuck"]) == 20
     # The newest first: the late one, then the last needs_attention ones.
     assert [s["saga_id"][-4:] for s in sagas["stuck"]] == ["2000"] + [
