@@ -125,7 +125,8 @@ def register(subparsers: Any) -> None:
         "--max-read-wait",
         type=seconds,
         default=_DEFAULTS.max_read_wait,
-        help="longest wait a read may ask for with min_position, in seconds",
+        help="longest wait a read may ask for with min_position, in seconds (a read that "
+        "asks for none waits 2, or this if shorter)",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_log_arguments(serve)

@@ -3,10 +3,11 @@
 Consistency tokens: a write answers its log position (``position``, and the header
 ``Daybook-Position``); a read given ``min_position`` (query parameter, or the header
 ``Daybook-Min-Position``) waits until the read model has reached it, at most ``timeout``
-seconds (bounded by the server), and otherwise answers ``503 stale_read`` with
-``Retry-After``. Every answer carries ``as_of_position`` and ``lag_events`` (also as headers
-``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``). Lists are paginated by an opaque
-cursor; ``/v1/balances/snapshot`` reads many balances at one position.
+seconds (by default 2, or the server's longest wait if that is shorter), and otherwise
+answers ``503 stale_read`` with ``Retry-After``. Every answer carries ``as_of_position``
+and ``lag_events`` (also as headers ``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``).
+Lists are paginated by an opaque cursor; ``/v1/balances/snapshot`` reads many balances at
+one position.
 
 Queries run in worker threads, on a small pool of read-model connections, behind the read
 door (bounded admission).
@@ -74,6 +75,10 @@ class ReadPool:
     def close(self) -> None:
         for views in self._all:
             views.close()
+
+
+#: The ``timeout`` of a read that sends none, in seconds (``ReadRoutes.max_wait`` if shorter).
+DEFAULT_WAIT = 2.0
 
 
 @dataclass
@@ -197,9 +202,11 @@ class ReadRoutes:
         """``min_position`` and ``timeout`` of a read, from its query or headers. Without a
         ``min_position`` a read still waits (up to ``timeout``) for a read model that has
         not been built yet, as just after the server started."""
-        given = _param(request, "timeout")
-        timeout = "2" if given is None else given
-        seconds = float(timeout) if _SECONDS.fullmatch(timeout) else -1.0
+        timeout = _param(request, "timeout")
+        if timeout is None:  # the default, within a server's longest wait when that is shorter
+            seconds = min(DEFAULT_WAIT, self.max_wait)
+        else:
+            seconds = float(timeout) if _SECONDS.fullmatch(timeout) else -1.0
         if not 0 <= seconds <= self.max_wait:
             raise Problem(
                 "invalid_parameter",

@@ -21,6 +21,7 @@ import pytest
 from daybook.domain.commands import Receipt, registered
 from daybook.infrastructure.bootstrap import http_parts
 from daybook.infrastructure.eventstore import REQUESTS_TABLE
+from daybook.infrastructure.http.app import HttpOptions
 from daybook.infrastructure.http.problems import PROBLEM_JSON
 from daybook.infrastructure.http.tokens import open_tokens
 from daybook.infrastructure.lifecycle import ServiceState
@@ -28,7 +29,7 @@ from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.settings import Settings
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DEPOSITED
 from daybook.projections.model import LogEvent, Rows
-from tests.http.conftest import Api
+from tests.http.conftest import Api, make_api
 
 
 def assert_problem(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -471,6 +472,32 @@ def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
     account = api.open_account()
     reply = api.get(f"/v1/accounts/{account}/balance", **params)
     assert_problem(reply, 400, "invalid_parameter")
+
+
+def test_a_read_without_a_timeout_waits_at_most_the_servers_longest_wait(tmp_path: Any) -> None:
+    """The default timeout is 2 s, or --max-read-wait when that is shorter: a server whose
+    longest wait is 1 s refused every read that sent no timeout, about a "2" it never got."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(max_read_wait=1.0))
+    try:
+        account = api.open_account()
+        reply = api.run(
+            api.client.get(
+                f"/v1/accounts/{account}/balance",
+                params={"min_position": api.head()},
+                headers=api.auth("tester"),
+            )
+        )
+        assert reply.status_code == 200, reply.text
+        late = api.run(
+            api.client.get(
+                f"/v1/accounts/{account}/balance",
+                params={"min_position": 10**9},
+                headers=api.auth("tester"),
+            )
+        )
+        assert_problem(late, 503, "stale_read")
+    finally:
+        api.close()
 
 
 def test_an_unknown_account_is_404_saying_as_of_when(api: Api) -> None:
