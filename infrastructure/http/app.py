@@ -10,8 +10,10 @@ code means), the OpenAPI document (``/openapi.json``), its docs pages (``/docs``
 problem pages, the docs and the dashboard's page and files, none of which holds data.
 
 Every error is problem+json (``problems``), a bug included: it is logged with its
-traceback on the server and answered ``500 internal_error`` without one. Bodies larger than
-``max_body_bytes`` are refused while they arrive. CORS is off unless origins are given.
+traceback on the server and answered ``500 internal_error`` without one. A client that hangs
+up before its body has arrived is no error of the server's: counted as ``499``, not logged
+as a bug, and not answered (nobody is there). Bodies larger than ``max_body_bytes`` are
+refused while they arrive. CORS is off unless origins are given.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -199,6 +201,11 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     return app
 
 
+#: The status a request whose client hung up is counted under (nginx's "client closed
+#: request"): not sent, since nobody is there to read it.
+CLIENT_CLOSED_REQUEST = 499
+
+
 def _handle_errors(app: FastAPI) -> None:
     async def problem(request: Request, error: Exception) -> Response:
         assert isinstance(error, Problem)
@@ -234,7 +241,13 @@ def _handle_errors(app: FastAPI) -> None:
             "internal_error", "the server failed to handle this request; its log says why"
         ).response()
 
+    async def hung_up(request: Request, error: Exception) -> Response:
+        # The client (or a proxy) closed the connection before its body arrived: nothing
+        # was done, and nobody is left to answer. Counted as nginx counts it, never as a 500.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     app.add_exception_handler(Problem, problem)
+    app.add_exception_handler(ClientDisconnect, hung_up)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, bug)

@@ -606,6 +606,54 @@ def test_a_bug_is_a_500_problem_without_a_traceback(
     assert "secret" not in reply.text and "RuntimeError" not in body["detail"]
 
 
+def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_logged_as_a_bug(
+    sqlite_api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client (or a proxy) that drops the connection while sending its body is no bug
+    here: it was logged at ERROR with a traceback and counted as a 500."""
+    api = sqlite_api
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/commands/deposit",
+        "raw_path": b"/v1/commands/deposit",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"daybook"),
+            (b"authorization", f"Bearer {api.secrets['tester']}".encode()),
+            (b"idempotency-key", b"hang-up"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"100"),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+    }
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"account_id":', "more_body": True},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    def counted(status: str) -> float:
+        child = metrics.HTTP_REQUESTS.labels("POST", "/v1/commands/deposit", status)
+        return float(child._value.get())
+
+    before = counted("500"), counted("499")
+    caplog.set_level(logging.INFO)
+    api.run(api.app(scope, receive, send))  # raises nothing: there is nothing to report
+
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (counted("500"), counted("499")) == (before[0], before[1] + 1)
+
+
 def test_a_database_outage_is_a_503_to_retry_not_a_bug(
     sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
