@@ -88,7 +88,8 @@ def register(subparsers: Any) -> None:
         "--command-capacity",
         type=whole_number(1),
         default=_DEFAULTS.command_capacity,
-        help="commands in progress at most; more are refused with 503 and Retry-After",
+        help="commands in progress at most; more are refused with 503 and Retry-After (a "
+        "list of more commands than this, with 422)",
     )
     serve.add_argument(
         "--read-capacity",

@@ -20,7 +20,9 @@ with the same answers as a single command (``commands``):
 
 A list that cannot be read (not an object, no commands, too many, an unknown command or
 field, a bad value) is refused as a whole (``400``/``422``, ``details.index`` naming the
-item) before anything runs.
+item) before anything runs; so is a list longer than the server admits at once
+(``--command-capacity``: ``422 invalid_request``, for good, rather than ``503 overloaded``
+on every retry), unless it holds only commands that reduce risk, which are never shed.
 """
 
 from __future__ import annotations
@@ -187,17 +189,35 @@ class ListRoutes:
     async def _listed(
         self, request: Request, token: Token, most: int, scope: str | None = None
     ) -> list[Command]:
-        """The request's list of commands (``commands_of``), counted against the token's
-        rate unless every command of it reduces risk (never shed, never limited:
-        ``Command.reduces_risk``); a list that cannot be read counts."""
+        """The request's list of commands (``commands_of``) if the command door can ever
+        admit it (``_fits``), counted against the token's rate unless every command of it
+        reduces risk (never shed, never limited: ``Command.reduces_risk``); a list that
+        cannot be read or run counts."""
         try:
             listed = commands_of(await json_body(request), most, token.name, scope)
+            always = all(type(command).reduces_risk for command in listed)
+            if not always:
+                self._fits(listed)
         except Problem:
             self.commands.auth.limits.take(token.name, token.rate)
             raise
-        if not all(type(command).reduces_risk for command in listed):
+        if not always:
             self.commands.auth.limits.take(token.name, token.rate)
         return listed
+
+    def _fits(self, listed: list[Command]) -> None:
+        """Refuse, for good, a list longer than the command door admits at once: it would be
+        refused ``503 overloaded`` on an idle server too, and its client told to retry for
+        ever. (A list of risk-reducing commands only is never shed, whatever its length.)"""
+        capacity = self.commands.door.capacity
+        if len(listed) > capacity:
+            raise Problem(
+                "invalid_request",
+                f"this server admits at most {capacity} commands at once "
+                f"(--command-capacity), so a list of {len(listed)} can never run here; send "
+                f"at most {capacity} per list",
+                details={"limit": capacity, "count": len(listed)},
+            )
 
     async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
@@ -362,6 +382,13 @@ def _refusals() -> dict[str, Any]:
     }
 
 
+#: What the OpenAPI descriptions say of the command door's bound on a list.
+_CAPACITY = (
+    ", and at most as many as the server admits at once (`--command-capacity`; a longer list "
+    "is `422 invalid_request` with `details.limit`, unless every command of it reduces risk)"
+)
+
+
 def _openapi_atomic() -> dict[str, Any]:
     return {
         "tags": ["commands"],
@@ -371,8 +398,8 @@ def _openapi_atomic() -> dict[str, Any]:
             "before it; if one is refused, none is applied, and the refusal is that "
             "command's own code with `details.index` and every command's code in "
             f"`details.outcomes` (the others: `linked_command_failed`). At most {MAX_LINKED} "
-            "commands. The Idempotency-Key is the list's request id: the same key and list "
-            "replay its outcome; the same key with another list is `422 "
+            f"commands{_CAPACITY}. The Idempotency-Key is the list's request id: the same key "
+            "and list replay its outcome; the same key with another list is `422 "
             "idempotency_conflict`."
         ),
         "operationId": "atomic",
@@ -407,7 +434,7 @@ def _openapi_batch() -> dict[str, Any]:
         "description": (
             "A submission (`ledger.submit`), not all-or-nothing: a refusal does not stop the "
             "others; commands are applied in order, each seeing those before it. At most "
-            f"{MAX_BATCH} commands. Idempotency: item `i` gets the request id "
+            f"{MAX_BATCH} commands{_CAPACITY}. Idempotency: item `i` gets the request id "
             "`<token>/<Idempotency-Key>/<i>`, so each command keeps its own idempotency. "
             "The same key and list answer every item's original outcome (`replayed`); the "
             "same key with another list (an item changed, or fewer items) or already used "

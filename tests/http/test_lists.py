@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from daybook.infrastructure.http import lists
-from tests.http.conftest import Api
+from daybook.infrastructure.http.app import HttpOptions
+from tests.http.conftest import Api, make_api
 from tests.http.test_api import assert_problem
 
 
@@ -173,6 +174,35 @@ def test_a_batch_key_in_use_is_409(api: Api, accounts: tuple[str, str]) -> None:
         assert_problem(post(api, path, body, key="busy"), 409, "idempotency_key_in_use")
     in_flight.discard("tester/busy")
     assert post(api, "/v1/batch", body, key="busy").is_success
+
+
+@pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
+def test_a_list_longer_than_the_command_capacity_is_refused_for_good(
+    tmp_path: Any, path: str
+) -> None:
+    """A server admits --command-capacity commands at once: a longer list was refused
+    503 overloaded with Retry-After on an idle server, every time, and its client retried
+    for ever. It is refused as too long, for good; one of risk-reducing commands only is
+    never shed, and runs."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(command_capacity=4))
+    try:
+        ann = api.open_account("ann")
+        deposits = [item("deposit", account_id=ann, amount=1)] * 5
+        for _ in range(2):
+            problem = assert_problem(post(api, path, {"commands": deposits}), 422,
+                                     "invalid_request")  # fmt: skip
+            assert problem["details"] == {"limit": 4, "count": 5}
+            assert "--command-capacity" in problem["detail"]
+        assert post(api, path, {"commands": deposits[:4]}, key="fits").is_success
+        assert balance(api, ann) == 4
+        unknown = "00000000-0000-0000-0000-000000000009"
+        releases = [item("release_reservation", sku="TEA", reservation_id=unknown)] * 5
+        reply = post(api, path, {"commands": releases}, key="releases")
+        assert reply.status_code in (200, 404), reply.text  # run: no such reservation
+        status = api.run(api.client.get("/v1/status", headers=api.auth("tester"))).json()
+        assert status["admission"]["command"]["in_progress"] == 0
+    finally:
+        api.close()
 
 
 # -- bad input, for both --------------------------------------------------------------------
