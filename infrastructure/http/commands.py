@@ -17,6 +17,7 @@ server is ``409 idempotency_key_in_use``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -33,7 +34,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from daybook.domain.commands import Command, Receipt, parameters, registered
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, IdempotencyConflict
 from daybook.domain.linked import Atomic
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
@@ -87,6 +88,7 @@ class CommandRoutes:
                     "once it has been answered",
                     headers={"Retry-After": "1"},
                 )
+            await self.refuse_earlier_batch_item(token.name, key)
             try:
                 command = command_class(**arguments, request_id=request_id, actor=token.name)
             except DomainError as error:
@@ -126,6 +128,33 @@ class CommandRoutes:
                 **_openapi(command_class, accepted, required),
             }
         }
+
+    async def refuse_earlier_batch_item(self, token: str, key: str) -> None:
+        """Refuse a key ``K/i`` while ``K`` holds the claim of a batch an earlier daybook ran:
+        it recorded item ``i`` under ``<token>/K/i``, this key's own request id, so the
+        ledger would take this request for that item's retry (and answer a command it never
+        applied with the item's receipt). Such claims expire with the retention window of
+        request records; a batch run now has ids of its own (``lists.item_ids``)."""
+        shaped = _ITEM_KEY.fullmatch(key)
+        if shaped is None:
+            return  # the common case: no lookup
+        scope = f"{token}/{shaped.group(1)}"
+        found = await asyncio.to_thread(self.ledger.service.recorded, [scope])
+        if scope in found and found[scope].command == EARLIER_BATCH_CLAIM:
+            raise Problem.of(
+                IdempotencyConflict(
+                    f"Idempotency-Key {key!r} names item {shaped.group(2)} of the batch sent "
+                    f"with the key {shaped.group(1)!r} before this server was upgraded (its "
+                    "items were recorded under their batch's key and index); use another key"
+                )
+            )
+
+
+#: The ``command`` of the claim on its key of a batch an earlier daybook ran, which recorded
+#: item ``i`` under ``<token>/<key>/<i>``: ids a single command keyed ``<key>/<i>`` has too.
+EARLIER_BATCH_CLAIM = "batch"
+#: A key such a batch's item ids end with: ``<key>/<i>``, ``i`` as ``str(int)`` writes it.
+_ITEM_KEY = re.compile(r"(.+)/(0|[1-9][0-9]*)")
 
 
 class _CommandRoute(Route):

@@ -9,14 +9,18 @@ with the same answers as a single command (``commands``):
   (``ledger.atomic``), so a retry replays its receipt, whose ``linked`` holds one receipt per
   command, or its refusal (the failing command's code, ``details.index`` and
   ``details.outcomes``); nothing of a refused list is written.
-- ``/v1/batch`` gives item ``i`` the request id ``<token>/<key>/<i>`` (``ledger.submit``), so
-  each command keeps its own idempotency. Before anything runs, the ids are looked up: the
+- ``/v1/batch`` gives item ``i`` the request id ``<token>:batch/<key>/<i>``
+  (``ledger.submit``), so each command keeps its own idempotency, and no single command's
+  id (``<token>/<key>``, whatever its key) is ever an item's: a batch keyed ``K`` and a
+  command keyed ``K/0`` are two operations. Before anything runs, the ids are looked up: the
   same key with another list (an item changed, or the list shorter than the first) or
   already used for a single command or a linked list is ``422 idempotency_conflict`` and
   nothing is applied; the same list again answers every item's original outcome, and runs
   again, as a single command's retry would, only the items that left no record (refused
   ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items
-  appended at the end, which are new commands.
+  appended at the end, which are new commands. A batch an earlier daybook ran, whose items
+  it recorded under ``<token>/<key>/<i>``, is answered under those ids
+  (``ListRoutes._check_batch``).
 
 A list that cannot be read (not an object, no commands, too many, an unknown command or
 field, a bad value) is refused as a whole (``400``/``422``, ``details.index`` naming the
@@ -44,6 +48,7 @@ from daybook.domain.linked import MAX_LINKED, Atomic
 from daybook.domain.values import shown
 from daybook.infrastructure.http.commands import (
     _SERVER_SET,
+    EARLIER_BATCH_CLAIM,
     CommandRoutes,
     _CommandRoute,
     arguments_of,
@@ -160,8 +165,9 @@ class ListRoutes:
         async def atomic(request: Request) -> Response:
             token = await caller(request)
             key = idempotency_key(request)
-            listed = await self._listed(request, token, MAX_LINKED)
+            _, listed = await self._listed(request, token, MAX_LINKED)
             request_id = f"{token.name}/{key}"
+            await self.commands.refuse_earlier_batch_item(token.name, key)
             receipt = await self._run(
                 request_id, key, listed, self.commands.ledger.atomic(listed, request_id=request_id)
             )
@@ -171,8 +177,12 @@ class ListRoutes:
             token = await caller(request)
             key = idempotency_key(request)
             scope = f"{token.name}/{key}"
-            submitted = await self._listed(request, token, MAX_BATCH, scope)
-            await self._check_batch(scope, key, submitted)
+            body, submitted = await self._listed(
+                request, token, MAX_BATCH, item_ids(token.name, key)
+            )
+            if await self._check_batch(token.name, key, submitted):
+                # A batch an earlier daybook ran: its items keep the ids they were given.
+                submitted = commands_of(body, MAX_BATCH, token.name, scope)
             outcomes = await self._run(
                 scope, key, submitted, self.commands.ledger.submit(submitted)
             )
@@ -188,13 +198,14 @@ class ListRoutes:
 
     async def _listed(
         self, request: Request, token: Token, most: int, scope: str | None = None
-    ) -> list[Command]:
+    ) -> tuple[Any, list[Command]]:
         """The request's list of commands (``commands_of``) if the command door can ever
         admit it (``_fits``), counted against the token's rate unless every command of it
         reduces risk (never shed, never limited: ``Command.reduces_risk``); a list that
-        cannot be read or run counts."""
+        cannot be read or run counts. The body comes with it."""
         try:
-            listed = commands_of(await json_body(request), most, token.name, scope)
+            body = await json_body(request)
+            listed = commands_of(body, most, token.name, scope)
             always = all(type(command).reduces_risk for command in listed)
             if not always:
                 self._fits(listed)
@@ -203,7 +214,7 @@ class ListRoutes:
             raise
         if not always:
             self.commands.auth.limits.take(token.name, token.rate)
-        return listed
+        return body, listed
 
     def _fits(self, listed: list[Command]) -> None:
         """Refuse, for good, a list longer than the command door admits at once: it would be
@@ -244,62 +255,101 @@ class ListRoutes:
             for _ in range(entered):
                 commands.door.leave()
 
-    async def _check_batch(self, scope: str, key: str, submitted: list[Command]) -> None:
+    async def _check_batch(self, token: str, key: str, submitted: list[Command]) -> bool:
         """Refuse a batch whose key was used for another list (an item recorded with another
         payload, or an item past this one's end) or for a single command or linked list,
         then claim the key for this list: a record under the key itself (``_claim``), which
         a single command or linked list sent with the key later finds, and is refused by.
-        (Its items' records are under ``<key>/<i>``, which neither looks up.) Items without
-        a record are not refused: like a single command's, a retry runs them (they left
-        none because they were not applied)."""
+        Items without a record are not refused: like a single command's, a retry runs them
+        (they left none because they were not applied).
+
+        True when the key holds the claim of a batch an earlier daybook ran, whose items are
+        recorded under ``<token>/<key>/<i>`` (``EARLIER_BATCH_CLAIM``): this list must run under
+        those ids, to be answered as that batch's retry. Records under those ids with no
+        claim are refused: single commands keyed ``<key>/<i>`` leave them, and so did a
+        batch sent to a daybook from before batches claimed their keys, which cannot be
+        told apart (replayed, a new batch would never be applied; run, an old one would be
+        applied twice)."""
         service = self.commands.ledger.service
+        scope = f"{token}/{key}"
         claim = _claim(scope, submitted)
+        count = len(submitted)
+        ids = [command.request_id for command in submitted]
+        beyond = f"{item_ids(token, key)}/{count}"
+        earlier = [f"{scope}/{index}" for index in range(count + 1)]
         while True:
-            # The key's own id too: used by a single command, a linked list, or this claim.
-            ids = [command.request_id for command in submitted]
-            records = await asyncio.to_thread(
-                service.recorded, [*ids, f"{scope}/{len(submitted)}", scope]
-            )
+            records = await asyncio.to_thread(service.recorded, [*ids, beyond, *earlier, scope])
             claimed = records.pop(scope, None)
+            ran_before = claimed is not None and claimed.command == EARLIER_BATCH_CLAIM
+            mine, past = (earlier[:count], earlier[count]) if ran_before else (ids, beyond)
             changed = [
                 index
-                for index, command in enumerate(submitted)
-                if command.request_id in records
-                and records[command.request_id].fingerprint != command.fingerprint
+                for index, (request_id, command) in enumerate(zip(mine, submitted, strict=True))
+                if request_id in records and records[request_id].fingerprint != command.fingerprint
             ]
-            if (
-                changed
-                or set(records) - set(ids)
-                or (claimed is not None and claimed.fingerprint != claim.fingerprint)
+            held = [f"{key}/{index}" for index, old in enumerate(earlier) if old in records]
+            if changed:
+                which = ", ".join(map(str, changed))
+                raise _conflict(key, f"for another batch (items {which} differ)", changed)
+            if past in records:
+                raise _conflict(key, "for a batch of more items (this list has fewer)")
+            if claimed is not None and claimed.command not in (BATCH_CLAIM, EARLIER_BATCH_CLAIM):
+                raise _conflict(key, "for a single command or a linked list")
+            if claimed is not None and claimed.fingerprint != _fingerprint(
+                claimed.command, submitted
             ):
-                raise Problem.of(
-                    IdempotencyConflict(
-                        f"Idempotency-Key {key!r} was already used: for another batch, or for "
-                        f"a single command or linked list keyed {key!r} or {key + '/N'!r} (a "
-                        "batch's items are recorded under its key and their index); use a new "
-                        "key for a new batch",
-                        changed=changed,
-                    )
+                raise _conflict(key, "for another batch")
+            if claimed is None and held:
+                raise _conflict(
+                    key,
+                    f"for no batch here, but {', '.join(map(repr, held))} were: for single "
+                    "commands, or by a batch sent with this key to a daybook from before "
+                    "batches claimed their keys, which cannot be told apart. If this is that "
+                    "batch, its items were applied: do not send it again with a new key. "
+                    "Otherwise send this batch with another key",
                 )
             if claimed is not None:
-                return
-            # (A batch recorded before batches claimed their keys has items and no claim:
-            # claimed now, as for a new batch.)
+                return ran_before
             if await asyncio.to_thread(service.claim, claim) is None:
-                return
+                return False
             # Claimed meanwhile, by this batch sent again or by another request: look again.
 
 
-#: The ``command`` of a batch's claim on its key.
-BATCH_CLAIM = "batch"
+def item_ids(token: str, key: str) -> str:
+    """What a batch's item ids are made of: item ``i`` of a batch sent with ``key`` is
+    ``<token>:batch/<key>/<i>``. A single command's request id, ``<token>/<key>``, never
+    has that form (a token's name has no ``:``), whatever its key: the batch's items and
+    single commands are told apart whatever keys a client chooses."""
+    return f"{token}:batch/{key}"
+
+
+def _conflict(key: str, used: str, changed: list[int] | None = None) -> Problem:
+    return Problem.of(
+        IdempotencyConflict(
+            f"Idempotency-Key {key!r} was already used {used}; use a new key for a new batch",
+            changed=changed or [],
+        )
+    )
+
+
+#: The ``command`` of a batch's claim on its key (its items' ids: ``item_ids``).
+BATCH_CLAIM = "http_batch"
 
 
 def _claim(scope: str, submitted: list[Command]) -> RequestRecord:
     """The record of a batch's claim on its key: its fingerprint is the list's (the same
     list sent again matches it; a single command's or a linked list's never does)."""
-    listed = orjson.dumps([BATCH_CLAIM, [command.fingerprint for command in submitted]])
     outcome = {"receipt": {"command": BATCH_CLAIM, "request_id": scope}}
-    return RequestRecord(scope, BATCH_CLAIM, hashlib.sha256(listed).hexdigest(), outcome)
+    return RequestRecord(scope, BATCH_CLAIM, _fingerprint(BATCH_CLAIM, submitted), outcome)
+
+
+def _fingerprint(claim: str, submitted: list[Command]) -> str:
+    """A claim's fingerprint: the list's, under the claim's name. An earlier daybook's claim
+    (``EARLIER_BATCH_CLAIM``) was made this way, and a server of that daybook, running beside
+    this one, finds this one's claims differ from every list (it would run their items again
+    under its own ids): it refuses the batch, which this server answers."""
+    listed = orjson.dumps([claim, [command.fingerprint for command in submitted]])
+    return hashlib.sha256(listed).hexdigest()
 
 
 def _batch_response(key: str, outcomes: list[Any]) -> Response:
@@ -435,7 +485,9 @@ def _openapi_batch() -> dict[str, Any]:
             "A submission (`ledger.submit`), not all-or-nothing: a refusal does not stop the "
             "others; commands are applied in order, each seeing those before it. At most "
             f"{MAX_BATCH} commands{_CAPACITY}. Idempotency: item `i` gets the request id "
-            "`<token>/<Idempotency-Key>/<i>`, so each command keeps its own idempotency. "
+            "`<token>:batch/<Idempotency-Key>/<i>`, so each command keeps its own idempotency "
+            "(a single command's is `<token>/<Idempotency-Key>`: a batch keyed `K` and a "
+            "command keyed `K/0` are two operations). "
             "The same key and list answer every item's original outcome (`replayed`); the "
             "same key with another list (an item changed, or fewer items) or already used "
             "for a single command or linked list is `422 idempotency_conflict` and nothing "

@@ -115,7 +115,7 @@ def test_a_batch_answers_one_outcome_per_command_in_order(
     assert [o["status"] for o in outcomes] == [200, 409, 200, 200]
     assert outcomes[1]["problem"]["code"] == "insufficient_funds"
     assert outcomes[1]["problem"]["type"] == "/problems/insufficient_funds"
-    assert outcomes[0]["request_id"] == "tester/batch-1/0"
+    assert outcomes[0]["request_id"] == "tester:batch/batch-1/0"
     assert outcomes[2]["transfer_id"] and outcomes[3]["hold_id"]
     assert (answer["applied"], answer["refused"]) == (3, 1)
     assert answer["position"] == outcomes[3]["position"] == int(reply.headers["daybook-position"])
@@ -284,7 +284,7 @@ def test_the_openapi_document_describes_both_and_their_idempotency(api: Api) -> 
         schema = operation["requestBody"]["content"]["application/json"]["schema"]
         assert schema["required"] == ["commands"] and schema["properties"]["commands"]["maxItems"]
         assert "idempotency_conflict" in operation["description"]
-    assert "`<token>/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
+    assert "`<token>:batch/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
     atomic = paths["/v1/atomic"]["post"]["responses"]["200"]["content"]["application/json"]
     assert atomic["schema"] == {"$ref": "#/components/schemas/Receipt"}
 

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import orjson
 
 from tests.http.conftest import Api
 
@@ -32,8 +33,8 @@ def _balance(api: Api, account: str) -> int:
 
 def test_a_batch_key_reused_for_a_single_command_is_a_conflict(sqlite_api: Api) -> None:
     """The same key, another payload or command: 422 idempotency_conflict, whichever came
-    first (a batch's items are recorded under ``<key>/<i>``: its claim on the key is what a
-    single command finds)."""
+    first (a batch's items are recorded under ids of their own: its claim on the key is what
+    a single command finds)."""
     api = sqlite_api
     ann, bob = api.open_account("ann"), api.open_account("bob")
     assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
@@ -45,6 +46,53 @@ def test_a_batch_key_reused_for_a_single_command_is_a_conflict(sqlite_api: Api) 
     assert single.status_code == 422, single.text
     assert single.json()["code"] == "idempotency_conflict"
     assert _balance(api, ann) == 99  # nothing applied by the refused request
+
+
+def test_a_single_command_keyed_k_slash_n_and_a_batch_keyed_k_are_two_operations(
+    sqlite_api: Api,
+) -> None:
+    """Two keys, two operations: a single deposit keyed "order-8/0" and a batch keyed
+    "order-8" holding the same deposit shared one request id (<token>/order-8/0), so the
+    second was answered as a replay of the first and never applied."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    deposit = {"account_id": ann, "amount": 7}
+    batch = {"commands": [{"command": "deposit", "fields": deposit}]}
+
+    first = _post(api, "/v1/batch", batch, "order-8")
+    single = _post(api, "/v1/commands/deposit", deposit, "order-8/0")
+
+    assert first.status_code == single.status_code == 200, (first.text, single.text)
+    assert first.json()["applied"] == 1 and single.json()["replayed"] is False
+    assert first.json()["outcomes"][0]["request_id"] != single.json()["request_id"]
+    assert _balance(api, ann) == 14
+    # Each is still its own retry's answer.
+    again = _post(api, "/v1/batch", batch, "order-8").json()
+    assert again["applied"] == 0 and again["outcomes"][0]["replayed"] is True
+    assert _post(api, "/v1/commands/deposit", deposit, "order-8/0").json()["replayed"] is True
+    assert _balance(api, ann) == 14
+
+
+def test_a_batch_keyed_k_after_single_commands_keyed_k_slash_n_is_refused_not_swallowed(
+    sqlite_api: Api,
+) -> None:
+    """The other order: records under <token>/K/<i> and no claim on K are what a daybook
+    from before batches claimed their keys left for a batch, as well as what single commands
+    keyed K/<i> leave. Neither replayed (the batch never applied) nor run (a batch applied
+    twice): refused, nothing applied."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    deposit = {"account_id": ann, "amount": 7}
+    assert _post(api, "/v1/commands/deposit", deposit, "order-9/0").status_code == 200
+
+    batch = _post(
+        api, "/v1/batch", {"commands": [{"command": "deposit", "fields": deposit}]}, "order-9"
+    )
+
+    assert batch.status_code == 422, batch.text
+    assert batch.json()["code"] == "idempotency_conflict"
+    assert "'order-9/0'" in batch.json()["detail"]
+    assert _balance(api, ann) == 7
 
 
 def test_a_batch_key_reused_for_a_linked_list_is_a_conflict(sqlite_api: Api) -> None:
@@ -153,11 +201,47 @@ def test_a_sku_with_a_slash_can_be_read(sqlite_api: Api) -> None:
         assert answer.json()["on_hand"] == 5
 
 
-def test_a_batch_recorded_before_batches_claimed_their_keys_claims_it_when_sent_again(
+def _as_an_earlier_daybook_left_it(api: Api, key: str, body: Any, *, claimed: bool = True) -> None:
+    """Rewrite the records of the batch ``body`` sent with ``key`` as a daybook from before
+    batch items had ids of their own left them: items under <token>/<key>/<i>, and the key's
+    claim as that daybook made it (``claimed``) or none (a daybook from before batches
+    claimed their keys)."""
+    import hashlib
+    import sqlite3
+
+    from daybook.infrastructure.eventstore import REQUESTS_TABLE
+    from daybook.infrastructure.http.lists import commands_of
+
+    fingerprints = [command.fingerprint for command in commands_of(body, 1000, "tester")]
+    claim = hashlib.sha256(orjson.dumps(["batch", fingerprints])).hexdigest()
+
+    scope = f"tester/{key}"
+    items = f"tester:batch/{key}/"
+    path = api.parts.pool.any().url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        moved = db.execute(
+            f"UPDATE {REQUESTS_TABLE} SET request_id = ? || substr(request_id, ?) "
+            "WHERE substr(request_id, 1, ?) = ?",
+            (f"{scope}/", len(items) + 1, len(items), items),
+        )
+        assert moved.rowcount > 0
+        if claimed:
+            db.execute(
+                f"UPDATE {REQUESTS_TABLE} SET command = 'batch', fingerprint = ? "
+                "WHERE request_id = ?",
+                (claim, scope),
+            )
+        else:
+            db.execute(f"DELETE FROM {REQUESTS_TABLE} WHERE request_id = ?", (scope,))
+
+
+def test_a_batch_an_earlier_daybook_ran_is_replayed_under_its_items_ids(
     sqlite_api: Api,
 ) -> None:
-    """A batch an older daybook ran has item records and no claim: sent again, it is
-    answered as before, and its key is claimed then."""
+    """A batch recorded before an upgrade (its items under <token>/<key>/<i>, its key claimed)
+    is answered as before when sent again: nothing applied twice, and an item that left no
+    record runs under the id it had. Meanwhile a single command keyed "<key>/<i>" would be
+    taken for that item's retry: it is refused."""
     import sqlite3
 
     from daybook.infrastructure.eventstore import REQUESTS_TABLE
@@ -165,17 +249,71 @@ def test_a_batch_recorded_before_batches_claimed_their_keys_claims_it_when_sent_
     api = sqlite_api
     ann, bob = api.open_account("ann"), api.open_account("bob")
     assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    body = {"commands": [_transfer(ann, bob, 1), _transfer(ann, bob, 2)]}
+    assert _post(api, "/v1/batch", body, "old").status_code == 200
+    _as_an_earlier_daybook_left_it(api, "old", body)
+    path = api.parts.pool.any().url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:  # as if the second item had left no record
+        db.execute(f"DELETE FROM {REQUESTS_TABLE} WHERE request_id = 'tester/old/1'")
+    assert _balance(api, ann) == 97
+
+    again = _post(api, "/v1/batch", body, "old")
+
+    assert again.status_code == 200, again.text
+    outcomes = again.json()["outcomes"]
+    assert [o["replayed"] for o in outcomes] == [True, False]
+    assert outcomes[1]["request_id"] == "tester/old/1"
+    assert _balance(api, ann) == 95
+    for key in ("old/0", "old/1"):
+        single = _post(api, "/v1/commands/transfer", body["commands"][0]["fields"], key)
+        assert single.status_code == 422 and single.json()["code"] == "idempotency_conflict"
+        linked = _post(api, "/v1/atomic", {"commands": body["commands"][:1]}, key)
+        assert linked.status_code == 422 and linked.json()["code"] == "idempotency_conflict"
+    appended = _post(api, "/v1/batch", {"commands": [*body["commands"], _transfer(ann, bob, 4)]},
+                     "old")  # fmt: skip
+    assert appended.status_code == 422 and appended.json()["code"] == "idempotency_conflict"
+    assert _balance(api, ann) == 95
+
+
+def test_a_batch_claimed_now_is_another_list_to_a_server_of_an_earlier_daybook(
+    sqlite_api: Api,
+) -> None:
+    """While servers of both run, an earlier daybook's server must not take a batch claimed
+    here for its own list (it would run its items again under its own ids): the claim's
+    fingerprint is not the one it computes for any list."""
+    import hashlib
+
+    from daybook.infrastructure.http.lists import commands_of
+
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    body = {"commands": [_transfer(ann, bob, 1)]}
+    assert _post(api, "/v1/batch", body, "new").status_code == 200
+
+    claim = api.parts.ledger.service.recorded(["tester/new"])["tester/new"]
+    fingerprints = [command.fingerprint for command in commands_of(body, 1000, "tester")]
+    theirs = hashlib.sha256(orjson.dumps(["batch", fingerprints])).hexdigest()
+    assert claim.command != "batch" and claim.fingerprint != theirs
+
+
+def test_a_batch_recorded_before_batches_claimed_their_keys_is_refused_when_sent_again(
+    sqlite_api: Api,
+) -> None:
+    """A batch an older daybook ran has item records under <token>/<key>/<i> and no claim,
+    which single commands keyed "<key>/<i>" leave too: sent again, it is refused (it was
+    applied: do not send it with a new key), nothing applied twice."""
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
     body = {"commands": [_transfer(ann, bob, 1)]}
     assert _post(api, "/v1/batch", body, "old").status_code == 200
-    path = api.parts.pool.any().url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as db:  # as an older daybook left it: no claim
-        gone = db.execute(f"DELETE FROM {REQUESTS_TABLE} WHERE request_id = 'tester/old'")
-        assert gone.rowcount == 1
+    _as_an_earlier_daybook_left_it(api, "old", body, claimed=False)
+
     again = _post(api, "/v1/batch", body, "old")
-    assert again.status_code == 200, again.text
-    assert again.json()["outcomes"][0]["replayed"] is True
-    single = _post(api, "/v1/commands/deposit", {"account_id": ann, "amount": 50}, "old")
-    assert single.status_code == 422 and single.json()["code"] == "idempotency_conflict"
+
+    assert again.status_code == 422, again.text
+    assert again.json()["code"] == "idempotency_conflict"
+    assert "do not send it again with a new key" in again.json()["detail"]
     assert _balance(api, ann) == 99
 
 
