@@ -19,8 +19,8 @@ with the same answers as a single command (``commands``):
   again, as a single command's retry would, only the items that left no record (refused
   ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items
   appended at the end, which are new commands. A batch an earlier daybook ran, whose items
-  it recorded under ``<token>/<key>/<i>``, is answered under those ids
-  (``ListRoutes._check_batch``).
+  it recorded under ``<token>/<key>/<i>``, is answered under those ids, for the same list
+  only (``ListRoutes._check_batch``).
 
 A list that cannot be read (not an object, no commands, too many, an unknown command or
 field, a bad value) is refused as a whole (``400``/``422``, ``details.index`` naming the
@@ -256,12 +256,15 @@ class ListRoutes:
                 commands.door.leave()
 
     async def _check_batch(self, token: str, key: str, submitted: list[Command]) -> bool:
-        """Refuse a batch whose key was used for another list (an item recorded with another
-        payload, or an item past this one's end) or for a single command or linked list,
-        then claim the key for this list: a record under the key itself (``_claim``), which
-        a single command or linked list sent with the key later finds, and is refused by.
-        Items without a record are not refused: like a single command's, a retry runs them
-        (they left none because they were not applied).
+        """Refuse a batch whose key was used for another list (one this list does not begin
+        with, an item recorded with another payload, or an item past this one's end) or for a
+        single command or linked list, then claim the key for this list: a record under the
+        key itself (``_claim``), which a single command or linked list sent with the key
+        later finds, and is refused by. Items without a record are not refused: like a
+        single command's, a retry runs them (they left none because they were not applied);
+        nor are items appended past the end of the list that claimed the key: they are new
+        commands (the claim stays the first list's, and the items' own records answer for
+        them from then on).
 
         True when the key holds the claim of a batch an earlier daybook ran, whose items are
         recorded under ``<token>/<key>/<i>`` (``EARLIER_BATCH_CLAIM``): this list must run under
@@ -295,10 +298,20 @@ class ListRoutes:
                 raise _conflict(key, "for a batch of more items (this list has fewer)")
             if claimed is not None and claimed.command not in (BATCH_CLAIM, EARLIER_BATCH_CLAIM):
                 raise _conflict(key, "for a single command or a linked list")
-            if claimed is not None and claimed.fingerprint != _fingerprint(
-                claimed.command, submitted
-            ):
-                raise _conflict(key, "for another batch")
+            if claimed is not None and ran_before:
+                if claimed.fingerprint != _fingerprint(EARLIER_BATCH_CLAIM, submitted):
+                    raise _conflict(
+                        key,
+                        "for another batch (one sent before this server was upgraded, which "
+                        "is answered for the same list only: send items appended to it with "
+                        "a new key)",
+                    )
+            elif claimed is not None:
+                first = _claimed_items(claimed, count)
+                if first > count:
+                    raise _conflict(key, "for a batch of more items (this list has fewer)")
+                if claimed.fingerprint != _fingerprint(BATCH_CLAIM, submitted[:first]):
+                    raise _conflict(key, "for another batch")
             if claimed is None and held:
                 raise _conflict(
                     key,
@@ -338,9 +351,17 @@ BATCH_CLAIM = "http_batch"
 
 def _claim(scope: str, submitted: list[Command]) -> RequestRecord:
     """The record of a batch's claim on its key: its fingerprint is the list's (the same
-    list sent again matches it; a single command's or a linked list's never does)."""
-    outcome = {"receipt": {"command": BATCH_CLAIM, "request_id": scope}}
+    list sent again, or with items appended, begins with it; a single command's or a linked
+    list's never matches), and it says how many items the list had (``_claimed_items``)."""
+    outcome = {"receipt": {"command": BATCH_CLAIM, "request_id": scope, "items": len(submitted)}}
     return RequestRecord(scope, BATCH_CLAIM, _fingerprint(BATCH_CLAIM, submitted), outcome)
+
+
+def _claimed_items(claimed: RequestRecord, count: int) -> int:
+    """How many items the list that claimed a key had (those a list sent with the key must
+    begin with); ``count``, the whole list, for a claim that does not say."""
+    items = claimed.outcome.get("receipt", {}).get("items")
+    return items if isinstance(items, int) else count
 
 
 def _fingerprint(claim: str, submitted: list[Command]) -> str:

@@ -165,6 +165,34 @@ def test_a_key_used_for_a_single_command_is_refused_for_a_batch(
     assert api.head() == head
 
 
+def test_a_batch_sent_again_with_items_appended_runs_the_new_items(
+    api: Api, accounts: tuple[str, str]
+) -> None:
+    """The same list with items appended: the first items' outcomes, and the appended items
+    run as new commands (it was refused, idempotency_conflict with nothing changed)."""
+    ann, _ = accounts
+    first = [item("deposit", account_id=ann, amount=1), item("deposit", account_id=ann, amount=2)]
+    assert post(api, "/v1/batch", {"commands": first}, key="grow").is_success
+    longer = [*first, item("deposit", account_id=ann, amount=4)]
+
+    again = post(api, "/v1/batch", {"commands": longer}, key="grow")
+
+    assert again.status_code == 200, again.text
+    assert [o["replayed"] for o in again.json()["outcomes"]] == [True, True, False]
+    assert again.json()["applied"] == 1 and balance(api, ann) == 107
+    # The longer list is the one its key answers now; the first, shorter, is another list.
+    head = api.head()
+    assert post(api, "/v1/batch", {"commands": longer}, key="grow").json()["applied"] == 0
+    problem = assert_problem(post(api, "/v1/batch", {"commands": first}, key="grow"), 422,
+                             "idempotency_conflict")  # fmt: skip
+    assert "fewer" in problem["detail"]
+    changed = [*first, item("deposit", account_id=ann, amount=5)]
+    problem = assert_problem(post(api, "/v1/batch", {"commands": changed}, key="grow"), 422,
+                             "idempotency_conflict")  # fmt: skip
+    assert problem["details"]["changed"] == [2]
+    assert api.head() == head and balance(api, ann) == 107
+
+
 def test_a_batch_key_in_use_is_409(api: Api, accounts: tuple[str, str]) -> None:
     ann, _ = accounts
     in_flight: set[str] = api.app.state.commands.in_flight
