@@ -66,7 +66,8 @@ class Settings(BaseModel):
     )
     #: Batch concurrent commands into shared transactions.
     group_commit: bool = True
-    #: How many aggregates the write path keeps in memory.
+    #: How many aggregates the write path keeps in memory (0: none, every command loads
+    #: its aggregates from the store).
     cache_size: int = Field(100_000, ge=0)
     #: The payment gateway the saga processor calls (http://host:port); None: none.
     gateway_url: str | None = None

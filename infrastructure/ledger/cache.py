@@ -79,7 +79,11 @@ class AggregateCache(Cache[UUID, Any]):
 
 def install_aggregate_cache(ledger: LedgerService) -> None:
     """Replace the ledger's LRU cache (if it has one) with an ``AggregateCache`` of the same
-    size."""
+    size. A size of 0 (``cache_size=0``) means no cache: eventsourcing makes that an
+    unbounded ``Cache``, which would keep every aggregate ever written; the write path then
+    loads each aggregate from the store instead."""
     cache = ledger.repository.cache
     if isinstance(cache, LRUCache):
         ledger.repository.cache = AggregateCache(cache.maxsize)
+    elif cache is not None and not isinstance(cache, AggregateCache):
+        ledger.repository.cache = None

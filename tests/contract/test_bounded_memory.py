@@ -11,7 +11,8 @@ import threading
 import weakref
 from typing import Any
 
-from daybook import open_ledger
+from daybook import Settings, open_ledger
+from daybook.domain.accounts import OpenAccount
 from daybook.domain.holds import Hold
 from daybook.infrastructure.ledger.application import PreparedBatch, UnitOfWork
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
@@ -101,3 +102,19 @@ def test_resolved_holds_leave_the_aggregate_cache(store_url: str) -> None:
         assert ledger.account(account).held == 10
     finally:
         ledger.close()
+
+
+def test_a_cache_size_of_zero_keeps_no_aggregates(store_url: str) -> None:
+    """``cache_size=0`` turns the aggregate cache off: every command loads its aggregates
+    from the store, and none stays in memory (not all of them, without a bound)."""
+    settings = Settings.load(url=store_url, cache_size=0)
+    with open_ledger(settings=settings) as ledger:
+        opened = ledger.submit([OpenAccount(f"owner-{n}", "EUR") for n in range(50)])
+        accounts = [receipt.account_id for receipt in opened]
+        ledger.deposit(accounts[0], 100)
+        ledger.transfer(accounts[0], accounts[1], 40)
+        ledger.receive_stock("SKU-1", 10)
+        ledger.reserve_stock("SKU-1", 1, reservation_id="r-1")
+        assert ledger.service.repository.cache is None
+        assert ledger.account(accounts[1]).balance == 40
+        assert ledger.inventory("SKU-1").reserved == 1
