@@ -85,9 +85,8 @@ class Committer(Protocol):
 
 class DirectCommitter:
     """Executes each command in its own transaction, one at a time, in the caller's thread
-    (a submission of many: ``chunk`` commands per transaction)."""
-
-    chunk: ClassVar[int] = 1000
+    (a submission of many too: ``group_commit=False`` promises each command commits alone;
+    sharing transactions is the group committer's job)."""
 
     def __init__(self, service: LedgerService) -> None:
         self._service = service
@@ -108,8 +107,8 @@ class DirectCommitter:
     def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
         outcomes: list[Outcome | BaseException] = []
         with self._lock:
-            for start in range(0, len(commands), self.chunk):
-                outcomes.extend(self._service.execute(commands[start : start + self.chunk]))
+            for command in commands:
+                outcomes.extend(self._service.execute([command]))
         count_outcomes(commands, outcomes)
         return outcomes
 

@@ -23,6 +23,7 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 
 from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
+from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError, UnknownOutcome
 from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
@@ -287,6 +288,14 @@ def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     ledger.close()
 
 
+def submitted_as_one_batch(ledger: Ledger, commands: list[Command]) -> list[Any]:
+    """``commands`` applied as one batch: a submission, under group commit; without it (a
+    submission's commands then commit one by one), the service's ``execute`` of them all."""
+    if ledger.settings.group_commit:
+        return ledger.submit(commands)
+    return ledger.service.execute(commands)
+
+
 @contextlib.contextmanager
 def first_commit_lost_then_landing(ledger: Ledger) -> Iterator[list[str]]:
     """The first commit's answer is lost, and its statement commits later: just after the
@@ -334,7 +343,8 @@ def test_a_lost_commit_that_lands_before_the_retry_reads_is_fenced_off(
     hot = ledger.open_account("hot", "EUR").account_id
     calm = ledger.open_account("calm", "EUR").account_id
     with first_commit_lost_then_landing(ledger) as landed:
-        outcomes = ledger.submit([Deposit(hot, 10), Deposit(calm, 20)])  # generated ids
+        # generated ids
+        outcomes = submitted_as_one_batch(ledger, [Deposit(hot, 10), Deposit(calm, 20)])
     assert landed, "the lost commit landed between the retry's lookup and its reads"
     assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
     assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
@@ -399,7 +409,7 @@ def test_a_command_repeated_in_a_batch_whose_commit_failed_is_applied_once(
 
         recorder.insert_events = failing_once  # type: ignore[method-assign]
         deposit = Deposit(account, 5)
-        outcomes = ledger.submit([deposit, deposit])
+        outcomes = submitted_as_one_batch(ledger, [deposit, deposit])
         recorder.insert_events = insert  # type: ignore[method-assign]
         assert failed, "the scripted failure happened"
         assert ledger.account(account).balance == 5, outcomes
@@ -482,8 +492,8 @@ def test_a_command_answered_outcome_unknown_is_applied_once_when_sent_again(
         recorder.insert_events = lost_once  # type: ignore[method-assign]
         recorder.select_requests = down_for_a_while  # type: ignore[method-assign]
         deposit = Deposit(account, 5)
-        # Group commit applies 200 commands at a time, the direct committer 1,000 per
-        # transaction: either way the two copies go in different batches.
+        # Group commit applies 200 commands at a time, the direct committer one: either way
+        # the two copies go in different batches.
         fillers = [Deposit(other, 1) for _ in range(1_000)]
         outcomes = ledger.submit([deposit, *fillers, deposit])
         recorder.insert_events, recorder.select_requests = insert, select  # type: ignore[method-assign]
@@ -745,7 +755,7 @@ def test_a_retry_that_gives_up_replays_what_the_lost_commit_did(shared_store_url
 
     recorder.insert_events = scripted  # type: ignore[method-assign]
     withdraw, deposit = Withdraw(account, 3), Deposit(account, 5, request_id="caller-1")
-    outcomes = ledger.submit([withdraw, deposit])
+    outcomes = ledger.service.execute([withdraw, deposit])  # one batch
     recorder.insert_events = insert  # type: ignore[method-assign]
     assert len(calls) == 9, "the ledger gave up after the scripted conflicts"
     assert all(isinstance(o, Receipt) and o.replayed for o in outcomes), outcomes
@@ -781,7 +791,7 @@ def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url:
         return insert(stored, **options)
 
     recorder.insert_events = scripted_insert  # type: ignore[method-assign]
-    on_hot, on_calm = ours.submit([Deposit(hot, 10), Deposit(calm, 20)])
+    on_hot, on_calm = ours.service.execute([Deposit(hot, 10), Deposit(calm, 20)])  # one batch
     recorder.insert_events = insert  # type: ignore[method-assign]
     assert isinstance(on_hot, OperationalError)
     assert isinstance(on_calm, Receipt) and not on_calm.replayed

@@ -227,6 +227,29 @@ def test_a_large_submission_is_applied_while_its_first_part_commits(tmp_path: An
     ledger.close()
 
 
+def test_without_group_commit_each_command_of_a_submission_commits_alone(
+    store_url: str,
+) -> None:
+    """``group_commit=False`` commits each command alone, a submission's too: one
+    transaction per command that writes, in order."""
+    from daybook.infrastructure.ledger.application import PreparedBatch
+
+    with open_ledger(store_url, group_commit=False) as ledger:
+        (a,) = funded(ledger, 1, 100)
+        committed: list[list[str]] = []
+        commit = ledger.service.commit
+
+        def counting_commit(prepared: PreparedBatch, **options: Any) -> Any:
+            committed.append([command.name for command in prepared.commands])
+            return commit(prepared, **options)
+
+        ledger.service.commit = counting_commit  # type: ignore[method-assign]
+        outcomes = ledger.submit([Deposit(a, 1), Withdraw(a, 2), Deposit(a, 3)])
+        assert all(isinstance(o, Receipt) for o in outcomes)
+        assert committed == [["deposit"], ["withdraw"], ["deposit"]]
+        assert ledger.account(a).balance == 102
+
+
 def test_the_readme_submission_example_runs() -> None:
     import re
     from pathlib import Path
