@@ -9,7 +9,7 @@ with the same answers as a single command (``commands``):
   (``ledger.atomic``), so a retry replays its receipt, whose ``linked`` holds one receipt per
   command, or its refusal (the failing command's code, ``details.index`` and
   ``details.outcomes``); nothing of a refused list is written.
-- ``/v1/batch`` gives item ``i`` the request id ``<token>:batch/<key>/<i>``
+- ``/v1/batch`` gives item ``i`` the request id ``<token>:<key>/<i>``
   (``ledger.submit``), so each command keeps its own idempotency, and no single command's
   id (``<token>/<key>``, whatever its key) is ever an item's: a batch keyed ``K`` and a
   command keyed ``K/0`` are two operations. Before anything runs, the ids are looked up: the
@@ -318,8 +318,8 @@ class ListRoutes:
                     f"for no batch here, but {', '.join(map(repr, held))} were: for single "
                     "commands, or by a batch sent with this key to a daybook from before "
                     "batches claimed their keys, which cannot be told apart. If this is that "
-                    "batch, its items were applied: do not send it again with a new key. "
-                    "Otherwise send this batch with another key",
+                    "batch, its items may have been applied and no retry can answer it: look "
+                    "their effects up rather than send it again",
                 )
             if claimed is not None:
                 return ran_before
@@ -330,10 +330,10 @@ class ListRoutes:
 
 def item_ids(token: str, key: str) -> str:
     """What a batch's item ids are made of: item ``i`` of a batch sent with ``key`` is
-    ``<token>:batch/<key>/<i>``. A single command's request id, ``<token>/<key>``, never
+    ``<token>:<key>/<i>``. A single command's request id, ``<token>/<key>``, never
     has that form (a token's name has no ``:``), whatever its key: the batch's items and
     single commands are told apart whatever keys a client chooses."""
-    return f"{token}:batch/{key}"
+    return f"{token}:{key}"
 
 
 def _conflict(key: str, used: str, changed: list[int] | None = None) -> Problem:
@@ -506,7 +506,7 @@ def _openapi_batch() -> dict[str, Any]:
             "A submission (`ledger.submit`), not all-or-nothing: a refusal does not stop the "
             "others; commands are applied in order, each seeing those before it. At most "
             f"{MAX_BATCH} commands{_CAPACITY}. Idempotency: item `i` gets the request id "
-            "`<token>:batch/<Idempotency-Key>/<i>`, so each command keeps its own idempotency "
+            "`<token>:<Idempotency-Key>/<i>`, so each command keeps its own idempotency "
             "(a single command's is `<token>/<Idempotency-Key>`: a batch keyed `K` and a "
             "command keyed `K/0` are two operations). "
             "The same key and list answer every item's original outcome (`replayed`); the "

@@ -115,7 +115,7 @@ def test_a_batch_answers_one_outcome_per_command_in_order(
     assert [o["status"] for o in outcomes] == [200, 409, 200, 200]
     assert outcomes[1]["problem"]["code"] == "insufficient_funds"
     assert outcomes[1]["problem"]["type"] == "/problems/insufficient_funds"
-    assert outcomes[0]["request_id"] == "tester:batch/batch-1/0"
+    assert outcomes[0]["request_id"] == "tester:batch-1/0"
     assert outcomes[2]["transfer_id"] and outcomes[3]["hold_id"]
     assert (answer["applied"], answer["refused"]) == (3, 1)
     assert answer["position"] == outcomes[3]["position"] == int(reply.headers["daybook-position"])
@@ -312,7 +312,7 @@ def test_the_openapi_document_describes_both_and_their_idempotency(api: Api) -> 
         schema = operation["requestBody"]["content"]["application/json"]["schema"]
         assert schema["required"] == ["commands"] and schema["properties"]["commands"]["maxItems"]
         assert "idempotency_conflict" in operation["description"]
-    assert "`<token>:batch/<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
+    assert "`<token>:<Idempotency-Key>/<i>`" in paths["/v1/batch"]["post"]["description"]
     atomic = paths["/v1/atomic"]["post"]["responses"]["200"]["content"]["application/json"]
     assert atomic["schema"] == {"$ref": "#/components/schemas/Receipt"}
 
@@ -333,3 +333,19 @@ def test_a_batch_of_the_longest_list_fits_the_default_body_limit(
     assert reply.status_code == 200, reply.text
     statuses = [o["status"] for o in reply.json()["outcomes"]]
     assert statuses.count(200) == 100 and statuses.count(409) == lists.MAX_BATCH - 100
+
+
+def test_a_batch_with_the_longest_token_name_and_key_runs(api: Api) -> None:
+    """A token name has up to 64 characters and a key up to 128: item ids of the form
+    ``<token>:<key>/<i>`` fit a request id's 200 (a first form, ``<token>:batch/<key>/<i>``,
+    did not, and every such batch was refused about a request id the client never sent)."""
+    token = "t" * 64
+    api.token(token, "read", "write")
+    ann = api.open_account("ann")
+    headers = {**api.auth(token), "Idempotency-Key": "k" * 128}
+    items = [{"command": "deposit", "fields": {"account_id": ann, "amount": 5}}] * 1000
+    reply = api.run(api.client.post("/v1/batch", json={"commands": items}, headers=headers))
+    assert reply.status_code == 200, reply.text
+    outcomes = reply.json()["outcomes"]
+    assert [o["status"] for o in outcomes] == [200] * 1000
+    assert outcomes[-1]["request_id"] == f"{token}:{'k' * 128}/999"

@@ -216,7 +216,7 @@ def _as_an_earlier_daybook_left_it(api: Api, key: str, body: Any, *, claimed: bo
     claim = hashlib.sha256(orjson.dumps(["batch", fingerprints])).hexdigest()
 
     scope = f"tester/{key}"
-    items = f"tester:batch/{key}/"
+    items = f"tester:{key}/"
     path = api.parts.pool.any().url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as db:
         moved = db.execute(
