@@ -313,7 +313,7 @@ def test_a_batch_recorded_before_batches_claimed_their_keys_is_refused_when_sent
 
     assert again.status_code == 422, again.text
     assert again.json()["code"] == "idempotency_conflict"
-    assert "do not send it again with a new key" in again.json()["detail"]
+    assert "no retry can answer it" in again.json()["detail"]
     assert _balance(api, ann) == 99
 
 
