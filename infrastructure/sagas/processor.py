@@ -425,6 +425,8 @@ class SagaProcessor:
             try:
                 with _remote_span(remote.dependency, "lookup"):
                     charge = port.lookup(key)
+            except Refused:
+                raise  # as for the charge itself: stops the processor, no attempt spent
             except GatewayError as error:
                 return self._retry(saga, step.name, attempt, f"outcome unknown ({error})")
             if charge is None:

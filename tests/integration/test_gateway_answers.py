@@ -173,3 +173,27 @@ def test_a_port_that_raises_something_else_still_answers_the_breakers_trial(
     assert shop.run(saga_id).state is SagaState.COMPLETED
     assert breaker.state is BreakerState.CLOSED
     assert shop.charged() == {f"{saga_id}:charge": 1}
+
+
+def test_a_refused_lookup_after_an_unknown_outcome_stops_the_processor_too(
+    shop: Shop,  # noqa: F811
+) -> None:
+    """The charge's outcome is unknown (a read timeout), and the look-up that follows is
+    refused (401): as for a refused charge, the processor stops and nothing is guessed (it
+    was taken for a failed look-up: an attempt spent, and the last one failed the order
+    for the processor's own credentials)."""
+    port = shop.processor.ports["payments"]
+
+    def unknown(key: str, **request: object) -> Charge:
+        raise OutcomeUnknown("POST /charges: ReadTimeout")
+
+    def refused(key: str) -> Charge | None:
+        raise Refused("the gateway refused the request (401): bad credentials")
+
+    port.charge = unknown  # type: ignore[method-assign]
+    port.lookup = refused  # type: ignore[method-assign]
+    saga_id = shop.order("o-refused-lookup", [("KETTLE", 1, 100)])
+    with pytest.raises(Refused):
+        shop.processor.drive(saga_id)
+    saga = shop.ledger.read(Saga, saga_id)
+    assert saga.state is SagaState.RUNNING and saga.attempts == 0, saga.view()
