@@ -542,6 +542,7 @@ class ReadModels:
         closes = self._closes
         delay = self.poll
         dropped = failures = 0
+        missing_in: int | None = None  # the version a table was missing from, last try
         while True:
             store: ReadStore | None = None
             version: int | None = None
@@ -576,8 +577,14 @@ class ReadModels:
                     # outage either, so it is neither retried nor reported as a failure.
                     raise ReadModelChanged(projection, version, error) from None
                 if store is not None and store.is_missing_table(error):
+                    if version is not None and version != code_version and missing_in == version:
+                        # Looked up again, the same version serves, without a table this
+                        # code's version of it has (one a newer version added): a deploy
+                        # under way, as for a missing column.
+                        raise ReadModelChanged(projection, version, error) from None
                     # The version we looked up was switched away and dropped as we read it
                     # (or the catalog itself is gone: a database replaced by an empty one).
+                    missing_in = version
                     self._catalog = False
                     dropped += 1
                     if dropped > 20:

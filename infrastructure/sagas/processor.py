@@ -83,7 +83,7 @@ from daybook.infrastructure.lifecycle import (
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import log_context
 from daybook.infrastructure.readmodels.catalog import first_line
-from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
+from daybook.infrastructure.readmodels.queries import ReadModelChanged, ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient
@@ -683,6 +683,12 @@ def _remote_span(dependency: str, operation: str) -> Iterator[None]:
 def saga_counts(views: ReadModels) -> dict[str, int]:
     """How many sagas are in each state, every state included, from the ``sagas`` read model
     (a row per state, whatever the history)."""
-    rows = views.rows(SAGA_LIST, SAGA_STATES.name, timeout=0.0).value
-    counted = {str(row["state"]): int(row["sagas"] or 0) for row in rows}
+    try:
+        rows = views.rows(SAGA_LIST, SAGA_STATES.name, timeout=0.0).value
+        counted = {str(row["state"]): int(row["sagas"] or 0) for row in rows}
+    except ReadModelChanged:
+        # Version 1 serves while this code's version is built (a deploy): it has no counts
+        # table, so its sagas are counted, once a second until the switch.
+        found = views.count(SAGA_LIST, SAGAS.name, by="state", timeout=0.0).value
+        counted = {str(state): count for state, count in found.items()}
     return {state.value: counted.get(state.value, 0) for state in SagaState}

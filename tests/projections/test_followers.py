@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from daybook import Ledger, open_ledger, run_projections
+from daybook.domain.orders import PlaceOrder
+from daybook.domain.sagas import SagaState
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
@@ -17,7 +19,10 @@ from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.infrastructure.sagas.processor import saga_counts
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
+from daybook.projections.model import Column, Handler, Key, Projection, Row, Rows, Table
+from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 from tests.projections.helpers import (
     assert_tables_match,
     switch_to_v2_without_a_column,
@@ -266,3 +271,64 @@ def test_reads_of_a_version_whose_tables_this_code_cannot_read_say_so(
     assert main(["balance", str(ids[0]), "--url", db_url]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is served by its version 2" in err[0], err
+
+
+def test_reads_of_a_table_the_serving_version_does_not_have_yet_say_so(
+    ledger: Ledger, db_url: str
+) -> None:
+    """New code whose version of a read model adds a table, deployed while the old version
+    still serves: reading that table was taken for a version dropped under the read, tried
+    again twenty times and raised as the database's own error (which stopped the saga
+    processor, counting sagas from the table version 2 of ``sagas`` adds). It is a deploy
+    under way (``read_model_changed``); the saga counts fall back to version 1's rows."""
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 5)
+    extra = Table("balance_notes", (Column("account_id"),), key=("account_id",))
+    with_notes = Projection(
+        ACCOUNT_BALANCES.name,
+        ACCOUNT_BALANCES.version + 1,
+        (*ACCOUNT_BALANCES.tables, extra),
+        ACCOUNT_BALANCES.handlers,
+    )
+    # Version 1 of sagas: the same rows, no counts table.
+    sagas_v1 = Projection(
+        SAGA_LIST.name,
+        1,
+        (SAGAS,),
+        {name: _without_counts(handler) for name, handler in SAGA_LIST.handlers.items()},
+    )
+    customer = ledger.open_account("cus", "EUR").account_id
+    merchant = ledger.open_account("shop", "EUR").account_id
+    ledger.deposit(customer, 100)
+    ledger.receive_stock("MUG", 2)
+    ledger.execute(PlaceOrder("o-1", customer, merchant, [("MUG", 1, 10)]))
+    runner = run_projections(ledger, db_url, projections=[ACCOUNT_BALANCES, sagas_v1], start=False)
+    try:
+        runner.run_until_caught_up()
+    finally:
+        runner.stop()
+    with ReadModels(db_url) as views:
+        with pytest.raises(ReadModelChanged) as changed:
+            views.rows(with_notes, "balance_notes")
+        assert "account_balances is served by its version 1" in str(changed.value)
+        counts = saga_counts(views)
+    assert counts == {**{state.value: 0 for state in SagaState}, "running": 1}
+
+
+class _RowsWithoutCounts:
+    def __init__(self, rows: Rows) -> None:
+        self.rows = rows
+
+    def get(self, table: str, key: Key) -> Row | None:
+        return None if table == SAGA_STATES.name else self.rows.get(table, key)
+
+    def put(self, table: str, row: Row) -> None:
+        if table != SAGA_STATES.name:
+            self.rows.put(table, row)
+
+    def delete(self, table: str, key: Key) -> None:
+        self.rows.delete(table, key)
+
+
+def _without_counts(handler: Handler) -> Handler:
+    return lambda event, rows: handler(event, _RowsWithoutCounts(rows))
