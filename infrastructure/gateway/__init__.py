@@ -18,6 +18,11 @@ from typing import Protocol
 class ChargeStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     DECLINED = "declined"
+    #: Listed (``charges``) in a state daybook does not know, or unreadable: another
+    #: system's charge in the same account, say (``Charge.detail`` says what was listed).
+    #: ``charge`` and ``lookup`` never answer it: an answer they cannot read is
+    #: ``OutcomeUnknown``.
+    OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Charge:
     charge_id: str | None = None
     decline_code: str | None = None
     refunded: bool = False
+    #: For a charge listed as ``OTHER``: what the listing said of it.
+    detail: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import orjson
 
 from daybook.infrastructure.gateway import (
     Charge,
@@ -85,7 +86,7 @@ class HttpPaymentGateway:
     def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
         response = self._send("GET", "/charges", params={"after": after, "limit": limit})
         if response.status_code == 200:
-            return _read(response, lambda data: [_charge(item) for item in data["charges"]])
+            return _read(response, lambda data: [_listed(item) for item in data["charges"]])
         raise _unexpected(response)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -109,15 +110,35 @@ class HttpPaymentGateway:
 
 
 def _charge(data: dict[str, Any]) -> Charge:
+    status = ChargeStatus(data["status"])
+    if status is ChargeStatus.OTHER:
+        raise ValueError("'other' is not a status a gateway answers")
     return Charge(
         key=str(data["key"]),
-        status=ChargeStatus(data["status"]),
+        status=status,
         amount=int(data["amount"]),
         currency=str(data["currency"]),
         charge_id=data.get("charge_id"),
         decline_code=data.get("decline_code"),
         refunded=bool(data.get("refunded", False)),
     )
+
+
+def _listed(item: dict[str, Any]) -> Charge:
+    """A charge of a listing. One this adapter cannot read, but whose key it can, is
+    ``OTHER`` (the account may hold other systems' charges, in states of their own): one
+    such charge must not make the rest of the listing unreadable."""
+    key = item["key"]
+    if not isinstance(key, str):
+        raise TypeError(f"a listed charge's key must be text, got {key!r}")
+    try:
+        return _charge(item)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        shown = orjson.dumps(item, default=str).decode()
+        shown = shown if len(shown) <= 200 else f"{shown[:200]}..."
+        return Charge(
+            key=key, status=ChargeStatus.OTHER, amount=0, currency="", detail=f"{error}: {shown}"
+        )
 
 
 def _refund(key: str, data: dict[str, Any]) -> Refund:

@@ -453,6 +453,12 @@ class SagaProcessor:
                     correlation_id=str(saga.id),
                 )
             )
+        elif charge.status is not ChargeStatus.DECLINED:
+            # A port of the deployment's own answered a state it cannot judge: not done as
+            # far as anyone knows, and not declined either. Asked again, after a backoff.
+            return self._retry(
+                saga, step.name, attempt, f"the charge is {charge.status}: {charge.detail}"
+            )
         else:
             self._send(
                 FailStep(

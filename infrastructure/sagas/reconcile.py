@@ -4,7 +4,9 @@
   all) is money taken for nothing: refunded with ``repair``, else flagged;
 - a completed order whose charge the gateway does not hold (or holds refunded or declined)
   is goods given for nothing: flagged for a person;
-- a charge of a saga still running or compensating is left alone (the processor is at it).
+- a charge of a saga still running or compensating is left alone (the processor is at it);
+- a charge listed in a state daybook does not know (another system's pending one, say), or
+  that it cannot read, is flagged for a person.
 
 Every finding, and what was done about it, is recorded in the log (``RecordReconciliation``:
 who decided, why, when), once per finding and action. A finding the log cannot hold (a key
@@ -113,6 +115,14 @@ def reconcile_payments(
     report = Report()
     for charge in gateway_charges(gateway, page):
         report.checked += 1
+        if charge.status is ChargeStatus.OTHER:
+            # Listed in a state this cannot judge (another system's pending charge, say):
+            # a person looks; the run goes on.
+            detail = f"listed in a state daybook does not know: {charge.detail}"
+            _record(
+                ledger, report, Finding(charge.key, "charge_in_unknown_state", "flagged", detail)
+            )
+            continue
         if charge.status is not ChargeStatus.SUCCEEDED or charge.refunded:
             continue
         saga = _saga_of(ledger, charge.key)

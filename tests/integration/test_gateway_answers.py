@@ -18,6 +18,7 @@ import pytest
 from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.gateway import (
     Charge,
+    ChargeStatus,
     GatewayError,
     OutcomeUnknown,
     Refused,
@@ -197,3 +198,23 @@ def test_a_refused_lookup_after_an_unknown_outcome_stops_the_processor_too(
         shop.processor.drive(saga_id)
     saga = shop.ledger.read(Saga, saga_id)
     assert saga.state is SagaState.RUNNING and saga.attempts == 0, saga.view()
+
+
+def test_a_charge_in_a_state_the_processor_cannot_judge_is_asked_again_not_declined(
+    shop: Shop,  # noqa: F811
+) -> None:
+    """A port of the deployment's own may answer a status a listing gives (``OTHER``):
+    taken for a decline before, which failed the order for a charge that may go through."""
+    port = shop.processor.ports["payments"]
+    real_charge = port.charge
+    answers = [Charge("k", ChargeStatus.OTHER, 0, "", detail="pending")]
+
+    def pending_first(key: str, **request: object) -> Charge:
+        return answers.pop() if answers else real_charge(key, **request)  # type: ignore[arg-type]
+
+    port.charge = pending_first  # type: ignore[method-assign]
+    saga_id = shop.order("o-pending", [("KETTLE", 1, 100)])
+    saga = shop.processor.drive(saga_id)
+    assert saga.state is SagaState.RUNNING and saga.attempts == 1, saga.view()
+    assert "pending" in (saga.last_error or "")
+    assert shop.run(saga_id).state is SagaState.COMPLETED

@@ -152,3 +152,30 @@ def test_a_foreign_charge_with_a_long_key_is_recorded_and_the_run_goes_on() -> N
         again = reconcile_payments(ledger, http, repair=True)
         assert again.findings == []  # all refunded: nothing left, nothing recorded twice
         http.close()
+
+
+def test_a_charge_listed_in_a_state_daybook_does_not_know_is_flagged() -> None:
+    """Another system's charge in the same gateway account, in a state of its own (pending)
+    or unreadable (no amount): it made the whole page unreadable, and the run ended there,
+    run after run, never reaching the charges after it."""
+    with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
+        http = HttpPaymentGateway(server.url)
+        http.charge("c-stray", amount=500, currency="EUR", customer="c", reference="r")
+        server.gateway.charges["a-other-system"] = {
+            "key": "a-other-system",
+            "amount": 700,
+            "currency": "EUR",
+            "status": "pending",
+        }
+        server.gateway.charges["b-other-system"] = {"key": "b-other-system", "status": "ok"}
+        report = reconcile_payments(ledger, http, repair=True)
+        http.close()
+        found = {f.key: (f.kind, f.action) for f in report.findings}
+        assert found == {
+            "a-other-system": ("charge_in_unknown_state", "flagged"),
+            "b-other-system": ("charge_in_unknown_state", "flagged"),
+            "c-stray": ("charge_without_order", "refunded"),
+        }
+        pending = next(f for f in report.findings if f.key == "a-other-system")
+        assert "pending" in pending.detail
+        assert _findings_recorded(ledger, "a-other-system") == 1
