@@ -25,7 +25,6 @@ from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError, UnknownOutcome
-from daybook.domain.holds import PlaceHold
 from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
@@ -123,22 +122,6 @@ def test_recorders_tell_version_conflicts_from_duplicate_request_ids(ledger: Led
     with pytest.raises(DuplicateRequest):
         service.recorder.insert_events(again.stored, requests=[reused])
     assert ledger.account(account).balance == 1
-
-
-def test_recorders_refuse_a_batch_whose_only_read_aggregate_moved(ledger: Ledger) -> None:
-    """A batch carries the aggregates its commands only read, at the versions they were
-    judged at: one with a newer version when the batch commits makes it a version conflict,
-    and nothing of it is written."""
-    service = ledger.service
-    payer = ledger.open_account("payer", "EUR").account_id
-    shop = ledger.open_account("shop", "EUR").account_id
-    ledger.deposit(payer, 100)
-    hold = service.prepare([PlaceHold(payer, 10, destination=shop, timeout=60)])
-    assert hold.uow.reads() == [(shop, 1)]  # the hold reads its destination, changes it not
-    ledger.deposit(shop, 1)
-    with pytest.raises(VersionConflict):
-        service.recorder.insert_events(hold.stored, requests=hold.pending, reads=hold.uow.reads())
-    assert ledger.account(payer).held == 0
 
 
 def test_an_unrelated_command_never_sees_a_concurrency_conflict(shared_store_url: str) -> None:
