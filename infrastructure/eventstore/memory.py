@@ -39,7 +39,6 @@ class MemoryRecorder(POPOApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int]] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         expiry = expiry or default_expiry()
@@ -48,11 +47,6 @@ class MemoryRecorder(POPOApplicationRecorder):
             if len(set(ids)) < len(ids) or any(self._live(i, expiry.now) for i in ids):
                 msg = f"request already recorded: {ids}"
                 raise DuplicateRequest(msg)
-            for aggregate_id, version in reads:
-                # Versions have no gaps: a newer one exists if the next one does.
-                if version + 1 in self._stored_events_index.get(str(aggregate_id), ()):
-                    msg = f"aggregate {aggregate_id} read at version {version} has moved on"
-                    raise VersionConflict(msg)
             try:
                 notification_ids = super()._insert_events(stored_events, **kwargs) or []
             except IntegrityError as error:  # the only uniqueness events have: versions

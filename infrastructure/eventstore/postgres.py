@@ -103,19 +103,14 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # a few microseconds. The table lock keeps notification ids in commit order (see the
         # module docstring); json_to_recordset yields rows in document order, so the ids come
         # back in the order of the events. A caller's request id whose record has expired is
-        # new again: its old row is deleted first, in the same transaction. ``reads`` are the
-        # aggregates the batch's commands judged without changing them, each at its version:
-        # checked under the table lock (every writer takes it before inserting, so no other
-        # batch can commit events until this one ends), a newer version refuses the batch as
-        # a version conflict (a unique violation on the events table, as a changed aggregate
-        # meets). Checked only when there are some: an empty array costs a length test.
+        # new again: its old row is deleted first, in the same transaction.
         self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
                 "(events json, requests json, reused json, now double precision, "
-                "snapshots json, reads json) "
+                "snapshots json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
@@ -145,12 +140,6 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "IF json_array_length(events) > 0 THEN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
                 "LOCK TABLE {events_table} IN EXCLUSIVE MODE; "
-                "IF json_array_length(reads) > 0 AND EXISTS (SELECT 1 FROM "
-                "json_to_recordset(reads) AS r(i uuid, v bigint) JOIN {events_table} e "
-                "ON e.originator_id = r.i AND e.originator_version > r.v) THEN "
-                "RAISE EXCEPTION 'an aggregate the batch read has a newer version' "
-                "USING ERRCODE = 'unique_violation', TABLE = {events_name}; "
-                "END IF; "
                 "NOTIFY {channel}; "
                 "RETURN QUERY INSERT INTO {events_table} "
                 "(originator_id, originator_version, topic, state) "
@@ -165,14 +154,12 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 requests=requests,
                 snapshots=snapshots,
                 events_table=events,
-                events_name=Literal(self.events_table_name),
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
         self._append = SQL(
-            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json, %s::json) "
-            "AS notification_id"
+            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json) AS notification_id"
         ).format(schema, self._append_function)
         self._select_requests = SQL(
             "SELECT r.request_id, r.command, r.fingerprint, r.outcome, r.caller, "
@@ -239,7 +226,6 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int]] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -258,7 +244,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 conn.cursor(row_factory=tuple_row) as curs,
             ):
                 self._append_batch(
-                    curs, stored_events, requests, expiry or default_expiry(), snapshots, reads
+                    curs, stored_events, requests, expiry or default_expiry(), snapshots
                 )
                 # The call was the cursor's only statement: its rows are the new ids, in order.
                 return [notification_id for (notification_id,) in curs.fetchall()]
@@ -282,7 +268,6 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest],
         expiry: Expiry,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int]] = (),
     ) -> None:
         events = _rows(stored_events)
         records = []
@@ -311,7 +296,6 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 orjson.dumps(reused).decode(),
                 expiry.now,
                 orjson.dumps(_rows(snapshots), default=bytes.decode).decode(),
-                orjson.dumps([{"i": i, "v": v} for i, v in reads]).decode() if reads else "[]",
             ),
             prepare=True,
         )

@@ -155,10 +155,6 @@ class UnitOfWork:
         #: ``LedgerAggregate.write_once``): a refusal, or an acceptance that does not
         #: create one, must check.
         self.assumed_absent: dict[int, UUID] = {}
-        #: Aggregates an accepted command read without changing them (``collect``): unlike
-        #: those it changes, nothing it writes would meet another writer's change to them,
-        #: so the commit checks them (``reads``).
-        self.read_only: list[int] = []
 
     def _get(self, aggregate_id: UUID, kind: type[LedgerAggregate]) -> LedgerAggregate | None:
         key = aggregate_id.int
@@ -229,27 +225,9 @@ class UnitOfWork:
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             if aggregate is not None:  # None: looked for and not found (nothing to collect)
-                new = aggregate.collect_events()
-                if new:
-                    events.extend(new)  # type: ignore[arg-type]
-                elif not aggregate.write_once:  # a write-once aggregate never changes
-                    self.read_only.append(key)
+                events.extend(aggregate.collect_events())  # type: ignore[arg-type]
         self.touched.clear()
         return events
-
-    def reads(self) -> list[tuple[UUID, int]]:
-        """The aggregates accepted commands judged without changing them, which the batch
-        does not change either, each with the version they were judged at: the commit
-        refuses the batch (``VersionConflict``) unless that is still their latest version."""
-        if not self.read_only:
-            return []
-        taken = self.taken_versions
-        found: dict[int, tuple[UUID, int]] = {}
-        for key in self.read_only:
-            aggregate = self.aggregates[key]
-            if aggregate.version == taken[key]:  # else the batch changes it: checked anyway
-                found[key] = (aggregate.id, aggregate.version)
-        return list(found.values())
 
     def seal(self) -> None:
         """No more commands will be applied: let go of the batch this one built on."""
@@ -271,8 +249,7 @@ class UnitOfWork:
         """Raise ``StaleCache`` unless what the command touched so far was read at the
         latest committed state. For a refused command (``check_refusal``), and for a
         refusal a command caught and records as its outcome (a saga step that failed):
-        judged again at once, rather than when its commit meets the aggregates it only
-        read moved (``reads``)."""
+        its events will meet no version conflict on the aggregates it only read."""
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             version = self.read_versions.get(key)
@@ -914,7 +891,6 @@ class LedgerService(Application[UUID]):
                         requests=prepared.pending,
                         expiry=self.retention.expiry(),
                         snapshots=self._snapshots(prepared.uow),
-                        reads=prepared.uow.reads(),
                     )
                     metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
                     metrics.COMMIT_BATCH.observe(len(prepared.commands))
@@ -994,16 +970,17 @@ class LedgerService(Application[UUID]):
 
     def _moved(self, uow: UnitOfWork) -> frozenset[UUID]:
         """After a version conflict: the aggregates of ``uow`` another writer changed since
-        it took them, among those it writes and those it only read (evicted from the cache,
-        so the next attempt reads them fresh)."""
-        checked = [a.id for a in uow.written()] + [i for i, _ in uow.reads()]
+        it took them (evicted from the cache, so the next attempt reads them fresh)."""
+        written = uow.written()
         try:
-            latest = self.latest_versions(checked)
+            latest = self.latest_versions([a.id for a in written])
         except Exception:  # the store is unreachable: assume they all moved
-            moved = frozenset(checked)
+            moved = frozenset(a.id for a in written)
         else:
             taken = uow.taken_versions
-            moved = frozenset(i for i in checked if latest.get(i, 0) != taken.get(i.int, 0))
+            moved = frozenset(
+                a.id for a in written if latest.get(a.id, 0) != taken.get(a.id.int, 0)
+            )
         self._evict(uow, moved)
         return moved
 

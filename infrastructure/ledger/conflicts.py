@@ -1,9 +1,9 @@
 """Why a batch's write was refused by the store: three cases, each with its own remedy.
 
 - ``VersionConflict``: another writer appended to an aggregate the batch changes (or created
-  one the batch creates), or to one its accepted commands only read. The batch was built on
-  state that is no longer the latest: the commands on those aggregates are applied again on
-  fresh state; the others are not affected.
+  one the batch creates). The batch was built on state that is no longer the latest: the
+  commands on those aggregates are applied again on fresh state; the others are not
+  affected.
 - ``DuplicateRequest``: a request id of the batch was recorded meanwhile (the same request,
   retried through another writer). Looking the ids up again turns it into a replay.
 - any other ``IntegrityError``: a constraint the ledger does not know about. Applying the
@@ -22,8 +22,7 @@ from eventsourcing.persistence import IntegrityError
 
 
 class VersionConflict(IntegrityError):
-    """An aggregate version the batch writes exists already, or one the batch read is no
-    longer the latest."""
+    """An aggregate version the batch writes exists already."""
 
     def __init__(self, message: str, *, stale: Collection[UUID] = ()) -> None:
         super().__init__(message)
