@@ -134,8 +134,7 @@ def _listed(item: dict[str, Any]) -> Charge:
     try:
         return _charge(item)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        shown = orjson.dumps(item, default=str).decode()
-        shown = shown if len(shown) <= 200 else f"{shown[:200]}..."
+        shown = _cut(orjson.dumps(item, default=str).decode())
         return Charge(
             key=key, status=ChargeStatus.OTHER, amount=0, currency="", detail=f"{error}: {shown}"
         )
@@ -165,7 +164,11 @@ def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:
 
 def _excerpt(response: httpx.Response) -> str:
     """The start of the answer's body, for a message (a gateway may answer a whole page)."""
-    text = response.text
+    return _cut(response.text)
+
+
+def _cut(text: str) -> str:
+    """``text`` as a message shows it: its first 200 characters."""
     return text if len(text) <= 200 else f"{text[:200]}..."
 
 
