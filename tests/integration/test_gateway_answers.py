@@ -9,7 +9,7 @@ call unanswered, so the breaker never let a call through again."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,6 +26,7 @@ from daybook.infrastructure.gateway import (
 )
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.sagas.breaker import BreakerState
+from daybook.infrastructure.sagas.processor import Backoff
 from tests.integration.test_sagas import Shop, shop  # noqa: F401  (a fixture)
 
 
@@ -66,6 +67,15 @@ def answering() -> Iterator[tuple[HttpPaymentGateway, ThreadingHTTPServer]]:
     gateway.close()
     server.shutdown()
     server.server_close()
+
+
+class _Patient(Backoff):
+    """A retry a minute later, so a test's first ``drive`` stops at the retry it
+    recorded, however slow the machine: the shop's clock is the real one, and the default
+    backoff's first wait (a few milliseconds) may pass before ``drive`` looks again."""
+
+    def delay(self, attempt: int, draw: Callable[[float, float], float]) -> float:
+        return 60.0
 
 
 _CHARGE = {"amount": 100, "currency": "EUR", "customer": "c", "reference": "r"}
@@ -117,6 +127,7 @@ def test_a_rate_limited_gateway_is_retried_and_the_saga_compensates_in_the_end(
     gateway, _ = answering  # answers 429 to everything...
     gateway.refund = shop.processor.ports["payments"].refund  # type: ignore[method-assign]
     shop.processor.ports["payments"] = gateway  # ...but refunds, which the real one answers
+    shop.processor.backoff = _Patient()
     saga_id = shop.order("o-429", [("KETTLE", 1, 100)])
     saga = shop.processor.drive(saga_id)  # raised ValueError before
     assert saga.state is SagaState.RUNNING and saga.attempts == 1, saga.view()
@@ -213,6 +224,7 @@ def test_a_charge_in_a_state_the_processor_cannot_judge_is_asked_again_not_decli
         return answers.pop() if answers else real_charge(key, **request)  # type: ignore[arg-type]
 
     port.charge = pending_first  # type: ignore[method-assign]
+    shop.processor.backoff = _Patient()
     saga_id = shop.order("o-pending", [("KETTLE", 1, 100)])
     saga = shop.processor.drive(saga_id)
     assert saga.state is SagaState.RUNNING and saga.attempts == 1, saga.view()
