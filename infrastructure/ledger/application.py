@@ -1055,8 +1055,14 @@ def _backoff(attempt: int) -> None:
 def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
     """The commands of a batch that met a version conflict which must be applied again:
     those that touched an aggregate in ``moved``, and every command connected to one of them
-    through an aggregate they both touched or a request id they share (so that, applied
-    again, they keep their order relative to each other). All of them if none touched one.
+    through an aggregate they both touched that the batch changes, or a request id they
+    share (so that, applied again, they keep their order relative to each other). All of
+    them if none touched one.
+
+    An aggregate no command of the batch changes connects nothing: each command that read
+    it was judged on the same state, whatever the others did, and its commit checks nothing
+    about it. (Two holds toward one merchant, from two customers, are not retried together
+    because another writer keeps moving one of the customers.)
     """
     count = len(prepared.commands)
     parent = list(range(count))
@@ -1067,9 +1073,10 @@ def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
             index = parent[index]
         return index
 
+    changed = {event.originator_id.int for event in prepared.events}
     first_toucher: dict[int, int] = {}
     for index, keys in prepared.touched.items():
-        for key in keys:
+        for key in keys & changed:
             other = first_toucher.setdefault(key, index)
             parent[root(index)] = root(other)
     for index, (source, first) in prepared.repeats.items():

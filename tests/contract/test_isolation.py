@@ -25,6 +25,7 @@ from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError, UnknownOutcome
+from daybook.domain.holds import PlaceHold
 from daybook.infrastructure.ledger.application import LedgerService, PreparedBatch
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
@@ -158,6 +159,45 @@ def test_an_unrelated_command_never_sees_a_concurrency_conflict(shared_store_url
     assert ours.account(calm).balance == 100 + 7 - 10
     assert ours.account(other).balance == 10
     assert ours.account(hot).balance == LedgerService.max_attempts  # theirs, none of ours
+    ours.close()
+    theirs.close()
+
+
+def test_commands_that_only_read_the_same_account_are_not_retried_together(
+    shared_store_url: str,
+) -> None:
+    """Two holds toward one merchant, from two customers: the merchant is only read (open,
+    same currency), so the holds do not depend on each other. Another writer keeps moving
+    the first customer; the second customer's hold commits. Before, the shared merchant
+    tied them together, and both were retried until both were refused
+    ``concurrency_conflict``, the unrelated customer's included."""
+    ours = open_ledger(shared_store_url)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    hot = ours.open_account("hot customer", "EUR").account_id
+    calm = ours.open_account("calm customer", "EUR").account_id
+    merchant = ours.open_account("merchant", "EUR").account_id
+    ours.deposit(hot, 100)
+    ours.deposit(calm, 100)
+    recorder = ours.service.recorder
+    insert = recorder.insert_events
+
+    def contended_insert(stored: Any, **options: Any) -> Any:
+        if any(event.originator_id == hot for event in stored):
+            theirs.deposit(hot, 1)  # the other writer gets there first, every time
+        return insert(stored, **options)
+
+    recorder.insert_events = contended_insert  # type: ignore[method-assign]
+    hot_hold, calm_hold = ours.service.execute(
+        [
+            PlaceHold(hot, 10, destination=merchant, timeout=60, request_id="hot-hold"),
+            PlaceHold(calm, 20, destination=merchant, timeout=60, request_id="calm-hold"),
+        ]
+    )
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(hot_hold, ConcurrencyConflict)
+    assert isinstance(calm_hold, Receipt), calm_hold
+    assert ours.account(calm).available == 100 - 20
+    assert ours.account(hot).available == 100 + LedgerService.max_attempts  # none of ours
     ours.close()
     theirs.close()
 
