@@ -443,6 +443,28 @@ class VersionCatalog:
             self.store.drop_table(table)
         return names
 
+    def mark_to_drop(self, name: str, version: int) -> list[str]:
+        """Mark a retired version's tables to drop (``drop_retired`` drops them): those a
+        switch kept (``--keep-old``), or that daybook retired before switches marked them;
+        nothing else ever drops them. Only a retired version: any other serves reads, is
+        being built, or may be resumed. Returns the tables' names ([]: none left)."""
+        with self.store.transaction():
+            record = self._locked(name, version)
+            if record.state is not VersionState.RETIRED:
+                raise IllegalTransition("drop the tables of", record.state, {VersionState.RETIRED})
+            rows = self.store.execute(
+                "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
+                (name, version),
+            )
+            names: list[str] = json.loads(rows[0][0])
+            if names:
+                self.store.execute(
+                    "UPDATE daybook_projection_versions SET drop_pending = 1"
+                    " WHERE name = %s AND version = %s",
+                    (name, version),
+                )
+            return names
+
     def _forget_history(self, name: str, version: int) -> None:
         """With a retired version's tables, what was kept about them: its dead letters and
         its reconcile runs and repairs (each capped per version, but a version retired is

@@ -92,12 +92,14 @@ def register(subparsers: Any) -> None:
         subparsers,
         "projections",
         help="rebuild, inspect or resume projections",
-        description="Rebuild a projection from the log, show every version's state, or "
-        "resume one stopped on an event it could not apply.",
+        description="Rebuild a projection from the log, show every version's state, hand "
+        "versions between the runner and stream groups, resume one stopped on an event it "
+        "could not apply, or drop a retired version's kept tables.",
         examples=[
             "daybook projections status",
             "daybook projections rebuild account_balances",
             "daybook projections resume account_balances",
+            "daybook projections drop account_balances 1",
         ],
     )
     commands = group.add_subparsers(dest="projections_command", metavar="COMMAND")
@@ -179,6 +181,34 @@ def register(subparsers: Any) -> None:
         "--partitions", type=whole_number(1), help="its partitions (default: $DAYBOOK_PARTITIONS)"
     )
     hand.set_defaults(handler=_run_handover)
+
+    drop = command(
+        commands,
+        "drop",
+        help="drop the tables of a retired version (kept by rebuild --keep-old)",
+        description=(
+            "Drop the tables of a projection version that no longer serves reads (retired): "
+            "those a rebuild kept with --keep-old, or versions retired by daybook before "
+            "switches marked their tables to drop. Nothing else ever drops them. Any other "
+            "version is refused: it serves reads, is being built, or may be resumed. A drop "
+            "waits at most --lock-wait seconds for transactions still reading the tables."
+        ),
+        examples=[
+            "daybook projections status  # which versions are retired",
+            f"daybook projections drop account_balances 1 --url {_PG}",
+            "daybook projections drop daily_activity 3 --readmodels-url sqlite:///views.db",
+        ],
+    )
+    _common(drop)
+    drop.add_argument("name", choices=_NAMES, help="the projection: " + ", ".join(_NAMES))
+    drop.add_argument("version", type=whole_number(1), help="the retired version")
+    drop.add_argument(
+        "--lock-wait",
+        type=seconds,
+        default=10.0,
+        help="seconds to wait for readers of the tables before giving up (default 10)",
+    )
+    drop.set_defaults(handler=_run_drop)
 
     resume = command(
         commands,
@@ -435,6 +465,32 @@ def _run_resume(args: argparse.Namespace) -> int:
         finally:
             store.close()
     print(f"{args.name}: resumed; a running `daybook project` retries its parked events")
+    return 0
+
+
+def _run_drop(args: argparse.Namespace) -> int:
+    checked_settings(args, why=_WHY, readmodels=True)
+    label = f"{args.name} v{args.version}"
+    with _readmodels(args) as url:
+        store = open_store(url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            tables = catalog.mark_to_drop(args.name, args.version)
+            if tables and not catalog.drop_retired(args.name, lock_wait=args.lock_wait):
+                print(
+                    f"daybook: {label}: its tables are still being read (a long report, a "
+                    "reconcile); they are marked to drop, and a running `daybook project` or "
+                    "stream worker drops them once free; or run this again",
+                    file=sys.stderr,
+                )
+                return 1
+        except (IllegalTransition, LookupError) as refused:
+            print(f"daybook: {label}: {refused}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+    print(f"{label}: dropped {', '.join(tables)}" if tables else f"{label}: no tables left")
     return 0
 
 

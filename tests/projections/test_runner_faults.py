@@ -15,6 +15,7 @@ import pytest
 
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of, projection_runner
+from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels import queries
@@ -531,6 +532,44 @@ def test_tables_kept_on_request_stay_whoever_runs_next(ledger: Ledger, pg_admin_
         assert retired.note is None  # the catalog's notes say nothing of it
     finally:
         store.close()
+
+
+def test_tables_kept_on_request_are_dropped_on_request(
+    ledger: Ledger, pg_url: str, pg_admin_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``daybook projections drop NAME VERSION`` drops a retired version's tables that a
+    switch kept (``--keep-old``); nothing else did, so they stayed for good. Any version
+    that is not retired (it serves reads, is being built, or may be resumed) is refused,
+    and nothing is dropped."""
+    workload(ledger, 60)
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
+    run_to_head(ledger, readmodels, ALL_V2, keep_old=True)
+    urls = ["--url", pg_url, "--readmodels-url", readmodels]
+    capsys.readouterr()
+    assert main(["projections", "drop", "account_balances", "2", *urls]) == 1
+    refused = capsys.readouterr().err
+    assert "cannot drop the tables of a live version" in refused, refused
+    assert "Traceback" not in refused
+    assert main(["projections", "drop", "account_balances", "7", *urls]) == 1
+    assert "has no version 7" in capsys.readouterr().err
+    assert table_exists(readmodels, BALANCES.physical_name(2))
+    assert table_exists(readmodels, BALANCES.physical_name(1))
+    with psycopg.connect(readmodels, autocommit=True) as slow:  # a long report on version 1
+        slow.execute("BEGIN")
+        slow.execute(f"SELECT count(*) FROM {BALANCES.physical_name(1)}").fetchone()
+        drop = ["projections", "drop", "account_balances", "1", *urls]
+        assert main([*drop, "--lock-wait", "0.2"]) == 1
+        assert "still being read" in capsys.readouterr().err
+        assert table_exists(readmodels, BALANCES.physical_name(1))
+    assert main(drop) == 0
+    assert BALANCES.physical_name(1) in capsys.readouterr().out
+    assert not table_exists(readmodels, BALANCES.physical_name(1))
+    assert table_exists(readmodels, BALANCES.physical_name(2))
+    assert main(["projections", "drop", "account_balances", "1", *urls]) == 0  # again: no-op
+    assert "no tables left" in capsys.readouterr().out
+    run_to_head(ledger, readmodels, ALL_V2)  # the runner still serves version 2
+    assert_tables_match(ledger, readmodels, ACCOUNT_BALANCES_V2)
 
 
 def test_a_caller_stepping_a_runner_that_follows_in_its_thread_waits_for_its_batch(
