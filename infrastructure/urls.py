@@ -45,6 +45,15 @@ TCP_LIVENESS = {
 #: Settings libpq reads as whole numbers, and those that take one of a few words: libpq
 #: checks their values only when it connects, where a bad one would look like an outage.
 _WHOLE_NUMBERS = frozenset(TCP_LIVENESS)
+
+#: The largest whole number libpq takes: it reads these settings as C ints, and refuses a
+#: larger one only when it connects (and psycopg's pool waits ``connect_timeout`` seconds
+#: for a connection, which Python cannot wait beyond about 292 years).
+_INT_MAX = 2**31 - 1
+
+#: The smallest value of each whole-number setting (0 otherwise: libpq's "the system's
+#: default" for the TCP settings, and "off" for keepalives).
+_LEAST = {"connect_timeout": 2}
 _WORDS = {
     "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
     "gssencmode": ("disable", "prefer", "require"),
@@ -172,25 +181,34 @@ def _options(url: str, query: dict[str, list[str]]) -> tuple[tuple[str, str], ..
     for name, value in chosen.items():
         if value == "":
             raise BadURL(f"store URL {redacted(url)!r}: ?{name}= is given no value")
-        if name in _WHOLE_NUMBERS and not (value.isascii() and value.isdigit()):
-            raise BadURL(
-                f"store URL {redacted(url)!r}: ?{name}= takes a whole number, got {value!r}"
-            )
+        if name in _WHOLE_NUMBERS:
+            _whole_number(url, name, value)
         if name in _WORDS and value not in _WORDS[name]:
             raise BadURL(
                 f"store URL {redacted(url)!r}: ?{name}= takes one of"
                 f" {', '.join(_WORDS[name])}; got {value!r}"
             )
-    if int(chosen.get("connect_timeout", "2")) < 2:
-        raise BadURL(
-            f"store URL {redacted(url)!r}: ?connect_timeout= takes 2 seconds or more (libpq"
-            " waits for ever with 0, and 2 s with 1)"
-        )
     try:
         make_conninfo(**chosen)
     except psycopg.ProgrammingError as error:  # libpq's words: 'invalid connection option "x"'
         raise BadURL(f"store URL {redacted(url)!r}: {error}") from None
     return tuple(sorted(chosen.items()))
+
+
+def _whole_number(url: str, name: str, value: str) -> None:
+    """Refuse ``value`` unless it is a whole number libpq takes for ``name``."""
+    least = _LEAST.get(name, 0)
+    if value.isascii() and value.isdigit() and least <= int(value) <= _INT_MAX:
+        return
+    if name == "connect_timeout" and value.isascii() and value.isdigit() and int(value) < 2:
+        raise BadURL(
+            f"store URL {redacted(url)!r}: ?connect_timeout= takes 2 seconds or more (libpq"
+            " waits for ever with 0, and 2 s with 1)"
+        )
+    raise BadURL(
+        f"store URL {redacted(url)!r}: ?{name}= takes a whole number from {least} to"
+        f" {_INT_MAX}, got {value!r}"
+    )
 
 
 def sqlite_path(url: str) -> Path:

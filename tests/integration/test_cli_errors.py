@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -504,6 +505,48 @@ def test_numbers_are_checked(
     capsys: pytest.CaptureFixture[str], argv: list[str], wrong: str
 ) -> None:
     assert wrong in one_line(capsys, argv, by_exit=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "where"),
+    [
+        ("connect_timeout=99999999999", "--url"),
+        ("keepalives_idle=99999999999", "--url"),
+        ("tcp_user_timeout=2147483648", "DAYBOOK_URL"),
+    ],
+)
+def test_a_libpq_number_out_of_range_in_a_url_is_one_line_without_a_traceback(
+    pg_url: str, query: str, where: str
+) -> None:
+    """On a server that answers: the number used to reach libpq or psycopg's pool, and
+    ended as a traceback, an outage's words, or a silent default."""
+    parts = urlsplit(pg_url)
+    secret = parts.password or "S3cretPW"  # the test server trusts: any password will do
+    where_to = f"{parts.username}:{secret}@{parts.hostname}:{parts.port}"
+    url = urlunsplit(parts._replace(netloc=where_to))
+    url = f"{url}{'&' if '?' in url else '?'}{query}"
+    argv = ["balance", "00000000-0000-0000-0000-000000000001"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if where == "--url":
+        argv += ["--url", url]
+    else:
+        env["DAYBOOK_URL"] = url
+    done = subprocess.run(
+        [sys.executable, "-m", "daybook.infrastructure.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    name = query.partition("=")[0]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"?{name}= takes a whole number from" in done.stderr, done.stderr
+    assert "2147483647" in done.stderr
+    assert secret not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.settings import BadSettings, Settings
-from daybook.infrastructure.urls import postgres_params
+from daybook.infrastructure.urls import BadURL, postgres_params
 
 
 def test_an_unsupported_url_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,7 +144,10 @@ def test_a_relay_request_timeout_too_short_for_any_broker_is_refused(
     ("query", "said"),
     [
         ("?bogus=1", 'invalid connection option "bogus"'),
-        ("?tcp_user_timeout=soon", "?tcp_user_timeout= takes a whole number, got 'soon'"),
+        (
+            "?tcp_user_timeout=soon",
+            "?tcp_user_timeout= takes a whole number from 0 to 2147483647, got 'soon'",
+        ),
         ("?sslmode=require&sslmode=disable", "?sslmode= is given 2 times"),
         ("?user=other", "give user in the URL itself"),
         ("?sslmode=verify-ful", "?sslmode= takes one of disable, allow, prefer, require"),
@@ -163,6 +166,38 @@ def test_a_bad_libpq_setting_in_a_url_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.startswith("daybook: store URL") and said in err, err
     assert "S3cretPW" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("?connect_timeout=99999999999", "?connect_timeout= takes a whole number from 2 to"),
+        ("?connect_timeout=2147483648", "?connect_timeout= takes a whole number from 2 to"),
+        ("?keepalives_idle=99999999999", "?keepalives_idle= takes a whole number from 0 to"),
+        ("?keepalives_interval=2147483648", "?keepalives_interval= takes a whole number from 0"),
+        ("?keepalives_count=4294967297", "?keepalives_count= takes a whole number from 0 to"),
+        ("?keepalives=2147483648", "?keepalives= takes a whole number from 0 to"),
+        ("?tcp_user_timeout=2147483648", "?tcp_user_timeout= takes a whole number from 0 to"),
+        ("?tcp_user_timeout=-1", "?tcp_user_timeout= takes a whole number from 0 to"),
+        ("?keepalives_idle=-5", "?keepalives_idle= takes a whole number from 0 to"),
+    ],
+)
+def test_a_libpq_number_out_of_its_range_is_refused_with_the_url(query: str, said: str) -> None:
+    """libpq reads these settings as C ints and refuses the rest only when it connects (or
+    Python's own wait overflows first): refused with the URL, naming the setting and range."""
+    url = f"postgresql://app:S3cretPW@db.example:5432/ledger{query}"
+    with pytest.raises(BadURL) as refused:
+        postgres_params(url)
+    message = str(refused.value)
+    assert said in message and "2147483647" in message, message
+    assert "S3cretPW" not in message
+
+
+@pytest.mark.parametrize("query", ["?connect_timeout=2147483647", "?tcp_user_timeout=0"])
+def test_a_libpq_number_at_the_ends_of_its_range_is_taken(query: str) -> None:
+    url = f"postgresql://app@db.example/ledger{query}"
+    name, _, value = query[1:].partition("=")
+    assert dict(postgres_params(url).options)[name] == value
 
 
 def test_libpq_settings_in_a_url_reach_libpq_over_the_tcp_defaults() -> None:
