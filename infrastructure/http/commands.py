@@ -18,10 +18,11 @@ server is ``409 idempotency_key_in_use``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 from uuid import UUID
@@ -39,6 +40,7 @@ from daybook.domain.linked import Atomic
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
+from daybook.infrastructure.ledger.application import count_refused
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
 
@@ -79,7 +81,9 @@ class CommandRoutes:
             # dependencies costs more per request than everything else in this function.
             token = await caller(request)
             key = idempotency_key(request)
-            arguments = arguments_of(await json_body(request), command_class, accepted, required)
+            body = await json_body(request)
+            with counted_if_refused(command_class.name):
+                arguments = arguments_of(body, command_class, accepted, required)
             request_id = f"{token.name}/{key}"
             if request_id in self.in_flight:
                 raise Problem(
@@ -90,7 +94,8 @@ class CommandRoutes:
                 )
             await self.refuse_earlier_batch_item(token.name, key)
             try:
-                command = command_class(**arguments, request_id=request_id, actor=token.name)
+                with counted_if_refused(command_class.name):
+                    command = command_class(**arguments, request_id=request_id, actor=token.name)
             except DomainError as error:
                 raise Problem.of(error) from None
             self.door.enter(always=command_class.reduces_risk)
@@ -247,6 +252,18 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+@contextlib.contextmanager
+def counted_if_refused(command: str) -> Iterator[None]:
+    """Count a refusal of a command's arguments, as the body is made into the command, in
+    ``daybook_commands_total`` by command and code: as the ledger counts the refusals it
+    answers, which it never sees (an unknown argument, an amount of -5)."""
+    try:
+        yield
+    except (DomainError, Problem) as refused:
+        count_refused(command, refused.code)
+        raise
 
 
 def arguments_of(

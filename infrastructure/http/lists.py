@@ -52,6 +52,7 @@ from daybook.infrastructure.http.commands import (
     CommandRoutes,
     _CommandRoute,
     arguments_of,
+    counted_if_refused,
     idempotency_key,
     json_body,
     receipt_body,
@@ -132,10 +133,11 @@ def _command(index: int, item: Any, actor: str, request_id: str | None) -> Comma
     accepted = {p.name: p for p in parameters(command_class) if p.name not in _SERVER_SET}
     required = [n for n, p in accepted.items() if p.required]
     try:
-        arguments = arguments_of(item.get("fields", {}), command_class, accepted, required)
-        if request_id is not None:
-            arguments["request_id"] = request_id
-        return command_class(**arguments, actor=actor)
+        with counted_if_refused(command_class.name):
+            arguments = arguments_of(item.get("fields", {}), command_class, accepted, required)
+            if request_id is not None:
+                arguments["request_id"] = request_id
+            return command_class(**arguments, actor=actor)
     except Problem as problem:
         raise Problem(
             problem.code,

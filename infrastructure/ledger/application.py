@@ -1021,6 +1021,12 @@ def count_outcomes(
         metrics.COMMANDS.labels(name, label).inc(count)
 
 
+def count_refused(command: str, code: str) -> None:
+    """Count in ``daybook_commands_total`` a ``command`` refused with ``code`` before a
+    ledger saw it: a caller's input that could not be made into the command."""
+    metrics.COMMANDS.labels(command, code).inc()
+
+
 @contextlib.contextmanager
 def _commit_span(prepared: PreparedBatch) -> Iterator[None]:
     """The ``daybook.commit`` span of one batch's transaction: a child of its command's span

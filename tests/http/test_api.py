@@ -77,6 +77,53 @@ def test_bad_input_is_refused_and_writes_nothing(api: Api, body: dict[str, Any],
     assert api.head() == head
 
 
+def commands_counted(command: str, outcome: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "daybook_commands_total", {"command": command, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"amount": -5}, "invalid_amount"),  # refused as the command is built
+        ({"amount": 5, "memo": "x"}, "invalid_request"),  # an argument it does not take
+    ],
+)
+def test_a_command_refused_on_its_fields_is_counted_like_any_refusal(
+    sqlite_api: Api, body: dict[str, Any], code: str
+) -> None:
+    """daybook_commands_total counts a command the server could not build from the body as
+    it counts one the ledger refused: by command and code."""
+    account = sqlite_api.open_account()
+    before = commands_counted("deposit", code)
+    reply = sqlite_api.command("deposit", {"account_id": account, **body})
+    assert_problem(reply, 422, code)
+    assert commands_counted("deposit", code) == before + 1
+    scraped = sqlite_api.run(
+        sqlite_api.client.get("/metrics", headers=sqlite_api.auth("tester"))
+    ).text
+    assert f'daybook_commands_total{{command="deposit",outcome="{code}"}}' in scraped
+
+
+def test_a_request_that_names_no_command_fields_is_not_counted_as_a_command(
+    sqlite_api: Api,
+) -> None:
+    """A body that is not JSON, or a missing key, is a request the server could not read:
+    counted in the HTTP metrics, never as a command."""
+    account = sqlite_api.open_account()
+    before = {code: commands_counted("deposit", code) for code in ("malformed_json",)}
+    headers = {**sqlite_api.auth("tester"), "Idempotency-Key": sqlite_api.key()}
+    headers["Content-Type"] = "application/json"
+    raw = b'{"account_id": "' + account.encode() + b'", "amount": 5'
+    reply = sqlite_api.run(
+        sqlite_api.client.post("/v1/commands/deposit", content=raw, headers=headers)
+    )
+    assert_problem(reply, 400, "malformed_json")
+    assert {code: commands_counted("deposit", code) for code in before} == before
+
+
 @pytest.mark.parametrize(
     ("raw", "content_type", "status", "code"),
     [

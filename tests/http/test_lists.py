@@ -12,7 +12,7 @@ import pytest
 from daybook.infrastructure.http import lists
 from daybook.infrastructure.http.app import HttpOptions
 from tests.http.conftest import Api, make_api
-from tests.http.test_api import assert_problem
+from tests.http.test_api import assert_problem, commands_counted
 
 
 def post(api: Api, path: str, body: Any, key: str | None = "list-1") -> httpx.Response:
@@ -282,6 +282,23 @@ def test_a_list_that_cannot_be_read_is_refused_whole(
     if code == "invalid_amount":
         assert problem["details"]["index"] == 1
     assert api.head() == head
+
+
+@pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
+def test_a_list_item_refused_on_its_fields_is_counted_once_under_its_command(
+    api: Api, accounts: tuple[str, str], path: str
+) -> None:
+    ann, bob = accounts
+    body = {
+        "commands": [
+            item("deposit", account_id=ann, amount=1),
+            item("transfer", source=ann, destination=bob, amount=0),
+        ]
+    }
+    before = commands_counted("transfer", "invalid_amount"), commands_counted("deposit", "ok")
+    assert_problem(post(api, path, body), 422, "invalid_amount")
+    after = commands_counted("transfer", "invalid_amount"), commands_counted("deposit", "ok")
+    assert after == (before[0] + 1, before[1])  # the good item did not run
 
 
 @pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
