@@ -197,6 +197,7 @@ def register(subparsers: Any) -> None:
             "daybook projections status  # which versions are retired",
             f"daybook projections drop account_balances 1 --url {_PG}",
             "daybook projections drop daily_activity 3 --readmodels-url sqlite:///views.db",
+            "daybook projections drop account_statement 2 --lock-wait 60",
         ],
     )
     _common(drop)
