@@ -167,6 +167,11 @@ class Account(LedgerAggregate):
         def apply(self, account: Account) -> None:
             account.status = CLOSED
 
+    #: A command that reads an account without changing it (a hold's destination, an
+    #: order's customer and merchant) judges that it is open and its currency, which never
+    #: changes: only a closing makes such a judgement stale.
+    changes_for_readers = ("Closed",)
+
     class HoldPlaced(LedgerAggregate.Event):
         """Funds set aside for a hold: ``available`` goes down, ``balance`` does not."""
 

@@ -93,6 +93,12 @@ class LedgerAggregate(BaseAggregate[UUID]):
     #: write path does not look one up in the store before creating it: the store refuses
     #: a second creation, and the command is then judged again on what the store holds.
     write_once: ClassVar[bool] = False
+    #: The names of its events that change what a command may judge of this aggregate when
+    #: it reads it without changing it (None: any event). The commit of such a command is
+    #: refused if one of them was recorded after the version it was judged at; other changes
+    #: (an account credited meanwhile) do not refuse it. A command that judges more of an
+    #: aggregate it only reads must add the events that change that here.
+    changes_for_readers: ClassVar[tuple[str, ...] | None] = None
     #: The name of the key callers find one by.
     key_name: ClassVar[str] = "id"
     #: The name of the ledger's read method for one aggregate (None: no such method).

@@ -11,9 +11,12 @@ of its own, whose topics must keep resolving to its own classes.
 
 from __future__ import annotations
 
-from eventsourcing.utils import register_topic
+import functools
+
+from eventsourcing.utils import get_topic, register_topic
 
 from daybook.domain.accounts import Account
+from daybook.domain.events import LedgerAggregate
 from daybook.domain.inventory import Inventory
 
 _BEFORE_0_2 = {
@@ -35,3 +38,16 @@ _BEFORE_0_2 = {
 
 for _topic, _class in _BEFORE_0_2.items():
     register_topic(_topic, _class)
+
+
+@functools.cache
+def reader_topics(kind: type[LedgerAggregate]) -> tuple[str, ...] | None:
+    """The stored topics of the events that change what a command judges of an aggregate
+    of ``kind`` it only reads (``LedgerAggregate.changes_for_readers``), under this
+    daybook's names and those older ones stored them under; None: any event."""
+    names = kind.changes_for_readers
+    if names is None:
+        return None
+    events = [getattr(kind, name) for name in names]
+    old = {topic for topic, known in _BEFORE_0_2.items() if known in events}
+    return tuple(sorted({get_topic(event) for event in events} | old))

@@ -3,7 +3,12 @@
 Each backend's recorder writes a command batch's events and its request records in one
 transaction, and fills each receipt's log position from the notification ids the insert
 assigned; so a crash can never leave a request recorded without its events, or events
-without the record that makes a retry replay them instead of applying them again.
+without the record that makes a retry replay them instead of applying them again. In the
+same transaction each checks that the aggregates the batch's commands only read (``reads``,
+with the versions they were judged at) have recorded none of the events that would change
+that judgement since (an account closed; ``changes_for_readers``), and refuses the batch
+with a ``VersionConflict`` otherwise, as it does when an aggregate the batch changes has
+moved on.
 
 Records expire (see ``daybook.infrastructure.ledger.requests``): lookups ignore expired
 ones, a caller-chosen id whose record expired may be recorded again (its old row is

@@ -39,6 +39,7 @@ class MemoryRecorder(POPOApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
+        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         expiry = expiry or default_expiry()
@@ -47,6 +48,14 @@ class MemoryRecorder(POPOApplicationRecorder):
             if len(set(ids)) < len(ids) or any(self._live(i, expiry.now) for i in ids):
                 msg = f"request already recorded: {ids}"
                 raise DuplicateRequest(msg)
+            for aggregate_id, version, topics in reads:
+                index = self._stored_events_index.get(str(aggregate_id), {})
+                newer = version + 1  # versions have no gaps
+                while newer in index:
+                    if topics is None or self._stored_events[index[newer]].topic in topics:
+                        msg = f"aggregate {aggregate_id} read at version {version} has moved on"
+                        raise VersionConflict(msg)
+                    newer += 1
             try:
                 notification_ids = super()._insert_events(stored_events, **kwargs) or []
             except IntegrityError as error:  # the only uniqueness events have: versions

@@ -103,14 +103,19 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # a few microseconds. The table lock keeps notification ids in commit order (see the
         # module docstring); json_to_recordset yields rows in document order, so the ids come
         # back in the order of the events. A caller's request id whose record has expired is
-        # new again: its old row is deleted first, in the same transaction.
+        # new again: its old row is deleted first, in the same transaction. ``reads`` are the
+        # aggregates the batch's commands judged without changing them, each at its version:
+        # checked under the table lock (every writer takes it before inserting, so no other
+        # batch can commit events until this one ends), a newer version refuses the batch as
+        # a version conflict (a unique violation on the events table, as a changed aggregate
+        # meets). Checked only when there are some: an empty array costs a length test.
         self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
                 "(events json, requests json, reused json, now double precision, "
-                "snapshots json) "
+                "snapshots json, reads json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
                 "BEGIN "
                 # A receipt promises the events are on disk, whatever the server default.
@@ -140,6 +145,13 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "IF json_array_length(events) > 0 THEN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
                 "LOCK TABLE {events_table} IN EXCLUSIVE MODE; "
+                "IF json_array_length(reads) > 0 AND EXISTS (SELECT 1 FROM "
+                "json_to_recordset(reads) AS r(i uuid, v bigint, t text) JOIN {events_table} e "
+                "ON e.originator_id = r.i AND e.originator_version > r.v "
+                "AND (r.t IS NULL OR e.topic = r.t)) THEN "
+                "RAISE EXCEPTION 'an aggregate the batch read has a newer version' "
+                "USING ERRCODE = 'unique_violation', TABLE = {events_name}; "
+                "END IF; "
                 "NOTIFY {channel}; "
                 "RETURN QUERY INSERT INTO {events_table} "
                 "(originator_id, originator_version, topic, state) "
@@ -154,12 +166,14 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 requests=requests,
                 snapshots=snapshots,
                 events_table=events,
+                events_name=Literal(self.events_table_name),
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
         )
         self._append = SQL(
-            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json) AS notification_id"
+            "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json, %s::json) "
+            "AS notification_id"
         ).format(schema, self._append_function)
         self._select_requests = SQL(
             "SELECT r.request_id, r.command, r.fingerprint, r.outcome, r.caller, "
@@ -226,6 +240,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
+        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -244,7 +259,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 conn.cursor(row_factory=tuple_row) as curs,
             ):
                 self._append_batch(
-                    curs, stored_events, requests, expiry or default_expiry(), snapshots
+                    curs, stored_events, requests, expiry or default_expiry(), snapshots, reads
                 )
                 # The call was the cursor's only statement: its rows are the new ids, in order.
                 return [notification_id for (notification_id,) in curs.fetchall()]
@@ -268,6 +283,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest],
         expiry: Expiry,
         snapshots: Sequence[StoredEvent] = (),
+        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
     ) -> None:
         events = _rows(stored_events)
         records = []
@@ -296,6 +312,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 orjson.dumps(reused).decode(),
                 expiry.now,
                 orjson.dumps(_rows(snapshots), default=bytes.decode).decode(),
+                orjson.dumps(_reads(reads)).decode() if reads else "[]",
             ),
             prepare=True,
         )
@@ -388,3 +405,13 @@ class Factory(PostgresFactory):
         # 16 s away. (Measured once, 100 s of partition: 44 s from healing to a commit by
         # default, 6 s with this.)
         self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT
+
+
+def _reads(reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]]) -> list[dict[str, Any]]:
+    """``reads`` for the append function: a row per topic that makes a read stale (one
+    without a topic: any event does)."""
+    return [
+        {"i": i, "v": v, "t": t}
+        for i, v, topics in reads
+        for t in (topics if topics is not None else (None,))
+    ]

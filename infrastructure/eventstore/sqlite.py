@@ -88,9 +88,23 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
+        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         notification_ids = super()._insert_events(c, stored_events, **kwargs) or []
+        # After the insert, which took the database's write lock: no other writer can
+        # commit before this transaction ends, so what is read now stays the latest.
+        for aggregate_id, version, topics in reads:
+            # Of the events since, only those that change what was judged (see ``reads``).
+            of_topics = "" if topics is None else f" AND topic IN ({', '.join('?' * len(topics))})"
+            c.execute(
+                f"SELECT 1 FROM {self.events_table_name} "
+                f"WHERE originator_id = ? AND originator_version > ?{of_topics} LIMIT 1",
+                (aggregate_id.hex, version, *(topics or ())),
+            )
+            if c.fetchone() is not None:
+                msg = f"aggregate {aggregate_id} read at version {version} has moved on"
+                raise VersionConflict(msg)
         for snapshot in snapshots:  # only the latest of each aggregate is ever read
             originator_id = snapshot.originator_id.hex  # type: ignore[union-attr]
             c.execute(

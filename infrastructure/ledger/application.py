@@ -54,6 +54,7 @@ from daybook.infrastructure.ledger.requests import (
 from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.topics import reader_topics
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -122,6 +123,11 @@ class DirectCommitter:
         return self._health.health()
 
 
+#: An aggregate a batch's commands only read: its id, the version they judged, and the
+#: topics of the events that would make their judgement stale (None: any).
+Read = tuple[UUID, int, tuple[str, ...] | None]
+
+
 class StaleCache(Exception):
     """A cached aggregate was behind the store when a command was refused."""
 
@@ -157,6 +163,10 @@ class UnitOfWork:
         #: ``LedgerAggregate.write_once``): a refusal, or an acceptance that does not
         #: create one, must check.
         self.assumed_absent: dict[int, UUID] = {}
+        #: Aggregates an accepted command read without changing them (``collect``): unlike
+        #: those it changes, nothing it writes would meet another writer's change to them,
+        #: so the commit checks them (``reads``).
+        self.read_only: list[int] = []
 
     def _get(self, aggregate_id: UUID, kind: type[LedgerAggregate]) -> LedgerAggregate | None:
         key = aggregate_id.int
@@ -227,9 +237,30 @@ class UnitOfWork:
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             if aggregate is not None:  # None: looked for and not found (nothing to collect)
-                events.extend(aggregate.collect_events())  # type: ignore[arg-type]
+                new = aggregate.collect_events()
+                if new:
+                    events.extend(new)  # type: ignore[arg-type]
+                elif not aggregate.write_once:  # a write-once aggregate never changes
+                    self.read_only.append(key)
         self.touched.clear()
         return events
+
+    def reads(self) -> list[Read]:
+        """The aggregates accepted commands judged without changing them, which the batch
+        does not change either, each with the version they were judged at and the topics
+        of the events that would make that judgement stale (``changes_for_readers``): the
+        commit refuses the batch (``VersionConflict``) if one of those was recorded since.
+        Any other change (a merchant credited by another writer meanwhile) refuses nothing:
+        a busy account read by many commands is no contention."""
+        if not self.read_only:
+            return []
+        taken = self.taken_versions
+        found: dict[int, Read] = {}
+        for key in self.read_only:
+            aggregate = self.aggregates[key]
+            if aggregate.version == taken[key]:  # else the batch changes it: checked anyway
+                found[key] = (aggregate.id, aggregate.version, reader_topics(type(aggregate)))
+        return list(found.values())
 
     def seal(self) -> None:
         """No more commands will be applied: let go of the batch this one built on."""
@@ -251,7 +282,8 @@ class UnitOfWork:
         """Raise ``StaleCache`` unless what the command touched so far was read at the
         latest committed state. For a refused command (``check_refusal``), and for a
         refusal a command caught and records as its outcome (a saga step that failed):
-        its events will meet no version conflict on the aggregates it only read."""
+        judged again at once, rather than when its commit meets the aggregates it only
+        read moved (``reads``)."""
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             version = self.read_versions.get(key)
@@ -893,6 +925,7 @@ class LedgerService(Application[UUID]):
                         requests=prepared.pending,
                         expiry=self.retention.expiry(),
                         snapshots=self._snapshots(prepared.uow),
+                        reads=prepared.uow.reads(),
                     )
                     metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
                     metrics.COMMIT_BATCH.observe(len(prepared.commands))
@@ -971,20 +1004,23 @@ class LedgerService(Application[UUID]):
                     self.repository.cache.get(aggregate.id, evict=True)
 
     def _moved(self, uow: UnitOfWork) -> frozenset[UUID]:
-        """After a version conflict: the aggregates of ``uow`` another writer changed since
-        it took them (evicted from the cache, so the next attempt reads them fresh)."""
-        written = uow.written()
+        """After a version conflict: the aggregates of ``uow`` it writes that another writer
+        changed since it took them. Those, and the ones it only read that changed, are
+        evicted from the cache, so the next attempt reads them fresh. (One only read is not
+        named: most of its changes refuse nothing, and naming it would retry every command
+        that read it. A conflict that came from one, an account closed, names none: every
+        command of the batch is tried again, alone.)"""
+        written = [a.id for a in uow.written()]
+        checked = written + [read[0] for read in uow.reads()]
         try:
-            latest = self.latest_versions([a.id for a in written])
+            latest = self.latest_versions(checked)
         except Exception:  # the store is unreachable: assume they all moved
-            moved = frozenset(a.id for a in written)
+            changed = set(checked)
         else:
             taken = uow.taken_versions
-            moved = frozenset(
-                a.id for a in written if latest.get(a.id, 0) != taken.get(a.id.int, 0)
-            )
-        self._evict(uow, moved)
-        return moved
+            changed = {i for i in checked if latest.get(i, 0) != taken.get(i.int, 0)}
+        self._evict(uow, changed)
+        return frozenset(i for i in written if i in changed)
 
     def install_committer(self, factory: Callable[[LedgerService], Committer]) -> None:
         """Replace how commands reach ``execute`` (see ``group_commit``)."""

@@ -1,7 +1,8 @@
 """Why a batch's write was refused by the store: three cases, each with its own remedy.
 
 - ``VersionConflict``: another writer appended to an aggregate the batch changes (or created
-  one the batch creates). The batch was built on state that is no longer the latest: the
+  one the batch creates), or changed what its accepted commands judged of one they only read
+  (closed an account). The batch was built on state that is no longer the latest: the
   commands on those aggregates are applied again on fresh state; the others are not
   affected.
 - ``DuplicateRequest``: a request id of the batch was recorded meanwhile (the same request,
@@ -22,7 +23,8 @@ from eventsourcing.persistence import IntegrityError
 
 
 class VersionConflict(IntegrityError):
-    """An aggregate version the batch writes exists already."""
+    """An aggregate version the batch writes exists already, or one the batch only read
+    changed what its commands judged."""
 
     def __init__(self, message: str, *, stale: Collection[UUID] = ()) -> None:
         super().__init__(message)

@@ -22,7 +22,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError, OperationalError
 
 from daybook import ConcurrencyConflict, Ledger, Receipt, open_ledger
-from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
+from daybook.domain.accounts import Account, Deposit, OpenAccount, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError, UnknownOutcome
 from daybook.domain.holds import PlaceHold
@@ -30,6 +30,7 @@ from daybook.infrastructure.ledger.application import LedgerService, PreparedBat
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.requests import PendingRequest
+from daybook.infrastructure.topics import reader_topics
 from daybook.infrastructure.urls import postgres_params, sqlite_path
 
 #: Largest stored event state the test constraint allows: ordinary events are smaller, an
@@ -123,6 +124,31 @@ def test_recorders_tell_version_conflicts_from_duplicate_request_ids(ledger: Led
     with pytest.raises(DuplicateRequest):
         service.recorder.insert_events(again.stored, requests=[reused])
     assert ledger.account(account).balance == 1
+
+
+def test_recorders_refuse_a_batch_whose_only_read_aggregate_was_closed(ledger: Ledger) -> None:
+    """A batch carries the aggregates its commands only read, at the versions they were
+    judged at, with what would make that judgement stale: an account closed since makes it
+    a version conflict, and nothing of it is written; an account credited since does not
+    (a busy merchant read by many holds is no contention)."""
+    service = ledger.service
+    payer = ledger.open_account("payer", "EUR").account_id
+    shop = ledger.open_account("shop", "EUR").account_id
+    ledger.deposit(payer, 100)
+    hold = service.prepare([PlaceHold(payer, 10, destination=shop, timeout=60)])
+    reads = hold.uow.reads()  # the hold reads its destination, changes it not
+    assert reads == [(shop, 1, reader_topics(Account))]
+    ledger.deposit(shop, 1)  # credited meanwhile: the hold's judgement stands
+    service.recorder.insert_events(hold.stored, requests=hold.pending, reads=reads)
+    assert ledger.account(payer).held == 10
+    again = service.prepare([PlaceHold(payer, 20, destination=shop, timeout=60)])
+    ledger.withdraw(shop, 1)
+    ledger.close_account(shop)
+    with pytest.raises(VersionConflict):
+        service.recorder.insert_events(
+            again.stored, requests=again.pending, reads=again.uow.reads()
+        )
+    assert ledger.account(payer).held == 10
 
 
 def test_an_unrelated_command_never_sees_a_concurrency_conflict(shared_store_url: str) -> None:

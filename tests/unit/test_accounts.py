@@ -280,3 +280,27 @@ def test_a_clone_changes_independently_of_its_original() -> None:
     copy.withdraw(30)
     assert (original.balance, original.version, original.pending_events) == (100, 2, [])
     assert (copy.balance, copy.version, len(copy.pending_events)) == (70, 3, 1)
+
+
+def test_what_readers_judge_names_events_of_the_aggregate() -> None:
+    """``changes_for_readers`` names nested event classes: a misspelt name would fail the
+    first commit of a command that only reads such an aggregate. Each name resolves to an
+    event of its aggregate, stored under a topic the codec writes."""
+    import daybook.domain  # noqa: F401  (every aggregate defined)
+    from daybook.domain.events import LedgerAggregate
+    from daybook.infrastructure.topics import reader_topics
+
+    def kinds(cls: type[LedgerAggregate]) -> list[type[LedgerAggregate]]:
+        return [cls, *(k for sub in cls.__subclasses__() for k in kinds(sub))]
+
+    declared = [k for k in kinds(LedgerAggregate) if k.changes_for_readers is not None]
+    assert Account in declared
+    for kind in declared:
+        for name in kind.changes_for_readers or ():
+            event = getattr(kind, name)
+            assert issubclass(event, LedgerAggregate.Event), (kind, name)
+        assert reader_topics(kind)
+    assert reader_topics(Account) == (
+        "daybook.domain.accounts:Account.Closed",
+        "domain.accounts:Account.Closed",
+    )
