@@ -177,6 +177,20 @@ def read_vector(
     return Vector(tuple(positions), tuple(bounds))
 
 
+def recorded_partitions(
+    store: ReadStore, group: str, topic: str, *, lock: bool = False
+) -> int | None:
+    """How many partitions the group's progress rows for ``topic`` say it follows it with
+    (the highest partition that has a row, plus one); None if it has no row. ``lock``: FOR
+    UPDATE, the rows ``read_vector`` locks, in the same order."""
+    sql = (
+        f"SELECT partition FROM {PROGRESS_TABLE}"
+        " WHERE group_id = %s AND topic = %s ORDER BY partition"
+    )
+    rows = store.execute(store.locking(sql) if lock else sql, (group, topic))
+    return max((int(row[0]) for row in rows), default=-1) + 1 or None
+
+
 def write_vector(store: ReadStore, group: str, topic: str, vector: Vector) -> None:
     """Set the group's vector (handover), creating missing partition rows."""
     for partition, (position, bound) in enumerate(

@@ -44,6 +44,7 @@ from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import ReconcileReport, reconcile
 from daybook.infrastructure.readmodels.reconciler import record_run, run_of
 from daybook.infrastructure.readmodels.status import projection_status
+from daybook.infrastructure.settings import DEFAULT_PARTITIONS
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +179,13 @@ def register(subparsers: Any) -> None:
     hand.add_argument("--to", required=True, help="the new owner: runner, or stream:GROUP")
     hand.add_argument("--topic", help="the events topic (default: $DAYBOOK_TOPIC)")
     hand.add_argument(
-        "--partitions", type=whole_number(1), help="its partitions (default: $DAYBOOK_PARTITIONS)"
+        "--partitions",
+        type=whole_number(1),
+        help=(
+            "its partitions (default: the count the group has recorded for the topic, which "
+            "any other value is refused against; for a group with nothing recorded yet, "
+            f"$DAYBOOK_PARTITIONS or {DEFAULT_PARTITIONS})"
+        ),
     )
     hand.set_defaults(handler=_run_handover)
 
@@ -432,8 +439,8 @@ def _run_handover(args: argparse.Namespace) -> int:
     try:
         with _readmodels(args) as url:
             handed = handover(
-                log, url, chosen, args.to, topic=settings.topic, partitions=settings.partitions,
-                known=projections.ALL,
+                log, url, chosen, args.to, topic=settings.topic, partitions=args.partitions,
+                default_partitions=settings.partitions, known=projections.ALL,
             )  # fmt: skip
     except HandoverRefused as refused:
         print(f"daybook: {refused}", file=sys.stderr)

@@ -13,7 +13,9 @@ nothing is skipped, with partitions at different positions and idle ones:
   stands if it is further (its workers' Kafka offsets are there); the events in between are
   applied, to this version and to any the group already owns. Each partition's bound is at
   least P (every event of it up to P is applied), so the position readers see never goes
-  back.
+  back. The partitions are those the group has recorded for the topic (the versions it
+  owns, or its progress rows): a vector for another count would put events in the wrong
+  partitions, applying some again. Only a group with nothing recorded takes the count given.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from daybook.infrastructure.readmodels.checkpoints import (
     Vector,
     group_of,
     read_vector,
+    recorded_partitions,
+    stream_owner,
     write_vector,
 )
 from daybook.infrastructure.readmodels.engine import BatchRows, RowCache, Slot, apply_careful
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.settings import DEFAULT_PARTITIONS
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.transient import causes
 from daybook.infrastructure.urls import scheme
@@ -77,12 +82,17 @@ def handover(
     to: str,
     *,
     topic: str,
-    partitions: int,
+    partitions: int | None = None,
+    default_partitions: int = DEFAULT_PARTITIONS,
     known: Sequence[Projection] = (),
 ) -> list[Handed]:
     """Hand the code's versions of ``definitions`` to ``to`` (``runner`` or
     ``stream:GROUP``). ``known``: definitions of other projections, for versions the group
-    owns already that must move with it (its partitions are raised for the newcomers)."""
+    owns already that must move with it (its partitions are raised for the newcomers).
+
+    To a group, ``partitions`` (None: not given) must be the count the group has recorded
+    for ``topic``, and is that count when not given; a group with nothing recorded takes
+    ``partitions``, or ``default_partitions`` when not given. Raises ``HandoverRefused``."""
     group = group_of(to)
     if to != RUNNER and not group:
         raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
@@ -103,8 +113,9 @@ def handover(
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 return _handover(
-                    log, store, catalog, definitions, to, group, topic, partitions, known
-                )
+                    log, store, catalog, definitions, to, group, topic,
+                    (partitions, default_partitions), known,
+                )  # fmt: skip
             except Exception as error:
                 if not deadlocked(error) or attempt == _ATTEMPTS:
                     raise
@@ -132,7 +143,7 @@ def _handover(
     to: str,
     group: str | None,
     topic: str,
-    partitions: int,
+    asked: tuple[int | None, int],
     known: Sequence[Projection],
 ) -> list[Handed]:
     with store.transaction():
@@ -147,7 +158,7 @@ def _handover(
             records.append((projection, record))
         if group is None:
             return [_to_runner(log, store, catalog, p, r) for p, r in records]
-        return _to_group(log, store, catalog, records, group, topic, partitions, known)
+        return _to_group(log, store, catalog, records, group, topic, asked, known)
 
 
 def _to_runner(
@@ -176,16 +187,19 @@ def _to_group(
     records: list[tuple[Projection, VersionRecord]],
     group: str,
     topic: str,
-    partitions: int,
+    asked: tuple[int | None, int],
     known: Sequence[Projection],
 ) -> list[Handed]:
-    owner = f"stream:{group}"
+    owner = stream_owner(group)
     for _, record in records:
         if record.owner not in (RUNNER, owner):
             raise HandoverRefused(
                 f"{record.name} v{record.version} is owned by {record.owner}: hand it to the "
                 f"runner first (daybook projections handover {record.name} --to runner)"
             )
+    versions = catalog.versions()
+    partitions = _partitions(store, versions, group, topic, *asked)
+    for _, record in records:
         if record.owner == owner and (record.topic, record.partitions) != (topic, partitions):
             raise HandoverRefused(
                 f"{record.name} v{record.version} follows topic {record.topic} with "
@@ -193,7 +207,6 @@ def _to_group(
             )
     moving = [(p, r) for p, r in records if r.owner == RUNNER]
     current = read_vector(store, group, topic, partitions, lock=True)
-    versions = catalog.versions()
     for _, record in moving:
         for other in versions:
             if (
@@ -262,6 +275,48 @@ def _to_group(
     for record in staying:
         catalog.bump_epoch(record.name, record.version)
     return handed
+
+
+def _partitions(
+    store: ReadStore,
+    versions: Sequence[VersionRecord],
+    group: str,
+    topic: str,
+    given: int | None,
+    default: int,
+) -> int:
+    """The partitions of the group's vector: those the group has recorded for ``topic`` (the
+    versions it owns say, else its progress rows), which ``given`` must agree with; for a
+    group with nothing recorded, ``given`` or else ``default``. Locks the progress rows."""
+    owner = stream_owner(group)
+    kept = recorded_partitions(store, group, topic, lock=True)
+    owned = [r for r in versions if r.owner == owner and r.topic == topic and r.partitions]
+    counts = sorted({r.partitions for r in owned if r.partitions})
+    if len(counts) > 1:
+        listed = ", ".join(f"{r.name} v{r.version}: {r.partitions}" for r in owned)
+        raise HandoverRefused(
+            f"the versions {owner} owns record different partition counts for {topic} "
+            f"({listed}), so which one its workers run with is unknown: hand them to the "
+            f"runner (daybook projections handover NAME... --to runner), then to a new "
+            f"group (--to stream:NEWGROUP --partitions N, N the topic's partitions) and run "
+            f"its workers; nothing was handed over"
+        )
+    if counts:
+        recorded, where = counts[0], "the versions it owns record"
+    elif kept is not None:
+        recorded, where = kept, "its progress rows record"
+    else:
+        return default if given is None else given
+    if given is not None and given != recorded:
+        raise HandoverRefused(
+            f"{owner} follows {topic} with {recorded} partitions ({where} so), but "
+            f"--partitions {given} was given: converted for {given} partitions, the "
+            f"checkpoint would apply events again and move positions back; run the handover "
+            f"without --partitions (or with --partitions {recorded}). A group's partition "
+            f"count cannot change: for {given} partitions, hand the versions to the runner, "
+            f"then to a group on a new --topic. Nothing was handed over"
+        )
+    return recorded
 
 
 def _last_events(log: EventLog, position: int, partitions: int) -> list[int]:

@@ -396,3 +396,172 @@ def test_a_worker_left_owning_nothing_by_a_rebuild_is_refused_at_start(
         worker.close()
     assert "account_balances v2 is owned by runner" in str(refused.value)
     assert "handover account_balances --to stream:" in str(refused.value)
+
+
+def recorded(url: str) -> tuple[object, ...]:
+    """Everything a handover could change: the tables, the catalog (owners and partition
+    counts included) and every stream group's progress rows."""
+    from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
+
+    store = open_store(url)
+    try:
+        catalog = [
+            (r.name, r.version, r.state, r.position, r.owner, r.topic, r.partitions, r.epoch)
+            for r in VersionCatalog(store).versions()
+        ]
+        progress = store.execute(
+            f"SELECT group_id, topic, partition, position, bound, state FROM {PROGRESS_TABLE}"
+            " ORDER BY group_id, topic, partition"
+        )
+    finally:
+        store.close()
+    built = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
+    tables = {p.name: stored_rows(url, p) for p in built}
+    return tables, catalog, [tuple(row) for row in progress]
+
+
+def group_of_four(ledger: Ledger, url: str) -> tuple[list[object], Stream]:
+    """account_statement built by the runner up to the head; account_balances owned by the
+    group, whose workers run with 4 partitions and stand behind the runner."""
+    ids = workload(ledger, 120)
+    stream = Stream(4)
+    worker = StreamApplier(
+        url, [projections.ACCOUNT_BALANCES], group=GROUP, topic=TOPIC, partitions=4,
+        writer="test",
+    )  # fmt: skip
+    try:
+        worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+    workload(ledger, 60, seed=2, accounts=ids)
+    runner = ProjectionRunner(event_log_of(ledger), url, [projections.ACCOUNT_STATEMENT])
+    runner.run_until_caught_up()
+    runner.stop()
+    return ids, stream  # type: ignore[return-value]
+
+
+def partitions_of(url: str, name: str) -> tuple[str, int | None]:
+    store = open_store(url)
+    try:
+        record = VersionCatalog(store).version(name, 1)
+    finally:
+        store.close()
+    assert record is not None
+    return record.owner, record.partitions
+
+
+def test_a_handover_without_partitions_takes_the_count_the_group_runs_with(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The group's workers run with 4 partitions; the handover is run without --partitions
+    (whose default is 8). It converts the runner's position for the group's 4 partitions,
+    and the workers go on from there: nothing is applied twice (converted for 8, events
+    went to the wrong partitions, and the workers applied some of them again)."""
+    ids, stream = group_of_four(ledger, pg_url)
+    command = ["projections", "handover", "account_statement", "--to", f"stream:{GROUP}"]
+    assert main([*command, "--url", pg_url, "--topic", TOPIC]) == 0
+    assert partitions_of(pg_url, "account_statement") == (f"stream:{GROUP}", 4)
+    both = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
+    workload(ledger, 40, seed=3, accounts=ids)  # type: ignore[arg-type]
+    worker = StreamApplier(
+        pg_url, both, group=GROUP, topic=TOPIC, partitions=4, writer="test"
+    )  # fmt: skip
+    try:
+        worker.apply(stream.publish(ledger))  # what Kafka delivers after the group's offsets
+    finally:
+        worker.close()
+    for projection in both:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def test_a_handover_given_other_partitions_than_the_group_has_is_refused_and_changes_nothing(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daybook.infrastructure.readmodels.handover import HandoverRefused
+
+    group_of_four(ledger, pg_url)
+    before = recorded(pg_url)
+    capsys.readouterr()
+    command = ["projections", "handover", "account_statement", "--to", f"stream:{GROUP}"]
+    assert main([*command, "--url", pg_url, "--topic", TOPIC, "--partitions", "8"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    assert err.startswith("daybook: ")
+    assert "4 partitions" in err and "--partitions 8" in err
+    assert "--partitions 4" in err  # what to do
+    assert recorded(pg_url) == before
+    with pytest.raises(HandoverRefused) as refused:
+        handover(
+            event_log_of(ledger), pg_url, [projections.ACCOUNT_STATEMENT], f"stream:{GROUP}",
+            topic=TOPIC, partitions=2,
+        )  # fmt: skip
+    assert refused.value.code == "handover_refused"
+    assert "4 partitions" in str(refused.value)
+    assert recorded(pg_url) == before
+
+
+def test_a_group_that_owns_nothing_any_more_keeps_the_count_of_its_progress(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The group handed its only version to the runner: its progress rows still say it
+    follows the topic with 4 partitions, and a handover back without --partitions uses 4."""
+    ids, stream = group_of_four(ledger, pg_url)
+    options = ["--url", pg_url, "--topic", TOPIC]
+    assert main(["projections", "handover", "account_balances", "--to", "runner", *options]) == 0
+    names = ["account_balances", "account_statement"]
+    assert main(["projections", "handover", *names, "--to", f"stream:{GROUP}", *options]) == 0
+    assert partitions_of(pg_url, "account_balances") == (f"stream:{GROUP}", 4)
+    assert partitions_of(pg_url, "account_statement") == (f"stream:{GROUP}", 4)
+    both = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
+    workload(ledger, 40, seed=3, accounts=ids)  # type: ignore[arg-type]
+    worker = StreamApplier(pg_url, both, group=GROUP, topic=TOPIC, partitions=4, writer="test")
+    try:
+        worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+    for projection in both:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def test_a_handover_to_a_group_with_nothing_recorded_takes_the_default_count(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workload(ledger, 30)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, [projections.ACCOUNT_STATEMENT])
+    runner.run_until_caught_up()
+    runner.stop()
+    monkeypatch.setenv("DAYBOOK_PARTITIONS", "3")
+    command = ["projections", "handover", "account_statement", "--to", f"stream:{GROUP}"]
+    assert main([*command, "--url", pg_url, "--topic", TOPIC]) == 0
+    assert partitions_of(pg_url, "account_statement") == (f"stream:{GROUP}", 3)
+
+
+def test_a_group_whose_versions_record_different_partitions_is_refused(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """A group whose versions disagree (a handover before this check converted one for
+    another count): which count its workers run with is unknown, so nothing is guessed."""
+    from daybook.infrastructure.readmodels.handover import HandoverRefused
+
+    group_of_four(ledger, pg_url)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, [projections.INVENTORY_LEVELS])
+    runner.run_until_caught_up()
+    runner.stop()
+    store = open_store(pg_url)
+    try:
+        with store.transaction():
+            VersionCatalog(store).set_owner(
+                "account_statement", 1, f"stream:{GROUP}", position=1, topic=TOPIC, partitions=8
+            )
+    finally:
+        store.close()
+    before = recorded(pg_url)
+    with pytest.raises(HandoverRefused, match="different partition counts") as refused:
+        handover(
+            event_log_of(ledger), pg_url, [projections.INVENTORY_LEVELS], f"stream:{GROUP}",
+            topic=TOPIC,
+        )  # fmt: skip
+    assert "account_balances v1: 4" in str(refused.value)
+    assert "account_statement v1: 8" in str(refused.value)
+    assert recorded(pg_url) == before
