@@ -207,6 +207,8 @@ def _to_group(
             )
     moving = [(p, r) for p, r in records if r.owner == RUNNER]
     current = read_vector(store, group, topic, partitions, lock=True)
+    if not moving:  # every one is the group's already: nothing to convert or apply
+        return [Handed(r.name, r.version, owner, owner, 0, current.position) for _, r in records]
     for _, record in moving:
         for other in versions:
             if (

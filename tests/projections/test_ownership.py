@@ -565,3 +565,15 @@ def test_a_group_whose_versions_record_different_partitions_is_refused(
     assert "account_balances v1: 4" in str(refused.value)
     assert "account_statement v1: 8" in str(refused.value)
     assert recorded(pg_url) == before
+
+
+def test_a_handover_of_versions_the_group_owns_already_changes_nothing(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    group_of_four(ledger, pg_url)
+    before = recorded(pg_url)
+    capsys.readouterr()
+    command = ["projections", "handover", "account_balances", "--to", f"stream:{GROUP}"]
+    assert main([*command, "--url", pg_url, "--topic", TOPIC]) == 0
+    assert capsys.readouterr().out == f"account_balances v1: already owned by stream:{GROUP}\n"
+    assert recorded(pg_url) == before
