@@ -239,11 +239,18 @@ def _to_group(
     applied: dict[tuple[str, int], int] = {}
     # Each partition's bound: every event of it up to there is applied, afterwards, to
     # every version the group owns. A version that stays has every event of q up to where
-    # the group stood, or up to target[q] once brought there; a version handed over has
-    # every event up to its position P (the runner's), and those of q up to target[q]. So
-    # a partition whose last event is before P, or that has none, is bound at P, not at its
-    # last event: readers never see the position go back.
-    owned = [[max(current.bounds[q], target[q]) for q in range(partitions)]] if staying else []
+    # the group stood, and up to target[q] once brought there; target[q] is at least the
+    # last event of q at or before the furthest P handed over, so it has every event of q up
+    # to that P too. A version handed over has every event up to its position P (the
+    # runner's), and those of q up to target[q]. So a partition whose last event is before
+    # P, or that has none, is bound at P, not at its last event: readers never see the
+    # position go back, whether the group stood behind the runner or owned nothing yet.
+    furthest = max(r.position for _, r in moving)
+    owned = (
+        [[max(current.bounds[q], target[q], furthest) for q in range(partitions)]]
+        if staying
+        else []
+    )
     for projection, record in moving:
         applied[(record.name, record.version)] = _bring_after(
             log, store, projection, record, record.position, target, partitions

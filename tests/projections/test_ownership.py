@@ -567,6 +567,35 @@ def test_a_group_whose_versions_record_different_partitions_is_refused(
     assert recorded(pg_url) == before
 
 
+def test_a_handover_to_a_group_standing_behind_the_runner_keeps_the_position_readers_see(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The runner's version is at the head; the group owns another version, behind. Handed
+    to the group, the version still answers as of the head (the group's version is brought
+    there too), and the group's workers go on from there."""
+    ids, stream = group_of_four(ledger, pg_url)
+    log = event_log_of(ledger)
+    with ReadModels(pg_url, log=log) as views:
+        head = ledger.head()
+        assert views.position("account_statement") == head
+        assert views.position("account_balances") < head
+        command = ["projections", "handover", "account_statement", "--to", f"stream:{GROUP}"]
+        assert main([*command, "--url", pg_url, "--topic", TOPIC, "--partitions", "4"]) == 0
+        assert views.position("account_statement") == head
+        assert views.position("account_balances") == head
+    both = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
+    workload(ledger, 40, seed=3, accounts=ids)  # type: ignore[arg-type]
+    worker = StreamApplier(pg_url, both, group=GROUP, topic=TOPIC, partitions=4, writer="test")
+    try:
+        worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+    for projection in both:
+        assert_tables_match(ledger, pg_url, projection)
+    with ReadModels(pg_url, log=log) as views:
+        assert views.position("account_statement") == ledger.head()
+
+
 def test_a_handover_of_versions_the_group_owns_already_changes_nothing(
     ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
