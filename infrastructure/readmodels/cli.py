@@ -182,8 +182,9 @@ def register(subparsers: Any) -> None:
         "--partitions",
         type=whole_number(1),
         help=(
-            "its partitions (default: the count the group has recorded for the topic, which "
-            "any other value is refused against; for a group with nothing recorded yet, "
+            "its partitions (default: the count the versions the group owns record for the "
+            "topic, which any other value is refused against; required for a group that owns "
+            "none but has progress rows; for a group with nothing recorded yet, "
             f"$DAYBOOK_PARTITIONS or {DEFAULT_PARTITIONS})"
         ),
     )

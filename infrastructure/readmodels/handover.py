@@ -294,9 +294,12 @@ def _partitions(
     given: int | None,
     default: int,
 ) -> int:
-    """The partitions of the group's vector: those the group has recorded for ``topic`` (the
-    versions it owns say, else its progress rows), which ``given`` must agree with; for a
-    group with nothing recorded, ``given`` or else ``default``. Locks the progress rows."""
+    """The partitions of the group's vector: those the versions the group owns record for
+    ``topic``, which ``given`` must agree with. A group that owns none but has progress rows
+    (it handed its versions back) must be given the count: its rows only say at least how
+    many (a worker writes a partition's row once it gets a message of it; an idle partition
+    has none), and a count too low or too high would apply events again. A group with
+    nothing recorded takes ``given`` or else ``default``. Locks the progress rows."""
     owner = stream_owner(group)
     kept = recorded_partitions(store, group, topic, lock=True)
     owned = [r for r in versions if r.owner == owner and r.topic == topic and r.partitions]
@@ -313,7 +316,19 @@ def _partitions(
     if counts:
         recorded, where = counts[0], "the versions it owns record"
     elif kept is not None:
-        recorded, where = kept, "its progress rows record"
+        if given is None:
+            raise HandoverRefused(
+                f"{owner} owns no version that records its partition count for {topic}, and "
+                f"its progress rows only say it has at least {kept}: give --partitions N, the "
+                f"partition count of {topic} its workers run with; nothing was handed over"
+            )
+        if given < kept:
+            raise HandoverRefused(
+                f"{owner} has progress rows for {kept} partitions of {topic}, but "
+                f"--partitions {given} was given: give the partition count of {topic} its "
+                f"workers run with; nothing was handed over"
+            )
+        return given
     else:
         return default if given is None else given
     if given is not None and given != recorded:

@@ -501,16 +501,27 @@ def test_a_handover_given_other_partitions_than_the_group_has_is_refused_and_cha
     assert recorded(pg_url) == before
 
 
-def test_a_group_that_owns_nothing_any_more_keeps_the_count_of_its_progress(
-    ledger: Ledger, pg_url: str
+def test_a_group_that_owns_nothing_any_more_must_be_given_its_count(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The group handed its only version to the runner: its progress rows still say it
-    follows the topic with 4 partitions, and a handover back without --partitions uses 4."""
+    """The group handed its only version to the runner: its progress rows only say it
+    follows the topic with at least as many partitions as it has rows (an idle partition
+    has none), so a handover back is refused without --partitions, and with fewer than it
+    has rows, changing nothing; given the workers' 4, it goes through."""
     ids, stream = group_of_four(ledger, pg_url)
     options = ["--url", pg_url, "--topic", TOPIC]
     assert main(["projections", "handover", "account_balances", "--to", "runner", *options]) == 0
     names = ["account_balances", "account_statement"]
-    assert main(["projections", "handover", *names, "--to", f"stream:{GROUP}", *options]) == 0
+    before = recorded(pg_url)
+    capsys.readouterr()
+    assert main(["projections", "handover", *names, "--to", f"stream:{GROUP}", *options]) == 1
+    assert "give --partitions N" in capsys.readouterr().err
+    too_few = [*options, "--partitions", "2"]
+    assert main(["projections", "handover", *names, "--to", f"stream:{GROUP}", *too_few]) == 1
+    assert "progress rows for 4 partitions" in capsys.readouterr().err
+    assert recorded(pg_url) == before
+    four = [*options, "--partitions", "4"]
+    assert main(["projections", "handover", *names, "--to", f"stream:{GROUP}", *four]) == 0
     assert partitions_of(pg_url, "account_balances") == (f"stream:{GROUP}", 4)
     assert partitions_of(pg_url, "account_statement") == (f"stream:{GROUP}", 4)
     both = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
