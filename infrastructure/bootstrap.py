@@ -7,7 +7,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -25,7 +25,7 @@ from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.transient import may_only_read
-from daybook.infrastructure.urls import event_store_env
+from daybook.infrastructure.urls import event_store_env, read_only_env
 from daybook.projections.model import Projection
 
 #: What time it is (timezone-aware, UTC).
@@ -110,6 +110,20 @@ def open_event_log(url: str | None = None, *, settings: Settings | None = None) 
             raise
     mapper: Mapper[UUID] = factory.mapper(transcoder=factory.transcoder())
     return EventLog(recorder, mapper, on_close=factory.close)
+
+
+@contextlib.contextmanager
+def read_only_recorder(settings: Settings) -> Iterator[Any]:
+    """The event store's recorder on connections that cannot write: nothing is created,
+    migrated or changed, whatever is (or is not) in the database (``urls.read_only_env``).
+    Closed on leaving the block."""
+    factory = InfrastructureFactory.construct(
+        Environment(LedgerService.name, read_only_env(settings.url))
+    )
+    try:
+        yield factory.application_recorder()
+    finally:
+        factory.close()
 
 
 def projection_runner(
@@ -349,6 +363,7 @@ __all__: Sequence[str] = [
     "outbox_relay",
     "payment_gateway",
     "projection_runner",
+    "read_only_recorder",
     "run_projections",
     "saga_processor",
     "settings_for",

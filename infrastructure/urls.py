@@ -240,6 +240,18 @@ def sqlite_file(url: str) -> Path:
 SETTINGS_KEY = "DAYBOOK_POSTGRES_SETTINGS"
 
 
+#: In an event store environment: every connection may only read (see ``read_only_env``).
+READ_ONLY_KEY = "DAYBOOK_READ_ONLY"
+
+
+def read_only_env(url: str) -> dict[str, str]:
+    """``event_store_env(url)`` for a look that must change nothing: no table is created or
+    migrated, and the connections cannot write (a SQLite file is opened query-only, never
+    created, its journal mode left as it is; PostgreSQL sessions' transactions are read-only).
+    """
+    return {**event_store_env(url), "CREATE_TABLE": "no", READ_ONLY_KEY: "yes"}
+
+
 def event_store_env(url: str) -> dict[str, str]:
     """The eventsourcing environment for the event store at ``url``."""
     kind = scheme(url)

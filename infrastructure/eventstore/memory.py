@@ -17,6 +17,7 @@ from daybook.infrastructure.ledger.requests import (
     PendingRequest,
     PurgeReport,
     RequestRecord,
+    RequestTable,
 )
 
 
@@ -118,6 +119,13 @@ class MemoryRecorder(POPOApplicationRecorder):
                 oldest=min((e for _, e in expired), default=None),
                 newest=max((e for _, e in expired), default=None),
             )
+
+    def request_table(self) -> RequestTable:
+        return RequestTable(_COLUMNS)
+
+
+#: What a request record holds here (what the SQL stores' tables have as columns).
+_COLUMNS = frozenset({"request_id", "command", "fingerprint", "outcome", "caller", "expires_at"})
 
 
 class LatestSnapshots(POPOAggregateRecorder):

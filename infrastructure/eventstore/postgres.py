@@ -37,8 +37,9 @@ from daybook.infrastructure.ledger.requests import (
     PendingRequest,
     PurgeReport,
     RequestRecord,
+    RequestTable,
 )
-from daybook.infrastructure.urls import SETTINGS_KEY
+from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
@@ -54,6 +55,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         super().__init__(*args, **kwargs)
         schema = Identifier(self.datastore.schema)
         requests = SQL("{}.{}").format(schema, Identifier(REQUESTS_TABLE))
+        self._requests_table = requests
         events = SQL("{}.{}").format(schema, Identifier(self.events_table_name))
         # The table eventsourcing's factory creates for the application's snapshots.
         prefix = self.events_table_name.removesuffix("_events")
@@ -370,6 +372,22 @@ class PostgresRecorder(PostgresApplicationRecorder):
             newest=float(newest) if newest is not None else None,
         )
 
+    def request_table(self) -> RequestTable:
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s",
+                (self.datastore.schema, REQUESTS_TABLE),
+            )
+            columns = frozenset(str(name) for (name,) in curs.fetchall())
+            unmigrated = 0
+            if columns and "expires_at" not in columns:
+                curs.execute(SQL("SELECT count(*) FROM {}").format(self._requests_table))
+                row = curs.fetchone()
+                assert row is not None  # an aggregate query answers one row
+                unmigrated = int(row[0])
+        return RequestTable(columns, unmigrated)
+
 
 def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
     """Stored events as the append function reads them (states in base64)."""
@@ -398,6 +416,10 @@ class Factory(PostgresFactory):
         kwargs = self.datastore.pool.kwargs
         assert isinstance(kwargs, dict)  # eventsourcing builds its pool with a dict
         kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
+        if self.env.get(READ_ONLY_KEY):
+            # Every transaction read-only: the server refuses any write (see read_only_env).
+            given = str(kwargs.get("options") or "")
+            kwargs["options"] = f"{given} -c default_transaction_read_only=on".strip()
         # psycopg_pool replaces a lost connection with attempts whose delays double until
         # this many seconds have passed (5 minutes by default), then gives the slot up (the
         # next caller that waits grows the pool again). After a long outage the next attempt

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteFactory
+from eventsourcing.sqlite import (
+    SQLiteApplicationRecorder,
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteCursor,
+    SQLiteFactory,
+)
 
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
@@ -24,7 +31,9 @@ from daybook.infrastructure.ledger.requests import (
     PendingRequest,
     PurgeReport,
     RequestRecord,
+    RequestTable,
 )
+from daybook.infrastructure.urls import READ_ONLY_KEY
 
 #: SQLite caps bound parameters per statement; 500 stays well below every limit.
 _CHUNK = 500
@@ -218,6 +227,41 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             newest=newest,
         )
 
+    def request_table(self) -> RequestTable:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"PRAGMA table_info({REQUESTS_TABLE})")
+            columns = frozenset(str(row[1]) for row in c.fetchall())
+            unmigrated = 0
+            if columns and "expires_at" not in columns:
+                c.execute(f"SELECT count(*) FROM {REQUESTS_TABLE}")
+                unmigrated = int(c.fetchone()[0])
+        return RequestTable(columns, unmigrated)
+
+
+class _QueryOnlyPool(SQLiteConnectionPool):
+    """Connections that cannot change the file: it is never created (``mode=rw``), SQLite
+    refuses every write (``query_only``), and the journal mode is left as it is
+    (eventsourcing's pool switches a file to WAL when it connects)."""
+
+    def __init__(self, *, db_name: str, lock_timeout: int | None) -> None:
+        uri = f"{Path(db_name).resolve().as_uri()}?mode=rw"
+        super().__init__(db_name=uri, lock_timeout=lock_timeout)
+        self.is_journal_mode_wal = True  # what the pool checks before switching
+
+    def _create_connection(self) -> SQLiteConnection:
+        connection = super()._create_connection()
+        connection.cursor().execute("PRAGMA query_only = ON")
+        return connection
+
 
 class Factory(SQLiteFactory):
     application_recorder_class = SQLiteRecorder
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        if self.env.get(READ_ONLY_KEY):
+            given = self.datastore.pool
+            self.datastore.pool = _QueryOnlyPool(
+                db_name=given.db_name, lock_timeout=given.lock_timeout
+            )
+            given.close()

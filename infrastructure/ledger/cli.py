@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import Any
 
-from daybook.infrastructure.bootstrap import ledger_service
+from daybook.infrastructure.bootstrap import ledger_service, read_only_recorder
 from daybook.infrastructure.cli import (
     add_url_argument,
     checked_settings,
     command,
     whole_number,
 )
-from daybook.infrastructure.ledger.requests import PurgeReport, utc
+from daybook.infrastructure.eventstore import UPGRADE_RETENTION
+from daybook.infrastructure.ledger.requests import PurgeReport, RequestTable, utc
+
+#: Seconds between two progress lines of a purge (on stderr).
+PROGRESS_EVERY = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -39,7 +45,10 @@ def register(subparsers: Any) -> None:
         description=(
             "Delete request records whose retention window has passed, in batches of "
             "--batch-size rows, each its own short transaction, so writers are never kept "
-            "waiting."
+            "waiting; a long purge says how far it got every few seconds (on stderr). "
+            "--dry-run only reads: it changes nothing in the database, not even a request "
+            "table written before records expired (daybook 0.2 and earlier), which a real "
+            "purge, like any ledger that opens the database, first gives the expiry."
         ),
         examples=[
             "daybook requests purge --dry-run",
@@ -48,7 +57,9 @@ def register(subparsers: Any) -> None:
     )
     add_url_argument(purge)
     purge.add_argument(
-        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+        "--dry-run",
+        action="store_true",
+        help="count what would be deleted; change nothing in the database",
     )
     purge.add_argument(
         "--batch-size",
@@ -81,16 +92,86 @@ def describe(report: PurgeReport, deleted: int | None = None) -> str:
     )
 
 
+def _unmigrated(table: RequestTable) -> str:
+    """What a dry run says of a request table written before records expired."""
+    count = table.unmigrated
+    records = f"the {count:,} request record{'s' if count != 1 else ''}"
+    return (
+        f"nothing to delete: {records} {'predate' if count != 1 else 'predates'} record "
+        "expiry (the table was written by daybook 0.2 or earlier); a real purge (or starting "
+        "daybook) first migrates the table, giving every record one retention window "
+        f"({UPGRADE_RETENTION / 3600:g} hours) from then, so it would delete none of them "
+        "now; this dry run changed nothing"
+    )
+
+
 def _run_purge(args: argparse.Namespace) -> int:
-    service = ledger_service(checked_settings(args), purge=False)
+    settings = checked_settings(args)
+    # Look first, on connections that cannot write: a dry run goes no further, and a
+    # database no ledger has written to is left as it is.
+    with read_only_recorder(settings) as recorder:
+        table = recorder.request_table()
+        report = None
+        if table.exists and not table.predates_expiry:
+            report = recorder.expired_requests(time.time())  # the ledger's clock
+    if not table.exists:
+        print(
+            "nothing to delete: there are no request records (the database has no "
+            "daybook_requests table; no ledger has written to it)"
+        )
+        return 0
+    if args.dry_run:
+        print(_unmigrated(table) if report is None else describe(report))
+        return 0
+    # The ledger service migrates a table from before expiry as it opens. No committer:
+    # nothing is written but deletions.
+    service = ledger_service(settings.model_copy(update={"group_commit": False}), purge=False)
     try:
+        if table.predates_expiry:
+            print(
+                f"migrated the request table from before record expiry: its "
+                f"{table.unmigrated:,} records are kept for one retention window "
+                f"({UPGRADE_RETENTION / 3600:g} hours) from now"
+            )
         purge = service.request_purge
         purge.batch = args.batch_size
         report = purge.report()
-        if args.dry_run:
-            print(describe(report))
-            return 0
-        print(describe(report, purge.purge()))
-        return 0
+        return _purge(purge, report)
     finally:
         service.close()
+
+
+def _purge(purge: Any, report: PurgeReport) -> int:
+    """Delete what ``report`` counted, saying how far it got every ``PROGRESS_EVERY``
+    seconds, then what was deleted."""
+    if not report.expired:
+        print(describe(report, 0))
+        return 0
+    started = last = time.monotonic()
+    deleted = 0
+
+    def progress(count: int) -> None:
+        nonlocal last, deleted
+        deleted = count
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY:
+            last = now
+            print(
+                f"daybook requests purge: deleted {count:,} of {report.expired:,} so far "
+                f"({now - started:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    try:
+        deleted = purge.purge(progress=progress)
+    except KeyboardInterrupt:
+        print(
+            f"daybook requests purge: interrupted after deleting {deleted:,} of "
+            f"{report.expired:,} expired request records (each batch is committed); run it "
+            "again to delete the rest",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"{describe(report, deleted)}; took {time.monotonic() - started:.1f} s")
+    return 0

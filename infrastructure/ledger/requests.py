@@ -102,6 +102,27 @@ class PurgeReport:
         return self.caller + self.generated
 
 
+@dataclass(frozen=True)
+class RequestTable:
+    """The request records' table as it stands, looked at without changing it."""
+
+    #: Its columns; none: there is no table (no ledger has written to the database).
+    columns: frozenset[str]
+    #: How many records it holds, counted only when it predates expiry (a purge report
+    #: counts the records of a table that has it).
+    unmigrated: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.columns)
+
+    @property
+    def predates_expiry(self) -> bool:
+        """Written before records expired (daybook 0.2 and earlier): opening a ledger on it
+        adds the expiry, one default window from then for every record already there."""
+        return self.exists and "expires_at" not in self.columns
+
+
 def utc(seconds: float) -> str:
     """Unix seconds as an ISO 8601 UTC time, for people."""
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
@@ -133,4 +154,8 @@ class RequestLog(Protocol):
 
     def expired_requests(self, now: float) -> PurgeReport:
         """What ``purge_requests`` would delete at ``now``."""
+        ...
+
+    def request_table(self) -> RequestTable:
+        """The request records' table as it stands; only reads."""
         ...

@@ -81,8 +81,14 @@ class RequestPurge:
     def health(self) -> Health:
         return self._service.health()
 
-    def purge(self, *, stopping: Stopping | None = None) -> int:
-        """Delete every record expired now, batch by batch; how many."""
+    def purge(
+        self,
+        *,
+        stopping: Stopping | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete every record expired now, batch by batch; how many. ``progress`` is told
+        how many so far after each batch."""
         deleted = 0
         now = self._retention.clock()
         while not stopping:
@@ -92,6 +98,8 @@ class RequestPurge:
             # Each batch commits alone: killed between batches, the next purge deletes the
             # rest (lookups ignore an expired record already, whether or not it is gone).
             crash_point("purge.after_batch")
+            if progress is not None:
+                progress(deleted)
             if count < self.batch:
                 break
         if deleted:

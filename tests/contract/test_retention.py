@@ -181,24 +181,152 @@ def test_a_purge_service_that_cannot_work_says_so(shared_store_url: str, clock: 
         assert "daybook_requests" in (ledger.request_purge.health().error or "")
 
 
+#: The request records' table as daybook 0.2 wrote it, before records expired: (SQLite,
+#: PostgreSQL).
+OLD_REQUESTS_TABLE = (
+    "CREATE TABLE daybook_requests (request_id TEXT PRIMARY KEY, command TEXT NOT NULL, "
+    "fingerprint TEXT NOT NULL, outcome BLOB NOT NULL)",
+    "CREATE TABLE daybook_requests (request_id text PRIMARY KEY, command text NOT NULL, "
+    "fingerprint text NOT NULL, outcome jsonb NOT NULL, last_originator_id uuid, "
+    "last_originator_version bigint, recorded_at timestamptz NOT NULL DEFAULT now())",
+)
+
+
+class Database:
+    """A SQLite file or a PostgreSQL database that a test writes with plain SQL and then
+    compares, whole, before and after a command."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sqlite = url.startswith("sqlite")
+
+    def execute(self, *statements: str) -> None:
+        if self.sqlite:
+            with sqlite3.connect(sqlite_path(self.url)) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+            return
+        with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+
+    def snapshot(self) -> Any:
+        """Everything in it: the file's bytes; the server's tables, columns, indexes,
+        functions and request records."""
+        if self.sqlite:
+            path = sqlite_path(self.url)
+            folder = sorted(p.name for p in path.parent.iterdir())
+            return folder, path.read_bytes()
+        queries = [
+            "SELECT table_name, column_name, column_default FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY 1, 2",
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public' ORDER BY 1",
+            "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+            "WHERE n.nspname = 'public' ORDER BY 1",
+        ]
+        with psycopg.connect(postgres_params(self.url).conninfo(), autocommit=True) as conn:
+            found = [conn.execute(query).fetchall() for query in queries]  # type: ignore[arg-type]
+            if ("daybook_requests", "request_id", None) in found[0]:
+                found.append(conn.execute("SELECT * FROM daybook_requests ORDER BY 1").fetchall())
+        return found
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """An empty database (a SQLite file with no tables)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/old.db"
+        sqlite3.connect(sqlite_path(url)).close()
+        return Database(url)
+    return Database(str(request.getfixturevalue("pg_url")))
+
+
 def test_the_command_line_shows_what_would_go_then_deletes_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    database: Database, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"sqlite:///{tmp_path}/cli.db"
+    url = database.url
     clock = Clock()  # in 1970: by the system clock, every record has expired long ago
     settings = Settings.load(url=url, request_purge_interval=timedelta(0))
     with open_ledger(settings=settings, clock=clock) as ledger:
         account = ledger.open_account("a", "EUR").account_id
         for number in range(3):
             ledger.deposit(account, 1, request_id=f"d-{number}")
+    before = database.snapshot()
     assert main(["requests", "purge", "--dry-run", "--url", url]) == 0
+    assert database.snapshot() == before  # a dry run changes nothing
     out = capsys.readouterr().out
     assert "would delete 4 expired request records (3 of caller-chosen ids" in out
     assert "1 batch token of generated ids" in out
+    monkeypatch.setattr("daybook.infrastructure.ledger.cli.PROGRESS_EVERY", 0.0)
     assert main(["requests", "purge", "--url", url, "--batch-size", "2"]) == 0
-    assert "deleted 4 of 4 expired request records" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "deleted 4 of 4 expired request records" in said.out
+    assert "; took " in said.out
+    assert "deleted 2 of 4 so far" in said.err  # a long purge says how far it got
     assert main(["requests", "purge", "--dry-run", "--url", url]) == 0
     assert "nothing to delete" in capsys.readouterr().out
+
+
+def test_a_dry_run_on_a_database_from_before_expiry_changes_nothing(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run "counts what would be deleted; deletes nothing": on a request table written
+    before records expired it migrates nothing (no new columns, no window given to the old
+    records, no event tables), and says what a real purge would do."""
+    database.execute(
+        OLD_REQUESTS_TABLE[0 if database.sqlite else 1],
+        "INSERT INTO daybook_requests (request_id, command, fingerprint, outcome) "
+        "VALUES ('old-1', 'withdraw', 'f1', '{}'), ('old-2', 'deposit', 'f2', '{}')",
+    )
+    before = database.snapshot()
+    assert main(["requests", "purge", "--dry-run", "--url", database.url]) == 0
+    assert database.snapshot() == before
+    out = capsys.readouterr().out
+    assert "nothing to delete" in out
+    assert "2 request records predate record expiry" in out
+    assert "a real purge (or starting daybook) first" in out
+    # A real purge migrates the table, as a ledger opening the database would, and says so:
+    # the old records are kept for one window from now.
+    assert main(["requests", "purge", "--url", database.url]) == 0
+    out = capsys.readouterr().out
+    assert "migrated the request table from before record expiry: its 2 records" in out
+    assert "nothing to delete: none of the 2 request records has expired" in out
+    assert database.snapshot() != before
+
+
+def test_a_dry_run_on_a_database_without_daybook_tables_creates_none(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = database.snapshot()
+    for dry_run in (["--dry-run"], []):  # a real purge has nothing to do either
+        assert main(["requests", "purge", *dry_run, "--url", database.url]) == 0
+        assert database.snapshot() == before
+        assert "nothing to delete: there are no request records" in capsys.readouterr().out
+
+
+def test_what_a_dry_run_reads_through_cannot_write(database: Database) -> None:
+    from daybook.infrastructure.bootstrap import read_only_recorder
+
+    settings = Settings.load(url=database.url, request_purge_interval=timedelta(0))
+    with open_ledger(settings=settings, clock=Clock()) as ledger:
+        ledger.open_account("a", "EUR")
+    before = database.snapshot()
+    with read_only_recorder(settings) as recorder:
+        assert recorder.expired_requests(time.time()).generated == 1
+        with pytest.raises(Exception, match=r"read-?only"):
+            recorder.purge_requests(time.time(), 10)
+    assert database.snapshot() == before
+
+
+def test_a_dry_run_of_a_missing_sqlite_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/missing.db"
+    assert main(["requests", "purge", "--dry-run", "--url", url]) != 0
+    assert "there is no database at" in capsys.readouterr().err
+    assert not sqlite_path(url).exists()
 
 
 def test_the_window_is_a_setting() -> None:
