@@ -15,8 +15,11 @@ here and checked, like the others, by tests/unit/test_compat.py. The domain's sn
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from eventsourcing.sqlite import SQLiteConnection, SQLiteConnectionPool
 
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.snapshots import LedgerSnapshot
@@ -34,6 +37,29 @@ def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
     return str(pool.conninfo), {k: v for k, v in kwargs.items() if k != "row_factory"}
 
 
+class _QueryOnlyPool(SQLiteConnectionPool):
+    """Connections that cannot change the file: it is never created (``mode=rw``), SQLite
+    refuses every write (``query_only``), and the journal mode is left as it is:
+    eventsourcing's pool switches a file to WAL in ``_create_connection`` unless its
+    ``is_journal_mode_wal`` says the file is in WAL already."""
+
+    def __init__(self, *, db_name: str, lock_timeout: int | None) -> None:
+        uri = f"{Path(db_name).resolve().as_uri()}?mode=rw"
+        super().__init__(db_name=uri, lock_timeout=lock_timeout)
+        self.is_journal_mode_wal = True  # what the pool checks before switching
+
+    def _create_connection(self) -> SQLiteConnection:
+        connection = super()._create_connection()
+        connection.cursor().execute("PRAGMA query_only = ON")
+        return connection
+
+
+def query_only_pool(db_name: str, lock_timeout: int | None) -> SQLiteConnectionPool:
+    """A pool of connections to the SQLite file ``db_name`` that change nothing in it (for
+    ``daybook requests purge --dry-run``)."""
+    return _QueryOnlyPool(db_name=db_name, lock_timeout=lock_timeout)
+
+
 def _recorders() -> None:
     """Stands for the recorders in ``daybook.infrastructure.eventstore`` (memory, sqlite,
     postgres), which override and extend the names below."""
@@ -41,6 +67,25 @@ def _recorders() -> None:
 
 #: Every eventsourcing name daybook uses beyond its documented interface, and its shape.
 RELIED_ON: tuple[Internal, ...] = (
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteConnectionPool",
+        "is_journal_mode_wal",
+        query_only_pool,
+        "SQLiteConnectionPool.__init__ (set True, the pool leaves the journal mode alone)",
+        on_instance=True,
+        types=(bool,),
+        used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteConnectionPool",
+        "_create_connection",
+        query_only_pool,
+        "the SQLite pool's connect (every new connection is made by it)",
+        kind=Kind.FUNCTION,
+        used_in="eventsourcing.persistence:ConnectionPool._get_connection",
+    ),
     Internal(
         "eventsourcing",
         "eventsourcing.popo:POPOApplicationRecorder",

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
-    SQLiteConnection,
-    SQLiteConnectionPool,
     SQLiteCursor,
     SQLiteFactory,
 )
 
+from daybook.infrastructure.compat.eventsourcing import query_only_pool
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     UPGRADE_RETENTION,
@@ -238,22 +236,6 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
         return RequestTable(columns, unmigrated)
 
 
-class _QueryOnlyPool(SQLiteConnectionPool):
-    """Connections that cannot change the file: it is never created (``mode=rw``), SQLite
-    refuses every write (``query_only``), and the journal mode is left as it is
-    (eventsourcing's pool switches a file to WAL when it connects)."""
-
-    def __init__(self, *, db_name: str, lock_timeout: int | None) -> None:
-        uri = f"{Path(db_name).resolve().as_uri()}?mode=rw"
-        super().__init__(db_name=uri, lock_timeout=lock_timeout)
-        self.is_journal_mode_wal = True  # what the pool checks before switching
-
-    def _create_connection(self) -> SQLiteConnection:
-        connection = super()._create_connection()
-        connection.cursor().execute("PRAGMA query_only = ON")
-        return connection
-
-
 class Factory(SQLiteFactory):
     application_recorder_class = SQLiteRecorder
 
@@ -261,7 +243,5 @@ class Factory(SQLiteFactory):
         super().__init__(env)
         if self.env.get(READ_ONLY_KEY):
             given = self.datastore.pool
-            self.datastore.pool = _QueryOnlyPool(
-                db_name=given.db_name, lock_timeout=given.lock_timeout
-            )
+            self.datastore.pool = query_only_pool(given.db_name, given.lock_timeout)
             given.close()

@@ -22,6 +22,7 @@ import pytest
 from eventsourcing.application import LRUCache
 from eventsourcing.popo import POPOApplicationRecorder
 from eventsourcing.postgres import PostgresDatastore, PostgresRecorder
+from eventsourcing.sqlite import SQLiteConnectionPool
 from faust.types import Message
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -86,6 +87,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "eventsourcing.postgres:PostgresDatastore": datastore,
         "eventsourcing.postgres:PostgresRecorder": PostgresRecorder(datastore),
         "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
+        "eventsourcing.sqlite:SQLiteConnectionPool": SQLiteConnectionPool(db_name=":memory:"),
         "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
         "prometheus_client.metrics:Histogram": Histogram("x", "y", registry=CollectorRegistry()),
     }
