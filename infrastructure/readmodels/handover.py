@@ -238,25 +238,20 @@ def _to_group(
     target = [max(current.positions[q], *(c[q] for c in last_before)) for q in range(partitions)]
     applied: dict[tuple[str, int], int] = {}
     # Each partition's bound: every event of it up to there is applied, afterwards, to
-    # every version the group owns. A version that stays has every event of q up to where
-    # the group stood, and up to target[q] once brought there; target[q] is at least the
-    # last event of q at or before the furthest P handed over, so it has every event of q up
-    # to that P too. A version handed over has every event up to its position P (the
-    # runner's), and those of q up to target[q]. So a partition whose last event is before
-    # P, or that has none, is bound at P, not at its last event: readers never see the
-    # position go back, whether the group stood behind the runner or owned nothing yet.
+    # every version the group owns. Every version has every event of q up to target[q]: a
+    # version that stays had them up to where the group stood and is brought to target[q];
+    # a version handed over had every event up to its position P and is brought from there.
+    # target[q] is at least the last event of q at or before the furthest P handed over,
+    # and at least the group's position in q, past which its bound says q has no event up
+    # to the bound. So every version has every event of q up to the furthest P and up to
+    # the group's bound too, whichever P it came from: readers of no version, handed or
+    # staying, see the position go back (a version handed from behind moves up).
     furthest = max(r.position for _, r in moving)
-    owned = (
-        [[max(current.bounds[q], target[q], furthest) for q in range(partitions)]]
-        if staying
-        else []
-    )
+    bounds = [max(current.bounds[q], target[q], furthest) for q in range(partitions)]
     for projection, record in moving:
         applied[(record.name, record.version)] = _bring_after(
             log, store, projection, record, record.position, target, partitions
         )
-        owned.append([max(record.position, target[q]) for q in range(partitions)])
-    bounds = [min(b[q] for b in owned) for q in range(partitions)] if owned else target
     by_name = {p.name: p for p in known} | {p.name: p for p, _ in records}
     for record in staying:
         defined = by_name.get(record.name)

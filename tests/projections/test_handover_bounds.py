@@ -1,0 +1,90 @@
+"""A handover to a stream group: every version the group owns afterwards answers as of a
+position that never goes back, whatever positions the versions and the group's partitions
+stood at, and the group's topic is the one the versions follow."""
+
+from __future__ import annotations
+
+import pytest
+
+from daybook import Ledger, projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.cli import main
+from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
+from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.streaming.worker import StreamApplier
+from tests.projections.helpers import assert_tables_match, stored_rows, workload
+from tests.projections.test_ownership import GROUP, TOPIC, ledger, recorded  # noqa: F401
+from tests.streaming.messages import Stream
+
+pytestmark = pytest.mark.postgres
+
+BOTH = [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT]
+
+
+def run_runner(ledger: Ledger, url: str, projection: object) -> None:
+    runner = ProjectionRunner(event_log_of(ledger), url, [projection])  # type: ignore[list-item]
+    runner.run_until_caught_up()
+    runner.stop()
+
+
+def workers(ledger: Ledger, url: str, stream: Stream, built: list[object]) -> None:
+    worker = StreamApplier(url, built, group=GROUP, topic=TOPIC, partitions=4, writer="test")  # type: ignore[arg-type]
+    try:
+        worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+
+
+def test_versions_handed_together_from_different_positions_keep_the_furthest(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """account_statement stands at P1, account_balances at the head P2; every event after
+    P1 went to one account (one partition). Handed together to a group, every partition of
+    both has every event up to P2: account_balances must not answer as of P1 again."""
+    ids = workload(ledger, 80)
+    run_runner(ledger, pg_url, projections.ACCOUNT_STATEMENT)
+    for _ in range(5):
+        ledger.deposit(ids[0], 7)
+    run_runner(ledger, pg_url, projections.ACCOUNT_BALANCES)
+    log = event_log_of(ledger)
+    head = ledger.head()
+    with ReadModels(pg_url, log=log) as views:
+        assert views.position("account_balances") == head
+        assert views.position("account_statement") < head
+        handed = handover(log, pg_url, BOTH, f"stream:{GROUP}", topic=TOPIC, partitions=4)
+        assert views.position("account_balances") == head, [h.position for h in handed]
+    stream = Stream(4)
+    stream.publish(ledger)  # what the relay sent before the group's workers start
+    workload(ledger, 40, seed=3, accounts=ids)
+    workers(ledger, pg_url, stream, BOTH)
+    for projection in BOTH:
+        assert_tables_match(ledger, pg_url, projection)
+
+
+def test_a_group_ahead_of_the_runner_keeps_the_position_its_versions_answer_at(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """The group's account_balances has every event up to the head (its idle partitions'
+    bounds moved on with the relay's marks); account_statement, the runner's, stands
+    behind. Handed to the group, account_statement is brought up to the group: the group's
+    own version must keep answering as of the head."""
+    ids = workload(ledger, 80)
+    run_runner(ledger, pg_url, projections.ACCOUNT_STATEMENT)
+    workload(ledger, 60, seed=2, accounts=ids)
+    stream = Stream(4)
+    workers(ledger, pg_url, stream, [projections.ACCOUNT_BALANCES])
+    log = event_log_of(ledger)
+    head = ledger.head()
+    with ReadModels(pg_url, log=log) as views:
+        assert views.position("account_balances") == head
+        handover(
+            log, pg_url, [projections.ACCOUNT_STATEMENT], f"stream:{GROUP}", topic=TOPIC,
+        )  # fmt: skip
+        assert views.position("account_balances") == head
+        assert views.position("account_statement") == head
+    workload(ledger, 40, seed=3, accounts=ids)
+    workers(ledger, pg_url, stream, BOTH)
+    for projection in BOTH:
+        assert_tables_match(ledger, pg_url, projection)
+
