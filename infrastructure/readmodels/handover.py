@@ -198,6 +198,16 @@ def _to_group(
                 f"runner first (daybook projections handover {record.name} --to runner)"
             )
     versions = catalog.versions()
+    followed = sorted(
+        {r.topic for r in versions if r.owner == owner and r.state.writable and r.topic} - {topic}
+    )
+    if followed:
+        # Its workers read that topic: a vector on another would be one they never move,
+        # and the group's versions would be brought to it from nothing (events applied again).
+        raise HandoverRefused(
+            f"{owner} follows topic {followed[0]} (the versions it owns record it), not "
+            f"{topic}: run the handover with --topic {followed[0]}; nothing was handed over"
+        )
     partitions = _partitions(store, versions, group, topic, *asked)
     for _, record in records:
         if record.owner == owner and (record.topic, record.partitions) != (topic, partitions):

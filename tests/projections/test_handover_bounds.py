@@ -88,3 +88,27 @@ def test_a_group_ahead_of_the_runner_keeps_the_position_its_versions_answer_at(
     for projection in BOTH:
         assert_tables_match(ledger, pg_url, projection)
 
+
+def test_a_handover_naming_another_topic_than_the_group_follows_is_refused(
+    ledger: Ledger, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The group follows TOPIC with daily_activity. A handover run without --topic (its
+    default, $DAYBOOK_TOPIC's, is another topic) gave the group a second vector, on a topic
+    its workers do not read, and brought the group's own version there from nothing: every
+    event applied to it again (daily totals doubled). It is refused, changing nothing."""
+    ids = workload(ledger, 60)
+    stream = Stream(4)
+    workers(ledger, pg_url, stream, [projections.DAILY_ACTIVITY])
+    workload(ledger, 20, seed=2, accounts=ids)
+    run_runner(ledger, pg_url, projections.ACCOUNT_BALANCES)
+    run_runner(ledger, pg_url, projections.ACCOUNT_STATEMENT)  # what recorded() compares
+    before = recorded(pg_url)
+    totals = stored_rows(pg_url, projections.DAILY_ACTIVITY)
+    capsys.readouterr()
+    command = ["projections", "handover", "account_balances", "--to", f"stream:{GROUP}"]
+    status = main([*command, "--url", pg_url])  # --topic left out
+    out, err = capsys.readouterr()
+    assert stored_rows(pg_url, projections.DAILY_ACTIVITY) == totals  # nothing applied again
+    assert status == 1, out
+    assert err.startswith("daybook: ") and "Traceback" not in err and TOPIC in err
+    assert recorded(pg_url) == before
