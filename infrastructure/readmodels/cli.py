@@ -44,7 +44,9 @@ from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.reconcile import ReconcileReport, reconcile
 from daybook.infrastructure.readmodels.reconciler import record_run, run_of
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.settings import DEFAULT_PARTITIONS
+from daybook.infrastructure.settings import DEFAULT_PARTITIONS, Settings
+from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.urls import scheme
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -182,8 +184,9 @@ def register(subparsers: Any) -> None:
         "--partitions",
         type=whole_number(1),
         help=(
-            "its partitions (default: the count the versions the group owns record for the "
-            "topic, which any other value is refused against; required for a group that owns "
+            "its partitions (default: the count the relay publishes the topic with, else "
+            "the one the versions the group owns record, which any other value is refused "
+            "against; required for a group that owns "
             "none but has progress rows; for a group with nothing recorded yet, "
             f"$DAYBOOK_PARTITIONS or {DEFAULT_PARTITIONS})"
         ),
@@ -442,6 +445,7 @@ def _run_handover(args: argparse.Namespace) -> int:
             handed = handover(
                 log, url, chosen, args.to, topic=settings.topic, partitions=args.partitions,
                 default_partitions=settings.partitions, known=projections.ALL,
+                published=_published_partitions(settings),
             )  # fmt: skip
     except HandoverRefused as refused:
         print(f"daybook: {refused}", file=sys.stderr)
@@ -457,6 +461,15 @@ def _run_handover(args: argparse.Namespace) -> int:
             f"at position {item.position} ({item.applied} events applied from the log)"
         )
     return 0
+
+
+def _published_partitions(settings: Settings) -> int | None:
+    """The partition count the relay publishes the topic with, if a relay has (its cursor is
+    in the event store: PostgreSQL only)."""
+    if scheme(settings.url) != "postgresql":
+        return None
+    cursor = read_cursor(settings.url, settings.topic)
+    return None if cursor is None else cursor.partitions
 
 
 def _run_resume(args: argparse.Namespace) -> int:

@@ -85,6 +85,7 @@ def handover(
     partitions: int | None = None,
     default_partitions: int = DEFAULT_PARTITIONS,
     known: Sequence[Projection] = (),
+    published: int | None = None,
 ) -> list[Handed]:
     """Hand the code's versions of ``definitions`` to ``to`` (``runner`` or
     ``stream:GROUP``). ``known``: definitions of other projections, for versions the group
@@ -92,7 +93,9 @@ def handover(
 
     To a group, ``partitions`` (None: not given) must be the count the group has recorded
     for ``topic``, and is that count when not given; a group with nothing recorded takes
-    ``partitions``, or ``default_partitions`` when not given. Raises ``HandoverRefused``."""
+    ``partitions``, or ``default_partitions`` when not given. ``published``: the count the
+    relay publishes ``topic`` with (its cursor), when known: any other is refused. Raises
+    ``HandoverRefused``."""
     group = group_of(to)
     if to != RUNNER and not group:
         raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
@@ -114,7 +117,7 @@ def handover(
             try:
                 return _handover(
                     log, store, catalog, definitions, to, group, topic,
-                    (partitions, default_partitions), known,
+                    (partitions, default_partitions, published), known,
                 )  # fmt: skip
             except Exception as error:
                 if not deadlocked(error) or attempt == _ATTEMPTS:
@@ -143,7 +146,7 @@ def _handover(
     to: str,
     group: str | None,
     topic: str,
-    asked: tuple[int | None, int],
+    asked: tuple[int | None, int, int | None],
     known: Sequence[Projection],
 ) -> list[Handed]:
     with store.transaction():
@@ -187,7 +190,7 @@ def _to_group(
     records: list[tuple[Projection, VersionRecord]],
     group: str,
     topic: str,
-    asked: tuple[int | None, int],
+    asked: tuple[int | None, int, int | None],
     known: Sequence[Projection],
 ) -> list[Handed]:
     owner = stream_owner(group)
@@ -298,13 +301,17 @@ def _partitions(
     topic: str,
     given: int | None,
     default: int,
+    published: int | None = None,
 ) -> int:
     """The partitions of the group's vector: those the versions the group owns record for
     ``topic``, which ``given`` must agree with. A group that owns none but has progress rows
     (it handed its versions back) must be given the count: its rows only say at least how
     many (a worker writes a partition's row once it gets a message of it; an idle partition
     has none), and a count too low or too high would apply events again. A group with
-    nothing recorded takes ``given`` or else ``default``. Locks the progress rows."""
+    nothing recorded takes ``given`` or else ``default``. ``published``: the count the relay
+    publishes ``topic`` with (its cursor), when known: the relay never changes it, so it is
+    the workers' count, and any other count given or recorded is refused. Locks the progress
+    rows."""
     owner = stream_owner(group)
     kept = recorded_partitions(store, group, topic, lock=True)
     owned = [r for r in versions if r.owner == owner and r.topic == topic and r.partitions]
@@ -318,6 +325,28 @@ def _partitions(
             f"group (--to stream:NEWGROUP --partitions N, N the topic's partitions) and run "
             f"its workers; nothing was handed over"
         )
+    if published is not None:
+        if counts and counts[0] != published:
+            raise HandoverRefused(
+                f"the versions {owner} owns record {counts[0]} partitions for {topic}, but "
+                f"the relay publishes it with {published} (its cursor says so): hand them to "
+                f"the runner (daybook projections handover NAME... --to runner) and then to "
+                f"the group again; nothing was handed over"
+            )
+        if kept is not None and kept > published:
+            raise HandoverRefused(
+                f"{owner} has progress rows for {kept} partitions of {topic}, but the relay "
+                f"publishes it with {published} (its cursor says so): hand the versions to "
+                f"a new group; nothing was handed over"
+            )
+        if given is not None and given != published:
+            raise HandoverRefused(
+                f"the relay publishes {topic} with {published} partitions (its cursor says "
+                f"so), but --partitions {given} was given: converted for {given} partitions, "
+                f"the checkpoint would apply events again; run the handover without "
+                f"--partitions (or with --partitions {published}); nothing was handed over"
+            )
+        return published
     if counts:
         recorded, where = counts[0], "the versions it owns record"
     elif kept is not None:
