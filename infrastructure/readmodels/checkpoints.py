@@ -88,6 +88,25 @@ class GroupAlreadyStarted(Refused):
         self.group = group
 
 
+class PartitioningMismatch(Refused):
+    """A stream worker started with another topic or partition count than a version its
+    group writes records: its partition vector was made for that topic and count, and a
+    worker that maps events to partitions otherwise would apply some again and skip others."""
+
+    code = "partitioning_mismatch"
+
+    def __init__(self, name: str, version: int, owner: str, recorded: str, running: str) -> None:
+        super().__init__(
+            f"{owner} writes projection {name} v{version} from {recorded}, and this worker "
+            f"runs with {running}: start it with the group's topic and partitions "
+            f"(--topic, --partitions), or hand the version to the runner first "
+            f"(daybook projections handover {name} --to runner)"
+        )
+        self.name = name
+        self.version = version
+        self.owner = owner
+
+
 class CodeLacksVersion(Refused):
     """A stream worker whose code does not define a version its group writes. The group's
     partition progress is one checkpoint for every version it owns: a batch applied without

@@ -52,6 +52,7 @@ from daybook.infrastructure.readmodels.checkpoints import (
     ForeignStore,
     GroupAlreadyStarted,
     NotOwner,
+    PartitioningMismatch,
     read_vector,
     stream_owner,
     version_label,
@@ -265,6 +266,7 @@ class StreamApplier:
         store = self.connect()
         catalog = VersionCatalog(store)
         self._refuse_new_to_started_group(store, catalog)
+        self._refuse_other_partitioning(catalog)
         try:
             self._refuse_lacking(catalog)
         except CodeLacksVersion as refusal:
@@ -283,6 +285,21 @@ class StreamApplier:
                 raise replaced
         if all(r.owner != self.owner for r in found):
             raise NotOwner(found[0].name, found[0].version, found[0].owner, self.owner)
+
+    def _refuse_other_partitioning(self, catalog: VersionCatalog) -> None:
+        """Raise ``PartitioningMismatch`` for a version the group writes that records
+        another topic or partition count than this worker runs with."""
+        running = f"{self.topic} with {self.partitions} partitions"
+        for record in catalog.versions():
+            if record.owner != self.owner or not record.state.writable:
+                continue
+            if record.topic is None or record.partitions is None:
+                continue
+            recorded = f"{record.topic} with {record.partitions} partitions"
+            if recorded != running:
+                raise PartitioningMismatch(
+                    record.name, record.version, self.owner, recorded, running
+                )
 
     def _refuse_lacking(self, catalog: VersionCatalog) -> None:
         """Raise ``CodeLacksVersion`` for a version the group writes (live or rebuilding)

@@ -18,7 +18,7 @@ from daybook.domain.accounts import Account
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.catalog import DROP_RETRY, VersionCatalog, VersionState
-from daybook.infrastructure.readmodels.checkpoints import CodeLacksVersion
+from daybook.infrastructure.readmodels.checkpoints import CodeLacksVersion, PartitioningMismatch
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
@@ -618,6 +618,39 @@ def test_the_purge_reads_the_oldest_letters_from_its_index_not_all_of_them(pg_ur
     [plan] = explained.plans
     assert f"Index Scan using {PURGE_INDEX}" in plan, plan
     assert "Sort" not in plan, plan
+
+
+def test_a_worker_started_with_another_partitioning_than_its_group_refuses(pg_url: str) -> None:
+    """The group's vector was made for its topic and partition count (what its versions
+    record): a worker started with another count (a missing --partitions, the default 8
+    for a group of 4) would map events to other partitions, applying some again and
+    skipping others. It refuses at start, naming both, and applies nothing."""
+    ledger = open_ledger(pg_url)
+    try:
+        account = ledger.open_account("owner", "EUR").account_id
+        ledger.deposit(account, 10)
+        stream = Stream(4)
+        group = unique("g")
+        four = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES], group=group, topic="t",
+                             partitions=4, writer="four")  # fmt: skip
+        eight = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES], group=group, topic="t",
+                              partitions=8, writer="eight")  # fmt: skip
+        other = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES], group=group, topic="u",
+                              partitions=4, writer="other")  # fmt: skip
+        try:
+            four.apply(stream.publish(ledger))
+            four.refuse_at_start()  # its own partitioning: nothing to refuse
+            with pytest.raises(PartitioningMismatch, match="t with 4 partitions") as refused:
+                eight.refuse_at_start()
+            assert refused.value.code == "partitioning_mismatch"
+            assert "t with 8 partitions" in str(refused.value)
+            with pytest.raises(PartitioningMismatch, match="u with 4 partitions"):
+                other.refuse_at_start()
+        finally:
+            for worker in (four, eight, other):
+                worker.close()
+    finally:
+        ledger.close()
 
 
 def test_a_worker_whose_code_lacks_a_version_its_group_writes_applies_nothing(
