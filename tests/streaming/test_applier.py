@@ -554,7 +554,7 @@ def test_a_purge_that_fails_neither_fails_the_batch_nor_stops_the_worker(
     stream = Stream(1)
     worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1,
                            writer="w", letter_purge_interval=0)  # fmt: skip
-    worker.letter_purge_interval = 0.5  # (built with 0: the first look is due at once)
+    worker.letter_purge_interval = 3.0  # (built with 0: the first look is due at once)
     caplog.set_level(logging.INFO, logger="daybook.worker")
     try:
         batch = []
