@@ -167,6 +167,10 @@ class UnitOfWork:
         #: those it changes, nothing it writes would meet another writer's change to them,
         #: so the commit checks them (``reads``).
         self.read_only: list[int] = []
+        #: How many of ``touched`` a refusal the command caught had confirmed on the latest
+        #: state (``confirm_refusal``): what only that refusal read is not checked again at
+        #: the commit (a refused command's reads are not either).
+        self._confirmed = 0
 
     def _get(self, aggregate_id: UUID, kind: type[LedgerAggregate]) -> LedgerAggregate | None:
         key = aggregate_id.int
@@ -234,14 +238,22 @@ class UnitOfWork:
 
     def collect(self) -> list[LedgerAggregate.Event]:
         events: list[LedgerAggregate.Event] = []
+        confirmed: Collection[int] = ()
+        if self._confirmed:
+            # Read by a refusal the command caught (a saga step that failed out of stock),
+            # judged on the latest state then, and not read again after it.
+            confirmed = set(self.touched[: self._confirmed]).difference(
+                self.touched[self._confirmed :]
+            )
+            self._confirmed = 0
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             if aggregate is not None:  # None: looked for and not found (nothing to collect)
                 new = aggregate.collect_events()
                 if new:
                     events.extend(new)  # type: ignore[arg-type]
-                elif not aggregate.write_once:  # a write-once aggregate never changes
-                    self.read_only.append(key)
+                elif not aggregate.write_once and key not in confirmed:
+                    self.read_only.append(key)  # (a write-once aggregate never changes)
         self.touched.clear()
         return events
 
@@ -277,6 +289,7 @@ class UnitOfWork:
                 raise RuntimeError(msg)
         self.confirm_refusal()
         self.touched.clear()
+        self._confirmed = 0
 
     def confirm_refusal(self) -> None:
         """Raise ``StaleCache`` unless what the command touched so far was read at the
@@ -292,6 +305,7 @@ class UnitOfWork:
                 if next(iter(newer), None) is not None:
                     raise StaleCache
         self._check_assumed_absent()
+        self._confirmed = len(self.touched)
 
     def check_acceptance(self) -> None:
         """An accepted command that relied on a write-once aggregate being absent, without

@@ -1,0 +1,74 @@
+"""What a command only reads, checked when its batch commits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from daybook import open_ledger
+from daybook.domain.holds import PlaceHold
+
+
+def test_a_saga_step_refused_out_of_stock_commits_while_the_sku_keeps_changing(
+    shared_store_url: str,
+) -> None:
+    """A reserve step refused out_of_stock records the step's failure; it only read the
+    SKU, and its refusal was confirmed on the latest state. Stock another writer receives
+    (not enough to change the answer) must not refuse the commit of that failure."""
+    from daybook import place_order
+    from daybook.domain.sagas import RunLocalStep, Saga
+
+    ours = open_ledger(shared_store_url, group_commit=False)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    try:
+        customer = ours.open_account("ann", "EUR").account_id
+        merchant = ours.open_account("shop", "EUR").account_id
+        ours.receive_stock("KETTLE", 1)
+        ours.deposit(customer, 50_000)
+        saga_id = place_order(ours, "order-1", customer, merchant, [("KETTLE", 100, 450)]).saga_id
+        assert saga_id is not None
+        commits = 0
+        insert = ours.service.recorder.insert_events
+
+        def counted(stored: Any, **options: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            theirs.receive_stock("KETTLE", 1)  # the SKU moves on before every commit of ours
+            return insert(stored, **options)
+
+        ours.service.recorder.insert_events = counted  # type: ignore[method-assign]
+        ours.execute(RunLocalStep(saga_id, "reserve-0"))
+        ours.service.recorder.insert_events = insert  # type: ignore[method-assign]
+        view = ours.read(Saga, saga_id).view()
+        assert view.last_error is not None, view
+        assert commits == 1, f"{commits} commits to record one refused step"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_what_only_a_caught_refusal_read_is_not_checked_at_the_commit(
+    shared_store_url: str,
+) -> None:
+    """The same, one commit: the refusal was confirmed on the latest state when it was
+    judged, as any refusal is; the SKU it read is not among what the commit checks
+    (Inventory's changes_for_readers is None: any event would refuse the commit)."""
+    from daybook import place_order
+    from daybook.domain.sagas import RunLocalStep
+
+    ours = open_ledger(shared_store_url, group_commit=False)
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    try:
+        customer = ours.open_account("ann", "EUR").account_id
+        merchant = ours.open_account("shop", "EUR").account_id
+        ours.receive_stock("KETTLE", 1)
+        saga_id = place_order(ours, "order-1", customer, merchant, [("KETTLE", 100, 450)]).saga_id
+        prepared = ours.service.prepare([RunLocalStep(saga_id, "reserve-0")])
+        assert prepared.uow.reads() == []
+        theirs.receive_stock("KETTLE", 1)
+        ours.service.commit(prepared)
+    finally:
+        ours.close()
+        theirs.close()
+
