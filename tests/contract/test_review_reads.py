@@ -72,3 +72,81 @@ def test_what_only_a_caught_refusal_read_is_not_checked_at_the_commit(
         ours.close()
         theirs.close()
 
+
+def _closed_behind_our_cache(ours: Any, theirs: Any) -> tuple[Any, Any, Any]:
+    payer = ours.open_account("payer", "EUR").account_id
+    shop = ours.open_account("shop", "EUR").account_id
+    other = ours.open_account("other", "EUR").account_id
+    ours.deposit(payer, 1_000)
+    ours.deposit(shop, 1)  # cached here, open
+    theirs.withdraw(shop, 1)
+    theirs.close_account(shop)
+    return payer, shop, other
+
+
+@pytest.mark.parametrize("group_commit", [False, True], ids=["direct", "group"])
+def test_a_batch_with_a_hold_toward_an_account_closed_elsewhere(
+    shared_store_url: str, group_commit: bool
+) -> None:
+    from daybook import AccountClosed, Receipt
+    from daybook.domain.accounts import Deposit
+
+    with (
+        open_ledger(shared_store_url, group_commit=group_commit) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        payer, shop, other = _closed_behind_our_cache(ours, theirs)
+        outcomes = ours.submit(
+            [
+                PlaceHold(payer, 100, destination=shop, timeout=600),
+                Deposit(other, 5),
+                PlaceHold(payer, 100, destination=shop, timeout=600),
+                Deposit(shop, 5),  # the account read above, changed by a later command
+                Deposit(other, 7),
+            ]
+        )
+        kinds = [type(o).__name__ for o in outcomes]
+        assert kinds == ["AccountClosed", "Receipt", "AccountClosed", "AccountClosed", "Receipt"]
+        assert isinstance(outcomes[1], Receipt) and isinstance(outcomes[0], AccountClosed)
+        assert theirs.account(payer).available == 1_000
+        assert theirs.account(other).balance == 12
+
+
+def test_a_linked_list_with_a_hold_toward_an_account_closed_elsewhere(
+    shared_store_url: str,
+) -> None:
+    from daybook import AccountClosed
+    from daybook.domain.accounts import Deposit
+
+    with (
+        open_ledger(shared_store_url, group_commit=False) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        payer, shop, other = _closed_behind_our_cache(ours, theirs)
+        with pytest.raises(AccountClosed):
+            ours.atomic(
+                [Deposit(other, 5), PlaceHold(payer, 100, destination=shop, timeout=600)]
+            )
+        assert theirs.account(payer).available == 1_000
+        assert theirs.account(other).balance == 0
+
+
+def test_a_saga_hold_step_toward_a_merchant_closed_elsewhere(shared_store_url: str) -> None:
+    from daybook import place_order
+    from daybook.domain.sagas import RunLocalStep, Saga
+
+    with (
+        open_ledger(shared_store_url, group_commit=False) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        customer = ours.open_account("ann", "EUR").account_id
+        merchant = ours.open_account("shop", "EUR").account_id
+        ours.receive_stock("KETTLE", 5)
+        ours.deposit(customer, 50_000)
+        saga_id = place_order(ours, "order-1", customer, merchant, [("KETTLE", 1, 4_500)]).saga_id
+        ours.execute(RunLocalStep(saga_id, "reserve-0"))
+        theirs.close_account(merchant)
+        ours.execute(RunLocalStep(saga_id, "hold"))
+        view = ours.read(Saga, saga_id).view()
+        assert "hold" not in view.results, view
+        assert theirs.account(customer).available == 50_000
