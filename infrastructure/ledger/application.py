@@ -1005,9 +1005,28 @@ class LedgerService(Application[UUID]):
         count until the cache is full."""
         cache = self.repository.cache
         if cache is not None and prepared.pending:
+            only_read = {read[0] for read in prepared.uow.reads()}
             for aggregate in prepared.uow.aggregates.values():
-                if not aggregate.write_once:
-                    cache.put(aggregate.id, aggregate)
+                if aggregate.write_once:
+                    continue
+                if aggregate.id in only_read and not self._caught_up(aggregate):
+                    with contextlib.suppress(KeyError):
+                        cache.get(aggregate.id, evict=True)
+                    continue
+                cache.put(aggregate.id, aggregate)
+
+    def _caught_up(self, aggregate: LedgerAggregate) -> bool:
+        """Bring an aggregate the batch only read up to the store's latest version (False if
+        the store could not say). Nothing this process writes moves it on, while others may
+        (a merchant credited elsewhere): kept at the version first cached, each commit that
+        reads it would check every event since then (``UnitOfWork.reads``), under the lock
+        every writer takes, and more with every credit."""
+        try:
+            for event in self.events.get(aggregate.id, gt=aggregate.version):
+                cast(LedgerAggregate.Event, event).mutate(aggregate)
+        except Exception:  # the store went away after the commit: read it fresh next time
+            return False
+        return True
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:

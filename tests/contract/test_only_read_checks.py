@@ -124,9 +124,7 @@ def test_a_linked_list_with_a_hold_toward_an_account_closed_elsewhere(
     ):
         payer, shop, other = _closed_behind_our_cache(ours, theirs)
         with pytest.raises(AccountClosed):
-            ours.atomic(
-                [Deposit(other, 5), PlaceHold(payer, 100, destination=shop, timeout=600)]
-            )
+            ours.atomic([Deposit(other, 5), PlaceHold(payer, 100, destination=shop, timeout=600)])
         assert theirs.account(payer).available == 1_000
         assert theirs.account(other).balance == 0
 
@@ -150,3 +148,27 @@ def test_a_saga_hold_step_toward_a_merchant_closed_elsewhere(shared_store_url: s
         view = ours.read(Saga, saga_id).view()
         assert "hold" not in view.results, view
         assert theirs.account(customer).available == 50_000
+
+
+def test_the_version_a_hold_checks_its_merchant_from_keeps_up(shared_store_url: str) -> None:
+    """The commit checks the merchant's events newer than the version the hold judged,
+    under the lock every writer takes. This writer only reads the merchant and others credit
+    it: its cached copy is brought up to date after each commit that read it, so the range
+    checked stays what others wrote since. (Kept at the version first cached, it grew with
+    every credit, and so did the check.)"""
+    with (
+        open_ledger(shared_store_url, group_commit=False) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        payer = ours.open_account("payer", "EUR").account_id
+        shop = ours.open_account("shop", "EUR").account_id
+        ours.deposit(payer, 1_000)
+        ours.hold(payer, 1, destination=shop, timeout=600)  # the merchant cached here
+        for _ in range(3):
+            for _ in range(20):
+                theirs.deposit(shop, 1)
+            ours.hold(payer, 1, destination=shop, timeout=600)
+        prepared = ours.service.prepare([PlaceHold(payer, 1, destination=shop, timeout=600)])
+        ((_, version, _),) = prepared.uow.reads()
+        latest = ours.service.latest_versions([shop])[shop]
+        assert latest - version < 20, f"judged at version {version}, the merchant is at {latest}"
