@@ -145,6 +145,15 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "last_originator_version bigint, caller boolean, expires_at double precision); "
                 "END IF; "
                 "IF json_array_length(events) > 0 THEN "
+                # The check of ``reads`` below must see what committed while this waited
+                # for the lock: a statement's own snapshot under READ COMMITTED, the
+                # transaction's first one under REPEATABLE READ or SERIALIZABLE.
+                "IF current_setting('transaction_isolation') <> 'read committed' THEN "
+                "RAISE EXCEPTION 'daybook writes need READ COMMITTED transactions, and this "
+                "session''s are %: set default_transaction_isolation to ''read committed'' "
+                "for daybook''s role or database', current_setting('transaction_isolation') "
+                "USING ERRCODE = 'feature_not_supported'; "
+                "END IF; "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
                 "LOCK TABLE {events_table} IN EXCLUSIVE MODE; "
                 "IF json_array_length(reads) > 0 AND EXISTS (SELECT 1 FROM "

@@ -393,6 +393,30 @@ def test_a_database_that_does_not_exist(capsys: pytest.CaptureFixture[str], pg_u
     )
 
 
+def test_an_event_store_whose_sessions_are_not_read_committed_is_refused(
+    capsys: pytest.CaptureFixture[str], pg_admin_url: str
+) -> None:
+    """A commit checks the accounts its commands only read (closed meanwhile?) under the
+    lock every writer takes, and must see what committed while it waited; under REPEATABLE
+    READ its snapshot predates the wait, and a hold toward an account closed meanwhile
+    would be accepted. A command says so at once, and so does a write from Python."""
+    url = services.create_database(pg_admin_url, "daybook_repeatable_read")
+    try:
+        import psycopg
+
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(
+                "ALTER DATABASE daybook_repeatable_read"
+                " SET default_transaction_isolation = 'repeatable read'"
+            )
+        message = one_line(capsys, ["projections", "status", "--url", url])
+        assert "daybook's writes need read committed" in message, message
+        with open_ledger(url) as ledger, pytest.raises(Exception, match="READ COMMITTED"):
+            ledger.open_account("ann", "EUR")
+    finally:
+        services.drop_database(pg_admin_url, "daybook_repeatable_read")
+
+
 def test_ctrl_c_during_the_demo(tmp_path: Path) -> None:
     proc = daybook(
         "demo",
