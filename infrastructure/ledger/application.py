@@ -1009,24 +1009,32 @@ class LedgerService(Application[UUID]):
             for aggregate in prepared.uow.aggregates.values():
                 if aggregate.write_once:
                     continue
-                if aggregate.id in only_read and not self._caught_up(aggregate):
-                    with contextlib.suppress(KeyError):
-                        cache.get(aggregate.id, evict=True)
-                    continue
+                if aggregate.id in only_read:
+                    caught_up = self._caught_up(aggregate)
+                    if caught_up is None:
+                        with contextlib.suppress(KeyError):
+                            cache.get(aggregate.id, evict=True)
+                        continue
+                    aggregate = caught_up
                 cache.put(aggregate.id, aggregate)
 
-    def _caught_up(self, aggregate: LedgerAggregate) -> bool:
-        """Bring an aggregate the batch only read up to the store's latest version (False if
-        the store could not say). Nothing this process writes moves it on, while others may
-        (a merchant credited elsewhere): kept at the version first cached, each commit that
-        reads it would check every event since then (``UnitOfWork.reads``), under the lock
-        every writer takes, and more with every credit."""
+    def _caught_up(self, aggregate: LedgerAggregate) -> LedgerAggregate | None:
+        """A copy of an aggregate the batch only read, brought up to the store's latest
+        version (None if the store could not say). Nothing this process writes moves it on,
+        while others may (a merchant credited elsewhere): kept at the version first cached,
+        each commit that reads it would check every event since then (``UnitOfWork.reads``),
+        under the lock every writer takes, and more with every credit. A copy: the batch
+        built on this one may be copying the original in another thread right now."""
         try:
-            for event in self.events.get(aggregate.id, gt=aggregate.version):
-                cast(LedgerAggregate.Event, event).mutate(aggregate)
+            events = list(self.events.get(aggregate.id, gt=aggregate.version))
         except Exception:  # the store went away after the commit: read it fresh next time
-            return False
-        return True
+            return None
+        if not events:
+            return aggregate
+        copy = aggregate.clone()
+        for event in events:
+            cast(LedgerAggregate.Event, event).mutate(copy)
+        return copy
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
         if self.repository.cache is None:

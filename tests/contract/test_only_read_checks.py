@@ -172,3 +172,26 @@ def test_the_version_a_hold_checks_its_merchant_from_keeps_up(shared_store_url: 
         ((_, version, _),) = prepared.uow.reads()
         latest = ours.service.latest_versions([shop])[shop]
         assert latest - version < 20, f"judged at version {version}, the merchant is at {latest}"
+
+
+def test_an_account_only_read_is_caught_up_in_a_copy(shared_store_url: str) -> None:
+    """Caching a committed batch brings the accounts it only read up to date, in a copy:
+    under group commit the batch built on this one copies its aggregates in another thread
+    while it is cached, and a copy taken half-way through a change in place could pair one
+    version with another balance."""
+    with (
+        open_ledger(shared_store_url, group_commit=False) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        payer = ours.open_account("payer", "EUR").account_id
+        shop = ours.open_account("shop", "EUR").account_id
+        ours.deposit(payer, 1_000)
+        ours.hold(payer, 1, destination=shop, timeout=600)  # the merchant cached here
+        prepared = ours.service.prepare([PlaceHold(payer, 1, destination=shop, timeout=600)])
+        judged = prepared.uow.aggregates[shop.int]
+        version, balance = judged.version, judged.balance  # type: ignore[attr-defined]
+        theirs.deposit(shop, 7)
+        ours.service.commit(prepared)
+        assert (judged.version, judged.balance) == (version, balance)  # type: ignore[attr-defined]
+        cached = ours.service.repository.cache.get(shop)  # type: ignore[union-attr]
+        assert (cached.version, cached.balance) == (version + 1, balance + 7)
