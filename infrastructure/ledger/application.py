@@ -182,7 +182,7 @@ class UnitOfWork:
         base = self._base.aggregates.get(key) if self._base is not None else None
         if base is not None:
             # The previous batch's state: a copy, since that batch is still committing.
-            copied = base.clone()
+            copied = self._newer_cached(key, base).clone()
             # Another writer may have changed it since that batch read it; if that batch
             # did not change it, its commit will not find out, so a refusal must check.
             self.read_versions[key] = self.taken_versions[key] = copied.version
@@ -209,6 +209,22 @@ class UnitOfWork:
         self.aggregates[key] = aggregate
         aggregate.as_of = self.now
         return aggregate
+
+    def _newer_cached(self, key: int, base: LedgerAggregate) -> LedgerAggregate:
+        """``base`` (the previous batch's copy), or the cache's if the previous batch only
+        read it and the cache has a newer one (brought up to date when an earlier batch that
+        read it was cached: ``LedgerService.remember``). Taken from batch to batch under
+        steady load, a copy only read would otherwise stay at the version first cached while
+        other processes move it on."""
+        previous = self._base
+        cache = self._service.repository.cache
+        if cache is None or previous is None or previous.taken_versions.get(key) != base.version:
+            return base  # changed by the previous batch: its copy is the latest
+        try:
+            cached = cast(LedgerAggregate, cache.get(base.id))
+        except KeyError:
+            return base
+        return cached if cached.version > base.version else base
 
     def taken(self, kind: type[A], key: Any) -> bool:
         return self._get(kind.id_for(key), kind) is not None

@@ -195,3 +195,30 @@ def test_an_account_only_read_is_caught_up_in_a_copy(shared_store_url: str) -> N
         assert (judged.version, judged.balance) == (version, balance)  # type: ignore[attr-defined]
         cached = ours.service.repository.cache.get(shop)  # type: ignore[union-attr]
         assert (cached.version, cached.balance) == (version + 1, balance + 7)
+
+
+def test_a_batch_built_on_the_one_before_judges_an_account_it_only_read_at_its_latest(
+    shared_store_url: str,
+) -> None:
+    """Under steady load each batch is built on the one still committing, and takes the
+    aggregates from it rather than from the cache. An account both only read was taken at
+    the version first cached, batch after batch, while others credited it: each commit
+    then checked, and each caching caught up, every event since. The batch takes the
+    cache's copy when the one before only read it and the cache has a newer one."""
+    with (
+        open_ledger(shared_store_url, group_commit=False) as ours,
+        open_ledger(shared_store_url, group_commit=False) as theirs,
+    ):
+        service = ours.service
+        payer = ours.open_account("payer", "EUR").account_id
+        shop = ours.open_account("shop", "EUR").account_id
+        ours.deposit(payer, 1_000)
+        first = service.prepare([PlaceHold(payer, 1, destination=shop, timeout=600)])
+        theirs.deposit(shop, 5)
+        service.commit(first)  # cached: the shop caught up to the deposit
+        second = service.new_batch(after=first)
+        service.apply(second, [PlaceHold(payer, 1, destination=shop, timeout=600)])
+        ((_, version, _),) = second.uow.reads()
+        assert version == service.latest_versions([shop])[shop]
+        service.commit(second)
+        assert ours.account(payer).held == 2
