@@ -1021,11 +1021,11 @@ class LedgerService(Application[UUID]):
         count until the cache is full."""
         cache = self.repository.cache
         if cache is not None and prepared.pending:
-            only_read = {read[0] for read in prepared.uow.reads()}
+            moved = self._moved_on(prepared.uow.reads())
             for aggregate in prepared.uow.aggregates.values():
                 if aggregate.write_once:
                     continue
-                if aggregate.id in only_read:
+                if aggregate.id in moved:
                     caught_up = self._caught_up(aggregate)
                     if caught_up is None:
                         with contextlib.suppress(KeyError):
@@ -1033,6 +1033,17 @@ class LedgerService(Application[UUID]):
                         continue
                     aggregate = caught_up
                 cache.put(aggregate.id, aggregate)
+
+    def _moved_on(self, reads: list[Read]) -> set[UUID]:
+        """Of the aggregates a batch only read, those another writer has moved on since (one
+        query for them all; all of them if the store cannot say)."""
+        if not reads:
+            return set()
+        try:
+            latest = self.latest_versions([read[0] for read in reads])
+        except Exception:
+            return {read[0] for read in reads}
+        return {i for i, version, _ in reads if latest.get(i, version) != version}
 
     def _caught_up(self, aggregate: LedgerAggregate) -> LedgerAggregate | None:
         """A copy of an aggregate the batch only read, brought up to the store's latest

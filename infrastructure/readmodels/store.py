@@ -70,7 +70,10 @@ class ReadStore(ABC):
     """A connection to a read-model database (one thread at a time)."""
 
     #: How write and read transactions begin (see ``transaction``).
-    begin_write = "BEGIN"
+    #: Writes read their own snapshot per statement: a statement run after a lock was
+    #: granted (``ddl_guard``, a writer's lock) sees what committed while it waited,
+    #: whatever the database's default isolation.
+    begin_write = "BEGIN ISOLATION LEVEL READ COMMITTED"
     begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
     _depth = 0
