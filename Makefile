@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_codec.py
 	$(PY) scripts/bench_write.py
 	$(PY) scripts/bench_write_cpu.py
+	$(PY) scripts/bench_only_read.py
 	$(PY) scripts/bench_append.py
 	$(PY) scripts/bench_history.py
 	$(PY) scripts/soak_write.py
