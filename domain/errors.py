@@ -35,8 +35,14 @@ class DomainError(Exception):
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> DomainError:
-        """Rebuild the exact refusal that was recorded for a request."""
-        error_class = DomainError._by_code.get(record["code"], DomainError)
+        """Rebuild the exact refusal that was recorded for a request. A code no class of
+        this process defines (a refusal of an embedding service's own command, recorded by
+        a process that imports it, replayed by one that does not) keeps its code: a
+        ``DomainError`` subclass is made for it, once."""
+        code = record["code"]
+        error_class = DomainError._by_code.get(code)
+        if error_class is None:
+            error_class = type(f"Recorded_{code}", (DomainError,), {"code": code})
         return error_class(record["message"], **record.get("details", {}))
 
     def __repr__(self) -> str:

@@ -251,3 +251,29 @@ def test_a_refusal_echoes_a_huge_value_cut_short(check: Any, value: object) -> N
     said = refused.value.message + str(refused.value.details)
     assert len(said) < 600, len(said)
     assert f"({len(repr(value))} characters)" in refused.value.message
+
+
+def test_a_recorded_refusal_whose_class_this_process_lacks_replays_with_its_code() -> None:
+    """A refusal of an embedding service's own command, recorded by a process that imports
+    it and replayed by one that does not, kept its message but came back as
+    ``domain_error``: a client that branches on the code saw another answer on retry."""
+    from daybook.domain.errors import DomainError
+
+    record = {
+        "code": "loyalty_points_exhausted",
+        "message": "no points left",
+        "details": {"left": 0},
+    }
+    first = DomainError.from_record(record)
+    assert isinstance(first, DomainError)
+    assert (first.code, str(first), first.details) == (
+        "loyalty_points_exhausted",
+        "no points left",
+        {"left": 0},
+    )
+    assert first.to_record() == record
+    again = DomainError.from_record(record)
+    assert type(again) is type(first)  # one class per code, made once
+    assert DomainError.from_record({"code": "insufficient_funds", "message": "m"}).code == (
+        "insufficient_funds"
+    )
