@@ -11,7 +11,7 @@ from eventsourcing.persistence import AggregateRecorder, IntegrityError, StoredE
 from eventsourcing.popo import POPOAggregateRecorder, POPOApplicationRecorder, POPOFactory
 
 from daybook.infrastructure.eventstore import completed, default_expiry
-from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     Expiry,
     PendingRequest,
@@ -40,7 +40,7 @@ class MemoryRecorder(POPOApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
+        reads: Sequence[Read] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         expiry = expiry or default_expiry()

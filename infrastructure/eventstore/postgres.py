@@ -31,7 +31,7 @@ from daybook.infrastructure.eventstore import (
 )
 from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
 from daybook.infrastructure.eventstore.identity import create_statements as identity_statements
-from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     Expiry,
     PendingRequest,
@@ -251,7 +251,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
+        reads: Sequence[Read] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         # No automatic retry here (unlike the base class): after a lost connection the
@@ -294,7 +294,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
         requests: Sequence[PendingRequest],
         expiry: Expiry,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
+        reads: Sequence[Read] = (),
     ) -> None:
         events = _rows(stored_events)
         records = []
@@ -438,7 +438,7 @@ class Factory(PostgresFactory):
         self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT
 
 
-def _reads(reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]]) -> list[dict[str, Any]]:
+def _reads(reads: Sequence[Read]) -> list[dict[str, Any]]:
     """``reads`` for the append function: a row per topic that makes a read stale (one
     without a topic: any event does)."""
     return [

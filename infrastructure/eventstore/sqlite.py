@@ -23,7 +23,7 @@ from daybook.infrastructure.eventstore import (
     default_expiry,
     encode_outcome,
 )
-from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     Expiry,
     PendingRequest,
@@ -95,7 +95,7 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
         requests: Sequence[PendingRequest] = (),
         expiry: Expiry | None = None,
         snapshots: Sequence[StoredEvent] = (),
-        reads: Sequence[tuple[UUID, int, tuple[str, ...] | None]] = (),
+        reads: Sequence[Read] = (),
         **kwargs: Any,
     ) -> Sequence[int] | None:
         notification_ids = super()._insert_events(c, stored_events, **kwargs) or []

@@ -41,7 +41,7 @@ from daybook.domain.errors import (
 from daybook.domain.events import LedgerAggregate, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
 from daybook.domain.snapshots import snapshot_class
-from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
+from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     BATCH_TOKEN,
     DEFAULT_RETENTION,
@@ -121,11 +121,6 @@ class DirectCommitter:
 
     def health(self) -> Health:
         return self._health.health()
-
-
-#: An aggregate a batch's commands only read: its id, the version they judged, and the
-#: topics of the events that would make their judgement stale (None: any).
-Read = tuple[UUID, int, tuple[str, ...] | None]
 
 
 class StaleCache(Exception):

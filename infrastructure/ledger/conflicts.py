@@ -21,6 +21,11 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+#: An aggregate a batch's commands only read, as the recorders check it at the commit: its
+#: id, the version they judged, and the topics of the events that would make their judgement
+#: stale (None: any). One of those recorded since is a ``VersionConflict``.
+Read = tuple[UUID, int, tuple[str, ...] | None]
+
 
 class VersionConflict(IntegrityError):
     """An aggregate version the batch writes exists already, or one the batch only read
