@@ -462,10 +462,14 @@ class LedgerService(Application[UUID]):
         except AggregateNotFoundError:
             return None
         # The cache may be behind other processes' writes: fast-forward from the store.
-        for event in self.events.get(aggregate_id, gt=aggregate.version):
-            cast(LedgerAggregate.Event, event).mutate(aggregate)
+        self._fast_forward(aggregate)
         aggregate.as_of = self.clock()
         return aggregate
+
+    def _fast_forward(self, aggregate: LedgerAggregate) -> None:
+        """Apply to ``aggregate``, in place, the stored events newer than its version."""
+        for event in self.events.get(aggregate.id, gt=aggregate.version):
+            cast(LedgerAggregate.Event, event).mutate(aggregate)
 
     # -- the command path -------------------------------------------------------------------
 
@@ -1046,16 +1050,13 @@ class LedgerService(Application[UUID]):
         while others may (a merchant credited elsewhere): kept at the version first cached,
         each commit that reads it would check every event since then (``UnitOfWork.reads``),
         under the lock every writer takes, and more with every credit. A copy: the batch
-        built on this one may be copying the original in another thread right now."""
+        built on this one may be copying the original in another thread right now. (Only
+        called for one another writer has moved on: there is always something to apply.)"""
+        copy = aggregate.clone()
         try:
-            events = list(self.events.get(aggregate.id, gt=aggregate.version))
+            self._fast_forward(copy)
         except Exception:  # the store went away after the commit: read it fresh next time
             return None
-        if not events:
-            return aggregate
-        copy = aggregate.clone()
-        for event in events:
-            cast(LedgerAggregate.Event, event).mutate(copy)
         return copy
 
     def _evict(self, uow: UnitOfWork, only: Collection[UUID] | None = None) -> None:
