@@ -13,9 +13,10 @@ nothing is skipped, with partitions at different positions and idle ones:
   stands if it is further (its workers' Kafka offsets are there); the events in between are
   applied, to this version and to any the group already owns. Each partition's bound is at
   least P (every event of it up to P is applied), so the position readers see never goes
-  back. The partitions are those the group has recorded for the topic (the versions it
-  owns, or its progress rows): a vector for another count would put events in the wrong
-  partitions, applying some again. Only a group with nothing recorded takes the count given.
+  back. The partitions are those the relay publishes the topic with, or those the versions
+  the group owns record: a vector for another count would put events in the wrong
+  partitions, applying some again. A group with only progress rows must be given the count
+  (they are a lower bound); only a group with nothing recorded takes a default.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def _partitions(
     owner = stream_owner(group)
     kept = recorded_partitions(store, group, topic, lock=True)
     owned = [r for r in versions if r.owner == owner and r.topic == topic and r.partitions]
-    counts = sorted({r.partitions for r in owned if r.partitions})
+    counts = sorted({r.partitions for r in owned if r.partitions is not None})
     if len(counts) > 1:
         listed = ", ".join(f"{r.name} v{r.version}: {r.partitions}" for r in owned)
         raise HandoverRefused(
@@ -348,8 +349,19 @@ def _partitions(
             )
         return published
     if counts:
-        recorded, where = counts[0], "the versions it owns record"
-    elif kept is not None:
+        recorded = counts[0]
+        if given is not None and given != recorded:
+            raise HandoverRefused(
+                f"{owner} follows {topic} with {recorded} partitions (the versions it owns "
+                f"record so), but --partitions {given} was given: converted for {given} "
+                f"partitions, the checkpoint would apply events again and move positions "
+                f"back; run the handover without --partitions (or with --partitions "
+                f"{recorded}). A group's partition count cannot change: for {given} "
+                f"partitions, hand the versions to the runner, then to a group on a new "
+                f"--topic. Nothing was handed over"
+            )
+        return recorded
+    if kept is not None:
         if given is None:
             raise HandoverRefused(
                 f"{owner} owns no version that records its partition count for {topic}, and "
@@ -363,18 +375,7 @@ def _partitions(
                 f"workers run with; nothing was handed over"
             )
         return given
-    else:
-        return default if given is None else given
-    if given is not None and given != recorded:
-        raise HandoverRefused(
-            f"{owner} follows {topic} with {recorded} partitions ({where} so), but "
-            f"--partitions {given} was given: converted for {given} partitions, the "
-            f"checkpoint would apply events again and move positions back; run the handover "
-            f"without --partitions (or with --partitions {recorded}). A group's partition "
-            f"count cannot change: for {given} partitions, hand the versions to the runner, "
-            f"then to a group on a new --topic. Nothing was handed over"
-        )
-    return recorded
+    return default if given is None else given
 
 
 def _last_events(log: EventLog, position: int, partitions: int) -> list[int]:
