@@ -447,6 +447,7 @@ def _openapi(
                 "content": {"application/json": {"schema": _RECEIPT_SCHEMA}},
             },
             "400": {"description": "Malformed request", **problem},
+            "404": {"description": "Something the command names does not exist", **problem},
             "409": {"description": "Refused by the ledger's state", **problem},
             "422": {"description": "Refused by a rule about the values", **problem},
             "503": {"description": "Overloaded or stopping; see Retry-After", **problem},

@@ -45,6 +45,7 @@ STATUS: dict[str, int] = {
     "invalid_request": 422,
     "currency_mismatch": 422,
     "same_account": 422,
+    "invalid_timeout": 422,
     # The idempotency-key draft: another payload under a used key is 422, a key whose first
     # request is still being processed is 409.
     "idempotency_conflict": 422,
@@ -53,6 +54,8 @@ STATUS: dict[str, int] = {
     "account_not_found": 404,
     "sku_not_found": 404,
     "reservation_not_found": 404,
+    "hold_not_found": 404,
+    "saga_not_found": 404,
     # Refused by the state of the ledger: valid input, wrong moment.
     "insufficient_funds": 409,
     "balance_overflow": 409,
@@ -65,6 +68,20 @@ STATUS: dict[str, int] = {
     "reservation_exists": 409,
     "account_exists": 409,
     "concurrency_conflict": 409,
+    "hold_exists": 409,
+    "hold_resolved": 409,
+    "hold_expired": 409,
+    "hold_not_expired": 409,
+    "reservation_expired": 409,
+    "reservation_not_expired": 409,
+    "saga_exists": 409,
+    "saga_finished": 409,
+    "saga_moved_on": 409,
+    "linked_command_failed": 409,
+    # Not a rule about the request: an earlier answer to this very request was lost in an
+    # outage and the ledger can no longer tell whether it committed. Sent again, it gets the
+    # same answer; the client checks the accounts and sends a new request.
+    "outcome_unknown": 409,
     # Try again later (each with Retry-After).
     "rate_limited": 429,
     "internal_error": 500,

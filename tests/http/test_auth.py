@@ -128,7 +128,8 @@ def test_a_revocation_elsewhere_takes_effect_once_the_cache_expires(tmp_path: Pa
 
 def test_health_docs_and_problem_pages_need_no_token(api: Api) -> None:
     for path in ("/health", "/openapi.json", "/docs", "/problems/overloaded"):
-        assert api.run(api.client.get(path)).status_code == 200, path
+        answer = api.run(api.client.get(path))
+        assert answer.status_code == 200, (path, answer.text)
 
 
 def test_tokens_are_stored_hashed(sqlite_api: Api, tmp_path: Path) -> None:

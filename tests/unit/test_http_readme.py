@@ -25,3 +25,19 @@ def test_every_code_the_server_maps_is_in_the_readme_with_its_status() -> None:
     documented = readme_statuses()
     assert documented == {code: status_of(code) for code in documented}
     assert set(STATUS) == set(documented)
+
+
+def test_every_refusal_a_command_can_give_has_its_own_status() -> None:
+    # Every command is served over HTTP, so every code the domain defines can reach a client:
+    # a missing one fell back to 422 ("your request is unprocessable"), which told a client
+    # that a hold it named was malformed when it did not exist (404), or that a request it
+    # may retry was wrong when the ledger's state refused it (409).
+    import daybook.domain  # noqa: F401  (defines every domain refusal)
+    from daybook.domain.errors import DomainError
+
+    domain = {
+        code
+        for code, error in DomainError._by_code.items()
+        if error.__module__.startswith("daybook.domain.")
+    }
+    assert domain - set(STATUS) == set()
