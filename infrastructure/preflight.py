@@ -204,20 +204,11 @@ def check_sqlite(url: str, *, role: str = "event store", existing: bool = False)
 def check_postgres(url: str, *, role: str = "event store") -> None:
     params = postgres_params(url)
     try:
-        with psycopg.connect(params.conninfo(), connect_timeout=CONNECT_TIMEOUT) as conn:
-            row = conn.execute("SHOW transaction_isolation").fetchone()
+        with psycopg.connect(params.conninfo(), connect_timeout=CONNECT_TIMEOUT):
+            pass
     except psycopg.Error as error:
         message = f"the {role} at {where(url)}: {explain(error)}"
         raise Unusable(message, transient=curable_by_waiting(error)) from None
-    isolation = str(row[0]) if row else "read committed"
-    if role == "event store" and isolation != "read committed":
-        # A commit checks what its commands only read under the lock every writer takes,
-        # and must see what committed while it waited: not from an older snapshot.
-        raise Unusable(
-            f"the {role} at {where(url)}: its sessions' transactions are {isolation}, and "
-            "daybook's writes need read committed (the server's default): set "
-            "default_transaction_isolation to 'read committed' for daybook's role or database"
-        )
 
 
 #: What a failed connection attempt says when the server is down, starting, stopping, full

@@ -147,7 +147,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "IF json_array_length(events) > 0 THEN "
                 # The check of ``reads`` below must see what committed while this waited
                 # for the lock: a statement's own snapshot under READ COMMITTED, the
-                # transaction's first one under REPEATABLE READ or SERIALIZABLE.
+                # transaction's first one under REPEATABLE READ or SERIALIZABLE. daybook's
+                # sessions are READ COMMITTED (``Factory``); this guards against any other.
                 "IF current_setting('transaction_isolation') <> 'read committed' THEN "
                 "RAISE EXCEPTION 'daybook writes need READ COMMITTED transactions, and this "
                 "session''s are %: set default_transaction_isolation to ''read committed'' "
@@ -414,6 +415,10 @@ def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
 #: Seconds the pool keeps trying to replace a lost connection (see ``Factory``).
 RECONNECT_TIMEOUT = 30.0
 
+#: libpq ``options`` that make a session's transactions READ COMMITTED (a space in a value
+#: is escaped with a backslash).
+_READ_COMMITTED = "-c default_transaction_isolation=read\\ committed"
+
 
 class Factory(PostgresFactory):
     application_recorder_class = PostgresRecorder
@@ -425,10 +430,16 @@ class Factory(PostgresFactory):
         kwargs = self.datastore.pool.kwargs
         assert isinstance(kwargs, dict)  # eventsourcing builds its pool with a dict
         kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
+        # The append function checks what a batch only read under the lock every writer
+        # takes, and must see what committed while it waited: a statement's own snapshot,
+        # which only READ COMMITTED gives. Set for daybook's own sessions (after the URL's
+        # options, so it wins), rather than refusing a server, database or role whose
+        # default is stricter: daybook's guarantees do not come from the isolation level.
+        options = [str(kwargs.get("options") or ""), _READ_COMMITTED]
         if self.env.get(READ_ONLY_KEY):
             # Every transaction read-only: the server refuses any write (see read_only_env).
-            given = str(kwargs.get("options") or "")
-            kwargs["options"] = f"{given} -c default_transaction_read_only=on".strip()
+            options.append("-c default_transaction_read_only=on")
+        kwargs["options"] = " ".join(o for o in options if o)
         # psycopg_pool replaces a lost connection with attempts whose delays double until
         # this many seconds have passed (5 minutes by default), then gives the slot up (the
         # next caller that waits grows the pool again). After a long outage the next attempt

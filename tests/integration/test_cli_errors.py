@@ -393,28 +393,34 @@ def test_a_database_that_does_not_exist(capsys: pytest.CaptureFixture[str], pg_u
     )
 
 
-def test_an_event_store_whose_sessions_are_not_read_committed_is_refused(
-    capsys: pytest.CaptureFixture[str], pg_admin_url: str
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_an_event_store_whose_default_isolation_is_stricter_is_written_read_committed(
+    capsys: pytest.CaptureFixture[str], pg_admin_url: str, isolation: str
 ) -> None:
     """A commit checks the accounts its commands only read (closed meanwhile?) under the
     lock every writer takes, and must see what committed while it waited; under REPEATABLE
-    READ its snapshot predates the wait, and a hold toward an account closed meanwhile
-    would be accepted. A command says so at once, and so does a write from Python."""
-    url = services.create_database(pg_admin_url, "daybook_repeatable_read")
-    try:
-        import psycopg
+    READ its snapshot would predate the wait. daybook's sessions run READ COMMITTED whatever
+    the database's default (or the URL's options) say, rather than refusing the database."""
+    import psycopg
 
+    name = "daybook_" + isolation.replace(" ", "_")
+    url = services.create_database(pg_admin_url, name)
+    try:
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(
-                "ALTER DATABASE daybook_repeatable_read"
-                " SET default_transaction_isolation = 'repeatable read'"
-            )
-        message = one_line(capsys, ["projections", "status", "--url", url])
-        assert "daybook's writes need read committed" in message, message
-        with open_ledger(url) as ledger, pytest.raises(Exception, match="READ COMMITTED"):
-            ledger.open_account("ann", "EUR")
+            conn.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = '{isolation}'")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SHOW transaction_isolation").fetchone() == (isolation,)
+        assert main(["projections", "status", "--url", url]) == 0
+        capsys.readouterr()
+        given = f"{url}?options=-c%20default_transaction_isolation%3Dserializable"
+        for where in (url, given):
+            with open_ledger(where) as ledger:
+                ledger.open_account("ann", "EUR")
+                with ledger.service.recorder.datastore.transaction() as cursor:
+                    cursor.execute("SHOW transaction_isolation")
+                    assert cursor.fetchone() == {"transaction_isolation": "read committed"}
     finally:
-        services.drop_database(pg_admin_url, "daybook_repeatable_read")
+        services.drop_database(pg_admin_url, name)
 
 
 def test_ctrl_c_during_the_demo(tmp_path: Path) -> None:
