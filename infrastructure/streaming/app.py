@@ -241,6 +241,44 @@ def make_app(
             elif lag >= config.batch_size:
                 caught_up.discard(partition)
 
+    async def next_fetch() -> list[FaustMessage]:
+        """The next fetch from ``handoff``. While the worker says it retries with no batch in
+        hand (it gave one up on a rebalance during an outage: ``_Abandoned``), only a batch
+        that goes through would say it runs again, and on idle partitions none comes: so
+        meanwhile, once faust has settled the rebalance (the flow resumed, whatever the
+        assignment), the read-model database is probed, after a backoff as a batch would
+        be retried. Answering, the worker runs again; still away, it keeps retrying."""
+        supervisor = applier.supervisor
+        getting = asyncio.ensure_future(handoff.get())
+        wait = IDLE_PROBE_SECONDS
+        try:
+            while supervisor.health().state is ServiceState.RETRYING:
+                done, _ = await asyncio.wait({getting}, timeout=wait)
+                if done:
+                    break
+                wait = IDLE_PROBE_SECONDS
+                if not app.flow_control.is_active() or app.rebalancing:
+                    continue  # stopping, or the partitions not settled yet
+                try:
+                    await asyncio.to_thread(applier.probe)
+                except Exception as error:
+                    await asyncio.to_thread(applier.close)
+                    delay = supervisor.judge(error)  # logged, and recorded in its health
+                    if delay is None:
+                        raise _Stopped from error
+                    wait = max(delay, FLOW_CHECK_SECONDS)
+                    continue
+                supervisor.recovered()
+            return await getting
+        except BaseException:
+            if not getting.done():
+                getting.cancel()
+            elif not getting.cancelled() and getting.exception() is None:
+                # Taken off the queue, never to be applied (stopping, or failed): faust
+                # must not wait for them.
+                faust_compat.untrack(app, getting.result())
+            raise
+
     # Taken while a batch is applied and acknowledged, so that a restart happens between
     # batches (a restart mid-batch would be safe too: the transaction rolls back).
     batch_lock = asyncio.Lock()
@@ -291,7 +329,12 @@ def make_app(
             await asyncio.to_thread(applier.close)
         consumer = app.consumer
         while True:
-            fetched = await handoff.get()
+            try:
+                fetched = await next_fetch()
+            except _Stopped:
+                while not handoff.empty():
+                    faust_compat.untrack(app, handoff.get_nowait())
+                await stop_worker()
             while len(fetched) < config.batch_size and not handoff.empty():
                 fetched.extend(handoff.get_nowait())
             # Fetched before a rebalance: not ours to acknowledge any more; faust seeks the
@@ -430,11 +473,16 @@ class _Stopped(Exception):
 class _Abandoned(Exception):
     """A batch waiting out an outage given up, unacknowledged, because faust stops the
     worker or rebalances: its messages come again from the committed offsets, to whoever
-    owns their partitions then (the progress rows skip what was applied)."""
+    owns their partitions then (the progress rows skip what was applied). The worker says
+    it retries until a batch goes through or, idle, its database answers (``next_fetch``)."""
 
 
 #: How often a batch waiting out an outage looks whether faust has suspended the flow.
 FLOW_CHECK_SECONDS = 0.05
+
+#: How long a worker that says it retries, with no batch in hand, waits for one before it
+#: probes its database (then as long as its backoff says; see ``next_fetch``).
+IDLE_PROBE_SECONDS = 1.0
 
 
 def _broker_failed(error: BaseException | None) -> bool:

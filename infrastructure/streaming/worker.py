@@ -321,6 +321,12 @@ class StreamApplier:
         with store.transaction():
             VersionCatalog(store).set_note(refusal.name, refusal.version, note)
 
+    def probe(self) -> None:
+        """Raise unless the read-model database answers (connecting first if need be). An
+        idle worker that says it retries has no batch to show that it can work again (see
+        ``app``); the database answering is what a batch would have needed."""
+        self.connect().execute("SELECT 1")
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -6,6 +6,8 @@ nothing applied twice."""
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import socket
 import time
 import urllib.request
@@ -803,3 +805,113 @@ def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_on
             the_relay.stop()
             ledger.close()
     assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
+
+
+def _assignments(process: Daybook, topic: str) -> int:
+    """How many times faust gave the worker partitions of ``topic`` (each assignment a table
+    after its "Setting newly assigned partitions": see ``holds_partitions``)."""
+    assigned = process.output.split("Setting newly assigned partitions")[1:]
+    tables = [after.partition(" for group ")[0] for after in assigned]
+    return sum(re.search(rf"\| {re.escape(topic)} +\| \{{\d", t) is not None for t in tables)
+
+
+@dataclass
+class _Abandoned:
+    """A worker of ``group`` (read models behind a proxy, metrics on ``port``) that gives
+    up the batch it retries through an outage of its read models on a rebalance, and
+    finds nothing left to apply on the partitions it owns after it."""
+
+    url: str
+    bootstrap: str
+    topic: str
+    group: str
+    readmodels: str
+    port: int
+
+    @contextmanager
+    def after_a_rebalance(self, tmp_path: Path) -> Iterator[tuple[Outage, Daybook]]:
+        """The proxy, still cut, and the worker, settled on its partitions once more and
+        still saying it retries; both stopped on the way out.
+
+        The worker is frozen (SIGSTOP) while it retries, so that the group drops it; a
+        second worker, whose read models are not cut off, takes every partition and applies
+        (and acknowledges) everything, including the batch the first one held. Woken, the
+        first one finds itself out of the group: it gives its batch up and rejoins, to
+        partitions with nothing left on them."""
+        ledger = open_ledger(self.url)
+        accounts = open_accounts(ledger, 20)
+        the_relay = relay(self.url, self.bootstrap, self.topic, tmp_path / "relay.log", {})
+        the_relay.start()
+        other: Daybook | None = None
+        with Outage.of_url(self.readmodels) as outage:
+            process = worker(
+                self.url, self.bootstrap, self.topic, self.group, tmp_path / "w.log", {},
+                outage.url(self.readmodels), ["--metrics-port", str(self.port)],
+            ).start()  # fmt: skip
+            try:
+                write_money(ledger, accounts, 300)
+                head = ledger.head()
+                wait_until(lambda: applied(self.readmodels, self.group, self.topic) == head,
+                           "the first events")  # fmt: skip
+                outage.cut()
+                write_money(ledger, accounts, 100, seed=2)
+                head = ledger.head()
+                wait_until(lambda: _retrying(self.port, self.group) == 1, "it to retry")
+                assert process.proc is not None
+                assigned = _assignments(process, self.topic)
+                process.proc.send_signal(signal.SIGSTOP)
+                other = worker(
+                    self.url, self.bootstrap, self.topic, self.group, tmp_path / "w2.log", {},
+                    self.readmodels,
+                ).start()  # fmt: skip
+                wait_until(lambda: applied(self.readmodels, self.group, self.topic) == head,
+                           "the second worker to apply everything")  # fmt: skip
+                process.proc.send_signal(signal.SIGCONT)
+                wait_until(lambda: _assignments(process, self.topic) > assigned,
+                           "the first worker to get partitions again")  # fmt: skip
+                assert _retrying(self.port, self.group) == 1, process.output
+                yield outage, process
+            finally:
+                if process.proc is not None:
+                    process.proc.send_signal(signal.SIGCONT)
+                for each in (other, process, the_relay):
+                    if each is not None:
+                        each.stop()
+                ledger.close()
+
+
+def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_runs_once_its_database_is_back(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker gave up the batch it retried through an outage because a rebalance took its
+    partitions; nothing more came for the partitions it owned after it. Once the database
+    was back it said it retried (health, ``daybook_service_retrying``) until a batch went
+    through, which on an idle topic was never. It says it runs once its database answers."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    port = services.free_port()
+    abandoned = _Abandoned(
+        pg_url, kafka_bootstrap, unique("abandoned"), unique("group"), readmodels, port
+    )
+    with abandoned.after_a_rebalance(tmp_path) as (outage, process):
+        outage.restore()  # and nothing more is published
+        wait_until(lambda: _retrying(port, abandoned.group) == 0, "it to say it runs", 30)
+        assert process.stop() == 0, process.output
+    assert "recovered" in process.output
+
+
+def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_retries_while_its_database_is_gone(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The same worker, its database still away: it says it retries, having tried it again
+    (it runs only once the database answers)."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    port = services.free_port()
+    abandoned = _Abandoned(
+        pg_url, kafka_bootstrap, unique("abandoned"), unique("group"), readmodels, port
+    )
+    with abandoned.after_a_rebalance(tmp_path) as (_outage, process):
+        tried = process.output.count("restarting in")
+        wait_until(lambda: process.output.count("restarting in") > tried + 1, "it to try again")
+        assert _retrying(port, abandoned.group) == 1, process.output
+        assert process.stop() == 0, process.output
+    assert "recovered" not in process.output
