@@ -150,6 +150,16 @@ def test_a_saga_hold_step_toward_a_merchant_closed_elsewhere(shared_store_url: s
         assert theirs.account(customer).available == 50_000
 
 
+def _a_merchant_only_read_here(ours: Any) -> tuple[Any, Any]:
+    """A payer and a merchant, the merchant cached by ``ours`` as the destination of a hold
+    (read, not changed)."""
+    payer = ours.open_account("payer", "EUR").account_id
+    shop = ours.open_account("shop", "EUR").account_id
+    ours.deposit(payer, 1_000)
+    ours.hold(payer, 1, destination=shop, timeout=600)
+    return payer, shop
+
+
 def test_the_version_a_hold_checks_its_merchant_from_keeps_up(shared_store_url: str) -> None:
     """The commit checks the merchant's events newer than the version the hold judged,
     under the lock every writer takes. This writer only reads the merchant and others credit
@@ -160,10 +170,7 @@ def test_the_version_a_hold_checks_its_merchant_from_keeps_up(shared_store_url: 
         open_ledger(shared_store_url, group_commit=False) as ours,
         open_ledger(shared_store_url, group_commit=False) as theirs,
     ):
-        payer = ours.open_account("payer", "EUR").account_id
-        shop = ours.open_account("shop", "EUR").account_id
-        ours.deposit(payer, 1_000)
-        ours.hold(payer, 1, destination=shop, timeout=600)  # the merchant cached here
+        payer, shop = _a_merchant_only_read_here(ours)
         for _ in range(3):
             for _ in range(20):
                 theirs.deposit(shop, 1)
@@ -183,10 +190,7 @@ def test_an_account_only_read_is_caught_up_in_a_copy(shared_store_url: str) -> N
         open_ledger(shared_store_url, group_commit=False) as ours,
         open_ledger(shared_store_url, group_commit=False) as theirs,
     ):
-        payer = ours.open_account("payer", "EUR").account_id
-        shop = ours.open_account("shop", "EUR").account_id
-        ours.deposit(payer, 1_000)
-        ours.hold(payer, 1, destination=shop, timeout=600)  # the merchant cached here
+        payer, shop = _a_merchant_only_read_here(ours)
         prepared = ours.service.prepare([PlaceHold(payer, 1, destination=shop, timeout=600)])
         judged = prepared.uow.aggregates[shop.int]
         version, balance = judged.version, judged.balance  # type: ignore[attr-defined]
