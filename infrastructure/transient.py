@@ -2,8 +2,9 @@
 
 Transient: the connection was lost or refused (but not a server refusing the credentials, the
 role or the database: see ``_REFUSALS``), the server is shutting down or starting up,
-a transaction lost a serialization conflict or a deadlock, a lock wait timed out, SQLite's
-database is locked by another writer, or the network failed (``OSError``). eventsourcing
+a transaction lost a serialization conflict or a deadlock, a lock wait timed out, a
+statement was cancelled (the server's ``statement_timeout``, or ``pg_cancel_backend``),
+SQLite's database is locked by another writer, or the network failed (``OSError``). eventsourcing
 wraps driver errors in its own classes (after its own retries), so those are judged by the
 error they wrap. Everything else (integrity and programming errors, missing tables, bad
 data) would fail the same way again: retrying only hides it.
@@ -31,6 +32,13 @@ _RETRYABLE_SQLSTATES = frozenset(
         "57P03",  # cannot_connect_now: starting up or in recovery
         "57P05",  # idle_session_timeout: the server closed the session
         "53300",  # too_many_connections
+        # query_canceled: the server's statement_timeout fired, or an operator cancelled
+        # the backend (pg_cancel_backend). The statement did not fail on its data, and the
+        # same statement may finish next time (a lock released, a load passed). Judged the
+        # event's, a handler's row read cut off so had its event parked and the read model
+        # part from the log, silently; a statement that always exceeds the timeout shows
+        # instead as a service stuck ``retrying`` with this reason, which is visible.
+        "57014",
     }
 )
 

@@ -180,7 +180,8 @@ DESCRIPTIONS: dict[str, str] = {
         "deploy is under way): another server, or this one upgraded, answers."
     ),
     "unavailable": (
-        "A database daybook needs did not answer (restarting, or out of reach); retry after "
+        "A database daybook needs did not answer (restarting, out of reach, or it cancelled a "
+        "statement: its statement_timeout); retry after "
         "Retry-After seconds, a command with the same Idempotency-Key."
     ),
 }

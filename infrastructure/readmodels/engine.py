@@ -244,7 +244,8 @@ class BatchRows:
 class StoreFailed(Exception):
     """A read of the read-model database failed under a handler for a reason a retry of
     the batch may cure (a lost connection, a lock not granted within the role's
-    ``lock_timeout``, a deadlock). It is the batch's failure: the loops over events raise
+    ``lock_timeout``, a deadlock, a statement the server cancelled: its
+    ``statement_timeout``). It is the batch's failure: the loops over events raise
     ``error`` itself, retried as an outage, rather than take it for a bad event, retry the
     event in a transaction the database has aborted, park it and stop. (A read the driver
     refuses, a key of the wrong shape, is still the event's, parked as before.)"""

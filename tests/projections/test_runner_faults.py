@@ -902,3 +902,70 @@ def test_a_handlers_read_the_database_refuses_fails_the_batch_not_the_event(
         store.close()
     assert record is not None and record.state is VersionState.LIVE and letters == 0
     assert_tables_match(ledger, readmodels, projections.ACCOUNT_BALANCES)
+
+
+@pytest.mark.parametrize(
+    "cache_limit",
+    [0, 200_000],
+    ids=["a handler's read", "the batch's write"],
+)
+def test_a_statement_cut_off_by_the_statement_timeout_is_retried_and_parks_nothing(
+    ledger: Ledger, pg_admin_url: str, cache_limit: int
+) -> None:
+    """A statement the server cancels (its ``statement_timeout``, here while an operator's
+    LOCK TABLE holds the table; or ``pg_cancel_backend``) failed on no data of its own. A
+    handler's row read (no row cached) cut off so was taken for a bad event: retried,
+    parked and the version stopped, the read model no longer the log's; the batch's write
+    cut off so stopped the runner for good. Either way the runner now retries, ``retrying``
+    with the reason, and applies everything once the lock is gone; nothing is parked."""
+    readmodels = new_read_models(pg_admin_url)
+    name = readmodels.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 500')
+    ids = workload(ledger, 20)
+    runner = ProjectionRunner(
+        event_log_of(ledger),
+        readmodels,
+        [projections.ACCOUNT_BALANCES],
+        cache_limit=cache_limit,
+        poll_interval=0.05,
+    )
+    holder = psycopg.connect(readmodels)
+    seen: list[Health] = []
+
+    def stopped() -> bool:
+        return bool(runner.halted) or runner.health().state is ServiceState.FAILED
+
+    def retried_or_stopped() -> bool:
+        seen.append(runner.health())
+        return stopped() or sum(h.state is ServiceState.RETRYING for h in seen) > 20
+
+    try:
+        runner.run_until_caught_up()
+        workload(ledger, 10, seed=2, accounts=ids)
+        head = ledger.head()
+        holder.execute("LOCK TABLE rm_account_balances_v1 IN ACCESS EXCLUSIVE MODE")
+        runner.start()
+        wait_until(retried_or_stopped, "the runner to retry, or to stop")
+        holder.rollback()
+        wait_until(
+            lambda: stopped() or set(positions(readmodels).values()) == {head},
+            "the runner to apply everything, or to stop",
+        )
+        health = runner.health()
+    finally:
+        holder.close()
+        runner.stop()
+    store = open_store(readmodels)
+    try:
+        record = VersionCatalog(store).version("account_balances", 1)
+        letters = store.execute("SELECT count(*) FROM daybook_dead_letters")[0][0]
+    finally:
+        store.close()
+    assert not runner.halted, runner.halted
+    assert letters == 0
+    assert record is not None and record.state is VersionState.LIVE
+    assert health.state is ServiceState.RUNNING, health
+    reasons = {h.error for h in seen if h.state is ServiceState.RETRYING}
+    assert reasons and all("statement timeout" in str(r) for r in reasons), reasons
+    assert_tables_match(ledger, readmodels, projections.ACCOUNT_BALANCES)

@@ -825,19 +825,30 @@ WITHDRAWAL_TOTALS = replace(
 )
 
 
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        ("lock_timeout", psycopg.errors.LockNotAvailable),
+        ("statement_timeout", psycopg.errors.QueryCanceled),
+    ],
+)
 def test_a_handlers_read_that_fails_fails_the_batch_and_parks_nothing(
-    pg_admin_url: str, pg_url: str, caplog: pytest.LogCaptureFixture
+    pg_admin_url: str,
+    pg_url: str,
+    caplog: pytest.LogCaptureFixture,
+    setting: str,
+    refusal: type[psycopg.Error],
 ) -> None:
     """A read a handler makes (a row not cached) that the database refuses (a lock not
-    granted within the role's or database's ``lock_timeout``, a statement cancelled) was
-    taken for a bad event: retried in a transaction the database had aborted, parked, and
-    the letter's INSERT then failed for good, stopping the worker. It is the batch's
-    failure: raised as it is (a lock not granted is retried as an outage), nothing parked,
-    and the batch goes through once the lock is released."""
+    granted within the role's or database's ``lock_timeout``, a statement cancelled by its
+    ``statement_timeout``) was taken for a bad event: retried in a transaction the database
+    had aborted, parked, and the letter's INSERT then failed for good, stopping the worker.
+    It is the batch's failure: raised as it is (retried as an outage), nothing parked, and
+    the batch goes through once the lock is released."""
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         name = readmodels.rsplit("/", 1)[1].split("?")[0]
-        admin.execute(f'ALTER DATABASE "{name}" SET lock_timeout = 500')
+        admin.execute(f'ALTER DATABASE "{name}" SET {setting} = 500')
     ledger = open_ledger(pg_url)
     accounts = [ledger.open_account(f"o{n}", "EUR").account_id for n in range(5)]
     for account in accounts:
@@ -860,7 +871,7 @@ def test_a_handlers_read_that_fails_fails_the_batch_and_parks_nothing(
             ledger.deposit(account, 7)
         second = stream.publish(ledger)
         holder.execute("LOCK TABLE rm_withdrawal_totals_v1 IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(psycopg.errors.LockNotAvailable) as failed:
+        with pytest.raises(refusal) as failed:
             worker.apply(second)
         assert is_transient(failed.value)
         holder.rollback()

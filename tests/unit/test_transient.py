@@ -6,6 +6,8 @@ import itertools
 import os
 import socket
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -117,6 +119,8 @@ def test_an_sqlite_integrity_error_is_not_transient(tmp_path: Path) -> None:
         psycopg.errors.CrashShutdown("terminating connection because of crash"),
         psycopg.errors.CannotConnectNow("the database system is starting up"),
         psycopg.errors.TooManyConnections("sorry, too many clients already"),
+        psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+        psycopg.errors.QueryCanceled("canceling statement due to user request"),
         psycopg.errors.ConnectionFailure("connection failure"),
         psycopg.OperationalError("the connection is closed"),
         psycopg.OperationalError("consuming input failed: server closed the connection"),
@@ -142,7 +146,6 @@ def test_transient(error: BaseException) -> None:
         psycopg.errors.SyntaxError("syntax error at or near"),
         psycopg.errors.InsufficientPrivilege("permission denied"),
         psycopg.errors.DiskFull("could not extend file"),
-        psycopg.errors.QueryCanceled("canceling statement due to user request"),
         psycopg.errors.NumericValueOutOfRange("bigint out of range"),
         psycopg.InterfaceError("the cursor is closed"),
         psycopg.errors.PipelineAborted("pipeline aborted"),
@@ -214,3 +217,33 @@ def test_a_wrong_password_is_not_transient(pg_url: str) -> None:
         admin.execute("SELECT pg_reload_conf()")
         admin.execute(f"DROP ROLE {role}")
         admin.close()
+
+
+@pytest.mark.postgres
+def test_a_statement_the_server_cancels_is_transient(pg_url: str) -> None:
+    """The server's ``statement_timeout``, or an operator's ``pg_cancel_backend``: the
+    statement did not fail on its data, and may finish when tried again (a service stuck
+    on one that never does says ``retrying``, with this reason)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 50")
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout") as timed:
+            conn.execute("SELECT pg_sleep(5)")
+        conn.execute("SET statement_timeout = 0")
+        pid = conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as operator:
+
+            def cancel_once_sleeping() -> None:
+                sleeping = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+                while operator.execute(sleeping, (pid,)).fetchone() is None:
+                    time.sleep(0.01)
+                operator.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
+            canceller = threading.Thread(target=cancel_once_sleeping, daemon=True)
+            canceller.start()
+            with pytest.raises(psycopg.errors.QueryCanceled, match="user request") as by_operator:
+                conn.execute("SELECT pg_sleep(5)")
+            canceller.join()
+    for error in (timed.value, by_operator.value):
+        assert error.sqlstate == "57014"
+        assert is_transient(error), error
+        assert is_transient(_wrapped(persistence.OperationalError, error))
