@@ -67,6 +67,13 @@ def may_only_read(error: BaseException) -> bool:
     )
 
 
+def cancelled(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a statement the PostgreSQL server cancelled
+    (its ``statement_timeout``, or ``pg_cancel_backend``): transient, but the attempt has
+    already waited the whole timeout, and its connection is fine."""
+    return any(isinstance(cause, psycopg.errors.QueryCanceled) for cause in causes(error))
+
+
 def is_transient(error: BaseException) -> bool:
     """True if the same call may succeed when tried again (after reconnecting)."""
     if isinstance(error, PersistenceError):

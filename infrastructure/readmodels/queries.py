@@ -29,7 +29,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.infrastructure.streaming.faults import crash_point
-from daybook.infrastructure.transient import is_transient, may_only_read
+from daybook.infrastructure.transient import cancelled, is_transient, may_only_read
 from daybook.projections import ALL
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
@@ -598,7 +598,11 @@ class ReadModels:
                 failures += 1
                 if not is_transient(error) or self._closes != closes:
                     raise
-                if failures > 3 and time.monotonic() >= deadline:
+                # A statement the server cancelled (its statement_timeout) took that whole
+                # timeout, on a connection that is fine: not tried again past the read's
+                # own timeout, or a request would wait out four statement timeouts (and
+                # the server run four such statements) for the same 503.
+                if (failures > 3 or cancelled(error)) and time.monotonic() >= deadline:
                     raise
                 with self._lock:
                     self._reset()

@@ -747,6 +747,45 @@ def test_a_read_gives_up_on_an_outage_once_its_timeout_has_passed(
     assert is_transient(outcome[0]), outcome[0]
 
 
+def test_a_read_the_statement_timeout_cuts_off_is_tried_again_only_within_its_timeout(
+    ledger: Ledger, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read the server cancels (its ``statement_timeout``: here a LOCK TABLE holds the
+    table) is an outage's, answered ``503 unavailable``; but each attempt has already taken
+    the whole timeout, on a connection that is fine. It was tried four times whatever the
+    read's own timeout (a request held for four statement timeouts, the load it met made
+    four times over); now again only while the read's timeout allows."""
+    ids = workload(ledger, 10)
+    readmodels = new_read_models(pg_admin_url)
+    run_to_head(ledger, readmodels, projections.ALL)
+    name = readmodels.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 300')
+    attempts: list[str] = []
+    real_open_store = queries.open_store
+
+    def counted_open_store(url: str) -> Any:
+        attempts.append(url)
+        return real_open_store(url)
+
+    monkeypatch.setattr(queries, "open_store", counted_open_store)
+    reader = ReadModels(readmodels)
+    holder = psycopg.connect(readmodels)
+    try:
+        assert reader.balance(ids[0]) is not None
+        attempts.clear()
+        holder.execute("LOCK TABLE rm_account_balances_v1 IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.QueryCanceled) as cancelled:
+            reader.balance(ids[0], timeout=0.1)
+        holder.rollback()
+        assert reader.balance(ids[0]) is not None
+    finally:
+        holder.close()
+        reader.close()
+    assert is_transient(cancelled.value)  # ``daybook serve``: 503 unavailable
+    assert attempts == []  # tried once, on the connection it had (kept for the next read)
+
+
 def test_a_runner_says_it_runs_again_only_once_it_is_back_at_work_and_its_lag_grows_meanwhile(
     ledger: Ledger, pg_url: str, pg_admin_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

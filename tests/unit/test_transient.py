@@ -17,7 +17,7 @@ from aiokafka import errors as kafka_errors
 from eventsourcing import persistence
 from eventsourcing.sqlite import SQLiteDatastore
 
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import cancelled, is_transient
 
 _roles = itertools.count()
 
@@ -247,3 +247,5 @@ def test_a_statement_the_server_cancels_is_transient(pg_url: str) -> None:
         assert error.sqlstate == "57014"
         assert is_transient(error), error
         assert is_transient(_wrapped(persistence.OperationalError, error))
+        assert cancelled(error) and cancelled(_wrapped(persistence.OperationalError, error))
+    assert not cancelled(psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"))
