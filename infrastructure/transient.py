@@ -1,7 +1,8 @@
 """Whether a failure is worth retrying: one answer for every service that retries.
 
-Transient: the connection was lost or refused (but not a server refusing the credentials, the
-role or the database: see ``_REFUSALS``), the server is shutting down or starting up,
+Transient: the connection was lost, refused (but not a server refusing the credentials, the
+role or the database: see ``_REFUSALS``) or ended by the server's idle timeouts, the server is
+shutting down or starting up,
 a transaction lost a serialization conflict or a deadlock, a lock wait timed out, a
 statement was cancelled (the server's ``statement_timeout``, or ``pg_cancel_backend``),
 SQLite's database is locked by another writer, or the network failed (``OSError``). eventsourcing
@@ -31,6 +32,10 @@ _RETRYABLE_SQLSTATES = frozenset(
         "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now: starting up or in recovery
         "57P05",  # idle_session_timeout: the server closed the session
+        # idle_in_transaction_session_timeout: the server ended a session left idle in a
+        # transaction (a process paused or starved meanwhile), which rolled back; a new
+        # connection carries on.
+        "25P03",
         "53300",  # too_many_connections
         # query_canceled: the server's statement_timeout fired, or an operator cancelled
         # the backend (pg_cancel_backend). The statement did not fail on its data, and the

@@ -249,3 +249,21 @@ def test_a_statement_the_server_cancels_is_transient(pg_url: str) -> None:
         assert is_transient(_wrapped(persistence.OperationalError, error))
         assert cancelled(error) and cancelled(_wrapped(persistence.OperationalError, error))
     assert not cancelled(psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"))
+
+
+@pytest.mark.postgres
+def test_a_session_the_server_ended_for_idling_in_a_transaction_is_transient(
+    pg_url: str,
+) -> None:
+    """The server's ``idle_in_transaction_session_timeout`` (eventsourcing sets one on the
+    event store's sessions; a DBA may set one on any database) ends a session left idle in
+    a transaction, by a process paused or starved for a while: nothing was wrong with what
+    it did, and a new connection carries on, as after any lost connection."""
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = 50")
+        conn.execute("SELECT 1")  # in a transaction now, then idle in it
+        time.sleep(0.5)
+        with pytest.raises(psycopg.Error) as ended:
+            conn.execute("SELECT 1")
+    assert is_transient(ended.value), (type(ended.value), ended.value.sqlstate, ended.value)
+    assert is_transient(_wrapped(persistence.OperationalError, ended.value))
