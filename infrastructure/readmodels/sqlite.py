@@ -105,7 +105,10 @@ class SqliteStore(ReadStore):
         return any(row[1] == name for row in self.execute(f"PRAGMA table_info({table})"))
 
     def refused_rows(self, error: BaseException) -> bool:
-        return isinstance(error, sqlite3.IntegrityError)
+        # An integer past 64 bits never reaches the database: the driver refuses to bind it
+        # (OverflowError, not a database error), where PostgreSQL says "out of range". The
+        # rows' fault either way: only their projection stops, not the whole runner.
+        return isinstance(error, sqlite3.IntegrityError | OverflowError)
 
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)

@@ -65,3 +65,40 @@ def test_rows_the_database_refuses_stop_that_projection_only(ledger: Ledger, url
     finally:
         store.close()
     assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
+
+
+#: A value no 64-bit column holds (a day's total that passed 2**63-1, say).
+HUGE = Table("huge", (Column("account_id"), Column("amount", "bigint")), ("account_id",))
+
+
+def _huge(event: LogEvent, rows: Rows) -> None:
+    rows.put(HUGE.name, {"account_id": event.originator_id, "amount": 2**63})
+
+
+TOO_BIG = Projection("huge", 1, (HUGE,), {"Account.Deposited": _huge})
+
+
+def test_a_value_out_of_the_columns_range_stops_that_projection_only(
+    ledger: Ledger, url: str
+) -> None:
+    """PostgreSQL refuses it (bigint out of range); SQLite's driver refuses to pass it at all
+    (``OverflowError``, not a database error): either way it is the rows' fault, and the
+    runner goes on with every other projection."""
+    workload(ledger, 20)
+    runner = ProjectionRunner(
+        event_log_of(ledger), url, [projections.ACCOUNT_BALANCES, TOO_BIG], batch_size=1000
+    )
+    runner.run_until_caught_up()
+    assert runner.health().state is not ServiceState.FAILED, runner.health()
+    runner.stop()
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        huge = catalog.version("huge", 1)
+        assert huge is not None and huge.state is VersionState.STOPPED
+        assert huge.error is not None and "writing its rows failed" in huge.error, huge.error
+        balances = catalog.version("account_balances", 1)
+        assert balances is not None and balances.state is VersionState.LIVE
+        assert balances.position == ledger.head()
+    finally:
+        store.close()
