@@ -42,6 +42,8 @@ ISO_4217 = frozenset(_ISO_4217_CODES.split())
 #: separators.
 _NOT_TEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+#: Parts of a SKU between slashes that a URL path would not keep as they are.
+_RESOLVED_AWAY = frozenset({"", ".", ".."})
 _NAMESPACE = UUID("6d2f1c44-7b35-4f0e-9a3e-3f2f6b1d0a11")
 
 
@@ -127,10 +129,16 @@ def as_text(message: str, max_length: int = 200) -> str:
 
 
 def check_sku(value: object, what: str = "SKU") -> str:
-    """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -."""
-    if not isinstance(value, str) or not _SKU.fullmatch(value):
+    """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -, with no empty, "." or ".."
+    part between slashes (a URL's path resolves those away: GET /v1/stock/A/../B reads B)."""
+    if (
+        not isinstance(value, str)
+        or not _SKU.fullmatch(value)
+        or not _RESOLVED_AWAY.isdisjoint(value.split("/"))
+    ):
         raise InvalidSku(
-            f"{what} must be 1-64 characters of letters, digits and . _ : / -, got {shown(value)}",
+            f"{what} must be 1-64 characters of letters, digits and . _ : / -, with no empty, "
+            f"'.' or '..' part between slashes, got {shown(value)}",
             value=shown(value),
         )
     return value

@@ -201,6 +201,17 @@ def test_a_sku_with_a_slash_can_be_read(sqlite_api: Api) -> None:
         assert answer.json()["on_hand"] == 5
 
 
+def test_a_sku_a_url_would_read_as_another_is_refused(sqlite_api: Api) -> None:
+    """Every client resolves dot segments before it sends a path (/v1/stock/A/../B is sent
+    as /v1/stock/B): such a SKU could be written but never read, or read as another."""
+    api = sqlite_api
+    for sku in ("A/../B", "..", "A/./B", "A//B", "A/"):
+        refused = api.command("receive_stock", {"sku": sku, "quantity": 2})
+        assert refused.status_code == 422, (sku, refused.text)
+        assert refused.json()["code"] == "invalid_sku"
+    assert api.head() == 0
+
+
 def _as_an_earlier_daybook_left_it(api: Api, key: str, body: Any, *, claimed: bool = True) -> None:
     """Rewrite the records of the batch ``body`` sent with ``key`` as a daybook from before
     batch items had ids of their own left them: items under <token>/<key>/<i>, and the key's
