@@ -35,7 +35,7 @@ from faust.types import Message as FaustMessage
 
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
-from daybook.infrastructure.lifecycle import Health, Refused, ServiceState
+from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.location import readmodel_url
@@ -172,6 +172,10 @@ def make_app(
 
     #: Whether dead letters recorded (before a crash, or by a batch) may await publishing.
     letters_pending = True
+    #: Whether the checks at the agent's start (``StreamApplier.refuse_at_start``) met an
+    #: outage and are still to pass: until a batch goes through, they are what an idle
+    #: worker's probe runs (``next_fetch``), so that one its group cannot serve still stops.
+    start_checks_pending = False
 
     async def publish_pending_letters() -> None:
         """Publish the dead letters recorded and not yet published (each once: those a
@@ -202,6 +206,7 @@ def make_app(
         """Apply one batch, retrying through database outages (with backoff and jitter);
         never raises for data (that is parked). A failure no retry cures stops the worker:
         its health says FAILED and why, and ``run_worker`` reports it."""
+        nonlocal start_checks_pending
         supervisor = applier.supervisor
         while True:
             try:
@@ -214,6 +219,7 @@ def make_app(
                     raise _Stopped from error
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
+        start_checks_pending = False  # the batch passed what they check
         if letters_pending or result.parked:
             await publish_pending_letters()
         measure_lag(result.offsets)
@@ -243,11 +249,14 @@ def make_app(
 
     async def next_fetch() -> list[FaustMessage]:
         """The next fetch from ``handoff``. While the worker says it retries with no batch in
-        hand (it gave one up on a rebalance during an outage: ``_Abandoned``), only a batch
-        that goes through would say it runs again, and on idle partitions none comes: so
-        meanwhile, once faust has settled the rebalance (the flow resumed, whatever the
-        assignment), the read-model database is probed, after a backoff as a batch would
-        be retried. Answering, the worker runs again; still away, it keeps retrying."""
+        hand (it gave one up on a rebalance during an outage: ``_Abandoned``; or the checks
+        at its start met an outage), only a batch that goes through would say it runs
+        again, and on idle partitions none comes: so meanwhile, once faust has settled the
+        rebalance (the flow resumed, whatever the assignment), the read-model database is
+        probed, after a backoff as a batch would be retried (the checks at the start, if
+        they are still to pass). Answering, the worker runs again; still away, it keeps
+        retrying; a refusal or a failure no retry cures stops it (``_Stopped``)."""
+        nonlocal start_checks_pending
         supervisor = applier.supervisor
         getting = asyncio.ensure_future(handoff.get())
         wait = IDLE_PROBE_SECONDS
@@ -259,8 +268,9 @@ def make_app(
                 wait = IDLE_PROBE_SECONDS
                 if not app.flow_control.is_active() or app.rebalancing:
                     continue  # stopping, or the partitions not settled yet
+                probe = applier.refuse_at_start if start_checks_pending else applier.probe
                 try:
-                    await asyncio.to_thread(applier.probe)
+                    await asyncio.to_thread(probe)
                 except Exception as error:
                     await asyncio.to_thread(applier.close)
                     delay = supervisor.judge(error)  # logged, and recorded in its health
@@ -268,6 +278,7 @@ def make_app(
                         raise _Stopped from error
                     wait = max(delay, FLOW_CHECK_SECONDS)
                     continue
+                start_checks_pending = False
                 supervisor.recovered()
             return await getting
         except BaseException:
@@ -311,6 +322,7 @@ def make_app(
     async def _project(stream: Any) -> None:
         # The agent's stream is what subscribes faust to the topic (the Conductor); the
         # messages themselves come whole fetches at a time from ``drain_in_batches``.
+        nonlocal start_checks_pending
         del stream
         try:
             await publish_pending_letters()
@@ -320,13 +332,15 @@ def make_app(
             await stop_worker()
         try:
             await asyncio.to_thread(applier.refuse_at_start)
-        except Refused as refusal:
-            applier.supervisor.judge(refusal)  # FAILED, said in one line
-            await stop_worker()
-        except Exception:
-            # Not a refusal (an outage, a broken table): the first batch meets it again,
-            # where it is waited out or stops the worker with its reason.
+        except Exception as error:
+            # Judged here, not left to the first batch, which on a quiet topic never comes:
+            # a refusal (one line) or a failure no retry cures stops the worker; an outage
+            # has it say it retries, with the reason, until a batch goes through or, idle,
+            # the checks pass (``next_fetch``).
             await asyncio.to_thread(applier.close)
+            if applier.supervisor.judge(error) is None:
+                await stop_worker()
+            start_checks_pending = True
         consumer = app.consumer
         while True:
             try:

@@ -27,14 +27,16 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
-from daybook.infrastructure.streaming.broker import dead_letter_topic
+from daybook.infrastructure.streaming.broker import dead_letter_topic, ensure_topic
 from daybook.infrastructure.streaming.progress import (
     PartitionStatus,
     read_dead_letters,
     read_status,
 )
 from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.infrastructure.urls import postgres_params
+from daybook.projections.accounts import ACCOUNT_BALANCES
 from scripts import services
 from scripts.outage import Outage
 from scripts.streams import (
@@ -46,6 +48,7 @@ from scripts.streams import (
     wait_until,
     write_money,
 )
+from tests.streaming.messages import Stream
 from tests.streaming.test_faults import log_with_poison
 from tests.streaming.test_workers import PARTITIONS, applied, reference_tables, tables
 
@@ -760,6 +763,57 @@ def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
             the_relay.stop()
             ledger.close()
     assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+
+
+def test_an_idle_worker_whose_read_models_go_as_it_starts_retries_until_they_answer(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The read-model database gone as the worker's agent starts, on a topic where nothing
+    is published: the checks at its start met the outage and left it to the first batch,
+    which never came, so the worker said it ran (health, ``daybook_service_retrying`` 0, no
+    warning) while its database was away. It says it retries until the database answers,
+    then runs."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idlestart"), unique("group")
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    port = services.free_port()
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        assert "restarting in" in process.output, process.output
+        outage.restore()
+        wait_until(lambda: _retrying(port, group) == 0, "it to say it runs", 30)
+        assert process.stop() == 0, process.output
+    assert "recovered" in process.output
+    assert "Traceback" not in process.output, process.output
+
+
+def test_an_idle_worker_whose_start_checks_met_an_outage_is_refused_once_they_pass(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The same start, by a worker its group cannot serve (versions new to a group that has
+    applied events: ``group_already_started``): what its idle worker tries once the
+    database answers is the checks at its start, not a mere connection, so it stops with
+    the refusal in one line (exit 1) rather than say it runs."""
+    ledger = open_ledger(pg_url)
+    open_accounts(ledger, 3)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idlerefused"), unique("group")
+    applier = StreamApplier(readmodels, [ACCOUNT_BALANCES], group=group, topic=topic,
+                            partitions=PARTITIONS, writer="before")  # fmt: skip
+    try:
+        applier.apply(Stream(PARTITIONS).publish(ledger))
+    finally:
+        applier.close()
+        ledger.close()
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    port = services.free_port()
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        outage.restore()
+        assert process.wait(30) == 1, process.output
+    assert "group_already_started" in process.output, process.output
+    assert "recovered" not in process.output
+    assert "Traceback" not in process.output, process.output
 
 
 async def _all_keys(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
