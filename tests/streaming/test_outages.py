@@ -6,7 +6,6 @@ nothing applied twice."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import socket
 import time
@@ -50,7 +49,13 @@ from scripts.streams import (
 )
 from tests.streaming.messages import Stream
 from tests.streaming.test_faults import log_with_poison
-from tests.streaming.test_workers import PARTITIONS, applied, reference_tables, tables
+from tests.streaming.test_workers import (
+    PARTITIONS,
+    applied,
+    assignments,
+    reference_tables,
+    tables,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
@@ -861,14 +866,6 @@ def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_on
     assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
 
 
-def _assignments(process: Daybook, topic: str) -> int:
-    """How many times faust gave the worker partitions of ``topic`` (each assignment a table
-    after its "Setting newly assigned partitions": see ``holds_partitions``)."""
-    assigned = process.output.split("Setting newly assigned partitions")[1:]
-    tables = [after.partition(" for group ")[0] for after in assigned]
-    return sum(re.search(rf"\| {re.escape(topic)} +\| \{{\d", t) is not None for t in tables)
-
-
 @dataclass
 class _Abandoned:
     """A worker of ``group`` (read models behind a proxy, metrics on ``port``) that gives
@@ -912,7 +909,7 @@ class _Abandoned:
                 head = ledger.head()
                 wait_until(lambda: _retrying(self.port, self.group) == 1, "it to retry")
                 assert process.proc is not None
-                assigned = _assignments(process, self.topic)
+                assigned = sum(assignments(process.output, self.topic))
                 process.proc.send_signal(signal.SIGSTOP)
                 other = worker(
                     self.url, self.bootstrap, self.topic, self.group, tmp_path / "w2.log", {},
@@ -921,7 +918,7 @@ class _Abandoned:
                 wait_until(lambda: applied(self.readmodels, self.group, self.topic) == head,
                            "the second worker to apply everything")  # fmt: skip
                 process.proc.send_signal(signal.SIGCONT)
-                wait_until(lambda: _assignments(process, self.topic) > assigned,
+                wait_until(lambda: sum(assignments(process.output, self.topic)) > assigned,
                            "the first worker to get partitions again")  # fmt: skip
                 assert _retrying(self.port, self.group) == 1, process.output
                 yield outage, process

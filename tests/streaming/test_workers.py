@@ -50,10 +50,76 @@ def worker(
     return Daybook(args, log, env={"DAYBOOK_FAULTS": faults} if faults else {})
 
 
+def assignments(output: str, topic: str) -> list[bool]:
+    """Each partition assignment faust logged in a worker's ``output``, in order: whether it
+    gave the worker partitions of ``topic``. Only the tables after "Setting newly assigned
+    partitions" count: faust prints the same table after "Revoking previously assigned
+    partitions", and its subscription tables name the topic, without partitions."""
+    assigned = output.split("Setting newly assigned partitions")[1:]
+    tables = [after.partition(" for group ")[0] for after in assigned]
+    return [re.search(rf"\| {re.escape(topic)} +\| \{{\d", t) is not None for t in tables]
+
+
 def holds_partitions(worker: Daybook, topic: str) -> bool:
-    """Whether faust's assignment table in the worker's output gives it partitions of
-    ``topic`` (its subscription tables name the topic earlier, without partitions)."""
-    return re.search(rf"\| {re.escape(topic)} +\| \{{\d", worker.output) is not None
+    """Whether faust's latest assignment gave the worker partitions of ``topic``."""
+    given = assignments(worker.output, topic)
+    return bool(given) and given[-1]
+
+
+#: A worker's subscription as faust logs it: the topic's name, without partitions.
+_SUBSCRIBED = """\
+[2026-12-04 07:33:58,987] [9633] [INFO] Subscribed to topic(s):
++Final Subscription------------------+
+| topic name                         |
++------------------------------------+
+| orders                             |
+| group-6f987325-__assignor-__leader |
++------------------------------------+
+"""
+
+#: Then a rebalance that revokes the partitions of ``orders`` it had and gives it none.
+_REVOKED_ONLY = (
+    _SUBSCRIBED
+    + """\
+[2026-12-04 07:34:16,142] [9633] [INFO] Revoking previously assigned partitions
++Topic Partition Set-----------------+------------+
+| topic                              | partitions |
++------------------------------------+------------+
+| orders                             | {0-3}      |
+| group-6f987325-__assignor-__leader | {0}        |
++------------------------------------+------------+ for group group-6f987325
+[2026-12-04 07:34:19,155] [9633] [INFO] Setting newly assigned partitions set() for group \
+group-6f987325
+"""
+)
+
+#: Or an assignment of partitions of ``orders``.
+_ASSIGNED = (
+    _SUBSCRIBED
+    + """\
+[2026-12-04 07:34:10,124] [9633] [INFO] Setting newly assigned partitions
++Topic Partition Set-----------------+------------+
+| topic                              | partitions |
++------------------------------------+------------+
+| orders                             | {2-3}      |
+| group-6f987325-__assignor-__leader | {0}        |
++------------------------------------+------------+ for group group-6f987325
+"""
+)
+
+
+def test_a_worker_holds_the_partitions_it_was_assigned_not_those_revoked(
+    tmp_path: Path,
+) -> None:
+    """faust prints the same table when it revokes partitions as when it assigns them: a
+    worker whose partitions were revoked, and that was given none, holds none."""
+    log = tmp_path / "w.log"
+    process = Daybook(["worker"], log)
+    log.write_text(_REVOKED_ONLY)
+    assert not holds_partitions(process, "orders")
+    log.write_text(_ASSIGNED)
+    assert holds_partitions(process, "orders")
+    assert not holds_partitions(process, "order")
 
 
 def applied(url: str, group: str, topic: str) -> int:
