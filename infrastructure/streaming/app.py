@@ -210,6 +210,11 @@ def make_app(
         supervisor = applier.supervisor
         while True:
             try:
+                if start_checks_pending:
+                    # Met an outage at the start: a worker its group cannot serve (another
+                    # partitioning, versions it does not own) must not apply a batch first.
+                    await asyncio.to_thread(applier.refuse_at_start)
+                    start_checks_pending = False
                 result = await asyncio.to_thread(applier.apply, messages)
                 break
             except Exception as error:
@@ -219,7 +224,6 @@ def make_app(
                     raise _Stopped from error
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
-        start_checks_pending = False  # the batch passed what they check
         if letters_pending or result.parked:
             await publish_pending_letters()
         measure_lag(result.offsets)

@@ -821,6 +821,47 @@ def test_an_idle_worker_whose_start_checks_met_an_outage_is_refused_once_they_pa
     assert "Traceback" not in process.output, process.output
 
 
+def test_a_worker_whose_start_checks_met_an_outage_checks_again_before_its_first_batch(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker started with another partition count than its group's versions record
+    (only the start checks it): its checks met an outage, and events published meanwhile
+    are in hand when the database answers. The checks come first, and refuse it; applied,
+    the batch would have mapped the events to other partitions than the group's vector."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 3)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("busyrefused"), unique("group")
+    twice = 2 * PARTITIONS
+    applier = StreamApplier(readmodels, projections.ALL, group=group, topic=topic,
+                            partitions=twice, writer="before")  # fmt: skip
+    try:
+        applier.apply(Stream(twice).publish(ledger))
+    finally:
+        applier.close()
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        try:
+            write_money(ledger, accounts, 50)
+            head = ledger.head()
+
+            def published() -> bool:
+                cursor = read_cursor(pg_url, topic)
+                return cursor is not None and cursor.position >= head
+
+            wait_until(published, "the relay to publish them")
+            time.sleep(3)  # for the worker to fetch them (it retries them meanwhile)
+        finally:
+            the_relay.stop()
+            ledger.close()
+        outage.restore()
+        assert process.wait(30) == 1, process.output
+    assert "partitioning_mismatch" in process.output, process.output
+    assert "Traceback" not in process.output, process.output
+
+
 async def _all_keys(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
