@@ -231,12 +231,10 @@ class DecisionMetadata(Metadata):
 
 
 def decided(by: str, why: str, at: datetime) -> DecisionMetadata:
-    meta = current_metadata()
+    """The metadata of the command being executed, with the decision added: all of it (the
+    actor, the token that sent a cancel, and the trace too), not only its ids."""
     return DecisionMetadata(
-        request_id=meta.request_id,
-        correlation_id=meta.correlation_id,
-        causation_id=meta.causation_id,
-        decision=Decision(by=by, why=why, at=at),
+        **{**dict(current_metadata()), "decision": Decision(by=by, why=why, at=at)}
     )
 
 

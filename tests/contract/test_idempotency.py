@@ -343,3 +343,31 @@ def test_the_actor_is_recorded_on_every_event_and_is_not_part_of_the_payload(
         assert ledger.execute(Deposit(opened.account_id, 5, request_id="d-1")).replayed
         events = list(ledger.service.repository.event_store.get(opened.account_id))
         assert [event.meta.actor for event in events] == ["clerk-7", "clerk-7"]
+
+
+def test_a_cancel_records_who_asked_and_its_trace_on_its_decision_too(store_url: str) -> None:
+    """A saga's decision events (here ``Cancelled``) carry who decided, why and when: on top
+    of the command's metadata, not instead of it. The actor (the token that sent the cancel)
+    and the trace were on ``Finished`` but not on the decision."""
+    from daybook import place_order
+    from daybook.domain.sagas import CancelSaga
+
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with open_ledger(store_url) as ledger:
+        customer = ledger.open_account("ann", "EUR").account_id
+        merchant = ledger.open_account("shop", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 1_000)
+        ledger.receive_stock("KETTLE", 5)
+        saga_id = place_order(ledger, "o-1", customer, merchant, [("KETTLE", 1, 100)]).saga_id
+        assert saga_id is not None
+        ledger.execute(
+            CancelSaga(saga_id, "ops-alice", "customer asked", actor="mallory", traceparent=trace)
+        )
+        events = list(ledger.service.events.get(saga_id))[1:]
+    assert [type(event).__name__ for event in events] == ["Cancelled", "Finished"]
+    assert [(event.meta.actor, event.meta.traceparent) for event in events] == [
+        ("mallory", trace),
+        ("mallory", trace),
+    ]
+    assert events[0].meta.decision.by == "ops-alice"

@@ -451,6 +451,24 @@ def test_the_tokens_name_is_the_actor_in_event_metadata(api: Api) -> None:
     assert [e.meta.actor for e in events] == ["tester", "checkout"]
 
 
+def test_a_cancel_records_the_token_that_sent_it_on_the_decision(api: Api) -> None:
+    """``decided_by`` is what the body says; the token that sent the cancel is the actor of
+    every event it writes, its decision (``Cancelled``) included."""
+    api.token("mallory", "read", "write")
+    customer, merchant = api.open_account("ann"), api.open_account("shop")
+    api.command("deposit", {"account_id": customer, "amount": 500})
+    api.command("receive_stock", {"sku": "KETTLE", "quantity": 3})
+    order = {"order_id": "o-1", "customer": customer, "merchant": merchant}
+    placed = api.command("place_order", {**order, "lines": [["KETTLE", 1, 90]]})
+    saga_id = placed.json()["saga_id"]
+    cancel = {"saga_id": saga_id, "decided_by": "ops-alice", "reason": "customer asked"}
+    answer = api.command("cancel_saga", cancel, who="mallory")
+    assert answer.status_code == 200, answer.text
+    events = api.parts.ledger.service.repository.event_store.get(uuid.UUID(saga_id))
+    actors = {type(e).__name__: e.meta.actor for e in list(events)[1:]}
+    assert actors == {"Cancelled": "mallory", "Finished": "mallory"}
+
+
 # -- consistency tokens ---------------------------------------------------------------------
 
 

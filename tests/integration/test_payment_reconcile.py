@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from daybook import open_ledger
-from daybook.domain.reconciliation import RemoteRecord
+from daybook.domain.reconciliation import RecordReconciliation, RemoteRecord
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
@@ -101,6 +101,18 @@ def test_a_gateway_that_pages_short_is_read_to_the_end_and_one_that_ignores_afte
 
 def _findings_recorded(ledger: Any, key: str) -> int:
     return int(ledger.read(RemoteRecord, key).findings)
+
+
+def test_a_reconciliation_decision_keeps_who_asked_and_the_trace() -> None:
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with open_ledger("memory://") as ledger:
+        recorded = RecordReconciliation(
+            "a-stray", "charge_without_order", "flagged", "no order", actor="ops", traceparent=trace
+        )
+        ledger.execute(recorded)
+        (_, decided) = ledger.service.events.get(RemoteRecord.id_for("a-stray"))
+    assert (decided.meta.actor, decided.meta.traceparent) == ("ops", trace)
+    assert decided.meta.decision.by == "reconciler"
 
 
 def test_a_finding_recorded_again_with_another_detail_does_not_end_the_run() -> None:

@@ -200,6 +200,45 @@ def test_cancel_compensates_a_running_saga_and_nothing_else() -> None:
     assert finished.value.code == "saga_finished"
 
 
+def test_every_decision_keeps_who_asked_and_the_trace_of_the_command_that_made_it() -> None:
+    """A decision's metadata adds who decided, why and when to the command's metadata: it
+    must not drop the rest (the actor, the HTTP token that sent a cancel; the traceparent)."""
+    asked = Metadata(
+        request_id="r-1",
+        correlation_id="c-1",
+        causation_id="e-1",
+        actor="token-of-mallory",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    failing, cancelled, late = started(), started(), started()
+    for saga in (failing, cancelled, late):
+        saga.complete_step("flight", {}, T0)
+        saga.collect_events()
+    late.complete_step("note", {}, T0)
+    late.collect_events()
+    with metadata_scope(asked):
+        failing.fail_step(TRIP.steps[1], "refused", "no", "processor", T0)
+        failing.compensation_failed("flight", 1, "down", T0, "processor", T0)
+        failing.compensation_failed("flight", 2, "down", T0, "processor", T0)
+        failing.retry("alice", "the gateway is back", T0)
+        failing.compensated("flight", {}, "processor", T0)
+        cancelled.cancel("bob", "customer called", T0)
+        late.fire_deadline("pay", 1, "processor", T0 + timedelta(seconds=60))
+    events = failing.collect_events() + cancelled.collect_events() + late.collect_events()
+    decisions = {type(e).__name__: e.meta for e in events if isinstance(e.meta, DecisionMetadata)}
+    assert sorted(decisions) == [
+        "Cancelled",
+        "Compensated",
+        "DeadlineFired",
+        "NeedsAttention",
+        "Retried",
+        "StepFailed",
+    ]
+    for name, meta in decisions.items():
+        assert meta.decision is not None, name
+        assert Metadata(**meta.model_dump(exclude={"decision"})) == asked, name
+
+
 def test_outcomes_for_another_step_or_attempt_are_refused() -> None:
     saga = started()
     for check in (
