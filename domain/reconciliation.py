@@ -12,6 +12,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from pydantic import Field
 
 from daybook.domain.commands import Aggregates, Check, Command, Text
+from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.sagas import DecisionMetadata, decided
 from daybook.domain.values import check_text
@@ -29,6 +30,12 @@ def check_remote_key(value: object, what: str) -> str:
 RemoteKey = Annotated[str, Check(check_remote_key)]
 
 
+class FindingRecorded(DomainError):
+    """The remote record holds this finding and action already (each is recorded once)."""
+
+    code = "finding_recorded"
+
+
 class RemoteRecord(LedgerAggregate):
     """The reconciliation history of one remote record."""
 
@@ -37,6 +44,11 @@ class RemoteRecord(LedgerAggregate):
     if TYPE_CHECKING:
         key: str
         findings: int
+        #: The (finding, action) pairs recorded: each is recorded once, however long the
+        #: finding stays unresolved (a request id alone is forgotten after the retention
+        #: window). Rebuilt from the ``Decided`` events: a record an earlier version wrote
+        #: answers the same.
+        recorded: set[tuple[str, str]]
 
     class Opened(LedgerAggregate.Created):
         key: str
@@ -44,6 +56,7 @@ class RemoteRecord(LedgerAggregate):
         def apply(self, record: RemoteRecord) -> None:
             record.key = self.key
             record.findings = 0
+            record.recorded = set()
 
     class Decided(LedgerAggregate.Event):
         meta: DecisionMetadata = Field(default_factory=DecisionMetadata)
@@ -53,17 +66,22 @@ class RemoteRecord(LedgerAggregate):
 
         def apply(self, record: RemoteRecord) -> None:
             record.findings += 1
+            record.recorded.add((self.finding, self.action))
 
     @classmethod
     def id_for(cls, key: Any) -> UUID:
         return uuid5(NAMESPACE_URL, f"daybook:remote-record:{key}")
+
+    def has_recorded(self, finding: str, action: str) -> bool:
+        return (finding, action) in self.recorded
 
     def view(self) -> dict[str, Any]:
         return {"key": self.key, "findings": self.findings}
 
 
 class RecordReconciliation(Command):
-    """Record what reconciliation found about a remote record and what it did."""
+    """Record what reconciliation found about a remote record and what it did: once per
+    finding and action (recorded before, with whatever detail: ``finding_recorded``)."""
 
     generated_method = False
     public = False
@@ -76,6 +94,15 @@ class RecordReconciliation(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         record = aggregates.find(RemoteRecord, self.key)
+        if record is not None and record.has_recorded(self.finding, self.action):
+            # Refused rather than answered with nothing written: a command's receipt is
+            # its last event.
+            raise FindingRecorded(
+                f"{self.finding} ({self.action}) is recorded for {self.key!r} already",
+                key=self.key,
+                finding=self.finding,
+                action=self.action,
+            )
         if record is None:
             record = aggregates.add(
                 RemoteRecord._create(

@@ -77,6 +77,7 @@ STATUS: dict[str, int] = {
     "saga_exists": 409,
     "saga_finished": 409,
     "saga_moved_on": 409,
+    "finding_recorded": 409,
     "linked_command_failed": 409,
     # Not a rule about the request: an earlier answer to this very request was lost in an
     # outage and the ledger can no longer tell whether it committed. Sent again, it gets the

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from daybook.domain.errors import DomainError, IdempotencyConflict
-from daybook.domain.reconciliation import RecordReconciliation
+from daybook.domain.reconciliation import FindingRecorded, RecordReconciliation
 from daybook.domain.sagas import Saga, SagaState
 from daybook.domain.values import MAX_REQUEST_TEXT, as_text, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
@@ -218,7 +218,8 @@ def _decide(
 def _record(ledger: Ledger, report: Report, finding: Finding) -> None:
     """Record ``finding`` in the log and add it to the report. Recorded before under the
     same finding and action, with another detail (a refund that failed with another
-    error), it is not recorded again; one the log refuses is reported as not recorded."""
+    error) or by a run older than the request retention window, it is not recorded again
+    (the remote record says so itself); one the log refuses is reported as not recorded."""
     try:
         ledger.execute(
             RecordReconciliation(
@@ -230,7 +231,7 @@ def _record(ledger: Ledger, report: Report, finding: Finding) -> None:
                 request_id=_request_id(finding),
             )
         )
-    except IdempotencyConflict:
+    except (IdempotencyConflict, FindingRecorded):
         pass  # recorded by an earlier run, with that run's detail
     except DomainError as refused:
         # Raised, it would end the run at this charge, run after run (and a refund made

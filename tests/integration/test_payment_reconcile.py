@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from daybook import open_ledger
+from daybook.domain.errors import DomainError
 from daybook.domain.reconciliation import RecordReconciliation, RemoteRecord
 from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
@@ -141,6 +143,61 @@ def test_a_finding_recorded_again_with_another_detail_does_not_end_the_run() -> 
         # Once per finding and action: flagged, then refunded.
         assert _findings_recorded(ledger, "a-stray") == 2
         http.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_a_finding_is_recorded_once_not_again_every_request_retention_window() -> None:
+    """A charge no order explains, flagged by a daily run for a week: recorded once. The
+    request id of its record is forgotten after the request retention window (3 days), so
+    it alone recorded the finding again every few days, however long it stayed open."""
+    clock = Clock()
+    with (
+        FakeGatewayServer(Knobs(seed=1)) as server,
+        open_ledger("memory://", clock=clock) as ledger,
+    ):
+        http = HttpPaymentGateway(server.url)
+        http.charge("a-stray", amount=100, currency="EUR", customer="c", reference="r")
+        for _day in range(8):
+            report = reconcile_payments(ledger, http)
+            assert [(f.kind, f.action) for f in report.findings] == [
+                ("charge_without_order", "flagged")
+            ]
+            clock.now += timedelta(days=1)
+        assert _findings_recorded(ledger, "a-stray") == 1
+        reconcile_payments(ledger, http, repair=True)  # another action: recorded, once
+        clock.now += timedelta(days=4)
+        reconcile_payments(ledger, http, repair=True)
+        assert _findings_recorded(ledger, "a-stray") == 2
+        http.close()
+
+
+def test_what_a_remote_record_has_recorded_is_rebuilt_from_its_events() -> None:
+    """The record's own events say which findings and actions it holds: a record written
+    before it kept them in its state (its events replayed) refuses a repeat the same way."""
+    with open_ledger("memory://") as ledger:
+        for action in ("flagged", "refunded"):
+            ledger.execute(RecordReconciliation("a-stray", "charge_without_order", action, "x"))
+        events = list(ledger.service.events.get(RemoteRecord.id_for("a-stray")))
+        head = ledger.head()
+        again = RecordReconciliation("a-stray", "charge_without_order", "flagged", "other detail")
+        with pytest.raises(DomainError) as refused:
+            ledger.execute(again)
+        assert refused.value.code == "finding_recorded"
+        assert ledger.head() == head  # the same finding and action: nothing written
+    replayed: Any = None
+    for event in events:
+        replayed = event.mutate(replayed)
+    assert replayed.has_recorded("charge_without_order", "flagged")
+    assert replayed.has_recorded("charge_without_order", "refunded")
+    assert not replayed.has_recorded("order_without_charge", "flagged")
+    assert replayed.findings == 2
 
 
 def test_a_foreign_charge_with_a_long_key_is_recorded_and_the_run_goes_on() -> None:
