@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import signal
 import sys
 import threading
@@ -70,7 +71,11 @@ def _decision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "saga_id", type=_SAGA_ID, help="the saga's id (as `daybook sagas list` shows)"
     )
-    parser.add_argument("--by", default=None, help="who decides (default: the system user)")
+    parser.add_argument(
+        "--by",
+        default=None,
+        help="who decides (default: the system user; `uid N` for a UID with no user name)",
+    )
     parser.add_argument("--reason", required=True, help="why (recorded with the decision)")
 
 
@@ -360,7 +365,14 @@ def _plain(value: object) -> object:
 
 
 def _who(args: argparse.Namespace) -> str:
-    return str(args.by or getpass.getuser())
+    if args.by:
+        return str(args.by)
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        # A container may run as an arbitrary UID with no passwd entry and no USER or
+        # LOGNAME (getpass raises KeyError, OSError from Python 3.13): the UID is still who.
+        return f"uid {os.getuid()}"
 
 
 def _retry(args: argparse.Namespace) -> int:

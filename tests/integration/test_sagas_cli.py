@@ -174,6 +174,44 @@ def test_a_gateway_that_cannot_be_used_is_one_line(
     assert err.startswith(f"daybook: {said}") and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    "nameless",
+    [
+        KeyError("getpwuid(): uid not found: 54321"),  # what getpass raised up to Python 3.12
+        OSError("No username set in the environment"),  # what it raises from 3.13
+    ],
+)
+def test_a_decision_without_by_under_a_user_with_no_name_is_recorded_by_uid(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    nameless: Exception,
+) -> None:
+    """A container may run as a UID with no passwd entry and no USER or LOGNAME: the system
+    user that ``--by`` defaults to has no name there, and ``sagas cancel`` died with a
+    traceback. The decision is recorded by the UID instead."""
+
+    def no_user() -> str:
+        raise nameless
+
+    url = f"sqlite:///{tmp_path}/shop.db"
+    with open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 1_000)
+        ledger.receive_stock("KETTLE", 5)
+        placed = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 100)]))
+        assert placed.saga_id is not None
+    monkeypatch.setattr(sagas_cli.getpass, "getuser", no_user)
+    args = ["sagas", "cancel", str(placed.saga_id), "--url", url, "--reason", "customer asked"]
+    assert main(args) == 0, capsys.readouterr().err
+    with open_ledger(url) as ledger:
+        cancelled = list(ledger.service.events.get(placed.saga_id))[1]
+    assert type(cancelled).__name__ == "Cancelled"
+    assert cancelled.meta.decision.by == f"uid {os.getuid()}"  # type: ignore[attr-defined]
+
+
 def test_daybook_sagas_run_exits_when_its_request_purge_has_failed(tmp_path: Path) -> None:
     # The purge runs in `sagas run`'s process too: when it stops for good (its table is
     # gone, which no retry cures), the command says so and exits 1, as for its other parts.
