@@ -903,7 +903,16 @@ class LedgerService(Application[UUID]):
                     continue
             prepared.touched[index] = frozenset(uow.touched)
             uow.check_acceptance()
-            prepared.events.extend(uow.collect())
+            collected = uow.collect()
+            if not collected:
+                # Its receipt would have no position and its request record no change of
+                # its own (``last`` would name the event of the command before it).
+                msg = (
+                    f"command {command.name} was accepted but recorded no event: a command "
+                    "records at least one event, or refuses"
+                )
+                raise TypeError(msg)
+            prepared.events.extend(collected)
             last = len(prepared.events) - 1
             receipt = {"command": command.name, "request_id": request_id, **fields}
             prepared.receipts[index] = (receipt, last)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -20,7 +20,8 @@ from daybook import (
     open_ledger,
 )
 from daybook.domain import Receipt
-from daybook.domain.accounts import Account, Withdraw
+from daybook.domain.accounts import Account, Deposit, Withdraw
+from daybook.domain.commands import Aggregates, Command, Uuid
 from daybook.domain.errors import DomainError
 from daybook.domain.holds import PlaceHold
 from daybook.domain.inventory import Inventory, ReservationClaim
@@ -103,6 +104,34 @@ def test_receipt_positions_point_at_the_commands_last_event(ledger: Ledger) -> N
     assert isinstance(events[transfer.position - 1], Account.TransferredOut)
     assert events[transfer.position].transfer_id == transfer.transfer_id
     assert transfer.position == ledger.head() == 5
+
+
+class _LookOnly(Command):
+    """A command of an embedding service's that reads an account and records nothing."""
+
+    generated_method = False
+    account: Uuid
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        aggregates.get(Account, self.account)
+        return {}
+
+
+def test_a_command_accepted_without_recording_anything_is_refused_as_a_bug(
+    ledger: Ledger,
+) -> None:
+    """A receipt names the position of its command's last event, and the request's record
+    what it changed: an accepted command with no event has neither. Its receipt pointed at
+    the event of the command before it, or the ledger failed with an IndexError."""
+    a = ledger.open_account("a", "EUR").account_id
+    assert a is not None
+    head = ledger.head()
+    with pytest.raises(TypeError, match="recorded no event"):
+        ledger.execute(_LookOnly(a))
+    outcomes = ledger.submit([Deposit(a, 5), _LookOnly(a), Deposit(a, 7)])
+    assert [type(o).__name__ for o in outcomes] == ["Receipt", "TypeError", "Receipt"], outcomes
+    assert ledger.head() == head + 2
+    assert ledger.account(a).balance == 12
 
 
 def test_first_receipt_of_a_sku_creates_it_in_the_same_command(ledger: Ledger) -> None:
