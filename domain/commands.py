@@ -110,7 +110,9 @@ class Aggregates(Protocol):
         ...
 
     def add(self, aggregate: A) -> A:
-        """A new aggregate, written with the command's other events."""
+        """A new aggregate, written with the command's other events. Refused (``IdTaken``)
+        if its id names an aggregate of another kind found already: a command that creates
+        one looks it up first, with ``find_to_create``."""
         ...
 
     def taken(self, kind: type[A], key: Any) -> bool:
@@ -124,6 +126,18 @@ class Aggregates(Protocol):
         latest committed state, so the command is run again on fresh state (as a refused
         command is)."""
         ...
+
+
+def find_to_create(aggregates: Aggregates, kind: type[A], key: Any) -> A | None:
+    """The aggregate of ``kind`` for ``key``, or None if its id is free to create one with;
+    refused (``kind.id_taken``) if the id names an aggregate of another kind. Ids derived
+    from a key (a SKU's, an order's saga) are public and a caller may open an account on
+    any: the store would refuse the creation on every attempt, so the command is refused
+    now, before it changes anything, rather than retried as a conflict."""
+    found = aggregates.find(kind, key)
+    if found is None and aggregates.taken(kind, key):
+        raise kind.id_taken(key)
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,13 @@ class InvalidSku(DomainError):
     code = "invalid_sku"
 
 
+class IdTaken(DomainError):
+    """A new aggregate's id (caller-chosen, or derived from a SKU, an order id, a reservation
+    id...) names a record of another kind already: no retry could create it there."""
+
+    code = "id_taken"
+
+
 class IdempotencyConflict(DomainError):
     """A request id was reused with a different command or payload."""
 

@@ -16,7 +16,7 @@ from uuid import UUID
 from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
 from pydantic import BaseModel, ConfigDict, Field
 
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, IdTaken
 from daybook.domain.values import check_uuid
 
 
@@ -123,6 +123,18 @@ class LedgerAggregate(BaseAggregate[UUID]):
         """The refusal when no aggregate of this kind has ``key``."""
         return DomainError(f"no {cls.__name__} has {cls.key_name} {key}")
 
+    @classmethod
+    def id_taken(cls, key: Any) -> DomainError:
+        """The refusal when ``key``'s id names an aggregate of another kind, so none of this
+        kind can be created with it (ids are public: a caller may open an account on any)."""
+        aggregate_id = cls.id_for(key)
+        return IdTaken(
+            f"the id {aggregate_id} of {cls.__name__} {cls.key_name} {key} is used by another "
+            f"kind of record already; choose another {cls.key_name}",
+            id=str(aggregate_id),
+            kind=cls.__name__,
+        )
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("read_as")
@@ -208,3 +220,17 @@ _READABLE: dict[str, type[LedgerAggregate]] = {}
 def readable() -> dict[str, type[LedgerAggregate]]:
     """Every aggregate class the ledger offers a read method for, by that method's name."""
     return dict(_READABLE)
+
+
+def id_held_by_another_kind(new: LedgerAggregate, holder: LedgerAggregate) -> IdTaken:
+    """The refusal of ``new``, whose id ``holder`` (an aggregate of another kind) has: the
+    store would refuse to create it on every attempt. A command that creates an aggregate
+    refuses this itself, with what the caller should change (``find_to_create``); this is
+    the ledger's net for one that does not."""
+    return IdTaken(
+        f"the id {new.id} is used by another kind of record ({type(holder).__name__}) "
+        f"already, so no {type(new).__name__} can be created with it; choose another "
+        f"{type(new).key_name}",
+        id=str(new.id),
+        kind=type(new).__name__,
+    )

@@ -29,6 +29,7 @@ from daybook.domain.commands import (
     OptionalUuid,
     Timeout,
     Uuid,
+    find_to_create,
     generated,
 )
 from daybook.domain.errors import DomainError, InvalidAmount
@@ -284,7 +285,7 @@ class PlaceHold(Command):
     hold_id: Uuid = generated(factory=new_uuid, kw_only=True)
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        if aggregates.find(Hold, self.hold_id) is not None:
+        if find_to_create(aggregates, Hold, self.hold_id) is not None:
             raise HoldExists(
                 f"a hold with id {self.hold_id} exists already", hold_id=str(self.hold_id)
             )

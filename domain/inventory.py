@@ -22,9 +22,10 @@ from daybook.domain.commands import (
     OptionalTimeout,
     Sku,
     Text,
+    find_to_create,
     generated,
 )
-from daybook.domain.errors import DomainError, InvalidAmount, InvalidRequest
+from daybook.domain.errors import DomainError, IdTaken, InvalidAmount, InvalidRequest
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.ids import new_id_text
 from daybook.domain.values import MAX_AMOUNT, check_sku, inventory_id, shown
@@ -213,6 +214,17 @@ class Inventory(LedgerAggregate):
     @classmethod
     def not_found(cls, key: Any) -> DomainError:
         return SkuNotFound(f"no stock was ever received for SKU {key!r}", sku=key)
+
+    @classmethod
+    def id_taken(cls, key: Any) -> DomainError:
+        aggregate_id = cls.id_for(key)
+        return IdTaken(
+            f"SKU {key!r} cannot be created: its id {aggregate_id} is used by another kind "
+            "of record (an account opened with that id, say); choose another SKU",
+            id=str(aggregate_id),
+            kind=cls.__name__,
+            sku=key,
+        )
 
     def _lapsed(self) -> list[str]:
         """Reservations whose timeout has passed at ``as_of`` (expiry perhaps unrecorded)."""
@@ -464,6 +476,20 @@ class ReservationClaim(LedgerAggregate):
         return uuid5(inventory_id(check_sku(sku)), reservation_id)
 
     @classmethod
+    def id_taken(cls, key: Any) -> DomainError:
+        sku, reservation_id = key
+        aggregate_id = cls.id_for(key)
+        return IdTaken(
+            f"reservation id {reservation_id!r} of SKU {sku!r} cannot be used: its claim's "
+            f"id {aggregate_id} is used by another kind of record (an account opened with "
+            "that id, say); choose another reservation id",
+            id=str(aggregate_id),
+            kind=cls.__name__,
+            sku=sku,
+            reservation_id=reservation_id,
+        )
+
+    @classmethod
     def claim(cls, sku: str, reservation_id: str) -> ReservationClaim:
         return cls._create(
             cls.Claimed,
@@ -478,7 +504,8 @@ def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str
     only when the SKU's own state cannot tell)."""
     if reservation_id in inventory.reservations or reservation_id in inventory.unclaimed:
         return False  # not needed: the SKU knows
-    return aggregates.find(ReservationClaim, (inventory.sku, reservation_id)) is not None
+    # The claim is created when none is found: an id another kind of record has is refused.
+    return find_to_create(aggregates, ReservationClaim, (inventory.sku, reservation_id)) is not None
 
 
 class ReceiveStock(Command):
@@ -488,7 +515,7 @@ class ReceiveStock(Command):
     quantity: Amount
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        inventory = aggregates.find(Inventory, self.sku)
+        inventory = find_to_create(aggregates, Inventory, self.sku)
         if inventory is None:
             inventory = aggregates.add(Inventory.create(inventory_id(self.sku), self.sku))
         inventory.receive(self.quantity)

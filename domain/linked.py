@@ -16,7 +16,7 @@ from uuid import UUID
 
 from daybook.domain.commands import Aggregates, Check, Command
 from daybook.domain.errors import DomainError, InvalidRequest
-from daybook.domain.events import LedgerAggregate
+from daybook.domain.events import LedgerAggregate, id_held_by_another_kind
 from daybook.domain.values import shown
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -87,7 +87,12 @@ class Staged:
     def add(self, aggregate: A) -> A:
         # Replacing a staged aggregate would drop the changes the list made to it while
         # their receipts stand: a command creates an aggregate only after looking it up.
-        if aggregate.id in self._copies:
+        held = self._copies.get(aggregate.id)
+        if held is not None and not isinstance(held, type(aggregate)):
+            # An aggregate of another kind (an account an earlier command opened on a SKU's
+            # id): a refusal, as outside a list (``find_to_create``).
+            raise id_held_by_another_kind(aggregate, held)
+        if held is not None:
             msg = f"a command of the list created {aggregate.id}, which the list holds already"
             raise ValueError(msg)
         self._keep(aggregate)

@@ -24,7 +24,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount
 from daybook.domain.commands import AccountId, Aggregates, Check, Command, Timeout
-from daybook.domain.errors import InvalidAmount, InvalidRequest
+from daybook.domain.errors import IdTaken, InvalidAmount, InvalidRequest
 from daybook.domain.holds import CaptureHold, PlaceHold, VoidHold
 from daybook.domain.inventory import CommitReservation, ReleaseReservation, ReserveStock
 from daybook.domain.linked import Atomic
@@ -218,6 +218,16 @@ class PlaceOrder(Command):
         if aggregates.find(Saga, saga_id) is not None:
             raise SagaExists(
                 f"order {self.order_id!r} was placed already (saga {saga_id})",
+                order_id=self.order_id,
+                saga_id=str(saga_id),
+            )
+        if aggregates.taken(Saga, saga_id):  # the id is public: an account may have it
+            raise IdTaken(
+                f"order {self.order_id!r} cannot be placed: its saga's id {saga_id} is used by "
+                "another kind of record (an account opened with that id, say); place the "
+                "order under another order id",
+                id=str(saga_id),
+                kind=Saga.__name__,
                 order_id=self.order_id,
                 saga_id=str(saga_id),
             )

@@ -11,7 +11,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from pydantic import Field
 
-from daybook.domain.commands import Aggregates, Check, Command, Text
+from daybook.domain.commands import Aggregates, Check, Command, Text, find_to_create
 from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.sagas import DecisionMetadata, decided
@@ -93,7 +93,7 @@ class RecordReconciliation(Command):
     decided_by: Text = "reconciler"
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
-        record = aggregates.find(RemoteRecord, self.key)
+        record = find_to_create(aggregates, RemoteRecord, self.key)
         if record is not None and record.has_recorded(self.finding, self.action):
             # Refused rather than answered with nothing written: a command's receipt is
             # its last event.

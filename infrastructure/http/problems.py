@@ -67,6 +67,7 @@ STATUS: dict[str, int] = {
     "reservation_resolved": 409,
     "reservation_exists": 409,
     "account_exists": 409,
+    "id_taken": 409,
     "concurrency_conflict": 409,
     "hold_exists": 409,
     "hold_resolved": 409,

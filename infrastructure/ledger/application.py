@@ -38,7 +38,7 @@ from daybook.domain.errors import (
     IdempotencyConflict,
     UnknownOutcome,
 )
-from daybook.domain.events import LedgerAggregate, metadata_scope
+from daybook.domain.events import LedgerAggregate, id_held_by_another_kind, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
 from daybook.domain.snapshots import snapshot_class
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
@@ -158,6 +158,10 @@ class UnitOfWork:
         #: ``LedgerAggregate.write_once``): a refusal, or an acceptance that does not
         #: create one, must check.
         self.assumed_absent: dict[int, UUID] = {}
+        #: Aggregates the store was asked for and does not hold: asked again (a command
+        #: that creates one asks whether its id is taken by another kind after finding
+        #: none), they are not looked up again.
+        self._absent: set[int] = set()
         #: Aggregates an accepted command read without changing them (``collect``): unlike
         #: those it changes, nothing it writes would meet another writer's change to them,
         #: so the commit checks them (``reads``).
@@ -174,6 +178,8 @@ class UnitOfWork:
         if aggregate is not None:
             aggregate.as_of = self.now
             return aggregate
+        if key in self._absent:
+            return None
         base = self._base.aggregates.get(key) if self._base is not None else None
         if base is not None:
             # The previous batch's state: a copy, since that batch is still committing.
@@ -199,6 +205,7 @@ class UnitOfWork:
             try:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
+                self._absent.add(key)
                 return None
         self.taken_versions[key] = aggregate.version
         self.aggregates[key] = aggregate
@@ -226,6 +233,10 @@ class UnitOfWork:
 
     def add(self, aggregate: A) -> A:
         key = aggregate.id.int
+        holder = self.aggregates.get(key)
+        if holder is not None and not isinstance(holder, type(aggregate)):
+            # Found under another kind: the store would refuse the creation on every attempt.
+            raise id_held_by_another_kind(aggregate, holder)
         aggregate.as_of = self.now
         self.aggregates[key] = aggregate
         self.taken_versions.setdefault(key, 0)

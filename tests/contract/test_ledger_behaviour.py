@@ -143,6 +143,90 @@ def test_first_receipt_of_a_sku_creates_it_in_the_same_command(ledger: Ledger) -
     assert receipt.position == position == ledger.head() == 2
 
 
+def test_a_sku_whose_id_another_kind_of_record_has_is_refused_as_id_taken(
+    ledger: Ledger,
+) -> None:
+    """A caller may choose an account id, and a SKU's id is public: an account opened on
+    it makes the SKU's first receipt impossible, which no retry cures (not a conflict)."""
+    ledger.open_account("mallory", "EUR", account_id=inventory_id("SKU-X"))
+    head = ledger.head()
+    with pytest.raises(DomainError) as refused:
+        ledger.receive_stock("SKU-X", 5)
+    assert refused.value.code == "id_taken", refused.value
+    assert "another SKU" in str(refused.value)
+    assert refused.value.details["sku"] == "SKU-X"
+    assert ledger.head() == head
+
+
+def test_a_reservation_id_whose_claim_id_another_kind_of_record_has_is_refused_as_id_taken(
+    ledger: Ledger,
+) -> None:
+    ledger.receive_stock("SKU-1", 5)
+    claim_id = ReservationClaim.id_for(("SKU-1", "order-7/0"))  # uuid5 of the SKU's id
+    ledger.open_account("mallory", "EUR", account_id=claim_id)
+    head = ledger.head()
+    with pytest.raises(DomainError) as refused:
+        ledger.reserve_stock("SKU-1", 2, reservation_id="order-7/0")
+    assert refused.value.code == "id_taken", refused.value
+    assert "another reservation id" in str(refused.value)
+    assert ledger.head() == head
+    assert ledger.inventory("SKU-1").available == 5
+
+
+def test_a_hold_whose_id_another_kind_of_record_has_is_refused_as_id_taken(
+    ledger: Ledger,
+) -> None:
+    from daybook.domain.holds import Hold
+
+    payer = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(payer, 100)
+    hold_id = UUID("0f6c5b0e-2d7a-4c1e-9b8f-3a2e1d0c4b5a")
+    ledger.open_account("mallory", "EUR", account_id=Hold.id_for(hold_id))
+    head = ledger.head()
+    with pytest.raises(DomainError) as refused:
+        ledger.hold(payer, 50, timeout=60, hold_id=hold_id)
+    assert refused.value.code == "id_taken", refused.value
+    assert ledger.head() == head
+    assert ledger.account(payer).available == 100
+
+
+def test_creating_an_aggregate_on_an_id_another_kind_has_is_refused_even_after_a_plain_find(
+    ledger: Ledger,
+) -> None:
+    """The ledger's own net under a command that looks the id up with ``find`` alone (an
+    embedding service's, say): refused at once, not taken to the store on every attempt."""
+    from daybook.infrastructure.ledger.application import UnitOfWork
+
+    ledger.open_account("mallory", "EUR", account_id=inventory_id("SKU-X"))
+    work = UnitOfWork(ledger.service)
+    assert work.find(Inventory, "SKU-X") is None
+    with pytest.raises(DomainError) as refused:
+        work.add(Inventory.create(inventory_id("SKU-X"), "SKU-X"))
+    assert refused.value.code == "id_taken", refused.value
+    assert "(Account)" in str(refused.value)
+
+
+def test_an_order_whose_saga_id_another_kind_of_record_has_is_refused_as_id_taken(
+    ledger: Ledger,
+) -> None:
+    from daybook import place_order
+    from daybook.domain.orders import order_saga_id
+
+    customer = ledger.open_account("ann", "EUR").account_id
+    merchant = ledger.open_account("shop", "EUR").account_id
+    assert customer is not None and merchant is not None
+    ledger.deposit(customer, 1_000)
+    ledger.receive_stock("KETTLE", 5)
+    ledger.open_account("squatter", "EUR", account_id=order_saga_id("o-1"))
+    head = ledger.head()
+    with pytest.raises(DomainError) as refused:
+        place_order(ledger, "o-1", customer, merchant, [("KETTLE", 1, 100)])
+    assert refused.value.code == "id_taken", refused.value
+    assert "another order id" in str(refused.value)
+    assert refused.value.details["order_id"] == "o-1"
+    assert ledger.head() == head
+
+
 def test_reads(ledger: Ledger) -> None:
     account_id = ledger.open_account("carol", "USD", overdraft_limit=300).account_id
     ledger.withdraw(account_id, 100)

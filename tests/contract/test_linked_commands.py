@@ -10,9 +10,11 @@ import pytest
 
 from daybook import InsufficientFunds, Ledger, open_async_ledger, open_ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer, Withdraw
+from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError
 from daybook.domain.holds import CaptureHold, PlaceHold
-from daybook.domain.inventory import ReserveStock
+from daybook.domain.inventory import ReceiveStock, ReserveStock
+from daybook.domain.values import inventory_id
 
 
 @pytest.fixture
@@ -123,6 +125,27 @@ def test_a_list_that_opens_one_account_id_twice_is_refused(ledger: Ledger) -> No
     with pytest.raises(DomainError) as missing:
         ledger.account(account_id)
     assert missing.value.code == "account_not_found"
+
+
+@pytest.mark.parametrize("opened", ["in the list", "before, used by the list", "before"])
+def test_a_list_creating_a_sku_on_an_id_an_account_has_is_refused_as_id_taken(
+    ledger: Ledger, opened: str
+) -> None:
+    squatter = OpenAccount("mallory", "EUR", account_id=inventory_id("SKU-Y"))
+    commands: list[Command] = [ReceiveStock("SKU-Z", 1), ReceiveStock("SKU-Y", 5)]
+    if opened == "in the list":
+        commands.insert(0, squatter)
+    else:
+        ledger.execute(squatter)
+        if opened == "before, used by the list":
+            commands.insert(0, Deposit(squatter.account_id, 5))
+    head = ledger.head()
+    with pytest.raises(DomainError) as caught:
+        ledger.atomic(commands)
+    assert caught.value.code == "id_taken", caught.value
+    assert caught.value.details["index"] == len(commands) - 1
+    assert "another SKU" in str(caught.value)
+    assert ledger.head() == head
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,28 @@ def test_a_refused_linked_list_writes_nothing_and_names_the_command(
     assert_problem(post(api, "/v1/atomic", body), 409, "insufficient_funds")
 
 
+def test_a_linked_list_creating_a_sku_on_an_id_it_opened_an_account_with_is_409(
+    api: Api,
+) -> None:
+    from daybook.domain.values import inventory_id
+
+    head = api.head()
+    body = {
+        "commands": [
+            item(
+                "open_account",
+                owner="mallory",
+                currency="EUR",
+                account_id=str(inventory_id("SKU-Y")),
+            ),
+            item("receive_stock", sku="SKU-Y", quantity=5),
+        ]
+    }
+    problem = assert_problem(post(api, "/v1/atomic", body), 409, "id_taken")
+    assert problem["details"]["index"] == 1 and "another SKU" in problem["detail"]
+    assert api.head() == head
+
+
 # -- /v1/batch ------------------------------------------------------------------------------
 
 

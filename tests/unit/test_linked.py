@@ -8,8 +8,11 @@ from uuid import UUID, uuid4
 import pytest
 
 from daybook.domain.accounts import Account
+from daybook.domain.errors import DomainError
 from daybook.domain.events import LedgerAggregate
+from daybook.domain.inventory import Inventory
 from daybook.domain.linked import Staged
+from daybook.domain.values import inventory_id
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -52,6 +55,16 @@ def test_a_list_cannot_create_an_aggregate_it_holds_already() -> None:
     with pytest.raises(ValueError, match=str(account_id)):
         staged.add(Account.open(account_id, "bob", "USD", 0))
     assert staged.get(Account, account_id).balance == 700
+
+
+def test_a_list_refuses_an_aggregate_on_an_id_it_holds_one_of_another_kind_of() -> None:
+    """A refusal with a code (the store would refuse the creation anyway), not a crash."""
+    staged = Staged(Batch())
+    staged.add(Account.open(inventory_id("SKU-1"), "mallory", "EUR", 0))
+    with pytest.raises(DomainError) as refused:
+        staged.add(Inventory.create(inventory_id("SKU-1"), "SKU-1"))
+    assert refused.value.code == "id_taken"
+    assert "(Account)" in str(refused.value)
 
 
 def test_a_list_inside_a_list_hands_its_changes_back_to_it() -> None:
