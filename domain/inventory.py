@@ -62,7 +62,8 @@ class ReservationNotFound(DomainError):
 
 
 class ReservationResolved(DomainError):
-    """The reservation was already committed or released."""
+    """The reservation was already committed or released (a release refused for one that
+    was committed says so: ``details["resolution"]`` is ``committed``)."""
 
     code = "reservation_resolved"
 
@@ -373,8 +374,9 @@ class Inventory(LedgerAggregate):
 
     def commit(
         self, reservation_id: str, quantity: int | None = None, *, claimed: bool = False
-    ) -> None:
-        """Ship ``quantity`` units of the reservation (all by default); release the rest."""
+    ) -> int:
+        """Ship ``quantity`` units of the reservation (all by default); release the rest.
+        Returns the units shipped."""
         held = self._open_reservation(reservation_id, claimed)
         shipped = held if quantity is None else quantity
         if shipped > held:
@@ -403,6 +405,7 @@ class Inventory(LedgerAggregate):
             shipped=shipped,
             released=held - shipped,
         )
+        return shipped
 
     def release(self, reservation_id: str, *, claimed: bool = False) -> None:
         held = self._open_reservation(reservation_id, claimed)
@@ -508,6 +511,47 @@ def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str
     return find_to_create(aggregates, ReservationClaim, (inventory.sku, reservation_id)) is not None
 
 
+class ReservationShipment(LedgerAggregate):
+    """That a reservation was committed (shipped), and how many units: created with the
+    commit, never changed. Found by ``(sku, reservation_id)``. The SKU forgets a reservation
+    once resolved, and "resolved" alone does not tell shipped from released or expired; a
+    release refused for a shipped reservation says so (an order saga compensating must not
+    count stock gone as given back)."""
+
+    flat_state = True
+    write_once = True
+    key_name = "reservation"
+
+    if TYPE_CHECKING:
+        sku: str
+        reservation_id: str
+        shipped: int
+
+    class Recorded(LedgerAggregate.Created):
+        sku: str
+        reservation_id: str
+        shipped: int
+
+        def apply(self, shipment: ReservationShipment) -> None:
+            shipment.sku, shipment.reservation_id = self.sku, self.reservation_id
+            shipment.shipped = self.shipped
+
+    @classmethod
+    def id_for(cls, key: Any) -> UUID:
+        # Named within the reservation's claim: no reservation id can name it as a claim.
+        return uuid5(ReservationClaim.id_for(key), "shipment")
+
+    @classmethod
+    def record(cls, sku: str, reservation_id: str, shipped: int) -> ReservationShipment:
+        return cls._create(
+            cls.Recorded,
+            id=cls.id_for((sku, reservation_id)),
+            sku=sku,
+            reservation_id=reservation_id,
+            shipped=shipped,
+        )
+
+
 class ReceiveStock(Command):
     """Add received units to a SKU's stock (the first receipt creates the SKU)."""
 
@@ -569,11 +613,12 @@ class CommitReservation(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         inventory = aggregates.get(Inventory, self.sku)
-        inventory.commit(
+        shipped = inventory.commit(
             self.reservation_id,
             self.quantity,
             claimed=is_claimed(aggregates, inventory, self.reservation_id),
         )
+        aggregates.add(ReservationShipment.record(self.sku, self.reservation_id, shipped))
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 
@@ -585,9 +630,22 @@ class ReleaseReservation(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         inventory = aggregates.get(Inventory, self.sku)
-        inventory.release(
-            self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
-        )
+        try:
+            inventory.release(
+                self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
+            )
+        except ReservationResolved:
+            shipment = aggregates.find(ReservationShipment, (self.sku, self.reservation_id))
+            if shipment is None:
+                raise
+            raise ReservationResolved(
+                f"reservation {self.reservation_id!r} of SKU {self.sku} was already "
+                f"committed: {shipment.shipped} units shipped",
+                sku=self.sku,
+                reservation_id=self.reservation_id,
+                resolution="committed",
+                shipped=shipment.shipped,
+            ) from None
         return {"sku": self.sku, "reservation_id": self.reservation_id}
 
 

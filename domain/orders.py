@@ -4,9 +4,11 @@ payment gateway, then captures the hold to the merchant and ships.
 Steps, in order (each compensated in reverse if a later one fails):
 
 1. ``reserve-N`` for each line: reserve its stock (with a timeout). Out of stock on a later
-   line releases the earlier ones.
+   line releases the earlier ones. Compensation: release it (one released or expired
+   already is given back; one committed meanwhile is not: the saga needs attention).
 2. ``hold``: hold the order's total on the customer's account, as a pending transfer to the
-   merchant (with a timeout). Compensation: void it.
+   merchant (with a timeout). Compensation: void it (likewise, voided or expired already
+   is undone; captured meanwhile, the saga needs attention).
 3. ``charge`` (remote): charge the payment gateway, idempotency key derived from the saga. A
    declined payment compensates (voids the hold, releases the stock); a call that timed out
    is looked up by its key, never guessed; the step has a deadline (``payment_deadline``)
@@ -24,9 +26,14 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount
 from daybook.domain.commands import AccountId, Aggregates, Check, Command, Timeout
-from daybook.domain.errors import IdTaken, InvalidAmount, InvalidRequest
-from daybook.domain.holds import CaptureHold, PlaceHold, VoidHold
-from daybook.domain.inventory import CommitReservation, ReleaseReservation, ReserveStock
+from daybook.domain.errors import DomainError, IdTaken, InvalidAmount, InvalidRequest
+from daybook.domain.holds import CAPTURED, CaptureHold, HoldResolved, PlaceHold, VoidHold
+from daybook.domain.inventory import (
+    CommitReservation,
+    ReleaseReservation,
+    ReservationResolved,
+    ReserveStock,
+)
 from daybook.domain.linked import Atomic
 from daybook.domain.sagas import (
     Local,
@@ -136,7 +143,34 @@ def _reserve(index: int) -> Step:
     return Step(
         f"reserve-{index}",
         Local(build),
-        Local(release, done_when=frozenset({"reservation_expired", "reservation_resolved"})),
+        Local(
+            release,
+            done_when=frozenset({"reservation_expired", "reservation_resolved"}),
+            kept_when=_shipped,
+        ),
+    )
+
+
+def _shipped(refusal: DomainError) -> str | None:
+    """A reservation committed meanwhile (its id is derivable: anyone may ship it) is not
+    given back by the release it refuses, as one released or expired is."""
+    if refusal.code != ReservationResolved.code or refusal.details.get("resolution") != "committed":
+        return None
+    return (
+        f"{refusal.message}, though the order did not complete: a person decides what "
+        "becomes of them"
+    )
+
+
+def _captured(refusal: DomainError) -> str | None:
+    """A hold captured meanwhile (its id is derivable, and it shows in open holds) is not
+    undone by the void it refuses, as one voided or expired is."""
+    if refusal.code != HoldResolved.code or refusal.details.get("resolution") != CAPTURED:
+        return None
+    return (
+        f"hold {refusal.details.get('hold_id')} was captured, though the order did not "
+        "complete: the customer's money went to the merchant; a person decides whether it "
+        "goes back"
     )
 
 
@@ -180,7 +214,9 @@ def _plan(data: Mapping[str, Any]) -> tuple[Step, ...]:
         Step(
             "hold",
             Local(_hold),
-            Local(_void, done_when=frozenset({"hold_expired", "hold_resolved"})),
+            Local(
+                _void, done_when=frozenset({"hold_expired", "hold_resolved"}), kept_when=_captured
+            ),
         ),
         Step(
             "charge",

@@ -12,6 +12,7 @@ machine:
     running --(a step refused, a deadline, a cancel)-----------> compensating
     compensating --(every compensation done, in reverse)-------> compensated
     compensating --(a compensation failed policy-many times)---> needs_attention
+    compensating --(its work was resolved the other way)-------> needs_attention
     needs_attention --(retry, by a person)---------------------> compensating
 
 What drives it (the saga processor) lives in infrastructure: it asks ``next_move`` what to do
@@ -93,6 +94,12 @@ class Local:
     #: Refusals that mean the work is done already (for compensations: a reservation that
     #: expired needs no release).
     done_when: frozenset[str] = frozenset()
+    #: For a compensation: of the refusals in ``done_when``, those that say the work was
+    #: resolved the other way instead (a hold captured, where voided or expired is undone;
+    #: one code covers all three). Given the refusal, a sentence saying what was done and
+    #: cannot be undone here, or None if it was undone. The saga then needs attention:
+    #: reported compensated, it would hide money or stock gone for good.
+    kept_when: Callable[[DomainError], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -601,6 +608,16 @@ class Saga(LedgerAggregate):
         )
         self._finish_if_nothing_to_compensate()
 
+    def cannot_undo(self, step: str, what: str, by: str, now: datetime) -> None:
+        """The work of ``step`` was resolved the other way meanwhile (``Local.kept_when``):
+        no attempt can undo it, so a person must decide, with ``what`` was done."""
+        self.trigger_event(
+            self.NeedsAttention,
+            step=step,
+            error=what,
+            meta=decided(by, f"compensating step {step} cannot undo it: {what}", now),
+        )
+
     def compensation_failed(
         self, step: str, attempt: int, error: str, retry_at: datetime, by: str, now: datetime
     ) -> None:
@@ -783,7 +800,9 @@ class FireSagaDeadline(_SagaCommand):
 
 class RunLocalCompensation(_SagaCommand):
     """Run a local compensation and record it, in one transaction (a refusal is recorded
-    as a failed attempt by the processor)."""
+    as a failed attempt by the processor). A refusal in its ``done_when`` is recorded as
+    done, unless its ``kept_when`` says the work went the other way: then the saga needs
+    attention."""
 
     saga_id: Uuid
     step: Text
@@ -801,6 +820,10 @@ class RunLocalCompensation(_SagaCommand):
             if refusal.code not in compensation.done_when:
                 raise
             aggregates.confirm_refusal()  # recorded as done: judged on fresh state
+            kept = compensation.kept_when(refusal) if compensation.kept_when else None
+            if kept is not None:
+                saga.cannot_undo(self.step, kept, self.decided_by, _now(aggregates))
+                return {"saga_id": self.saga_id}
             fields = {"already": refusal.code}
         else:
             staged.hand_back()

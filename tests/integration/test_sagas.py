@@ -241,6 +241,63 @@ def test_a_compensation_that_keeps_failing_needs_attention_until_a_person_retrie
     assert all(d.at is not None and d.why for d in decisions)
 
 
+def wait_at_the_charge(shop: Shop, order_id: str, lines: list[tuple[str, int, int]]) -> UUID:
+    """An order reserved and held, its charge answered 503: it waits in the charge step,
+    its hold open and its reservations open (both ids derivable, so anyone may resolve
+    them meanwhile)."""
+    shop.server.gateway.knobs.unavailable_rate = 1.0
+    saga_id = shop.order(order_id, lines)
+    saga = shop.processor.drive(saga_id)
+    assert (saga.view().step, saga.state) == ("charge", SagaState.RUNNING)
+    shop.server.gateway.knobs.unavailable_rate = 0.0
+    return saga_id
+
+
+def test_a_hold_captured_meanwhile_leaves_the_saga_needing_attention_not_compensated(
+    shop: Shop,
+) -> None:
+    """Voiding a captured hold is refused ``hold_resolved``, as voiding a voided one is: only
+    the second is undone. The customer's money is with the merchant: a person decides."""
+    saga_id = wait_at_the_charge(shop, "o-captured", [("KETTLE", 1, 4_500)])
+    shop.ledger.capture(hold_id_of(saga_id))
+    shop.ledger.execute(CancelSaga(saga_id, "bob", "customer asked"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.NEEDS_ATTENTION, saga.view()
+    assert saga.pending_compensations[-1] == "hold"
+    assert saga.last_error is not None and "captured" in saga.last_error
+    assert shop.ledger.account(shop.merchant).balance == 4_500  # nothing guessed back
+    assert idempotency_key(saga_id, "charge") in shop.server.gateway.closed  # refunded first
+    assert shop.processor.drive(saga_id).state is SagaState.NEEDS_ATTENTION  # it waits
+
+
+def test_a_reservation_committed_meanwhile_leaves_the_saga_needing_attention_not_compensated(
+    shop: Shop,
+) -> None:
+    """Releasing a committed (shipped) reservation is refused ``reservation_resolved``, as
+    releasing a released one is: only the second is undone."""
+    saga_id = wait_at_the_charge(shop, "o-shipped", [("KETTLE", 2, 100)])
+    shop.ledger.commit_reservation("KETTLE", "o-shipped/0")
+    shop.ledger.execute(CancelSaga(saga_id, "bob", "customer asked"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.NEEDS_ATTENTION, saga.view()
+    assert saga.pending_compensations[-1] == "reserve-0"
+    assert saga.last_error is not None and "shipped" in saga.last_error
+    assert shop.ledger.inventory("KETTLE").on_hand == 8
+    view = shop.ledger.account(shop.customer)
+    assert (view.balance, view.held) == (100_000, 0)  # the hold was voided before
+
+
+def test_a_hold_voided_and_a_reservation_released_meanwhile_count_as_undone(shop: Shop) -> None:
+    saga_id = wait_at_the_charge(shop, "o-undone", [("KETTLE", 2, 100)])
+    shop.ledger.void(hold_id_of(saga_id))
+    shop.ledger.release_reservation("KETTLE", "o-undone/0")
+    shop.ledger.execute(CancelSaga(saga_id, "bob", "customer asked"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED, saga.view()
+    assert shop.ledger.inventory("KETTLE").available == 10
+    assert_nothing_left_open(shop, saga_id)
+
+
 def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> None:
     """A misconfigured gateway (a URL where no gateway answers its routes) is a failure a
     retry would only hide: the processor stops with FAILED and the reason in its health."""

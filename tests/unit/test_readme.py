@@ -21,7 +21,7 @@ def test_the_embedding_example_runs_as_written(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "insufficient_funds - account" in out
     assert "has 2500 EUR available" in out
-    assert "log position of the transfer: 5 head: 10" in out
+    assert "log position of the transfer: 5 head: 11" in out
 
 
 def test_the_example_is_about_twenty_lines() -> None:
