@@ -192,9 +192,11 @@ def register(subparsers: Any) -> None:
         "reconcile",
         help="compare the gateway's charges with saga outcomes; refund or flag, and record",
         description=(
-            "Compare the payment gateway's charges with the orders' outcomes: a charge with no "
-            "completed order is flagged (refunded with --repair); a completed order without a "
-            "charge is flagged. Every decision is recorded. Exits 1 while findings remain."
+            "Compare the payment gateway's charges with the orders' outcomes: a charge of an "
+            "order's saga (its key in daybook's form, SAGA_ID:charge) with no completed order "
+            "is flagged (refunded with --repair); a completed order without a charge is "
+            "flagged. Charges under other keys are other systems' and left alone. Every "
+            "decision is recorded. Exits 1 while findings remain."
         ),
         examples=[
             "daybook sagas reconcile --gateway http://pay:8080",
@@ -205,7 +207,9 @@ def register(subparsers: Any) -> None:
     _common(check)
     _gateway(check)
     check.add_argument(
-        "--repair", action="store_true", help="refund charges no completed order explains"
+        "--repair",
+        action="store_true",
+        help="refund daybook's charges no completed order explains",
     )
     check.set_defaults(handler=_reconcile)
 

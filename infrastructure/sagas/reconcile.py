@@ -1,7 +1,10 @@
 """Reconciliation against the payment gateway: its charges compared with saga outcomes.
 
 - a successful, unrefunded charge whose saga did not complete (compensated, or no saga at
-  all) is money taken for nothing: refunded with ``repair``, else flagged;
+  all) is money taken for nothing: refunded with ``repair``, else flagged. Only a charge
+  under a key in daybook's form (``idempotency_key``: a saga id, as daybook writes it, and
+  the reconciled step) is daybook's: the gateway's account holds other systems' charges as
+  well, and one under any other key is theirs, neither refunded nor reported;
 - a completed order whose charge the gateway does not hold (or holds refunded or declined)
   is goods given for nothing: flagged for a person;
 - a charge of a saga still running or compensating is left alone (the processor is at it);
@@ -67,11 +70,22 @@ class Report:
         return [f for f in self.findings if not f.resolved]
 
 
-def _saga_of(ledger: Ledger, key: str) -> Saga | None:
-    saga_id, _, _ = key.partition(":")
+def _saga_id_of(key: str, step: str) -> UUID | None:
+    """The saga whose ``step`` a charge's key names, if the key is in daybook's form
+    (exactly as ``idempotency_key`` writes it); None for any other key: another system's
+    charge, however much it looks like one (a saga id alone, another step, capitals)."""
+    head, _, _ = key.partition(":")
     try:
-        return ledger.read(Saga, UUID(saga_id))
-    except (ValueError, DomainError):
+        saga_id = UUID(head)
+    except ValueError:
+        return None
+    return saga_id if idempotency_key(saga_id, step) == key else None
+
+
+def _saga_of(ledger: Ledger, saga_id: UUID) -> Saga | None:
+    try:
+        return ledger.read(Saga, saga_id)
+    except DomainError:
         return None
 
 
@@ -125,7 +139,13 @@ def reconcile_payments(
             continue
         if charge.status is not ChargeStatus.SUCCEEDED or charge.refunded:
             continue
-        saga = _saga_of(ledger, charge.key)
+        saga_id = _saga_id_of(charge.key, step)
+        if saga_id is None:
+            # Another system's: no order of daybook's explains it, and none should. Refunded,
+            # it would be that system's customer's payment taken back; flagged, it would keep
+            # the run unresolved (and recorded in the log) for as long as that system charges.
+            continue
+        saga = _saga_of(ledger, saga_id)
         if saga is not None and saga.state in (
             SagaState.COMPLETED,
             SagaState.RUNNING,

@@ -20,6 +20,11 @@ from daybook.infrastructure.sagas.processor import idempotency_key
 from daybook.infrastructure.sagas.reconcile import gateway_charges, reconcile_payments
 
 
+def stray(number: int) -> str:
+    """The key of a charge of daybook's form whose saga this ledger does not have."""
+    return idempotency_key(uuid.UUID(int=number, version=4), "charge")
+
+
 class Counting:
     """The HTTP gateway, counting what reconciliation asks of it."""
 
@@ -55,8 +60,8 @@ def test_completed_orders_are_merged_with_the_charges_a_page_at_a_time() -> None
             key = idempotency_key(saga_id, "charge")
             http.charge(key, amount=100, currency="EUR", customer="c", reference="r")
         server.gateway.knobs.decline_rate = 0.0
-        for n in range(6):  # charges no order explains, between and around the others
-            key = f"{rnd.choice('0123456789abcdef')}-stray-{n}"
+        strays = [stray(rnd.getrandbits(128)) for _ in range(6)]
+        for key in strays:  # charges no order explains, between and around the others
             http.charge(key, amount=100, currency="EUR", customer="c", reference="r")
         expected = {idempotency_key(s, "charge") for s in unpaid | declined}
 
@@ -67,7 +72,7 @@ def test_completed_orders_are_merged_with_the_charges_a_page_at_a_time() -> None
         flagged = {f.key for f in report.findings if f.kind == "order_without_charge"}
         assert flagged == expected
         # (The orders here have no saga in this ledger, so their charges are unexplained too.)
-        assert len([key for key in unexplained if "-stray-" in key]) == 6
+        assert set(strays) <= set(unexplained)
         assert report.checked == 25 - len(unpaid) + 6  # every charge, page by page
         assert max(gateway.pages) == 3 and len(gateway.pages) > 2 * 26 // 3
         assert gateway.lookups == 0  # merged, no request per order
@@ -123,25 +128,26 @@ def test_a_finding_recorded_again_with_another_detail_does_not_end_the_run() -> 
     charge (``idempotency_conflict``), run after run, until the refund went through."""
     with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
         http = HttpPaymentGateway(server.url)
-        for key in ("a-stray", "b-stray"):
+        a_stray, b_stray = stray(1), stray(2)
+        for key in (a_stray, b_stray):
             http.charge(key, amount=500, currency="EUR", customer="c", reference="r")
         first = reconcile_payments(ledger, http)
         assert [(f.key, f.action) for f in first.findings] == [
-            ("a-stray", "flagged"),
-            ("b-stray", "flagged"),
+            (a_stray, "flagged"),
+            (b_stray, "flagged"),
         ]
         server.gateway.knobs.refund_unavailable_rate = 1.0
         second = reconcile_payments(ledger, http, repair=True)
         assert [(f.key, f.action) for f in second.findings] == [
-            ("a-stray", "flagged"),
-            ("b-stray", "flagged"),
+            (a_stray, "flagged"),
+            (b_stray, "flagged"),
         ]
         assert all("refund failed" in f.detail for f in second.findings)
         server.gateway.knobs.refund_unavailable_rate = 0.0
         third = reconcile_payments(ledger, http, repair=True)
-        assert {f.key for f in third.findings if f.action == "refunded"} == {"a-stray", "b-stray"}
+        assert {f.key for f in third.findings if f.action == "refunded"} == {a_stray, b_stray}
         # Once per finding and action: flagged, then refunded.
-        assert _findings_recorded(ledger, "a-stray") == 2
+        assert _findings_recorded(ledger, a_stray) == 2
         http.close()
 
 
@@ -202,24 +208,33 @@ def test_what_a_remote_record_has_recorded_is_rebuilt_from_its_events() -> None:
 
 def test_a_foreign_charge_with_a_long_key_is_recorded_and_the_run_goes_on() -> None:
     """Other systems' charges sit in the same gateway account, with keys of up to 255
-    characters: a key that made the request id too long ended the run at that charge,
-    after ``--repair`` had refunded it (a refund the log never heard of)."""
+    characters, and one listed in a state daybook does not know is flagged: a key that made
+    the request id too long ended the run at that charge (and, before only daybook's keys
+    were refunded, after ``--repair`` had refunded it: a refund the log never heard of)."""
     long_key = "other-system/" + "k" * 157
     longest = "other-system/" + "x" * 242  # 255 characters
     too_long = "other-system/" + "z" * 290
     with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
         http = HttpPaymentGateway(server.url)
         for key in (long_key, longest, too_long, "zzz-after"):
-            http.charge(key, amount=500, currency="EUR", customer="c", reference="r")
+            server.gateway.charges[key] = {
+                "key": key,
+                "amount": 500,
+                "currency": "EUR",
+                "status": "pending",
+            }
         report = reconcile_payments(ledger, http, repair=True)
-        refunded = {f.key: f for f in report.findings if f.action == "refunded"}
-        assert set(refunded) == {long_key, longest, too_long, "zzz-after"}
+        flagged = {f.key: f for f in report.findings if f.action == "flagged"}
+        assert set(flagged) == {long_key, longest, too_long, "zzz-after"}
         for key in (long_key, longest, "zzz-after"):
             assert _findings_recorded(ledger, key) == 1, key
-            assert "not recorded" not in refunded[key].detail
-        assert "not recorded in the log: invalid_request" in refunded[too_long].detail
+            assert "not recorded" not in flagged[key].detail
+        assert "not recorded in the log: invalid_request" in flagged[too_long].detail
         again = reconcile_payments(ledger, http, repair=True)
-        assert again.findings == []  # all refunded: nothing left, nothing recorded twice
+        assert {f.key for f in again.findings} == set(flagged)  # still pending: flagged
+        for key in (long_key, longest, "zzz-after"):
+            assert _findings_recorded(ledger, key) == 1, key  # not recorded twice
+        assert server.gateway.refunds == {}
         http.close()
 
 
@@ -229,7 +244,8 @@ def test_a_charge_listed_in_a_state_daybook_does_not_know_is_flagged() -> None:
     run after run, never reaching the charges after it."""
     with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
         http = HttpPaymentGateway(server.url)
-        http.charge("c-stray", amount=500, currency="EUR", customer="c", reference="r")
+        c_stray = stray(3)
+        http.charge(c_stray, amount=500, currency="EUR", customer="c", reference="r")
         server.gateway.charges["a-other-system"] = {
             "key": "a-other-system",
             "amount": 700,
@@ -243,8 +259,33 @@ def test_a_charge_listed_in_a_state_daybook_does_not_know_is_flagged() -> None:
         assert found == {
             "a-other-system": ("charge_in_unknown_state", "flagged"),
             "b-other-system": ("charge_in_unknown_state", "flagged"),
-            "c-stray": ("charge_without_order", "refunded"),
+            c_stray: ("charge_without_order", "refunded"),
         }
         pending = next(f for f in report.findings if f.key == "a-other-system")
         assert "pending" in pending.detail
         assert _findings_recorded(ledger, "a-other-system") == 1
+
+
+def test_a_charge_under_a_key_not_in_daybooks_form_is_not_refunded_nor_flagged() -> None:
+    """The gateway account holds other systems' charges: a succeeded one under a key that
+    names no saga's charge step ("webshop-invoice-2031") was taken for a charge no order
+    explains, and ``--repair`` refunded another system's customer payment. Only a key in
+    daybook's form is daybook's: one whose saga this ledger lacks is still refunded."""
+    ours = idempotency_key(uuid.UUID(int=7, version=4), "charge")
+    others = [
+        "webshop-invoice-2031",
+        str(uuid.UUID(int=8, version=4)),  # a saga id alone, no step
+        f"{uuid.UUID(int=9, version=4)}:invoice",  # another step than the one reconciled
+        f"{str(uuid.UUID(int=10, version=4)).upper()}:charge",  # not as daybook spells it
+    ]
+    with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
+        http = HttpPaymentGateway(server.url)
+        for key in (ours, *others):
+            http.charge(key, amount=4_990, currency="EUR", customer="c", reference="r")
+        report = reconcile_payments(ledger, http, repair=True)
+        http.close()
+    assert [(f.key, f.kind, f.action) for f in report.findings] == [
+        (ours, "charge_without_order", "refunded")
+    ]
+    assert {key: server.gateway.refunds[key] for key in others} == dict.fromkeys(others, 0)
+    assert report.checked == 5

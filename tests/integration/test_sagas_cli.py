@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -86,16 +87,17 @@ def test_the_sagas_commands(
         assert ledger.head() == head
 
         # A charge no completed order explains: flagged, then refunded with --repair.
-        gateway.charge("stray-key", amount=500, currency="EUR", customer="c", reference="r")
+        stray = idempotency_key(uuid.UUID(int=1, version=4), "charge")  # of no saga here
+        gateway.charge(stray, amount=500, currency="EUR", customer="c", reference="r")
         args = ["sagas", "reconcile", "--url", url, "--gateway", server.url]
         assert main(args) == 1
         assert "charge_without_order" in capsys.readouterr().out
         assert main([*args, "--repair"]) == 0
         assert "refunded" in capsys.readouterr().out
-        assert server.gateway.refunds["stray-key"] == 1
+        assert server.gateway.refunds[stray] == 1
         assert server.gateway.refunds.get(idempotency_key(done.saga_id, "charge")) is None
-        assert ledger.read(RemoteRecord, "stray-key").findings == 2
-        events = list(ledger.service.events.get(RemoteRecord.id_for("stray-key")))
+        assert ledger.read(RemoteRecord, stray).findings == 2
+        events = list(ledger.service.events.get(RemoteRecord.id_for(stray)))
         decision = events[-1].meta.decision  # type: ignore[attr-defined]
         assert decision.by == "payment reconciler" and "charge_without_order" in decision.why
         # Completed orders are read a page at a time (one here): the paid one is found paid,
