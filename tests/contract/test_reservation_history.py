@@ -87,12 +87,20 @@ def test_reservation_claims_take_no_place_in_the_aggregate_cache(store_url: str)
         assert apart == {"ReservationClaim"} and len(cache.write_once_ids()) == 50
 
 
-def assert_resolved_exactly_once(ledger: Ledger, sku: str, committed: str, released: str) -> None:
+def assert_resolved_exactly_once(
+    ledger: Ledger, sku: str, committed: str, released: str, *, shipment_recorded: bool = True
+) -> None:
     for reservation in (committed, released):
         with pytest.raises(ReservationResolved):
             ledger.commit_reservation(sku, reservation)
-        with pytest.raises(ReservationResolved):
+        with pytest.raises(ReservationResolved) as refused:
             ledger.release_reservation(sku, reservation)
+        # A release says whether the reservation shipped: an order saga compensating must
+        # not count stock shipped as given back.
+        told = shipment_recorded and reservation == committed
+        shipped = {"resolution": "committed", "shipped": 1} if told else {}
+        assert {k: refused.value.details.get(k) for k in shipped} == shipped
+        assert ("resolution" in refused.value.details) is told
         with pytest.raises(ReservationExists):
             ledger.reserve_stock(sku, 1, reservation_id=reservation)
     with pytest.raises(ReservationNotFound):
@@ -140,11 +148,14 @@ def test_a_reservation_id_used_by_another_process_is_refused(shared_store_url: s
 
 
 def test_reservations_made_before_claims_existed_stay_resolved(tmp_path: Path) -> None:
-    """The v0.1 fixture: order-1 was committed and order-2 released, by daybook 0.1."""
+    """The v0.1 fixture: order-1 was committed and order-2 released, by daybook 0.1 (whose
+    commits recorded no shipment: a release cannot say order-1 shipped)."""
     copy = tmp_path / "ledger-v0.1.db"
     shutil.copy(FIXTURE, copy)
     with open_ledger(f"sqlite:///{copy}") as ledger:
-        assert_resolved_exactly_once(ledger, "SKU-1", committed="order-1", released="order-2")
+        assert_resolved_exactly_once(
+            ledger, "SKU-1", committed="order-1", released="order-2", shipment_recorded=False
+        )
         receipt = ledger.reserve_stock("SKU-1", 1, reservation_id="order-3")
         assert receipt.reservation_id == "order-3"
         ledger.commit_reservation("SKU-1", "order-3")
