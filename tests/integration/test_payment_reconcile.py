@@ -169,18 +169,19 @@ def test_a_finding_is_recorded_once_not_again_every_request_retention_window() -
         open_ledger("memory://", clock=clock) as ledger,
     ):
         http = HttpPaymentGateway(server.url)
-        http.charge("a-stray", amount=100, currency="EUR", customer="c", reference="r")
+        a_stray = stray(9)
+        http.charge(a_stray, amount=100, currency="EUR", customer="c", reference="r")
         for _day in range(8):
             report = reconcile_payments(ledger, http)
             assert [(f.kind, f.action) for f in report.findings] == [
                 ("charge_without_order", "flagged")
             ]
             clock.now += timedelta(days=1)
-        assert _findings_recorded(ledger, "a-stray") == 1
+        assert _findings_recorded(ledger, a_stray) == 1
         reconcile_payments(ledger, http, repair=True)  # another action: recorded, once
         clock.now += timedelta(days=4)
         reconcile_payments(ledger, http, repair=True)
-        assert _findings_recorded(ledger, "a-stray") == 2
+        assert _findings_recorded(ledger, a_stray) == 2
         http.close()
 
 
