@@ -498,10 +498,12 @@ class LedgerMachine(RuleBasedStateMachine):
             (("request_id", self.request_id(data)),),
         )
         predicted = self.predict_resolution(name, reservation_id)
+        if predicted == 1:
+            predicted = 2  # the SKU's commit, and the record that it shipped
         valid = quantity is None or quantity > 0
         if not valid:
             predicted = "invalid_amount"
-        elif predicted == 1 and quantity is not None and quantity > held:
+        elif predicted == 2 and quantity is not None and quantity > held:
             predicted = "invalid_amount"  # more than it holds: a business rule, recorded
         if self.perform(call, predicted, recorded=valid):
             stock = self.stock[name]
