@@ -173,6 +173,25 @@ def test_a_reservation_id_whose_claim_id_another_kind_of_record_has_is_refused_a
     assert ledger.inventory("SKU-1").available == 5
 
 
+def test_a_reservation_whose_shipment_record_id_another_kind_has_still_ships(
+    ledger: Ledger,
+) -> None:
+    """The record that a reservation shipped has an id derived from it: an account opened
+    on that id must not stop the commit (it failed, as a conflict, on every retry)."""
+    from daybook.domain.inventory import ReservationShipment
+
+    ledger.receive_stock("SKU-1", 5)
+    ledger.reserve_stock("SKU-1", 2, reservation_id="order-7/0")
+    squatted = ReservationShipment.id_for(("SKU-1", "order-7/0"))
+    ledger.open_account("mallory", "EUR", account_id=squatted)
+    ledger.commit_reservation("SKU-1", "order-7/0")
+    stock = ledger.inventory("SKU-1")
+    assert (stock.on_hand, stock.reserved) == (3, 0)
+    with pytest.raises(DomainError) as refused:
+        ledger.release_reservation("SKU-1", "order-7/0")
+    assert refused.value.code == "reservation_resolved"
+
+
 def test_a_hold_whose_id_another_kind_of_record_has_is_refused_as_id_taken(
     ledger: Ledger,
 ) -> None:
