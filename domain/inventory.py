@@ -28,7 +28,7 @@ from daybook.domain.commands import (
 from daybook.domain.errors import DomainError, IdTaken, InvalidAmount, InvalidRequest
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.ids import new_id_text
-from daybook.domain.values import MAX_AMOUNT, check_sku, inventory_id, shown
+from daybook.domain.values import MAX_AMOUNT, check_new_sku, check_sku, inventory_id, shown
 
 
 class SkuNotFound(DomainError):
@@ -561,7 +561,8 @@ class ReceiveStock(Command):
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         inventory = find_to_create(aggregates, Inventory, self.sku)
         if inventory is None:
-            inventory = aggregates.add(Inventory.create(inventory_id(self.sku), self.sku))
+            sku = check_new_sku(self.sku)
+            inventory = aggregates.add(Inventory.create(inventory_id(sku), sku))
         inventory.receive(self.quantity)
         return {"sku": self.sku}
 

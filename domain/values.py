@@ -129,16 +129,25 @@ def as_text(message: str, max_length: int = 200) -> str:
 
 
 def check_sku(value: object, what: str = "SKU") -> str:
-    """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -, with no empty, "." or ".."
-    part between slashes (a URL's path resolves those away: GET /v1/stock/A/../B reads B)."""
-    if (
-        not isinstance(value, str)
-        or not _SKU.fullmatch(value)
-        or not _RESOLVED_AWAY.isdisjoint(value.split("/"))
-    ):
+    """A SKU: 1 to 64 characters from A-Z a-z 0-9 . _ : / -. (A new one is checked further
+    by ``check_new_sku``.)"""
+    if not isinstance(value, str) or not _SKU.fullmatch(value):
         raise InvalidSku(
-            f"{what} must be 1-64 characters of letters, digits and . _ : / -, with no empty, "
-            f"'.' or '..' part between slashes, got {shown(value)}",
+            f"{what} must be 1-64 characters of letters, digits and . _ : / -, got {shown(value)}",
+            value=shown(value),
+        )
+    return value
+
+
+def check_new_sku(value: str) -> str:
+    """A SKU stock is first received for: ``check_sku``'s, with no empty, "." or ".." part
+    between slashes, which a URL's path resolves away (GET /v1/stock/A/../B reads B). Only
+    new SKUs are held to it: one received before the rule stays usable, its stock and its
+    open reservations (the expiry sweeper, an order's steps) included."""
+    if not _RESOLVED_AWAY.isdisjoint(value.split("/")):
+        raise InvalidSku(
+            f"a new SKU may not have an empty, '.' or '..' part between slashes (a URL would "
+            f"read it as another), got {shown(value)}",
             value=shown(value),
         )
     return value

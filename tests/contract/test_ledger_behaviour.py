@@ -594,3 +594,26 @@ def test_a_saga_step_refused_on_a_stale_cache_is_judged_again_on_fresh_state(
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_sku_received_before_new_skus_were_held_to_url_safe_parts_stays_usable(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new SKU may not have an empty, "." or ".." part between slashes (a URL would read
+    it as another); one received before that rule keeps working: its stock, its timed
+    reservations (which the expiry sweeper resolves by SKU) and an order's steps."""
+    from daybook.domain import values
+
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr(values, "_RESOLVED_AWAY", frozenset())
+        ledger.receive_stock("BOX/", 5)
+    with pytest.raises(DomainError) as refused:
+        ledger.receive_stock("CRATE/", 5)
+    assert refused.value.code == "invalid_sku"
+    ledger.receive_stock("BOX/", 1)
+    ledger.reserve_stock("BOX/", 2, reservation_id="r-1")
+    ledger.reserve_stock("BOX/", 1, reservation_id="r-2", timeout=60)
+    ledger.commit_reservation("BOX/", "r-1")
+    ledger.release_reservation("BOX/", "r-2")
+    stock = ledger.inventory("BOX/")
+    assert (stock.on_hand, stock.reserved) == (4, 0)
