@@ -14,6 +14,7 @@ here and checked, like the others, by tests/unit/test_compat.py. The domain's sn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,24 @@ def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
     # Everything but the row factory eventsourcing adds (a psycopg option, not libpq's): the
     # event store factory's libpq settings (TCP liveness, the URL's) included.
     return str(pool.conninfo), {k: v for k, v in kwargs.items() if k != "row_factory"}
+
+
+def set_on_each_session(datastore: Any, statements: Sequence[str]) -> None:
+    """Run ``statements`` on each new connection of a PostgreSQL datastore's pool, after
+    eventsourcing's own set-up: psycopg_pool calls the ``configure`` function it was built
+    with (eventsourcing's, kept as ``_configure``) on each connection it makes. Settings made
+    so rather than as libpq ``options`` at connect: a pooler in between (PgBouncer) refuses
+    a startup parameter it does not track, and every connection with it."""
+    pool = datastore.pool
+    configure = pool._configure
+
+    def configured(conn: Any) -> None:
+        if configure is not None:
+            configure(conn)
+        for statement in statements:
+            conn.execute(statement)
+
+    pool._configure = configured
 
 
 class _QueryOnlyPool(SQLiteConnectionPool):
@@ -173,6 +192,17 @@ RELIED_ON: tuple[Internal, ...] = (
         "reconnect_timeout, which the event store factory shortens)",
         on_instance=True,
         members=("conninfo", "kwargs", "reconnect_timeout"),
+    ),
+    Internal(
+        "psycopg-pool",
+        "psycopg_pool:ConnectionPool",
+        "_configure",
+        set_on_each_session,
+        "ConnectionPool.__init__ and _connect (the configure function, kept and called on "
+        "each new connection; tests/integration/test_cli_errors.py: a stricter default "
+        "isolation is still written READ COMMITTED)",
+        on_instance=True,
+        used_in="psycopg_pool.pool:ConnectionPool._connect",
     ),
     Internal(
         "eventsourcing",

@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
+from daybook.infrastructure.compat.eventsourcing import set_on_each_session
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     UPGRADE_RETENTION,
@@ -415,10 +416,6 @@ def _rows(stored: Sequence[StoredEvent]) -> list[dict[str, Any]]:
 #: Seconds the pool keeps trying to replace a lost connection (see ``Factory``).
 RECONNECT_TIMEOUT = 30.0
 
-#: libpq ``options`` that make a session's transactions READ COMMITTED (a space in a value
-#: is escaped with a backslash).
-_READ_COMMITTED = "-c default_transaction_isolation=read\\ committed"
-
 
 class Factory(PostgresFactory):
     application_recorder_class = PostgresRecorder
@@ -432,14 +429,15 @@ class Factory(PostgresFactory):
         kwargs.update(conninfo_to_dict(self.env.get(SETTINGS_KEY) or ""))
         # The append function checks what a batch only read under the lock every writer
         # takes, and must see what committed while it waited: a statement's own snapshot,
-        # which only READ COMMITTED gives. Set for daybook's own sessions (after the URL's
-        # options, so it wins), rather than refusing a server, database or role whose
+        # which only READ COMMITTED gives. Set on each of daybook's own sessions (after the
+        # URL's options, so it wins), rather than refusing a server, database or role whose
         # default is stricter: daybook's guarantees do not come from the isolation level.
-        options = [str(kwargs.get("options") or ""), _READ_COMMITTED]
+        # A SET once connected, not a startup option: a pooler in between refuses those.
+        settings = ["SET default_transaction_isolation = 'read committed'"]
         if self.env.get(READ_ONLY_KEY):
             # Every transaction read-only: the server refuses any write (see read_only_env).
-            options.append("-c default_transaction_read_only=on")
-        kwargs["options"] = " ".join(o for o in options if o)
+            settings.append("SET default_transaction_read_only = on")
+        set_on_each_session(self.datastore, settings)
         # psycopg_pool replaces a lost connection with attempts whose delays double until
         # this many seconds have passed (5 minutes by default), then gives the slot up (the
         # next caller that waits grows the pool again). After a long outage the next attempt

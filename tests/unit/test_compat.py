@@ -85,6 +85,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
+        "psycopg_pool:ConnectionPool": datastore.pool,
         "eventsourcing.postgres:PostgresRecorder": PostgresRecorder(datastore),
         "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
         "eventsourcing.sqlite:SQLiteConnectionPool": SQLiteConnectionPool(db_name=":memory:"),
