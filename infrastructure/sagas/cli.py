@@ -195,7 +195,8 @@ def register(subparsers: Any) -> None:
             "Compare the payment gateway's charges with the orders' outcomes: a charge of an "
             "order's saga (its key in daybook's form, SAGA_ID:charge) with no completed order "
             "is flagged (refunded with --repair); a completed order without a charge is "
-            "flagged. Charges under other keys are other systems' and left alone. Every "
+            "flagged. Succeeded charges under other keys are other systems' and left alone "
+            "(a charge in a state daybook does not know is flagged, whatever its key). Every "
             "decision is recorded. Exits 1 while findings remain."
         ),
         examples=[
