@@ -15,6 +15,10 @@ machine:
     compensating --(its work was resolved the other way)-------> needs_attention
     needs_attention --(retry, by a person)---------------------> compensating
 
+A person's retry tries a failing compensation again; one whose work was resolved the other
+way cannot be undone by trying, so the retry records it compensated as acknowledged (the
+person has handled what was done) and the remaining compensations run.
+
 What drives it (the saga processor) lives in infrastructure: it asks ``next_move`` what to do
 and records each outcome with one of the commands below. A local step runs *inside* the
 command that records it (``RunLocalStep``), so the step and the saga's record of it commit in
@@ -270,6 +274,9 @@ class Saga(LedgerAggregate):
         #: compensation attempts is numbered anew, and its moves need request ids of their own.
         retries: int
         last_error: str | None
+        #: The step whose work was resolved the other way (``cannot_undo``), while that is
+        #: why the saga needs attention: a person's retry acknowledges it instead of trying it.
+        kept: str | None
         retry_at: datetime | None
         #: The deadline of the current step: (step, at, generation), or None.
         deadline: tuple[str, datetime, int] | None
@@ -292,6 +299,7 @@ class Saga(LedgerAggregate):
             saga.attempts = 0
             saga.retries = 0
             saga.last_error = None
+            saga.kept = None
             saga.retry_at = None
             saga.deadline = None
             saga.generation = 0
@@ -376,13 +384,24 @@ class Saga(LedgerAggregate):
             saga.retry_at = None
 
     class NeedsAttention(LedgerAggregate.Event):
+        """Schema v2 added ``kept``: the step's work was resolved the other way, which no
+        attempt can undo (else its compensation failed too many times)."""
+
+        class_version = 2
         meta: DecisionMetadata = Field(default_factory=DecisionMetadata)
         step: str
         error: str
+        kept: bool = False
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Version 1 did not say why; its retry tries the compensation again."""
+            state["kept"] = False
 
         def apply(self, saga: Saga) -> None:
             saga.state = SagaState.NEEDS_ATTENTION
             saga.last_error = self.error
+            saga.kept = self.step if self.kept else None
             saga.retry_at = None
 
     class Retried(LedgerAggregate.Event):
@@ -392,6 +411,7 @@ class Saga(LedgerAggregate):
             saga.state = SagaState.COMPENSATING
             saga.attempts = 0
             saga.retries += 1
+            saga.kept = None
             saga.retry_at = None
 
     class Finished(LedgerAggregate.Event):
@@ -615,6 +635,7 @@ class Saga(LedgerAggregate):
             self.NeedsAttention,
             step=step,
             error=what,
+            kept=True,
             meta=decided(by, f"compensating step {step} cannot undo it: {what}", now),
         )
 
@@ -640,7 +661,20 @@ class Saga(LedgerAggregate):
                 saga_id=str(self.id),
                 state=self.state.value,
             )
+        kept, what = self.kept, self.last_error
         self.trigger_event(self.Retried, meta=decided(by, why, now))
+        if kept is None:
+            return
+        # Its work went the other way (``cannot_undo``): trying again meets the same refusal
+        # for ever, and the compensations behind it never run. The person retrying has
+        # handled what was done; the step is recorded as settled by them, and the rest run.
+        self.trigger_event(
+            self.Compensated,
+            step=kept,
+            result={"kept": what, "acknowledged_by": by},
+            meta=decided(by, f"acknowledged that step {kept} cannot be undone: {why}", now),
+        )
+        self._finish_if_nothing_to_compensate()
 
     def _finish_if_nothing_to_compensate(self) -> None:
         if not self.pending_compensations:
@@ -865,7 +899,7 @@ class CancelSaga(_SagaCommand):
 
 
 class RetrySaga(_SagaCommand):
-    """Try the compensations of a saga that needs attention again (a person's decision)."""
+    """Compensate a saga that needs attention again; acknowledge work gone the other way."""
 
     generated_method = True
     public = True

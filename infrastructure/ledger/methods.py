@@ -501,7 +501,7 @@ class LedgerMethods(ABC):
         actor: str | None = None,
         traceparent: str | None = None,
     ) -> Receipt:
-        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        """Compensate a saga that needs attention again; acknowledge work gone the other way."""
         return self.execute(
             RetrySaga(
                 saga_id,
@@ -997,7 +997,7 @@ class AsyncLedgerMethods(ABC):
         actor: str | None = None,
         traceparent: str | None = None,
     ) -> Receipt:
-        """Try the compensations of a saga that needs attention again (a person's decision)."""
+        """Compensate a saga that needs attention again; acknowledge work gone the other way."""
         return await self.execute(
             RetrySaga(
                 saga_id,

@@ -253,6 +253,18 @@ def wait_at_the_charge(shop: Shop, order_id: str, lines: list[tuple[str, int, in
     return saga_id
 
 
+def assert_acknowledged(shop: Shop, saga_id: UUID, step: str, what: str) -> None:
+    """The step a person's retry settled is recorded compensated once, saying it went the
+    other way (``what``) and who acknowledged it: not undone, and not tried again."""
+    history = list(shop.ledger.service.events.get(saga_id))
+    compensated = [e for e in history if isinstance(e, Saga.Compensated) and e.step == step]
+    assert len(compensated) == 1, compensated
+    (event,) = compensated
+    assert what in event.result["kept"]
+    assert event.result["acknowledged_by"] == "ops"
+    assert event.meta.decision is not None and event.meta.decision.by == "ops"
+
+
 def test_a_hold_captured_meanwhile_leaves_the_saga_needing_attention_not_compensated(
     shop: Shop,
 ) -> None:
@@ -268,6 +280,14 @@ def test_a_hold_captured_meanwhile_leaves_the_saga_needing_attention_not_compens
     assert shop.ledger.account(shop.merchant).balance == 4_500  # nothing guessed back
     assert idempotency_key(saga_id, "charge") in shop.server.gateway.closed  # refunded first
     assert shop.processor.drive(saga_id).state is SagaState.NEEDS_ATTENTION  # it waits
+    # A person has dealt with the money (refunded it by hand) and retries: the void is
+    # recorded as acknowledged, not tried again, and the reservation is released.
+    shop.ledger.execute(RetrySaga(saga_id, "ops", "refunded by hand"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED, saga.view()
+    assert_acknowledged(shop, saga_id, "hold", "captured")
+    assert shop.ledger.inventory("KETTLE").available == 10
+    assert_nothing_left_open(shop, saga_id)
 
 
 def test_a_reservation_committed_meanwhile_leaves_the_saga_needing_attention_not_compensated(
@@ -285,6 +305,12 @@ def test_a_reservation_committed_meanwhile_leaves_the_saga_needing_attention_not
     assert shop.ledger.inventory("KETTLE").on_hand == 8
     view = shop.ledger.account(shop.customer)
     assert (view.balance, view.held) == (100_000, 0)  # the hold was voided before
+    shop.ledger.execute(RetrySaga(saga_id, "ops", "refunded by hand"))
+    saga = shop.run(saga_id)
+    assert saga.state is SagaState.COMPENSATED, saga.view()
+    assert_acknowledged(shop, saga_id, "reserve-0", "shipped")
+    assert shop.ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+    assert_nothing_left_open(shop, saga_id)
 
 
 def test_a_hold_voided_and_a_reservation_released_meanwhile_count_as_undone(shop: Shop) -> None:

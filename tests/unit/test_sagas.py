@@ -183,6 +183,42 @@ def test_a_compensation_that_keeps_failing_needs_attention_until_retried() -> No
     assert saga.state is SagaState.COMPENSATED
 
 
+def test_a_retry_acknowledges_a_step_that_cannot_be_undone_and_compensates_the_rest() -> None:
+    """Retrying a step whose work went the other way would meet the same refusal for ever:
+    the person's retry records it as acknowledged, and the compensations behind it run. The
+    state says so after a replay too; a failing compensation's retry still tries again."""
+    saga = started()
+    saga.complete_step("flight", {}, T0)
+    saga.complete_step("note", {}, T0)
+    saga.cancel("bob", "customer called", T0)
+    saga.compensated("pay", {}, "processor", T0)
+    saga.compensation_failed("flight", 1, "down", T0, "processor", T0)
+    saga.cannot_undo("flight", "flight was flown", "processor", T0)
+    assert (saga.state, saga.kept) == (SagaState.NEEDS_ATTENTION, "flight")
+    events = list(saga.collect_events())
+    assert replayed(saga, events).kept == "flight"
+    saga.retry("ops", "refunded by hand", T0)
+    acknowledged = [e for e in saga.collect_events() if isinstance(e, Saga.Compensated)]
+    assert [(e.step, e.result) for e in acknowledged] == [
+        ("flight", {"kept": "flight was flown", "acknowledged_by": "ops"})
+    ]
+    assert (saga.state, saga.kept) == (SagaState.COMPENSATED, None)
+
+    failing = started()
+    failing.complete_step("flight", {}, T0)
+    failing.fail_step(TRIP.steps[1], "refused", "no", "processor", T0)
+    failing.compensation_failed("flight", 8, "down", T0, "processor", T0)
+    assert failing.kept is None
+    failing.retry("ops", "gateway back", T0)
+    assert failing.next_move(T0) == Compensate(TRIP.steps[0], 1)
+
+
+def test_a_version_1_needs_attention_reads_as_not_kept() -> None:
+    state: dict[str, Any] = {"step": "flight", "error": "down"}
+    Saga.NeedsAttention.upcast_v1_v2(state)
+    assert state["kept"] is False
+
+
 def test_cancel_compensates_a_running_saga_and_nothing_else() -> None:
     saga = started()
     saga.complete_step("flight", {}, T0)
