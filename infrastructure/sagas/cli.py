@@ -159,7 +159,10 @@ def register(subparsers: Any) -> None:
         help="try the compensations of a saga that needs attention again",
         description=(
             "Move a saga that needs attention back to compensating, so the processor tries its "
-            "compensations again; who decided and why are recorded."
+            "compensations again; who decided and why are recorded. If it needs attention "
+            "because a step's work was resolved the other way (a hold captured, a reservation "
+            "shipped), retry once you have dealt with that: the step is recorded as "
+            "acknowledged by you, not undone, and the remaining compensations run."
         ),
         examples=[
             f'daybook sagas retry {_SAGA} --reason "gateway fixed" --by ops-alice',
