@@ -933,12 +933,7 @@ def test_a_handlers_read_the_database_refuses_fails_the_batch_not_the_event(
     finally:
         holder.close()
         runner.stop()
-    store = open_store(readmodels)
-    try:
-        record = VersionCatalog(store).version("account_balances", 1)
-        letters = store.execute("SELECT count(*) FROM daybook_dead_letters")[0][0]
-    finally:
-        store.close()
+    record, letters = _balances_and_letters(readmodels)
     assert record is not None and record.state is VersionState.LIVE and letters == 0
     assert_tables_match(ledger, readmodels, projections.ACCOUNT_BALANCES)
 
@@ -995,12 +990,7 @@ def test_a_statement_cut_off_by_the_statement_timeout_is_retried_and_parks_nothi
     finally:
         holder.close()
         runner.stop()
-    store = open_store(readmodels)
-    try:
-        record = VersionCatalog(store).version("account_balances", 1)
-        letters = store.execute("SELECT count(*) FROM daybook_dead_letters")[0][0]
-    finally:
-        store.close()
+    record, letters = _balances_and_letters(readmodels)
     assert not runner.halted, runner.halted
     assert letters == 0
     assert record is not None and record.state is VersionState.LIVE
@@ -1008,3 +998,14 @@ def test_a_statement_cut_off_by_the_statement_timeout_is_retried_and_parks_nothi
     reasons = {h.error for h in seen if h.state is ServiceState.RETRYING}
     assert reasons and all("statement timeout" in str(r) for r in reasons), reasons
     assert_tables_match(ledger, readmodels, projections.ACCOUNT_BALANCES)
+
+
+def _balances_and_letters(readmodels: str) -> tuple[Any, int]:
+    """account_balances v1's catalog record, and how many events the read models parked."""
+    store = open_store(readmodels)
+    try:
+        record = VersionCatalog(store).version("account_balances", 1)
+        letters = store.execute("SELECT count(*) FROM daybook_dead_letters")[0][0]
+    finally:
+        store.close()
+    return record, int(letters)
