@@ -284,6 +284,10 @@ def make_app(
                     continue
                 start_checks_pending = False
                 supervisor.recovered()
+                if letters_pending:
+                    # Letters an outage kept from their topic (at the start, say) would
+                    # wait for a batch, which on a quiet topic never comes.
+                    await publish_pending_letters()
             return await getting
         except BaseException:
             if not getting.done():

@@ -907,6 +907,33 @@ def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_on
     assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
 
 
+def test_a_letter_an_outage_kept_from_the_topic_goes_once_the_database_answers_idle(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A letter parked and recorded, not yet published (its worker stopped first), and the
+    next worker's publish at its start met a read-model outage: it waited for a batch to
+    publish it, which on a quiet topic never came. The worker publishes it once its
+    database answers."""
+    ledger = open_ledger(pg_url)
+    poison, _ = log_with_poison(ledger, 3, 5)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idleletters"), unique("group")
+    applier = StreamApplier(readmodels, projections.ALL, group=group, topic=topic,
+                            partitions=PARTITIONS, writer="before")  # fmt: skip
+    try:
+        applier.apply(Stream(PARTITIONS).publish(ledger))  # parks the poison, publishes nothing
+    finally:
+        applier.close()
+        ledger.close()
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
+        outage.restore()
+        wait_until(lambda: "recovered" in process.output, "the worker to recover")
+        keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
+    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
+
+
 @dataclass
 class _Abandoned:
     """A worker of ``group`` (read models behind a proxy, metrics on ``port``) that gives
