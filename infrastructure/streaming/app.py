@@ -202,19 +202,23 @@ def make_app(
             return
         letters_pending = False
 
+    async def pass_pending_start_checks() -> None:
+        """The checks at the start, if they met an outage and are still to pass: a worker
+        its group cannot serve (another partitioning, versions it does not own) must not
+        apply a batch, nor say it runs, first. Raises their refusal or failure."""
+        nonlocal start_checks_pending
+        if start_checks_pending:
+            await asyncio.to_thread(applier.refuse_at_start)
+            start_checks_pending = False
+
     async def apply_until_done(messages: list[Message]) -> None:
         """Apply one batch, retrying through database outages (with backoff and jitter);
         never raises for data (that is parked). A failure no retry cures stops the worker:
         its health says FAILED and why, and ``run_worker`` reports it."""
-        nonlocal start_checks_pending
         supervisor = applier.supervisor
         while True:
             try:
-                if start_checks_pending:
-                    # Met an outage at the start: a worker its group cannot serve (another
-                    # partitioning, versions it does not own) must not apply a batch first.
-                    await asyncio.to_thread(applier.refuse_at_start)
-                    start_checks_pending = False
+                await pass_pending_start_checks()
                 result = await asyncio.to_thread(applier.apply, messages)
                 break
             except Exception as error:
@@ -260,7 +264,6 @@ def make_app(
         probed, after a backoff as a batch would be retried (the checks at the start, if
         they are still to pass). Answering, the worker runs again; still away, it keeps
         retrying; a refusal or a failure no retry cures stops it (``_Stopped``)."""
-        nonlocal start_checks_pending
         supervisor = applier.supervisor
         getting = asyncio.ensure_future(handoff.get())
         wait = IDLE_PROBE_SECONDS
@@ -272,9 +275,11 @@ def make_app(
                 wait = IDLE_PROBE_SECONDS
                 if not app.flow_control.is_active() or app.rebalancing:
                     continue  # stopping, or the partitions not settled yet
-                probe = applier.refuse_at_start if start_checks_pending else applier.probe
                 try:
-                    await asyncio.to_thread(probe)
+                    if start_checks_pending:
+                        await pass_pending_start_checks()
+                    else:
+                        await asyncio.to_thread(applier.probe)
                 except Exception as error:
                     await asyncio.to_thread(applier.close)
                     delay = supervisor.judge(error)  # logged, and recorded in its health
@@ -282,7 +287,6 @@ def make_app(
                         raise _Stopped from error
                     wait = max(delay, FLOW_CHECK_SECONDS)
                     continue
-                start_checks_pending = False
                 supervisor.recovered()
                 if letters_pending:
                     # Letters an outage kept from their topic (at the start, say) would
