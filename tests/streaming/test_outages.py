@@ -33,7 +33,6 @@ from daybook.infrastructure.streaming.progress import (
     read_status,
 )
 from daybook.infrastructure.streaming.relay import read_cursor
-from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections.accounts import ACCOUNT_BALANCES
 from scripts import services
@@ -47,11 +46,11 @@ from scripts.streams import (
     wait_until,
     write_money,
 )
-from tests.streaming.messages import Stream
 from tests.streaming.test_faults import log_with_poison
 from tests.streaming.test_workers import (
     PARTITIONS,
     applied,
+    applied_before,
     assignments,
     reference_tables,
     tables,
@@ -688,9 +687,9 @@ def test_a_worker_whose_batch_meets_a_lock_held_elsewhere_says_so_and_stops_on_s
 
 
 @dataclass
-class _Into:
-    """A worker of ``group`` whose read models (``readmodels``, behind a proxy) go just as
-    its agent starts, after the checks at its start."""
+class _CutOff:
+    """A worker of ``group`` whose read models (``readmodels``) sit behind a proxy that is
+    cut while it works (metrics on ``port``)."""
 
     url: str
     bootstrap: str
@@ -723,229 +722,6 @@ class _Into:
                 yield outage, process
             finally:
                 process.stop()
-
-
-def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """The read-model database gone just as the worker's agent starts (after the checks
-    at its start): the error escaped the agent, which faust restarted every 5 s with a
-    traceback while the worker said it ran, and SIGTERM never ended it afterwards. The
-    start now leaves the outage to its batches, which wait it out: the worker says it
-    retries, stops on SIGTERM during the outage, and the next one catches up."""
-    ledger = open_ledger(pg_url)
-    accounts = open_accounts(ledger, 20)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("startdown"), unique("group")
-    port = services.free_port()
-    write_money(ledger, accounts, 200)
-    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):
-        try:
-            # Meanwhile its consumer fetches the topic's messages: a stop must not wait for
-            # them (nothing of the outage can be acknowledged).
-            time.sleep(5)
-            assert "Traceback" not in process.output, process.output
-            assert process.stop() == 0, process.output  # SIGTERM during the outage
-            outage.restore()
-            head = ledger.head()
-            process = worker(
-                pg_url,
-                kafka_bootstrap,
-                topic,
-                group,
-                tmp_path / "w2.log",
-                {},
-                outage.url(readmodels),
-                ["--metrics-port", str(port)],
-            ).start()
-            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker after it")
-            assert _retrying(port, group) == 0
-            assert process.stop() == 0, process.output
-        finally:
-            process.stop()
-            the_relay.stop()
-            ledger.close()
-    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
-
-
-def test_an_idle_worker_whose_read_models_go_as_it_starts_retries_until_they_answer(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """The read-model database gone as the worker's agent starts, on a topic where nothing
-    is published: the checks at its start met the outage and left it to the first batch,
-    which never came, so the worker said it ran (health, ``daybook_service_retrying`` 0, no
-    warning) while its database was away. It says it retries until the database answers,
-    then runs."""
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("idlestart"), unique("group")
-    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
-    port = services.free_port()
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
-        assert "restarting in" in process.output, process.output
-        outage.restore()
-        wait_until(lambda: _retrying(port, group) == 0, "it to say it runs", 30)
-        assert process.stop() == 0, process.output
-    assert "recovered" in process.output
-    assert "Traceback" not in process.output, process.output
-
-
-def test_an_idle_worker_whose_start_checks_met_an_outage_is_refused_once_they_pass(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """The same start, by a worker its group cannot serve (versions new to a group that has
-    applied events: ``group_already_started``): what its idle worker tries once the
-    database answers is the checks at its start, not a mere connection, so it stops with
-    the refusal in one line (exit 1) rather than say it runs."""
-    ledger = open_ledger(pg_url)
-    open_accounts(ledger, 3)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("idlerefused"), unique("group")
-    applier = StreamApplier(readmodels, [ACCOUNT_BALANCES], group=group, topic=topic,
-                            partitions=PARTITIONS, writer="before")  # fmt: skip
-    try:
-        applier.apply(Stream(PARTITIONS).publish(ledger))
-    finally:
-        applier.close()
-        ledger.close()
-    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
-    port = services.free_port()
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
-        outage.restore()
-        assert process.wait(30) == 1, process.output
-    assert "group_already_started" in process.output, process.output
-    assert "recovered" not in process.output
-    assert "Traceback" not in process.output, process.output
-
-
-def test_a_worker_whose_start_checks_met_an_outage_checks_again_before_its_first_batch(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """A worker started with another partition count than its group's versions record
-    (only the start checks it): its checks met an outage, and events published meanwhile
-    are in hand when the database answers. The checks come first, and refuse it; applied,
-    the batch would have mapped the events to other partitions than the group's vector."""
-    ledger = open_ledger(pg_url)
-    accounts = open_accounts(ledger, 3)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("busyrefused"), unique("group")
-    twice = 2 * PARTITIONS
-    applier = StreamApplier(readmodels, projections.ALL, group=group, topic=topic,
-                            partitions=twice, writer="before")  # fmt: skip
-    try:
-        applier.apply(Stream(twice).publish(ledger))
-    finally:
-        applier.close()
-    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
-        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
-        try:
-            write_money(ledger, accounts, 50)
-            head = ledger.head()
-
-            def published() -> bool:
-                cursor = read_cursor(pg_url, topic)
-                return cursor is not None and cursor.position >= head
-
-            wait_until(published, "the relay to publish them")
-            time.sleep(3)  # for the worker to fetch them (it retries them meanwhile)
-        finally:
-            the_relay.stop()
-            ledger.close()
-        outage.restore()
-        assert process.wait(30) == 1, process.output
-    assert "partitioning_mismatch" in process.output, process.output
-    assert "Traceback" not in process.output, process.output
-
-
-async def _all_keys(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    keys: list[bytes] = []
-    try:
-        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for messages in batch.values():
-                keys.extend(m.key for m in messages)
-    finally:
-        await consumer.stop()
-    return keys
-
-
-def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_once(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """The start's publish of dead letters failed (the read models away), so the first
-    batch after the outage published what was left, its own letter among them, and then
-    its own letters again: twice on the dead-letter topic. Each goes once."""
-    ledger = open_ledger(pg_url)
-    poison, _ = log_with_poison(ledger, 3, 5)
-    head = ledger.head()
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("dupletters"), unique("group")
-    port = services.free_port()
-    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
-    wait_until(lambda: _cursor(pg_url, topic) == head, "everything on the topic")
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, port)
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):
-        try:
-            outage.restore()
-            wait_until(lambda: applied(readmodels, group, topic) == head - 1, "the batch")
-            (letter,) = read_dead_letters(readmodels, group, topic)
-            assert letter["position"] == poison
-            keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
-        finally:
-            process.stop()
-            the_relay.stop()
-            ledger.close()
-    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
-
-
-def test_a_letter_an_outage_kept_from_the_topic_goes_once_the_database_answers_idle(
-    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """A letter parked and recorded, not yet published (its worker stopped first), and the
-    next worker's publish at its start met a read-model outage: it waited for a batch to
-    publish it, which on a quiet topic never came. The worker publishes it once its
-    database answers."""
-    ledger = open_ledger(pg_url)
-    poison, _ = log_with_poison(ledger, 3, 5)
-    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
-    topic, group = unique("idleletters"), unique("group")
-    applier = StreamApplier(readmodels, projections.ALL, group=group, topic=topic,
-                            partitions=PARTITIONS, writer="before")  # fmt: skip
-    try:
-        applier.apply(Stream(PARTITIONS).publish(ledger))  # parks the poison, publishes nothing
-    finally:
-        applier.close()
-        ledger.close()
-    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
-    into = _Into(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
-    with into.an_outage_at_its_start(tmp_path) as (outage, process):
-        outage.restore()
-        wait_until(lambda: "recovered" in process.output, "the worker to recover")
-        keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
-    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
-
-
-@dataclass
-class _Abandoned:
-    """A worker of ``group`` (read models behind a proxy, metrics on ``port``) that gives
-    up the batch it retries through an outage of its read models on a rebalance, and
-    finds nothing left to apply on the partitions it owns after it."""
-
-    url: str
-    bootstrap: str
-    topic: str
-    group: str
-    readmodels: str
-    port: int
 
     @contextmanager
     def after_a_rebalance(self, tmp_path: Path) -> Iterator[tuple[Outage, Daybook]]:
@@ -999,6 +775,204 @@ class _Abandoned:
                 ledger.close()
 
 
+def test_a_worker_whose_read_models_go_as_it_starts_waits_and_stops_on_sigterm(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The read-model database gone just as the worker's agent starts (after the checks
+    at its start): the error escaped the agent, which faust restarted every 5 s with a
+    traceback while the worker said it ran, and SIGTERM never ended it afterwards. The
+    start now leaves the outage to its batches, which wait it out: the worker says it
+    retries, stops on SIGTERM during the outage, and the next one catches up."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("startdown"), unique("group")
+    port = services.free_port()
+    write_money(ledger, accounts, 200)
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
+        try:
+            # Meanwhile its consumer fetches the topic's messages: a stop must not wait for
+            # them (nothing of the outage can be acknowledged).
+            time.sleep(5)
+            assert "Traceback" not in process.output, process.output
+            assert process.stop() == 0, process.output  # SIGTERM during the outage
+            outage.restore()
+            head = ledger.head()
+            process = worker(
+                pg_url,
+                kafka_bootstrap,
+                topic,
+                group,
+                tmp_path / "w2.log",
+                {},
+                outage.url(readmodels),
+                ["--metrics-port", str(port)],
+            ).start()
+            wait_until(lambda: applied(readmodels, group, topic) == head, "the worker after it")
+            assert _retrying(port, group) == 0
+            assert process.stop() == 0, process.output
+        finally:
+            process.stop()
+            the_relay.stop()
+            ledger.close()
+    assert tables(readmodels) == reference_tables(pg_url, pg_admin_url)
+
+
+def test_an_idle_worker_whose_read_models_go_as_it_starts_retries_until_they_answer(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The read-model database gone as the worker's agent starts, on a topic where nothing
+    is published: the checks at its start met the outage and left it to the first batch,
+    which never came, so the worker said it ran (health, ``daybook_service_retrying`` 0, no
+    warning) while its database was away. It says it retries until the database answers,
+    then runs."""
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idlestart"), unique("group")
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    port = services.free_port()
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        assert "restarting in" in process.output, process.output
+        outage.restore()
+        wait_until(lambda: _retrying(port, group) == 0, "it to say it runs", 30)
+        assert process.stop() == 0, process.output
+    assert "recovered" in process.output
+    assert "Traceback" not in process.output, process.output
+
+
+def test_an_idle_worker_whose_start_checks_met_an_outage_is_refused_once_they_pass(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The same start, by a worker its group cannot serve (versions new to a group that has
+    applied events: ``group_already_started``): what its idle worker tries once the
+    database answers is the checks at its start, not a mere connection, so it stops with
+    the refusal in one line (exit 1) rather than say it runs."""
+    ledger = open_ledger(pg_url)
+    open_accounts(ledger, 3)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idlerefused"), unique("group")
+    try:
+        applied_before(readmodels, ledger, [ACCOUNT_BALANCES], group, topic)
+    finally:
+        ledger.close()
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    port = services.free_port()
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        outage.restore()
+        assert process.wait(30) == 1, process.output
+    assert "group_already_started" in process.output, process.output
+    assert "recovered" not in process.output
+    assert "Traceback" not in process.output, process.output
+
+
+def test_a_worker_whose_start_checks_met_an_outage_checks_again_before_its_first_batch(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker started with another partition count than its group's versions record
+    (only the start checks it): its checks met an outage, and events published meanwhile
+    are in hand when the database answers. The checks come first, and refuse it; applied,
+    the batch would have mapped the events to other partitions than the group's vector."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 3)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("busyrefused"), unique("group")
+    twice = 2 * PARTITIONS
+    applied_before(readmodels, ledger, projections.ALL, group, topic, twice)
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):  # it says it retries
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+        try:
+            write_money(ledger, accounts, 50)
+            head = ledger.head()
+
+            def published() -> bool:
+                cursor = read_cursor(pg_url, topic)
+                return cursor is not None and cursor.position >= head
+
+            wait_until(published, "the relay to publish them")
+            time.sleep(3)  # for the worker to fetch them (it retries them meanwhile)
+        finally:
+            the_relay.stop()
+            ledger.close()
+        outage.restore()
+        assert process.wait(30) == 1, process.output
+    assert "partitioning_mismatch" in process.output, process.output
+    assert "Traceback" not in process.output, process.output
+
+
+async def _all_keys(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    keys: list[bytes] = []
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                keys.extend(m.key for m in messages)
+    finally:
+        await consumer.stop()
+    return keys
+
+
+def test_a_letter_parked_by_the_first_batch_after_a_failed_start_publish_goes_once(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The start's publish of dead letters failed (the read models away), so the first
+    batch after the outage published what was left, its own letter among them, and then
+    its own letters again: twice on the dead-letter topic. Each goes once."""
+    ledger = open_ledger(pg_url)
+    poison, _ = log_with_poison(ledger, 3, 5)
+    head = ledger.head()
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("dupletters"), unique("group")
+    port = services.free_port()
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    wait_until(lambda: _cursor(pg_url, topic) == head, "everything on the topic")
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, port)
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
+        try:
+            outage.restore()
+            wait_until(lambda: applied(readmodels, group, topic) == head - 1, "the batch")
+            (letter,) = read_dead_letters(readmodels, group, topic)
+            assert letter["position"] == poison
+            keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
+        finally:
+            process.stop()
+            the_relay.stop()
+            ledger.close()
+    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
+
+
+def test_a_letter_an_outage_kept_from_the_topic_goes_once_the_database_answers_idle(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A letter parked and recorded, not yet published (its worker stopped first), and the
+    next worker's publish at its start met a read-model outage: it waited for a batch to
+    publish it, which on a quiet topic never came. The worker publishes it once its
+    database answers."""
+    ledger = open_ledger(pg_url)
+    poison, _ = log_with_poison(ledger, 3, 5)
+    readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
+    topic, group = unique("idleletters"), unique("group")
+    try:  # parks the poison, publishes nothing
+        applied_before(readmodels, ledger, projections.ALL, group, topic)
+    finally:
+        ledger.close()
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, PARTITIONS))  # and nothing on it
+    into = _CutOff(pg_url, kafka_bootstrap, topic, group, readmodels, services.free_port())
+    with into.an_outage_at_its_start(tmp_path) as (outage, process):
+        outage.restore()
+        wait_until(lambda: "recovered" in process.output, "the worker to recover")
+        keys = asyncio.run(_all_keys(kafka_bootstrap, dead_letter_topic(topic), 10))
+    assert keys == [str(poison).encode()], f"on the dead-letter topic: {keys}"
+
+
 def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_runs_once_its_database_is_back(
     pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -1008,7 +982,7 @@ def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_runs_once_its_databa
     through, which on an idle topic was never. It says it runs once its database answers."""
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     port = services.free_port()
-    abandoned = _Abandoned(
+    abandoned = _CutOff(
         pg_url, kafka_bootstrap, unique("abandoned"), unique("group"), readmodels, port
     )
     with abandoned.after_a_rebalance(tmp_path) as (outage, process):
@@ -1025,7 +999,7 @@ def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_retries_while_its_da
     (it runs only once the database answers)."""
     readmodels = services.create_database(pg_admin_url, unique("daybook_rm").replace("-", "_"))
     port = services.free_port()
-    abandoned = _Abandoned(
+    abandoned = _CutOff(
         pg_url, kafka_bootstrap, unique("abandoned"), unique("group"), readmodels, port
     )
     with abandoned.after_a_rebalance(tmp_path) as (_outage, process):

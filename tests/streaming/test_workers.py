@@ -6,7 +6,9 @@ import asyncio
 import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -21,6 +23,7 @@ from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections import ALL
 from daybook.projections.accounts import ACCOUNT_BALANCES
+from daybook.projections.model import Projection
 from scripts import services
 from scripts.streams import (
     Daybook,
@@ -34,6 +37,25 @@ from tests.streaming.messages import Stream
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
 PARTITIONS = 4
+
+
+def applied_before(
+    readmodels: str,
+    ledger: Any,
+    projections: Sequence[Projection],
+    group: str,
+    topic: str,
+    partitions: int = PARTITIONS,
+) -> None:
+    """``ledger``'s log applied for ``group`` (its versions registered, its progress rows
+    written) by an earlier worker of it, as a worker does, though never put on ``topic``.
+    Returns once that worker is gone."""
+    applier = StreamApplier(readmodels, projections, group=group, topic=topic,
+                            partitions=partitions, writer="before")  # fmt: skip
+    try:
+        applier.apply(Stream(partitions).publish(ledger))
+    finally:
+        applier.close()
 
 
 def relay(url: str, bootstrap: str, topic: str, log: Path) -> Daybook:
@@ -253,12 +275,9 @@ def test_a_worker_refused_by_a_users_mistake_says_why_in_one_line_without_a_trac
     topic, group = unique("refused"), unique("group")
     ledger = open_ledger(pg_url)
     open_accounts(ledger, 3)
-    applier = StreamApplier(pg_url, [ACCOUNT_BALANCES], group=group, topic=topic,
-                            partitions=PARTITIONS, writer="before")  # fmt: skip
     try:
-        applier.apply(Stream(PARTITIONS).publish(ledger))
+        applied_before(pg_url, ledger, [ACCOUNT_BALANCES], group, topic)
     finally:
-        applier.close()
         ledger.close()
     output = refused_at_start(pg_url, kafka_bootstrap, topic, group, tmp_path)
     assert "group_already_started" in output and "new --group" in output
