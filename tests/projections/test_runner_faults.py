@@ -681,14 +681,7 @@ def test_a_read_waits_out_the_read_model_database_gone_past_a_few_reconnects(
     ids = workload(ledger, 40)
     readmodels = new_read_models(pg_admin_url)
     run_to_head(ledger, readmodels, projections.ALL)
-    attempts: list[str] = []
-    real_open_store = queries.open_store
-
-    def counted_open_store(url: str) -> Any:
-        attempts.append(url)
-        return real_open_store(url)
-
-    monkeypatch.setattr(queries, "open_store", counted_open_store)
+    attempts = _store_opens_counted(monkeypatch)
     with Outage.of_url(readmodels) as outage:
         reader = ReadModels(outage.url(readmodels))
         if closed_before:
@@ -758,17 +751,8 @@ def test_a_read_the_statement_timeout_cuts_off_is_tried_again_only_within_its_ti
     ids = workload(ledger, 10)
     readmodels = new_read_models(pg_admin_url)
     run_to_head(ledger, readmodels, projections.ALL)
-    name = readmodels.rsplit("/", 1)[1].split("?")[0]
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 300')
-    attempts: list[str] = []
-    real_open_store = queries.open_store
-
-    def counted_open_store(url: str) -> Any:
-        attempts.append(url)
-        return real_open_store(url)
-
-    monkeypatch.setattr(queries, "open_store", counted_open_store)
+    _set_by_default(pg_admin_url, readmodels, "statement_timeout", 300)
+    attempts = _store_opens_counted(monkeypatch)
     reader = ReadModels(readmodels)
     holder = psycopg.connect(readmodels)
     try:
@@ -912,9 +896,7 @@ def test_a_handlers_read_the_database_refuses_fails_the_batch_not_the_event(
     for a bad event: retried, parked and the version stopped. It fails the batch, which is
     retried as an outage; nothing is parked."""
     readmodels = new_read_models(pg_admin_url)
-    name = readmodels.rsplit("/", 1)[1].split("?")[0]
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" SET lock_timeout = 500')
+    _set_by_default(pg_admin_url, readmodels, "lock_timeout", 500)
     ids = workload(ledger, 20)
     runner = ProjectionRunner(
         event_log_of(ledger), readmodels, [projections.ACCOUNT_BALANCES], cache_limit=0
@@ -953,9 +935,7 @@ def test_a_statement_cut_off_by_the_statement_timeout_is_retried_and_parks_nothi
     cut off so stopped the runner for good. Either way the runner now retries, ``retrying``
     with the reason, and applies everything once the lock is gone; nothing is parked."""
     readmodels = new_read_models(pg_admin_url)
-    name = readmodels.rsplit("/", 1)[1].split("?")[0]
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 500')
+    _set_by_default(pg_admin_url, readmodels, "statement_timeout", 500)
     ids = workload(ledger, 20)
     runner = ProjectionRunner(
         event_log_of(ledger),
@@ -1009,3 +989,23 @@ def _balances_and_letters(readmodels: str) -> tuple[Any, int]:
     finally:
         store.close()
     return record, int(letters)
+
+
+def _store_opens_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs the read side opens a store on from now on, one per connection made."""
+    attempts: list[str] = []
+    real_open_store = queries.open_store
+
+    def counted_open_store(url: str) -> Any:
+        attempts.append(url)
+        return real_open_store(url)
+
+    monkeypatch.setattr(queries, "open_store", counted_open_store)
+    return attempts
+
+
+def _set_by_default(admin_url: str, database_url: str, setting: str, value: int) -> None:
+    """``setting`` for every new session of ``database_url``'s database (as a DBA sets it)."""
+    name = database_url.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET {setting} = {value}')
