@@ -502,13 +502,19 @@ class ReservationClaim(LedgerAggregate):
         )
 
 
-def is_claimed(aggregates: Aggregates, inventory: Inventory, reservation_id: str) -> bool:
+def is_claimed(
+    aggregates: Aggregates, inventory: Inventory, reservation_id: str, *, to_reserve: bool = False
+) -> bool:
     """Whether a claim marks ``reservation_id`` as used on ``inventory``'s SKU (looked up
-    only when the SKU's own state cannot tell)."""
+    only when the SKU's own state cannot tell). Only making a reservation (``to_reserve``)
+    creates the claim, so only it refuses a claim id another kind of record has: for a
+    commit or release, that id means no reservation was ever made."""
     if reservation_id in inventory.reservations or reservation_id in inventory.unclaimed:
         return False  # not needed: the SKU knows
-    # The claim is created when none is found: an id another kind of record has is refused.
-    return find_to_create(aggregates, ReservationClaim, (inventory.sku, reservation_id)) is not None
+    key = (inventory.sku, reservation_id)
+    if to_reserve:
+        return find_to_create(aggregates, ReservationClaim, key) is not None
+    return aggregates.find(ReservationClaim, key) is not None
 
 
 class ReservationShipment(LedgerAggregate):
@@ -599,7 +605,7 @@ class ReserveStock(Command):
             self.reservation_id,
             self.quantity,
             expires_at,
-            claimed=is_claimed(aggregates, inventory, self.reservation_id),
+            claimed=is_claimed(aggregates, inventory, self.reservation_id, to_reserve=True),
         )
         aggregates.add(ReservationClaim.claim(self.sku, self.reservation_id))
         return {"sku": self.sku, "reservation_id": self.reservation_id}

@@ -173,6 +173,22 @@ def test_a_reservation_id_whose_claim_id_another_kind_of_record_has_is_refused_a
     assert ledger.inventory("SKU-1").available == 5
 
 
+@pytest.mark.parametrize("action", ["commit_reservation", "release_reservation"])
+def test_resolving_a_reservation_never_made_on_a_taken_claim_id_is_reservation_not_found(
+    ledger: Ledger, action: str
+) -> None:
+    """Only making a reservation creates its claim: an account on the claim's id does not
+    make a commit or release of a reservation that was never made a taken id. It answered
+    ``id_taken`` ("choose another reservation id"), which a caller resolving cannot do."""
+    ledger.receive_stock("SKU-1", 5)
+    ledger.open_account("mallory", "EUR", account_id=ReservationClaim.id_for(("SKU-1", "r-9")))
+    head = ledger.head()
+    with pytest.raises(DomainError) as refused:
+        getattr(ledger, action)("SKU-1", "r-9")
+    assert refused.value.code == "reservation_not_found", refused.value
+    assert ledger.head() == head
+
+
 def test_a_reservation_whose_shipment_record_id_another_kind_has_still_ships(
     ledger: Ledger,
 ) -> None:
