@@ -57,6 +57,10 @@ class SagaState(enum.StrEnum):
         return self in (SagaState.COMPLETED, SagaState.COMPENSATED)
 
 
+#: States in which a saga's current step is a compensation.
+_UNDOING = frozenset({SagaState.COMPENSATING, SagaState.NEEDS_ATTENTION})
+
+
 class SagaNotFound(DomainError):
     code = "saga_not_found"
 
@@ -460,7 +464,8 @@ class Saga(LedgerAggregate):
     def view(self) -> SagaView:
         steps = self.steps
         step = steps[self.current].name if self.current < len(steps) else None
-        if self.state is SagaState.COMPENSATING and self.pending_compensations:
+        if self.state in _UNDOING and self.pending_compensations:
+            # The compensation under way, or the one that stopped and needs a person.
             step = self.pending_compensations[-1]
         return SagaView(
             saga_id=self.id,

@@ -183,6 +183,17 @@ def test_a_compensation_that_keeps_failing_needs_attention_until_retried() -> No
     assert saga.state is SagaState.COMPENSATED
 
 
+def test_a_saga_that_needs_attention_shows_the_step_whose_compensation_stopped() -> None:
+    """The dashboard and ``sagas show`` say which step a person must look at: the one whose
+    compensation stopped, not the forward step the saga had failed at before."""
+    saga = started()
+    saga.complete_step("flight", {}, T0)
+    saga.fail_step(TRIP.steps[1], "refused", "no", "processor", T0)
+    saga.compensation_failed("flight", 8, "down", T0, "processor", T0)
+    assert saga.state is SagaState.NEEDS_ATTENTION
+    assert saga.view().step == "flight"
+
+
 def test_a_retry_acknowledges_a_step_that_cannot_be_undone_and_compensates_the_rest() -> None:
     """Retrying a step whose work went the other way would meet the same refusal for ever:
     the person's retry records it as acknowledged, and the compensations behind it run. The
