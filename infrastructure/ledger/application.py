@@ -429,7 +429,8 @@ class LedgerService(Application[UUID]):
         super().__init__(env)
         #: What time it is: commands and reads are judged at its reading (holds expire by
         #: it), and request records are kept by it. Injectable, so tests can move time.
-        self.clock: Callable[[], datetime] = clock or _utc_now
+        self.clock: Callable[[], datetime] = _aware(clock) if clock else _utc_now
+        self.clock()  # a clock that gives naive readings is refused now, not at a command
         #: How long request records of caller-chosen ids are kept (seconds), on that clock.
         self.retention = Retention(retention, clock=lambda: self.clock().timestamp())
         #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
@@ -1170,6 +1171,24 @@ def _commit_span(prepared: PreparedBatch) -> Iterator[None]:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _aware(clock: Callable[[], datetime]) -> Callable[[], datetime]:
+    """``clock``, refusing a reading without a time zone (``datetime.now``, say). Written
+    into a hold's or a reservation's expiry, one made every process with a correct clock
+    fail on that account or SKU (naive and aware times do not compare), for good."""
+
+    def reading() -> datetime:
+        now = clock()
+        if now.tzinfo is None or now.utcoffset() is None:
+            msg = (
+                f"the ledger's clock gave {now!r}, a time without a time zone; give a clock "
+                "that returns an aware datetime, such as lambda: datetime.now(UTC)"
+            )
+            raise TypeError(msg)
+        return now
+
+    return reading
 
 
 def _backoff(attempt: int) -> None:

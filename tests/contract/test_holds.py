@@ -305,6 +305,22 @@ def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_a_coded_refusal(
     assert (ledger.account(a).balance, ledger.account(b).balance) == (0, 0)
 
 
+def test_a_clock_without_a_time_zone_is_refused_before_anything_is_written(
+    store_url: str,
+) -> None:
+    """A naive reading written into a hold's or a reservation's expiry made every process
+    with a correct clock fail on that account or SKU (comparing naive with aware times), so
+    that no command could resolve the hold. The ledger refuses such a clock at once."""
+    with pytest.raises(TypeError, match="aware"):
+        open_ledger(store_url, clock=datetime.now)
+    reading = [datetime.now(UTC)]
+    with open_ledger(store_url, clock=lambda: reading[0]) as ledger:
+        reading[0] = reading[0].replace(tzinfo=None)  # a clock that loses its zone later
+        with pytest.raises(TypeError, match="aware"):
+            ledger.open_account("ann", "EUR")
+        assert ledger.head() == 0
+
+
 def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(
     shared_store_url: str,
 ) -> None:
