@@ -171,7 +171,10 @@ class ListRoutes:
             request_id = f"{token.name}/{key}"
             await self.commands.refuse_earlier_batch_item(token.name, key)
             receipt = await self._run(
-                request_id, key, listed, self.commands.ledger.atomic(listed, request_id=request_id)
+                request_id,
+                key,
+                listed,
+                self.commands.ledger.atomic(listed, request_id=request_id, actor=token.name),
             )
             return receipt_response(receipt, key)
 

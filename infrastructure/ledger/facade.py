@@ -22,7 +22,7 @@ from daybook.domain.events import LedgerAggregate, readable
 from daybook.domain.linked import Atomic
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
-from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods
+from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods, envelope
 from daybook.infrastructure.ledger.retention import RequestPurge
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics, tracing
@@ -73,18 +73,6 @@ def _observe_latency(name: str, started: float) -> None:
     metrics.observe_command_seconds(name, time.perf_counter() - started)
 
 
-def _given(
-    request_id: str | None, correlation_id: str | None, causation_id: str | None
-) -> dict[str, str]:
-    """The envelope fields a caller gave (None: generated, or left out)."""
-    given = {
-        "request_id": request_id,
-        "correlation_id": correlation_id,
-        "causation_id": causation_id,
-    }
-    return {name: value for name, value in given.items() if value is not None}
-
-
 def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
     """The command or readable aggregate registered as ``name`` after the methods were
     generated (an embedding service's own), if any."""
@@ -120,14 +108,26 @@ class Ledger(LedgerMethods):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Apply ``commands`` all-or-nothing in one transaction; ``receipt.linked`` holds
         their receipts in order. A refusal is the failing command's own error, naming its
         index; ``details["outcomes"]`` gives every command's code (the others:
-        ``linked_command_failed``). Idempotent as a whole, by ``request_id``."""
+        ``linked_command_failed``). Idempotent as a whole, by ``request_id``. Every event
+        carries the list's metadata (``actor``, ``traceparent``...), not its commands'."""
         return self.execute(
             # The check turns the list into the tuple the field declares.
-            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+            Atomic(
+                commands,  # type: ignore[arg-type]
+                **envelope(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
         )
 
     def submit(self, commands: Sequence[Command]) -> list[Outcome]:
@@ -215,11 +215,22 @@ class AsyncLedger(AsyncLedgerMethods):
         request_id: str | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        actor: str | None = None,
+        traceparent: str | None = None,
     ) -> Receipt:
         """Apply ``commands`` all-or-nothing in one transaction (see ``Ledger.atomic``)."""
         return await self.execute(
             # The check turns the list into the tuple the field declares.
-            Atomic(commands, **_given(request_id, correlation_id, causation_id))  # type: ignore[arg-type]
+            Atomic(
+                commands,  # type: ignore[arg-type]
+                **envelope(
+                    request_id=request_id,
+                    correlation_id=correlation_id,
+                    causation_id=causation_id,
+                    actor=actor,
+                    traceparent=traceparent,
+                ),
+            )
         )
 
     async def submit(self, commands: Sequence[Command]) -> list[Outcome]:

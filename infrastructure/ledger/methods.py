@@ -37,8 +37,9 @@ from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaView
 A = TypeVar("A", bound=LedgerAggregate)
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments the caller gave (None: let the command generate or omit it)."""
+def envelope(**values: Any) -> dict[str, Any]:
+    """The keyword arguments the caller gave (None: let the command generate or omit it):
+    the envelope fields, and a command's optional ones."""
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -72,7 +73,7 @@ class LedgerMethods(ABC):
                 owner,
                 currency,
                 overdraft_limit,
-                **_given(
+                **envelope(
                     account_id=account_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -99,7 +100,7 @@ class LedgerMethods(ABC):
             Deposit(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -125,7 +126,7 @@ class LedgerMethods(ABC):
             Withdraw(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -154,7 +155,7 @@ class LedgerMethods(ABC):
                 source,
                 destination,
                 amount,
-                **_given(
+                **envelope(
                     transfer_id=transfer_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -179,7 +180,7 @@ class LedgerMethods(ABC):
         return self.execute(
             CloseAccount(
                 account_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -208,7 +209,7 @@ class LedgerMethods(ABC):
             PlaceHold(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     destination=destination,
                     timeout=timeout,
                     hold_id=hold_id,
@@ -238,7 +239,7 @@ class LedgerMethods(ABC):
             CaptureHold(
                 hold_id,
                 amount,
-                **_given(
+                **envelope(
                     transfer_id=transfer_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -263,7 +264,7 @@ class LedgerMethods(ABC):
         return self.execute(
             VoidHold(
                 hold_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -287,7 +288,7 @@ class LedgerMethods(ABC):
         return self.execute(
             ExpireHold(
                 hold_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -313,7 +314,7 @@ class LedgerMethods(ABC):
             ReceiveStock(
                 sku,
                 quantity,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -341,7 +342,7 @@ class LedgerMethods(ABC):
                 sku,
                 delta,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -369,7 +370,7 @@ class LedgerMethods(ABC):
             ReserveStock(
                 sku,
                 quantity,
-                **_given(
+                **envelope(
                     timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
@@ -399,7 +400,7 @@ class LedgerMethods(ABC):
                 sku,
                 reservation_id,
                 quantity,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -425,7 +426,7 @@ class LedgerMethods(ABC):
             ReleaseReservation(
                 sku,
                 reservation_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -451,7 +452,7 @@ class LedgerMethods(ABC):
             ExpireReservation(
                 sku,
                 reservation_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -479,7 +480,7 @@ class LedgerMethods(ABC):
                 saga_id,
                 decided_by,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -507,7 +508,7 @@ class LedgerMethods(ABC):
                 saga_id,
                 decided_by,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -568,7 +569,7 @@ class AsyncLedgerMethods(ABC):
                 owner,
                 currency,
                 overdraft_limit,
-                **_given(
+                **envelope(
                     account_id=account_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -595,7 +596,7 @@ class AsyncLedgerMethods(ABC):
             Deposit(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -621,7 +622,7 @@ class AsyncLedgerMethods(ABC):
             Withdraw(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -650,7 +651,7 @@ class AsyncLedgerMethods(ABC):
                 source,
                 destination,
                 amount,
-                **_given(
+                **envelope(
                     transfer_id=transfer_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -675,7 +676,7 @@ class AsyncLedgerMethods(ABC):
         return await self.execute(
             CloseAccount(
                 account_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -704,7 +705,7 @@ class AsyncLedgerMethods(ABC):
             PlaceHold(
                 account_id,
                 amount,
-                **_given(
+                **envelope(
                     destination=destination,
                     timeout=timeout,
                     hold_id=hold_id,
@@ -734,7 +735,7 @@ class AsyncLedgerMethods(ABC):
             CaptureHold(
                 hold_id,
                 amount,
-                **_given(
+                **envelope(
                     transfer_id=transfer_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -759,7 +760,7 @@ class AsyncLedgerMethods(ABC):
         return await self.execute(
             VoidHold(
                 hold_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -783,7 +784,7 @@ class AsyncLedgerMethods(ABC):
         return await self.execute(
             ExpireHold(
                 hold_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -809,7 +810,7 @@ class AsyncLedgerMethods(ABC):
             ReceiveStock(
                 sku,
                 quantity,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -837,7 +838,7 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 delta,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -865,7 +866,7 @@ class AsyncLedgerMethods(ABC):
             ReserveStock(
                 sku,
                 quantity,
-                **_given(
+                **envelope(
                     timeout=timeout,
                     reservation_id=reservation_id,
                     request_id=request_id,
@@ -895,7 +896,7 @@ class AsyncLedgerMethods(ABC):
                 sku,
                 reservation_id,
                 quantity,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -921,7 +922,7 @@ class AsyncLedgerMethods(ABC):
             ReleaseReservation(
                 sku,
                 reservation_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -947,7 +948,7 @@ class AsyncLedgerMethods(ABC):
             ExpireReservation(
                 sku,
                 reservation_id,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -975,7 +976,7 @@ class AsyncLedgerMethods(ABC):
                 saga_id,
                 decided_by,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,
@@ -1003,7 +1004,7 @@ class AsyncLedgerMethods(ABC):
                 saga_id,
                 decided_by,
                 reason,
-                **_given(
+                **envelope(
                     request_id=request_id,
                     correlation_id=correlation_id,
                     causation_id=causation_id,

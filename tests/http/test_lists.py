@@ -255,6 +255,28 @@ def test_a_list_longer_than_the_command_capacity_is_refused_for_good(
         api.close()
 
 
+@pytest.mark.parametrize("path", ["/v1/atomic", "/v1/batch"])
+def test_the_tokens_name_is_the_actor_of_every_event_a_list_writes(
+    api: Api, accounts: tuple[str, str], path: str
+) -> None:
+    """As for a single command: the events of a linked list recorded no actor at all."""
+    ann, bob = accounts
+    api.token("checkout", "write")
+    body = {
+        "commands": [
+            item("transfer", source=ann, destination=bob, amount=30),
+            item("hold", account_id=ann, amount=20, timeout=60),
+        ]
+    }
+    headers = {**api.auth("checkout"), "Idempotency-Key": "pay-1"}
+    reply = api.run(api.client.post(path, json=body, headers=headers))
+    assert reply.status_code == 200, reply.text
+    store = api.parts.ledger.service.repository.event_store
+    written = [*list(store.get(uuid.UUID(ann)))[2:], *list(store.get(uuid.UUID(bob)))[1:]]
+    assert len(written) == 3, written  # out, hold placed; in
+    assert {e.meta.actor for e in written} == {"checkout"}
+
+
 # -- bad input, for both --------------------------------------------------------------------
 
 ACCOUNT = "00000000-0000-0000-0000-000000000005"
