@@ -75,7 +75,7 @@ class AccountNotEmpty(DomainError):
 
 
 class BalanceOverflow(DomainError):
-    """A credit would take the balance past 2**63-1."""
+    """A credit would take the balance plus the overdraft limit past 2**63-1."""
 
     code = "balance_overflow"
 
@@ -97,8 +97,9 @@ class AccountView:
 
 
 class Account(LedgerAggregate):
-    """A money account. Invariants: balance >= -overdraft_limit, always; and what open holds
-    reserve can always be captured (a debit never takes ``available`` below zero)."""
+    """A money account. Invariants: balance >= -overdraft_limit, always; balance +
+    overdraft_limit <= 2**63-1 for every credit; and what open holds reserve can always be
+    captured (a debit never takes ``available`` below zero)."""
 
     flat_state = True
     key_name = "account_id"
@@ -280,12 +281,16 @@ class Account(LedgerAggregate):
     def check_credit(self, amount: int) -> None:
         """Refuse unless ``amount`` can be credited now."""
         self.check_open()
-        if self.balance + amount > MAX_AMOUNT:
+        # The balance plus the overdraft limit bounds what is available (and what holds can
+        # take): each stays a 64-bit integer, as the read models store them.
+        if self.balance + amount + self.overdraft_limit > MAX_AMOUNT:
+            limit = f" and overdraft limit {self.overdraft_limit}" if self.overdraft_limit else ""
             raise BalanceOverflow(
-                f"account {self.id} balance {self.balance} cannot grow by {amount} "
-                f"past {MAX_AMOUNT}",
+                f"account {self.id} with balance {self.balance}{limit} cannot grow by "
+                f"{amount}: its available funds would pass {MAX_AMOUNT}",
                 account_id=str(self.id),
                 balance=self.balance,
+                overdraft_limit=self.overdraft_limit,
                 amount=amount,
             )
 

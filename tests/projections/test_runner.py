@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
+from daybook.domain.errors import DomainError
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
@@ -48,6 +49,25 @@ def test_runner_builds_every_projection_like_a_replay(ledger: Ledger, url: str) 
             _wait_position(runner.views, name, receipt.position)
     for projection in projections.ALL:
         assert_tables_match(ledger, runner.url, projection)
+
+
+def test_the_largest_overdraft_limit_leaves_the_balances_read_model_running(
+    ledger: Ledger, url: str
+) -> None:
+    """Its available funds fit a bigint: a deposit that would pass them is refused, where
+    before it was accepted and stopped ``account_balances`` for every account."""
+    rich = ledger.open_account("credit line", "EUR", overdraft_limit=2**63 - 1).account_id
+    other = ledger.open_account("bystander", "EUR").account_id
+    assert rich is not None and other is not None
+    with pytest.raises(DomainError) as refused:
+        ledger.deposit(rich, 1)
+    assert refused.value.code == "balance_overflow"
+    ledger.deposit(other, 5)
+    with run_projections(ledger, url, poll_interval=0.01) as runner:
+        balance = runner.views.balance(other, min_position=ledger.head(), timeout=30)
+        assert balance is not None and balance.balance == 5
+        assert runner.views.balance(rich, min_position=ledger.head()).available == 2**63 - 1
+        assert runner.versions_health().state is ServiceState.RUNNING
 
 
 def _wait_position(views: Any, name: str, position: int) -> None:

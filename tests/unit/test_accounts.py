@@ -109,6 +109,19 @@ def test_deposit_past_the_64_bit_maximum_is_a_balance_overflow() -> None:
     assert account.balance == MAX_AMOUNT
 
 
+def test_a_credit_that_would_make_available_funds_pass_the_maximum_is_a_balance_overflow() -> None:
+    """Available funds are the balance plus the overdraft limit (less what is held): past
+    2**63-1, the balance read model could not store them and stopped for every account."""
+    account = opened(overdraft_limit=MAX_AMOUNT - 10)
+    account.deposit(10)
+    assert account.available == MAX_AMOUNT
+    with pytest.raises(BalanceOverflow) as caught:
+        account.deposit(1)
+    assert caught.value.code == "balance_overflow"
+    assert caught.value.details["overdraft_limit"] == MAX_AMOUNT - 10
+    assert (account.balance, account.available) == (10, MAX_AMOUNT)
+
+
 def test_transfer_moves_money_between_accounts_of_one_currency() -> None:
     source, destination = opened(balance=1_000), opened()
     transfer_id = uuid4()
