@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from daybook.infrastructure.ledger.requests import DEFAULT_RETENTION, GENERATED_RETENTION
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL, scheme
 
+#: The longest a request record is kept (its expiry is a timestamp every backend stores).
+MAX_REQUEST_RETENTION = timedelta(days=36500)
+#: The longest wait between purges.
+MAX_PURGE_INTERVAL = timedelta(days=30)
+
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
 DEFAULT_TOPIC = "daybook.events"
 DEFAULT_PARTITIONS = 8
@@ -111,6 +116,11 @@ class Settings(BaseModel):
                 "ledger keeps records for its own retries"
             )
             raise ValueError(msg)
+        # A record's expiry is stored as a timestamp: PostgreSQL's end at the year 294276,
+        # and past them every command with a request id failed.
+        if value > MAX_REQUEST_RETENTION:
+            msg = f"must be at most {MAX_REQUEST_RETENTION.days} days (100 years)"
+            raise ValueError(msg)
         return value
 
     @field_validator("request_purge_interval")
@@ -118,6 +128,11 @@ class Settings(BaseModel):
     def _not_negative(cls, value: timedelta) -> timedelta:
         if value.total_seconds() < 0:
             raise ValueError("must not be negative (0 turns the purge service off)")
+        # The service waits this long between passes: a wait past what a thread can wait
+        # (about 292 years) failed it after its first pass, and the table grew for good.
+        if value > MAX_PURGE_INTERVAL:
+            msg = f"must be at most {MAX_PURGE_INTERVAL.days} days (0 turns the service off)"
+            raise ValueError(msg)
         return value
 
     @classmethod
@@ -154,5 +169,7 @@ class BadSettings(BadURL):
             name = ".".join(str(part) for part in item["loc"]) or "settings"
             variable = next((v for v, n in ENVIRONMENT.items() if n == name), None)
             where = f"{name} (or ${variable})" if variable else name
-            problems.append(f"{where}: {item['msg']}")
+            # A validator's own message, without pydantic's "Value error, " in front.
+            said = str(cause) if item["type"] == "value_error" and cause else item["msg"]
+            problems.append(f"{where}: {said}")
         return cls("; ".join(problems))

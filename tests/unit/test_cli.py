@@ -141,6 +141,24 @@ def test_a_relay_request_timeout_too_short_for_any_broker_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        # Past what PostgreSQL's timestamps hold: every command with a request id failed.
+        ("DAYBOOK_REQUEST_RETENTION", "P999999999D", "at most 36500 days"),
+        ("DAYBOOK_REQUEST_RETENTION", "1e13", "at most 36500 days"),
+        # Past what a thread can wait: the purge service failed after its first pass.
+        ("DAYBOOK_REQUEST_PURGE_INTERVAL", "P999999D", "at most 30 days"),
+        ("DAYBOOK_REQUEST_PURGE_INTERVAL", "1e10", "at most 30 days"),
+    ],
+)
+def test_a_request_window_or_purge_interval_no_part_can_keep_is_refused_up_front(
+    variable: str, value: str, said: str
+) -> None:
+    with pytest.raises(BadSettings, match=rf"\${variable}\): must be {said}"):
+        Settings.load({variable: value})
+
+
+@pytest.mark.parametrize(
     ("query", "said"),
     [
         ("?bogus=1", 'invalid connection option "bogus"'),
