@@ -44,8 +44,9 @@ from daybook.domain.events import LedgerAggregate
 A = TypeVar("A", bound=LedgerAggregate)
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments the caller gave (None: let the command generate or omit it)."""
+def envelope(**values: Any) -> dict[str, Any]:
+    """The keyword arguments the caller gave (None: let the command generate or omit it):
+    the envelope fields, and a command's optional ones."""
     return {{name: value for name, value in values.items() if value is not None}}
 '''
 
@@ -80,7 +81,7 @@ def signature(command_class: type[Command]) -> tuple[str, str]:
         else:
             keywords.append(f"{name}={name}")
     if keywords:
-        passed.append(f"**_given({', '.join(keywords)})")
+        passed.append(f"**envelope({', '.join(keywords)})")
     return ", ".join(declared), ", ".join(passed)
 
 
