@@ -75,7 +75,7 @@ class AccountNotEmpty(DomainError):
 
 
 class BalanceOverflow(DomainError):
-    """A credit would take the balance plus the overdraft limit past 2**63-1."""
+    """A credit would take the balance, or a hold what holds set aside, past 2**63-1."""
 
     code = "balance_overflow"
 
@@ -97,8 +97,8 @@ class AccountView:
 
 
 class Account(LedgerAggregate):
-    """A money account. Invariants: balance >= -overdraft_limit, always; balance +
-    overdraft_limit <= 2**63-1 for every credit; and what open holds reserve can always be
+    """A money account. Invariants: -overdraft_limit <= balance <= 2**63-1, always; what
+    unresolved holds set aside is at most 2**63-1; and what open holds reserve can always be
     captured (a debit never takes ``available`` below zero)."""
 
     flat_state = True
@@ -281,16 +281,12 @@ class Account(LedgerAggregate):
     def check_credit(self, amount: int) -> None:
         """Refuse unless ``amount`` can be credited now."""
         self.check_open()
-        # The balance plus the overdraft limit bounds what is available (and what holds can
-        # take): each stays a 64-bit integer, as the read models store them.
-        if self.balance + amount + self.overdraft_limit > MAX_AMOUNT:
-            limit = f" and overdraft limit {self.overdraft_limit}" if self.overdraft_limit else ""
+        if self.balance + amount > MAX_AMOUNT:
             raise BalanceOverflow(
-                f"account {self.id} with balance {self.balance}{limit} cannot grow by "
-                f"{amount}: its available funds would pass {MAX_AMOUNT}",
+                f"account {self.id} balance {self.balance} cannot grow by {amount} "
+                f"past {MAX_AMOUNT}",
                 account_id=str(self.id),
                 balance=self.balance,
-                overdraft_limit=self.overdraft_limit,
                 amount=amount,
             )
 
@@ -325,6 +321,17 @@ class Account(LedgerAggregate):
     def place_hold(self, hold_id: UUID, amount: int, expires_at: datetime) -> None:
         """Set ``amount`` aside until ``expires_at`` (refused like a debit of it)."""
         self.check_debit(amount)
+        # What holds set aside is a 64-bit integer, as read models store it: with a large
+        # overdraft limit, more than 2**63-1 can be available to set aside.
+        unresolved = sum(held for held, _ in self.holds.values())
+        if unresolved + amount > MAX_AMOUNT:
+            raise BalanceOverflow(
+                f"account {self.id} has {unresolved} on hold; holding {amount} more would "
+                f"pass {MAX_AMOUNT}",
+                account_id=str(self.id),
+                held=unresolved,
+                amount=amount,
+            )
         self.trigger_event(self.HoldPlaced, hold_id=hold_id, amount=amount, expires_at=expires_at)
 
     def release_hold(self, hold_id: UUID, reason: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from daybook.domain.accounts import Account
+from daybook.domain.values import MAX_AMOUNT
 from daybook.projections.model import (
     Column,
     Handler,
@@ -70,6 +71,14 @@ def _opened(event: LogEvent, rows: Rows) -> None:
     )
 
 
+def _available(balance: int, held: int, row: Row) -> int:
+    """What can be spent, as a bigint holds it. Credits keep balance + overdraft limit
+    within 2**63-1, but a log written before they did may pass it: such an account shows
+    2**63-1 rather than stop the read model for every account. (No new version: a row past
+    it could never be written, so no table built before differs.)"""
+    return min(balance - held + int(row["overdraft_limit"] or 0), MAX_AMOUNT)
+
+
 def _existing(rows: Rows, table: str, event: LogEvent) -> Row:
     row = rows.get(table, (event.originator_id,))
     if row is None:
@@ -86,7 +95,7 @@ def _money(event: LogEvent, rows: Rows) -> None:
         {
             **row,
             "balance": balance,
-            "available": balance - int(row["held"] or 0) + int(row["overdraft_limit"] or 0),
+            "available": _available(balance, int(row["held"] or 0), row),
             "version": event.originator_version,
             "last_event_at": iso_time(event.timestamp),
             "position": event.position,
@@ -103,7 +112,7 @@ def _held(event: LogEvent, rows: Rows) -> None:
         {
             **row,
             "held": held,
-            "available": int(row["balance"] or 0) - held + int(row["overdraft_limit"] or 0),
+            "available": _available(int(row["balance"] or 0), held, row),
             "version": event.originator_version,
             "last_event_at": iso_time(event.timestamp),
             "position": event.position,

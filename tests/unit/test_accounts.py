@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
@@ -109,17 +110,21 @@ def test_deposit_past_the_64_bit_maximum_is_a_balance_overflow() -> None:
     assert account.balance == MAX_AMOUNT
 
 
-def test_a_credit_that_would_make_available_funds_pass_the_maximum_is_a_balance_overflow() -> None:
-    """Available funds are the balance plus the overdraft limit (less what is held): past
-    2**63-1, the balance read model could not store them and stopped for every account."""
-    account = opened(overdraft_limit=MAX_AMOUNT - 10)
-    account.deposit(10)
-    assert account.available == MAX_AMOUNT
+def test_holds_that_would_set_aside_more_than_the_maximum_are_a_balance_overflow() -> None:
+    """With a large overdraft limit more than 2**63-1 can be available; what holds set
+    aside stays a 64-bit integer, which the balances read model stores (it stopped, for
+    every account, on more). A credit to such an account is taken: its balance fits."""
+    account = opened(overdraft_limit=MAX_AMOUNT)
+    account.deposit(MAX_AMOUNT)
+    assert account.available == 2 * MAX_AMOUNT
+    far = datetime(2100, 1, 1, tzinfo=UTC)
+    account.place_hold(uuid4(), MAX_AMOUNT - 1, far)
     with pytest.raises(BalanceOverflow) as caught:
-        account.deposit(1)
+        account.place_hold(uuid4(), 2, far)
     assert caught.value.code == "balance_overflow"
-    assert caught.value.details["overdraft_limit"] == MAX_AMOUNT - 10
-    assert (account.balance, account.available) == (10, MAX_AMOUNT)
+    assert caught.value.details["held"] == MAX_AMOUNT - 1
+    account.place_hold(uuid4(), 1, far)
+    assert account.held == MAX_AMOUNT
 
 
 def test_transfer_moves_money_between_accounts_of_one_currency() -> None:
