@@ -45,6 +45,7 @@ from daybook.domain.values import (
     check_amount,
     check_currency,
     check_delta,
+    check_instant,
     check_limit,
     check_request_text,
     check_sku,
@@ -85,6 +86,7 @@ Timeout = Annotated[int, Check(check_timeout)]
 OptionalTimeout = Annotated[int | None, Check(check_timeout, optional=True)]
 AccountId = Uuid
 RequestText = Annotated[str, Check(check_request_text)]
+Instant = Annotated[datetime, Check(check_instant)]
 
 
 def generated(*, factory: Callable[[], object], kw_only: bool = True) -> Any:

@@ -39,7 +39,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from daybook.domain.commands import Aggregates, Command, Text, Uuid
+from daybook.domain.commands import Aggregates, Command, Instant, Text, Uuid
 from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate, Metadata, current_metadata
 from daybook.domain.linked import Staged
@@ -805,7 +805,7 @@ class RetryLater(_SagaCommand):
     step: Text
     attempt: int
     error: Text
-    retry_at: datetime
+    retry_at: Instant
     compensating: bool = False
     decided_by: Text = "saga processor"
 

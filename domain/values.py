@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import datetime
 from uuid import UUID, uuid5
 
 from daybook.domain.errors import (
@@ -149,6 +150,16 @@ def check_new_sku(value: str) -> str:
             f"a new SKU may not have an empty, '.' or '..' part between slashes (a URL would "
             f"read it as another), got {shown(value)}",
             value=shown(value),
+        )
+    return value
+
+
+def check_instant(value: object, what: str) -> datetime:
+    """A moment: a ``datetime`` with a time zone. A naive one written to the log could not
+    be compared with the aware times every process judges by, for good."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidRequest(
+            f"{what} must be a datetime with a time zone, got {shown(value)}", field=what
         )
     return value
 

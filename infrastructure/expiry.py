@@ -24,6 +24,7 @@ from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.holds import ExpireHold
 from daybook.domain.inventory import ExpireReservation
 from daybook.domain.values import check_uuid, shown
+from daybook.infrastructure.ledger.application import aware_clock
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.lifecycle import (
     Health,
@@ -139,7 +140,8 @@ class ExpirySweeper:
     ) -> None:
         self.ledger = ledger
         self.views = views
-        self.clock = clock or ledger.service.clock
+        self.clock = aware_clock(clock) if clock else ledger.service.clock
+        self.clock()  # refused now if its readings have no time zone
         self.interval = interval
         self.batch = batch
         #: Seconds the sweeper may wait for its read model to be built before its health

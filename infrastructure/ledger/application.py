@@ -426,11 +426,13 @@ class LedgerService(Application[UUID]):
         clock: Callable[[], datetime] | None = None,
         retention: float = DEFAULT_RETENTION,
     ) -> None:
-        super().__init__(env)
         #: What time it is: commands and reads are judged at its reading (holds expire by
         #: it), and request records are kept by it. Injectable, so tests can move time.
-        self.clock: Callable[[], datetime] = _aware(clock) if clock else _utc_now
-        self.clock()  # a clock that gives naive readings is refused now, not at a command
+        self.clock: Callable[[], datetime] = aware_clock(clock) if clock else _utc_now
+        # A clock that gives naive readings is refused now, before the store is opened
+        # (created, or migrated), not at a command.
+        self.clock()
+        super().__init__(env)
         #: How long request records of caller-chosen ids are kept (seconds), on that clock.
         self.retention = Retention(retention, clock=lambda: self.clock().timestamp())
         #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
@@ -1173,10 +1175,12 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(clock: Callable[[], datetime]) -> Callable[[], datetime]:
+def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
     """``clock``, refusing a reading without a time zone (``datetime.now``, say). Written
     into a hold's or a reservation's expiry, one made every process with a correct clock
-    fail on that account or SKU (naive and aware times do not compare), for good."""
+    fail on that account or SKU (naive and aware times do not compare), for good. Every
+    clock a caller gives daybook (the ledger's, a saga processor's, an expiry sweeper's)
+    goes through it."""
 
     def reading() -> datetime:
         now = clock()

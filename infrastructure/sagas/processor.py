@@ -72,6 +72,7 @@ from daybook.infrastructure.gateway import (
     PaymentGateway,
     Refused,
 )
+from daybook.infrastructure.ledger.application import aware_clock
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.lifecycle import (
     Health,
@@ -136,7 +137,8 @@ class SagaProcessor:
         self.ledger = ledger
         self.views = views
         self.ports = dict(ports)
-        self.clock = clock or ledger.service.clock
+        self.clock = aware_clock(clock) if clock else ledger.service.clock
+        self.clock()  # refused now if its readings have no time zone
         self.poll = poll
         self.batch = batch
         self.backoff = backoff or Backoff()

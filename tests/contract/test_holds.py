@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
@@ -319,6 +320,15 @@ def test_a_clock_without_a_time_zone_is_refused_before_anything_is_written(
         with pytest.raises(TypeError, match="aware"):
             ledger.open_account("ann", "EUR")
         assert ledger.head() == 0
+
+
+def test_a_clock_refused_at_open_leaves_the_store_untouched(tmp_path: Path) -> None:
+    """Nothing is created or migrated for a ledger that will not run (an old SQLite file's
+    migration would stop its older writers)."""
+    path = tmp_path / "never.db"
+    with pytest.raises(TypeError, match="aware"):
+        open_ledger(f"sqlite:///{path}", clock=datetime.now)
+    assert not path.exists() or path.stat().st_size == 0
 
 
 def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(

@@ -9,12 +9,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+import pytest
+
 from daybook import open_ledger
 from daybook.domain.accounts import Deposit, Withdraw
 from daybook.domain.commands import Aggregates, Command, Uuid
+from daybook.domain.errors import DomainError
 from daybook.domain.sagas import (
     CancelSaga,
     Local,
+    RetryLater,
     RetrySaga,
     Saga,
     SagaContext,
@@ -81,6 +85,29 @@ def settle(processor: SagaProcessor, clock: Clock, saga_id: UUID) -> Saga:
         if isinstance(move, Wait) and move.until is not None:
             clock.now = move.until + timedelta(milliseconds=1)
     return processor.ledger.read(Saga, saga_id)
+
+
+def test_a_processor_clock_without_a_time_zone_writes_nothing_others_cannot_judge() -> None:
+    """A naive retry time in the log made every process with a correct clock fail to judge
+    the saga (naive and aware times do not compare), for good: the processor's own clock is
+    held to the ledger's rule, and the command refuses a naive time from anyone."""
+    with open_ledger("memory://") as ledger:
+        account = ledger.open_account("shop", "EUR").account_id
+        saga_id = uuid4()
+        ledger.execute(StartCreditThenFail(saga_id, account))
+        good = SagaProcessor(ledger, None, {}, seed=1)  # type: ignore[arg-type]
+        good.drive(saga_id, max_moves=1)  # "credit": 100 deposited
+        ledger.withdraw(account, 100)  # spent, so "boom" then taking it back fail
+        with pytest.raises(TypeError, match="aware"):
+            SagaProcessor(ledger, None, {}, clock=datetime.now, seed=1)  # type: ignore[arg-type]
+        head = ledger.head()
+        with pytest.raises(DomainError) as refused:
+            ledger.execute(RetryLater(saga_id, "boom", 1, "down", datetime(2030, 1, 1)))
+        assert refused.value.code == "invalid_request", refused.value
+        assert "time zone" in str(refused.value)
+        assert ledger.head() == head
+        ledger.read(Saga, saga_id).next_move(datetime.now(UTC))
+        good.stop()
 
 
 def test_a_retry_runs_a_refused_local_compensation_again() -> None:
