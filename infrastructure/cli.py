@@ -143,13 +143,22 @@ def uuid_argument(what: str) -> Callable[[str], UUID]:
     return parse
 
 
+#: The most any option in seconds takes: each is a wait, an interval or a timeout, and a
+#: wait past what a thread can wait (about 292 years) fails the service at its first one.
+MAX_SECONDS = 30 * 24 * 3600
+
+
 def seconds(text: str) -> float:
-    """An argparse type: a positive number of seconds."""
+    """An argparse type: a positive number of seconds, at most ``MAX_SECONDS`` (30 days)."""
     if not _DECIMAL.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SECONDS} seconds (30 days), got {text}"
+        )
     return value
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from daybook.infrastructure.cli import main
+from daybook.infrastructure.cli import main, seconds
 from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.urls import BadURL, postgres_params
 
@@ -120,6 +121,14 @@ def test_the_relay_request_timeout_comes_from_the_option_then_the_environment(
     monkeypatch.setenv("DAYBOOK_RELAY_REQUEST_TIMEOUT", "2.5")
     assert timeout() == 2.5
     assert timeout("--request-timeout", "1") == 1.0
+
+
+def test_seconds_past_what_any_wait_can_take_are_refused() -> None:
+    """A poll interval of 1e10 s failed the runner at its first idle wait (past what a
+    thread can wait): every option in seconds stops at 30 days."""
+    assert seconds("2592000") == 2592000
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 2592000 seconds"):
+        seconds("10000000000")
 
 
 def test_a_relay_request_timeout_of_zero_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
