@@ -123,9 +123,34 @@ class _Partition:
 class DeadLetter:
     """A parked event, for the dead-letter topic: the original message and why."""
 
+    #: The event's log position; for a message that is no envelope, ``letter_position``.
     position: int
     value: bytes
     error: str
+    #: Where the message was (the topic's partition and offset).
+    partition: int
+    offset: int
+
+
+#: Bits of a letter's position that hold the partition of a message that is no envelope
+#: (see ``letter_position``): Kafka partitions, at most 10,000 by the settings, fit.
+_PARTITION_BITS = 20
+#: The highest position such a letter can have. Below every position an envelope has
+#: (positive), and every one a letter that was no envelope got before partitions were
+#: part of it (``-offset - 1``, one partition's the same as another's: offsets below 2**62).
+_NO_ENVELOPE = -(2**62) - 1
+
+
+def letter_position(partition: int, offset: int) -> int:
+    """The position a dead letter for a message that is no envelope is keyed by (the
+    table's key is the group, the topic and the position): no log position, so one made of
+    its partition and offset, the same for a redelivery of the message (a duplicate) and
+    different for any other (every partition's offsets start at 0). Offsets below 2**42
+    (4.4e12 messages in a partition) fit in a bigint; past that, a ``ValueError``, rather
+    than two letters under one key."""
+    if not (0 <= partition < 2**_PARTITION_BITS and 0 <= offset < 2 ** (62 - _PARTITION_BITS)):
+        raise ValueError(f"no dead-letter position for partition {partition} offset {offset}")
+    return _NO_ENVELOPE - (offset << _PARTITION_BITS | partition)
 
 
 @dataclass
@@ -636,33 +661,47 @@ class StreamApplier:
         result: BatchResult,
     ) -> None:
         """Record an event that cannot be applied; it goes to the dead-letter topic after the
-        commit. The partition moves past it (its status says so) rather than stalling."""
+        commit. The partition moves past it (its status says so) rather than stalling. A
+        letter recorded already (a message that is no envelope, delivered again) is a
+        duplicate: neither counted nor published again."""
         summary = error.strip().splitlines()[-1] if error.strip() else "error"
-        position = env.position if env is not None else -message.offset - 1
-        # A handler bug can fail every event of a kind: one line when the partition starts
-        # parking, a summary while it goes on (each event is a dead letter all the same).
-        self.states.during(
-            ("parked", message.partition),
-            f"worker: parked event at position {position} (partition {message.partition} "
-            f"offset {message.offset}): {summary}",
-            logging.ERROR,
-        )
-        self._parked_at[message.partition] = self.states.clock()
-        store.execute(
+        if env is not None:
+            position, where = env.position, f"position {env.position}"
+            what = f"event at {where}"
+        else:
+            position = letter_position(message.partition, message.offset)
+            where, what = f"offset {message.offset} (no envelope)", "event that is no envelope"
+        recorded = store.execute(
             f"INSERT INTO {DEAD_LETTER_TABLE} (group_id, topic, partition, position, "
             "kafka_offset, event_type, error, envelope, versions) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
             (
                 self.group, self.topic, message.partition, position, message.offset,
                 env.type if env is not None else None, error, message.value,
                 [version_label(*slot.key) for slot in self._slots],
             ),
         )  # fmt: skip
+        if not recorded:
+            part.duplicates += 1
+            part.changed = True
+            result.duplicates += 1
+            return
+        # A handler bug can fail every event of a kind: one line when the partition starts
+        # parking, a summary while it goes on (each event is a dead letter all the same).
+        self.states.during(
+            ("parked", message.partition),
+            f"worker: parked {what} (partition {message.partition} "
+            f"offset {message.offset}): {summary}",
+            logging.ERROR,
+        )
+        self._parked_at[message.partition] = self.states.clock()
         part.dead_letters += 1
         part.state = PARKED
-        part.last_error = f"position {position}: {summary}"
+        part.last_error = f"{where}: {summary}"
         part.changed = True
-        result.parked.append(DeadLetter(position, message.value, summary))
+        result.parked.append(
+            DeadLetter(position, message.value, summary, message.partition, message.offset)
+        )
 
     def _parking_ended(self, partition: int) -> None:
         """The partition applied an event: it has stopped parking once it has gone a
@@ -804,13 +843,13 @@ class StreamApplier:
         between the commit and the publish)."""
         store = self.connect()
         rows = store.execute(
-            f"SELECT position, envelope, error FROM {DEAD_LETTER_TABLE} "
+            f"SELECT position, envelope, error, partition, kafka_offset FROM {DEAD_LETTER_TABLE} "
             "WHERE group_id = %s AND topic = %s AND NOT published ORDER BY position",
             (self.group, self.topic),
         )
         return [
-            DeadLetter(int(p), bytes(v), (e.strip().splitlines() or ["error"])[-1])
-            for p, v, e in rows
+            DeadLetter(int(p), bytes(v), (e.strip().splitlines() or ["error"])[-1], part, at)
+            for p, v, e, part, at in rows
         ]
 
     def mark_published(self, letters: Sequence[DeadLetter]) -> None:

@@ -25,8 +25,12 @@ from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming import worker as worker_module
-from daybook.infrastructure.streaming.progress import PURGE_INDEX, purge_closed_letters
-from daybook.infrastructure.streaming.worker import StreamApplier
+from daybook.infrastructure.streaming.progress import (
+    PURGE_INDEX,
+    purge_closed_letters,
+    read_status,
+)
+from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from daybook.infrastructure.transient import is_transient
 from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
@@ -146,6 +150,53 @@ def test_a_partition_parking_event_after_event_logs_when_it_starts_not_per_event
         ledger.close()
     lines = [r.getMessage() for r in caplog.records]
     assert any("partition 0 applies events again" in line for line in lines), lines
+
+
+def test_messages_that_are_no_envelope_at_the_same_offset_of_two_partitions_are_both_parked(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every partition's offsets start at 0: a message that is no envelope (a tombstone, a
+    foreign producer's record, a newer envelope version) at offset 0 of partition 0 and one
+    at offset 0 of partition 1 are two dead letters, each with its row (what `stream
+    status`, the re-send and the purge work from), and each names where it was."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=2, writer="test"
+    )
+    try:
+        result = worker.apply([Message(0, 0, b"not an envelope"), Message(1, 0, b"")])
+        assert worker.store is not None
+        rows = worker.store.execute(
+            "SELECT partition, kafka_offset FROM daybook_stream_dead_letters"
+            " WHERE group_id = 'g' ORDER BY partition"
+        )
+    finally:
+        worker.close()
+    assert [tuple(r) for r in rows] == [(0, 0), (1, 0)]
+    assert sorted((p.partition, p.offset) for p in result.parked) == [(0, 0), (1, 0)]
+    assert len({p.position for p in result.parked}) == 2
+    assert main(["stream", "status", "--url", pg_url, "--group", "g", "--topic", "t"]) == 1
+    out = capsys.readouterr().out
+    assert "partition 1: " in out and "1 dead letter(s): offset 0 (no envelope): " in out, out
+
+
+def test_a_message_that_is_no_envelope_delivered_again_is_not_parked_again(pg_url: str) -> None:
+    """Kafka redelivers what was applied but not yet committed (a worker killed, a
+    rebalance). A redelivered event is recognised by its position; a redelivered message
+    that is no envelope, by its partition and offset: a duplicate, neither counted again
+    nor published again. (A letter parked before such letters were keyed by partition
+    too, at ``-offset - 1``, stays readable.)"""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    bad = Message(0, 7, b"not an envelope")
+    try:
+        assert len(worker.apply([bad]).parked) == 1
+        again = worker.apply([bad])  # the same message, delivered again
+    finally:
+        worker.close()
+    (status,) = read_status(pg_url, "g", "t")
+    assert (len(again.parked), again.duplicates) == (0, 1)
+    assert (status.dead_letters, status.duplicates) == (1, 1)
 
 
 def _note_each_deposit(event: LogEvent, rows: Rows) -> None:
