@@ -47,7 +47,12 @@ from daybook.infrastructure.streaming.broker import (
 )
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.relay import read_cursor
-from daybook.infrastructure.streaming.worker import DeadLetter, Message, StreamApplier
+from daybook.infrastructure.streaming.worker import (
+    LETTERS_PER_CLAIM,
+    DeadLetter,
+    Message,
+    StreamApplier,
+)
 from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
@@ -144,17 +149,29 @@ def make_app(
         head=LogHead(config.store_url),
     )
 
-    async def publish_dead_letters(letters: Sequence[DeadLetter]) -> None:
-        for letter in letters:
-            await app.producer.send_and_wait(
-                dead_letters.get_topic_name(),
-                str(letter.position).encode(),
-                letter.value,
-                partition=None,
-                timestamp=None,
-                headers=[("error", letter.error.encode()), ("group", config.group.encode())],
-            )
-        await asyncio.to_thread(applier.mark_published, letters)
+    async def publish_dead_letters() -> None:
+        """Publish the group's unpublished dead letters no other worker is publishing, a
+        claim at a time (``StreamApplier.claim_dead_letters``), each claim marked published
+        once the broker acknowledged all of it; on a failure, released unpublished."""
+        while True:
+            letters = await asyncio.to_thread(applier.claim_dead_letters)
+            try:
+                for letter in letters:
+                    await app.producer.send_and_wait(
+                        dead_letters.get_topic_name(),
+                        str(letter.position).encode(),
+                        letter.value,
+                        partition=None,
+                        timestamp=None,
+                        headers=letter_headers(letter, config.group),
+                    )
+                await asyncio.to_thread(applier.mark_published, letters)
+            except BaseException:
+                # The connection holds the claim: closed, its locks go with it.
+                await asyncio.to_thread(applier.close)
+                raise
+            if len(letters) < LETTERS_PER_CLAIM:
+                return
 
     async def backoff_unless_suspended(delay: float) -> None:
         """Wait ``delay`` seconds before the batch is tried again; raise ``_Abandoned`` as
@@ -188,9 +205,7 @@ def make_app(
         FAILED, with the reason)."""
         nonlocal letters_pending
         try:
-            pending = await asyncio.to_thread(applier.unpublished_dead_letters)
-            if pending:
-                await publish_dead_letters(pending)
+            await publish_dead_letters()
         except Exception as error:
             if not is_transient(error):
                 applier.supervisor.judge(error)
@@ -398,6 +413,17 @@ def make_app(
                     ack(message)
 
     return app, applier
+
+
+def letter_headers(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
+    """A dead letter's headers: why, the group, and where the message was (with the key,
+    the letter's position, what tells a letter sent twice from two letters)."""
+    return [
+        ("error", letter.error.encode()),
+        ("group", group.encode()),
+        ("partition", str(letter.partition).encode()),
+        ("offset", str(letter.offset).encode()),
+    ]
 
 
 def traceparent_header(headers: Any) -> str | None:

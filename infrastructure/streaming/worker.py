@@ -94,6 +94,9 @@ LETTER_PURGE_INTERVAL = 3_600.0
 #: more) makes the next one due after the next batch, so a backlog drains batch by batch.
 LETTER_PURGE_BATCH = 1_000
 LETTER_PURGE_BATCHES = 10
+#: Dead letters claimed for publishing at a time (see ``claim_dead_letters``): the claim
+#: lasts as long as their sends, which a worker bounds (``app.LETTER_PUBLISH_TIMEOUT``).
+LETTERS_PER_CLAIM = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,8 @@ class StreamApplier:
         self.max_attempts = max_attempts
         self.cache_limit = cache_limit
         self.store: ReadStore | None = None
+        #: Whether the connection holds a claim on dead letters (``claim_dead_letters``).
+        self._claiming = False
         self._slots: list[Slot] = []
         self._told: set[tuple[str, int]] = set()
         #: Whether this connection registered the projections' versions (``_register``).
@@ -358,6 +363,7 @@ class StreamApplier:
         self.store = None
         self._registered = False
         self._slots = []
+        self._claiming = False
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -838,14 +844,21 @@ class StreamApplier:
         for _, part in changed:
             part.writer = self.writer
 
-    def unpublished_dead_letters(self) -> list[DeadLetter]:
-        """Dead letters recorded but not yet on the dead-letter topic (say, after a crash
-        between the commit and the publish)."""
+    def claim_dead_letters(self, limit: int = LETTERS_PER_CLAIM) -> list[DeadLetter]:
+        """Up to ``limit`` of the group's dead letters recorded but not yet on the
+        dead-letter topic (those a batch just parked, or left by a crash between the commit
+        and the publish), claimed: their rows stay locked, in a transaction this connection
+        keeps open until ``mark_published`` or ``release_dead_letters`` (or ``close``), and
+        the group's other workers skip them. Each letter is so published by one worker; one
+        that crashes between the send and the mark leaves its letters to be sent again."""
         store = self.connect()
+        store.control(store.begin_write)
+        self._claiming = True
         rows = store.execute(
             f"SELECT position, envelope, error, partition, kafka_offset FROM {DEAD_LETTER_TABLE} "
-            "WHERE group_id = %s AND topic = %s AND NOT published ORDER BY position",
-            (self.group, self.topic),
+            "WHERE group_id = %s AND topic = %s AND NOT published ORDER BY position LIMIT %s "
+            "FOR UPDATE SKIP LOCKED",
+            (self.group, self.topic, limit),
         )
         return [
             DeadLetter(int(p), bytes(v), (e.strip().splitlines() or ["error"])[-1], part, at)
@@ -853,12 +866,23 @@ class StreamApplier:
         ]
 
     def mark_published(self, letters: Sequence[DeadLetter]) -> None:
+        """Record ``letters`` as on the dead-letter topic (ending their claim, if any)."""
         store = self.connect()
         store.execute(
             f"UPDATE {DEAD_LETTER_TABLE} SET published = true "
             "WHERE group_id = %s AND topic = %s AND position = ANY(%s)",
             (self.group, self.topic, [letter.position for letter in letters]),
         )
+        if self._claiming:
+            self._claiming = False
+            store.control("COMMIT")
+
+    def release_dead_letters(self) -> None:
+        """End a claim without publishing (the send failed): the letters stay unpublished,
+        for the next attempt, this worker's or another's."""
+        if self._claiming and self.store is not None:
+            self._claiming = False
+            self.store.control("ROLLBACK")
 
 
 def _traced(messages: Sequence[Message]) -> Iterator[tuple[str | None, int]]:

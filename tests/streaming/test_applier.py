@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -197,6 +198,65 @@ def test_a_message_that_is_no_envelope_delivered_again_is_not_parked_again(pg_ur
     (status,) = read_status(pg_url, "g", "t")
     assert (len(again.parked), again.duplicates) == (0, 1)
     assert (status.dead_letters, status.duplicates) == (1, 1)
+
+
+def test_two_workers_of_a_group_publish_each_dead_letter_once(pg_url: str) -> None:
+    """Unpublished dead letters (those a batch just parked, or left by a crash) are
+    published by a worker of the group after its batches and at its start. Two workers
+    parking events at the same time (a handler bug failing every event of a kind, on every
+    partition), or starting together after a crash, each sent the other's letters too:
+    each letter went to the dead-letter topic once per worker. A worker claims the letters
+    it publishes (others skip them) until it has marked them published. This replays the
+    two workers' steps interleaved as they run concurrently."""
+    ledger = open_ledger(pg_url)
+    for n in range(20):  # both partitions get deposits (all but certainly)
+        ledger.deposit(ledger.open_account(f"owner-{n}", "EUR").account_id, 5)
+    messages = Stream(2).publish(ledger)
+    ledger.close()
+    a = StreamApplier(pg_url, [FAILS_DEPOSITS], group="g", topic="t", partitions=2, writer="a")
+    b = StreamApplier(pg_url, [FAILS_DEPOSITS], group="g", topic="t", partitions=2, writer="b")
+    sent: Counter[int] = Counter()
+    try:
+        parked_a = a.apply(of_partitions(messages, 0)).parked  # worker a owns partition 0
+        parked_b = b.apply(of_partitions(messages, 1)).parked  # worker b owns partition 1
+        assert parked_a and parked_b
+        pending_a = a.claim_dead_letters()  # a's publishing begins
+        pending_b = b.claim_dead_letters()  # b's, meanwhile
+        for letter in [*pending_a, *pending_b]:
+            sent[letter.position] += 1  # on the dead-letter topic
+        a.mark_published(pending_a)
+        b.mark_published(pending_b)
+        assert b.claim_dead_letters() == []  # all published
+        b.mark_published([])
+    finally:
+        a.close()
+        b.close()
+    assert sorted(sent) == sorted(p.position for p in [*parked_a, *parked_b])
+    assert [p for p, n in sent.items() if n > 1] == []
+
+
+def test_dead_letters_a_worker_failed_to_publish_are_claimed_again(pg_url: str) -> None:
+    """A publish that fails (the broker away) leaves the letters claimed by nobody and
+    unpublished: the next attempt, this worker's or another's, sends them."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    other = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="other"
+    )
+    try:
+        worker.apply([Message(0, 3, b"not an envelope")])
+        claimed = worker.claim_dead_letters()
+        assert len(claimed) == 1 and other.claim_dead_letters() == []
+        other.release_dead_letters()
+        worker.release_dead_letters()  # the send failed
+        assert other.claim_dead_letters() == claimed
+        other.mark_published(claimed)
+        assert worker.claim_dead_letters() == []
+        worker.release_dead_letters()
+    finally:
+        worker.close()
+        other.close()
 
 
 def _note_each_deposit(event: LogEvent, rows: Rows) -> None:
