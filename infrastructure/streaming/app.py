@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -627,6 +628,35 @@ def _again_if_the_broker_went(
     restart(app, f"the broker failed the worker's start ({error})")
 
 
+#: Seconds a worker told to stop (SIGTERM, SIGINT) gives faust to stop before it exits
+#: anyway. faust's stop commits the consumed offsets last, and aiokafka waits for the
+#: group's coordinator without a deadline: with the broker away, a stop waited for as long
+#: as the outage lasted (till a SIGKILL). Leaving without that commit is safe: every batch
+#: acknowledged is in the database, and what comes again is skipped as duplicates.
+STOP_GRACE_SECONDS = 8.0
+
+
+def _exit_if_a_stop_hangs(worker: faust.Worker, stopped: threading.Event, datadir: str) -> None:
+    """Watch for a stop signal; if the worker has not stopped ``STOP_GRACE_SECONDS`` after
+    it, say so and end the process (exit status 0: the stop asked for)."""
+    while not faust_compat.stop_requested(worker):
+        if stopped.wait(0.2):
+            return
+    if stopped.wait(STOP_GRACE_SECONDS):
+        return
+    log.warning(
+        "worker: still stopping after %g s (the broker away?); exiting without committing"
+        " the last offsets (their messages come again, and are skipped as duplicates)",
+        STOP_GRACE_SECONDS,
+    )
+    shutil.rmtree(datadir, ignore_errors=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _failed(applier: StreamApplier) -> bool:
     return applier.supervisor.health().state is ServiceState.FAILED
 
@@ -673,6 +703,13 @@ def run_worker(
         workers.append(worker)
         worker.logger.addFilter(_NO_TRACEBACK_FOR_AN_OUTAGE)
         applier.supervisor.move(ServiceState.RUNNING)
+        stopped = threading.Event()
+        threading.Thread(
+            target=_exit_if_a_stop_hangs,
+            args=(worker, stopped, datadir),
+            name="daybook-stop-watch",
+            daemon=True,
+        ).start()
         try:
             crash_point("worker.start")  # the broker may go here (fault tests)
             worker.execute_from_commandline()
@@ -685,6 +722,7 @@ def run_worker(
             if not _failed(applier):
                 raise
         finally:
+            stopped.set()
             applier.close()
         applier.supervisor.move(ServiceState.STOPPED)
         return applier.supervisor.health()

@@ -26,6 +26,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.streaming import faults
+from daybook.infrastructure.streaming.app import STOP_GRACE_SECONDS
 from daybook.infrastructure.streaming.broker import dead_letter_topic, ensure_topic
 from daybook.infrastructure.streaming.progress import (
     PartitionStatus,
@@ -1008,3 +1009,51 @@ def test_an_idle_worker_that_gave_up_a_batch_on_a_rebalance_retries_while_its_da
         assert _retrying(port, abandoned.group) == 1, process.output
         assert process.stop() == 0, process.output
     assert "recovered" not in process.output
+
+
+def test_a_worker_told_to_stop_during_a_broker_outage_exits_within_seconds(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A batch is applied and acknowledged, and the broker goes before its offsets are
+    committed. faust's stop commits them last, and aiokafka waits for the broker without
+    a deadline: SIGTERM waited for as long as the outage lasted (a SIGKILL at 30 s here).
+    The worker now exits anyway ``STOP_GRACE_SECONDS`` after the signal, with status 0,
+    saying so; the next worker skips what comes again."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 4)
+    write_money(ledger, accounts, 20)
+    head = ledger.head()
+    topic, group = unique("stop-outage"), unique("group")
+    with broker_behind_a_proxy(tmp_path) as (outage, bootstrap):
+        the_relay = relay(pg_url, bootstrap, topic, tmp_path / "relay.log", {}).start()
+        try:
+            wait_until(lambda: _cursor(pg_url, topic) == head, "the relay to publish")
+        finally:
+            assert the_relay.stop() == 0, the_relay.output
+        env = {"DAYBOOK_FAULTS": "worker.after_commit:1:pause", "DAYBOOK_FAULTS_DIR": str(tmp_path)}
+        process = worker(pg_url, bootstrap, topic, group, tmp_path / "w.log", env).start()
+        try:
+            wait_until(paused(tmp_path, "worker.after_commit").exists, "the first batch")
+            outage.cut()
+            paused(tmp_path, "worker.after_commit").unlink()
+            time.sleep(3)
+            assert process.proc is not None and process.proc.poll() is None, process.output
+            started = time.monotonic()
+            code = process.stop()  # SIGTERM; SIGKILL after 30 s
+            took = time.monotonic() - started
+        finally:
+            outage.restore()
+            if process.proc is not None and process.proc.poll() is None:
+                process.kill()
+        assert (code, took < STOP_GRACE_SECONDS + 7) == (0, True), (code, took)
+        assert "exiting without committing the last offsets" in process.output
+        write_money(ledger, accounts, 20, seed=2)
+        head = ledger.head()
+        the_relay = relay(pg_url, bootstrap, topic, tmp_path / "relay2.log", {}).start()
+        process = worker(pg_url, bootstrap, topic, group, tmp_path / "w2.log", {}).start()
+        try:
+            caught_up_and_live(pg_url, group, topic, head)
+        finally:
+            assert process.stop() == 0, process.output
+            assert the_relay.stop() == 0, the_relay.output
+    ledger.close()
