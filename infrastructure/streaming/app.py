@@ -160,8 +160,11 @@ def make_app(
         while True:
             try:
                 letters = await to_the_end(applier.claim_dead_letters)
-                for letter in letters:
-                    await app.producer.send_and_wait(
+                # All of the claim handed to the producer, then its acknowledgements awaited:
+                # one round trip per letter, in turn, could outlast the timeout on a slow
+                # broker for a claim of hundreds.
+                acknowledgements = [
+                    await app.producer.send(
                         dead_letters.get_topic_name(),
                         str(letter.position).encode(),
                         letter.value,
@@ -169,6 +172,9 @@ def make_app(
                         timestamp=None,
                         headers=letter_headers(letter, config.group),
                     )
+                    for letter in letters
+                ]
+                await asyncio.gather(*acknowledgements)
                 await to_the_end(applier.mark_published, letters)
             except BaseException:
                 # The connection holds the claim: closed, its locks go with it.
