@@ -8,6 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from daybook.infrastructure import settings
+from daybook.infrastructure.lifecycle import Refused
 from daybook.infrastructure.urls import BadURL, redacted
 
 DEFAULT_TOPIC = settings.DEFAULT_TOPIC
@@ -30,8 +31,13 @@ def bootstrap_servers(url: str) -> str:
     return parts.netloc
 
 
-class TopicMismatch(RuntimeError):
-    """The topic exists with another partition count than the one daybook was told."""
+class TopicMismatch(Refused):
+    """The topic, or the relay's cursor for it, has another partition count than the one
+    the relay was started with: an operator's mistake (a missing or wrong --partitions),
+    refused with one line, since the relay's partitioning (and the ``prev`` chain consumers
+    have recorded) depends on it."""
+
+    code = "partitioning_mismatch"
 
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> int:
@@ -51,8 +57,9 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> int:
         found = len(description["partitions"])
         if found != partitions:
             raise TopicMismatch(
-                f"topic {topic!r} has {found} partitions, daybook is configured for "
-                f"{partitions}: use the same --partitions everywhere, or a new topic"
+                f"topic {topic!r} has {found} partitions, and the relay runs with "
+                f"{partitions}: start it with --partitions {found}, or publish to a new "
+                "--topic to change the partition count"
             )
         return found
     finally:

@@ -307,7 +307,7 @@ class Relay:
             with contextlib.suppress(Exception):
                 await producer.stop()
             if not is_transient(error):
-                raise  # TopicMismatch, a refused authorization: a retry cannot help
+                raise  # TopicMismatch (refused), an authorization: a retry cannot help
             self._failed("broker", error)
             await self._backoff()
             return None
@@ -629,8 +629,9 @@ async def _load_cursor(
     position, stored_partitions, chain, next_offsets, republished = row
     if stored_partitions != partitions:
         raise TopicMismatch(
-            f"the relay cursor for {topic!r} was built for {stored_partitions} partitions, "
-            f"not {partitions}: publish to a new topic to change the partition count"
+            f"the relay's cursor for topic {topic!r} was made for {stored_partitions} "
+            f"partitions, and the relay runs with {partitions}: start it with --partitions "
+            f"{stored_partitions}, or publish to a new --topic to change the partition count"
         )
     return RelayCursor(topic, position, partitions, tuple(chain), tuple(next_offsets), republished)
 
