@@ -90,21 +90,42 @@ class GroupAlreadyStarted(Refused):
 
 class PartitioningMismatch(Refused):
     """A stream worker started with another topic or partition count than a version its
-    group writes records: its partition vector was made for that topic and count, and a
-    worker that maps events to partitions otherwise would apply some again and skip others."""
+    group writes records, or than its topic has (the relay's cursor, the broker, or a
+    message of a partition past the worker's count say so): its partition vector must be
+    made for the topic's partitions, and a worker that maps events to partitions otherwise
+    would apply some again and skip others, or serve a version before every partition's
+    events are in."""
 
     code = "partitioning_mismatch"
 
-    def __init__(self, name: str, version: int, owner: str, recorded: str, running: str) -> None:
-        super().__init__(
+    @classmethod
+    def of_version(
+        cls, name: str, version: int, owner: str, recorded: str, running: str
+    ) -> PartitioningMismatch:
+        return cls(
             f"{owner} writes projection {name} v{version} from {recorded}, and this worker "
             f"runs with {running}: start it with the group's topic and partitions "
             f"(--topic, --partitions), or hand the version to the runner first "
             f"(daybook projections handover {name} --to runner)"
         )
-        self.name = name
-        self.version = version
-        self.owner = owner
+
+    @classmethod
+    def of_topic(cls, topic: str, counted: int, by: str, running: int) -> PartitioningMismatch:
+        """``by``: who counts the topic's ``counted`` partitions (the relay's cursor, the
+        broker)."""
+        return cls(
+            f"{by} {topic!r} with {counted} partitions, and this worker runs with "
+            f"{running}: start it with --partitions {counted}; nothing was applied"
+        )
+
+    @classmethod
+    def of_message(cls, topic: str, partition: int, running: int) -> PartitioningMismatch:
+        return cls(
+            f"a message of partition {partition} of topic {topic!r} came, and this worker "
+            f"runs with {running} partition{'' if running == 1 else 's'}: the topic has "
+            "more; start it with the topic's partition count (--partitions, the relay's); "
+            "nothing of the batch was applied"
+        )
 
 
 class CodeLacksVersion(Refused):

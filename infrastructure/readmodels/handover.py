@@ -7,7 +7,10 @@ them through the projection engine, and records the new owner. Nothing is applie
 nothing is skipped, with partitions at different positions and idle ones:
 
 - to the runner, from a vector: the position becomes the furthest the vector reached, after
-  applying each partition's events between its vector entry and that position;
+  applying each partition's events between its vector entry and that position. The vector
+  is read for the partitions the relay publishes the topic with (its progress rows follow
+  the topic's partitions, whatever count its workers were told) when that is known, else
+  for the count the versions record; progress rows past that count are refused;
 - to ``stream:GROUP``, from a position P: each partition's entry becomes the last event at or
   before P that went to it (the relay's partitioning), raised to where the group already
   stands if it is further (its workers' Kafka offsets are there); the events in between are
@@ -95,7 +98,8 @@ def handover(
     To a group, ``partitions`` (None: not given) must be the count the group has recorded
     for ``topic``, and is that count when not given; a group with nothing recorded takes
     ``partitions``, or ``default_partitions`` when not given. ``published``: the count the
-    relay publishes ``topic`` with (its cursor), when known: any other is refused. Raises
+    relay publishes ``topic`` with (its cursor), when known: to a group, any other is
+    refused; to the runner, a group's vector is converted for it. Raises
     ``HandoverRefused``."""
     group = group_of(to)
     if to != RUNNER and not group:
@@ -161,7 +165,7 @@ def _handover(
                 )
             records.append((projection, record))
         if group is None:
-            return [_to_runner(log, store, catalog, p, r) for p, r in records]
+            return [_to_runner(log, store, catalog, p, r, asked[2]) for p, r in records]
         return _to_group(log, store, catalog, records, group, topic, asked, known)
 
 
@@ -171,15 +175,35 @@ def _to_runner(
     catalog: VersionCatalog,
     projection: Projection,
     record: VersionRecord,
+    published: int | None,
 ) -> Handed:
+    """``published``: the count the relay publishes the topic with (its cursor), when
+    known. The group's progress rows follow the topic's partitions, which workers of an
+    older daybook did not compare with theirs: the vector is converted for that count, not
+    for the one the version records."""
     source = record.group
     if source is None:
         return Handed(record.name, record.version, RUNNER, RUNNER, 0, record.position)
     assert record.topic is not None and record.partitions
-    vector = read_vector(store, source, record.topic, record.partitions, lock=True)
+    partitions = record.partitions if published is None else published
+    kept = recorded_partitions(store, source, record.topic, lock=True)
+    if kept is not None and kept > partitions:
+        # Converted for too few partitions, the vector would leave some out, and their
+        # events after the partitions kept would be applied again.
+        counted = f"{record.name} v{record.version} records {record.partitions} (the workers')"
+        if published is not None:
+            counted += f" and the relay publishes it with {published}"
+        raise HandoverRefused(
+            f"{record.owner} has progress rows for {kept} partitions of {record.topic}, but "
+            f"{counted}: they ran with another --partitions than the topic has; run "
+            f"the handover with the --url of the event store the relay publishes "
+            f"{record.topic} from (its cursor counts the partitions), or rebuild the version "
+            f"(daybook projections rebuild {record.name}); nothing was handed over"
+        )
+    vector = read_vector(store, source, record.topic, partitions, lock=True)
     target = max(vector.furthest, vector.position)
     starts = vector.positions
-    applied = _bring(log, store, projection, record, starts, target, record.partitions)
+    applied = _bring(log, store, projection, record, starts, target, partitions)
     catalog.set_owner(record.name, record.version, RUNNER, position=target)
     return Handed(record.name, record.version, record.owner, RUNNER, applied, target)
 

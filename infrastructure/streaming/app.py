@@ -151,6 +151,7 @@ def make_app(
         partitions=config.partitions,
         writer=f"{socket.gethostname()}:{os.getpid()}",
         head=LogHead(config.store_url),
+        published=lambda: _relay_partitions(config),
     )
 
     async def publish_dead_letters() -> None:
@@ -532,6 +533,14 @@ def _shorten_fetch_wait(app: faust.App, seconds: float) -> None:
     faust_compat.customize_worker_consumer(
         app, lambda consumer: aiokafka_compat.set_fetch_max_wait(consumer, seconds)
     )
+
+
+def _relay_partitions(config: WorkerConfig) -> int | None:
+    """The partition count the relay publishes the topic with, from its cursor in the event
+    store (None: no relay has published the topic). An event store that cannot be read
+    raises: the check waits for it, as a batch waits for the read models."""
+    cursor = read_cursor(config.store_url, config.topic)
+    return None if cursor is None else cursor.partitions
 
 
 def _relay_republished(config: WorkerConfig) -> int | None:

@@ -189,7 +189,10 @@ def _common(parser: argparse.ArgumentParser, *, service: bool = True) -> None:
     parser.add_argument(
         "--partitions",
         type=whole_number(1),
-        help=f"partitions of the topic (default: $DAYBOOK_PARTITIONS, else {DEFAULT_PARTITIONS})",
+        help=(
+            "partitions of the topic, the count the relay's cursor records: the relay and the "
+            f"workers refuse another (default: $DAYBOOK_PARTITIONS, else {DEFAULT_PARTITIONS})"
+        ),
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)"

@@ -78,6 +78,7 @@ from daybook.infrastructure.streaming.progress import (
     letter_groups,
     purge_closed_letters,
 )
+from daybook.infrastructure.streaming.relay import CURSOR_TABLE
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
@@ -182,12 +183,17 @@ class StreamApplier:
         max_attempts: int = 3,
         cache_limit: int = 200_000,
         head: Callable[[], int | None] | None = None,
+        published: Callable[[], int | None] | None = None,
         letter_retention: float = LETTER_RETENTION,
         letter_purge_interval: float = LETTER_PURGE_INTERVAL,
     ) -> None:
         self.url = readmodels_url
         #: The log's head (default: read beside the read models, if the log is there).
         self._head = head
+        #: The partition count the relay publishes the topic with, from its cursor (None:
+        #: no relay has published it); default: read beside the read models, if the event
+        #: store is there.
+        self._published = published
         self.projections = list(projections)
         self.group = group
         self.owner = stream_owner(group)
@@ -254,6 +260,7 @@ class StreamApplier:
         """Make sure the projections' versions exist (with their keys, if serving), before
         the first batch of a connection. (Not in ``connect``: the agent connects at start to
         re-send dead letters, outside the batch path whose failures stop the worker.)"""
+        self._refuse_unlike_relay(store)
         catalog = VersionCatalog(store)
         self._refuse_new_to_started_group(store, catalog)
         for projection in self.projections:
@@ -288,12 +295,15 @@ class StreamApplier:
             )
 
     def refuse_at_start(self) -> None:
-        """Raise, at start, the refusal the first batch would meet: ``GroupAlreadyStarted``,
-        or ``NotOwner`` when every one of the projections' versions has another owner, or
-        none is the group's to write because a rebuild replaced it (naming the new one).
+        """Raise, at start, the refusal the first batch would meet: ``PartitioningMismatch``
+        (the relay's cursor, or a version the group writes, counts other partitions),
+        ``GroupAlreadyStarted``, or ``NotOwner`` when every one of the projections' versions
+        has another owner, or none is the group's to write because a rebuild replaced it
+        (naming the new one).
         Otherwise a worker its group cannot serve would say so only when events next come,
         and run on in silence on a quiet topic."""
         store = self.connect()
+        self._refuse_unlike_relay(store)
         catalog = VersionCatalog(store)
         self._refuse_new_to_started_group(store, catalog)
         self._refuse_other_partitioning(catalog)
@@ -316,6 +326,30 @@ class StreamApplier:
         if all(r.owner != self.owner for r in found):
             raise NotOwner(found[0].name, found[0].version, found[0].owner, self.owner)
 
+    def _refuse_unlike_relay(self, store: ReadStore) -> None:
+        """Raise ``PartitioningMismatch`` if the relay publishes the topic with another
+        partition count than this worker runs with. The versions a group writes record its
+        workers' count, but a new group (a rebuild) has none yet, and Kafka hands a worker
+        the topic's partitions whatever it was told: with fewer, its vector leaves some out
+        (a version serves before their events are in); with more, one never moves (the
+        version never serves)."""
+        if self._published is not None:
+            published = self._published()
+        else:
+            published = relay_partitions(store, self.topic)
+        if published is not None and published != self.partitions:
+            raise PartitioningMismatch.of_topic(
+                self.topic, published, "the relay publishes topic", self.partitions
+            )
+
+    def _refuse_partitions_past(self, messages: Sequence[Message]) -> None:
+        """Raise ``PartitioningMismatch`` for a message of a partition at or past this
+        worker's count: the topic has more partitions than it was told (also where no relay
+        cursor says how many)."""
+        past = [m.partition for m in messages if not 0 <= m.partition < self.partitions]
+        if past:
+            raise PartitioningMismatch.of_message(self.topic, min(past), self.partitions)
+
     def _refuse_other_partitioning(self, catalog: VersionCatalog) -> None:
         """Raise ``PartitioningMismatch`` for a version the group writes that records
         another topic or partition count than this worker runs with."""
@@ -327,7 +361,7 @@ class StreamApplier:
                 continue
             recorded = f"{record.topic} with {record.partitions} partitions"
             if recorded != running:
-                raise PartitioningMismatch(
+                raise PartitioningMismatch.of_version(
                     record.name, record.version, self.owner, recorded, running
                 )
 
@@ -374,8 +408,12 @@ class StreamApplier:
         one of them would be a version new to a group that has consumed events, and
         ``CodeLacksVersion`` (having applied nothing) when the group writes a version its
         code does not define, and ``ForeignStore`` (having applied nothing) for a message
-        of another event store than the one the group follows."""
+        of another event store than the one the group follows, and ``PartitioningMismatch``
+        (having applied nothing) for a message of a partition past the worker's count, a
+        relay that publishes the topic with another count (checked at the first batch of a
+        connection), or a version of the group's that records another partitioning."""
         crash_point("worker.batch")
+        self._refuse_partitions_past(messages)
         store = self.connect()
         if not self._registered:
             self._register(store)
@@ -762,6 +800,8 @@ class StreamApplier:
             slot.record = record
             slots.append(slot)
         self._refuse_lacking(catalog)
+        # Also here, not only at start: a version handed to the group while it runs.
+        self._refuse_other_partitioning(catalog)
         refusal = replaced or refused
         if not slots and refusal is not None:
             raise refusal
@@ -883,6 +923,16 @@ class StreamApplier:
         if self._claiming and self.store is not None:
             self._claiming = False
             self.store.control("ROLLBACK")
+
+
+def relay_partitions(store: ReadStore, topic: str) -> int | None:
+    """The partition count the relay's cursor for ``topic`` records, read in ``store`` (the
+    event store's database); None if no relay has published ``topic`` there."""
+    found = store.execute("SELECT to_regclass(%s)", (CURSOR_TABLE,))
+    if not found or found[0][0] is None:
+        return None
+    rows = store.execute(f"SELECT partitions FROM {CURSOR_TABLE} WHERE topic = %s", (topic,))
+    return int(rows[0][0]) if rows else None
 
 
 def _traced(messages: Sequence[Message]) -> Iterator[tuple[str | None, int]]:

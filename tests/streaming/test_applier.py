@@ -22,9 +22,11 @@ from daybook.infrastructure.readmodels.catalog import DROP_RETRY, VersionCatalog
 from daybook.infrastructure.readmodels.checkpoints import CodeLacksVersion, PartitioningMismatch
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.streaming import relay as relay_module
 from daybook.infrastructure.streaming import worker as worker_module
 from daybook.infrastructure.streaming.progress import (
     PURGE_INDEX,
@@ -760,6 +762,190 @@ def test_a_worker_started_with_another_partitioning_than_its_group_refuses(pg_ur
         finally:
             for worker in (four, eight, other):
                 worker.close()
+    finally:
+        ledger.close()
+
+
+def test_a_worker_refuses_at_a_batch_a_version_handed_to_its_group_with_another_partitioning(
+    pg_url: str,
+) -> None:
+    """A version handed to the group while its worker runs, recording another partition
+    count (a group with nothing recorded takes the handover's --partitions): the worker's
+    next batch refuses it, applying nothing, as a worker started then would at start."""
+    ledger = open_ledger(pg_url)
+    try:
+        account = ledger.open_account("owner", "EUR").account_id
+        ledger.deposit(account, 10)
+        log = event_log_of(ledger)
+        group = unique("g")
+        worker = StreamApplier(pg_url, [projections.ACCOUNT_BALANCES], group=group,
+                               topic="t", partitions=4, writer="four")  # fmt: skip
+        try:
+            worker.refuse_at_start()  # nothing recorded yet: nothing to refuse
+            runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+            runner.run_until_caught_up()
+            runner.stop()
+            handover(log, pg_url, [projections.ACCOUNT_BALANCES], f"stream:{group}",
+                     topic="t", partitions=8)  # fmt: skip
+            before = read_status(pg_url, group, "t")
+            with pytest.raises(PartitioningMismatch, match="t with 8 partitions"):
+                worker.apply(Stream(4).publish(ledger))
+        finally:
+            worker.close()
+        assert read_status(pg_url, group, "t") == before
+    finally:
+        ledger.close()
+
+
+def _relay_cursor(url: str, topic: str, partitions: int) -> None:
+    """The cursor of a relay that publishes ``topic`` with ``partitions`` (in the event
+    store, here beside the read models)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(relay_module._CREATE)
+        conn.execute(
+            f"INSERT INTO {relay_module.CURSOR_TABLE} (topic, position, partitions, chain,"
+            " next_offsets) VALUES (%s, 0, %s, %s, %s)",
+            (topic, partitions, [0] * partitions, [0] * partitions),
+        )
+
+
+@pytest.mark.parametrize(("published", "running"), [(2, 1), (1, 2)])
+def test_a_new_groups_worker_with_another_partition_count_than_the_relay_refuses(
+    pg_url: str, published: int, running: int
+) -> None:
+    """A rebuild through a new group (README: start workers with a new --group) has no
+    version recording a count to compare a missing or wrong --partitions with. With fewer
+    partitions than the topic, a first batch of partition 0 alone switched the version to
+    serving before partition 1's events were in (a balance read answered "no such
+    account"); with more, the extra partition never moved, and the version never served,
+    silently. The relay's cursor says how many the topic has: the worker refuses at start
+    and at its first batch, naming both counts, having registered and applied nothing."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(10)]
+    for account in accounts:
+        ledger.deposit(account, 100)
+    messages = Stream(published).publish(ledger)
+    head = ledger.head()
+    ledger.close()
+    _relay_cursor(pg_url, "t", published)
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="rebuild", topic="t", partitions=running, writer="test"
+    )
+    try:
+        with pytest.raises(PartitioningMismatch) as refused:
+            worker.refuse_at_start()
+        assert refused.value.code == "partitioning_mismatch"
+        assert f"publishes topic 't' with {published} partitions" in str(refused.value)
+        assert f"runs with {running}" in str(refused.value)
+        assert f"--partitions {published}" in str(refused.value)
+        with pytest.raises(PartitioningMismatch):
+            worker.apply(of_partitions(messages, 0))
+        assert worker.store is not None
+        assert VersionCatalog(worker.store).versions() == []
+    finally:
+        worker.close()
+    assert read_status(pg_url, "rebuild", "t") == []
+    reads = ReadModels(pg_url)
+    try:
+        with pytest.raises(StaleRead):
+            reads.balance(accounts[0], min_position=head, timeout=0.2)
+    finally:
+        reads.close()
+
+
+def test_a_worker_refuses_a_message_of_a_partition_past_its_count(pg_url: str) -> None:
+    """Without a relay cursor to compare with (none published yet, say), a message of a
+    partition at or past the worker's count still shows that the topic has more: the
+    worker's vector would leave that partition out (the version served too early, and a
+    handover to the runner applied its events again). The batch is refused, applying
+    nothing."""
+    ledger = open_ledger(pg_url)
+    for n in range(10):
+        ledger.deposit(ledger.open_account(f"owner-{n}", "EUR").account_id, 100)
+    messages = Stream(2).publish(ledger)
+    ledger.close()
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        with pytest.raises(PartitioningMismatch, match="partition 1 of topic 't'") as refused:
+            worker.apply(messages)
+        assert "runs with 1 partition" in str(refused.value)
+    finally:
+        worker.close()
+    assert read_status(pg_url, "g", "t") == []
+    store = open_store(pg_url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        assert catalog.versions() == []
+    finally:
+        store.close()
+
+
+def _run_with_one_partition_recorded(pg_url: str) -> tuple[Any, int]:
+    """A group whose versions record 1 partition (its workers' --partitions, before they
+    compared it with the relay's) while the relay publishes 2, and whose partition 1 is
+    ahead of partition 0 (partitions move independently): the ledger, and its head."""
+    ledger = open_ledger(pg_url)
+    accounts = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(10)]
+    for account in accounts:
+        ledger.deposit(account, 100)
+    messages = Stream(2).publish(ledger)
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=2, writer="test"
+    )
+    try:
+        worker.apply(of_partitions(messages, 1))  # partition 1: everything
+        worker.apply(of_partitions(messages, 0)[:1])  # partition 0: its first event only
+    finally:
+        worker.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE daybook_projection_versions SET partitions = 1 WHERE owner = 'stream:g'"
+        )
+    return ledger, ledger.head()
+
+
+def test_a_group_recorded_with_fewer_partitions_than_the_relays_goes_to_the_runner_on_its_count(
+    pg_url: str,
+) -> None:
+    """Converted for the count the versions record, the handover to the runner took
+    partition 0's position for the whole group's, and the runner applied every event of
+    partition 1 after it again: deposits counted twice. The progress rows follow the
+    topic's partitions, which the relay's cursor counts: the checkpoint is converted for
+    those."""
+    ledger, _ = _run_with_one_partition_recorded(pg_url)
+    log = event_log_of(ledger)
+    try:
+        handover(log, pg_url, projections.ALL, "runner", topic="t", published=2)
+        runner = ProjectionRunner(log, pg_url, projections.ALL)
+        runner.run_until_caught_up()
+        runner.stop()
+        drifts = [d for p in projections.ALL for d in reconcile(log, pg_url, p).drifts]
+    finally:
+        ledger.close()
+    assert drifts == [], drifts[:3]
+
+
+def test_a_group_with_progress_past_its_recorded_partitions_is_not_handed_to_the_runner_blind(
+    pg_url: str,
+) -> None:
+    """With no relay cursor to say how many partitions the topic has, progress rows past
+    the count the versions record show that count is wrong, and nothing tells the right
+    one: the handover is refused, changing nothing."""
+    ledger, _ = _run_with_one_partition_recorded(pg_url)
+    log = event_log_of(ledger)
+    try:
+        with pytest.raises(HandoverRefused, match="progress rows for 2 partitions") as refused:
+            handover(log, pg_url, projections.ALL, "runner", topic="t")
+        assert "v1 records 1 (the workers')" in str(refused.value)
+        store = open_store(pg_url)
+        try:
+            owners = {r.owner for r in VersionCatalog(store).versions()}
+        finally:
+            store.close()
+        assert owners == {"stream:g"}
     finally:
         ledger.close()
 
