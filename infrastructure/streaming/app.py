@@ -40,12 +40,14 @@ from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.catalog import first_line
+from daybook.infrastructure.readmodels.checkpoints import PartitioningMismatch
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
     DEFAULT_TOPIC,
     bootstrap_servers,
     dead_letter_topic,
+    topic_partitions,
 )
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.streaming.relay import read_cursor
@@ -255,6 +257,26 @@ def make_app(
             await asyncio.wait({publishing}, timeout=min(FLOW_CHECK_SECONDS * 4, left))
         return publishing.exception()
 
+    async def refuse_unlike_broker() -> None:
+        """Raise ``PartitioningMismatch`` if the topic has another partition count on the
+        broker than this worker runs with: faust leaves a topic that exists as it is, and
+        Kafka hands the group the topic's partitions, whatever the worker was told. Where
+        no relay cursor counts them (none ran yet, or its event store is elsewhere), only
+        the broker can say. A broker that cannot say just now leaves the comparison to the
+        relay's cursor (the worker's batches need the broker anyway)."""
+        try:
+            found = await topic_partitions(bootstrap_servers(config.broker_url), config.topic)
+        except Exception as error:
+            log.warning(
+                "worker: the broker did not say how many partitions %s has (%s); comparing "
+                "--partitions with the relay's cursor only", config.topic, first_line(error),
+            )  # fmt: skip
+            return
+        if found is not None and found != config.partitions:
+            raise PartitioningMismatch.of_topic(
+                config.topic, found, "the broker has topic", config.partitions
+            )
+
     async def pass_pending_start_checks() -> None:
         """The checks at the start, if they met an outage and are still to pass: a worker
         its group cannot serve (another partitioning, versions it does not own) must not
@@ -397,6 +419,7 @@ def make_app(
                 faust_compat.untrack(app, handoff.get_nowait())
             await stop_worker()
         try:
+            await refuse_unlike_broker()
             await asyncio.to_thread(applier.refuse_at_start)
         except Exception as error:
             # Judged here, not left to the first batch, which on a quiet topic never comes:

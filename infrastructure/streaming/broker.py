@@ -64,3 +64,16 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> int:
         return found
     finally:
         await admin.close()
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> int | None:
+    """The partition count ``topic`` has on the broker (None: no such topic)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        (description,) = await admin.describe_topics([topic])
+        if description.get("error_code", 0) != 0:
+            return None
+        return len(description["partitions"]) or None
+    finally:
+        await admin.close()

@@ -19,6 +19,7 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.streaming import faults
+from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections import ALL
@@ -300,6 +301,22 @@ def test_a_worker_whose_group_owns_none_of_its_versions_stops_at_start(
         ledger.close()
     output = refused_at_start(pg_url, kafka_bootstrap, topic, group, tmp_path)
     assert "not_owner" in output and "projections handover" in output
+
+
+def test_a_worker_with_another_partition_count_than_its_topic_on_the_broker_stops_at_start(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """faust leaves a topic that exists as it is, whatever partition count it was told;
+    Kafka then hands the group the topic's partitions. With no relay cursor to compare with
+    (the relay not run yet, or its event store elsewhere), the broker's count is what says
+    the worker's --partitions is wrong: it stops at start, naming both counts."""
+    topic, group = unique("two"), unique("group")
+    assert asyncio.run(ensure_topic(kafka_bootstrap, topic, 2)) == 2
+    open_ledger(pg_url).close()
+    output = refused_at_start(pg_url, kafka_bootstrap, topic, group, tmp_path)
+    assert "partitioning_mismatch" in output, output
+    assert f"the broker has topic '{topic}' with 2 partitions" in output
+    assert f"runs with {PARTITIONS}: start it with --partitions 2" in output
 
 
 def refused_at_start(pg_url: str, bootstrap: str, topic: str, group: str, tmp_path: Path) -> str:
