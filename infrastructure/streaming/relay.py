@@ -258,7 +258,15 @@ class Relay:
         log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
         channel = getattr(self._log.recorder, "channel_name", "daybook_events")
         while not self._stopping.is_set():
-            producer = await self._start_producer()
+            try:
+                producer = await self._start_producer()
+            except TopicMismatch:
+                if not (cursor.position or any(cursor.next_offsets) or cursor.republished):
+                    # The cursor this run made, nothing published under it: kept, its count
+                    # would refuse the next run, started with the topic's count as the
+                    # refusal says.
+                    await _forget_cursor(lock_conn, cursor.topic)
+                raise
             if producer is None:
                 continue
             # Listening only while publishing: a session that listens and is not read (the
@@ -634,6 +642,12 @@ async def _load_cursor(
             f"{stored_partitions}, or publish to a new --topic to change the partition count"
         )
     return RelayCursor(topic, position, partitions, tuple(chain), tuple(next_offsets), republished)
+
+
+async def _forget_cursor(conn: psycopg.AsyncConnection[Any], topic: str) -> None:
+    await conn.execute(
+        SQL("DELETE FROM {} WHERE topic = %s").format(Identifier(CURSOR_TABLE)), (topic,)
+    )
 
 
 async def _save_cursor(conn: psycopg.AsyncConnection[Any], cursor: RelayCursor) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger
+from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.relay import read_cursor
 from scripts.streams import (
     Daybook,
@@ -67,3 +69,32 @@ def test_relay_killed_mid_batch_loses_nothing_and_consumers_drop_the_repeats(
     assert gaps == 0
     assert_in_log_order(seen)
     ledger.close()
+
+
+def test_a_relay_run_with_another_partition_count_than_its_topic_is_refused_then_runs_with_it(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The topic exists with 2 partitions; a relay started with 4 is an operator's mistake:
+    it exits 1 with one line and the code, no traceback, having published nothing. Started
+    again with 2, as it said, it publishes (its first run's cursor does not refuse that)."""
+    topic = unique("two")
+    assert asyncio.run(ensure_topic(kafka_bootstrap, topic, 2)) == 2
+    ledger = open_ledger(pg_url)
+    write_money(ledger, open_accounts(ledger, 4), 10)
+    head = ledger.head()
+    ledger.close()
+    wrong = relay(pg_url, kafka_bootstrap, topic, tmp_path / "wrong.log").start()
+    try:
+        assert wrong.wait() == 1, wrong.output
+    finally:
+        wrong.stop()
+    assert "Traceback" not in wrong.output, wrong.output
+    assert "refused (partitioning_mismatch)" in wrong.output, wrong.output
+    assert "start it with --partitions 2" in wrong.output
+    assert read_cursor(pg_url, topic) is None  # nothing published: no count kept
+    args = ["relay", "--url", pg_url, "--broker", f"kafka://{kafka_bootstrap}", "--topic", topic]
+    right = Daybook([*args, "--partitions", "2", "-v"], tmp_path / "right.log").start()
+    try:
+        wait_until(lambda: cursor_position(pg_url, topic) == head, "the relay to publish")
+    finally:
+        assert right.stop() == 0, right.output
