@@ -15,7 +15,6 @@ raising.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import faust
 import psycopg
@@ -63,8 +62,6 @@ from daybook.projections import ALL
 from daybook.projections.model import Projection
 
 log = logging.getLogger("daybook.worker")
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -161,13 +158,10 @@ def make_app(
         claim at a time (``StreamApplier.claim_dead_letters``), each claim marked published
         once the broker acknowledged all of it; on a failure, released unpublished."""
         while True:
+            letters = await asyncio.to_thread(applier.claim_dead_letters)
             try:
-                letters = await to_the_end(applier.claim_dead_letters)
-                # All of the claim handed to the producer, then its acknowledgements awaited:
-                # one round trip per letter, in turn, could outlast the timeout on a slow
-                # broker for a claim of hundreds.
-                acknowledgements = [
-                    await app.producer.send(
+                for letter in letters:
+                    await app.producer.send_and_wait(
                         dead_letters.get_topic_name(),
                         str(letter.position).encode(),
                         letter.value,
@@ -175,10 +169,7 @@ def make_app(
                         timestamp=None,
                         headers=letter_headers(letter, config.group),
                     )
-                    for letter in letters
-                ]
-                await asyncio.gather(*acknowledgements)
-                await to_the_end(applier.mark_published, letters)
+                await asyncio.to_thread(applier.mark_published, letters)
             except BaseException:
                 # The connection holds the claim: closed, its locks go with it.
                 await asyncio.to_thread(applier.close)
@@ -207,55 +198,28 @@ def make_app(
     #: worker's probe runs (``next_fetch``), so that one its group cannot serve still stops.
     start_checks_pending = False
 
-    async def publish_pending_letters() -> bool:
-        """Publish the dead letters recorded and not yet published (those a batch just
-        parked among them): at the agent's start, after a batch that parked some (once it
-        is acknowledged) or while some are left, and, while the worker says it retries
-        with no batch in hand, before it says it runs again (``next_fetch``). True when
-        none is left.
-
-        It never holds up a batch or a stop: given up after ``LETTER_PUBLISH_TIMEOUT``
-        (the broker away: faust's producer would wait 20 minutes), at once when the worker
-        stops, or on a broker or database error, the letters stay unpublished, for the next
-        attempt (this worker's or another's): the worker says it retries, with the reason
-        (health; in the log once, then a summary every 30 s), until they are published.
-        ``_Stopped`` after another failure (judged: FAILED, with the reason)."""
+    async def publish_pending_letters() -> None:
+        """Publish the dead letters recorded and not yet published (each once: those a
+        batch just parked among them): at the agent's start, and after a batch that parked
+        some or while some are left. An outage is left to the batches, which wait it out
+        as a stop and a rebalance require: raised out of the agent, it had faust restart
+        the agent every 5 s (a traceback each time, health saying it ran) and a stop after
+        that waited for ever; waited out here, with the fetches piling up behind the agent,
+        a stop waited for ever too. ``_Stopped`` after a failure no retry cures (judged:
+        FAILED, with the reason)."""
         nonlocal letters_pending
-        letters_pending = True
-        publishing = asyncio.ensure_future(publish_dead_letters())
         try:
-            error = await within_publish_timeout(publishing)
-        except BaseException:  # the agent cancelled: the worker stops
-            publishing.cancel()
-            raise
-        supervisor = applier.supervisor
-        if error is None:
-            letters_pending = False
-            applier.states.ended(_LETTERS_UNPUBLISHED, "worker: dead letters published again")
-            return True
-        if not (isinstance(error, KafkaError | TimeoutError) or is_transient(error)):
-            supervisor.judge(error)
-            raise _Stopped from error
-        reason = f"dead letters not published: {first_line(error)}"
-        applier.states.during(_LETTERS_UNPUBLISHED, f"worker: {reason}; trying again")
-        supervisor.move(ServiceState.RETRYING, reason)
-        return False
-
-    async def within_publish_timeout(publishing: asyncio.Future[None]) -> BaseException | None:
-        """Wait for ``publishing`` at most ``LETTER_PUBLISH_TIMEOUT`` seconds, and no longer
-        than until the app stops; cancelled then. Its error (a ``TimeoutError`` for one
-        given up), None once it is done."""
-        deadline = time.monotonic() + LETTER_PUBLISH_TIMEOUT
-        while not publishing.done():
-            left = deadline - time.monotonic()
-            if left <= 0 or app.should_stop:
-                publishing.cancel()
-                with contextlib.suppress(BaseException):
-                    await publishing
-                why = "the worker stops" if app.should_stop else "the broker did not answer"
-                return TimeoutError(f"{why} (given up after {LETTER_PUBLISH_TIMEOUT:g} s at most)")
-            await asyncio.wait({publishing}, timeout=min(FLOW_CHECK_SECONDS * 4, left))
-        return publishing.exception()
+            await publish_dead_letters()
+        except Exception as error:
+            if not is_transient(error):
+                applier.supervisor.judge(error)
+                raise _Stopped from error
+            letters_pending = True
+            await asyncio.to_thread(applier.close)
+            log.warning("worker: dead letters could not be published yet (%s); trying again"
+                        " after the next batch", first_line(error))  # fmt: skip
+            return
+        letters_pending = False
 
     async def refuse_unlike_broker() -> None:
         """Raise ``PartitioningMismatch`` if the topic has another partition count on the
@@ -286,11 +250,10 @@ def make_app(
             await asyncio.to_thread(applier.refuse_at_start)
             start_checks_pending = False
 
-    async def apply_until_done(messages: list[Message]) -> bool:
+    async def apply_until_done(messages: list[Message]) -> None:
         """Apply one batch, retrying through database outages (with backoff and jitter);
         never raises for data (that is parked). A failure no retry cures stops the worker:
-        its health says FAILED and why, and ``run_worker`` reports it. Whether dead letters
-        await publishing (``publish_pending_letters``, once the batch is acknowledged)."""
+        its health says FAILED and why, and ``run_worker`` reports it."""
         supervisor = applier.supervisor
         while True:
             try:
@@ -304,8 +267,9 @@ def make_app(
                     raise _Stopped from error
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
+        if letters_pending or result.parked:
+            await publish_pending_letters()
         measure_lag(result.offsets)
-        return letters_pending or bool(result.parked)
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).
     caught_up: set[int] = set()
@@ -362,12 +326,11 @@ def make_app(
                         raise _Stopped from error
                     wait = max(delay, FLOW_CHECK_SECONDS)
                     continue
-                # Letters an outage kept from their topic (at the start, say) would wait
-                # for a batch, which on a quiet topic never comes.
-                if letters_pending and not await publish_pending_letters():
-                    wait = IDLE_PROBE_SECONDS
-                    continue
                 supervisor.recovered()
+                if letters_pending:
+                    # Letters an outage kept from their topic (at the start, say) would
+                    # wait for a batch, which on a quiet topic never comes.
+                    await publish_pending_letters()
             return await getting
         except BaseException:
             if not getting.done():
@@ -457,7 +420,7 @@ def make_app(
             faust_compat.record_stream_inbound(app, {m.tp for m in current})
             async with batch_lock:
                 try:
-                    letters = await apply_until_done(messages)
+                    await apply_until_done(messages)
                 except BaseException as error:
                     # Stopping (or failed): nothing of this batch, nor of the fetches waiting
                     # behind it, will be acknowledged here; faust must not wait for them
@@ -473,29 +436,8 @@ def make_app(
                 ack = consumer.ack
                 for message in current:
                     ack(message)
-                # After the acknowledgements: a stop or a rebalance waits for the batch's
-                # messages to be acknowledged (``wait_empty``), never for the publishing.
-                try:
-                    if letters:
-                        await publish_pending_letters()
-                except _Stopped:
-                    while not handoff.empty():
-                        faust_compat.untrack(app, handoff.get_nowait())
-                    await stop_worker()
 
     return app, applier
-
-
-async def to_the_end(call: Callable[..., _T], *args: Any) -> _T:
-    """``call(*args)`` in a thread, waited for to its end even if cancelled meanwhile (then
-    raising ``CancelledError``): the applier's connection must not be closed under it."""
-    running = asyncio.ensure_future(asyncio.to_thread(call, *args))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await running
-        raise
 
 
 def letter_headers(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
@@ -622,15 +564,6 @@ class _Abandoned(Exception):
 
 #: How often a batch waiting out an outage looks whether faust has suspended the flow.
 FLOW_CHECK_SECONDS = 0.05
-
-#: Seconds a worker waits for the broker to acknowledge the dead letters it publishes
-#: (``publish_pending_letters``) before it leaves them for a later attempt: as long as the
-#: relay waits for a batch by default (``--request-timeout``). faust's producer would wait
-#: 20 minutes (``producer_request_timeout``); the claim on the letters' rows lasts as long.
-LETTER_PUBLISH_TIMEOUT = 15.0
-
-#: The log's key for dead letters a worker could not publish (one line, then summaries).
-_LETTERS_UNPUBLISHED = "dead letters unpublished"
 
 #: How long a worker that says it retries, with no batch in hand, waits for one before it
 #: probes its database (then as long as its backoff says; see ``next_fetch``).
