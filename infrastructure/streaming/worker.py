@@ -96,8 +96,14 @@ LETTER_PURGE_INTERVAL = 3_600.0
 LETTER_PURGE_BATCH = 1_000
 LETTER_PURGE_BATCHES = 10
 #: Dead letters claimed for publishing at a time (see ``claim_dead_letters``): the claim
-#: lasts as long as their sends, which a worker bounds (``app.LETTER_PUBLISH_TIMEOUT``).
+#: lasts as long as their sends.
 LETTERS_PER_CLAIM = 500
+
+#: The longest a claim's transaction may sit idle on the server: longer than a send may
+#: take (faust's producer gives the broker 1,200 s), so that only a worker frozen or cut
+#: off mid-claim loses it. Without it, the server kept such a claim (its rows locked, the
+#: group's other workers skipping them) until TCP gave the connection up, hours later.
+CLAIM_IDLE_LIMIT_SECONDS = 1500
 
 
 @dataclass(frozen=True, slots=True)
@@ -894,6 +900,9 @@ class StreamApplier:
         store = self.connect()
         store.control(store.begin_write)
         self._claiming = True
+        store.execute(
+            f"SET LOCAL idle_in_transaction_session_timeout = '{CLAIM_IDLE_LIMIT_SECONDS}s'"
+        )
         rows = store.execute(
             f"SELECT position, envelope, error, partition, kafka_offset FROM {DEAD_LETTER_TABLE} "
             "WHERE group_id = %s AND topic = %s AND NOT published ORDER BY position LIMIT %s "

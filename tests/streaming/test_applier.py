@@ -261,6 +261,26 @@ def test_dead_letters_a_worker_failed_to_publish_are_claimed_again(pg_url: str) 
         other.close()
 
 
+def test_a_claim_of_dead_letters_a_worker_stops_tending_ends_on_the_server(pg_url: str) -> None:
+    """A worker frozen or cut off mid-claim kept the letters' rows locked, and the group's
+    other workers skipped them, until TCP gave the connection up, hours later: the claim's
+    transaction ends on the server once idle past ``CLAIM_IDLE_LIMIT_SECONDS``."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        worker.apply([Message(0, 3, b"not an envelope")])
+        assert len(worker.claim_dead_letters()) == 1
+        assert worker.store is not None
+        ((limit,),) = worker.store.execute("SHOW idle_in_transaction_session_timeout")
+        assert limit == f"{worker_module.CLAIM_IDLE_LIMIT_SECONDS // 60}min", limit
+        worker.release_dead_letters()
+        ((after,),) = worker.store.execute("SHOW idle_in_transaction_session_timeout")
+        assert after != limit  # for the claim's transaction only
+    finally:
+        worker.close()
+
+
 def _note_each_deposit(event: LogEvent, rows: Rows) -> None:
     """A projection bug: every deposit appends a row under the account's key alone."""
     rows.put("deposit_notes", {"account_id": event.originator_id, "amount": event.data["amount"]})
