@@ -668,9 +668,12 @@ def _again_if_the_broker_went(
 STOP_GRACE_SECONDS = 8.0
 
 
-def _exit_if_a_stop_hangs(worker: faust.Worker, stopped: threading.Event, datadir: str) -> None:
+def _exit_if_a_stop_hangs(
+    worker: faust.Worker, applier: StreamApplier, stopped: threading.Event, datadir: str
+) -> None:
     """Watch for a stop signal; if the worker has not stopped ``STOP_GRACE_SECONDS`` after
-    it, say so and end the process (exit status 0: the stop asked for)."""
+    it, say so and end the process: exit status 0, the stop asked for, unless the worker
+    had failed (1, with the reason, as ``daybook worker`` says it)."""
     while not faust_compat.stop_requested(worker):
         if stopped.wait(0.2):
             return
@@ -684,9 +687,13 @@ def _exit_if_a_stop_hangs(worker: faust.Worker, stopped: threading.Event, datadi
     shutil.rmtree(datadir, ignore_errors=True)
     for handler in logging.getLogger().handlers:
         handler.flush()
+    code = 0
+    if _failed(applier):
+        print(f"daybook worker: stopped: {applier.supervisor.health().error}", file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _failed(applier: StreamApplier) -> bool:
@@ -738,7 +745,7 @@ def run_worker(
         stopped = threading.Event()
         threading.Thread(
             target=_exit_if_a_stop_hangs,
-            args=(worker, stopped, datadir),
+            args=(worker, applier, stopped, datadir),
             name="daybook-stop-watch",
             daemon=True,
         ).start()
