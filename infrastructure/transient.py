@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
-from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownError
 from eventsourcing.persistence import ConnectionUnavailableError, PersistenceError
 
 #: PostgreSQL SQLSTATEs a retry can cure (besides class 08, connection exceptions).
@@ -94,8 +94,14 @@ def is_transient(error: BaseException) -> bool:
         # aiokafka marks each broker error class retriable or not (a lost connection, a
         # timeout, a leader election: yes; a refused authorization, a bad request: no). The
         # broker's own "unknown server error" is a fault on its side, not in the request:
-        # retried too (a broker that lost its data answers it while recreating topics).
-        return bool(error.retriable) or isinstance(error, UnknownError)
+        # retried too (a broker that lost its data answers it while recreating topics). A
+        # record the producer could not hand over in time (``KafkaTimeoutError``, its buffer
+        # full with the broker away) is not marked retriable, yet goes once the broker is.
+        return bool(error.retriable) or isinstance(error, UnknownError | KafkaTimeoutError)
+    if isinstance(error.__cause__, KafkaError) and type(error).__module__.startswith("faust."):
+        # faust's producer re-raises a broker error as its own ``ProducerSendError``, from
+        # it (known by module: faust is not imported on the write path).
+        return is_transient(error.__cause__)
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
         # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) keep the primary code in the low byte.

@@ -267,3 +267,27 @@ def test_a_session_the_server_ended_for_idling_in_a_transaction_is_transient(
             conn.execute("SELECT 1")
     assert is_transient(ended.value), (type(ended.value), ended.value.sqlstate, ended.value)
     assert is_transient(_wrapped(persistence.OperationalError, ended.value))
+
+
+def test_a_broker_error_raised_through_fausts_producer_is_judged_by_its_cause() -> None:
+    """faust's producer re-raises a broker error as ``ProducerSendError``, ``from`` it: a
+    worker publishing dead letters took a lost broker for a failure no retry cures, and
+    stopped (FAILED) at every start while the broker was away."""
+    from faust.exceptions import ProducerSendError
+
+    def through_faust(cause: BaseException) -> BaseException:
+        try:
+            raise ProducerSendError(f"Error while sending: {cause!r}") from cause
+        except ProducerSendError as error:
+            return error
+
+    assert is_transient(through_faust(kafka_errors.KafkaConnectionError("broker down")))
+    assert is_transient(through_faust(kafka_errors.KafkaTimeoutError()))
+    assert not is_transient(through_faust(kafka_errors.MessageSizeTooLargeError()))
+    assert not is_transient(ProducerSendError("No transaction producer found for : x"))
+
+
+def test_a_broker_that_does_not_take_a_record_in_time_is_an_outage() -> None:
+    """aiokafka's ``KafkaTimeoutError`` (its buffer stayed full, the broker away) is not
+    marked retriable, yet a later try, once the broker is back, goes through."""
+    assert is_transient(kafka_errors.KafkaTimeoutError())
