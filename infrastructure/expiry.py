@@ -141,7 +141,6 @@ class ExpirySweeper:
         self.ledger = ledger
         self.views = views
         self.clock = aware_clock(clock) if clock else ledger.service.clock
-        self.clock()  # refused now if its readings have no time zone
         self.interval = interval
         self.batch = batch
         #: Seconds the sweeper may wait for its read model to be built before its health

@@ -428,10 +428,9 @@ class LedgerService(Application[UUID]):
     ) -> None:
         #: What time it is: commands and reads are judged at its reading (holds expire by
         #: it), and request records are kept by it. Injectable, so tests can move time.
-        self.clock: Callable[[], datetime] = aware_clock(clock) if clock else _utc_now
-        # A clock that gives naive readings is refused now, before the store is opened
+        # A clock that gives naive readings is refused here, before the store is opened
         # (created, or migrated), not at a command.
-        self.clock()
+        self.clock: Callable[[], datetime] = aware_clock(clock) if clock else _utc_now
         super().__init__(env)
         #: How long request records of caller-chosen ids are kept (seconds), on that clock.
         self.retention = Retention(retention, clock=lambda: self.clock().timestamp())
@@ -1180,11 +1179,12 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
     into a hold's or a reservation's expiry, one made every process with a correct clock
     fail on that account or SKU (naive and aware times do not compare), for good. Every
     clock a caller gives daybook (the ledger's, a saga processor's, an expiry sweeper's)
-    goes through it."""
+    goes through it; read once here, so that one that gives naive readings is refused when
+    it is given, not at a command."""
 
     def reading() -> datetime:
         now = clock()
-        if now.tzinfo is None or now.utcoffset() is None:
+        if now.utcoffset() is None:
             msg = (
                 f"the ledger's clock gave {now!r}, a time without a time zone; give a clock "
                 "that returns an aware datetime, such as lambda: datetime.now(UTC)"
@@ -1192,6 +1192,7 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
             raise TypeError(msg)
         return now
 
+    reading()
     return reading
 
 

@@ -138,7 +138,6 @@ class SagaProcessor:
         self.views = views
         self.ports = dict(ports)
         self.clock = aware_clock(clock) if clock else ledger.service.clock
-        self.clock()  # refused now if its readings have no time zone
         self.poll = poll
         self.batch = batch
         self.backoff = backoff or Backoff()
