@@ -32,7 +32,7 @@ from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
-from daybook.infrastructure.settings import MIN_BROKER_TIMEOUT, Settings
+from daybook.infrastructure.settings import MAX_WAIT, MIN_BROKER_TIMEOUT, Settings
 from daybook.infrastructure.transient import causes
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -143,9 +143,8 @@ def uuid_argument(what: str) -> Callable[[str], UUID]:
     return parse
 
 
-#: The most any option in seconds takes: each is a wait, an interval or a timeout, and a
-#: wait past what a thread can wait (about 292 years) fails the service at its first one.
-MAX_SECONDS = 30 * 24 * 3600
+#: The most any option in seconds takes: each is a wait, an interval or a timeout.
+MAX_SECONDS = int(MAX_WAIT.total_seconds())
 
 
 def seconds(text: str) -> float:

@@ -19,8 +19,10 @@ from daybook.infrastructure.urls import DEFAULT_URL, BadURL, scheme
 
 #: The longest a request record is kept (its expiry is a timestamp every backend stores).
 MAX_REQUEST_RETENTION = timedelta(days=36500)
-#: The longest wait between purges.
-MAX_PURGE_INTERVAL = timedelta(days=30)
+#: The longest wait, interval or timeout daybook takes (between purges, an option in
+#: seconds): a wait past what a thread can wait (about 292 years) failed the service that
+#: waited, at its first wait.
+MAX_WAIT = timedelta(days=30)
 
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
 DEFAULT_TOPIC = "daybook.events"
@@ -128,10 +130,10 @@ class Settings(BaseModel):
     def _not_negative(cls, value: timedelta) -> timedelta:
         if value.total_seconds() < 0:
             raise ValueError("must not be negative (0 turns the purge service off)")
-        # The service waits this long between passes: a wait past what a thread can wait
-        # (about 292 years) failed it after its first pass, and the table grew for good.
-        if value > MAX_PURGE_INTERVAL:
-            msg = f"must be at most {MAX_PURGE_INTERVAL.days} days (0 turns the service off)"
+        # The service waits this long between passes: one past ``MAX_WAIT`` failed it
+        # after its first pass, and the table grew for good.
+        if value > MAX_WAIT:
+            msg = f"must be at most {MAX_WAIT.days} days (0 turns the service off)"
             raise ValueError(msg)
         return value
 
