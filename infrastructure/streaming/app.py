@@ -214,8 +214,7 @@ def make_app(
             if not is_transient(error):
                 applier.supervisor.judge(error)
                 raise _Stopped from error
-            letters_pending = True
-            await asyncio.to_thread(applier.close)
+            letters_pending = True  # (their claim's connection closed already)
             log.warning("worker: dead letters could not be published yet (%s); trying again"
                         " after the next batch", first_line(error))  # fmt: skip
             return

@@ -894,7 +894,7 @@ class StreamApplier:
         """Up to ``limit`` of the group's dead letters recorded but not yet on the
         dead-letter topic (those a batch just parked, or left by a crash between the commit
         and the publish), claimed: their rows stay locked, in a transaction this connection
-        keeps open until ``mark_published`` or ``release_dead_letters`` (or ``close``), and
+        keeps open until ``mark_published`` (or ``close``, on a failed send), and
         the group's other workers skip them. Each letter is so published by one worker; one
         that crashes between the send and the mark leaves its letters to be sent again."""
         store = self.connect()
@@ -925,13 +925,6 @@ class StreamApplier:
         if self._claiming:
             self._claiming = False
             store.control("COMMIT")
-
-    def release_dead_letters(self) -> None:
-        """End a claim without publishing (the send failed): the letters stay unpublished,
-        for the next attempt, this worker's or another's."""
-        if self._claiming and self.store is not None:
-            self._claiming = False
-            self.store.control("ROLLBACK")
 
 
 def relay_partitions(store: ReadStore, topic: str) -> int | None:

@@ -250,12 +250,11 @@ def test_dead_letters_a_worker_failed_to_publish_are_claimed_again(pg_url: str) 
         worker.apply([Message(0, 3, b"not an envelope")])
         claimed = worker.claim_dead_letters()
         assert len(claimed) == 1 and other.claim_dead_letters() == []
-        other.release_dead_letters()
-        worker.release_dead_letters()  # the send failed
+        other.mark_published([])  # its claim of nothing ends
+        worker.close()  # the send failed: as the worker does, its claim's connection closed
         assert other.claim_dead_letters() == claimed
         other.mark_published(claimed)
         assert worker.claim_dead_letters() == []
-        worker.release_dead_letters()
     finally:
         worker.close()
         other.close()
@@ -274,7 +273,7 @@ def test_a_claim_of_dead_letters_a_worker_stops_tending_ends_on_the_server(pg_ur
         assert worker.store is not None
         ((limit,),) = worker.store.execute("SHOW idle_in_transaction_session_timeout")
         assert limit == f"{worker_module.CLAIM_IDLE_LIMIT_SECONDS // 60}min", limit
-        worker.release_dead_letters()
+        worker.mark_published([])  # the claim ends, on the same connection
         ((after,),) = worker.store.execute("SHOW idle_in_transaction_session_timeout")
         assert after != limit  # for the claim's transaction only
     finally:
