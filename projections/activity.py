@@ -17,11 +17,11 @@ MONEY = Table(
         Column("day"),
         Column("currency"),
         Column("deposits", "bigint"),
-        Column("deposit_volume", "bigint"),
+        Column("deposit_volume", "numeric"),
         Column("withdrawals", "bigint"),
-        Column("withdrawal_volume", "bigint"),
+        Column("withdrawal_volume", "numeric"),
         Column("transfers", "bigint"),
-        Column("transfer_volume", "bigint"),
+        Column("transfer_volume", "numeric"),
     ),
     key=("day", "currency"),
     summed=True,
@@ -31,9 +31,9 @@ STOCK = Table(
     "daily_stock",
     (
         Column("day"),
-        Column("reserved", "bigint"),
-        Column("shipped", "bigint"),
-        Column("released", "bigint"),
+        Column("reserved", "numeric"),
+        Column("shipped", "numeric"),
+        Column("released", "numeric"),
     ),
     key=("day",),
     summed=True,
@@ -117,7 +117,9 @@ DAILY_ACTIVITY = Projection(
     name="daily_activity",
     # 2: an expired reservation's units count as released, as a released one's do (version
     # 1 left them out, so reserved - shipped - released grew with every expiry).
-    version=2,
+    # 3: volumes and units are ``numeric``: every amount fits 64 bits, a day's total of them
+    # need not (in version 2 such a day stopped the projection for every day).
+    version=3,
     tables=(MONEY, STOCK, CURRENCIES),
     handlers={
         OPENED: _opened,

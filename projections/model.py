@@ -19,7 +19,10 @@ from typing import Any, Literal, NamedTuple, Protocol
 Value = str | int | None
 Row = dict[str, Value]
 Key = tuple[Value, ...]
-ColumnType = Literal["text", "bigint"]
+#: ``bigint``: a signed 64-bit integer (an amount, a balance, a count). ``numeric``: an
+#: integer of any size, for totals over many amounts (a day's volume), which may pass
+#: 2**63-1 though every amount fits.
+ColumnType = Literal["text", "bigint", "numeric"]
 
 
 class LogEvent(NamedTuple):

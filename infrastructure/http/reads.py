@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -238,7 +239,16 @@ def _answer(body: dict[str, Any], answer: Any) -> Response:
     headers = {"Daybook-As-Of-Position": str(position)}
     if lag is not None:
         headers["Daybook-Lag-Events"] = str(lag)
-    return Response(orjson.dumps(body, default=str), media_type="application/json", headers=headers)
+    return Response(_json(body), media_type="application/json", headers=headers)
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body, default=str)
+    except TypeError:
+        # orjson stops at 64 bits, and a day's total may pass them (``numeric`` columns):
+        # the standard library writes any integer exactly (only such answers take it).
+        return json.dumps(body, default=str, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _plain(value: Any, *, skip_position: bool = False) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from daybook.infrastructure.urls import postgres_params
 from daybook.projections.model import Key, Row, Table, Value
 
 #: Binary COPY type names of the column types.
-_BINARY_TYPES = {"text": "text", "bigint": "int8"}
+_BINARY_TYPES = {"text": "text", "bigint": "int8", "numeric": "numeric"}
 
 
 def _connect(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:

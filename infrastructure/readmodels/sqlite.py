@@ -8,8 +8,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
-from daybook.projections.model import Row, Table, Value
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks, row_reader
+from daybook.projections.model import ColumnType, Row, Table, Value
 
 
 class NoLocks(WriterLocks):
@@ -32,16 +32,36 @@ class NoLocks(WriterLocks):
         pass
 
 
+class _ExactSum:
+    """``daybook_sum``: the sum of ``numeric`` columns' texts, exactly, as text (SQLite's
+    own sum() turns a text past 64 bits into a float)."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+
+    def step(self, value: str | int | None) -> None:
+        if value is not None:
+            self.total = (self.total or 0) + int(value)
+
+    def finalize(self) -> str | None:
+        return None if self.total is None else str(self.total)
+
+
 class SqliteStore(ReadStore):
     # IMMEDIATE takes the write lock up front: the tracking row cannot change under us.
     begin_write = "BEGIN IMMEDIATE"
     begin_read = "BEGIN"
+    # SQLite's integers stop at 64 bits, and a NUMERIC column would turn a larger one into
+    # a float: a ``numeric`` column holds the number's decimal text (``_write``), which
+    # ``row_reader`` turns back into an int.
+    column_types = {**ReadStore.column_types, "numeric": "TEXT"}
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.create_aggregate("daybook_sum", 1, _ExactSum)  # type: ignore[arg-type]
 
     def close(self) -> None:
         with suppress(Exception):
@@ -57,13 +77,15 @@ class SqliteStore(ReadStore):
         # Row by row from the cursor: a table may not fit in memory (the reconciler's fold).
         names = table.column_names
         cursor = self.conn.execute(f"SELECT {', '.join(names)} FROM {self.source(table, version)}")
-        for values in cursor:
-            yield dict(zip(names, values, strict=True))
+        yield from map(row_reader(table), cursor)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("%s", "?")  # callers write psycopg's placeholders
 
     # -- dialect -----------------------------------------------------------------------------
+
+    def total(self, column: str, kind: ColumnType) -> str:
+        return f"daybook_sum({column})" if kind == "numeric" else super().total(column, kind)
 
     def lock_transaction(self, key: int) -> None:
         """Nothing to take: a write transaction (``BEGIN IMMEDIATE``) already holds the
@@ -134,11 +156,23 @@ class SqliteStore(ReadStore):
         self, verb: str, table: Table, version: int, values: Sequence[Sequence[Value]]
     ) -> None:
         names = table.column_names
+        numeric = [i for i, c in enumerate(table.columns) if c.type == "numeric"]
+        if numeric:
+            values = [_as_text(row, numeric) for row in values]
         self.conn.executemany(
             f"{verb} INTO {table.physical_name(version)} ({', '.join(names)})"
             f" VALUES ({', '.join('?' for _ in names)})",
             values,
         )
+
+
+def _as_text(values: Sequence[Value], numeric: list[int]) -> list[Value]:
+    """``values`` with those at ``numeric`` as text (None stays None)."""
+    row = list(values)
+    for index in numeric:
+        if row[index] is not None:
+            row[index] = str(row[index])
+    return row
 
 
 def _in_column_order(table: Table, rows: Sequence[Row]) -> list[tuple[Value, ...]]:

@@ -9,23 +9,40 @@ missing table's error) is a method here, so no caller needs to know which databa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
 from daybook.infrastructure.readmodels import checksums
-from daybook.projections.model import Key, Projection, Row, Table, Value
+from daybook.projections.model import ColumnType, Key, Projection, Row, Table, Value
 
 #: Serialises schema changes between processes (see ``ReadStore.ddl_guard``).
 DDL_LOCK = 0x64617962  # "dayb"
-
-_COLUMN_TYPES = {"text": "TEXT", "bigint": "BIGINT"}
 
 #: The shard of a summed table's rows written by the log's runner and by repairs (stream
 #: workers write one shard per partition, numbered from 0).
 LOG_SHARD = -1
 REPAIR_SHARD = -2
+
+
+def row_reader(table: Table) -> Callable[[Sequence[Any]], Row]:
+    """The row of ``table`` that a database row's values (in column order) stand for:
+    ``numeric`` columns come back from the database as decimals (PostgreSQL) or as their
+    text (SQLite, see ``SqliteStore``), and are ints again here."""
+    names = table.column_names
+    numeric = [(i, c.name) for i, c in enumerate(table.columns) if c.type == "numeric"]
+    if not numeric:
+        return lambda values: dict(zip(names, values, strict=True))
+
+    def read(values: Sequence[Any]) -> Row:
+        row = dict(zip(names, values, strict=True))
+        for index, name in numeric:
+            if values[index] is not None:
+                row[name] = int(values[index])
+        return row
+
+    return read
 
 
 class ReadStoreError(Exception):
@@ -75,6 +92,9 @@ class ReadStore(ABC):
     #: whatever the database's default isolation.
     begin_write = "BEGIN ISOLATION LEVEL READ COMMITTED"
     begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+    #: How each column type is declared (see ``ColumnType``).
+    column_types = {"text": "TEXT", "bigint": "BIGINT", "numeric": "NUMERIC"}
 
     _depth = 0
 
@@ -190,7 +210,7 @@ class ReadStore(ABC):
         for table in (t.stored for t in projection.tables):
             name = table.physical_name(projection.version)
             columns = ", ".join(
-                f"{c.name} {_COLUMN_TYPES[c.type]}{'' if c.nullable else ' NOT NULL'}"
+                f"{c.name} {self.column_types[c.type]}{'' if c.nullable else ' NOT NULL'}"
                 for c in table.columns
             )
             key = f", PRIMARY KEY ({', '.join(table.key)})"
@@ -243,26 +263,32 @@ class ReadStore(ABC):
             return name
         keys = ", ".join(table.key)
         sums = ", ".join(
-            f"CAST(sum({c}) AS BIGINT) AS {c}" for c in table.column_names if c not in table.key
+            f"{self.total(c.name, c.type)} AS {c.name}"
+            for c in table.columns
+            if c.name not in table.key
         )
         return f"(SELECT {keys}, {sums} FROM {name} GROUP BY {keys}) AS {name}_total"
+
+    def total(self, column: str, kind: ColumnType) -> str:
+        """SQL adding up a summed table's shards of ``column`` (a ``kind`` column)."""
+        # sum() of bigints is a numeric in PostgreSQL: cast back, so readers get ints.
+        return f"sum({column})" if kind == "numeric" else f"CAST(sum({column}) AS BIGINT)"
 
     def count(self, table: Table, version: int) -> int:
         return int(self.execute(f"SELECT count(*) FROM {self.source(table, version)}")[0][0])
 
     def all_rows(self, table: Table, version: int) -> Iterator[Row]:
-        names = table.column_names
-        sql = f"SELECT {', '.join(names)} FROM {self.source(table, version)}"
-        for values in self.execute(sql):
-            yield dict(zip(names, values, strict=True))
+        sql = f"SELECT {', '.join(table.column_names)} FROM {self.source(table, version)}"
+        yield from map(row_reader(table), self.execute(sql))
 
     def fetch(self, table: Table, version: int, key: Key) -> Row | None:
-        names = table.column_names
         where = " AND ".join(f"{k} = %s" for k in table.key)
         rows = self.execute(
-            f"SELECT {', '.join(names)} FROM {self.source(table, version)} WHERE {where}", key
+            f"SELECT {', '.join(table.column_names)} FROM {self.source(table, version)}"
+            f" WHERE {where}",
+            key,
         )
-        return dict(zip(names, rows[0], strict=True)) if rows else None
+        return row_reader(table)(rows[0]) if rows else None
 
     def select(
         self,
@@ -281,7 +307,7 @@ class ReadStore(ABC):
             sql += f" ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [dict(zip(names, values, strict=True)) for values in self.execute(sql, params)]
+        return list(map(row_reader(table), self.execute(sql, params)))
 
     def count_by(self, table: Table, version: int, column: str) -> dict[Any, int]:
         """How many rows the table holds for each value of ``column``."""

@@ -647,6 +647,16 @@ def test_activity_and_health(api: Api) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_a_days_volume_past_64_bits_is_answered_exactly(api: Api) -> None:
+    """Every amount fits 64 bits, a day's volume need not: five deposits of 2**62 make one
+    that JSON carries as the exact integer, not a 500."""
+    for _ in range(5):
+        api.command("deposit", {"account_id": api.open_account(), "amount": 2**62})
+    reply = api.get("/v1/activity", days=2, min_position=api.head())
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["days"][-1]["money"]["EUR"]["deposit_volume"] == 5 * 2**62
+
+
 def test_problem_codes_describe_themselves(api: Api) -> None:
     described = api.run(api.client.get("/problems/insufficient_funds")).json()
     assert "overdraft" in described["description"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
+from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
@@ -65,6 +68,39 @@ def test_available_funds_past_a_bigint_stop_no_read_model(ledger: Ledger, url: s
         rich_row = runner.views.balance(rich, min_position=ledger.head())
         assert (rich_row.balance, rich_row.available) == (1, 2**63 - 1)
         assert runner.versions_health().state is ServiceState.RUNNING
+
+
+def test_a_days_volume_past_a_bigint_is_kept_exactly(ledger: Ledger, url: str) -> None:
+    """Each amount fits 64 bits, a day's total need not: three deposits of 2**62 make a
+    volume of 3 * 2**62, which stopped daily_activity for every day and currency, as did
+    a day's reserved units past 2**63-1. Totals are kept exactly, by a bulk build and by
+    the live runner going on from it."""
+    accounts = [ledger.open_account(f"whale {n}", "EUR").account_id or "" for n in range(3)]
+    for account in accounts[:2]:
+        ledger.deposit(account, 2**62)
+    ledger.receive_stock("SKU-BIG", 2**63 - 1)
+    ledger.reserve_stock("SKU-BIG", 2**63 - 1, reservation_id="all")
+    ledger.release_reservation("SKU-BIG", "all")
+    bulk = BulkRunner(event_log_of(ledger), url, [projections.DAILY_ACTIVITY])
+    bulk.run_until_caught_up()
+    bulk.stop()
+    assert_tables_match(ledger, url, projections.DAILY_ACTIVITY)
+
+    ledger.deposit(accounts[2], 2**62)
+    ledger.reserve_stock("SKU-BIG", 2**63 - 1, reservation_id="again")
+    today = datetime.now(UTC).date()
+    with run_projections(ledger, url, poll_interval=0.01) as runner:
+        activity = runner.views.daily_activity(
+            days=2, today=today, min_position=ledger.head(), timeout=30
+        )
+        assert runner.versions_health().state is ServiceState.RUNNING
+    (day,) = activity.days
+    assert day.money["EUR"]["deposits"] == 3
+    assert day.money["EUR"]["deposit_volume"] == 3 * 2**62
+    assert (day.reserved, day.released) == (2 * (2**63 - 1), 2**63 - 1)
+    assert_tables_match(ledger, url, projections.DAILY_ACTIVITY)
+    report = reconcile(event_log_of(ledger), url, projections.DAILY_ACTIVITY)
+    assert report.clean, [drift.describe() for drift in report.drifts]
 
 
 def _wait_position(views: Any, name: str, position: int) -> None:

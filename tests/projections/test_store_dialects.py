@@ -85,6 +85,40 @@ def test_rows_written_every_way_read_back_alike(store: ReadStore) -> None:
     ]
 
 
+#: Totals per day, in shards (one per writer), of any size.
+TOTALS = Table(
+    "totals",
+    (Column("day"), Column("count", "bigint"), Column("volume", "numeric", nullable=True)),
+    ("day",),
+    summed=True,
+)
+BIG = 2**63 - 1
+
+
+def test_numeric_columns_hold_any_integer_and_shards_add_up_exactly(store: ReadStore) -> None:
+    """Each shard's total fits 64 bits, their sum does not (nor do some shards): read back
+    exact, as ints, whichever way the rows were written, and checksummed like any value."""
+    totals = Projection("totals", 1, (TOTALS,))
+    VersionCatalog(store).register(totals)
+    with store.transaction():
+        store.insert_values(TOTALS.stored, 1, [("d1", 1, BIG, 0), ("d2", 1, None, 0)])
+        store.upsert_values(TOTALS.stored, 1, [("d1", 2, BIG, 1), ("d3", 1, -(2**70), 0)])
+        store.upsert(TOTALS.stored, 1, [{"day": "d1", "count": 4, "volume": 2**64, "shard": 2}])
+        store.insert(TOTALS.stored, 1, [{"day": "d3", "count": 1, "volume": 2**70 + 5, "shard": 1}])
+    expected = [
+        {"day": "d1", "count": 7, "volume": 2 * BIG + 2**64},
+        {"day": "d2", "count": 1, "volume": None},
+        {"day": "d3", "count": 2, "volume": 5},
+    ]
+    assert sorted(store.all_rows(TOTALS, 1), key=lambda r: str(r["day"])) == expected
+    assert store.fetch(TOTALS, 1, ("d1",)) == expected[0]
+    assert store.select(TOTALS, 1, "day >= %s", ["d2"], "day") == expected[1:]
+    assert all(type(row["volume"]) is int for row in expected if row["volume"] is not None)
+    assert store.range_checksums(TOTALS, 1) == checksums.by_range(TOTALS, expected)
+    store.replace_total(TOTALS, 1, ("d1",), {"day": "d1", "count": 1, "volume": 3 * BIG})
+    assert store.fetch(TOTALS, 1, ("d1",)) == {"day": "d1", "count": 1, "volume": 3 * BIG}
+
+
 def test_a_new_row_written_twice_fails_and_the_transaction_changes_nothing(
     store: ReadStore,
 ) -> None:
