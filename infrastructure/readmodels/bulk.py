@@ -133,7 +133,7 @@ class BulkRunner(ProjectionRunner):
             if not self._land():
                 return len(raw)
             self._ahead = None
-            failures = self._apply_batch(store, self.decoder.decode(raw))
+            failures = self._apply_batch(store, self.decoder.decode(raw), start)
             for failure in failures:
                 self._handle_failure(store, failure)
             if self.on_progress is not None:

@@ -131,6 +131,9 @@ class ProjectionRunner:
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
+        #: Whether the last batch read while a version is far behind was for the versions
+        #: ahead of it (``_batch_start``).
+        self._leaders_turn = False
         #: Versions of this runner's code that are stopped (an event parked, rows
         #: refused), and why. The runner itself runs on for the others;
         #: ``versions_health`` says it. (Not a version left behind by reads switched to
@@ -400,11 +403,15 @@ class ProjectionRunner:
             # the read-model database answered, which is all this step had to do.
             self.service.supervisor.recovered()
             return 0
-        start = min(slot.record.position for slot in self.slots.values())
+        lowest = min(slot.record.position for slot in self.slots.values())
+        start = self._batch_start(lowest)
         events = self.log.read(start, self.batch_size)
+        if not events and start > lowest:
+            start = lowest  # the versions ahead are at the head: on with the others
+            events = self.log.read(start, self.batch_size)
         if not events:
             self.service.supervisor.recovered()  # both databases answered: back to work
-            self._measure_lag([], 0)
+            self._measure_lag([], 0, start)
             self._caught_up(start)
             self._switch_caught_up(store, start)
             self.drops.retry(store)
@@ -419,25 +426,41 @@ class ProjectionRunner:
             },
         ):
             try:
-                failures = self._apply_batch(store, events)
+                failures = self._apply_batch(store, events, start)
             except Exception as error:
                 if not store.refused_rows(error) or len(self.slots) < 2:
                     raise
-                failures = self._apply_alone(store, events, error)
+                failures = self._apply_alone(store, events, start, error)
         for failure in failures:
             self._handle_failure(store, failure)
         self.service.supervisor.recovered()  # a batch committed: back to work
         full = len(events) >= self.batch_size
         head = self.log.head() if full or self.on_progress is not None else events[-1].position
-        self._measure_lag(events, head)
+        self._measure_lag(events, head, start)
         if self.on_progress is not None:
             self.on_progress(Progress(len(events), events[-1].position, head))
         if full:
             self._behind = True
         else:
-            self._caught_up(events[-1].position)
+            if start == lowest:
+                self._caught_up(events[-1].position)
             self._switch_caught_up(store, events[-1].position)
         return len(events)
+
+    def _batch_start(self, lowest: int) -> int:
+        """Where the next batch starts: where the version furthest behind is (``lowest``),
+        so that one read serves every version. Unless one is more than a batch behind the
+        others (a version built from the start of the log beside versions that serve: a new
+        projection, or a new version in a deploy): then every other batch is read from where
+        the others are, for them alone, so that the versions serving reads keep following
+        the log instead of waiting for the new one to read all of it, each at half the pace
+        of a runner doing only its own."""
+        positions = [slot.record.position for slot in self.slots.values()]
+        ahead = max(positions) - self.batch_size
+        if lowest >= ahead:
+            return lowest
+        self._leaders_turn = not self._leaders_turn
+        return min(p for p in positions if p >= ahead) if self._leaders_turn else lowest
 
     def _caught_up(self, position: int) -> None:
         """Read to the end of the log: said once after a start, a reconnect or a backlog."""
@@ -449,17 +472,20 @@ class ProjectionRunner:
                 ", ".join(f"{name} v{version}" for name, version in self.slots) or "no versions",
             )
 
-    def _measure_lag(self, events: list[LogEvent], head: int) -> None:
-        """Each version's lag after a batch of ``events`` (none: the log was read to its
-        end). Counted in events the batch read and the version has not applied; past a
-        full batch, the rest of the log is estimated as ``head`` minus the batch's last
-        position (a gap in positions counts there, and only there). In seconds: the age
-        of the oldest event not applied (past a full batch, the age of its last event, an
-        upper bound), 0 when caught up."""
+    def _measure_lag(self, events: list[LogEvent], head: int, start: int) -> None:
+        """Each version's lag after a batch of ``events`` read from ``start`` (none: the log
+        was read to its end). Counted in events the batch read and the version has not
+        applied; past a full batch, the rest of the log is estimated as ``head`` minus the
+        batch's last position (a gap in positions counts there, and only there). In seconds:
+        the age of the oldest event not applied (past a full batch, the age of its last
+        event, an upper bound), 0 when caught up. A version behind ``start`` (the batch was
+        not for it: ``_batch_start``) keeps the lag its own batches measure."""
         now = time.time()
         positions = [event.position for event in events]
         beyond = max(0, head - positions[-1]) if positions else 0
         for key, slot in self.slots.items():
+            if slot.record.position < start:
+                continue
             applied = bisect_right(positions, slot.record.position)
             unapplied = len(positions) - applied + beyond
             if applied < len(positions):
@@ -471,7 +497,7 @@ class ProjectionRunner:
             _report_lag(key, unapplied, age)
 
     def _apply_alone(
-        self, store: ReadStore, events: list[LogEvent], error: Exception
+        self, store: ReadStore, events: list[LogEvent], start: int, error: Exception
     ) -> list[Failure]:
         """After a batch failed with an error no retry cures: write each projection's part
         alone, and stop the one that fails again, with the error (the others go on)."""
@@ -482,7 +508,7 @@ class ProjectionRunner:
         for key, slot in list(slots.items()):
             self.slots = {key: slot}
             try:
-                failures.extend(self._apply_batch(store, events))
+                failures.extend(self._apply_batch(store, events, start))
             except Exception as alone:
                 if not store.refused_rows(alone):
                     self.slots = slots
@@ -493,14 +519,19 @@ class ProjectionRunner:
         self.slots = slots
         return failures
 
-    def _apply_batch(self, store: ReadStore, events: list[LogEvent]) -> list[Failure]:
+    def _apply_batch(self, store: ReadStore, events: list[LogEvent], start: int) -> list[Failure]:
+        """Apply ``events`` (the log's after position ``start``) to every version at
+        ``start`` or past it, in one transaction; a version behind it would skip the events
+        in between, and is left for a batch read from where it is."""
         failures: list[Failure] = []
         batches: list[tuple[Slot, BatchRows, int, str | None]] = []
         catalog = VersionCatalog(store)
         with store.transaction():
             for slot in list(self.slots.values()):
+                if slot.record.position < start:
+                    continue
                 current = catalog.version(*slot.key, lock=True)
-                if not self._still_ours(slot, current):
+                if not self._still_ours(slot, current) or slot.record.position < start:
                     continue
                 if slot.record.note is not None and slot.record.state is VersionState.LIVE:
                     # Serving, and followed: by this runner. A note that another could not

@@ -24,6 +24,7 @@ from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED
+from daybook.projections.inventory import INVENTORY_LEVELS
 from daybook.projections.model import LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
 
@@ -101,6 +102,41 @@ def test_a_days_volume_past_a_bigint_is_kept_exactly(ledger: Ledger, url: str) -
     assert_tables_match(ledger, url, projections.DAILY_ACTIVITY)
     report = reconcile(event_log_of(ledger), url, projections.DAILY_ACTIVITY)
     assert report.clean, [drift.describe() for drift in report.drifts]
+
+
+def test_a_version_built_from_the_start_does_not_hold_up_the_versions_that_serve(
+    tmp_path: Path,
+) -> None:
+    """A runner given a new projection (or a new version) builds it from the start of the
+    log. Every batch was read from where that one was, so the versions serving reads skipped
+    everything they had applied and took no new event until the new one had read the whole
+    log: reads with a ``min_position`` ended in ``stale_read`` meanwhile. Every other batch
+    is now theirs; the new one is still built exactly."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        ids = workload(ledger, 600)
+        with run_projections(ledger, url, start=False) as first:
+            first.run_until_caught_up()
+        receipt = ledger.deposit(ids[0], 7)
+        extra = Projection("stock_copy", 1, INVENTORY_LEVELS.tables, INVENTORY_LEVELS.handlers)
+        every = [*projections.ALL, extra]
+        with run_projections(ledger, url, projections=every, start=False, batch_size=100) as runner:
+            runner.step()
+            runner.step()
+            balance = runner.views.balance(ids[0], min_position=receipt.position, timeout=0)
+            assert balance is not None and balance.as_of_position >= receipt.position
+            with pytest.raises(StaleRead):  # the new one has read only a batch of the log
+                runner.views.row(extra, "inventory_levels", ("none",), min_position=100, timeout=0)
+            runner.run_until_caught_up()
+            assert (
+                runner.views.row(
+                    extra, "inventory_levels", ("none",), min_position=receipt.position, timeout=0
+                ).value
+                is None
+            )
+        assert_tables_match(ledger, url, extra)
+        for projection in projections.ALL:
+            assert_tables_match(ledger, url, projection)
 
 
 def _wait_position(views: Any, name: str, position: int) -> None:
