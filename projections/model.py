@@ -141,6 +141,8 @@ class Table:
     column_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     #: ``row -> primary key``, in ``key`` order.
     key_of: Callable[[Mapping[str, Value]], Key] = field(init=False, repr=False, compare=False)
+    #: Where the ``numeric`` columns are in ``columns`` (stores may not keep them as ints).
+    numeric: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     #: The table as stored: a summed table's rows with their shard in the key.
     stored: Table = field(init=False, repr=False, compare=False)
@@ -148,6 +150,8 @@ class Table:
     def __post_init__(self) -> None:
         object.__setattr__(self, "column_names", tuple(c.name for c in self.columns))
         object.__setattr__(self, "key_of", _key_getter(self.key))
+        numeric = tuple(i for i, c in enumerate(self.columns) if c.type == "numeric")
+        object.__setattr__(self, "numeric", numeric)
         stored = self
         if self.summed:
             columns = (*self.columns, Column(SHARD, "bigint"))

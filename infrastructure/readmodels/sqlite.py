@@ -8,7 +8,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks, row_reader
+from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks, read_row
 from daybook.projections.model import ColumnType, Row, Table, Value
 
 
@@ -32,9 +32,14 @@ class NoLocks(WriterLocks):
         pass
 
 
+def _fits(value: int) -> bool:
+    """Whether SQLite can hold ``value`` as an integer (64 bits, signed)."""
+    return -(2**63) <= value < 2**63
+
+
 class _ExactSum:
-    """``daybook_sum``: the sum of ``numeric`` columns' texts, exactly, as text (SQLite's
-    own sum() turns a text past 64 bits into a float)."""
+    """``daybook_sum``: the exact sum of a ``numeric`` column, stored as ``_fitted`` stores
+    values (SQLite's own sum() turns a text past 64 bits into a float)."""
 
     def __init__(self) -> None:
         self.total: int | None = None
@@ -43,18 +48,22 @@ class _ExactSum:
         if value is not None:
             self.total = (self.total or 0) + int(value)
 
-    def finalize(self) -> str | None:
-        return None if self.total is None else str(self.total)
+    def finalize(self) -> str | int | None:
+        total = self.total
+        return str(total) if total is not None and not _fits(total) else total
 
 
 class SqliteStore(ReadStore):
     # IMMEDIATE takes the write lock up front: the tracking row cannot change under us.
     begin_write = "BEGIN IMMEDIATE"
     begin_read = "BEGIN"
-    # SQLite's integers stop at 64 bits, and a NUMERIC column would turn a larger one into
-    # a float: a ``numeric`` column holds the number's decimal text (``_write``), which
-    # ``row_reader`` turns back into an int.
-    column_types = {**ReadStore.column_types, "numeric": "TEXT"}
+    # SQLite's integers stop at 64 bits, and a column with NUMERIC affinity would turn a
+    # larger one into a float. A ``numeric`` column has none (BLOB): it keeps an integer
+    # that fits 64 bits as one (compared, sorted and summed as such), and one past them as
+    # its decimal text (``_write``), which ``read_row`` turns back into an int. (SQLite
+    # orders any text after every integer: right for totals past 2**63-1, not for those
+    # below -2**63.)
+    column_types = {**ReadStore.column_types, "numeric": "BLOB"}
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -77,7 +86,8 @@ class SqliteStore(ReadStore):
         # Row by row from the cursor: a table may not fit in memory (the reconciler's fold).
         names = table.column_names
         cursor = self.conn.execute(f"SELECT {', '.join(names)} FROM {self.source(table, version)}")
-        yield from map(row_reader(table), cursor)
+        for values in cursor:
+            yield read_row(table, values)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("%s", "?")  # callers write psycopg's placeholders
@@ -156,9 +166,8 @@ class SqliteStore(ReadStore):
         self, verb: str, table: Table, version: int, values: Sequence[Sequence[Value]]
     ) -> None:
         names = table.column_names
-        numeric = [i for i, c in enumerate(table.columns) if c.type == "numeric"]
-        if numeric:
-            values = [_as_text(row, numeric) for row in values]
+        if table.numeric:
+            values = [_fitted(row, table.numeric) for row in values]
         self.conn.executemany(
             f"{verb} INTO {table.physical_name(version)} ({', '.join(names)})"
             f" VALUES ({', '.join('?' for _ in names)})",
@@ -166,12 +175,13 @@ class SqliteStore(ReadStore):
         )
 
 
-def _as_text(values: Sequence[Value], numeric: list[int]) -> list[Value]:
-    """``values`` with those at ``numeric`` as text (None stays None)."""
+def _fitted(values: Sequence[Value], numeric: tuple[int, ...]) -> list[Value]:
+    """``values`` with those at ``numeric`` that do not fit 64 bits as their text."""
     row = list(values)
     for index in numeric:
-        if row[index] is not None:
-            row[index] = str(row[index])
+        value = row[index]
+        if isinstance(value, int) and not _fits(value):
+            row[index] = str(value)
     return row
 
 

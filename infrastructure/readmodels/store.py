@@ -9,7 +9,7 @@ missing table's error) is a method here, so no caller needs to know which databa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -26,23 +26,15 @@ LOG_SHARD = -1
 REPAIR_SHARD = -2
 
 
-def row_reader(table: Table) -> Callable[[Sequence[Any]], Row]:
+def read_row(table: Table, values: Sequence[Any]) -> Row:
     """The row of ``table`` that a database row's values (in column order) stand for:
-    ``numeric`` columns come back from the database as decimals (PostgreSQL) or as their
-    text (SQLite, see ``SqliteStore``), and are ints again here."""
-    names = table.column_names
-    numeric = [(i, c.name) for i, c in enumerate(table.columns) if c.type == "numeric"]
-    if not numeric:
-        return lambda values: dict(zip(names, values, strict=True))
-
-    def read(values: Sequence[Any]) -> Row:
-        row = dict(zip(names, values, strict=True))
-        for index, name in numeric:
-            if values[index] is not None:
-                row[name] = int(values[index])
-        return row
-
-    return read
+    ``numeric`` columns may come back from the database as decimals (PostgreSQL) or as
+    their text (SQLite, past 64 bits: see ``SqliteStore``), and are ints again here."""
+    row = dict(zip(table.column_names, values, strict=True))
+    for index in table.numeric:
+        if values[index] is not None:
+            row[table.column_names[index]] = int(values[index])
+    return row
 
 
 class ReadStoreError(Exception):
@@ -279,7 +271,8 @@ class ReadStore(ABC):
 
     def all_rows(self, table: Table, version: int) -> Iterator[Row]:
         sql = f"SELECT {', '.join(table.column_names)} FROM {self.source(table, version)}"
-        yield from map(row_reader(table), self.execute(sql))
+        for values in self.execute(sql):
+            yield read_row(table, values)
 
     def fetch(self, table: Table, version: int, key: Key) -> Row | None:
         where = " AND ".join(f"{k} = %s" for k in table.key)
@@ -288,7 +281,7 @@ class ReadStore(ABC):
             f" WHERE {where}",
             key,
         )
-        return row_reader(table)(rows[0]) if rows else None
+        return read_row(table, rows[0]) if rows else None
 
     def select(
         self,
@@ -307,7 +300,7 @@ class ReadStore(ABC):
             sql += f" ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return list(map(row_reader(table), self.execute(sql, params)))
+        return [read_row(table, values) for values in self.execute(sql, params)]
 
     def count_by(self, table: Table, version: int, column: str) -> dict[Any, int]:
         """How many rows the table holds for each value of ``column``."""
@@ -316,7 +309,10 @@ class ReadStore(ABC):
             raise ValueError(msg)
         source = self.source(table, version)
         sql = f"SELECT {column}, count(*) FROM {source} GROUP BY {column}"
-        return {value: int(count) for value, count in self.execute(sql)}
+        counted = self.execute(sql)
+        if table.columns[table.column_names.index(column)].type == "numeric":
+            counted = [(None if v is None else int(v), count) for v, count in counted]
+        return {value: int(count) for value, count in counted}
 
     def range_checksums(self, table: Table, version: int) -> dict[str, tuple[int, int]]:
         """Row count and checksum of each key range of the stored table (see

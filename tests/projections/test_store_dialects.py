@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -117,6 +118,26 @@ def test_numeric_columns_hold_any_integer_and_shards_add_up_exactly(store: ReadS
     assert store.range_checksums(TOTALS, 1) == checksums.by_range(TOTALS, expected)
     store.replace_total(TOTALS, 1, ("d1",), {"day": "d1", "count": 1, "volume": 3 * BIG})
     assert store.fetch(TOTALS, 1, ("d1",)) == {"day": "d1", "count": 1, "volume": 3 * BIG}
+
+
+NUMBERS = Table("numbers", (Column("k"), Column("n", "numeric")), ("k",))
+
+
+@pytest.mark.parametrize("table", [NUMBERS, replace(NUMBERS, name="summed", summed=True)])
+def test_numeric_columns_compare_and_sort_as_numbers(store: ReadStore, table: Table) -> None:
+    """On SQLite too, where a value past 64 bits is kept as text: those within 64 bits are
+    integers there, compared and ordered as such, alone or summed."""
+    VersionCatalog(store).register(Projection(table.name, 1, (table,)))
+    shard = (0,) if table.summed else ()
+    with store.transaction():
+        store.insert_values(table.stored, 1, [("a", 9, *shard), ("b", 10, *shard)])
+        store.insert_values(table.stored, 1, [("c", 100, *shard), ("d", 2**64, *shard)])
+    assert [r["n"] for r in store.select(table, 1, order="n")] == [9, 10, 100, 2**64]
+    assert [r["k"] for r in store.select(table, 1, "n > %s", [50], "k")] == ["c", "d"]
+    assert [r["k"] for r in store.select(table, 1, "n = %s", [10])] == ["b"]
+    counted = store.count_by(table, 1, "n")
+    assert counted == {9: 1, 10: 1, 100: 1, 2**64: 1}
+    assert all(type(n) is int for n in counted)
 
 
 def test_a_new_row_written_twice_fails_and_the_transaction_changes_nothing(
