@@ -719,8 +719,9 @@ def json_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 class _SagaCommand(Command):
     """Commands that drive a saga: sent by the processor with ids derived from the saga, the
-    step and the attempt, so a repeated delivery is a replay. Not offered over HTTP: only the
-    processor knows that a step ran (that the gateway charged)."""
+    step and the attempt, so a repeated delivery is a replay (a deadline has none: see
+    ``FireSagaDeadline``). Not offered over HTTP: only the processor knows that a step ran
+    (that the gateway charged)."""
 
     generated_method: ClassVar[bool] = False
     public: ClassVar[bool] = False
@@ -824,7 +825,10 @@ class RetryLater(_SagaCommand):
 
 
 class FireSagaDeadline(_SagaCommand):
-    """Fire a step's deadline (ignored if the step completed or the deadline moved on)."""
+    """Fire a step's deadline (ignored if the step completed or the deadline moved on).
+    The processor sends it without a request id of its own: a generation's deadline fires
+    at most once, and a refusal (not passed yet, by the ledger's clock) is then not
+    recorded, so the deadline fires when it is sent again once it has passed."""
 
     saga_id: Uuid
     step: Text

@@ -14,7 +14,11 @@ again. Decisions are the saga's; this module only carries them out:
   retry looks the key up before calling again: nothing is guessed. A circuit breaker per
   dependency stops calls while it is open; the sagas wait (no attempt is spent);
 - deadlines and compensations come from the saga (``next_move``); a compensation that keeps
-  failing moves the saga to ``needs_attention`` after the policy's limit.
+  failing moves the saga to ``needs_attention`` after the policy's limit. A deadline is
+  sent without a request id of its own (the saga fires it at most once), so one the ledger
+  judges not passed yet fires when sent again;
+- a move refused because the saga is not at it, the saga unchanged, ends that saga's drive
+  (it is driven again at the next pass), rather than being made again at once.
 
 Crash points (``DAYBOOK_FAULTS``) sit at every step boundary: before and after each local
 command, before and after each remote call, and between compensations.
@@ -93,7 +97,8 @@ from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 
 log = logging.getLogger("daybook.sagas")
 
-#: Refusals that mean another delivery got there first: read the saga again.
+#: Refusals that mean another delivery got there first, or the saga is not at that move:
+#: read the saga again (``drive`` ends if it did not change).
 _MOVED_ON = frozenset({"saga_moved_on", "saga_finished", "idempotency_conflict"})
 
 
@@ -317,9 +322,23 @@ class SagaProcessor:
     # -- driving one saga ---------------------------------------------------------------------
 
     def drive(self, saga_id: UUID, *, max_moves: int = 1000) -> Saga:
-        """Make the saga's moves until it must wait; its state then."""
+        """Make the saga's moves until it must wait, or until a move changed nothing; its
+        state then.
+
+        Every move that goes ahead records something in the saga (its version grows), by
+        this processor or by another delivery that got there first. A move answered as moved
+        on while the saga stayed as it was (a deadline refused as not passed yet by the
+        ledger's clock, a refusal replayed for its request id) would only be made again at
+        once, up to ``max_moves`` times: the drive ends instead, and the saga, still due, is
+        driven again at the next pass."""
+        before: int | None = None
         for _ in range(max_moves):
             saga = self.ledger.read(Saga, saga_id)
+            if saga.version == before:
+                log.debug("%s: saga %s: its last move changed nothing; due again at the next"
+                          " pass", self.name, saga_id)  # fmt: skip
+                return saga
+            before = saga.version
             now = self.clock()
             move = saga.next_move(now)
             if isinstance(move, Wait) or self.service.stopping:
@@ -327,13 +346,18 @@ class SagaProcessor:
             self.moves += 1
             if isinstance(move, FireDeadline):
                 with _step_span(saga, "deadline", move.step):
+                    # No request id of its own, as the expiry sweeper sends expiries: the
+                    # saga fires a generation's deadline at most once, and a refusal is then
+                    # not recorded. With one, a deadline judged not passed yet by the
+                    # ledger's clock (a moment behind this processor's) pinned that answer
+                    # to the id, and every later send of it was answered so for the
+                    # request retention window: the deadline never fired.
                     fired = self._send(
                         FireSagaDeadline(
                             saga_id,
                             move.step,
                             move.generation,
                             decided_by=self.name,
-                            request_id=f"saga:{saga_id}:deadline:{move.generation}",
                             correlation_id=str(saga_id),
                         )
                     )
@@ -368,7 +392,10 @@ class SagaProcessor:
 
     def _send(self, command: Command) -> Receipt | None:
         """Execute a recording command: its receipt (``replayed`` if another delivery
-        recorded it first), or None if the saga had moved on already."""
+        recorded it first), or None if it was refused as one for a step, attempt or
+        deadline the saga is not at (a refusal replayed for its request id, or the id used
+        with another payload, included): ``drive`` reads the saga again, and ends if
+        nothing changed."""
         try:
             return self.ledger.execute(command)
         except DomainError as refusal:

@@ -31,7 +31,7 @@ from daybook.domain.sagas import (
     SagaState,
     Wait,
 )
-from daybook.infrastructure.gateway import Charge, Unavailable
+from daybook.infrastructure.gateway import Charge, Refund, Unavailable
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
@@ -211,6 +211,83 @@ def test_the_payment_deadline_compensates_while_the_breaker_holds_calls(shop: Sh
     assert shop.server.gateway.stats()["charges"] == {}
     assert key in shop.server.gateway.closed  # refunded by key: a late charge cannot land
     assert_nothing_left_open(shop, saga_id)
+
+
+class SetClock:
+    """A clock that reads what the test set."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class DownGateway:
+    """A payment gateway that is down: every charge and lookup is "not processed, try
+    later"; a refund finds nothing to refund."""
+
+    def charge(self, key: str, **_: Any) -> Charge:
+        raise Unavailable("503 (down)")
+
+    def lookup(self, key: str) -> Charge | None:
+        raise Unavailable("503 (down)")
+
+    def refund(self, key: str) -> Refund:
+        return Refund(key, "nothing_to_refund", 0)
+
+    def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
+        return []
+
+
+def test_a_deadline_sent_a_moment_early_fires_once_it_has_passed() -> None:
+    """The processor's clock read past the payment deadline, the ledger's a second short of
+    it: the deadline was refused ("has not passed"), and that refusal was recorded under the
+    deadline's request id. Every later send of it was answered with the old refusal, which
+    the processor took for another delivery's progress: it sent it again, 1,000 times a
+    drive, and the order stayed running (neither charged nor compensated, its funds held
+    and its stock reserved) for the request retention window, 3 days. Now a deadline
+    refused as not yet passed fires once it has, and a move that moved nothing ends the
+    drive (the saga is due again at the next pass)."""
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    ledger_clock = SetClock(start)
+    with open_ledger("memory://", clock=ledger_clock) as ledger:
+        processor = SagaProcessor(
+            ledger,
+            None,  # type: ignore[arg-type]
+            {"payments": DownGateway()},
+            clock=lambda: ledger_clock.now + timedelta(seconds=2),  # two seconds ahead
+            seed=1,
+            breaker_threshold=1000,
+        )
+        try:
+            customer = ledger.open_account("customer", "EUR").account_id
+            merchant = ledger.open_account("merchant", "EUR").account_id
+            assert customer is not None and merchant is not None
+            ledger.deposit(customer, 10_000)
+            ledger.receive_stock("KETTLE", 5)
+            saga_id = ledger.execute(
+                PlaceOrder("o-early", customer, merchant, [("KETTLE", 1, 100)],
+                           payment_deadline=60)
+            ).saga_id  # fmt: skip
+            assert saga_id is not None
+            saga = processor.drive(saga_id)  # reserve, hold, a charge answered 503
+            assert saga.state is SagaState.RUNNING and saga.deadline is not None
+            deadline = saga.deadline[1]
+            ledger_clock.now = deadline - timedelta(seconds=1)  # the processor's is past it
+            moves = processor.moves
+            saga = processor.drive(saga_id)
+            early = processor.moves - moves
+            assert saga.state is SagaState.RUNNING
+            ledger_clock.now = deadline + timedelta(seconds=60)  # past it on every clock
+            saga = processor.drive(saga_id)
+        finally:
+            processor.stop()
+        assert saga.state is SagaState.COMPENSATED, saga.view()
+        assert "deadline" in (saga.last_error or "")
+        assert early == 1, f"{early} moves in one drive"
+        assert ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+        assert ledger.inventory("KETTLE").available == 5
 
 
 def test_a_compensation_that_keeps_failing_needs_attention_until_a_person_retries(
