@@ -590,6 +590,11 @@ class SagaProcessor:
             breaker.failed()  # as for a forward call: the trial is answered
             raise
         breaker.succeeded()
+        # The id names the attempt, as a local compensation's does: the saga records one
+        # attempt's success at most once, and a success refused because the saga moved past
+        # its attempt (another processor recorded it failed meanwhile) is recorded under
+        # that attempt's id only. With one id for every attempt, each later attempt's
+        # success was answered idempotency_conflict: the refund was never recorded.
         compensated = self._send(
             CompleteRemoteCompensation(
                 saga.id,
@@ -597,7 +602,7 @@ class SagaProcessor:
                 attempt,
                 {"status": refund.status, "amount": refund.amount},
                 decided_by=self.name,
-                request_id=_undo_id(saga, step.name, "done"),
+                request_id=_undo_id(saga, step.name, f"done:{attempt}"),
                 correlation_id=str(saga.id),
             )
         )

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from daybook.domain.sagas import (
     SagaState,
     Wait,
 )
-from daybook.infrastructure.gateway import Charge, Refund, Unavailable
+from daybook.infrastructure.gateway import Charge, ChargeStatus, Refund, Unavailable
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
@@ -287,6 +287,86 @@ def test_a_deadline_sent_a_moment_early_fires_once_it_has_passed() -> None:
         assert "deadline" in (saga.last_error or "")
         assert early == 1, f"{early} moves in one drive"
         assert ledger.hold_status(hold_id_of(saga_id)).status == "voided"
+        assert ledger.inventory("KETTLE").available == 5
+
+
+class DecliningGateway:
+    """A payment gateway that declines every charge and refunds as the test says."""
+
+    def __init__(self, refund: Callable[[str], Refund]) -> None:
+        self.on_refund = refund
+        self.refunds = 0
+
+    def charge(self, key: str, *, amount: int, currency: str, **_: Any) -> Charge:
+        return Charge(key, ChargeStatus.DECLINED, amount, currency, decline_code="card_declined")
+
+    def lookup(self, key: str) -> Charge | None:
+        return None
+
+    def refund(self, key: str) -> Refund:
+        self.refunds += 1
+        return self.on_refund(key)
+
+    def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
+        return []
+
+
+def _refund_down(key: str) -> Refund:
+    raise Unavailable("503 (try later)")
+
+
+def _refunded(key: str) -> Refund:
+    return Refund(key, "refunded", 100)
+
+
+def test_two_processors_on_one_refund_record_it_once_and_the_order_ends_compensated() -> None:
+    """Two processors take up the same compensating order at once. A's refund is answered
+    503 and A records attempt 1 failed; B's refund of the same key succeeds a moment later,
+    and its record of attempt 1 is refused, the saga being at attempt 2. That refusal was
+    recorded under a request id that named no attempt, which every later successful refund
+    (attempt 2, 3...) sent again with another payload: the order stayed compensating for
+    the request retention window (3 days), each drive calling the gateway's refund 1,000
+    times. Each attempt's success now has an id of its own: recorded once, by attempt 2."""
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    clock = SetClock(start)
+    with open_ledger("memory://", clock=clock) as ledger:
+        port_a = DecliningGateway(_refund_down)
+        a = SagaProcessor(ledger, None, {"payments": port_a}, seed=1)  # type: ignore[arg-type]
+
+        def refund_while_a_runs(key: str) -> Refund:
+            a.drive(saga_id)  # A takes its turn while B's refund is on the wire
+            return _refunded(key)
+
+        port_b = DecliningGateway(refund_while_a_runs)
+        b = SagaProcessor(ledger, None, {"payments": port_b}, seed=2)  # type: ignore[arg-type]
+        try:
+            customer = ledger.open_account("customer", "EUR").account_id
+            merchant = ledger.open_account("merchant", "EUR").account_id
+            assert customer is not None and merchant is not None
+            ledger.deposit(customer, 10_000)
+            ledger.receive_stock("KETTLE", 5)
+            receipt = ledger.execute(PlaceOrder("o-two", customer, merchant, [("KETTLE", 1, 100)]))
+            saga_id = receipt.saga_id
+            assert saga_id is not None
+            saga = ledger.read(Saga, saga_id)
+            while saga.state is SagaState.RUNNING:  # reserve, hold, the charge declined
+                saga = b.drive(saga_id, max_moves=1)
+            assert saga.pending_compensations[-1] == "charge" and saga.attempts == 0
+            b.drive(saga_id)  # A records attempt 1 failed; B's refund went through
+            assert ledger.read(Saga, saga_id).attempts == 1
+            clock.now = start + timedelta(seconds=30)  # the retry is due; the gateway is up
+            port_a.on_refund = _refunded
+            saga = a.drive(saga_id)
+        finally:
+            a.stop()
+            b.stop()
+        assert saga.state is SagaState.COMPENSATED, (port_a.refunds, saga.view())
+        assert port_a.refunds == 2, f"{port_a.refunds} refund calls"  # attempt 1, attempt 2
+        history = list(ledger.service.events.get(saga_id))
+        refunds = [e for e in history if isinstance(e, Saga.Compensated) and e.step == "charge"]
+        assert len(refunds) == 1, refunds
+        view = ledger.account(customer)
+        assert (view.balance, view.held) == (10_000, 0)
         assert ledger.inventory("KETTLE").available == 5
 
 

@@ -336,7 +336,7 @@ def test_a_step_name_too_long_for_its_request_ids_is_refused_where_the_saga_is_d
     saga = SimpleNamespace(id=uuid4(), retries=10**9)
     for request_id in (
         _undo_id(saga, longest, f"retry:{10**6}"),  # type: ignore[arg-type]
-        _undo_id(saga, longest, "done"),  # type: ignore[arg-type]
+        _undo_id(saga, longest, f"done:{10**6}"),  # type: ignore[arg-type]
         f"saga:{saga.id}:{longest}:failed",
         idempotency_key(saga.id, longest),
     ):
