@@ -561,6 +561,16 @@ class SagaProcessor:
             except ConcurrencyConflict:
                 raise  # not applied, not failed: the next pass tries it again
             except DomainError as refusal:
+                if refusal.code == "idempotency_conflict":
+                    # This attempt's id was sent before by a processor of another name (the
+                    # name is in the command) that has not recorded the outcome (it stopped).
+                    # Had it been applied, the step would be compensated and the failure
+                    # recorded below refused (it names the attempt): so it was refused, and
+                    # the attempt is recorded failed; the next one has an id of its own.
+                    # Taken for progress, it was sent again until the id's record expired.
+                    why = f"attempt {attempt} was refused for a processor of another name"
+                    self._compensation_failed(saga, step.name, attempt, why)
+                    return True
                 if refusal.code in _MOVED_ON:
                     return True
                 self._compensation_failed(saga, step.name, attempt, f"{refusal.code}: {refusal}")

@@ -20,6 +20,7 @@ from daybook.domain.sagas import (
     Local,
     RetryLater,
     RetrySaga,
+    RunLocalCompensation,
     Saga,
     SagaContext,
     SagaDefinition,
@@ -29,7 +30,7 @@ from daybook.domain.sagas import (
     Wait,
 )
 from daybook.infrastructure.gateway import Refund
-from daybook.infrastructure.sagas.processor import SagaProcessor
+from daybook.infrastructure.sagas.processor import SagaProcessor, _undo_id
 from tests.integration.test_sagas import Shop, shop  # noqa: F401  (a fixture)
 
 
@@ -126,6 +127,47 @@ def test_a_retry_runs_a_refused_local_compensation_again() -> None:
             ledger.execute(RetrySaga(saga_id, "alice", "funds restored"))  # ...and retries
             saga = settle(processor, clock, saga_id)
             assert saga.state is SagaState.COMPENSATED, (saga.state, saga.last_error)
+            assert ledger.account(account).balance == 0
+        finally:
+            processor.stop()
+
+
+def test_a_compensation_refused_for_a_processor_of_another_name_is_tried_again() -> None:
+    """A processor sent a compensation's first attempt, which was refused (the credit was
+    spent), and stopped before recording the attempt failed. Another processor, of another
+    name, took the saga up and sent the same attempt: as its name is in the command, it was
+    answered idempotency_conflict, which it took for another delivery's progress, sent it
+    again (1,000 times a drive), and the saga never moved for the request retention window.
+    The attempt is now recorded failed, and the next one runs."""
+    clock = Clock()
+    with open_ledger("memory://", clock=clock) as ledger:
+        account = ledger.open_account("shop", "EUR").account_id
+        processor = SagaProcessor(ledger, None, {}, clock=clock, seed=1, name="second")  # type: ignore[arg-type]
+        try:
+            saga_id = uuid4()
+            ledger.execute(StartCreditThenFail(saga_id, account))
+            processor.drive(saga_id, max_moves=1)  # "credit": 100 deposited
+            ledger.withdraw(account, 100)  # and spent, so taking it back is refused
+            saga = processor.drive(saga_id, max_moves=1)  # "boom" fails: compensate
+            assert saga.state is SagaState.COMPENSATING and saga.attempts == 0
+            with pytest.raises(DomainError) as refused:  # the first processor, which stops
+                ledger.execute(
+                    RunLocalCompensation(
+                        saga_id,
+                        "credit",
+                        1,
+                        decided_by="first",
+                        request_id=_undo_id(saga, "credit", "1"),
+                        correlation_id=str(saga_id),
+                    )
+                )
+            assert refused.value.code == "insufficient_funds", refused.value
+            ledger.deposit(account, 100)  # the money is back
+            moves = processor.moves
+            saga = processor.drive(saga_id)
+            assert processor.moves - moves == 1 and saga.attempts == 1, saga.view()
+            saga = settle(processor, clock, saga_id)
+            assert saga.state is SagaState.COMPENSATED, saga.view()
             assert ledger.account(account).balance == 0
         finally:
             processor.stop()
