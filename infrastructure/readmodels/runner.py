@@ -21,7 +21,7 @@ with the new code follows it.
 
 A database error no retry cures, met while writing a batch, stops only the projection whose
 rows caused it (state ``stopped``, with the error), found by writing each projection's part
-of the batch alone; the others go on.
+of the batch alone; the others go on. A runner that writes one version stops that one.
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ class ProjectionRunner:
             try:
                 failures = self._apply_batch(store, events, start)
             except Exception as error:
-                if not store.refused_rows(error) or len(self.slots) < 2:
+                if not store.refused_rows(error):
                     raise
                 failures = self._apply_alone(store, events, start, error)
         for failure in failures:
@@ -500,7 +500,14 @@ class ProjectionRunner:
         self, store: ReadStore, events: list[LogEvent], start: int, error: Exception
     ) -> list[Failure]:
         """After a batch failed with an error no retry cures: write each projection's part
-        alone, and stop the one that fails again, with the error (the others go on)."""
+        alone, and stop the one that fails again, with the error (the others go on). A
+        batch of one version is that version's part: it stops at once (re-raised instead,
+        the error failed the runner, and every restart met it again)."""
+        if len(self.slots) == 1:
+            (slot,) = self.slots.values()
+            slot.cache.clear()
+            self._stop_version(store, slot, f"writing its rows failed: {first_line(error)}")
+            return []
         log.warning("projection runner: a batch failed (%s); writing each projection alone",
                     first_line(error))  # fmt: skip
         failures: list[Failure] = []

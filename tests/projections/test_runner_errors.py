@@ -102,3 +102,34 @@ def test_a_value_out_of_the_columns_range_stops_that_projection_only(
         assert balances.position == ledger.head()
     finally:
         store.close()
+
+
+def _stopped_for_its_rows(url: str, name: str) -> None:
+    """``name`` v1 is stopped, its rows' error the reason."""
+    store = open_store(url)
+    try:
+        record = VersionCatalog(store).version(name, 1)
+    finally:
+        store.close()
+    assert record is not None and record.state is VersionState.STOPPED, record
+    assert record.error is not None and "writing its rows failed" in record.error, record.error
+
+
+@pytest.mark.parametrize("kind", [ProjectionRunner])
+def test_rows_refused_stop_their_projection_when_the_runner_writes_it_alone(
+    ledger: Ledger, url: str, kind: type[ProjectionRunner]
+) -> None:
+    """A runner that writes one version (``run_projections(projections=[...])``, or a standby
+    whose other versions another runner holds): there is no other projection to blame, and
+    the rows' fault still stops only that version, never the runner, which failed (and
+    failed again at every restart) with the version never marked stopped."""
+    workload(ledger, 20)
+    runner = kind(event_log_of(ledger), url, [TOO_BIG], batch_size=1000)
+    try:
+        runner.run_until_caught_up()
+        assert runner.health().state is not ServiceState.FAILED, runner.health()
+        assert ("huge", 1) in runner.halted and not runner.slots
+    finally:
+        runner.stop()
+    _stopped_for_its_rows(url, "huge")
+
