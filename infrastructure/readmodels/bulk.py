@@ -16,7 +16,10 @@ A batch either applies completely or changes nothing: if any handler raises, or 
 the wrong columns, the buffered batch is dropped and the same events go through the
 careful path (``ProjectionRunner._apply_batch``: undo journal, per-put checks), which applies
 everything before the bad event and retries, then parks, that one exactly as the live runner
-does. Both paths run the same definitions, so they build identical tables.
+does. Both paths run the same definitions, so they build identical tables. A batch whose
+rows the database refuses (a value out of range) rolls back, and its events go through the
+careful path too, which stops only the projection whose rows caused it, as the live runner
+does.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog, RawEvent
-from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, first_line
 from daybook.infrastructure.readmodels.checkpoints import RUNNER
 from daybook.infrastructure.readmodels.engine import BulkRows, Slot, TablePlan, apply_fast
 from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, _moved
@@ -82,6 +85,9 @@ class BulkRunner(ProjectionRunner):
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="daybook-bulk-reader")
         self._flight: _Flight | None = None
         self._ahead: tuple[int, Future[list[RawEvent]]] | None = None
+        #: Whether the next batch takes the careful path: the database refused the rows of
+        #: the last one, and only that path finds whose they were.
+        self._careful = False
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -119,8 +125,13 @@ class BulkRunner(ProjectionRunner):
         last, last_at = final.position, iso_time(final.timestamp)
         if len(raw) == self.batch_size and self.log.concurrent_scans:
             self._ahead = (last, self._reader.submit(self.log.scan, last, self.batch_size))
-        if not self._caches_complete():
-            self._land()  # handlers may fetch rows: the connection must be free
+        if self._careful:
+            self._careful = False
+            return self._apply_carefully(store, raw, start, last)
+        if not self._caches_complete() and not self._land():
+            # Handlers may fetch rows: the connection must be free. The batch in flight did
+            # not commit: everything was let go, to be claimed again.
+            return len(raw)
         batches = [
             (slot, BulkRows(slot, store))
             for slot in self.slots.values()
@@ -132,13 +143,7 @@ class BulkRunner(ProjectionRunner):
         except Exception:  # a handler failed or put a bad row: the careful path decides
             if not self._land():
                 return len(raw)
-            self._ahead = None
-            failures = self._apply_batch(store, self.decoder.decode(raw), start)
-            for failure in failures:
-                self._handle_failure(store, failure)
-            if self.on_progress is not None:
-                self.on_progress(Progress(len(raw), last, self.log.head()))
-            return len(raw)
+            return self._apply_carefully(store, raw, start, last)
         if not self._land():
             return len(raw)  # computed on rows that did not commit: read again
         expected = [(slot.key, slot.record.position, slot.record.epoch) for slot, _ in batches]
@@ -153,6 +158,25 @@ class BulkRunner(ProjectionRunner):
         if len(raw) < self.batch_size:
             self._land()
             self._switch_caught_up(store, last)
+        return len(raw)
+
+    def _apply_carefully(
+        self, store: ReadStore, raw: list[RawEvent], start: int, last: int
+    ) -> int:
+        """The careful path (``ProjectionRunner._apply_batch``) for ``raw``: a bad event is
+        retried, then parked; rows the database refuses stop their projection alone."""
+        self._ahead = None
+        events = self.decoder.decode(raw)
+        try:
+            failures = self._apply_batch(store, events, start)
+        except Exception as error:
+            if not store.refused_rows(error):
+                raise
+            failures = self._apply_alone(store, events, start, error)
+        for failure in failures:
+            self._handle_failure(store, failure)
+        if self.on_progress is not None:
+            self.on_progress(Progress(len(raw), last, self.log.head()))
         return len(raw)
 
     def _read(self, start: int) -> list[RawEvent]:
@@ -171,8 +195,10 @@ class BulkRunner(ProjectionRunner):
 
     def _land(self) -> bool:
         """Wait for the batch in flight. True if it committed (or there was none); False if
-        a tracking row had changed (everything is let go, to be claimed again); raises the
-        database error that failed it, after dropping the caches built on it."""
+        a tracking row had changed, or the database refused its rows (everything is let go,
+        to be claimed again; after a refusal the next batch takes the careful path, which
+        stops the projection whose rows they were); raises any other error that failed it,
+        after dropping the caches built on it."""
         flight, self._flight = self._flight, None
         if flight is None:
             return True
@@ -182,6 +208,16 @@ class BulkRunner(ProjectionRunner):
             log.info("bulk runner: %s; starting again from the committed position", lost)
             self._ahead = None
             self._disconnect()
+            return False
+        except Exception as error:
+            self._ahead = None
+            refused = self.store is not None and self.store.refused_rows(error)
+            self._disconnect()
+            if not refused:
+                raise
+            log.info("bulk runner: the database refused a batch's rows (%s); writing it with"
+                     " the careful path", first_line(error))  # fmt: skip
+            self._careful = True
             return False
         except BaseException:
             self._ahead = None

@@ -150,7 +150,12 @@ class PostgresStore(ReadStore):
         self.execute("RELEASE SAVEPOINT daybook_create_key")
 
     def refused_rows(self, error: BaseException) -> bool:
-        return isinstance(error, psycopg.errors.IntegrityError | psycopg.errors.DataError)
+        # A value past 64 bits in a binary COPY (the bulk path) never reaches the server:
+        # the driver refuses to encode it (OverflowError), where a parameter the server
+        # parses says "out of range" (DataError). The rows' fault either way.
+        return isinstance(
+            error, psycopg.errors.IntegrityError | psycopg.errors.DataError | OverflowError
+        )
 
     def is_missing_table(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.errors.UndefinedTable)

@@ -10,8 +10,10 @@ import pytest
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
 from tests.projections.helpers import assert_tables_match, workload
@@ -115,7 +117,7 @@ def _stopped_for_its_rows(url: str, name: str) -> None:
     assert record.error is not None and "writing its rows failed" in record.error, record.error
 
 
-@pytest.mark.parametrize("kind", [ProjectionRunner])
+@pytest.mark.parametrize("kind", [ProjectionRunner, BulkRunner])
 def test_rows_refused_stop_their_projection_when_the_runner_writes_it_alone(
     ledger: Ledger, url: str, kind: type[ProjectionRunner]
 ) -> None:
@@ -133,3 +135,30 @@ def test_rows_refused_stop_their_projection_when_the_runner_writes_it_alone(
         runner.stop()
     _stopped_for_its_rows(url, "huge")
 
+
+def test_rows_refused_in_a_bulk_batch_stop_only_their_projection(ledger: Ledger, url: str) -> None:
+    """The bulk runner (rebuilds, long catch-ups) writes its batches in one go: a value out
+    of range there failed the whole runner, every projection with it."""
+    workload(ledger, 20)
+    runner = BulkRunner(
+        event_log_of(ledger), url, [projections.ACCOUNT_BALANCES, TOO_BIG], batch_size=1000
+    )
+    try:
+        runner.run_until_caught_up()
+        assert runner.health().state is not ServiceState.FAILED, runner.health()
+    finally:
+        runner.stop()
+    _stopped_for_its_rows(url, "huge")
+    assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
+
+
+def test_a_rebuild_whose_rows_are_refused_stops_the_version_and_says_why(
+    ledger: Ledger, url: str
+) -> None:
+    """``daybook projections rebuild``: the version stops with its rows' error as the reason
+    (a ``rebuild_refused`` naming it), rather than the database's error escaping with the
+    version left to fail the same way at every try."""
+    workload(ledger, 20)
+    with pytest.raises(RebuildError, match="writing its rows failed"):
+        rebuild(event_log_of(ledger), url, TOO_BIG, progress=False)
+    _stopped_for_its_rows(url, "huge")
