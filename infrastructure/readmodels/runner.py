@@ -17,7 +17,8 @@ harm.)
 A runner follows the version that serves reads. When a rebuild switches reads to a version
 this runner's code does not define (a newer one), it says so once in its log and on that
 version's catalog row, which ``daybook projections status`` shows (exiting 1) until a runner
-with the new code follows it.
+with the new code follows it; so too when the switch drops the old version's tables while
+this runner is taking that version (starting, or after a reconnect): it lets go of it.
 
 A database error no retry cures, met while writing a batch, stops only the projection whose
 rows caused it (state ``stopped``, with the error), found by writing each projection's part
@@ -325,14 +326,22 @@ class ProjectionRunner:
                 continue  # another runner writes it; we stand by
             record = catalog.version(*key)
             assert record is not None
-            if record.state is VersionState.LIVE:
-                # Serving: its keys are in place, unless an older daybook (which built no
-                # deferred keys) switched to it; then build them now.
-                with store.transaction():
-                    store.create_keys(projection)
             cache = RowCache(projection, self.cache_limit)
-            with store.transaction(write=False):
-                cache.warm(store, empty=record.position == 0)
+            try:
+                if record.state is VersionState.LIVE:
+                    # Serving: its keys are in place, unless an older daybook (which built no
+                    # deferred keys) switched to it; then build them now.
+                    with store.transaction():
+                        store.create_keys(projection)
+                with store.transaction(write=False):
+                    cache.warm(store, empty=record.position == 0)
+            except Exception as error:
+                # Nothing locks the row while its tables are read: a switch of reads to a
+                # newer version may retire it and drop its tables meanwhile.
+                if not self._moved_away(catalog, projection, error):
+                    raise
+                self._locks.release(version_lock_key(*key))
+                continue
             if record.note is not None and catalog.active_version(key[0]) == key[1]:
                 with store.transaction():
                     catalog.set_note(*key, None)  # followed again
@@ -347,6 +356,24 @@ class ProjectionRunner:
         for projection in self.projections:
             if (projection.name, projection.version) not in self.slots:
                 _forget_lag((projection.name, projection.version))
+
+    def _moved_away(
+        self, catalog: VersionCatalog, projection: Projection, error: Exception
+    ) -> bool:
+        """Whether ``error``, met reading ``projection``'s tables while claiming it, is a table
+        gone because the version is no longer ours to write (a switch retired it and
+        dropped its tables): then it is said as at any claim (``_cannot_follow``), and the
+        version let go, never the runner failed. A table missing from a version still ours
+        is a fault of its own."""
+        if not catalog.store.is_missing_table(error):
+            return False
+        record = catalog.version(projection.name, projection.version)
+        if record is None or (record.state.writable and record.owner == RUNNER):
+            return False
+        log.info("projection %s v%s is %s; releasing it", projection.name, projection.version,
+                 record.state.value)  # fmt: skip
+        self._cannot_follow(catalog, projection, record)
+        return True
 
     def _cannot_follow(
         self, catalog: VersionCatalog, projection: Projection, record: VersionRecord

@@ -13,12 +13,14 @@ from daybook.domain.orders import PlaceOrder
 from daybook.domain.sagas import SagaState
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
-from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
+from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead, engine
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.handover import handover
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.infrastructure.readmodels.runner import ProjectionRunner
+from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.sagas.processor import saga_counts
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
 from daybook.projections.model import Column, Handler, Key, Projection, Row, Rows, Table
@@ -107,6 +109,45 @@ def test_a_note_from_an_old_runner_goes_once_a_runner_follows_the_version(
         old.stop()
         new.stop()
     assert_tables_match(ledger, db_url, ACCOUNT_BALANCES_V2)
+
+
+def test_an_old_runner_claiming_a_version_as_reads_switch_away_from_it_goes_on(
+    ledger: Ledger, db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A runner with the old code (a server restarting, or reconnecting after a blip, in a
+    rolling deploy) reads version 1's catalog row (live), then loads its cache from version
+    1's tables; a rebuild with the new code switches reads to version 2 in between, and
+    drops version 1's tables. The missing table failed the whole runner (every projection
+    with it): the version moved, and the runner lets go of it and says it cannot follow."""
+    ids = workload(ledger, 40)
+    log = event_log_of(ledger)
+    first = ProjectionRunner(log, db_url, [ACCOUNT_BALANCES])
+    first.run_until_caught_up()
+    first.stop()  # the old server restarts...
+    warm = engine.RowCache.warm
+    switched: list[bool] = []
+
+    def switch_then_warm(cache: engine.RowCache, store: ReadStore, empty: bool) -> None:
+        if cache.projection.version == 1 and not switched:
+            switched.append(True)
+            # ...while `daybook projections rebuild` with the new code switches reads.
+            rebuild(event_log_of(ledger), db_url, ACCOUNT_BALANCES_V2, progress=False)
+        warm(cache, store, empty)
+
+    monkeypatch.setattr(engine.RowCache, "warm", switch_then_warm)
+    restarted = ProjectionRunner(event_log_of(ledger), db_url, [ACCOUNT_BALANCES])
+    try:
+        restarted.run_until_caught_up()
+        workload(ledger, 10, seed=3, accounts=ids)
+        restarted.run_until_caught_up()
+        assert switched
+        assert restarted.health().ok and restarted.versions_health().ok
+        assert not restarted.slots
+    finally:
+        restarted.stop()
+    capsys.readouterr()
+    assert main(["projections", "status", "--url", db_url]) == 1
+    assert "cannot follow account_balances version 2" in capsys.readouterr().out
 
 
 def test_a_runner_says_it_cannot_follow_a_rebuild_of_a_version_a_group_owned(
