@@ -32,6 +32,7 @@ from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, BALANCES
 from tests.pg_locks import deadlocks_once_all_sessions_ended, wait_for_lock_waits, waits_or_finishes
 from tests.projections.helpers import assert_tables_match
+from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
 from tests.streaming.messages import Stream, of_partitions
 
 pytestmark = pytest.mark.postgres
@@ -96,6 +97,54 @@ def test_a_worker_switching_a_version_and_another_workers_batch_never_deadlock(
     a.close(), b.close(), ledger.close()
     assert outcomes == {"a": "done", "b": "done"}
     assert record.state.value == "live"
+    assert deadlocks_once_all_sessions_ended(pg_url) == 0
+
+
+def test_a_switch_never_serves_a_version_behind_the_one_it_replaces(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling deploy: the old code's runner follows version 1, the new code's runner
+    builds version 2 and switches reads to it once it is not behind version 1. A batch of
+    version 1 that commits while the switch goes on (the switch had read version 1's
+    position without a lock) served a deposit from version 1, then reads switched to
+    version 2 without it: the balance a client had read (105 at position 3) went back
+    (100 at position 2). The switch holds version 1's row while it compares; that batch
+    waits, finds version 1 retired, and lets go of it."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 100)
+    log = event_log_of(ledger)
+    old = ProjectionRunner(log, pg_url, [ACCOUNT_BALANCES])
+    old.run_until_caught_up()
+    new = ProjectionRunner(event_log_of(ledger), pg_url, [ACCOUNT_BALANCES_V2])
+    outcomes: dict[str, str] = {}
+    threads: list[threading.Thread] = []
+    seen: list[int] = []
+    activate = VersionCatalog.activate
+
+    def batch_of_v1_then_activate(catalog: VersionCatalog, *args: Any, **options: Any) -> Any:
+        if not threads:
+            ledger.deposit(account, 5)  # a command commits, and the old runner applies it
+            threads.append(in_thread(outcomes, "old", old.step))
+            waits_or_finishes(pg_url, threads[0], 1)
+            with ReadModels(pg_url) as reads:  # what a client reads meanwhile
+                row = reads.balance(account)
+                assert row is not None
+                seen.append(row.as_of_position)
+        return activate(catalog, *args, **options)
+
+    monkeypatch.setattr(VersionCatalog, "activate", batch_of_v1_then_activate)
+    outcome_of(outcomes, "new", new.step)  # builds version 2 and switches reads to it
+    for thread in threads:
+        thread.join(30)
+    with ReadModels(pg_url) as reads:
+        row = reads.balance(account)
+    old.stop(), new.stop(), ledger.close()
+    assert outcomes == {"old": "done", "new": "done"}
+    assert row is not None and seen
+    assert row.as_of_position >= seen[0], (
+        f"reads went back from position {seen[0]} to {row.as_of_position} ({row.balance})"
+    )
     assert deadlocks_once_all_sessions_ended(pg_url) == 0
 
 
