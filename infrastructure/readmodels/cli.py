@@ -251,7 +251,8 @@ def register(subparsers: Any) -> None:
             "different row; --repair rewrites them and records each change in "
             "daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs (projections "
             "status and the dashboard show the last). A projection named with no version "
-            "to check (never built, or retired) exits 1; a full pass skips those."
+            "to check (never built, or retired, also by a rebuild during the run) exits 1; "
+            "a full pass skips those and says so."
         ),
         examples=[
             "daybook reconcile",

@@ -13,7 +13,9 @@ At the owner's checkpoint, in bounded memory, without stopping the owner:
    checkpoint is read again; the fold catches up to it (only the events since step 1); then
    both sides' tables are compared: 256 key ranges, each range's row count and checksum
    (``checksums``; computed by the database where it can), then, range by range, the rows of
-   ranges that differ.
+   ranges that differ. If a switch (a rebuild) retired the version meanwhile, the fold
+   having held no transaction, its tables are dropped or about to be: the run ends with
+   ``VersionRetired`` (nothing to reconcile), also when the comparison meets them gone.
 3. ``repair``: one transaction takes what the owner's writers take (the version's row, and a
    group's progress rows), checks that the checkpoint and epoch are still those compared,
    rewrites the drifted rows (a summed table's shards become one row), records each change in
@@ -72,6 +74,12 @@ class ReconcileError(Exception):
     """The log cannot be folded up to the checkpoint (an event the definition refuses)."""
 
     code = "reconcile_failed"
+
+
+class VersionRetired(LookupError):
+    """The version to reconcile is retired, or was during the run: a switch moved reads to a
+    newer version and dropped (or may drop) its tables. Nothing to reconcile: a retired
+    version is never written again, and its reconcile history goes with its tables."""
 
 
 @dataclass(frozen=True)
@@ -295,13 +303,23 @@ def _reconcile(
         point = _point(store, catalog, record)
     fold.advance(point, record.partitions)  # the bulk of the work: no transaction open
     for _ in range(REPAIR_ROUNDS):
-        with store.transaction(write=False):  # one snapshot: checkpoint and rows agree
-            current = catalog.version(projection.name, projection.version)
-            assert current is not None
-            record = current
-            point = _point(store, catalog, record)
-            fold.advance(point, record.partitions)
-            report = _compare(store, fold, record, point)
+        try:
+            with store.transaction(write=False):  # one snapshot: checkpoint and rows agree
+                # The fold above held no transaction: a switch (a rebuild) may have retired
+                # the version meanwhile and dropped its tables.
+                record = _serving(catalog, projection.name, projection.version)
+                point = _point(store, catalog, record)
+                fold.advance(point, record.partitions)
+                report = _compare(store, fold, record, point)
+        except VersionRetired:
+            raise
+        except Exception as error:
+            # On PostgreSQL a snapshot does not hold tables it has not read yet: a switch
+            # that commits after the look above drops them under the comparison.
+            if not store.is_missing_table(error):
+                raise
+            _serving(catalog, projection.name, projection.version)
+            raise
         if not repair or report.clean:
             return report
         try:
@@ -319,6 +337,20 @@ def _reconcile(
                 raise
     report.repaired = False
     return report
+
+
+def _serving(
+    catalog: VersionCatalog, name: str, version: int, *, lock: bool = False
+) -> VersionRecord:
+    """The version's catalog row; ``VersionRetired`` if a switch has retired it since the run
+    began (or it is gone: a database replaced under the run)."""
+    record = catalog.version(name, version, lock=lock)
+    if record is None or record.state is VersionState.RETIRED:
+        raise VersionRetired(
+            f"{name} version {version} was retired during the run (reads switched to a newer "
+            "version); nothing to reconcile"
+        )
+    return record
 
 
 def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> _Point:
@@ -344,8 +376,8 @@ def _locked_point(
     vector = None
     if group is not None and record.topic is not None and record.partitions:
         vector = read_vector(store, group, record.topic, record.partitions, lock=True)
-    current = catalog.version(record.name, record.version, lock=True)
-    assert current is not None
+    # Retired since the comparison: its tables are dropped, or about to be.
+    current = _serving(catalog, record.name, record.version, lock=True)
     if (current.owner, current.topic, current.partitions) != (
         record.owner,
         record.topic,

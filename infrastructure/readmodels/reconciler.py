@@ -4,7 +4,8 @@ version every N events or T seconds, and records every run in ``daybook_reconcil
 
 Each run is ``reconcile`` (at the owner's checkpoint, in bounded memory, no lock during the
 fold). The table keeps the last ``KEPT_RUNS`` runs of each version: it does not grow with
-time.
+time. A version that a switch retires during its run is skipped, and nothing is recorded for
+it (a retired version's runs go with its tables); the service goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from typing import Self
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
-from daybook.infrastructure.readmodels.catalog import VersionCatalog
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
-from daybook.infrastructure.readmodels.reconcile import ReconcileError, ReconcileReport, reconcile
+from daybook.infrastructure.readmodels.reconcile import (
+    ReconcileError,
+    ReconcileReport,
+    VersionRetired,
+    reconcile,
+)
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
 from daybook.projections.model import Projection
 
@@ -61,10 +67,17 @@ def create_runs_table(store: ReadStore) -> None:
     )
 
 
-def record_run(store: ReadStore, run: ReconcileRun) -> None:
-    """Record ``run`` and forget the oldest of its version's runs beyond ``KEPT_RUNS``."""
+def record_run(store: ReadStore, run: ReconcileRun) -> bool:
+    """Record ``run`` and forget the oldest of its version's runs beyond ``KEPT_RUNS``; False
+    (nothing recorded) if the version has been retired meanwhile: a switch forgets a retired
+    version's runs with its tables, and a run recorded after that would stay for good."""
     with store.transaction():
         create_runs_table(store)
+        # Shared with other readers, not with a switch: one that retires the version waits
+        # for this run to be recorded (and its drop then forgets it), or is seen here.
+        record = VersionCatalog(store).version(run.name, run.version, share=True)
+        if record is not None and record.state is VersionState.RETIRED:
+            return False
         store.execute(
             f"INSERT INTO {RUNS_TABLE} (name, version, owner, position, vector, ranges_checked,"
             " ranges_differing, drifted, drifts, repaired, seconds, finished_at, error)"
@@ -82,6 +95,7 @@ def record_run(store: ReadStore, run: ReconcileRun) -> None:
             f" ORDER BY id DESC LIMIT 1 OFFSET {KEPT_RUNS})",
             (run.name, run.version, run.name, run.version),
         )
+    return True
 
 
 def last_runs(store: ReadStore) -> dict[tuple[str, int], ReconcileRun]:
@@ -222,7 +236,12 @@ class ContinuousReconciler:
                 if not self._due(self._last.get(key), head, now):
                     continue
                 run = self._reconcile(projection)
-                record_run(store, run)
+                if run is None or not record_run(store, run):
+                    # A switch retired the version during the run: nothing more to do for
+                    # it (the new version is reconciled by the new code's reconciler).
+                    log.info("reconciler: %s v%s retired during its run; skipped",
+                             projection.name, projection.version)  # fmt: skip
+                    continue
                 self._last[key] = _LastRun(head, time.monotonic(), run.error is not None)
                 self.runs += 1
                 done.append(run)
@@ -239,9 +258,12 @@ class ContinuousReconciler:
             return True
         return not last.failed and head - last.head >= self.every_events
 
-    def _reconcile(self, projection: Projection) -> ReconcileRun:
+    def _reconcile(self, projection: Projection) -> ReconcileRun | None:
+        """The run; None if the version was retired during it (skipped, not failed)."""
         try:
             report = reconcile(self.log, self.url, projection, repair=self.repair)
+        except VersionRetired:
+            return None
         except (ReconcileError, LookupError) as error:
             log.error("reconciler: %s v%s: %s", projection.name, projection.version, error)
             return ReconcileRun(projection.name, projection.version, "", 0, None, 0, 0, 0, [],

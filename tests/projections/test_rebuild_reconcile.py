@@ -21,7 +21,7 @@ from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildResult, rebuild
 from daybook.infrastructure.readmodels.reconcile import reconcile
-from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler
+from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler, last_runs
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES, DEPOSITED, STATEMENT
 from daybook.projections.activity import DAILY_ACTIVITY, MONEY
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table
@@ -409,3 +409,69 @@ def test_a_retired_versions_reconcile_history_goes_with_its_tables(tmp_path: Pat
         f"retired versions (tables dropped) keep {retired} repair rows and {retired_runs} run "
         f"rows; (runs, repairs, catalog rows) after each rebuild: {seen}"
     )
+
+
+def _switching_first(call, log, url: str, switched: list[bool]):  # type: ignore[no-untyped-def]
+    """``call``, which first switches reads of account_balances to version 2 (an operator's
+    `daybook projections rebuild` with new code; the switch drops version 1's tables)."""
+
+    def hooked(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not switched:
+            switched.append(True)
+            rebuild(log, url, ACCOUNT_BALANCES_V2, progress=False)
+        return call(*args, **kwargs)
+
+    return hooked
+
+
+@pytest.mark.parametrize("during", ["the fold", "the comparison"])
+def test_a_switch_during_a_reconcile_run_skips_the_version_it_retired(
+    ledger: Ledger, db_url: str, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """A rebuild switches reads and drops the old version's tables while the continuous
+    reconciler works on that version: during its fold (which holds no transaction), or
+    between its look at the version's state and its comparison. The run is skipped and
+    recorded nowhere (a retired version's runs go with its tables); the service goes on,
+    where it used to meet the missing tables and stop for good."""
+    workload(ledger, 40)
+    with run_projections(ledger, db_url, start=False) as runner:
+        runner.run_until_caught_up()
+    log = event_log_of(ledger)
+    switched: list[bool] = []
+    if during == "the fold":
+        hooked = _switching_first(reconcile_module.Fold.advance, log, db_url, switched)
+        monkeypatch.setattr(reconcile_module.Fold, "advance", hooked)
+    else:
+        hooked = _switching_first(reconcile_module._compare, log, db_url, switched)
+        monkeypatch.setattr(reconcile_module, "_compare", hooked)
+    watcher = ContinuousReconciler(log, db_url, [ACCOUNT_BALANCES], every_events=1, every_seconds=0)
+    assert watcher.run_due() == []
+    assert switched
+    store = open_store(db_url)
+    try:
+        record = VersionCatalog(store).version(ACCOUNT_BALANCES.name, 1)
+        assert record is not None and record.state is VersionState.RETIRED
+        assert last_runs(store) == {}
+    finally:
+        store.close()
+    # The new code's reconciler reconciles the version that now serves.
+    (run,) = ContinuousReconciler(log, db_url, [ACCOUNT_BALANCES_V2], every_seconds=0).run_due()
+    assert run.error is None and run.drifted == 0
+
+
+def test_a_full_reconcile_pass_skips_a_version_retired_during_its_run(
+    ledger: Ledger, db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`daybook reconcile` while a rebuild switches the projection it folds: that one is
+    skipped, said so, and the pass goes on with the others (it used to end in a traceback)."""
+    workload(ledger, 40)
+    with run_projections(ledger, db_url, start=False) as runner:
+        runner.run_until_caught_up()
+    switched: list[bool] = []
+    hooked = _switching_first(reconcile_module.Fold.advance, event_log_of(ledger), db_url, switched)
+    monkeypatch.setattr(reconcile_module.Fold, "advance", hooked)
+    assert main(["reconcile", "--url", db_url]) == 0
+    out = capsys.readouterr().out
+    assert switched
+    assert "account_balances: skipped (account_balances version 1 was retired" in out
+    assert "daily_activity v" in out and "clean" in out
