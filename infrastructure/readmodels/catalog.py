@@ -37,6 +37,7 @@ from daybook.infrastructure.readmodels.checkpoints import (
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
+from daybook.infrastructure.transient import may_only_read
 from daybook.projections.model import Projection
 
 log = logging.getLogger("daybook.projections")
@@ -222,6 +223,18 @@ class VersionCatalog:
             create_progress_table(store)
             DeadLetters(store).create_table()
             ReconcileLog(store).create_table()
+
+    def ensure_where_writable(self) -> bool:
+        """``ensure`` where this connection may write; True if it did. Reads need no write:
+        on a read replica, or as a role that may only read, they go on without (a writer of
+        the read models, the runner or a worker, keeps the catalog)."""
+        try:
+            self.ensure()
+        except Exception as error:
+            if not may_only_read(error):
+                raise
+            return False
+        return True
 
     # -- reading -----------------------------------------------------------------------------
 

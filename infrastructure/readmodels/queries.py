@@ -29,7 +29,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, ReadStoreError
 from daybook.infrastructure.streaming.faults import crash_point
-from daybook.infrastructure.transient import cancelled, is_transient, may_only_read
+from daybook.infrastructure.transient import cancelled, is_transient
 from daybook.projections import ALL
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
@@ -197,19 +197,6 @@ class Answer(Generic[T]):
 
 #: Longest pause, in seconds, between a query's reconnects while its database is unreachable.
 _OUTAGE_BACKOFF_CAP = 1.0
-
-
-def _ensure_catalog(store: ReadStore) -> bool:
-    """Create or upgrade the catalog tables where this connection may write; True if it did.
-    Reads need no write: on a read replica, or as a role that may only read, they go on
-    without (a writer of the read models, the runner or a worker, keeps the catalog)."""
-    try:
-        VersionCatalog(store).ensure()
-    except Exception as error:
-        if not may_only_read(error):
-            raise
-        return False
-    return True
 
 
 class ReadModels:
@@ -627,7 +614,7 @@ class ReadModels:
         if self._store is None:
             store = open_store(self.url)
             try:
-                self._catalog = _ensure_catalog(store)
+                self._catalog = VersionCatalog(store).ensure_where_writable()
             except BaseException:
                 store.close()
                 raise

@@ -40,8 +40,12 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
     store = open_store(url)
     try:
         catalog = VersionCatalog(store)
-        catalog.ensure()
+        # Status only reads: on a replica or as a role that may only read, it goes on with
+        # the catalog a writer made (none yet: no version to show).
+        made = catalog.ensure_where_writable()
         with store.transaction(write=False):
+            if not made and not store.has_column("daybook_read_models", "name"):
+                return []
             records = catalog.versions()
             checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
             active = catalog.active_versions()

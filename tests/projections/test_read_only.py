@@ -11,6 +11,7 @@ standby does.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from itertools import count
 
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 
 from daybook import StaleRead, open_event_log, open_ledger, open_read_models, run_projections
+from daybook.infrastructure.cli import main
 
 pytestmark = pytest.mark.postgres
 
@@ -113,3 +115,25 @@ def test_a_reader_whose_database_lost_its_catalog_is_told_nothing_is_built(pg_ur
             views.balance(account, timeout=0.2)
     finally:
         views.close()
+
+
+def test_projections_status_answers_such_a_reader(
+    pg_url: str, reader: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`daybook projections status` only reads, yet it created or upgraded the catalog
+    first: on a replica or as a SELECT-only role it ended in a traceback."""
+    open_ledger(pg_url).close()  # the event store only: no read model, no catalog
+    grant(pg_url, reader)
+    assert main(["projections", "status", "--url", reader]) == 0
+    assert "account_balances" not in capsys.readouterr().out  # nothing built yet
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+        ledger.deposit(account, 700)
+        with run_projections(ledger, start=False) as runner:
+            runner.run_until_caught_up()
+    grant(pg_url, reader)
+    before = tables(pg_url)
+    assert main(["projections", "status", "--url", reader]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^account_balances +1 +yes +live ", out, re.MULTILINE), out
+    assert tables(pg_url) == before
