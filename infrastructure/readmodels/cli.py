@@ -41,8 +41,13 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
-from daybook.infrastructure.readmodels.reconcile import ReconcileReport, reconcile
-from daybook.infrastructure.readmodels.reconciler import record_run, run_of
+from daybook.infrastructure.readmodels.reconcile import ReconcileError, reconcile
+from daybook.infrastructure.readmodels.reconciler import (
+    ReconcileRun,
+    failed_run,
+    record_run,
+    run_of,
+)
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.settings import DEFAULT_PARTITIONS, Settings
 from daybook.infrastructure.streaming.relay import read_cursor
@@ -252,7 +257,10 @@ def register(subparsers: Any) -> None:
             "daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs (projections "
             "status and the dashboard show the last). A projection named with no version "
             "to check (never built, or retired, also by a rebuild during the run) exits 1; "
-            "a full pass skips those and says so."
+            "a full pass skips those and says so. A projection whose log cannot be folded "
+            "(an event its definition refuses) is refused with reconcile_failed and recorded "
+            "as a failed run; a full pass goes on with the others, names it at the end and "
+            "exits 1."
         ),
         examples=[
             "daybook reconcile",
@@ -549,11 +557,11 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     return 0
 
 
-def _record(url: str, report: ReconcileReport) -> None:
+def _record(url: str, run: ReconcileRun) -> None:
     """Record a run as the continuous reconciler does (status and the dashboard show it)."""
     store = open_store(url)
     try:
-        record_run(store, run_of(report))
+        record_run(store, run)
     finally:
         store.close()
 
@@ -578,17 +586,28 @@ def _run_reconcile(args: argparse.Namespace) -> int:
         return 2
     log = open_event_log(settings=checked_settings(args, why=_WHY, readmodels=True))
     drifted = False
+    failed: list[str] = []
     try:
         for projection in chosen:
             try:
                 with _readmodels(args) as url:
-                    report = reconcile(log, url, projection, repair=args.repair)
-                    _record(url, report)
+                    try:
+                        report = reconcile(log, url, projection, repair=args.repair)
+                    except ReconcileError as error:
+                        # Recorded as the continuous reconciler records it (status shows it).
+                        _record(url, failed_run(projection, error))
+                        raise
+                    _record(url, run_of(report))
             except LookupError as error:
                 if args.name:  # the one projection asked for was not checked
                     print(f"daybook: {error}", file=sys.stderr)
                     return 1
                 print(f"{projection.name}: skipped ({error})")
+                continue
+            except ReconcileError as error:
+                # A refusal, not a bug: one line, and a full pass goes on with the others.
+                print(f"daybook: refused ({error.code}): {error}", file=sys.stderr)
+                failed.append(projection.name)
                 continue
             verdict = "clean" if report.clean else f"{report.drift_count} drifted rows"
             if report.repaired:
@@ -609,4 +628,9 @@ def _run_reconcile(args: argparse.Namespace) -> int:
             drifted = drifted or not (report.clean or report.repaired)
     finally:
         log.close()
-    return 1 if drifted else 0
+    if failed and not args.name:
+        print(
+            f"daybook: not reconciled (the log could not be folded): {', '.join(failed)}",
+            file=sys.stderr,
+        )
+    return 1 if drifted or failed else 0

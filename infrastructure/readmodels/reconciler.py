@@ -142,6 +142,12 @@ def run_of(report: ReconcileReport) -> ReconcileRun:
     )
 
 
+def failed_run(projection: Projection, error: Exception) -> ReconcileRun:
+    """A run that could not fold the log (``ReconcileError``) or had nothing to check."""
+    return ReconcileRun(projection.name, projection.version, "", 0, None, 0, 0, 0, [], False,
+                        0.0, now_text(), str(error))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class _LastRun:
     #: The log's head when the run was decided on (its position may be far behind it: a
@@ -266,8 +272,7 @@ class ContinuousReconciler:
             return None
         except (ReconcileError, LookupError) as error:
             log.error("reconciler: %s v%s: %s", projection.name, projection.version, error)
-            return ReconcileRun(projection.name, projection.version, "", 0, None, 0, 0, 0, [],
-                                False, 0.0, now_text(), str(error))  # fmt: skip
+            return failed_run(projection, error)
         run = run_of(report)
         if report.clean:
             log.info("reconciler: %s v%s clean at %s", report.name, report.version,

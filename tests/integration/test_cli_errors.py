@@ -19,11 +19,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from daybook import open_ledger
+from daybook import open_ledger, run_projections
 from daybook.infrastructure import preflight
 from daybook.infrastructure.cli import EXIT_BROKEN_PIPE, main
 from daybook.infrastructure.preflight import Unusable
 from daybook.infrastructure.urls import BadURL
+from daybook.projections.accounts import ACCOUNT_BALANCES, OPENED
+from daybook.projections.model import LogEvent, Rows
 from scripts import services
 from scripts.outage import Outage
 
@@ -654,6 +656,37 @@ def test_reconciling_a_named_projection_that_was_never_built_fails(
     assert line == "daybook: account_balances version 1 is absent; nothing to reconcile"
     assert main(["reconcile", "--url", ledger_file]) == 0
     assert "account_balances: skipped" in capsys.readouterr().out
+
+
+def _refuses(event: LogEvent, rows: Rows) -> None:
+    raise ValueError(f"{event.type}: refused by this definition")
+
+
+def test_a_reconcile_whose_fold_fails_is_refused_in_one_line_and_a_full_pass_goes_on(
+    capsys: pytest.CaptureFixture[str], ledger_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The code's definition refuses an event the stored version applied: the log cannot be
+    folded (`reconcile_failed`). That ended `daybook reconcile` in a traceback, in the
+    middle of a full pass."""
+    with (
+        open_ledger(ledger_file) as ledger,
+        run_projections(ledger, ledger_file, start=False) as runner,
+    ):
+        runner.run_until_caught_up()
+    monkeypatch.setitem(ACCOUNT_BALANCES.handlers, OPENED, _refuses)
+    line = one_line(capsys, ["reconcile", "account_balances", "--url", ledger_file], code=1)
+    assert line.startswith("daybook: refused (reconcile_failed): account_balances v1: folding")
+    assert main(["reconcile", "--url", ledger_file]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "daybook: refused (reconcile_failed): account_balances v1: folding" in err
+    assert err.strip().splitlines()[-1] == (
+        "daybook: not reconciled (the log could not be folded): account_balances"
+    )
+    assert "daily_activity v" in out and "clean" in out  # the pass went on
+    # Recorded as a failed run, as the continuous reconciler records one.
+    assert main(["projections", "status", "--url", ledger_file]) == 0
+    assert "failed: account_balances v1: folding the log failed" in capsys.readouterr().out
 
 
 def test_serve_on_a_port_in_use_says_so_before_starting(
