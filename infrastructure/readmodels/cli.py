@@ -41,7 +41,7 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
-from daybook.infrastructure.readmodels.reconcile import ReconcileError, reconcile
+from daybook.infrastructure.readmodels.reconcile import DRIFTS_LISTED, ReconcileError, reconcile
 from daybook.infrastructure.readmodels.reconciler import (
     ReconcileRun,
     failed_run,
@@ -252,15 +252,16 @@ def register(subparsers: Any) -> None:
         help="compare read models with a replay of the log; exit 1 on drift",
         description=(
             "Recompute each read model from the log and compare it with the stored tables: "
-            "checksums over key ranges first, then rows. Prints every missing, extra or "
-            "different row; --repair rewrites them and records each change in "
-            "daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs (projections "
-            "status and the dashboard show the last). A projection named with no version "
-            "to check (never built, or retired, also by a rebuild during the run) exits 1; "
-            "a full pass skips those and says so. A projection whose log cannot be folded "
-            "(an event its definition refuses) is refused with reconcile_failed and recorded "
-            "as a failed run; a full pass goes on with the others, names it at the end and "
-            "exits 1."
+            "checksums over key ranges first, then rows. Prints the first "
+            f"{DRIFTS_LISTED:,} missing, extra or different rows of each projection and counts "
+            "the rest; --repair rewrites every drifted row, listed or not, and records each "
+            "change in daybook_reconcile_log. Each run is recorded in daybook_reconcile_runs "
+            "(projections status and the dashboard show the last). A projection named with "
+            "no version to check (never built, or retired, also by a rebuild during the run) "
+            "exits 1; a full pass skips those and says so. A projection whose log cannot be "
+            "folded (an event its definition refuses) is refused with reconcile_failed and "
+            "recorded as a failed run; a full pass goes on with the others, names it at the "
+            "end and exits 1."
         ),
         examples=[
             "daybook reconcile",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import io
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
-from daybook.infrastructure.cli import main
+from daybook.infrastructure.cli import build_parser, main
 from daybook.infrastructure.readmodels import cli as readmodels_cli
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -475,3 +477,39 @@ def test_a_full_reconcile_pass_skips_a_version_retired_during_its_run(
     assert switched
     assert "account_balances: skipped (account_balances version 1 was retired" in out
     assert "daily_activity v" in out and "clean" in out
+
+
+def test_reconcile_prints_the_drifted_rows_its_help_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`daybook reconcile --help` said it prints every missing, extra or different row; it
+    prints the first 1,000 of each projection and counts the rest, as the README says."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        ledger.open_account("ann", "EUR")
+        with run_projections(ledger, url, start=False) as runner:
+            runner.run_until_caught_up()
+    store = open_store(url)
+    try:
+        with store.transaction():
+            store.insert(BALANCES, 1, [
+                {"account_id": str(uuid.UUID(int=n + 1)), "owner": "ghost", "currency": "EUR",
+                 "balance": 0, "held": 0, "available": 0, "overdraft_limit": 0,
+                 "status": "open", "version": 1, "last_event_at": "x", "position": 1}
+                for n in range(1_005)
+            ])  # fmt: skip
+    finally:
+        store.close()
+    commands = next(
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    help_text = " ".join(commands.choices["reconcile"].format_help().split())
+    assert "Prints the first 1,000 missing, extra or different rows of each projection" in (
+        help_text
+    ), help_text
+    assert main(["reconcile", "account_balances", "--url", url]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.endswith(" extra")]) == 1_000
+    assert lines[-1] == "  ... and 5 more"
