@@ -36,6 +36,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from types import TracebackType
 from typing import Self
 
@@ -132,9 +133,8 @@ class ProjectionRunner:
         #: Whether the runner has yet to (re)read to the head: at start, after a reconnect and
         #: after a full batch; the next catch-up is logged (once, not per event).
         self._behind = True
-        #: Whether the last batch read while a version is far behind was for the versions
-        #: ahead of it (``_batch_start``).
-        self._leaders_turn = False
+        #: Which group of versions the last batch was read for (``_batch_start``).
+        self._turn = 0
         #: Versions of this runner's code that are stopped (an event parked, rows
         #: refused), and why. The runner itself runs on for the others;
         #: ``versions_health`` says it. (Not a version left behind by reads switched to
@@ -434,7 +434,8 @@ class ProjectionRunner:
         start = self._batch_start(lowest)
         events = self.log.read(start, self.batch_size)
         if not events and start > lowest:
-            start = lowest  # the versions ahead are at the head: on with the others
+            self._measure_lag([], 0, start)  # the versions ahead are at the head
+            start = lowest  # on with the others
             events = self.log.read(start, self.batch_size)
         if not events:
             self.service.supervisor.recovered()  # both databases answered: back to work
@@ -476,18 +477,22 @@ class ProjectionRunner:
 
     def _batch_start(self, lowest: int) -> int:
         """Where the next batch starts: where the version furthest behind is (``lowest``),
-        so that one read serves every version. Unless one is more than a batch behind the
-        others (a version built from the start of the log beside versions that serve: a new
-        projection, or a new version in a deploy): then every other batch is read from where
-        the others are, for them alone, so that the versions serving reads keep following
-        the log instead of waiting for the new one to read all of it, each at half the pace
-        of a runner doing only its own."""
-        positions = [slot.record.position for slot in self.slots.values()]
-        ahead = max(positions) - self.batch_size
-        if lowest >= ahead:
+        so that one read serves every version. Unless versions are more than a batch apart
+        (a version built from the start of the log beside versions that serve: a new
+        projection, or a new version in a deploy; or a serving version held back by an
+        event it retries): then the versions form groups, each within a batch of the next,
+        and batches are read from where each group starts in turn. A batch applies to every
+        version at or past where it was read from, so the versions serving reads keep
+        following the log instead of waiting for the new one to read all of it (each group
+        at its share of the batches), and groups merge as they catch up."""
+        positions = sorted(slot.record.position for slot in self.slots.values())
+        starts = [lowest] + [
+            later for earlier, later in pairwise(positions) if later - earlier > self.batch_size
+        ]
+        if len(starts) == 1:
             return lowest
-        self._leaders_turn = not self._leaders_turn
-        return min(p for p in positions if p >= ahead) if self._leaders_turn else lowest
+        self._turn = (self._turn + 1) % len(starts)
+        return starts[self._turn]
 
     def _caught_up(self, position: int) -> None:
         """Read to the end of the log: said once after a start, a reconnect or a backlog."""
@@ -506,12 +511,14 @@ class ProjectionRunner:
         batch's last position (a gap in positions counts there, and only there). In seconds:
         the age of the oldest event not applied (past a full batch, the age of its last
         event, an upper bound), 0 when caught up. A version behind ``start`` (the batch was
-        not for it: ``_batch_start``) keeps the lag its own batches measure."""
+        not for it: ``_batch_start``), or past the last event of a full one, keeps the lag
+        its own batches measure."""
         now = time.time()
         positions = [event.position for event in events]
         beyond = max(0, head - positions[-1]) if positions else 0
+        past = positions[-1] if len(positions) >= self.batch_size else None
         for key, slot in self.slots.items():
-            if slot.record.position < start:
+            if slot.record.position < start or (past is not None and slot.record.position > past):
                 continue
             applied = bisect_right(positions, slot.record.position)
             unapplied = len(positions) - applied + beyond

@@ -15,6 +15,7 @@ from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -136,6 +137,61 @@ def test_a_version_built_from_the_start_does_not_hold_up_the_versions_that_serve
             )
         assert_tables_match(ledger, url, extra)
         for projection in projections.ALL:
+            assert_tables_match(ledger, url, projection)
+
+
+def test_versions_serving_reads_report_their_own_lag_while_one_is_built(
+    tmp_path: Path,
+) -> None:
+    """A version at the head, while the runner builds another from the start of the log,
+    reported as lag what the new one had yet to read (the batch read for the new one said
+    nothing about it)."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        workload(ledger, 600)
+        with run_projections(ledger, url, start=False) as first:
+            first.run_until_caught_up()
+        head = ledger.head()
+        extra = Projection("stock_copy", 1, INVENTORY_LEVELS.tables, INVENTORY_LEVELS.handlers)
+        every = [*projections.ALL, extra]
+        with run_projections(ledger, url, projections=every, start=False, batch_size=100) as runner:
+            for _ in range(3):
+                runner.step()
+            key = ("account_balances", ACCOUNT_BALANCES.version)
+            assert runner.slots[key].record.position == head
+            labels = {"projection": key[0], "version": str(key[1])}
+            lag = [
+                metrics.REGISTRY.get_sample_value(f"daybook_projection_lag_{unit}", labels)
+                for unit in ("events", "seconds")
+            ]
+            assert lag == [0, 0]
+
+
+def test_a_serving_version_more_than_a_batch_behind_the_others_is_not_left_waiting(
+    tmp_path: Path,
+) -> None:
+    """Three groups of versions: a new one at the start of the log, daily_activity a few
+    batches behind, the others at the head. Only the new one and those within a batch of
+    the furthest ahead took turns: daily_activity waited for the new one to reach it."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        ids = workload(ledger, 300)
+        with run_projections(ledger, url, start=False) as first:
+            first.run_until_caught_up()
+        behind = ledger.head()
+        workload(ledger, 300, seed=2, accounts=ids)
+        others = [p for p in projections.ALL if p is not projections.DAILY_ACTIVITY]
+        with run_projections(ledger, url, projections=others, start=False) as second:
+            second.run_until_caught_up()
+        extra = Projection("stock_copy", 1, INVENTORY_LEVELS.tables, INVENTORY_LEVELS.handlers)
+        every = [*projections.ALL, extra]
+        with run_projections(ledger, url, projections=every, start=False, batch_size=100) as runner:
+            for _ in range(3):
+                runner.step()
+            activity = runner.slots[("daily_activity", projections.DAILY_ACTIVITY.version)]
+            assert activity.record.position > behind
+            runner.run_until_caught_up()
+        for projection in every:
             assert_tables_match(ledger, url, projection)
 
 
