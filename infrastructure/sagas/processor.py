@@ -98,7 +98,8 @@ from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 log = logging.getLogger("daybook.sagas")
 
 #: Refusals that mean another delivery got there first, or the saga is not at that move:
-#: read the saga again (``drive`` ends if it did not change).
+#: read the saga again (``drive`` ends if it did not change). (A local compensation's
+#: attempt answered ``idempotency_conflict`` is recorded failed instead: ``_compensate``.)
 _MOVED_ON = frozenset({"saga_moved_on", "saga_finished", "idempotency_conflict"})
 
 
@@ -568,7 +569,7 @@ class SagaProcessor:
                     # recorded below refused (it names the attempt): so it was refused, and
                     # the attempt is recorded failed; the next one has an id of its own.
                     # Taken for progress, it was sent again until the id's record expired.
-                    why = f"attempt {attempt} was refused for a processor of another name"
+                    why = self._first_refusal(_undo_id(saga, step.name, str(attempt)), attempt)
                     self._compensation_failed(saga, step.name, attempt, why)
                     return True
                 if refusal.code in _MOVED_ON:
@@ -619,6 +620,15 @@ class SagaProcessor:
         if _new(compensated):
             metrics.SAGA_COMPENSATIONS.labels(step.name).inc()
         return True
+
+    def _first_refusal(self, request_id: str, attempt: int) -> str:
+        """Why a compensation's attempt sent by another processor was refused, as its
+        request record says (``code: message``, as for one of this processor's own)."""
+        record = self.ledger.service.recorded([request_id]).get(request_id)
+        error = record.outcome.get("error") if record is not None else None
+        if isinstance(error, dict) and "code" in error:
+            return f"{error['code']}: {error.get('message', '')}"
+        return f"attempt {attempt} was refused for a processor of another name"
 
     def _compensation_failed(self, saga: Saga, step: str, attempt: int, error: str) -> None:
         self._send(

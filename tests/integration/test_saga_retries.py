@@ -166,6 +166,7 @@ def test_a_compensation_refused_for_a_processor_of_another_name_is_tried_again()
             moves = processor.moves
             saga = processor.drive(saga_id)
             assert processor.moves - moves == 1 and saga.attempts == 1, saga.view()
+            assert saga.last_error is not None and "insufficient_funds" in saga.last_error
             saga = settle(processor, clock, saga_id)
             assert saga.state is SagaState.COMPENSATED, saga.view()
             assert ledger.account(account).balance == 0
