@@ -100,10 +100,11 @@ class ReadRoutes:
         async def balance(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
             wait = self._wait(request)
-            found = await self._query(lambda v: v.balance(key, **wait))
+            # One read: a 404 names the position of the snapshot the account was not in.
+            answer = await self._query(lambda v: v.find_balance(key, **wait))
+            found = answer.value
             if found is None:
-                position = await self._query(lambda v: v.position("account_balances"))
-                raise _absent(f"no account {key} in the read model", position)
+                raise _absent(f"no account {key} in the read model", answer.as_of_position)
             return _answer(_plain(found), found)
 
         @app.get(
@@ -147,9 +148,10 @@ class ReadRoutes:
             except DomainError as error:
                 raise Problem.of(error) from None
             wait = self._wait(request)
-            found = await self._query(lambda v: v.stock(checked, **wait))
+            answer = await self._query(lambda v: v.find_stock(checked, **wait))
+            found = answer.value
             if found is None:
-                position = await self._query(lambda v: v.position("inventory_levels"))
+                position = answer.as_of_position
                 raise _absent(f"no stock of {checked} in the read model", position)
             return _answer(_plain(found), found)
 
@@ -164,12 +166,12 @@ class ReadRoutes:
             before = _cursor(request, "before", _entry_number)
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
-            found = await self._query(
-                lambda v: v.statement(key, limit=limit, before_seq=before_seq, **wait)
+            answer = await self._query(
+                lambda v: v.find_statement(key, limit=limit, before_seq=before_seq, **wait)
             )
+            found = answer.value
             if found is None:
-                position = await self._query(lambda v: v.position("account_statement"))
-                raise _absent(f"no account {key} in the read model", position)
+                raise _absent(f"no account {key} in the read model", answer.as_of_position)
             entries = [asdict(e) for e in found.entries]
             more = found.older
             body = {

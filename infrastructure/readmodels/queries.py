@@ -222,15 +222,22 @@ class ReadModels:
         self, account_id: UUID | str, *, min_position: int | None = None, timeout: float = 2.0
     ) -> Balance | None:
         """An account's balance, or None if the read model has not seen the account."""
+        return self.find_balance(account_id, min_position=min_position, timeout=timeout).value
+
+    def find_balance(
+        self, account_id: UUID | str, *, min_position: int | None = None, timeout: float = 2.0
+    ) -> Answer[Balance | None]:
+        """``balance``, with the position it was read at even when it found nothing: the
+        position of the same snapshot, which a second query for it would not be (a batch
+        committed in between may have added the account)."""
         key = _account_key(account_id, "account_id")
 
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(BALANCES, version, (key,))
 
         row, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
-        if row is None:
-            return None
-        return _balance(row, position, lag, later)
+        found = None if row is None else _balance(row, position, lag, later)
+        return Answer(found, position, lag, later)
 
     def balances(
         self,
@@ -301,6 +308,12 @@ class ReadModels:
         self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
     ) -> Stock | None:
         """A SKU's stock levels, or None if the read model has not seen the SKU."""
+        return self.find_stock(sku, min_position=min_position, timeout=timeout).value
+
+    def find_stock(
+        self, sku: str, *, min_position: int | None = None, timeout: float = 2.0
+    ) -> Answer[Stock | None]:
+        """``stock``, with the position it was read at even when it found nothing."""
         key = str(inventory_id(check_sku(sku)))
 
         def read(store: ReadStore, version: int) -> Row | None:
@@ -308,8 +321,8 @@ class ReadModels:
 
         row, position, lag, later = self._read_at("inventory_levels", read, min_position, timeout)
         if row is None:
-            return None
-        return Stock(
+            return Answer(None, position, lag, later)
+        found = Stock(
             sku=_text(row, "sku"),
             on_hand=_int(row, "on_hand"),
             reserved=_int(row, "reserved"),
@@ -320,6 +333,7 @@ class ReadModels:
             lag_events=lag,
             includes_later=later,
         )
+        return Answer(found, position, lag, later)
 
     def statement(
         self,
@@ -333,6 +347,24 @@ class ReadModels:
         """The newest ``limit`` entries (newest first), or those before ``before_seq``, and
         whether older ones exist; None if the read model has not seen the account (an
         account opened and not used yet has a statement with no entries)."""
+        return self.find_statement(
+            account_id,
+            limit=limit,
+            before_seq=before_seq,
+            min_position=min_position,
+            timeout=timeout,
+        ).value
+
+    def find_statement(
+        self,
+        account_id: UUID | str,
+        *,
+        limit: int = 50,
+        before_seq: int | None = None,
+        min_position: int | None = None,
+        timeout: float = 2.0,
+    ) -> Answer[Statement | None]:
+        """``statement``, with the position it was read at even when it found nothing."""
         key = _account_key(account_id, "account_id")
         _whole(limit, "limit", 1, MAX_PAGE)
         if before_seq is not None:
@@ -354,7 +386,7 @@ class ReadModels:
 
         rows, position, lag, later = self._read_at("account_statement", read, min_position, timeout)
         if rows is None:
-            return None
+            return Answer(None, position, lag, later)
         entries = tuple(
             Entry(
                 seq=_int(row, "seq"),
@@ -368,7 +400,8 @@ class ReadModels:
             )
             for row in rows[:limit]
         )
-        return Statement(UUID(key), entries, position, lag, later, len(rows) > limit)
+        found = Statement(UUID(key), entries, position, lag, later, len(rows) > limit)
+        return Answer(found, position, lag, later)
 
     def daily_activity(
         self,

@@ -26,6 +26,7 @@ from daybook.infrastructure.http.problems import PROBLEM_JSON
 from daybook.infrastructure.http.tokens import open_tokens
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.readmodels import ReadModels
 from daybook.infrastructure.settings import Settings
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DEPOSITED
 from daybook.projections.model import LogEvent, Rows
@@ -577,6 +578,51 @@ def test_an_unknown_account_is_404_saying_as_of_when(api: Api) -> None:
     assert_problem(api.get("/v1/accounts/not-a-uuid/balance"), 422, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    ("projection", "command", "path"),
+    [
+        ("account_balances", "open_account", "/v1/accounts/{id}/balance"),
+        ("account_statement", "open_account", "/v1/accounts/{id}/statement"),
+        ("inventory_levels", "receive_stock", "/v1/stock/{id}"),
+    ],
+)
+def test_a_404_names_the_position_it_was_read_at_not_a_later_one(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, projection: str, command: str, path: str
+) -> None:
+    """The account (or SKU) is written, and projected, just after the read that did not find
+    it (as a concurrent writer and the runner may): the position the 404 names is the one the
+    read was made at, which does not include it."""
+    api = sqlite_api
+    api.open_account("warm-up")
+    assert api.get("/v1/balances", min_position=api.head()).status_code == 200
+    if command == "open_account":
+        key = str(uuid.uuid4())
+        arguments: dict[str, Any] = {"owner": "zoe", "currency": "EUR", "account_id": key}
+    else:
+        key = "SKU-LATE"
+        arguments = {"sku": key, "quantity": 1}
+    written: list[int] = []
+    original = ReadModels._read_at
+
+    def read_at(self: ReadModels, name: str, read: Any, *args: Any, **kwargs: Any) -> Any:
+        found = original(self, name, read, *args, **kwargs)
+        if name == projection and found[0] is None and not written:
+            reply = asyncio.run_coroutine_threadsafe(
+                api.send_command(command, arguments), api.loop
+            ).result(10)
+            written.append(reply.json()["position"])
+            original(self, projection, lambda store, version: None, written[0], 10.0)
+        return found
+
+    monkeypatch.setattr(ReadModels, "_read_at", read_at)
+    answer = api.get(path.format(id=key))
+    monkeypatch.undo()
+
+    named = assert_problem(answer, 404, "not_found")["details"]["as_of_position"]
+    assert written and named < written[0], (named, written)
+    assert api.get(path.format(id=key), min_position=written[0]).status_code == 200
+
+
 # -- snapshots and cursors ------------------------------------------------------------------
 
 
@@ -746,7 +792,7 @@ def test_a_database_outage_is_a_503_to_retry_not_a_bug(
 
     monkeypatch.setattr(sqlite_api.parts.ledger, "execute", out)
     for views in sqlite_api.parts.pool._all:
-        monkeypatch.setattr(views, "balance", read_out)
+        monkeypatch.setattr(views, "find_balance", read_out)
     with caplog.at_level(logging.WARNING, logger="daybook.http"):
         command = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
         read = sqlite_api.get(f"/v1/accounts/{account}/balance")
