@@ -92,27 +92,21 @@ class CommandRoutes:
                     "once it has been answered",
                     headers={"Retry-After": "1"},
                 )
-            await self.refuse_earlier_batch_item(token.name, key)
-            try:
-                with counted_if_refused(command_class.name):
-                    command = command_class(**arguments, request_id=request_id, actor=token.name)
-            except DomainError as error:
-                raise Problem.of(error) from None
-            self.door.enter(always=command_class.reduces_risk)
+            # In progress from the check on, before anything is awaited: a second request
+            # with the key, checked while this one awaits, must find it.
             self.in_flight.add(request_id)
             try:
-                receipt = await self.ledger.execute(command)
-            except DomainError as error:
-                raise Problem.of(error) from None
-            except LedgerClosed:
-                raise Problem(
-                    "shutting_down",
-                    "the server is stopping and took no new command; retry shortly",
-                    headers={"Retry-After": "5", "Connection": "close"},
-                ) from None
+                await self.refuse_earlier_batch_item(token.name, key)
+                try:
+                    with counted_if_refused(command_class.name):
+                        command = command_class(
+                            **arguments, request_id=request_id, actor=token.name
+                        )
+                except DomainError as error:
+                    raise Problem.of(error) from None
+                receipt = await self._execute(command, command_class.reduces_risk)
             finally:
                 self.in_flight.discard(request_id)
-                self.door.leave()
             return receipt_response(receipt, key)
 
         doc = (command_class.__doc__ or command_class.name).strip()
@@ -133,6 +127,23 @@ class CommandRoutes:
                 **_openapi(command_class, accepted, required),
             }
         }
+
+    async def _execute(self, command: Command, always: bool) -> Receipt:
+        """``command`` run by the ledger once the command door admits it (``always``: a
+        command that reduces risk, never shed); a refusal becomes a ``Problem``."""
+        self.door.enter(always=always)
+        try:
+            return await self.ledger.execute(command)
+        except DomainError as error:
+            raise Problem.of(error) from None
+        except LedgerClosed:
+            raise Problem(
+                "shutting_down",
+                "the server is stopping and took no new command; retry shortly",
+                headers={"Retry-After": "5", "Connection": "close"},
+            ) from None
+        finally:
+            self.door.leave()
 
     async def refuse_earlier_batch_item(self, token: str, key: str) -> None:
         """Refuse a key ``K/i`` while ``K`` holds the claim of a batch an earlier daybook ran:

@@ -415,6 +415,26 @@ def test_a_retry_while_the_first_is_in_progress_is_409(api: Api) -> None:
     assert api.command("deposit", {"account_id": account, "amount": 5}, key="busy").is_success
 
 
+@pytest.mark.parametrize("key", ["plain", "order-8/0"])
+def test_the_same_key_sent_twice_at_once_is_409_for_the_second(api: Api, key: str) -> None:
+    """A key shaped "<key>/<n>" is looked up (a batch of an earlier daybook may have claimed
+    "<key>") before the command runs: it is in progress from the moment it is checked, or
+    both requests pass the check and the second is answered a replay of the first while
+    the first is still in the server."""
+    account = api.open_account()
+
+    async def twice() -> list[httpx.Response]:
+        body = {"account_id": account, "amount": 5}
+        return list(
+            await asyncio.gather(*(api.send_command("deposit", body, key=key) for _ in range(2)))
+        )
+
+    replies = sorted(api.run(twice()), key=lambda reply: reply.status_code)
+    assert [r.status_code for r in replies] == [200, 409], [r.text for r in replies]
+    assert replies[0].json()["replayed"] is False
+    assert_problem(replies[1], 409, "idempotency_key_in_use")
+
+
 def test_concurrent_retries_apply_once(api: Api) -> None:
     account = api.open_account()
     body = {"account_id": account, "amount": 5}
