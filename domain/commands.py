@@ -52,6 +52,7 @@ from daybook.domain.values import (
     check_text,
     check_timeout,
     check_uuid,
+    shown,
 )
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -332,7 +333,7 @@ def command_named(name: str) -> type[Command]:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        msg = f"no command is called {name!r}; known: {known}"
+        msg = f"no command is called {shown(name)}; known: {known}"
         raise KeyError(msg) from None
 
 

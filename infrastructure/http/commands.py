@@ -37,6 +37,7 @@ from starlette.types import Scope
 from daybook.domain.commands import Command, Receipt, parameters, registered
 from daybook.domain.errors import DomainError, IdempotencyConflict
 from daybook.domain.linked import Atomic
+from daybook.domain.values import shown
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
@@ -256,7 +257,7 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in pairs:
         if name in result:
-            raise ValueError(f"member {name!r} appears twice")
+            raise ValueError(f"member {shown(name)} appears twice")
         result[name] = value
     return result
 
@@ -293,11 +294,16 @@ def arguments_of(
     takes = ", ".join(accepted)
     unknown = [name for name in body if name not in accepted]
     if unknown:
+        # Named as sent, but the first few only, each cut short (``shown``): the names are
+        # the client's, and a body of a megabyte may be made of them.
+        first = unknown[:_NAMES_SHOWN]
+        named = [name if shown(name) == repr(name) else shown(name) for name in first]
+        listed = ", ".join(map(shown, first))
+        more = f" ({len(unknown)} unknown in all)" if len(unknown) > _NAMES_SHOWN else ""
         raise Problem(
             "invalid_request",
-            f"{command_class.name} has no argument {', '.join(map(repr, unknown))}; it takes "
-            f"{takes}",
-            details={"unknown": unknown},
+            f"{command_class.name} has no argument {listed}{more}; it takes {takes}",
+            details={"unknown": named},
         )
     missing = [name for name in required if name not in body]
     if missing:
@@ -308,6 +314,10 @@ def arguments_of(
         )
     # null for an optional argument means "not given" (the ledger generates or omits it).
     return {k: v for k, v in body.items() if v is not None or accepted[k].required}
+
+
+#: Unknown argument names a refusal lists (each as sent, or cut as ``shown`` cuts it).
+_NAMES_SHOWN = 10
 
 
 def receipt_body(receipt: Receipt) -> dict[str, Any]:

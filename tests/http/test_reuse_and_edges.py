@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
+from daybook.domain.values import shown
 from tests.http.conftest import Api
 
 
@@ -390,3 +391,47 @@ def test_a_huge_bad_value_is_not_echoed_whole(sqlite_api: Api) -> None:
     )
     assert listed.status_code == 422, listed.text[:300]
     assert len(listed.content) < 2_000, len(listed.content)
+
+
+def _post_text(api: Api, path: str, content: str, key: str) -> httpx.Response:
+    headers = {**api.auth("tester"), "Idempotency-Key": key, "Content-Type": "application/json"}
+    return api.run(api.client.post(path, content=content, headers=headers))
+
+
+def test_a_huge_name_is_not_echoed_whole(sqlite_api: Api) -> None:
+    """Names a client sent were echoed whole: an unknown argument (in the message and again
+    in the details), a member repeated, an unknown command in a list; and every unknown
+    argument of a body of many."""
+    api = sqlite_api
+    account = api.open_account("ann")
+    huge = "n" * 500_000
+    unknown = _post_text(
+        api, "/v1/commands/deposit", json.dumps({"account_id": account, "amount": 1, huge: 1}), "1"
+    )
+    repeated = _post_text(
+        api,
+        "/v1/commands/deposit",
+        f'{{"account_id": "{account}", "amount": 1, "{huge}": 1, "{huge}": 2}}',
+        "2",
+    )
+    command = _post_text(
+        api, "/v1/batch", json.dumps({"commands": [{"command": huge, "fields": {}}]}), "3"
+    )
+    many = _post_text(
+        api,
+        "/v1/commands/deposit",
+        json.dumps({"account_id": account, "amount": 1, **{f"n{i}": 1 for i in range(50_000)}}),
+        "4",
+    )
+    replies = {"unknown": unknown, "repeated": repeated, "command": command, "many": many}
+    sizes = {name: (reply.status_code, len(reply.content)) for name, reply in replies.items()}
+    assert [status for status, _ in sizes.values()] == [422, 400, 422, 422], sizes
+    assert all(size < 2_000 for _, size in sizes.values()), sizes
+    assert "(500002 characters)" in unknown.json()["detail"]
+    assert unknown.json()["details"]["unknown"] == [shown(huge)]
+    assert "(500002 characters)" in repeated.json()["detail"]
+    assert "(500002 characters)" in command.json()["detail"]
+    assert "50000 unknown" in many.json()["detail"], many.json()["detail"]
+    assert len(many.json()["details"]["unknown"]) == 10
+    memo = api.command("deposit", {"account_id": account, "amount": 1, "memo": "x"})
+    assert memo.json()["details"]["unknown"] == ["memo"]  # a short name as it was sent
