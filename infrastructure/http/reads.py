@@ -215,7 +215,7 @@ class ReadRoutes:
                 "invalid_parameter",
                 f"timeout is seconds between 0 and {self.max_wait:g}, got {shown(timeout)}",
             )
-        text = _param(request, "min_position") or request.headers.get("daybook-min-position")
+        text = _param(request, "min_position") or _header(request, "Daybook-Min-Position")
         if text is None:
             return {"timeout": seconds}
         return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
@@ -291,6 +291,16 @@ def _param(request: Request, name: str) -> str | None:
     """The query's ``name`` (None without it). Given twice it is refused: the last one
     silently won, and ``?min_position=90&min_position=1`` read at 1."""
     values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise Problem("invalid_parameter", f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _header(request: Request, name: str) -> str | None:
+    """The request's header ``name`` (None without it). Given on two lines it is refused, as
+    a query parameter given twice is: the first line silently won (a proxy's own line, or
+    the client's, depending on the order they came in)."""
+    values = request.headers.getlist(name)
     if len(values) > 1:
         raise Problem("invalid_parameter", f"{name} is given {len(values)} times; give it once")
     return values[0] if values else None

@@ -371,6 +371,27 @@ def test_a_query_parameter_given_twice_is_refused(sqlite_api: Api) -> None:
     assert ids.status_code == 200, ids.text  # a list: repeated on purpose
 
 
+def test_daybook_min_position_given_twice_is_refused(sqlite_api: Api) -> None:
+    """Two ``Daybook-Min-Position`` header lines (a client's and a proxy's, say): the first
+    won silently, and a read that asked to wait for position 999999 was answered at once,
+    as if it had read its writes."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    assert api.get(f"/v1/accounts/{ann}/balance", min_position=api.head()).status_code == 200
+    headers = [
+        *api.auth("tester").items(),
+        ("Daybook-Min-Position", "1"),
+        ("Daybook-Min-Position", "999999"),
+    ]
+    reply = api.run(
+        api.client.get(f"/v1/accounts/{ann}/balance", params={"timeout": 0}, headers=headers)
+    )
+    assert reply.status_code == 400, reply.text
+    problem = reply.json()
+    assert problem["code"] == "invalid_parameter", problem
+    assert "Daybook-Min-Position is given 2 times" in problem["detail"], problem
+
+
 def test_a_huge_bad_value_is_not_echoed_whole(sqlite_api: Api) -> None:
     """An owner name of half a megabyte came back whole in the refusal, in its message
     and again in its details."""
