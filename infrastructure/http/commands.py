@@ -48,9 +48,11 @@ from daybook.infrastructure.ledger.group_commit import LedgerClosed
 #: Fields the server fills in: the caller cannot send them.
 _SERVER_SET = frozenset({"request_id", "actor", "traceparent"})
 #: The draft makes the key a structured-field String ("..." with \\ escapes, RFC 8941); a
-#: bare key (printable ASCII, no spaces, quotes or backslashes) is taken too.
+#: bare key (printable ASCII, no spaces, quotes, backslashes or commas) is taken too. Not a
+#: comma: a proxy may merge two Idempotency-Key lines into one joined by a bare comma (RFC
+#: 9110 5.3), and "a,b" must be refused as two keys, not taken as one.
 _QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,128})"')
-_BARE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
+_BARE = re.compile(r"[\x21\x23-\x2b\x2d-\x5b\x5d-\x7e]{1,128}")
 _JSON_TYPE = re.compile(r"application/([a-z0-9.+-]*\+)?json\s*(;.*)?$", re.IGNORECASE)
 
 
@@ -209,8 +211,9 @@ def idempotency_key(request: Request) -> str:
     if not _BARE.fullmatch(value):
         raise Problem(
             "idempotency_key_invalid",
-            "the Idempotency-Key must be a string of 1-128 printable ASCII characters, quoted "
-            '("...") or without spaces, quotes and backslashes',
+            "the Idempotency-Key must be one string of 1-128 printable ASCII characters, "
+            'quoted ("...") or without spaces, quotes, backslashes and commas (a comma '
+            "separates two keys)",
         )
     return value
 

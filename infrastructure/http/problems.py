@@ -162,7 +162,9 @@ def title_of(code: str) -> str:
 DESCRIPTIONS: dict[str, str] = {
     "malformed_json": "The body is not valid JSON (or repeats a member, or holds NaN).",
     "idempotency_key_missing": "Every POST needs an Idempotency-Key header.",
-    "idempotency_key_invalid": "The Idempotency-Key is not 1-128 printable ASCII characters.",
+    "idempotency_key_invalid": (
+        "The Idempotency-Key is not one key of 1-128 printable ASCII characters."
+    ),
     "idempotency_key_in_use": "A request with this Idempotency-Key is still being processed.",
     "invalid_cursor": "The cursor was not one this server handed out.",
     "invalid_parameter": "A query parameter or header has a value that cannot be used.",

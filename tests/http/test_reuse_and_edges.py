@@ -144,6 +144,23 @@ def test_two_idempotency_key_fields_are_refused(sqlite_api: Api) -> None:
     assert answer.json()["code"] == "idempotency_key_invalid"
 
 
+def test_two_idempotency_keys_joined_by_a_bare_comma_are_refused(sqlite_api: Api) -> None:
+    """A proxy may merge two key lines into one with a bare comma (RFC 9110: "a comma and
+    optional whitespace"): "first,second" was taken as one key and the command applied. A
+    comma inside a quoted key is part of that one key."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    head = api.head()
+    for key in ("first,second", "first,", ","):
+        reply = api.command("deposit", {"account_id": ann, "amount": 5}, key=key)
+        assert reply.status_code == 400, (key, reply.text)
+        assert reply.json()["code"] == "idempotency_key_invalid"
+    assert api.head() == head
+    quoted = api.command("deposit", {"account_id": ann, "amount": 5}, key='"first,second"')
+    assert quoted.status_code == 200, quoted.text
+    assert quoted.json()["idempotency_key"] == "first,second"
+
+
 def test_a_list_of_risk_reducing_commands_is_not_rate_limited(sqlite_api: Api) -> None:
     """Commands that reduce risk (void, release...) are never shed and never counted against
     rate limits: in a list made only of them too."""
