@@ -17,7 +17,8 @@ from daybook.infrastructure.http.tokens import TokenError, open_tokens
 from tests.http.conftest import Api, make_api
 
 ACCOUNT = str(uuid.UUID(int=5))
-#: (method, path, scope it needs); every route but /health, the docs and /problems.
+#: (method, path, scope it needs); every route but /health, the docs, /problems and the
+#: dashboard's page and files.
 ROUTES = [
     ("POST", "/v1/commands/deposit", "write"),
     ("POST", "/v1/commands/release_reservation", "write"),
@@ -130,6 +131,23 @@ def test_health_docs_and_problem_pages_need_no_token(api: Api) -> None:
     for path in ("/health", "/openapi.json", "/docs", "/problems/overloaded"):
         answer = api.run(api.client.get(path))
         assert answer.status_code == 200, (path, answer.text)
+
+
+def test_serve_help_names_every_route_that_needs_no_token(
+    sqlite_api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``daybook serve --help`` said every route but /health, the docs and /problems needs a
+    token; the dashboard's page and its files answer without one too."""
+    tokenless = ["/", "/dashboard/dashboard.js", "/health", "/docs", "/problems/overloaded"]
+    for path in tokenless:
+        answer = sqlite_api.run(sqlite_api.client.get(path))
+        assert answer.status_code == 200, (path, answer.text)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the dashboard's page (/ and its files under /dashboard/" in text, text
+    for named in ("/health", "/docs", "/problems"):
+        assert named in text
 
 
 def test_tokens_are_stored_hashed(sqlite_api: Api, tmp_path: Path) -> None:
