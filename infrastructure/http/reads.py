@@ -48,6 +48,12 @@ _SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{0,10})?|\.[0-9]{1,10}")
 #: Most rows one page or one snapshot by ids may ask for.
 MAX_PAGE = 1000
 MAX_IDS = 1000
+#: Rows in a page of balances and of a statement, and days of activity, when not asked.
+_BALANCES_PAGE = 100
+_STATEMENT_PAGE = 50
+_DAYS_SHOWN = 30
+#: Most days of activity a read may ask for.
+_MAX_DAYS = 366
 
 
 class ReadPool:
@@ -93,9 +99,16 @@ class ReadRoutes:
     def install(self, app: FastAPI) -> None:
         """Add the read routes to ``app`` (on the app itself, as the command routes)."""
         reader = Depends(self.auth.require("read"))
+        # The query is read by hand (below), so FastAPI declares none of it: each route's
+        # parameters are written into its OpenAPI operation here, for /docs and generated
+        # clients (documentation only: parsing and checks stay as they are).
+        wait = _wait_parameters(self.max_wait)
 
         @app.get(
-            "/v1/accounts/{account_id}/balance", tags=["reads"], summary="An account's balance"
+            "/v1/accounts/{account_id}/balance",
+            tags=["reads"],
+            summary="An account's balance",
+            openapi_extra={"parameters": wait},
         )
         async def balance(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
@@ -111,6 +124,7 @@ class ReadRoutes:
             "/v1/balances/snapshot",
             tags=["reads"],
             summary="Many balances (all, or those listed in ids) read at one log position",
+            openapi_extra={"parameters": [_IDS, *wait]},
         )
         async def snapshot(request: Request, _: Token = reader) -> Response:
             ids = _ids(request)
@@ -127,9 +141,10 @@ class ReadRoutes:
             "/v1/balances",
             tags=["reads"],
             summary="Balances in account id order, paginated by cursor",
+            openapi_extra={"parameters": [_limit(_BALANCES_PAGE), _CURSOR, *wait]},
         )
         async def balances(request: Request, _: Token = reader) -> Response:
-            limit = _number(request, "limit", 100, 1, MAX_PAGE)
+            limit = _number(request, "limit", _BALANCES_PAGE, 1, MAX_PAGE)
             after = _cursor(request, "after", _account_id)
             wait = self._wait(request)
             page = await self._query(lambda v: v.balance_page(after=after, limit=limit, **wait))
@@ -141,7 +156,12 @@ class ReadRoutes:
 
         # ``path``: a SKU may hold "/" (sent as is or percent-encoded: either way the path is
         # decoded before it is matched).
-        @app.get("/v1/stock/{sku:path}", tags=["reads"], summary="A SKU's stock levels")
+        @app.get(
+            "/v1/stock/{sku:path}",
+            tags=["reads"],
+            summary="A SKU's stock levels",
+            openapi_extra={"parameters": wait},
+        )
         async def stock(sku: str, request: Request, _: Token = reader) -> Response:
             try:
                 checked = check_sku(sku)
@@ -159,10 +179,11 @@ class ReadRoutes:
             "/v1/accounts/{account_id}/statement",
             tags=["reads"],
             summary="An account's statement, newest first, paginated by cursor",
+            openapi_extra={"parameters": [_limit(_STATEMENT_PAGE), _CURSOR, *wait]},
         )
         async def statement(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
-            limit = _number(request, "limit", 50, 1, MAX_PAGE)
+            limit = _number(request, "limit", _STATEMENT_PAGE, 1, MAX_PAGE)
             before = _cursor(request, "before", _entry_number)
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
@@ -181,9 +202,14 @@ class ReadRoutes:
             }
             return _answer(body, found)
 
-        @app.get("/v1/activity", tags=["reads"], summary="Per-day activity (UTC), oldest first")
+        @app.get(
+            "/v1/activity",
+            tags=["reads"],
+            summary="Per-day activity (UTC), oldest first",
+            openapi_extra={"parameters": [_DAYS, *wait]},
+        )
         async def activity(request: Request, _: Token = reader) -> Response:
-            days = _number(request, "days", 30, 1, 366)
+            days = _number(request, "days", _DAYS_SHOWN, 1, _MAX_DAYS)
             wait = self._wait(request)
             found = await self._query(lambda v: v.daily_activity(days=days, **wait))
             body = {"days": [asdict(d) for d in found.days]}
@@ -352,3 +378,78 @@ def _entry_number(value: str | int) -> str:
 def _account_id(value: str | int) -> str:
     """An account id as the read models compare it (a balances cursor holds one)."""
     return str(check_uuid(value, "the cursor"))
+
+
+# -- the read routes' parameters, as the OpenAPI document declares them ----------------------
+
+
+def _parameter(name: str, where: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _wait_parameters(max_wait: float) -> list[dict[str, Any]]:
+    """``min_position``, its header, and ``timeout`` (``ReadRoutes._wait``)."""
+    position = {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT}
+    return [
+        _parameter(
+            "min_position",
+            "query",
+            position,
+            "Read your writes: wait until the read model has reached this log position (a "
+            "write's `position`), at most `timeout` seconds; else 503 stale_read.",
+        ),
+        _parameter(
+            "timeout",
+            "query",
+            {
+                "type": "number",
+                "minimum": 0,
+                "maximum": max_wait,
+                "default": min(DEFAULT_WAIT, max_wait),
+            },
+            "Seconds to wait for `min_position` (or for a read model not built yet).",
+        ),
+        _parameter(
+            "Daybook-Min-Position",
+            "header",
+            position,
+            "`min_position` as a header, for a read without the query parameter (which "
+            "wins); on one line only (two are refused).",
+        ),
+    ]
+
+
+def _limit(default: int) -> dict[str, Any]:
+    schema = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": default}
+    return _parameter("limit", "query", schema, "Most rows in the page.")
+
+
+_CURSOR = _parameter(
+    "cursor",
+    "query",
+    {"type": "string"},
+    "The previous page's `next_cursor`: the next page (without one, the first).",
+)
+_IDS = {
+    **_parameter(
+        "ids",
+        "query",
+        {"type": "array", "items": {"type": "string"}},
+        f"Account ids, comma-separated or the parameter repeated, at most {MAX_IDS} in all "
+        "(without any, every balance).",
+    ),
+    "style": "form",
+    "explode": True,
+}
+_DAYS = _parameter(
+    "days",
+    "query",
+    {"type": "integer", "minimum": 1, "maximum": _MAX_DAYS, "default": _DAYS_SHOWN},
+    "How many days, up to today (UTC).",
+)

@@ -560,6 +560,35 @@ def test_bad_read_parameters(api: Api, params: dict[str, str]) -> None:
     assert_problem(reply, 400, "invalid_parameter")
 
 
+def test_the_openapi_document_declares_the_read_routes_parameters(sqlite_api: Api) -> None:
+    """The read routes read their query by hand, so the document declared none of it: the
+    docs page could send no page size, cursor or min_position, and a client generated
+    from it could not read its own writes."""
+    document = sqlite_api.run(sqlite_api.client.get("/openapi.json")).json()
+    wait = {("min_position", "query"), ("timeout", "query"), ("Daybook-Min-Position", "header")}
+    wanted = {
+        "/v1/accounts/{account_id}/balance": {("account_id", "path"), *wait},
+        "/v1/balances/snapshot": {("ids", "query"), *wait},
+        "/v1/balances": {("limit", "query"), ("cursor", "query"), *wait},
+        "/v1/stock/{sku}": {("sku", "path"), *wait},
+        "/v1/accounts/{account_id}/statement": {
+            ("account_id", "path"),
+            ("limit", "query"),
+            ("cursor", "query"),
+            *wait,
+        },
+        "/v1/activity": {("days", "query"), *wait},
+    }
+    for path, names in wanted.items():
+        declared = document["paths"][path]["get"].get("parameters", [])
+        assert {(p["name"], p["in"]) for p in declared} == names, path
+        assert all(not p.get("required") for p in declared if p["in"] != "path"), path
+    timeout = next(
+        p for p in document["paths"]["/v1/activity"]["get"]["parameters"] if p["name"] == "timeout"
+    )
+    assert timeout["schema"]["maximum"] == sqlite_api.parts.options.max_read_wait
+
+
 def test_a_read_without_a_timeout_waits_at_most_the_servers_longest_wait(tmp_path: Any) -> None:
     """The default timeout is 2 s, or --max-read-wait when that is shorter: a server whose
     longest wait is 1 s refused every read that sent no timeout, about a "2" it never got."""
