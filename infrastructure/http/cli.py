@@ -103,7 +103,8 @@ def register(subparsers: Any) -> None:
         "--read-connections",
         type=whole_number(1, 64),
         default=_DEFAULTS.read_connections,
-        help="read-model connections",
+        help="read-model connections (default: %(default)s; a read holds one while it "
+        "queries, not while it waits for a position)",
     )
     serve.add_argument(
         "--token-rate",

@@ -3,14 +3,15 @@
 Consistency tokens: a write answers its log position (``position``, and the header
 ``Daybook-Position``); a read given ``min_position`` (query parameter, or the header
 ``Daybook-Min-Position``) waits until the read model has reached it, at most ``timeout``
-seconds (by default 2, or the server's longest wait if that is shorter), and otherwise
-answers ``503 stale_read`` with ``Retry-After``. Every answer carries ``as_of_position``
-and ``lag_events`` (also as headers ``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``).
+seconds (by default 2, or the server's longest wait if that is shorter; its turn for a
+connection included), and otherwise answers ``503 stale_read`` with ``Retry-After``. Every
+answer carries ``as_of_position`` and ``lag_events`` (also as headers
+``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``).
 Lists are paginated by an opaque cursor; ``/v1/balances/snapshot`` reads many balances at
 one position.
 
-Queries run in worker threads, on a small pool of read-model connections, behind the read
-door (bounded admission).
+Queries run in the read pool's own threads, on its few read-model connections, behind the
+read door (bounded admission); a read waiting for a position holds neither between looks.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -37,6 +40,7 @@ from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import Problem
 from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.readmodels import ReadModels, StaleRead
+from daybook.infrastructure.transient import is_transient
 
 T = TypeVar("T")
 
@@ -56,23 +60,82 @@ _DAYS_SHOWN = 30
 _MAX_DAYS = 366
 
 
+class NoConnection(Exception):
+    """No read-model connection came free before a read's deadline."""
+
+
 class ReadPool:
-    """A few read-model connections (``ReadModels`` each hold one), lent one per query."""
+    """A few read-model connections (``ReadModels`` each hold one), lent one per query, each
+    query run in one of the pool's own threads (one per connection): not in the default
+    thread pool, where other work (token lookups, the dashboard) would queue ahead of it."""
 
     def __init__(self, views: list[ReadModels]) -> None:
         self._all = views
         self._free: asyncio.Queue[ReadModels] | None = None
+        self._threads = ThreadPoolExecutor(len(views), thread_name_prefix="daybook-read")
 
-    async def run(self, query: Callable[[ReadModels], T]) -> T:
+    async def run(self, query: Callable[[ReadModels], T], *, deadline: float | None = None) -> T:
+        """``query`` on a free connection; with ``deadline`` (the loop's clock), past it
+        without a free connection ``NoConnection`` is raised instead."""
         if self._free is None:  # made on the serving loop
             self._free = asyncio.Queue()
             for views in self._all:
                 self._free.put_nowait(views)
-        views = await self._free.get()
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(query, views)
+            views = self._free.get_nowait()  # a free connection, even for a read with no time
+        except asyncio.QueueEmpty:
+            if deadline is None:
+                views = await self._free.get()
+            else:
+                try:
+                    views = await asyncio.wait_for(self._free.get(), deadline - loop.time())
+                except TimeoutError:
+                    raise NoConnection from None
+        try:
+            return await loop.run_in_executor(self._threads, query, views)
         finally:
             self._free.put_nowait(views)
+
+    async def read(
+        self, query: Callable[[ReadModels, dict[str, Any]], T], wait: dict[str, Any]
+    ) -> T:
+        """``query`` given ``wait`` (its ``min_position`` and ``timeout``), answered once its
+        read model has reached the position (or, without one, has been built), within
+        ``timeout`` in all, time spent queueing for a connection included.
+
+        Each look takes a connection for one query that does not wait (``timeout`` 0), and
+        gives it back; the waits between looks hold neither a connection nor a thread. A
+        read that slept on its connection (the read models' own wait) kept every other read
+        waiting behind it, and reads for a position the log had not reached took all of
+        them. An outage is waited out, with backoff, within the same ``timeout``."""
+        loop = asyncio.get_running_loop()
+        timeout: float = wait["timeout"]
+        deadline = loop.time() + timeout
+        look = {**wait, "timeout": 0}
+        stale: StaleRead | None = None
+        delay = _FIRST_LOOK
+        failures = 0
+        while True:
+            try:
+                return await self.run(lambda views: query(views, look), deadline=deadline)
+            except NoConnection:
+                if stale is None:  # never had a look: the position reached is unknown
+                    raise
+                raise _stale(stale, timeout) from None
+            except StaleRead as error:
+                if loop.time() >= deadline:
+                    raise _stale(error, timeout) from None
+                stale = error
+                pause = delay
+                delay = min(delay * 2, _LONGEST_LOOK)
+            except Exception as error:
+                # The look has reconnected a few times already (the read models do).
+                failures += 1
+                if not is_transient(error) or loop.time() >= deadline:
+                    raise
+                pause = random.uniform(0.5, 1.0) * min(1.0, 0.05 * 2 ** min(failures, 5))
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
 
     def any(self) -> ReadModels:
         """One connection for a query run outside the pool's turns (each ``ReadModels`` is
@@ -80,8 +143,20 @@ class ReadPool:
         return self._all[0]
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False)
         for views in self._all:
             views.close()
+
+
+#: Pauses between a waiting read's looks at its read model, in seconds: the first, doubled
+#: up to the longest (as the read models' own wait does).
+_FIRST_LOOK = 0.005
+_LONGEST_LOOK = 0.05
+
+
+def _stale(error: StaleRead, timeout: float) -> StaleRead:
+    """``error`` (of a look, which does not wait) as the read's: within its ``timeout``."""
+    return StaleRead(error.projection, error.wanted, error.reached, timeout, built=error.built)
 
 
 #: The ``timeout`` of a read that sends none, in seconds (``ReadRoutes.max_wait`` if shorter).
@@ -114,7 +189,7 @@ class ReadRoutes:
             key = _uuid(account_id, "account_id")
             wait = self._wait(request)
             # One read: a 404 names the position of the snapshot the account was not in.
-            answer = await self._query(lambda v: v.find_balance(key, **wait))
+            answer = await self._read(lambda v, w: v.find_balance(key, **w), wait)
             found = answer.value
             if found is None:
                 raise _absent(f"no account {key} in the read model", answer.as_of_position)
@@ -129,7 +204,7 @@ class ReadRoutes:
         async def snapshot(request: Request, _: Token = reader) -> Response:
             ids = _ids(request)
             wait = self._wait(request)
-            found = await self._query(lambda v: v.balances(ids, **wait))
+            found = await self._read(lambda v, w: v.balances(ids, **w), wait)
             body = {
                 "balances": [_plain(b, skip_position=True) for b in found.balances],
                 "missing": [str(m) for m in found.missing],
@@ -147,7 +222,9 @@ class ReadRoutes:
             limit = _number(request, "limit", _BALANCES_PAGE, 1, MAX_PAGE)
             after = _cursor(request, "after", _account_id)
             wait = self._wait(request)
-            page = await self._query(lambda v: v.balance_page(after=after, limit=limit, **wait))
+            page = await self._read(
+                lambda v, w: v.balance_page(after=after, limit=limit, **w), wait
+            )
             body = {
                 "balances": [_plain(b, skip_position=True) for b in page.balances],
                 "next_cursor": _encode({"after": page.next_after}) if page.next_after else None,
@@ -168,7 +245,7 @@ class ReadRoutes:
             except DomainError as error:
                 raise Problem.of(error) from None
             wait = self._wait(request)
-            answer = await self._query(lambda v: v.find_stock(checked, **wait))
+            answer = await self._read(lambda v, w: v.find_stock(checked, **w), wait)
             found = answer.value
             if found is None:
                 position = answer.as_of_position
@@ -187,8 +264,8 @@ class ReadRoutes:
             before = _cursor(request, "before", _entry_number)
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
-            answer = await self._query(
-                lambda v: v.find_statement(key, limit=limit, before_seq=before_seq, **wait)
+            answer = await self._read(
+                lambda v, w: v.find_statement(key, limit=limit, before_seq=before_seq, **w), wait
             )
             found = answer.value
             if found is None:
@@ -211,20 +288,26 @@ class ReadRoutes:
         async def activity(request: Request, _: Token = reader) -> Response:
             days = _number(request, "days", _DAYS_SHOWN, 1, _MAX_DAYS)
             wait = self._wait(request)
-            found = await self._query(lambda v: v.daily_activity(days=days, **wait))
+            found = await self._read(lambda v, w: v.daily_activity(days=days, **w), wait)
             body = {"days": [asdict(d) for d in found.days]}
             return _answer(body, found)
 
-    async def _query(self, query: Callable[[ReadModels], T]) -> T:
+    async def _read(
+        self, query: Callable[[ReadModels, dict[str, Any]], T], wait: dict[str, Any]
+    ) -> T:
+        """``query`` at ``wait``'s ``min_position``, within its ``timeout`` (``_wait``)."""
         with _entered(self.door):
             try:
-                return await self.pool.run(query)
+                return await self.pool.read(query, wait)
             except StaleRead as error:
+                raise _stale_read(error) from None
+            except NoConnection:
                 raise Problem(
                     "stale_read",
-                    str(error),
+                    f"no read-model connection came free within {wait['timeout']}s (each was "
+                    "busy with another read); retry later or raise the timeout",
                     headers={"Retry-After": "1"},
-                    details={"wanted": error.wanted, "reached": error.reached},
+                    details={"wanted": wait.get("min_position", 0), "reached": None},
                 ) from None
 
     def _wait(self, request: Request) -> dict[str, Any]:
@@ -245,6 +328,15 @@ class ReadRoutes:
         if text is None:
             return {"timeout": seconds}
         return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
+
+
+def _stale_read(error: StaleRead) -> Problem:
+    return Problem(
+        "stale_read",
+        str(error),
+        headers={"Retry-After": "1"},
+        details={"wanted": error.wanted, "reached": error.reached},
+    )
 
 
 @contextmanager

@@ -63,6 +63,7 @@ class StaleRead(Exception):
         self.projection = projection
         self.wanted = wanted
         self.reached = reached
+        self.built = built
 
 
 class ReadModelChanged(ReadStoreError):

@@ -539,6 +539,48 @@ def test_a_serving_version_this_servers_code_cannot_read_is_503_read_model_chang
     assert "account_balances is served by its version 2" in body["detail"]
 
 
+def test_reads_waiting_for_a_position_leave_the_connections_to_other_reads(
+    sqlite_api: Api,
+) -> None:
+    """As many reads as the server has read-model connections wait for a position the log
+    has not reached: a read that waits for nothing (timeout=0) is answered while they are
+    still waiting, not once they give up (each held a connection while it slept)."""
+    api = sqlite_api
+    account = api.open_account()
+    path = f"/v1/accounts/{account}/balance"
+    assert api.get(path, min_position=api.head()).status_code == 200  # built and current
+    door = api.app.state.doors["read"]
+    connections = len(api.parts.pool._all)
+    target = api.head() + 3
+
+    async def scenario() -> tuple[int, list[bool], list[int]]:
+        waiting = [
+            asyncio.ensure_future(
+                api.client.get(
+                    path, params={"min_position": target, "timeout": 10}, headers=api.auth("tester")
+                )
+            )
+            for _ in range(connections)
+        ]
+        for _ in range(1000):  # until all are inside (10 s at most)
+            if door.inside == connections:
+                break
+            await asyncio.sleep(0.01)
+        assert door.inside == connections
+        plain = await api.client.get(path, params={"timeout": 0}, headers=api.auth("tester"))
+        still_waiting = [not task.done() for task in waiting]
+        # The position they wait for comes, and they are answered.
+        while await api.parts.ledger.head() < target:
+            await api.send_command("deposit", {"account_id": account, "amount": 1})
+        answers = await asyncio.gather(*waiting)
+        return plain.status_code, still_waiting, [a.status_code for a in answers]
+
+    plain, still_waiting, statuses = api.run(scenario())
+    assert plain == 200
+    assert still_waiting == [True] * connections, "the plain read waited for the waiting ones"
+    assert statuses == [200] * connections
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -844,13 +886,36 @@ def test_a_database_outage_is_a_503_to_retry_not_a_bug(
         monkeypatch.setattr(views, "find_balance", read_out)
     with caplog.at_level(logging.WARNING, logger="daybook.http"):
         command = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
-        read = sqlite_api.get(f"/v1/accounts/{account}/balance")
+        # A read waits an outage out within its timeout, trying again: here it has none.
+        read = sqlite_api.get(f"/v1/accounts/{account}/balance", timeout=0)
     for reply in (command, read):
         body = assert_problem(reply, 503, "unavailable")
         assert int(reply.headers["retry-after"]) >= 1
         assert "Idempotency-Key" in body["detail"]
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert sum("did not answer" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_read_waits_an_outage_out_within_its_timeout(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read tries again, without holding a connection meanwhile, while its timeout lasts."""
+    account = sqlite_api.open_account()
+    views = sqlite_api.parts.pool._all
+    original = type(views[0]).balance
+    failed: list[bool] = []
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(failed) < 3:
+            failed.append(True)
+            raise psycopg.OperationalError("connection failed: Connection refused")
+        return original(self, *args, **kwargs)
+
+    for each in views:
+        monkeypatch.setattr(each, "balance", flaky.__get__(each))
+    reply = sqlite_api.get(f"/v1/accounts/{account}/balance", timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert len(failed) == 3
 
 
 def test_a_file_or_timeout_error_is_a_bug_not_an_outage(
