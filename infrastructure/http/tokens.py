@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -160,6 +160,8 @@ class SqlTokens:
         self._kind = scheme(url)
         self._url = url
         self._lock = threading.Lock()
+        #: The connection lookups share (opened at the first, under the lock).
+        self._reader: Any = None
         if url == DEFAULT_URL:  # tokens may come before the first ledger, as in the README
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as conn:
@@ -171,8 +173,8 @@ class SqlTokens:
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
-        """A connection for one operation, committed at its end (token operations are rare:
-        verified tokens are cached by the server)."""
+        """A connection for one operation but a lookup, committed at its end (creating,
+        listing and revoking tokens are rare)."""
         with self._lock:
             if self._kind == "sqlite":
                 conn = sqlite3.connect(sqlite_path(self._url), timeout=30)
@@ -202,14 +204,45 @@ class SqlTokens:
         return token, secret
 
     def verify(self, secret: str) -> Token | None:
-        with self._connection() as conn:
-            row = conn.execute(
-                f"SELECT name, scopes, created_at, revoked_at, rate FROM {TABLE} "
-                "WHERE token_hash = %s",
-                (digest(secret),),
-            ).fetchone()
+        """One connection serves every lookup: a server looks up each token it has not
+        cached, made-up ones included, and a connection per lookup cost the database a
+        connection for every such request. It is in autocommit, so each lookup sees what
+        is committed (a revocation by another process); a lookup that finds it broken (a
+        PostgreSQL server restarted since) is tried once more on a new one."""
+        query = (
+            f"SELECT name, scopes, created_at, revoked_at, rate FROM {TABLE} WHERE token_hash = %s",
+            (digest(secret),),
+        )
+        with self._lock:
+            try:
+                row = self._looked_up(*query)
+            except psycopg.OperationalError:
+                self._drop_reader()
+                row = self._looked_up(*query)
         token = None if row is None else _token(row)
         return token if token is not None and token.active else None
+
+    def _looked_up(self, sql: str, params: tuple[Any, ...]) -> Any:
+        if self._reader is None:
+            if self._kind == "sqlite":
+                conn = sqlite3.connect(
+                    sqlite_path(self._url),
+                    timeout=30,
+                    isolation_level=None,
+                    check_same_thread=False,  # lookups run in a thread the lock admits
+                )
+                self._reader = _Sqlite(conn)
+            else:
+                conninfo = postgres_params(self._url).conninfo()
+                self._reader = psycopg.connect(conninfo, autocommit=True)
+        return self._reader.execute(sql, params).fetchone()
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            # A connection already broken has nothing left to release.
+            with suppress(sqlite3.Error, psycopg.Error):
+                reader.close()
 
     def list(self) -> list[Token]:
         with self._connection() as conn:
@@ -233,7 +266,8 @@ class SqlTokens:
         return _token(row)
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            self._drop_reader()
 
 
 class _Sqlite:
@@ -244,6 +278,9 @@ class _Sqlite:
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._conn.execute(sql.replace("%s", "?"), params)
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def _token(row: tuple[Any, ...]) -> Token:

@@ -3,17 +3,21 @@ limits per token; CORS off unless asked for."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.http.app import HttpOptions
 from daybook.infrastructure.http.tokens import TokenError, open_tokens
+from daybook.infrastructure.urls import postgres_params
 from tests.http.conftest import Api, make_api
 
 ACCOUNT = str(uuid.UUID(int=5))
@@ -174,6 +178,41 @@ def test_token_names_are_never_reused(store_url: str) -> None:
     [token] = store.list()
     assert token.name == "ops" and not token.active
     store.close()
+
+
+def test_lookups_reuse_one_connection_and_see_a_revocation_at_once(
+    shared_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request with a token the server has not cached looks it up, and each lookup
+    opened a connection of its own: a connection for every request with a made-up token,
+    which anyone can send. One connection serves the lookups, and sees what is committed."""
+    writer, server = open_tokens(shared_store_url), open_tokens(shared_store_url)
+    _, secret = writer.create("reader", ["read"])
+    opened: list[object] = []
+    for module in (sqlite3, psycopg):
+        connect = module.connect
+
+        def counted(*args: Any, connect: Any = connect, **kwargs: Any) -> Any:
+            opened.append(args)
+            return connect(*args, **kwargs)
+
+        monkeypatch.setattr(module, "connect", counted)
+    found = [server.verify(secret) for _ in range(20)]
+    assert all(token is not None and token.name == "reader" for token in found)
+    assert server.verify(f"dbk_{secrets.token_urlsafe(32)}") is None
+    assert len(opened) == 1
+    writer.revoke("reader")  # another process's revocation: seen by the kept connection
+    assert server.verify(secret) is None
+    if shared_store_url.startswith("postgresql"):  # the server ends it: a restart, say
+        with psycopg.connect(postgres_params(shared_store_url).conninfo()) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        before = len(opened)
+        assert server.verify(secret) is None and len(opened) == before + 1  # a new one
+    writer.close()
+    server.close()
 
 
 def test_tokens_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
