@@ -91,6 +91,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        auth.close()
         if owns_parts:
             await parts.close()
 

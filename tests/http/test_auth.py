@@ -3,8 +3,10 @@ limits per token; CORS off unless asked for."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import psycopg
 import pytest
 
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.http import auth as auth_module
 from daybook.infrastructure.http.app import HttpOptions
 from daybook.infrastructure.http.tokens import TokenError, open_tokens
 from daybook.infrastructure.urls import postgres_params
@@ -129,6 +132,113 @@ def test_a_revocation_elsewhere_takes_effect_once_the_cache_expires(tmp_path: Pa
         assert api.get("/v1/balances", who="leaver").status_code == 401
     finally:
         api.close()
+
+
+def stranger() -> dict[str, str]:
+    return {"Authorization": f"Bearer dbk_{secrets.token_urlsafe(32)}"}
+
+
+def test_made_up_tokens_never_push_a_known_one_out_of_the_cache(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown secrets are remembered too (each is a lookup), at most so many: made-up ones
+    past that bound emptied the whole cache, and every known token was looked up again."""
+    api = sqlite_api
+    monkeypatch.setattr(auth_module, "_CACHE_LIMIT", 5)
+    assert api.get("/v1/balances").status_code == 200  # "tester" is cached
+    looked_up: list[str] = []
+    verify = api.parts.tokens.verify
+
+    def counted(secret: str) -> Any:
+        looked_up.append(secret)
+        return verify(secret)
+
+    monkeypatch.setattr(api.parts.tokens, "verify", counted)
+    made_up = [api.run(api.client.get("/v1/balances", headers=stranger())) for _ in range(20)]
+    assert {reply.status_code for reply in made_up} == {401}
+    assert api.get("/v1/balances").status_code == 200
+    assert api.secrets["tester"] not in looked_up, "a known token was pushed out"
+    assert len(looked_up) == 20
+
+
+def test_a_burst_of_one_tokens_requests_is_one_lookup(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before its token is cached, a client's requests sent at once wait for one lookup:
+    each its own would fill the bounded lookups with one client's, and refuse the rest."""
+    api = sqlite_api
+    api.token("burst", "read")
+    looked_up: list[str] = []
+    verify = api.parts.tokens.verify
+
+    def counted(secret: str) -> Any:
+        looked_up.append(secret)
+        return verify(secret)
+
+    monkeypatch.setattr(api.parts.tokens, "verify", counted)
+    count = 2 * api.app.state.auth.lookups.capacity
+
+    async def burst() -> list[int]:
+        replies = await asyncio.gather(
+            *(api.client.get("/v1/balances", headers=api.auth("burst")) for _ in range(count))
+        )
+        return [reply.status_code for reply in replies]
+
+    assert api.run(burst()) == [200] * count
+    assert looked_up == [api.secrets["burst"]]
+
+
+def test_made_up_tokens_do_not_stall_a_known_tokens_read(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests with made-up tokens need no credentials, and each looks its token up: with
+    the token store slow to answer (here, stopped until the end), their lookups waited in
+    the thread pool the reads run in, without bound, and a cached token's read that waits
+    for nothing waited behind them. Now the lookups wait apart, a few at most: the others
+    are refused at once with 503 overloaded and Retry-After."""
+    api = sqlite_api
+    account = api.open_account()
+    path = f"/v1/accounts/{account}/balance"
+    assert api.get(path, min_position=api.head()).status_code == 200  # cached and current
+    gate = threading.Event()
+    looked_up: list[str] = []
+    verify = api.parts.tokens.verify
+
+    def stalled(secret: str) -> Any:
+        looked_up.append(secret)
+        gate.wait(60)
+        return verify(secret)
+
+    monkeypatch.setattr(api.parts.tokens, "verify", stalled)
+
+    async def scenario() -> tuple[bool, int, list[httpx.Response]]:
+        strangers = [
+            asyncio.ensure_future(api.client.get("/v1/balances", headers=stranger()))
+            for _ in range(200)
+        ]
+        for _ in range(1000):  # until the lookups have begun (10 s at most)
+            if looked_up:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # and the rest of the strangers are in
+        mine = asyncio.ensure_future(
+            api.client.get(path, params={"timeout": 0}, headers=api.auth("tester"))
+        )
+        # Answered at once; it was not answered while a single lookup was stuck.
+        await asyncio.wait({mine}, timeout=10)
+        answered = mine.done()
+        gate.set()
+        replies = await asyncio.gather(*strangers)
+        return answered, (await mine).status_code, replies
+
+    answered, status, replies = api.run(scenario())
+    assert answered, "a cached token's read waited for the lookups of made-up tokens"
+    assert status == 200
+    assert {reply.status_code for reply in replies} == {401, 503}
+    refused = [reply for reply in replies if reply.status_code == 503]
+    assert all(reply.json()["code"] == "overloaded" for reply in refused)
+    assert all(int(reply.headers["retry-after"]) >= 1 for reply in refused)
+    assert len(looked_up) <= api.app.state.auth.lookups.capacity < len(replies)
 
 
 def test_health_docs_and_problem_pages_need_no_token(api: Api) -> None:
