@@ -902,7 +902,7 @@ def test_a_read_waits_an_outage_out_within_its_timeout(
     """A read tries again, without holding a connection meanwhile, while its timeout lasts."""
     account = sqlite_api.open_account()
     views = sqlite_api.parts.pool._all
-    original = type(views[0]).balance
+    original = type(views[0]).find_balance
     failed: list[bool] = []
 
     def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -912,8 +912,10 @@ def test_a_read_waits_an_outage_out_within_its_timeout(
         return original(self, *args, **kwargs)
 
     for each in views:
-        monkeypatch.setattr(each, "balance", flaky.__get__(each))
-    reply = sqlite_api.get(f"/v1/accounts/{account}/balance", timeout=10)
+        monkeypatch.setattr(each, "find_balance", flaky.__get__(each))
+    reply = sqlite_api.get(
+        f"/v1/accounts/{account}/balance", timeout=10, min_position=sqlite_api.head()
+    )
     assert reply.status_code == 200, reply.text
     assert len(failed) == 3
 
