@@ -165,8 +165,9 @@ def _no_account(account_id: UUID, position: int) -> int:
 def _balance(args: argparse.Namespace) -> int:
     with _views(args) as views:
         try:
-            found = views.balance(args.account_id, **_wait(args))
-            position = views.position("account_balances") if found is None else 0
+            # One read: "not found" names the position of the snapshot it was not in.
+            answer = views.find_balance(args.account_id, **_wait(args))
+            found, position = answer.value, answer.as_of_position
         except StaleRead as error:
             return _not_serving("account_balances", error)
     if found is None:
@@ -186,8 +187,8 @@ def _balance(args: argparse.Namespace) -> int:
 def _stock(args: argparse.Namespace) -> int:
     with _views(args) as views:
         try:
-            found = views.stock(args.sku, **_wait(args))
-            position = views.position("inventory_levels") if found is None else 0
+            answer = views.find_stock(args.sku, **_wait(args))
+            found, position = answer.value, answer.as_of_position
         except StaleRead as error:
             return _not_serving("inventory_levels", error)
     if found is None:
@@ -210,10 +211,10 @@ def _stock(args: argparse.Namespace) -> int:
 def _statement(args: argparse.Namespace) -> int:
     with _views(args) as views:
         try:
-            found = views.statement(
+            answer = views.find_statement(
                 args.account_id, limit=args.limit, before_seq=args.before, **_wait(args)
             )
-            position = views.position("account_statement") if found is None else 0
+            found, position = answer.value, answer.as_of_position
         except StaleRead as error:
             return _not_serving("account_statement", error)
     if found is None:

@@ -4,13 +4,16 @@ which log position it reflects."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daybook import open_ledger, run_projections
 from daybook.infrastructure.cli import EXIT_NOT_YET, main
+from daybook.infrastructure.readmodels.queries import ReadModels
 
 
 @pytest.fixture
@@ -110,3 +113,43 @@ def test_a_statement_of_an_account_with_no_entries_yet(
         assert runner.views.statement(uuid.uuid4()) is None  # as balance() says of it
     assert main(["statement", str(receipt.account_id), "--url", url]) == 0
     assert f"no statement entries for {receipt.account_id}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "projection"),
+    [
+        ("balance", "account_balances"),
+        ("statement", "account_statement"),
+        ("stock", "inventory_levels"),
+    ],
+)
+def test_not_found_names_the_position_it_was_read_at_not_a_later_one(
+    ledger_url: tuple[str, str, int],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    projection: str,
+) -> None:
+    """The account (or SKU) is written, and projected, just after the read that did not find
+    it: "not found" named a position read afterwards, which includes it."""
+    url, _, _ = ledger_url
+    key = "SKU-LATE" if command == "stock" else str(uuid.uuid4())
+    written: list[int] = []
+    original = ReadModels._read_at
+
+    def read_at(self: ReadModels, name: str, read: Any, *args: Any, **kwargs: Any) -> Any:
+        found = original(self, name, read, *args, **kwargs)
+        if name == projection and found[0] is None and not written:
+            with open_ledger(url) as ledger, run_projections(ledger, start=False) as runner:
+                if command == "stock":
+                    receipt = ledger.receive_stock(key, 1)
+                else:
+                    receipt = ledger.open_account("zoe", "EUR", account_id=key)
+                runner.run_until_caught_up()
+            written.append(receipt.position)
+        return found
+
+    monkeypatch.setattr(ReadModels, "_read_at", read_at)
+    assert main([command, key, "--url", url]) == 1
+    named = re.search(r"as of log position (\d+)", capsys.readouterr().err)
+    assert written and named is not None and int(named[1]) < written[0], (named, written)
