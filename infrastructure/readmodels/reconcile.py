@@ -55,6 +55,7 @@ from daybook.infrastructure.readmodels.postgres import PostgresStore
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.sqlite import SqliteStore
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import scheme
 from daybook.projections.model import Key, LogEvent, Projection, Row, Table, sort_key
 
@@ -213,6 +214,10 @@ class Fold:
                 apply_fast(events, [(self.slot, rows)])
                 plan = rows.plan()
             except Exception as error:
+                if is_transient(error):
+                    # The scratch store (a handler's row missed the cache) did not answer:
+                    # an outage to wait out, not a definition that refuses the log.
+                    raise
                 raise ReconcileError(
                     f"{self.projection.name} v{self.projection.version}: folding the log "
                     f"failed after position {start}: {error}"
@@ -266,7 +271,9 @@ def reconcile(
         if record is None or record.state is VersionState.RETIRED:
             state = "absent" if record is None else record.state.value
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
-            raise LookupError(msg)
+            # Retired: a switch committed since the caller chose it (the continuous
+            # reconciler skips it); absent: a name or version nobody built.
+            raise LookupError(msg) if record is None else VersionRetired(msg)
         try:
             with _scratch() as directory:
                 fold = Fold(log, projection, url, directory)
@@ -274,6 +281,8 @@ def reconcile(
                     report = _reconcile(store, catalog, fold, record, repair)
                 finally:
                     fold.close()
+        except VersionRetired:
+            raise  # skipped, not failed: a switch retired it during the run
         except Exception:
             metrics.RECONCILER_RUNS.labels(projection.name, "failed").inc()
             raise

@@ -10,6 +10,7 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionSta
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconciler import ReconcileRun, last_runs
+from daybook.infrastructure.readmodels.store import ReadStoreError
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,23 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
         # Status only reads: on a replica or as a role that may only read, it goes on with
         # the catalog a writer made (none yet: no version to show).
         made = catalog.ensure_where_writable()
-        with store.transaction(write=False):
-            if not made and not store.has_column("daybook_read_models", "name"):
-                return []
-            records = catalog.versions()
-            checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
-            active = catalog.active_versions()
-            parked = DeadLetters(store).unresolved()
+        try:
+            with store.transaction(write=False):
+                if not made and not store.has_column("daybook_read_models", "name"):
+                    return []
+                records = catalog.versions()
+                checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
+                active = catalog.active_versions()
+                parked = DeadLetters(store).unresolved()
+        except Exception as error:
+            if made or not (store.is_missing_column(error) or store.is_missing_table(error)):
+                raise
+            msg = (
+                "the read-model catalog was made by an older daybook, and this connection "
+                "may only read, so it cannot bring it up to date: run this daybook's "
+                "`daybook project` (or any writer of the read models) once, then ask again"
+            )
+            raise ReadStoreError(msg) from error
         runs = last_runs(store)
         head = log.head()
         now = datetime.now(UTC)

@@ -137,3 +137,18 @@ def test_projections_status_answers_such_a_reader(
     out = capsys.readouterr().out
     assert re.search(r"^account_balances +1 +yes +live ", out, re.MULTILINE), out
     assert tables(pg_url) == before
+
+
+def test_projections_status_as_a_reader_of_a_catalog_an_older_daybook_made(
+    pg_url: str, reader: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Writers still run an older daybook, whose catalog lacks a column this one reads, and
+    status, as a reader, cannot add it: one line saying so, not a traceback."""
+    with open_ledger(pg_url) as ledger, run_projections(ledger, start=False) as runner:
+        runner.run_until_caught_up()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE daybook_projection_versions DROP COLUMN note")
+    grant(pg_url, reader)
+    assert main(["projections", "status", "--url", reader]) == 2
+    err = capsys.readouterr().err
+    assert "made by an older daybook" in err and "Traceback" not in err, err

@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import build_parser, main
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels import cli as readmodels_cli
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
+from daybook.infrastructure.readmodels import reconciler as reconciler_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
@@ -447,8 +452,10 @@ def test_a_switch_during_a_reconcile_run_skips_the_version_it_retired(
         hooked = _switching_first(reconcile_module._compare, log, db_url, switched)
         monkeypatch.setattr(reconcile_module, "_compare", hooked)
     watcher = ContinuousReconciler(log, db_url, [ACCOUNT_BALANCES], every_events=1, every_seconds=0)
+    failed = _failed_runs(ACCOUNT_BALANCES.name)
     assert watcher.run_due() == []
     assert switched
+    assert _failed_runs(ACCOUNT_BALANCES.name) == failed  # skipped: no failed run to alert on
     store = open_store(db_url)
     try:
         record = VersionCatalog(store).version(ACCOUNT_BALANCES.name, 1)
@@ -459,6 +466,66 @@ def test_a_switch_during_a_reconcile_run_skips_the_version_it_retired(
     # The new code's reconciler reconciles the version that now serves.
     (run,) = ContinuousReconciler(log, db_url, [ACCOUNT_BALANCES_V2], every_seconds=0).run_due()
     assert run.error is None and run.drifted == 0
+
+
+def _failed_runs(name: str) -> float:
+    labels = {"projection": name, "result": "failed"}
+    return metrics.REGISTRY.get_sample_value("daybook_reconciler_runs_total", labels) or 0.0
+
+
+def test_a_switch_just_before_a_run_skips_the_version_quietly(
+    ledger: Ledger, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The switch commits between the continuous reconciler's look at the serving versions
+    and its run's first look at the version: it was logged as an error and counted failed,
+    where a switch a moment later is a skip."""
+    workload(ledger, 40)
+    with run_projections(ledger, db_url, start=False) as runner:
+        runner.run_until_caught_up()
+    log = event_log_of(ledger)
+    switched: list[bool] = []
+    hooked = _switching_first(reconcile_module.reconcile, log, db_url, switched)
+    monkeypatch.setattr(reconciler_module, "reconcile", hooked)
+    watcher = ContinuousReconciler(log, db_url, [ACCOUNT_BALANCES], every_events=1, every_seconds=0)
+    failed = _failed_runs(ACCOUNT_BALANCES.name)
+    with caplog.at_level(logging.ERROR, logger="daybook"):
+        assert watcher.run_due() == []
+    assert switched and _failed_runs(ACCOUNT_BALANCES.name) == failed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_an_outage_of_the_fold_store_is_not_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fold reads rows a handler misses from its scratch store: that store not answering
+    was reported `refused (reconcile_failed)` (a definition that refuses the log, exit 1)
+    and recorded as a failed run. It is an outage: exit 2, nothing recorded."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        workload(ledger, 20)
+        with run_projections(ledger, url, start=False) as runner:
+            runner.run_until_caught_up()
+    monkeypatch.setattr(reconcile_module, "FOLD_CACHE", 0)
+    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 1)
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    original = reconcile_module.Fold.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        monkeypatch.setattr(self.store, "fetch", unreachable)
+
+    monkeypatch.setattr(reconcile_module.Fold, "__init__", init)
+    assert main(["reconcile", "account_balances", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert "refused" not in err and "did not answer" in err, err
+    store = open_store(url)
+    try:
+        assert last_runs(store) == {}
+    finally:
+        store.close()
 
 
 def test_a_full_reconcile_pass_skips_a_version_retired_during_its_run(
