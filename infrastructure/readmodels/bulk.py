@@ -117,7 +117,10 @@ class BulkRunner(ProjectionRunner):
         start = min(slot.record.position for slot in self.slots.values())
         raw = self._read(start)
         if not raw:
-            self._land()
+            if not self._land():
+                # The batch in flight did not commit (refused, or a tracking row changed):
+                # the log is not read to its end for what is committed; go again from it.
+                return self._step()
             self._switch_caught_up(store, start)
             return 0
         # The tracking row keeps the time of the last event read, wanted or not.
@@ -160,9 +163,7 @@ class BulkRunner(ProjectionRunner):
             self._switch_caught_up(store, last)
         return len(raw)
 
-    def _apply_carefully(
-        self, store: ReadStore, raw: list[RawEvent], start: int, last: int
-    ) -> int:
+    def _apply_carefully(self, store: ReadStore, raw: list[RawEvent], start: int, last: int) -> int:
         """The careful path (``ProjectionRunner._apply_batch``) for ``raw``: a bad event is
         retried, then parked; rows the database refuses stop their projection alone."""
         self._ahead = None

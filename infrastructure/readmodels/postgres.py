@@ -3,6 +3,7 @@ locks, checksums computed by the server."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any
@@ -151,10 +152,12 @@ class PostgresStore(ReadStore):
 
     def refused_rows(self, error: BaseException) -> bool:
         # A value past 64 bits in a binary COPY (the bulk path) never reaches the server:
-        # the driver refuses to encode it (OverflowError), where a parameter the server
-        # parses says "out of range" (DataError). The rows' fault either way.
+        # the driver refuses to encode it (OverflowError from psycopg's C implementation,
+        # struct.error from its pure-Python one), where a parameter the server parses says
+        # "out of range" (DataError). The rows' fault either way.
         return isinstance(
-            error, psycopg.errors.IntegrityError | psycopg.errors.DataError | OverflowError
+            error,
+            psycopg.errors.IntegrityError | psycopg.errors.DataError | OverflowError | struct.error,
         )
 
     def is_missing_table(self, error: BaseException) -> bool:

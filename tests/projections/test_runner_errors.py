@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,6 +153,16 @@ def test_rows_refused_in_a_bulk_batch_stop_only_their_projection(ledger: Ledger,
     assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
 
 
+def test_a_refused_last_batch_that_was_full_stops_the_version(ledger: Ledger, url: str) -> None:
+    """The refused batch is a full one, so still in flight when the next step finds the log
+    read to its end: that step let go of everything, said it had caught up, and the rebuild
+    failed an assertion with the version left ``rebuilding`` (at every try)."""
+    workload(ledger, 20)
+    with pytest.raises(RebuildError, match="writing its rows failed"):
+        rebuild(event_log_of(ledger), url, TOO_BIG, batch_size=ledger.head(), progress=False)
+    _stopped_for_its_rows(url, "huge")
+
+
 def test_a_rebuild_whose_rows_are_refused_stops_the_version_and_says_why(
     ledger: Ledger, url: str
 ) -> None:
@@ -162,3 +173,15 @@ def test_a_rebuild_whose_rows_are_refused_stops_the_version_and_says_why(
     with pytest.raises(RebuildError, match="writing its rows failed"):
         rebuild(event_log_of(ledger), url, TOO_BIG, progress=False)
     _stopped_for_its_rows(url, "huge")
+
+
+def test_the_pure_python_drivers_refusal_of_a_value_is_the_rows_fault_too(pg_url: str) -> None:
+    """A value past 64 bits in a binary COPY: psycopg's C implementation refuses it with
+    OverflowError, its pure-Python one with struct.error, which failed the whole runner."""
+    store = open_store(pg_url)
+    try:
+        with pytest.raises(struct.error) as refused:
+            struct.pack("!q", 2**63)  # what the pure-Python int8 dumper does
+        assert store.refused_rows(refused.value)
+    finally:
+        store.close()
