@@ -15,10 +15,13 @@ Tokens live in the event store's database (table ``daybook_tokens``), or in memo
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -32,6 +35,15 @@ from daybook.infrastructure.urls import DEFAULT_URL, postgres_params, scheme, sq
 SCOPES = ("read", "write", "admin")
 PREFIX = "dbk_"
 TABLE = "daybook_tokens"
+#: Longest one lookup waits for PostgreSQL's answer on the kept connection, in seconds; then
+#: the connection is cut and the lookup made once more on a new one. A flow a middlebox
+#: dropped without a word can look alive to TCP (a proxy that acknowledges and forwards
+#: nothing): neither keepalives nor ``tcp_user_timeout`` would notice.
+LOOKUP_SECONDS = 5.0
+#: A kept lookup connection unused for longer is replaced before a lookup rather than used:
+#: NATs and load balancers forget idle flows silently, and a lookup on one waits for TCP to
+#: give up (``tcp_user_timeout``) before it is made again.
+IDLE_SECONDS = 60.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -162,6 +174,7 @@ class SqlTokens:
         self._lock = threading.Lock()
         #: The connection lookups share (opened at the first, under the lock).
         self._reader: Any = None
+        self._used = 0.0  # when it last answered (time.monotonic)
         if url == DEFAULT_URL:  # tokens may come before the first ledger, as in the README
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as conn:
@@ -208,17 +221,22 @@ class SqlTokens:
         cached, made-up ones included, and a connection per lookup cost the database a
         connection for every such request. It is in autocommit, so each lookup sees what
         is committed (a revocation by another process); a lookup that finds it broken (a
-        PostgreSQL server restarted since) is tried once more on a new one."""
+        PostgreSQL server restarted since, or one with no answer within ``LOOKUP_SECONDS``,
+        which is then cut) is tried once more on a new one, and one idle longer than
+        ``IDLE_SECONDS`` is replaced first."""
         query = (
             f"SELECT name, scopes, created_at, revoked_at, rate FROM {TABLE} WHERE token_hash = %s",
             (digest(secret),),
         )
         with self._lock:
+            if self._reader is not None and time.monotonic() - self._used > IDLE_SECONDS:
+                self._drop_reader()
             try:
                 row = self._looked_up(*query)
             except psycopg.OperationalError:
                 self._drop_reader()
                 row = self._looked_up(*query)
+            self._used = time.monotonic()
         token = None if row is None else _token(row)
         return token if token is not None and token.active else None
 
@@ -233,9 +251,18 @@ class SqlTokens:
                 )
                 self._reader = _Sqlite(conn)
             else:
+                # With keepalives, tcp_user_timeout and connect_timeout (conninfo's).
                 conninfo = postgres_params(self._url).conninfo()
                 self._reader = psycopg.connect(conninfo, autocommit=True)
-        return self._reader.execute(sql, params).fetchone()
+        if isinstance(self._reader, _Sqlite):
+            return self._reader.execute(sql, params).fetchone()
+        watchdog = threading.Timer(LOOKUP_SECONDS, _cut, (self._reader.fileno(),))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._reader.execute(sql, params).fetchone()
+        finally:
+            watchdog.cancel()
 
     def _drop_reader(self) -> None:
         reader, self._reader = self._reader, None
@@ -268,6 +295,13 @@ class SqlTokens:
     def close(self) -> None:
         with self._lock:
             self._drop_reader()
+
+
+def _cut(fd: int) -> None:
+    """Shut the socket ``fd`` down (the lookup waiting on it fails at once, as on a
+    connection the server closed): from another thread, unlike closing the connection."""
+    with suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Sqlite:

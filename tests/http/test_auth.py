@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -323,6 +326,62 @@ def test_lookups_reuse_one_connection_and_see_a_revocation_at_once(
         assert server.verify(secret) is None and len(opened) == before + 1  # a new one
     writer.close()
     server.close()
+
+
+class _Blackhole:
+    """A TCP proxy to PostgreSQL; ``drop()`` stops forwarding on the flows open so far without
+    closing them (a NAT or load balancer that forgot an idle flow); new flows are forwarded."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.generation = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self) -> None:
+        self.generation += 1
+
+    def _accept(self) -> None:
+        with suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target)
+                born = self.generation
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(a, b, born), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, born: int) -> None:
+        with suppress(OSError):
+            while data := a.recv(65536):
+                if self.generation == born:
+                    b.sendall(data)  # else swallowed: nothing comes back, nothing is closed
+
+
+def test_a_lookup_on_a_silently_dropped_connection_is_tried_again_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """The kept lookup connection's flow is dropped without a word (TCP sees every packet
+    acknowledged, so neither keepalives nor tcp_user_timeout notice): the lookup is given
+    up after a bounded time and made again on a new connection, rather than hang."""
+    parts = urlsplit(pg_url)
+    proxy = _Blackhole(parts.hostname or "127.0.0.1", parts.port or 5432)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    url = urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{proxy.port}"))
+    writer, server = open_tokens(pg_url), open_tokens(url)
+    _, secret = writer.create("reader", ["read"])
+    assert server.verify(secret) is not None  # the lookup connection is open (and kept)
+    proxy.drop()
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(server.verify(secret)), daemon=True)
+    thread.start()
+    thread.join(60)  # generous: the lookup gives up after a few seconds
+    assert result and result[0] is not None, "the lookup hangs on the dropped connection"
+    writer.close()
+    server.close()
+    proxy.listener.close()
 
 
 def test_tokens_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
