@@ -8,18 +8,21 @@ headers.
 
 Anyone can send a made-up token, without credentials, and each unknown one is a lookup: so
 lookups run one at a time in a thread of their own (the store's lookups share one
-connection), never in the threads reads run in; only a few wait at once (requests with a
-secret being looked up wait for that lookup), and past them a request is refused at once
-(``503 overloaded``, with ``Retry-After``). Unknown secrets are
-remembered too, apart from valid ones, each at most ``_CACHE_LIMIT`` (the least recently
-used go first): made-up tokens never push a valid one out.
+connection), never in the threads reads run in. Requests with a secret being looked up wait
+for that lookup. Lookups of secrets never seen valid are bounded (``LOOKUP_CAPACITY``), and
+past them a request is refused at once (``503 overloaded``, with ``Retry-After``); a secret
+seen valid before is never refused so: it is remembered past its expiry (at most
+``_CACHE_LIMIT``, the least recently used leaving first), and checked again ahead of the
+others, so made-up tokens neither push it out nor hold it back. A request waits for its
+lookup at most ``LOOKUP_WAIT`` seconds (a store that does not answer: ``503 unavailable``).
+Unknown secrets are remembered too, apart, as long as valid ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,10 +36,15 @@ from daybook.infrastructure.http.tokens import Token, TokenStore, digest
 
 T = TypeVar("T")
 
-#: Most valid tokens remembered at once; as many unknown (or revoked) secrets, apart.
+#: Most tokens seen valid remembered at once; as many unknown (or revoked) secrets, apart.
 _CACHE_LIMIT = 10_000
-#: Lookups waiting for the token store at once (running or queued) at most.
-LOOKUP_CAPACITY = 32
+#: Lookups of secrets never seen valid waiting at once (running or queued) at most: enough
+#: for many clients starting together (each lookup is one indexed query), few enough that
+#: made-up tokens cannot queue without end. Secrets seen valid are not counted.
+LOOKUP_CAPACITY = 128
+#: Longest a request waits for its token's lookup, in seconds: a store that does not answer
+#: (a connection dropped without a word) must not hold every request with a token to look up.
+LOOKUP_WAIT = 10.0
 
 
 @dataclass
@@ -45,11 +53,17 @@ class Authenticator:
     limits: RateLimits
     cache_seconds: float = 5.0
     clock: Callable[[], float] = time.monotonic
-    #: Token lookups in progress, bounded (past it: 503 overloaded).
+    #: Lookups of secrets never seen valid in progress, bounded (past it: 503 overloaded).
     lookups: Door = field(default_factory=lambda: Door("token lookup", LOOKUP_CAPACITY))
+    #: Secrets seen valid: the token, and until when it is trusted without a lookup. Kept
+    #: past that (until pushed out), so its next lookup is a check again, never refused.
     _known: OrderedDict[str, tuple[Token, float]] = field(default_factory=OrderedDict)
     _unknown: OrderedDict[str, float] = field(default_factory=OrderedDict)
     _pending: dict[str, asyncio.Future[Token | None]] = field(default_factory=dict)
+    #: Lookups not begun: checks of secrets seen valid first, then the others.
+    _checks: deque[tuple[str, str]] = field(default_factory=deque)
+    _new: deque[tuple[str, str]] = field(default_factory=deque)
+    _busy: bool = False
     _thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="daybook-tokens")
     )
@@ -71,35 +85,72 @@ class Authenticator:
             self._unknown.move_to_end(key)
             token = None
         else:
-            token = await self._look_up(key, secret)
-            now = self.clock()
-            self._known.pop(key, None)
-            self._unknown.pop(key, None)
-            if token is None:
-                _remember(self._unknown, key, now + self.cache_seconds)
-            else:
-                _remember(self._known, key, (token, now + self.cache_seconds))
+            token = await self._look_up(key, secret, seen=known is not None)
         if token is None:
             raise _unauthorized("the bearer token is unknown or revoked")
         return token
 
-    async def _look_up(self, key: str, secret: str) -> Token | None:
+    async def _look_up(self, key: str, secret: str, *, seen: bool) -> Token | None:
         """``secret``'s token, from the store. Requests with a secret being looked up wait
         for that lookup rather than take another place: a burst of one client's requests,
-        before its token is cached, is one lookup."""
+        before its token is cached, is one lookup. A secret ``seen`` valid before takes no
+        place, and is looked up before the others waiting."""
         pending = self._pending.get(key)
         if pending is None:
-            self.lookups.enter()  # full: 503 overloaded, rather than an ever longer queue
-            loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self._thread, self.tokens.verify, secret)
+            if not seen:
+                self.lookups.enter()  # full: 503 overloaded, rather than an ever longer queue
+            pending = asyncio.get_running_loop().create_future()
+            # Its outcome is read even when every request waiting for it has given up.
+            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
             self._pending[key] = pending
+            (self._checks if seen else self._new).append((key, secret))
+            self._next()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), LOOKUP_WAIT)
+        except TimeoutError:
+            raise Problem(
+                "unavailable",
+                f"the token store did not answer within {LOOKUP_WAIT:g}s; retry after "
+                "Retry-After seconds",
+                headers={"Retry-After": "1"},
+            ) from None
 
-            def done(_: object) -> None:  # however its callers end (one may hang up)
-                del self._pending[key]
+    def _next(self) -> None:
+        """Begin the next lookup waiting, if none is running."""
+        if self._busy or not (self._checks or self._new):
+            return
+        seen = bool(self._checks)
+        key, secret = (self._checks if seen else self._new).popleft()
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._thread, self.tokens.verify, secret)
+
+        def done(job: asyncio.Future[Token | None]) -> None:  # however its callers end
+            self._busy = False
+            pending = self._pending.pop(key)
+            if not seen:
                 self.lookups.leave()
+            error = None if job.cancelled() else job.exception()
+            if job.cancelled():
+                pending.cancel()
+            elif error is not None:
+                pending.set_exception(error)
+            else:
+                self._remember(key, job.result())
+                pending.set_result(job.result())
+            self._next()
 
-            pending.add_done_callback(done)
-        return await asyncio.shield(pending)
+        job.add_done_callback(done)
+
+    def _remember(self, key: str, token: Token | None) -> None:
+        """What a lookup found, trusted for ``cache_seconds``."""
+        until = self.clock() + self.cache_seconds
+        self._known.pop(key, None)
+        self._unknown.pop(key, None)
+        if token is None:
+            _remember(self._unknown, key, until)
+        else:
+            _remember(self._known, key, (token, until))
 
     def require(self, scope: str, *, limited: bool = True) -> Callable[[Request], Awaitable[Token]]:
         """A dependency: the caller's token, if it has ``scope``; with ``limited``, the

@@ -8,6 +8,7 @@ import secrets
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
@@ -242,6 +243,98 @@ def test_made_up_tokens_do_not_stall_a_known_tokens_read(
     assert all(reply.json()["code"] == "overloaded" for reply in refused)
     assert all(int(reply.headers["retry-after"]) >= 1 for reply in refused)
     assert len(looked_up) <= api.app.state.auth.lookups.capacity < len(replies)
+
+
+def test_valid_clients_starting_together_are_not_refused_overloaded(sqlite_api: Api) -> None:
+    """40 clients, each with its own valid token, send their first request at once (a server
+    just started): every one is answered. The bound on waiting lookups (32) refused 8."""
+    api = sqlite_api
+    names = [f"client{i}" for i in range(40)]
+    for name in names:
+        api.token(name, "read")
+
+    async def burst() -> list[int]:
+        replies = await asyncio.gather(
+            *(api.client.get("/v1/balances", headers=api.auth(name)) for name in names)
+        )
+        return [reply.status_code for reply in replies]
+
+    assert api.run(burst()) == [200] * len(names)
+
+
+def test_a_token_seen_valid_is_never_refused_for_lookups_of_made_up_ones(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made-up tokens fill every place lookups wait in; a valid token whose cache entry has
+    expired is checked again (a revocation still takes effect) but is not refused, and its
+    check goes ahead of theirs. Its entry expiring while they kept the places full made
+    the valid client 503 overloaded."""
+    api = sqlite_api
+    auth = api.app.state.auth
+    later = [0.0]
+    monkeypatch.setattr(auth, "clock", lambda: time.monotonic() + later[0])
+    assert api.get("/v1/balances").status_code == 200  # "tester" is seen valid
+    later[0] += 2 * auth.cache_seconds  # and its entry has expired
+    mine = api.secrets["tester"]
+    looked_up: list[str] = []
+    verify = api.parts.tokens.verify
+
+    def slow(secret: str) -> Any:
+        looked_up.append(secret)
+        if secret != mine:
+            threading.Event().wait(0.02)
+        return verify(secret)
+
+    monkeypatch.setattr(api.parts.tokens, "verify", slow)
+    strangers = 2 * auth.lookups.capacity
+
+    async def scenario() -> tuple[list[int], int, int]:
+        made_up = [
+            asyncio.ensure_future(api.client.get("/v1/balances", headers=stranger()))
+            for _ in range(strangers)
+        ]
+        for _ in range(1000):  # until the lookups have begun (10 s at most)
+            if looked_up:
+                break
+            await asyncio.sleep(0.01)
+        reply = await api.client.get("/v1/balances", headers=api.auth("tester"))
+        before = len(looked_up)
+        replies = await asyncio.gather(*made_up)
+        return [r.status_code for r in replies], reply.status_code, before
+
+    statuses, status, before = api.run(scenario())
+    assert status == 200
+    assert 503 in statuses, "the places for made-up tokens were never full"
+    # Checked ahead of the made-up tokens queued before it (a few may have run meanwhile).
+    assert before < auth.lookups.capacity // 2
+    api.parts.tokens.revoke("tester")  # and a revocation takes effect on the next check
+    later[0] += 2 * auth.cache_seconds
+    assert api.get("/v1/balances").status_code == 401
+
+
+def test_a_lookup_the_store_does_not_answer_is_503_unavailable(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token store that never answers (a connection a middlebox dropped without a word)
+    held every request with a token to look up until the kernel gave up, about 15 minutes:
+    a request waits a bounded time, then is 503 unavailable with Retry-After."""
+    api = sqlite_api
+    monkeypatch.setattr(auth_module, "LOOKUP_WAIT", 0.5)
+    gate = threading.Event()
+
+    def stuck(secret: str) -> Any:
+        gate.wait(60)
+        return None
+
+    monkeypatch.setattr(api.parts.tokens, "verify", stuck)
+    try:
+        replies = [api.run(api.client.get("/v1/balances", headers=stranger())) for _ in range(2)]
+    finally:
+        gate.set()
+    for reply in replies:
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["code"] == "unavailable"
+        assert int(reply.headers["retry-after"]) >= 1
 
 
 def test_health_docs_and_problem_pages_need_no_token(api: Api) -> None:
