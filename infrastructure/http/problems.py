@@ -176,9 +176,15 @@ DESCRIPTIONS: dict[str, str] = {
     "unsupported_media_type": "Bodies must be application/json.",
     "rate_limited": "This token sent more requests than its rate allows; see Retry-After.",
     "internal_error": "A bug in daybook; the server log has the details.",
-    "overloaded": "The server's queue is full; retry after Retry-After seconds.",
+    "overloaded": (
+        "The server's queue is full, or no read-model connection came free within the "
+        "server's longest read wait; retry after Retry-After seconds."
+    ),
     "shutting_down": "The server is stopping; retry against another or after a restart.",
-    "stale_read": "The read model did not reach min_position in time; see Retry-After.",
+    "stale_read": (
+        "The read model did not reach min_position within the read's timeout (or no "
+        "version of it serves yet); see Retry-After."
+    ),
     "read_model_changed": (
         "The read model's serving version has tables this server's code cannot read (a "
         "deploy is under way): another server, or this one upgraded, answers."

@@ -3,15 +3,17 @@
 Consistency tokens: a write answers its log position (``position``, and the header
 ``Daybook-Position``); a read given ``min_position`` (query parameter, or the header
 ``Daybook-Min-Position``) waits until the read model has reached it, at most ``timeout``
-seconds (by default 2, or the server's longest wait if that is shorter; its turn for a
-connection included), and otherwise answers ``503 stale_read`` with ``Retry-After``. Every
+seconds (by default 2, or the server's longest wait if that is shorter), and otherwise
+answers ``503 stale_read`` with ``Retry-After``. Every
 answer carries ``as_of_position`` and ``lag_events`` (also as headers
 ``Daybook-As-Of-Position`` and ``Daybook-Lag-Events``).
 Lists are paginated by an opaque cursor; ``/v1/balances/snapshot`` reads many balances at
 one position.
 
-Queries run in the read pool's own threads, on its few read-model connections, behind the
-read door (bounded admission); a read waiting for a position holds neither between looks.
+Queries run in the read pool's own threads, on its few read-model connections, each read
+in its turn (within the server's longest wait, else ``503 overloaded``), behind the read
+door (bounded admission); a read waiting for a position holds neither while it waits: one
+watcher per read model looks at its position for all such reads.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 from uuid import UUID
@@ -64,6 +66,45 @@ class NoConnection(Exception):
     """No read-model connection came free before a read's deadline."""
 
 
+class _Watcher:
+    """The position one projection's serving version has reached, as last seen, for the reads
+    waiting for a position: one look at it for all of them, every ``_WATCH_EVERY`` seconds
+    while any waits, rather than each read looking on its own."""
+
+    def __init__(self) -> None:
+        #: The position last seen (None: not looked at yet), and whether a version serves.
+        self.position: int | None = None
+        self.built = False
+        #: The last look's failure (an outage, say); None once a look succeeds.
+        self.error: Exception | None = None
+        #: Set, and replaced, each time a look has been made: wakes the waiting reads.
+        self.looked = asyncio.Event()
+        #: Reads waiting; a read looking for itself while no look is under way (``probing``).
+        self.waiting = 0
+        self.probing = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> bool:
+        """Whether what it knows is being kept up to date (a look under way or to come)."""
+        return self.probing or self.task is not None
+
+    def reached(self, wanted: int | None) -> bool:
+        return self.built and (wanted is None or (self.position or 0) >= wanted)
+
+    def saw(self, position: int, *, built: bool) -> None:
+        self.position, self.built, self.error = position, built, None
+        self._wake()
+
+    def failed(self, error: Exception) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        self.looked.set()
+        self.looked = asyncio.Event()
+
+
 class ReadPool:
     """A few read-model connections (``ReadModels`` each hold one), lent one per query, each
     query run in one of the pool's own threads (one per connection): not in the default
@@ -73,17 +114,18 @@ class ReadPool:
         self._all = views
         self._free: asyncio.Queue[ReadModels] | None = None
         self._threads = ThreadPoolExecutor(len(views), thread_name_prefix="daybook-read")
+        self._watchers: dict[str, _Watcher] = {}
 
     async def run(self, query: Callable[[ReadModels], T], *, deadline: float | None = None) -> T:
-        """``query`` on a free connection; with ``deadline`` (the loop's clock), past it
-        without a free connection ``NoConnection`` is raised instead."""
+        """``query`` on a free connection, in its turn; with ``deadline`` (the loop's clock),
+        past it without a free connection ``NoConnection`` is raised instead."""
         if self._free is None:  # made on the serving loop
             self._free = asyncio.Queue()
             for views in self._all:
                 self._free.put_nowait(views)
         loop = asyncio.get_running_loop()
         try:
-            views = self._free.get_nowait()  # a free connection, even for a read with no time
+            views = self._free.get_nowait()
         except asyncio.QueueEmpty:
             if deadline is None:
                 views = await self._free.get()
@@ -98,44 +140,115 @@ class ReadPool:
             self._free.put_nowait(views)
 
     async def read(
-        self, query: Callable[[ReadModels, dict[str, Any]], T], wait: dict[str, Any]
+        self,
+        query: Callable[[ReadModels, dict[str, Any]], T],
+        wait: dict[str, Any],
+        *,
+        projection: str,
+        turn: float,
     ) -> T:
-        """``query`` given ``wait`` (its ``min_position`` and ``timeout``), answered once its
-        read model has reached the position (or, without one, has been built), within
-        ``timeout`` in all, time spent queueing for a connection included.
+        """``query`` (of ``projection``'s read model) given ``wait`` (its ``min_position``
+        and ``timeout``), answered once the read model has reached the position (or, without
+        one, has been built), within ``timeout``; its turn for a connection, within ``turn``
+        seconds of its start (past it: ``NoConnection``).
 
-        Each look takes a connection for one query that does not wait (``timeout`` 0), and
-        gives it back; the waits between looks hold neither a connection nor a thread. A
+        A read waiting for a position holds no connection and no thread while it waits: a
         read that slept on its connection (the read models' own wait) kept every other read
-        waiting behind it, and reads for a position the log had not reached took all of
-        them. An outage is waited out, with backoff, within the same ``timeout``."""
+        waiting behind it. Nor does it look for itself: one watcher per projection looks at
+        its position for every read waiting (each polling on its own cost the database a
+        query every few milliseconds per read), and a read queries only once its position
+        is reached, or for itself when no watcher is keeping up (the first read of a burst:
+        usually its position is reached at once). An outage is waited out, with backoff,
+        within the same ``timeout``."""
         loop = asyncio.get_running_loop()
         timeout: float = wait["timeout"]
-        deadline = loop.time() + timeout
+        started = loop.time()
+        deadline = started + timeout
+        turn_deadline = started + max(turn, timeout)
+        wanted: int | None = wait.get("min_position")
         look = {**wait, "timeout": 0}
-        stale: StaleRead | None = None
-        delay = _FIRST_LOOK
+        watcher = self._watchers.setdefault(projection, _Watcher())
+        # Others wait for this projection: their watcher tells when this read's turn comes.
+        waits = wanted is not None and watcher.current and not watcher.reached(wanted)
         failures = 0
         while True:
+            if waits:
+                await self._wait_for(projection, watcher, wanted, deadline, timeout)
+            probing = not watcher.current
+            watcher.probing = watcher.probing or probing
             try:
-                return await self.run(lambda views: query(views, look), deadline=deadline)
-            except NoConnection:
-                if stale is None:  # never had a look: the position reached is unknown
-                    raise
-                raise _stale(stale, timeout) from None
+                answer = await self.run(lambda views: query(views, look), deadline=turn_deadline)
             except StaleRead as error:
+                watcher.saw(error.reached, built=error.built)
                 if loop.time() >= deadline:
                     raise _stale(error, timeout) from None
-                stale = error
-                pause = delay
-                delay = min(delay * 2, _LONGEST_LOOK)
+                waits = True
+                continue
+            except NoConnection:
+                raise
             except Exception as error:
                 # The look has reconnected a few times already (the read models do).
                 failures += 1
                 if not is_transient(error) or loop.time() >= deadline:
                     raise
                 pause = random.uniform(0.5, 1.0) * min(1.0, 0.05 * 2 ** min(failures, 5))
-            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                continue
+            finally:
+                if probing:
+                    watcher.probing = False
+            position = getattr(answer, "as_of_position", None)
+            if isinstance(position, int):
+                watcher.saw(position, built=True)
+            return answer
+
+    async def _wait_for(
+        self,
+        projection: str,
+        watcher: _Watcher,
+        wanted: int | None,
+        deadline: float,
+        timeout: float,
+    ) -> None:
+        """Until ``watcher`` has seen ``wanted`` reached; past ``deadline``, the position it
+        last saw as ``StaleRead`` (or its last look's failure, if that failed)."""
+        loop = asyncio.get_running_loop()
+        watcher.waiting += 1
+        try:
+            if watcher.task is None:
+                watcher.task = asyncio.create_task(self._watch(projection, watcher))
+            while not watcher.reached(wanted):
+                left = deadline - loop.time()
+                if left <= 0:
+                    if watcher.position is None:
+                        return  # never looked at: the read's own look answers
+                    if watcher.error is not None:
+                        raise watcher.error
+                    raise StaleRead(
+                        projection, wanted or 0, watcher.position, timeout, built=watcher.built
+                    )
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.looked.wait(), left)
+        finally:
+            watcher.waiting -= 1
+
+    async def _watch(self, projection: str, watcher: _Watcher) -> None:
+        """Look at ``projection``'s position, at once and then every ``_WATCH_EVERY`` seconds,
+        while a read waits for it: each look one short query, in its turn for a connection."""
+        try:
+            while True:
+                try:
+                    position = await self.run(lambda views: views.position(projection))
+                    watcher.saw(position, built=True)
+                except StaleRead as error:  # no version serves yet
+                    watcher.saw(error.reached, built=error.built)
+                except Exception as error:  # told to the reads waiting, at their deadline
+                    watcher.failed(error)
+                if not watcher.waiting:
+                    return
+                await asyncio.sleep(_WATCH_EVERY)
+        finally:
+            watcher.task = None
 
     def any(self) -> ReadModels:
         """One connection for a query run outside the pool's turns (each ``ReadModels`` is
@@ -143,21 +256,28 @@ class ReadPool:
         return self._all[0]
 
     def close(self) -> None:
+        for watcher in self._watchers.values():
+            if watcher.task is not None:
+                watcher.task.cancel()
         self._threads.shutdown(wait=False)
         for views in self._all:
             views.close()
 
 
-#: Pauses between a waiting read's looks at its read model, in seconds: the first, doubled
-#: up to the longest (as the read models' own wait does).
-_FIRST_LOOK = 0.005
-_LONGEST_LOOK = 0.05
+#: Seconds between a watcher's looks at its projection's position.
+_WATCH_EVERY = 0.02
 
 
 def _stale(error: StaleRead, timeout: float) -> StaleRead:
     """``error`` (of a look, which does not wait) as the read's: within its ``timeout``."""
     return StaleRead(error.projection, error.wanted, error.reached, timeout, built=error.built)
 
+
+#: The read models the routes read (as ``ReadModels`` names them).
+_BALANCES = "account_balances"
+_LEVELS = "inventory_levels"
+_STATEMENT = "account_statement"
+_ACTIVITY = "daily_activity"
 
 #: The ``timeout`` of a read that sends none, in seconds (``ReadRoutes.max_wait`` if shorter).
 DEFAULT_WAIT = 2.0
@@ -189,7 +309,7 @@ class ReadRoutes:
             key = _uuid(account_id, "account_id")
             wait = self._wait(request)
             # One read: a 404 names the position of the snapshot the account was not in.
-            answer = await self._read(lambda v, w: v.find_balance(key, **w), wait)
+            answer = await self._read(lambda v, w: v.find_balance(key, **w), wait, _BALANCES)
             found = answer.value
             if found is None:
                 raise _absent(f"no account {key} in the read model", answer.as_of_position)
@@ -204,7 +324,7 @@ class ReadRoutes:
         async def snapshot(request: Request, _: Token = reader) -> Response:
             ids = _ids(request)
             wait = self._wait(request)
-            found = await self._read(lambda v, w: v.balances(ids, **w), wait)
+            found = await self._read(lambda v, w: v.balances(ids, **w), wait, _BALANCES)
             body = {
                 "balances": [_plain(b, skip_position=True) for b in found.balances],
                 "missing": [str(m) for m in found.missing],
@@ -223,7 +343,7 @@ class ReadRoutes:
             after = _cursor(request, "after", _account_id)
             wait = self._wait(request)
             page = await self._read(
-                lambda v, w: v.balance_page(after=after, limit=limit, **w), wait
+                lambda v, w: v.balance_page(after=after, limit=limit, **w), wait, _BALANCES
             )
             body = {
                 "balances": [_plain(b, skip_position=True) for b in page.balances],
@@ -245,7 +365,7 @@ class ReadRoutes:
             except DomainError as error:
                 raise Problem.of(error) from None
             wait = self._wait(request)
-            answer = await self._read(lambda v, w: v.find_stock(checked, **w), wait)
+            answer = await self._read(lambda v, w: v.find_stock(checked, **w), wait, _LEVELS)
             found = answer.value
             if found is None:
                 position = answer.as_of_position
@@ -265,7 +385,9 @@ class ReadRoutes:
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
             answer = await self._read(
-                lambda v, w: v.find_statement(key, limit=limit, before_seq=before_seq, **w), wait
+                lambda v, w: v.find_statement(key, limit=limit, before_seq=before_seq, **w),
+                wait,
+                _STATEMENT,
             )
             found = answer.value
             if found is None:
@@ -288,26 +410,29 @@ class ReadRoutes:
         async def activity(request: Request, _: Token = reader) -> Response:
             days = _number(request, "days", _DAYS_SHOWN, 1, _MAX_DAYS)
             wait = self._wait(request)
-            found = await self._read(lambda v, w: v.daily_activity(days=days, **w), wait)
+            found = await self._read(lambda v, w: v.daily_activity(days=days, **w), wait, _ACTIVITY)
             body = {"days": [asdict(d) for d in found.days]}
             return _answer(body, found)
 
     async def _read(
-        self, query: Callable[[ReadModels, dict[str, Any]], T], wait: dict[str, Any]
+        self,
+        query: Callable[[ReadModels, dict[str, Any]], T],
+        wait: dict[str, Any],
+        projection: str,
     ) -> T:
-        """``query`` at ``wait``'s ``min_position``, within its ``timeout`` (``_wait``)."""
+        """``query`` (of ``projection``) at ``wait``'s ``min_position``, within its
+        ``timeout`` (``_wait``); its turn for a connection within ``max_wait``."""
         with _entered(self.door):
             try:
-                return await self.pool.read(query, wait)
+                return await self.pool.read(query, wait, projection=projection, turn=self.max_wait)
             except StaleRead as error:
                 raise _stale_read(error) from None
             except NoConnection:
                 raise Problem(
-                    "stale_read",
-                    f"no read-model connection came free within {wait['timeout']}s (each was "
-                    "busy with another read); retry later or raise the timeout",
+                    "overloaded",
+                    f"no read-model connection came free within {self.max_wait:g}s (each "
+                    "was busy with another read); retry after Retry-After seconds",
                     headers={"Retry-After": "1"},
-                    details={"wanted": wait.get("min_position", 0), "reached": None},
                 ) from None
 
     def _wait(self, request: Request) -> dict[str, Any]:

@@ -581,6 +581,152 @@ def test_reads_waiting_for_a_position_leave_the_connections_to_other_reads(
     assert statuses == [200] * connections
 
 
+def test_reads_asking_no_position_wait_their_turn_for_a_connection(sqlite_api: Api) -> None:
+    """Three times as many reads as connections, asking for no position (timeout=0), sent at
+    once: each waits its turn and is answered. A read that found no connection free was
+    refused at once, 503 stale_read, though it asked for no freshness at all."""
+    api = sqlite_api
+    account = api.open_account()
+    path = f"/v1/accounts/{account}/balance"
+    assert api.get(path, min_position=api.head()).status_code == 200
+    count = 3 * len(api.parts.pool._all)
+
+    async def burst() -> list[httpx.Response]:
+        return await asyncio.gather(
+            *(
+                api.client.get(path, params={"timeout": 0}, headers=api.auth("tester"))
+                for _ in range(count)
+            )
+        )
+
+    replies = api.run(burst())
+    refused = [reply.text for reply in replies if reply.status_code != 200]
+    assert refused == [], refused[0]
+
+
+def test_reads_waiting_for_a_position_do_not_each_poll_the_read_model(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 reads wait for a position the log has not reached: one watcher looks at the read
+    model's position for all of them, and a read queries only once its position is reached.
+    Each polled on its own, every 5-50 ms: thousands of queries a second."""
+    api = sqlite_api
+    account = api.open_account()
+    path = f"/v1/accounts/{account}/balance"
+    assert api.get(path, min_position=api.head()).status_code == 200
+    looks = [0]
+    views = api.parts.pool._all
+    original = type(views[0]).find_balance
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        looks[0] += 1
+        return original(self, *args, **kwargs)
+
+    for each in views:
+        monkeypatch.setattr(each, "find_balance", counted.__get__(each))
+    target = api.head() + 1000
+    waiting = 200
+
+    async def scenario() -> list[httpx.Response]:
+        return await asyncio.gather(
+            *(
+                api.client.get(
+                    path, params={"min_position": target, "timeout": 1}, headers=api.auth("tester")
+                )
+                for _ in range(waiting)
+            )
+        )
+
+    replies = api.run(scenario())
+    assert {reply.status_code for reply in replies} == {503}
+    bodies = [reply.json() for reply in replies]
+    assert {body["code"] for body in bodies} == {"stale_read"}
+    assert {body["details"]["wanted"] for body in bodies} == {target}
+    assert all(body["details"]["reached"] < target for body in bodies)
+    assert looks[0] < waiting // 10, f"{looks[0]} queries for {waiting} waiting reads"
+
+
+def test_reads_waiting_for_a_position_leave_room_for_reads_that_wait_for_nothing(
+    sqlite_api: Api,
+) -> None:
+    """200 reads wait for a position the log has not reached; plain reads (timeout=0) sent
+    meanwhile are all answered, and the waiting ones end near their timeout. Plain reads
+    were refused 503 stale_read whenever the waiting ones' looks held every connection."""
+    api = sqlite_api
+    account = api.open_account()
+    path = f"/v1/accounts/{account}/balance"
+    assert api.get(path, min_position=api.head()).status_code == 200
+    target = api.head() + 1000
+
+    async def waiter() -> tuple[int, float]:
+        started = time.monotonic()
+        reply = await api.client.get(
+            path, params={"min_position": target, "timeout": 2}, headers=api.auth("tester")
+        )
+        return reply.status_code, time.monotonic() - started
+
+    async def scenario() -> tuple[list[int], list[tuple[int, float]]]:
+        waiting = [asyncio.ensure_future(waiter()) for _ in range(200)]
+        await asyncio.sleep(0.3)
+        plain = []
+        for _ in range(20):
+            reply = await api.client.get(path, params={"timeout": 0}, headers=api.auth("tester"))
+            plain.append(reply.status_code)
+            await asyncio.sleep(0.02)
+        return plain, await asyncio.gather(*waiting)
+
+    plain, waited = api.run(scenario())
+    assert plain == [200] * 20
+    assert {status for status, _ in waited} == {503}
+    assert max(took for _, took in waited) < 10  # about 2 s; generous for a loaded machine
+
+
+def test_a_read_with_no_connection_free_within_the_longest_wait_is_503_overloaded(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every read-model connection is busy (here, stuck) past --max-read-wait: a read that
+    waited its turn that long is refused 503 overloaded with Retry-After."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(max_read_wait=0.5))
+    try:
+        account = api.open_account()
+        path = f"/v1/accounts/{account}/balance"
+        assert api.get(path, timeout=0.5, min_position=api.head()).status_code == 200
+        gate = threading.Event()
+        views = api.parts.pool._all
+        original = type(views[0]).find_balance
+
+        def stuck(self: Any, *args: Any, **kwargs: Any) -> Any:
+            gate.wait(30)
+            return original(self, *args, **kwargs)
+
+        for each in views:
+            monkeypatch.setattr(each, "find_balance", stuck.__get__(each))
+
+        async def scenario() -> tuple[httpx.Response, list[int]]:
+            busy = [
+                asyncio.ensure_future(
+                    api.client.get(path, params={"timeout": 0}, headers=api.auth("tester"))
+                )
+                for _ in views
+            ]
+            await asyncio.sleep(0.2)
+            try:
+                refused = await api.client.get(
+                    path, params={"timeout": 0}, headers=api.auth("tester")
+                )
+            finally:
+                gate.set()
+            return refused, [reply.status_code for reply in await asyncio.gather(*busy)]
+
+        refused, statuses = api.run(scenario())
+        body = assert_problem(refused, 503, "overloaded")
+        assert "no read-model connection came free" in body["detail"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert statuses == [200] * len(views)
+    finally:
+        api.close()
+
+
 @pytest.mark.parametrize(
     "params",
     [
