@@ -63,7 +63,7 @@ def test_every_option_has_help_a_shown_default_and_an_example(
             )
             if action.default is not None and action.default is not False:
                 assert (
-                    f"(default: {action.default})" in text.replace("\n", " ").replace("  ", " ")
+                    f"(default: {action.default})" in " ".join(text.split())  # however wrapped
                     or "default" in action.help
                 ), f"{parser.prog} {action.dest}: default not shown"
             elif not isinstance(action, argparse._StoreTrueAction) and not action.required:
