@@ -122,6 +122,9 @@ class Authenticator:
         seen = bool(self._checks)
         key, secret = (self._checks if seen else self._new).popleft()
         self._busy = True
+        # Trusted from the moment of the look, not of its answer (which may come seconds
+        # later): a revocation then takes effect within ``cache_seconds``, as promised.
+        started = self.clock()
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._thread, self.tokens.verify, secret)
 
@@ -136,15 +139,15 @@ class Authenticator:
             elif error is not None:
                 pending.set_exception(error)
             else:
-                self._remember(key, job.result())
+                self._remember(key, job.result(), started)
                 pending.set_result(job.result())
             self._next()
 
         job.add_done_callback(done)
 
-    def _remember(self, key: str, token: Token | None) -> None:
-        """What a lookup found, trusted for ``cache_seconds``."""
-        until = self.clock() + self.cache_seconds
+    def _remember(self, key: str, token: Token | None, looked_at: float) -> None:
+        """What a lookup made at ``looked_at`` found, trusted ``cache_seconds`` from then."""
+        until = looked_at + self.cache_seconds
         self._known.pop(key, None)
         self._unknown.pop(key, None)
         if token is None:

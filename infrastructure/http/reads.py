@@ -25,7 +25,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 from uuid import UUID
@@ -93,8 +93,12 @@ class _Watcher:
         return self.built and (wanted is None or (self.position or 0) >= wanted)
 
     def saw(self, position: int, *, built: bool) -> None:
+        # Waiters are woken only by news: a look every 20 ms that woke every one of
+        # hundreds of waiting reads kept the event loop busy for nothing.
+        news = (position, built) != (self.position, self.built) or self.error is not None
         self.position, self.built, self.error = position, built, None
-        self._wake()
+        if news:
+            self._wake()
 
     def failed(self, error: Exception) -> None:
         self.error = error
@@ -173,11 +177,29 @@ class ReadPool:
         failures = 0
         while True:
             if waits:
-                await self._wait_for(projection, watcher, wanted, deadline, timeout)
+                await self._wait_for(projection, watcher, wanted, deadline)
+                if timeout and watcher.position is not None and not watcher.reached(wanted):
+                    # It waited its whole timeout: what the watcher saw last (at most a look
+                    # old) answers, not a query from each of the reads timing out together.
+                    # (One that asked for no wait looks once for itself instead.)
+                    if watcher.error is not None:
+                        raise watcher.error
+                    seen = StaleRead(
+                        projection, wanted or 0, watcher.position, timeout, built=watcher.built
+                    )
+                    raise _stale(seen, timeout)
             probing = not watcher.current
             watcher.probing = watcher.probing or probing
+            # Its turn for a connection: a read whose position is not known to be reached
+            # waits for one within its own timeout (then ``stale_read``, at the position
+            # last seen); one that asks for none, or whose position is reached, within
+            # ``turn`` (then ``overloaded``).
+            reached = wanted is None or watcher.reached(wanted)
             try:
-                answer = await self.run(lambda views: query(views, look), deadline=turn_deadline)
+                answer = await self.run(
+                    lambda views: query(views, look),
+                    deadline=turn_deadline if reached else deadline,
+                )
             except StaleRead as error:
                 watcher.saw(error.reached, built=error.built)
                 if loop.time() >= deadline:
@@ -185,7 +207,11 @@ class ReadPool:
                 waits = True
                 continue
             except NoConnection:
-                raise
+                if reached:
+                    raise
+                last = watcher.position or 0
+                behind = StaleRead(projection, wanted or 0, last, timeout, built=watcher.built)
+                raise _stale(behind, timeout) from None
             except Exception as error:
                 # The look has reconnected a few times already (the read models do).
                 failures += 1
@@ -203,32 +229,22 @@ class ReadPool:
             return answer
 
     async def _wait_for(
-        self,
-        projection: str,
-        watcher: _Watcher,
-        wanted: int | None,
-        deadline: float,
-        timeout: float,
+        self, projection: str, watcher: _Watcher, wanted: int | None, deadline: float
     ) -> None:
-        """Until ``watcher`` has seen ``wanted`` reached; past ``deadline``, the position it
-        last saw as ``StaleRead`` (or its last look's failure, if that failed)."""
-        loop = asyncio.get_running_loop()
+        """Until ``watcher`` has seen ``wanted`` reached, or ``deadline``, or a failure no
+        retry cures (raised at once: a read model changed under the reads, say)."""
         watcher.waiting += 1
         try:
             if watcher.task is None:
                 watcher.task = asyncio.create_task(self._watch(projection, watcher))
-            while not watcher.reached(wanted):
-                left = deadline - loop.time()
-                if left <= 0:
-                    if watcher.position is None:
-                        return  # never looked at: the read's own look answers
-                    if watcher.error is not None:
-                        raise watcher.error
-                    raise StaleRead(
-                        projection, wanted or 0, watcher.position, timeout, built=watcher.built
-                    )
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(watcher.looked.wait(), left)
+            async with asyncio.timeout_at(deadline):
+                while not watcher.reached(wanted):
+                    error = watcher.error
+                    if error is not None and not is_transient(error):
+                        raise error
+                    await watcher.looked.wait()
+        except TimeoutError:
+            return
         finally:
             watcher.waiting -= 1
 

@@ -695,7 +695,10 @@ def test_a_read_with_no_connection_free_within_the_longest_wait_is_503_overloade
         views = api.parts.pool._all
         original = type(views[0]).find_balance
 
+        entered: list[int] = []
+
         def stuck(self: Any, *args: Any, **kwargs: Any) -> Any:
+            entered.append(1)
             gate.wait(30)
             return original(self, *args, **kwargs)
 
@@ -709,7 +712,8 @@ def test_a_read_with_no_connection_free_within_the_longest_wait_is_503_overloade
                 )
                 for _ in views
             ]
-            await asyncio.sleep(0.2)
+            while len(entered) < len(views):  # every connection taken, however slow the machine
+                await asyncio.sleep(0.01)
             try:
                 refused = await api.client.get(
                     path, params={"timeout": 0}, headers=api.auth("tester")
@@ -847,6 +851,7 @@ def test_a_404_names_the_position_it_was_read_at_not_a_later_one(
             reply = asyncio.run_coroutine_threadsafe(
                 api.send_command(command, arguments), api.loop
             ).result(10)
+            assert reply.status_code == 200, reply.text  # (a 500 here names the answer)
             written.append(reply.json()["position"])
             original(self, projection, lambda store, version: None, written[0], 10.0)
         return found

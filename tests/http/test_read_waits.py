@@ -1,0 +1,154 @@
+"""The read pool's waits for a position, and the token cache's clock, on fakes: which look
+answers a read, and when (no server, no database: the order of events decides)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from daybook.infrastructure.http import reads
+from daybook.infrastructure.http.admission import RateLimits
+from daybook.infrastructure.http.auth import Authenticator
+from daybook.infrastructure.http.reads import ReadPool
+from daybook.infrastructure.http.tokens import Token
+from daybook.infrastructure.readmodels import StaleRead
+
+
+class _Views:
+    """A read-model connection whose position is ``real[0]``."""
+
+    def __init__(self, real: list[int]) -> None:
+        self.real = real
+
+    def position(self, projection: str) -> int:
+        return self.real[0]
+
+    def close(self) -> None:
+        pass
+
+
+def _reader(real: list[int]) -> Any:
+    """A query answering at ``real[0]``, or ``StaleRead`` short of its ``min_position``."""
+
+    def read(views: Any, wait: dict[str, Any]) -> Any:
+        if wait.get("min_position", 0) > real[0]:
+            raise StaleRead("p", wait["min_position"], real[0], 0)
+        return SimpleNamespace(as_of_position=real[0])
+
+    return read
+
+
+def test_a_read_for_a_position_not_reached_answers_within_its_timeout() -> None:
+    """The only connection is busy. A read for a position the read model has not reached
+    waited its turn for a connection past its own timeout (until the busy one ended, or
+    --max-read-wait): it answers stale_read while the busy read still runs."""
+    real = [1]
+    pool = ReadPool([_Views(real)])  # type: ignore[list-item]
+    gate = threading.Event()
+
+    def slow(views: Any, wait: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return SimpleNamespace(as_of_position=real[0])
+
+    async def scenario() -> bool:
+        busy = asyncio.ensure_future(pool.read(slow, {"timeout": 30}, projection="p", turn=60))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StaleRead):
+            wait = {"min_position": 50, "timeout": 0.3}
+            await pool.read(_reader(real), wait, projection="p", turn=60)
+        still_busy = not busy.done()
+        gate.set()
+        await busy
+        return still_busy
+
+    try:
+        assert asyncio.run(scenario()), "the read waited for the busy one to end"
+    finally:
+        pool.close()
+
+
+def test_a_read_whose_position_is_reached_is_answered_while_others_wait() -> None:
+    """Another read waits for a far position, so the watcher runs (it saw 50). The read
+    model reaches 51 and a read with min_position=51 and timeout=0 comes: it was refused
+    stale_read at 50, from what the watcher last saw, without a look of its own."""
+    real = [50]
+    pool = ReadPool([_Views(real), _Views(real)])  # type: ignore[list-item]
+
+    async def scenario() -> Any:
+        wait = {"min_position": 1000, "timeout": 0.5}
+        far = asyncio.ensure_future(pool.read(_reader(real), wait, projection="p", turn=5))
+        await asyncio.sleep(0.1)  # the watcher has looked
+        real[0] = 51
+        try:
+            wait = {"min_position": 51, "timeout": 0}
+            return await pool.read(_reader(real), wait, projection="p", turn=5)
+        finally:
+            with pytest.raises(StaleRead):
+                await far
+
+    try:
+        assert asyncio.run(scenario()).as_of_position == 51
+    finally:
+        pool.close()
+
+
+def test_waiting_reads_are_woken_only_by_news(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher looks every 20 ms: each look woke every waiting read, news or not (with
+    hundreds waiting, the event loop was kept busy for nothing)."""
+    real = [50]
+    pool = ReadPool([_Views(real)])  # type: ignore[list-item]
+    wakes: list[int] = []
+    wake = reads._Watcher._wake
+
+    def counted(self: Any) -> None:
+        wakes.append(1)
+        wake(self)
+
+    monkeypatch.setattr(reads._Watcher, "_wake", counted)
+
+    async def scenario() -> int:
+        wait = {"min_position": 1000, "timeout": 0.5}
+        with pytest.raises(StaleRead):
+            await pool.read(_reader(real), wait, projection="p", turn=5)
+        return len(wakes)
+
+    try:
+        looks_without_news = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert looks_without_news <= 2, looks_without_news  # the first look's position, at most
+
+
+def test_a_token_is_trusted_from_its_look_not_from_the_answer() -> None:
+    """The lookup reads the token's row (valid) at 0, it is revoked at once, and the answer
+    arrives at 4: it was trusted until 4 + cache_seconds, not 0 + cache_seconds."""
+    now = [0.0]
+    token = Token("reader", frozenset({"read"}), "2026-01-01")
+    revoked = [False]
+
+    class Store:
+        def verify(self, secret: str) -> Token | None:
+            answer = None if revoked[0] else token
+            revoked[0] = True
+            now[0] = 4.0  # the answer comes late
+            return answer
+
+    class Request:
+        headers = {"authorization": "Bearer dbk_secret"}
+
+    auth = Authenticator(Store(), RateLimits(100.0), cache_seconds=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        assert await auth.identify(Request()) is token  # type: ignore[arg-type]
+        now[0] = 6.0  # past cache_seconds after the look and the revocation
+        with pytest.raises(Exception, match=r"unknown|revoked|invalid|token"):
+            await auth.identify(Request())  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        auth.close()
