@@ -130,8 +130,9 @@ def register(subparsers: Any) -> None:
         type=seconds,
         default=_DEFAULTS.max_read_wait,
         help="longest wait a read may ask for with min_position, in seconds (a read that "
-        "asks for none waits 2, or this if shorter); also the longest a read waits its turn "
-        "for a read-model connection (then 503 overloaded)",
+        "asks for none waits 2, or this if shorter); also the longest a read with no "
+        "min_position, or one already reached, waits its turn for a read-model connection "
+        "(then 503 overloaded)",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
     add_log_arguments(serve)

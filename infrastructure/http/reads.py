@@ -11,9 +11,10 @@ Lists are paginated by an opaque cursor; ``/v1/balances/snapshot`` reads many ba
 one position.
 
 Queries run in the read pool's own threads, on its few read-model connections, each read
-in its turn (within the server's longest wait, else ``503 overloaded``), behind the read
-door (bounded admission); a read waiting for a position holds neither while it waits: one
-watcher per read model looks at its position for all such reads.
+in its turn (a read whose position is not known to be reached within its own timeout, else
+``503 stale_read``; any other within the server's longest wait, else ``503 overloaded``),
+behind the read door (bounded admission); a read waiting for a position holds neither
+while it waits: one watcher per read model looks at its position for all such reads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -77,6 +79,7 @@ class _Watcher:
         self.built = False
         #: The last look's failure (an outage, say); None once a look succeeds.
         self.error: Exception | None = None
+        self.traceback: TracebackType | None = None
         #: Set, and replaced, each time a look has been made: wakes the waiting reads.
         self.looked = asyncio.Event()
         #: Reads waiting; a read looking for itself while no look is under way (``probing``).
@@ -92,7 +95,12 @@ class _Watcher:
     def reached(self, wanted: int | None) -> bool:
         return self.built and (wanted is None or (self.position or 0) >= wanted)
 
-    def saw(self, position: int, *, built: bool) -> None:
+    def saw(self, position: int, *, built: bool, forward: bool = False) -> None:
+        """A look's answer. ``forward``: a read's own answer, which may have been taken
+        before the watcher's last look, so it only moves the position on (the watcher's own
+        looks may move it back: a switch to a version behind)."""
+        if forward and self.built and position < (self.position or 0):
+            return
         # Waiters are woken only by news: a look every 20 ms that woke every one of
         # hundreds of waiting reads kept the event loop busy for nothing.
         news = (position, built) != (self.position, self.built) or self.error is not None
@@ -101,8 +109,19 @@ class _Watcher:
             self._wake()
 
     def failed(self, error: Exception) -> None:
+        # Waiters are woken by a failure no retry cures (they end at once), or by the first
+        # of an outage, not by every look that fails during it.
+        news = self.error is None or not is_transient(error)
         self.error = error
-        self._wake()
+        self.traceback = error.__traceback__
+        if news:
+            self._wake()
+
+    def failure(self) -> Exception | None:
+        """The last look's failure, to raise in a waiting read: with the traceback of the
+        look (raised as it is in each of many reads, it would gather each one's frames)."""
+        error = self.error
+        return None if error is None else error.with_traceback(self.traceback)
 
     def _wake(self) -> None:
         self.looked.set()
@@ -179,11 +198,13 @@ class ReadPool:
             if waits:
                 await self._wait_for(projection, watcher, wanted, deadline)
                 if timeout and watcher.position is not None and not watcher.reached(wanted):
-                    # It waited its whole timeout: what the watcher saw last (at most a look
-                    # old) answers, not a query from each of the reads timing out together.
-                    # (One that asked for no wait looks once for itself instead.)
-                    if watcher.error is not None:
-                        raise watcher.error
+                    # It waited its whole timeout: what the watcher saw last answers, not a
+                    # query from each of the reads timing out together. (One that asked for
+                    # no wait looks once for itself instead.) An outage the watcher met is
+                    # told as the position last seen; a failure no retry cures, as itself.
+                    failure = watcher.failure()
+                    if failure is not None and not is_transient(failure):
+                        raise failure
                     seen = StaleRead(
                         projection, wanted or 0, watcher.position, timeout, built=watcher.built
                     )
@@ -201,7 +222,7 @@ class ReadPool:
                     deadline=turn_deadline if reached else deadline,
                 )
             except StaleRead as error:
-                watcher.saw(error.reached, built=error.built)
+                watcher.saw(error.reached, built=error.built, forward=True)
                 if loop.time() >= deadline:
                     raise _stale(error, timeout) from None
                 waits = True
@@ -209,6 +230,8 @@ class ReadPool:
             except NoConnection:
                 if reached:
                     raise
+                if watcher.reached(wanted) and loop.time() < turn_deadline:
+                    continue  # reached meanwhile: it waits its turn as such a read does
                 last = watcher.position or 0
                 behind = StaleRead(projection, wanted or 0, last, timeout, built=watcher.built)
                 raise _stale(behind, timeout) from None
@@ -225,7 +248,7 @@ class ReadPool:
                     watcher.probing = False
             position = getattr(answer, "as_of_position", None)
             if isinstance(position, int):
-                watcher.saw(position, built=True)
+                watcher.saw(position, built=True, forward=True)
             return answer
 
     async def _wait_for(
@@ -239,9 +262,9 @@ class ReadPool:
                 watcher.task = asyncio.create_task(self._watch(projection, watcher))
             async with asyncio.timeout_at(deadline):
                 while not watcher.reached(wanted):
-                    error = watcher.error
-                    if error is not None and not is_transient(error):
-                        raise error
+                    failure = watcher.failure()
+                    if failure is not None and not is_transient(failure):
+                        raise failure
                     await watcher.looked.wait()
         except TimeoutError:
             return

@@ -152,3 +152,68 @@ def test_a_token_is_trusted_from_its_look_not_from_the_answer() -> None:
         asyncio.run(scenario())
     finally:
         auth.close()
+
+
+def test_a_read_reached_while_it_waits_for_a_connection_waits_its_turn() -> None:
+    """Its position was not known to be reached, so it waited for a connection within its
+    own timeout; another read's answer showed the position reached meanwhile, yet when that
+    timeout came it was answered stale_read, at a position past the one it wanted."""
+    real = [100]
+    pool = ReadPool([_Views(real)])  # type: ignore[list-item]
+    gate = threading.Event()
+
+    def slow(views: Any, wait: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return SimpleNamespace(as_of_position=real[0])
+
+    async def scenario() -> Any:
+        loop = asyncio.get_running_loop()
+        busy = asyncio.ensure_future(pool.read(slow, {"timeout": 30}, projection="q", turn=60))
+        await asyncio.sleep(0.05)
+        wanted = asyncio.ensure_future(
+            pool.read(_reader(real), {"min_position": 50, "timeout": 0.3}, projection="p", turn=60)
+        )
+        await asyncio.sleep(0.1)
+        pool._watchers["p"].saw(100, built=True)  # another read's answer
+        loop.call_later(0.5, gate.set)  # the connection frees after the read's timeout
+        answer = await wanted
+        await busy
+        return answer
+
+    try:
+        assert asyncio.run(scenario()).as_of_position == 100
+    finally:
+        pool.close()
+
+
+def test_a_failure_told_to_many_waiting_reads_keeps_one_traceback() -> None:
+    """The watcher's look fails for a reason no retry cures: every waiting read raises it.
+    Raised as it was, the one exception gathered every read's frames (600 for 200 reads),
+    kept alive while it was the watcher's last failure."""
+    real = [10]
+
+    class Broken(_Views):
+        def position(self, projection: str) -> int:
+            raise LookupError("the read model changed")
+
+    pool = ReadPool([Broken(real)])  # type: ignore[list-item]
+
+    async def scenario() -> list[BaseException]:
+        wait = {"min_position": 50, "timeout": 5}
+        reads = [pool.read(_reader(real), wait, projection="p", turn=60) for _ in range(50)]
+        return [
+            error
+            for error in await asyncio.gather(*reads, return_exceptions=True)
+            if isinstance(error, BaseException)
+        ]
+
+    try:
+        errors = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert len(errors) == 50 and all(isinstance(e, LookupError) for e in errors), errors[:3]
+    depth = 0
+    tb = errors[0].__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    assert depth < 20, f"{depth} frames in the traceback"
