@@ -96,9 +96,10 @@ class _Watcher:
         return self.built and (wanted is None or (self.position or 0) >= wanted)
 
     def saw(self, position: int, *, built: bool, forward: bool = False) -> None:
-        """A look's answer. ``forward``: a read's own answer, which may have been taken
-        before the watcher's last look, so it only moves the position on (the watcher's own
-        looks may move it back: a switch to a version behind)."""
+        """A look's answer. ``forward``: a read's answer, from a snapshot that may have been
+        taken before the watcher's last look, so it only moves the position on (a look that
+        finds it short may move it back: a read-model database failed over to a replica
+        further behind, say)."""
         if forward and self.built and position < (self.position or 0):
             return
         # Waiters are woken only by news: a look every 20 ms that woke every one of
@@ -222,7 +223,9 @@ class ReadPool:
                     deadline=turn_deadline if reached else deadline,
                 )
             except StaleRead as error:
-                watcher.saw(error.reached, built=error.built, forward=True)
+                # As fresh as any look: it may move the position back (a read-model database
+                # failed over to a replica further behind, say), as the watcher's looks do.
+                watcher.saw(error.reached, built=error.built)
                 if loop.time() >= deadline:
                     raise _stale(error, timeout) from None
                 waits = True

@@ -217,3 +217,33 @@ def test_a_failure_told_to_many_waiting_reads_keeps_one_traceback() -> None:
     while tb is not None:
         depth, tb = depth + 1, tb.tb_next
     assert depth < 20, f"{depth} frames in the traceback"
+
+
+def test_reads_told_their_position_went_back_wait_for_the_watcher() -> None:
+    """The watcher saw 100; the read models answer 60 now (failed over to a replica further
+    behind). Each read's own answer was ignored as older than the watcher's, so the reads
+    took the position for reached and queried again at once, over and over, taking every
+    connection from the watcher, whose look alone could correct it (1,361 queries)."""
+    real = [100]
+    queries = [0]
+    pool = ReadPool([_Views(real), _Views(real)])  # type: ignore[list-item]
+    read = _reader(real)
+
+    def counted(views: Any, wait: dict[str, Any]) -> Any:
+        queries[0] += 1
+        return read(views, wait)
+
+    async def scenario() -> list[BaseException | Any]:
+        assert (await pool.read(counted, {"timeout": 1}, projection="p", turn=5)) is not None
+        real[0] = 60
+        queries[0] = 0
+        wait = {"min_position": 80, "timeout": 1}
+        reads = [pool.read(counted, wait, projection="p", turn=5) for _ in range(20)]
+        return await asyncio.gather(*reads, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert all(isinstance(answer, StaleRead) for answer in answers), answers[:3]
+    assert queries[0] <= 40, f"{queries[0]} queries by 20 reads"
