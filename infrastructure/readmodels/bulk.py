@@ -167,15 +167,7 @@ class BulkRunner(ProjectionRunner):
         """The careful path (``ProjectionRunner._apply_batch``) for ``raw``: a bad event is
         retried, then parked; rows the database refuses stop their projection alone."""
         self._ahead = None
-        events = self.decoder.decode(raw)
-        try:
-            failures = self._apply_batch(store, events, start)
-        except Exception as error:
-            if not store.refused_rows(error):
-                raise
-            failures = self._apply_alone(store, events, start, error)
-        for failure in failures:
-            self._handle_failure(store, failure)
+        self._apply_each(store, self.decoder.decode(raw), start)
         if self.on_progress is not None:
             self.on_progress(Progress(len(raw), last, self.log.head()))
         return len(raw)

@@ -453,14 +453,7 @@ class ProjectionRunner:
                 "daybook.batch.size": len(events),
             },
         ):
-            try:
-                failures = self._apply_batch(store, events, start)
-            except Exception as error:
-                if not store.refused_rows(error):
-                    raise
-                failures = self._apply_alone(store, events, start, error)
-        for failure in failures:
-            self._handle_failure(store, failure)
+            self._apply_each(store, events, start)
         self.service.supervisor.recovered()  # a batch committed: back to work
         full = len(events) >= self.batch_size
         head = self.log.head() if full or self.on_progress is not None else events[-1].position
@@ -529,6 +522,19 @@ class ProjectionRunner:
             else:
                 age = 0.0
             _report_lag(key, unapplied, age)
+
+    def _apply_each(self, store: ReadStore, events: list[LogEvent], start: int) -> None:
+        """Apply ``events`` to every version in one transaction; if the database refuses
+        the rows, each version's part alone (``_apply_alone``); then retry or park each
+        event a handler failed on."""
+        try:
+            failures = self._apply_batch(store, events, start)
+        except Exception as error:
+            if not store.refused_rows(error):
+                raise
+            failures = self._apply_alone(store, events, start, error)
+        for failure in failures:
+            self._handle_failure(store, failure)
 
     def _apply_alone(
         self, store: ReadStore, events: list[LogEvent], start: int, error: Exception
