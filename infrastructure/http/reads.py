@@ -118,6 +118,11 @@ class _Watcher:
         if news:
             self._wake()
 
+    def stale_read(self, projection: str, wanted: int | None, timeout: float) -> StaleRead:
+        """A read's ``stale_read`` at the position last seen."""
+        reached = self.position or 0
+        return StaleRead(projection, wanted or 0, reached, timeout, built=self.built)
+
     def failure(self) -> Exception | None:
         """The last look's failure, to raise in a waiting read: with the traceback of the
         look (raised as it is in each of many reads, it would gather each one's frames)."""
@@ -206,10 +211,7 @@ class ReadPool:
                     failure = watcher.failure()
                     if failure is not None and not is_transient(failure):
                         raise failure
-                    seen = StaleRead(
-                        projection, wanted or 0, watcher.position, timeout, built=watcher.built
-                    )
-                    raise _stale(seen, timeout)
+                    raise watcher.stale_read(projection, wanted, timeout)
             probing = not watcher.current
             watcher.probing = watcher.probing or probing
             # Its turn for a connection: a read whose position is not known to be reached
@@ -235,9 +237,7 @@ class ReadPool:
                     raise
                 if watcher.reached(wanted) and loop.time() < turn_deadline:
                     continue  # reached meanwhile: it waits its turn as such a read does
-                last = watcher.position or 0
-                behind = StaleRead(projection, wanted or 0, last, timeout, built=watcher.built)
-                raise _stale(behind, timeout) from None
+                raise watcher.stale_read(projection, wanted, timeout) from None
             except Exception as error:
                 # The look has reconnected a few times already (the read models do).
                 failures += 1
