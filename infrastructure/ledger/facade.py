@@ -57,6 +57,26 @@ def _submission(commands: object) -> list[Command]:
     return list(commands)
 
 
+def _atomic(
+    commands: Sequence[Command],
+    request_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    actor: str | None,
+    traceparent: str | None,
+) -> Atomic:
+    """The ``Atomic`` command ``atomic`` executes (for ``Ledger`` and ``AsyncLedger``)."""
+    meta = envelope(
+        request_id=request_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        actor=actor,
+        traceparent=traceparent,
+    )
+    # The check turns the list into the tuple the field declares.
+    return Atomic(commands, **meta)  # type: ignore[arg-type]
+
+
 def _command(command: object) -> Command:
     """``command`` if it is a command, or ``InvalidRequest`` (nothing is run). Checked before
     it is queued: what reaches the committer must be a command."""
@@ -117,17 +137,7 @@ class Ledger(LedgerMethods):
         ``linked_command_failed``). Idempotent as a whole, by ``request_id``. Every event
         carries the list's metadata (``actor``, ``traceparent``...), not its commands'."""
         return self.execute(
-            # The check turns the list into the tuple the field declares.
-            Atomic(
-                commands,  # type: ignore[arg-type]
-                **envelope(
-                    request_id=request_id,
-                    correlation_id=correlation_id,
-                    causation_id=causation_id,
-                    actor=actor,
-                    traceparent=traceparent,
-                ),
-            )
+            _atomic(commands, request_id, correlation_id, causation_id, actor, traceparent)
         )
 
     def submit(self, commands: Sequence[Command]) -> list[Outcome]:
@@ -220,17 +230,7 @@ class AsyncLedger(AsyncLedgerMethods):
     ) -> Receipt:
         """Apply ``commands`` all-or-nothing in one transaction (see ``Ledger.atomic``)."""
         return await self.execute(
-            # The check turns the list into the tuple the field declares.
-            Atomic(
-                commands,  # type: ignore[arg-type]
-                **envelope(
-                    request_id=request_id,
-                    correlation_id=correlation_id,
-                    causation_id=causation_id,
-                    actor=actor,
-                    traceparent=traceparent,
-                ),
-            )
+            _atomic(commands, request_id, correlation_id, causation_id, actor, traceparent)
         )
 
     async def submit(self, commands: Sequence[Command]) -> list[Outcome]:
