@@ -310,7 +310,7 @@ class ReadStore(ABC):
         source = self.source(table, version)
         sql = f"SELECT {column}, count(*) FROM {source} GROUP BY {column}"
         counted = self.execute(sql)
-        if table.columns[table.column_names.index(column)].type == "numeric":
+        if table.column_names.index(column) in table.numeric:
             counted = [(None if v is None else int(v), count) for v, count in counted]
         return {value: int(count) for value, count in counted}
 
