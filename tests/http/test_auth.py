@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,24 @@ def call(api: Api, method: str, path: str, headers: dict[str, str]) -> httpx.Res
     headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
     body = {"account_id": ACCOUNT, "amount": 5}
     return api.run(api.client.request(method, path, headers=headers, json=body))
+
+
+def _lookups(
+    api: Api, monkeypatch: pytest.MonkeyPatch, before: Callable[[str], object] | None = None
+) -> list[str]:
+    """The secrets the token store is asked to verify from now on, in order; ``before`` runs
+    ahead of each lookup (to hold it up, say)."""
+    looked_up: list[str] = []
+    verify = api.parts.tokens.verify
+
+    def watched(secret: str) -> Any:
+        looked_up.append(secret)
+        if before is not None:
+            before(secret)
+        return verify(secret)
+
+    monkeypatch.setattr(api.parts.tokens, "verify", watched)
+    return looked_up
 
 
 def test_every_route_the_matrix_names_exists(api: Api) -> None:
@@ -150,14 +168,7 @@ def test_made_up_tokens_never_push_a_known_one_out_of_the_cache(
     api = sqlite_api
     monkeypatch.setattr(auth_module, "_CACHE_LIMIT", 5)
     assert api.get("/v1/balances").status_code == 200  # "tester" is cached
-    looked_up: list[str] = []
-    verify = api.parts.tokens.verify
-
-    def counted(secret: str) -> Any:
-        looked_up.append(secret)
-        return verify(secret)
-
-    monkeypatch.setattr(api.parts.tokens, "verify", counted)
+    looked_up = _lookups(api, monkeypatch)
     made_up = [api.run(api.client.get("/v1/balances", headers=stranger())) for _ in range(20)]
     assert {reply.status_code for reply in made_up} == {401}
     assert api.get("/v1/balances").status_code == 200
@@ -172,14 +183,7 @@ def test_a_burst_of_one_tokens_requests_is_one_lookup(
     each its own would fill the bounded lookups with one client's, and refuse the rest."""
     api = sqlite_api
     api.token("burst", "read")
-    looked_up: list[str] = []
-    verify = api.parts.tokens.verify
-
-    def counted(secret: str) -> Any:
-        looked_up.append(secret)
-        return verify(secret)
-
-    monkeypatch.setattr(api.parts.tokens, "verify", counted)
+    looked_up = _lookups(api, monkeypatch)
     count = 2 * api.app.state.auth.lookups.capacity
 
     async def burst() -> list[int]:
@@ -205,15 +209,7 @@ def test_made_up_tokens_do_not_stall_a_known_tokens_read(
     path = f"/v1/accounts/{account}/balance"
     assert api.get(path, min_position=api.head()).status_code == 200  # cached and current
     gate = threading.Event()
-    looked_up: list[str] = []
-    verify = api.parts.tokens.verify
-
-    def stalled(secret: str) -> Any:
-        looked_up.append(secret)
-        gate.wait(60)
-        return verify(secret)
-
-    monkeypatch.setattr(api.parts.tokens, "verify", stalled)
+    looked_up = _lookups(api, monkeypatch, lambda secret: gate.wait(60))
 
     async def scenario() -> tuple[bool, int, list[httpx.Response]]:
         strangers = [
@@ -276,16 +272,9 @@ def test_a_token_seen_valid_is_never_refused_for_lookups_of_made_up_ones(
     assert api.get("/v1/balances").status_code == 200  # "tester" is seen valid
     later[0] += 2 * auth.cache_seconds  # and its entry has expired
     mine = api.secrets["tester"]
-    looked_up: list[str] = []
-    verify = api.parts.tokens.verify
-
-    def slow(secret: str) -> Any:
-        looked_up.append(secret)
-        if secret != mine:
-            threading.Event().wait(0.02)
-        return verify(secret)
-
-    monkeypatch.setattr(api.parts.tokens, "verify", slow)
+    looked_up = _lookups(
+        api, monkeypatch, lambda secret: secret != mine and threading.Event().wait(0.02)
+    )
     strangers = 2 * auth.lookups.capacity
 
     async def scenario() -> tuple[list[int], int, int]:

@@ -42,6 +42,16 @@ def _reader(real: list[int]) -> Any:
     return read
 
 
+def _held(gate: threading.Event, real: list[int]) -> Any:
+    """A query that holds its connection until ``gate`` opens, then answers at ``real[0]``."""
+
+    def held(views: Any, wait: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return SimpleNamespace(as_of_position=real[0])
+
+    return held
+
+
 def test_a_read_for_a_position_not_reached_answers_within_its_timeout() -> None:
     """The only connection is busy. A read for a position the read model has not reached
     waited its turn for a connection past its own timeout (until the busy one ended, or
@@ -49,10 +59,7 @@ def test_a_read_for_a_position_not_reached_answers_within_its_timeout() -> None:
     real = [1]
     pool = ReadPool([_Views(real)])  # type: ignore[list-item]
     gate = threading.Event()
-
-    def slow(views: Any, wait: dict[str, Any]) -> Any:
-        gate.wait(30)
-        return SimpleNamespace(as_of_position=real[0])
+    slow = _held(gate, real)
 
     async def scenario() -> bool:
         busy = asyncio.ensure_future(pool.read(slow, {"timeout": 30}, projection="p", turn=60))
@@ -161,10 +168,7 @@ def test_a_read_reached_while_it_waits_for_a_connection_waits_its_turn() -> None
     real = [100]
     pool = ReadPool([_Views(real)])  # type: ignore[list-item]
     gate = threading.Event()
-
-    def slow(views: Any, wait: dict[str, Any]) -> Any:
-        gate.wait(30)
-        return SimpleNamespace(as_of_position=real[0])
+    slow = _held(gate, real)
 
     async def scenario() -> Any:
         loop = asyncio.get_running_loop()

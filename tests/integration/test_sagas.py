@@ -240,6 +240,20 @@ class DownGateway:
         return []
 
 
+def _kettle_order(ledger: Ledger, order_id: str, **options: Any) -> tuple[UUID, UUID]:
+    """A customer with 10,000 EUR orders one KETTLE (of 5 in stock) at 100 from a merchant:
+    the customer's account and the order's saga."""
+    customer = ledger.open_account("customer", "EUR").account_id
+    merchant = ledger.open_account("merchant", "EUR").account_id
+    assert customer is not None and merchant is not None
+    ledger.deposit(customer, 10_000)
+    ledger.receive_stock("KETTLE", 5)
+    order = PlaceOrder(order_id, customer, merchant, [("KETTLE", 1, 100)], **options)
+    saga_id = ledger.execute(order).saga_id
+    assert saga_id is not None
+    return customer, saga_id
+
+
 def test_a_deadline_sent_a_moment_early_fires_once_it_has_passed() -> None:
     """The processor's clock read past the payment deadline, the ledger's a second short of
     it: the deadline was refused ("has not passed"), and that refusal was recorded under the
@@ -261,16 +275,7 @@ def test_a_deadline_sent_a_moment_early_fires_once_it_has_passed() -> None:
             breaker_threshold=1000,
         )
         try:
-            customer = ledger.open_account("customer", "EUR").account_id
-            merchant = ledger.open_account("merchant", "EUR").account_id
-            assert customer is not None and merchant is not None
-            ledger.deposit(customer, 10_000)
-            ledger.receive_stock("KETTLE", 5)
-            saga_id = ledger.execute(
-                PlaceOrder("o-early", customer, merchant, [("KETTLE", 1, 100)],
-                           payment_deadline=60)
-            ).saga_id  # fmt: skip
-            assert saga_id is not None
+            _, saga_id = _kettle_order(ledger, "o-early", payment_deadline=60)
             saga = processor.drive(saga_id)  # reserve, hold, a charge answered 503
             assert saga.state is SagaState.RUNNING and saga.deadline is not None
             deadline = saga.deadline[1]
@@ -340,14 +345,7 @@ def test_two_processors_on_one_refund_record_it_once_and_the_order_ends_compensa
         port_b = DecliningGateway(refund_while_a_runs)
         b = SagaProcessor(ledger, None, {"payments": port_b}, seed=2)  # type: ignore[arg-type]
         try:
-            customer = ledger.open_account("customer", "EUR").account_id
-            merchant = ledger.open_account("merchant", "EUR").account_id
-            assert customer is not None and merchant is not None
-            ledger.deposit(customer, 10_000)
-            ledger.receive_stock("KETTLE", 5)
-            receipt = ledger.execute(PlaceOrder("o-two", customer, merchant, [("KETTLE", 1, 100)]))
-            saga_id = receipt.saga_id
-            assert saga_id is not None
+            customer, saga_id = _kettle_order(ledger, "o-two")
             saga = ledger.read(Saga, saga_id)
             while saga.state is SagaState.RUNNING:  # reserve, hold, the charge declined
                 saga = b.drive(saga_id, max_moves=1)
