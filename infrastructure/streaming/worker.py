@@ -399,6 +399,12 @@ class StreamApplier:
 
     def close(self) -> None:
         if self.store is not None:
+            if self._claiming:
+                # The claim ends here rather than when the server notices the closed
+                # socket, a moment later: the group's next claim sees the letters at once.
+                # On a connection already lost the rollback fails, and closing ends it.
+                with contextlib.suppress(Exception):
+                    self.store.control("ROLLBACK")
             self.store.close()
         self.store = None
         self._registered = False
