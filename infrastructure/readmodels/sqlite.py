@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -10,6 +11,26 @@ from typing import Any
 
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks, read_row
 from daybook.projections.model import ColumnType, Row, Table, Value
+
+#: How long a connection waits for a lock another holds (SQLite's busy timeout), seconds.
+BUSY_TIMEOUT = 30.0
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (it stays so: later connections find it there). While one
+    connection switches a new file to WAL, SQLite answers another doing the same "database
+    is locked" at once rather than after the busy timeout, and a process's services open
+    the read-model database together as it starts: the switch is tried again meanwhile,
+    for as long as the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 class NoLocks(WriterLocks):
@@ -67,8 +88,14 @@ class SqliteStore(ReadStore):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        try:
+            _use_wal(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.create_aggregate("daybook_sum", 1, _ExactSum)  # type: ignore[arg-type]
 

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -465,3 +466,27 @@ def test_a_switch_holding_its_catalog_row_and_a_writer_connecting_never_deadlock
         thread.join(60)
     setup.close()
     assert outcomes == {"switch": "done", "connect": "done"}
+
+
+def test_connections_opening_a_new_sqlite_file_together_all_open(tmp_path: Path) -> None:
+    """A process's services open the read-model database at once as it starts. SQLite
+    answers "database is locked" at once, not after its busy timeout, to a connection
+    switching a new file to WAL while another does: every one of them opens all the same."""
+    failures: list[BaseException] = []
+
+    def connect(path: Path, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            open_store(f"sqlite:///{path}").close()
+        except Exception as error:
+            failures.append(error)
+
+    for attempt in range(40):
+        start = threading.Barrier(4)
+        path = tmp_path / f"new-{attempt}.db"
+        threads = [threading.Thread(target=connect, args=(path, start)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
