@@ -39,6 +39,7 @@ from uuid import UUID
 
 from daybook.domain.commands import Command, Receipt
 from daybook.domain.events import LedgerAggregate
+from daybook.infrastructure.ledger.application import refusal_counted
 {imports}
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -94,7 +95,11 @@ def command_method(command_class: type[Command], prefix: str, await_: str) -> st
     return (
         f"    {prefix}def {command_class.name}({declared}) -> Receipt:\n"
         f'        """{doc(command_class)}"""\n'
-        f"        return {await_}self.execute({command_class.__name__}({passed}))\n"
+        # Built under ``refusal_counted``: a refusal of the caller's values is counted in
+        # daybook_commands_total, as the ledger counts the refusals it answers.
+        f'        with refusal_counted("{command_class.name}"):\n'
+        f"            command = {command_class.__name__}({passed})\n"
+        f"        return {await_}self.execute(command)\n"
     )
 
 

@@ -1150,6 +1150,19 @@ def count_refused(command: str, code: str) -> None:
 
 
 @contextlib.contextmanager
+def refusal_counted(command: str) -> Iterator[None]:
+    """Count a refusal raised while the caller's values are made into ``command`` (its
+    registered name), by command and code (``count_refused``). Wraps only the building: a
+    ledger counts the refusals it answers itself, and counting those here too would count
+    them twice."""
+    try:
+        yield
+    except DomainError as refused:
+        count_refused(command, refused.code)
+        raise
+
+
+@contextlib.contextmanager
 def _commit_span(prepared: PreparedBatch) -> Iterator[None]:
     """The ``daybook.commit`` span of one batch's transaction: a child of its command's span
     when one traced command is in it, else linked to each traced command's span (from the

@@ -20,7 +20,7 @@ from daybook.domain.commands import Command, Receipt, command_named
 from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate, readable
 from daybook.domain.linked import Atomic
-from daybook.infrastructure.ledger.application import LedgerService
+from daybook.infrastructure.ledger.application import LedgerService, refusal_counted
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from daybook.infrastructure.ledger.methods import AsyncLedgerMethods, LedgerMethods, envelope
 from daybook.infrastructure.ledger.retention import RequestPurge
@@ -73,8 +73,9 @@ def _atomic(
         actor=actor,
         traceparent=traceparent,
     )
-    # The check turns the list into the tuple the field declares.
-    return Atomic(commands, **meta)  # type: ignore[arg-type]
+    with refusal_counted(Atomic.name):
+        # The check turns the list into the tuple the field declares.
+        return Atomic(commands, **meta)  # type: ignore[arg-type]
 
 
 def _command(command: object) -> Command:
@@ -91,6 +92,13 @@ def _observe_latency(name: str, started: float) -> None:
     ``daybook_command_duration_seconds`` in bulk, not one lock per command (see
     ``metrics.observe_command_seconds``)."""
     metrics.observe_command_seconds(name, time.perf_counter() - started)
+
+
+def _built(command_class: type[Command], args: Any, kwargs: Any) -> Command:
+    """``command_class`` made from a late method's arguments (see ``_late_method``), a
+    refusal counted as the generated methods count theirs."""
+    with refusal_counted(command_class.name):
+        return command_class(*args, **kwargs)
 
 
 def _late_method(name: str) -> tuple[type[Command] | None, type[LedgerAggregate] | None]:
@@ -188,7 +196,7 @@ class Ledger(LedgerMethods):
             command_class, kind = _late_method(name)
             if command_class is not None:
                 return functools.wraps(command_class)(
-                    lambda *args, **kwargs: self.execute(command_class(*args, **kwargs))
+                    lambda *args, **kwargs: self.execute(_built(command_class, args, kwargs))
                 )
             if kind is not None:
                 return lambda key: self.read(kind, key).view()
@@ -275,7 +283,7 @@ class AsyncLedger(AsyncLedgerMethods):
             command_class, kind = _late_method(name)
             if command_class is not None:
                 return functools.wraps(command_class)(
-                    lambda *args, **kwargs: self.execute(command_class(*args, **kwargs))
+                    lambda *args, **kwargs: self.execute(_built(command_class, args, kwargs))
                 )
             if kind is not None:
 

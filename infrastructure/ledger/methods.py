@@ -33,6 +33,7 @@ from daybook.domain.inventory import (
     StockView,
 )
 from daybook.domain.sagas import CancelSaga, RetrySaga, Saga, SagaView
+from daybook.infrastructure.ledger.application import refusal_counted
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -68,8 +69,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
-        return self.execute(
-            OpenAccount(
+        with refusal_counted("open_account"):
+            command = OpenAccount(
                 owner,
                 currency,
                 overdraft_limit,
@@ -82,7 +83,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def deposit(
         self,
@@ -96,8 +97,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
-        return self.execute(
-            Deposit(
+        with refusal_counted("deposit"):
+            command = Deposit(
                 account_id,
                 amount,
                 **envelope(
@@ -108,7 +109,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def withdraw(
         self,
@@ -122,8 +123,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
-        return self.execute(
-            Withdraw(
+        with refusal_counted("withdraw"):
+            command = Withdraw(
                 account_id,
                 amount,
                 **envelope(
@@ -134,7 +135,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def transfer(
         self,
@@ -150,8 +151,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
-        return self.execute(
-            Transfer(
+        with refusal_counted("transfer"):
+            command = Transfer(
                 source,
                 destination,
                 amount,
@@ -164,7 +165,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def close_account(
         self,
@@ -177,8 +178,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
-        return self.execute(
-            CloseAccount(
+        with refusal_counted("close_account"):
+            command = CloseAccount(
                 account_id,
                 **envelope(
                     request_id=request_id,
@@ -188,7 +189,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def hold(
         self,
@@ -205,8 +206,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
-        return self.execute(
-            PlaceHold(
+        with refusal_counted("hold"):
+            command = PlaceHold(
                 account_id,
                 amount,
                 **envelope(
@@ -220,7 +221,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def capture(
         self,
@@ -235,8 +236,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
-        return self.execute(
-            CaptureHold(
+        with refusal_counted("capture"):
+            command = CaptureHold(
                 hold_id,
                 amount,
                 **envelope(
@@ -248,7 +249,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def void(
         self,
@@ -261,8 +262,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Release a hold: its funds are available again, nothing is posted."""
-        return self.execute(
-            VoidHold(
+        with refusal_counted("void"):
+            command = VoidHold(
                 hold_id,
                 **envelope(
                     request_id=request_id,
@@ -272,7 +273,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def expire_hold(
         self,
@@ -285,8 +286,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Record that a hold's timeout passed (its funds were available from that instant)."""
-        return self.execute(
-            ExpireHold(
+        with refusal_counted("expire_hold"):
+            command = ExpireHold(
                 hold_id,
                 **envelope(
                     request_id=request_id,
@@ -296,7 +297,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def receive_stock(
         self,
@@ -310,8 +311,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-        return self.execute(
-            ReceiveStock(
+        with refusal_counted("receive_stock"):
+            command = ReceiveStock(
                 sku,
                 quantity,
                 **envelope(
@@ -322,7 +323,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def adjust_stock(
         self,
@@ -337,8 +338,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
-        return self.execute(
-            AdjustStock(
+        with refusal_counted("adjust_stock"):
+            command = AdjustStock(
                 sku,
                 delta,
                 reason,
@@ -350,7 +351,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def reserve_stock(
         self,
@@ -366,8 +367,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
-        return self.execute(
-            ReserveStock(
+        with refusal_counted("reserve_stock"):
+            command = ReserveStock(
                 sku,
                 quantity,
                 **envelope(
@@ -380,7 +381,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def commit_reservation(
         self,
@@ -395,8 +396,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-        return self.execute(
-            CommitReservation(
+        with refusal_counted("commit_reservation"):
+            command = CommitReservation(
                 sku,
                 reservation_id,
                 quantity,
@@ -408,7 +409,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def release_reservation(
         self,
@@ -422,8 +423,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
-        return self.execute(
-            ReleaseReservation(
+        with refusal_counted("release_reservation"):
+            command = ReleaseReservation(
                 sku,
                 reservation_id,
                 **envelope(
@@ -434,7 +435,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def expire_reservation(
         self,
@@ -448,8 +449,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Record that a reservation's timeout passed (its units were free from then)."""
-        return self.execute(
-            ExpireReservation(
+        with refusal_counted("expire_reservation"):
+            command = ExpireReservation(
                 sku,
                 reservation_id,
                 **envelope(
@@ -460,7 +461,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def cancel_saga(
         self,
@@ -475,8 +476,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Stop a running saga and compensate what it did (a person's decision)."""
-        return self.execute(
-            CancelSaga(
+        with refusal_counted("cancel_saga"):
+            command = CancelSaga(
                 saga_id,
                 decided_by,
                 reason,
@@ -488,7 +489,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def retry_saga(
         self,
@@ -503,8 +504,8 @@ class LedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Compensate a saga that needs attention again; acknowledge work gone the other way."""
-        return self.execute(
-            RetrySaga(
+        with refusal_counted("retry_saga"):
+            command = RetrySaga(
                 saga_id,
                 decided_by,
                 reason,
@@ -516,7 +517,7 @@ class LedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return self.execute(command)
 
     def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
@@ -564,8 +565,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Open an account with a zero balance in one ISO 4217 currency."""
-        return await self.execute(
-            OpenAccount(
+        with refusal_counted("open_account"):
+            command = OpenAccount(
                 owner,
                 currency,
                 overdraft_limit,
@@ -578,7 +579,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def deposit(
         self,
@@ -592,8 +593,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Credit ``amount`` minor units to an account."""
-        return await self.execute(
-            Deposit(
+        with refusal_counted("deposit"):
+            command = Deposit(
                 account_id,
                 amount,
                 **envelope(
@@ -604,7 +605,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def withdraw(
         self,
@@ -618,8 +619,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Debit ``amount`` minor units, within the balance plus the overdraft limit."""
-        return await self.execute(
-            Withdraw(
+        with refusal_counted("withdraw"):
+            command = Withdraw(
                 account_id,
                 amount,
                 **envelope(
@@ -630,7 +631,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def transfer(
         self,
@@ -646,8 +647,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Debit one account and credit another of the same currency, atomically."""
-        return await self.execute(
-            Transfer(
+        with refusal_counted("transfer"):
+            command = Transfer(
                 source,
                 destination,
                 amount,
@@ -660,7 +661,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def close_account(
         self,
@@ -673,8 +674,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Close an account at zero balance; it then refuses everything."""
-        return await self.execute(
-            CloseAccount(
+        with refusal_counted("close_account"):
+            command = CloseAccount(
                 account_id,
                 **envelope(
                     request_id=request_id,
@@ -684,7 +685,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def hold(
         self,
@@ -701,8 +702,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Reserve ``amount`` for ``timeout`` seconds; a pending transfer to a ``destination``."""
-        return await self.execute(
-            PlaceHold(
+        with refusal_counted("hold"):
+            command = PlaceHold(
                 account_id,
                 amount,
                 **envelope(
@@ -716,7 +717,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def capture(
         self,
@@ -731,8 +732,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Post all or ``amount`` of a hold (the rest is released) as a debit or a transfer."""
-        return await self.execute(
-            CaptureHold(
+        with refusal_counted("capture"):
+            command = CaptureHold(
                 hold_id,
                 amount,
                 **envelope(
@@ -744,7 +745,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def void(
         self,
@@ -757,8 +758,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Release a hold: its funds are available again, nothing is posted."""
-        return await self.execute(
-            VoidHold(
+        with refusal_counted("void"):
+            command = VoidHold(
                 hold_id,
                 **envelope(
                     request_id=request_id,
@@ -768,7 +769,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def expire_hold(
         self,
@@ -781,8 +782,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Record that a hold's timeout passed (its funds were available from that instant)."""
-        return await self.execute(
-            ExpireHold(
+        with refusal_counted("expire_hold"):
+            command = ExpireHold(
                 hold_id,
                 **envelope(
                     request_id=request_id,
@@ -792,7 +793,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def receive_stock(
         self,
@@ -806,8 +807,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Add received units to a SKU's stock (the first receipt creates the SKU)."""
-        return await self.execute(
-            ReceiveStock(
+        with refusal_counted("receive_stock"):
+            command = ReceiveStock(
                 sku,
                 quantity,
                 **envelope(
@@ -818,7 +819,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def adjust_stock(
         self,
@@ -833,8 +834,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Correct on-hand stock after a count (``delta`` may be negative)."""
-        return await self.execute(
-            AdjustStock(
+        with refusal_counted("adjust_stock"):
+            command = AdjustStock(
                 sku,
                 delta,
                 reason,
@@ -846,7 +847,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def reserve_stock(
         self,
@@ -862,8 +863,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Hold ``quantity`` units for an order (for ``timeout`` seconds, if given)."""
-        return await self.execute(
-            ReserveStock(
+        with refusal_counted("reserve_stock"):
+            command = ReserveStock(
                 sku,
                 quantity,
                 **envelope(
@@ -876,7 +877,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def commit_reservation(
         self,
@@ -891,8 +892,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Ship a reservation, fully or ``quantity`` units of it; the rest is released."""
-        return await self.execute(
-            CommitReservation(
+        with refusal_counted("commit_reservation"):
+            command = CommitReservation(
                 sku,
                 reservation_id,
                 quantity,
@@ -904,7 +905,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def release_reservation(
         self,
@@ -918,8 +919,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Give a reservation's units back to available stock."""
-        return await self.execute(
-            ReleaseReservation(
+        with refusal_counted("release_reservation"):
+            command = ReleaseReservation(
                 sku,
                 reservation_id,
                 **envelope(
@@ -930,7 +931,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def expire_reservation(
         self,
@@ -944,8 +945,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Record that a reservation's timeout passed (its units were free from then)."""
-        return await self.execute(
-            ExpireReservation(
+        with refusal_counted("expire_reservation"):
+            command = ExpireReservation(
                 sku,
                 reservation_id,
                 **envelope(
@@ -956,7 +957,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def cancel_saga(
         self,
@@ -971,8 +972,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Stop a running saga and compensate what it did (a person's decision)."""
-        return await self.execute(
-            CancelSaga(
+        with refusal_counted("cancel_saga"):
+            command = CancelSaga(
                 saga_id,
                 decided_by,
                 reason,
@@ -984,7 +985,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def retry_saga(
         self,
@@ -999,8 +1000,8 @@ class AsyncLedgerMethods(ABC):
         traceparent: str | None = None,
     ) -> Receipt:
         """Compensate a saga that needs attention again; acknowledge work gone the other way."""
-        return await self.execute(
-            RetrySaga(
+        with refusal_counted("retry_saga"):
+            command = RetrySaga(
                 saga_id,
                 decided_by,
                 reason,
@@ -1012,7 +1013,7 @@ class AsyncLedgerMethods(ABC):
                     traceparent=traceparent,
                 ),
             )
-        )
+        return await self.execute(command)
 
     async def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly

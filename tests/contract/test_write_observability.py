@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from opentelemetry import trace
@@ -17,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from daybook import Ledger, open_async_ledger, open_ledger
-from daybook.domain.accounts import Deposit, InsufficientFunds, Withdraw
-from daybook.domain.errors import DomainError
+from daybook.domain.accounts import Deposit, InsufficientFunds, SameAccount, Withdraw
+from daybook.domain.errors import DomainError, InvalidAmount, InvalidRequest, InvalidSku
 from daybook.infrastructure.ledger.application import outcome_label
 from daybook.infrastructure.observability import metrics, tracing
 
@@ -123,6 +124,66 @@ def test_a_submission_counts_each_of_its_commands(ledger: Ledger) -> None:
     else:  # each command alone: the refusal and the replay write nothing
         assert delta(before, "daybook_commit_batch_size_count") == 2
         assert delta(before, "daybook_commit_batch_size_sum") == 2
+
+
+def _refused_as_built(ledger: Ledger, account: UUID) -> None:
+    """4 commands refused as their methods build them (before any ledger has them), 1
+    refused by the ledger."""
+    with pytest.raises(InvalidAmount):
+        ledger.deposit(account, -5)
+    with pytest.raises(InvalidRequest):
+        ledger.transfer(account, account, 5, transfer_id="not an id")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        ledger.atomic([])
+    with pytest.raises(InvalidSku):
+        # A method made at run time for a command with none generated (ledger.__getattr__);
+        # type checkers know only the generated ones.
+        ledger.place_order("o-1", account, account, [("no sku!", 1, 100)])  # type: ignore[attr-defined]
+    with pytest.raises(SameAccount):
+        ledger.transfer(account, account, 5)
+
+
+def _assert_refused_as_built(before: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
+    commands = "daybook_commands_total"
+    assert delta(before, commands, command="deposit", outcome="invalid_amount") == 1
+    assert delta(before, commands, command="transfer", outcome="invalid_request") == 1
+    assert delta(before, commands, command="atomic", outcome="invalid_request") == 1
+    assert delta(before, commands, command="place_order", outcome="invalid_sku") == 1
+    assert delta(before, commands, command="transfer", outcome="same_account") == 1
+
+
+def test_a_command_refused_as_its_method_builds_it_is_counted_once(ledger: Ledger) -> None:
+    """``ledger.deposit(a, -5)`` is refused before the ledger has the command: counted as the
+    ledger counts its own refusals, by command and code, and a refusal the ledger answers
+    is not counted a second time."""
+    account = ledger.open_account("ada", "EUR").account_id
+    assert account is not None
+    before = scrape()
+    _refused_as_built(ledger, account)
+    _assert_refused_as_built(before)
+
+
+def test_a_command_refused_as_its_coroutine_method_builds_it_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    async def work() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with open_async_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+            account = (await ledger.open_account("ada", "EUR")).account_id
+            assert account is not None
+            before = scrape()
+            with pytest.raises(InvalidAmount):
+                await ledger.deposit(account, -5)
+            with pytest.raises(InvalidRequest):
+                await ledger.transfer(account, account, 5, transfer_id="not an id")  # type: ignore[arg-type]
+            with pytest.raises(InvalidRequest):
+                await ledger.atomic([])
+            with pytest.raises(InvalidSku):
+                await ledger.place_order("o-1", account, account, [("no sku!", 1, 100)])  # type: ignore[attr-defined]
+            with pytest.raises(SameAccount):
+                await ledger.transfer(account, account, 5)
+            return before
+
+    _assert_refused_as_built(asyncio.run(work()))
 
 
 def test_outcome_labels() -> None:
