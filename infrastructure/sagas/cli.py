@@ -14,7 +14,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from daybook.domain.events import LedgerAggregate
-from daybook.domain.sagas import CancelSaga, RetrySaga, Saga
+from daybook.domain.sagas import Saga
 from daybook.infrastructure import preflight
 from daybook.infrastructure.bootstrap import (
     expiry_sweeper,
@@ -385,14 +385,16 @@ def _who(args: argparse.Namespace) -> str:
 
 def _retry(args: argparse.Namespace) -> int:
     with open_ledger(settings=checked_settings(args)) as ledger:
-        ledger.execute(RetrySaga(args.saga_id, _who(args), args.reason))
+        # The ledger's method, not execute(RetrySaga(...)): a refusal of the arguments (a
+        # blank reason) is then counted as the ledger counts its own.
+        ledger.retry_saga(args.saga_id, _who(args), args.reason)
     print(f"saga {args.saga_id}: compensating again")
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
     with open_ledger(settings=checked_settings(args)) as ledger:
-        ledger.execute(CancelSaga(args.saga_id, _who(args), args.reason))
+        ledger.cancel_saga(args.saga_id, _who(args), args.reason)  # as in _retry
     print(f"saga {args.saga_id}: cancelled; its compensations will run")
     return 0
 

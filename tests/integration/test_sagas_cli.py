@@ -22,6 +22,7 @@ from daybook.infrastructure.cli import main
 from daybook.infrastructure.eventstore import REQUESTS_TABLE
 from daybook.infrastructure.gateway.fake import FakeGatewayServer
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.sagas import cli as sagas_cli
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
 from daybook.projections import SAGA_LIST
@@ -108,6 +109,36 @@ def test_the_sagas_commands(
         gateway.refund(idempotency_key(done.saga_id, "charge"))
         assert main(args) == 1
         assert f"order_without_charge         {done.saga_id}:charge" in capsys.readouterr().out
+
+
+def _counted(command: str, outcome: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "daybook_commands_total", {"command": command, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("decision", "command"), [("retry", "retry_saga"), ("cancel", "cancel_saga")]
+)
+def test_a_decision_refused_as_it_is_built_is_counted_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], decision: str, command: str
+) -> None:
+    """A blank --reason is refused before the ledger has the command: counted in
+    daybook_commands_total by command and code, as the ledger's own refusal of the same
+    decision (no such saga) is, and each once."""
+    url = f"sqlite:///{tmp_path}/shop.db"
+    open_ledger(url).close()
+    saga = str(uuid.uuid4())
+    refusals = [(command, "invalid_request"), (command, "saga_not_found")]
+    before = {refusal: _counted(*refusal) for refusal in refusals}
+    assert main(["sagas", decision, saga, "--url", url, "--reason", " "]) == 1
+    assert "refused (invalid_request)" in capsys.readouterr().err
+    assert main(["sagas", decision, saga, "--url", url, "--reason", "x"]) == 1
+    assert "refused (saga_not_found)" in capsys.readouterr().err
+    assert {refusal: _counted(*refusal) - before[refusal] for refusal in refusals} == {
+        refusal: 1 for refusal in refusals
+    }
 
 
 def test_daybook_sagas_run_drives_orders_and_stops_on_sigterm(tmp_path: Path) -> None:
