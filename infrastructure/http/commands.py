@@ -99,7 +99,8 @@ class CommandRoutes:
             # with the key, checked while this one awaits, must find it.
             self.in_flight.add(request_id)
             try:
-                await self.refuse_earlier_batch_item(token.name, key)
+                with counted_if_refused(command_class.name):
+                    await self.refuse_earlier_batch_item(token.name, key)
                 try:
                     with counted_if_refused(command_class.name):
                         command = command_class(
@@ -271,9 +272,10 @@ def _no_constant(name: str) -> Any:
 
 @contextlib.contextmanager
 def counted_if_refused(command: str) -> Iterator[None]:
-    """Count a refusal of a command's arguments, as the body is made into the command, in
-    ``daybook_commands_total`` by command and code: as the ledger counts the refusals it
-    answers, which it never sees (an unknown argument, an amount of -5)."""
+    """Count a refusal of a command before the ledger has it, in ``daybook_commands_total``
+    by command and code, as the ledger counts the refusals it answers: its arguments, as the
+    body is made into the command (an unknown argument, an amount of -5), and its key, held
+    by an earlier daybook's batch (``refuse_earlier_batch_item``)."""
     try:
         yield
     except (DomainError, Problem) as refused:

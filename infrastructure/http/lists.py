@@ -169,7 +169,8 @@ class ListRoutes:
             key = idempotency_key(request)
             _, listed = await self._listed(request, token, MAX_LINKED)
             request_id = f"{token.name}/{key}"
-            await self.commands.refuse_earlier_batch_item(token.name, key)
+            with counted_if_refused(Atomic.name):
+                await self.commands.refuse_earlier_batch_item(token.name, key)
             receipt = await self._run(
                 request_id,
                 key,

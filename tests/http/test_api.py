@@ -108,6 +108,28 @@ def test_a_command_refused_on_its_fields_is_counted_like_any_refusal(
     assert f'daybook_commands_total{{command="deposit",outcome="{code}"}}' in scraped
 
 
+def test_a_command_name_no_command_has_is_not_counted(sqlite_api: Api) -> None:
+    """An unknown command, in the path or a list, is refused but not counted under the name
+    the client sent: each name would be a series of daybook_commands_total for the life of
+    the server (the HTTP metrics count the request, by route)."""
+    name = "no_such_command"
+    headers = {**sqlite_api.auth("tester"), "Idempotency-Key": sqlite_api.key()}
+    path = f"/v1/commands/{name}"
+    reply = sqlite_api.run(sqlite_api.client.post(path, json={}, headers=headers))
+    assert reply.status_code == 404, reply.text
+    listed = {"commands": [{"command": name, "fields": {}}]}
+    headers["Idempotency-Key"] = sqlite_api.key()
+    reply = sqlite_api.run(sqlite_api.client.post("/v1/batch", json=listed, headers=headers))
+    assert_problem(reply, 422, "invalid_request")
+    counted = [
+        sample
+        for family in metrics.COMMANDS.collect()
+        for sample in family.samples
+        if sample.labels.get("command") == name
+    ]
+    assert counted == []
+
+
 def test_a_request_that_names_no_command_fields_is_not_counted_as_a_command(
     sqlite_api: Api,
 ) -> None:

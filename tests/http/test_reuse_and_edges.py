@@ -12,6 +12,7 @@ import orjson
 
 from daybook.domain.values import shown
 from tests.http.conftest import Api
+from tests.http.test_api import commands_counted
 
 
 def _post(api: Api, path: str, body: Any, key: str) -> httpx.Response:
@@ -262,6 +263,31 @@ def _as_an_earlier_daybook_left_it(api: Api, key: str, body: Any, *, claimed: bo
             )
         else:
             db.execute(f"DELETE FROM {REQUESTS_TABLE} WHERE request_id = ?", (scope,))
+
+
+def test_a_key_an_earlier_batch_holds_is_counted_as_the_command_s_refusal(
+    sqlite_api: Api,
+) -> None:
+    """A single command or linked list keyed "<key>/<i>", refused idempotency_conflict
+    before the ledger has it (an earlier daybook's batch holds the key), is counted in
+    daybook_commands_total as the ledger counts that code: under the command (a linked
+    list under atomic), once."""
+    api = sqlite_api
+    ann, bob = api.open_account("ann"), api.open_account("bob")
+    assert api.command("deposit", {"account_id": ann, "amount": 100}).is_success
+    body = {"commands": [_transfer(ann, bob, 1)]}
+    assert _post(api, "/v1/batch", body, "old").status_code == 200
+    _as_an_earlier_daybook_left_it(api, "old", body)
+    refusals = [("transfer", "idempotency_conflict"), ("atomic", "idempotency_conflict")]
+    before = {refusal: commands_counted(*refusal) for refusal in refusals}
+
+    single = _post(api, "/v1/commands/transfer", body["commands"][0]["fields"], "old/0")
+    linked = _post(api, "/v1/atomic", body, "old/0")
+
+    for reply in (single, linked):
+        assert reply.status_code == 422 and reply.json()["code"] == "idempotency_conflict"
+    counted = {refusal: commands_counted(*refusal) - before[refusal] for refusal in refusals}
+    assert counted == {refusal: 1 for refusal in refusals}
 
 
 def test_a_batch_an_earlier_daybook_ran_is_replayed_under_its_items_ids(
