@@ -1145,7 +1145,8 @@ def count_outcomes(
 
 def count_refused(command: str, code: str) -> None:
     """Count in ``daybook_commands_total`` a ``command`` refused with ``code`` before a
-    ledger saw it: a caller's input that could not be made into the command."""
+    ledger saw it: a caller's input that could not be made into the command, or (over HTTP)
+    a key the command cannot have."""
     metrics.COMMANDS.labels(command, code).inc()
 
 

@@ -132,6 +132,7 @@ def _refused_as_built(ledger: Ledger, account: UUID) -> None:
     with pytest.raises(InvalidAmount):
         ledger.deposit(account, -5)
     with pytest.raises(InvalidRequest):
+        # A caller without a type checker: the command's own check refuses the text.
         ledger.transfer(account, account, 5, transfer_id="not an id")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest):
         ledger.atomic([])
@@ -173,11 +174,11 @@ def test_a_command_refused_as_its_coroutine_method_builds_it_is_counted_once(
             before = scrape()
             with pytest.raises(InvalidAmount):
                 await ledger.deposit(account, -5)
-            with pytest.raises(InvalidRequest):
+            with pytest.raises(InvalidRequest):  # as in _refused_as_built
                 await ledger.transfer(account, account, 5, transfer_id="not an id")  # type: ignore[arg-type]
             with pytest.raises(InvalidRequest):
                 await ledger.atomic([])
-            with pytest.raises(InvalidSku):
+            with pytest.raises(InvalidSku):  # a method made at run time
                 await ledger.place_order("o-1", account, account, [("no sku!", 1, 100)])  # type: ignore[attr-defined]
             with pytest.raises(SameAccount):
                 await ledger.transfer(account, account, 5)
