@@ -14,7 +14,9 @@ here and checked, like the others, by tests/unit/test_compat.py. The domain's sn
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from eventsourcing.sqlite import SQLiteConnection, SQLiteConnectionPool
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.snapshots import LedgerSnapshot
 from daybook.infrastructure.compat import Internal, Kind
+from daybook.infrastructure.sqlite_files import BUSY_TIMEOUT, use_wal
 
 
 def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
@@ -79,6 +82,22 @@ def query_only_pool(db_name: str, lock_timeout: int | None) -> SQLiteConnectionP
     return _QueryOnlyPool(db_name=db_name, lock_timeout=lock_timeout)
 
 
+def switch_pool_to_wal(pool: SQLiteConnectionPool) -> None:
+    """Put the file of a pool's database in WAL mode before the pool connects, and tell the
+    pool so (``is_journal_mode_wal``). eventsourcing's pool switches the file itself in
+    ``_create_connection``, once, and on a new file opened by other connections at the same
+    moment (a ledger's read models, another process) SQLite can refuse that switch at once
+    with "database is locked", which opening the ledger then fails with. ``use_wal``
+    switches it, trying again for the busy timeout. (An in-memory database has no file.)"""
+    if pool.is_sqlite_memory_mode or pool.is_journal_mode_wal:
+        return
+    with closing(
+        sqlite3.connect(pool.db_name, uri=True, timeout=pool.lock_timeout or BUSY_TIMEOUT)
+    ) as conn:
+        use_wal(conn)
+    pool.is_journal_mode_wal = True
+
+
 def _recorders() -> None:
     """Stands for the recorders in ``daybook.infrastructure.eventstore`` (memory, sqlite,
     postgres), which override and extend the names below."""
@@ -92,6 +111,27 @@ RELIED_ON: tuple[Internal, ...] = (
         "is_journal_mode_wal",
         query_only_pool,
         "SQLiteConnectionPool.__init__ (set True, the pool leaves the journal mode alone)",
+        on_instance=True,
+        types=(bool,),
+        used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteConnectionPool",
+        "is_journal_mode_wal",
+        switch_pool_to_wal,
+        "SQLiteConnectionPool.__init__ (set True once the file is in WAL, the pool leaves "
+        "the journal mode alone)",
+        on_instance=True,
+        types=(bool,),
+        used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",
+    ),
+    Internal(
+        "eventsourcing",
+        "eventsourcing.sqlite:SQLiteConnectionPool",
+        "is_sqlite_memory_mode",
+        switch_pool_to_wal,
+        "SQLiteConnectionPool.__init__ (whether the database is in memory, with no file)",
         on_instance=True,
         types=(bool,),
         used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",

@@ -14,7 +14,7 @@ from eventsourcing.sqlite import (
     SQLiteFactory,
 )
 
-from daybook.infrastructure.compat.eventsourcing import query_only_pool
+from daybook.infrastructure.compat.eventsourcing import query_only_pool, switch_pool_to_wal
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     UPGRADE_RETENTION,
@@ -245,3 +245,5 @@ class Factory(SQLiteFactory):
             given = self.datastore.pool
             self.datastore.pool = query_only_pool(given.db_name, given.lock_timeout)
             given.close()
+        else:
+            switch_pool_to_wal(self.datastore.pool)

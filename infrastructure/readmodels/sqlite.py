@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks, read_row
+from daybook.infrastructure.sqlite_files import BUSY_TIMEOUT, use_wal
 from daybook.projections.model import ColumnType, Row, Table, Value
-
-#: How long a connection waits for a lock another holds (SQLite's busy timeout), seconds.
-BUSY_TIMEOUT = 30.0
-
-
-def _use_wal(conn: sqlite3.Connection) -> None:
-    """Put the file in WAL mode (it stays so: later connections find it there). While one
-    connection switches a new file to WAL, SQLite answers another doing the same "database
-    is locked" at once rather than after the busy timeout, and a process's services open
-    the read-model database together as it starts: the switch is tried again meanwhile,
-    for as long as the busy timeout."""
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
 
 
 class NoLocks(WriterLocks):
@@ -92,7 +72,7 @@ class SqliteStore(ReadStore):
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         try:
-            _use_wal(self.conn)
+            use_wal(self.conn)
         except BaseException:
             self.conn.close()
             raise

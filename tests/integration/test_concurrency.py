@@ -1,4 +1,5 @@
-"""Several writer processes on one PostgreSQL database, and writers killed mid-stream.
+"""Several writer processes on one PostgreSQL database, writers killed mid-stream, and ledgers
+opening one new SQLite file at once.
 
 Writers are real processes (``tests/integration/writer.py``) printing each outcome only after
 the ledger returned it, so a printed receipt is one a caller really received.
@@ -351,3 +352,28 @@ def test_a_process_starting_while_others_write_deadlocks_nobody(
     started.close()
     ledger.close()
     assert deadlocks_once_all_sessions_ended(pg_url) == 0
+
+
+def test_ledgers_opening_a_new_sqlite_file_together_all_open(tmp_path: Path) -> None:
+    """Services and processes started together open a new SQLite file at once. SQLite
+    answers "database is locked" at once, not after its busy timeout, to a connection
+    switching a new file to WAL while another does (eventsourcing's pool switches it as it
+    connects): every ledger opens all the same."""
+    failures: list[BaseException] = []
+
+    def open_one(url: str, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            open_ledger(url).close()
+        except Exception as error:
+            failures.append(error)
+
+    for attempt in range(100):
+        start = threading.Barrier(4)
+        url = f"sqlite:///{tmp_path}/new-{attempt}.db"
+        threads = [threading.Thread(target=open_one, args=(url, start)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
