@@ -269,6 +269,30 @@ class VersionCatalog:
         )
         return int(rows[0][0]) if rows else None
 
+    def may_replace_serving(self, projection: Projection, position: int, *, lock: bool) -> bool:
+        """Whether ``projection``'s version, every event up to ``position`` applied, may take
+        over reads from the version serving them: none serves, or an older one, not retired
+        by another switch meanwhile, that has applied nothing past ``position`` (readers must
+        never see the position go backwards: the new version catches up first).
+
+        ``lock``: the serving version's row is locked to the end of the transaction, after
+        the caller has locked its own version's row (the order ``activate`` locks them in):
+        asked in the switch's transaction, no batch of the serving version's writer (the
+        runner, which locks its version's row at the start of every batch, or a stream group,
+        which holds it shared for its batch) commits between the comparison and the switch's
+        COMMIT. Read unlocked, such a batch could commit after the comparison, and reads would
+        switch to a position behind one they had already served."""
+        name = projection.name
+        previous = self.active_version(name)
+        if previous is not None and previous > projection.version:
+            return False  # a newer version serves: this one never will
+        serving = None if previous is None else self.version(name, previous, lock=lock)
+        if serving is None:
+            return True
+        if serving.state is VersionState.RETIRED:
+            return False  # another switch replaced it meanwhile, with a newer version
+        return self.checkpoint(serving).position <= position
+
     # -- registering and moving --------------------------------------------------------------
 
     def checkpoint(self, record: VersionRecord) -> Checkpoint:

@@ -718,28 +718,16 @@ class ProjectionRunner:
 
     def _may_switch(self, catalog: VersionCatalog, slot: Slot, reached: int, *, lock: bool) -> bool:
         """Whether ``slot``'s version may start serving: still this runner's, rebuilding, read
-        up to ``reached``, no newer version serving, and not behind the serving one. Asked
-        before its keys are built (a build takes a while), and again under the lock of its
-        row and then of the serving version's row (the order ``activate`` locks them in),
-        held to the switch's COMMIT."""
+        up to ``reached``, no newer version serving, and not behind the serving one
+        (``VersionCatalog.may_replace_serving``). Asked before its keys are built (a build
+        takes a while), and again under the lock of its row and then of the serving
+        version's row (the order ``activate`` locks them in), held to the switch's COMMIT."""
         current = catalog.version(*slot.key, lock=lock)
         if current is None or current.state is not VersionState.REBUILDING:
             return False
         if current.position < reached or current.owner != RUNNER:
             return False
-        previous = catalog.active_version(slot.projection.name)
-        if previous is not None and previous > slot.projection.version:
-            return False
-        # Locked, the serving row is read as last committed, and no batch of its writer (a
-        # runner of the old code, in another process) commits until the switch has: read
-        # unlocked, such a batch could commit after the comparison, and reads switch to a
-        # position behind one they had already served.
-        name = slot.projection.name
-        serving = None if previous is None else catalog.version(name, previous, lock=lock)
-        if serving is not None and serving.state is VersionState.RETIRED:
-            return False  # another switch replaced it meanwhile, with a newer version
-        # Readers must never see the position go backwards: catch up first.
-        return serving is None or catalog.checkpoint(serving).position <= current.position
+        return catalog.may_replace_serving(slot.projection, current.position, lock=lock)
 
 
 def _report_lag(key: tuple[str, int], events: int, seconds: float) -> None:

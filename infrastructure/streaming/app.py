@@ -464,8 +464,9 @@ def traceparent_header(headers: Any) -> str | None:
 
 class LogHead:
     """The event log's head, read from the event store (the read models may live
-    elsewhere): a version the workers build starts serving once it has reached it. None
-    while the event store cannot be reached (asked again after the next batch)."""
+    elsewhere): a version the workers build starts serving once it has reached it (and is
+    not behind the version serving). None while the event store cannot be reached (asked
+    again after the next batch)."""
 
     def __init__(self, store_url: str) -> None:
         self.conninfo = postgres_params(store_url).conninfo()

@@ -623,7 +623,9 @@ class StreamApplier:
         return env.store
 
     def _serve_caught_up(self, store: ReadStore) -> None:
-        """A version being built starts serving once every event up to the head is in."""
+        """A version being built starts serving once every event up to the head is in and
+        it is not behind the version serving (``_may_serve``); until then the next batch
+        asks again."""
         head = self._head() if self._head is not None else store.head_position()
         if head is None:
             return
@@ -634,17 +636,16 @@ class StreamApplier:
         for slot in self._slots:
             if slot.record.state is not VersionState.REBUILDING:
                 continue
-            serving = catalog.active_version(slot.projection.name)
-            if serving is not None and serving > slot.projection.version:
-                continue
-            current = catalog.version(*slot.key)
-            if current is None or current.state is not VersionState.REBUILDING:
-                continue  # switched by another worker of the group, or stopped
-            if current.owner != self.owner:
-                continue  # handed over: not the group's to switch (nor to build keys for)
             try:
+                with store.transaction(write=False):
+                    ready = self._may_serve(catalog, slot, lock=False)
+                if not ready:
+                    continue
                 catalog.build_keys(slot.projection)  # before the switch locks any row
-                catalog.activate(slot.projection)
+                with store.transaction():
+                    if not self._may_serve(catalog, slot, lock=True):
+                        continue
+                    catalog.activate(slot.projection)
             except IllegalTransition:
                 continue  # another worker of the group did it first
             except Exception as error:
@@ -661,6 +662,26 @@ class StreamApplier:
                 continue
             log.info("worker: projection %s now reads from version %s", *slot.key)
             self.drops.drop(store, slot.projection.name)  # what the switch replaced
+
+    def _may_serve(self, catalog: VersionCatalog, slot: Slot, *, lock: bool) -> bool:
+        """Whether ``slot``'s version may start serving: still the group's, rebuilding, no
+        newer version serving, and not behind the serving one: the group's position (every
+        event up to it applied) is not before that version's checkpoint. A runner following
+        an older version (another process, in a rolling deploy) may have applied events the
+        group has not, past the head the worker read; serving then, reads would go back to
+        a position behind one they had served. Asked before its keys are built (a build
+        takes a while), and again under the lock of its row and then of the serving
+        version's row (the order ``activate`` locks them in), held to the switch's COMMIT
+        (``VersionCatalog.may_replace_serving``)."""
+        current = catalog.version(*slot.key, lock=lock)
+        if current is None or current.state is not VersionState.REBUILDING:
+            return False  # switched by another worker of the group, or stopped
+        if current.owner != self.owner:
+            return False  # handed over: not the group's to switch (nor to build keys for)
+        # The group's position now. With its row locked, no batch of the group (each holds
+        # the row shared) moves it before the switch has committed.
+        position = read_vector(catalog.store, self.group, self.topic, self.partitions).position
+        return catalog.may_replace_serving(slot.projection, position, lock=lock)
 
     def _mark(self, partition: int, part: _Partition, env: envelope.Envelope) -> None:
         """The relay says: after ``prev``, this partition gets nothing up to the mark."""

@@ -148,6 +148,56 @@ def test_a_switch_never_serves_a_version_behind_the_one_it_replaces(
     assert deadlocks_once_all_sessions_ended(pg_url) == 0
 
 
+def test_a_workers_switch_never_serves_a_version_behind_the_runners_it_replaces(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old code's runner follows version 1, which serves reads; a stream group builds
+    version 2 and switches reads to it once its vector has reached the head and it is not
+    behind version 1. A batch of version 1 that commits between that comparison and the
+    switch's COMMIT would serve a deposit the group has not applied, then reads would switch
+    to version 2 without it. The switch holds version 1's row from the comparison on: that
+    batch waits, finds version 1 retired, and lets go of it."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 100)
+    old = ProjectionRunner(event_log_of(ledger), pg_url, [ACCOUNT_BALANCES])
+    old.run_until_caught_up()
+    worker = StreamApplier(
+        pg_url, [ACCOUNT_BALANCES_V2], group="g", topic="t", partitions=1, writer="w"
+    )
+    outcomes: dict[str, str] = {}
+    threads: list[threading.Thread] = []
+    seen: list[int] = []
+    activate = VersionCatalog.activate
+
+    def batch_of_v1_then_activate(catalog: VersionCatalog, *args: Any, **options: Any) -> Any:
+        if not threads:
+            ledger.deposit(account, 5)  # a command commits, and the old runner applies it
+            threads.append(in_thread(outcomes, "old", old.step))
+            waits_or_finishes(pg_url, threads[0], 1)
+            with ReadModels(pg_url) as reads:  # what a client reads meanwhile
+                row = reads.balance(account)
+                assert row is not None
+                seen.append(row.as_of_position)
+        return activate(catalog, *args, **options)
+
+    monkeypatch.setattr(VersionCatalog, "activate", batch_of_v1_then_activate)
+    messages = Stream(1).publish(ledger)
+    outcome_of(outcomes, "worker", lambda: worker.apply(messages))  # in: switches reads
+    for thread in threads:
+        thread.join(30)
+    with ReadModels(pg_url) as reads:
+        row = reads.balance(account)
+    worker.close(), old.stop(), ledger.close()
+    assert outcomes == {"old": "done", "worker": "done"}
+    assert row is not None and seen
+    assert row.version == 2
+    assert row.as_of_position >= seen[0], (
+        f"reads went back from position {seen[0]} to {row.as_of_position} ({row.balance})"
+    )
+    assert deadlocks_once_all_sessions_ended(pg_url) == 0
+
+
 def test_a_repair_and_a_batch_of_the_owning_stream_group_never_deadlock(pg_url: str) -> None:
     """A worker's batch locks its partitions' progress rows, then the version's catalog row
     FOR SHARE. ``reconcile --repair`` of that version locked the catalog row first, then the

@@ -35,7 +35,7 @@ from daybook.infrastructure.streaming.progress import (
 )
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from daybook.infrastructure.transient import is_transient
-from daybook.projections.accounts import ACCOUNT_STATEMENT, STATEMENT
+from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, STATEMENT
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
 from scripts import services
 from scripts.streams import unique
@@ -377,6 +377,57 @@ def test_a_worker_drops_what_a_switch_left_behind_and_builds_keys_a_switch_left_
         worker.close()
         slow.close()
         setup.close()
+
+
+def test_a_version_the_group_built_serves_only_once_not_behind_the_runners_it_replaces(
+    pg_url: str,
+) -> None:
+    """The runner follows version 1, which serves reads; the group builds version 2. The
+    log moved on after a worker read its head, and the runner applied the new deposit: once
+    the group's vector reached the head it had read, the switch served version 2 behind
+    version 1, and reads went back (105 as of one position, then 100 as of an earlier
+    one). Version 2 serves once the group has caught up with version 1."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 100)
+    log = event_log_of(ledger)
+    stream = Stream(1)
+    first = stream.publish(ledger)
+    heads = [stream.position]  # the head as a worker read it
+    old, new = ACCOUNT_BALANCES, replace(ACCOUNT_BALANCES, version=2)
+    runner = ProjectionRunner(log, pg_url, [old])
+    worker = StreamApplier(
+        pg_url, [new], group="g", topic="t", partitions=1, writer="test", head=lambda: heads[-1]
+    )
+    try:
+        runner.run_until_caught_up()  # version 1 serves
+        ledger.deposit(account, 5)  # the log moves on past the head the worker read
+        runner.run_until_caught_up()
+        with ReadModels(pg_url) as reads:
+            served = reads.balance(account)
+        assert served is not None and served.balance == 105
+        worker.apply(first)  # every event up to the head it read is in
+        with ReadModels(pg_url) as reads:
+            after = reads.balance(account)
+        assert after is not None and after.as_of_position >= served.as_of_position, (
+            f"reads went back from {served.balance} as of {served.as_of_position}"
+            f" to {after.balance} as of {after.as_of_position}"
+        )
+        assert worker.store is not None
+        catalog = VersionCatalog(worker.store)
+        assert catalog.active_version(old.name) == 1
+        rest = stream.publish(ledger)
+        heads.append(stream.position)
+        worker.apply(rest)  # caught up with version 1: now it serves
+        with ReadModels(pg_url) as reads:
+            caught_up = reads.balance(account)
+        assert catalog.active_version(old.name) == 2
+        assert caught_up is not None and caught_up.balance == 105
+        assert caught_up.as_of_position >= served.as_of_position
+    finally:
+        worker.close()
+        runner.stop()
+        ledger.close()
 
 
 def exists(store: ReadStore, table: str) -> bool:
