@@ -217,8 +217,14 @@ def _handle_errors(app: FastAPI) -> None:
         if error.status_code == 404:
             return Problem("not_found", f"nothing is at {request.url.path}").response()
         if error.status_code == 405:
+            # RFC 9110 15.5.6: a 405 must say, in Allow, which methods the path takes (the
+            # route put them in the exception's headers; a set, so in no stable order).
+            methods = (error.headers or {}).get("Allow", "").split(",")
+            allowed = ", ".join(sorted(m.strip() for m in methods if m.strip()))
             return Problem(
-                "method_not_allowed", f"{request.url.path} does not take {request.method}"
+                "method_not_allowed",
+                f"{request.url.path} does not take {request.method}; it takes {allowed}",
+                headers={"Allow": allowed},
             ).response()
         return Problem("invalid_request", str(error.detail), status=error.status_code).response()
 

@@ -171,7 +171,7 @@ DESCRIPTIONS: dict[str, str] = {
     "unauthorized": "No valid bearer token: missing, unknown or revoked.",
     "forbidden": "The token lacks the scope this endpoint needs.",
     "not_found": "Nothing is at this path, or the read model has no such row.",
-    "method_not_allowed": "This path does not take this method.",
+    "method_not_allowed": "This path does not take this method; Allow lists those it takes.",
     "payload_too_large": "The body is larger than the server accepts.",
     "unsupported_media_type": "Bodies must be application/json.",
     "rate_limited": "This token sent more requests than its rate allows; see Retry-After.",

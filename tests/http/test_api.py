@@ -990,6 +990,29 @@ def test_problem_codes_describe_themselves(api: Api) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/commands/transfer", {"POST"}),
+        ("GET", "/v1/batch", {"POST"}),
+        ("POST", f"/v1/accounts/{uuid.UUID(int=5)}/balance", {"GET"}),
+        ("POST", "/v1/balances", {"GET"}),
+        ("DELETE", "/health", {"GET"}),
+    ],
+)
+def test_a_405_says_which_methods_the_path_takes(
+    sqlite_api: Api, method: str, path: str, allowed: set[str]
+) -> None:
+    """RFC 9110: a 405 must carry Allow, listing the methods the resource takes; it carried
+    none, and a client could not tell what to send instead."""
+    reply = sqlite_api.run(
+        sqlite_api.client.request(method, path, headers=sqlite_api.auth("tester"))
+    )
+    assert_problem(reply, 405, "method_not_allowed")
+    assert "allow" in reply.headers, dict(reply.headers)
+    assert {m.strip() for m in reply.headers["allow"].split(",")} == allowed
+
+
 def test_a_bug_is_a_500_problem_without_a_traceback(
     sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
