@@ -222,10 +222,9 @@ def idempotency_key(request: Request) -> str:
 async def json_body(request: Request) -> Any:
     media = request.headers.get("content-type", "")
     if not _JSON_TYPE.match(media.strip()):
-        raise Problem(
-            "unsupported_media_type",
-            f"send the body as application/json, not {media or 'without a Content-Type'}",
-        )
+        # The header is the client's, cut as any echoed input is (``shown``).
+        sent = shown(media) if media else "without a Content-Type"
+        raise Problem("unsupported_media_type", f"send the body as application/json, not {sent}")
     body = await request.body()
     try:
         # The standard library's parser, not orjson: it keeps integers of any size exact (so

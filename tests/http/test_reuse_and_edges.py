@@ -499,3 +499,16 @@ def test_a_huge_name_is_not_echoed_whole(sqlite_api: Api) -> None:
     assert len(many.json()["details"]["unknown"]) == 10
     memo = api.command("deposit", {"account_id": account, "amount": 1, "memo": "x"})
     assert memo.json()["details"]["unknown"] == ["memo"]  # a short name as it was sent
+
+
+def test_a_huge_content_type_is_not_echoed_whole(sqlite_api: Api) -> None:
+    """The Content-Type of a body that is not JSON came back whole in the refusal's
+    message, however long the client made it."""
+    api = sqlite_api
+    media = "text/plain; x=" + "y" * 60_000
+    headers = {**api.auth("tester"), "Idempotency-Key": "1", "Content-Type": media}
+    reply = api.run(api.client.post("/v1/commands/deposit", content=b"{}", headers=headers))
+    assert reply.status_code == 415, reply.text[:300]
+    assert reply.json()["code"] == "unsupported_media_type"
+    assert len(reply.content) < 2_000, len(reply.content)
+    assert shown(media) in reply.json()["detail"]
