@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import ssl
 import sys
@@ -73,7 +74,10 @@ def register(subparsers: Any) -> None:
         "--cors-origin",
         action="append",
         default=[],
-        help="a browser origin allowed to call the API; repeat for more (default: none, CORS off)",
+        type=_cors_origin,
+        help="a browser origin allowed to call the API, scheme://host[:port] (http or https, "
+        "lowercase, no path or trailing slash), or * for any; repeat for more (default: none, "
+        "CORS off)",
     )
     serve.add_argument(
         "--no-projections",
@@ -213,6 +217,30 @@ def _token_name(text: str) -> str:
         return check_name(text)
     except TokenError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+#: An origin as a browser sends it in ``Origin`` (RFC 6454 serialisation): a lowercase http or
+#: https scheme and host (a name, an IPv4 address, or an IPv6 one in brackets), an optional
+#: port, and nothing after it, not even a slash.
+_ORIGIN = re.compile(
+    r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:(?P<port>[0-9]{1,5}))?"
+)
+
+
+def _cors_origin(text: str) -> str:
+    """An argparse type: ``*`` or an origin. CORS compares the browser's ``Origin`` with each
+    allowed one as text, so any other value (a trailing slash, a path, capitals) would
+    silently allow nobody."""
+    if text == "*":
+        return text
+    origin = _ORIGIN.fullmatch(text)
+    port = origin.group("port") if origin is not None else None
+    if origin is None or (port is not None and not 0 < int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            "expected * or an origin as a browser sends it, scheme://host[:port] (http or "
+            f"https, lowercase, no path, query, fragment or trailing slash), got {text!r}"
+        )
+    return text
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -539,3 +539,52 @@ def test_cors_for_the_origins_given(tmp_path: Path) -> None:
         assert allowed == "https://dashboard.example"
     finally:
         api.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://dashboard.example/",  # a trailing slash: no browser sends one
+        "https://dashboard.example/app",
+        "https://dashboard.example?x=1",
+        "https://dashboard.example#top",
+        "dashboard.example",
+        "ftp://dashboard.example",
+        "https://",
+        "https://dashboard.example:0",
+        "https://dashboard.example:99999",
+        "https://user@dashboard.example",
+        "HTTPS://DASHBOARD.EXAMPLE",  # browsers send an origin in lowercase
+        "",
+        "**",
+    ],
+)
+def test_serve_refuses_a_cors_origin_that_no_browser_sends(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--cors-origin`` took anything: a value no browser's Origin ever equals (a trailing
+    slash, a path) allowed nobody, and nothing said so. Refused as the options are read, in
+    one line. (``--tls-cert`` alone stops the server before it opens anything, should the
+    value be taken.)"""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--cors-origin", value, "--tls-cert", "missing.pem"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    assert "--cors-origin" in error and repr(value) in error, error
+
+
+def test_serve_takes_every_cors_origin_a_browser_sends() -> None:
+    from daybook.infrastructure.cli import build_parser
+
+    origins = [
+        "*",
+        "https://dashboard.example",
+        "http://localhost:3000",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8000",
+        "https://xn--bcher-kva.example",
+    ]
+    arguments = [part for origin in origins for part in ("--cors-origin", origin)]
+    args = build_parser().parse_args(["serve", *arguments])
+    assert args.cors_origin == origins
