@@ -7,7 +7,8 @@ projections. Routes: ``POST /v1/commands/<name>`` per registered command, ``POST
 ``/v1/``, ``GET /health``, ``GET /v1/status`` (admin), ``/problems/<code>`` (what a problem
 code means), the OpenAPI document (``/openapi.json``), its docs pages (``/docs``,
 ``/redoc``) and the dashboard (``board``). Every route needs a token but ``/health``, the
-problem pages, the docs and the dashboard's page and files, none of which holds data.
+problem pages, the docs and the dashboard's page and files, none of which holds data. A
+query parameter a route does not define is refused (``parameters``), not ignored.
 
 Every error is problem+json (``problems``), a bug included: it is logged with its
 traceback on the server and answered ``500 internal_error`` without one. A client that hangs
@@ -43,6 +44,7 @@ from daybook.infrastructure.http.commands import CommandRoutes, receipt_schema
 from daybook.infrastructure.http.lists import ListRoutes
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.options import HttpOptions
+from daybook.infrastructure.http.parameters import refuse_unknown_parameters
 from daybook.infrastructure.http.problems import Problem, describe, is_outage, unavailable
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
 from daybook.infrastructure.http.tokens import Token, TokenStore
@@ -176,6 +178,11 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
             metrics.ADMISSION_DEPTH.labels(door.name).set(door.inside)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    # Every route now exists (FastAPI added its documentation pages as it was made). The
+    # page Swagger UI's OAuth2 login returns to is left alone: the parameters it receives
+    # are the identity provider's, not daybook's.
+    oauth2 = app.swagger_ui_oauth2_redirect_url if app.docs_url else None
+    refuse_unknown_parameters(app, unchecked={oauth2} if oauth2 else set())
     _handle_errors(app)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.cors_origins:

@@ -32,6 +32,7 @@ STATUS: dict[str, int] = {
     "idempotency_key_invalid": 400,
     "invalid_cursor": 400,
     "invalid_parameter": 400,
+    "unknown_parameter": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
@@ -168,6 +169,10 @@ DESCRIPTIONS: dict[str, str] = {
     "idempotency_key_in_use": "A request with this Idempotency-Key is still being processed.",
     "invalid_cursor": "The cursor was not one this server handed out.",
     "invalid_parameter": "A query parameter or header has a value that cannot be used.",
+    "unknown_parameter": (
+        "The query has a parameter this route does not define (misspelt, say); the detail "
+        "names it and those the route takes."
+    ),
     "unauthorized": "No valid bearer token: missing, unknown or revoked.",
     "forbidden": "The token lacks the scope this endpoint needs.",
     "not_found": "Nothing is at this path, or the read model has no such row.",

@@ -414,6 +414,80 @@ def test_a_query_parameter_given_twice_is_refused(sqlite_api: Api) -> None:
     assert ids.status_code == 200, ids.text  # a list: repeated on purpose
 
 
+def test_a_misspelt_query_parameter_is_refused_not_ignored(sqlite_api: Api) -> None:
+    """``?min_positon=N``: the misspelt parameter was ignored, and the read answered at once,
+    before the write it was told to wait for, with no word of it. Refused, naming it and
+    the parameters the route takes."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    path = f"/v1/accounts/{ann}/balance"
+    query = {"min_positon": api.head() + 1000, "timeout": 0}
+    reply = api.run(api.client.get(path, params=query, headers=api.auth("tester")))
+    assert reply.status_code == 400, reply.text
+    problem = reply.json()
+    assert problem["code"] == "unknown_parameter", problem
+    assert problem["type"] == "/problems/unknown_parameter"
+    assert "'min_positon'" in problem["detail"], problem
+    assert "min_position, timeout" in problem["detail"], problem
+    assert problem["details"] == {"unknown": ["min_positon"], "takes": ["min_position", "timeout"]}
+    described = api.run(api.client.get("/problems/unknown_parameter"))
+    assert described.status_code == 200, described.text
+
+
+#: A request of every kind the server answers (method, path, and a body for a POST); each is
+#: refused when it carries a query parameter its route does not define.
+_EVERY_ROUTE: list[tuple[str, str, Any]] = [
+    ("POST", "/v1/commands/open_account", {"owner": "ann", "currency": "EUR"}),
+    ("POST", "/v1/atomic", {"commands": [{"command": "open_account", "fields": {}}]}),
+    ("POST", "/v1/batch", {"commands": [{"command": "open_account", "fields": {}}]}),
+    ("POST", "/v1/projections/account_balances/resume", None),
+    ("GET", f"/v1/accounts/{'0' * 8}-0000-0000-0000-{'0' * 12}/balance", None),
+    ("GET", f"/v1/accounts/{'0' * 8}-0000-0000-0000-{'0' * 12}/statement", None),
+    ("GET", "/v1/balances", None),
+    ("GET", "/v1/balances/snapshot", None),
+    ("GET", "/v1/stock/SKU-1", None),
+    ("GET", "/v1/activity", None),
+    ("GET", "/v1/status", None),
+    ("GET", "/v1/dashboard", None),
+    ("GET", "/metrics", None),
+    ("GET", "/health", None),
+    ("GET", "/problems/overloaded", None),
+    ("GET", "/", None),
+    ("GET", "/dashboard/dashboard.js", None),
+    ("GET", "/openapi.json", None),
+    ("GET", "/docs", None),
+    ("GET", "/redoc", None),
+]
+
+
+def test_every_route_refuses_a_query_parameter_it_does_not_define(sqlite_api: Api) -> None:
+    api = sqlite_api
+    head = api.head()
+    for method, path, body in _EVERY_ROUTE:
+        headers = {**api.auth("tester"), "Idempotency-Key": api.key()}
+        reply = api.run(
+            api.client.request(method, path, params={"bogus": "1"}, json=body, headers=headers)
+        )
+        assert reply.status_code == 400, (path, reply.status_code, reply.text[:300])
+        assert reply.json()["code"] == "unknown_parameter", (path, reply.text)
+    assert api.head() == head  # no command ran
+    # The page Swagger UI's OAuth2 login returns to takes the identity provider's parameters.
+    returned = api.run(api.client.get("/docs/oauth2-redirect", params={"code": "c", "state": "s"}))
+    assert returned.status_code == 200, returned.text[:300]
+
+
+def test_a_huge_unknown_parameter_is_not_echoed_whole(sqlite_api: Api) -> None:
+    api = sqlite_api
+    huge = "n" * 5_000
+    names = {huge: "1", **{f"n{i}": "1" for i in range(500)}}
+    reply = api.run(api.client.get("/v1/balances", params=names, headers=api.auth("tester")))
+    assert reply.status_code == 400, reply.text[:300]
+    assert reply.json()["code"] == "unknown_parameter"
+    assert len(reply.content) < 2_000, len(reply.content)
+    assert "(5002 characters)" in reply.json()["detail"]
+    assert "501 unknown" in reply.json()["detail"]
+
+
 def test_daybook_min_position_given_twice_is_refused(sqlite_api: Api) -> None:
     """Two ``Daybook-Min-Position`` header lines (a client's and a proxy's, say): the first
     won silently, and a read that asked to wait for position 999999 was answered at once,
