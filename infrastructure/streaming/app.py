@@ -214,7 +214,7 @@ def make_app(
             if not is_transient(error):
                 applier.supervisor.judge(error)
                 raise _Stopped from error
-            letters_pending = True  # (their claim's connection closed already)
+            letters_pending = True  # (their claim ended already: released or closed)
             log.warning("worker: dead letters could not be published yet (%s); trying again"
                         " after the next batch", first_line(error))  # fmt: skip
             return

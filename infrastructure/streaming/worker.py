@@ -399,12 +399,9 @@ class StreamApplier:
 
     def close(self) -> None:
         if self.store is not None:
-            if self._claiming:
-                # The claim ends here rather than when the server notices the closed
-                # socket, a moment later: the group's next claim sees the letters at once.
-                # On a connection already lost the rollback fails, and closing ends it.
-                with contextlib.suppress(Exception):
-                    self.store.control("ROLLBACK")
+            # The claim ends here rather than when the server notices the closed socket, a
+            # moment later: the group's next claim sees the letters at once.
+            self._end_claim(self.store)
             self.store.close()
         self.store = None
         self._registered = False
@@ -927,19 +924,33 @@ class StreamApplier:
         store = self.connect()
         store.control(store.begin_write)
         self._claiming = True
-        store.execute(
-            f"SET LOCAL idle_in_transaction_session_timeout = '{CLAIM_IDLE_LIMIT_SECONDS}s'"
-        )
-        rows = store.execute(
-            f"SELECT position, envelope, error, partition, kafka_offset FROM {DEAD_LETTER_TABLE} "
-            "WHERE group_id = %s AND topic = %s AND NOT published ORDER BY position LIMIT %s "
-            "FOR UPDATE SKIP LOCKED",
-            (self.group, self.topic, limit),
-        )
+        try:
+            store.execute(
+                f"SET LOCAL idle_in_transaction_session_timeout = '{CLAIM_IDLE_LIMIT_SECONDS}s'"
+            )
+            rows = store.execute(
+                f"SELECT position, envelope, error, partition, kafka_offset "
+                f"FROM {DEAD_LETTER_TABLE} WHERE group_id = %s AND topic = %s "
+                "AND NOT published ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED",
+                (self.group, self.topic, limit),
+            )
+        except BaseException:
+            # (A statement cancelled, a lock not granted: retried later.) Left open, the
+            # aborted claim would fail the next batch on this connection, for good.
+            self._end_claim(store)
+            raise
         return [
             DeadLetter(int(p), bytes(v), (e.strip().splitlines() or ["error"])[-1], part, at)
             for p, v, e, part, at in rows
         ]
+
+    def _end_claim(self, store: ReadStore) -> None:
+        """End the claim on dead letters ``store``'s connection holds, if any, its rows
+        unpublished (on a connection already lost the rollback fails: closing ends it)."""
+        if self._claiming:
+            self._claiming = False
+            with contextlib.suppress(Exception):
+                store.control("ROLLBACK")
 
     def mark_published(self, letters: Sequence[DeadLetter]) -> None:
         """Record ``letters`` as on the dead-letter topic (ending their claim, if any)."""

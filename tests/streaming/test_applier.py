@@ -29,6 +29,7 @@ from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.infrastructure.streaming import relay as relay_module
 from daybook.infrastructure.streaming import worker as worker_module
 from daybook.infrastructure.streaming.progress import (
+    DEAD_LETTER_TABLE,
     PURGE_INDEX,
     purge_closed_letters,
     read_status,
@@ -235,6 +236,33 @@ def test_two_workers_of_a_group_publish_each_dead_letter_once(pg_url: str) -> No
         b.close()
     assert sorted(sent) == sorted(p.position for p in [*parked_a, *parked_b])
     assert [p for p, n in sent.items() if n > 1] == []
+
+
+def test_a_claim_of_dead_letters_that_fails_ends_and_the_next_batch_applies(
+    pg_url: str,
+) -> None:
+    """A claim whose own query fails for a reason a retry cures (here its statement
+    cancelled, waiting for a table another session locked) ends there: the next batch, on
+    the same connection, applies rather than fail in the aborted claim (which no retry
+    cures: the worker would stop), and the letters are claimed again later."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        worker.apply([Message(0, 3, b"not an envelope")])
+        assert worker.store is not None
+        worker.store.execute("SET statement_timeout = '2s'")
+        with psycopg.connect(pg_url) as other:
+            other.execute(f"LOCK TABLE {DEAD_LETTER_TABLE} IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(psycopg.errors.QueryCanceled) as failed:
+                worker.claim_dead_letters()
+        assert is_transient(failed.value)
+        worker.apply([Message(0, 4, b"not an envelope either")])
+        claimed = worker.claim_dead_letters()
+        assert sorted(letter.offset for letter in claimed) == [3, 4]
+        worker.mark_published(claimed)
+    finally:
+        worker.close()
 
 
 def test_dead_letters_a_worker_failed_to_publish_are_claimed_again(pg_url: str) -> None:
