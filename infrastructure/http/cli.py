@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import socket
 import ssl
@@ -75,9 +76,9 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         type=_cors_origin,
-        help="a browser origin allowed to call the API, scheme://host[:port] (http or https, "
-        "lowercase, no path or trailing slash), or * for any; repeat for more (default: none, "
-        "CORS off)",
+        help="a browser origin allowed to call the API, as browsers send it: scheme://host[:port] "
+        "(lowercase, no path or trailing slash, no default port), or * for any; repeat for more "
+        "(default: none, CORS off)",
     )
     serve.add_argument(
         "--no-projections",
@@ -223,24 +224,43 @@ def _token_name(text: str) -> str:
 #: https scheme and host (a name, an IPv4 address, or an IPv6 one in brackets), an optional
 #: port, and nothing after it, not even a slash.
 _ORIGIN = re.compile(
-    r"https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:(?P<port>[0-9]{1,5}))?"
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+    r"(?P<host>\[(?P<ipv6>[0-9a-f:.]+)\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)"
+    r"(:(?P<port>[1-9][0-9]{0,4}))?"
 )
+#: The port a browser leaves out of an origin: it sends ``https://a.example``, never
+#: ``https://a.example:443``.
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def _cors_origin(text: str) -> str:
-    """An argparse type: ``*`` or an origin. CORS compares the browser's ``Origin`` with each
-    allowed one as text, so any other value (a trailing slash, a path, capitals) would
-    silently allow nobody."""
+    """An argparse type: ``*`` or an origin, as a browser serializes it. CORS compares the
+    browser's ``Origin`` with each allowed one as text, so any other value (a trailing
+    slash, a path, capitals, a default port, an IPv6 address written out in full) would
+    silently allow nobody. Any scheme: an app's web view or a browser extension sends its
+    own (``capacitor://localhost``, ``chrome-extension://<id>``)."""
     if text == "*":
         return text
     origin = _ORIGIN.fullmatch(text)
-    port = origin.group("port") if origin is not None else None
-    if origin is None or (port is not None and not 0 < int(port) <= 65535):
+    if origin is None or not _as_browsers_send(origin):
         raise argparse.ArgumentTypeError(
-            "expected * or an origin as a browser sends it, scheme://host[:port] (http or "
-            f"https, lowercase, no path, query, fragment or trailing slash), got {text!r}"
+            "expected * or an origin as a browser sends it, scheme://host[:port] (lowercase; "
+            "no path, query, fragment or trailing slash; no :80 for http nor :443 for "
+            f"https), got {text!r}"
         )
     return text
+
+
+def _as_browsers_send(origin: re.Match[str]) -> bool:
+    port, ipv6 = origin.group("port"), origin.group("ipv6")
+    if port is not None and (int(port) > 65535 or _DEFAULT_PORTS.get(origin["scheme"]) == port):
+        return False
+    if ipv6 is not None:
+        try:
+            return ipaddress.IPv6Address(ipv6).compressed == ipv6
+        except ValueError:
+            return False
+    return True
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -549,10 +549,15 @@ def test_cors_for_the_origins_given(tmp_path: Path) -> None:
         "https://dashboard.example?x=1",
         "https://dashboard.example#top",
         "dashboard.example",
-        "ftp://dashboard.example",
         "https://",
         "https://dashboard.example:0",
         "https://dashboard.example:99999",
+        "https://dashboard.example:443",  # a browser leaves the default port out
+        "http://dashboard.example:80",
+        "http://dashboard.example:0080",
+        "http://[0:0:0:0:0:0:0:1]:8000",  # a browser writes [::1]
+        "http://[not:an:address]",
+        "1https://dashboard.example",
         "https://user@dashboard.example",
         "HTTPS://DASHBOARD.EXAMPLE",  # browsers send an origin in lowercase
         "",
@@ -584,6 +589,10 @@ def test_serve_takes_every_cors_origin_a_browser_sends() -> None:
         "http://127.0.0.1:8080",
         "http://[::1]:8000",
         "https://xn--bcher-kva.example",
+        "https://dashboard.example:8443",
+        "http://dashboard.example:443",
+        "capacitor://localhost",  # an app's web view
+        "chrome-extension://abcdefghijklmnopabcdefghijklmnop",
     ]
     arguments = [part for origin in origins for part in ("--cors-origin", origin)]
     args = build_parser().parse_args(["serve", *arguments])
