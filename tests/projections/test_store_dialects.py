@@ -481,7 +481,7 @@ def test_connections_opening_a_new_sqlite_file_together_all_open(tmp_path: Path)
         except Exception as error:
             failures.append(error)
 
-    for attempt in range(40):
+    for attempt in range(200):
         start = threading.Barrier(4)
         path = tmp_path / f"new-{attempt}.db"
         threads = [threading.Thread(target=connect, args=(path, start)) for _ in range(4)]
