@@ -9,15 +9,15 @@ import time
 BUSY_TIMEOUT = 30.0
 
 
-def use_wal(conn: sqlite3.Connection) -> None:
+def use_wal(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT) -> None:
     """Put ``conn``'s file in WAL mode (it stays so: later connections find it there).
 
     While one connection switches a new file to WAL, SQLite answers another doing the same
     "database is locked" at once rather than after the busy timeout, and a new file is
     opened by several connections together: a process's services as it starts, a ledger
     and its read models, two processes started at once. The switch is tried again
-    meanwhile, for as long as the busy timeout."""
-    deadline = time.monotonic() + BUSY_TIMEOUT
+    meanwhile, for as long as the busy timeout (``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             conn.execute("PRAGMA journal_mode=WAL")

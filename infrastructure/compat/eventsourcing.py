@@ -91,10 +91,9 @@ def switch_pool_to_wal(pool: SQLiteConnectionPool) -> None:
     switches it, trying again for the busy timeout. (An in-memory database has no file.)"""
     if pool.is_sqlite_memory_mode or pool.is_journal_mode_wal:
         return
-    with closing(
-        sqlite3.connect(pool.db_name, uri=True, timeout=pool.lock_timeout or BUSY_TIMEOUT)
-    ) as conn:
-        use_wal(conn)
+    timeout = pool.lock_timeout or BUSY_TIMEOUT
+    with closing(sqlite3.connect(pool.db_name, uri=True, timeout=timeout)) as conn:
+        use_wal(conn, timeout)
     pool.is_journal_mode_wal = True
 
 
