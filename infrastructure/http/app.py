@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daybook.infrastructure.eventstore.log import EventLog
@@ -130,6 +131,10 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         }
         return _json(body, 200 if ok else 503)
 
+    # HEAD too, as a load balancer's health check may probe (answered without a body): a
+    # route of its own, out of the OpenAPI document, whose operation ids must be unique.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     admin = Depends(auth.require("admin"))
     reader = Depends(auth.require("read", limited=False))
 
@@ -214,6 +219,15 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
 CLIENT_CLOSED_REQUEST = 499
 
 
+def _methods_at(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods the routes at ``scope``'s path take, sorted."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.matches(scope)[0] is not Match.NONE:
+            methods.update(route.methods or ())
+    return sorted(methods)
+
+
 def _handle_errors(app: FastAPI) -> None:
     async def problem(request: Request, error: Exception) -> Response:
         assert isinstance(error, Problem)
@@ -224,10 +238,9 @@ def _handle_errors(app: FastAPI) -> None:
         if error.status_code == 404:
             return Problem("not_found", f"nothing is at {request.url.path}").response()
         if error.status_code == 405:
-            # RFC 9110 15.5.6: a 405 must say, in Allow, which methods the path takes (the
-            # route put them in the exception's headers; a set, so in no stable order).
-            methods = (error.headers or {}).get("Allow", "").split(",")
-            allowed = ", ".join(sorted(m.strip() for m in methods if m.strip()))
+            # RFC 9110 15.5.6: a 405 must say, in Allow, which methods the path takes: those
+            # of every route at the path (the exception's headers name the first one's only).
+            allowed = ", ".join(_methods_at(app, request.scope))
             return Problem(
                 "method_not_allowed",
                 f"{request.url.path} does not take {request.method}; it takes {allowed}",

@@ -968,6 +968,13 @@ def test_activity_and_health(api: Api) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_health_answers_head_as_load_balancers_probe(api: Api) -> None:
+    """A load balancer's health check may probe with HEAD: answered as GET is, without the
+    body (it was 405, and the service looked down)."""
+    probe = api.run(api.client.head("/health"))
+    assert probe.status_code == 200 and probe.content == b"", (probe.status_code, probe.text)
+
+
 def test_a_days_volume_past_64_bits_is_answered_exactly(api: Api) -> None:
     """Every amount fits 64 bits, a day's volume need not: five deposits of 2**62 make one
     that JSON carries as the exact integer, not a 500."""
@@ -997,7 +1004,7 @@ def test_problem_codes_describe_themselves(api: Api) -> None:
         ("GET", "/v1/batch", {"POST"}),
         ("POST", f"/v1/accounts/{uuid.UUID(int=5)}/balance", {"GET"}),
         ("POST", "/v1/balances", {"GET"}),
-        ("DELETE", "/health", {"GET"}),
+        ("DELETE", "/health", {"GET", "HEAD"}),
     ],
 )
 def test_a_405_says_which_methods_the_path_takes(
