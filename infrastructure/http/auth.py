@@ -64,6 +64,8 @@ class Authenticator:
     _checks: deque[tuple[str, str]] = field(default_factory=deque)
     _new: deque[tuple[str, str]] = field(default_factory=deque)
     _busy: bool = False
+    #: ``forget`` calls so far: a lookup under way across one does not remember its answer.
+    _forgets: int = 0
     _thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="daybook-tokens")
     )
@@ -124,7 +126,7 @@ class Authenticator:
         self._busy = True
         # Trusted from the moment of the look, not of its answer (which may come seconds
         # later): a revocation then takes effect within ``cache_seconds``, as promised.
-        started = self.clock()
+        started, forgets = self.clock(), self._forgets
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._thread, self.tokens.verify, secret)
 
@@ -139,7 +141,8 @@ class Authenticator:
             elif error is not None:
                 pending.set_exception(error)
             else:
-                self._remember(key, job.result(), started)
+                if self._forgets == forgets:  # (else it may be what was just forgotten)
+                    self._remember(key, job.result(), started)
                 pending.set_result(job.result())
             self._next()
 
@@ -174,7 +177,9 @@ class Authenticator:
         return caller
 
     def forget(self, name: str) -> None:
-        """Drop what is remembered about the token called ``name`` (after a revocation)."""
+        """Drop what is remembered about the token called ``name`` (after a revocation),
+        and what lookups under way find: they may have read it before the revocation."""
+        self._forgets += 1
         for key in [k for k, (token, _) in self._known.items() if token.name == name]:
             del self._known[key]
 

@@ -139,6 +139,39 @@ def test_a_token_revoked_through_the_servers_own_store_and_forgotten_is_refused_
     assert reply.status_code == 401 and reply.json()["code"] == "unauthorized"
 
 
+def test_a_token_forgotten_while_its_lookup_is_under_way_is_not_remembered(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``forget`` while a lookup of the token is under way (it found the token, then the
+    token was revoked and forgotten): the lookup's answer is not remembered, or the token
+    would be trusted for the cache's time after its revocation."""
+    api.token("leaver", "read")
+    gate, looking = threading.Event(), threading.Event()
+    verify = api.parts.tokens.verify
+
+    def found_then_held(secret: str) -> Any:
+        found = verify(secret)  # the token, before its revocation
+        looking.set()
+        gate.wait(60)
+        return found
+
+    monkeypatch.setattr(api.parts.tokens, "verify", found_then_held)
+
+    async def scenario() -> tuple[int, int]:
+        first = asyncio.ensure_future(api.client.get("/v1/balances", headers=api.auth("leaver")))
+        while not looking.is_set():
+            await asyncio.sleep(0.01)
+        api.parts.tokens.revoke("leaver")
+        api.app.state.auth.forget("leaver")
+        gate.set()
+        answered = (await first).status_code  # looked up before the revocation: it passes
+        again = await api.client.get("/v1/balances", headers=api.auth("leaver"))
+        return answered, again.status_code
+
+    answered, again = api.run(scenario())
+    assert (answered, again) == (200, 401)
+
+
 def test_a_revocation_elsewhere_takes_effect_once_the_cache_expires(tmp_path: Path) -> None:
     api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_cache_seconds=5.0))
     try:
