@@ -109,18 +109,8 @@ RELIED_ON: tuple[Internal, ...] = (
         "eventsourcing.sqlite:SQLiteConnectionPool",
         "is_journal_mode_wal",
         query_only_pool,
-        "SQLiteConnectionPool.__init__ (set True, the pool leaves the journal mode alone)",
-        on_instance=True,
-        types=(bool,),
-        used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",
-    ),
-    Internal(
-        "eventsourcing",
-        "eventsourcing.sqlite:SQLiteConnectionPool",
-        "is_journal_mode_wal",
-        switch_pool_to_wal,
-        "SQLiteConnectionPool.__init__ (set True once the file is in WAL, the pool leaves "
-        "the journal mode alone)",
+        "SQLiteConnectionPool.__init__ (set True, the pool leaves the journal mode alone: "
+        "set so by query_only_pool, and by switch_pool_to_wal once the file is in WAL)",
         on_instance=True,
         types=(bool,),
         used_in="eventsourcing.sqlite:SQLiteConnectionPool._create_connection",

@@ -19,7 +19,7 @@ from uuid import UUID
 import pytest
 from psycopg.errors import DeadlockDetected
 
-from daybook import open_ledger, projections
+from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
@@ -100,23 +100,17 @@ def test_a_worker_switching_a_version_and_another_workers_batch_never_deadlock(
     assert deadlocks_once_all_sessions_ended(pg_url) == 0
 
 
-def test_a_switch_never_serves_a_version_behind_the_one_it_replaces(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A rolling deploy: the old code's runner follows version 1, the new code's runner
-    builds version 2 and switches reads to it once it is not behind version 1. A batch of
-    version 1 that commits while the switch goes on (the switch had read version 1's
-    position without a lock) served a deposit from version 1, then reads switched to
-    version 2 without it: the balance a client had read (105 at position 3) went back
-    (100 at position 2). The switch holds version 1's row while it compares; that batch
-    waits, finds version 1 retired, and lets go of it."""
-    ledger = open_ledger(pg_url)
-    account = ledger.open_account("ann", "EUR").account_id
-    ledger.deposit(account, 100)
-    log = event_log_of(ledger)
-    old = ProjectionRunner(log, pg_url, [ACCOUNT_BALANCES])
-    old.run_until_caught_up()
-    new = ProjectionRunner(event_log_of(ledger), pg_url, [ACCOUNT_BALANCES_V2])
+def _a_v1_batch_as_reads_switch(
+    pg_url: str,
+    ledger: Ledger,
+    account: UUID,
+    old: ProjectionRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[dict[str, str], list[threading.Thread], list[int]]:
+    """Make the first switch of reads (``VersionCatalog.activate``) begin with a deposit
+    that the old code's runner ``old`` then applies to version 1 in a thread (waiting on a
+    lock, or done), and note the position a client reads meanwhile: the outcomes, that
+    thread, and the positions seen."""
     outcomes: dict[str, str] = {}
     threads: list[threading.Thread] = []
     seen: list[int] = []
@@ -134,6 +128,27 @@ def test_a_switch_never_serves_a_version_behind_the_one_it_replaces(
         return activate(catalog, *args, **options)
 
     monkeypatch.setattr(VersionCatalog, "activate", batch_of_v1_then_activate)
+    return outcomes, threads, seen
+
+
+def test_a_switch_never_serves_a_version_behind_the_one_it_replaces(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling deploy: the old code's runner follows version 1, the new code's runner
+    builds version 2 and switches reads to it once it is not behind version 1. A batch of
+    version 1 that commits while the switch goes on (the switch had read version 1's
+    position without a lock) served a deposit from version 1, then reads switched to
+    version 2 without it: the balance a client had read (105 at position 3) went back
+    (100 at position 2). The switch holds version 1's row while it compares; that batch
+    waits, finds version 1 retired, and lets go of it."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 100)
+    log = event_log_of(ledger)
+    old = ProjectionRunner(log, pg_url, [ACCOUNT_BALANCES])
+    old.run_until_caught_up()
+    new = ProjectionRunner(event_log_of(ledger), pg_url, [ACCOUNT_BALANCES_V2])
+    outcomes, threads, seen = _a_v1_batch_as_reads_switch(pg_url, ledger, account, old, monkeypatch)
     outcome_of(outcomes, "new", new.step)  # builds version 2 and switches reads to it
     for thread in threads:
         thread.join(30)
@@ -165,23 +180,7 @@ def test_a_workers_switch_never_serves_a_version_behind_the_runners_it_replaces(
     worker = StreamApplier(
         pg_url, [ACCOUNT_BALANCES_V2], group="g", topic="t", partitions=1, writer="w"
     )
-    outcomes: dict[str, str] = {}
-    threads: list[threading.Thread] = []
-    seen: list[int] = []
-    activate = VersionCatalog.activate
-
-    def batch_of_v1_then_activate(catalog: VersionCatalog, *args: Any, **options: Any) -> Any:
-        if not threads:
-            ledger.deposit(account, 5)  # a command commits, and the old runner applies it
-            threads.append(in_thread(outcomes, "old", old.step))
-            waits_or_finishes(pg_url, threads[0], 1)
-            with ReadModels(pg_url) as reads:  # what a client reads meanwhile
-                row = reads.balance(account)
-                assert row is not None
-                seen.append(row.as_of_position)
-        return activate(catalog, *args, **options)
-
-    monkeypatch.setattr(VersionCatalog, "activate", batch_of_v1_then_activate)
+    outcomes, threads, seen = _a_v1_batch_as_reads_switch(pg_url, ledger, account, old, monkeypatch)
     messages = Stream(1).publish(ledger)
     outcome_of(outcomes, "worker", lambda: worker.apply(messages))  # in: switches reads
     for thread in threads:
