@@ -30,6 +30,7 @@ from daybook.domain.ids import is_generated_request_id
 from daybook.infrastructure.ledger.requests import BATCH_TOKEN
 from daybook.infrastructure.urls import postgres_params
 from tests.pg_locks import deadlocks_once_all_sessions_ended, waits_or_finishes
+from tests.together import failures_together
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -359,21 +360,8 @@ def test_ledgers_opening_a_new_sqlite_file_together_all_open(tmp_path: Path) -> 
     answers "database is locked" at once, not after its busy timeout, to a connection
     switching a new file to WAL while another does (eventsourcing's pool switches it as it
     connects): every ledger opens all the same."""
-    failures: list[BaseException] = []
 
-    def open_one(url: str, start: threading.Barrier) -> None:
-        start.wait()
-        try:
-            open_ledger(url).close()
-        except Exception as error:
-            failures.append(error)
+    def open_one(attempt: int) -> None:
+        open_ledger(f"sqlite:///{tmp_path}/new-{attempt}.db").close()
 
-    for attempt in range(100):
-        start = threading.Barrier(4)
-        url = f"sqlite:///{tmp_path}/new-{attempt}.db"
-        threads = [threading.Thread(target=open_one, args=(url, start)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert failures == []
+    assert failures_together(open_one, rounds=100, threads=4) == []

@@ -25,6 +25,7 @@ from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore
 from daybook.projections.model import Column, Projection, Row, Table
 from tests.pg_locks import wait_for_lock_waits
+from tests.together import failures_together
 
 PAIRS = Table(
     "pairs",
@@ -472,21 +473,8 @@ def test_connections_opening_a_new_sqlite_file_together_all_open(tmp_path: Path)
     """A process's services open the read-model database at once as it starts. SQLite
     answers "database is locked" at once, not after its busy timeout, to a connection
     switching a new file to WAL while another does: every one of them opens all the same."""
-    failures: list[BaseException] = []
 
-    def connect(path: Path, start: threading.Barrier) -> None:
-        start.wait()
-        try:
-            open_store(f"sqlite:///{path}").close()
-        except Exception as error:
-            failures.append(error)
+    def connect(attempt: int) -> None:
+        open_store(f"sqlite:///{tmp_path}/new-{attempt}.db").close()
 
-    for attempt in range(200):
-        start = threading.Barrier(4)
-        path = tmp_path / f"new-{attempt}.db"
-        threads = [threading.Thread(target=connect, args=(path, start)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert failures == []
+    assert failures_together(connect, rounds=200, threads=4) == []
