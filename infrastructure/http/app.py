@@ -11,10 +11,14 @@ problem pages, the docs and the dashboard's page and files, none of which holds 
 query parameter a route does not define is refused (``parameters``), not ignored.
 
 Every error is problem+json (``problems``), a bug included: it is logged with its
-traceback on the server and answered ``500 internal_error`` without one. A client that hangs
-up before its body has arrived is no error of the server's: counted as ``499``, not logged
-as a bug, and not answered (nobody is there). Bodies larger than ``max_body_bytes`` are
-refused while they arrive. CORS is off unless origins are given.
+traceback on the server, once, and answered ``500 internal_error`` without one. A bug, a
+database outage (``503 unavailable``) and a read model a deploy changed (``503
+read_model_changed``) are answered inside ``Observe`` (``Unhandled``): counted, logged and
+traced with the status sent and the request's ids, and the exception goes no further (the
+server would log it again, with its traceback). A client that hangs up before its body has
+arrived is no error of the server's: counted as ``499``, not logged as a bug, and not
+answered (nobody is there). Bodies larger than ``max_body_bytes`` are refused while they
+arrive. CORS is off unless origins are given.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
 from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
-from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels import ReadModelChanged
 
 log = logging.getLogger("daybook.http")
@@ -189,6 +193,9 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     oauth2 = app.swagger_ui_oauth2_redirect_url if app.docs_url else None
     refuse_unknown_parameters(app, unchecked={oauth2} if oauth2 else set())
     _handle_errors(app)
+    # Innermost of ours: its answers pass through BodyLimit, CORS (a browser may read them)
+    # and Observe (they are measured, and carry the request's id) like every other answer.
+    app.add_middleware(Unhandled)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.cors_origins:
         app.add_middleware(
@@ -253,21 +260,6 @@ def _handle_errors(app: FastAPI) -> None:
             "invalid_parameter", "a parameter has a value that cannot be used"
         ).response()
 
-    async def bug(request: Request, error: Exception) -> Response:
-        if isinstance(error, ReadModelChanged):  # a deploy under way, not a bug here
-            log.warning("%s %s: %s", request.method, request.url.path, error)
-            return Problem(
-                "read_model_changed", str(error), headers={"Retry-After": "5"}
-            ).response()
-        if is_outage(error):  # an outage, not a bug: one line, no traceback
-            log.warning("%s %s: a database did not answer: %s", request.method,
-                        request.url.path, error)  # fmt: skip
-            return unavailable(error).response()
-        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-        return Problem(
-            "internal_error", "the server failed to handle this request; its log says why"
-        ).response()
-
     async def hung_up(request: Request, error: Exception) -> Response:
         # The client (or a proxy) closed the connection before its body arrived: nothing
         # was done, and nobody is left to answer. Counted as nginx counts it, never as a 500.
@@ -277,7 +269,59 @@ def _handle_errors(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, hung_up)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, bug)
+    # Only for an exception out of the middlewares outside ``Unhandled``, which answers the
+    # routes' own: Starlette gives a handler of ``Exception`` to its outermost middleware.
+    app.add_exception_handler(Exception, _unhandled)
+
+
+async def _unhandled(request: Request, error: Exception) -> Response:
+    """The answer to an exception no handler of its own took, logged."""
+    if isinstance(error, ReadModelChanged):  # a deploy under way, not a bug here
+        log.warning("%s %s: %s", request.method, request.url.path, error)
+        return Problem("read_model_changed", str(error), headers={"Retry-After": "5"}).response()
+    if is_outage(error):  # an outage, not a bug: one line, no traceback
+        log.warning("%s %s: a database did not answer: %s", request.method,
+                    request.url.path, error)  # fmt: skip
+        return unavailable(error).response()
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return Problem(
+        "internal_error", "the server failed to handle this request; its log says why"
+    ).response()
+
+
+class Unhandled:
+    """Answer an exception the routes' handlers leave (a bug, an outage) as ``_unhandled``
+    does, below ``Observe``, and raise it no further.
+
+    Starlette answers such an exception in its outermost middleware, outside ``Observe``,
+    and then raises it again to the server: the request would be measured, traced and
+    logged as a 500 (a 503 outage too), without the request's ids on the answer or on the
+    line about it, and the server would log the exception with its traceback. Once an
+    answer has started nothing can be answered: the exception goes on up to the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            if started:
+                raise
+            tracing.record_failure(error)  # the request's span, as if the error had left it
+            response = await _unhandled(Request(scope), error)
+            await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -333,4 +377,4 @@ def _version() -> str:
     return __version__
 
 
-__all__: Sequence[str] = ["BodyLimit", "HttpOptions", "HttpParts", "create_app"]
+__all__: Sequence[str] = ["BodyLimit", "HttpOptions", "HttpParts", "Unhandled", "create_app"]

@@ -5,7 +5,9 @@ caller's trace when it sends a ``traceparent`` header), the request counted and 
 method, route template and status (templates, not paths: a label per account id would grow
 without bound; and methods outside HTTP's own as ``other``, since the method is any token a
 client sends), and the request's ids (the caller's ``X-Request-Id`` or a fresh one, the
-trace) on every log line written while it is handled.
+trace) on every log line written while it is handled and on the answer (``X-Request-Id``).
+Errors are answered below it (``app.Unhandled``), so what it counts, logs and traces is the
+status sent, an error's included.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Observe:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:200] or new_id_text()
         parent = headers.get(b"traceparent", b"").decode("latin-1") or None
         method = scope["method"]
+        # Counted when no answer started: an exception raised above ``Unhandled`` (or after
+        # an answer began), which the framework answers 500 outside this middleware.
         status = 500
         request_header = (b"x-request-id", request_id.encode("latin-1"))
 

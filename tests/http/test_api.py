@@ -17,6 +17,8 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 from daybook.domain.commands import Receipt, registered
 from daybook.infrastructure.bootstrap import http_parts
@@ -26,7 +28,8 @@ from daybook.infrastructure.http.problems import PROBLEM_JSON
 from daybook.infrastructure.http.tokens import open_tokens
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.observability import metrics
-from daybook.infrastructure.readmodels import ReadModels
+from daybook.infrastructure.observability.logs import JsonFormatter
+from daybook.infrastructure.readmodels import ReadModelChanged, ReadModels
 from daybook.infrastructure.settings import Settings
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DEPOSITED
 from daybook.projections.model import LogEvent, Rows
@@ -1108,6 +1111,91 @@ def test_a_database_outage_is_a_503_to_retry_not_a_bug(
         assert "Idempotency-Key" in body["detail"]
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert sum("did not answer" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (psycopg.OperationalError("connection failed: Connection refused"), 503, "unavailable"),
+        (ReadModelChanged("account_balances", 2, KeyError("owner")), 503, "read_model_changed"),
+        (RuntimeError("a bug, with internals: /secret/path"), 500, "internal_error"),
+    ],
+    ids=["outage", "read_model_changed", "bug"],
+)
+def test_an_error_answer_is_counted_traced_and_logged_as_sent_and_stays_in_the_app(
+    sqlite_api: Api,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    spans: InMemorySpanExporter,
+    error: Exception,
+    status: int,
+    code: str,
+) -> None:
+    """An outage, a read model a deploy changed, or a bug, answered as a problem: the
+    metrics, the access log and the server span say the status the client got (all said
+    500, a 503 included), the answer carries the request's X-Request-Id and the lines
+    logged about it its request_id, as every other answer's do, and the exception does not
+    leave the application: the server would log it again, with its traceback, for an
+    outage too. A bug's traceback is in daybook's log, once."""
+    api = sqlite_api
+    account = api.open_account()
+
+    async def failing(command: object) -> None:
+        raise error
+
+    def counted() -> dict[str, float]:
+        return {
+            sample.labels["status"]: sample.value
+            for family in metrics.HTTP_REQUESTS.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+            and (sample.labels["method"], sample.labels["route"]) == ("POST", route)
+        }
+
+    route = "/v1/commands/deposit"
+    monkeypatch.setattr(api.parts.ledger, "execute", failing)
+    # As uvicorn runs the app: an exception out of it would be raised here.
+    strict = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api.app, raise_app_exceptions=True),
+        base_url="http://daybook",
+    )
+    before = counted()
+    caplog.handler.setFormatter(JsonFormatter())  # the request's ids, as the server logs them
+    caplog.set_level(logging.INFO, logger="daybook.http")
+    spans.clear()
+    try:
+        reply = api.run(
+            strict.post(
+                route,
+                json={"account_id": account, "amount": 5},
+                headers={**api.auth("tester"), "Idempotency-Key": "k", "X-Request-Id": "req-7"},
+            )
+        )
+    finally:
+        api.run(strict.aclose())
+
+    assert_problem(reply, status, code)
+    assert reply.headers.get("x-request-id") == "req-7", dict(reply.headers)
+    after = counted()
+    assert {s: after[s] - before.get(s, 0.0) for s in after if after[s] != before.get(s)} == {
+        str(status): 1.0
+    }
+    lines = [orjson.loads(line) for line in caplog.text.splitlines()]
+    (access,) = [line for line in lines if line["logger"] == "daybook.http.access"]
+    assert access["status"] == status
+    (told,) = [line for line in lines if line["logger"] == "daybook.http"]
+    assert told["request_id"] == "req-7"
+    assert ("error" in told) == (status == 500), "a traceback only for a bug"
+    (server,) = [  # daybook's own (FastAPI may make one too)
+        s
+        for s in spans.get_finished_spans()
+        if s.kind is SpanKind.SERVER
+        and s.instrumentation_scope is not None
+        and s.instrumentation_scope.name == "daybook"
+    ]
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == status
+    assert server.status.status_code is StatusCode.ERROR
 
 
 def test_a_read_waits_an_outage_out_within_its_timeout(

@@ -574,6 +574,34 @@ def test_cors_for_the_origins_given(tmp_path: Path) -> None:
         api.close()
 
 
+def test_an_allowed_origin_can_read_an_outage_or_a_bugs_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 or a 500 is answered with the CORS headers of any other answer: a page on an
+    allowed origin reads its code (and its Retry-After) rather than a network error."""
+    options = HttpOptions(cors_origins=("https://dashboard.example",))
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", options)
+    errors = [psycopg.OperationalError("connection refused"), RuntimeError("a bug")]
+
+    async def failing(command: object) -> None:
+        raise errors.pop(0)
+
+    try:
+        account = api.open_account()
+        monkeypatch.setattr(api.parts.ledger, "execute", failing)
+        origin = {"Origin": "https://dashboard.example"}
+        replies = [
+            api.command("deposit", {"account_id": account, "amount": 5}, headers=origin)
+            for _ in range(2)
+        ]
+    finally:
+        api.close()
+    assert [r.status_code for r in replies] == [503, 500]
+    for reply in replies:
+        assert reply.headers.get("access-control-allow-origin") == "https://dashboard.example"
+    assert "retry-after" in replies[0].headers["access-control-expose-headers"].lower()
+
+
 @pytest.mark.parametrize(
     "value",
     [
