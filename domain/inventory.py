@@ -105,8 +105,9 @@ class Inventory(LedgerAggregate):
     Only open reservations are live state. That a reservation id was used at all (so it
     cannot be reserved again, and resolving it again is "resolved", not "not found") is
     kept by its own ``ReservationClaim``, which the commands look up: a SKU does not grow
-    with its history. Reservations made before claims existed (``StockReserved`` schema
-    version 1) are remembered in ``unclaimed``, which no new reservation joins.
+    with its history. Reservations made without a claim (``StockReserved`` schema version
+    1, and version 2 stored without ``claimed``) are remembered in ``unclaimed``, which no
+    new reservation joins.
     """
 
     key_name = "sku"
@@ -148,9 +149,10 @@ class Inventory(LedgerAggregate):
 
     class StockReserved(LedgerAggregate.Event):
         """Units set aside; with ``expires_at`` they stop counting as reserved at that
-        instant. Schema v2 added ``expires_at`` and ``claimed``."""
+        instant. Schema v2 added ``expires_at``, and ``claimed`` in some of its events; v3
+        has the same fields as v2, ``claimed`` always written."""
 
-        class_version = 2
+        class_version = 3
         reservation_id: str
         quantity: int
         expires_at: datetime | None
@@ -159,9 +161,16 @@ class Inventory(LedgerAggregate):
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
-            """Version 1 reservations had no timeout and were made before claims existed."""
+            """Version 1 reservations had no timeout."""
             state["expires_at"] = None
-            state["claimed"] = False
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            """Two lines of development raised the event to version 2: one added
+            ``expires_at`` and made no claims (it remembered used ids in the SKU), the other
+            also ``claimed``. A version 2 event without ``claimed`` has no claim, like a
+            version 1 one; one with it says whether it has, and is kept as written."""
+            state.setdefault("claimed", False)
 
         def apply(self, inventory: Inventory) -> None:
             inventory.reservations[self.reservation_id] = self.quantity

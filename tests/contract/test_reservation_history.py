@@ -5,9 +5,11 @@ reservations made before this rule existed."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from daybook import (
@@ -160,3 +162,31 @@ def test_reservations_made_before_claims_existed_stay_resolved(tmp_path: Path) -
         assert receipt.reservation_id == "order-3"
         ledger.commit_reservation("SKU-1", "order-3")
         assert_resolved_exactly_once(ledger, "SKU-1", committed="order-3", released="order-2")
+
+
+def test_reservations_stored_at_version_2_without_claimed_stay_resolved(tmp_path: Path) -> None:
+    """For a while daybook wrote ``StockReserved`` at schema version 2 with ``expires_at``
+    but without ``claimed``, and made no claims (it remembered used ids in the SKU). Such
+    a reservation has no claim, so it is remembered as the ones made before claims are:
+    once resolved, its id is still used."""
+    copy = tmp_path / "ledger-v0.1.db"
+    shutil.copy(FIXTURE, copy)
+    db = sqlite3.connect(copy)
+    rows = db.execute(
+        "SELECT rowid, state FROM stored_events WHERE topic LIKE '%StockReserved'"
+    ).fetchall()
+    assert len(rows) == 2
+    for rowid, state in rows:
+        written = orjson.loads(state)
+        written.update(expires_at=None, class_version=2)  # as that code wrote it
+        db.execute(
+            "UPDATE stored_events SET state = ? WHERE rowid = ?", (orjson.dumps(written), rowid)
+        )
+    db.commit()
+    db.close()
+    with open_ledger(f"sqlite:///{copy}") as ledger:
+        head = ledger.head()
+        assert_resolved_exactly_once(
+            ledger, "SKU-1", committed="order-1", released="order-2", shipment_recorded=False
+        )
+        assert ledger.head() == head

@@ -1,4 +1,5 @@
-"""Old events stay readable: a version-1 ``Account.Opened`` (no overdraft) on every backend."""
+"""Old events stay readable: a version-1 ``Account.Opened`` (no overdraft) on every backend;
+``StockReserved`` of every version."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from eventsourcing.persistence import StoredEvent
 
 from daybook import InsufficientFunds, Ledger, open_ledger
 from daybook.domain.accounts import Account
+from daybook.domain.inventory import Inventory
+from daybook.domain.values import inventory_id
 
 
 @pytest.fixture
@@ -90,3 +93,41 @@ def test_the_upcaster_is_applied_by_the_mapper(ledger: Ledger) -> None:
     state = ledger.service.mapper.decode_state(version_1_opened(UUID(int=5)))  # type: ignore[attr-defined]
     assert state["overdraft_limit"] == 0
     assert "class_version" not in state
+
+
+def test_stock_reserved_reads_claimed_as_written_and_unclaimed_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``claimed`` says whether a claim marks the reservation id as used. Version 2 events
+    were written with it and without it (by code that made no claims): those without it
+    have none, as version 1 ones."""
+    with open_ledger("memory://") as ledger:
+        ledger.receive_stock("SKU-1", 5)
+        ledger.reserve_stock("SKU-1", 1, reservation_id="r-1")
+        (stored,) = [
+            event
+            for event in ledger.service.recorder.select_events(inventory_id("SKU-1"))
+            if event.topic.endswith("StockReserved")
+        ]
+        written = orjson.loads(stored.state)
+        assert (written["class_version"], written["claimed"]) == (3, True)
+        mapper = ledger.service.mapper
+
+        def read(state: dict[str, object]) -> Inventory.StockReserved:
+            again = StoredEvent(stored.originator_id, 2, stored.topic, orjson.dumps(state))
+            event = mapper.to_domain_event(again)
+            assert isinstance(event, Inventory.StockReserved)
+            return event
+
+        assert read(written).claimed
+        assert read({**written, "class_version": 2}).claimed
+        without = {k: v for k, v in written.items() if k != "claimed"}
+        assert not read({**without, "class_version": 2}).claimed
+        version_1 = {k: v for k, v in without.items() if k not in ("class_version", "expires_at")}
+        assert (read(version_1).claimed, read(version_1).expires_at) == (False, None)
+
+        # A process still running the code of version 2 (a rolling upgrade) reads a version
+        # 3 event as one of its own: the fields are the same, ``claimed`` always written.
+        monkeypatch.setattr(Inventory.StockReserved, "class_version", 2)
+        assert read(written).claimed
+        assert read(written).reservation_id == "r-1"
