@@ -203,7 +203,8 @@ def build_parser() -> Parser:
         epilog=(
             "Store URLs: memory:// (the demo only: it lives inside one process),\n"
             "sqlite:///path/to/file.db, postgresql://user:password@host:port/dbname.\n"
-            f"Default: $DAYBOOK_URL, else {DEFAULT_URL}.\n\nexamples:\n  daybook demo\n"
+            f"Default: $DAYBOOK_URL (which the demo ignores), else {DEFAULT_URL}.\n\n"
+            "examples:\n  daybook demo\n"
             "  daybook serve --url postgresql://daybook@localhost/daybook\n"
             "  daybook balance 0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b\n  daybook --version\n"
         ),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -14,13 +16,14 @@ from daybook.domain.errors import DomainError
 from daybook.domain.ids import new_uuid
 from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.bootstrap import open_ledger, run_projections, saga_processor
-from daybook.infrastructure.cli import add_url_argument, checked_settings, command, whole_number
+from daybook.infrastructure.cli import checked_settings, command, whole_number
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
 from daybook.infrastructure.preflight import where
 from daybook.infrastructure.sagas import place_order
+from daybook.infrastructure.urls import DEFAULT_URL
 from daybook.projections import SAGA_LIST
 
 
@@ -33,7 +36,10 @@ def register(subparsers: Any) -> None:
             "Opens a handful of accounts and products, then drives concurrent transfers, "
             "withdrawals and stock reservations from several threads, including deliberately "
             "invalid and duplicate requests, and prints balances, stock, refusals by error "
-            "code and replayed duplicates. Money and stock are checked to be conserved."
+            "code and replayed duplicates. Money and stock are checked to be conserved. It "
+            "runs on --url, else on the embedded default, with its read models in that "
+            "database: $DAYBOOK_URL and $DAYBOOK_READMODELS_URL, which may name a ledger in "
+            "use, are ignored (a line on stderr says so)."
         ),
         examples=[
             "daybook demo",
@@ -41,7 +47,9 @@ def register(subparsers: Any) -> None:
             "daybook demo --url sqlite:///demo.db --seed 42 --orders 0",
         ],
     )
-    add_url_argument(parser)
+    parser.add_argument(
+        "--url", help=f"event store URL (default: {DEFAULT_URL}; $DAYBOOK_URL is ignored)"
+    )
     parser.add_argument("--clients", type=whole_number(1), default=8, help="concurrent clients")
     parser.add_argument("--commands", type=whole_number(1), default=200, help="commands per client")
     parser.add_argument("--seed", type=int, default=7, help="random seed")
@@ -56,8 +64,27 @@ SKUS = {"SKU-KETTLE": 400, "SKU-TEAPOT": 250, "SKU-MUG": 1200}
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = checked_settings(args, kinds=("memory", "sqlite", "postgresql"), existing=False)
-    ledger = open_ledger(settings=settings)
+    # The demo makes up accounts, money and stock: only a ledger named on its own command
+    # line gets them. $DAYBOOK_URL is exported for the other commands, and may name a
+    # ledger in use (and $DAYBOOK_READMODELS_URL its read models), so both are ignored.
+    url = args.url or DEFAULT_URL
+    settings = checked_settings(
+        argparse.Namespace(**{**vars(args), "url": url}),
+        kinds=("memory", "sqlite", "postgresql"),
+        existing=False,
+    )
+    ignored = []
+    if args.url is None and os.environ.get("DAYBOOK_URL"):
+        ignored.append("$DAYBOOK_URL")
+    if os.environ.get("DAYBOOK_READMODELS_URL"):
+        ignored.append("$DAYBOOK_READMODELS_URL")
+    if ignored:
+        choose = "" if args.url else " (give --url to choose)"
+        print(
+            f"daybook demo: ignoring {' and '.join(ignored)}; running on {where(url)}{choose}",
+            file=sys.stderr,
+        )
+    ledger = open_ledger(settings=settings.model_copy(update={"readmodels_url": None}))
     try:
         return _demo(ledger, args)
     finally:

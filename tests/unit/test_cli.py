@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,49 @@ def test_the_demo_runs_and_conserves_money(
     assert "Money conserved (transfers move it, only withdrawals remove it): yes" in out
     assert "Every balance within its overdraft limit: yes" in out
     assert "Refused, by error code" in out
+
+
+def test_the_demo_runs_on_the_embedded_default_whatever_daybook_url_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator exports $DAYBOOK_URL for the other commands; `make run` must not write
+    made-up accounts, deposits and stock into that ledger. It says so, in one line."""
+    from daybook import open_ledger
+    from daybook.infrastructure.urls import DEFAULT_URL
+
+    real = f"sqlite:///{tmp_path}/real.db"
+    with open_ledger(real) as ledger:
+        ledger.open_account("ann", "EUR")
+        head = ledger.head()
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    with contextlib.closing(sqlite3.connect(tmp_path / "real.db")) as db:
+        before = db.execute(tables).fetchall()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("DAYBOOK_URL", real)
+    monkeypatch.setenv("DAYBOOK_READMODELS_URL", real)
+    assert main(["demo", "--clients", "1", "--commands", "5", "--orders", "1"]) == 0
+    out, err = capsys.readouterr()
+    with open_ledger(real) as ledger:
+        assert ledger.head() == head, "the demo wrote into the ledger $DAYBOOK_URL names"
+    with contextlib.closing(sqlite3.connect(tmp_path / "real.db")) as db:
+        assert db.execute(tables).fetchall() == before, "the demo's read models went there"
+    assert err.splitlines() == [
+        "daybook demo: ignoring $DAYBOOK_URL and $DAYBOOK_READMODELS_URL; running on "
+        f"{DEFAULT_URL} (give --url to choose)"
+    ]
+    assert out.startswith(f"daybook demo on {DEFAULT_URL} ")
+    with open_ledger(f"sqlite:///{work}/.daybook/daybook.db") as ledger:
+        assert ledger.head() > 0
+
+    monkeypatch.delenv("DAYBOOK_READMODELS_URL")
+    demo = f"sqlite:///{tmp_path}/demo.db"  # --url is the demo's ledger, said nothing about
+    assert main(["demo", "--url", demo, "--clients", "1", "--commands", "5", "--orders", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"daybook demo on {demo} ")
+    with open_ledger(real) as ledger:
+        assert ledger.head() == head
 
 
 def test_an_unknown_log_format_is_one_clear_line(
