@@ -3,7 +3,8 @@ whole history.
 
 A snapshot is a contract like an event: a pydantic model whose fields are the aggregate's
 state, validated when taken and when read back, with a ``class_version`` and
-``upcast_vN_vN+1`` functions when its shape changes. ``take`` refuses an aggregate whose state
+``upcast_vN_vN+1`` functions when its shape changes (and ``replay_below`` when snapshots
+older code took are wrong: they are not read). ``take`` refuses an aggregate whose state
 has an attribute the contract does not carry (it would be lost on load): give the snapshot
 the new field and a higher version in the same change that gives the aggregate its state.
 
@@ -38,6 +39,10 @@ class LedgerSnapshot(DomainEvent):
 
     #: The aggregate class this snapshot is for.
     of: ClassVar[type[LedgerAggregate]]
+    #: The first schema version whose snapshots are read. One taken at an older version is
+    #: not: its aggregate is replayed from its events. For when older code got the state
+    #: wrong, which no upcast can right.
+    replay_below: ClassVar[int] = 1
 
     created_on: datetime
     modified_on: datetime
@@ -122,9 +127,13 @@ class AccountSnapshot(LedgerSnapshot):
 
 class InventorySnapshot(LedgerSnapshot):
     """An ``Inventory`` (one SKU's stock) at one version: open reservations only, like the
-    aggregate (see ``Inventory``)."""
+    aggregate (see ``Inventory``). Version 2 has version 1's fields; version 1 snapshots
+    were taken by code that read a ``StockReserved`` of version 2 stored without
+    ``claimed`` as claimed, and may lack its id in ``unclaimed``: they are not read."""
 
     of: ClassVar[type[LedgerAggregate]] = Inventory
+    class_version = 2
+    replay_below = 2
 
     sku: str
     on_hand: int

@@ -123,14 +123,22 @@ class ContractMapper(Mapper[Any]):
         """``decode_state``, and the schema version the state is at: this code's version of
         the event, or the stored one when newer code wrote it (its state is as written:
         nothing here knows how to bring it down)."""
+        state = self._decoded(stored_event)
+        event_class = resolve_topic(stored_event.topic)
+        version = upcast(event_class, state, state.pop("class_version", 1))
+        state["originator_id"] = stored_event.originator_id
+        state["originator_version"] = stored_event.originator_version
+        return state, version
+
+    def stored_version(self, stored_event: StoredEvent) -> int:
+        """The schema version ``stored_event`` was written at, before any upcast."""
+        return int(self._decoded(stored_event).get("class_version", 1))
+
+    def _decoded(self, stored_event: StoredEvent) -> dict[str, Any]:
         data = stored_event.state
         if self.cipher:
             data = self.cipher.decrypt(data)
         if self.compressor:
             data = self.compressor.decompress(data)
         state: dict[str, Any] = self.transcoder.decode(data)
-        event_class = resolve_topic(stored_event.topic)
-        version = upcast(event_class, state, state.pop("class_version", 1))
-        state["originator_id"] = stored_event.originator_id
-        state["originator_version"] = stored_event.originator_version
-        return state, version
+        return state

@@ -25,6 +25,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
+    EventStore,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -41,6 +42,7 @@ from daybook.domain.errors import (
 from daybook.domain.events import LedgerAggregate, id_held_by_another_kind, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
 from daybook.domain.snapshots import snapshot_class
+from daybook.infrastructure.eventstore.snapshots import Snapshots
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
 from daybook.infrastructure.ledger.requests import (
     BATCH_TOKEN,
@@ -418,6 +420,11 @@ class LedgerService(Application[UUID]):
     }
     #: How often a batch is re-run after a version conflict or a lost connection.
     max_attempts: ClassVar[int] = 40
+
+    def construct_snapshot_store(self) -> EventStore[UUID]:
+        """eventsourcing's store, skipping snapshots their contract no longer trusts."""
+        store = super().construct_snapshot_store()
+        return Snapshots(mapper=store.mapper, recorder=store.recorder)
 
     def __init__(
         self,

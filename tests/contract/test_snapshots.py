@@ -3,8 +3,11 @@ history. A snapshot is a validated contract with a schema version, like an event
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -15,7 +18,7 @@ import pytest
 from daybook import Ledger, Receipt, Settings, open_ledger
 from daybook.domain.accounts import Account, Deposit
 from daybook.domain.events import LedgerAggregate
-from daybook.domain.inventory import Inventory
+from daybook.domain.inventory import Inventory, ReservationExists
 from daybook.domain.snapshots import (
     AccountSnapshot,
     InventorySnapshot,
@@ -26,6 +29,7 @@ from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 from daybook.infrastructure.urls import postgres_params
 
 INTERVAL = 50
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ledger-v0.1.db"
 
 
 def counting_reads(ledger: Ledger) -> dict[str, int]:
@@ -190,6 +194,40 @@ def test_an_older_snapshot_is_upcast_like_an_event() -> None:
     assert isinstance(restored, TallySnapshot)
     again = restored.mutate(None)
     assert (again.count, again.label, again.version) == (1, "tally", 2)  # type: ignore[attr-defined]
+
+
+def test_a_sku_snapshot_of_version_1_is_not_read_the_sku_is_replayed(tmp_path: Path) -> None:
+    """``InventorySnapshot`` version 1 was taken by code that read a ``StockReserved`` of
+    version 2 stored without ``claimed`` as claimed: such a snapshot forgot that the
+    reservation had no claim, which no upcast can restore. The SKU is replayed instead."""
+    copy = tmp_path / "ledger-v0.1.db"
+    shutil.copy(FIXTURE, copy)
+    db = sqlite3.connect(copy)
+    for rowid, stored in db.execute(
+        "SELECT rowid, state FROM stored_events WHERE topic LIKE '%StockReserved'"
+    ).fetchall():
+        written = orjson.loads(stored)
+        written.update(expires_at=None, class_version=2)  # no claimed: as daybook wrote it
+        db.execute(
+            "UPDATE stored_events SET state = ? WHERE rowid = ?", (orjson.dumps(written), rowid)
+        )
+    db.commit()
+    db.close()
+    url = f"sqlite:///{copy}"
+    with open_ledger(url) as ledger:
+        inventory = ledger.read(Inventory, "SKU-1")
+        assert inventory.unclaimed == {"order-1", "order-2"}
+        inventory.unclaimed = set()  # as that code read the history
+        stored = ledger.service.mapper.to_stored_event(InventorySnapshot.take(inventory))
+        old = orjson.loads(stored.state)
+        old.pop("class_version", None)  # as version 1 wrote it
+        snapshots = ledger.service.snapshots
+        assert snapshots is not None
+        snapshots.recorder.insert_events([replace(stored, state=orjson.dumps(old))])
+    with open_ledger(url) as ledger:  # nothing cached
+        with pytest.raises(ReservationExists):
+            ledger.reserve_stock("SKU-1", 1, reservation_id="order-1")
+        assert ledger.read(Inventory, "SKU-1").unclaimed == {"order-1", "order-2"}
 
 
 @pytest.mark.postgres
