@@ -67,14 +67,26 @@ def _gateway(parser: argparse.ArgumentParser) -> None:
 _SAGA_ID = uuid_argument("saga id")
 
 
+def _decider(text: str) -> str:
+    """An argparse type: who decides, as given. Only an absent ``--by`` falls back to the
+    system user: an empty one is most likely ``--by "$OPERATOR"`` with the variable unset,
+    and the decision (a cancel cannot be taken back) would be recorded as someone else's."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"must name who decides (leave --by out for the system user), got {text!r}"
+        )
+    return text
+
+
 def _decision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "saga_id", type=_SAGA_ID, help="the saga's id (as `daybook sagas list` shows)"
     )
     parser.add_argument(
         "--by",
+        type=_decider,
         default=None,
-        help="who decides (default: the system user; `uid N` for a UID with no user name)",
+        help="who decides, not blank (default: the system user; `uid N` for a UID with no name)",
     )
     parser.add_argument("--reason", required=True, help="why (recorded with the decision)")
 
@@ -373,7 +385,7 @@ def _plain(value: object) -> object:
 
 
 def _who(args: argparse.Namespace) -> str:
-    if args.by:
+    if args.by is not None:  # never empty: ``_decider`` refused that
         return str(args.by)
     try:
         return getpass.getuser()

@@ -245,6 +245,36 @@ def test_a_decision_without_by_under_a_user_with_no_name_is_recorded_by_uid(
     assert cancelled.meta.decision.by == f"uid {os.getuid()}"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("decision", ["cancel", "retry"])
+@pytest.mark.parametrize("by", ["", " "])
+def test_a_decision_by_no_one_is_a_bad_option_and_decides_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], decision: str, by: str
+) -> None:
+    """Only an absent ``--by`` falls back to the system user: an empty one (``--by
+    "$OPERATOR"`` with the variable unset) cancelled the saga, for good, as decided by
+    whoever ran the command."""
+    url = f"sqlite:///{tmp_path}/shop.db"
+    with open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 1_000)
+        ledger.receive_stock("KETTLE", 5)
+        placed = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 100)]))
+        assert placed.saga_id is not None
+        head = ledger.head()
+    argv = ["sagas", decision, str(placed.saga_id), "--url", url, "--reason", "x", "--by", by]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "--by: must name who decides" in err, err
+    with open_ledger(url) as ledger:
+        assert ledger.head() == head
+        assert ledger.read(Saga, placed.saga_id).state is SagaState.RUNNING
+
+
 def test_daybook_sagas_run_exits_when_its_request_purge_has_failed(tmp_path: Path) -> None:
     # The purge runs in `sagas run`'s process too: when it stops for good (its table is
     # gone, which no retry cures), the command says so and exits 1, as for its other parts.
