@@ -32,7 +32,13 @@ from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.observability.metrics import MetricsServer
 from daybook.infrastructure.observability.tracing import configure_tracing
-from daybook.infrastructure.settings import MAX_WAIT, MIN_BROKER_TIMEOUT, Settings
+from daybook.infrastructure.settings import (
+    MAX_WAIT,
+    MIN_BROKER_TIMEOUT,
+    Settings,
+    check_group,
+    check_topic,
+)
 from daybook.infrastructure.transient import causes
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
@@ -188,6 +194,24 @@ def positive_rate(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError("must be above 0 requests per second, got 0")
     return value
+
+
+def topic_name(text: str) -> str:
+    """An argparse type: a Kafka topic name daybook can publish events to (``check_topic``),
+    or a one-line refusal."""
+    try:
+        return check_topic(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def group_id(text: str) -> str:
+    """An argparse type: a consumer group id a worker can run as (``check_group``), or a
+    one-line refusal."""
+    try:
+        return check_group(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> Parser:

@@ -8,6 +8,7 @@ checked only for what daybook can use; every part that needs a URL receives this
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -31,6 +32,44 @@ DEFAULT_GROUP = "daybook-projections"
 DEFAULT_RELAY_REQUEST_TIMEOUT = 15.0
 #: The least a broker request may be given (less counts a healthy broker as down).
 MIN_BROKER_TIMEOUT = 0.1
+
+#: What Kafka takes in a topic name: 1-249 of these, and not "." or "..".
+_KAFKA_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+_MAX_KAFKA_NAME = 249
+#: The worker's dead letters go to a topic named after the events topic with this added.
+DEAD_LETTERS_SUFFIX = ".dead-letters"
+#: The longest events topic: its dead-letter topic must be a topic name Kafka takes too.
+MAX_TOPIC = _MAX_KAFKA_NAME - len(DEAD_LETTERS_SUFFIX)
+#: The longest consumer group id. Kafka takes any non-empty group id, but the worker's
+#: faust app is named after the group and names a topic after it in turn (its leader
+#: election topic, GROUP-__assignor-__leader), so a group id is held to the rule of a topic
+#: name, less those 20 characters: anything else fails inside faust or at the broker.
+MAX_GROUP = _MAX_KAFKA_NAME - len("-__assignor-__leader")
+_NAME_CHARACTERS = "a-z, A-Z, 0-9, '.', '_' and '-'"
+
+
+def check_topic(value: str) -> str:
+    """The events topic, if Kafka takes it as a topic name (with room for the dead-letter
+    topic named after it); else ValueError, saying what would do."""
+    if not _KAFKA_NAME.fullmatch(value) or len(value) > MAX_TOPIC or value in (".", ".."):
+        msg = (
+            f"a topic name is 1-{MAX_TOPIC} characters of {_NAME_CHARACTERS}, and not '.' "
+            f"or '..', got {value!r}"
+        )
+        raise ValueError(msg)
+    return value
+
+
+def check_group(value: str) -> str:
+    """A consumer group id the worker can run as (see ``MAX_GROUP``); else ValueError,
+    saying what would do."""
+    if not _KAFKA_NAME.fullmatch(value) or len(value) > MAX_GROUP:
+        msg = (
+            f"a consumer group id is 1-{MAX_GROUP} characters of {_NAME_CHARACTERS}, got {value!r}"
+        )
+        raise ValueError(msg)
+    return value
+
 
 #: Environment variable -> setting.
 ENVIRONMENT = {
@@ -94,6 +133,16 @@ class Settings(BaseModel):
         if value is not None:
             scheme(value)  # refuses what no backend serves, with a message that says what does
         return value
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return check_topic(value)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        return check_group(value)
 
     @field_validator("request_retention", "request_purge_interval", mode="before")
     @classmethod

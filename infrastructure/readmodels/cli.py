@@ -29,6 +29,7 @@ from daybook.infrastructure.cli import (
     seconds,
     settings_of,
     setup_logging,
+    topic_name,
     when_usable,
     whole_number,
 )
@@ -49,7 +50,7 @@ from daybook.infrastructure.readmodels.reconciler import (
     run_of,
 )
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.settings import DEFAULT_PARTITIONS, Settings
+from daybook.infrastructure.settings import DEFAULT_PARTITIONS, MAX_TOPIC, Settings
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.urls import scheme
 
@@ -184,7 +185,11 @@ def register(subparsers: Any) -> None:
         "names", nargs="+", metavar="NAME", choices=_NAMES, help="projections: " + ", ".join(_NAMES)
     )
     hand.add_argument("--to", required=True, help="the new owner: runner, or stream:GROUP")
-    hand.add_argument("--topic", help="the events topic (default: $DAYBOOK_TOPIC)")
+    hand.add_argument(
+        "--topic",
+        type=topic_name,
+        help=f"the events topic, 1-{MAX_TOPIC} of a-z A-Z 0-9 . _ - (default: $DAYBOOK_TOPIC)",
+    )
     hand.add_argument(
         "--partitions",
         type=whole_number(1),

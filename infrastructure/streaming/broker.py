@@ -18,7 +18,7 @@ BROKER_ENV = "DAYBOOK_KAFKA_URL"
 
 
 def dead_letter_topic(topic: str) -> str:
-    return f"{topic}.dead-letters"
+    return f"{topic}{settings.DEAD_LETTERS_SUFFIX}"
 
 
 def bootstrap_servers(url: str) -> str:

@@ -22,11 +22,13 @@ from daybook.infrastructure.cli import (
     broker_seconds,
     checked_settings,
     command,
+    group_id,
     guarded,
     metrics_served,
     seconds,
     setup_logging,
     startup_wait,
+    topic_name,
     when_usable,
     whole_number,
 )
@@ -37,6 +39,8 @@ from daybook.infrastructure.settings import (
     DEFAULT_PARTITIONS,
     DEFAULT_RELAY_REQUEST_TIMEOUT,
     DEFAULT_TOPIC,
+    MAX_GROUP,
+    MAX_TOPIC,
     Settings,
 )
 from daybook.infrastructure.streaming.broker import BROKER_ENV
@@ -119,7 +123,12 @@ def register(subparsers: Any) -> None:
     )
     _common(worker)
     worker.add_argument(
-        "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+        "--group",
+        type=group_id,
+        help=(
+            f"consumer group id, 1-{MAX_GROUP} of a-z A-Z 0-9 . _ - "
+            f"(default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+        ),
     )
     add_readmodels_argument(worker)
     worker.add_argument(
@@ -161,7 +170,12 @@ def register(subparsers: Any) -> None:
     )
     _common(status, service=False)
     status.add_argument(
-        "--group", help=f"consumer group id (default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+        "--group",
+        type=group_id,
+        help=(
+            f"consumer group id, 1-{MAX_GROUP} of a-z A-Z 0-9 . _ - "
+            f"(default: $DAYBOOK_GROUP, else {DEFAULT_GROUP})"
+        ),
     )
     add_readmodels_argument(status)
     status.set_defaults(handler=_status)
@@ -178,7 +192,12 @@ def _common(parser: argparse.ArgumentParser, *, service: bool = True) -> None:
     which reads the databases only: no broker, partitions or log level."""
     add_url_argument(parser, postgres_only=True)
     parser.add_argument(
-        "--topic", help=f"the events topic (default: $DAYBOOK_TOPIC, else {DEFAULT_TOPIC})"
+        "--topic",
+        type=topic_name,
+        help=(
+            f"the events topic, 1-{MAX_TOPIC} of a-z A-Z 0-9 . _ - "
+            f"(default: $DAYBOOK_TOPIC, else {DEFAULT_TOPIC})"
+        ),
     )
     if not service:
         return

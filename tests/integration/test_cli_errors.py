@@ -539,6 +539,60 @@ def test_numbers_are_checked(
     assert wrong in one_line(capsys, argv, by_exit=True)
 
 
+# -- topics and consumer groups ------------------------------------------------------------
+
+_TOPIC = "a topic name is 1-236 characters of a-z, A-Z, 0-9, '.', '_' and '-'"
+_GROUP = "a consumer group id is 1-229 characters of a-z, A-Z, 0-9, '.', '_' and '-'"
+
+
+@pytest.mark.parametrize(
+    ("argv", "wrong"),
+    [
+        # `--group "$GROUP"` with the variable unset: faust's traceback, from the worker.
+        (["worker", "--group", ""], f"--group: {_GROUP}, got ''"),
+        (["worker", "--group", "views 2"], f"--group: {_GROUP}, got 'views 2'"),
+        (["worker", "--group", "g" * 230], f"--group: {_GROUP}, got 'ggg"),
+        (["worker", "--topic", ""], f"--topic: {_TOPIC}, and not '.' or '..', got ''"),
+        (["relay", "--topic", ".."], f"--topic: {_TOPIC}, and not '.' or '..', got '..'"),
+        (["relay", "--topic", "daybook/events"], f"--topic: {_TOPIC}"),
+        # Its dead letters go to TOPIC.dead-letters, itself at most 249 characters.
+        (["relay", "--topic", "t" * 237], f"--topic: {_TOPIC}"),
+        (["stream", "status", "--group", ""], f"--group: {_GROUP}, got ''"),
+        (["stream", "status", "--topic", "é"], f"--topic: {_TOPIC}"),
+        (["projections", "handover", "sagas", "--to", "runner", "--topic", ""], "--topic: a topic"),
+    ],
+)
+def test_topics_and_groups_are_checked(
+    capsys: pytest.CaptureFixture[str], argv: list[str], wrong: str
+) -> None:
+    """Refused as the options are read: the services would otherwise wait (for ever, by
+    default) for the database named here, which is down."""
+    if argv[0] in ("worker", "relay"):
+        argv = [*argv, "--startup-wait", "0"]
+    assert wrong in one_line(capsys, [*argv, "--url", "postgresql://127.0.0.1:1/x"], by_exit=True)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "wrong"),
+    [
+        ("DAYBOOK_GROUP", "views 2", f"group (or $DAYBOOK_GROUP): {_GROUP}, got 'views 2'"),
+        ("DAYBOOK_TOPIC", "..", f"topic (or $DAYBOOK_TOPIC): {_TOPIC}, and not '.' or '..'"),
+    ],
+)
+def test_a_topic_or_group_from_the_environment_is_checked_as_the_option_is(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    wrong: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    argv = ["stream", "status", "--url", f"postgresql://127.0.0.1:{closed_port()}/x"]
+    assert wrong in one_line(capsys, argv)
+    # An option given instead is what counts: the command goes on, to the database.
+    assert "connection refused" in one_line(capsys, [*argv, "--group", "g", "--topic", "t"])
+
+
 @pytest.mark.parametrize(
     ("query", "where"),
     [
