@@ -39,6 +39,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionState,
 )
+from daybook.infrastructure.readmodels.checkpoints import RUNNER, group_of
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
 from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
@@ -50,7 +51,13 @@ from daybook.infrastructure.readmodels.reconciler import (
     run_of,
 )
 from daybook.infrastructure.readmodels.status import projection_status
-from daybook.infrastructure.settings import DEFAULT_PARTITIONS, MAX_TOPIC, Settings
+from daybook.infrastructure.settings import (
+    DEFAULT_PARTITIONS,
+    MAX_GROUP,
+    MAX_TOPIC,
+    Settings,
+    check_group,
+)
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.urls import scheme
 
@@ -62,6 +69,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 _NAMES = [p.name for p in projections.ALL]
 _PG = "postgresql://daybook@localhost/daybook"
+_OWNERS = f"expected {RUNNER} or stream:GROUP"
+
+
+def _owner(text: str) -> str:
+    """An argparse type: the owner a handover is to, ``runner`` or ``stream:GROUP`` with a
+    group a worker can run as, or a one-line refusal. ``handover()`` checks the form again
+    for Python callers; here a mistyped owner is a bad option (exit 2), not a refusal."""
+    if text == RUNNER:
+        return text
+    group = group_of(text)
+    if group is None:
+        raise argparse.ArgumentTypeError(f"{_OWNERS}, got {text!r}")
+    try:
+        check_group(group)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{_OWNERS} ({error})") from None
+    return text
 
 
 def register(subparsers: Any) -> None:
@@ -184,7 +208,12 @@ def register(subparsers: Any) -> None:
     hand.add_argument(
         "names", nargs="+", metavar="NAME", choices=_NAMES, help="projections: " + ", ".join(_NAMES)
     )
-    hand.add_argument("--to", required=True, help="the new owner: runner, or stream:GROUP")
+    hand.add_argument(
+        "--to",
+        required=True,
+        type=_owner,
+        help=f"the new owner: runner, or stream:GROUP (GROUP 1-{MAX_GROUP} of a-z A-Z 0-9 . _ -)",
+    )
     hand.add_argument(
         "--topic",
         type=topic_name,

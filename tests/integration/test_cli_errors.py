@@ -675,6 +675,26 @@ def test_a_handover_to_stream_workers_on_sqlite_is_refused_and_changes_nothing(
     assert capsys.readouterr().out == before
 
 
+@pytest.mark.parametrize(
+    ("owner", "wrong"),
+    [
+        ("bogus", "--to: expected runner or stream:GROUP, got 'bogus'"),
+        ("Runner", "--to: expected runner or stream:GROUP, got 'Runner'"),
+        ("stream:", "--to: expected runner or stream:GROUP (a consumer group id is 1-229"),
+        ("stream:views 2", "--to: expected runner or stream:GROUP (a consumer group id is"),
+    ],
+)
+def test_a_handover_to_an_owner_that_cannot_be_is_a_bad_option_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str], ledger_file: str, owner: str, wrong: str
+) -> None:
+    """It was refused by the handover itself, exit 1 as for a refusal of a valid request."""
+    path = Path(urlsplit(ledger_file).path)
+    before = path.read_bytes()
+    argv = ["projections", "handover", "account_balances", "--to", owner, "--url", ledger_file]
+    assert wrong in one_line(capsys, argv, by_exit=True)
+    assert path.read_bytes() == before
+
+
 def test_a_handover_on_a_mistyped_path_is_refused_and_creates_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
