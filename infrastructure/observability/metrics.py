@@ -121,7 +121,8 @@ CONVERGENCE_SECONDS = Histogram(
 )
 RECONCILER_RUNS = Counter(
     "daybook_reconciler_runs_total",
-    "Reconciliation runs, by projection and result (clean, drift, repaired, failed).",
+    "Reconciliation runs, by projection and result (clean, drift, repaired, or failed: a log "
+    "that could not be folded; an outage is not counted).",
     ["projection", "result"],
     registry=REGISTRY,
 )

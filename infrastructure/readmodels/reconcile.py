@@ -261,7 +261,11 @@ def _scratch() -> Iterator[Path]:
 def reconcile(
     log: EventLog, url: str, projection: Projection, *, repair: bool = False
 ) -> ReconcileReport:
-    """Compare the stored tables of ``projection``'s version with a fold of the log."""
+    """Compare the stored tables of ``projection``'s version with a fold of the log.
+
+    Counted in ``daybook_reconciler_runs_total`` by result: a report as clean, drift or
+    repaired, and ``ReconcileError`` (a log that cannot be folded) as failed; a transient
+    error (an outage, raised to be waited out) or anything else raised is not a run."""
     started = time.monotonic()
     store = open_store(url)
     try:
@@ -283,7 +287,10 @@ def reconcile(
                     fold.close()
         except VersionRetired:
             raise  # skipped, not failed: a switch retired it during the run
-        except Exception:
+        except ReconcileError:
+            # Only a log that cannot be folded is a failed run (and recorded as one). An
+            # outage is not: the continuous reconciler's supervisor waits it out and tries
+            # again, and each of its attempts would count here, while no run is recorded.
             metrics.RECONCILER_RUNS.labels(projection.name, "failed").inc()
             raise
         report.seconds = time.monotonic() - started

@@ -518,14 +518,51 @@ def test_an_outage_of_the_fold_store_is_not_a_refusal(
         monkeypatch.setattr(self.store, "fetch", unreachable)
 
     monkeypatch.setattr(reconcile_module.Fold, "__init__", init)
+    failed = _failed_runs(ACCOUNT_BALANCES.name)
     assert main(["reconcile", "account_balances", "--url", url]) == 2
     err = capsys.readouterr().err
     assert "refused" not in err and "did not answer" in err, err
+    assert _failed_runs(ACCOUNT_BALANCES.name) == failed  # nor counted as a failed run
     store = open_store(url)
     try:
         assert last_runs(store) == {}
     finally:
         store.close()
+
+
+def test_an_outage_during_a_reconcile_is_not_counted_as_a_failed_run(tmp_path: Path) -> None:
+    """Each attempt of a continuous reconciler retrying through an outage of the event store
+    was counted in `daybook_reconciler_runs_total{result="failed"}`, though no run is
+    recorded as failed: an hour's outage made hundreds. Only a log that cannot be folded
+    is a failed run, and is counted."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        workload(ledger, 20)
+        with run_projections(ledger, url, start=False) as runner:
+            runner.run_until_caught_up()
+        log = event_log_of(ledger)
+        failed = _failed_runs(ACCOUNT_BALANCES.name)
+        scan = log.scan
+
+        def away(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        log.scan = away  # type: ignore[method-assign]
+        for _ in range(3):  # three attempts of the service waiting the outage out
+            with pytest.raises(ConnectionRefusedError):
+                reconcile(log, url, ACCOUNT_BALANCES)
+        assert _failed_runs(ACCOUNT_BALANCES.name) == failed
+        log.scan = scan  # type: ignore[method-assign]
+
+        def refuses(event: LogEvent, rows: Rows) -> None:
+            raise ValueError("this definition refuses every deposit")
+
+        refusing = replace(
+            ACCOUNT_BALANCES, handlers={**ACCOUNT_BALANCES.handlers, DEPOSITED: refuses}
+        )
+        with pytest.raises(reconcile_module.ReconcileError):
+            reconcile(log, url, refusing)
+        assert _failed_runs(ACCOUNT_BALANCES.name) == failed + 1
 
 
 def test_a_full_reconcile_pass_skips_a_version_retired_during_its_run(
