@@ -38,9 +38,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE, SUBJECT
 from daybook.infrastructure.transient import is_transient
 
 log = logging.getLogger("daybook.services")
+
+#: A service's final line (stopped, or failed for good) is said once per stop: it always
+#: passes the log's rate limit, which would otherwise hold back a second service's (of the
+#: same template) for good, as it never repeats.
+_FINAL = {LIMITED_AT_SOURCE: True}
 
 
 class ServiceState(enum.Enum):
@@ -201,7 +207,8 @@ class Supervisor:
         try:
             return self._judge(error)
         except Exception as bug:
-            log.error("%s: judging a failure failed; stopped", self.name, exc_info=bug)
+            log.error("%s: judging a failure failed; stopped", self.name, exc_info=bug,
+                      extra=_FINAL)  # fmt: skip
             self.move(ServiceState.FAILED, f"{type(error).__name__}, then {bug!r} judging it")
             return None
 
@@ -215,16 +222,18 @@ class Supervisor:
         if not self.transient(error):
             self._clean_up(error)
             if code is not None:
-                log.error("%s stopped: %s", self.name, reason)
+                log.error("%s stopped: %s", self.name, reason, extra=_FINAL)
             else:
-                log.error("%s failed and stopped: %s", self.name, reason, exc_info=error)
+                log.error("%s failed and stopped: %s", self.name, reason, exc_info=error,
+                          extra=_FINAL)  # fmt: skip
             self.move(ServiceState.FAILED, reason)
             return None
         self._attempt += 1
         limit = self.policy.max_restarts
         if limit is not None and self._attempt > limit:
             self._clean_up(error)
-            log.error("%s failed %d times in a row and stopped: %s", self.name, limit, reason)
+            log.error("%s failed %d times in a row and stopped: %s", self.name, limit, reason,
+                      extra=_FINAL)  # fmt: skip
             self.move(ServiceState.FAILED, f"gave up after {limit} restarts: {reason}")
             return None
         delay = self.policy.delay(self._attempt)
@@ -294,7 +303,8 @@ class SupervisedThread:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
-                log.warning("%s did not stop within %ss", self.name, timeout)
+                log.warning("%s did not stop within %ss", self.name, timeout,
+                            extra={SUBJECT: self.name})  # fmt: skip
                 return
         self.supervisor.move(ServiceState.STOPPED)
 

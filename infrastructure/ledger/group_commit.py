@@ -48,6 +48,7 @@ from daybook.infrastructure.ledger.application import (
 )
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
 
 
 class _Waiter:
@@ -362,7 +363,9 @@ class GroupCommitter:
                 elif items:
                     self._apply(items)
         except BaseException as error:
-            _log.exception("daybook's group commit writer failed; the ledger is closed")
+            # Once per ledger: never held back by another ledger's line in the process.
+            _log.exception("daybook's group commit writer failed; the ledger is closed",
+                           extra={LIMITED_AT_SOURCE: True})  # fmt: skip
             self.supervisor.move(ServiceState.FAILED, f"{type(error).__name__}: {error}")
             self._abandon(error)
         finally:

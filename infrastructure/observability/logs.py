@@ -90,32 +90,42 @@ class ConsoleFormatter(logging.Formatter):
 
 
 #: A log record's attribute (``extra={LIMITED_AT_SOURCE: True}``) saying its line is limited
-#: where it is written (``StateLog``: per partition or version), so ``RateLimit`` lets it
-#: through: counted by its template, one thing's lines would hide another's.
+#: where it is written, so ``RateLimit`` lets it through: a line said once per thing
+#: (``StateLog``: per partition or version), and a line saying a service or a projection
+#: version stopped or failed for good (said once per stop; held back, it would never be
+#: written, as it does not repeat). Counted by its template, one thing's lines would hide
+#: another's.
 LIMITED_AT_SOURCE = "daybook_limited_at_source"
+
+#: A log record's attribute (``extra={SUBJECT: ...}``) naming what its line is about when the
+#: template does not start with it (a projection version's ``(name, version)``, a service's
+#: name): ``RateLimit`` counts the line per subject.
+SUBJECT = "daybook_subject"
 
 
 class RateLimit(logging.Filter):
     """Lets a repeating warning through once, then at most once per ``interval`` seconds
-    with how many were held back; a message template counts as one warning, whatever its
-    arguments, except that a template starting with the service's name (``"%s: ..."``)
-    counts per service, so one service's repeats never hide another's. Lines limited where
-    they are written (``LIMITED_AT_SOURCE``) pass. Bounded: it remembers at most
-    ``capacity`` templates."""
+    with how many were held back. A message template counts as one warning per subject,
+    whatever its other arguments: the subject is the record's ``SUBJECT``, or, for a
+    template starting with the service's name (``"%s: ..."``), its first argument; so one
+    service's or projection version's repeats never hide another's. Lines limited where
+    they are written (``LIMITED_AT_SOURCE``: among them every line saying a service or a
+    version stopped or failed for good) pass. Bounded: it remembers at most ``capacity``
+    templates and subjects."""
 
     def __init__(self, interval: float = 30.0, capacity: int = 1024) -> None:
         super().__init__()
         self.interval = interval
         self.capacity = capacity
-        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+        self._last: dict[tuple[str, object, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or getattr(record, LIMITED_AT_SOURCE, False):
             return True
-        key: tuple[str, object] = (record.name, record.msg)
-        if isinstance(record.msg, str) and record.msg.startswith("%s:") and record.args:
-            first = record.args[0] if isinstance(record.args, tuple) else None
-            key = (record.name, (record.msg, first))
+        subject = getattr(record, SUBJECT, None)
+        if subject is None and isinstance(record.msg, str) and record.msg.startswith("%s:"):
+            subject = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        key = (record.name, record.msg, subject)
         now = time.monotonic()
         seen = self._last.get(key)
         if seen is None or now - seen[0] >= self.interval:

@@ -20,6 +20,7 @@ from typing import Self
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
+from daybook.infrastructure.observability.logs import SUBJECT
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import (
@@ -271,7 +272,8 @@ class ContinuousReconciler:
         except VersionRetired:
             return None
         except (ReconcileError, LookupError) as error:
-            log.error("reconciler: %s v%s: %s", projection.name, projection.version, error)
+            log.error("reconciler: %s v%s: %s", projection.name, projection.version, error,
+                      extra={SUBJECT: (projection.name, projection.version)})  # fmt: skip
             return failed_run(projection, error)
         run = run_of(report)
         if report.clean:
@@ -282,5 +284,6 @@ class ContinuousReconciler:
                 "reconciler: %s v%s at position %s: %d drifted rows%s: %s",
                 report.name, report.version, report.position, report.drift_count,
                 " (repaired)" if report.repaired else "", "; ".join(run.drifts[:3]),
+                extra={SUBJECT: (report.name, report.version)},
             )  # fmt: skip
         return run

@@ -43,7 +43,7 @@ from typing import Self
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
 from daybook.infrastructure.observability import metrics, tracing
-from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE, SUBJECT
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     RetiredDrops,
@@ -634,6 +634,7 @@ class ProjectionRunner:
                 event.position,
                 attempts,
                 self.max_attempts,
+                extra={SUBJECT: slot.key},  # one version's retries never hide another's
             )
             self._stop.wait(self.retry_backoff * 2 ** (attempts - 1))
             return
@@ -643,6 +644,7 @@ class ProjectionRunner:
             event.type,
             event.position,
             failure.error,
+            extra={LIMITED_AT_SOURCE: True},  # once per stop: see _stop_version
         )
         reason = (
             f"event {event.type} at position {event.position} failed {attempts} times; "
@@ -659,7 +661,10 @@ class ProjectionRunner:
         letter: tuple[int, str, str, str, int] | None = None,
     ) -> None:
         """Stop the version (with its dead letter, if an event caused it) and let it go."""
-        log.error("projection %s v%s stopped: %s", *slot.key, reason)
+        # Once per stop of this version: never held back by another version's line (which,
+        # held back, would never be written, as it does not repeat).
+        log.error("projection %s v%s stopped: %s", *slot.key, reason,
+                  extra={LIMITED_AT_SOURCE: True})  # fmt: skip
         self.halted[slot.key] = _stopped(slot.key, reason)
         try:
             with store.transaction():

@@ -39,6 +39,7 @@ from opentelemetry.trace import SpanKind
 
 from daybook.infrastructure.lifecycle import Supervisor
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     RetiredDrops,
@@ -655,7 +656,9 @@ class StreamApplier:
                 with contextlib.suppress(IllegalTransition, LookupError):
                     # (Another worker of the group, finding the same, may have been first.)
                     catalog.stop(*slot.key, reason)
-                log.error("worker: projection %s v%s stopped: %s", *slot.key, reason)
+                # Once per stop of this version: never held back by another version's line.
+                log.error("worker: projection %s v%s stopped: %s", *slot.key, reason,
+                          extra={LIMITED_AT_SOURCE: True})  # fmt: skip
                 continue
             log.info("worker: projection %s now reads from version %s", *slot.key)
             self.drops.drop(store, slot.projection.name)  # what the switch replaced
@@ -813,7 +816,10 @@ class StreamApplier:
                 if key not in self._told:
                     self._told.add(key)
                     why = NotOwner(*key, record.owner, self.owner)
-                    log.warning("worker: %s; leaving it alone", why)
+                    # Once per version (``_told``): never held back by another's line.
+                    log.warning(
+                        "worker: %s; leaving it alone", why, extra={LIMITED_AT_SOURCE: True}
+                    )
                 continue
             if not record.state.writable:
                 self._cannot_follow(catalog, projection, record)
@@ -875,7 +881,7 @@ class StreamApplier:
             f"a worker of {self.owner} ({self.writer}) cannot follow {projection.name} version "
             f"{serving}: its code defines version {projection.version}; deploy the new code"
         )
-        log.error("worker: %s", note)
+        log.error("worker: %s", note, extra={LIMITED_AT_SOURCE: True})  # once per version
         catalog.set_note(projection.name, serving, note)
 
     def _lock_progress(self, store: ReadStore, partitions: list[int]) -> dict[int, _Partition]:

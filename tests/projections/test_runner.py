@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +18,7 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability.logs import RateLimit
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -365,6 +368,51 @@ def test_a_poison_event_is_retried_then_parked_and_the_projection_stops(
     status = {s.name: s for s in projection_status(event_log_of(ledger), runner.url)}
     assert status["account_balances"].state is VersionState.LIVE
     assert status["account_balances"].dead_letters == 0  # resolved: kept, not counted
+
+
+def test_each_version_that_parks_an_event_and_stops_says_so_in_the_log(
+    ledger: Ledger, url: str
+) -> None:
+    """One event that two versions cannot apply stops both. Their lines (failed on the
+    event, parked it and stopped, stopped) were rate-limited by their template alone: the
+    second version's were held back by the first's, and the log named only one of the two
+    stopped versions."""
+    balances, _ = _poisoned(fail_times=None)
+    good = projections.ACCOUNT_STATEMENT.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] == 13:
+            raise ValueError(f"cannot apply deposit at {event.position}")
+        good(event, rows)
+
+    statement = replace(
+        projections.ACCOUNT_STATEMENT,
+        handlers={**projections.ACCOUNT_STATEMENT.handlers, DEPOSITED: deposit},
+    )
+    account = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(account, 13)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RateLimit(interval=3600))
+    logger = logging.getLogger("daybook")
+    logger.addHandler(handler)
+    defs = [balances, statement]
+    runner = run_projections(
+        ledger, url, projections=defs, start=False, max_attempts=2, retry_backoff=0.001
+    )
+    try:
+        for _ in range(4):
+            runner.step()
+    finally:
+        runner.stop()
+        logger.removeHandler(handler)
+    assert set(runner.halted) == {(d.name, d.version) for d in defs}
+    lines = stream.getvalue().splitlines()
+    for d in defs:
+        said = [line for line in lines if line.startswith(f"projection {d.name} v{d.version} ")]
+        assert any("failed on event" in line for line in said), lines
+        assert any("parked event" in line and "and stopped" in line for line in said), lines
+        assert any(line.startswith(f"projection {d.name} v1 stopped: ") for line in said), lines
 
 
 def table_exists(store: ReadStore, name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from daybook.infrastructure.lifecycle import (
     SupervisedTask,
     SupervisedThread,
 )
+from daybook.infrastructure.observability.logs import RateLimit
 
 QUICK = RestartPolicy(initial=0.001, ceiling=0.002)
 
@@ -181,6 +183,33 @@ def test_a_failure_to_judge_a_failure_fails_the_service_visibly() -> None:
     health = service.health()
     assert health.state is ServiceState.FAILED and not health.ok
     assert health.error is not None and "OverflowError" in health.error
+
+
+def test_a_second_service_that_fails_for_good_is_logged() -> None:
+    """Each service's final line (``"%s failed and stopped: %s"``) was rate-limited by its
+    template alone: a second service failing within 30 s of the first was held back, and,
+    as it never repeats, never written. A line saying a service stopped for good is always
+    written."""
+
+    def broken(stopping: Stopping) -> None:
+        raise ValueError("the read-model schema is not what this code expects")
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RateLimit(interval=3600))
+    logger = logging.getLogger("daybook.services")
+    logger.addHandler(handler)
+    services = [SupervisedThread(name, broken) for name in ("expiry sweeper", "projections")]
+    try:
+        for service in services:
+            service.start()
+            service.join(30)
+    finally:
+        logger.removeHandler(handler)
+    assert [s.health().state for s in services] == [ServiceState.FAILED] * 2
+    lines = stream.getvalue().splitlines()
+    for name in ("expiry sweeper", "projections"):
+        assert any(line.startswith(f"{name} failed and stopped: ") for line in lines), lines
 
 
 def test_run_in_the_calling_thread_returns_the_final_health() -> None:

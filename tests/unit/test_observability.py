@@ -13,6 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import (
+    LIMITED_AT_SOURCE,
+    SUBJECT,
     JsonFormatter,
     RateLimit,
     configure_logging,
@@ -123,6 +125,32 @@ def test_one_service_s_repeats_never_hide_another_s() -> None:
     passed = [limit.filter(restart(s, d)) for s, d in [("relay", 0.1), ("relay", 0.3)]]
     passed += [limit.filter(restart(s, d)) for s, d in [("runner", 0.2), ("runner", 0.4)]]
     assert passed == [True, False, True, False]
+
+
+def test_one_versions_lines_never_hide_another_s_and_a_final_line_always_passes() -> None:
+    """A template whose subject is not first (``"reconciler: %s v%s ..."``, ``"projection %s
+    v%s ..."``) counts per the record's ``SUBJECT``; a line limited where it is written (a
+    version or a service that stopped for good) passes however often its template came."""
+    limit = RateLimit(interval=3600)
+    template = "reconciler: %s v%s at position %s: %d drifted rows"
+
+    def drift(name: str, position: int) -> logging.LogRecord:
+        record = logging.LogRecord("r", logging.WARNING, __file__, 1, template,
+                                   (name, 1, position, 3), None)  # fmt: skip
+        setattr(record, SUBJECT, (name, 1))
+        return record
+
+    passed = [limit.filter(drift(n, p)) for n, p in [("a", 1), ("a", 2), ("b", 1), ("b", 2)]]
+    assert passed == [True, False, True, False]
+
+    def stopped(name: str) -> logging.LogRecord:
+        args = (name, 1, "event at position 7 failed 3 times")
+        record = logging.LogRecord("p", logging.ERROR, __file__, 1, "projection %s v%s stopped: %s",
+                                   args, None)  # fmt: skip
+        setattr(record, LIMITED_AT_SOURCE, True)
+        return record
+
+    assert [limit.filter(stopped(n)) for n in ("a", "b", "c")] == [True, True, True]
 
 
 def test_state_lines_of_two_partitions_never_hide_each_other() -> None:
