@@ -122,15 +122,13 @@ def workers(
 
 
 def assignment(output: str) -> list[int]:
-    """The partitions of the topic a worker held last (faust prints a table per assignment:
-    ``| bench | {0, 2} |``, or ``{0-3}`` for a run of them)."""
-    tables = re.findall(rf"^\| {re.escape(TOPIC)}\s+\| \{{([\d, -]*)\}}", output, re.MULTILINE)
-    held: list[int] = []
-    for part in tables[-1].split(",") if tables else []:
-        first, _, last = part.strip().partition("-")
-        if first:
-            held.extend(range(int(first), int(last or first) + 1))
-    return held
+    """The partitions of the topic a worker held last (each assignment is logged as
+    ``Setting newly assigned partitions {TopicPartition(topic='bench', partition=0), ...}
+    for group ...``)."""
+    assigned = output.split("Setting newly assigned partitions")[1:]
+    last = assigned[-1].partition(" for group ")[0] if assigned else ""
+    held = re.findall(rf"TopicPartition\(topic={re.escape(repr(TOPIC))}, partition=(\d+)\)", last)
+    return sorted(int(partition) for partition in held)
 
 
 def gates(base: Path, group: str, count: int) -> list[Path]:

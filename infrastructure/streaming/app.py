@@ -700,22 +700,41 @@ def _failed(applier: StreamApplier) -> bool:
     return applier.supervisor.health().state is ServiceState.FAILED
 
 
+def faust_worker(app: faust.App, *, banner: bool = True) -> faust.Worker:
+    """faust's worker for ``app``, logging at INFO if daybook's logger is, else WARN, through
+    the root logger's handlers as they are: daybook's (``configure_logging``), with their
+    format, rate limit and redaction, for JSON and console logs alike. ``banner``: faust's
+    start-up table on stdout (not for JSON logs, whose stream it would break)."""
+    level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
+    # At its start faust (mode's ``setup_logging``) clears the root logger's handlers,
+    # applies ``logging_config`` (by default, its own handler and format: here, nothing), then
+    # adds ``loghandlers``: daybook's handlers stay the only ones.
+    app.conf.loghandlers = list(logging.getLogger().handlers)
+    return faust.Worker(
+        app,
+        loglevel=level,
+        quiet=not banner,
+        logging_config={"version": 1, "disable_existing_loggers": False},
+    )
+
+
 def run_worker(
     config: WorkerConfig,
     projections: Sequence[Projection] = ALL,
     *,
-    keep_logging: bool = False,
+    banner: bool = True,
     startup_wait: float | None = None,
 ) -> Health:
     """Run one worker in this process until SIGINT/SIGTERM (faust's own worker loop), or
     until a failure no retry cures; returns its final health.
 
     The body of ``daybook worker``: faust's worker takes over the process (it installs
-    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped). With
-    ``keep_logging``, faust's lines go through the root logger's handlers as they are
-    (``--log-format json``: daybook's JSON lines) instead of faust's own, and its banner
-    is left out. ``startup_wait``: how long a broker that fails faust's start is waited for
-    (see ``_again_if_the_broker_went``; None: until it answers).
+    signal handlers, sets up logging, and exits with ``SystemExit`` when stopped). faust's
+    lines go through the root logger's handlers as they are (daybook's: JSON or console
+    lines, rate-limited and redacted), never faust's own (``faust_worker``); ``banner``:
+    faust's start-up table (left out for ``--log-format json``). ``startup_wait``: how long
+    a broker that fails faust's start is waited for (see ``_again_if_the_broker_went``;
+    None: until it answers).
     """
     failed_starts = _FailedStarts.taken_from_environment()
     # faust's data directory is unused (memory store, no tables) but required. It goes
@@ -727,18 +746,7 @@ def run_worker(
         app, applier = make_app(
             config, projections, datadir=datadir, stop=lambda: workers[0].stop()
         )
-        level = "INFO" if log.isEnabledFor(logging.INFO) else "WARN"
-        if keep_logging:
-            # faust clears the root logger's handlers, configures its own, then adds these.
-            app.conf.loghandlers = list(logging.getLogger().handlers)
-            worker = faust.Worker(
-                app,
-                loglevel=level,
-                quiet=True,
-                logging_config={"version": 1, "disable_existing_loggers": False},
-            )
-        else:
-            worker = faust.Worker(app, loglevel=level)
+        worker = faust_worker(app, banner=banner)
         workers.append(worker)
         worker.logger.addFilter(_NO_TRACEBACK_FOR_AN_OUTAGE)
         applier.supervisor.move(ServiceState.RUNNING)

@@ -295,7 +295,7 @@ def _run_worker(args: argparse.Namespace) -> int:
             web_port=args.port,
         )
         health = run_worker(
-            config, keep_logging=args.log_format == "json", startup_wait=startup_wait(args)
+            config, banner=args.log_format != "json", startup_wait=startup_wait(args)
         )
     code = 0
     if health.state is ServiceState.FAILED:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections.abc import Sequence
@@ -74,67 +73,52 @@ def worker(
 
 
 def assignments(output: str, topic: str) -> list[bool]:
-    """Each partition assignment faust logged in a worker's ``output``, in order: whether it
-    gave the worker partitions of ``topic``. Only the tables after "Setting newly assigned
-    partitions" count: faust prints the same table after "Revoking previously assigned
-    partitions", and its subscription tables name the topic, without partitions."""
+    """Each partition assignment logged in a worker's ``output`` (aiokafka's line, through
+    daybook's handler), in order: whether it gave the worker partitions of ``topic``. Only
+    the sets after "Setting newly assigned partitions" count: the same set follows
+    "Revoking previously assigned partitions", and the subscription names the topic,
+    without partitions."""
     assigned = output.split("Setting newly assigned partitions")[1:]
-    tables = [after.partition(" for group ")[0] for after in assigned]
-    return [re.search(rf"\| {re.escape(topic)} +\| \{{\d", t) is not None for t in tables]
+    sets = [after.partition(" for group ")[0] for after in assigned]
+    return [f"TopicPartition(topic={topic!r}, partition=" in s for s in sets]
 
 
 def holds_partitions(worker: Daybook, topic: str) -> bool:
-    """Whether faust's latest assignment gave the worker partitions of ``topic``."""
+    """Whether the latest assignment gave the worker partitions of ``topic``."""
     given = assignments(worker.output, topic)
     return bool(given) and given[-1]
 
 
-#: A worker's subscription as faust logs it: the topic's name, without partitions.
-_SUBSCRIBED = """\
-[2026-12-04 07:33:58,987] [9633] [INFO] Subscribed to topic(s):
-+Final Subscription------------------+
-| topic name                         |
-+------------------------------------+
-| orders                             |
-| group-6f987325-__assignor-__leader |
-+------------------------------------+
-"""
+_COORDINATOR = "2026-12-04 07:34:10,124 INFO aiokafka.consumer.group_coordinator"
+
+#: A worker's subscription as it is logged: the topic's name, without partitions.
+_SUBSCRIBED = (
+    "2026-12-04 07:33:58,987 INFO aiokafka.consumer.consumer Subscribed to topic(s): "
+    "{'orders', 'group-6f987325-__assignor-__leader'}\n"
+)
 
 #: Then a rebalance that revokes the partitions of ``orders`` it had and gives it none.
-_REVOKED_ONLY = (
-    _SUBSCRIBED
-    + """\
-[2026-12-04 07:34:16,142] [9633] [INFO] Revoking previously assigned partitions
-+Topic Partition Set-----------------+------------+
-| topic                              | partitions |
-+------------------------------------+------------+
-| orders                             | {0-3}      |
-| group-6f987325-__assignor-__leader | {0}        |
-+------------------------------------+------------+ for group group-6f987325
-[2026-12-04 07:34:19,155] [9633] [INFO] Setting newly assigned partitions set() for group \
-group-6f987325
-"""
+_REVOKED_ONLY = _SUBSCRIBED + (
+    f"{_COORDINATOR} Revoking previously assigned partitions "
+    "frozenset({TopicPartition(topic='orders', partition=2), "
+    "TopicPartition(topic='group-6f987325-__assignor-__leader', partition=0), "
+    "TopicPartition(topic='orders', partition=3)}) for group group-6f987325\n"
+    f"{_COORDINATOR} Setting newly assigned partitions set() for group group-6f987325\n"
 )
 
 #: Or an assignment of partitions of ``orders``.
-_ASSIGNED = (
-    _SUBSCRIBED
-    + """\
-[2026-12-04 07:34:10,124] [9633] [INFO] Setting newly assigned partitions
-+Topic Partition Set-----------------+------------+
-| topic                              | partitions |
-+------------------------------------+------------+
-| orders                             | {2-3}      |
-| group-6f987325-__assignor-__leader | {0}        |
-+------------------------------------+------------+ for group group-6f987325
-"""
+_ASSIGNED = _SUBSCRIBED + (
+    f"{_COORDINATOR} Setting newly assigned partitions "
+    "{TopicPartition(topic='orders', partition=2), "
+    "TopicPartition(topic='group-6f987325-__assignor-__leader', partition=0), "
+    "TopicPartition(topic='orders', partition=3)} for group group-6f987325\n"
 )
 
 
 def test_a_worker_holds_the_partitions_it_was_assigned_not_those_revoked(
     tmp_path: Path,
 ) -> None:
-    """faust prints the same table when it revokes partitions as when it assigns them: a
+    """The same set is logged when partitions are revoked as when they are assigned: a
     worker whose partitions were revoked, and that was given none, holds none."""
     log = tmp_path / "w.log"
     process = Daybook(["worker"], log)

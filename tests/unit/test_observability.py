@@ -205,6 +205,42 @@ def test_configure_logging_writes_json_to_the_stream() -> None:
     assert orjson.loads(stream.getvalue())["event"] == "started"
 
 
+def test_a_console_worker_keeps_the_rate_limit_and_redaction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``daybook worker`` with console logs (the default) built faust's worker without
+    daybook's handlers: its start (mode's ``setup_logging``) cleared the root logger's and
+    installed faust's own, so the rate limit and the redaction were gone: every retry of an
+    outage was a line of its own, and a password in a URL reached the log."""
+    import faust
+
+    from daybook.infrastructure.lifecycle import Supervisor
+    from daybook.infrastructure.streaming.app import faust_worker
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("console", logging.INFO)  # as ``daybook worker`` does
+        app = faust.App("test-console-worker", broker="kafka://127.0.0.1:1")
+        worker = faust_worker(app)
+        worker._setup_logging()  # what the worker's start does (mode's on_first_start)
+        capsys.readouterr()
+        supervisor = Supervisor("stream worker g")
+        for _ in range(20):  # twenty attempts through one outage of the read models
+            supervisor.judge(ConnectionRefusedError(111, "Connection refused"))
+        logging.getLogger("daybook.worker").warning(
+            "worker: cannot reach postgresql://app:s3cret@db/ledger"
+        )
+        out = capsys.readouterr()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    text = out.out + out.err
+    retries = [line for line in text.splitlines() if "restarting in" in line]
+    assert len(retries) == 1, text
+    assert "s3cret" not in text and "postgresql://app:***@db/ledger" in text, text
+
+
 def test_observing_many_at_once_counts_as_observing_each() -> None:
     amounts = [0.0, 0.0001, 0.00011, 0.003, 0.003, 1.0, 7.5, 59.9, 60.0, 61.0, 3600.0, 0.5]
     one_by_one = metrics.CONVERGENCE_SECONDS.labels("test-one-by-one")
