@@ -122,7 +122,8 @@ CONVERGENCE_SECONDS = Histogram(
 RECONCILER_RUNS = Counter(
     "daybook_reconciler_runs_total",
     "Reconciliation runs, by projection and result (clean, drift, repaired, or failed: a log "
-    "that could not be folded; an outage is not counted).",
+    "that could not be folded, or a run that failed for a reason no retry cures; an outage "
+    "is not counted).",
     ["projection", "result"],
     registry=REGISTRY,
 )

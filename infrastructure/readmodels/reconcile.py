@@ -287,11 +287,14 @@ def reconcile(
                     fold.close()
         except VersionRetired:
             raise  # skipped, not failed: a switch retired it during the run
-        except ReconcileError:
-            # Only a log that cannot be folded is a failed run (and recorded as one). An
-            # outage is not: the continuous reconciler's supervisor waits it out and tries
-            # again, and each of its attempts would count here, while no run is recorded.
-            metrics.RECONCILER_RUNS.labels(projection.name, "failed").inc()
+        except Exception as error:
+            # A log that cannot be folded is a failed run (and recorded as one), as is one
+            # that fails for a reason no retry cures (a repair that cannot write: the
+            # service stops on it). An outage is not: the continuous reconciler's
+            # supervisor waits it out and tries again, and each of its attempts would
+            # count here, while no run is recorded.
+            if isinstance(error, ReconcileError) or not is_transient(error):
+                metrics.RECONCILER_RUNS.labels(projection.name, "failed").inc()
             raise
         report.seconds = time.monotonic() - started
         _count(report)

@@ -6,6 +6,7 @@ import argparse
 import gc
 import io
 import logging
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -533,8 +534,8 @@ def test_an_outage_of_the_fold_store_is_not_a_refusal(
 def test_an_outage_during_a_reconcile_is_not_counted_as_a_failed_run(tmp_path: Path) -> None:
     """Each attempt of a continuous reconciler retrying through an outage of the event store
     was counted in `daybook_reconciler_runs_total{result="failed"}`, though no run is
-    recorded as failed: an hour's outage made hundreds. Only a log that cannot be folded
-    is a failed run, and is counted."""
+    recorded as failed: an hour's outage made hundreds. A log that cannot be folded is a
+    failed run, and is counted, as is a run that fails for a reason no retry cures."""
     url = f"sqlite:///{tmp_path}/daybook.db"
     with open_ledger(url) as ledger:
         workload(ledger, 20)
@@ -563,6 +564,18 @@ def test_an_outage_during_a_reconcile_is_not_counted_as_a_failed_run(tmp_path: P
         with pytest.raises(reconcile_module.ReconcileError):
             reconcile(log, url, refusing)
         assert _failed_runs(ACCOUNT_BALANCES.name) == failed + 1
+        # A run that fails for a reason no retry cures (a repair that cannot write) is
+        # failed too, though no run is recorded: the service stops on it.
+        scan = log.scan
+
+        def cannot_write(*args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: rm_account_balances_v1.id")
+
+        log.scan = cannot_write  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.IntegrityError):
+            reconcile(log, url, ACCOUNT_BALANCES, repair=True)
+        assert _failed_runs(ACCOUNT_BALANCES.name) == failed + 2
+        log.scan = scan  # type: ignore[method-assign]
 
 
 def test_a_full_reconcile_pass_skips_a_version_retired_during_its_run(
