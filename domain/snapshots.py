@@ -142,6 +142,11 @@ class InventorySnapshot(LedgerSnapshot):
     expiring: dict[str, datetime]
     unclaimed: set[str]
 
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """The same fields: a version 1 snapshot still decodes (the store does not read it,
+        ``replay_below``; a tool may)."""
+
 
 __all__ = [
     "AccountSnapshot",
