@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,9 +237,25 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
 
+    # The servers' logs: removed after a run that succeeded, kept (and named) after one
+    # that failed, where they say why.
+    logs = Path(tempfile.mkdtemp(prefix="daybook-bench-http-"))
+    try:
+        results = _runs(args, logs)
+    except BaseException:
+        print(f"the servers' logs are in {logs}", file=sys.stderr)
+        raise
+    shutil.rmtree(logs, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    (out / "http.json").write_text(json.dumps(results, indent=2))
+    print(f"money conserved after every run; results in {out}/http.json")
+    return 0
+
+
+def _runs(args: argparse.Namespace, logs: Path) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
     with services.bench_postgres() as admin_url:
-        results = []
-        logs = Path(tempfile.mkdtemp(prefix="daybook-bench-http-"))
         for clients in args.clients:
             per_client = max(1, args.transfers // clients)
             row: dict[str, Any] = {"clients": clients}
@@ -271,11 +288,7 @@ def main() -> int:
                 f"{clients:>3} clients  ratio: serve / anchor {row['serve_vs_anchor']:.1f}x, "
                 f"serve / Python API {row['serve_vs_python']:.2f}"
             )
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "http.json").write_text(json.dumps(results, indent=2))
-    print(f"money conserved after every run; results in {out}/http.json")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -610,9 +611,14 @@ def main() -> None:
             ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),
             (f"commit -> row, {rate}", percentiles(stream_latency), percentiles(runner_latency)),
         ]
+    except BaseException:
+        print(f"the broker's data and the workers' logs are in {base}", file=sys.stderr)
+        raise
     finally:
         kafka.stop()
         pg.stop()
+    # Kept after a run that failed (they say why), removed after one that succeeded.
+    shutil.rmtree(base, ignore_errors=True)
     print()
     print(f"{'':38} {'relay + faust workers':26} {'in-process runner':26}")
     for what, stream, inprocess in rows:

@@ -47,7 +47,9 @@ def test_bench_streaming_smoke() -> None:
     applier fed whole fetches applies it all, so its rate is not 0 (with the first fetch
     left out of it, it was); and the workers' lock waits while applying batches are
     reported apart from those on the version catalog (registering, switching), which come
-    once per version (counted in, they made four workers seem to wait for each other)."""
+    once per version (counted in, they made four workers seem to wait for each other).
+    A run that succeeds leaves nothing in the temporary directory (the broker's data and
+    the workers' logs stayed there after every run)."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench_streaming.py"
     result = subprocess.run(
         [sys.executable, str(script), "--events", "300", "--rounds", "1",
@@ -57,6 +59,9 @@ def test_bench_streaming_smoke() -> None:
         timeout=280,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    named = re.search(r"^log: [\d,]+ events \((.+)\)$", result.stdout, re.MULTILINE)
+    assert named is not None, result.stdout
+    assert not Path(named[1]).exists(), f"{named[1]} left behind"
     table = {line[:38].strip(): line[38:].strip() for line in result.stdout.splitlines()}
     fed = re.fullmatch(r"([\d,]+) events/s", table["(applier fed whole fetches, no faust)"])
     assert fed is not None and int(fed[1].replace(",", "")) > 0, result.stdout
