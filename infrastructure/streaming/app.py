@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import faust
@@ -718,6 +719,38 @@ def faust_worker(app: faust.App, *, banner: bool = True) -> faust.Worker:
     )
 
 
+#: A worker's faust data directory is named so, then its process id, a dash and a random part.
+DATADIR_PREFIX = "daybook-faust-"
+
+
+def remove_dead_workers_datadirs(root: Path) -> list[Path]:
+    """Remove, from ``root``, the faust data directories of this user's workers whose process
+    has ended; those removed. A worker killed outright (SIGKILL, the kernel's OOM killer)
+    runs no clean-up, and each such kill would leave one for good. One whose process is
+    alive, or whose id a live process has taken since, is left alone."""
+    removed = []
+    for path in root.glob(f"{DATADIR_PREFIX}*-*"):
+        pid = path.name[len(DATADIR_PREFIX) :].split("-", 1)[0]
+        try:
+            owned = path.is_dir() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue  # gone meanwhile (removed by its worker, or by another one starting)
+        if owned and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
 def run_worker(
     config: WorkerConfig,
     projections: Sequence[Projection] = ALL,
@@ -739,8 +772,10 @@ def run_worker(
     failed_starts = _FailedStarts.taken_from_environment()
     # faust's data directory is unused (memory store, no tables) but required. It goes
     # when the worker stops, also by SystemExit; ``restart`` removes it before its exec.
+    # One of a worker killed outright is removed by the next worker that starts.
+    remove_dead_workers_datadirs(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(
-        prefix="daybook-faust-", ignore_cleanup_errors=True
+        prefix=f"{DATADIR_PREFIX}{os.getpid()}-", ignore_cleanup_errors=True
     ) as datadir:
         workers: list[faust.Worker] = []
         app, applier = make_app(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.infrastructure.streaming import faults
+from daybook.infrastructure.streaming.app import DATADIR_PREFIX, remove_dead_workers_datadirs
 from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import StreamApplier
@@ -65,11 +69,21 @@ def relay(url: str, bootstrap: str, topic: str, log: Path) -> Daybook:
 
 
 def worker(
-    url: str, bootstrap: str, topic: str, group: str, log: Path, faults: str = "", batch: int = 500
+    url: str,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    log: Path,
+    faults: str = "",
+    batch: int = 500,
+    tmpdir: Path | None = None,
 ) -> Daybook:
     args = ["worker", "--url", url, "--broker", f"kafka://{bootstrap}", "--topic", topic]
     args += ["--partitions", str(PARTITIONS), "--group", group, "--batch-size", str(batch), "-v"]
-    return Daybook(args, log, env={"DAYBOOK_FAULTS": faults} if faults else {})
+    env = {"DAYBOOK_FAULTS": faults} if faults else {}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)  # its faust data directory goes there
+    return Daybook(args, log, env=env)
 
 
 def assignments(output: str, topic: str) -> list[bool]:
@@ -204,15 +218,27 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
     the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
     # Killed (SIGKILL, from inside) right after its second batch committed, before faust
     # could acknowledge it: that batch is delivered again, to the worker that takes over.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     doomed = worker(
-        pg_url, kafka_bootstrap, topic, group, tmp_path / "w1.log", faults="worker.after_commit:2"
+        pg_url,
+        kafka_bootstrap,
+        topic,
+        group,
+        tmp_path / "w1.log",
+        faults="worker.after_commit:2",
+        tmpdir=scratch,
     ).start()
     assert doomed.wait() == -9, doomed.output
     assert "fault point worker.after_commit: SIGKILL" in doomed.output
-    steady = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log").start()
+    # Killed outright, it left its faust data directory; the next worker to start removes it.
+    (left,) = scratch.glob("daybook-faust-*")
+    steady = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log", tmpdir=scratch)
+    steady.start()
     extra: Daybook | None = None
     try:
         wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the takeover")
+        assert not left.exists() and len(list(scratch.glob("daybook-faust-*"))) == 1
         extra = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w3.log").start()
         write_money(ledger, accounts, 1500, seed=3)  # while the group rebalances
         wait_until(lambda: holds_partitions(extra, topic), "the new worker to get partitions")
@@ -230,6 +256,18 @@ def test_a_killed_worker_and_workers_joining_and_leaving_lose_and_repeat_nothing
     assert "fault point" not in steady.output
     assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
+
+
+def test_only_the_data_directories_of_ended_workers_are_removed(tmp_path: Path) -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f"{DATADIR_PREFIX}{int(ended.stdout)}-x1"
+    alive = tmp_path / f"{DATADIR_PREFIX}{os.getpid()}-x2"
+    unnamed = tmp_path / f"{DATADIR_PREFIX}abc-x3"  # not a worker's name: left alone
+    for path in (dead, alive, unnamed):
+        (path / "v1").mkdir(parents=True)
+    assert remove_dead_workers_datadirs(tmp_path) == [dead]
+    assert not dead.exists() and alive.exists() and unnamed.exists()
 
 
 def test_a_failure_no_retry_cures_stops_the_worker_with_its_reason(
