@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daybook import open_ledger, run_projections
+from daybook import Receipt, open_ledger, run_projections
 from daybook.domain.orders import PlaceOrder
 from daybook.domain.reconciliation import RemoteRecord
 from daybook.domain.sagas import Saga, SagaState
@@ -207,6 +207,19 @@ def test_a_gateway_that_cannot_be_used_is_one_line(
     assert err.startswith(f"daybook: {said}") and "Traceback" not in err, err
 
 
+def _kettle_order(url: str) -> Receipt:
+    """A new ledger at ``url`` with one order placed (its saga running), and its receipt."""
+    with open_ledger(url) as ledger:
+        customer = ledger.open_account("customer", "EUR").account_id
+        merchant = ledger.open_account("merchant", "EUR").account_id
+        assert customer is not None and merchant is not None
+        ledger.deposit(customer, 1_000)
+        ledger.receive_stock("KETTLE", 5)
+        placed = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 100)]))
+        assert placed.saga_id is not None
+    return placed
+
+
 @pytest.mark.parametrize(
     "nameless",
     [
@@ -228,14 +241,7 @@ def test_a_decision_without_by_under_a_user_with_no_name_is_recorded_by_uid(
         raise nameless
 
     url = f"sqlite:///{tmp_path}/shop.db"
-    with open_ledger(url) as ledger:
-        customer = ledger.open_account("customer", "EUR").account_id
-        merchant = ledger.open_account("merchant", "EUR").account_id
-        assert customer is not None and merchant is not None
-        ledger.deposit(customer, 1_000)
-        ledger.receive_stock("KETTLE", 5)
-        placed = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 100)]))
-        assert placed.saga_id is not None
+    placed = _kettle_order(url)
     monkeypatch.setattr(sagas_cli.getpass, "getuser", no_user)
     args = ["sagas", "cancel", str(placed.saga_id), "--url", url, "--reason", "customer asked"]
     assert main(args) == 0, capsys.readouterr().err
@@ -254,14 +260,8 @@ def test_a_decision_by_no_one_is_a_bad_option_and_decides_nothing(
     "$OPERATOR"`` with the variable unset) cancelled the saga, for good, as decided by
     whoever ran the command."""
     url = f"sqlite:///{tmp_path}/shop.db"
+    placed = _kettle_order(url)
     with open_ledger(url) as ledger:
-        customer = ledger.open_account("customer", "EUR").account_id
-        merchant = ledger.open_account("merchant", "EUR").account_id
-        assert customer is not None and merchant is not None
-        ledger.deposit(customer, 1_000)
-        ledger.receive_stock("KETTLE", 5)
-        placed = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 1, 100)]))
-        assert placed.saga_id is not None
         head = ledger.head()
     argv = ["sagas", decision, str(placed.saga_id), "--url", url, "--reason", "x", "--by", by]
     with pytest.raises(SystemExit) as exited:
