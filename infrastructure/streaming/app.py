@@ -31,7 +31,12 @@ from typing import Any, NoReturn
 
 import faust
 import psycopg
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from faust.types import TP
 from faust.types import Message as FaustMessage
 
@@ -50,6 +55,7 @@ from daybook.infrastructure.streaming.broker import (
     topic_partitions,
 )
 from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.streaming.progress import DEAD_LETTER_TABLE
 from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import (
     LETTERS_PER_CLAIM,
@@ -57,7 +63,7 @@ from daybook.infrastructure.streaming.worker import (
     Message,
     StreamApplier,
 )
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import causes, is_transient
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
 from daybook.projections.model import Projection
@@ -162,14 +168,7 @@ def make_app(
             letters = await asyncio.to_thread(applier.claim_dead_letters)
             try:
                 for letter in letters:
-                    await app.producer.send_and_wait(
-                        dead_letters.get_topic_name(),
-                        str(letter.position).encode(),
-                        letter.value,
-                        partition=None,
-                        timestamp=None,
-                        headers=letter_headers(letter, config.group),
-                    )
+                    await publish_letter(letter)
                 await asyncio.to_thread(applier.mark_published, letters)
             except BaseException:
                 # The connection holds the claim: closed, its locks go with it.
@@ -177,6 +176,35 @@ def make_app(
                 raise
             if len(letters) < LETTERS_PER_CLAIM:
                 return
+
+    async def publish_letter(letter: DeadLetter) -> None:
+        """Send ``letter``; without its message if the message is too large to send (see
+        ``too_large``)."""
+        headers = letter_headers(letter, config.group)
+        try:
+            await send_letter(letter, letter.value, headers)
+        except Exception as error:
+            if not too_large(error):
+                raise
+            # Sent whole, the letter would be refused at every try, and the worker stop at
+            # every start: the message stays in the dead-letter table.
+            log.error(
+                "worker: the dead letter at position %d is too large for the broker (%d bytes:"
+                " %s); published without its message, which %s keeps",
+                letter.position, len(letter.value), first_line(error), DEAD_LETTER_TABLE,
+            )  # fmt: skip
+            cut = f"{len(letter.value)} bytes, too large to send; kept in {DEAD_LETTER_TABLE}"
+            await send_letter(letter, b"", [*headers, ("cut", cut.encode())])
+
+    async def send_letter(letter: DeadLetter, value: bytes, headers: list[Any]) -> None:
+        await app.producer.send_and_wait(
+            dead_letters.get_topic_name(),
+            str(letter.position).encode(),
+            value,
+            partition=None,
+            timestamp=None,
+            headers=headers,
+        )
 
     async def backoff_unless_suspended(delay: float) -> None:
         """Wait ``delay`` seconds before the batch is tried again; raise ``_Abandoned`` as
@@ -438,6 +466,18 @@ def make_app(
                     ack(message)
 
     return app, applier
+
+
+def too_large(error: BaseException) -> bool:
+    """Whether sending a message failed for its size, which no retry changes: larger than
+    the worker's producer may send (faust's ``producer_max_request_size``, 1,000,000 bytes,
+    where the relay's producer may send 1 MiB), or than the topic takes. A message the
+    worker got from its topic can be that large: it came from the relay, or from a producer
+    that is not daybook's."""
+    return any(
+        isinstance(cause, MessageSizeTooLargeError | RecordListTooLargeError | RecordTooLargeError)
+        for cause in causes(error)
+    )
 
 
 def letter_headers(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:

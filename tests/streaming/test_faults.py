@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from daybook import open_ledger
 from daybook.domain.accounts import Account
@@ -19,6 +20,7 @@ from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import dead_letter_topic
 from daybook.infrastructure.streaming.progress import read_dead_letters, read_status
 from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.urls import postgres_params
 from scripts import services
 from scripts.streams import (
     WAIT,
@@ -109,6 +111,59 @@ def test_a_poison_event_is_parked_on_the_dead_letter_topic_and_the_rest_goes_on(
         for process in processes:
             process.stop()
     ledger.close()
+
+
+async def _put_foreign_message(bootstrap: str, topic: str, value: bytes) -> None:
+    """``value`` on ``topic``'s partition 0, from a producer that is not the relay (with a
+    larger request limit than a worker's)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 << 20)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=b"foreign", partition=0)
+    finally:
+        await producer.stop()
+
+
+def test_a_dead_letter_too_large_for_the_broker_goes_without_its_message_and_the_worker_goes_on(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A message the worker parks but cannot put on the dead-letter topic whole (larger
+    than its producer may send: 1,000,000 bytes, where the relay's may send 1 MiB) stopped
+    the worker, at every start again, since the letter stayed to publish. The letter goes
+    without its message, which the dead-letter table keeps, and says so."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 5)
+    write_money(ledger, accounts, 20)
+    topic, group = unique("bigletter"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    the_worker = None
+    try:
+        wait_until(lambda: cursor_position(pg_url, topic) == ledger.head(), "the relay")
+        foreign = b"x" * 1_010_000  # no envelope: parked
+        asyncio.run(_put_foreign_message(kafka_bootstrap, topic, foreign))
+        the_worker = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log").start()
+        wait_until(lambda: len(read_dead_letters(pg_url, group, topic)) == 1, "the letter")
+        write_money(ledger, accounts, 20, seed=2)  # the worker goes on
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "the later events")
+        (letter,) = read_dead_letters(pg_url, group, topic)
+        key, value, headers = asyncio.run(_first_message(kafka_bootstrap, dead_letter_topic(topic)))
+        assert key == str(letter["position"]).encode()
+        assert value == b""
+        assert headers["cut"].startswith(b"1010000 bytes")
+        with psycopg.connect(postgres_params(pg_url).conninfo()) as conn:
+            row = conn.execute(
+                "SELECT envelope, published FROM daybook_stream_dead_letters"
+                " WHERE group_id = %s AND topic = %s",
+                (group, topic),
+            ).fetchone()
+        assert row is not None and bytes(row[0]) == foreign and row[1] is True
+        assert the_worker.stop() == 0, the_worker.output
+        assert "too large" in the_worker.output, the_worker.output
+    finally:
+        if the_worker is not None:
+            the_worker.stop()
+        the_relay.stop()
+        ledger.close()
 
 
 @pytest.fixture
