@@ -38,8 +38,19 @@ def log_context(**ids: str | None) -> Iterator[None]:
 
 
 # Secrets that may reach a message: passwords in URLs, bearer tokens, daybook's own tokens.
+# Each pattern takes time linear in the text, whatever it holds: a line can quote what
+# someone else sent (a message on the topic, a request's path). A URL's scheme starts where
+# no scheme character comes before it: tried from every letter of a long run of them, the
+# scheme took time quadratic in the run (a 1 MB message quoted in an error: hours, the
+# logging lock held). A password is at most 1,024 characters, or one ``user:`` followed by
+# no ``@`` could be scanned to the line's end once per such ``user:``.
 _SECRETS = (
-    (re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I), r"\g<keep>***@"),
+    (
+        re.compile(
+            r"(?<![a-z0-9+.-])(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]{1,1024}@", re.I
+        ),
+        r"\g<keep>***@",
+    ),
     (re.compile(r"(?P<keep>bearer\s+)\S+", re.I), r"\g<keep>***"),
     (re.compile(r"(?P<keep>password=)\S+", re.I), r"\g<keep>***"),
     (re.compile(r"dbk_[A-Za-z0-9_-]{8,}"), "dbk_***"),
@@ -53,6 +64,22 @@ def redact(text: str) -> str:
     return text
 
 
+#: The most characters of a line's message, and of its exception (traceback), a line
+#: carries: one quoting a large input (a 1 MB message a worker parked) would otherwise be
+#: as large, once per time it is said.
+MAX_EVENT_CHARS = 16_384
+MAX_ERROR_CHARS = 65_536
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` redacted, then cut to ``limit`` characters, saying how many went. (Redacted
+    whole first: a secret the cut went through would not be recognised.)"""
+    text = redact(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} characters cut)"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time (UTC), level, logger, event, the ids in context, the
     trace and span ids, extra fields, and the exception if any; secrets redacted."""
@@ -62,7 +89,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": redact(record.getMessage()),
+            "event": bounded(record.getMessage(), MAX_EVENT_CHARS),
         }
         line.update(_CONTEXT.get())
         span_context = trace.get_current_span().get_span_context()
@@ -73,7 +100,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, Mapping):
             line.update({k: v for k, v in fields.items() if k not in line})
         if record.exc_info:
-            line["error"] = redact(self.formatException(record.exc_info))
+            line["error"] = bounded(self.formatException(record.exc_info), MAX_ERROR_CHARS)
         return orjson.dumps(line, default=str).decode()
 
 
@@ -82,6 +109,13 @@ class ConsoleFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = bounded(record.message, MAX_EVENT_CHARS)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return bounded(super().formatException(ei), MAX_ERROR_CHARS)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -480,11 +480,16 @@ def too_large(error: BaseException) -> bool:
     )
 
 
+#: The most of a letter's error its ``error`` header carries (the row keeps it whole).
+ERROR_HEADER_CHARS = 1000
+
+
 def letter_headers(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
     """A dead letter's headers: why, the group, and where the message was (with the key,
     the letter's position, what tells a letter sent twice from two letters)."""
     return [
-        ("error", letter.error.encode()),
+        # Cut: an error's text can quote the message (``BadEnvelope`` its ``v``), whole.
+        ("error", letter.error[:ERROR_HEADER_CHARS].encode()),
         ("group", group.encode()),
         ("partition", str(letter.partition).encode()),
         ("offset", str(letter.offset).encode()),

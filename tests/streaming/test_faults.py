@@ -130,7 +130,8 @@ def test_a_dead_letter_too_large_for_the_broker_goes_without_its_message_and_the
     """A message the worker parks but cannot put on the dead-letter topic whole (larger
     than its producer may send: 1,000,000 bytes, where the relay's may send 1 MiB) stopped
     the worker, at every start again, since the letter stayed to publish. The letter goes
-    without its message, which the dead-letter table keeps, and says so."""
+    without its message, which the dead-letter table keeps, and says so; its error header
+    is cut too (the error can quote the message)."""
     ledger = open_ledger(pg_url)
     accounts = open_accounts(ledger, 5)
     write_money(ledger, accounts, 20)
@@ -139,7 +140,8 @@ def test_a_dead_letter_too_large_for_the_broker_goes_without_its_message_and_the
     the_worker = None
     try:
         wait_until(lambda: cursor_position(pg_url, topic) == ledger.head(), "the relay")
-        foreign = b"x" * 1_010_000  # no envelope: parked
+        # No envelope: parked, with an error that quotes its ``v`` (whole, in the row).
+        foreign = b'{"v": "' + b"x" * 1_010_000 + b'"}'
         asyncio.run(_put_foreign_message(kafka_bootstrap, topic, foreign))
         the_worker = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w.log").start()
         wait_until(lambda: len(read_dead_letters(pg_url, group, topic)) == 1, "the letter")
@@ -149,7 +151,9 @@ def test_a_dead_letter_too_large_for_the_broker_goes_without_its_message_and_the
         key, value, headers = asyncio.run(_first_message(kafka_bootstrap, dead_letter_topic(topic)))
         assert key == str(letter["position"]).encode()
         assert value == b""
-        assert headers["cut"].startswith(b"1010000 bytes")
+        assert headers["cut"].startswith(f"{len(foreign)} bytes".encode())
+        assert len(headers["error"]) == 1000
+        assert headers["error"].startswith(b"unsupported envelope version")
         with psycopg.connect(postgres_params(pg_url).conninfo()) as conn:
             row = conn.execute(
                 "SELECT envelope, published FROM daybook_stream_dead_letters"

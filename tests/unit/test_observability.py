@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 import urllib.request
 
 import httpx
@@ -14,7 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import (
     LIMITED_AT_SOURCE,
+    MAX_EVENT_CHARS,
     SUBJECT,
+    ConsoleFormatter,
     JsonFormatter,
     RateLimit,
     configure_logging,
@@ -299,3 +303,34 @@ def test_a_gateway_call_writes_no_line_of_its_own_unless_debugging(level: int, l
         root.setLevel(saved[1])
         quiet.setLevel(saved[2])
     assert stream.getvalue().count("HTTP Request: POST") == lines, stream.getvalue()
+
+
+def test_a_line_quoting_a_large_input_is_redacted_and_cut_without_hanging() -> None:
+    """A worker parking a 1 MB message logged an error quoting it, and redacting it took
+    hours (a URL scheme tried from every letter of the run), the logging lock held all the
+    while. The run is redacted at once (a hang, not a speed, is what the join catches),
+    and the line carries at most ``MAX_EVENT_CHARS`` of the message."""
+    quoted = "unsupported envelope version " + repr("x" * 1_000_000)
+    message = quoted + " from postgresql://app:s3cret@db/ledger"
+    # In a process of its own: a regular expression holds the interpreter's lock for as
+    # long as it runs, so no thread of this one could give up waiting for it.
+    redacting = "import sys; from daybook.infrastructure.observability.logs import redact;"
+    redacting += " sys.stdout.write(redact(sys.stdin.read()))"
+    try:
+        done = subprocess.run([sys.executable, "-c", redacting], input=message,
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("redacting a 1 MB line did not finish")
+    redacted = done.stdout
+    assert "s3cret" not in redacted and "postgresql://app:***@db/ledger" in redacted
+    for formatter in (JsonFormatter(), ConsoleFormatter()):
+        record = logging.LogRecord("daybook.worker", logging.ERROR, __file__, 1, message, (), None)
+        line = formatter.format(record)
+        assert len(line) < MAX_EVENT_CHARS + 200, type(formatter).__name__
+        assert f"({len(redacted) - MAX_EVENT_CHARS} characters cut)" in line
+        assert "s3cret" not in line
+
+
+def test_a_password_up_to_1024_characters_is_redacted() -> None:
+    secret = "p" * 1024
+    assert secret not in redact(f"postgresql://app:{secret}@db/ledger")
