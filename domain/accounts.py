@@ -30,6 +30,8 @@ from daybook.domain.values import MAX_AMOUNT
 
 OPEN = "open"
 CLOSED = "closed"
+#: The reason a hold's release gives once its timeout passed (``holds.EXPIRED``).
+LAPSED = "expired"
 
 
 class CurrencyMismatch(DomainError):
@@ -290,12 +292,34 @@ class Account(LedgerAggregate):
                 amount=amount,
             )
 
+    def record_lapses(self, debit: int) -> None:
+        """Record the release of every hold lapsed at ``as_of`` (``HoldReleased``, expired)
+        if a debit of ``debit`` needs their funds. Called by a command about to rely on
+        them, after its checks and before its own event: written with it, the release
+        changes the account's version, so a writer whose clock is behind (another host, or
+        this one after a step back), to which the hold still looks open, cannot capture it
+        as well: it meets the version, reloads, and finds the account no longer counts the
+        hold (``holds.holding_account``). As ``Inventory`` does for reservations."""
+        if not self.holds or self.as_of is None:
+            return
+        unresolved = sum(amount for amount, _ in self.holds.values())
+        if debit > self.balance + self.overdraft_limit - unresolved:
+            self._release_lapsed()
+
+    def _release_lapsed(self) -> None:
+        moment = self.as_of
+        assert moment is not None
+        for hold_id, (amount, expires_at) in list(self.holds.items()):
+            if moment >= expires_at:
+                self.trigger_event(self.HoldReleased, hold_id=hold_id, amount=amount, reason=LAPSED)
+
     def deposit(self, amount: int) -> None:
         self.check_credit(amount)
         self.trigger_event(self.Deposited, amount=amount)
 
     def withdraw(self, amount: int) -> None:
         self.check_debit(amount)
+        self.record_lapses(amount)
         self.trigger_event(self.Withdrawn, amount=amount)
 
     def close(self) -> None:
@@ -316,6 +340,8 @@ class Account(LedgerAggregate):
                 balance=self.balance,
                 held=held,
             )
+        if self.holds and self.as_of is not None:  # lapsed, each of them: closed, it relies
+            self._release_lapsed()  # on that, as a debit does (``record_lapses``)
         self.trigger_event(self.Closed)
 
     def place_hold(self, hold_id: UUID, amount: int, expires_at: datetime) -> None:
@@ -332,6 +358,7 @@ class Account(LedgerAggregate):
                 held=unresolved,
                 amount=amount,
             )
+        self.record_lapses(amount)
         self.trigger_event(self.HoldPlaced, hold_id=hold_id, amount=amount, expires_at=expires_at)
 
     def release_hold(self, hold_id: UUID, reason: str) -> None:
@@ -358,6 +385,7 @@ def transfer(source: Account, destination: Account, amount: int, transfer_id: UU
         )
     source.check_debit(amount)
     destination.check_credit(amount)
+    source.record_lapses(amount)
     source.trigger_event(
         Account.TransferredOut, amount=amount, transfer_id=transfer_id, counterparty=destination.id
     )

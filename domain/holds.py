@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid5
 
-from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount, transfer
+from daybook.domain.accounts import LAPSED, Account, CurrencyMismatch, SameAccount, transfer
 from daybook.domain.commands import (
     AccountId,
     Aggregates,
@@ -40,7 +40,7 @@ from daybook.domain.values import check_uuid
 OPEN = "open"
 CAPTURED = "captured"
 VOIDED = "voided"
-EXPIRED = "expired"
+EXPIRED = LAPSED
 
 _NAMESPACE = UUID("0b5f6f0e-3c1e-4e8e-9a53-6f1b2a7c9d40")
 
@@ -254,20 +254,31 @@ class Hold(LedgerAggregate):
             )
 
 
-def holding_account(aggregates: Aggregates, hold: Hold) -> Account:
-    """The account whose funds ``hold`` sets aside, refused unless it still counts the hold
-    (checked before the hold changes: a refusal changes nothing). The hold is open, so an
-    account that does not count it is a copy older than the hold, from a writer whose cache
-    is behind another's: the refusal sends the command back to be judged on the latest
-    state, where the account counts it."""
+def holding_account(aggregates: Aggregates, hold: Hold) -> Account | None:
+    """The account whose funds the open ``hold`` sets aside; None if the account released
+    them as lapsed (checked before the hold changes: a refusal changes nothing).
+
+    An account that does not count an open hold is either a copy older than the hold, from
+    a writer whose cache is behind another's, or one that released the hold's funds
+    because a debit relied on them, judged by a writer whose clock was past the hold's
+    timeout (``Account.record_lapses``). Judged on the latest state (a stale copy sends the
+    command back to be judged again on it: ``confirm_refusal``), it is the second."""
     account = aggregates.get(Account, hold.account_id)
-    if hold.hold_id not in account.holds:
-        raise HoldNotFound(
-            f"account {account.id} counts no open hold {hold.hold_id}",
-            hold_id=str(hold.hold_id),
-            account_id=str(account.id),
-        )
-    return account
+    if hold.hold_id in account.holds:
+        return account
+    aggregates.confirm_refusal()
+    return None
+
+
+def lapsed_meanwhile(hold: Hold) -> HoldExpired:
+    """The refusal of a capture or a void of a hold its account released as lapsed."""
+    return HoldExpired(
+        f"hold {hold.hold_id} expired at {hold.expires_at.isoformat()}, and its funds were "
+        "used since; it can no longer be captured or voided",
+        hold_id=str(hold.hold_id),
+        expires_at=hold.expires_at.isoformat(),
+        recorded=True,
+    )
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -337,14 +348,16 @@ class CaptureHold(Command):
         hold.check_open()
         amount = hold.amount if self.amount is None else self.amount
         source = holding_account(aggregates, hold)
+        if source is None:
+            raise lapsed_meanwhile(hold)
         destination = None
         if hold.destination is not None:
             destination = aggregates.get(Account, hold.destination)
             destination.check_credit(amount)
         hold.check_capture(amount)
         # Every rule is checked before the first event: a refusal changes nothing. The
-        # debit is within ``available`` once the hold is released, unless the hold's funds
-        # were spent while it looked lapsed (to a writer whose clock is ahead of this one).
+        # debit is within ``available`` once the hold is released (a debit that spent the
+        # hold's funds while it looked lapsed released it: ``holding_account``).
         source.check_debit(amount, releasing=self.hold_id)
         transfer_id = self.transfer_id if destination is not None else None
         hold.capture(amount, transfer_id)
@@ -368,6 +381,8 @@ class VoidHold(Command):
         hold = aggregates.get(Hold, self.hold_id)
         hold.check_open()
         account = holding_account(aggregates, hold)
+        if account is None:
+            raise lapsed_meanwhile(hold)
         hold.void()
         account.release_hold(self.hold_id, VOIDED)
         return {"account_id": hold.account_id, "hold_id": self.hold_id}
@@ -383,5 +398,6 @@ class ExpireHold(Command):
         hold.check_expire()
         account = holding_account(aggregates, hold)
         hold.expire()
-        account.release_hold(self.hold_id, EXPIRED)
+        if account is not None:  # (None: released already, by a debit that relied on it)
+            account.release_hold(self.hold_id, EXPIRED)
         return {"account_id": hold.account_id, "hold_id": self.hold_id}

@@ -288,22 +288,73 @@ def test_two_writers_whose_clocks_disagree_never_oversell(shared_store_url: str)
         assert (stock.on_hand, stock.reserved) == (0, 0)
 
 
-def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_a_coded_refusal(
+def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_refused_as_expired(
     ledger: Ledger, accounts: tuple[UUID, UUID], clock: Clock
 ) -> None:
-    """The funds of a lapsed hold were withdrawn; on a clock stepped back the hold looks
-    open again, and capturing it is refused for want of funds, changing nothing."""
+    """The funds of a lapsed hold were withdrawn, which records its release; on a clock
+    stepped back the hold looks open again, and capturing or voiding it is refused as
+    expired, changing nothing."""
     a, b = accounts
     hold_id = ledger.hold(a, 1_000, destination=b, timeout=60).hold_id
     assert hold_id is not None
     clock.advance(61)
     ledger.withdraw(a, 1_000)
+    assert ledger.account(a).held == 0
     clock.advance(-2)
     head = ledger.head()
     error = refusal(lambda: ledger.capture(hold_id))
-    assert error.code == "insufficient_funds"
+    assert (error.code, error.details["recorded"]) == ("hold_expired", True)
+    assert refusal(lambda: ledger.void(hold_id)).code == "hold_expired"
     assert ledger.head() == head
     assert (ledger.account(a).balance, ledger.account(b).balance) == (0, 0)
+
+
+@pytest.mark.parametrize("spend", ["withdraw", "transfer", "hold", "close"])
+def test_funds_a_lapsed_hold_gave_up_are_never_spent_twice(
+    ledger: Ledger, accounts: tuple[UUID, UUID], clock: Clock, spend: str
+) -> None:
+    """A debit that needs a lapsed hold's funds records the hold's release with it. A clock
+    stepped back then finds the account no longer counts the hold, though the money came
+    back meanwhile: the hold is not captured as well (it was, charging the payer twice)."""
+    a, b = accounts
+    hold_id = ledger.hold(a, 1_000, destination=b, timeout=60).hold_id
+    assert hold_id is not None
+    clock.advance(61)
+    if spend == "withdraw":
+        ledger.withdraw(a, 1_000)
+    elif spend == "transfer":
+        ledger.transfer(a, b, 1_000)
+    elif spend == "hold":
+        ledger.hold(a, 1_000, timeout=600)
+    else:
+        ledger.withdraw(a, 1_000)  # nothing needs the lapsed hold: it is still counted
+        assert ledger.account(a).held == 0 and ledger.hold_status(hold_id).status == "expired"
+        ledger.close_account(a)  # which relies on it
+    clock.advance(-2)
+    if spend != "close":
+        ledger.deposit(a, 1_000)  # money again, a salary
+    balances = (ledger.account(a).balance, ledger.account(b).balance)
+    head = ledger.head()
+    assert refusal(lambda: ledger.capture(hold_id)).code == "hold_expired"
+    assert ledger.head() == head
+    assert (ledger.account(a).balance, ledger.account(b).balance) == balances
+    clock.advance(2)
+    ledger.expire_hold(hold_id)  # the sweeper records the hold's own expiry
+    assert ledger.hold_status(hold_id).status == "expired"
+    assert ledger.account(a).held == (1_000 if spend == "hold" else 0)
+
+
+def test_a_debit_within_what_no_hold_sets_aside_records_no_lapse(
+    ledger: Ledger, accounts: tuple[UUID, UUID], clock: Clock
+) -> None:
+    a, _ = accounts
+    hold_id = ledger.hold(a, 400, timeout=60).hold_id
+    assert hold_id is not None
+    clock.advance(61)
+    ledger.withdraw(a, 600)  # 1,000 less the 400 held: the lapse is not needed
+    clock.advance(-2)
+    ledger.capture(hold_id)
+    assert ledger.account(a).balance == 0
 
 
 def test_a_clock_without_a_time_zone_is_refused_before_anything_is_written(
@@ -347,8 +398,10 @@ def test_a_capture_by_a_writer_whose_clock_is_behind_is_a_coded_refusal(
         now_b.advance(61)
         now_a.advance(59)
         b.withdraw(payer, 1_000)
-        assert refusal(lambda: a.capture(hold_id)).code == "insufficient_funds"
-        assert (a.account(payer).balance, a.account(shop).balance) == (0, 0)
+        b.deposit(payer, 1_000)  # money again: the hold's lapse is what said no
+        assert refusal(lambda: a.capture(hold_id)).code == "hold_expired"
+        assert refusal(lambda: a.void(hold_id)).code == "hold_expired"
+        assert (a.account(payer).balance, a.account(shop).balance) == (1_000, 0)
 
 
 @pytest.mark.parametrize("resolution", ["captured", "voided", "expired"])
