@@ -5,10 +5,12 @@ Steps, in order (each compensated in reverse if a later one fails):
 
 1. ``reserve-N`` for each line: reserve its stock (with a timeout). Out of stock on a later
    line releases the earlier ones. Compensation: release it (one released or expired
-   already is given back; one committed meanwhile is not: the saga needs attention).
+   already is given back, an expiry not yet recorded is recorded with it; one committed
+   meanwhile is not: the saga needs attention).
 2. ``hold``: hold the order's total on the customer's account, as a pending transfer to the
    merchant (with a timeout). Compensation: void it (likewise, voided or expired already
-   is undone; captured meanwhile, the saga needs attention).
+   is undone, an expiry recorded if it is not yet; captured meanwhile, the saga needs
+   attention).
 3. ``charge`` (remote): charge the payment gateway, idempotency key derived from the saga. A
    declined payment compensates (voids the hold, releases the stock); a call that timed out
    is looked up by its key, never guessed; the step has a deadline (``payment_deadline``)
@@ -27,10 +29,20 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from daybook.domain.accounts import Account, CurrencyMismatch, SameAccount
 from daybook.domain.commands import AccountId, Aggregates, Check, Command, Timeout
 from daybook.domain.errors import DomainError, IdTaken, InvalidAmount, InvalidRequest
-from daybook.domain.holds import CAPTURED, CaptureHold, HoldResolved, PlaceHold, VoidHold
+from daybook.domain.holds import (
+    CAPTURED,
+    CaptureHold,
+    ExpireHold,
+    HoldExpired,
+    HoldResolved,
+    PlaceHold,
+    VoidHold,
+)
 from daybook.domain.inventory import (
     CommitReservation,
+    ExpireReservation,
     ReleaseReservation,
+    ReservationExpired,
     ReservationResolved,
     ReserveStock,
 )
@@ -140,6 +152,12 @@ def _reserve(index: int) -> Step:
         line = context.data["lines"][index]
         return ReleaseReservation(line["sku"], reservation_id_of(context, index))
 
+    def expire(context: SagaContext, refusal: DomainError) -> Command | None:
+        if refusal.code != ReservationExpired.code:  # (``reservation_resolved``: recorded)
+            return None
+        line = context.data["lines"][index]
+        return ExpireReservation(line["sku"], reservation_id_of(context, index))
+
     return Step(
         f"reserve-{index}",
         Local(build),
@@ -147,6 +165,7 @@ def _reserve(index: int) -> Step:
             release,
             done_when=frozenset({"reservation_expired", "reservation_resolved"}),
             kept_when=_shipped,
+            record_lapse=expire,
         ),
     )
 
@@ -189,6 +208,13 @@ def _void(context: SagaContext) -> Command:
     return VoidHold(hold_id_of(context.saga_id))
 
 
+def _expire(context: SagaContext, refusal: DomainError) -> Command | None:
+    """The expiry a void refused as expired relied on, unless it is recorded already."""
+    if refusal.code != HoldExpired.code or refusal.details.get("recorded"):
+        return None
+    return ExpireHold(hold_id_of(context.saga_id))
+
+
 def _charge(context: SagaContext) -> Mapping[str, Any]:
     data = context.data
     return {
@@ -215,7 +241,10 @@ def _plan(data: Mapping[str, Any]) -> tuple[Step, ...]:
             "hold",
             Local(_hold),
             Local(
-                _void, done_when=frozenset({"hold_expired", "hold_resolved"}), kept_when=_captured
+                _void,
+                done_when=frozenset({"hold_expired", "hold_resolved"}),
+                kept_when=_captured,
+                record_lapse=_expire,
             ),
         ),
         Step(

@@ -108,6 +108,13 @@ class Local:
     #: cannot be undone here, or None if it was undone. The saga then needs attention:
     #: reported compensated, it would hide money or stock gone for good.
     kept_when: Callable[[DomainError], str | None] | None = None
+    #: For a compensation: given a refusal in ``done_when`` that counts a lapse as undone (a
+    #: hold's or a reservation's timeout passed, its expiry not yet recorded), the command
+    #: that records that expiry, run in the same transaction; None if nothing needs
+    #: recording. Unrecorded, the lapse is judged on this writer's clock only: a writer
+    #: whose clock is behind could still capture the hold or ship the units, while the saga
+    #: says compensated.
+    record_lapse: Callable[[SagaContext, DomainError], Command | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -868,6 +875,12 @@ class RunLocalCompensation(_SagaCommand):
                 saga.cannot_undo(self.step, kept, self.decided_by, _now(aggregates))
                 return {"saga_id": self.saga_id}
             fields = {"already": refusal.code}
+            if compensation.record_lapse is not None:
+                record = compensation.record_lapse(saga.context, refusal)
+                if record is not None:  # (refused, the attempt fails: tried again later)
+                    recording = Staged(aggregates)
+                    record.handle(recording)
+                    recording.hand_back()
         else:
             staged.hand_back()
         saga.compensated(self.step, json_fields(fields), self.decided_by, _now(aggregates))

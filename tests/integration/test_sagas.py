@@ -479,6 +479,56 @@ def test_a_hold_voided_and_a_reservation_released_meanwhile_count_as_undone(shop
     assert_nothing_left_open(shop, saga_id)
 
 
+def test_a_compensation_that_counts_a_lapse_as_undone_records_it(shared_store_url: str) -> None:
+    """A cancelled order compensated after its hold's and its reservation's timeouts passed
+    (the void refused ``hold_expired``, the release ``reservation_expired``: undone) wrote
+    nothing about the lapse. A writer whose clock is 30 s behind the processor's, to which
+    both still looked open, then captured the hold (the customer's money to the merchant)
+    and shipped the stock, while the saga said compensated. The lapses are recorded with
+    the compensation."""
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    clock_a, clock_b = SetClock(start), SetClock(start - timedelta(seconds=30))
+    with (
+        open_ledger(shared_store_url, clock=clock_a) as ledger_a,
+        open_ledger(shared_store_url, clock=clock_b) as ledger_b,
+    ):
+        processor = SagaProcessor(
+            ledger_a,
+            None,  # type: ignore[arg-type]
+            {"payments": DownGateway()},
+            seed=1,
+            breaker_threshold=1000,
+        )
+        try:
+            _, saga_id = _kettle_order(
+                ledger_a, "o-lapsed", hold_timeout=60, reservation_timeout=60
+            )
+            saga = processor.drive(saga_id)  # reserve, hold, a charge answered 503: waits
+            assert saga.state is SagaState.RUNNING
+            clock_a.now = start + timedelta(seconds=70)  # past both timeouts
+            clock_b.now = start + timedelta(seconds=40)  # before them
+            ledger_a.execute(CancelSaga(saga_id, "bob", "customer asked"))
+            saga = processor.drive(saga_id)
+        finally:
+            processor.stop()
+        assert saga.state is SagaState.COMPENSATED, saga.view()
+        assert ledger_a.hold_status(hold_id_of(saga_id)).recorded
+        head = ledger_b.head()
+        refusals = []
+        for resolve in (
+            lambda: ledger_b.capture(hold_id_of(saga_id)),
+            lambda: ledger_b.commit_reservation("KETTLE", "o-lapsed/0"),
+        ):
+            with pytest.raises(DomainError) as refused:
+                resolve()
+            refusals.append(refused.value.code)
+        assert refusals == ["hold_expired", "reservation_resolved"]
+        assert ledger_b.head() == head
+        assert ledger_b.hold_status(hold_id_of(saga_id)).status == "expired"
+        stock = ledger_b.inventory("KETTLE")
+        assert (stock.on_hand, stock.reserved) == (5, 0)
+
+
 def test_a_failure_no_retry_can_cure_stops_the_processor_visibly(shop: Shop) -> None:
     """A misconfigured gateway (a URL where no gateway answers its routes) is a failure a
     retry would only hide: the processor stops with FAILED and the reason in its health."""
