@@ -15,6 +15,7 @@ raising.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -301,13 +302,23 @@ def make_app(
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).
     caught_up: set[int] = set()
+    #: Partitions whose lag this worker reports (see ``forget_lag_of_lost_partitions``).
+    lag_reported: set[int] = set()
 
     def measure_lag(offsets: dict[int, int]) -> None:
         """Per partition of the batch: messages the broker has beyond the last one applied
         (from the highwater of the consumer's latest fetch, when it knows one). A partition
-        that reaches the end is said once, and again only after a backlog of a batch."""
+        that reaches the end is said once, and again only after a backlog of a batch. A
+        partition taken away meanwhile (a rebalance that did not wait for this batch) is
+        not reported: its new owner reports it."""
         consumer: Any = app.consumer
+        try:
+            held = {tp.partition for tp in consumer.assignment() if tp.topic == config.topic}
+        except Exception:  # the consumer restarting
+            return
         for partition, offset in offsets.items():
+            if partition not in held:
+                continue
             try:
                 highwater = consumer.highwater(TP(config.topic, partition))
             except Exception:  # no fetch of that partition yet, or the consumer restarting
@@ -316,11 +327,26 @@ def make_app(
                 continue
             lag = max(0, highwater - offset - 1)
             metrics.WORKER_LAG_EVENTS.labels(config.group, str(partition)).set(lag)
+            lag_reported.add(partition)
             if lag == 0 and partition not in caught_up:
                 caught_up.add(partition)
                 log.info("worker: partition %d caught up at offset %d", partition, offset)
             elif lag >= config.batch_size:
                 caught_up.discard(partition)
+
+    def forget_lag_of_lost_partitions(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        """After a rebalance (faust's ``on_partitions_assigned`` signal, whose argument is
+        this worker's whole new assignment), stop reporting the lag of the partitions it no
+        longer holds. Their last figure would stay for good beside the new owner's, and a
+        lag alert on it fire for ever."""
+        assigned: set[TP] = args[0]
+        held = {tp.partition for tp in assigned if tp.topic == config.topic}
+        for partition in lag_reported - held:
+            with contextlib.suppress(KeyError):  # never reported, or removed already
+                metrics.WORKER_LAG_EVENTS.remove(config.group, str(partition))
+            lag_reported.discard(partition)
+
+    app.on_partitions_assigned.connect(forget_lag_of_lost_partitions)
 
     async def next_fetch() -> list[FaustMessage]:
         """The next fetch from ``handoff``. While the worker says it retries with no batch in

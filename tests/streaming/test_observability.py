@@ -5,6 +5,7 @@ the command) to the worker's apply (a child of the publish, by the message's hea
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daybook import open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.observability import metrics
-from daybook.infrastructure.streaming import envelope
+from daybook.infrastructure.streaming import envelope, faults
 from daybook.infrastructure.streaming.app import traceparent_header
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_cursor
@@ -291,3 +292,76 @@ def test_a_parked_message_counts_for_every_version_of_the_group(pg_url: str) -> 
         assert value("daybook_projection_parked_events", **labels) == 1  # read back at start
     finally:
         again.close()
+
+
+@pytest.mark.slow
+def test_a_worker_that_lost_partitions_in_a_rebalance_reports_no_lag_for_them(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Worker A alone holds every partition, each with a backlog (a lag above 0 after each
+    batch); worker B joins, takes some of them and applies their backlog to the end. A's
+    lag for the partitions it lost goes: it is B's to say (0), not A's last figure."""
+    ledger = open_ledger(pg_url)
+    write_money(ledger, open_accounts(ledger, 30), 4000)
+    head = ledger.head()
+    topic, group = unique("lost"), unique("group")
+    common = ["--url", pg_url, "--broker", f"kafka://{kafka_bootstrap}", "--topic", topic]
+    common += ["--partitions", str(PARTITIONS), "--log-format", "json"]
+    lag = "daybook_worker_partition_lag_events"
+    relay = Daybook(["relay", *common, "--batch-size", "1000"], tmp_path / "relay.log").start()
+    wait_until(lambda: relay_position(pg_url, topic) >= head, "the relay to publish the log")
+    # A pauses at the start of its 30th batch of 20 events, every partition's lag measured.
+    faults_dir = tmp_path / "faults"
+    faults_dir.mkdir()
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    worker_args = ["worker", *common, "--group", group, "--metrics-port", "0"]
+    a = Daybook(
+        [*worker_args, "--batch-size", "20"],
+        a_log,
+        env={"DAYBOOK_FAULTS": "worker.batch:30:pause", "DAYBOOK_FAULTS_DIR": str(faults_dir)},
+    ).start()
+    b: Daybook | None = None
+    held = faults.paused_file("worker.batch", faults_dir)
+    try:
+        wait_until(held.exists, "worker A's 30th batch")
+        a_port = metrics_port(a_log)
+        assert a_port is not None, a.output
+        before = [sample(scrape(a_port), lag, group=group, partition=str(p))
+                  for p in range(PARTITIONS)]  # fmt: skip
+        assert any((v or 0) > 0 for v in before), before
+        b = Daybook([*worker_args, "--batch-size", "500"], b_log).start()
+        wait_until(lambda: "Subscribed to topic" in b.output, "worker B to subscribe")
+        held.unlink()  # A goes on, and the group rebalances
+        wait_until(
+            lambda: sum(p.applied for p in read_status(pg_url, group, topic)) == head,
+            "every event applied",
+        )
+        assert b.proc is not None
+        b_writer = f"{socket.gethostname()}:{b.proc.pid}"
+        lost = [p.partition for p in read_status(pg_url, group, topic) if p.writer == b_writer]
+        assert lost, "B took no partition from A"
+        wait_until(lambda: metrics_port(b_log) is not None, "B's metrics port")
+        b_port = metrics_port(b_log)
+        assert b_port is not None
+
+        def b_lags() -> list[float | None]:
+            body = scrape(b_port)
+            return [sample(body, lag, group=group, partition=str(p)) for p in lost]
+
+        wait_until(lambda: b_lags() == [0] * len(lost), "B's lag on the partitions it took: 0")
+        body = scrape(a_port)
+        stale = {p: sample(body, lag, group=group, partition=str(p)) for p in lost}
+        assert all(v is None for v in stale.values()), (
+            f"A reports lag for partitions it lost to B: {stale} (before: {before})"
+        )
+    finally:
+        held.unlink(missing_ok=True)
+        for process in (relay, a, b):
+            if process is not None:
+                process.stop()
+        ledger.close()
+
+
+def relay_position(url: str, topic: str) -> int:
+    cursor = read_cursor(url, topic)
+    return 0 if cursor is None else cursor.position
