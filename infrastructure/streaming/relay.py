@@ -73,6 +73,10 @@ from daybook.infrastructure.urls import postgres_params, scheme
 log = logging.getLogger("daybook.relay")
 
 CURSOR_TABLE = "daybook_relay_cursors"
+
+#: Seconds a relay waiting for the broker gives the event store to say where the log's head
+#: is (its lag gauge); no answer within them, and the gauge waits for the next retry.
+LAG_GLANCE_SECONDS = 1.0
 UNKNOWN_OFFSET = -1
 
 
@@ -175,6 +179,8 @@ class Relay:
         self._attempt = 0
         #: Whether the relay has yet to publish to the end of the log (see ``_caught_up``).
         self._behind = True
+        #: The log position the stored cursor has reached (see ``_wait_for_broker``).
+        self._published_to = 0
         #: The event store's identity, named in every message (read when leading).
         self._store_id: str | None = None
         #: Whether the topic was found to hold no other store's messages (once per lead).
@@ -242,6 +248,10 @@ class Relay:
                 if not waited:
                     log.info("relay: standby (another relay publishes %s)", self.config.topic)
                     waited = True
+                    # The topic's lag is the leader's to say: a figure of this relay's (from
+                    # when it led) would stay beside it, for as long as it stands by.
+                    with contextlib.suppress(KeyError):
+                        metrics.RELAY_LAG_EVENTS.remove(self.config.topic)
                 self.stats.state = "standby"
                 await self._sleep(self.config.poll_interval)
             else:
@@ -254,6 +264,7 @@ class Relay:
 
     async def _lead(self, lock_conn: psycopg.AsyncConnection[Any]) -> None:
         cursor = await _load_cursor(lock_conn, self.config.topic, self.config.partitions)
+        self._published_to = cursor.position
         self._topic_checked = False
         log.info("relay: publishing %s from log position %d", cursor.topic, cursor.position)
         channel = getattr(self._log.recorder, "channel_name", "daybook_events")
@@ -291,7 +302,7 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.stop(), self.config.request_timeout)
             if broker_down:
-                await self._backoff()  # listening no more (see above)
+                await self._wait_for_broker()  # listening no more (see above)
 
     async def _start_producer(self) -> AIOKafkaProducer | None:
         """A started producer on a topic with the right partitions, or None after a failed
@@ -317,7 +328,7 @@ class Relay:
             if not is_transient(error):
                 raise  # TopicMismatch (refused), an authorization: a retry cannot help
             self._failed("broker", error)
-            await self._backoff()
+            await self._wait_for_broker()
             return None
 
     async def _refuse_another_store(self) -> None:
@@ -400,11 +411,13 @@ class Relay:
             except BrokerLostData as lost:
                 log.warning("relay: %s; re-publishing the log from the start", lost)
                 await _save_cursor(lock_conn, lost.restart)
+                self._published_to = lost.restart.position
                 self.stats.republished = lost.restart.republished
                 # With a new producer: see ``BrokerLostData``.
                 return lost.restart
             crash_point("relay.after_send")
             await _save_cursor(lock_conn, moved)
+            self._published_to = moved.position
             self.service.supervisor.recovered()  # a batch published and its cursor saved
             self.stats.published += len(batch)
             self.stats.batches += 1
@@ -543,6 +556,19 @@ class Relay:
         ceiling = min(self.config.backoff_max, self.config.backoff_min * 2**self._attempt)
         self._attempt = min(self._attempt + 1, 30)
         await self._sleep(random.uniform(ceiling / 2, ceiling))
+
+    async def _wait_for_broker(self) -> None:
+        """Back off while the broker is down, first saying how many events wait unpublished:
+        the events written since the cursor's position count as lag, as they pile up, and
+        not the 0 of the last batch published. The head is read bounded (``glance``): when
+        the event store is away too, the figure waits for the next retry."""
+        glanced = await asyncio.to_thread(self._log.glance, (), LAG_GLANCE_SECONDS)
+        if glanced is not None:
+            head, _ = glanced
+            metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(
+                max(0, head - self._published_to)
+            )
+        await self._backoff()
 
     def _record_failure(self, error: BaseException) -> None:
         self._behind = True

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,6 +27,7 @@ from daybook.infrastructure.streaming.relay import Relay, RelayConfig, read_curs
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from daybook.projections.accounts import ACCOUNT_BALANCES as BALANCES
 from scripts.streams import WAIT, Daybook, open_accounts, unique, wait_until, write_money
+from tests.streaming.test_outages import broker_behind_a_proxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -365,3 +368,71 @@ def test_a_worker_that_lost_partitions_in_a_rebalance_reports_no_lag_for_them(
 def relay_position(url: str, topic: str) -> int:
     cursor = read_cursor(url, topic)
     return 0 if cursor is None else cursor.position
+
+
+@pytest.mark.slow
+def test_the_relays_lag_counts_the_events_a_broker_outage_keeps_unpublished(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The relay caught up (lag 0); the broker goes away and the ledger writes 300 more
+    events, which the relay cannot publish: its lag says how many wait, not 0."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 10)
+    write_money(ledger, accounts, 100)
+    topic = unique("outage")
+
+    def lag() -> float | None:
+        return metrics.REGISTRY.get_sample_value("daybook_relay_lag_events", {"topic": topic})
+
+    with broker_behind_a_proxy(tmp_path) as (outage, bootstrap):
+        config = RelayConfig(pg_url, f"kafka://{bootstrap}", topic=topic, partitions=1,
+                             backoff_max=0.5, request_timeout=1.0)  # fmt: skip
+        relay = Relay(config, event_log_of(ledger))
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
+        thread.start()
+        try:
+            head = ledger.head()
+            wait_until(lambda: relay_position(pg_url, topic) == head, "the relay to catch up")
+            wait_until(lambda: lag() == 0, "the relay's lag: 0")
+            outage.cut()
+            write_money(ledger, accounts, 300, seed=2)
+            wait_until(lambda: relay.stats.state == "waiting for broker", "the broker outage")
+            assert relay_position(pg_url, topic) == head  # nothing more published
+            unpublished = ledger.head() - head
+            assert unpublished >= 300
+            try:
+                wait_until(lambda: lag() == unpublished, "the relay's lag to count them", 10)
+            except AssertionError:
+                pytest.fail(f"the relay's lag says {lag()} with {unpublished} events unpublished")
+        finally:
+            loop.call_soon_threadsafe(relay.stop)
+            thread.join(WAIT)
+            loop.close()
+            relay.close()
+            ledger.close()
+
+
+def test_a_relay_standing_by_reports_no_lag_for_the_topic(pg_url: str) -> None:
+    """The topic's lag is its leader's to say. A relay that stands by (another holds the
+    topic's lock), here one that led before in this process, leaves no figure of its own."""
+    ledger = open_ledger(pg_url)
+    topic = unique("standby")
+    metrics.RELAY_LAG_EVENTS.labels(topic).set(42)  # a figure from when it led
+    holder = psycopg.connect(pg_url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"daybook.relay/{topic}",))
+    relay = Relay(RelayConfig(pg_url, "kafka://127.0.0.1:9", topic=topic, poll_interval=0.1),
+                  event_log_of(ledger))  # fmt: skip
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
+    thread.start()
+    try:
+        wait_until(lambda: relay.stats.state == "standby", "the relay to stand by")
+        lag = metrics.REGISTRY.get_sample_value("daybook_relay_lag_events", {"topic": topic})
+        assert lag is None, f"a relay standing by reports a lag of {lag}"
+    finally:
+        loop.call_soon_threadsafe(relay.stop)
+        thread.join(WAIT)
+        loop.close()
+        holder.close()
+        ledger.close()
