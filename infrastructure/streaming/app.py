@@ -82,6 +82,7 @@ class WorkerConfig:
     #: Read models go here (default: beside the events).
     readmodels_url: str | None = None
     batch_size: int = 2000
+    #: Seconds a batch short of ``batch_size`` waits for more fetches (see ``fill_batch``).
     batch_wait: float = 0.05
     web_port: int = 0
     #: Short enough that a killed worker's partitions move on within seconds.
@@ -395,6 +396,45 @@ def make_app(
                 faust_compat.untrack(app, getting.result())
             raise
 
+    async def fill_batch(fetched: list[FaustMessage]) -> None:
+        """Add to ``fetched`` (a batch's first fetch) the fetches that come within
+        ``batch_wait`` seconds of it, until it holds ``batch_size`` messages or more: fewer,
+        larger transactions when messages trickle in (each costs a commit). It stops
+        waiting as soon as faust suspends the flow of messages (a stop, or a rebalance):
+        both wait for the batch to be acknowledged. A fetch that came meanwhile is taken
+        whatever the time (0: only those)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.batch_wait
+        getting: asyncio.Future[list[FaustMessage]] | None = None
+        try:
+            while len(fetched) < config.batch_size:
+                if getting is None and not handoff.empty():
+                    fetched.extend(handoff.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0 or not app.flow_control.is_active() or app.rebalancing:
+                    break
+                getting = getting or asyncio.ensure_future(handoff.get())
+                done, _ = await asyncio.wait({getting}, timeout=min(FLOW_CHECK_SECONDS, left))
+                if done:
+                    fetched.extend(getting.result())
+                    getting = None
+        except BaseException:
+            # Taken off the queue, never to be applied (stopping): faust must not wait for
+            # them.
+            faust_compat.untrack(app, fetched)
+            if (
+                getting is not None
+                and getting.done()
+                and not getting.cancelled()
+                and getting.exception() is None
+            ):
+                faust_compat.untrack(app, getting.result())
+            raise
+        finally:
+            if getting is not None and not getting.done():
+                getting.cancel()
+
     # Taken while a batch is applied and acknowledged, so that a restart happens between
     # batches (a restart mid-batch would be safe too: the transaction rolls back).
     batch_lock = asyncio.Lock()
@@ -455,8 +495,7 @@ def make_app(
                 while not handoff.empty():
                     faust_compat.untrack(app, handoff.get_nowait())
                 await stop_worker()
-            while len(fetched) < config.batch_size and not handoff.empty():
-                fetched.extend(handoff.get_nowait())
+            await fill_batch(fetched)
             # Fetched before a rebalance: not ours to acknowledge any more; faust seeks the
             # partitions' new owners back to the committed offsets, so they come again.
             generation = app.consumer_generation_id

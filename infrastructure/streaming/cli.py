@@ -134,7 +134,13 @@ def register(subparsers: Any) -> None:
     worker.add_argument(
         "--batch-size", type=whole_number(1), default=2000, help="events per transaction, at most"
     )
-    worker.add_argument("--batch-wait", type=seconds, default=0.05, help="seconds to fill a batch")
+    worker.add_argument(
+        "--batch-wait",
+        type=seconds,
+        default=0.05,
+        help="seconds a batch holding fewer than --batch-size events waits, from its first, "
+        "for more (a stop or a rebalance ends the wait at once)",
+    )
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     add_metrics_port_argument(worker)
     add_log_arguments(worker, level=False)

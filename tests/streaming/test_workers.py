@@ -24,6 +24,7 @@ from daybook.infrastructure.streaming import faults
 from daybook.infrastructure.streaming.app import DATADIR_PREFIX, remove_dead_workers_datadirs
 from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.progress import read_status
+from daybook.infrastructure.streaming.relay import read_cursor
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections import ALL
 from daybook.projections.accounts import ACCOUNT_BALANCES
@@ -435,3 +436,71 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
             await producer.send_and_wait(topic, value, key=b"k", partition=0)
     finally:
         await producer.stop()
+
+
+def test_a_worker_waits_batch_wait_seconds_to_fill_a_batch(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """``--batch-wait 10``: six events published 0.3 s apart are applied in one or two
+    batches, not a batch each. The worker pauses (fault point) at its third batch, which
+    a worker that waits to fill its batches does not reach here."""
+    ledger = open_ledger(pg_url)
+    topic, group = unique("filled"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log", batch=1000)
+    process.args += ["--batch-wait", "10"]
+    process.env.update(DAYBOOK_FAULTS="worker.batch:3:pause", DAYBOOK_FAULTS_DIR=str(tmp_path))
+    process.start()
+    third = faults.paused_file("worker.batch", tmp_path)
+    try:
+        wait_until(lambda: holds_partitions(process, topic), "the worker's partitions")
+        account = ledger.open_account("ann", "EUR").account_id
+        for _ in range(5):
+            time.sleep(0.3)
+            ledger.deposit(account, 10)
+        head = ledger.head()
+        wait_until(
+            lambda: third.exists() or applied(pg_url, group, topic) == head,
+            "every event applied, or a third batch",
+        )
+        assert not third.exists(), (
+            f"--batch-wait 10 ignored: a third batch began after {applied(pg_url, group, topic)}"
+            f" of {head} events"
+        )
+    finally:
+        third.unlink(missing_ok=True)
+        process.stop()
+        the_relay.stop()
+        ledger.close()
+
+
+def test_a_worker_waiting_to_fill_a_batch_applies_it_when_told_to_stop(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """``--batch-wait 600``: a worker holding an unfilled batch stops waiting when told to
+    stop, applies what it holds and exits; it does not wait out the 600 s (past its stop's
+    grace, and leave without applying them)."""
+    ledger = open_ledger(pg_url)
+    topic, group = unique("unfilled"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    process = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log", batch=1000)
+    process.args += ["--batch-wait", "600"]
+    process.start()
+    try:
+        wait_until(lambda: holds_partitions(process, topic), "the worker's partitions")
+        ledger.open_account("bo", "EUR")
+        head = ledger.head()
+        wait_until(lambda: relay_position(pg_url, topic) == head, "the relay to publish it")
+        time.sleep(1)  # for the worker to fetch it (a fetch waits 50 ms at most on the broker)
+        assert process.stop() == 0, process.output
+        done = applied(pg_url, group, topic)
+        assert done == head, f"the worker stopped with {done} of {head} events applied"
+    finally:
+        process.stop()
+        the_relay.stop()
+        ledger.close()
+
+
+def relay_position(url: str, topic: str) -> int:
+    cursor = read_cursor(url, topic)
+    return 0 if cursor is None else cursor.position
