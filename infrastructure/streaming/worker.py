@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 import traceback
@@ -105,6 +106,19 @@ LETTERS_PER_CLAIM = 500
 #: off mid-claim loses it. Without it, the server kept such a claim (its rows locked, the
 #: group's other workers skipping them) until TCP gave the connection up, hours later.
 CLAIM_IDLE_LIMIT_SECONDS = 1500
+
+#: The same for a batch's transaction, which holds its partitions' progress rows locked:
+#: without it, a worker frozen mid-batch (SIGSTOP, a paused VM) kept them until TCP gave
+#: its connection up, hours later, and the worker the group gave its partitions retried
+#: their batches all that while. A batch's longest idle stretch is its handlers running
+#: over its events, in Python, between its reads and its writes: well under a second for
+#: the default 2000 events, seconds for the largest batches. Ten minutes leaves room for
+#: a loaded or swapping machine (faust calls a batch held past five minutes slow), and
+#: still hands a frozen worker's partitions on within minutes.
+BATCH_IDLE_LIMIT_SECONDS = 600
+#: Tests set a shorter limit through this variable, for a worker process they start.
+BATCH_IDLE_LIMIT_VARIABLE = "DAYBOOK_TEST_BATCH_IDLE_LIMIT"
+_BATCH_IDLE_LIMIT = int(os.environ.get(BATCH_IDLE_LIMIT_VARIABLE) or BATCH_IDLE_LIMIT_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +543,8 @@ class StreamApplier:
         times: list[float] = []
         involved = sorted({m.partition for m in messages})
         with store.transaction():
+            # For this transaction only (see ``BATCH_IDLE_LIMIT_SECONDS``).
+            store.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{_BATCH_IDLE_LIMIT}s'")
             # The partitions' progress rows held by another session (a former owner frozen
             # after a rebalance, an operator's open transaction) fail the batch after this
             # long, as an outage waited out with backoff, in health and the log: queued

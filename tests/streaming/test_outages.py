@@ -35,6 +35,7 @@ from daybook.infrastructure.streaming.progress import (
     read_status,
 )
 from daybook.infrastructure.streaming.relay import read_cursor
+from daybook.infrastructure.streaming.worker import BATCH_IDLE_LIMIT_VARIABLE
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections.accounts import ACCOUNT_BALANCES
 from scripts import services
@@ -1059,4 +1060,51 @@ def test_a_worker_told_to_stop_during_a_broker_outage_exits_within_seconds(
         finally:
             assert process.stop() == 0, process.output
             assert the_relay.stop() == 0, the_relay.output
+    ledger.close()
+
+
+#: The batch idle limit a frozen worker is started with here (a test-only variable; the
+#: workers' own limit is ``BATCH_IDLE_LIMIT_SECONDS``).
+FROZEN_IDLE_LIMIT = 5
+
+
+def test_a_worker_frozen_mid_batch_lets_another_take_its_partitions_over(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker frozen (SIGSTOP, a paused VM) inside a batch's transaction held its
+    partitions' progress rows locked until TCP gave its connection up, hours later: the
+    worker the group gave its partitions retried their batches all that while. The
+    batch's transaction now ends on the server once idle past its limit (here, a few
+    seconds), and the other worker applies everything; woken, the first one loses its
+    batch, nothing applied twice."""
+    ledger = open_ledger(pg_url)
+    accounts = open_accounts(ledger, 20)
+    write_money(ledger, accounts, 1500)
+    topic, group = unique("frozen"), unique("group")
+    env = {
+        "DAYBOOK_FAULTS": "worker.before_commit:2:pause",
+        "DAYBOOK_FAULTS_DIR": str(tmp_path),
+        BATCH_IDLE_LIMIT_VARIABLE: str(FROZEN_IDLE_LIMIT),
+    }
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log", {}).start()
+    frozen = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w1.log", env).start()
+    other: Daybook | None = None
+    held = paused(tmp_path, "worker.before_commit")
+    try:
+        wait_until(held.exists, "the first worker inside its second batch")
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        other = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "w2.log", {}).start()
+        head = ledger.head()
+        wait_until(lambda: applied(pg_url, group, topic) == head, "the other worker's batches")
+        frozen.proc.send_signal(signal.SIGCONT)
+        held.unlink()
+    finally:
+        held.unlink(missing_ok=True)
+        if frozen.proc is not None:
+            frozen.proc.send_signal(signal.SIGCONT)
+        for each in (other, frozen, the_relay):
+            if each is not None:
+                each.stop()
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
     ledger.close()
