@@ -303,6 +303,10 @@ class Relay:
                     await asyncio.wait_for(producer.stop(), self.config.request_timeout)
             if broker_down:
                 await self._wait_for_broker()  # listening no more (see above)
+                # On from the cursor saved last: the one this loop holds is where the lead
+                # began (``_publish_until_stopped`` returns the cursor it moved only when it
+                # returns), and every batch published since would go out again.
+                cursor = await _load_cursor(lock_conn, self.config.topic, self.config.partitions)
 
     async def _start_producer(self) -> AIOKafkaProducer | None:
         """A started producer on a topic with the right partitions, or None after a failed
