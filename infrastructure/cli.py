@@ -167,6 +167,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: 0, or a number of seconds as ``seconds`` takes them."""
+    if _DECIMAL.fullmatch(text) and float(text) == 0:
+        return 0.0
+    return seconds(text)
+
+
 def broker_seconds(text: str) -> float:
     """An argparse type: seconds to wait for a broker, 0.1 or more (less would count a
     healthy broker as down on every batch, and wait for it for ever)."""

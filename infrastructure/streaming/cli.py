@@ -26,6 +26,7 @@ from daybook.infrastructure.cli import (
     guarded,
     metrics_served,
     seconds,
+    seconds_or_zero,
     setup_logging,
     startup_wait,
     topic_name,
@@ -136,10 +137,10 @@ def register(subparsers: Any) -> None:
     )
     worker.add_argument(
         "--batch-wait",
-        type=seconds,
+        type=seconds_or_zero,
         default=0.05,
         help="seconds a batch holding fewer than --batch-size events waits, from its first, "
-        "for more (a stop or a rebalance ends the wait at once)",
+        "for more (a stop or a rebalance ends the wait at once; 0: takes what is there)",
     )
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     add_metrics_port_argument(worker)

@@ -287,3 +287,15 @@ def test_a_url_may_give_hostaddr_beside_its_host_name() -> None:
     url = "postgresql://app@db.example/ledger?hostaddr=192.0.2.7&sslmode=verify-full"
     given = conninfo_to_dict(postgres_params(url).conninfo())
     assert (given["host"], given["hostaddr"]) == ("db.example", "192.0.2.7")
+
+
+def test_a_worker_may_be_told_not_to_wait_to_fill_a_batch() -> None:
+    from daybook.infrastructure.cli import build_parser
+
+    def batch_wait(value: str) -> float:
+        args = build_parser().parse_args(["worker", "--batch-wait", value])
+        return float(args.batch_wait)
+
+    assert batch_wait("0") == 0.0 and batch_wait("0.25") == 0.25
+    with pytest.raises(SystemExit):
+        batch_wait("-1")
