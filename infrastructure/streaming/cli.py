@@ -138,9 +138,10 @@ def register(subparsers: Any) -> None:
     worker.add_argument(
         "--batch-wait",
         type=seconds_or_zero,
-        default=0.05,
+        default=0.0,
         help="seconds a batch holding fewer than --batch-size events waits, from its first, "
-        "for more (a stop or a rebalance ends the wait at once; 0: takes what is there)",
+        "for more (a stop or a rebalance ends the wait at once; 0, the default: it takes "
+        "what has been fetched)",
     )
     worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
     add_metrics_port_argument(worker)
