@@ -39,18 +39,17 @@ def log_context(**ids: str | None) -> Iterator[None]:
 
 # Secrets that may reach a message: passwords in URLs, bearer tokens, daybook's own tokens.
 # Each pattern takes time linear in the text, whatever it holds: a line can quote what
-# someone else sent (a message on the topic, a request's path). A URL's scheme starts where
-# no scheme character comes before it: tried from every letter of a long run of them, the
-# scheme took time quadratic in the run (a 1 MB message quoted in an error: hours, the
+# someone else sent (a message on the topic, a request's path). A URL's scheme is its run
+# of scheme characters from the run's first letter: matched only from where a run starts
+# (skipping its leading digits and ``+.-``). Tried from every letter of a long run, as
+# before, it took time quadratic in the run (a 1 MB message quoted in an error: hours, the
 # logging lock held). A password is at most 1,024 characters, or one ``user:`` followed by
 # no ``@`` could be scanned to the line's end once per such ``user:``.
+_URL_PASSWORD = re.compile(
+    r"(?<![a-z0-9+.-])(?P<keep>[0-9+.-]*[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]{1,1024}@", re.I
+)
 _SECRETS = (
-    (
-        re.compile(
-            r"(?<![a-z0-9+.-])(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]{1,1024}@", re.I
-        ),
-        r"\g<keep>***@",
-    ),
+    (_URL_PASSWORD, r"\g<keep>***@"),
     (re.compile(r"(?P<keep>bearer\s+)\S+", re.I), r"\g<keep>***"),
     (re.compile(r"(?P<keep>password=)\S+", re.I), r"\g<keep>***"),
     (re.compile(r"dbk_[A-Za-z0-9_-]{8,}"), "dbk_***"),

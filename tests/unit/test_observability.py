@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 import urllib.request
@@ -11,6 +12,8 @@ import urllib.request
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook.infrastructure.observability import metrics, tracing
@@ -334,3 +337,18 @@ def test_a_line_quoting_a_large_input_is_redacted_and_cut_without_hanging() -> N
 def test_a_password_up_to_1024_characters_is_redacted() -> None:
     secret = "p" * 1024
     assert secret not in redact(f"postgresql://app:{secret}@db/ledger")
+
+
+#: Redaction's pattern for URL passwords before it was made linear, as the reference.
+_QUADRATIC_URL_PASSWORD = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+
+
+@given(st.text(alphabet="aZ1+.-:/@ x_(=\"'", max_size=60))
+def test_redaction_masks_what_it_masked_before_it_was_made_linear(text: str) -> None:
+    """Whatever precedes a URL (a digit, punctuation, another URL), the password goes as it
+    went with the pattern that took quadratic time."""
+    assert redact(text) == redact(_QUADRATIC_URL_PASSWORD.sub(r"\g<keep>***@", text))
+    for before in ("", "1", "2fa.", "(", "'", "=", "x-", "DSN:"):
+        line = f"{before}postgresql://app:{text.replace('@', '').replace(' ', '')}x@db/ledger"
+        expected = _QUADRATIC_URL_PASSWORD.sub(r"\g<keep>***@", line)
+        assert redact(line) == redact(expected)
