@@ -71,12 +71,20 @@ MAX_ERROR_CHARS = 65_536
 
 
 def bounded(text: str, limit: int) -> str:
-    """``text`` redacted, then cut to ``limit`` characters, saying how many went. (Redacted
-    whole first: a secret the cut went through would not be recognised.)"""
-    text = redact(text)
+    """``text`` redacted, then cut to ``limit`` characters, saying how many of ``text``
+    went. Only as much is redacted as a secret that shows can reach past the cut (a URL's
+    password is at most 1,024 characters): redacting a whole large line costs time the
+    logging lock is held for, and what is cut away shows nothing."""
     if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} characters cut)"
+        return redact(text)
+    return (
+        f"{redact(text[: limit + _SECRET_REACH])[:limit]}... ({len(text) - limit} characters cut)"
+    )
+
+
+#: How far past the cut a secret that begins before it may reach (``_URL_PASSWORD``'s
+#: password, 1,024 characters at most, and a short user name before it).
+_SECRET_REACH = 4096
 
 
 class JsonFormatter(logging.Formatter):

@@ -330,7 +330,7 @@ def test_a_line_quoting_a_large_input_is_redacted_and_cut_without_hanging() -> N
         record = logging.LogRecord("daybook.worker", logging.ERROR, __file__, 1, message, (), None)
         line = formatter.format(record)
         assert len(line) < MAX_EVENT_CHARS + 200, type(formatter).__name__
-        assert f"({len(redacted) - MAX_EVENT_CHARS} characters cut)" in line
+        assert f"({len(message) - MAX_EVENT_CHARS} characters cut)" in line
         assert "s3cret" not in line
 
 
@@ -352,3 +352,12 @@ def test_redaction_masks_what_it_masked_before_it_was_made_linear(text: str) -> 
         line = f"{before}postgresql://app:{text.replace('@', '').replace(' ', '')}x@db/ledger"
         expected = _QUADRATIC_URL_PASSWORD.sub(r"\g<keep>***@", line)
         assert redact(line) == redact(expected)
+
+
+def test_a_password_the_cut_goes_through_is_masked() -> None:
+    secret = "s3cret" * 100
+    for offset in (5, 20, 40):
+        line = "x" * (MAX_EVENT_CHARS - offset) + f" postgresql://app:{secret}@db/ledger"
+        record = logging.LogRecord("daybook.test", logging.ERROR, __file__, 1, line, (), None)
+        event = orjson.loads(JsonFormatter().format(record))["event"]
+        assert "s3cret" not in event and "characters cut" in event
