@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from daybook.infrastructure.observability import metrics
 
@@ -27,12 +28,17 @@ class CircuitBreaker:
     """Opens after ``threshold`` failures in a row; after ``cooldown`` seconds lets one trial
     call through, which closes it (success) or opens it again (failure). Its state is the
     gauge ``daybook_circuit_breaker_state{dependency=name}`` (one breaker per dependency in
-    a process: with two, the last to change sets it)."""
+    a process: with two, the last to change sets it).
+
+    ``clock`` reads monotonic seconds (``time.monotonic``; injected by tests). A cooldown is
+    an interval inside this process, never stored nor compared with another host: on the
+    wall clock, NTP stepping it back by an hour held the breaker open for that hour, no
+    call going out and orders reaching their payment deadlines with the remote healthy."""
 
     def __init__(
         self,
         name: str,
-        clock: Callable[[], datetime],
+        clock: Callable[[], float] = time.monotonic,
         *,
         threshold: int = 5,
         cooldown: float = 2.0,
@@ -44,7 +50,8 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._failures = 0
         self._state = BreakerState.CLOSED
-        self._opened_at: datetime | None = None
+        #: When it last opened, on ``clock``.
+        self._opened_at: float | None = None
         self._trial = False
         #: How often it opened.
         self.opened = 0
@@ -69,7 +76,7 @@ class CircuitBreaker:
                 return True
             if self._state is BreakerState.OPEN:
                 assert self._opened_at is not None
-                if self._clock() < self._opened_at + self.cooldown:
+                if self._clock() < self._opened_at + self.cooldown.total_seconds():
                     return False
                 self._move(BreakerState.HALF_OPEN)
                 self._trial = False
@@ -78,12 +85,14 @@ class CircuitBreaker:
             self._trial = True
             return True
 
-    def reopens_at(self) -> datetime | None:
-        """When an open breaker lets a trial through (None: it is not open)."""
+    def reopens_in(self) -> float | None:
+        """In how many seconds an open breaker lets a trial through (0 once its cooldown
+        has passed; None: it is not open)."""
         with self._lock:
             if self._state is not BreakerState.OPEN or self._opened_at is None:
                 return None
-            return self._opened_at + self.cooldown
+            reopens = self._opened_at + self.cooldown.total_seconds()
+            return max(0.0, reopens - self._clock())
 
     def succeeded(self) -> None:
         with self._lock:

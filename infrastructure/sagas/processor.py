@@ -12,7 +12,9 @@ again. Decisions are the saga's; this module only carries them out:
   A failure that a retry may cure is recorded with the time of the next attempt (exponential
   backoff, full jitter); a call whose outcome is unknown is looked up by its key, and every
   retry looks the key up before calling again: nothing is guessed. A circuit breaker per
-  dependency stops calls while it is open; the sagas wait (no attempt is spent);
+  dependency stops calls while it is open; the sagas wait (no attempt is spent). Its
+  cooldown, and those waits, are timed on the monotonic clock, not the wall clock: they
+  live only in this process, and a step of the wall clock (NTP) must not stretch them;
 - deadlines and compensations come from the saga (``next_move``); a compensation that keeps
   failing moves the saga to ``needs_attention`` after the policy's limit. A deadline is
   sent without a request id of its own (the saga fires it at most once), so one the ledger
@@ -121,7 +123,12 @@ def idempotency_key(saga_id: UUID, step: str) -> str:
 
 class SagaProcessor:
     """Drives sagas (see the module docstring). ``start``/``stop``/``health`` as a service;
-    ``drive(saga_id)`` and ``run_due()`` for one saga or one pass."""
+    ``drive(saga_id)`` and ``run_due()`` for one saga or one pass.
+
+    Two clocks: ``clock`` (the ledger's by default) for the instants stored in sagas and
+    judged by every process (deadlines, retry times); ``monotonic`` (``time.monotonic`` by
+    default, seconds) for what lives only in this process (its breakers' cooldowns, the
+    waits of sagas for an open breaker), which no step of the wall clock may stretch."""
 
     def __init__(
         self,
@@ -130,6 +137,7 @@ class SagaProcessor:
         ports: Mapping[str, PaymentGateway],
         *,
         clock: Callable[[], datetime] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
         workers: int = 8,
         poll: float = 0.05,
         batch: int = 256,
@@ -144,6 +152,7 @@ class SagaProcessor:
         self.views = views
         self.ports = dict(ports)
         self.clock = aware_clock(clock) if clock else ledger.service.clock
+        self.monotonic = monotonic
         self.poll = poll
         self.batch = batch
         self.backoff = backoff or Backoff()
@@ -152,7 +161,7 @@ class SagaProcessor:
         self._random_lock = threading.Lock()
         self.breakers = {
             dependency: CircuitBreaker(
-                dependency, self.clock, threshold=breaker_threshold, cooldown=breaker_cooldown
+                dependency, monotonic, threshold=breaker_threshold, cooldown=breaker_cooldown
             )
             for dependency in self.ports
         }
@@ -161,8 +170,8 @@ class SagaProcessor:
         self._in_flight: set[UUID] = set()
         #: The workers' futures not yet done (``stop`` waits for them, within its bound).
         self._futures: set[Future[None]] = set()
-        #: Sagas waiting for an open breaker: not driven before then.
-        self._not_before: dict[UUID, datetime] = {}
+        #: Sagas waiting for an open breaker: not driven before then (``monotonic``).
+        self._not_before: dict[UUID, float] = {}
         self._failure: BaseException | None = None
         #: Why the last drive to end failed, if it met an outage (see ``_run``).
         self._stalled: str | None = None
@@ -234,8 +243,9 @@ class SagaProcessor:
         if failure is not None:
             raise failure
         now = self.clock()
+        moment = self.monotonic()
         with self._lock:  # forget breaker waits that are over (bounded by the sagas waiting)
-            self._not_before = {s: t for s, t in self._not_before.items() if t > now}
+            self._not_before = {s: t for s, t in self._not_before.items() if t > moment}
         rows = self.views.rows(
             SAGA_LIST,
             SAGAS.name,
@@ -247,7 +257,7 @@ class SagaProcessor:
         ).value
         handed = 0
         for row in rows:
-            if self.wake(UUID(str(row["saga_id"])), now=now) is not None:
+            if self.wake(UUID(str(row["saga_id"]))) is not None:
                 handed += 1
         if time.monotonic() >= self._observe_at:
             self._observe_at = time.monotonic() + self.observe_every
@@ -265,7 +275,7 @@ class SagaProcessor:
             metrics.SAGAS.labels(state).set(count)
         return counts
 
-    def wake(self, saga_id: UUID, *, now: datetime | None = None) -> Future[None] | None:
+    def wake(self, saga_id: UUID) -> Future[None] | None:
         """Drive ``saga_id`` in a worker now (unless one is at it already, or it waits for
         an open breaker)."""
         with self._lock:
@@ -273,7 +283,7 @@ class SagaProcessor:
                 return None
             not_before = self._not_before.get(saga_id)
             if not_before is not None:
-                if (now or self.clock()) < not_before:
+                if self.monotonic() < not_before:
                     return None
                 del self._not_before[saga_id]
             self._in_flight.add(saga_id)
@@ -414,7 +424,7 @@ class SagaProcessor:
         if breaker.allow():
             return False
         # Wait for the breaker, spending no attempt; the deadline still applies.
-        reopens = breaker.reopens_at() or self.clock()
+        reopens = self.monotonic() + (breaker.reopens_in() or 0.0)
         with self._lock:
             self._not_before[saga.id] = reopens
         return True

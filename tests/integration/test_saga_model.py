@@ -63,6 +63,8 @@ class OrderMachine(RuleBasedStateMachine):
             backoff=Backoff(initial=1.0, ceiling=8.0),
             breaker_threshold=3,
             breaker_cooldown=5.0,
+            # the cooldown passes as the machine moves time, as deadlines do
+            monotonic=lambda: (self.now - EPOCH).total_seconds(),
             seed=0,
         )
         self.customer = self.ledger.open_account("customer", "EUR").account_id

@@ -36,6 +36,7 @@ from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.queries import ReadModels
+from daybook.infrastructure.sagas.breaker import BreakerState
 from daybook.infrastructure.sagas.processor import SagaProcessor, idempotency_key
 from daybook.projections.sagas import SAGA_LIST
 from scripts import services
@@ -44,11 +45,17 @@ from scripts.streams import WAIT, unique, wait_until
 
 
 class Clock:
+    """Real time plus an offset the test moves: the wall clock and, for what the processor
+    times within itself (its breaker's cooldown), the monotonic one."""
+
     def __init__(self) -> None:
         self.offset = timedelta()
 
     def __call__(self) -> datetime:
         return datetime.now(UTC) + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset.total_seconds()
 
     def advance(self, seconds: float) -> None:
         self.offset += timedelta(seconds=seconds)
@@ -79,10 +86,10 @@ class Shop:
             now = self.clock()
             move = saga.next_move(now)
             if isinstance(move, Wait) and move.until is not None:
-                target = move.until
+                wait = (move.until - now).total_seconds()
             else:  # it waits for the breaker to let a call through
-                target = self.processor.breakers["payments"].reopens_at() or now
-            self.clock.advance((target - now).total_seconds() + 0.001)
+                wait = self.processor.breakers["payments"].reopens_in() or 0.0
+            self.clock.advance(wait + 0.001)
         view = self.ledger.read(Saga, saga_id).view()
         raise AssertionError(f"saga {saga_id} did not end: {view}")
 
@@ -97,7 +104,11 @@ def shop(shared_store_url: str) -> Iterator[Shop]:
     server = FakeGatewayServer(Knobs(seed=5)).start()
     views: ReadModels = open_read_models(shared_store_url)
     processor = SagaProcessor(
-        ledger, views, {"payments": HttpPaymentGateway(server.url, timeout=2.0)}, seed=1
+        ledger,
+        views,
+        {"payments": HttpPaymentGateway(server.url, timeout=2.0)},
+        monotonic=clock.monotonic,
+        seed=1,
     )
     customer = ledger.open_account("customer", "EUR").account_id
     merchant = ledger.open_account("merchant", "EUR").account_id
@@ -293,6 +304,59 @@ def test_a_deadline_sent_a_moment_early_fires_once_it_has_passed() -> None:
         assert early == 1, f"{early} moves in one drive"
         assert ledger.hold_status(hold_id_of(saga_id)).status == "voided"
         assert ledger.inventory("KETTLE").available == 5
+
+
+class RecoveringGateway(DownGateway):
+    """A payment gateway that is down until ``up`` is set, then charges every request."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.charged: list[str] = []
+
+    def charge(self, key: str, *, amount: int, currency: str, **_: Any) -> Charge:
+        if not self.up:
+            return super().charge(key)
+        self.charged.append(key)
+        return Charge(key, ChargeStatus.SUCCEEDED, amount, currency, charge_id=key)
+
+    def lookup(self, key: str) -> Charge | None:
+        return super().lookup(key) if not self.up else None
+
+
+@pytest.mark.parametrize("step_back", [0, 3600])  # 0: the clock not stepped, for contrast
+def test_a_wall_clock_stepped_back_does_not_hold_the_breaker_open(step_back: int) -> None:
+    """The breaker's cooldown was measured on the wall clock: the gateway failed once, the
+    breaker opened for its cooldown, the gateway came back, and NTP stepped the host's
+    clock back an hour. The breaker then stayed open for that hour: no charge went out and
+    every order meanwhile would reach its payment deadline and be compensated, the gateway
+    up. A cooldown lives in one process: it is measured on the monotonic clock (the real
+    one here), which no step moves."""
+    clock = Clock()
+    gateway = RecoveringGateway()
+    with open_ledger("memory://", clock=clock) as ledger:
+        processor = SagaProcessor(
+            ledger,
+            None,  # type: ignore[arg-type]
+            {"payments": gateway},
+            seed=1,
+            breaker_threshold=1,
+            breaker_cooldown=0.05,
+        )
+        try:
+            _, first = _kettle_order(ledger, "o-1")
+            processor.drive(first)  # its charge is answered 503: the breaker opens
+            assert processor.breakers["payments"].state is BreakerState.OPEN
+            gateway.up = True
+            clock.advance(-step_back)  # NTP steps the wall clock back
+            time.sleep(0.1)  # longer than the cooldown, on any clock that only moves forward
+            _, second = _kettle_order(ledger, "o-2")
+            state = processor.drive(second).state
+        finally:
+            processor.stop()
+    assert (state, gateway.charged) == (
+        SagaState.COMPLETED,
+        [idempotency_key(second, "charge")],
+    )
 
 
 class DecliningGateway:
