@@ -120,6 +120,9 @@ class MemoryRecorder(POPOApplicationRecorder):
                 newest=max((e for _, e in expired), default=None),
             )
 
+    def database_time(self) -> float | None:
+        return None  # the ledger's own process
+
     def request_table(self) -> RequestTable:
         return RequestTable(_COLUMNS)
 

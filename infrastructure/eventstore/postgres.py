@@ -368,6 +368,13 @@ class PostgresRecorder(PostgresApplicationRecorder):
             curs.execute(self._purge, (now, limit), prepare=True)
             return int(curs.rowcount)
 
+    def database_time(self) -> float | None:
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute("SELECT extract(epoch FROM now())")
+            row = curs.fetchone()
+        assert row is not None
+        return float(row[0])
+
     def expired_requests(self, now: float) -> PurgeReport:
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             curs.execute(self._expired, {"now": now})

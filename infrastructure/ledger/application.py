@@ -440,7 +440,9 @@ class LedgerService(Application[UUID]):
         self.clock: Callable[[], datetime] = aware_clock(clock) if clock else _utc_now
         super().__init__(env)
         #: How long request records of caller-chosen ids are kept (seconds), on that clock.
-        self.retention = Retention(retention, clock=lambda: self.clock().timestamp())
+        self.retention = Retention(
+            retention, clock=lambda: self.clock().timestamp(), system_clock=clock is None
+        )
         #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
         self.snapshot_interval = 100
         self._snapshot_failures: set[type[LedgerAggregate]] = set()

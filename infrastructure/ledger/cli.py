@@ -16,6 +16,7 @@ from daybook.infrastructure.cli import (
 )
 from daybook.infrastructure.eventstore import UPGRADE_RETENTION
 from daybook.infrastructure.ledger.requests import PurgeReport, RequestTable, utc
+from daybook.infrastructure.ledger.retention import purge_time
 
 #: Seconds between two progress lines of a purge (on stderr).
 PROGRESS_EVERY = 5.0
@@ -48,7 +49,9 @@ def register(subparsers: Any) -> None:
             "waiting; a long purge says how far it got every few seconds (on stderr). "
             "--dry-run only reads: it changes nothing in the database, not even a request "
             "table written before records expired (daybook 0.2 and earlier), which a real "
-            "purge, like any ledger that opens the database, first gives the expiry."
+            "purge, like any ledger that opens the database, first gives the expiry. On "
+            "PostgreSQL a record goes only once expired by both this host's clock and the "
+            "database server's (a host whose clock is ahead deletes nothing early)."
         ),
         examples=[
             "daybook requests purge --dry-run",
@@ -113,7 +116,8 @@ def _run_purge(args: argparse.Namespace) -> int:
         table = recorder.request_table()
         report = None
         if table.exists and not table.predates_expiry:
-            report = recorder.expired_requests(time.time())  # the ledger's clock
+            # The ledger's clock, held to the database's as a real purge is.
+            report = recorder.expired_requests(purge_time(recorder, time.time()))
     if not table.exists:
         print(
             "nothing to delete: there are no request records (the database has no "

@@ -156,6 +156,11 @@ class RequestLog(Protocol):
         """What ``purge_requests`` would delete at ``now``."""
         ...
 
+    def database_time(self) -> float | None:
+        """The database server's clock (Unix seconds); None where the store lives in the
+        ledger's own process or host (memory, SQLite), whose clock is the ledger's."""
+        ...
+
     def request_table(self) -> RequestTable:
         """The request records' table as it stands; only reads."""
         ...

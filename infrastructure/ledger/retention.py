@@ -2,7 +2,8 @@
 
 See ``daybook.infrastructure.ledger.requests`` for what a record promises and for how long.
 The clock is injected (``Retention.clock``) so that tests and the model-based test can move
-time; it reads Unix seconds, like ``time.time``.
+time; it reads Unix seconds, like ``time.time``. On the system clock, a purge on PostgreSQL
+judges expiry by the database server's clock when that is behind (``purge_time``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,28 @@ from daybook.infrastructure.streaming.faults import crash_point
 #: Unix seconds now.
 Clock = Callable[[], float]
 
+#: How far (seconds) a purging host's clock may be ahead of the database's before the purge
+#: service says so in its log.
+AHEAD_TOLERANCE = 60.0
+
 log = logging.getLogger("daybook.requests")
+
+
+def purge_time(requests: RequestLog, now: float) -> float:
+    """The instant up to which a purge on a host whose system clock reads ``now`` deletes
+    expired records: ``now``, or the database server's clock if that is behind.
+
+    A record's expiry is written on its writer's clock, and its writer may need it until
+    then by that clock (a batch token, until the ledger's own retry of a batch whose answer
+    was lost is over). Every ledger process purges, each on its own clock: one an hour or
+    more ahead (a host keeping local time, at UTC+2) deleted tokens their writers still
+    needed, and a retry then found none, took its batch for never committed and applied it
+    again. Writers' clocks are assumed to agree with the database's (README, "Request
+    records: retention and purge"), so the database's clock is the judge; a purger behind
+    it deletes later, which costs only storage. Memory and SQLite answer no time of their
+    own (one host, one clock): ``now`` is the judge there."""
+    database = requests.database_time()
+    return now if database is None else min(now, database)
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,10 @@ class Retention:
     caller: float
     generated: float = GENERATED_RETENTION
     clock: Clock = field(default=time.time, compare=False)
+    #: ``clock`` is the host's system clock (the ledger's default), so a purge is held to
+    #: the database's clock (``purge_time``). False for a clock a test injects: its time is
+    #: one the database's clock knows nothing of (1970, or days ahead), and judges alone.
+    system_clock: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if self.caller < self.generated:
@@ -70,6 +96,8 @@ class RequestPurge:
         self.batch = batch
         #: Records deleted since the service started.
         self.deleted = 0
+        #: This host's clock was last seen ahead of the database's (said once in the log).
+        self._ahead = False
         self._service = SupervisedThread("daybook-request-purge", self._run)
 
     def start(self) -> None:
@@ -90,7 +118,7 @@ class RequestPurge:
         """Delete every record expired now, batch by batch; how many. ``progress`` is told
         how many so far after each batch."""
         deleted = 0
-        now = self._retention.clock()
+        now = self._now()
         while not stopping:
             count = self._requests.purge_requests(now, self.batch)
             deleted += count
@@ -108,7 +136,24 @@ class RequestPurge:
 
     def report(self) -> PurgeReport:
         """What ``purge`` would delete now."""
-        return self._requests.expired_requests(self._retention.clock())
+        return self._requests.expired_requests(self._now())
+
+    def _now(self) -> float:
+        """The instant a purge now deletes up to (see ``purge_time``)."""
+        now = self._retention.clock()
+        if not self._retention.system_clock:
+            return now
+        judged = purge_time(self._requests, now)
+        ahead = now - judged > AHEAD_TOLERANCE
+        if ahead and not self._ahead:
+            log.warning(
+                "this host's clock is %.0f s ahead of the database's: request records are "
+                "purged by the database's clock, and this host's writes keep theirs that much "
+                "longer; correct the host's clock",
+                now - judged,
+            )
+        self._ahead = ahead
+        return judged
 
     def _run(self, stopping: Stopping) -> None:
         while not stopping:

@@ -161,6 +161,54 @@ def test_the_purge_service_deletes_on_its_own(store_url: str, clock: Clock) -> N
     assert ledger.request_purge.health().state is ServiceState.STOPPED
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("ahead", [0.0, 2 * 3600.0])  # 0: the clocks agree, for contrast
+def test_a_purge_on_a_host_whose_clock_is_ahead_leaves_the_tokens_writers_still_need(
+    pg_url: str, ahead: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Host P's system clock is two hours ahead (it keeps its RTC in local time, at UTC+2);
+    host A's agrees with the database's. On A, a batch of commands without request ids
+    commits, but its answer is lost; A's own retry looks up the batch's token. P's purge
+    ran in between and deleted the token (kept one hour) as expired by P's clock: the retry
+    found no token, fenced the batch as never committed and applied the deposit again. A
+    purge on the system clock now deletes nothing the database's clock does not say has
+    expired, and says in its log that its host's clock is ahead."""
+    from eventsourcing.persistence import OperationalError
+
+    settings = Settings.load(url=pg_url, request_purge_interval=timedelta(0))
+    writer = open_ledger(settings=settings, clock=Clock(time.time()))
+    purger = open_ledger(settings=settings)  # on the host's system clock...
+    purger.service.clock = lambda: datetime.now(UTC) + timedelta(seconds=ahead)  # ...ahead
+    try:
+        account = writer.open_account("a", "EUR").account_id
+        recorder = writer.service.recorder
+        insert = recorder.insert_events
+        commits: list[int] = []
+
+        def committed_but_answer_lost(*args: Any, **kwargs: Any) -> Any:
+            commits.append(1)
+            stored = insert(*args, **kwargs)
+            if len(commits) == 1:
+                purger.request_purge.purge()  # P's purge, between the commit and the retry
+                raise OperationalError("server closed the connection unexpectedly")
+            return stored
+
+        recorder.insert_events = committed_but_answer_lost  # type: ignore[method-assign]
+        (outcome,) = writer.submit([Deposit(account, 10)])  # a generated id: a batch token
+        recorder.insert_events = insert  # type: ignore[method-assign]
+        balance = writer.account(account).balance
+        report = purger.request_purge.report()  # what P's dry run would say
+    finally:
+        writer.close()
+        purger.close()
+    assert commits, "the commit went through the scripted lost answer"
+    assert isinstance(outcome, Receipt), outcome
+    assert (balance, outcome.position) == (10, 2), "the retry applied the deposit again"
+    assert (report.expired, report.kept) == (0, 2)  # both batches' tokens, for an hour
+    warned = [m for r in caplog.records if "ahead of the database" in (m := r.getMessage())]
+    assert len(warned) == (1 if ahead else 0), warned  # once, not at every purge
+
+
 def drop_requests_table(url: str) -> None:
     if url.startswith("sqlite"):
         with sqlite3.connect(sqlite_path(url)) as conn:
