@@ -36,6 +36,7 @@ from daybook.domain import Receipt
 from daybook.domain.accounts import Deposit, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError
+from daybook.domain.values import MAX_AMOUNT
 from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
 
 CURRENCIES = ("EUR", "USD")
@@ -71,6 +72,8 @@ class ModelHold:
     amount: int
     expires_at: int  # seconds on the model's clock
     status: str = "open"
+    #: Its account no longer counts it: a debit needed its funds once it had lapsed.
+    released: bool = False
 
     def expired(self, now: int) -> bool:
         return self.status == "expired" or (self.status == "open" and now >= self.expires_at)
@@ -302,6 +305,21 @@ class LedgerMachine(RuleBasedStateMachine):
         account = self.accounts[account_id]
         return account.balance + account.limit - self.held(account_id)
 
+    def lapses_needed(
+        self, account_id: UUID, amount: int, balance: int, *, but: UUID | None = None
+    ) -> list[ModelHold]:
+        """The lapsed holds whose release a debit of ``amount`` records (``record_lapses``):
+        all those the account still counts, if it needs any of their funds."""
+        counted = [
+            h
+            for hold_id, h in self.holds.items()
+            if h.account == account_id and h.status == "open" and not h.released and hold_id != but
+        ]
+        limit = self.accounts[account_id].limit
+        if amount <= balance + limit - sum(h.amount for h in counted):
+            return []
+        return [h for h in counted if self.clock.now >= h.expires_at]
+
     def predict_debit(self, account_id: UUID, amount: int) -> Prediction:
         predicted = self.predict_credit(account_id, amount)
         if predicted == 1 and amount > self.available(account_id):
@@ -326,9 +344,15 @@ class LedgerMachine(RuleBasedStateMachine):
         amount = self.pick_amount(data, *special)
         call = Call("withdraw", (account_id, amount), (("request_id", self.request_id(data)),))
         predicted = self.predict_debit(account_id, amount)
+        lapsed = []
+        if predicted == 1:
+            lapsed = self.lapses_needed(account_id, amount, self.accounts[account_id].balance)
+            predicted += len(lapsed)
         if self.perform(call, predicted, recorded=amount > 0):
             self.accounts[account_id].balance -= amount
             self.withdrawn[self.accounts[account_id].currency] += amount
+            for hold in lapsed:
+                hold.released = True
 
     @rule(data=st.data())
     def transfer(self, data: st.DataObject) -> None:
@@ -362,10 +386,15 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "currency_mismatch"
         else:
             predicted = self.predict_debit(source, amount)
-            predicted = 2 if predicted == 1 else predicted
+        lapsed = []
+        if predicted == 1:
+            lapsed = self.lapses_needed(source, amount, self.accounts[source].balance)
+            predicted = 2 + len(lapsed)
         if self.perform(call, predicted, recorded=amount > 0):
             self.accounts[source].balance -= amount
             self.accounts[destination].balance += amount
+            for hold in lapsed:
+                hold.released = True
 
     @rule(data=st.data())
     def close_account(self, data: st.DataObject) -> None:
@@ -379,10 +408,12 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "account_closed"
         elif account.balance != 0 or self.held(account_id):
             predicted = "account_not_empty"
-        else:
-            predicted = 1
+        else:  # with the release of every hold it still counts: lapsed, all of them
+            predicted = 1 + len(self.lapses_needed(account_id, MAX_AMOUNT, 0))
         if self.perform(call, predicted):
             self.accounts[account_id].closed = True
+            for hold in self.lapses_needed(account_id, MAX_AMOUNT, 0):
+                hold.released = True
 
     # -- stock ------------------------------------------------------------------------------
 
@@ -572,9 +603,15 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "currency_mismatch"
         else:
             predicted = self.predict_debit(account_id, amount)
-            predicted = 2 if predicted == 1 else predicted
+        lapsed = []
+        if predicted == 1:
+            assert account is not None
+            lapsed = self.lapses_needed(account_id, amount, account.balance)
+            predicted = 2 + len(lapsed)
         receipt = self.perform(call, predicted, recorded=amount > 0 and timeout > 0)
         if receipt:
+            for hold in lapsed:
+                hold.released = True
             assert receipt.hold_id not in self.holds
             self.holds[receipt.hold_id] = ModelHold(
                 account_id, destination, amount, self.clock.now + timeout
@@ -602,6 +639,7 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         call = Call("capture", (hold_id, quantity), (("request_id", self.request_id(data)),))
         predicted = self.predict_open_hold(hold_id)
+        lapsed: list[ModelHold] = []
         amount = held if quantity is None else quantity
         if predicted == 1:
             assert hold is not None
@@ -611,9 +649,13 @@ class LedgerMachine(RuleBasedStateMachine):
             elif amount > hold.amount:
                 predicted = "invalid_amount"
             else:
-                predicted = 3 if target is None else 4
+                balance = self.accounts[hold.account].balance
+                lapsed = self.lapses_needed(hold.account, amount, balance, but=hold_id)
+                predicted = (3 if target is None else 4) + len(lapsed)
         if self.perform(call, predicted):
             assert hold is not None
+            for other in lapsed:
+                other.released = True
             hold.status = "captured"
             self.accounts[hold.account].balance -= amount
             if hold.destination is None:
@@ -641,8 +683,8 @@ class LedgerMachine(RuleBasedStateMachine):
             predicted = "hold_resolved"
         elif not hold.expired(self.clock.now):
             predicted = "hold_not_expired"
-        else:
-            predicted = 2
+        else:  # the hold's expiry, and its account's release unless a debit recorded it
+            predicted = 1 if hold.released else 2
         if self.perform(call, predicted):
             self.holds[hold_id].status = "expired"
 
@@ -656,12 +698,14 @@ class LedgerMachine(RuleBasedStateMachine):
         commands: list[Command] = []
         predicted: Prediction = 0
         failed = None
+        releasing: list[ModelHold] = []
         for _ in range(data.draw(st.integers(1, 3), label="legs")):
             kind = data.draw(st.sampled_from(["deposit", "withdraw", "transfer"]), label="leg")
             account_id = data.draw(st.sampled_from(known), label="account")
             amount = data.draw(st.integers(1, 400), label="amount")
             account = self.accounts[account_id]
             room = balances[account_id] + account.limit - self.held(account_id)
+            lapsed: list[ModelHold] = []
             code: str | None = "account_closed" if account.closed else None
             if kind == "deposit":
                 commands.append(Deposit(account_id, amount))
@@ -670,6 +714,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 commands.append(Withdraw(account_id, amount))
                 code = code or ("insufficient_funds" if amount > room else None)
                 effects = [(account_id, -amount)]
+                lapsed = self.lapses_needed(account_id, amount, balances[account_id])
             else:
                 other = data.draw(st.sampled_from(known), label="destination")
                 commands.append(Transfer(account_id, other, amount))
@@ -683,14 +728,20 @@ class LedgerMachine(RuleBasedStateMachine):
                 elif code is None and amount > room:
                     code = "insufficient_funds"
                 effects = [(account_id, -amount), (other, amount)]
+                lapsed = self.lapses_needed(account_id, amount, balances[account_id])
             if failed is None and code is not None:
                 failed = (len(commands) - 1, code)
             if failed is None:
-                predicted = int(predicted) + len(effects)
+                predicted = int(predicted) + len(effects) + len(lapsed)
                 for target, change in effects:
                     balances[target] += change
+                for hold in lapsed:  # (undone below if the list fails)
+                    hold.released = True
+                releasing.extend(lapsed)
         if failed is not None:
             predicted = failed[1]
+            for hold in releasing:
+                hold.released = False
         call = Call("atomic", (tuple(commands),), (("request_id", self.request_id(data)),))
         receipt = self.perform(call, predicted)
         if receipt:
