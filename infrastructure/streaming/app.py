@@ -45,6 +45,7 @@ from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
 from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.checkpoints import PartitioningMismatch
 from daybook.infrastructure.readmodels.location import readmodel_url
@@ -196,6 +197,7 @@ def make_app(
                 "worker: the dead letter at position %d is too large for the broker (%d bytes:"
                 " %s); published without its message, which %s keeps",
                 letter.position, len(letter.value), first_line(error), DEAD_LETTER_TABLE,
+                extra={LIMITED_AT_SOURCE: True},  # once per letter: each is said
             )  # fmt: skip
             cut = f"{len(letter.value)} bytes, too large to send; kept in {DEAD_LETTER_TABLE}"
             await send_letter(letter, b"", [*headers, ("cut", cut.encode())])

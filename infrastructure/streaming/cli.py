@@ -133,7 +133,10 @@ def register(subparsers: Any) -> None:
     )
     add_readmodels_argument(worker)
     worker.add_argument(
-        "--batch-size", type=whole_number(1), default=2000, help="events per transaction, at most"
+        "--batch-size",
+        type=whole_number(1),
+        default=2000,
+        help="messages a batch takes whole fetches until it holds (so at most twice as many)",
     )
     worker.add_argument(
         "--batch-wait",

@@ -118,7 +118,19 @@ CLAIM_IDLE_LIMIT_SECONDS = 1500
 BATCH_IDLE_LIMIT_SECONDS = 600
 #: Tests set a shorter limit through this variable, for a worker process they start.
 BATCH_IDLE_LIMIT_VARIABLE = "DAYBOOK_TEST_BATCH_IDLE_LIMIT"
-_BATCH_IDLE_LIMIT = int(os.environ.get(BATCH_IDLE_LIMIT_VARIABLE) or BATCH_IDLE_LIMIT_SECONDS)
+
+
+def _batch_idle_limit() -> int:
+    """``BATCH_IDLE_LIMIT_SECONDS``, or a test's whole number of seconds from
+    ``BATCH_IDLE_LIMIT_VARIABLE``: anything else there (a typo, 0, a negative number,
+    which PostgreSQL refuses at every batch) is ignored, never taken."""
+    text = os.environ.get(BATCH_IDLE_LIMIT_VARIABLE, "")
+    if text.isascii() and text.isdigit() and 0 < int(text) <= BATCH_IDLE_LIMIT_SECONDS:
+        return int(text)
+    return BATCH_IDLE_LIMIT_SECONDS
+
+
+_BATCH_IDLE_LIMIT = _batch_idle_limit()
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,3 +361,15 @@ def test_a_password_the_cut_goes_through_is_masked() -> None:
         record = logging.LogRecord("daybook.test", logging.ERROR, __file__, 1, line, (), None)
         event = orjson.loads(JsonFormatter().format(record))["event"]
         assert "s3cret" not in event and "characters cut" in event
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "1.5", "²", "99999"])
+def test_a_bad_test_idle_limit_leaves_a_workers_batch_limit_as_it_is(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daybook.infrastructure.streaming import worker
+
+    monkeypatch.setenv(worker.BATCH_IDLE_LIMIT_VARIABLE, value)
+    assert worker._batch_idle_limit() == worker.BATCH_IDLE_LIMIT_SECONDS
+    monkeypatch.setenv(worker.BATCH_IDLE_LIMIT_VARIABLE, "3")
+    assert worker._batch_idle_limit() == 3
