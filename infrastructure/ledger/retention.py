@@ -25,8 +25,8 @@ from daybook.infrastructure.streaming.faults import crash_point
 #: Unix seconds now.
 Clock = Callable[[], float]
 
-#: How far (seconds) a purging host's clock may be ahead of the database's before the purge
-#: service says so in its log.
+#: How far (seconds) a purging host's clock may be off the database's, either way, before
+#: the purge says so in its log.
 AHEAD_TOLERANCE = 60.0
 
 log = logging.getLogger("daybook.requests")
@@ -47,6 +47,42 @@ def purge_time(requests: RequestLog, now: float) -> float:
     own (one host, one clock): ``now`` is the judge there."""
     database = requests.database_time()
     return now if database is None else min(now, database)
+
+
+class ClockCheck:
+    """``purge_time``, saying in the log, once each time it starts, that this host's clock
+    is off the database's by more than ``AHEAD_TOLERANCE``. Ahead, it is harmless now (the
+    purge keeps to the database's clock) but its writes keep their records longer; behind,
+    the batch tokens it writes expire early by the database's clock, and an hour behind, a
+    purge anywhere may delete one while this host may still retry its batch, which would
+    then be applied twice: the host that can do harm is told."""
+
+    def __init__(self) -> None:
+        #: The side the host's clock was last seen on: 1 ahead, -1 behind, 0 in step.
+        self._side = 0
+
+    def purge_time(self, requests: RequestLog, now: float) -> float:
+        database = requests.database_time()
+        if database is None:
+            return now
+        offset = now - database
+        side = 1 if offset > AHEAD_TOLERANCE else -1 if offset < -AHEAD_TOLERANCE else 0
+        if side > 0 and self._side <= 0:
+            log.warning(
+                "this host's clock is %.0f s ahead of the database's: request records are "
+                "purged by the database's clock, and this host's writes keep theirs that much "
+                "longer; correct the host's clock",
+                offset,
+            )
+        elif side < 0 and self._side >= 0:
+            log.warning(
+                "this host's clock is %.0f s behind the database's: the batch tokens this "
+                "host writes expire that much early, and an hour behind, a batch whose answer "
+                "was lost could be applied twice when retried; correct the host's clock",
+                -offset,
+            )
+        self._side = side
+        return min(now, database)
 
 
 @dataclass(frozen=True)
@@ -96,8 +132,7 @@ class RequestPurge:
         self.batch = batch
         #: Records deleted since the service started.
         self.deleted = 0
-        #: This host's clock was last seen ahead of the database's (said once in the log).
-        self._ahead = False
+        self._clock_check = ClockCheck()
         self._service = SupervisedThread("daybook-request-purge", self._run)
 
     def start(self) -> None:
@@ -143,17 +178,7 @@ class RequestPurge:
         now = self._retention.clock()
         if not self._retention.system_clock:
             return now
-        judged = purge_time(self._requests, now)
-        ahead = now - judged > AHEAD_TOLERANCE
-        if ahead and not self._ahead:
-            log.warning(
-                "this host's clock is %.0f s ahead of the database's: request records are "
-                "purged by the database's clock, and this host's writes keep theirs that much "
-                "longer; correct the host's clock",
-                now - judged,
-            )
-        self._ahead = ahead
-        return judged
+        return self._clock_check.purge_time(self._requests, now)
 
     def _run(self, stopping: Stopping) -> None:
         while not stopping:

@@ -209,6 +209,43 @@ def test_a_purge_on_a_host_whose_clock_is_ahead_leaves_the_tokens_writers_still_
     assert len(warned) == (1 if ahead else 0), warned  # once, not at every purge
 
 
+@pytest.mark.postgres
+def test_a_host_whose_clock_is_behind_the_databases_is_told_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host two hours behind writes batch tokens that expire early by the database's
+    clock, so a purge anywhere can delete one its retry still needs: the host that can do
+    harm is the one told, once."""
+    settings = Settings.load(url=pg_url, request_purge_interval=timedelta(0))
+    with open_ledger(settings=settings) as ledger:
+        ledger.service.clock = lambda: datetime.now(UTC) - timedelta(hours=2)
+        for _ in range(2):
+            ledger.request_purge.purge()
+    warned = [m for r in caplog.records if "behind the database" in (m := r.getMessage())]
+    assert len(warned) == 1, warned
+
+
+@pytest.mark.postgres
+def test_the_command_line_on_a_host_ahead_deletes_only_what_the_database_says_expired(
+    pg_url: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings.load(url=pg_url, request_purge_interval=timedelta(0))
+    with open_ledger(settings=settings, clock=Clock(time.time())) as writer:
+        account = writer.open_account("a", "EUR").account_id
+        assert account is not None
+        writer.deposit(account, 1, request_id="d-1")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * 3600.0)  # this host: 2 h ahead
+    assert main(["requests", "purge", "--dry-run", "--url", pg_url]) == 0
+    assert "nothing to delete" in capsys.readouterr().out
+    assert any("ahead of the database" in r.getMessage() for r in caplog.records)
+    assert main(["requests", "purge", "--url", pg_url]) == 0
+    assert "nothing to delete" in capsys.readouterr().out
+
+
 def drop_requests_table(url: str) -> None:
     if url.startswith("sqlite"):
         with sqlite3.connect(sqlite_path(url)) as conn:
