@@ -164,10 +164,6 @@ class UnitOfWork:
         #: that creates one asks whether its id is taken by another kind after finding
         #: none), they are not looked up again.
         self._absent: set[int] = set()
-        #: Aggregates the command being applied took from the store itself: as fresh as a
-        #: read can be. One an earlier command of the batch took from the store is as old as
-        #: that command, and ``confirm_refusal`` checks it as it checks a cached one.
-        self._loaded_now: set[int] = set()
         #: Aggregates an accepted command read without changing them (``collect``): unlike
         #: those it changes, nothing it writes would meet another writer's change to them,
         #: so the commit checks them (``reads``).
@@ -213,7 +209,6 @@ class UnitOfWork:
             except AggregateNotFoundError:
                 self._absent.add(key)
                 return None
-            self._loaded_now.add(key)
         self.taken_versions[key] = aggregate.version
         self.aggregates[key] = aggregate
         aggregate.as_of = self.now
@@ -284,7 +279,6 @@ class UnitOfWork:
                 elif not aggregate.write_once and key not in confirmed:
                     self.read_only.append(key)  # (a write-once aggregate never changes)
         self.touched.clear()
-        self._loaded_now.clear()
         return events
 
     def reads(self) -> list[Read]:
@@ -319,7 +313,6 @@ class UnitOfWork:
                 raise RuntimeError(msg)
         self.confirm_refusal()
         self.touched.clear()
-        self._loaded_now.clear()
         self._confirmed = 0
 
     def confirm_refusal(self) -> None:
@@ -331,8 +324,6 @@ class UnitOfWork:
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             version = self.read_versions.get(key)
-            if version is None and key not in self._loaded_now:
-                version = self.taken_versions.get(key) or None  # (0: this batch created it)
             if aggregate is not None and version is not None:
                 newer = self._service.events.get(aggregate.id, gt=version, limit=1)
                 if next(iter(newer), None) is not None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 
 from daybook import Ledger, open_ledger
 from daybook.domain.errors import DomainError
-from daybook.domain.holds import ExpireHold, Hold, PlaceHold
-from daybook.infrastructure.ledger.application import StaleCache
+from daybook.domain.holds import Hold
 
 
 class Clock:
@@ -454,48 +452,3 @@ def test_a_hold_sent_again_with_its_generated_id_is_told_it_exists(
     object.__setattr__(again, "hold_id", once.hold_id)  # as a caller keeping the first id
     assert refusal(lambda: ledger.execute(again)).code == "hold_exists"
     assert ledger.head() == head
-
-
-def test_an_expiry_judged_on_an_account_read_earlier_in_its_batch_releases_its_funds(
-    shared_store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch read the shop's account from the store for its first command; another
-    writer then placed a hold on the shop; the batch's second command, the hold's expiry
-    (by a clock 61 s ahead), found an account that did not count the hold and took it for
-    one that had released it as lapsed: the expiry was recorded, the account kept counting
-    the hold's funds as held. An account read by an earlier command of the batch is checked
-    against the store like a cached one."""
-    ahead, behind = Clock(), Clock()
-    ahead.advance(61)
-    with open_ledger(shared_store_url, clock=behind, group_commit=False) as theirs:
-        payer = theirs.open_account("payer", "EUR").account_id
-        shop = theirs.open_account("shop", "EUR").account_id
-        assert payer is not None and shop is not None
-        theirs.deposit(payer, 1_000)
-        theirs.deposit(shop, 1_000)
-        hold_id = uuid4()
-        with open_ledger(shared_store_url, clock=ahead, group_commit=False) as ours:
-            place = PlaceHold.handle
-            placed: list[bool] = []
-
-            def then_theirs(self: PlaceHold, aggregates: Any) -> Any:
-                fields = place(self, aggregates)
-                if not placed:  # (their hold runs this too)
-                    placed.append(True)
-                    theirs.hold(shop, 100, timeout=60, hold_id=hold_id)  # between our commands
-                return fields
-
-            monkeypatch.setattr(PlaceHold, "handle", then_theirs)
-            try:
-                ours.service.prepare(
-                    [PlaceHold(payer, 10, destination=shop, timeout=600), ExpireHold(hold_id)]
-                )
-            except StaleCache:
-                pass  # the batch goes the careful way, on fresh state
-            else:
-                pytest.fail("the expiry was judged on an account older than the hold")
-            monkeypatch.setattr(PlaceHold, "handle", place)
-            ours.expire_hold(hold_id)
-        assert theirs.hold_status(hold_id).status == "expired"
-        view = theirs.account(shop)
-        assert (view.held, view.available) == (0, 1_000)
