@@ -77,9 +77,15 @@ def bounded(text: str, limit: int) -> str:
     logging lock is held for, and what is cut away shows nothing."""
     if len(text) <= limit:
         return redact(text)
-    return (
-        f"{redact(text[: limit + _SECRET_REACH])[:limit]}... ({len(text) - limit} characters cut)"
-    )
+    # A secret masked before the cut shortens the text, and what shows then comes from
+    # further on: redacted, the text must still reach ``_SECRET_REACH`` past what shows.
+    # (Doubling the span each time keeps a line of many secrets linear.)
+    end = limit + _SECRET_REACH
+    shown = redact(text[:end])
+    while len(shown) < limit + _SECRET_REACH and end < len(text):
+        end = min(len(text), max(end + limit + _SECRET_REACH - len(shown), 2 * end))
+        shown = redact(text[:end])
+    return f"{shown[:limit]}... ({len(text) - limit} characters cut)"
 
 
 #: How far past the cut a secret that begins before it may reach (``_URL_PASSWORD``'s

@@ -23,6 +23,7 @@ from daybook import IdempotencyConflict, Ledger, Receipt, Settings, open_ledger
 from daybook.domain.accounts import Deposit
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
+from daybook.infrastructure.ledger.retention import ClockCheck
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.settings import BadSettings
 from daybook.infrastructure.urls import postgres_params, sqlite_path
@@ -244,6 +245,29 @@ def test_the_command_line_on_a_host_ahead_deletes_only_what_the_database_says_ex
     assert any("ahead of the database" in r.getMessage() for r in caplog.records)
     assert main(["requests", "purge", "--url", pg_url]) == 0
     assert "nothing to delete" in capsys.readouterr().out
+
+
+class _DatabaseAt:
+    """A request log whose database answers ``time``."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def database_time(self) -> float:
+        return self.time
+
+
+def test_a_clock_hovering_at_the_tolerance_is_said_to_be_off_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    check, database, now = ClockCheck(), _DatabaseAt(), 1_000_000.0
+    for offset in (60.5, 59.5, 60.5, 59.5, 60.5, -0.5, -60.5, -59.5, -60.5):
+        database.time = now - offset
+        assert check.purge_time(database, now) == min(now, database.time)  # type: ignore[arg-type]
+        now += 60
+    said = [r.getMessage().split(":")[0] for r in caplog.records if "clock is" in r.getMessage()]
+    assert said == ["this host's clock is 60 s ahead of the database's",
+                    "this host's clock is 60 s behind the database's"]  # fmt: skip
 
 
 def drop_requests_table(url: str) -> None:

@@ -24,6 +24,7 @@ from daybook.infrastructure.observability.logs import (
     ConsoleFormatter,
     JsonFormatter,
     RateLimit,
+    bounded,
     configure_logging,
     log_context,
     redact,
@@ -373,3 +374,11 @@ def test_a_bad_test_idle_limit_leaves_a_workers_batch_limit_as_it_is(
     assert worker._batch_idle_limit() == worker.BATCH_IDLE_LIMIT_SECONDS
     monkeypatch.setenv(worker.BATCH_IDLE_LIMIT_VARIABLE, "3")
     assert worker._batch_idle_limit() == 3
+
+
+def test_a_password_a_masked_token_before_the_cut_brings_into_view_is_masked() -> None:
+    """A long bearer token masked before the cut shortens the line: text from past the
+    redacted span came into view, a URL's password with it, unmasked."""
+    password = "S3cr3t" * 100
+    text = "bearer " + "t" * 4_000 + " postgresql://ledger:" + password + "@db/daybook "
+    assert "S3cr3t" not in bounded(text + "x" * 10_000, 100)
