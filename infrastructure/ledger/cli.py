@@ -16,7 +16,7 @@ from daybook.infrastructure.cli import (
 )
 from daybook.infrastructure.eventstore import UPGRADE_RETENTION
 from daybook.infrastructure.ledger.requests import PurgeReport, RequestTable, utc
-from daybook.infrastructure.ledger.retention import ClockCheck, purge_time
+from daybook.infrastructure.ledger.retention import ClockCheck
 
 #: Seconds between two progress lines of a purge (on stderr).
 PROGRESS_EVERY = 5.0
@@ -115,11 +115,10 @@ def _run_purge(args: argparse.Namespace) -> int:
     with read_only_recorder(settings) as recorder:
         table = recorder.request_table()
         report = None
-        if table.exists and not table.predates_expiry:
-            # The ledger's clock, held to the database's as a real purge is.
-            # (A dry run says whether this host's clock is off; a real purge's service does.)
-            at = ClockCheck().purge_time if args.dry_run else purge_time
-            report = recorder.expired_requests(at(recorder, time.time()))
+        if args.dry_run and table.exists and not table.predates_expiry:
+            # The ledger's clock, held to the database's as a real purge is (and said to be
+            # off it, if it is: a real purge's service says so itself).
+            report = recorder.expired_requests(ClockCheck().purge_time(recorder, time.time()))
     if not table.exists:
         print(
             "nothing to delete: there are no request records (the database has no "

@@ -3,7 +3,7 @@
 See ``daybook.infrastructure.ledger.requests`` for what a record promises and for how long.
 The clock is injected (``Retention.clock``) so that tests and the model-based test can move
 time; it reads Unix seconds, like ``time.time``. On the system clock, a purge on PostgreSQL
-judges expiry by the database server's clock when that is behind (``purge_time``).
+judges expiry by the database server's clock when that is behind (``ClockCheck``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ AHEAD_TOLERANCE = 60.0
 log = logging.getLogger("daybook.requests")
 
 
-def purge_time(requests: RequestLog, now: float) -> float:
+class ClockCheck:
     """The instant up to which a purge on a host whose system clock reads ``now`` deletes
-    expired records: ``now``, or the database server's clock if that is behind.
+    expired records (``purge_time``): ``now``, or the database server's clock if that is
+    behind.
 
     A record's expiry is written on its writer's clock, and its writer may need it until
     then by that clock (a batch token, until the ledger's own retry of a batch whose answer
@@ -44,18 +45,14 @@ def purge_time(requests: RequestLog, now: float) -> float:
     again. Writers' clocks are assumed to agree with the database's (README, "Request
     records: retention and purge"), so the database's clock is the judge; a purger behind
     it deletes later, which costs only storage. Memory and SQLite answer no time of their
-    own (one host, one clock): ``now`` is the judge there."""
-    database = requests.database_time()
-    return now if database is None else min(now, database)
+    own (one host, one clock): ``now`` is the judge there.
 
-
-class ClockCheck:
-    """``purge_time``, saying in the log, once each time it starts, that this host's clock
-    is off the database's by more than ``AHEAD_TOLERANCE``. Ahead, it is harmless now (the
-    purge keeps to the database's clock) but its writes keep their records longer; behind,
-    the batch tokens it writes expire early by the database's clock, and an hour behind, a
-    purge anywhere may delete one while this host may still retry its batch, which would
-    then be applied twice: the host that can do harm is told."""
+    It says in the log, once each time it starts, that this host's clock is off the
+    database's by more than ``AHEAD_TOLERANCE``. Ahead, it is harmless now (the purge keeps
+    to the database's clock) but its writes keep their records longer; behind, the batch
+    tokens it writes expire early by the database's clock, and an hour behind, a purge
+    anywhere may delete one while this host may still retry its batch, which would then be
+    applied twice: the host that can do harm is told."""
 
     def __init__(self) -> None:
         #: The side the host's clock was last seen on: 1 ahead, -1 behind, 0 in step.
@@ -97,7 +94,7 @@ class Retention:
     generated: float = GENERATED_RETENTION
     clock: Clock = field(default=time.time, compare=False)
     #: ``clock`` is the host's system clock (the ledger's default), so a purge is held to
-    #: the database's clock (``purge_time``). False for a clock a test injects: its time is
+    #: the database's clock (``ClockCheck``). False for a clock a test injects: its time is
     #: one the database's clock knows nothing of (1970, or days ahead), and judges alone.
     system_clock: bool = field(default=True, compare=False)
 
@@ -177,7 +174,7 @@ class RequestPurge:
         return self._requests.expired_requests(self._now())
 
     def _now(self) -> float:
-        """The instant a purge now deletes up to (see ``purge_time``)."""
+        """The instant a purge now deletes up to (see ``ClockCheck``)."""
         now = self._retention.clock()
         if not self._retention.system_clock:
             return now
