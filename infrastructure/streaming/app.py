@@ -392,13 +392,19 @@ def make_app(
                     await publish_pending_letters()
             return await getting
         except BaseException:
-            if not getting.done():
-                getting.cancel()
-            elif not getting.cancelled() and getting.exception() is None:
-                # Taken off the queue, never to be applied (stopping, or failed): faust
-                # must not wait for them.
-                faust_compat.untrack(app, getting.result())
+            let_go(getting)
             raise
+
+    def let_go(getting: asyncio.Future[list[FaustMessage]] | None) -> None:
+        """A ``handoff.get()`` given up: cancelled if nothing came; if a fetch did, it was
+        taken off the queue never to be applied (stopping, or failed), and faust must not
+        wait for it."""
+        if getting is None:
+            return
+        if not getting.done():
+            getting.cancel()
+        elif not getting.cancelled() and getting.exception() is None:
+            faust_compat.untrack(app, getting.result())
 
     async def fill_batch(fetched: list[FaustMessage]) -> None:
         """Add to ``fetched`` (a batch's first fetch) the fetches that come within
@@ -427,17 +433,9 @@ def make_app(
             # Taken off the queue, never to be applied (stopping): faust must not wait for
             # them.
             faust_compat.untrack(app, fetched)
-            if (
-                getting is not None
-                and getting.done()
-                and not getting.cancelled()
-                and getting.exception() is None
-            ):
-                faust_compat.untrack(app, getting.result())
             raise
         finally:
-            if getting is not None and not getting.done():
-                getting.cancel()
+            let_go(getting)  # (on the way out without failing: a wait that timed out)
 
     # Taken while a batch is applied and acknowledged, so that a restart happens between
     # batches (a restart mid-batch would be safe too: the transaction rolls back).

@@ -431,10 +431,7 @@ class Relay:
             metrics.RELAY_PUBLISHED.labels(self.config.topic).inc(len(batch))
             if len(batch) >= self.config.batch_size:
                 # More to come: the rest of the log, estimated by positions (gaps count).
-                head = await asyncio.to_thread(self._log.head)
-                metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(
-                    max(0, head - cursor.position)
-                )
+                self._say_lag(await asyncio.to_thread(self._log.head))
                 self._behind = True
             else:
                 self._caught_up(cursor.position)
@@ -568,11 +565,12 @@ class Relay:
         the event store is away too, the figure waits for the next retry."""
         glanced = await asyncio.to_thread(self._log.glance, (), LAG_GLANCE_SECONDS)
         if glanced is not None:
-            head, _ = glanced
-            metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(
-                max(0, head - self._published_to)
-            )
+            self._say_lag(glanced[0])
         await self._backoff()
+
+    def _say_lag(self, head: int) -> None:
+        """The events up to ``head`` past the cursor saved last, as the relay's lag."""
+        metrics.RELAY_LAG_EVENTS.labels(self.config.topic).set(max(0, head - self._published_to))
 
     def _record_failure(self, error: BaseException) -> None:
         self._behind = True
