@@ -39,7 +39,7 @@ from uuid import UUID
 import orjson
 
 from daybook.domain.errors import DomainError
-from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.events import LedgerAggregate, Metadata, same_class
 from daybook.domain.ids import new_request_id
 from daybook.domain.values import (
     check_amount,
@@ -208,8 +208,12 @@ class Command:
         if cls.handle is Command.handle:
             return  # an abstract intermediate class
         known = _REGISTRY.get(cls.name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            msg = f"command name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}"
+        if known is not None and not same_class(known, cls):
+            msg = (
+                f"command name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}; "
+                f"give {cls.__module__}.{cls.__qualname__} another name (its class attribute "
+                "`name`)"
+            )
             raise TypeError(msg)
         _REGISTRY[cls.name] = cls
 

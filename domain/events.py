@@ -60,8 +60,20 @@ class metadata_scope:
         _current_metadata.reset(self._token)
 
 
+def same_class(known: type, new: type) -> bool:
+    """Whether ``new`` is ``known`` defined again (its module run again: a reload), rather
+    than another class of the same name elsewhere."""
+    return (known.__module__, known.__qualname__) == (new.__module__, new.__qualname__)
+
+
 class DomainEvent(BaseModel):
-    """Common fields of every event: whose, which version, when (UTC), and metadata."""
+    """Common fields of every event: whose, which version, when (UTC), and metadata.
+
+    The log, the read models and the stream workers name an event by its class's qualified
+    name without its module (``Account.Opened``: ``LogEvent.type``), so no two event classes
+    of different modules may share one: a service's own ``Account.Opened`` would be fed to
+    daybook's account projections. The second is refused when it is defined.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
@@ -72,6 +84,23 @@ class DomainEvent(BaseModel):
 
     #: Schema version of this event's payload (see the module docstring).
     class_version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        known = _EVENT_TYPES.get(cls.__qualname__)
+        if known is not None and not same_class(known, cls):
+            msg = (
+                f"event type {cls.__qualname__!r} is taken by {known.__module__}."
+                f"{known.__qualname__}: the log names events by class name without the "
+                f"module, so {cls.__module__}.{cls.__qualname__} could not be told apart "
+                "from it; name the aggregate or the event differently"
+            )
+            raise TypeError(msg)
+        _EVENT_TYPES[cls.__qualname__] = cls
+
+
+#: Every event class by its qualified name (see ``DomainEvent``).
+_EVENT_TYPES: dict[str, type[DomainEvent]] = {}
 
 
 class LedgerAggregate(BaseAggregate[UUID]):
@@ -140,8 +169,11 @@ class LedgerAggregate(BaseAggregate[UUID]):
         name = cls.__dict__.get("read_as")
         if name is not None:
             known = _READABLE.get(name)
-            if known is not None and known.__qualname__ != cls.__qualname__:
-                msg = f"read method {name!r} is taken by {known.__module__}.{known.__qualname__}"
+            if known is not None and not same_class(known, cls):
+                msg = (
+                    f"read method {name!r} is taken by {known.__module__}.{known.__qualname__}; "
+                    f"give {cls.__module__}.{cls.__qualname__} another read_as"
+                )
                 raise TypeError(msg)
             _READABLE[name] = cls
 

@@ -21,19 +21,24 @@ def section_code() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def example() -> types.ModuleType:
-    """The section's code as one module (events name their classes by module and name, so
-    the aggregate must live in a module that can be imported again)."""
-    module = types.ModuleType("daybook_readme_coupons")
-    sys.modules[module.__name__] = module
+def example() -> types.SimpleNamespace:
+    """Each block as the file the README names, imported as its own module (events name
+    their classes by module and name, so the aggregate must live in a module that can be
+    imported again; and the projection's file imports what it uses, as written)."""
     blocks = section_code()
     assert len(blocks) == 3
-    for block in blocks[:2]:
+    names: dict[str, object] = {}
+    for name, block in zip(
+        ("daybook.domain.coupons", "daybook.projections.coupons"), blocks[:2], strict=True
+    ):
+        module = types.ModuleType(name)
+        sys.modules[name] = module
         exec(compile(block, str(README), "exec"), module.__dict__)
-    return module
+        names.update(module.__dict__)
+    return types.SimpleNamespace(**names)
 
 
-def test_the_new_commands_and_read_method_are_registered(example: types.ModuleType) -> None:
+def test_the_new_commands_and_read_method_are_registered(example: types.SimpleNamespace) -> None:
     from daybook.domain.commands import command_named, parameters
     from daybook.domain.events import readable
 
@@ -44,13 +49,13 @@ def test_the_new_commands_and_read_method_are_registered(example: types.ModuleTy
 
 
 def test_the_use_block_runs_as_written(
-    example: types.ModuleType, capsys: pytest.CaptureFixture[str]
+    example: types.SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    exec(compile(section_code()[2], str(README), "exec"), example.__dict__)
+    exec(compile(section_code()[2], str(README), "exec"), dict(vars(example)))
     assert capsys.readouterr().out.strip() == "coupon_redeemed"
 
 
-def test_the_ledger_offers_the_new_commands_by_name_too(example: types.ModuleType) -> None:
+def test_the_ledger_offers_the_new_commands_by_name_too(example: types.SimpleNamespace) -> None:
     from daybook import open_async_ledger, open_ledger
 
     with open_ledger("memory://") as ledger:

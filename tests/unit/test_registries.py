@@ -1,0 +1,155 @@
+"""A service's own classes never take the place of daybook's: a command, a read method or an
+event type whose name another module's class has is refused where it is defined, naming the
+owner. (Before, the check compared class names only: a service's ``Transfer`` command
+replaced the money transfer behind ``POST /v1/commands/transfer``, and a service's
+``Account.Opened`` event was fed to the account projections, which stopped on it.)"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger, run_projections
+from daybook.domain import commands, events
+from daybook.domain.accounts import Account
+from daybook.domain.accounts import Transfer as MoneyTransfer
+from daybook.domain.commands import command_named
+from daybook.domain.events import readable
+
+
+@pytest.fixture
+def registries() -> Iterator[None]:
+    """Whatever a test defines leaves the registries as they were."""
+    saved = [
+        (registry, dict(registry))
+        for registry in (commands._REGISTRY, events._READABLE, events._EVENT_TYPES)
+    ]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)  # type: ignore[attr-defined]
+
+
+def define(name: str, source: str) -> types.ModuleType:
+    """Run ``source`` as the module ``name`` (as a service's import of it would)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    try:
+        exec(compile(source, f"<{name}>", "exec"), module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+LOYALTY = """
+from daybook.domain.commands import Amount, Command, Text
+
+class Transfer(Command):
+    member: Text
+    points: Amount
+
+    def handle(self, aggregates):
+        return {}
+"""
+
+
+def test_a_command_named_like_daybooks_is_refused(registries: None) -> None:
+    with pytest.raises(TypeError, match=r"command name 'transfer' is taken by daybook.domain"):
+        define("shop_loyalty", LOYALTY)
+    assert command_named("transfer") is MoneyTransfer
+
+
+def test_a_command_given_its_own_name_is_registered(registries: None) -> None:
+    source = LOYALTY.replace("points: Amount", "points: Amount\n    name = 'transfer_points'")
+    module = define("shop_loyalty_named", source)
+    assert command_named("transfer_points") is module.Transfer
+    assert command_named("transfer") is MoneyTransfer
+
+
+MEMBERS = """
+from daybook.domain.events import LedgerAggregate
+
+class Member(LedgerAggregate):
+    read_as = "account"
+
+    class Joined(LedgerAggregate.Created):
+        email: str
+"""
+
+
+@pytest.mark.parametrize("name", ["Member", "Account"])
+def test_a_read_method_taken_by_daybook_is_refused(registries: None, name: str) -> None:
+    """(An aggregate named ``Account`` is refused first for its event types.)"""
+    with pytest.raises(
+        TypeError, match=r"(read method 'account'|event type .*) is taken by daybook"
+    ):
+        define(f"shop_members_read_{name}", MEMBERS.replace("Member", name))
+    assert readable()["account"] is Account
+
+
+LOGINS = """
+from daybook.domain.events import LedgerAggregate
+
+class Account(LedgerAggregate):
+    class Opened(LedgerAggregate.Created):
+        email: str
+"""
+
+
+def test_an_event_type_daybook_uses_is_refused(registries: None) -> None:
+    with pytest.raises(TypeError, match=r"event type 'Account.Opened' is taken by daybook.domain"):
+        define("shop_logins", LOGINS)
+
+
+def test_the_same_module_run_again_defines_its_classes_again(registries: None) -> None:
+    """A reload is not a clash: the same module and class names."""
+    source = MEMBERS.replace('read_as = "account"', 'read_as = "member"')
+    first = define("shop_members_reloaded", source)
+    second = define("shop_members_reloaded", source)
+    assert first.Member is not second.Member
+    assert readable()["member"] is second.Member
+
+
+JOINING = """
+from uuid import NAMESPACE_URL, uuid5
+
+from daybook.domain.commands import Command, Text
+from daybook.domain.events import LedgerAggregate
+
+class Member(LedgerAggregate):
+    class Joined(LedgerAggregate.Created):
+        email: str
+
+        def apply(self, member):
+            member.email = self.email
+
+class JoinShop(Command):
+    email: Text
+
+    def handle(self, aggregates):
+        member_id = uuid5(NAMESPACE_URL, "member:" + self.email)
+        aggregates.add(Member._create(Member.Joined, id=member_id, email=self.email))
+        return {}
+"""
+
+
+def test_daybooks_read_models_keep_serving_beside_a_services_aggregate(
+    registries: None, tmp_path: Path
+) -> None:
+    """A service aggregate with names of its own writes to the same log as the accounts:
+    the account projections pass over its events."""
+    shop = define("shop_joining", JOINING)
+    with (
+        open_ledger(f"sqlite:///{tmp_path}/ledger.db") as ledger,
+        run_projections(ledger) as runner,
+    ):
+        ledger.execute(shop.JoinShop("ann@example.com"))
+        account = ledger.open_account("bob", "EUR").account_id
+        receipt = ledger.deposit(account, 100)
+        row = runner.views.balance(account, min_position=receipt.position, timeout=10.0)
+        assert row is not None and row.balance == 100
