@@ -34,7 +34,7 @@ from daybook.projections import ALL
 from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.activity import MONEY, STOCK
 from daybook.projections.inventory import LEVELS
-from daybook.projections.model import Key, Projection, Row
+from daybook.projections.model import Key, Projection, Row, Table
 
 T = TypeVar("T")
 
@@ -467,7 +467,12 @@ class ReadModels:
     ) -> Answer[Row | None]:
         """One row of any projection's table by its key (None if absent), with the log
         position it reflects: for read models without a query of their own."""
-        spec = projection.table(table)
+        spec = _table(projection, table)
+        if not isinstance(key, tuple) or len(key) != len(spec.key):
+            raise InvalidRequest(
+                f"key must be a tuple of the table's key columns {spec.key}, got {key!r:.80}",
+                field="key",
+            )
 
         def read(store: ReadStore, version: int) -> Row | None:
             return store.fetch(spec, version, key)
@@ -492,7 +497,7 @@ class ReadModels:
         """Rows of any projection's table (``where`` and ``order`` in SQL over its columns,
         with ``%s`` placeholders), read in one snapshot: for read models without a query of
         their own."""
-        spec = projection.table(table)
+        spec = _table(projection, table)
         if limit is not None:
             _whole(limit, "limit", 1, MAX_BIGINT)
 
@@ -514,7 +519,12 @@ class ReadModels:
     ) -> Answer[dict[Any, int]]:
         """How many rows a projection's table holds (``{None: n}``), or how many per value
         of its column ``by``: one aggregate query, for gauges."""
-        spec = projection.table(table)
+        spec = _table(projection, table)
+        if by is not None and by not in {column.name for column in spec.columns}:
+            raise InvalidRequest(
+                f"by must be a column of {projection.name}'s table {table}, got {by!r:.80}",
+                field="by",
+            )
 
         def read(store: ReadStore, version: int) -> dict[Any, int]:
             if by is None:
@@ -680,6 +690,18 @@ class ReadModels:
 def _account_key(value: object, what: str) -> str:
     """An account id as the read models store it (a UUID's lower-case text)."""
     return str(check_uuid(value, what))
+
+
+def _table(projection: Projection, name: object) -> Table:
+    """``projection``'s table ``name``, or the refusal that names the tables it has."""
+    for table in projection.tables:
+        if table.name == name:
+            return table
+    tables = ", ".join(table.name for table in projection.tables)
+    raise InvalidRequest(
+        f"projection {projection.name} has no table {name!r:.80} (it has {tables})",
+        field="table",
+    )
 
 
 def _whole(value: object, what: str, low: int, high: int) -> int:

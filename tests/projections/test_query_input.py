@@ -15,6 +15,9 @@ from daybook import open_ledger, run_projections
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.readmodels.queries import ReadModels
 from daybook.infrastructure.urls import BadURL
+from daybook.projections.accounts import ACCOUNT_BALANCES as BALANCES
+
+TABLE = "account_balances"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,14 @@ BAD: list[tuple[str, Callable[[ReadModels, str], Any], str, str]] = [
     ("min_position", lambda v, a: v.balance(a, min_position=-1), "invalid_request", "min_position"),
     ("timeout", lambda v, a: v.balance(a, timeout=float("nan")), "invalid_request", "timeout"),
     ("timeout text", lambda v, a: v.balances(timeout="2"), "invalid_request", "timeout"),
+    # The generic queries, for read models without queries of their own:
+    ("row table", lambda v, a: v.row(BALANCES, "balancez", (a,)), "invalid_request", "table"),
+    ("rows table", lambda v, a: v.rows(BALANCES, "balancez"), "invalid_request", "table"),
+    ("count table", lambda v, a: v.count(BALANCES, "balancez"), "invalid_request", "table"),
+    ("count by", lambda v, a: v.count(BALANCES, TABLE, by="ownr"), "invalid_request", "by"),
+    ("row key text", lambda v, a: v.row(BALANCES, TABLE, a), "invalid_request", "key"),
+    ("row key empty", lambda v, a: v.row(BALANCES, TABLE, ()), "invalid_request", "key"),
+    ("row key long", lambda v, a: v.row(BALANCES, TABLE, (a, a)), "invalid_request", "key"),
 ]
 
 
@@ -71,6 +82,13 @@ def test_a_bad_argument_is_refused_with_a_code_and_its_name(
         query(read_models, account)
     assert refused.value.code == code
     assert named in str(refused.value)
+
+
+def test_the_generic_queries_answer_good_arguments(views: tuple[ReadModels, str]) -> None:
+    read_models, account = views
+    found = read_models.row(BALANCES, TABLE, (account,)).value
+    assert found is not None and found["balance"] == 100
+    assert read_models.count(BALANCES, TABLE, by="currency").value == {"EUR": 1}
 
 
 def test_ids_in_any_form_find_the_same_row(views: tuple[ReadModels, str]) -> None:
