@@ -37,6 +37,11 @@ from daybook.infrastructure.gateway import (
 
 T = TypeVar("T")
 
+#: What reading an answer's JSON can raise when the answer is not what the protocol says:
+#: not JSON, a field missing or of another type, an amount no integer can be (JSON's 1e999
+#: reads as infinity: ``OverflowError``), nesting deeper than the reader goes.
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, RecursionError)
+
 #: Answers that say "not now": the request was not processed, and may be later (a timeout
 #: before the whole request arrived, a request with the same key in progress, too early,
 #: too many requests).
@@ -95,8 +100,10 @@ class HttpPaymentGateway:
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             # Never reached the remote.
             raise Unavailable(f"{method} {path}: {type(error).__name__}: {error}") from error
-        except httpx.TransportError as error:
-            # Sent, perhaps processed: a read timeout, a connection dropped mid-answer.
+        except httpx.HTTPError as error:
+            # Sent, perhaps processed: a read timeout, a connection dropped mid-answer, a
+            # body that says it is compressed and is not (``DecodingError``, not a transport
+            # error), too many redirects.
             raise OutcomeUnknown(f"{method} {path}: {type(error).__name__}: {error}") from error
         if response.status_code in _TRY_LATER:
             raise Unavailable(
@@ -133,7 +140,7 @@ def _listed(item: dict[str, Any]) -> Charge:
         raise TypeError(f"a listed charge's key must be text, got {key!r}")
     try:
         return _charge(item)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except _UNREADABLE as error:
         shown = _cut(orjson.dumps(item, default=str).decode())
         return Charge(
             key=key, status=ChargeStatus.OTHER, amount=0, currency="", detail=f"{error}: {shown}"
@@ -153,7 +160,7 @@ def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:
     ``OutcomeUnknown``, so that the caller looks the key up."""
     try:
         return parse(response.json())
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except _UNREADABLE as error:
         msg = (
             f"{response.request.method} {response.request.url.path}: the gateway's answer"
             f" ({response.status_code}) could not be read ({type(error).__name__}: {error}):"
