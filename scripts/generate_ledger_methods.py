@@ -79,6 +79,10 @@ def signature(command_class: type[Command]) -> tuple[str, str]:
         name = parameter.name
         if parameter.positional:
             passed.append(name)
+        elif parameter.required or parameter.default is not None:
+            # Given as given: None for a required one (or one whose default is not None)
+            # is the caller's value, for the command's check to refuse, not an omission.
+            passed.append(f"{name}={name}")
         else:
             keywords.append(f"{name}={name}")
     if keywords:

@@ -210,9 +210,9 @@ class LedgerMethods(ABC):
             command = PlaceHold(
                 account_id,
                 amount,
+                timeout=timeout,
                 **envelope(
                     destination=destination,
-                    timeout=timeout,
                     hold_id=hold_id,
                     request_id=request_id,
                     correlation_id=correlation_id,
@@ -706,9 +706,9 @@ class AsyncLedgerMethods(ABC):
             command = PlaceHold(
                 account_id,
                 amount,
+                timeout=timeout,
                 **envelope(
                     destination=destination,
-                    timeout=timeout,
                     hold_id=hold_id,
                     request_id=request_id,
                     correlation_id=correlation_id,

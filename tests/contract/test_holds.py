@@ -165,7 +165,9 @@ def test_hold_refusals_have_their_codes_and_change_nothing(
     }
     for code, call in cases.items():
         assert refusal(call).code == code, code
-    for bad in (1.5, "60", True, -1, 10**9):
+    # None too: the method passed it on as "not given", and the command then lacked its
+    # required timeout (a TypeError, not a refusal).
+    for bad in (1.5, "60", True, -1, 10**9, None):
         error = refusal(lambda bad=bad: ledger.hold(a, 1, timeout=bad))
         assert error.code == "invalid_timeout" and "seconds" in str(error)
     assert ledger.head() == head
