@@ -666,6 +666,7 @@ class Saga(LedgerAggregate):
         self.attempt_failed(step, attempt, error, retry_at)
 
     def retry(self, by: str, why: str, now: datetime) -> None:
+        self._check_active()  # finished: the code a cancel gets too
         if self.state is not SagaState.NEEDS_ATTENTION:
             raise SagaMovedOn(
                 f"saga {self.id} is {self.state.value}; only a saga that needs attention is "

@@ -84,7 +84,7 @@ def test_the_sagas_commands(
         # Refused decisions say why, with their code, and change nothing.
         head = ledger.head()
         assert main(["sagas", "retry", str(done.saga_id), "--url", url, "--reason", "x"]) == 1
-        assert "saga_moved_on" in capsys.readouterr().err
+        assert "saga_finished" in capsys.readouterr().err
         assert ledger.head() == head
 
         # A charge no completed order explains: flagged, then refunded with --repair.

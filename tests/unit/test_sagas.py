@@ -245,6 +245,10 @@ def test_cancel_compensates_a_running_saga_and_nothing_else() -> None:
     with pytest.raises(DomainError) as finished:
         saga.cancel("bob", "too late", T0)
     assert finished.value.code == "saga_finished"
+    # A retry of a finished saga is refused as finished too (it said saga_moved_on).
+    with pytest.raises(DomainError) as retried:
+        saga.retry("bob", "too late", T0)
+    assert retried.value.code == "saga_finished"
 
 
 def test_every_decision_keeps_who_asked_and_the_trace_of_the_command_that_made_it() -> None:
