@@ -306,8 +306,10 @@ def _listen_problem(host: str, port: int) -> str | None:
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
-    except OSError as error:
-        reason = error.strerror or str(error)
+    except (OSError, UnicodeError) as error:
+        # UnicodeError: a host name IDNA cannot encode (an empty label, one over 63
+        # characters), which getaddrinfo refuses before any lookup.
+        reason = getattr(error, "strerror", None) or str(error)
         return f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
     finally:
         for probe in probes:

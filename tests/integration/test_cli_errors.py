@@ -776,6 +776,18 @@ def test_serve_on_a_port_in_use_says_so_before_starting(
     assert not (tmp_path / "d.db").exists()  # refused before anything was opened
 
 
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example"])
+def test_serve_on_a_host_name_that_cannot_be_looked_up_says_so_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, host: str
+) -> None:
+    """An empty label or one over 63 characters: the lookup refuses the name before asking
+    anyone (a UnicodeError, not an OSError), which ended in a traceback."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    line = one_line(capsys, ["serve", "--url", url, "--host", host, "--port", str(closed_port())])
+    assert f"cannot listen on {host}:" in line and "another --port or --host" in line
+    assert not (tmp_path / "d.db").exists()
+
+
 def test_serve_with_a_tls_pair_it_cannot_use_says_so_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
