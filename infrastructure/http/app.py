@@ -41,6 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daybook.domain.values import shown
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.auth import Authenticator
@@ -161,7 +162,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     async def problem(code: str) -> Response:
         text = describe(code)
         if text is None:
-            raise Problem("not_found", f"no problem has the code {code!r}")
+            raise Problem("not_found", f"no problem has the code {shown(code)}")
         return _json({"code": code, "description": text})
 
     def openapi() -> dict[str, Any]:
@@ -243,7 +244,7 @@ def _handle_errors(app: FastAPI) -> None:
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         if error.status_code == 404:
-            return Problem("not_found", f"nothing is at {request.url.path}").response()
+            return Problem("not_found", f"nothing is at {shown(request.url.path)}").response()
         if error.status_code == 405:
             # RFC 9110 15.5.6: a 405 must say, in Allow, which methods the path takes: those
             # of every route at the path (the exception's headers name the first one's only).

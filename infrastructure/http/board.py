@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI
 from starlette.responses import Response
 
 from daybook import projections as definitions
+from daybook.domain.values import shown
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import Problem
@@ -263,14 +264,20 @@ class Dashboard:
     def resume(self, name: str) -> Response:
         try:
             projection = definitions.by_name(name)
-        except KeyError as error:
-            raise Problem("not_found", str(error.args[0])) from None
+        except KeyError:
+            known = ", ".join(p.name for p in definitions.ALL)
+            raise Problem(
+                "not_found", f"no projection is called {shown(name)}; known: {known}"
+            ) from None
         store = open_store(self.readmodels_url)
         try:
             catalog = VersionCatalog(store)
             catalog.ensure()
             catalog.resume(projection.name, projection.version)
-        except (IllegalTransition, LookupError) as refused:
+        except IllegalTransition as refused:
+            # The code the README's table gives (it answered invalid_request).
+            raise Problem(refused.code, f"{name} v{projection.version}: {refused}") from None
+        except LookupError as refused:
             raise Problem("invalid_request", f"{name} v{projection.version}: {refused}") from None
         finally:
             store.close()

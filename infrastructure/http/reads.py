@@ -491,7 +491,9 @@ class ReadRoutes:
                 "invalid_parameter",
                 f"timeout is seconds between 0 and {self.max_wait:g}, got {shown(timeout)}",
             )
-        text = _param(request, "min_position") or _header(request, "Daybook-Min-Position")
+        text = _param(request, "min_position")
+        if text is None:  # (an empty ?min_position= is refused below, not passed over)
+            text = _header(request, "Daybook-Min-Position")
         if text is None:
             return {"timeout": seconds}
         return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}

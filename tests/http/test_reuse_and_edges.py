@@ -586,3 +586,57 @@ def test_a_huge_content_type_is_not_echoed_whole(sqlite_api: Api) -> None:
     assert reply.json()["code"] == "unsupported_media_type"
     assert len(reply.content) < 2_000, len(reply.content)
     assert shown(media) in reply.json()["detail"]
+
+
+def test_an_empty_min_position_is_refused_not_ignored(sqlite_api: Api) -> None:
+    """``?min_position=`` (a client's template with nothing filled in) was taken for no
+    position at all: the read was answered at once, and a ``Daybook-Min-Position`` header
+    won over the query, which the README says wins."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    path = f"/v1/accounts/{ann}/balance"
+    empty = api.run(
+        api.client.get(path, params={"min_position": "", "timeout": 0}, headers=api.auth("tester"))
+    )
+    assert empty.status_code == 400, empty.text
+    assert empty.json()["code"] == "invalid_parameter"
+    assert "min_position" in empty.json()["detail"]
+    both = api.run(
+        api.client.get(
+            path,
+            params={"min_position": "", "timeout": 0},
+            headers={**api.auth("tester"), "Daybook-Min-Position": "1"},
+        )
+    )
+    assert both.status_code == 400, both.text
+
+
+def test_what_a_not_found_echoes_is_cut_short(sqlite_api: Api) -> None:
+    """A problem code and a path of any length came back whole in a 404's detail; and the
+    name of a projection to resume."""
+    api = sqlite_api
+    huge = "x" * 5_000
+    replies = [
+        api.run(api.client.get(f"/problems/{huge}")),
+        api.run(api.client.get(f"/nothing/{huge}")),
+        api.run(api.client.post(f"/v1/projections/{huge}/resume", headers=api.auth("tester"))),
+    ]
+    assert [reply.status_code for reply in replies] == [404, 404, 404], replies
+    for reply in replies:
+        detail = reply.json()["detail"]
+        assert len(detail) < 400 and "(5" in detail, detail
+
+
+def test_resuming_a_version_that_is_not_stopped_answers_illegal_transition(
+    sqlite_api: Api,
+) -> None:
+    """The README's code for it (the dashboard's resume answered ``invalid_request``)."""
+    api = sqlite_api
+    ann = api.open_account("ann")
+    assert api.get(f"/v1/accounts/{ann}/balance", min_position=api.head()).status_code == 200
+    reply = api.run(
+        api.client.post("/v1/projections/account_balances/resume", headers=api.auth("tester"))
+    )
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["code"] == "illegal_transition", reply.text
+    assert "cannot resume a live version" in reply.json()["detail"], reply.text
