@@ -418,8 +418,16 @@ class LedgerService(Application[UUID]):
         # so the write path needs no fast-forward query; reads fast-forward explicitly.
         "AGGREGATE_CACHE_FASTFORWARD": "n",
     }
-    #: How often a batch is re-run after a version conflict or a lost connection.
+    #: How often a batch is re-run after a version conflict (a quarter of it after a lost
+    #: connection).
     max_attempts: ClassVar[int] = 40
+    #: How long (seconds, from its first attempt) a batch is re-run after lost connections
+    #: before its callers are answered ``unavailable``: a database restart of a few seconds
+    #: is ridden through, and a longer outage is told within about this much plus one
+    #: attempt's wait. An attempt may wait the pool's whole ``connect_timeout`` (10 s) for
+    #: a server that refuses connections: counted in attempts alone, ten of them made a
+    #: caller wait 100 s, longer than HTTP clients and proxies wait.
+    outage_budget: ClassVar[float] = 15.0
 
     def construct_snapshot_store(self) -> EventStore[UUID]:
         """eventsourcing's store, skipping snapshots their contract no longer trusts."""
@@ -445,6 +453,8 @@ class LedgerService(Application[UUID]):
         )
         #: Snapshot an aggregate whenever its version passes a multiple of this (0: never).
         self.snapshot_interval = 100
+        #: Measures ``outage_budget`` (injectable: tests count attempts, not seconds).
+        self.monotonic: Callable[[], float] = time.monotonic
         self._snapshot_failures: set[type[LedgerAggregate]] = set()
         #: Tells this ledger's receipts on command objects from another's (see ``_DONE``).
         self._identity = object()
@@ -556,6 +566,7 @@ class LedgerService(Application[UUID]):
         ``attempts``: the batches of these commands whose outcome is unknown, shared by
         every part (one part's lost commit is another's to look up)."""
         conflicts = outages = duplicates = 0
+        started = self.monotonic()
         while indices:
             prepared: PreparedBatch | None = None
             try:
@@ -620,7 +631,8 @@ class LedgerService(Application[UUID]):
                 continue
             except (OperationalError, InterfaceError) as error:
                 outages += 1
-                if outages > self.max_attempts // 4:
+                spent = self.monotonic() - started
+                if outages > self.max_attempts // 4 or spent >= self.outage_budget:
                     for index in indices:
                         outcomes[index] = error
                     self._keep_unknown([batch[i] for i in indices], attempts)

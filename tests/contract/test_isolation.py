@@ -864,3 +864,38 @@ def test_a_part_that_committed_is_reported_and_never_run_again(shared_store_url:
     assert (ours.account(hot).balance, ours.account(calm).balance) == (1, 20)
     ours.close()
     theirs.close()
+
+
+def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
+    ledger: Ledger,
+) -> None:
+    """Each attempt in an outage may wait the pool's whole connection timeout (10 s) for a
+    server that refuses connections: ten attempts made a caller wait 70 to 120 s for its
+    ``unavailable``. Attempts stop once ``outage_budget`` has passed since the first."""
+    from eventsourcing.persistence import OperationalError
+
+    account = ledger.open_account("ann", "EUR").account_id
+    service = ledger.service
+    now = [1_000.0]
+    service.monotonic = lambda: now[0]  # type: ignore[method-assign]
+    recorder = service.recorder
+    insert = recorder.insert_events
+    tries: list[float] = []
+
+    def refused(stored: Any, **options: Any) -> Any:
+        tries.append(now[0])
+        now[0] += 10.0  # the pool's wait for a connection it never gets
+        raise OperationalError("couldn't get a connection after 10.00 sec")
+
+    recorder.insert_events = refused  # type: ignore[method-assign]
+    try:
+        (outcome,) = service.execute([Deposit(account, 5, request_id="out-1")])
+    finally:
+        recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(outcome, OperationalError), outcome
+    assert len(tries) == 2, f"{len(tries)} attempts, {now[0] - 1_000.0:.0f} s"
+    assert service.outage_budget == 15.0
+    # Answered "unavailable", not lost: the retry with its request id applies it once.
+    assert ledger.deposit(account, 5, request_id="out-1").replayed is False
+    assert ledger.deposit(account, 5, request_id="out-1").replayed
+    assert ledger.account(account).balance == 5
