@@ -265,3 +265,22 @@ class ForeignStore(Refused):
 
 #: ``aggregate id -> partition`` for a partition count (the relay's partitioner).
 PartitionOf = Callable[[str], int]
+
+
+def parked_for(store: ReadStore, group: str, topic: str, name: str, version: int) -> frozenset[int]:
+    """Positions the stream ``group`` left out of version ``version`` of ``name``: parked
+    while the group wrote it (stream groups write PostgreSQL only). A letter parked for
+    other versions, say before a fixed version was built by the runner and handed over, is
+    in this one's rows. (A message that was no envelope has a negative position: no event.)"""
+    found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
+    if not found[0][0]:
+        return frozenset()
+    sql = "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"
+    params: tuple[str, ...] = (group, topic)
+    # A table no upgraded worker has connected to yet records no versions: every letter
+    # counts, as it did.
+    if store.has_column("daybook_stream_dead_letters", "versions"):
+        sql += " AND (versions IS NULL OR %s = ANY(versions))"
+        params += (version_label(name, version),)
+    rows = store.execute(sql, params)
+    return frozenset(int(row[0]) for row in rows)

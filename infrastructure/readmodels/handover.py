@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from psycopg.errors import DeadlockDetected, SerializationFailure
 
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord, VersionState
 from daybook.infrastructure.readmodels.checkpoints import (
     RUNNER,
     Vector,
     group_of,
+    parked_for,
     read_vector,
     recorded_partitions,
     stream_owner,
@@ -163,6 +164,20 @@ def _handover(
                     f"{projection.name} has no version {projection.version} yet: start a "
                     "runner or workers to build it (they own what they build)"
                 )
+            if record.state not in (VersionState.LIVE, VersionState.REBUILDING):
+                # Stopped, its checkpoint would be the new owner's, which moves on while
+                # nobody writes the version: resumed, it would skip what came meanwhile.
+                # Retired, nobody is to write it.
+                what = (
+                    f"resume it first (daybook projections resume {projection.name}), or "
+                    f"rebuild it (daybook projections rebuild {projection.name})"
+                    if record.state is VersionState.STOPPED
+                    else "hand over the version its code defines now"
+                )
+                raise HandoverRefused(
+                    f"{projection.name} v{projection.version} is {record.state.value}: only a "
+                    f"live or rebuilding version is handed over; {what}; nothing was handed over"
+                )
             records.append((projection, record))
         if group is None:
             return [_to_runner(log, store, catalog, p, r, asked[2]) for p, r in records]
@@ -201,6 +216,18 @@ def _to_runner(
             f"(daybook projections rebuild {record.name}); nothing was handed over"
         )
     vector = read_vector(store, source, record.topic, partitions, lock=True)
+    left_out = sorted(
+        p for p in parked_for(store, source, record.topic, record.name, record.version) if p > 0
+    )
+    if left_out:
+        # The runner's checkpoint says every event up to it is in the rows: these are not.
+        shown = ", ".join(str(p) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        raise HandoverRefused(
+            f"{record.name} v{record.version} lacks {len(left_out)} event(s) {record.owner} "
+            f"parked (log positions {shown}); a runner's position would claim them: rebuild "
+            f"it under a new version (daybook projections rebuild {record.name}) instead; "
+            "nothing was handed over"
+        )
     target = max(vector.furthest, vector.position)
     starts = vector.positions
     applied = _bring(log, store, projection, record, starts, target, partitions)

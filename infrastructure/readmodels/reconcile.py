@@ -45,8 +45,8 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.checkpoints import (
     RUNNER,
     Vector,
+    parked_for,
     read_vector,
-    version_label,
 )
 from daybook.infrastructure.readmodels.engine import BulkRows, RowCache, Slot, apply_fast
 from daybook.infrastructure.readmodels.handover import deadlocked, partition_of
@@ -378,7 +378,10 @@ def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> 
         return _Point(record.position, record.epoch)
     vector = read_vector(store, group, record.topic, record.partitions)
     return _Point(
-        vector.position, record.epoch, vector, _parked(store, group, record.topic, record)
+        vector.position,
+        record.epoch,
+        vector,
+        parked_for(store, group, record.topic, record.name, record.version),
     )
 
 
@@ -406,26 +409,11 @@ def _locked_point(
     if vector is None or group is None or current.topic is None:
         return _Point(current.position, current.epoch)
     return _Point(
-        vector.position, current.epoch, vector, _parked(store, group, current.topic, current)
+        vector.position,
+        current.epoch,
+        vector,
+        parked_for(store, group, current.topic, current.name, current.version),
     )
-
-
-def _parked(store: ReadStore, group: str, topic: str, record: VersionRecord) -> frozenset[int]:
-    """Positions the group left out of ``record``'s version: parked while the group wrote it
-    (stream groups write PostgreSQL only). A letter parked for other versions, say before a
-    fixed version was built by the runner and handed over, is in this one's rows."""
-    found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
-    if not found[0][0]:
-        return frozenset()
-    sql = "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"
-    params: tuple[str, ...] = (group, topic)
-    # A table no upgraded worker has connected to yet records no versions: every letter
-    # counts, as it did.
-    if store.has_column("daybook_stream_dead_letters", "versions"):
-        sql += " AND (versions IS NULL OR %s = ANY(versions))"
-        params += (version_label(record.name, record.version),)
-    rows = store.execute(sql, params)
-    return frozenset(int(row[0]) for row in rows)
 
 
 def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point) -> ReconcileReport:
