@@ -393,6 +393,11 @@ def startup_wait(args: argparse.Namespace) -> float | None:
     return limit
 
 
+class OptionRefused(Exception):
+    """An option's value the command cannot use (a port another process holds): one line
+    on stderr and exit 2, as for a bad option."""
+
+
 @contextlib.contextmanager
 def metrics_served(args: argparse.Namespace, what: str) -> Iterator[MetricsServer | None]:
     """``/metrics`` on ``--metrics-port`` while the block runs (nothing without it)."""
@@ -401,7 +406,12 @@ def metrics_served(args: argparse.Namespace, what: str) -> Iterator[MetricsServe
         yield None
         return
     server = MetricsServer(port)
-    server.start()
+    try:
+        server.start()
+    except OSError as error:  # the port taken, or not this machine's to listen on
+        reason = error.strerror or str(error)
+        msg = f"cannot serve metrics on port {port}: {reason}; choose another --metrics-port"
+        raise OptionRefused(msg) from None
     logging.getLogger("daybook.metrics").info(
         "%s: metrics at http://%s:%d/metrics", what, server.address, server.port,
         extra={"fields": {"metrics_port": server.port}},
@@ -491,7 +501,7 @@ def guarded(run: Callable[[], int]) -> int:
     except DomainError as error:
         _say(f"refused ({error.code}): {error}")
         return 1
-    except BadURL as error:
+    except (BadURL, OptionRefused) as error:
         _say(str(error))
         return 2
     except Exception as error:

@@ -776,6 +776,28 @@ def test_serve_on_a_port_in_use_says_so_before_starting(
     assert not (tmp_path / "d.db").exists()  # refused before anything was opened
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["project"],
+        ["reconcile", "--continuous"],
+        ["sagas", "run", "--gateway", "http://127.0.0.1:9"],
+    ],
+)
+def test_a_metrics_port_in_use_is_one_line_before_starting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    """It ended in a traceback (the metrics server's OSError), exit 1."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    open_ledger(url).close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line(capsys, [*command, "--url", url, "--metrics-port", str(port)])
+    assert f"cannot serve metrics on port {port}" in line and "another --metrics-port" in line
+
+
 @pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example"])
 def test_serve_on_a_host_name_that_cannot_be_looked_up_says_so_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, host: str
