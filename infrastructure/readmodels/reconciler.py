@@ -237,6 +237,10 @@ class ContinuousReconciler:
             catalog.ensure()
             active = catalog.active_versions()
             for projection in self.projections:
+                if self.service.stopping:
+                    # Asked to stop: the rest wait for the next start (a fold of each
+                    # could take minutes on a long log; the stop limit is seconds).
+                    break
                 key = (projection.name, projection.version)
                 if active.get(projection.name) != projection.version:
                     continue

@@ -240,3 +240,33 @@ def test_it_waits_out_an_outage_of_its_databases_and_goes_on(
         finally:
             service.stop()
             log.close()
+
+
+def test_a_stop_asked_during_a_pass_starts_no_other_projection(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (SIGTERM) during the first projection's fold waited for a full fold of every
+    other projection first: minutes on a long log, past any supervisor's stop limit."""
+    from daybook.infrastructure.readmodels import reconciler as reconciler_module
+
+    workload(ledger, 50)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    service = ContinuousReconciler(
+        event_log_of(ledger), pg_url, projections.ALL, every_events=1, every_seconds=0
+    )
+    real = reconciler_module.reconcile
+    folded: list[str] = []
+
+    def reconcile(*args: object, **kwargs: object) -> object:
+        folded.append(args[2].name)  # type: ignore[attr-defined]
+        if len(folded) == 1:  # what the signal handler does
+            service.service.stopping.set()
+            service.log.interrupt()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconciler_module, "reconcile", reconcile)
+    health = service.run_forever()
+    assert health.state is ServiceState.STOPPED
+    assert len(folded) == 1, f"the pass went on to fold {folded[1:]}"
