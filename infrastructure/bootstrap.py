@@ -52,12 +52,13 @@ def ledger_service(
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
     service = LedgerService(
-        env=env, clock=clock, retention=settings.request_retention.total_seconds()
+        env=env,
+        clock=clock,
+        retention=settings.request_retention.total_seconds(),
+        committer=GroupCommitter if settings.group_commit else None,
     )
     service.snapshot_interval = settings.snapshot_interval
     install_aggregate_cache(service)
-    if settings.group_commit:
-        service.install_committer(GroupCommitter)
     service.request_purge.interval = settings.request_purge_interval.total_seconds()
     if purge and service.request_purge.interval > 0:
         service.request_purge.start()

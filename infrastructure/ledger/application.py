@@ -440,6 +440,7 @@ class LedgerService(Application[UUID]):
         *,
         clock: Callable[[], datetime] | None = None,
         retention: float = DEFAULT_RETENTION,
+        committer: Callable[[LedgerService], Committer] | None = None,
     ) -> None:
         #: What time it is: commands and reads are judged at its reading (holds expire by
         #: it), and request records are kept by it. Injectable, so tests can move time.
@@ -467,7 +468,10 @@ class LedgerService(Application[UUID]):
         self._requests: RequestLog = self.recorder
         #: Deletes expired request records (started by ``bootstrap`` unless disabled).
         self.request_purge = RequestPurge(self._requests, self.retention)
-        self.committer: Committer = DirectCommitter(self)
+        #: How commands reach ``execute``: one at a time (the default), or ``committer``
+        #: (``GroupCommitter``), built here rather than installed over a started default,
+        #: whose stopped service would stay in the metrics as a part that is down.
+        self.committer: Committer = (committer or DirectCommitter)(self)
         self.committer.start()
 
     # -- reads (strongly consistent, straight from the log) ---------------------------------
@@ -1133,6 +1137,7 @@ class LedgerService(Application[UUID]):
         """Replace how commands reach ``execute`` (see ``group_commit``)."""
         old, self.committer = self.committer, factory(self)
         old.close()
+        metrics.forget_service(old.health().name)  # replaced, not down
         self.committer.start()
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ versions, partitions, routes: never ids, keys or amounts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from bisect import bisect_left
 from collections import Counter as Tally
@@ -202,6 +203,16 @@ SERVICE_RESTARTS = Counter(
     ["service"],
     registry=REGISTRY,
 )
+
+
+def forget_service(name: str) -> None:
+    """Drop the series of a service this process no longer has (a committer replaced by
+    another): its 0 would say, for the life of the process, that something is down."""
+    for family in (SERVICE_UP, SERVICE_RETRYING, SERVICE_RESTARTS):
+        with contextlib.suppress(KeyError):
+            family.remove(name)
+
+
 HTTP_REQUESTS = Counter(
     "daybook_http_requests_total",
     "HTTP requests, by method, route template and status.",

@@ -246,3 +246,37 @@ def test_a_stored_traceparent_is_read_as_the_propagator_reads_it() -> None:
     later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more"  # a future version
     found = tracing.span_context_of(later)
     assert found is not None and found.span_id == 0xB7AD6B7169203331
+
+
+def service_up() -> dict[str, float]:
+    return {
+        sample.labels["service"]: sample.value
+        for family in metrics.SERVICE_UP.collect()
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_a_healthy_ledger_reports_no_part_down(tmp_path: Path, group_commit: bool) -> None:
+    """Every ledger built a one-at-a-time committer and started it, and a group-commit
+    ledger then replaced it: ``daybook_service_up{service="direct commit"}`` stayed 0 for
+    the life of every ``daybook serve``, an alert on it firing for nothing."""
+    for name in ("direct commit", "group commit"):
+        metrics.forget_service(name)  # other tests' closed ledgers
+    with open_ledger(f"sqlite:///{tmp_path}/l.db", group_commit=group_commit) as ledger:
+        ledger.open_account("ann", "EUR")
+        assert ledger.service.committer.health().ok
+        running, other = ("group commit", "direct commit")[:: 1 if group_commit else -1]
+        assert service_up()[running] == 1.0
+        assert other not in service_up()
+
+
+def test_a_replaced_committer_leaves_no_series(tmp_path: Path) -> None:
+    from daybook.infrastructure.ledger.group_commit import GroupCommitter
+
+    metrics.forget_service("direct commit")
+    with open_ledger(f"sqlite:///{tmp_path}/l.db", group_commit=False) as ledger:
+        assert service_up().get("direct commit") == 1.0
+        ledger.service.install_committer(GroupCommitter)
+        assert "direct commit" not in service_up()
+        assert service_up()["group commit"] == 1.0
