@@ -7,9 +7,13 @@ import asyncio
 import re
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from daybook.domain import commands, events
+from daybook.domain.errors import DomainError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -21,21 +25,38 @@ def section_code() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def example() -> types.SimpleNamespace:
+def example() -> Iterator[types.SimpleNamespace]:
     """Each block as the file the README names, imported as its own module (events name
     their classes by module and name, so the aggregate must live in a module that can be
-    imported again; and the projection's file imports what it uses, as written)."""
+    imported again; and the projection's file imports what it uses, as written). Afterwards
+    the registries and ``sys.modules`` are as they were: other tests take every class of a
+    ``daybook.`` module for daybook's own."""
     blocks = section_code()
     assert len(blocks) == 3
+    saved = [
+        (registry, dict(registry))
+        for registry in (
+            commands._REGISTRY,
+            events._READABLE,
+            events._EVENT_TYPES,
+            DomainError._by_code,
+        )
+    ]
     names: dict[str, object] = {}
-    for name, block in zip(
-        ("daybook.domain.coupons", "daybook.projections.coupons"), blocks[:2], strict=True
-    ):
-        module = types.ModuleType(name)
-        sys.modules[name] = module
-        exec(compile(block, str(README), "exec"), module.__dict__)
-        names.update(module.__dict__)
-    return types.SimpleNamespace(**names)
+    made = ("daybook.domain.coupons", "daybook.projections.coupons")
+    try:
+        for name, block in zip(made, blocks[:2], strict=True):
+            module = types.ModuleType(name)
+            sys.modules[name] = module
+            exec(compile(block, str(README), "exec"), module.__dict__)
+            names.update(module.__dict__)
+        yield types.SimpleNamespace(**names)
+    finally:
+        for name in made:
+            sys.modules.pop(name, None)
+        for registry, before in saved:
+            registry.clear()
+            registry.update(before)  # type: ignore[attr-defined]
 
 
 def test_the_new_commands_and_read_method_are_registered(example: types.SimpleNamespace) -> None:
