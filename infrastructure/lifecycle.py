@@ -150,16 +150,22 @@ class Supervisor:
         with self._lock:
             return self._health
 
-    def move(self, state: ServiceState, error: str | None = None) -> bool:
+    def move(self, state: ServiceState, error: str | None = None, *, recovery: bool = True) -> bool:
         """Enter ``state`` if the current state allows it (a start, a recovery and a stop are
-        logged, and every move is in the metrics: ``daybook_service_up``)."""
+        logged, and every move is in the metrics: ``daybook_service_up``). ``recovery``
+        False: a move from RETRYING back to RUNNING that is no recovery (the part gave up
+        what it retried, and waits for new work): neither logged nor counted as one."""
         with self._lock:
             current = self._health
             if current.state is state and error == current.error:
                 return True
             if not current.state.can_become(state) and current.state is not state:
                 return False
-            restarted = state is ServiceState.RUNNING and current.state is ServiceState.RETRYING
+            restarted = (
+                recovery
+                and state is ServiceState.RUNNING
+                and current.state is ServiceState.RETRYING
+            )
             self._health = replace(
                 current,
                 state=state,

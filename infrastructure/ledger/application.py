@@ -94,10 +94,11 @@ class DirectCommitter:
     def __init__(self, service: LedgerService) -> None:
         self._service = service
         self._lock = threading.Lock()
-        self._health = Supervisor("direct commit")
+        #: Its health; the ledger says when it retries an outage (see ``_in_outage``).
+        self.supervisor = Supervisor("direct commit")
 
     def start(self) -> None:
-        self._health.move(ServiceState.RUNNING)
+        self.supervisor.move(ServiceState.RUNNING)
 
     def submit(self, command: Command) -> Receipt:
         with self._lock:
@@ -119,10 +120,10 @@ class DirectCommitter:
 
     def close(self) -> None:
         with self._lock:
-            self._health.move(ServiceState.STOPPED)
+            self.supervisor.move(ServiceState.STOPPED)
 
     def health(self) -> Health:
-        return self._health.health()
+        return self.supervisor.health()
 
 
 class StaleCache(Exception):
@@ -456,6 +457,8 @@ class LedgerService(Application[UUID]):
         self.snapshot_interval = 100
         #: Measures ``outage_budget`` (injectable: tests count attempts, not seconds).
         self.monotonic: Callable[[], float] = time.monotonic
+        #: The outage a batch is retrying now, if one is (the committer is RETRYING).
+        self._outage_error: str | None = None
         self._snapshot_failures: set[type[LedgerAggregate]] = set()
         #: Tells this ledger's receipts on command objects from another's (see ``_DONE``).
         self._identity = object()
@@ -569,8 +572,29 @@ class LedgerService(Application[UUID]):
         """``execute`` for ``batch[i]`` for each ``i`` in ``indices``, into ``outcomes``.
         ``attempts``: the batches of these commands whose outcome is unknown, shared by
         every part (one part's lost commit is another's to look up)."""
-        conflicts = outages = duplicates = 0
         started = self.monotonic()
+        try:
+            self._execute_attempts(batch, indices, outcomes, attempts, fresh, started)
+        finally:
+            if self._outage_error is not None:
+                # Retried an outage: through it now, or gave up on it (the callers were
+                # told ``unavailable``, and the next batch meets the database afresh).
+                self._outage_error = None
+                through = all(
+                    not isinstance(o, OperationalError | InterfaceError) for o in outcomes
+                )
+                self._committer_moves(ServiceState.RUNNING, None, recovery=through)
+
+    def _execute_attempts(
+        self,
+        batch: Sequence[Command],
+        indices: list[int],
+        outcomes: list[Result | None],
+        attempts: list[Attempt],
+        fresh: bool,
+        started: float,
+    ) -> None:
+        conflicts = outages = duplicates = 0
         while indices:
             prepared: PreparedBatch | None = None
             try:
@@ -635,6 +659,11 @@ class LedgerService(Application[UUID]):
                 continue
             except (OperationalError, InterfaceError) as error:
                 outages += 1
+                if self._outage_error is None:
+                    # /health and daybook_service_retrying say so while it lasts.
+                    said = str(error).strip().splitlines() or [""]
+                    self._outage_error = f"{type(error).__name__}: {said[0]}"
+                    self._committer_moves(ServiceState.RETRYING, self._outage_error)
                 spent = self.monotonic() - started
                 if outages > self.max_attempts // 4 or spent >= self.outage_budget:
                     for index in indices:
@@ -660,6 +689,13 @@ class LedgerService(Application[UUID]):
             for index, outcome in zip(indices, results, strict=True):
                 outcomes[index] = outcome
             return
+
+    def _committer_moves(
+        self, state: ServiceState, error: str | None, *, recovery: bool = True
+    ) -> None:
+        supervisor: Supervisor | None = getattr(self.committer, "supervisor", None)
+        if supervisor is not None:
+            supervisor.move(state, error, recovery=recovery)
 
     def prepare(
         self,

@@ -882,8 +882,11 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
     insert = recorder.insert_events
     tries: list[float] = []
 
+    states: list[str] = []
+
     def refused(stored: Any, **options: Any) -> Any:
         tries.append(now[0])
+        states.append(service.committer.health().state.value)
         now[0] += 10.0  # the pool's wait for a connection it never gets
         raise OperationalError("couldn't get a connection after 10.00 sec")
 
@@ -895,7 +898,40 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
     assert isinstance(outcome, OperationalError), outcome
     assert len(tries) == 2, f"{len(tries)} attempts, {now[0] - 1_000.0:.0f} s"
     assert service.outage_budget == 15.0
+    # /health said so while it retried (it said "running" throughout); having given up, the
+    # committer waits for the next command, which meets the database afresh.
+    assert states == ["running", "retrying"], states
+    assert service.committer.health().state.value == "running"
+    assert service.committer.health().restarts == 0  # gave up: no recovery
     # Answered "unavailable", not lost: the retry with its request id applies it once.
     assert ledger.deposit(account, 5, request_id="out-1").replayed is False
     assert ledger.deposit(account, 5, request_id="out-1").replayed
     assert ledger.account(account).balance == 5
+
+
+def test_a_committer_that_rides_through_an_outage_says_it_retried_then_recovered(
+    ledger: Ledger,
+) -> None:
+    from eventsourcing.persistence import OperationalError
+
+    account = ledger.open_account("ann", "EUR").account_id
+    service = ledger.service
+    recorder = service.recorder
+    insert = recorder.insert_events
+    seen: list[str] = []
+
+    def once_down(stored: Any, **options: Any) -> Any:
+        seen.append(service.committer.health().state.value)
+        if len(seen) <= 2:
+            raise OperationalError("server closed the connection unexpectedly")
+        return insert(stored, **options)
+
+    recorder.insert_events = once_down  # type: ignore[method-assign]
+    try:
+        (outcome,) = service.execute([Deposit(account, 5)])
+    finally:
+        recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(outcome, Receipt), outcome
+    assert seen == ["running", "retrying", "retrying"], seen
+    health = service.committer.health()
+    assert (health.state.value, health.restarts, health.error) == ("running", 1, None)
