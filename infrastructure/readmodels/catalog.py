@@ -69,9 +69,15 @@ class IllegalTransition(Exception):
 
     code: ClassVar[str] = "illegal_transition"
 
-    def __init__(self, operation: str, state: VersionState, allowed: Iterable[VersionState]):
+    def __init__(
+        self,
+        operation: str,
+        state: VersionState,
+        allowed: Iterable[VersionState],
+        why: str | None = None,
+    ):
         names = " or ".join(sorted(s.value for s in allowed))
-        super().__init__(f"cannot {operation} a {state.value} version (only a {names} one)")
+        super().__init__(why or f"cannot {operation} a {state.value} version (only a {names} one)")
         self.operation = operation
         self.state = state
 
@@ -464,6 +470,19 @@ class VersionCatalog:
         reads, else rebuilding); its dead letters are marked resolved."""
         with self.store.transaction():
             record = self._locked(name, version)
+            if record.owner != RUNNER and record.state is VersionState.STOPPED:
+                # A group stops a version only at its switch (its rows repeat a key), and
+                # its partition vector, the group's, moved on meanwhile: resumed, the
+                # version would go on from there, without the events in between.
+                raise IllegalTransition(
+                    "resume",
+                    record.state,
+                    (),
+                    f"cannot resume {name} v{version}: {record.owner} owns it, and the "
+                    "group went on while it was stopped (a resume would skip the events in "
+                    f"between); fix the projection and bump its version (daybook projections "
+                    f"rebuild {name})",
+                )
             state = record.state.resumed(serving=self.active_version(name) == version)
             self._set_state(name, version, state)
             DeadLetters(self.store).resolve(name, version)

@@ -123,3 +123,27 @@ def test_a_version_the_group_left_nothing_out_of_goes_to_the_runner(
     assert record(pg_url).owner == "runner"
     assert_tables_match(ledger, pg_url, ACCOUNT_BALANCES)
     assert handed.position == ledger.head()
+
+
+def test_a_version_a_group_stopped_is_not_resumed(ledger: Ledger, pg_url: str) -> None:
+    """A group stops a version at its switch (its rows repeat a key); the group's partition
+    vector, which is the version's checkpoint, goes on meanwhile. Resumed, the version went
+    on from there: the events in between were never in it."""
+    from daybook.infrastructure.readmodels.catalog import IllegalTransition
+
+    workload(ledger, 20)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    runner.stop()
+    handover(log, pg_url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
+    store = open_store(pg_url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.stop(BALANCES, ACCOUNT_BALANCES.version, "as a worker's switch stops one")
+        before = record(pg_url)
+        with pytest.raises(IllegalTransition, match=r"stream:g owns it.*bump its version"):
+            catalog.resume(BALANCES, ACCOUNT_BALANCES.version)
+    finally:
+        store.close()
+    assert record(pg_url) == before
