@@ -38,8 +38,8 @@ from uuid import UUID
 
 import orjson
 
-from daybook.domain.errors import DomainError
-from daybook.domain.events import LedgerAggregate, Metadata, same_class
+from daybook.domain.errors import DomainError, same_class
+from daybook.domain.events import LedgerAggregate, Metadata
 from daybook.domain.ids import new_request_id
 from daybook.domain.values import (
     check_amount,

@@ -14,6 +14,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 
+def same_class(known: type, new: type) -> bool:
+    """Whether ``new`` is ``known`` defined again (its module run again: a reload), rather
+    than another class of the same name elsewhere."""
+    return (known.__module__, known.__qualname__) == (new.__module__, new.__qualname__)
+
+
 class DomainError(Exception):
     """A command was refused; nothing was written."""
 
@@ -27,6 +33,18 @@ class DomainError(Exception):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return  # its parent's code, which keeps naming the parent
+        known = DomainError._by_code.get(cls.code)
+        if known is not None and not same_class(known, cls) and not known.__dict__.get("_stand_in"):
+            # A replayed refusal is rebuilt as the class of its code: another class taking
+            # the code would turn daybook's refusals into a service's (``except
+            # InsufficientFunds`` then missing them), or the other way round.
+            msg = (
+                f"refusal code {cls.code!r} is taken by {known.__module__}.{known.__qualname__};"
+                f" give {cls.__module__}.{cls.__qualname__} a code of its own"
+            )
+            raise TypeError(msg)
         DomainError._by_code[cls.code] = cls
 
     def to_record(self) -> dict[str, Any]:
@@ -42,7 +60,10 @@ class DomainError(Exception):
         code = record["code"]
         error_class = DomainError._by_code.get(code)
         if error_class is None:
-            error_class = type(f"Recorded_{code}", (DomainError,), {"code": code})
+            # A stand-in: the class that defines the code, imported later, replaces it.
+            error_class = type(
+                f"Recorded_{code}", (DomainError,), {"code": code, "_stand_in": True}
+            )
         return error_class(record["message"], **record.get("details", {}))
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ from uuid import UUID
 from eventsourcing.domain import BaseAggregate, CanInitAggregate, CanMutateAggregate
 from pydantic import BaseModel, ConfigDict, Field
 
-from daybook.domain.errors import DomainError, IdTaken
+from daybook.domain.errors import DomainError, IdTaken, same_class
 from daybook.domain.values import check_uuid
 
 
@@ -58,12 +58,6 @@ class metadata_scope:
 
     def __exit__(self, *_: object) -> None:
         _current_metadata.reset(self._token)
-
-
-def same_class(known: type, new: type) -> bool:
-    """Whether ``new`` is ``known`` defined again (its module run again: a reload), rather
-    than another class of the same name elsewhere."""
-    return (known.__module__, known.__qualname__) == (new.__module__, new.__qualname__)
 
 
 class DomainEvent(BaseModel):

@@ -18,6 +18,7 @@ from daybook.domain import commands, events
 from daybook.domain.accounts import Account
 from daybook.domain.accounts import Transfer as MoneyTransfer
 from daybook.domain.commands import command_named
+from daybook.domain.errors import DomainError
 from daybook.domain.events import readable
 
 
@@ -26,12 +27,21 @@ def registries() -> Iterator[None]:
     """Whatever a test defines leaves the registries as they were."""
     saved = [
         (registry, dict(registry))
-        for registry in (commands._REGISTRY, events._READABLE, events._EVENT_TYPES)
+        for registry in (
+            commands._REGISTRY,
+            events._READABLE,
+            events._EVENT_TYPES,
+            DomainError._by_code,
+        )
     ]
+    modules = set(sys.modules)
     yield
     for registry, before in saved:
         registry.clear()
         registry.update(before)  # type: ignore[attr-defined]
+    for name in set(sys.modules) - modules:
+        if name.startswith("shop_"):
+            del sys.modules[name]
 
 
 def define(name: str, source: str) -> types.ModuleType:
@@ -153,3 +163,47 @@ def test_daybooks_read_models_keep_serving_beside_a_services_aggregate(
         receipt = ledger.deposit(account, 100)
         row = runner.views.balance(account, min_position=receipt.position, timeout=10.0)
         assert row is not None and row.balance == 100
+
+
+def test_a_refusal_code_daybook_uses_is_refused(registries: None) -> None:
+    """A replayed refusal is rebuilt as the class of its code: a service's class taking
+    ``insufficient_funds`` turned daybook's replayed refusals into the service's, and
+    ``except InsufficientFunds`` missed them."""
+    from daybook.domain.accounts import InsufficientFunds
+
+    source = (
+        "from daybook.domain.errors import DomainError\n\n"
+        "class OutOfPoints(DomainError):\n    code = 'insufficient_funds'\n"
+    )
+    with pytest.raises(TypeError, match=r"refusal code 'insufficient_funds' is taken by daybook"):
+        define("shop_points", source)
+    replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
+    assert type(replayed) is InsufficientFunds
+
+
+def test_a_refusal_replayed_before_its_class_is_imported_takes_the_class_then(
+    registries: None,
+) -> None:
+    before = DomainError.from_record({"code": "points_expired", "message": "m"})
+    assert before.code == "points_expired"
+    module = define(
+        "shop_points_later",
+        "from daybook.domain.errors import DomainError\n\n"
+        "class PointsExpired(DomainError):\n    code = 'points_expired'\n",
+    )
+    after = DomainError.from_record({"code": "points_expired", "message": "m"})
+    assert type(after) is module.PointsExpired
+
+
+def test_a_refusal_that_keeps_its_parents_code_leaves_the_code_to_the_parent(
+    registries: None,
+) -> None:
+    from daybook.domain.accounts import InsufficientFunds
+
+    define(
+        "shop_points_kind",
+        "from daybook.domain.accounts import InsufficientFunds\n\n"
+        "class NotEnoughPoints(InsufficientFunds):\n    pass\n",
+    )
+    replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
+    assert type(replayed) is InsufficientFunds
