@@ -94,7 +94,7 @@ class DirectCommitter:
     def __init__(self, service: LedgerService) -> None:
         self._service = service
         self._lock = threading.Lock()
-        #: Its health; the ledger says when it retries an outage (see ``_in_outage``).
+        #: Its health; the ledger says when it retries an outage (``_committer_moves``).
         self.supervisor = Supervisor("direct commit")
 
     def start(self) -> None:
@@ -459,6 +459,13 @@ class LedgerService(Application[UUID]):
         self.monotonic: Callable[[], float] = time.monotonic
         #: The outage a batch is retrying now, if one is (the committer is RETRYING).
         self._outage_error: str | None = None
+        #: When the outage under way began (``monotonic``; None: none known), and when it
+        #: was last met: ``outage_budget`` counts from its beginning for every batch that
+        #: meets it, so a batch queued behind one that retried does not start a budget of
+        #: its own. A commit that goes through ends it; so does a pause of ``outage_budget``
+        #: without a failure (the next failure is a new outage).
+        self._outage_since: float | None = None
+        self._outage_seen = 0.0
         self._snapshot_failures: set[type[LedgerAggregate]] = set()
         #: Tells this ledger's receipts on command objects from another's (see ``_DONE``).
         self._identity = object()
@@ -664,7 +671,7 @@ class LedgerService(Application[UUID]):
                     said = str(error).strip().splitlines() or [""]
                     self._outage_error = f"{type(error).__name__}: {said[0]}"
                     self._committer_moves(ServiceState.RETRYING, self._outage_error)
-                spent = self.monotonic() - started
+                spent = self._in_outage(started)
                 if outages > self.max_attempts // 4 or spent >= self.outage_budget:
                     for index in indices:
                         outcomes[index] = error
@@ -689,6 +696,17 @@ class LedgerService(Application[UUID]):
             for index, outcome in zip(indices, results, strict=True):
                 outcomes[index] = outcome
             return
+
+    def _in_outage(self, started: float) -> float:
+        """Seconds the outage under way has lasted, counted from the start of the attempt
+        that first met it (``started``, for a batch that is the first to)."""
+        now = self.monotonic()
+        since = self._outage_since
+        if since is None or now - self._outage_seen > self.outage_budget:
+            since = now
+        since = self._outage_since = min(since, started)
+        self._outage_seen = now
+        return now - since
 
     def _committer_moves(
         self, state: ServiceState, error: str | None, *, recovery: bool = True
@@ -1046,9 +1064,12 @@ class LedgerService(Application[UUID]):
                 raise
             except IntegrityError:
                 raise  # nothing was written, and the cache is right: the batch was not
-            except BaseException:
+            except BaseException as error:
                 self._evict(prepared.uow)  # it may have been written after all
+                if isinstance(error, OperationalError | InterfaceError):
+                    self._in_outage(self.monotonic())  # (a group commit's first attempt)
                 raise
+            self._outage_since = None  # through: an outage, if there was one, is over
             assert positions is not None
             commands = prepared.commands
             for index, (receipt, last) in prepared.receipts.items():

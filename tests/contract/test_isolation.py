@@ -903,6 +903,18 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
     assert states == ["running", "retrying"], states
     assert service.committer.health().state.value == "running"
     assert service.committer.health().restarts == 0  # gave up: no recovery
+    # A batch that meets the same outage (queued behind that one, say) does not start a
+    # budget of its own: its one attempt fails, and it is answered.
+    recorder.insert_events = refused  # type: ignore[method-assign]
+    try:
+        (queued,) = service.execute([Deposit(account, 5, request_id="out-2")])
+        assert isinstance(queued, OperationalError) and len(tries) == 3, tries
+        # Once nothing has failed for as long as the budget, a failure is a new outage.
+        now[0] += 16.0
+        (later,) = service.execute([Deposit(account, 5, request_id="out-3")])
+        assert isinstance(later, OperationalError) and len(tries) == 5, tries
+    finally:
+        recorder.insert_events = insert  # type: ignore[method-assign]
     # Answered "unavailable", not lost: the retry with its request id applies it once.
     assert ledger.deposit(account, 5, request_id="out-1").replayed is False
     assert ledger.deposit(account, 5, request_id="out-1").replayed
