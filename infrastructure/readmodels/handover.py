@@ -217,7 +217,9 @@ def _to_runner(
         )
     vector = read_vector(store, source, record.topic, partitions, lock=True)
     left_out = sorted(
-        p for p in parked_for(store, source, record.topic, record.name, record.version) if p > 0
+        p
+        for p in parked_for(store, source, record.topic, record.name, record.version, named=True)
+        if p > 0
     )
     if left_out:
         # The runner's checkpoint says every event up to it is in the rows: these are not.

@@ -147,3 +147,36 @@ def test_a_version_a_group_stopped_is_not_resumed(ledger: Ledger, pg_url: str) -
     finally:
         store.close()
     assert record(pg_url) == before
+
+
+def test_a_letter_an_older_daybook_parked_does_not_hold_a_version_with_the_group(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """Letters parked before letters named their versions name none, and are never
+    closed: counted against every version, one such letter kept every version of the
+    group from ever going back to the runner, even one built with every event."""
+    workload(ledger, 40)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, projections.ALL)
+    runner.run_until_caught_up()
+    runner.stop()
+    handover(log, pg_url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
+    worker = StreamApplier(
+        pg_url, projections.ALL, group=GROUP, topic=TOPIC, partitions=4, writer="t"
+    )
+    try:
+        worker.apply(Stream(4).publish(ledger))
+    finally:
+        worker.close()
+    store = open_store(pg_url)
+    try:
+        store.execute(
+            "INSERT INTO daybook_stream_dead_letters (group_id, topic, partition, position, "
+            "kafka_offset, error, envelope, versions) VALUES (%s, %s, 0, 5, 5, 'old', '', NULL)",
+            (GROUP, TOPIC),
+        )
+    finally:
+        store.close()
+    (handed,) = handover(log, pg_url, [ACCOUNT_BALANCES], "runner", topic=TOPIC)
+    assert record(pg_url).owner == "runner" and handed.position == ledger.head()
+    assert_tables_match(ledger, pg_url, ACCOUNT_BALANCES)
