@@ -141,7 +141,10 @@ def _listed(item: dict[str, Any]) -> Charge:
     try:
         return _charge(item)
     except _UNREADABLE as error:
-        shown = _cut(orjson.dumps(item, default=str).decode())
+        try:
+            shown = _cut(orjson.dumps(item, default=str).decode())
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            shown = "(nested too deep to show)"
         return Charge(
             key=key, status=ChargeStatus.OTHER, amount=0, currency="", detail=f"{error}: {shown}"
         )

@@ -168,12 +168,16 @@ def _handover(
                 # Stopped, its checkpoint would be the new owner's, which moves on while
                 # nobody writes the version: resumed, it would skip what came meanwhile.
                 # Retired, nobody is to write it.
-                what = (
-                    f"resume it first (daybook projections resume {projection.name}), or "
-                    f"rebuild it (daybook projections rebuild {projection.name})"
-                    if record.state is VersionState.STOPPED
-                    else "hand over the version its code defines now"
-                )
+                rebuild = f"daybook projections rebuild {projection.name}"
+                if record.state is not VersionState.STOPPED:
+                    what = "hand over the version its code defines now"
+                elif record.owner == RUNNER:
+                    what = (
+                        f"resume it first (daybook projections resume {projection.name}), "
+                        f"or rebuild it ({rebuild})"
+                    )
+                else:  # a group's stopped version is not resumed (see ``resume``)
+                    what = f"rebuild it under a new version ({rebuild})"
                 raise HandoverRefused(
                     f"{projection.name} v{projection.version} is {record.state.value}: only a "
                     f"live or rebuilding version is handed over; {what}; nothing was handed over"

@@ -145,8 +145,12 @@ def test_a_listed_charge_with_an_amount_no_integer_can_be_is_other(
         b'{"charges": [{"key": "a", "status": "succeeded", "amount": 1e999, "currency": "EUR"},'
         b' {"key": "b", "status": "succeeded", "amount": 5, "currency": "EUR"}]}'
     )
+    deep = b'{"key": "c", "status": "succeeded", "amount": ' + b"[" * 300 + b"]" * 300 + b"}"
+    listing = listing.replace(b"]}", b", " + deep + b"]}")
     server.answer = Answer(200, listing)  # type: ignore[attr-defined]
-    first, second = gateway.charges()
+    first, second, third = gateway.charges()
+    assert (third.key, third.status) == ("c", ChargeStatus.OTHER)
+    assert "nested too deep" in (third.detail or ""), third.detail
     assert (first.key, first.status) == ("a", ChargeStatus.OTHER)
     assert (second.key, second.status, second.amount) == ("b", ChargeStatus.SUCCEEDED, 5)
 

@@ -146,6 +146,9 @@ def test_a_version_a_group_stopped_is_not_resumed(ledger: Ledger, pg_url: str) -
             catalog.resume(BALANCES, ACCOUNT_BALANCES.version)
     finally:
         store.close()
+    # Nor handed to the runner: the advice is the rebuild (a resume would be refused).
+    with pytest.raises(HandoverRefused, match=r"is stopped.*rebuild it under a new version"):
+        handover(log, pg_url, [ACCOUNT_BALANCES], "runner", topic=TOPIC)
     assert record(pg_url) == before
 
 
