@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -96,6 +97,15 @@ class WorkerConfig:
     fetch_wait: float = 0.05
 
 
+def writer_name() -> str:
+    """This worker's name in its partitions' progress rows: unique per start, not only per
+    host and pid. Containers on the host's network share its name and are each pid 1, and
+    a worker keeps its cached rows while its partitions' progress names it as their last
+    writer: two of one name each took the other's writes for its own, and wrote balances
+    from stale rows."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 def make_app(
     config: WorkerConfig,
     projections: Sequence[Projection] = ALL,
@@ -160,7 +170,7 @@ def make_app(
         group=config.group,
         topic=config.topic,
         partitions=config.partitions,
-        writer=f"{socket.gethostname()}:{os.getpid()}",
+        writer=writer_name(),
         head=LogHead(config.store_url),
         published=lambda: _relay_partitions(config),
     )

@@ -87,7 +87,7 @@ class PartitionStatus:
     waiting_for: int
     #: Every event of the partition up to here is applied (see ``checkpoints``).
     bound: int = 0
-    #: The worker that last wrote it (``host:pid``).
+    #: The worker that last wrote it (``host:pid:random``, one per process start).
     writer: str | None = None
 
 

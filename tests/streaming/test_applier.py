@@ -1284,3 +1284,15 @@ def test_a_handlers_read_that_fails_fails_the_batch_and_parks_nothing(
     finally:
         store.close()
     assert rows[0][0] == 0
+
+
+def test_each_worker_start_writes_under_a_name_of_its_own() -> None:
+    """A worker keeps its cached rows while its partitions' progress names it as their
+    last writer. Named ``host:pid``, two containers on the host's network (each pid 1)
+    shared one name: each took the other's writes for its own, and wrote a balance from
+    the row it had cached before the other's deposit (110 where 160 was due)."""
+    from daybook.infrastructure.streaming.app import writer_name
+
+    first, second = writer_name(), writer_name()
+    assert first != second
+    assert first.rsplit(":", 1)[0] == second.rsplit(":", 1)[0]  # host:pid, for people
