@@ -181,25 +181,49 @@ def decode(value: bytes) -> Envelope:
         raw = orjson.loads(value)
         if raw.get("v") != ENVELOPE_VERSION:
             raise BadEnvelope(f"unsupported envelope version {raw.get('v')!r}")
+        # Every field is checked for its kind here: a value of another kind (a position
+        # as text, a time that is none) once passed, and failed later, outside the parking
+        # path, stopping the worker at every start on a message it could never apply.
+        position, prev = _whole(raw, "position", 0), _whole(raw, "prev", 0)
+        store = _optional(raw, "store", str)
         if raw["type"] == MARK:
             return Envelope(
-                MARK, 0, _NO_AGGREGATE, 0, raw["position"], raw["prev"], "", {}, {},
-                store=raw.get("store"),
+                MARK, 0, _NO_AGGREGATE, 0, position, prev, "", {}, {}, store=store
             )  # fmt: skip
+        occurred_at = _kind(raw, "occurred_at", str)
+        datetime.fromisoformat(occurred_at)  # (a ValueError if it is no time)
         return Envelope(
-            type=raw["type"],
-            schema=raw["schema"],
-            aggregate_id=UUID(raw["aggregate_id"]),
-            aggregate_version=raw["aggregate_version"],
-            position=raw["position"],
-            prev=raw["prev"],
-            occurred_at=raw["occurred_at"],
-            metadata=raw["metadata"],
-            payload=raw["payload"],
-            payload_schema=raw.get("payload_schema"),
-            store=raw.get("store"),
+            type=_kind(raw, "type", str),
+            schema=_whole(raw, "schema", 1),
+            aggregate_id=UUID(_kind(raw, "aggregate_id", str)),
+            aggregate_version=_whole(raw, "aggregate_version", 1),
+            position=position,
+            prev=prev,
+            occurred_at=occurred_at,
+            metadata=_kind(raw, "metadata", dict),
+            payload=_kind(raw, "payload", dict),
+            payload_schema=_optional(raw, "payload_schema", int),
+            store=store,
         )
     except BadEnvelope:
         raise
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as error:
         raise BadEnvelope(f"not a daybook envelope: {error}") from error
+
+
+def _kind(raw: dict[str, Any], name: str, kind: type) -> Any:
+    value = raw[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadEnvelope(f"not a daybook envelope: {name} is {type(value).__name__}")
+    return value
+
+
+def _whole(raw: dict[str, Any], name: str, least: int) -> int:
+    value: int = _kind(raw, name, int)
+    if value < least:
+        raise BadEnvelope(f"not a daybook envelope: {name} {value} is below {least}")
+    return value
+
+
+def _optional(raw: dict[str, Any], name: str, kind: type) -> Any:
+    return None if raw.get(name) is None else _kind(raw, name, kind)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -181,6 +182,57 @@ def test_messages_that_are_no_envelope_at_the_same_offset_of_two_partitions_are_
     assert main(["stream", "status", "--url", pg_url, "--group", "g", "--topic", "t"]) == 1
     out = capsys.readouterr().out
     assert "partition 1: " in out and "1 dead letter(s): offset 0 (no envelope): " in out, out
+
+
+def _envelope_like(**override: object) -> bytes:
+    """A message with the envelope's keys and version but a field of the wrong kind
+    (another producer's record, a hand-made message, a corrupted re-send)."""
+    fields: dict[str, object] = {
+        "v": 1,
+        "type": "Account.Deposited",
+        "schema": 1,
+        "payload_schema": 1,
+        "aggregate_id": "0b7c6f0e-5a56-4a9e-9d6a-2f4f0e1c2d3b",
+        "aggregate_version": 2,
+        "position": 1,
+        "prev": 0,
+        "occurred_at": "2026-01-01T00:00:00+00:00",
+        "metadata": {},
+        "payload": {"amount": 1},
+    }
+    fields.update(override)
+    return orjson.dumps(fields)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"occurred_at": "yesterday"},
+        {"aggregate_version": "two"},
+        {"type": 7},
+        {"position": "1"},
+        {"prev": "0"},
+        {"payload": [1]},
+        {"type": "daybook.mark", "prev": None},
+    ],
+    ids=repr,
+)
+def test_a_message_with_a_field_of_the_wrong_kind_is_parked_not_fatal(
+    pg_url: str, override: dict[str, object]
+) -> None:
+    """It got past the envelope check and failed later, outside the parking path: the
+    worker stopped, and stopped again at every start (the offset never committed), and the
+    group applied nothing."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        result = worker.apply([Message(0, 0, _envelope_like(**override))])
+    finally:
+        worker.close()
+    assert len(result.parked) == 1
+    (status,) = read_status(pg_url, "g", "t")
+    assert status.dead_letters == 1
 
 
 def test_a_message_that_is_no_envelope_delivered_again_is_not_parked_again(pg_url: str) -> None:
