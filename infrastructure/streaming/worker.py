@@ -47,6 +47,7 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
+    first_line,
     repeated_keys,
 )
 from daybook.infrastructure.readmodels.checkpoints import (
@@ -81,6 +82,7 @@ from daybook.infrastructure.streaming.progress import (
     purge_closed_letters,
 )
 from daybook.infrastructure.streaming.relay import CURSOR_TABLE
+from daybook.infrastructure.transient import is_transient
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
@@ -480,12 +482,21 @@ class StreamApplier:
             metrics.observe_many(metrics.CONVERGENCE_SECONDS.labels(name), ages)
             if result.parked:  # applied to none of the group's versions
                 metrics.PROJECTION_PARKED.labels(name, str(version)).inc(len(result.parked))
-        if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
-            self._serve_caught_up(store)
-        # After the batch committed: a drop still blocked by a reader gives up after its
-        # lock wait (2 s, at most every DROP_RETRY seconds); an error here comes out of
-        # the batch, and its messages, delivered again, are skipped as duplicates.
-        self.drops.retry(store)
+        try:
+            if any(slot.record.state is VersionState.REBUILDING for slot in self._slots):
+                self._serve_caught_up(store)
+            # After the batch committed: a drop still blocked by a reader gives up after its
+            # lock wait (2 s, at most every DROP_RETRY seconds).
+            self.drops.retry(store)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            # The batch committed: its result (the letters it parked, to publish) is
+            # returned, and these steps run again after the next batch, whose first
+            # statement meets the outage if it lasts. Raised, the batch's messages came
+            # back as duplicates, and the letters it parked were never published.
+            log.warning("worker: after a batch committed, %s; tried again after the next "
+                        "batch", first_line(error))  # fmt: skip
         if time.monotonic() >= self._letters_due:
             self._purge_due_letters()
         return result
