@@ -222,12 +222,13 @@ class ContinuousReconciler:
 
     def _body(self, stopping: Stopping) -> None:
         while not stopping:
-            self.run_due()
+            self.run_due(stopping)
             self.service.supervisor.recovered()  # a pass went through: back to work
             stopping.wait(self.poll_interval)
 
-    def run_due(self) -> list[ReconcileRun]:
-        """Reconcile every serving version that is due; the runs recorded."""
+    def run_due(self, stopping: Stopping | None = None) -> list[ReconcileRun]:
+        """Reconcile every serving version that is due; the runs recorded. Once
+        ``stopping`` is set, no other version is begun."""
         done = []
         head = self.log.head()
         now = time.monotonic()
@@ -237,7 +238,7 @@ class ContinuousReconciler:
             catalog.ensure()
             active = catalog.active_versions()
             for projection in self.projections:
-                if self.service.stopping:
+                if stopping:
                     # Asked to stop: the rest wait for the next start (a fold of each
                     # could take minutes on a long log; the stop limit is seconds).
                     break
