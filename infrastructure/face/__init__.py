@@ -65,7 +65,7 @@ from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
 from daybook.infrastructure.settings import Settings
 
-__version__ = "0.2.0"  # keep in step with pyproject.toml
+__version__ = "0.3.0"  # keep in step with pyproject.toml
 
 __all__ = [
     "AccountClosed",

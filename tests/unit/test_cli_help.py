@@ -77,6 +77,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"daybook {daybook.__version__}"
 
 
+def test_the_version_is_the_packages_and_newer_than_the_one_the_readme_calls_old() -> None:
+    """The README tells operators what "daybook 0.2 and earlier" does in a rolling upgrade:
+    a process of this code printed 0.2.0 too, so nobody could tell old from new."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["version"] == daybook.__version__
+    assert "daybook 0.2 and earlier" in (root / "README.md").read_text()
+    assert tuple(int(part) for part in daybook.__version__.split(".")[:2]) > (0, 2)
+
+
 def test_the_worker_takes_a_readmodels_url() -> None:
     (worker,) = [p for p in ALL if p.prog == "daybook worker"]
     assert "--readmodels-url" in worker.format_help()
