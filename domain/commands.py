@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from typing import (
@@ -39,7 +39,7 @@ from uuid import UUID
 import orjson
 
 from daybook.domain.errors import DomainError, same_class
-from daybook.domain.events import LedgerAggregate, Metadata
+from daybook.domain.events import _READABLE, LedgerAggregate, Metadata
 from daybook.domain.ids import new_request_id
 from daybook.domain.values import (
     check_amount,
@@ -159,6 +159,17 @@ class _Spec:
 RISK_REDUCING_VERBS = frozenset({"release", "void", "expire", "cancel", "compensate"})
 
 _REGISTRY: dict[str, type[Command]] = {}
+#: Names the ledger's faces use for methods of their own (``execute``, ``submit``...), with
+#: what they are: no command may take one (see ``reserve``).
+_RESERVED: dict[str, str] = {}
+
+
+def reserve(names: Iterable[str], what: str) -> None:
+    """Keep ``names`` from commands (the ledger's faces reserve their own methods)."""
+    for name in names:
+        _RESERVED.setdefault(name, what)
+
+
 _SPECS: dict[type[Command], _Spec] = {}
 _ENVELOPE = ("request_id", "correlation_id", "causation_id", "actor", "traceparent")
 
@@ -207,6 +218,19 @@ class Command:
             cls.reduces_risk = cls.name.split("_", 1)[0] in RISK_REDUCING_VERBS
         if cls.handle is Command.handle:
             return  # an abstract intermediate class
+        taken = _RESERVED.get(cls.name) or (
+            f"the read method of {_READABLE[cls.name].__qualname__}"
+            if cls.name in _READABLE
+            else None
+        )
+        if taken is not None:
+            # The ledger's own method of that name would win over the command's: called by
+            # its name, it would read (or do what that method does) and apply nothing.
+            msg = (
+                f"command name {cls.name!r} is {taken} on the ledger; give "
+                f"{cls.__module__}.{cls.__qualname__} another name (its class attribute `name`)"
+            )
+            raise TypeError(msg)
         known = _REGISTRY.get(cls.name)
         if known is not None and not same_class(known, cls):
             msg = (

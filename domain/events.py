@@ -8,6 +8,7 @@ stored state of older events (eventsourcing's mapper calls them in order).
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -162,6 +163,15 @@ class LedgerAggregate(BaseAggregate[UUID]):
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("read_as")
         if name is not None:
+            commands = sys.modules.get("daybook.domain.commands")  # (it imports this module)
+            command = None if commands is None else commands._REGISTRY.get(name)
+            if command is not None:
+                msg = (
+                    f"read method {name!r} is the name of the command "
+                    f"{command.__module__}.{command.__qualname__}; give "
+                    f"{cls.__module__}.{cls.__qualname__} another read_as"
+                )
+                raise TypeError(msg)
             known = _READABLE.get(name)
             if known is not None and not same_class(known, cls):
                 msg = (

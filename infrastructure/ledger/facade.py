@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from daybook.domain.commands import Command, Receipt, command_named
+from daybook.domain.commands import Command, Receipt, command_named, registered, reserve
 from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.events import LedgerAggregate, readable
 from daybook.domain.linked import Atomic
@@ -292,3 +292,16 @@ class AsyncLedger(AsyncLedgerMethods):
 
                 return read
             raise AttributeError(name)
+
+
+def _faces_own_names() -> set[str]:
+    """The public names of ``Ledger`` and ``AsyncLedger`` that are not a command's or an
+    aggregate's read method (theirs are checked by their registries)."""
+    own = {"service", "settings"}  # set per instance
+    for face in (Ledger, AsyncLedger):
+        own |= {name for name in dir(face) if not name.startswith("_")}
+    return own - {command.name for command in registered()} - set(readable())
+
+
+# A command named like one of them would be shadowed by it: its method would never run.
+reserve(_faces_own_names(), "a method of the ledger's own")

@@ -207,3 +207,29 @@ def test_a_refusal_that_keeps_its_parents_code_leaves_the_code_to_the_parent(
     )
     replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
     assert type(replayed) is InsufficientFunds
+
+
+SHADOWED = """
+from daybook.domain.commands import Command, Sku
+
+class {name}(Command):
+    sku: Sku
+
+    def handle(self, aggregates):
+        return {{}}
+"""
+
+
+@pytest.mark.parametrize("name", ["Inventory", "Submit", "Head"])
+def test_a_command_named_like_a_method_of_the_ledger_is_refused(
+    registries: None, name: str
+) -> None:
+    """``ledger.inventory("SKU-1")`` is the read: a service's ``Inventory`` command was
+    accepted, and called by its name it read the stock, applied nothing and said nothing."""
+    with pytest.raises(TypeError, match=rf"command name '{name.lower()}' is .* on the ledger"):
+        define(f"shop_shadowed_{name}", SHADOWED.format(name=name))
+
+
+def test_a_read_method_named_like_a_command_is_refused(registries: None) -> None:
+    with pytest.raises(TypeError, match=r"read method 'transfer' is the name of the command"):
+        define("shop_read_transfer", MEMBERS.replace('read_as = "account"', 'read_as = "transfer"'))
