@@ -716,10 +716,20 @@ def _now(aggregates: Aggregates) -> datetime:
 
 
 def json_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A receipt's fields as JSON values (ids as text), for a step's recorded result."""
-    return {
-        k: v if isinstance(v, (str, int, bool)) or v is None else str(v) for k, v in fields.items()
-    }
+    """A receipt's fields as JSON values (ids as text), for a step's recorded result: lists
+    and mappings within too (a linked command's ``outcomes``, which became the text of a
+    Python list, ``UUID('...')`` and all, that no later step or reader could use)."""
+    return {str(k): _json_value(v) for k, v in fields.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return json_fields(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    return str(value)
 
 
 # -- commands (the saga processor sends them; people send cancel and retry) ----------------------

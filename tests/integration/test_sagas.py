@@ -164,6 +164,12 @@ def test_an_order_completes_money_and_stock_move_once(shop: Shop) -> None:
     assert shop.ledger.inventory("MUG").on_hand == 0
     assert shop.charged() == {idempotency_key(saga_id, "charge"): 1}
     assert_nothing_left_open(shop, saga_id)
+    # The linked step's outcomes are recorded as data a later step or a reader can use
+    # (they were the text of a Python list: "[{'command': 'capture', ... UUID('...')}]").
+    fulfilled = shop.ledger.read(Saga, saga_id).results["fulfil"]
+    outcomes = fulfilled["linked"]
+    assert isinstance(outcomes, list) and outcomes[0]["command"] == "capture"
+    assert all(isinstance(value, (str, int, bool)) for o in outcomes for value in o.values())
 
 
 def test_out_of_stock_on_a_later_line_releases_the_earlier_ones(shop: Shop) -> None:
