@@ -11,6 +11,7 @@ recorded refusal is rebuilt as the same class.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -18,6 +19,25 @@ def same_class(known: type, new: type) -> bool:
     """Whether ``new`` is ``known`` defined again (its module run again: a reload), rather
     than another class of the same name elsewhere."""
     return (known.__module__, known.__qualname__) == (new.__module__, new.__qualname__)
+
+
+#: Codes daybook answers with that are no command's refusal (an outage, a read not reached
+#: yet, the HTTP face's own), by who answers them: no refusal may take one (a client would
+#: take a business refusal for an outage, and retry it for ever). See ``reserve_codes``.
+_NOT_REFUSALS: dict[str, str] = {}
+
+
+def reserve_codes(codes: Iterable[str], owner: str) -> None:
+    """Keep ``codes`` from refusals; a refusal class that took one already is refused now."""
+    for code in codes:
+        known = DomainError._by_code.get(code)
+        if known is not None and not known.__dict__.get("_stand_in"):
+            msg = (
+                f"refusal code {code!r} of {known.__module__}.{known.__qualname__} is "
+                f"{owner}'s, not a refusal's; give the refusal a code of its own"
+            )
+            raise TypeError(msg)
+        _NOT_REFUSALS.setdefault(code, owner)
 
 
 class DomainError(Exception):
@@ -35,7 +55,17 @@ class DomainError(Exception):
         super().__init_subclass__(**kwargs)
         if "code" not in cls.__dict__:
             return  # its parent's code, which keeps naming the parent
+        owner = _NOT_REFUSALS.get(cls.code)
+        if owner is not None:
+            msg = (
+                f"refusal code {cls.code!r} is {owner}'s, not a refusal's (a client would "
+                f"take the refusal for it); give {cls.__module__}.{cls.__qualname__} a code "
+                "of its own"
+            )
+            raise TypeError(msg)
         known = DomainError._by_code.get(cls.code)
+        if known is not None and issubclass(cls, known) and not same_class(known, cls):
+            return  # its parent's code, repeated: it keeps naming the parent
         if known is not None and not same_class(known, cls) and not known.__dict__.get("_stand_in"):
             # A replayed refusal is rebuilt as the class of its code: another class taking
             # the code would turn daybook's refusals into a service's (``except

@@ -164,6 +164,13 @@ class LedgerAggregate(BaseAggregate[UUID]):
         name = cls.__dict__.get("read_as")
         if name is not None:
             commands = sys.modules.get("daybook.domain.commands")  # (it imports this module)
+            own = None if commands is None else commands._RESERVED.get(name)
+            if own is not None:
+                msg = (
+                    f"read method {name!r} is {own} on the ledger; give "
+                    f"{cls.__module__}.{cls.__qualname__} another read_as"
+                )
+                raise TypeError(msg)
             command = None if commands is None else commands._REGISTRY.get(name)
             if command is not None:
                 msg = (

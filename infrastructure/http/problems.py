@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, reserve_codes
 from daybook.infrastructure.transient import is_transient
 
 PROBLEM_JSON = "application/problem+json"
@@ -94,6 +94,20 @@ STATUS: dict[str, int] = {
     "read_model_changed": 503,
     "unavailable": 503,
 }
+
+# The codes of this face that are no refusal: no refusal class may take one (a client would
+# take a business refusal for an outage, a rate limit, a missing route).
+reserve_codes(
+    (
+        code
+        for code in STATUS
+        if not (
+            (known := DomainError._by_code.get(code)) is not None
+            and known.__module__.startswith("daybook.")
+        )
+    ),
+    "the HTTP face",
+)
 
 
 def status_of(code: str) -> int:

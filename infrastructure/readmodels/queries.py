@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 from uuid import UUID
 
-from daybook.domain.errors import InvalidRequest
+from daybook.domain.errors import InvalidRequest, reserve_codes
 from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
@@ -82,6 +82,10 @@ class ReadModelChanged(ReadStoreError):
         )
         self.projection = projection
         self.version = version
+
+
+# Neither is a refusal: no refusal class may take their codes (see ``reserve_codes``).
+reserve_codes((StaleRead.code, ReadModelChanged.code), "the read models")
 
 
 @dataclass(frozen=True)

@@ -233,3 +233,42 @@ def test_a_command_named_like_a_method_of_the_ledger_is_refused(
 def test_a_read_method_named_like_a_command_is_refused(registries: None) -> None:
     with pytest.raises(TypeError, match=r"read method 'transfer' is the name of the command"):
         define("shop_read_transfer", MEMBERS.replace('read_as = "account"', 'read_as = "transfer"'))
+
+
+@pytest.mark.parametrize("read_as", ["head", "submit", "execute", "health"])
+def test_a_read_method_named_like_a_method_of_the_ledger_is_refused(
+    registries: None, read_as: str
+) -> None:
+    """The ledger's own method would win: the aggregate's read could never be reached."""
+    source = MEMBERS.replace('read_as = "account"', f'read_as = "{read_as}"')
+    with pytest.raises(TypeError, match=rf"read method '{read_as}' is .* on the ledger"):
+        define(f"shop_read_{read_as}", source.replace("Member", f"Member_{read_as}"))
+
+
+@pytest.mark.parametrize("code", ["unavailable", "stale_read", "rate_limited", "not_found"])
+def test_a_refusal_code_that_is_no_refusal_is_refused(registries: None, code: str) -> None:
+    """A service's refusal coded ``unavailable`` was answered 503 (``rate_limited`` 429,
+    ``not_found`` 404): a client took a business refusal for an outage and retried it for
+    ever. (``stale_read``: the read models' "not yet".)"""
+    import daybook.infrastructure.http.problems  # noqa: F401  (reserves the HTTP face's codes)
+
+    source = (
+        "from daybook.domain.errors import DomainError\n\n"
+        f"class Nope(DomainError):\n    code = {code!r}\n"
+    )
+    with pytest.raises(TypeError, match=rf"refusal code '{code}' is the .*'s, not a refusal's"):
+        define(f"shop_code_{code}", source)
+
+
+def test_a_refusal_that_repeats_its_parents_code_leaves_it_to_the_parent(
+    registries: None,
+) -> None:
+    from daybook.domain.accounts import InsufficientFunds
+
+    define(
+        "shop_points_repeat",
+        "from daybook.domain.accounts import InsufficientFunds\n\n"
+        "class NotEnoughPoints(InsufficientFunds):\n    code = InsufficientFunds.code\n",
+    )
+    replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
+    assert type(replayed) is InsufficientFunds
