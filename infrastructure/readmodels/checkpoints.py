@@ -267,15 +267,13 @@ class ForeignStore(Refused):
 PartitionOf = Callable[[str], int]
 
 
-def parked_for(
-    store: ReadStore, group: str, topic: str, name: str, version: int, *, named: bool = False
-) -> frozenset[int]:
+def parked_for(store: ReadStore, group: str, topic: str, name: str, version: int) -> frozenset[int]:
     """Positions the stream ``group`` left out of version ``version`` of ``name``: parked
     while the group wrote it (stream groups write PostgreSQL only). A letter parked for
     other versions, say before a fixed version was built by the runner and handed over, is
     in this one's rows. (A message that was no envelope has a negative position: no event.)
-    ``named``: only letters that name the version; else also those an older daybook
-    parked, which name none (they may or may not concern it: no record says)."""
+    A letter an older daybook parked names no version: it may concern this one, and counts
+    (no record says otherwise)."""
     found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
     if not found[0][0]:
         return frozenset()
@@ -284,10 +282,7 @@ def parked_for(
     # A table no upgraded worker has connected to yet records no versions: every letter
     # counts, as it did.
     if store.has_column("daybook_stream_dead_letters", "versions"):
-        either = "" if named else "versions IS NULL OR "
-        sql += f" AND ({either}%s = ANY(versions))"
+        sql += " AND (versions IS NULL OR %s = ANY(versions))"
         params += (version_label(name, version),)
-    elif named:
-        return frozenset()
     rows = store.execute(sql, params)
     return frozenset(int(row[0]) for row in rows)

@@ -221,18 +221,19 @@ def _to_runner(
         )
     vector = read_vector(store, source, record.topic, partitions, lock=True)
     left_out = sorted(
-        p
-        for p in parked_for(store, source, record.topic, record.name, record.version, named=True)
-        if p > 0
+        p for p in parked_for(store, source, record.topic, record.name, record.version) if p > 0
     )
     if left_out:
         # The runner's checkpoint says every event up to it is in the rows: these are not.
         shown = ", ".join(str(p) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        # A letter an older daybook parked names no version: it may concern this one, and
+        # counts (as it does for the reconciler), though it keeps the version with the group.
         raise HandoverRefused(
             f"{record.name} v{record.version} lacks {len(left_out)} event(s) {record.owner} "
-            f"parked (log positions {shown}); a runner's position would claim them: rebuild "
-            f"it under a new version (daybook projections rebuild {record.name}) instead; "
-            "nothing was handed over"
+            f"parked (log positions {shown}; a letter parked before daybook 0.3 counts for "
+            "every version of its group); a runner's position would claim them: rebuild "
+            f"it under a new version (daybook projections rebuild {record.name}: the runner "
+            "builds it from the whole log) instead; nothing was handed over"
         )
     target = max(vector.furthest, vector.position)
     starts = vector.positions
