@@ -672,7 +672,10 @@ class LedgerService(Application[UUID]):
                     self._outage_error = f"{type(error).__name__}: {said[0]}"
                     self._committer_moves(ServiceState.RETRYING, self._outage_error)
                 spent = self._in_outage(started)
-                if outages > self.max_attempts // 4 or spent >= self.outage_budget:
+                # Every batch tries twice at least: a connection that died in a restart
+                # fails at once, whatever the outage before it lasted, and a fresh one works.
+                over = outages > 1 and spent >= self.outage_budget
+                if outages > self.max_attempts // 4 or over:
                     for index in indices:
                         outcomes[index] = error
                     self._keep_unknown([batch[i] for i in indices], attempts)
