@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -352,6 +352,18 @@ def test_a_lost_commit_that_lands_after_the_retry_looked_is_not_applied_twice(
     assert len(calls) == 2, "the scripted failures happened"
     assert (ledger.account(hot).balance, ledger.account(calm).balance) == (10, 20)
     ledger.close()
+
+
+@contextlib.contextmanager
+def inserting_with(service: LedgerService, insert_events: Callable[..., Any]) -> Iterator[None]:
+    """The store's appends go to ``insert_events`` (an outage, scripted) inside the block."""
+    recorder = service.recorder
+    real = recorder.insert_events
+    recorder.insert_events = insert_events  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        recorder.insert_events = real  # type: ignore[method-assign]
 
 
 def submitted_as_one_batch(ledger: Ledger, commands: list[Command]) -> list[Any]:
@@ -878,10 +890,7 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
     service = ledger.service
     now = [1_000.0]
     service.monotonic = lambda: now[0]  # type: ignore[method-assign]
-    recorder = service.recorder
-    insert = recorder.insert_events
     tries: list[float] = []
-
     states: list[str] = []
 
     def refused(stored: Any, **options: Any) -> Any:
@@ -890,11 +899,8 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
         now[0] += 10.0  # the pool's wait for a connection it never gets
         raise OperationalError("couldn't get a connection after 10.00 sec")
 
-    recorder.insert_events = refused  # type: ignore[method-assign]
-    try:
+    with inserting_with(service, refused):
         (outcome,) = service.execute([Deposit(account, 5, request_id="out-1")])
-    finally:
-        recorder.insert_events = insert  # type: ignore[method-assign]
     assert isinstance(outcome, OperationalError), outcome
     assert len(tries) == 2, f"{len(tries)} attempts, {now[0] - 1_000.0:.0f} s"
     assert service.outage_budget == 15.0
@@ -905,16 +911,13 @@ def test_an_outage_is_answered_within_the_outage_budget_not_after_every_attempt(
     assert service.committer.health().restarts == 0  # gave up: no recovery
     # A batch that meets the same outage (queued behind that one, say) does not start a
     # budget of its own: it tries twice (every batch does), and is answered.
-    recorder.insert_events = refused  # type: ignore[method-assign]
-    try:
+    with inserting_with(service, refused):
         (queued,) = service.execute([Deposit(account, 5, request_id="out-2")])
         assert isinstance(queued, OperationalError) and len(tries) == 4, tries
         # Once nothing has failed for as long as the budget, a failure is a new outage.
         now[0] += 16.0
         (later,) = service.execute([Deposit(account, 5, request_id="out-3")])
         assert isinstance(later, OperationalError) and len(tries) == 6, tries
-    finally:
-        recorder.insert_events = insert  # type: ignore[method-assign]
     # Answered "unavailable", not lost: the retry with its request id applies it once.
     assert ledger.deposit(account, 5, request_id="out-1").replayed is False
     assert ledger.deposit(account, 5, request_id="out-1").replayed
@@ -938,11 +941,8 @@ def test_a_committer_that_rides_through_an_outage_says_it_retried_then_recovered
             raise OperationalError("server closed the connection unexpectedly")
         return insert(stored, **options)
 
-    recorder.insert_events = once_down  # type: ignore[method-assign]
-    try:
+    with inserting_with(service, once_down):
         (outcome,) = service.execute([Deposit(account, 5)])
-    finally:
-        recorder.insert_events = insert  # type: ignore[method-assign]
     assert isinstance(outcome, Receipt), outcome
     assert seen == ["running", "retrying", "retrying"], seen
     health = service.committer.health()
@@ -966,11 +966,8 @@ def test_a_dead_connection_met_after_a_long_outage_is_tried_again(ledger: Ledger
         now[0] += 10.0
         raise OperationalError("couldn't get a connection after 10.00 sec")
 
-    recorder.insert_events = refused  # type: ignore[method-assign]
-    try:
+    with inserting_with(service, refused):
         (outcome,) = service.execute([Deposit(account, 5, request_id="out-1")])
-    finally:
-        recorder.insert_events = insert  # type: ignore[method-assign]
     assert isinstance(outcome, OperationalError)
     now[0] += 2.0
     dead = [1]
@@ -981,9 +978,6 @@ def test_a_dead_connection_met_after_a_long_outage_is_tried_again(ledger: Ledger
             raise OperationalError("server closed the connection unexpectedly")
         return insert(stored, **options)
 
-    recorder.insert_events = one_dead_connection  # type: ignore[method-assign]
-    try:
+    with inserting_with(service, one_dead_connection):
         (after,) = service.execute([Deposit(account, 7, request_id="after-1")])
-    finally:
-        recorder.insert_events = insert  # type: ignore[method-assign]
     assert isinstance(after, Receipt), after

@@ -12,6 +12,7 @@ import pytest
 
 from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord, VersionState
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import open_store
@@ -62,6 +63,29 @@ def record(url: str) -> VersionRecord:
     return found
 
 
+def grouped(ledger: Ledger, url: str, *, park: bool = False) -> EventLog:
+    """The runner builds every projection; account_balances goes to the group, whose
+    workers (their code failing on a deposit of 777) apply the log, with such a deposit in
+    it when ``park``. The log, for the handovers."""
+    ids = workload(ledger, 40)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, url, projections.ALL)
+    runner.run_until_caught_up()
+    runner.stop()
+    handover(log, url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
+    worker = StreamApplier(url, WITH_BUG, group=GROUP, topic=TOPIC, partitions=4, writer="t")
+    stream = Stream(4)
+    try:
+        if park:
+            ledger.deposit(ids[0], 777)  # parked by the group, left out of the version
+            ledger.deposit(ids[0], 1)
+        for _ in range(5):
+            worker.apply(stream.publish(ledger))
+    finally:
+        worker.close()
+    return log
+
+
 def test_a_stopped_version_is_not_handed_over(ledger: Ledger, pg_url: str) -> None:
     ids = workload(ledger, 40)
     log = event_log_of(ledger)
@@ -81,21 +105,7 @@ def test_a_stopped_version_is_not_handed_over(ledger: Ledger, pg_url: str) -> No
 def test_a_version_the_group_left_an_event_out_of_is_not_handed_to_the_runner(
     ledger: Ledger, pg_url: str
 ) -> None:
-    ids = workload(ledger, 40)
-    log = event_log_of(ledger)
-    runner = ProjectionRunner(log, pg_url, projections.ALL)
-    runner.run_until_caught_up()
-    runner.stop()
-    handover(log, pg_url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
-    worker = StreamApplier(pg_url, WITH_BUG, group=GROUP, topic=TOPIC, partitions=4, writer="t")
-    stream = Stream(4)
-    try:
-        ledger.deposit(ids[0], 777)  # parked by the group, left out of account_balances v1
-        ledger.deposit(ids[0], 1)
-        for _ in range(5):
-            worker.apply(stream.publish(ledger))
-    finally:
-        worker.close()
+    log = grouped(ledger, pg_url, park=True)
     assert reconcile(log, pg_url, ACCOUNT_BALANCES).clean  # as the group wrote it
     before = record(pg_url)
     with pytest.raises(HandoverRefused, match=r"lacks 1 event.*parked.*rebuild"):
@@ -108,17 +118,7 @@ def test_a_version_the_group_left_an_event_out_of_is_not_handed_to_the_runner(
 def test_a_version_the_group_left_nothing_out_of_goes_to_the_runner(
     ledger: Ledger, pg_url: str
 ) -> None:
-    workload(ledger, 40)
-    log = event_log_of(ledger)
-    runner = ProjectionRunner(log, pg_url, projections.ALL)
-    runner.run_until_caught_up()
-    runner.stop()
-    handover(log, pg_url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
-    worker = StreamApplier(pg_url, WITH_BUG, group=GROUP, topic=TOPIC, partitions=4, writer="t")
-    try:
-        worker.apply(Stream(4).publish(ledger))
-    finally:
-        worker.close()
+    log = grouped(ledger, pg_url)
     (handed,) = handover(log, pg_url, [ACCOUNT_BALANCES], "runner", topic=TOPIC)
     assert record(pg_url).owner == "runner"
     assert_tables_match(ledger, pg_url, ACCOUNT_BALANCES)
@@ -158,21 +158,7 @@ def test_a_letter_an_older_daybook_parked_counts_for_the_version(
     """A letter parked before letters named their versions names none: it may be one the
     group left out of this very version, so it refuses the handover to the runner as a
     letter naming the version does (ignoring such letters lost the parked deposit again)."""
-    ids = workload(ledger, 40)
-    log = event_log_of(ledger)
-    runner = ProjectionRunner(log, pg_url, projections.ALL)
-    runner.run_until_caught_up()
-    runner.stop()
-    handover(log, pg_url, [ACCOUNT_BALANCES], f"stream:{GROUP}", topic=TOPIC, partitions=4)
-    worker = StreamApplier(pg_url, WITH_BUG, group=GROUP, topic=TOPIC, partitions=4, writer="t")
-    stream = Stream(4)
-    try:
-        ledger.deposit(ids[0], 777)
-        ledger.deposit(ids[0], 1)
-        for _ in range(5):
-            worker.apply(stream.publish(ledger))
-    finally:
-        worker.close()
+    log = grouped(ledger, pg_url, park=True)
     store = open_store(pg_url)
     try:  # as a daybook before letters named versions parked it
         store.execute("UPDATE daybook_stream_dead_letters SET versions = NULL")

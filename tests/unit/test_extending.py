@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daybook.domain import commands, events
-from daybook.domain.errors import DomainError
+from tests.unit.registries import registries_restored
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -33,30 +32,15 @@ def example() -> Iterator[types.SimpleNamespace]:
     ``daybook.`` module for daybook's own."""
     blocks = section_code()
     assert len(blocks) == 3
-    saved = [
-        (registry, dict(registry))
-        for registry in (
-            commands._REGISTRY,
-            events._READABLE,
-            events._EVENT_TYPES,
-            DomainError._by_code,
-        )
-    ]
     names: dict[str, object] = {}
     made = ("daybook.domain.coupons", "daybook.projections.coupons")
-    try:
+    with registries_restored(modules=made):
         for name, block in zip(made, blocks[:2], strict=True):
             module = types.ModuleType(name)
             sys.modules[name] = module
             exec(compile(block, str(README), "exec"), module.__dict__)
             names.update(module.__dict__)
         yield types.SimpleNamespace(**names)
-    finally:
-        for name in made:
-            sys.modules.pop(name, None)
-        for registry, before in saved:
-            registry.clear()
-            registry.update(before)  # type: ignore[attr-defined]
 
 
 def test_the_new_commands_and_read_method_are_registered(example: types.SimpleNamespace) -> None:

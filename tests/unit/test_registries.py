@@ -14,34 +14,19 @@ from pathlib import Path
 import pytest
 
 from daybook import open_ledger, run_projections
-from daybook.domain import commands, events
 from daybook.domain.accounts import Account
 from daybook.domain.accounts import Transfer as MoneyTransfer
 from daybook.domain.commands import command_named
 from daybook.domain.errors import DomainError
 from daybook.domain.events import readable
+from tests.unit.registries import registries_restored
 
 
 @pytest.fixture
 def registries() -> Iterator[None]:
     """Whatever a test defines leaves the registries as they were."""
-    saved = [
-        (registry, dict(registry))
-        for registry in (
-            commands._REGISTRY,
-            events._READABLE,
-            events._EVENT_TYPES,
-            DomainError._by_code,
-        )
-    ]
-    modules = set(sys.modules)
-    yield
-    for registry, before in saved:
-        registry.clear()
-        registry.update(before)  # type: ignore[attr-defined]
-    for name in set(sys.modules) - modules:
-        if name.startswith("shop_"):
-            del sys.modules[name]
+    with registries_restored(modules="shop_"):
+        yield
 
 
 def define(name: str, source: str) -> types.ModuleType:
