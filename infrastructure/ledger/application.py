@@ -604,6 +604,7 @@ class LedgerService(Application[UUID]):
         conflicts = outages = duplicates = 0
         while indices:
             prepared: PreparedBatch | None = None
+            attempt_started = self.monotonic()
             try:
                 prepared = self.prepare([batch[i] for i in indices], fresh=fresh, attempts=attempts)
                 try:
@@ -672,9 +673,13 @@ class LedgerService(Application[UUID]):
                     self._outage_error = f"{type(error).__name__}: {said[0]}"
                     self._committer_moves(ServiceState.RETRYING, self._outage_error)
                 spent = self._in_outage(started)
-                # Every batch tries twice at least: a connection that died in a restart
-                # fails at once, whatever the outage before it lasted, and a fresh one works.
-                over = outages > 1 and spent >= self.outage_budget
+                # A batch's first attempt that failed at once is tried again, whatever the
+                # outage before it lasted: a connection that died in a restart fails at once,
+                # and a fresh one works. One that waited (for a pool that gets no
+                # connection) is not: callers queued behind each other would each wait it
+                # twice.
+                at_once = self.monotonic() - attempt_started < _AT_ONCE
+                over = spent >= self.outage_budget and not (outages == 1 and at_once)
                 if outages > self.max_attempts // 4 or over:
                     for index in indices:
                         outcomes[index] = error
@@ -1294,6 +1299,10 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
 
     reading()
     return reading
+
+
+#: Seconds within which a failed attempt counts as failing "at once" (see ``outage_budget``).
+_AT_ONCE = 1.0
 
 
 def _backoff(attempt: int) -> None:
