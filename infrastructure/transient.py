@@ -137,3 +137,10 @@ _REFUSALS = re.compile(
 def _refused(message: str) -> bool:
     """Whether the server refused the connection for good (its startup ``FATAL`` says so)."""
     return _REFUSALS.search(message) is not None
+
+
+def first_line(error: BaseException) -> str:
+    """``error`` in one line (its type, and its message's first line), for a recorded
+    reason or a health's error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

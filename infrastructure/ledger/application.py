@@ -57,6 +57,7 @@ from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.topics import reader_topics
+from daybook.infrastructure.transient import first_line
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -669,8 +670,7 @@ class LedgerService(Application[UUID]):
                 outages += 1
                 if self._outage_error is None:
                     # /health and daybook_service_retrying say so while it lasts.
-                    said = str(error).strip().splitlines() or [""]
-                    self._outage_error = f"{type(error).__name__}: {said[0]}"
+                    self._outage_error = first_line(error)
                     self._committer_moves(ServiceState.RETRYING, self._outage_error)
                 spent = self._in_outage(started)
                 # A batch's first attempt that failed at once is tried again, whatever the

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog, RawEvent
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, first_line
+from daybook.infrastructure.readmodels.catalog import VersionCatalog
 from daybook.infrastructure.readmodels.checkpoints import RUNNER
 from daybook.infrastructure.readmodels.engine import BulkRows, Slot, TablePlan, apply_fast
 from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, _moved
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.transient import first_line
 from daybook.projections.model import Projection, iso_time
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from daybook.infrastructure.readmodels.checkpoints import (
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.reconcile_log import ReconcileLog
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
-from daybook.infrastructure.transient import may_only_read
+from daybook.infrastructure.transient import first_line, may_only_read
 from daybook.projections.model import Projection
 
 log = logging.getLogger("daybook.projections")
@@ -46,12 +46,6 @@ log = logging.getLogger("daybook.projections")
 #: Tables that keep what happened to a projection version, by ``name`` and ``version``
 #: (see ``VersionCatalog._forget_history``).
 HISTORY_TABLES = ("daybook_dead_letters", "daybook_reconcile_runs", "daybook_reconcile_log")
-
-
-def first_line(error: BaseException) -> str:
-    """``error`` in one line, for a version's recorded reason."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def repeated_keys(error: BaseException) -> str:

@@ -50,7 +50,6 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
-    first_line,
     repeated_keys,
     version_lock_key,
 )
@@ -66,6 +65,7 @@ from daybook.infrastructure.readmodels.engine import (
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
 from daybook.infrastructure.streaming.faults import crash_point
+from daybook.infrastructure.transient import first_line
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger(__name__)

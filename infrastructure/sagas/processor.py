@@ -89,11 +89,10 @@ from daybook.infrastructure.lifecycle import (
 )
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import log_context
-from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.queries import ReadModelChanged, ReadModels, StaleRead
 from daybook.infrastructure.sagas.breaker import CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import first_line, is_transient
 from daybook.projections.model import iso_time
 from daybook.projections.sagas import SAGA_LIST, SAGA_STATES, SAGAS
 

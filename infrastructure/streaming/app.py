@@ -47,7 +47,6 @@ from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, ServiceState
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
-from daybook.infrastructure.readmodels.catalog import first_line
 from daybook.infrastructure.readmodels.checkpoints import PartitioningMismatch
 from daybook.infrastructure.readmodels.location import readmodel_url
 from daybook.infrastructure.streaming.broker import (
@@ -66,7 +65,7 @@ from daybook.infrastructure.streaming.worker import (
     Message,
     StreamApplier,
 )
-from daybook.infrastructure.transient import causes, is_transient
+from daybook.infrastructure.transient import causes, first_line, is_transient
 from daybook.infrastructure.urls import postgres_params
 from daybook.projections import ALL
 from daybook.projections.model import Projection

@@ -47,7 +47,6 @@ from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
     VersionRecord,
     VersionState,
-    first_line,
     repeated_keys,
 )
 from daybook.infrastructure.readmodels.checkpoints import (
@@ -82,7 +81,7 @@ from daybook.infrastructure.streaming.progress import (
     purge_closed_letters,
 )
 from daybook.infrastructure.streaming.relay import CURSOR_TABLE
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import first_line, is_transient
 from daybook.projections.model import LogEvent, Projection
 
 log = logging.getLogger("daybook.worker")
