@@ -164,7 +164,7 @@ def _handover(
                     f"{projection.name} has no version {projection.version} yet: start a "
                     "runner or workers to build it (they own what they build)"
                 )
-            if record.state not in (VersionState.LIVE, VersionState.REBUILDING):
+            if not record.state.writable:
                 # Stopped, its checkpoint would be the new owner's, which moves on while
                 # nobody writes the version: resumed, it would skip what came meanwhile.
                 # Retired, nobody is to write it.
