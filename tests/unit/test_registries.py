@@ -180,20 +180,6 @@ def test_a_refusal_replayed_before_its_class_is_imported_takes_the_class_then(
     assert type(after) is module.PointsExpired
 
 
-def test_a_refusal_that_keeps_its_parents_code_leaves_the_code_to_the_parent(
-    registries: None,
-) -> None:
-    from daybook.domain.accounts import InsufficientFunds
-
-    define(
-        "shop_points_kind",
-        "from daybook.domain.accounts import InsufficientFunds\n\n"
-        "class NotEnoughPoints(InsufficientFunds):\n    pass\n",
-    )
-    replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
-    assert type(replayed) is InsufficientFunds
-
-
 SHADOWED = """
 from daybook.domain.commands import Command, Sku
 
@@ -245,15 +231,18 @@ def test_a_refusal_code_that_is_no_refusal_is_refused(registries: None, code: st
         define(f"shop_code_{code}", source)
 
 
-def test_a_refusal_that_repeats_its_parents_code_leaves_it_to_the_parent(
-    registries: None,
+@pytest.mark.parametrize(
+    "body", ["pass", "code = InsufficientFunds.code"], ids=["kept", "repeated"]
+)
+def test_a_refusal_that_keeps_its_parents_code_leaves_it_to_the_parent(
+    registries: None, body: str
 ) -> None:
     from daybook.domain.accounts import InsufficientFunds
 
     define(
-        "shop_points_repeat",
+        "shop_points_kind",
         "from daybook.domain.accounts import InsufficientFunds\n\n"
-        "class NotEnoughPoints(InsufficientFunds):\n    code = InsufficientFunds.code\n",
+        f"class NotEnoughPoints(InsufficientFunds):\n    {body}\n",
     )
     replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
     assert type(replayed) is InsufficientFunds
