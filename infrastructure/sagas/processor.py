@@ -112,7 +112,9 @@ class Backoff:
     ceiling: float = 5.0
 
     def delay(self, attempt: int, draw: Callable[[float, float], float]) -> float:
-        return draw(0.0, min(self.ceiling, self.initial * 2 ** (attempt - 1)))
+        # The exponent stops growing long after the ceiling is reached: uncapped, attempt
+        # 1,025 overflowed a float and stopped the processor (as ``RestartPolicy.delay``).
+        return draw(0.0, min(self.ceiling, self.initial * 2 ** min(attempt - 1, 64)))
 
 
 def idempotency_key(saga_id: UUID, step: str) -> str:

@@ -202,3 +202,53 @@ def test_a_retried_remote_compensation_that_fails_again_needs_attention_again(
     shop.server.gateway.knobs.refund_unavailable_rate = 0.0
     shop.ledger.execute(RetrySaga(saga_id, "alice", "gateway back"))
     assert shop.run(saga_id).state is SagaState.COMPENSATED
+
+
+#: As CREDIT_THEN_FAIL, with a policy that keeps compensating for a long outage (attempts a
+#: deployment may well allow: at the 5 s backoff ceiling, 1,100 is about 45 minutes).
+PATIENT = SagaDefinition(
+    "credit-then-fail-patiently",
+    steps=CREDIT_THEN_FAIL.steps,
+    policy=SagaPolicy(max_compensation_attempts=1_100),
+)
+
+
+class StartPatient(Command):
+    saga_id: Uuid
+    account: Uuid
+
+    def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+        data = {"account": str(self.account)}
+        saga = aggregates.add(
+            Saga._create(Saga.Started, id=self.saga_id, kind=PATIENT.name, data=data)
+        )
+        assert aggregates.now is not None
+        saga.enter_step(aggregates.now)
+        return {"saga_id": self.saga_id}
+
+
+def test_a_policy_of_more_than_a_thousand_attempts_keeps_retrying() -> None:
+    """The backoff before attempt n is initial * 2**(n-1), capped at the ceiling: computed
+    uncapped, past attempt 1,024 the power no longer converts to a float, and the
+    processor failed (for good: every restart met the same attempt) instead of retrying
+    until the policy's limit."""
+    clock = Clock()
+    with open_ledger("memory://", clock=clock) as ledger:
+        account = ledger.open_account("shop", "EUR").account_id
+        processor = SagaProcessor(ledger, None, {}, clock=clock, seed=1)  # type: ignore[arg-type]
+        try:
+            saga_id = uuid4()
+            ledger.execute(StartPatient(saga_id, account))
+            processor.drive(saga_id, max_moves=1)  # "credit": 100 deposited
+            ledger.withdraw(account, 100)  # and spent: taking it back is refused each time
+            for _ in range(1_200):
+                saga = processor.drive(saga_id)
+                move = saga.next_move(clock.now)
+                if saga.state is not SagaState.COMPENSATING or not isinstance(move, Wait):
+                    break
+                assert move.until is not None
+                clock.now = move.until + timedelta(milliseconds=1)
+            assert saga.state is SagaState.NEEDS_ATTENTION, saga.view()
+            assert saga.attempts == 1_099
+        finally:
+            processor.stop()
