@@ -454,3 +454,22 @@ def test_a_hold_sent_again_with_its_generated_id_is_told_it_exists(
     object.__setattr__(again, "hold_id", once.hold_id)  # as a caller keeping the first id
     assert refusal(lambda: ledger.execute(again)).code == "hold_exists"
     assert ledger.head() == head
+
+
+def test_a_hold_past_its_timeout_does_not_count_against_what_holds_may_set_aside(
+    ledger: Ledger, clock: Clock
+) -> None:
+    """A hold stops counting in every admission check at the instant its timeout passes:
+    the bound on what an account's holds set aside (2**63-1, as the read models store it)
+    too. The account said nothing was held and all was available, and a hold of 1 was
+    refused ``balance_overflow``, "9223372036854775807 on hold"."""
+    most = 2**63 - 1
+    account = ledger.open_account("big", "EUR", overdraft_limit=most).account_id
+    assert account is not None
+    ledger.hold(account, most, timeout=60)
+    clock.advance(60)
+    view = ledger.account(account)
+    assert (view.held, view.available) == (0, most)
+    hold_id = ledger.hold(account, 1, timeout=60).hold_id  # refused balance_overflow before
+    assert hold_id is not None
+    assert ledger.account(account).held == 1
