@@ -197,7 +197,7 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
     # Innermost of ours: its answers pass through BodyLimit, CORS (a browser may read them)
     # and Observe (they are measured, and carry the request's id) like every other answer.
     app.add_middleware(Unhandled)
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes, idle=options.body_timeout)
     if options.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -327,11 +327,13 @@ class Unhandled:
 
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes: by Content-Length at once, and while a body
-    without one arrives (so nothing larger is ever held in memory)."""
+    without one arrives (so nothing larger is ever held in memory); and a body whose next
+    part does not arrive within ``idle`` seconds (``408 request_timeout``)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, idle: float) -> None:
         self.app = app
         self.limit = limit
+        self.idle = idle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -342,12 +344,26 @@ class BodyLimit:
             await self._refuse(send)
             return
         seen = 0
+        arrived = False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, arrived
+            if arrived:  # (a wait for the client to hang up, say: no limit on it)
+                return await receive()
+            try:
+                # A body that stops arriving (a client gone without closing, a stalled
+                # upload) would hold its request, and a SIGTERM that waits for it, for ever.
+                async with asyncio.timeout(self.idle):  # no task of its own, as wait_for makes
+                    message = await receive()
+            except TimeoutError:
+                raise Problem(
+                    "request_timeout",
+                    f"no part of the body arrived for {self.idle:g}s; send it again",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                arrived = not message.get("more_body", False)
                 if seen > self.limit:
                     raise _too_large(self.limit)
             return message

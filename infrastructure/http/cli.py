@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
             f"daybook serve --url {_PG} --startup-wait 120",
             "daybook serve --cors-origin https://dashboard.example.com --token-rate 200",
             "daybook serve --command-capacity 4096 --read-capacity 512 --read-connections 8",
-            "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --max-read-wait 5",
+            "daybook serve --token-cache-seconds 1 --max-body-bytes 16384 --body-timeout 10 "
+            "--max-read-wait 5",
             "daybook serve --no-access-log --log-level warning --log-format json",
         ],
     )
@@ -129,6 +130,13 @@ def register(subparsers: Any) -> None:
         type=whole_number(64),
         default=_DEFAULTS.max_body_bytes,
         help="largest body taken",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=_DEFAULTS.body_timeout,
+        help="longest wait for the next part of a request's body, in seconds: then 408 "
+        "request_timeout, nothing done (a client gone mid-upload holds nothing, nor a stop)",
     )
     serve.add_argument(
         "--max-read-wait",
@@ -342,6 +350,7 @@ def _serve(args: argparse.Namespace) -> int:
         token_rate=args.token_rate,
         token_cache_seconds=args.token_cache_seconds,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
         max_read_wait=args.max_read_wait,
         cors_origins=tuple(args.cors_origin),
         access_log=not args.no_access_log,

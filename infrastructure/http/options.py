@@ -21,6 +21,9 @@ class HttpOptions:
     #: How long a verified token is trusted before it is looked up again.
     token_cache_seconds: float = 5.0
     max_body_bytes: int = 1024 * 1024
+    #: Longest wait for the next part of a request's body, in seconds (then 408): a client
+    #: gone mid-upload without closing would otherwise hold its request, and a stop, for ever.
+    body_timeout: float = 30.0
     #: Longest wait a read may ask for with min_position.
     max_read_wait: float = 10.0
     #: Origins allowed to call from a browser (empty: CORS off).

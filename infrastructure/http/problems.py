@@ -37,6 +37,7 @@ STATUS: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     # Well-formed, refused by a rule about the values.
@@ -192,6 +193,10 @@ DESCRIPTIONS: dict[str, str] = {
     "not_found": "Nothing is at this path, or the read model has no such row.",
     "method_not_allowed": "This path does not take this method; Allow lists those it takes.",
     "payload_too_large": "The body is larger than the server accepts.",
+    "request_timeout": (
+        "The body stopped arriving (no part of it for --body-timeout, 30 s by default); "
+        "nothing was done: send the request again."
+    ),
     "unsupported_media_type": "Bodies must be application/json.",
     "rate_limited": "This token sent more requests than its rate allows; see Retry-After.",
     "internal_error": "A bug in daybook; the server log has the details.",

@@ -244,6 +244,33 @@ def test_an_oversized_body_without_a_length_is_refused_as_it_arrives(api: Api) -
     assert api.head() == head
 
 
+def test_a_body_that_stops_arriving_is_refused_not_waited_for_for_ever(tmp_path: Any) -> None:
+    # A client gone mid-upload without closing its connection: its request held the server
+    # (and a SIGTERM, which waits for every request in progress) for as long as it stayed.
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(body_timeout=0.5))
+    head = api.head()
+
+    async def stalls() -> Any:
+        yield b'{"account_id": '
+        await asyncio.sleep(3600)
+        yield b"}"
+
+    async def send() -> httpx.Response:
+        headers = {**api.auth("tester"), "Idempotency-Key": "k", "Content-Type": "application/json"}
+        post = api.client.post("/v1/commands/deposit", content=stalls(), headers=headers)
+        return await asyncio.wait_for(post, 10)
+
+    try:
+        try:
+            reply = api.run(send())
+        except TimeoutError:
+            pytest.fail("a request whose body stalled was still waiting for it 10 s later")
+        assert_problem(reply, 408, "request_timeout")
+        assert api.head() == head
+    finally:
+        api.close()
+
+
 def test_a_domain_refusal_is_problem_json_with_its_code_and_numbers(api: Api) -> None:
     account = api.open_account()
     reply = api.command("withdraw", {"account_id": account, "amount": 500})
