@@ -251,7 +251,7 @@ def _handle_errors(app: FastAPI) -> None:
             allowed = ", ".join(_methods_at(app, request.scope))
             return Problem(
                 "method_not_allowed",
-                f"{request.url.path} does not take {request.method}; it takes {allowed}",
+                f"{shown(request.url.path)} does not take {request.method}; it takes {allowed}",
                 headers={"Allow": allowed},
             ).response()
         return Problem("invalid_request", str(error.detail), status=error.status_code).response()

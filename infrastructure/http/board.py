@@ -148,7 +148,7 @@ class Dashboard:
         @app.get("/dashboard/{name}", include_in_schema=False)
         async def static(name: str) -> Response:
             if name not in _ASSETS:
-                raise Problem("not_found", f"the dashboard has no file {name!r}")
+                raise Problem("not_found", f"the dashboard has no file {shown(name)}")
             return Response(asset(name), media_type=_ASSETS[name])
 
         @app.get("/v1/dashboard", tags=["service"], summary="What the dashboard shows")

@@ -640,3 +640,19 @@ def test_resuming_a_version_that_is_not_stopped_answers_illegal_transition(
     assert reply.status_code == 422, reply.text
     assert reply.json()["code"] == "illegal_transition", reply.text
     assert "cannot resume a live version" in reply.json()["detail"], reply.text
+
+
+def test_a_path_the_client_sent_is_echoed_cut_short_in_every_refusal(sqlite_api: Api) -> None:
+    # The README: "like any value it echoes, a name the client sent ... is cut to 80
+    # characters of its quoted form, saying its length". A 405 and the dashboard's 404
+    # repeated the whole path, however long.
+    long = "x" * 5000
+    answers = [
+        sqlite_api.run(
+            sqlite_api.client.delete(f"/v1/stock/{long}", headers=sqlite_api.auth("tester"))
+        ),
+        sqlite_api.run(sqlite_api.client.get(f"/dashboard/{long}")),
+    ]
+    for reply in answers:
+        assert reply.status_code in (404, 405), reply.text[:200]
+        assert len(reply.json()["detail"]) < 300, (reply.status_code, len(reply.json()["detail"]))
