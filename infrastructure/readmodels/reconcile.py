@@ -178,30 +178,46 @@ class Fold:
         #: Every event up to here is folded (or, for a vector, considered).
         self.done = 0
         self.partitions: Callable[[str], int] | None = None
+        #: The partition count ``partitions`` maps to.
+        self.count: int | None = None
         #: For a vector: per partition, every event up to here is folded.
         self.complete: list[int] | None = None
         self.batches = 0
 
     def advance(self, point: _Point, partitions: int | None) -> None:
-        """Fold the events the checkpoint has and the fold has not."""
+        """Fold the events the checkpoint has and the fold has not.
+
+        The checkpoint may have changed kind since the last call (a handover while the fold
+        ran, without a lock): the events already folded are then those of the earlier
+        checkpoint (every event up to ``done``, or each partition's up to its entry of
+        ``complete`` under the earlier partitioning), and only the others are folded."""
         vector = point.vector
         wanted: Callable[[LogEvent], bool] | None = None
+        folded = self._folded()
+        start = self.done if self.complete is None else min(self.complete)
         if vector is None:
-            start, end = self.done, point.position
+            end = point.position
+            if folded is not None:
+                wanted = _not(folded)
         else:
             assert partitions is not None
-            partition = self.partitions or partition_of(partitions)
-            self.partitions = partition
-            complete = self.complete or [0] * partitions
+            partition = (
+                self.partitions
+                if self.partitions is not None and self.count == partitions
+                else partition_of(partitions)
+            )
             positions, parked = vector.positions, point.parked
 
             def wanted(event: LogEvent) -> bool:
                 q = partition(event.originator_id)
-                return complete[q] < event.position <= positions[q] and (
-                    event.position not in parked
-                )
+                if folded is None:
+                    if event.position <= self.done:
+                        return False
+                elif folded(event):
+                    return False
+                return event.position <= positions[q] and event.position not in parked
 
-            start, end = min(complete), max(vector.furthest, vector.position)
+            end = max(vector.furthest, vector.position)
         while start < end:
             raw = self.log.scan(start, min(FOLD_BATCH, end - start))
             if not raw:
@@ -230,11 +246,20 @@ class Fold:
             if self.batches % VACUUM_EVERY == 0:
                 self._vacuum()
         if vector is None:
-            self.done = end
+            self.done, self.complete, self.partitions, self.count = end, None, None, None
         else:
             # Every event of partition q up to its bound is in the owner's tables (and so
             # folded here): the next round starts after it.
             self.complete = list(vector.bounds)
+            self.partitions, self.count = partition, partitions
+
+    def _folded(self) -> Callable[[LogEvent], bool] | None:
+        """For a fold made to a vector, whether it holds an event (or left it out as the
+        group did); None for a fold made to a position (every event up to ``done``)."""
+        complete, partition = self.complete, self.partitions
+        if complete is None or partition is None:
+            return None
+        return lambda event: event.position <= complete[partition(event.originator_id)]
 
     def _vacuum(self) -> None:
         """Temporary tables get no autovacuum: rows changed batch after batch (a running
@@ -247,6 +272,13 @@ class Fold:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _not(folded: Callable[[LogEvent], bool]) -> Callable[[LogEvent], bool]:
+    def wanted(event: LogEvent) -> bool:
+        return not folded(event)
+
+    return wanted
 
 
 @contextmanager
@@ -275,6 +307,11 @@ def reconcile(
         if record is None or record.state is VersionState.RETIRED:
             state = "absent" if record is None else record.state.value
             msg = f"{projection.name} version {projection.version} is {state}; nothing to reconcile"
+            if record is None:
+                msg += (
+                    f" (build it first: `daybook project`, or `daybook projections rebuild "
+                    f"{projection.name}`)"
+                )
             # Retired: a switch committed since the caller chose it (the continuous
             # reconciler skips it); absent: a name or version nobody built.
             raise LookupError(msg) if record is None else VersionRetired(msg)

@@ -727,7 +727,8 @@ def test_reconciling_a_named_projection_that_was_never_built_fails(
     """Asked for one projection, reconcile that checked nothing has not done what was asked
     (a full pass still skips the versions not built, and says so)."""
     line = one_line(capsys, ["reconcile", "account_balances", "--url", ledger_file], code=1)
-    assert line == "daybook: account_balances version 1 is absent; nothing to reconcile"
+    assert line.startswith("daybook: account_balances version 1 is absent; nothing to reconcile")
+    assert "daybook projections rebuild account_balances" in line
     assert main(["reconcile", "--url", ledger_file]) == 0
     assert "account_balances: skipped" in capsys.readouterr().out
 
