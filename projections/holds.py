@@ -62,10 +62,13 @@ EXPIRING_RESERVATIONS = Table(
     ),
     key=("inventory_id", "reservation_id"),
     indexes=(("expires_at",),),
+    label=("sku", "reservation_id"),
 )
 
 #: The SKU of each inventory (reservation events name only the inventory's id).
-SKUS = Table("inventory_skus", (Column("inventory_id"), Column("sku")), key=("inventory_id",))
+SKUS = Table(
+    "inventory_skus", (Column("inventory_id"), Column("sku")), key=("inventory_id",), label=("sku",)
+)
 
 
 def instant(value: Any) -> str:

@@ -58,3 +58,34 @@ def test_a_handover_during_the_fold_neither_reports_drift_nor_repairs_it_in(
     # The fold had folded the log twice (summed tables doubled) and the repair wrote it:
     assert_tables_match(ledger, pg_url, projection)
     assert report.clean, [d.describe() for d in report.drifts[:3]]
+
+
+def test_drifted_rows_of_open_holds_are_named_by_their_sku(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README: drifted rows are printed with their business key (a SKU, not its
+    inventory id). open_holds' inventory_skus and expiring_reservations rows are keyed by
+    the inventory id and carry the SKU."""
+    from daybook import run_projections
+    from daybook.infrastructure.cli import main
+    from daybook.infrastructure.readmodels.location import open_store
+    from daybook.projections.holds import EXPIRING_RESERVATIONS, SKUS
+
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        ledger.receive_stock("SKU-7", 10)
+        ledger.reserve_stock("SKU-7", 2, timeout=3600)
+        with run_projections(ledger, url, start=False) as runner:
+            runner.run_until_caught_up()
+    store = open_store(url)
+    try:
+        with store.transaction():
+            store.execute(f"UPDATE {SKUS.physical_name(1)} SET sku = 'SKU-X'")
+            store.execute(f"UPDATE {EXPIRING_RESERVATIONS.physical_name(1)} SET quantity = 3")
+    finally:
+        store.close()
+    assert main(["reconcile", "open_holds", "--url", url]) == 1
+    drifted = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(drifted) == 2, drifted
+    for line in drifted:
+        assert "SKU-7" in line.split(" different ")[0], line
