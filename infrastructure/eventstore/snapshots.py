@@ -11,6 +11,7 @@ next snapshot replaces that one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import cast
 from uuid import UUID
@@ -20,6 +21,8 @@ from eventsourcing.persistence import EventStore
 from eventsourcing.utils import resolve_topic
 
 from daybook.infrastructure.codec import ContractMapper
+
+log = logging.getLogger("daybook.snapshots")
 
 
 class Snapshots(EventStore[UUID]):
@@ -38,9 +41,22 @@ class Snapshots(EventStore[UUID]):
         for stored in self.recorder.select_events(
             originator_id, gt=gt, lte=lte, desc=desc, limit=limit
         ):
-            trusted: int = getattr(resolve_topic(stored.topic), "replay_below", 1)
             # Only the latest snapshot is kept: one skipped leaves none, so the repository
             # replays every event.
-            if trusted > 1 and mapper.stored_version(stored) < trusted:
+            try:
+                trusted: int = getattr(resolve_topic(stored.topic), "replay_below", 1)
+                if trusted > 1 and mapper.stored_version(stored) < trusted:
+                    continue
+                snapshot = mapper.to_domain_event(stored)
+            except Exception:
+                # A snapshot is only a saving on replay: one that cannot be read back (a
+                # damaged row, a contract it does not meet) is skipped, not fatal to its
+                # aggregate. Its next snapshot replaces it.
+                log.warning(
+                    "the snapshot of %s at version %s cannot be read; replaying its events",
+                    stored.originator_id,
+                    stored.originator_version,
+                    exc_info=True,
+                )
                 continue
-            yield mapper.to_domain_event(stored)
+            yield snapshot

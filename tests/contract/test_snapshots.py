@@ -275,3 +275,30 @@ def test_two_writers_crossing_a_snapshot_boundary_at_once_meet_a_version_conflic
         assert isinstance(results["first"], Receipt), results
         assert isinstance(results["second"], Receipt), results
         assert first.account(account).balance == 22
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b'{"garbage": 1}', b"\x00not json"],
+    ids=["fails-its-contract", "not-json"],
+)
+def test_a_snapshot_that_cannot_be_read_is_skipped_and_the_aggregate_replayed(
+    tmp_path: Path, damage: bytes
+) -> None:
+    """A snapshot is only a saving on replay: every event it was taken from is still in
+    the log. One that cannot be read back (a damaged row, a contract it no longer meets)
+    must not make its account unusable for good: the account is replayed from its events,
+    as for a snapshot its contract no longer trusts, and its next snapshot replaces it."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(settings=settings(url, interval=5)) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        ledger.submit([Deposit(account, 1) for _ in range(12)])
+    db = sqlite3.connect(tmp_path / "daybook.db")
+    assert db.execute("SELECT count(*) FROM stored_snapshots").fetchone() == (1,)
+    db.execute("UPDATE stored_snapshots SET state = ?", (damage,))
+    db.commit()
+    db.close()
+    with open_ledger(settings=settings(url, interval=5)) as ledger:  # nothing cached
+        assert ledger.account(account).balance == 12
+        assert ledger.deposit(account, 1).position == ledger.head()
+        assert ledger.account(account).balance == 13
