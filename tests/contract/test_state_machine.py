@@ -770,6 +770,16 @@ class LedgerMachine(RuleBasedStateMachine):
     def time_passes(self, step: float) -> None:
         self.clock.now += step
 
+    @rule(data=st.data())
+    def time_reaches_the_end_of_a_window(self, data: st.DataObject) -> None:
+        """Time moves to the very instant a recorded request's window ends: the boundary an
+        off-by-one gets wrong, which the fixed steps above reach only by chance."""
+        kept = self.kept()
+        if not kept:
+            return
+        earlier = data.draw(st.sampled_from(kept), label="request whose window ends")
+        self.clock.now = earlier.at + WINDOW
+
     @rule()
     def purge_expired_requests(self) -> None:
         self.ledger.request_purge.purge()

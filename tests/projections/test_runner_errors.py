@@ -70,6 +70,30 @@ def test_rows_the_database_refuses_stop_that_projection_only(ledger: Ledger, url
     assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
 
 
+def test_rows_refused_in_a_batch_of_live_versions_leave_the_others_applied_once(
+    ledger: Ledger, url: str
+) -> None:
+    """As above, but the refused rows come in a batch after both versions were built and
+    serve (the first build takes another path): the whole batch is rolled back, and the
+    other projection's part, written again alone, is applied once, not on top of what the
+    rolled-back batch had left in its row cache."""
+    ids = [ledger.open_account(f"owner-{n}", "EUR").account_id for n in range(3)]
+    for account in ids:
+        ledger.deposit(account, 100)  # one entry each: the broken projection serves too
+    runner = ProjectionRunner(
+        event_log_of(ledger), url, [projections.ACCOUNT_BALANCES, BROKEN], batch_size=1000
+    )
+    runner.run_until_caught_up()
+    assert runner.step() == 0
+    ledger.deposit(ids[1], 7)
+    ledger.deposit(ids[0], 5)  # a second entry for ids[0]: its rows are refused
+    runner.run_until_caught_up()
+    assert runner.health().state is not ServiceState.FAILED
+    runner.stop()
+    _stopped_for_its_rows(url, "one_entry")
+    assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
+
+
 #: A value no 64-bit column holds (a day's total that passed 2**63-1, say).
 HUGE = Table("huge", (Column("account_id"), Column("amount", "bigint")), ("account_id",))
 
