@@ -146,7 +146,9 @@ def register(subparsers: Any) -> None:
         "for more (a stop or a rebalance ends the wait at once; 0, the default: it takes "
         "what has been fetched)",
     )
-    worker.add_argument("--port", type=whole_number(0), default=0, help="faust web port (0: none)")
+    worker.add_argument(
+        "--port", type=whole_number(0, 65535), default=0, help="faust web port (0: none)"
+    )
     add_metrics_port_argument(worker)
     add_log_arguments(worker, level=False)
     add_startup_wait_argument(worker)

@@ -218,10 +218,17 @@ def _kind(raw: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+#: The largest whole number an envelope's field may hold: positions, chains and versions
+#: are stored in 64-bit columns (progress rows, dead letters), which refuse anything past it.
+_MOST = 2**63 - 1
+
+
 def _whole(raw: dict[str, Any], name: str, least: int) -> int:
     value: int = _kind(raw, name, int)
     if value < least:
         raise BadEnvelope(f"not a daybook envelope: {name} {value} is below {least}")
+    if value > _MOST:
+        raise BadEnvelope(f"not a daybook envelope: {name} {value} is past {_MOST}")
     return value
 
 

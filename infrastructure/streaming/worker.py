@@ -617,14 +617,39 @@ class StreamApplier:
                 self._gap_ended(message.partition, part)
                 part.changed = True
             crash_point("worker.before_commit")
-            for rows in batches.values():
-                rows.flush()
+            for key, rows in list(batches.items()):
+                if not self._flush_or_stop(store, rows):
+                    del batches[key]
             self._save_progress(store, progress)
             crash_point("worker.commit")  # rows and progress written; COMMIT next
         for rows in batches.values():
             rows.merge_into_cache()
         crash_point("worker.after_commit")
         return result, times
+
+    def _flush_or_stop(self, store: ReadStore, rows: BatchRows) -> bool:
+        """Write a version's rows of the batch; if the database refuses them (a value out of
+        a column's range, a key twice), stop that version with the error, as the runner
+        does, and go on with the others: raised, the error failed the worker, and every
+        worker of the group failed again at every start on the same batch, every version
+        of the group left behind. (A version a group stopped is not resumed: rebuilt under
+        a new version.) Whether the rows were written."""
+        store.execute("SAVEPOINT daybook_rows")
+        try:
+            rows.flush()
+        except Exception as error:
+            if not store.refused_rows(error):
+                raise
+            store.execute("ROLLBACK TO SAVEPOINT daybook_rows")
+            slot = rows.slot
+            reason = f"writing its rows failed: {first_line(error)}"
+            VersionCatalog(store).stop(*slot.key, reason)
+            self._slots = [s for s in self._slots if s is not slot]
+            log.error("worker: projection %s v%s stopped: %s", *slot.key, reason,
+                      extra={LIMITED_AT_SOURCE: True})  # fmt: skip
+            return False
+        store.execute("RELEASE SAVEPOINT daybook_rows")
+        return True
 
     def _followed_store(self, store: ReadStore) -> str | None:
         """The event store the group follows (None until a message named one)."""

@@ -1,0 +1,104 @@
+"""A stream worker's inputs it cannot take: rows the database refuses, numbers past 64 bits, an
+option out of range. Each stops as little as it can, with a reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger, projections
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.streaming.progress import read_status
+from daybook.infrastructure.streaming.worker import Message, StreamApplier
+from scripts.streams import Daybook, unique
+from tests.projections.helpers import workload
+from tests.projections.test_runner_errors import TOO_BIG
+from tests.streaming.messages import Stream
+from tests.streaming.test_applier import _envelope_like
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.mark.kafka
+def test_a_worker_port_out_of_range_is_a_bad_option_not_a_traceback(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """``--metrics-port`` is checked (0-65535); ``--port`` (faust's web port) is not: faust
+    refuses it at the app's construction, with ``ImproperlyConfigured`` and a traceback,
+    exit status 1, after the preflight checks."""
+    args = ["worker", "--url", pg_url, "--broker", f"kafka://{kafka_bootstrap}"]
+    args += ["--topic", unique("port"), "--group", unique("g"), "--port", "99999"]
+    process = Daybook(args, tmp_path / "w.log").start()
+    code = process.wait(60)
+    assert "Traceback" not in process.output, process.output[-600:]
+    assert code == 2, process.output[-600:]
+    assert "--port: must be at most 65535" in process.output
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"position": 2**63},
+        {"prev": 2**63, "position": 2**63 + 1},
+        {"type": "daybook.mark", "position": 2**63, "prev": 0},
+    ],
+    ids=repr,
+)
+def test_a_message_with_a_number_past_64_bits_is_parked_not_fatal(
+    pg_url: str, override: dict[str, object]
+) -> None:
+    """As a field of the wrong kind (``test_a_message_with_a_field_of_the_wrong_kind_is_
+    parked_not_fatal``): a position or prev no bigint holds passes the envelope check, then
+    the batch's progress update fails (``bigint out of range``), a failure no retry cures:
+    the worker stops, and stops again at every start (the offset never committed)."""
+    worker = StreamApplier(
+        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
+    )
+    try:
+        result = worker.apply([Message(0, 0, _envelope_like(**override))])
+    finally:
+        worker.close()
+    assert len(result.parked) == 1
+    (status,) = read_status(pg_url, "g", "t")
+    assert status.dead_letters == 1
+
+
+def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
+    pg_url: str,
+) -> None:
+    """The runner stops only the projection whose rows the database refuses (a value out of
+    a column's range), and goes on with the others
+    (``test_a_value_out_of_the_columns_range_stops_that_projection_only``). A stream worker
+    raises the error out of the batch: no retry cures it, so the worker stops, and every
+    worker of the group stops again at every start on the same batch; every projection
+    the group writes stays behind for good."""
+    ledger = open_ledger(pg_url)
+    try:
+        workload(ledger, 20)
+        messages = Stream(1).publish(ledger)
+        head = ledger.head()
+    finally:
+        ledger.close()
+    worker = StreamApplier(
+        pg_url,
+        [projections.ACCOUNT_BALANCES, TOO_BIG],
+        group="g",
+        topic="t",
+        partitions=1,
+        writer="test",
+    )
+    try:
+        worker.apply(messages)
+    finally:
+        worker.close()
+    store = open_store(pg_url)
+    try:
+        catalog = VersionCatalog(store)
+        huge = catalog.version("huge", 1)
+        assert huge is not None and huge.state is VersionState.STOPPED
+    finally:
+        store.close()
+    (status,) = read_status(pg_url, "g", "t")
+    assert status.position == head
