@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from daybook import open_ledger, projections
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
@@ -102,3 +104,26 @@ def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
         store.close()
     (status,) = read_status(pg_url, "g", "t")
     assert status.position == head
+
+
+def test_status_reads_a_progress_table_an_older_daybook_made(pg_url: str) -> None:
+    """Upgraded, ``daybook stream status`` may run before any new worker has connected (and
+    added its columns to the progress table): it reads what is there, the rest as unknown,
+    rather than failing on a column an older daybook did not have."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE {PROGRESS_TABLE} ("
+            "group_id TEXT NOT NULL, topic TEXT NOT NULL, partition BIGINT NOT NULL, "
+            "position BIGINT NOT NULL DEFAULT 0, applied BIGINT NOT NULL DEFAULT 0, "
+            "duplicates BIGINT NOT NULL DEFAULT 0, dead_letters BIGINT NOT NULL DEFAULT 0, "
+            "state TEXT NOT NULL DEFAULT 'live', last_error TEXT, "
+            "waiting_for BIGINT NOT NULL DEFAULT 0, "
+            "PRIMARY KEY (group_id, topic, partition))"
+        )
+        conn.execute(
+            f"INSERT INTO {PROGRESS_TABLE} (group_id, topic, partition, position, applied)"
+            " VALUES ('g', 't', 0, 7, 7)"
+        )
+    (status,) = read_status(pg_url, "g", "t")
+    assert (status.partition, status.position, status.applied) == (0, 7, 7)
+    assert (status.bound, status.writer) == (0, None)
