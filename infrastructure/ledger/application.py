@@ -166,6 +166,11 @@ class UnitOfWork:
         #: that creates one asks whether its id is taken by another kind after finding
         #: none), they are not looked up again.
         self._absent: set[int] = set()
+        #: Aggregates read from the store itself (or found absent there) by this batch, and
+        #: those of them the command being applied read: a refusal judged on one that an
+        #: earlier command read is brought up to date first (``catch_up_for_refusal``).
+        self._from_store: set[int] = set()
+        self._loaded_now: set[int] = set()
         #: Aggregates an accepted command read without changing them (``collect``): unlike
         #: those it changes, nothing it writes would meet another writer's change to them,
         #: so the commit checks them (``reads``).
@@ -206,6 +211,8 @@ class UnitOfWork:
                 # exist. Creating it lets the store check; anything else checks below.
                 self.assumed_absent[key] = aggregate_id
                 return None
+            self._from_store.add(key)
+            self._loaded_now.add(key)
             try:
                 aggregate = repository.get(aggregate_id)
             except AggregateNotFoundError:
@@ -281,6 +288,7 @@ class UnitOfWork:
                 elif not aggregate.write_once and key not in confirmed:
                     self.read_only.append(key)  # (a write-once aggregate never changes)
         self.touched.clear()
+        self._loaded_now.clear()
         return events
 
     def reads(self) -> list[Read]:
@@ -315,7 +323,47 @@ class UnitOfWork:
                 raise RuntimeError(msg)
         self.confirm_refusal()
         self.touched.clear()
+        self._loaded_now.clear()
         self._confirmed = 0
+
+    def catch_up_for_refusal(self) -> bool:
+        """Before a refusal stands: bring up to date, from the store, what the refused
+        command touched that an earlier command of the batch read there (or found absent),
+        that the batch has not changed and that no accepted command of it only read. Such a
+        copy is as old as that earlier command, and neither the commit nor
+        ``confirm_refusal`` would see another writer's change to it since. True if one
+        moved: the command is judged again."""
+        earlier = [
+            key
+            for key in dict.fromkeys(self.touched)
+            if key in self._from_store and key not in self._loaded_now
+        ]
+        if not earlier:
+            return False
+        read_by_accepted = set(self.read_only)
+        moved = False
+        absent = []
+        for key in earlier:
+            if key in read_by_accepted:
+                continue
+            aggregate = self.aggregates.get(key)
+            if aggregate is None:
+                if key in self._absent:
+                    absent.append(key)
+                continue
+            if aggregate.pending_events or aggregate.version != self.taken_versions.get(key):
+                continue  # changed by the batch: its commit meets any other writer's change
+            before = aggregate.version
+            self._service._fast_forward(aggregate)
+            if aggregate.version != before:
+                self.taken_versions[key] = aggregate.version
+                moved = True
+        if absent:
+            for found in self._service.latest_versions([UUID(int=key) for key in absent]):
+                self._absent.discard(found.int)
+                moved = True
+        self._loaded_now.update(earlier)  # fresh now: not caught up again for this command
+        return moved
 
     def confirm_refusal(self) -> None:
         """Raise ``StaleCache`` unless what the command touched so far was read at the
@@ -982,7 +1030,7 @@ class LedgerService(Application[UUID]):
                 prepared.applied_at = uow.now.timestamp()
             with metadata_scope(command.metadata):
                 try:
-                    fields = command.handle(uow)
+                    fields = _judge(command, uow)
                 except StaleCache:
                     # A refusal the command caught, to record it as its outcome, was judged
                     # on a stale cache (``UnitOfWork.confirm_refusal``): run it again fresh.
@@ -1303,6 +1351,19 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
 
 #: Seconds within which a failed attempt counts as failing "at once" (see ``outage_budget``).
 _AT_ONCE = 1.0
+
+
+def _judge(command: Command, uow: UnitOfWork) -> Any:
+    """``command.handle(uow)``; a refusal judged on a copy an earlier command of the batch
+    read from the store is judged again once that copy is brought up to date (at most
+    twice: each catch-up reads the store's latest)."""
+    for _ in range(2):
+        try:
+            return command.handle(uow)
+        except DomainError:
+            if not uow.catch_up_for_refusal():
+                raise
+    return command.handle(uow)
 
 
 def _backoff(attempt: int) -> None:
