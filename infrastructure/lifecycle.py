@@ -293,6 +293,11 @@ class SupervisedThread:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        if self.stopping:
+            # Its thread has ended (or is ending) and ``Stopping`` stays set: a start now
+            # would run nothing, and say nothing, while its caller believes it runs.
+            msg = f"{self.name} was stopped; a stopped service cannot start again: make a new one"
+            raise RuntimeError(msg)
         if self._thread is not None:
             return
         self.supervisor.move(ServiceState.RUNNING)
@@ -369,15 +374,28 @@ class SupervisedTask:
         """Run the body under supervision until ``stop`` (or a failure that is not transient)."""
         supervisor = self.supervisor
         supervisor.move(ServiceState.RUNNING)
+        try:
+            await self._supervise()
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            # Ended from outside (cancelled, in its body or its backoff; the process
+            # stopping): it runs no more, and its health and ``daybook_service_up`` must
+            # not say it does.
+            supervisor.move(ServiceState.STOPPED)
+            raise
+
+    async def _supervise(self) -> None:
+        supervisor = self.supervisor
         while not self.stopping:
             started = time.monotonic()
             try:
                 await self._body(self.stopping)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as error:  # judged: retried, or recorded as FAILED
+            except BaseException as error:  # judged: retried, or recorded as FAILED
                 supervisor.ran(started)
                 delay = supervisor.judge(error)
+                if not isinstance(error, Exception):
+                    raise  # (FAILED by then: not transient) as asyncio would have it
                 if delay is None:
                     return
                 with contextlib.suppress(TimeoutError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
@@ -21,6 +22,7 @@ from daybook.infrastructure.lifecycle import (
     SupervisedTask,
     SupervisedThread,
 )
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import RateLimit
 
 QUICK = RestartPolicy(initial=0.001, ceiling=0.002)
@@ -347,3 +349,86 @@ def test_recovered_moves_only_a_retrying_service() -> None:
     service = SupervisedThread("idle", Flaky(0, OSError("x")))
     service.supervisor.recovered()
     assert service.health().state is ServiceState.CREATED
+
+
+def _up(name: str) -> float:
+    return metrics.SERVICE_UP.labels(name)._value.get()
+
+
+def test_a_cancelled_asyncio_service_does_not_say_it_runs() -> None:
+    """``task.cancel()`` (an ``asyncio.timeout``, a ``TaskGroup`` whose sibling failed, a
+    caller's shutdown) ends the relay's task: its health and ``daybook_service_up`` must
+    not go on saying it runs."""
+
+    async def scenario() -> ServiceState:
+        async def body(stopping: Stopping) -> None:
+            await asyncio.sleep(3600)
+
+        service = SupervisedTask("cancelled task", body)
+        task = asyncio.create_task(service.run())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return service.health().state
+
+    state = asyncio.run(scenario())
+    assert state is not ServiceState.RUNNING, "the task ended, its health says running"
+    assert _up("cancelled task") == 0
+
+
+def test_an_asyncio_service_whose_body_raises_a_base_exception_fails_visibly() -> None:
+    class Aborted(BaseException):
+        pass
+
+    async def scenario() -> ServiceState:
+        async def body(stopping: Stopping) -> None:
+            raise Aborted("gone")
+
+        service = SupervisedTask("aborted task", body)
+        with contextlib.suppress(Aborted):
+            await service.run()
+        return service.health().state
+
+    assert asyncio.run(scenario()) is ServiceState.FAILED
+    assert _up("aborted task") == 0
+
+
+def test_an_asyncio_service_cancelled_in_its_backoff_does_not_say_it_retries() -> None:
+    async def scenario() -> ServiceState:
+        async def body(stopping: Stopping) -> None:
+            raise ConnectionResetError("broker gone")
+
+        service = SupervisedTask(
+            "cancelled in backoff", body, policy=RestartPolicy(initial=60, ceiling=60)
+        )
+        service.supervisor.policy = RestartPolicy(initial=60, ceiling=60)
+        task = asyncio.create_task(service.run())
+        while service.health().state is not ServiceState.RETRYING:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return service.health().state
+
+    assert asyncio.run(scenario()) is ServiceState.STOPPED
+    assert _up("cancelled in backoff") == 0
+
+
+def test_start_after_stop_is_refused_with_a_reason() -> None:
+    """``start()`` after ``stop()`` ran nothing and said nothing: its caller
+    (``sweeper.start()``, ``runner.start()``, ``ledger.request_purge.start()``) was left
+    believing the service ran. A second ``start()`` of a running service is still nothing."""
+    runs = threading.Semaphore(0)
+
+    def body(stopping: Stopping) -> None:
+        runs.release()
+        stopping.wait()
+
+    service = SupervisedThread("restarted thread", body)
+    service.start()
+    assert runs.acquire(timeout=5)
+    service.start()  # running: nothing more
+    service.stop()
+    with pytest.raises(RuntimeError, match="a stopped service cannot start again"):
+        service.start()
