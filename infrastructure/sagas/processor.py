@@ -315,7 +315,9 @@ class SagaProcessor:
         try:
             self.drive(saga_id)
             self._stalled = None
-        except Exception as error:
+        # Not only Exception: a BaseException (SystemExit from a port's SDK, a
+        # CancelledError) ended the move in its worker's future, which nobody reads.
+        except BaseException as error:
             transient = is_transient(error)
             if transient:
                 self._stalled = first_line(error)

@@ -945,3 +945,47 @@ def test_a_process_whose_saga_call_hangs_exits_once_the_stop_gave_up(tmp_path: A
     )
     assert done.stdout == "returned\n", done.stdout + done.stderr
     assert done.returncode == 0, done.stderr
+
+
+# A port of the deployment's own that raises something other than an Exception (a
+# ``BaseException``: ``SystemExit`` from an SDK's ``sys.exit``, a ``CancelledError`` out of a
+# port that runs a coroutine) stops the processor visibly, as the README says of "anything but
+# a GatewayError raised by a port of your own": it ended the move in its worker's future,
+# which nobody read, without a word.
+
+
+class GatewayAborted(BaseException):
+    """What an SDK may raise that is no Exception."""
+
+
+class AbortingGateway(HttpPaymentGateway):
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=2.0)
+        self.calls = 0
+
+    def charge(self, key: str, **_: Any) -> Any:  # type: ignore[override]
+        self.calls += 1
+        raise GatewayAborted("the SDK gave up")
+
+
+@pytest.mark.parametrize("shared_store_url", ["sqlite"], indirect=True)
+def test_a_base_exception_from_a_port_stops_the_processor_visibly(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = AbortingGateway(shop.server.url)
+    processor = SagaProcessor(shop.ledger, shop.processor.views, {"payments": port}, poll=0.01)
+    saga_id = shop.order("o-audit-1", [("KETTLE", 1, 3_000)])
+    processor.drive(saga_id, max_moves=2)  # reserve and hold: local, no gateway
+    with caplog.at_level(logging.WARNING):
+        future = processor.wake(saga_id)
+        assert future is not None
+        deadline = time.monotonic() + 10
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done() and port.calls == 1
+    processor.stop()
+    said = [r.getMessage() for r in caplog.records if str(saga_id) in r.getMessage()]
+    assert said, f"nothing logged: the move died silently ({future.exception()!r})"
+    # And the processor's next pass fails, as for any failure no retry cures (FAILED).
+    with pytest.raises(GatewayAborted):
+        processor.run_due()
