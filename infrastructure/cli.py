@@ -197,10 +197,9 @@ def rate(text: str) -> float:
 
 def positive_rate(text: str) -> float:
     """An argparse type: requests per second, above 0 (a token's own limit)."""
-    value = rate(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be above 0 requests per second, got 0")
-    return value
+    if _DECIMAL.fullmatch(text) and not float(text) > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 requests per second, got {text}")
+    return rate(text)
 
 
 def topic_name(text: str) -> str:

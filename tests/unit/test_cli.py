@@ -299,3 +299,16 @@ def test_a_worker_may_be_told_not_to_wait_to_fill_a_batch() -> None:
     assert batch_wait("0") == 0.0 and batch_wait("0.25") == 0.25
     with pytest.raises(SystemExit):
         batch_wait("-1")
+
+
+@pytest.mark.parametrize("given", ["-1", "-0.5"])
+def test_a_negative_token_rate_is_told_what_the_option_takes(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token's own --rate must be above 0: a refusal of -1 that says "0 or more" sends
+    the operator to --rate 0, which is refused in turn."""
+    with pytest.raises(SystemExit) as exit:
+        main(["tokens", "create", "x", "--scope", "read", "--rate", given])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rate: must be above 0 requests per second" in err, err
