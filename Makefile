@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit lint generate bench clean
+.PHONY: install run test unit lint generate bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ run: $(STAMP)
 
 # Four processes: most tests wait on servers, processes and timeouts rather than compute, so
 # they overlap well even on two cores (each process starts its own PostgreSQL and broker).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -n 4 --dist worksteal
+
+# The dashboard's tests drive a real browser: Debian's Chromium, never a downloaded one.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	    echo "make: installing Debian's chromium (apt-get) for the dashboard's browser test"; \
+	    apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	    || { echo "make: could not install chromium: install it (it must be on the PATH)"; exit 1; }; }
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -43,7 +43,7 @@ def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.fail(
-            "Debian's chromium is not installed: .ci/run installs it (apt-get install chromium)"
+            "Debian's chromium is not installed: make test installs it (apt-get install chromium)"
         )
     return path
 
