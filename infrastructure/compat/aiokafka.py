@@ -7,9 +7,12 @@ tests/unit/test_compat.py) says what each name must be.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from aiokafka import partitioner
+from aiokafka.errors import KafkaConnectionError
 
 from daybook.infrastructure.compat import Internal, Kind
 
@@ -35,8 +38,56 @@ def set_fetch_max_wait(consumer: Any, seconds: float) -> None:
     consumer._fetch_max_wait_ms = int(seconds * 1000)
 
 
+async def stop_producer(producer: Any, timeout: float) -> None:
+    """Stop an ``AIOKafkaProducer`` within about ``timeout`` seconds, and everything it runs
+    with it; batches not delivered by then fail (``KafkaConnectionError``).
+
+    ``AIOKafkaProducer.stop`` marks the producer closed, then waits for its batches to be
+    delivered before it closes its sender task and its client. Cut short (a broker that is
+    down takes nothing), it left both running, and a second ``stop`` returns at once (closed
+    already): the relay leaked one producer per broker outage, each sending its old batch
+    again when the broker came back. So, once the time is up: the sender task
+    (``_sender.sender_task``) is cancelled, the accumulator's batches
+    (``_message_accumulator``) failed, and the client closed.
+    """
+    try:
+        await asyncio.wait_for(producer.stop(), timeout)
+        return
+    except Exception:  # cut short (or failed part way): closed here, whatever is left
+        pass
+    sender = producer._sender.sender_task
+    if sender is not None and not sender.done():
+        sender.cancel()
+        await asyncio.wait([sender], timeout=timeout)
+    producer._message_accumulator.fail_all(
+        KafkaConnectionError("the producer stopped before the broker took this batch")
+    )
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.client.close(), timeout)
+
+
 #: Every private aiokafka name used above, with the shape daybook expects.
 RELIED_ON: tuple[Internal, ...] = (
+    Internal(
+        "aiokafka",
+        "aiokafka:AIOKafkaProducer",
+        "_sender",
+        stop_producer,
+        "AIOKafkaProducer.stop (what it closes, and after what it waits)",
+        on_instance=True,
+        members=("sender_task",),
+        used_in="aiokafka:AIOKafkaProducer.stop",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka:AIOKafkaProducer",
+        "_message_accumulator",
+        stop_producer,
+        "AIOKafkaProducer.stop and the accumulator's fail_all",
+        on_instance=True,
+        members=("fail_all",),
+        used_in="aiokafka:AIOKafkaProducer.stop",
+    ),
     Internal(
         "aiokafka",
         "aiokafka.partitioner",

@@ -47,6 +47,7 @@ from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
 
 from daybook.infrastructure import settings
+from daybook.infrastructure.compat.aiokafka import stop_producer
 from daybook.infrastructure.eventstore.identity import ensure_store_id
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.lifecycle import (
@@ -299,8 +300,9 @@ class Relay:
             finally:
                 if listen is not None:
                     await listen.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), self.config.request_timeout)
+                # Within the broker's time, the producer's tasks and connections with it
+                # (``stop_producer``: aiokafka's own stop, cut short, left them running).
+                await stop_producer(producer, self.config.request_timeout)
             if broker_down:
                 await self._wait_for_broker()  # listening no more (see above)
                 # On from the cursor saved last: the one this loop holds is where the lead
@@ -327,8 +329,7 @@ class Relay:
             await producer.start()
             return producer
         except Exception as error:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            await stop_producer(producer, self.config.request_timeout)
             if not is_transient(error):
                 raise  # TopicMismatch (refused), an authorization: a retry cannot help
             self._failed("broker", error)

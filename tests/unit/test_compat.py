@@ -43,6 +43,15 @@ COMPAT_MODULES = {
 }
 
 
+def unstarted_kafka_producer() -> Any:
+    """An ``AIOKafkaProducer`` that never connects (its constructor wants a running loop)."""
+
+    async def build() -> Any:
+        return aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+
+    return asyncio.run(build())
+
+
 def unstarted_kafka_consumer() -> Any:
     """An ``AIOKafkaConsumer`` that never connects (its constructor wants a running loop)."""
 
@@ -83,6 +92,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "faust.transport.drivers.aiokafka:Consumer": faust_app.consumer,
         "faust.sensors.monitor:Monitor": faust_app.monitor,
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
+        "aiokafka:AIOKafkaProducer": unstarted_kafka_producer(),
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
         "psycopg_pool:ConnectionPool": datastore.pool,
