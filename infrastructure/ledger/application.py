@@ -332,13 +332,18 @@ class UnitOfWork:
         that the batch has not changed and that no accepted command of it only read. Such a
         copy is as old as that earlier command, and neither the commit nor
         ``confirm_refusal`` would see another writer's change to it since. True if one
-        moved: the command is judged again."""
+        moved: the command is judged again.
+
+        Not for a command that changed something before it refused (``check_refusal``
+        fails it): judged again, it would record its changes twice."""
+        touched = dict.fromkeys(self.touched)
         earlier = [
-            key
-            for key in dict.fromkeys(self.touched)
-            if key in self._from_store and key not in self._loaded_now
+            key for key in touched if key in self._from_store and key not in self._loaded_now
         ]
         if not earlier:
+            return False
+        aggregates = self.aggregates
+        if any(key in aggregates and aggregates[key].pending_events for key in touched):
             return False
         read_by_accepted = set(self.read_only)
         moved = False
