@@ -211,21 +211,23 @@ class Supervisor:
         a failure to judge (a bug here) fails the service visibly, rather than end its
         thread with its health still saying it runs."""
         try:
-            return self._judge(error)
+            # A BaseException that is no Exception is raised on by whoever runs the body
+            # (asyncio, a thread): not for a retry, whatever ``transient`` says of it.
+            return self._judge(error, final=not isinstance(error, Exception))
         except Exception as bug:
             log.error("%s: judging a failure failed; stopped", self.name, exc_info=bug,
                       extra=_FINAL)  # fmt: skip
             self.move(ServiceState.FAILED, f"{type(error).__name__}, then {bug!r} judging it")
             return None
 
-    def _judge(self, error: BaseException) -> float | None:
+    def _judge(self, error: BaseException, *, final: bool = False) -> float | None:
         lines = str(error).strip().splitlines()
         code = refusal_code(error)
         if code is not None:
             reason = f"refused ({code}): {lines[0]}" if lines else f"refused ({code})"
         else:
             reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-        if not self.transient(error):
+        if final or not self.transient(error):
             self._clean_up(error)
             if code is not None:
                 log.error("%s stopped: %s", self.name, reason, extra=_FINAL)
@@ -395,7 +397,7 @@ class SupervisedTask:
                 supervisor.ran(started)
                 delay = supervisor.judge(error)
                 if not isinstance(error, Exception):
-                    raise  # (FAILED by then: not transient) as asyncio would have it
+                    raise  # FAILED by then (``judge``), raised on as asyncio would have it
                 if delay is None:
                     return
                 with contextlib.suppress(TimeoutError):

@@ -377,7 +377,13 @@ def test_a_cancelled_asyncio_service_does_not_say_it_runs() -> None:
     assert _up("cancelled task") == 0
 
 
-def test_an_asyncio_service_whose_body_raises_a_base_exception_fails_visibly() -> None:
+@pytest.mark.parametrize("transient", [False, True], ids=["as-is", "transient-says-yes"])
+def test_an_asyncio_service_whose_body_raises_a_base_exception_fails_visibly(
+    transient: bool,
+) -> None:
+    """Raised on, as asyncio has it, so FAILED whatever the service's ``transient`` says
+    (one that said yes left the dead task saying it retried)."""
+
     class Aborted(BaseException):
         pass
 
@@ -385,7 +391,7 @@ def test_an_asyncio_service_whose_body_raises_a_base_exception_fails_visibly() -
         async def body(stopping: Stopping) -> None:
             raise Aborted("gone")
 
-        service = SupervisedTask("aborted task", body)
+        service = SupervisedTask("aborted task", body, transient=lambda _: transient)
         with contextlib.suppress(Aborted):
             await service.run()
         return service.health().state
