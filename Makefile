@@ -26,7 +26,7 @@ test: $(STAMP) browser
 
 # The dashboard's tests drive a real browser: Debian's Chromium, never a downloaded one.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 	    echo "make: installing Debian's chromium (apt-get) for the dashboard's browser test"; \
 	    apt-get install -y -q chromium >/dev/null 2>&1 \
 	    || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
