@@ -465,9 +465,10 @@ class VersionCatalog:
         with self.store.transaction():
             record = self._locked(name, version)
             if record.owner != RUNNER and record.state is VersionState.STOPPED:
-                # A group stops a version only at its switch (its rows repeat a key), and
-                # its partition vector, the group's, moved on meanwhile: resumed, the
-                # version would go on from there, without the events in between.
+                # A group stops a version at its switch (its rows repeat a key) or when the
+                # database refuses its rows, and its partition vector, the group's, moved on
+                # meanwhile: resumed, the version would go on from there, without the events
+                # in between.
                 raise IllegalTransition(
                     "resume",
                     record.state,

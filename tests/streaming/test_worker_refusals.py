@@ -15,7 +15,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.streaming.progress import read_status
 from daybook.infrastructure.streaming.worker import Message, StreamApplier
 from scripts.streams import Daybook, unique
-from tests.projections.helpers import workload
+from tests.projections.helpers import assert_tables_match, workload
 from tests.projections.test_runner_errors import TOO_BIG
 from tests.streaming.messages import Stream
 from tests.streaming.test_applier import _envelope_like
@@ -73,19 +73,16 @@ def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
     """The runner stops only the projection whose rows the database refuses (a value out of
     a column's range), and goes on with the others
     (``test_a_value_out_of_the_columns_range_stops_that_projection_only``). A stream worker
-    raises the error out of the batch: no retry cures it, so the worker stops, and every
-    worker of the group stops again at every start on the same batch; every projection
-    the group writes stays behind for good."""
+    raised the error out of the batch: no retry cures it, so the worker stopped, and every
+    worker of the group stopped again at every start on the same batch; every projection
+    the group writes stayed behind for good."""
     ledger = open_ledger(pg_url)
-    try:
-        workload(ledger, 20)
-        messages = Stream(1).publish(ledger)
-        head = ledger.head()
-    finally:
-        ledger.close()
+    workload(ledger, 20)
+    messages = Stream(1).publish(ledger)
+    head = ledger.head()
     worker = StreamApplier(
         pg_url,
-        [projections.ACCOUNT_BALANCES, TOO_BIG],
+        [TOO_BIG, projections.ACCOUNT_BALANCES],
         group="g",
         topic="t",
         partitions=1,
@@ -100,10 +97,14 @@ def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
         catalog = VersionCatalog(store)
         huge = catalog.version("huge", 1)
         assert huge is not None and huge.state is VersionState.STOPPED
+        assert huge.error is not None and "writing its rows failed" in huge.error
     finally:
         store.close()
     (status,) = read_status(pg_url, "g", "t")
     assert status.position == head
+    # The other projection of the group, written after the refused one, has every event.
+    assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
+    ledger.close()
 
 
 def test_status_reads_a_progress_table_an_older_daybook_made(pg_url: str) -> None:
