@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar, cast
@@ -129,6 +129,22 @@ class DirectCommitter:
 
 class StaleCache(Exception):
     """A cached aggregate was behind the store when a command was refused."""
+
+
+class Rejudge(Exception):
+    """Raised by ``confirm_refusal`` in a command that caught a refusal: a copy the refusal
+    was judged on was brought up to date from the store, so the command is judged again
+    (``_judge``). Not a ``DomainError``: no command catches it."""
+
+
+def _matter_to_readers(aggregate: LedgerAggregate, events: Iterable[object]) -> bool:
+    """Whether one of ``events`` is of a kind that changes what a command that only read
+    ``aggregate`` judged of it (``LedgerAggregate.changes_for_readers``)."""
+    names = type(aggregate).changes_for_readers
+    if names is None:
+        return True
+    kinds = tuple(getattr(type(aggregate), name) for name in names)
+    return any(isinstance(event, kinds) for event in events)
 
 
 class UnitOfWork:
@@ -328,11 +344,14 @@ class UnitOfWork:
 
     def catch_up_for_refusal(self) -> bool:
         """Before a refusal stands: bring up to date, from the store, what the refused
-        command touched that an earlier command of the batch read there (or found absent),
-        that the batch has not changed and that no accepted command of it only read. Such a
-        copy is as old as that earlier command, and neither the commit nor
-        ``confirm_refusal`` would see another writer's change to it since. True if one
-        moved: the command is judged again.
+        command touched that an earlier command of the batch read there (or found absent)
+        and that the batch has not changed. Such a copy is as old as that earlier command,
+        and neither the commit nor the cache's check (``read_versions``) would see another
+        writer's change to it since. True if one moved: the command is judged again.
+
+        A copy an accepted command of the batch only read is brought up to date too, unless
+        what changed it is what that command's judgement rests on: then the commit refuses
+        the batch (``reads``), and this command is judged again with it on fresh state.
 
         Not for a command that changed something before it refused (``check_refusal``
         fails it): judged again, it would record its changes twice."""
@@ -349,20 +368,27 @@ class UnitOfWork:
         moved = False
         absent = []
         for key in earlier:
-            if key in read_by_accepted:
-                continue
-            aggregate = self.aggregates.get(key)
+            aggregate = aggregates.get(key)
             if aggregate is None:
                 if key in self._absent:
                     absent.append(key)
                 continue
-            if aggregate.pending_events or aggregate.version != self.taken_versions.get(key):
+            if aggregate.version != self.taken_versions.get(key):
                 continue  # changed by the batch: its commit meets any other writer's change
-            before = aggregate.version
-            self._service._fast_forward(aggregate)
-            if aggregate.version != before:
-                self.taken_versions[key] = aggregate.version
-                moved = True
+            newer = list(self._service.events.get(aggregate.id, gt=aggregate.version))
+            if not newer:
+                continue
+            if key in read_by_accepted and _matter_to_readers(aggregate, newer):
+                # What an accepted command judged of it changed: left as it is, the commit
+                # refuses the batch (``reads``), and the commands connected to it, this one
+                # among them, are judged again on fresh state.
+                continue
+            for event in newer:
+                cast(LedgerAggregate.Event, event).mutate(aggregate)
+            # What the commit checks an accepted reader against from now on: the changes
+            # up to here did not matter to it (``reads``).
+            self.taken_versions[key] = aggregate.version
+            moved = True
         if absent:
             for found in self._service.latest_versions([UUID(int=key) for key in absent]):
                 self._absent.discard(found.int)
@@ -375,7 +401,10 @@ class UnitOfWork:
         latest committed state. For a refused command (``check_refusal``), and for a
         refusal a command caught and records as its outcome (a saga step that failed):
         judged again at once, rather than when its commit meets the aggregates it only
-        read moved (``reads``)."""
+        read moved (``reads``). A copy an earlier command of the batch read from the store
+        is brought up to date, and the command judged again (``Rejudge``)."""
+        if self.catch_up_for_refusal():
+            raise Rejudge
         for key in dict.fromkeys(self.touched):
             aggregate = self.aggregates.get(key)
             version = self.read_versions.get(key)
@@ -1359,16 +1388,20 @@ _AT_ONCE = 1.0
 
 
 def _judge(command: Command, uow: UnitOfWork) -> Any:
-    """``command.handle(uow)``; a refusal judged on a copy an earlier command of the batch
-    read from the store is judged again once that copy is brought up to date (at most
-    twice: each catch-up reads the store's latest)."""
-    for _ in range(2):
+    """``command.handle(uow)``; a refusal (raised, or caught by the command and confirmed:
+    ``Rejudge``) judged on a copy an earlier command of the batch read from the store is
+    judged again once that copy is brought up to date. Each catch-up reads the store's
+    latest and marks what it read fresh for the command, so this ends; past a few rounds
+    (other writers racing each), the batch is run again on fresh state."""
+    for _ in range(3):
         try:
             return command.handle(uow)
+        except Rejudge:
+            continue
         except DomainError:
             if not uow.catch_up_for_refusal():
                 raise
-    return command.handle(uow)
+    raise StaleCache
 
 
 def _backoff(attempt: int) -> None:
