@@ -243,6 +243,12 @@ class Inventory(LedgerAggregate):
             return []
         return [rid for rid, expires_at in self.expiring.items() if moment >= expires_at]
 
+    def _has_lapsed(self, reservation_id: str) -> bool:
+        """Whether this one reservation's timeout has passed at ``as_of`` (without listing
+        every lapsed one)."""
+        expires_at = self.expiring.get(reservation_id)
+        return expires_at is not None and self.as_of is not None and self.as_of >= expires_at
+
     @property
     def held(self) -> int:
         """Units reserved at ``as_of``: a reservation stops counting the instant it expires."""
@@ -266,7 +272,7 @@ class Inventory(LedgerAggregate):
         return self.on_hand - self.held
 
     def view(self) -> StockView:
-        lapsed = self._lapsed()
+        lapsed = set(self._lapsed())
         reservations = {r: q for r, q in self.reservations.items() if r not in lapsed}
         reserved = sum(reservations.values())
         return StockView(
@@ -370,7 +376,7 @@ class Inventory(LedgerAggregate):
                 sku=self.sku,
                 reservation_id=reservation_id,
             ) from None
-        if reservation_id in self._lapsed():
+        if self._has_lapsed(reservation_id):
             expires_at = self.expiring[reservation_id]
             raise ReservationExpired(
                 f"reservation {reservation_id!r} of SKU {self.sku} expired at "
@@ -434,7 +440,7 @@ class Inventory(LedgerAggregate):
                 sku=self.sku,
                 reservation_id=reservation_id,
             )
-        if reservation_id not in self._lapsed():
+        if not self._has_lapsed(reservation_id):
             raise ReservationNotExpired(
                 f"reservation {reservation_id!r} of SKU {self.sku} has not expired",
                 sku=self.sku,
