@@ -46,7 +46,7 @@ def log_context(**ids: str | None) -> Iterator[None]:
 # logging lock held). A password is at most 1,024 characters, or one ``user:`` followed by
 # no ``@`` could be scanned to the line's end once per such ``user:``.
 _URL_PASSWORD = re.compile(
-    r"(?<![a-z0-9+.-])(?P<keep>[0-9+.-]*[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]{1,1024}+@", re.I
+    r"(?<![a-z0-9+.-])(?P<keep>[0-9+.-]*[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]{1,1024}+@", re.I
 )
 _SECRETS = (
     (_URL_PASSWORD, r"\g<keep>***@"),

@@ -341,7 +341,7 @@ def test_a_password_up_to_1024_characters_is_redacted() -> None:
 
 
 #: Redaction's pattern for URL passwords before it was made linear, as the reference.
-_QUADRATIC_URL_PASSWORD = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+_QUADRATIC_URL_PASSWORD = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.I)
 
 
 @given(st.text(alphabet="aZ1+.-:/@ x_(=\"'", max_size=60))
@@ -382,3 +382,15 @@ def test_a_password_a_masked_token_before_the_cut_brings_into_view_is_masked() -
     password = "S3cr3t" * 100
     text = "bearer " + "t" * 4_000 + " postgresql://ledger:" + password + "@db/daybook "
     assert "S3cr3t" not in bounded(text + "x" * 10_000, 100)
+
+
+def test_a_password_after_an_empty_user_name_is_redacted() -> None:
+    """``postgresql://:PASSWORD@host/db`` is a URL daybook takes (the user is then
+    ``postgres``) and ``urls.redacted`` masks; a log line quoting it kept the password."""
+    from daybook.infrastructure.urls import postgres_params, redacted
+
+    url = "postgresql://:s3cret@db/ledger"
+    assert postgres_params(url).password == "s3cret"  # taken, as libpq takes it
+    assert "s3cret" not in redacted(url)
+    line = redact(f"cannot reach {url}")
+    assert "s3cret" not in line, line
