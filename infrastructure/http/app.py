@@ -208,8 +208,13 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
                 "Content-Type",
                 "Idempotency-Key",
                 "Daybook-Min-Position",
+                # What every request may carry: its id, and the trace it continues.
+                "X-Request-Id",
+                "traceparent",
+                "tracestate",
             ],
             expose_headers=[
+                "X-Request-Id",
                 "Daybook-Position",
                 "Daybook-As-Of-Position",
                 "Daybook-Lag-Events",

@@ -136,9 +136,14 @@ class Dashboard:
     log: EventLog
     readmodels_url: str
     throughput: Throughput = field(default_factory=Throughput)
+    #: The view being gathered, which the polls that arrive meanwhile share: one at a time,
+    #: however many are sent (each takes a read-model connection of its own and a thread
+    #: of the event loop's default pool, which the write routes' key checks use too).
+    _gathering: asyncio.Future[dict[str, Any]] | None = field(default=None, repr=False)
 
     def install(self, app: FastAPI) -> None:
-        reader = Depends(self.auth.require("read", limited=False))
+        # Counted against the token's rate, as every other read is.
+        reader = Depends(self.auth.require("read"))
         admin = Depends(self.auth.require("admin"))
 
         @app.get("/", include_in_schema=False)
@@ -153,7 +158,7 @@ class Dashboard:
 
         @app.get("/v1/dashboard", tags=["service"], summary="What the dashboard shows")
         async def dashboard(_: Token = reader) -> Response:
-            view = await asyncio.to_thread(self.view)
+            view = await self.shared_view()
             return Response(orjson.dumps(view), media_type="application/json")
 
         @app.post(
@@ -163,6 +168,16 @@ class Dashboard:
         )
         async def resume(name: str, _: Token = admin) -> Response:
             return await asyncio.to_thread(self.resume, name)
+
+    async def shared_view(self) -> dict[str, Any]:
+        """``view()``, gathered in a thread; a poll that arrives while one is being gathered
+        waits for it rather than start another."""
+        if self._gathering is None or self._gathering.done():
+            gathering = asyncio.ensure_future(asyncio.to_thread(self.view))
+            # Its outcome is read even when every poll waiting for it has given up.
+            gathering.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._gathering = gathering
+        return await asyncio.shield(self._gathering)
 
     def view(self) -> dict[str, Any]:
         total, refused = _command_totals()

@@ -658,3 +658,81 @@ def test_serve_takes_every_cors_origin_a_browser_sends() -> None:
     arguments = [part for origin in origins for part in ("--cors-origin", origin)]
     args = build_parser().parse_args(["serve", *arguments])
     assert args.cors_origin == origins
+
+
+def test_the_dashboards_reads_count_against_the_tokens_rate(limited: Api) -> None:
+    """Rate limits are per token, a bucket of N requests a second: ``/v1/dashboard``, the
+    costliest read (a fresh read-model connection and every projection's status per call),
+    was not counted, so a read token over its rate was answered every time."""
+    limited.token("board", "read")
+    replies = [limited.get("/v1/dashboard", who="board") for _ in range(4)]
+    assert [r.status_code for r in replies] == [200, 200, 429, 429]
+    assert replies[2].json()["code"] == "rate_limited"
+
+
+def test_dashboard_polls_do_not_hold_up_a_batch(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``/v1/dashboard`` ran its view in the event loop's default thread pool, as many
+    at once as were sent (no read door, no rate): a read token's burst of polls, each slow
+    on a loaded database, queued there ahead of a ``/v1/batch``'s key check, which runs in
+    that pool too, and the writer waited for every poll before it."""
+    from daybook.infrastructure.http import board
+
+    api = sqlite_api
+    account = api.open_account()
+    api.token("board", "read")
+    slow = board.projection_status
+
+    def loaded(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # a database under load
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(board, "projection_status", loaded)
+
+    async def scenario() -> float:
+        polls = [
+            asyncio.ensure_future(api.client.get("/v1/dashboard", headers=api.auth("board")))
+            for _ in range(60)
+        ]
+        await asyncio.sleep(0.1)  # the polls are in
+        started = time.monotonic()
+        body = {
+            "commands": [{"command": "deposit", "fields": {"account_id": account, "amount": 5}}]
+        }
+        headers = {**api.auth("tester"), "Idempotency-Key": api.key()}
+        reply = await api.client.post("/v1/batch", json=body, headers=headers)
+        took = time.monotonic() - started
+        assert reply.status_code == 200, reply.text
+        await asyncio.gather(*polls)
+        return took
+
+    took = api.run(scenario())
+    assert took < 1.5, f"a batch waited {took:.1f}s behind a read token's dashboard polls"
+
+
+def test_an_allowed_origin_may_send_and_read_the_request_id_and_trace(tmp_path: Path) -> None:
+    """Every answer carries ``X-Request-Id`` (the client's, or a new one), and a request's
+    span continues an incoming ``traceparent``: a page on an allowed origin that sent either
+    (OpenTelemetry's browser instrumentation adds ``traceparent`` to every fetch) had its
+    preflight refused, a plain-text ``400 Disallowed CORS headers``, and the request was never
+    sent; nor could it read the ``X-Request-Id`` it was answered with."""
+    options = HttpOptions(cors_origins=("https://dashboard.example",))
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", options)
+    try:
+        origin = {"Origin": "https://dashboard.example"}
+        for sent in ("x-request-id", "traceparent", "tracestate"):
+            headers = {
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": (
+                    f"authorization,content-type,idempotency-key,{sent}"
+                ),
+            }
+            reply = api.run(api.client.options("/v1/commands/deposit", headers=headers))
+            assert reply.status_code == 200, (sent, reply.text)
+        answer = api.run(api.client.get("/v1/balances", headers={**api.auth("tester"), **origin}))
+        exposed = answer.headers["access-control-expose-headers"].lower()
+        assert "x-request-id" in exposed, exposed
+    finally:
+        api.close()
