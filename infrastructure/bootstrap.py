@@ -7,6 +7,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,12 @@ def settings_for(
 ) -> Settings:
     """``settings`` with ``url`` (and other ``given`` values) in place, or fresh settings."""
     if settings is None:
-        return Settings.load(url=url, **given)
+        env = dict(os.environ)
+        if url is not None and env.get("DAYBOOK_URL") != url:
+            # $DAYBOOK_READMODELS_URL holds the read models of $DAYBOOK_URL's ledger: a
+            # ledger named here (a scratch one, another one) keeps its own out of them.
+            env.pop("DAYBOOK_READMODELS_URL", None)
+        return Settings.load(env, url=url, **given)
     changes = {name: value for name, value in {"url": url, **given}.items() if value is not None}
     return settings.model_copy(update=changes) if changes else settings
 

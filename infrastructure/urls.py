@@ -233,7 +233,19 @@ def sqlite_file(url: str) -> Path:
             f"store URL {url!r}: the folder {str(path.parent)!r} does not exist; create it or "
             "fix the path"
         )
+    if path.is_dir():
+        raise BadURL(f"store URL {url!r} names the folder {str(path)!r}, not a database file")
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as file:  # an empty file is a new database to SQLite
+            if file.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise BadURL(
+                    f"store URL {url!r}: {str(path)!r} is not a SQLite database; check the path"
+                )
     return path
+
+
+#: What every SQLite database file begins with.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 #: The event store environment's libpq settings (a connection string of settings only).

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import IntegrityError, OperationalError, StoredEvent
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
     SQLiteCursor,
@@ -31,6 +31,7 @@ from daybook.infrastructure.ledger.requests import (
     RequestRecord,
     RequestTable,
 )
+from daybook.infrastructure.sqlite_files import BUSY_TIMEOUT
 from daybook.infrastructure.urls import READ_ONLY_KEY
 
 #: SQLite caps bound parameters per statement; 500 stays well below every limit.
@@ -53,6 +54,23 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             "fingerprint TEXT NOT NULL, outcome BLOB NOT NULL, "
             "caller INTEGER NOT NULL DEFAULT 1, expires_at REAL NOT NULL DEFAULT 0)",
         ]
+
+    def create_table(self) -> None:
+        """Create and migrate the tables in one transaction, tried again while another
+        connection migrates the file: a transaction that has read the schema (as the
+        migration's checks do) is refused the write lock at once, "database is locked",
+        not after the busy timeout, when another writes it first (processes starting
+        together on a file an older daybook wrote). Rolled back, the next try finds the
+        columns there."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                super().create_table()
+                return
+            except OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _create_table(self, c: SQLiteCursor) -> None:
         super()._create_table(c)

@@ -87,6 +87,10 @@ class Committer(Protocol):
     def health(self) -> Health: ...
 
 
+class LedgerClosed(RuntimeError):
+    """A command was submitted after the ledger was closed."""
+
+
 class DirectCommitter:
     """Executes each command in its own transaction, one at a time, in the caller's thread
     (a submission of many too: ``group_commit=False`` promises each command commits alone;
@@ -95,14 +99,21 @@ class DirectCommitter:
     def __init__(self, service: LedgerService) -> None:
         self._service = service
         self._lock = threading.Lock()
+        self._closed = False
         #: Its health; the ledger says when it retries an outage (``_committer_moves``).
         self.supervisor = Supervisor("direct commit")
+
+    def _refuse_if_closed(self) -> None:
+        """Under ``_lock``: a closed ledger writes nothing more (its store is released)."""
+        if self._closed:
+            raise LedgerClosed("the ledger is closed; open a new one to submit commands")
 
     def start(self) -> None:
         self.supervisor.move(ServiceState.RUNNING)
 
     def submit(self, command: Command) -> Receipt:
         with self._lock:
+            self._refuse_if_closed()
             (outcome,) = self._service.execute([command])
         count_outcomes([command], [outcome])
         if isinstance(outcome, Exception):
@@ -111,16 +122,22 @@ class DirectCommitter:
 
     def submit_many(self, commands: Sequence[Command]) -> list[Outcome | BaseException]:
         outcomes: list[Outcome | BaseException] = []
+        with self._lock:
+            self._refuse_if_closed()  # refused whole, as the group committer does
         for command in commands:
             # The lock per command, not for the whole submission: another thread's command
             # waits for one commit, not for thousands (one thread keeps this one's order).
             with self._lock:
+                if self._closed:  # closed meanwhile: the rest is not run
+                    outcomes.append(LedgerClosed("the ledger was closed before this command"))
+                    continue
                 outcomes.extend(self._service.execute([command]))
         count_outcomes(commands, outcomes)
         return outcomes
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.supervisor.move(ServiceState.STOPPED)
 
     def health(self) -> Health:

@@ -41,6 +41,9 @@ from eventsourcing.persistence import IntegrityError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import (
+    LedgerClosed as LedgerClosed,
+)
+from daybook.infrastructure.ledger.application import (
     LedgerService,
     Outcome,
     PreparedBatch,
@@ -135,10 +138,6 @@ _log = logging.getLogger(__name__)
 
 _Reply = _Waiter | _AsyncReply | _Slot
 _Item = tuple[Command, _Reply]
-
-
-class LedgerClosed(RuntimeError):
-    """A command was submitted after the ledger was closed."""
 
 
 class _Inbox:

@@ -1,0 +1,133 @@
+"""daybook embedded in a program on its embedded backends: where its read models go, files an
+older daybook wrote opened by several processes at once, a closed ledger, odd paths, and the
+settings it reads from the environment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from daybook import open_ledger, run_projections
+from daybook.domain.accounts import Deposit
+from daybook.infrastructure.readmodels import StaleRead
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.urls import BadURL
+from tests.together import failures_together
+
+
+def test_a_ledger_opened_on_a_url_keeps_its_read_models_out_of_readmodels_url_of_the_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README: "Read models live in the event store's database by default; for
+    memory://, in a temporary SQLite file". An operator's $DAYBOOK_READMODELS_URL (set for
+    their `daybook serve`) must not receive a scratch ledger's read models."""
+    monkeypatch.delenv("DAYBOOK_READMODELS_URL", raising=False)
+    production = f"sqlite:///{tmp_path}/production-readmodels.db"
+    with (
+        open_ledger(f"sqlite:///{tmp_path}/production.db") as prod,
+        run_projections(prod, production, poll_interval=0.01) as runner,
+    ):
+        ann = prod.open_account("ann", "EUR").account_id
+        for _ in range(5):
+            receipt = prod.deposit(ann, 100)
+        runner.views.balance(ann, min_position=receipt.position, timeout=30)
+
+    monkeypatch.setenv("DAYBOOK_READMODELS_URL", production)
+    with (
+        open_ledger("memory://") as scratch,
+        run_projections(scratch, poll_interval=0.01) as runner,
+    ):
+        bob = scratch.open_account("bob", "EUR").account_id
+        for _ in range(8):
+            receipt = scratch.deposit(bob, 7)
+        try:
+            row = runner.views.balance(bob, min_position=receipt.position, timeout=5)
+        except StaleRead:
+            row = None
+
+    store = open_store(production)
+    try:
+        stopped = [
+            (v.name, v.error)
+            for v in VersionCatalog(store).versions()
+            if v.state is VersionState.STOPPED
+        ]
+    finally:
+        store.close()
+    assert not stopped, f"a scratch ledger stopped the production read models: {stopped}"
+    assert row is not None and row.balance == 56
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ledger-v0.1.db"
+
+
+def test_processes_opening_a_file_written_before_0_2_together_all_open(tmp_path: Path) -> None:
+    """After an upgrade, the processes on one SQLite file (a server, its projection runner)
+    start together and each migrates the request table as it opens the file: every one of
+    them must open, as they do on a new file
+    (test_ledgers_opening_a_new_sqlite_file_together_all_open)."""
+    for attempt in range(20):
+        shutil.copy(FIXTURE, tmp_path / f"old-{attempt}.db")
+
+    def open_one(attempt: int) -> None:
+        with open_ledger(f"sqlite:///{tmp_path}/old-{attempt}.db") as ledger:
+            assert ledger.head() == 15
+
+    failures = failures_together(open_one, rounds=20, threads=3)
+    assert failures == [], f"{len(failures)} of 60 opens failed: {failures[0]!r}"
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_closed_ledger_without_group_commit_refuses_new_commands(
+    kind: str, tmp_path: Path
+) -> None:
+    """As test_a_closed_ledger_refuses_new_commands (group commit) does: a closed ledger
+    writes nothing more, and says it is closed."""
+    from daybook.infrastructure.ledger.group_commit import LedgerClosed
+
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/solo.db"
+    ledger = open_ledger(url, group_commit=False)
+    account = ledger.open_account("a", "EUR").account_id
+    head = ledger.head()
+    ledger.close()
+    ledger.close()  # twice: nothing more happens
+    with pytest.raises(LedgerClosed):
+        ledger.deposit(account, 1)
+    with pytest.raises(LedgerClosed):
+        ledger.submit([Deposit(account, 1)])
+    if kind == "sqlite":
+        with open_ledger(url) as reopened:
+            assert reopened.head() == head
+
+
+def test_a_sqlite_url_naming_a_folder_or_another_kind_of_file_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """As a missing folder is (BadURL, the path named): not sqlite3's "unable to open
+    database file" or "file is not a database", which name neither the URL nor the path."""
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    with pytest.raises(BadURL, match="ledgers"):
+        open_ledger(f"sqlite:///{folder}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    with pytest.raises(BadURL, match=r"notes\.txt"):
+        open_ledger(f"sqlite:///{notes}")
+    assert notes.read_text() == "not a database\n" * 100
+
+
+def test_every_variable_the_settings_read_is_in_the_readme() -> None:
+    """`open_ledger(url)` reads these whatever URL it is given (group commit, cache size...):
+    an embedding program's behaviour changes with a variable the README should name."""
+    from daybook.infrastructure.settings import ENVIRONMENT
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        name
+        for name in [*ENVIRONMENT, "DAYBOOK_FAULTS"]
+        if f"${name}" not in readme and f"`{name}" not in readme
+    ]
+    assert missing == []
