@@ -47,7 +47,9 @@ def unstarted_kafka_producer() -> Any:
     """An ``AIOKafkaProducer`` that never connects (its constructor wants a running loop)."""
 
     async def build() -> Any:
-        return aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+        await producer.stop()  # closed (else it warns, unclosed); it keeps its parts
+        return producer
 
     return asyncio.run(build())
 
