@@ -527,7 +527,7 @@ def test_a_runner_that_cannot_go_on_stops_with_its_reason(tmp_path: Path) -> Non
         health = runner.health()
         runner.stop()
     assert health.state is ServiceState.FAILED
-    assert runner.error is not None and "not a database" in runner.error
+    assert runner.error is not None and "not a SQLite database" in runner.error
 
 
 def _bad_key_reader() -> Projection:
