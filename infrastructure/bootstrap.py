@@ -39,9 +39,10 @@ def settings_for(
     """``settings`` with ``url`` (and other ``given`` values) in place, or fresh settings."""
     if settings is None:
         env = dict(os.environ)
-        if url is not None and env.get("DAYBOOK_URL") != url:
-            # $DAYBOOK_READMODELS_URL holds the read models of $DAYBOOK_URL's ledger: a
-            # ledger named here (a scratch one, another one) keeps its own out of them.
+        if url is not None and url.startswith("memory:"):
+            # A memory ledger is a scratch one, never the ledger whose read models
+            # $DAYBOOK_READMODELS_URL holds: it keeps its own out of them (in a temporary
+            # file), as the demo does. Any other URL takes the variable, as the CLI does.
             env.pop("DAYBOOK_READMODELS_URL", None)
         return Settings.load(env, url=url, **given)
     changes = {name: value for name, value in {"url": url, **given}.items() if value is not None}

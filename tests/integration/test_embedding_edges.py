@@ -131,3 +131,18 @@ def test_every_variable_the_settings_read_is_in_the_readme() -> None:
         if f"${name}" not in readme and f"`{name}" not in readme
     ]
     assert missing == []
+
+
+def test_a_ledger_on_any_other_url_takes_readmodels_url_from_the_env_as_the_cli_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a memory ledger leaves the variable out: a service that passes its own URL to
+    ``open_ledger`` and keeps its read models where ``$DAYBOOK_READMODELS_URL`` says finds
+    them there, as ``daybook serve --url`` and ``open_read_models()`` do."""
+    from daybook.infrastructure.bootstrap import settings_for
+
+    views = f"sqlite:///{tmp_path}/views.db"
+    monkeypatch.setenv("DAYBOOK_READMODELS_URL", views)
+    monkeypatch.delenv("DAYBOOK_URL", raising=False)
+    assert settings_for(f"sqlite:///{tmp_path}/ledger.db").readmodels_url == views
+    assert settings_for("memory://").readmodels_url is None
