@@ -384,17 +384,24 @@ class UnitOfWork:
         read_by_accepted = set(self.read_only)
         moved = False
         absent = []
+        copies: dict[UUID, LedgerAggregate] = {}
         for key in earlier:
             aggregate = aggregates.get(key)
             if aggregate is None:
                 if key in self._absent:
-                    absent.append(key)
+                    absent.append(UUID(int=key))
+            elif aggregate.write_once:
+                continue  # never changes once written
+            elif aggregate.version == self.taken_versions.get(key):
+                copies[aggregate.id] = aggregate
+            # (else changed by the batch: its commit meets any other writer's change)
+        # One question to the store for all of them (and the absent ones): which moved.
+        latest = self._service.latest_versions([*copies, *absent]) if copies or absent else {}
+        for aggregate_id, aggregate in copies.items():
+            if latest.get(aggregate_id, 0) <= aggregate.version:
                 continue
-            if aggregate.version != self.taken_versions.get(key):
-                continue  # changed by the batch: its commit meets any other writer's change
-            newer = list(self._service.events.get(aggregate.id, gt=aggregate.version))
-            if not newer:
-                continue
+            newer = list(self._service.events.get(aggregate_id, gt=aggregate.version))
+            key = aggregate_id.int
             if key in read_by_accepted and _matter_to_readers(aggregate, newer):
                 # What an accepted command judged of it changed: left as it is, the commit
                 # refuses the batch (``reads``), and the commands connected to it, this one
@@ -406,8 +413,8 @@ class UnitOfWork:
             # up to here did not matter to it (``reads``).
             self.taken_versions[key] = aggregate.version
             moved = True
-        if absent:
-            for found in self._service.latest_versions([UUID(int=key) for key in absent]):
+        for found in absent:
+            if found in latest:
                 self._absent.discard(found.int)
                 moved = True
         self._loaded_now.update(earlier)  # fresh now: not caught up again for this command

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from daybook import Receipt, open_ledger, place_order
 from daybook.domain.accounts import Deposit, Withdraw
 from daybook.domain.errors import DomainError
-from daybook.domain.holds import PlaceHold
+from daybook.domain.holds import ExpireHold, PlaceHold
 from daybook.domain.sagas import RunLocalStep
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
 from tests.contract.test_isolation import hold_commits
@@ -234,5 +235,51 @@ def test_a_reader_whose_account_closed_meanwhile_is_judged_again_not_committed(
         outcome = outcomes[name]
         assert isinstance(outcome, DomainError) and outcome.code == "account_closed", outcome
     assert ours.account(payer).held == 0
+    ours.close()
+    theirs.close()
+
+
+def test_a_lapsed_hold_expired_releases_the_funds_on_an_account_an_earlier_command_read(
+    shared_store_url: str,
+) -> None:
+    """A refusal a command catches and records (``holding_account``: the account no longer
+    counts the hold) is judged on fresh state too: ``ExpireHold`` on an account copy an
+    accepted command of the batch read before another process placed the hold. Judged on
+    that copy, the hold's funds stayed held on the account for good."""
+    ours = open_ledger(shared_store_url, clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    theirs = open_ledger(shared_store_url, group_commit=False)
+    assert isinstance(ours.service.committer, GroupCommitter)
+    spare = ours.open_account("spare", "EUR").account_id
+    payer = ours.open_account("payer", "EUR").account_id
+    ours.deposit(payer, 100)
+    x = theirs.open_account("x", "EUR").account_id  # not in our cache
+    theirs.deposit(x, 100)
+    entered, release = hold_commits(ours.service)
+    held = threading.Thread(target=ours.deposit, args=(spare, 1))
+    held.start()
+    assert entered.wait(10)
+    outcomes: dict[str, object] = {}
+
+    def send(name: str, commands: list) -> None:
+        outcomes[name] = ours.submit(commands)[0]
+
+    first = threading.Thread(
+        target=send, args=("h", [PlaceHold(payer, 10, destination=x, timeout=600)])
+    )
+    first.start()
+    _applied(ours.service.committer, 1)
+    hold_id = theirs.submit([PlaceHold(x, 30, timeout=60)])[0].hold_id
+    second = threading.Thread(
+        target=send, args=("e", [ExpireHold(hold_id)] + [Deposit(spare, 1)] * 3)
+    )
+    second.start()
+    _applied(ours.service.committer, 5)
+    release.set()
+    for thread in (held, first, second):
+        thread.join(10)
+    assert isinstance(outcomes["h"], Receipt), outcomes["h"]
+    assert isinstance(outcomes["e"], Receipt), outcomes["e"]
+    names = [type(e).__name__ for e in theirs.service.events.get(x)]
+    assert "HoldReleased" in names, f"the expired hold's funds stay held on x: {names}"
     ours.close()
     theirs.close()
