@@ -211,8 +211,9 @@ class Supervisor:
         a failure to judge (a bug here) fails the service visibly, rather than end its
         thread with its health still saying it runs."""
         try:
-            # A BaseException that is no Exception is raised on by whoever runs the body
-            # (asyncio, a thread): not for a retry, whatever ``transient`` says of it.
+            # A BaseException that is no Exception ends the body for good (an asyncio
+            # service raises it on; a thread's ends): not for a retry, whatever
+            # ``transient`` says of it.
             return self._judge(error, final=not isinstance(error, Exception))
         except Exception as bug:
             log.error("%s: judging a failure failed; stopped", self.name, exc_info=bug,

@@ -236,11 +236,17 @@ def sqlite_file(url: str) -> Path:
     if path.is_dir():
         raise BadURL(f"store URL {url!r} names the folder {str(path)!r}, not a database file")
     if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb") as file:  # an empty file is a new database to SQLite
-            if file.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-                raise BadURL(
-                    f"store URL {url!r}: {str(path)!r} is not a SQLite database; check the path"
-                )
+        try:
+            with path.open("rb") as file:  # an empty file is a new database to SQLite
+                start = file.read(len(_SQLITE_MAGIC))
+        except OSError as error:
+            raise BadURL(
+                f"store URL {url!r}: cannot read {str(path)!r}: {error.strerror}"
+            ) from None
+        if start != _SQLITE_MAGIC:
+            raise BadURL(
+                f"store URL {url!r}: {str(path)!r} is not a SQLite database; check the path"
+            )
     return path
 
 

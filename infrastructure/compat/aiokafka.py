@@ -50,20 +50,26 @@ async def stop_producer(producer: Any, timeout: float) -> None:
     (``_sender.sender_task``) is cancelled, the accumulator's batches
     (``_message_accumulator``) failed, and the client closed.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def left() -> float:  # one deadline for the three steps (at least a moment for each)
+        return max(0.1, deadline - loop.time())
+
     try:
-        await asyncio.wait_for(producer.stop(), timeout)
+        await asyncio.wait_for(producer.stop(), left())
         return
     except Exception:  # cut short (or failed part way): closed here, whatever is left
         pass
     sender = producer._sender.sender_task
     if sender is not None and not sender.done():
         sender.cancel()
-        await asyncio.wait([sender], timeout=timeout)
+        await asyncio.wait([sender], timeout=left())
     producer._message_accumulator.fail_all(
         KafkaConnectionError("the producer stopped before the broker took this batch")
     )
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(producer.client.close(), timeout)
+        await asyncio.wait_for(producer.client.close(), left())
 
 
 #: Every private aiokafka name used above, with the shape daybook expects.

@@ -77,34 +77,36 @@ def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
     worker of the group stopped again at every start on the same batch; every projection
     the group writes stayed behind for good."""
     ledger = open_ledger(pg_url)
-    workload(ledger, 20)
-    messages = Stream(1).publish(ledger)
-    head = ledger.head()
-    worker = StreamApplier(
-        pg_url,
-        [TOO_BIG, projections.ACCOUNT_BALANCES],
-        group="g",
-        topic="t",
-        partitions=1,
-        writer="test",
-    )
     try:
-        worker.apply(messages)
+        workload(ledger, 20)
+        messages = Stream(1).publish(ledger)
+        head = ledger.head()
+        worker = StreamApplier(
+            pg_url,
+            [TOO_BIG, projections.ACCOUNT_BALANCES],
+            group="g",
+            topic="t",
+            partitions=1,
+            writer="test",
+        )
+        try:
+            worker.apply(messages)
+        finally:
+            worker.close()
+        store = open_store(pg_url)
+        try:
+            catalog = VersionCatalog(store)
+            huge = catalog.version("huge", 1)
+            assert huge is not None and huge.state is VersionState.STOPPED
+            assert huge.error is not None and "writing its rows failed" in huge.error
+        finally:
+            store.close()
+        (status,) = read_status(pg_url, "g", "t")
+        assert status.position == head
+        # The other projection of the group, written after the refused one, has every event.
+        assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
     finally:
-        worker.close()
-    store = open_store(pg_url)
-    try:
-        catalog = VersionCatalog(store)
-        huge = catalog.version("huge", 1)
-        assert huge is not None and huge.state is VersionState.STOPPED
-        assert huge.error is not None and "writing its rows failed" in huge.error
-    finally:
-        store.close()
-    (status,) = read_status(pg_url, "g", "t")
-    assert status.position == head
-    # The other projection of the group, written after the refused one, has every event.
-    assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
-    ledger.close()
+        ledger.close()
 
 
 def test_status_reads_a_progress_table_an_older_daybook_made(pg_url: str) -> None:
