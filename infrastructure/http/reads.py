@@ -262,6 +262,9 @@ class ReadPool:
         watcher.waiting += 1
         try:
             if watcher.task is None:
+                # A failure a watch that has ended met says nothing of the read models now
+                # (a deploy since over, say): the new watch's first look tells.
+                watcher.error = watcher.traceback = None
                 watcher.task = asyncio.create_task(self._watch(projection, watcher))
             async with asyncio.timeout_at(deadline):
                 while not watcher.reached(wanted):
@@ -354,7 +357,7 @@ class ReadRoutes:
             answer = await self._read(lambda v, w: v.find_balance(key, **w), wait, _BALANCES)
             found = answer.value
             if found is None:
-                raise _absent(f"no account {key} in the read model", answer.as_of_position)
+                raise _absent(f"no account {key} in the read model", answer)
             return _answer(_plain(found), found)
 
         @app.get(
@@ -410,8 +413,7 @@ class ReadRoutes:
             answer = await self._read(lambda v, w: v.find_stock(checked, **w), wait, _LEVELS)
             found = answer.value
             if found is None:
-                position = answer.as_of_position
-                raise _absent(f"no stock of {checked} in the read model", position)
+                raise _absent(f"no stock of {checked} in the read model", answer)
             return _answer(_plain(found), found)
 
         @app.get(
@@ -423,7 +425,7 @@ class ReadRoutes:
         async def statement(account_id: str, request: Request, _: Token = reader) -> Response:
             key = _uuid(account_id, "account_id")
             limit = _number(request, "limit", _STATEMENT_PAGE, 1, MAX_PAGE)
-            before = _cursor(request, "before", _entry_number)
+            before = _cursor(request, "before", _entry_number, account=str(key))
             wait = self._wait(request)
             before_seq = None if before is None else _whole(before, "the cursor", 1, None)
             answer = await self._read(
@@ -433,13 +435,17 @@ class ReadRoutes:
             )
             found = answer.value
             if found is None:
-                raise _absent(f"no account {key} in the read model", answer.as_of_position)
+                raise _absent(f"no account {key} in the read model", answer)
             entries = [asdict(e) for e in found.entries]
             more = found.older
             body = {
                 "account_id": str(key),
                 "entries": entries,
-                "next_cursor": _encode({"before": entries[-1]["seq"]}) if more else None,
+                # The account in it too: entry numbers are the account's own, so another
+                # account's cursor would start its statement in the middle.
+                "next_cursor": (
+                    _encode({"account": str(key), "before": entries[-1]["seq"]}) if more else None
+                ),
             }
             return _answer(body, found)
 
@@ -548,11 +554,17 @@ def _plain(value: Any, *, skip_position: bool = False) -> dict[str, Any]:
     return data
 
 
-def _absent(what: str, position: int) -> Problem:
+def _absent(what: str, answer: Any) -> Problem:
+    """A read's 404, with the position headers every read's answer carries."""
+    position: int = answer.as_of_position
+    headers = {"Daybook-As-Of-Position": str(position)}
+    if answer.lag_events is not None:
+        headers["Daybook-Lag-Events"] = str(answer.lag_events)
     return Problem(
         "not_found",
         f"{what} as of log position {position}; if it was written just now, read with "
         "min_position set to the write's position",
+        headers=headers,
         details={"as_of_position": position},
     )
 
@@ -611,15 +623,20 @@ def _encode(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(state)).decode().rstrip("=")
 
 
-def _cursor(request: Request, field: str, read: Callable[[str | int], str] = str) -> str | None:
+def _cursor(
+    request: Request, field: str, read: Callable[[str | int], str] = str, **scope: str
+) -> str | None:
     """The ``field`` of the request's cursor (None without one), as ``read`` makes it: a
-    cursor it refuses was not handed out by this endpoint, whatever else it holds."""
+    cursor it refuses was not handed out by this endpoint, whatever else it holds; nor was
+    one whose ``scope`` (the account a statement's cursor pages, say) is not the request's."""
     text = _param(request, "cursor")
     if text is None:
         return None
     try:
         state = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         value = state[field]
+        if any(state.get(name) != wanted for name, wanted in scope.items()):
+            raise ValueError(state)
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise TypeError(value)
         return read(value)

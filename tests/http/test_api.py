@@ -984,7 +984,8 @@ def test_a_statement_pages_by_cursor(api: Api) -> None:
     # A last page that is full offers no cursor either: the opening is no entry.
     whole = api.get(f"/v1/accounts/{account}/statement", limit=5).json()
     assert len(whole["entries"]) == 5 and whole["next_cursor"] is None
-    too_far = base64.urlsafe_b64encode(orjson.dumps({"before": 2**63})).decode()
+    too_far = base64.urlsafe_b64encode(orjson.dumps({"account": account, "before": 2**63}))
+    too_far = too_far.decode()
     reply = api.get(f"/v1/accounts/{account}/statement", cursor=too_far)
     assert_problem(reply, 400, "invalid_parameter")
 

@@ -251,3 +251,49 @@ def test_reads_told_their_position_went_back_wait_for_the_watcher() -> None:
         pool.close()
     assert all(isinstance(answer, StaleRead) for answer in answers), answers[:3]
     assert queries[0] <= 40, f"{queries[0]} queries by 20 reads"
+
+
+def test_a_failure_the_read_models_recovered_from_is_not_told_to_later_reads() -> None:
+    """The watcher's look failed for a reason no retry cures (a read model changed under
+    the reads, during a deploy), and the reads waiting then raised it. The deploy is over:
+    a read comes and looks for itself (slowly); another comes meanwhile, and waits for the
+    watcher. That one raised the old failure at once, before any look was made, and a
+    burst of reads after every such episode answered 503 read_model_changed for nothing."""
+    real = [10]
+    broken = [True]
+
+    class Views(_Views):
+        def position(self, projection: str) -> int:
+            if broken[0]:
+                raise LookupError("the read model changed")
+            return self.real[0]
+
+    gate = threading.Event()
+
+    def slow(views: Any, wait: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return _reader(real)(views, wait)
+
+    pool = ReadPool([Views(real), Views(real)])  # type: ignore[list-item]
+
+    async def scenario() -> Any:
+        wait = {"min_position": 50, "timeout": 5}
+        with pytest.raises(LookupError):  # during the deploy
+            await pool.read(_reader(real), wait, projection="p", turn=60)
+        await asyncio.sleep(0.2)  # no read waits: the watch has ended
+        assert pool._watchers["p"].task is None
+        broken[0] = False  # the deploy is over
+        real[0] = 60
+        first = asyncio.ensure_future(pool.read(slow, wait, projection="p", turn=60))
+        await asyncio.sleep(0.05)  # it looks for itself, slowly
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, gate.set)
+        try:
+            return await pool.read(_reader(real), wait, projection="p", turn=60)
+        finally:
+            await first
+
+    try:
+        assert asyncio.run(scenario()).as_of_position == 60
+    finally:
+        pool.close()
