@@ -4,6 +4,8 @@ sagas are in each state (``saga_states``, which gauges and the dashboard read)."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from daybook.domain.sagas import Saga, definition
 from daybook.projections.holds import instant
 from daybook.projections.model import (
@@ -21,6 +23,9 @@ from daybook.projections.model import (
 #: ``wake_at`` of a saga that has something to do now (sorts before every instant).
 NOW = ""
 
+#: States in which a saga's step is the compensation under way (``Saga.view``).
+_UNDOING = frozenset({"compensating", "needs_attention"})
+
 SAGAS = Table(
     "sagas",
     (
@@ -29,9 +34,18 @@ SAGAS = Table(
         #: The order id, for an order saga (else empty).
         Column("reference"),
         Column("state"),
-        Column("step"),
+        #: As ``ledger.saga(id).step`` says it: the step it is at, or while it compensates
+        #: (or needs attention), the compensation under way; none once every step is done.
+        Column("step", nullable=True),
         #: The names of its steps, in order, separated by spaces.
         Column("plan"),
+        #: How many of them are done.
+        Column("current", "bigint"),
+        #: The done steps whose work is still to be compensated, in the order they were
+        #: done, separated by spaces (the last is compensated first).
+        Column("pending"),
+        #: The steps of its plan that have a compensation, separated by spaces.
+        Column("compensable"),
         Column("attempts", "bigint"),
         Column("last_error", nullable=True),
         Column("deadline_at", nullable=True),
@@ -77,6 +91,9 @@ def _started(event: LogEvent, rows: Rows) -> None:
             "state": "running",
             "step": steps[0].name,
             "plan": " ".join(step.name for step in steps),
+            "current": 0,
+            "pending": "",
+            "compensable": " ".join(s.name for s in steps if s.compensation is not None),
             "attempts": 0,
             "last_error": None,
             "deadline_at": None,
@@ -102,6 +119,7 @@ def _existing(rows: Rows, event: LogEvent) -> Row:
 def _update(event: LogEvent, rows: Rows, **changes: object) -> None:
     before = _existing(rows, event)
     row = {**before, **changes}
+    row["step"] = _step(row)
     if row["state"] != before["state"]:
         _count(rows, str(before["state"]), -1)
         _count(rows, str(row["state"]), 1)
@@ -123,13 +141,38 @@ def _deadline_set(event: LogEvent, rows: Rows) -> None:
     _update(event, rows, deadline_at=instant(event.data["at"]))
 
 
+def _step(row: Mapping[str, object]) -> str | None:
+    """The step ``Saga.view`` names for this row's saga."""
+    pending = str(row["pending"]).split()
+    if row["state"] in _UNDOING and pending:
+        return pending[-1]
+    plan = str(row["plan"]).split(" ")
+    current = int(str(row["current"] or 0))
+    return plan[current] if current < len(plan) else None
+
+
+def _pending(row: Row) -> list[str]:
+    return str(row["pending"]).split()
+
+
+def _with(pending: list[str], step: object) -> str:
+    """``pending`` with ``step`` last, unless it is there (``Saga._begin_compensation``)."""
+    if step is not None and str(step) not in pending:
+        pending = [*pending, str(step)]
+    return " ".join(pending)
+
+
 def _step_completed(event: LogEvent, rows: Rows) -> None:
-    plan = str(_existing(rows, event)["plan"]).split(" ")
-    done = plan.index(str(event.data["step"]))
+    row = _existing(rows, event)
+    step = str(event.data["step"])
+    pending = _pending(row)
+    if step in str(row["compensable"]).split():  # (``StepCompleted.apply``)
+        pending.append(step)
     _update(
         event,
         rows,
-        step=plan[min(done + 1, len(plan) - 1)],
+        current=int(row["current"] or 0) + 1,
+        pending=" ".join(pending),
         attempts=0,
         last_error=None,
         retry_at=None,
@@ -142,7 +185,6 @@ def _attempt_failed(event: LogEvent, rows: Rows) -> None:
     _update(
         event,
         rows,
-        step=data["step"],
         attempts=int(data["attempt"]),
         last_error=data["error"],
         retry_at=instant(data["retry_at"]),
@@ -165,11 +207,21 @@ def _compensating(event: LogEvent, rows: Rows) -> None:
     }
     if error is not None:
         changes["last_error"] = error
+    also = {
+        event_type(Saga.StepFailed): data.get("step") if data.get("compensate_it") else None,
+        event_type(Saga.DeadlineFired): data.get("step") if data.get("compensate_it") else None,
+        event_type(Saga.Cancelled): data.get("compensate_current"),
+        event_type(Saga.Retried): None,
+    }[event.type]
+    changes["pending"] = _with(_pending(_existing(rows, event)), also)
     _update(event, rows, **changes)
 
 
 def _compensated(event: LogEvent, rows: Rows) -> None:
-    _update(event, rows, step=event.data["step"], attempts=0, retry_at=None)
+    pending = _pending(_existing(rows, event))
+    if event.data["step"] in pending:
+        pending.remove(str(event.data["step"]))
+    _update(event, rows, pending=" ".join(pending), attempts=0, retry_at=None)
 
 
 def _needs_attention(event: LogEvent, rows: Rows) -> None:
@@ -178,7 +230,6 @@ def _needs_attention(event: LogEvent, rows: Rows) -> None:
         event,
         rows,
         state="needs_attention",
-        step=data["step"],
         last_error=data["error"],
         retry_at=None,
     )
@@ -205,7 +256,8 @@ _HANDLERS: dict[str, Handler] = {
 SAGA_LIST = Projection(
     name="sagas",
     # 2: the sagas in each state counted as they move (saga_states), not by reading them all.
-    version=2,
+    # 3: ``step`` as the write side says it (with ``current`` and ``pending`` to know it).
+    version=3,
     tables=(SAGAS, SAGA_STATES),
     handlers=_HANDLERS,
 )

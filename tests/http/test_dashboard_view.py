@@ -78,7 +78,8 @@ def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatc
         return {
             "saga_id": f"00000000-0000-4000-8000-{number:012d}", "kind": "order",
             "reference": f"order-{number}", "state": state, "step": "pay",
-            "plan": "reserve pay ship", "attempts": 1, "last_error": None,
+            "plan": "reserve pay ship", "current": 1, "pending": "reserve",
+            "compensable": "reserve", "attempts": 1, "last_error": None,
             "deadline_at": deadline, "retry_at": None, "wake_at": None,
             "started_at": at, "updated_at": at, "version": 3, "position": number,
         }  # fmt: skip
