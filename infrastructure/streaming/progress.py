@@ -10,7 +10,6 @@ after the broker lost data) is recognised by ``classify`` and changes nothing.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, LiteralString
@@ -134,51 +133,40 @@ VERSIONS_COLUMN = "versions text[]"
 
 def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]:
     """The group's partitions as recorded (empty if it never applied anything)."""
-
-    def query(columns: set[str]) -> LiteralString:
+    store = open_store(store_url)
+    try:
+        if store.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,))[0][0] is None:
+            return []
         # Columns later daybooks added: absent from a table an older one made, until the
         # first upgraded worker connects (status may well run before it does).
-        bound: LiteralString = "bound" if "bound" in columns else "0"
-        writer: LiteralString = "writer" if "writer" in columns else "NULL"
-        return (
-            "SELECT partition, position, applied, duplicates, dead_letters, state, last_error, "
-            "waiting_for, " + bound + ", " + writer + " FROM {} WHERE group_id = %s AND "
-            "topic = %s ORDER BY partition"
+        bound = "bound" if store.has_column(PROGRESS_TABLE, "bound") else "0"
+        writer = "writer" if store.has_column(PROGRESS_TABLE, "writer") else "NULL"
+        rows = store.execute(
+            "SELECT partition, position, applied, duplicates, dead_letters, state, last_error,"
+            f" waiting_for, {bound}, {writer} FROM {PROGRESS_TABLE}"
+            " WHERE group_id = %s AND topic = %s ORDER BY partition",
+            (group, topic),
         )
-
-    rows = _read_progress(store_url, query, (group, topic))
+    finally:
+        store.close()
     return [PartitionStatus(group, topic, *row) for row in rows]
 
 
 def read_groups(store_url: str, topic: str) -> list[str]:
     """The groups that have recorded progress on ``topic``, by name."""
     rows = _read_progress(
-        store_url,
-        lambda _: "SELECT DISTINCT group_id FROM {} WHERE topic = %s ORDER BY group_id",
-        (topic,),
+        store_url, "SELECT DISTINCT group_id FROM {} WHERE topic = %s ORDER BY group_id", (topic,)
     )
     return [row[0] for row in rows]
 
 
-def _read_progress(
-    store_url: str, query: Callable[[set[str]], LiteralString], params: tuple[str, ...]
-) -> list[Any]:
-    """Rows of ``query`` (given the table's columns) on the progress table (``{}`` in it);
-    none if no worker made it."""
+def _read_progress(store_url: str, query: LiteralString, params: tuple[str, ...]) -> list[Any]:
+    """Rows of ``query`` on the progress table (``{}`` in it); none if no worker made it."""
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
         found = conn.execute("SELECT to_regclass(%s)", (PROGRESS_TABLE,)).fetchone()
         if not found or found[0] is None:
             return []
-        columns = {
-            str(row[0])
-            for row in conn.execute(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema = current_schema() AND table_name = %s",
-                (PROGRESS_TABLE,),
-            )
-        }
-        sql = SQL(query(columns)).format(Identifier(PROGRESS_TABLE))
-        return conn.execute(sql, params).fetchall()
+        return conn.execute(SQL(query).format(Identifier(PROGRESS_TABLE)), params).fetchall()
 
 
 def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
