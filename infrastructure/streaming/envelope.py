@@ -32,6 +32,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.utils import TopicError, resolve_topic
 
+from daybook.domain.values import MAX_BIGINT
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
 from daybook.infrastructure.codec import upcast
 from daybook.infrastructure.compat.aiokafka import default_partition
@@ -218,17 +219,14 @@ def _kind(raw: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-#: The largest whole number an envelope's field may hold: positions, chains and versions
-#: are stored in 64-bit columns (progress rows, dead letters), which refuse anything past it.
-_MOST = 2**63 - 1
-
-
 def _whole(raw: dict[str, Any], name: str, least: int) -> int:
     value: int = _kind(raw, name, int)
     if value < least:
         raise BadEnvelope(f"not a daybook envelope: {name} {value} is below {least}")
-    if value > _MOST:
-        raise BadEnvelope(f"not a daybook envelope: {name} {value} is past {_MOST}")
+    # Positions, chains and versions are stored in 64-bit columns (progress rows, dead
+    # letters), which refuse anything past it.
+    if value > MAX_BIGINT:
+        raise BadEnvelope(f"not a daybook envelope: {name} {value} is past {MAX_BIGINT}")
     return value
 
 
