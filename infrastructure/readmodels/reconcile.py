@@ -209,12 +209,10 @@ class Fold:
             positions, parked = vector.positions, point.parked
 
             def wanted(event: LogEvent) -> bool:
-                q = partition(event.originator_id)
-                if folded is None:
-                    if event.position <= self.done:
-                        return False
-                elif folded(event):
+                # (After a fold to a position, the scan starts past it: nothing to skip.)
+                if folded is not None and folded(event):
                     return False
+                q = partition(event.originator_id)
                 return event.position <= positions[q] and event.position not in parked
 
             end = max(vector.furthest, vector.position)
