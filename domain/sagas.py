@@ -58,7 +58,7 @@ class SagaState(enum.StrEnum):
 
 
 #: States in which a saga's current step is a compensation.
-_UNDOING = frozenset({SagaState.COMPENSATING, SagaState.NEEDS_ATTENTION})
+UNDOING = frozenset({SagaState.COMPENSATING, SagaState.NEEDS_ATTENTION})
 
 
 class SagaNotFound(DomainError):
@@ -471,7 +471,7 @@ class Saga(LedgerAggregate):
     def view(self) -> SagaView:
         steps = self.steps
         step = steps[self.current].name if self.current < len(steps) else None
-        if self.state in _UNDOING and self.pending_compensations:
+        if self.state in UNDOING and self.pending_compensations:
             # The compensation under way, or the one that stopped and needs a person.
             step = self.pending_compensations[-1]
         return SagaView(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from daybook.domain.sagas import Saga, definition
+from daybook.domain.sagas import UNDOING, Saga, definition
 from daybook.projections.holds import instant
 from daybook.projections.model import (
     Column,
@@ -24,7 +24,7 @@ from daybook.projections.model import (
 NOW = ""
 
 #: States in which a saga's step is the compensation under way (``Saga.view``).
-_UNDOING = frozenset({"compensating", "needs_attention"})
+_UNDOING = frozenset(state.value for state in UNDOING)
 
 SAGAS = Table(
     "sagas",
@@ -143,7 +143,7 @@ def _deadline_set(event: LogEvent, rows: Rows) -> None:
 
 def _step(row: Mapping[str, object]) -> str | None:
     """The step ``Saga.view`` names for this row's saga."""
-    pending = str(row["pending"]).split()
+    pending = _pending(row)
     if row["state"] in _UNDOING and pending:
         return pending[-1]
     plan = str(row["plan"]).split(" ")
@@ -151,7 +151,7 @@ def _step(row: Mapping[str, object]) -> str | None:
     return plan[current] if current < len(plan) else None
 
 
-def _pending(row: Row) -> list[str]:
+def _pending(row: Mapping[str, object]) -> list[str]:
     return str(row["pending"]).split()
 
 
