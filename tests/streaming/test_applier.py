@@ -214,10 +214,14 @@ def _envelope_like(**override: object) -> bytes:
         {"prev": "0"},
         {"payload": [1]},
         {"type": "daybook.mark", "prev": None},
+        # Numbers no bigint holds: the batch's progress update failed, "bigint out of range".
+        {"position": 2**63},
+        {"prev": 2**63, "position": 2**63 + 1},
+        {"type": "daybook.mark", "position": 2**63, "prev": 0},
     ],
     ids=repr,
 )
-def test_a_message_with_a_field_of_the_wrong_kind_is_parked_not_fatal(
+def test_a_message_with_a_field_of_the_wrong_kind_or_size_is_parked_not_fatal(
     pg_url: str, override: dict[str, object]
 ) -> None:
     """It got past the envelope check and failed later, outside the parking path: the

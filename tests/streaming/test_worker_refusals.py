@@ -1,5 +1,6 @@
-"""A stream worker's inputs it cannot take: rows the database refuses, numbers past 64 bits, an
-option out of range. Each stops as little as it can, with a reason."""
+"""A stream worker's inputs it cannot take (rows the database refuses, an option out of
+range), each stopping as little as it can, with a reason; and its status read from a progress
+table an older daybook made."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionSta
 from daybook.infrastructure.readmodels.checkpoints import PROGRESS_TABLE
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.streaming.progress import read_status
-from daybook.infrastructure.streaming.worker import Message, StreamApplier
+from daybook.infrastructure.streaming.worker import StreamApplier
 from scripts.streams import Daybook, unique
 from tests.projections.helpers import assert_tables_match, workload
 from tests.projections.test_runner_errors import TOO_BIG
 from tests.streaming.messages import Stream
-from tests.streaming.test_applier import _envelope_like
 
 pytestmark = pytest.mark.postgres
 
@@ -37,34 +37,6 @@ def test_a_worker_port_out_of_range_is_a_bad_option_not_a_traceback(
     assert "Traceback" not in process.output, process.output[-600:]
     assert code == 2, process.output[-600:]
     assert "--port: must be at most 65535" in process.output
-
-
-@pytest.mark.parametrize(
-    "override",
-    [
-        {"position": 2**63},
-        {"prev": 2**63, "position": 2**63 + 1},
-        {"type": "daybook.mark", "position": 2**63, "prev": 0},
-    ],
-    ids=repr,
-)
-def test_a_message_with_a_number_past_64_bits_is_parked_not_fatal(
-    pg_url: str, override: dict[str, object]
-) -> None:
-    """As a field of the wrong kind (``test_a_message_with_a_field_of_the_wrong_kind_is_
-    parked_not_fatal``): a position or prev no bigint holds passes the envelope check, then
-    the batch's progress update fails (``bigint out of range``), a failure no retry cures:
-    the worker stops, and stops again at every start (the offset never committed)."""
-    worker = StreamApplier(
-        pg_url, projections.ALL, group="g", topic="t", partitions=1, writer="test"
-    )
-    try:
-        result = worker.apply([Message(0, 0, _envelope_like(**override))])
-    finally:
-        worker.close()
-    assert len(result.parked) == 1
-    (status,) = read_status(pg_url, "g", "t")
-    assert status.dead_letters == 1
 
 
 def test_rows_a_worker_cannot_write_stop_that_projection_not_the_whole_group(
