@@ -15,6 +15,7 @@ here and checked, like the others, by tests/unit/test_compat.py. The domain's sn
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from collections.abc import Sequence
 from contextlib import closing
 from datetime import datetime
@@ -23,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.sqlite import SQLiteConnection, SQLiteConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 from daybook.domain.events import LedgerAggregate
 from daybook.domain.snapshots import LedgerSnapshot
@@ -57,6 +59,44 @@ def set_on_each_session(datastore: Any, statements: Sequence[str]) -> None:
             conn.execute(statement)
 
     pool._configure = configured
+
+
+#: The longest psycopg_pool waits between two attempts to replace a lost connection, once a
+#: ledger's pool is set so (``reconnect_promptly``).
+RECONNECT_DELAY = 1.0
+
+
+class _PromptBackoff(AttemptWithBackoff):
+    """psycopg_pool's backoff between attempts to connect, its delay capped."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_DELAY)
+
+
+def reconnect_promptly(datastore: Any) -> None:
+    """Have a PostgreSQL datastore's pool try to replace a lost connection at least every
+    ``RECONNECT_DELAY`` seconds (plus the attempt's own ``connect_timeout``).
+
+    psycopg_pool doubles the delay between attempts (1, 2, 4, 8, 16 s...), so once an outage
+    has lasted a while the next attempt may be many seconds away when the server is back:
+    every command meanwhile waits the pool's timeout and is answered ``unavailable`` by a
+    ledger whose database is up. Its ``_add_connection`` makes that backoff when it is given
+    none (a first attempt, and a pool that grows); here it is given this capped one."""
+    pool = datastore.pool
+    add_connection = type(pool)._add_connection
+    # The pool keeps this function: a weak reference, not a cycle through the pool.
+    owner = weakref.ref(pool)
+
+    def add(attempt: AttemptWithBackoff | None = None, growing: bool = False) -> None:
+        live = owner()
+        if live is None:
+            return
+        if attempt is None:
+            attempt = _PromptBackoff(timeout=live.reconnect_timeout)
+        add_connection(live, attempt, growing=growing)
+
+    pool._add_connection = add
 
 
 class _QueryOnlyPool(SQLiteConnectionPool):
@@ -232,6 +272,39 @@ RELIED_ON: tuple[Internal, ...] = (
         "isolation is still written READ COMMITTED)",
         on_instance=True,
         used_in="psycopg_pool.pool:ConnectionPool._connect",
+    ),
+    Internal(
+        "psycopg-pool",
+        "psycopg_pool:ConnectionPool",
+        "_add_connection",
+        reconnect_promptly,
+        "ConnectionPool._add_connection (still makes its own backoff only when given none, "
+        "and still called so by AddConnection; tests/integration/test_partition.py: a "
+        "healed link commits within a few seconds)",
+        kind=Kind.FUNCTION,
+        parameters=("attempt", "growing"),
+        used_in="psycopg_pool.pool:AddConnection._run",
+    ),
+    Internal(
+        "psycopg-pool",
+        "psycopg_pool.base:AttemptWithBackoff",
+        "update_delay",
+        reconnect_promptly,
+        "AttemptWithBackoff.update_delay (still sets the delay ConnectionPool._add_connection "
+        "waits before its next attempt)",
+        kind=Kind.FUNCTION,
+        parameters=("now",),
+        used_in="psycopg_pool.pool:ConnectionPool._add_connection",
+    ),
+    Internal(
+        "psycopg-pool",
+        "psycopg_pool.base:AttemptWithBackoff",
+        "delay",
+        reconnect_promptly,
+        "AttemptWithBackoff.__init__ (the seconds AddConnection is scheduled after)",
+        on_instance=True,
+        types=(float,),
+        used_in="psycopg_pool.pool:ConnectionPool._add_connection",
     ),
     Internal(
         "eventsourcing",

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
-from daybook.infrastructure.compat.eventsourcing import set_on_each_session
+from daybook.infrastructure.compat.eventsourcing import reconnect_promptly, set_on_each_session
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     UPGRADE_RETENTION,
@@ -445,12 +445,14 @@ class Factory(PostgresFactory):
             # Every transaction read-only: the server refuses any write (see read_only_env).
             settings.append("SET default_transaction_read_only = on")
         set_on_each_session(self.datastore, settings)
-        # psycopg_pool replaces a lost connection with attempts whose delays double until
-        # this many seconds have passed (5 minutes by default), then gives the slot up (the
-        # next caller that waits grows the pool again). After a long outage the next attempt
-        # could be a minute away while the server is back; with 30 s it is at most about
-        # 16 s away. (Measured once, 100 s of partition: 44 s from healing to a commit by
-        # default, 6 s with this.)
+        # psycopg_pool replaces a lost connection with attempts whose delays double (1, 2,
+        # 4, 8, 16 s...) until ``reconnect_timeout`` has passed (5 minutes by default), then
+        # gives the slot up (the next caller that waits grows the pool again). After an
+        # outage of 15 s the next attempt could be 16 s away while the server is back, every
+        # command meanwhile answered ``unavailable``: the delay is capped at a second
+        # (reconnect_promptly), and the attempts stop after 30 s rather than 5 minutes (each
+        # failed one logs a warning; a caller's wait starts them again).
+        reconnect_promptly(self.datastore)
         self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT
 
 

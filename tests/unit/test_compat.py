@@ -25,6 +25,7 @@ from eventsourcing.postgres import PostgresDatastore, PostgresRecorder
 from eventsourcing.sqlite import SQLiteConnectionPool
 from faust.types import Message
 from prometheus_client import CollectorRegistry, Histogram
+from psycopg_pool.base import AttemptWithBackoff
 
 from daybook.domain.accounts import Account
 from daybook.infrastructure.compat import Internal
@@ -98,6 +99,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
         "psycopg_pool:ConnectionPool": datastore.pool,
+        "psycopg_pool.base:AttemptWithBackoff": AttemptWithBackoff(timeout=1.0),
         "eventsourcing.postgres:PostgresRecorder": PostgresRecorder(datastore),
         "eventsourcing.application:LRUCache": LRUCache(maxsize=10),
         "eventsourcing.sqlite:SQLiteConnectionPool": SQLiteConnectionPool(db_name=":memory:"),
