@@ -73,20 +73,20 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(
     # that the small log already fills every bounded structure (the memo filling up was
     # most of what "grew" from a small log to a large one) and the large one is many more
     # batches and cache fills of the same size.
-    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 2_000)
-    monkeypatch.setattr(reconcile_module, "FOLD_CACHE", 2_000)
-    monkeypatch.setattr(projection_model, "_TIME_TEXT_LIMIT", 1_000)
+    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 1_000)
+    monkeypatch.setattr(reconcile_module, "FOLD_CACHE", 1_000)
+    monkeypatch.setattr(projection_model, "_TIME_TEXT_LIMIT", 500)
     ledger = open_ledger(pg_url)
     try:
-        write_log(pg_url, ledger, 10_000, accounts=500, chunk=10_000)
+        write_log(pg_url, ledger, 5_000, accounts=250, chunk=5_000)
         small = _peak(ledger, pg_url)
-        write_log(pg_url, ledger, 90_000, accounts=500, chunk=30_000)
+        write_log(pg_url, ledger, 45_000, accounts=250, chunk=15_000)
         large = _peak(ledger, pg_url)
     finally:
         ledger.close()
     # Ten times the log, not ten times the memory: what grows is bounded by batch and cache
     # sizes, not by the number of events or rows.
-    print(f"peak {small:,} bytes for a 10,000-event log, {large:,} for 100,000")
+    print(f"peak {small:,} bytes for a 5,000-event log, {large:,} for 50,000")
     assert large < small * 2, (small, large)
 
 
