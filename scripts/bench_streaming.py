@@ -20,7 +20,8 @@ then measures, in one run:
    batches in flight finish); the partitions each worker had
    and the events per partition, and the CPU each process used meanwhile (each worker,
    PostgreSQL, the broker, and the whole machine, other work included, from ``/proc``).
-   ``--rounds N`` repeats the 1, 2 and 4 workers N times on the same log. Then the
+   ``--rounds N`` repeats the groups N times on the same log (``--workers 1 2 4``, the
+   default, the sizes of the groups). Then the
    in-process runner rebuilds the same log into a database of its own.
    For scale, the workers' ``StreamApplier`` is also fed by a plain aiokafka group consumer
    in 5,000-message fetches (no faust): what batch delivery below faust's stream would give;
@@ -493,7 +494,15 @@ def main() -> None:
     parser.add_argument("--latency-commands", type=int, default=500)
     parser.add_argument("--latency-rate", type=float, default=100.0, help="deposits per second")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="run the 1, 2 and 4 workers this many times"
+        "--rounds", type=int, default=1, help="run each group of workers this many times"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        metavar="N",
+        help="the sizes of the worker groups to measure, 1 among them (default: 1 2 4)",
     )
     parser.add_argument(
         "--workers-only",
@@ -501,6 +510,8 @@ def main() -> None:
         help="only the relay and the workers (no plain-aiokafka applier, runner or latency)",
     )
     args = parser.parse_args()
+    if 1 not in args.workers or min(args.workers) < 1:
+        parser.error("--workers: give 1 (the others are compared to it) and counts above 0")
     base = Path(tempfile.mkdtemp(prefix="daybook-bench-stream-"))
     pg = services.start_postgres(durable=True)
     kafka = services.start_kafka(base / "kafka")
@@ -518,7 +529,7 @@ def main() -> None:
         totals = partition_totals(url)
         print("events per partition: " + ", ".join(f"{totals[p]:,}" for p in sorted(totals)))
         assert pg.pid is not None and kafka.pid is not None, "the benchmark starts its own"
-        runs: dict[int, list[WorkerRun]] = {1: [], 2: [], 4: []}
+        runs: dict[int, list[WorkerRun]] = {n: [] for n in sorted(set(args.workers))}
         for round_number in range(1, args.rounds + 1):
             for count in runs:
                 run = worker_rate(
@@ -594,7 +605,8 @@ def main() -> None:
                     f"({statistics.median(r.rate for r in runs[n]) / one:.2f}x)",
                     "",
                 )
-                for n in (2, 4)
+                for n in runs
+                if n != 1
             ),
             (
                 "lock waits applying batches (sampled)",

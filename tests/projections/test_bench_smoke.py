@@ -53,7 +53,7 @@ def test_bench_streaming_smoke() -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench_streaming.py"
     result = subprocess.run(
         [sys.executable, str(script), "--events", "300", "--rounds", "1",
-         "--latency-commands", "5"],
+         "--latency-commands", "5", "--workers", "1", "2"],
         capture_output=True,
         text=True,
         timeout=280,
@@ -65,8 +65,8 @@ def test_bench_streaming_smoke() -> None:
     table = {line[:38].strip(): line[38:].strip() for line in result.stdout.splitlines()}
     fed = re.fullmatch(r"([\d,]+) events/s", table["(applier fed whole fetches, no faust)"])
     assert fed is not None and int(fed[1].replace(",", "")) > 0, result.stdout
-    # Both kinds of wait are reported, each for 1, 2 and 4 workers. (Whether batches wait
+    # Both kinds of wait are reported, each for 1 and 2 workers. (Whether batches wait
     # for each other is proven by test_lock_orders, which holds one open; a sample here
     # would only say whether one happened to be seen.)
     for row in ("lock waits applying batches (sampled)", "lock waits on the version catalog"):
-        assert re.fullmatch(r"1: \d+\.\d\ds, 2: \d+\.\d\ds, 4: \d+\.\d\ds", table[row]), row
+        assert re.fullmatch(r"1: \d+\.\d\ds, 2: \d+\.\d\ds", table[row]), row
