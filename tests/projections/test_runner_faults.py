@@ -971,10 +971,12 @@ def test_a_statement_cut_off_by_the_statement_timeout_is_retried_and_parks_nothi
         # The runner says ``running`` again once a step went through: just after the
         # COMMIT that made its position visible, so both are waited for.
         wait_until(
-            lambda: stopped()
-            or (
-                set(positions(readmodels).values()) == {head}
-                and runner.health().state is ServiceState.RUNNING
+            lambda: (
+                stopped()
+                or (
+                    set(positions(readmodels).values()) == {head}
+                    and runner.health().state is ServiceState.RUNNING
+                )
             ),
             "the runner to apply everything and say it runs, or to stop",
         )
