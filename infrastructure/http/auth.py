@@ -158,6 +158,17 @@ class Authenticator:
         else:
             _remember(self._known, key, (token, until))
 
+    async def shows(self, request: Request, scope: str) -> bool:
+        """Whether a request to a route anyone may call carries an active token with
+        ``scope``: never 401 or 403 (a load balancer's probe has no token), only less shown."""
+        if "authorization" not in request.headers:
+            return False
+        try:
+            token = await self.identify(request)
+        except Problem:
+            return False
+        return token.allows(scope)
+
     def require(self, scope: str, *, limited: bool = True) -> Callable[[Request], Awaitable[Token]]:
         """A dependency: the caller's token, if it has ``scope``; with ``limited``, the
         request also counts against the token's rate."""

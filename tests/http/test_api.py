@@ -1373,7 +1373,9 @@ def test_health_is_503_while_a_read_model_the_server_builds_is_stopped(tmp_path:
         account = api.open_account()
         assert api.command("deposit", {"account_id": account, "amount": 13}).status_code == 200
         deadline = time.monotonic() + 60
-        while (reply := api.run(api.client.get("/health"))).status_code == 200:
+        while (
+            reply := api.run(api.client.get("/health", headers=api.auth("tester")))
+        ).status_code == 200:
             assert time.monotonic() < deadline, reply.text
             time.sleep(0.05)
         assert reply.status_code == 503, reply.text
@@ -1447,9 +1449,17 @@ def test_health_fails_when_nobody_builds_the_sweepers_read_model(
         while parts.services["expiry sweeper"]().state is not ServiceState.RETRYING:
             assert time.monotonic() < deadline, parts.services["expiry sweeper"]()
             time.sleep(0.02)
-        reply = api.run(api.client.get("/health"))
+        api.token("operator", "admin")
+        reply = api.run(api.client.get("/health", headers=api.auth("operator")))
         assert reply.status_code == 503, reply.text
         assert "nothing to sweep from" in reply.json()["services"]["expiry sweeper"]["error"]
+        # Anyone may ask whether the server is up; what went wrong only an admin is told.
+        api.token("reader", "read")
+        for headers in ({}, api.auth("reader"), {"Authorization": "Bearer not-a-token"}):
+            reply = api.run(api.client.get("/health", headers=headers))
+            assert reply.status_code == 503, reply.text
+            sweeper = reply.json()["services"]["expiry sweeper"]
+            assert sweeper == {"state": "retrying", "restarts": 0}, sweeper
     finally:
         api.close()
 
