@@ -72,6 +72,17 @@ def may_only_read(error: BaseException) -> bool:
     )
 
 
+def rolled_back(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is PostgreSQL rolling a transaction back over
+    contention (SQLSTATE class 40: a deadlock, a serialization failure): the server
+    answered, nothing was committed, and the same work may go through next time."""
+    # By SQLSTATE: psycopg's DeadlockDetected is no subclass of its TransactionRollback.
+    return any(
+        isinstance(cause, psycopg.Error) and (cause.sqlstate or "").startswith("40")
+        for cause in causes(error)
+    )
+
+
 def cancelled(error: BaseException) -> bool:
     """Whether ``error`` (or what caused it) is a statement the PostgreSQL server cancelled
     (its ``statement_timeout``, or ``pg_cancel_backend``): transient, but the attempt has

@@ -57,7 +57,7 @@ from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.topics import reader_topics
-from daybook.infrastructure.transient import first_line
+from daybook.infrastructure.transient import first_line, rolled_back
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -759,20 +759,25 @@ class LedgerService(Application[UUID]):
                         )
                 indices = [indices[k] for k in contended]
                 if conflicts >= self.max_attempts:
-                    message = (
-                        f"gave up after {self.max_attempts} attempts: other writers kept "
-                        "changing the same accounts or SKUs; retry the request"
-                    )
-                    answers = self._give_up(
-                        [batch[i] for i in indices], attempts, ConcurrencyConflict(message)
-                    )
-                    for index, answer in zip(indices, answers, strict=True):
-                        outcomes[index] = answer
+                    self._give_up_contended(batch, indices, outcomes, attempts)
                     return
                 fresh = True
                 _backoff(conflicts)
                 continue
             except (OperationalError, InterfaceError) as error:
+                if rolled_back(error):
+                    # A deadlock or a serialization failure: the server answered, and rolled
+                    # the transaction back (nothing committed). Writers contending, not an
+                    # outage: tried again as after a version conflict, without the committer
+                    # saying it retries (/health 503) or spending the outage budget, and
+                    # answered ``concurrency_conflict``, not ``unavailable``, if it lasts.
+                    conflicts += 1
+                    if conflicts >= self.max_attempts:
+                        self._give_up_contended(batch, indices, outcomes, attempts)
+                        return
+                    fresh = True
+                    _backoff(conflicts)
+                    continue
                 outages += 1
                 if self._outage_error is None:
                     # /health and daybook_service_retrying say so while it lasts.
@@ -810,6 +815,23 @@ class LedgerService(Application[UUID]):
             for index, outcome in zip(indices, results, strict=True):
                 outcomes[index] = outcome
             return
+
+    def _give_up_contended(
+        self,
+        batch: Sequence[Command],
+        indices: list[int],
+        outcomes: list[Result | None],
+        attempts: list[Attempt],
+    ) -> None:
+        """Answer the commands at ``indices`` ``concurrency_conflict`` (or the replay of an
+        earlier attempt that committed after all), having tried ``max_attempts`` times."""
+        message = (
+            f"gave up after {self.max_attempts} attempts: other writers kept "
+            "changing the same accounts or SKUs; retry the request"
+        )
+        answers = self._give_up([batch[i] for i in indices], attempts, ConcurrencyConflict(message))
+        for index, answer in zip(indices, answers, strict=True):
+            outcomes[index] = answer
 
     def _in_outage(self, started: float) -> float:
         """Seconds the outage under way has lasted, counted from the start of the attempt

@@ -949,6 +949,67 @@ def test_a_committer_that_rides_through_an_outage_says_it_retried_then_recovered
     assert (health.state.value, health.restarts, health.error) == ("running", 1, None)
 
 
+def deadlock() -> Exception:
+    """A deadlock as eventsourcing raises it: its own error, from psycopg's."""
+    from eventsourcing.persistence import OperationalError
+    from psycopg.errors import DeadlockDetected
+
+    try:
+        raise DeadlockDetected("deadlock detected")
+    except DeadlockDetected as cause:
+        try:
+            raise OperationalError(str(cause)) from cause
+        except OperationalError as error:
+            return error
+
+
+def test_a_deadlock_is_contention_tried_again_not_an_outage(ledger: Ledger) -> None:
+    """PostgreSQL answered and rolled the transaction back: nothing committed, and the server
+    is up. It was taken for an outage: the committer said ``retrying`` (/health 503) and the
+    batch spent the outage budget."""
+    account = ledger.open_account("ann", "EUR").account_id
+    service = ledger.service
+    insert = service.recorder.insert_events
+    seen: list[str] = []
+
+    def deadlocked_twice(stored: Any, **options: Any) -> Any:
+        seen.append(service.committer.health().state.value)
+        if len(seen) <= 2:
+            raise deadlock()
+        return insert(stored, **options)
+
+    with inserting_with(service, deadlocked_twice):
+        (outcome,) = service.execute([Deposit(account, 5, request_id="dl-1")])
+    assert isinstance(outcome, Receipt), outcome
+    assert seen == ["running", "running", "running"], seen
+    health = service.committer.health()
+    assert (health.state.value, health.restarts, health.error) == ("running", 0, None)
+    assert ledger.deposit(account, 5, request_id="dl-1").replayed
+    assert ledger.account(account).balance == 5
+
+
+def test_a_deadlock_every_time_is_answered_concurrency_conflict(ledger: Ledger) -> None:
+    """Not ``unavailable`` (a database that did not answer): a conflict, after as many
+    attempts as version conflicts get; nothing applied, and the retry applies it once."""
+    from daybook.domain.errors import ConcurrencyConflict
+
+    account = ledger.open_account("ann", "EUR").account_id
+    service = ledger.service
+    tries: list[int] = []
+
+    def deadlocked(stored: Any, **options: Any) -> Any:
+        tries.append(1)
+        raise deadlock()
+
+    with inserting_with(service, deadlocked):
+        (outcome,) = service.execute([Deposit(account, 5, request_id="dl-2")])
+    assert isinstance(outcome, ConcurrencyConflict), outcome
+    assert len(tries) == service.max_attempts
+    assert ledger.account(account).balance == 0
+    assert ledger.deposit(account, 5, request_id="dl-2").replayed is False
+    assert ledger.account(account).balance == 5
+
+
 def test_a_dead_connection_met_after_a_long_outage_is_tried_again(ledger: Ledger) -> None:
     """The server is back, and the pool hands out a connection that died with it: that
     fails at once, and a fresh one works. After an outage that used up its budget, such a
