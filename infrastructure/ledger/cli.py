@@ -86,13 +86,20 @@ def describe(report: PurgeReport, deleted: int | None = None) -> str:
     span = ""
     if report.oldest is not None and report.newest is not None:
         span = f", expired between {utc(report.oldest)} and {utc(report.newest)}"
-    verb = "would delete" if deleted is None else f"deleted {deleted:,} of"
-    return (
-        f"{verb} {report.expired:,} expired request records ({report.caller:,} of "
-        f"caller-chosen ids past their retention window, {report.generated:,} batch "
-        f"token{'' if report.generated == 1 else 's'} of generated ids no longer needed "
-        f"for the ledger's own retries{span}); {report.kept:,} kept"
+    what = (
+        f"{report.caller:,} of caller-chosen ids past their retention window, "
+        f"{report.generated:,} batch token{'' if report.generated == 1 else 's'} of generated "
+        f"ids no longer needed for the ledger's own retries{span}"
     )
+    if deleted is not None and deleted > report.expired:
+        # Records go on expiring while a long purge runs, and it deletes those too.
+        return (
+            f"deleted {deleted:,} expired request records: the {report.expired:,} counted "
+            f"as it began ({what}), and {deleted - report.expired:,} that expired while it "
+            f"ran; {report.kept:,} were kept when it began"
+        )
+    verb = "would delete" if deleted is None else f"deleted {deleted:,} of"
+    return f"{verb} {report.expired:,} expired request records ({what}); {report.kept:,} kept"
 
 
 def _unmigrated(table: RequestTable) -> str:
@@ -161,9 +168,9 @@ def _purge(purge: Any, report: PurgeReport) -> int:
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY:
             last = now
+            of = f" of {report.expired:,}" if count <= report.expired else ""
             print(
-                f"daybook requests purge: deleted {count:,} of {report.expired:,} so far "
-                f"({now - started:.0f} s)",
+                f"daybook requests purge: deleted {count:,}{of} so far ({now - started:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -376,6 +376,33 @@ def test_the_command_line_shows_what_would_go_then_deletes_it(
     assert "deleted 2 of 4 so far" in said.err  # a long purge says how far it got
     assert main(["requests", "purge", "--dry-run", "--url", url]) == 0
     assert "nothing to delete" in capsys.readouterr().out
+
+
+def test_a_purge_that_deletes_what_expired_while_it_ran_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records go on expiring during a long purge, and it deletes those too: it said
+    "deleted 6 of 4 expired request records"."""
+    from daybook.infrastructure.ledger import cli
+    from daybook.infrastructure.ledger.requests import PurgeReport
+
+    class Purge:
+        def purge(self, progress: Callable[[int], None]) -> int:
+            for count in (2, 4, 6):
+                progress(count)
+            return 6
+
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    assert cli._purge(Purge(), PurgeReport(caller=3, generated=1, kept=10)) == 0
+    said = capsys.readouterr()
+    assert "deleted 6 expired request records: the 4 counted as it began" in said.out
+    assert "and 2 that expired while it ran; 10 were kept when it began" in said.out
+    lines = [line.partition(" so far")[0] for line in said.err.splitlines()]
+    assert lines == [
+        "daybook requests purge: deleted 2 of 4",
+        "daybook requests purge: deleted 4 of 4",
+        "daybook requests purge: deleted 6",
+    ], said.err
 
 
 def test_a_dry_run_on_a_database_from_before_expiry_changes_nothing(
