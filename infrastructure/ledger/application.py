@@ -1463,10 +1463,13 @@ def _contended(prepared: PreparedBatch, moved: set[int]) -> list[int]:
     share (so that, applied again, they keep their order relative to each other). All of
     them if none touched one.
 
-    An aggregate no command of the batch changes connects nothing: each command that read
-    it was judged on the same state, whatever the others did, and its commit checks nothing
-    about it. (Two holds toward one merchant, from two customers, are not retried together
-    because another writer keeps moving one of the customers.)
+    An aggregate no command of the batch changes connects nothing: what the others did
+    does not change it, and a change by another writer that matters to a command that read
+    it is the commit's read check's to refuse (a refused command's catch-up may have moved
+    the batch's copy of it forward meanwhile: each command that read it is still judged
+    again from scratch when it is retried). (Two holds toward one merchant, from two
+    customers, are not retried together because another writer keeps moving one of the
+    customers.)
     """
     count = len(prepared.commands)
     parent = list(range(count))
