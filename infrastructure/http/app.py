@@ -337,10 +337,17 @@ class Unhandled:
             await response(scope, receive, send)
 
 
+#: The slowest a body may arrive on average, in bytes per second, after its first ``idle``
+#: seconds (Apache's mod_reqtimeout has the same default, ``MinRate=500``).
+BODY_MIN_RATE = 500
+
+
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes: by Content-Length at once, and while a body
     without one arrives (so nothing larger is ever held in memory); and a body whose next
-    part does not arrive within ``idle`` seconds (``408 request_timeout``)."""
+    part does not arrive within ``idle`` seconds, or that arrives slower than that allows
+    (``idle`` seconds, plus one per ``BODY_MIN_RATE`` bytes received), with
+    ``408 request_timeout``."""
 
     def __init__(self, app: ASGIApp, limit: int, idle: float) -> None:
         self.app = app
@@ -357,22 +364,35 @@ class BodyLimit:
             return
         seen = 0
         arrived = False
+        started: float | None = None
 
         async def counted() -> Message:
-            nonlocal seen, arrived
+            nonlocal seen, arrived, started
             if arrived:  # (a wait for the client to hang up, say: no limit on it)
                 return await receive()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if started is None:
+                started = now
+            # A body that stops arriving (a client gone without closing, a stalled upload)
+            # would hold its request, and a SIGTERM that waits for it, for ever; one that
+            # trickles (a byte every few seconds) nearly as long, each part in time.
+            deadline = started + self.idle + seen / BODY_MIN_RATE
+            wait = min(self.idle, deadline - now)
             try:
-                # A body that stops arriving (a client gone without closing, a stalled
-                # upload) would hold its request, and a SIGTERM that waits for it, for ever.
-                async with asyncio.timeout(self.idle):  # no task of its own, as wait_for makes
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):  # no task of its own, as wait_for makes
                     message = await receive()
             except TimeoutError:
-                raise Problem(
-                    "request_timeout",
-                    f"no part of the body arrived for {self.idle:g}s; send it again",
-                    headers={"Connection": "close"},
-                ) from None
+                if wait < self.idle:
+                    detail = (
+                        f"the body arrived slower than {BODY_MIN_RATE} bytes/s ({seen:,} bytes "
+                        f"in {loop.time() - started:.0f}s); send it again"
+                    )
+                else:
+                    detail = f"no part of the body arrived for {self.idle:g}s; send it again"
+                raise Problem("request_timeout", detail, headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 arrived = not message.get("more_body", False)

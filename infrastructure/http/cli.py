@@ -136,7 +136,8 @@ def register(subparsers: Any) -> None:
         type=seconds,
         default=_DEFAULTS.body_timeout,
         help="longest wait for the next part of a request's body, in seconds: then 408 "
-        "request_timeout, nothing done (a client gone mid-upload holds nothing, nor a stop)",
+        "request_timeout, nothing done (a client gone mid-upload holds nothing, nor a stop); "
+        "the whole body may take this plus a second per 500 bytes received",
     )
     serve.add_argument(
         "--max-read-wait",

@@ -23,6 +23,7 @@ class HttpOptions:
     max_body_bytes: int = 1024 * 1024
     #: Longest wait for the next part of a request's body, in seconds (then 408): a client
     #: gone mid-upload without closing would otherwise hold its request, and a stop, for ever.
+    #: The whole body may take this plus a second per ``app.BODY_MIN_RATE`` bytes received.
     body_timeout: float = 30.0
     #: Longest wait a read may ask for with min_position.
     max_read_wait: float = 10.0

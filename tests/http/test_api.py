@@ -271,6 +271,38 @@ def test_a_body_that_stops_arriving_is_refused_not_waited_for_for_ever(tmp_path:
         api.close()
 
 
+def test_a_body_that_trickles_is_refused_once_it_falls_below_the_minimum_rate(
+    tmp_path: Any,
+) -> None:
+    """Each part in time, a byte every 0.1 s: the request was held for as long as the client
+    kept trickling (up to ``max_body_bytes`` parts). The body may take ``body_timeout``
+    seconds, plus one per ``BODY_MIN_RATE`` bytes received."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(body_timeout=0.5))
+    head = api.head()
+
+    async def trickles() -> Any:
+        yield b'{"account_id": '
+        while True:  # the server gives up first, or the client does
+            await asyncio.sleep(0.1)
+            yield b" "
+
+    async def send() -> httpx.Response:
+        headers = {**api.auth("tester"), "Idempotency-Key": "k", "Content-Type": "application/json"}
+        post = api.client.post("/v1/commands/deposit", content=trickles(), headers=headers)
+        return await asyncio.wait_for(post, 30)
+
+    try:
+        try:
+            reply = api.run(send())
+        except TimeoutError:
+            pytest.fail("a body trickling a byte every 0.1 s was still read 30 s later")
+        body = assert_problem(reply, 408, "request_timeout")
+        assert "slower than 500 bytes/s" in body["detail"], body
+        assert api.head() == head
+    finally:
+        api.close()
+
+
 def test_a_domain_refusal_is_problem_json_with_its_code_and_numbers(api: Api) -> None:
     account = api.open_account()
     reply = api.command("withdraw", {"account_id": account, "amount": 500})
