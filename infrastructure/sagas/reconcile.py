@@ -15,6 +15,12 @@ Every finding, and what was done about it, is recorded in the log (``RecordRecon
 who decided, why, when), once per finding and action. A finding the log cannot hold (a key
 that is not text of at most 255 characters) is still reported, saying so: reconciliation
 goes on to the other charges whatever one of them holds.
+
+A refund and its record cannot be one transaction: the gateway is another system. So the
+intent (action ``refunding``) is recorded before the gateway is asked, and a run that finds
+a charge of daybook's refunded whose record has that intent without ``refunded`` (a run
+killed between the refund and its record, or one whose refund's reply was lost) records the
+refund then. A refund whose intent the log would not take is not made.
 """
 
 from __future__ import annotations
@@ -26,15 +32,24 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from daybook.domain.errors import DomainError, IdempotencyConflict
-from daybook.domain.reconciliation import FindingRecorded, RecordReconciliation
+from daybook.domain.reconciliation import FindingRecorded, RecordReconciliation, RemoteRecord
 from daybook.domain.sagas import Saga, SagaState
 from daybook.domain.values import MAX_REQUEST_TEXT, as_text, inventory_id
 from daybook.infrastructure.eventstore.log import EventLog
-from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, PaymentGateway
+from daybook.infrastructure.gateway import (
+    Charge,
+    ChargeStatus,
+    GatewayError,
+    OutcomeUnknown,
+    PaymentGateway,
+)
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.sagas.processor import idempotency_key
 
 RECONCILER = "payment reconciler"
+
+#: The action recorded before a refund is asked of the gateway (see the module's text).
+REFUNDING = "refunding"
 
 #: Charges asked of the gateway at a time.
 PAGE = 1000
@@ -137,13 +152,16 @@ def reconcile_payments(
                 ledger, report, Finding(charge.key, "charge_in_unknown_state", "flagged", detail)
             )
             continue
-        if charge.status is not ChargeStatus.SUCCEEDED or charge.refunded:
+        if charge.status is not ChargeStatus.SUCCEEDED:
             continue
         saga_id = _saga_id_of(charge.key, step)
         if saga_id is None:
             # Another system's: no order of daybook's explains it, and none should. Refunded,
             # it would be that system's customer's payment taken back; flagged, it would keep
             # the run unresolved (and recorded in the log) for as long as that system charges.
+            continue
+        if charge.refunded:
+            _record_refunds_made(ledger, report, charge)
             continue
         saga = _saga_of(ledger, saga_id)
         if saga is not None and saga.state in (
@@ -226,20 +244,61 @@ def _decide(
     repair: bool,
 ) -> None:
     action = "flagged"
-    if repair:
+    refused = _log(ledger, Finding(charge.key, kind, REFUNDING, detail)) if repair else None
+    if refused is not None:
+        detail = f"{detail}; not refunded: the log refused to record the refund first"
+    elif repair:
         try:
             gateway.refund(charge.key)
             action = "refunded"
+        except OutcomeUnknown as unknown:
+            # Sent, perhaps made: looked up, as the saga processor looks a charge up.
+            try:
+                found = gateway.lookup(charge.key)
+            except GatewayError as error:
+                found = None
+                unknown = OutcomeUnknown(f"{unknown}; its lookup failed: {error}")
+            if found is not None and found.refunded:
+                action = "refunded"
+            else:
+                detail = f"{detail}; refund failed: {unknown}"
         except GatewayError as error:
             detail = f"{detail}; refund failed: {error}"
     _record(ledger, report, Finding(charge.key, kind, action, detail))
 
 
+def _record_refunds_made(ledger: Ledger, report: Report, charge: Charge) -> None:
+    """Record the refund of a charge of daybook's, refunded at the gateway, that a run meant
+    to make (its intent is recorded) and did not record: killed between the two, or told
+    nothing by the gateway. Refunded by its saga's compensation, it has no record at all."""
+    try:
+        record = ledger.read(RemoteRecord, charge.key)
+    except DomainError:
+        return  # no record of this charge: nothing reconciliation did
+    for kind, action in sorted(record.recorded):
+        if action == REFUNDING and not record.has_recorded(kind, "refunded"):
+            detail = (
+                f"{charge.amount} {charge.currency} charged, no completed order; refunded "
+                "by an earlier run, which stopped before recording it"
+            )
+            _record(ledger, report, Finding(charge.key, kind, "refunded", detail))
+
+
 def _record(ledger: Ledger, report: Report, finding: Finding) -> None:
-    """Record ``finding`` in the log and add it to the report. Recorded before under the
-    same finding and action, with another detail (a refund that failed with another
-    error) or by a run older than the request retention window, it is not recorded again
-    (the remote record says so itself); one the log refuses is reported as not recorded."""
+    """Record ``finding`` in the log and add it to the report; one the log refuses is
+    reported as not recorded."""
+    refused = _log(ledger, finding)
+    if refused is not None:
+        detail = f"{finding.detail} (not recorded in the log: {refused})"
+        finding = Finding(finding.key, finding.kind, finding.action, detail)
+    report.findings.append(finding)
+
+
+def _log(ledger: Ledger, finding: Finding) -> str | None:
+    """Record ``finding`` in the log; why the log refused it, if it did. Recorded before
+    under the same finding and action, with another detail (a refund that failed with
+    another error) or by a run older than the request retention window, it is not recorded
+    again (the remote record says so itself)."""
     try:
         ledger.execute(
             RecordReconciliation(
@@ -254,11 +313,9 @@ def _record(ledger: Ledger, report: Report, finding: Finding) -> None:
     except (IdempotencyConflict, FindingRecorded):
         pass  # recorded by an earlier run, with that run's detail
     except DomainError as refused:
-        # Raised, it would end the run at this charge, run after run (and a refund made
-        # just before would never reach the report): the report says it instead.
-        detail = f"{finding.detail} (not recorded in the log: {refused.code}: {refused})"
-        finding = Finding(finding.key, finding.kind, finding.action, detail)
-    report.findings.append(finding)
+        # Raised, it would end the run at this charge, run after run: said instead.
+        return f"{refused.code}: {refused}"
+    return None
 
 
 def _request_id(finding: Finding) -> str:

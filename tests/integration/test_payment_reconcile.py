@@ -110,6 +110,12 @@ def _findings_recorded(ledger: Any, key: str) -> int:
     return int(ledger.read(RemoteRecord, key).findings)
 
 
+def _recorded(ledger: Any, key: str) -> list[tuple[str, str]]:
+    """The (finding, action) pairs recorded for ``key``, in the order they were."""
+    events = ledger.service.events.get(RemoteRecord.id_for(key))
+    return [(e.finding, e.action) for e in events if isinstance(e, RemoteRecord.Decided)]
+
+
 def test_a_reconciliation_decision_keeps_who_asked_and_the_trace() -> None:
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with open_ledger("memory://") as ledger:
@@ -146,8 +152,13 @@ def test_a_finding_recorded_again_with_another_detail_does_not_end_the_run() -> 
         server.gateway.knobs.refund_unavailable_rate = 0.0
         third = reconcile_payments(ledger, http, repair=True)
         assert {f.key for f in third.findings if f.action == "refunded"} == {a_stray, b_stray}
-        # Once per finding and action: flagged, then refunded.
-        assert _findings_recorded(ledger, a_stray) == 2
+        # Once per finding and action: flagged, then the refund's intent (before each
+        # attempt, recorded once), then refunded.
+        assert _recorded(ledger, a_stray) == [
+            ("charge_without_order", "flagged"),
+            ("charge_without_order", "refunding"),
+            ("charge_without_order", "refunded"),
+        ]
         http.close()
 
 
@@ -178,10 +189,10 @@ def test_a_finding_is_recorded_once_not_again_every_request_retention_window() -
             ]
             clock.now += timedelta(days=1)
         assert _findings_recorded(ledger, a_stray) == 1
-        reconcile_payments(ledger, http, repair=True)  # another action: recorded, once
+        reconcile_payments(ledger, http, repair=True)  # other actions: recorded, once
         clock.now += timedelta(days=4)
         reconcile_payments(ledger, http, repair=True)
-        assert _findings_recorded(ledger, a_stray) == 2
+        assert _findings_recorded(ledger, a_stray) == 3  # flagged, refunding, refunded
         http.close()
 
 

@@ -97,7 +97,7 @@ def test_the_sagas_commands(
         assert "refunded" in capsys.readouterr().out
         assert server.gateway.refunds[stray] == 1
         assert server.gateway.refunds.get(idempotency_key(done.saga_id, "charge")) is None
-        assert ledger.read(RemoteRecord, stray).findings == 2
+        assert ledger.read(RemoteRecord, stray).findings == 3  # flagged, refunding, refunded
         events = list(ledger.service.events.get(RemoteRecord.id_for(stray)))
         decision = events[-1].meta.decision  # type: ignore[attr-defined]
         assert decision.by == "payment reconciler" and "charge_without_order" in decision.why
