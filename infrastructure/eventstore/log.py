@@ -290,6 +290,20 @@ class EventLog:
                 self._interrupt.wait(min(timeout, 0.5))
             self._interrupt.clear()
 
+    def drain(self) -> None:
+        """Read the notifications already waiting on the listen connection, without
+        waiting: for a reader that found events and reads again at once. Under steady load
+        it never waits, and notifications it never reads hold back the server's queue as
+        a reader that stopped waiting does (see ``stop_listening``)."""
+        listen = self._listen
+        if listen is None or listen.closed:
+            return
+        try:
+            for _ in listen.notifies(timeout=0):
+                pass
+        except psycopg.Error:
+            self.stop_listening()  # the next wait listens again, and returns at once
+
     def _listen_connection(self, datastore: Any) -> psycopg.Connection[Any]:
         if self._listen is None or self._listen.closed:
             conninfo, settings = listen_conninfo(datastore)

@@ -220,6 +220,8 @@ class ProjectionRunner:
         while not stopping:
             if self.step() == 0:
                 self.log.wait(self.poll_interval)
+            else:
+                self.log.drain()  # busy: read what each commit sent, or it piles up
 
     def run_until_caught_up(self, max_idle_steps: int = 1) -> None:
         """Apply everything up to the current head, then return (switches included)."""

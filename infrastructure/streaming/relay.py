@@ -403,6 +403,11 @@ class Relay:
     ) -> RelayCursor:
         self.stats.state = "live"
         while not self._stopping.is_set():
+            # What commits sent so far is read now, before the log (which has those
+            # commits): under steady load a read seldom finds nothing, the relay seldom
+            # waits, and notifications left unread hold back the server's queue.
+            async for _ in listen.notifies(timeout=0):
+                pass
             batch = await asyncio.to_thread(
                 self._log.notifications, cursor.position, self.config.batch_size
             )

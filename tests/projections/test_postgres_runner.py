@@ -114,3 +114,49 @@ def test_a_runner_that_failed_stops_listening(pg_url: str, monkeypatch: pytest.M
     finally:
         runner.stop()
         ledger.close()
+
+
+def test_a_busy_runner_reads_its_notifications_as_it_goes(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit NOTIFYs the runner's LISTEN session, and the runner reads that session
+    only when a step found nothing (it waits then). Under steady load every step finds
+    events, so it never waits: the notifications pile up unread, and once the session's
+    socket is full they hold back PostgreSQL's notification queue (shared by the whole
+    server, 8 GB, then every commit fails) for as long as the load lasts. N busy steps
+    must not leave N notifications waiting."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    runner = run_projections(ledger, pg_url, poll_interval=0.05, start=False)
+    busy = 200
+    steps = 0
+    backlog: list[int] = []
+    done = threading.Event()
+    real_step = runner.step
+
+    def step_under_load() -> int:
+        nonlocal steps
+        listen = runner.log._listen
+        if listen is None or done.is_set():
+            return real_step()  # not listening yet (it listens from its first wait on)
+        if steps < busy:
+            steps += 1
+            ledger.deposit(account, 1)  # a command commits during every step: load
+            return real_step()
+        # The load is over: what is waiting unread on the runner's LISTEN session now.
+        backlog.append(sum(1 for _ in listen.notifies(timeout=0)))
+        done.set()
+        return real_step()
+
+    monkeypatch.setattr(runner, "step", step_under_load)
+    runner.start()
+    try:
+        assert done.wait(120), "the runner never got through the load"
+    finally:
+        runner.stop()
+        ledger.close()
+    assert steps == busy
+    assert backlog[0] <= 1, (
+        f"{backlog[0]} notifications left unread on the runner's LISTEN session after "
+        f"{busy} busy steps"
+    )

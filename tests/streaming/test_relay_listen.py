@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,57 @@ def test_the_relay_stops_listening_when_the_broker_goes_down_and_listens_again_a
             assert (health.state, health.restarts) == (ServiceState.RUNNING, 1), health
     finally:
         ledger.close()
+
+
+def test_a_busy_relay_reads_its_notifications_as_it_goes(
+    pg_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit NOTIFYs the relay's LISTEN session, and the relay reads that session
+    only when a read of the log found nothing (it waits then), and then one notification
+    per wait. Under steady load nearly every read finds events: the notifications pile up
+    unread and, once the session's socket is full, hold back PostgreSQL's notification
+    queue (shared by the whole server, 8 GB, then every commit fails) for as long as the
+    load lasts. N busy batches must not leave N notifications waiting."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    busy = 100
+    reads = 0
+    backlog: list[int] = []
+    config = RelayConfig(
+        pg_url, f"kafka://{kafka_bootstrap}", topic=f"busy-{time.monotonic_ns()}",
+        partitions=1, backoff_max=0.2, request_timeout=5.0,
+    )  # fmt: skip
+    relay = Relay(config, event_log_of(ledger))
+    real_read = relay._log.notifications
+    real_wait = relay._wait_for_events
+
+    def read_under_load(after: int, limit: int) -> list[Any]:
+        nonlocal reads
+        if reads < busy:
+            reads += 1
+            ledger.deposit(account, 1)  # a command commits during every read: load
+        return real_read(after, limit)
+
+    async def wait_counting(listen: Any) -> None:
+        if reads >= busy and not backlog:
+            # The load is over: what is waiting unread on the relay's LISTEN session now.
+            backlog.append(len([n async for n in listen.notifies(timeout=0)]))
+        await real_wait(listen)
+
+    monkeypatch.setattr(relay._log, "notifications", read_under_load)
+    monkeypatch.setattr(relay, "_wait_for_events", wait_counting)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(relay.run(),))
+    thread.start()
+    try:
+        _until(lambda: bool(backlog), "the relay to get through the load", 120)
+    finally:
+        loop.call_soon_threadsafe(relay.stop)
+        thread.join(30)
+        loop.close()
+        relay.close()
+        ledger.close()
+    assert backlog[0] <= 1, (
+        f"{backlog[0]} notifications left unread on the relay's LISTEN session after "
+        f"{busy} busy reads"
+    )
