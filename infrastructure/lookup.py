@@ -137,7 +137,9 @@ def _wait(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _not_serving(projection: str, error: StaleRead) -> int:
-    if error.wanted == 0:
+    # Never begun, with --min-position or without: 75 ("not yet") would have a script
+    # retry for ever, and nothing would ever build it.
+    if error.wanted == 0 or not error.started:
         print(
             f"daybook: the {projection} read model has not been built here yet: run "
             "`daybook project` (or `daybook serve`, which keeps the read models up to date)",

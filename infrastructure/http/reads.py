@@ -315,7 +315,14 @@ _WATCH_EVERY = 0.02
 
 def _stale(error: StaleRead, timeout: float) -> StaleRead:
     """``error`` (of a look, which does not wait) as the read's: within its ``timeout``."""
-    return StaleRead(error.projection, error.wanted, error.reached, timeout, built=error.built)
+    return StaleRead(
+        error.projection,
+        error.wanted,
+        error.reached,
+        timeout,
+        built=error.built,
+        started=error.started,
+    )
 
 
 #: The read models the routes read (as ``ReadModels`` names them).

@@ -53,17 +53,28 @@ class StaleRead(Exception):
     code: ClassVar[str] = "stale_read"
 
     def __init__(
-        self, projection: str, wanted: int, reached: int, timeout: float, *, built: bool = True
+        self,
+        projection: str,
+        wanted: int,
+        reached: int,
+        timeout: float,
+        *,
+        built: bool = True,
+        started: bool = True,
     ) -> None:
         if built:
             text = f"read model {projection} reached log position {reached}, not {wanted}, "
-        else:
+        elif started:
             text = f"read model {projection} is still being built (no version serves yet), "
+        else:
+            text = f"read model {projection} has not been built (nothing has begun building it) "
         super().__init__(f"{text}within {timeout}s; retry later or raise the timeout")
         self.projection = projection
         self.wanted = wanted
         self.reached = reached
         self.built = built
+        #: Whether any version of it was ever registered (a build begun, if none serves).
+        self.started = started or built
 
 
 class ReadModelChanged(ReadStoreError):
@@ -578,6 +589,7 @@ class ReadModels:
         delay = self.poll
         dropped = failures = 0
         missing_in: int | None = None  # the version a table was missing from, last try
+        started = True  # whether any version of it was ever registered (found each try)
         while True:
             store: ReadStore | None = None
             version: int | None = None
@@ -592,6 +604,10 @@ class ReadModels:
                         record = None if version is None else catalog.version(projection, version)
                         checkpoint = None if record is None else catalog.checkpoint(record)
                         position = 0 if checkpoint is None else checkpoint.position
+                        # Nothing serves: has anything begun to build it? (Asked only then.)
+                        started = version is not None or (
+                            self._catalog and bool(catalog.versions(projection))
+                        )
                         if version is not None and (
                             min_position is None or position >= min_position
                         ):
@@ -649,7 +665,9 @@ class ReadModels:
                 continue
             if time.monotonic() >= deadline:
                 built = version is not None
-                raise StaleRead(projection, min_position or 0, position, timeout, built=built)
+                raise StaleRead(
+                    projection, min_position or 0, position, timeout, built=built, started=started
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         if head is None and self.log is not None:
