@@ -531,6 +531,14 @@ def _user_error(error: Exception) -> str | None:
     if isinstance(error, GatewayError):
         return f"the payment gateway did not answer: {error} (check --gateway and that it runs)"
     for cause in causes(error):  # eventsourcing wraps the driver's error
+        if isinstance(
+            cause, psycopg.errors.InsufficientPrivilege | psycopg.errors.ReadOnlySqlTransaction
+        ):
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            return (
+                f"the database refused this command's writes ({reason}): it needs a role that "
+                "may create and change daybook's tables, on a server that is not read-only"
+            )
         if isinstance(cause, psycopg.OperationalError):
             return f"the database did not answer: {preflight.explain(cause)}"
         if isinstance(cause, sqlite3.DatabaseError):

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from daybook.infrastructure.transient import may_only_read
 from daybook.infrastructure.urls import DEFAULT_URL, postgres_params, scheme, sqlite_path
 
 SCOPES = ("read", "write", "admin")
@@ -177,12 +178,18 @@ class SqlTokens:
         self._used = 0.0  # when it last answered (time.monotonic)
         if url == DEFAULT_URL:  # tokens may come before the first ledger, as in the README
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
-        with self._connection() as conn:
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, "
-                "token_hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, created_at TEXT NOT NULL, "
-                "revoked_at TEXT, rate DOUBLE PRECISION)"
-            )
+        try:
+            with self._connection() as conn:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, "
+                    "token_hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, "
+                    "created_at TEXT NOT NULL, revoked_at TEXT, rate DOUBLE PRECISION)"
+                )
+        except psycopg.Error as error:
+            # A role that may only read (or a replica): listing needs no table made; a
+            # write through this store then says it was refused.
+            if not may_only_read(error):
+                raise
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:

@@ -413,7 +413,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
     except RebuildError as error:
-        print(f"daybook: {error}", file=sys.stderr)
+        print(f"daybook: refused ({error.code}): {error}", file=sys.stderr)
         return 1
     finally:
         log.close()
@@ -492,7 +492,7 @@ def _run_handover(args: argparse.Namespace) -> int:
                 published=_published_partitions(settings),
             )  # fmt: skip
     except HandoverRefused as refused:
-        print(f"daybook: {refused}", file=sys.stderr)
+        print(f"daybook: refused ({refused.code}): {refused}", file=sys.stderr)
         return 1
     finally:
         log.close()
@@ -516,6 +516,12 @@ def _published_partitions(settings: Settings) -> int | None:
     return None if cursor is None else cursor.partitions
 
 
+def _coded(refused: Exception) -> str:
+    """``refused (CODE): `` for a refusal with a stable code, else nothing."""
+    code = getattr(refused, "code", None)
+    return f"refused ({code}): " if code else ""
+
+
 def _run_resume(args: argparse.Namespace) -> int:
     projection = projections.by_name(args.name)
     checked_settings(args, why=_WHY, readmodels=True)
@@ -526,7 +532,10 @@ def _run_resume(args: argparse.Namespace) -> int:
             catalog.ensure()
             catalog.resume(projection.name, projection.version)
         except (IllegalTransition, LookupError) as refused:
-            print(f"daybook: {args.name} v{projection.version}: {refused}", file=sys.stderr)
+            print(
+                f"daybook: {_coded(refused)}{args.name} v{projection.version}: {refused}",
+                file=sys.stderr,
+            )
             return 1
         finally:
             store.close()
@@ -552,7 +561,7 @@ def _run_drop(args: argparse.Namespace) -> int:
                 )
                 return 1
         except (IllegalTransition, LookupError) as refused:
-            print(f"daybook: {label}: {refused}", file=sys.stderr)
+            print(f"daybook: {_coded(refused)}{label}: {refused}", file=sys.stderr)
             return 1
         finally:
             store.close()

@@ -337,8 +337,8 @@ def _list(args: argparse.Namespace) -> int:
     with ReadModels(settings.readmodels) as views:
         where, params = ("state = %s", [args.state]) if args.state else ("", [])
         answer = _saga_rows(views, where, params, args.limit)
-    if answer is None:
-        return 2
+    if answer is None:  # not built yet: as `daybook balance` says it, exit 1
+        return 1
     print(f"{'saga':36}  {'kind':6} {'state':15} {'step':10} {'tries':>5}  reference / last error")
     for row in answer.value:
         error = f"  ({row['last_error']})" if row["last_error"] else ""
@@ -418,7 +418,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     with open_ledger(settings=settings) as ledger, ReadModels(settings.readmodels) as views:
         if _saga_rows(views, "", [], 1) is None:
             gateway.close()
-            return 2
+            return 1
         completed = _completed_orders(views)
         try:
             report = reconcile_payments(ledger, gateway, completed=completed, repair=args.repair)

@@ -269,7 +269,7 @@ def _run_relay(args: argparse.Namespace) -> int:
         try:
             rewind(settings.url, settings.topic)
         except RewindRefused as refused:  # a relay is running, or none published the topic
-            print(f"daybook relay: {refused}", file=sys.stderr)
+            print(f"daybook relay: refused ({refused.code}): {refused}", file=sys.stderr)
             return 1
         print(f"daybook: the relay will re-publish {settings.topic} from the start of the log")
         return 0
