@@ -14,7 +14,9 @@ here and checked, like the others, by tests/unit/test_compat.py. The domain's sn
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import time
 import weakref
 from collections.abc import Sequence
 from contextlib import closing
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.persistence import InterfaceError, OperationalError
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteConnection, SQLiteConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
@@ -97,6 +101,46 @@ def reconnect_promptly(datastore: Any) -> None:
         add_connection(live, attempt, growing=growing)
 
     pool._add_connection = add
+
+
+#: Attempts of a read whose connection failed at once (a pooled connection that died in a
+#: restart: a fresh one works), and how quick a failure must be to count so.
+_READ_ATTEMPTS = 10
+_AT_ONCE = 1.0
+
+
+def retried_only_at_once(method: Any) -> Any:
+    """eventsourcing's read ``method`` (a PostgreSQL recorder's) with its retry kept for
+    failures that come at once, and dropped for one that waited (the pool's
+    ``connect_timeout``, for a server that refuses connections). eventsourcing retries its
+    reads ten times (``@retry(..., max_attempts=10)``), each waiting the pool's whole
+    timeout: a command on an account not cached was held ten times ``connect_timeout``
+    (100 s by default), twice over, far past ``LedgerService.outage_budget``. Its ``retry``
+    keeps the undecorated method as ``__wrapped__`` (functools.wraps), called here."""
+    inner = method.__wrapped__
+
+    @functools.wraps(inner)
+    def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                return inner(self, *args, **kwargs)
+            except (InterfaceError, OperationalError):
+                if attempt == _READ_ATTEMPTS or time.monotonic() - started >= _AT_ONCE:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+
+    return read
+
+
+#: The reads ``retried_only_at_once`` is applied to (daybook's PostgreSQL recorders).
+RETRIED_READS = (
+    (PostgresApplicationRecorder, "select_events"),
+    (PostgresApplicationRecorder, "select_notifications"),
+    (PostgresApplicationRecorder, "max_notification_id"),
+    (PostgresAggregateRecorder, "select_events"),
+)
 
 
 class _QueryOnlyPool(SQLiteConnectionPool):
@@ -305,6 +349,18 @@ RELIED_ON: tuple[Internal, ...] = (
         on_instance=True,
         types=(float,),
         used_in="psycopg_pool.pool:ConnectionPool._add_connection",
+    ),
+    *(
+        Internal(
+            "eventsourcing",
+            f"eventsourcing.postgres:{owner.__name__}.{name}",
+            "__wrapped__",
+            retried_only_at_once,
+            f"{owner.__name__}.{name} (still decorated with eventsourcing's retry, which "
+            "keeps the undecorated read as __wrapped__; tests/unit/test_read_retries.py)",
+            kind=Kind.FUNCTION,
+        )
+        for owner, name in RETRIED_READS
     ),
     Internal(
         "eventsourcing",

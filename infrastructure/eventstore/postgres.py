@@ -18,12 +18,20 @@ from uuid import UUID
 import orjson
 import psycopg
 from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresFactory,
+)
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
-from daybook.infrastructure.compat.eventsourcing import reconnect_promptly, set_on_each_session
+from daybook.infrastructure.compat.eventsourcing import (
+    reconnect_promptly,
+    retried_only_at_once,
+    set_on_each_session,
+)
 from daybook.infrastructure.eventstore import (
     REQUESTS_TABLE,
     UPGRADE_RETENTION,
@@ -41,6 +49,12 @@ from daybook.infrastructure.ledger.requests import (
     RequestTable,
 )
 from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY
+
+
+class SnapshotRecorder(PostgresAggregateRecorder):
+    """eventsourcing's recorder of snapshots, its reads bounded as the ledger's are."""
+
+    select_events = retried_only_at_once(PostgresAggregateRecorder.select_events)
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
@@ -219,6 +233,10 @@ class PostgresRecorder(PostgresApplicationRecorder):
             "extract(epoch FROM max(expires_at) FILTER "
             "(WHERE expires_at <= to_timestamp(%(now)s))) FROM {}"
         ).format(requests)
+
+    select_events = retried_only_at_once(PostgresApplicationRecorder.select_events)
+    select_notifications = retried_only_at_once(PostgresApplicationRecorder.select_notifications)
+    max_notification_id = retried_only_at_once(PostgresApplicationRecorder.max_notification_id)
 
     def create_table(self) -> None:
         # Several processes may start at once on a fresh database, and PostgreSQL does not
@@ -426,6 +444,7 @@ RECONNECT_TIMEOUT = 30.0
 
 class Factory(PostgresFactory):
     application_recorder_class = PostgresRecorder
+    aggregate_recorder_class = SnapshotRecorder
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)
