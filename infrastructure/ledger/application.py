@@ -833,6 +833,15 @@ class LedgerService(Application[UUID]):
         for index, answer in zip(indices, answers, strict=True):
             outcomes[index] = answer
 
+    def outage_outlasted(self, started: float, error: BaseException) -> bool:
+        """After a read that began at ``started`` (nothing sent) failed with ``error``:
+        whether that is an outage that has lasted ``outage_budget`` already, and the read
+        did not fail at once (a dead pooled connection, which a fresh one cures)."""
+        if rolled_back(error):
+            return False
+        at_once = self.monotonic() - started < _AT_ONCE
+        return self._in_outage(started) >= self.outage_budget and not at_once
+
     def _in_outage(self, started: float) -> float:
         """Seconds the outage under way has lasted, counted from the start of the attempt
         that first met it (``started``, for a batch that is the first to)."""

@@ -37,7 +37,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from daybook.domain.commands import Command, Receipt
 from daybook.infrastructure.ledger.application import (
@@ -436,16 +436,28 @@ class GroupCommitter:
                 deadline=now + self._max_wait,
             )
         commands = [command for command, _ in items]
+        started = self._ledger.monotonic()
         try:
             # A caller-chosen id may have been recorded by an earlier batch (a retry): look
             # those up first, so the retry is replayed instead of failing the batch.
             self._ledger.apply(building.prepared, commands, known=self._ledger.lookup(commands))
-        except Exception:
+        except Exception as error:
             # A stale cache, a lost connection, or a bug in one command: this batch's state
-            # is suspect. Serve all its commands the careful way, after the commit under way.
+            # is suspect. Serve all its commands the careful way, after the commit under way;
+            # unless the database did not answer a read (nothing sent) in an outage that has
+            # outlasted its budget (commands queued behind one that retried it): answered
+            # now, as the careful way's first attempt would have, after waiting the pool once
+            # more.
+            answer = isinstance(
+                error, OperationalError | InterfaceError
+            ) and self._ledger.outage_outlasted(started, error)
             self._building = None
             self._wait_for_commit()
-            self._execute(building.items + items)
+            waiting = building.items + items
+            if answer:
+                _settle(waiting, [error] * len(waiting))
+            else:
+                self._execute(waiting)
             return
         building.items.extend(items)
 

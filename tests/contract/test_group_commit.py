@@ -626,3 +626,46 @@ def test_a_reservation_id_used_before_costs_the_store_one_refused_write(store_ur
     assert [type(error).__name__ for error in refused] == ["VersionConflict"]
     assert ledger.head() == head
     ledger.close()
+
+
+def test_a_command_queued_behind_an_outage_past_its_budget_waits_for_the_pool_once(
+    tmp_path: Path,
+) -> None:
+    """An outage that has lasted ``outage_budget`` already: a new command's read (of its
+    account, not cached) waits the pool and fails. Nothing was sent; it was sent on to be
+    tried the careful way, whose first attempt waited the pool again before answering:
+    two waits (2 x ``connect_timeout``) past the budget rather than one. Counted on a
+    clock the test moves, not timed."""
+    from eventsourcing.persistence import OperationalError
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as writer:
+        ann = writer.open_account("ann", "EUR").account_id
+        bob = writer.open_account("bob", "EUR").account_id
+    with open_ledger(url) as ledger:  # nothing cached: each command reads its account
+        service = ledger.service
+        now = [1_000.0]
+        service.monotonic = lambda: now[0]  # type: ignore[method-assign]
+        recorder: Any = service.recorder
+        select_events = recorder.select_events
+        reads: list[str] = []
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            reads.append("read")
+            now[0] += 10.0  # the pool's wait for a connection it never gets
+            raise OperationalError("couldn't get a connection after 10.00 sec")
+
+        recorder.select_events = refused
+        try:
+            with pytest.raises(OperationalError):
+                ledger.deposit(ann, 5, request_id="q-ann")
+            reads.clear()
+            with pytest.raises(OperationalError):
+                ledger.deposit(bob, 5, request_id="q-bob")
+            assert len(reads) == 1, f"{len(reads)} waits for the pool past the budget"
+        finally:
+            recorder.select_events = select_events
+        # Nothing was sent: the retry applies it, once.
+        assert ledger.deposit(bob, 5, request_id="q-bob").replayed is False
+        assert ledger.deposit(bob, 5, request_id="q-bob").replayed
+        assert ledger.account(bob).balance == 5
