@@ -60,6 +60,7 @@ from daybook.infrastructure.bootstrap import (
     open_read_models,
     run_projections,
 )
+from daybook.infrastructure.ledger.application import LedgerClosed
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
@@ -93,6 +94,7 @@ __all__ = [
     "InvalidSku",
     "InvalidTimeout",
     "Ledger",
+    "LedgerClosed",
     "LinkedCommandFailed",
     "OrderLine",
     "OutOfStock",

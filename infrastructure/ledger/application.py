@@ -38,6 +38,7 @@ from daybook.domain.errors import (
     DomainError,
     IdempotencyConflict,
     UnknownOutcome,
+    reserve_codes,
 )
 from daybook.domain.events import LedgerAggregate, id_held_by_another_kind, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
@@ -88,7 +89,13 @@ class Committer(Protocol):
 
 
 class LedgerClosed(RuntimeError):
-    """A command was submitted after the ledger was closed."""
+    """A command was submitted, or a read asked, after the ledger was closed."""
+
+    code: ClassVar[str] = "ledger_closed"
+
+
+# Not a refusal: no refusal class may take its code (see ``reserve_codes``).
+reserve_codes((LedgerClosed.code,), "the ledger's own")
 
 
 class DirectCommitter:
@@ -576,6 +583,8 @@ class LedgerService(Application[UUID]):
         self._snapshot_failures: set[type[LedgerAggregate]] = set()
         #: Tells this ledger's receipts on command objects from another's (see ``_DONE``).
         self._identity = object()
+        #: Set by ``close``: a read that fails then says the ledger is closed.
+        self._closed = False
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -593,17 +602,32 @@ class LedgerService(Application[UUID]):
 
     # -- reads (strongly consistent, straight from the log) ---------------------------------
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read through the ledger. Once it is closed its store is released (SQLite,
+        PostgreSQL): the store's driver then fails without a message, which becomes
+        ``LedgerClosed``, with its code. (In memory the log stays readable.)"""
+        try:
+            yield
+        except Exception as error:
+            if self._closed and not isinstance(error, DomainError):
+                msg = "the ledger is closed; open a new one to read from it"
+                raise LedgerClosed(msg) from error
+            raise
+
     def read(self, kind: type[A], key: Any) -> A:
         """The current state of the ``kind`` aggregate with ``key``, fast-forwarded from the
         store (the cache may be behind other processes' writes)."""
-        aggregate = self._read(kind.id_for(key))
+        with self._reading():
+            aggregate = self._read(kind.id_for(key))
         if not isinstance(aggregate, kind):
             raise kind.not_found(key)
         return aggregate
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
-        return self.recorder.max_notification_id() or 0
+        with self._reading():
+            return self.recorder.max_notification_id() or 0
 
     def latest_versions(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, int]:
         """The newest stored version of each aggregate that exists."""
@@ -1345,6 +1369,7 @@ class LedgerService(Application[UUID]):
     def close(self) -> None:
         self.request_purge.stop()
         self.committer.close()
+        self._closed = True
         super().close()
 
 

@@ -51,6 +51,14 @@ class ReadModelLocation:
             self.scratch = Path(tempfile.mkdtemp(prefix="daybook-readmodels-"))
             url = f"sqlite:///{self.scratch}/readmodels.db"
         self.url = url if url is not None else readmodel_url(events_url)
+        if scheme(self.url) not in ("sqlite", "postgresql"):
+            # Refused now, by the call that was given it, not by a runner's thread later.
+            self.close()
+            msg = (
+                "read models need a database: use sqlite:///path.db or postgresql://..., "
+                f"not {redacted(self.url)!r}"
+            )
+            raise ReadStoreError(msg)
 
     def close(self) -> None:
         """Remove the scratch directory, if this location made one."""
