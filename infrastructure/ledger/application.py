@@ -1457,7 +1457,11 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
                 "that returns an aware datetime, such as lambda: datetime.now(UTC)"
             )
             raise TypeError(msg)
-        return now
+        # In UTC: timeouts and deadlines are added to it as timedeltas, and on a time in a
+        # named zone (``datetime.now(ZoneInfo("Europe/Berlin"))``) Python adds wall-clock
+        # time, so a day-long hold placed before a DST change lasted 23 or 25 hours (and
+        # two times of one zone compare by wall clock, ignoring ``fold``).
+        return now.astimezone(UTC)
 
     reading()
     return reading
