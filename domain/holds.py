@@ -270,6 +270,18 @@ def holding_account(aggregates: Aggregates, hold: Hold) -> Account | None:
     return None
 
 
+def check_open_to_resolve(aggregates: Aggregates, hold: Hold) -> None:
+    """``hold.check_open()``, for a capture or a void; a refusal as expired says
+    ``recorded`` when the release of its funds is in the log (a debit that relied on them
+    recorded it, ``Account.record_lapses``) though the hold's own expiry is not yet."""
+    try:
+        hold.check_open()
+    except HoldExpired as expired:
+        if hold.status == OPEN and holding_account(aggregates, hold) is None:
+            raise lapsed_meanwhile(hold) from None
+        raise expired from None
+
+
 def lapsed_meanwhile(hold: Hold) -> HoldExpired:
     """The refusal of a capture or a void of a hold its account released as lapsed."""
     return HoldExpired(
@@ -345,7 +357,7 @@ class CaptureHold(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         hold = aggregates.get(Hold, self.hold_id)
-        hold.check_open()
+        check_open_to_resolve(aggregates, hold)
         amount = hold.amount if self.amount is None else self.amount
         source = holding_account(aggregates, hold)
         if source is None:
@@ -379,7 +391,7 @@ class VoidHold(Command):
 
     def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
         hold = aggregates.get(Hold, self.hold_id)
-        hold.check_open()
+        check_open_to_resolve(aggregates, hold)
         account = holding_account(aggregates, hold)
         if account is None:
             raise lapsed_meanwhile(hold)
