@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import MAXYEAR, UTC, datetime
 from uuid import UUID
 
 from daybook.domain.errors import DomainError, InvalidRequest
@@ -96,8 +96,15 @@ def open_holds(
                 f"{shown(expiring_before)}",
                 field="expiring_before",
             )
+        try:
+            bound = iso_time(expiring_before)
+        except OverflowError:
+            # The calendar's edge in a zone behind (or ahead of) UTC: past what UTC can
+            # write. Every instant stored is before the one, none before the other.
+            edge = datetime.max if expiring_before.year == MAXYEAR else datetime.min
+            bound = iso_time(edge.replace(tzinfo=UTC))
         clauses.append("expires_at < %s")
-        params.append(iso_time(expiring_before))
+        params.append(bound)
     answer = views.rows(
         OPEN_HOLDS_PROJECTION,
         OPEN_HOLDS.name,

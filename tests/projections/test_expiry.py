@@ -178,3 +178,25 @@ def test_the_sweeper_never_says_it_runs_through_an_outage_it_never_got_past(
     assert {h.state for h in seen} == {ServiceState.RETRYING}, seen
     assert {h.restarts for h in seen} == {0}, seen
     assert not [r for r in caplog.records if "recovered" in r.getMessage()]
+
+
+def test_open_holds_answers_an_instant_at_the_calendar_s_edge_in_any_zone(
+    ledger: Ledger,
+) -> None:
+    """An aware ``expiring_before`` at the calendar's edge in a zone other than UTC (no
+    bound, as a caller may write it) raised OverflowError, with no code: it lists every
+    open hold before the end of time, and none before its start."""
+    from datetime import timezone
+
+    account = ledger.open_account("a", "EUR").account_id
+    ledger.deposit(account, 100)
+    ledger.hold(account, 10, timeout=60)
+    with run_projections(ledger) as runner:
+        for edge, listed in (
+            (datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))), 1),
+            (datetime.min.replace(tzinfo=timezone(timedelta(hours=1))), 0),
+        ):
+            answer = open_holds(
+                runner.views, expiring_before=edge, min_position=ledger.head(), timeout=60
+            )
+            assert len(answer.value) == listed, edge
