@@ -278,8 +278,9 @@ def _record_refunds_made(ledger: Ledger, report: Report, charge: Charge) -> None
     for kind, action in sorted(record.recorded):
         if action == REFUNDING and not record.has_recorded(kind, "refunded"):
             detail = (
-                f"{charge.amount} {charge.currency} charged, no completed order; refunded "
-                "by an earlier run, which stopped before recording it"
+                f"{charge.amount} {charge.currency} charged, no completed order; found "
+                "refunded after a run set out to refund it (by that run, which stopped "
+                "before recording it or was not told, or since by someone else)"
             )
             _record(ledger, report, Finding(charge.key, kind, "refunded", detail))
 
