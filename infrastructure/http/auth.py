@@ -165,7 +165,7 @@ class Authenticator:
             return False
         try:
             token = await self.identify(request)
-        except Problem:
+        except Exception:  # unknown, revoked, or the token store did not answer
             return False
         return token.allows(scope)
 

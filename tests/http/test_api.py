@@ -1031,6 +1031,25 @@ def test_activity_and_health(api: Api) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_health_with_a_token_the_store_cannot_check_still_answers_health(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe that sends a token (monitoring with an admin token, or a made-up one) while
+    the token store is out: /health answered the store's outage (503 unavailable, or 500)
+    instead of each part's state. It is answered as for no token."""
+    import psycopg
+
+    def store_out(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(api.parts.tokens, "verify", store_out)
+    for secret in ("never-seen", "another"):
+        reply = api.run(api.client.get("/health", headers={"Authorization": f"Bearer {secret}"}))
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["status"] == "ok" and "error" not in body["services"]["committer"], body
+
+
 def test_health_answers_head_as_load_balancers_probe(api: Api) -> None:
     """A load balancer's health check may probe with HEAD: answered as GET is, without the
     body (it was 405, and the service looked down)."""
