@@ -72,13 +72,18 @@ def may_only_read(error: BaseException) -> bool:
     )
 
 
+#: A deadlock and a serialization failure: the transaction was rolled back. (Not all of
+#: class 40: ``40003 statement_completion_unknown`` leaves the outcome unknown.)
+_ROLLED_BACK = frozenset({"40001", "40P01"})
+
+
 def rolled_back(error: BaseException) -> bool:
     """Whether ``error`` (or what caused it) is PostgreSQL rolling a transaction back over
-    contention (SQLSTATE class 40: a deadlock, a serialization failure): the server
-    answered, nothing was committed, and the same work may go through next time."""
+    contention (a deadlock, a serialization failure): the server answered, nothing was
+    committed, and the same work may go through next time."""
     # By SQLSTATE: psycopg's DeadlockDetected is no subclass of its TransactionRollback.
     return any(
-        isinstance(cause, psycopg.Error) and (cause.sqlstate or "").startswith("40")
+        isinstance(cause, psycopg.Error) and cause.sqlstate in _ROLLED_BACK
         for cause in causes(error)
     )
 

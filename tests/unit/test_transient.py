@@ -291,3 +291,23 @@ def test_a_broker_that_does_not_take_a_record_in_time_is_an_outage() -> None:
     """aiokafka's ``KafkaTimeoutError`` (its buffer stayed full, the broker away) is not
     marked retriable, yet a later try, once the broker is back, goes through."""
     assert is_transient(kafka_errors.KafkaTimeoutError())
+
+
+@pytest.mark.parametrize(
+    ("error", "rolled"),
+    [
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+        (psycopg.errors.SerializationFailure("could not serialize access"), True),
+        # Class 40 too, but the outcome is unknown: not "nothing committed".
+        (psycopg.errors.StatementCompletionUnknown("statement completion unknown"), False),
+        (psycopg.errors.QueryCanceled("canceling statement"), False),
+        (psycopg.OperationalError("connection refused"), False),
+    ],
+    ids=["deadlock", "serialization", "completion-unknown", "cancelled", "refused"],
+)
+def test_rolled_back_is_a_deadlock_or_a_serialization_failure_only(
+    error: Exception, rolled: bool
+) -> None:
+    from daybook.infrastructure.transient import rolled_back
+
+    assert rolled_back(error) is rolled
