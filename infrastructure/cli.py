@@ -39,7 +39,7 @@ from daybook.infrastructure.settings import (
     check_group,
     check_topic,
 )
-from daybook.infrastructure.transient import causes
+from daybook.infrastructure.transient import causes, first_line
 from daybook.infrastructure.urls import DEFAULT_URL, BadURL
 
 #: Modules that add subcommands; each has ``register(subparsers) -> None`` and sets
@@ -531,13 +531,16 @@ def _user_error(error: Exception) -> str | None:
     if isinstance(error, GatewayError):
         return f"the payment gateway did not answer: {error} (check --gateway and that it runs)"
     for cause in causes(error):  # eventsourcing wraps the driver's error
-        if isinstance(
-            cause, psycopg.errors.InsufficientPrivilege | psycopg.errors.ReadOnlySqlTransaction
-        ):
-            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if isinstance(cause, psycopg.errors.ReadOnlySqlTransaction):
             return (
-                f"the database refused this command's writes ({reason}): it needs a role that "
-                "may create and change daybook's tables, on a server that is not read-only"
+                f"the database refused this command's writes ({first_line(cause)}): it needs a "
+                "server (and a role) that is not read-only"
+            )
+        if isinstance(cause, psycopg.errors.InsufficientPrivilege):
+            return (
+                f"the database refused this role ({first_line(cause)}): a command that reads "
+                "needs SELECT on daybook's tables, and one that writes a role that may create "
+                "and change them"
             )
         if isinstance(cause, psycopg.OperationalError):
             return f"the database did not answer: {preflight.explain(cause)}"

@@ -66,6 +66,41 @@ def test_a_role_without_the_right_to_write_is_one_line_not_a_traceback(
     assert "did not answer" not in line  # it answered: it refused this role
 
 
+def test_tokens_list_on_a_database_without_tokens_as_a_role_that_may_only_read(
+    capsys: pytest.CaptureFixture[str], pg_url: str, pg_admin_url: str
+) -> None:
+    """No token table yet, and a role that may not make it: no tokens, not a traceback."""
+    open_ledger(pg_url).close()
+    role = f"viewer_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'v'").format(sql.Identifier(role)))
+        db.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
+            sql.Identifier(role)))  # fmt: skip
+        db.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(sql.Identifier(role)))
+    parts = urlsplit(pg_url)
+    url = urlunsplit(parts._replace(netloc=f"{role}:v@{parts.hostname}:{parts.port}"))
+    try:
+        assert main(["tokens", "list", "--url", url]) == 0
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with psycopg.connect(pg_admin_url, autocommit=True) as db:
+            db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_role_that_may_not_read_is_told_so_not_that_its_writes_were_refused(
+    capsys: pytest.CaptureFixture[str], select_only_url: str, pg_url: str
+) -> None:
+    """`daybook tokens list` only reads: a role without SELECT on the token table was told
+    "the database refused this command's writes"."""
+    user = urlsplit(select_only_url).username
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute(sql.SQL("REVOKE SELECT ON daybook_tokens FROM {}").format(sql.Identifier(user)))
+    line = one_line(capsys, ["tokens", "list", "--url", select_only_url])
+    assert "permission denied" in line and "refused this command's writes" not in line, line
+
+
 @pytest.fixture
 def built_ledger(tmp_path: Path) -> str:
     """A SQLite ledger with every read model built by the runner."""
