@@ -15,11 +15,17 @@ from daybook.infrastructure.urls import redacted, scheme, sqlite_file
 
 def open_store(url: str) -> ReadStore:
     """A connection to the read-model database at ``url`` (postgresql:// or sqlite:///)."""
-    kind = scheme(url)
+    kind = _checked_scheme(url)
     if kind == "postgresql":
         return PostgresStore(url)
-    if kind == "sqlite":
-        return SqliteStore(sqlite_file(url))
+    return SqliteStore(sqlite_file(url))
+
+
+def _checked_scheme(url: str) -> str:
+    """``url``'s scheme, one a read-model store takes; else ``ReadStoreError``."""
+    kind = scheme(url)
+    if kind in ("postgresql", "sqlite"):
+        return kind
     msg = (
         "read models need a database: use sqlite:///path.db or postgresql://..., "
         f"not {redacted(url)!r}"
@@ -51,14 +57,12 @@ class ReadModelLocation:
             self.scratch = Path(tempfile.mkdtemp(prefix="daybook-readmodels-"))
             url = f"sqlite:///{self.scratch}/readmodels.db"
         self.url = url if url is not None else readmodel_url(events_url)
-        if scheme(self.url) not in ("sqlite", "postgresql"):
+        try:
             # Refused now, by the call that was given it, not by a runner's thread later.
+            _checked_scheme(self.url)
+        except ReadStoreError:
             self.close()
-            msg = (
-                "read models need a database: use sqlite:///path.db or postgresql://..., "
-                f"not {redacted(self.url)!r}"
-            )
-            raise ReadStoreError(msg)
+            raise
 
     def close(self) -> None:
         """Remove the scratch directory, if this location made one."""
