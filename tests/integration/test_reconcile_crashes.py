@@ -49,25 +49,41 @@ def test_a_refund_made_by_a_killed_reconciliation_is_recorded_after_a_restart(
         assert record.has_recorded("charge_without_order", "refunded"), record.view()
 
 
-def test_a_refund_whose_reply_was_lost_is_recorded_as_refunded_by_the_next_run() -> None:
+@pytest.mark.parametrize("lookup", ["answers", "fails"])
+def test_a_refund_whose_reply_was_lost_is_recorded_as_refunded(lookup: str) -> None:
     """The gateway refunds, and its reply is lost (a timeout: ``OutcomeUnknown``). The run
-    records the charge flagged, "refund failed"; the next run finds the charge refunded and
-    skips it: the log says for good that the refund failed, and never that it was made."""
-    from daybook.infrastructure.gateway import OutcomeUnknown, Refund
+    recorded the charge flagged, "refund failed", and the next run, finding the charge
+    refunded, skipped it: the log said for good that the refund failed. Now the run looks
+    the charge up and records the refund; if the lookup fails too, the next run does."""
+    from daybook.infrastructure.gateway import Charge, GatewayError, OutcomeUnknown, Refund
 
     class ReplyLost(HttpPaymentGateway):
         def refund(self, key: str) -> Refund:
             super().refund(key)
             raise OutcomeUnknown("POST /refunds: ReadTimeout: timed out")
 
+        def lookup(self, key: str) -> Charge | None:
+            if lookup == "fails":
+                raise GatewayError("GET /charges/KEY: ReadTimeout: timed out")
+            return super().lookup(key)
+
     with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
         key = idempotency_key(uuid.uuid4(), "charge")
         http = HttpPaymentGateway(server.url)
         http.charge(key, amount=700, currency="EUR", customer="c", reference="r")
         lost = ReplyLost(server.url)
-        reconcile_payments(ledger, lost, repair=True)  # it was recorded "flagged" here
-        reconcile_payments(ledger, http, repair=True)
+        first = reconcile_payments(ledger, lost, repair=True)
+        record = ledger.read(RemoteRecord, key)
+        if lookup == "answers":
+            assert [f.action for f in first.findings] == ["refunded"]
+        else:
+            assert [f.action for f in first.findings] == ["flagged"]
+            assert not record.has_recorded("charge_without_order", "refunded")
+            second = reconcile_payments(ledger, http, repair=True)
+            assert [f.action for f in second.findings] == ["refunded"]
+            assert "found refunded after a run set out to refund it" in second.findings[0].detail
         assert server.gateway.refunds[key] == 1
         assert ledger.read(RemoteRecord, key).has_recorded("charge_without_order", "refunded")
+        assert reconcile_payments(ledger, http, repair=True).findings == []  # once
         lost.close()
         http.close()
