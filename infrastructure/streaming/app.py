@@ -308,6 +308,9 @@ def make_app(
                 delay = supervisor.judge(error)  # logged, and recorded in its health
                 if delay is None:
                     raise _Stopped from error
+                # Nothing of the batch in hand is applied: its partitions' lag counts it
+                # (and what the broker has beyond it) rather than freeze at the last figure.
+                hold_lag(messages)
                 await backoff_unless_suspended(delay)
         supervisor.succeeded()
         if letters_pending or result.parked:
@@ -347,6 +350,16 @@ def make_app(
                 log.info("worker: partition %d caught up at offset %d", partition, offset)
             elif lag >= config.batch_size:
                 caught_up.discard(partition)
+
+    def hold_lag(messages: list[Message]) -> None:
+        """While a batch cannot be applied: each of its partitions' lag from the message
+        before its first in the batch (the last one applied there)."""
+        before: dict[int, int] = {}
+        for message in messages:
+            before[message.partition] = min(
+                before.get(message.partition, message.offset), message.offset
+            )
+        measure_lag({partition: offset - 1 for partition, offset in before.items()})
 
     def forget_lag_of_lost_partitions(sender: Any, /, *args: Any, **kwargs: Any) -> None:
         """After a rebalance (faust's ``on_partitions_assigned`` signal, whose argument is
