@@ -14,7 +14,8 @@ past them a request is refused at once (``503 overloaded``, with ``Retry-After``
 seen valid before is never refused so: it is remembered past its expiry (at most
 ``_CACHE_LIMIT``, the least recently used leaving first), and checked again ahead of the
 others, so made-up tokens neither push it out nor hold it back. A request waits for its
-lookup at most ``LOOKUP_WAIT`` seconds (a store that does not answer: ``503 unavailable``).
+lookup at most ``LOOKUP_WAIT`` seconds (a store that does not answer: ``503 unavailable``;
+``/health``, which anyone may ask, waits ``SHOWS_WAIT`` at most and then shows less).
 Unknown secrets are remembered too, apart, as long as valid ones.
 """
 
@@ -33,6 +34,7 @@ from starlette.requests import Request
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.problems import Problem
 from daybook.infrastructure.http.tokens import Token, TokenStore, digest
+from daybook.infrastructure.transient import is_transient
 
 T = TypeVar("T")
 
@@ -45,6 +47,9 @@ LOOKUP_CAPACITY = 128
 #: Longest a request waits for its token's lookup, in seconds: a store that does not answer
 #: (a connection dropped without a word) must not hold every request with a token to look up.
 LOOKUP_WAIT = 10.0
+#: Longest ``/health`` waits for its caller's token (to show errors to an admin): a probe's
+#: own timeout is often a few seconds, and a token store that hangs must not fail the probe.
+SHOWS_WAIT = 1.0
 
 
 @dataclass
@@ -164,9 +169,15 @@ class Authenticator:
         if "authorization" not in request.headers:
             return False
         try:
-            token = await self.identify(request)
-        except Exception:  # unknown, revoked, or the token store did not answer
+            # The lookup goes on if this gives up on it (its answer is remembered).
+            async with asyncio.timeout(SHOWS_WAIT):
+                token = await self.identify(request)
+        except (Problem, TimeoutError):  # unknown, revoked, or the store slow or out
             return False
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            return False  # the token store did not answer
         return token.allows(scope)
 
     def require(self, scope: str, *, limited: bool = True) -> Callable[[Request], Awaitable[Token]]:

@@ -1050,6 +1050,38 @@ def test_health_with_a_token_the_store_cannot_check_still_answers_health(
         assert body["status"] == "ok" and "error" not in body["services"]["committer"], body
 
 
+def test_health_with_a_token_the_store_never_answers_is_not_held_for_the_lookup(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token store that hangs (a connection dropped without a word): /health waited the
+    lookup's whole wait (``LOOKUP_WAIT``, made an hour here), far past a probe's timeout."""
+    import threading
+
+    from daybook.infrastructure.http import auth
+
+    monkeypatch.setattr(auth, "LOOKUP_WAIT", 3600.0)
+    released = threading.Event()
+
+    def hangs(*args: Any, **kwargs: Any) -> Any:
+        released.wait(60)  # let go at the end, so the lookup's thread ends
+        return None
+
+    monkeypatch.setattr(api.parts.tokens, "verify", hangs)
+
+    async def probe() -> httpx.Response:
+        get = api.client.get("/health", headers={"Authorization": "Bearer hangs"})
+        return await asyncio.wait_for(get, 30)  # a guard against a hang, not a measure
+
+    try:
+        try:
+            reply = api.run(probe())
+        except TimeoutError:
+            pytest.fail("/health was still waiting for the token store 30 s later")
+        assert reply.status_code == 200 and "error" not in reply.json()["services"]["committer"]
+    finally:
+        released.set()
+
+
 def test_health_answers_head_as_load_balancers_probe(api: Api) -> None:
     """A load balancer's health check may probe with HEAD: answered as GET is, without the
     body (it was 405, and the service looked down)."""
