@@ -321,6 +321,8 @@ def make_app(
     caught_up: set[int] = set()
     #: Partitions whose lag this worker reports (see ``forget_lag_of_lost_partitions``).
     lag_reported: set[int] = set()
+    #: Per partition it holds, the offset of the last message applied (see ``hold_lag``).
+    applied: dict[int, int] = {}
 
     def measure_lag(offsets: dict[int, int]) -> None:
         """Per partition of the batch: messages the broker has beyond the last one applied
@@ -345,6 +347,7 @@ def make_app(
             lag = max(0, highwater - offset - 1)
             metrics.WORKER_LAG_EVENTS.labels(config.group, str(partition)).set(lag)
             lag_reported.add(partition)
+            applied[partition] = offset
             if lag == 0 and partition not in caught_up:
                 caught_up.add(partition)
                 log.info("worker: partition %d caught up at offset %d", partition, offset)
@@ -352,14 +355,14 @@ def make_app(
                 caught_up.discard(partition)
 
     def hold_lag(messages: list[Message]) -> None:
-        """While a batch cannot be applied: each of its partitions' lag from the message
-        before its first in the batch (the last one applied there)."""
-        before: dict[int, int] = {}
+        """While a batch cannot be applied: the lag of every partition it holds, from the
+        last message applied there (for a partition of the batch met first, the message
+        before the batch's first): the broker's backlog grows on all of them meanwhile."""
+        offsets = dict(applied)
         for message in messages:
-            before[message.partition] = min(
-                before.get(message.partition, message.offset), message.offset
-            )
-        measure_lag({partition: offset - 1 for partition, offset in before.items()})
+            before = message.offset - 1
+            offsets[message.partition] = max(offsets.get(message.partition, before), before)
+        measure_lag(offsets)
 
     def forget_lag_of_lost_partitions(sender: Any, /, *args: Any, **kwargs: Any) -> None:
         """After a rebalance (faust's ``on_partitions_assigned`` signal, whose argument is
@@ -372,6 +375,8 @@ def make_app(
             with contextlib.suppress(KeyError):  # never reported, or removed already
                 metrics.WORKER_LAG_EVENTS.remove(config.group, str(partition))
             lag_reported.discard(partition)
+        for partition in set(applied) - held:
+            del applied[partition]
 
     app.on_partitions_assigned.connect(forget_lag_of_lost_partitions)
 
