@@ -90,7 +90,7 @@ from daybook.infrastructure.lifecycle import (
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import log_context
 from daybook.infrastructure.readmodels.queries import ReadModelChanged, ReadModels, StaleRead
-from daybook.infrastructure.sagas.breaker import CircuitBreaker
+from daybook.infrastructure.sagas.breaker import BreakerState, CircuitBreaker
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import first_line, is_transient
 from daybook.projections.model import iso_time
@@ -247,17 +247,24 @@ class SagaProcessor:
         moment = self.monotonic()
         with self._lock:  # forget breaker waits that are over (bounded by the sagas waiting)
             self._not_before = {s: t for s, t in self._not_before.items() if t > moment}
+            # The sagas this pass skips (waiting for a breaker, or in a worker now) are due
+            # in the read model, and the oldest there: read past them, or ``batch`` of them
+            # filled every pass and the sagas due for anything else (a deadline, a local
+            # compensation) were never handed out while a breaker stayed open.
+            skipped = len(self._not_before) + len(self._in_flight)
         rows = self.views.rows(
             SAGA_LIST,
             SAGAS.name,
             where="state IN ('running', 'compensating') AND wake_at <= %s",
             params=[iso_time(now)],
             order="wake_at",
-            limit=self.batch,
+            limit=self.batch + skipped,
             timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         handed = 0
         for row in rows:
+            if handed >= self.batch:
+                break
             if self.wake(UUID(str(row["saga_id"]))) is not None:
                 handed += 1
         if time.monotonic() >= self._observe_at:
@@ -426,11 +433,25 @@ class SagaProcessor:
         breaker = self.breakers[dependency]
         if breaker.allow():
             return False
-        # Wait for the breaker, spending no attempt; the deadline still applies.
-        reopens = self.monotonic() + (breaker.reopens_in() or 0.0)
+        # Wait for the breaker, spending no attempt; the deadline still applies. While its
+        # trial call is out (half open), for a cooldown at most: the trial's success wakes
+        # them (``_succeeded``). Due again at once, every saga waiting was read and parked
+        # again at every poll for as long as a slow trial call took.
+        wait = breaker.reopens_in()
+        if wait is None:
+            wait = breaker.cooldown.total_seconds()
+        reopens = self.monotonic() + wait
         with self._lock:
             self._not_before[saga.id] = reopens
         return True
+
+    def _succeeded(self, breaker: CircuitBreaker) -> None:
+        """Answer a call that went through; a breaker that closes wakes its waiting sagas."""
+        closing = breaker.state is not BreakerState.CLOSED
+        breaker.succeeded()
+        if closing:
+            with self._lock:
+                self._not_before.clear()
 
     def _remote_step(self, saga: Saga, move: RunStep) -> bool:
         """Call a remote step and record what happened; False when the saga must wait for
@@ -460,7 +481,7 @@ class SagaProcessor:
             # they are (credentials, a URL where no gateway answers its routes). No retry
             # cures that, and guessing would fail orders that did nothing wrong: raised, it
             # stops the processor visibly until a person looks.
-            breaker.succeeded()
+            self._succeeded(breaker)
             raise
         except OutcomeUnknown as unknown:
             breaker.failed()
@@ -483,7 +504,7 @@ class SagaProcessor:
             # the breaker would let no call through again (``drive`` may be called again).
             breaker.failed()
             raise
-        breaker.succeeded()
+        self._succeeded(breaker)
         if charge.status is ChargeStatus.SUCCEEDED:
             result = {"charge_id": charge.charge_id, "amount": charge.amount}
             self._send(
@@ -604,7 +625,7 @@ class SagaProcessor:
                 refund = port.refund(key)
             crash_point("saga.after_remote")
         except Refused:
-            breaker.succeeded()  # as for a forward call: stops the processor visibly
+            self._succeeded(breaker)  # as for a forward call: stops the processor visibly
             raise
         except GatewayError as error:
             breaker.failed()
@@ -613,7 +634,7 @@ class SagaProcessor:
         except BaseException:
             breaker.failed()  # as for a forward call: the trial is answered
             raise
-        breaker.succeeded()
+        self._succeeded(breaker)
         # The id names the attempt, as a local compensation's does: the saga records one
         # attempt's success at most once, and a success refused because the saga moved past
         # its attempt (another processor recorded it failed meanwhile) is recorded under
