@@ -733,6 +733,19 @@ class LedgerService(Application[UUID]):
         started: float,
     ) -> None:
         conflicts = outages = duplicates = 0
+
+        def again_after_contention() -> bool:
+            """Count a contention (a version conflict, a deadlock); False once the commands
+            at ``indices`` were answered ``concurrency_conflict`` (``max_attempts`` spent)."""
+            nonlocal conflicts, fresh
+            conflicts += 1
+            if conflicts >= self.max_attempts:
+                self._give_up_contended(batch, indices, outcomes, attempts)
+                return False
+            fresh = True
+            _backoff(conflicts)
+            return True
+
         while indices:
             prepared: PreparedBatch | None = None
             attempt_started = self.monotonic()
@@ -769,7 +782,6 @@ class LedgerService(Application[UUID]):
                     for index in indices:
                         self._execute_part(batch, [index], outcomes, attempts, fresh=True)
                     return
-                conflicts += 1
                 contended = list(range(len(indices)))
                 if isinstance(error, VersionConflict) and prepared is not None:
                     contended = _contended(prepared, {i.int for i in error.stale})
@@ -782,11 +794,8 @@ class LedgerService(Application[UUID]):
                             batch, [indices[k] for k in sorted(clean)], outcomes, attempts
                         )
                 indices = [indices[k] for k in contended]
-                if conflicts >= self.max_attempts:
-                    self._give_up_contended(batch, indices, outcomes, attempts)
+                if not again_after_contention():
                     return
-                fresh = True
-                _backoff(conflicts)
                 continue
             except (OperationalError, InterfaceError) as error:
                 if rolled_back(error):
@@ -795,12 +804,8 @@ class LedgerService(Application[UUID]):
                     # outage: tried again as after a version conflict, without the committer
                     # saying it retries (/health 503) or spending the outage budget, and
                     # answered ``concurrency_conflict``, not ``unavailable``, if it lasts.
-                    conflicts += 1
-                    if conflicts >= self.max_attempts:
-                        self._give_up_contended(batch, indices, outcomes, attempts)
+                    if not again_after_contention():
                         return
-                    fresh = True
-                    _backoff(conflicts)
                     continue
                 outages += 1
                 if self._outage_error is None:
