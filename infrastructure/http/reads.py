@@ -77,6 +77,8 @@ class _Watcher:
         #: The position last seen (None: not looked at yet), and whether a version serves.
         self.position: int | None = None
         self.built = False
+        #: Whether any version of it was ever registered (see ``StaleRead.started``).
+        self.started = True
         #: The last look's failure (an outage, say); None once a look succeeds.
         self.error: Exception | None = None
         self.traceback: TracebackType | None = None
@@ -95,7 +97,9 @@ class _Watcher:
     def reached(self, wanted: int | None) -> bool:
         return self.built and (wanted is None or (self.position or 0) >= wanted)
 
-    def saw(self, position: int, *, built: bool, forward: bool = False) -> None:
+    def saw(
+        self, position: int, *, built: bool, started: bool = True, forward: bool = False
+    ) -> None:
         """A look's answer. ``forward``: a read's answer, from a snapshot that may have been
         taken before the watcher's last look, so it only moves the position on (a look that
         finds it short may move it back: a read-model database failed over to a replica
@@ -106,6 +110,7 @@ class _Watcher:
         # hundreds of waiting reads kept the event loop busy for nothing.
         news = (position, built) != (self.position, self.built) or self.error is not None
         self.position, self.built, self.error = position, built, None
+        self.started = started or built
         if news:
             self._wake()
 
@@ -121,7 +126,9 @@ class _Watcher:
     def stale_read(self, projection: str, wanted: int | None, timeout: float) -> StaleRead:
         """A read's ``stale_read`` at the position last seen."""
         reached = self.position or 0
-        return StaleRead(projection, wanted or 0, reached, timeout, built=self.built)
+        return StaleRead(
+            projection, wanted or 0, reached, timeout, built=self.built, started=self.started
+        )
 
     def failure(self) -> Exception | None:
         """The last look's failure, to raise in a waiting read: with the traceback of the
@@ -227,7 +234,7 @@ class ReadPool:
             except StaleRead as error:
                 # As fresh as any look: it may move the position back (a read-model database
                 # failed over to a replica further behind, say), as the watcher's looks do.
-                watcher.saw(error.reached, built=error.built)
+                watcher.saw(error.reached, built=error.built, started=error.started)
                 if loop.time() >= deadline:
                     raise _stale(error, timeout) from None
                 waits = True
@@ -286,7 +293,7 @@ class ReadPool:
                     position = await self.run(lambda views: views.position(projection))
                     watcher.saw(position, built=True)
                 except StaleRead as error:  # no version serves yet
-                    watcher.saw(error.reached, built=error.built)
+                    watcher.saw(error.reached, built=error.built, started=error.started)
                 except Exception as error:  # told to the reads waiting, at their deadline
                     watcher.failed(error)
                 if not watcher.waiting:

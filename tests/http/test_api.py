@@ -665,6 +665,23 @@ def test_reads_waiting_for_a_position_leave_the_connections_to_other_reads(
     assert statuses == [200] * connections
 
 
+def test_a_read_of_a_read_model_nothing_builds_says_so(tmp_path: Any) -> None:
+    """Projections run elsewhere, and nothing has begun to build the read model: a read that
+    waits for a position says it has not been built, not that it is "still being built"
+    (the watcher's path said so; a direct read already did not)."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    parts = http_parts(Settings.load(url=url), projections=None, tokens=open_tokens(url))
+    api = Api(parts)
+    api.token("tester", "read", "write")
+    try:
+        account = api.open_account()
+        reply = api.get(f"/v1/accounts/{account}/balance", min_position=api.head(), timeout=0.3)
+        body = assert_problem(reply, 503, "stale_read")
+        assert "has not been built (nothing has begun building it)" in body["detail"], body
+    finally:
+        api.close()
+
+
 def test_reads_asking_no_position_wait_their_turn_for_a_connection(sqlite_api: Api) -> None:
     """Three times as many reads as connections, asking for no position (timeout=0), sent at
     once: each waits its turn and is answered. A read that found no connection free was
