@@ -46,7 +46,7 @@ def measure(mapper: ContractMapper, events: list[object]) -> tuple[float, float]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
     args = parser.parse_args()
     events = sample_events(args.events)

@@ -166,7 +166,7 @@ def table(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument(
@@ -174,6 +174,8 @@ def main() -> int:
     )
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     sizes = sorted(args.sizes)
     with services.bench_postgres() as admin_url:
         results: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in MODES}
@@ -207,7 +209,6 @@ def main() -> int:
     print("\n".join(table(results, sizes)))
     print("flatness: the cost at the largest history divided by the cost at the smallest")
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     (out / "history.json").write_text(json.dumps(results, indent=2))
     return 0
 

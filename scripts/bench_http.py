@@ -230,12 +230,14 @@ def bench_anchor(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transfers", type=int, default=6000, help="transfers per run")
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     # The servers' logs: removed after a run that succeeded, kept (and named) after one
     # that failed, where they say why.
@@ -247,7 +249,6 @@ def main() -> int:
         raise
     shutil.rmtree(logs, ignore_errors=True)
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     (out / "http.json").write_text(json.dumps(results, indent=2))
     print(f"money conserved after every run; results in {out}/http.json")
     return 0

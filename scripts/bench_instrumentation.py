@@ -204,7 +204,7 @@ def compare(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--transfers", type=int, default=4000, help="transfers per run")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3, help="runs per mode")
@@ -213,6 +213,8 @@ def main() -> int:
     parser.add_argument("--no-asyncio", dest="asyncio", action="store_false")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     exporter = DroppingExporter()
     provider = TracerProvider()
@@ -266,7 +268,6 @@ def main() -> int:
         "(METRICS and ON runs; OFF runs count nothing)"
     )
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     report = {
         "clients": args.clients,
         "runs": args.runs,

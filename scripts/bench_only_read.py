@@ -108,7 +108,7 @@ def run(url: str, *, busy: bool, threads: int, holds: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--holds", type=int, default=40, help="holds per thread")
     parser.add_argument("--threads", type=int, default=16, help="threads placing holds")
     args = parser.parse_args()

@@ -342,7 +342,7 @@ def main() -> int:
     if url is None:
         from scripts import services
 
-        handle = services.start_postgres(durable=True)
+        handle = services.start_postgres(durable=True, own=True)
         url = services.create_database(handle.url, "bench_projections")
     try:
         ledger = open_ledger(url)

@@ -1,6 +1,8 @@
 """Where a bulk rebuild's CPU goes: the rebuilding process and the PostgreSQL server, per log
 event. On a machine whose cores the two share, the rate can never exceed the cores divided by
-their sum; this script measures both, on a log that is already there.
+their sum; this script measures both, on a log that is already there. Each run first drops
+every read model in that database (tables and catalog), then rebuilds them all: give it a
+benchmark's database, never one a service uses.
 
     python scripts/bench_rebuild_cpu.py --url postgresql://... [--runs 3]
 
@@ -68,6 +70,10 @@ def main() -> int:
     postmaster = postmaster_of(args.url)
     ledger = open_ledger(args.url)
     head = ledger.head()
+    if head == 0:
+        ledger.close()
+        parser.exit(2, f"{parser.prog}: no log at {args.url}: run bench_projections.py --url "
+                       "with it first\n")  # fmt: skip
     print(f"log: {head:,} events; bulk rebuild of every projection ({len(projections.ALL)})")
     for _ in range(args.runs):
         reset(args.url)

@@ -373,13 +373,15 @@ def bench_dbos(url: str, gateway_url: str, orders: int, clients: int) -> dict[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--decline-rate", type=float, default=0.2)
     parser.add_argument("--lost-reply-rate", type=float, default=0.05)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     with services.bench_postgres() as admin_url:
         results: dict[str, Any] = {"orders": args.orders, "clients": args.clients}
@@ -406,7 +408,6 @@ def main() -> int:
     results["ratio"] = ratio
     print(f"daybook / DBOS: {ratio:.2f}x (money, stock and charges checked after each run)")
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     (out / "sagas.json").write_text(json.dumps(results, indent=2))
     return 0
 

@@ -513,9 +513,10 @@ def main() -> None:
     if 1 not in args.workers or min(args.workers) < 1:
         parser.error("--workers: give 1 (the others are compared to it) and counts above 0")
     base = Path(tempfile.mkdtemp(prefix="daybook-bench-stream-"))
-    pg = services.start_postgres(durable=True)
+    pg = services.start_postgres(durable=True, own=True)
     kafka = services.start_kafka(base / "kafka")
     rows: list[tuple[str, str, str]] = []
+    succeeded = False
     try:
         url = services.create_database(pg.url, "bench_stream")
         ledger = open_ledger(url)
@@ -553,6 +554,8 @@ def main() -> None:
                 ratios = ", ".join(f"{run.rate / first.rate:.2f}x" for run, first in
                                    zip(done, runs[1], strict=True))  # fmt: skip
                 print(f"{count} worker(s): {rates} events/s ({ratios} one worker, same round)")
+            ledger.close()
+            succeeded = True
             return
         batches = batch_rate(pg.url, kafka.bootstrap, head)
         print(f"applier fed whole fetches {batches:,.0f} events/s", flush=True)
@@ -623,14 +626,17 @@ def main() -> None:
             ("(applier fed whole fetches, no faust)", f"{batches:9,.0f} events/s", ""),
             (f"commit -> row, {rate}", percentiles(stream_latency), percentiles(runner_latency)),
         ]
+        succeeded = True
     except BaseException:
         print(f"the broker's data and the workers' logs are in {base}", file=sys.stderr)
         raise
     finally:
         kafka.stop()
         pg.stop()
-    # Kept after a run that failed (they say why), removed after one that succeeded.
-    shutil.rmtree(base, ignore_errors=True)
+        # Kept after a run that failed (they say why), removed after one that succeeded
+        # (--workers-only included: it returns from the try).
+        if succeeded:
+            shutil.rmtree(base, ignore_errors=True)
     print()
     print(f"{'':38} {'relay + faust workers':26} {'in-process runner':26}")
     for what, stream, inprocess in rows:

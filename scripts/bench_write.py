@@ -285,7 +285,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--transfers", type=int, default=8000, help="transfers per run")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--batches", type=int, nargs="*", default=[100, 1000])
@@ -293,6 +293,8 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     with services.bench_postgres() as admin_url:
         results: dict[str, Any] = {"clients": [], "batches": []}
@@ -341,7 +343,6 @@ def main() -> int:
             ratio = outcome["per_second"] / best if best else None
             print(line(label, outcome, ratio, unit=" per batch"))
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     (out / "write.json").write_text(json.dumps(results, indent=2))
     chart(results, out / "write.png")
     print(

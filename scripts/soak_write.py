@@ -125,12 +125,14 @@ async def soak(url: str, minutes: float, clients: int, sample: float) -> dict[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
+    # Made first, parents and all: a path that cannot be made fails now, not after the run.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     with services.bench_postgres() as admin_url:
         url = services.create_database(admin_url, "soak_write")
         result = asyncio.run(soak(url, args.minutes, args.clients, args.sample))
@@ -141,7 +143,6 @@ def main() -> int:
         f"({result['commands']:,} commands)"
     )
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -259,3 +259,20 @@ def test_a_broker_whose_port_was_taken_starts_on_another(
         assert "AddrInUse" in handle.log_path.read_text()
     finally:
         handle.stop()
+
+
+@pytest.mark.postgres
+def test_benchmarks_get_a_durable_server_whatever_the_tests_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``$DAYBOOK_TEST_DATABASE_URL`` names the tests' server (often one with fsync off);
+    the benchmarks' is ``$DAYBOOK_BENCH_DATABASE_URL`` or else a durable one of their own,
+    as they print and the README says."""
+    tests_server = "postgresql://postgres@127.0.0.1:9/the_tests_server"
+    monkeypatch.setenv(services.DATABASE_URL_ENV, tests_server)
+    monkeypatch.delenv("DAYBOOK_BENCH_DATABASE_URL", raising=False)
+    with services.bench_postgres() as admin_url:
+        assert admin_url != tests_server
+        with psycopg.connect(admin_url) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("on",)
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
