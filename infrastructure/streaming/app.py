@@ -358,10 +358,12 @@ def make_app(
         """While a batch cannot be applied: the lag of every partition it holds, from the
         last message applied there (for a partition of the batch met first, the message
         before the batch's first): the broker's backlog grows on all of them meanwhile."""
-        offsets = dict(applied)
+        first: dict[int, int] = {}
         for message in messages:
-            before = message.offset - 1
-            offsets[message.partition] = max(offsets.get(message.partition, before), before)
+            first[message.partition] = min(first.get(message.partition, message.offset),
+                                           message.offset)  # fmt: skip
+        offsets = dict(applied)
+        offsets.update({partition: offset - 1 for partition, offset in first.items()})
         measure_lag(offsets)
 
     def forget_lag_of_lost_partitions(sender: Any, /, *args: Any, **kwargs: Any) -> None:
