@@ -22,6 +22,7 @@ Unknown secrets are remembered too, apart, as long as valid ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -34,9 +35,11 @@ from starlette.requests import Request
 from daybook.infrastructure.http.admission import Door, RateLimits
 from daybook.infrastructure.http.problems import Problem
 from daybook.infrastructure.http.tokens import Token, TokenStore, digest
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import first_line, is_transient
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 #: Most tokens seen valid remembered at once; as many unknown (or revoked) secrets, apart.
 _CACHE_LIMIT = 10_000
@@ -175,9 +178,11 @@ class Authenticator:
         except (Problem, TimeoutError):  # unknown, revoked, or the store slow or out
             return False
         except Exception as error:
+            # The store failed otherwise (a role refused its table, say): said in the log,
+            # and /health still answers the state of each part.
             if not is_transient(error):
-                raise
-            return False  # the token store did not answer
+                _log.warning("/health could not check its caller's token: %s", first_line(error))
+            return False
         return token.allows(scope)
 
     def require(self, scope: str, *, limited: bool = True) -> Callable[[Request], Awaitable[Token]]:

@@ -1048,15 +1048,19 @@ def test_activity_and_health(api: Api) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("failure", ["out", "refused"])
 def test_health_with_a_token_the_store_cannot_check_still_answers_health(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+    api: Api, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     """A probe that sends a token (monitoring with an admin token, or a made-up one) while
-    the token store is out: /health answered the store's outage (503 unavailable, or 500)
-    instead of each part's state. It is answered as for no token."""
+    the token store is out, or refuses the server's role its table: /health answered the
+    store's failure (503 unavailable, or 500) instead of each part's state. It is answered
+    as for no token."""
     import psycopg
 
     def store_out(*args: Any, **kwargs: Any) -> Any:
+        if failure == "refused":
+            raise psycopg.errors.InsufficientPrivilege("permission denied for daybook_tokens")
         raise psycopg.OperationalError("connection refused")
 
     monkeypatch.setattr(api.parts.tokens, "verify", store_out)
