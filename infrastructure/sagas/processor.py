@@ -122,6 +122,11 @@ def idempotency_key(saga_id: UUID, step: str) -> str:
     return f"{saga_id}:{step}"
 
 
+#: How many batches of skipped sagas (waiting for a breaker, or being driven) a pass reads
+#: past, at most, to find the sagas due for anything else (see ``run_due``).
+_SKIPPED_READ = 8
+
+
 class SagaProcessor:
     """Drives sagas (see the module docstring). ``start``/``stop``/``health`` as a service;
     ``drive(saga_id)`` and ``run_due()`` for one saga or one pass.
@@ -251,7 +256,10 @@ class SagaProcessor:
             # in the read model, and the oldest there: read past them, or ``batch`` of them
             # filled every pass and the sagas due for anything else (a deadline, a local
             # compensation) were never handed out while a breaker stayed open.
-            skipped = len(self._not_before) + len(self._in_flight)
+            # Bounded: in a long outage with orders still coming, thousands may wait, and
+            # every pass reading them all would load the read models when least welcome;
+            # past ``_SKIPPED_READ`` batches of them, sagas due for anything else wait.
+            skipped = min(len(self._not_before) + len(self._in_flight), _SKIPPED_READ * self.batch)
         rows = self.views.rows(
             SAGA_LIST,
             SAGAS.name,
