@@ -5,25 +5,21 @@ service's, which runs no tests) otherwise takes whatever version is newest."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from daybook.infrastructure.compat import aiokafka as aiokafka_compat
-from daybook.infrastructure.compat import eventsourcing as eventsourcing_compat
-from daybook.infrastructure.compat import faust as faust_compat
-from daybook.infrastructure.compat import opentelemetry as opentelemetry_compat
-from daybook.infrastructure.compat import prometheus_client as prometheus_compat
+import daybook.infrastructure.compat as compat
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = (
-    aiokafka_compat,
-    eventsourcing_compat,
-    faust_compat,
-    opentelemetry_compat,
-    prometheus_compat,
+#: Every compat module, found rather than listed: a new one is checked too.
+MODULES = tuple(
+    importlib.import_module(f"{compat.__name__}.{info.name}")
+    for info in pkgutil.iter_modules(compat.__path__)
 )
 
 
@@ -35,7 +31,14 @@ def test_every_library_a_compat_module_relies_on_has_an_upper_bound() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(line) for line in project["dependencies"]]
     libraries = {canonical(internal.library) for module in MODULES for internal in module.RELIED_ON}
-    assert libraries >= {"eventsourcing", "psycopg-pool", "aiokafka", "faust-streaming"}
+    assert libraries >= {
+        "eventsourcing",
+        "psycopg-pool",
+        "aiokafka",
+        "faust-streaming",
+        "prometheus-client",
+        "opentelemetry-api",
+    }
     unbounded = set()
     for library in sorted(libraries):
         named = [r for r in requirements if canonical(r.name) == library]
