@@ -236,8 +236,7 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    # Made first, parents and all: a path that cannot be made fails now, not after the run.
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    services.results_folder(args.out)
 
     # The servers' logs: removed after a run that succeeded, kept (and named) after one
     # that failed, where they say why.

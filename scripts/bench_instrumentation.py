@@ -213,8 +213,7 @@ def main() -> int:
     parser.add_argument("--no-asyncio", dest="asyncio", action="store_false")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    # Made first, parents and all: a path that cannot be made fails now, not after the run.
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    services.results_folder(args.out)
 
     exporter = DroppingExporter()
     provider = TracerProvider()

@@ -380,8 +380,7 @@ def main() -> int:
     parser.add_argument("--lost-reply-rate", type=float, default=0.05)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    # Made first, parents and all: a path that cannot be made fails now, not after the run.
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    services.results_folder(args.out)
 
     with services.bench_postgres() as admin_url:
         results: dict[str, Any] = {"orders": args.orders, "clients": args.clients}

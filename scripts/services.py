@@ -567,6 +567,14 @@ _DROP = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")  # FORCE: disconnect 
 
 
 @contextlib.contextmanager
+def results_folder(path: str) -> Path:
+    """The folder a benchmark writes its results to (``--out``), made now, parents and all:
+    a path that cannot be made fails before the run, not after it."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def bench_postgres() -> Iterator[str]:
     """The server benchmarks make their databases on, as its admin URL:
     ``DAYBOOK_BENCH_DATABASE_URL`` if set, else a durable server (fsync and

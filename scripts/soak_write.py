@@ -131,8 +131,7 @@ def main() -> int:
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    # Made first, parents and all: a path that cannot be made fails now, not after the run.
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    services.results_folder(args.out)
     with services.bench_postgres() as admin_url:
         url = services.create_database(admin_url, "soak_write")
         result = asyncio.run(soak(url, args.minutes, args.clients, args.sample))
