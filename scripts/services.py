@@ -566,7 +566,6 @@ _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DROP = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")  # FORCE: disconnect its sessions
 
 
-@contextlib.contextmanager
 def results_folder(path: str) -> Path:
     """The folder a benchmark writes its results to (``--out``), made now, parents and all:
     a path that cannot be made fails before the run, not after it."""
@@ -575,6 +574,7 @@ def results_folder(path: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
 def bench_postgres() -> Iterator[str]:
     """The server benchmarks make their databases on, as its admin URL:
     ``DAYBOOK_BENCH_DATABASE_URL`` if set, else a durable server (fsync and
