@@ -36,13 +36,12 @@ from daybook.infrastructure.urls import (
     postgres_params,
     redacted,
     scheme,
+    sqlite_file_problem,
     sqlite_path,
 )
 
 #: Seconds a check waits for a server (libpq's own minimum is 2).
 CONNECT_TIMEOUT = 3
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 #: Why ``memory://`` cannot serve a command that runs in a process of its own.
 MEMORY_IS_PRIVATE = (
@@ -186,19 +185,9 @@ def check_sqlite(url: str, *, role: str = "event store", existing: bool = False)
                 "path (a ledger creates it when it first opens)"
             )
         return
-    if path.is_dir():
-        raise Unusable(f"the {role} URL {url!r} names a folder, not a database file")
-    try:
-        with path.open("rb") as file:
-            head = file.read(len(_SQLITE_MAGIC))
-    except OSError as error:
-        raise Unusable(
-            f"the {role} URL {url!r}: cannot read {str(path)!r}: {error.strerror}"
-        ) from None
-    if head and head != _SQLITE_MAGIC:
-        raise Unusable(
-            f"the {role} URL {url!r}: {str(path)!r} is not a SQLite database; check the path"
-        )
+    problem = sqlite_file_problem(path)
+    if problem is not None:
+        raise Unusable(f"the {role} URL {url!r}: {problem}")
 
 
 def check_postgres(url: str, *, role: str = "event store") -> None:

@@ -233,25 +233,32 @@ def sqlite_file(url: str) -> Path:
             f"store URL {url!r}: the folder {str(path.parent)!r} does not exist; create it or "
             "fix the path"
         )
-    if path.is_dir():
-        raise BadURL(f"store URL {url!r} names the folder {str(path)!r}, not a database file")
-    if path.is_file() and path.stat().st_size > 0:
-        try:
-            with path.open("rb") as file:  # an empty file is a new database to SQLite
-                start = file.read(len(_SQLITE_MAGIC))
-        except OSError as error:
-            raise BadURL(
-                f"store URL {url!r}: cannot read {str(path)!r}: {error.strerror}"
-            ) from None
-        if start != _SQLITE_MAGIC:
-            raise BadURL(
-                f"store URL {url!r}: {str(path)!r} is not a SQLite database; check the path"
-            )
+    problem = sqlite_file_problem(path)
+    if problem is not None:
+        raise BadURL(f"store URL {url!r}: {problem}")
     return path
 
 
 #: What every SQLite database file begins with.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a SQLite database (a folder, a file that cannot be
+    read, or one that is not SQLite), or None: a SQLite file, an empty one (a new database to
+    SQLite), or none yet."""
+    if path.is_dir():
+        return f"{str(path)!r} is a folder, not a database file"
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as file:
+            start = file.read(len(_SQLITE_MAGIC))
+    except OSError as error:
+        return f"cannot read {str(path)!r}: {error.strerror}"
+    if start and start != _SQLITE_MAGIC:
+        return f"{str(path)!r} is not a SQLite database; check the path"
+    return None
 
 
 #: The event store environment's libpq settings (a connection string of settings only).
