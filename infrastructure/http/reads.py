@@ -540,15 +540,20 @@ def _entered(door: Door) -> Iterator[None]:
 def _answer(body: dict[str, Any], answer: Any) -> Response:
     """``body`` with what ``answer`` (any query's answer) reflects: its log position, the
     head's lead, and whether events after the position may be partly included."""
-    position: int = answer.as_of_position
-    lag: int | None = answer.lag_events
-    body["as_of_position"] = position
-    body["lag_events"] = lag
+    body["as_of_position"] = answer.as_of_position
+    body["lag_events"] = answer.lag_events
     body["includes_later"] = answer.includes_later
-    headers = {"Daybook-As-Of-Position": str(position)}
-    if lag is not None:
-        headers["Daybook-Lag-Events"] = str(lag)
+    headers = _position_headers(answer)
     return Response(_json(body), media_type="application/json", headers=headers)
+
+
+def _position_headers(answer: Any) -> dict[str, str]:
+    """The headers every read's answer carries (a 404 too): its log position, and the
+    head's lead when known."""
+    headers = {"Daybook-As-Of-Position": str(answer.as_of_position)}
+    if answer.lag_events is not None:
+        headers["Daybook-Lag-Events"] = str(answer.lag_events)
+    return headers
 
 
 def _json(body: dict[str, Any]) -> bytes:
@@ -571,14 +576,11 @@ def _plain(value: Any, *, skip_position: bool = False) -> dict[str, Any]:
 def _absent(what: str, answer: Any) -> Problem:
     """A read's 404, with the position headers every read's answer carries."""
     position: int = answer.as_of_position
-    headers = {"Daybook-As-Of-Position": str(position)}
-    if answer.lag_events is not None:
-        headers["Daybook-Lag-Events"] = str(answer.lag_events)
     return Problem(
         "not_found",
         f"{what} as of log position {position}; if it was written just now, read with "
         "min_position set to the write's position",
-        headers=headers,
+        headers=_position_headers(answer),
         details={"as_of_position": position},
     )
 
