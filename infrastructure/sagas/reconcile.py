@@ -29,9 +29,11 @@ import hashlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 from uuid import UUID
 
 from daybook.domain.errors import DomainError, IdempotencyConflict
+from daybook.domain.events import LedgerAggregate
 from daybook.domain.reconciliation import FindingRecorded, RecordReconciliation, RemoteRecord
 from daybook.domain.sagas import Saga, SagaState
 from daybook.domain.values import MAX_REQUEST_TEXT, as_text, inventory_id
@@ -45,6 +47,8 @@ from daybook.infrastructure.gateway import (
 )
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.sagas.processor import idempotency_key
+
+A = TypeVar("A", bound=LedgerAggregate)
 
 RECONCILER = "payment reconciler"
 
@@ -97,9 +101,10 @@ def _saga_id_of(key: str, step: str) -> UUID | None:
     return saga_id if idempotency_key(saga_id, step) == key else None
 
 
-def _saga_of(ledger: Ledger, saga_id: UUID) -> Saga | None:
+def _found(ledger: Ledger, kind: type[A], key: object) -> A | None:
+    """The ``kind`` aggregate with ``key``, or None if the ledger has none."""
     try:
-        return ledger.read(Saga, saga_id)
+        return ledger.read(kind, key)
     except DomainError:
         return None
 
@@ -163,7 +168,7 @@ def reconcile_payments(
         if charge.refunded:
             _record_refunds_made(ledger, report, charge)
             continue
-        saga = _saga_of(ledger, saga_id)
+        saga = _found(ledger, Saga, saga_id)
         if saga is not None and saga.state in (
             SagaState.COMPLETED,
             SagaState.RUNNING,
@@ -271,9 +276,8 @@ def _record_refunds_made(ledger: Ledger, report: Report, charge: Charge) -> None
     """Record the refund of a charge of daybook's, refunded at the gateway, that a run meant
     to make (its intent is recorded) and did not record: killed between the two, or told
     nothing by the gateway. Refunded by its saga's compensation, it has no record at all."""
-    try:
-        record = ledger.read(RemoteRecord, charge.key)
-    except DomainError:
+    record = _found(ledger, RemoteRecord, charge.key)
+    if record is None:
         return  # no record of this charge: nothing reconciliation did
     for kind, action in sorted(record.recorded):
         if action == REFUNDING and not record.has_recorded(kind, "refunded"):
