@@ -413,7 +413,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
     except RebuildError as error:
-        print(f"daybook: refused ({error.code}): {error}", file=sys.stderr)
+        print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
         return 1
     finally:
         log.close()
@@ -492,7 +492,7 @@ def _run_handover(args: argparse.Namespace) -> int:
                 published=_published_partitions(settings),
             )  # fmt: skip
     except HandoverRefused as refused:
-        print(f"daybook: refused ({refused.code}): {refused}", file=sys.stderr)
+        print(f"daybook: {_coded(refused)}{refused}", file=sys.stderr)
         return 1
     finally:
         log.close()
