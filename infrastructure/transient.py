@@ -72,6 +72,12 @@ def may_only_read(error: BaseException) -> bool:
     )
 
 
+#: Seconds within which a failed attempt on a database counts as failing "at once" (a pooled
+#: connection that died in a restart, which a fresh one cures) rather than after waiting for
+#: a server that does not answer (the pool's ``connect_timeout``).
+AT_ONCE = 1.0
+
+
 #: A deadlock and a serialization failure: the transaction was rolled back. (Not all of
 #: class 40: ``40003 statement_completion_unknown`` leaves the outcome unknown.)
 _ROLLED_BACK = frozenset({"40001", "40P01"})

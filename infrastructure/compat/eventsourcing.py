@@ -34,6 +34,7 @@ from daybook.domain.events import LedgerAggregate
 from daybook.domain.snapshots import LedgerSnapshot
 from daybook.infrastructure.compat import Internal, Kind
 from daybook.infrastructure.sqlite_files import BUSY_TIMEOUT, use_wal
+from daybook.infrastructure.transient import AT_ONCE
 
 
 def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
@@ -103,10 +104,9 @@ def reconnect_promptly(datastore: Any) -> None:
     pool._add_connection = add
 
 
-#: Attempts of a read whose connection failed at once (a pooled connection that died in a
-#: restart: a fresh one works), and how quick a failure must be to count so.
+#: Attempts of a read whose connection failed at once (``AT_ONCE``: a pooled connection
+#: that died in a restart, which a fresh one cures).
 _READ_ATTEMPTS = 10
-_AT_ONCE = 1.0
 
 
 def retried_only_at_once(method: Any) -> Any:
@@ -126,7 +126,7 @@ def retried_only_at_once(method: Any) -> Any:
             try:
                 return inner(self, *args, **kwargs)
             except (InterfaceError, OperationalError):
-                if attempt == _READ_ATTEMPTS or time.monotonic() - started >= _AT_ONCE:
+                if attempt == _READ_ATTEMPTS or time.monotonic() - started >= AT_ONCE:
                     raise
                 time.sleep(0.2)
         raise AssertionError("unreachable")

@@ -58,7 +58,7 @@ from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.topics import reader_topics
-from daybook.infrastructure.transient import first_line, rolled_back
+from daybook.infrastructure.transient import AT_ONCE, first_line, rolled_back
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -818,7 +818,7 @@ class LedgerService(Application[UUID]):
                 # and a fresh one works. One that waited (for a pool that gets no
                 # connection) is not: callers queued behind each other would each wait it
                 # twice.
-                at_once = self.monotonic() - attempt_started < _AT_ONCE
+                at_once = self.monotonic() - attempt_started < AT_ONCE
                 over = spent >= self.outage_budget and not (outages == 1 and at_once)
                 if outages > self.max_attempts // 4 or over:
                     for index in indices:
@@ -868,7 +868,7 @@ class LedgerService(Application[UUID]):
         did not fail at once (a dead pooled connection, which a fresh one cures)."""
         if rolled_back(error):
             return False
-        at_once = self.monotonic() - started < _AT_ONCE
+        at_once = self.monotonic() - started < AT_ONCE
         return self._in_outage(started) >= self.outage_budget and not at_once
 
     def _in_outage(self, started: float) -> float:
@@ -1470,10 +1470,6 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
 
     reading()
     return reading
-
-
-#: Seconds within which a failed attempt counts as failing "at once" (see ``outage_budget``).
-_AT_ONCE = 1.0
 
 
 def _judge(command: Command, uow: UnitOfWork) -> Any:
