@@ -26,7 +26,7 @@ from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import BadSettings, Settings
 from daybook.infrastructure.transient import may_only_read
-from daybook.infrastructure.urls import event_store_env, read_only_env
+from daybook.infrastructure.urls import event_store_env, read_only_env, scheme, sqlite_file
 from daybook.projections.model import Projection
 
 #: What time it is (timezone-aware, UTC).
@@ -98,7 +98,7 @@ def open_async_ledger(
 def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:
     """The event log at ``url``, read-only (the relay, the runner, the reconciler read it)."""
     chosen = settings_for(url, settings)
-    env = Environment(LedgerService.name, event_store_env(chosen.url))
+    env = Environment(LedgerService.name, event_store_env(chosen.url, existing=True))
     factory = InfrastructureFactory.construct(env)
     try:
         recorder = factory.application_recorder()  # creates the tables if missing, as a ledger does
@@ -239,8 +239,12 @@ def open_read_models(
 ) -> ReadModels:
     """Queries on the read models at ``url`` (default: ``$DAYBOOK_READMODELS_URL``, else the
     event store's database). Pass the event ``log`` when it lives elsewhere, so answers can
-    report their lag."""
-    return ReadModels(url or settings_for(None, settings).readmodels, log=log)
+    report their lag. A SQLite file must be there already (``BadURL`` otherwise): it is the
+    projection runner's to make."""
+    chosen = url or settings_for(None, settings).readmodels
+    if scheme(chosen) == "sqlite":
+        sqlite_file(chosen, existing=True)
+    return ReadModels(chosen, log=log)
 
 
 def run_projections(

@@ -220,10 +220,17 @@ def sqlite_path(url: str) -> Path:
     return Path(path[1:])
 
 
-def sqlite_file(url: str) -> Path:
+def sqlite_file(url: str, *, existing: bool = False) -> Path:
     """The path of a SQLite database daybook may open, creating it if need be: its folder
-    must exist (only the embedded default's is made)."""
+    must exist (only the embedded default's is made). ``existing``: for a reader, which must
+    find the database there: an empty one made at a mistyped path would answer, for ever,
+    that nothing was written yet."""
     path = sqlite_path(url)
+    if existing and not path.exists():
+        raise BadURL(
+            f"store URL {url!r}: there is no database at {str(path)!r}; check the path (a "
+            "ledger, or the projection runner for read models, creates it when it first opens)"
+        )
     if url == DEFAULT_URL:
         path.parent.mkdir(parents=True, exist_ok=True)  # the embedded default needs no setup
     elif not path.parent.is_dir():
@@ -277,13 +284,14 @@ def read_only_env(url: str) -> dict[str, str]:
     return {**event_store_env(url), "CREATE_TABLE": "no", READ_ONLY_KEY: "yes"}
 
 
-def event_store_env(url: str) -> dict[str, str]:
-    """The eventsourcing environment for the event store at ``url``."""
+def event_store_env(url: str, *, existing: bool = False) -> dict[str, str]:
+    """The eventsourcing environment for the event store at ``url`` (``existing``: a
+    reader's, for a database that must be there already; see ``sqlite_file``)."""
     kind = scheme(url)
     if kind == "memory":
         return {"PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.memory:Factory", **_CODEC}
     if kind == "sqlite":
-        path = sqlite_file(url)
+        path = sqlite_file(url, existing=existing)
         return {
             "PERSISTENCE_MODULE": "daybook.infrastructure.eventstore.sqlite:Factory",
             "SQLITE_DBNAME": str(path),

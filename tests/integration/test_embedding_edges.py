@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daybook import open_ledger, run_projections
+from daybook import open_event_log, open_ledger, open_read_models, run_projections
 from daybook.domain.accounts import Deposit
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -117,6 +117,27 @@ def test_a_sqlite_url_naming_a_folder_or_another_kind_of_file_is_refused_naming_
     with pytest.raises(BadURL, match=r"notes\.txt"):
         open_ledger(f"sqlite:///{notes}")
     assert notes.read_text() == "not a database\n" * 100
+
+
+def test_readers_on_a_mistyped_sqlite_path_are_refused_and_create_nothing(
+    tmp_path: Path,
+) -> None:
+    """A reader (the event log, the read-model queries) opened on a SQLite file that is not
+    there names the path and leaves nothing behind: creating an empty database there would
+    answer, for ever, that nothing has been written or built yet."""
+    with open_ledger(f"sqlite:///{tmp_path}/ledger.db") as ledger:
+        ledger.open_account("alice", "EUR")
+    typo = tmp_path / "ledgr.db"
+    with pytest.raises(BadURL, match=r"ledgr\.db"):
+        open_event_log(f"sqlite:///{typo}")
+    with pytest.raises(BadURL, match=r"ledgr\.db"):
+        open_read_models(f"sqlite:///{typo}")
+    assert not typo.exists()
+    log = open_event_log(f"sqlite:///{tmp_path}/ledger.db")  # the right path still opens
+    try:
+        assert log.head() == 1
+    finally:
+        log.close()
 
 
 def test_every_variable_the_settings_read_is_in_the_readme() -> None:
