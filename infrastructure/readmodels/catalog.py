@@ -76,6 +76,12 @@ class IllegalTransition(Exception):
         self.state = state
 
 
+class VersionNotFound(LookupError):
+    """A projection version nobody has built (registered) was asked for."""
+
+    code: ClassVar[str] = "version_not_found"
+
+
 class VersionState(enum.Enum):
     """Where a projection version stands; stored as its value."""
 
@@ -575,7 +581,7 @@ class VersionCatalog:
         record = self.version(name, version, lock=True)
         if record is None:
             msg = f"projection {name} has no version {version}"
-            raise LookupError(msg)
+            raise VersionNotFound(msg)
         return record
 
     def _set_state(

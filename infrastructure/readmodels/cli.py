@@ -644,7 +644,7 @@ def _run_reconcile(args: argparse.Namespace) -> int:
                     _record(url, run_of(report))
             except LookupError as error:
                 if args.name:  # the one projection asked for was not checked
-                    print(f"daybook: {error}", file=sys.stderr)
+                    print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
                     return 1
                 print(f"{projection.name}: skipped ({error})")
                 continue

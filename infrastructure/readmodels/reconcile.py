@@ -39,6 +39,7 @@ from daybook.infrastructure.eventstore.log import EventDecoder, EventLog
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.catalog import (
     VersionCatalog,
+    VersionNotFound,
     VersionRecord,
     VersionState,
 )
@@ -312,7 +313,7 @@ def reconcile(
                 )
             # Retired: a switch committed since the caller chose it (the continuous
             # reconciler skips it); absent: a name or version nobody built.
-            raise LookupError(msg) if record is None else VersionRetired(msg)
+            raise VersionNotFound(msg) if record is None else VersionRetired(msg)
         try:
             with _scratch() as directory:
                 fold = Fold(log, projection, url, directory)

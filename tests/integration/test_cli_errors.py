@@ -721,13 +721,35 @@ def test_pacing_a_single_reconcile_is_refused_not_ignored(
         assert "add --continuous" in line
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["projections", "resume", "account_balances"],
+        ["projections", "drop", "account_balances", "7"],
+        ["reconcile", "account_balances"],
+    ],
+)
+def test_a_projection_version_nobody_built_is_refused_with_its_stable_code(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    """As every other refusal of these commands: a script tells "never built" from a
+    failure by the code, not the English."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    open_ledger(url).close()
+    line = one_line(capsys, [*argv, "--url", url], code=1)
+    assert line.startswith("daybook: refused (version_not_found): "), line
+
+
 def test_reconciling_a_named_projection_that_was_never_built_fails(
     capsys: pytest.CaptureFixture[str], ledger_file: str
 ) -> None:
     """Asked for one projection, reconcile that checked nothing has not done what was asked
     (a full pass still skips the versions not built, and says so)."""
     line = one_line(capsys, ["reconcile", "account_balances", "--url", ledger_file], code=1)
-    assert line.startswith("daybook: account_balances version 1 is absent; nothing to reconcile")
+    assert line.startswith(
+        "daybook: refused (version_not_found): account_balances version 1 is absent;"
+        " nothing to reconcile"
+    )
     assert "daybook projections rebuild account_balances" in line
     assert main(["reconcile", "--url", ledger_file]) == 0
     assert "account_balances: skipped" in capsys.readouterr().out
