@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from aiokafka import partitioner
+from aiokafka import errors, partitioner
 from aiokafka.errors import KafkaConnectionError
 
 from daybook.infrastructure.compat import Internal, Kind
@@ -72,6 +72,14 @@ async def stop_producer(producer: Any, timeout: float) -> None:
         await asyncio.wait_for(producer.client.close(), left())
 
 
+def broker_error(code: int, message: str) -> Exception:
+    """The error a broker's answer ``code`` stands for, as aiokafka's own class for it (its
+    ``retriable`` tells an election or a timeout, which the relay waits out as an outage,
+    from a refusal no retry cures); aiokafka's ``for_code`` is not in its ``__all__``."""
+    error: Exception = errors.for_code(code)(message)
+    return error
+
+
 #: Every private aiokafka name used above, with the shape daybook expects.
 RELIED_ON: tuple[Internal, ...] = (
     Internal(
@@ -112,5 +120,14 @@ RELIED_ON: tuple[Internal, ...] = (
         on_instance=True,
         types=(int,),
         used_in="aiokafka:AIOKafkaConsumer.start",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka.errors",
+        "for_code",
+        broker_error,
+        "aiokafka.errors.for_code (a broker's error code to its error class)",
+        kind=Kind.FUNCTION,
+        parameters=("error_code",),
     ),
 )

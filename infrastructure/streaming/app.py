@@ -315,6 +315,11 @@ def make_app(
         supervisor.succeeded()
         if letters_pending or result.parked:
             await publish_pending_letters()
+        for partition in result.offsets:
+            if partition not in result.waiting:
+                held_back.pop(partition, None)
+            elif (first := result.waiting[partition]) is not None:
+                held_back.setdefault(partition, first)
         measure_lag(result.offsets)
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).
@@ -323,6 +328,9 @@ def make_app(
     lag_reported: set[int] = set()
     #: Per partition it holds, the offset of the last message applied (see ``hold_lag``).
     applied: dict[int, int] = {}
+    #: Per partition waiting for a gap: the offset of the first message the gap held back
+    #: (acknowledged, never applied): lag counts from there until the gap ends.
+    held_back: dict[int, int] = {}
 
     def measure_lag(offsets: dict[int, int]) -> None:
         """Per partition of the batch: messages the broker has beyond the last one applied
@@ -344,7 +352,7 @@ def make_app(
                 continue
             if not isinstance(highwater, int):
                 continue
-            lag = max(0, highwater - offset - 1)
+            lag = max(0, highwater - min(offset + 1, held_back.get(partition, offset + 1)))
             metrics.WORKER_LAG_EVENTS.labels(config.group, str(partition)).set(lag)
             lag_reported.add(partition)
             applied[partition] = offset
@@ -379,6 +387,8 @@ def make_app(
             lag_reported.discard(partition)
         for partition in set(applied) - held:
             del applied[partition]
+        for partition in set(held_back) - held:
+            del held_back[partition]
 
     app.on_partitions_assigned.connect(forget_lag_of_lost_partitions)
 

@@ -8,6 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from daybook.infrastructure import settings
+from daybook.infrastructure.compat.aiokafka import broker_error
 from daybook.infrastructure.lifecycle import Refused
 from daybook.infrastructure.urls import BadURL, redacted
 
@@ -52,8 +53,13 @@ async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> int:
         response = await admin.create_topics([NewTopic(topic, partitions, 1)])
         for _name, code, *_ in response.topic_errors:
             if code not in (0, TopicAlreadyExistsError.errno):
-                raise RuntimeError(f"cannot create topic {topic!r}: error code {code}")
+                # The broker's error class: a retriable one (a controller election, a
+                # timeout) is an outage the relay waits out; the others stop it.
+                raise broker_error(code, f"cannot create topic {topic!r}: error code {code}")
         (description,) = await admin.describe_topics([topic])
+        if (code := description.get("error_code", 0)) != 0:
+            # No partitions to count (metadata not there yet, a leader moving): no mismatch.
+            raise broker_error(code, f"cannot describe topic {topic!r}: error code {code}")
         found = len(description["partitions"])
         if found != partitions:
             raise TopicMismatch(

@@ -199,6 +199,9 @@ class BatchResult:
     parked: list[DeadLetter] = field(default_factory=list)
     #: Per partition, the last offset of the batch (applied, skipped or parked).
     offsets: dict[int, int] = field(default_factory=dict)
+    #: Per partition of the batch left waiting for a gap: the offset of its first message
+    #: the gap held back in this batch (None: none here, it waited from an earlier batch).
+    waiting: dict[int, int | None] = field(default_factory=dict)
 
 
 class StreamApplier:
@@ -600,6 +603,7 @@ class StreamApplier:
                 if step is Step.GAP:
                     self._gap(message.partition, part, env.prev, env.position)
                     result.gaps += 1
+                    result.waiting.setdefault(message.partition, message.offset)
                     continue
                 for rows in batches.values():
                     rows.shard = message.partition
@@ -616,6 +620,11 @@ class StreamApplier:
                 part.bound = max(part.bound, env.position)
                 self._gap_ended(message.partition, part)
                 part.changed = True
+            for partition in involved:
+                if progress[partition].state == GAP:
+                    result.waiting.setdefault(partition, None)
+                else:
+                    result.waiting.pop(partition, None)
             crash_point("worker.before_commit")
             for key, rows in list(batches.items()):
                 if not self._flush_or_stop(store, rows):

@@ -1,0 +1,76 @@
+"""A worker's partition lag while its partitions wait for events the topic no longer holds
+(retention deleted the topic's oldest messages before a new group read it): nothing of what
+it fetched is applied, yet the lag it reports is 0."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from daybook import open_ledger
+from daybook.infrastructure.streaming.broker import ensure_topic
+from daybook.infrastructure.streaming.progress import GAP, read_status
+from scripts.streams import open_accounts, unique, wait_until, write_money
+from tests.streaming.messages import Stream
+from tests.streaming.test_observability import metrics_port, sample, scrape
+from tests.streaming.test_outages import worker
+from tests.streaming.test_workers import PARTITIONS
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
+
+
+def test_a_partition_waiting_for_a_gap_reports_its_unapplied_messages_as_lag(
+    pg_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    ledger = open_ledger(pg_url)
+    write_money(ledger, open_accounts(ledger, 20), 200)
+    messages = Stream(PARTITIONS).publish(ledger)
+    ledger.close()
+    # What the relay published, its oldest messages of each partition gone (retention).
+    kept = [m for m in messages if m.offset >= 20]
+    topic, group = unique("gap-lag"), unique("group")
+
+    async def put() -> None:
+        await ensure_topic(kafka_bootstrap, topic, PARTITIONS)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for m in kept:
+                await producer.send(topic, m.value, partition=m.partition)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(put())
+    log = tmp_path / "w.log"
+    more = ["--metrics-port", "0", "--log-format", "json"]
+    process = worker(pg_url, kafka_bootstrap, topic, group, log, {}, None, more).start()
+    try:
+        wait_until(
+            lambda: (
+                len(read_status(pg_url, group, topic)) == PARTITIONS
+                and all(p.state == GAP for p in read_status(pg_url, group, topic))
+            ),
+            "every partition to wait for its gap",
+        )
+        wait_until(lambda: metrics_port(log) is not None, "the metrics port")
+        port = metrics_port(log)
+        assert port is not None
+
+        def lags() -> list[float | None]:
+            body = scrape(port)
+            name = "daybook_worker_partition_lag_events"
+            return [sample(body, name, group=group, partition=str(p)) for p in range(PARTITIONS)]
+
+        wait_until(lambda: all(lag is not None for lag in lags()), "every partition's lag")
+        reported = lags()
+        status = read_status(pg_url, group, topic)
+    finally:
+        assert process.stop() == 0, process.output
+    assert sum(p.applied for p in status) == 0  # nothing of what it holds is applied
+    # Every message fetched and not applied is lag ("Messages of a partition fetched and not
+    # yet applied by this worker"): not 0.
+    assert sum(lag or 0 for lag in reported) >= len(kept) // 2, (reported, len(kept))
