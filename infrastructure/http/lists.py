@@ -12,7 +12,9 @@ with the same answers as a single command (``commands``):
 - ``/v1/batch`` gives item ``i`` the request id ``<token>:<key>/<i>``
   (``ledger.submit``), so each command keeps its own idempotency, and no single command's
   id (``<token>/<key>``, whatever its key) is ever an item's: a batch keyed ``K`` and a
-  command keyed ``K/0`` are two operations. Before anything runs, the ids are looked up: the
+  command keyed ``K/0`` sent after it are two operations (commands keyed ``K/<i>`` sent
+  before a batch keyed ``K`` look like the items of a batch an earlier daybook ran: that
+  batch is refused, below). Before anything runs, the ids are looked up: the
   same key with another list (an item changed, or the list shorter than the first) or
   already used for a single command or a linked list is ``422 idempotency_conflict`` and
   nothing is applied; the same list again answers every item's original outcome, and runs
@@ -514,7 +516,9 @@ def _openapi_batch() -> dict[str, Any]:
             f"{MAX_BATCH} commands{_CAPACITY}. Idempotency: item `i` gets the request id "
             "`<token>:<Idempotency-Key>/<i>`, so each command keeps its own idempotency "
             "(a single command's is `<token>/<Idempotency-Key>`: a batch keyed `K` and a "
-            "command keyed `K/0` are two operations). "
+            "command keyed `K/0` sent after it are two operations; commands keyed `K/<i>` "
+            "sent before a batch keyed `K` make it `422 idempotency_conflict`, as the items "
+            "of a batch an earlier daybook ran would). "
             "The same key and list answer every item's original outcome (`replayed`); the "
             "same key with another list (an item changed, or fewer items) or already used "
             "for a single command or linked list is `422 idempotency_conflict` and nothing "
