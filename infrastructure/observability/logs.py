@@ -93,6 +93,13 @@ def bounded(text: str, limit: int) -> str:
 _SECRET_REACH = 4096
 
 
+def _field(value: Any) -> Any:
+    """An extra field's value as a JSON line carries it (see ``JsonFormatter.format``)."""
+    if value is None or isinstance(value, int | float):  # bool is an int
+        return value
+    return bounded(value if isinstance(value, str) else str(value), MAX_EVENT_CHARS)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time (UTC), level, logger, event, the ids in context, the
     trace and span ids, extra fields, and the exception if any; secrets redacted."""
@@ -111,7 +118,10 @@ class JsonFormatter(logging.Formatter):
             line["span_id"] = format(span_context.span_id, "016x")
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
-            line.update({k: v for k, v in fields.items() if k not in line})
+            # A field can quote what a user sent (a request's path) or an error's text (a
+            # refusal naming a URL): as the event, redacted and bounded. Numbers, booleans
+            # and None are written as they are.
+            line.update({k: _field(v) for k, v in fields.items() if k not in line})
         if record.exc_info:
             line["error"] = bounded(self.formatException(record.exc_info), MAX_ERROR_CHARS)
         return orjson.dumps(line, default=str).decode()

@@ -107,6 +107,34 @@ def test_json_lines_carry_the_ids_of_what_caused_them(spans: InMemorySpanExporte
     assert "request_id" not in second
 
 
+def test_json_lines_redact_and_bound_the_extra_fields_they_copy() -> None:
+    """A field can quote what a user sent (a request's path and query) or an error's text
+    (a refusal naming a URL): its secrets are masked and its length bounded, as the event's
+    are; numbers stay numbers."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("daybook.test.json_fields")
+    logger.addHandler(handler)
+    logger.propagate = False
+    fields = {
+        "path": "/v1/accounts?token=dbk_abcdefgh12345678",
+        "reason": "cannot reach postgresql://daybook:hunter2@db.internal/ledger",
+        "seconds": 0.25,
+        "big": "x" * (MAX_EVENT_CHARS * 2),
+    }
+    try:
+        logger.warning("request", extra={"fields": fields})
+    finally:
+        logger.removeHandler(handler)
+    line = stream.getvalue()
+    assert "hunter2" not in line and "abcdefgh12345678" not in line, line
+    parsed = orjson.loads(line)
+    assert parsed["seconds"] == 0.25
+    assert parsed["reason"] == "cannot reach postgresql://daybook:***@db.internal/ledger"
+    assert len(parsed["big"]) < MAX_EVENT_CHARS + 100
+
+
 def test_a_repeating_warning_is_let_through_once_then_summarised() -> None:
     limit = RateLimit(interval=3600)
     records = [
