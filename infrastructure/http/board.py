@@ -46,6 +46,8 @@ _ASSETS = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 _OUTCOMES_OK = frozenset({"ok", "replayed"})
+#: The outcome of a command that failed rather than being answered (``outcome_label``).
+_FAILED = "error"
 #: Reconciler repairs the dashboard lists.
 DECISIONS = 20
 #: Stuck sagas the dashboard lists (the newest first).
@@ -73,16 +75,21 @@ class Throughput:
         return (total - first_total) / elapsed if elapsed > 0 else 0.0
 
 
-def _command_totals() -> tuple[float, float]:
-    """(all commands answered, refused ones), from the metrics registry."""
-    total = refused = 0.0
+def _command_totals() -> tuple[float, float, float]:
+    """(all commands answered, refused ones, failed ones), from the metrics registry: a
+    refusal is the ledger's answer to what was asked (its code); a failure is none (an
+    outage past its budget, a defect: ``error``), and is not counted as a refusal."""
+    total = refused = failed = 0.0
     for family in metrics.COMMANDS.collect():
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 total += sample.value
-                if sample.labels.get("outcome") not in _OUTCOMES_OK:
+                outcome = sample.labels.get("outcome")
+                if outcome == _FAILED:
+                    failed += sample.value
+                elif outcome not in _OUTCOMES_OK:
                     refused += sample.value
-    return total, refused
+    return total, refused, failed
 
 
 def quantile(histogram: Any, q: float) -> float | None:
@@ -180,7 +187,7 @@ class Dashboard:
         return await asyncio.shield(self._gathering)
 
     def view(self) -> dict[str, Any]:
-        total, refused = _command_totals()
+        total, refused, failed = _command_totals()
         rate = self.throughput.observe(time.monotonic(), total)
         return {
             "head": self.log.head(),
@@ -189,6 +196,7 @@ class Dashboard:
                 "commit_p50": quantile(metrics.COMMIT_SECONDS, 0.5),
                 "commit_p99": quantile(metrics.COMMIT_SECONDS, 0.99),
                 "refused": int(refused),
+                "failed": int(failed),
             },
             "projections": self._projections(),
             "sagas": self._sagas(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.store import LOG_SHARD, ReadStore
 from daybook.projections.accounts import BALANCES
@@ -118,3 +119,14 @@ def test_the_dashboard_reads_sagas_in_bounded_memory(sqlite_api: Api, monkeypatc
         f"{1000 + n}" for n in range(24, 5, -1)
     ]
     assert sum(read) <= 20 + 10, f"the dashboard read {read} rows"
+
+
+def test_the_dashboard_counts_failed_commands_apart_from_refused_ones(sqlite_api: Api) -> None:
+    """A refusal is the ledger's answer (a code); a failure (an outage past its budget, a
+    defect) is none, and an operator reading "refused" would look for it in the wrong place."""
+    before = sqlite_api.get("/v1/dashboard").json()["writes"]
+    metrics.COMMANDS.labels("deposit", "insufficient_funds").inc()
+    metrics.COMMANDS.labels("deposit", "error").inc(2)
+    after = sqlite_api.get("/v1/dashboard").json()["writes"]
+    assert after["refused"] - before["refused"] == 1
+    assert after["failed"] - before["failed"] == 2

@@ -127,6 +127,7 @@ async function refresh() {
     $("p50").textContent = seconds(view.writes.commit_p50);
     $("p99").textContent = seconds(view.writes.commit_p99);
     $("refused").textContent = number(view.writes.refused);
+    $("failed").textContent = number(view.writes.failed);
     drawProjections(view.projections);
     const counts = Object.entries(view.sagas.counts).map(([state, n]) => `${state} ${n}`);
     $("saga-counts").textContent = counts.length ? counts.join(" · ") : "no sagas yet";
