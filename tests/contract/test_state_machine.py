@@ -15,12 +15,14 @@ the purge has run meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.application import project_aggregate
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -36,6 +38,7 @@ from daybook.domain import Receipt
 from daybook.domain.accounts import Deposit, Transfer, Withdraw
 from daybook.domain.commands import Command
 from daybook.domain.errors import DomainError
+from daybook.domain.inventory import Inventory
 from daybook.domain.values import MAX_AMOUNT
 from daybook.infrastructure.ledger.requests import GENERATED_RETENTION
 
@@ -129,6 +132,8 @@ class Recorded:
 
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
+#: Every this many events an account or SKU is snapshotted (see ``cold_loads_match_replays``).
+SNAPSHOT_INTERVAL = 3
 
 
 class Clock:
@@ -159,6 +164,9 @@ class LedgerMachine(RuleBasedStateMachine):
             url=self.store_url,
             request_retention=timedelta(seconds=WINDOW),
             request_purge_interval=timedelta(0),  # the machine purges when it chooses
+            # Small, so that aggregates cross snapshot boundaries within an example and the
+            # cold loads below read a snapshot and its tail.
+            snapshot_interval=SNAPSHOT_INTERVAL,
         )
         self.ledger = open_ledger(settings=settings, clock=self.clock.instant)
         self.holds: dict[UUID, ModelHold] = {}
@@ -860,8 +868,28 @@ class LedgerMachine(RuleBasedStateMachine):
             assert view.reservations == model.reservations
 
     @invariant()
+    def cold_loads_match_replays(self) -> None:
+        """What the cache holds, what a cache miss loads (the latest snapshot and its tail)
+        and a replay of every event are one and the same aggregate."""
+        service = self.ledger.service
+        cache = service.repository.cache
+        ids = [*self.accounts, *(Inventory.id_for(self.sku(name)) for name in self.stock)]
+        for aggregate_id in ids:
+            cached = service._read(aggregate_id)
+            replayed = project_aggregate(None, service.events.get(aggregate_id))
+            if cache is not None:
+                with contextlib.suppress(KeyError):
+                    cache.get(aggregate_id, evict=True)
+            cold = service._read(aggregate_id)
+            assert _state(cold) == _state(replayed) == _state(cached), aggregate_id
+
+    @invariant()
     def head_moves_only_with_accepted_commands(self) -> None:
         assert self.ledger.head() == self.head
+
+
+def _state(aggregate: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(aggregate).items() if k not in ("_pending_events", "as_of")}
 
 
 def changed(call: Call) -> Call:
