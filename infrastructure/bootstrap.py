@@ -95,10 +95,15 @@ def open_async_ledger(
     return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
-def open_event_log(url: str | None = None, *, settings: Settings | None = None) -> EventLog:
-    """The event log at ``url``, read-only (the relay, the runner, the reconciler read it)."""
+def open_event_log(
+    url: str | None = None, *, settings: Settings | None = None, existing: bool = True
+) -> EventLog:
+    """The event log at ``url``, read-only (the relay, the runner, the reconciler read it).
+    A SQLite file must be there already (``BadURL`` otherwise), unless ``existing`` is
+    False: for the services that may start before any ledger has written (the projection
+    runner, the continuous reconciler, the relay), which make it as a ledger would."""
     chosen = settings_for(url, settings)
-    env = Environment(LedgerService.name, event_store_env(chosen.url, existing=True))
+    env = Environment(LedgerService.name, event_store_env(chosen.url, existing=existing))
     factory = InfrastructureFactory.construct(env)
     try:
         recorder = factory.application_recorder()  # creates the tables if missing, as a ledger does
@@ -141,7 +146,7 @@ def projection_runner(
     connections of its own, the read models where the settings say; not started."""
     location = ReadModelLocation(settings.url, settings.readmodels_url)
     try:
-        log = open_event_log(settings=settings)
+        log = open_event_log(settings=settings, existing=False)
     except BaseException:
         location.close()
         raise
@@ -156,7 +161,7 @@ def continuous_reconciler(
 
     location = ReadModelLocation(settings.url, settings.readmodels_url)
     try:
-        log = open_event_log(settings=settings)
+        log = open_event_log(settings=settings, existing=False)
     except BaseException:
         location.close()
         raise
@@ -179,7 +184,7 @@ def outbox_relay(settings: Settings, **options: Any) -> Relay:
         partitions=settings.partitions,
         **({"request_timeout": settings.relay_request_timeout} | options),
     )
-    return Relay(config, open_event_log(settings=settings), owns_log=True)
+    return Relay(config, open_event_log(settings=settings, existing=False), owns_log=True)
 
 
 def stream_worker_config(settings: Settings, **options: Any) -> WorkerConfig:

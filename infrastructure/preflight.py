@@ -33,6 +33,7 @@ from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import (
     DEFAULT_URL,
     BadURL,
+    no_sqlite_file,
     postgres_params,
     redacted,
     scheme,
@@ -180,10 +181,7 @@ def check_sqlite(url: str, *, role: str = "event store", existing: bool = False)
         )
     if not path.exists():
         if existing:
-            raise Unusable(
-                f"the {role} URL {url!r}: there is no database at {str(path)!r}; check the "
-                "path (a ledger creates it when it first opens)"
-            )
+            raise Unusable(f"the {role} URL {url!r}: {no_sqlite_file(path)}")
         return
     problem = sqlite_file_problem(path)
     if problem is not None:

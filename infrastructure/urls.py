@@ -227,10 +227,7 @@ def sqlite_file(url: str, *, existing: bool = False) -> Path:
     that nothing was written yet."""
     path = sqlite_path(url)
     if existing and not path.exists():
-        raise BadURL(
-            f"store URL {url!r}: there is no database at {str(path)!r}; check the path (a "
-            "ledger, or the projection runner for read models, creates it when it first opens)"
-        )
+        raise BadURL(f"store URL {url!r}: {no_sqlite_file(path)}")
     if url == DEFAULT_URL:
         path.parent.mkdir(parents=True, exist_ok=True)  # the embedded default needs no setup
     elif not path.parent.is_dir():
@@ -244,6 +241,14 @@ def sqlite_file(url: str, *, existing: bool = False) -> Path:
     if problem is not None:
         raise BadURL(f"store URL {url!r}: {problem}")
     return path
+
+
+def no_sqlite_file(path: Path) -> str:
+    """What a reader is told of a SQLite ``path`` with no database there."""
+    return (
+        f"there is no database at {str(path)!r}; check the path (a ledger, or the "
+        "projection runner for read models, creates it when it first opens)"
+    )
 
 
 #: What every SQLite database file begins with.

@@ -11,6 +11,11 @@ import pytest
 
 from daybook import open_event_log, open_ledger, open_read_models, run_projections
 from daybook.domain.accounts import Deposit
+from daybook.infrastructure.bootstrap import (
+    continuous_reconciler,
+    projection_runner,
+    settings_for,
+)
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
@@ -138,6 +143,22 @@ def test_readers_on_a_mistyped_sqlite_path_are_refused_and_create_nothing(
         assert log.head() == 1
     finally:
         log.close()
+
+
+def test_the_services_that_may_start_first_make_the_sqlite_file_a_reader_may_not(
+    tmp_path: Path,
+) -> None:
+    """``daybook project`` (and the continuous reconciler) started before any ledger wrote:
+    they make the file, as a ledger would, where a reader is refused."""
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    runner = projection_runner(settings_for(url))
+    try:
+        runner.step()
+    finally:
+        runner.stop()
+    reconciler = continuous_reconciler(settings_for(f"sqlite:///{tmp_path}/other.db"))
+    reconciler.close()
+    assert (tmp_path / "fresh.db").exists() and (tmp_path / "other.db").exists()
 
 
 def test_every_variable_the_settings_read_is_in_the_readme() -> None:
