@@ -319,7 +319,7 @@ def make_app(
             if partition not in result.waiting:
                 held_back.pop(partition, None)
             elif (first := result.waiting[partition]) is not None:
-                held_back.setdefault(partition, first)
+                held_back[partition] = first  # a gap that began in this batch
         measure_lag(result.offsets)
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).

@@ -199,8 +199,8 @@ class BatchResult:
     parked: list[DeadLetter] = field(default_factory=list)
     #: Per partition, the last offset of the batch (applied, skipped or parked).
     offsets: dict[int, int] = field(default_factory=dict)
-    #: Per partition of the batch left waiting for a gap: the offset of its first message
-    #: the gap held back in this batch (None: none here, it waited from an earlier batch).
+    #: Per partition of the batch left waiting for a gap: the offset of the first message
+    #: the gap held back, when the gap began in this batch (None: it began before).
     waiting: dict[int, int | None] = field(default_factory=dict)
 
 
@@ -601,9 +601,10 @@ class StreamApplier:
                     result.duplicates += 1
                     continue
                 if step is Step.GAP:
+                    if part.state != GAP:  # a gap begins here: its lag counts from here
+                        result.waiting[message.partition] = message.offset
                     self._gap(message.partition, part, env.prev, env.position)
                     result.gaps += 1
-                    result.waiting.setdefault(message.partition, message.offset)
                     continue
                 for rows in batches.values():
                     rows.shard = message.partition
@@ -619,6 +620,7 @@ class StreamApplier:
                 part.position = env.position
                 part.bound = max(part.bound, env.position)
                 self._gap_ended(message.partition, part)
+                result.waiting.pop(message.partition, None)
                 part.changed = True
             for partition in involved:
                 if progress[partition].state == GAP:

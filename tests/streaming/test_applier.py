@@ -82,6 +82,31 @@ def test_a_partition_waiting_for_a_gap_logs_when_it_starts_not_per_event(
     assert len([line for line in lines if "goes on past its gap" in line]) == 1, lines
 
 
+def test_a_batch_says_where_the_gap_its_partition_waits_for_began(pg_url: str) -> None:
+    """``BatchResult.waiting``: the offset of the first message held back by a gap that
+    began in the batch (the worker's lag counts from there), None for one that began in an
+    earlier batch, and nothing once the gap ends; a gap that ends and another that begins in
+    one batch count from the second."""
+    ledger = open_ledger(pg_url)
+    workload(ledger, 40)
+    messages = of_partitions(Stream(1).publish(ledger), 0)
+    ledger.close()
+    worker = StreamApplier(
+        pg_url, projections.ALL, group=unique("g"), topic="t", partitions=1, writer="test"
+    )
+    m = messages
+    try:
+        assert worker.apply(m[:10]).waiting == {}
+        assert worker.apply([m[11]]).waiting == {0: m[11].offset}  # the tenth never came
+        assert worker.apply([m[12]]).waiting == {0: None}  # the same gap, still
+        # the tenth comes (the gap ends), then the thirteenth is missing: a new gap
+        result = worker.apply([m[10], m[11], m[12], m[14]])
+        assert result.waiting == {0: m[14].offset}
+        assert worker.apply(m[13:20]).waiting == {}
+    finally:
+        worker.close()
+
+
 def _fail_deposit(event: LogEvent, rows: Rows) -> None:
     raise KeyError("new_field")
 
