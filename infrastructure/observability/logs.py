@@ -111,7 +111,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": bounded(record.getMessage(), MAX_EVENT_CHARS),
         }
-        line.update(_CONTEXT.get())
+        # The ids in context can be a client's choice (a request's X-Request-Id): as fields.
+        line.update({k: _field(v) for k, v in _CONTEXT.get().items()})
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             line["trace_id"] = format(span_context.trace_id, "032x")

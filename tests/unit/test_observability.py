@@ -108,9 +108,9 @@ def test_json_lines_carry_the_ids_of_what_caused_them(spans: InMemorySpanExporte
 
 
 def test_json_lines_redact_and_bound_the_extra_fields_they_copy() -> None:
-    """A field can quote what a user sent (a request's path and query) or an error's text
-    (a refusal naming a URL): its secrets are masked and its length bounded, as the event's
-    are; numbers stay numbers."""
+    """A field can quote what a user sent (a request's path and query, its request id) or
+    an error's text (a refusal naming a URL): its secrets are masked and its length bounded,
+    as the event's are; numbers stay numbers."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -124,11 +124,13 @@ def test_json_lines_redact_and_bound_the_extra_fields_they_copy() -> None:
         "big": "x" * (MAX_EVENT_CHARS * 2),
     }
     try:
-        logger.warning("request", extra={"fields": fields})
+        with log_context(request_id="client-chosen dbk_zyxwvuts87654321"):
+            logger.warning("request", extra={"fields": fields})
     finally:
         logger.removeHandler(handler)
     line = stream.getvalue()
     assert "hunter2" not in line and "abcdefgh12345678" not in line, line
+    assert "zyxwvuts87654321" not in line, line
     parsed = orjson.loads(line)
     assert parsed["seconds"] == 0.25
     assert parsed["reason"] == "cannot reach postgresql://daybook:***@db.internal/ledger"
