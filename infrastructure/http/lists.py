@@ -12,16 +12,16 @@ with the same answers as a single command (``commands``):
 - ``/v1/batch`` gives item ``i`` the request id ``<token>:<key>/<i>``
   (``ledger.submit``), so each command keeps its own idempotency, and no single command's
   id (``<token>/<key>``, whatever its key) is ever an item's: a batch keyed ``K`` and a
-  command keyed ``K/0`` sent after it are two operations (commands keyed ``K/<i>`` sent
-  before a batch keyed ``K`` look like the items of a batch an earlier daybook ran: that
-  batch is refused, below). Before anything runs, the ids are looked up: the
-  same key with another list (an item changed, or the list shorter than the first) or
-  already used for a single command or a linked list is ``422 idempotency_conflict`` and
-  nothing is applied; the same list again answers every item's original outcome, and runs
-  again, as a single command's retry would, only the items that left no record (refused
-  ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items
-  appended at the end, which are new commands. A batch an earlier daybook ran, whose items
-  it recorded under ``<token>/<key>/<i>``, is answered under those ids, for the same list
+  command keyed ``K/0`` sent after it are two operations (a command keyed ``K/<i>``, ``i``
+  from 0 to the batch's length, sent before a batch keyed ``K`` looks like an item of a
+  batch an earlier daybook ran: that batch is refused, below). Before anything runs, the ids are
+  looked up: the same key with another list (an item changed, or the list shorter than the first)
+  or already used for a single command or a linked list is ``422 idempotency_conflict`` and
+  nothing is applied; the same list again answers every item's original outcome, and runs again,
+  as a single command's retry would, only the items that left no record (refused
+  ``concurrency_conflict`` or failed for want of the server: ``500``/``503``), and items appended
+  at the end, which are new commands. A batch an earlier daybook ran, whose items it recorded
+  under ``<token>/<key>/<i>``, is answered under those ids, for the same list
   only (``ListRoutes._check_batch``).
 
 A list that cannot be read (not an object, no commands, too many, an unknown command or
@@ -516,9 +516,9 @@ def _openapi_batch() -> dict[str, Any]:
             f"{MAX_BATCH} commands{_CAPACITY}. Idempotency: item `i` gets the request id "
             "`<token>:<Idempotency-Key>/<i>`, so each command keeps its own idempotency "
             "(a single command's is `<token>/<Idempotency-Key>`: a batch keyed `K` and a "
-            "command keyed `K/0` sent after it are two operations; commands keyed `K/<i>` "
-            "sent before a batch keyed `K` make it `422 idempotency_conflict`, as the items "
-            "of a batch an earlier daybook ran would). "
+            "command keyed `K/0` sent after it are two operations; a command keyed `K/<i>` "
+            "(`i` from 0 to the batch's length) sent before a batch keyed `K` makes it `422 "
+            "idempotency_conflict`, as an item of a batch an earlier daybook ran would). "
             "The same key and list answer every item's original outcome (`replayed`); the "
             "same key with another list (an item changed, or fewer items) or already used "
             "for a single command or linked list is `422 idempotency_conflict` and nothing "
