@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from daybook.infrastructure.eventstore.log import EventDecoder, EventLog
 from daybook.infrastructure.observability import metrics
@@ -82,6 +82,8 @@ class VersionRetired(LookupError):
     """The version to reconcile is retired, or was during the run: a switch moved reads to a
     newer version and dropped (or may drop) its tables. Nothing to reconcile: a retired
     version is never written again, and its reconcile history goes with its tables."""
+
+    code: ClassVar[str] = "version_retired"
 
 
 @dataclass(frozen=True)
