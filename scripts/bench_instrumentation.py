@@ -130,13 +130,12 @@ def run_threads(url: str, clients: int, per_client: int, accounts: list[UUID]) -
             with contextlib.suppress(DomainError):
                 ledger.transfer(source, destination, rnd.randint(1, 100))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    threads = [services.Client(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    services.join_clients(threads)
     elapsed = time.perf_counter() - started
     ledger.close()
     return clients * per_client / elapsed

@@ -80,19 +80,19 @@ def run(url: str, *, busy: bool, threads: int, holds: int) -> str:
                 latencies.append(time.perf_counter() - started)
                 time.sleep(0.01)
 
-        helpers = [threading.Thread(target=credit), threading.Thread(target=unrelated)]
+        helpers = [services.Client(target=credit), services.Client(target=unrelated)]
         for helper in helpers:
             helper.start()
         started = time.perf_counter()
-        placers = [threading.Thread(target=place, args=(payer,)) for payer in payers]
+        placers = [services.Client(target=place, args=(payer,)) for payer in payers]
         for placer in placers:
             placer.start()
-        for placer in placers:
-            placer.join()
-        took = time.perf_counter() - started
-        stop.set()
-        for helper in helpers:
-            helper.join()
+        try:
+            services.join_clients(placers)
+        finally:
+            took = time.perf_counter() - started
+            stop.set()
+            services.join_clients(helpers)
         total = sum(outcomes.values())
         latencies.sort()
         p50 = statistics.median(latencies) * 1000 if latencies else 0.0

@@ -66,11 +66,10 @@ def run_clients(orders: int, clients: int, one: Callable[[int], None]) -> float:
             one(number)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [services.Client(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    services.join_clients(threads)
     return time.perf_counter() - started
 
 

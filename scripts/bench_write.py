@@ -87,12 +87,11 @@ def run_threads(
             latencies.extend(mine)
             refused += local_refused
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    threads = [services.Client(target=client, args=(n,)) for n in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    services.join_clients(threads)
     return summary(clients * per_client, time.perf_counter() - started, latencies, refused)
 
 
@@ -204,12 +203,11 @@ def bench_submission(url: str, batch: int, submitters: int, total: int, n_accoun
             latencies.extend(mine)
             refused += local_refused
 
-    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(submitters)]
+    threads = [services.Client(target=submitter, args=(n,)) for n in range(submitters)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    services.join_clients(threads)
     count = per_submitter * batch * submitters
     result = summary(count, time.perf_counter() - started, latencies, refused)
     check_daybook(url, ledger, accounts, result)

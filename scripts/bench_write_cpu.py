@@ -185,14 +185,13 @@ def submission(url: str, transfers: int, accounts: int, postmaster: int | None) 
                 [Transfer(*rnd.sample(ids, 2), rnd.randint(1, 100)) for _ in range(batch)]
             )
 
-    threads = [threading.Thread(target=submit, args=(seed,)) for seed in range(submitters)]
+    threads = [services.Client(target=submit, args=(seed,)) for seed in range(submitters)]
     count = batch * submitters * per_submitter
     try:
         with measured("submission, 4 x batches of 1,000", count, postmaster) as done:
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                thread.join()
+            services.join_clients(threads)
             done()
         report_commits(commits)
     finally:

@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -118,6 +118,29 @@ PORT_TRIES = 5
 # --------------------------------------------------------------------------- #
 # Generic process helpers
 # --------------------------------------------------------------------------- #
+
+
+class Client(threading.Thread):
+    """A benchmark's client thread that keeps what it raised, for ``join_clients``: a run
+    whose client died must fail, not print a figure from the clients left."""
+
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as error:
+            self.error = error
+
+
+def join_clients(threads: Iterable[Client]) -> None:
+    """Wait for every thread; then raise what the first that failed raised."""
+    waited = list(threads)
+    for thread in waited:
+        thread.join()
+    for thread in waited:
+        if thread.error is not None:
+            raise RuntimeError(f"{thread.name} failed: {thread.error!r}") from thread.error
 
 
 def free_port() -> int:
