@@ -45,6 +45,7 @@ lint: $(STAMP)
 	ln -s ../../../domain ../../../projections ../../../infrastructure $(LINT_VIEW)/daybook/
 	ln -s ../../../infrastructure/face/__init__.py $(LINT_VIEW)/daybook/__init__.py
 	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy -p daybook
+	MYPYPATH=$(LINT_VIEW) $(VENV)/bin/mypy scripts
 	PYTHONPATH=$(LINT_VIEW) $(VENV)/bin/lint-imports --no-cache
 
 # The ledger's typed methods, one per registered command (infrastructure/ledger/methods.py).

@@ -39,7 +39,7 @@ class BankAccount(Aggregate):
 
 
 class Bank(Application[UUID]):
-    env: Any = {"AGGREGATE_CACHE_MAXSIZE": "10000"}
+    env = {"AGGREGATE_CACHE_MAXSIZE": "10000"}
 
     def open_account(self, owner: str, balance: int) -> UUID:
         account = BankAccount(owner)

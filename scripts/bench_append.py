@@ -85,8 +85,8 @@ def main() -> int:
         try:
             with open_ledger(url) as ledger:
                 # One real transfer, for the stored form of its two events.
-                a = ledger.open_account("a", "EUR").account_id
-                b = ledger.open_account("b", "EUR").account_id
+                a = services.opened(ledger.open_account("a", "EUR"))
+                b = services.opened(ledger.open_account("b", "EUR"))
                 ledger.deposit(a, 100)
                 ledger.transfer(a, b, 1)
                 recorder = ledger.service.recorder

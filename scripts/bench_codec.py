@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, UUIDAsHex
@@ -24,7 +25,7 @@ from daybook.domain.events import Metadata, metadata_scope
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
 
 
-def sample_events(count: int) -> list[object]:
+def sample_events(count: int) -> list[Any]:
     with metadata_scope(Metadata(request_id="r-1", correlation_id="c-1", causation_id="k-1")):
         a = Account.open(uuid4(), "alice", "EUR", 0)
         b = Account.open(uuid4(), "bob", "EUR", 0)

@@ -97,14 +97,14 @@ def instrumented(mode: str) -> Iterator[None]:
     ``main``; off, daybook sees no SDK)."""
     with_metrics, with_tracing = MODES[mode]
     if not with_tracing:
-        tracing.enabled = lambda: False  # type: ignore[assignment]
+        tracing.enabled = lambda: False
     if not with_metrics:
         for name in WRITE_METRICS:
             setattr(metrics, name, _Nothing())
     try:
         yield
     finally:
-        tracing.enabled = _REAL_ENABLED  # type: ignore[assignment]
+        tracing.enabled = _REAL_ENABLED
         for name, metric in _REAL_METRICS.items():
             setattr(metrics, name, metric)
 

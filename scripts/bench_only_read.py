@@ -44,7 +44,7 @@ def run(url: str, *, busy: bool, threads: int, holds: int) -> str:
             assert merchant is not None
             ours.deposit(merchant, 1)  # cached here, as a running service would have it
             merchants.append(merchant)
-        calm = ours.open_account("calm", "EUR").account_id
+        calm = services.opened(ours.open_account("calm", "EUR"))
         payers = [ours.open_account(f"payer {n}", "EUR").account_id for n in range(threads)]
         for payer in payers:
             assert payer is not None

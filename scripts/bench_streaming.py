@@ -443,7 +443,7 @@ def convergence(
     for n in range(commands):
         time.sleep(max(0.0, start + n / rate - time.perf_counter()))
         account = accounts[n % len(accounts)]
-        receipt = ledger.deposit(account, 1)  # type: ignore[attr-defined]
+        receipt = ledger.deposit(account, 1)
         committed = time.perf_counter()
         partition = envelope.partition_for(envelope.partition_key(account), PARTITIONS)
         with lock:
@@ -463,7 +463,7 @@ def stream_visible(url: str, group: str) -> Callable[[], Callable[[int], int]]:
             f"SELECT partition, position FROM {PROGRESS_TABLE} WHERE group_id = %s AND topic = %s",
             (group, TOPIC),
         ).fetchall()
-        found = dict(rows)
+        found: dict[int, int] = dict(rows)
         return lambda partition: int(found.get(partition, 0))
 
     return positions
@@ -578,7 +578,7 @@ def main() -> None:
             *workers(worker_url, kafka.bootstrap, group, 1, base),
         ]  # fmt: skip
         try:
-            probe = ledger.deposit(accounts[0], 1)  # type: ignore[attr-defined]
+            probe = ledger.deposit(accounts[0], 1)
             partition = envelope.partition_for(envelope.partition_key(accounts[0]), PARTITIONS)
             positions = stream_visible(worker_url, group)
             wait_until(lambda: positions()(partition) >= probe.position, "the live worker", 120)

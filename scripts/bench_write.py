@@ -96,10 +96,10 @@ def run_threads(
 
 
 def open_accounts(ledger: Ledger, count: int) -> list[UUID]:
-    accounts = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(count)]
+    accounts = [services.opened(ledger.open_account(f"owner-{i}", "EUR")) for i in range(count)]
     for account in accounts:
         ledger.deposit(account, START_BALANCE)
-    return [a for a in accounts if a is not None]
+    return accounts
 
 
 def check_daybook(url: str, ledger: Any, accounts: list[UUID], result: dict[str, Any]) -> None:

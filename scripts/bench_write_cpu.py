@@ -146,7 +146,9 @@ def asyncio_clients(url: str, transfers: int, accounts: int, postmaster: int | N
     backend = url.split(":", 1)[0].replace("postgresql", "PostgreSQL")
 
     async def run() -> None:
-        ids = [(await ledger.open_account(f"owner-{n}", "EUR")).account_id for n in range(accounts)]
+        ids = [
+            services.opened(await ledger.open_account(f"owner-{n}", "EUR")) for n in range(accounts)
+        ]
         for account in ids:
             await ledger.deposit(account, START_BALANCE)
         commits.seconds.clear()
@@ -181,9 +183,11 @@ def submission(url: str, transfers: int, accounts: int, postmaster: int | None) 
     def submit(seed: int) -> None:
         rnd = random.Random(seed)
         for _ in range(per_submitter):
-            ledger.submit(
-                [Transfer(*rnd.sample(ids, 2), rnd.randint(1, 100)) for _ in range(batch)]
-            )
+            commands = []
+            for _ in range(batch):
+                source, destination = rnd.sample(ids, 2)
+                commands.append(Transfer(source, destination, rnd.randint(1, 100)))
+            ledger.submit(commands)
 
     threads = [services.Client(target=submit, args=(seed,)) for seed in range(submitters)]
     count = batch * submitters * per_submitter

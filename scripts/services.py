@@ -62,6 +62,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ PORT_TRIES = 5
 # --------------------------------------------------------------------------- #
 # Generic process helpers
 # --------------------------------------------------------------------------- #
+
+
+def opened(receipt: Any) -> uuid.UUID:
+    """The account id of ``open_account``'s receipt (typed optional: other receipts have
+    none)."""
+    account_id = receipt.account_id
+    assert isinstance(account_id, uuid.UUID), receipt
+    return account_id
 
 
 class Client(threading.Thread):

@@ -22,6 +22,7 @@ from daybook import Ledger
 from daybook.domain.accounts import Deposit, OpenAccount, Transfer
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.progress import Step, classify
+from scripts import services
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Upper bound for any single wait in these tests (they finish far sooner when healthy).
@@ -43,7 +44,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
 
 def open_accounts(ledger: Ledger, count: int, currency: str = "EUR") -> list[uuid.UUID]:
     outcomes = ledger.service.execute([OpenAccount(f"owner-{i}", currency) for i in range(count)])
-    return [o.account_id for o in outcomes]  # type: ignore[union-attr]
+    return [services.opened(o) for o in outcomes]
 
 
 def write_money(ledger: Ledger, accounts: list[uuid.UUID], events: int, seed: int = 1) -> None:
@@ -51,7 +52,7 @@ def write_money(ledger: Ledger, accounts: list[uuid.UUID], events: int, seed: in
     rng = random.Random(seed)
     written = 0
     while written < events:
-        batch = []
+        batch: list[Deposit | Transfer] = []
         while len(batch) < 200 and written < events:
             a, b = rng.sample(accounts, 2)
             if rng.random() < 0.7:
