@@ -15,7 +15,7 @@ from daybook.infrastructure.streaming.broker import ensure_topic
 from daybook.infrastructure.streaming.progress import GAP, read_status
 from scripts.streams import open_accounts, unique, wait_until, write_money
 from tests.streaming.messages import Stream
-from tests.streaming.test_observability import metrics_port, sample, scrape
+from tests.streaming.test_observability import partition_lags
 from tests.streaming.test_outages import worker
 from tests.streaming.test_workers import PARTITIONS
 
@@ -56,15 +56,7 @@ def test_a_partition_waiting_for_a_gap_reports_its_unapplied_messages_as_lag(
             ),
             "every partition to wait for its gap",
         )
-        wait_until(lambda: metrics_port(log) is not None, "the metrics port")
-        port = metrics_port(log)
-        assert port is not None
-
-        def lags() -> list[float | None]:
-            body = scrape(port)
-            name = "daybook_worker_partition_lag_events"
-            return [sample(body, name, group=group, partition=str(p)) for p in range(PARTITIONS)]
-
+        lags = partition_lags(log, group, PARTITIONS)
         wait_until(lambda: all(lag is not None for lag in lags()), "every partition's lag")
         reported = lags()
         status = read_status(pg_url, group, topic)

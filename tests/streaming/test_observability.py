@@ -8,6 +8,7 @@ import asyncio
 import re
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -199,6 +200,21 @@ def sample(body: bytes, name: str, **labels: str) -> float | None:
             if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
                 return float(found.value)
     return None
+
+
+def partition_lags(log: Path, group: str, partitions: int) -> Callable[[], list[float | None]]:
+    """Once the worker writing ``log`` says its metrics port: a reading of each partition's
+    ``daybook_worker_partition_lag_events`` there (None where it reports none)."""
+    wait_until(lambda: metrics_port(log) is not None, "the metrics port")
+    port = metrics_port(log)
+    assert port is not None
+
+    def lags() -> list[float | None]:
+        body = scrape(port)
+        name = "daybook_worker_partition_lag_events"
+        return [sample(body, name, group=group, partition=str(p)) for p in range(partitions)]
+
+    return lags
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from daybook import open_ledger
 from scripts import services
 from scripts.outage import Outage
 from scripts.streams import open_accounts, unique, wait_until, write_money
-from tests.streaming.test_observability import metrics_port, sample, scrape
+from tests.streaming.test_observability import metrics_port, partition_lags, sample, scrape
 from tests.streaming.test_outages import READ_MODEL_OUTAGE_SECONDS, _cursor, relay, worker
 from tests.streaming.test_workers import PARTITIONS, applied
 
@@ -41,17 +41,9 @@ def test_a_workers_partition_lag_grows_while_its_read_models_are_away(
             write_money(ledger, accounts, 400)
             head = ledger.head()
             wait_until(lambda: applied(readmodels, group, topic) == head, "the first events")
-            wait_until(lambda: metrics_port(log) is not None, "the metrics port")
+            lags = partition_lags(log, group, PARTITIONS)
             port = metrics_port(log)
             assert port is not None
-
-            def lags() -> list[float | None]:
-                body = scrape(port)
-                name = "daybook_worker_partition_lag_events"
-                return [
-                    sample(body, name, group=group, partition=str(p)) for p in range(PARTITIONS)
-                ]
-
             wait_until(lambda: all(lag == 0 for lag in lags()), "every partition's lag: 0")
             outage.cut()
             write_money(ledger, accounts, 300, seed=2)
