@@ -37,7 +37,7 @@ from fastapi import Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from daybook.domain.errors import DomainError
+from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.values import MAX_BIGINT, check_sku, check_uuid, shown
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
@@ -383,7 +383,15 @@ class ReadRoutes:
         async def snapshot(request: Request, _: Token = reader) -> Response:
             ids = _ids(request)
             wait = self._wait(request)
-            found = await self._read(lambda v, w: v.balances(ids, **w), wait, _BALANCES)
+            try:
+                found = await self._read(
+                    lambda v, w: v.balances(ids, at_most=MAX_IDS, **w), wait, _BALANCES
+                )
+            except InvalidRequest as error:
+                raise Problem(
+                    "invalid_parameter",
+                    f"{error} (list them in ids=; GET /v1/balances pages through them)",
+                ) from None
             body = {
                 "balances": [_plain(b, skip_position=True) for b in found.balances],
                 "missing": [str(m) for m in found.missing],

@@ -261,9 +261,12 @@ class ReadModels:
         *,
         min_position: int | None = None,
         timeout: float = 2.0,
+        at_most: int | None = None,
     ) -> Balances:
         """The balances of ``account_ids`` (every account when None), all read in one
-        snapshot at one ``as_of_position``."""
+        snapshot at one ``as_of_position``. ``at_most``: every account only if there are no
+        more than that many (``InvalidRequest`` otherwise), read no further: a server answering
+        strangers bounds what one request makes it hold."""
         if account_ids is not None and (
             isinstance(account_ids, str | bytes) or not isinstance(account_ids, Iterable)
         ):
@@ -281,7 +284,8 @@ class ReadModels:
 
         def read(store: ReadStore, version: int) -> list[Row]:
             if keys is None:
-                return store.select(BALANCES, version, order="account_id")
+                limit = None if at_most is None else at_most + 1
+                return store.select(BALANCES, version, order="account_id", limit=limit)
             rows: list[Row] = []
             for start in range(0, len(keys), 500):  # bounded statement size
                 chunk = keys[start : start + 500]
@@ -290,6 +294,13 @@ class ReadModels:
             return rows
 
         rows, position, lag, later = self._read_at("account_balances", read, min_position, timeout)
+        if keys is None and at_most is not None and len(rows) > at_most:
+            raise InvalidRequest(
+                f"the read model holds more than {at_most} accounts, more than one snapshot of"
+                f" every account answers: list the accounts wanted (up to {at_most}), or page"
+                " through them",
+                field="account_ids",
+            )
         found = {str(row["account_id"]): _balance(row, position, lag, later) for row in rows}
         ordered = list(found.values()) if keys is None else [found[k] for k in keys if k in found]
         totals: dict[str, int] = {}

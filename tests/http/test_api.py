@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from daybook.domain.commands import Receipt, registered
 from daybook.infrastructure.bootstrap import http_parts
 from daybook.infrastructure.eventstore import REQUESTS_TABLE
+from daybook.infrastructure.http import reads
 from daybook.infrastructure.http.app import HttpOptions
 from daybook.infrastructure.http.problems import PROBLEM_JSON
 from daybook.infrastructure.http.tokens import open_tokens
@@ -995,6 +996,23 @@ def test_a_snapshot_reads_many_balances_at_one_position(api: Api) -> None:
     assert [b["balance"] for b in some["balances"]] == [150, 450]
     assert some["missing"] == [str(uuid.UUID(int=1))]
     assert some["totals"] == {"EUR": 600}
+
+
+def test_a_snapshot_of_every_balance_is_refused_past_as_many_accounts_as_ids_may_list(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``ids`` a snapshot answers every account, which grows with the ledger: past
+    ``MAX_IDS`` (1,000) accounts it is refused, saying what to ask for instead, rather than
+    build and send them all, once per request, as many at once as read capacity allows."""
+    monkeypatch.setattr(reads, "MAX_IDS", 3)
+    accounts = [api.open_account(f"owner-{i}") for i in range(3)]
+    assert len(api.get("/v1/balances/snapshot", min_position=api.head()).json()["balances"]) == 3
+    accounts.append(api.open_account("owner-3"))
+    answer = api.get("/v1/balances/snapshot", min_position=api.head())
+    problem = assert_problem(answer, 400, "invalid_parameter")
+    assert "more than 3 accounts" in problem["detail"] and "ids" in problem["detail"]
+    listed = api.get("/v1/balances/snapshot", ids=",".join(accounts[:3])).json()
+    assert len(listed["balances"]) == 3
 
 
 def test_balances_page_by_cursor_each_exactly_once(api: Api) -> None:
