@@ -293,6 +293,7 @@ class GroupCommitter:
         """Run ``commands`` in order, batched with whatever else is waiting; one outcome per
         command (its receipt, its refusal, or the error that stopped it)."""
         if not commands:
+            self._inbox.put_many([])  # nothing to queue; but a closed ledger says so
             return []
         submission = _Submission(len(commands))
         self._inbox.put_many(
@@ -308,6 +309,7 @@ class GroupCommitter:
         submission = _Submission(len(commands), loop)
         assert submission.future is not None
         if not commands:
+            self._inbox.put_many([])  # nothing to queue; but a closed ledger says so
             submission.future.set_result([])
             return submission.future
         self._inbox.put_many(

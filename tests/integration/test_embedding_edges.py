@@ -4,6 +4,7 @@ settings it reads from the environment."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,28 @@ def test_a_closed_ledger_without_group_commit_refuses_new_commands(
     if kind == "sqlite":
         with open_ledger(url) as reopened:
             assert reopened.head() == head
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_an_empty_submission_to_a_closed_ledger_is_refused_as_any_other(
+    group_commit: bool,
+) -> None:
+    """An empty settlement file submitted to a closed ledger learns it is closed then, not
+    at its next call, with or without group commit, blocking or asyncio."""
+    from daybook import LedgerClosed, open_async_ledger
+
+    ledger = open_ledger("memory://", group_commit=group_commit)
+    ledger.close()
+    with pytest.raises(LedgerClosed):
+        ledger.submit([])
+
+    async def submit_async() -> None:
+        async_ledger = open_async_ledger("memory://")
+        await async_ledger.close()
+        await async_ledger.submit([])
+
+    with pytest.raises(LedgerClosed):
+        asyncio.run(submit_async())
 
 
 def test_a_sqlite_url_naming_a_folder_or_another_kind_of_file_is_refused_naming_it(
