@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
 from daybook.infrastructure.transient import may_only_read
 from daybook.infrastructure.urls import DEFAULT_URL, postgres_params, scheme, sqlite_path
 
@@ -180,6 +181,12 @@ class SqlTokens:
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connection() as conn:
+                if self._kind != "sqlite":
+                    # Servers and `tokens create` started together on a fresh database:
+                    # PostgreSQL does not serialise concurrent CREATE TABLE IF NOT EXISTS
+                    # of one table (a unique violation in its catalog), so take turns, as
+                    # the event store's tables do (held to the end of this transaction).
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_TABLES_LOCK,))
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, "
                     "token_hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, "
