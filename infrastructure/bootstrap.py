@@ -7,6 +7,7 @@ Every entry point (the Python API, the CLI, the services) builds what it needs h
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -91,6 +92,14 @@ def open_async_ledger(
     url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
 ) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
+    if not settings_for(url, settings).group_commit:
+        # The asyncio ledger's commands reach the store only through the group committer:
+        # say that the setting ($DAYBOOK_GROUP_COMMIT=0, as for `daybook serve`) is not
+        # taken, rather than batch in silence.
+        logging.getLogger("daybook.ledger").warning(
+            "group_commit=False ($DAYBOOK_GROUP_COMMIT=0) is ignored here: an asyncio "
+            "ledger (daybook serve) always batches commands into shared transactions"
+        )
     chosen = settings_for(url, settings, group_commit=True)
     return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 

@@ -1,0 +1,94 @@
+"""Services starting on a fresh PostgreSQL database: together, and stopped while they
+start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from daybook import open_ledger
+from daybook.infrastructure.bootstrap import http_parts
+from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
+from daybook.infrastructure.http.tokens import open_tokens
+from daybook.infrastructure.settings import Settings
+from scripts import services
+from scripts.streams import wait_until
+from tests.together import failures_together
+
+pytestmark = pytest.mark.postgres
+
+
+def test_token_stores_opened_together_on_a_fresh_database_all_open(pg_admin_url: str) -> None:
+    """`daybook serve` processes, or `tokens create` beside them, started together on an
+    empty database each make the tokens table: PostgreSQL does not serialise two CREATE
+    TABLE IF NOT EXISTS of one table (a unique violation in its catalog), so every one must
+    take its turn."""
+    failures: list[Exception] = []
+    for round_number in range(6):
+        name = f"daybook_tokens_{os.getpid()}_{round_number}"
+        url = services.create_database(pg_admin_url, name)
+        try:
+            opened = failures_together(
+                lambda _, url=url: open_tokens(url).close(), rounds=1, threads=4
+            )
+            failures += opened
+        finally:
+            services.drop_database(pg_admin_url, name)
+    assert failures == []
+
+
+def test_project_stopped_while_another_process_creates_the_tables_exits_0(pg_url: str) -> None:
+    """Between its startup wait and its own stop, `daybook project` opens the log, which waits
+    its turn while another process creates the tables (a migration, say): a SIGTERM there
+    ends it at once with status 0, as during the wait (it was killed by the signal)."""
+    open_ledger(pg_url).close()
+    root = Path(__file__).resolve().parents[2]
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (CREATE_TABLES_LOCK,))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daybook.infrastructure.cli", "project", "--url", pg_url],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+
+            def waiting() -> bool:
+                row = holder.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ).fetchone()
+                return row is not None and row[0] > 0
+
+            wait_until(waiting, "project to wait for the table lock")
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, (process.returncode, err[-500:])
+
+
+def test_a_server_told_to_commit_each_command_alone_says_it_batches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """$DAYBOOK_GROUP_COMMIT=0 is read "for open_ledger and every command alike"; the
+    asyncio ledger `daybook serve` runs on always batches, and says so rather than ignore
+    the setting in silence."""
+    import asyncio
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    settings = Settings.load({"DAYBOOK_GROUP_COMMIT": "0"}, url=url)
+    with caplog.at_level(logging.WARNING, logger="daybook.ledger"):
+        parts = http_parts(settings, projections=None, sweep=False, tokens=open_tokens(url))
+    try:
+        assert "DAYBOOK_GROUP_COMMIT" in caplog.text
+    finally:
+        asyncio.run(parts.close())
