@@ -298,6 +298,16 @@ class LedgerMachine(RuleBasedStateMachine):
         self.perform(reserve, "reservation_exists")
         self.stock["A"].resolved.add(reservation_id)
         self.stock["A"].issued.append(reservation_id)
+        # And one that lapses once time moves on: commands then meet its expiry (recording
+        # it when they need its units), not only those that happen to make one.
+        timed_id = f"{self.prefix}-res-timed"
+        timed = Call(
+            "reserve_stock", (self.sku("A"), 6), (("timeout", 5), ("reservation_id", timed_id))
+        )
+        self.perform(timed, 2)
+        self.stock["A"].reservations[timed_id] = 6
+        self.stock["A"].expires[timed_id] = self.clock.now + 5
+        self.stock["A"].issued.append(timed_id)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -469,13 +479,17 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def adjust_stock(self, data: st.DataObject) -> None:
         name = data.draw(skus, label="sku")
-        delta = data.draw(mostly(st.sampled_from(DELTAS)), label="delta")
+        stock = self.stock.get(name)
+        # Sometimes down to what is reserved: with lapsed reservations, below them.
+        down = stock.held(self.clock.now) - stock.on_hand if stock else 0
+        delta = data.draw(
+            mostly(st.one_of(st.sampled_from(DELTAS), st.just(down or -1))), label="delta"
+        )
         call = Call(
             "adjust_stock",
             (self.sku(name), delta, "stock count"),
             (("request_id", self.request_id(data)),),
         )
-        stock = self.stock.get(name)
         lapsed: list[str] = []
         predicted: Prediction
         if delta == 0:
@@ -507,7 +521,12 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def reserve_stock(self, data: st.DataObject) -> None:
         name = data.draw(skus, label="sku")
-        quantity = data.draw(mostly(st.integers(1, 12)), label="quantity")
+        stock = self.stock.get(name)
+        # Often all that is available: with lapsed reservations, that needs their units.
+        rest = stock.on_hand - stock.held(self.clock.now) if stock else 0
+        quantity = data.draw(
+            mostly(st.one_of(st.integers(1, 12), st.just(max(rest, 1)))), label="quantity"
+        )
         choose = data.draw(st.sampled_from(["ledger", "new", "reuse"]), label="reservation id")
         reservation_id: str | None = None
         if choose == "new":
@@ -525,7 +544,6 @@ class LedgerMachine(RuleBasedStateMachine):
                 ("request_id", self.request_id(data)),
             ),
         )
-        stock = self.stock.get(name)
         lapsed: list[str] = []
         predicted: Prediction
         if quantity <= 0:
