@@ -18,6 +18,7 @@ after every step a cold load (snapshot and tail) and the cached copy must equal 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -948,27 +949,27 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def cold_loads_match_replays(self) -> None:
-        """What the cache holds, what a cache miss loads (the latest snapshot and its tail)
-        and a replay of every event are one and the same aggregate. The cached object is put
-        back as it was: later commands go on working on a long-lived cached copy, as a
-        server's do."""
+        """What a cache miss loads (the latest snapshot and its tail), what the cache holds
+        (caught up: the committer answers a caller before it stores the batch's copies) and
+        a replay of every event are one and the same aggregate. Nothing here changes the
+        cache: commands go on working on a long-lived cached copy, as a server's do."""
         service = self.ledger.service
-        cache = service.repository.cache
+        repository = service.repository
         ids = [*self.accounts, *(Inventory.id_for(self.sku(name)) for name in self.stock)]
         for aggregate_id in ids:
             replayed = project_aggregate(None, service.events.get(aggregate_id))
-            cached = None
-            if cache is not None:
-                with contextlib.suppress(KeyError):
-                    cached = cache.get(aggregate_id, evict=True)
-            try:
-                cold = service.repository.get(aggregate_id)
-            finally:
-                if cache is not None and cached is not None:
-                    cache.put(aggregate_id, cached)
+            assert replayed is not None
+            # With a version, eventsourcing's repository reads the store, never the cache.
+            cold = repository.get(aggregate_id, version=replayed.version)
             assert _state(cold) == _state(replayed), aggregate_id
-            if cached is not None:
-                assert _state(cached) == _state(replayed), aggregate_id
+            if repository.cache is None:
+                continue
+            with contextlib.suppress(KeyError):
+                cached = copy.deepcopy(repository.cache.get(aggregate_id))
+                caught_up = project_aggregate(
+                    cached, service.events.get(aggregate_id, gt=cached.version)
+                )
+                assert _state(caught_up) == _state(replayed), aggregate_id
 
     @invariant()
     def head_moves_only_with_accepted_commands(self) -> None:
