@@ -361,29 +361,35 @@ def when_usable(args: argparse.Namespace, check: Callable[[], _T], *, waited: fl
     """``check()`` (a service's preflight checks) once it passes: a server that is down,
     starting up or out of reach is waited for, for ``--startup-wait`` seconds (or
     ``$DAYBOOK_STARTUP_WAIT``; by default until it answers). Call after ``setup_logging``:
-    the wait is logged. SIGTERM ends the process at once with status 0, during the wait and
-    after it, until the service installs its own stop. ``waited``: seconds of the startup
-    wait already spent (by a worker started again in place)."""
+    the wait is logged. SIGTERM ends the wait at once, with status 0 (``stopped_at_start``).
+    ``waited``: seconds of the startup wait already spent (by a worker started again in
+    place)."""
     limit = startup_wait(args)
     log = logging.getLogger("daybook.startup")
+    with stopped_at_start("while waiting at start"):
+        metrics.WAITING_AT_START.set(1)
+        try:
+            return preflight.wait_until_usable(check, limit=limit, log=log, waited=waited)
+        finally:
+            metrics.WAITING_AT_START.set(0)
+
+
+@contextlib.contextmanager
+def stopped_at_start(what: str = "while starting") -> Iterator[None]:
+    """SIGTERM ends the process at once, with status 0, while the block runs: a service
+    waiting at start, or building its parts before it installs its own stop (opening the log
+    waits its turn while another process creates the tables). Nothing has started, so there
+    is nothing to drain. The handler found is put back after, for the service's own."""
 
     def stop(signum: int, frame: Any) -> None:
-        # Nothing has started yet, so nothing to drain: a supervisor's stop ends the wait.
-        log.warning("stopped while waiting at start (signal %d)", signum)
+        logging.getLogger("daybook.startup").warning("stopped %s (signal %d)", what, signum)
         raise SystemExit(0)
 
-    # Once usable, ``stop`` stays until the service puts its own in: what it builds before
-    # it starts (opening the log waits its turn while another process creates the tables)
-    # has nothing to drain either, and a stop there must end it as one during the wait.
     previous = signal.signal(signal.SIGTERM, stop)
-    metrics.WAITING_AT_START.set(1)
     try:
-        return preflight.wait_until_usable(check, limit=limit, log=log, waited=waited)
-    except BaseException:
-        signal.signal(signal.SIGTERM, previous)
-        raise
+        yield
     finally:
-        metrics.WAITING_AT_START.set(0)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def startup_wait(args: argparse.Namespace) -> float | None:

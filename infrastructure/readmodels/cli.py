@@ -29,6 +29,7 @@ from daybook.infrastructure.cli import (
     seconds,
     settings_of,
     setup_logging,
+    stopped_at_start,
     topic_name,
     when_usable,
     whole_number,
@@ -376,9 +377,10 @@ def _run_project(args: argparse.Namespace) -> int:
         settings = when_usable(
             args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
         )
-        runner = projection_runner(
-            settings, batch_size=args.batch_size, poll_interval=args.poll_interval
-        )
+        with stopped_at_start():
+            runner = projection_runner(
+                settings, batch_size=args.batch_size, poll_interval=args.poll_interval
+            )
 
         def on_signal(signum: int, frame: Any) -> None:
             logging.getLogger("daybook.project").info(
@@ -575,12 +577,16 @@ def _run_continuous(args: argparse.Namespace, chosen: list[projections.Projectio
     paced = {"every_events": args.every_events, "every_seconds": args.every_seconds}
     # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
     with metrics_served(args, "continuous reconciler"):
-        service = continuous_reconciler(
-            when_usable(args, lambda: checked_settings(args, why=_WHY, readmodels=True)),
-            projections=chosen,
-            repair=args.repair,
-            **{name: value for name, value in paced.items() if value is not None},
+        settings = when_usable(
+            args, lambda: checked_settings(args, why=_WHY, existing=False, readmodels=True)
         )
+        with stopped_at_start():
+            service = continuous_reconciler(
+                settings,
+                projections=chosen,
+                repair=args.repair,
+                **{name: value for name, value in paced.items() if value is not None},
+            )
 
         def on_signal(signum: int, frame: Any) -> None:
             logging.getLogger("daybook.reconcile").info(

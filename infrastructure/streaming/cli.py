@@ -29,6 +29,7 @@ from daybook.infrastructure.cli import (
     seconds_or_zero,
     setup_logging,
     startup_wait,
+    stopped_at_start,
     topic_name,
     when_usable,
     whole_number,
@@ -276,7 +277,10 @@ def _run_relay(args: argparse.Namespace) -> int:
     # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
     with metrics_served(args, "relay"):
         settings = when_usable(args, lambda: _settings(args, broker=True))
-        relay = outbox_relay(settings, batch_size=args.batch_size, poll_interval=args.poll_interval)
+        with stopped_at_start():
+            relay = outbox_relay(
+                settings, batch_size=args.batch_size, poll_interval=args.poll_interval
+            )
 
         async def main() -> Health:
             loop = asyncio.get_running_loop()

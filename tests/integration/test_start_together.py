@@ -22,9 +22,8 @@ from scripts import services
 from scripts.streams import wait_until
 from tests.together import failures_together
 
-pytestmark = pytest.mark.postgres
 
-
+@pytest.mark.postgres
 def test_token_stores_opened_together_on_a_fresh_database_all_open(pg_admin_url: str) -> None:
     """`daybook serve` processes, or `tokens create` beside them, started together on an
     empty database each make the tokens table: PostgreSQL does not serialise two CREATE
@@ -44,6 +43,7 @@ def test_token_stores_opened_together_on_a_fresh_database_all_open(pg_admin_url:
     assert failures == []
 
 
+@pytest.mark.postgres
 def test_project_stopped_while_another_process_creates_the_tables_exits_0(pg_url: str) -> None:
     """Between its startup wait and its own stop, `daybook project` opens the log, which waits
     its turn while another process creates the tables (a migration, say): a SIGTERM there
@@ -62,8 +62,11 @@ def test_project_stopped_while_another_process_creates_the_tables_exits_0(pg_url
         try:
 
             def waiting() -> bool:
+                # This lock's waiters only (a bigint key: its high and low 32 bits).
                 row = holder.execute(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND classid::bigint = %s AND objid::bigint = %s",
+                    (CREATE_TABLES_LOCK >> 32, CREATE_TABLES_LOCK & 0xFFFFFFFF),
                 ).fetchone()
                 return row is not None and row[0] > 0
 
@@ -92,3 +95,28 @@ def test_a_server_told_to_commit_each_command_alone_says_it_batches(
         assert "DAYBOOK_GROUP_COMMIT" in caplog.text
     finally:
         asyncio.run(parts.close())
+
+
+def test_the_continuous_reconciler_starts_on_a_fresh_sqlite_file_and_stops_with_0(
+    tmp_path: Path,
+) -> None:
+    """`daybook reconcile --continuous` may start before any ledger, as `project` does: it
+    makes the file and runs (its start check refused a path with no file)."""
+    root = Path(__file__).resolve().parents[2]
+    database = tmp_path / "fresh.db"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "daybook.infrastructure.cli", "reconcile", "--continuous",
+            "--url", f"sqlite:///{database}", "--startup-wait", "0",
+        ],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: database.exists() or process.poll() is not None, "the file")
+        assert process.poll() is None, process.communicate(timeout=10)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, (process.returncode, err[-500:])
