@@ -320,6 +320,10 @@ def make_app(
                 held_back.pop(partition, None)
             elif (first := result.waiting[partition]) is not None:
                 held_back[partition] = first  # a gap that began in this batch
+            elif partition not in held_back:
+                # Waiting since before this worker held the partition (started again, or
+                # given it in a rebalance): from the first message of it this worker fetched.
+                held_back[partition] = min(m.offset for m in messages if m.partition == partition)
         measure_lag(result.offsets)
 
     #: Partitions that reached the end of what the broker had (see ``measure_lag``).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -33,36 +34,48 @@ def test_a_partition_waiting_for_a_gap_reports_its_unapplied_messages_as_lag(
     kept = [m for m in messages if m.offset >= 20]
     topic, group = unique("gap-lag"), unique("group")
 
-    async def put() -> None:
+    # One of each partition's last messages comes after the first worker has stopped.
+    last = {m.partition: m for m in kept}
+    later = list(last.values())
+    first = [m for m in kept if m not in later]
+
+    async def put(batch: list[Any]) -> None:
         await ensure_topic(kafka_bootstrap, topic, PARTITIONS)
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         await producer.start()
         try:
-            for m in kept:
+            for m in batch:
                 await producer.send(topic, m.value, partition=m.partition)
             await producer.flush()
         finally:
             await producer.stop()
 
-    asyncio.run(put())
-    log = tmp_path / "w.log"
+    def measured(log: Path) -> tuple[list[float | None], list[Any]]:
+        process = worker(pg_url, kafka_bootstrap, topic, group, log, {}, None, more).start()
+        try:
+            wait_until(
+                lambda: (
+                    len(read_status(pg_url, group, topic)) == PARTITIONS
+                    and all(p.state == GAP for p in read_status(pg_url, group, topic))
+                ),
+                "every partition to wait for its gap",
+            )
+            lags = partition_lags(log, group, PARTITIONS)
+            wait_until(lambda: all(lag is not None for lag in lags()), "every partition's lag")
+            return lags(), read_status(pg_url, group, topic)
+        finally:
+            assert process.stop() == 0, process.output
+
     more = ["--metrics-port", "0", "--log-format", "json"]
-    process = worker(pg_url, kafka_bootstrap, topic, group, log, {}, None, more).start()
-    try:
-        wait_until(
-            lambda: (
-                len(read_status(pg_url, group, topic)) == PARTITIONS
-                and all(p.state == GAP for p in read_status(pg_url, group, topic))
-            ),
-            "every partition to wait for its gap",
-        )
-        lags = partition_lags(log, group, PARTITIONS)
-        wait_until(lambda: all(lag is not None for lag in lags()), "every partition's lag")
-        reported = lags()
-        status = read_status(pg_url, group, topic)
-    finally:
-        assert process.stop() == 0, process.output
+    asyncio.run(put(first))
+    reported, status = measured(tmp_path / "w.log")
     assert sum(p.applied for p in status) == 0  # nothing of what it holds is applied
     # Every message fetched and not applied is lag ("Messages of a partition fetched and not
     # yet applied by this worker"): not 0.
-    assert sum(lag or 0 for lag in reported) == len(kept), (reported, len(kept))
+    assert sum(lag or 0 for lag in reported) == len(first), (reported, len(first))
+    # A worker started while the partitions wait counts from the first message it fetched
+    # (what the one before it held back is acknowledged): here, one a partition.
+    asyncio.run(put(later))
+    again, status = measured(tmp_path / "w2.log")
+    assert sum(p.applied for p in status) == 0
+    assert again == [1.0] * PARTITIONS, again
