@@ -167,6 +167,12 @@ class MemoryTokens:
         pass
 
 
+def _missing(conn: Any) -> bool:
+    """Whether the tokens table is not (yet) in the PostgreSQL database of ``conn``."""
+    row = conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
+    return row is None or row[0] is None
+
+
 class SqlTokens:
     """Tokens in a table of the event store's database (SQLite or PostgreSQL)."""
 
@@ -181,11 +187,13 @@ class SqlTokens:
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connection() as conn:
-                if self._kind != "sqlite":
+                if self._kind != "sqlite" and _missing(conn):
                     # Servers and `tokens create` started together on a fresh database:
                     # PostgreSQL does not serialise concurrent CREATE TABLE IF NOT EXISTS
                     # of one table (a unique violation in its catalog), so take turns, as
                     # the event store's tables do (held to the end of this transaction).
+                    # Only then: a server opening a store that has its table queues behind
+                    # nobody's migration.
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (CREATE_TABLES_LOCK,))
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, "
