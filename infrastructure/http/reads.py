@@ -377,7 +377,8 @@ class ReadRoutes:
         @app.get(
             "/v1/balances/snapshot",
             tags=["reads"],
-            summary="Many balances (all, or those listed in ids) read at one log position",
+            summary="Many balances (all, up to 1,000 accounts, or those listed in ids) read at "
+            "one log position",
             openapi_extra={"parameters": [_IDS, *wait]},
         )
         async def snapshot(request: Request, _: Token = reader) -> Response:
@@ -744,7 +745,8 @@ _IDS = {
         "query",
         {"type": "array", "items": {"type": "string"}},
         f"Account ids, comma-separated or the parameter repeated, at most {MAX_IDS} in all "
-        "(without any, every balance).",
+        f"(without any, every balance, while there are at most {MAX_IDS} accounts: past "
+        "that, 400 invalid_parameter).",
     ),
     "style": "form",
     "explode": True,
