@@ -92,7 +92,9 @@ def run(url: str, *, busy: bool, threads: int, holds: int) -> str:
         finally:
             took = time.perf_counter() - started
             stop.set()
-            services.join_clients(helpers)
+            for helper in helpers:
+                helper.join()
+        services.join_clients(helpers)  # a helper's failure, if the placers had none
         total = sum(outcomes.values())
         latencies.sort()
         p50 = statistics.median(latencies) * 1000 if latencies else 0.0

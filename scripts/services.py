@@ -125,7 +125,8 @@ def opened(receipt: Any) -> uuid.UUID:
     """The account id of ``open_account``'s receipt (typed optional: other receipts have
     none)."""
     account_id = receipt.account_id
-    assert isinstance(account_id, uuid.UUID), receipt
+    if not isinstance(account_id, uuid.UUID):
+        raise TypeError(f"not an opened account's receipt: {receipt!r}")
     return account_id
 
 

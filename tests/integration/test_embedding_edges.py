@@ -114,21 +114,25 @@ def test_an_empty_submission_to_a_closed_ledger_is_refused_as_any_other(
     group_commit: bool,
 ) -> None:
     """An empty settlement file submitted to a closed ledger learns it is closed then, not
-    at its next call, with or without group commit, blocking or asyncio."""
-    from daybook import LedgerClosed, open_async_ledger
+    at its next call, with or without group commit."""
+    from daybook import LedgerClosed
 
     ledger = open_ledger("memory://", group_commit=group_commit)
     ledger.close()
     with pytest.raises(LedgerClosed):
         ledger.submit([])
 
-    async def submit_async() -> None:
-        async_ledger = open_async_ledger("memory://")
-        await async_ledger.close()
-        await async_ledger.submit([])
+
+def test_an_empty_submission_to_a_closed_asyncio_ledger_is_refused_as_any_other() -> None:
+    from daybook import LedgerClosed, open_async_ledger
+
+    async def submit() -> None:
+        ledger = open_async_ledger("memory://")
+        await ledger.close()
+        await ledger.submit([])
 
     with pytest.raises(LedgerClosed):
-        asyncio.run(submit_async())
+        asyncio.run(submit())
 
 
 def test_a_sqlite_url_naming_a_folder_or_another_kind_of_file_is_refused_naming_it(
