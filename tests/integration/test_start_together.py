@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -59,24 +60,18 @@ def test_project_stopped_while_another_process_creates_the_tables_exits_0(pg_url
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
 
-            def waiting() -> bool:
-                # This lock's waiters only (a bigint key: its high and low 32 bits).
-                row = holder.execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                    " AND classid::bigint = %s AND objid::bigint = %s",
-                    (CREATE_TABLES_LOCK >> 32, CREATE_TABLES_LOCK & 0xFFFFFFFF),
-                ).fetchone()
-                return row is not None and row[0] > 0
+        def waiting() -> bool:
+            # This lock's waiters only (a bigint key: its high and low 32 bits).
+            row = holder.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::bigint = %s AND objid::bigint = %s",
+                (CREATE_TABLES_LOCK >> 32, CREATE_TABLES_LOCK & 0xFFFFFFFF),
+            ).fetchone()
+            return row is not None and row[0] > 0
 
-            wait_until(waiting, "project to wait for the table lock")
-            process.send_signal(signal.SIGTERM)
-            _, err = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    assert process.returncode == 0, (process.returncode, err[-500:])
+        status = stopped_once(process, waiting, "project to wait for the table lock")
+    assert status[0] == 0, status
 
 
 def test_a_server_told_to_commit_each_command_alone_says_it_batches(
@@ -111,12 +106,20 @@ def test_the_continuous_reconciler_starts_on_a_fresh_sqlite_file_and_stops_with_
         ],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    made = lambda: database.exists() or process.poll() is not None  # noqa: E731
+    status = stopped_once(process, made, "the file")
+    assert status[0] == 0, status  # (2, ...) if it refused the path
+
+
+def stopped_once(
+    process: subprocess.Popen[str], ready: Callable[[], bool], what: str
+) -> tuple[int, str]:
+    """SIGTERM ``process`` once ``ready()``; its exit status and the end of its stderr."""
     try:
-        wait_until(lambda: database.exists() or process.poll() is not None, "the file")
-        assert process.poll() is None, process.communicate(timeout=10)
+        wait_until(ready, what)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, (process.returncode, err[-500:])
+    return process.returncode, err[-500:]
