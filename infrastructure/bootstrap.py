@@ -92,7 +92,8 @@ def open_async_ledger(
     url: str | None = None, *, settings: Settings | None = None, clock: Clock | None = None
 ) -> AsyncLedger:
     """An asyncio ``AsyncLedger`` on the event store at ``url`` (always group commit)."""
-    if not settings_for(url, settings).group_commit:
+    chosen = settings_for(url, settings)
+    if not chosen.group_commit:
         # The asyncio ledger's commands reach the store only through the group committer:
         # say that the setting ($DAYBOOK_GROUP_COMMIT=0, as for `daybook serve`) is not
         # taken, rather than batch in silence.
@@ -100,7 +101,7 @@ def open_async_ledger(
             "group_commit=False ($DAYBOOK_GROUP_COMMIT=0) is ignored here: an asyncio "
             "ledger (daybook serve) always batches commands into shared transactions"
         )
-    chosen = settings_for(url, settings, group_commit=True)
+        chosen = settings_for(None, chosen, group_commit=True)
     return AsyncLedger(ledger_service(chosen, clock=clock), chosen)
 
 
