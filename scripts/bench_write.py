@@ -102,6 +102,15 @@ def open_accounts(ledger: Ledger, count: int) -> list[UUID]:
     return accounts
 
 
+def random_transfers(rnd: random.Random, accounts: list[UUID], count: int) -> list[Transfer]:
+    """``count`` transfers of 1 to 100 between two different accounts drawn by ``rnd``."""
+    commands = []
+    for _ in range(count):
+        source, destination = rnd.sample(accounts, 2)
+        commands.append(Transfer(source, destination, rnd.randint(1, 100)))
+    return commands
+
+
 def check_daybook(url: str, ledger: Any, accounts: list[UUID], result: dict[str, Any]) -> None:
     """Money conserved, nothing negative, and exactly the accepted transfers in the log."""
     balances = [ledger.account(a).balance for a in accounts]
@@ -189,10 +198,7 @@ def bench_submission(url: str, batch: int, submitters: int, total: int, n_accoun
         mine: list[float] = []
         local_refused = 0
         for _ in range(per_submitter):
-            commands = []
-            for _ in range(batch):
-                source, destination = rnd.sample(accounts, 2)
-                commands.append(Transfer(source, destination, rnd.randint(1, 100)))
+            commands = random_transfers(rnd, accounts, batch)
             started = time.perf_counter()
             outcomes = ledger.submit(commands)
             mine.append(time.perf_counter() - started)

@@ -39,11 +39,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daybook import open_async_ledger, open_ledger
-from daybook.domain.accounts import Transfer
 from daybook.infrastructure.collector import settle_collector
 from scripts import services
 from scripts.bench_rebuild_cpu import postmaster_of, server_cpu
-from scripts.bench_write import START_BALANCE, open_accounts
+from scripts.bench_write import START_BALANCE, open_accounts, random_transfers
 
 #: The threads named apart; the others (the request purge, pools) are counted together.
 THREADS = {"MainThread": "loop", "daybook-group-commit": "writer", "daybook-commit_0": "commit"}
@@ -183,11 +182,7 @@ def submission(url: str, transfers: int, accounts: int, postmaster: int | None) 
     def submit(seed: int) -> None:
         rnd = random.Random(seed)
         for _ in range(per_submitter):
-            commands = []
-            for _ in range(batch):
-                source, destination = rnd.sample(ids, 2)
-                commands.append(Transfer(source, destination, rnd.randint(1, 100)))
-            ledger.submit(commands)
+            ledger.submit(random_transfers(rnd, ids, batch))
 
     threads = [services.Client(target=submit, args=(seed,)) for seed in range(submitters)]
     count = batch * submitters * per_submitter
