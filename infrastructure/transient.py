@@ -101,6 +101,24 @@ def cancelled(error: BaseException) -> bool:
     return any(isinstance(cause, psycopg.errors.QueryCanceled) for cause in causes(error))
 
 
+def storage_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a database out of disk space: PostgreSQL's
+    ``disk_full`` (53100; an I/O error, 58030, that says "No space left on device"), SQLite's
+    ``SQLITE_FULL``. Nothing was written, and a retry fails the same way until an operator
+    frees space: not transient, and no bug in daybook either."""
+    for cause in causes(error):
+        if isinstance(cause, psycopg.Error) and (
+            cause.sqlstate == "53100"
+            or (cause.sqlstate == "58030" and "No space left on device" in str(cause))
+        ):
+            return True
+        if isinstance(cause, sqlite3.Error):
+            code = getattr(cause, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+                return True
+    return False
+
+
 def is_transient(error: BaseException) -> bool:
     """True if the same call may succeed when tried again (after reconnecting)."""
     if isinstance(error, PersistenceError):

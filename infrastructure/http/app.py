@@ -51,13 +51,20 @@ from daybook.infrastructure.http.lists import ListRoutes
 from daybook.infrastructure.http.observe import Observe
 from daybook.infrastructure.http.options import HttpOptions
 from daybook.infrastructure.http.parameters import refuse_unknown_parameters
-from daybook.infrastructure.http.problems import Problem, describe, is_outage, unavailable
+from daybook.infrastructure.http.problems import (
+    Problem,
+    describe,
+    is_outage,
+    out_of_storage,
+    unavailable,
+)
 from daybook.infrastructure.http.reads import ReadPool, ReadRoutes
 from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.readmodels import ReadModelChanged
+from daybook.infrastructure.transient import first_line
 
 log = logging.getLogger("daybook.http")
 
@@ -292,6 +299,10 @@ async def _unhandled(request: Request, error: Exception) -> Response:
     if isinstance(error, ReadModelChanged):  # a deploy under way, not a bug here
         log.warning("%s %s: %s", request.method, request.url.path, error)
         return Problem("read_model_changed", str(error), headers={"Retry-After": "5"}).response()
+    if (full := out_of_storage(error)) is not None:  # the operator's to mend: one line
+        log.error("%s %s: the database is out of disk space: %s", request.method,
+                  request.url.path, first_line(error))  # fmt: skip
+        return full.response()
     if is_outage(error):  # an outage, not a bug: one line, no traceback
         log.warning("%s %s: a database did not answer: %s", request.method,
                     request.url.path, error)  # fmt: skip

@@ -476,5 +476,9 @@ def _openapi(
             "409": {"description": "Refused by the ledger's state", **problem},
             "422": {"description": "Refused by a rule about the values", **problem},
             "503": {"description": "Overloaded or stopping; see Retry-After", **problem},
+            "507": {
+                "description": "The database is out of disk space: nothing was applied",
+                **problem,
+            },
         },
     }

@@ -60,10 +60,17 @@ from daybook.infrastructure.http.commands import (
     receipt_body,
     receipt_response,
 )
-from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem, is_outage, unavailable
+from daybook.infrastructure.http.problems import (
+    PROBLEM_JSON,
+    Problem,
+    is_outage,
+    out_of_storage,
+    unavailable,
+)
 from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
 from daybook.infrastructure.ledger.requests import RequestRecord
+from daybook.infrastructure.transient import first_line
 
 log = logging.getLogger("daybook.http")
 
@@ -383,6 +390,7 @@ def _fingerprint(claim: str, submitted: list[Command]) -> str:
 
 def _batch_response(key: str, outcomes: list[Any]) -> Response:
     answers: list[dict[str, Any]] = []
+    full: list[BaseException] = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Receipt):
             answers.append({"index": index, "status": 200, **receipt_body(outcome)})
@@ -391,12 +399,18 @@ def _batch_response(key: str, outcomes: list[Any]) -> Response:
             problem = Problem.of(outcome)
         elif isinstance(outcome, LedgerClosed):
             problem = shutting_down()
+        elif (out_of_space := out_of_storage(outcome)) is not None:
+            problem = out_of_space
+            full.append(outcome)
         elif is_outage(outcome):
             problem = unavailable(outcome)
         else:
             log.error("batch item %d failed", index, exc_info=outcome)
             problem = Problem("internal_error", "the server failed this command; its log says why")
         answers.append({"index": index, "status": problem.status, "problem": problem.body()})
+    if full:  # one line for the batch, not one per command
+        log.error("a batch met a database out of disk space (%d of its commands): %s",
+                  len(full), first_line(full[0]))  # fmt: skip
     receipts = [outcome for outcome in outcomes if isinstance(outcome, Receipt)]
     position = max((receipt.position for receipt in receipts), default=None)
     body = {
@@ -458,6 +472,10 @@ def _refusals() -> dict[str, Any]:
             **_PROBLEM,
         },
         "503": {"description": "Overloaded or stopping; see Retry-After", **_PROBLEM},
+        "507": {
+            "description": "The database is out of disk space: nothing was applied",
+            **_PROBLEM,
+        },
     }
 
 

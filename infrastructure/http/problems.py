@@ -19,7 +19,7 @@ import orjson
 from starlette.responses import Response
 
 from daybook.domain.errors import DomainError, reserve_codes
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import is_transient, storage_full
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -94,6 +94,9 @@ STATUS: dict[str, int] = {
     "stale_read": 503,
     "read_model_changed": 503,
     "unavailable": 503,
+    # The database is out of disk space: nothing was applied, and nothing will be until an
+    # operator frees space (WebDAV's status, which says just that).
+    "storage_full": 507,
 }
 
 # The codes of this face that are no refusal: no refusal class may take one (a client would
@@ -218,6 +221,10 @@ DESCRIPTIONS: dict[str, str] = {
         "statement: its statement_timeout); retry after "
         "Retry-After seconds, a command with the same Idempotency-Key."
     ),
+    "storage_full": (
+        "The database daybook writes to is out of disk space: nothing was applied. Retry "
+        "with the same Idempotency-Key once its operator has freed space."
+    ),
 }
 
 
@@ -241,6 +248,19 @@ def unavailable(error: BaseException) -> Problem:
         "Retry-After seconds (a command with the same Idempotency-Key: it is never applied "
         "twice)",
         headers={"Retry-After": "1"},
+    )
+
+
+def out_of_storage(error: BaseException) -> Problem | None:
+    """The answer to a request that met a database out of disk space (``storage_full``),
+    or None for any other error. Not a bug, so no traceback; nothing was applied."""
+    if not storage_full(error):
+        return None
+    return Problem(
+        "storage_full",
+        "the database daybook writes to is out of disk space, and nothing was applied; "
+        "retry with the same Idempotency-Key once space is freed",
+        headers={"Retry-After": "60"},
     )
 
 

@@ -1627,3 +1627,68 @@ def test_parts_that_fail_to_start_leave_nothing_running(
     while left := [t.name for t in threading.enumerate() if t.ident not in before]:
         assert time.monotonic() < deadline, f"still running: {left}"
         time.sleep(0.05)
+
+
+#: Makes PostgreSQL answer every append as a full disk does (``disk_full``, its message).
+_FULL_DISK = """
+CREATE FUNCTION daybook_test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'could not extend file "base/16384/16385": No space left on device'
+    USING ERRCODE = 'disk_full';
+END $$;
+"""
+
+
+def test_a_full_disk_is_a_507_that_applied_nothing_and_the_same_key_goes_through_later(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database out of disk space is neither the client's mistake nor a bug in daybook:
+    a command, and each command of a batch, is answered 507 storage_full with Retry-After,
+    nothing is applied, and the log has one error line for the operator, without a
+    traceback; once space is freed the same Idempotency-Key goes through, once. Both were
+    500 internal_error, with a traceback."""
+    api = make_api(pg_url)
+    try:
+        account = api.open_account()
+        deposits = [
+            {"command": "deposit", "fields": {"account_id": account, "amount": amount}}
+            for amount in (1, 2)
+        ]
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            (table,) = db.execute(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+                " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
+            ).fetchone() or ("",)
+            db.execute(_FULL_DISK)
+            db.execute(
+                f"CREATE TRIGGER full_disk BEFORE INSERT ON {table}"
+                " FOR EACH ROW EXECUTE FUNCTION daybook_test_disk_full()"
+            )
+            with caplog.at_level(logging.WARNING, logger="daybook.http"):
+                one = api.command("deposit", {"account_id": account, "amount": 5}, key="full-1")
+                many = api.run(
+                    api.client.post(
+                        "/v1/batch",
+                        json={"commands": deposits},
+                        headers={**api.auth("tester"), "Idempotency-Key": "full-2"},
+                    )
+                )
+            db.execute(f"DROP TRIGGER full_disk ON {table}")
+        body = assert_problem(one, 507, "storage_full")
+        assert int(one.headers["retry-after"]) >= 1 and "Idempotency-Key" in body["detail"]
+        assert many.status_code == 200, many.text
+        outcomes = many.json()["outcomes"]
+        assert [(o["status"], o["problem"]["code"]) for o in outcomes] == [
+            (507, "storage_full"),
+            (507, "storage_full"),
+        ]
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 2 and all("out of disk space" in line for line in errors), errors
+
+        again = api.command("deposit", {"account_id": account, "amount": 5}, key="full-1")
+        assert again.status_code == 200 and again.json()["replayed"] is False, again.text
+        balance = api.get(f"/v1/accounts/{account}/balance", min_position=api.head()).json()
+        assert balance["balance"] == 5
+    finally:
+        api.close()

@@ -17,7 +17,7 @@ from aiokafka import errors as kafka_errors
 from eventsourcing import persistence
 from eventsourcing.sqlite import SQLiteDatastore
 
-from daybook.infrastructure.transient import cancelled, is_transient
+from daybook.infrastructure.transient import cancelled, is_transient, storage_full
 
 _roles = itertools.count()
 
@@ -96,6 +96,33 @@ def test_a_missing_table_is_not_transient_even_wrapped(tmp_path: Path) -> None:
     datastore.close()
     assert isinstance(wrapped.value.__cause__, sqlite3.OperationalError)
     assert not is_transient(wrapped.value)
+
+
+def test_a_full_sqlite_database_is_storage_full_not_transient(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full", a real one (the file may not grow past its
+    pages), as it comes and as eventsourcing wraps it: out of storage, which no retry cures
+    until an operator frees space; no lock, no integrity error, is."""
+    conn = sqlite3.connect(tmp_path / "x.db")
+    conn.execute("CREATE TABLE t (v BLOB)")
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full") as full:
+        conn.execute("INSERT INTO t VALUES (zeroblob(100000))")
+    conn.close()
+    for error in (full.value, _wrapped(persistence.OperationalError, full.value)):
+        assert storage_full(error) and not is_transient(error)
+
+
+def test_a_full_postgresql_disk_is_storage_full_and_nothing_else_is() -> None:
+    assert storage_full(psycopg.errors.DiskFull("could not extend file"))
+    assert storage_full(
+        _wrapped(persistence.OperationalError, psycopg.errors.DiskFull("could not extend file"))
+    )
+    assert storage_full(
+        psycopg.errors.IoError('could not write to file "x": No space left on device')
+    )
+    assert not storage_full(psycopg.errors.IoError("could not read block 7: read only 0 bytes"))
+    assert not storage_full(psycopg.errors.OutOfMemory("out of memory"))
+    assert not storage_full(psycopg.OperationalError("connection failed: Connection refused"))
 
 
 def test_an_sqlite_integrity_error_is_not_transient(tmp_path: Path) -> None:
