@@ -27,7 +27,6 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
-from aiokafka.errors import KafkaError
 
 from daybook.infrastructure.transient import is_transient
 from daybook.infrastructure.urls import (
@@ -372,7 +371,8 @@ def _kafka_answers(server: str) -> bool:
     """Whether the broker at ``server`` answers a metadata request within the timeout."""
     import asyncio
 
-    from aiokafka import AIOKafkaClient
+    from aiokafka import AIOKafkaClient  # here: the CLI's other commands start faster without it
+    from aiokafka.errors import KafkaError
 
     async def bootstrap() -> None:
         client = AIOKafkaClient(bootstrap_servers=server, request_timeout_ms=CONNECT_TIMEOUT * 1000)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
-from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownError
 from eventsourcing.persistence import ConnectionUnavailableError, PersistenceError
 
 #: PostgreSQL SQLSTATEs a retry can cure (besides class 08, connection exceptions).
@@ -130,15 +130,26 @@ def is_transient(error: BaseException) -> bool:
         return isinstance(error, ConnectionUnavailableError)
     if isinstance(error, psycopg.Error):
         return _postgres_transient(error)
-    if isinstance(error, KafkaError):
+    # An error of aiokafka's comes only from a process that imported it: read its classes
+    # from there rather than import it here, which would cost every process that never
+    # talks to a broker (the write path, an embedding service, most of the CLI) a fifth of
+    # a second at start.
+    kafka = sys.modules.get("aiokafka.errors")
+    if kafka is not None and isinstance(error, kafka.KafkaError):
         # aiokafka marks each broker error class retriable or not (a lost connection, a
         # timeout, a leader election: yes; a refused authorization, a bad request: no). The
         # broker's own "unknown server error" is a fault on its side, not in the request:
         # retried too (a broker that lost its data answers it while recreating topics). A
         # record the producer could not hand over in time (``KafkaTimeoutError``, its buffer
         # full with the broker away) is not marked retriable, yet goes once the broker is.
-        return bool(error.retriable) or isinstance(error, UnknownError | KafkaTimeoutError)
-    if isinstance(error.__cause__, KafkaError) and type(error).__module__.startswith("faust."):
+        return bool(error.retriable) or isinstance(
+            error, kafka.UnknownError | kafka.KafkaTimeoutError
+        )
+    if (
+        kafka is not None
+        and isinstance(error.__cause__, kafka.KafkaError)
+        and type(error).__module__.startswith("faust.")
+    ):
         # faust's producer re-raises a broker error as its own ``ProducerSendError``, from
         # it (known by module: faust is not imported on the write path).
         return is_transient(error.__cause__)

@@ -35,7 +35,6 @@ from eventsourcing.utils import TopicError, resolve_topic
 from daybook.domain.values import MAX_BIGINT
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
 from daybook.infrastructure.codec import upcast
-from daybook.infrastructure.compat.aiokafka import default_partition
 
 #: Version of the envelope layout itself (not of the event payloads).
 ENVELOPE_VERSION = 1
@@ -120,6 +119,11 @@ def partition_key(aggregate_id: UUID | str) -> bytes:
 def partition_for(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (murmur2, as the Java client), computed by the relay
     itself so that it knows each event's partition and can chain it (see the module doc)."""
+    # Imported here, not with this module: the HTTP server and the reconciler read the
+    # envelope's partitions (a handover) without ever talking to a broker, and importing
+    # aiokafka costs every process that starts a fifth of a second.
+    from daybook.infrastructure.compat.aiokafka import default_partition
+
     return default_partition(key, partitions)
 
 

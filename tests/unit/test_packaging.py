@@ -71,3 +71,18 @@ def test_the_face_exports_what_it_lists() -> None:
     assert sorted(daybook.__all__) == daybook.__all__
     for name in daybook.__all__:
         assert getattr(daybook, name) is not None
+
+
+def test_the_ledger_and_the_cli_start_without_the_streaming_libraries(tmp_path: Path) -> None:
+    """An embedding service, the HTTP server and most of the CLI never talk to a broker:
+    importing daybook, or the CLI, loads neither aiokafka nor faust (a fifth of a second
+    at every start, for the broker errors' classes alone, and a ledger's process held
+    them for ever). The streaming commands import them when they run."""
+    probe = (
+        "import sys, daybook, daybook.infrastructure.cli, daybook.infrastructure.http.app;"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'aiokafka', 'faust', 'mode'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
