@@ -78,16 +78,18 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(
     monkeypatch.setattr(projection_model, "_TIME_TEXT_LIMIT", 500)
     ledger = open_ledger(pg_url)
     try:
-        write_log(pg_url, ledger, 5_000, accounts=250, chunk=5_000)
+        write_log(pg_url, ledger, 3_000, accounts=250, chunk=3_000)
         small = _peak(ledger, pg_url)
-        write_log(pg_url, ledger, 45_000, accounts=250, chunk=15_000)
+        write_log(pg_url, ledger, 27_000, accounts=250, chunk=9_000)
         large = _peak(ledger, pg_url)
     finally:
         ledger.close()
     # Ten times the log, not ten times the memory: what grows is bounded by batch and cache
-    # sizes, not by the number of events or rows.
-    print(f"peak {small:,} bytes for a 5,000-event log, {large:,} for 50,000")
-    assert large < small * 2, (small, large)
+    # sizes, not by the number of events or rows. (The memo of timestamp texts left
+    # unbounded, a leak of about 170 bytes an event, makes the peak 2.3 times the small
+    # one; bounded, it is within 10%.)
+    print(f"peak {small:,} bytes for a 3,000-event log, {large:,} for 30,000")
+    assert large < small * 1.5, (small, large)
 
 
 def test_the_fold_never_holds_the_lock_the_owner_writes_under(ledger: Ledger, pg_url: str) -> None:
