@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test unit lint generate bench clean browser
 
+# Python keeps what it compiles (__pycache__), whatever the shell says: the suite starts
+# hundreds of processes (servers, workers, processes killed on purpose), and with
+# PYTHONDONTWRITEBYTECODE set each of them compiled daybook's sources again.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
