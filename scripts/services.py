@@ -136,6 +136,14 @@ class Client(threading.Thread):
 
     error: BaseException | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A daemon: Ctrl-C ends the run at once. The main thread's KeyboardInterrupt leaves
+        # ``join_clients``, the benchmark closes its ledger and server, and the clients' next
+        # calls fail, kept here; as ordinary threads they kept the process alive until each
+        # had sent all its commands (20 s of bench_write.py's default run).
+        kwargs.setdefault("daemon", True)
+        super().__init__(*args, **kwargs)
+
     def run(self) -> None:
         try:
             super().run()
