@@ -195,9 +195,20 @@ class ListRoutes:
             body, submitted = await self._listed(
                 request, token, MAX_BATCH, item_ids(token.name, key)
             )
-            if await self._check_batch(token.name, key, submitted):
-                # A batch an earlier daybook ran: its items keep the ids they were given.
-                submitted = commands_of(body, MAX_BATCH, token.name, scope)
+            in_flight = self.commands.in_flight
+            if scope in in_flight:
+                raise in_use(key)
+            # In progress from here: the check claims the key in the store, which a request
+            # still in progress with it (a single command, sent first) must not lose to a
+            # batch answered ``idempotency_key_in_use``. (``_run`` marks it again, with no
+            # await between.)
+            in_flight.add(scope)
+            try:
+                if await self._check_batch(token.name, key, submitted):
+                    # A batch an earlier daybook ran: its items keep the ids they were given.
+                    submitted = commands_of(body, MAX_BATCH, token.name, scope)
+            finally:
+                in_flight.discard(scope)
             outcomes = await self._run(
                 scope, key, submitted, self.commands.ledger.submit(submitted)
             )

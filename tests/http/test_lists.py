@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -410,3 +411,44 @@ def test_a_batch_with_the_longest_token_name_and_key_runs(api: Api) -> None:
     outcomes = reply.json()["outcomes"]
     assert [o["status"] for o in outcomes] == [200] * 1000
     assert outcomes[-1]["request_id"] == f"{token}:{'k' * 128}/999"
+
+
+def test_a_batch_refused_409_takes_no_key_from_the_command_still_in_progress(
+    api: Api, accounts: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single command with key K is in the server (its commit is slow); a batch sent with
+    K meanwhile is answered ``409 idempotency_key_in_use`` ("retry once it has been
+    answered"). It must leave nothing behind: the command in progress, sent first, is then
+    applied, and the batch's retry is the one refused. The batch claimed K in the store
+    before it looked at the keys in progress, so the command was refused
+    ``422 idempotency_conflict`` ("already used for a http_batch") and the batch, retried,
+    was applied in its place."""
+    ann, _ = accounts
+    ledger = api.parts.ledger
+    release = asyncio.Event()
+    execute = ledger.execute
+
+    async def slow(command: Any) -> Any:
+        await release.wait()  # a commit that takes a while (a busy database)
+        return await execute(command)
+
+    monkeypatch.setattr(ledger, "execute", slow)
+    batch = {"commands": [item("deposit", account_id=ann, amount=7)]}
+    headers = {**api.auth("tester"), "Idempotency-Key": "K"}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        single = asyncio.ensure_future(
+            api.client.post(
+                "/v1/commands/deposit", json={"account_id": ann, "amount": 5}, headers=headers
+            )
+        )
+        while "tester/K" not in api.app.state.commands.in_flight:
+            await asyncio.sleep(0.001)
+        second = await api.client.post("/v1/batch", json=batch, headers=headers)
+        release.set()
+        return await single, second
+
+    single, second = api.run(scenario())
+    assert_problem(second, 409, "idempotency_key_in_use")
+    assert single.status_code == 200, single.text
+    assert balance(api, ann) == 105
