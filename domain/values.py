@@ -126,7 +126,14 @@ def as_text(message: str, max_length: int = 200) -> str:
     ``max_length``."""
     line = " ".join(message.split())
     kept = "".join("\ufffd" if unicodedata.category(c) in _NOT_TEXT else c for c in line)
-    return kept[:max_length] or "(no message)"
+    kept = kept[:max_length]
+    return kept if _shows_something(kept) else "(no message)"
+
+
+def _shows_something(value: str) -> bool:
+    """Whether ``value`` has a character a reader sees: not only spaces and invisible format
+    characters (zero-width spaces and joiners, a byte order mark, direction marks)."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in value)
 
 
 def check_sku(value: object, what: str = "SKU") -> str:
@@ -171,7 +178,7 @@ def check_text(value: object, what: str, max_length: int = 200) -> str:
     store, cannot)."""
     if (
         not isinstance(value, str)
-        or not value.strip()
+        or not _shows_something(value)
         or len(value) > max_length
         or any(unicodedata.category(c) in _NOT_TEXT for c in value)
     ):

@@ -521,8 +521,17 @@ class ReadRoutes:
                 f"timeout is seconds between 0 and {self.max_wait:g}, got {shown(timeout)}",
             )
         text = _param(request, "min_position")
+        header = _header(request, "Daybook-Min-Position")
+        if text is not None and header is not None and text.strip() != header.strip():
+            # Two values for one setting: neither may silently win (a query's 0 read at
+            # once, without waiting for the write the header names).
+            raise Problem(
+                "invalid_parameter",
+                f"min_position is {shown(text)} and Daybook-Min-Position is {shown(header)}; "
+                "give one of them",
+            )
         if text is None:  # (an empty ?min_position= is refused below, not passed over)
-            text = _header(request, "Daybook-Min-Position")
+            text = header
         if text is None:
             return {"timeout": seconds}
         return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
@@ -608,7 +617,12 @@ def _ids(request: Request) -> list[UUID] | None:
     ids = [part for value in values for part in value.split(",") if part]
     if len(ids) > MAX_IDS:
         raise Problem("invalid_parameter", f"ask for at most {MAX_IDS} ids at a time")
-    return [_uuid(text, "ids") for text in ids]
+    try:
+        return [check_uuid(text, "ids") for text in ids]
+    except DomainError as error:
+        # A bad value of a query parameter, as a bad count of ids is (and every other
+        # parameter's): 400 invalid_parameter, not a command's 422 invalid_request.
+        raise Problem("invalid_parameter", str(error)) from None
 
 
 def _param(request: Request, name: str) -> str | None:

@@ -297,3 +297,13 @@ def test_a_recorded_refusal_whose_class_this_process_lacks_replays_with_its_code
     assert DomainError.from_record({"code": "insufficient_funds", "message": "m"}).code == (
         "insufficient_funds"
     )
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\ufeff", "\u200b\u200d\u2060", "\u202e"], ids=repr)
+def test_text_made_only_of_invisible_format_characters_is_blank(text: str) -> None:
+    """An owner (a reason, any free text) of zero-width spaces and joiners, a byte order
+    mark or a direction mark shows as nothing wherever it is printed: blank, as spaces are.
+    Text with something to see around them stays valid."""
+    with pytest.raises(InvalidRequest):
+        check_text(text, "owner")
+    assert check_text(f"ann{text}lee", "owner") == f"ann{text}lee"
