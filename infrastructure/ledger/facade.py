@@ -10,9 +10,12 @@ loop, without a thread each.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -87,6 +90,25 @@ def _command(command: object) -> Command:
     return command
 
 
+#: Where the main thread's store work runs (see ``_shielded``).
+_SHIELD = ThreadPoolExecutor(4, thread_name_prefix="daybook-shield")
+R = TypeVar("R")
+
+
+def _shielded(work: Callable[..., R], *args: Any) -> R:
+    """``work(*args)``, out of reach of ``KeyboardInterrupt``: Ctrl-C is raised in the main
+    thread between any two bytecodes, and inside the drivers' and pools' code (just after
+    SQLite's ``BEGIN``, or while waiting for one of psycopg_pool's connections) it leaves a
+    connection in a transaction, or handed to a caller that is gone, for good. Run in the
+    main thread, the work is done in another, and an interrupt ends only the wait for it
+    (the work finishes; a command interrupted so, sent again with its request id, is
+    replayed if it was applied). The work runs in the caller's context: its span and its
+    log context go with it."""
+    if threading.current_thread() is not threading.main_thread():
+        return work(*args)
+    return _SHIELD.submit(contextvars.copy_context().run, work, *args).result()
+
+
 def _observe_latency(name: str, started: float) -> None:
     """Observe one command's time from submission to answer (receipt or refusal): added to
     ``daybook_command_duration_seconds`` in bulk, not one lock per command (see
@@ -121,11 +143,19 @@ class Ledger(LedgerMethods):
     def execute(self, command: Command) -> Receipt:
         command = _command(command)
         started = time.perf_counter()
+        committer = self.service.committer
+        # The group committer does the store's work in its own threads; any other committer
+        # does it in the caller's.
+        submit = (
+            committer.submit
+            if isinstance(committer, GroupCommitter)
+            else functools.partial(_shielded, committer.submit)
+        )
         try:
             if not tracing.enabled():  # no span to make: skip the context manager's cost
-                return self.service.committer.submit(command)
+                return submit(command)
             with command_span(command):
-                return self.service.committer.submit(command)
+                return submit(command)
         finally:
             _observe_latency(command.name, started)
 
@@ -157,14 +187,18 @@ class Ledger(LedgerMethods):
         nothing) for a malformed submission. Each command is counted in
         ``daybook_commands_total``; none is timed in ``daybook_command_duration_seconds``
         (they are answered together, when the submission is)."""
-        return self.service.committer.submit_many(_submission(commands))  # type: ignore[return-value]
+        committer = self.service.committer
+        commands = _submission(commands)
+        if isinstance(committer, GroupCommitter):
+            return committer.submit_many(commands)  # type: ignore[return-value]
+        return _shielded(committer.submit_many, commands)  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
-        return self.service.read(kind, key)
+        return _shielded(self.service.read, kind, key)
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
-        return self.service.head()
+        return _shielded(self.service.head)
 
     def health(self) -> Health:
         """The committer's health: running, stopped, or failed with the reason."""
