@@ -40,7 +40,12 @@ from daybook.infrastructure.eventstore import (
 )
 from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
 from daybook.infrastructure.eventstore.identity import create_statements as identity_statements
-from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
+from daybook.infrastructure.ledger.conflicts import (
+    DuplicateRequest,
+    PositionsBehind,
+    Read,
+    VersionConflict,
+)
 from daybook.infrastructure.ledger.requests import (
     Expiry,
     PendingRequest,
@@ -300,12 +305,26 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 table = cause.diag.table_name
                 if table == REQUESTS_TABLE:
                     raise DuplicateRequest(str(error)) from cause
+                # A position drawn twice: the detail names the key's columns in every
+                # language the server may answer in ("Key (notification_id)=(3) ...").
+                if "(notification_id)=" in (cause.diag.message_detail or ""):
+                    raise PositionsBehind(self._positions_behind(cause)) from cause
                 # Another writer's batch took an aggregate across a snapshot boundary from
                 # the same version, and committed first: its snapshot row is the first key
                 # this batch meets (snapshots are written before the events).
                 if table in (self.events_table_name, self._snapshots_table_name):
                     raise VersionConflict(str(error)) from cause
             raise
+
+    def _positions_behind(self, cause: psycopg.Error) -> str:
+        table = f"{self.datastore.schema or 'public'}.{self.events_table_name}"
+        return (
+            f"the event store's position sequence is behind its log ({cause.diag.message_detail}"
+            "): the events table was restored without its sequence's state. Nothing was "
+            "written. Move the sequence past the log, then retry: SELECT setval("
+            f"pg_get_serial_sequence('{table}', 'notification_id'), "
+            f"(SELECT max(notification_id) FROM {table}))"
+        )
 
     def _append_batch(
         self,

@@ -7,6 +7,9 @@
   affected.
 - ``DuplicateRequest``: a request id of the batch was recorded meanwhile (the same request,
   retried through another writer). Looking the ids up again turns it into a replay.
+- ``PositionsBehind``: the store's next position is one its log has (PostgreSQL's events
+  table restored without its sequence's state). No retry cures it, and no writer is to
+  blame: an operator moves the sequence past the log.
 - any other ``IntegrityError``: a constraint the ledger does not know about. Applying the
   same command again would fail the same way: it is not retried.
 
@@ -39,3 +42,12 @@ class VersionConflict(IntegrityError):
 
 class DuplicateRequest(IntegrityError):
     """A request id the batch records was recorded already."""
+
+
+class PositionsBehind(IntegrityError):
+    """The event store's position sequence is behind its log: every write draws a position
+    the log has. Taken for a version conflict, it was retried 40 times and answered
+    ``concurrency_conflict`` ("other writers kept changing the same accounts") with no other
+    writer anywhere."""
+
+    code = "position_sequence_behind"

@@ -8,6 +8,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from daybook import open_event_log, open_ledger, open_read_models, run_projections
@@ -17,6 +18,7 @@ from daybook.infrastructure.bootstrap import (
     projection_runner,
     settings_for,
 )
+from daybook.infrastructure.ledger.conflicts import PositionsBehind
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
@@ -215,3 +217,39 @@ def test_a_ledger_on_any_other_url_takes_readmodels_url_from_the_env_as_the_cli_
     monkeypatch.delenv("DAYBOOK_URL", raising=False)
     assert settings_for(f"sqlite:///{tmp_path}/ledger.db").readmodels_url == views
     assert settings_for("memory://").readmodels_url is None
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "direct"])
+def test_an_event_store_whose_position_sequence_restarted_says_so_and_writes_nothing(
+    pg_url: str, group_commit: bool
+) -> None:
+    """The events table restored without its sequence's state (rows loaded into a fresh
+    table, or the sequence reset): every write draws a position the log has. It was taken
+    for a version conflict, retried 40 times and answered ``concurrency_conflict`` ("other
+    writers kept changing the same accounts; retry") with no other writer anywhere. It
+    says what happened and what to run; once the operator has, writes go on."""
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+        for _ in range(5):
+            ledger.deposit(account, 1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        (sequence,) = conn.execute(
+            "SELECT pg_get_serial_sequence(format('%I.%I', schemaname, tablename),"
+            " 'notification_id') FROM pg_tables"
+            " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
+        ).fetchone() or (None,)
+        assert sequence
+        conn.execute(f"ALTER SEQUENCE {sequence} RESTART WITH 1")  # the restore
+    with open_ledger(pg_url, group_commit=group_commit) as ledger:
+        with pytest.raises(PositionsBehind) as raised:
+            ledger.deposit(account, 5, request_id="after-restore")
+        assert raised.value.code == "position_sequence_behind"
+        assert "setval(" in str(raised.value) and "notification_id" in str(raised.value)
+        assert ledger.account(account).balance == 5  # nothing was written
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                f"SELECT setval('{sequence}', (SELECT max(notification_id) FROM"
+                f" {sequence.rsplit('_notification_id_seq', 1)[0]}))"
+            )
+        assert not ledger.deposit(account, 5, request_id="after-restore").replayed
+        assert ledger.account(account).balance == 10
