@@ -299,6 +299,7 @@ class ProjectionRunner:
         assert self._locks is not None
         self._locks.check()  # a dead lock session means our locks are gone
         catalog = VersionCatalog(store)
+        head: int | None = None  # the log's, read once a version is claimed
         for projection in self.projections:
             key = (projection.name, projection.version)
             if key in self.slots:
@@ -348,6 +349,22 @@ class ProjectionRunner:
                 with store.transaction():
                     catalog.set_note(*key, None)  # followed again
             self.slots[key] = Slot(projection, record, cache)
+            if head is None:
+                head = self.log.head()
+            if record.position > head:
+                # Past the end of the log: the event store was restored from a backup older
+                # than the read models (or they were built from another store). The next
+                # events take positions the version believes it applied; it would skip them.
+                # Stopped, not waited out: once new events pass its position they would be
+                # skipped without a trace. (A log read from a standby that is behind says
+                # the same until it catches up: then `projections resume` goes on.)
+                self._stop_version(store, self.slots[key], (
+                    f"its position {record.position} is past the event log's head {head}: "
+                    "the event store was restored from an older backup, or the read models "
+                    "belong to another store; rebuild it under a new version (or, if the "
+                    "log is a standby behind its primary, resume it once it has caught up)"
+                ))  # fmt: skip
+                continue
             with store.transaction(write=False):
                 parked = _unresolved_letters(store, *key)
             metrics.PROJECTION_PARKED.labels(key[0], str(key[1])).set(parked)

@@ -69,6 +69,15 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
             checkpoint = checkpoints[(record.name, record.version)]
             position = checkpoint.position
             lag = max(0, head - position)
+            note = record.note
+            if position > head and record.state is not VersionState.RETIRED:
+                # The event store was restored from an older backup (or is another store):
+                # the next events take positions this version believes it applied.
+                note = (
+                    f"position {position} is past the event log's head {head}: the event "
+                    "store was restored from an older backup, or the read models belong to "
+                    "another store; new events up to that position would be skipped"
+                )
             lag_seconds = 0.0
             if lag and record.state is not VersionState.RETIRED:
                 pending = log.read(position, 1)
@@ -88,7 +97,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
                     record.error,
                     record.owner,
                     checkpoint.includes_later,
-                    record.note,
+                    note,
                     runs.get((record.name, record.version)),
                 )
             )
