@@ -191,10 +191,12 @@ class Ledger(LedgerMethods):
         commands = _submission(commands)
         if isinstance(committer, GroupCommitter):
             return committer.submit_many(commands)  # type: ignore[return-value]
-        return _shielded(committer.submit_many, commands)  # type: ignore[return-value]
+        outcomes = _shielded(committer.submit_many, commands)
+        return outcomes  # type: ignore[return-value]
 
     def read(self, kind: type[A], key: Any) -> A:
-        return _shielded(self.service.read, kind, key)
+        found: A = _shielded(self.service.read, kind, key)
+        return found
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
