@@ -522,19 +522,21 @@ class ReadRoutes:
             )
         text = _param(request, "min_position")
         header = _header(request, "Daybook-Min-Position")
-        if text is not None and header is not None and text.strip() != header.strip():
-            # Two values for one setting: neither may silently win (a query's 0 read at
-            # once, without waiting for the write the header names).
+        if text is None:  # (an empty ?min_position= is refused below, not passed over)
+            text = header
+        if text is None:
+            return {"timeout": seconds}
+        position = _whole(text, "min_position", 0, None)
+        if header is not None and _whole(header, "min_position", 0, None) != position:
+            # Two positions for one setting: neither may silently win (a query's 0 read at
+            # once, without waiting for the write the header names). One position written
+            # two ways (01 and 1) is one.
             raise Problem(
                 "invalid_parameter",
                 f"min_position is {shown(text)} and Daybook-Min-Position is {shown(header)}; "
                 "give one of them",
             )
-        if text is None:  # (an empty ?min_position= is refused below, not passed over)
-            text = header
-        if text is None:
-            return {"timeout": seconds}
-        return {"min_position": _whole(text, "min_position", 0, None), "timeout": seconds}
+        return {"min_position": position, "timeout": seconds}
 
 
 def _stale_read(error: StaleRead) -> Problem:

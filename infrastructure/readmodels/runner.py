@@ -349,7 +349,9 @@ class ProjectionRunner:
                 with store.transaction():
                     catalog.set_note(*key, None)  # followed again
             self.slots[key] = Slot(projection, record, cache)
-            if head is None:
+            if head is None or record.position > head:
+                # Read again for a version past the head read for an earlier one: the runner
+                # that held it may have moved it on since (and let it go).
                 head = self.log.head()
             if record.position > head:
                 # Past the end of the log: the event store was restored from a backup older

@@ -62,7 +62,7 @@ def test_min_position_in_the_query_and_the_header_disagreeing_is_refused(
     ann = api.open_account()
     head = api.head()
 
-    def read(query: int, header: int, timeout: float = 0) -> httpx.Response:
+    def read(query: int | str, header: int, timeout: float = 0) -> httpx.Response:
         return api.run(
             api.client.get(
                 f"/v1/accounts/{ann}/balance",
@@ -75,3 +75,4 @@ def test_min_position_in_the_query_and_the_header_disagreeing_is_refused(
     assert (both.status_code, both.json()["code"]) == (400, "invalid_parameter"), both.text
     assert "Daybook-Min-Position" in both.json()["detail"]
     assert read(head, head, timeout=10).status_code == 200
+    assert read(f"0{head}", head, timeout=10).status_code == 200  # one position, two ways

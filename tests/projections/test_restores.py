@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
+import pytest
+
 from daybook import open_ledger, run_projections
+from daybook import projections as definitions
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.lifecycle import ServiceState
-from daybook.infrastructure.readmodels.catalog import VersionState
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.status import projection_status
 
 
@@ -60,3 +65,46 @@ def test_a_runner_and_status_say_so_when_the_read_models_are_past_a_restored_log
     assert health.state is not ServiceState.RUNNING, health
     assert after.state is VersionState.STOPPED, after
     assert after.error and "past the event log's head 3" in after.error, after
+
+
+def test_a_version_handed_over_mid_round_is_not_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a restore: runner A holds account_statement; runner B (both projections) claims
+    account_balances, reading the head. Meanwhile A applies a new event and stops (a
+    rolling deploy). B then takes account_statement on: its position is A's, past the head
+    B read before, though the log is whole. It was stopped as past a restored log."""
+    balances, statement = definitions.ALL[0], definitions.ALL[1]
+    readmodels = f"sqlite:///{tmp_path}/rm.db"
+    with open_ledger(f"sqlite:///{tmp_path}/events.db") as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+        ledger.deposit(account, 100)
+        a = run_projections(ledger, readmodels, projections=[statement], start=False)
+        a.run_until_caught_up()
+        b = run_projections(ledger, readmodels, projections=[balances, statement], start=False)
+        real_version = VersionCatalog.version
+        armed = [True]
+
+        def version(self: VersionCatalog, name: str, number: int, **kw: object) -> object:
+            # B looks at account_statement, after it claimed account_balances.
+            claiming = sys._getframe(1).f_code.co_name == "_claim_slots"
+            if name == statement.name and claiming and armed and armed.pop():
+                ledger.deposit(account, 1)  # the log goes on
+                a.run_until_caught_up()  # A applies it
+                a.stop()  # and lets its versions go
+            return real_version(self, name, number, **kw)
+
+        monkeypatch.setattr(VersionCatalog, "version", version)
+        try:
+            b.run_until_caught_up()
+        finally:
+            b.stop()
+        monkeypatch.undo()
+        store = open_store(readmodels)
+        try:
+            record = VersionCatalog(store).version(statement.name, statement.version)
+        finally:
+            store.close()
+    assert not armed, "B never looked at account_statement"
+    assert record is not None
+    assert record.state is not VersionState.STOPPED, record.error
