@@ -91,6 +91,9 @@ def _command(command: object) -> Command:
 
 R = TypeVar("R")
 
+#: Seconds after a held-back Ctrl-C from which another one interrupts the call at once.
+_PRESSED_AGAIN = 1.0
+
 
 def _shielded(work: Callable[..., R], *args: Any) -> R:
     """``work(*args)``, with Ctrl-C held back until it is done.
@@ -102,23 +105,36 @@ def _shielded(work: Callable[..., R], *args: Any) -> R:
     caller that was gone. So in the main thread the SIGINT handler only notes the signal
     while the store works, and the handler that was there runs once the work is done (it
     raises ``KeyboardInterrupt``, as before). Ctrl-C then takes effect when the call
-    returns: at once for a read, at most the call's own timeouts in an outage. (The work
-    could run in another thread instead, answering Ctrl-C at once, but that hop cost
-    45 µs on every read of the main thread, four times a read of the memory store; this
-    costs 15 to 20.)"""
+    returns: at once for a read, at most the call's own timeouts in an outage or behind a
+    lock; pressed again a second or more later, it interrupts the call at once, as before
+    (psycopg cancels the statement it waits for).
+
+    (The work could run in another thread instead, answering Ctrl-C at once, but the hop
+    cost 45 µs on every read of the main thread, four times a read of the memory store,
+    and a thread pool does not survive a fork or run in ``atexit`` handlers; holding the
+    signal back costs 15 to 20 µs.)"""
     if threading.current_thread() is not threading.main_thread():
         return work(*args)
     handler = signal.getsignal(signal.SIGINT)
     if not callable(handler):  # ignored, or the default (the process ends): nothing to hold
         return work(*args)
-    held: list[FrameType | None] = []
-    signal.signal(signal.SIGINT, lambda _signum, frame: held.append(frame))
+    held: list[float] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if held and now - held[0] >= _PRESSED_AGAIN:
+            held.clear()  # (answered here, not again once the work ends)
+            handler(signum, frame)  # pressed again, a second later: the person means it
+            return
+        held.append(now)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         return work(*args)
     finally:
         signal.signal(signal.SIGINT, handler)
         if held:
-            handler(signal.SIGINT, held[0])
+            handler(signal.SIGINT, None)
 
 
 def _observe_latency(name: str, started: float) -> None:

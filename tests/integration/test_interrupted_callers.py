@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from daybook import open_ledger
@@ -76,3 +80,78 @@ def test_a_ledger_interrupted_by_ctrl_c_stays_usable(group_commit: bool, tmp_pat
         assert ledger.transfer(a, b, 1, request_id="after").position > 0
     finally:
         ledger.close()
+
+
+def test_ctrl_c_pressed_again_ends_a_command_that_waits_on_a_lock(pg_url: str) -> None:
+    """The first Ctrl-C is held back while the main thread works in the store; a command
+    waiting behind a lock another session holds would then go on until its lock timeout
+    (30 s). Pressed again a second later, it interrupts the command at once (psycopg
+    cancels the statement), as a single Ctrl-C did before it was held back."""
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("ann", "EUR").account_id
+    script = textwrap.dedent(
+        f"""
+        import os, signal, threading
+        from uuid import UUID
+        from daybook import open_ledger
+        ledger = open_ledger({pg_url!r}, group_commit=False)
+        ledger.head()
+        print("ready", flush=True)
+        input()
+        for seconds in (1.0, 2.5):
+            threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            ledger.deposit(UUID({str(account)!r}), 1)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        """
+    )
+    with psycopg.connect(pg_url) as blocker:
+        (table,) = blocker.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
+        ).fetchone() or ("",)
+        process = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None and process.stdin is not None
+        try:
+            assert process.stdout.readline() == "ready\n"
+            blocker.commit()
+            blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            process.stdin.write("\n")
+            process.stdin.flush()
+            out, _ = process.communicate(timeout=20)  # the lock timeout is 30 s
+        except subprocess.TimeoutExpired:
+            pytest.fail("a Ctrl-C pressed again did not end the command waiting on a lock")
+        finally:
+            blocker.rollback()
+            process.kill()
+    assert out == "interrupted\n"
+
+
+def test_a_ledger_answers_in_an_atexit_handler() -> None:
+    """An embedding that records a last command (and reads) at exit, from an ``atexit``
+    handler of its main thread: a Ctrl-C held back must not need anything the interpreter
+    has shut down by then (a thread pool refused: "cannot schedule new futures after
+    shutdown")."""
+    script = textwrap.dedent(
+        """
+        import atexit
+        from daybook import open_ledger
+        ledger = open_ledger("memory://", group_commit=False)
+        account = ledger.open_account("ann", "EUR").account_id
+        def final():
+            ledger.deposit(account, 5, request_id="at-exit")
+            print("balance", ledger.account(account).balance, flush=True)
+            ledger.close()
+        atexit.register(final)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "balance 5\n", result.stderr.strip().splitlines()[-1:]
