@@ -66,6 +66,19 @@ class CommandRoutes:
     #: The OpenAPI path items of the command routes.
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @contextlib.contextmanager
+    def in_progress(self, request_id: str, key: str) -> Iterator[None]:
+        """``request_id`` marked in progress for the block, checked and marked before anything
+        is awaited: a second request with its key, checked while this one awaits, is refused
+        ``409 idempotency_key_in_use`` (``in_use``)."""
+        if request_id in self.in_flight:
+            raise in_use(key)
+        self.in_flight.add(request_id)
+        try:
+            yield
+        finally:
+            self.in_flight.discard(request_id)
+
     def install(self, app: FastAPI, commands: Iterable[type[Command]] | None = None) -> None:
         """Add a route per command to ``app`` (on the app itself: an included router is
         matched a second time on every request)."""
@@ -88,17 +101,7 @@ class CommandRoutes:
             with counted_if_refused(command_class.name):
                 arguments = arguments_of(body, command_class, accepted, required)
             request_id = f"{token.name}/{key}"
-            if request_id in self.in_flight:
-                raise Problem(
-                    "idempotency_key_in_use",
-                    f"a request with Idempotency-Key {key!r} is still being processed; retry "
-                    "once it has been answered",
-                    headers={"Retry-After": "1"},
-                )
-            # In progress from the check on, before anything is awaited: a second request
-            # with the key, checked while this one awaits, must find it.
-            self.in_flight.add(request_id)
-            try:
+            with self.in_progress(request_id, key):
                 with counted_if_refused(command_class.name):
                     await self.refuse_earlier_batch_item(token.name, key)
                 try:
@@ -109,8 +112,6 @@ class CommandRoutes:
                 except DomainError as error:
                     raise Problem.of(error) from None
                 receipt = await self._execute(command, command_class.reduces_risk)
-            finally:
-                self.in_flight.discard(request_id)
             return receipt_response(receipt, key)
 
         doc = (command_class.__doc__ or command_class.name).strip()
@@ -186,6 +187,15 @@ class _CommandRoute(Route):
         if match is not Match.NONE:
             child_scope["route"] = self
         return match, child_scope
+
+
+def in_use(key: str) -> Problem:
+    return Problem(
+        "idempotency_key_in_use",
+        f"a request with Idempotency-Key {key!r} is still being processed; retry once it has "
+        "been answered",
+        headers={"Retry-After": "1"},
+    )
 
 
 def idempotency_key(request: Request) -> str:

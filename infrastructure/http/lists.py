@@ -78,15 +78,6 @@ log = logging.getLogger("daybook.http")
 MAX_BATCH = 1000
 
 
-def in_use(key: str) -> Problem:
-    return Problem(
-        "idempotency_key_in_use",
-        f"a request with Idempotency-Key {key!r} is still being processed; retry once it has "
-        "been answered",
-        headers={"Retry-After": "1"},
-    )
-
-
 def shutting_down() -> Problem:
     return Problem(
         "shutting_down",
@@ -195,20 +186,14 @@ class ListRoutes:
             body, submitted = await self._listed(
                 request, token, MAX_BATCH, item_ids(token.name, key)
             )
-            in_flight = self.commands.in_flight
-            if scope in in_flight:
-                raise in_use(key)
             # In progress from here: the check claims the key in the store, which a request
             # still in progress with it (a single command, sent first) must not lose to a
             # batch answered ``idempotency_key_in_use``. (``_run`` marks it again, with no
             # await between.)
-            in_flight.add(scope)
-            try:
+            with self.commands.in_progress(scope, key):
                 if await self._check_batch(token.name, key, submitted):
                     # A batch an earlier daybook ran: its items keep the ids they were given.
                     submitted = commands_of(body, MAX_BATCH, token.name, scope)
-            finally:
-                in_flight.discard(scope)
             outcomes = await self._run(
                 scope, key, submitted, self.commands.ledger.submit(submitted)
             )
@@ -260,24 +245,20 @@ class ListRoutes:
         """``work`` (a coroutine), admitted for every command of the list, with the key
         marked in progress; a refusal becomes a ``Problem``."""
         commands = self.commands
-        if request_id in commands.in_flight:
-            work.close()
-            raise in_use(key)
         entered = 0
         try:
-            always = all(type(command).reduces_risk for command in listed)
-            for _ in listed:
-                commands.door.enter(always=always)
-                entered += 1
-            commands.in_flight.add(request_id)
-            return await work
+            with commands.in_progress(request_id, key):
+                always = all(type(command).reduces_risk for command in listed)
+                for _ in listed:
+                    commands.door.enter(always=always)
+                    entered += 1
+                return await work
         except DomainError as error:
             raise Problem.of(error) from None
         except LedgerClosed:
             raise shutting_down() from None
         finally:
-            work.close()  # not awaited when admission refused it (a no-op once it ran)
-            commands.in_flight.discard(request_id)
+            work.close()  # not awaited when refused (a no-op once it ran)
             for _ in range(entered):
                 commands.door.leave()
 
