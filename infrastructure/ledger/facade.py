@@ -171,19 +171,12 @@ class Ledger(LedgerMethods):
     def execute(self, command: Command) -> Receipt:
         command = _command(command)
         started = time.perf_counter()
-        committer = self.service.committer
-        # The group committer does the store's work in its own threads; any other committer
-        # does it in the caller's.
-        submit = (
-            committer.submit
-            if isinstance(committer, GroupCommitter)
-            else functools.partial(_shielded, committer.submit)
-        )
+        submit = self.service.committer.submit
         try:
             if not tracing.enabled():  # no span to make: skip the context manager's cost
-                return submit(command)
+                return self._committed(submit, command)
             with command_span(command):
-                return submit(command)
+                return self._committed(submit, command)
         finally:
             _observe_latency(command.name, started)
 
@@ -215,12 +208,16 @@ class Ledger(LedgerMethods):
         nothing) for a malformed submission. Each command is counted in
         ``daybook_commands_total``; none is timed in ``daybook_command_duration_seconds``
         (they are answered together, when the submission is)."""
-        committer = self.service.committer
-        commands = _submission(commands)
-        if isinstance(committer, GroupCommitter):
-            return committer.submit_many(commands)  # type: ignore[return-value]
-        outcomes = _shielded(committer.submit_many, commands)
+        outcomes = self._committed(self.service.committer.submit_many, _submission(commands))
         return outcomes  # type: ignore[return-value]
+
+    def _committed(self, work: Callable[..., R], *args: Any) -> R:
+        """``work(*args)``, a committer's: the group committer does the store's work in its
+        own threads (the caller only waits, and Ctrl-C may end the wait at once); any other
+        does it in the caller's (``_shielded``)."""
+        if isinstance(self.service.committer, GroupCommitter):
+            return work(*args)
+        return _shielded(work, *args)
 
     def read(self, kind: type[A], key: Any) -> A:
         found: A = _shielded(self.service.read, kind, key)
