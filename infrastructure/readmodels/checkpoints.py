@@ -50,6 +50,17 @@ def version_label(name: str, version: int) -> str:
     return f"{name}:{version}"
 
 
+def past_the_log(position: int, head: int) -> str:
+    """Why a version whose position is past the event log's head is not to be followed:
+    the next events take positions it believes it applied, and would be skipped."""
+    return (
+        f"position {position} is past the event log's head {head}: the event store was "
+        "restored from an older backup, or the read models belong to another store, and new "
+        "events up to that position would be skipped; rebuild it under a new version (or, if "
+        "the log is a standby behind its primary, resume it once it has caught up)"
+    )
+
+
 def handover_command(name: str, to: str) -> str:
     return f"daybook projections handover {name} --to {to}"
 

@@ -53,7 +53,7 @@ from daybook.infrastructure.readmodels.catalog import (
     repeated_keys,
     version_lock_key,
 )
-from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command
+from daybook.infrastructure.readmodels.checkpoints import RUNNER, handover_command, past_the_log
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.engine import (
     BatchRows,
@@ -354,18 +354,9 @@ class ProjectionRunner:
                 # that held it may have moved it on since (and let it go).
                 head = self.log.head()
             if record.position > head:
-                # Past the end of the log: the event store was restored from a backup older
-                # than the read models (or they were built from another store). The next
-                # events take positions the version believes it applied; it would skip them.
-                # Stopped, not waited out: once new events pass its position they would be
-                # skipped without a trace. (A log read from a standby that is behind says
-                # the same until it catches up: then `projections resume` goes on.)
-                self._stop_version(store, self.slots[key], (
-                    f"its position {record.position} is past the event log's head {head}: "
-                    "the event store was restored from an older backup, or the read models "
-                    "belong to another store; rebuild it under a new version (or, if the "
-                    "log is a standby behind its primary, resume it once it has caught up)"
-                ))  # fmt: skip
+                # Stopped, not waited out: once new events pass its position, they would be
+                # skipped without a trace.
+                self._stop_version(store, self.slots[key], past_the_log(record.position, head))
                 continue
             with store.transaction(write=False):
                 parked = _unresolved_letters(store, *key)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.checkpoints import past_the_log
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconciler import ReconcileRun, last_runs
@@ -71,13 +72,7 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
             lag = max(0, head - position)
             note = record.note
             if position > head and record.state is not VersionState.RETIRED:
-                # The event store was restored from an older backup (or is another store):
-                # the next events take positions this version believes it applied.
-                note = (
-                    f"position {position} is past the event log's head {head}: the event "
-                    "store was restored from an older backup, or the read models belong to "
-                    "another store; new events up to that position would be skipped"
-                )
+                note = past_the_log(position, head)
             lag_seconds = 0.0
             if lag and record.state is not VersionState.RETIRED:
                 pending = log.read(position, 1)
