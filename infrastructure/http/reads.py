@@ -522,12 +522,13 @@ class ReadRoutes:
             )
         text = _param(request, "min_position")
         header = _header(request, "Daybook-Min-Position")
-        if text is None:  # (an empty ?min_position= is refused below, not passed over)
-            text = header
-        if text is None:
+        # (An empty ?min_position= is refused by ``_whole``, not passed over.)
+        asked = {
+            _whole(given, "min_position", 0, None) for given in (text, header) if given is not None
+        }
+        if not asked:
             return {"timeout": seconds}
-        position = _whole(text, "min_position", 0, None)
-        if header is not None and _whole(header, "min_position", 0, None) != position:
+        if len(asked) > 1:
             # Two positions for one setting: neither may silently win (a query's 0 read at
             # once, without waiting for the write the header names). One position written
             # two ways (01 and 1) is one.
@@ -536,7 +537,7 @@ class ReadRoutes:
                 f"min_position is {shown(text)} and Daybook-Min-Position is {shown(header)}; "
                 "give one of them",
             )
-        return {"min_position": position, "timeout": seconds}
+        return {"min_position": asked.pop(), "timeout": seconds}
 
 
 def _stale_read(error: StaleRead) -> Problem:
