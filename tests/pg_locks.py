@@ -1,5 +1,5 @@
 """Watching PostgreSQL from a test: sessions waiting for a lock, deadlocks detected, and
-sessions listening for new events.
+sessions listening for new events; and where the ledger keeps its events.
 
 Each watches from a connection of its own: inside a transaction (a blocker's, say),
 pg_stat_activity keeps showing what it showed first.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import LiteralString
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -111,3 +111,14 @@ def listening_sessions(url: str) -> int:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND query LIKE 'LISTEN %'",
         )
+
+
+def events_table(conn: Any) -> str:
+    """The ledger's events table in the database of ``conn``, schema-qualified and quoted."""
+    row = conn.execute(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+        " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
+    ).fetchone()
+    assert row is not None, "no events table: open a ledger on the database first"
+    table: str = row[0]
+    return table

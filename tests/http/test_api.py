@@ -35,6 +35,7 @@ from daybook.infrastructure.settings import Settings
 from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DEPOSITED
 from daybook.projections.model import LogEvent, Rows
 from tests.http.conftest import Api, make_api
+from tests.pg_locks import events_table
 
 
 def assert_problem(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -1655,10 +1656,7 @@ def test_a_full_disk_is_a_507_that_applied_nothing_and_the_same_key_goes_through
             for amount in (1, 2)
         ]
         with psycopg.connect(pg_url, autocommit=True) as db:
-            (table,) = db.execute(
-                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
-                " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
-            ).fetchone() or ("",)
+            table = events_table(db)
             db.execute(_FULL_DISK)
             db.execute(
                 f"CREATE TRIGGER full_disk BEFORE INSERT ON {table}"

@@ -23,6 +23,7 @@ from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.urls import BadURL
+from tests.pg_locks import events_table
 from tests.together import failures_together
 
 
@@ -233,13 +234,10 @@ def test_an_event_store_whose_position_sequence_restarted_says_so_and_writes_not
         for _ in range(5):
             ledger.deposit(account, 1)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        (sequence,) = conn.execute(
-            "SELECT pg_get_serial_sequence(format('%I.%I', schemaname, tablename),"
-            " 'notification_id') FROM pg_tables"
-            " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
-        ).fetchone() or (None,)
-        assert sequence
-        conn.execute(f"ALTER SEQUENCE {sequence} RESTART WITH 1")  # the restore
+        table = events_table(conn)
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence(%s, 'notification_id'), 1, false)", (table,)
+        )  # the restore: the next position drawn is 1
     with open_ledger(pg_url, group_commit=group_commit) as ledger:
         with pytest.raises(PositionsBehind) as raised:
             ledger.deposit(account, 5, request_id="after-restore")
@@ -248,8 +246,9 @@ def test_an_event_store_whose_position_sequence_restarted_says_so_and_writes_not
         assert ledger.account(account).balance == 5  # nothing was written
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(
-                f"SELECT setval('{sequence}', (SELECT max(notification_id) FROM"
-                f" {sequence.rsplit('_notification_id_seq', 1)[0]}))"
+                "SELECT setval(pg_get_serial_sequence(%s, 'notification_id'),"
+                f" (SELECT max(notification_id) FROM {table}))",
+                (table,),
             )
         assert not ledger.deposit(account, 5, request_id="after-restore").replayed
         assert ledger.account(account).balance == 10

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from daybook import open_ledger
+from tests.pg_locks import events_table
 
 
 def _interrupt_main_thread_at_random(stop: threading.Event, seed: int) -> None:
@@ -107,10 +108,7 @@ def test_ctrl_c_pressed_again_ends_a_command_that_waits_on_a_lock(pg_url: str) -
         """
     )
     with psycopg.connect(pg_url) as blocker:
-        (table,) = blocker.execute(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
-            " WHERE tablename LIKE '%events' AND tablename NOT LIKE '%snapshot%'"
-        ).fetchone() or ("",)
+        table = events_table(blocker)
         process = subprocess.Popen(
             [sys.executable, "-c", script],
             stdin=subprocess.PIPE,
