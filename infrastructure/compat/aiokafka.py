@@ -65,11 +65,37 @@ async def stop_producer(producer: Any, timeout: float) -> None:
     if sender is not None and not sender.done():
         sender.cancel()
         await asyncio.wait([sender], timeout=left())
-    producer._message_accumulator.fail_all(
+    accumulator = producer._message_accumulator
+    failed = [
+        *(batch for batches in accumulator._batches.values() for batch in batches),
+        *accumulator._pending_batches,
+    ]
+    # A batch that leaves the pending set twice raised KeyError ("Exception in callback",
+    # logged): one put back for a retry (the accumulator's ``reenqueue``) keeps the
+    # callback that removes it from there once it is done, and a request still in flight
+    # may put a batch back after it is failed here, before that callback runs.
+    accumulator._pending_batches = _PendingOfAStoppedProducer(accumulator._pending_batches)
+    accumulator.fail_all(
         KafkaConnectionError("the producer stopped before the broker took this batch")
     )
+    # Taken as seen: nobody waits for a batch's drain waiter once its sender is gone, nor
+    # for a send whose caller was cut short; each was logged, when collected, as "Future
+    # exception was never retrieved". A caller still awaiting one gets the error all the
+    # same.
+    for batch in failed:
+        for future in (batch.future, batch._drain_waiter, *(f for f, _ in batch._msg_futures)):
+            if future.done() and not future.cancelled():
+                future.exception()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.client.close(), left())
+
+
+class _PendingOfAStoppedProducer(set[Any]):
+    """The batches a stopped producer's accumulator had in flight; removing one twice is
+    not an error (see ``stop_producer``)."""
+
+    def remove(self, batch: Any) -> None:
+        self.discard(batch)
 
 
 def broker_error(code: int, message: str) -> Exception:
@@ -101,6 +127,46 @@ RELIED_ON: tuple[Internal, ...] = (
         on_instance=True,
         members=("fail_all",),
         used_in="aiokafka:AIOKafkaProducer.stop",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka.producer.message_accumulator:MessageAccumulator",
+        "_batches",
+        stop_producer,
+        "MessageAccumulator.fail_all (the batches it fails: queued ones, per partition)",
+        on_instance=True,
+        types=(dict,),
+        used_in="aiokafka.producer.message_accumulator:MessageAccumulator.fail_all",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka.producer.message_accumulator:MessageAccumulator",
+        "_pending_batches",
+        stop_producer,
+        "MessageAccumulator._pop_batch and reenqueue (how a batch leaves the pending set)",
+        on_instance=True,
+        types=(set,),
+        used_in="aiokafka.producer.message_accumulator:MessageAccumulator._pop_batch",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka.producer.message_accumulator:MessageBatch",
+        "_drain_waiter",
+        stop_producer,
+        "MessageBatch.failure (the futures a failed batch sets)",
+        on_instance=True,
+        types=(asyncio.Future,),
+        used_in="aiokafka.producer.message_accumulator:MessageBatch.failure",
+    ),
+    Internal(
+        "aiokafka",
+        "aiokafka.producer.message_accumulator:MessageBatch",
+        "_msg_futures",
+        stop_producer,
+        "MessageBatch.failure (the futures a failed batch sets)",
+        on_instance=True,
+        types=(list,),
+        used_in="aiokafka.producer.message_accumulator:MessageBatch.failure",
     ),
     Internal(
         "aiokafka",

@@ -19,6 +19,8 @@ import aiokafka.partitioner
 import faust
 import faust.transport.consumer
 import pytest
+from aiokafka.producer.message_accumulator import MessageBatch
+from aiokafka.structs import TopicPartition
 from eventsourcing.application import LRUCache
 from eventsourcing.popo import POPOApplicationRecorder
 from eventsourcing.postgres import PostgresDatastore, PostgresRecorder
@@ -51,6 +53,15 @@ def unstarted_kafka_producer() -> Any:
         producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
         await producer.stop()  # closed (else it warns, unclosed); it keeps its parts
         return producer
+
+    return asyncio.run(build())
+
+
+def unsent_kafka_batch() -> Any:
+    """An aiokafka ``MessageBatch`` of nothing (its futures want a running loop)."""
+
+    async def build() -> Any:
+        return MessageBatch(TopicPartition("t", 0), None, 1.0, 0)
 
     return asyncio.run(build())
 
@@ -91,11 +102,14 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
     """Unstarted instances of the owners whose names are set by ``__init__`` (a PostgreSQL
     datastore whose pool never connects: nothing listens on port 9)."""
     datastore = PostgresDatastore("x", "127.0.0.1", 9, "nobody", "")
+    producer = unstarted_kafka_producer()
     yield {
         "faust.transport.drivers.aiokafka:Consumer": faust_app.consumer,
         "faust.sensors.monitor:Monitor": faust_app.monitor,
         "aiokafka:AIOKafkaConsumer": unstarted_kafka_consumer(),
-        "aiokafka:AIOKafkaProducer": unstarted_kafka_producer(),
+        "aiokafka:AIOKafkaProducer": producer,
+        "aiokafka.producer.message_accumulator:MessageAccumulator": producer._message_accumulator,
+        "aiokafka.producer.message_accumulator:MessageBatch": unsent_kafka_batch(),
         "eventsourcing.popo:POPOApplicationRecorder": POPOApplicationRecorder(),
         "eventsourcing.postgres:PostgresDatastore": datastore,
         "psycopg_pool:ConnectionPool": datastore.pool,
