@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from daybook import open_ledger
+from scripts import services
 from tests.pg_locks import events_table
 
 
@@ -114,6 +115,7 @@ def test_ctrl_c_pressed_again_ends_a_command_that_waits_on_a_lock(pg_url: str) -
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=services.sigint_as_default,  # Ctrl-C reaches it as it would a user's
         )
         assert process.stdout is not None and process.stdin is not None
         try:

@@ -63,6 +63,7 @@ def test_ctrl_c_ends_a_run_whose_clients_are_still_sending() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=services.sigint_as_default,  # Ctrl-C reaches it as it would a user's
     )
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "sending"
