@@ -18,6 +18,7 @@ processor must be able to decide about every answer a gateway can give.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -157,12 +158,27 @@ def _refund(key: str, data: dict[str, Any]) -> Refund:
     return Refund(key, status, int(data.get("amount", 0)))
 
 
+def _json(body: bytes) -> Any:
+    """The answer's JSON, read by orjson: the standard library's reader recurses with the
+    answer's nesting, down to the interpreter's limit, and any finalizer the collector ran
+    meanwhile found no stack left. orjson stops at a depth of 1,024, on a stack of its own.
+    It refuses a number too large for a float (``1e999``), which the standard library
+    reads as infinity: read so, one such amount makes only its charge unreadable, not a
+    whole listing (``_listed``)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        if not str(error).startswith("number is infinity"):
+            raise
+    return json.loads(body)
+
+
 def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:
     """``parse`` of the answer's JSON body. An answer that cannot be read (not JSON, a field
     missing, a status this adapter does not know) may still mean the request was processed:
     ``OutcomeUnknown``, so that the caller looks the key up."""
     try:
-        return parse(response.json())
+        return parse(_json(response.content))
     except _UNREADABLE as error:
         msg = (
             f"{response.request.method} {response.request.url.path}: the gateway's answer"

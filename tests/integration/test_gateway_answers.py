@@ -8,6 +8,7 @@ call unanswered, so the breaker never let a call through again."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,6 +135,40 @@ def test_every_answer_is_sorted_into_what_is_known_about_the_request(
             call()
         assert type(raised.value) is expected, (name, raised.value)
         assert str(status) in str(raised.value) or status == 200, (name, raised.value)
+
+
+def test_an_answer_nested_too_deep_is_read_without_using_up_the_stack(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+) -> None:
+    """An answer nested 100,000 deep was read by a JSON reader that went down with it, to
+    the interpreter's recursion limit: whatever Python code the collector ran meanwhile
+    (a finalizer, another test's garbage) found no stack left, and failed ("Exception
+    ignored", a full run failing now and then). Here the collector runs often, and its
+    callback asks each time for a few hundred frames."""
+    gateway, server = answering
+    server.answer = Answer(200, b"[" * 100_000 + b"]" * 100_000)  # type: ignore[attr-defined]
+    short_of_stack: list[int] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        try:
+            descend(300)
+        except RecursionError:
+            short_of_stack.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(callback)
+    gc.set_threshold(20)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            gateway.lookup("k")
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(callback)
+    assert not short_of_stack
+
+
+def descend(frames: int) -> int:
+    return 0 if frames == 0 else 1 + descend(frames - 1)
 
 
 def test_a_listed_charge_with_an_amount_no_integer_can_be_is_other(
