@@ -36,6 +36,7 @@ from daybook.projections.accounts import ACCOUNT_BALANCES, ACCOUNT_STATEMENT, DE
 from daybook.projections.model import LogEvent, Rows
 from tests.http.conftest import Api, make_api
 from tests.pg_locks import events_table
+from tests.stack import collector_short_of_stack
 
 
 def assert_problem(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -220,6 +221,29 @@ def test_a_body_too_deep_or_a_number_too_long_is_told_in_the_clients_terms(api: 
         reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=sent))
         body = assert_problem(reply, 400, "malformed_json")
         assert said in body["detail"] and "sys." not in body["detail"]
+
+
+def test_a_body_nested_too_deep_is_refused_without_using_up_the_stack(api: Api) -> None:
+    """The standard library's parser, which reads command bodies, recurses once per level
+    of nesting: a body 30,000 deep took it to the interpreter's recursion limit before it
+    was refused, and any Python code the collector ran meanwhile (a finalizer: a client's
+    body could make the server's clean-ups fail) found no stack left. Refused before it is
+    parsed; nesting that a command has (a batch's fields) still goes through."""
+    headers = {**api.auth("tester"), "Content-Type": "application/json"}
+    deep = b'{"amount": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    for raw in (deep, deep.replace(b"[", b'{"a": ').replace(b"]", b"}")):
+        sent = {**headers, "Idempotency-Key": api.key()}
+        with collector_short_of_stack() as short:
+            reply = api.run(api.client.post("/v1/commands/deposit", content=raw, headers=sent))
+        body = assert_problem(reply, 400, "malformed_json")
+        assert "nested too deeply" in body["detail"] and not short, body
+    # Brackets in a string are not nesting, nor are escaped quotes the string's end.
+    owner = '\\" [[[' + "{" * 120
+    items = [{"command": "open_account", "fields": {"owner": owner, "currency": "EUR"}}]
+    sent = {**headers, "Idempotency-Key": api.key()}
+    reply = api.run(api.client.post("/v1/batch", json={"commands": items}, headers=sent))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["applied"] == 1, reply.text
 
 
 def test_a_number_of_more_than_100_digits_is_malformed_with_or_without_a_sign(api: Api) -> None:

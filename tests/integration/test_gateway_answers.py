@@ -8,7 +8,6 @@ call unanswered, so the breaker never let a call through again."""
 
 from __future__ import annotations
 
-import gc
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.sagas.breaker import BreakerState
 from daybook.infrastructure.sagas.processor import Backoff
 from tests.integration.test_sagas import Shop, shop  # noqa: F401  (a fixture)
+from tests.stack import collector_short_of_stack
 
 
 @dataclass
@@ -143,32 +143,12 @@ def test_an_answer_nested_too_deep_is_read_without_using_up_the_stack(
     """An answer nested 100,000 deep was read by a JSON reader that went down with it, to
     the interpreter's recursion limit: whatever Python code the collector ran meanwhile
     (a finalizer, another test's garbage) found no stack left, and failed ("Exception
-    ignored", a full run failing now and then). Here the collector runs often, and its
-    callback asks each time for a few hundred frames."""
+    ignored", a full run failing now and then)."""
     gateway, server = answering
     server.answer = Answer(200, b"[" * 100_000 + b"]" * 100_000)  # type: ignore[attr-defined]
-    short_of_stack: list[int] = []
-
-    def callback(phase: str, info: dict[str, int]) -> None:
-        try:
-            descend(300)
-        except RecursionError:
-            short_of_stack.append(info["generation"])
-
-    threshold = gc.get_threshold()
-    gc.callbacks.append(callback)
-    gc.set_threshold(20)
-    try:
-        with pytest.raises(OutcomeUnknown):
-            gateway.lookup("k")
-    finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(callback)
-    assert not short_of_stack
-
-
-def descend(frames: int) -> int:
-    return 0 if frames == 0 else 1 + descend(frames - 1)
+    with collector_short_of_stack() as short, pytest.raises(OutcomeUnknown):
+        gateway.lookup("k")
+    assert not short
 
 
 def test_a_listed_charge_with_an_amount_no_integer_can_be_is_other(
