@@ -261,7 +261,7 @@ async def json_body(request: Request) -> Any:
 
 
 #: How deep a body's arrays and objects may nest: far more than any command has (a batch's
-#: fields are three levels down), and far short of the interpreter's recursion limit, which
+#: items' fields are four levels down, their lists six), and far short of the interpreter's recursion limit, which
 #: the standard library's parser goes towards, one call per level. Near that limit, any
 #: Python code the collector ran meanwhile (another object's finalizer) found no stack.
 MAX_NESTING = 64
