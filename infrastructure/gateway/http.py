@@ -35,6 +35,7 @@ from daybook.infrastructure.gateway import (
     Refused,
     Unavailable,
 )
+from daybook.infrastructure.nesting import nested_deeper_than
 
 T = TypeVar("T")
 
@@ -158,18 +159,25 @@ def _refund(key: str, data: dict[str, Any]) -> Refund:
     return Refund(key, status, int(data.get("amount", 0)))
 
 
+#: How deep an answer the standard library's reader is given (see ``_json``): half the
+#: interpreter's recursion limit, the other half left for the code around it.
+_MAX_NESTING = 500
+
+
 def _json(body: bytes) -> Any:
     """The answer's JSON, read by orjson: the standard library's reader recurses with the
     answer's nesting, down to the interpreter's limit, and any finalizer the collector ran
-    meanwhile found no stack left. orjson stops at a depth of 1,024, on a stack of its own.
-    It refuses a number too large for a float (``1e999``), which the standard library
-    reads as infinity: read so, one such amount makes only its charge unreadable, not a
-    whole listing (``_listed``)."""
+    meanwhile found no stack left (``daybook.infrastructure.nesting``). orjson stops at a
+    depth of 1,024, on a stack of its own. It refuses a number too large for a float
+    (``1e999``), which the standard library reads as infinity: read so, one such amount
+    makes only its charge unreadable, not a whole listing (``_listed``)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
         if not str(error).startswith("number is infinity"):
             raise
+        if nested_deeper_than(body, _MAX_NESTING):
+            raise ValueError(f"nested more than {_MAX_NESTING} levels") from error
     return json.loads(body)
 
 

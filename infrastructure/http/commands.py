@@ -44,6 +44,7 @@ from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
 from daybook.infrastructure.ledger.application import count_refused
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.nesting import MAX_NESTING, nested_deeper_than
 
 #: Fields the server fills in: the caller cannot send them.
 _SERVER_SET = frozenset({"request_id", "actor", "traceparent"})
@@ -236,7 +237,7 @@ async def json_body(request: Request) -> Any:
         sent = shown(media) if media else "without a Content-Type"
         raise Problem("unsupported_media_type", f"send the body as application/json, not {sent}")
     body = await request.body()
-    if _nested_deeper_than(body, MAX_NESTING):
+    if nested_deeper_than(body, MAX_NESTING):
         raise Problem(
             "malformed_json",
             f"the body is not valid JSON: its values are nested too deeply (more than"
@@ -258,43 +259,6 @@ async def json_body(request: Request) -> Any:
         raise Problem(
             "malformed_json", "the body is not valid JSON: its values are nested too deeply"
         ) from None
-
-
-#: How deep a body's arrays and objects may nest: far more than any command has (a batch's
-#: items' fields are four levels down, their lists six), and far short of the interpreter's recursion limit, which
-#: the standard library's parser goes towards, one call per level. Near that limit, any
-#: Python code the collector ran meanwhile (another object's finalizer) found no stack.
-MAX_NESTING = 64
-
-_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
-
-
-def _nested_deeper_than(body: bytes, limit: int) -> bool:
-    """Whether ``body``'s arrays and objects nest more than ``limit`` deep (brackets in
-    strings do not count). Most bodies have fewer brackets than ``limit`` in all, and are
-    not scanned."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    depth, in_string, escaped = 0, False, -1
-    for found in _STRUCTURE.finditer(body):
-        at = found.start()
-        char = body[at]
-        if in_string:
-            if at == escaped:  # the byte after a backslash
-                continue
-            if char == 0x5C:  # backslash
-                escaped = at + 1
-            elif char == 0x22:  # quote
-                in_string = False
-        elif char == 0x22:
-            in_string = True
-        elif char in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return False
 
 
 #: Integers longer than this are refused as they are read, before Python spends time
