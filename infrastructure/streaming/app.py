@@ -746,7 +746,9 @@ class _NoTracebackForAnOutage(logging.Filter):
 _NO_TRACEBACK_FOR_AN_OUTAGE = _NoTracebackForAnOutage()
 
 #: This worker's starts in place after failed starts: how many in a row, and when the first
-#: failed (seconds since the epoch), as ``COUNT:FIRST`` (see ``_again_if_the_broker_went``).
+#: failed, as ``COUNT:FIRST`` (see ``_again_if_the_broker_went``). FIRST is read on the
+#: monotonic clock (``CLOCK_MONOTONIC``, which an ``exec`` of the same process keeps): on
+#: the wall clock, NTP stepping it back an hour stretched the startup wait by that hour.
 _STARTS_VARIABLE = "DAYBOOK_WORKER_FAILED_STARTS"
 
 
@@ -776,7 +778,7 @@ def waited_at_start() -> float:
     """Seconds since this worker's first failed start, if it was started again in place
     (0 otherwise): spent from its startup wait, which counts from that first failure."""
     failed = _FailedStarts.in_environment()
-    return max(0.0, time.time() - failed.first) if failed.count else 0.0
+    return max(0.0, time.monotonic() - failed.first) if failed.count else 0.0
 
 
 def _again_if_the_broker_went(
@@ -795,7 +797,7 @@ def _again_if_the_broker_went(
         return
     if faust_compat.stop_requested(worker) or startup_wait == 0:
         return
-    now = time.time()
+    now = time.monotonic()
     first = before.first if before.count else now
     if startup_wait is not None and now - first >= startup_wait:
         log.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import types
 from collections.abc import Callable
 
 import psycopg
@@ -13,6 +14,7 @@ import pytest
 from daybook.infrastructure import preflight
 from daybook.infrastructure.observability.logs import configure_logging
 from daybook.infrastructure.preflight import Unusable, wait_until_usable
+from daybook.infrastructure.streaming import app as worker_app
 
 LOG = logging.getLogger("test.startup")
 
@@ -188,3 +190,81 @@ def test_time_already_spent_counts_against_the_limit() -> None:
         )
     assert clock.now == 3 and clock.pauses == [0.5, 1, 1.5]
     assert "gave up after 10.0 s: the startup wait is 10 s" in str(refused.value)
+
+
+class _Restarted(Exception):
+    """The worker would exec itself again here."""
+
+
+class _Clocks:
+    """The host's wall clock and its monotonic one; ``step`` moves the wall clock alone (NTP),
+    ``elapse`` both (real time passing)."""
+
+    def __init__(self) -> None:
+        self.wall = 2_000_000_000.0
+        self.mono = 5_000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.elapse(seconds)
+
+    def elapse(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def test_a_worker_whose_starts_keep_failing_stops_after_its_startup_wait_whatever_ntp_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker whose starts the broker keeps failing is started again in place until its
+    startup wait (here 60 s) has passed since the first failed start. That interval was
+    measured on the wall clock (the first failure's ``time.time()`` carried across the exec):
+    NTP stepping the host's clock back an hour made the worker go on restarting for an hour
+    more, and a step forward ended a wait it had not spent. The monotonic clock survives an
+    exec, and no step moves it."""
+    clocks = _Clocks()
+    fake_time = types.SimpleNamespace(
+        time=clocks.time, monotonic=clocks.monotonic, sleep=clocks.sleep
+    )
+    monkeypatch.setattr(worker_app, "time", fake_time)
+    monkeypatch.setattr(
+        worker_app,
+        "faust_compat",
+        types.SimpleNamespace(
+            start_failure=lambda worker: ConnectionError("broker gone"),
+            stop_requested=lambda worker: False,
+        ),
+    )
+    monkeypatch.setattr(worker_app, "_broker_failed", lambda error: True)
+    monkeypatch.setattr(
+        worker_app,
+        "signal",
+        types.SimpleNamespace(signal=lambda *_: None, SIGTERM=15, SIGINT=2),
+    )
+
+    def restart(app: object, reason: str) -> None:
+        raise _Restarted(reason)
+
+    monkeypatch.setattr(worker_app, "restart", restart)
+    # Set, then taken away: whatever the worker sets is taken away after the test too.
+    monkeypatch.setenv(worker_app._STARTS_VARIABLE, "")
+    monkeypatch.delenv(worker_app._STARTS_VARIABLE)
+
+    # The first failed start: the worker is started again in place.
+    with pytest.raises(_Restarted):
+        worker_app._again_if_the_broker_went(None, None, worker_app._FailedStarts(), 60.0)
+    # 90 s of real time later (more than the 60 s wait), just after NTP stepped the wall
+    # clock back an hour, the next start fails too: the wait is over, and it stops.
+    clocks.elapse(90)
+    clocks.wall -= 3600
+    before = worker_app._FailedStarts.in_environment()
+    assert worker_app.waited_at_start() >= 90
+    try:
+        worker_app._again_if_the_broker_went(None, None, before, 60.0)
+    except _Restarted:
+        pytest.fail("restarted in place 90 s into a 60 s startup wait (the wall clock stepped)")
