@@ -9,6 +9,7 @@ stored state of older events (eventsourcing's mapper calls them in order).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -191,6 +192,12 @@ class LedgerAggregate(BaseAggregate[UUID]):
     def view(self) -> Any:
         """The aggregate's state for a reader: an immutable value."""
         raise NotImplementedError
+
+    def view_given(self, read: Callable[[type[Any], Any], Any]) -> Any:
+        """``view()``, for a reader who can also ``read(kind, key)`` other aggregates' current
+        state: an aggregate whose state another one can settle (a hold its account
+        released) looks there too."""
+        return self.view()
 
     @property
     def settled(self) -> bool:

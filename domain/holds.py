@@ -13,8 +13,8 @@ the holds that are open, with their amounts and expiry, for its admission checks
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid5
@@ -194,6 +194,16 @@ class Hold(LedgerAggregate):
             version=self.version,
             recorded=self.status != OPEN or not expired,
         )
+
+    def view_given(self, read: Callable[[type[Any], Any], Any]) -> HoldView:
+        """The view, told by the account too: an open hold its account no longer counts was
+        released as lapsed by a writer whose clock was past its timeout (``record_lapses``),
+        though this reader's clock is not (another host's, or this one's stepped back). No
+        capture or void can succeed (``check_open_to_resolve``): expired, and recorded."""
+        view = self.view()
+        if view.status != OPEN or self.hold_id in read(Account, self.account_id).holds:
+            return view
+        return replace(view, status=EXPIRED, recorded=True)
 
     def check_open(self) -> None:
         """Refuse unless the hold can still be captured or voided."""

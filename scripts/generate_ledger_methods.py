@@ -110,17 +110,14 @@ def command_method(command_class: type[Command], prefix: str, await_: str) -> st
 def read_method(name: str, kind: type[LedgerAggregate], prefix: str, await_: str) -> str:
     view = get_type_hints(kind.view)["return"]
     key = kind.key_name
-    read = (
-        f"(await self.read({kind.__name__}, {key}))"
-        if await_
-        else (f"self.read({kind.__name__}, {key})")
-    )
+    read = f"{await_}self._view({kind.__name__}, {key})"
     return (
         f"    {prefix}def {name}(self, {key}: {'UUID' if key.endswith('_id') else 'str'})"
         f" -> {view.__name__}:\n"
         f'        """The current state of one {kind.__name__}, read from the log (strongly\n'
         f'        consistent); refused with its not-found code if there is none."""\n'
-        f"        return {read}.view()\n"
+        f"        view: {view.__name__} = {read}\n"
+        f"        return view\n"
     )
 
 
@@ -161,6 +158,9 @@ def render() -> str:
             '        """Run ``command``; its receipt, or raise its refusal."""\n',
             f"\n    @abstractmethod\n    {read}:\n"
             '        """The current state of the ``kind`` aggregate with ``key``."""\n',
+            f"\n    @abstractmethod\n    {prefix}def _view("
+            "self, kind: type[LedgerAggregate], key: Any) -> Any:\n"
+            '        """The current view of the ``kind`` aggregate with ``key``."""\n',
         ]
         for command_class in commands:
             body.append("\n" + command_method(command_class, prefix, await_))

@@ -624,6 +624,11 @@ class LedgerService(Application[UUID]):
             raise kind.not_found(key)
         return aggregate
 
+    def view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        """The current view of the ``kind`` aggregate with ``key`` (``view_given``: one
+        whose state another aggregate can settle reads that one too)."""
+        return self.read(kind, key).view_given(self.read)
+
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         with self._reading():

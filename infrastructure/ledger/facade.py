@@ -223,6 +223,9 @@ class Ledger(LedgerMethods):
         found: A = _shielded(self.service.read, kind, key)
         return found
 
+    def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        return _shielded(self.service.view, kind, key)
+
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         return _shielded(self.service.head)
@@ -260,7 +263,7 @@ class Ledger(LedgerMethods):
                     lambda *args, **kwargs: self.execute(_built(command_class, args, kwargs))
                 )
             if kind is not None:
-                return lambda key: self.read(kind, key).view()
+                return lambda key: self._view(kind, key)
             raise AttributeError(name)
 
 
@@ -310,6 +313,9 @@ class AsyncLedger(AsyncLedgerMethods):
     async def read(self, kind: type[A], key: Any) -> A:
         return await asyncio.to_thread(self.service.read, kind, key)
 
+    async def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        return await asyncio.to_thread(self.service.view, kind, key)
+
     async def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
         return await asyncio.to_thread(self.service.head)
@@ -349,7 +355,7 @@ class AsyncLedger(AsyncLedgerMethods):
             if kind is not None:
 
                 async def read(key: Any) -> Any:
-                    return (await self.read(kind, key)).view()
+                    return await self._view(kind, key)
 
                 return read
             raise AttributeError(name)

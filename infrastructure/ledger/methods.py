@@ -55,6 +55,10 @@ class LedgerMethods(ABC):
     def read(self, kind: type[A], key: Any) -> A:
         """The current state of the ``kind`` aggregate with ``key``."""
 
+    @abstractmethod
+    def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        """The current view of the ``kind`` aggregate with ``key``."""
+
     def open_account(
         self,
         owner: str,
@@ -522,22 +526,26 @@ class LedgerMethods(ABC):
     def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return self.read(Account, account_id).view()
+        view: AccountView = self._view(Account, account_id)
+        return view
 
     def hold_status(self, hold_id: UUID) -> HoldView:
         """The current state of one Hold, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return self.read(Hold, hold_id).view()
+        view: HoldView = self._view(Hold, hold_id)
+        return view
 
     def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return self.read(Inventory, sku).view()
+        view: StockView = self._view(Inventory, sku)
+        return view
 
     def saga(self, saga_id: UUID) -> SagaView:
         """The current state of one Saga, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return self.read(Saga, saga_id).view()
+        view: SagaView = self._view(Saga, saga_id)
+        return view
 
 
 class AsyncLedgerMethods(ABC):
@@ -550,6 +558,10 @@ class AsyncLedgerMethods(ABC):
     @abstractmethod
     async def read(self, kind: type[A], key: Any) -> A:
         """The current state of the ``kind`` aggregate with ``key``."""
+
+    @abstractmethod
+    async def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        """The current view of the ``kind`` aggregate with ``key``."""
 
     async def open_account(
         self,
@@ -1018,19 +1030,23 @@ class AsyncLedgerMethods(ABC):
     async def account(self, account_id: UUID) -> AccountView:
         """The current state of one Account, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return (await self.read(Account, account_id)).view()
+        view: AccountView = await self._view(Account, account_id)
+        return view
 
     async def hold_status(self, hold_id: UUID) -> HoldView:
         """The current state of one Hold, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return (await self.read(Hold, hold_id)).view()
+        view: HoldView = await self._view(Hold, hold_id)
+        return view
 
     async def inventory(self, sku: str) -> StockView:
         """The current state of one Inventory, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return (await self.read(Inventory, sku)).view()
+        view: StockView = await self._view(Inventory, sku)
+        return view
 
     async def saga(self, saga_id: UUID) -> SagaView:
         """The current state of one Saga, read from the log (strongly
         consistent); refused with its not-found code if there is none."""
-        return (await self.read(Saga, saga_id)).view()
+        view: SagaView = await self._view(Saga, saga_id)
+        return view

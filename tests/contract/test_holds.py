@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,9 +10,9 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from daybook import Ledger, open_ledger
+from daybook import Ledger, open_async_ledger, open_ledger
 from daybook.domain.errors import DomainError
-from daybook.domain.holds import Hold
+from daybook.domain.holds import Hold, HoldView
 
 
 class Clock:
@@ -295,7 +296,8 @@ def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_refused_as_expired
 ) -> None:
     """The funds of a lapsed hold were withdrawn, which records its release; on a clock
     stepped back the hold looks open again, and capturing or voiding it is refused as
-    expired, changing nothing."""
+    expired, changing nothing. Its status says so too (it said ``open``, though no capture
+    could succeed, until the clock passed the timeout again)."""
     a, b = accounts
     hold_id = ledger.hold(a, 1_000, destination=b, timeout=60).hold_id
     assert hold_id is not None
@@ -309,6 +311,33 @@ def test_capturing_a_hold_whose_funds_were_spent_meanwhile_is_refused_as_expired
     assert refusal(lambda: ledger.void(hold_id)).code == "hold_expired"
     assert ledger.head() == head
     assert (ledger.account(a).balance, ledger.account(b).balance) == (0, 0)
+    status = ledger.hold_status(hold_id)
+    assert (status.status, status.recorded) == ("expired", True), status
+    assert ledger.head() == head  # a read
+
+
+def test_an_async_ledger_says_a_hold_its_account_released_is_expired(tmp_path: Path) -> None:
+    """As above, through ``AsyncLedger.hold_status``."""
+    clock = Clock()
+
+    async def scenario() -> HoldView:
+        ledger = open_async_ledger(f"sqlite:///{tmp_path}/holds.db", clock=clock)
+        try:
+            a = (await ledger.open_account("a", "EUR")).account_id
+            b = (await ledger.open_account("b", "EUR")).account_id
+            assert a is not None and b is not None
+            await ledger.deposit(a, 1_000)
+            hold_id = (await ledger.hold(a, 1_000, destination=b, timeout=60)).hold_id
+            assert hold_id is not None
+            clock.advance(61)
+            await ledger.withdraw(a, 1_000)
+            clock.advance(-2)
+            return await ledger.hold_status(hold_id)
+        finally:
+            await ledger.close()
+
+    status = asyncio.run(scenario())
+    assert (status.status, status.recorded) == ("expired", True), status
 
 
 @pytest.mark.parametrize("spend", ["withdraw", "transfer", "hold", "close"])
