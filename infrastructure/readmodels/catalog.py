@@ -302,10 +302,14 @@ class VersionCatalog:
     # -- registering and moving --------------------------------------------------------------
 
     def checkpoint(self, record: VersionRecord) -> Checkpoint:
-        """The version's checkpoint in this transaction's snapshot."""
+        """The version's checkpoint in this transaction's snapshot. A group's version that
+        the group no longer writes (stopped, retired) stands where it was when it stopped
+        (``_freeze``), not where the group's vector went on to without it."""
         group = record.group
         if group is None or record.topic is None or not record.partitions:
             return Checkpoint(record.position)
+        if not record.state.writable:
+            return Checkpoint(record.position, includes_later=True)
         vector = read_vector(self.store, group, record.topic, record.partitions)
         return Checkpoint(vector.position, vector.includes_later)
 
@@ -450,6 +454,8 @@ class VersionCatalog:
                     (version, now_text(), name),
                 )
             for moved, state in moves:
+                if not state.writable:
+                    self._freeze(moved)
                 self._set_state(moved.name, moved.version, state)
             for retired, _ in moves[1:] if not keep_old else ():
                 self.store.execute(
@@ -463,7 +469,20 @@ class VersionCatalog:
         """The version parked an event (live or rebuilding -> stopped); ``error`` says why."""
         with self.store.transaction():
             record = self._locked(name, version)
-            self._set_state(name, version, record.state.stopped(), error)
+            state = record.state.stopped()
+            self._freeze(record)
+            self._set_state(name, version, state, error)
+
+    def _freeze(self, record: VersionRecord) -> None:
+        """Record where a group's version stands as the group stops writing it (stopped,
+        or retired): the group's vector goes on without it, and its rows do not."""
+        if record.group is None or record.topic is None or not record.partitions:
+            return
+        position = self.checkpoint(record).position
+        self.store.execute(
+            "UPDATE daybook_projection_versions SET position = %s WHERE name = %s AND version = %s",
+            (position, record.name, record.version),
+        )
 
     def resume(self, name: str, version: int) -> VersionState:
         """Let a stopped version try its parked events again (stopped -> live if it serves
