@@ -99,6 +99,13 @@ class DomainEvent(BaseModel):
 _EVENT_TYPES: dict[str, type[DomainEvent]] = {}
 
 
+def defines_event_type(name: str) -> bool:
+    """Whether this code defines an event class of qualified name ``name``
+    (``Account.Opened``): the type of a stored event it cannot resolve is one that newer
+    code, running beside it, defines, unless it is one of these."""
+    return name in _EVENT_TYPES
+
+
 class LedgerAggregate(BaseAggregate[UUID]):
     """Base of daybook's aggregates: eventsourcing's aggregate with pydantic events.
 
