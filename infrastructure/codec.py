@@ -16,9 +16,10 @@ from typing import Any, cast
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder, Transcoding
-from eventsourcing.utils import get_topic, resolve_topic
+from eventsourcing.utils import TopicError, get_topic, resolve_topic
 from pydantic import BaseModel
 
+from daybook.domain.events import defines_event_type
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
 
 
@@ -122,10 +123,20 @@ class ContractMapper(Mapper[Any]):
     def decode_versioned(self, stored_event: StoredEvent) -> tuple[dict[str, Any], int]:
         """``decode_state``, and the schema version the state is at: this code's version of
         the event, or the stored one when newer code wrote it (its state is as written:
-        nothing here knows how to bring it down)."""
+        nothing here knows how to bring it down), also when that code added the event's
+        type (a rolling deploy: the relay publishes every event, whether or not this code
+        knows it). A type this code defines, under a topic it cannot resolve, raises
+        ``TopicError``."""
         state = self._decoded(stored_event)
-        event_class = resolve_topic(stored_event.topic)
-        version = upcast(event_class, state, state.pop("class_version", 1))
+        written = state.pop("class_version", 1)
+        try:
+            event_class = resolve_topic(stored_event.topic)
+        except TopicError:
+            if defines_event_type(stored_event.topic.rpartition(":")[2]):
+                raise
+            version = written
+        else:
+            version = upcast(event_class, state, written)
         state["originator_id"] = stored_event.originator_id
         state["originator_version"] = stored_event.originator_version
         return state, version

@@ -144,7 +144,12 @@ def encode(
     if isinstance(occurred_at, datetime):
         occurred_at = occurred_at.isoformat()
     metadata = state.pop("meta", None) or {}
-    code_schema = getattr(resolve_topic(event_type), "class_version", 1)
+    try:
+        code_schema = getattr(resolve_topic(event_type), "class_version", 1)
+    except TopicError:
+        if schema is None:
+            raise
+        code_schema = schema  # a type only newer code defines: as written (decode_versioned)
     fields: dict[str, Any] = {
         "v": ENVELOPE_VERSION,
         "type": event_type,

@@ -14,7 +14,9 @@ from __future__ import annotations
 from uuid import UUID
 
 import orjson
+import pytest
 from eventsourcing.persistence import Notification
+from eventsourcing.utils import TopicError
 
 from daybook.domain.accounts import Account
 from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
@@ -96,3 +98,29 @@ def test_a_payload_whose_schema_is_not_named_is_taken_as_it_came() -> None:
     message = envelope.decode(published(1, payload, named=False))
     assert message.payload_schema is None
     assert message.to_state()["overdraft_limit"] == 50
+
+
+def test_the_relay_publishes_an_event_type_only_newer_code_defines_as_written() -> None:
+    """A rolling deploy: newer code adds an aggregate ("Extending daybook") and writes its
+    first event beside this relay, which has no class for it. The relay stopped there for
+    good (``TopicError``), and with it every stream worker downstream; it must publish the
+    event as written, under its own schema, as it does an event newer code wrote at a
+    newer version. (A type this code does define, under a topic it cannot resolve, is
+    still refused.)"""
+    mapper = ContractMapper(OrjsonTranscoder())
+    state = {"timestamp": HEADER["occurred_at"], "meta": {}, "code": "WELCOME", "value": 10,
+             "originator_topic": "shop.coupons:Coupon", "class_version": 2}  # fmt: skip
+    coupon = Notification(
+        id=1, originator_id=ACCOUNT, originator_version=1,
+        topic="shop.coupons:Coupon.Issued", state=orjson.dumps(state),
+    )  # fmt: skip
+    planned, _ = plan_messages([coupon], (0,), mapper.decode_versioned)
+    (message,) = (envelope.decode(value) for _, key, value in planned if key is not None)
+    assert (message.type, message.payload_schema) == ("shop.coupons:Coupon.Issued", 2)
+    assert (message.payload["code"], message.payload["value"]) == ("WELCOME", 10)
+    moved = Notification(
+        id=2, originator_id=ACCOUNT, originator_version=2,
+        topic="somewhere.else:Account.Opened", state=orjson.dumps(state),
+    )  # fmt: skip
+    with pytest.raises(TopicError):
+        plan_messages([moved], (1,), mapper.decode_versioned)
