@@ -203,7 +203,13 @@ class Hold(LedgerAggregate):
         view = self.view()
         if view.status != OPEN or self.hold_id in read(Account, self.account_id).holds:
             return view
-        return replace(view, status=EXPIRED, recorded=True)
+        # Read after the hold: the account no longer counts it because it released it as
+        # lapsed, or because the hold was resolved meanwhile (a capture, a void or an expiry
+        # changes both in one transaction). The hold, read again after the account, tells.
+        now: Hold = read(Hold, self.hold_id)
+        if now.status != OPEN:
+            return now.view()
+        return replace(now.view(), status=EXPIRED, recorded=True)
 
     def check_open(self) -> None:
         """Refuse unless the hold can still be captured or voided."""

@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 
 from daybook import Ledger, open_async_ledger, open_ledger
+from daybook.domain.accounts import Account
 from daybook.domain.errors import DomainError
 from daybook.domain.holds import Hold, HoldView
 
@@ -338,6 +340,29 @@ def test_an_async_ledger_says_a_hold_its_account_released_is_expired(tmp_path: P
 
     status = asyncio.run(scenario())
     assert (status.status, status.recorded) == ("expired", True), status
+
+
+def test_a_hold_captured_while_its_status_is_read_is_not_said_expired(tmp_path: Path) -> None:
+    """``hold_status`` reads the hold, then (for an open one) its account: a capture by
+    another writer landing between the two reads made the account no longer count the hold,
+    and the status said ``expired``, for a captured hold."""
+    url = f"sqlite:///{tmp_path}/holds.db"
+    with open_ledger(url) as reader, open_ledger(url) as writer:
+        a = reader.open_account("a", "EUR").account_id
+        assert a is not None
+        reader.deposit(a, 1_000)
+        hold_id = reader.hold(a, 300, timeout=3600).hold_id
+        assert hold_id is not None
+        read = reader.service.read
+
+        def capture_before_the_account(kind: type[Any], key: Any) -> Any:
+            if kind is Account:
+                writer.capture(hold_id)  # lands between the hold's read and the account's
+            return read(kind, key)
+
+        reader.service.read = capture_before_the_account  # type: ignore[method-assign]
+        status = reader.hold_status(hold_id)
+        assert (status.status, status.captured) == ("captured", 300), status
 
 
 @pytest.mark.parametrize("spend", ["withdraw", "transfer", "hold", "close"])
