@@ -35,7 +35,7 @@ from daybook.infrastructure.gateway import (
     Refused,
     Unavailable,
 )
-from daybook.infrastructure.nesting import nested_deeper_than
+from daybook.infrastructure.nesting import json_text, nested_deeper_than
 
 T = TypeVar("T")
 
@@ -165,20 +165,16 @@ _MAX_NESTING = 500
 
 
 def _json(body: bytes) -> Any:
-    """The answer's JSON, read by orjson: the standard library's reader recurses with the
-    answer's nesting, down to the interpreter's limit, and any finalizer the collector ran
-    meanwhile found no stack left (``daybook.infrastructure.nesting``). orjson stops at a
-    depth of 1,024, on a stack of its own. It refuses a number too large for a float
-    (``1e999``), which the standard library reads as infinity: read so, one such amount
-    makes only its charge unreadable, not a whole listing (``_listed``)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        if not str(error).startswith("number is infinity"):
-            raise
-        if nested_deeper_than(body, _MAX_NESTING):
-            raise ValueError(f"nested more than {_MAX_NESTING} levels") from error
-    return json.loads(body)
+    """The answer's JSON, read by the standard library's reader (it reads what a gateway may
+    send and orjson refuses: a byte order mark, UTF-16, integers past 64 bits kept exact,
+    and ``NaN`` or ``1e999``, which make only their charge unreadable, not a whole listing:
+    ``_listed``). That reader recurses with the answer's nesting, down to the interpreter's
+    limit, and any finalizer the collector ran meanwhile found no stack left: an answer
+    nested deeper than ``_MAX_NESTING`` is refused first (``daybook.infrastructure.nesting``)."""
+    text = json_text(body)
+    if nested_deeper_than(text, _MAX_NESTING):
+        raise ValueError(f"nested more than {_MAX_NESTING} levels")
+    return json.loads(text)
 
 
 def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:

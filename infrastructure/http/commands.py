@@ -44,7 +44,7 @@ from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
 from daybook.infrastructure.ledger.application import count_refused
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
-from daybook.infrastructure.nesting import MAX_NESTING, nested_deeper_than
+from daybook.infrastructure.nesting import MAX_NESTING, json_text, nested_deeper_than
 
 #: Fields the server fills in: the caller cannot send them.
 _SERVER_SET = frozenset({"request_id", "actor", "traceparent"})
@@ -237,18 +237,20 @@ async def json_body(request: Request) -> Any:
         sent = shown(media) if media else "without a Content-Type"
         raise Problem("unsupported_media_type", f"send the body as application/json, not {sent}")
     body = await request.body()
-    if nested_deeper_than(body, MAX_NESTING):
-        raise Problem(
-            "malformed_json",
-            f"the body is not valid JSON: its values are nested too deeply (more than"
-            f" {MAX_NESTING} levels)",
-        )
     try:
+        text = json_text(body)
+        if nested_deeper_than(text, MAX_NESTING):
+            raise Problem(
+                "malformed_json",
+                f"the body is not valid JSON: its values are nested too deeply (more than"
+                f" {MAX_NESTING} levels)",
+            )
         # The standard library's parser, not orjson: it keeps integers of any size exact (so
         # 2**64 is refused as too large, not read as a float), and it lets us refuse repeated
-        # members and NaN, which would otherwise make one body mean two things.
+        # members and NaN, which would otherwise make one body mean two things. It recurses
+        # once per level of nesting: hence the check above.
         return json.loads(
-            body,
+            text,
             object_pairs_hook=_unique_members,
             parse_constant=_no_constant,
             parse_int=_integer,

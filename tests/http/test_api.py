@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import sqlite3
 import threading
@@ -244,6 +245,12 @@ def test_a_body_nested_too_deep_is_refused_without_using_up_the_stack(api: Api) 
     reply = api.run(api.client.post("/v1/batch", json={"commands": items}, headers=sent))
     assert reply.status_code == 200, reply.text
     assert reply.json()["applied"] == 1, reply.text
+    # Nor are a UTF-16 body's bytes (U+0122 and U+015B hold a quote's and a bracket's).
+    owner = "Ģ" + "ś" * 70
+    raw = json.dumps({"owner": owner, "currency": "EUR"}, ensure_ascii=False).encode("utf-16")
+    sent = {**headers, "Idempotency-Key": api.key()}
+    reply = api.run(api.client.post("/v1/commands/open_account", content=raw, headers=sent))
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_number_of_more_than_100_digits_is_malformed_with_or_without_a_sign(api: Api) -> None:

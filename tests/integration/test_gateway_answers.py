@@ -153,6 +153,39 @@ def test_an_answer_nested_too_deep_is_read_without_using_up_the_stack(
         assert not short
 
 
+_GOOD = b'{"key": "b", "status": "succeeded", "amount": 5, "currency": "EUR"}'
+
+
+def test_answers_the_standard_library_reads_are_read(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+) -> None:
+    """A gateway may answer with a byte order mark, in UTF-16, or with an amount past 64
+    bits: read as JSON's reader reads them (orjson, tried for its depth limit, refused the
+    first two, and rounded the third through a float)."""
+    gateway, server = answering
+    exact = _GOOD.replace(b": 5,", b": 18446744073709551617,")
+    for body, amount in (
+        (b"\xef\xbb\xbf" + _GOOD, 5),
+        (_GOOD.decode().encode("utf-16"), 5),
+        (exact, 2**64 + 1),
+    ):
+        server.answer = Answer(200, body)  # type: ignore[attr-defined]
+        charge = gateway.lookup("b")
+        assert charge is not None and charge.amount == amount, (body[:12], charge)
+
+
+def test_a_listed_charge_with_a_nan_amount_is_other(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
+) -> None:
+    gateway, server = answering
+    bad = b'{"key": "a", "status": "succeeded", "amount": NaN, "currency": "EUR"}'
+    server.answer = Answer(200, b'{"charges": [' + bad + b", " + _GOOD + b"]}")  # type: ignore[attr-defined]
+    first, second = gateway.charges()
+    assert (first.status, second.status, second.amount) == (
+        ChargeStatus.OTHER, ChargeStatus.SUCCEEDED, 5
+    )  # fmt: skip
+
+
 def test_a_listed_charge_with_an_amount_no_integer_can_be_is_other(
     answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],
 ) -> None:
