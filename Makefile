@@ -26,8 +26,9 @@ run: $(STAMP)
 
 # Six processes: most tests wait on servers, processes and timeouts rather than compute, so
 # they overlap well even on two cores (each process starts its own PostgreSQL and broker).
-# On the 2-core machine: 10 min 21 s to 10 min 53 s with four, 9 min 57 s with six, the
-# two cores then 93% busy (so more would not help).
+# On the shared 2-core machine the two cores were idle 16% of a run with four, 7% with six
+# (so more would not help): 10 min 21 s to 10 min 53 s with four, 9 min 57 s to 11 min 19 s
+# with six, as busy as the machine's other tenants left it.
 test: $(STAMP) browser
 	$(PY) -m pytest -n 6 --dist worksteal
 
