@@ -53,6 +53,20 @@ class OrjsonTranscoder(Transcoder):
         """Types are restored by the events' pydantic contracts, not by transcodings."""
 
 
+def event_class_of(topic: str) -> type | None:
+    """The event class a stored event's ``topic`` names; None for a type this code does not
+    define (newer code, deployed beside it, added it: its state is taken as written, and no
+    handler here reads it). A type this code defines, under a topic it cannot resolve (a
+    module moved), raises ``TopicError``."""
+    try:
+        found: type = resolve_topic(topic)
+    except TopicError:
+        if defines_event_type(topic.rpartition(":")[2]):
+            raise
+        return None
+    return found
+
+
 def upcast(event_class: type, state: dict[str, Any], version: int) -> int:
     """Bring ``state``, at schema version ``version`` of ``event_class``, up to this code's
     version, in place (the class's ``upcast_vN_vN+1`` methods, in order); the version it is
@@ -129,14 +143,8 @@ class ContractMapper(Mapper[Any]):
         ``TopicError``."""
         state = self._decoded(stored_event)
         written = state.pop("class_version", 1)
-        try:
-            event_class = resolve_topic(stored_event.topic)
-        except TopicError:
-            if defines_event_type(stored_event.topic.rpartition(":")[2]):
-                raise
-            version = written
-        else:
-            version = upcast(event_class, state, written)
+        event_class = event_class_of(stored_event.topic)
+        version = written if event_class is None else upcast(event_class, state, written)
         state["originator_id"] = stored_event.originator_id
         state["originator_version"] = stored_event.originator_version
         return state, version

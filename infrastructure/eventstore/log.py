@@ -19,12 +19,11 @@ import orjson
 import psycopg
 from eventsourcing.persistence import InterfaceError, Notification, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresDatastore
-from eventsourcing.utils import TopicError, resolve_topic, retry
+from eventsourcing.utils import retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from daybook.domain.events import defines_event_type
-from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder
+from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder, event_class_of
 from daybook.infrastructure.compat.eventsourcing import listen_conninfo
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import may_only_read
@@ -46,10 +45,6 @@ class _Topic:
     wanted: bool
     version: int
     upcasts: tuple[Callable[[dict[str, Any]], None], ...]
-    #: False for an event type this code does not define (newer code, deployed beside it,
-    #: wrote it): no handler here reads it, so its payload is passed as it came, as the
-    #: stream workers pass it.
-    known: bool = True
 
 
 class EventDecoder:
@@ -77,14 +72,8 @@ class EventDecoder:
         info = self._topics.get(topic)
         if info is None:
             name = topic.rpartition(":")[2]
-            try:
-                event_class = resolve_topic(topic)
-            except TopicError:
-                if defines_event_type(name):
-                    raise  # a type this code defines, under a topic it cannot resolve
-                info = _Topic(name, self.types is None or name in self.types, 1, (), False)
-                self._topics[topic] = info
-                return info
+            # None for a type only newer code defines: passed as written (``event_class_of``).
+            event_class = event_class_of(topic)
             current = getattr(event_class, "class_version", 1)
             info = _Topic(
                 name,
@@ -110,14 +99,8 @@ class EventDecoder:
             info = topics.get(topic) or self._topic(topic)
             if not info.wanted:
                 continue
-            if direct or not info.known:
-                state: dict[str, Any] = (
-                    loads(data)
-                    if direct
-                    else self.mapper._decoded(
-                        StoredEvent(originator_id, originator_version, topic, data)
-                    )
-                )
+            if direct:
+                state: dict[str, Any] = loads(data)
                 stored_version = state.pop("class_version", 1)
                 if stored_version != info.version:
                     for upcast in info.upcasts[stored_version - 1 :]:

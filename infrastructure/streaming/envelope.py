@@ -34,7 +34,7 @@ from eventsourcing.utils import TopicError, resolve_topic
 
 from daybook.domain.values import MAX_BIGINT
 from daybook.infrastructure import topics  # noqa: F401  (old topics resolve before any decode)
-from daybook.infrastructure.codec import upcast
+from daybook.infrastructure.codec import event_class_of, upcast
 
 #: Version of the envelope layout itself (not of the event payloads).
 ENVELOPE_VERSION = 1
@@ -144,12 +144,11 @@ def encode(
     if isinstance(occurred_at, datetime):
         occurred_at = occurred_at.isoformat()
     metadata = state.pop("meta", None) or {}
-    try:
-        code_schema = getattr(resolve_topic(event_type), "class_version", 1)
-    except TopicError:
-        if schema is None:
-            raise
-        code_schema = schema  # a type only newer code defines: as written (decode_versioned)
+    event_class = event_class_of(event_type)
+    if event_class is None and schema is None:
+        raise TopicError(f"{event_type} is no event type of this code, and no schema is given")
+    # A type only newer code defines: under the schema it was written at (decode_versioned).
+    code_schema = schema if event_class is None else getattr(event_class, "class_version", 1)
     fields: dict[str, Any] = {
         "v": ENVELOPE_VERSION,
         "type": event_type,
