@@ -158,6 +158,15 @@ class VersionRecord:
     def group(self) -> str | None:
         return group_of(self.owner)
 
+    @property
+    def stream(self) -> tuple[str, str, int] | None:
+        """The stream group that owns it, with the group's topic and partition count (its
+        checkpoint is that group's partition vector); None when the runner owns it."""
+        group = self.group
+        if group is None or self.topic is None or not self.partitions:
+            return None
+        return group, self.topic, self.partitions
+
 
 def version_lock_key(name: str, version: int) -> int:
     """A stable signed 64-bit lock key for one projection version (its writer's lock)."""
@@ -305,12 +314,12 @@ class VersionCatalog:
         """The version's checkpoint in this transaction's snapshot. A group's version that
         the group no longer writes (stopped, retired) stands where it was when it stopped
         (``_freeze``), not where the group's vector went on to without it."""
-        group = record.group
-        if group is None or record.topic is None or not record.partitions:
+        stream = record.stream
+        if stream is None:
             return Checkpoint(record.position)
         if not record.state.writable:
             return Checkpoint(record.position, includes_later=True)
-        vector = read_vector(self.store, group, record.topic, record.partitions)
+        vector = read_vector(self.store, *stream)
         return Checkpoint(vector.position, vector.includes_later)
 
     def register(
@@ -476,7 +485,7 @@ class VersionCatalog:
     def _freeze(self, record: VersionRecord) -> None:
         """Record where a group's version stands as the group stops writing it (stopped,
         or retired): the group's vector goes on without it, and its rows do not."""
-        if record.group is None or record.topic is None or not record.partitions:
+        if record.stream is None:
             return
         position = self.checkpoint(record).position
         self.store.execute(

@@ -78,6 +78,27 @@ class ReconcileError(Exception):
     code = "reconcile_failed"
 
 
+class VersionStopped(LookupError):
+    """The version to reconcile is owned by a stream group that stopped writing it (the
+    database refused its rows, or its switch met a repeated key). The group went on without
+    it: its rows hold every event up to where it stopped and maybe some after, so no
+    checkpoint says which events they hold, and a repair would write events it never applied
+    into a version nobody follows. Rebuilding it is the way back."""
+
+    code: ClassVar[str] = "version_stopped"
+
+
+def _refuse_stopped(record: VersionRecord) -> None:
+    if record.state is VersionState.STOPPED and record.stream is not None:
+        raise VersionStopped(
+            f"{record.name} v{record.version} is stopped: {record.owner} stopped writing it at "
+            f"position {record.position} ({record.error or 'no reason recorded'}) and went on "
+            "without it, so its rows cannot be compared with the log at one checkpoint, and a "
+            "repair would write events it never applied. Fix the projection and rebuild it: "
+            f"daybook projections rebuild {record.name}"
+        )
+
+
 class VersionRetired(LookupError):
     """The version to reconcile is retired, or was during the run: a switch moved reads to a
     newer version and dropped (or may drop) its tables. Nothing to reconcile: a retired
@@ -316,6 +337,7 @@ def reconcile(
             # Retired: a switch committed since the caller chose it (the continuous
             # reconciler skips it); absent: a name or version nobody built.
             raise VersionNotFound(msg) if record is None else VersionRetired(msg)
+        _refuse_stopped(record)
         try:
             with _scratch() as directory:
                 fold = Fold(log, projection, url, directory)
@@ -323,8 +345,8 @@ def reconcile(
                     report = _reconcile(store, catalog, fold, record, repair)
                 finally:
                     fold.close()
-        except VersionRetired:
-            raise  # skipped, not failed: a switch retired it during the run
+        except (VersionRetired, VersionStopped):
+            raise  # skipped, not failed: a switch retired it, or its group stopped it
         except Exception as error:
             # A log that cannot be folded is a failed run (and recorded as one), as is one
             # that fails for a reason no retry cures (a repair that cannot write: the
@@ -407,19 +429,21 @@ def _serving(
             f"{name} version {version} was retired during the run (reads switched to a newer "
             "version); nothing to reconcile"
         )
+    _refuse_stopped(record)  # its group stopped writing it during the run
     return record
 
 
 def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> _Point:
-    group = record.group
-    if group is None or record.topic is None or not record.partitions:
+    stream = record.stream
+    if stream is None:
         return _Point(record.position, record.epoch)
-    vector = read_vector(store, group, record.topic, record.partitions)
+    group, topic, _ = stream
+    vector = read_vector(store, *stream)
     return _Point(
         vector.position,
         record.epoch,
         vector,
-        parked_for(store, group, record.topic, record.name, record.version),
+        parked_for(store, group, topic, record.name, record.version),
     )
 
 
@@ -432,25 +456,20 @@ def _locked_point(
     only the row. (A handover takes them the other way round; the caller runs the repair
     again if PostgreSQL breaks that cycle by aborting it.) ``record`` names the owner the
     compare saw: None if it has changed since (a handover), and the caller compares again."""
-    group = record.group
-    vector = None
-    if group is not None and record.topic is not None and record.partitions:
-        vector = read_vector(store, group, record.topic, record.partitions, lock=True)
+    stream = record.stream
+    vector = None if stream is None else read_vector(store, *stream, lock=True)
     # Retired since the comparison: its tables are dropped, or about to be.
     current = _serving(catalog, record.name, record.version, lock=True)
-    if (current.owner, current.topic, current.partitions) != (
-        record.owner,
-        record.topic,
-        record.partitions,
-    ):
+    if (current.owner, current.stream) != (record.owner, stream):
         return None
-    if vector is None or group is None or current.topic is None:
+    if stream is None or vector is None:
         return _Point(current.position, current.epoch)
+    group, topic, _ = stream
     return _Point(
         vector.position,
         current.epoch,
         vector,
-        parked_for(store, group, current.topic, current.name, current.version),
+        parked_for(store, group, topic, current.name, current.version),
     )
 
 

@@ -11,6 +11,12 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
+from daybook.infrastructure.readmodels.reconcile import reconcile
+
+try:
+    from daybook.infrastructure.readmodels.reconcile import VersionStopped
+except ImportError:
+    VersionStopped = LookupError
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
@@ -87,6 +93,56 @@ def test_reads_of_a_serving_version_the_group_stopped_do_not_claim_events_it_lac
                 f"answered {answer.value}: the deposits of 13 and 50 are not in it"
             )
         assert not problems, problems
+    finally:
+        worker.close()
+        ledger.close()
+
+
+NOTES = Table(
+    "audit_notes",
+    (Column("account_id"), Column("total", "bigint"), Column("note")),
+    ("account_id",),
+)
+
+
+def _note(event: LogEvent, rows: Rows) -> None:
+    key = (event.originator_id,)
+    row = rows.get(NOTES.name, key) or {"account_id": event.originator_id, "total": 0}
+    amount = int(event.data["amount"])
+    # PostgreSQL refuses a NUL in text: the group stops the version at a deposit of 13.
+    note = "a\x00b" if amount == 13 else "ok"
+    rows.put(NOTES.name, {**row, "total": int(row["total"] or 0) + amount, "note": note})
+
+
+NOTED = Projection("audit_notes", 1, (NOTES,), {event_type(Account.Deposited): _note})
+
+
+def test_reconcile_refuses_a_version_its_group_stopped_and_repairs_nothing(pg_url: str) -> None:
+    """The group's vector went on without the stopped version: compared with the log at that
+    vector it shows the events it never applied as drift, and a repair would write them into
+    a version nobody follows (its checkpoint still where it stopped). Refused, with what to
+    do; its rows stay as the group left them."""
+    ledger = open_ledger(pg_url)
+    worker = StreamApplier(
+        pg_url, [NOTED], group=unique("g"), topic="t", partitions=1, writer="test"
+    )
+    try:
+        account = ledger.open_account("ann", "EUR").account_id
+        stream = Stream(1)
+        for amount in (100, 13, 50):
+            ledger.deposit(account, amount)
+            worker.apply(stream.publish(ledger))
+        with ReadModels(pg_url) as reads:
+            before = reads.row(NOTED, NOTES.name, (str(account),), timeout=1).value
+        assert before is not None and before["total"] == 100
+
+        for repair in (False, True):
+            with pytest.raises(VersionStopped) as refused:
+                reconcile(event_log_of(ledger), pg_url, NOTED, repair=repair)
+            assert refused.value.code == "version_stopped"
+            assert "daybook projections rebuild audit_notes" in str(refused.value)
+        with ReadModels(pg_url) as reads:
+            assert reads.row(NOTED, NOTES.name, (str(account),), timeout=1).value == before
     finally:
         worker.close()
         ledger.close()
