@@ -78,6 +78,11 @@ class ReconcileError(Exception):
     code = "reconcile_failed"
 
 
+class ReconcileStopped(Exception):
+    """The caller asked the run to stop (its service is stopping) while it folded the log:
+    nothing was compared or repaired, and the run is not recorded."""
+
+
 class VersionStopped(LookupError):
     """The version to reconcile is owned by a stream group that stopped writing it (the
     database refused its rows, or its switch met a repeated key). The group went on without
@@ -174,8 +179,17 @@ class _Point:
 class Fold:
     """A projection folded from the log into a scratch database, advanced on demand."""
 
-    def __init__(self, log: EventLog, projection: Projection, url: str, directory: Path) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        projection: Projection,
+        url: str,
+        directory: Path,
+        stopping: Callable[[], bool] | None = None,
+    ) -> None:
         self.log = log
+        #: Asked between batches: a fold of a long log takes minutes, a stop seconds.
+        self.stopping = stopping
         self.projection = projection
         self.store: ReadStore
         if scheme(url) == "postgresql":
@@ -241,6 +255,8 @@ class Fold:
 
             end = max(vector.furthest, vector.position)
         while start < end:
+            if self.stopping is not None and self.stopping():
+                raise ReconcileStopped(f"stopped while folding, after position {start}")
             raw = self.log.scan(start, min(FOLD_BATCH, end - start))
             if not raw:
                 break
@@ -313,9 +329,15 @@ def _scratch() -> Iterator[Path]:
 
 
 def reconcile(
-    log: EventLog, url: str, projection: Projection, *, repair: bool = False
+    log: EventLog,
+    url: str,
+    projection: Projection,
+    *,
+    repair: bool = False,
+    stopping: Callable[[], bool] | None = None,
 ) -> ReconcileReport:
     """Compare the stored tables of ``projection``'s version with a fold of the log.
+    ``stopping`` is asked between the fold's batches: once true, ``ReconcileStopped``.
 
     Counted in ``daybook_reconciler_runs_total`` by result: a report as clean, drift or
     repaired, and ``ReconcileError`` (a log that cannot be folded) as failed; a transient
@@ -340,13 +362,13 @@ def reconcile(
         _refuse_stopped(record)
         try:
             with _scratch() as directory:
-                fold = Fold(log, projection, url, directory)
+                fold = Fold(log, projection, url, directory, stopping)
                 try:
                     report = _reconcile(store, catalog, fold, record, repair)
                 finally:
                     fold.close()
-        except (VersionRetired, VersionStopped):
-            raise  # skipped, not failed: a switch retired it, or its group stopped it
+        except (VersionRetired, VersionStopped, ReconcileStopped):
+            raise  # not failed: a switch retired it, its group stopped it, or a stop came
         except Exception as error:
             # A log that cannot be folded is a failed run (and recorded as one), as is one
             # that fails for a reason no retry cures (a repair that cannot write: the

@@ -26,6 +26,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import (
     ReconcileError,
     ReconcileReport,
+    ReconcileStopped,
     VersionRetired,
     reconcile,
 )
@@ -247,7 +248,9 @@ class ContinuousReconciler:
                     continue
                 if not self._due(self._last.get(key), head, now):
                     continue
-                run = self._reconcile(projection)
+                run = self._reconcile(projection, stopping)
+                if run is None and stopping:
+                    break  # cut short by the stop: not a run
                 if run is None or not record_run(store, run):
                     # A switch retired the version during the run: nothing more to do for
                     # it (the new version is reconciled by the new code's reconciler).
@@ -270,11 +273,20 @@ class ContinuousReconciler:
             return True
         return not last.failed and head - last.head >= self.every_events
 
-    def _reconcile(self, projection: Projection) -> ReconcileRun | None:
-        """The run; None if the version was retired during it (skipped, not failed)."""
+    def _reconcile(
+        self, projection: Projection, stopping: Stopping | None = None
+    ) -> ReconcileRun | None:
+        """The run; None if the version was retired during it (skipped, not failed), or if
+        ``stopping`` was set during its fold (cut short: not a run)."""
         try:
-            report = reconcile(self.log, self.url, projection, repair=self.repair)
-        except VersionRetired:
+            report = reconcile(
+                self.log,
+                self.url,
+                projection,
+                repair=self.repair,
+                stopping=None if stopping is None else stopping.__bool__,
+            )
+        except (VersionRetired, ReconcileStopped):
             return None
         except (ReconcileError, LookupError) as error:
             log.error("reconciler: %s v%s: %s", projection.name, projection.version, error,

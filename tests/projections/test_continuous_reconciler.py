@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import replace
 
 import pytest
@@ -20,10 +21,11 @@ from daybook.infrastructure.readmodels.reconciler import (
     KEPT_RUNS,
     RUNS_TABLE,
     ContinuousReconciler,
+    last_runs,
     record_run,
 )
 from daybook.infrastructure.settings import Settings
-from daybook.projections.accounts import BALANCES
+from daybook.projections.accounts import ACCOUNT_BALANCES, BALANCES
 from daybook.projections.model import LogEvent, Rows
 from scripts.outage import Outage
 from scripts.streams import wait_until
@@ -270,3 +272,42 @@ def test_a_stop_asked_during_a_pass_starts_no_other_projection(
     health = service.run_forever()
     assert health.state is ServiceState.STOPPED
     assert len(folded) == 1, f"the pass went on to fold {folded[1:]}"
+
+
+def test_a_stop_asked_during_a_fold_ends_the_fold(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold of a long log takes minutes (account_statement over months of events): a
+    stop (SIGTERM) asked during it waited for all of it, past any supervisor's stop limit
+    (which then kills the process, its scratch files left behind on SQLite). It ends at the
+    fold's next batch, and no run is recorded for a fold it cut short."""
+    from daybook.infrastructure.readmodels import reconcile as reconcile_module
+
+    workload(ledger, 50)
+    runner = run_projections(ledger, pg_url, start=False)
+    runner.run_until_caught_up()
+    runner.stop()
+    monkeypatch.setattr(reconcile_module, "FOLD_BATCH", 5)  # many batches
+    service = ContinuousReconciler(
+        event_log_of(ledger), pg_url, [ACCOUNT_BALANCES], every_events=1, every_seconds=0
+    )
+    scans: list[int] = []
+    scan = service.log.scan
+
+    def scanned(start: int, limit: int) -> Any:
+        scans.append(start)
+        if len(scans) == 2:  # what the signal handler does, in the fold
+            service.service.stopping.set()
+            service.log.interrupt()
+        return scan(start, limit)
+
+    monkeypatch.setattr(service.log, "scan", scanned)
+    health = service.run_forever()
+    assert health.state is ServiceState.STOPPED
+    assert len(scans) <= 3, f"the fold went on for {len(scans) - 2} batches after the stop"
+    assert service.runs == 0
+    store = open_store(pg_url)
+    try:
+        assert (ACCOUNT_BALANCES.name, ACCOUNT_BALANCES.version) not in last_runs(store)
+    finally:
+        store.close()
