@@ -157,6 +157,9 @@ class ExpirySweeper:
         self._waiting_since: float | None = None
         #: How many expiries this sweeper recorded.
         self.recorded = 0
+        #: Whether the last sweep found a full page and got somewhere with it: more may be
+        #: due, and the next sweep starts at once.
+        self.more_due = False
         self.service = SupervisedThread("expiry sweeper", self._run, policy=policy)
 
     def sweep(self) -> int:
@@ -189,6 +192,12 @@ class ExpirySweeper:
             command = ExpireReservation(str(row["sku"]), str(row["reservation_id"]))
             recorded += self._record(command)
         self.recorded += recorded
+        # Counted from the page, not from this sweeper's records: beside another sweeper
+        # (each `daybook serve` runs one), which records part of the same page first, this
+        # one never recorded a full page, and both slept their interval with the backlog
+        # still due. Not when it recorded nothing: a page it cannot act on (each expiry
+        # refused) would have it sweep without pause.
+        self.more_due = recorded > 0 and max(len(holds), len(reservations)) >= self.batch
         self._observe_open_holds()
         return recorded
 
@@ -216,7 +225,8 @@ class ExpirySweeper:
     def _run(self, stopping: Stopping) -> None:
         while not stopping:
             try:
-                full = self.sweep() >= self.batch
+                self.sweep()
+                full = self.more_due
             except StaleRead as error:
                 # The open_holds read model is not built yet (a first build may take a
                 # while): say so, and look again. Not a failure at first (the ledger

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from uuid import uuid4
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 
 from daybook import Ledger, open_ledger, run_projections
 from daybook.domain.errors import ConcurrencyConflict, DomainError
-from daybook.domain.holds import ExpireHold
+from daybook.domain.holds import ExpireHold, HoldResolved
 from daybook.infrastructure.expiry import ExpirySweeper, open_holds
 from daybook.infrastructure.lifecycle import Health, RestartPolicy, ServiceState
 from daybook.projections import ACCOUNT_BALANCES, OPEN_HOLDS_PROJECTION
@@ -200,3 +201,56 @@ def test_open_holds_answers_an_instant_at_the_calendar_s_edge_in_any_zone(
                 runner.views, expiring_before=edge, min_position=ledger.head(), timeout=60
             )
             assert len(answer.value) == listed, edge
+
+
+class SharedPages:
+    """The open_holds read model as a sweeper beside another sees it: pages of due holds,
+    of which the other sweeper records every second one first."""
+
+    def __init__(self, pages: int, batch: int) -> None:
+        self.pages = [[{"hold_id": str(uuid4())} for _ in range(batch)] for _ in range(pages)]
+        self.served = 0
+
+    def rows(self, projection: object, table: str, **kwargs: object) -> object:
+        page: list[dict[str, str]] = []
+        if table == "open_holds" and self.pages:
+            page = self.pages.pop(0)
+            self.served += 1
+        return SimpleNamespace(value=page)
+
+    def count(self, *args: object, **kwargs: object) -> object:
+        return SimpleNamespace(value={})
+
+
+class HalfRecordedElsewhere:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def execute(self, command: object) -> None:
+        self.sent += 1
+        if self.sent % 2:
+            raise HoldResolved("its expiry is recorded already")
+
+
+def test_a_sweeper_beside_another_sweeps_a_full_page_again_at_once(clock: Clock) -> None:
+    """A sweeper whose page of due expiries was full sweeps again at once. Beside another
+    (two `daybook serve`), which records part of each page first, it counted only its own
+    records, never saw a full page, and slept its interval with the backlog still due: one
+    page per interval for both. (The interval here is an hour: a sleep never ends within
+    the test.)"""
+    from scripts.streams import wait_until
+
+    views = SharedPages(pages=3, batch=10)
+    sweeper = ExpirySweeper(
+        HalfRecordedElsewhere(),  # type: ignore[arg-type]
+        views,  # type: ignore[arg-type]
+        clock=clock,
+        batch=10,
+        interval=3600.0,
+    )
+    sweeper.start()
+    try:
+        wait_until(lambda: views.served == 3, "the next pages swept at once", timeout=30)
+        assert sweeper.recorded == 15
+    finally:
+        sweeper.stop()
