@@ -63,6 +63,7 @@ from daybook.infrastructure.http.tokens import Token, TokenStore
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.observability.logs import one_line
 from daybook.infrastructure.readmodels import ReadModelChanged
 from daybook.infrastructure.transient import first_line
 
@@ -297,17 +298,17 @@ def _handle_errors(app: FastAPI) -> None:
 async def _unhandled(request: Request, error: Exception) -> Response:
     """The answer to an exception no handler of its own took, logged."""
     if isinstance(error, ReadModelChanged):  # a deploy under way, not a bug here
-        log.warning("%s %s: %s", request.method, request.url.path, error)
+        log.warning("%s %s: %s", request.method, one_line(request.url.path), error)
         return Problem("read_model_changed", str(error), headers={"Retry-After": "5"}).response()
     if (full := out_of_storage(error)) is not None:  # the operator's to mend: one line
         log.error("%s %s: the database is out of disk space: %s", request.method,
-                  request.url.path, first_line(error))  # fmt: skip
+                  one_line(request.url.path), first_line(error))  # fmt: skip
         return full.response()
     if is_outage(error):  # an outage, not a bug: one line, no traceback
         log.warning("%s %s: a database did not answer: %s", request.method,
-                    request.url.path, error)  # fmt: skip
+                    one_line(request.url.path), error)  # fmt: skip
         return unavailable(error).response()
-    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    log.error("%s %s failed", request.method, one_line(request.url.path), exc_info=error)
     return Problem(
         "internal_error", "the server failed to handle this request; its log says why"
     ).response()

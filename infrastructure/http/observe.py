@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daybook.domain.ids import new_id_text
 from daybook.infrastructure.observability import metrics, tracing
-from daybook.infrastructure.observability.logs import log_context
+from daybook.infrastructure.observability.logs import log_context, one_line
 
 _UNMATCHED = "unmatched"
 #: The methods HTTP defines (RFC 9110, and PATCH); the metrics call any other ``other``.
@@ -82,7 +82,7 @@ class Observe:
                     log.info(
                         "%s %s %d %.1f ms",
                         method,
-                        scope.get("path", ""),
+                        one_line(scope.get("path", "")),  # decoded: %0A is a newline
                         status,
                         seconds * 1000,
                         extra={"fields": {**fields, "seconds": round(seconds, 6)}},

@@ -128,14 +128,34 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+#: Characters a console line shows escaped: controls (a terminal acts on ESC; a newline
+#: would start a line the caller wrote) and Unicode's line and paragraph separators.
+_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: The same but for the newline, which a message of daybook's own may hold on purpose (a
+#: parked event's traceback): its other controls are escaped all the same.
+_NOT_SHOWN = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode()
+
+
+def one_line(text: str) -> str:
+    """``text`` (something a caller sent: a request's path, its X-Request-Id) with every
+    character that would break a console line, or restyle it, escaped."""
+    return _NOT_ONE_LINE.sub(_escaped, text)
+
+
 class ConsoleFormatter(logging.Formatter):
-    """A readable line: time, level, logger, event, then the ids in context."""
+    """A readable line: time, level, logger, event, then the ids in context; control
+    characters a terminal acts on are escaped (what a caller sent, quoted in a line, is
+    also kept on it where it is logged: ``one_line``)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = bounded(record.message, MAX_EVENT_CHARS)
+        record.message = _NOT_SHOWN.sub(_escaped, bounded(record.message, MAX_EVENT_CHARS))
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:
@@ -143,7 +163,7 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        ids = " ".join(f"{k}={v}" for k, v in _CONTEXT.get().items())
+        ids = " ".join(f"{k}={one_line(str(v))}" for k, v in _CONTEXT.get().items())
         return redact(f"{text} [{ids}]" if ids else text)
 
 
