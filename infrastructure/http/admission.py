@@ -110,25 +110,48 @@ class RateLimits:
     _buckets: dict[str, Bucket] = field(default_factory=dict)
     limited: int = 0
 
-    def take(self, name: str, rate: float | None = None) -> None:
-        """Count one request for ``name``; raise 429 when over its rate."""
+    def take(self, name: str, rate: float | None = None, *, exempt: bool = False) -> None:
+        """Count one request for ``name``; raise 429 when over its rate.
+
+        ``exempt``: a request made only of commands that reduce risk, admitted over the
+        rate and not counted, so that a caller at its limit can still release what it holds.
+        Only while the token's exempt requests that reduced nothing (``wasted``) have not
+        overdrawn its bucket by a burst: else a token could send such requests without end
+        (a void of a hold that does not exist releases nothing, and leaves a request record
+        for the retention window), and it is limited as for any other request."""
         per_second = rate or self.default_rate
         if per_second <= 0:
             return  # no limit
         burst = max(1.0, per_second * self.burst_seconds)
-        now = self.clock()
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            bucket = self._buckets[name] = Bucket(burst, now)
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * per_second)
-        bucket.stamp = now
-        if bucket.tokens < 1.0:
+        bucket = self._filled(name, per_second, burst)
+        needed = 1.0 - burst if exempt else 1.0
+        if bucket.tokens < needed:
             self.limited += 1
-            wait = math.ceil((1.0 - bucket.tokens) / per_second)
+            wait = math.ceil((needed - bucket.tokens) / per_second)
             raise Problem(
                 "rate_limited",
                 f"this token may send {per_second:g} requests a second; retry later",
                 headers={"Retry-After": str(max(1, wait))},
                 details={"rate": per_second},
             )
-        bucket.tokens -= 1.0
+        if not exempt:
+            bucket.tokens -= 1.0
+
+    def wasted(self, name: str, rate: float | None = None) -> None:
+        """A request ``take`` let through as ``exempt`` reduced nothing (each of its commands
+        was refused): it counts after all, and may overdraw the bucket."""
+        per_second = rate or self.default_rate
+        if per_second <= 0:
+            return
+        burst = max(1.0, per_second * self.burst_seconds)
+        self._filled(name, per_second, burst).tokens -= 1.0
+
+    def _filled(self, name: str, per_second: float, burst: float) -> Bucket:
+        """``name``'s bucket, with the tokens it earned since it was last seen."""
+        now = self.clock()
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * per_second)
+        bucket.stamp = now
+        return bucket

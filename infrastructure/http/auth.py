@@ -185,9 +185,11 @@ class Authenticator:
             return False
         return token.allows(scope)
 
-    def require(self, scope: str, *, limited: bool = True) -> Callable[[Request], Awaitable[Token]]:
+    def require(
+        self, scope: str, *, limited: bool = True, exempt: bool = False
+    ) -> Callable[[Request], Awaitable[Token]]:
         """A dependency: the caller's token, if it has ``scope``; with ``limited``, the
-        request also counts against the token's rate."""
+        request also counts against the token's rate (``exempt``: see ``RateLimits.take``)."""
 
         async def caller(request: Request) -> Token:
             token = await self.identify(request)
@@ -198,7 +200,7 @@ class Authenticator:
                     f"this needs {scope!r}",
                 )
             if limited:
-                self.limits.take(token.name, token.rate)
+                self.limits.take(token.name, token.rate, exempt=exempt)
             return token
 
         return caller

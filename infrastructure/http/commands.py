@@ -41,6 +41,7 @@ from daybook.domain.values import shown
 from daybook.infrastructure.http.admission import Door
 from daybook.infrastructure.http.auth import Authenticator
 from daybook.infrastructure.http.problems import PROBLEM_JSON, Problem
+from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.ledger.application import count_refused
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
@@ -91,7 +92,7 @@ class CommandRoutes:
     def _add(self, app: FastAPI, command_class: type[Command]) -> None:
         accepted = {p.name: p for p in parameters(command_class) if p.name not in _SERVER_SET}
         required = [name for name, p in accepted.items() if p.required]
-        caller = self.auth.require("write", limited=not command_class.reduces_risk)
+        caller = self.auth.require("write", exempt=command_class.reduces_risk)
 
         async def run(request: Request) -> Response:
             # The token is checked here rather than as a FastAPI dependency: resolving
@@ -112,7 +113,7 @@ class CommandRoutes:
                         )
                 except DomainError as error:
                     raise Problem.of(error) from None
-                receipt = await self._execute(command, command_class.reduces_risk)
+                receipt = await self._execute(command, token, command_class.reduces_risk)
             return receipt_response(receipt, key)
 
         doc = (command_class.__doc__ or command_class.name).strip()
@@ -134,13 +135,16 @@ class CommandRoutes:
             }
         }
 
-    async def _execute(self, command: Command, always: bool) -> Receipt:
+    async def _execute(self, command: Command, token: Token, always: bool) -> Receipt:
         """``command`` run by the ledger once the command door admits it (``always``: a
-        command that reduces risk, never shed); a refusal becomes a ``Problem``."""
+        command that reduces risk, never shed nor limited, unless refused: it then counts
+        against the token's rate after all); a refusal becomes a ``Problem``."""
         self.door.enter(always=always)
         try:
             return await self.ledger.execute(command)
         except DomainError as error:
+            if always:
+                self.auth.limits.wasted(token.name, token.rate)
             raise Problem.of(error) from None
         except LedgerClosed:
             raise Problem(

@@ -172,6 +172,7 @@ class ListRoutes:
             with counted_if_refused(Atomic.name):
                 await self.commands.refuse_earlier_batch_item(token.name, key)
             receipt = await self._run(
+                token,
                 request_id,
                 key,
                 listed,
@@ -195,7 +196,7 @@ class ListRoutes:
                     # A batch an earlier daybook ran: its items keep the ids they were given.
                     submitted = commands_of(body, MAX_BATCH, token.name, scope)
             outcomes = await self._run(
-                scope, key, submitted, self.commands.ledger.submit(submitted)
+                token, scope, key, submitted, self.commands.ledger.submit(submitted)
             )
             return _batch_response(key, outcomes)
 
@@ -212,8 +213,9 @@ class ListRoutes:
     ) -> tuple[Any, list[Command]]:
         """The request's list of commands (``commands_of``) if the command door can ever
         admit it (``_fits``), counted against the token's rate unless every command of it
-        reduces risk (never shed, never limited: ``Command.reduces_risk``); a list that
-        cannot be read or run counts. The body comes with it."""
+        reduces risk (never shed, and not limited: ``Command.reduces_risk``, unless it
+        reduces nothing, ``_run``); a list that cannot be read or run counts. The body comes
+        with it."""
         try:
             body = await json_body(request)
             listed = commands_of(body, most, token.name, scope)
@@ -223,8 +225,7 @@ class ListRoutes:
         except Problem:
             self.commands.auth.limits.take(token.name, token.rate)
             raise
-        if not always:
-            self.commands.auth.limits.take(token.name, token.rate)
+        self.commands.auth.limits.take(token.name, token.rate, exempt=always)
         return body, listed
 
     def _fits(self, listed: list[Command]) -> None:
@@ -241,19 +242,25 @@ class ListRoutes:
                 details={"limit": capacity, "count": len(listed)},
             )
 
-    async def _run(self, request_id: str, key: str, listed: list[Command], work: Any) -> Any:
+    async def _run(
+        self, token: Token, request_id: str, key: str, listed: list[Command], work: Any
+    ) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
-        marked in progress; a refusal becomes a ``Problem``."""
+        marked in progress; a refusal becomes a ``Problem``. A list of commands that reduce
+        risk, let in over the token's rate, counts against it after all if it reduced
+        nothing (every command refused)."""
         commands = self.commands
         entered = 0
+        always = all(type(command).reduces_risk for command in listed)
         try:
             with commands.in_progress(request_id, key):
-                always = all(type(command).reduces_risk for command in listed)
                 for _ in listed:
                     commands.door.enter(always=always)
                     entered += 1
-                return await work
+                done = await work
         except DomainError as error:
+            if always:
+                commands.auth.limits.wasted(token.name, token.rate)
             raise Problem.of(error) from None
         except LedgerClosed:
             raise shutting_down() from None
@@ -261,6 +268,10 @@ class ListRoutes:
             work.close()  # not awaited when refused (a no-op once it ran)
             for _ in range(entered):
                 commands.door.leave()
+        outcomes = done if isinstance(done, list) else [done]
+        if always and not any(isinstance(outcome, Receipt) for outcome in outcomes):
+            commands.auth.limits.wasted(token.name, token.rate)
+        return done
 
     async def _check_batch(self, token: str, key: str, submitted: list[Command]) -> bool:
         """Refuse a batch whose key was used for another list (one this list does not begin

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
 from daybook.domain.values import shown
-from tests.http.conftest import Api
+from daybook.infrastructure.http.app import HttpOptions
+from tests.http.conftest import Api, make_api
 from tests.http.test_api import commands_counted
 
 
@@ -656,3 +659,38 @@ def test_a_path_the_client_sent_is_echoed_cut_short_in_every_refusal(sqlite_api:
     for reply in answers:
         assert reply.status_code in (404, 405), reply.text[:200]
         assert len(reply.json()["detail"]) < 300, (reply.status_code, len(reply.json()["detail"]))
+
+
+def test_risk_reducing_commands_that_reduce_nothing_count_against_the_rate(
+    tmp_path: Path,
+) -> None:
+    """A token limited to 2 requests a second sent, in one instant, 10 lists of 1,000 voids
+    of holds that do not exist: each was let in over the rate (risk-reducing commands are not
+    limited), each void refused `hold_not_found`, nothing released, and each left a request
+    record for the retention window: 10,000 rows the limit was meant to bound. Such a request
+    counts after all: past one burst of them over the rate, the token is limited."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_rate=2.0))
+    api.app.state.limits.clock = lambda: 100.0  # time stands still: only the count matters
+    try:
+        statuses = []
+        for _ in range(10):
+            body = {
+                "commands": [
+                    {"command": "void", "fields": {"hold_id": str(uuid.uuid4())}}
+                    for _ in range(1000)
+                ]
+            }
+            headers = {**api.auth("tester"), "Idempotency-Key": str(uuid.uuid4())}
+            reply = api.run(api.client.post("/v1/batch", json=body, headers=headers))
+            statuses.append(reply.status_code)
+            if reply.status_code == 200:
+                codes = {o["problem"]["code"] for o in reply.json()["outcomes"]}
+                assert codes == {"hold_not_found"}, codes
+            else:
+                assert reply.json()["code"] == "rate_limited", reply.text
+        # Two within the rate's burst, two more over it, then limited.
+        assert statuses == [200] * 4 + [429] * 6, statuses
+        single = api.command("void", {"hold_id": str(uuid.uuid4())})
+        assert single.status_code == 429, single.text
+    finally:
+        api.close()
