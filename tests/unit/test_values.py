@@ -218,7 +218,11 @@ def test_text(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "\t", "a\nb", "a\x00", "a\x7f", "a\x9b[2J", "a\u2028b", "a" * 201, None, 7],
+    [
+        *("", "   ", "\t", "a\nb", "a\x00", "a\x7f", "a\x9b[2J", "a\u2028b", "a" * 201, None, 7),
+        # Bidirectional overrides, embeddings and isolates: "ann\u202elee" shows as "anneel".
+        *(f"ann{c}lee" for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"),
+    ],
     ids=repr,
 )
 def test_bad_text_is_an_invalid_request(text: object) -> None:
@@ -245,7 +249,7 @@ def test_bad_uuids_are_invalid_requests(value: object) -> None:
 
 @pytest.mark.parametrize(
     "message",
-    ["busy\x7f", "a\x9bb", "lone \ud800", "two\nlines\u2028", "x" * 500, " \t "],
+    ["busy\x7f", "a\x9bb", "lone \ud800", "two\nlines\u2028", "x" * 500, " \t ", "a\u202eb"],
 )
 def test_any_message_made_text_is_taken_as_free_text(message: str) -> None:
     """A remote's error text, recorded with a saga's retry or a reconciliation, is made
@@ -299,7 +303,7 @@ def test_a_recorded_refusal_whose_class_this_process_lacks_replays_with_its_code
     )
 
 
-@pytest.mark.parametrize("text", ["\u200b", "\ufeff", "\u200b\u200d\u2060", "\u202e"], ids=repr)
+@pytest.mark.parametrize("text", ["\u200b", "\ufeff", "\u200b\u200d\u2060", "\u200f"], ids=repr)
 def test_text_made_only_of_invisible_format_characters_is_blank(text: str) -> None:
     """An owner (a reason, any free text) of zero-width spaces and joiners, a byte order
     mark or a direction mark shows as nothing wherever it is printed: blank, as spaces are.
