@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Protocol, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -983,11 +983,12 @@ class LedgerService(Application[UUID]):
             if command.caller_request_id:
                 continue  # its own record answers a retry
             kept = _kept(command)
-            since = kept[0] if kept is not None else self.retention.clock()
-            found = {a.token: a for a in (kept[1] if kept is not None else ())}
+            if kept is None:
+                kept = _Unknown(self.retention.clock(), self.monotonic(), ())
+            found = {a.token: a for a in kept.attempts}
             found.update((a.token, a) for a in attempts if command.request_id in a.receipts)
             if found:
-                command.__dict__[_UNKNOWN] = (since, tuple(found.values()))
+                command.__dict__[_UNKNOWN] = kept._replace(attempts=tuple(found.values()))
 
     def _with_kept(self, attempts: Sequence[Attempt], batch: Sequence[Command]) -> list[Attempt]:
         """``attempts``, and those kept on ``batch``'s commands by ``_keep_unknown`` that can
@@ -996,16 +997,20 @@ class LedgerService(Application[UUID]):
         for command in batch:
             kept = _kept(command)
             if kept is not None and not self._too_late(kept):
-                for attempt in kept[1]:
+                for attempt in kept.attempts:
                     found.setdefault(attempt.token, attempt)
         return list(found.values())
 
-    def _too_late(self, kept: tuple[float, tuple[Attempt, ...]]) -> bool:
+    def _too_late(self, kept: _Unknown) -> bool:
         """Whether the batch tokens a marker's attempts are looked up by may be gone: they
         are kept ``retention.generated`` seconds after their batch was sent, a little before
         the marker was first set; half of it leaves the retries that led to the answer more
-        than enough. Past it the ledger cannot tell what happened, and says so for good."""
-        return self.retention.clock() - kept[0] > self.retention.generated / 2
+        than enough. Past it the ledger cannot tell what happened, and says so for good.
+        Measured on both clocks, the longer counting: the wall clock stepped back (NTP) after
+        the answer would otherwise have the tokens, purged meanwhile, looked up as if they
+        could still be there, and the lost commit taken for one that never landed."""
+        waited = max(self.retention.clock() - kept.since, self.monotonic() - kept.since_monotonic)
+        return waited > self.retention.generated / 2
 
     def _keep_done(self, command: Command, outcome: Outcome) -> None:
         """Keep the receipt of a command with a generated id on the command (see ``_DONE``)."""
@@ -1121,7 +1126,7 @@ class LedgerService(Application[UUID]):
                 # Answered "outcome unknown" before: an attempt of it may have committed.
                 if looked_up is None:
                     raise MustLookUp(request_id)
-                if self._too_late(kept) or any(a.token not in looked_up for a in kept[1]):
+                if self._too_late(kept) or any(a.token not in looked_up for a in kept.attempts):
                     prepared.outcomes[index] = UnknownOutcome(
                         f"command {request_id} may have been applied (its answer was lost in "
                         "an outage, and its record has expired since): daybook cannot tell "
@@ -1558,10 +1563,20 @@ _DONE = "_daybook_receipt"
 _UNKNOWN = "_daybook_unknown"
 
 
-def _kept(command: Command) -> tuple[float, tuple[Attempt, ...]] | None:
-    """The ``_UNKNOWN`` marker on ``command``: when it was first answered "outcome unknown"
-    (the ledger's clock, in seconds), and the attempts that may have applied it."""
-    kept: tuple[float, tuple[Attempt, ...]] | None = command.__dict__.get(_UNKNOWN)
+class _Unknown(NamedTuple):
+    """The ``_UNKNOWN`` marker: when the command was first answered "outcome unknown", and
+    the attempts that may have applied it."""
+
+    #: The retention clock's seconds (``Retention.clock``), and the monotonic clock's
+    #: (``LedgerService.monotonic``): a step of the wall clock moves only the first.
+    since: float
+    since_monotonic: float
+    attempts: tuple[Attempt, ...]
+
+
+def _kept(command: Command) -> _Unknown | None:
+    """The ``_UNKNOWN`` marker on ``command``, if it has one."""
+    kept: _Unknown | None = command.__dict__.get(_UNKNOWN)
     return kept
 
 

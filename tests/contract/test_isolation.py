@@ -696,6 +696,29 @@ def test_an_unknown_outcome_sent_again_too_late_to_tell_is_said_so_and_not_run(
         assert ledger.account(account).balance == 5
 
 
+def test_an_unknown_outcome_sent_again_after_the_clock_stepped_back_is_not_run_again(
+    shared_store_url: str,
+) -> None:
+    """Whether the records that would tell are gone was judged by the wall clock alone:
+    answered "outcome unknown", the deposit's batch record expired and was purged an hour
+    later; the host's clock was then stepped back an hour (NTP), and the same object sent
+    again found no record, took its lost commit for one that never landed, and was applied
+    a second time. The time since the answer is also measured on the monotonic clock,
+    which no step moves."""
+    clock = _Clock()
+    with open_ledger(shared_store_url, group_commit=False, clock=clock) as ledger:
+        elapsed = [0.0]
+        ledger.service.monotonic = lambda: elapsed[0]  # type: ignore[method-assign]
+        _store, account, deposit = answered_unknown(ledger, landed=True)
+        clock.now += timedelta(minutes=61)
+        elapsed[0] += 61 * 60
+        ledger.request_purge.purge()  # the records that would tell are gone
+        clock.now -= timedelta(minutes=61)  # stepped back; the monotonic clock goes on
+        (again,) = ledger.submit([deposit])
+        assert isinstance(again, UnknownOutcome), again
+        assert ledger.account(account).balance == 5
+
+
 def test_an_unknown_outcome_is_looked_up_by_a_ledger_reopened_on_the_store(
     tmp_path: Any,
 ) -> None:
