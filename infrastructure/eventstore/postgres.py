@@ -9,6 +9,7 @@ lock, and tailing readers then miss events.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from binascii import b2a_base64
 from collections.abc import Sequence
 from datetime import timedelta
@@ -131,11 +132,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # batch can commit events until this one ends), a newer version refuses the batch as
         # a version conflict (a unique violation on the events table, as a changed aggregate
         # meets). Checked only when there are some: an empty array costs a length test.
-        self._append_function = Identifier(f"daybook_append_{self.events_table_name}")
         lock_timeout = self.datastore.lock_timeout
-        self.sql_create_statements.append(
+        body = (
             SQL(
-                "CREATE OR REPLACE FUNCTION {schema}.{function}"
                 "(events json, requests json, reused json, now double precision, "
                 "snapshots json, reads json) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
@@ -193,8 +192,6 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 "END IF; "
                 "END $BODY$"
             ).format(
-                schema=schema,
-                function=self._append_function,
                 requests=requests,
                 snapshots=snapshots,
                 events_table=events,
@@ -202,6 +199,17 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 channel=Identifier(self.channel_name),
                 lock_timeout=Literal(f"{lock_timeout}s"),
             )
+        ).as_string(None)
+        # Named after its body: every process creates its function at start, and under one
+        # name an older process starting during a rolling deploy (or a rollback) replaced
+        # the newer body with its own, which every newer process's writes then ran (lacking
+        # what the newer code relies on) until each restarted. A body of its own per code:
+        # the digest first, so that a long table name, cut at 63 bytes, never cuts it.
+        digest = hashlib.sha256(body.encode()).hexdigest()[:12]
+        self._append_function = Identifier(f"daybook_append_{digest}_{self.events_table_name}")
+        self.sql_create_statements.append(
+            SQL("CREATE OR REPLACE FUNCTION {}.{}").format(schema, self._append_function)
+            + SQL(body)
         )
         self._append = SQL(
             "SELECT * FROM {}.{}(%s::json, %s::json, %s::json, %s, %s::json, %s::json) "

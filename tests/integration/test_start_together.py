@@ -123,3 +123,34 @@ def stopped_once(
         if process.poll() is None:
             process.kill()
     return process.returncode, err[-500:]
+
+
+@pytest.mark.postgres
+def test_an_older_process_starting_mid_deploy_leaves_the_newer_append_function_alone(
+    pg_url: str,
+) -> None:
+    """Every process creates its append function at start with CREATE OR REPLACE, under one
+    name: during a rolling deploy (or a rollback), an older process starting beside newer
+    ones replaced the function with its older body, and every newer process's writes ran
+    that body from then on (an older body lacking a check the newer code relies on), until
+    each restarted. Each body has a name of its own now: an older process's start changes
+    nothing for the newer code's writes."""
+    from psycopg.sql import SQL, Identifier
+
+    ledger = open_ledger(pg_url)
+    try:
+        account = ledger.open_account("ann", "EUR").account_id
+        older = "RAISE EXCEPTION 'an older body, without a check the newer code relies on'"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            # What the start of an older process does, under the one name it knows.
+            conn.execute(
+                SQL(
+                    "CREATE OR REPLACE FUNCTION public.{}(events json, requests json, "
+                    "reused json, now double precision, snapshots json, reads json) "
+                    "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ BEGIN {} ; END $BODY$"
+                ).format(Identifier("daybook_append_daybook_events"), SQL(older))
+            )
+        ledger.deposit(account, 5)  # the newer code's write, with the newer body
+        assert ledger.account(account).balance == 5
+    finally:
+        ledger.close()
