@@ -77,6 +77,7 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     table = cast(Any, ledger.service.recorder).events_table_name  # PostgreSQL's recorder
     first = written = ledger.head()
     conn = psycopg.connect(url, autocommit=True)
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {BENCH_MARK} (written_at timestamptz)")
 
     def insert(batch: list[Any]) -> None:
         with conn.transaction(), conn.cursor() as cursor:
@@ -278,8 +279,30 @@ def rebuild_rate(url: str, ledger: Ledger, defs: Sequence[Projection], batch_siz
     return ledger.head() / seconds
 
 
+#: The table ``write_log`` leaves in a benchmark's database: ``reset`` drops every read
+#: model of the database it is given, and refuses one without it (a service's, given by a
+#: wrong URL).
+BENCH_MARK = "daybook_bench_log"
+
+
+class NotABenchDatabase(Exception):
+    """``reset`` was given a database whose log the benchmark did not write."""
+
+
+def written_by_the_benchmark(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (BENCH_MARK,)).fetchone()
+    return row is not None and row[0] is not None
+
+
 def reset(url: str) -> None:
     """Forget every projection version (tables dropped): the next build starts from zero."""
+    if not written_by_the_benchmark(url):
+        raise NotABenchDatabase(
+            f"{url.rsplit('@', 1)[-1]} holds a log that bench_projections.py did not write: "
+            "a run drops every read model of the database it is given, so it takes only a "
+            "benchmark's (run bench_projections.py --url URL on an empty database first)"
+        )
     store = open_store(url)
     try:
         catalog = VersionCatalog(store)
@@ -347,6 +370,14 @@ def main() -> int:
         url = services.create_database(handle.url, "bench_projections")
     try:
         ledger = open_ledger(url)
+        if ledger.head() and not written_by_the_benchmark(url):
+            ledger.close()
+            parser.exit(
+                2,
+                f"{parser.prog}: {url.rsplit('@', 1)[-1]} holds a log this benchmark did not "
+                "write: it would add its events to that log and drop every read model there; "
+                "give it an empty database\n",
+            )
         if ledger.head() < args.events:
             rate = write_log(url, ledger, args.events, args.accounts)
             print(f"log written at {rate:,.0f} events/s (setup)", flush=True)

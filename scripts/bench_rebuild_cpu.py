@@ -27,7 +27,7 @@ from daybook import projections
 from daybook.infrastructure.bootstrap import event_log_of, open_ledger
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.cli import collector_paused
-from scripts.bench_projections import reset
+from scripts.bench_projections import NotABenchDatabase, reset
 
 
 def _stat(pid: int) -> list[str]:
@@ -76,7 +76,11 @@ def main() -> int:
                        "with it first\n")  # fmt: skip
     print(f"log: {head:,} events; bulk rebuild of every projection ({len(projections.ALL)})")
     for _ in range(args.runs):
-        reset(args.url)
+        try:
+            reset(args.url)
+        except NotABenchDatabase as refused:
+            ledger.close()
+            parser.exit(2, f"{parser.prog}: {refused}\n")
         runner = BulkRunner(
             event_log_of(ledger), args.url, projections.ALL, batch_size=args.batch_size
         )
