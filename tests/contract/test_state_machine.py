@@ -841,6 +841,87 @@ class LedgerMachine(RuleBasedStateMachine):
             for account_id, balance in balances.items():
                 self.accounts[account_id].balance = balance
 
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        """Deposits, withdrawals and transfers in one ``submit``: each answered as if sent
+        alone, in order (a refusal stops none of the others; an accepted one is seen by
+        those after it), each with its own request id, which a later single call with that
+        id replays."""
+        if not self.accounts:
+            return
+        known = list(self.accounts)
+        commands: list[Command] = []
+        calls: list[Call] = []
+        predictions: list[Prediction] = []
+        for _ in range(data.draw(st.integers(1, 4), label="commands")):
+            kind = data.draw(st.sampled_from(["deposit", "withdraw", "transfer"]), label="kind")
+            account_id = data.draw(st.sampled_from(known), label="account")
+            account = self.accounts[account_id]
+            room = self.available(account_id)
+            amount = data.draw(st.sampled_from([1, 50, 400, room, room + 1]), label="amount")
+            amount = max(amount, 1)
+            request_id = self.request_id(data)
+            lapsed: list[ModelHold] = []
+            predicted: Prediction
+            if kind == "deposit":
+                args: tuple[Any, ...] = (account_id, amount)
+                commands.append(Deposit(account_id, amount, request_id=request_id))
+                predicted = self.predict_credit(account_id, amount)
+                effects = [(account_id, amount)]
+            elif kind == "withdraw":
+                args = (account_id, amount)
+                commands.append(Withdraw(account_id, amount, request_id=request_id))
+                predicted = self.predict_debit(account_id, amount)
+                effects = [(account_id, -amount)]
+            else:
+                other = data.draw(st.sampled_from(known), label="destination")
+                args = (account_id, other, amount)
+                commands.append(Transfer(account_id, other, amount, request_id=request_id))
+                partner = self.accounts[other]
+                if other == account_id:
+                    predicted = "same_account"
+                elif account.closed or partner.closed:
+                    predicted = "account_closed"
+                elif partner.currency != account.currency:
+                    predicted = "currency_mismatch"
+                else:
+                    predicted = self.predict_debit(account_id, amount)
+                effects = [(account_id, -amount), (other, amount)]
+            if predicted == 1 and kind != "deposit":
+                lapsed = self.lapses_needed(account_id, amount, account.balance)
+            if isinstance(predicted, int):  # applied now: the commands after it see it
+                predicted = len(effects) + len(lapsed)
+                for target, change in effects:
+                    self.accounts[target].balance += change
+                if kind == "deposit":
+                    self.deposited[account.currency] += amount
+                elif kind == "withdraw":
+                    self.withdrawn[account.currency] += amount
+                for hold in lapsed:
+                    hold.released = True
+            calls.append(Call(kind, args, (("request_id", request_id),)))
+            predictions.append(predicted)
+        outcomes = self.ledger.submit(commands)
+        before, self.head = self.head, self.ledger.head()
+        added = self.events_between(before, self.head)
+        expected = sum(p for p in predictions if isinstance(p, int))
+        assert added == expected, f"{calls} appended {added} events, model: {expected}"
+        positions = []
+        for call, predicted, outcome in zip(calls, predictions, outcomes, strict=True):
+            if isinstance(predicted, str):
+                assert isinstance(outcome, DomainError), f"{call}: {outcome!r}, model: refuse"
+                assert outcome.code == predicted, f"{call}: {outcome.code}, model: {predicted}"
+                recorded: Receipt | tuple[str, str] = (outcome.code, str(outcome))
+            else:
+                assert isinstance(outcome, Receipt), f"{call}: {outcome!r}, model: accept"
+                assert outcome.replayed is False and outcome.command == call.method
+                positions.append(outcome.position)
+                recorded = outcome
+            if call.request_id is not None:
+                assert getattr(outcome, "request_id", call.request_id) == call.request_id
+                self.history.append(Recorded(call, recorded, self.clock()))
+        assert positions == sorted(positions) and (not positions or positions[-1] == self.head)
+
     # -- time and retention -----------------------------------------------------------------
 
     def kept(self) -> list[Recorded]:
