@@ -277,7 +277,7 @@ def add_log_arguments(parser: argparse.ArgumentParser, *, level: bool = True) ->
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
-        default=os.environ.get("DAYBOOK_LOG_FORMAT", "console"),
+        default=os.environ.get("DAYBOOK_LOG_FORMAT") or "console",  # empty: unset
         help="log lines as text for a console, or one JSON object each (default: "
         "$DAYBOOK_LOG_FORMAT, else console)",
     )

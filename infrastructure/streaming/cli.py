@@ -98,7 +98,10 @@ def register(subparsers: Any) -> None:
     relay.add_argument(
         "--rewind",
         action="store_true",
-        help="re-publish the whole log (the relay must be stopped), then exit",
+        help=(
+            "move the relay's cursor back to the start of the log, then exit: the next "
+            "relay started re-publishes the whole log (run it with the relay stopped)"
+        ),
     )
     add_metrics_port_argument(relay)
     add_log_arguments(relay, level=False)
