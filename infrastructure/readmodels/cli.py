@@ -131,7 +131,7 @@ def register(subparsers: Any) -> None:
         "could not apply, or drop a retired version's kept tables.",
         examples=[
             "daybook projections status",
-            "daybook projections rebuild account_balances",
+            "daybook projections rebuild account_balances  # once its version is bumped",
             "daybook projections resume account_balances",
             "daybook projections drop account_balances 1",
         ],
@@ -175,7 +175,8 @@ def register(subparsers: Any) -> None:
             "and seconds, its parked events, and its last reconcile run (position, ranges "
             "checked and differing, duration, drifted rows with their keys, repaired or not). "
             "Exits 1 when a serving version is stopped, has a runner or workers that cannot "
-            "follow it, or drifted without repair."
+            "follow it, drifted without repair, or stands past the log's head (an event store "
+            "restored from a backup older than the read models)."
         ),
         examples=[
             "daybook projections status",
