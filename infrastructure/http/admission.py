@@ -113,12 +113,13 @@ class RateLimits:
     def take(self, name: str, rate: float | None = None, *, exempt: bool = False) -> None:
         """Count one request for ``name``; raise 429 when over its rate.
 
-        ``exempt``: a request made only of commands that reduce risk, admitted over the
-        rate and not counted, so that a caller at its limit can still release what it holds.
-        Only while the token's exempt requests that reduced nothing (``wasted``) have not
-        overdrawn its bucket by a burst: else a token could send such requests without end
-        (a void of a hold that does not exist releases nothing, and leaves a request record
-        for the retention window), and it is limited as for any other request."""
+        ``exempt``: a request made only of commands that reduce risk, let in over the rate
+        (down to one burst below empty) so that a caller at its limit can still release what
+        it holds. Counted on the way in all the same, so that requests sent together are
+        bounded too, and given back (``refund``) once it has reduced something: one that
+        reduces nothing (a void of a hold that does not exist releases nothing, and leaves a
+        request record for the retention window) stays counted, and a token sending such
+        requests without end is limited as for any other."""
         per_second = rate or self.default_rate
         if per_second <= 0:
             return  # no limit
@@ -134,17 +135,16 @@ class RateLimits:
                 headers={"Retry-After": str(max(1, wait))},
                 details={"rate": per_second},
             )
-        if not exempt:
-            bucket.tokens -= 1.0
+        bucket.tokens -= 1.0
 
-    def wasted(self, name: str, rate: float | None = None) -> None:
-        """A request ``take`` let through as ``exempt`` reduced nothing (each of its commands
-        was refused): it counts after all, and may overdraw the bucket."""
+    def refund(self, name: str, rate: float | None = None) -> None:
+        """Give back what ``take(exempt=True)`` counted: the request reduced risk."""
         per_second = rate or self.default_rate
         if per_second <= 0:
             return
         burst = max(1.0, per_second * self.burst_seconds)
-        self._filled(name, per_second, burst).tokens -= 1.0
+        bucket = self._filled(name, per_second, burst)
+        bucket.tokens = min(burst, bucket.tokens + 1.0)
 
     def _filled(self, name: str, per_second: float, burst: float) -> Bucket:
         """``name``'s bucket, with the tokens it earned since it was last seen."""

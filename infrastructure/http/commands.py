@@ -137,14 +137,12 @@ class CommandRoutes:
 
     async def _execute(self, command: Command, token: Token, always: bool) -> Receipt:
         """``command`` run by the ledger once the command door admits it (``always``: a
-        command that reduces risk, never shed nor limited, unless refused: it then counts
-        against the token's rate after all); a refusal becomes a ``Problem``."""
+        command that reduces risk, never shed, and not counted against the token's rate
+        once it is accepted: ``RateLimits.take``); a refusal becomes a ``Problem``."""
         self.door.enter(always=always)
         try:
-            return await self.ledger.execute(command)
+            receipt = await self.ledger.execute(command)
         except DomainError as error:
-            if always:
-                self.auth.limits.wasted(token.name, token.rate)
             raise Problem.of(error) from None
         except LedgerClosed:
             raise Problem(
@@ -154,6 +152,9 @@ class CommandRoutes:
             ) from None
         finally:
             self.door.leave()
+        if always:
+            self.auth.limits.refund(token.name, token.rate)
+        return receipt
 
     async def refuse_earlier_batch_item(self, token: str, key: str) -> None:
         """Refuse a key ``K/i`` while ``K`` holds the claim of a batch an earlier daybook ran:

@@ -213,9 +213,9 @@ class ListRoutes:
     ) -> tuple[Any, list[Command]]:
         """The request's list of commands (``commands_of``) if the command door can ever
         admit it (``_fits``), counted against the token's rate unless every command of it
-        reduces risk (never shed, and not limited: ``Command.reduces_risk``, unless it
-        reduces nothing, ``_run``); a list that cannot be read or run counts. The body comes
-        with it."""
+        reduces risk (never shed, and let in over the rate: ``Command.reduces_risk``,
+        ``RateLimits.take``); a list that cannot be read or run counts. The body comes with
+        it."""
         try:
             body = await json_body(request)
             listed = commands_of(body, most, token.name, scope)
@@ -247,8 +247,8 @@ class ListRoutes:
     ) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
         marked in progress; a refusal becomes a ``Problem``. A list of commands that reduce
-        risk, let in over the token's rate, counts against it after all if it reduced
-        nothing (every command refused)."""
+        risk, let in over the token's rate, is not counted against it once one of its
+        commands is accepted (``RateLimits.take``)."""
         commands = self.commands
         entered = 0
         always = all(type(command).reduces_risk for command in listed)
@@ -259,8 +259,6 @@ class ListRoutes:
                     entered += 1
                 done = await work
         except DomainError as error:
-            if always:
-                commands.auth.limits.wasted(token.name, token.rate)
             raise Problem.of(error) from None
         except LedgerClosed:
             raise shutting_down() from None
@@ -269,8 +267,8 @@ class ListRoutes:
             for _ in range(entered):
                 commands.door.leave()
         outcomes = done if isinstance(done, list) else [done]
-        if always and not any(isinstance(outcome, Receipt) for outcome in outcomes):
-            commands.auth.limits.wasted(token.name, token.rate)
+        if always and any(isinstance(outcome, Receipt) for outcome in outcomes):
+            commands.auth.limits.refund(token.name, token.rate)
         return done
 
     async def _check_batch(self, token: str, key: str, submitted: list[Command]) -> bool:

@@ -694,3 +694,37 @@ def test_risk_reducing_commands_that_reduce_nothing_count_against_the_rate(
         assert single.status_code == 429, single.text
     finally:
         api.close()
+
+
+def test_risk_reducing_requests_sent_together_that_reduce_nothing_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """Counted only once they had run, requests sent together all got in before any was
+    counted: ten lists of voids of holds that do not exist, sent at once, all ran. Counted on
+    the way in (and given back once one reduces something), they are bounded as when sent
+    one after another; and a single void that cannot even be read counts too."""
+    import asyncio
+
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_rate=2.0))
+    api.app.state.limits.clock = lambda: 100.0  # time stands still: only the count matters
+
+    def voids() -> Any:
+        commands = [{"command": "void", "fields": {"hold_id": str(uuid.uuid4())}}] * 100
+        headers = {**api.auth("tester"), "Idempotency-Key": str(uuid.uuid4())}
+        return api.client.post("/v1/batch", json={"commands": commands}, headers=headers)
+
+    async def together() -> list[httpx.Response]:
+        return list(await asyncio.gather(*(voids() for _ in range(10))))
+
+    try:
+        statuses = [reply.status_code for reply in api.run(together())]
+        assert statuses.count(200) == 4 and statuses.count(429) == 6, statuses
+    finally:
+        api.close()
+    api = make_api(f"sqlite:///{tmp_path}/other.db", HttpOptions(token_rate=2.0))
+    api.app.state.limits.clock = lambda: 100.0
+    try:
+        unreadable = [api.command("void", {"hold_id": "nope"}).status_code for _ in range(6)]
+        assert unreadable == [422] * 4 + [429] * 2, unreadable
+    finally:
+        api.close()
