@@ -129,11 +129,12 @@ class JsonFormatter(logging.Formatter):
 
 
 #: Characters a console line shows escaped: controls (a terminal acts on ESC; a newline
-#: would start a line the caller wrote) and Unicode's line and paragraph separators.
-_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-#: The same but for the newline, which a message of daybook's own may hold on purpose (a
-#: parked event's traceback): its other controls are escaped all the same.
-_NOT_SHOWN = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+#: would start a line the caller wrote), Unicode's line and paragraph separators, and the
+#: bidirectional overrides free text refuses (they make one name show as another).
+_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: The same but for the newline and the tab, which a message of daybook's own may hold on
+#: purpose (a parked event's traceback): its other controls are escaped all the same.
+_NOT_SHOWN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -32,6 +32,18 @@ def test_a_path_a_caller_sends_cannot_split_or_colour_the_console_access_log(
     assert "\x1b" not in text, repr(text)
 
 
+def test_a_console_line_keeps_the_tabs_and_newlines_daybook_writes() -> None:
+    """A message of daybook's own may quote a traceback: its newlines and tabs stay."""
+    import logging as stdlib_logging
+
+    record = stdlib_logging.LogRecord(
+        "daybook.x", stdlib_logging.ERROR, __file__, 1, "parked:\n\tat %s", ("H\x1b[2J",), None
+    )
+    line = ConsoleFormatter().format(record)
+    assert "parked:\n\tat H\\x1b[2J" in line, repr(line)
+
+
 def test_one_line_escapes_what_would_break_or_restyle_a_console_line() -> None:
     assert one_line("a\nb\r\x1b[2J\u2028c\td") == "a\\nb\\r\\x1b[2J\\u2028c\\td"
     assert one_line("/v1/accounts/é€") == "/v1/accounts/é€"
+    assert one_line("ann\u202elee\u2066") == "ann\\u202elee\\u2066"
