@@ -28,6 +28,7 @@ from daybook.infrastructure.readmodels.reconcile import (
     ReconcileReport,
     ReconcileStopped,
     VersionRetired,
+    VersionStopped,
     reconcile,
 )
 from daybook.infrastructure.readmodels.store import ReadStore, now_text
@@ -248,7 +249,16 @@ class ContinuousReconciler:
                     continue
                 if not self._due(self._last.get(key), head, now):
                     continue
-                run = self._reconcile(projection, stopping)
+                try:
+                    run = self._reconcile(projection, stopping)
+                except VersionStopped as stopped:
+                    # Not a run (nothing compared): its stream group stopped it, which
+                    # status and /health say. Said again after ``every_seconds``, until a
+                    # rebuild replaces it.
+                    log.warning("reconciler: %s", stopped,
+                                extra={SUBJECT: (projection.name, projection.version)})  # fmt: skip
+                    self._last[key] = _LastRun(head, time.monotonic(), True)
+                    continue
                 if run is None and stopping:
                     break  # cut short by the stop: not a run
                 if run is None or not record_run(store, run):
@@ -288,6 +298,8 @@ class ContinuousReconciler:
             )
         except (VersionRetired, ReconcileStopped):
             return None
+        except VersionStopped:
+            raise  # not a failed run either (``run_due``)
         except (ReconcileError, LookupError) as error:
             log.error("reconciler: %s v%s: %s", projection.name, projection.version, error,
                       extra={SUBJECT: (projection.name, projection.version)})  # fmt: skip

@@ -11,12 +11,8 @@ from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
-from daybook.infrastructure.readmodels.reconcile import reconcile
-
-try:
-    from daybook.infrastructure.readmodels.reconcile import VersionStopped
-except ImportError:
-    VersionStopped = LookupError
+from daybook.infrastructure.readmodels.reconcile import VersionStopped, reconcile
+from daybook.infrastructure.readmodels.reconciler import ContinuousReconciler, last_runs
 from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
@@ -143,6 +139,17 @@ def test_reconcile_refuses_a_version_its_group_stopped_and_repairs_nothing(pg_ur
             assert "daybook projections rebuild audit_notes" in str(refused.value)
         with ReadModels(pg_url) as reads:
             assert reads.row(NOTED, NOTES.name, (str(account),), timeout=1).value == before
+        # The continuous reconciler records no run for it (nothing was compared), failed or
+        # not: it says why in its log, as status and /health do.
+        service = ContinuousReconciler(
+            event_log_of(ledger), pg_url, [NOTED], every_events=1, every_seconds=0
+        )
+        assert service.run_due() == []
+        store = open_store(pg_url)
+        try:
+            assert ("audit_notes", 1) not in last_runs(store)
+        finally:
+            store.close()
     finally:
         worker.close()
         ledger.close()
