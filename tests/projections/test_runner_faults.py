@@ -1021,3 +1021,40 @@ def _set_by_default(admin_url: str, database_url: str, setting: str, value: int)
     name = database_url.rsplit("/", 1)[1].split("?")[0]
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" SET {setting} = {value}')
+
+
+def test_a_checkpoint_moved_back_under_a_batch_is_not_written_past(tmp_path: Path) -> None:
+    """The runner reads a batch of the log after its position, then locks its tracking row
+    to write it. If the row has moved back meanwhile (the read models restored from an
+    older backup while the runner ran), the batch would land on tables as of that older
+    position, and the events in between would never be applied: the version is written
+    only from where it stands, the next batch read from there."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        workload(ledger, 40)
+        runner = ProjectionRunner(event_log_of(ledger), url, [projections.ACCOUNT_BALANCES])
+        try:
+            runner.run_until_caught_up()
+            workload(ledger, 40, seed=2)
+            apply_batch = runner._apply_batch
+            restored: list[int] = []
+
+            def restored_first(store: Any, events: Any, start: int) -> Any:
+                if not restored:  # the backup: empty tables at position 0
+                    restored.append(start)
+                    other = open_store(url)
+                    try:
+                        with other.transaction():
+                            table = BALANCES.physical_name(1)
+                            other.execute(f"DELETE FROM {table}")
+                            VersionCatalog(other).set_position("account_balances", 1, 0, None)
+                    finally:
+                        other.close()
+                return apply_batch(store, events, start)
+
+            runner._apply_batch = restored_first  # type: ignore[method-assign]
+            runner.run_until_caught_up()
+            assert restored and restored[0] > 0
+            assert_tables_match(ledger, url, projections.ACCOUNT_BALANCES)
+        finally:
+            runner.stop()
