@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,6 +122,20 @@ class RelayStats:
     last_error: str | None = None
     state: str = "starting"
     started_at: float = field(default_factory=time.monotonic)
+
+
+def lost_offsets(
+    first: Mapping[int, int], next_offsets: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """The partitions whose first offset acknowledged now (``first``) is below the next one
+    earlier acknowledgements promised (``next_offsets``; ``UNKNOWN_OFFSET``: none known): the
+    broker lost messages it had acknowledged, the last one alone included (an unclean leader
+    election). Each as (partition, offset expected, offset acknowledged)."""
+    return [
+        (p, next_offsets[p], offset)
+        for p, offset in first.items()
+        if next_offsets[p] != UNKNOWN_OFFSET and offset < next_offsets[p]
+    ]
 
 
 class BrokerLostData(Exception):
@@ -503,11 +517,7 @@ class Relay:
             first.setdefault(partition, metadata.offset)
             last[partition] = metadata.offset
         next_offsets = list(cursor.next_offsets)
-        lost = [
-            (p, next_offsets[p], offset)
-            for p, offset in first.items()
-            if next_offsets[p] != UNKNOWN_OFFSET and offset < next_offsets[p]
-        ]
+        lost = lost_offsets(first, next_offsets)
         for partition, offset in last.items():
             next_offsets[partition] = offset + 1
         moved = replace(
