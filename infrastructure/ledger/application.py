@@ -1227,7 +1227,13 @@ class LedgerService(Application[UUID]):
         to write (only replays) is not a commit, and an attempt that fails is not observed
         in the histograms (its span ends with the error); its retry, which ``execute`` may
         split, is observed as the batches that do commit."""
-        assert prepared.after is None or prepared.after.committed, "commit batches in order"
+        if prepared.after is not None and not prepared.after.committed:
+            # Not an ``assert`` (``python -O`` removes those): its events would follow
+            # events the log does not hold.
+            raise BatchOutOfOrder(
+                "a batch built on one that has not committed cannot commit (commit batches "
+                "in order)"
+            )
         prepared.uow.seal()
         prepared.after = None
         if prepared.pending:
@@ -1578,6 +1584,10 @@ def _kept(command: Command) -> _Unknown | None:
     """The ``_UNKNOWN`` marker on ``command``, if it has one."""
     kept: _Unknown | None = command.__dict__.get(_UNKNOWN)
     return kept
+
+
+class BatchOutOfOrder(RuntimeError):
+    """A batch was committed before the batch it was built on (a defect of its caller)."""
 
 
 class MustLookUp(Exception):
