@@ -182,3 +182,24 @@ def test_a_snapshot_of_listed_ids_says_which_it_did_not_find(store_url: str) -> 
         rest = runner.views.balance_page(after=page.next_after, limit=1)
         assert {page.balances[0].account_id, rest.balances[0].account_id} == {ann, bob}
         assert rest.next_after is None
+
+
+def test_a_read_answers_at_its_min_position_and_not_one_event_before(tmp_path: Path) -> None:
+    """Read-your-writes is exact: a receipt's position is answered once the read model has
+    it, and a position one past what it has is not answered (here: refused at once)."""
+    from daybook.infrastructure.readmodels.queries import StaleRead
+
+    url = f"sqlite:///{tmp_path}/d.db"
+    with open_ledger(url) as ledger, run_projections(ledger, url, start=False) as runner:
+        account = ledger.open_account("ann", "EUR").account_id
+        receipt = ledger.deposit(account, 5)
+        runner.run_until_caught_up()
+        answer = runner.views.balance(account, min_position=receipt.position, timeout=0)
+        assert answer.balance == 5 and answer.as_of_position == receipt.position
+        later = ledger.deposit(account, 7)  # not applied: the runner is not running
+        assert later.position == receipt.position + 1
+        try:
+            early = runner.views.balance(account, min_position=later.position, timeout=0)
+        except StaleRead:
+            early = None
+        assert early is None, f"asked for {later.position}, answered as of {early}"
