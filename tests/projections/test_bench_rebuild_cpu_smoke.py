@@ -12,16 +12,19 @@ import pytest
 pytestmark = pytest.mark.postgres
 
 
-def test_bench_rebuild_cpu_on_an_empty_log_says_so(pg_url: str) -> None:
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_rebuild_cpu.py"
+def refused(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/SCRIPT ARGS``, run; it must end with an error of one line, not a traceback."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / script
     result = subprocess.run(
-        [sys.executable, str(script), "--url", pg_url, "--runs", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=120
     )
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.returncode != 0
+    assert result.returncode != 0, (result.stdout[-500:], result.stderr[-500:])
+    return result
+
+
+def test_bench_rebuild_cpu_on_an_empty_log_says_so(pg_url: str) -> None:
+    result = refused("bench_rebuild_cpu.py", "--url", pg_url, "--runs", "1")
     assert "no log" in result.stderr, result.stderr
 
 
@@ -38,15 +41,7 @@ def test_bench_rebuild_cpu_refuses_a_database_the_benchmark_did_not_write(pg_url
         ledger.deposit(account, 5)
         with run_projections(ledger, pg_url, start=False) as runner:
             runner.run_until_caught_up()
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_rebuild_cpu.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--url", pg_url, "--runs", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.returncode != 0
+    result = refused("bench_rebuild_cpu.py", "--url", pg_url, "--runs", "1")
     assert "bench_projections.py" in result.stderr, result.stderr
     store = open_store(pg_url)
     try:
@@ -63,15 +58,7 @@ def test_bench_projections_refuses_a_database_whose_log_it_did_not_write(pg_url:
     with open_ledger(pg_url) as ledger:
         ledger.deposit(ledger.open_account("ann", "EUR").account_id, 5)
         head = ledger.head()
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_projections.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--url", pg_url, "--events", "1000"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.returncode == 2, (result.stdout[-500:], result.stderr[-500:])
-    assert "did not write" in result.stderr, result.stderr
+    result = refused("bench_projections.py", "--url", pg_url, "--events", "1000")
+    assert result.returncode == 2 and "did not write" in result.stderr, result.stderr
     with open_ledger(pg_url) as ledger:
         assert ledger.head() == head
