@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from daybook.infrastructure.http.problems import Problem
@@ -108,23 +109,28 @@ class RateLimits:
     burst_seconds: float = 1.0
     clock: Callable[[], float] = time.monotonic
     _buckets: dict[str, Bucket] = field(default_factory=dict)
+    #: Per token: its exempt requests that reduced nothing (``take``).
+    _wasted: dict[str, Bucket] = field(default_factory=dict)
     limited: int = 0
 
     def take(self, name: str, rate: float | None = None, *, exempt: bool = False) -> None:
         """Count one request for ``name``; raise 429 when over its rate.
 
-        ``exempt``: a request made only of commands that reduce risk, let in over the rate
-        (down to one burst below empty) so that a caller at its limit can still release what
-        it holds. Counted on the way in all the same, so that requests sent together are
-        bounded too, and given back (``refund``) once it has reduced something: one that
-        reduces nothing (a void of a hold that does not exist releases nothing, and leaves a
-        request record for the retention window) stays counted, and a token sending such
-        requests without end is limited as for any other."""
+        ``exempt``: a request made only of commands that reduce risk. It is not counted:
+        a caller at its limit must still be able to release what it holds, however many
+        such requests it has in flight. Unless such requests reduce nothing: each one whose
+        every command is refused, or that cannot be read (``wasted``), is counted in a
+        bucket of their own, which may go into debt (requests sent together are all let in,
+        and counted as they end), and while it owes more than one burst the token's exempt
+        requests are refused as any other. So a token cannot send, for long, more requests
+        that reduce nothing (each leaving request records for the retention window) than
+        its rate."""
         per_second = rate or self.default_rate
         if per_second <= 0:
             return  # no limit
         burst = max(1.0, per_second * self.burst_seconds)
-        bucket = self._filled(name, per_second, burst)
+        buckets = self._wasted if exempt else self._buckets
+        bucket = self._filled(buckets, name, per_second, burst)
         needed = 1.0 - burst if exempt else 1.0
         if bucket.tokens < needed:
             self.limited += 1
@@ -135,23 +141,37 @@ class RateLimits:
                 headers={"Retry-After": str(max(1, wait))},
                 details={"rate": per_second},
             )
-        bucket.tokens -= 1.0
+        if not exempt:
+            bucket.tokens -= 1.0
 
-    def refund(self, name: str, rate: float | None = None) -> None:
-        """Give back what ``take(exempt=True)`` counted: the request reduced risk."""
+    def wasted(self, name: str, rate: float | None = None) -> None:
+        """A request ``take`` let in as ``exempt`` reduced nothing: count it (see ``take``)."""
         per_second = rate or self.default_rate
         if per_second <= 0:
             return
         burst = max(1.0, per_second * self.burst_seconds)
-        bucket = self._filled(name, per_second, burst)
-        bucket.tokens = min(burst, bucket.tokens + 1.0)
+        self._filled(self._wasted, name, per_second, burst).tokens -= 1.0
 
-    def _filled(self, name: str, per_second: float, burst: float) -> Bucket:
+    @contextmanager
+    def wasted_if_refused(self, name: str, rate: float | None, exempt: bool) -> Iterator[None]:
+        """Count an ``exempt`` request as ``wasted`` if it ends refused for the caller's
+        reason (a 4xx: a refusal, a body that cannot be read, a key used for another
+        request); not for the server's (shutting down, an outage)."""
+        try:
+            yield
+        except Problem as problem:
+            if exempt and problem.status < 500:
+                self.wasted(name, rate)
+            raise
+
+    def _filled(
+        self, buckets: dict[str, Bucket], name: str, per_second: float, burst: float
+    ) -> Bucket:
         """``name``'s bucket, with the tokens it earned since it was last seen."""
         now = self.clock()
-        bucket = self._buckets.get(name)
+        bucket = buckets.get(name)
         if bucket is None:
-            bucket = self._buckets[name] = Bucket(burst, now)
+            bucket = buckets[name] = Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * per_second)
         bucket.stamp = now
         return bucket

@@ -98,6 +98,13 @@ class CommandRoutes:
             # The token is checked here rather than as a FastAPI dependency: resolving
             # dependencies costs more per request than everything else in this function.
             token = await caller(request)
+            if not command_class.reduces_risk:
+                return await handle(request, token)
+            # Let in over the token's rate: counted if it reduces nothing (``take``).
+            with self.auth.limits.wasted_if_refused(token.name, token.rate, exempt=True):
+                return await handle(request, token)
+
+        async def handle(request: Request, token: Token) -> Response:
             key = idempotency_key(request)
             body = await json_body(request)
             with counted_if_refused(command_class.name):
@@ -113,7 +120,7 @@ class CommandRoutes:
                         )
                 except DomainError as error:
                     raise Problem.of(error) from None
-                receipt = await self._execute(command, token, command_class.reduces_risk)
+                receipt = await self._execute(command, command_class.reduces_risk)
             return receipt_response(receipt, key)
 
         doc = (command_class.__doc__ or command_class.name).strip()
@@ -135,13 +142,12 @@ class CommandRoutes:
             }
         }
 
-    async def _execute(self, command: Command, token: Token, always: bool) -> Receipt:
+    async def _execute(self, command: Command, always: bool) -> Receipt:
         """``command`` run by the ledger once the command door admits it (``always``: a
-        command that reduces risk, never shed, and not counted against the token's rate
-        once it is accepted: ``RateLimits.take``); a refusal becomes a ``Problem``."""
+        command that reduces risk, never shed); a refusal becomes a ``Problem``."""
         self.door.enter(always=always)
         try:
-            receipt = await self.ledger.execute(command)
+            return await self.ledger.execute(command)
         except DomainError as error:
             raise Problem.of(error) from None
         except LedgerClosed:
@@ -152,9 +158,6 @@ class CommandRoutes:
             ) from None
         finally:
             self.door.leave()
-        if always:
-            self.auth.limits.refund(token.name, token.rate)
-        return receipt
 
     async def refuse_earlier_batch_item(self, token: str, key: str) -> None:
         """Refuse a key ``K/i`` while ``K`` holds the claim of a batch an earlier daybook ran:

@@ -169,15 +169,16 @@ class ListRoutes:
             key = idempotency_key(request)
             _, listed = await self._listed(request, token, MAX_LINKED)
             request_id = f"{token.name}/{key}"
-            with counted_if_refused(Atomic.name):
-                await self.commands.refuse_earlier_batch_item(token.name, key)
-            receipt = await self._run(
-                token,
-                request_id,
-                key,
-                listed,
-                self.commands.ledger.atomic(listed, request_id=request_id, actor=token.name),
-            )
+            with self._wasted_if_refused(token, listed):
+                with counted_if_refused(Atomic.name):
+                    await self.commands.refuse_earlier_batch_item(token.name, key)
+                receipt = await self._run(
+                    token,
+                    request_id,
+                    key,
+                    listed,
+                    self.commands.ledger.atomic(listed, request_id=request_id, actor=token.name),
+                )
             return receipt_response(receipt, key)
 
         async def batch(request: Request) -> Response:
@@ -191,13 +192,15 @@ class ListRoutes:
             # still in progress with it (a single command, sent first) must not lose to a
             # batch answered ``idempotency_key_in_use``. (``_run`` marks it again, with no
             # await between.)
-            with self.commands.in_progress(scope, key):
-                if await self._check_batch(token.name, key, submitted):
-                    # A batch an earlier daybook ran: its items keep the ids they were given.
-                    submitted = commands_of(body, MAX_BATCH, token.name, scope)
-            outcomes = await self._run(
-                token, scope, key, submitted, self.commands.ledger.submit(submitted)
-            )
+            with self._wasted_if_refused(token, submitted):
+                with self.commands.in_progress(scope, key):
+                    if await self._check_batch(token.name, key, submitted):
+                        # A batch an earlier daybook ran: its items keep the ids they were
+                        # given.
+                        submitted = commands_of(body, MAX_BATCH, token.name, scope)
+                outcomes = await self._run(
+                    token, scope, key, submitted, self.commands.ledger.submit(submitted)
+                )
             return _batch_response(key, outcomes)
 
         for path, endpoint, name in (
@@ -207,6 +210,12 @@ class ListRoutes:
             app.router.routes.append(_CommandRoute(path, endpoint, methods=["POST"], name=name))
         self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
         self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
+
+    def _wasted_if_refused(self, token: Token, listed: list[Command]) -> Any:
+        """A list of commands that reduce risk, let in over the token's rate, counted if it
+        is refused for the caller's reason (``RateLimits.take``)."""
+        exempt = all(type(command).reduces_risk for command in listed)
+        return self.commands.auth.limits.wasted_if_refused(token.name, token.rate, exempt)
 
     async def _listed(
         self, request: Request, token: Token, most: int, scope: str | None = None
@@ -247,8 +256,8 @@ class ListRoutes:
     ) -> Any:
         """``work`` (a coroutine), admitted for every command of the list, with the key
         marked in progress; a refusal becomes a ``Problem``. A list of commands that reduce
-        risk, let in over the token's rate, is not counted against it once one of its
-        commands is accepted (``RateLimits.take``)."""
+        risk, let in over the token's rate, whose every command is refused is counted
+        (``RateLimits.take``)."""
         commands = self.commands
         entered = 0
         always = all(type(command).reduces_risk for command in listed)
@@ -266,9 +275,13 @@ class ListRoutes:
             work.close()  # not awaited when refused (a no-op once it ran)
             for _ in range(entered):
                 commands.door.leave()
-        outcomes = done if isinstance(done, list) else [done]
-        if always and any(isinstance(outcome, Receipt) for outcome in outcomes):
-            commands.auth.limits.refund(token.name, token.rate)
+        if (
+            always
+            and isinstance(done, list)
+            and any(isinstance(outcome, DomainError) for outcome in done)
+            and not any(isinstance(outcome, Receipt) for outcome in done)
+        ):
+            commands.auth.limits.wasted(token.name, token.rate)  # a batch: every one refused
         return done
 
     async def _check_batch(self, token: str, key: str, submitted: list[Command]) -> bool:

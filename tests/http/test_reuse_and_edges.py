@@ -3,6 +3,7 @@ tampered cursors and risk-reducing lists over HTTP: each case once answered wron
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -697,15 +698,29 @@ def test_risk_reducing_commands_that_reduce_nothing_count_against_the_rate(
         api.close()
 
 
-def test_risk_reducing_requests_sent_together_that_reduce_nothing_are_bounded(
+def _holds(api: Api, count: int) -> list[str]:
+    ann = api.open_account("ann")
+    assert api.command("deposit", {"account_id": ann, "amount": 1000}).is_success
+    return [
+        api.command("hold", {"account_id": ann, "amount": 1, "timeout": 600}).json()["hold_id"]
+        for _ in range(count)
+    ]
+
+
+def _together(api: Api, sends: list[Any]) -> list[int]:
+    async def all_at_once() -> list[httpx.Response]:
+        return list(await asyncio.gather(*sends))
+
+    return [reply.status_code for reply in api.run(all_at_once())]
+
+
+def test_risk_reducing_requests_that_reduce_nothing_are_bounded_over_time(
     tmp_path: Path,
 ) -> None:
-    """Counted only once they had run, requests sent together all got in before any was
-    counted: ten lists of voids of holds that do not exist, sent at once, all ran. Counted on
-    the way in (and given back once one reduces something), they are bounded as when sent
-    one after another; and a single void that cannot even be read counts too."""
-    import asyncio
-
+    """Such requests sent together all get in (none is counted before it ends: voids that
+    release something must never wait on each other), and are counted as they end: the
+    token's next one is refused until the debt is paid back at its rate. A single void that
+    cannot even be read counts too."""
     api = make_api(f"sqlite:///{tmp_path}/ledger.db", HttpOptions(token_rate=2.0))
     api.app.state.limits.clock = lambda: 100.0  # time stands still: only the count matters
 
@@ -714,12 +729,9 @@ def test_risk_reducing_requests_sent_together_that_reduce_nothing_are_bounded(
         headers = {**api.auth("tester"), "Idempotency-Key": str(uuid.uuid4())}
         return api.client.post("/v1/batch", json={"commands": commands}, headers=headers)
 
-    async def together() -> list[httpx.Response]:
-        return list(await asyncio.gather(*(voids() for _ in range(10))))
-
     try:
-        statuses = [reply.status_code for reply in api.run(together())]
-        assert statuses.count(200) == 4 and statuses.count(429) == 6, statuses
+        assert _together(api, [voids() for _ in range(10)]) == [200] * 10
+        assert _together(api, [voids()]) == [429]
     finally:
         api.close()
     api = make_api(f"sqlite:///{tmp_path}/other.db", HttpOptions(token_rate=2.0))
@@ -727,5 +739,25 @@ def test_risk_reducing_requests_sent_together_that_reduce_nothing_are_bounded(
     try:
         unreadable = [api.command("void", {"hold_id": "nope"}).status_code for _ in range(6)]
         assert unreadable == [422] * 4 + [429] * 2, unreadable
+    finally:
+        api.close()
+
+
+def test_risk_reducing_requests_that_reduce_something_are_never_limited(tmp_path: Path) -> None:
+    """Ten voids of real holds sent together by a token at 2 requests a second all get in,
+    and a deposit sent with them is not refused for them; voids refused because the server
+    is stopping are not the caller's to count."""
+    api = make_api(f"sqlite:///{tmp_path}/ledger.db")
+    try:
+        holds = _holds(api, 16)
+        bob = api.open_account("bob")
+        api.token("slow", "write", rate=2)
+        api.app.state.limits.clock = lambda: 100.0
+        sends = [api.send_command("void", {"hold_id": h}, who="slow") for h in holds[:10]]
+        sends.append(api.send_command("deposit", {"account_id": bob, "amount": 1}, who="slow"))
+        assert _together(api, sends) == [200] * 11
+        api.run(api.parts.ledger.close())
+        stopping = [api.command("void", {"hold_id": h}, who="slow").status_code for h in holds[10:]]
+        assert stopping == [503] * 6, stopping
     finally:
         api.close()
