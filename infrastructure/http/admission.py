@@ -12,7 +12,8 @@ it dangerous.
 
 Rate limits are token buckets per bearer token: ``rate`` requests a second, bursts up to
 ``burst``. Over the limit: ``429 rate_limited`` with the seconds until the next request would
-be allowed. All of this runs on the event loop's thread (no locks needed).
+be allowed. Requests of commands that reduce risk are not counted, unless they reduce nothing
+(``RateLimits.take``). All of this runs on the event loop's thread (no locks needed).
 """
 
 from __future__ import annotations
