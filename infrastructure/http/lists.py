@@ -163,17 +163,19 @@ class ListRoutes:
         # The rate is taken once the list is read: a list made only of commands that reduce
         # risk is not counted against it, as such a command alone is not.
         caller = self.commands.auth.require("write", limited=False)
+        limits = self.commands.auth.limits
 
         async def atomic(request: Request) -> Response:
             token = await caller(request)
             key = idempotency_key(request)
-            _, listed = await self._listed(request, token, MAX_LINKED)
+            _, listed, exempt = await self._listed(request, token, MAX_LINKED)
             request_id = f"{token.name}/{key}"
-            with self._wasted_if_refused(token, listed):
+            with limits.wasted_if_refused(token.name, token.rate, exempt):
                 with counted_if_refused(Atomic.name):
                     await self.commands.refuse_earlier_batch_item(token.name, key)
                 receipt = await self._run(
                     token,
+                    exempt,
                     request_id,
                     key,
                     listed,
@@ -185,21 +187,21 @@ class ListRoutes:
             token = await caller(request)
             key = idempotency_key(request)
             scope = f"{token.name}/{key}"
-            body, submitted = await self._listed(
+            body, submitted, exempt = await self._listed(
                 request, token, MAX_BATCH, item_ids(token.name, key)
             )
             # In progress from here: the check claims the key in the store, which a request
             # still in progress with it (a single command, sent first) must not lose to a
             # batch answered ``idempotency_key_in_use``. (``_run`` marks it again, with no
             # await between.)
-            with self._wasted_if_refused(token, submitted):
+            with limits.wasted_if_refused(token.name, token.rate, exempt):
                 with self.commands.in_progress(scope, key):
                     if await self._check_batch(token.name, key, submitted):
                         # A batch an earlier daybook ran: its items keep the ids they were
                         # given.
                         submitted = commands_of(body, MAX_BATCH, token.name, scope)
                 outcomes = await self._run(
-                    token, scope, key, submitted, self.commands.ledger.submit(submitted)
+                    token, exempt, scope, key, submitted, self.commands.ledger.submit(submitted)
                 )
             return _batch_response(key, outcomes)
 
@@ -211,31 +213,25 @@ class ListRoutes:
         self.commands.operations["/v1/atomic"] = {"post": _openapi_atomic()}
         self.commands.operations["/v1/batch"] = {"post": _openapi_batch()}
 
-    def _wasted_if_refused(self, token: Token, listed: list[Command]) -> Any:
-        """A list of commands that reduce risk, let in over the token's rate, counted if it
-        is refused for the caller's reason (``RateLimits.take``)."""
-        exempt = all(type(command).reduces_risk for command in listed)
-        return self.commands.auth.limits.wasted_if_refused(token.name, token.rate, exempt)
-
     async def _listed(
         self, request: Request, token: Token, most: int, scope: str | None = None
-    ) -> tuple[Any, list[Command]]:
+    ) -> tuple[Any, list[Command], bool]:
         """The request's list of commands (``commands_of``) if the command door can ever
         admit it (``_fits``), counted against the token's rate unless every command of it
         reduces risk (never shed, and let in over the rate: ``Command.reduces_risk``,
         ``RateLimits.take``); a list that cannot be read or run counts. The body comes with
-        it."""
+        it, and whether every command reduces risk (``exempt``, as ``take`` has it)."""
         try:
             body = await json_body(request)
             listed = commands_of(body, most, token.name, scope)
-            always = all(type(command).reduces_risk for command in listed)
-            if not always:
+            exempt = all(type(command).reduces_risk for command in listed)
+            if not exempt:
                 self._fits(listed)
         except Problem:
             self.commands.auth.limits.take(token.name, token.rate)
             raise
-        self.commands.auth.limits.take(token.name, token.rate, exempt=always)
-        return body, listed
+        self.commands.auth.limits.take(token.name, token.rate, exempt=exempt)
+        return body, listed, exempt
 
     def _fits(self, listed: list[Command]) -> None:
         """Refuse, for good, a list longer than the command door admits at once: it would be
@@ -252,19 +248,24 @@ class ListRoutes:
             )
 
     async def _run(
-        self, token: Token, request_id: str, key: str, listed: list[Command], work: Any
+        self,
+        token: Token,
+        exempt: bool,
+        request_id: str,
+        key: str,
+        listed: list[Command],
+        work: Any,
     ) -> Any:
-        """``work`` (a coroutine), admitted for every command of the list, with the key
-        marked in progress; a refusal becomes a ``Problem``. A list of commands that reduce
-        risk, let in over the token's rate, whose every command is refused is counted
-        (``RateLimits.take``)."""
+        """``work`` (a coroutine), admitted for every command of the list (``exempt``: every
+        one reduces risk, never shed), with the key marked in progress; a refusal becomes a
+        ``Problem``. Such a list, let in over the token's rate, whose every command is
+        refused is counted (``RateLimits.take``)."""
         commands = self.commands
         entered = 0
-        always = all(type(command).reduces_risk for command in listed)
         try:
             with commands.in_progress(request_id, key):
                 for _ in listed:
-                    commands.door.enter(always=always)
+                    commands.door.enter(always=exempt)
                     entered += 1
                 done = await work
         except DomainError as error:
@@ -276,7 +277,7 @@ class ListRoutes:
             for _ in range(entered):
                 commands.door.leave()
         if (
-            always
+            exempt
             and isinstance(done, list)
             and any(isinstance(outcome, DomainError) for outcome in done)
             and not any(isinstance(outcome, Receipt) for outcome in done)
