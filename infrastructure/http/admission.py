@@ -126,12 +126,11 @@ class RateLimits:
         requests are refused as any other. So a token cannot send, for long, more requests
         that reduce nothing (each leaving request records for the retention window) than
         its rate."""
-        per_second = rate or self.default_rate
-        if per_second <= 0:
-            return  # no limit
-        burst = max(1.0, per_second * self.burst_seconds)
-        buckets = self._wasted if exempt else self._buckets
-        bucket = self._filled(buckets, name, per_second, burst)
+        limit = self._limit(rate)
+        if limit is None:
+            return
+        per_second, burst = limit
+        bucket = self._filled(self._wasted if exempt else self._buckets, name, per_second, burst)
         needed = 1.0 - burst if exempt else 1.0
         if bucket.tokens < needed:
             self.limited += 1
@@ -147,11 +146,9 @@ class RateLimits:
 
     def wasted(self, name: str, rate: float | None = None) -> None:
         """A request ``take`` let in as ``exempt`` reduced nothing: count it (see ``take``)."""
-        per_second = rate or self.default_rate
-        if per_second <= 0:
-            return
-        burst = max(1.0, per_second * self.burst_seconds)
-        self._filled(self._wasted, name, per_second, burst).tokens -= 1.0
+        limit = self._limit(rate)
+        if limit is not None:
+            self._filled(self._wasted, name, *limit).tokens -= 1.0
 
     @contextmanager
     def wasted_if_refused(self, name: str, rate: float | None, exempt: bool) -> Iterator[None]:
@@ -164,6 +161,14 @@ class RateLimits:
             if exempt and problem.status < 500:
                 self.wasted(name, rate)
             raise
+
+    def _limit(self, rate: float | None) -> tuple[float, float] | None:
+        """(requests a second, burst) for a token of ``rate`` (None: the server's); None when
+        it has no limit."""
+        per_second = rate or self.default_rate
+        if per_second <= 0:
+            return None
+        return per_second, max(1.0, per_second * self.burst_seconds)
 
     def _filled(
         self, buckets: dict[str, Bucket], name: str, per_second: float, burst: float
