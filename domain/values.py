@@ -45,7 +45,14 @@ _NOT_TEXT = frozenset({"Cc", "Cs", "Zl", "Zp"})
 #: Bidirectional embeddings, overrides and isolates: they reorder the text after them, so an
 #: owner's name could show as another's wherever it is printed (a statement, the dashboard).
 #: (Direction marks, which reorder nothing but the neutral characters beside them, may stay.)
-_REORDERS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+REORDERING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _not_text(char: str) -> bool:
+    """Whether free text may not hold ``char`` (``_NOT_TEXT``, ``REORDERING``)."""
+    return unicodedata.category(char) in _NOT_TEXT or char in REORDERING
+
+
 _SKU = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 #: Parts of a SKU between slashes that a URL path would not keep as they are.
 _RESOLVED_AWAY = frozenset({"", ".", ".."})
@@ -129,9 +136,7 @@ def as_text(message: str, max_length: int = 200) -> str:
     ``check_text`` takes: on one line, what it refuses replaced by U+FFFD, cut to
     ``max_length``."""
     line = " ".join(message.split())
-    kept = "".join(
-        "\ufffd" if unicodedata.category(c) in _NOT_TEXT or c in _REORDERS else c for c in line
-    )
+    kept = "".join("\ufffd" if _not_text(c) else c for c in line)
     kept = kept[:max_length]
     return kept if _shows_something(kept) else "(no message)"
 
@@ -180,13 +185,13 @@ def check_instant(value: object, what: str) -> datetime:
 def check_text(value: object, what: str, max_length: int = 200) -> str:
     """Free text such as an owner name or a reason: non-blank, bounded, on one line, no
     control chars (DEL and the C1 range as well as those below space: a terminal acts on
-    them), no bidirectional overrides (``_REORDERS``), and no lone surrogates (a Python
+    them), no bidirectional overrides (``REORDERING``), and no lone surrogates (a Python
     string may hold them; UTF-8, and so the event store, cannot)."""
     if (
         not isinstance(value, str)
         or not _shows_something(value)
         or len(value) > max_length
-        or any(unicodedata.category(c) in _NOT_TEXT or c in _REORDERS for c in value)
+        or any(_not_text(c) for c in value)
     ):
         raise InvalidRequest(
             f"{what} must be non-blank text of at most {max_length} characters on one "

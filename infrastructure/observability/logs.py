@@ -23,6 +23,8 @@ from typing import Any, TextIO
 import orjson
 from opentelemetry import trace
 
+from daybook.domain.values import REORDERING
+
 _NONE: Mapping[str, str] = MappingProxyType({})
 _CONTEXT: ContextVar[Mapping[str, str]] = ContextVar("daybook_log_context", default=_NONE)
 
@@ -128,13 +130,15 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+#: Unicode's line and paragraph separators, and the bidirectional overrides free text
+#: refuses (they make one name show as another), as a character class's members.
+_ALSO_ESCAPED = "\u2028\u2029" + "".join(sorted(REORDERING))
 #: Characters a console line shows escaped: controls (a terminal acts on ESC; a newline
-#: would start a line the caller wrote), Unicode's line and paragraph separators, and the
-#: bidirectional overrides free text refuses (they make one name show as another).
-_NOT_ONE_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: would start a line the caller wrote), and ``_ALSO_ESCAPED``.
+_NOT_ONE_LINE = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_ALSO_ESCAPED}]")
 #: The same but for the newline and the tab, which a message of daybook's own may hold on
 #: purpose (a parked event's traceback): its other controls are escaped all the same.
-_NOT_SHOWN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NOT_SHOWN = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_ALSO_ESCAPED}]")
 
 
 def _escaped(match: re.Match[str]) -> str:
