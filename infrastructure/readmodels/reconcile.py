@@ -459,14 +459,17 @@ def _point(store: ReadStore, catalog: VersionCatalog, record: VersionRecord) -> 
     stream = record.stream
     if stream is None:
         return _Point(record.position, record.epoch)
+    return _vector_point(store, record, stream, read_vector(store, *stream))
+
+
+def _vector_point(
+    store: ReadStore, record: VersionRecord, stream: tuple[str, str, int], vector: Vector
+) -> _Point:
+    """The checkpoint of ``record``, owned by ``stream``, at ``vector``: the group's parked
+    events of the version with it."""
     group, topic, _ = stream
-    vector = read_vector(store, *stream)
-    return _Point(
-        vector.position,
-        record.epoch,
-        vector,
-        parked_for(store, group, topic, record.name, record.version),
-    )
+    parked = parked_for(store, group, topic, record.name, record.version)
+    return _Point(vector.position, record.epoch, vector, parked)
 
 
 def _locked_point(
@@ -486,13 +489,7 @@ def _locked_point(
         return None
     if stream is None or vector is None:
         return _Point(current.position, current.epoch)
-    group, topic, _ = stream
-    return _Point(
-        vector.position,
-        current.epoch,
-        vector,
-        parked_for(store, group, topic, current.name, current.version),
-    )
+    return _vector_point(store, current, stream, vector)
 
 
 def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point) -> ReconcileReport:
