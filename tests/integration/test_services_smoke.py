@@ -12,6 +12,7 @@ import os
 import pwd
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -101,6 +102,12 @@ def test_the_server_has_a_directory_of_its_own_that_stop_removes(
     directory = server.directory
     assert directory is not None and server.data_dir is not None and server.log_path is not None
     assert server.data_dir.parent == directory == server.log_path.parent
+    # Not durable: in memory when there is room (a durable one's, below, never is).
+    assert str(directory.parent) == (
+        services._server_parent(durable=False) or tempfile.gettempdir()
+    )
+    with psycopg.connect(server.url) as conn:
+        assert conn.execute("SHOW autovacuum").fetchone() == ("off",)
     runs_as = pwd.getpwnam(services.PG_SYSTEM_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
     assert {path.stat().st_uid for path in (directory, server.data_dir, server.log_path)} == {
         runs_as
@@ -276,3 +283,6 @@ def test_benchmarks_get_a_durable_server_whatever_the_tests_use(
         with psycopg.connect(admin_url) as conn:
             assert conn.execute("SHOW fsync").fetchone() == ("on",)
             assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+            data = conn.execute("SHOW data_directory").fetchone()
+        # On disk, whatever room there is in memory: its data must outlive the machine.
+        assert data is not None and not Path(data[0]).is_relative_to(services.MEMORY_DIR)
