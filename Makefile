@@ -24,11 +24,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/daybook demo
 
-# Six processes: most tests wait on servers, processes and timeouts rather than compute, so
-# they overlap well even on two cores (each process starts its own PostgreSQL and broker).
-# On the shared 2-core machine the two cores were idle 16% of a run with four, 7% with six
-# (so more would not help): 10 min 21 s to 10 min 53 s with four, 9 min 57 s to 11 min 19 s
-# with six, as busy as the machine's other tenants left it.
+# Six processes, each with its own PostgreSQL and broker: one test's waits (on servers,
+# processes and timeouts) are another's CPU. On the shared 2-core machine, the suite alone
+# (install and browser check apart): 8 min 17 s with four processes, the two cores 74%
+# busy; 7 min 31 s with six, 87% busy (so more would not help much).
 test: $(STAMP) browser
 	$(PY) -m pytest -n 6 --dist worksteal
 
