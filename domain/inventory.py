@@ -63,7 +63,8 @@ class ReservationNotFound(DomainError):
 
 class ReservationResolved(DomainError):
     """The reservation was already committed or released (a release refused for one that
-    was committed says so: ``details["resolution"]`` is ``committed``)."""
+    was committed says so: ``details["resolution"]`` is ``committed``; ``unknown`` when its
+    shipment record's id is another kind of record's, so that it may have shipped)."""
 
     code = "reservation_resolved"
 
@@ -661,8 +662,20 @@ class ReleaseReservation(Command):
                 self.reservation_id, claimed=is_claimed(aggregates, inventory, self.reservation_id)
             )
         except ReservationResolved:
-            shipment = aggregates.find(ReservationShipment, (self.sku, self.reservation_id))
+            key = (self.sku, self.reservation_id)
+            shipment = aggregates.find(ReservationShipment, key)
             if shipment is None:
+                if aggregates.taken(ReservationShipment, key):
+                    # Another kind of record has the shipment record's id: a commit went on
+                    # without its record, so "resolved" cannot tell shipped from released.
+                    raise ReservationResolved(
+                        f"reservation {self.reservation_id!r} of SKU {self.sku} was already "
+                        "resolved, perhaps committed (its shipment record's id is used by "
+                        "another kind of record, so whether it shipped is unknown)",
+                        sku=self.sku,
+                        reservation_id=self.reservation_id,
+                        resolution="unknown",
+                    ) from None
                 raise
             raise ReservationResolved(
                 f"reservation {self.reservation_id!r} of SKU {self.sku} was already "

@@ -173,7 +173,10 @@ def _reserve(index: int) -> Step:
 def _shipped(refusal: DomainError) -> str | None:
     """A reservation committed meanwhile (its id is derivable: anyone may ship it) is not
     given back by the release it refuses, as one released or expired is."""
-    if refusal.code != ReservationResolved.code or refusal.details.get("resolution") != "committed":
+    if refusal.code != ReservationResolved.code or refusal.details.get("resolution") not in (
+        "committed",
+        "unknown",  # shipped without its record, perhaps: a person decides
+    ):
         return None
     return (
         f"{refusal.message}, though the order did not complete: a person decides what "

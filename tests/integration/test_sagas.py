@@ -989,3 +989,23 @@ def test_a_base_exception_from_a_port_stops_the_processor_visibly(
     # And the processor's next pass fails, as for any failure no retry cures (FAILED).
     with pytest.raises(GatewayAborted):
         processor.run_due()
+
+
+def test_a_reservation_shipped_without_its_record_still_leaves_the_saga_needing_attention(
+    shop: Shop,
+) -> None:
+    """A reservation's shipment record has a derivable id, on which anyone may open an
+    account first: its commit then ships without the record (so that nobody can keep a
+    reservation from shipping). The order's release, refused, cannot tell shipped from
+    released: it took the reservation for one released and the saga ended compensated,
+    with two kettles gone unpaid. It ends needing attention, as for one seen shipped."""
+    from daybook.domain.inventory import ReservationShipment
+
+    saga_id = wait_at_the_charge(shop, "o-squat", [("KETTLE", 2, 100)])
+    squatted = ReservationShipment.id_for(("KETTLE", "o-squat/0"))
+    shop.ledger.open_account("mallory", "EUR", account_id=squatted)
+    shop.ledger.commit_reservation("KETTLE", "o-squat/0")
+    shop.ledger.execute(CancelSaga(saga_id, "bob", "customer asked"))
+    saga = shop.run(saga_id)
+    assert shop.ledger.inventory("KETTLE").on_hand == 8  # two kettles left the shelf
+    assert saga.state is SagaState.NEEDS_ATTENTION, saga.view()
