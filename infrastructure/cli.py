@@ -92,8 +92,35 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for ``error`` (a subcommand's parser gets the arguments after its name).
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: {message}{self._dash_hint(message)} (see {self.prog} --help)\n")
+
+    def _dash_hint(self, message: str) -> str:
+        """A value that starts with '-' (a SKU such as ``-KETTLE``) is taken for an option,
+        and argparse then says the argument is missing: say how to give it."""
+        if not message.startswith("the following arguments are required"):
+            return ""
+        for given in getattr(self, "_given", ()):
+            if given == "--":
+                return ""
+            known = given.partition("=")[0] in self._option_string_actions
+            if (
+                given.startswith("-")
+                and not known
+                and not self._negative_number_matcher.match(given)
+            ):
+                return (
+                    f"; {given} was taken for an option: a value that starts with '-' goes "
+                    f"after '--' ({self.prog} [options] -- {given})"
+                )
+        return ""
 
 
 def command(

@@ -153,3 +153,22 @@ def test_not_found_names_the_position_it_was_read_at_not_a_later_one(
     assert main([command, key, "--url", url]) == 1
     named = re.search(r"as of log position (\d+)", capsys.readouterr().err)
     assert written and named is not None and int(named[1]) < written[0], (named, written)
+
+
+def test_a_sku_that_starts_with_a_dash_is_looked_up_after_two_dashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-KETTLE`` is a SKU the ledger takes, but ``daybook stock -KETTLE`` takes it for an
+    option: it said only that the SKU was missing. It says how to give it now, and that
+    way works."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger, run_projections(ledger) as runner:
+        receipt = ledger.receive_stock("-KETTLE", 5)
+        runner.views.stock("-KETTLE", min_position=receipt.position, timeout=10)
+    with pytest.raises(SystemExit) as exit_:
+        main(["stock", "-KETTLE", "--url", url])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "-KETTLE was taken for an option" in err and "daybook stock [options] -- -KETTLE" in err
+    assert main(["stock", "--url", url, "--", "-KETTLE"]) == 0
+    assert "-KETTLE" in capsys.readouterr().out
