@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
@@ -251,25 +254,31 @@ def no_sqlite_file(path: Path) -> str:
     )
 
 
-#: What every SQLite database file begins with.
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
 def sqlite_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be opened as a SQLite database (a folder, a file that cannot be
     read, or one that is not SQLite), or None: a SQLite file, an empty one (a new database to
-    SQLite), or none yet."""
+    SQLite), or none yet.
+
+    The file is read through SQLite (a read-only connection), never with ``open``: closing
+    any descriptor of a file drops every POSIX lock the process holds on it, those of its
+    SQLite connections included (a ledger this process opened before its read models), and
+    another process's connection closing then takes the file for unused and deletes the WAL
+    under them: their commits no other process sees, and the file is corrupted. SQLite's
+    own descriptors are kept open while the process holds locks on the file."""
     if path.is_dir():
         return f"{str(path)!r} is a folder, not a database file"
     if not path.exists():
         return None
+    if not os.access(path, os.R_OK):
+        return f"cannot read {str(path)!r}: Permission denied"
+    uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        with path.open("rb") as file:
-            start = file.read(len(_SQLITE_MAGIC))
-    except OSError as error:
-        return f"cannot read {str(path)!r}: {error.strerror}"
-    if start and start != _SQLITE_MAGIC:
-        return f"{str(path)!r} is not a SQLite database; check the path"
+        with closing(sqlite3.connect(uri, uri=True, timeout=30.0)) as conn:
+            conn.execute("PRAGMA schema_version").fetchall()
+    except sqlite3.DatabaseError as error:
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+            return f"{str(path)!r} is not a SQLite database; check the path"
+        return f"cannot read {str(path)!r}: {error}"
     return None
 
 
