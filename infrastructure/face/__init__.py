@@ -60,7 +60,7 @@ from daybook.infrastructure.bootstrap import (
     open_read_models,
     run_projections,
 )
-from daybook.infrastructure.ledger.application import LedgerClosed
+from daybook.infrastructure.ledger.application import LedgerClosed, LedgerForked
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
@@ -95,6 +95,7 @@ __all__ = [
     "InvalidTimeout",
     "Ledger",
     "LedgerClosed",
+    "LedgerForked",
     "LinkedCommandFailed",
     "OrderLine",
     "OutOfStock",

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -96,6 +98,24 @@ class LedgerClosed(RuntimeError):
 
 # Not a refusal: no refusal class may take its code (see ``reserve_codes``).
 reserve_codes((LedgerClosed.code,), "the ledger's own")
+
+
+class LedgerForked(LedgerClosed):
+    """The ledger was opened in a parent process before it forked this one: its writer
+    threads do not exist here, and its connections are the parent's (using them would
+    corrupt the parent's sessions). Open a ledger in this process instead."""
+
+
+#: The ledgers open in this process: a forked child marks them (``_after_fork``).
+_open_services: weakref.WeakSet[LedgerService] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for service in list(_open_services):
+        service.forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class DirectCommitter:
@@ -585,6 +605,10 @@ class LedgerService(Application[UUID]):
         self._identity = object()
         #: Set by ``close``: a read that fails then says the ledger is closed.
         self._closed = False
+        #: The process that opened it; ``forked``: this is a child forked after that.
+        self.opened_in = os.getpid()
+        self.forked = False
+        _open_services.add(self)
         if not isinstance(self.recorder, RequestLog):
             msg = (
                 f"{type(self.recorder).__name__} keeps no idempotency records; "
@@ -1387,7 +1411,22 @@ class LedgerService(Application[UUID]):
         metrics.forget_service(old.health().name)  # replaced, not down
         self.committer.start()
 
+    def refuse_if_forked(self) -> None:
+        """``LedgerForked`` in a child forked after this ledger was opened."""
+        if self.forked:
+            msg = (
+                f"this ledger was opened in process {self.opened_in}, which then forked "
+                f"this one ({os.getpid()}): its threads and connections stay the parent's; "
+                "open the ledger in each process after the fork (gunicorn without "
+                "--preload, or in its post_fork hook; multiprocessing's spawn start method)"
+            )
+            raise LedgerForked(msg)
+
     def close(self) -> None:
+        if self.forked:
+            # The connections are the parent's: closing them here would end its sessions.
+            self._closed = True
+            return
         self.request_purge.stop()
         self.committer.close()
         self._closed = True

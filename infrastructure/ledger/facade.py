@@ -170,6 +170,7 @@ class Ledger(LedgerMethods):
 
     def execute(self, command: Command) -> Receipt:
         command = _command(command)
+        self.service.refuse_if_forked()
         started = time.perf_counter()
         submit = self.service.committer.submit
         try:
@@ -208,6 +209,7 @@ class Ledger(LedgerMethods):
         nothing) for a malformed submission. Each command is counted in
         ``daybook_commands_total``; none is timed in ``daybook_command_duration_seconds``
         (they are answered together, when the submission is)."""
+        self.service.refuse_if_forked()
         outcomes = self._committed(self.service.committer.submit_many, _submission(commands))
         return outcomes  # type: ignore[return-value]
 
@@ -220,14 +222,17 @@ class Ledger(LedgerMethods):
         return _shielded(work, *args)
 
     def read(self, kind: type[A], key: Any) -> A:
+        self.service.refuse_if_forked()
         found: A = _shielded(self.service.read, kind, key)
         return found
 
     def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        self.service.refuse_if_forked()
         return _shielded(self.service.view, kind, key)
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
+        self.service.refuse_if_forked()
         return _shielded(self.service.head)
 
     def health(self) -> Health:
@@ -281,6 +286,7 @@ class AsyncLedger(AsyncLedgerMethods):
 
     async def execute(self, command: Command) -> Receipt:
         command = _command(command)
+        self.service.refuse_if_forked()
         started = time.perf_counter()
         try:
             if not tracing.enabled():  # no span to make: skip the context manager's cost
@@ -307,17 +313,21 @@ class AsyncLedger(AsyncLedgerMethods):
 
     async def submit(self, commands: Sequence[Command]) -> list[Outcome]:
         """``Ledger.submit`` from a coroutine."""
+        self.service.refuse_if_forked()
         outcomes = await self._committer.submit_many_async(_submission(commands))
         return outcomes  # type: ignore[return-value]
 
     async def read(self, kind: type[A], key: Any) -> A:
+        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.read, kind, key)
 
     async def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
+        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.view, kind, key)
 
     async def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
+        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.head)
 
     async def health(self) -> Health:

@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import sys
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from typing import Any
 
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
@@ -216,6 +218,49 @@ class _Inbox:
             return [self._items.popleft() for _ in range(min(len(self._items), limit))]
 
 
+class _CommitThread:
+    """The committing thread: runs what it is given one at a time, in order, each answered
+    by a ``Future``. Not a ``ThreadPoolExecutor``: concurrent.futures refuses new work once
+    the interpreter begins to shut down (when the main thread ends), while the process's
+    other threads may still be sending commands for a while."""
+
+    def __init__(self, name: str) -> None:
+        self._work: queue.SimpleQueue[tuple[Future[Any], Any, tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._lock = threading.Lock()
+        #: The thread, once started (as a pool's ``_threads``).
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, work: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if not self._threads:
+                self._thread.start()
+                self._threads.append(self._thread)
+        self._work.put((future, work, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, work, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = work(*args)
+            except BaseException as error:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def shutdown(self) -> None:
+        """Finish what was given, then end the thread."""
+        self._work.put(None)
+        if self._threads and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
 class _Batch:
     """Commands and their callers, applied in memory and waiting for (or under) commit."""
 
@@ -263,7 +308,7 @@ class GroupCommitter:
         self._building: _Batch | None = None
         #: Commands taken from the inbox and not yet in a batch.
         self._in_hand: list[_Item] = []
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="daybook-commit")
+        self._committer = _CommitThread("daybook-commit_0")
         self._thread = threading.Thread(target=self._run, name="daybook-group-commit", daemon=True)
         #: Its health: running, stopped, or failed with the reason (a bug in the writer).
         self.supervisor = Supervisor("group commit")
@@ -379,10 +424,16 @@ class GroupCommitter:
         callers it answers itself)."""
         self._closed.set()
         self._inbox.close()
-        stopped = RuntimeError(f"daybook's group commit stopped ({error!r}); not committed")
+        # Coded (``ledger_closed``): a caller that handles daybook's errors recognises it.
+        stopped = LedgerClosed(
+            f"daybook's group commit stopped ({error!r}); not committed; the ledger is "
+            "closed: open a new one"
+        )
         waiting: list[_Item] = []
         committing, self._committing = self._committing, None
-        if committing is not None and committing.commit is not None:
+        if committing is not None and committing.commit is None:
+            waiting += committing.items  # its commit could not even be started
+        elif committing is not None and committing.commit is not None:
             with contextlib.suppress(Exception):
                 committing.commit.result()
             if committing.commit.exception() is not None:

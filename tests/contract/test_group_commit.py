@@ -410,7 +410,7 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
         shutdown(*args, **kwargs)
 
     monkeypatch.setattr(pool, "shutdown", slow_shutdown)
-    with pytest.raises(RuntimeError, match="group commit stopped"):
+    with pytest.raises(LedgerClosed, match="group commit stopped"):  # coded: ledger_closed
         ledger.deposit(account, 5)
     with pytest.raises(LedgerClosed):
         ledger.deposit(account, 5)

@@ -1,0 +1,240 @@
+"""daybook embedded in a service's own process: workers forked after the ledger was opened
+(gunicorn --preload, multiprocessing's fork start method), and threads that outlive the main
+thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+_FORKED = textwrap.dedent(
+    """
+    import os, signal, sys
+    from daybook import open_ledger, open_async_ledger
+    url, group_commit = sys.argv[1], sys.argv[2] == "1"
+    ledger = open_ledger(url, group_commit=group_commit)
+    a = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(a, 100, request_id="parent-1")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a gunicorn --preload worker, a multiprocessing "fork" child
+        os.close(read)
+        signal.alarm(10)
+        try:
+            ledger.deposit(a, 5, request_id="child-1")
+            answer = "applied"
+        except BaseException as error:
+            answer = f"{type(error).__name__} code={getattr(error, 'code', None)}"
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 1000).decode() or f"nothing (child status {status})"
+    print("child:", answer)
+    balance = ledger.account(a).balance
+    ledger.deposit(a, 1, request_id="parent-2")
+    print("parent:", balance, ledger.account(a).balance)
+    ledger.close()
+    """
+)
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "direct"])
+def test_a_ledger_used_in_a_forked_child_answers_and_leaves_the_parent_whole(
+    store_url: str, group_commit: bool, tmp_path: Path
+) -> None:
+    """A service that opens its ledger before forking its workers (gunicorn --preload,
+    multiprocessing's fork start method). The child's command waited for ever for a
+    writer thread the child does not have; without group commit, on PostgreSQL, it ran on
+    the parent's connection and broke the parent's next read. It is refused now, with a
+    code and what to do (open the ledger after the fork), and the parent goes on."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED, store_url, "1" if group_commit else "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    child, parent = done.stdout.splitlines()
+    assert "nothing" not in child, f"the forked child got no answer (it hung): {child}"
+    assert child == "child: LedgerForked code=ledger_closed", child
+    assert parent == "parent: 100 101", (child, parent)
+
+
+_FORKED_ASYNC = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from daybook import open_async_ledger
+    url = sys.argv[1]
+
+    async def main():
+        ledger = open_async_ledger(url)
+        a = (await ledger.open_account("ann", "EUR")).account_id
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            signal.alarm(10)
+            async def child():
+                try:
+                    await ledger.deposit(a, 5, request_id="child-1")
+                    return "applied"
+                except BaseException as error:
+                    return f"{type(error).__name__} code={getattr(error, 'code', None)}"
+            os.write(write, asyncio.run(child()).encode())
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        print("child:", os.read(read, 1000).decode() or f"nothing (child status {status})")
+        await ledger.deposit(a, 1, request_id="parent-2")
+        print("parent:", (await ledger.account(a)).balance)
+        await ledger.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_asyncio_ledger_used_in_a_forked_child_answers(store_url: str) -> None:
+    """The same for ``open_async_ledger`` (uvicorn/gunicorn workers forked after start-up)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_ASYNC, store_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    child, parent = done.stdout.splitlines()
+    assert "nothing" not in child, f"the forked child got no answer (it hung): {child}"
+    assert child == "child: LedgerForked code=ledger_closed", child
+    assert parent == "parent: 1", (child, parent)
+
+
+_MAIN_RETURNS = textwrap.dedent(
+    """
+    import sys, threading
+    from daybook import open_ledger
+    ledger = open_ledger(sys.argv[1])
+    a = ledger.open_account("a", "EUR").account_id
+
+    def say(line):
+        sys.stdout.write(line + "\\n")  # one write: threads' lines do not interleave
+        sys.stdout.flush()
+
+    def work(n):
+        try:
+            for i in range(50):
+                ledger.deposit(a, 1, request_id=f"w{n}-{i}")
+        except Exception as error:
+            say(f"worker {n}: {type(error).__name__} code={getattr(error, 'code', None)}: {error}")
+        else:
+            say(f"worker {n}: done")
+        if n == 0:
+            ledger.close()
+
+    for n in range(3):
+        threading.Thread(target=work, args=(n,)).start()
+    # The main thread ends here; Python waits for the (non-daemon) workers.
+    """
+)
+
+
+def test_workers_that_outlive_the_main_thread_keep_a_working_ledger(tmp_path: Path) -> None:
+    """A script whose main thread starts workers and returns (Python waits for them): the
+    workers' commands must go on committing. Interpreter shutdown begins when the main
+    thread ends, and concurrent.futures then refuses new work: the group committer's
+    committing thread was such a pool, so the writer failed and every command was answered
+    an uncoded RuntimeError."""
+    url = f"sqlite:///{tmp_path}/main-returns.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _MAIN_RETURNS, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    answers = sorted(done.stdout.splitlines())
+    assert answers == [f"worker {n}: done" for n in range(3)], [*answers, done.stderr[-800:]]
+    from daybook import open_ledger
+
+    with open_ledger(url) as ledger:
+        assert ledger.head() == 1 + 3 * 50
+
+
+def test_callers_are_told_if_the_writer_cannot_start_a_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As test_callers_are_told_if_the_writer_thread_itself_fails: a writer that fails as
+    it hands a batch to its committing thread must answer that batch's callers too (it
+    had left them blocked for ever: the batch was the one "committing", with no commit)."""
+    import threading
+
+    from daybook import LedgerClosed, open_ledger
+    from daybook.infrastructure.ledger.group_commit import GroupCommitter
+
+    ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR").account_id
+    committer = ledger.service.committer
+    assert isinstance(committer, GroupCommitter)
+
+    def refused(*_: object) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(committer._committer, "submit", refused)
+    answers: list[BaseException | object] = []
+
+    def deposit() -> None:
+        try:
+            answers.append(ledger.deposit(account, 5))
+        except BaseException as error:
+            answers.append(error)
+
+    caller = threading.Thread(target=deposit, daemon=True)
+    caller.start()
+    caller.join(10)
+    assert answers, "the caller of the batch whose commit could not start is still waiting"
+    assert isinstance(answers[0], LedgerClosed) and "not committed" in str(answers[0])
+    assert answers[0].code == "ledger_closed"
+    ledger.close()
+    assert committer.health().state.value == "failed"
+
+
+_CHILD_EXITS = textwrap.dedent(
+    """
+    import os, sys
+    from daybook import open_ledger
+    ledger = open_ledger(sys.argv[1])
+    a = ledger.open_account("ann", "EUR").account_id
+    pid = os.fork()
+    if pid == 0:
+        if sys.argv[2] == "close":
+            ledger.close()
+        sys.exit(0)  # an ordinary exit: the interpreter finalizes the parent's objects
+    os.waitpid(pid, 0)
+    ledger.deposit(a, 1, request_id="after-child")
+    print("parent:", ledger.account(a).balance)
+    ledger.close()
+    """
+)
+
+
+@pytest.mark.parametrize("child", ["exits", "close"])
+def test_a_forked_child_that_exits_or_closes_leaves_the_parents_connections_alone(
+    pg_url: str, child: str
+) -> None:
+    """A forked child's ``close`` must not close the connections it shares with its parent
+    (nor may its exit): the parent's next command and read go through."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_EXITS, pg_url, child],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout.strip() == "parent: 1", done.stdout + done.stderr[-1500:]
