@@ -264,7 +264,9 @@ def sqlite_file_problem(path: Path) -> str | None:
     SQLite connections included (a ledger this process opened before its read models), and
     another process's connection closing then takes the file for unused and deletes the WAL
     under them: their commits no other process sees, and the file is corrupted. SQLite's
-    own descriptors are kept open while the process holds locks on the file."""
+    own descriptors are kept open while the process holds locks on the file. (A look at a
+    WAL file closed cleanly may leave its empty ``-wal`` and ``-shm`` beside it, as any
+    SQLite reader does.)"""
     if path.is_dir():
         return f"{str(path)!r} is a folder, not a database file"
     if not path.exists():
@@ -273,13 +275,23 @@ def sqlite_file_problem(path: Path) -> str | None:
         return f"cannot read {str(path)!r}: Permission denied"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
-        with closing(sqlite3.connect(uri, uri=True, timeout=30.0)) as conn:
+        # No busy timeout: a file another connection holds locked is SQLite, in use.
+        with closing(sqlite3.connect(uri, uri=True, timeout=0)) as conn:
             conn.execute("PRAGMA schema_version").fetchall()
     except sqlite3.DatabaseError as error:
-        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+        code = getattr(error, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_NOTADB:
             return f"{str(path)!r} is not a SQLite database; check the path"
+        # Locked, or a WAL file whose shared memory this read-only look may not make (a
+        # folder the user may not write): SQLite read its header, and knows it.
+        if code is not None and code & 0xFF in _IN_USE:
+            return None
         return f"cannot read {str(path)!r}: {error}"
     return None
+
+
+#: SQLite's primary result codes that say a file is a database this look cannot read now.
+_IN_USE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY})
 
 
 #: The event store environment's libpq settings (a connection string of settings only).

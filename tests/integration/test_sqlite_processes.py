@@ -4,15 +4,20 @@ short-lived ones (CLI commands, scripts) beside a long-running one."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from daybook import open_ledger, open_read_models
+from daybook.infrastructure.urls import sqlite_file_problem
 from tests.integration import test_concurrency as tc
 
 pytestmark = [pytest.mark.slow]
@@ -141,3 +146,69 @@ def test_a_writer_killed_mid_stream_leaves_nothing_half_done_and_its_retries_rep
         ledger.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_file_check_takes_a_file_another_process_holds_locked_at_once(
+    tmp_path: Path,
+) -> None:
+    """The check reads the file through SQLite: a database another process holds an
+    exclusive lock on is SQLite, in use, and accepted at once (not after a busy timeout,
+    then refused "database is locked")."""
+    path = tmp_path / "held.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); c.execute('INSERT INTO t VALUES (1)')\n"
+            "print('held', flush=True); time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        problem = sqlite_file_problem(path)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (problem, took < 5) == (None, True), (problem, took)
+    (tmp_path / "not.db").write_bytes(b"not a database, at all" * 10)
+    assert (
+        sqlite_file_problem(tmp_path / "not.db")
+        == f"{str(tmp_path / 'not.db')!r} is not a SQLite database; check the path"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the check as another user")
+def test_the_file_check_takes_a_wal_file_in_a_folder_the_user_may_not_write() -> None:
+    """A WAL file, closed cleanly (no -wal, no -shm), that the user may read in a folder
+    it may not write: SQLite cannot make the shared memory for a read-only look at it, and
+    says so; the file is SQLite all the same."""
+    folder = Path(tempfile.mkdtemp(prefix="daybook-ro-"))
+    try:
+        path = folder / "w.db"
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE t (x)")
+            conn.commit()
+        folder.chmod(0o755)
+        path.chmod(0o644)
+        check = (
+            "import sys; from pathlib import Path; "
+            "from daybook.infrastructure.urls import sqlite_file_problem as p; "
+            "print(p(Path(sys.argv[1])))"
+        )
+        as_nobody = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", check, str(path)],
+            capture_output=True, text=True, check=False, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert as_nobody.stdout.strip() == "None", as_nobody.stdout + as_nobody.stderr[-500:]
+    finally:
+        shutil.rmtree(folder)
