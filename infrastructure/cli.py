@@ -110,7 +110,12 @@ class Parser(argparse.ArgumentParser):
         for given in getattr(self, "_given", ()):
             if given == "--":
                 return ""
-            known = given.partition("=")[0] in self._option_string_actions
+            name = given.partition("=")[0]
+            known = name in self._option_string_actions or (
+                # argparse takes an option's prefix for it (--ur for --url)
+                name.startswith("--")
+                and any(o.startswith(name) for o in self._option_string_actions)
+            )
             if (
                 given.startswith("-")
                 and not known

@@ -172,3 +172,15 @@ def test_a_sku_that_starts_with_a_dash_is_looked_up_after_two_dashes(
     assert "-KETTLE was taken for an option" in err and "daybook stock [options] -- -KETTLE" in err
     assert main(["stock", "--url", url, "--", "-KETTLE"]) == 0
     assert "-KETTLE" in capsys.readouterr().out
+
+
+def test_an_abbreviated_option_gets_no_hint_about_values_starting_with_a_dash(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse takes ``--ur`` for ``--url``: the SKU is simply missing, and the error says
+    only that (it said ``--ur`` was taken for an option, to give after '--')."""
+    for argv in (["stock", "--ur", "sqlite:///x.db"], ["stock", "--ur=sqlite:///x.db"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert "required: sku" in err and "taken for an option" not in err, err
