@@ -244,9 +244,10 @@ def expiry_sweeper(ledger: Ledger, views: ReadModels, **options: Any) -> ExpiryS
     return ExpirySweeper(ledger, views, **options)
 
 
-def event_log_of(ledger: Ledger) -> EventLog:
+def event_log_of(ledger: Ledger | AsyncLedger) -> EventLog:
     """A read-only view of a ledger's own log, on the ledger's connections."""
-    return EventLog(ledger.service.recorder, ledger.service.mapper)
+    service = ledger.service
+    return EventLog(service.recorder, service.mapper, guard=service.refuse_if_forked)
 
 
 def open_read_models(
@@ -311,7 +312,7 @@ def http_parts(
     # caller that gets no parts has nothing to close them with.
     started: list[Callable[[], None]] = [ledger.service.close]
     try:
-        log = EventLog(ledger.service.recorder, ledger.service.mapper)
+        log = event_log_of(ledger)
         location = ReadModelLocation(settings.url, settings.readmodels_url)
         started.append(location.close)
         runner = None

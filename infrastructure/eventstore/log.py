@@ -133,6 +133,10 @@ _log = logging.getLogger(__name__)
 LISTEN_RETRY_SECONDS = 60.0
 
 
+def _no_guard() -> None:
+    """Every read of the store allowed."""
+
+
 class EventLog:
     """One event store's log: events after a position, the head, and new-event wake-ups.
 
@@ -146,8 +150,15 @@ class EventLog:
     """
 
     def __init__(
-        self, recorder: Any, mapper: Any, *, on_close: Callable[[], None] | None = None
+        self,
+        recorder: Any,
+        mapper: Any,
+        *,
+        on_close: Callable[[], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
+        """``guard`` is called before each read of the store, and may refuse it (a ledger's
+        own log, in a child forked after the ledger was opened: ``refuse_if_forked``)."""
         if not isinstance(mapper, ContractMapper):
             msg = "the event log needs daybook's ContractMapper (open it with open_event_log)"
             raise TypeError(msg)
@@ -155,6 +166,7 @@ class EventLog:
         self.mapper = mapper
         self.decoder = EventDecoder(mapper)
         self._on_close = on_close
+        self._guard = guard or _no_guard
         self._listen: psycopg.Connection[Any] | None = None
         #: While LISTEN is refused (a hot standby): when to try it again.
         self._listen_refused_until = 0.0
@@ -182,6 +194,7 @@ class EventLog:
 
     def scan(self, after: int, limit: int) -> list[RawEvent]:
         """Up to ``limit`` stored events with positions greater than ``after``, undecoded."""
+        self._guard()
         crash_point("log.read")
         if self._scan_sql is not None:
             rows: list[RawEvent] = self._scan_postgres(after, limit)
@@ -205,6 +218,7 @@ class EventLog:
             return cursor.fetchall()
 
     def head(self) -> int:
+        self._guard()
         return int(self.recorder.max_notification_id() or 0)
 
     def glance(
@@ -215,6 +229,7 @@ class EventLog:
         retries and no long wait for a connection: for gauges while something else fails
         (see ``ProjectionRunner._hold_lag``), never for what is applied."""
         wanted = set(positions)
+        self._guard()
         try:
             if self._scan_sql is None:  # SQLite, memory: local, nothing to wait out
                 head = self.head()
@@ -326,6 +341,7 @@ class EventLog:
 
     def notifications(self, after: int, limit: int) -> list[Notification]:
         """Up to ``limit`` stored events after ``after``, as the recorder gives them."""
+        self._guard()
         crash_point("log.read")
         return list(self.recorder.select_notifications(after, limit, inclusive_of_start=False))
 

@@ -617,7 +617,9 @@ class LedgerService(Application[UUID]):
             raise TypeError(msg)
         self._requests: RequestLog = self.recorder
         #: Deletes expired request records (started by ``bootstrap`` unless disabled).
-        self.request_purge = RequestPurge(self._requests, self.retention)
+        self.request_purge = RequestPurge(
+            self._requests, self.retention, guard=self.refuse_if_forked
+        )
         #: How commands reach ``execute``: one at a time (the default), or ``committer``
         #: (``GroupCommitter``), built here rather than installed over a started default,
         #: whose stopped service would stay in the metrics as a part that is down.
@@ -1089,6 +1091,7 @@ class LedgerService(Application[UUID]):
 
     def recorded(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The request records (not expired) of these ids, whether or not they are known."""
+        self.refuse_if_forked()
         if not request_ids:
             return {}
         return self._requests.select_requests(list(request_ids), self.retention.clock())

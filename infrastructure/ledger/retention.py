@@ -125,8 +125,12 @@ class RequestPurge:
         *,
         interval: float = 60.0,
         batch: int = 1_000,
+        guard: Callable[[], None] | None = None,
     ) -> None:
+        """``guard`` is called before each purge, and may refuse it (a ledger's purge in a
+        child forked after the ledger was opened)."""
         self._requests = requests
+        self._guard = guard
         self._retention = retention
         self.interval = interval
         self.batch = batch
@@ -152,6 +156,8 @@ class RequestPurge:
     ) -> int:
         """Delete every record expired now, batch by batch; how many. ``progress`` is told
         how many so far after each batch."""
+        if self._guard is not None:
+            self._guard()
         deleted = 0
         now = self._now()
         while not stopping:

@@ -238,3 +238,65 @@ def test_a_forked_child_that_exits_or_closes_leaves_the_parents_connections_alon
         check=False,
     )
     assert done.stdout.strip() == "parent: 1", done.stdout + done.stderr[-1500:]
+
+
+_FORKED_DIRECT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from daybook import open_ledger
+    from daybook.infrastructure.bootstrap import event_log_of
+    ledger = open_ledger(sys.argv[1])
+    a = ledger.open_account("ann", "EUR").account_id
+    ledger.deposit(a, 100, request_id="parent-1")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        signal.alarm(20)
+        answers = []
+        for name, call in [
+            ("recorded", lambda: [ledger.service.recorded(["parent-1"]) for _ in range(8)][-1]),
+            ("event_log.head", lambda: [event_log_of(ledger).head() for _ in range(8)][-1]),
+            ("request_purge.purge", lambda: ledger.request_purge.purge()),
+        ]:
+            if name not in sys.argv[2]:
+                continue
+            try:
+                got = call()
+                answers.append(f"{name}: ran ({type(got).__name__})")
+            except BaseException as error:
+                answers.append(f"{name}: {type(error).__name__}")
+        os.write(write, "; ".join(answers).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    print("child:", os.read(read, 10000).decode())
+    try:
+        ledger.deposit(a, 1, request_id="parent-2")
+        print("parent:", ledger.account(a).balance, event_log_of(ledger).head())
+    except BaseException as error:
+        print("parent:", type(error).__name__, str(error)[:200])
+    ledger.close()
+    """
+)
+
+
+@pytest.mark.parametrize("calls", ["recorded", "event_log.head", "request_purge.purge"])
+def test_forked_child_service_level_entry_points_are_refused(pg_url: str, calls: str) -> None:
+    """What the HTTP app (a batch item's earlier record: ``service.recorded``; its event
+    log on the ledger's recorder), the saga processor (``service.recorded``) and
+    ``ledger.request_purge.purge()`` call go to the service's connections, past the
+    ledger's methods: a forked child is refused there too (it ran on the parent's
+    connection, and the parent's next command failed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_DIRECT, pg_url, calls],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    child = next((line for line in lines if line.startswith("child:")), done.stderr[-2000:])
+    parent = next((line for line in lines if line.startswith("parent:")), done.stderr[-2000:])
+    assert child == f"child: {calls}: LedgerForked", (child, parent)
+    assert parent == "parent: 101 3", (child, parent)
