@@ -428,6 +428,48 @@ MEMORY_DIR = Path("/dev/shm")
 MEMORY_DIR_ROOM = 2 << 30
 
 
+#: How old a server directory in ``MEMORY_DIR`` with no server running in it must be before
+#: a new server removes it (one being made has no server yet, for a few seconds).
+STALE_AFTER_SECONDS = 600.0
+
+
+def sweep_stale_servers(parent: Path, now: float | None = None) -> list[Path]:
+    """Remove the directories of test servers in ``parent`` whose server is gone: their test
+    process was killed, and the server stopped on its parent-death signal with nobody left
+    to remove its directory, which in memory would hold RAM until the machine restarts.
+    A directory counts as gone when its ``postmaster.pid`` names no live process (or there
+    is none) and it is older than ``STALE_AFTER_SECONDS``; the ones removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for directory in parent.glob("daybook-*-*"):
+        if not directory.name.startswith(("daybook-postgres-", "daybook-standby-")):
+            continue
+        try:
+            if now - directory.stat().st_mtime < STALE_AFTER_SECONDS:
+                continue
+            if _server_alive(directory / "pgdata" / "postmaster.pid"):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
+def _server_alive(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _server_parent(durable: bool) -> str | None:
     """The directory a new server's own directory goes in: ``MEMORY_DIR`` for one that
     need not be durable, when it has room; else None, the system temp dir (a durable
@@ -573,7 +615,10 @@ def _start_server(
         creds = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
 
     # mkdtemp makes it 0700, and its parent (/dev/shm, /tmp) lets every user through.
-    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=_server_parent(durable)))
+    parent = _server_parent(durable)
+    if parent is not None:
+        sweep_stale_servers(Path(parent))
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     data_dir = directory / "pgdata"
     log_path = directory / "postgres.log"
     socket_dir = directory / "socket"

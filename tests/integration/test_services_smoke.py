@@ -12,6 +12,7 @@ import os
 import pwd
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -286,3 +287,32 @@ def test_benchmarks_get_a_durable_server_whatever_the_tests_use(
             data = conn.execute("SHOW data_directory").fetchone()
         # On disk, whatever room there is in memory: its data must outlive the machine.
         assert data is not None and not Path(data[0]).is_relative_to(services.MEMORY_DIR)
+
+
+def test_a_new_server_removes_what_killed_test_processes_left_in_memory(tmp_path: Path) -> None:
+    """A test process killed with SIGKILL leaves its server's directory behind (the server
+    stops on its parent-death signal; nobody removes it): in memory it would hold RAM until
+    the machine restarts. The next server made there removes those whose server is gone,
+    and leaves one running, or one just being made, alone."""
+    old = time.time() - services.STALE_AFTER_SECONDS - 60
+
+    def server_dir(name: str, pid: int | None, mtime: float | None) -> Path:
+        directory = tmp_path / name
+        (directory / "pgdata").mkdir(parents=True)
+        if pid is not None:
+            (directory / "pgdata" / "postmaster.pid").write_text(f"{pid}\n/data\n")
+        if mtime is not None:
+            os.utime(directory, (mtime, mtime))
+        return directory
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = server_dir("daybook-postgres-left", None, old)
+    crashed = server_dir("daybook-standby-crashed", dead.pid, old)
+    running = server_dir("daybook-postgres-running", os.getpid(), old)
+    being_made = server_dir("daybook-postgres-new", None, None)
+    someone_elses = server_dir("other-thing", None, old)
+    assert sorted(services.sweep_stale_servers(tmp_path)) == sorted([left, crashed])
+    assert [p.exists() for p in (left, crashed, running, being_made, someone_elses)] == [
+        False, False, True, True, True
+    ]  # fmt: skip
