@@ -11,6 +11,26 @@ from pathlib import Path
 
 import pytest
 
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by this Python in a process of its own, with ``args``."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _child_and_parent(done: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """The forked child's answer and the parent's, as a forking script prints them."""
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    child, parent = done.stdout.splitlines()
+    assert "nothing" not in child, f"the forked child got no answer (it hung): {child}"
+    return child, parent
+
+
 _FORKED = textwrap.dedent(
     """
     import os, signal, sys
@@ -52,16 +72,7 @@ def test_a_ledger_used_in_a_forked_child_answers_and_leaves_the_parent_whole(
     writer thread the child does not have; without group commit, on PostgreSQL, it ran on
     the parent's connection and broke the parent's next read. It is refused now, with a
     code and what to do (open the ledger after the fork), and the parent goes on."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED, store_url, "1" if group_commit else "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
-    child, parent = done.stdout.splitlines()
-    assert "nothing" not in child, f"the forked child got no answer (it hung): {child}"
+    child, parent = _child_and_parent(_python(_FORKED, store_url, "1" if group_commit else "0"))
     assert child == "child: LedgerForked code=ledger_closed", child
     assert parent == "parent: 100 101", (child, parent)
 
@@ -102,16 +113,7 @@ _FORKED_ASYNC = textwrap.dedent(
 
 def test_an_asyncio_ledger_used_in_a_forked_child_answers(store_url: str) -> None:
     """The same for ``open_async_ledger`` (uvicorn/gunicorn workers forked after start-up)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED_ASYNC, store_url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
-    child, parent = done.stdout.splitlines()
-    assert "nothing" not in child, f"the forked child got no answer (it hung): {child}"
+    child, parent = _child_and_parent(_python(_FORKED_ASYNC, store_url))
     assert child == "child: LedgerForked code=ledger_closed", child
     assert parent == "parent: 1", (child, parent)
 
@@ -152,13 +154,7 @@ def test_workers_that_outlive_the_main_thread_keep_a_working_ledger(tmp_path: Pa
     committing thread was such a pool, so the writer failed and every command was answered
     an uncoded RuntimeError."""
     url = f"sqlite:///{tmp_path}/main-returns.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _MAIN_RETURNS, url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _python(_MAIN_RETURNS, url)
     answers = sorted(done.stdout.splitlines())
     assert answers == [f"worker {n}: done" for n in range(3)], [*answers, done.stderr[-800:]]
     from daybook import open_ledger
@@ -230,13 +226,7 @@ def test_a_forked_child_that_exits_or_closes_leaves_the_parents_connections_alon
 ) -> None:
     """A forked child's ``close`` must not close the connections it shares with its parent
     (nor may its exit): the parent's next command and read go through."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD_EXITS, pg_url, child],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _python(_CHILD_EXITS, pg_url, child)
     assert done.stdout.strip() == "parent: 1", done.stdout + done.stderr[-1500:]
 
 
@@ -288,13 +278,7 @@ def test_forked_child_service_level_entry_points_are_refused(pg_url: str, calls:
     ``ledger.request_purge.purge()`` call go to the service's connections, past the
     ledger's methods: a forked child is refused there too (it ran on the parent's
     connection, and the parent's next command failed)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED_DIRECT, pg_url, calls],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _python(_FORKED_DIRECT, pg_url, calls)
     lines = done.stdout.splitlines()
     child = next((line for line in lines if line.startswith("child:")), done.stderr[-2000:])
     parent = next((line for line in lines if line.startswith("parent:")), done.stderr[-2000:])

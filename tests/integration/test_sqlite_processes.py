@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from tests.integration import test_concurrency as tc
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _forget_prepared() -> Iterator[None]:
+    """``test_concurrency.prepare`` keeps each ledger it opens, for its own module to close:
+    these tests close theirs, and the list is emptied after each."""
+    yield
+    while tc._prepared:
+        tc._prepared.pop().close()
 
 
 def _records(path: Path) -> dict[str, str]:
@@ -52,13 +62,8 @@ def test_four_processes_on_one_sqlite_file_never_break_an_invariant(
     path = tmp_path / "ledger.db"
     url = f"sqlite:///{path}"
     monkeypatch.setattr(tc, "recorded_requests", lambda _url: _records(path))
-    ledger = open_ledger(url)
+    ledger, accounts = tc.prepare(url)
     try:
-        accounts = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(8)]
-        for account in accounts:
-            ledger.deposit(account, tc.START_BALANCE)
-        for sku in tc.SKUS:
-            ledger.receive_stock(sku, tc.START_STOCK)
         processes = [tc.writer(url, accounts, f"p{n}", count=150, threads=2) for n in range(4)]
         outcomes = [line for process in processes for line in tc.lines(process)]
         for process in processes:
@@ -119,13 +124,8 @@ def test_a_writer_killed_mid_stream_leaves_nothing_half_done_and_its_retries_rep
     path = tmp_path / "ledger.db"
     url = f"sqlite:///{path}"
     monkeypatch.setattr(tc, "recorded_requests", lambda _url: _records(path))
-    ledger = open_ledger(url)
+    ledger, accounts = tc.prepare(url)
     try:
-        accounts = [ledger.open_account(f"owner-{i}", "EUR").account_id for i in range(8)]
-        for account in accounts:
-            ledger.deposit(account, tc.START_BALANCE)
-        for sku in tc.SKUS:
-            ledger.receive_stock(sku, tc.START_STOCK)
         process = tc.writer(url, accounts, "k", count=5000, threads=4)
         receipts = []
         for line in tc.lines(process):
