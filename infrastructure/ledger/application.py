@@ -632,7 +632,9 @@ class LedgerService(Application[UUID]):
     def _reading(self) -> Iterator[None]:
         """A read through the ledger. Once it is closed its store is released (SQLite,
         PostgreSQL): the store's driver then fails without a message, which becomes
-        ``LedgerClosed``, with its code. (In memory the log stays readable.)"""
+        ``LedgerClosed``, with its code. (In memory the log stays readable.) In a child
+        forked after the ledger was opened, refused (``refuse_if_forked``)."""
+        self.refuse_if_forked()
         try:
             yield
         except Exception as error:

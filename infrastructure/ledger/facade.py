@@ -222,17 +222,14 @@ class Ledger(LedgerMethods):
         return _shielded(work, *args)
 
     def read(self, kind: type[A], key: Any) -> A:
-        self.service.refuse_if_forked()
         found: A = _shielded(self.service.read, kind, key)
         return found
 
     def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
-        self.service.refuse_if_forked()
         return _shielded(self.service.view, kind, key)
 
     def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
-        self.service.refuse_if_forked()
         return _shielded(self.service.head)
 
     def health(self) -> Health:
@@ -318,16 +315,13 @@ class AsyncLedger(AsyncLedgerMethods):
         return outcomes  # type: ignore[return-value]
 
     async def read(self, kind: type[A], key: Any) -> A:
-        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.read, kind, key)
 
     async def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
-        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.view, kind, key)
 
     async def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
-        self.service.refuse_if_forked()
         return await asyncio.to_thread(self.service.head)
 
     async def health(self) -> Health:

@@ -248,8 +248,10 @@ _FORKED_DIRECT = textwrap.dedent(
             ("recorded", lambda: [ledger.service.recorded(["parent-1"]) for _ in range(8)][-1]),
             ("event_log.head", lambda: [event_log_of(ledger).head() for _ in range(8)][-1]),
             ("request_purge.purge", lambda: ledger.request_purge.purge()),
+            ("account", lambda: ledger.account(a)),
+            ("head", lambda: ledger.head()),
         ]:
-            if name not in sys.argv[2]:
+            if name != sys.argv[2]:
                 continue
             try:
                 got = call()
@@ -271,7 +273,9 @@ _FORKED_DIRECT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("calls", ["recorded", "event_log.head", "request_purge.purge"])
+@pytest.mark.parametrize(
+    "calls", ["recorded", "event_log.head", "request_purge.purge", "account", "head"]
+)
 def test_forked_child_service_level_entry_points_are_refused(pg_url: str, calls: str) -> None:
     """What the HTTP app (a batch item's earlier record: ``service.recorded``; its event
     log on the ledger's recorder), the saga processor (``service.recorded``) and
