@@ -222,23 +222,17 @@ class _CommitThread:
     """The committing thread: runs what it is given one at a time, in order, each answered
     by a ``Future``. Not a ``ThreadPoolExecutor``: concurrent.futures refuses new work once
     the interpreter begins to shut down (when the main thread ends), while the process's
-    other threads may still be sending commands for a while."""
+    other threads may still be sending commands for a while. Started and shut down by the
+    writer thread, its only user."""
 
     def __init__(self, name: str) -> None:
         self._work: queue.SimpleQueue[tuple[Future[Any], Any, tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._lock = threading.Lock()
-        #: The thread, once started (as a pool's ``_threads``).
-        self._threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def submit(self, work: Any, *args: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        with self._lock:
-            if not self._threads:
-                self._thread.start()
-                self._threads.append(self._thread)
         self._work.put((future, work, args))
         return future
 
@@ -255,10 +249,10 @@ class _CommitThread:
                 future.set_result(result)
 
     def shutdown(self) -> None:
-        """Finish what was given, then end the thread."""
+        """Finish what was given, then end the thread (if it was started)."""
         self._work.put(None)
-        if self._threads and threading.current_thread() is not self._thread:
-            self._thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
 
 
 class _Batch:
@@ -384,6 +378,7 @@ class GroupCommitter:
     def _run(self) -> None:
         closing = False
         try:
+            self._committer.thread.start()
             while True:
                 committing = self._committing
                 if committing is not None and committing.commit is not None:
@@ -431,13 +426,15 @@ class GroupCommitter:
         )
         waiting: list[_Item] = []
         committing, self._committing = self._committing, None
-        if committing is not None and committing.commit is None:
-            waiting += committing.items  # its commit could not even be started
-        elif committing is not None and committing.commit is not None:
-            with contextlib.suppress(Exception):
-                committing.commit.result()
-            if committing.commit.exception() is not None:
-                waiting += committing.items
+        if committing is not None:
+            commit = committing.commit
+            if commit is None:
+                waiting += committing.items  # its commit could not even be started
+            else:
+                with contextlib.suppress(Exception):
+                    commit.result()
+                if commit.exception() is not None:
+                    waiting += committing.items
         if self._building is not None:
             waiting += self._building.items
             self._building = None

@@ -11,7 +11,15 @@ from uuid import UUID
 
 import pytest
 
-from daybook import InsufficientFunds, Ledger, Receipt, SkuNotFound, open_async_ledger, open_ledger
+from daybook import (
+    InsufficientFunds,
+    Ledger,
+    LedgerClosed,
+    Receipt,
+    SkuNotFound,
+    open_async_ledger,
+    open_ledger,
+)
 from daybook.domain.accounts import Account, Deposit, OpenAccount, Withdraw
 from daybook.domain.commands import Aggregates
 from daybook.domain.errors import ConcurrencyConflict, DomainError, IdempotencyConflict
@@ -209,8 +217,6 @@ def test_without_group_commit_each_command_commits_alone(store_url: str) -> None
 
 
 def test_a_closed_ledger_refuses_new_commands() -> None:
-    from daybook.infrastructure.ledger.group_commit import LedgerClosed
-
     ledger: Ledger = open_ledger("memory://")
     account = ledger.open_account("a", "EUR").account_id
     ledger.close()
@@ -389,12 +395,7 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug in the group committer must not leave callers blocked forever."""
-    from daybook.infrastructure.ledger.group_commit import LedgerClosed
-
-    ledger = open_ledger("memory://")
-    account = ledger.open_account("a", "EUR").account_id
-    committer = ledger.service.committer
-    assert isinstance(committer, GroupCommitter)
+    ledger, account, committer = _group_committed()
 
     def broken(*_: Any) -> None:
         raise AssertionError("a bug in the writer")
@@ -417,8 +418,48 @@ def test_callers_are_told_if_the_writer_thread_itself_fails(
     assert ledger.account(account).balance == 0
     ledger.close()
     assert not committer._thread.is_alive()
-    assert not any(thread.is_alive() for thread in pool._threads)
+    assert not pool.thread.is_alive()
     assert committer.health().state.value == "failed"
+
+
+def test_callers_are_told_if_the_writer_cannot_start_a_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As test_callers_are_told_if_the_writer_thread_itself_fails: a writer that fails as
+    it hands a batch to its committing thread must answer that batch's callers too (it
+    had left them blocked for ever: the batch was the one "committing", with no commit)."""
+    ledger, account, committer = _group_committed()
+
+    def refused(*_: object) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(committer._committer, "submit", refused)
+    answers: list[BaseException | object] = []
+
+    def deposit() -> None:
+        try:
+            answers.append(ledger.deposit(account, 5))
+        except BaseException as error:
+            answers.append(error)
+
+    caller = threading.Thread(target=deposit, daemon=True)
+    caller.start()
+    caller.join(10)
+    assert answers, "the caller of the batch whose commit could not start is still waiting"
+    assert isinstance(answers[0], LedgerClosed) and "not committed" in str(answers[0])
+    assert answers[0].code == "ledger_closed"
+    ledger.close()
+    assert committer.health().state.value == "failed"
+
+
+def _group_committed() -> tuple[Ledger, UUID, GroupCommitter]:
+    """A ledger in memory with group commit and an account: the ledger, the account's id,
+    and its group committer."""
+    ledger = open_ledger("memory://")
+    account = ledger.open_account("a", "EUR").account_id
+    committer = ledger.service.committer
+    assert isinstance(committer, GroupCommitter)
+    return ledger, account, committer
 
 
 def open_carelessly(self: OpenAccount, aggregates: Aggregates) -> dict[str, Any]:

@@ -163,44 +163,6 @@ def test_workers_that_outlive_the_main_thread_keep_a_working_ledger(tmp_path: Pa
         assert ledger.head() == 1 + 3 * 50
 
 
-def test_callers_are_told_if_the_writer_cannot_start_a_commit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """As test_callers_are_told_if_the_writer_thread_itself_fails: a writer that fails as
-    it hands a batch to its committing thread must answer that batch's callers too (it
-    had left them blocked for ever: the batch was the one "committing", with no commit)."""
-    import threading
-
-    from daybook import LedgerClosed, open_ledger
-    from daybook.infrastructure.ledger.group_commit import GroupCommitter
-
-    ledger = open_ledger("memory://")
-    account = ledger.open_account("a", "EUR").account_id
-    committer = ledger.service.committer
-    assert isinstance(committer, GroupCommitter)
-
-    def refused(*_: object) -> None:
-        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-
-    monkeypatch.setattr(committer._committer, "submit", refused)
-    answers: list[BaseException | object] = []
-
-    def deposit() -> None:
-        try:
-            answers.append(ledger.deposit(account, 5))
-        except BaseException as error:
-            answers.append(error)
-
-    caller = threading.Thread(target=deposit, daemon=True)
-    caller.start()
-    caller.join(10)
-    assert answers, "the caller of the batch whose commit could not start is still waiting"
-    assert isinstance(answers[0], LedgerClosed) and "not committed" in str(answers[0])
-    assert answers[0].code == "ledger_closed"
-    ledger.close()
-    assert committer.health().state.value == "failed"
-
-
 _CHILD_EXITS = textwrap.dedent(
     """
     import os, sys
