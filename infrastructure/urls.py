@@ -284,7 +284,7 @@ def sqlite_file_problem(path: Path) -> str | None:
             return f"{str(path)!r} is not a SQLite database; check the path"
         # Locked, or a WAL file whose shared memory this read-only look may not make (a
         # folder the user may not write): SQLite read its header, and knows it.
-        if code is not None and code & 0xFF in _IN_USE:
+        if code is not None and (code & 0xFF) in _IN_USE:  # the primary code
             return None
         return f"cannot read {str(path)!r}: {error}"
     return None

@@ -442,7 +442,7 @@ def sweep_stale_servers(parent: Path, now: float | None = None) -> list[Path]:
     is none) and it is older than ``STALE_AFTER_SECONDS``; the ones removed."""
     now = time.time() if now is None else now
     removed = []
-    for directory in parent.glob("daybook-*-*"):
+    for directory in parent.glob("daybook-*"):
         if not directory.name.startswith(("daybook-postgres-", "daybook-standby-")):
             continue
         try:
@@ -463,11 +463,11 @@ def _server_alive(pid_file: Path) -> bool:
     except (OSError, ValueError):
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # a PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
