@@ -137,11 +137,17 @@ _MAIN_RETURNS = textwrap.dedent(
             say(f"worker {n}: {type(error).__name__} code={getattr(error, 'code', None)}: {error}")
         else:
             say(f"worker {n}: done")
-        if n == 0:
-            ledger.close()
 
-    for n in range(3):
-        threading.Thread(target=work, args=(n,)).start()
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for worker in workers:
+        worker.start()
+
+    def close_when_done():  # once every worker is done (it closed the ledger under others)
+        for worker in workers:
+            worker.join()
+        ledger.close()
+
+    threading.Thread(target=close_when_done).start()
     # The main thread ends here; Python waits for the (non-daemon) workers.
     """
 )
