@@ -54,6 +54,8 @@ class Unusable(BadURL):
     ``transient``: the reason may pass by itself (the server is down, starting up or out of
     reach), so a service may wait for it (``wait_until_usable``)."""
 
+    code = "unusable"
+
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient

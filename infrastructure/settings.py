@@ -209,6 +209,8 @@ class Settings(BaseModel):
 class BadSettings(BadURL):
     """A setting daybook cannot use; the message names it and says what would work."""
 
+    code = "bad_settings"
+
     @classmethod
     def from_validation(cls, error: ValidationError) -> BadSettings:
         problems = []

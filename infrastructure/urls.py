@@ -23,6 +23,8 @@ _CODEC = {
 class BadURL(ValueError):
     """A store URL daybook cannot use; the message says what would work."""
 
+    code = "bad_url"
+
 
 #: libpq's TCP settings on every PostgreSQL connection daybook opens (a URL's query may set
 #: each otherwise, ``?tcp_user_timeout=10000``). Without them, a server that goes silent
@@ -215,12 +217,25 @@ def _whole_number(url: str, name: str, value: str) -> None:
 
 
 def sqlite_path(url: str) -> Path:
-    """``sqlite:///rel/path.db`` is relative to the working directory;
-    ``sqlite:////abs/path.db`` is absolute."""
+    """``sqlite:///rel/path.db`` is relative to the working directory (made absolute
+    here); ``sqlite:////abs/path.db`` is absolute."""
     path = url.split("://", 1)[1]
     if not path.startswith("/") or path == "/":
         raise BadURL(f"store URL {url!r}: write sqlite:///relative.db or sqlite:////abs.db")
-    return Path(path[1:])
+    if ":memory:" in path or "mode=memory" in path:
+        # SQLite keeps ``:memory:`` in memory, and eventsourcing takes any name holding
+        # either for a database in memory (no WAL, one connection at a time): a ledger that
+        # seemed to write to a file would keep nothing, or share its file unsafely.
+        raise BadURL(
+            f"store URL {url!r}: a SQLite path holding ':memory:' or 'mode=memory' would not "
+            "be a file daybook can share; use memory:// for a ledger in memory, or rename "
+            "the file"
+        )
+    # Absolute: SQLite takes a name starting with ``file:`` for a URI (eventsourcing opens
+    # with uri=True, and this build of SQLite does so for every connection), which is
+    # another file, or none; and a pool's later connections would follow the working
+    # directory if it changed.
+    return Path(path[1:]).absolute()
 
 
 def sqlite_file(url: str, *, existing: bool = False) -> Path:

@@ -65,6 +65,7 @@ from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
 from daybook.infrastructure.settings import Settings
+from daybook.infrastructure.urls import BadURL
 
 __version__ = "0.3.0"  # keep in step with pyproject.toml
 
@@ -75,6 +76,7 @@ __all__ = [
     "AccountNotFound",
     "AccountView",
     "AsyncLedger",
+    "BadURL",
     "BalanceOverflow",
     "Command",
     "ConcurrencyConflict",

@@ -50,3 +50,37 @@ def test_run_projections_refuses_a_bad_read_model_url_before_starting() -> None:
             if runner is not None:
                 runner.stop()
         assert "mysql" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["file:x.db", "file:x.db?mode=ro"])
+def test_a_sqlite_path_that_reads_as_a_uri_is_the_file_named(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite takes a name starting with ``file:`` for a URI (``file:x.db`` is ``x.db``); the
+    event store opened it so, while the path checks, the read models and the tokens used the
+    file named: the ledger wrote to one file and everything else looked at another."""
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{name}"
+    with open_ledger(url) as ledger, run_projections(ledger, url) as runner:
+        account = ledger.open_account("a", "EUR").account_id
+        receipt = ledger.deposit(account, 5)
+        row = runner.views.balance(account, min_position=receipt.position, timeout=30)
+        assert row is not None and row.balance == 5
+    assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("name", [":memory:", "mode=memory.db", "data/mode=memory"])
+def test_a_sqlite_path_that_reads_as_memory_is_refused(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eventsourcing takes a SQLite name that holds ``:memory:`` or ``mode=memory`` for a
+    database in memory (and SQLite ``:memory:`` itself): a ledger that seemed to write to a
+    file kept nothing. Refused with the URL, saying to use ``memory://``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(daybook.BadURL) as refused:
+        open_ledger(f"sqlite:///{name}")
+    assert refused.value.code == "bad_url"
+    assert "memory://" in str(refused.value)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
