@@ -1419,13 +1419,23 @@ class LedgerService(Application[UUID]):
     def refuse_if_forked(self) -> None:
         """``LedgerForked`` in a child forked after this ledger was opened."""
         if self.forked:
-            msg = (
-                f"this ledger was opened in process {self.opened_in}, which then forked "
-                f"this one ({os.getpid()}): its threads and connections stay the parent's; "
-                "open the ledger in each process after the fork (gunicorn without "
-                "--preload, or in its post_fork hook; multiprocessing's spawn start method)"
-            )
-            raise LedgerForked(msg)
+            raise LedgerForked(self._forked())
+
+    def _forked(self) -> str:
+        return (
+            f"this ledger was opened in process {self.opened_in}, which then forked "
+            f"this one ({os.getpid()}): its threads and connections stay the parent's; "
+            "open the ledger in each process after the fork (gunicorn without "
+            "--preload, or in its post_fork hook; multiprocessing's spawn start method)"
+        )
+
+    def health(self) -> Health:
+        """The committer's health; failed in a forked child, where the committer's thread
+        does not exist (a copy of the parent's health would say it runs)."""
+        health = self.committer.health()
+        if self.forked:
+            return replace(health, state=ServiceState.FAILED, error=self._forked())
+        return health
 
     def close(self) -> None:
         if self.forked:

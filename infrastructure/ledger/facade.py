@@ -233,8 +233,9 @@ class Ledger(LedgerMethods):
         return _shielded(self.service.head)
 
     def health(self) -> Health:
-        """The committer's health: running, stopped, or failed with the reason."""
-        return self.service.committer.health()
+        """The committer's health: running, stopped, or failed with the reason (in a child
+        forked after the ledger was opened, failed)."""
+        return self.service.health()
 
     @property
     def request_purge(self) -> RequestPurge:
@@ -325,8 +326,9 @@ class AsyncLedger(AsyncLedgerMethods):
         return await asyncio.to_thread(self.service.head)
 
     async def health(self) -> Health:
-        """The committer's health: running, stopped, or failed with the reason."""
-        return self.service.committer.health()
+        """The committer's health: running, stopped, or failed with the reason (in a child
+        forked after the ledger was opened, failed)."""
+        return self.service.health()
 
     @property
     def request_purge(self) -> RequestPurge:
