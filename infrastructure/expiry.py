@@ -127,7 +127,7 @@ def open_holds(
         )
         for row in answer.value
     ]
-    return Answer(holds, answer.as_of_position, answer.lag_events)
+    return Answer(holds, answer.as_of_position, answer.lag_events, answer.includes_later)
 
 
 class ExpirySweeper:

@@ -149,10 +149,15 @@ def _not_serving(projection: str, error: StaleRead) -> int:
     raise error
 
 
-def _behind(position: int, lag: int | None) -> str:
+def _behind(position: int, lag: int | None, later: bool = False) -> str:
+    # A stream group's version may hold some events after its position already (a
+    # partition ahead of another): said, as --json, HTTP and `projections status` say it.
+    text = f"as of log position {position}"
+    if later:
+        text += "+ (may include some later events)"
     if lag is None:
-        return f"as of log position {position}"
-    return f"as of log position {position} ({lag} events behind the head)"
+        return text
+    return f"{text} ({lag} events behind the head)"
 
 
 def _no_account(account_id: UUID, position: int) -> int:
@@ -182,7 +187,7 @@ def _balance(args: argparse.Namespace) -> int:
         f"balance {found.balance:,}  available {found.available:,}  held {found.held:,}  "
         f"overdraft limit {found.overdraft_limit:,}"
     )
-    print(_behind(found.as_of_position, found.lag_events))
+    print(_behind(found.as_of_position, found.lag_events, found.includes_later))
     return 0
 
 
@@ -206,7 +211,7 @@ def _stock(args: argparse.Namespace) -> int:
         f"{found.sku}: on hand {found.on_hand:,}  reserved {found.reserved:,}  "
         f"available {found.available:,}"
     )
-    print(_behind(found.as_of_position, found.lag_events))
+    print(_behind(found.as_of_position, found.lag_events, found.includes_later))
     return 0
 
 
@@ -232,7 +237,7 @@ def _statement(args: argparse.Namespace) -> int:
             f"{entry.seq:>6}  {entry.occurred_at}  {entry.kind:<14} {entry.amount:>14,}  "
             f"balance {entry.balance:>14,}{other}"
         )
-    print(_behind(found.as_of_position, found.lag_events))
+    print(_behind(found.as_of_position, found.lag_events, found.includes_later))
     if found.older:
         print(f"older entries: --before {found.entries[-1].seq}")
     return 0

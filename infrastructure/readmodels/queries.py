@@ -267,6 +267,9 @@ class ReadModels:
         snapshot at one ``as_of_position``. ``at_most``: every account only if there are no
         more than that many (``InvalidRequest`` otherwise), read no further: a server answering
         strangers bounds what one request makes it hold."""
+        if at_most is not None:
+            # (One past it is read: a LIMIT PostgreSQL's bigint still holds.)
+            _whole(at_most, "at_most", 0, MAX_BIGINT - 1)
         if account_ids is not None and (
             isinstance(account_ids, str | bytes) or not isinstance(account_ids, Iterable)
         ):

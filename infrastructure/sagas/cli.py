@@ -347,7 +347,9 @@ def _list(args: argparse.Namespace) -> int:
             f"{row['attempts']!s:>5}  {row['reference']}{error}"
         )
     lag = "" if answer.lag_events is None else f", {answer.lag_events} events behind the log"
-    print(f"({len(answer.value)} shown; as of log position {answer.as_of_position}{lag})")
+    # A stream group's version may hold some events after its position (see _behind).
+    later = "+ (may include some later events)" if answer.includes_later else ""
+    print(f"({len(answer.value)} shown; as of log position {answer.as_of_position}{later}{lag})")
     return 0
 
 
