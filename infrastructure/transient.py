@@ -54,8 +54,13 @@ _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 def causes(error: BaseException) -> Iterator[BaseException]:
     """``error``, then what caused it, and so on (eventsourcing and the stores wrap the
     driver's error, explicitly or while handling it)."""
+    # A chain may loop (an error raised again while handling one it caused: a retry that
+    # re-raises an earlier attempt's error): each is given once, or a check walking the
+    # chain would never end, and the service judging its failure would hang.
+    seen: set[int] = set()
     cause: BaseException | None = error
-    while cause is not None:
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         yield cause
         cause = cause.__cause__ or cause.__context__
 

@@ -17,7 +17,13 @@ from aiokafka import errors as kafka_errors
 from eventsourcing import persistence
 from eventsourcing.sqlite import SQLiteDatastore
 
-from daybook.infrastructure.transient import cancelled, is_transient, storage_full
+from daybook.infrastructure.transient import (
+    cancelled,
+    causes,
+    is_transient,
+    may_only_read,
+    storage_full,
+)
 
 _roles = itertools.count()
 
@@ -338,3 +344,23 @@ def test_rolled_back_is_a_deadlock_or_a_serialization_failure_only(
     from daybook.infrastructure.transient import rolled_back
 
     assert rolled_back(error) is rolled
+
+
+def test_a_failure_whose_chain_loops_is_judged_and_ends() -> None:
+    """An error raised again while handling one it caused (a retry that re-raises an earlier
+    attempt's error) makes its chain of causes loop. Walking it never ended: a projection
+    runner judging such a failure (a statement its timeout cut off) hung, neither retrying
+    nor stopping."""
+    first = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    second = persistence.OperationalError("retried")
+    second.__context__ = first
+    first.__context__ = second  # the loop
+    judged: list[object] = []
+    thread = threading.Thread(
+        target=lambda: judged.append((may_only_read(second), storage_full(second))),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(10)
+    assert judged == [(False, False)]
+    assert list(causes(second)) == [second, first]
