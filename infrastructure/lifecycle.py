@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE, SUBJECT
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import is_transient, may_only_read
 
 log = logging.getLogger("daybook.services")
 
@@ -271,8 +271,13 @@ class Refused(Exception):
 
 
 def refusal_code(error: BaseException) -> str | None:
-    """The code of a ``Refused``; None for anything else."""
-    return error.code if isinstance(error, Refused) else None
+    """The code of a ``Refused``, or ``permission_denied`` for a database that refused a
+    statement for the role's privileges (a missing grant, a read-only session): the
+    operator's to fix, like a refusal, not a bug whose traceback would help; None for
+    anything else."""
+    if isinstance(error, Refused):
+        return error.code
+    return "permission_denied" if may_only_read(error) else None
 
 
 class SupervisedThread:

@@ -180,6 +180,15 @@ def _options(url: str, query: dict[str, list[str]]) -> tuple[tuple[str, str], ..
                 f"store URL {redacted(url)!r}: give {name} in the URL itself"
                 f" (postgresql://user:password@host:port/dbname), not as ?{name}="
             )
+        if name == "service":
+            # daybook gives every connection the URL's host, port and user (localhost, 5432
+            # and postgres when it names none), which win over a service file's: the service
+            # would be named and not used.
+            raise BadURL(
+                f"store URL {redacted(url)!r}: ?service= is not read (the URL's host, port "
+                "and user would win over the service file's); give them in the URL "
+                "(postgresql://user:password@host:port/dbname)"
+            )
         if len(values) != 1:
             raise BadURL(f"store URL {redacted(url)!r}: ?{name}= is given {len(values)} times")
     chosen = {name: values[0] for name, values in options.items()}

@@ -54,7 +54,7 @@ from daybook.infrastructure.ledger.requests import (
     RequestRecord,
     RequestTable,
 )
-from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY
+from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY, BadURL
 
 
 class SnapshotRecorder(PostgresAggregateRecorder):
@@ -500,6 +500,55 @@ class Factory(PostgresFactory):
         # failed one logs a warning; a caller's wait starts them again).
         reconnect_promptly(self.datastore)
         self.datastore.pool.reconnect_timeout = RECONNECT_TIMEOUT
+        # eventsourcing qualifies every name with its POSTGRES_SCHEMA, "public" unless set:
+        # a URL's search_path (options=-csearch_path=...) or a role's was ignored, so two
+        # ledgers in two schemas of one database wrote one log, and a role that may create
+        # only in its own schema could not open a ledger. The session's own schema decides,
+        # as it does for the read models and every other unqualified name daybook uses.
+        self.datastore.schema = _schema_of(self.datastore)
+
+
+#: The ledger's events table (eventsourcing names it after the application, ``daybook``).
+EVENTS_TABLE = "daybook_events"
+
+
+class SchemaRefused(BadURL):
+    """The event store's schema cannot be used as it stands; the message says why and what
+    would work."""
+
+    code = "bad_url"
+
+
+def _schema_of(datastore: Any) -> str:
+    """The schema the event store's tables live in: the first schema of the session's
+    search_path that exists (``current_schema()``)."""
+    with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+        curs.execute(
+            "SELECT current_schema(), to_regclass(quote_ident(current_schema()) || '.' || %s), "
+            "to_regclass(%s)",
+            (EVENTS_TABLE, f"public.{EVENTS_TABLE}"),
+        )
+        row = curs.fetchone()
+    schema, here, in_public = row if row is not None else (None, None, None)
+    if schema is None:
+        raise SchemaRefused(
+            "the PostgreSQL event store: its search_path names no schema that exists (the "
+            "URL's options=-csearch_path=..., or the role's); create the schema, or fix the "
+            "search_path"
+        )
+    if schema != "public" and here is None and in_public is not None:
+        # Before daybook followed the search_path, a ledger kept its tables in public
+        # whatever the search_path said: opening a new, empty log in this schema would
+        # hide that one (every account "not found") rather than carry on with it.
+        raise SchemaRefused(
+            f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
+            f"{schema!r}, which has none, while schema 'public' holds a daybook log (written "
+            "before daybook followed the search_path). To go on with that log, add "
+            "options=-csearch_path%3Dpublic to the URL; to keep it in "
+            f"{schema!r}, move daybook's tables, types and functions there (ALTER ... SET "
+            "SCHEMA); a second ledger belongs in another database"
+        )
+    return str(schema)
 
 
 def _reads(reads: Sequence[Read]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ locks, checksums computed by the server."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
@@ -32,14 +33,27 @@ class AdvisoryLocks(WriterLocks):
 
     def __init__(self, conninfo: str) -> None:
         self.conn = _connect(conninfo)
+        # Advisory locks are the database's, not a schema's: read models kept in another
+        # schema of the same database (the URL's or the role's search_path) are another
+        # set of versions, whose writers must not wait for these. Keys in ``public`` stay
+        # as they were (a rolling upgrade's older runners take the same ones).
+        row = self.conn.execute("SELECT current_schema()").fetchone()
+        schema = row[0] if row else None
+        self._schema = None if schema in (None, "public") else str(schema)
+
+    def _key(self, key: int) -> int:
+        if self._schema is None:
+            return key
+        digest = hashlib.blake2b(f"{self._schema}:{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
 
     def try_take(self, key: int, *, shared: bool = False) -> bool:
         function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
-        row = self.conn.execute(f"SELECT {function}(%s)", (key,)).fetchone()
+        row = self.conn.execute(f"SELECT {function}(%s)", (self._key(key),)).fetchone()
         return bool(row and row[0])
 
     def release(self, key: int) -> None:
-        self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        self.conn.execute("SELECT pg_advisory_unlock(%s)", (self._key(key),))
 
     def check(self) -> None:
         self.conn.execute("SELECT 1")

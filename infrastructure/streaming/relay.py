@@ -75,6 +75,15 @@ log = logging.getLogger("daybook.relay")
 
 CURSOR_TABLE = "daybook_relay_cursors"
 
+#: One relay per topic and event store: advisory locks are the database's, so a ledger in
+#: another schema of it (its search_path) keys its relays' locks with its schema too, or
+#: its relay would wait as a standby for the other ledger's. Keys in ``public`` are as they
+#: always were (an older relay during a rolling upgrade takes the same lock).
+_TAKE_RELAY_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtextextended(%s || CASE current_schema() "
+    "WHEN 'public' THEN '' ELSE '@' || current_schema() END, 0))"
+)
+
 #: Seconds a relay waiting for the broker gives the event store to say where the log's head
 #: is (its lag gauge); no answer within them, and the gauge waits for the next retry.
 LAG_GLANCE_SECONDS = 1.0
@@ -250,10 +259,7 @@ class Relay:
             self._store_id = await ensure_store_id(conn)
             waited = False
             while not self._stopping.is_set():
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                    (f"daybook.relay/{self.config.topic}",),
-                )
+                cur = await conn.execute(_TAKE_RELAY_LOCK, (f"daybook.relay/{self.config.topic}",))
                 row = await cur.fetchone()
                 self.service.supervisor.recovered()  # the database answered: back to work
                 if row and row[0]:
@@ -745,9 +751,7 @@ def rewind(store_url: str, topic: str = DEFAULT_TOPIC) -> None:
     """
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
         # A running relay keeps its cursor in memory and would write it back: refuse.
-        lock = conn.execute(
-            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"daybook.relay/{topic}",)
-        ).fetchone()
+        lock = conn.execute(_TAKE_RELAY_LOCK, (f"daybook.relay/{topic}",)).fetchone()
         if not lock or not lock[0]:
             raise RewindRefused(f"a relay is publishing {topic!r}: stop it before rewinding")
         exists = conn.execute("SELECT to_regclass(%s)", (CURSOR_TABLE,)).fetchone()

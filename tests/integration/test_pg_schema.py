@@ -1,0 +1,150 @@
+"""An operator's own PostgreSQL: a ledger in a schema other than ``public``.
+
+The URL's ``options=-csearch_path=...`` (or the role's search_path) chooses where every
+unqualified name resolves. Two ledgers in two schemas of one database must stay apart.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from daybook import BadURL, SkuNotFound, open_ledger
+from daybook.infrastructure.streaming import relay
+from daybook.infrastructure.streaming.relay import RewindRefused, rewind
+
+pytestmark = pytest.mark.postgres
+
+
+def _in_schema(pg_url: str, schema: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{pg_url}?options=-csearch_path%3D{schema}"
+
+
+def test_a_ledger_writes_its_events_in_the_schema_its_url_names(pg_url: str) -> None:
+    url = _in_schema(pg_url, "ledger")
+    with open_ledger(url) as ledger:
+        ledger.open_account("ann", "EUR")
+    with psycopg.connect(pg_url) as conn:
+        where = dict(
+            conn.execute(
+                "SELECT table_name, table_schema FROM information_schema.tables"
+                " WHERE table_name LIKE 'daybook%'"
+            ).fetchall()
+        )
+    assert where.get("daybook_events") == "ledger", where
+
+
+def test_two_ledgers_in_two_schemas_of_one_database_stay_apart(pg_url: str) -> None:
+    url_a, url_b = _in_schema(pg_url, "ledger_a"), _in_schema(pg_url, "ledger_b")
+    with open_ledger(url_a) as a:
+        a.open_account("ann", "EUR")
+        a.receive_stock("SKU-1", 10)
+    with open_ledger(url_b) as b:
+        assert b.head() == 0  # ledger B has written nothing
+        with pytest.raises(SkuNotFound):
+            b.inventory("SKU-1")
+
+
+def test_read_models_of_two_ledgers_in_two_schemas_of_one_database_are_both_built(
+    pg_url: str, tmp_path
+) -> None:
+    """Two ledgers (each its own SQLite file) keep their read models in two schemas of one
+    operator database: each runner must build its own, not wait for the other's lock."""
+    from daybook import run_projections
+
+    views_a, views_b = _in_schema(pg_url, "views_a"), _in_schema(pg_url, "views_b")
+    with (
+        open_ledger(f"sqlite:///{tmp_path}/a.db") as a,
+        open_ledger(f"sqlite:///{tmp_path}/b.db") as b,
+    ):
+        ann = a.open_account("ann", "EUR").account_id
+        bob = b.open_account("bob", "EUR").account_id
+        at_a = a.deposit(ann, 100).position
+        at_b = b.deposit(bob, 200).position
+        with run_projections(a, views_a) as runner_a, run_projections(b, views_b) as runner_b:
+            row_a = runner_a.views.balance(ann, min_position=at_a, timeout=20)
+            row_b = runner_b.views.balance(bob, min_position=at_b, timeout=20)
+            assert row_a is not None and row_a.balance == 100
+            assert row_b is not None and row_b.balance == 200
+
+
+def test_a_url_naming_a_libpq_service_is_refused(pg_url: str) -> None:
+    """``?service=`` passed the check of libpq's settings, then went unused: the URL's host,
+    port and user (localhost, 5432, postgres when it names none) win over the service
+    file's, and a service elsewhere was waited for at localhost, with an uncoded error."""
+    from urllib.parse import urlsplit
+
+    database = urlsplit(pg_url).path[1:]
+    with pytest.raises(BadURL) as refused:
+        open_ledger(f"postgresql:///{database}?service=ledger&connect_timeout=2")
+    assert refused.value.code == "bad_url"
+    assert "service" in str(refused.value), refused.value
+
+
+def test_a_service_refused_by_a_missing_grant_stops_in_one_line_without_a_traceback(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A role that may not create in the database's schema (PostgreSQL 15's default for a
+    role that owns nothing): an operator's mistake, not a bug in daybook. The runner stopped
+    with a traceback, and no code."""
+    from daybook.infrastructure.cli import main
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE daybook_no_create LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    url = pg_url.replace("postgres@", "daybook_no_create@", 1)
+    try:
+        status = main(["project", "--url", url, "--startup-wait", "0"])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert status == 1
+        assert "refused (permission_denied): permission denied for schema public" in err, err
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("DROP ROLE daybook_no_create")
+
+
+def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_an_empty_schema(
+    pg_url: str,
+) -> None:
+    """A ledger opened before daybook followed the search_path kept its tables in public
+    whatever the search_path said. Opened with one naming an empty schema, it must not
+    start a new, empty log there (every account "not found"): refused, saying how to go on."""
+    with open_ledger(pg_url) as ledger:
+        ledger.open_account("ann", "EUR")
+    url = _in_schema(pg_url, "elsewhere")
+    with pytest.raises(BadURL) as refused:
+        open_ledger(url)
+    assert refused.value.code == "bad_url"
+    assert "options=-csearch_path%3Dpublic" in str(refused.value), refused.value
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('elsewhere.daybook_events')").fetchone() == (None,)
+    with open_ledger(f"{pg_url}?options=-csearch_path%3Dpublic") as ledger:
+        assert ledger.head() > 0
+
+
+def test_a_search_path_naming_no_schema_is_refused(pg_url: str) -> None:
+    with pytest.raises(BadURL) as refused:
+        open_ledger(f"{pg_url}?options=-csearch_path%3Dnowhere")
+    assert refused.value.code == "bad_url"
+    assert "no schema that exists" in str(refused.value), refused.value
+
+
+def test_a_relay_of_a_ledger_in_another_schema_does_not_wait_for_this_ones(pg_url: str) -> None:
+    """One relay publishes a topic per event store, by an advisory lock: the database's,
+    whatever the schema. A ledger in schema ledger_b found its topic taken by the relay of
+    the ledger in ledger_a (here held by a session, as a running relay holds it)."""
+    url_a, url_b = _in_schema(pg_url, "ledger_a"), _in_schema(pg_url, "ledger_b")
+    for url in (url_a, url_b):
+        open_ledger(url).close()
+    with psycopg.connect(url_a, autocommit=True) as held:
+        taken = held.execute(relay._TAKE_RELAY_LOCK, ("daybook.relay/events",)).fetchone()
+        assert taken == (True,)
+        with pytest.raises(RewindRefused) as refused:
+            rewind(url_a, "events")
+        assert "is publishing" in str(refused.value)
+        with pytest.raises(RewindRefused) as refused:
+            rewind(url_b, "events")
+        assert "no relay has published" in str(refused.value), refused.value
