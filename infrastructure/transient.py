@@ -13,6 +13,7 @@ data) would fail the same way again: retrying only hides it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import sys
@@ -97,6 +98,38 @@ def rolled_back(error: BaseException) -> bool:
         isinstance(cause, psycopg.Error) and cause.sqlstate in _ROLLED_BACK
         for cause in causes(error)
     )
+
+
+#: SQLSTATEs of a session the server itself ended: it is up and answering, and every other
+#: connection a pool kept idle meanwhile has most likely been ended too (a restart ends them
+#: all; ``idle_session_timeout`` ends every one left idle as long).
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P05", "25P03"})
+
+
+def session_ended(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the server ending the session (a restart,
+    ``pg_terminate_backend``, its idle timeouts), or closing it without a word."""
+    for cause in causes(error):
+        if isinstance(cause, psycopg.Error) and (
+            cause.sqlstate in _SESSION_ENDED
+            or "server closed the connection unexpectedly" in str(cause)
+        ):
+            return True
+    return False
+
+
+def discard_ended_connections(recorder: object, error: BaseException) -> None:
+    """After ``error`` ended a session of ``recorder``'s PostgreSQL pool: have the pool test
+    the connections it keeps idle and replace the dead ones (psycopg_pool's ``check``), so
+    that the retry gets a live connection rather than the next dead one. Only then: the
+    server answered, so the test of a live connection is one quick round trip (never a wait
+    on a silent server behind a partition)."""
+    pool = getattr(getattr(recorder, "datastore", None), "pool", None)
+    check = getattr(pool, "check", None)
+    if check is None or not session_ended(error):
+        return
+    with contextlib.suppress(Exception):
+        check()
 
 
 def cancelled(error: BaseException) -> bool:

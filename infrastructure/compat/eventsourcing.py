@@ -34,7 +34,7 @@ from daybook.domain.events import LedgerAggregate
 from daybook.domain.snapshots import LedgerSnapshot
 from daybook.infrastructure.compat import Internal, Kind
 from daybook.infrastructure.sqlite_files import BUSY_TIMEOUT, use_wal
-from daybook.infrastructure.transient import AT_ONCE
+from daybook.infrastructure.transient import AT_ONCE, discard_ended_connections
 
 
 def listen_conninfo(datastore: Any) -> tuple[str, dict[str, Any]]:
@@ -125,9 +125,12 @@ def retried_only_at_once(method: Any) -> Any:
             started = time.monotonic()
             try:
                 return inner(self, *args, **kwargs)
-            except (InterfaceError, OperationalError):
+            except (InterfaceError, OperationalError) as error:
                 if attempt == _READ_ATTEMPTS or time.monotonic() - started >= AT_ONCE:
                     raise
+                # The server ended the session (a restart, its idle_session_timeout): the
+                # pool's other idle connections are as dead; replaced, not tried in turn.
+                discard_ended_connections(self, error)
                 time.sleep(0.2)
         raise AssertionError("unreachable")
 

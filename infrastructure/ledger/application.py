@@ -60,7 +60,12 @@ from daybook.infrastructure.ledger.retention import RequestPurge, Retention
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.topics import reader_topics
-from daybook.infrastructure.transient import AT_ONCE, first_line, rolled_back
+from daybook.infrastructure.transient import (
+    AT_ONCE,
+    discard_ended_connections,
+    first_line,
+    rolled_back,
+)
 
 A = TypeVar("A", bound=LedgerAggregate)
 
@@ -852,6 +857,9 @@ class LedgerService(Application[UUID]):
                 # connection) is not: callers queued behind each other would each wait it
                 # twice.
                 at_once = self.monotonic() - attempt_started < AT_ONCE
+                # The server ended the session (a restart, its idle_session_timeout): every
+                # connection the pool kept idle is as dead, and each would cost an attempt.
+                discard_ended_connections(self.recorder, error)
                 over = spent >= self.outage_budget and not (outages == 1 and at_once)
                 if outages > self.max_attempts // 4 or over:
                     for index in indices:
