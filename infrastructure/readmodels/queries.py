@@ -12,6 +12,7 @@ read-your-writes.
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 import time
@@ -215,6 +216,10 @@ class Answer(Generic[T]):
 _OUTAGE_BACKOFF_CAP = 1.0
 
 
+#: Connections a forked child found made by its parent: never used or closed there.
+_INHERITED: list[ReadStore] = []
+
+
 class ReadModels:
     """Read-side queries over one read-model database (one connection; thread-safe)."""
 
@@ -223,6 +228,8 @@ class ReadModels:
         self.log = log
         self.poll = poll
         self._store: ReadStore | None = None
+        #: The process that made ``_store`` (a forked child makes its own).
+        self._opened_in = os.getpid()
         self._lock = threading.Lock()
         #: How many times ``close`` was called: a query waiting out an outage stops waiting
         #: when it changes (a ``ReadModels`` closed and queried again reconnects, and its
@@ -691,6 +698,7 @@ class ReadModels:
         return result, position, lag, checkpoint.includes_later
 
     def _connection(self) -> ReadStore:
+        self._leave_if_forked()
         if self._store is None:
             store = open_store(self.url)
             try:
@@ -699,9 +707,21 @@ class ReadModels:
                 store.close()
                 raise
             self._store = store
+            self._opened_in = os.getpid()
         return self._store
 
+    def _leave_if_forked(self) -> None:
+        """In a child forked after the connection was made (gunicorn --preload, a
+        multiprocessing fork): the connection is the parent's, and a query on it here would
+        mix the two processes' conversations on one socket, breaking the parent's session.
+        Left as it is (closing it would end the parent's session too) and kept referenced
+        (collected, SQLite's would be closed); the child makes its own."""
+        if self._store is not None and self._opened_in != os.getpid():
+            _INHERITED.append(self._store)
+            self._store = None
+
     def _reset(self) -> None:
+        self._leave_if_forked()
         if self._store is not None:
             self._store.close()
         self._store = None

@@ -258,3 +258,58 @@ def test_forked_child_service_level_entry_points_are_refused(pg_url: str, calls:
     parent = next((line for line in lines if line.startswith("parent:")), done.stderr[-2000:])
     assert child == f"child: {calls}: LedgerForked", (child, parent)
     assert parent == "parent: 101 3", (child, parent)
+
+
+_FORKED_READS = textwrap.dedent(
+    """
+    import os, signal, sys
+    from daybook import open_ledger, open_read_models, run_projections
+    url = sys.argv[1]
+    with open_ledger(url) as ledger, run_projections(ledger) as runner:
+        a = ledger.open_account("ann", "EUR").account_id
+        b = ledger.open_account("bob", "EUR").account_id
+        ledger.deposit(a, 100)
+        at = ledger.deposit(b, 200).position
+        runner.views.balance(b, min_position=at, timeout=30)
+    views = open_read_models(url)
+    print("before:", views.balance(a).balance, views.balance(b).balance, flush=True)
+
+    def ask(account, times):
+        try:
+            answers = {views.balance(account).balance for _ in range(times)}
+            return " ".join(str(x) for x in sorted(answers))
+        except BaseException as error:
+            return f"{type(error).__name__}: {str(error)[:200]}"
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # both processes read at once, each its own account
+        os.close(read)
+        signal.alarm(60)
+        answer = ask(a, 300)
+        views.close()
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    parent = ask(b, 300)
+    os.waitpid(pid, 0)
+    print("child:", os.read(read, 10000).decode())
+    print("parent:", parent, ask(b, 5))
+    views.close()
+    """
+)
+
+
+def test_read_models_opened_before_a_fork_answer_in_the_child_and_the_parent(
+    shared_store_url: str,
+) -> None:
+    """Read models opened before the fork (gunicorn --preload), queried by both processes at
+    once: the child's queries ran on the parent's connection, two processes talking on one
+    socket, each could read the other's answers or break the session. The child now makes
+    its own connection, and leaves the parent's alone, also when it closes the read
+    models."""
+    done = _python(_FORKED_READS, shared_store_url)
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    assert done.stdout.splitlines() == ["before: 100 200", "child: 100", "parent: 200 200"], (
+        done.stdout + done.stderr[-1500:]
+    )
