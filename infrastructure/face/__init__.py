@@ -60,7 +60,12 @@ from daybook.infrastructure.bootstrap import (
     open_read_models,
     run_projections,
 )
-from daybook.infrastructure.ledger.application import LedgerClosed, LedgerForked
+from daybook.infrastructure.ledger.application import (
+    LedgerClosed,
+    LedgerForked,
+    StorageFull,
+    Unavailable,
+)
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
@@ -121,6 +126,8 @@ __all__ = [
     "StockBelowReserved",
     "StockOverflow",
     "StockView",
+    "StorageFull",
+    "Unavailable",
     "UnknownOutcome",
     "open_async_ledger",
     "open_event_log",

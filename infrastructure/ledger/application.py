@@ -65,6 +65,7 @@ from daybook.infrastructure.transient import (
     discard_ended_connections,
     first_line,
     rolled_back,
+    storage_full,
 )
 
 A = TypeVar("A", bound=LedgerAggregate)
@@ -103,6 +104,41 @@ class LedgerClosed(RuntimeError):
 
 # Not a refusal: no refusal class may take its code (see ``reserve_codes``).
 reserve_codes((LedgerClosed.code,), "the ledger's own")
+
+
+class Unavailable(OperationalError):
+    """A database the ledger needs did not answer through the ledger's retries (an outage;
+    the driver's error is its ``__cause__``): the command may or may not have committed.
+    Send it again with the same request id: it is applied once either way."""
+
+    code: ClassVar[str] = "unavailable"
+
+
+class StorageFull(Unavailable):
+    """The database the ledger writes to is out of disk space: nothing was applied. Send
+    the command again with the same request id once its operator has freed space."""
+
+    code: ClassVar[str] = "storage_full"
+
+
+reserve_codes((Unavailable.code, StorageFull.code), "the ledger's own")
+
+
+def unavailable(error: BaseException) -> Unavailable:
+    """The coded answer to a command whose outage outlasted the ledger's retries."""
+    if storage_full(error):
+        answer: Unavailable = StorageFull(
+            f"the database is out of disk space ({first_line(error)}): nothing was applied; "
+            "send the command again with the same request id once space is freed"
+        )
+    else:
+        answer = Unavailable(
+            f"the database did not answer through the ledger's retries ({first_line(error)});"
+            " the command may have committed: send it again with the same request id, "
+            "which applies it once"
+        )
+    answer.__cause__ = error
+    return answer
 
 
 class LedgerForked(LedgerClosed):
@@ -863,7 +899,7 @@ class LedgerService(Application[UUID]):
                 over = spent >= self.outage_budget and not (outages == 1 and at_once)
                 if outages > self.max_attempts // 4 or over:
                     for index in indices:
-                        outcomes[index] = error
+                        outcomes[index] = unavailable(error)
                     self._keep_unknown([batch[i] for i in indices], attempts)
                     return
                 # The commit may have happened: the next attempt looks it up (``attempts``).

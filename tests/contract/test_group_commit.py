@@ -713,3 +713,52 @@ def test_a_command_queued_behind_an_outage_past_its_budget_waits_for_the_pool_on
         assert ledger.deposit(bob, 5, request_id="q-bob").replayed is False
         assert ledger.deposit(bob, 5, request_id="q-bob").replayed
         assert ledger.account(bob).balance == 5
+
+
+@pytest.mark.parametrize("disk_full", [False, True], ids=["outage", "disk full"])
+def test_an_outage_past_the_ledgers_retries_is_answered_with_a_code(
+    tmp_path: Path, disk_full: bool
+) -> None:
+    """README: a command caught in an outage ends as ``unavailable`` once the ledger's own
+    retries have run out, a disk full as ``storage_full`` (HTTP's 503 and 507). At the
+    Python API both were eventsourcing's uncoded ``OperationalError``. Still one (code that
+    catches it goes on working), now with the code, the driver's error as its cause, and a
+    message that says to send it again with the same request id."""
+    import sqlite3
+
+    from eventsourcing.persistence import OperationalError
+
+    from daybook.infrastructure.ledger.application import StorageFull, Unavailable
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as ledger:
+        ann = ledger.open_account("ann", "EUR").account_id
+        service = ledger.service
+        now = [1_000.0]
+        service.monotonic = lambda: now[0]  # type: ignore[method-assign]
+        recorder: Any = service.recorder
+        insert_events = recorder.insert_events
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            now[0] += 10.0
+            if disk_full:
+                cause = sqlite3.OperationalError("database or disk is full")
+                cause.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+            else:
+                cause = sqlite3.OperationalError("unable to open database file")
+            raise OperationalError(str(cause)) from cause
+
+        recorder.insert_events = failing
+        try:
+            with pytest.raises(OperationalError) as answered:
+                ledger.deposit(ann, 5, request_id="full-1")
+        finally:
+            recorder.insert_events = insert_events
+        error = answered.value
+        assert isinstance(error, StorageFull if disk_full else Unavailable), repr(error)
+        assert error.code == ("storage_full" if disk_full else "unavailable")
+        assert "same request id" in str(error), error
+        assert isinstance(error.__cause__, OperationalError)
+        # Nothing was applied: sent again, it is applied once.
+        assert ledger.deposit(ann, 5, request_id="full-1").replayed is False
+        assert ledger.account(ann).balance == 5
