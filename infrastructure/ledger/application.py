@@ -1251,6 +1251,16 @@ class LedgerService(Application[UUID]):
                         )
                     continue
             prepared.touched[index] = frozenset(uow.touched)
+            unnamed = fields.keys() - _RECEIPT_FIELDS
+            if unnamed:
+                # Checked before anything is written: once committed, a receipt that cannot
+                # be built would leave the caller answered with the error (or, looked up
+                # again, told ``replayed``), for a command applied once.
+                msg = (
+                    f"command {command.name} returned {', '.join(sorted(unnamed))}, which a "
+                    f"receipt does not name (a receipt names {', '.join(sorted(_RECEIPT_FIELDS))})"
+                )
+                raise TypeError(msg)
             uow.check_acceptance()
             collected = uow.collect()
             if not collected:
@@ -1586,6 +1596,15 @@ def aware_clock(clock: Callable[[], datetime]) -> Callable[[], datetime]:
     return reading
 
 
+#: What a handler may return (``Command.handle``): the fields of a receipt it fills itself.
+_RECEIPT_FIELDS = frozenset(Receipt.__dataclass_fields__) - {
+    "command",
+    "request_id",
+    "position",
+    "replayed",
+}
+
+
 def _judge(command: Command, uow: UnitOfWork) -> Any:
     """``command.handle(uow)``; a refusal (raised, or caught by the command and confirmed:
     ``Rejudge``) judged on a copy an earlier command of the batch read from the store is
@@ -1600,6 +1619,15 @@ def _judge(command: Command, uow: UnitOfWork) -> Any:
         except DomainError:
             if not uow.catch_up_for_refusal():
                 raise
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as error:
+            # A handler's ``SystemExit`` (a helper calling ``sys.exit``), ``GeneratorExit``...:
+            # its command's failure, like any other exception of its handler. Raised as is, it
+            # passed every ``except Exception`` and stopped the group commit writer, closing
+            # the ledger for every caller.
+            msg = f"command {command.name}'s handler raised {error!r}"
+            raise RuntimeError(msg) from error
     raise StaleCache
 
 
