@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE, SUBJECT
-from daybook.infrastructure.transient import is_transient, may_only_read
+from daybook.infrastructure.transient import denied, is_transient
 
 log = logging.getLogger("daybook.services")
 
@@ -277,7 +277,7 @@ def refusal_code(error: BaseException) -> str | None:
     anything else."""
     if isinstance(error, Refused):
         return error.code
-    return "permission_denied" if may_only_read(error) else None
+    return "permission_denied" if denied(error) else None
 
 
 class SupervisedThread:

@@ -78,6 +78,23 @@ def may_only_read(error: BaseException) -> bool:
     )
 
 
+def denied(error: BaseException) -> bool:
+    """Whether ``error``, or what raised it (``raise ... from``, as eventsourcing wraps the
+    driver's errors), is the database refusing a statement for the role's privileges or a
+    read-only session. Not what it was raised while handling (``may_only_read`` counts
+    that too): a bug met while handling such a refusal is a bug."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(
+            cause, psycopg.errors.ReadOnlySqlTransaction | psycopg.errors.InsufficientPrivilege
+        ):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 #: Seconds within which a failed attempt on a database counts as failing "at once" (a pooled
 #: connection that died in a restart, which a fresh one cures) rather than after waiting for
 #: a server that does not answer (the pool's ``connect_timeout``).
@@ -119,17 +136,20 @@ def session_ended(error: BaseException) -> bool:
 
 
 def discard_ended_connections(recorder: object, error: BaseException) -> None:
-    """After ``error`` ended a session of ``recorder``'s PostgreSQL pool: have the pool test
-    the connections it keeps idle and replace the dead ones (psycopg_pool's ``check``), so
-    that the retry gets a live connection rather than the next dead one. Only then: the
-    server answered, so the test of a live connection is one quick round trip (never a wait
-    on a silent server behind a partition)."""
+    """After ``error`` ended a session of ``recorder``'s PostgreSQL pool: replace every
+    connection the pool keeps idle (psycopg_pool's ``drain``: closed, and new ones opened by
+    the pool's workers), so that the retry gets a fresh connection rather than the next
+    dead one, each of which would cost an attempt. Not tested one by one (``check``): the
+    server that ended one session may be silent to the others (a partition just after),
+    and a test of each would hold the caller a TCP timeout per connection. Closing does not
+    wait for the server, and a retry waits for a new connection only as long as the pool's
+    own timeout, within the ledger's outage budget."""
     pool = getattr(getattr(recorder, "datastore", None), "pool", None)
-    check = getattr(pool, "check", None)
-    if check is None or not session_ended(error):
+    drain = getattr(pool, "drain", None)
+    if drain is None or not session_ended(error):
         return
     with contextlib.suppress(Exception):
-        check()
+        drain()
 
 
 def cancelled(error: BaseException) -> bool:

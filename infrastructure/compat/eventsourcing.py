@@ -334,6 +334,16 @@ RELIED_ON: tuple[Internal, ...] = (
     ),
     Internal(
         "psycopg-pool",
+        "psycopg_pool:ConnectionPool",
+        "drain",
+        discard_ended_connections,
+        "ConnectionPool.drain (public since 3.2; still closes the idle connections without "
+        "testing them and has the workers open new ones; "
+        "tests/integration/test_pg_restarts.py)",
+        kind=Kind.FUNCTION,
+    ),
+    Internal(
+        "psycopg-pool",
         "psycopg_pool.base:AttemptWithBackoff",
         "update_delay",
         reconnect_promptly,

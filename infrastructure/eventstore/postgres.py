@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from binascii import b2a_base64
 from collections.abc import Sequence
 from datetime import timedelta
@@ -505,11 +506,18 @@ class Factory(PostgresFactory):
         # ledgers in two schemas of one database wrote one log, and a role that may create
         # only in its own schema could not open a ledger. The session's own schema decides,
         # as it does for the read models and every other unqualified name daybook uses.
-        self.datastore.schema = _schema_of(self.datastore)
+        try:
+            self.datastore.schema = _schema_of(self.datastore)
+        except BaseException:
+            self.datastore.close()  # its pool's threads and connections, at once
+            raise
 
 
 #: The ledger's events table (eventsourcing names it after the application, ``daybook``).
 EVENTS_TABLE = "daybook_events"
+
+#: A schema name PostgreSQL takes unquoted (see ``_schema_of``).
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 class SchemaRefused(BadURL):
@@ -536,6 +544,14 @@ def _schema_of(datastore: Any) -> str:
             "URL's options=-csearch_path=..., or the role's); create the schema, or fix the "
             "search_path"
         )
+    if not _PLAIN_NAME.fullmatch(schema):
+        # eventsourcing names its row types by the schema unquoted ("schema.type"), so a
+        # name that needs quoting is a syntax error at the first connection.
+        raise SchemaRefused(
+            f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
+            f"{schema!r}, whose name needs quoting; name the schema with lower-case letters, "
+            "digits and underscores (or add options=-csearch_path%3Dpublic to the URL)"
+        )
     if schema != "public" and here is None and in_public is not None:
         # Before daybook followed the search_path, a ledger kept its tables in public
         # whatever the search_path said: opening a new, empty log in this schema would
@@ -543,10 +559,12 @@ def _schema_of(datastore: Any) -> str:
         raise SchemaRefused(
             f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
             f"{schema!r}, which has none, while schema 'public' holds a daybook log (written "
-            "before daybook followed the search_path). To go on with that log, add "
-            "options=-csearch_path%3Dpublic to the URL; to keep it in "
-            f"{schema!r}, move daybook's tables, types and functions there (ALTER ... SET "
-            "SCHEMA); a second ledger belongs in another database"
+            "before daybook followed the search_path, while its read models and tokens "
+            f"followed it, into {schema!r}). To go on with that log, move its tables "
+            "(daybook_events, daybook_requests, daybook_snapshots, daybook_store), types and "
+            f"functions into {schema!r} (ALTER ... SET SCHEMA); or, if the read models and "
+            "tokens are in 'public' too, add options=-csearch_path%3Dpublic to the URL. A "
+            "second ledger belongs in another database"
         )
     return str(schema)
 

@@ -6,6 +6,8 @@ unqualified name resolves. Two ledgers in two schemas of one database must stay 
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import psycopg
 import pytest
 
@@ -148,3 +150,16 @@ def test_a_relay_of_a_ledger_in_another_schema_does_not_wait_for_this_ones(pg_ur
         with pytest.raises(RewindRefused) as refused:
             rewind(url_b, "events")
         assert "no relay has published" in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("schema", ['"Ledger"', '"led-ger"'])
+def test_a_schema_whose_name_needs_quoting_is_refused(pg_url: str, schema: str) -> None:
+    """eventsourcing names its row types by the schema unquoted: such a search_path failed
+    at open with an uncoded syntax error. Refused, saying how to name the schema."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{pg_url}?options=" + quote(f"-csearch_path={schema}", safe="")
+    with pytest.raises(BadURL) as refused:
+        open_ledger(url)
+    assert refused.value.code == "bad_url"
+    assert "needs quoting" in str(refused.value), refused.value
