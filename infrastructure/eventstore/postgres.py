@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 from binascii import b2a_base64
 from collections.abc import Sequence
 from datetime import timedelta
@@ -516,9 +515,6 @@ class Factory(PostgresFactory):
 #: The ledger's events table (eventsourcing names it after the application, ``daybook``).
 EVENTS_TABLE = "daybook_events"
 
-#: A schema name PostgreSQL takes unquoted (see ``_schema_of``).
-_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]*")
-
 
 class SchemaRefused(BadURL):
     """The event store's schema cannot be used as it stands; the message says why and what
@@ -533,24 +529,26 @@ def _schema_of(datastore: Any) -> str:
     with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
         curs.execute(
             "SELECT current_schema(), to_regclass(quote_ident(current_schema()) || '.' || %s), "
-            "to_regclass(%s)",
+            "to_regclass(%s), quote_ident(current_schema()) = current_schema()",
             (EVENTS_TABLE, f"public.{EVENTS_TABLE}"),
         )
         row = curs.fetchone()
-    schema, here, in_public = row if row is not None else (None, None, None)
+    schema, here, in_public, plain = row if row is not None else (None, None, None, None)
     if schema is None:
         raise SchemaRefused(
             "the PostgreSQL event store: its search_path names no schema that exists (the "
             "URL's options=-csearch_path=..., or the role's); create the schema, or fix the "
             "search_path"
         )
-    if not _PLAIN_NAME.fullmatch(schema):
+    if not plain:
         # eventsourcing names its row types by the schema unquoted ("schema.type"), so a
-        # name that needs quoting is a syntax error at the first connection.
+        # name that needs quoting (capitals, a dash, a reserved word such as "order") is a
+        # syntax error, or another schema's type, at the first connection.
         raise SchemaRefused(
             f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
             f"{schema!r}, whose name needs quoting; name the schema with lower-case letters, "
-            "digits and underscores (or add options=-csearch_path%3Dpublic to the URL)"
+            "digits and underscores, not starting with a digit and not a reserved word such "
+            "as order or user (or add options=-csearch_path%3Dpublic to the URL)"
         )
     if schema != "public" and here is None and in_public is not None:
         # Before daybook followed the search_path, a ledger kept its tables in public

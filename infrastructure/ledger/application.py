@@ -19,7 +19,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, cast
@@ -44,6 +44,7 @@ from daybook.domain.errors import (
 )
 from daybook.domain.events import LedgerAggregate, id_held_by_another_kind, metadata_scope
 from daybook.domain.ids import is_generated_request_id, new_request_id
+from daybook.domain.linked import Atomic
 from daybook.domain.snapshots import snapshot_class
 from daybook.infrastructure.eventstore.snapshots import Snapshots
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, Read, VersionConflict
@@ -108,8 +109,9 @@ reserve_codes((LedgerClosed.code,), "the ledger's own")
 
 class Unavailable(OperationalError):
     """A database the ledger needs did not answer through the ledger's retries (an outage;
-    the driver's error is its ``__cause__``): the command may or may not have committed.
-    Send it again with the same request id: it is applied once either way."""
+    eventsourcing's error is its ``__cause__``, and the driver's that one's): the command may
+    or may not have committed. Send it again with the same request id: it is applied once
+    either way. A read the store did not answer raises it too."""
 
     code: ClassVar[str] = "unavailable"
 
@@ -124,12 +126,18 @@ class StorageFull(Unavailable):
 reserve_codes((Unavailable.code, StorageFull.code), "the ledger's own")
 
 
-def unavailable(error: BaseException) -> Unavailable:
-    """The coded answer to a command whose outage outlasted the ledger's retries."""
+def unavailable(error: BaseException, *, reading: bool = False) -> Unavailable:
+    """The coded answer to a command whose outage outlasted the ledger's retries, or
+    (``reading``) to a read the store did not answer."""
     if storage_full(error):
         answer: Unavailable = StorageFull(
             f"the database is out of disk space ({first_line(error)}): nothing was applied; "
             "send the command again with the same request id once space is freed"
+        )
+    elif reading:
+        answer = Unavailable(
+            f"the database did not answer the read ({first_line(error)}); nothing changed: "
+            "read again once it answers"
         )
     else:
         answer = Unavailable(
@@ -682,6 +690,10 @@ class LedgerService(Application[UUID]):
             if self._closed and not isinstance(error, DomainError):
                 msg = "the ledger is closed; open a new one to read from it"
                 raise LedgerClosed(msg) from error
+            if isinstance(error, OperationalError | InterfaceError):
+                # The store did not answer (its retries, the pool's wait, spent): coded,
+                # as a command meeting the same outage is.
+                raise unavailable(error, reading=True) from error
             raise
 
     def read(self, kind: type[A], key: Any) -> A:
@@ -1251,16 +1263,10 @@ class LedgerService(Application[UUID]):
                         )
                     continue
             prepared.touched[index] = frozenset(uow.touched)
-            unnamed = fields.keys() - _RECEIPT_FIELDS
-            if unnamed:
-                # Checked before anything is written: once committed, a receipt that cannot
-                # be built would leave the caller answered with the error (or, looked up
-                # again, told ``replayed``), for a command applied once.
-                msg = (
-                    f"command {command.name} returned {', '.join(sorted(unnamed))}, which a "
-                    f"receipt does not name (a receipt names {', '.join(sorted(_RECEIPT_FIELDS))})"
-                )
-                raise TypeError(msg)
+            # Checked before anything is written: once committed, a receipt that cannot be
+            # built would leave the caller answered with the error (or, looked up again,
+            # told ``replayed``), for a command applied once.
+            _check_receipt_fields(command, fields)
             uow.check_acceptance()
             collected = uow.collect()
             if not collected:
@@ -1602,7 +1608,32 @@ _RECEIPT_FIELDS = frozenset(Receipt.__dataclass_fields__) - {
     "request_id",
     "position",
     "replayed",
+    "linked",
 }
+
+
+def _check_receipt_fields(command: Command, fields: object) -> None:
+    """``TypeError`` unless ``fields`` (what ``command``'s handler returned) names only
+    receipt fields: a mapping, and for a linked list (``linked``) each of its commands'
+    own, in turn."""
+    if not isinstance(fields, Mapping):
+        msg = (
+            f"command {command.name}'s handler returned {type(fields).__name__}, not a "
+            "mapping of receipt fields (return {} for none)"
+        )
+        raise TypeError(msg)
+    linked = isinstance(command, Atomic)
+    unnamed = fields.keys() - _RECEIPT_FIELDS - ({"linked"} if linked else set())
+    if unnamed:
+        msg = (
+            f"command {command.name} returned {', '.join(sorted(unnamed))}, which a receipt "
+            f"does not name (a receipt names {', '.join(sorted(_RECEIPT_FIELDS))})"
+        )
+        raise TypeError(msg)
+    if linked:
+        for inner, part in zip(cast(Atomic, command).commands, fields["linked"], strict=True):
+            own = {k: v for k, v in part.items() if k not in ("command", "request_id")}
+            _check_receipt_fields(inner, own)
 
 
 def _judge(command: Command, uow: UnitOfWork) -> Any:

@@ -10,11 +10,13 @@ loop, without a thread each.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -90,6 +92,12 @@ def _command(command: object) -> Command:
 
 
 R = TypeVar("R")
+
+#: Threads an ``AsyncLedger`` reads the store in (as many as the event store's pool holds
+#: connections at most): its own, not the event loop's default executor, which the
+#: service's own ``to_thread`` work and ``getaddrinfo`` share (reads waiting out an outage
+#: held every one of its few workers).
+_ASYNC_READ_THREADS = 20
 
 #: Seconds after a held-back Ctrl-C from which another one interrupts the call at once.
 _PRESSED_AGAIN = 1.0
@@ -281,6 +289,22 @@ class AsyncLedger(AsyncLedgerMethods):
         self.service = service
         self.settings = settings
         self._committer = service.committer
+        self._reads = ThreadPoolExecutor(
+            _ASYNC_READ_THREADS, thread_name_prefix="daybook-async-read"
+        )
+
+    async def _in_thread(self, work: Callable[..., R], *args: Any) -> R:
+        """``work(*args)`` in one of the ledger's read threads (a forked child is refused
+        first: the parent's threads do not exist in it). Once closed, in the loop's default
+        executor (a closed ledger's reads are refused, or, in memory, still answered)."""
+        self.service.refuse_if_forked()
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, work, *args)
+        try:
+            future = loop.run_in_executor(self._reads, call)
+        except RuntimeError:  # closed: the threads are gone
+            return await asyncio.to_thread(work, *args)
+        return await future
 
     async def execute(self, command: Command) -> Receipt:
         command = _command(command)
@@ -316,14 +340,14 @@ class AsyncLedger(AsyncLedgerMethods):
         return outcomes  # type: ignore[return-value]
 
     async def read(self, kind: type[A], key: Any) -> A:
-        return await asyncio.to_thread(self.service.read, kind, key)
+        return await self._in_thread(self.service.read, kind, key)
 
     async def _view(self, kind: type[LedgerAggregate], key: Any) -> Any:
-        return await asyncio.to_thread(self.service.view, kind, key)
+        return await self._in_thread(self.service.view, kind, key)
 
     async def head(self) -> int:
         """The log position of the newest event (0 for an empty log)."""
-        return await asyncio.to_thread(self.service.head)
+        return await self._in_thread(self.service.head)
 
     async def health(self) -> Health:
         """The committer's health: running, stopped, or failed with the reason (in a child
@@ -338,6 +362,7 @@ class AsyncLedger(AsyncLedgerMethods):
     async def close(self) -> None:
         """Finish the commands already submitted, then release the store."""
         await asyncio.to_thread(self.service.close)
+        self._reads.shutdown(wait=False)
 
     async def __aenter__(self) -> Self:
         return self

@@ -50,6 +50,7 @@ from daybook.infrastructure.ledger.application import (
     Outcome,
     PreparedBatch,
     count_outcomes,
+    unavailable,
 )
 from daybook.infrastructure.ledger.conflicts import DuplicateRequest, VersionConflict
 from daybook.infrastructure.lifecycle import Health, ServiceState, Supervisor
@@ -505,7 +506,8 @@ class GroupCommitter:
             self._wait_for_commit()
             waiting = building.items + items
             if answer:
-                _settle(waiting, [error] * len(waiting))
+                # Coded, as the careful way answers an outage (``unavailable``): one each.
+                _settle(waiting, [unavailable(error) for _ in waiting])
             else:
                 self._execute(waiting)
             return

@@ -762,3 +762,53 @@ def test_an_outage_past_the_ledgers_retries_is_answered_with_a_code(
         # Nothing was applied: sent again, it is applied once.
         assert ledger.deposit(ann, 5, request_id="full-1").replayed is False
         assert ledger.account(ann).balance == 5
+
+
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_a_command_queued_behind_an_outage_past_its_budget_is_answered_unavailable(
+    tmp_path: Path, face: str
+) -> None:
+    """README: a command caught in an outage ends as ``unavailable`` (``daybook.Unavailable``,
+    with its code) once the ledger's retries have run out. One that arrives after the
+    outage has outlasted the budget, and whose read of its account fails in the writer
+    (nothing sent), was answered with eventsourcing's bare ``OperationalError``: no
+    ``code``, no "send it again with the same request id", not ``daybook.Unavailable``."""
+    from eventsourcing.persistence import OperationalError
+
+    from daybook.infrastructure.ledger.application import Unavailable
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with open_ledger(url) as writer:
+        ann = writer.open_account("ann", "EUR").account_id
+        bob = writer.open_account("bob", "EUR").account_id
+    ledger: Any = open_ledger(url) if face == "sync" else open_async_ledger(url)
+    service = ledger.service
+    now = [1_000.0]
+    service.monotonic = lambda: now[0]  # type: ignore[method-assign]
+    recorder: Any = service.recorder
+    select_events = recorder.select_events
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        now[0] += 10.0  # the pool's wait for a connection it never gets
+        raise OperationalError("couldn't get a connection after 10.00 sec")
+
+    def deposit(account: UUID, request_id: str) -> Any:
+        if face == "sync":
+            return ledger.deposit(account, 5, request_id=request_id)
+        return asyncio.run(ledger.deposit(account, 5, request_id=request_id))
+
+    recorder.select_events = refused
+    errors = []
+    try:
+        for account, request_id in ((ann, "q-ann"), (bob, "q-bob")):
+            with pytest.raises(OperationalError) as answered:
+                deposit(account, request_id)
+            errors.append(answered.value)
+    finally:
+        recorder.select_events = select_events
+    codes = [(type(error).__name__, getattr(error, "code", None)) for error in errors]
+    assert all(isinstance(error, Unavailable) for error in errors), codes
+    if face == "sync":
+        ledger.close()
+    else:
+        asyncio.run(ledger.close())

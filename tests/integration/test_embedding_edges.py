@@ -252,3 +252,79 @@ def test_an_event_store_whose_position_sequence_restarted_says_so_and_writes_not
             )
         assert not ledger.deposit(account, 5, request_id="after-restore").replayed
         assert ledger.account(account).balance == 10
+
+
+def test_asyncio_reads_waiting_on_the_database_leave_the_loops_default_executor_free(
+    tmp_path: Path,
+) -> None:
+    """An asyncio service's own ``asyncio.to_thread`` work (and ``loop.getaddrinfo``, which
+    aiohttp and httpx resolve host names with) runs in the loop's default executor: a few
+    workers (``min(32, cpus + 4)``). ``AsyncLedger``'s reads ran there too, so while the
+    database did not answer (an outage: each read waits its ``connect_timeout``, 10 s),
+    that many reads held every worker and the service's own work waited for the outage."""
+    import os
+    import threading
+    from typing import Any
+
+    from daybook import open_async_ledger
+
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    answer = threading.Event()  # the database answers again
+
+    async def scenario() -> str:
+        ledger = open_async_ledger(f"sqlite:///{tmp_path}/ledger.db")
+        account = (await ledger.open_account("ann", "EUR")).account_id
+        recorder: Any = ledger.service.recorder
+        select = recorder.max_notification_id
+
+        def silent(*args: Any, **kwargs: Any) -> Any:
+            answer.wait(60)  # the database does not answer
+            return select(*args, **kwargs)
+
+        recorder.max_notification_id = silent
+        reads = [asyncio.ensure_future(ledger.head()) for _ in range(workers)]
+        await asyncio.sleep(0.2)
+        try:
+            # The service's own work, while the ledger's reads wait for the database.
+            return await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), timeout=10)
+        except TimeoutError:
+            return "waited for the database"
+        finally:
+            answer.set()
+            await asyncio.gather(*reads)
+            assert (await ledger.account(account)).balance == 0
+            await ledger.close()
+
+    assert asyncio.run(scenario()) == "ran"
+
+
+def test_an_asyncio_read_the_database_does_not_answer_is_answered_with_a_code(
+    tmp_path: Path,
+) -> None:
+    """A read through the ledger (``account``, ``head``...) that meets an outage raised
+    eventsourcing's bare ``OperationalError``: no ``code``, not ``daybook.Unavailable``,
+    which a service catches for the same outage met by a command."""
+    from typing import Any
+
+    from eventsourcing.persistence import OperationalError
+
+    from daybook import open_async_ledger
+
+    async def scenario() -> BaseException:
+        ledger = open_async_ledger(f"sqlite:///{tmp_path}/ledger.db")
+        recorder: Any = ledger.service.recorder
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise OperationalError("couldn't get a connection after 10.00 sec")
+
+        recorder.max_notification_id = refused
+        try:
+            await ledger.head()
+        except OperationalError as error:
+            return error
+        finally:
+            await ledger.close()
+        raise AssertionError("the read answered")
+
+    error = asyncio.run(scenario())
+    assert getattr(error, "code", None) == "unavailable", repr(error)

@@ -152,7 +152,7 @@ def test_a_relay_of_a_ledger_in_another_schema_does_not_wait_for_this_ones(pg_ur
         assert "no relay has published" in str(refused.value), refused.value
 
 
-@pytest.mark.parametrize("schema", ['"Ledger"', '"led-ger"'])
+@pytest.mark.parametrize("schema", ['"Ledger"', '"led-ger"', '"order"', '"user"'])
 def test_a_schema_whose_name_needs_quoting_is_refused(pg_url: str, schema: str) -> None:
     """eventsourcing names its row types by the schema unquoted: such a search_path failed
     at open with an uncoded syntax error. Refused, saying how to name the schema."""

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,93 @@ def test_an_extension_projection_that_cannot_apply_an_event_stops_alone(
             assert balances.position == ledger.head()
         finally:
             store.close()
+
+
+RECEIPTS = textwrap.dedent(
+    '''
+    from collections.abc import Mapping
+    from typing import Any
+    from daybook.domain.commands import Aggregates, Command, Text, AccountId
+    from daybook.domain.accounts import Account
+
+
+    class TouchLinked(Command):
+        """Deposits 1 and returns ``linked`` (a linked list's field, not a command's)."""
+        account_id: AccountId
+
+        def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+            aggregates.get(Account, self.account_id).deposit(1)
+            return {"linked": 5}
+
+
+    class TouchNamed(Command):
+        """Deposits 1 and returns a field no receipt names."""
+        account_id: AccountId
+
+        def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+            aggregates.get(Account, self.account_id).deposit(1)
+            return {"voucher_id": "x"}
+
+
+    class TouchNone(Command):
+        account_id: AccountId
+
+        def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+            aggregates.get(Account, self.account_id).deposit(1)
+            return None
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def receipts() -> Iterator[types.ModuleType]:
+    name = "daybook_test_receipt_fields"
+    with registries_restored(modules=name):
+        module = types.ModuleType(name)
+        sys.modules[name] = module
+        exec(compile(RECEIPTS, name, "exec"), module.__dict__)
+        yield module
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_linked_returned_by_a_handler_is_refused_before_anything_is_written(
+    receipts: types.ModuleType, tmp_path: Path, group_commit: bool
+) -> None:
+    """``linked`` is a linked list's receipt field: a command returning it passed the check
+    and failed after its commit, building the receipt."""
+    from daybook import open_ledger
+
+    with open_ledger(f"sqlite:///{tmp_path}/l.db", group_commit=group_commit) as ledger:
+        account = ledger.open_account(owner="ann", currency="EUR").account_id
+        head = ledger.head()
+        with pytest.raises(TypeError) as raised:
+            ledger.execute(receipts.TouchLinked(account, request_id="t-1"))
+        assert ledger.head() == head, f"{raised.value!r} answered, yet the command was written"
+
+
+def test_atomic_refuses_an_inner_command_returning_an_unnamed_field(
+    receipts: types.ModuleType, tmp_path: Path
+) -> None:
+    """README: any other key fails that command with a TypeError naming it, nothing written;
+    inside ``atomic`` the field was dropped without a word."""
+    from daybook import open_ledger
+
+    with open_ledger(f"sqlite:///{tmp_path}/l.db") as ledger:
+        account = ledger.open_account(owner="ann", currency="EUR").account_id
+        head = ledger.head()
+        with pytest.raises(TypeError, match="voucher_id"):
+            ledger.atomic([receipts.TouchNamed(account)])
+        assert ledger.head() == head
+
+
+def test_a_handler_returning_none_is_a_type_error(
+    receipts: types.ModuleType, tmp_path: Path
+) -> None:
+    """Not a mapping: a ``TypeError`` saying so (an ``AttributeError`` from the check)."""
+    from daybook import open_ledger
+
+    with open_ledger(f"sqlite:///{tmp_path}/l.db") as ledger:
+        account = ledger.open_account(owner="ann", currency="EUR").account_id
+        with pytest.raises(TypeError, match="not a mapping"):
+            ledger.execute(receipts.TouchNone(account))
+        assert ledger.account(account).balance == 0
