@@ -1043,6 +1043,8 @@ class LedgerService(Application[UUID]):
                 settled = True
             except DuplicateRequest:
                 continue  # one of them committed meanwhile: look again
+            except (OperationalError, InterfaceError) as error:
+                answer = unavailable(error)  # coded, as any outage a command ends in
             except Exception as error:
                 answer = error
             break

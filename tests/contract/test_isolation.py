@@ -1065,3 +1065,39 @@ def test_a_dead_connection_met_after_a_long_outage_is_tried_again(ledger: Ledger
     with inserting_with(service, one_dead_connection):
         (after,) = service.execute([Deposit(account, 7, request_id="after-1")])
     assert isinstance(after, Receipt), after
+
+
+def test_a_give_up_whose_fence_meets_an_outage_is_answered_unavailable(
+    shared_store_url: str,
+) -> None:
+    """The lost statement must be fenced off before ``concurrency_conflict`` is answered; if
+    the fence itself meets an outage, the outcome stays unknown and the outage is the answer:
+    coded ``unavailable`` (``daybook.Unavailable``), as every other outage a command ends in
+    (it was the driver's bare error). The same command sent again is applied once."""
+    from eventsourcing.persistence import OperationalError
+
+    from daybook import Unavailable
+
+    ledger, account = ledger_that_gives_up(shared_store_url)
+    recorder = ledger.service.recorder
+    insert = recorder.insert_events
+    lost: list[tuple[Any, dict[str, Any]]] = []
+
+    def scripted(stored: Any, **options: Any) -> Any:
+        if not lost:
+            lost.append((stored, options))
+            raise OperationalError("server closed the connection unexpectedly")
+        if stored:
+            raise VersionConflict("duplicate key value violates unique constraint")
+        raise OperationalError("server closed the connection unexpectedly")  # the fence
+
+    recorder.insert_events = scripted  # type: ignore[method-assign]
+    withdrawal = Withdraw(account, 10)  # a generated id: the lost commit must be fenced
+    (outcome,) = ledger.submit([withdrawal])
+    recorder.insert_events = insert  # type: ignore[method-assign]
+    assert isinstance(outcome, Unavailable), repr(outcome)
+    assert outcome.code == "unavailable"
+    (again,) = ledger.submit([withdrawal])  # the same command sent again: applied once
+    assert isinstance(again, Receipt), again
+    assert ledger.account(account).balance == 0
+    ledger.close()
