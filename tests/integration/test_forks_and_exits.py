@@ -50,6 +50,7 @@ _FORKED = textwrap.dedent(
         except BaseException as error:
             answer = f"{type(error).__name__} code={getattr(error, 'code', None)}"
         answer += f" health={ledger.health().state.value}"
+        answer += f" purge={ledger.request_purge.health().state.value}"
         os.write(write, answer.encode())
         os._exit(0)
     os.close(write)
@@ -73,9 +74,10 @@ def test_a_ledger_used_in_a_forked_child_answers_and_leaves_the_parent_whole(
     writer thread the child does not have; without group commit, on PostgreSQL, it ran on
     the parent's connection and broke the parent's next read. It is refused now, with a
     code and what to do (open the ledger after the fork), and the parent goes on. The
-    child's health says failed (it said the committer ran: the parent's copy)."""
+    child's health and its request purge's say failed (they said running: the parent's
+    copies)."""
     child, parent = _child_and_parent(_python(_FORKED, store_url, "1" if group_commit else "0"))
-    assert child == "child: LedgerForked code=ledger_closed health=failed", child
+    assert child == "child: LedgerForked code=ledger_closed health=failed purge=failed", child
     assert parent == "parent: 100 101", (child, parent)
 
 
