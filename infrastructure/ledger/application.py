@@ -65,6 +65,7 @@ from daybook.infrastructure.transient import (
     AT_ONCE,
     discard_ended_connections,
     first_line,
+    is_transient,
     rolled_back,
     storage_full,
 )
@@ -129,8 +130,13 @@ reserve_codes((Unavailable.code, StorageFull.code), "the ledger's own")
 def unavailable(error: BaseException, *, reading: bool = False) -> Unavailable:
     """The coded answer to a command whose outage outlasted the ledger's retries, or
     (``reading``) to a read the store did not answer."""
-    if storage_full(error):
+    if storage_full(error) and reading:
         answer: Unavailable = StorageFull(
+            f"the database is out of disk space ({first_line(error)}); nothing changed: read "
+            "again once space is freed"
+        )
+    elif storage_full(error):
+        answer = StorageFull(
             f"the database is out of disk space ({first_line(error)}): nothing was applied; "
             "send the command again with the same request id once space is freed"
         )
@@ -690,9 +696,12 @@ class LedgerService(Application[UUID]):
             if self._closed and not isinstance(error, DomainError):
                 msg = "the ledger is closed; open a new one to read from it"
                 raise LedgerClosed(msg) from error
-            if isinstance(error, OperationalError | InterfaceError):
-                # The store did not answer (its retries, the pool's wait, spent): coded,
-                # as a command meeting the same outage is.
+            if isinstance(error, OperationalError | InterfaceError) and (
+                is_transient(error) or storage_full(error)
+            ):
+                # The store did not answer (its retries, the pool's wait, spent), or is out
+                # of disk space: coded, as a command meeting the same is. Another error of
+                # the store (a table missing, a closed pool) is no outage, and stays as is.
                 raise unavailable(error, reading=True) from error
             raise
 
@@ -1032,6 +1041,7 @@ class LedgerService(Application[UUID]):
         # Those kept from an earlier unknown outcome too: the answer must stay true of them.
         attempts = self._with_kept(attempts, commands)
         known: dict[str, RequestRecord] = {}
+        outage: BaseException | None = None
         settled = False  # every attempt found or fenced: the answers are true
         for _ in range(len(attempts) + 1):
             try:
@@ -1044,7 +1054,7 @@ class LedgerService(Application[UUID]):
             except DuplicateRequest:
                 continue  # one of them committed meanwhile: look again
             except (OperationalError, InterfaceError) as error:
-                answer = unavailable(error)  # coded, as any outage a command ends in
+                outage = error  # coded, as any outage a command ends in: one each
             except Exception as error:
                 answer = error
             break
@@ -1052,7 +1062,7 @@ class LedgerService(Application[UUID]):
         for command in commands:
             record = known.get(command.request_id)
             if record is None:
-                answers.append(answer)
+                answers.append(answer if outage is None else unavailable(outage))
                 if not settled:  # its attempts may still be on their way
                     self._keep_unknown([command], attempts)
                 continue
@@ -1634,7 +1644,18 @@ def _check_receipt_fields(command: Command, fields: object) -> None:
         raise TypeError(msg)
     if linked:
         for inner, part in zip(cast(Atomic, command).commands, fields["linked"], strict=True):
-            own = {k: v for k, v in part.items() if k not in ("command", "request_id")}
+            own = dict(part)
+            # Set by the list for each of its commands; one its handler returned itself
+            # replaced them (a field of its own, like any other no receipt lets it name).
+            if (own.pop("command", None), own.pop("request_id", None)) != (
+                inner.name,
+                command.request_id,
+            ):
+                msg = (
+                    f"command {inner.name} returned command or request_id, which a receipt "
+                    "does not let a command name"
+                )
+                raise TypeError(msg)
             _check_receipt_fields(inner, own)
 
 

@@ -93,11 +93,11 @@ def _command(command: object) -> Command:
 
 R = TypeVar("R")
 
-#: Threads an ``AsyncLedger`` reads the store in (as many as the event store's pool holds
-#: connections at most): its own, not the event loop's default executor, which the
-#: service's own ``to_thread`` work and ``getaddrinfo`` share (reads waiting out an outage
-#: held every one of its few workers).
-_ASYNC_READ_THREADS = 20
+#: Threads an ``AsyncLedger`` reads the store in: its own, not the event loop's default
+#: executor, which the service's own ``to_thread`` work and ``getaddrinfo`` share (reads
+#: waiting out an outage held every one of its few workers); fewer than the event store's
+#: pool holds connections, so that reads cannot take every one the writer needs.
+_ASYNC_READ_THREADS = 8
 
 #: Seconds after a held-back Ctrl-C from which another one interrupts the call at once.
 _PRESSED_AGAIN = 1.0
@@ -361,8 +361,10 @@ class AsyncLedger(AsyncLedgerMethods):
 
     async def close(self) -> None:
         """Finish the commands already submitted, then release the store."""
-        await asyncio.to_thread(self.service.close)
-        self._reads.shutdown(wait=False)
+        try:
+            await asyncio.to_thread(self.service.close)
+        finally:
+            self._reads.shutdown(wait=False)
 
     async def __aenter__(self) -> Self:
         return self

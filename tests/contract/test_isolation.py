@@ -1101,3 +1101,28 @@ def test_a_give_up_whose_fence_meets_an_outage_is_answered_unavailable(
     assert isinstance(again, Receipt), again
     assert ledger.account(account).balance == 0
     ledger.close()
+
+
+def test_a_give_up_answers_each_command_its_own_unavailable(tmp_path: Any) -> None:
+    """An outage answers each command its own ``Unavailable``: one instance shared by the
+    commands of a contended part would be raised by each group-commit caller in its own
+    thread (its traceback growing in each)."""
+    from eventsourcing.persistence import OperationalError
+
+    from daybook import Unavailable
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/s.db", group_commit=False)
+    a = ledger.open_account("a", "EUR").account_id
+    service: Any = ledger.service
+
+    def look_up(commands: Any, attempts: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    service._look_up = look_up
+    outcomes = service._give_up(
+        [Withdraw(a, 1), Withdraw(a, 2)], [], ConcurrencyConflict("gave up")
+    )
+    del service._look_up
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert outcomes[0] is not outcomes[1], "one Unavailable shared by both commands"
+    ledger.close()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from pathlib import Path
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from daybook import open_event_log, open_ledger, open_read_models, run_projections
@@ -18,6 +20,7 @@ from daybook.infrastructure.bootstrap import (
     projection_runner,
     settings_for,
 )
+from daybook.infrastructure.ledger.application import StorageFull, Unavailable, unavailable
 from daybook.infrastructure.ledger.conflicts import PositionsBehind
 from daybook.infrastructure.readmodels import StaleRead
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -315,7 +318,9 @@ def test_an_asyncio_read_the_database_does_not_answer_is_answered_with_a_code(
         recorder: Any = ledger.service.recorder
 
         def refused(*args: Any, **kwargs: Any) -> Any:
-            raise OperationalError("couldn't get a connection after 10.00 sec")
+            # As eventsourcing wraps the pool's wait for a connection that never came.
+            timeout = psycopg_pool.PoolTimeout("couldn't get a connection after 10.00 sec")
+            raise OperationalError(str(timeout)) from timeout
 
         recorder.max_notification_id = refused
         try:
@@ -328,3 +333,48 @@ def test_an_asyncio_read_the_database_does_not_answer_is_answered_with_a_code(
 
     error = asyncio.run(scenario())
     assert getattr(error, "code", None) == "unavailable", repr(error)
+
+
+# -- reads that meet the store's errors --------------------------------------------------
+
+
+def test_a_read_meeting_no_outage_is_not_called_one(tmp_path: Path) -> None:
+    """A SQLite store whose events table is gone (a bug, a wrong file): the read fails on
+    sqlite3's "no such table" (an OperationalError to sqlite3, so to eventsourcing): no
+    outage, and "read again once it answers" would never help: not ``Unavailable``."""
+    url = f"sqlite:///{tmp_path}/l.db"
+    with open_ledger(url) as ledger:
+        ann = ledger.open_account("ann", "EUR").account_id
+    ledger = open_ledger(url)
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("ALTER TABLE stored_events RENAME TO gone")
+    try:
+        with pytest.raises(Exception) as raised:
+            ledger.account(ann)
+        assert not isinstance(raised.value, Unavailable), repr(raised.value)
+    finally:
+        ledger.close()
+
+
+def test_a_read_out_of_disk_space_is_not_answered_as_a_command() -> None:
+    """A read (a PostgreSQL sort spilling to disk can meet disk_full) answered
+    reading=True: the message must not tell the caller to send a command again."""
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    answer = unavailable(error, reading=True)
+    assert isinstance(answer, StorageFull)
+    assert "command" not in str(answer), str(answer)
+
+
+def test_a_read_on_a_closed_pool_is_not_called_an_outage(pg_url: str) -> None:
+    """The store's pool closed under an open ledger (no outage: psycopg_pool's PoolClosed,
+    which transient.py calls not transient, "a closed pool stays closed")."""
+    ledger = open_ledger(pg_url)
+    ann = ledger.open_account("ann", "EUR").account_id
+    ledger.service.recorder.datastore.pool.close()
+    try:
+        with pytest.raises(Exception) as raised:
+            ledger.account(ann)
+        assert not isinstance(raised.value, Unavailable), repr(raised.value)
+    finally:
+        ledger.close()

@@ -266,6 +266,15 @@ RECEIPTS = textwrap.dedent(
             return {"voucher_id": "x"}
 
 
+    class TouchRequestId(Command):
+        """Deposits 1 and returns request_id, a field a handler may not fill."""
+        account_id: AccountId
+
+        def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+            aggregates.get(Account, self.account_id).deposit(1)
+            return {"request_id": "not-the-lists"}
+
+
     class TouchNone(Command):
         account_id: AccountId
 
@@ -328,3 +337,20 @@ def test_a_handler_returning_none_is_a_type_error(
         with pytest.raises(TypeError, match="not a mapping"):
             ledger.execute(receipts.TouchNone(account))
         assert ledger.account(account).balance == 0
+
+
+def test_atomic_refuses_an_inner_command_returning_request_id(
+    receipts: types.ModuleType, tmp_path: Path
+) -> None:
+    """Alone, a handler returning ``request_id`` is refused before anything is written;
+    inside ``atomic`` its value replaced the list's request id on its receipt, written."""
+    from daybook import open_ledger
+
+    with open_ledger(f"sqlite:///{tmp_path}/l.db") as ledger:
+        account = ledger.open_account(owner="ann", currency="EUR").account_id
+        with pytest.raises(TypeError, match="request_id"):
+            ledger.execute(receipts.TouchRequestId(account))
+        head = ledger.head()
+        with pytest.raises(TypeError, match="request_id"):
+            ledger.atomic([receipts.TouchRequestId(account)], request_id="list-1")
+        assert ledger.head() == head
