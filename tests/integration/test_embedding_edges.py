@@ -338,16 +338,26 @@ def test_an_asyncio_read_the_database_does_not_answer_is_answered_with_a_code(
 # -- reads that meet the store's errors --------------------------------------------------
 
 
-def test_a_read_meeting_no_outage_is_not_called_one(tmp_path: Path) -> None:
-    """A SQLite store whose events table is gone (a bug, a wrong file): the read fails on
-    sqlite3's "no such table" (an OperationalError to sqlite3, so to eventsourcing): no
-    outage, and "read again once it answers" would never help: not ``Unavailable``."""
-    url = f"sqlite:///{tmp_path}/l.db"
-    with open_ledger(url) as ledger:
-        ann = ledger.open_account("ann", "EUR").account_id
+@pytest.mark.parametrize("failure", ["table gone", "pool closed"])
+def test_a_read_meeting_no_outage_is_not_called_one(
+    failure: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A store error that is no outage: a SQLite events table gone (a bug, a wrong file:
+    sqlite3's "no such table", an OperationalError to eventsourcing), or the PostgreSQL pool
+    closed under an open ledger (psycopg_pool's PoolClosed). "Read again once it answers"
+    would never help: not ``Unavailable``, which a caller may retry for ever."""
+    url = (
+        f"sqlite:///{tmp_path}/l.db"
+        if failure == "table gone"
+        else str(request.getfixturevalue("pg_url"))
+    )
     ledger = open_ledger(url)
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("ALTER TABLE stored_events RENAME TO gone")
+    ann = ledger.open_account("ann", "EUR").account_id
+    if failure == "table gone":
+        with sqlite3.connect(tmp_path / "l.db") as conn:
+            conn.execute("ALTER TABLE stored_events RENAME TO gone")
+    else:
+        ledger.service.recorder.datastore.pool.close()
     try:
         with pytest.raises(Exception) as raised:
             ledger.account(ann)
@@ -364,17 +374,3 @@ def test_a_read_out_of_disk_space_is_not_answered_as_a_command() -> None:
     answer = unavailable(error, reading=True)
     assert isinstance(answer, StorageFull)
     assert "command" not in str(answer), str(answer)
-
-
-def test_a_read_on_a_closed_pool_is_not_called_an_outage(pg_url: str) -> None:
-    """The store's pool closed under an open ledger (no outage: psycopg_pool's PoolClosed,
-    which transient.py calls not transient, "a closed pool stays closed")."""
-    ledger = open_ledger(pg_url)
-    ann = ledger.open_account("ann", "EUR").account_id
-    ledger.service.recorder.datastore.pool.close()
-    try:
-        with pytest.raises(Exception) as raised:
-            ledger.account(ann)
-        assert not isinstance(raised.value, Unavailable), repr(raised.value)
-    finally:
-        ledger.close()

@@ -132,14 +132,18 @@ VOUCHERS = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def vouchers() -> Iterator[types.ModuleType]:
-    name = "daybook_test_vouchers"
+def _loaded(name: str, source: str) -> Iterator[types.ModuleType]:
+    """``source`` run as the module ``name``, its registrations undone afterwards."""
     with registries_restored(modules=name):
         module = types.ModuleType(name)
         sys.modules[name] = module
-        exec(compile(VOUCHERS, name, "exec"), module.__dict__)
+        exec(compile(source, name, "exec"), module.__dict__)
         yield module
+
+
+@pytest.fixture(scope="module")
+def vouchers() -> Iterator[types.ModuleType]:
+    yield from _loaded("daybook_test_vouchers", VOUCHERS)
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
@@ -287,12 +291,7 @@ RECEIPTS = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def receipts() -> Iterator[types.ModuleType]:
-    name = "daybook_test_receipt_fields"
-    with registries_restored(modules=name):
-        module = types.ModuleType(name)
-        sys.modules[name] = module
-        exec(compile(RECEIPTS, name, "exec"), module.__dict__)
-        yield module
+    yield from _loaded("daybook_test_receipt_fields", RECEIPTS)
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
