@@ -225,11 +225,15 @@ def _built(runner: BulkRunner, projection: Projection, wait_interval: float) -> 
     runner.run_until_caught_up()
     if runner.slots:
         slot = next(iter(runner.slots.values()))
-        return slot.record.state is VersionState.LIVE
-    # Another runner holds this version: wait for it to finish the job.
+        if slot.record.state is VersionState.LIVE:
+            return True
+    # Another runner holds this version, or (SQLite: no writer locks) wrote it beside us and
+    # may have switched reads to it already: the catalog says whether the job is done.
     assert runner.store is not None
     current = VersionCatalog(runner.store).version(projection.name, projection.version)
     if current is None or current.state is not VersionState.REBUILDING:
         return True
-    time.sleep(wait_interval)
+    if runner.slots:
+        return False  # ours, still being built
+    time.sleep(wait_interval)  # another runner's: wait for it to finish the job
     return False

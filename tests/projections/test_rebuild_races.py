@@ -1,0 +1,65 @@
+"""Rebuilds that meet another writer of the same version: on SQLite (no writer locks) two
+rebuilds at once, one of them switching reads first."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daybook import open_ledger, run_projections
+from daybook.infrastructure.bootstrap import event_log_of
+from daybook.infrastructure.readmodels import rebuild as rebuild_module
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.rebuild import rebuild
+from tests.projections.helpers import assert_tables_match, workload
+from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+
+def test_a_rebuild_whose_version_another_rebuild_switched_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite has no writer locks: a second `daybook projections rebuild` of the same version
+    (or a runner with the new code) may finish it and switch reads first. The first must
+    then end (the version is live), not loop for ever at full CPU."""
+    url = f"sqlite:///{tmp_path}/daybook.db"
+    with open_ledger(url) as ledger:
+        workload(ledger, 150)
+        with run_projections(ledger, url, poll_interval=0.01) as live:
+            live.views.balance(
+                ledger.open_account("x", "EUR").account_id, min_position=ledger.head(), timeout=30
+            )
+        log = event_log_of(ledger)
+        rounds = [0]
+        built = rebuild_module._built
+
+        def counted(*args: Any) -> bool:
+            rounds[0] += 1
+            assert rounds[0] < 500, "the rebuild never ends: it loops on a version now live"
+            return built(*args)
+
+        monkeypatch.setattr(rebuild_module, "_built", counted)
+        other = [False]
+
+        class Output(io.StringIO):
+            def write(self, text: str) -> int:
+                # The first rebuild's last batch has committed at the head: another rebuild
+                # of the same version (another terminal) finishes it and switches reads.
+                if "#" * 30 in text and not other[0]:
+                    other[0] = True
+                    rebuild(log, url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO())
+                return len(text)
+
+        result = rebuild(log, url, ACCOUNT_BALANCES_V2, batch_size=20, stream=Output())
+        assert other[0]
+        assert result.version == 2
+        store = open_store(url)
+        try:
+            record = VersionCatalog(store).version("account_balances", 2)
+            assert record is not None and record.state is VersionState.LIVE
+        finally:
+            store.close()
+        assert_tables_match(ledger, url, ACCOUNT_BALANCES_V2)
