@@ -425,6 +425,12 @@ def _run_rebuild(args: argparse.Namespace) -> int:
         if result.previous_version is not None
         else ""
     )
+    if result.by_another:
+        print(
+            f"{result.name} version {result.version} built to position {result.position} by "
+            f"another process, after a wait of {result.seconds:.1f}s{switched}"
+        )
+        return 0
     print(
         f"{result.name} version {result.version} built to position {result.position}: "
         f"{result.events:,} events in {result.seconds:.1f}s "

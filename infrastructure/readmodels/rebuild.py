@@ -81,6 +81,8 @@ class RebuildResult:
     position: int
     previous_version: int | None
     resumed_from: int
+    #: Built by another process while this one waited (it applied nothing itself).
+    by_another: bool = False
 
     @property
     def events_per_second(self) -> float:
@@ -127,8 +129,23 @@ def rebuild(
     # found done (the version is live).
     building = Supervisor(name, on_failure=lambda _: runner.let_go())
     started = time.monotonic()
+    waited: list[bool] = []
+
+    def waiting() -> None:
+        if not waited:  # said once: the wait may be as long as the other's whole build
+            waited.append(True)
+            print(
+                f"{projection.name} v{projection.version}: another process is building this "
+                "version (a rebuild, or a runner); waiting for it to finish (Ctrl-C stops "
+                "waiting, not its build)",
+                file=stream,
+                flush=True,
+            )
+
     try:
-        while not _waiting_out_outages(building, lambda: _built(runner, projection, wait_interval)):
+        while not _waiting_out_outages(
+            building, lambda: _built(runner, projection, wait_interval, waiting)
+        ):
             pass
     finally:
         runner.stop()
@@ -147,6 +164,7 @@ def rebuild(
         0 if final is None else final.position,
         active if active != projection.version else None,
         resumed_from,
+        by_another=bool(waited) and not counted,
     )
 
 
@@ -219,9 +237,14 @@ def _prepare(url: str, projection: Projection) -> tuple[int | None, int]:
         store.close()
 
 
-def _built(runner: BulkRunner, projection: Projection, wait_interval: float) -> bool:
+def _built(
+    runner: BulkRunner,
+    projection: Projection,
+    wait_interval: float,
+    waiting: Callable[[], None] = lambda: None,
+) -> bool:
     """One round of the build: True once the version serves reads (or another runner that
-    holds it finished, or stopped, it)."""
+    holds it finished, or stopped, it); ``waiting`` is called while another holds it."""
     runner.run_until_caught_up()
     if runner.slots:
         slot = next(iter(runner.slots.values()))
@@ -235,5 +258,6 @@ def _built(runner: BulkRunner, projection: Projection, wait_interval: float) -> 
         return True
     if runner.slots:
         return False  # ours, still being built
+    waiting()
     time.sleep(wait_interval)  # another runner's: wait for it to finish the job
     return False

@@ -4,6 +4,7 @@ rebuilds at once, one of them switching reads first."""
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,46 @@ def test_a_rebuild_whose_version_another_rebuild_switched_ends(
         finally:
             store.close()
         assert_tables_match(ledger, url, ACCOUNT_BALANCES_V2)
+
+
+@pytest.mark.postgres
+def test_a_rebuild_waiting_for_another_says_so_and_which_built_it(pg_url: str) -> None:
+    """PostgreSQL: a second rebuild of the same version waits for the first (the version's
+    lock). It waited in silence (for as long as the other's whole build), then said it had
+    "built" the version, from 0 events. It now says it waits, and who built it."""
+    import threading
+
+    from daybook.infrastructure.readmodels.catalog import version_lock_key
+    from daybook.infrastructure.readmodels.postgres import AdvisoryLocks
+    from daybook.infrastructure.urls import postgres_params
+
+    with open_ledger(pg_url) as ledger:
+        workload(ledger, 150)
+        log = event_log_of(ledger)
+        held = AdvisoryLocks(postgres_params(pg_url).conninfo())
+        key = version_lock_key(ACCOUNT_BALANCES_V2.name, ACCOUNT_BALANCES_V2.version)
+        assert held.try_take(key)  # as a rebuild already under way holds it
+        said = io.StringIO()
+        results: list[Any] = []
+        first = threading.Thread(
+            target=lambda: results.append(
+                rebuild(log, pg_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=said)
+            )
+        )
+        first.start()
+        deadline = time.monotonic() + 60
+        while "another process is building" not in said.getvalue():
+            assert time.monotonic() < deadline, f"nothing said while waiting: {said.getvalue()!r}"
+            time.sleep(0.05)
+        held.release(key)
+        held.close()
+        # The lock is free: this one or the first takes it and builds; the other waits.
+        results.append(
+            rebuild(log, pg_url, ACCOUNT_BALANCES_V2, batch_size=20, stream=io.StringIO())
+        )
+        first.join(60)
+        assert not first.is_alive()
+        assert sorted(r.by_another for r in results) == [False, True], results
+        builder = next(r for r in results if not r.by_another)
+        assert builder.events > 0
+        assert_tables_match(ledger, pg_url, ACCOUNT_BALANCES_V2)
