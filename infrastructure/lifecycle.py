@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import random
 import threading
 import time
@@ -299,6 +300,7 @@ class SupervisedThread:
         self.supervisor = Supervisor(name, policy or RestartPolicy(), transient, on_failure)
         self.stopping = Stopping()
         self._thread: threading.Thread | None = None
+        self._started_in = os.getpid()
 
     def start(self) -> None:
         if self.stopping:
@@ -309,6 +311,7 @@ class SupervisedThread:
         if self._thread is not None:
             return
         self.supervisor.move(ServiceState.RUNNING)
+        self._started_in = os.getpid()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -328,7 +331,16 @@ class SupervisedThread:
         self.supervisor.move(ServiceState.STOPPED)
 
     def health(self) -> Health:
-        return self.supervisor.health()
+        health = self.supervisor.health()
+        if self._thread is not None and self._started_in != os.getpid():
+            # A child forked after the start: the thread is the parent's, and the copy of
+            # its state would say it runs here.
+            return replace(
+                health,
+                state=ServiceState.FAILED,
+                error=f"{self.name} runs in process {self._started_in}, which forked this one",
+            )
+        return health
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until the service's thread has ended (stopped or failed)."""

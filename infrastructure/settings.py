@@ -214,10 +214,12 @@ class BadSettings(BadURL):
     @classmethod
     def from_validation(cls, error: ValidationError) -> BadSettings:
         problems = []
+        urls = 0
         for item in error.errors():
             cause = item.get("ctx", {}).get("error")
             if isinstance(cause, BadURL):  # says which URL and what would work already
                 problems.append(str(cause))
+                urls += 1
                 continue
             name = ".".join(str(part) for part in item["loc"]) or "settings"
             variable = next((v for v, n in ENVIRONMENT.items() if n == name), None)
@@ -225,4 +227,9 @@ class BadSettings(BadURL):
             # A validator's own message, without pydantic's "Value error, " in front.
             said = str(cause) if item["type"] == "value_error" and cause else item["msg"]
             problems.append(f"{where}: {said}")
-        return cls("; ".join(problems))
+        refused = cls("; ".join(problems))
+        if urls == len(problems):
+            # Only URLs: the code a URL refused anywhere else has (``open_read_models``,
+            # a URL with no database), whichever entry point checked it.
+            refused.code = BadURL.code
+        return refused

@@ -529,11 +529,13 @@ def _schema_of(datastore: Any) -> str:
     with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
         curs.execute(
             "SELECT current_schema(), to_regclass(quote_ident(current_schema()) || '.' || %s), "
-            "to_regclass(%s), quote_ident(current_schema()) = current_schema()",
+            "to_regclass(%s), quote_ident(current_schema()) = current_schema(), "
+            "EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() "
+            "AND tablename LIKE 'daybook\\_%%')",
             (EVENTS_TABLE, f"public.{EVENTS_TABLE}"),
         )
         row = curs.fetchone()
-    schema, here, in_public, plain = row if row is not None else (None, None, None, None)
+    schema, here, in_public, plain, others = row if row is not None else (None,) * 5
     if schema is None:
         raise SchemaRefused(
             "the PostgreSQL event store: its search_path names no schema that exists (the "
@@ -550,10 +552,12 @@ def _schema_of(datastore: Any) -> str:
             "digits and underscores, not starting with a digit and not a reserved word such "
             "as order or user (or add options=-csearch_path%3Dpublic to the URL)"
         )
-    if schema != "public" and here is None and in_public is not None:
-        # Before daybook followed the search_path, a ledger kept its tables in public
-        # whatever the search_path said: opening a new, empty log in this schema would
-        # hide that one (every account "not found") rather than carry on with it.
+    if schema != "public" and here is None and in_public is not None and others:
+        # Before daybook followed the search_path, a ledger kept its event store in public
+        # whatever the search_path said, and its read models, tokens and relay cursors in
+        # the search_path's schema: this schema holds those and no log, so opening a new,
+        # empty log here would hide that one (every account "not found"). A schema with no
+        # daybook table at all is a new ledger's, beside the one in public.
         raise SchemaRefused(
             f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
             f"{schema!r}, which has none, while schema 'public' holds a daybook log (written "
@@ -561,8 +565,7 @@ def _schema_of(datastore: Any) -> str:
             f"followed it, into {schema!r}). To go on with that log, move its tables "
             "(daybook_events, daybook_requests, daybook_snapshots, daybook_store), types and "
             f"functions into {schema!r} (ALTER ... SET SCHEMA); or, if the read models and "
-            "tokens are in 'public' too, add options=-csearch_path%3Dpublic to the URL. A "
-            "second ledger belongs in another database"
+            "tokens are in 'public' too, add options=-csearch_path%3Dpublic to the URL"
         )
     return str(schema)
 

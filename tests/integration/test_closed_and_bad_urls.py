@@ -84,3 +84,17 @@ def test_a_sqlite_path_that_reads_as_memory_is_refused(
     assert refused.value.code == "bad_url"
     assert "memory://" in str(refused.value)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+@pytest.mark.parametrize("opener", ["open_ledger", "open_read_models", "run_projections"])
+def test_an_unknown_scheme_is_bad_url_at_every_entry_point(opener: str) -> None:
+    """The same URL had another code by the entry point that checked it: ``bad_settings``
+    from ``open_ledger`` (its settings check), ``bad_url`` from ``open_read_models``."""
+    with pytest.raises(daybook.BadURL) as refused:
+        if opener == "run_projections":
+            with open_ledger("memory://") as ledger:
+                run_projections(ledger, "mysql://h/db")
+        else:
+            getattr(daybook, opener)("mysql://h/db")
+    assert refused.value.code == "bad_url", refused.value
+    assert "mysql" in str(refused.value)

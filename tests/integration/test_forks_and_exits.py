@@ -315,3 +315,32 @@ def test_read_models_opened_before_a_fork_answer_in_the_child_and_the_parent(
     assert done.stdout.splitlines() == ["before: 100 200", "child: 100", "parent: 200 200"], (
         done.stdout + done.stderr[-1500:]
     )
+
+
+_FORKED_RUNNER = textwrap.dedent(
+    """
+    import os, sys
+    from daybook import open_ledger, run_projections
+    with open_ledger(sys.argv[1]) as ledger, run_projections(ledger) as runner:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            states = [ledger.health(), ledger.request_purge.health(), runner.health()]
+            os.write(write, " ".join(h.state.value for h in states).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        print("child:", os.read(read, 1000).decode())
+        print("parent:", runner.health().state.value)
+    """
+)
+
+
+def test_the_services_of_a_forked_child_say_they_do_not_run_there(tmp_path: Path) -> None:
+    """A child forked after ``run_projections`` (gunicorn --preload): the runner's thread is
+    the parent's, and its health, the parent's copy, said it ran."""
+    done = _python(_FORKED_RUNNER, f"sqlite:///{tmp_path}/daybook.db")
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    assert done.stdout.splitlines() == ["child: failed failed failed", "parent: running"], (
+        done.stdout + done.stderr[-1500:]
+    )

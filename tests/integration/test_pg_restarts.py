@@ -61,8 +61,8 @@ def test_connections_are_replaced_after_an_ended_session_without_testing_each(
 ) -> None:
     """One session the server ended says nothing of the others: a partition may follow, and
     testing each idle connection (psycopg_pool's ``check``) held the writer a TCP timeout per
-    connection, past the ledger's outage budget (38 s for 10 connections at a 4 s timeout, in
-    a review's partition test). The idle ones are replaced without a test, by new ones the
+    connection, past the ledger's outage budget (38 s for 10 connections at a 4 s timeout,
+    behind a cut link). The idle ones are replaced without a test, by new ones the
     pool's workers open."""
     from daybook.infrastructure.transient import discard_ended_connections
 

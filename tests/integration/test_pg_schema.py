@@ -108,15 +108,19 @@ def test_a_service_refused_by_a_missing_grant_stops_in_one_line_without_a_traceb
             conn.execute("DROP ROLE daybook_no_create")
 
 
-def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_an_empty_schema(
+def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_its_read_models_schema(
     pg_url: str,
 ) -> None:
-    """A ledger opened before daybook followed the search_path kept its tables in public
-    whatever the search_path said. Opened with one naming an empty schema, it must not
-    start a new, empty log there (every account "not found"): refused, saying how to go on."""
+    """A ledger opened before daybook followed the search_path kept its event store in public
+    whatever the search_path said, its read models in the search_path's schema. Opened with
+    that search_path, it must not start a new, empty log there (every account "not found"):
+    refused, saying how to go on."""
     with open_ledger(pg_url) as ledger:
         ledger.open_account("ann", "EUR")
     url = _in_schema(pg_url, "elsewhere")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # Where that ledger's read models went, following the search_path.
+        conn.execute("CREATE TABLE elsewhere.daybook_projection_versions (name text)")
     with pytest.raises(BadURL) as refused:
         open_ledger(url)
     assert refused.value.code == "bad_url"
@@ -163,3 +167,16 @@ def test_a_schema_whose_name_needs_quoting_is_refused(pg_url: str, schema: str) 
         open_ledger(url)
     assert refused.value.code == "bad_url"
     assert "needs quoting" in str(refused.value), refused.value
+
+
+def test_a_second_ledger_in_its_own_schema_beside_one_in_public(pg_url: str) -> None:
+    """The usual case of two ledgers in one database: the first in public (the default),
+    the second in a schema of its own, new. It was refused as if public held a log left
+    from before daybook followed the search_path."""
+    with open_ledger(pg_url) as first:
+        first.open_account("ann", "EUR")
+    with open_ledger(_in_schema(pg_url, "second")) as second:
+        assert second.head() == 0
+        second.open_account("bob", "EUR")
+    with open_ledger(pg_url) as first:
+        assert first.head() == 1
