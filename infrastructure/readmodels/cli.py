@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -623,6 +624,30 @@ def _record(url: str, run: ReconcileRun) -> None:
         store.close()
 
 
+class _Said:
+    """How far a one-pass reconcile's fold of the log is, on stderr every few seconds (a
+    fold of a long log takes minutes): nothing for a short one."""
+
+    EVERY = 5.0
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, projection: projections.Projection) -> None:
+        self._name = f"{projection.name} v{projection.version}"
+        self._next = self.clock() + self.EVERY
+
+    def __call__(self, folded: int, end: int) -> None:
+        now = self.clock()
+        if now < self._next:
+            return
+        self._next = now + self.EVERY
+        share = f" ({100 * folded // end}%)" if end > 0 else ""
+        print(
+            f"{self._name}: folded the log to position {folded:,} of {end:,}{share}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _run_reconcile(args: argparse.Namespace) -> int:
     chosen = [projections.by_name(args.name)] if args.name else list(projections.ALL)
     if args.continuous:
@@ -649,7 +674,9 @@ def _run_reconcile(args: argparse.Namespace) -> int:
             try:
                 with _readmodels(args) as url:
                     try:
-                        report = reconcile(log, url, projection, repair=args.repair)
+                        report = reconcile(
+                            log, url, projection, repair=args.repair, progress=_Said(projection)
+                        )
                     except ReconcileError as error:
                         # Recorded as the continuous reconciler records it (status shows it).
                         _record(url, failed_run(projection, error))

@@ -186,10 +186,13 @@ class Fold:
         url: str,
         directory: Path,
         stopping: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.log = log
         #: Asked between batches: a fold of a long log takes minutes, a stop seconds.
         self.stopping = stopping
+        #: Told after each batch how far the fold is: (position folded to, position it goes to).
+        self.progress = progress
         self.projection = projection
         self.store: ReadStore
         if scheme(url) == "postgresql":
@@ -280,6 +283,8 @@ class Fold:
                 rows.write(plan)
             rows.merge_into_cache()
             start = raw[-1][0]
+            if self.progress is not None:
+                self.progress(min(start, end), end)
             self.batches += 1
             if self.batches % VACUUM_EVERY == 0:
                 self._vacuum()
@@ -335,9 +340,11 @@ def reconcile(
     *,
     repair: bool = False,
     stopping: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReconcileReport:
     """Compare the stored tables of ``projection``'s version with a fold of the log.
-    ``stopping`` is asked between the fold's batches: once true, ``ReconcileStopped``.
+    ``stopping`` is asked between the fold's batches: once true, ``ReconcileStopped``;
+    ``progress`` is told after each how far the fold is (folded to, goes to).
 
     Counted in ``daybook_reconciler_runs_total`` by result: a report as clean, drift or
     repaired, and ``ReconcileError`` (a log that cannot be folded) as failed; a transient
@@ -362,7 +369,7 @@ def reconcile(
         _refuse_stopped(record)
         try:
             with _scratch() as directory:
-                fold = Fold(log, projection, url, directory, stopping)
+                fold = Fold(log, projection, url, directory, stopping, progress)
                 try:
                     report = _reconcile(store, catalog, fold, record, repair)
                 finally:
