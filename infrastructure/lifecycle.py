@@ -332,7 +332,11 @@ class SupervisedThread:
 
     def health(self) -> Health:
         health = self.supervisor.health()
-        if self._thread is not None and self._started_in != os.getpid():
+        if (
+            self._thread is not None
+            and self._started_in != os.getpid()
+            and health.state in (ServiceState.RUNNING, ServiceState.RETRYING, ServiceState.STOPPING)
+        ):
             # A child forked after the start: the thread is the parent's, and the copy of
             # its state would say it runs here.
             return replace(

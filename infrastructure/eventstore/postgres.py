@@ -118,6 +118,12 @@ class PostgresRecorder(PostgresApplicationRecorder):
         )
         # The store's identity, which the relay names in what it publishes.
         self.sql_create_statements.extend(identity_statements(self.datastore.schema))
+        # Marks a log opened by a daybook that follows the search_path (see _schema_of).
+        self.sql_create_statements.append(
+            SQL("CREATE TABLE IF NOT EXISTS {}.{} (since timestamptz DEFAULT now())").format(
+                schema, Identifier(FOLLOWED_TABLE)
+            )
+        )
         # One server-side function appends a whole batch: request records, then the table
         # lock, the notification and the events. The client makes a single call instead of
         # eight statements, and sends the batch as one JSON document (events' states in
@@ -515,6 +521,10 @@ class Factory(PostgresFactory):
 #: The ledger's events table (eventsourcing names it after the application, ``daybook``).
 EVENTS_TABLE = "daybook_events"
 
+#: Made beside the events table by every daybook that follows the search_path: a log in
+#: ``public`` without it was written by one that did not (see ``_schema_of``).
+FOLLOWED_TABLE = "daybook_search_path_followed"
+
 
 class SchemaRefused(BadURL):
     """The event store's schema cannot be used as it stands; the message says why and what
@@ -530,12 +540,11 @@ def _schema_of(datastore: Any) -> str:
         curs.execute(
             "SELECT current_schema(), to_regclass(quote_ident(current_schema()) || '.' || %s), "
             "to_regclass(%s), quote_ident(current_schema()) = current_schema(), "
-            "EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() "
-            "AND tablename LIKE 'daybook\\_%%')",
-            (EVENTS_TABLE, f"public.{EVENTS_TABLE}"),
+            "to_regclass(%s) IS NOT NULL",
+            (EVENTS_TABLE, f"public.{EVENTS_TABLE}", f"public.{FOLLOWED_TABLE}"),
         )
         row = curs.fetchone()
-    schema, here, in_public, plain, others = row if row is not None else (None,) * 5
+    schema, here, in_public, plain, followed = row if row is not None else (None,) * 5
     if schema is None:
         raise SchemaRefused(
             "the PostgreSQL event store: its search_path names no schema that exists (the "
@@ -552,20 +561,22 @@ def _schema_of(datastore: Any) -> str:
             "digits and underscores, not starting with a digit and not a reserved word such "
             "as order or user (or add options=-csearch_path%3Dpublic to the URL)"
         )
-    if schema != "public" and here is None and in_public is not None and others:
+    if schema != "public" and here is None and in_public is not None and not followed:
         # Before daybook followed the search_path, a ledger kept its event store in public
-        # whatever the search_path said, and its read models, tokens and relay cursors in
-        # the search_path's schema: this schema holds those and no log, so opening a new,
-        # empty log here would hide that one (every account "not found"). A schema with no
-        # daybook table at all is a new ledger's, beside the one in public.
+        # whatever the search_path said (and its read models and tokens in the
+        # search_path's schema): opening a new, empty log here would hide that one (every
+        # account "not found"). A log in public that a daybook following the search_path
+        # opened (its marker table) is a ledger of public's own: this schema's is new.
         raise SchemaRefused(
             f"the PostgreSQL event store: the search_path puts daybook's tables in schema "
             f"{schema!r}, which has none, while schema 'public' holds a daybook log (written "
             "before daybook followed the search_path, while its read models and tokens "
-            f"followed it, into {schema!r}). To go on with that log, move its tables "
+            f"followed it, into {schema!r} if any). To go on with that log, move its tables "
             "(daybook_events, daybook_requests, daybook_snapshots, daybook_store), types and "
             f"functions into {schema!r} (ALTER ... SET SCHEMA); or, if the read models and "
-            "tokens are in 'public' too, add options=-csearch_path%3Dpublic to the URL"
+            "tokens are in 'public' too, add options=-csearch_path%3Dpublic to the URL. (A "
+            "new ledger beside it in this schema opens once the one in 'public' has been "
+            "opened by this version of daybook with options=-csearch_path%3Dpublic.)"
         )
     return str(schema)
 

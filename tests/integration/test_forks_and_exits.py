@@ -344,3 +344,30 @@ def test_the_services_of_a_forked_child_say_they_do_not_run_there(tmp_path: Path
     assert done.stdout.splitlines() == ["child: failed failed failed", "parent: running"], (
         done.stdout + done.stderr[-1500:]
     )
+
+
+_FORKED_AFTER_STOP = textwrap.dedent(
+    """
+    import os, sys
+    from daybook import open_ledger, run_projections
+    with open_ledger(sys.argv[1]) as ledger:
+        runner = run_projections(ledger)
+        runner.stop()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, runner.health().state.value.encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        print("child:", os.read(read, 1000).decode())
+    """
+)
+
+
+def test_a_service_stopped_before_the_fork_says_stopped_in_the_child(tmp_path: Path) -> None:
+    """Only a service that ran in the parent at the fork says failed in the child: one stopped
+    before it says stopped, as it is."""
+    done = _python(_FORKED_AFTER_STOP, f"sqlite:///{tmp_path}/daybook.db")
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    assert done.stdout.strip() == "child: stopped", done.stdout + done.stderr[-1500:]

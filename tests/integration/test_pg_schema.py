@@ -108,19 +108,19 @@ def test_a_service_refused_by_a_missing_grant_stops_in_one_line_without_a_traceb
             conn.execute("DROP ROLE daybook_no_create")
 
 
-def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_its_read_models_schema(
+def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_another_schema(
     pg_url: str,
 ) -> None:
-    """A ledger opened before daybook followed the search_path kept its event store in public
-    whatever the search_path said, its read models in the search_path's schema. Opened with
-    that search_path, it must not start a new, empty log there (every account "not found"):
-    refused, saying how to go on."""
+    """A ledger written before daybook followed the search_path kept its event store in
+    public whatever the search_path said. Opened with that search_path, it must not start a
+    new, empty log in the search_path's schema (every account "not found"): refused, saying
+    how to go on."""
     with open_ledger(pg_url) as ledger:
         ledger.open_account("ann", "EUR")
     url = _in_schema(pg_url, "elsewhere")
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        # Where that ledger's read models went, following the search_path.
-        conn.execute("CREATE TABLE elsewhere.daybook_projection_versions (name text)")
+        # As a daybook from before it followed the search_path left it: no marker.
+        conn.execute("DROP TABLE public.daybook_search_path_followed")
     with pytest.raises(BadURL) as refused:
         open_ledger(url)
     assert refused.value.code == "bad_url"
@@ -180,3 +180,16 @@ def test_a_second_ledger_in_its_own_schema_beside_one_in_public(pg_url: str) -> 
         second.open_account("bob", "EUR")
     with open_ledger(pg_url) as first:
         assert first.head() == 1
+
+
+def test_a_second_ledger_whose_tokens_were_created_first_opens(pg_url: str) -> None:
+    """``daybook tokens create`` before ``daybook serve``: the schema holds the tokens' table
+    and no log yet, and the ledger in public is one this daybook opened."""
+    from daybook.infrastructure.http.tokens import open_tokens
+
+    with open_ledger(pg_url) as first:
+        first.open_account("ann", "EUR")
+    url = _in_schema(pg_url, "second")
+    open_tokens(url).create("me", ["read"])
+    with open_ledger(url) as second:
+        assert second.head() == 0
