@@ -602,7 +602,8 @@ def _absent(what: str, answer: Any) -> Problem:
         f"{what} as of log position {position}; if it was written just now, read with "
         "min_position set to the write's position",
         headers=_position_headers(answer),
-        details={"as_of_position": position},
+        # As every answer says: a stream group's version may hold some later events.
+        details={"as_of_position": position, "includes_later": answer.includes_later},
     )
 
 

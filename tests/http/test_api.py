@@ -945,6 +945,7 @@ def test_an_unknown_account_is_404_saying_as_of_when(api: Api) -> None:
     reply = api.get(f"/v1/accounts/{uuid.uuid4()}/balance", min_position=api.head())
     body = assert_problem(reply, 404, "not_found")
     assert body["details"]["as_of_position"] >= 1
+    assert body["details"]["includes_later"] is False  # as every answer says it
     reply = api.get(f"/v1/accounts/{uuid.uuid4()}/statement", min_position=api.head())
     assert assert_problem(reply, 404, "not_found")["details"]["as_of_position"] >= 1
     empty = api.get(f"/v1/accounts/{opened}/statement", min_position=api.head())
