@@ -36,7 +36,9 @@ def create_statements(schema: str | None = None) -> list[Composed]:
 
 async def ensure_store_id(conn: psycopg.AsyncConnection[Any]) -> str:
     """The store's identity, made if it has none yet (``conn`` in autocommit)."""
-    cur = await conn.execute("SELECT to_regclass(%s)", (IDENTITY_TABLE,))
+    cur = await conn.execute(
+        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (IDENTITY_TABLE,)
+    )
     found = await cur.fetchone()
     if found is None or found[0] is None:
         # In turn with the recorder's and other relays' table creation.

@@ -169,7 +169,9 @@ class MemoryTokens:
 
 def _missing(conn: Any) -> bool:
     """Whether the tokens table is not (yet) in the PostgreSQL database of ``conn``."""
-    row = conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone()
+    row = conn.execute(
+        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (TABLE,)
+    ).fetchone()
     return row is None or row[0] is None
 
 

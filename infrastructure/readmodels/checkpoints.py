@@ -285,7 +285,10 @@ def parked_for(store: ReadStore, group: str, topic: str, name: str, version: int
     in this one's rows. (A message that was no envelope has a negative position: no event.)
     A letter an older daybook parked names no version: it may concern this one, and counts
     (no record says otherwise)."""
-    found = store.execute("SELECT to_regclass('daybook_stream_dead_letters') IS NOT NULL")
+    found = store.execute(
+        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL",
+        ("daybook_stream_dead_letters",),
+    )
     if not found[0][0]:
         return frozenset()
     sql = "SELECT position FROM daybook_stream_dead_letters WHERE group_id = %s AND topic = %s"

@@ -97,7 +97,8 @@ class PostgresStore(ReadStore):
 
     def has_unique_key(self, name: str) -> bool:
         rows = self.execute(
-            "SELECT to_regclass(%s) IS NOT NULL OR to_regclass(%s) IS NOT NULL",
+            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL"
+            " OR to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL",
             (f"{name}_pkey", f"{name}_key"),
         )
         return bool(rows[0][0])
@@ -121,7 +122,9 @@ class PostgresStore(ReadStore):
         return f"{select} FOR SHARE"
 
     def head_position(self) -> int | None:
-        rows = self.execute("SELECT to_regclass('daybook_events') IS NOT NULL")
+        rows = self.execute(
+            "SELECT to_regclass(quote_ident(current_schema()) || '.daybook_events') IS NOT NULL"
+        )
         if not rows[0][0]:
             return None
         return int(

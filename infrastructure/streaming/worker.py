@@ -1048,7 +1048,9 @@ class StreamApplier:
 def relay_partitions(store: ReadStore, topic: str) -> int | None:
     """The partition count the relay's cursor for ``topic`` records, read in ``store`` (the
     event store's database); None if no relay has published ``topic`` there."""
-    found = store.execute("SELECT to_regclass(%s)", (CURSOR_TABLE,))
+    found = store.execute(
+        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (CURSOR_TABLE,)
+    )
     if not found or found[0][0] is None:
         return None
     rows = store.execute(f"SELECT partitions FROM {CURSOR_TABLE} WHERE topic = %s", (topic,))

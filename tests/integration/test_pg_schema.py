@@ -6,6 +6,7 @@ unqualified name resolves. Two ledgers in two schemas of one database must stay 
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 
 from daybook import BadURL, SkuNotFound, open_ledger
 from daybook.infrastructure.streaming import relay
-from daybook.infrastructure.streaming.relay import RewindRefused, rewind
+from daybook.infrastructure.streaming.relay import RewindRefused, read_cursor, rewind
 
 pytestmark = pytest.mark.postgres
 
@@ -193,3 +194,58 @@ def test_a_second_ledger_whose_tokens_were_created_first_opens(pg_url: str) -> N
     open_tokens(url).create("me", ["read"])
     with open_ledger(url) as second:
         assert second.head() == 0
+
+
+def _publish_cursor(url: str, topic: str, position: int) -> None:
+    """Leave a relay cursor for ``topic`` at ``position``, as a relay that published does."""
+
+    async def go() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            relay.postgres_params(url).conninfo(), autocommit=True
+        )
+        try:
+            await relay._create_cursor_table(conn)
+            cursor = await relay._load_cursor(conn, topic, 3)
+            await relay._save_cursor(
+                conn, relay.RelayCursor(topic, position, 3, (position,) * 3, (1,) * 3)
+            )
+            assert cursor.topic == topic
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_a_ledger_in_its_schema_does_not_read_or_rewind_the_public_ledgers_relay_cursor(
+    pg_url: str,
+) -> None:
+    """A search_path listing the ledger's schema, then public (a URL's ``ledger_b,public``,
+    or a role's default ``"$user", public``): a table the ledger's schema does not have yet
+    was found in public, and the other ledger's relay cursor read, and rewound to 0."""
+    with open_ledger(pg_url) as first:  # ledger A, in public, its relay has published
+        first.open_account("ann", "EUR")
+    _publish_cursor(pg_url, "events", 5)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA ledger_b")
+    url_b = f"{pg_url}?options=-csearch_path%3Dledger_b%2Cpublic"
+    with open_ledger(url_b) as second:  # ledger B, a schema of its own, new
+        assert second.head() == 0
+    # No relay of B's has published anything: B has nothing to rewind.
+    with pytest.raises(RewindRefused):
+        rewind(url_b, "events")
+    with psycopg.connect(pg_url) as conn:
+        (position,) = conn.execute(
+            "SELECT position FROM public.daybook_relay_cursors WHERE topic = 'events'"
+        ).fetchone()
+    assert position == 5, "B's rewind moved A's relay cursor"
+
+
+def test_a_ledger_in_its_schema_has_no_relay_cursor_of_the_public_ledgers(pg_url: str) -> None:
+    with open_ledger(pg_url) as first:
+        first.open_account("ann", "EUR")
+    _publish_cursor(pg_url, "events", 5)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA ledger_b")
+    url_b = f"{pg_url}?options=-csearch_path%3Dledger_b%2Cpublic"
+    open_ledger(url_b).close()
+    assert read_cursor(url_b, "events") is None
