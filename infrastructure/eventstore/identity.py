@@ -14,6 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.sql import SQL, Composed, Identifier
 
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
+
 IDENTITY_TABLE = "daybook_store"
 #: Advisory lock key taken while creating daybook's event store tables (the recorder's too:
 #: PostgreSQL does not serialise concurrent CREATE TABLE IF NOT EXISTS of one table).
@@ -36,9 +38,7 @@ def create_statements(schema: str | None = None) -> list[Composed]:
 
 async def ensure_store_id(conn: psycopg.AsyncConnection[Any]) -> str:
     """The store's identity, made if it has none yet (``conn`` in autocommit)."""
-    cur = await conn.execute(
-        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (IDENTITY_TABLE,)
-    )
+    cur = await conn.execute(f"SELECT {IN_OWN_SCHEMA}", (IDENTITY_TABLE,))
     found = await cur.fetchone()
     if found is None or found[0] is None:
         # In turn with the recorder's and other relays' table creation.

@@ -54,6 +54,7 @@ from daybook.infrastructure.ledger.requests import (
     RequestRecord,
     RequestTable,
 )
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY, BadURL
 
 
@@ -538,7 +539,7 @@ def _schema_of(datastore: Any) -> str:
     search_path that exists (``current_schema()``)."""
     with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
         curs.execute(
-            "SELECT current_schema(), to_regclass(quote_ident(current_schema()) || '.' || %s), "
+            f"SELECT current_schema(), {IN_OWN_SCHEMA}, "
             "to_regclass(%s), quote_ident(current_schema()) = current_schema(), "
             "to_regclass(%s) IS NOT NULL",
             (EVENTS_TABLE, f"public.{EVENTS_TABLE}", f"public.{FOLLOWED_TABLE}"),

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import psycopg
 
 from daybook.infrastructure.eventstore.identity import CREATE_TABLES_LOCK
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.transient import may_only_read
 from daybook.infrastructure.urls import DEFAULT_URL, postgres_params, scheme, sqlite_path
 
@@ -169,9 +170,7 @@ class MemoryTokens:
 
 def _missing(conn: Any) -> bool:
     """Whether the tokens table is not (yet) in the PostgreSQL database of ``conn``."""
-    row = conn.execute(
-        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (TABLE,)
-    ).fetchone()
+    row = conn.execute(f"SELECT {IN_OWN_SCHEMA}", (TABLE,)).fetchone()
     return row is None or row[0] is None
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from daybook.infrastructure.lifecycle import Refused
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.readmodels.store import ReadStore
 
 PROGRESS_TABLE = "daybook_stream_progress"
@@ -286,7 +287,7 @@ def parked_for(store: ReadStore, group: str, topic: str, name: str, version: int
     A letter an older daybook parked names no version: it may concern this one, and counts
     (no record says otherwise)."""
     found = store.execute(
-        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL",
+        f"SELECT {IN_OWN_SCHEMA} IS NOT NULL",
         ("daybook_stream_dead_letters",),
     )
     if not found[0][0]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.readmodels import checksums
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
 from daybook.infrastructure.urls import postgres_params
@@ -97,8 +98,7 @@ class PostgresStore(ReadStore):
 
     def has_unique_key(self, name: str) -> bool:
         rows = self.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL"
-            " OR to_regclass(quote_ident(current_schema()) || '.' || %s) IS NOT NULL",
+            f"SELECT {IN_OWN_SCHEMA} IS NOT NULL OR {IN_OWN_SCHEMA} IS NOT NULL",
             (f"{name}_pkey", f"{name}_key"),
         )
         return bool(rows[0][0])
@@ -122,9 +122,7 @@ class PostgresStore(ReadStore):
         return f"{select} FOR SHARE"
 
     def head_position(self) -> int | None:
-        rows = self.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.daybook_events') IS NOT NULL"
-        )
+        rows = self.execute(f"SELECT {IN_OWN_SCHEMA} IS NOT NULL", ("daybook_events",))
         if not rows[0][0]:
             return None
         return int(

@@ -33,6 +33,7 @@ __all__ = [
     "create_purge_index",
     "purge_closed_letters",
 ]
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.urls import postgres_params
 
 DEAD_LETTER_TABLE = "daybook_stream_dead_letters"
@@ -117,12 +118,7 @@ def create_purge_index(store: ReadStore) -> None:
     ``VERSIONS_COLUMN`` was added, which it names)."""
     # Asked first: CREATE INDEX locks the table against writes before it finds the index
     # there, and every worker of every group runs this when it connects.
-    if (
-        store.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (PURGE_INDEX,)
-        )[0][0]
-        is None
-    ):
+    if store.execute(f"SELECT {IN_OWN_SCHEMA}", (PURGE_INDEX,))[0][0] is None:
         store.execute(
             f"CREATE INDEX IF NOT EXISTS {PURGE_INDEX} ON {DEAD_LETTER_TABLE}"
             " (group_id, topic, parked_at) WHERE published AND versions IS NOT NULL"
@@ -140,12 +136,7 @@ def read_status(store_url: str, group: str, topic: str) -> list[PartitionStatus]
     """The group's partitions as recorded (empty if it never applied anything)."""
     store = open_store(store_url)
     try:
-        if (
-            store.execute(
-                "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (PROGRESS_TABLE,)
-            )[0][0]
-            is None
-        ):
+        if store.execute(f"SELECT {IN_OWN_SCHEMA}", (PROGRESS_TABLE,))[0][0] is None:
             return []
         # Columns later daybooks added: absent from a table an older one made, until the
         # first upgraded worker connects (status may well run before it does).
@@ -173,9 +164,7 @@ def read_groups(store_url: str, topic: str) -> list[str]:
 def _read_progress(store_url: str, query: LiteralString, params: tuple[str, ...]) -> list[Any]:
     """Rows of ``query`` on the progress table (``{}`` in it); none if no worker made it."""
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
-        found = conn.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (PROGRESS_TABLE,)
-        ).fetchone()
+        found = conn.execute(f"SELECT {IN_OWN_SCHEMA}", (PROGRESS_TABLE,)).fetchone()
         if not found or found[0] is None:
             return []
         return conn.execute(SQL(query).format(Identifier(PROGRESS_TABLE)), params).fetchall()
@@ -187,7 +176,7 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
     try:
         if (
             store.execute(
-                "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)",
+                f"SELECT {IN_OWN_SCHEMA}",
                 (DEAD_LETTER_TABLE,),
             )[0][0]
             is None

@@ -59,6 +59,7 @@ from daybook.infrastructure.lifecycle import (
     SupervisedTask,
 )
 from daybook.infrastructure.observability import metrics, tracing
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.streaming import envelope
 from daybook.infrastructure.streaming.broker import (
     DEFAULT_PARTITIONS,
@@ -719,9 +720,7 @@ async def _save_cursor(conn: psycopg.AsyncConnection[Any], cursor: RelayCursor) 
 def read_cursor(store_url: str, topic: str = DEFAULT_TOPIC) -> RelayCursor | None:
     """The stored cursor of the relay for ``topic`` (None before the first run)."""
     with psycopg.connect(postgres_params(store_url).conninfo(), autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (CURSOR_TABLE,)
-        ).fetchone()
+        exists = conn.execute(f"SELECT {IN_OWN_SCHEMA}", (CURSOR_TABLE,)).fetchone()
         if not exists or exists[0] is None:
             return None
         row = conn.execute(
@@ -756,9 +755,7 @@ def rewind(store_url: str, topic: str = DEFAULT_TOPIC) -> None:
         lock = conn.execute(_TAKE_RELAY_LOCK, (f"daybook.relay/{topic}",)).fetchone()
         if not lock or not lock[0]:
             raise RewindRefused(f"a relay is publishing {topic!r}: stop it before rewinding")
-        exists = conn.execute(
-            "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (CURSOR_TABLE,)
-        ).fetchone()
+        exists = conn.execute(f"SELECT {IN_OWN_SCHEMA}", (CURSOR_TABLE,)).fetchone()
         if not exists or exists[0] is None:
             raise RewindRefused(
                 "no relay has published from this database yet: its first run publishes the "

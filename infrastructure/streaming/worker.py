@@ -41,6 +41,7 @@ from opentelemetry.trace import SpanKind
 from daybook.infrastructure.lifecycle import Supervisor
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
+from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
     RetiredDrops,
@@ -1048,9 +1049,7 @@ class StreamApplier:
 def relay_partitions(store: ReadStore, topic: str) -> int | None:
     """The partition count the relay's cursor for ``topic`` records, read in ``store`` (the
     event store's database); None if no relay has published ``topic`` there."""
-    found = store.execute(
-        "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (CURSOR_TABLE,)
-    )
+    found = store.execute(f"SELECT {IN_OWN_SCHEMA}", (CURSOR_TABLE,))
     if not found or found[0][0] is None:
         return None
     rows = store.execute(f"SELECT partitions FROM {CURSOR_TABLE} WHERE topic = %s", (topic,))
