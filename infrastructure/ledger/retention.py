@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from daybook.infrastructure.ledger.requests import (
     GENERATED_RETENTION,
@@ -19,7 +19,7 @@ from daybook.infrastructure.ledger.requests import (
     PurgeReport,
     RequestLog,
 )
-from daybook.infrastructure.lifecycle import Health, ServiceState, Stopping, SupervisedThread
+from daybook.infrastructure.lifecycle import Health, Stopping, SupervisedThread
 from daybook.infrastructure.streaming.faults import crash_point
 
 #: Unix seconds now.
@@ -146,16 +146,7 @@ class RequestPurge:
         self._service.stop(timeout)
 
     def health(self) -> Health:
-        """The service's health; failed where ``guard`` refuses purges (a child forked after
-        the ledger was opened: the purge's thread is the parent's, and a copy of its state
-        would say it runs)."""
-        health = self._service.health()
-        if self._guard is not None:
-            try:
-                self._guard()
-            except Exception as refused:
-                return replace(health, state=ServiceState.FAILED, error=str(refused))
-        return health
+        return self._service.health()
 
     def purge(
         self,
