@@ -130,12 +130,13 @@ reserve_codes((Unavailable.code, StorageFull.code), "the ledger's own")
 def unavailable(error: BaseException, *, reading: bool = False) -> Unavailable:
     """The coded answer to a command whose outage outlasted the ledger's retries, or
     (``reading``) to a read the store did not answer."""
-    if storage_full(error) and reading:
+    full = storage_full(error)
+    if full and reading:
         answer: Unavailable = StorageFull(
             f"the database is out of disk space ({first_line(error)}); nothing changed: read "
             "again once space is freed"
         )
-    elif storage_full(error):
+    elif full:
         answer = StorageFull(
             f"the database is out of disk space ({first_line(error)}): nothing was applied; "
             "send the command again with the same request id once space is freed"
