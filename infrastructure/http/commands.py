@@ -45,6 +45,7 @@ from daybook.infrastructure.http.tokens import Token
 from daybook.infrastructure.ledger.application import count_refused
 from daybook.infrastructure.ledger.facade import AsyncLedger
 from daybook.infrastructure.ledger.group_commit import LedgerClosed
+from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.nesting import MAX_NESTING, json_text, nested_deeper_than
 
 #: Fields the server fills in: the caller cannot send them.
@@ -151,13 +152,25 @@ class CommandRoutes:
         except DomainError as error:
             raise Problem.of(error) from None
         except LedgerClosed:
-            raise Problem(
-                "shutting_down",
-                "the server is stopping and took no new command; retry shortly",
-                headers={"Retry-After": "5", "Connection": "close"},
-            ) from None
+            raise self.closed() from None
         finally:
             self.door.leave()
+
+    def closed(self) -> Problem:
+        """The answer to a command the ledger took no more: the server is stopping (503,
+        retry shortly), or the ledger's writer failed on a defect, which no retry cures
+        until the server is restarted (500; its log has the traceback)."""
+        if self.ledger.service.health().state is ServiceState.FAILED:
+            return Problem(
+                "internal_error",
+                "the server's ledger stopped on a defect and takes no command until the "
+                "server is restarted (its log says why); nothing of this request was applied",
+            )
+        return Problem(
+            "shutting_down",
+            "the server is stopping and took no new command; retry shortly",
+            headers={"Retry-After": "5", "Connection": "close"},
+        )
 
     async def refuse_earlier_batch_item(self, token: str, key: str) -> None:
         """Refuse a key ``K/i`` while ``K`` holds the claim of a batch an earlier daybook ran:

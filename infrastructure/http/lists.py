@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +77,6 @@ log = logging.getLogger("daybook.http")
 
 #: The most commands one ``POST /v1/batch`` takes (and one ``/v1/atomic``: ``MAX_LINKED``).
 MAX_BATCH = 1000
-
-
-def shutting_down() -> Problem:
-    return Problem(
-        "shutting_down",
-        "the server is stopping and took no new command; retry shortly",
-        headers={"Retry-After": "5", "Connection": "close"},
-    )
 
 
 def commands_of(body: Any, limit: int, actor: str, request_ids: str | None = None) -> list[Command]:
@@ -203,7 +196,7 @@ class ListRoutes:
                 outcomes = await self._run(
                     token, exempt, scope, key, submitted, self.commands.ledger.submit(submitted)
                 )
-            return _batch_response(key, outcomes)
+            return _batch_response(key, outcomes, self.commands.closed)
 
         for path, endpoint, name in (
             ("/v1/atomic", atomic, "atomic"),
@@ -271,7 +264,7 @@ class ListRoutes:
         except DomainError as error:
             raise Problem.of(error) from None
         except LedgerClosed:
-            raise shutting_down() from None
+            raise commands.closed() from None
         finally:
             work.close()  # not awaited when refused (a no-op once it ran)
             for _ in range(entered):
@@ -403,7 +396,7 @@ def _fingerprint(claim: str, submitted: list[Command]) -> str:
     return hashlib.sha256(listed).hexdigest()
 
 
-def _batch_response(key: str, outcomes: list[Any]) -> Response:
+def _batch_response(key: str, outcomes: list[Any], closed: Callable[[], Problem]) -> Response:
     answers: list[dict[str, Any]] = []
     full: list[BaseException] = []
     for index, outcome in enumerate(outcomes):
@@ -413,7 +406,7 @@ def _batch_response(key: str, outcomes: list[Any]) -> Response:
         if isinstance(outcome, DomainError):
             problem = Problem.of(outcome)
         elif isinstance(outcome, LedgerClosed):
-            problem = shutting_down()
+            problem = closed()
         elif (out_of_space := out_of_storage(outcome)) is not None:
             problem = out_of_space
             full.append(outcome)

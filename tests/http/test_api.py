@@ -1736,3 +1736,32 @@ def test_a_full_disk_is_a_507_that_applied_nothing_and_the_same_key_goes_through
         assert balance["balance"] == 5
     finally:
         api.close()
+
+
+def test_a_command_after_the_ledger_writer_failed_is_500_not_shutting_down(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer that failed on a defect takes no command until the server restarts: the
+    answer says so (500, and to restart), not that the server is stopping, which it is not."""
+    account = sqlite_api.open_account()
+    committer = sqlite_api.parts.ledger.service.committer
+
+    def broken(*_: Any) -> None:
+        raise AssertionError("a bug in the writer")
+
+    monkeypatch.setattr(committer, "_apply_in_hand", broken)
+    opening = {"command": "open_account", "fields": {"owner": "ann", "currency": "EUR"}}
+    with caplog.at_level(logging.ERROR):
+        first = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+        later = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+        batch = sqlite_api.run(
+            sqlite_api.client.post(
+                "/v1/batch",
+                json={"commands": [opening]},
+                headers={**sqlite_api.auth("tester"), "Idempotency-Key": sqlite_api.key()},
+            )
+        )
+    assert committer.health().state is ServiceState.FAILED
+    for reply in (first, later, batch):  # the batch refused whole, as a closed ledger's is
+        body = assert_problem(reply, 500, "internal_error")
+        assert "restart" in body["detail"], body
