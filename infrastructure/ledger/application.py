@@ -1674,13 +1674,20 @@ def _judge(command: Command, uow: UnitOfWork) -> Any:
         except DomainError:
             if not uow.catch_up_for_refusal():
                 raise
-        except (Exception, KeyboardInterrupt):
+        except Exception:
             raise
         except BaseException as error:
             # A handler's ``SystemExit`` (a helper calling ``sys.exit``), ``GeneratorExit``...:
             # its command's failure, like any other exception of its handler. Raised as is, it
             # passed every ``except Exception`` and stopped the group commit writer, closing
-            # the ledger for every caller.
+            # the ledger for every caller. A ``KeyboardInterrupt`` in the main thread may be
+            # the user's Ctrl-C (the direct committer runs handlers in the caller's thread):
+            # it goes on as it came; in any other thread no signal raises it, so the handler
+            # did.
+            if isinstance(error, KeyboardInterrupt) and (
+                threading.current_thread() is threading.main_thread()
+            ):
+                raise
             msg = f"command {command.name}'s handler raised {error!r}"
             raise RuntimeError(msg) from error
     raise StaleCache

@@ -128,6 +128,13 @@ VOUCHERS = textwrap.dedent(
 
         def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
             raise SystemExit(f"no such voucher {self.code}")
+
+
+    class InterruptingVoucherCheck(Command):
+        code: Text
+
+        def handle(self, aggregates: Aggregates) -> Mapping[str, Any]:
+            raise KeyboardInterrupt(f"no such voucher {self.code}")
     '''
 )
 
@@ -175,19 +182,24 @@ def test_a_command_whose_receipt_names_its_own_field_is_not_told_replayed(
         assert ledger.account(account).balance == 11
 
 
+@pytest.mark.parametrize(
+    ("command", "raised_by_handler"),
+    [("ExitingVoucherCheck", SystemExit), ("InterruptingVoucherCheck", KeyboardInterrupt)],
+)
 def test_a_handler_that_exits_fails_its_own_command_not_the_ledger(
-    vouchers: types.ModuleType, store_url: str
+    vouchers: types.ModuleType, store_url: str, command: str, raised_by_handler: type
 ) -> None:
     """A handler's mistake is its caller's: one that raises ``SystemExit`` (a helper that
-    calls ``sys.exit``, ``argparse``'s ``error``) must not stop the group commit writer and
-    close the ledger for every other caller."""
+    calls ``sys.exit``, ``argparse``'s ``error``) or ``KeyboardInterrupt`` itself (no signal
+    ever raises it in the writer's thread) must not stop the group commit writer and close
+    the ledger for every other caller."""
     from daybook import open_ledger
 
     with open_ledger(store_url) as ledger:
         account = ledger.open_account(owner="ann", currency="EUR").account_id
         with pytest.raises(RuntimeError) as raised:  # its command's failure, coded as a bug's
-            ledger.execute(vouchers.ExitingVoucherCheck("V-9"))
-        assert isinstance(raised.value.__cause__, SystemExit), repr(raised.value)
+            ledger.execute(getattr(vouchers, command)("V-9"))
+        assert isinstance(raised.value.__cause__, raised_by_handler), repr(raised.value)
         assert "no such voucher" in repr(raised.value.__cause__)
         ledger.deposit(account, 5)  # the ledger goes on for everyone else
         assert ledger.account(account).balance == 5
