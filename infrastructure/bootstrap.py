@@ -23,10 +23,11 @@ from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.ledger.cache import install_aggregate_cache
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
 from daybook.infrastructure.ledger.group_commit import GroupCommitter
+from daybook.infrastructure.preflight import permission_denied
 from daybook.infrastructure.readmodels import EmbeddedProjections, ReadModels
 from daybook.infrastructure.readmodels.location import ReadModelLocation
 from daybook.infrastructure.settings import BadSettings, Settings
-from daybook.infrastructure.transient import may_only_read
+from daybook.infrastructure.transient import denied, may_only_read
 from daybook.infrastructure.urls import event_store_env, read_only_env, scheme, sqlite_file
 from daybook.projections.model import Projection
 
@@ -59,12 +60,18 @@ def ledger_service(
     reservations expire by it, and request records are kept by it."""
     env = event_store_env(settings.url)
     env["AGGREGATE_CACHE_MAXSIZE"] = str(settings.cache_size)
-    service = LedgerService(
-        env=env,
-        clock=clock,
-        retention=settings.request_retention.total_seconds(),
-        committer=GroupCommitter if settings.group_commit else None,
-    )
+    try:
+        service = LedgerService(
+            env=env,
+            clock=clock,
+            retention=settings.request_retention.total_seconds(),
+            committer=GroupCommitter if settings.group_commit else None,
+        )
+    except Exception as error:
+        if not denied(error):
+            raise
+        # Without this, eventsourcing's uncoded ProgrammingError: nothing to branch on.
+        raise permission_denied(settings.url, error) from error
     service.snapshot_interval = settings.snapshot_interval
     install_aggregate_cache(service)
     service.request_purge.interval = settings.request_purge_interval.total_seconds()

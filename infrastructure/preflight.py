@@ -18,6 +18,7 @@ still ends it at once.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import time
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from daybook.infrastructure.transient import is_transient
+from daybook.infrastructure.transient import causes, is_transient
 from daybook.infrastructure.urls import (
     DEFAULT_URL,
     BadURL,
@@ -59,6 +60,34 @@ class Unusable(BadURL):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class PermissionDenied(BadURL):
+    """The database refused the URL's role a statement daybook needs to open its store (to
+    create its tables, say, on a schema where the role may not create): an operator's
+    grant to make, not a bug. The message is the server's, with the grant that cures it."""
+
+    code = "permission_denied"
+
+
+def permission_denied(
+    url: str, error: BaseException, *, role: str = "event store"
+) -> PermissionDenied:
+    """``PermissionDenied`` for ``error`` (``transient.denied`` holds for it): the server's
+    words, and what to do about them."""
+    cause = next((c for c in causes(error) if isinstance(c, psycopg.Error)), error)
+    said = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    user = postgres_params(url).user
+    if isinstance(cause, psycopg.errors.ReadOnlySqlTransaction):
+        cure = "the server takes no writes (a standby?): give the URL of the primary"
+    elif schema := re.fullmatch(r"permission denied for schema (\S+)", said):
+        cure = (
+            f"GRANT CREATE ON SCHEMA {schema[1]} TO {user} (as the schema's owner), or "
+            "create daybook's tables once as a role that may"
+        )
+    else:
+        cure = f"grant {user} what the server names, or open it as a role that has it"
+    return PermissionDenied(f"the {role} at {where(url)}: the database refused ({said}): {cure}")
 
 
 _T = TypeVar("_T")

@@ -67,6 +67,7 @@ from daybook.infrastructure.ledger.application import (
     Unavailable,
 )
 from daybook.infrastructure.ledger.facade import AsyncLedger, Ledger
+from daybook.infrastructure.preflight import PermissionDenied
 from daybook.infrastructure.readmodels import ReadModelChanged, StaleRead
 from daybook.infrastructure.sagas import place_order
 from daybook.infrastructure.settings import Settings
@@ -106,6 +107,7 @@ __all__ = [
     "LinkedCommandFailed",
     "OrderLine",
     "OutOfStock",
+    "PermissionDenied",
     "PlaceOrder",
     "ReadModelChanged",
     "Receipt",

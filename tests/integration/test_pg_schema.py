@@ -109,6 +109,32 @@ def test_a_service_refused_by_a_missing_grant_stops_in_one_line_without_a_traceb
             conn.execute("DROP ROLE daybook_no_create")
 
 
+@pytest.mark.parametrize("opener", ["open_ledger", "open_async_ledger"])
+def test_a_ledger_whose_role_may_create_nowhere_is_refused_with_a_code(
+    pg_url: str, opener: str
+) -> None:
+    """The Python API's twin of the service's refusal above: ``open_ledger`` raised
+    eventsourcing's uncoded ``ProgrammingError`` (a traceback, nothing to branch on)."""
+    import daybook
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE daybook_no_create LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    url = pg_url.replace("postgres@", "daybook_no_create@", 1)
+    try:
+        with pytest.raises(daybook.PermissionDenied) as refused:
+            getattr(daybook, opener)(url)
+        assert refused.value.code == "permission_denied"
+        assert isinstance(refused.value, daybook.BadURL)  # a URL whose role cannot serve
+        message = str(refused.value)
+        assert "permission denied for schema public" in message, message
+        assert "GRANT CREATE ON SCHEMA public TO daybook_no_create" in message, message
+        assert "password" not in message and "\n" not in message, message
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("DROP ROLE daybook_no_create")
+
+
 def test_a_log_in_public_is_not_hidden_by_a_search_path_naming_another_schema(
     pg_url: str,
 ) -> None:
