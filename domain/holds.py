@@ -378,11 +378,11 @@ class CaptureHold(Command):
         source = holding_account(aggregates, hold)
         if source is None:
             raise lapsed_meanwhile(hold)
+        hold.check_capture(amount)  # the request's own values first, then what they meet
         destination = None
         if hold.destination is not None:
             destination = aggregates.get(Account, hold.destination)
             destination.check_credit(amount)
-        hold.check_capture(amount)
         # Every rule is checked before the first event: a refusal changes nothing. The
         # debit is within ``available`` once the hold is released (a debit that spent the
         # hold's funds while it looked lapsed released it: ``holding_account``).

@@ -98,6 +98,23 @@ def test_capture_part_of_a_pending_transfer_releases_the_rest(
     assert ledger.hold_status(hold_id).captured == 120
 
 
+def test_a_capture_beyond_its_hold_is_refused_for_its_amount_before_the_destination_is_judged(
+    ledger: Ledger, accounts: tuple[UUID, UUID]
+) -> None:
+    """The request's own mistake first, as every command judges its own values before the
+    state they meet: a capture of more than the hold toward an account closed meanwhile was
+    told ``account_closed``, and a caller who fixed that would then meet ``invalid_amount``."""
+    a, b = accounts
+    hold_id = ledger.hold(a, 300, destination=b, timeout=60).hold_id
+    assert hold_id is not None
+    ledger.close_account(b)
+    head = ledger.head()
+    error = refusal(lambda: ledger.capture(hold_id, 400))
+    assert error.code == "invalid_amount" and error.details["held"] == 300
+    assert refusal(lambda: ledger.capture(hold_id, 100)).code == "account_closed"
+    assert ledger.head() == head
+
+
 def test_void_releases_everything(ledger: Ledger, accounts: tuple[UUID, UUID]) -> None:
     a, _ = accounts
     hold_id = ledger.hold(a, 300, timeout=60).hold_id
