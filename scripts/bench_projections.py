@@ -48,7 +48,6 @@ from psycopg.sql import SQL
 from daybook import Ledger, projections, run_projections
 from daybook.domain.accounts import Account, transfer
 from daybook.infrastructure.bootstrap import event_log_of, open_ledger
-from daybook.infrastructure.eventstore.log import EVENTS_CHANNEL
 from daybook.infrastructure.ledger.application import LedgerService
 from daybook.infrastructure.readmodels.bulk import BulkRunner
 from daybook.infrastructure.readmodels.catalog import VersionCatalog
@@ -74,7 +73,8 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     """
     started = time.perf_counter()
     mapper = ledger.service.mapper
-    table = cast(Any, ledger.service.recorder).events_table_name  # PostgreSQL's recorder
+    recorder = cast(Any, ledger.service.recorder)  # PostgreSQL's recorder
+    table, channel = recorder.events_table_name, recorder.channel_name
     first = written = ledger.head()
     conn = psycopg.connect(url, autocommit=True)
     conn.execute(f"CREATE TABLE IF NOT EXISTS {BENCH_MARK} (written_at timestamptz)")
@@ -82,7 +82,7 @@ def write_log(url: str, ledger: Ledger, events: int, accounts: int, chunk: int =
     def insert(batch: list[Any]) -> None:
         with conn.transaction(), conn.cursor() as cursor:
             cursor.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
-            cursor.execute(f"NOTIFY {EVENTS_CHANNEL}")
+            cursor.execute(f"NOTIFY {channel}")
             with cursor.copy(
                 f"COPY {table} (originator_id, originator_version, topic, state)"
                 " FROM STDIN (FORMAT BINARY)"

@@ -171,6 +171,8 @@ class EventLog:
         #: While LISTEN is refused (a hot standby): when to try it again.
         self._listen_refused_until = 0.0
         self._interrupt = threading.Event()
+        #: The channel its ledger's commits notify (``postgres.events_channel``).
+        self._channel: str = getattr(recorder, "channel_name", EVENTS_CHANNEL)
         datastore = getattr(recorder, "datastore", None)
         self._scan_sql: Any = None
         self._scan_head_sql: Any = None
@@ -265,7 +267,7 @@ class EventLog:
                     listen.info.dsn, password=listen.info.password, autocommit=True
                 ) as conn,
             ):
-                conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
+                conn.execute(SQL("NOTIFY {}").format(Identifier(self._channel)))
 
     def wait(self, timeout: float) -> None:
         """Return when new events may have arrived, or after ``timeout`` seconds."""
@@ -324,7 +326,7 @@ class EventLog:
         if self._listen is None or self._listen.closed:
             conninfo, settings = listen_conninfo(datastore)
             self._listen = psycopg.connect(conninfo, autocommit=True, **settings)
-            self._listen.execute(f"LISTEN {EVENTS_CHANNEL}")
+            self._listen.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
             if self._listen_refused_until:
                 self._listen_refused_until = 0.0
                 _log.info("the event store accepts LISTEN again: new events wake the reader")

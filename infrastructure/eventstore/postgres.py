@@ -58,6 +58,17 @@ from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY, BadURL
 
 
+def events_channel(schema: str) -> str:
+    """The NOTIFY channel a ledger's commits wake its readers on. Channels are the
+    database's, not a schema's: a ledger in a schema of its own has a channel of its own,
+    or every ledger's commit would wake every other's readers. ``public`` keeps the name
+    it always had, so that its writers and readers of two versions still hear each other
+    during a rolling upgrade. (PostgreSQL cuts a name at 63 bytes, the same way when
+    notifying and listening: two long schema names alike in their first 48 share a channel,
+    which costs a spurious wake and nothing else.)"""
+    return EVENTS_TABLE if schema == "public" else f"{EVENTS_TABLE}_{schema}"
+
+
 class SnapshotRecorder(PostgresAggregateRecorder):
     """eventsourcing's recorder of snapshots, its reads bounded as the ledger's are."""
 
@@ -75,6 +86,7 @@ class PostgresRecorder(PostgresApplicationRecorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.channel_name = events_channel(self.datastore.schema)
         schema = Identifier(self.datastore.schema)
         requests = SQL("{}.{}").format(schema, Identifier(REQUESTS_TABLE))
         self._requests_table = requests

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from psycopg.sql import SQL, Identifier
 
 from daybook import BadURL, SkuNotFound, open_ledger
 from daybook.infrastructure.streaming import relay
@@ -48,6 +49,39 @@ def test_two_ledgers_in_two_schemas_of_one_database_stay_apart(pg_url: str) -> N
         assert b.head() == 0  # ledger B has written nothing
         with pytest.raises(SkuNotFound):
             b.inventory("SKU-1")
+
+
+def test_a_ledger_in_its_own_schema_notifies_and_listens_on_a_channel_of_its_own(
+    pg_url: str,
+) -> None:
+    """NOTIFY channels are the database's, not a schema's: every ledger's commit notified
+    ``daybook_events``, and woke the readers (runners, relays) of every other ledger in the
+    database, each then reading its log for nothing."""
+    from daybook import open_event_log
+
+    url_a, url_b = _in_schema(pg_url, "ledger_a"), _in_schema(pg_url, "ledger_b")
+    with open_ledger(url_a) as a, open_ledger(url_b) as b:
+        log_a = open_event_log(url_a)
+        try:
+            channel = log_a.recorder.channel_name
+            log_a.wait(0)  # starts listening
+            assert log_a._listen is not None
+            listened = log_a._listen.execute("SELECT pg_listening_channels()").fetchall()
+            assert listened == [(channel,)]
+            with psycopg.connect(pg_url, autocommit=True) as listener:
+                listener.execute(SQL("LISTEN {}").format(Identifier(channel)))
+                b.open_account("bob", "EUR")  # ledger B commits: A must not hear of it
+                listener.execute(SQL("NOTIFY {}, 'sentinel'").format(Identifier(channel)))
+                heard = []
+                for note in listener.notifies(timeout=30):
+                    heard.append(note.payload)
+                    if note.payload == "sentinel":
+                        break
+                assert heard == ["sentinel"], f"ledger A's readers woke for B's commit: {heard}"
+                a.open_account("ann", "EUR")  # A's own commits still reach them
+                assert next(listener.notifies(timeout=30)).payload == ""
+        finally:
+            log_a.close()
 
 
 def test_read_models_of_two_ledgers_in_two_schemas_of_one_database_are_both_built(
