@@ -266,8 +266,9 @@ class ForeignStore(Refused):
     def __init__(self, group: str, topic: str, follows: str, other: str, position: int) -> None:
         super().__init__(
             f"{stream_owner(group)} follows event store {follows}, but {topic!r} also carries "
-            f"events of event store {other} (position {position}): two databases' relays "
-            "publish to one topic; give each database its own --topic (and its own groups); "
+            f"events of event store {other} (position {position}): two event stores' relays "
+            "publish to one topic; give each event store (each database, or each schema of one "
+            "holding a ledger) its own --topic (and its own groups); "
             "nothing of the batch was applied"
         )
         self.group = group

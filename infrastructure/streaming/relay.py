@@ -181,7 +181,8 @@ class TopicOfAnotherStore(Refused):
         super().__init__(
             f"topic {topic!r} holds events of another event store (store {other}, last "
             f"message of partition {partition}; this one is {store}): consumers would mix "
-            "the two logs; give each database its own --topic"
+            "the two logs; give each event store (each database, or each schema of one holding a "
+            "ledger) its own --topic"
         )
         self.topic = topic
         self.store = store

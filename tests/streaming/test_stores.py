@@ -91,7 +91,10 @@ def test_a_worker_refuses_another_stores_messages_and_applies_nothing(
         with pytest.raises(ForeignStore) as refused:
             worker.apply([*ours[20:40], *theirs[:50]])
         assert refused.value.code == "foreign_store"
-        assert "give each database its own --topic" in str(refused.value)
+        assert (
+            "give each event store (each database, or each schema of one holding a ledger) "
+            "its own --topic" in str(refused.value)
+        )
         # Nothing of the batch was applied, parked or counted: the position did not jump.
         assert read_status(other_pg_url, "g", "t") == before
         assert read_dead_letters(other_pg_url, "g", "t") == []
@@ -145,7 +148,10 @@ def test_a_relay_refuses_a_topic_another_store_publishes(
         refused = relay(other_pg_url, "second.log").start()
         assert refused.wait() == 1, refused.output
         assert "topic_of_another_store" in refused.output
-        assert "give each database its own --topic" in refused.output
+        assert (
+            "give each event store (each database, or each schema of one holding a ledger) "
+            "its own --topic" in refused.output
+        )
         cursor = read_cursor(other_pg_url, topic)
         assert cursor is None or cursor.position == 0  # published nothing
     finally:
@@ -198,7 +204,10 @@ def test_a_worker_meeting_another_stores_events_on_its_topic_stops_having_applie
         produce(kafka_bootstrap, topic, Stream(PARTITIONS, store_id(pg_url)).publish(first))
         assert consuming.wait() == 1, consuming.output
         assert "foreign_store" in consuming.output, consuming.output
-        assert "give each database its own --topic" in consuming.output
+        assert (
+            "give each event store (each database, or each schema of one holding a ledger) "
+            "its own --topic" in consuming.output
+        )
         assert read_status(other_pg_url, group, topic) == before  # no jump, nothing counted
         assert read_dead_letters(other_pg_url, group, topic) == []
     finally:
