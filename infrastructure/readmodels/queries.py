@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -219,6 +220,20 @@ _OUTAGE_BACKOFF_CAP = 1.0
 #: Connections a forked child found made by its parent: never used or closed there.
 _INHERITED: list[ReadStore] = []
 
+#: Every ``ReadModels`` of this process, for ``_new_locks_after_fork``.
+_ALL: weakref.WeakSet[ReadModels] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child, each ``ReadModels`` gets a new lock: a thread of the parent in
+    the middle of a query at the fork left the child's copy held, by a thread the child
+    does not have, and every query of the child waited for it for ever."""
+    for models in list(_ALL):
+        models._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
+
 
 class ReadModels:
     """Read-side queries over one read-model database (one connection; thread-safe)."""
@@ -231,6 +246,7 @@ class ReadModels:
         #: The process that made ``_store`` (a forked child makes its own).
         self._opened_in = os.getpid()
         self._lock = threading.Lock()
+        _ALL.add(self)
         #: How many times ``close`` was called: a query waiting out an outage stops waiting
         #: when it changes (a ``ReadModels`` closed and queried again reconnects, and its
         #: later queries wait as a new one's do).

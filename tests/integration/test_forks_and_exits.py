@@ -317,6 +317,48 @@ def test_read_models_opened_before_a_fork_answer_in_the_child_and_the_parent(
     )
 
 
+_FORKED_MID_QUERY = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    from daybook import open_ledger, open_read_models, run_projections
+    url = sys.argv[1]
+    with open_ledger(url) as ledger, run_projections(ledger) as runner:
+        a = ledger.open_account("ann", "EUR").account_id
+        at = ledger.deposit(a, 100).position
+        runner.views.balance(a, min_position=at, timeout=30)
+    views = open_read_models(url)
+    views.balance(a)
+    views._lock.acquire()  # as another thread's query holds it at the very moment of a fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        signal.alarm(20)  # a child that hangs dies, with nothing said
+        os.write(write, str(views.balance(a).balance).encode())
+        os._exit(0)
+    os.close(write)
+    views._lock.release()
+    os.waitpid(pid, 0)
+    print("child:", os.read(read, 1000).decode() or "nothing")
+    print("parent:", views.balance(a).balance)
+    views.close()
+    """
+)
+
+
+def test_read_models_queried_by_another_thread_at_a_fork_answer_in_the_child(
+    shared_store_url: str,
+) -> None:
+    """A thread of the parent in the middle of a query when another forks (a web server
+    forking its workers while it serves): the child's copy of the read models' lock was
+    held for ever, by a thread the child does not have, and its every query hung."""
+    done = _python(_FORKED_MID_QUERY, shared_store_url)
+    assert done.returncode == 0, done.stdout + done.stderr[-1500:]
+    assert done.stdout.splitlines() == ["child: 100", "parent: 100"], (
+        done.stdout + done.stderr[-1500:]
+    )
+
+
 _FORKED_RUNNER = textwrap.dedent(
     """
     import os, sys
