@@ -48,7 +48,9 @@ def settings_for(
             env.pop("DAYBOOK_READMODELS_URL", None)
         return Settings.load(env, url=url, **given)
     changes = {name: value for name, value in {"url": url, **given}.items() if value is not None}
-    return settings.model_copy(update=changes) if changes else settings
+    # Made anew, not ``model_copy(update=...)``, which checks nothing: a value given beside
+    # the settings is checked (and converted) as the same value in the settings would be.
+    return Settings(**{**settings.model_dump(), **changes}) if changes else settings
 
 
 def ledger_service(

@@ -18,7 +18,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
@@ -465,10 +465,12 @@ def metrics_served(args: argparse.Namespace, what: str) -> Iterator[MetricsServe
         server.stop()
 
 
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The settings for a command: its options, then ``DAYBOOK_*`` variables, then defaults
-    (one composition root: every command builds what it runs from these)."""
+def settings_of(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """The settings for a command: its options, then ``DAYBOOK_*`` variables (of ``env``,
+    default the process's), then defaults (one composition root: every command builds what
+    it runs from these)."""
     return Settings.load(
+        env,
         url=getattr(args, "url", None),
         readmodels_url=getattr(args, "readmodels_url", None),
         broker_url=getattr(args, "broker", None),
@@ -488,14 +490,16 @@ def checked_settings(
     existing: bool = True,
     readmodels: bool = False,
     new_readmodels: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Settings:
     """``settings_of(args)``, having checked that the event store is of ``kinds`` (``why``
     says why no other will do), answers, and (with ``existing``) already holds a ledger; with
     ``readmodels``, that the read-model database answers too (and, with ``existing`` and
     unless ``new_readmodels``, is already there: a mistyped path is refused rather than made
     into an empty database). Raises ``Unusable``."""
-    settings = settings_of(args)
-    given = getattr(args, "url", None) is not None or os.environ.get("DAYBOOK_URL")
+    env = os.environ if env is None else env
+    settings = settings_of(args, env)
+    given = getattr(args, "url", None) is not None or env.get("DAYBOOK_URL")
     if not given and "sqlite" not in kinds:
         raise preflight.Unusable(f"this command needs --url ({why}) or $DAYBOOK_URL")
     preflight.check_store(settings.url, kinds=kinds, why=why, existing=existing)

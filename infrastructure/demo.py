@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         argparse.Namespace(**{**vars(args), "url": url}),
         kinds=("memory", "sqlite", "postgresql"),
         existing=False,
+        # Ignored, as said: not even read (a value no command can use would stop the demo).
+        env={k: v for k, v in os.environ.items() if k != "DAYBOOK_READMODELS_URL"},
     )
     ignored = []
     if args.url is None and os.environ.get("DAYBOOK_URL"):

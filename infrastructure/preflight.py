@@ -315,14 +315,21 @@ def check_broker(url: str) -> None:
     without a word, cannot be told from a broker starting up: it is waited for.)"""
     from daybook.infrastructure.streaming.broker import bootstrap_servers
 
-    servers = bootstrap_servers(url).split(",")
+    malformed = Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
+    try:
+        servers = bootstrap_servers(url).split(",")
+    except BadURL:  # another scheme: says so already
+        raise
+    except ValueError:  # urlsplit's "Invalid IPv6 URL", say
+        raise malformed from None
     reasons = []
     strangers = 0
     for server in servers:
         host, _, port_text = server.rpartition(":")
         shown = server.rpartition("@")[2]  # never a user name and password
-        if not host or not port_text.isdigit():
-            raise Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
+        # A port past 65535 is no port: the socket layer takes it modulo 65536.
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise malformed
         address = (host.strip("[]"), int(port_text))
         try:
             socket.create_connection(address, CONNECT_TIMEOUT).close()
@@ -447,8 +454,13 @@ def check_gateway(url: str | None) -> None:
         raise Unusable(
             "no payment gateway: give --gateway http://host:port or $DAYBOOK_GATEWAY_URL"
         )
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- a port that is not a number, or past 65535: ValueError
+        httpx.URL(url)  # what the gateway's client refuses (InvalidURL), refused here too
+    except (ValueError, httpx.InvalidURL):
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise Unusable(f"the payment gateway URL {redacted(url)!r}: write http://host:port")
     try:
         httpx.get(url, timeout=CONNECT_TIMEOUT)

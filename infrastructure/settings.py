@@ -94,6 +94,14 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def __init__(self, **values: Any) -> None:
+        # Refused as ``load`` refuses: ``BadSettings`` (code ``bad_settings``), naming the
+        # setting and its variable, not pydantic's ``ValidationError``, which has no code.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise BadSettings.from_validation(error) from None
+
     #: The event store: memory://, sqlite:///path.db or postgresql://...
     url: str = DEFAULT_URL
     #: The read-model database (None: the event store's own database).
@@ -150,12 +158,18 @@ class Settings(BaseModel):
         """A number of seconds as text (as environment variables are) is a duration too."""
         if isinstance(value, str):
             try:
-                return timedelta(seconds=float(value))
+                seconds = float(value)
+                duration = timedelta(seconds=seconds)
             except ValueError:
                 return value  # an ISO 8601 duration, or a mistake pydantic will name
             except OverflowError:  # inf, 1e20: no duration is that long
                 msg = f"{value!r} seconds is longer than any duration daybook can keep"
                 raise ValueError(msg) from None
+            if seconds > 0 and not duration:
+                # Rounded to 0, which turns the purge off: not what a positive value asks.
+                msg = f"{value!r} seconds is shorter than any duration daybook can keep"
+                raise ValueError(msg)
+            return duration
         return value
 
     @field_validator("request_retention")
@@ -195,10 +209,7 @@ class Settings(BaseModel):
             name: env[variable] for variable, name in ENVIRONMENT.items() if env.get(variable)
         }
         values.update({name: value for name, value in given.items() if value is not None})
-        try:
-            return cls(**values)
-        except ValidationError as error:
-            raise BadSettings.from_validation(error) from None
+        return cls(**values)  # refused as ``BadSettings`` (``__init__``)
 
     @property
     def readmodels(self) -> str:
