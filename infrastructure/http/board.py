@@ -45,6 +45,17 @@ _ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
+#: The page's own headers: it runs only its own script and style, talks only to its own
+#: origin, and no other site may frame it (it takes a token; an admin one replays).
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 _OUTCOMES_OK = frozenset({"ok", "replayed"})
 #: The outcome of a command that failed rather than being answered (``outcome_label``).
 _FAILED = "error"
@@ -92,15 +103,24 @@ def _command_totals() -> tuple[float, float, float]:
     return total, refused, failed
 
 
-def quantile(histogram: Any, q: float) -> float | None:
-    """The ``q`` quantile of a histogram's observations, interpolated within its bucket
-    (as PromQL's histogram_quantile does); None before any observation."""
+def _buckets(histogram: Any) -> list[tuple[float, float]]:
+    """A histogram's cumulative buckets, ``(le, count)`` in bound order."""
     buckets: list[tuple[float, float]] = []
     for family in histogram.collect():
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
                 buckets.append((float(sample.labels["le"]), sample.value))
     buckets.sort()
+    return buckets
+
+
+def quantile(histogram: Any, q: float) -> float | None:
+    """The ``q`` quantile of a histogram's observations, interpolated within its bucket
+    (as PromQL's histogram_quantile does); None before any observation."""
+    return _quantile(_buckets(histogram), q)
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     if not buckets or buckets[-1][1] == 0:
         return None
     rank = q * buckets[-1][1]
@@ -113,6 +133,30 @@ def quantile(histogram: Any, q: float) -> float | None:
             return lower_bound + (bound - lower_bound) * share
         lower_bound, lower_count = bound, count
     return lower_bound
+
+
+@dataclass
+class RecentLatency:
+    """Quantiles of a histogram's observations of about the last minute (as PromQL's
+    ``histogram_quantile(q, rate(...[1m]))``), from its buckets sampled at each dashboard
+    poll: the counts since the server started would hide commits that became slow a
+    minute ago behind the hours of fast ones before. Bounded: the samples of the window,
+    and the one before it (the baseline)."""
+
+    window: float = 60.0
+    samples: deque[tuple[float, list[tuple[float, float]]]] = field(default_factory=deque)
+
+    def observe(self, now: float, histogram: Any) -> tuple[float | None, float | None]:
+        buckets = _buckets(histogram)
+        self.samples.append((now, buckets))
+        while len(self.samples) > 1 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        if len(self.samples) == 1:  # the first poll: nothing to subtract yet
+            recent = buckets
+        else:
+            base = dict(self.samples[0][1])
+            recent = [(bound, count - base.get(bound, 0.0)) for bound, count in buckets]
+        return _quantile(recent, 0.5), _quantile(recent, 0.99)
 
 
 def _last_reconcile(run: ReconcileRun | None) -> dict[str, Any] | None:
@@ -143,6 +187,7 @@ class Dashboard:
     log: EventLog
     readmodels_url: str
     throughput: Throughput = field(default_factory=Throughput)
+    latency: RecentLatency = field(default_factory=RecentLatency)
     #: The view being gathered, which the polls that arrive meanwhile share: one at a time,
     #: however many are sent (each takes a read-model connection of its own and a thread
     #: of the event loop's default pool, which the write routes' key checks use too).
@@ -155,13 +200,15 @@ class Dashboard:
 
         @app.get("/", include_in_schema=False)
         async def index() -> Response:
-            return Response(asset("index.html"), media_type=_ASSETS["index.html"])
+            return Response(
+                asset("index.html"), media_type=_ASSETS["index.html"], headers=_PAGE_HEADERS
+            )
 
         @app.get("/dashboard/{name}", include_in_schema=False)
         async def static(name: str) -> Response:
             if name not in _ASSETS:
                 raise Problem("not_found", f"the dashboard has no file {shown(name)}")
-            return Response(asset(name), media_type=_ASSETS[name])
+            return Response(asset(name), media_type=_ASSETS[name], headers=_PAGE_HEADERS)
 
         @app.get("/v1/dashboard", tags=["service"], summary="What the dashboard shows")
         async def dashboard(_: Token = reader) -> Response:
@@ -188,13 +235,15 @@ class Dashboard:
 
     def view(self) -> dict[str, Any]:
         total, refused, failed = _command_totals()
-        rate = self.throughput.observe(time.monotonic(), total)
+        now = time.monotonic()
+        rate = self.throughput.observe(now, total)
+        commit_p50, commit_p99 = self.latency.observe(now, metrics.COMMIT_SECONDS)
         return {
             "head": self.log.head(),
             "writes": {
                 "rate": rate,
-                "commit_p50": quantile(metrics.COMMIT_SECONDS, 0.5),
-                "commit_p99": quantile(metrics.COMMIT_SECONDS, 0.99),
+                "commit_p50": commit_p50,
+                "commit_p99": commit_p99,
                 "refused": int(refused),
                 "failed": int(failed),
             },

@@ -130,3 +130,38 @@ def test_the_dashboard_counts_failed_commands_apart_from_refused_ones(sqlite_api
     after = sqlite_api.get("/v1/dashboard").json()["writes"]
     assert after["refused"] - before["refused"] == 1
     assert after["failed"] - before["failed"] == 2
+
+
+def test_the_dashboard_commit_latency_is_recent_not_since_the_server_started(
+    sqlite_api: Api, monkeypatch: Any
+) -> None:
+    """The page shows commit p50/p99 beside the last minute's throughput, for an operator
+    watching the system converge: commits that became slow a minute ago must show, however
+    many fast ones the server committed in the hours before."""
+    from daybook.infrastructure.http import board
+
+    clock = [1_000.0]
+    monkeypatch.setattr(board.time, "monotonic", lambda: clock[0])
+    for _ in range(20_000):  # hours of 2 ms commits
+        metrics.COMMIT_SECONDS.observe(0.002)
+    sqlite_api.get("/v1/dashboard")
+    clock[0] += 120.0
+    for _ in range(200):  # the last two minutes: the database takes 2 s a commit
+        metrics.COMMIT_SECONDS.observe(2.0)
+    writes = sqlite_api.get("/v1/dashboard").json()["writes"]
+    assert writes["commit_p99"] >= 1.0, f"commit p99 shown {writes['commit_p99']}"
+
+
+def test_the_dashboard_page_cannot_be_framed_and_runs_only_its_own_script(
+    sqlite_api: Api,
+) -> None:
+    """The page takes a token (an admin one replays parked events): another site must not
+    frame it under a decoy (clickjacking), and it needs no script, style or connection
+    but its own origin's, which a Content-Security-Policy can say."""
+    for path in ("/", "/dashboard/dashboard.js"):
+        headers = sqlite_api.get(path).headers
+        policy = headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in policy, f"{path}: CSP {policy!r}"
+        assert "script-src 'self'" in policy, f"{path}: CSP {policy!r}"
+        assert headers.get("x-frame-options") == "DENY", path
+        assert headers.get("x-content-type-options") == "nosniff", path

@@ -58,6 +58,8 @@ function trend(key, lag) {
 
 function drawProjections(projections) {
   const body = $("projections").tBodies[0];
+  // Redrawn at every poll: the replay button a keyboard user is on keeps the focus.
+  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.replay : null;
   body.replaceChildren();
   for (const p of projections) {
     const row = body.insertRow();
@@ -79,8 +81,18 @@ function drawProjections(projections) {
       button.type = "button";
       button.textContent = "Replay parked";
       button.setAttribute("aria-label", `Replay the parked events of ${p.name} version ${p.version}`);
+      button.dataset.replay = `${p.name} v${p.version}`;
       button.addEventListener("click", () => replay(p.name, button));
       actions.appendChild(button);
+      if (focused === button.dataset.replay) button.focus();
+    }
+    if (p.error) {
+      // Why it stopped or retries (the projection's own error), under its row.
+      const why = body.insertRow();
+      why.className = "why";
+      const text = why.insertCell();
+      text.colSpan = 10;
+      text.textContent = `${p.name} v${p.version}: ${p.error}`;
     }
   }
 }

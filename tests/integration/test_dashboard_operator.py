@@ -1,0 +1,62 @@
+"""The dashboard in a real browser, where what it promises goes past what
+test_dashboard.py drives: keyboard use of the replay button while the page polls, why a
+projection stopped, and the token never leaving the page in a URL."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+from playwright.sync_api import Browser, expect
+
+from daybook.infrastructure.http.tokens import open_tokens
+from daybook.projections import by_name
+from scripts.serve_process import ServeProcess
+from tests.integration.test_dashboard import SHOWS, browser, poisoned_deposit, server
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+__all__ = ["browser", "server"]
+
+
+def test_a_stopped_projection_can_be_replayed_with_the_keyboard_and_says_why(
+    pg_url: str, server: ServeProcess, browser: Browser
+) -> None:
+    _, secret = open_tokens(pg_url).create("keyboard", ["read", "admin"])
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.base_url + "/")
+    page.get_by_role("textbox", name="Token").fill(secret)
+    page.get_by_role("button", name="Use").click()
+    poisoned_deposit(pg_url, str(uuid4()))
+    version = by_name("account_balances").version
+    button = page.get_by_role(
+        "button", name=f"Replay the parked events of account_balances version {version}"
+    )
+    expect(button).to_be_visible(timeout=60_000)
+    row = page.locator("#projections tbody tr[data-projection='account_balances']")
+    expect(row.locator("td").nth(3)).to_have_text("stopped", timeout=SHOWS)
+    # Why it stopped: /v1/dashboard sends it (the projection's error); the page shows it.
+    expect(page.locator("#projections")).to_contain_text("unknown account", timeout=5_000)
+
+    # Keyboard only: Tab from "Use" reaches the first replay button; the next polls
+    # (every 2 s) must not take the focus away before Enter is pressed.
+    page.get_by_role("button", name="Use").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Replay parked"
+    page.wait_for_timeout(4_500)
+    assert page.evaluate("document.activeElement.textContent") == "Replay parked", (
+        "focus moved to " + page.evaluate("document.activeElement.tagName")
+    )
+
+
+def test_the_token_never_goes_into_a_url(server: ServeProcess, browser: Browser) -> None:
+    """Before the page's script has run (a slow link: it is deferred) or when it did not
+    load, Enter in the token field submits the form as HTML does: a GET of the page with
+    the form's named fields in the query string, into the history and a proxy's log."""
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    page.get_by_role("textbox", name="Token").fill("dbk_not-a-real-secret")
+    page.get_by_role("textbox", name="Token").press("Enter")
+    page.wait_for_load_state()
+    assert "dbk_not-a-real-secret" not in page.url
+    context.close()
