@@ -60,3 +60,51 @@ def test_the_token_never_goes_into_a_url(server: ServeProcess, browser: Browser)
     page.wait_for_load_state()
     assert "dbk_not-a-real-secret" not in page.url
     context.close()
+
+
+#: In the page before its own script: /v1/dashboard answered slowly (``mode`` "slow": 5 s,
+#: 200 with the server's answer) or refused (``mode`` "down": 503 with Retry-After: 10),
+#: counting the requests sent and the most ever in flight at once.
+_FAKE_SERVER = """
+window.__polls = { sent: 0, inFlight: 0, most: 0 };
+const realFetch = window.fetch.bind(window);
+window.fetch = async (path, options) => {
+  if (!String(path).includes("/v1/dashboard")) return realFetch(path, options);
+  const polls = window.__polls;
+  polls.sent += 1; polls.inFlight += 1; polls.most = Math.max(polls.most, polls.inFlight);
+  try {
+    if (window.__mode === "down") {
+      return new Response(JSON.stringify({ code: "unavailable", detail: "the database is down" }),
+        { status: 503, headers: { "Retry-After": "10", "Content-Type": "application/json" } });
+    }
+    await new Promise((done) => setTimeout(done, 5000));
+    return await realFetch(path, options);
+  } finally {
+    polls.inFlight -= 1;
+  }
+};
+"""
+
+
+@pytest.mark.parametrize("mode", ["slow", "down"])
+def test_the_page_polls_one_at_a_time_and_waits_as_the_server_asks(
+    pg_url: str, server: ServeProcess, browser: Browser, mode: str
+) -> None:
+    """The page polled every 2 s whatever happened: answers slower than that piled up
+    (each a read-model connection the server holds), and a server answering 503 with
+    Retry-After was asked again every 2 s; the page showed its last figures as if current."""
+    _, secret = open_tokens(pg_url).create(f"poll-{mode}", ["read"])
+    context = browser.new_context()
+    context.add_init_script(f"window.__mode = {mode!r};" + _FAKE_SERVER)
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    page.get_by_role("textbox", name="Token").fill(secret)
+    page.get_by_role("button", name="Use").click()
+    page.wait_for_timeout(8_000)
+    polls = page.evaluate("window.__polls")
+    assert polls["most"] == 1, f"polls in flight at once: {polls}"
+    if mode == "down":
+        # The first poll (the token's) and the page's own first: then Retry-After's 10 s.
+        assert polls["sent"] <= 2, f"asked again before Retry-After: {polls}"
+        expect(page.locator("#updated")).to_contain_text("not current")
+    context.close()

@@ -1,8 +1,9 @@
 "use strict";
-// daybook's dashboard: polls /v1/dashboard every two seconds and draws what it says.
+// daybook's dashboard: polls /v1/dashboard (two seconds after each answer) and draws it.
 // No framework and no build step; the token lives in this tab's session storage only.
 
 const POLL_MS = 2000;
+const MAX_WAIT_MS = 60000; // the longest a Retry-After holds the next poll back
 const TREND_POINTS = 60;
 const trends = new Map(); // "name vN" -> recent lag figures
 
@@ -17,7 +18,9 @@ async function api(path, options = {}) {
   const body = await answer.json().catch(() => ({}));
   if (!answer.ok) {
     const detail = body.detail || body.title || answer.statusText;
-    throw new Error(`${answer.status} ${body.code ? body.code + ": " : ""}${detail}`);
+    const error = new Error(`${answer.status} ${body.code ? body.code + ": " : ""}${detail}`);
+    error.retryAfter = Number(answer.headers.get("Retry-After")) || 0; // seconds
+    throw error;
   }
   return body;
 }
@@ -120,17 +123,20 @@ async function replay(name, button) {
   try {
     await api(`/v1/projections/${encodeURIComponent(name)}/resume`, { method: "POST" });
     $("error").textContent = "";
-    await refresh();
+    poll(0); // shown at once (after a poll in flight, if one is)
   } catch (error) {
     $("error").textContent = `Replay of ${name} refused: ${error.message}`;
     button.disabled = false;
   }
 }
 
+let updatedAt = null; // when the figures shown were gathered (a time of day), or null
+
+// Returns how many milliseconds to wait before the next poll.
 async function refresh() {
   if (!token()) {
     $("error").textContent = "Enter a token with the read scope (daybook tokens create).";
-    return;
+    return POLL_MS;
   }
   try {
     const view = await api("/v1/dashboard");
@@ -147,10 +153,42 @@ async function refresh() {
     drawRows("holds", view.holds, [["hold_id"], ["account_id"], ["amount", number], ["expires_at"]]);
     drawRows("decisions", view.decisions,
       [["at"], ["projection"], ["position", number], ["table"], ["row"], ["change"]]);
-    $("updated").textContent = new Date().toLocaleTimeString();
+    updatedAt = new Date().toLocaleTimeString();
+    $("updated").textContent = updatedAt;
+    document.body.classList.remove("stale");
     $("error").textContent = "";
+    return POLL_MS;
   } catch (error) {
     $("error").textContent = `Could not refresh: ${error.message}`;
+    // The figures stay, marked: they are those of the last answer, not of now.
+    $("updated").textContent = `${updatedAt || "never"} (not current: could not refresh)`;
+    document.body.classList.add("stale");
+    // A server that says when to come back (503 with Retry-After) is not asked sooner.
+    return Math.max(POLL_MS, Math.min(error.retryAfter * 1000, MAX_WAIT_MS));
+  }
+}
+
+// One poll at a time: the next is timed from the end of the last, so answers slower than
+// POLL_MS never pile up (each holds a read-model connection of the server's).
+let pollTimer = null;
+let polling = false;
+let pollAgain = false;
+
+function poll(delay) {
+  clearTimeout(pollTimer);
+  pollTimer = setTimeout(runPoll, delay);
+}
+
+async function runPoll() {
+  if (polling) { pollAgain = true; return; } // a new token meanwhile: once this one ends
+  polling = true;
+  let wait = POLL_MS;
+  try {
+    wait = await refresh();
+  } finally {
+    polling = false;
+    if (pollAgain) { pollAgain = false; wait = 0; }
+    poll(wait);
   }
 }
 
@@ -168,7 +206,7 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     sessionStorage.setItem("daybook-token", $("token").value.trim());
     $("token-state").textContent = "token set";
-    refresh();
+    poll(0);
   });
   $("balance-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -178,6 +216,5 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     lookup(`/v1/stock/${encodeURIComponent($("sku").value.trim())}`);
   });
-  refresh();
-  setInterval(refresh, POLL_MS);
+  poll(0);
 });
