@@ -108,3 +108,24 @@ def test_the_page_polls_one_at_a_time_and_waits_as_the_server_asks(
         assert polls["sent"] <= 2, f"asked again before Retry-After: {polls}"
         expect(page.locator("#updated")).to_contain_text("not current")
     context.close()
+
+
+def test_a_hold_expiring_soon_is_shown_with_its_currency(
+    pg_url: str, server: ServeProcess, browser: Browser
+) -> None:
+    """Amounts are minor units of the hold's currency: 500 means nothing without it."""
+    from daybook import open_ledger
+
+    _, secret = open_tokens(pg_url).create("holds", ["read"])
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("ann", "JPY").account_id
+        ledger.deposit(account, 9_000)
+        hold_id = ledger.hold(account, 777, timeout=3_600).hold_id
+    page = browser.new_page()
+    page.goto(server.base_url + "/")
+    page.get_by_role("textbox", name="Token").fill(secret)
+    page.get_by_role("button", name="Use").click()
+    row = page.locator("#holds tbody tr", has_text=str(hold_id))
+    expect(row).to_contain_text("777", timeout=SHOWS)
+    expect(row.locator("td").nth(3)).to_have_text("JPY")
+    page.close()

@@ -150,7 +150,7 @@ async function refresh() {
     const counts = Object.entries(view.sagas.counts).map(([state, n]) => `${state} ${n}`);
     $("saga-counts").textContent = counts.length ? counts.join(" · ") : "no sagas yet";
     drawRows("stuck", view.sagas.stuck, [["saga_id"], ["state"], ["step"], ["deadline"], ["last_error"]]);
-    drawRows("holds", view.holds, [["hold_id"], ["account_id"], ["amount", number], ["expires_at"]]);
+    drawRows("holds", view.holds, [["hold_id"], ["account_id"], ["amount", number], ["currency"], ["expires_at"]]);
     drawRows("decisions", view.decisions,
       [["at"], ["projection"], ["position", number], ["table"], ["row"], ["change"]]);
     updatedAt = new Date().toLocaleTimeString();
