@@ -158,19 +158,25 @@ class Settings(BaseModel):
         """A number of seconds as text (as environment variables are) is a duration too."""
         if isinstance(value, str):
             try:
-                seconds = float(value)
-                duration = timedelta(seconds=seconds)
+                return timedelta(seconds=float(value))  # rounded to 0: see below
             except ValueError:
                 return value  # an ISO 8601 duration, or a mistake pydantic will name
             except OverflowError:  # inf, 1e20: no duration is that long
                 msg = f"{value!r} seconds is longer than any duration daybook can keep"
                 raise ValueError(msg) from None
-            if seconds > 0 and not duration:
-                # Rounded to 0, which turns the purge off: not what a positive value asks.
-                msg = f"{value!r} seconds is shorter than any duration daybook can keep"
-                raise ValueError(msg)
-            return duration
         return value
+
+    @field_validator("request_purge_interval", mode="wrap")
+    @classmethod
+    def _not_rounded_to_nothing(cls, value: Any, handler: Any) -> Any:
+        """A positive interval of any form (a number given in Python, ISO 8601 such as
+        ``PT0.0000001S``, not only text in seconds) that rounds to 0 is refused: 0 turns
+        the purge off."""
+        duration = handler(value)
+        if not duration and _asks_for_some(value):
+            msg = f"{value!r} is shorter than any duration daybook can keep (0 turns it off)"
+            raise ValueError(msg)
+        return duration
 
     @field_validator("request_retention")
     @classmethod
@@ -215,6 +221,20 @@ class Settings(BaseModel):
     def readmodels(self) -> str:
         """Where read models live: ``readmodels_url``, or the event store's database."""
         return self.readmodels_url or self.url
+
+
+def _asks_for_some(value: Any) -> bool:
+    """Whether a duration as given is more than nothing, whatever it rounds to."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return value > 0
+    if isinstance(value, str):
+        try:
+            return float(value) > 0
+        except ValueError:
+            return re.search(r"[1-9]", value) is not None  # ISO 8601: a digit not 0
+    return False
 
 
 class BadSettings(BadURL):

@@ -135,6 +135,10 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower_bound
 
 
+#: A baseline older than this many windows is of a gap in the polls, not about the last minute.
+STALE_WINDOWS = 5
+
+
 @dataclass
 class RecentLatency:
     """Quantiles of a histogram's observations of about the last minute (as PromQL's
@@ -151,11 +155,16 @@ class RecentLatency:
         self.samples.append((now, buckets))
         while len(self.samples) > 1 and now - self.samples[1][0] >= self.window:
             self.samples.popleft()
-        if len(self.samples) == 1:  # the first poll: nothing to subtract yet
-            recent = buckets
-        else:
-            base = dict(self.samples[0][1])
-            recent = [(bound, count - base.get(bound, 0.0)) for bound, count in buckets]
+        if now - self.samples[0][0] > STALE_WINDOWS * self.window:
+            # Nobody polled for a long while (the page just opened, during an incident
+            # say): the last sample before the gap would stretch "the last minute" over
+            # the whole gap, its fast commits hiding the slow ones. Start a window anew.
+            while len(self.samples) > 1:
+                self.samples.popleft()
+        if len(self.samples) == 1:  # the first poll: nothing of a recent window known yet
+            return None, None
+        base = dict(self.samples[0][1])
+        recent = [(bound, count - base.get(bound, 0.0)) for bound, count in buckets]
         return _quantile(recent, 0.5), _quantile(recent, 0.99)
 
 

@@ -138,10 +138,14 @@ def test_the_dashboard_commit_latency_is_recent_not_since_the_server_started(
     """The page shows commit p50/p99 beside the last minute's throughput, for an operator
     watching the system converge: commits that became slow a minute ago must show, however
     many fast ones the server committed in the hours before."""
+    import types
+
     from daybook.infrastructure.http import board
 
     clock = [1_000.0]
-    monkeypatch.setattr(board.time, "monotonic", lambda: clock[0])
+    # The board's own clock only (``board.time`` is the time module: patching its
+    # ``monotonic`` would stop every clock of the process, the event loop's included).
+    monkeypatch.setattr(board, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     for _ in range(20_000):  # hours of 2 ms commits
         metrics.COMMIT_SECONDS.observe(0.002)
     sqlite_api.get("/v1/dashboard")
@@ -165,3 +169,32 @@ def test_the_dashboard_page_cannot_be_framed_and_runs_only_its_own_script(
         assert "script-src 'self'" in policy, f"{path}: CSP {policy!r}"
         assert headers.get("x-frame-options") == "DENY", path
         assert headers.get("x-content-type-options") == "nosniff", path
+
+
+def test_the_dashboard_latency_after_nobody_polled_for_hours_is_of_the_last_minute() -> None:
+    """An operator opens the page during an incident after nobody watched it for
+    two hours: the latency shown must be of about the last minute, not of the two hours
+    since the last poll (where the fast commits hide the slow ones, as since-start did)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from daybook.infrastructure.http.board import RecentLatency
+
+    histogram = Histogram(
+        "commit_seconds_of_a_test",
+        "x",
+        registry=CollectorRegistry(),
+        buckets=metrics.COMMIT_SECONDS._upper_bounds[:-1],
+    )
+    latency = RecentLatency()
+    now = 1_000.0
+    latency.observe(now, histogram)  # someone looked once
+    for _ in range(20_000):  # two hours nobody looks: fast commits
+        histogram.observe(0.002)
+    now += 7_200.0
+    shown = []
+    for _ in range(25):  # the database is slow now; the operator watches for 50 s
+        for _ in range(10):
+            histogram.observe(2.0)
+        shown.append(latency.observe(now, histogram)[1])
+        now += 2.0
+    assert all(p99 is None or p99 >= 1.0 for p99 in shown), shown

@@ -121,3 +121,16 @@ def test_a_value_given_beside_settings_is_checked_as_the_settings_are(tmp_path: 
     assert "group_commit" in str(refused.value)
     with open_ledger(settings=settings, group_commit="no") as ledger:  # type: ignore[arg-type]
         assert ledger.settings.group_commit is False
+
+
+@pytest.mark.parametrize("interval", [1e-9, "PT0.0000001S"])
+def test_a_purge_interval_rounding_to_0_is_refused_in_every_form(
+    interval: object,
+) -> None:
+    """Not only decimal text: a float given in Python
+    (``open_ledger(settings=Settings(request_purge_interval=1e-9))``) or ISO 8601 text in
+    $DAYBOOK_REQUEST_PURGE_INTERVAL still rounded to 0 and turned the purge off in silence."""
+    with pytest.raises(BadSettings, match="shorter than any duration daybook can keep"):
+        Settings(request_purge_interval=interval)
+    with pytest.raises(BadSettings, match="shorter than any duration daybook can keep"):
+        Settings.load(env={"DAYBOOK_REQUEST_PURGE_INTERVAL": str(interval)})
