@@ -49,12 +49,24 @@ class AdvisoryLocks(WriterLocks):
         return int.from_bytes(digest, "big", signed=True)
 
     def try_take(self, key: int, *, shared: bool = False) -> bool:
+        if self._schema is not None:
+            # An older runner (a rolling upgrade) takes the plain key, whatever the schema:
+            # held shared here, it keeps that runner standing by while this one writes, and
+            # this one while it does; runners of other schemas share it with this one.
+            row = self.conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
+            if not (row and row[0]):
+                return False
         function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
         row = self.conn.execute(f"SELECT {function}(%s)", (self._key(key),)).fetchone()
-        return bool(row and row[0])
+        taken = bool(row and row[0])
+        if not taken and self._schema is not None:
+            self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
+        return taken
 
     def release(self, key: int) -> None:
         self.conn.execute("SELECT pg_advisory_unlock(%s)", (self._key(key),))
+        if self._schema is not None:
+            self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
 
     def check(self) -> None:
         self.conn.execute("SELECT 1")

@@ -1,0 +1,79 @@
+"""A rolling upgrade: older and newer processes side by side on one PostgreSQL database."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from daybook import open_ledger, projections, run_projections
+from daybook.infrastructure.readmodels.catalog import version_lock_key
+
+pytestmark = pytest.mark.postgres
+
+
+def _in_schema(pg_url: str, schema: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{pg_url}?options=-csearch_path%3D{schema}"
+
+
+def _old_runner_locks(url: str) -> psycopg.Connection:
+    """What a runner of the last release holds while it writes every version: its
+    ``AdvisoryLocks.try_take`` ran ``SELECT pg_try_advisory_lock(key)`` on a session of the
+    read-model URL, the key unchanged whatever the schema."""
+    conn = psycopg.connect(url, autocommit=True)
+    for projection in projections.ALL:
+        key = version_lock_key(projection.name, projection.version)
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        assert row is not None and row[0]
+    return conn
+
+
+def test_a_new_runner_stands_by_while_an_older_one_writes_read_models_in_a_schema(
+    pg_url: str,
+) -> None:
+    """Read models kept in a schema of their own (the read-model URL's search_path): an
+    older runner still running takes each version's lock by its plain key; an upgraded one
+    must stand by, as the README promises (one runner writes each version), not write every
+    version beside it."""
+    views = _in_schema(pg_url, "views")
+    with open_ledger(pg_url) as ledger:
+        ledger.open_account("ann", "EUR")
+        old = _old_runner_locks(views)
+        try:
+            new = run_projections(ledger, views, start=False)
+            try:
+                new.step()
+                assert not new.slots, (
+                    f"the upgraded runner took {sorted(new.slots)} while an older runner "
+                    "held their locks"
+                )
+            finally:
+                new.stop()
+        finally:
+            old.close()
+
+
+def test_an_older_runner_stands_by_while_a_new_one_writes_read_models_in_a_schema(
+    pg_url: str,
+) -> None:
+    """The other way round: an upgraded runner leads; an older one started (or restarted)
+    beside it must find every version taken."""
+    views = _in_schema(pg_url, "views")
+    with open_ledger(pg_url) as ledger:
+        ledger.open_account("ann", "EUR")
+        new = run_projections(ledger, views, start=False)
+        try:
+            new.run_until_caught_up()
+            assert len(new.slots) == len(projections.ALL)
+            with psycopg.connect(views, autocommit=True) as old:
+                taken = [
+                    p.name
+                    for p in projections.ALL
+                    if (old.execute("SELECT pg_try_advisory_lock(%s)",
+                                    (version_lock_key(p.name, p.version),)).fetchone()
+                        or (False,))[0]
+                ]  # fmt: skip
+            assert taken == [], f"an older runner would write {taken} beside the new one"
+        finally:
+            new.stop()
