@@ -7,6 +7,7 @@ import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import psycopg
@@ -46,6 +47,28 @@ TCP_LIVENESS = {
     # A new connection to a silent host: given up after 10 s, not the kernel's ~2 minutes.
     "connect_timeout": "10",
 }
+
+#: Set on each session daybook keeps open (``keep_server_probing``): the server's own
+#: keepalive probes, 10 idle seconds and then 3 probes 5 s apart. ``TCP_LIVENESS`` lets
+#: daybook notice a server that has gone; this lets the server notice a daybook host that
+#: has gone (a partition, a host that died), which tells it nothing. Until the server ends
+#: such a session, what it holds stays held: a runner's or a relay's advisory lock (a
+#: standby on another host waits), the events table's lock of a commit under way (every
+#: writer waits), a LISTEN (the notification queue is held back); with the kernel's
+#: defaults, about two hours and a quarter. Probes go only over an idle connection, and a
+#: live host's kernel answers them however busy the process. Set by statement, not as a
+#: startup option: a pooler in between (PgBouncer) refuses those. (Ignored by the server
+#: over a Unix socket, where nothing can vanish this way.)
+SERVER_LIVENESS = (
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+)
+
+
+def keep_server_probing(conn: Any) -> None:
+    """``SERVER_LIVENESS`` on ``conn`` (a psycopg connection, autocommit or about to begin
+    its first transaction: a session setting outlives it)."""
+    conn.execute(SERVER_LIVENESS)
+
 
 #: Settings libpq reads as whole numbers, and those that take one of a few words: libpq
 #: checks their values only when it connects, where a bad one would look like an outage.

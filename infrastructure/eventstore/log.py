@@ -27,6 +27,7 @@ from daybook.infrastructure.codec import ContractMapper, OrjsonTranscoder, event
 from daybook.infrastructure.compat.eventsourcing import listen_conninfo
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import may_only_read
+from daybook.infrastructure.urls import keep_server_probing
 from daybook.projections.model import LogEvent, parse_time
 
 #: eventsourcing's PostgreSQL recorder NOTIFYs this channel in every insert transaction.
@@ -326,6 +327,7 @@ class EventLog:
         if self._listen is None or self._listen.closed:
             conninfo, settings = listen_conninfo(datastore)
             self._listen = psycopg.connect(conninfo, autocommit=True, **settings)
+            keep_server_probing(self._listen)  # a LISTEN holds the server's queue back
             self._listen.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
             if self._listen_refused_until:
                 self._listen_refused_until = 0.0

@@ -55,7 +55,7 @@ from daybook.infrastructure.ledger.requests import (
     RequestTable,
 )
 from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
-from daybook.infrastructure.urls import READ_ONLY_KEY, SETTINGS_KEY, BadURL
+from daybook.infrastructure.urls import READ_ONLY_KEY, SERVER_LIVENESS, SETTINGS_KEY, BadURL
 
 
 def events_channel(schema: str) -> str:
@@ -505,7 +505,7 @@ class Factory(PostgresFactory):
         # URL's options, so it wins), rather than refusing a server, database or role whose
         # default is stricter: daybook's guarantees do not come from the isolation level.
         # A SET once connected, not a startup option: a pooler in between refuses those.
-        settings = ["SET default_transaction_isolation = 'read committed'"]
+        settings = ["SET default_transaction_isolation = 'read committed'", SERVER_LIVENESS]
         if self.env.get(READ_ONLY_KEY):
             # Every transaction read-only: the server refuses any write (see read_only_env).
             settings.append("SET default_transaction_read_only = on")

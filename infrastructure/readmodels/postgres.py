@@ -14,7 +14,7 @@ import psycopg
 from daybook.infrastructure.own_schema import IN_OWN_SCHEMA
 from daybook.infrastructure.readmodels import checksums
 from daybook.infrastructure.readmodels.store import ReadStore, WriterLocks
-from daybook.infrastructure.urls import postgres_params
+from daybook.infrastructure.urls import keep_server_probing, postgres_params
 from daybook.projections.model import Key, Row, Table, Value
 
 #: Binary COPY type names of the column types.
@@ -23,7 +23,13 @@ _BINARY_TYPES = {"text": "text", "bigint": "int8", "numeric": "numeric"}
 
 def _connect(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:
     # Autocommit: transactions are always explicit (see ``ReadStore.transaction``).
-    return psycopg.connect(conninfo, autocommit=True)  # connect_timeout: the URL's (urls.py)
+    conn = psycopg.connect(conninfo, autocommit=True)  # connect_timeout: the URL's (urls.py)
+    try:
+        keep_server_probing(conn)  # it may hold locks others wait for (urls.SERVER_LIVENESS)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class AdvisoryLocks(WriterLocks):

@@ -70,7 +70,7 @@ from daybook.infrastructure.streaming.broker import (
 )
 from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import is_transient
-from daybook.infrastructure.urls import postgres_params, scheme
+from daybook.infrastructure.urls import SERVER_LIVENESS, postgres_params, scheme
 
 log = logging.getLogger("daybook.relay")
 
@@ -257,6 +257,7 @@ class Relay:
         stopped while waiting as a standby)."""
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
+            await conn.execute(SERVER_LIVENESS)  # it holds the topic's lock
             await _create_cursor_table(conn)
             self._store_id = await ensure_store_id(conn)
             waited = False
@@ -311,6 +312,7 @@ class Relay:
             broker_down = False
             try:
                 listen = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                await listen.execute(SERVER_LIVENESS)
                 await listen.execute(SQL("LISTEN {}").format(Identifier(channel)))
                 cursor = await self._publish_until_stopped(lock_conn, listen, producer, cursor)
             except (TimeoutError, KafkaError) as error:

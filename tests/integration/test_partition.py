@@ -145,3 +145,39 @@ def test_every_kind_of_connection_carries_the_settings_to_its_socket(pg_url: str
         finally:
             store.close()
             log.close()
+
+
+def test_every_session_that_may_hold_what_others_wait_for_asks_the_server_to_probe_it(
+    pg_url: str,
+) -> None:
+    """A host that vanishes (a partition, a host that died) tells the server nothing: its
+    sessions, and what they hold (a runner's or a relay's advisory lock, the events table's
+    lock in a commit under way, a LISTEN), stayed until the server's own keepalive ended
+    them, with the kernel's defaults after about two hours and a quarter, the standby
+    runner of another server waiting all that while (its /health ok). Each such session now
+    asks the server to probe it after 10 idle seconds (3 probes, 5 s apart)."""
+    wanted = ("10", "5", "3")
+
+    def probes(conn: Any) -> tuple[str, ...]:
+        shown = []
+        for name in ("idle", "interval", "count"):
+            row = conn.execute(f"SHOW tcp_keepalives_{name}").fetchone()
+            shown.append(str(next(iter(row.values())) if isinstance(row, dict) else row[0]))
+        return tuple(shown)
+
+    with open_ledger(pg_url) as ledger:
+        ledger.open_account("ann", "EUR")
+        with ledger.service.recorder.datastore.get_connection() as conn:
+            assert probes(conn) == wanted, "the ledger's sessions (the events table's lock)"
+        with run_projections(ledger, start=False) as runner:
+            runner.step()
+            assert runner.store is not None and runner._locks is not None
+            assert probes(runner.store.conn) == wanted, "the runner's read-model session"
+            assert probes(runner._locks.conn) == wanted, "the runner's advisory locks"
+        log = open_event_log(pg_url)
+        try:
+            log.wait(0)  # listens from here
+            assert log._listen is not None
+            assert probes(log._listen) == wanted, "a LISTEN session"
+        finally:
+            log.close()
