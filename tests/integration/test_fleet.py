@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,16 +11,10 @@ import pytest
 from daybook import open_ledger
 from daybook.infrastructure.http.tokens import open_tokens
 from scripts.serve_process import ServeProcess
+from tests.integration.test_http_server import servers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for server in started:
-        server.kill()
+__all__ = ["servers"]  # the fixture
 
 
 def two(pg_url: str, tmp_path: Path, servers: list[ServeProcess], *args: str) -> list[ServeProcess]:
