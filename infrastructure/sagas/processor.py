@@ -513,7 +513,28 @@ class SagaProcessor:
             breaker.failed()
             raise
         self._succeeded(breaker)
-        if charge.status is ChargeStatus.SUCCEEDED:
+        if charge.status is ChargeStatus.SUCCEEDED and (charge.amount, charge.currency) != (
+            int(request["amount"]),
+            str(request["currency"]),
+        ):
+            # Made, but not the charge asked for (a partial approval, another currency): the
+            # order must not move its full total for it. Failed, the saga compensates, and
+            # its compensation refunds the charge by its key.
+            self._send(
+                FailStep(
+                    saga.id,
+                    step.name,
+                    "charge_mismatch",
+                    as_text(
+                        f"the gateway charged {charge.amount} {charge.currency}, not the "
+                        f"{request['amount']} {request['currency']} asked for"
+                    ),
+                    decided_by=self.name,
+                    request_id=f"saga:{saga.id}:{step.name}:failed",
+                    correlation_id=str(saga.id),
+                )
+            )
+        elif charge.status is ChargeStatus.SUCCEEDED:
             result = {"charge_id": charge.charge_id, "amount": charge.amount}
             self._send(
                 CompleteRemoteStep(

@@ -169,8 +169,17 @@ def reconcile_payments(
             _record_refunds_made(ledger, report, charge)
             continue
         saga = _found(ledger, Saga, saga_id)
+        if saga is not None and saga.state is SagaState.COMPLETED:
+            # An order's saga says what it charges (a saga of another kind may not).
+            total, currency = saga.data.get("total"), saga.data.get("currency")
+            if total is not None and (charge.amount, charge.currency) != (total, currency):
+                detail = (
+                    f"{charge.amount} {charge.currency} charged for a completed order of "
+                    f"{total} {currency}"
+                )
+                _record(ledger, report, Finding(charge.key, "charge_mismatch", "flagged", detail))
+            continue
         if saga is not None and saga.state in (
-            SagaState.COMPLETED,
             SagaState.RUNNING,
             SagaState.COMPENSATING,
         ):

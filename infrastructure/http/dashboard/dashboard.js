@@ -15,7 +15,7 @@ async function api(path, options = {}) {
   const headers = Object.assign({ "Accept": "application/json" }, options.headers || {});
   if (token()) headers["Authorization"] = "Bearer " + token();
   const answer = await fetch(path, Object.assign({}, options, { headers }));
-  const body = await answer.json().catch(() => ({}));
+  const body = await answer.text().then(exactJson).catch(() => ({}));
   if (!answer.ok) {
     const detail = body.detail || body.title || answer.statusText;
     const error = new Error(`${answer.status} ${body.code ? body.code + ": " : ""}${detail}`);
@@ -23,6 +23,14 @@ async function api(path, options = {}) {
     throw error;
   }
   return body;
+}
+
+// Amounts are exact JSON integers up to 2**63-1 (daily totals beyond): a number past 2**53
+// is read as a BigInt from its own digits, never rounded to a double.
+function exactJson(text) {
+  return JSON.parse(text, (key, value, context) =>
+    typeof value === "number" && !Number.isSafeInteger(value) && context &&
+    /^-?[0-9]+$/.test(context.source) ? BigInt(context.source) : value);
 }
 
 function cell(row, text, className) {
@@ -33,7 +41,7 @@ function cell(row, text, className) {
 }
 
 function number(value) {
-  return typeof value === "number" ? value.toLocaleString("en") : "–";
+  return typeof value === "number" || typeof value === "bigint" ? value.toLocaleString("en") : "–";
 }
 
 function seconds(value) {
