@@ -30,3 +30,27 @@ def test_a_large_hold_is_shown_exactly(pg_url: str, server: ServeProcess, browse
     expect(row.locator("td").nth(3)).to_have_text("JPY", timeout=SHOWS)
     expect(row.locator("td").nth(2)).to_have_text("9,223,372,036,854,775,807", timeout=2_000)
     page.close()
+
+
+def test_a_large_balance_looked_up_is_shown_exactly(
+    pg_url: str, server: ServeProcess, browser: Browser
+) -> None:
+    """The balance lookup prints the answer as JSON: a balance read exactly (a BigInt)
+    must be printed as the number it is, not fail or turn into a string."""
+    from daybook import open_ledger
+
+    _, secret = open_tokens(pg_url).create("big-lookup", ["read"])
+    with open_ledger(pg_url) as ledger:
+        account = ledger.open_account("bob", "JPY").account_id
+        at = ledger.deposit(account, 2**63 - 1).position
+    page = browser.new_page()
+    page.goto(server.base_url + "/")
+    page.get_by_role("textbox", name="Token").fill(secret)
+    page.get_by_role("button", name="Use").click()
+    expect(page.locator("#head")).to_have_text(f"{at:,}", timeout=SHOWS)
+    page.get_by_role("textbox", name="Account id").fill(str(account))
+    page.get_by_role("textbox", name="Account id").press("Enter")
+    expect(page.locator("#lookup-result")).to_contain_text(
+        '"balance": 9223372036854775807', timeout=SHOWS
+    )
+    page.close()

@@ -33,6 +33,19 @@ function exactJson(text) {
     /^-?[0-9]+$/.test(context.source) ? BigInt(context.source) : value);
 }
 
+// JSON text of an answer, its BigInts (see exactJson) written as the numbers they are:
+// JSON.stringify refuses them. Each is first a marker no answer holds (a NUL character,
+// which daybook refuses in any text), then its digits.
+function showJson(value) {
+  const big = [];
+  const text = JSON.stringify(value, (key, item) => {
+    if (typeof item !== "bigint") return item;
+    big.push(item.toString());
+    return `\u0000${big.length - 1}`;
+  }, 2);
+  return text.replace(/"\\u0000(\d+)"/g, (_, index) => big[Number(index)]);
+}
+
 function cell(row, text, className) {
   const td = row.insertCell();
   td.textContent = text === null || text === undefined ? "–" : String(text);
@@ -202,7 +215,7 @@ async function runPoll() {
 
 async function lookup(path) {
   try {
-    $("lookup-result").textContent = JSON.stringify(await api(path), null, 2);
+    $("lookup-result").textContent = showJson(await api(path));
   } catch (error) {
     $("lookup-result").textContent = error.message;
   }
