@@ -45,6 +45,29 @@ class MismatchedGateway:
         return sorted((c for k, c in self.made.items() if k > after), key=lambda c: c.key)
 
 
+def _ordered(url: str, gateway: MismatchedGateway) -> tuple[Any, Any, Any, Any]:
+    """A JPY order of 6,000 (two kettles) placed at ``url`` and driven to its end through
+    ``gateway``: the ledger (open), the customer, the merchant and the saga."""
+    ledger = open_ledger(url)
+    customer = ledger.open_account("customer", "JPY").account_id
+    merchant = ledger.open_account("merchant", "JPY").account_id
+    assert customer is not None and merchant is not None
+    ledger.deposit(customer, 100_000)
+    ledger.receive_stock("KETTLE", 10)
+    receipt = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 2, 3_000)]))
+    with open_read_models(url) as views:
+        processor = SagaProcessor(ledger, views, {"payments": gateway}, seed=1)
+        try:
+            saga = processor.drive(receipt.saga_id)
+            for _ in range(10):
+                if saga.state is not SagaState.RUNNING:
+                    break
+                saga = processor.drive(receipt.saga_id)
+        finally:
+            processor.stop()
+    return ledger, customer, merchant, saga
+
+
 @pytest.mark.parametrize(
     "gateway",
     [
@@ -56,23 +79,8 @@ class MismatchedGateway:
 def test_an_order_is_not_completed_on_a_charge_of_another_amount_or_currency(
     tmp_path: Any, gateway: MismatchedGateway
 ) -> None:
-    url = f"sqlite:///{tmp_path}/shop.db"
-    with open_ledger(url) as ledger, open_read_models(url) as views:
-        customer = ledger.open_account("customer", "JPY").account_id
-        merchant = ledger.open_account("merchant", "JPY").account_id
-        assert customer is not None and merchant is not None
-        ledger.deposit(customer, 100_000)
-        ledger.receive_stock("KETTLE", 10)
-        receipt = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 2, 3_000)]))
-        processor = SagaProcessor(ledger, views, {"payments": gateway}, seed=1)
-        try:
-            saga = processor.drive(receipt.saga_id)
-            for _ in range(10):
-                if saga.state is not SagaState.RUNNING:
-                    break
-                saga = processor.drive(receipt.saga_id)
-        finally:
-            processor.stop()
+    ledger, customer, merchant, saga = _ordered(f"sqlite:///{tmp_path}/shop.db", gateway)
+    with ledger:
         (charge,) = gateway.made.values()
         # The gateway took charge.amount charge.currency; the ledger moved 6,000 JPY.
         assert saga.state is not SagaState.COMPLETED, (
@@ -97,24 +105,11 @@ def test_reconciliation_flags_a_completed_order_charged_another_amount_or_curren
 
     for n, (amount, currency) in enumerate([(3_000, "JPY"), (6_000, "USD")]):
         gateway = MismatchedGateway(lambda a: a, lambda c: c)  # charges what is asked
-        url = f"sqlite:///{tmp_path}/shop{n}.db"
-        with open_ledger(url) as ledger, open_read_models(url) as views:
-            customer = ledger.open_account("customer", "JPY").account_id
-            merchant = ledger.open_account("merchant", "JPY").account_id
-            assert customer is not None and merchant is not None
-            ledger.deposit(customer, 100_000)
-            ledger.receive_stock("KETTLE", 10)
-            receipt = ledger.execute(PlaceOrder("o-1", customer, merchant, [("KETTLE", 2, 3_000)]))
-            processor = SagaProcessor(ledger, views, {"payments": gateway}, seed=1)
-            try:
-                for _ in range(10):
-                    if processor.drive(receipt.saga_id).state is not SagaState.RUNNING:
-                        break
-            finally:
-                processor.stop()
+        ledger, _, merchant, saga = _ordered(f"sqlite:///{tmp_path}/shop{n}.db", gateway)
+        with ledger:
             assert ledger.account(merchant).balance == 6_000  # completed
             (key,) = gateway.made
             gateway.made[key] = Charge(key, ChargeStatus.SUCCEEDED, amount, currency, "ch_1")
-            report = reconcile_payments(ledger, gateway, completed=[receipt.saga_id])
+            report = reconcile_payments(ledger, gateway, completed=[saga.id])
             kinds = [(f.kind, f.action) for f in report.findings]
             assert ("charge_mismatch", "flagged") in kinds, (amount, currency, report.findings)

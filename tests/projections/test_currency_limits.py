@@ -3,29 +3,14 @@ on every backend: the read models match a replay and never mix currencies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
-from daybook import Ledger, open_ledger, projections, run_projections
+from daybook import Ledger, projections, run_projections
 from daybook.infrastructure.lifecycle import ServiceState
-from daybook.infrastructure.readmodels.location import ReadModelLocation
 from tests.projections.helpers import assert_tables_match
+from tests.projections.test_runner import ledger, url
+
+__all__ = ["ledger", "url"]  # the fixtures
 
 M = 2**63 - 1
-
-
-@pytest.fixture
-def ledger(store_url: str) -> Iterator[Ledger]:
-    ledger = open_ledger(store_url)
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def url(store_url: str) -> Iterator[str]:
-    with ReadModelLocation(store_url) as location:
-        yield location.url
 
 
 def test_big_amounts_in_many_currencies_match_a_replay(ledger: Ledger, url: str) -> None:
