@@ -42,37 +42,35 @@ class AdvisoryLocks(WriterLocks):
         self.conn = _connect(conninfo)
         # Advisory locks are the database's, not a schema's: read models kept in another
         # schema of the same database (the URL's or the role's search_path) are another
-        # set of versions, whose writers must not wait for these. Keys in ``public`` stay
-        # as they were (a rolling upgrade's older runners take the same ones).
+        # set of versions, whose writers must not wait for these. Each schema's runners,
+        # ``public``'s too, take a key of their schema's exclusively, and the plain key an
+        # older runner takes (whatever its schema) shared: one held exclusively by a runner
+        # in ``public`` would keep every other schema's runners standing by for ever.
         row = self.conn.execute("SELECT current_schema()").fetchone()
         schema = row[0] if row else None
-        self._schema = None if schema in (None, "public") else str(schema)
+        self._schema = str(schema) if schema else "public"
 
     def _key(self, key: int) -> int:
-        if self._schema is None:
-            return key
         digest = hashlib.blake2b(f"{self._schema}:{key}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big", signed=True)
 
     def try_take(self, key: int, *, shared: bool = False) -> bool:
-        if self._schema is not None:
-            # An older runner (a rolling upgrade) takes the plain key, whatever the schema:
-            # held shared here, it keeps that runner standing by while this one writes, and
-            # this one while it does; runners of other schemas share it with this one.
-            row = self.conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
-            if not (row and row[0]):
-                return False
+        # An older runner (a rolling upgrade) takes the plain key, whatever the schema:
+        # held shared here, it keeps that runner standing by while this one writes, and
+        # this one while it does; runners of every schema share it with this one.
+        row = self.conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
+        if not (row and row[0]):
+            return False
         function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
         row = self.conn.execute(f"SELECT {function}(%s)", (self._key(key),)).fetchone()
         taken = bool(row and row[0])
-        if not taken and self._schema is not None:
+        if not taken:
             self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
         return taken
 
     def release(self, key: int) -> None:
         self.conn.execute("SELECT pg_advisory_unlock(%s)", (self._key(key),))
-        if self._schema is not None:
-            self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
+        self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
 
     def check(self) -> None:
         self.conn.execute("SELECT 1")

@@ -77,3 +77,62 @@ def test_an_older_runner_stands_by_while_a_new_one_writes_read_models_in_a_schem
             assert taken == [], f"an older runner would write {taken} beside the new one"
         finally:
             new.stop()
+
+
+def test_a_runner_in_public_does_not_hold_back_a_runner_in_another_schema(pg_url: str) -> None:
+    """A ledger in public beside one in its own schema, each with its runner: the public
+    runner held the older runners' plain keys exclusively, which the other schema's runner
+    takes shared (for older runners in its schema), so it stood by for ever."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA other")
+    other = f"{pg_url}?options=-csearch_path%3Dother"
+    with open_ledger(pg_url) as first, open_ledger(other) as second:
+        first.open_account("ann", "EUR")
+        second.open_account("bob", "EUR")
+        a = run_projections(first, pg_url, start=False)
+        try:
+            a.step()
+            assert len(a.slots) == len(projections.ALL)
+            b = run_projections(second, other, start=False)
+            try:
+                b.step()
+                assert len(b.slots) == len(projections.ALL), (
+                    f"the runner of schema 'other' took {sorted(b.slots)} only, while the "
+                    "runner of public writes its own ledger's versions"
+                )
+            finally:
+                b.stop()
+        finally:
+            a.stop()
+
+
+def test_public_runners_of_the_older_and_the_newer_code_exclude_each_other(pg_url: str) -> None:
+    """In public too: an older runner (the plain key) and a newer one never both write."""
+
+    with open_ledger(pg_url) as ledger:
+        ledger.open_account("ann", "EUR")
+        old = _old_runner_locks(pg_url)
+        try:
+            new = run_projections(ledger, pg_url, start=False)
+            try:
+                new.step()
+                assert not new.slots
+            finally:
+                new.stop()
+        finally:
+            old.close()
+        new = run_projections(ledger, pg_url, start=False)
+        try:
+            new.run_until_caught_up()
+            assert len(new.slots) == len(projections.ALL)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                taken = [
+                    p.name
+                    for p in projections.ALL
+                    if conn.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (version_lock_key(p.name, p.version),)
+                    ).fetchone()[0]
+                ]
+            assert taken == []
+        finally:
+            new.stop()
