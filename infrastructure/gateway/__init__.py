@@ -54,7 +54,12 @@ class GatewayError(Exception):
 
 
 class Unavailable(GatewayError):
-    """The request was not processed (refused connection, the remote said so)."""
+    """The request was not processed (refused connection, the remote said so).
+    ``retry_after``: the seconds the remote asked to wait before trying again, if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class OutcomeUnknown(GatewayError):

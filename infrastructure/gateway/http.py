@@ -18,8 +18,11 @@ processor must be able to decide about every answer a gateway can give.
 
 from __future__ import annotations
 
+import email.utils
 import json
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -49,12 +52,21 @@ _UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, ArithmeticError,
 #: too many requests).
 _TRY_LATER = frozenset({408, 409, 425, 429, 503})
 
+#: The largest answer read (bytes, after decompression): a listing of a thousand charges is
+#: far below it. Read whole, a gateway's or a proxy's runaway answer took all the memory.
+MAX_ANSWER = 16 * 1024 * 1024
+
 
 class HttpPaymentGateway:
     """A ``PaymentGateway`` at ``base_url``; thread-safe (one pooled httpx client)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 2.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 2.0, deadline: float | None = None
+    ) -> None:
         self.base_url = base_url
+        #: How long a whole call may take (``timeout`` bounds each connect, write and read:
+        #: a body trickled a byte at a time held a call for as long as it went on).
+        self.deadline = 2 * timeout if deadline is None else deadline
         self._client = httpx.Client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
@@ -73,7 +85,7 @@ class HttpPaymentGateway:
         }
         response = self._send("POST", "/charges", json=body)
         if response.status_code in (200, 402):
-            return _read(response, _charge)
+            return _read(response, _charge_of(key))
         raise _unexpected(response)
 
     def lookup(self, key: str) -> Charge | None:
@@ -81,7 +93,7 @@ class HttpPaymentGateway:
         if response.status_code == 404:
             return None
         if response.status_code == 200:
-            return _read(response, _charge)
+            return _read(response, _charge_of(key))
         raise _unexpected(response)
 
     def refund(self, key: str) -> Refund:
@@ -98,7 +110,7 @@ class HttpPaymentGateway:
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._client.request(method, path, **kwargs)
+            response = self._request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             # Never reached the remote.
             raise Unavailable(f"{method} {path}: {type(error).__name__}: {error}") from error
@@ -110,27 +122,77 @@ class HttpPaymentGateway:
         if response.status_code in _TRY_LATER:
             raise Unavailable(
                 f"{method} {path}: the gateway answered {response.status_code}"
-                f" (not processed; try later): {_excerpt(response)}"
+                f" (not processed; try later): {_excerpt(response)}",
+                _retry_after(response),
             )
         return response
 
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer, its body read within ``deadline`` and at most ``MAX_ANSWER`` bytes."""
+        until = time.monotonic() + self.deadline
+        request = self._client.build_request(method, path, **kwargs)
+        response = self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    raise _Cut(f"{method} {path}: an answer of more than {MAX_ANSWER} bytes")
+                if time.monotonic() > until:
+                    raise _Cut(f"{method} {path}: no whole answer within {self.deadline:g}s")
+        finally:
+            response.close()
+        # The answer as read (decoded): without the headers that describe the encoded body.
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=bytes(body), request=request
+        )
+
     def close(self) -> None:
         self._client.close()
+
+
+class _Cut(httpx.HTTPError):
+    """An answer given up on (too large, too slow): sent, perhaps processed."""
 
 
 def _charge(data: dict[str, Any]) -> Charge:
     status = ChargeStatus(data["status"])
     if status is ChargeStatus.OTHER:
         raise ValueError("'other' is not a status a gateway answers")
+    amount, refunded = data["amount"], data.get("refunded", False)
+    # Integers of the minor unit, and a boolean: 100.9 read as 100, "100" and true as
+    # numbers, and "false" as refunded.
+    if type(amount) is not int:
+        raise TypeError(f"an amount must be an integer, got {amount!r}")
+    if type(refunded) is not bool:
+        raise TypeError(f"refunded must be true or false, got {refunded!r}")
     return Charge(
         key=str(data["key"]),
         status=status,
-        amount=int(data["amount"]),
+        amount=amount,
         currency=str(data["currency"]),
         charge_id=data.get("charge_id"),
         decline_code=data.get("decline_code"),
-        refunded=bool(data.get("refunded", False)),
+        refunded=refunded,
     )
+
+
+def _charge_of(key: str) -> Callable[[Any], Charge]:
+    """``_charge``, for an answer about ``key``: a charge under another key (a cache or a
+    proxy mixing answers up) says nothing of this one, and completed an order."""
+
+    def parse(data: Any) -> Charge:
+        charge = _charge(data)
+        if charge.key != key:
+            raise ValueError(f"asked about {key!r}, answered about {charge.key!r}")
+        return charge
+
+    return parse
 
 
 def _listed(item: dict[str, Any]) -> Charge:
@@ -190,6 +252,28 @@ def _read(response: httpx.Response, parse: Callable[[Any], T]) -> T:
             f" {_excerpt(response)}"
         )
         raise OutcomeUnknown(msg) from error
+
+
+#: The longest wait a ``Retry-After`` is taken at (seconds).
+_MAX_RETRY_AFTER = 3600.0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date)."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(int(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
 
 def _excerpt(response: httpx.Response) -> str:

@@ -77,6 +77,7 @@ from daybook.infrastructure.gateway import (
     OutcomeUnknown,
     PaymentGateway,
     Refused,
+    Unavailable,
 )
 from daybook.infrastructure.ledger.application import aware_clock
 from daybook.infrastructure.ledger.facade import Ledger
@@ -505,7 +506,8 @@ class SagaProcessor:
                 return self._retry(saga, step.name, attempt, f"not done ({unknown})")
         except GatewayError as error:
             breaker.failed()
-            return self._retry(saga, step.name, attempt, str(error))
+            wait = error.retry_after if isinstance(error, Unavailable) else None
+            return self._retry(saga, step.name, attempt, str(error), at_least=wait)
         except BaseException:
             # A port of the deployment's own raised something else (a bug; it stops the
             # processor): whichever call took the breaker's one trial, it is answered, or
@@ -513,10 +515,10 @@ class SagaProcessor:
             breaker.failed()
             raise
         self._succeeded(breaker)
-        if charge.status is ChargeStatus.SUCCEEDED and (charge.amount, charge.currency) != (
-            int(request["amount"]),
-            str(request["currency"]),
-        ):
+        if charge.status is ChargeStatus.SUCCEEDED and (
+            charge.amount,
+            charge.currency.upper(),  # some gateways write currencies in lower case
+        ) != (int(request["amount"]), str(request["currency"])):
             # Made, but not the charge asked for (a partial approval, another currency): the
             # order must not move its full total for it. Failed, the saga compensates, and
             # its compensation refunds the charge by its key.
@@ -579,7 +581,11 @@ class SagaProcessor:
             reference=str(request["reference"]),
         )
 
-    def _retry(self, saga: Saga, step: str, attempt: int, error: str) -> bool:
+    def _retry(
+        self, saga: Saga, step: str, attempt: int, error: str, *, at_least: float | None = None
+    ) -> bool:
+        """Record a failed try; ``at_least``: the seconds the remote asked to be left alone
+        (``Retry-After``), waited before the next try however short the backoff."""
         now = self.clock()
         if attempt >= saga.definition.policy.max_attempts:
             self._send(
@@ -600,7 +606,7 @@ class SagaProcessor:
                 step,
                 attempt,
                 as_text(error),
-                self._retry_at(attempt, now),
+                max(self._retry_at(attempt, now), now + timedelta(seconds=at_least or 0.0)),
                 request_id=f"saga:{saga.id}:{step}:retry:{attempt}",
                 correlation_id=str(saga.id),
             )

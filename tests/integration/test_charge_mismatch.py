@@ -113,3 +113,19 @@ def test_reconciliation_flags_a_completed_order_charged_another_amount_or_curren
             report = reconcile_payments(ledger, gateway, completed=[saga.id])
             kinds = [(f.kind, f.action) for f in report.findings]
             assert ("charge_mismatch", "flagged") in kinds, (amount, currency, report.findings)
+
+
+def test_a_charge_whose_currency_the_gateway_writes_in_lower_case_completes_the_order(
+    tmp_path: Any,
+) -> None:
+    """Some gateways write ISO codes in lower case ("jpy"): the same currency, not a
+    mismatch (else every order would be refunded, and every completed one flagged)."""
+    from daybook.infrastructure.sagas.reconcile import reconcile_payments
+
+    gateway = MismatchedGateway(lambda a: a, lambda c: c.lower())
+    ledger, _, merchant, saga = _ordered(f"sqlite:///{tmp_path}/shop.db", gateway)
+    with ledger:
+        assert saga.state is SagaState.COMPLETED, saga.view().last_error
+        assert ledger.account(merchant).balance == 6_000
+        report = reconcile_payments(ledger, gateway, completed=[saga.id])
+        assert [f.kind for f in report.findings] == [], report.findings

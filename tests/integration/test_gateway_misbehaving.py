@@ -1,0 +1,232 @@
+"""Answers of a misbehaving gateway (or a proxy before it) that the port or the processor
+took for what they are not (see each test)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from daybook.domain.sagas import SagaState
+from daybook.infrastructure.gateway import GatewayError, OutcomeUnknown
+from daybook.infrastructure.gateway.http import HttpPaymentGateway
+from tests.integration.test_gateway_answers import (  # noqa: F401  (fixtures)
+    Answer,
+    _Patient,
+    answering,
+)
+from tests.integration.test_sagas import Shop, shop  # noqa: F401  (a fixture)
+
+_CHARGE = {"amount": 100, "currency": "EUR", "customer": "c", "reference": "r"}
+
+
+def _charging_with(
+    shop: Shop,  # noqa: F811
+    gateway: HttpPaymentGateway,
+) -> None:
+    """The processor's charges go to ``gateway``; look-ups and refunds to the real fake."""
+    real = shop.processor.ports["payments"]
+    gateway.lookup = real.lookup  # type: ignore[method-assign]
+    gateway.refund = real.refund  # type: ignore[method-assign]
+    shop.processor.ports["payments"] = gateway
+    shop.processor.backoff = _Patient()
+
+
+def test_a_charge_answered_under_another_key_does_not_complete_the_order(
+    shop: Shop,  # noqa: F811
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+) -> None:
+    """The gateway answers the charge with another order's charge (a cache or proxy mixing
+    answers up): it is not the charge asked for, and says nothing of this one."""
+    gateway, server = answering
+    other = b'{"key": "someone-else:charge", "status": "succeeded", "amount": 100,'
+    server.answer = Answer(200, other + b' "currency": "EUR", "charge_id": "ch_other"}')  # type: ignore[attr-defined]
+    _charging_with(shop, gateway)
+    saga_id = shop.order("o-other-key", [("KETTLE", 1, 100)])
+    saga = shop.processor.drive(saga_id)
+    assert saga.state is not SagaState.COMPLETED, saga.view()
+    assert shop.charged() == {}  # nothing was charged under this order's key
+
+
+def test_the_adapter_refuses_a_charge_under_another_key(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+) -> None:
+    gateway, server = answering
+    body = b'{"key": "other", "status": "succeeded", "amount": 100, "currency": "EUR"}'
+    server.answer = Answer(200, body)  # type: ignore[attr-defined]
+    with pytest.raises(OutcomeUnknown):
+        gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+    with pytest.raises(OutcomeUnknown):
+        gateway.lookup("k")
+
+
+@pytest.mark.parametrize("amount", [b"100.9", b'"100"', b"true"])
+def test_an_amount_that_is_not_an_integer_is_not_read_as_one(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+    amount: bytes,
+) -> None:
+    """Amounts are integers of the currency's minor unit: 100.9 was read as 100 (the
+    order completed on it), "100" and true (1) read as numbers."""
+    gateway, server = answering
+    body = b'{"key": "k", "status": "succeeded", "amount": ' + amount + b', "currency": "EUR"}'
+    server.answer = Answer(200, body)  # type: ignore[attr-defined]
+    with pytest.raises(OutcomeUnknown):
+        gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+
+
+def test_a_fractional_amount_does_not_complete_the_order(
+    shop: Shop,  # noqa: F811
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+) -> None:
+    gateway, server = answering
+    saga_id = shop.order("o-float", [("KETTLE", 1, 100)])
+    body = f'{{"key": "{saga_id}:charge", "status": "succeeded", "amount": 100.9,'
+    server.answer = Answer(200, body.encode() + b' "currency": "EUR"}')  # type: ignore[attr-defined]
+    _charging_with(shop, gateway)
+    saga = shop.processor.drive(saga_id)
+    assert saga.state is not SagaState.COMPLETED, saga.view()
+
+
+def test_a_refunded_flag_that_is_not_a_boolean_is_not_read_as_true(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+) -> None:
+    """``"refunded": "false"`` was read as refunded (``bool("false")``): reconciliation then
+    skipped a charge taken for nothing, and flagged a paid order as not paid."""
+    gateway, server = answering
+    body = (
+        b'{"charges": [{"key": "k", "status": "succeeded", "amount": 5, "currency": "EUR",'
+        b' "refunded": "false"}]}'
+    )
+    server.answer = Answer(200, body)  # type: ignore[attr-defined]
+    (charge,) = gateway.charges()
+    assert not charge.refunded, charge
+
+
+class _Trickling(BaseHTTPRequestHandler):
+    """Answers 200 with a body sent a byte at a time, each before the client's read timeout,
+    for ``server.seconds`` in all."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"key": "k", "status": "succeeded", "amount": 100, "currency": "EUR"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body) + 1000))
+        self.end_headers()
+        end = time.monotonic() + self.server.seconds  # type: ignore[attr-defined]
+        try:
+            while time.monotonic() < end:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            return
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def trickling() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickling)
+    server.seconds = 120.0  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_call_ends_however_long_the_body_trickles(trickling: ThreadingHTTPServer) -> None:
+    """``timeout=1`` bounds each read, not the call: a gateway (or a proxy) sending a byte
+    every 0.2 s held the call, and the processor's worker and its saga, for as long as it
+    went on (a saga's deadline cannot fire while its drive is out). The call now ends
+    within its deadline, twice the timeout; the server here trickles for two minutes, and
+    the test gives the call one (a guard against a hang, not a measure of speed)."""
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{trickling.server_address[1]}", timeout=1.0)
+    ended: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+            ended.append(None)
+        except BaseException as error:  # asserted below
+            ended.append(error)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(60)
+    gateway.close()
+    assert ended, "the call was still reading a trickled answer after a minute"
+    assert isinstance(ended[0], OutcomeUnknown), ended
+
+
+class _Huge(BaseHTTPRequestHandler):
+    """Answers 200 with a body of ``server.size`` bytes (a JSON string's padding)."""
+
+    def do_GET(self) -> None:
+        size = self.server.size  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = b" " * 65536
+        try:
+            sent = 0
+            while sent < size:
+                part = chunk[: min(len(chunk), size - sent)]
+                self.wfile.write(part)
+                sent += len(part)
+        except OSError:
+            return
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_huge_answer_is_not_read_into_memory_whole() -> None:
+    """A gateway's answer is read whole into memory, however large: a listing or a look-up
+    answered with 100 MB took 400 MB."""
+    import tracemalloc
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Huge)
+    server.size = 100 * 1024 * 1024  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.server_address[1]}", timeout=5.0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(GatewayError):
+            gateway.lookup("k")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gateway.close()
+        server.shutdown()
+        server.server_close()
+    assert peak < 64 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB for one answer"
+
+
+def test_a_rate_limited_order_is_not_given_up_before_the_gateway_said_to_come_back(
+    shop: Shop,  # noqa: F811
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+) -> None:
+    """429 with ``Retry-After: 30``: the gateway says when it takes requests again. The
+    processor retried after its own backoff (50 ms, doubling) and failed the order, its
+    attempts spent, a few seconds later, long before the gateway said it would answer."""
+    gateway, server = answering
+    server.answer = Answer(429, b'{"error": "slow down"}', (("Retry-After", "30"),))  # type: ignore[attr-defined]
+    real = shop.processor.ports["payments"]
+    gateway.refund = real.refund  # type: ignore[method-assign]
+    shop.processor.ports["payments"] = gateway
+    saga_id = shop.order("o-429-after", [("KETTLE", 1, 100)], payment_deadline=3600)
+    started = shop.clock()
+    saga = shop.run(saga_id, rounds=200)
+    gave_up = (shop.clock() - started).total_seconds()
+    assert saga.state is SagaState.COMPENSATED
+    assert gave_up >= 30, f"the order was failed {gave_up:.1f}s in: {saga.view().last_error}"
