@@ -56,6 +56,9 @@ _TRY_LATER = frozenset({408, 409, 425, 429, 503})
 #: far below it. Read whole, a gateway's or a proxy's runaway answer took all the memory.
 MAX_ANSWER = 16 * 1024 * 1024
 
+#: The seconds a page of a listing may take to arrive whole (``HttpPaymentGateway.charges``).
+LISTING_DEADLINE = 60.0
+
 
 class HttpPaymentGateway:
     """A ``PaymentGateway`` at ``base_url``; thread-safe (one pooled httpx client)."""
@@ -103,14 +106,23 @@ class HttpPaymentGateway:
         raise _unexpected(response)
 
     def charges(self, after: str = "", limit: int = 1000) -> list[Charge]:
-        response = self._send("GET", "/charges", params={"after": after, "limit": limit})
+        # A page of a thousand charges may come slowly: no look-up stands behind a listing
+        # cut short (a reconciliation would stop at that page every run), so it gets longer.
+        response = self._send(
+            "GET",
+            "/charges",
+            params={"after": after, "limit": limit},
+            deadline=max(self.deadline, LISTING_DEADLINE),
+        )
         if response.status_code == 200:
             return _read(response, lambda data: [_listed(item) for item in data["charges"]])
         raise _unexpected(response)
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, deadline: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
         try:
-            response = self._request(method, path, **kwargs)
+            response = self._request(method, path, deadline or self.deadline, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
             # Never reached the remote.
             raise Unavailable(f"{method} {path}: {type(error).__name__}: {error}") from error
@@ -127,9 +139,11 @@ class HttpPaymentGateway:
             )
         return response
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """The answer, its body read within ``deadline`` and at most ``MAX_ANSWER`` bytes."""
-        until = time.monotonic() + self.deadline
+    def _request(self, method: str, path: str, deadline: float, **kwargs: Any) -> httpx.Response:
+        """The answer, its body read within ``deadline`` seconds of the request and at most
+        ``MAX_ANSWER`` bytes. (The status line and headers are bounded only by ``timeout``
+        per read: they come before the body, and httpx gives no handle on them.)"""
+        until = time.monotonic() + deadline
         request = self._client.build_request(method, path, **kwargs)
         response = self._client.send(request, stream=True)
         try:
@@ -139,7 +153,7 @@ class HttpPaymentGateway:
                 if len(body) > MAX_ANSWER:
                     raise _Cut(f"{method} {path}: an answer of more than {MAX_ANSWER} bytes")
                 if time.monotonic() > until:
-                    raise _Cut(f"{method} {path}: no whole answer within {self.deadline:g}s")
+                    raise _Cut(f"{method} {path}: no whole answer within {deadline:g}s")
         finally:
             response.close()
         # The answer as read (decoded): without the headers that describe the encoded body.
@@ -164,7 +178,10 @@ def _charge(data: dict[str, Any]) -> Charge:
     status = ChargeStatus(data["status"])
     if status is ChargeStatus.OTHER:
         raise ValueError("'other' is not a status a gateway answers")
-    amount, refunded = data["amount"], data.get("refunded", False)
+    amount = data["amount"]
+    refunded = data.get("refunded")
+    if refunded is None:  # absent, or null: not refunded
+        refunded = False
     # Integers of the minor unit, and a boolean: 100.9 read as 100, "100" and true as
     # numbers, and "false" as refunded.
     if type(amount) is not int:

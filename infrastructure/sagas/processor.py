@@ -500,7 +500,10 @@ class SagaProcessor:
             except Refused:
                 raise  # as for the charge itself: stops the processor, no attempt spent
             except GatewayError as error:
-                return self._retry(saga, step.name, attempt, f"outcome unknown ({error})")
+                wait = error.retry_after if isinstance(error, Unavailable) else None
+                return self._retry(
+                    saga, step.name, attempt, f"outcome unknown ({error})", at_least=wait
+                )
             if charge is None:
                 # Looked up: definitely not done. Try again (same key) after a backoff.
                 return self._retry(saga, step.name, attempt, f"not done ({unknown})")
@@ -664,7 +667,8 @@ class SagaProcessor:
             raise
         except GatewayError as error:
             breaker.failed()
-            self._compensation_failed(saga, step.name, attempt, str(error))
+            wait = error.retry_after if isinstance(error, Unavailable) else None
+            self._compensation_failed(saga, step.name, attempt, str(error), at_least=wait)
             return True
         except BaseException:
             breaker.failed()  # as for a forward call: the trial is answered
@@ -699,14 +703,17 @@ class SagaProcessor:
             return f"{error['code']}: {error.get('message', '')}"
         return f"attempt {attempt} was refused for a processor of another name"
 
-    def _compensation_failed(self, saga: Saga, step: str, attempt: int, error: str) -> None:
+    def _compensation_failed(
+        self, saga: Saga, step: str, attempt: int, error: str, *, at_least: float | None = None
+    ) -> None:
+        now = self.clock()
         self._send(
             RetryLater(
                 saga.id,
                 step,
                 attempt,
                 as_text(error),
-                self._retry_at(attempt, self.clock()),
+                max(self._retry_at(attempt, now), now + timedelta(seconds=at_least or 0.0)),
                 compensating=True,
                 decided_by=self.name,
                 request_id=_undo_id(saga, step, f"retry:{attempt}"),

@@ -202,6 +202,8 @@ def reconcile_payments(
             while current is not None and current.key < key:
                 current = next(charges, None)
             found = current if current is not None and current.key == key else None
+        if found is not None and found.status is ChargeStatus.OTHER:
+            continue  # listed unreadable: flagged above (charge_in_unknown_state), not unpaid
         if found is None or found.status is not ChargeStatus.SUCCEEDED or found.refunded:
             finding = Finding(key, "order_without_charge", "flagged", "completed, not paid")
             _record(ledger, report, finding)

@@ -3,14 +3,16 @@ took for what they are not (see each test)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from daybook.domain.sagas import SagaState
+from daybook.domain.sagas import Saga, SagaState
 from daybook.infrastructure.gateway import GatewayError, OutcomeUnknown
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from tests.integration.test_gateway_answers import (  # noqa: F401  (fixtures)
@@ -230,3 +232,160 @@ def test_a_rate_limited_order_is_not_given_up_before_the_gateway_said_to_come_ba
     gave_up = (shop.clock() - started).total_seconds()
     assert saga.state is SagaState.COMPENSATED
     assert gave_up >= 30, f"the order was failed {gave_up:.1f}s in: {saga.view().last_error}"
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class _RefundsRateLimited(BaseHTTPRequestHandler):
+    """Charges answered 99 EUR (a partial approval: the saga compensates); refunds 429 with
+    Retry-After: 600."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.path == "/charges":
+            answer = {"key": body["key"], "status": "succeeded", "amount": 99, "currency": "EUR"}
+            self._reply(200, answer)
+        else:
+            self.server.refunds += 1  # type: ignore[attr-defined]
+            self._reply(429, {"error": "slow down"}, "Retry-After", "600")
+
+    def _reply(self, status: int, answer: object, *header: str) -> None:
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        if header:
+            self.send_header(*header)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refund_answered_429_with_retry_after_is_not_retried_before_it(
+    shop: Shop,  # noqa: F811
+) -> None:
+    """README: a 429 is retried, and not before the answer's Retry-After says. Charges
+    waited for it; a refund (a compensation) was retried on backoff alone, hitting a
+    throttled gateway again within the same drive."""
+    server = _serve(_RefundsRateLimited)
+    server.refunds = 0  # type: ignore[attr-defined]
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.server_address[1]}")
+    shop.processor.ports["payments"] = gateway
+    try:
+        saga_id = shop.order("o-refund-429", [("KETTLE", 1, 100)], payment_deadline=3600)
+        saga = shop.processor.drive(saga_id)
+        assert saga.state is SagaState.COMPENSATING, saga.view()
+        refunds = server.refunds  # type: ignore[attr-defined]
+        assert refunds == 1, f"{refunds} refunds in one drive after a 429 with Retry-After: 600"
+        saga = shop.ledger.read(Saga, saga_id)
+        now = shop.clock()
+        wait = (saga.retry_at - now).total_seconds() if saga.retry_at else None
+        assert wait is not None and wait >= 590, (
+            f"the refund is retried {wait}s after a 429 that said Retry-After: 600"
+        )
+    finally:
+        gateway.close()
+        server.shutdown()
+        server.server_close()
+
+
+class _Listing(BaseHTTPRequestHandler):
+    """Lists the server's one charge (``server.charge``) on the first page, nothing after."""
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlparse(self.path).query)
+        charges = [] if query.get("after", [""])[0] else [self.server.charge]  # type: ignore[attr-defined]
+        data = json.dumps({"charges": charges}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refunded", ["false", None, 0])
+def test_a_paid_order_listed_with_a_non_boolean_refunded_is_not_flagged_as_not_paid(
+    shop: Shop,  # noqa: F811
+    refunded: object,
+) -> None:
+    """A listed charge whose ``refunded`` is not a boolean is unreadable (``OTHER``, flagged
+    as in an unknown state): the completed order's pass took it for no charge, and flagged
+    a paid order "completed, not paid" (for null and 0 too, which meant not refunded)."""
+    from daybook.infrastructure.sagas.reconcile import reconcile_payments
+
+    saga_id = shop.order("o-paid", [("KETTLE", 1, 100)])
+    assert shop.run(saga_id).state is SagaState.COMPLETED
+    server = _serve(_Listing)
+    server.charge = {  # type: ignore[attr-defined]
+        "key": f"{saga_id}:charge",
+        "status": "succeeded",
+        "amount": 100,
+        "currency": "EUR",
+        "refunded": refunded,
+    }
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        report = reconcile_payments(shop.ledger, gateway, completed=[saga_id])
+    finally:
+        gateway.close()
+        server.shutdown()
+        server.server_close()
+    found = [(f.kind, f.detail) for f in report.findings]
+    assert ("order_without_charge", "completed, not paid") not in found, found
+
+
+class _SlowListing(BaseHTTPRequestHandler):
+    """A page of 1000 charges, its headers at once and its body in ten parts 0.5 s apart
+    (each read well within the 2 s timeout; 5 s in all)."""
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlparse(self.path).query)
+        charges = (
+            []
+            if query.get("after", [""])[0]
+            else [
+                {
+                    "key": f"other-system:{n:06}",
+                    "status": "succeeded",
+                    "amount": 5,
+                    "currency": "EUR",
+                }
+                for n in range(1000)
+            ]
+        )
+        data = json.dumps({"charges": charges}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        part = len(data) // 10 + 1
+        for start in range(0, len(data), part):
+            self.wfile.write(data[start : start + part])
+            self.wfile.flush()
+            time.sleep(0.5)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_slowly_sent_listing_page_is_still_read() -> None:
+    """Each read within the timeout, the page whole in 5 s: a listing has no look-up behind
+    it, so a page cut at the call's deadline (4 s) stopped every reconciliation there."""
+    server = _serve(_SlowListing)
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        assert len(gateway.charges()) == 1000
+    finally:
+        gateway.close()
+        server.shutdown()
+        server.server_close()
