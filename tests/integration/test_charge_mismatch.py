@@ -49,6 +49,14 @@ def _ordered(url: str, gateway: MismatchedGateway) -> tuple[Any, Any, Any, Any]:
     """A JPY order of 6,000 (two kettles) placed at ``url`` and driven to its end through
     ``gateway``: the ledger (open), the customer, the merchant and the saga."""
     ledger = open_ledger(url)
+    try:
+        return (ledger, *_placed_and_driven(ledger, url, gateway))
+    except BaseException:
+        ledger.close()
+        raise
+
+
+def _placed_and_driven(ledger: Any, url: str, gateway: MismatchedGateway) -> tuple[Any, Any, Any]:
     customer = ledger.open_account("customer", "JPY").account_id
     merchant = ledger.open_account("merchant", "JPY").account_id
     assert customer is not None and merchant is not None
@@ -65,7 +73,7 @@ def _ordered(url: str, gateway: MismatchedGateway) -> tuple[Any, Any, Any, Any]:
                 saga = processor.drive(receipt.saga_id)
         finally:
             processor.stop()
-    return ledger, customer, merchant, saga
+    return customer, merchant, saga
 
 
 @pytest.mark.parametrize(
