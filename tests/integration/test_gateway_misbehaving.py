@@ -241,6 +241,18 @@ def _serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     return server
 
 
+def _reply(handler: BaseHTTPRequestHandler, status: int, answer: object, *header: str) -> None:
+    """``answer`` as JSON, with ``header`` (a name and a value) if given."""
+    data = json.dumps(answer).encode()
+    handler.send_response(status)
+    if header:
+        handler.send_header(*header)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _RefundsRateLimited(BaseHTTPRequestHandler):
     """Charges answered 99 EUR (a partial approval: the saga compensates); refunds 429 with
     Retry-After: 600."""
@@ -249,20 +261,10 @@ class _RefundsRateLimited(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
         if self.path == "/charges":
             answer = {"key": body["key"], "status": "succeeded", "amount": 99, "currency": "EUR"}
-            self._reply(200, answer)
+            _reply(self, 200, answer)
         else:
             self.server.refunds += 1  # type: ignore[attr-defined]
-            self._reply(429, {"error": "slow down"}, "Retry-After", "600")
-
-    def _reply(self, status: int, answer: object, *header: str) -> None:
-        data = json.dumps(answer).encode()
-        self.send_response(status)
-        if header:
-            self.send_header(*header)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            _reply(self, 429, {"error": "slow down"}, "Retry-After", "600")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -302,12 +304,7 @@ class _Listing(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         query = parse_qs(urlparse(self.path).query)
         charges = [] if query.get("after", [""])[0] else [self.server.charge]  # type: ignore[attr-defined]
-        data = json.dumps({"charges": charges}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _reply(self, 200, {"charges": charges})
 
     def log_message(self, *args: object) -> None:
         pass
