@@ -39,6 +39,11 @@ class Charge:
     #: For a charge listed as ``OTHER``: what the listing said of it.
     detail: str | None = None
 
+    def is_for(self, amount: int, currency: str) -> bool:
+        """Whether this is a charge of ``amount`` in ``currency`` (an ISO code, upper case
+        as daybook keeps it; some gateways write it in lower case: the same currency)."""
+        return (self.amount, self.currency.upper()) == (amount, currency)
+
 
 @dataclass(frozen=True)
 class Refund:
@@ -50,12 +55,15 @@ class Refund:
 
 
 class GatewayError(Exception):
-    """A call that did not get an answer."""
+    """A call that did not get an answer. ``retry_after``: the seconds the remote asked to
+    be left alone before the next try (``Retry-After``), if it said (only an ``Unavailable``
+    can carry one)."""
+
+    retry_after: float | None = None
 
 
 class Unavailable(GatewayError):
-    """The request was not processed (refused connection, the remote said so).
-    ``retry_after``: the seconds the remote asked to wait before trying again, if it said."""
+    """The request was not processed (refused connection, the remote said so)."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)

@@ -114,13 +114,9 @@ def _buckets(histogram: Any) -> list[tuple[float, float]]:
     return buckets
 
 
-def quantile(histogram: Any, q: float) -> float | None:
-    """The ``q`` quantile of a histogram's observations, interpolated within its bucket
-    (as PromQL's histogram_quantile does); None before any observation."""
-    return _quantile(_buckets(histogram), q)
-
-
 def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of the observations cumulative ``buckets`` count, interpolated
+    within its bucket (as PromQL's histogram_quantile does); None without any."""
     if not buckets or buckets[-1][1] == 0:
         return None
     rank = q * buckets[-1][1]

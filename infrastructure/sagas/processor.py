@@ -77,7 +77,6 @@ from daybook.infrastructure.gateway import (
     OutcomeUnknown,
     PaymentGateway,
     Refused,
-    Unavailable,
 )
 from daybook.infrastructure.ledger.application import aware_clock
 from daybook.infrastructure.ledger.facade import Ledger
@@ -433,10 +432,12 @@ class SagaProcessor:
                 return None
             raise
 
-    def _retry_at(self, attempt: int, now: datetime) -> datetime:
+    def _retry_at(self, attempt: int, now: datetime, at_least: float | None = None) -> datetime:
+        """When to try again after ``attempt``: the backoff's delay, or the ``at_least``
+        seconds the remote asked for (``Retry-After``), whichever is longer."""
         with self._random_lock:
             delay = self.backoff.delay(attempt, self._random.uniform)
-        return now + timedelta(seconds=delay)
+        return now + timedelta(seconds=max(delay, at_least or 0.0))
 
     def _breaker_open(self, saga: Saga, dependency: str) -> bool:
         breaker = self.breakers[dependency]
@@ -500,17 +501,19 @@ class SagaProcessor:
             except Refused:
                 raise  # as for the charge itself: stops the processor, no attempt spent
             except GatewayError as error:
-                wait = error.retry_after if isinstance(error, Unavailable) else None
                 return self._retry(
-                    saga, step.name, attempt, f"outcome unknown ({error})", at_least=wait
+                    saga,
+                    step.name,
+                    attempt,
+                    f"outcome unknown ({error})",
+                    at_least=error.retry_after,
                 )
             if charge is None:
                 # Looked up: definitely not done. Try again (same key) after a backoff.
                 return self._retry(saga, step.name, attempt, f"not done ({unknown})")
         except GatewayError as error:
             breaker.failed()
-            wait = error.retry_after if isinstance(error, Unavailable) else None
-            return self._retry(saga, step.name, attempt, str(error), at_least=wait)
+            return self._retry(saga, step.name, attempt, str(error), at_least=error.retry_after)
         except BaseException:
             # A port of the deployment's own raised something else (a bug; it stops the
             # processor): whichever call took the breaker's one trial, it is answered, or
@@ -518,10 +521,9 @@ class SagaProcessor:
             breaker.failed()
             raise
         self._succeeded(breaker)
-        if charge.status is ChargeStatus.SUCCEEDED and (
-            charge.amount,
-            charge.currency.upper(),  # some gateways write currencies in lower case
-        ) != (int(request["amount"]), str(request["currency"])):
+        if charge.status is ChargeStatus.SUCCEEDED and not charge.is_for(
+            int(request["amount"]), str(request["currency"])
+        ):
             # Made, but not the charge asked for (a partial approval, another currency): the
             # order must not move its full total for it. Failed, the saga compensates, and
             # its compensation refunds the charge by its key.
@@ -609,7 +611,7 @@ class SagaProcessor:
                 step,
                 attempt,
                 as_text(error),
-                max(self._retry_at(attempt, now), now + timedelta(seconds=at_least or 0.0)),
+                self._retry_at(attempt, now, at_least),
                 request_id=f"saga:{saga.id}:{step}:retry:{attempt}",
                 correlation_id=str(saga.id),
             )
@@ -667,8 +669,9 @@ class SagaProcessor:
             raise
         except GatewayError as error:
             breaker.failed()
-            wait = error.retry_after if isinstance(error, Unavailable) else None
-            self._compensation_failed(saga, step.name, attempt, str(error), at_least=wait)
+            self._compensation_failed(
+                saga, step.name, attempt, str(error), at_least=error.retry_after
+            )
             return True
         except BaseException:
             breaker.failed()  # as for a forward call: the trial is answered
@@ -706,14 +709,13 @@ class SagaProcessor:
     def _compensation_failed(
         self, saga: Saga, step: str, attempt: int, error: str, *, at_least: float | None = None
     ) -> None:
-        now = self.clock()
         self._send(
             RetryLater(
                 saga.id,
                 step,
                 attempt,
                 as_text(error),
-                max(self._retry_at(attempt, now), now + timedelta(seconds=at_least or 0.0)),
+                self._retry_at(attempt, self.clock(), at_least),
                 compensating=True,
                 decided_by=self.name,
                 request_id=_undo_id(saga, step, f"retry:{attempt}"),

@@ -172,10 +172,7 @@ def reconcile_payments(
         if saga is not None and saga.state is SagaState.COMPLETED:
             # An order's saga says what it charges (a saga of another kind may not).
             total, currency = saga.data.get("total"), saga.data.get("currency")
-            if total is not None and (charge.amount, charge.currency.upper()) != (
-                total,
-                currency,
-            ):
+            if total is not None and not charge.is_for(total, str(currency)):
                 detail = (
                     f"{charge.amount} {charge.currency} charged for a completed order of "
                     f"{total} {currency}"

@@ -174,13 +174,7 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
     """Parked events of the group, oldest first."""
     store = open_store(store_url)
     try:
-        if (
-            store.execute(
-                f"SELECT {IN_OWN_SCHEMA}",
-                (DEAD_LETTER_TABLE,),
-            )[0][0]
-            is None
-        ):
+        if store.execute(f"SELECT {IN_OWN_SCHEMA}", (DEAD_LETTER_TABLE,))[0][0] is None:
             return []
         # ``open``: some version the event was left out of is not retired yet (letters
         # parked before versions were recorded count as open). Once every one of them is
