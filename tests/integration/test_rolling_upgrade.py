@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
@@ -29,6 +31,34 @@ def _old_runner_locks(url: str) -> psycopg.Connection:
     return conn
 
 
+def _taken_beside_an_older_runner(ledger: Any, url: str) -> list[tuple[str, int]]:
+    """The versions a runner of this code takes at ``url`` (one step) while an older runner
+    holds every version's lock there."""
+    old = _old_runner_locks(url)
+    try:
+        new = run_projections(ledger, url, start=False)
+        try:
+            new.step()
+            return sorted(new.slots)
+        finally:
+            new.stop()
+    finally:
+        old.close()
+
+
+def _taken_as_an_older_runner(url: str) -> list[str]:
+    """The projections whose lock an older runner starting now at ``url`` would take (each
+    version's plain key, tried on a session of its own, let go with it)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [
+            p.name
+            for p in projections.ALL
+            if conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (version_lock_key(p.name, p.version),)
+            ).fetchone()[0]
+        ]
+
+
 def test_a_new_runner_stands_by_while_an_older_one_writes_read_models_in_a_schema(
     pg_url: str,
 ) -> None:
@@ -39,19 +69,8 @@ def test_a_new_runner_stands_by_while_an_older_one_writes_read_models_in_a_schem
     views = _in_schema(pg_url, "views")
     with open_ledger(pg_url) as ledger:
         ledger.open_account("ann", "EUR")
-        old = _old_runner_locks(views)
-        try:
-            new = run_projections(ledger, views, start=False)
-            try:
-                new.step()
-                assert not new.slots, (
-                    f"the upgraded runner took {sorted(new.slots)} while an older runner "
-                    "held their locks"
-                )
-            finally:
-                new.stop()
-        finally:
-            old.close()
+        took = _taken_beside_an_older_runner(ledger, views)
+        assert not took, f"the upgraded runner took {took} while an older runner held their locks"
 
 
 def test_an_older_runner_stands_by_while_a_new_one_writes_read_models_in_a_schema(
@@ -66,14 +85,7 @@ def test_an_older_runner_stands_by_while_a_new_one_writes_read_models_in_a_schem
         try:
             new.run_until_caught_up()
             assert len(new.slots) == len(projections.ALL)
-            with psycopg.connect(views, autocommit=True) as old:
-                taken = [
-                    p.name
-                    for p in projections.ALL
-                    if (old.execute("SELECT pg_try_advisory_lock(%s)",
-                                    (version_lock_key(p.name, p.version),)).fetchone()
-                        or (False,))[0]
-                ]  # fmt: skip
+            taken = _taken_as_an_older_runner(views)
             assert taken == [], f"an older runner would write {taken} beside the new one"
         finally:
             new.stop()
@@ -111,28 +123,12 @@ def test_public_runners_of_the_older_and_the_newer_code_exclude_each_other(pg_ur
 
     with open_ledger(pg_url) as ledger:
         ledger.open_account("ann", "EUR")
-        old = _old_runner_locks(pg_url)
-        try:
-            new = run_projections(ledger, pg_url, start=False)
-            try:
-                new.step()
-                assert not new.slots
-            finally:
-                new.stop()
-        finally:
-            old.close()
+        assert not _taken_beside_an_older_runner(ledger, pg_url)
         new = run_projections(ledger, pg_url, start=False)
         try:
             new.run_until_caught_up()
             assert len(new.slots) == len(projections.ALL)
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                taken = [
-                    p.name
-                    for p in projections.ALL
-                    if conn.execute(
-                        "SELECT pg_try_advisory_lock(%s)", (version_lock_key(p.name, p.version),)
-                    ).fetchone()[0]
-                ]
+            taken = _taken_as_an_older_runner(pg_url)
             assert taken == []
         finally:
             new.stop()

@@ -1,4 +1,5 @@
-"""Shared helpers: a deterministic workload, and comparing stored tables with a replay."""
+"""Shared helpers: a deterministic workload, comparing stored tables with a replay, and a
+version's catalog record."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from daybook import Ledger
 from daybook.domain.errors import DomainError
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.eventstore.log import EventLog
+from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionRecord
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.projections.model import MemoryRows, Projection, Row, replay
 
@@ -102,5 +104,14 @@ def switch_to_v2_without_a_column(log: EventLog, url: str) -> None:
         with store.transaction(write=True):
             table = BALANCES.physical_name(ACCOUNT_BALANCES_V2.version)
             store.execute(f"ALTER TABLE {table} DROP COLUMN overdraft_limit")
+    finally:
+        store.close()
+
+
+def version_record(url: str, name: str, version: int) -> VersionRecord | None:
+    """The catalog's record of ``name`` version ``version`` in the read models at ``url``."""
+    store = open_store(url)
+    try:
+        return VersionCatalog(store).version(name, version)
     finally:
         store.close()

@@ -13,10 +13,9 @@ import pytest
 from daybook import open_ledger, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels import rebuild as rebuild_module
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
-from daybook.infrastructure.readmodels.location import open_store
+from daybook.infrastructure.readmodels.catalog import VersionState
 from daybook.infrastructure.readmodels.rebuild import rebuild
-from tests.projections.helpers import assert_tables_match, workload
+from tests.projections.helpers import assert_tables_match, version_record, workload
 from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
 
 
@@ -57,12 +56,8 @@ def test_a_rebuild_whose_version_another_rebuild_switched_ends(
         result = rebuild(log, url, ACCOUNT_BALANCES_V2, batch_size=20, stream=Output())
         assert other[0]
         assert result.version == 2
-        store = open_store(url)
-        try:
-            record = VersionCatalog(store).version("account_balances", 2)
-            assert record is not None and record.state is VersionState.LIVE
-        finally:
-            store.close()
+        record = version_record(url, "account_balances", 2)
+        assert record is not None and record.state is VersionState.LIVE
         assert_tables_match(ledger, url, ACCOUNT_BALANCES_V2)
 
 

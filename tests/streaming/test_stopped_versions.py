@@ -8,7 +8,7 @@ import pytest
 from daybook import open_ledger
 from daybook.domain.accounts import Account
 from daybook.infrastructure.bootstrap import event_log_of
-from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
+from daybook.infrastructure.readmodels.catalog import VersionState
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.queries import ReadModels, StaleRead
 from daybook.infrastructure.readmodels.reconcile import VersionStopped, reconcile
@@ -17,6 +17,7 @@ from daybook.infrastructure.readmodels.status import projection_status
 from daybook.infrastructure.streaming.worker import StreamApplier
 from daybook.projections.model import Column, LogEvent, Projection, Rows, Table, event_type
 from scripts.streams import unique
+from tests.projections.helpers import version_record
 from tests.streaming.messages import Stream
 
 pytestmark = pytest.mark.postgres
@@ -60,12 +61,8 @@ def test_reads_of_a_serving_version_the_group_stopped_do_not_claim_events_it_lac
         receipt = ledger.deposit(account, 50)
         worker.apply(stream.publish(ledger))
 
-        store = open_store(pg_url)
-        try:
-            record = VersionCatalog(store).version("audit_sums", 1)
-            assert record is not None and record.state is VersionState.STOPPED
-        finally:
-            store.close()
+        record = version_record(pg_url, "audit_sums", 1)
+        assert record is not None and record.state is VersionState.STOPPED
 
         (status,) = [s for s in projection_status(event_log_of(ledger), pg_url)
                      if s.name == "audit_sums"]  # fmt: skip
