@@ -265,8 +265,10 @@ def _decide(
         detail = f"{detail}; not refunded: the log refused to record the refund first"
     elif repair:
         try:
-            gateway.refund(charge.key)
-            action = "refunded"
+            if gateway.refund(charge.key).status == "refunded":
+                action = "refunded"
+            else:  # listed as succeeded, yet nothing to refund: a person must look
+                detail = f"{detail}; not refunded: the gateway answered nothing to refund"
         except OutcomeUnknown as unknown:
             # Sent, perhaps made: looked up, as the saga processor looks a charge up.
             try:

@@ -13,7 +13,7 @@ import pytest
 from daybook import open_ledger
 from daybook.domain.errors import DomainError
 from daybook.domain.reconciliation import RecordReconciliation, RemoteRecord
-from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError
+from daybook.infrastructure.gateway import Charge, ChargeStatus, GatewayError, Refund
 from daybook.infrastructure.gateway.fake import FakeGatewayServer, Knobs
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from daybook.infrastructure.sagas.processor import idempotency_key
@@ -301,3 +301,28 @@ def test_a_charge_under_a_key_not_in_daybooks_form_is_not_refunded_nor_flagged()
     ]
     assert {key: server.gateway.refunds[key] for key in others} == dict.fromkeys(others, 0)
     assert report.checked == 5
+
+
+class RefusingRefunds(Counting):
+    """A gateway listing a succeeded charge whose refund it answers with "nothing to
+    refund" (the charge disputed and reversed meanwhile, or the gateway in error)."""
+
+    def refund(self, key: str) -> Refund:
+        self.gateway.refund(key)  # asked, as the run asks; the answer is replaced
+        return Refund(key, "nothing_to_refund", 0)
+
+
+def test_a_refund_the_gateway_answers_with_nothing_to_refund_is_not_recorded_as_refunded() -> None:
+    """``--repair`` recorded "refunded" whatever the refund's answer: told there was nothing
+    to refund under the key, it told the operator (and the log) that the customer had their
+    money back. It flags the charge with the gateway's answer instead."""
+    key = stray(11)
+    with FakeGatewayServer(Knobs(seed=1)) as server, open_ledger("memory://") as ledger:
+        http = HttpPaymentGateway(server.url)
+        http.charge(key, amount=500, currency="EUR", customer="c", reference="r")
+        report = reconcile_payments(ledger, RefusingRefunds(http), repair=True)
+        http.close()
+        ((finding,),) = [[f for f in report.findings if f.key == key]]
+        assert (finding.kind, finding.action) == ("charge_without_order", "flagged")
+        assert "nothing to refund" in finding.detail
+        assert ("charge_without_order", "refunded") not in _recorded(ledger, key)
