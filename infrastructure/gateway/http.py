@@ -193,9 +193,22 @@ def _charge(data: dict[str, Any]) -> Charge:
         status=status,
         amount=amount,
         currency=str(data["currency"]),
-        charge_id=data.get("charge_id"),
-        decline_code=data.get("decline_code"),
+        charge_id=_short_text(data, "charge_id"),
+        decline_code=_short_text(data, "decline_code"),
         refunded=refunded,
+    )
+
+
+#: The longest charge id or decline code taken: both go into the order's saga events.
+MAX_TEXT = 255
+
+
+def _short_text(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None or (type(value) is str and len(value) <= MAX_TEXT):
+        return value
+    raise ValueError(
+        f"{name} must be text of at most {MAX_TEXT} characters, got {_cut(repr(value))}"
     )
 
 

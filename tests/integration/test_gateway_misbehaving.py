@@ -79,6 +79,31 @@ def test_an_amount_that_is_not_an_integer_is_not_read_as_one(
         gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        b'"charge_id": {"id": "ch_1"}',
+        b'"charge_id": 12345',
+        b'"charge_id": "' + b"c" * 100_000 + b'"',
+        b'"decline_code": ["do_not_honor"]',
+        b'"decline_code": "' + b"d" * 100_000 + b'"',
+    ],
+    ids=["id-object", "id-number", "id-huge", "code-list", "code-huge"],
+)
+def test_a_charge_id_or_decline_code_that_is_not_short_text_is_not_taken(
+    answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
+    field: bytes,
+) -> None:
+    """The charge id goes into the order's saga (its step's event, its state, every view
+    of it) and the decline code into its failure: an answer's object, number or 100,000
+    characters went there as they came, kept for as long as the log is."""
+    gateway, server = answering
+    body = b'{"key": "k", "status": "succeeded", "amount": 100, "currency": "EUR", '
+    server.answer = Answer(200, body + field + b"}")  # type: ignore[attr-defined]
+    with pytest.raises(OutcomeUnknown, match="at most 255 characters"):
+        gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+
+
 def test_a_fractional_amount_does_not_complete_the_order(
     shop: Shop,  # noqa: F811
     answering: tuple[HttpPaymentGateway, ThreadingHTTPServer],  # noqa: F811
