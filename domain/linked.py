@@ -5,7 +5,7 @@ and tax legs).
 of the aggregates: if one is refused, the copies are dropped, so nothing of the list is
 written, and the refusal names the failing command by its index and code while the others
 report ``linked_command_failed``. The list is one request: its request id makes it idempotent
-as a whole (the listed commands' own request ids are not used).
+as a whole (a listed command with a request id of its own is refused).
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ def check_linked(value: object, what: str = "commands") -> tuple[Command, ...]:
         if not isinstance(command, Command) or isinstance(command, Atomic):
             raise InvalidRequest(
                 f"{what}[{index}] must be a command (not a linked list), got {shown(command)}",
+                field=what,
+                index=index,
+            )
+        if command.caller_request_id:
+            # Not used (the list is the request): kept, the command applied twice when
+            # sent again on its own with the id its caller took for its protection.
+            raise InvalidRequest(
+                f"{what}[{index}] has a request id of its own ({command.request_id!r}): a "
+                "linked list is one request, made idempotent by the list's request id; give "
+                "the id to the list, not to its commands",
                 field=what,
                 index=index,
             )

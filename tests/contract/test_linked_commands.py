@@ -169,6 +169,30 @@ def test_lists_do_not_nest(ledger: Ledger, accounts: tuple[UUID, UUID, UUID]) ->
     assert caught.value.code == "invalid_request"
 
 
+def test_a_listed_command_with_a_request_id_of_its_own_is_refused(
+    ledger: Ledger, accounts: tuple[UUID, UUID, UUID]
+) -> None:
+    """A listed command's own request id was dropped without a word (the list is the
+    request): its caller, sending the command again on its own with that id as a retry,
+    had it applied twice. Refused, naming the command, nothing applied."""
+    payer, merchant, _ = accounts
+    head = ledger.head()
+    listed = [Transfer(payer, merchant, 5), Deposit(payer, 5, request_id="dep-1")]
+    with pytest.raises(DomainError) as caught:
+        ledger.atomic(listed, request_id="list-1")
+    assert caught.value.code == "invalid_request"
+    assert "commands[1]" in caught.value.message and "'dep-1'" in caught.value.message
+    from daybook.domain.linked import Atomic
+
+    ledger.submit([Deposit(payer, 1)])
+    # A list in a submission: the same.
+    with pytest.raises(DomainError) as inside:
+        ledger.submit([Atomic([Deposit(payer, 5, request_id="dep-2")])])
+    assert inside.value.code == "invalid_request"
+    assert ledger.head() == head + 1
+    assert ledger.account(payer).balance == 1_001
+
+
 def test_the_asyncio_face_too(store_url: str) -> None:
     async def scenario() -> None:
         async with open_async_ledger(store_url) as ledger:

@@ -250,6 +250,63 @@ def test_without_group_commit_each_command_of_a_submission_commits_alone(
         assert ledger.account(a).balance == 102
 
 
+def test_a_submission_closed_under_without_group_commit_is_told_what_was_not_applied(
+    tmp_path: Any,
+) -> None:
+    """As the README says: with ``group_commit=False``, closing the ledger during a
+    submission finishes the command being committed and answers the rest ``LedgerClosed``,
+    not applied: every command has its outcome, and the balance is the receipts'."""
+    import threading
+    import time
+
+    from daybook.infrastructure.ledger.application import LedgerClosed, PreparedBatch
+
+    ledger = open_ledger(f"sqlite:///{tmp_path}/close.db", group_commit=False)
+    a = ledger.open_account("a", "EUR").account_id
+    assert a is not None
+    commit = ledger.service.commit
+    closer = threading.Thread(target=ledger.close)
+    seen = []
+
+    def closing_commit(prepared: PreparedBatch, **options: Any) -> Any:
+        seen.append(1)
+        if len(seen) == 3:  # the close waits for this command, then takes its turn
+            closer.start()
+            time.sleep(0.2)
+        return commit(prepared, **options)
+
+    ledger.service.commit = closing_commit  # type: ignore[method-assign]
+    outcomes = ledger.submit([Deposit(a, 1) for _ in range(3_000)])
+    closer.join()
+    applied = sum(isinstance(o, Receipt) for o in outcomes)
+    assert len(outcomes) == 3_000 and 3 <= applied < 3_000
+    assert all(isinstance(o, Receipt) for o in outcomes[:applied])
+    assert all(isinstance(o, LedgerClosed) for o in outcomes[applied:])
+    with open_ledger(f"sqlite:///{tmp_path}/close.db") as reopened:
+        assert reopened.account(a).balance == applied
+
+
+def test_a_cancelled_asyncio_submission_withdraws_nothing(tmp_path: Any) -> None:
+    """As the README says: cancelling ``await ledger.submit(...)`` withdraws nothing, every
+    command handed over is applied (the caller learns only ``CancelledError``)."""
+
+    async def scenario() -> int:
+        ledger = open_async_ledger(f"sqlite:///{tmp_path}/cancel.db")
+        account = (await ledger.open_account("a", "EUR")).account_id
+        commands = [Deposit(account, 1) for _ in range(5_000)]
+        submission = asyncio.create_task(ledger.submit(commands))
+        while (await ledger.account(account)).balance == 0:
+            await asyncio.sleep(0.001)
+        submission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submission
+        await ledger.close()
+        with open_ledger(f"sqlite:///{tmp_path}/cancel.db") as reopened:
+            return reopened.account(account).balance
+
+    assert asyncio.run(scenario()) == 5_000
+
+
 def test_the_readme_submission_example_runs() -> None:
     import re
     from pathlib import Path
