@@ -500,6 +500,7 @@ def _run_handover(args: argparse.Namespace) -> int:
                 log, url, chosen, args.to, topic=settings.topic, partitions=args.partitions,
                 default_partitions=settings.partitions, known=projections.ALL,
                 published=_published_partitions(settings),
+                published_of=lambda topic: _published_partitions(settings, topic),
             )  # fmt: skip
     except HandoverRefused as refused:
         print(f"daybook: {_coded(refused)}{refused}", file=sys.stderr)
@@ -517,12 +518,12 @@ def _run_handover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _published_partitions(settings: Settings) -> int | None:
-    """The partition count the relay publishes the topic with, if a relay has (its cursor is
-    in the event store: PostgreSQL only)."""
+def _published_partitions(settings: Settings, topic: str | None = None) -> int | None:
+    """The partition count the relay publishes the topic (``topic``, else the settings')
+    with, if a relay has (its cursor is in the event store: PostgreSQL only)."""
     if scheme(settings.url) != "postgresql":
         return None
-    cursor = read_cursor(settings.url, settings.topic)
+    cursor = read_cursor(settings.url, topic or settings.topic)
     return None if cursor is None else cursor.partitions
 
 

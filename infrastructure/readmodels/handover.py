@@ -91,6 +91,7 @@ def handover(
     default_partitions: int = DEFAULT_PARTITIONS,
     known: Sequence[Projection] = (),
     published: int | None = None,
+    published_of: Callable[[str], int | None] | None = None,
 ) -> list[Handed]:
     """Hand the code's versions of ``definitions`` to ``to`` (``runner`` or
     ``stream:GROUP``). ``known``: definitions of other projections, for versions the group
@@ -100,8 +101,9 @@ def handover(
     for ``topic``, and is that count when not given; a group with nothing recorded takes
     ``partitions``, or ``default_partitions`` when not given. ``published``: the count the
     relay publishes ``topic`` with (its cursor), when known: to a group, any other is
-    refused; to the runner, a group's vector is converted for it. Raises
-    ``HandoverRefused``."""
+    refused; to the runner, a group's vector is converted for it. ``published_of``: that
+    count for another topic (a version handed to the runner may follow another topic than
+    ``topic``), when known. Raises ``HandoverRefused``."""
     group = group_of(to)
     if to != RUNNER and not group:
         raise HandoverRefused(f"hand over to 'runner' or 'stream:GROUP', not {to!r}")
@@ -123,7 +125,7 @@ def handover(
             try:
                 return _handover(
                     log, store, catalog, definitions, to, group, topic,
-                    (partitions, default_partitions, published), known,
+                    (partitions, default_partitions, published), known, published_of,
                 )  # fmt: skip
             except Exception as error:
                 if not deadlocked(error) or attempt == _ATTEMPTS:
@@ -154,6 +156,7 @@ def _handover(
     topic: str,
     asked: tuple[int | None, int, int | None],
     known: Sequence[Projection],
+    published_of: Callable[[str], int | None] | None = None,
 ) -> list[Handed]:
     with store.transaction():
         records = []
@@ -184,7 +187,10 @@ def _handover(
                 )
             records.append((projection, record))
         if group is None:
-            return [_to_runner(log, store, catalog, p, r, asked[2]) for p, r in records]
+            return [
+                _to_runner(log, store, catalog, p, r, asked[2], topic, published_of)
+                for p, r in records
+            ]
         return _to_group(log, store, catalog, records, group, topic, asked, known)
 
 
@@ -195,6 +201,8 @@ def _to_runner(
     projection: Projection,
     record: VersionRecord,
     published: int | None,
+    topic: str,
+    published_of: Callable[[str], int | None] | None = None,
 ) -> Handed:
     """``published``: the count the relay publishes the topic with (its cursor), when
     known. The group's progress rows follow the topic's partitions, which workers of an
@@ -204,6 +212,11 @@ def _to_runner(
     if source is None:
         return Handed(record.name, record.version, RUNNER, RUNNER, 0, record.position)
     assert record.topic is not None and record.partitions
+    # ``published`` counts the partitions of ``topic``: for a version that follows another
+    # topic (a group moved to a new topic, or --topic left at its default), it says nothing;
+    # that topic's own count does, when known.
+    if record.topic != topic:
+        published = None if published_of is None else published_of(record.topic)
     partitions = record.partitions if published is None else published
     kept = recorded_partitions(store, source, record.topic, lock=True)
     if kept is not None and kept > partitions:
@@ -236,7 +249,9 @@ def _to_runner(
             "builds it from the whole log) instead; nothing was handed over"
         )
     target = max(vector.furthest, vector.position)
-    starts = vector.positions
+    # Every event of a partition up to its bound is applied: start there, not at its last
+    # event (0 for an idle partition, which would read the whole log under the locks).
+    starts = [max(p, b) for p, b in zip(vector.positions, vector.bounds, strict=True)]
     applied = _bring(log, store, projection, record, starts, target, partitions)
     catalog.set_owner(record.name, record.version, RUNNER, position=target)
     return Handed(record.name, record.version, record.owner, RUNNER, applied, target)
@@ -306,7 +321,12 @@ def _to_group(
     ]  # fmt: skip
     # Where every partition will stand: no lower than the group (its Kafka offsets are
     # there), no lower than what each version handed over has applied.
-    last_before = [_last_events(log, r.position, partitions) for _, r in moving]
+    # Only events after the group's honest position can raise a partition above where the
+    # group stands (every partition has every event of it up to there): scan from there,
+    # not from the log's start, while every writer waits for the locks held.
+    last_before = [
+        _last_events(log, r.position, partitions, after=current.position) for _, r in moving
+    ]
     target = [max(current.positions[q], *(c[q] for c in last_before)) for q in range(partitions)]
     applied: dict[tuple[str, int], int] = {}
     # Each partition's bound: every event of it up to there is applied, afterwards, to
@@ -334,8 +354,9 @@ def _to_group(
                     f"have to move with it: hand it over in the same command"
                 )
             continue
+        starts = [max(p, b) for p, b in zip(current.positions, current.bounds, strict=True)]
         applied[(record.name, record.version)] = _bring(
-            log, store, defined, record, current.positions, max(target), partitions, target
+            log, store, defined, record, starts, max(target), partitions, target
         )
     write_vector(store, group, topic, Vector(tuple(target), tuple(bounds)))
     handed = []
@@ -436,11 +457,11 @@ def _partitions(
     return default if given is None else given
 
 
-def _last_events(log: EventLog, position: int, partitions: int) -> list[int]:
-    """Per partition, the last event at or before ``position`` that went to it (0: none)."""
+def _last_events(log: EventLog, position: int, partitions: int, after: int = 0) -> list[int]:
+    """Per partition, the last event after ``after`` and at or before ``position`` that went
+    to it (0: none)."""
     partition = partition_of(partitions)
     last = [0] * partitions
-    after = 0
     while after < position:
         raw = log.scan(after, min(_CHUNK * 4, position - after))
         if not raw:
