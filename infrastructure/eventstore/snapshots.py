@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 from uuid import UUID
 
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import EventStore
+from eventsourcing.persistence import AggregateRecorder, EventStore
 from eventsourcing.utils import resolve_topic
 
 from daybook.infrastructure.codec import ContractMapper
@@ -26,7 +26,12 @@ log = logging.getLogger("daybook.snapshots")
 
 
 class Snapshots(EventStore[UUID]):
-    """eventsourcing's snapshot store, skipping snapshots their contract no longer trusts."""
+    """eventsourcing's snapshot store, skipping snapshots their contract no longer trusts,
+    and one of a version the log does not hold (``log``: the events' recorder)."""
+
+    def __init__(self, *args: Any, log: AggregateRecorder | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log = log
 
     def get(
         self,
@@ -57,6 +62,21 @@ class Snapshots(EventStore[UUID]):
                     stored.originator_id,
                     stored.originator_version,
                     exc_info=True,
+                )
+                continue
+            # (Outside the ``try``: a store that does not answer is an outage, not a reason
+            # to replay.)
+            version = stored.originator_version
+            if self.log is not None and not self.log.select_events(
+                originator_id, gt=version - 1, lte=version, limit=1
+            ):
+                # The log does not hold the version it was taken at (the events table
+                # restored without the snapshots): it would show state the log never
+                # had, and the next command would write past a gap in its versions.
+                log.warning(
+                    "the snapshot of %s at version %s is ahead of its events; replaying its events",
+                    stored.originator_id,
+                    version,
                 )
                 continue
             yield snapshot

@@ -623,7 +623,7 @@ class LedgerService(Application[UUID]):
     def construct_snapshot_store(self) -> EventStore[UUID]:
         """eventsourcing's store, skipping snapshots their contract no longer trusts."""
         store = super().construct_snapshot_store()
-        return Snapshots(mapper=store.mapper, recorder=store.recorder)
+        return Snapshots(mapper=store.mapper, recorder=store.recorder, log=self.recorder)
 
     def __init__(
         self,
