@@ -165,6 +165,11 @@ def where(url: str) -> str:
     if kind != "postgresql":
         return url
     params = postgres_params(url)
+    rest = url.partition("://")[2]
+    if "@" in rest and "@" not in urlsplit(url).netloc:
+        # A password written unencoded with '/', '?' or '#' in it: urlsplit took its start
+        # for a host and port, and the rest for the database's name.
+        return redacted(url)
     return f"postgresql://{params.user}@{params.host}:{params.port}/{params.dbname}"
 
 
@@ -316,6 +321,13 @@ def check_broker(url: str) -> None:
     from daybook.infrastructure.streaming.broker import bootstrap_servers
 
     malformed = Unusable(f"the broker URL {redacted(url)!r}: write kafka://host:port")
+    if "@" in url.partition("://")[2]:
+        # A user and password (daybook speaks to Kafka without SASL): refused as such, not
+        # split at the wrong ':' and shown, a password's start taken for a host, as unknown.
+        raise Unusable(
+            f"the broker URL {redacted(url)!r}: daybook connects to Kafka without a user or"
+            " password; write kafka://host:port"
+        )
     try:
         servers = bootstrap_servers(url).split(",")
     except BadURL:  # another scheme: says so already

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ _URL_PARTS = frozenset({"dbname", "user", "password"})
 #: Query settings whose values are secrets (hidden by ``redacted``).
 _SECRETS = frozenset({"password", "sslpassword"})
 
+#: A secret setting in a libpq connection string (``password='a b'`` or ``password=x``).
+_CONNINFO_SECRET = re.compile(
+    r"(?P<name>\b(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.I
+)
+
 
 @dataclass(frozen=True)
 class PostgresParams:
@@ -130,11 +136,20 @@ class PostgresParams:
 def redacted(url: str) -> str:
     """``url`` with its passwords, if it has any (``user:password@``, ``?password=``,
     ``?sslpassword=``), written ``***``: for messages and logs."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        # Not a URL (a libpq connection string, say): its ``password=`` values hidden.
+        return _CONNINFO_SECRET.sub(r"\g<name>***", url)
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:  # a malformed host or port: keep only what surely holds no secret
-        return f"{url.split('://', 1)[0]}://..."
+        return f"{head}://..."
+    if password is None and "@" in rest and ":" in rest.rpartition("@")[0]:
+        # A password written unencoded with '/', '?' or '#' in it ends urlsplit's netloc
+        # early, so it sees none: hide everything from the first ':' to the last '@'.
+        userinfo, _, after = rest.rpartition("@")
+        return f"{head}://{userinfo.split(':', 1)[0]}:***@{after}"
     if password is not None:
         userinfo, _, hostport = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
