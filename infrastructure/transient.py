@@ -248,6 +248,19 @@ def _refused(message: str) -> bool:
     return _REFUSALS.search(message) is not None
 
 
+def login_refused(error: BaseException) -> bool:
+    """Whether ``error``, or one it was raised from, is a server refusing a connection for
+    good (``_REFUSALS``: a wrong password, a role or database that does not exist): no
+    outage, no bug either, but the operator's to mend."""
+    seen: BaseException | None = error
+    while seen is not None:
+        refusal = isinstance(seen, psycopg.OperationalError) and seen.sqlstate is None
+        if refusal and _refused(str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def first_line(error: BaseException) -> str:
     """``error`` in one line (its type, and its message's first line), for a recorded
     reason or a health's error."""

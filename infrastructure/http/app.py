@@ -65,7 +65,7 @@ from daybook.infrastructure.lifecycle import Health
 from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import one_line
 from daybook.infrastructure.readmodels import ReadModelChanged
-from daybook.infrastructure.transient import first_line
+from daybook.infrastructure.transient import first_line, login_refused
 
 log = logging.getLogger("daybook.http")
 
@@ -304,6 +304,10 @@ async def _unhandled(request: Request, error: Exception) -> Response:
         log.error("%s %s: the database is out of disk space: %s", request.method,
                   one_line(request.url.path), first_line(error))  # fmt: skip
         return full.response()
+    if login_refused(error):  # credentials rotated, a role dropped: the operator's to mend
+        log.error("%s %s: a database refused daybook's connection: %s", request.method,
+                  one_line(request.url.path), first_line(error))  # fmt: skip
+        return unavailable(error).response()
     if is_outage(error):  # an outage, not a bug: one line, no traceback
         log.warning("%s %s: a database did not answer: %s", request.method,
                     one_line(request.url.path), error)  # fmt: skip

@@ -18,6 +18,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from eventsourcing.persistence import OperationalError
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -1305,6 +1306,31 @@ def test_a_database_outage_is_a_503_to_retry_not_a_bug(
         assert "Idempotency-Key" in body["detail"]
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert sum("did not answer" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_database_refusing_daybooks_login_is_a_503_and_one_line_not_a_bug(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The role's password rotated before daybook's settings were: every request needing a
+    new connection was a 500 internal_error ("a bug in daybook") with a traceback per
+    request. It is the operator's to mend: 503 unavailable, and one line saying what the
+    server refused."""
+    account = sqlite_api.open_account()
+    refused = 'connection failed: FATAL:  password authentication failed for user "app"'
+
+    async def out(command: object) -> None:
+        try:
+            raise psycopg.OperationalError(refused)
+        except psycopg.OperationalError as error:  # as eventsourcing wraps the driver's
+            raise OperationalError(str(error)) from error
+
+    monkeypatch.setattr(sqlite_api.parts.ledger, "execute", out)
+    with caplog.at_level(logging.WARNING, logger="daybook.http"):
+        reply = sqlite_api.command("deposit", {"account_id": account, "amount": 5})
+    assert_problem(reply, 503, "unavailable")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "password authentication failed" in line
 
 
 @pytest.mark.parametrize(
