@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from daybook.infrastructure.observability.logs import HANDLER_NAME
 from scripts import services, streams
+from tests import scheduling
 
 _database_numbers = itertools.count(1)
 
@@ -48,6 +49,27 @@ class _LayerFoldersAreNotPackages(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _LayerFoldersAreNotPackages())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``make test`` (several processes), every process starts with its part of the
+    slow tests (tests/scheduling.py says why)."""
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    slow = {item.nodeid for item in items if item.get_closest_marker("slow")}
+    grouped = {item.nodeid for item in items if item.nodeid in slow and _shares_a_fixture(item)}
+    items[:] = scheduling.slow_first(items, slow, grouped, processes)
+
+
+def _shares_a_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses a fixture set up once for its module or class."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        definition.scope in ("module", "class", "package")
+        for definitions in info.name2fixturedefs.values()
+        for definition in definitions
+    )
 
 
 @pytest.fixture(scope="session")
