@@ -24,7 +24,7 @@ from daybook.domain.errors import DomainError, InvalidRequest
 from daybook.domain.holds import ExpireHold
 from daybook.domain.inventory import ExpireReservation
 from daybook.domain.values import check_uuid, shown
-from daybook.infrastructure.ledger.application import aware_clock
+from daybook.infrastructure.ledger.application import LedgerClosed, aware_clock
 from daybook.infrastructure.ledger.facade import Ledger
 from daybook.infrastructure.lifecycle import (
     Health,
@@ -162,8 +162,10 @@ class ExpirySweeper:
         self.more_due = False
         self.service = SupervisedThread("expiry sweeper", self._run, policy=policy)
 
-    def sweep(self) -> int:
-        """Record the expiries due now (at most ``batch`` of each kind); how many."""
+    def sweep(self, stopping: Stopping | None = None) -> int:
+        """Record the expiries due now (at most ``batch`` of each kind); how many. Ends
+        after the expiry in hand once ``stopping`` is set: a page of a backlog is up to a
+        thousand commands, each waiting for its commit, which a stop waited for."""
         due = iso_time(self.clock())
         recorded = 0
         holds = self.views.rows(
@@ -176,9 +178,15 @@ class ExpirySweeper:
             timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         for row in holds:
+            if stopping:
+                break
             recorded += self._record(ExpireHold(UUID(str(row["hold_id"]))))
         if recorded:
             metrics.HOLDS_EXPIRED.inc(recorded)
+        if stopping:
+            self.recorded += recorded
+            self.more_due = False
+            return recorded
         reservations = self.views.rows(
             OPEN_HOLDS_PROJECTION,
             EXPIRING_RESERVATIONS.name,
@@ -189,6 +197,8 @@ class ExpirySweeper:
             timeout=0.0,  # not built yet: StaleRead at once (see _run)
         ).value
         for row in reservations:
+            if stopping:
+                break
             command = ExpireReservation(str(row["sku"]), str(row["reservation_id"]))
             recorded += self._record(command)
         self.recorded += recorded
@@ -225,8 +235,12 @@ class ExpirySweeper:
     def _run(self, stopping: Stopping) -> None:
         while not stopping:
             try:
-                self.sweep()
+                self.sweep(stopping)
                 full = self.more_due
+            except LedgerClosed:
+                if stopping:  # closed under a sweep its stop gave up waiting for
+                    return
+                raise
             except StaleRead as error:
                 # The open_holds read model is not built yet (a first build may take a
                 # while): say so, and look again. Not a failure at first (the ledger

@@ -110,6 +110,8 @@ def create_app(parts: HttpParts, *, owns_parts: bool = True) -> FastAPI:
         auth.close()
         if owns_parts:
             await parts.close()
+        # The last requests' spans: the process ends by the signal, without atexit.
+        await asyncio.to_thread(tracing.flush_tracing)
 
     app = FastAPI(
         title="daybook",

@@ -237,3 +237,13 @@ def configure_tracing(exporter: Any = None, *, service_name: str = "daybook") ->
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def flush_tracing(timeout_millis: int = 5_000) -> None:
+    """Export the spans still batched in the SDK's processor. ``daybook serve`` calls it as
+    it stops: uvicorn ends the process by re-raising SIGTERM with its default disposition,
+    which runs no ``atexit`` (where the SDK's own shutdown would flush them), so the spans
+    of the last requests, those answered during the drain included, were lost."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush(timeout_millis)

@@ -90,3 +90,20 @@ def test_a_request_s_spans_reach_the_otlp_endpoint_in_the_caller_s_trace(
     ours = {name for name, trace_id in receiver.spans if trace_id == TRACE_ID}
     assert "command open_account" in ours, receiver.spans
     assert "POST /v1/commands/open_account" in ours, receiver.spans  # the request
+
+
+def test_a_sigterm_stop_exports_the_spans_of_the_last_requests(
+    pg_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """With the SDK's default batch delay (5 s), the spans of the requests answered just
+    before and during a drain were still in its batch processor when uvicorn re-raised
+    SIGTERM with its default disposition: the process died without running ``atexit``,
+    where the SDK's own shutdown would have sent them."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}  # the default schedule delay
+    server = ServeProcess(pg_url, tmp_path / "serve.log", env=env).start()
+    try:
+        open_an_account(pg_url, server, "traced")
+    finally:
+        server.stop()  # SIGTERM
+    ours = {name for name, trace_id in receiver.spans if trace_id == TRACE_ID}
+    assert "command open_account" in ours, (receiver.spans, server.output[-2000:])
