@@ -45,7 +45,7 @@ from faust.types import Message as FaustMessage
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import faust as faust_compat
 from daybook.infrastructure.lifecycle import Health, ServiceState
-from daybook.infrastructure.observability import metrics
+from daybook.infrastructure.observability import metrics, tracing
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE
 from daybook.infrastructure.readmodels.checkpoints import PartitioningMismatch
 from daybook.infrastructure.readmodels.location import readmodel_url
@@ -843,6 +843,7 @@ def _exit_if_a_stop_hangs(
         STOP_GRACE_SECONDS,
     )
     shutil.rmtree(datadir, ignore_errors=True)
+    tracing.flush_tracing(timeout_millis=2_000)  # no atexit after os._exit
     for handler in logging.getLogger().handlers:
         handler.flush()
     code = 0

@@ -302,6 +302,7 @@ def _run_relay(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from daybook.infrastructure.observability.tracing import flush_tracing
     from daybook.infrastructure.streaming.app import run_worker, waited_at_start
 
     _logging(args)
@@ -323,6 +324,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         code = 1
     # faust leaves threads behind (its consumer thread, aiokafka's) that can keep a stopped
     # worker's interpreter from exiting, for minutes; everything of ours is closed by now.
+    # No atexit runs after os._exit: the spans still batched for export are sent first.
+    flush_tracing()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

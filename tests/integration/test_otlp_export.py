@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from daybook.infrastructure.http.tokens import open_tokens
 from scripts.serve_process import ServeProcess
@@ -107,3 +108,38 @@ def test_a_sigterm_stop_exports_the_spans_of_the_last_requests(
         server.stop()  # SIGTERM
     ours = {name for name, trace_id in receiver.spans if trace_id == TRACE_ID}
     assert "command open_account" in ours, (receiver.spans, server.output[-2000:])
+
+
+def test_a_stopped_worker_exports_the_spans_of_its_last_batches(
+    pg_url: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    spans: InMemorySpanExporter,  # traced commands: their events carry a traceparent
+) -> None:
+    """A worker ends with ``os._exit`` (faust leaves threads behind that would hold the
+    interpreter): no ``atexit`` runs, so the spans still batched for export were lost. A
+    schedule delay of a minute keeps every span batched until the worker sends them itself."""
+    from daybook import open_ledger
+    from scripts.streams import unique, wait_until
+    from tests.streaming.test_workers import applied, relay, worker
+
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("ann", "EUR").account_id
+    for amount in range(1, 11):  # through the ledger's face: each command traced
+        ledger.deposit(account, amount)
+    head = ledger.head()
+    ledger.close()
+    topic, group = unique("traced"), unique("group")
+    the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+    applying = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log")
+    applying.env.update(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
+    )
+    applying.start()
+    try:
+        wait_until(lambda: applied(pg_url, group, topic) == head, "the worker to apply the log")
+    finally:
+        assert applying.stop() == 0, applying.output
+        the_relay.stop()
+    assert "daybook.worker.apply" in {name for name, _ in receiver.spans}, applying.output[-3000:]
