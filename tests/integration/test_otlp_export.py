@@ -1,6 +1,6 @@
 """Traces leave the process over OTLP when the standard ``OTEL_*`` variables ask for them:
 ``daybook serve`` sends a request's span and its command's span, in the caller's trace, to a
-real OTLP/HTTP receiver."""
+real OTLP/HTTP receiver; it and a worker send what they still hold when they stop."""
 
 from __future__ import annotations
 
