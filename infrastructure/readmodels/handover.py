@@ -388,7 +388,8 @@ def _partitions(
     (it handed its versions back) must be given the count: its rows only say at least how
     many (a worker writes a partition's row once it gets a message of it; an idle partition
     has none), and a count too low or too high would apply events again. A group with
-    nothing recorded takes ``given`` or else ``default``. ``published``: the count the relay
+    nothing recorded takes ``given``, or else the count other groups' versions record for
+    ``topic``, or else ``default``. ``published``: the count the relay
     publishes ``topic`` with (its cursor), when known: the relay never changes it, so it is
     the workers' count, and any other count given or recorded is refused. Locks the progress
     rows."""
@@ -454,6 +455,25 @@ def _partitions(
                 f"workers run with; nothing was handed over"
             )
         return given
+    if given is None:
+        # A group new to the topic, before any relay ran: the versions other groups own
+        # say how many partitions the topic has (the default would make this group's
+        # workers, started with that count, be refused, and its rows refuse it after).
+        elsewhere = sorted(
+            {
+                r.partitions
+                for r in versions
+                if r.topic == topic and r.partitions and r.state.writable
+            }
+        )
+        if len(elsewhere) > 1:
+            raise HandoverRefused(
+                f"versions other groups own record different partition counts for {topic} "
+                f"({', '.join(map(str, elsewhere))}): give --partitions N, the partition count "
+                f"of {topic}; nothing was handed over"
+            )
+        if elsewhere:
+            return elsewhere[0]
     return default if given is None else given
 
 

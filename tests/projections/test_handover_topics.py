@@ -174,3 +174,29 @@ def test_a_version_handed_to_a_group_standing_at_the_head_does_not_rescan_the_lo
     workers(ledger, pg_url, stream, [projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT])
     assert_tables_match(ledger, pg_url, projections.ACCOUNT_STATEMENT)
     assert log.read_events == 0, f"read {log.read_events} events of {ledger.head()}"
+
+
+def test_a_group_new_to_a_topic_takes_the_partition_count_other_groups_record_for_it(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """Before any relay ran (no cursor to say the topic's count), a version handed to a new
+    group took the default of 8 partitions, though another group's versions recorded 4 for
+    the same topic: its workers, started with 4, were refused (partitioning_mismatch), and
+    the 8 progress rows then refused --partitions 4 too. It takes the count recorded."""
+    from daybook.infrastructure.readmodels.catalog import VersionCatalog
+    from daybook.infrastructure.readmodels.location import open_store
+    from tests.projections.test_handover_bounds import run_runner
+
+    workload(ledger, 60)
+    for projection in (projections.ACCOUNT_BALANCES, projections.ACCOUNT_STATEMENT):
+        run_runner(ledger, pg_url, projection)
+    log = event_log_of(ledger)
+    handover(log, pg_url, [projections.ACCOUNT_BALANCES], "stream:first", topic=TOPIC, partitions=4)
+    handover(log, pg_url, [projections.ACCOUNT_STATEMENT], "stream:second", topic=TOPIC)
+    store = open_store(pg_url)
+    try:
+        catalog = VersionCatalog(store)
+        statement = catalog.version(projections.ACCOUNT_STATEMENT.name, 1)
+    finally:
+        store.close()
+    assert statement is not None and statement.partitions == 4
