@@ -35,6 +35,10 @@ class RebuildError(Exception):
     code = "rebuild_refused"
 
 
+#: Seconds between progress lines off a terminal.
+LINE_EVERY = 5.0
+
+
 class ProgressBar:
     """Events done, events/s and ETA on one stderr line, redrawn at most ten times a second."""
 
@@ -45,11 +49,16 @@ class ProgressBar:
         self.started = time.monotonic()
         self.events = 0
         self.drawn = 0.0
+        #: Off a terminal (a file, a pipe, a collector): a line every few seconds, not a
+        #: redrawn one, which would never end until the rebuild does.
+        isatty = getattr(stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
+        self.every = 0.1 if self.terminal else LINE_EVERY
 
     def __call__(self, progress: Progress) -> None:
         self.events += progress.events
         now = time.monotonic()
-        if now - self.drawn < 0.1 and progress.position < progress.head:
+        if now - self.drawn < self.every and progress.position < progress.head:
             return
         self.drawn = now
         elapsed = max(now - self.started, 1e-9)
@@ -60,14 +69,17 @@ class ProgressBar:
         eta = remaining / rate if rate > 0 else 0.0
         width = 30
         filled = int(width * done / total)
+        start = "\r" if self.terminal else ""
         self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{start}{self.label} [{'#' * filled}{'.' * (width - filled)}] "
             f"{self.events:,} events  {rate:,.0f} events/s  "
-            f"ETA {int(eta // 60)}:{int(eta % 60):02d}  "
+            f"ETA {int(eta // 60)}:{int(eta % 60):02d}" + ("  " if self.terminal else "\n")
         )
         self.stream.flush()
 
     def close(self) -> None:
+        if not self.terminal:
+            return
         self.stream.write("\n")
         self.stream.flush()
 
