@@ -206,6 +206,18 @@ class Supervisor:
         if time.monotonic() - started >= self.policy.healthy_after:
             self._attempt = 0
 
+    def cut_off_while_stopping(self, error: BaseException) -> bool:
+        """Whether ``error``, raised by a body after its stop was asked, is one a restart
+        would have retried (an outage): said in one line, and the service stops, rather
+        than log a restart that will not come. Work it cut off is the next start's."""
+        if not isinstance(error, Exception) or not self.transient(error):
+            return False
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        log.info("%s: %s while stopping; not restarted", self.name, reason)
+        self._clean_up(error)  # as after any failed run
+        return True
+
     def judge(self, error: BaseException) -> float | None:
         """After the body raised ``error``: seconds to wait before restarting it, or None
         when the service has failed for good (already logged and recorded). Never raises:
@@ -366,6 +378,8 @@ class SupervisedThread:
                 self._body(self.stopping)
             except BaseException as error:  # judged: retried, or recorded as FAILED
                 supervisor.ran(started)
+                if self.stopping and supervisor.cut_off_while_stopping(error):
+                    break
                 delay = supervisor.judge(error)
                 if delay is None:
                     return
@@ -417,6 +431,8 @@ class SupervisedTask:
                 raise
             except BaseException as error:  # judged: retried, or recorded as FAILED
                 supervisor.ran(started)
+                if self.stopping and supervisor.cut_off_while_stopping(error):
+                    break
                 delay = supervisor.judge(error)
                 if not isinstance(error, Exception):
                     raise  # FAILED by then (``judge``), raised on as asyncio would have it

@@ -438,3 +438,27 @@ def test_start_after_stop_is_refused_with_a_reason() -> None:
     service.stop()
     with pytest.raises(RuntimeError, match="a stopped service cannot start again"):
         service.start()
+
+
+def test_an_outage_met_while_stopping_ends_the_service_without_a_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A body cut off by an outage after its stop was asked (the database gone during a
+    deploy's stop) logged "restarting in 0.09s" after the stop, then stopped: a line about a
+    restart that was never going to happen. It stops, saying what the body met."""
+    started = threading.Event()
+
+    def body(stopping: Stopping) -> None:
+        started.set()
+        stopping.wait()
+        raise ConnectionRefusedError("the store is down")
+
+    service = SupervisedThread("stopping", body, policy=QUICK)
+    with caplog.at_level(logging.INFO, logger="daybook.services"):
+        service.start()
+        assert started.wait(30)
+        service.stop()
+    assert service.health().state is ServiceState.STOPPED
+    said = [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "restarting" in line], said
+    assert any("the store is down" in line for line in said), said
