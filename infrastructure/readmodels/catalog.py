@@ -536,7 +536,16 @@ class VersionCatalog:
         with self.store.transaction():
             record = self._locked(name, version)
             if record.state is not VersionState.RETIRED:
-                raise IllegalTransition("drop the tables of", record.state, {VersionState.RETIRED})
+                why = None
+                if record.state in (VersionState.STOPPED, VersionState.REBUILDING):
+                    why = (
+                        f"cannot drop the tables of a {record.state.value} version (only a "
+                        "retired one); one that will not serve reads (a rebuild given up on) "
+                        "is retired and dropped with --abandon"
+                    )
+                raise IllegalTransition(
+                    "drop the tables of", record.state, {VersionState.RETIRED}, why
+                )
             rows = self.store.execute(
                 "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
                 (name, version),
@@ -548,6 +557,41 @@ class VersionCatalog:
                     " WHERE name = %s AND version = %s",
                     (name, version),
                 )
+            return names
+
+    def abandon(self, name: str, version: int) -> list[str]:
+        """Retire a version that does not serve reads and never will: stopped or being built,
+        by the runner, and not the one serving (a rebuild given up on, the code gone back to
+        the version serving). Its tables are marked to drop (``drop_retired``); a runner still
+        building it sees it retired at its next batch and lets it go. A newer version's switch
+        retires such a version too; this is for when none is coming. Its version number is
+        used up: no runner builds a retired version again. Returns the tables' names."""
+        unserved = {VersionState.STOPPED, VersionState.REBUILDING}
+        with self.store.transaction():
+            record = self._locked(name, version)
+            if self.active_version(name) == version:
+                raise IllegalTransition(
+                    "abandon", record.state, unserved, f"{name} v{version} serves reads"
+                )
+            if record.state not in unserved:
+                raise IllegalTransition("abandon", record.state, unserved)
+            if record.owner != RUNNER:
+                msg = (
+                    f"{name} v{version} is owned by {record.owner}: hand it to the runner first "
+                    f"(daybook projections handover {name} --to runner)"
+                )
+                raise IllegalTransition("abandon", record.state, unserved, msg)
+            self._set_state(name, version, record.state.retired())
+            self.store.execute(
+                "UPDATE daybook_projection_versions SET drop_pending = 1"
+                " WHERE name = %s AND version = %s",
+                (name, version),
+            )
+            rows = self.store.execute(
+                "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
+                (name, version),
+            )
+            names: list[str] = json.loads(rows[0][0])
             return names
 
     def _forget_history(self, name: str, version: int) -> None:

@@ -243,14 +243,18 @@ def register(subparsers: Any) -> None:
             "Drop the tables of a projection version that no longer serves reads (retired): "
             "those a rebuild kept with --keep-old, or versions retired by daybook before "
             "switches marked their tables to drop. Nothing else ever drops them. Any other "
-            "version is refused: it serves reads, is being built, or may be resumed. A drop "
-            "waits at most --lock-wait seconds for transactions still reading the tables."
+            "version is refused: it serves reads, is being built, or may be resumed. With "
+            "--abandon, a version being built or stopped that does not serve reads is retired "
+            "first (a rebuild given up on, the code gone back to the version serving): its "
+            "version number is used up, and a new attempt takes a higher one. A drop waits at "
+            "most --lock-wait seconds for transactions still reading the tables."
         ),
         examples=[
             "daybook projections status  # which versions are retired",
             f"daybook projections drop account_balances 1 --url {_PG}",
             "daybook projections drop daily_activity 3 --readmodels-url sqlite:///views.db",
             "daybook projections drop account_statement 2 --lock-wait 60",
+            "daybook projections drop account_balances 2 --abandon  # a rebuild given up on",
         ],
     )
     _common(drop)
@@ -261,6 +265,11 @@ def register(subparsers: Any) -> None:
         type=seconds,
         default=10.0,
         help="seconds to wait for readers of the tables before giving up (default 10)",
+    )
+    drop.add_argument(
+        "--abandon",
+        action="store_true",
+        help="retire a version being built or stopped that does not serve reads, then drop it",
     )
     drop.set_defaults(handler=_run_drop)
 
@@ -562,7 +571,10 @@ def _run_drop(args: argparse.Namespace) -> int:
         try:
             catalog = VersionCatalog(store)
             catalog.ensure()
-            tables = catalog.mark_to_drop(args.name, args.version)
+            if args.abandon:
+                tables = catalog.abandon(args.name, args.version)
+            else:
+                tables = catalog.mark_to_drop(args.name, args.version)
             if tables and not catalog.drop_retired(args.name, lock_wait=args.lock_wait):
                 print(
                     f"daybook: {label}: its tables are still being read (a long report, a "

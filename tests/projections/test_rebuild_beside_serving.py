@@ -89,3 +89,82 @@ def test_a_rebuilds_progress_to_a_file_or_pipe_is_lines(tmp_path: Any) -> None:
         rebuild(event_log_of(ledger), url, ACCOUNT_BALANCES_V2, batch_size=20, stream=out)
     text = out.getvalue()
     assert "\r" not in text and text.endswith("\n"), repr(text[:300])
+
+
+@pytest.mark.postgres
+def test_a_rebuild_given_up_on_is_retired_and_dropped_with_abandon(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """v2's rebuild stopped on an event its code cannot apply, and the team went back to the
+    code of v1 rather than fix v2: v2 stayed stopped, its tables as large as the projection,
+    and ``projections drop`` refused it (not retired) with nothing else to remove it. With
+    ``--abandon`` it is retired and dropped; the version serving is refused."""
+    import dataclasses
+
+    import psycopg
+
+    from daybook.infrastructure.cli import main
+    from daybook.infrastructure.readmodels.rebuild import RebuildError
+    from daybook.projections.accounts import DEPOSITED
+    from daybook.projections.model import LogEvent, Rows
+
+    good = ACCOUNT_BALANCES_V2.handlers[DEPOSITED]
+
+    def deposit(event: LogEvent, rows: Rows) -> None:
+        if event.data["amount"] == 13:
+            raise ValueError("cannot apply a deposit of 13")
+        good(event, rows)
+
+    poisoned = dataclasses.replace(
+        ACCOUNT_BALANCES_V2, handlers={**ACCOUNT_BALANCES_V2.handlers, DEPOSITED: deposit}
+    )
+    with open_ledger(pg_url) as ledger:
+        ids = workload(ledger, 50)
+        ledger.deposit(ids[0], 13)
+        with run_projections(ledger, pg_url, poll_interval=0.01) as v1:
+            v1.views.balance(ids[0], min_position=ledger.head(), timeout=30)
+        with pytest.raises(RebuildError):
+            rebuild(event_log_of(ledger), pg_url, poisoned, batch_size=20, stream=io.StringIO())
+    stopped = version_record(pg_url, "account_balances", 2)
+    assert stopped is not None and stopped.state is VersionState.STOPPED
+    tables = json_tables(pg_url, "account_balances", 2)
+    assert tables and all(exists(pg_url, table) for table in tables)
+    capsys.readouterr()
+    drop = ["projections", "drop", "account_balances", "2", "--url", pg_url]
+    assert main(drop) == 1
+    assert "--abandon" in capsys.readouterr().err
+    assert main(["projections", "drop", "account_balances", "1", "--url", pg_url, "--abandon"]) == 1
+    assert "serves reads" in capsys.readouterr().err
+    assert main([*drop, "--abandon"]) == 0
+    assert all(not exists(pg_url, table) for table in tables)
+    retired = version_record(pg_url, "account_balances", 2)
+    assert retired is not None and retired.state is VersionState.RETIRED
+    serving = version_record(pg_url, "account_balances", 1)
+    assert serving is not None and serving.state is VersionState.LIVE
+    with psycopg.connect(pg_url) as conn:
+        (active,) = conn.execute(
+            "SELECT active_version FROM daybook_read_models WHERE name = 'account_balances'"
+        ).fetchone()  # type: ignore[misc]
+    assert active == 1
+
+
+def json_tables(url: str, name: str, version: int) -> list[str]:
+    import json
+
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
+            (name, version),
+        ).fetchone()
+    assert row is not None
+    return list(json.loads(row[0]))
+
+
+def exists(url: str, table: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
+    return row is not None and row[0] is not None
