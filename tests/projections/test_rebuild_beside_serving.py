@@ -4,6 +4,7 @@ terminal is lines, not one line redrawn for hours."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -13,8 +14,33 @@ from daybook import open_ledger, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.readmodels.catalog import VersionState
 from daybook.infrastructure.readmodels.rebuild import rebuild
+from daybook.projections.accounts import DEPOSITED
+from daybook.projections.model import LogEvent, Rows
+from scripts.streams import wait_until
 from tests.projections.helpers import version_record, workload
 from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
+
+
+def _deposit_but_13(event: LogEvent, rows: Rows) -> None:
+    if event.data["amount"] == 13:
+        raise ValueError("cannot apply a deposit of 13")
+    ACCOUNT_BALANCES_V2.handlers[DEPOSITED](event, rows)
+
+
+#: account_balances v2 as first written: it cannot apply a deposit of 13.
+POISONED_V2 = dataclasses.replace(
+    ACCOUNT_BALANCES_V2, handlers={**ACCOUNT_BALANCES_V2.handlers, DEPOSITED: _deposit_but_13}
+)
+
+
+def served_by_v1_with_a_deposit_of_13(url: str) -> list[Any]:
+    """A log with a deposit of 13 among others, account_balances v1 serving it all: ids."""
+    with open_ledger(url) as ledger:
+        ids = workload(ledger, 50)
+        ledger.deposit(ids[0], 13)
+        with run_projections(ledger, url, poll_interval=0.01) as v1:
+            v1.views.balance(ids[0], min_position=ledger.head(), timeout=30)
+    return ids
 
 
 @pytest.mark.postgres
@@ -26,44 +52,25 @@ def test_a_new_version_that_parks_while_being_built_does_not_fail_the_servers_he
     without switching. Reads, writes and v1 are fine; /health said 503 (a load balancer
     took every new-code server out at once, an orchestrator restarted them all, for a
     version that serves nothing). It says so in status and the log only."""
-    import dataclasses
-    import time
-
     from daybook import projections
     from daybook.infrastructure.bootstrap import http_parts
     from daybook.infrastructure.http.tokens import open_tokens
     from daybook.infrastructure.settings import Settings
-    from daybook.projections.accounts import DEPOSITED
-    from daybook.projections.model import LogEvent, Rows
     from tests.http.conftest import Api
 
-    with open_ledger(pg_url) as ledger:
-        ids = workload(ledger, 50)
-        ledger.deposit(ids[0], 13)
-        with run_projections(ledger, pg_url, poll_interval=0.01) as v1:
-            v1.views.balance(ids[0], min_position=ledger.head(), timeout=30)
-    good = ACCOUNT_BALANCES_V2.handlers[DEPOSITED]
-
-    def deposit(event: LogEvent, rows: Rows) -> None:
-        if event.data["amount"] == 13:
-            raise ValueError("cannot apply a deposit of 13")
-        good(event, rows)
-
-    poisoned = dataclasses.replace(
-        ACCOUNT_BALANCES_V2, handlers={**ACCOUNT_BALANCES_V2.handlers, DEPOSITED: deposit}
-    )
-    code = [poisoned if p.name == "account_balances" else p for p in projections.ALL]
+    ids = served_by_v1_with_a_deposit_of_13(pg_url)
+    code = [POISONED_V2 if p.name == "account_balances" else p for p in projections.ALL]
     parts = http_parts(Settings.load(url=pg_url), projections=code, tokens=open_tokens(pg_url))
     api = Api(parts)
     api.token("tester", "read", "write", "admin")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            record = version_record(pg_url, "account_balances", 2)
-            if record is not None and record.state is VersionState.STOPPED:
-                break
-            assert time.monotonic() < deadline, record
-            time.sleep(0.05)
+        wait_until(
+            lambda: (
+                getattr(version_record(pg_url, "account_balances", 2), "state", None)
+                is VersionState.STOPPED
+            ),
+            "v2 to stop on the deposit of 13",
+        )
         read = api.get(f"/v1/accounts/{ids[0]}/balance")
         assert read.status_code == 200, read.text  # v1 serves
         reply = api.run(api.client.get("/health", headers=api.auth("tester")))
@@ -99,32 +106,14 @@ def test_a_rebuild_given_up_on_is_retired_and_dropped_with_abandon(
     code of v1 rather than fix v2: v2 stayed stopped, its tables as large as the projection,
     and ``projections drop`` refused it (not retired) with nothing else to remove it. With
     ``--abandon`` it is retired and dropped; the version serving is refused."""
-    import dataclasses
-
     import psycopg
 
     from daybook.infrastructure.cli import main
     from daybook.infrastructure.readmodels.rebuild import RebuildError
-    from daybook.projections.accounts import DEPOSITED
-    from daybook.projections.model import LogEvent, Rows
 
-    good = ACCOUNT_BALANCES_V2.handlers[DEPOSITED]
-
-    def deposit(event: LogEvent, rows: Rows) -> None:
-        if event.data["amount"] == 13:
-            raise ValueError("cannot apply a deposit of 13")
-        good(event, rows)
-
-    poisoned = dataclasses.replace(
-        ACCOUNT_BALANCES_V2, handlers={**ACCOUNT_BALANCES_V2.handlers, DEPOSITED: deposit}
-    )
-    with open_ledger(pg_url) as ledger:
-        ids = workload(ledger, 50)
-        ledger.deposit(ids[0], 13)
-        with run_projections(ledger, pg_url, poll_interval=0.01) as v1:
-            v1.views.balance(ids[0], min_position=ledger.head(), timeout=30)
-        with pytest.raises(RebuildError):
-            rebuild(event_log_of(ledger), pg_url, poisoned, batch_size=20, stream=io.StringIO())
+    served_by_v1_with_a_deposit_of_13(pg_url)
+    with open_ledger(pg_url) as ledger, pytest.raises(RebuildError):
+        rebuild(event_log_of(ledger), pg_url, POISONED_V2, batch_size=20, stream=io.StringIO())
     stopped = version_record(pg_url, "account_balances", 2)
     assert stopped is not None and stopped.state is VersionState.STOPPED
     tables = json_tables(pg_url, "account_balances", 2)
