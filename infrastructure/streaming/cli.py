@@ -231,7 +231,10 @@ def _common(parser: argparse.ArgumentParser, *, service: bool = True) -> None:
         ),
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at INFO level (default: warnings only, or INFO with --log-format json)",
     )
 
 
