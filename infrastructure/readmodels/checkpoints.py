@@ -302,3 +302,22 @@ def parked_for(store: ReadStore, group: str, topic: str, name: str, version: int
         params += (version_label(name, version),)
     rows = store.execute(sql, params)
     return frozenset(int(row[0]) for row in rows)
+
+
+def parked_counts(store: ReadStore) -> dict[tuple[str, str, str], int]:
+    """How many letters each stream group left out of each version, in one aggregate query:
+    ``(group, topic, "name:version") -> count``; letters that name no version (an older
+    daybook's) under ``"*"``, counting for every version of their group."""
+    found = store.execute(f"SELECT {IN_OWN_SCHEMA} IS NOT NULL", ("daybook_stream_dead_letters",))
+    if not found[0][0]:
+        return {}
+    if store.has_column("daybook_stream_dead_letters", "versions"):
+        rows = store.execute(
+            "SELECT group_id, topic, coalesce(v, '*'), count(*) FROM daybook_stream_dead_letters"
+            " LEFT JOIN LATERAL unnest(versions) AS v ON true GROUP BY 1, 2, 3"
+        )
+    else:
+        rows = store.execute(
+            "SELECT group_id, topic, '*', count(*) FROM daybook_stream_dead_letters GROUP BY 1, 2"
+        )
+    return {(str(g), str(t), str(v)): int(n) for g, t, v, n in rows}

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from daybook.infrastructure.eventstore.log import EventLog
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
-from daybook.infrastructure.readmodels.checkpoints import past_the_log
+from daybook.infrastructure.readmodels.checkpoints import parked_counts, past_the_log, version_label
 from daybook.infrastructure.readmodels.dead_letters import DeadLetters
 from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconciler import ReconcileRun, last_runs
@@ -53,6 +53,19 @@ def projection_status(log: EventLog, url: str) -> list[VersionStatus]:
                 checkpoints = {(r.name, r.version): catalog.checkpoint(r) for r in records}
                 active = catalog.active_versions()
                 parked = DeadLetters(store).unresolved()
+                # A stream group parks in a table of its own, and goes on: the letters it
+                # left out of a version are that version's parked events.
+                streamed = [r for r in records if r.stream is not None]
+                counts = parked_counts(store) if streamed else {}
+                for r in streamed:
+                    assert r.stream is not None
+                    group, topic, _ = r.stream
+                    label = version_label(r.name, r.version)
+                    left_out = counts.get((group, topic, label), 0)
+                    left_out += counts.get((group, topic, "*"), 0)
+                    if left_out:
+                        key = (r.name, r.version)
+                        parked[key] = parked.get(key, 0) + left_out
         except Exception as error:
             if made or not (store.is_missing_column(error) or store.is_missing_table(error)):
                 raise

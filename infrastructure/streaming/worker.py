@@ -878,7 +878,6 @@ class StreamApplier:
         refused: NotOwner | None = None
         #: Refusals naming a version that replaced one of the group's: what to hand over.
         replaced: NotOwner | None = None
-        parked: int | None = None
         for projection in self.projections:
             key = (projection.name, projection.version)
             record = catalog.version(*key, share=True)
@@ -903,8 +902,7 @@ class StreamApplier:
             if slot is None or slot.record.epoch != record.epoch:
                 slot = Slot(projection, record, RowCache(projection, self.cache_limit))
                 slot.cache.warm(store, empty=False)
-                if parked is None:
-                    parked = self._parked_count(store)
+                parked = self._parked_count(store, *key)
                 metrics.PROJECTION_PARKED.labels(*map(str, key)).set(parked)
             if record.note is not None and catalog.active_version(key[0]) == key[1]:
                 catalog.set_note(*key, None)  # followed again
@@ -933,11 +931,14 @@ class StreamApplier:
             return None
         return NotOwner(record.name, newer.version, newer.owner, self.owner)
 
-    def _parked_count(self, store: ReadStore) -> int:
-        """The group's parked events (each one applied to none of its versions)."""
+    def _parked_count(self, store: ReadStore, name: str, version: int) -> int:
+        """The group's parked events left out of version ``version`` of ``name``: those
+        that name it, and those an older daybook parked (naming none, they count for every
+        version). A letter of a version the fixed one replaced is in the fixed one's rows."""
         rows = store.execute(
-            f"SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE group_id = %s AND topic = %s",
-            (self.group, self.topic),
+            f"SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE group_id = %s AND topic = %s"
+            " AND (versions IS NULL OR %s = ANY(versions))",
+            (self.group, self.topic, version_label(name, version)),
         )
         return int(rows[0][0]) if rows else 0
 
