@@ -339,7 +339,7 @@ def _status(args: argparse.Namespace) -> int:
     from daybook.infrastructure.streaming.progress import (
         LIVE,
         PARKED,
-        read_dead_letters,
+        letter_summary,
         read_groups,
         read_status,
     )
@@ -374,14 +374,14 @@ def _status(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    letters = read_dead_letters(readmodels, settings.group, settings.topic)
-    open_letters = [letter for letter in letters if letter["open"]]
-    if letters:
-        versions = sorted({v for letter in open_letters for v in letter["versions"] or ["all"]})
+    letters = letter_summary(readmodels, settings.group, settings.topic)
+    if letters.letters:
         print(
-            f"worker {settings.group}: {len(letters)} dead letter(s), {len(open_letters)} left "
-            "out of versions not retired" + (f" ({', '.join(versions)})" if open_letters else "")
+            f"worker {settings.group}: {letters.letters} dead letter(s), {letters.open} left "
+            "out of versions not retired"
+            + (f" ({', '.join(letters.versions)})" if letters.open else "")
         )
+    open_letters = letters.open > 0
     if open_letters:
         print(
             "  to bring them in: give each version named a new version (fixed), build it "

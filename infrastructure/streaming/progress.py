@@ -170,22 +170,29 @@ def _read_progress(store_url: str, query: LiteralString, params: tuple[str, ...]
         return conn.execute(SQL(query).format(Identifier(PROGRESS_TABLE)), params).fetchall()
 
 
+def _open_letter(versions: str) -> str:
+    """SQL: whether a letter is open. Some version the event was left out of is not retired
+    yet (letters parked before versions were recorded count as open). Once every one of them
+    is retired (fixed versions built and handed over), the letter is history. A table no
+    upgraded worker has connected to yet has no ``versions`` (``versions`` is then NULL):
+    every letter is open."""
+    return (
+        f"({versions} IS NULL OR EXISTS (SELECT 1 FROM daybook_projection_versions v"
+        " WHERE v.state <> 'retired' AND v.name || ':' || v.version"
+        f" = ANY({versions}::text[])))"
+    )
+
+
 def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, Any]]:
-    """Parked events of the group, oldest first."""
+    """Parked events of the group, oldest first (every one: see ``letter_summary``)."""
     store = open_store(store_url)
     try:
         if store.execute(f"SELECT {IN_OWN_SCHEMA}", (DEAD_LETTER_TABLE,))[0][0] is None:
             return []
-        # ``open``: some version the event was left out of is not retired yet (letters
-        # parked before versions were recorded count as open). Once every one of them is
-        # retired (fixed versions built and handed over), the letter is history. A table no
-        # upgraded worker has connected to yet has no ``versions``: every letter is open.
         versions = "versions" if store.has_column(DEAD_LETTER_TABLE, "versions") else "NULL"
         rows = store.execute(
             f"SELECT partition, position, kafka_offset, event_type, error, {versions}::text[],"
-            f" ({versions} IS NULL OR EXISTS (SELECT 1 FROM daybook_projection_versions v"
-            " WHERE v.state <> 'retired' AND v.name || ':' || v.version"
-            f" = ANY({versions}::text[]))) FROM {DEAD_LETTER_TABLE}"
+            f" {_open_letter(versions)} FROM {DEAD_LETTER_TABLE}"
             " WHERE group_id = %s AND topic = %s ORDER BY position",
             (group, topic),
         )
@@ -193,6 +200,46 @@ def read_dead_letters(store_url: str, group: str, topic: str) -> list[dict[str, 
         store.close()
     names = ("partition", "position", "kafka_offset", "event_type", "error", "versions", "open")
     return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+@dataclass(frozen=True)
+class LetterSummary:
+    """A group's letters counted: all of them, the open ones, and the versions the open ones
+    were left out of (``all``: a letter that names none)."""
+
+    letters: int
+    open: int
+    versions: tuple[str, ...]
+
+
+def letter_summary(store_url: str, group: str, topic: str) -> LetterSummary:
+    """``read_dead_letters`` counted by the database: a handler failing on every event of a
+    busy projection parks a letter per event until the fix is deployed, and reading them all
+    (their errors too) to count them took memory and time growing with the log."""
+    store = open_store(store_url)
+    try:
+        if store.execute(f"SELECT {IN_OWN_SCHEMA}", (DEAD_LETTER_TABLE,))[0][0] is None:
+            return LetterSummary(0, 0, ())
+        has_versions = store.has_column(DEAD_LETTER_TABLE, "versions")
+        versions = "versions" if has_versions else "NULL"
+        where = " WHERE group_id = %s AND topic = %s"
+        ((letters, open_letters),) = store.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE {_open_letter(versions)})"
+            f" FROM {DEAD_LETTER_TABLE}{where}",
+            (group, topic),
+        )
+        names: list[str] = []
+        if open_letters:
+            named = "unnest(coalesce(versions, ARRAY['all']))" if has_versions else "'all'"
+            rows = store.execute(
+                f"SELECT DISTINCT {named} FROM {DEAD_LETTER_TABLE}{where}"
+                f" AND {_open_letter(versions)}",
+                (group, topic),
+            )
+            names = sorted(str(row[0]) for row in rows)
+    finally:
+        store.close()
+    return LetterSummary(int(letters), int(open_letters), tuple(names))
 
 
 def letter_groups(store: ReadStore, topic: str, *, first: str) -> list[str]:
