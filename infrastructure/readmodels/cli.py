@@ -710,7 +710,9 @@ def _run_reconcile(args: argparse.Namespace) -> int:
             if report.repaired:
                 verdict += ", repaired"
             elif args.repair and not report.clean:
-                verdict += ", not repaired (the owner kept moving; run it again)"
+                verdict += (
+                    ", not repaired (handed over or repaired by another meanwhile; run it again)"
+                )
             owner = "" if report.vector is None else f" (vector {list(report.vector)})"
             print(
                 f"{report.name} v{report.version} owned by {report.owner} at position "
