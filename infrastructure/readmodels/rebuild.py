@@ -39,20 +39,26 @@ class RebuildError(Exception):
 LINE_EVERY = 5.0
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or the stream is closed
+        return False
+
+
 class ProgressBar:
     """Events done, events/s and ETA on one stderr line, redrawn at most ten times a second."""
 
-    def __init__(self, label: str, start: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, label: str, start: int, stream: TextIO | None = None) -> None:
         self.label = label
         self.start_position = start
-        self.stream = stream
+        self.stream = sys.stderr if stream is None else stream  # as it is now, not at import
         self.started = time.monotonic()
         self.events = 0
         self.drawn = 0.0
         #: Off a terminal (a file, a pipe, a collector): a line every few seconds, not a
         #: redrawn one, which would never end until the rebuild does.
-        isatty = getattr(stream, "isatty", None)
-        self.terminal = bool(isatty and isatty())
+        self.terminal = _is_terminal(self.stream)
         self.every = 0.1 if self.terminal else LINE_EVERY
 
     def __call__(self, progress: Progress) -> None:
@@ -109,7 +115,7 @@ def rebuild(
     batch_size: int = 100_000,
     keep_old: bool = False,
     progress: bool = True,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,
     wait_interval: float = 0.5,
 ) -> RebuildResult:
     """Build ``projection`` at its version from the log and switch reads to it.
@@ -118,6 +124,7 @@ def rebuild(
     batch, the switch of reads, its COMMIT's reply, the last look at the catalog) is waited
     out, with backoff; any other error, a refusal included, ends the rebuild at once."""
     name = f"rebuild of {projection.name} v{projection.version}"
+    stream = sys.stderr if stream is None else stream  # as it is now, not at import
     active, resumed_from = _waiting_out_outages(Supervisor(name), lambda: _prepare(url, projection))
 
     bar = ProgressBar(f"{projection.name} v{projection.version}", resumed_from, stream)

@@ -157,3 +157,14 @@ def exists(url: str, table: str) -> bool:
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
     return row is not None and row[0] is not None
+
+
+def test_a_progress_bar_on_a_closed_stream_is_no_terminal_and_raises_nothing() -> None:
+    """Asking a stream whether it is a terminal raised on a closed one: ``rebuild``'s default
+    stream was ``sys.stderr`` as it was at import (under pytest, closed by then), so every
+    rebuild raised ``ValueError`` before its first batch, progress shown or not."""
+    from daybook.infrastructure.readmodels.rebuild import ProgressBar
+
+    closed = io.StringIO()
+    closed.close()
+    assert not ProgressBar("account_balances v2", 0, closed).terminal
