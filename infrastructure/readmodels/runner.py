@@ -141,11 +141,6 @@ class ProjectionRunner:
         #: newer code: that is what a rolling deploy looks like until it ends, and every
         #: server of the old code failing its health at once would take them all out.)
         self.halted: dict[tuple[str, int], str] = {}
-        #: Of those, the ones another version of their projection serves reads beside (a new
-        #: version that stopped while being built): reads go on, unharmed; ``status`` and the
-        #: log say it, ``versions_health`` does not fail for it (every server with the new
-        #: code failing its health at once would take them all out).
-        self._unserved: set[tuple[str, int]] = set()
         #: Each version's position when the runner last failed (see ``_hold_lag``).
         self._applied: dict[tuple[str, int], int] = {}
         #: The runner as a service: a transient failure (the log's store or the read-model
@@ -193,7 +188,7 @@ class ProjectionRunner:
         the runner's own health says it runs); ``running`` again once a resume or a rebuild
         mends it."""
         since = self.service.health().since
-        halted = {k: v for k, v in self.halted.items() if k not in self._unserved}
+        halted = dict(self.halted)
         if not halted:
             return Health("projection versions", ServiceState.RUNNING, since)
         reasons = "; ".join(halted[key] for key in sorted(halted))
@@ -316,10 +311,8 @@ class ProjectionRunner:
                 continue
             if record.owner == RUNNER and record.state is VersionState.STOPPED:
                 self.halted[key] = _stopped(key, record.error)
-                self._note_unserved(catalog, key)
             else:
                 self.halted.pop(key, None)
-                self._unserved.discard(key)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)
@@ -695,20 +688,10 @@ class ProjectionRunner:
                     )
             if letter is not None:
                 metrics.PROJECTION_PARKED.labels(slot.key[0], str(slot.key[1])).inc()
-            with store.transaction(write=False):
-                self._note_unserved(VersionCatalog(store), slot.key)
         except (IllegalTransition, LookupError) as refused:
             # Retired (or stopped) by someone else meanwhile: not ours to park any more.
             log.info("projection %s v%s: %s; releasing it", *slot.key, refused)
         self._release(slot)
-
-    def _note_unserved(self, catalog: VersionCatalog, key: tuple[str, int]) -> None:
-        """Record whether another version of ``key``'s projection serves reads beside it."""
-        active = catalog.active_version(key[0])
-        if active is not None and active != key[1]:
-            self._unserved.add(key)
-        else:
-            self._unserved.discard(key)
 
     def _switch_caught_up(self, store: ReadStore, reached: int) -> None:
         """A rebuilding version that read to the end of the log (``reached``: the position
