@@ -9,7 +9,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -145,11 +145,13 @@ def redacted(url: str) -> str:
         password = parts.password
     except ValueError:  # a malformed host or port: keep only what surely holds no secret
         return f"{head}://..."
-    if password is None and "@" in rest and ":" in rest.rpartition("@")[0]:
+    if password is None and _userinfo_misread(parts, rest):
         # A password written unencoded with '/', '?' or '#' in it ends urlsplit's netloc
         # early, so it sees none: hide everything from the first ':' to the last '@'.
         userinfo, _, after = rest.rpartition("@")
-        return f"{head}://{userinfo.split(':', 1)[0]}:***@{after}"
+        if ":" not in userinfo:
+            return f"{head}://..."
+        return redacted(f"{head}://{userinfo.split(':', 1)[0]}:***@{after}")
     if password is not None:
         userinfo, _, hostport = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
@@ -163,6 +165,21 @@ def redacted(url: str) -> str:
             )
         )
     return urlunsplit(parts)
+
+
+def _userinfo_misread(parts: SplitResult, rest: str) -> bool:
+    """Whether an '@' after the host ends a user and password urlsplit did not see: it is
+    in the path, the fragment, or a query item as other than a value (``?name=a@b`` is a
+    value, as in ``application_name=me@laptop``), or the port is not one."""
+    if "@" in parts.netloc or "@" not in rest:
+        return False
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        return True
+    if "@" in parts.path or "@" in parts.fragment:
+        return True
+    return any("@" in item and "=" not in item.partition("@")[0] for item in parts.query.split("&"))
 
 
 def scheme(url: str) -> str:

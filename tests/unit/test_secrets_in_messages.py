@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daybook.infrastructure.cli import main
+from daybook.infrastructure.urls import redacted
 
 UUID = "00000000-0000-0000-0000-000000000001"
 
@@ -62,3 +63,25 @@ def test_a_broker_url_with_a_password_never_shows_any_of_it(url: str) -> None:
         preflight.check_broker(url)
     said = str(refused.value)
     assert "etPW" not in said and "98" not in said and "S3cr" not in said, said
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgresql://u@db.example:5432/ledger?password=abc@defghi", "defghi"),
+        ("postgresql://u@db.example:5432/ledger?sslpassword=k3y@rest&sslmode=require", "rest"),
+        ("postgresql://h/ledger?sslpassword=k3y@rest&sslmode=require", "k3y"),
+        ("postgresql://ledger:12?etPW@db.example/ledger", "etPW"),
+    ],
+)
+def test_an_at_in_a_query_password_shows_no_part_of_it(url: str, secret: str) -> None:
+    """The unencoded-password rule took an '@' inside a query's password for the end of a
+    user and password, and showed the password's tail as the host."""
+    assert secret not in redacted(url)
+
+
+def test_an_at_in_a_query_value_leaves_the_url_as_it_is() -> None:
+    """``application_name=me@laptop`` holds no secret: the URL was shown as
+    ``postgresql://[:***@laptop``, a host that is not the one connected to."""
+    url = "postgresql://[::1]:5432/ledger?application_name=me@laptop"
+    assert redacted(url) == url
