@@ -17,7 +17,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import AggregateRecorder, EventStore
+from eventsourcing.persistence import AggregateRecorder, EventStore, StoredEvent
 from eventsourcing.utils import resolve_topic
 
 from daybook.infrastructure.codec import ContractMapper
@@ -67,16 +67,32 @@ class Snapshots(EventStore[UUID]):
             # (Outside the ``try``: a store that does not answer is an outage, not a reason
             # to replay.)
             version = stored.originator_version
-            if self.log is not None and not self.log.select_events(
-                originator_id, gt=version - 1, lte=version, limit=1
-            ):
-                # The log does not hold the version it was taken at (the events table
-                # restored without the snapshots): it would show state the log never
-                # had, and the next command would write past a gap in its versions.
-                log.warning(
-                    "the snapshot of %s at version %s is ahead of its events; replaying its events",
-                    stored.originator_id,
-                    version,
-                )
-                continue
+            if self.log is not None:
+                held = self.log.select_events(originator_id, gt=version - 1, lte=version, limit=1)
+                if not held or not _taken_from(mapper, snapshot, held[0]):
+                    # The events table restored without the snapshots: the log does not hold
+                    # the version it was taken at, or holds another event there (written
+                    # since the restore). It would show state the log never had, and the
+                    # next command would write past a gap in its versions.
+                    log.warning(
+                        "the snapshot of %s at version %s is not of the events the log holds"
+                        " (ahead of them, or of events a restore replaced); replaying its"
+                        " events",
+                        stored.originator_id,
+                        version,
+                    )
+                    continue
             yield snapshot
+
+
+def _taken_from(mapper: ContractMapper, snapshot: object, event: StoredEvent) -> bool:
+    """Whether ``snapshot`` was taken from ``event`` (the stored event at its version): the
+    aggregate's ``modified_on`` it keeps is that event's time. An event written at that
+    version since a restore has another time."""
+    taken = getattr(snapshot, "modified_on", None)
+    if taken is None:  # a contract that keeps no time: the version alone, as before
+        return True
+    try:
+        return bool(mapper.to_domain_event(event).timestamp == taken)
+    except Exception:  # an event it cannot read: the replay says why, not the snapshot
+        return False

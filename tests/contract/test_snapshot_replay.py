@@ -236,3 +236,29 @@ def test_a_snapshot_ahead_of_the_log_is_not_taken_for_the_account(shared_store_u
     with open_ledger(settings=Settings.load(url=url, snapshot_interval=5)) as ledger:
         view = ledger.account(account)
         assert (view.version, view.balance) == (7, 600)
+
+
+def test_a_snapshot_of_events_a_restore_replaced_is_not_trusted_when_the_log_reaches_its_version(
+    shared_store_url: str,
+) -> None:
+    """Snapshot taken at version 12 (the batch crossed 10); the log restored to 11. The next
+    deposit writes version 12 of a new history without crossing a multiple of 5 (no new
+    snapshot): the old snapshot at 12 passed the check that the log holds its version, and
+    the account showed the lost history's balance. Its event's time is checked too."""
+    url = shared_store_url
+    with open_ledger(settings=Settings.load(url=url, snapshot_interval=5)) as ledger:
+        account = ledger.open_account("a", "EUR").account_id
+        ledger.submit([Deposit(account, 100) for _ in range(4)])  # v5: snapshot
+        ledger.submit([Deposit(account, 100) for _ in range(4)])  # v9
+        ledger.submit([Deposit(account, 100) for _ in range(3)])  # v12: snapshot at 12
+    _execute(
+        url,
+        f"DELETE FROM {_table(url, 'events')} WHERE originator_id = %s AND originator_version > 11",
+        (_key(url, account),),
+    )
+    with open_ledger(settings=Settings.load(url=url, snapshot_interval=5)) as ledger:
+        assert ledger.account(account).balance == 1000
+        ledger.deposit(account, 1)  # v12 of the restored history
+    with open_ledger(settings=Settings.load(url=url, snapshot_interval=5)) as ledger:
+        view = ledger.account(account)
+        assert (view.version, view.balance) == (12, 1001)
