@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -536,15 +536,27 @@ def _compare(store: ReadStore, fold: Fold, record: VersionRecord, point: _Point)
         report.ranges_differing += len(differing)
         if differing:
             report.differing[table.name] = differing
-        for bucket in differing:  # range by range: memory for one range's rows at a time
-            have = store.rows_in_ranges(table, projection.version, {bucket})
-            want = fold.store.rows_in_ranges(table, projection.version, {bucket})
+        for want, have in _by_range(store, fold, table, differing):
             for drift in _drifts(table, want, have):
                 if len(report.drifts) < DRIFTS_LISTED:
                     report.drifts.append(drift)
                 else:
                     report.unlisted += 1
     return report
+
+
+def _by_range(
+    store: ReadStore, fold: Fold, table: Table, ranges: Iterable[str]
+) -> Iterator[tuple[dict[Key, Row], dict[Key, Row]]]:
+    """For each of ``ranges``, in order: the fold's rows in it and the stored ones, one
+    range's rows in memory at a time, each side read in one pass (``rows_by_range``)."""
+    wanted = set(ranges)
+    version = fold.projection.version
+    stored = store.rows_by_range(table, version, wanted)
+    folded = fold.store.rows_by_range(table, version, wanted)
+    for (mine, have), (theirs, want) in zip(stored, folded, strict=True):
+        assert mine == theirs, (mine, theirs)
+        yield want, have
 
 
 def _drifts(table: Table, want: dict[Key, Row], have: dict[Key, Row]) -> Iterator[Drift]:
@@ -586,9 +598,7 @@ def _repair(store: ReadStore, fold: Fold, report: ReconcileReport) -> None:
     store.create_keys(projection)
     repairs = ReconcileLog(store)
     for table in projection.tables:
-        for bucket in report.differing.get(table.name, ()):
-            have = store.rows_in_ranges(table, version, {bucket})
-            want = fold.store.rows_in_ranges(table, version, {bucket})
+        for want, have in _by_range(store, fold, table, report.differing.get(table.name, ())):
             for drift in _drifts(table, want, have):
                 if table.summed:
                     store.replace_total(table, version, drift.key, drift.expected)

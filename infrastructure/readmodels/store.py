@@ -324,6 +324,15 @@ class ReadStore(ABC):
         rows = ((table.key_of(row), row) for row in self.all_rows(table, version))
         return {key: row for key, row in rows if checksums.range_of(key) in ranges}
 
+    def rows_by_range(
+        self, table: Table, version: int, ranges: set[str]
+    ) -> Iterator[tuple[str, dict[Key, Row]]]:
+        """Each of ``ranges`` in order, with its stored rows by key (none: empty), one range's
+        rows in memory at a time. Here a pass over the table per range; PostgreSQL reads
+        them all in one pass."""
+        for each in sorted(ranges):
+            yield each, self.rows_in_ranges(table, version, {each})
+
     # -- writing rows (inside the caller's transaction) ------------------------------------
 
     @abstractmethod
