@@ -232,7 +232,8 @@ class PostgresStore(ReadStore):
             cursor.itersize = _RANGE_ROWS_PER_FETCH
             cursor.execute(sql, [wanted])
             pending = iter(wanted)
-            current, rows = next(pending), {}
+            rows: dict[Key, Row] = {}
+            current = next(pending)
             for values in cursor:
                 found = str(values[0])
                 while found != current:  # ranges without rows come out empty
