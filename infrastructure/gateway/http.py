@@ -29,6 +29,8 @@ from urllib.parse import quote
 import httpx
 import orjson
 
+from daybook.infrastructure.compat.httpx import deadline as call_deadline
+from daybook.infrastructure.compat.httpx import with_deadlines
 from daybook.infrastructure.gateway import (
     Charge,
     ChargeStatus,
@@ -70,10 +72,11 @@ class HttpPaymentGateway:
         #: How long a whole call may take (``timeout`` bounds each connect, write and read:
         #: a body trickled a byte at a time held a call for as long as it went on).
         self.deadline = 2 * timeout if deadline is None else deadline
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         self._client = httpx.Client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            transport=with_deadlines(httpx.HTTPTransport(limits=limits)),
         )
 
     def charge(
@@ -140,9 +143,13 @@ class HttpPaymentGateway:
         return response
 
     def _request(self, method: str, path: str, deadline: float, **kwargs: Any) -> httpx.Response:
-        """The answer, its body read within ``deadline`` seconds of the request and at most
-        ``MAX_ANSWER`` bytes. (The status line and headers are bounded only by ``timeout``
-        per read: they come before the body, and httpx gives no handle on them.)"""
+        """The answer, whole (status line, headers and body) within ``deadline`` seconds of
+        the request (``compat.httpx.deadline``: every connect, read and write waits at most
+        what is left), and at most ``MAX_ANSWER`` bytes of body."""
+        with call_deadline(deadline):
+            return self._answer(method, path, deadline, **kwargs)
+
+    def _answer(self, method: str, path: str, deadline: float, **kwargs: Any) -> httpx.Response:
         until = time.monotonic() + deadline
         request = self._client.build_request(method, path, **kwargs)
         response = self._client.send(request, stream=True)

@@ -3,7 +3,9 @@ took for what they are not (see each test)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -411,3 +413,51 @@ def test_a_slowly_sent_listing_page_is_still_read() -> None:
         gateway.close()
         server.shutdown()
         server.server_close()
+
+
+class _TricklingHead:
+    """A server that answers every request with a good charge, its status line and headers
+    sent a byte every ``pause`` seconds: ``finished`` says whether it got the whole head out
+    (the client gone first: not)."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self.finished = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = self.listener.accept()
+            with connection:
+                connection.recv(65536)  # the request (small, in one piece on loopback)
+                body = b'{"key": "k", "status": "succeeded", "amount": 100, "currency": "EUR"}'
+                head = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                )
+                for byte in head:
+                    connection.sendall(bytes([byte]))
+                    time.sleep(self.pause)
+                self.finished.set()
+                connection.sendall(body)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_call_ends_however_long_the_status_line_and_headers_trickle() -> None:
+    """The deadline bounded the body only: a server (or a proxy) sending its status line and
+    headers a byte every 0.3 s, each within the 1 s read timeout, held the call (and the
+    saga's drive) until its last header, 25 s here, as long as it liked anywhere. Every
+    connect, read and write of a call now waits at most what is left of its deadline."""
+    server = _TricklingHead(pause=0.3)
+    gateway = HttpPaymentGateway(f"http://127.0.0.1:{server.port}", timeout=1.0)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+        assert not server.finished.is_set(), "the call waited for the whole trickled head"
+    finally:
+        gateway.close()
+        server.close()

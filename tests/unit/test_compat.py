@@ -18,6 +18,8 @@ import aiokafka
 import aiokafka.partitioner
 import faust
 import faust.transport.consumer
+import httpcore
+import httpx
 import pytest
 from aiokafka.producer.message_accumulator import MessageBatch
 from aiokafka.structs import TopicPartition
@@ -34,6 +36,7 @@ from daybook.infrastructure.compat import Internal
 from daybook.infrastructure.compat import aiokafka as aiokafka_compat
 from daybook.infrastructure.compat import eventsourcing as eventsourcing_compat
 from daybook.infrastructure.compat import faust as faust_compat
+from daybook.infrastructure.compat import httpx as httpx_compat
 from daybook.infrastructure.compat import opentelemetry as opentelemetry_compat
 from daybook.infrastructure.compat import prometheus_client as prometheus_compat
 
@@ -43,6 +46,7 @@ COMPAT_MODULES = {
     "eventsourcing": eventsourcing_compat,
     "opentelemetry": opentelemetry_compat,
     "prometheus_client": prometheus_compat,
+    "httpx": httpx_compat,
 }
 
 
@@ -119,6 +123,8 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "eventsourcing.sqlite:SQLiteConnectionPool": SQLiteConnectionPool(db_name=":memory:"),
         "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
         "prometheus_client.metrics:Histogram": Histogram("x", "y", registry=CollectorRegistry()),
+        "httpx:HTTPTransport": httpx.HTTPTransport(),
+        "httpcore:ConnectionPool": httpcore.ConnectionPool(),
     }
     datastore.close()
 
@@ -157,6 +163,19 @@ def test_opentelemetry_api_still_has(internal: Internal, instances: dict[str, ob
 @pytest.mark.parametrize("internal", relied_on(prometheus_compat))
 def test_prometheus_client_still_has(internal: Internal, instances: dict[str, object]) -> None:
     check(internal, instances)
+
+
+@pytest.mark.parametrize("internal", relied_on(httpx_compat))
+def test_httpx_and_httpcore_still_have(internal: Internal, instances: dict[str, object]) -> None:
+    check(internal, instances)
+
+
+def test_a_transport_with_deadlines_opens_its_connections_through_daybooks_backend() -> None:
+    transport = httpx_compat.with_deadlines(httpx.HTTPTransport())
+    assert isinstance(transport._pool._network_backend, httpx_compat._Backend)
+    # Twice is once: not a backend wrapped in itself.
+    again = httpx_compat.with_deadlines(transport)
+    assert not isinstance(again._pool._network_backend._backend, httpx_compat._Backend)
 
 
 def test_a_renamed_eventsourcing_hook_is_named_with_what_relies_on_it(
