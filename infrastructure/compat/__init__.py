@@ -1,11 +1,13 @@
-"""Other libraries' private internals, one module per library: ``faust``, ``aiokafka``.
+"""Other libraries' private internals, one module per library: ``faust``, ``aiokafka``,
+``eventsourcing``, ``opentelemetry``, ``prometheus_client``, ``httpx`` (with httpcore).
 
-daybook relies on a few names that faust-streaming and aiokafka do not publish (a consumer's
-read offsets, the factory that builds the aiokafka consumer, the partitioner's hash). They are
-used nowhere else: the streaming code calls the small functions here. Each module also lists
-what it relies on in ``RELIED_ON``, one ``Internal`` per name with the shape daybook expects,
-and ``tests/unit/test_compat.py`` checks every entry against the installed version, so an
-upgrade that removes or reshapes one fails there, naming it, rather than in a running worker.
+daybook relies on a few names these libraries do not publish (a consumer's read offsets, the
+factory that builds the aiokafka consumer, the partitioner's hash, an HTTP transport's
+connection pool...). They are used nowhere else: the rest of daybook calls the small
+functions here. Each module also lists what it relies on in ``RELIED_ON``, one ``Internal``
+per name with the shape daybook expects, and ``tests/unit/test_compat.py`` checks every entry
+against the installed version, so an upgrade that removes or reshapes one fails there, naming
+it, rather than in a running service.
 """
 
 from __future__ import annotations
