@@ -72,6 +72,18 @@ class AdvisoryLocks(WriterLocks):
         self.conn.execute("SELECT pg_advisory_unlock(%s)", (self._key(key),))
         self.conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
 
+    def held_elsewhere(self, key: int) -> bool:
+        # A runner of this version holds its schema's key; an older one, the plain key
+        # exclusively. (A bigint key shows in pg_locks as classid, its high half, and objid.)
+        row = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND pid <> pg_backend_pid()"
+            " AND (((classid::bigint << 32) | objid::bigint) = %s"
+            "  OR (((classid::bigint << 32) | objid::bigint) = %s AND mode = 'ExclusiveLock')))",
+            (self._key(key), key),
+        ).fetchone()
+        return bool(row and row[0])
+
     def check(self) -> None:
         self.conn.execute("SELECT 1")
 

@@ -141,6 +141,12 @@ class ProjectionRunner:
         #: newer code: that is what a rolling deploy looks like until it ends, and every
         #: server of the old code failing its health at once would take them all out.)
         self.halted: dict[tuple[str, int], str] = {}
+        #: Of those, the ones a new version of its projection that stopped while being built
+        #: beside the one serving reads, which another process's runner (older code, a
+        #: rolling deploy under way) still follows: reads go on from it, so ``versions_health``
+        #: does not fail for them (every server of the new code failing its health at once
+        #: would take them all out). With nobody following the serving version, it does.
+        self._followed_beside: set[tuple[str, int]] = set()
         #: Each version's position when the runner last failed (see ``_hold_lag``).
         self._applied: dict[tuple[str, int], int] = {}
         #: The runner as a service: a transient failure (the log's store or the read-model
@@ -188,7 +194,7 @@ class ProjectionRunner:
         the runner's own health says it runs); ``running`` again once a resume or a rebuild
         mends it."""
         since = self.service.health().since
-        halted = dict(self.halted)
+        halted = {k: v for k, v in self.halted.items() if k not in self._followed_beside}
         if not halted:
             return Health("projection versions", ServiceState.RUNNING, since)
         reasons = "; ".join(halted[key] for key in sorted(halted))
@@ -293,6 +299,18 @@ class ProjectionRunner:
         self.slots.clear()
         self._behind = True
 
+    def _serving_is_followed_elsewhere(self, catalog: VersionCatalog, key: tuple[str, int]) -> bool:
+        """Whether another version of ``key``'s projection serves reads and another process's
+        runner holds its writer lock (follows it)."""
+        assert self._locks is not None
+        active = catalog.active_version(key[0])
+        if active is None or active == key[1]:
+            return False
+        serving = catalog.version(key[0], active)
+        if serving is None or serving.owner != RUNNER or not serving.state.writable:
+            return False
+        return self._locks.held_elsewhere(version_lock_key(key[0], active))
+
     def _claim_slots(self, store: ReadStore) -> None:
         """Take every projection version we may write: ours to write (owner ``runner``),
         live or rebuilding, its writer lock free."""
@@ -311,8 +329,13 @@ class ProjectionRunner:
                 continue
             if record.owner == RUNNER and record.state is VersionState.STOPPED:
                 self.halted[key] = _stopped(key, record.error)
+                if self._serving_is_followed_elsewhere(catalog, key):
+                    self._followed_beside.add(key)
+                else:
+                    self._followed_beside.discard(key)
             else:
                 self.halted.pop(key, None)
+                self._followed_beside.discard(key)
             if record.owner != RUNNER and record.state is VersionState.RETIRED:
                 # A group's version that a rebuild replaced: the newer one may be ours.
                 self._cannot_follow(catalog, projection, record)

@@ -71,6 +71,11 @@ class WriterLocks(ABC):
     def check(self) -> None:
         """Raise if the session holding the locks is gone (and the locks with it)."""
 
+    def held_elsewhere(self, key: int) -> bool:
+        """Whether another session holds the lock ``key`` (a writer follows that version);
+        False where locks are not seen between processes."""
+        return False
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -15,6 +15,7 @@ from daybook.infrastructure.readmodels.catalog import VersionState
 from daybook.infrastructure.readmodels.rebuild import rebuild
 from daybook.projections.accounts import DEPOSITED
 from daybook.projections.model import LogEvent, Rows
+from scripts.streams import wait_until
 from tests.projections.helpers import version_record, workload
 from tests.projections.test_rebuild_reconcile import ACCOUNT_BALANCES_V2
 
@@ -130,3 +131,43 @@ def test_a_progress_bar_on_a_closed_stream_is_no_terminal_and_raises_nothing() -
     closed = io.StringIO()
     closed.close()
     assert not ProgressBar("account_balances v2", 0, closed).terminal
+
+
+@pytest.mark.postgres
+def test_a_stopped_new_version_fails_health_only_while_nobody_follows_the_one_serving(
+    pg_url: str,
+) -> None:
+    """New code's v2 stops while being built beside v1. While a runner of the old code (a
+    rolling deploy under way) still follows v1, reads go on from it: failing the new
+    servers' health would take every one of them out at once, for a version serving
+    nothing. Once no runner follows v1, its answers fall behind: health fails."""
+    from daybook.infrastructure.lifecycle import ServiceState
+    from daybook.infrastructure.readmodels.runner import ProjectionRunner
+    from daybook.projections.accounts import ACCOUNT_BALANCES
+
+    served_by_v1_with_a_deposit_of_13(pg_url)
+    with open_ledger(pg_url) as ledger:
+        log = event_log_of(ledger)
+        old = ProjectionRunner(log, pg_url, [ACCOUNT_BALANCES])
+        new = ProjectionRunner(log, pg_url, [POISONED_V2], retry_backoff=0.001)
+        try:
+            old.step()  # the old code's runner follows v1 (holds its writer lock)
+            wait_until(
+                lambda: (
+                    new.step() == 0
+                    and getattr(version_record(pg_url, "account_balances", 2), "state", None)
+                    is VersionState.STOPPED
+                ),
+                "v2 to stop on the deposit of 13",
+            )
+            new.step()
+            assert new.versions_health().state is ServiceState.RUNNING, new.versions_health()
+            old.stop()  # the last server of the old code goes (its session ends soon after)
+            wait_until(
+                lambda: new.step() == 0 and not new.versions_health().ok,
+                "the new runner's health to fail once nobody follows v1",
+            )
+            assert "v2" in (new.versions_health().error or "")
+        finally:
+            old.stop()
+            new.stop()
