@@ -410,6 +410,7 @@ def _reconcile(
     with store.transaction(write=False):
         point = _point(store, catalog, record)
     fold.advance(point, record.partitions)  # the bulk of the work: no transaction open
+    found: ReconcileReport | None = None  # the drift earlier rounds found and repaired
     for _ in range(REPAIR_ROUNDS):
         try:
             with store.transaction(write=False):  # one snapshot: checkpoint and rows agree
@@ -428,41 +429,64 @@ def _reconcile(
                 raise
             _serving(catalog, projection.name, projection.version)
             raise
-        if not repair or report.clean:
+        clean = report.clean  # this round's own finding
+        if found is not None:
+            _carry(found, report)
+        if not repair or clean:
             return report
         # Under steady writes the owner has always moved on by now (a comparison takes
-        # seconds, a batch milliseconds): comparing again would meet the same, and the drift
-        # was never repaired. Ranges that matched still match (both sides applied the same
-        # events since); the fold catches up with the owner, most of the way with no lock
-        # held, the last events under the owner's locks, and ``_repair`` reads the ranges
-        # that differed again from both sides there: what it writes is the owner's state.
-        with store.transaction(write=False):
-            current = _serving(catalog, record.name, record.version)
-            same = (current.owner, current.stream) == (record.owner, record.stream)
-            ahead = _point(store, catalog, current) if same else None
-        if ahead is not None and ahead.epoch == point.epoch:
+        # seconds, a batch milliseconds): giving up when it had, the repair never came. The
+        # fold catches up with the owner, most of the way with no lock held, the last events
+        # under the owner's locks, and ``_repair`` reads the ranges that differed again from
+        # both sides there: what it writes is the owner's state at that checkpoint. Events
+        # applied since the comparison may have carried drift into ranges that matched (a
+        # handler reads a drifted row, a statement's head, and writes another from it): the
+        # next round compares again, and the run ends once a round finds nothing or its
+        # owner had applied nothing since its comparison.
+        for _ in range(2):  # the second picks up what the owner applied during the first
+            with store.transaction(write=False):
+                current = _serving(catalog, record.name, record.version)
+                same = (current.owner, current.stream) == (record.owner, record.stream)
+                ahead = _point(store, catalog, current) if same else None
+            if ahead is None or ahead.epoch != point.epoch:
+                break
             fold.advance(ahead, record.partitions)
         try:
             with store.transaction():
                 locked = _locked_point(store, catalog, record)
                 if locked is None or locked.epoch != point.epoch:
                     continue  # handed over, or repaired by another: compare again
-                if locked != point:
+                moved = locked != point
+                if moved:
                     fold.advance(locked, record.partitions)  # the events since ``ahead``
                     report.position = locked.position
                     if locked.vector is not None:
                         report.vector = locked.vector.positions
                 _repair(store, fold, report)
-                report.repaired = True
-                return report
         except Exception as error:
             # A handover locks the catalog rows before the progress rows, the other way
             # round: PostgreSQL may break the cycle by aborting the repair, which then wrote
             # nothing. Compare again, as when the owner moved on.
             if not deadlocked(error):
                 raise
+            continue
+        report.repaired = True
+        if not moved:
+            return report  # nothing applied since the comparison: nothing carried
+        found = report
     report.repaired = False
     return report
+
+
+def _carry(found: ReconcileReport, report: ReconcileReport) -> None:
+    """Into ``report`` (a later round's), the drift ``found`` by earlier rounds and repaired
+    there: the run reports every drifted row it met, and is repaired when its last round
+    finds nothing more."""
+    listed = found.drifts + report.drifts
+    report.unlisted += found.unlisted + max(0, len(listed) - DRIFTS_LISTED)
+    report.drifts = listed[:DRIFTS_LISTED]
+    report.ranges_differing += found.ranges_differing
+    report.repaired = found.repaired
 
 
 def _serving(

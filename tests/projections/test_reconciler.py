@@ -18,7 +18,7 @@ from daybook.infrastructure.readmodels.location import open_store
 from daybook.infrastructure.readmodels.reconcile import reconcile
 from daybook.infrastructure.readmodels.runner import ProjectionRunner
 from daybook.projections import model as projection_model
-from daybook.projections.accounts import BALANCES, STATEMENT
+from daybook.projections.accounts import BALANCES, STATEMENT, STATEMENT_HEADS
 from daybook.projections.inventory import LEVELS
 from daybook.projections.model import Handler, LogEvent, Projection, Rows
 from tests.projections.helpers import assert_tables_match, workload
@@ -138,9 +138,9 @@ def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile
     ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reconciler compares at the runner's position and finds a drifted balance; before
-    it repairs, the runner applies a deposit to that very account. The repair must compare
-    again from there: written as folded at the first position, the balance would lose the
-    deposit the runner applied."""
+    it repairs, the runner applies a deposit to that very account. The repair writes the
+    owner's state at its checkpoint (the fold caught up with it): written as folded at the
+    first position, the balance would lose the deposit the runner applied."""
     ids = workload(ledger, 60)
     log = event_log_of(ledger)
     runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
@@ -168,8 +168,8 @@ def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile
     monkeypatch.setattr(reconcile_module, "_compare", compare_then_the_owner_moves_on)
     report = reconcile(log, pg_url, projections.ACCOUNT_BALANCES, repair=True)
     assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
-    # The repair catches its fold up with the owner rather than compare again.
-    assert report.repaired and len(compared) == 1, compared
+    # Repaired at the owner's checkpoint, then compared again from there: nothing more.
+    assert report.repaired and len(compared) == 2 and compared[1] > compared[0], compared
     assert report.position == ledger.head()
 
 
@@ -241,3 +241,45 @@ def test_comparing_drift_in_every_range_reads_the_table_a_bounded_number_of_time
     store.close()
     assert report.ranges_differing == 256
     assert after - before <= 4, f"{after - before} full scans of {name} for one comparison"
+
+
+def test_drift_the_owner_carries_into_a_range_that_matched_is_repaired_too(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement head drifted (+7). Between the comparison and the repair's lock the owner
+    (a runner started since: it reads the head from the table) applies a deposit to that
+    account: the new statement entry, in a table whose ranges all matched at the comparison,
+    carries the drift. The repair re-read only the ranges that differed then, said
+    'repaired', and left the new entry wrong. The run compares again after a repair the
+    owner moved during, until a round finds nothing."""
+    ids = workload(ledger, 60)
+    log = event_log_of(ledger)
+    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_STATEMENT])
+    runner.run_until_caught_up()
+    runner.stop()
+    store = open_store(pg_url)
+    store.execute(
+        f"UPDATE {STATEMENT_HEADS.physical_name(1)} SET balance = balance + 7"
+        " WHERE account_id = %s",
+        (str(ids[0]),),
+    )
+    store.close()
+    compare = reconcile_module._compare
+    calls: list[int] = []
+
+    def compare_then_the_owner_carries_the_drift(*args: Any) -> Any:
+        report = compare(*args)
+        calls.append(report.position)
+        if len(calls) == 1:
+            ledger.deposit(ids[0], 5)
+            owner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_STATEMENT])
+            owner.run_until_caught_up()
+            owner.stop()
+        return report
+
+    monkeypatch.setattr(reconcile_module, "_compare", compare_then_the_owner_carries_the_drift)
+    report = reconcile(log, pg_url, projections.ACCOUNT_STATEMENT, repair=True)
+    assert report.repaired
+    after = reconcile(log, pg_url, projections.ACCOUNT_STATEMENT)
+    assert after.clean, [d.describe() for d in after.drifts]
+    assert_tables_match(ledger, pg_url, projections.ACCOUNT_STATEMENT)
