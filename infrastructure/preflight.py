@@ -39,6 +39,7 @@ from daybook.infrastructure.urls import (
     scheme,
     sqlite_file_problem,
     sqlite_path,
+    unreadable_userinfo,
 )
 
 #: Seconds a check waits for a server (libpq's own minimum is 2).
@@ -164,12 +165,11 @@ def where(url: str) -> str:
     kind = scheme(url)
     if kind != "postgresql":
         return url
-    params = postgres_params(url)
-    rest = url.partition("://")[2]
-    if "@" in rest and "@" not in urlsplit(url).netloc:
-        # A password written unencoded with '/', '?' or '#' in it: urlsplit took its start
-        # for a host and port, and the rest for the database's name.
+    if unreadable_userinfo(url):
+        # A password written unencoded ('/', '?', '#' or '@' in it): its parts would be
+        # taken for a host, a port and the database's name.
         return redacted(url)
+    params = postgres_params(url)
     return f"postgresql://{params.user}@{params.host}:{params.port}/{params.dbname}"
 
 

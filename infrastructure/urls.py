@@ -9,7 +9,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -136,7 +136,7 @@ class PostgresParams:
 def redacted(url: str) -> str:
     """``url`` with its passwords, if it has any (``user:password@``, ``?password=``,
     ``?sslpassword=``), written ``***``: for messages and logs."""
-    head, sep, rest = url.partition("://")
+    head, sep, _ = url.partition("://")
     if not sep:
         # Not a URL (a libpq connection string, say): its ``password=`` values hidden.
         return _CONNINFO_SECRET.sub(r"\g<name>***", url)
@@ -145,41 +145,48 @@ def redacted(url: str) -> str:
         password = parts.password
     except ValueError:  # a malformed host or port: keep only what surely holds no secret
         return f"{head}://..."
-    if password is None and _userinfo_misread(parts, rest):
-        # A password written unencoded with '/', '?' or '#' in it ends urlsplit's netloc
-        # early, so it sees none: hide everything from the first ':' to the last '@'.
-        userinfo, _, after = rest.rpartition("@")
-        if ":" not in userinfo:
-            return f"{head}://..."
-        return redacted(f"{head}://{userinfo.split(':', 1)[0]}:***@{after}")
+    if unreadable_userinfo(url):
+        # A password written unencoded ('/', '?', '#' or '@' in it) runs past what urlsplit
+        # took for the host: which part is a secret cannot be told (a query's value may
+        # hold an '@' too), so nothing past the scheme is shown.
+        return f"{head}://..."
+    if password is None and not _secret_in(parts.query):
+        return url  # nothing to hide (urlunsplit would rewrite it: sqlite://// as sqlite://)
     if password is not None:
         userinfo, _, hostport = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         parts = parts._replace(netloc=f"{user}:***@{hostport}")
     if parts.query:
         pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        secret = _secret_in(parts.query)
         parts = parts._replace(
             query="&".join(
                 f"{name}{eq}{'***' if unquote(name) in _SECRETS and eq else value}"
                 for name, eq, value in pairs
-            )
+            ),
+            # A '#' written unencoded in a query's password starts a fragment: its tail.
+            fragment="***" if secret and parts.fragment else parts.fragment,
         )
     return urlunsplit(parts)
 
 
-def _userinfo_misread(parts: SplitResult, rest: str) -> bool:
-    """Whether an '@' after the host ends a user and password urlsplit did not see: it is
-    in the path, the fragment, or a query item as other than a value (``?name=a@b`` is a
-    value, as in ``application_name=me@laptop``), or the port is not one."""
-    if "@" in parts.netloc or "@" not in rest:
-        return False
+def _secret_in(query: str) -> bool:
+    return any(
+        unquote(name) in _SECRETS and eq
+        for name, eq, _ in (pair.partition("=") for pair in query.split("&"))
+    )
+
+
+def unreadable_userinfo(url: str) -> bool:
+    """Whether an '@' past what urlsplit takes for the host may end a user and password
+    written unencoded (a ':' before it): ``user:p/w@host``, ``user:12?x@host``, ``user:p@ss/
+    w@host``. (An '@' in a SQLite path, with no ':' before it, is a path's.)"""
+    rest = url.partition("://")[2]
     try:
-        parts.port  # noqa: B018  (raises for a port that is not a number)
+        beyond = rest[len(urlsplit(url).netloc) :]
     except ValueError:
         return True
-    if "@" in parts.path or "@" in parts.fragment:
-        return True
-    return any("@" in item and "=" not in item.partition("@")[0] for item in parts.query.split("&"))
+    return "@" in beyond and ":" in rest.rpartition("@")[0]
 
 
 def scheme(url: str) -> str:
