@@ -4,6 +4,7 @@ locks, checksums computed by the server."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
@@ -240,7 +241,12 @@ class PostgresStore(ReadStore):
             f'SELECT {of_key} COLLATE "C", {", ".join(names)} FROM {self.source(table, version)}'
             f" WHERE {of_key} = ANY(%s) ORDER BY 1"
         )
-        with self.transaction(write=False), self.conn.cursor(name="daybook_ranges") as cursor:
+        # Inside the caller's transaction, the cursor reads its snapshot; outside any (the
+        # fold's scratch store), WITH HOLD, as a transaction of its own. (Not a transaction
+        # opened here: a generator left unfinished would end it after its caller's.)
+        name = f"daybook_ranges_{next(_CURSORS)}"
+        outside = self._depth == 0
+        with self.conn.cursor(name=name, withhold=outside) as cursor:
             cursor.itersize = _RANGE_ROWS_PER_FETCH
             cursor.execute(sql, [wanted])
             pending = iter(wanted)
@@ -335,6 +341,9 @@ def _on_conflict(table: Table) -> str:
 
 #: Rows a reconcile's pass over differing ranges fetches at a time.
 _RANGE_ROWS_PER_FETCH = 2_000
+
+#: Names for those passes' cursors: two may be open at once on one connection.
+_CURSORS = itertools.count(1)
 
 
 def _joined_text(columns: Iterable[str]) -> str:

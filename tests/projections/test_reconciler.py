@@ -283,3 +283,33 @@ def test_drift_the_owner_carries_into_a_range_that_matched_is_repaired_too(
     after = reconcile(log, pg_url, projections.ACCOUNT_STATEMENT)
     assert after.clean, [d.describe() for d in after.drifts]
     assert_tables_match(ledger, pg_url, projections.ACCOUNT_STATEMENT)
+
+
+def test_a_range_reader_left_unfinished_leaves_later_transactions_whole(
+    ledger: Ledger, pg_url: str
+) -> None:
+    """``rows_by_range`` opened a nested transaction in its generator: abandoned inside a
+    transaction that ended first (an exception, a break), its later close ran the nested
+    ``finally`` after the outer one had reset the depth, and every later transaction on
+    that store took itself for nested: no BEGIN, no snapshot, no locks held."""
+    from daybook.projections.accounts import BALANCES
+
+    workload(ledger, 20)
+    runner = ProjectionRunner(event_log_of(ledger), pg_url, [projections.ACCOUNT_BALANCES])
+    runner.run_until_caught_up()
+    runner.stop()
+    store = open_store(pg_url)
+    try:
+        ranges = set(store.range_checksums(BALANCES, 1))
+        reader = None
+        with pytest.raises(RuntimeError), store.transaction():
+            reader = store.rows_by_range(BALANCES, 1, ranges)
+            next(reader)
+            raise RuntimeError("a failure while a range was in hand")
+        reader.close()
+        with store.transaction():
+            first = store.execute("SELECT txid_current()")[0][0]
+            second = store.execute("SELECT txid_current()")[0][0]
+        assert first == second, "the transaction ran statement by statement (no BEGIN)"
+    finally:
+        store.close()
