@@ -15,8 +15,12 @@ and httpx's transport attribute holding the pool, are not.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -49,6 +53,28 @@ def _left(timeout: float | None, expired: type[Exception]) -> float | None:
     if left <= 0:
         raise expired("the call's deadline passed")
     return left if timeout is None else min(timeout, left)
+
+
+#: Name look-ups run here, so a call can stop waiting for one (getaddrinfo has no timeout).
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="daybook-resolve")
+
+
+def _addresses(host: str, port: int, within: float | None) -> list[str]:
+    """``host``'s addresses (itself, if it is one), looked up within ``within`` seconds."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [host]
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        found = lookup.result(timeout=within)
+    except FuturesTimeout:
+        raise httpcore.ConnectTimeout(f"looking up {host} took past the call's deadline") from None
+    except OSError as error:
+        raise httpcore.ConnectError(f"looking up {host}: {error}") from error
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
 class _Stream(httpcore.NetworkStream):
@@ -88,10 +114,26 @@ class _Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = self._backend.connect_tcp(
-            host, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options
-        )
-        return _Stream(stream)
+        if _until.get() is None:
+            return self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        # The backend's connect resolves the name without a limit, then tries each address
+        # with the whole timeout: the name is resolved here within what is left, and each
+        # address gets what is left when its turn comes.
+        failed: Exception | None = None
+        for address in _addresses(host, port, _left(timeout, httpcore.ConnectTimeout)):
+            try:
+                stream = self._backend.connect_tcp(
+                    address,
+                    port,
+                    _left(timeout, httpcore.ConnectTimeout),
+                    local_address,
+                    socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
+                failed = error
+                continue
+            return _Stream(stream)
+        raise failed or httpcore.ConnectError(f"{host} resolves to no address")
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -103,6 +145,18 @@ class _Backend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+def deadline_client(**options: Any) -> httpx.Client:
+    """``httpx.Client(**options)`` whose every transport (its own, and those it mounts for
+    the environment's proxies: ``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``) makes calls
+    under ``deadline``. (A transport passed in would make httpx ignore those proxies.)"""
+    client = httpx.Client(**options)
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        if isinstance(transport, httpx.HTTPTransport):
+            with_deadlines(transport)
+    return client
 
 
 def with_deadlines(transport: httpx.HTTPTransport) -> httpx.HTTPTransport:
@@ -118,6 +172,26 @@ def with_deadlines(transport: httpx.HTTPTransport) -> httpx.HTTPTransport:
 
 #: Every httpx and httpcore name daybook uses beyond their documented interfaces.
 RELIED_ON: tuple[Internal, ...] = (
+    Internal(
+        "httpx",
+        "httpx:Client",
+        "_transport",
+        deadline_client,
+        "the client's transport for URLs no mount matches",
+        on_instance=True,
+        types=(httpx.BaseTransport,),
+        used_in="httpx._client",
+    ),
+    Internal(
+        "httpx",
+        "httpx:Client",
+        "_mounts",
+        deadline_client,
+        "the client's transports by URL pattern (the environment's proxies among them)",
+        on_instance=True,
+        types=(dict,),
+        used_in="httpx._client",
+    ),
     Internal(
         "httpx",
         "httpx:HTTPTransport",

@@ -30,7 +30,7 @@ import httpx
 import orjson
 
 from daybook.infrastructure.compat.httpx import deadline as call_deadline
-from daybook.infrastructure.compat.httpx import with_deadlines
+from daybook.infrastructure.compat.httpx import deadline_client
 from daybook.infrastructure.gateway import (
     Charge,
     ChargeStatus,
@@ -72,11 +72,10 @@ class HttpPaymentGateway:
         #: How long a whole call may take (``timeout`` bounds each connect, write and read:
         #: a body trickled a byte at a time held a call for as long as it went on).
         self.deadline = 2 * timeout if deadline is None else deadline
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self._client = httpx.Client(
+        self._client = deadline_client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
-            transport=with_deadlines(httpx.HTTPTransport(limits=limits)),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
 
     def charge(

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from daybook.domain.sagas import Saga, SagaState
-from daybook.infrastructure.gateway import GatewayError, OutcomeUnknown
+from daybook.infrastructure.gateway import GatewayError, OutcomeUnknown, Unavailable
 from daybook.infrastructure.gateway.http import HttpPaymentGateway
 from tests.integration.test_gateway_answers import (  # noqa: F401  (fixtures)
     Answer,
@@ -461,3 +461,67 @@ def test_a_call_ends_however_long_the_status_line_and_headers_trickle() -> None:
     finally:
         gateway.close()
         server.close()
+
+
+def test_a_name_looked_up_past_the_deadline_ends_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connect resolved the gateway's name without a limit (getaddrinfo has none): a
+    resolver that hangs held the call past its deadline. The call ends while the look-up
+    still hangs (it never gets an address: the request was never sent)."""
+    released, done = threading.Event(), threading.Event()
+
+    def hanging(*args: object, **kwargs: object) -> list[object]:
+        released.wait(30)
+        done.set()
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 9))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    gateway = HttpPaymentGateway("http://gateway.test:18777", timeout=2.0, deadline=1.0)
+    try:
+        with pytest.raises(Unavailable):
+            gateway.lookup("k")
+        assert not done.is_set(), "the call waited for the whole look-up"
+    finally:
+        released.set()
+        gateway.close()
+
+
+class _AnsweringProxy(BaseHTTPRequestHandler):
+    """An HTTP proxy that answers itself: a good charge, whatever the absolute URL asked."""
+
+    def do_POST(self) -> None:
+        self.server.asked.append(self.path)  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"key": "k", "status": "succeeded", "amount": 100, "currency": "EUR"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_gateway_is_reached_through_the_environments_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment whose only way out is an egress proxy (HTTP_PROXY): giving httpx a
+    transport of daybook's made it ignore the environment's proxies, and every call to a
+    gateway reached only through one failed. Its proxies get the deadlines too."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringProxy)
+    proxy.asked = []  # type: ignore[attr-defined]
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    gateway = HttpPaymentGateway("http://gateway.invalid", timeout=2.0)
+    try:
+        charge = gateway.charge("k", **_CHARGE)  # type: ignore[arg-type]
+    finally:
+        gateway.close()
+        proxy.shutdown()
+        proxy.server_close()
+    assert charge.amount == 100
+    assert proxy.asked == ["http://gateway.invalid/charges"]

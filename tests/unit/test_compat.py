@@ -124,6 +124,7 @@ def instances(faust_app: faust.App) -> Iterator[dict[str, object]]:
         "daybook.domain.accounts:Account": Account.open(uuid4(), "ann", "EUR", 0),
         "prometheus_client.metrics:Histogram": Histogram("x", "y", registry=CollectorRegistry()),
         "httpx:HTTPTransport": httpx.HTTPTransport(),
+        "httpx:Client": httpx.Client(),
         "httpcore:ConnectionPool": httpcore.ConnectionPool(),
     }
     datastore.close()
