@@ -159,11 +159,16 @@ def redacted(url: str) -> str:
     if parts.query:
         pairs = [pair.partition("=") for pair in parts.query.split("&")]
         secret = _secret_in(parts.query)
+        shown, hiding = [], False
+        for name, eq, value in pairs:
+            if eq:
+                hiding = unquote(name) in _SECRETS
+            # An item with no '=' after a secret's is its tail (an unencoded '&' in it).
+            shown.append(
+                f"{name}{eq}***" if hiding and eq else "***" if hiding else name + eq + value
+            )
         parts = parts._replace(
-            query="&".join(
-                f"{name}{eq}{'***' if unquote(name) in _SECRETS and eq else value}"
-                for name, eq, value in pairs
-            ),
+            query="&".join(shown),
             # A '#' written unencoded in a query's password starts a fragment: its tail.
             fragment="***" if secret and parts.fragment else parts.fragment,
         )

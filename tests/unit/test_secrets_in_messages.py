@@ -106,3 +106,8 @@ def test_an_at_in_a_query_value_is_not_shown_as_a_host() -> None:
 
 def test_a_sqlite_path_with_an_at_is_shown_as_it_is() -> None:
     assert redacted("sqlite:////home/me@corp/ledger.db") == "sqlite:////home/me@corp/ledger.db"
+
+
+def test_a_query_password_with_an_unencoded_ampersand_shows_no_tail() -> None:
+    said = redacted("postgresql://h/db?password=abc&defg&sslmode=require")
+    assert "defg" not in said and "sslmode=require" in said, said
