@@ -711,7 +711,8 @@ def _run_reconcile(args: argparse.Namespace) -> int:
                 verdict += ", repaired"
             elif args.repair and not report.clean:
                 verdict += (
-                    ", not repaired (handed over or repaired by another meanwhile; run it again)"
+                    ", not repaired (handed over, repaired by another, or still drifting"
+                    " after 10 rounds; run it again)"
                 )
             owner = "" if report.vector is None else f" (vector {list(report.vector)})"
             print(

@@ -485,6 +485,7 @@ def _carry(found: ReconcileReport, report: ReconcileReport) -> None:
     listed = found.drifts + report.drifts
     report.unlisted += found.unlisted + max(0, len(listed) - DRIFTS_LISTED)
     report.drifts = listed[:DRIFTS_LISTED]
+    report.ranges_checked += found.ranges_checked
     report.ranges_differing += found.ranges_differing
     report.repaired = found.repaired
 
