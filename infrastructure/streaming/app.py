@@ -54,6 +54,7 @@ from daybook.infrastructure.streaming.broker import (
     DEFAULT_TOPIC,
     bootstrap_servers,
     dead_letter_topic,
+    ensure_topic,
     topic_partitions,
 )
 from daybook.infrastructure.streaming.faults import crash_point
@@ -909,6 +910,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _create_topic_if_missing(config: WorkerConfig) -> None:
+    """Create the topic with this worker's partition count if nobody has: the consumer's
+    first metadata request would have the broker create it with a default of its own
+    (Kafka's ``auto.create.topics.enable``, with ``num.partitions``; the Tansu test broker's
+    4), and a relay started after it refused the topic. A topic with another count is
+    refused by the worker's start checks, and a broker that does not answer by its start:
+    neither is judged here."""
+    # A loop of its own, never made current: faust's is set up already, and asyncio.run
+    # would leave the thread with none.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(
+            ensure_topic(bootstrap_servers(config.broker_url), config.topic, config.partitions)
+        )
+    except Exception as error:  # judged by the start checks and faust's start (above)
+        log.debug("worker: creating topic %s: %s", config.topic, first_line(error))
+    finally:
+        loop.close()
+
+
 def run_worker(
     config: WorkerConfig,
     projections: Sequence[Projection] = ALL,
@@ -950,6 +971,7 @@ def run_worker(
             name="daybook-stop-watch",
             daemon=True,
         ).start()
+        _create_topic_if_missing(config)
         try:
             crash_point("worker.start")  # the broker may go here (fault tests)
             worker.execute_from_commandline()

@@ -505,3 +505,30 @@ def test_a_worker_waiting_to_fill_a_batch_applies_it_when_told_to_stop(
 def relay_position(url: str, topic: str) -> int:
     cursor = read_cursor(url, topic)
     return 0 if cursor is None else cursor.position
+
+
+def test_a_worker_started_before_the_relay_creates_the_topic_with_its_partitions(
+    pg_url: str, pg_admin_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A worker started first on a new topic: its consumer's metadata request had the
+    broker create the topic with a default of its own (the test broker's 4; Kafka's
+    ``num.partitions``), and the relay, started after with the same --partitions, refused
+    it (partitioning_mismatch). The worker creates it with its own partition count."""
+    from daybook.infrastructure.streaming.broker import topic_partitions
+
+    ledger = open_ledger(pg_url)
+    write_money(ledger, open_accounts(ledger, 10), 200)
+    topic, group = unique("worker-first"), unique("group")
+    first = worker(pg_url, kafka_bootstrap, topic, group, tmp_path / "worker.log").start()
+    the_relay: Daybook | None = None
+    try:
+        wait_until(lambda: "Ready" in first.output, "the worker to start")
+        assert asyncio.run(topic_partitions(kafka_bootstrap, topic)) == PARTITIONS
+        the_relay = relay(pg_url, kafka_bootstrap, topic, tmp_path / "relay.log").start()
+        wait_until(lambda: applied(pg_url, group, topic) == ledger.head(), "every event applied")
+    finally:
+        for process in (the_relay, first):
+            if process is not None:
+                assert process.stop() == 0, process.output
+    assert tables(pg_url) == reference_tables(pg_url, pg_admin_url)
+    ledger.close()
