@@ -134,21 +134,25 @@ def test_the_fold_never_holds_the_lock_the_owner_writes_under(ledger: Ledger, pg
     assert len(lock_free) > 1 and all(lock_free)
 
 
-def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile(
-    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The reconciler compares at the runner's position and finds a drifted balance; before
-    it repairs, the runner applies a deposit to that very account. The repair writes the
-    owner's state at its checkpoint (the fold caught up with it): written as folded at the
-    first position, the balance would lose the deposit the runner applied."""
+def _drifted_then_the_owner_moves_on(
+    ledger: Ledger,
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    projection: Projection,
+    table: Any,
+) -> list[int]:
+    """``projection`` built by a runner, one account's row of ``table`` drifted (+7 to its
+    balance); right after the run's first comparison, a deposit to that account applied by
+    the owner (a runner started then: it reads the drifted row). The positions compared."""
     ids = workload(ledger, 60)
     log = event_log_of(ledger)
-    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+    runner = ProjectionRunner(log, url, [projection])
     runner.run_until_caught_up()
     runner.stop()
-    store = open_store(pg_url)
+    store = open_store(url)
     store.execute(
-        f"UPDATE {BALANCES.physical_name(1)} SET balance = balance + 7 WHERE account_id = %s",
+        f"UPDATE {table.physical_name(projection.version)} SET balance = balance + 7"
+        " WHERE account_id = %s",
         (str(ids[0]),),
     )
     store.close()
@@ -160,12 +164,26 @@ def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile
         compared.append(report.position)
         if len(compared) == 1:
             ledger.deposit(ids[0], 5)
-            owner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_BALANCES])
+            owner = ProjectionRunner(log, url, [projection])
             owner.run_until_caught_up()  # reads the drifted row, adds the deposit to it
             owner.stop()
         return report
 
     monkeypatch.setattr(reconcile_module, "_compare", compare_then_the_owner_moves_on)
+    return compared
+
+
+def test_a_repair_never_writes_a_row_older_than_what_the_owner_applied_meanwhile(
+    ledger: Ledger, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler compares at the runner's position and finds a drifted balance; before
+    it repairs, the runner applies a deposit to that very account. The repair writes the
+    owner's state at its checkpoint (the fold caught up with it): written as folded at the
+    first position, the balance would lose the deposit the runner applied."""
+    log = event_log_of(ledger)
+    compared = _drifted_then_the_owner_moves_on(
+        ledger, pg_url, monkeypatch, projections.ACCOUNT_BALANCES, BALANCES
+    )
     report = reconcile(log, pg_url, projections.ACCOUNT_BALANCES, repair=True)
     assert_tables_match(ledger, pg_url, projections.ACCOUNT_BALANCES)
     # Repaired at the owner's checkpoint, then compared again from there: nothing more.
@@ -252,32 +270,10 @@ def test_drift_the_owner_carries_into_a_range_that_matched_is_repaired_too(
     carries the drift. The repair re-read only the ranges that differed then, said
     'repaired', and left the new entry wrong. The run compares again after a repair the
     owner moved during, until a round finds nothing."""
-    ids = workload(ledger, 60)
     log = event_log_of(ledger)
-    runner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_STATEMENT])
-    runner.run_until_caught_up()
-    runner.stop()
-    store = open_store(pg_url)
-    store.execute(
-        f"UPDATE {STATEMENT_HEADS.physical_name(1)} SET balance = balance + 7"
-        " WHERE account_id = %s",
-        (str(ids[0]),),
+    _drifted_then_the_owner_moves_on(
+        ledger, pg_url, monkeypatch, projections.ACCOUNT_STATEMENT, STATEMENT_HEADS
     )
-    store.close()
-    compare = reconcile_module._compare
-    calls: list[int] = []
-
-    def compare_then_the_owner_carries_the_drift(*args: Any) -> Any:
-        report = compare(*args)
-        calls.append(report.position)
-        if len(calls) == 1:
-            ledger.deposit(ids[0], 5)
-            owner = ProjectionRunner(log, pg_url, [projections.ACCOUNT_STATEMENT])
-            owner.run_until_caught_up()
-            owner.stop()
-        return report
-
-    monkeypatch.setattr(reconcile_module, "_compare", compare_then_the_owner_carries_the_drift)
     report = reconcile(log, pg_url, projections.ACCOUNT_STATEMENT, repair=True)
     assert report.repaired
     after = reconcile(log, pg_url, projections.ACCOUNT_STATEMENT)
