@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 
 from daybook.infrastructure.observability import metrics
 from daybook.infrastructure.observability.logs import LIMITED_AT_SOURCE, SUBJECT
-from daybook.infrastructure.transient import denied, is_transient
+from daybook.infrastructure.transient import denied, first_line, is_transient
 
 log = logging.getLogger("daybook.services")
 
@@ -212,9 +212,7 @@ class Supervisor:
         than log a restart that will not come. Work it cut off is the next start's."""
         if not isinstance(error, Exception) or not self.transient(error):
             return False
-        lines = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-        log.info("%s: %s while stopping; not restarted", self.name, reason)
+        log.info("%s: %s while stopping; not restarted", self.name, first_line(error))
         self._clean_up(error)  # as after any failed run
         return True
 
