@@ -150,27 +150,24 @@ def redacted(url: str) -> str:
         # took for the host: which part is a secret cannot be told (a query's value may
         # hold an '@' too), so nothing past the scheme is shown.
         return f"{head}://..."
-    if password is None and not _secret_in(parts.query):
+    secret = _secret_in(parts.query)
+    if password is None and not secret:
         return url  # nothing to hide (urlunsplit would rewrite it: sqlite://// as sqlite://)
     if password is not None:
         userinfo, _, hostport = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         parts = parts._replace(netloc=f"{user}:***@{hostport}")
-    if parts.query:
-        pairs = [pair.partition("=") for pair in parts.query.split("&")]
-        secret = _secret_in(parts.query)
+    if secret:
         shown, hiding = [], False
-        for name, eq, value in pairs:
+        for name, eq, value in (pair.partition("=") for pair in parts.query.split("&")):
             if eq:
                 hiding = unquote(name) in _SECRETS
             # An item with no '=' after a secret's is its tail (an unencoded '&' in it).
-            shown.append(
-                f"{name}{eq}***" if hiding and eq else "***" if hiding else name + eq + value
-            )
+            shown.append((f"{name}=***" if eq else "***") if hiding else name + eq + value)
         parts = parts._replace(
             query="&".join(shown),
             # A '#' written unencoded in a query's password starts a fragment: its tail.
-            fragment="***" if secret and parts.fragment else parts.fragment,
+            fragment="***" if parts.fragment else "",
         )
     return urlunsplit(parts)
 
