@@ -546,18 +546,22 @@ class VersionCatalog:
                 raise IllegalTransition(
                     "drop the tables of", record.state, {VersionState.RETIRED}, why
                 )
-            rows = self.store.execute(
-                "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
+            return self._mark_tables_to_drop(name, version)
+
+    def _mark_tables_to_drop(self, name: str, version: int) -> list[str]:
+        """Mark a retired version's tables to drop, if it has any; their names."""
+        rows = self.store.execute(
+            "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
+            (name, version),
+        )
+        names: list[str] = json.loads(rows[0][0])
+        if names:
+            self.store.execute(
+                "UPDATE daybook_projection_versions SET drop_pending = 1"
+                " WHERE name = %s AND version = %s",
                 (name, version),
             )
-            names: list[str] = json.loads(rows[0][0])
-            if names:
-                self.store.execute(
-                    "UPDATE daybook_projection_versions SET drop_pending = 1"
-                    " WHERE name = %s AND version = %s",
-                    (name, version),
-                )
-            return names
+        return names
 
     def abandon(self, name: str, version: int) -> list[str]:
         """Retire a version that does not serve reads and never will: stopped or being built,
@@ -582,17 +586,7 @@ class VersionCatalog:
                 )
                 raise IllegalTransition("abandon", record.state, unserved, msg)
             self._set_state(name, version, record.state.retired())
-            self.store.execute(
-                "UPDATE daybook_projection_versions SET drop_pending = 1"
-                " WHERE name = %s AND version = %s",
-                (name, version),
-            )
-            rows = self.store.execute(
-                "SELECT tables FROM daybook_projection_versions WHERE name = %s AND version = %s",
-                (name, version),
-            )
-            names: list[str] = json.loads(rows[0][0])
-            return names
+            return self._mark_tables_to_drop(name, version)
 
     def _forget_history(self, name: str, version: int) -> None:
         """With a retired version's tables, what was kept about them: its dead letters and
