@@ -49,10 +49,10 @@ def _is_terminal(stream: TextIO) -> bool:
 class ProgressBar:
     """Events done, events/s and ETA on one stderr line, redrawn at most ten times a second."""
 
-    def __init__(self, label: str, start: int, stream: TextIO | None = None) -> None:
+    def __init__(self, label: str, start: int, stream: TextIO) -> None:
         self.label = label
         self.start_position = start
-        self.stream = sys.stderr if stream is None else stream  # as it is now, not at import
+        self.stream = stream
         self.started = time.monotonic()
         self.events = 0
         self.drawn = 0.0
