@@ -3,9 +3,11 @@ see them: the letters left out of each version, not every letter of the group.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from daybook import open_ledger
+from daybook import Ledger, open_ledger
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import main
 from daybook.infrastructure.readmodels.status import projection_status
@@ -16,21 +18,27 @@ from tests.streaming.test_applier import BUGGY_TOTALS
 pytestmark = pytest.mark.postgres
 
 
+def a_deposit_of_13_parked(pg_url: str, stream: Stream) -> tuple[Ledger, Any]:
+    """Deposits of 10, 13 and 7 to one account, applied by group ``g`` with the buggy
+    deposit_totals v1, which parks the deposit of 13: the open ledger and the account."""
+    ledger = open_ledger(pg_url)
+    account = ledger.open_account("owner", "EUR").account_id
+    for amount in (10, 13, 7):
+        ledger.deposit(account, amount)
+    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
+    try:
+        assert len(worker.apply(of_partitions(stream.publish(ledger), 0)).parked) == 1
+    finally:
+        worker.close()
+    return ledger, account
+
+
 def test_projections_status_counts_a_groups_parked_events(
     pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """README: `projections status` shows, per version, its parked events (and the
     dashboard, `parked`, reads the same figure). A group's letter left out of v1 counted 0."""
-    ledger = open_ledger(pg_url)
-    account = ledger.open_account("owner", "EUR").account_id
-    for amount in (10, 13, 7):
-        ledger.deposit(account, amount)
-    messages = of_partitions(Stream(1).publish(ledger), 0)
-    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
-    try:
-        assert len(worker.apply(messages).parked) == 1
-    finally:
-        worker.close()
+    ledger, _ = a_deposit_of_13_parked(pg_url, Stream(1))
     assert main(["stream", "status", "--url", pg_url, "--group", "g", "--topic", "t"]) == 1
     capsys.readouterr()
     (status,) = [
@@ -53,17 +61,9 @@ def test_the_parked_gauge_of_a_fixed_version_does_not_count_letters_it_has_in(
     from daybook.infrastructure.readmodels.runner import ProjectionRunner
     from tests.streaming.test_applier import FIXED_TOTALS
 
-    ledger = open_ledger(pg_url)
-    account = ledger.open_account("owner", "EUR").account_id
-    for amount in (10, 13, 7):
-        ledger.deposit(account, amount)
-    log = event_log_of(ledger)
     stream = Stream(1)
-    worker = StreamApplier(pg_url, [BUGGY_TOTALS], group="g", topic="t", partitions=1, writer="w")
-    try:
-        assert len(worker.apply(of_partitions(stream.publish(ledger), 0)).parked) == 1
-    finally:
-        worker.close()
+    ledger, account = a_deposit_of_13_parked(pg_url, stream)
+    log = event_log_of(ledger)
     runner = ProjectionRunner(log, pg_url, [FIXED_TOTALS])
     runner.run_until_caught_up()
     runner.stop()
