@@ -8,6 +8,8 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+from eventsourcing import utils as topics
+
 from daybook.domain import commands, events
 from daybook.domain.errors import DomainError
 
@@ -35,3 +37,18 @@ def registries_restored(*, modules: str | tuple[str, ...] = ()) -> Iterator[None
         for name in set(sys.modules) - before:
             if modules and name.startswith(modules):
                 del sys.modules[name]
+        _forget_topics(modules)
+
+
+def _forget_topics(modules: str | tuple[str, ...]) -> None:
+    """eventsourcing caches each class it has named by its topic and refuses another class
+    under the same topic: without this, a module defined again (a module-scoped fixture set up
+    a second time in one process) fails its first command."""
+    if not modules:
+        return
+    prefixes = (modules,) if isinstance(modules, str) else modules
+    with topics._topic_cache_lock:
+        for topic in [t for t in topics._topic_cache if t.startswith(prefixes)]:
+            del topics._topic_cache[topic]
+        for obj in [o for o, t in topics._type_cache.items() if t.startswith(prefixes)]:
+            del topics._type_cache[obj]

@@ -246,3 +246,47 @@ def test_a_refusal_that_keeps_its_parents_code_leaves_it_to_the_parent(
     )
     replayed = DomainError.from_record({"code": "insufficient_funds", "message": "m"})
     assert type(replayed) is InsufficientFunds
+
+
+BADGES = """
+from typing import Any
+from uuid import NAMESPACE_URL, uuid5
+
+from daybook.domain.commands import Aggregates, Command, Text
+from daybook.domain.events import LedgerAggregate
+
+
+class Badge(LedgerAggregate):
+    flat_state = True
+    read_as = "shop_badge"
+
+    class Given(LedgerAggregate.Created):
+        holder: str
+
+        def apply(self, badge: "Badge") -> None:
+            badge.holder = self.holder
+
+    def view(self) -> str:
+        return self.holder
+
+
+class GiveBadge(Command):
+    holder: Text
+
+    def handle(self, aggregates: Aggregates) -> dict[str, Any]:
+        badge_id = uuid5(NAMESPACE_URL, f"badge:{self.holder}")
+        aggregates.add(Badge._create(Badge.Given, id=badge_id, holder=self.holder))
+        return {}
+"""
+
+
+def test_a_module_undone_can_be_defined_and_used_again() -> None:
+    """A module-scoped fixture is set up again when a process runs its module's tests in two
+    parts: the classes defined the first time must not stay cached by their topics (CI
+    failed with eventsourcing's "Refusing to cache ... already registered for topic")."""
+    for _ in range(2):
+        with registries_restored(modules="shop_"):
+            module = define("shop_badges", BADGES)
+            with open_ledger("memory://", group_commit=False) as ledger:
+                ledger.execute(module.GiveBadge("ann"))
+                ledger.execute(module.GiveBadge("bob"))
