@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
@@ -123,36 +123,71 @@ def rebuild(
     An outage of the read-model database at any point (the checks before building, a
     batch, the switch of reads, its COMMIT's reply, the last look at the catalog) is waited
     out, with backoff; any other error, a refusal included, ends the rebuild at once."""
-    name = f"rebuild of {projection.name} v{projection.version}"
-    stream = sys.stderr if stream is None else stream  # as it is now, not at import
-    active, resumed_from = _waiting_out_outages(Supervisor(name), lambda: _prepare(url, projection))
-
-    bar = ProgressBar(f"{projection.name} v{projection.version}", resumed_from, stream)
-    counted: list[int] = []
-
-    def on_progress(step: Progress) -> None:
-        counted.append(step.events)
-        if progress:
-            bar(step)
-
-    runner = BulkRunner(
+    (result,) = rebuild_together(
         log,
         url,
         [projection],
         batch_size=batch_size,
         keep_old=keep_old,
-        on_progress=on_progress,
+        progress=progress,
+        stream=stream,
+        wait_interval=wait_interval,
     )
-    # After a failure the runner lets go and claims the version again from what is
+    return result
+
+
+def rebuild_together(
+    log: EventLog,
+    url: str,
+    projections: Sequence[Projection],
+    *,
+    batch_size: int = 100_000,
+    keep_old: bool = False,
+    progress: bool = True,
+    stream: TextIO | None = None,
+    wait_interval: float = 0.5,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> list[RebuildResult]:
+    """``rebuild`` of several projections in one pass over the log: each event is read and
+    decoded once for all of them. Each switches reads on its own, once it has caught up.
+    Every projection is checked before any is registered: a refusal builds nothing.
+    ``on_progress`` is called after each batch (``progress`` draws a bar besides)."""
+    if not projections:
+        return []
+    label = _label(projections)
+    name = f"rebuild of {label}"
+    stream = sys.stderr if stream is None else stream  # as it is now, not at import
+    prepared = prepare(url, projections, name)
+    resumed_from = min(start for _, start in prepared)
+
+    bar = ProgressBar(label, resumed_from, stream)
+    counted: list[int] = []
+
+    def each_batch(step: Progress) -> None:
+        counted.append(step.events)
+        if progress:
+            bar(step)
+        if on_progress is not None:
+            on_progress(step)
+
+    runner = BulkRunner(
+        log,
+        url,
+        list(projections),
+        batch_size=batch_size,
+        keep_old=keep_old,
+        on_progress=each_batch,
+    )
+    # After a failure the runner lets go and claims the versions again from what is
     # committed, as the runner does after any failed batch. A switch whose reply was lost is
     # found done (the version is live).
     building = Supervisor(name, on_failure=lambda _: runner.let_go())
     started = time.monotonic()
-    waited: list[bool] = []
+    waited: set[str] = set()
 
-    def waiting() -> None:
-        if not waited:  # said once: the wait may be as long as the other's whole build
-            waited.append(True)
+    def waiting(projection: Projection) -> None:
+        if projection.name not in waited:  # said once: the wait may be a whole build
+            waited.add(projection.name)
             print(
                 f"{projection.name} v{projection.version}: another process is building this "
                 "version (a rebuild, or a runner); waiting for it to finish (Ctrl-C stops "
@@ -161,30 +196,48 @@ def rebuild(
                 flush=True,
             )
 
+    held: set[tuple[str, int]] = set()  # the versions this process built, if only in part
+
+    def round_() -> bool:
+        try:
+            return _built(runner, projections, wait_interval, waiting)
+        finally:
+            held.update(runner.slots)
+
     try:
-        while not _waiting_out_outages(
-            building, lambda: _built(runner, projection, wait_interval, waiting)
-        ):
+        while not _waiting_out_outages(building, round_):
             pass
     finally:
         runner.stop()
         if progress:
             bar.close()
     seconds = time.monotonic() - started
-    final = _waiting_out_outages(Supervisor(name), lambda: _final(url, projection))
-    if final is not None and final.state is VersionState.STOPPED:
-        msg = f"{projection.name} version {projection.version} stopped: {final.error}"
-        raise RebuildError(msg)
-    return RebuildResult(
-        projection.name,
-        projection.version,
-        sum(counted),
-        seconds,
-        0 if final is None else final.position,
-        active if active != projection.version else None,
-        resumed_from,
-        by_another=bool(waited) and not counted,
-    )
+    finals = _waiting_out_outages(Supervisor(name), lambda: _final(url, projections))
+    stopped = [
+        f"{p.name} version {p.version} stopped: {final.error}"
+        for p, final in zip(projections, finals, strict=True)
+        if final is not None and final.state is VersionState.STOPPED
+    ]
+    if stopped:
+        raise RebuildError("; ".join(stopped))
+    return [
+        RebuildResult(
+            projection.name,
+            projection.version,
+            sum(counted),
+            seconds,
+            0 if final is None else final.position,
+            active if active != projection.version else None,
+            start,
+            by_another=projection.name in waited
+            and (not counted or (projection.name, projection.version) not in held),
+        )
+        for projection, final, (active, start) in zip(projections, finals, prepared, strict=True)
+    ]
+
+
+def _label(projections: Sequence[Projection]) -> str:
+    return ", ".join(f"{p.name} v{p.version}" for p in projections)
 
 
 def _waiting_out_outages(supervisor: Supervisor, step: Callable[[], _T]) -> _T:
@@ -206,77 +259,107 @@ def _waiting_out_outages(supervisor: Supervisor, step: Callable[[], _T]) -> _T:
         return result
 
 
-def _final(url: str, projection: Projection) -> VersionRecord | None:
+def _final(url: str, projections: Sequence[Projection]) -> list[VersionRecord | None]:
     store = open_store(url)
     try:
-        return VersionCatalog(store).version(projection.name, projection.version)
+        catalog = VersionCatalog(store)
+        return [catalog.version(p.name, p.version) for p in projections]
     finally:
         store.close()
 
 
-def _prepare(url: str, projection: Projection) -> tuple[int | None, int]:
-    """Check that this version may be built here and register it: (the version serving
-    reads, the position a resumed build starts from)."""
+def prepare(
+    url: str, projections: Sequence[Projection], name: str = "rebuild"
+) -> list[tuple[int | None, int]]:
+    """``_prepare``, an outage of the read-model database waited out (see ``rebuild``)."""
+    return _waiting_out_outages(Supervisor(name), lambda: _prepare(url, projections))
+
+
+def _prepare(url: str, projections: Sequence[Projection]) -> list[tuple[int | None, int]]:
+    """Check that each version may be built here, then register them all: for each, (the
+    version serving reads, the position a resumed build starts from)."""
     store = open_store(url)
     try:
         catalog = VersionCatalog(store)
         catalog.ensure()
-        active = catalog.active_version(projection.name)
-        existing = catalog.version(projection.name, projection.version)
-        if active is not None and active > projection.version:
-            msg = (
-                f"{projection.name} already serves version {active}, newer than version "
-                f"{projection.version} defined here; deploy the newer definition"
-            )
-            raise RebuildError(msg)
-        live = existing is not None and existing.state is VersionState.LIVE
-        if live and active == projection.version:
-            msg = (
-                f"{projection.name} version {projection.version} is already live; bump the "
-                "projection's version to rebuild it beside this one, or run "
-                f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
-            )
-            raise RebuildError(msg)
-        if existing is not None and existing.owner != RUNNER:
-            msg = (
-                f"{projection.name} version {projection.version} is owned by {existing.owner}, "
-                "whose workers build it; to build it here instead, "
-                f"{handover_command(projection.name, RUNNER)} first"
-            )
-            raise RebuildError(msg)
-        if existing is not None and existing.state is VersionState.STOPPED:
-            msg = (
-                f"{projection.name} version {projection.version} stopped on a dead letter: "
-                f"{existing.error}; fix the definition and bump its version, or resume it"
-            )
-            raise RebuildError(msg)
-        record = catalog.register(projection)
-        return active, 0 if record is None else record.position
+        actives = [_check(catalog, projection) for projection in projections]
+        started = []
+        for projection, active in zip(projections, actives, strict=True):
+            record = catalog.register(projection)
+            started.append((active, 0 if record is None else record.position))
+        return started
     finally:
         store.close()
 
 
+def _check(catalog: VersionCatalog, projection: Projection) -> int | None:
+    """Refuse, saying what to do instead, if ``projection``'s version may not be built
+    here; else the version serving its reads."""
+    active = catalog.active_version(projection.name)
+    existing = catalog.version(projection.name, projection.version)
+    if active is not None and active > projection.version:
+        msg = (
+            f"{projection.name} already serves version {active}, newer than version "
+            f"{projection.version} defined here; deploy the newer definition"
+        )
+        raise RebuildError(msg)
+    live = existing is not None and existing.state is VersionState.LIVE
+    if live and active == projection.version:
+        msg = (
+            f"{projection.name} version {projection.version} is already live; bump the "
+            "projection's version to rebuild it beside this one, or run "
+            f"`daybook reconcile {projection.name} --repair` to fix drifted rows"
+        )
+        raise RebuildError(msg)
+    if existing is not None and existing.owner != RUNNER:
+        msg = (
+            f"{projection.name} version {projection.version} is owned by {existing.owner}, "
+            "whose workers build it; to build it here instead, "
+            f"{handover_command(projection.name, RUNNER)} first"
+        )
+        raise RebuildError(msg)
+    if existing is not None and existing.state is VersionState.STOPPED:
+        msg = (
+            f"{projection.name} version {projection.version} stopped on a dead letter: "
+            f"{existing.error}; fix the definition and bump its version, or resume it"
+        )
+        raise RebuildError(msg)
+    return active
+
+
 def _built(
     runner: BulkRunner,
-    projection: Projection,
+    projections: Sequence[Projection],
     wait_interval: float,
-    waiting: Callable[[], None] = lambda: None,
+    waiting: Callable[[Projection], None] = lambda _: None,
 ) -> bool:
-    """One round of the build: True once the version serves reads (or another runner that
-    holds it finished, or stopped, it); ``waiting`` is called while another holds it."""
+    """One round of the build: True once every version serves reads (or another runner
+    that holds it finished, or stopped, it); ``waiting`` is called for each that another
+    holds, while it does."""
     runner.run_until_caught_up()
-    if runner.slots:
-        slot = next(iter(runner.slots.values()))
-        if slot.record.state is VersionState.LIVE:
-            return True
-    # Another runner holds this version, or (SQLite: no writer locks) wrote it beside us and
+    pending = [
+        p
+        for p in projections
+        if (slot := runner.slots.get((p.name, p.version))) is None
+        or slot.record.state is not VersionState.LIVE
+    ]
+    if not pending:
+        return True
+    # Another runner holds a version, or (SQLite: no writer locks) wrote it beside us and
     # may have switched reads to it already: the catalog says whether the job is done.
     assert runner.store is not None
-    current = VersionCatalog(runner.store).version(projection.name, projection.version)
-    if current is None or current.state is not VersionState.REBUILDING:
+    catalog = VersionCatalog(runner.store)
+    others = []
+    for projection in pending:
+        current = catalog.version(projection.name, projection.version)
+        if current is None or current.state is not VersionState.REBUILDING:
+            continue
+        if (projection.name, projection.version) in runner.slots:
+            return False  # ours, still being built
+        others.append(projection)
+    if not others:
         return True
-    if runner.slots:
-        return False  # ours, still being built
-    waiting()
+    for projection in others:
+        waiting(projection)
     time.sleep(wait_interval)  # another runner's: wait for it to finish the job
     return False
