@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: Allocations (less deallocations) between collections of the youngest generation.
 _YOUNGEST = 10_000
@@ -46,3 +48,21 @@ def settle_collector() -> bool:
     if youngest:  # 0: the collector was switched off on purpose; leave it so
         gc.set_threshold(max(youngest, _YOUNGEST), middle, oldest)
     return True
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (it is process-wide: entry points only).
+
+    A rebuild allocates several objects per event and keeps many (each batch's rows) until
+    they are written, and its handlers build no reference cycles: the collector would walk
+    the growing heap again and again for nothing. The README's benchmark section says what
+    it costs."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

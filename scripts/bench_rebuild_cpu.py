@@ -25,8 +25,8 @@ import psycopg
 
 from daybook import projections
 from daybook.infrastructure.bootstrap import event_log_of, open_ledger
+from daybook.infrastructure.collector import collector_paused
 from daybook.infrastructure.readmodels.bulk import BulkRunner
-from daybook.infrastructure.readmodels.cli import collector_paused
 from scripts.bench_projections import NotABenchDatabase, reset
 
 

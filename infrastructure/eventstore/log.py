@@ -177,7 +177,11 @@ class EventLog:
         datastore = getattr(recorder, "datastore", None)
         self._scan_sql: Any = None
         self._scan_head_sql: Any = None
+        self._topics_sql: Any = None
         if isinstance(datastore, PostgresDatastore):
+            self._topics_sql = SQL("SELECT topic, count(*) FROM {}.{} GROUP BY topic").format(
+                Identifier(datastore.schema), Identifier(recorder.events_table_name)
+            )
             self._scan_sql = SQL(
                 "SELECT notification_id, topic, originator_id::text, originator_version, state"
                 " FROM {}.{} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
@@ -219,6 +223,29 @@ class EventLog:
         ):
             cursor.execute(self._scan_sql, (after, limit), prepare=True)
             return cursor.fetchall()
+
+    def type_counts(self, chunk: int = 10_000) -> dict[str, int]:
+        """How many events of each type (``LogEvent.type``) the log holds: one grouped
+        count on PostgreSQL, a scan of the log (nothing decoded) elsewhere."""
+        self._guard()
+        counts: dict[str, int] = {}
+        if self._topics_sql is not None:
+            with (
+                self.recorder.datastore.get_connection() as conn,
+                conn.cursor(row_factory=tuple_row) as cursor,
+            ):
+                rows = cursor.execute(self._topics_sql).fetchall()
+            pairs = [(str(topic), int(count)) for topic, count in rows]
+        else:
+            pairs = []
+            after = 0
+            while batch := self.scan(after, chunk):
+                pairs.extend((topic, 1) for _, topic, _, _, _ in batch)
+                after = batch[-1][0]
+        for topic, count in pairs:
+            kind = topic.rpartition(":")[2]
+            counts[kind] = counts.get(kind, 0) + count
+        return counts
 
     def head(self) -> int:
         self._guard()

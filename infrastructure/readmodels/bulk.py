@@ -36,6 +36,7 @@ from daybook.infrastructure.readmodels.checkpoints import RUNNER
 from daybook.infrastructure.readmodels.engine import BulkRows, Slot, TablePlan, apply_fast
 from daybook.infrastructure.readmodels.runner import Progress, ProjectionRunner, _moved
 from daybook.infrastructure.readmodels.store import ReadStore
+from daybook.infrastructure.streaming.faults import crash_point
 from daybook.infrastructure.transient import first_line
 from daybook.projections.model import Projection, iso_time
 
@@ -248,3 +249,4 @@ def _write(
                 raise LostSlot(msg)
             rows.write(plan)
             catalog.set_position(*key, last, last_at)
+        crash_point("bulk.before_commit")

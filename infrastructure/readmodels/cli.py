@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import signal
 import sys
@@ -35,6 +34,7 @@ from daybook.infrastructure.cli import (
     when_usable,
     whole_number,
 )
+from daybook.infrastructure.collector import collector_paused
 from daybook.infrastructure.lifecycle import ServiceState
 from daybook.infrastructure.readmodels.catalog import (
     IllegalTransition,
@@ -44,7 +44,12 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, group_of
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
-from daybook.infrastructure.readmodels.rebuild import RebuildError, rebuild
+from daybook.infrastructure.readmodels.rebuild import (
+    RebuildError,
+    RebuildResult,
+    rebuild_together,
+)
+from daybook.infrastructure.readmodels.rebuild_jobs import rebuild_in_processes
 from daybook.infrastructure.readmodels.reconcile import DRIFTS_LISTED, ReconcileError, reconcile
 from daybook.infrastructure.readmodels.reconciler import (
     ReconcileRun,
@@ -72,6 +77,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 _NAMES = [p.name for p in projections.ALL]
 _PG = "postgresql://daybook@localhost/daybook"
 _OWNERS = f"expected {RUNNER} or stream:GROUP"
+
+
+def _projection_name(text: str) -> str:
+    """An argparse type: a projection's name, or a one-line refusal naming the known ones."""
+    if text not in _NAMES:
+        msg = f"invalid choice: {text!r} (choose from {', '.join(map(repr, _NAMES))})"
+        raise argparse.ArgumentTypeError(msg)
+    return text
 
 
 def _owner(text: str) -> str:
@@ -141,21 +154,43 @@ def register(subparsers: Any) -> None:
     build = command(
         commands,
         "rebuild",
-        help="build a projection's current version from the log, then switch reads to it",
+        help="build projections' current versions from the log, then switch reads to them",
         description=(
-            "Build the code's version of a projection from the whole log in bulk, while the "
-            "current version keeps serving reads; reads switch atomically once the new "
-            "version has caught up, and the old tables are dropped. Interrupted, it resumes."
+            "Build the code's version of each projection named from the whole log in bulk, "
+            "while the current version keeps serving reads; reads switch atomically once the "
+            "new version has caught up, and the old tables are dropped. Several projections "
+            "are built in one pass over the log; --jobs spreads them over processes (one "
+            "core each). Interrupted, it resumes."
         ),
         examples=[
             f"daybook projections rebuild account_balances --url {_PG}",
-            "daybook projections rebuild daily_activity --batch-size 20000 --keep-old",
+            f"daybook projections rebuild --all --jobs 2 --url {_PG}",
+            "daybook projections rebuild daily_activity account_statement --batch-size 20000 "
+            "--keep-old",
             "daybook projections rebuild account_statement --no-progress "
             "--readmodels-url sqlite:///views.db",
         ],
     )
     _common(build)
-    build.add_argument("name", choices=_NAMES, help="the projection: " + ", ".join(_NAMES))
+    build.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        # Not ``choices``: argparse checks an empty list against them too, and refuses it.
+        type=_projection_name,
+        help="projections: " + ", ".join(_NAMES),
+    )
+    build.add_argument(
+        "--all",
+        action="store_true",
+        help="every projection whose code's version does not serve reads yet",
+    )
+    build.add_argument(
+        "--jobs",
+        type=whole_number(1),
+        default=1,
+        help="processes to spread the projections over (default 1: one pass, one process)",
+    )
     build.add_argument(
         "--batch-size",
         type=whole_number(1),
@@ -363,24 +398,6 @@ def _readmodels(args: argparse.Namespace) -> Iterator[str]:
         yield location.url
 
 
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector (it is process-wide: entry points only).
-
-    A rebuild allocates several objects per event and keeps many (each batch's rows) until
-    they are written, and its handlers build no reference cycles: the collector would walk
-    the growing heap again and again for nothing. The README's benchmark section says what
-    it costs."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def _run_project(args: argparse.Namespace) -> int:
     setup_logging(args)
     # Metrics from the start: a probe sees the service (waiting, if it waits) at once.
@@ -412,24 +429,87 @@ def _run_project(args: argparse.Namespace) -> int:
 
 
 def _run_rebuild(args: argparse.Namespace) -> int:
-    log = open_event_log(
-        settings=checked_settings(args, why=_WHY, readmodels=True, new_readmodels=True)
-    )
+    if bool(args.names) == bool(args.all):
+        print(
+            "daybook: name the projections to rebuild, or give --all (not both); known: "
+            + ", ".join(_NAMES),
+            file=sys.stderr,
+        )
+        return 2
+    settings = checked_settings(args, why=_WHY, readmodels=True, new_readmodels=True)
+    log = open_event_log(settings=settings)
     try:
         with _readmodels(args) as url, collector_paused():
-            result = rebuild(
-                log,
-                url,
-                projections.by_name(args.name),
-                batch_size=args.batch_size,
-                keep_old=args.keep_old,
-                progress=not args.no_progress,
-            )
+            chosen = _named(args.names) if args.names else _not_serving(url)
+            if not chosen:
+                print("every projection's version serves reads already: nothing to rebuild")
+                return 0
+            jobs = min(args.jobs, len(chosen))
+            started = time.monotonic()
+            if jobs > 1:
+                results = rebuild_in_processes(
+                    settings,
+                    url,
+                    chosen,
+                    jobs=jobs,
+                    log=log,
+                    batch_size=args.batch_size,
+                    keep_old=args.keep_old,
+                    progress=not args.no_progress,
+                )
+            else:
+                results = rebuild_together(
+                    log,
+                    url,
+                    chosen,
+                    batch_size=args.batch_size,
+                    keep_old=args.keep_old,
+                    progress=not args.no_progress,
+                )
     except RebuildError as error:
         print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
         return 1
     finally:
         log.close()
+    seconds = time.monotonic() - started
+    for result in results:
+        _say_built(result)
+    if len(results) > 1:
+        events = max(result.position - result.resumed_from for result in results)
+        print(
+            f"{len(results)} projections built in {seconds:.1f}s, {jobs} process"
+            f"{'es' if jobs > 1 else ''}: {events / max(seconds, 1e-9):,.0f} log events/s"
+        )
+    return 0
+
+
+def _named(names: list[str]) -> list[projections.Projection]:
+    return [projections.by_name(name) for name in dict.fromkeys(names)]
+
+
+def _not_serving(url: str) -> list[projections.Projection]:
+    """``--all``: the projections whose code's version does not serve reads (each one that
+    does is named on stderr, and left alone)."""
+    store = open_store(url)
+    try:
+        catalog = VersionCatalog(store)
+        catalog.ensure()
+        chosen = []
+        for projection in projections.ALL:
+            if catalog.active_version(projection.name) == projection.version:
+                print(
+                    f"{projection.name} version {projection.version} serves reads already; "
+                    "left as it is",
+                    file=sys.stderr,
+                )
+            else:
+                chosen.append(projection)
+        return chosen
+    finally:
+        store.close()
+
+
+def _say_built(result: RebuildResult) -> None:
     switched = (
         f"; reads switched from version {result.previous_version}"
         if result.previous_version is not None
@@ -440,13 +520,12 @@ def _run_rebuild(args: argparse.Namespace) -> int:
             f"{result.name} version {result.version} built to position {result.position} by "
             f"another process, after a wait of {result.seconds:.1f}s{switched}"
         )
-        return 0
+        return
     print(
         f"{result.name} version {result.version} built to position {result.position}: "
         f"{result.events:,} events in {result.seconds:.1f}s "
         f"({result.events_per_second:,.0f} events/s){switched}"
     )
-    return 0
 
 
 def _run_status(args: argparse.Namespace) -> int:

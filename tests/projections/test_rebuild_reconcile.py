@@ -278,11 +278,13 @@ def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
 ) -> None:
     collecting: list[bool] = []
 
-    def spy(ledger: Ledger, url: str, projection: Projection, **options: object) -> RebuildResult:
+    def spy(
+        ledger: Ledger, url: str, chosen: list[Projection], **options: object
+    ) -> list[RebuildResult]:
         collecting.append(gc.isenabled())
-        return RebuildResult(projection.name, projection.version, 0, 1.0, 0, None, 0)
+        return [RebuildResult(p.name, p.version, 0, 1.0, 0, None, 0) for p in chosen]
 
-    monkeypatch.setattr(readmodels_cli, "rebuild", spy)
+    monkeypatch.setattr(readmodels_cli, "rebuild_together", spy)
     assert gc.isenabled()
     url = f"sqlite:///{tmp_path}/ledger.db"
     open_ledger(url).close()
