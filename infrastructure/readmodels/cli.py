@@ -48,8 +48,9 @@ from daybook.infrastructure.readmodels.rebuild import (
     RebuildError,
     RebuildResult,
     rebuild_together,
+    serves,
 )
-from daybook.infrastructure.readmodels.rebuild_jobs import rebuild_in_processes
+from daybook.infrastructure.readmodels.rebuild_jobs import RebuildJobFailed, rebuild_in_processes
 from daybook.infrastructure.readmodels.reconcile import DRIFTS_LISTED, ReconcileError, reconcile
 from daybook.infrastructure.readmodels.reconciler import (
     ReconcileRun,
@@ -467,7 +468,12 @@ def _run_rebuild(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                 )
     except RebuildError as error:
-        print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
+        for result in error.results:  # built all the same: their reads switched
+            _say_built(result)
+        if isinstance(error, RebuildJobFailed):  # not refused: a process failed; run it again
+            print(f"daybook: failed ({error.code}): {error}", file=sys.stderr)
+        else:
+            print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
         return 1
     finally:
         log.close()
@@ -490,23 +496,17 @@ def _named(names: list[str]) -> list[projections.Projection]:
 def _not_serving(url: str) -> list[projections.Projection]:
     """``--all``: the projections whose code's version does not serve reads (each one that
     does is named on stderr, and left alone)."""
-    store = open_store(url)
-    try:
-        catalog = VersionCatalog(store)
-        catalog.ensure()
-        chosen = []
-        for projection in projections.ALL:
-            if catalog.active_version(projection.name) == projection.version:
-                print(
-                    f"{projection.name} version {projection.version} serves reads already; "
-                    "left as it is",
-                    file=sys.stderr,
-                )
-            else:
-                chosen.append(projection)
-        return chosen
-    finally:
-        store.close()
+    chosen = []
+    for projection, serving in zip(projections.ALL, serves(url, projections.ALL), strict=True):
+        if serving:
+            print(
+                f"{projection.name} version {projection.version} serves reads already; "
+                "left as it is",
+                file=sys.stderr,
+            )
+        else:
+            chosen.append(projection)
+    return chosen
 
 
 def _say_built(result: RebuildResult) -> None:

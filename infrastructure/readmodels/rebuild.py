@@ -33,6 +33,8 @@ class RebuildError(Exception):
     """A rebuild that cannot start; the message says what to do instead."""
 
     code = "rebuild_refused"
+    #: A rebuild of several: those built all the same (their reads switched).
+    results: Sequence[RebuildResult] = ()
 
 
 #: Seconds between progress lines off a terminal.
@@ -213,14 +215,7 @@ def rebuild_together(
             bar.close()
     seconds = time.monotonic() - started
     finals = _waiting_out_outages(Supervisor(name), lambda: _final(url, projections))
-    stopped = [
-        f"{p.name} version {p.version} stopped: {final.error}"
-        for p, final in zip(projections, finals, strict=True)
-        if final is not None and final.state is VersionState.STOPPED
-    ]
-    if stopped:
-        raise RebuildError("; ".join(stopped))
-    return [
+    results = [
         RebuildResult(
             projection.name,
             projection.version,
@@ -234,6 +229,20 @@ def rebuild_together(
         )
         for projection, final, (active, start) in zip(projections, finals, prepared, strict=True)
     ]
+    stopped = [
+        f"{p.name} version {p.version} stopped: {final.error}"
+        for p, final in zip(projections, finals, strict=True)
+        if final is not None and final.state is VersionState.STOPPED
+    ]
+    if stopped:
+        error = RebuildError("; ".join(stopped))
+        error.results = [
+            result
+            for result, final in zip(results, finals, strict=True)
+            if final is None or final.state is not VersionState.STOPPED
+        ]
+        raise error
+    return results
 
 
 def _label(projections: Sequence[Projection]) -> str:
@@ -266,6 +275,22 @@ def _final(url: str, projections: Sequence[Projection]) -> list[VersionRecord | 
         return [catalog.version(p.name, p.version) for p in projections]
     finally:
         store.close()
+
+
+def serves(url: str, projections: Sequence[Projection]) -> list[bool]:
+    """Whether each projection's version (the code's) serves reads; an outage of the
+    read-model database is waited out, as in a rebuild."""
+
+    def look() -> list[bool]:
+        store = open_store(url)
+        try:
+            catalog = VersionCatalog(store)
+            catalog.ensure()
+            return [catalog.active_version(p.name) == p.version for p in projections]
+        finally:
+            store.close()
+
+    return _waiting_out_outages(Supervisor("rebuild"), look)
 
 
 def prepare(

@@ -10,7 +10,9 @@ Shares are dealt by weight, heaviest first, each to the lightest share so far: a
 weight is the number of log events of the types it handles (one grouped count on PostgreSQL).
 
 Each process is started fresh (``spawn``: nothing of this one's connections or threads is
-inherited), reports its batches and its end through a queue, and builds exactly as a
+inherited), reports its batches and its end through a pipe of its own (never a channel
+shared with the others: one killed while it held a shared channel's lock would silence
+the rest for good), and builds exactly as a
 rebuild of its share alone would: a process that dies (killed, out of memory) leaves its
 versions where their last batch committed, and running the command again resumes them.
 """
@@ -20,13 +22,13 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
-import queue
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any, TextIO
 
@@ -46,9 +48,6 @@ from daybook.infrastructure.settings import Settings
 from daybook.infrastructure.transient import first_line
 from daybook.projections.model import Projection
 
-#: Seconds between looks at the processes when none reports.
-_POLL = 0.5
-
 
 def _defined(name: str) -> Projection | None:
     try:
@@ -67,30 +66,44 @@ def shares(
     projections: Sequence[Projection], weight: dict[str, int], jobs: int
 ) -> list[list[Projection]]:
     """``projections`` dealt into at most ``jobs`` non-empty shares of about equal weight:
-    heaviest first, each to the lightest share so far (the first of equals)."""
+    heaviest first, each to the lightest share so far (of equals, the one with fewer
+    projections, then the first)."""
     dealt: list[list[Projection]] = [[] for _ in range(max(1, jobs))]
     totals = [0] * len(dealt)
     for projection in sorted(projections, key=lambda p: -weight.get(p.name, 0)):
-        lightest = totals.index(min(totals))
+        # Of equal weights, the share with fewer projections: none stays empty while
+        # another holds two, so as many processes run as the command says.
+        lightest = min(range(len(dealt)), key=lambda i: (totals[i], len(dealt[i])))
         dealt[lightest].append(projection)
         totals[lightest] += weight.get(projection.name, 0)
     return [share for share in dealt if share]
 
 
 class RebuildJobFailed(RebuildError):
-    """A process of a rebuild spread over several ended without finishing its share."""
+    """A process of a rebuild spread over several ended without finishing its share (or
+    failed on an error other than a refusal): running the command again resumes it."""
+
+    code = "rebuild_failed"
 
 
 @dataclass
 class _Share:
     projections: list[Projection]
     process: Any
+    #: This end of the process's report pipe (None once it has said all it will).
+    reader: Any
+    #: The process's end, closed here once the process has started.
+    writer: Any
     position: int | None = None
     head: int = 0
     results: list[RebuildResult] | None = None
     error: str | None = None
-    #: Looks at an empty queue since its process was found ended.
-    silent_looks: int = 0
+    #: Its process failed (ended unfinished, or an error other than a refusal).
+    failed: bool = False
+
+    @property
+    def pending(self) -> bool:
+        return self.results is None and self.error is None
 
 
 def rebuild_in_processes(
@@ -125,24 +138,22 @@ def rebuild_in_processes(
     prepare(url, projections)
     dealt = shares(projections, weights(log, projections), jobs)
     context = multiprocessing.get_context("spawn")
-    reports: Any = context.Queue()
-    running = [
-        _Share(
-            share,
-            context.Process(
-                target=_rebuild_share,
-                args=(index, settings, url, [p.name for p in share], batch_size, keep_old, reports),
-                name=f"daybook-rebuild-{index}",
-            ),
+    running: list[_Share] = []
+    for index, names in enumerate([p.name for p in part] for part in dealt):
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_rebuild_share,
+            args=(index, settings, url, names, batch_size, keep_old, writer),
+            name=f"daybook-rebuild-{index}",
         )
-        for index, share in enumerate(dealt)
-    ]
+        running.append(_Share(dealt[index], process, reader, writer))
     bar = ProgressBar(f"{len(projections)} projections in {len(dealt)} processes", 0, stream)
     try:
         with _terminated_as_interrupted():
             for share in running:
                 share.process.start()
-            _follow(running, reports, bar if progress else None)
+                share.writer.close()  # the process's own copy is its only one: EOF = gone
+            _follow(running, bar if progress else None)
     except BaseException:
         for share in running:  # a Ctrl-C reached them too; anything else: stop them
             if share.process.is_alive():
@@ -150,15 +161,21 @@ def rebuild_in_processes(
         raise
     finally:
         for share in running:
-            share.process.join()
-        reports.close()
+            if share.process.pid is not None:  # (an interrupt may come between two starts)
+                share.process.join()
+            share.writer.close()
+            if share.reader is not None:
+                share.reader.close()
         if progress:
             bar.close()
+    results = [result for share in running for result in share.results or []]
     errors = [share.error for share in running if share.error is not None]
     if errors:
-        failed = RebuildJobFailed if any(s.results is None for s in running) else RebuildError
-        raise failed("; ".join(errors))
-    return [result for share in running for result in share.results or []]
+        failed = RebuildJobFailed if any(s.failed for s in running) else RebuildError
+        error = failed("; ".join(errors))
+        error.results = results  # the shares that finished: their reads switched
+        raise error
+    return results
 
 
 @contextmanager
@@ -193,29 +210,47 @@ def _end_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _follow(running: list[_Share], reports: Any, bar: ProgressBar | None) -> None:
-    """Take the processes' reports until each has ended, drawing ``bar`` over them all."""
-    while any(s.results is None and s.error is None for s in running):
-        try:
-            kind, index, payload = reports.get(timeout=_POLL)
-        except queue.Empty:
-            for share in running:
-                _check_alive(share)
-            continue
-        share = running[index]
-        if kind == "progress":
-            # One bar for the log: how far the slowest share is (each reads all of it).
-            before = _slowest(running)
-            _, share.position, share.head = payload
-            reached = _slowest(running)
-            if bar is not None and reached is not None:
-                # (The first time, a resumed build's earlier events are not counted.)
-                events = 0 if before is None else reached - before
-                bar(Progress(events, reached, max(s.head for s in running)))
-        elif kind == "done":
-            share.results = payload
-        else:
-            share.error = payload
+def _follow(running: list[_Share], bar: ProgressBar | None) -> None:
+    """Take the processes' reports until each has ended, drawing ``bar`` over them all.
+
+    Each process has a pipe of its own, read in order: once a process has ended, its pipe is
+    read to its end (EOF: every copy of its writing end is closed) before it is judged, so a
+    process that ended without its last report is known at once and for sure."""
+    while any(share.pending for share in running):
+        readers = {s.reader: s for s in running if s.reader is not None}
+        # A process whose pipe is closed but that has not ended yet: its end is awaited.
+        ending = {s.process.sentinel: s for s in running if s.reader is None and s.pending}
+        for ready in wait([*readers, *ending]):
+            if ready in ending:
+                _ended(ending[ready])
+                continue
+            share = readers[ready]
+            try:
+                kind, _, payload = share.reader.recv()
+            except EOFError:  # the process closed its end: it has said all it will
+                share.reader.close()
+                share.reader = None
+                continue
+            if kind == "progress":
+                _progressed(running, share, payload, bar)
+            elif kind == "done":
+                share.results = payload
+            else:
+                share.error = payload
+                share.failed = kind == "failed"
+
+
+def _progressed(
+    running: list[_Share], share: _Share, payload: tuple[int, int, int], bar: ProgressBar | None
+) -> None:
+    # One bar for the log: how far the slowest share is (each reads all of it).
+    before = _slowest(running)
+    _, share.position, share.head = payload
+    reached = _slowest(running)
+    if bar is not None and reached is not None:
+        # (The first time, a resumed build's earlier events are not counted.)
+        events = 0 if before is None else reached - before
+        bar(Progress(events, reached, max(s.head for s in running)))
 
 
 def _slowest(running: list[_Share]) -> int | None:
@@ -224,17 +259,11 @@ def _slowest(running: list[_Share]) -> int | None:
     return None if None in positions else min(p for p in positions if p is not None)
 
 
-def _check_alive(share: _Share) -> None:
-    """Mark ``share`` failed if its process ended without a word (killed). A process's
-    reports are all in the queue's pipe before it exits, but one sent just before a look
-    that found the queue empty is read only at the next: so only the second empty look after
-    its end says it sent nothing."""
-    if share.results is not None or share.error is not None or share.process.is_alive():
-        return
-    share.silent_looks += 1
-    if share.silent_looks < 2:
-        return
+def _ended(share: _Share) -> None:
+    """``share``'s process ended, its pipe read to the end, without a last report (killed)."""
+    share.process.join()
     names = ", ".join(p.name for p in share.projections)
+    share.failed = True
     share.error = (
         f"the process rebuilding {names} ended (exit code {share.process.exitcode}) before "
         "it finished; what it committed stays: run the rebuild again to resume it"
@@ -262,7 +291,7 @@ def _rebuild_share(
         return  # the parent died before the line above: nobody to report to
 
     def report(step: Progress) -> None:
-        reports.put(("progress", index, (step.events, step.position, step.head)))
+        reports.send(("progress", index, (step.events, step.position, step.head)))
 
     try:
         log = open_event_log(settings=settings)
@@ -280,9 +309,9 @@ def _rebuild_share(
         finally:
             log.close()
     except RebuildError as refused:
-        reports.put(("error", index, str(refused)))
+        reports.send(("refused", index, str(refused)))
     except Exception as error:
-        reports.put(("error", index, first_line(error)))
+        reports.send(("failed", index, first_line(error)))
         raise
     else:
-        reports.put(("done", index, results))
+        reports.send(("done", index, results))

@@ -121,9 +121,15 @@ def test_shares_are_dealt_heaviest_first_to_the_lightest() -> None:
         ["account_balances", "daily_activity"],
         ["account_statement", "inventory_levels", "open_holds", "sagas"],
     ]
-    # Never more shares than projections, never an empty one.
+    # Never more shares than projections, never an empty one; as many as asked for when
+    # there are projections enough, weightless ones included (an empty log).
     alone = shares([by_name["sagas"]], weight, 4)
     assert [[p.name for p in share] for share in alone] == [["sagas"]]
+    weightless = shares([by_name["sagas"], by_name["open_holds"], by_name["daily_activity"]], {}, 2)
+    assert [[p.name for p in share] for share in weightless] == [
+        ["sagas", "daily_activity"],
+        ["open_holds"],
+    ]
 
 
 def test_every_projection_built_in_two_processes_equals_a_replay(big_log: Ledger) -> None:
@@ -170,6 +176,10 @@ def test_a_process_killed_mid_build_is_reported_and_the_next_run_resumes_it(
     # The killed share is unfinished; the other share was finished all the same.
     assert unfinished and unfinished != set(after_kill), after_kill
     assert set(after_kill.values()) <= {VersionState.LIVE, VersionState.REBUILDING}
+    # What was built all the same is said, beside the failure.
+    for name in set(after_kill) - unfinished:
+        assert f"{name} version" in out and "built to position" in out, out
+    assert "failed (rebuild_failed)" in err and "refused" not in err, err
     code, out, err = finished(
         daybook("projections", "rebuild", "--all", "--jobs", "2", "--no-progress", "--url", url)
     )
