@@ -65,6 +65,7 @@ def _peak(ledger: Ledger, url: str) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_the_reconcilers_memory_does_not_grow_with_the_log(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,9 +80,9 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(
     monkeypatch.setattr(projection_model, "_TIME_TEXT_LIMIT", 500)
     ledger = open_ledger(pg_url)
     try:
-        write_log(pg_url, ledger, 3_000, accounts=250, chunk=3_000)
+        write_log(pg_url, ledger, 10_000, accounts=250, chunk=10_000)
         small = _peak(ledger, pg_url)
-        write_log(pg_url, ledger, 27_000, accounts=250, chunk=9_000)
+        write_log(pg_url, ledger, 90_000, accounts=250, chunk=30_000)
         large = _peak(ledger, pg_url)
     finally:
         ledger.close()
@@ -89,7 +90,7 @@ def test_the_reconcilers_memory_does_not_grow_with_the_log(
     # sizes, not by the number of events or rows. (The memo of timestamp texts left
     # unbounded, a leak of about 170 bytes an event, makes the peak 2.3 times the small
     # one; bounded, it is within 10%.)
-    print(f"peak {small:,} bytes for a 3,000-event log, {large:,} for 30,000")
+    print(f"peak {small:,} bytes for a 10,000-event log, {large:,} for 100,000")
     assert large < small * 1.5, (small, large)
 
 
@@ -236,7 +237,7 @@ def test_comparing_drift_in_every_range_reads_the_table_a_bounded_number_of_time
     Now one pass for the checksums and one for the rows of every differing range."""
     from scripts.bench_projections import write_log
 
-    write_log(pg_url, ledger, 3_000, accounts=250, chunk=3_000)
+    write_log(pg_url, ledger, 10_000, accounts=250, chunk=10_000)
     with run_projections(ledger, pg_url, start=False) as runner:
         runner.run_until_caught_up()
     v = projections.ACCOUNT_STATEMENT.version
