@@ -83,6 +83,21 @@ def big_log(pg_url: str) -> Iterator[Ledger]:
         yield ledger
 
 
+def paused_rebuild(url: str, faults: Path, **options: object) -> tuple[subprocess.Popen[str], int]:
+    """``rebuild --all --jobs 2`` started with every process armed to stop before its third
+    commit; the command, and the pid of a process stopped there."""
+    env = {
+        **os.environ,
+        "DAYBOOK_FAULTS": "bulk.before_commit:3:pause",
+        "DAYBOOK_FAULTS_DIR": str(faults),
+    }
+    parent = daybook(
+        "projections", "rebuild", "--all", "--jobs", "2", "--batch-size", str(BATCH),
+        "--no-progress", "--url", url, env=env, **options,
+    )  # fmt: skip
+    return parent, paused_child(faults, parent)
+
+
 def paused_child(faults: Path, parent: subprocess.Popen[str]) -> int:
     """The pid of a rebuilding process stopped at its fault point (the marker names it)."""
     marker = faults / "bulk.before_commit.paused"
@@ -155,16 +170,7 @@ def test_a_process_killed_mid_build_is_reported_and_the_next_run_resumes_it(
     big_log: Ledger, tmp_path: Path
 ) -> None:
     url = big_log.settings.url
-    env = {
-        **os.environ,
-        "DAYBOOK_FAULTS": "bulk.before_commit:3:pause",
-        "DAYBOOK_FAULTS_DIR": str(tmp_path),
-    }
-    parent = daybook(
-        "projections", "rebuild", "--all", "--jobs", "2", "--batch-size", str(BATCH),
-        "--no-progress", "--url", url, env=env,
-    )  # fmt: skip
-    victim = paused_child(tmp_path, parent)
+    parent, victim = paused_rebuild(url, tmp_path)
     os.kill(victim, signal.SIGKILL)
     # The other process goes on (past its pause, whether it has reached it yet or not).
     code, out, err = finished(parent, tmp_path / "bulk.before_commit.paused")
@@ -200,16 +206,7 @@ def test_stopping_the_command_stops_its_processes(
     command alone) and SIGKILL of the command: no rebuilding process is left running on
     its own, and the next run finishes the job."""
     url = big_log.settings.url
-    env = {
-        **os.environ,
-        "DAYBOOK_FAULTS": "bulk.before_commit:3:pause",
-        "DAYBOOK_FAULTS_DIR": str(tmp_path),
-    }
-    parent = daybook(
-        "projections", "rebuild", "--all", "--jobs", "2", "--batch-size", str(BATCH),
-        "--no-progress", "--url", url, env=env, start_new_session=True,
-    )  # fmt: skip
-    child = paused_child(tmp_path, parent)
+    parent, child = paused_rebuild(url, tmp_path, start_new_session=True)
     if how == "ctrl-c":
         os.killpg(parent.pid, signal.SIGINT)
     else:
