@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import psycopg
 import pytest
@@ -28,38 +30,68 @@ EVENTS, BATCH = 20_000, 500
 
 
 def daybook(*args: str, **options: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """The command, started in a session of its own (its processes are found by it), its
+    output to files: read once it has exited, whatever else may still hold them."""
+    out = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by _output)
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    process = subprocess.Popen(
         [sys.executable, "-m", "daybook.infrastructure.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
+        start_new_session=True,
         **options,  # type: ignore[call-overload]
     )
+    OUTPUT[process.pid] = (out, err)
+    return process
+
+
+#: Each command's output files, by pid.
+OUTPUT: dict[int, tuple[IO[str], IO[str]]] = {}
 
 
 def finished(process: subprocess.Popen[str], marker: Path | None = None) -> tuple[int, str, str]:
-    """The command's exit code and output; ``marker``: a fault point's pause file, removed
-    whenever a process stops there (each process of the command passes it once)."""
+    """The command's exit code and output, once it and every process it started have ended;
+    ``marker``: a fault point's pause file, removed whenever a process stops there (each
+    process of the command passes it once)."""
     deadline = time.monotonic() + 240
-    while marker is not None and process.poll() is None:
-        marker.unlink(missing_ok=True)
+    while process.poll() is None:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         if time.monotonic() > deadline:
-            break
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"the command did not end: {_output(process)}")
         time.sleep(0.05)
-    try:
-        out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM) if _leads_group(process) else process.terminate()
-        out, err = process.communicate()
-        pytest.fail(f"the command did not end: {out} {err}")
-    return process.returncode, out, err
+    left = left_running(process.pid)
+    assert not left, f"the command's processes still run after it ended: {left}"
+    return (process.returncode, *_output(process))
 
 
-def _leads_group(process: subprocess.Popen[str]) -> bool:
-    try:
-        return os.getpgid(process.pid) == process.pid
-    except ProcessLookupError:
-        return False
+def _output(process: subprocess.Popen[str]) -> tuple[str, str]:
+    texts = []
+    for file in OUTPUT.pop(process.pid):
+        file.seek(0)
+        texts.append(file.read())
+        file.close()
+    return texts[0], texts[1]
+
+
+def left_running(session: int, seconds: float = 60) -> str:
+    """The processes of ``session`` still running (not yet ended) after up to ``seconds``:
+    ``ps`` lines, empty if none."""
+    deadline = time.monotonic() + seconds
+    while True:
+        listed = subprocess.run(
+            ["ps", "-o", "pid=,stat=,args=", "-s", str(session)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        running = [line for line in listed.splitlines() if line.split()[1:2] != ["Z"]]
+        if not running or time.monotonic() > deadline:
+            return "\n".join(running)
+        time.sleep(0.1)
 
 
 def states(url: str) -> dict[str, VersionState | None]:
@@ -206,7 +238,7 @@ def test_stopping_the_command_stops_its_processes(
     command alone) and SIGKILL of the command: no rebuilding process is left running on
     its own, and the next run finishes the job."""
     url = big_log.settings.url
-    parent, child = paused_rebuild(url, tmp_path, start_new_session=True)
+    parent, child = paused_rebuild(url, tmp_path)
     if how == "ctrl-c":
         os.killpg(parent.pid, signal.SIGINT)
     else:
