@@ -210,6 +210,10 @@ def _end_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+#: Seconds the processes' reports are waited for at a time (see ``_follow``).
+_SIGNAL_LATENCY = 0.2
+
+
 def _follow(running: list[_Share], bar: ProgressBar | None) -> None:
     """Take the processes' reports until each has ended, drawing ``bar`` over them all.
 
@@ -220,7 +224,10 @@ def _follow(running: list[_Share], bar: ProgressBar | None) -> None:
         readers = {s.reader: s for s in running if s.reader is not None}
         # A process whose pipe is closed but that has not ended yet: its end is awaited.
         ending = {s.process.sentinel: s for s in running if s.reader is None and s.pending}
-        for ready in wait([*readers, *ending]):
+        # Bounded: a signal (Ctrl-C, SIGTERM) that one of this process's other threads (the
+        # connection pool's) receives interrupts no wait of this one; its handler runs only
+        # once this thread runs Python again.
+        for ready in wait([*readers, *ending], timeout=_SIGNAL_LATENCY):
             if ready in ending:
                 _ended(ending[ready])
                 continue

@@ -100,3 +100,58 @@ def test_a_killed_process_is_not_reported_as_a_refusal(
     assert "ended (exit code -9)" in err, err
     assert "refused" not in err and "failed (rebuild_failed)" in err, err
     assert isinstance(rebuild_jobs.RebuildJobFailed("x"), RebuildError)
+
+
+def test_ctrl_c_received_by_another_thread_ends_the_wait(
+    sqlite_ledger: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A signal sent to the process is taken by any of its threads (the connection pool's
+    among them); Python runs its handler in the main thread, once that thread runs Python
+    again. The command waited for its processes' reports with no timeout, so a Ctrl-C that
+    another thread took, while the processes were busy, was not seen until a report came
+    (never, with them stopped: a CI run hung there)."""
+    import signal
+    import time
+
+    marker = tmp_path / "bulk.before_commit.paused"
+    monkeypatch.setenv("DAYBOOK_FAULTS", "bulk.before_commit:1:pause")  # in the new processes
+    monkeypatch.setenv("DAYBOOK_FAULTS_DIR", str(tmp_path))
+    released: list[bool] = []
+
+    def interrupt_from_here() -> None:
+        while not marker.exists():
+            time.sleep(0.02)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread takes it
+        # A hang detector, not a measure: with the wait unbounded the main thread sleeps
+        # until a report comes, so let the processes go on (their reports wake it).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not outcome:
+            time.sleep(0.05)
+        if not outcome:
+            released.append(True)
+            while not outcome:
+                marker.unlink(missing_ok=True)
+                time.sleep(0.05)
+
+    outcome: list[BaseException] = []
+    helper = threading.Thread(target=interrupt_from_here, daemon=True)
+    helper.start()
+    ledger = sqlite_ledger
+    try:
+        rebuild_jobs.rebuild_in_processes(
+            ledger.settings,
+            ledger.settings.url,
+            projections.ALL,
+            jobs=2,
+            log=ledger_log(ledger),
+            progress=False,
+        )
+    except KeyboardInterrupt as interrupted:
+        outcome.append(interrupted)
+    else:
+        outcome.append(AssertionError("not interrupted"))
+    helper.join(60)
+    marker.unlink(missing_ok=True)
+    assert isinstance(outcome[0], KeyboardInterrupt), outcome
+    assert not released, "the Ctrl-C was seen only once a process reported"
+    assert not multiprocessing.active_children()
