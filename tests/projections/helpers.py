@@ -3,8 +3,10 @@ version's catalog record."""
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from uuid import UUID
 
 from daybook import Ledger
@@ -115,3 +117,16 @@ def version_record(url: str, name: str, version: int) -> VersionRecord | None:
         return VersionCatalog(store).version(name, version)
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def ctrl_c_handled() -> Iterator[None]:
+    """Ctrl-C raising KeyboardInterrupt in this process, and so acted on by the programs it
+    starts meanwhile, as at a terminal: a process started with SIGINT ignored (in the
+    background of a non-interactive shell, as CI may start the suite) ignores it, and so
+    does every program it starts, daybook included, as every program does."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

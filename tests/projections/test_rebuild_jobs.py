@@ -21,7 +21,12 @@ from daybook import Ledger, open_ledger, projections
 from daybook.infrastructure.readmodels.catalog import VersionState
 from daybook.infrastructure.readmodels.rebuild_jobs import shares
 from scripts.bench_projections import write_log
-from tests.projections.helpers import assert_tables_match, version_record, workload
+from tests.projections.helpers import (
+    assert_tables_match,
+    ctrl_c_handled,
+    version_record,
+    workload,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -34,14 +39,15 @@ def daybook(*args: str, **options: object) -> subprocess.Popen[str]:
     output to files: read once it has exited, whatever else may still hold them."""
     out = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by _output)
     err = tempfile.TemporaryFile("w+")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daybook.infrastructure.cli", *args],
-        stdout=out,
-        stderr=err,
-        text=True,
-        start_new_session=True,
-        **options,  # type: ignore[call-overload]
-    )
+    with ctrl_c_handled():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daybook.infrastructure.cli", *args],
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            **options,  # type: ignore[call-overload]
+        )
     OUTPUT[process.pid] = (out, err)
     return process
 

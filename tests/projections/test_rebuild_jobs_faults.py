@@ -14,7 +14,7 @@ from daybook import open_ledger, projections
 from daybook.infrastructure.readmodels import rebuild_jobs
 from daybook.infrastructure.readmodels.rebuild import RebuildError
 from tests.projections import jobs_children
-from tests.projections.helpers import workload
+from tests.projections.helpers import ctrl_c_handled, workload
 
 
 @pytest.fixture
@@ -138,14 +138,15 @@ def test_ctrl_c_received_by_another_thread_ends_the_wait(
     helper.start()
     ledger = sqlite_ledger
     try:
-        rebuild_jobs.rebuild_in_processes(
-            ledger.settings,
-            ledger.settings.url,
-            projections.ALL,
-            jobs=2,
-            log=ledger_log(ledger),
-            progress=False,
-        )
+        with ctrl_c_handled():
+            rebuild_jobs.rebuild_in_processes(
+                ledger.settings,
+                ledger.settings.url,
+                projections.ALL,
+                jobs=2,
+                log=ledger_log(ledger),
+                progress=False,
+            )
     except KeyboardInterrupt as interrupted:
         outcome.append(interrupted)
     else:
