@@ -38,16 +38,7 @@ def test_a_process_dying_with_the_report_lock_held_does_not_hang_the_command(
 
     def run() -> None:
         try:
-            outcome.append(
-                rebuild_jobs.rebuild_in_processes(
-                    ledger.settings,
-                    ledger.settings.url,
-                    projections.ALL,
-                    jobs=2,
-                    log=ledger_log(ledger),
-                    progress=False,
-                )
-            )
+            outcome.append(every_projection_in_two(ledger))
         except BaseException as error:
             outcome.append(error)
 
@@ -65,6 +56,18 @@ def test_a_process_dying_with_the_report_lock_held_does_not_hang_the_command(
     assert "ended (exit code -9)" in str(error)
 
 
+def every_projection_in_two(ledger: Any) -> Any:
+    """``rebuild_in_processes`` of every projection, in two processes, with no bar."""
+    return rebuild_jobs.rebuild_in_processes(
+        ledger.settings,
+        ledger.settings.url,
+        projections.ALL,
+        jobs=2,
+        log=ledger_log(ledger),
+        progress=False,
+    )
+
+
 def ledger_log(ledger: Any) -> Any:
     from daybook.infrastructure.bootstrap import event_log_of
 
@@ -76,12 +79,8 @@ def test_ctrl_c_while_the_processes_start_is_an_interrupt_not_a_traceback(
 ) -> None:
     context = jobs_children.StartInterrupted()
     monkeypatch.setattr(rebuild_jobs.multiprocessing, "get_context", lambda _: context)
-    ledger = sqlite_ledger
     with pytest.raises(KeyboardInterrupt):
-        rebuild_jobs.rebuild_in_processes(
-            ledger.settings, ledger.settings.url, projections.ALL, jobs=2,
-            log=ledger_log(ledger), progress=False,
-        )  # fmt: skip
+        every_projection_in_two(sqlite_ledger)
     assert not multiprocessing.active_children()
 
 
@@ -139,14 +138,7 @@ def test_ctrl_c_received_by_another_thread_ends_the_wait(
     ledger = sqlite_ledger
     try:
         with ctrl_c_handled():
-            rebuild_jobs.rebuild_in_processes(
-                ledger.settings,
-                ledger.settings.url,
-                projections.ALL,
-                jobs=2,
-                log=ledger_log(ledger),
-                progress=False,
-            )
+            every_projection_in_two(ledger)
     except KeyboardInterrupt as interrupted:
         outcome.append(interrupted)
     else:
