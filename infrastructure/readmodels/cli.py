@@ -44,13 +44,8 @@ from daybook.infrastructure.readmodels.catalog import (
 from daybook.infrastructure.readmodels.checkpoints import RUNNER, group_of
 from daybook.infrastructure.readmodels.handover import HandoverRefused, handover
 from daybook.infrastructure.readmodels.location import ReadModelLocation, open_store
-from daybook.infrastructure.readmodels.rebuild import (
-    RebuildError,
-    RebuildResult,
-    rebuild_together,
-    serves,
-)
-from daybook.infrastructure.readmodels.rebuild_jobs import RebuildJobFailed, rebuild_in_processes
+from daybook.infrastructure.readmodels.rebuild import RebuildError, RebuildResult, serves
+from daybook.infrastructure.readmodels.rebuild_jobs import rebuild_in_processes
 from daybook.infrastructure.readmodels.reconcile import DRIFTS_LISTED, ReconcileError, reconcile
 from daybook.infrastructure.readmodels.reconciler import (
     ReconcileRun,
@@ -447,33 +442,20 @@ def _run_rebuild(args: argparse.Namespace) -> int:
                 return 0
             jobs = min(args.jobs, len(chosen))
             started = time.monotonic()
-            if jobs > 1:
-                results = rebuild_in_processes(
-                    settings,
-                    url,
-                    chosen,
-                    jobs=jobs,
-                    log=log,
-                    batch_size=args.batch_size,
-                    keep_old=args.keep_old,
-                    progress=not args.no_progress,
-                )
-            else:
-                results = rebuild_together(
-                    log,
-                    url,
-                    chosen,
-                    batch_size=args.batch_size,
-                    keep_old=args.keep_old,
-                    progress=not args.no_progress,
-                )
+            results = rebuild_in_processes(
+                settings,
+                url,
+                chosen,
+                jobs=jobs,
+                log=log,
+                batch_size=args.batch_size,
+                keep_old=args.keep_old,
+                progress=not args.no_progress,
+            )
     except RebuildError as error:
         for result in error.results:  # built all the same: their reads switched
             _say_built(result)
-        if isinstance(error, RebuildJobFailed):  # not refused: a process failed; run it again
-            print(f"daybook: failed ({error.code}): {error}", file=sys.stderr)
-        else:
-            print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
+        print(f"daybook: {_coded(error)}{error}", file=sys.stderr)
         return 1
     finally:
         log.close()
@@ -616,9 +598,10 @@ def _published_partitions(settings: Settings, topic: str | None = None) -> int |
 
 
 def _coded(refused: Exception) -> str:
-    """``refused (CODE): `` for a refusal with a stable code, else nothing."""
+    """``refused (CODE): `` for a refusal with a stable code (``failed (CODE): `` for an
+    error whose ``verdict`` says so), else nothing."""
     code = getattr(refused, "code", None)
-    return f"refused ({code}): " if code else ""
+    return f"{getattr(refused, 'verdict', 'refused')} ({code}): " if code else ""
 
 
 def _run_resume(args: argparse.Namespace) -> int:

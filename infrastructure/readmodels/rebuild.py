@@ -229,18 +229,16 @@ def rebuild_together(
         )
         for projection, final, (active, start) in zip(projections, finals, prepared, strict=True)
     ]
-    stopped = [
-        f"{p.name} version {p.version} stopped: {final.error}"
-        for p, final in zip(projections, finals, strict=True)
-        if final is not None and final.state is VersionState.STOPPED
-    ]
-    if stopped:
-        error = RebuildError("; ".join(stopped))
-        error.results = [
-            result
-            for result, final in zip(results, finals, strict=True)
-            if final is None or final.state is not VersionState.STOPPED
-        ]
+    stopped = [final is not None and final.state is VersionState.STOPPED for final in finals]
+    if any(stopped):
+        error = RebuildError(
+            "; ".join(
+                f"{p.name} version {p.version} stopped: {final.error}"
+                for p, final, halted in zip(projections, finals, stopped, strict=True)
+                if halted and final is not None
+            )
+        )
+        error.results = [r for r, halted in zip(results, stopped, strict=True) if not halted]
         raise error
     return results
 

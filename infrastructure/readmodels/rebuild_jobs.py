@@ -84,6 +84,7 @@ class RebuildJobFailed(RebuildError):
     failed on an error other than a refusal): running the command again resumes it."""
 
     code = "rebuild_failed"
+    verdict = "failed"  # not refused: running the command again finishes it
 
 
 @dataclass
@@ -120,11 +121,22 @@ def rebuild_in_processes(
 ) -> list[RebuildResult]:
     """Rebuild ``projections`` (each as ``rebuild`` does) in up to ``jobs`` processes, one
     share each, with one progress bar over them all. ``settings`` names the event store the
-    processes read; ``log`` is this process's view of it (for the weights).
+    processes read; ``log`` is this process's view of it (for the weights, and the whole
+    rebuild when one process is all there is to use: ``rebuild_together`` here).
 
     Raises ``RebuildError`` if a share was refused (nothing of it built), or
     ``RebuildJobFailed`` if a process ended without finishing (what it committed stays, and
     a new run resumes it); the shares of the other processes are finished either way."""
+    if jobs <= 1 or len(projections) <= 1:
+        return rebuild_together(
+            log,
+            url,
+            projections,
+            batch_size=batch_size,
+            keep_old=keep_old,
+            progress=progress,
+            stream=stream,
+        )
     stream = sys.stderr if stream is None else stream
     for projection in projections:
         if _defined(projection.name) is not projection:
@@ -139,14 +151,15 @@ def rebuild_in_processes(
     dealt = shares(projections, weights(log, projections), jobs)
     context = multiprocessing.get_context("spawn")
     running: list[_Share] = []
-    for index, names in enumerate([p.name for p in part] for part in dealt):
+    for index, part in enumerate(dealt):
         reader, writer = context.Pipe(duplex=False)
+        names = [p.name for p in part]
         process = context.Process(
             target=_rebuild_share,
             args=(index, settings, url, names, batch_size, keep_old, writer),
             name=f"daybook-rebuild-{index}",
         )
-        running.append(_Share(dealt[index], process, reader, writer))
+        running.append(_Share(part, process, reader, writer))
     bar = ProgressBar(f"{len(projections)} projections in {len(dealt)} processes", 0, stream)
     try:
         with _terminated_as_interrupted():

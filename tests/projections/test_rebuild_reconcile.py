@@ -21,7 +21,7 @@ from daybook import Ledger, open_ledger, projections, run_projections
 from daybook.infrastructure.bootstrap import event_log_of
 from daybook.infrastructure.cli import build_parser, main
 from daybook.infrastructure.observability import metrics
-from daybook.infrastructure.readmodels import cli as readmodels_cli
+from daybook.infrastructure.readmodels import rebuild_jobs
 from daybook.infrastructure.readmodels import reconcile as reconcile_module
 from daybook.infrastructure.readmodels import reconciler as reconciler_module
 from daybook.infrastructure.readmodels.catalog import VersionCatalog, VersionState
@@ -284,7 +284,7 @@ def test_the_rebuild_command_pauses_the_collector_only_while_it_runs(
         collecting.append(gc.isenabled())
         return [RebuildResult(p.name, p.version, 0, 1.0, 0, None, 0) for p in chosen]
 
-    monkeypatch.setattr(readmodels_cli, "rebuild_together", spy)
+    monkeypatch.setattr(rebuild_jobs, "rebuild_together", spy)
     assert gc.isenabled()
     url = f"sqlite:///{tmp_path}/ledger.db"
     open_ledger(url).close()
